@@ -1,0 +1,7 @@
+"""Bayesian layers, priors, the ELBO and whole-model conversion."""
+
+from .convert import bayesianize, deterministic, kl_divergence, use_estimator
+from .functional import ESTIMATORS
+from .layers import BayesConv1d, BayesConv2d, BayesConv3d, BayesianModule, BayesLinear
+from .loss import ELBO, ELBOLoss, elbo_loss
+from .priors import GaussianPrior, Prior, ScaleMixturePrior

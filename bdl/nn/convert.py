@@ -1,0 +1,177 @@
+"""Whole-model tools: convert a model to Bayesian layers, sum its KL, and switch how layers sample."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .functional import check_estimator
+from .layers import BayesConv1d, BayesConv2d, BayesConv3d, BayesianModule, BayesLinear, _BayesLayer
+from .priors import GaussianPrior, Prior, as_prior
+
+_CONVERSIONS: dict[type[nn.Module], type[_BayesLayer]] = {
+    nn.Linear: BayesLinear,
+    nn.Conv1d: BayesConv1d,
+    nn.Conv2d: BayesConv2d,
+    nn.Conv3d: BayesConv3d,
+}
+
+
+def kl_divergence(model: nn.Module) -> Tensor:
+    """Sum of ``kl_divergence()`` over every :class:`BayesianModule` in ``model`` (0 if there is none).
+
+    Example:
+        >>> model = nn.Sequential(BayesLinear(4, 8), nn.ReLU(), BayesLinear(8, 2))
+        >>> kl = bdl.kl_divergence(model)
+        >>> torch.allclose(kl, model[0].kl_divergence() + model[2].kl_divergence())
+        True
+    """
+    terms = [m.kl_divergence() for m in model.modules() if isinstance(m, BayesianModule)]
+    if not terms:
+        reference = next(model.parameters(), None)
+        return torch.zeros((), device=None if reference is None else reference.device)
+    return torch.stack(terms).sum() if len(terms) > 1 else terms[0]
+
+
+def _bayes_layers(model: nn.Module) -> Iterator[_BayesLayer]:
+    return (m for m in model.modules() if isinstance(m, _BayesLayer))
+
+
+@contextlib.contextmanager
+def deterministic(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, every Bayesian layer of ``model`` uses its posterior means instead of sampling.
+
+    A model converted with :func:`bayesianize` then reproduces the original model's outputs exactly.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> bnn = bdl.bayesianize(net)
+        >>> x = torch.randn(5, 4)
+        >>> with bdl.deterministic(bnn):
+        ...     torch.equal(bnn(x), net(x))
+        True
+    """
+    layers = list(_bayes_layers(model))
+    previous = [layer.deterministic for layer in layers]
+    for layer in layers:
+        layer.deterministic = True
+    try:
+        yield model
+    finally:
+        for layer, flag in zip(layers, previous):
+            layer.deterministic = flag
+
+
+@contextlib.contextmanager
+def use_estimator(model: nn.Module, estimator: str) -> Iterator[nn.Module]:
+    """Inside the block, every Bayesian layer of ``model`` samples with ``estimator``.
+
+    ``"local"`` gives every example (row of the batch) its own independent noise, which lets a batch of
+    ``S`` copies of the inputs stand for ``S`` Monte Carlo samples of a linear network.
+
+    Example:
+        >>> model = nn.Sequential(BayesLinear(4, 2))
+        >>> with bdl.use_estimator(model, "local"):
+        ...     model[0].estimator
+        'local'
+        >>> model[0].estimator
+        'reparam'
+    """
+    check_estimator(estimator)
+    layers = list(_bayes_layers(model))
+    previous = [layer.estimator for layer in layers]
+    for layer in layers:
+        layer.estimator = estimator
+    try:
+        yield model
+    finally:
+        for layer, name in zip(layers, previous):
+            layer.estimator = name
+
+
+def _selected(name: str, module: nn.Module, include: Optional[Sequence[str | type]]) -> bool:
+    if include is None:
+        return True
+    for pattern in include:
+        if isinstance(pattern, type):
+            if isinstance(module, pattern):
+                return True
+        elif fnmatch.fnmatchcase(name, pattern):
+            return True
+    return False
+
+
+def bayesianize(
+    model: nn.Module,
+    *,
+    include: Optional[Sequence[str | type]] = None,
+    exclude: Optional[Sequence[str | type]] = None,
+    prior: Prior | float | None = None,
+    center_prior_on_weights: bool = False,
+    posterior_std_init: float = 1e-3,
+    estimator: str = "reparam",
+    std_transform: str = "exp",
+) -> nn.Module:
+    """A converted copy of ``model`` in which ``nn.Linear``/``nn.Conv{1,2,3}d`` become Bayesian layers.
+
+    The input model is not changed. Posterior means start at the existing weights, so the converted
+    model under :func:`deterministic` gives exactly the original outputs; posterior standard deviations
+    start at ``posterior_std_init``. Kernel sizes, strides, padding (and its mode), dilation, groups and
+    ``bias=False`` are kept.
+
+    Args:
+        model: any ``nn.Module``.
+        include: convert only modules whose qualified name matches one of these glob patterns
+            (``"fc"``, ``"layer4.*"``) or that are instances of one of these types. None: all.
+        exclude: like ``include``, for modules to leave deterministic (applied after ``include``).
+        prior: prior of every converted layer (see :class:`BayesLinear`); its scale is kept when
+            ``center_prior_on_weights`` is set.
+        center_prior_on_weights: centre each weight's Gaussian prior on its pretrained value
+            (MOPED, Krishnan et al. 2020): ``N(w_pretrained, scale^2)``.
+        posterior_std_init, estimator, std_transform: as :class:`BayesLinear`.
+
+    Returns:
+        The converted copy.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> bnn = bdl.bayesianize(net, include=["2"])  # last layer only
+        >>> [type(m).__name__ for m in bnn]
+        ['Linear', 'ReLU', 'BayesLinear']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    prior = as_prior(prior)
+    if center_prior_on_weights and not isinstance(prior, GaussianPrior):
+        raise ValueError(
+            f"center_prior_on_weights needs a GaussianPrior (or a float scale), got {type(prior).__name__}"
+        )
+    options: dict[str, Any] = {
+        "posterior_std_init": posterior_std_init,
+        "estimator": estimator,
+        "std_transform": std_transform,
+    }
+    converted = copy.deepcopy(model)
+    targets = [
+        (name, module)
+        for name, module in converted.named_modules()
+        if type(module) in _CONVERSIONS and _selected(name, module, include) and not (exclude and _selected(name, module, exclude))
+    ]
+    if include is not None and not targets:
+        raise ValueError(f"include={list(include)!r} selects no nn.Linear/nn.Conv layer of the model")
+    for name, module in targets:
+        layer = _CONVERSIONS[type(module)].from_module(module, prior=copy.deepcopy(prior), **options)
+        if center_prior_on_weights:
+            layer.weight_prior = GaussianPrior(module.weight.detach(), prior.scale)
+            if module.bias is not None:
+                layer.bias_prior = GaussianPrior(module.bias.detach(), prior.scale)
+        if name == "":  # the model is itself a single layer
+            return layer
+        parent_name, _, child = name.rpartition(".")
+        setattr(converted.get_submodule(parent_name), child, layer)
+    return converted

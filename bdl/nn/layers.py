@@ -1,0 +1,332 @@
+"""Drop-in Bayesian versions of ``nn.Linear`` and ``nn.Conv{1,2,3}d``.
+
+Each weight and bias has a mean-field Gaussian posterior ``N(mu, std^2)`` with ``std = exp(rho)``
+(default) or ``std = softplus(rho)``. ``forward`` draws fresh weights on every call, in train and eval
+mode, and returns a tensor, so the layers compose with ``nn.Sequential``. ``kl_divergence()`` gives the
+KL from the posterior to the prior; ``bdl.kl_divergence(model)`` sums it over a model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import ESTIMATORS, STD_TRANSFORMS, check_estimator, rho_from_std, std_from_rho
+from .priors import Prior, as_prior
+
+
+class BayesianModule(nn.Module):
+    """Marker base class of every module with a posterior over its own parameters.
+
+    Subclasses implement :meth:`kl_divergence` for their own parameters (not their children's);
+    :func:`bdl.kl_divergence` sums it over all modules of a model.
+    """
+
+    def kl_divergence(self) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _BayesLayer(BayesianModule):
+    """Shared machinery: posterior parameters, priors, estimators, KL. Subclasses define ``_op``."""
+
+    _flipout_per_channel = False
+
+    def _init_bayes(
+        self,
+        weight_shape: tuple[int, ...],
+        bias: bool,
+        factory_kwargs: dict[str, Any],
+        prior: Prior | float | None,
+        posterior_std_init: float,
+        estimator: str,
+        std_transform: str,
+    ) -> None:
+        if not (isinstance(posterior_std_init, (int, float)) and math.isfinite(posterior_std_init) and posterior_std_init > 0):
+            raise ValueError(f"posterior_std_init must be a positive finite number, got {posterior_std_init!r}")
+        if std_transform not in STD_TRANSFORMS:
+            raise ValueError(f"std_transform must be one of {list(STD_TRANSFORMS)}, got {std_transform!r}")
+        self.estimator = check_estimator(estimator)
+        self.std_transform = std_transform
+        self.posterior_std_init = float(posterior_std_init)
+        self.deterministic = False
+        self.weight_mu = nn.Parameter(torch.empty(weight_shape, **factory_kwargs))
+        self.weight_rho = nn.Parameter(torch.empty(weight_shape, **factory_kwargs))
+        if bias:
+            self.bias_mu = nn.Parameter(torch.empty(weight_shape[0], **factory_kwargs))
+            self.bias_rho = nn.Parameter(torch.empty(weight_shape[0], **factory_kwargs))
+        else:
+            self.register_parameter("bias_mu", None)
+            self.register_parameter("bias_rho", None)
+        prior = as_prior(prior)
+        self.weight_prior = prior
+        self.bias_prior = copy.deepcopy(prior) if bias else None
+        self.reset_parameters()
+
+    # priors are assigned through these so tensor-valued ones are checked against the parameter shape
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("weight_prior", "bias_prior") and value is not None:
+            value = as_prior(value)
+            param = self.weight_mu if name == "weight_prior" else self.bias_mu
+            if param is not None:
+                value.check_shape(param.shape)
+        super().__setattr__(name, value)
+
+    def reset_parameters(self) -> None:
+        """Means as ``torch.nn`` initialises its weights (Kaiming-uniform); stds at ``posterior_std_init``."""
+        nn.init.kaiming_uniform_(self.weight_mu, a=math.sqrt(5))
+        with torch.no_grad():
+            self.weight_rho.fill_(rho_from_std(self.posterior_std_init, self.std_transform).item())
+        if self.bias_mu is not None:
+            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.weight_mu)
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias_mu, -bound, bound)
+            with torch.no_grad():
+                self.bias_rho.fill_(rho_from_std(self.posterior_std_init, self.std_transform).item())
+
+    @property
+    def weight_std(self) -> Tensor:
+        """Posterior standard deviation of the weights."""
+        return std_from_rho(self.weight_rho, self.std_transform)[0]
+
+    @property
+    def bias_std(self) -> Optional[Tensor]:
+        """Posterior standard deviation of the bias (None without bias)."""
+        return None if self.bias_rho is None else std_from_rho(self.bias_rho, self.std_transform)[0]
+
+    def _op(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.deterministic:
+            return self._op(input, self.weight_mu, self.bias_mu)
+        estimator = ESTIMATORS[self.estimator]
+        kwargs = {"per_channel": True} if self.estimator == "flipout" and self._flipout_per_channel else {}
+        return estimator(
+            self._op, input, self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho, self.std_transform, **kwargs
+        )
+
+    def kl_divergence(self) -> Tensor:
+        """``KL(q || p)`` of this layer's weights and bias (closed form for Gaussian priors, else one MC sample)."""
+        kl = self.weight_prior.posterior_kl(self.weight_mu, self.weight_rho, self.std_transform)
+        if self.bias_mu is not None:
+            kl = kl + self.bias_prior.posterior_kl(self.bias_mu, self.bias_rho, self.std_transform)
+        return kl
+
+    def _bayes_repr(self) -> str:
+        return f"estimator={self.estimator!r}, posterior_std_init={self.posterior_std_init:g}, std_transform={self.std_transform!r}"
+
+
+class BayesLinear(_BayesLayer):
+    """Bayesian ``nn.Linear``: ``y = x W^T + b`` with ``W, b`` drawn from a mean-field Gaussian posterior.
+
+    Positional arguments are those of ``nn.Linear``; the Bayesian options are keyword-only.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        prior: a :class:`~bdl.nn.Prior`, a float ``s`` meaning ``N(0, s^2)``, or None for ``N(0, 1)``.
+        posterior_std_init: initial posterior standard deviation of every weight, > 0.
+        estimator: ``"reparam"`` (one weight sample per forward), ``"local"`` (local reparameterisation:
+            pre-activations sampled per example) or ``"flipout"``.
+        std_transform: ``"exp"`` (``std = exp(rho)``, default, cheaper) or ``"softplus"``.
+
+    Example:
+        >>> layer = BayesLinear(4, 2, estimator="local")
+        >>> x = torch.randn(8, 4)
+        >>> bool((layer(x) != layer(x)).any())  # a fresh draw every call
+        True
+        >>> layer.kl_divergence() > 0
+        tensor(True)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
+        prior: Prior | float | None = None,
+        posterior_std_init: float = 1e-2,
+        estimator: str = "reparam",
+        std_transform: str = "exp",
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self._init_bayes(
+            (out_features, in_features),
+            bias,
+            {"device": device, "dtype": dtype},
+            prior,
+            posterior_std_init,
+            estimator,
+            std_transform,
+        )
+
+    def _op(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.shape[-1:] != (self.in_features,):
+            raise ValueError(
+                f"BayesLinear: input must have {self.in_features} features in its last dimension, "
+                f"got shape {tuple(input.shape)}"
+            )
+        return super().forward(input)
+
+    @classmethod
+    def from_module(cls, module: nn.Linear, **bayes_options: Any) -> "BayesLinear":
+        """A ``BayesLinear`` with the shape of ``module`` and posterior means set to its weights."""
+        layer = cls(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+            **bayes_options,
+        )
+        _copy_means(layer, module)
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias_mu is not None}, {self._bayes_repr()}"
+
+
+class _BayesConvNd(_BayesLayer):
+    _flipout_per_channel = True
+    _torch_cls: type[nn.modules.conv._ConvNd]
+    _conv: Any
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
+        prior: Prior | float | None = None,
+        posterior_std_init: float = 1e-2,
+        estimator: str = "reparam",
+        std_transform: str = "exp",
+    ) -> None:
+        super().__init__()
+        # a weightless twin on the meta device validates the arguments exactly as torch.nn does
+        reference = self._torch_cls(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device="meta"
+        )
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"):
+            setattr(self, name, getattr(reference, name))
+        self._reversed_padding_repeated_twice = reference._reversed_padding_repeated_twice
+        self._init_bayes(
+            tuple(reference.weight.shape),
+            bias,
+            {"device": device, "dtype": dtype},
+            prior,
+            posterior_std_init,
+            estimator,
+            std_transform,
+        )
+
+    def _op(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return self._conv(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return self._conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, input: Tensor) -> Tensor:
+        spatial = len(self.kernel_size)
+        if input.dim() not in (spatial + 1, spatial + 2) or input.shape[-spatial - 1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__}: input must be (N, {self.in_channels}, *{spatial} spatial dims) or unbatched "
+                f"({self.in_channels}, *{spatial} spatial dims), got shape {tuple(input.shape)}"
+            )
+        if input.dim() == spatial + 1:  # unbatched, as torch.nn accepts
+            return super().forward(input.unsqueeze(0)).squeeze(0)
+        return super().forward(input)
+
+    @classmethod
+    def from_module(cls, module: nn.modules.conv._ConvNd, **bayes_options: Any) -> "_BayesConvNd":
+        """A Bayesian convolution with the configuration of ``module`` and posterior means set to its weights."""
+        layer = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.bias is not None,
+            module.padding_mode,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+            **bayes_options,
+        )
+        _copy_means(layer, module)
+        return layer
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0,) * len(self.kernel_size):
+            s += f", padding={self.padding}"
+        if self.dilation != (1,) * len(self.kernel_size):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias_mu is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return f"{s}, {self._bayes_repr()}"
+
+
+_CONV_DOC = """Bayesian ``nn.{name}``: a convolution whose kernel and bias are drawn from a mean-field Gaussian posterior.
+
+    Positional arguments are those of ``nn.{name}`` (``in_channels, out_channels, kernel_size, stride,
+    padding, dilation, groups, bias, padding_mode, device, dtype``); the Bayesian options
+    (``prior``, ``posterior_std_init``, ``estimator``, ``std_transform``) are keyword-only, as in
+    :class:`BayesLinear`. With ``estimator="local"`` output positions get independent noise (the
+    marginal of every output element is exact); ``"flipout"`` uses one sign per example and channel.
+
+    Example:
+        >>> conv = {name}(2, 4, {kernel}, padding=1, estimator="flipout")
+        >>> conv(torch.randn({shape})).shape
+        torch.Size([{out_shape}])
+"""
+
+
+class BayesConv1d(_BayesConvNd):
+    __doc__ = _CONV_DOC.format(name="BayesConv1d", kernel=3, shape="5, 2, 16", out_shape="5, 4, 16")
+    _torch_cls = nn.Conv1d
+    _conv = staticmethod(F.conv1d)
+
+
+class BayesConv2d(_BayesConvNd):
+    __doc__ = _CONV_DOC.format(name="BayesConv2d", kernel=3, shape="5, 2, 8, 8", out_shape="5, 4, 8, 8")
+    _torch_cls = nn.Conv2d
+    _conv = staticmethod(F.conv2d)
+
+
+class BayesConv3d(_BayesConvNd):
+    __doc__ = _CONV_DOC.format(name="BayesConv3d", kernel=3, shape="5, 2, 4, 4, 4", out_shape="5, 4, 4, 4, 4")
+    _torch_cls = nn.Conv3d
+    _conv = staticmethod(F.conv3d)
+
+
+def _copy_means(layer: _BayesLayer, module: nn.Module) -> None:
+    with torch.no_grad():
+        layer.weight_mu.copy_(module.weight)
+        if module.bias is not None:
+            layer.bias_mu.copy_(module.bias)

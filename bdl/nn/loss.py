@@ -1,0 +1,96 @@
+"""The evidence lower bound, scaled for minibatches."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+
+class ELBO(NamedTuple):
+    """Negative ELBO per training example, and its two parts (for logging them separately)."""
+
+    loss: Tensor
+    nll: Tensor
+    kl: Tensor
+
+
+def elbo_loss(nll: Tensor, kl: Tensor, num_data: int, kl_weight: float = 1.0) -> ELBO:
+    """Minibatch estimate of the negative ELBO divided by the training-set size.
+
+    The ELBO over a training set of ``N = num_data`` examples is
+    ``sum_i E_q[log p(y_i | x_i, w)] - KL(q(w) || p(w))``. Dividing by ``N`` and estimating the sum
+    with a minibatch ``B`` gives the loss minimised here:
+
+    ``loss = mean_{i in B} NLL_i + kl_weight * KL / N``
+
+    so the KL is counted once per epoch whatever the batch size, and the loss is on the scale of an
+    ordinary per-example cross-entropy (learning rates carry over from deterministic training).
+    ``kl_weight`` < 1 gives KL annealing / a tempered posterior; ``N`` must be the size of the whole
+    training set (over all processes in multi-process training), not of the batch or shard.
+
+    Args:
+        nll: per-example negative log-likelihoods ``[B]`` (averaged here) or their batch mean (scalar).
+        kl: ``KL(q || p)`` of the whole model, a scalar, e.g. :func:`bdl.kl_divergence`.
+        num_data: number of examples in the training set, > 0.
+        kl_weight: weight of the KL term, >= 0.
+
+    Returns:
+        ``ELBO(loss, nll, kl)``: the loss to minimise, the mean NLL and the unscaled KL.
+
+    Example:
+        >>> model = nn.Sequential(BayesLinear(4, 3))
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> nll = nn.functional.cross_entropy(model(x), y)
+        >>> out = bdl.elbo_loss(nll, bdl.kl_divergence(model), num_data=1000)
+        >>> out.loss.backward()
+    """
+    if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data <= 0:
+        raise ValueError(f"num_data must be a positive int (the training-set size), got {num_data!r}")
+    if kl_weight < 0:
+        raise ValueError(f"kl_weight must be >= 0, got {kl_weight!r}")
+    if nll.dim() > 1:
+        raise ValueError(f"nll must be a scalar or per-example vector [B], got shape {tuple(nll.shape)}")
+    if kl.dim() != 0:
+        raise ValueError(f"kl must be a scalar tensor, got shape {tuple(kl.shape)}")
+    nll = nll.mean()
+    return ELBO(nll + kl_weight * kl / num_data, nll, kl)
+
+
+class ELBOLoss(nn.Module):
+    """Module form of :func:`elbo_loss` that also computes the data term and the model's KL.
+
+    Args:
+        model: the Bayesian model whose KL enters the loss.
+        num_data: training-set size.
+        criterion: per-example data term ``criterion(output, target)`` returning a mean NLL; default
+            ``nn.CrossEntropyLoss()`` (classification with logits). Use ``bdl.nn.GaussianNLLLoss``-style
+            losses for regression.
+        kl_weight: weight of the KL term.
+
+    Example:
+        >>> model = nn.Sequential(BayesLinear(4, 3))
+        >>> criterion = bdl.ELBOLoss(model, num_data=1000)
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> loss, nll, kl = criterion(model(x), y)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_data: int,
+        criterion: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+        kl_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        elbo_loss(torch.zeros(()), torch.zeros(()), num_data, kl_weight)  # validates the arguments
+        self.model = [model]  # a list, so the model is not registered as a submodule of the loss
+        self.num_data = num_data
+        self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+        self.kl_weight = kl_weight
+
+    def forward(self, output: Tensor, target: Tensor) -> ELBO:
+        from .convert import kl_divergence
+
+        return elbo_loss(self.criterion(output, target), kl_divergence(self.model[0]), self.num_data, self.kl_weight)

@@ -1,0 +1,207 @@
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bdl
+from bdl.nn.functional import posterior_variance
+
+LAYERS = {
+    "linear": lambda **kw: bdl.BayesLinear(5, 3, **kw),
+    "conv1d": lambda **kw: bdl.BayesConv1d(2, 3, 3, padding=1, **kw),
+    "conv2d": lambda **kw: bdl.BayesConv2d(2, 3, (2, 3), padding=(1, 0), dilation=(1, 2), **kw),
+    "conv3d": lambda **kw: bdl.BayesConv3d(2, 3, 2, **kw),
+}
+INPUTS = {
+    "linear": (4, 5),
+    "conv1d": (2, 2, 6),
+    "conv2d": (2, 2, 5, 6),
+    "conv3d": (2, 2, 3, 3, 3),
+}
+
+
+def analytic_moments(layer, x):
+    """Mean and variance of every output element under the mean-field posterior."""
+    mean = layer._op(x, layer.weight_mu, layer.bias_mu)
+    bias_var = None if layer.bias_rho is None else posterior_variance(layer.bias_rho)
+    var = layer._op(x.square(), posterior_variance(layer.weight_rho), bias_var)
+    return mean, var
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_estimator_matches_analytic_moments(kind, estimator):
+    layer = LAYERS[kind](estimator=estimator, posterior_std_init=0.4)
+    x = torch.randn(INPUTS[kind])
+    num_samples = 2000
+    with torch.no_grad():
+        draws = torch.stack([layer(x) for _ in range(num_samples)])
+        mean, var = analytic_moments(layer, x)
+    # z-scores of the sample mean; relative error of the sample variance (sd ~ sqrt(2 / S) = 0.032)
+    z = (draws.mean(0) - mean) / (var / num_samples).sqrt()
+    assert z.abs().max() < 5
+    ratio = draws.var(0) / var
+    assert (ratio - 1).abs().max() < 0.16
+    assert (ratio.mean() - 1).abs() < 0.03
+
+
+def test_reparam_shares_one_weight_sample_across_the_batch_and_local_does_not():
+    x = torch.randn(1, 5).expand(2, 5)
+    reparam = bdl.BayesLinear(5, 3, posterior_std_init=0.5)
+    out = reparam(x)
+    assert torch.equal(out[0], out[1])
+    local = bdl.BayesLinear(5, 3, posterior_std_init=0.5, estimator="local")
+    out = local(x)
+    assert not torch.allclose(out[0], out[1])
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_every_call_draws_fresh_weights_in_train_and_eval(estimator):
+    layer = bdl.BayesLinear(5, 3, estimator=estimator)
+    x = torch.randn(4, 5)
+    for mode in (layer.train, layer.eval):
+        mode()
+        assert not torch.equal(layer(x), layer(x))
+
+
+@pytest.mark.parametrize("std_transform", ["exp", "softplus"])
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_gradients_reach_posterior_parameters(estimator, std_transform):
+    layer = bdl.BayesConv2d(2, 3, 3, estimator=estimator, std_transform=std_transform)
+    loss = layer(torch.randn(2, 2, 5, 5)).square().mean() + layer.kl_divergence() / 100
+    loss.backward()
+    for name, param in layer.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("std_transform", ["exp", "softplus"])
+def test_nll_gradient_of_scale_matches_autograd_reference(std_transform):
+    """The hand-written backward of the fused sampler equals plain autograd on the same noise."""
+    layer = bdl.BayesLinear(5, 3, std_transform=std_transform, posterior_std_init=0.3).double()
+    x = torch.randn(4, 5, dtype=torch.double)
+    torch.manual_seed(3)
+    layer(x).sum().backward()
+    torch.manual_seed(3)
+    mu, rho = layer.weight_mu.detach().requires_grad_(), layer.weight_rho.detach().requires_grad_()
+    std = rho.exp() if std_transform == "exp" else F.softplus(rho)
+    eps_w = torch.randn_like(rho)
+    b_mu, b_rho = layer.bias_mu.detach().requires_grad_(), layer.bias_rho.detach().requires_grad_()
+    b_std = b_rho.exp() if std_transform == "exp" else F.softplus(b_rho)
+    eps_b = torch.randn_like(b_rho)
+    F.linear(x, mu + std * eps_w, b_mu + b_std * eps_b).sum().backward()
+    torch.testing.assert_close(layer.weight_rho.grad, rho.grad)
+    torch.testing.assert_close(layer.weight_mu.grad, mu.grad)
+    torch.testing.assert_close(layer.bias_rho.grad, b_rho.grad)
+
+
+@pytest.mark.parametrize("std_transform", ["exp", "softplus"])
+def test_posterior_std_init_and_transform(std_transform):
+    layer = bdl.BayesLinear(5, 3, posterior_std_init=0.05, std_transform=std_transform)
+    torch.testing.assert_close(layer.weight_std, torch.full((3, 5), 0.05))
+    torch.testing.assert_close(layer.bias_std, torch.full((3,), 0.05))
+
+
+def test_constructor_mirrors_torch_nn():
+    ref = nn.Linear(5, 3, False, None, torch.float64)
+    layer = bdl.BayesLinear(5, 3, False, None, torch.float64)
+    assert layer.bias_mu is None and layer.weight_mu.dtype == ref.weight.dtype == torch.float64
+    conv = bdl.BayesConv2d(4, 6, (3, 1), 2, "valid", 1, 2, False, "zeros")
+    ref = nn.Conv2d(4, 6, (3, 1), 2, "valid", 1, 2, False, "zeros")
+    assert conv.weight_mu.shape == ref.weight.shape and conv.stride == ref.stride and conv.groups == 2
+    x = torch.randn(2, 4, 9, 7)
+    assert conv(x).shape == ref(x).shape
+    with pytest.raises(ValueError, match="padding"):
+        bdl.BayesConv2d(4, 6, 3, stride=2, padding="same")  # torch.nn's own check
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_conv_matches_torch_conv_with_posterior_means(padding_mode):
+    conv = nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(1, 1), dilation=(2, 1), groups=2, padding_mode=padding_mode)
+    bayes = bdl.BayesConv2d.from_module(conv)
+    x = torch.randn(2, 4, 9, 8)
+    with bdl.deterministic(bayes):
+        torch.testing.assert_close(bayes(x), conv(x), rtol=0, atol=0)
+
+
+def test_unbatched_conv_input_is_accepted_like_torch():
+    conv = bdl.BayesConv1d(2, 3, 3, estimator="flipout")
+    assert conv(torch.randn(2, 8)).shape == (3, 6)
+
+
+def test_linear_accepts_extra_leading_dimensions():
+    layer = bdl.BayesLinear(5, 3, estimator="flipout")
+    assert layer(torch.randn(2, 7, 5)).shape == (2, 7, 3)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: bdl.BayesLinear(5, 3, posterior_std_init=0.0), "posterior_std_init"),
+        (lambda: bdl.BayesLinear(5, 3, posterior_std_init=-1.0), "posterior_std_init"),
+        (lambda: bdl.BayesLinear(5, 3, estimator="bogus"), r"estimator must be one of \['flipout', 'local', 'reparam'\]"),
+        (lambda: bdl.BayesLinear(5, 3, std_transform="sigmoid"), "std_transform"),
+        (lambda: bdl.BayesLinear(5, 3, prior=-1.0), "scale must be a positive"),
+        (lambda: bdl.BayesLinear(5, 3, prior=bdl.GaussianPrior(torch.zeros(4, 4))), "does not broadcast"),
+    ],
+)
+def test_bad_constructor_arguments_raise_clear_errors(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_prior_must_be_prior_or_float():
+    with pytest.raises(TypeError, match="prior must be"):
+        bdl.BayesLinear(5, 3, prior="wide")
+
+
+def test_wrong_input_shapes_name_the_expected_form():
+    with pytest.raises(ValueError, match="5 features"):
+        bdl.BayesLinear(5, 3)(torch.randn(4, 6))
+    with pytest.raises(ValueError, match=r"\(N, 2, \*2 spatial dims\)"):
+        bdl.BayesConv2d(2, 3, 3)(torch.randn(4, 3, 8, 8))
+
+
+def test_state_dict_round_trip_and_dtype_device_moves():
+    model = nn.Sequential(bdl.BayesLinear(5, 8), nn.ReLU(), bdl.BayesLinear(8, 2, bias=False, prior=bdl.GaussianPrior(torch.zeros(2, 8), 0.5)))
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    clone = nn.Sequential(bdl.BayesLinear(5, 8), nn.ReLU(), bdl.BayesLinear(8, 2, bias=False, prior=bdl.GaussianPrior(torch.ones(2, 8), 0.5)))
+    buffer.seek(0)
+    clone.load_state_dict(torch.load(buffer, weights_only=True))
+    for (name, a), b in zip(model.state_dict().items(), clone.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert "2.weight_prior.loc" in model.state_dict()
+    x = torch.randn(3, 5)
+    with bdl.deterministic(model), bdl.deterministic(clone):
+        assert torch.equal(model(x), clone(x))
+    double = copy.deepcopy(model).double()
+    assert double(x.double()).dtype == torch.float64
+    assert double[2].weight_prior.loc.dtype == torch.float64
+    assert bdl.kl_divergence(double).dtype == torch.float64
+
+
+def test_repr_shows_bayesian_options():
+    text = repr(bdl.BayesConv2d(2, 3, 3, bias=False, estimator="local", prior=0.1))
+    assert "estimator='local'" in text and "bias=False" in text and "scale=0.1" in text
+
+
+def test_torch_compile_runs_a_bayesian_model():
+    model = nn.Sequential(bdl.BayesLinear(5, 8), nn.ReLU(), bdl.BayesLinear(8, 2, estimator="local"))
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(4, 5)
+    out = compiled(x)
+    assert out.shape == (4, 2) and not torch.equal(out, compiled(x))
+    (out.sum() + bdl.kl_divergence(model)).backward()
+    assert model[0].weight_rho.grad is not None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_runs_on_cuda(estimator):
+    model = nn.Sequential(bdl.BayesConv2d(1, 4, 3, estimator=estimator), nn.Flatten(), bdl.BayesLinear(4 * 6 * 6, 2, estimator=estimator)).cuda()
+    out = model(torch.randn(3, 1, 8, 8, device="cuda"))
+    (out.sum() + bdl.kl_divergence(model)).backward()
+    assert out.device.type == "cuda" and model[0].weight_rho.grad.device.type == "cuda"
