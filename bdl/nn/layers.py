@@ -152,7 +152,7 @@ class BayesLinear(_BayesLayer):
         dtype: Optional[torch.dtype] = None,
         *,
         prior: Prior | float | None = None,
-        posterior_std_init: float = 1e-2,
+        posterior_std_init: float = 1e-3,
         estimator: str = "reparam",
         std_transform: str = "exp",
     ) -> None:
@@ -218,7 +218,7 @@ class _BayesConvNd(_BayesLayer):
         dtype: Optional[torch.dtype] = None,
         *,
         prior: Prior | float | None = None,
-        posterior_std_init: float = 1e-2,
+        posterior_std_init: float = 1e-3,
         estimator: str = "reparam",
         std_transform: str = "exp",
     ) -> None:

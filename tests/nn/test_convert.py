@@ -1,0 +1,102 @@
+import pytest
+import torch
+from torch import nn
+
+import bdl
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, (3, 1), padding=(1, 0), bias=False),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, groups=4, dilation=2, padding=2, padding_mode="reflect"),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def test_converted_copy_reproduces_original_under_deterministic():
+    net = SmallNet().eval()
+    bnn = bdl.bayesianize(net)
+    x = torch.randn(2, 3, 7, 6)
+    with bdl.deterministic(bnn):
+        torch.testing.assert_close(bnn(x), net(x), rtol=0, atol=0)
+    assert not torch.equal(bnn(x), bnn(x))  # sampling again outside the block
+
+
+def test_original_model_is_unchanged_and_options_are_preserved():
+    net = SmallNet()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    bnn = bdl.bayesianize(net, estimator="flipout", posterior_std_init=0.02)
+    assert isinstance(net.fc, nn.Linear) and isinstance(bnn.fc, bdl.BayesLinear)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
+    first, second = bnn.features[0], bnn.features[2]
+    assert isinstance(first, bdl.BayesConv2d) and first.kernel_size == (3, 1) and first.bias_mu is None
+    assert second.groups == 4 and second.dilation == (2, 2) and second.padding_mode == "reflect"
+    assert first.estimator == "flipout"
+    torch.testing.assert_close(second.weight_std, torch.full_like(second.weight_std, 0.02))
+
+
+def test_include_by_name_or_type_and_exclude():
+    net = SmallNet()
+    last = bdl.bayesianize(net, include=["fc"])
+    assert isinstance(last.fc, bdl.BayesLinear) and isinstance(last.features[0], nn.Conv2d)
+    convs = bdl.bayesianize(net, include=[nn.Conv2d], exclude=["features.2"])
+    assert isinstance(convs.features[0], bdl.BayesConv2d) and isinstance(convs.features[2], nn.Conv2d)
+    assert isinstance(convs.fc, nn.Linear)
+    with pytest.raises(ValueError, match="selects no"):
+        bdl.bayesianize(net, include=["classifier"])
+
+
+def test_a_single_layer_converts_to_a_bayesian_layer():
+    layer = bdl.bayesianize(nn.Conv1d(2, 3, 5))
+    assert isinstance(layer, bdl.BayesConv1d) and layer.kernel_size == (5,)
+
+
+def test_prior_centred_on_pretrained_weights():
+    net = nn.Sequential(nn.Linear(4, 3))
+    bnn = bdl.bayesianize(net, prior=0.1, center_prior_on_weights=True)
+    layer = bnn[0]
+    assert torch.equal(layer.weight_prior.loc, net[0].weight.detach())
+    assert torch.equal(layer.bias_prior.loc, net[0].bias.detach())
+    assert layer.weight_prior.scale == 0.1
+    # posterior means sit on the prior means: the KL is only the scale term, independent of the weights
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(0.0, layer.weight_std), torch.distributions.Normal(0.0, 0.1)
+    ).sum() + torch.distributions.kl_divergence(
+        torch.distributions.Normal(0.0, layer.bias_std), torch.distributions.Normal(0.0, 0.1)
+    ).sum()
+    torch.testing.assert_close(layer.kl_divergence(), expected)
+    with pytest.raises(ValueError, match="GaussianPrior"):
+        bdl.bayesianize(net, prior=bdl.ScaleMixturePrior(), center_prior_on_weights=True)
+
+
+def test_modules_that_read_their_weights_directly_are_left_alone():
+    attention = nn.MultiheadAttention(8, 2)  # its out_proj is a Linear subclass read by F.multi_head_attention_forward
+    converted = bdl.bayesianize(nn.Sequential(attention))
+    assert type(converted[0].out_proj) is type(attention.out_proj)
+
+
+def test_context_managers_restore_state_even_on_error():
+    model = nn.Sequential(bdl.BayesLinear(3, 2, estimator="flipout"))
+    with pytest.raises(RuntimeError):
+        with bdl.deterministic(model), bdl.use_estimator(model, "local"):
+            assert model[0].deterministic and model[0].estimator == "local"
+            raise RuntimeError
+    assert not model[0].deterministic and model[0].estimator == "flipout"
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        with bdl.use_estimator(model, "mc"):
+            pass
+
+
+def test_bayesianize_rejects_non_modules():
+    with pytest.raises(TypeError, match="nn.Module"):
+        bdl.bayesianize(lambda x: x)

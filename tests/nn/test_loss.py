@@ -1,0 +1,59 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bdl
+
+
+def test_elbo_scales_kl_by_training_set_size():
+    nll = torch.tensor([0.5, 1.5, 1.0])
+    out = bdl.elbo_loss(nll, torch.tensor(300.0), num_data=1000)
+    torch.testing.assert_close(out.loss, torch.tensor(1.0 + 0.3))
+    torch.testing.assert_close(out.nll, torch.tensor(1.0))
+    torch.testing.assert_close(out.kl, torch.tensor(300.0))
+    half = bdl.elbo_loss(nll.mean(), torch.tensor(300.0), num_data=1000, kl_weight=0.5)
+    torch.testing.assert_close(half.loss, torch.tensor(1.0 + 0.15))
+
+
+def test_sum_of_minibatch_losses_is_the_full_data_negative_elbo():
+    """Over one epoch of equal batches, batch_size * sum of losses = -ELBO (sum NLL + KL) of the whole set."""
+    torch.manual_seed(0)
+    model = nn.Sequential(bdl.BayesLinear(3, 2))
+    x, y = torch.randn(12, 3), torch.randint(0, 2, (12,))
+    with bdl.deterministic(model):
+        full = F.cross_entropy(model(x), y, reduction="sum") + bdl.kl_divergence(model)
+        batches = [
+            bdl.elbo_loss(F.cross_entropy(model(xb), yb), bdl.kl_divergence(model), num_data=12).loss
+            for xb, yb in zip(x.split(4), y.split(4))
+        ]
+    torch.testing.assert_close(4 * torch.stack(batches).sum(), full)
+
+
+def test_elbo_loss_module_uses_the_model_kl():
+    model = nn.Sequential(bdl.BayesLinear(3, 2))
+    criterion = bdl.ELBOLoss(model, num_data=50)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    out = criterion(model(x), y)
+    torch.testing.assert_close(out.loss, out.nll + bdl.kl_divergence(model) / 50)
+    out.loss.backward()
+    assert model[0].weight_rho.grad is not None
+    assert list(criterion.parameters()) == []  # the model is not a submodule of the loss
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_data": 0}, "num_data"),
+        ({"num_data": 10.5}, "num_data"),
+        ({"num_data": 10, "kl_weight": -1.0}, "kl_weight"),
+    ],
+)
+def test_bad_elbo_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bdl.elbo_loss(torch.tensor(1.0), torch.tensor(2.0), **kwargs)
+
+
+def test_elbo_rejects_non_scalar_kl():
+    with pytest.raises(ValueError, match="kl must be a scalar"):
+        bdl.elbo_loss(torch.tensor(1.0), torch.ones(3), num_data=10)

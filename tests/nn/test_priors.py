@@ -1,0 +1,101 @@
+import math
+
+import pytest
+import torch
+from torch.distributions import Categorical, MixtureSameFamily, Normal, kl_divergence
+
+import bdl
+from bdl.nn.functional import kl_normal_normal, kl_normal_normal_exp
+
+
+@pytest.mark.parametrize("std_transform", ["exp", "softplus"])
+@pytest.mark.parametrize("prior_loc, prior_scale", [(0.0, 1.0), (0.3, 0.2), ("tensor", "tensor")])
+def test_gaussian_kl_matches_torch_distributions(std_transform, prior_loc, prior_scale):
+    layer = bdl.BayesConv2d(3, 4, 3, posterior_std_init=0.1, std_transform=std_transform)
+    with torch.no_grad():
+        layer.weight_mu.normal_()
+        layer.weight_rho.add_(torch.randn_like(layer.weight_rho))
+        layer.bias_mu.normal_()
+    if prior_loc == "tensor":
+        layer.weight_prior = bdl.GaussianPrior(torch.randn(4, 3, 3, 3), torch.rand(4, 3, 3, 3) + 0.1)
+        layer.bias_prior = bdl.GaussianPrior(torch.randn(4), 0.7)
+    else:
+        layer.weight_prior = layer.bias_prior = bdl.GaussianPrior(prior_loc, prior_scale)
+    expected = sum(
+        kl_divergence(Normal(mu, std), Normal(prior.loc, prior.scale)).sum()
+        for mu, std, prior in [
+            (layer.weight_mu, layer.weight_std, layer.weight_prior),
+            (layer.bias_mu, layer.bias_std, layer.bias_prior),
+        ]
+    )
+    torch.testing.assert_close(layer.kl_divergence(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_fused_kl_gradients_match_autograd():
+    mu = torch.randn(6, 4, dtype=torch.double, requires_grad=True)
+    rho = torch.randn(6, 4, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda m, r: kl_normal_normal_exp(m, r, 0.3, 0.7), (mu, rho))
+    fused = torch.autograd.grad(kl_normal_normal_exp(mu, rho, 0.3, 0.7), (mu, rho))
+    plain = torch.autograd.grad(kl_normal_normal(mu, rho.exp(), 0.3, 0.7), (mu, rho))
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b)
+
+
+def test_model_kl_sums_layers():
+    model = torch.nn.Sequential(bdl.BayesLinear(4, 8), torch.nn.ReLU(), bdl.BayesLinear(8, 2, prior=0.5))
+    torch.testing.assert_close(bdl.kl_divergence(model), model[0].kl_divergence() + model[2].kl_divergence())
+    assert bdl.kl_divergence(torch.nn.Linear(3, 2)).item() == 0.0
+
+
+def test_kl_is_zero_when_posterior_equals_prior():
+    layer = bdl.BayesLinear(4, 3, posterior_std_init=0.5, prior=bdl.GaussianPrior(0.0, 0.5))
+    with torch.no_grad():
+        layer.weight_mu.zero_()
+        layer.bias_mu.zero_()
+    torch.testing.assert_close(layer.kl_divergence(), torch.tensor(0.0), atol=1e-5, rtol=0)
+
+
+def test_scale_mixture_log_prob_matches_torch_mixture():
+    prior = bdl.ScaleMixturePrior(scale1=1.0, scale2=math.exp(-6), mixture_weight=0.3)
+    reference = MixtureSameFamily(Categorical(torch.tensor([0.3, 0.7])), Normal(torch.zeros(2), torch.tensor([1.0, math.exp(-6)])))
+    w = torch.randn(1000) * 0.5
+    torch.testing.assert_close(prior.log_prob(w), reference.log_prob(w), rtol=1e-5, atol=1e-5)
+
+
+def test_scale_mixture_monte_carlo_kl_is_unbiased():
+    prior = bdl.ScaleMixturePrior(scale1=1.0, scale2=0.05, mixture_weight=0.5)
+    loc, std = torch.randn(50) * 0.3, torch.rand(50) * 0.2 + 0.05
+    # reference: a large Monte Carlo average of log q - log p with torch.distributions
+    q = Normal(loc, std)
+    reference_prior = MixtureSameFamily(Categorical(torch.tensor([0.5, 0.5])), Normal(torch.zeros(2), torch.tensor([1.0, 0.05])))
+    w = q.sample((20000,))
+    expected = (q.log_prob(w) - reference_prior.log_prob(w)).mean(0).sum()
+    estimates = torch.stack([prior.kl_divergence(loc, std) for _ in range(4000)])
+    standard_error = estimates.std() / math.sqrt(len(estimates))
+    assert abs(estimates.mean() - expected) < 4 * standard_error + 0.05
+    # and a Gaussian prior with the same variance gives a clearly different KL: the test can tell them apart
+    gaussian = kl_divergence(q, Normal(0.0, math.sqrt(0.5 * 1.0 + 0.5 * 0.05**2))).sum()
+    assert abs(gaussian - expected) > 10 * standard_error
+
+
+def test_mixture_prior_kl_has_gradients_in_a_layer():
+    layer = bdl.BayesLinear(4, 3, prior=bdl.ScaleMixturePrior())
+    layer.kl_divergence().backward()
+    assert layer.weight_rho.grad.abs().sum() > 0 and layer.weight_mu.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: bdl.GaussianPrior(0.0, 0.0), "scale must be a positive"),
+        (lambda: bdl.GaussianPrior(0.0, -2.0), "scale must be a positive"),
+        (lambda: bdl.GaussianPrior(0.0, torch.tensor([1.0, -1.0])), "scale must be positive"),
+        (lambda: bdl.ScaleMixturePrior(scale1=-1.0), "scale1"),
+        (lambda: bdl.ScaleMixturePrior(scale2=0.0), "scale2"),
+        (lambda: bdl.ScaleMixturePrior(mixture_weight=0.0), "mixture_weight"),
+        (lambda: bdl.ScaleMixturePrior(mixture_weight=1.5), "mixture_weight"),
+    ],
+)
+def test_invalid_prior_parameters_raise_value_error_naming_them(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

@@ -1,0 +1,40 @@
+"""Every example in a bdl docstring runs and prints what it shows."""
+
+import doctest
+import importlib
+import math
+import pkgutil
+
+import pytest
+import torch
+from torch import nn
+
+import bdl
+
+MODULES = sorted(info.name for info in pkgutil.walk_packages(bdl.__path__, prefix="bdl."))
+
+
+def _globals():
+    names = {name: getattr(bdl, name) for name in dir(bdl) if not name.startswith("_")}
+    return {**names, "bdl": bdl, "torch": torch, "nn": nn, "math": math}
+
+
+@pytest.mark.parametrize("module_name", MODULES)
+def test_docstring_examples_run(module_name):
+    module = importlib.import_module(module_name)
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for test in finder.find(module, module_name, extraglobs=_globals()):
+        torch.manual_seed(0)
+        runner.run(test)
+    results = runner.summarize(verbose=False)
+    assert results.failed == 0, f"{results.failed} docstring example(s) failed in {module_name} (output above)"
+
+
+def test_every_public_name_has_a_docstring():
+    missing = [
+        name
+        for name in dir(bdl)
+        if not name.startswith("_") and callable(getattr(bdl, name)) and not (getattr(bdl, name).__doc__ or "").strip()
+    ]
+    assert not missing, missing
