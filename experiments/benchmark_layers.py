@@ -3,7 +3,7 @@
 Times forward + backward + Adam step of a 784-1200-1200-10 MLP (batch 128) for ``nn.Linear`` and for
 ``bdl.BayesLinear`` with each estimator and std transform, and prints ms per step and the ratio to
 ``nn.Linear``. The loss of the Bayesian models is the full ELBO (cross-entropy + KL / N). Adam is timed in
-both of PyTorch's CPU implementations: the default multi-tensor ("foreach") one and ``fused=True``,
+both of PyTorch's CPU implementations: the default (a loop over parameters on CPU) and ``fused=True``,
 which is several times faster on CPU and matters more for Bayesian layers (twice the parameters).
 
     python experiments/benchmark_layers.py [--threads 2] [--steps 30] [--device cpu|cuda]
@@ -85,7 +85,7 @@ def main() -> None:
 
     print(f"MLP {'-'.join(map(str, sizes))}, batch {args.batch_size}, {device}, {args.threads} threads, median of {args.steps} steps")
     print("ms per forward + backward + Adam step; ratio to nn.Linear with the same optimizer")
-    print(f"| {'layer':<30} | {'Adam (foreach)':>14} | {'ratio':>5} | {'Adam (fused)':>12} | {'ratio':>5} |")
+    print(f"| {'layer':<30} | {'Adam (default)':>14} | {'ratio':>5} | {'Adam (fused)':>12} | {'ratio':>5} |")
     print(f"|{'-' * 32}|{'-' * 16}|{'-' * 7}|{'-' * 14}|{'-' * 7}|")
     baseline: dict[bool, float] = {}
     for name, layer in variants.items():

@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from bdl.data import load_digits, load_mnist1d, regression_with_gap, two_moons
+
+
+def test_digits_splits_are_disjoint_seeded_and_standardised_on_train():
+    splits = load_digits(seed=1)
+    sizes = len(splits.train), len(splits.val), len(splits.test)
+    assert sum(sizes) == 1797 and splits.num_classes == 10
+    x = splits.train.tensors[0]
+    torch.testing.assert_close(x.mean(0), torch.zeros(64), atol=1e-5, rtol=0)
+    again = load_digits(seed=1)
+    assert torch.equal(again.test.tensors[0], splits.test.tensors[0])
+    assert not torch.equal(load_digits(seed=2).test.tensors[0], splits.test.tensors[0])
+
+
+def test_digits_ood_classes_are_held_out_and_labels_remapped():
+    splits = load_digits(ood_classes=[3, 9])
+    labels = torch.cat([splits.train.tensors[1], splits.val.tensors[1], splits.test.tensors[1]])
+    assert splits.num_classes == 8 and set(labels.tolist()) == set(range(8))
+    assert len(splits.ood) == 183 + 180  # images of 3s and 9s in sklearn's digits
+    with pytest.raises(ValueError, match="ood_classes"):
+        load_digits(ood_classes=[10])
+
+
+def test_mnist1d_has_the_papers_split_and_caches(tmp_path):
+    splits = load_mnist1d(cache_dir=str(tmp_path))
+    assert len(splits.train) + len(splits.val) == 4000 and len(splits.test) == 1000
+    assert splits.train.tensors[0].shape[1] == 40 and (tmp_path / "mnist1d.npz").exists()
+    cached = load_mnist1d(cache_dir=str(tmp_path), ood_classes=[0])
+    assert cached.num_classes == 9 and len(cached.ood) > 0
+    assert (cached.train.tensors[1] < 9).all()
+
+
+def test_regression_toy_leaves_the_gap_empty():
+    splits = regression_with_gap(300, gap=(-1.0, 1.0))
+    for part in (splits.train, splits.val, splits.test):
+        x = part.tensors[0]
+        assert ((x <= -1) | (x >= 1)).all()
+    assert ((splits.ood.tensors[0] >= -1) & (splits.ood.tensors[0] <= 1)).all()
+    with pytest.raises(ValueError, match="gap"):
+        regression_with_gap(gap=(-5.0, 0.0))
+
+
+def test_two_moons_is_binary():
+    splits = two_moons(200)
+    assert set(splits.train.tensors[1].tolist()) == {0, 1}
