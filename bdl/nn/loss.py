@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -46,7 +47,7 @@ def elbo_loss(nll: Tensor, kl: Tensor, num_data: int, kl_weight: float = 1.0) ->
         >>> out = bdl.elbo_loss(nll, bdl.kl_divergence(model), num_data=1000)
         >>> out.loss.backward()
     """
-    if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data <= 0:
+    if isinstance(num_data, bool) or not isinstance(num_data, numbers.Integral) or num_data <= 0:
         raise ValueError(f"num_data must be a positive int (the training-set size), got {num_data!r}")
     if kl_weight < 0:
         raise ValueError(f"kl_weight must be >= 0, got {kl_weight!r}")
@@ -55,7 +56,7 @@ def elbo_loss(nll: Tensor, kl: Tensor, num_data: int, kl_weight: float = 1.0) ->
     if kl.dim() != 0:
         raise ValueError(f"kl must be a scalar tensor, got shape {tuple(kl.shape)}")
     nll = nll.mean()
-    return ELBO(nll + kl_weight * kl / num_data, nll, kl)
+    return ELBO(nll + kl_weight * kl / int(num_data), nll, kl)
 
 
 class ELBOLoss(nn.Module):
