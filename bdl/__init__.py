@@ -15,18 +15,29 @@ from .nn import (
     BayesianModule,
     BayesLinear,
     ELBOLoss,
+    GaussianHead,
     GaussianPrior,
     Prior,
     ScaleMixturePrior,
     bayesianize,
     deterministic,
     elbo_loss,
+    gaussian_nll,
     kl_divergence,
     use_estimator,
 )
 
 # --- wrappers and prediction: MCDropout, DeepEnsemble, predict, Prediction (bdl/wrappers, bdl/predict.py) ---
+from .nn.heads import GaussianHead, GaussianNLLLoss, GaussianOutput, gaussian_nll
+from .predict import Prediction, predict
+from .triage import Triage, triage
+from .wrappers import DeepEnsemble, MCDropout
 
 # --- metrics, calibration, plots, evaluate (bdl/metrics, bdl/calibration, bdl/plots.py, bdl/evaluate.py) ---
+from . import metrics, plots
+from .calibration import TemperatureScaler
+from .evaluate import Report, evaluate
 
 # --- Pyro inference: SVI, MCMC (bdl/infer) ---
+from . import infer
+from .infer import PyroModel, SVIModule, compare_predictions, mcmc, svi

@@ -2,6 +2,7 @@
 
 from .convert import bayesianize, deterministic, kl_divergence, use_estimator
 from .functional import ESTIMATORS
+from .heads import GaussianHead, gaussian_nll
 from .layers import BayesConv1d, BayesConv2d, BayesConv3d, BayesianModule, BayesLinear
 from .loss import ELBO, ELBOLoss, elbo_loss
 from .priors import GaussianPrior, Prior, ScaleMixturePrior

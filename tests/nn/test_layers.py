@@ -38,7 +38,11 @@ def test_estimator_matches_analytic_moments(kind, estimator):
     x = torch.randn(INPUTS[kind])
     num_samples = 2000
     with torch.no_grad():
-        draws = torch.stack([layer(x) for _ in range(num_samples)])
+        if estimator != "local":  # weight (and, for flipout, bias) noise is shared within a call
+            draws = torch.stack([layer(x) for _ in range(num_samples)])
+        else:  # pre-activation noise is drawn per example: S copies of the batch in one call are S draws
+            copies = x.unsqueeze(0).expand(num_samples, *x.shape).reshape(-1, *x.shape[1:])
+            draws = layer(copies).reshape(num_samples, x.shape[0], *layer(x).shape[1:])
         mean, var = analytic_moments(layer, x)
     # z-scores of the sample mean; relative error of the sample variance (sd ~ sqrt(2 / S) = 0.032)
     z = (draws.mean(0) - mean) / (var / num_samples).sqrt()

@@ -9,8 +9,8 @@ from bdl.data import load_digits
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["reparam", "flipout"])
-def test_bayesian_mlp_learns_digits(estimator):
+def test_bayesian_mlp_learns_digits():
+    estimator = "reparam"
     splits = load_digits(seed=0)
     model = nn.Sequential(
         bdl.BayesLinear(64, 128, estimator=estimator), nn.ReLU(), bdl.BayesLinear(128, 10, estimator=estimator)
@@ -18,7 +18,7 @@ def test_bayesian_mlp_learns_digits(estimator):
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     loader = DataLoader(splits.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
     num_data = len(splits.train)
-    for _ in range(25):
+    for _ in range(15):
         for x, y in loader:
             optimizer.zero_grad()
             out = bdl.elbo_loss(F.cross_entropy(model(x), y), bdl.kl_divergence(model), num_data)

@@ -1,0 +1,3 @@
+"""Post-hoc calibration: fixes applied to a trained model's outputs without retraining it."""
+
+from .temperature import TemperatureScaledModel, TemperatureScaler, fit_temperature

@@ -1,0 +1,164 @@
+"""Temperature scaling (Guo et al. 2017): one scalar ``T > 0`` that divides the logits, fitted on held-out data.
+
+``softmax(f(x) / T)`` keeps the predicted class (so accuracy is unchanged) and makes the probabilities
+softer (``T > 1``, the usual fix for an overconfident network) or sharper (``T < 1``). ``T`` minimises
+the negative log-likelihood of validation labels; it is optimised as ``log T`` with L-BFGS, so it stays
+positive without constraints.
+
+For a Bayesian model with Monte Carlo samples, pass the per-sample logits [S, N, C]: every sample is
+divided by the same ``T`` and the NLL is that of the averaged probabilities ``1/S sum_s softmax(f_s / T)``,
+which is what :func:`bdl.predict` computes for the wrapped model. Log-probabilities work as well as logits
+(``log softmax(f)`` differs from ``f`` by a per-example constant, which ``softmax(. / T)`` ignores).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..metrics.functional._checks import check_float, check_labels
+
+__all__ = ["TemperatureScaledModel", "TemperatureScaler", "fit_temperature"]
+
+
+def _check_logits(logits, target) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+    logits = check_float(logits, "logits")
+    if logits.dim() not in (2, 3) or logits.shape[-1] < 2 or logits.shape[-2] == 0:
+        raise ValueError(
+            f"`logits` must have shape [N, C] or [S, N, C] with N >= 1 and C >= 2, got shape {tuple(logits.shape)}"
+        )
+    target = check_labels(target, logits.shape[-1], logits.shape[-2])
+    return logits, target.to(logits.device)
+
+
+def _scaled_nll(log_temperature: Tensor, logits: Tensor, target: Tensor) -> Tensor:
+    """NLL of ``1/S sum_s softmax(logits_s / T)`` with ``T = exp(log_temperature)``; logits are [S, N, C]."""
+    log_probs = torch.log_softmax(logits / log_temperature.exp(), dim=-1)
+    mean_log_probs = torch.logsumexp(log_probs, dim=0) - math.log(logits.shape[0])
+    return torch.nn.functional.nll_loss(mean_log_probs, target)
+
+
+def fit_temperature(logits: Tensor, target: Tensor, *, max_iter: int = 100) -> Tensor:
+    """The temperature that minimises the validation NLL of ``softmax(logits / T)`` (Guo et al. 2017).
+
+    ``T* = argmin_T -1/N sum_n log [1/S sum_s softmax(f_s(x_n) / T)]_{y_n}``, found with L-BFGS (strong Wolfe
+    line search) on ``log T`` from ``T = 1``, in float64.
+
+    Args:
+        logits: validation logits, shape [N, C], or per-sample logits [S, N, C] of a Bayesian model.
+        target: integer labels, shape [N].
+        max_iter: the most L-BFGS iterations.
+
+    Returns:
+        A positive scalar tensor ``T`` (dtype of ``logits``).
+
+    Example:
+        >>> true_logits = torch.randn(2000, 5)
+        >>> target = torch.distributions.Categorical(logits=true_logits).sample()
+        >>> temperature = fit_temperature(3 * true_logits, target)  # an overconfident model
+        >>> bool(abs(temperature - 3) < 0.3)
+        True
+    """
+    logits, target = _check_logits(logits, target)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"`max_iter` must be a positive integer, got {max_iter!r}")
+    samples = logits.detach().double()
+    if samples.dim() == 2:
+        samples = samples.unsqueeze(0)
+    log_temperature = torch.zeros((), dtype=torch.float64, device=logits.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_temperature], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = _scaled_nll(log_temperature, samples, target)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return log_temperature.detach().exp().to(logits.dtype)
+
+
+class TemperatureScaler(nn.Module):
+    """Post-hoc temperature scaling: ``forward(logits) = logits / T``, with ``T`` fitted by :meth:`fit`.
+
+    The temperature is stored as the parameter ``log_temperature`` (so it is saved in ``state_dict``).
+
+    Args:
+        temperature: initial temperature (> 0); :meth:`fit` starts from 1 regardless.
+
+    Example:
+        >>> true_logits = torch.randn(2000, 5)
+        >>> target = torch.distributions.Categorical(logits=true_logits).sample()
+        >>> scaler = TemperatureScaler().fit(3 * true_logits, target)
+        >>> bool(abs(scaler.temperature - 3) < 0.3)
+        True
+        >>> calibrated_logits = scaler(3 * true_logits)  # close to true_logits
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"`temperature` must be a positive number, got {temperature!r}")
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=False)
+
+    @property
+    def temperature(self) -> Tensor:
+        """The temperature ``T = exp(log_temperature)``, a scalar tensor."""
+        return self.log_temperature.exp()
+
+    def fit(self, logits: Tensor, target: Tensor, *, max_iter: int = 100) -> "TemperatureScaler":
+        """Fit ``T`` on validation ``logits`` [N, C] (or [S, N, C]) and labels ``target`` [N]; returns ``self``.
+
+        See :func:`fit_temperature`.
+        """
+        temperature = fit_temperature(logits, target, max_iter=max_iter)
+        with torch.no_grad():
+            self.log_temperature.copy_(temperature.log())
+        return self
+
+    def forward(self, logits: Tensor) -> Tensor:
+        """``logits / T``, any shape with classes last."""
+        return logits / self.temperature.to(logits.dtype)
+
+    def wrap(self, model: nn.Module) -> "TemperatureScaledModel":
+        """A module whose forward is ``model(...) / T``: use it in place of ``model`` (e.g. in :func:`bdl.predict`).
+
+        Example:
+            >>> model = nn.Linear(3, 2)
+            >>> scaled = TemperatureScaler(2.0).wrap(model)
+            >>> x = torch.randn(4, 3)
+            >>> torch.allclose(scaled(x), model(x) / 2)
+            True
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        return TemperatureScaledModel(model, self)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature.item():.4g}"
+
+
+class TemperatureScaledModel(nn.Module):
+    """``model`` followed by a :class:`TemperatureScaler`: ``forward(*args) = model(*args) / T``.
+
+    Bayesian layers inside ``model`` keep drawing fresh weights on every call, so Monte Carlo prediction
+    works unchanged. Built by :meth:`TemperatureScaler.wrap`.
+
+    Example:
+        >>> model = nn.Sequential(BayesLinear(3, 2))
+        >>> scaled = TemperatureScaledModel(model, TemperatureScaler(1.5))
+        >>> bdl.predict(scaled, torch.randn(5, 3), num_samples=4).probs.shape
+        torch.Size([5, 2])
+    """
+
+    def __init__(self, model: nn.Module, scaler: TemperatureScaler) -> None:
+        super().__init__()
+        self.model = model
+        self.scaler = scaler
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.scaler(self.model(*args, **kwargs))

@@ -1,0 +1,490 @@
+"""One call from a trained model (or a ready ``Prediction``) and a test set to every metric and plot that applies.
+
+``evaluate`` runs :func:`bdl.predict` on the test set (and on an out-of-distribution set if given),
+computes the metrics of :mod:`bdl.metrics.functional` for the task, and returns a :class:`Report`:
+``report.metrics`` is a flat ``{name: float}`` dict, ``report.to_markdown()`` a table, and
+``report.save(directory)`` writes ``metrics.json``, ``report.md`` and PNG figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from .metrics import functional as M
+from .predict import Prediction, predict
+
+__all__ = ["Report", "evaluate"]
+
+Data = Union[DataLoader, Tensor, Sequence[Tensor], None]
+
+# Display names and sections of the report, in order; a key missing from a report is skipped.
+_SECTIONS: dict[str, dict[str, str]] = {
+    "Accuracy and proper scores": {
+        "accuracy": "accuracy", "nll": "NLL", "brier_score": "Brier score (sum over classes)",
+        "rmse": "RMSE", "mae": "MAE", "crps": "CRPS",
+    },
+    "Calibration": {
+        "ece": "ECE", "adaptive_ece": "ECE, equal-mass bins", "mce": "MCE", "classwise_ece": "classwise ECE",
+        "overconfidence": "overconfidence (part of ECE)", "underconfidence": "underconfidence (part of ECE)",
+        "quantile_calibration_error": "quantile calibration error",
+    },
+    "Uncertainty": {
+        "mean_confidence": "mean confidence", "mean_predictive_entropy": "mean predictive entropy",
+        "mean_expected_entropy": "mean expected entropy (aleatoric)",
+        "mean_mutual_information": "mean mutual information (epistemic)",
+        "mean_aleatoric_variance": "mean aleatoric variance", "mean_epistemic_variance": "mean epistemic variance",
+    },
+    "Selective prediction": {"aurc": "AURC", "excess_aurc": "excess AURC"},
+}
+
+
+_OOD_COLUMNS = {"auroc": "AUROC", "aupr_in": "AUPR-in", "aupr_out": "AUPR-out"}
+
+# How each OOD score is computed, for axis labels (every score is oriented so that higher = more OOD).
+_SCORE_LABELS = {
+    "max_probability": "1 - max probability",
+    "predictive_entropy": "predictive entropy",
+    "mutual_information": "mutual information",
+    "energy": "energy, -logsumexp(logits)",
+    "max_logit": "-max logit",
+    "total_variance": "total variance",
+    "epistemic_variance": "epistemic variance",
+}
+
+
+def _is_prediction(value: Any) -> bool:  # noqa: ANN401
+    return isinstance(value, Prediction)
+
+
+def _split_tensors(data: Any, name: str) -> tuple[Optional[Tensor], Optional[Tensor]]:  # noqa: ANN401
+    """``(inputs, targets)`` from a tensor ``x`` or a pair ``(x, y)``; either may be None."""
+    if data is None:
+        return None, None
+    if isinstance(data, Tensor):
+        return data, None
+    if isinstance(data, (tuple, list)) and len(data) in (1, 2) and all(isinstance(t, Tensor) for t in data):
+        return data[0], (data[1] if len(data) == 2 else None)
+    raise TypeError(
+        f"`{name}` must be a DataLoader, a tensor of inputs or a pair (inputs, targets) of tensors, "
+        f"got {type(data).__name__}"
+    )
+
+
+def _one_dimensional(x: Tensor) -> bool:
+    return x.dim() >= 1 and x.reshape(x.shape[0], -1).shape[1] == 1
+
+
+class _Recorder:
+    """Iterates a loader once for :func:`bdl.predict`, keeping the targets and any 1-D inputs on the way.
+
+    One pass keeps inputs, targets and predictions in the same order even for a shuffling loader; inputs
+    are kept only when they are 1-D (for the regression figure), so image data is not copied.
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.inputs: Optional[list[Tensor]] = []
+        self.targets: list[Tensor] = []
+
+    def __iter__(self):  # noqa: ANN204 - yields batches as the loader gives them
+        for batch in self.loader:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], Tensor):
+                self.targets.append(batch[1])
+            if self.inputs is not None and isinstance(x, Tensor) and _one_dimensional(x):
+                self.inputs.append(x.reshape(-1))
+            else:
+                self.inputs = None
+            yield batch
+
+    def tensors(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        inputs = torch.cat(self.inputs) if self.inputs else None
+        return inputs, (torch.cat(self.targets) if self.targets else None)
+
+
+def _predict(
+    model: Any, data: Data, name: str, predict_options: dict[str, Any]  # noqa: ANN401
+) -> tuple[Prediction, Optional[Tensor], Optional[Tensor]]:
+    """``(prediction, inputs, targets)`` for a model or a ready Prediction and one data set."""
+    if _is_prediction(model):
+        if isinstance(data, DataLoader):
+            recorder = _Recorder(data)
+            for _ in recorder:
+                pass
+            inputs, targets = recorder.tensors()
+        elif isinstance(data, Tensor):
+            inputs, targets = None, data  # next to a ready Prediction a bare tensor is its targets
+        else:
+            inputs, targets = _split_tensors(data, name)
+        if targets is None:
+            targets = model.targets
+        return model, inputs, targets
+    if data is None:
+        raise ValueError(f"`{name}` is required when evaluating a model (only a ready Prediction carries its own)")
+    if isinstance(data, DataLoader):
+        recorder = _Recorder(data)
+        prediction = predict(model, recorder, **predict_options)
+        inputs, targets = recorder.tensors()
+        return prediction, inputs, targets
+    inputs, targets = _split_tensors(data, name)
+    return predict(model, inputs, **predict_options), inputs, targets
+
+
+def _num_examples(prediction: Prediction) -> int:
+    return len(prediction)
+
+
+def _float(value: Tensor) -> float:
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:g}".replace(".", "_")
+
+
+@dataclass
+class Report:
+    """The result of :func:`evaluate`: metrics, the predictions they came from, and the figures.
+
+    Attributes:
+        task: ``"classification"`` or ``"regression"``.
+        metrics: flat ``{name: value}``; OOD metrics are named ``"ood/<score>/<metric>"`` (higher score =
+            more OOD, see :mod:`bdl.metrics.functional.ood`).
+        prediction: the test-set :class:`~bdl.Prediction`.
+        targets: the test targets.
+        ood_prediction: the OOD-set Prediction, or None.
+        inputs: the test inputs when known (used for the 1-D regression figure), else None.
+        settings: the options the metrics were computed with (``n_bins``, ``coverage``, ...).
+        notes: remarks on metrics that were left out and why.
+
+    Example:
+        >>> prediction = Prediction.from_logits(torch.randn(4, 100, 3))  # S=4 samples, N=100, C=3
+        >>> report = evaluate(prediction, torch.randint(0, 3, (100,)))
+        >>> print(report.to_markdown().splitlines()[2])
+        Task: classification; test examples: 100; Monte Carlo samples: 4
+        >>> import tempfile, pathlib
+        >>> with tempfile.TemporaryDirectory() as directory:
+        ...     sorted(path.name for path in report.save(directory).iterdir())
+        ['metrics.json', 'reliability_diagram.png', 'report.md', 'risk_coverage.png']
+    """
+
+    task: str
+    metrics: dict[str, float]
+    prediction: Prediction
+    targets: Tensor
+    ood_prediction: Optional[Prediction] = None
+    inputs: Optional[Tensor] = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ood_scores(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{score name: (scores_in, scores_out)}`` for every OOD score in the report."""
+        if self.ood_prediction is None:
+            return {}
+        return {
+            name: (M.ood_score(self.prediction, name), M.ood_score(self.ood_prediction, name))
+            for name in self.settings.get("ood_scores", ())
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``metrics.json`` holds: the task, sizes, settings and metrics."""
+        return {
+            "task": self.task,
+            "num_examples": int(self.targets.shape[0]),
+            "num_ood_examples": None if self.ood_prediction is None else _num_examples(self.ood_prediction),
+            "num_samples": getattr(self.prediction, "num_samples", None),
+            "settings": {
+                key: list(value) if isinstance(value, tuple) else value for key, value in self.settings.items()
+            },
+            "metrics": self.metrics,
+            "notes": self.notes,
+        }
+
+    def to_markdown(self) -> str:
+        """The metrics as markdown tables: one per section, OOD detection as scores × metrics."""
+        info = self.to_dict()
+        lines = [
+            "# Evaluation report",
+            "",
+            f"Task: {self.task}; test examples: {info['num_examples']}; Monte Carlo samples: {info['num_samples']}"
+            + ("" if info["num_ood_examples"] is None else f"; OOD examples: {info['num_ood_examples']}"),
+        ]
+        shown = set()
+        sections = {title: dict(names) for title, names in _SECTIONS.items()}
+        for key in self.metrics:
+            if key.startswith(("risk_at_", "coverage_at_")):
+                first, value, second = key.rsplit("_", 2)
+                sections["Selective prediction"][key] = f"{first.replace('_', ' ')} {value}% {second} (max probability)"
+            elif key.startswith(("interval_coverage_", "interval_width_")):
+                sections["Calibration"][key] = f"{key.rsplit('_', 1)[0].replace('_', ' ')} ({key.rsplit('_', 1)[1]}%)"
+        for title, names in sections.items():
+            rows = [(label, self.metrics[key]) for key, label in names.items() if key in self.metrics]
+            shown.update(key for key in names if key in self.metrics)
+            if rows:
+                lines += ["", f"## {title}", "", "| metric | value |", "|---|---:|"]
+                lines += [f"| {label} | {_format(value)} |" for label, value in rows]
+        ood_keys = [key for key in self.metrics if key.startswith("ood/")]
+        if ood_keys:
+            scores = list(dict.fromkeys(key.split("/")[1] for key in ood_keys))
+            columns = list(dict.fromkeys(key.split("/")[2] for key in ood_keys))
+            lines += ["", "## OOD detection (higher score = more OOD; OOD is the positive class)", ""]
+            headers = [_OOD_COLUMNS.get(column, column) for column in columns]
+            if any(column.startswith("fpr_at_") for column in columns):
+                tpr = next(column for column in columns if column.startswith("fpr_at_")).split("_")[2]
+                headers = [f"FPR at {tpr}% TPR" if header.startswith("fpr_at_") else header for header in headers]
+            lines += ["| score | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(columns)]
+            for score in scores:
+                values = [_format(self.metrics.get(f"ood/{score}/{column}", math.nan)) for column in columns]
+                lines.append(f"| {score} | " + " | ".join(values) + " |")
+            shown.update(ood_keys)
+        if self.notes:
+            lines += ["", "## Notes", ""] + [f"- {note}" for note in self.notes]
+        rest = [key for key in self.metrics if key not in shown]
+        if rest:
+            lines += ["", "## Other", "", "| metric | value |", "|---|---:|"]
+            lines += [f"| {key} | {_format(self.metrics[key])} |" for key in rest]
+        return "\n".join(lines) + "\n"
+
+    def figures(self) -> dict[str, Any]:
+        """``{file stem: matplotlib Figure}`` of every plot that applies to this report."""
+        from . import plots
+
+        figures: dict[str, Any] = {}
+        n_bins = self.settings.get("n_bins", 15)
+        if self.task == "classification":
+            figures["reliability_diagram"] = plots.plot_reliability_diagram(
+                self.prediction.probs, self.targets, n_bins=n_bins
+            )
+            errors = (self.prediction.predicted_class != self.targets).double()
+            figures["risk_coverage"] = plots.plot_risk_coverage(
+                self.prediction.max_probability, errors, label="max probability"
+            )
+        elif "quantile_calibration_error" in self.metrics:
+            figures["quantile_calibration"] = plots.plot_quantile_calibration(
+                self.prediction.mean, self.prediction.total_variance, self.targets
+            )
+        if self.task == "regression" and self.inputs is not None and _one_dimensional(self.inputs):
+            figures["regression_1d"] = plots.plot_regression_1d(
+                self.inputs.reshape(-1), self.prediction, target=self.targets
+            )
+        scores = self.ood_scores
+        if scores:
+            from matplotlib.figure import Figure
+
+            columns = min(3, len(scores))
+            rows = math.ceil(len(scores) / columns)
+            grid = Figure(figsize=(4.2 * columns, 3.4 * rows), layout="constrained")
+            axes = grid.subplots(rows, columns, squeeze=False).reshape(-1)
+            for ax, (name, (inside, outside)) in zip(axes, scores.items()):
+                plots.plot_ood_histogram(inside, outside, score_name=_SCORE_LABELS.get(name, name), ax=ax)
+            for ax in axes[len(scores):]:
+                ax.set_visible(False)
+            figures["ood_histograms"] = grid
+            roc = None
+            for name, (inside, outside) in scores.items():
+                roc = plots.plot_ood_roc(inside, outside, label=name, ax=None if roc is None else roc.axes[0])
+            figures["ood_roc"] = roc
+        return figures
+
+    def save(self, directory: Union[str, Path]) -> Path:
+        """Write ``metrics.json``, ``report.md`` (tables and links to the figures) and one PNG per figure.
+
+        Args:
+            directory: created if missing; existing files of the same names are overwritten.
+
+        Returns:
+            The directory, as a ``Path``.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "metrics.json").write_text(json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n")
+        markdown = self.to_markdown()
+        figures = self.figures()
+        if figures:
+            markdown += "\n## Figures\n\n"
+        for stem, figure in figures.items():
+            figure.savefig(directory / f"{stem}.png", dpi=110)
+            markdown += f"![{stem.replace('_', ' ')}]({stem}.png)\n\n"
+        (directory / "report.md").write_text(markdown)
+        return directory
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def _format(value: float) -> str:
+    return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def _classification_metrics(
+    prediction: Prediction, targets: Tensor, *, n_bins: int, coverage: float, risk: float
+) -> dict[str, float]:
+    probs = prediction.probs
+    errors = (probs.argmax(dim=1) != targets.to(probs.device)).double()
+    confidence = probs.max(dim=1).values
+    metrics = {
+        "accuracy": M.accuracy(probs, targets),
+        "nll": M.nll(probs, targets),
+        "brier_score": M.brier_score(probs, targets),
+        "ece": M.ece(probs, targets, n_bins=n_bins),
+        "adaptive_ece": M.adaptive_ece(probs, targets, n_bins=n_bins),
+        "mce": M.mce(probs, targets, n_bins=n_bins),
+        "classwise_ece": M.classwise_ece(probs, targets, n_bins=n_bins),
+        "overconfidence": M.overconfidence(probs, targets, n_bins=n_bins),
+        "underconfidence": M.underconfidence(probs, targets, n_bins=n_bins),
+        "mean_confidence": confidence.mean(),
+        "mean_predictive_entropy": prediction.predictive_entropy.mean(),
+        "mean_expected_entropy": prediction.expected_entropy.mean(),
+        "mean_mutual_information": prediction.mutual_information.mean(),
+        "aurc": M.aurc(confidence, errors),
+        "excess_aurc": M.excess_aurc(confidence, errors),
+        f"risk_at_{_percent(coverage)}_coverage": M.risk_at_coverage(confidence, errors, coverage=coverage),
+        f"coverage_at_{_percent(risk)}_risk": M.coverage_at_risk(confidence, errors, risk=risk),
+    }
+    return {key: _float(value) for key, value in metrics.items()}
+
+
+def _regression_metrics(
+    prediction: Prediction, targets: Tensor, *, levels: Sequence[float], notes: list[str]
+) -> dict[str, float]:
+    mean, variance = prediction.mean, prediction.total_variance
+    metrics = {
+        "rmse": M.rmse(mean, targets),
+        "mae": M.mae(mean, targets),
+        "mean_aleatoric_variance": prediction.aleatoric_variance.mean(),
+        "mean_epistemic_variance": prediction.epistemic_variance.mean(),
+    }
+    if not (variance > 0).all():
+        notes.append(
+            "the predictive variance is zero for some inputs (a model that predicts only a mean, sampled "
+            "without randomness), so the Gaussian NLL, CRPS, interval and quantile metrics are left out"
+        )
+        return {key: _float(value) for key, value in metrics.items()}
+    metrics.update(
+        nll=M.gaussian_nll(mean, variance, targets),
+        crps=M.crps_gaussian(mean, variance, targets),
+        quantile_calibration_error=M.quantile_calibration_error(mean, variance, targets),
+    )
+    for level in levels:
+        metrics[f"interval_coverage_{_percent(level)}"] = M.interval_coverage(mean, variance, targets, level=level)
+        metrics[f"interval_width_{_percent(level)}"] = M.interval_width(variance, level=level)
+    return {key: _float(value) for key, value in metrics.items()}
+
+
+def _default_scores(prediction: Prediction, ood_prediction: Prediction) -> list[str]:
+    names = M.scores_for_task(prediction.task)
+    if prediction.logits is None or ood_prediction.logits is None:
+        names = [name for name in names if name not in M.LOGIT_SCORES]
+    return names
+
+
+def _ood_prediction(model: Any, ood_data: Any, predict_options: dict[str, Any]) -> Prediction:  # noqa: ANN401
+    if _is_prediction(ood_data):
+        return ood_data
+    if _is_prediction(model):
+        raise TypeError(
+            "with a ready Prediction for the test set, `ood_data` must be a Prediction too, "
+            f"got {type(ood_data).__name__}"
+        )
+    inputs = ood_data if isinstance(ood_data, DataLoader) else _split_tensors(ood_data, "ood_data")[0]
+    return predict(model, inputs, **predict_options)
+
+
+def evaluate(
+    model: Any,  # noqa: ANN401 - anything bdl.predict accepts, or a Prediction
+    test_data: Data = None,
+    ood_data: Any = None,  # noqa: ANN401 - data, or a Prediction
+    *,
+    num_samples: Optional[int] = None,
+    task: str = "classification",
+    n_bins: int = 15,
+    ood_scores: Optional[Sequence[str]] = None,
+    coverage: float = 0.9,
+    risk: float = 0.05,
+    levels: Sequence[float] = (0.5, 0.9, 0.95),
+    tpr: float = 0.95,
+    **predict_options: Any,
+) -> Report:
+    """Every metric that applies to ``model`` on ``test_data`` (and OOD detection against ``ood_data``), in one report.
+
+    Classification: accuracy, NLL, Brier score, ECE (equal-width and equal-mass bins), MCE, classwise ECE,
+    over/underconfidence, mean uncertainties, AURC, excess AURC, risk at ``coverage`` and coverage at
+    ``risk`` (confidence = max probability, loss = 0/1 error). Regression: RMSE, MAE, and with a positive
+    predictive variance Gaussian NLL, CRPS, interval coverage (PICP) and width at ``levels``, and the
+    quantile calibration error, all from the total (aleatoric + epistemic) variance. With ``ood_data``:
+    AUROC, AUPR-in, AUPR-out and FPR at ``tpr`` for every score in ``ood_scores``, named
+    ``"ood/<score>/<metric>"`` (scores from :data:`bdl.metrics.OOD_SCORES`, higher = more OOD).
+
+    Args:
+        model: a model that :func:`bdl.predict` accepts, or a ready :class:`~bdl.Prediction` for the test
+            set (e.g. from a Pyro engine).
+        test_data: a DataLoader of ``(x, y)`` batches or a pair ``(x, y)`` of tensors. With a ready
+            Prediction: the targets alone, a pair ``(x, y)`` (``x`` is used only for the 1-D regression
+            figure), a DataLoader, or None when ``Prediction.targets`` is set.
+        ood_data: out-of-distribution inputs (a tensor, a DataLoader, or ``(x, ...)``), or a ready
+            Prediction for them (required when ``model`` is a Prediction). Labels, if any, are ignored.
+        num_samples: Monte Carlo samples S per input; None leaves the choice to :func:`bdl.predict` (one
+            per member for a deep ensemble, else 32). Not used for ready Predictions.
+        task: ``"classification"`` or ``"regression"`` (taken from ready Predictions).
+        n_bins: bins of the calibration metrics and the reliability diagram.
+        ood_scores: OOD score names; default every score the task allows (energy and max logit only when
+            both predictions have logits).
+        coverage: the coverage of "risk at coverage".
+        risk: the risk of "coverage at risk".
+        levels: central-interval levels for regression coverage and width.
+        tpr: fraction of in-distribution inputs accepted for the FPR metric.
+        **predict_options: passed on to :func:`bdl.predict` (e.g. ``batch_size``).
+
+    Returns:
+        A :class:`Report`.
+
+    Example:
+        >>> model = nn.Sequential(BayesLinear(4, 16), nn.ReLU(), BayesLinear(16, 3))
+        >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+        >>> report = evaluate(model, (x, y), ood_data=4 * torch.randn(32, 4), num_samples=4)
+        >>> report.metrics["accuracy"] == bdl.metrics.functional.accuracy(report.prediction.probs, y).item()
+        True
+        >>> sorted(key for key in report.metrics if key.startswith("ood/energy/"))
+        ['ood/energy/aupr_in', 'ood/energy/aupr_out', 'ood/energy/auroc', 'ood/energy/fpr_at_95_tpr']
+    """
+    predict_options = {"num_samples": num_samples, "task": task, **predict_options}
+    prediction, inputs, targets = _predict(model, test_data, "test_data", predict_options)
+    if targets is None:
+        raise ValueError(
+            "no test targets: pass `test_data` as (x, y) or as a DataLoader of (x, y) batches "
+            "(or a ready Prediction with `targets` set)"
+        )
+    task = prediction.task
+    device = (prediction.probs if task == "classification" else prediction.mean).device
+    targets = M._checks.as_tensor(targets, "test targets").to(device)
+    settings: dict[str, Any] = {"n_bins": n_bins}
+    notes: list[str] = []
+    if task == "classification":
+        targets = M._checks.check_labels(targets, prediction.probs.shape[1], len(prediction), "test targets")
+        settings.update(coverage=coverage, risk=risk)
+        metrics = _classification_metrics(prediction, targets, n_bins=n_bins, coverage=coverage, risk=risk)
+    else:
+        targets = M._checks.check_float(targets, "test targets")
+        settings.update(levels=tuple(levels))
+        metrics = _regression_metrics(prediction, targets, levels=levels, notes=notes)
+
+    ood_prediction = None
+    if ood_data is not None:
+        ood_prediction = _ood_prediction(model, ood_data, predict_options)
+        if ood_prediction.task != task:
+            raise ValueError(f"the OOD prediction's task {ood_prediction.task!r} differs from the test task {task!r}")
+        names = list(ood_scores) if ood_scores is not None else _default_scores(prediction, ood_prediction)
+        settings.update(ood_scores=tuple(names), tpr=tpr)
+        for name in names:
+            values = M.ood_metrics(M.ood_score(prediction, name), M.ood_score(ood_prediction, name), tpr=tpr)
+            metrics.update({f"ood/{name}/{key}": value for key, value in values.items()})
+    return Report(task, metrics, prediction, targets, ood_prediction, inputs, settings, notes)

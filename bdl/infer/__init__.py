@@ -1,0 +1,27 @@
+"""Pyro inference engines: an ``nn.Module`` as a Pyro model, SVI in Lightning, MCMC, and comparisons.
+
+- :class:`PyroModel`: Gaussian priors on all or selected parameters of any network, plus a likelihood
+  (:data:`LIKELIHOODS`), with the data plate scaled to the global training-set size.
+- :class:`SVIModule` (Lightning) and :func:`svi` (a plain loop): fit an autoguide (:data:`GUIDES`).
+- :func:`mcmc`: NUTS / HMC with a :class:`PosteriorSummary` (mean, std, quantiles, n_eff, r_hat).
+- :func:`compare_predictions`: how close an approximate predictive is to a reference one.
+
+Every engine ends in a :class:`bdl.Prediction`.
+"""
+
+from .compare import PredictiveComparison, compare_predictions
+from .guides import ELBOS, GUIDES, make_elbo, make_guide
+from .likelihoods import (
+    LIKELIHOODS,
+    BernoulliLikelihood,
+    CategoricalLikelihood,
+    GaussianLikelihood,
+    HeteroscedasticGaussianLikelihood,
+    HomoscedasticGaussianLikelihood,
+    Likelihood,
+    make_likelihood,
+)
+from .mcmc import KERNELS, MCMCResult, PosteriorSummary, mcmc
+from .model import PyroModel, select_parameters
+from .predictive import network_outputs, predict_from_samples, predict_function_model, private_param_store, sample_guide
+from .svi import OPTIMIZERS, SVIModule, exponential_decay, svi

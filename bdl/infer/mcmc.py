@@ -1,0 +1,269 @@
+"""Markov chain Monte Carlo (NUTS / HMC) on a Bayesian model, with convergence diagnostics."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+
+import pyro
+import torch
+from pyro.infer import HMC, MCMC, NUTS
+from pyro.infer.mcmc.util import summary as pyro_summary
+from pyro.ops import stats
+from torch import Tensor, nn
+
+from .model import PyroModel
+from .predictive import TASKS, _eval_mode, predict_from_samples, predict_function_model, private_param_store
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..predict import Prediction
+
+#: Kernel names -> Pyro MCMC kernels.
+KERNELS: dict[str, type] = {"nuts": NUTS, "hmc": HMC}
+CHAIN_METHODS = ("sequential", "parallel")
+
+
+class PosteriorSummary:
+    """Per-parameter posterior summary of MCMC samples: mean, std, quantiles, ESS and split R-hat.
+
+    Built from Pyro's diagnostics: ``pyro.infer.mcmc.util.summary`` (mean, std, ``n_eff`` =
+    :func:`pyro.ops.stats.effective_sample_size`, ``r_hat`` = :func:`pyro.ops.stats.split_gelman_rubin`,
+    Gelman et al., BDA3 ch. 11) and :func:`pyro.ops.stats.quantile` for the quantile columns.
+
+    ``summary[site]`` is a dict ``{statistic: tensor shaped like the site}``; ``str(summary)`` is a table
+    with one row per scalar element (``"weight[0,2]"``).
+
+    Args:
+        chain_samples: ``{site: [num_chains, num_samples, *shape]}``.
+        quantiles: the quantile levels to report, in (0, 1).
+
+    Example:
+        >>> samples = {"mu": torch.randn(2, 200)}
+        >>> summary = PosteriorSummary(samples)
+        >>> sorted(summary["mu"])
+        ['25.0%', '5.0%', '50.0%', '75.0%', '95.0%', 'mean', 'n_eff', 'r_hat', 'std']
+        >>> bool(summary.max_r_hat < 1.05)
+        True
+    """
+
+    def __init__(self, chain_samples: dict[str, Tensor], quantiles: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95)) -> None:
+        if not all(0 < q < 1 for q in quantiles):
+            raise ValueError(f"quantiles must lie in (0, 1), got {tuple(quantiles)}")
+        for name, value in chain_samples.items():
+            if value.dim() < 2 or value.shape[1] < 4:
+                raise ValueError(f"chain_samples[{name!r}] must be [num_chains, num_samples >= 4, ...], got shape {tuple(value.shape)}")
+        self.quantiles = tuple(float(q) for q in quantiles)
+        base = pyro_summary({k: v.double() for k, v in chain_samples.items()}, group_by_chain=True)
+        self.table: dict[str, dict[str, Tensor]] = {}
+        for name, value in chain_samples.items():
+            flat = value.double().reshape((-1,) + value.shape[2:])
+            q = stats.quantile(flat, list(self.quantiles), dim=0)
+            row = {"mean": base[name]["mean"], "std": base[name]["std"]}
+            row.update({self._label(level): q[i] for i, level in enumerate(self.quantiles)})
+            row.update({"n_eff": base[name]["n_eff"], "r_hat": base[name]["r_hat"]})
+            self.table[name] = row
+
+    @staticmethod
+    def _label(level: float) -> str:
+        return f"{100 * level:.1f}%"
+
+    def __getitem__(self, site: str) -> dict[str, Tensor]:
+        return self.table[site]
+
+    def __iter__(self):
+        return iter(self.table)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def columns(self) -> list[str]:
+        return ["mean", "std", *map(self._label, self.quantiles), "n_eff", "r_hat"]
+
+    @property
+    def max_r_hat(self) -> float:
+        """Largest split R-hat over all parameters (converged chains: close to 1, e.g. < 1.01)."""
+        return max(float(row["r_hat"].max()) for row in self.table.values())
+
+    @property
+    def min_ess(self) -> float:
+        """Smallest effective sample size over all parameters."""
+        return min(float(row["n_eff"].min()) for row in self.table.values())
+
+    def rows(self) -> list[tuple[str, dict[str, float]]]:
+        """One ``(label, {column: value})`` per scalar element of every site."""
+        out = []
+        for name, row in self.table.items():
+            shape = row["mean"].shape
+            for index in (torch.cartesian_prod(*[torch.arange(n) for n in shape]).reshape(-1, len(shape)).tolist() if shape else [[]]):
+                label = name + (f"[{','.join(map(str, index))}]" if index else "")
+                out.append((label, {col: float(row[col][tuple(index)]) for col in self.columns}))
+        return out
+
+    def to_string(self, max_rows: int = 50) -> str:
+        """The table as text, at most ``max_rows`` rows (the remainder is counted)."""
+        rows = self.rows()
+        width = max([len(label) for label, _ in rows[:max_rows]] + [9])
+        lines = [f"{'parameter':<{width}} " + " ".join(f"{c:>9}" for c in self.columns)]
+        for label, values in rows[:max_rows]:
+            lines.append(f"{label:<{width}} " + " ".join(f"{values[c]:>9.3f}" if c != "n_eff" else f"{values[c]:>9.1f}" for c in self.columns))
+        if len(rows) > max_rows:
+            lines.append(f"... {len(rows) - max_rows} more rows")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_string()
+
+    def __repr__(self) -> str:
+        return f"PosteriorSummary(sites={list(self.table)}, max_r_hat={self.max_r_hat:.3f}, min_ess={self.min_ess:.1f})"
+
+
+@dataclass
+class MCMCResult:
+    """What :func:`mcmc` returns.
+
+    Attributes:
+        samples: ``{site: [num_chains * num_samples, *shape]}`` (chains concatenated).
+        chain_samples: ``{site: [num_chains, num_samples, *shape]}``.
+        summary: the :class:`PosteriorSummary` (mean, std, quantiles, n_eff, r_hat per parameter).
+        diagnostics: per-chain ``"divergences"`` (number of divergent transitions) and
+            ``"acceptance_rate"``.
+        prediction: the posterior predictive on the prediction inputs, or None.
+        model: the model that was sampled.
+    """
+
+    samples: dict[str, Tensor]
+    chain_samples: dict[str, Tensor]
+    summary: PosteriorSummary
+    diagnostics: dict[str, list[float]]
+    prediction: Optional["Prediction"]
+    model: Any = field(repr=False)
+
+    def predict(self, inputs: Any, *, keep_samples: bool = False, output_site: str = "obs", task: Optional[str] = None) -> "Prediction":
+        """Posterior predictive on new inputs (a tensor / batches for a PyroModel, model arguments otherwise)."""
+        if isinstance(self.model, PyroModel):
+            return predict_from_samples(self.model, self.samples, inputs, keep_samples=keep_samples)
+        if task not in TASKS:
+            raise ValueError(f"predict on a model function needs task in {TASKS}, got {task!r}")
+        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        with private_param_store():
+            return predict_function_model(self.model, self.samples, *args, output_site=output_site, task=task, keep_samples=keep_samples)
+
+
+def mcmc(
+    model: Union[PyroModel, Callable],
+    *args,
+    kernel: str = "nuts",
+    num_samples: int = 500,
+    warmup_steps: Optional[int] = None,
+    num_chains: int = 2,
+    chain_method: str = "sequential",
+    kernel_options: Optional[dict] = None,
+    predict_inputs: Any = None,
+    output_site: str = "obs",
+    task: Optional[str] = None,
+    quantiles: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95),
+    seed: Optional[int] = None,
+    progress_bar: bool = False,
+) -> MCMCResult:
+    """Sample the posterior of a Bayesian model with NUTS (default) or HMC, full batch, several chains.
+
+    Runs ``pyro.infer.MCMC`` on ``model(*args)``: NUTS (Hoffman & Gelman, 2014) adapts the step size and a
+    diagonal mass matrix during ``warmup_steps`` and chooses trajectory lengths itself; HMC (Neal, 2011)
+    uses the kernel options' ``num_steps``/``trajectory_length``. Convergence is reported per parameter
+    by split R-hat (< 1.01 for well-mixed chains; needs ``num_chains >= 2``) and the effective sample size
+    (see :class:`PosteriorSummary`). Meant for small models: the gold standard to compare VI against.
+
+    ``chain_method="sequential"`` runs one chain after another in this process (reproducible with
+    ``seed``); ``"parallel"`` lets Pyro run them in subprocesses (when there are enough CPUs).
+
+    Args:
+        model: a :class:`PyroModel` (``num_data`` None or equal to the number of data points: MCMC needs
+            the full-data likelihood) or a Pyro model function.
+        *args: the model's arguments, e.g. ``(x, y)``.
+        kernel: ``"nuts"`` or ``"hmc"``.
+        num_samples: samples kept per chain.
+        warmup_steps: adaptation steps per chain (default ``num_samples``).
+        num_chains: independent chains, >= 1.
+        chain_method: ``"sequential"`` or ``"parallel"``.
+        kernel_options: extra arguments of the Pyro kernel (``target_accept_prob``, ``max_tree_depth``,
+            ``full_mass``, ``step_size``, ``trajectory_length``...; ``jit_compile`` works for model functions
+            only: a PyroModel runs its network through ``torch.func.functional_call``, which JIT cannot trace).
+        predict_inputs: inputs for ``result.prediction``: for a PyroModel, a tensor or batches (default
+            the training inputs ``args[0]``); for a function model the tuple of its arguments with
+            observations None (no prediction if not given).
+        output_site: site read by predictions of a function model.
+        task: ``"classification"`` or ``"regression"`` for predictions of a function model.
+        quantiles: quantile levels shown in the summary.
+        seed: if given, ``pyro.set_rng_seed(seed)`` first.
+        progress_bar: show Pyro's progress bar.
+
+    Returns:
+        an :class:`MCMCResult` with samples, summary, diagnostics and prediction.
+
+    Example:
+        >>> def model(x, y=None):
+        ...     slope = pyro.sample("slope", pyro.distributions.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(x)):
+        ...         pyro.sample("obs", pyro.distributions.Normal(slope * x, 0.5), obs=y)
+        >>> x = torch.linspace(-1, 1, 20)
+        >>> result = mcmc(model, x, 2.0 * x + 0.5 * torch.randn(20), num_samples=50, warmup_steps=50, seed=0)
+        >>> result.summary["slope"]["mean"].shape, result.samples["slope"].shape
+        (torch.Size([]), torch.Size([100]))
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {sorted(KERNELS)}")
+    if chain_method not in CHAIN_METHODS:
+        raise ValueError(f"chain_method must be one of {CHAIN_METHODS}, got {chain_method!r}")
+    for name, value, low in (("num_samples", num_samples, 4), ("num_chains", num_chains, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if warmup_steps is not None and (isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0):
+        raise ValueError(f"warmup_steps must be an int >= 0 or None, got {warmup_steps!r}")
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS} or None, got {task!r}")
+    if not callable(model):
+        raise TypeError(f"model must be a bdl.infer.PyroModel or a Pyro model function, got {type(model).__name__}")
+    if isinstance(model, PyroModel):
+        if len(args) < 2 or not all(isinstance(a, Tensor) for a in args[:2]):
+            raise ValueError("mcmc on a PyroModel needs the data as tensors: mcmc(model, x, y, ...)")
+        if model.num_data not in (None, args[0].shape[0]):
+            raise ValueError(
+                f"mcmc samples the full-data posterior: the PyroModel's num_data ({model.num_data}) must be None or "
+                f"the number of data points given ({args[0].shape[0]})"
+            )
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+
+    def make_kernel():
+        return KERNELS[kernel](model, **(kernel_options or {}))
+
+    chains, diagnostics = [], {"divergences": [], "acceptance_rate": []}
+    runs = [1] * num_chains if chain_method == "sequential" else [num_chains]
+    # eval mode: dropout in the network would make the potential energy random.
+    with private_param_store(), (_eval_mode(model) if isinstance(model, nn.Module) else nullcontext()):
+        for chains_in_run in runs:
+            sampler = MCMC(
+                make_kernel(),
+                num_samples=num_samples,
+                warmup_steps=warmup_steps,
+                num_chains=chains_in_run,
+                disable_progbar=not progress_bar,
+            )
+            sampler.run(*args)
+            chains.append(sampler.get_samples(group_by_chain=True))
+            diag = sampler.diagnostics()
+            for chain in range(chains_in_run):
+                key = f"chain {chain}"
+                diagnostics["divergences"].append(float(len(diag["divergences"][key])))
+                diagnostics["acceptance_rate"].append(float(diag["acceptance rate"][key]))
+    chain_samples = {name: torch.cat([c[name] for c in chains], dim=0) for name in chains[0]}
+    samples = {name: value.reshape((-1,) + value.shape[2:]) for name, value in chain_samples.items()}
+    summary = PosteriorSummary(chain_samples, quantiles)
+    result = MCMCResult(samples, chain_samples, summary, diagnostics, None, model)
+    if isinstance(model, PyroModel):
+        result.prediction = result.predict(args[0] if predict_inputs is None else predict_inputs)
+    elif predict_inputs is not None and task is not None:
+        result.prediction = result.predict(predict_inputs, output_site=output_site, task=task)
+    return result

@@ -1,0 +1,205 @@
+"""An ordinary ``nn.Module`` as a Pyro model: Gaussian priors on (some of) its parameters plus a likelihood.
+
+The network is not edited or converted: for every Bayesian parameter the model draws
+``w ~ N(loc, prior_scale^2)`` with ``pyro.sample`` and runs the network with those values through
+``torch.func.functional_call``. Parameters without a prior stay ordinary ``nn.Parameter`` s (point
+estimates, trained by the same optimizer in SVI, held fixed by MCMC).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Optional, Union
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .likelihoods import Likelihood, make_likelihood
+
+ParameterSelection = Union[None, str, Iterable[str], type, tuple, Callable[[str, nn.Parameter], bool]]
+PRIOR_LOCS = ("zero", "pretrained")
+
+
+def _last_layer_prefix(net: nn.Module) -> str:
+    """Name of the last module (in registration order) that holds parameters directly."""
+    last = None
+    for name, module in net.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            last = name
+    if last is None:
+        raise ValueError("bayesian_parameters='last_layer': the network has no parameters")
+    return last
+
+
+def select_parameters(net: nn.Module, selection: ParameterSelection) -> list[str]:
+    """Names of the parameters of ``net`` that ``selection`` picks, in ``named_parameters`` order.
+
+    Args:
+        net: the network.
+        selection: ``None`` (all parameters); ``"last_layer"`` (the parameters of the last module that
+            has any); a parameter name or module-name prefix, or a list of them (``"fc"`` picks
+            ``fc.weight`` and ``fc.bias``); a module type or tuple of types (all parameters of such
+            modules); or a predicate ``(name, parameter) -> bool``.
+
+    Returns:
+        the selected parameter names (non-empty).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> select_parameters(net, "last_layer")
+        ['2.weight', '2.bias']
+    """
+    named = dict(net.named_parameters())
+    if selection is None:
+        names = list(named)
+    elif isinstance(selection, type) or (isinstance(selection, tuple) and selection and all(isinstance(t, type) for t in selection)):
+        names = [
+            f"{module_name}.{param_name}" if module_name else param_name
+            for module_name, module in net.named_modules()
+            if isinstance(module, selection)
+            for param_name, _ in module.named_parameters(recurse=False)
+        ]
+        names = [name for name in named if name in set(names)]
+    elif callable(selection) and not isinstance(selection, str):
+        names = [name for name, parameter in named.items() if selection(name, parameter)]
+    else:
+        patterns = [selection] if isinstance(selection, str) else list(selection)
+        if not all(isinstance(p, str) for p in patterns):
+            raise TypeError(f"bayesian_parameters: expected names, module types or a predicate, got {selection!r}")
+        if patterns == ["last_layer"] and "last_layer" not in named:
+            patterns = [_last_layer_prefix(net)]
+        for pattern in patterns:
+            if not any(name == pattern or name.startswith(pattern + ".") for name in named):
+                raise ValueError(f"bayesian_parameters: {pattern!r} matches no parameter; the network has {list(named)}")
+        names = [name for name in named if any(name == p or name.startswith(p + ".") for p in patterns)]
+    if not names:
+        raise ValueError(f"bayesian_parameters={selection!r} selects no parameter of the network")
+    return names
+
+
+class PyroModel(nn.Module):
+    """A network with Gaussian priors on its parameters, as a Pyro model ``model(x, y=None)``.
+
+    The generative model is
+
+    ``w_j ~ N(m_j, prior_scale^2)`` for every selected parameter ``j``,
+    ``y_i ~ likelihood(f(x_i; w))`` for ``i`` in ``pyro.plate("data", size=num_data, subsample=batch)``,
+
+    where ``m_j = 0`` (``prior_loc="zero"``) or the network's weights at construction
+    (``prior_loc="pretrained"``, a prior centred on pretrained weights as in MOPED, Krishnan et al., 2020).
+    The sample sites are named after the parameters (``"0.weight"``), plus the likelihood's global sites
+    (``"noise_std"`` for a learned noise). Inside the plate every log-likelihood term is multiplied by
+    ``num_data / batch``, so each minibatch gives an unbiased estimate of the full-data ELBO. ``num_data``
+    is the global training-set size (with DDP each process gets a shard, but the scale must use the whole
+    set); ``None`` means every call sees the whole data set (MCMC).
+
+    Called with ``x=None`` the model only samples the latent variables (what guides need to set up).
+
+    Args:
+        net: any ``nn.Module`` mapping a batch ``x`` to outputs (logits ``[B, C]``, means ``[B, D]``, ...).
+        likelihood: a likelihood name (``"categorical"``, ``"bernoulli"``, ``"gaussian"``,
+            ``"gaussian_homoscedastic"``, ``"gaussian_heteroscedastic"``) or a :class:`Likelihood`.
+        num_data: size of the whole training set, or None (each call sees all data).
+        prior_scale: standard deviation of the Gaussian priors, > 0.
+        prior_loc: ``"zero"`` or ``"pretrained"`` (centre each prior on the current weight).
+        bayesian_parameters: which parameters get priors; see :func:`select_parameters` (default all).
+        likelihood_options: constructor arguments of a named likelihood (e.g. ``{"noise_std": 0.1}``).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> model = PyroModel(net, "categorical", num_data=1000, prior_scale=1.0)
+        >>> trace = pyro.poutine.trace(model).get_trace(torch.randn(10, 4), torch.randint(0, 3, (10,)))
+        >>> sorted(model.sample_sites)
+        ['0.bias', '0.weight', '2.bias', '2.weight']
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        likelihood: Union[str, Likelihood] = "categorical",
+        *,
+        num_data: Optional[int] = None,
+        prior_scale: float = 1.0,
+        prior_loc: str = "zero",
+        bayesian_parameters: ParameterSelection = None,
+        likelihood_options: Optional[dict] = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
+        if not (isinstance(prior_scale, (int, float)) and math.isfinite(prior_scale) and prior_scale > 0):
+            raise ValueError(f"prior_scale must be a positive number, got {prior_scale!r}")
+        if prior_loc not in PRIOR_LOCS:
+            raise ValueError(f"prior_loc must be one of {PRIOR_LOCS}, got {prior_loc!r}")
+        self.net = net
+        self.likelihood = make_likelihood(likelihood, **(likelihood_options or {}))
+        self.num_data = num_data
+        self.prior_scale = float(prior_scale)
+        self.prior_loc = prior_loc
+        self.bayesian_names = select_parameters(net, bayesian_parameters)
+        clash = set(self.bayesian_names) & set(self.likelihood.global_sites)
+        if clash:
+            raise ValueError(f"parameter names {sorted(clash)} clash with the likelihood's latent sites")
+        named = dict(net.named_parameters())
+        for name in self.bayesian_names:
+            # The network's own values of these parameters are never used in the model (the sampled ones
+            # are), so they would get no gradient: freeze them (DDP requires a gradient for every trainable
+            # parameter). They remain the guides' initial values and, with prior_loc="pretrained", the priors' centres.
+            named[name].requires_grad_(False)
+        # Prior locations are buffers (not in state_dict: they are rebuilt from the net, or zero).
+        self._prior_locs = {}
+        for index, name in enumerate(self.bayesian_names):
+            loc = named[name].detach().clone() if prior_loc == "pretrained" else torch.zeros_like(named[name])
+            self.register_buffer(f"_prior_loc_{index}", loc, persistent=prior_loc == "pretrained")
+            self._prior_locs[name] = f"_prior_loc_{index}"
+
+    @property
+    def num_data(self) -> Optional[int]:
+        return self._num_data
+
+    @num_data.setter
+    def num_data(self, value: Optional[int]) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"num_data must be a positive int (the global training-set size) or None, got {value!r}")
+        self._num_data = value
+
+    @property
+    def task(self) -> str:
+        """``"classification"`` or ``"regression"``, from the likelihood."""
+        return self.likelihood.task
+
+    @property
+    def sample_sites(self) -> list[str]:
+        """Names of all latent sample sites: the Bayesian parameters, then the likelihood's globals."""
+        return list(self.bayesian_names) + list(self.likelihood.global_sites)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_data={self.num_data}, prior_scale={self.prior_scale:g}, prior_loc={self.prior_loc!r}, "
+            f"bayesian_parameters={len(self.bayesian_names)} of {len(list(self.net.parameters()))}"
+        )
+
+    def prior(self, name: str) -> dist.Distribution:
+        """The prior of parameter ``name``: ``N(loc, prior_scale^2)`` with all dims as event dims."""
+        loc = getattr(self, self._prior_locs[name])
+        return dist.Normal(loc, self.prior_scale).to_event(loc.dim())
+
+    def current_values(self) -> dict[str, Tensor]:
+        """The network's current values of the Bayesian parameters (used to initialise guides)."""
+        named = dict(self.net.named_parameters())
+        return {name: named[name].detach() for name in self.bayesian_names}
+
+    def run_net(self, weights: dict[str, Tensor], x: Tensor) -> Tensor:
+        """``f(x; w)``: the network with ``weights`` substituted for its Bayesian parameters."""
+        return functional_call(self.net, weights, (x,), strict=False)
+
+    def forward(self, x: Optional[Tensor] = None, y: Optional[Tensor] = None) -> Optional[Tensor]:
+        weights = {name: pyro.sample(name, self.prior(name)) for name in self.bayesian_names}
+        if x is None:
+            self.likelihood.sample_globals()
+            return None
+        output = self.run_net(weights, x)
+        return self.likelihood(output, y, num_data=self.num_data)

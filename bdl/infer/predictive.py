@@ -1,0 +1,256 @@
+"""Posterior predictive distributions from guide or MCMC samples, as a :class:`bdl.Prediction`."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Union
+
+import pyro
+import torch
+from pyro.infer import Predictive
+from torch import Tensor, nn
+
+from .model import PyroModel
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..predict import Prediction
+
+TASKS = ("classification", "regression")
+
+
+@contextmanager
+def private_param_store() -> Iterator[None]:
+    """Run Pyro code against an empty, throw-away global parameter store.
+
+    bdl keeps every parameter in modules (``elbo.parameters()`` feed a torch optimizer), so Pyro's global
+    store only mirrors them. Inside this context the mirror starts empty and is discarded afterwards,
+    so two guides with the same site names (two models, two tests) never see each other's parameters,
+    and the user's own store is untouched.
+
+    Example:
+        >>> with private_param_store():
+        ...     _ = pyro.param("a", torch.zeros(1))
+        >>> "a" in pyro.get_param_store()
+        False
+    """
+    with pyro.get_param_store().scope():
+        yield
+
+
+def _check_num_samples(num_samples: int) -> None:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+
+
+def sample_guide(guide: Callable, num_samples: int, *args, parallel: bool = True, **kwargs) -> dict[str, Tensor]:
+    """Draw ``num_samples`` joint samples of all latent sites from a fitted guide.
+
+    Args:
+        guide: a fitted autoguide (or any guide function).
+        num_samples: number of samples S.
+        *args, **kwargs: the model's arguments (unused by autoguides of a :class:`PyroModel`).
+        parallel: draw all samples in one vectorised pass (``Predictive(..., parallel=True)``); False runs
+            the guide S times.
+
+    Returns:
+        ``{site: [S, *site_shape]}``.
+
+    Example:
+        >>> from pyro.infer.autoguide import AutoNormal
+        >>> model = PyroModel(nn.Linear(3, 1), "gaussian")
+        >>> with private_param_store():
+        ...     samples = sample_guide(AutoNormal(model), 10)
+        >>> samples["weight"].shape
+        torch.Size([10, 1, 3])
+    """
+    _check_num_samples(num_samples)
+    with torch.no_grad():
+        drawn = Predictive(guide, num_samples=num_samples, parallel=parallel)(*args, **kwargs)
+        trace = pyro.poutine.trace(guide).get_trace(*args, **kwargs)
+    shapes = {name: site["value"].shape for name, site in trace.nodes.items() if site["type"] == "sample"}
+    # Predictive pads vectorised samples with singleton plate dims; drop them.
+    return {name: value.reshape((num_samples,) + shapes[name]) for name, value in drawn.items() if name in shapes}
+
+
+def _batches(inputs: Union[Tensor, Iterable], batch_size: int) -> Iterator[tuple[Tensor, Optional[Tensor]]]:
+    if isinstance(inputs, Tensor):
+        if inputs.dim() == 0:
+            raise ValueError("inputs must have a batch dimension, got a scalar tensor")
+        for start in range(0, len(inputs), batch_size):
+            yield inputs[start : start + batch_size], None
+        return
+    for batch in inputs:
+        if isinstance(batch, Tensor):
+            yield batch, None
+        elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+            yield batch[0], batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
+        else:
+            raise TypeError(f"inputs: batches must be a tensor x or a tuple (x, y, ...), got {type(batch).__name__}")
+
+
+def network_outputs(model: PyroModel, samples: dict[str, Tensor], x: Tensor, *, vectorize: bool = True) -> Tensor:
+    """``f(x; w_s)`` for every sample ``w_s``: ``[S, N, ...]``.
+
+    With ``vectorize`` the S forward passes run as one ``torch.func.vmap`` call; a network that vmap cannot
+    batch (data-dependent control flow, in-place buffer updates) falls back to a loop.
+
+    Args:
+        model: the :class:`PyroModel`.
+        samples: ``{parameter name: [S, *shape]}`` for all its Bayesian parameters.
+        x: inputs ``[N, ...]``.
+        vectorize: try vmap first.
+
+    Returns:
+        the stacked outputs ``[S, N, ...]``.
+
+    Example:
+        >>> model = PyroModel(nn.Linear(3, 2), "categorical")
+        >>> samples = {"weight": torch.randn(5, 2, 3), "bias": torch.randn(5, 2)}
+        >>> network_outputs(model, samples, torch.randn(7, 3)).shape
+        torch.Size([5, 7, 2])
+    """
+    weights = {name: samples[name] for name in model.bayesian_names}
+    num_samples = next(iter(weights.values())).shape[0]
+    with torch.no_grad():
+        if vectorize:
+            try:
+                return torch.func.vmap(lambda w: model.run_net(w, x), randomness="different")(weights)
+            except (RuntimeError, ValueError, NotImplementedError):
+                pass
+        return torch.stack([model.run_net({k: v[s] for k, v in weights.items()}, x) for s in range(num_samples)])
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def predict_from_samples(
+    model: PyroModel,
+    samples: dict[str, Tensor],
+    inputs: Union[Tensor, Iterable],
+    *,
+    keep_samples: bool = False,
+    vectorize: bool = True,
+    batch_size: int = 256,
+) -> "Prediction":
+    """Posterior predictive of a :class:`PyroModel` from posterior samples (guide draws or MCMC).
+
+    ``p(y | x, D) ~= 1/S sum_s p(y | f(x; w_s))``: every input batch is run with the same S weight samples,
+    and the likelihood turns the outputs into a :class:`bdl.Prediction` (logits -> probabilities,
+    means and noise variances -> aleatoric / epistemic variances).
+
+    Args:
+        model: the :class:`PyroModel`.
+        samples: ``{site: [S, *shape]}``, all Bayesian parameters (and likelihood globals) included.
+        inputs: a tensor ``[N, ...]`` or an iterable of batches (``x`` or ``(x, y, ...)``, e.g. a DataLoader).
+        keep_samples: keep the per-sample predictions in the returned Prediction.
+        vectorize: batch the S forward passes with vmap where the network allows it.
+        batch_size: inputs per forward pass when ``inputs`` is a tensor (the vectorised pass holds
+            ``S x batch_size`` activations).
+
+    Returns:
+        a :class:`bdl.Prediction` over all N inputs.
+
+    Example:
+        >>> model = PyroModel(nn.Linear(3, 2), "categorical")
+        >>> samples = {"weight": torch.randn(5, 2, 3), "bias": torch.randn(5, 2)}
+        >>> predict_from_samples(model, samples, torch.randn(7, 3)).probs.shape
+        torch.Size([7, 2])
+    """
+    if not isinstance(model, PyroModel):
+        raise TypeError(f"model must be a bdl.infer.PyroModel, got {type(model).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    missing = [name for name in model.sample_sites if name not in samples]
+    if missing:
+        raise ValueError(f"samples lack the latent sites {missing}; got {sorted(samples)}")
+    from ..predict import Prediction
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    samples = {name: value.to(device) for name, value in samples.items()}
+    parts, targets = [], []
+    with _eval_mode(model):
+        for x, y in _batches(inputs, batch_size):
+            outputs = network_outputs(model, samples, x.to(device), vectorize=vectorize)
+            parts.append(model.likelihood.prediction(outputs, samples, keep_samples=keep_samples))
+            if y is not None:
+                targets.append(y.to(device))
+    if not parts:
+        raise ValueError("inputs are empty: nothing to predict")
+    prediction = Prediction.cat(parts)
+    if targets:
+        if len(targets) != len(parts):
+            raise ValueError("inputs: some batches had targets and others did not")
+        prediction.targets = torch.cat(targets)
+    return prediction
+
+
+def predict_function_model(
+    model: Callable,
+    samples: dict[str, Tensor],
+    *args,
+    output_site: str,
+    task: str,
+    parallel: bool = True,
+    keep_samples: bool = False,
+    **kwargs,
+) -> "Prediction":
+    """Posterior predictive of a plain Pyro model function at one of its sites.
+
+    Runs ``pyro.infer.Predictive(model, posterior_samples=samples)`` and reads ``output_site``: for
+    ``task="classification"`` it must hold logits ``[N, C]`` (e.g. a ``pyro.deterministic`` site); for
+    ``"regression"`` it holds the predicted values ``[N]`` or ``[N, D]`` — a mean site, or the observation
+    site itself, whose samples then already contain the noise (the Prediction's aleatoric variance is 0 and
+    all spread is reported as epistemic).
+
+    Args:
+        model: the Pyro model function.
+        samples: ``{site: [S, *shape]}`` posterior samples of its latent sites.
+        *args, **kwargs: the model's arguments for the new inputs (with observations set to None).
+        output_site: the site to read.
+        task: ``"classification"`` or ``"regression"``.
+        parallel: vectorise over samples (the model must then broadcast over a leading sample dim).
+        keep_samples: keep the per-sample predictions.
+
+    Returns:
+        a :class:`bdl.Prediction`.
+
+    Example:
+        >>> def model(x, y=None):
+        ...     slope = pyro.sample("slope", pyro.distributions.Normal(0.0, 1.0))
+        ...     with pyro.plate("data", x.shape[0]):
+        ...         return pyro.sample("obs", pyro.distributions.Normal(slope * x, 0.1), obs=y)
+        >>> samples = {"slope": torch.randn(20)}
+        >>> predict_function_model(model, samples, torch.randn(6), output_site="obs", task="regression").mean.shape
+        torch.Size([6, 1])
+    """
+    from ..predict import Prediction
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if not samples:
+        raise ValueError("samples is empty: pass posterior samples of the model's latent sites")
+    num_samples = next(iter(samples.values())).shape[0]
+    with torch.no_grad():
+        drawn = Predictive(model, posterior_samples=samples, num_samples=num_samples, return_sites=[output_site], parallel=parallel)(*args, **kwargs)
+        if output_site not in drawn:
+            raise ValueError(f"output_site {output_site!r} is not a site of the model")
+        # Vectorised Predictive pads sites with singleton plate dims; restore the site's own shape.
+        single = pyro.poutine.trace(pyro.poutine.condition(model, {k: v[0] for k, v in samples.items()})).get_trace(*args, **kwargs)
+    values = drawn[output_site].reshape((num_samples,) + single.nodes[output_site]["value"].shape)
+    if values.dim() not in ((3,) if task == "classification" else (2, 3)):
+        raise ValueError(
+            f"output_site {output_site!r}: expected samples [S, N, C] of logits (classification) or [S, N] / [S, N, D] "
+            f"(regression), got shape {tuple(values.shape)}"
+        )
+    if task == "classification":
+        return Prediction.from_logits(values, keep_samples=keep_samples)
+    if values.dim() == 2:
+        values = values.unsqueeze(-1)
+    return Prediction.from_regression(values.to(torch.get_default_dtype()), None, keep_samples=keep_samples)

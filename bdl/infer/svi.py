@@ -1,0 +1,379 @@
+"""Stochastic variational inference with Pyro, trained by Lightning (Pyro's ``ELBOModule`` pattern)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Union
+
+import lightning as L
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.autoguide import AutoGuide
+from torch import Tensor, nn
+
+from .guides import make_elbo, make_guide
+from .model import PyroModel
+from .predictive import (
+    TASKS,
+    network_outputs,
+    predict_from_samples,
+    predict_function_model,
+    private_param_store,
+    sample_guide,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..predict import Prediction
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+
+
+def exponential_decay(optimizer: torch.optim.Optimizer, lr_decay: float, num_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step schedule ``lr_t = lr * lr_decay^(t / num_steps)`` (Pyro's ``ClippedAdam`` ``lrd`` in torch form).
+
+    Args:
+        optimizer: the torch optimizer.
+        lr_decay: final / initial learning rate, in (0, 1].
+        num_steps: steps over which to decay (the rate stays at ``lr * lr_decay`` afterwards).
+
+    Returns:
+        a ``LambdaLR`` to ``step()`` after every optimizer step.
+
+    Example:
+        >>> optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        >>> scheduler = exponential_decay(optimizer, 0.01, num_steps=2)
+        >>> _ = [(optimizer.step(), scheduler.step()) for _ in range(2)]
+        >>> round(optimizer.param_groups[0]["lr"], 6)
+        0.01
+    """
+    if not (isinstance(lr_decay, (int, float)) and 0 < lr_decay <= 1):
+        raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay!r}")
+    total = max(int(num_steps), 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: float(lr_decay) ** (min(step, total) / total))
+
+
+class _RecordingModel(nn.Module):
+    """Runs the model under ``poutine.trace`` and keeps the traces of the current step.
+
+    Pyro's ELBO returns only the total loss; the observed sites of these traces give the expected
+    negative log-likelihood, and KL = loss - NLL, so both are logged without a second forward pass.
+    Holding ``model`` as a submodule also puts its parameters in ``elbo.parameters()``.
+    """
+
+    def __init__(self, model: Union[nn.Module, Callable]) -> None:
+        super().__init__()
+        self.model = model
+        self.traces: list[poutine.Trace] = []
+
+    def forward(self, *args, **kwargs):
+        trace = poutine.trace(self.model).get_trace(*args, **kwargs)
+        self.traces.append(trace)
+        return trace.nodes["_RETURN"]["value"]
+
+    def pop_nll(self) -> Tensor:
+        """Mean over the recorded traces of ``-sum_observed scale * log p(y | ...)``; clears the record."""
+        values = []
+        with torch.no_grad():
+            for trace in self.traces:
+                trace.compute_log_prob(site_filter=lambda name, site: site["is_observed"])
+                observed = [site["log_prob_sum"] for site in trace.nodes.values() if site["type"] == "sample" and site["is_observed"]]
+                values.append(-torch.stack([torch.as_tensor(v).reshape(()) for v in observed]).sum() if observed else torch.zeros(()))
+        self.traces.clear()
+        return torch.stack([v.to(values[0].device) for v in values]).mean() if values else torch.tensor(float("nan"))
+
+
+def _as_args(batch: Any) -> tuple:
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch)
+    if isinstance(batch, dict):
+        raise TypeError("SVIModule: batches must be a tensor or a tuple of model arguments, got a dict")
+    return (batch,)
+
+
+class SVIModule(L.LightningModule):
+    """Fit a Pyro guide to a Bayesian model with SVI, as a LightningModule.
+
+    Minimises the negative ELBO ``-E_q[log p(y | x, w)] + KL(q(w) || p(w))`` (Pyro's ``Trace_ELBO``, or
+    ``TraceMeanField_ELBO`` with closed-form KL for mean-field guides) with a torch optimizer, following
+    Pyro's ``ELBOModule`` pattern: ``self.elbo = loss(model, guide)`` is an ``nn.Module`` whose
+    ``parameters()`` are the guide's variational parameters plus the model's point parameters. The
+    guide's parameters are created in ``__init__`` (so ``configure_optimizers`` sees them and
+    checkpoints restore them) and live in this module's ``state_dict``; Pyro's global parameter store
+    is never used across calls (see :func:`private_param_store`).
+
+    Logged per step/epoch: ``{stage}/elbo`` (the ELBO estimate), ``{stage}/nll`` (expected negative
+    log-likelihood of the whole training set, i.e. the minibatch NLL scaled by ``num_data / batch``) and
+    ``{stage}/kl`` (``loss - nll``: the KL estimate, analytic with the mean-field ELBO), where ``stage`` is
+    ``train`` or ``val``.
+
+    ``model`` is a :class:`PyroModel` (its ``num_data`` must be the global training-set size: under DDP
+    each process gets a shard, the scale must not) or a Pyro model function, whose arguments are the
+    batch (``model(*batch)``); a function model whose latent sites depend on the data needs
+    ``example_args`` to set the guide up. Checkpoints hold the guide (and the network's point parameters)
+    and the names of the options; restore with ``SVIModule.load_from_checkpoint(path, model=...)`` given a
+    model of the same architecture, or resume with ``Trainer.fit(module, ..., ckpt_path=path)``.
+
+    Args:
+        model: a :class:`PyroModel` or a Pyro model function.
+        guide: ``"normal"``, ``"lowrank_normal"``, ``"multivariate_normal"``, ``"delta"``, or an AutoGuide.
+        elbo: ``"auto"``, ``"trace"`` or ``"mean_field"``.
+        num_particles: Monte Carlo samples per ELBO estimate.
+        optimizer: ``"adam"``, ``"adamw"``, ``"sgd"``, or a callable ``params -> torch.optim.Optimizer``.
+        lr: learning rate.
+        lr_decay: ratio of the final to the initial learning rate, decayed exponentially per step over
+            the Trainer's run (1 = constant).
+        init_scale: initial standard deviation of Gaussian guides.
+        rank: rank of the ``"lowrank_normal"`` guide.
+        num_samples: posterior samples used by :meth:`predict`.
+        example_args: model arguments to set the guide up with (default: none for a PyroModel).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2))
+        >>> module = SVIModule(PyroModel(net, "categorical", num_data=64), guide="normal", lr=1e-2)
+        >>> x, y = torch.randn(64, 2), torch.randint(0, 2, (64,))
+        >>> data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+        >>> L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...           enable_model_summary=False).fit(module, data)
+        >>> module.predict(x).probs.shape
+        torch.Size([64, 2])
+    """
+
+    def __init__(
+        self,
+        model: Union[PyroModel, Callable],
+        guide: Union[str, AutoGuide] = "normal",
+        *,
+        elbo: str = "auto",
+        num_particles: int = 1,
+        optimizer: Union[str, Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]] = "adam",
+        lr: float = 1e-3,
+        lr_decay: float = 1.0,
+        init_scale: float = 0.01,
+        rank: Optional[int] = None,
+        num_samples: int = 100,
+        example_args: Sequence = (),
+    ) -> None:
+        super().__init__()
+        if not callable(model):
+            raise TypeError(f"model must be a bdl.infer.PyroModel or a Pyro model function, got {type(model).__name__}")
+        if isinstance(optimizer, str) and optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZERS)} or pass a callable")
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        if not (isinstance(lr_decay, (int, float)) and 0 < lr_decay <= 1):
+            raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay!r}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        # Names go into the checkpoint's hyperparameters; objects (model, guide instances, callables) do not.
+        ignore = ["model", "example_args"] + [name for name, value in (("guide", guide), ("optimizer", optimizer)) if not isinstance(value, str)]
+        self.save_hyperparameters(ignore=ignore)
+        guide_module = make_guide(guide, model, init_scale=init_scale, rank=rank)
+        self.elbo = make_elbo(elbo, guide_module, num_particles=num_particles)(_RecordingModel(model), guide_module)
+        self._optimizer_spec = optimizer
+        self.lr = float(lr)
+        self.lr_decay = float(lr_decay)
+        self.num_samples = num_samples
+        with private_param_store():
+            # Creates the guide's parameters now: before configure_optimizers, and before a checkpoint's
+            # state_dict is loaded into them.
+            self.guide(*tuple(example_args))
+        self.elbo.model.traces.clear()
+
+    @property
+    def model(self) -> Union[PyroModel, Callable]:
+        """The Pyro model (a :class:`PyroModel` or a function)."""
+        return self.elbo.model.model
+
+    @property
+    def guide(self) -> AutoGuide:
+        """The variational distribution (a Pyro autoguide)."""
+        return self.elbo.guide
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.elbo.parameters() if p.requires_grad]
+        spec = self._optimizer_spec
+        optimizer = spec(params) if callable(spec) else OPTIMIZERS[spec](params, lr=self.lr)
+        if self.lr_decay == 1.0 or self._trainer is None:
+            return optimizer
+        scheduler = exponential_decay(optimizer, self.lr_decay, self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        if isinstance(self.model, PyroModel) and self.model.num_data is None:
+            raise ValueError(
+                "SVIModule: the PyroModel's num_data is None; set it to the size of the whole training set "
+                "(all processes together) so each minibatch's likelihood is scaled by num_data / batch_size"
+            )
+
+    def loss(self, *args) -> tuple[Tensor, Tensor, Tensor]:
+        """``(loss, nll, kl)`` for one batch of model arguments: ``loss = -ELBO`` (differentiable)."""
+        with private_param_store():
+            loss = self.elbo(*args)
+        nll = self.elbo.model.pop_nll().to(loss.device)
+        return loss, nll, loss.detach() - nll
+
+    def _step(self, batch: Any, stage: str) -> Tensor:
+        args = _as_args(batch)
+        loss, nll, kl = self.loss(*args)
+        batch_size = args[0].shape[0] if args and isinstance(args[0], Tensor) and args[0].dim() else 1
+        on_step = stage == "train"
+        self.log(f"{stage}/elbo", -loss.detach(), on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self.log(f"{stage}/nll", nll, on_step=on_step, on_epoch=True, batch_size=batch_size)
+        self.log(f"{stage}/kl", kl, on_step=on_step, on_epoch=True, batch_size=batch_size)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        with torch.no_grad():
+            self._step(batch, "val")
+
+    def sample_outputs(self, x: Tensor, num_samples: int) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        """``num_samples`` posterior draws of the model's predictive outputs on ``x`` (PyroModel only).
+
+        Weights are drawn from the guide and the network runs vectorised over them; the likelihood turns
+        the outputs into what :func:`bdl.predict` expects: logits ``[S, N, C]`` for classification
+        (two-class logits for a Bernoulli likelihood), ``(means, noise variances)`` ``[S, N, D]`` for
+        regression. So ``bdl.predict(module, x, num_samples=S, task=module.model.task)`` works as for
+        any bdl model.
+        """
+        if not isinstance(self.model, PyroModel):
+            raise TypeError("SVIModule.sample_outputs needs a PyroModel; for a model function use predict(..., task=...)")
+        samples = self.sample_posterior(num_samples)
+        samples = {name: value.to(x.device) for name, value in samples.items()}
+        outputs = network_outputs(self.model, samples, x)
+        return self.model.likelihood.predictive_outputs(outputs, samples)
+
+    def forward(self, x: Tensor) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        """One posterior draw of the predictive outputs on ``x`` (see :meth:`sample_outputs`)."""
+        outputs = self.sample_outputs(x, 1)
+        return tuple(o[0] for o in outputs) if isinstance(outputs, tuple) else outputs[0]
+
+    def sample_posterior(self, num_samples: Optional[int] = None, *args, parallel: bool = True, **kwargs) -> dict[str, Tensor]:
+        """``{site: [S, *shape]}``: S draws of every latent site from the fitted guide.
+
+        ``*args``/``**kwargs`` are the model's arguments, needed only by function models whose latent sites
+        depend on the data.
+        """
+        with private_param_store():
+            return sample_guide(self.guide, num_samples or self.num_samples, *args, parallel=parallel, **kwargs)
+
+    def predict(
+        self,
+        inputs: Any,
+        *,
+        num_samples: Optional[int] = None,
+        keep_samples: bool = False,
+        output_site: str = "obs",
+        task: Optional[str] = None,
+        parallel: bool = True,
+    ) -> "Prediction":
+        """Posterior predictive on ``inputs`` as a :class:`bdl.Prediction`.
+
+        For a :class:`PyroModel`, ``inputs`` is a tensor or an iterable of batches and the network runs
+        vectorised over the posterior samples. For a model function, ``inputs`` is the tuple of the
+        model's arguments (observations None) and ``output_site``/``task`` name what to read (see
+        :func:`predict_function_model`).
+
+        Args:
+            inputs: the inputs.
+            num_samples: posterior samples S (default ``self.num_samples``).
+            keep_samples: keep per-sample predictions.
+            output_site: site read for a function model.
+            task: ``"classification"`` or ``"regression"`` for a function model.
+            parallel: vectorise over samples.
+
+        Returns:
+            a :class:`bdl.Prediction`.
+        """
+        num_samples = num_samples or self.num_samples
+        if isinstance(self.model, PyroModel):
+            samples = self.sample_posterior(num_samples, parallel=parallel)
+            return predict_from_samples(self.model, samples, inputs, keep_samples=keep_samples, vectorize=parallel)
+        if task not in TASKS:
+            raise ValueError(f"predict on a model function needs task in {TASKS}, got {task!r}")
+        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        with private_param_store():
+            samples = sample_guide(self.guide, num_samples, *args, parallel=parallel)
+            return predict_function_model(
+                self.model, samples, *args, output_site=output_site, task=task, parallel=parallel, keep_samples=keep_samples
+            )
+
+
+def svi(
+    model: Union[PyroModel, Callable],
+    *args,
+    guide: Union[str, AutoGuide] = "normal",
+    num_steps: int = 1000,
+    optimizer: Union[str, Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]] = "adam",
+    lr: float = 1e-2,
+    lr_decay: float = 0.01,
+    elbo: str = "auto",
+    num_particles: int = 1,
+    init_scale: float = 0.01,
+    rank: Optional[int] = None,
+    num_samples: int = 100,
+) -> SVIModule:
+    """Fit a guide by full-batch SVI in a plain loop (no Trainer), for small models and data.
+
+    The same :class:`SVIModule` that Lightning trains, stepped ``num_steps`` times on ``model(*args)``.
+    Use the Lightning Trainer for minibatches, logging and checkpoints.
+
+    Args:
+        model: a :class:`PyroModel` or a Pyro model function.
+        *args: the model's arguments (the whole data set).
+        guide: guide name or AutoGuide (see :func:`make_guide`).
+        num_steps: optimisation steps, >= 1.
+        optimizer: ``"adam"``, ``"adamw"``, ``"sgd"``, or a callable ``params -> torch.optim.Optimizer``.
+        lr: initial learning rate (of a named optimizer).
+        lr_decay: ratio of the final to the initial learning rate (exponential decay per step), in (0, 1].
+            SVI gradients are noisy; a decaying step size lets the last iterate settle at the optimum.
+        elbo: ``"auto"``, ``"trace"`` or ``"mean_field"``.
+        num_particles: Monte Carlo samples per ELBO estimate.
+        init_scale: initial standard deviation of Gaussian guides.
+        rank: rank of the ``"lowrank_normal"`` guide.
+        num_samples: default posterior samples of the returned module's ``predict``.
+
+    Returns:
+        the fitted :class:`SVIModule`; ``.losses`` holds the loss (-ELBO) of every step.
+
+    Example:
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", pyro.distributions.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("obs", pyro.distributions.Normal(mu, 1.0), obs=y)
+        >>> fitted = svi(model, torch.randn(50) + 3.0, num_steps=200, lr=0.1)
+        >>> bool(abs(fitted.sample_posterior(500)["mu"].mean() - 3.0) < 0.5)
+        True
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    module = SVIModule(
+        model,
+        guide,
+        elbo=elbo,
+        num_particles=num_particles,
+        optimizer=optimizer,
+        lr=lr,
+        init_scale=init_scale,
+        rank=rank,
+        num_samples=num_samples,
+        example_args=args,
+    )
+    optimizer = module.configure_optimizers()  # no Trainer attached: the optimizer alone
+    scheduler = exponential_decay(optimizer, lr_decay, num_steps)
+    losses = []
+    for _ in range(num_steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss, _, _ = module.loss(*args)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    module.losses = losses
+    return module

@@ -1,0 +1,120 @@
+"""Input checks shared by the functional metrics.
+
+Every public metric validates its arguments here, once, where they enter; the arithmetic after that
+trusts its inputs. Messages name the argument, the expected form and what came.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def probability_sum_tolerance(dtype: torch.dtype) -> float:
+    """Absolute tolerance on ``|sum_k p_k - 1|`` for rows of class probabilities.
+
+    ``max(1e-3, 8 * eps(dtype))``: ``1e-3`` for float32/float64 (averaging a few hundred softmax
+    outputs in float32 stays far inside it), ``8 * eps`` for half types whose rounding is coarser
+    (about ``0.0078`` for float16 and ``0.0625`` for bfloat16).
+    """
+    return max(1e-3, 8 * torch.finfo(dtype).eps)
+
+
+def as_tensor(value, name: str) -> Tensor:  # noqa: ANN001 - anything tensor-like
+    if isinstance(value, Tensor):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"`{name}` must be a tensor or array-like, got {type(value).__name__}") from error
+
+
+def check_float(value, name: str) -> Tensor:  # noqa: ANN001
+    """A floating tensor with finite entries; integers are promoted to the default dtype."""
+    tensor = as_tensor(value, name)
+    if tensor.dtype == torch.bool or not (tensor.is_floating_point() or tensor.dtype in _INTEGER_DTYPES):
+        raise TypeError(f"`{name}` must hold real numbers, got dtype {tensor.dtype}")
+    if not tensor.is_floating_point():
+        tensor = tensor.to(torch.get_default_dtype())
+    if not torch.isfinite(tensor).all():
+        bad = (~torch.isfinite(tensor)).sum().item()
+        raise ValueError(f"`{name}` must be finite, got {bad} NaN/Inf entries out of {tensor.numel()}")
+    return tensor
+
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def check_probs(probs, name: str = "probs") -> Tensor:  # noqa: ANN001
+    """``probs`` [N, C]: finite, in [0, 1], rows summing to 1 within :func:`probability_sum_tolerance`."""
+    probs = check_float(probs, name)
+    if probs.dim() != 2 or probs.shape[1] < 2:
+        raise ValueError(f"`{name}` must have shape [N, C] with C >= 2 classes, got shape {tuple(probs.shape)}")
+    if probs.shape[0] == 0:
+        raise ValueError(f"`{name}` must hold at least one example, got shape {tuple(probs.shape)}")
+    if (probs < 0).any() or (probs > 1).any():
+        raise ValueError(
+            f"`{name}` must be probabilities in [0, 1], got values in "
+            f"[{probs.min().item():.4g}, {probs.max().item():.4g}]"
+            " (pass softmax(logits), not logits)"
+        )
+    tolerance = probability_sum_tolerance(probs.dtype)
+    error = (probs.sum(dim=1) - 1).abs()
+    if (error > tolerance).any():
+        worst = error.argmax().item()
+        raise ValueError(
+            f"rows of `{name}` must sum to 1 (tolerance {tolerance:.3g}), row {worst} sums to "
+            f"{probs[worst].sum().item():.6g}"
+        )
+    return probs
+
+
+def check_labels(target, num_classes: int, num_examples: int, name: str = "target") -> Tensor:  # noqa: ANN001
+    """``target`` [N]: integer class labels in ``[0, num_classes)``."""
+    target = as_tensor(target, name)
+    if target.dtype not in _INTEGER_DTYPES:
+        raise TypeError(f"`{name}` must hold integer class labels, got dtype {target.dtype}")
+    if target.dim() != 1 or target.shape[0] != num_examples:
+        raise ValueError(
+            f"`{name}` must have shape [N] = [{num_examples}] to match the predictions, got shape {tuple(target.shape)}"
+        )
+    if num_examples and (target.min() < 0 or target.max() >= num_classes):
+        raise ValueError(
+            f"`{name}` must hold labels in [0, {num_classes - 1}] for {num_classes} classes, got labels in "
+            f"[{target.min().item()}, {target.max().item()}]"
+        )
+    return target.long()
+
+
+def check_vector(value, name: str, *, allow_empty: bool = False) -> Tensor:  # noqa: ANN001
+    """A finite 1-D floating tensor (scores, confidences, losses)."""
+    tensor = check_float(value, name)
+    if tensor.dim() != 1:
+        raise ValueError(f"`{name}` must be 1-D with shape [N], got shape {tuple(tensor.shape)}")
+    if not allow_empty and tensor.numel() == 0:
+        raise ValueError(f"`{name}` must not be empty")
+    return tensor
+
+
+def check_same_shape(**tensors: Tensor) -> None:
+    shapes = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"`{name}` {shape}" for name, shape in shapes.items())
+        raise ValueError(f"shape mismatch: expected equal shapes, got {listed}")
+
+
+def check_n_bins(n_bins: int) -> int:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"`n_bins` must be a positive integer, got {n_bins!r}")
+    return n_bins
+
+
+def check_fraction(value: float, name: str, *, open_left: bool = True) -> float:
+    """A number in (0, 1] (or [0, 1] when ``open_left`` is False)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number, got {type(value).__name__}")
+    low_ok = value > 0 if open_left else value >= 0
+    if not (low_ok and value <= 1):
+        interval = "(0, 1]" if open_left else "[0, 1]"
+        raise ValueError(f"`{name}` must lie in {interval}, got {value}")
+    return float(value)

@@ -1,0 +1,366 @@
+"""Classification metrics on predictive probabilities ``probs`` [N, C] and integer labels ``target`` [N].
+
+All metrics take the *mean predictive* probabilities (for a Bayesian model, the Monte Carlo average
+``p(y | x, D) ~ 1/S sum_s softmax(f_s(x))``, i.e. ``Prediction.probs``). Lower is better for every
+metric here except :func:`accuracy`.
+
+Binning convention (ECE, MCE, over/under-confidence, classwise ECE, reliability diagrams): ``n_bins``
+equal-width bins with edges ``linspace(0, 1, n_bins + 1)``; bin ``b`` holds confidences in
+``[edge_b, edge_{b+1})`` and the last bin also holds confidence exactly 1. This is torchmetrics'
+``CalibrationError`` convention (``torch.bucketize(..., right=True)``) with one difference:
+torchmetrics gives confidences of exactly 1 a bin of their own (``n_bins + 1`` bins in all). The two
+agree whenever those examples lie on the same side of the diagonal as the rest of the top bin
+(triangle inequality), e.g. for a saturated, overconfident network; tests check both cases.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._checks import check_labels, check_n_bins, check_probs
+
+__all__ = [
+    "CalibrationBins",
+    "accuracy",
+    "adaptive_ece",
+    "brier_score",
+    "calibration_bins",
+    "classwise_ece",
+    "ece",
+    "mce",
+    "nll",
+    "overconfidence",
+    "underconfidence",
+]
+
+
+def _checked(probs, target) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+    probs = check_probs(probs)
+    target = check_labels(target, probs.shape[1], probs.shape[0])
+    return probs, target.to(probs.device)
+
+
+def accuracy(probs: Tensor, target: Tensor) -> Tensor:
+    """Fraction of examples whose most probable class is the label, ``mean(argmax_k p_nk == y_n)``.
+
+    Ties between classes go to the lowest index (``torch.max``), as in torchmetrics.
+
+    Args:
+        probs: predictive probabilities, shape [N, C].
+        target: integer labels, shape [N].
+
+    Returns:
+        A scalar tensor in [0, 1].
+
+    Example:
+        >>> probs = torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]])
+        >>> accuracy(probs, torch.tensor([0, 1, 1]))
+        tensor(0.6667)
+    """
+    probs, target = _checked(probs, target)
+    return (probs.argmax(dim=1) == target).to(probs.dtype).mean()
+
+
+def nll(probs: Tensor, target: Tensor) -> Tensor:
+    """Negative log-likelihood of the labels, ``-1/N sum_n log p_{n, y_n}`` (natural log).
+
+    Probabilities below the machine epsilon of their dtype are raised to it, as scikit-learn's
+    ``log_loss`` does, so a confident mistake costs a finite ``-log(eps)`` (about 15.9 in float32).
+
+    Args:
+        probs: predictive probabilities, shape [N, C].
+        target: integer labels, shape [N].
+
+    Returns:
+        A scalar tensor >= 0.
+
+    Example:
+        >>> probs = torch.tensor([[0.5, 0.5], [0.25, 0.75]])
+        >>> nll(probs, torch.tensor([0, 1]))  # (log 2 + log 4/3) / 2
+        tensor(0.4904)
+    """
+    probs, target = _checked(probs, target)
+    picked = probs.gather(1, target[:, None]).squeeze(1)
+    return -picked.clamp_min(torch.finfo(probs.dtype).eps).log().mean()
+
+
+def brier_score(probs: Tensor, target: Tensor) -> Tensor:
+    """Multiclass Brier score, ``1/N sum_n sum_k (p_nk - [y_n = k])^2`` (Brier 1950).
+
+    Convention: summed over classes, averaged over examples, so it lies in [0, 2]. For two classes it is
+    twice the binary score ``mean((p_n1 - y_n)^2)`` of scikit-learn's ``brier_score_loss`` (the two
+    classes contribute equal squared errors), and it equals ``brier_score_loss(..., scale_by_half=False)``
+    for any number of classes.
+
+    Args:
+        probs: predictive probabilities, shape [N, C].
+        target: integer labels, shape [N].
+
+    Returns:
+        A scalar tensor in [0, 2].
+
+    Example:
+        >>> probs = torch.tensor([[0.8, 0.2], [0.4, 0.6]])
+        >>> brier_score(probs, torch.tensor([0, 0]))  # (0.04 + 0.04 + 0.36 + 0.36) / 2
+        tensor(0.4000)
+    """
+    probs, target = _checked(probs, target)
+    one_hot = torch.nn.functional.one_hot(target, probs.shape[1]).to(probs.dtype)
+    return (probs - one_hot).square().sum(dim=1).mean()
+
+
+class CalibrationBins(NamedTuple):
+    """Per-bin statistics of top-label confidence (see the module docstring for the bin convention).
+
+    Attributes:
+        edges: bin edges, shape [B + 1].
+        confidence: mean confidence in each bin, shape [B] (NaN for empty bins).
+        accuracy: fraction correct in each bin, shape [B] (NaN for empty bins).
+        count: number of examples in each bin, shape [B].
+    """
+
+    edges: Tensor
+    confidence: Tensor
+    accuracy: Tensor
+    count: Tensor
+
+
+def _bin_index(values: Tensor, n_bins: int) -> Tensor:
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=values.dtype, device=values.device)
+    return (torch.bucketize(values, edges, right=True) - 1).clamp(0, n_bins - 1)
+
+
+def _bin_sums(values: Tensor, outcomes: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-bin ``(count, sum of values, sum of outcomes)`` in float64; the sufficient statistics of ECE."""
+    index = _bin_index(values, n_bins)
+    count = torch.zeros(n_bins, dtype=torch.float64, device=values.device).index_add_(
+        0, index, torch.ones_like(values, dtype=torch.float64)
+    )
+    value_sum = torch.zeros_like(count).index_add_(0, index, values.double())
+    outcome_sum = torch.zeros_like(count).index_add_(0, index, outcomes.double())
+    return count, value_sum, outcome_sum
+
+
+def _top_label(probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    confidence, predicted = probs.max(dim=1)
+    return confidence, (predicted == target).to(probs.dtype)
+
+
+def _gaps(count: Tensor, confidence_sum: Tensor, correct_sum: Tensor) -> tuple[Tensor, Tensor]:
+    """``(weight_b, confidence_b - accuracy_b)`` for every bin; empty bins get weight 0 and gap 0."""
+    occupied = count.clamp_min(1)
+    gap = torch.where(count > 0, (confidence_sum - correct_sum) / occupied, torch.zeros_like(count))
+    return count / count.sum(), gap
+
+
+def _reduce(count: Tensor, confidence_sum: Tensor, correct_sum: Tensor, kind: str) -> Tensor:
+    weight, gap = _gaps(count, confidence_sum, correct_sum)
+    if kind == "ece":
+        return (weight * gap.abs()).sum()
+    if kind == "mce":
+        return gap.abs().max()
+    if kind == "overconfidence":
+        return (weight * gap.clamp_min(0)).sum()
+    return (weight * (-gap).clamp_min(0)).sum()  # underconfidence
+
+
+def calibration_bins(probs: Tensor, target: Tensor, *, n_bins: int = 15) -> CalibrationBins:
+    """Equal-width binning of the top-label confidence ``max_k p_nk`` with accuracy per bin.
+
+    The data behind a reliability diagram and :func:`ece`.
+
+    Args:
+        probs: predictive probabilities, shape [N, C].
+        target: integer labels, shape [N].
+        n_bins: number of equal-width bins on [0, 1].
+
+    Returns:
+        :class:`CalibrationBins` ``(edges, confidence, accuracy, count)``.
+
+    Example:
+        >>> probs = torch.tensor([[0.95, 0.05], [0.9, 0.1], [0.4, 0.6]])
+        >>> bins = calibration_bins(probs, torch.tensor([0, 1, 1]), n_bins=2)
+        >>> bins.count, bins.accuracy
+        (tensor([0., 3.]), tensor([   nan, 0.6667]))
+    """
+    probs, target = _checked(probs, target)
+    n_bins = check_n_bins(n_bins)
+    confidence, correct = _top_label(probs, target)
+    count, confidence_sum, correct_sum = _bin_sums(confidence, correct, n_bins)
+    empty = count == 0
+    mean_confidence = (confidence_sum / count.clamp_min(1)).masked_fill(empty, float("nan"))
+    mean_accuracy = (correct_sum / count.clamp_min(1)).masked_fill(empty, float("nan"))
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=probs.dtype, device=probs.device)
+    return CalibrationBins(edges, mean_confidence.to(probs.dtype), mean_accuracy.to(probs.dtype), count.to(probs.dtype))
+
+
+def _binned_metric(probs: Tensor, target: Tensor, n_bins: int, kind: str) -> Tensor:
+    probs, target = _checked(probs, target)
+    n_bins = check_n_bins(n_bins)
+    confidence, correct = _top_label(probs, target)
+    return _reduce(*_bin_sums(confidence, correct, n_bins), kind).to(probs.dtype)
+
+
+def ece(probs: Tensor, target: Tensor, *, n_bins: int = 15) -> Tensor:
+    """Expected calibration error with equal-width bins (Naeini et al. 2015; Guo et al. 2017).
+
+    ``ECE = sum_b (n_b / N) |acc_b - conf_b|`` over bins of the top-label confidence, where ``acc_b`` is
+    the fraction of correct predictions and ``conf_b`` the mean confidence in bin ``b``. Equals
+    :func:`overconfidence` + :func:`underconfidence`. Matches torchmetrics' ``CalibrationError(norm="l1")``
+    (see the module docstring for the one binning difference).
+
+    Args:
+        probs: predictive probabilities, shape [N, C].
+        target: integer labels, shape [N].
+        n_bins: number of equal-width bins on [0, 1].
+
+    Returns:
+        A scalar tensor in [0, 1].
+
+    Example:
+        >>> probs = torch.tensor([[0.95, 0.05], [0.85, 0.15], [0.25, 0.75], [0.65, 0.35]])
+        >>> # bin [0.8, 1): confidence 0.9, accuracy 0.5; bin [0.6, 0.8): confidence 0.7, accuracy 1
+        >>> ece(probs, torch.tensor([0, 1, 1, 0]), n_bins=5)  # 0.5 * 0.4 + 0.5 * 0.3
+        tensor(0.3500)
+    """
+    return _binned_metric(probs, target, n_bins, "ece")
+
+
+def mce(probs: Tensor, target: Tensor, *, n_bins: int = 15) -> Tensor:
+    """Maximum calibration error, ``max_b |acc_b - conf_b|`` over non-empty equal-width bins (Naeini et al. 2015).
+
+    Matches torchmetrics' ``CalibrationError(norm="max")``.
+
+    Args:
+        probs: predictive probabilities, shape [N, C].
+        target: integer labels, shape [N].
+        n_bins: number of equal-width bins on [0, 1].
+
+    Returns:
+        A scalar tensor in [0, 1].
+
+    Example:
+        >>> probs = torch.tensor([[0.95, 0.05], [0.85, 0.15], [0.25, 0.75], [0.65, 0.35]])
+        >>> mce(probs, torch.tensor([0, 1, 1, 0]), n_bins=5)
+        tensor(0.4000)
+    """
+    return _binned_metric(probs, target, n_bins, "mce")
+
+
+def overconfidence(probs: Tensor, target: Tensor, *, n_bins: int = 15) -> Tensor:
+    """The part of :func:`ece` from bins where the model is overconfident, ``sum_b (n_b/N) max(conf_b - acc_b, 0)``.
+
+    ``overconfidence + underconfidence = ECE`` and ``overconfidence - underconfidence = mean confidence -
+    accuracy``: the two say in which direction a model is miscalibrated and by how much.
+
+    Args:
+        probs: predictive probabilities, shape [N, C].
+        target: integer labels, shape [N].
+        n_bins: number of equal-width bins on [0, 1].
+
+    Returns:
+        A scalar tensor in [0, 1].
+
+    Example:
+        >>> probs = torch.tensor([[0.95, 0.05], [0.85, 0.15], [0.25, 0.75], [0.65, 0.35]])
+        >>> overconfidence(probs, torch.tensor([0, 1, 1, 0]), n_bins=5)
+        tensor(0.2000)
+    """
+    return _binned_metric(probs, target, n_bins, "overconfidence")
+
+
+def underconfidence(probs: Tensor, target: Tensor, *, n_bins: int = 15) -> Tensor:
+    """The part of :func:`ece` from bins where the model is underconfident, ``sum_b (n_b/N) max(acc_b - conf_b, 0)``.
+
+    Args:
+        probs: predictive probabilities, shape [N, C].
+        target: integer labels, shape [N].
+        n_bins: number of equal-width bins on [0, 1].
+
+    Returns:
+        A scalar tensor in [0, 1].
+
+    Example:
+        >>> probs = torch.tensor([[0.95, 0.05], [0.85, 0.15], [0.25, 0.75], [0.65, 0.35]])
+        >>> underconfidence(probs, torch.tensor([0, 1, 1, 0]), n_bins=5)
+        tensor(0.1500)
+    """
+    return _binned_metric(probs, target, n_bins, "underconfidence")
+
+
+def adaptive_ece(probs: Tensor, target: Tensor, *, n_bins: int = 15) -> Tensor:
+    """Top-label ECE with equal-mass bins (Nguyen & O'Connor 2015; Nixon et al. 2019; Roelofs et al. 2022).
+
+    Examples are sorted by confidence and split into ``n_bins`` consecutive groups whose sizes differ by at
+    most one; ``ECE_em = sum_b (n_b / N) |acc_b - conf_b|`` over those groups. Less sensitive than the
+    equal-width ECE to empty or sparse bins when confidences pile up near 1. Ties in confidence are broken
+    by putting incorrect predictions first, so the value does not depend on the order of the inputs.
+
+    Args:
+        probs: predictive probabilities, shape [N, C].
+        target: integer labels, shape [N].
+        n_bins: number of bins (groups); with ``N < n_bins`` every example is its own group.
+
+    Returns:
+        A scalar tensor in [0, 1].
+
+    Example:
+        >>> probs = torch.tensor([[0.95, 0.05], [0.85, 0.15], [0.25, 0.75], [0.65, 0.35]])
+        >>> adaptive_ece(probs, torch.tensor([0, 1, 1, 0]), n_bins=2)
+        tensor(0.3500)
+    """
+    probs, target = _checked(probs, target)
+    n_bins = check_n_bins(n_bins)
+    confidence, correct = _top_label(probs, target)
+    order = correct.double().argsort(stable=True)
+    order = order[confidence[order].argsort(stable=True)]
+    total = confidence.new_zeros((), dtype=torch.float64)
+    for group in torch.tensor_split(order, min(n_bins, order.numel())):
+        total += (confidence[group].double().sum() - correct[group].double().sum()).abs()
+    return (total / confidence.numel()).to(probs.dtype)
+
+
+def classwise_ece(probs: Tensor, target: Tensor, *, n_bins: int = 15) -> Tensor:
+    """Classwise ECE (Kull et al. 2019): the equal-width ECE of every class's probability, averaged over classes.
+
+    ``cwECE = 1/C sum_k sum_b (n_kb / N) |mean_{n in b}[y_n = k] - mean_{n in b} p_nk|``, where the bins
+    ``b`` partition the probabilities ``p_nk`` of class ``k`` over all examples. Class ``k``'s term is
+    torchmetrics' ``binary_calibration_error(probs[:, k], target == k)``. Unlike the top-label ECE it
+    also sees miscalibration of the probabilities of classes that are not predicted.
+
+    Args:
+        probs: predictive probabilities, shape [N, C].
+        target: integer labels, shape [N].
+        n_bins: number of equal-width bins on [0, 1].
+
+    Returns:
+        A scalar tensor in [0, 1].
+
+    Example:
+        >>> probs = torch.tensor([[0.95, 0.05], [0.85, 0.15], [0.25, 0.75], [0.65, 0.35]])
+        >>> classwise_ece(probs, torch.tensor([0, 1, 1, 0]), n_bins=5)
+        tensor(0.3500)
+    """
+    probs, target = _checked(probs, target)
+    n_bins = check_n_bins(n_bins)
+    one_hot = torch.nn.functional.one_hot(target, probs.shape[1]).to(probs.dtype)
+    count, value_sum, outcome_sum = _classwise_sums(probs, one_hot, n_bins)
+    per_class = (value_sum - outcome_sum).abs().sum(dim=1) / probs.shape[0]
+    return per_class.mean().to(probs.dtype)
+
+
+def _classwise_sums(probs: Tensor, one_hot: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per class and bin ``(count, sum p_nk, sum [y_n = k])``, each [C, B], in float64."""
+    num_classes = probs.shape[1]
+    index = _bin_index(probs, n_bins) + n_bins * torch.arange(num_classes, device=probs.device)
+    size = num_classes * n_bins
+    flat = index.reshape(-1)
+    count = torch.zeros(size, dtype=torch.float64, device=probs.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.float64)
+    )
+    value_sum = torch.zeros_like(count).index_add_(0, flat, probs.reshape(-1).double())
+    outcome_sum = torch.zeros_like(count).index_add_(0, flat, one_hot.reshape(-1).double())
+    return tuple(t.view(num_classes, n_bins) for t in (count, value_sum, outcome_sum))  # type: ignore[return-value]

@@ -1,0 +1,117 @@
+"""Streaming OOD-detection metrics: thin ``torchmetrics.Metric`` wrappers of :mod:`bdl.metrics.functional.ood`.
+
+Each ``update(scores, is_ood)`` takes a batch of scores (higher = more OOD) and a boolean mask saying
+which inputs are OOD, so in- and out-of-distribution inputs may arrive in the same or separate batches.
+The scores are kept and the metric is computed exactly at the end (ranking metrics need all of them).
+These replace torchmetrics' ``BinaryAUROC``/``BinaryAveragePrecision`` because those squash scores
+outside [0, 1] through a sigmoid, which ties large scores such as energies (see the functional module).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ._base import _Buffered
+from .functional import ood as F
+from .functional._checks import as_tensor, check_fraction, check_vector
+
+__all__ = ["OODAUPRIn", "OODAUPROut", "OODAUROC", "OODFPRAtTPR"]
+
+
+class _OODMetric(_Buffered):
+    higher_is_better = True
+    _function: Callable[..., Tensor] = staticmethod(F.auroc)
+
+    def __init__(self, **kwargs) -> None:  # noqa: ANN003 - torchmetrics options
+        super().__init__(("scores", "is_ood"), **kwargs)
+
+    def update(self, scores: Tensor, is_ood: Tensor) -> None:
+        """Add a batch: ``scores`` [B] (higher = more OOD) and ``is_ood`` [B] (bool, or 0/1 integers)."""
+        scores = check_vector(scores, "scores", allow_empty=True)
+        is_ood = as_tensor(is_ood, "is_ood")
+        if is_ood.shape != scores.shape:
+            raise ValueError(
+                f"`is_ood` must have the shape of `scores` {tuple(scores.shape)}, got {tuple(is_ood.shape)}"
+            )
+        if is_ood.dtype != torch.bool:
+            if is_ood.is_floating_point() or ((is_ood != 0) & (is_ood != 1)).any():
+                raise ValueError("`is_ood` must be boolean or hold only 0 and 1")
+            is_ood = is_ood.bool()
+        self._append(scores=scores, is_ood=is_ood)
+
+    def _split(self) -> tuple[Tensor, Tensor]:
+        scores, is_ood = self._gathered()
+        return scores[~is_ood], scores[is_ood]
+
+    def compute(self) -> Tensor:
+        return type(self)._function(*self._split())
+
+
+class OODAUROC(_OODMetric):
+    """Streaming :func:`~bdl.metrics.functional.auroc` (OOD as the positive class).
+
+    Example:
+        >>> metric = OODAUROC()
+        >>> metric.update(torch.tensor([0.1, 0.4]), torch.tensor([False, False]))
+        >>> metric.update(torch.tensor([0.35, 0.8]), torch.tensor([True, True]))
+        >>> metric.compute()
+        tensor(0.7500, dtype=torch.float64)
+    """
+
+    _function = staticmethod(F.auroc)
+
+
+class OODAUPRIn(_OODMetric):
+    """Streaming :func:`~bdl.metrics.functional.aupr_in` (in-distribution as the positive class).
+
+    Example:
+        >>> metric = OODAUPRIn()
+        >>> metric.update(torch.tensor([0.1, 0.35, 0.4, 0.8]), torch.tensor([0, 1, 0, 1]))
+        >>> metric.compute()
+        tensor(0.8333, dtype=torch.float64)
+    """
+
+    _function = staticmethod(F.aupr_in)
+
+
+class OODAUPROut(_OODMetric):
+    """Streaming :func:`~bdl.metrics.functional.aupr_out` (OOD as the positive class).
+
+    Example:
+        >>> metric = OODAUPROut()
+        >>> metric.update(torch.tensor([0.1, 0.35, 0.4, 0.8]), torch.tensor([0, 1, 0, 1]))
+        >>> metric.compute()
+        tensor(0.8333, dtype=torch.float64)
+    """
+
+    _function = staticmethod(F.aupr_out)
+
+
+class OODFPRAtTPR(_OODMetric):
+    """Streaming :func:`~bdl.metrics.functional.fpr_at_tpr`: OOD inputs accepted when ``tpr`` of the others are.
+
+    Args:
+        tpr: fraction of in-distribution inputs to accept, in (0, 1].
+
+    Example:
+        >>> metric = OODFPRAtTPR(tpr=0.95)
+        >>> metric.update(torch.arange(20.0), torch.zeros(20, dtype=torch.bool))
+        >>> metric.update(torch.tensor([5.0, 18.0, 18.5, 30.0]), torch.ones(4, dtype=torch.bool))
+        >>> metric.compute()
+        tensor(0.5000, dtype=torch.float64)
+    """
+
+    higher_is_better = False
+
+    def __init__(self, tpr: float = 0.95, **kwargs) -> None:  # noqa: ANN003
+        super().__init__(**kwargs)
+        self.tpr = check_fraction(tpr, "tpr")
+
+    def compute(self) -> Tensor:
+        return F.fpr_at_tpr(*self._split(), tpr=self.tpr)
+
+    def extra_repr(self) -> str:
+        return f"tpr={self.tpr}"

@@ -1,0 +1,175 @@
+"""Route uncertain inputs to human review, with a threshold chosen on validation data.
+
+Selective prediction (Geifman & El-Yaniv, 2017): the model handles the inputs whose uncertainty score
+is at most a threshold and defers the rest. The threshold is set for a target *coverage* (fraction of
+inputs handled automatically) or a target *error rate* among the handled inputs, measured on labelled
+validation data, then applied to new predictions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .metrics.functional.ood import OOD_SCORES, ood_score, scores_for_task
+from .predict import Prediction
+
+DEFAULT_SCORES = {"classification": "predictive_entropy", "regression": "total_variance"}
+
+
+class Triage(NamedTuple):
+    """Outcome of :func:`triage` on a prediction for ``N`` inputs.
+
+    Attributes:
+        review: bool ``[N]``, True for the inputs to route to a person (score above ``threshold``).
+        threshold: the uncertainty above which inputs are reviewed (``-inf``: review everything).
+        coverage: fraction of the ``N`` inputs handled automatically.
+        error_rate: error rate among the automatically handled inputs, when the prediction has targets
+            (and, for regression, a ``tolerance``); else None (also when nothing is handled).
+    """
+
+    review: Tensor
+    threshold: float
+    coverage: float
+    error_rate: Optional[float]
+
+
+def _scores(prediction: Prediction, score: Union[str, Callable[[Prediction], Tensor], None], name: str) -> Tensor:
+    if not isinstance(prediction, Prediction):
+        raise TypeError(f"{name} must be a bdl.Prediction, got {type(prediction).__name__}")
+    if score is None:
+        score = DEFAULT_SCORES[prediction.task]
+    if callable(score):
+        values = score(prediction)
+        if not isinstance(values, Tensor) or values.shape != (len(prediction),):
+            raise ValueError(f"score must return one value per input [{len(prediction)}], got {getattr(values, 'shape', type(values))}")
+        return values
+    if not isinstance(score, str) or score not in OOD_SCORES:
+        raise ValueError(f"score must be a callable or one of {scores_for_task(prediction.task)}, got {score!r}")
+    return ood_score(prediction, score)
+
+
+def _errors(prediction: Prediction, tolerance: Optional[float], name: str) -> Optional[Tensor]:
+    """Bool ``[N]`` of wrong predictions (None without targets)."""
+    targets = prediction.targets
+    if targets is None:
+        return None
+    if prediction.task == "classification":
+        if targets.shape != (len(prediction),):
+            raise ValueError(f"{name}.targets must be class indices [N={len(prediction)}], got shape {tuple(targets.shape)}")
+        return prediction.predicted_class != targets.to(prediction.probs.device)
+    if tolerance is None:
+        return None
+    targets = targets.reshape(prediction.mean.shape).to(prediction.mean.device)
+    return ((targets - prediction.mean).abs() > tolerance).reshape(len(prediction), -1).any(-1)
+
+
+def _threshold_for_coverage(scores: Tensor, coverage: float) -> float:
+    """The largest threshold that handles at most ``coverage`` of the inputs (ties are kept together)."""
+    ordered = scores.sort().values
+    count = math.floor(coverage * len(ordered) + 1e-9)
+    while count > 0 and count < len(ordered) and ordered[count] == ordered[count - 1]:
+        count -= 1  # a threshold between tied scores does not exist: handle fewer
+    return ordered[count - 1].item() if count > 0 else -math.inf
+
+
+def _threshold_for_error_rate(scores: Tensor, errors: Tensor, error_rate: float) -> float:
+    """The largest threshold whose handled inputs have an error rate at most ``error_rate``."""
+    order = scores.argsort()
+    ordered, wrong = scores[order], errors[order].to(torch.float64)
+    risk = wrong.cumsum(0) / torch.arange(1, len(ordered) + 1, dtype=torch.float64, device=wrong.device)
+    # only cut after the last of a run of tied scores
+    cut = torch.ones_like(ordered, dtype=torch.bool)
+    cut[:-1] = ordered[1:] != ordered[:-1]
+    allowed = (risk <= error_rate + 1e-12) & cut
+    if not allowed.any():
+        return -math.inf
+    last = int(allowed.nonzero().max())
+    return ordered[last].item()
+
+
+def triage(
+    prediction: Prediction,
+    *,
+    score: Union[str, Callable[[Prediction], Tensor], None] = None,
+    threshold: Optional[float] = None,
+    coverage: Optional[float] = None,
+    error_rate: Optional[float] = None,
+    validation: Optional[Prediction] = None,
+    tolerance: Optional[float] = None,
+) -> Triage:
+    """Which inputs to route to human review: those whose uncertainty score exceeds a threshold.
+
+    Give exactly one of ``threshold`` (used as is), ``coverage`` (the threshold that handles at most
+    that fraction of the ``validation`` inputs automatically) or ``error_rate`` (the threshold that
+    handles the most ``validation`` inputs while their error rate stays at most ``error_rate``). The
+    threshold is chosen on ``validation`` (default: ``prediction`` itself, which then needs targets
+    for ``error_rate``) and applied to ``prediction``. Inputs with tied scores are always handled
+    together, so the achieved coverage can be below the target.
+
+    Errors are wrong predicted classes; for regression an input is wrong when ``|y - mean|`` exceeds
+    ``tolerance`` in any output dimension.
+
+    Args:
+        prediction: the :class:`bdl.Prediction` to triage.
+        score: name of an uncertainty score (higher = more uncertain; classification:
+            ``"predictive_entropy"`` (default), ``"mutual_information"``, ``"max_probability"`` (uses
+            ``1 - max p``), ``"energy"``, ``"max_logit"``; regression: ``"total_variance"`` (default),
+            ``"epistemic_variance"``; see :data:`bdl.metrics.functional.OOD_SCORES`), or a function
+            ``Prediction -> [N]``.
+        threshold: a fixed threshold.
+        coverage: target fraction handled automatically, in (0, 1].
+        error_rate: target error rate among the handled inputs, in [0, 1).
+        validation: labelled :class:`bdl.Prediction` (``targets`` set, e.g. by predicting on a
+            DataLoader of ``(x, y)``) to choose the threshold on.
+        tolerance: absolute error above which a regression prediction counts as wrong.
+
+    Returns:
+        :class:`Triage` ``(review, threshold, coverage, error_rate)`` for ``prediction``.
+
+    Example:
+        >>> net = bdl.MCDropout(nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 3)))
+        >>> x_val, y_val = torch.randn(200, 4), torch.randint(0, 3, (200,))
+        >>> validation = bdl.predict(net, (x_val, y_val), num_samples=30)
+        >>> pred = bdl.predict(net, torch.randn(50, 4), num_samples=30)
+        >>> result = bdl.triage(pred, validation=validation, coverage=0.8)
+        >>> result.review.shape, result.review.dtype
+        (torch.Size([50]), torch.bool)
+    """
+    chosen = [name for name, value in (("threshold", threshold), ("coverage", coverage), ("error_rate", error_rate)) if value is not None]
+    if len(chosen) != 1:
+        raise ValueError(f"give exactly one of threshold, coverage, error_rate; got {chosen or 'none'}")
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    scores = _scores(prediction, score, "prediction")
+    reference = prediction if validation is None else validation
+    if validation is not None and validation.task != prediction.task:
+        raise ValueError(f"validation is a {validation.task} prediction, prediction a {prediction.task} one")
+    if threshold is not None:
+        if not isinstance(threshold, (int, float)) or math.isnan(threshold):
+            raise ValueError(f"threshold must be a number, got {threshold!r}")
+        chosen_threshold = float(threshold)
+    elif coverage is not None:
+        if not (isinstance(coverage, (int, float)) and 0 < coverage <= 1):
+            raise ValueError(f"coverage must be in (0, 1], got {coverage!r}")
+        chosen_threshold = _threshold_for_coverage(_scores(reference, score, "validation"), float(coverage))
+    else:
+        if not (isinstance(error_rate, (int, float)) and 0 <= error_rate < 1):
+            raise ValueError(f"error_rate must be in [0, 1), got {error_rate!r}")
+        name = "prediction" if validation is None else "validation"
+        errors = _errors(reference, tolerance, name)
+        if errors is None:
+            need = "targets" if reference.task == "classification" or reference.targets is None else "a tolerance"
+            raise ValueError(f"error_rate needs {name} with {need} (set {name}.targets, pass tolerance= for regression)")
+        reference_scores = _scores(reference, score, name)
+        chosen_threshold = _threshold_for_error_rate(reference_scores, errors.to(reference_scores.device), float(error_rate))
+    review = scores > chosen_threshold
+    handled = ~review
+    errors = _errors(prediction, tolerance, "prediction")
+    achieved = None
+    if errors is not None and handled.any():
+        achieved = errors.to(handled.device)[handled].double().mean().item()
+    return Triage(review, chosen_threshold, handled.double().mean().item(), achieved)

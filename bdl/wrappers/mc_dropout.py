@@ -1,0 +1,140 @@
+"""Monte Carlo dropout: dropout left on at prediction time as approximate Bayesian inference.
+
+A network trained with dropout approximates a deep Gaussian process; averaging ``S`` forward passes
+with fresh dropout masks estimates its predictive distribution (Gal & Ghahramani, 2016).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import math
+from typing import Any, Iterator, Optional, Sequence
+
+from torch import nn
+from torch.nn.modules.dropout import _DropoutNd
+
+DROPOUT_TYPES = (_DropoutNd,)
+"""Module types kept stochastic: ``_DropoutNd`` covers ``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``
+and ``FeatureAlphaDropout``."""
+
+
+class _DropoutBefore:
+    """Forward pre-hook applying ``dropout`` to a module's first input (picklable and deep-copyable)."""
+
+    def __init__(self, dropout: nn.Module) -> None:
+        self.dropout = dropout
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (self.dropout(args[0]), *args[1:])
+
+
+def _matches(name: str, module: nn.Module, patterns: Sequence[str | type]) -> bool:
+    for pattern in patterns:
+        if isinstance(pattern, type) and isinstance(module, pattern):
+            return True
+        if isinstance(pattern, str) and fnmatch.fnmatchcase(name, pattern):
+            return True
+    return False
+
+
+class MCDropout(nn.Module):
+    """Keeps every dropout layer of ``model`` stochastic at prediction time; everything else as usual.
+
+    Inside :meth:`forward` the dropout modules (see :data:`DROPOUT_TYPES`) are switched to training mode,
+    whatever the mode of the rest of the model, so in eval mode BatchNorm uses its running statistics
+    while dropout draws fresh masks on every call; each call is one Monte Carlo sample. The wrapper
+    shares ``model`` (no copy) and starts in eval mode; call ``.train()`` to train through it. Dropout
+    applied with ``F.dropout(x, training=self.training)`` inside a custom ``forward`` cannot be seen
+    and stays off in eval mode: use ``nn.Dropout`` modules.
+
+    A model without dropout layers raises ``ValueError`` unless ``insert_before`` names where to add
+    ``nn.Dropout(p)`` (applied to the input of each chosen module by a forward pre-hook); the model is
+    then deep-copied first so the original stays unchanged.
+
+    Args:
+        model: the network.
+        p: dropout rate of inserted layers, in (0, 1); only with ``insert_before``.
+        insert_before: modules to put dropout in front of: qualified-name glob patterns (``"fc2"``,
+            ``"layers.*"``) and/or module types (``nn.Linear``).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3))
+        >>> model = bdl.MCDropout(net)
+        >>> x = torch.randn(5, 4)
+        >>> bool((model(x) != model(x)).any()), net[1].training  # fresh masks; BatchNorm in eval
+        (True, False)
+        >>> pred = bdl.predict(model, x, num_samples=30)
+    """
+
+    def __init__(self, model: nn.Module, *, p: Optional[float] = None, insert_before: Optional[Sequence[str | type]] = None) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        inserted: list[nn.Module] = []
+        self._targets: list[nn.Module] = []
+        self._target_names: list[str] = []
+        if insert_before is not None:
+            if isinstance(insert_before, (str, type)):
+                insert_before = [insert_before]
+            if not all(isinstance(pattern, (str, type)) for pattern in insert_before):
+                raise TypeError(f"insert_before must be name patterns and/or module types, got {insert_before!r}")
+            if not (isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and 0 < p < 1):
+                raise ValueError(f"p must be a dropout rate in (0, 1) when inserting dropout, got {p!r}")
+            model = copy.deepcopy(model)
+            for name, module in model.named_modules():
+                if name and _matches(name, module, insert_before):
+                    dropout = nn.Dropout(float(p))
+                    module.register_forward_pre_hook(_DropoutBefore(dropout))
+                    inserted.append(dropout)
+                    self._targets.append(module)
+                    self._target_names.append(name)
+            if not self._targets:
+                names = [name for name, _ in model.named_modules() if name]
+                raise ValueError(f"insert_before={list(insert_before)!r} matched no module of the model; its modules: {names}")
+        elif p is not None:
+            raise ValueError("p sets the rate of inserted dropout layers: pass insert_before too (existing layers keep their rate)")
+        self.model = model
+        if inserted:  # registered (so .train()/.to() and print reach them) only when there are any
+            self.inserted_dropout = nn.ModuleList(inserted)
+        self._inserted = inserted
+        self._dropout = [m for m in model.modules() if isinstance(m, DROPOUT_TYPES)] + inserted
+        if not self._dropout:
+            raise ValueError(
+                f"{type(model).__name__} has no dropout layer ({', '.join(t.__name__ for t in DROPOUT_TYPES)}); "
+                "MC dropout needs one: pass p=0.1, insert_before=[nn.Linear] (or module names) to insert dropout"
+            )
+        self.eval()
+
+    @property
+    def dropout_modules(self) -> list[nn.Module]:
+        """Every dropout module kept stochastic (the model's own, then inserted ones)."""
+        return list(self._dropout)
+
+    @property
+    def noise_modules(self) -> list[nn.Module]:
+        """Modules whose call draws dropout noise: the dropout layers and the modules dropout was inserted before."""
+        return self._dropout[: len(self._dropout) - len(self._inserted)] + self._targets
+
+    @contextlib.contextmanager
+    def dropout_enabled(self) -> Iterator[None]:
+        """Context in which every dropout module is in training mode (restored afterwards)."""
+        previous = [module.training for module in self._dropout]
+        for module in self._dropout:
+            module.training = True
+        try:
+            yield
+        finally:
+            for module, training in zip(self._dropout, previous):
+                module.training = training
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - whatever the model returns
+        with self.dropout_enabled():
+            return self.model(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        text = f"dropout_layers={len(self._dropout) - len(self._inserted)}"
+        if self._target_names:
+            text += f", inserted_before={self._target_names}"
+        return text

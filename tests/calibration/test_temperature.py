@@ -1,0 +1,100 @@
+"""bdl/calibration/temperature.py."""
+
+import pytest
+import torch
+from torch import nn
+
+from bdl.calibration import TemperatureScaler, fit_temperature
+from bdl.calibration.temperature import _scaled_nll
+from bdl.metrics import functional as M
+
+
+def distorted_logits(factor, num_examples=5000, num_classes=10):
+    """Labels drawn from softmax(f); the model reports factor * f (overconfident for factor > 1)."""
+    true_logits = 1.5 * torch.randn(num_examples, num_classes)
+    target = torch.distributions.Categorical(logits=true_logits).sample()
+    return factor * true_logits, target
+
+
+@pytest.mark.parametrize("factor", [3.0, 0.4])
+def test_fit_recovers_the_distortion_of_the_logits(factor):
+    logits, target = distorted_logits(factor)
+    temperature = fit_temperature(logits, target).item()
+    assert temperature == pytest.approx(factor, rel=0.05)
+
+
+def test_fitted_temperature_is_a_stationary_minimum_of_the_nll():
+    logits, target = distorted_logits(2.0, num_examples=2000)
+    temperature = fit_temperature(logits, target)
+    log_temperature = temperature.double().log().requires_grad_()
+    samples = logits.double()[None]
+    loss = _scaled_nll(log_temperature, samples, target)
+    (gradient,) = torch.autograd.grad(loss, log_temperature)
+    assert abs(gradient.item()) < 1e-5
+    for nudge in (0.95, 1.05):
+        assert _scaled_nll((temperature.double() * nudge).log(), samples, target) > loss
+
+
+def test_scaling_an_overconfident_model_lowers_ece_and_nll_and_keeps_accuracy():
+    logits, target = distorted_logits(3.0, num_examples=8000)
+    validation, test = slice(0, 4000), slice(4000, 8000)
+    scaler = TemperatureScaler().fit(logits[validation], target[validation])
+    before = torch.softmax(logits[test], dim=1)
+    after = torch.softmax(scaler(logits[test]), dim=1)
+    assert M.ece(after, target[test]) < 0.5 * M.ece(before, target[test])
+    assert M.ece(after, target[test]) < 0.03
+    assert M.nll(after, target[test]) < M.nll(before, target[test]) - 0.3
+    assert M.accuracy(after, target[test]) == M.accuracy(before, target[test])
+
+
+def test_sample_logits_of_a_bayesian_model_are_scaled_per_sample_before_averaging():
+    logits, target = distorted_logits(2.5, num_examples=1000)
+    repeated = logits.expand(4, -1, -1)  # S identical samples: the same answer as plain logits
+    torch.testing.assert_close(fit_temperature(repeated, target), fit_temperature(logits, target), rtol=1e-4, atol=0)
+    noisy = logits + 2.0 * torch.randn(4, *logits.shape)  # samples that disagree
+    # brute force: the NLL of the averaged probabilities on a coarse, then a fine grid of temperatures
+    def nll(grid):
+        probs = torch.softmax(noisy.double() / grid[:, None, None, None], dim=-1).mean(1)  # [G, N, C]
+        return -probs[:, torch.arange(1000), target].log().mean(1)
+
+    coarse = torch.logspace(-1, 1, 101, dtype=torch.float64)  # 0.1 .. 10 in steps of 4.7%
+    centre = coarse[nll(coarse).argmin()]
+    fine = centre * torch.linspace(0.95, 1.05, 101, dtype=torch.float64)  # steps of 0.1%
+    best = fine[nll(fine).argmin()].item()
+    assert fit_temperature(noisy, target).item() == pytest.approx(best, rel=0.002)
+    assert abs(best - fit_temperature(noisy.mean(0), target).item()) > 0.05  # not the same as averaging logits
+    log_probs = torch.log_softmax(noisy, dim=-1)  # log-probabilities give the same fit as logits
+    torch.testing.assert_close(fit_temperature(log_probs, target), fit_temperature(noisy, target), rtol=1e-4, atol=0)
+
+
+def test_wrap_divides_a_models_output_and_the_temperature_is_saved():
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 4))
+    scaler = TemperatureScaler(2.5)
+    scaled = scaler.wrap(model)
+    x = torch.randn(6, 3)
+    torch.testing.assert_close(scaled(x), model(x) / 2.5)
+    state = scaled.state_dict()
+    assert torch.exp(state["scaler.log_temperature"]).item() == pytest.approx(2.5)
+    restored = TemperatureScaler()
+    restored.load_state_dict(scaler.state_dict())
+    assert restored.temperature.item() == pytest.approx(2.5)
+    assert "temperature=2.5" in repr(scaler)
+    assert not any(parameter.requires_grad for parameter in scaler.parameters())  # not trained with the model
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: TemperatureScaler(0.0), ValueError, "positive"),
+        (lambda: TemperatureScaler().fit(torch.randn(5), torch.zeros(5, dtype=torch.long)), ValueError, r"\[N, C\]"),
+        (lambda: TemperatureScaler().fit(torch.randn(5, 3), torch.full((5,), 3)), ValueError, "labels"),
+        (lambda: TemperatureScaler().fit(torch.randn(5, 3), torch.zeros(4, dtype=torch.long)), ValueError, "shape"),
+        (lambda: TemperatureScaler().fit(torch.full((2, 3), float("nan")), torch.zeros(2, dtype=torch.long)),
+         ValueError, "finite"),
+        (lambda: TemperatureScaler().wrap(lambda x: x), TypeError, "nn.Module"),
+        (lambda: fit_temperature(torch.randn(5, 3), torch.zeros(5, dtype=torch.long), max_iter=0), ValueError, "max_iter"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()

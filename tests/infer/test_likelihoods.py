@@ -1,0 +1,85 @@
+import pyro
+import pytest
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+
+from bdl.infer import (
+    LIKELIHOODS,
+    BernoulliLikelihood,
+    CategoricalLikelihood,
+    GaussianLikelihood,
+    HeteroscedasticGaussianLikelihood,
+    HomoscedasticGaussianLikelihood,
+    make_likelihood,
+)
+
+
+def observed_log_prob(likelihood, output, target, num_data=None):
+    trace = poutine.trace(likelihood).get_trace(output, target, num_data=num_data)
+    trace.compute_log_prob()
+    return trace.nodes["obs"]["log_prob_sum"], trace
+
+
+def test_categorical_log_likelihood_is_minus_cross_entropy():
+    logits, y = torch.randn(6, 4), torch.randint(0, 4, (6,))
+    log_prob, _ = observed_log_prob(CategoricalLikelihood(), logits, y)
+    torch.testing.assert_close(log_prob, -F.cross_entropy(logits, y, reduction="sum"))
+
+
+def test_bernoulli_log_likelihood_is_minus_binary_cross_entropy():
+    logit, y = torch.randn(6, 1), torch.tensor([0, 1, 1, 0, 1, 0])
+    log_prob, _ = observed_log_prob(BernoulliLikelihood(), logit, y)
+    torch.testing.assert_close(log_prob, -F.binary_cross_entropy_with_logits(logit[:, 0], y.float(), reduction="sum"))
+
+
+def test_gaussian_log_likelihood_with_known_noise():
+    mean, y = torch.randn(6, 2), torch.randn(6, 2)
+    log_prob, _ = observed_log_prob(GaussianLikelihood(noise_std=0.3), mean, y)
+    expected = torch.distributions.Normal(mean, 0.3).log_prob(y).sum()
+    torch.testing.assert_close(log_prob, expected)
+
+
+def test_learned_noise_is_a_latent_site_with_a_half_normal_prior():
+    mean, y = torch.randn(6), torch.randn(6)
+    log_prob, trace = observed_log_prob(HomoscedasticGaussianLikelihood(noise_prior_scale=2.0), mean, y)
+    noise = trace.nodes["noise_std"]
+    assert not noise["is_observed"] and isinstance(noise["fn"], pyro.distributions.HalfNormal)
+    torch.testing.assert_close(noise["fn"].scale, torch.tensor(2.0))
+    expected = torch.distributions.Normal(mean, noise["value"]).log_prob(y).sum()
+    torch.testing.assert_close(log_prob, expected)
+
+
+def test_heteroscedastic_noise_is_softplus_of_the_second_half_of_the_output():
+    output, y = torch.randn(6, 4), torch.randn(6, 2)
+    likelihood = HeteroscedasticGaussianLikelihood(min_std=1e-3)
+    log_prob, _ = observed_log_prob(likelihood, output, y)
+    expected = torch.distributions.Normal(output[:, :2], F.softplus(output[:, 2:]) + 1e-3).log_prob(y).sum()
+    torch.testing.assert_close(log_prob, expected)
+    with pytest.raises(ValueError, match="even last dimension"):
+        observed_log_prob(likelihood, torch.randn(6, 3), torch.randn(6, 1))
+
+
+def test_observations_are_scaled_to_the_training_set():
+    logits, y = torch.randn(5, 3), torch.randint(0, 3, (5,))
+    scaled, _ = observed_log_prob(CategoricalLikelihood(), logits, y, num_data=50)
+    unscaled, _ = observed_log_prob(CategoricalLikelihood(), logits, y)
+    torch.testing.assert_close(scaled, 10 * unscaled)
+
+
+def test_targets_are_validated():
+    with pytest.raises(ValueError, match="integer class indices"):
+        observed_log_prob(CategoricalLikelihood(), torch.randn(5, 3), torch.rand(5))
+    with pytest.raises(ValueError, match="0/1"):
+        observed_log_prob(BernoulliLikelihood(), torch.randn(5), torch.full((5,), 2.0))
+    with pytest.raises(ValueError, match=r"shape \(5, 2\)"):
+        observed_log_prob(GaussianLikelihood(), torch.randn(5, 2), torch.randn(5, 3))
+
+
+def test_registry_lists_the_names_on_an_unknown_one():
+    assert set(LIKELIHOODS) == {"categorical", "bernoulli", "gaussian", "gaussian_homoscedastic", "gaussian_heteroscedastic"}
+    assert make_likelihood("gaussian", noise_std=0.2).noise_std == 0.2
+    with pytest.raises(ValueError, match="categorical"):
+        make_likelihood("poisson")
+    with pytest.raises(ValueError, match="noise_std"):
+        make_likelihood("gaussian", noise_std=0.0)

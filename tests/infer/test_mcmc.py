@@ -1,0 +1,95 @@
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.mcmc.util import summary as pyro_summary
+from torch import nn
+
+from bdl.infer import PosteriorSummary, PyroModel, mcmc
+
+
+def test_nuts_recovers_the_exact_posterior_within_monte_carlo_error(nuts_run, linear_regression):
+    data, result = linear_regression, nuts_run
+    w = data.slope_intercept(result.samples)
+    assert w.shape == (400, 2) and result.chain_samples["weight"].shape == (2, 200, 1, 1)
+    ess = torch.stack([result.summary["weight"]["n_eff"].reshape(()), result.summary["bias"]["n_eff"].reshape(())]).double()
+    assert (ess > 100).all()
+    # 4 Monte Carlo standard errors: sd / sqrt(ESS) for the mean, ~ sd / sqrt(2 ESS) for the std
+    assert ((w.mean(0) - data.mean).abs() < 4 * data.std / ess.sqrt()).all()
+    assert ((w.std(0) / data.std - 1).abs() < 4 / (2 * ess).sqrt()).all()
+    assert result.summary.max_r_hat < 1.01
+    assert sum(result.diagnostics["divergences"]) == 0 and len(result.diagnostics["acceptance_rate"]) == 2
+
+
+def test_nuts_summary_shows_the_slope_interval_covering_the_truth_with_r_hat_and_ess(nuts_run):
+    summary = nuts_run.summary
+    slope = summary["weight"]
+    assert slope["5.0%"].item() < 2.5 < slope["95.0%"].item()
+    table = str(summary)
+    header = table.splitlines()[0].split()
+    assert header == ["parameter", "mean", "std", "5.0%", "25.0%", "50.0%", "75.0%", "95.0%", "n_eff", "r_hat"]
+    assert any(line.startswith("weight[0,0]") for line in table.splitlines())
+
+
+def test_mcmc_prediction_has_the_exact_epistemic_and_aleatoric_variance(nuts_run, linear_regression):
+    data, prediction = linear_regression, nuts_run.prediction
+    assert prediction.task == "regression" and prediction.mean.shape == (50, 1)
+    design = torch.cat([data.x, torch.ones(50, 1)], dim=1).double()
+    exact_mean = design @ data.mean
+    exact_var = ((design @ data.cov) * design).sum(1)  # Var f(x) = [x, 1] Sigma [x, 1]^T
+    torch.testing.assert_close(prediction.aleatoric_variance, torch.full((50, 1), data.noise_std**2))
+    assert ((prediction.mean[:, 0].double() - exact_mean).abs() < 4 * exact_var.sqrt() / 10).all()
+    assert ((prediction.epistemic_variance[:, 0].double() / exact_var - 1).abs() < 0.3).all()
+
+
+def test_summary_uses_pyros_diagnostics_and_flags_chains_that_disagree():
+    generator = torch.Generator().manual_seed(0)
+    mixed = torch.randn(2, 400, 3, generator=generator)
+    stuck = mixed + torch.tensor([0.0, 3.0]).reshape(2, 1, 1)  # second chain centred elsewhere
+    good, bad = PosteriorSummary({"z": mixed}), PosteriorSummary({"z": stuck})
+    reference = pyro_summary({"z": mixed.double()})["z"]
+    torch.testing.assert_close(good["z"]["r_hat"], reference["r_hat"])
+    torch.testing.assert_close(good["z"]["n_eff"], reference["n_eff"])
+    torch.testing.assert_close(good["z"]["95.0%"], mixed.reshape(-1, 3).double().quantile(0.95, dim=0), atol=0.02, rtol=0)
+    assert good.max_r_hat < 1.01 and bad.max_r_hat > 1.5
+    assert bad.min_ess < 20 < good.min_ess
+    with pytest.raises(ValueError, match="num_chains"):
+        PosteriorSummary({"z": torch.randn(10)})
+
+
+def test_hmc_on_a_model_function_with_predictions_at_new_inputs():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.linspace(-1, 1, 30)
+    y = 1.5 * x + 0.3 * torch.randn(30, generator=generator)
+
+    def model(x, y=None):
+        slope = pyro.sample("slope", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(x)):
+            return pyro.sample("obs", dist.Normal(slope * x, 0.3), obs=y)
+
+    new_x = torch.tensor([-2.0, 0.0, 2.0])
+    result = mcmc(
+        model, x, y, kernel="hmc", num_samples=150, warmup_steps=100, num_chains=1, seed=0,
+        kernel_options={"trajectory_length": 1.0}, predict_inputs=(new_x,), task="regression",
+    )
+    exact_precision = (x * x).sum() / 0.09 + 1 / 100
+    exact_mean = (x * y).sum() / 0.09 / exact_precision
+    slope = result.samples["slope"]
+    assert abs(slope.mean() - exact_mean) < 0.25 * exact_precision.rsqrt()  # a quarter of the posterior sd
+    # predictions read the observation site: spread = noise and slope uncertainty
+    assert result.prediction.mean.shape == (3, 1)
+    torch.testing.assert_close(result.prediction.mean[:, 0], exact_mean * new_x, atol=0.15, rtol=0)
+    assert 0.2 < result.prediction.total_variance[1, 0].sqrt() < 0.4
+
+
+def test_mcmc_validates_its_arguments(linear_regression):
+    data = linear_regression
+    model = PyroModel(nn.Linear(1, 1), "gaussian", num_data=1000)
+    with pytest.raises(ValueError, match="num_data"):
+        mcmc(model, data.x, data.y, num_samples=10)
+    with pytest.raises(ValueError, match="hmc"):
+        mcmc(model, data.x, data.y, kernel="gibbs")
+    with pytest.raises(ValueError, match="chain_method"):
+        mcmc(model, data.x, data.y, chain_method="vectorized")
+    with pytest.raises(ValueError, match="num_chains"):
+        mcmc(model, data.x, data.y, num_chains=0)

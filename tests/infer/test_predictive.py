@@ -1,0 +1,120 @@
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import bdl
+from bdl.infer import PyroModel, SVIModule, network_outputs, predict_from_samples, private_param_store, sample_guide
+
+
+def mlp(out=3):
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, out))
+
+
+def weight_samples(net, num_samples=6):
+    return {name: torch.randn(num_samples, *p.shape) for name, p in net.named_parameters()}
+
+
+def test_vectorised_outputs_equal_one_forward_pass_per_sample():
+    model = PyroModel(mlp(), "categorical")
+    samples, x = weight_samples(model.net), torch.randn(5, 4)
+    vectorised = network_outputs(model, samples, x)
+    looped = network_outputs(model, samples, x, vectorize=False)
+    assert vectorised.shape == (6, 5, 3)
+    torch.testing.assert_close(vectorised, looped)
+    torch.testing.assert_close(looped[2], torch.func.functional_call(model.net, {k: v[2] for k, v in samples.items()}, (x,)))
+
+
+def test_classification_prediction_averages_the_per_sample_softmax():
+    model = PyroModel(mlp(), "categorical")
+    samples, x = weight_samples(model.net), torch.randn(5, 4)
+    prediction = predict_from_samples(model, samples, x, keep_samples=True)
+    logits = network_outputs(model, samples, x)
+    torch.testing.assert_close(prediction.probs, logits.softmax(-1).mean(0))
+    assert prediction.sample_probs.shape == (6, 5, 3)
+
+
+def test_bernoulli_prediction_is_two_class():
+    model = PyroModel(mlp(1), "bernoulli")
+    samples, x = weight_samples(model.net), torch.randn(5, 4)
+    prediction = predict_from_samples(model, samples, x)
+    p = torch.sigmoid(network_outputs(model, samples, x)[..., 0]).mean(0)
+    torch.testing.assert_close(prediction.probs[:, 1], p)
+
+
+@pytest.mark.parametrize("likelihood, out", [("gaussian", 2), ("gaussian_homoscedastic", 2), ("gaussian_heteroscedastic", 4)])
+def test_regression_prediction_splits_noise_from_weight_uncertainty(likelihood, out):
+    model = PyroModel(mlp(out), likelihood, likelihood_options={"noise_std": 0.3} if likelihood == "gaussian" else None)
+    samples, x = weight_samples(model.net), torch.randn(5, 4)
+    noise_std = torch.rand(6) + 0.1
+    if likelihood == "gaussian_homoscedastic":
+        samples["noise_std"] = noise_std
+    prediction = predict_from_samples(model, samples, x)
+    outputs = network_outputs(model, samples, x)
+    means = outputs[..., :2]
+    if likelihood == "gaussian":
+        noise_var = torch.full_like(means, 0.09)
+    elif likelihood == "gaussian_homoscedastic":
+        noise_var = noise_std.square().reshape(6, 1, 1).expand_as(means)
+    else:
+        noise_var = (torch.nn.functional.softplus(outputs[..., 2:]) + 1e-4).square()
+    torch.testing.assert_close(prediction.mean, means.mean(0))
+    torch.testing.assert_close(prediction.epistemic_variance, means.var(0, unbiased=False))
+    torch.testing.assert_close(prediction.aleatoric_variance, noise_var.mean(0))
+
+
+def test_batches_share_the_posterior_samples_and_keep_targets():
+    model = PyroModel(mlp(), "categorical")
+    samples = weight_samples(model.net)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    whole = predict_from_samples(model, samples, x)
+    batched = predict_from_samples(model, samples, DataLoader(TensorDataset(x, y), batch_size=4))
+    torch.testing.assert_close(batched.probs, whole.probs)
+    assert torch.equal(batched.targets, y)
+    with pytest.raises(ValueError, match="latent sites"):
+        predict_from_samples(model, {"0.weight": samples["0.weight"]}, x)
+
+
+def test_guide_samples_have_the_parameter_shapes_and_the_guide_spread():
+    from pyro.infer.autoguide import AutoNormal
+
+    model = PyroModel(mlp(), "categorical")
+    guide = AutoNormal(model, init_scale=0.05)
+    with private_param_store():
+        samples = sample_guide(guide, 4000)
+    assert samples["0.weight"].shape == (4000, 8, 4) and samples["2.bias"].shape == (4000, 3)
+    torch.testing.assert_close(samples["0.weight"].std(0), torch.full((8, 4), 0.05), atol=0.005, rtol=0)
+    assert len(pyro.get_param_store()) == 0
+
+
+def test_svi_module_predicts_through_bdl_predict_like_any_bdl_model():
+    x = torch.randn(7, 4)
+    module = SVIModule(PyroModel(mlp(2), "gaussian", num_data=10, likelihood_options={"noise_std": 0.5}), "normal", init_scale=0.1)
+    torch.manual_seed(0)
+    direct = module.predict(x, num_samples=2000)
+    torch.manual_seed(1)
+    through_bdl = bdl.predict(module, x, num_samples=2000, task="regression")
+    assert through_bdl.num_samples == 2000
+    torch.testing.assert_close(through_bdl.aleatoric_variance, torch.full((7, 2), 0.25))
+    torch.testing.assert_close(through_bdl.mean, direct.mean, atol=0.02, rtol=0)
+    torch.testing.assert_close(through_bdl.epistemic_variance, direct.epistemic_variance, atol=0.01, rtol=0.15)
+
+
+def test_function_model_predictions_read_the_named_site():
+    def model(x, y=None):
+        slope = pyro.sample("slope", dist.Normal(0.0, 1.0))
+        logit = slope * x  # broadcasts over a leading sample dim when vectorised
+        logits = pyro.deterministic("logits", torch.stack([torch.zeros_like(logit), logit], dim=-1))
+        with pyro.plate("data", x.shape[-1]):
+            return pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+
+    x = torch.linspace(-2, 2, 5)
+    module = SVIModule(model, "normal", example_args=(x, torch.zeros(5, dtype=torch.long)), init_scale=0.1)
+    prediction = module.predict((x,), num_samples=500, output_site="logits", task="classification")
+    assert prediction.probs.shape == (5, 2)
+    # slope ~ N(0 + guide init, ...): symmetric logits at x = 0
+    torch.testing.assert_close(prediction.probs[2], torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="task"):
+        module.predict((x,), output_site="logits")

@@ -1,0 +1,208 @@
+import lightning as L
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from bdl.infer import PyroModel, SVIModule, svi
+
+
+def trainer(**options):
+    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    return L.Trainer(**{**defaults, **options})
+
+
+def check_recovers_the_exact_posterior(fitted, data, corr_tolerance):
+    w = data.slope_intercept(fitted.sample_posterior(20_000))
+    # Tolerances (one-particle SVI, 400 steps): mean to 0.25 posterior std, std to 20%, correlation (exact
+    # -0.58) to corr_tolerance.
+    assert ((w.mean(0) - data.mean).abs() / data.std).max() < 0.25
+    assert ((w.std(0) / data.std) - 1).abs().max() < 0.2
+    exact_corr = data.cov[0, 1] / data.std.prod()
+    assert abs(torch.corrcoef(w.T)[0, 1] - exact_corr) < corr_tolerance
+
+
+def test_full_rank_guide_recovers_the_exact_posterior_of_linear_regression(full_rank_svi, linear_regression):
+    """The conjugate posterior is in the family, so SVI must find its mean, stds and correlation."""
+    check_recovers_the_exact_posterior(full_rank_svi, linear_regression, corr_tolerance=0.1)
+
+
+def test_low_rank_guide_recovers_the_exact_posterior_of_linear_regression(linear_regression):
+    """Rank 1 + diagonal spans every 2 x 2 covariance; it learns its factor more slowly (looser correlation)."""
+    data = linear_regression
+    fitted = svi(data.pyro_model(), data.x, data.y, guide="lowrank_normal", rank=1, num_steps=400, optimizer=data.fast_adam, lr_decay=1e-3, init_scale=0.1)
+    check_recovers_the_exact_posterior(fitted, data, corr_tolerance=0.25)
+
+
+def test_mean_field_recovers_the_mean_and_the_precision_diagonal(linear_regression):
+    """KL(q || p)-optimal mean field: exact mean, std 1 / sqrt(Lambda_ii) (0.81 of the marginal std), no correlation."""
+    data = linear_regression
+    fitted = svi(data.pyro_model(), data.x, data.y, guide="normal", num_steps=400, optimizer=data.fast_adam, lr_decay=1e-3, init_scale=0.1)
+    w = data.slope_intercept(fitted.sample_posterior(20_000))
+    assert ((w.mean(0) - data.mean).abs() / data.std).max() < 0.25
+    assert ((w.std(0) / data.mean_field_std) - 1).abs().max() < 0.25
+    assert abs(torch.corrcoef(w.T)[0, 1]) < 0.05
+
+
+def test_map_guide_finds_the_posterior_mode(linear_regression):
+    data = linear_regression
+    fitted = svi(data.pyro_model(), data.x, data.y, guide="delta", num_steps=300, optimizer=data.fast_adam, lr_decay=1e-3)
+    w = data.slope_intercept(fitted.sample_posterior(2))
+    assert torch.equal(w[0], w[1])  # a point mass
+    assert ((w[0] - data.mean).abs() / data.std).max() < 0.1  # Gaussian posterior: mode = mean
+
+
+def test_advi_on_a_normal_model_with_unknown_mean_and_scale():
+    """The seed's ADVI example: y ~ N(5, 2), 200 points; a plain Pyro model function, AutoNormal guide."""
+    generator = torch.Generator().manual_seed(0)
+    y = 5.0 + 2.0 * torch.randn(200, generator=generator)
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        sigma = pyro.sample("sigma", dist.HalfNormal(10.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("obs", dist.Normal(mu, sigma), obs=y)
+
+    adam = lambda params: torch.optim.Adam(params, lr=0.2, betas=(0.8, 0.9))  # noqa: E731
+    fitted = svi(model, y, guide="normal", num_steps=300, optimizer=adam, lr_decay=1e-2, init_scale=0.1)
+    posterior = fitted.sample_posterior(4000)
+    mu, sigma = posterior["mu"], posterior["sigma"]
+    # exact: mean ~ sample mean, std ~ sample std / sqrt(200) = 0.14
+    assert abs(mu.mean() - y.mean()) < 0.05
+    assert 0.1 < mu.std() < 0.18
+    low, high = mu.quantile(0.05), mu.quantile(0.95)
+    assert low < 5.0 < high
+    assert abs(sigma.mean() - y.std()) < 0.15
+
+
+def classification_data(n=64):
+    x = torch.randn(n, 2)
+    return x, (x[:, 0] + x[:, 1] > 0).long()
+
+
+def test_guide_parameters_exist_before_the_optimizer_and_are_in_the_state_dict():
+    module = SVIModule(PyroModel(nn.Linear(2, 2), "categorical", num_data=64), "normal")
+    optimizer = module.configure_optimizers()
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    guide_params = list(module.guide.parameters())
+    assert len(guide_params) == 4 and all(id(p) in optimised for p in guide_params)
+    assert {"elbo.guide.locs.weight_unconstrained", "elbo.guide.scales.bias_unconstrained"} <= set(module.state_dict())
+    # guide initialised at the network's weights with a small scale
+    torch.testing.assert_close(module.guide.locs.weight, module.model.net.weight.detach())
+    torch.testing.assert_close(module.guide.scales.weight, torch.full((2, 2), 0.01))
+
+
+def test_lightning_training_logs_elbo_nll_and_kl_separately():
+    x, y = classification_data()
+    model = PyroModel(nn.Linear(2, 2), "categorical", num_data=64)
+    module = SVIModule(model, "normal", lr=0.05)
+    run = trainer(max_epochs=3, log_every_n_steps=1)
+    run.fit(module, DataLoader(TensorDataset(x, y), batch_size=16), DataLoader(TensorDataset(x, y), batch_size=32))
+    metrics = run.callback_metrics
+    for name in ("train/elbo_epoch", "train/nll_epoch", "train/kl_epoch", "val/elbo", "val/nll", "val/kl"):
+        assert torch.isfinite(metrics[name]), name
+    torch.testing.assert_close(metrics["val/elbo"], -(metrics["val/nll"] + metrics["val/kl"]))
+    assert metrics["val/kl"] > 0 and metrics["val/nll"] > 0
+    # num_data=64 with batches of 32: the NLL is on the scale of the whole training set
+    loss, nll, kl = module.loss(x[:32], y[:32])
+    with torch.no_grad():
+        mean_nll = torch.nn.functional.cross_entropy(module.model.net(x[:32]), y[:32])
+    assert 0.5 * 64 * mean_nll < nll < 2 * 64 * mean_nll + 10
+
+
+def test_checkpoint_restores_and_resumes_the_guide(tmp_path):
+    x, y = classification_data()
+    data = DataLoader(TensorDataset(x, y), batch_size=16)
+    module = SVIModule(PyroModel(nn.Linear(2, 2), "categorical", num_data=64), "lowrank_normal", lr=0.05)
+    run = trainer(max_epochs=2)
+    run.fit(module, data)
+    path = tmp_path / "svi.ckpt"
+    run.save_checkpoint(path)
+
+    restored = SVIModule.load_from_checkpoint(path, model=PyroModel(nn.Linear(2, 2), "categorical", num_data=64))
+    assert restored.hparams.guide == "lowrank_normal"
+    for name, value in module.guide.state_dict().items():
+        torch.testing.assert_close(restored.guide.state_dict()[name], value)
+    torch.manual_seed(1)
+    expected = module.sample_posterior(5)
+    torch.manual_seed(1)
+    actual = restored.sample_posterior(5)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name])
+
+    # resuming continues from the saved step with the saved guide
+    resumed = SVIModule(PyroModel(nn.Linear(2, 2), "categorical", num_data=64), "lowrank_normal", lr=0.05)
+    run2 = trainer(max_epochs=3)
+    run2.fit(resumed, data, ckpt_path=path)
+    assert run2.global_step == 3 * 4
+    assert not torch.equal(resumed.guide.loc, module.guide.loc)  # it trained on
+
+
+def test_instances_do_not_share_parameters_through_pyros_param_store():
+    first = SVIModule(PyroModel(nn.Linear(2, 2), "categorical", num_data=64), "normal", lr=0.1)
+    second = SVIModule(PyroModel(nn.Linear(2, 2), "categorical", num_data=64), "normal", lr=0.1)
+    before = {k: v.clone() for k, v in second.guide.state_dict().items()}
+    x, y = classification_data()
+    optimizer = first.configure_optimizers()
+    for _ in range(5):
+        optimizer.zero_grad()
+        first.loss(x, y)[0].backward()
+        optimizer.step()
+    second.loss(x, y)  # a call after the first trained must still use its own parameters
+    for name, value in second.guide.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert not torch.equal(first.guide.locs.weight, second.guide.locs.weight)
+    assert len(pyro.get_param_store()) == 0
+
+
+def test_fit_refuses_a_model_without_num_data():
+    x, y = classification_data()
+    module = SVIModule(PyroModel(nn.Linear(2, 2), "categorical"), "normal")
+    with pytest.raises(ValueError, match="num_data"):
+        trainer(max_epochs=1).fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
+
+
+def test_invalid_options_are_rejected_with_the_valid_names():
+    model = PyroModel(nn.Linear(2, 2), "categorical", num_data=64)
+    with pytest.raises(ValueError, match="lowrank_normal"):
+        SVIModule(model, "laplace")
+    with pytest.raises(ValueError, match="mean_field"):
+        SVIModule(model, "normal", elbo="renyi")
+    with pytest.raises(ValueError, match="mean-field guide"):
+        SVIModule(model, "multivariate_normal", elbo="mean_field")
+    with pytest.raises(ValueError, match="adam"):
+        SVIModule(model, "normal", optimizer="lbfgs")
+    with pytest.raises(ValueError, match="rank"):
+        SVIModule(model, "normal", rank=2)
+
+
+@pytest.mark.slow
+def test_pyro_bnn_on_digits_is_as_accurate_as_a_plain_mlp():
+    from bdl.data import load_digits
+
+    splits = load_digits(seed=0)
+    x_test, y_test = splits.test.tensors
+
+    def net():
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    torch.manual_seed(0)
+    mlp = net()
+    optimizer = torch.optim.Adam(mlp.parameters(), lr=1e-2)
+    for _ in range(10):
+        for xb, yb in DataLoader(splits.train, batch_size=128, shuffle=True):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(mlp(xb), yb).backward()
+            optimizer.step()
+    mlp_accuracy = (mlp(x_test).argmax(1) == y_test).float().mean().item()
+
+    torch.manual_seed(0)
+    model = PyroModel(net(), "categorical", num_data=len(splits.train), prior_scale=1.0)
+    module = SVIModule(model, "normal", lr=2e-2)
+    trainer(max_epochs=8).fit(module, DataLoader(splits.train, batch_size=128, shuffle=True))
+    prediction = module.predict(DataLoader(splits.test, batch_size=256), num_samples=50)
+    bnn_accuracy = (prediction.predicted_class == prediction.targets).float().mean().item()
+    assert bnn_accuracy > 0.9 and bnn_accuracy > mlp_accuracy - 0.03, (bnn_accuracy, mlp_accuracy)
+    assert (prediction.mutual_information >= -1e-6).all() and prediction.mutual_information.mean() > 0

@@ -1,0 +1,252 @@
+"""bdl/metrics/functional/classification.py and bdl/metrics/classification.py."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import brier_score_loss, log_loss
+from torchmetrics.functional.classification import (
+    binary_calibration_error,
+    multiclass_accuracy,
+    multiclass_calibration_error,
+)
+
+from bdl.metrics import ECE, MCE, NLL, AdaptiveECE, BrierScore, ClasswiseECE
+from bdl.metrics import functional as M
+
+
+def random_probs(num_examples, num_classes, *, sharpness=3.0, generator=None, dtype=torch.float32):
+    logits = sharpness * torch.randn(num_examples, num_classes, generator=generator, dtype=torch.float64)
+    return torch.softmax(logits, dim=1).to(dtype)
+
+
+def sample_labels(probs, generator=None):
+    return torch.multinomial(probs.double(), 1, generator=generator).squeeze(1)
+
+
+def overconfident(num_examples=4000, num_classes=5, factor=3.0):
+    """Labels drawn from softmax(f), probabilities softmax(factor * f): an overconfident model."""
+    logits = torch.randn(num_examples, num_classes)
+    target = sample_labels(torch.softmax(logits, dim=1))
+    return torch.softmax(factor * logits, dim=1), target
+
+
+# --- agreement with reference implementations ---
+
+
+@pytest.mark.parametrize("num_classes", [2, 3, 10])
+@pytest.mark.parametrize("n_bins", [1, 5, 15, 30])
+def test_ece_and_mce_match_torchmetrics(num_classes, n_bins):
+    probs, target = overconfident(1000, num_classes, factor=1.7)
+    for norm, function in (("l1", M.ece), ("max", M.mce)):
+        expected = multiclass_calibration_error(probs, target, num_classes=num_classes, n_bins=n_bins, norm=norm)
+        torch.testing.assert_close(function(probs, target, n_bins=n_bins), expected, atol=1e-6, rtol=0)
+
+
+def test_ece_matches_torchmetrics_when_confidences_sit_on_bin_edges():
+    n_bins = 10
+    edges = torch.linspace(0, 1, n_bins + 1)
+    confidence = edges[(edges >= 0.5) & (edges < 1)].repeat(7)  # 0.5, 0.6, ..., 0.9, each on an edge
+    probs = torch.stack([confidence, 1 - confidence], dim=1)
+    target = (torch.arange(len(confidence)) % 3 == 0).long()
+    expected = multiclass_calibration_error(probs, target, num_classes=2, n_bins=n_bins, norm="l1")
+    torch.testing.assert_close(M.ece(probs, target, n_bins=n_bins), expected, atol=1e-6, rtol=0)
+    bins = M.calibration_bins(probs, target, n_bins=n_bins)
+    assert bins.count[5:].tolist() == [7.0] * 5  # an edge value belongs to the bin above it
+
+
+def test_saturated_confidences_match_torchmetrics_when_the_top_bin_is_overconfident():
+    probs, target = overconfident(3000, 4, factor=30.0)  # many rows round to exactly [1, 0, 0, 0]
+    assert (probs.max(dim=1).values == 1).sum() > 500
+    expected = multiclass_calibration_error(probs, target, num_classes=4, n_bins=15, norm="l1")
+    torch.testing.assert_close(M.ece(probs, target, n_bins=15), expected, atol=1e-6, rtol=0)
+
+
+def test_confidence_one_shares_the_top_bin_unlike_torchmetrics_extra_bin():
+    # top bin: two underconfident examples (confidence 0.95, both right) and one at confidence 1 that is wrong
+    probs = torch.tensor([[0.95, 0.05], [0.95, 0.05], [1.0, 0.0], [0.3, 0.7]])
+    target = torch.tensor([0, 0, 1, 1])
+    # one top bin: confidence (0.95 + 0.95 + 1) / 3, accuracy 2/3, weight 3/4; bin [0.6, 0.8): 0.7 vs 1
+    expected = 0.75 * abs(2.9 / 3 - 2 / 3) + 0.25 * 0.3
+    assert M.ece(probs, target, n_bins=5).item() == pytest.approx(expected, abs=1e-6)
+    torchmetrics_value = multiclass_calibration_error(probs, target, num_classes=2, n_bins=5, norm="l1").item()
+    assert torchmetrics_value == pytest.approx(0.5 * 0.05 + 0.25 * 1 + 0.25 * 0.3, abs=1e-6)
+
+
+def test_classwise_ece_is_the_mean_of_torchmetrics_binary_calibration_errors():
+    probs, target = overconfident(1500, 4, factor=2.0)
+    per_class = [binary_calibration_error(probs[:, k].contiguous(), (target == k).long(), n_bins=10) for k in range(4)]
+    torch.testing.assert_close(M.classwise_ece(probs, target, n_bins=10), torch.stack(per_class).mean(), atol=1e-6, rtol=0)
+
+
+def test_nll_matches_sklearn_log_loss_including_a_zero_probability():
+    probs = random_probs(300, 6, dtype=torch.float64)
+    target = sample_labels(probs)
+    probs[0] = torch.tensor([0.0, 0.2, 0.2, 0.2, 0.2, 0.2], dtype=torch.float64)
+    target[0] = 0  # a confident mistake: clipped at float64 eps, as sklearn does
+    expected = log_loss(target.numpy(), probs.numpy(), labels=list(range(6)))
+    assert M.nll(probs, target).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_brier_score_matches_sklearn_multiclass_and_twice_the_binary_score():
+    probs = random_probs(400, 5, dtype=torch.float64)
+    target = sample_labels(probs)
+    expected = brier_score_loss(target.numpy(), probs.numpy(), labels=list(range(5)), scale_by_half=False)
+    assert M.brier_score(probs, target).item() == pytest.approx(expected, rel=1e-10)
+    binary = random_probs(400, 2, dtype=torch.float64)
+    labels = sample_labels(binary)
+    assert M.brier_score(binary, labels).item() == pytest.approx(2 * brier_score_loss(labels.numpy(), binary[:, 1].numpy()), rel=1e-10)
+
+
+def test_accuracy_matches_torchmetrics_micro_accuracy():
+    probs, target = overconfident(500, 7)
+    expected = multiclass_accuracy(probs, target, num_classes=7, average="micro")
+    torch.testing.assert_close(M.accuracy(probs, target), expected)
+
+
+def test_adaptive_ece_matches_a_direct_numpy_equal_mass_binning():
+    probs, target = overconfident(1003, 3, factor=2.5)  # 1003 examples: groups of 67 and 66
+    confidence, predicted = probs.max(dim=1)
+    correct = (predicted == target).numpy().astype(float)
+    order = np.argsort(confidence.numpy(), kind="stable")
+    expected = sum(
+        len(group) * abs(confidence.numpy()[group].mean() - correct[group].mean())
+        for group in np.array_split(order, 15)
+    ) / len(order)
+    assert M.adaptive_ece(probs, target, n_bins=15).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_over_and_underconfidence_split_ece_and_give_the_direction():
+    probs, target = overconfident(3000, 5, factor=3.0)
+    over, under = M.overconfidence(probs, target), M.underconfidence(probs, target)
+    torch.testing.assert_close(over + under, M.ece(probs, target))
+    mean_confidence_minus_accuracy = probs.max(dim=1).values.mean() - M.accuracy(probs, target)
+    torch.testing.assert_close(over - under, mean_confidence_minus_accuracy, atol=1e-6, rtol=0)
+    assert over > 0.1 and under < 0.01  # sharpened logits: overconfident
+    soft_probs, soft_target = overconfident(3000, 5, factor=0.3)
+    assert M.underconfidence(soft_probs, soft_target) > 0.1 > M.overconfidence(soft_probs, soft_target)
+
+
+# --- properties ---
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    num_classes=st.integers(2, 10),
+    sharpness=st.floats(0.1, 5.0),
+    n_bins=st.integers(5, 20),
+)
+def test_perfectly_calibrated_labels_have_ece_near_zero(seed, num_classes, sharpness, n_bins):
+    # Labels drawn from the probabilities make every bin calibrated in expectation. Per bin the gap
+    # |acc_b - conf_b| has standard deviation <= 1/(2 sqrt(n_b)), so by Cauchy-Schwarz
+    # E[ECE] <= sum_b (n_b / N) / (2 sqrt(n_b)) <= sqrt(n_bins / N) / 2 <= 0.016 for N = 20000 and 20 bins.
+    # A tolerance of 0.03 is about twice that bound; the overconfident control below sits near 0.2.
+    generator = torch.Generator().manual_seed(seed)
+    probs = random_probs(20000, num_classes, sharpness=sharpness, generator=generator)
+    target = sample_labels(probs, generator)
+    assert M.ece(probs, target, n_bins=n_bins) < 0.03
+    assert M.adaptive_ece(probs, target, n_bins=n_bins) < 0.03
+    assert M.classwise_ece(probs, target, n_bins=n_bins) < 0.03
+
+
+def test_miscalibrated_control_fails_the_calibrated_tolerance():
+    probs, target = overconfident(20000, 5, factor=3.0)
+    assert M.ece(probs, target) > 0.15
+
+
+METRICS = [M.accuracy, M.nll, M.brier_score, M.ece, M.mce, M.adaptive_ece, M.classwise_ece, M.overconfidence]
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), num_examples=st.integers(1, 60), num_classes=st.integers(2, 5))
+def test_metrics_are_invariant_to_permuting_examples(seed, num_examples, num_classes):
+    generator = torch.Generator().manual_seed(seed)
+    # round the probabilities so that ties in confidence are common
+    probs = random_probs(num_examples, num_classes, generator=generator, dtype=torch.float64)
+    probs = (probs * 4).round() + 0.01
+    probs = probs / probs.sum(dim=1, keepdim=True)
+    target = torch.randint(num_classes, (num_examples,), generator=generator)
+    permutation = torch.randperm(num_examples, generator=generator)
+    for metric in METRICS:
+        torch.testing.assert_close(metric(probs[permutation], target[permutation]), metric(probs, target))
+
+
+# --- bad input ---
+
+
+@pytest.mark.parametrize(
+    "probs, target, error, message",
+    [
+        (torch.tensor([[0.6, 0.6]]), torch.tensor([0]), ValueError, "sum to 1"),
+        (torch.tensor([[1.2, -0.2]]), torch.tensor([0]), ValueError, r"in \[0, 1\]"),
+        (torch.tensor([[0.5, 0.5]]), torch.tensor([2]), ValueError, r"labels in \[0, 1\]"),
+        (torch.tensor([[0.5, 0.5]]), torch.tensor([-1]), ValueError, r"labels in \[0, 1\]"),
+        (torch.tensor([[0.5, 0.5]]), torch.tensor([0, 1]), ValueError, r"shape \[N\] = \[1\]"),
+        (torch.tensor([0.5, 0.5]), torch.tensor([0]), ValueError, r"shape \[N, C\]"),
+        (torch.tensor([[float("nan"), 0.5]]), torch.tensor([0]), ValueError, "finite"),
+        (torch.tensor([[0.5, 0.5]]), torch.tensor([0.0]), TypeError, "integer class labels"),
+        (torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), ValueError, "at least one example"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(probs, target, error, message):
+    for metric in (M.ece, M.nll, M.brier_score, M.accuracy):
+        with pytest.raises(error, match=message):
+            metric(probs, target)
+
+
+def test_probability_sum_tolerance_is_as_documented():
+    ok = torch.tensor([[0.5004, 0.4995]])  # off by 1e-4 < 1e-3
+    assert M.nll(ok, torch.tensor([0])) > 0
+    with pytest.raises(ValueError, match=r"tolerance 0.001"):
+        M.nll(torch.tensor([[0.502, 0.5]]), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("n_bins", [0, -3, 2.5, True])
+def test_n_bins_must_be_a_positive_integer(n_bins):
+    with pytest.raises(ValueError, match="n_bins"):
+        M.ece(torch.tensor([[0.5, 0.5]]), torch.tensor([0]), n_bins=n_bins)
+
+
+# --- streaming classes ---
+
+
+@pytest.mark.parametrize(
+    "metric, function",
+    [
+        (NLL(), M.nll),
+        (BrierScore(), M.brier_score),
+        (ECE(n_bins=12), lambda p, t: M.ece(p, t, n_bins=12)),
+        (MCE(n_bins=12), lambda p, t: M.mce(p, t, n_bins=12)),
+        (ClasswiseECE(num_classes=4, n_bins=12), lambda p, t: M.classwise_ece(p, t, n_bins=12)),
+        (AdaptiveECE(n_bins=12), lambda p, t: M.adaptive_ece(p, t, n_bins=12)),
+    ],
+)
+def test_streaming_metric_over_batches_equals_the_functional_on_all_data(metric, function):
+    probs, target = overconfident(1000, 4, factor=2.0)
+    for batch in range(0, 1000, 128):
+        metric.update(probs[batch : batch + 128], target[batch : batch + 128])
+    assert metric.compute().item() == pytest.approx(function(probs, target).item(), abs=1e-6)
+    metric.reset()
+    metric.update(probs[:100], target[:100])
+    assert metric.compute().item() == pytest.approx(function(probs[:100], target[:100]).item(), abs=1e-6)
+
+
+def test_streaming_states_merge_like_a_multi_process_sync():
+    probs, target = overconfident(600, 3)
+    first, second = ECE(n_bins=10), ECE(n_bins=10)
+    first.update(probs[:250], target[:250])
+    second.update(probs[250:], target[250:])
+    first.merge_state(second)
+    assert first.compute().item() == pytest.approx(M.ece(probs, target, n_bins=10).item(), abs=1e-6)
+
+
+def test_streaming_metric_validates_its_batches():
+    with pytest.raises(ValueError, match="sum to 1"):
+        ECE().update(torch.tensor([[0.9, 0.9]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="4 columns"):
+        ClasswiseECE(num_classes=4).update(torch.tensor([[0.5, 0.5]]), torch.tensor([0]))
+    assert math.isclose(NLL().higher_is_better, False) and repr(ECE(n_bins=7)) == "ECE(n_bins=7)"

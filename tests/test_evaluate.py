@@ -1,0 +1,202 @@
+"""bdl/evaluate.py: one call gives every metric, a markdown table and a directory of files."""
+
+import json
+import math
+import struct
+
+import matplotlib.image
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import bdl
+from bdl import BayesLinear, GaussianHead, Prediction, Report, evaluate
+from bdl.metrics import functional as M
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def blobs(num_examples, *, shift=0.0):
+    """Three Gaussian blobs in 2-D; `shift` moves every input away from the training data."""
+    target = torch.randint(0, 3, (num_examples,))
+    centres = torch.tensor([[0.0, 2.0], [-2.0, -1.0], [2.0, -1.0]])
+    return centres[target] + 0.9 * torch.randn(num_examples, 2) + shift, target
+
+
+def check_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, path
+    width, height = struct.unpack(">II", data[16:24])  # IHDR
+    image = matplotlib.image.imread(path)
+    assert image.shape[:2] == (height, width) and width > 200 and height > 200, path
+    assert image[..., :3].std() > 0.05, f"{path} looks blank"
+
+
+def check_report_directory(report, directory, expected_pngs):
+    files = {path.name for path in directory.iterdir()}
+    assert files == {"metrics.json", "report.md"} | {f"{stem}.png" for stem in expected_pngs}
+    saved = json.loads((directory / "metrics.json").read_text())
+    assert saved["task"] == report.task and saved["num_examples"] == len(report.targets)
+    assert saved["metrics"] == pytest.approx(report.metrics)
+    markdown = (directory / "report.md").read_text()
+    assert markdown.startswith(report.to_markdown())
+    for stem in expected_pngs:
+        assert f"]({stem}.png)" in markdown
+        check_png(directory / f"{stem}.png")
+
+
+@pytest.mark.slow
+def test_report_of_a_small_trained_bayesian_classifier(tmp_path):
+    x, y = blobs(600)
+    model = nn.Sequential(BayesLinear(2, 32), nn.ReLU(), BayesLinear(32, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(50):
+        optimizer.zero_grad()
+        nll = nn.functional.cross_entropy(model(x), y)
+        bdl.elbo_loss(nll, bdl.kl_divergence(model), num_data=600).loss.backward()
+        optimizer.step()
+    test_x, test_y = blobs(400)
+    loader = DataLoader(TensorDataset(test_x, test_y), batch_size=64, shuffle=True)
+    ood_x = 0.3 * torch.randn(300, 2)  # where the three classes meet: no class is likely
+    report = evaluate(model, loader, ood_data=ood_x, num_samples=16)
+
+    assert report.metrics["accuracy"] > 0.85
+    assert report.metrics["ood/predictive_entropy/auroc"] > 0.9
+    # the report's numbers are the functional metrics of its own prediction
+    probs, targets = report.prediction.probs, report.targets
+    assert report.metrics["ece"] == pytest.approx(M.ece(probs, targets).item())
+    assert report.metrics["nll"] == pytest.approx(M.nll(probs, targets).item())
+    scores_in, scores_out = report.ood_scores["energy"]
+    assert report.metrics["ood/energy/fpr_at_95_tpr"] == pytest.approx(M.fpr_at_tpr(scores_in, scores_out).item())
+
+    directory = report.save(tmp_path / "report")
+    check_report_directory(report, directory, ["reliability_diagram", "risk_coverage", "ood_histograms", "ood_roc"])
+    markdown = report.to_markdown()
+    assert f"| accuracy | {report.metrics['accuracy']:.4f} |" in markdown
+    for score in M.scores_for_task("classification"):
+        row = f"| {score} | {report.metrics[f'ood/{score}/auroc']:.4f} |"
+        assert row in markdown
+
+
+def test_a_ready_prediction_gives_the_same_report_as_the_model():
+    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = blobs(200)
+    ood_x, _ = blobs(100, shift=5.0)
+    from_model = evaluate(model, (x, y), ood_data=ood_x, num_samples=1)
+    prediction = Prediction.from_logits(model(x).detach()[None])
+    ood_prediction = Prediction.from_logits(model(ood_x).detach()[None])
+    from_prediction = evaluate(prediction, y, ood_data=ood_prediction)
+    assert from_prediction.metrics == pytest.approx(from_model.metrics)
+    prediction.targets = y
+    assert evaluate(prediction).metrics["accuracy"] == from_model.metrics["accuracy"]
+    assert from_model.metrics["mean_mutual_information"] == pytest.approx(0, abs=1e-6)  # one deterministic sample
+
+
+@pytest.mark.parametrize(
+    "make_model",
+    [
+        lambda: bdl.MCDropout(nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3))),
+        lambda: bdl.DeepEnsemble.from_factory(lambda: nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3)), 4),
+    ],
+    ids=["mc_dropout", "deep_ensemble"],
+)
+def test_every_model_kind_of_predict_gets_a_report(make_model):
+    x, y = blobs(120)
+    report = evaluate(make_model(), (x, y), ood_data=0.3 * torch.randn(40, 2), num_samples=None)
+    assert report.prediction.num_samples in (4, 32)  # one per ensemble member; predict's default otherwise
+    assert report.metrics["mean_mutual_information"] > 1e-4  # the samples disagree
+    assert report.metrics["ood/mutual_information/auroc"] == pytest.approx(
+        M.auroc(*report.ood_scores["mutual_information"]).item()
+    )
+
+
+def test_a_shuffling_loader_keeps_targets_aligned_with_predictions():
+    model = nn.Sequential(nn.Linear(2, 3))
+    x, y = blobs(300)
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    assert evaluate(model, loader, num_samples=1).metrics == pytest.approx(evaluate(model, (x, y), num_samples=1).metrics)
+
+
+def test_predictions_without_logits_leave_out_the_logit_scores():
+    probs = torch.softmax(torch.randn(4, 50, 3), dim=-1)
+    ood = torch.softmax(0.1 * torch.randn(4, 30, 3), dim=-1)
+    report = evaluate(Prediction.from_probs(probs), torch.randint(0, 3, (50,)), ood_data=Prediction.from_probs(ood))
+    assert report.settings["ood_scores"] == ("max_probability", "predictive_entropy", "mutual_information")
+    assert not any(key.startswith(("ood/energy", "ood/max_logit")) for key in report.metrics)
+
+
+def test_report_of_a_heteroscedastic_regression_model(tmp_path):
+    model = nn.Sequential(BayesLinear(1, 32), nn.Tanh(), GaussianHead(32, 1))
+    x = torch.linspace(-2, 2, 120)[:, None]
+    y = torch.sin(2 * x[:, 0]) + 0.1 * torch.randn(120)
+    report = evaluate(model, (x, y), ood_data=x + 6, task="regression", num_samples=8)
+    mean, variance = report.prediction.mean, report.prediction.total_variance
+    assert report.metrics["crps"] == pytest.approx(M.crps_gaussian(mean, variance, y).item())
+    assert report.metrics["interval_coverage_90"] == pytest.approx(M.interval_coverage(mean, variance, y, level=0.9).item())
+    assert {"ood/total_variance/auroc", "ood/epistemic_variance/auroc"} <= set(report.metrics)
+    directory = report.save(tmp_path)
+    check_report_directory(report, directory, ["quantile_calibration", "regression_1d", "ood_histograms", "ood_roc"])
+    assert "| CRPS |" in report.to_markdown() and "interval coverage (90%)" in report.to_markdown()
+
+
+def test_a_point_regression_model_reports_errors_and_says_why_the_rest_is_missing(tmp_path):
+    x, y = torch.randn(50, 3), torch.randn(50)
+    report = evaluate(nn.Linear(3, 1), (x, y), task="regression", num_samples=2)
+    assert set(report.metrics) == {"rmse", "mae", "mean_aleatoric_variance", "mean_epistemic_variance"}
+    assert "variance is zero" in report.to_markdown()
+    directory = report.save(tmp_path)
+    assert {path.name for path in directory.iterdir()} == {"metrics.json", "report.md"}
+    assert json.loads((directory / "metrics.json").read_text())["notes"] == report.notes
+
+
+def test_options_reach_the_metrics():
+    x, y = blobs(150)
+    report = evaluate(nn.Linear(2, 3), (x, y), num_samples=1, n_bins=7, coverage=0.8, risk=0.1)
+    probs = report.prediction.probs
+    assert report.metrics["ece"] == pytest.approx(M.ece(probs, y, n_bins=7).item())
+    errors = (probs.argmax(1) != y).double()
+    assert report.metrics["risk_at_80_coverage"] == pytest.approx(
+        M.risk_at_coverage(probs.max(1).values, errors, coverage=0.8).item()
+    )
+    assert "coverage_at_10_risk" in report.metrics
+    assert isinstance(report, Report) and str(report) == report.to_markdown()
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: evaluate(nn.Linear(2, 3), torch.randn(10, 2)), ValueError, "no test targets"),
+        (lambda: evaluate(nn.Linear(2, 3), None), ValueError, "`test_data` is required"),
+        (lambda: evaluate(nn.Linear(2, 3), "data.csv"), TypeError, "`test_data` must be a DataLoader"),
+        (lambda: evaluate(nn.Linear(2, 3), (torch.randn(10, 2), torch.full((10,), 3))), ValueError, "labels in"),
+        (lambda: evaluate(Prediction.from_logits(torch.randn(1, 10, 3)), torch.zeros(10, dtype=torch.long),
+                          ood_data=torch.randn(5, 2)), TypeError, "must be a Prediction too"),
+        (lambda: evaluate(Prediction.from_logits(torch.randn(1, 10, 3)), torch.zeros(10, dtype=torch.long),
+                          ood_data=Prediction.from_regression(torch.randn(2, 5, 1))), ValueError, "differs"),
+        (lambda: evaluate(Prediction.from_logits(torch.randn(1, 10, 3)), torch.zeros(10, dtype=torch.long),
+                          ood_data=Prediction.from_logits(torch.randn(1, 5, 3)), ood_scores=["confidence"]),
+         ValueError, "unknown OOD score"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_metrics_json_is_strict_json():
+    report = evaluate(nn.Linear(2, 3), blobs(60), num_samples=1)
+    text = json.dumps(report.to_dict(), allow_nan=False)  # no NaN or Inf sneaks into the file
+    assert all(math.isfinite(value) for value in json.loads(text)["metrics"].values())
+
+
+@pytest.mark.cuda
+def test_metrics_and_report_on_cuda_match_the_cpu(tmp_path):
+    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = blobs(200)
+    ood_x = 0.3 * torch.randn(80, 2)
+    on_cpu = evaluate(model, (x, y), ood_data=ood_x, num_samples=1)
+    on_cuda = evaluate(model.cuda(), (x.cuda(), y), ood_data=ood_x.cuda(), num_samples=1)  # targets stay on the CPU
+    assert on_cuda.prediction.probs.is_cuda
+    assert on_cuda.metrics == pytest.approx(on_cpu.metrics, abs=1e-5)
+    check_report_directory(on_cuda, on_cuda.save(tmp_path), ["reliability_diagram", "risk_coverage", "ood_histograms", "ood_roc"])

@@ -1,0 +1,117 @@
+"""bdl/plots.py: every figure draws the numbers of the metrics, composes through `ax`, and saves headless."""
+
+import matplotlib
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from bdl import Prediction, plots
+from bdl.metrics import functional as M
+
+
+def overconfident(num_examples=1000, num_classes=4):
+    logits = torch.randn(num_examples, num_classes)
+    target = torch.distributions.Categorical(logits=logits).sample()
+    return torch.softmax(3 * logits, dim=1), target
+
+
+def saved_image(figure, path):
+    figure.savefig(path, dpi=60)
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image[..., :3].std() > 0.05  # not a blank canvas
+    return image
+
+
+def test_backend_is_headless():
+    assert matplotlib.get_backend().lower() == "agg"
+
+
+def test_reliability_diagram_draws_the_bins_and_the_ece(tmp_path):
+    probs, target = overconfident()
+    figure = plots.plot_reliability_diagram(probs, target, n_bins=10)
+    reliability, histogram = figure.axes
+    bins = M.calibration_bins(probs, target, n_bins=10)
+    accuracy_bars = [patch.get_height() for patch in reliability.containers[0]]
+    expected = bins.accuracy[bins.count > 0].tolist()
+    assert accuracy_bars == pytest.approx(expected, abs=1e-6)
+    assert f"ECE = {M.ece(probs, target, n_bins=10).item():.3f}" in reliability.texts[0].get_text()
+    fractions = [patch.get_height() for patch in histogram.patches]
+    assert sum(fractions) == pytest.approx(1.0)
+    saved_image(figure, tmp_path / "reliability.png")
+
+
+def test_reliability_diagram_into_a_given_axes_draws_no_histogram_unless_asked():
+    probs, target = overconfident(200)
+    figure = Figure()
+    ax = figure.add_subplot(1, 2, 1)
+    assert plots.plot_reliability_diagram(probs, target, ax=ax) is figure
+    assert len(figure.axes) == 1
+    histogram_ax = figure.add_subplot(1, 2, 2)
+    plots.plot_reliability_diagram(probs, target, ax=ax, histogram_ax=histogram_ax)
+    assert len(histogram_ax.patches) == 15
+
+
+def test_ood_histogram_and_roc_show_the_auroc_and_compose(tmp_path):
+    scores_in, scores_out = torch.randn(300), torch.randn(200) + 1.5
+    area = M.auroc(scores_in, scores_out).item()
+    figure = plots.plot_ood_histogram(scores_in, scores_out, score_name="entropy")
+    assert f"AUROC = {area:.3f}" in figure.axes[0].get_title()
+    saved_image(figure, tmp_path / "histogram.png")
+    roc = plots.plot_ood_roc(scores_in, scores_out, label="entropy")
+    assert plots.plot_ood_roc(scores_in, scores_out + 1, label="energy", ax=roc.axes[0]) is roc
+    labels = [line.get_label() for line in roc.axes[0].lines]
+    assert labels[0] == f"entropy (AUROC = {area:.3f})" and labels.count("chance") == 1 and len(labels) == 3
+    fpr, tpr = M.ood_roc_curve(scores_in, scores_out)
+    np.testing.assert_allclose(roc.axes[0].lines[0].get_xdata(), fpr.numpy())
+    np.testing.assert_allclose(roc.axes[0].lines[0].get_ydata(), tpr.numpy())
+    saved_image(roc, tmp_path / "roc.png")
+
+
+def test_risk_coverage_plot_draws_the_curve_and_the_oracle(tmp_path):
+    confidence = torch.rand(500)
+    loss = (torch.rand(500) > confidence).float()
+    figure = plots.plot_risk_coverage(confidence, loss, label="max probability")
+    model_line, oracle_line = figure.axes[0].lines
+    _, risk = M.risk_coverage_curve(confidence, loss)
+    np.testing.assert_allclose(model_line.get_ydata(), risk.numpy())
+    assert oracle_line.get_ydata()[:100].max() == 0  # the oracle accepts the correct predictions first
+    assert f"AURC = {M.aurc(confidence, loss).item():.4f}" in model_line.get_label()
+    saved_image(figure, tmp_path / "risk.png")
+
+
+def test_regression_plot_draws_mean_and_nested_bands(tmp_path):
+    x = torch.linspace(-3, 3, 60)
+    spread = torch.linspace(-1, 1, 5)[:, None, None]
+    sample_means = torch.sin(x)[None, :, None] + spread * (0.1 + x.abs()[None, :, None] / 3)
+    prediction = Prediction.from_regression(sample_means, torch.full_like(sample_means, 0.04))
+    figure = plots.plot_regression_1d(x[:, None], prediction, target=torch.sin(x) + 0.2 * torch.randn(60))
+    ax = figure.axes[0]
+    total_band, aleatoric_band = ax.collections[:2]
+    total_height = np.ptp(total_band.get_paths()[0].vertices[:, 1])
+    aleatoric_height = np.ptp(aleatoric_band.get_paths()[0].vertices[:, 1])
+    assert total_height > aleatoric_height  # total variance includes the epistemic part
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), prediction.mean[:, 0].numpy(), atol=1e-6)
+    saved_image(figure, tmp_path / "regression.png")
+    with pytest.raises(ValueError, match="regression Prediction"):
+        plots.plot_regression_1d(x, Prediction.from_logits(torch.randn(2, 60, 3)))
+    with pytest.raises(ValueError, match="1-D inputs"):
+        plots.plot_regression_1d(torch.randn(60, 2), prediction)
+
+
+def test_quantile_calibration_plot(tmp_path):
+    figure = plots.plot_quantile_calibration(torch.zeros(400), torch.ones(400), 2 * torch.randn(400))
+    nominal, observed = M.quantile_calibration_curve(torch.zeros(400), torch.ones(400), 2 * torch.randn(400))
+    assert len(figure.axes[0].lines[1].get_xdata()) == len(nominal) == len(observed)
+    saved_image(figure, tmp_path / "quantiles.png")
+
+
+def test_plots_reject_bad_axes_and_bad_data():
+    with pytest.raises(TypeError, match="Axes"):
+        plots.plot_ood_roc(torch.randn(5), torch.randn(5), ax="left")
+    with pytest.raises(ValueError, match="sum to 1"):
+        plots.plot_reliability_diagram(torch.ones(3, 2), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="0 OOD scores"):
+        plots.plot_ood_histogram(torch.randn(5), torch.zeros(0))

@@ -1,0 +1,331 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import bdl
+from bdl.predict import SAMPLING_METHODS, Prediction, draw_samples, resolve_method
+
+
+@pytest.fixture
+def one_thread():
+    # tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def bayes_mlp(out=3, std=0.3):
+    return nn.Sequential(
+        bdl.BayesLinear(4, 16, posterior_std_init=std), nn.ReLU(), bdl.BayesLinear(16, out, posterior_std_init=std)
+    )
+
+
+class Wrapped(nn.Module):
+    """The same network outside nn.Sequential: the batched path repeats the whole input."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+
+# ----------------------------------------------------------------------------- classification identities
+@pytest.mark.parametrize("method", ["loop", "batched"])
+def test_classification_identities_hold(method):
+    pred = bdl.predict(bayes_mlp(), torch.randn(50, 4), num_samples=20, keep_samples=True, method=method)
+    torch.testing.assert_close(pred.predictive_entropy, pred.expected_entropy + pred.mutual_information, atol=1e-6, rtol=0)
+    assert (pred.mutual_information >= 0).all() and pred.mutual_information.max() > 1e-3
+    p = pred.sample_probs
+    assert p.shape == (20, 50, 3)
+    torch.testing.assert_close(pred.probs, p.mean(0))
+    torch.testing.assert_close(pred.probs.sum(-1), torch.ones(50))
+    torch.testing.assert_close(pred.expected_entropy, -(p * p.log()).sum(-1).mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pred.predictive_entropy, -(p.mean(0) * p.mean(0).log()).sum(-1), atol=1e-5, rtol=1e-5)
+    chosen = p[:, torch.arange(50), pred.predicted_class]
+    torch.testing.assert_close(pred.predicted_class_variance, chosen.var(0, unbiased=False))
+    torch.testing.assert_close(pred.max_probability, pred.probs.max(-1).values)
+    assert torch.equal(pred.predicted_class, pred.probs.argmax(-1))
+
+
+@pytest.mark.parametrize("method", ["loop", "batched"])
+def test_deterministic_model_has_zero_mutual_information(method):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    pred = bdl.predict(model, torch.randn(20, 4), num_samples=5, method=method)
+    torch.testing.assert_close(pred.mutual_information, torch.zeros(20), atol=1e-6, rtol=0)
+    torch.testing.assert_close(pred.predicted_class_variance, torch.zeros(20), atol=1e-10, rtol=0)
+    torch.testing.assert_close(pred.predictive_entropy, pred.expected_entropy, atol=1e-6, rtol=0)
+
+
+def test_bayesian_model_under_deterministic_has_zero_mutual_information():
+    model = bayes_mlp(std=0.5)
+    with bdl.deterministic(model):
+        pred = bdl.predict(model, torch.randn(10, 4), num_samples=4)
+    torch.testing.assert_close(pred.mutual_information, torch.zeros(10), atol=1e-6, rtol=0)
+
+
+def test_from_logits_known_answer():
+    # two samples that disagree completely: p = (1/2, 1/2), MI = ln 2 - H[softmax(2, 0)]
+    pred = Prediction.from_logits(torch.tensor([[[2.0, 0.0]], [[0.0, 2.0]]]))
+    q = torch.tensor([2.0, 0.0]).softmax(-1)
+    entropy = -(q * q.log()).sum()
+    torch.testing.assert_close(pred.predictive_entropy, torch.tensor([math.log(2)]))
+    torch.testing.assert_close(pred.expected_entropy, entropy[None])
+    torch.testing.assert_close(pred.mutual_information, (math.log(2) - entropy)[None])
+    torch.testing.assert_close(pred.predicted_class_variance, ((q[0] - q[1]) / 2).square()[None])
+    torch.testing.assert_close(pred.logits, torch.tensor([[1.0, 1.0]]))
+
+
+def test_from_probs_handles_zero_probabilities_and_has_no_logits():
+    pred = Prediction.from_probs(torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]))
+    torch.testing.assert_close(pred.expected_entropy, torch.zeros(1))
+    torch.testing.assert_close(pred.mutual_information, torch.tensor([math.log(2)]))
+    assert pred.logits is None and pred.sample_probs is None
+
+
+def test_half_precision_logits_are_summarised_in_float32():
+    logits = torch.randn(6, 5, 4)
+    pred = Prediction.from_logits(logits.half())
+    assert pred.probs.dtype == torch.float32
+    torch.testing.assert_close(pred.probs, logits.half().float().softmax(-1).mean(0))
+
+
+# ----------------------------------------------------------------------------- regression
+def test_regression_decomposition_is_the_variance_of_the_mixture():
+    sample_means = torch.randn(6, 10, 2)
+    sample_variances = torch.rand(6, 10, 2)
+    pred = Prediction.from_regression(sample_means, sample_variances)
+    torch.testing.assert_close(pred.aleatoric_variance, sample_variances.mean(0))
+    torch.testing.assert_close(pred.epistemic_variance, sample_means.var(0, unbiased=False))
+    second_moment = (sample_variances + sample_means.square()).mean(0)  # E[y^2] of the equally weighted mixture
+    torch.testing.assert_close(pred.total_variance, second_moment - pred.mean.square(), atol=1e-5, rtol=1e-5)
+
+
+def test_interval_is_the_central_gaussian_interval():
+    pred = Prediction.from_regression(torch.randn(5, 8, 1), torch.rand(5, 8, 1))
+    lower, upper = pred.interval(0.9)
+    normal = torch.distributions.Normal(pred.mean, pred.total_variance.sqrt())
+    torch.testing.assert_close(normal.cdf(upper) - normal.cdf(lower), torch.full((8, 1), 0.9), atol=1e-5, rtol=0)
+    torch.testing.assert_close(upper + lower, 2 * pred.mean)
+    with pytest.raises(ValueError, match="level"):
+        pred.interval(1.0)
+
+
+def test_mean_only_regression_has_zero_aleatoric_variance():
+    model = nn.Sequential(bdl.BayesLinear(2, 8, posterior_std_init=0.2), nn.Tanh(), bdl.BayesLinear(8, 1))
+    pred = bdl.predict(model, torch.randn(30, 2), num_samples=16, task="regression", keep_samples=True)
+    assert pred.mean.shape == (30, 1) and torch.equal(pred.aleatoric_variance, torch.zeros(30, 1))
+    torch.testing.assert_close(pred.epistemic_variance, pred.sample_means.var(0, unbiased=False))
+    assert pred.sample_variances is None
+
+
+def test_flat_regression_outputs_are_one_target_per_input():
+    model = nn.Sequential(nn.Linear(2, 1), nn.Flatten(0))
+    assert bdl.predict(model, torch.randn(7, 2), num_samples=1, task="regression").mean.shape == (7, 1)
+
+
+@pytest.mark.parametrize("method", ["loop", "batched"])
+def test_gaussian_head_model_gives_aleatoric_and_epistemic_parts(method):
+    model = nn.Sequential(
+        bdl.BayesLinear(1, 8, posterior_std_init=0.2), nn.Tanh(), bdl.GaussianHead(8, 1, linear=bdl.BayesLinear)
+    )
+    pred = bdl.predict(model, torch.randn(30, 1), num_samples=16, task="regression", keep_samples=True, method=method)
+    assert pred.mean.shape == (30, 1) and (pred.aleatoric_variance > 0).all() and (pred.epistemic_variance > 0).all()
+    torch.testing.assert_close(pred.aleatoric_variance, pred.sample_variances.mean(0))
+    torch.testing.assert_close(pred.mean, pred.sample_means.mean(0))
+
+
+# ----------------------------------------------------------------------------- sampling paths
+def reference_samples(net, x, num_samples):
+    """Ground truth by definition: S independent weight draws from the mean-field posterior, [S, N, out]."""
+    h = x.expand(num_samples, *x.shape)
+    for layer in net:
+        if isinstance(layer, bdl.BayesLinear):
+            weight = layer.weight_mu + layer.weight_std * torch.randn(num_samples, *layer.weight_mu.shape)
+            bias = layer.bias_mu + layer.bias_std * torch.randn(num_samples, *layer.bias_mu.shape)
+            h = torch.einsum("sni,soi->sno", h, weight) + bias[:, None]
+        else:
+            h = layer(h)
+    return h
+
+
+def kurtosis(samples):
+    centred = samples - samples.mean(0)
+    return centred.pow(4).mean(0) / centred.square().mean(0).square()
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["sequential", "any-module"])
+def test_every_sampling_path_gives_the_posterior_predictive(wrap, one_thread):
+    # a two-layer net with a nonlinearity, so the output is non-Gaussian and several layers must be right
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        bdl.BayesLinear(3, 16, posterior_std_init=0.4), nn.Tanh(), bdl.BayesLinear(16, 2, posterior_std_init=0.4)
+    )
+    model = Wrapped(net) if wrap else net
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        reference = reference_samples(net, x, 20000)
+    ref_mean, ref_var = reference.mean(0), reference.var(0)
+    for method, num_samples, tolerance in (("batched", 20000, 0.06), ("loop", 1000, 0.2)):
+        pred = bdl.predict(model, x, num_samples, task="regression", method=method, keep_samples=True)
+        standard_error = (ref_var / num_samples + ref_var / 20000).sqrt()
+        assert ((pred.mean - ref_mean).abs() < 4 * standard_error).all(), method
+        ratio = pred.epistemic_variance / ref_var
+        assert ((ratio > 1 - tolerance) & (ratio < 1 + tolerance)).all(), (method, ratio)
+        if method == "batched":  # the shape of the distribution, and independent samples
+            assert ((kurtosis(pred.sample_means) - kurtosis(reference)).abs() < 0.3).all()
+            centred = pred.sample_means - pred.sample_means.mean(0)
+            lag_one = (centred[1:] * centred[:-1]).mean(0) / centred.square().mean(0)
+            assert (lag_one.abs() < 0.04).all()
+
+
+def test_batched_path_gives_every_input_its_own_noise():
+    # identical inputs must still get independent draws (a per-batch weight sample would make them equal)
+    model = bayes_mlp(out=1)
+    samples = draw_samples(model, torch.ones(2, 4), 500, method="batched")[..., 0]
+    correlation = torch.corrcoef(samples.T)[0, 1]
+    assert abs(correlation) < 0.15
+
+
+def test_chunking_does_not_change_the_samples_of_the_loop():
+    model = bayes_mlp()
+    x = torch.randn(30, 4)
+    torch.manual_seed(0)
+    whole = bdl.predict(model, x, num_samples=12, chunk_size=12, keep_samples=True, method="loop")
+    torch.manual_seed(0)
+    chunked = bdl.predict(model, x, num_samples=12, chunk_size=5, keep_samples=True, method="loop")
+    torch.testing.assert_close(whole.sample_probs, chunked.sample_probs)
+    for name in ("probs", "expected_entropy", "predicted_class_variance", "logits"):
+        torch.testing.assert_close(getattr(whole, name), getattr(chunked, name))
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_streaming_summary_equals_summary_of_all_samples(task):
+    # chunks of 3 + batches of 7: the merged moments must equal those of the kept [S, N, C] samples
+    model = bayes_mlp(out=2)
+    x = torch.randn(20, 4)
+    pred = bdl.predict(model, x, num_samples=10, chunk_size=3, batch_size=7, task=task, keep_samples=True)
+    if task == "classification":
+        reference = Prediction.from_probs(pred.sample_probs)
+        names = ("probs", "expected_entropy", "predicted_class_variance")
+    else:
+        reference = Prediction.from_regression(pred.sample_means)
+        names = ("mean", "epistemic_variance", "aleatoric_variance")
+    for name in names:
+        torch.testing.assert_close(getattr(pred, name), getattr(reference, name), atol=1e-6, rtol=1e-5)
+
+
+def test_samples_are_dropped_unless_asked():
+    pred = bdl.predict(bayes_mlp(), torch.randn(9, 4), num_samples=6)
+    assert pred.sample_probs is None and pred.num_samples == 6
+
+
+def test_auto_picks_batched_only_where_it_is_exact():
+    assert resolve_method(bayes_mlp(), 64) == "batched"
+    assert resolve_method(nn.Linear(4, 2), 64) == "loop"  # no noise: nothing to batch
+    conv = nn.Sequential(bdl.BayesConv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(2))
+    assert resolve_method(conv, 64) == "loop"
+    with pytest.raises(ValueError, match="BayesConv2d"):
+        resolve_method(conv, 64, "batched")
+    assert set(SAMPLING_METHODS) == {"auto", "loop", "batched"}
+
+
+def test_batched_path_reports_models_that_mix_rows():
+    class Pool(nn.Module):
+        def forward(self, x):
+            return x.mean(0, keepdim=True)
+
+    model = nn.Sequential(bdl.BayesLinear(4, 3), Pool())
+    with pytest.raises(ValueError, match="method='loop'"):
+        bdl.predict(model, torch.randn(5, 4), num_samples=4, method="batched")
+
+
+# ----------------------------------------------------------------------------- inputs, modes, devices
+def test_dataloader_inputs_keep_targets_and_match_tensor_path():
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    model = nn.Linear(4, 3)
+    pred = bdl.predict(model, DataLoader(TensorDataset(x, y), batch_size=16), num_samples=2)
+    assert torch.equal(pred.targets, y) and len(pred) == 40
+    torch.testing.assert_close(pred.probs, bdl.predict(model, x, num_samples=2, batch_size=7).probs)
+    assert torch.equal(bdl.predict(model, (x, y), num_samples=1, batch_size=9).targets, y)
+    assert bdl.predict(model, x, num_samples=1).targets is None
+
+
+def test_predict_runs_in_eval_mode_and_restores_every_module():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), bdl.BayesLinear(8, 3)).train()
+    model[1].eval()  # a mixed state must come back as it was
+    before = model[1].running_mean.clone()
+    bdl.predict(model, torch.randn(1, 4), num_samples=3)  # batch of 1: BatchNorm in training mode would fail
+    assert model.training and model[0].training and not model[1].training and model[2].training
+    assert torch.equal(model[1].running_mean, before)
+
+
+def test_predict_does_not_track_gradients():
+    pred = bdl.predict(bayes_mlp(), torch.randn(3, 4), num_samples=2)
+    assert not pred.probs.requires_grad
+
+
+def test_prediction_indexing_concatenation_and_repr():
+    pred = bdl.predict(bayes_mlp(), torch.randn(10, 4), num_samples=4, keep_samples=True)
+    pred.targets = torch.arange(10) % 3
+    subset = pred[pred.predicted_class == 0]
+    assert len(subset) == int((pred.predicted_class == 0).sum()) and subset.sample_probs.shape[1] == len(subset)
+    joined = Prediction.cat([pred[:4], pred[4:]])
+    for name in ("probs", "expected_entropy", "sample_probs", "targets"):
+        assert torch.equal(getattr(joined, name), getattr(pred, name))
+    assert "num_samples=4" in repr(pred) and "probs=[10, 3]" in repr(pred)
+    with pytest.raises(AttributeError, match="regression"):
+        pred.total_variance
+    with pytest.raises(ValueError, match="num_samples"):
+        Prediction.cat([pred, Prediction.from_logits(torch.randn(2, 3, 3))])
+
+
+@pytest.mark.cuda
+def test_prediction_stays_on_the_model_device():
+    model = bayes_mlp().cuda()
+    pred = bdl.predict(model, (torch.randn(8, 4), torch.randint(0, 3, (8,))), num_samples=4)
+    assert pred.probs.is_cuda and pred.targets.is_cuda
+
+
+# ----------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"num_samples": 0}, ValueError, "num_samples"),
+        ({"num_samples": 2.5}, ValueError, "num_samples"),
+        ({"task": "segmentation"}, ValueError, "task must be one of"),
+        ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"batch_size": -1}, ValueError, "batch_size"),
+        ({"method": "vmap"}, ValueError, "method must be one of"),
+    ],
+)
+def test_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        bdl.predict(nn.Linear(4, 3), torch.randn(3, 4), **kwargs)
+
+
+def test_empty_inputs_bad_outputs_and_bad_samples_are_reported():
+    with pytest.raises(ValueError, match="empty"):
+        bdl.predict(nn.Linear(4, 3), torch.randn(0, 4))
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight[0, 0] = math.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        bdl.predict(model, torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"logits \[B, C\]"):
+        bdl.predict(nn.Sequential(nn.Linear(4, 1), nn.Flatten(0)), torch.randn(3, 4))
+    with pytest.raises(TypeError, match="inputs must be"):
+        bdl.predict(nn.Linear(4, 3), 3.0)
+    with pytest.raises(ValueError, match=r"\[S, N, C\]"):
+        Prediction.from_logits(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="sum to 1"):
+        Prediction.from_probs(torch.full((2, 3, 4), 0.5))
+    with pytest.raises(ValueError, match="from_logits"):
+        Prediction.from_probs(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match=">= 0"):
+        Prediction.from_regression(torch.randn(2, 3, 1), -torch.ones(2, 3, 1))

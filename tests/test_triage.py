@@ -1,0 +1,141 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import bdl
+from bdl.predict import Prediction
+from bdl.triage import Triage, triage
+
+
+@pytest.fixture
+def one_thread():
+    # tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def labelled(confidences, correct):
+    """A two-class prediction whose max probabilities are ``confidences``; wrong where ``correct`` is False."""
+    p = torch.tensor(confidences)
+    probs = torch.stack([p, 1 - p], dim=-1)[None]  # S=1
+    pred = Prediction.from_probs(probs)
+    pred.targets = torch.where(torch.tensor(correct), 0, 1)
+    return pred
+
+
+def brute_force_threshold(scores, errors, error_rate):
+    """Largest threshold over observed scores whose handled set has an error rate <= error_rate."""
+    best = -math.inf
+    for t in scores.unique():
+        handled = scores <= t
+        if errors[handled].float().mean() <= error_rate:
+            best = max(best, t.item())
+    return best
+
+
+def test_coverage_threshold_handles_that_fraction_of_validation_inputs():
+    torch.manual_seed(0)
+    validation = Prediction.from_logits(torch.randn(4, 200, 5))
+    result = triage(validation, coverage=0.8, score="mutual_information")
+    assert isinstance(result, Triage) and result.review.shape == (200,)
+    assert result.coverage == pytest.approx(0.8)
+    assert (validation.mutual_information[~result.review] <= validation.mutual_information[result.review].min()).all()
+    new = Prediction.from_logits(torch.randn(4, 50, 5))
+    applied = triage(new, validation=validation, coverage=0.8, score="mutual_information")
+    assert applied.threshold == result.threshold
+    assert torch.equal(applied.review, new.mutual_information > result.threshold)
+
+
+def test_error_rate_threshold_is_the_largest_that_meets_the_target():
+    torch.manual_seed(1)
+    confidences = (0.5 + 0.5 * torch.rand(300)).tolist()
+    # errors more likely at low confidence, so the risk falls as coverage shrinks
+    correct = (torch.rand(300) < torch.tensor(confidences)).tolist()
+    validation = labelled(confidences, correct)
+    errors = validation.predicted_class != validation.targets
+    scores = 1 - validation.max_probability
+    for target in (0.05, 0.1, 0.2):
+        result = triage(validation, error_rate=target, score="max_probability")
+        assert result.threshold == pytest.approx(brute_force_threshold(scores, errors, target))
+        assert result.error_rate <= target
+        handled = ~result.review
+        assert result.coverage == pytest.approx(handled.float().mean().item())
+
+
+def test_tied_scores_are_handled_together():
+    validation = labelled([0.9, 0.9, 0.9, 0.6], [True, True, False, False])
+    result = triage(validation, coverage=0.5, score="max_probability")
+    assert result.coverage == 0.0 and result.review.all() and result.threshold == -math.inf
+    # the three tied inputs have error rate 1/3 (all four: 1/2): allowed at 0.34, not at 0.3
+    assert triage(validation, error_rate=0.34, score="max_probability").coverage == 0.75
+    assert triage(validation, error_rate=0.3, score="max_probability").coverage == 0.0
+
+
+def test_fixed_threshold_and_the_default_score():
+    pred = Prediction.from_logits(torch.randn(3, 20, 4))
+    result = triage(pred, threshold=1.0)
+    assert torch.equal(result.review, pred.predictive_entropy > 1.0) and result.error_rate is None
+    custom = triage(pred, threshold=-0.5, score=lambda p: -p.max_probability)
+    assert torch.equal(custom.review, pred.max_probability < 0.5)
+
+
+def test_regression_error_rate_uses_the_tolerance():
+    means = torch.tensor([0.0, 0.0, 0.0, 0.0])
+    variances = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    pred = Prediction.from_regression(means[None, :, None], variances[None, :, None])
+    pred.targets = torch.tensor([0.1, 0.2, 2.0, 3.0])
+    result = triage(pred, error_rate=0.0, tolerance=0.5)
+    assert result.review.tolist() == [False, False, True, True] and result.error_rate == 0.0
+    with pytest.raises(ValueError, match="tolerance"):
+        triage(pred, error_rate=0.1)
+
+
+def test_seed_use_case_routes_uncertain_inputs_to_review(one_thread):
+    torch.manual_seed(0)
+
+    def data(n):  # labels flip near the boundary x0 = 0: about 8% of them are wrong for any model
+        x = torch.randn(n, 2)
+        return x, (x[:, 0] + 0.25 * torch.randn(n) > 0).long()
+
+    net = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 2))
+    x, y = data(400)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
+    for _ in range(60):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    model = bdl.MCDropout(net)
+    validation = bdl.predict(model, data(1000), num_samples=30)
+    x_new, y_new = data(1000)
+    pred = bdl.predict(model, (x_new, y_new), num_samples=30)
+    everything = (pred.predicted_class != y_new).float().mean()
+    result = bdl.triage(pred, validation=validation, error_rate=0.02)
+    # the reviewed inputs lie near the boundary, and the handled ones are mostly right
+    assert x_new[result.review, 0].abs().mean() < 0.4 * x_new[~result.review, 0].abs().mean()
+    assert 0.3 < result.coverage < 0.95 and result.error_rate < 0.04 < everything
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "exactly one of"),
+        ({"coverage": 0.5, "threshold": 1.0}, "exactly one of"),
+        ({"coverage": 0.0}, "coverage must be in"),
+        ({"error_rate": 1.5}, "error_rate must be in"),
+        ({"error_rate": 0.1}, "targets"),
+        ({"coverage": 0.5, "score": "variance"}, "predictive_entropy"),
+        ({"coverage": 0.5, "score": "total_variance"}, "regression"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        triage(Prediction.from_logits(torch.randn(2, 5, 3)), **kwargs)
+
+
+def test_rejects_a_non_prediction():
+    with pytest.raises(TypeError, match="Prediction"):
+        triage(torch.randn(5), threshold=0.1)

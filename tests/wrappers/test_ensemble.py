@@ -1,0 +1,232 @@
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bdl
+from bdl.wrappers.ensemble import ENSEMBLE_METHODS, DeepEnsemble
+
+
+def member(out=3):
+    return nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, out))
+
+
+def gaussian_member():
+    return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), bdl.GaussianHead(16, 2))
+
+
+def ensemble_pair(factory=member, count=4):
+    torch.manual_seed(0)
+    members = [factory() for _ in range(count)]
+    for m in members:  # non-trivial BatchNorm statistics so the buffers matter
+        for module in m.modules():
+            if isinstance(module, nn.BatchNorm1d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+    loop = DeepEnsemble(members, method="loop").eval()
+    vmap = DeepEnsemble(members, method="vmap").eval()
+    return loop, vmap
+
+
+def test_forward_stacks_every_member_output():
+    ensemble, _ = ensemble_pair()
+    x = torch.randn(5, 4)
+    out = ensemble(x)
+    assert out.shape == (4, 5, 3)
+    for i, m in enumerate(ensemble.members):
+        torch.testing.assert_close(out[i], m(x))
+
+
+@pytest.mark.parametrize("factory", [member, gaussian_member], ids=["logits", "gaussian-head"])
+def test_vmap_and_loop_give_identical_outputs(factory):
+    loop, vmap = ensemble_pair(factory)
+    x = torch.randn(7, 4)
+    assert loop.resolve_method() == "loop" and vmap.resolve_method() == "vmap"
+    expected, got = loop(x), vmap(x)
+    if isinstance(expected, tuple):
+        assert type(got) is type(expected)  # GaussianOutput survives both paths
+        for a, b in zip(expected, got):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    else:
+        torch.testing.assert_close(expected, got, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(vmap(x) if not isinstance(got, tuple) else vmap(x)[0], got if not isinstance(got, tuple) else got[0])
+
+
+def test_vmap_training_sends_each_members_own_gradient_to_it():
+    torch.manual_seed(0)
+    loop, vmap = ensemble_pair(lambda: nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), count=3)
+    loop.train(), vmap.train()
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    grads = {}
+    for name, ensemble in (("loop", loop), ("vmap", vmap)):
+        ensemble.zero_grad()
+        ensemble.member_losses(ensemble(x), y, F.cross_entropy).sum().backward()
+        grads[name] = [p.grad.clone() for p in ensemble.parameters()]
+    # member 1 alone on its own loss
+    only = copy.deepcopy(loop.members[1])
+    F.cross_entropy(only(x), y).backward()
+    for a, b in zip(grads["loop"], grads["vmap"]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    own = [p.grad for p in only.parameters()]
+    member_grads = grads["vmap"][len(own) : 2 * len(own)]
+    for a, b in zip(own, member_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_vmap_cache_follows_in_place_updates():
+    _, ensemble = ensemble_pair()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        before = ensemble(x)
+        ensemble.members[2][3].bias.add_(1.0)
+        after = ensemble(x)
+    torch.testing.assert_close(after[2], before[2] + 1.0)
+    torch.testing.assert_close(after[:2], before[:2])
+
+
+def test_members_with_different_output_shapes_are_an_error():
+    ensemble = DeepEnsemble([member(3), member(3), member(4)]).eval()
+    with pytest.raises(ValueError, match=r"member 2: \(5, 4\)"):
+        ensemble(torch.randn(5, 4))
+
+
+def test_different_architectures_fall_back_to_the_loop_or_refuse_vmap():
+    members = [nn.Linear(4, 3), nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))]
+    assert not DeepEnsemble(members).shares_architecture()
+    assert DeepEnsemble(members, method="auto").resolve_method() == "loop"
+    with pytest.raises(ValueError, match="one architecture"):
+        DeepEnsemble(members, method="vmap")(torch.randn(2, 4))
+
+
+def test_vmap_with_batchnorm_in_training_mode_is_refused():
+    ensemble = DeepEnsemble([member(), member()], method="vmap").train()
+    with pytest.raises(ValueError, match="buffers"):
+        ensemble(torch.randn(4, 4))
+
+
+def test_from_factory_makes_independently_initialised_members():
+    ensemble = DeepEnsemble.from_factory(lambda: nn.Linear(4, 3), 5)
+    assert len(ensemble) == ensemble.num_members == 5
+    weights = torch.stack([m.weight for m in ensemble.members])
+    assert (weights[1:] != weights[:1]).any(dim=(1, 2)).all()
+
+
+def test_from_checkpoints_loads_files_and_lightning_style_dicts(tmp_path):
+    members = [member() for _ in range(3)]
+    paths = []
+    for i, m in enumerate(members):
+        path = tmp_path / f"member{i}.pt"
+        if i == 0:
+            torch.save(m.state_dict(), path)
+        else:  # Lightning: {"state_dict": {"model.<key>": ...}, ...}
+            torch.save({"state_dict": {f"model.{k}": v for k, v in m.state_dict().items()}, "epoch": 3}, path)
+        paths.append(path)
+    with pytest.raises(RuntimeError):  # the Lightning files need the prefix
+        DeepEnsemble.from_checkpoints(member, paths)
+    loaded = DeepEnsemble.from_checkpoints(member, [paths[0]], prefix="")
+    torch.testing.assert_close(loaded.members[0][0].weight, members[0][0].weight)
+    loaded = DeepEnsemble.from_checkpoints(member, paths[1:], prefix="model.")
+    for a, b in zip(loaded.members, members[1:]):
+        for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert ka == kb and torch.equal(va, vb)
+    with pytest.raises(ValueError, match="prefix"):
+        DeepEnsemble.from_checkpoints(member, paths[1:], prefix="net.")
+    with pytest.raises(TypeError, match="one checkpoint per member"):
+        DeepEnsemble.from_checkpoints(member, paths[0])
+
+
+def test_predict_treats_members_as_samples():
+    ensemble, _ = ensemble_pair(gaussian_member)
+    x = torch.randn(6, 4)
+    pred = bdl.predict(ensemble, x, task="regression")
+    with torch.no_grad():
+        means, variances = ensemble.eval()(x)
+    assert pred.num_samples == 4
+    torch.testing.assert_close(pred.mean, means.mean(0))
+    torch.testing.assert_close(pred.aleatoric_variance, variances.mean(0))
+    torch.testing.assert_close(pred.epistemic_variance, means.var(0, unbiased=False))
+
+
+def test_stochastic_members_run_several_rounds():
+    members = [bdl.MCDropout(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))) for _ in range(3)]
+    ensemble = DeepEnsemble(members)
+    pred = bdl.predict(ensemble, torch.randn(5, 4), num_samples=12, keep_samples=True)
+    assert pred.num_samples == 12 and pred.sample_probs.shape == (12, 5, 3)
+    assert not torch.allclose(pred.sample_probs[0], pred.sample_probs[3])  # member 0, rounds 1 and 2
+    with pytest.raises(ValueError, match="multiple"):
+        bdl.predict(ensemble, torch.randn(5, 4), num_samples=10)
+
+
+def test_deterministic_ensemble_of_identical_members_has_zero_mutual_information():
+    net = member().eval()
+    ensemble = DeepEnsemble([net, copy.deepcopy(net), copy.deepcopy(net)])
+    pred = bdl.predict(ensemble, torch.randn(8, 4))
+    torch.testing.assert_close(pred.mutual_information, torch.zeros(8), atol=1e-6, rtol=0)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="empty"):
+        DeepEnsemble([])
+    with pytest.raises(TypeError, match=r"members\[1\]"):
+        DeepEnsemble([nn.Linear(2, 2), "net"])
+    with pytest.raises(TypeError, match="single module"):
+        DeepEnsemble(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="method must be one of"):
+        DeepEnsemble([nn.Linear(2, 2)], method="parallel")
+    with pytest.raises(ValueError, match="num_members"):
+        DeepEnsemble.from_factory(lambda: nn.Linear(2, 2), 0)
+    assert set(ENSEMBLE_METHODS) == {"auto", "vmap", "loop"}
+
+
+def test_ensemble_copies_and_pickles_without_caches():
+    _, ensemble = ensemble_pair()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        expected = ensemble(x)  # builds the meta copy and the stacked cache
+    for clone in (copy.deepcopy(ensemble), pickle.loads(pickle.dumps(ensemble))):
+        assert not any(p.is_meta for p in clone.parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(clone(x), expected)
+    assert all(not name.startswith("_base") for name in ensemble.state_dict())
+
+
+@pytest.fixture
+def one_thread():
+    # tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_toy_with_a_gap_separates_aleatoric_from_epistemic_variance(one_thread):
+    # 1-D regression on x in [-4, -1] and [1, 4] with noise std rising linearly from 0.1 to 0.9
+    torch.manual_seed(0)
+    x = torch.cat([torch.rand(128, 1) * 3 - 4, torch.rand(128, 1) * 3 + 1])
+    noise_std = lambda x: 0.1 + 0.1 * (x + 4)  # noqa: E731
+    y = torch.sin(x) + noise_std(x) * torch.randn_like(x)
+    ensemble = DeepEnsemble.from_factory(
+        lambda: nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), bdl.GaussianHead(32, 1)),
+        5,
+        method="vmap",  # joint training: one vectorised forward and one optimizer for all members
+    )
+    optimizer = torch.optim.Adam(ensemble.parameters(), lr=0.01)
+    for _ in range(200):
+        optimizer.zero_grad()
+        ensemble.member_losses(ensemble(x), y, bdl.GaussianNLLLoss()).sum().backward()
+        optimizer.step()
+    grid = torch.linspace(-4, 4, 81)[:, None]
+    pred = bdl.predict(ensemble, grid, task="regression")
+    gap, seen = grid[:, 0].abs() < 0.5, grid[:, 0].abs() > 1.2
+    assert pred.epistemic_variance[gap].mean() > 4 * pred.epistemic_variance[seen].mean()
+    true_variance = noise_std(grid[seen]).square()
+    ratio = pred.aleatoric_variance[seen] / true_variance
+    assert ((ratio > 0.5) & (ratio < 2.0)).all(), ratio.flatten()
+    log_pairs = torch.stack([pred.aleatoric_variance[seen].log().flatten(), true_variance.log().flatten()])
+    assert torch.corrcoef(log_pairs)[0, 1] > 0.95
+    torch.testing.assert_close(pred.total_variance, pred.aleatoric_variance + pred.epistemic_variance)

@@ -1,0 +1,152 @@
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import bdl
+from bdl.wrappers.mc_dropout import DROPOUT_TYPES, MCDropout
+
+
+@pytest.fixture
+def one_thread():
+    # tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def net_with_batchnorm(p=0.3):
+    return nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(p), nn.Linear(16, 3))
+
+
+def test_dropout_is_on_and_batchnorm_uses_running_statistics():
+    net = net_with_batchnorm()
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    model = MCDropout(net)
+    x = torch.randn(6, 4)
+    # reference: the whole network in eval mode except the dropout layer, with the same random masks
+    reference_net = copy.deepcopy(net).eval()
+    reference_net[3].train()
+    torch.manual_seed(5)
+    expected = reference_net(x)
+    torch.manual_seed(5)
+    got = model(x)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(model(x), got)  # fresh masks on every call
+    assert not net[1].training and not net[3].training  # flags restored after the call
+
+
+def test_predict_keeps_batchnorm_statistics_and_works_on_one_input():
+    net = net_with_batchnorm()
+    before = (net[1].running_mean.clone(), net[1].running_var.clone())
+    pred = bdl.predict(MCDropout(net), torch.randn(1, 4), num_samples=20)  # training-mode BatchNorm fails on 1 row
+    assert pred.mutual_information.item() > 0
+    assert torch.equal(net[1].running_mean, before[0]) and torch.equal(net[1].running_var, before[1])
+
+
+@pytest.mark.parametrize(
+    "dropout, shape",
+    [
+        (nn.Dropout(0.5), (8, 6)),
+        (nn.Dropout1d(0.5), (8, 6, 5)),
+        (nn.Dropout2d(0.5), (8, 6, 3, 3)),
+        (nn.Dropout3d(0.5), (8, 6, 2, 2, 2)),
+        (nn.AlphaDropout(0.5), (8, 6)),
+        (nn.FeatureAlphaDropout(0.5), (8, 6, 3, 3)),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "",
+)
+def test_every_dropout_type_stays_stochastic(dropout, shape):
+    model = MCDropout(nn.Sequential(dropout))
+    assert isinstance(dropout, DROPOUT_TYPES) and model.dropout_modules == [dropout]
+    x = torch.ones(shape)
+    assert not torch.equal(model(x), model(x))
+
+
+def test_model_without_dropout_is_an_error_that_says_how_to_insert():
+    with pytest.raises(ValueError, match="insert_before"):
+        MCDropout(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+
+
+def test_inserted_dropout_goes_before_the_chosen_modules_of_a_copy():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    model = MCDropout(net, p=0.5, insert_before=["2"])
+    assert len(model.dropout_modules) == 1 and "inserted_before=['2']" in repr(model)
+    x = torch.randn(5, 4)
+    # p=0.5 on the 8 hidden units: the output is the last layer applied to masked, rescaled hidden units
+    hidden = net[1](net[0](x))
+    torch.manual_seed(3)
+    mask = torch.empty_like(hidden).bernoulli_(0.5) * 2
+    torch.manual_seed(3)
+    torch.testing.assert_close(model(x), net[2](hidden * mask))
+    assert not net[2]._forward_pre_hooks  # the user's model is untouched
+    assert list(model.state_dict()) == [f"model.{key}" for key in net.state_dict()]
+
+
+def test_insert_before_accepts_module_types():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    model = MCDropout(net, p=0.1, insert_before=[nn.Linear])
+    assert model.extra_repr().endswith("inserted_before=['0', '2']")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"p": 0.0, "insert_before": ["0"]}, "p must be a dropout rate"),
+        ({"p": 1.0, "insert_before": ["0"]}, "p must be a dropout rate"),
+        ({"insert_before": ["0"]}, "p must be a dropout rate"),
+        ({"p": 0.2}, "insert_before"),
+        ({"p": 0.2, "insert_before": ["decoder.*"]}, "matched no module"),
+    ],
+)
+def test_bad_insertion_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MCDropout(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), **kwargs)
+
+
+def test_rejects_a_non_module():
+    with pytest.raises(TypeError, match="nn.Module"):
+        MCDropout(lambda x: x)
+
+
+def test_train_mode_trains_batchnorm_and_predict_restores_it():
+    net = net_with_batchnorm()
+    model = MCDropout(net).train()
+    assert net[1].training
+    bdl.predict(model, torch.randn(4, 4), num_samples=2)
+    assert net[1].training and model.training
+
+
+def test_every_sampling_path_gives_the_dropout_predictive(one_thread):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 1))
+    model = MCDropout(net, p=0.2, insert_before=["5"])
+    x = torch.randn(3, 3)
+    with torch.no_grad():  # ground truth by definition: independent Bernoulli masks, rescaled by 1 / (1 - p)
+        hidden = net[1](net[0](x)).expand(20000, 3, 32)
+        hidden = hidden * torch.empty_like(hidden).bernoulli_(0.7) / 0.7
+        hidden = net[4](net[3](hidden))
+        reference = net[5](hidden * torch.empty_like(hidden).bernoulli_(0.8) / 0.8)
+    ref_mean, ref_var = reference.mean(0), reference.var(0)
+    for method, num_samples, tolerance in (("batched", 20000, 0.06), ("loop", 1000, 0.2)):
+        pred = bdl.predict(model, x, num_samples, task="regression", method=method)
+        standard_error = (ref_var / num_samples + ref_var / 20000).sqrt()
+        assert ((pred.mean - ref_mean).abs() < 4 * standard_error).all(), method
+        ratio = pred.epistemic_variance / ref_var
+        assert ((ratio > 1 - tolerance) & (ratio < 1 + tolerance)).all(), (method, ratio)
+
+
+def test_copies_and_pickles_keep_working():
+    model = MCDropout(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), p=0.5, insert_before=["1"])
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone.dropout_modules[0] is clone.inserted_dropout[0]
+        x = torch.randn(3, 4)
+        assert not torch.equal(clone(x), clone(x))
+        with torch.no_grad():
+            clone.model[1].weight.zero_()
+        assert not torch.equal(model.model[1].weight, clone.model[1].weight)
