@@ -21,6 +21,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) experiments/benchmark_layers.py
+	$(PY) experiments/benchmark_predict.py
+	$(PY) experiments/benchmark_svi.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
