@@ -72,22 +72,6 @@ def sample_guide(guide: Callable, num_samples: int, *args, parallel: bool = True
     return {name: value.reshape((num_samples,) + shapes[name]) for name, value in drawn.items() if name in shapes}
 
 
-def _batches(inputs: Union[Tensor, Iterable], batch_size: int) -> Iterator[tuple[Tensor, Optional[Tensor]]]:
-    if isinstance(inputs, Tensor):
-        if inputs.dim() == 0:
-            raise ValueError("inputs must have a batch dimension, got a scalar tensor")
-        for start in range(0, len(inputs), batch_size):
-            yield inputs[start : start + batch_size], None
-        return
-    for batch in inputs:
-        if isinstance(batch, Tensor):
-            yield batch, None
-        elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-            yield batch[0], batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
-        else:
-            raise TypeError(f"inputs: batches must be a tensor x or a tuple (x, y, ...), got {type(batch).__name__}")
-
-
 def network_outputs(model: PyroModel, samples: dict[str, Tensor], x: Tensor, *, vectorize: bool = True) -> Tensor:
     """``f(x; w_s)`` for every sample ``w_s``: ``[S, N, ...]``.
 
@@ -170,7 +154,7 @@ def predict_from_samples(
     missing = [name for name in model.sample_sites if name not in samples]
     if missing:
         raise ValueError(f"samples lack the latent sites {missing}; got {sorted(samples)}")
-    from ..predict import Prediction
+    from ..predict import Prediction, _batches
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     samples = {name: value.to(device) for name, value in samples.items()}
