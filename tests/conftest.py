@@ -14,6 +14,15 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    # tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -9,15 +9,6 @@ import bdl
 from bdl.predict import SAMPLING_METHODS, Prediction, draw_samples, resolve_method
 
 
-@pytest.fixture
-def one_thread():
-    # tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def bayes_mlp(out=3, std=0.3):
     return nn.Sequential(
         bdl.BayesLinear(4, 16, posterior_std_init=std), nn.ReLU(), bdl.BayesLinear(16, out, posterior_std_init=std)

@@ -9,15 +9,6 @@ from bdl.predict import Prediction
 from bdl.triage import Triage, triage
 
 
-@pytest.fixture
-def one_thread():
-    # tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def labelled(confidences, correct):
     """A two-class prediction whose max probabilities are ``confidences``; wrong where ``correct`` is False."""
     p = torch.tensor(confidences)

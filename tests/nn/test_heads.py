@@ -56,15 +56,6 @@ def test_loss_module_takes_the_head_output_and_trains_through_elbo():
     assert kl > 0 and model[2].linear.weight_rho.grad is not None
 
 
-@pytest.fixture
-def one_thread():
-    # tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_head_learns_the_noise_level_of_homoscedastic_data(one_thread):
     torch.manual_seed(0)
     x = torch.rand(512, 1) * 4 - 2

@@ -194,15 +194,6 @@ def test_ensemble_copies_and_pickles_without_caches():
     assert all(not name.startswith("_base") for name in ensemble.state_dict())
 
 
-@pytest.fixture
-def one_thread():
-    # tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_toy_with_a_gap_separates_aleatoric_from_epistemic_variance(one_thread):
     # 1-D regression on x in [-4, -1] and [1, 4] with noise std rising linearly from 0.1 to 0.9

@@ -9,15 +9,6 @@ import bdl
 from bdl.wrappers.mc_dropout import DROPOUT_TYPES, MCDropout
 
 
-@pytest.fixture
-def one_thread():
-    # tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def net_with_batchnorm(p=0.3):
     return nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(p), nn.Linear(16, 3))
 
