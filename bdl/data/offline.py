@@ -16,17 +16,17 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 
 @dataclass
 class Splits:
     """Train/validation/test (and optional OOD) splits of one data set."""
 
-    train: TensorDataset
-    val: TensorDataset
-    test: TensorDataset
-    ood: Optional[TensorDataset] = None
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    ood: Optional[Dataset] = None
     num_classes: Optional[int] = None
 
     @property

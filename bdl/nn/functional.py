@@ -174,9 +174,11 @@ def randn_like(t: Tensor) -> Tensor:
     out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
     chunks = out.view(-1).chunk(threads)
     seeds = torch.randint(0, 2**62, (len(chunks),)).tolist()
+    inference = torch.is_inference_mode_enabled()  # thread-local: the workers must match the caller
 
     def fill(chunk: Tensor, seed: int) -> None:
-        chunk.normal_(generator=torch.Generator().manual_seed(seed))
+        with torch.inference_mode(inference):
+            chunk.normal_(generator=torch.Generator().manual_seed(seed))
 
     list(_noise_pool().map(fill, chunks, seeds))
     return out

@@ -1,0 +1,24 @@
+"""Training runs with Lightning: one LightningModule per method, DataModules, networks, and the ``bdl`` command.
+
+Configs name these by class path, e.g. ``bdl.lightning.VariationalModule`` and ``bdl.lightning.DigitsDataModule``.
+"""
+
+from .data import (
+    DigitsDataModule,
+    MNIST1DDataModule,
+    RegressionGapDataModule,
+    TwoMoonsDataModule,
+    UncertaintyDataModule,
+)
+from .models import MLP, Conv1dNet, LeNet5, ResNet
+from .modules import (
+    METHODS,
+    DeterministicModule,
+    EnsembleModule,
+    MCDropoutModule,
+    SVIModule,
+    UncertaintyModule,
+    VariationalModule,
+)
+from .tabular import TabularDataModule
+from .vision import CIFAR10DataModule, MNISTDataModule

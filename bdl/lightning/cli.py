@@ -1,0 +1,177 @@
+"""The ``bdl`` command: Lightning's CLI with bdl's run folders, checkpoints, reports and an ``evaluate`` subcommand.
+
+    bdl fit      --config configs/quickstart.yaml             # train (and evaluate, with evaluate_after_fit)
+    bdl evaluate --config configs/quickstart.yaml --ckpt_path runs/quickstart/version_0/checkpoints/last.ckpt
+    bdl test | validate | predict --config ... --ckpt_path ...
+    bdl fit      --config configs/quickstart.yaml --print_config  # the resolved config, nothing runs
+
+Every run writes to ``runs/<run_name>/version_<n>/`` (``trainer.default_root_dir`` replaces ``runs``): the
+resolved ``config.yaml``, ``checkpoints/`` (best by ``checkpoint.monitor`` and last), ``metrics.csv``
+(and TensorBoard events when ``tensorboard`` is installed), and for test/evaluate runs the report
+(``metrics.json``, ``report.md``, PNG plots); predict runs write ``predictions.pt``. ``run_name`` defaults
+to the config file's name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+from ..predict import Prediction
+
+DEFAULT_ROOT = "runs"
+REPORT_COLUMNS = {
+    "accuracy": "accuracy",
+    "nll": "NLL",
+    "ece": "ECE",
+    "brier_score": "Brier",
+    "rmse": "RMSE",
+    "crps": "CRPS",
+}
+
+
+class Trainer(L.Trainer):
+    """Lightning's ``Trainer`` plus :meth:`evaluate`: test and print the uncertainty report."""
+
+    def evaluate(
+        self,
+        model: Optional[L.LightningModule] = None,
+        dataloaders: Any = None,  # noqa: ANN401 - as Trainer.test
+        ckpt_path: Optional[str] = None,
+        verbose: bool = True,
+        datamodule: Optional[L.LightningDataModule] = None,
+    ) -> list[dict[str, float]]:
+        """Evaluate a model on the test set (and OOD set): write the bdl.evaluate report and print its table.
+
+        Runs :meth:`test` (the bdl LightningModules write ``metrics.json``, ``report.md`` and the plots
+        to the run folder at the end of a test epoch), then prints the headline metrics and the folder.
+        """
+        results = self.test(model, dataloaders, ckpt_path=ckpt_path, verbose=False, datamodule=datamodule)
+        module = model if model is not None else self.lightning_module
+        report = getattr(module, "report", None)
+        if verbose and self.is_global_zero and report is not None:
+            print(summary_table(report.metrics, ood_name=getattr(datamodule, "ood_name", None)))
+            print(f"\nReport (metrics.json, report.md, plots): {getattr(module, 'report_dir', self.log_dir)}")
+        return results
+
+
+def summary_table(metrics: dict[str, float], *, ood_name: Optional[str] = None) -> str:
+    """The headline metrics as a markdown table: accuracy/NLL/ECE/Brier (or RMSE/CRPS) and OOD AUROCs."""
+    rows = [(title, metrics[key]) for key, title in REPORT_COLUMNS.items() if key in metrics]
+    scores = [key.split("/")[1] for key in metrics if key.startswith("ood/") and key.endswith("/auroc")]
+    against = f" vs {ood_name}" if ood_name else ""
+    rows += [(f"OOD AUROC{against} ({score.replace('_', ' ')})", metrics[f"ood/{score}/auroc"]) for score in scores]
+    width = max(len(title) for title, _ in rows) if rows else 6
+    lines = [f"| {'metric':<{width}} | value  |", f"|{'-' * (width + 2)}|-------:|"]
+    lines += [f"| {title:<{width}} | {value:6.4f} |" for title, value in rows]
+    return "\n".join(lines)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Saves a predict run's :class:`bdl.Prediction` (merged over batches) as ``predictions.pt`` in the run folder.
+
+    The file holds a dict of tensors (``probs``, ``predicted_class``, ``predictive_entropy``,
+    ``expected_entropy``, ``mutual_information`` for classification; ``mean``, ``aleatoric_variance``,
+    ``epistemic_variance`` for regression); load it with ``torch.load``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+
+    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Sequence[Any], batch_indices: Any) -> None:  # noqa: ANN401
+        parts = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        parts = [part for part in parts if isinstance(part, Prediction)]
+        if not parts:
+            return
+        prediction = Prediction.cat(parts).to("cpu")
+        if prediction.task == "classification":
+            names = ("probs", "predicted_class", "predictive_entropy", "expected_entropy", "mutual_information", "max_probability")
+        else:
+            names = ("mean", "aleatoric_variance", "epistemic_variance", "total_variance")
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        suffix = "" if trainer.world_size == 1 else f".rank{trainer.global_rank}"
+        torch.save({name: getattr(prediction, name) for name in names}, folder / f"predictions{suffix}.pt")
+
+
+def _tensorboard_available() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+class BDLCLI(LightningCLI):
+    """``LightningCLI`` with bdl's defaults: any LightningModule/DataModule by class path, run folders, ``evaluate``.
+
+    Adds the config keys ``run_name`` (the run folder's name; default: the config file's name),
+    ``evaluate_after_fit`` (after ``fit``, evaluate the best checkpoint on the test/OOD sets) and a
+    ``checkpoint`` group (Lightning's ``ModelCheckpoint``; default: keep the best by ``val/nll`` and the last).
+    """
+
+    def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:  # noqa: ANN401
+        kwargs.setdefault("trainer_class", Trainer)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)  # the bdl modules have their own optimizer options
+        kwargs.setdefault("trainer_defaults", {"callbacks": [PredictionWriter()]})
+        super().__init__(L.LightningModule, L.LightningDataModule, args=args, run=run, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "evaluate": {"model", "dataloaders", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_name", type=Optional[str], default=None, help="Run folder name (default: the config file's name).")
+        parser.add_argument("--evaluate_after_fit", type=bool, default=False, help="After fit, evaluate the best checkpoint.")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {"checkpoint.monitor": "val/nll", "checkpoint.mode": "min", "checkpoint.save_last": True, "checkpoint.filename": "best"}
+        )
+
+    def _subconfig(self) -> Any:  # noqa: ANN401
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def run_name(self) -> str:
+        config = self._subconfig()
+        if config.get("run_name"):
+            return str(config["run_name"])
+        files = [path for path in (config.get("config") or []) if path is not None]
+        if files:
+            return Path(str(files[-1])).stem
+        return type(self.model).__name__
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:  # noqa: ANN401
+        trainer_config = self._subconfig().get("trainer", {})
+        if trainer_config.get("logger") in (None, True):
+            root = trainer_config.get("default_root_dir") or DEFAULT_ROOT
+            csv = CSVLogger(save_dir=root, name=self.run_name())
+            loggers: list[Logger] = [csv]
+            if _tensorboard_available():
+                from lightning.pytorch.loggers import TensorBoardLogger
+
+                loggers.append(TensorBoardLogger(save_dir=root, name=self.run_name(), version=csv.version, default_hp_metric=False))
+            kwargs.setdefault("logger", loggers)
+        return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self) -> None:
+        if not self._subconfig().get("evaluate_after_fit"):
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
+        self.trainer.evaluate(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+
+
+def main(args: Optional[Sequence[str]] = None) -> None:
+    """Entry point of the ``bdl`` console script."""
+    BDLCLI(args=list(args) if args is not None else None)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

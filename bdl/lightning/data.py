@@ -1,0 +1,288 @@
+"""Lightning DataModules with train/val/test splits and an optional out-of-distribution (OOD) set.
+
+Every data module here derives from :class:`UncertaintyDataModule`: a subclass builds
+:class:`bdl.data.Splits` once (``build``), and the base turns them into loaders. ``test_dataloader``
+returns ``[test, ood]`` when there is an OOD set, so a test run scores OOD detection too (the
+LightningModules in :mod:`bdl.lightning.modules` read ``dataloader_idx`` 1 as OOD inputs).
+
+Offline modules (no download): :class:`DigitsDataModule`, :class:`MNIST1DDataModule`,
+:class:`TwoMoonsDataModule`, :class:`RegressionGapDataModule`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Sequence, Union
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from ..data.offline import Splits, load_digits, load_mnist1d, regression_with_gap, two_moons
+
+TASKS = ("classification", "regression")
+
+
+def _positive_int(name: str, value: Any) -> int:  # noqa: ANN401
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class UncertaintyDataModule(L.LightningDataModule):
+    """Base of bdl's data modules: seeded splits, loaders, and an optional OOD set.
+
+    Subclasses implement :meth:`build` (returning :class:`bdl.data.Splits`) and set ``task``
+    (``"classification"`` or ``"regression"``). :meth:`prepare_data` may download; :meth:`build` runs in
+    every process and must not.
+
+    Args:
+        batch_size: training batch size.
+        eval_batch_size: batch size of validation/test/OOD loaders (default ``batch_size``).
+        num_workers: DataLoader worker processes.
+        seed: seed of the random train/val/test split.
+    """
+
+    task: str = "classification"
+
+    def __init__(self, *, batch_size: int = 64, eval_batch_size: Optional[int] = None, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size or batch_size)
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        self.num_workers = num_workers
+        self.seed = seed
+        self.splits: Optional[Splits] = None
+
+    def build(self) -> Splits:
+        """The train/val/test (and OOD) datasets; called once, lazily, in every process."""
+        raise NotImplementedError
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.splits is None:
+            self.splits = self.build()
+
+    def _built(self) -> Splits:
+        self.setup()
+        assert self.splits is not None
+        return self.splits
+
+    @property
+    def num_train(self) -> int:
+        """Size of the whole training set (all processes together): the ``num_data`` of the ELBO."""
+        return len(self._built().train)
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return self._built().num_classes
+
+    @property
+    def ood_name(self) -> Optional[str]:
+        """What the OOD set is (shown in reports), or None without one."""
+        return "ood" if self._built().ood is not None else None
+
+    def _loader(self, dataset: Dataset, *, train: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._built().train, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._built().val)
+
+    def test_dataloader(self) -> Union[DataLoader, list[DataLoader]]:
+        """The test loader, followed by the OOD loader when there is an OOD set."""
+        splits = self._built()
+        test = self._loader(splits.test)
+        return test if splits.ood is None else [test, self._loader(splits.ood)]
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self._built().test)
+
+    def ood_dataloader(self) -> Optional[DataLoader]:
+        splits = self._built()
+        return None if splits.ood is None else self._loader(splits.ood)
+
+
+def uniform_noise_like(inputs: torch.Tensor, num_samples: int, seed: int) -> TensorDataset:
+    """``num_samples`` inputs drawn uniformly per feature over the range of ``inputs`` (labels -1)."""
+    generator = torch.Generator().manual_seed(seed)
+    low, high = inputs.amin(0), inputs.amax(0)
+    noise = low + (high - low) * torch.rand((num_samples, *inputs.shape[1:]), generator=generator)
+    return TensorDataset(noise, torch.full((num_samples,), -1, dtype=torch.long))
+
+
+class DigitsDataModule(UncertaintyDataModule):
+    """scikit-learn's bundled 8x8 digits (64 features, standardised on train), with an OOD split.
+
+    ``ood="classes"`` holds the digits ``ood_classes`` out of training and uses their images as OOD
+    inputs (the other classes are relabelled ``0 .. C-1``); ``ood="noise"`` keeps all ten classes and
+    uses uniform noise over each feature's training range; ``ood=None`` has no OOD set.
+
+    Example:
+        >>> data = DigitsDataModule(ood="classes", ood_classes=[8, 9])
+        >>> data.num_classes, data.num_train, data.ood_name
+        (8, 938, 'digits 8, 9')
+    """
+
+    def __init__(
+        self,
+        *,
+        ood: Optional[Literal["classes", "noise"]] = "classes",
+        ood_classes: Sequence[int] = (8, 9),
+        num_noise: int = 300,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.2,
+        batch_size: int = 64,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
+        if ood not in ("classes", "noise", None):
+            raise ValueError(f"ood must be 'classes', 'noise' or None, got {ood!r}")
+        if ood == "classes" and not ood_classes:
+            raise ValueError("ood='classes' needs ood_classes: the digits to hold out, e.g. [8, 9]")
+        self.ood = ood
+        self.ood_classes = tuple(ood_classes)
+        self.num_noise = _positive_int("num_noise", num_noise)
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+
+    @property
+    def ood_name(self) -> Optional[str]:
+        if self.ood == "classes":
+            return "digits " + ", ".join(map(str, self.ood_classes))
+        return "uniform noise" if self.ood == "noise" else None
+
+    def build(self) -> Splits:
+        held_out = self.ood_classes if self.ood == "classes" else ()
+        splits = load_digits(seed=self.seed, val_fraction=self.val_fraction, test_fraction=self.test_fraction, ood_classes=held_out)
+        if self.ood == "noise":
+            splits.ood = uniform_noise_like(splits.train.tensors[0], self.num_noise, self.seed)
+        return splits
+
+
+class MNIST1DDataModule(UncertaintyDataModule):
+    """MNIST-1D (Greydanus 2020): 4000 train / 1000 test signals of length 40, made by the ``mnist1d`` code.
+
+    ``val_fraction`` of the 4000 training signals form the validation set. ``ood_classes`` (optional)
+    are held out of training and testing and form the OOD set. ``cache_dir`` keeps the generated arrays.
+    Inputs are ``[N, 40]``; set ``channels=True`` for ``[N, 1, 40]`` (1-D CNNs).
+    """
+
+    def __init__(
+        self,
+        *,
+        ood_classes: Sequence[int] = (),
+        channels: bool = False,
+        val_fraction: float = 0.1,
+        cache_dir: Optional[str] = None,
+        batch_size: int = 128,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
+        self.ood_classes = tuple(ood_classes)
+        self.channels = channels
+        self.val_fraction = val_fraction
+        self.cache_dir = cache_dir
+
+    @property
+    def ood_name(self) -> Optional[str]:
+        return "classes " + ", ".join(map(str, self.ood_classes)) if self.ood_classes else None
+
+    def prepare_data(self) -> None:
+        if self.cache_dir is not None:  # generate once, before DDP processes read the cache
+            load_mnist1d(seed=self.seed, val_fraction=self.val_fraction, cache_dir=self.cache_dir)
+
+    def build(self) -> Splits:
+        splits = load_mnist1d(seed=self.seed, val_fraction=self.val_fraction, ood_classes=self.ood_classes, cache_dir=self.cache_dir)
+        if self.channels:
+            for name in ("train", "val", "test", "ood"):
+                dataset = getattr(splits, name)
+                if dataset is not None:
+                    x, y = dataset.tensors
+                    setattr(splits, name, TensorDataset(x.unsqueeze(1), y))
+        return splits
+
+
+class TwoMoonsDataModule(UncertaintyDataModule):
+    """Two interleaved half circles (binary classification); OOD: uniform noise on a wider box (optional).
+
+    Example:
+        >>> data = TwoMoonsDataModule(num_samples=200)
+        >>> data.num_classes, data.num_train
+        (2, 130)
+    """
+
+    def __init__(
+        self,
+        *,
+        num_samples: int = 1000,
+        noise: float = 0.1,
+        ood: bool = True,
+        batch_size: int = 64,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
+        self.num_samples = _positive_int("num_samples", num_samples)
+        self.noise = noise
+        self.ood = ood
+
+    @property
+    def ood_name(self) -> Optional[str]:
+        return "uniform noise on [-3, 4] x [-3, 3]" if self.ood else None
+
+    def build(self) -> Splits:
+        splits = two_moons(self.num_samples, noise=self.noise, seed=self.seed)
+        if self.ood:
+            generator = torch.Generator().manual_seed(self.seed + 1)
+            points = torch.rand(self.num_samples // 4, 2, generator=generator) * torch.tensor([7.0, 6.0]) - torch.tensor([3.0, 3.0])
+            splits.ood = TensorDataset(points, torch.full((len(points),), -1, dtype=torch.long))
+        return splits
+
+
+class RegressionGapDataModule(UncertaintyDataModule):
+    """1-D heteroscedastic regression with no training inputs in ``gap`` (see :func:`bdl.data.regression_with_gap`).
+
+    The OOD set is inputs inside the gap, where epistemic uncertainty should rise.
+
+    Example:
+        >>> data = RegressionGapDataModule(num_samples=100)
+        >>> data.task, data.num_train
+        ('regression', 65)
+    """
+
+    task = "regression"
+
+    def __init__(
+        self,
+        *,
+        num_samples: int = 400,
+        gap: tuple[float, float] = (-1.0, 1.0),
+        domain: tuple[float, float] = (-4.0, 4.0),
+        noise: tuple[float, float] = (0.05, 0.3),
+        batch_size: int = 64,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
+        self.num_samples = _positive_int("num_samples", num_samples)
+        self.gap, self.domain, self.noise = tuple(gap), tuple(domain), tuple(noise)
+
+    @property
+    def ood_name(self) -> Optional[str]:
+        return f"inputs in the gap {list(self.gap)}"
+
+    def build(self) -> Splits:
+        return regression_with_gap(self.num_samples, seed=self.seed, gap=self.gap, domain=self.domain, noise=self.noise)

@@ -1,0 +1,155 @@
+"""Small reference networks for config-driven runs: an MLP, LeNet-5, a 1-D CNN and a CIFAR ResNet.
+
+Plain ``torch.nn`` networks (no Bayesian layers): the method (variational, MC dropout, ensemble, SVI)
+decides how they become Bayesian, e.g. :class:`~bdl.lightning.VariationalModule` converts them with
+:func:`bdl.bayesianize`. Any other ``nn.Module`` can be named in a config by its class path.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+from torch import Tensor, nn
+
+from ..nn.heads import GaussianHead
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU}
+
+
+def _activation(name: str) -> type[nn.Module]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def _check_dropout(dropout: float) -> float:
+    if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1):
+        raise ValueError(f"dropout must be a rate in [0, 1), got {dropout!r}")
+    return float(dropout)
+
+
+class MLP(nn.Sequential):
+    """A multilayer perceptron ``in_features -> hidden... -> out_features``, flattening its input.
+
+    Args:
+        in_features: input size (inputs of any shape ``[N, ...]`` are flattened).
+        out_features: output size (classes, or regression outputs).
+        hidden: sizes of the hidden layers.
+        activation: ``"relu"``, ``"tanh"``, ``"gelu"``, ``"silu"`` or ``"elu"``.
+        dropout: dropout rate after each hidden activation (0 = none; MC dropout needs > 0).
+        head: ``"linear"`` (logits or means), or ``"gaussian"``: a :class:`bdl.GaussianHead` returning
+            ``(mean, variance)`` for heteroscedastic regression.
+
+    Example:
+        >>> net = MLP(64, 10, hidden=[128, 128], dropout=0.1)
+        >>> net(torch.randn(5, 64)).shape
+        torch.Size([5, 10])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: Sequence[int] = (128,),
+        activation: str = "relu",
+        dropout: float = 0.0,
+        head: Literal["linear", "gaussian"] = "linear",
+    ) -> None:
+        act, dropout = _activation(activation), _check_dropout(dropout)
+        if head not in ("linear", "gaussian"):
+            raise ValueError(f"head must be 'linear' or 'gaussian', got {head!r}")
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for size in hidden:
+            layers += [nn.Linear(width, size), act()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = size
+        layers.append(nn.Linear(width, out_features) if head == "linear" else GaussianHead(width, out_features))
+        super().__init__(*layers)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 for ``[N, C, 28, 28]`` (or 32x32) images: two conv+pool blocks, then 120-84-classes.
+
+    Example:
+        >>> LeNet5(num_classes=10)(torch.randn(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, dropout: float = 0.0) -> None:
+        super().__init__()
+        dropout = _check_dropout(dropout)
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.pool = nn.AdaptiveAvgPool2d(5)
+        drop = [nn.Dropout(dropout)] if dropout > 0 else []
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(16 * 5 * 5, 120), nn.ReLU(), *drop, nn.Linear(120, 84), nn.ReLU(), *drop, nn.Linear(84, num_classes)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.pool(self.features(x)))
+
+
+class Conv1dNet(nn.Module):
+    """A small 1-D CNN for ``[N, C, L]`` signals such as MNIST-1D (the paper's CNN: three conv layers, then linear).
+
+    Example:
+        >>> Conv1dNet(num_classes=10)(torch.randn(2, 1, 40)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, channels: int = 32, dropout: float = 0.0) -> None:
+        super().__init__()
+        dropout = _check_dropout(dropout)
+        self.features = nn.Sequential(
+            nn.Conv1d(in_channels, channels, 5, stride=2, padding=1), nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+        )  # fmt: skip
+        self.head = nn.Sequential(*([nn.Dropout(dropout)] if dropout > 0 else []), nn.Linear(channels, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:  # [N, L] -> one channel
+            x = x.unsqueeze(1)
+        return self.head(self.features(x))
+
+
+class ResNet(nn.Module):
+    """A torchvision ResNet (18/34/50), with a 3x3 stem and no max-pool for 32x32 inputs (``small_inputs``).
+
+    Args:
+        depth: 18, 34 or 50.
+        num_classes: output classes.
+        small_inputs: CIFAR-style stem (``conv 3x3, stride 1``, no max-pool) instead of ImageNet's.
+        dropout: dropout rate before the final linear layer (for MC dropout).
+
+    Example:
+        >>> ResNet(18, num_classes=10)(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, depth: Literal[18, 34, 50] = 18, num_classes: int = 10, small_inputs: bool = True, dropout: float = 0.0) -> None:
+        super().__init__()
+        from torchvision import models
+
+        builders = {18: models.resnet18, 34: models.resnet34, 50: models.resnet50}
+        if depth not in builders:
+            raise ValueError(f"depth must be one of {sorted(builders)}, got {depth!r}")
+        dropout = _check_dropout(dropout)
+        self.net = builders[depth](num_classes=num_classes)
+        if small_inputs:
+            self.net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            self.net.maxpool = nn.Identity()
+        if dropout > 0:
+            self.net.fc = nn.Sequential(nn.Dropout(dropout), self.net.fc)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+__all__ = ["MLP", "LeNet5", "Conv1dNet", "ResNet", "ACTIVATIONS"]

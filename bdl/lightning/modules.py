@@ -1,0 +1,540 @@
+"""LightningModules, one per way of being Bayesian, sharing one evaluation.
+
+Every module trains its own way and evaluates the same way: validation logs ``val/accuracy``,
+``val/nll`` and ``val/ece`` (``val/rmse`` and ``val/nll`` for regression) from a Monte Carlo
+:class:`bdl.Prediction`; a test run predicts the test set (and the OOD set: the data module's second
+test loader) with ``num_eval_samples`` samples, logs the headline metrics as ``test/<metric>`` and
+writes the :func:`bdl.evaluate` report (``metrics.json``, ``report.md``, PNG plots) to the run folder.
+
+- :class:`DeterministicModule`: the plain network (the baseline; one sample).
+- :class:`VariationalModule`: Bayesian layers (converted with :func:`bdl.bayesianize` unless the network
+  has them), trained on the ELBO with KL weight ``kl_weight / num_data`` and optional KL warm-up.
+- :class:`MCDropoutModule`: trained with dropout, predicts through :class:`bdl.MCDropout`.
+- :class:`EnsembleModule`: ``num_members`` copies of the network, re-initialised, trained jointly.
+- :class:`SVIModule`: Pyro SVI (:class:`bdl.infer.SVIModule`) with the same evaluation.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor, nn
+
+from .. import infer
+from ..evaluate import Report, evaluate
+from ..nn.convert import bayesianize as convert_to_bayesian
+from ..nn.convert import kl_divergence
+from ..nn.heads import gaussian_nll
+from ..nn.layers import BayesianModule
+from ..nn.loss import elbo_loss
+from ..predict import Prediction, predict
+from ..infer.svi import _as_args
+from ..wrappers import DeepEnsemble, MCDropout
+
+TASKS = ("classification", "regression")
+LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = infer.OPTIMIZERS
+# Metrics of the report logged as test/<name> (those present for the task and data).
+HEADLINE_METRICS = (
+    "accuracy", "nll", "brier_score", "ece", "rmse", "crps", "coverage@0.95",
+    "ood/predictive_entropy/auroc", "ood/mutual_information/auroc", "ood/total_variance/auroc", "ood/epistemic_variance/auroc",
+)  # fmt: skip
+
+
+def _check_positive_int(name: str, value: Any) -> int:  # noqa: ANN401
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = False) -> float:  # noqa: ANN401
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (strict and value == minimum):
+        raise ValueError(f"{name} must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
+    return float(value)
+
+
+def _split_batch(batch: Any) -> tuple[Tensor, Optional[Tensor]]:  # noqa: ANN401
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    raise TypeError(f"batches must be tensors or (inputs, targets) pairs, got {type(batch).__name__}")
+
+
+def _gather_prediction(module: L.LightningModule, prediction: Prediction) -> Prediction:
+    """The prediction over every process (``all_gather`` of each tensor field, processes concatenated)."""
+    values = {}
+    for field in dataclasses.fields(prediction):
+        value = getattr(prediction, field.name)
+        if isinstance(value, Tensor):
+            gathered = module.all_gather(value)
+            value = gathered.flatten(0, 1) if gathered.dim() > value.dim() else gathered
+            if field.name in ("sample_probs", "sample_means", "sample_variances"):
+                value = value.transpose(0, 1)  # [S, N, ...] stays samples-first
+        values[field.name] = value
+    return dataclasses.replace(prediction, **values)
+
+
+class _Evaluation:
+    """Validation metrics, the test report and ``predict_step``, for any module with :meth:`sample_prediction`.
+
+    Mixed into LightningModules; expects ``task``, ``num_eval_samples``, ``num_val_samples`` and ``n_bins``.
+    """
+
+    task: str
+    num_eval_samples: Optional[int]
+    num_val_samples: Optional[int]
+    n_bins: int
+    report: Optional[Report] = None
+
+    def _setup_metrics(self) -> None:
+        from .. import metrics as M
+
+        if self.task == "classification":
+            self.val_metrics = nn.ModuleDict(
+                {"accuracy": torchmetrics.MeanMetric(), "nll": M.NLL(), "ece": M.ECE(n_bins=self.n_bins)}
+            )
+        else:
+            self.val_metrics = nn.ModuleDict({"rmse": torchmetrics.MeanSquaredError(squared=False), "nll": M.GaussianNLL()})
+
+    def sample_prediction(self, x: Tensor, num_samples: Optional[int]) -> Prediction:
+        """A Monte Carlo :class:`bdl.Prediction` for the inputs ``x`` (``num_samples`` None: the method's default)."""
+        raise NotImplementedError
+
+    def _update_val_metrics(self, prediction: Prediction, y: Tensor) -> None:
+        metrics = self.val_metrics
+        if self.task == "classification":
+            metrics["accuracy"].update((prediction.predicted_class == y).float())
+            metrics["nll"].update(prediction.probs, y)
+            metrics["ece"].update(prediction.probs, y)
+        else:
+            y = y.reshape(prediction.mean.shape)
+            metrics["rmse"].update(prediction.mean, y)
+            variance = prediction.total_variance
+            if bool((variance > 0).all()):
+                metrics["nll"].update(prediction.mean, variance, y)
+        for name, metric in metrics.items():
+            if metric.update_count:  # a deterministic mean-only regressor has no predictive NLL
+                self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=name in ("accuracy", "rmse"))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
+        x, y = _split_batch(batch)
+        prediction = self.sample_prediction(x, self.num_val_samples)
+        self._update_val_metrics(prediction, y)
+
+    def on_test_epoch_start(self) -> None:
+        self._test_outputs: dict[int, list[tuple[Prediction, Optional[Tensor], Optional[Tensor]]]] = defaultdict(list)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:  # noqa: ANN401
+        x, y = _split_batch(batch)
+        prediction = self.sample_prediction(x, self.num_eval_samples)
+        one_dimensional = x.dim() == 2 and x.shape[1] == 1  # kept for the 1-D regression figure
+        self._test_outputs[dataloader_idx].append((prediction, y, x if one_dimensional else None))
+
+    def _collect(self, index: int) -> tuple[Optional[Prediction], Optional[Tensor], Optional[Tensor]]:
+        parts = self._test_outputs.get(index)
+        if not parts:
+            return None, None, None
+        prediction = Prediction.cat([part[0] for part in parts])
+        targets = torch.cat([part[1] for part in parts]) if all(part[1] is not None for part in parts) else None
+        inputs = torch.cat([part[2] for part in parts]) if all(part[2] is not None for part in parts) else None
+        if self.trainer.world_size > 1:
+            prediction = _gather_prediction(self, prediction)
+            targets = None if targets is None else self.all_gather(targets).flatten(0, 1)
+            inputs = None if inputs is None else self.all_gather(inputs).flatten(0, 1)
+        return prediction.to("cpu"), None if targets is None else targets.cpu(), None if inputs is None else inputs.cpu()
+
+    def on_test_epoch_end(self) -> None:
+        prediction, targets, inputs = self._collect(0)
+        if prediction is None or targets is None:
+            raise ValueError("the test loader must give (inputs, targets) batches to evaluate the model")
+        ood_prediction, _, _ = self._collect(1)
+        test_data = (inputs, targets) if inputs is not None else targets
+        self.report = evaluate(prediction, test_data, ood_data=ood_prediction, n_bins=self.n_bins)
+        self._test_outputs.clear()
+        headline = {f"test/{key}": value for key in HEADLINE_METRICS if (value := self.report.metrics.get(key)) is not None}
+        self.log_dict(headline)
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            self.report.save(folder)
+            self.report_dir = folder
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Prediction:  # noqa: ANN401
+        """A :class:`bdl.Prediction` per batch (merge them with ``Prediction.cat``)."""
+        x, _ = _split_batch(batch)
+        return self.sample_prediction(x, self.num_eval_samples)
+
+
+class UncertaintyModule(_Evaluation, L.LightningModule):
+    """Base of the network-based methods: the optimiser, the data-fit term and the shared evaluation.
+
+    Subclasses define :meth:`training_loss` and, where prediction is not the network itself,
+    :attr:`predictive_model`. The data-fit term is the per-example negative log-likelihood: cross-entropy
+    of logits for classification; for regression the Gaussian NLL of the network's ``(mean, variance)``
+    output (e.g. from :class:`bdl.GaussianHead`), or of a mean output with a fixed ``noise_variance``.
+
+    Args:
+        model: the network, any ``nn.Module`` (class path and init args in a config).
+        task: ``"classification"`` (the network gives logits) or ``"regression"``.
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (with ``momentum``).
+        lr: learning rate, > 0.
+        weight_decay: weight decay of the optimiser, >= 0.
+        momentum: momentum of SGD.
+        lr_schedule: ``"constant"`` or ``"cosine"`` (annealed to 0 over the run, per step).
+        num_eval_samples: Monte Carlo samples per test/predict input (None: the method's default).
+        num_val_samples: Monte Carlo samples per validation input (None: the method's default).
+        n_bins: bins of the calibration metrics.
+        noise_variance: the Gaussian noise variance of a regression network that outputs means only.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        task: Literal["classification", "regression"] = "classification",
+        optimizer: Literal["adam", "adamw", "sgd"] = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        num_eval_samples: Optional[int] = 32,
+        num_val_samples: Optional[int] = 8,
+        n_bins: int = 15,
+        noise_variance: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        self.task = task
+        self.optimizer_name = optimizer
+        self.lr = _check_number("lr", lr, strict=True)
+        self.weight_decay = _check_number("weight_decay", weight_decay)
+        self.momentum = _check_number("momentum", momentum)
+        self.lr_schedule = lr_schedule
+        self.num_eval_samples = None if num_eval_samples is None else _check_positive_int("num_eval_samples", num_eval_samples)
+        self.num_val_samples = None if num_val_samples is None else _check_positive_int("num_val_samples", num_val_samples)
+        self.n_bins = _check_positive_int("n_bins", n_bins)
+        self.noise_variance = _check_number("noise_variance", noise_variance, strict=True)
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])
+        self._setup_metrics()
+
+    # ------------------------------------------------------------------ what subclasses define
+    @property
+    def predictive_model(self) -> nn.Module:
+        """What :func:`bdl.predict` samples from (the network by default)."""
+        return self.model
+
+    def training_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """``{"loss": ..., "nll": ..., ...}`` for one training batch; every entry is logged as ``train/<key>``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared
+    def forward(self, x: Tensor) -> Any:  # noqa: ANN401 - the network's output
+        return self.model(x)
+
+    def nll(self, output: Any, y: Tensor) -> Tensor:  # noqa: ANN401 - logits, a mean, or (mean, variance)
+        """Mean per-example negative log-likelihood of the targets ``y`` under the network's ``output``."""
+        if self.task == "classification":
+            return F.cross_entropy(output, y)
+        if isinstance(output, (tuple, list)):
+            mean, variance = output
+        else:
+            mean, variance = output, torch.full_like(output, self.noise_variance)
+        return gaussian_nll(mean, variance, y.reshape(mean.shape))
+
+    def sample_prediction(self, x: Tensor, num_samples: Optional[int]) -> Prediction:
+        return predict(self.predictive_model, x, num_samples=num_samples, task=self.task)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:  # noqa: ANN401
+        x, y = _split_batch(batch)
+        if y is None:
+            raise ValueError("training batches must be (inputs, targets) pairs")
+        terms = self.training_loss(x, y)
+        if not torch.isfinite(terms["loss"]):
+            parts = ", ".join(f"{name}={value.item():.4g}" for name, value in terms.items())
+            raise FloatingPointError(
+                f"non-finite training loss at epoch {self.current_epoch}, step {self.global_step} ({parts}); "
+                "lower the learning rate or check the inputs for NaN/inf"
+            )
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=True, prog_bar=name == "loss", batch_size=len(x))
+        return terms["loss"]
+
+    def configure_optimizers(self) -> Any:  # noqa: ANN401 - Lightning's optimizer config
+        params = [p for p in self.parameters() if p.requires_grad]
+        options: dict[str, Any] = {"lr": self.lr, "weight_decay": self.weight_decay}
+        if self.optimizer_name == "sgd":
+            options["momentum"] = self.momentum
+        optimizer = OPTIMIZERS[self.optimizer_name](params, **options)
+        if self.lr_schedule == "constant":
+            return optimizer
+        steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class DeterministicModule(UncertaintyModule):
+    """The plain network trained on the NLL: the baseline every Bayesian method is compared with.
+
+    Predictions use one forward pass (no Monte Carlo), so epistemic uncertainty is zero.
+
+    Example:
+        >>> module = DeterministicModule(nn.Linear(4, 3), lr=1e-2)
+        >>> module.training_loss(torch.randn(8, 4), torch.randint(0, 3, (8,)))["loss"].shape
+        torch.Size([])
+    """
+
+    def __init__(self, model: nn.Module, *, num_eval_samples: Optional[int] = 1, **kwargs: Any) -> None:  # noqa: ANN401
+        super().__init__(model, num_eval_samples=num_eval_samples, **kwargs)
+
+    def training_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        nll = self.nll(self.model(x), y)
+        return {"loss": nll, "nll": nll}
+
+    def sample_prediction(self, x: Tensor, num_samples: Optional[int]) -> Prediction:
+        return predict(self.model, x, num_samples=1, task=self.task)
+
+
+class VariationalModule(UncertaintyModule):
+    """Bayesian layers trained on the ELBO (Bayes by Backprop).
+
+    ``loss = mean_batch NLL + beta_t * KL(q || p) / num_data`` (see :func:`bdl.elbo_loss`), where the NLL
+    is averaged over ``num_train_samples`` forward passes (fresh weights each) and
+    ``beta_t = kl_weight * min(1, t / warm-up)`` rises linearly from 0 over the first
+    ``kl_warmup_epochs`` epochs (KL annealing; 0 = no warm-up). ``num_data`` is the size of the whole
+    training set, taken from the data module (all processes together under DDP) unless given.
+
+    A network without Bayesian layers is converted with :func:`bdl.bayesianize` (``include``/``exclude``
+    select layers; ``center_prior_on_weights`` for pretrained networks); one that has them is used as is.
+
+    Args:
+        model: the network.
+        prior_std: standard deviation of the ``N(0, prior_std^2)`` prior of converted layers.
+        posterior_std_init: initial posterior standard deviation of converted layers.
+        estimator: ``"reparam"``, ``"local"`` or ``"flipout"`` for converted layers.
+        include, exclude: layer names/patterns to convert or leave deterministic.
+        center_prior_on_weights: centre the priors on the network's current weights (MOPED).
+        kl_weight: the KL multiplier ``beta`` after warm-up (1 = the ELBO).
+        kl_warmup_epochs: epochs over which ``beta`` rises from 0 to ``kl_weight``.
+        num_train_samples: weight samples per training step.
+        num_data: training-set size (default: from the data module or the training loader).
+        **kwargs: :class:`UncertaintyModule` options (task, optimizer, lr, ...).
+
+    Example:
+        >>> module = VariationalModule(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)), num_data=100)
+        >>> terms = module.training_loss(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+        >>> sorted(terms)
+        ['kl', 'kl_weight', 'loss', 'nll']
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        prior_std: float = 1.0,
+        posterior_std_init: float = 1e-3,
+        estimator: Literal["reparam", "local", "flipout"] = "reparam",
+        include: Optional[Sequence[str]] = None,
+        exclude: Optional[Sequence[str]] = None,
+        center_prior_on_weights: bool = False,
+        kl_weight: float = 1.0,
+        kl_warmup_epochs: float = 0.0,
+        num_train_samples: int = 1,
+        num_data: Optional[int] = None,
+        **kwargs: Any,  # noqa: ANN401
+    ) -> None:
+        if isinstance(model, nn.Module) and not any(isinstance(m, BayesianModule) for m in model.modules()):
+            model = convert_to_bayesian(
+                model,
+                include=include,
+                exclude=exclude,
+                prior=_check_number("prior_std", prior_std, strict=True),
+                center_prior_on_weights=center_prior_on_weights,
+                posterior_std_init=posterior_std_init,
+                estimator=estimator,
+            )
+        super().__init__(model, **kwargs)
+        if not any(isinstance(m, BayesianModule) for m in self.model.modules()):
+            raise ValueError("the model has no layer bdl can make Bayesian (nn.Linear, nn.Conv1d/2d/3d) after include/exclude")
+        self.kl_weight = _check_number("kl_weight", kl_weight)
+        self.kl_warmup_epochs = _check_number("kl_warmup_epochs", kl_warmup_epochs)
+        self.num_train_samples = _check_positive_int("num_train_samples", num_train_samples)
+        self.num_data = None if num_data is None else _check_positive_int("num_data", num_data)
+
+    def on_fit_start(self) -> None:
+        if self.num_data is None:
+            self.num_data = _training_set_size(self.trainer)
+
+    def current_kl_weight(self) -> float:
+        """``beta_t``: the KL weight of this step (after warm-up, ``kl_weight``)."""
+        if self.kl_warmup_epochs == 0 or self._trainer is None:
+            return self.kl_weight
+        batches = max(self.trainer.num_training_batches, 1) if math.isfinite(self.trainer.num_training_batches) else 1
+        progress = self.global_step / (self.kl_warmup_epochs * batches)
+        return self.kl_weight * min(1.0, progress)
+
+    def training_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        if self.num_data is None:
+            raise ValueError("VariationalModule needs num_data (the training-set size) outside a Trainer fit")
+        nll = torch.stack([self.nll(self.model(x), y) for _ in range(self.num_train_samples)]).mean()
+        kl_weight = self.current_kl_weight()
+        loss, nll, kl = elbo_loss(nll, kl_divergence(self.model), self.num_data, kl_weight=kl_weight)
+        return {"loss": loss, "nll": nll, "kl": kl.detach(), "kl_weight": torch.tensor(kl_weight)}
+
+
+def _training_set_size(trainer: L.Trainer) -> int:
+    """Size of the whole training set: the data module's ``num_train``, else the training loader's dataset."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and hasattr(datamodule, "num_train"):
+        return int(datamodule.num_train)
+    loader = trainer.train_dataloader
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None:
+        raise ValueError("cannot tell the training-set size from the training loader: pass num_data")
+    return len(dataset)
+
+
+class MCDropoutModule(UncertaintyModule):
+    """A network with dropout trained on the NLL, predicting with dropout on (Gal & Ghahramani 2016).
+
+    The network is wrapped in :class:`bdl.MCDropout` (its dropout layers stay stochastic at prediction;
+    BatchNorm stays in eval mode). ``p`` and ``insert_before`` insert dropout into a network without it.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
+        >>> module = MCDropoutModule(net)
+        >>> module.sample_prediction(torch.randn(5, 4), 10).mutual_information.shape
+        torch.Size([5])
+    """
+
+    def __init__(self, model: nn.Module, *, p: Optional[float] = None, insert_before: Optional[Sequence[str]] = None, **kwargs: Any) -> None:  # noqa: ANN401
+        super().__init__(MCDropout(model, p=p, insert_before=insert_before), **kwargs)
+        self.model.train(self.training)
+
+    def training_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        nll = self.nll(self.model(x), y)
+        return {"loss": nll, "nll": nll}
+
+
+class EnsembleModule(UncertaintyModule):
+    """A deep ensemble (Lakshminarayanan et al. 2017): ``num_members`` copies of the network trained in one run.
+
+    Member 0 is the given network; the others are copies with their parameters re-initialised (every
+    submodule's ``reset_parameters``), so members start apart. One optimiser steps all members; the loss
+    is the sum of the members' mean NLLs, so each member follows the gradient of its own loss (logged:
+    ``train/nll``, the members' average). Prediction uses each member once (``num_eval_samples`` None).
+
+    Example:
+        >>> module = EnsembleModule(nn.Linear(4, 3), num_members=3)
+        >>> module.sample_prediction(torch.randn(5, 4), None).num_samples
+        3
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_members: int = 5,
+        num_eval_samples: Optional[int] = None,
+        num_val_samples: Optional[int] = None,
+        **kwargs: Any,  # noqa: ANN401
+    ) -> None:
+        num_members = _check_positive_int("num_members", num_members)
+        members = [model] + [_reinitialized(model) for _ in range(num_members - 1)]
+        super().__init__(DeepEnsemble(members), num_eval_samples=num_eval_samples, num_val_samples=num_val_samples, **kwargs)
+        self.num_members = num_members
+
+    def training_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        losses = self.model.member_losses(self.model(x), y, self.nll)
+        return {"loss": losses.sum(), "nll": losses.mean().detach()}
+
+
+def _reinitialized(model: nn.Module) -> nn.Module:
+    copied = copy.deepcopy(model)
+    for module in copied.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    return copied
+
+
+class SVIModule(_Evaluation, infer.SVIModule):
+    """:class:`bdl.infer.SVIModule` (Pyro SVI) with the evaluation of the other modules.
+
+    Logs ``train/elbo``, ``train/nll`` and ``train/kl`` as the Pyro module does, plus the validation metrics
+    and the test report. A :class:`bdl.infer.PyroModel` given with ``num_data=None`` gets the data
+    module's training-set size when fitting starts.
+
+    Args:
+        model: a :class:`bdl.infer.PyroModel`.
+        guide: guide name (see :data:`bdl.infer.GUIDES`).
+        num_eval_samples: posterior samples per test/predict input.
+        num_val_samples: posterior samples per validation input.
+        n_bins: bins of the calibration metrics.
+        **kwargs: :class:`bdl.infer.SVIModule` options (elbo, lr, lr_decay, init_scale, ...).
+    """
+
+    def __init__(
+        self,
+        model: infer.PyroModel,
+        guide: str = "normal",
+        *,
+        num_eval_samples: int = 32,
+        num_val_samples: int = 8,
+        n_bins: int = 15,
+        **kwargs: Any,  # noqa: ANN401
+    ) -> None:
+        if not isinstance(model, infer.PyroModel):
+            raise TypeError(f"model must be a bdl.infer.PyroModel, got {type(model).__name__}")
+        super().__init__(model, guide, num_samples=num_eval_samples, **kwargs)
+        self.task = model.task
+        self.num_eval_samples = _check_positive_int("num_eval_samples", num_eval_samples)
+        self.num_val_samples = _check_positive_int("num_val_samples", num_val_samples)
+        self.n_bins = _check_positive_int("n_bins", n_bins)
+        self._setup_metrics()
+
+    def on_fit_start(self) -> None:
+        if self.model.num_data is None:
+            self.model.num_data = _training_set_size(self.trainer)
+        super().on_fit_start()
+
+    def sample_prediction(self, x: Tensor, num_samples: Optional[int]) -> Prediction:
+        return self.predict(x, num_samples=num_samples or self.num_eval_samples)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
+        x, y = _split_batch(batch)
+        with torch.no_grad():
+            loss, _, _ = self.loss(*_as_args(batch))
+        self.log("val/elbo", -loss, on_epoch=True, batch_size=len(x))  # val/nll is the predictive NLL, as elsewhere
+        self._update_val_metrics(self.sample_prediction(x, self.num_val_samples), y)
+
+
+METHODS: dict[str, type[L.LightningModule]] = {
+    "deterministic": DeterministicModule,
+    "variational": VariationalModule,
+    "mc_dropout": MCDropoutModule,
+    "ensemble": EnsembleModule,
+    "svi": SVIModule,
+}
+
+__all__ = [
+    "UncertaintyModule", "DeterministicModule", "VariationalModule", "MCDropoutModule", "EnsembleModule", "SVIModule",
+    "METHODS", "HEADLINE_METRICS",
+]  # fmt: skip

@@ -1,0 +1,304 @@
+"""A data module for a table of numbers in a CSV or NPZ file: classification or regression, no OOD set.
+
+:class:`TabularDataModule` reads the columns named by ``features`` and ``target``, splits the rows
+(seeded) into train/validation/test, and standardises the features with the mean and standard deviation
+of the training rows only (regression targets too, with the statistics kept so predictions can be mapped
+back). Classification targets become labels ``0 .. C-1`` (the sorted distinct values, kept in ``classes``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from typing import Literal, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+from ..data.offline import Splits, _split_indices
+from .data import TASKS, UncertaintyDataModule
+
+
+def _not_a_number(path: str, column: str, row: int, value: object) -> ValueError:
+    return ValueError(
+        f"{path}: column {column!r}, row {row} (counting data rows from 0) holds {value!r}, not a finite number; "
+        "every feature and target value must be numeric"
+    )
+
+
+def _read_csv(path: str, columns: Optional[Sequence[str]], target: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The numeric columns of a CSV with a header row: ``({name: float64 [N]}, all column names)``."""
+    with open(path, newline="") as f:
+        rows = csv.reader(f)
+        header = [name.strip() for name in next(rows, [])]
+        if not header:
+            raise ValueError(f"{path} is empty: a CSV needs a header row naming its columns")
+        wanted = [name for name in header if name != target] if columns is None else list(columns)
+        _check_names(path, [*wanted, target], header, "columns")
+        positions = {name: header.index(name) for name in [*wanted, target]}
+        values: dict[str, list[float]] = {name: [] for name in positions}
+        for row, fields in enumerate(rows):
+            if not fields:  # a blank line, e.g. at the end
+                continue
+            if len(fields) != len(header):
+                raise ValueError(f"{path}: row {row} (counting data rows from 0) has {len(fields)} fields, the header {len(header)}")
+            for name, position in positions.items():
+                try:
+                    value = float(fields[position])
+                except ValueError:
+                    raise _not_a_number(path, name, row, fields[position]) from None
+                if not math.isfinite(value):
+                    raise _not_a_number(path, name, row, fields[position])
+                values[name].append(value)
+    return {name: np.asarray(column, dtype=np.float64) for name, column in values.items()}, header
+
+
+def _read_npz(path: str, arrays: Optional[Sequence[str]], target: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The named arrays of an NPZ file as float64, each ``[N]`` or ``[N, k]``."""
+    with np.load(path, allow_pickle=False) as data:
+        available = list(data.files)
+        wanted = [name for name in available if name != target] if arrays is None else list(arrays)
+        _check_names(path, [*wanted, target], available, "arrays")
+        raw = {}
+        for name in [*wanted, target]:
+            try:
+                raw[name] = data[name]
+            except ValueError as error:  # object arrays need pickle, which is not allowed
+                raise ValueError(f"{path}: array {name!r} cannot be read as numbers ({error})") from None
+    values = {}
+    for name, array in raw.items():
+        if array.ndim not in (1, 2) or (name == target and array.ndim == 2 and array.shape[1] != 1):
+            shape = "[N] or [N, 1]" if name == target else "[N] or [N, k]"
+            raise ValueError(f"{path}: array {name!r} must be {shape}, got shape {list(array.shape)}")
+        values[name] = _numeric(path, name, array if name != target else array.reshape(-1))
+    lengths = {name: len(array) for name, array in values.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"{path}: the arrays must have the same number of rows, got {lengths}")
+    return values, available
+
+
+def _numeric(path: str, name: str, array: np.ndarray) -> np.ndarray:
+    try:
+        numbers = array.astype(np.float64)
+    except (TypeError, ValueError):
+        numbers = None
+    if numbers is not None and array.dtype.kind in "biuf":
+        bad = ~np.isfinite(numbers)
+    else:  # strings or objects: find the first entry that is not a number
+        bad = np.zeros(array.shape, dtype=bool)
+        for index, value in np.ndenumerate(array):
+            try:
+                bad[index] = not math.isfinite(float(value))
+            except (TypeError, ValueError):
+                bad[index] = True
+            if bad[index]:
+                break
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        column = name if array.ndim == 1 else f"{name}[{index[1]}]"
+        raise _not_a_number(path, column, index[0], array[index].item())
+    return numbers
+
+
+def _check_names(path: str, names: Sequence[str], available: Sequence[str], kind: str) -> None:
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise ValueError(f"{path} has no {kind} {unknown}; available {kind}: {list(available)}")
+
+
+class TabularDataModule(UncertaintyDataModule):
+    """Rows of numbers from a CSV or NPZ file, split into train/validation/test (no OOD set).
+
+    - CSV (``.csv``): a header row naming the columns, then one row of numbers per example.
+      ``features`` and ``target`` are column names; other columns (e.g. an id) are ignored when
+      ``features`` is given.
+    - NPZ (``.npz``): ``features`` and ``target`` name arrays; a feature array is ``[N]`` (one column)
+      or ``[N, k]`` (``k`` columns), so an ``x`` array ``[N, F]`` with a ``y`` array works with
+      ``target="y"``.
+
+    ``features=None`` uses every other column or array. The rows are split at random (``seed``) into
+    ``val_fraction`` validation, ``test_fraction`` test, and the rest training rows. With
+    ``standardize=True`` each feature becomes ``(x - mean) / std`` with ``mean`` and ``std`` (population
+    std; 1 for a constant column) taken over the training rows only, kept in ``feature_mean`` and
+    ``feature_std``; for regression the target is standardised the same way (``target_mean``,
+    ``target_std``): map predictions back with :meth:`unstandardize_target`, and predicted standard
+    deviations by multiplying with ``target_std``.
+
+    Classification targets become labels ``0 .. C-1``: the ``i``-th smallest distinct value gets label
+    ``i`` (``classes[i]`` is that value), so labels already in ``0 .. C-1`` stay as they are. Inputs are
+    float32 ``[N, F]``; targets int64 ``[N]`` (classification) or float32 ``[N, 1]`` (regression).
+
+    Args:
+        path: the ``.csv`` or ``.npz`` file.
+        target: the column (CSV) or array (NPZ) to predict.
+        task: ``"classification"`` or ``"regression"``.
+        features: the input columns or arrays, or None for all but ``target``.
+        val_fraction, test_fraction: fractions of the rows for validation and testing.
+        standardize: standardise features (and regression targets) with training statistics.
+        batch_size, eval_batch_size, num_workers, seed: see :class:`UncertaintyDataModule`.
+
+    Example:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "toy.csv")
+        >>> with open(path, "w") as f:
+        ...     _ = f.write("size,weight,kind\\n" + "".join(f"{i},{i % 7},{10 * (i % 2)}\\n" for i in range(40)))
+        >>> data = TabularDataModule(path, target="kind")
+        >>> data.num_classes, data.classes, data.num_train, data.feature_names
+        (2, [0, 10], 26, ['size', 'weight'])
+    """
+
+    def __init__(
+        self,
+        path: str,
+        target: str,
+        *,
+        task: Literal["classification", "regression"] = "classification",
+        features: Optional[Sequence[str]] = None,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.2,
+        standardize: bool = True,
+        batch_size: int = 64,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
+        self.path = os.fspath(path)
+        if not self.path.endswith((".csv", ".npz")):
+            raise ValueError(f"path must name a .csv or .npz file, got {self.path!r}")
+        if not isinstance(target, str) or not target:
+            raise TypeError(f"target must be a column or array name (str), got {target!r}")
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+        if features is not None:
+            if isinstance(features, str) or not all(isinstance(name, str) for name in features) or not features:
+                raise TypeError(f"features must be a non-empty list of column names or None, got {features!r}")
+            if target in features:
+                raise ValueError(f"target {target!r} cannot also be one of the features {list(features)}")
+        if not (0 <= val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError(
+                f"val_fraction and test_fraction must be in [0, 1) (test_fraction above 0) with a sum below 1, "
+                f"got {val_fraction} and {test_fraction}"
+            )
+        self.target, self.task = target, task
+        self.features = None if features is None else list(features)
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.standardize = standardize
+        self._feature_names: list[str] = []
+        self._classes: Optional[list[float]] = None
+        self._feature_mean: Optional[Tensor] = None
+        self._feature_std: Optional[Tensor] = None
+        self._target_mean: Optional[float] = None
+        self._target_std: Optional[float] = None
+
+    def _check_file(self) -> None:
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"TabularDataModule: no file at path {self.path!r} (absolute: {os.path.abspath(self.path)!r})")
+
+    def prepare_data(self) -> None:
+        self._check_file()
+
+    def _read(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Features ``[N, F]``, target ``[N]`` (float64) and the feature names."""
+        if self.path.endswith(".csv"):
+            columns, _ = _read_csv(self.path, self.features, self.target)
+        else:
+            columns, _ = _read_npz(self.path, self.features, self.target)
+        y = columns.pop(self.target)
+        blocks = [column.reshape(len(y), -1) for column in columns.values()]
+        names = [name if block.shape[1] == 1 and column.ndim == 1 else f"{name}[{i}]"
+                 for (name, column), block in zip(columns.items(), blocks) for i in range(block.shape[1])]  # fmt: skip
+        if len(y) == 0:
+            raise ValueError(f"{self.path} has no data rows")
+        return np.concatenate(blocks, axis=1), y, names
+
+    def build(self) -> Splits:
+        self._check_file()
+        x, y, self._feature_names = self._read()
+        train, val, test = _split_indices(len(y), self.val_fraction, self.test_fraction, torch.Generator().manual_seed(self.seed))
+        train_idx = train.numpy()
+        if len(train_idx) == 0:
+            raise ValueError(f"{self.path} has {len(y)} rows: too few to leave training rows after the validation and test fractions")
+        if self.standardize:
+            mean, std = x[train_idx].mean(0), x[train_idx].std(0)
+            std = np.where(std > 0, std, 1.0)
+            x = (x - mean) / std
+            self._feature_mean, self._feature_std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        inputs = torch.as_tensor(x, dtype=torch.float32)
+        if self.task == "classification":
+            classes, labels = np.unique(y, return_inverse=True)
+            self._classes = [int(value) if value.is_integer() else float(value) for value in classes]
+            targets = torch.as_tensor(labels.reshape(-1), dtype=torch.long)
+            num_classes: Optional[int] = len(classes)
+        else:
+            if self.standardize:
+                mean, std = float(y[train_idx].mean()), float(y[train_idx].std())
+                std = std if std > 0 else 1.0
+                y = (y - mean) / std
+                self._target_mean, self._target_std = mean, std
+            targets = torch.as_tensor(y, dtype=torch.float32).unsqueeze(1)
+            num_classes = None
+        parts = [TensorDataset(inputs[idx], targets[idx]) for idx in (train, val, test)]
+        return Splits(*parts, num_classes=num_classes)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Names of the input columns, in order (``name[i]`` for column ``i`` of a 2-D NPZ array)."""
+        self._built()
+        return list(self._feature_names)
+
+    @property
+    def num_features(self) -> int:
+        """Number of input columns ``F``."""
+        return len(self.feature_names)
+
+    @property
+    def classes(self) -> Optional[list[float]]:
+        """Original target value of each label (``classes[label]``); None for regression."""
+        self._built()
+        return None if self._classes is None else list(self._classes)
+
+    @property
+    def feature_mean(self) -> Optional[Tensor]:
+        """Per-feature training mean ``[F]`` subtracted by the standardisation (None without it)."""
+        self._built()
+        return self._feature_mean
+
+    @property
+    def feature_std(self) -> Optional[Tensor]:
+        """Per-feature training standard deviation ``[F]`` divided by (None without standardisation)."""
+        self._built()
+        return self._feature_std
+
+    @property
+    def target_mean(self) -> Optional[float]:
+        """Training mean of a regression target (None for classification or without standardisation)."""
+        self._built()
+        return self._target_mean
+
+    @property
+    def target_std(self) -> Optional[float]:
+        """Training standard deviation of a regression target (None for classification or without standardisation)."""
+        self._built()
+        return self._target_std
+
+    def unstandardize_target(self, y: Tensor) -> Tensor:
+        """Map standardised regression targets or predicted means back to the file's units: ``y * std + mean``.
+
+        Predicted standard deviations only scale: multiply them by :attr:`target_std`.
+
+        Args:
+            y: values in standardised units, any shape.
+
+        Returns:
+            The values in the units of the file (unchanged without target standardisation).
+        """
+        if self.task != "regression":
+            raise ValueError(f"unstandardize_target is for regression targets; this data module's task is {self.task!r}")
+        self._built()
+        if self._target_mean is None:
+            return y
+        return y * self._target_std + self._target_mean

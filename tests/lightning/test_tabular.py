@@ -1,0 +1,173 @@
+import numpy as np
+import pytest
+import torch
+
+from bdl.lightning.tabular import TabularDataModule
+
+
+def _write_csv(path, header, rows):
+    path.write_text(",".join(header) + "\n" + "".join(",".join(str(v) for v in row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def table():
+    """40 rows: an id (0..39), two features on different scales, a 3-class label and a real target."""
+    rng = np.random.default_rng(0)
+    ids = np.arange(40)
+    a, b = rng.normal(5.0, 2.0, 40), rng.normal(-100.0, 30.0, 40)
+    label = rng.choice([2, 5, 9], 40)
+    value = 3 * a + rng.normal(0, 1, 40) + 50
+    return {"id": ids, "a": a, "b": b, "label": label, "value": value}
+
+
+def _csv(tmp_path, table):
+    names = list(table)
+    return _write_csv(tmp_path / "table.csv", names, zip(*(table[name].tolist() for name in names)))
+
+
+def _all_rows(data):
+    """Concatenate train, val and test, with the row ids recovered from the standardised id feature."""
+    splits = data._built()
+    ids = []
+    for part in (splits.train, splits.val, splits.test):
+        x = part.tensors[0].double() * data.feature_std.double() + data.feature_mean.double()
+        ids.append(x[:, 0].round().long())
+    return ids
+
+
+def test_csv_classification_maps_sorted_values_to_labels(tmp_path, table):
+    data = TabularDataModule(str(_csv(tmp_path, table)), "label", features=["id", "a", "b"], seed=1)
+    data.setup()
+    assert data.task == "classification" and data.num_classes == 3 and data.classes == [2, 5, 9]
+    assert data.feature_names == ["id", "a", "b"] and data.num_features == 3 and data.ood_name is None
+    train_ids, val_ids, test_ids = _all_rows(data)
+    assert (len(train_ids), len(val_ids), len(test_ids)) == (26, 6, 8)
+    assert sorted(torch.cat([train_ids, val_ids, test_ids]).tolist()) == list(range(40))
+    x, y = data.splits.train.tensors
+    assert x.dtype == torch.float32 and y.dtype == torch.long and y.shape == (26,)
+    expected = torch.as_tensor(np.searchsorted([2, 5, 9], table["label"][train_ids.numpy()]))
+    assert torch.equal(y, expected)
+    assert not isinstance(data.test_dataloader(), list)
+
+
+def test_features_are_standardised_with_training_rows_only(tmp_path, table):
+    data = TabularDataModule(str(_csv(tmp_path, table)), "label", features=["id", "a", "b"], seed=2)
+    train_ids = _all_rows(data)[0].numpy()
+    raw = np.stack([table["id"], table["a"], table["b"]], axis=1)
+    mean, std = raw[train_ids].mean(0), raw[train_ids].std(0)
+    torch.testing.assert_close(data.feature_mean, torch.tensor(mean, dtype=torch.float32))
+    torch.testing.assert_close(data.feature_std, torch.tensor(std, dtype=torch.float32))
+    assert abs(mean[1] - table["a"].mean()) > 1e-3  # the whole table's mean would differ
+    x = data.splits.train.tensors[0]
+    torch.testing.assert_close(x, torch.tensor((raw[train_ids] - mean) / std, dtype=torch.float32))
+    torch.testing.assert_close(x.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+    assert data.splits.test.tensors[0].mean(0).abs().max() > 1e-3
+
+
+def test_regression_target_is_standardised_on_train_and_can_be_undone(tmp_path, table):
+    data = TabularDataModule(str(_csv(tmp_path, table)), "value", task="regression", features=["id", "a"])
+    train_ids, _, test_ids = _all_rows(data)
+    assert data.num_classes is None and data.classes is None
+    assert data.target_mean == pytest.approx(table["value"][train_ids.numpy()].mean())
+    assert data.target_std == pytest.approx(table["value"][train_ids.numpy()].std())
+    y_test = data.splits.test.tensors[1]
+    assert y_test.shape == (8, 1) and y_test.dtype == torch.float32
+    original = data.unstandardize_target(y_test).squeeze(1).double()
+    torch.testing.assert_close(original, torch.as_tensor(table["value"][test_ids.numpy()]), rtol=1e-6, atol=1e-4)
+    raw = TabularDataModule(str(_csv(tmp_path, table)), "value", task="regression", features=["a"], standardize=False)
+    assert raw.target_mean is None and raw.feature_mean is None
+    assert set(raw.splits.train.tensors[1].squeeze(1).tolist()) <= set(torch.tensor(table["value"], dtype=torch.float32).tolist())
+    with pytest.raises(ValueError, match="regression"):
+        TabularDataModule(str(_csv(tmp_path, table)), "label").unstandardize_target(y_test)
+
+
+def test_default_features_are_all_other_columns_and_loaders_batch(tmp_path, table):
+    data = TabularDataModule(str(_csv(tmp_path, table)), "label", batch_size=8)
+    assert data.feature_names == ["id", "a", "b", "value"]
+    x, y = next(iter(data.train_dataloader()))
+    assert x.shape == (8, 4) and y.shape == (8,)
+
+
+def test_same_seed_same_split(tmp_path, table):
+    path = str(_csv(tmp_path, table))
+
+    def test_ids(seed):
+        return _all_rows(TabularDataModule(path, "label", features=["id"], seed=seed))[2]
+
+    assert torch.equal(test_ids(4), test_ids(4)) and not torch.equal(test_ids(4), test_ids(5))
+
+
+def test_npz_x_and_y_arrays_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 3)), rng.integers(0, 4, 30)
+    x[:, 0] = np.arange(30)  # row ids, to find the rows again
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    data = TabularDataModule(str(tmp_path / "data.npz"), "y", standardize=False, val_fraction=0.2, test_fraction=0.2)
+    assert data.feature_names == ["x[0]", "x[1]", "x[2]"] and data.classes == [0, 1, 2, 3]
+    for part in (data.splits.train, data.splits.val, data.splits.test):
+        inputs, labels = part.tensors
+        rows = inputs[:, 0].long().numpy()
+        torch.testing.assert_close(inputs, torch.tensor(x[rows], dtype=torch.float32))
+        assert torch.equal(labels, torch.as_tensor(y[rows]))  # labels 0..C-1 stay as they are
+    assert [len(data.splits.train), len(data.splits.val), len(data.splits.test)] == [18, 6, 6]
+
+
+def test_npz_named_one_dimensional_arrays(tmp_path, table):
+    np.savez(tmp_path / "t.npz", **table)
+    data = TabularDataModule(str(tmp_path / "t.npz"), "value", task="regression", features=["a", "b"], standardize=False)
+    assert data.feature_names == ["a", "b"]
+    x, y = data.splits.train.tensors
+    row = int(np.flatnonzero(np.isclose(table["a"], x[0, 0].item()))[0])
+    assert x[0, 1].item() == pytest.approx(table["b"][row], rel=1e-6)
+    assert y[0, 0].item() == pytest.approx(table["value"][row], rel=1e-6)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    data = TabularDataModule(str(tmp_path / "nope.csv"), "y")
+    for step in (data.prepare_data, data.setup):
+        with pytest.raises(FileNotFoundError, match="nope.csv"):
+            step()
+
+
+def test_unknown_columns_list_the_available_ones(tmp_path, table):
+    path = str(_csv(tmp_path, table))
+    with pytest.raises(ValueError, match=r"no columns \['labels'\]; available columns: \['id', 'a', 'b', 'label', 'value'\]"):
+        TabularDataModule(path, "labels").setup()
+    with pytest.raises(ValueError, match=r"no columns \['c'\].*available"):
+        TabularDataModule(path, "label", features=["a", "c"]).setup()
+    np.savez(tmp_path / "d.npz", x=np.zeros((5, 2)), y=np.zeros(5))
+    with pytest.raises(ValueError, match=r"no arrays \['target'\]; available arrays: \['x', 'y'\]"):
+        TabularDataModule(str(tmp_path / "d.npz"), "target").setup()
+
+
+def test_non_numeric_values_name_column_and_row(tmp_path):
+    rows = [[1, 2.5, 0], [2, 3.5, 1], [3, "abc", 0], [4, 1.0, 1]]
+    path = _write_csv(tmp_path / "bad.csv", ["id", "b", "label"], rows)
+    with pytest.raises(ValueError, match=r"column 'b', row 2 .*'abc'"):
+        TabularDataModule(str(path), "label").setup()
+    # a text column that is not used is fine
+    TabularDataModule(str(path), "label", features=["id"]).setup()
+    path = _write_csv(tmp_path / "gap.csv", ["a", "label"], [[1, 0], [2, ""], [3, 1]])
+    with pytest.raises(ValueError, match=r"column 'label', row 1 .*''"):
+        TabularDataModule(str(path), "label").setup()
+    np.savez(tmp_path / "s.npz", x=np.array([[1.0, 2.0], [3.0, np.nan]]), y=np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"column 'x\[1\]', row 1 .*nan"):
+        TabularDataModule(str(tmp_path / "s.npz"), "y").setup()
+    np.savez(tmp_path / "u.npz", a=np.array(["1", "two", "3"]), y=np.array([0, 1, 0]))
+    with pytest.raises(ValueError, match=r"column 'a', row 1 .*'two'"):
+        TabularDataModule(str(tmp_path / "u.npz"), "y").setup()
+
+
+def test_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"\.csv or \.npz"):
+        TabularDataModule(str(tmp_path / "t.json"), "y")
+    with pytest.raises(ValueError, match="task"):
+        TabularDataModule("t.csv", "y", task="ranking")
+    with pytest.raises(ValueError, match="cannot also be one of the features"):
+        TabularDataModule("t.csv", "y", features=["x", "y"])
+    with pytest.raises(ValueError, match="val_fraction"):
+        TabularDataModule("t.csv", "y", val_fraction=0.5, test_fraction=0.5)
+    path = _write_csv(tmp_path / "ragged.csv", ["a", "y"], [[1, 0], [2]])
+    with pytest.raises(ValueError, match="row 1 .*1 fields"):
+        TabularDataModule(str(path), "y").setup()
