@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) experiments/demo.py
+	$(VENV)/bin/bdl fit --config configs/quickstart.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -40,4 +40,10 @@ from .evaluate import Report, evaluate
 
 # --- Pyro inference: SVI, MCMC (bdl/infer) ---
 from . import infer
-from .infer import PyroModel, SVIModule, compare_predictions, mcmc, svi
+from .infer import PyroModel, compare_predictions, mcmc
+
+
+def __getattr__(name: str):  # noqa: ANN202 - SVIModule or svi, loaded with Lightning on first use
+    if name in ("SVIModule", "svi"):
+        return getattr(infer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,4 +24,17 @@ from .likelihoods import (
 from .mcmc import KERNELS, MCMCResult, PosteriorSummary, mcmc
 from .model import PyroModel, select_parameters
 from .predictive import network_outputs, predict_from_samples, predict_function_model, private_param_store, sample_guide
-from .svi import OPTIMIZERS, SVIModule, exponential_decay, svi
+
+# The SVI trainer subclasses lightning.LightningModule; importing Lightning takes seconds, so its names
+# load on first use (``bdl.infer.SVIModule``, ``from bdl.infer import svi``) rather than with ``import bdl``.
+_LAZY = {"OPTIMIZERS", "SVIModule", "exponential_decay", "svi"}
+
+
+def __getattr__(name: str):  # noqa: ANN202 - the attribute asked for
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f"{__name__}.svi_trainer")
+        globals().update({lazy: getattr(module, lazy) for lazy in _LAZY})
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,7 +37,7 @@ from ..nn.heads import gaussian_nll
 from ..nn.layers import BayesianModule
 from ..nn.loss import elbo_loss
 from ..predict import Prediction, predict
-from ..infer.svi import _as_args
+from ..infer.svi_trainer import _as_args
 from ..wrappers import DeepEnsemble, MCDropout
 
 TASKS = ("classification", "regression")

@@ -18,8 +18,8 @@ def run(script: str, *args: str) -> str:
 
 
 @pytest.mark.slow
-def test_demo_prints_both_models():
-    out = run("demo.py", "--epochs", "2", "--num-samples", "4")
+def test_mlp_comparison_prints_both_models():
+    out = run("compare_mlp.py", "--epochs", "2", "--num-samples", "4")
     assert "nn.Linear MLP" in out and "bdl.BayesLinear MLP" in out and "ECE" in out
 
 

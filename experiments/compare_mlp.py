@@ -1,4 +1,4 @@
-"""Quick-start demo: a Bayesian MLP against the same MLP with nn.Linear on scikit-learn's digits.
+"""A Bayesian MLP against the same MLP with nn.Linear on scikit-learn's digits, in plain PyTorch (no Lightning).
 
 Digits 8 and 9 are held out of training and serve as out-of-distribution inputs. Both networks are
 64-128-8 MLPs trained for the same number of epochs; the Bayesian one replaces ``nn.Linear`` with
@@ -6,7 +6,7 @@ Digits 8 and 9 are held out of training and serve as out-of-distribution inputs.
 report of each (``--num-samples`` Monte Carlo predictions for the Bayesian model); the table puts the
 headline numbers side by side and the full reports with plots are written to ``--out``.
 
-    python experiments/demo.py [--epochs 40] [--num-samples 32] [--seed 0] [--out runs/demo]
+    python experiments/compare_mlp.py [--epochs 40] [--num-samples 32] [--seed 0] [--out runs/compare_mlp]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--out", default="runs/compare_mlp")
     args = parser.parse_args()
 
     splits = load_digits(seed=args.seed, ood_classes=[8, 9])

@@ -1,0 +1,200 @@
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import bdl
+from bdl.lightning import (
+    MLP,
+    DeterministicModule,
+    DigitsDataModule,
+    EnsembleModule,
+    MCDropoutModule,
+    RegressionGapDataModule,
+    SVIModule,
+    VariationalModule,
+)
+from bdl.lightning.data import UncertaintyDataModule
+from bdl.data import Splits
+
+
+def trainer(tmp_path, **kwargs) -> L.Trainer:
+    options = dict(
+        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+class TinyData(UncertaintyDataModule):
+    """32 training points in 4-D with 3 classes, 16 test points and 8 OOD points."""
+
+    def __init__(self, num_train: int = 32, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.size = num_train
+
+    def build(self) -> Splits:
+        generator = torch.Generator().manual_seed(0)
+
+        def part(n: int) -> TensorDataset:
+            return TensorDataset(torch.randn(n, 4, generator=generator), torch.randint(0, 3, (n,), generator=generator))
+
+        return Splits(part(self.size), part(16), part(16), TensorDataset(5 * torch.randn(8, 4, generator=generator)), num_classes=3)
+
+
+def net() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def test_variational_module_converts_the_network_and_its_loss_is_the_minibatch_elbo():
+    module = VariationalModule(net(), prior_std=0.5, num_data=100)
+    assert all(type(m) is not nn.Linear for m in module.model.modules())
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    torch.manual_seed(1)
+    terms = module.training_loss(x, y)
+    torch.manual_seed(1)
+    nll = nn.functional.cross_entropy(module.model(x), y)
+    kl = bdl.kl_divergence(module.model)
+    assert torch.allclose(terms["nll"], nll) and torch.allclose(terms["kl"], kl)
+    assert torch.allclose(terms["loss"], nll + kl / 100)
+
+
+def test_variational_module_takes_num_data_from_the_data_module_and_warms_the_kl_weight_up(tmp_path):
+    weights = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            weights.append(module.current_kl_weight())
+
+    data = TinyData(num_train=32, batch_size=8)  # 4 batches per epoch
+    module = VariationalModule(net(), kl_weight=0.5, kl_warmup_epochs=2)
+    trainer(tmp_path, max_epochs=3, limit_val_batches=0, callbacks=[Record()]).fit(module, data)
+    assert module.num_data == 32
+    expected = [0.5 * min(1.0, step / 8) for step in range(12)]
+    assert weights == pytest.approx(expected)
+
+
+def test_variational_module_uses_existing_bayesian_layers_as_they_are():
+    model = nn.Sequential(bdl.BayesLinear(4, 8, prior=2.0), nn.ReLU(), nn.Linear(8, 3))
+    module = VariationalModule(model, num_data=10)
+    assert module.model is model and isinstance(module.model[2], nn.Linear)
+
+
+def test_num_train_samples_averages_the_nll_over_weight_samples():
+    module = VariationalModule(net(), num_data=10, num_train_samples=4)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    torch.manual_seed(2)
+    terms = module.training_loss(x, y)
+    torch.manual_seed(2)
+    nlls = [nn.functional.cross_entropy(module.model(x), y) for _ in range(4)]
+    assert torch.allclose(terms["nll"], torch.stack(nlls).mean())
+
+
+def test_ensemble_members_start_apart_and_each_gets_the_gradient_of_its_own_loss():
+    module = EnsembleModule(net(), num_members=3)
+    members = module.model.members
+    assert not torch.equal(members[0][0].weight, members[1][0].weight)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    module.training_loss(x, y)["loss"].backward()
+    for member in members:
+        alone = [p.detach().clone().requires_grad_() for p in member.parameters()]
+        out = torch.func.functional_call(member, dict(zip([n for n, _ in member.named_parameters()], alone)), (x,))
+        grads = torch.autograd.grad(nn.functional.cross_entropy(out, y), alone)
+        assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(member.parameters(), grads))
+    assert module.sample_prediction(x, None).num_samples == 3
+
+
+def test_mc_dropout_module_trains_with_dropout_and_predicts_with_it_in_eval_mode():
+    model = nn.Sequential(nn.Linear(4, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3))
+    module = MCDropoutModule(model).eval()
+    prediction = module.sample_prediction(torch.randn(16, 4), 20)
+    assert model[1].training is False
+    assert bool((prediction.mutual_information > 0).all())
+    with pytest.raises(ValueError, match="no dropout layer"):
+        MCDropoutModule(net())
+    inserted = MCDropoutModule(net(), p=0.1, insert_before=["2"])
+    assert inserted.model.dropout_modules
+
+
+def test_test_run_writes_the_evaluate_report_with_ood_metrics(tmp_path):
+    torch.manual_seed(0)
+    data = DigitsDataModule(ood="classes", ood_classes=[8, 9], batch_size=128)
+    module = VariationalModule(MLP(64, 8, hidden=[32]), lr=1e-2, num_eval_samples=8)
+    fit = trainer(tmp_path, max_epochs=3, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="run"))
+    fit.fit(module, data)
+    results = fit.test(module, data, verbose=False)[0]
+    report = module.report
+    assert report.metrics["accuracy"] > 0.8
+    assert len(report.prediction) == len(data.splits.test) and len(report.ood_prediction) == len(data.splits.ood)
+    assert results["test/ood/predictive_entropy/auroc"] == pytest.approx(report.metrics["ood/predictive_entropy/auroc"])
+    folder = tmp_path / "run" / "version_0"
+    assert {"metrics.json", "report.md", "reliability_diagram.png"} <= {p.name for p in folder.iterdir()}
+    logged = (folder / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/nll_epoch", "train/kl_epoch", "val/accuracy", "val/nll", "val/ece"} <= set(logged)
+
+
+def test_regression_modules_log_rmse_and_report_the_gap(tmp_path):
+    torch.manual_seed(0)
+    data = RegressionGapDataModule(num_samples=200)
+    module = DeterministicModule(MLP(1, 1, hidden=[32], activation="tanh", head="gaussian"), task="regression", lr=1e-2)
+    fit = trainer(tmp_path, max_epochs=5)
+    fit.fit(module, data)
+    assert {"val/rmse", "val/nll"} <= set(fit.logged_metrics)
+    fit.test(module, data, verbose=False)
+    assert math.isfinite(module.report.metrics["rmse"]) and "crps" in module.report.metrics
+    assert module.report.ood_prediction is not None  # inputs in the gap
+
+
+def test_svi_module_gets_num_data_from_the_data_module(tmp_path):
+    data = TinyData(num_train=32, batch_size=16)
+    module = SVIModule(bdl.infer.PyroModel(net(), "categorical"), lr=1e-2, num_eval_samples=4, num_val_samples=2)
+    fit = trainer(tmp_path, max_epochs=1)
+    fit.fit(module, data)
+    assert module.model.num_data == 32
+    assert {"val/elbo", "val/accuracy", "val/nll", "val/ece"} <= set(fit.logged_metrics)
+    fit.test(module, data, verbose=False)
+    assert module.report.ood_prediction is not None
+
+
+def test_non_finite_loss_stops_training_with_a_message_naming_the_step(tmp_path):
+    data = TinyData(batch_size=8)
+    module = DeterministicModule(net(), lr=1e-2)
+    with torch.no_grad():
+        module.model[0].weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="epoch 0, step 0"):
+        trainer(tmp_path, num_sanity_val_steps=0).fit(module, data)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(task="segmentation"), "task must be one of"),
+        (dict(optimizer="lbfgs"), "optimizer must be one of"),
+        (dict(lr=0.0), "lr must be a number > 0"),
+        (dict(num_val_samples=0), "num_val_samples must be a positive int"),
+        (dict(lr_schedule="step"), "lr_schedule must be one of"),
+    ],
+)
+def test_bad_options_are_rejected_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DeterministicModule(net(), **kwargs)
+
+
+def test_cosine_schedule_anneals_the_learning_rate_to_zero(tmp_path):
+    data = TinyData(batch_size=8)
+    module = DeterministicModule(net(), lr=0.1, lr_schedule="cosine")
+    fit = trainer(tmp_path, max_epochs=2, limit_val_batches=0)
+    fit.fit(module, data)
+    assert fit.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_predict_step_returns_predictions_that_merge():
+    module = VariationalModule(net(), num_data=10, num_eval_samples=5)
+    loader = DataLoader(TensorDataset(torch.randn(10, 4)), batch_size=4)
+    parts = L.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu").predict(module, loader)
+    merged = bdl.Prediction.cat(parts)
+    assert merged.probs.shape == (10, 3) and merged.num_samples == 5
