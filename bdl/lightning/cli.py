@@ -15,6 +15,7 @@ to the config file's name.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -39,7 +40,34 @@ REPORT_COLUMNS = {
 
 
 class Trainer(L.Trainer):
-    """Lightning's ``Trainer`` plus :meth:`evaluate`: test and print the uncertainty report."""
+    """Lightning's ``Trainer`` plus :meth:`evaluate`: test and print the uncertainty report.
+
+    ``limit_*_batches`` and ``overfit_batches`` are redeclared as ``int | float`` so that the command line reads
+    ``--trainer.limit_val_batches 1`` as one batch (an int), as Lightning documents. Lightning annotates them
+    ``Optional[Union[int, float]]``, but typing caches unions without regard to order and Lightning has created
+    ``Optional[Union[float, int]]`` first, so the parser would try float first and read ``1`` as ``1.0``: all
+    batches. The other arguments are Lightning's.
+    """
+
+    def __init__(
+        self,
+        *,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        overfit_batches: int | float = 0.0,
+        **kwargs: Any,  # noqa: ANN401 - Lightning's Trainer arguments
+    ) -> None:
+        given = {
+            "limit_train_batches": limit_train_batches,
+            "limit_val_batches": limit_val_batches,
+            "limit_test_batches": limit_test_batches,
+            "limit_predict_batches": limit_predict_batches,
+            "overfit_batches": overfit_batches if overfit_batches != 0 else None,
+        }
+        # pass only what was set, so Lightning's PL_TRAINER_* environment defaults still apply to the rest
+        super().__init__(**{name: value for name, value in given.items() if value is not None}, **kwargs)
 
     def evaluate(
         self,
@@ -57,9 +85,17 @@ class Trainer(L.Trainer):
         results = self.test(model, dataloaders, ckpt_path=ckpt_path, verbose=False, datamodule=datamodule)
         module = model if model is not None else self.lightning_module
         report = getattr(module, "report", None)
+        log_dir = self.log_dir  # a broadcast under DDP: every process must ask, not only rank 0
         if verbose and self.is_global_zero and report is not None:
-            print(summary_table(report.metrics, ood_name=getattr(datamodule, "ood_name", None)))
-            print(f"\nReport (metrics.json, report.md, plots): {getattr(module, 'report_dir', self.log_dir)}")
+            info = report.to_dict()
+            ood_name = getattr(datamodule, "ood_name", None)
+            ood = "" if info["num_ood_examples"] is None else f", {info['num_ood_examples']} OOD inputs ({ood_name or 'OOD set'})"
+            print(
+                f"\n{type(module).__name__} on {type(datamodule).__name__ if datamodule is not None else 'the test data'}: "
+                f"{info['num_examples']} test inputs{ood}, {info['num_samples']} Monte Carlo samples per input\n"
+            )
+            print(summary_table(report.metrics, ood_name=ood_name))
+            print(f"\nReport (metrics.json, report.md, plots): {getattr(module, 'report_dir', None) or log_dir}")
         return results
 
 
@@ -104,6 +140,23 @@ class PredictionWriter(BasePredictionWriter):
 
 def _tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+_VERSION_VARIABLE = "BDL_RUN_VERSION"
+
+
+def _run_version(root: str, name: str) -> int:
+    """The run's version number, the same in every process of a multi-process run.
+
+    The first process picks the next free ``version_<n>`` and puts it in the environment; Lightning's DDP
+    launcher starts the other processes with a copy of that environment (and ``LOCAL_RANK`` > 0), and
+    they read it instead of listing the folder, which the first one may have created meanwhile.
+    """
+    if os.environ.get("LOCAL_RANK", "0") != "0" and _VERSION_VARIABLE in os.environ:
+        return int(os.environ[_VERSION_VARIABLE])
+    version = CSVLogger(save_dir=root, name=name).version
+    os.environ[_VERSION_VARIABLE] = str(version)
+    return int(version)
 
 
 class BDLCLI(LightningCLI):
@@ -151,12 +204,12 @@ class BDLCLI(LightningCLI):
         trainer_config = self._subconfig().get("trainer", {})
         if trainer_config.get("logger") in (None, True):
             root = trainer_config.get("default_root_dir") or DEFAULT_ROOT
-            csv = CSVLogger(save_dir=root, name=self.run_name())
-            loggers: list[Logger] = [csv]
+            version = _run_version(root, self.run_name())
+            loggers: list[Logger] = [CSVLogger(save_dir=root, name=self.run_name(), version=version)]
             if _tensorboard_available():
                 from lightning.pytorch.loggers import TensorBoardLogger
 
-                loggers.append(TensorBoardLogger(save_dir=root, name=self.run_name(), version=csv.version, default_hp_metric=False))
+                loggers.append(TensorBoardLogger(save_dir=root, name=self.run_name(), version=version, default_hp_metric=False))
             kwargs.setdefault("logger", loggers)
         return super().instantiate_trainer(**kwargs)
 

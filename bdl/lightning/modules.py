@@ -164,8 +164,8 @@ class _Evaluation:
         self._test_outputs.clear()
         headline = {f"test/{key}": value for key in HEADLINE_METRICS if (value := self.report.metrics.get(key)) is not None}
         self.log_dict(headline)
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # every process: log_dir broadcasts
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             self.report.save(folder)
             self.report_dir = folder
 
@@ -378,7 +378,7 @@ class VariationalModule(UncertaintyModule):
         self.num_train_samples = _check_positive_int("num_train_samples", num_train_samples)
         self.num_data = None if num_data is None else _check_positive_int("num_data", num_data)
 
-    def on_fit_start(self) -> None:
+    def on_train_start(self) -> None:  # the training loader exists from here on
         if self.num_data is None:
             self.num_data = _training_set_size(self.trainer)
 
@@ -511,6 +511,9 @@ class SVIModule(_Evaluation, infer.SVIModule):
         self._setup_metrics()
 
     def on_fit_start(self) -> None:
+        pass  # num_data is checked when training starts (the training loader exists then)
+
+    def on_train_start(self) -> None:
         if self.model.num_data is None:
             self.model.num_data = _training_set_size(self.trainer)
         super().on_fit_start()

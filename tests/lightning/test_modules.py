@@ -198,3 +198,12 @@ def test_predict_step_returns_predictions_that_merge():
     parts = L.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu").predict(module, loader)
     merged = bdl.Prediction.cat(parts)
     assert merged.probs.shape == (10, 3) and merged.num_samples == 5
+
+
+def test_num_data_comes_from_a_plain_training_loader_too(tmp_path):
+    dataset = TensorDataset(torch.randn(24, 4), torch.randint(0, 3, (24,)))
+    module = VariationalModule(net())
+    svi = SVIModule(bdl.infer.PyroModel(net(), "categorical"), num_val_samples=2)
+    for model in (module, svi):
+        trainer(tmp_path, max_steps=1).fit(model, DataLoader(dataset, batch_size=8))
+    assert module.num_data == 24 and svi.model.num_data == 24
