@@ -420,6 +420,16 @@ def main() -> None:
     print("train: ms per forward + ELBO loss (own KL) + backward + Adam step; predict: ms per S-sample prediction; "
           "ratios to nn.Linear (prediction: S forwards of it)")
     print(PeakMemory(device).describe())
+    # one untimed tiny pass of every variant first: the first optimizer step imports torch._dynamo (2 s,
+    # 150 MiB) and libraries initialise lazily; the first row would be charged for it
+    tiny = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0, "predict_repeats": 1, "batch_size": 2,
+                                 "predict_batch_size": 2, "num_samples": 2})
+    for variant in variants:
+        if isinstance(variant, Variant):
+            try:
+                measure(variant, (4, 8, 2), tiny, device)
+            except Exception:  # noqa: BLE001, S110 - reported by the measured run below
+                pass
     for sizes in args.sizes:
         print(f"\nMLP {'-'.join(map(str, sizes))}, prior N(0, 1)\n")
         print(f"| {'layer':<40} | {'train ms':>9} | {'ratio':>5} | {'predict ms':>10} | {'ratio':>5} | "
