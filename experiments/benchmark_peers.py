@@ -5,15 +5,16 @@ library's Bayesian linear layer, with prior N(0, 1) everywhere, measures:
 
 - ms per training step, batch 128: forward + ELBO loss (cross-entropy + KL / N, N = 60,000, the KL
   computed by each library's own function) + backward + Adam step (PyTorch's default Adam, lr 1e-3);
-  median of ``--steps`` steps after ``--warmup`` steps;
+  median of ``--steps`` steps after ``--warmup`` steps. The rows take their steps in turn (one step of
+  each model, then again), so that load from other processes on a shared machine hits them alike;
 - ms per S=32-sample prediction at batch 1024: the mean predictive probabilities of S stochastic
   forwards under ``torch.no_grad()`` in eval mode. bdl through ``bdl.predict`` (which also keeps the
   moments behind its uncertainty measures); the peers and the ``nn.Linear`` floor through a loop of S
-  forwards averaging the softmax, their natural way; median of ``--predict-repeats`` runs after one
-  warm-up;
+  forwards averaging the softmax, their natural way; median of ``--predict-repeats`` runs (in turn, as
+  above) after one warm-up;
 - the ratio of each to the same MLP with ``nn.Linear`` (for prediction: S forwards of it);
-- peak memory above the level at the start of each measurement (the training window includes building
-  the model and the optimizer). CUDA: ``torch.cuda.max_memory_allocated``. CPU: the process's resident
+- peak memory above the level at the start of each measurement: the training window holds building the
+  model and the optimizer and the warm-up steps, the prediction window the warm-up prediction. CUDA: ``torch.cuda.max_memory_allocated``. CPU: the process's resident
   set high-water mark (``VmHWM``, the same number as ``resource.getrusage(...).ru_maxrss``), reset before
   each measurement through ``/proc/self/clear_refs`` after freeing the previous one (``malloc_trim``),
   minus the resident set at the start. RSS counts pages, not tensors: a delta is approximate, within a
@@ -51,9 +52,10 @@ import gc
 import importlib.metadata
 import math
 import resource
+import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 import torch
@@ -119,7 +121,7 @@ class Variant:
 
 @dataclass
 class Missing:
-    """A row whose library did not import."""
+    """A row with no numbers: its library did not import ("not installed: ...") or its model failed."""
 
     name: str
     reason: str
@@ -176,7 +178,7 @@ def bayesian_torch_variants() -> list[Union[Variant, Missing]]:
     try:
         from bayesian_torch.layers import LinearFlipout, LinearReparameterization
     except Exception as error:  # noqa: BLE001 - any import failure is reported, not hidden
-        return [Missing(name, reason(error)) for name in names]
+        return [Missing(name, f"not installed: {reason(error)}") for name in names]
 
     def loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         logits, kl = model(x)
@@ -195,7 +197,7 @@ def blitz_variants() -> list[Union[Variant, Missing]]:
         from blitz.losses import kl_divergence_from_nn
         from blitz.modules import BayesianLinear
     except Exception as error:  # noqa: BLE001
-        return [Missing(name, reason(error))]
+        return [Missing(name, f"not installed: {reason(error)}")]
 
     def layer(fan_in: int, fan_out: int) -> nn.Module:
         return BayesianLinear(fan_in, fan_out, prior_dist=torch.distributions.Normal(0.0, PRIOR_STD))
@@ -208,7 +210,7 @@ def torchbnn_variants() -> list[Union[Variant, Missing]]:
     try:
         import torchbnn
     except Exception as error:  # noqa: BLE001
-        return [Missing(name, reason(error))]
+        return [Missing(name, f"not installed: {reason(error)}")]
     kl_loss = torchbnn.BKLLoss(reduction="sum")
 
     def layer(fan_in: int, fan_out: int) -> nn.Module:
@@ -223,7 +225,7 @@ def torch_uncertainty_variants() -> list[Union[Variant, Missing]]:
         from torch_uncertainty.layers.bayesian import BayesLinear
         from torch_uncertainty.losses import ELBOLoss
     except Exception as error:  # noqa: BLE001
-        return [Missing(name, reason(error))]
+        return [Missing(name, f"not installed: {reason(error)}")]
     elbo = ELBOLoss(None, nn.CrossEntropyLoss(), kl_weight=1 / NUM_DATA, num_samples=1)
 
     def layer(fan_in: int, fan_out: int) -> nn.Module:
@@ -321,33 +323,32 @@ class PeakMemory:
         self.mib = max(0, peak - self._start) / 2**20
 
 
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> float:
-    """Median wall-clock ms of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(1e3 * (time.perf_counter() - start))
-    times.sort()
-    return times[len(times) // 2]
+def timed_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock ms of one call of ``fn`` (synchronising CUDA before and after)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 1e3 * (time.perf_counter() - start)
 
 
 @dataclass
-class Result:
-    train_ms: float
-    predict_ms: float
-    train_mib: float
-    predict_mib: float
+class Row:
+    """A built model and what was measured on it."""
+
+    variant: Variant
+    train_step: Callable[[], None]
+    predict: Callable[[], object]
+    train_mib: float = math.nan
+    predict_mib: float = math.nan
+    train_ms: list[float] = field(default_factory=list)
+    predict_ms: list[float] = field(default_factory=list)
 
 
-def measure(variant: Variant, sizes: tuple[int, ...], args: argparse.Namespace, device: torch.device) -> Result:
-    """Train-step time and memory, then prediction time and memory, of one freshly built model."""
+def build_row(variant: Variant, sizes: tuple[int, ...], args: argparse.Namespace, device: torch.device) -> Row:
+    """Build the model and its optimizer and run the warm-up steps, measuring the peak memory of all that."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, sizes[0], generator=generator).to(device)
     y = torch.randint(0, sizes[-1], (args.batch_size,), generator=generator).to(device)
@@ -358,17 +359,38 @@ def measure(variant: Variant, sizes: tuple[int, ...], args: argparse.Namespace, 
         model = variant.build(sizes).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
-        def step() -> None:
+        def train_step() -> None:
             optimizer.zero_grad(set_to_none=True)
             variant.loss(model, x, y).backward()
             optimizer.step()
 
-        train_ms = median_ms(step, args.steps, args.warmup, device)
-    train_mib = memory.mib
-    optimizer.zero_grad(set_to_none=True)
-    with memory:
-        predict_ms = median_ms(lambda: variant.predict(model, x_predict, args.num_samples), args.predict_repeats, 1, device)
-    return Result(train_ms, predict_ms, train_mib, memory.mib)
+        for _ in range(args.warmup):
+            train_step()
+    return Row(variant, train_step, lambda: variant.predict(model, x_predict, args.num_samples), train_mib=memory.mib)
+
+
+def measure(variants: list[Variant], sizes: tuple[int, ...], args: argparse.Namespace, device: torch.device) -> list[Union[Row, Missing]]:
+    """Memory per variant, then times round-robin: one training step of each variant in turn, ``--steps`` times
+    (then the predictions likewise), so that load from other processes hits every row alike."""
+    rows: list[Union[Row, Missing]] = []
+    for variant in variants:
+        try:
+            rows.append(build_row(variant, sizes, args, device))
+        except Exception as error:  # noqa: BLE001 - a peer that breaks is a row, not a crash
+            rows.append(Missing(variant.name, f"failed: {reason(error)}"))
+    built = [row for row in rows if isinstance(row, Row)]
+    for _ in range(args.steps):
+        for row in built:
+            row.train_ms.append(timed_ms(row.train_step, device))
+    for row in built:
+        memory = PeakMemory(device)
+        with memory:
+            row.predict()  # also the warm-up
+        row.predict_mib = memory.mib
+    for _ in range(args.predict_repeats):
+        for row in built:
+            row.predict_ms.append(timed_ms(row.predict, device))
+    return rows
 
 
 # ============================================================================ main
@@ -415,40 +437,34 @@ def main() -> None:
     versions = ", ".join(f"{distribution} {version(distribution)}" for distribution in ("torch", "bdl", *(d for d, _ in PEERS.values())))
     print(f"versions: {versions}")
     print(f"{device}, {args.threads} threads; training: batch {args.batch_size}, median of {args.steps} steps after "
-          f"{args.warmup}; prediction: S={args.num_samples} at batch {args.predict_batch_size}, median of "
+          f"{args.warmup}, rows in turn; prediction: S={args.num_samples} at batch {args.predict_batch_size}, median of "
           f"{args.predict_repeats}")
     print("train: ms per forward + ELBO loss (own KL) + backward + Adam step; predict: ms per S-sample prediction; "
           "ratios to nn.Linear (prediction: S forwards of it)")
     print(PeakMemory(device).describe())
-    # one untimed tiny pass of every variant first: the first optimizer step imports torch._dynamo (2 s,
-    # 150 MiB) and libraries initialise lazily; the first row would be charged for it
-    tiny = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0, "predict_repeats": 1, "batch_size": 2,
+    # an untimed tiny pass first: the first optimizer step imports torch._dynamo (2 s, 150 MiB) and
+    # libraries initialise lazily; the first row measured would be charged for it
+    tiny = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1, "predict_repeats": 1, "batch_size": 2,
                                  "predict_batch_size": 2, "num_samples": 2})
-    for variant in variants:
-        if isinstance(variant, Variant):
-            try:
-                measure(variant, (4, 8, 2), tiny, device)
-            except Exception:  # noqa: BLE001, S110 - reported by the measured run below
-                pass
+    measure([v for v in variants if isinstance(v, Variant)], (4, 8, 2), tiny, device)
     for sizes in args.sizes:
         print(f"\nMLP {'-'.join(map(str, sizes))}, prior N(0, 1)\n")
         print(f"| {'layer':<40} | {'train ms':>9} | {'ratio':>5} | {'predict ms':>10} | {'ratio':>5} | "
               f"{'train MiB':>9} | {'predict MiB':>11} |")
         print(f"|{'-' * 42}|{'-' * 11}|{'-' * 7}|{'-' * 12}|{'-' * 7}|{'-' * 11}|{'-' * 13}|")
-        baseline: Optional[Result] = None
+        measured = iter(measure([v for v in variants if isinstance(v, Variant)], sizes, args, device))
+        baseline: Optional[tuple[float, float]] = None
         for variant in variants:
-            if isinstance(variant, Missing):
-                print(f"| {variant.name:<40} | not installed: {variant.reason} | | | | | |", flush=True)
+            row = variant if isinstance(variant, Missing) else next(measured)
+            if isinstance(row, Missing):
+                print(f"| {row.name:<40} | {row.reason} | | | | | |")
                 continue
-            try:
-                result = measure(variant, sizes, args, device)
-            except Exception as error:  # noqa: BLE001 - a peer that breaks is a row, not a crash
-                print(f"| {variant.name:<40} | failed: {reason(error)} | | | | | |", flush=True)
-                continue
-            baseline = baseline or result
-            print(f"| {variant.name:<40} | {result.train_ms:>9.2f} | {result.train_ms / baseline.train_ms:>5.2f} | "
-                  f"{result.predict_ms:>10.2f} | {result.predict_ms / baseline.predict_ms:>5.2f} | "
-                  f"{result.train_mib:>9.1f} | {result.predict_mib:>11.1f} |", flush=True)
+            train_ms, predict_ms = statistics.median(row.train_ms), statistics.median(row.predict_ms)
+            baseline = baseline or (train_ms, predict_ms)
+            print(f"| {row.variant.name:<40} | {train_ms:>9.2f} | {train_ms / baseline[0]:>5.2f} | "
+                  f"{predict_ms:>10.2f} | {predict_ms / baseline[1]:>5.2f} | "
+                  f"{row.train_mib:>9.1f} | {row.predict_mib:>11.1f} |")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -20,5 +20,5 @@ from .modules import (
     UncertaintyModule,
     VariationalModule,
 )
-from .tabular import TabularDataModule
+from .tabular import SklearnRegressionDataModule, TabularDataModule
 from .vision import CIFAR10DataModule, MNISTDataModule

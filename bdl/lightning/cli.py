@@ -18,7 +18,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import lightning as L
 import torch
@@ -145,18 +145,54 @@ def _tensorboard_available() -> bool:
 _VERSION_VARIABLE = "BDL_RUN_VERSION"
 
 
-def _run_version(root: str, name: str) -> int:
+def _run_version(root: str, name: str, resume: Optional[int] = None) -> int:
     """The run's version number, the same in every process of a multi-process run.
 
-    The first process picks the next free ``version_<n>`` and puts it in the environment; Lightning's DDP
-    launcher starts the other processes with a copy of that environment (and ``LOCAL_RANK`` > 0), and
-    they read it instead of listing the folder, which the first one may have created meanwhile.
+    ``resume`` (the version of the run a fit resumes) is used as is. Otherwise the first process picks
+    the next free ``version_<n>`` and puts it in the environment; Lightning's DDP launcher starts the
+    other processes with a copy of that environment (and ``LOCAL_RANK`` > 0), and they read it instead of
+    listing the folder, which the first one may have created meanwhile.
     """
     if os.environ.get("LOCAL_RANK", "0") != "0" and _VERSION_VARIABLE in os.environ:
         return int(os.environ[_VERSION_VARIABLE])
-    version = CSVLogger(save_dir=root, name=name).version
+    version = resume if resume is not None else CSVLogger(save_dir=root, name=name).version
     os.environ[_VERSION_VARIABLE] = str(version)
     return int(version)
+
+
+def _version_of(path: Path) -> Optional[int]:
+    """``n`` for a checkpoint at ``.../version_<n>/checkpoints/<file>``, else None."""
+    folder = path.parent.parent.name
+    if path.parent.name == "checkpoints" and folder.startswith("version_") and folder[8:].isdigit():
+        return int(folder[8:])
+    return None
+
+
+def check_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
+    """Load a checkpoint with ``torch.load(weights_only=True)``, turning a missing, truncated or tampered file into a clear error.
+
+    ``weights_only=True`` unpickles only tensors and plain containers, so a checkpoint from someone else
+    cannot run code when loaded.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a readable PyTorch checkpoint, or holds objects other than tensors
+            and plain values (names the file and the reason).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises several types for broken files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"checkpoint {str(path)!r} cannot be loaded safely (weights_only=True): it is truncated, corrupted, not a "
+            f"PyTorch checkpoint, or holds objects other than tensors and plain values ({type(error).__name__}: {reason})"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"checkpoint {str(path)!r} has no 'state_dict': it is not a Lightning checkpoint")
+    return checkpoint
 
 
 class BDLCLI(LightningCLI):
@@ -188,6 +224,29 @@ class BDLCLI(LightningCLI):
             {"checkpoint.monitor": "val/nll", "checkpoint.mode": "min", "checkpoint.save_last": True, "checkpoint.filename": "best"}
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last`` for fit, and check a given checkpoint before Lightning reads it."""
+        self._resume_version: Optional[int] = None
+        self.subcommand = self.config.get("subcommand")  # LightningCLI sets it only after this method
+        config = self._subconfig() if self.subcommand else None
+        ckpt_path = None if config is None else config.get("ckpt_path")
+        if ckpt_path is None or (ckpt_path in ("last", "best", "hpc", "registry") and self.subcommand != "fit"):
+            return super()._parse_ckpt_path()  # Lightning resolves those names for test/validate/predict
+        if ckpt_path == "last":
+            root = Path(config.get("trainer", {}).get("default_root_dir") or DEFAULT_ROOT) / self.run_name()
+            found = [(version, path) for path in root.glob("version_*/checkpoints/last.ckpt") if (version := _version_of(path)) is not None]
+            if not found:
+                raise FileNotFoundError(
+                    f"--ckpt_path last: no {root}/version_*/checkpoints/last.ckpt to resume from; "
+                    "start the run without --ckpt_path (or pass a checkpoint file)"
+                )
+            ckpt_path = str(max(found)[1])
+            config["ckpt_path"] = ckpt_path
+        check_checkpoint(ckpt_path)
+        if self.subcommand == "fit":  # resuming: keep logging into the run's own folder
+            self._resume_version = _version_of(Path(ckpt_path))
+        return super()._parse_ckpt_path()
+
     def _subconfig(self) -> Any:  # noqa: ANN401
         return self.config[self.subcommand] if self.subcommand else self.config
 
@@ -204,7 +263,7 @@ class BDLCLI(LightningCLI):
         trainer_config = self._subconfig().get("trainer", {})
         if trainer_config.get("logger") in (None, True):
             root = trainer_config.get("default_root_dir") or DEFAULT_ROOT
-            version = _run_version(root, self.run_name())
+            version = _run_version(root, self.run_name(), resume=getattr(self, "_resume_version", None))
             loggers: list[Logger] = [CSVLogger(save_dir=root, name=self.run_name(), version=version)]
             if _tensorboard_available():
                 from lightning.pytorch.loggers import TensorBoardLogger

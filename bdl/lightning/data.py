@@ -11,11 +11,11 @@ Offline modules (no download): :class:`DigitsDataModule`, :class:`MNIST1DDataMod
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Iterator, Literal, Optional, Sequence, Sized, Union
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 from ..data.offline import Splits, load_digits, load_mnist1d, regression_with_gap, two_moons
 
@@ -26,6 +26,27 @@ def _positive_int(name: str, value: Any) -> int:  # noqa: ANN401
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+class EpochRandomSampler(RandomSampler):
+    """Shuffles anew each epoch, in an order that depends only on ``seed`` and the epoch.
+
+    Lightning calls :meth:`set_epoch` before every epoch. Unlike a plain shuffling loader, drawing the
+    order does not touch the global random number generator, so the data order of a resumed run is the
+    order the uninterrupted run would have used (and Monte Carlo draws do not shift the data order).
+    Under DDP Lightning replaces it with a seeded ``DistributedSampler``, also epoch-aware.
+    """
+
+    def __init__(self, data_source: Sized, seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed, self.epoch = int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
 class UncertaintyDataModule(L.LightningDataModule):
@@ -82,12 +103,16 @@ class UncertaintyDataModule(L.LightningDataModule):
         return "ood" if self._built().ood is not None else None
 
     def _loader(self, dataset: Dataset, *, train: bool = False) -> DataLoader:
+        # The training order and the workers' base seed come from torch's initial seed (seed_everything's),
+        # not from draws on the global generator: see EpochRandomSampler.
+        seed = torch.initial_seed() % 2**31
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=EpochRandomSampler(dataset, seed) if train else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -85,6 +85,35 @@ def _gather_prediction(module: L.LightningModule, prediction: Prediction) -> Pre
     return dataclasses.replace(prediction, **values)
 
 
+class _ResumableRandomState:
+    """Saves the random number generators' states in checkpoints and restores them on load.
+
+    A run resumed from a checkpoint then draws the same data order and the same Monte Carlo noise
+    (weights, dropout masks, Pyro samples) as a run that was never interrupted.
+    """
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            states["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["bdl_random_state"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Applied when the next epoch starts, before its data order is drawn: Lightning draws random numbers
+        # while it restores the loops (the sanity check, re-entering the checkpoint's epoch) that an
+        # uninterrupted run does not draw.
+        self._pending_random_state = (checkpoint.get("epoch", -1), checkpoint.get("bdl_random_state"))
+
+    def on_train_epoch_start(self) -> None:
+        epoch, states = getattr(self, "_pending_random_state", (None, None))
+        if states is None or self.current_epoch <= epoch:
+            return
+        torch.set_rng_state(states["torch"])
+        if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states["cuda"])
+        self._pending_random_state = (None, None)
+
+
 class _Evaluation:
     """Validation metrics, the test report and ``predict_step``, for any module with :meth:`sample_prediction`.
 
@@ -175,7 +204,7 @@ class _Evaluation:
         return self.sample_prediction(x, self.num_eval_samples)
 
 
-class UncertaintyModule(_Evaluation, L.LightningModule):
+class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
     """Base of the network-based methods: the optimiser, the data-fit term and the shared evaluation.
 
     Subclasses define :meth:`training_loss` and, where prediction is not the network itself,
@@ -475,7 +504,7 @@ def _reinitialized(model: nn.Module) -> nn.Module:
     return copied
 
 
-class SVIModule(_Evaluation, infer.SVIModule):
+class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
     """:class:`bdl.infer.SVIModule` (Pyro SVI) with the evaluation of the other modules.
 
     Logs ``train/elbo``, ``train/nll`` and ``train/kl`` as the Pyro module does, plus the validation metrics
@@ -516,7 +545,7 @@ class SVIModule(_Evaluation, infer.SVIModule):
     def on_train_start(self) -> None:
         if self.model.num_data is None:
             self.model.num_data = _training_set_size(self.trainer)
-        super().on_fit_start()
+        infer.SVIModule.on_fit_start(self)  # checks num_data
 
     def sample_prediction(self, x: Tensor, num_samples: Optional[int]) -> Prediction:
         return self.predict(x, num_samples=num_samples or self.num_eval_samples)

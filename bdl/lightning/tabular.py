@@ -1,9 +1,13 @@
-"""A data module for a table of numbers in a CSV or NPZ file: classification or regression, no OOD set.
+"""Data modules for tables of numbers: a CSV or NPZ file, or a regression data set bundled with scikit-learn.
 
 :class:`TabularDataModule` reads the columns named by ``features`` and ``target``, splits the rows
 (seeded) into train/validation/test, and standardises the features with the mean and standard deviation
 of the training rows only (regression targets too, with the statistics kept so predictions can be mapped
 back). Classification targets become labels ``0 .. C-1`` (the sorted distinct values, kept in ``classes``).
+It has no OOD set.
+
+:class:`SklearnRegressionDataModule` does the same for scikit-learn's bundled diabetes data (no file,
+no download), and holds out the rows with the most extreme values of one feature as an OOD set.
 """
 
 from __future__ import annotations
@@ -109,7 +113,147 @@ def _check_names(path: str, names: Sequence[str], available: Sequence[str], kind
         raise ValueError(f"{path} has no {kind} {unknown}; available {kind}: {list(available)}")
 
 
-class TabularDataModule(UncertaintyDataModule):
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    if not (0 <= val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(
+            f"val_fraction and test_fraction must be in [0, 1) (test_fraction above 0) with a sum below 1, "
+            f"got {val_fraction} and {test_fraction}"
+        )
+
+
+class _StandardizedTable(UncertaintyDataModule):
+    """A table of numbers held in memory: seeded train/val/test split, standardisation with training rows only.
+
+    Subclasses read the table (features ``[N, F]``, target ``[N]``, feature names) and call
+    :meth:`_make_splits`, optionally with a mask of rows that form the OOD set instead.
+    """
+
+    def __init__(
+        self,
+        *,
+        task: str,
+        val_fraction: float,
+        test_fraction: float,
+        standardize: bool,
+        batch_size: int,
+        eval_batch_size: Optional[int],
+        num_workers: int,
+        seed: int,
+    ) -> None:
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+        _check_fractions(val_fraction, test_fraction)
+        self.task = task
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.standardize = standardize
+        self._feature_names: list[str] = []
+        self._classes: Optional[list[float]] = None
+        self._feature_mean: Optional[Tensor] = None
+        self._feature_std: Optional[Tensor] = None
+        self._target_mean: Optional[float] = None
+        self._target_std: Optional[float] = None
+
+    def _make_splits(self, x: np.ndarray, y: np.ndarray, names: list[str], ood_rows: Optional[np.ndarray] = None) -> Splits:
+        """Split the rows not in ``ood_rows`` (a boolean mask ``[N]``) and standardise everything with the training rows.
+
+        The OOD rows, if any, get the same transformation; their targets are kept (standardised for
+        regression, ``-1`` for classification, as the other data modules' OOD sets).
+        """
+        self._feature_names = list(names)
+        kept = np.arange(len(y)) if ood_rows is None else np.flatnonzero(~ood_rows)
+        parts = _split_indices(len(kept), self.val_fraction, self.test_fraction, torch.Generator().manual_seed(self.seed))
+        train_idx, val_idx, test_idx = (kept[part.numpy()] for part in parts)
+        if len(train_idx) == 0:
+            raise ValueError(f"too few rows ({len(kept)}) to leave training rows after the validation and test fractions")
+        if self.standardize:
+            mean, std = x[train_idx].mean(0), x[train_idx].std(0)
+            std = np.where(std > 0, std, 1.0)
+            x = (x - mean) / std
+            self._feature_mean, self._feature_std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        inputs = torch.as_tensor(x, dtype=torch.float32)
+        if self.task == "classification":
+            classes, labels = np.unique(y[kept], return_inverse=True)
+            self._classes = [int(value) if value.is_integer() else float(value) for value in classes]
+            targets = torch.full((len(y),), -1, dtype=torch.long)
+            targets[torch.as_tensor(kept)] = torch.as_tensor(labels.reshape(-1), dtype=torch.long)
+            num_classes: Optional[int] = len(classes)
+        else:
+            if self.standardize:
+                mean, std = float(y[train_idx].mean()), float(y[train_idx].std())
+                std = std if std > 0 else 1.0
+                y = (y - mean) / std
+                self._target_mean, self._target_std = mean, std
+            targets = torch.as_tensor(y, dtype=torch.float32).unsqueeze(1)
+            num_classes = None
+        train, val, test = (TensorDataset(inputs[idx], targets[idx]) for idx in (train_idx, val_idx, test_idx))
+        ood = None
+        if ood_rows is not None and ood_rows.any():
+            ood_idx = np.flatnonzero(ood_rows)
+            ood = TensorDataset(inputs[ood_idx], targets[ood_idx])
+        return Splits(train, val, test, ood, num_classes=num_classes)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Names of the input columns, in order (``name[i]`` for column ``i`` of a 2-D NPZ array)."""
+        self._built()
+        return list(self._feature_names)
+
+    @property
+    def num_features(self) -> int:
+        """Number of input columns ``F``."""
+        return len(self.feature_names)
+
+    @property
+    def classes(self) -> Optional[list[float]]:
+        """Original target value of each label (``classes[label]``); None for regression."""
+        self._built()
+        return None if self._classes is None else list(self._classes)
+
+    @property
+    def feature_mean(self) -> Optional[Tensor]:
+        """Per-feature training mean ``[F]`` subtracted by the standardisation (None without it)."""
+        self._built()
+        return self._feature_mean
+
+    @property
+    def feature_std(self) -> Optional[Tensor]:
+        """Per-feature training standard deviation ``[F]`` divided by (None without standardisation)."""
+        self._built()
+        return self._feature_std
+
+    @property
+    def target_mean(self) -> Optional[float]:
+        """Training mean of a regression target (None for classification or without standardisation)."""
+        self._built()
+        return self._target_mean
+
+    @property
+    def target_std(self) -> Optional[float]:
+        """Training standard deviation of a regression target (None for classification or without standardisation)."""
+        self._built()
+        return self._target_std
+
+    def unstandardize_target(self, y: Tensor) -> Tensor:
+        """Map standardised regression targets or predicted means back to the original units: ``y * std + mean``.
+
+        Predicted standard deviations only scale: multiply them by :attr:`target_std`.
+
+        Args:
+            y: values in standardised units, any shape.
+
+        Returns:
+            The values in the original units (unchanged without target standardisation).
+        """
+        if self.task != "regression":
+            raise ValueError(f"unstandardize_target is for regression targets; this data module's task is {self.task!r}")
+        self._built()
+        if self._target_mean is None:
+            return y
+        return y * self._target_std + self._target_mean
+
+
+class TabularDataModule(_StandardizedTable):
     """Rows of numbers from a CSV or NPZ file, split into train/validation/test (no OOD set).
 
     - CSV (``.csv``): a header row naming the columns, then one row of numbers per example.
@@ -165,34 +309,22 @@ class TabularDataModule(UncertaintyDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
-        self.path = os.fspath(path)
-        if not self.path.endswith((".csv", ".npz")):
-            raise ValueError(f"path must name a .csv or .npz file, got {self.path!r}")
+        path = os.fspath(path)
+        if not path.endswith((".csv", ".npz")):
+            raise ValueError(f"path must name a .csv or .npz file, got {path!r}")
         if not isinstance(target, str) or not target:
             raise TypeError(f"target must be a column or array name (str), got {target!r}")
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
         if features is not None:
             if isinstance(features, str) or not all(isinstance(name, str) for name in features) or not features:
                 raise TypeError(f"features must be a non-empty list of column names or None, got {features!r}")
             if target in features:
                 raise ValueError(f"target {target!r} cannot also be one of the features {list(features)}")
-        if not (0 <= val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise ValueError(
-                f"val_fraction and test_fraction must be in [0, 1) (test_fraction above 0) with a sum below 1, "
-                f"got {val_fraction} and {test_fraction}"
-            )
-        self.target, self.task = target, task
+        super().__init__(
+            task=task, val_fraction=val_fraction, test_fraction=test_fraction, standardize=standardize,
+            batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,
+        )  # fmt: skip
+        self.path, self.target = path, target
         self.features = None if features is None else list(features)
-        self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.standardize = standardize
-        self._feature_names: list[str] = []
-        self._classes: Optional[list[float]] = None
-        self._feature_mean: Optional[Tensor] = None
-        self._feature_std: Optional[Tensor] = None
-        self._target_mean: Optional[float] = None
-        self._target_std: Optional[float] = None
 
     def _check_file(self) -> None:
         if not os.path.isfile(self.path):
@@ -217,88 +349,110 @@ class TabularDataModule(UncertaintyDataModule):
 
     def build(self) -> Splits:
         self._check_file()
-        x, y, self._feature_names = self._read()
-        train, val, test = _split_indices(len(y), self.val_fraction, self.test_fraction, torch.Generator().manual_seed(self.seed))
-        train_idx = train.numpy()
-        if len(train_idx) == 0:
-            raise ValueError(f"{self.path} has {len(y)} rows: too few to leave training rows after the validation and test fractions")
-        if self.standardize:
-            mean, std = x[train_idx].mean(0), x[train_idx].std(0)
-            std = np.where(std > 0, std, 1.0)
-            x = (x - mean) / std
-            self._feature_mean, self._feature_std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
-        inputs = torch.as_tensor(x, dtype=torch.float32)
-        if self.task == "classification":
-            classes, labels = np.unique(y, return_inverse=True)
-            self._classes = [int(value) if value.is_integer() else float(value) for value in classes]
-            targets = torch.as_tensor(labels.reshape(-1), dtype=torch.long)
-            num_classes: Optional[int] = len(classes)
-        else:
-            if self.standardize:
-                mean, std = float(y[train_idx].mean()), float(y[train_idx].std())
-                std = std if std > 0 else 1.0
-                y = (y - mean) / std
-                self._target_mean, self._target_std = mean, std
-            targets = torch.as_tensor(y, dtype=torch.float32).unsqueeze(1)
-            num_classes = None
-        parts = [TensorDataset(inputs[idx], targets[idx]) for idx in (train, val, test)]
-        return Splits(*parts, num_classes=num_classes)
+        x, y, names = self._read()
+        try:
+            return self._make_splits(x, y, names)
+        except ValueError as error:
+            raise ValueError(f"{self.path}: {error}") from None
+
+
+def _load_diabetes() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes(scaled=False)  # the raw values: the data module standardises them itself
+    return np.asarray(data.data, dtype=np.float64), np.asarray(data.target, dtype=np.float64), list(data.feature_names)
+
+
+#: Regression data sets bundled with scikit-learn (no download): name -> loader of (features, target, names).
+SKLEARN_REGRESSION_DATASETS = {"diabetes": _load_diabetes}
+OOD_TAILS = ("high", "low")
+
+
+class SklearnRegressionDataModule(_StandardizedTable):
+    """A regression data set bundled with scikit-learn (no download), with the extreme rows of one feature as OOD.
+
+    ``name="diabetes"`` (Efron et al. 2004): 442 patients, 10 baseline features (``age``, ``sex``,
+    ``bmi``, ``bp`` and six blood serum measurements ``s1`` .. ``s6``) and a measure of disease
+    progression one year later (25 .. 346) as the target. The raw (unscaled) values are read.
+
+    Out-of-distribution set (covariate shift): with ``ood="high"`` the rows whose ``ood_feature`` lies
+    above its ``1 - ood_fraction`` quantile over all rows (``ood="low"``: below its ``ood_fraction``
+    quantile) are held out of training, validation and testing and form the OOD set; by default the 10%
+    of patients with the highest body-mass index, inputs the model has to extrapolate to. ``ood=None``
+    keeps every row. The OOD rows do not depend on ``seed``; the other rows are split at random
+    (``seed``) into ``val_fraction`` validation, ``test_fraction`` test and the rest training rows.
+
+    With ``standardize=True`` features and target are standardised with the mean and (population)
+    standard deviation of the training rows only (OOD rows too, with the same statistics), so RMSE and
+    NLL are in units of the training target's standard deviation (:attr:`target_std`; map predictions
+    back with :meth:`unstandardize_target`). Inputs are float32 ``[N, F]``, targets float32 ``[N, 1]``.
+
+    Args:
+        name: the data set, one of :data:`SKLEARN_REGRESSION_DATASETS` (``"diabetes"``).
+        ood: ``"high"``, ``"low"`` (which tail of ``ood_feature`` is OOD) or None (no OOD set).
+        ood_feature: the feature whose extreme values form the OOD set.
+        ood_fraction: the fraction of rows in that tail, in (0, 0.5].
+        val_fraction, test_fraction: fractions of the in-distribution rows for validation and testing.
+        standardize: standardise features and target with training statistics.
+        batch_size, eval_batch_size, num_workers, seed: see :class:`UncertaintyDataModule`.
+
+    Example:
+        >>> data = SklearnRegressionDataModule("diabetes", ood="high", ood_feature="bmi", ood_fraction=0.1)
+        >>> data.num_features, data.num_train, len(data.splits.val), len(data.splits.test), len(data.splits.ood)
+        (10, 258, 60, 79, 45)
+        >>> data.ood_name
+        'diabetes rows with bmi above its 90% quantile'
+    """
+
+    task = "regression"
+
+    def __init__(
+        self,
+        name: str = "diabetes",
+        *,
+        ood: Optional[Literal["high", "low"]] = "high",
+        ood_feature: str = "bmi",
+        ood_fraction: float = 0.1,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.2,
+        standardize: bool = True,
+        batch_size: int = 32,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        if name not in SKLEARN_REGRESSION_DATASETS:
+            raise ValueError(f"name must be one of {sorted(SKLEARN_REGRESSION_DATASETS)}, got {name!r}")
+        if ood not in (*OOD_TAILS, None):
+            raise ValueError(f"ood must be one of {list(OOD_TAILS)} or None, got {ood!r}")
+        ok = isinstance(ood_fraction, (int, float)) and not isinstance(ood_fraction, bool) and 0 < ood_fraction <= 0.5
+        if not ok:
+            raise ValueError(f"ood_fraction must be a number in (0, 0.5], got {ood_fraction!r}")
+        super().__init__(
+            task="regression", val_fraction=val_fraction, test_fraction=test_fraction, standardize=standardize,
+            batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,
+        )  # fmt: skip
+        self.name, self.ood, self.ood_feature, self.ood_fraction = name, ood, ood_feature, float(ood_fraction)
+        if ood is not None:
+            names = SKLEARN_REGRESSION_DATASETS[name]()[2]
+            if ood_feature not in names:
+                raise ValueError(f"ood_feature must be a feature of {name}: one of {names}, got {ood_feature!r}")
 
     @property
-    def feature_names(self) -> list[str]:
-        """Names of the input columns, in order (``name[i]`` for column ``i`` of a 2-D NPZ array)."""
-        self._built()
-        return list(self._feature_names)
+    def ood_name(self) -> Optional[str]:
+        if self.ood is None:
+            return None
+        quantile = f"{100 * (1 - self.ood_fraction if self.ood == 'high' else self.ood_fraction):g}%"
+        side = "above" if self.ood == "high" else "below"
+        return f"{self.name} rows with {self.ood_feature} {side} its {quantile} quantile"
 
-    @property
-    def num_features(self) -> int:
-        """Number of input columns ``F``."""
-        return len(self.feature_names)
-
-    @property
-    def classes(self) -> Optional[list[float]]:
-        """Original target value of each label (``classes[label]``); None for regression."""
-        self._built()
-        return None if self._classes is None else list(self._classes)
-
-    @property
-    def feature_mean(self) -> Optional[Tensor]:
-        """Per-feature training mean ``[F]`` subtracted by the standardisation (None without it)."""
-        self._built()
-        return self._feature_mean
-
-    @property
-    def feature_std(self) -> Optional[Tensor]:
-        """Per-feature training standard deviation ``[F]`` divided by (None without standardisation)."""
-        self._built()
-        return self._feature_std
-
-    @property
-    def target_mean(self) -> Optional[float]:
-        """Training mean of a regression target (None for classification or without standardisation)."""
-        self._built()
-        return self._target_mean
-
-    @property
-    def target_std(self) -> Optional[float]:
-        """Training standard deviation of a regression target (None for classification or without standardisation)."""
-        self._built()
-        return self._target_std
-
-    def unstandardize_target(self, y: Tensor) -> Tensor:
-        """Map standardised regression targets or predicted means back to the file's units: ``y * std + mean``.
-
-        Predicted standard deviations only scale: multiply them by :attr:`target_std`.
-
-        Args:
-            y: values in standardised units, any shape.
-
-        Returns:
-            The values in the units of the file (unchanged without target standardisation).
-        """
-        if self.task != "regression":
-            raise ValueError(f"unstandardize_target is for regression targets; this data module's task is {self.task!r}")
-        self._built()
-        if self._target_mean is None:
-            return y
-        return y * self._target_std + self._target_mean
+    def build(self) -> Splits:
+        x, y, names = SKLEARN_REGRESSION_DATASETS[self.name]()
+        ood_rows = None
+        if self.ood is not None:
+            values = x[:, names.index(self.ood_feature)]
+            if self.ood == "high":
+                ood_rows = values > np.quantile(values, 1 - self.ood_fraction)
+            else:
+                ood_rows = values < np.quantile(values, self.ood_fraction)
+        return self._make_splits(x, y, names, ood_rows)

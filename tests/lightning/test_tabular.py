@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from bdl.lightning.tabular import TabularDataModule
+from bdl.lightning.tabular import SklearnRegressionDataModule, TabularDataModule
 
 
 def _write_csv(path, header, rows):
@@ -171,3 +171,78 @@ def test_arguments_are_checked(tmp_path):
     path = _write_csv(tmp_path / "ragged.csv", ["a", "y"], [[1, 0], [2]])
     with pytest.raises(ValueError, match="row 1 .*1 fields"):
         TabularDataModule(str(path), "y").setup()
+
+
+# ---------------------------------------------------------------- SklearnRegressionDataModule (diabetes)
+
+
+def _diabetes_raw():
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes(scaled=False)
+    return data.data, data.target
+
+
+def _row_ids(data, part):
+    """Row numbers in scikit-learn's table of a split's rows: the nearest raw row to each unstandardised one."""
+    x_raw, _ = _diabetes_raw()
+    x = part.tensors[0].double() * data.feature_std.double() + data.feature_mean.double()
+    distances = torch.cdist(x / data.feature_std.double(), torch.as_tensor(x_raw) / data.feature_std.double())
+    nearest = distances.topk(2, largest=False)
+    assert (nearest.values[:, 0] < 1e-4).all() and (nearest.values[:, 1] > 1e-2).all()  # one exact match each
+    return nearest.indices[:, 0].numpy()
+
+
+def test_diabetes_holds_out_the_highest_bmi_rows_as_ood_and_splits_the_rest():
+    data = SklearnRegressionDataModule("diabetes", ood="high", ood_feature="bmi", ood_fraction=0.1, seed=3)
+    x_raw, y_raw = _diabetes_raw()
+    splits = data._built()
+    assert data.task == "regression" and data.num_classes is None and data.feature_names[2] == "bmi"
+    ids = {name: _row_ids(data, getattr(splits, name)) for name in ("train", "val", "test", "ood")}
+    expected_ood = np.flatnonzero(x_raw[:, 2] > np.quantile(x_raw[:, 2], 0.9))
+    assert sorted(ids["ood"]) == sorted(expected_ood) and len(expected_ood) == 45
+    assert sorted(np.concatenate(list(ids.values()))) == list(range(442))  # disjoint and complete
+    assert (len(ids["train"]), len(ids["val"]), len(ids["test"])) == (258, 60, 79)
+    assert x_raw[ids["ood"], 2].min() > x_raw[np.concatenate([ids["train"], ids["test"]]), 2].max()
+    # standardised with the training rows only, targets too
+    torch.testing.assert_close(data.feature_mean, torch.tensor(x_raw[ids["train"]].mean(0), dtype=torch.float32))
+    assert data.target_mean == pytest.approx(y_raw[ids["train"]].mean())
+    assert data.target_std == pytest.approx(y_raw[ids["train"]].std())
+    for name in ("test", "ood"):
+        y = data.unstandardize_target(getattr(splits, name).tensors[1]).squeeze(1).double()
+        torch.testing.assert_close(y, torch.as_tensor(y_raw[ids[name]]), rtol=1e-6, atol=1e-3)
+    assert splits.ood.tensors[1].mean() > 0.5  # high-BMI patients progress faster: a real shift
+    assert isinstance(data.test_dataloader(), list) and data.ood_name == "diabetes rows with bmi above its 90% quantile"
+
+
+def test_diabetes_split_follows_the_seed_and_the_ood_rows_do_not():
+    def ids(seed, **options):
+        data = SklearnRegressionDataModule(seed=seed, **options)
+        return {name: _row_ids(data, getattr(data._built(), name)) for name in ("test", "ood")}
+
+    first, again, other = ids(0), ids(0), ids(1)
+    assert np.array_equal(first["test"], again["test"]) and not np.array_equal(first["test"], other["test"])
+    assert np.array_equal(first["ood"], other["ood"])
+    low = ids(0, ood="low", ood_feature="s5", ood_fraction=0.2)["ood"]
+    x_raw, _ = _diabetes_raw()
+    assert sorted(low) == sorted(np.flatnonzero(x_raw[:, 8] < np.quantile(x_raw[:, 8], 0.2)))
+
+
+def test_diabetes_without_ood_keeps_every_row():
+    data = SklearnRegressionDataModule(ood=None, val_fraction=0.1, test_fraction=0.1)
+    splits = data._built()
+    assert splits.ood is None and data.ood_name is None and not isinstance(data.test_dataloader(), list)
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 442
+
+
+def test_sklearn_data_module_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"name must be one of \['diabetes'\], got 'boston'"):
+        SklearnRegressionDataModule("boston")
+    with pytest.raises(ValueError, match=r"ood_feature must be a feature of diabetes: one of \['age', 'sex', 'bmi'"):
+        SklearnRegressionDataModule(ood_feature="weight")
+    with pytest.raises(ValueError, match="ood must be one of"):
+        SklearnRegressionDataModule(ood="extremes")
+    with pytest.raises(ValueError, match=r"ood_fraction must be a number in \(0, 0.5\]"):
+        SklearnRegressionDataModule(ood_fraction=0.7)
+    with pytest.raises(ValueError, match="val_fraction"):
+        SklearnRegressionDataModule(val_fraction=0.6, test_fraction=0.5)

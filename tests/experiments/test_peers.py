@@ -1,0 +1,106 @@
+"""experiments/benchmark_peers.py and experiments/peer_quality.py run end to end (tiny settings), peers or not.
+
+The peer libraries are optional: where one is missing, its rows must say "not installed" and the rest
+of the table must still be measured. The scripts run in the test's process: most of a separate run's
+time would go to importing torch again.
+"""
+
+import contextlib
+import importlib
+import importlib.util
+import io
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+PEER_MODULES = {
+    "bayesian-torch": "bayesian_torch.layers",
+    "blitz": "blitz.modules",
+    "torchbnn": "torchbnn",
+    "torch-uncertainty": "torch_uncertainty.layers.bayesian",
+}
+BENCHMARK_ROWS = [
+    "nn.Linear",
+    "bdl BayesLinear reparam",
+    "bdl BayesLinear local",
+    "bdl BayesLinear flipout",
+    "bayesian-torch LinearReparameterization",
+    "bayesian-torch LinearFlipout",
+    "blitz BayesianLinear",
+    "torchbnn BayesLinear",
+    "torch-uncertainty BayesLinear",
+]
+
+
+def importable(module: str) -> bool:
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        return False
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - installed but broken counts as missing, as in the scripts
+        return False
+    return True
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    lines = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("|-")]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+
+
+def run_script(script: str, *args: str) -> str:
+    """Run ``experiments/<script>`` as ``__main__`` in this process (saves a second torch import) and return its stdout."""
+    threads = torch.get_num_threads()
+    stdout = io.StringIO()
+    try:
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
+            patch.setattr(sys, "argv", [script, *args])
+            patch.syspath_prepend(str(ROOT / "experiments"))
+            runpy.run_path(str(ROOT / "experiments" / script), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+        sys.modules.pop("benchmark_peers", None)
+    return stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("peer_quality") / "quality.md"
+    return {
+        "benchmark": run_script("benchmark_peers.py", "--quick", "--threads", "1"),
+        "quality": run_script("peer_quality.py", "--epochs", "1", "--seeds", "0", "1", "--num-samples", "2",
+                              "--threads", "1", "--out", str(out)),
+        "quality_file": out.read_text() if out.exists() else "",
+    }
+
+
+def test_peer_benchmark_measures_every_installed_library_and_names_the_missing(outputs):
+    rows = table_rows(outputs["benchmark"])
+    assert list(rows) == BENCHMARK_ROWS
+    assert "peak MiB" in outputs["benchmark"]
+    assert rows["nn.Linear"][1] == rows["nn.Linear"][3] == "1.00"
+    for name, cells in rows.items():
+        library = next((peer for peer in PEER_MODULES if name.startswith(peer + " ")), None)
+        if library is not None and not importable(PEER_MODULES[library]):
+            assert cells[0].startswith("not installed:"), (name, cells)
+            continue
+        train_ms, train_ratio, predict_ms, predict_ratio, train_mib, predict_mib = map(float, cells)
+        assert train_ms > 0 and predict_ms > 0 and train_ratio > 0 and predict_ratio > 0, (name, cells)
+        assert train_mib >= 0 and predict_mib >= 0
+
+
+def test_peer_quality_reports_mean_and_std_over_seeds_and_writes_the_table(outputs):
+    rows = table_rows(outputs["quality"])
+    assert list(rows) == ["bdl", "bayesian-torch (own KL)", "bayesian-torch (summed KL)"]
+    accuracy, nll, ece, auroc, train_s = (float(cell.split(" ± ")[0]) for cell in rows["bdl"])
+    assert all(" ± " in cell for cell in rows["bdl"])
+    assert 0.5 < accuracy <= 1 and nll > 0 and 0 <= ece <= 1 and 0 <= auroc <= 1 and train_s > 0
+    for name in ("bayesian-torch (own KL)", "bayesian-torch (summed KL)"):
+        if importable(PEER_MODULES["bayesian-torch"]):
+            assert all(" ± " in cell for cell in rows[name]), rows[name]
+        else:
+            assert rows[name][0].startswith("not installed:"), rows[name]
+    assert outputs["quality_file"] and outputs["quality_file"].strip() in outputs["quality"]

@@ -1,0 +1,90 @@
+"""experiments/uncertainty_table.py runs end to end (--quick) and writes the tables it promises."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "experiments" / "uncertainty_table.py"
+CLASSIFICATION_HEADER = ["method", "accuracy ↑", "NLL ↓", "ECE ↓", "Brier ↓", "AURC ↓", "OOD AUROC (entropy) ↑",
+                         "FPR95 (entropy) ↓", "OOD AUROC (MI) ↑", "train s ↓", "predict ms ↓"]  # fmt: skip
+REGRESSION_HEADER = ["method", "RMSE ↓", "NLL ↓", "95% coverage →0.95", "CRPS ↓", "OOD AUROC (total var.) ↑",
+                     "FPR95 (total var.) ↓", "OOD AUROC (epist. var.) ↑", "train s ↓", "predict ms ↓"]  # fmt: skip
+
+
+def first_table(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The header and ``{first cell: other cells}`` of the first markdown table in ``text``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        if not line.startswith("|-"):
+            table.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return table[0], {row[0]: row[1:] for row in table[1:]}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    (out / "digits.md").write_text("# old table\n\n## Findings\n\nWritten by hand: kept.\n")
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--datasets", "digits", "regression_gap",
+         "--methods", "deterministic", "temperature", "mc_dropout", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_classification_table_has_a_row_per_method_and_every_metric(quick_run):
+    out, stdout = quick_run
+    text = (out / "digits.md").read_text()
+    header, rows = first_table(text)
+    assert header == CLASSIFICATION_HEADER
+    assert list(rows) == ["deterministic", "deterministic + temperature scaling", "MC dropout"]
+    for method, cells in rows.items():
+        numbers = {title: cell for title, cell in zip(header[1:], cells)}
+        if method != "MC dropout":
+            assert numbers.pop("OOD AUROC (MI) ↑") == "n/a"  # a single network has no epistemic score
+        values = {title: float(cell) for title, cell in numbers.items()}  # one seed: plain numbers
+        assert 0 <= values["accuracy ↑"] <= 1 and values["NLL ↓"] > 0 and 0 <= values["ECE ↓"] <= 1
+        assert 0 <= values["OOD AUROC (entropy) ↑"] <= 1 and values["train s ↓"] > 0 and values["predict ms ↓"] > 0
+    accuracy = {method: cells[0] for method, cells in rows.items()}
+    assert accuracy["deterministic"] == accuracy["deterministic + temperature scaling"]  # temperature keeps the argmax
+    assert "## Expected shape" in text and "![NLL and OOD AUROC per method](digits.png)" in text
+    assert text.rstrip().endswith("## Findings\n\nWritten by hand: kept.")
+    assert text in stdout  # printed as well
+    data = json.loads((out / "digits.json").read_text())
+    assert data["seeds"] == [0] and 0 < data["results"]["deterministic"][0]["metrics"]["accuracy"] <= 1
+    assert data["results"]["temperature"][0]["metrics"]["temperature"] > 0
+    assert (out / "digits.png").stat().st_size > 0
+
+
+def test_regression_table_skips_temperature_scaling_and_reports_coverage(quick_run):
+    out, _ = quick_run
+    header, rows = first_table((out / "regression_gap.md").read_text())
+    assert header == REGRESSION_HEADER
+    assert list(rows) == ["deterministic", "MC dropout"]
+    coverage = [float(cells[2]) for cells in rows.values()]
+    assert all(0 <= value <= 1 for value in coverage)
+    assert 0 <= float(rows["MC dropout"][6]) <= 1 and rows["deterministic"][6] == "n/a"
+    assert (out / "regression_gap.png").exists() and not (out / "mnist1d_reference.md").exists()
+
+
+def test_arguments_are_checked_and_quick_means_one_seed(monkeypatch):
+    spec = importlib.util.spec_from_file_location("uncertainty_table", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "uncertainty_table", script)  # its dataclasses look their module up
+    spec.loader.exec_module(script)
+    args = script.parse_args(["--quick", "--methods", "svi", "deterministic"])
+    assert args.seeds == [0] and args.methods == ["deterministic", "svi"]  # the table's order
+    assert script.parse_args(["--seeds", "2"]).seeds == [0, 1]
+    for wrong in (["--seeds", "0"], ["--methods", "laplace"], ["--epochs-scale", "0"], ["--nuts-samples", "2"]):
+        with pytest.raises(SystemExit):
+            script.parse_args(wrong)

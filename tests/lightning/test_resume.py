@@ -1,0 +1,139 @@
+"""A run killed mid-epoch resumes from its last checkpoint and ends exactly where an uninterrupted run ends."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bdl.lightning.cli import check_checkpoint, main
+
+KILLER = '''
+import os, signal
+import lightning as L
+
+
+class KillAtStep(L.Callback):
+    """Kills its own process with SIGKILL (no clean-up, like an OOM kill) before the given training step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+MODELS = {
+    "variational": """
+  class_path: bdl.lightning.VariationalModule
+  init_args:
+    model: {class_path: bdl.lightning.MLP, init_args: {in_features: 64, out_features: 8, hidden: [32]}}
+    kl_warmup_epochs: 2
+    lr: 0.01
+    num_eval_samples: 8
+""",
+    "ensemble": """
+  class_path: bdl.lightning.EnsembleModule
+  init_args:
+    model: {class_path: bdl.lightning.MLP, init_args: {in_features: 64, out_features: 8, hidden: [32], dropout: 0.1}}
+    num_members: 3
+    lr: 0.01
+""",
+    "svi": """
+  class_path: bdl.lightning.SVIModule
+  init_args:
+    model:
+      class_path: bdl.infer.PyroModel
+      init_args: {net: {class_path: bdl.lightning.MLP, init_args: {in_features: 64, out_features: 8, hidden: [16]}}}
+    lr: 0.01
+    num_eval_samples: 8
+""",
+}
+
+
+def write_config(folder: Path, method: str, kill_at: int = -1) -> Path:
+    callbacks = f"""
+  callbacks:
+    - class_path: killer.KillAtStep
+      init_args: {{step: {kill_at}}}""" if kill_at >= 0 else ""
+    text = f"""seed_everything: 0
+evaluate_after_fit: true
+run_name: resume
+model:{MODELS[method]}
+data:
+  class_path: bdl.lightning.DigitsDataModule
+  init_args: {{batch_size: 64}}
+trainer:
+  max_epochs: 3
+  limit_train_batches: 5
+  accelerator: cpu
+  enable_progress_bar: false
+  enable_model_summary: false
+  default_root_dir: {folder}{callbacks}
+"""
+    path = folder / f"{method}{'_killed' if kill_at >= 0 else ''}.yaml"
+    path.write_text(text)
+    return path
+
+
+def final_metrics(root: Path) -> dict:
+    return json.loads((root / "resume" / "version_0" / "metrics.json").read_text())["metrics"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(MODELS))
+def test_killed_run_resumes_from_last_checkpoint_to_the_same_final_metrics(method, tmp_path, monkeypatch, one_thread):
+    # One intra-op thread in every process: float sums (and bdl's threaded noise) depend on the thread count.
+    monkeypatch.setattr(sys, "argv", ["bdl"])
+    (tmp_path / "killer.py").write_text(KILLER)
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    main(["fit", "--config", str(write_config(uninterrupted.mkdir() or uninterrupted, method))])
+
+    # Killed mid-way through the second epoch (steps 0-4 are epoch 0, 5-9 epoch 1): last.ckpt is epoch 0's.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    interrupted.mkdir()
+    killed = subprocess.run(
+        [sys.executable, "-m", "bdl.lightning.cli", "fit", "--config", str(write_config(interrupted, method, kill_at=7))],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    folder = interrupted / "resume" / "version_0"
+    assert not (folder / "metrics.json").exists()
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+
+    main(["fit", "--config", str(write_config(interrupted, method)), "--ckpt_path", "last"])
+    assert sorted(path.name for path in (interrupted / "resume").iterdir()) == ["version_0"]  # resumed in place
+    resumed, reference = final_metrics(interrupted), final_metrics(uninterrupted)
+    assert resumed.keys() == reference.keys()
+    for key, value in reference.items():
+        assert resumed[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_resume_without_a_previous_run_says_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bdl"])
+    with pytest.raises(FileNotFoundError, match="no .*version_\\*/checkpoints/last.ckpt to resume from"):
+        main(["fit", "--config", str(write_config(tmp_path, "variational")), "--ckpt_path", "last"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "pickled code", "not lightning"])
+def test_damaged_checkpoints_give_a_clear_error(damage, tmp_path):
+    path = tmp_path / "model.ckpt"
+    if damage == "truncated":
+        torch.save({"state_dict": {"w": torch.randn(100, 100)}}, path)
+        path.write_bytes(path.read_bytes()[:2000])
+    elif damage == "garbage":
+        path.write_bytes(os.urandom(4096))
+    elif damage == "pickled code":
+        torch.save({"state_dict": {}, "hook": Path("/")}, path)  # an arbitrary object: refused by weights_only
+    else:
+        torch.save({"weights": torch.zeros(2)}, path)
+    message = "no 'state_dict'" if damage == "not lightning" else "cannot be loaded safely"
+    with pytest.raises(ValueError, match=message):
+        check_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_checkpoint(tmp_path / "missing.ckpt")
