@@ -205,7 +205,9 @@ class Report:
             "settings": {
                 key: list(value) if isinstance(value, tuple) else value for key, value in self.settings.items()
             },
-            "metrics": self.metrics,
+            # JSON has no NaN/Inf: an undefined metric is null here (and "n/a" in report.md), never a number.
+            "metrics": {key: value if math.isfinite(value) else None for key, value in self.metrics.items()},
+            "undefined_metrics": [key for key, value in self.metrics.items() if not math.isfinite(value)],
             "notes": self.notes,
         }
 
@@ -306,7 +308,7 @@ class Report:
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "metrics.json").write_text(json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n")
+        (directory / "metrics.json").write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
         markdown = self.to_markdown()
         figures = self.figures()
         if figures:
@@ -322,7 +324,7 @@ class Report:
 
 
 def _format(value: float) -> str:
-    return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.4f}"
 
 
 def _classification_metrics(

@@ -71,6 +71,19 @@ def _split_batch(batch: Any) -> tuple[Tensor, Optional[Tensor]]:  # noqa: ANN401
     raise TypeError(f"batches must be tensors or (inputs, targets) pairs, got {type(batch).__name__}")
 
 
+def _check_finite(module: L.LightningModule, terms: dict[str, Tensor]) -> None:
+    """Stop training at the first non-finite loss term, naming the step and the term(s) (e.g. the NLL or the KL)."""
+    if bool(torch.isfinite(terms["loss"]).all()):
+        return
+    bad = [name for name, value in terms.items() if name != "loss" and not bool(torch.isfinite(value).all())]
+    values = ", ".join(f"{name}={value.item():.4g}" for name, value in terms.items() if value.numel() == 1)
+    raise FloatingPointError(
+        f"non-finite training loss at epoch {module.current_epoch}, step {module.global_step}: "
+        f"{' and '.join(name.upper() for name in bad) or 'the loss'} is not finite ({values}); "
+        "lower the learning rate, check the inputs for NaN/inf, or check the prior and posterior scales"
+    )
+
+
 def _gather_prediction(module: L.LightningModule, prediction: Prediction) -> Prediction:
     """The prediction over every process (``all_gather`` of each tensor field, processes concatenated)."""
     values = {}
@@ -296,12 +309,7 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         if y is None:
             raise ValueError("training batches must be (inputs, targets) pairs")
         terms = self.training_loss(x, y)
-        if not torch.isfinite(terms["loss"]):
-            parts = ", ".join(f"{name}={value.item():.4g}" for name, value in terms.items())
-            raise FloatingPointError(
-                f"non-finite training loss at epoch {self.current_epoch}, step {self.global_step} ({parts}); "
-                "lower the learning rate or check the inputs for NaN/inf"
-            )
+        _check_finite(self, terms)
         for name, value in terms.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=True, prog_bar=name == "loss", batch_size=len(x))
         return terms["loss"]
@@ -549,6 +557,12 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
 
     def sample_prediction(self, x: Tensor, num_samples: Optional[int]) -> Prediction:
         return self.predict(x, num_samples=num_samples or self.num_eval_samples)
+
+    def loss(self, *args: Any) -> tuple[Tensor, Tensor, Tensor]:  # noqa: ANN401
+        loss, nll, kl = super().loss(*args)
+        if self._trainer is not None and self.trainer.training:
+            _check_finite(self, {"loss": loss, "nll": nll, "kl": kl})
+        return loss, nll, kl
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
         x, y = _split_batch(batch)

@@ -165,8 +165,28 @@ def test_non_finite_loss_stops_training_with_a_message_naming_the_step(tmp_path)
     module = DeterministicModule(net(), lr=1e-2)
     with torch.no_grad():
         module.model[0].weight.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="epoch 0, step 0"):
+    with pytest.raises(FloatingPointError, match="epoch 0, step 0: NLL is not finite"):
         trainer(tmp_path, num_sanity_val_steps=0).fit(module, data)
+
+
+def test_non_finite_kl_is_named(tmp_path):
+    module = VariationalModule(net(), lr=1e-2)
+    with torch.no_grad():
+        module.model[2].weight_rho.fill_(float("inf"))  # posterior std exp(inf): the KL is infinite
+    module.model[2].weight_mu.requires_grad_(False)
+    with pytest.raises(FloatingPointError, match="step 0: .*KL"):
+        trainer(tmp_path, num_sanity_val_steps=0).fit(module, TinyData(batch_size=8))
+
+
+def test_non_finite_svi_loss_is_named_even_without_pyro_validation(tmp_path):
+    import pyro
+
+    module = SVIModule(bdl.infer.PyroModel(net(), "categorical"), num_val_samples=2)
+    with torch.no_grad():
+        next(module.guide.parameters()).fill_(float("nan"))
+    with pyro.validation_enabled(False):  # with validation (the default) Pyro itself rejects NaN parameters
+        with pytest.raises(FloatingPointError, match="epoch 0, step 0: .* is not finite"):
+            trainer(tmp_path, num_sanity_val_steps=0).fit(module, TinyData(batch_size=8))
 
 
 @pytest.mark.parametrize(
