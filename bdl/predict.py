@@ -324,6 +324,11 @@ def _check_samples(name: str, value: Any, expected: str) -> Tensor:  # noqa: ANN
         raise TypeError(f"{name} must be floating point, got {value.dtype}")
     if value.shape[0] == 0:
         raise ValueError(f"{name} must hold at least one sample (S >= 1), got shape {tuple(value.shape)}")
+    if value.is_meta:
+        raise ValueError(f"{name} is on the 'meta' device (a shape without values), got shape {tuple(value.shape)}")
+    if not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(f"{name} must be finite, got {bad} NaN/Inf entries out of {value.numel()}")
     return value
 
 
@@ -568,6 +573,7 @@ def _local_expand(layer: BayesLinear, x: Tensor, num_samples: int) -> Tensor:
     The pre-activation mean ``x mu^T + b`` and variance ``x^2 (std^2)^T + std_b^2`` are the same for every
     sample, so they are computed once for the ``B`` rows; only the noise is drawn ``S`` times.
     """
+    layer._check_input(x)  # the layer's forward is bypassed here: same errors for a wrong input
     mean = nn.functional.linear(x, layer.weight_mu, layer.bias_mu)
     bias_var = None if layer.bias_rho is None else posterior_variance(layer.bias_rho, layer.std_transform)
     var = nn.functional.linear(x.square(), posterior_variance(layer.weight_rho, layer.std_transform), bias_var)
@@ -792,6 +798,11 @@ def predict(
             f"per member), got {num_samples}; pass num_samples=None for one per member"
         )
     device = _model_device(model)
+    if device is not None and device.type == "meta":
+        raise ValueError(
+            "model: its parameters are on the 'meta' device (shapes without values), so it cannot predict; "
+            "materialise it first, e.g. model.to_empty(device='cpu') and load_state_dict(...)"
+        )
     summaries: list[Prediction] = []
     targets: list[Optional[Tensor]] = []
     resolved: dict[int, str] = {}
@@ -799,6 +810,8 @@ def predict(
         for x, y in _batches(inputs, batch_size):
             if not isinstance(x, Tensor) or x.dim() == 0:
                 raise ValueError("every batch of inputs must be a tensor with a batch dimension")
+            if x.is_meta:
+                raise ValueError(f"inputs are on the 'meta' device (shape {tuple(x.shape)}, no values): pass tensors with data")
             if device is not None:
                 x = x.to(device)
             rows = x.shape[0]

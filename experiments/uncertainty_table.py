@@ -204,7 +204,10 @@ def build(config: Path, args: argparse.Namespace, seed: int, folder: Path, overr
         cli_args += ["--data.init_args.cache_dir", str(args.runs_dir / "mnist1d_cache")]
     if args.quick:
         cli_args += ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "2"]
-    cli = BDLCLI(args=cli_args, run=False)
+    try:
+        cli = BDLCLI(args=cli_args, run=False)
+    except SystemExit as exit_:  # the parser prints what is wrong and exits: make it this run's error, not the script's end
+        raise ValueError(f"{config.name} with {' '.join(overrides) or 'no overrides'} does not parse (exit {exit_.code}; see above)") from None
     return cli.model, cli.datamodule, cli.trainer
 
 

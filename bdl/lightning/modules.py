@@ -568,7 +568,7 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         x, y = _split_batch(batch)
         with torch.no_grad():
             loss, _, _ = self.loss(*_as_args(batch))
-        self.log("val/elbo", -loss, on_epoch=True, batch_size=len(x))  # val/nll is the predictive NLL, as elsewhere
+        self.log("val/elbo", -loss, on_epoch=True, batch_size=len(x), sync_dist=True)  # val/nll is the predictive NLL, as elsewhere
         self._update_val_metrics(self.sample_prediction(x, self.num_val_samples), y)
 
 

@@ -20,6 +20,21 @@ from .functional import ESTIMATORS, STD_TRANSFORMS, check_estimator, rho_from_st
 from .priors import Prior, as_prior
 
 
+def _check_size(name: str, value: Any, owner: str, minimum: int = 0) -> int:  # noqa: ANN401
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value}")
+    return value
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        return False
+
+
 class BayesianModule(nn.Module):
     """Marker base class of every module with a posterior over its own parameters.
 
@@ -101,6 +116,24 @@ class _BayesLayer(BayesianModule):
     def _op(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _check_input(self, input: Tensor) -> None:
+        """Reject an input the layer cannot use, naming what it expected (the layer is where inputs enter)."""
+        weight = self.weight_mu
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{type(self).__name__}: input must be a Tensor, got {type(input).__name__}")
+        # under autocast, activations are in a lower precision than the float32 weights: that is expected
+        if input.dtype != weight.dtype and not (input.is_floating_point() and _autocast_enabled(input.device.type)):
+            hint = "" if input.is_floating_point() else f" (convert it with x.to({weight.dtype}))"
+            raise TypeError(
+                f"{type(self).__name__}: input must be a floating-point tensor of the layer's dtype {weight.dtype}, "
+                f"got {input.dtype}{hint}"
+            )
+        if input.device != weight.device:
+            raise ValueError(
+                f"{type(self).__name__}: input is on device {input.device} but the layer's parameters are on "
+                f"{weight.device}; move the input or the model with .to(device)"
+            )
+
     def forward(self, input: Tensor) -> Tensor:
         if self.deterministic:
             return self._op(input, self.weight_mu, self.bias_mu)
@@ -157,8 +190,8 @@ class BayesLinear(_BayesLayer):
         std_transform: str = "exp",
     ) -> None:
         super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
+        self.in_features = _check_size("in_features", in_features, "BayesLinear")
+        self.out_features = _check_size("out_features", out_features, "BayesLinear")
         self._init_bayes(
             (out_features, in_features),
             bias,
@@ -172,12 +205,16 @@ class BayesLinear(_BayesLayer):
     def _op(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.linear(x, weight, bias)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _check_input(self, input: Tensor) -> None:
+        super()._check_input(input)
         if input.shape[-1:] != (self.in_features,):
             raise ValueError(
                 f"BayesLinear: input must have {self.in_features} features in its last dimension, "
                 f"got shape {tuple(input.shape)}"
             )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
         return super().forward(input)
 
     @classmethod
@@ -223,7 +260,10 @@ class _BayesConvNd(_BayesLayer):
         std_transform: str = "exp",
     ) -> None:
         super().__init__()
-        # a weightless twin on the meta device validates the arguments exactly as torch.nn does
+        name = type(self).__name__
+        _check_size("in_channels", in_channels, name, minimum=1)
+        _check_size("out_channels", out_channels, name, minimum=1)
+        # a weightless twin on the meta device validates the other arguments exactly as torch.nn does
         reference = self._torch_cls(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device="meta"
         )
@@ -246,13 +286,18 @@ class _BayesConvNd(_BayesLayer):
             return self._conv(x, weight, bias, self.stride, 0, self.dilation, self.groups)
         return self._conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _check_input(self, input: Tensor) -> None:
+        super()._check_input(input)
         spatial = len(self.kernel_size)
         if input.dim() not in (spatial + 1, spatial + 2) or input.shape[-spatial - 1] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__}: input must be (N, {self.in_channels}, *{spatial} spatial dims) or unbatched "
                 f"({self.in_channels}, *{spatial} spatial dims), got shape {tuple(input.shape)}"
             )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
+        spatial = len(self.kernel_size)
         if input.dim() == spatial + 1:  # unbatched, as torch.nn accepts
             return super().forward(input.unsqueeze(0)).squeeze(0)
         return super().forward(input)

@@ -1,0 +1,73 @@
+"""Trains every method on digits, on one process or with DDP on two CPU processes; writes the test metrics as JSON.
+
+    python ddp_methods.py <out.json> single|ddp
+
+Run by tests/lightning/test_ddp.py (Lightning's DDP launcher starts this script again for the second process).
+"""
+
+import json
+import sys
+
+import lightning as L
+import torch
+from torch import nn
+
+import bdl
+from bdl.lightning import (
+    MLP,
+    DeterministicModule,
+    DigitsDataModule,
+    EnsembleModule,
+    MCDropoutModule,
+    SVIModule,
+    VariationalModule,
+)
+
+EPOCHS = 4
+
+
+def build(method: str) -> L.LightningModule:
+    net = MLP(64, 8, hidden=[32], dropout=0.1 if method == "mc_dropout" else 0.0)
+    options = dict(lr=1e-2, num_val_samples=4)
+    if method == "deterministic":
+        return DeterministicModule(net, **options)
+    if method == "variational":
+        return VariationalModule(net, num_eval_samples=16, **options)
+    if method == "mc_dropout":
+        return MCDropoutModule(net, num_eval_samples=16, **options)
+    if method == "ensemble":
+        return EnsembleModule(net, num_members=3, lr=1e-2)
+    return SVIModule(bdl.infer.PyroModel(net, "categorical"), lr=1e-2, num_eval_samples=16, num_val_samples=4)
+
+
+def main(out: str, mode: str) -> None:
+    torch.set_num_threads(1)
+    processes = 2 if mode == "ddp" else 1
+    results = {}
+    for method in ("deterministic", "variational", "mc_dropout", "ensemble", "svi"):
+        L.seed_everything(0)
+        data = DigitsDataModule(batch_size=64 // processes)  # the same global batch
+        module = build(method)
+        trainer = L.Trainer(
+            max_epochs=EPOCHS, accelerator="cpu", devices=processes, strategy="ddp" if processes > 1 else "auto",
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(module, data)
+        logged_val_accuracy = float(trainer.callback_metrics["val/accuracy"])
+        trainer.test(module, data, verbose=False)
+        if trainer.is_global_zero:
+            entry = {"test": module.report.metrics, "num_test": len(module.report.prediction), "val_accuracy": logged_val_accuracy}
+            if method == "deterministic":  # one forward per input: the synced metric must equal the full-set value
+                x, y = data.splits.val.tensors
+                with torch.no_grad():
+                    entry["val_accuracy_full_set"] = float((module.model(x).argmax(1) == y).float().mean())
+            if method == "variational":
+                entry["num_data"] = module.num_data
+            results[method] = entry
+    if processes == 1 or torch.distributed.get_rank() == 0:
+        with open(out, "w") as file:
+            json.dump(results, file)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,44 @@
+"""DDP on two CPU processes (gloo) trains every method to the result of one process; metrics sync across processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).with_name("ddp_methods.py")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for mode in ("ddp", "single"):
+        run = subprocess.run(
+            [sys.executable, str(SCRIPT), str(folder / f"{mode}.json"), mode],
+            cwd=folder, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-4000:]
+    return {mode: json.loads((folder / f"{mode}.json").read_text()) for mode in ("ddp", "single")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["deterministic", "variational", "mc_dropout", "ensemble", "svi"])
+def test_two_processes_reach_the_metrics_of_one(results, method):
+    ddp, single = results["ddp"][method], results["single"][method]
+    # both processes' test predictions are gathered (289 test images; the sampler pads one)
+    assert single["num_test"] == 289 and ddp["num_test"] == 290
+    # different data orders and noise draws: close, not equal
+    tolerances = {"accuracy": 0.02, "nll": 0.015, "ece": 0.02, "ood/predictive_entropy/auroc": 0.015}
+    for key, tolerance in tolerances.items():
+        assert abs(ddp["test"][key] - single["test"][key]) <= tolerance, (key, ddp["test"][key], single["test"][key])
+
+
+@pytest.mark.slow
+def test_validation_metrics_are_synchronised_and_the_elbo_uses_the_global_data_size(results):
+    ddp = results["ddp"]
+    # each process validates half of the 216 validation images; the logged accuracy is over all of them
+    assert ddp["deterministic"]["val_accuracy"] == pytest.approx(ddp["deterministic"]["val_accuracy_full_set"], abs=1e-6)
+    assert ddp["variational"]["num_data"] == results["single"]["variational"]["num_data"] == 938
