@@ -11,8 +11,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -34,11 +35,47 @@ class Splits:
         return self.train.tensors[0].shape[1]
 
 
-def _split_indices(n: int, val_fraction: float, test_fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+def check_fractions(val_fraction: float, test_fraction: Optional[float] = None) -> None:
+    """Raise ``ValueError`` unless ``val_fraction`` (and ``test_fraction``) are in [0, 1) with a sum below 1.
+
+    ``test_fraction`` must be above 0 when given; None checks ``val_fraction`` alone.
+    """
+    numbers = [val_fraction] + ([] if test_fraction is None else [test_fraction])
+    if any(isinstance(value, bool) or not isinstance(value, (int, float)) for value in numbers):
+        raise TypeError(f"val_fraction and test_fraction must be numbers, got {val_fraction!r} and {test_fraction!r}")
+    if test_fraction is None:
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        return
     if not (0 <= val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(
             f"val_fraction and test_fraction must be in [0, 1) with a sum below 1, got {val_fraction} and {test_fraction}"
         )
+
+
+def check_ood_classes(ood_classes: Sequence[int], num_classes: int) -> None:
+    """Raise ``ValueError`` unless ``ood_classes`` are labels in ``0..num_classes-1`` leaving at least 2 classes."""
+    unknown = sorted(set(ood_classes) - set(range(num_classes)))
+    if unknown:
+        raise ValueError(f"ood_classes must be class labels in 0..{num_classes - 1}, got {unknown}")
+    if num_classes - len(set(ood_classes)) < 2:
+        raise ValueError(
+            f"ood_classes must leave at least 2 of the {num_classes} classes to train on, got {sorted(set(ood_classes))}"
+        )
+
+
+def check_noise(noise: Any, name: str = "noise", count: int = 1) -> None:  # noqa: ANN401
+    """Raise ``ValueError`` unless ``noise`` is a number >= 0 (``count`` 1) or ``count`` such numbers."""
+    values = [noise] if count == 1 else list(noise) if isinstance(noise, (tuple, list)) else None
+    if values is None or len(values) != count or any(
+        isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 for v in values
+    ):
+        expected = "a number >= 0" if count == 1 else f"{count} numbers >= 0"
+        raise ValueError(f"{name} must be {expected} (noise standard deviations), got {noise!r}")
+
+
+def _split_indices(n: int, val_fraction: float, test_fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    check_fractions(val_fraction, test_fraction)
     order = torch.randperm(n, generator=generator)
     num_test, num_val = round(n * test_fraction), round(n * val_fraction)
     return order[num_test + num_val :], order[num_test : num_test + num_val], order[:num_test]
@@ -91,9 +128,7 @@ def load_digits(
 
 def _class_split(y: Tensor, ood_classes: Sequence[int], num_classes: int) -> tuple[Tensor, Tensor, list[int]]:
     """Mask of held-out examples, labels remapped to 0..C-1 over the kept classes, and the kept classes."""
-    unknown = sorted(set(ood_classes) - set(range(num_classes)))
-    if unknown:
-        raise ValueError(f"ood_classes must be class labels in 0..{num_classes - 1}, got {unknown}")
+    check_ood_classes(ood_classes, num_classes)
     held_out = torch.isin(y, torch.tensor(list(ood_classes), dtype=torch.long))
     kept = [c for c in range(num_classes) if c not in set(ood_classes)]
     relabel = torch.full((num_classes,), -1, dtype=torch.long)
@@ -125,6 +160,8 @@ def load_mnist1d(
 
     import numpy as np
 
+    check_fractions(val_fraction)
+    check_ood_classes(ood_classes, 10)
     path = None if cache_dir is None else os.path.join(cache_dir, "mnist1d.npz")
     if path is not None and os.path.exists(path):
         arrays = dict(np.load(path))
@@ -168,6 +205,7 @@ def two_moons(
     """
     from sklearn.datasets import make_moons
 
+    check_noise(noise)
     x, y = make_moons(num_samples, noise=noise, random_state=seed)
     x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
     train, val, test = _split_indices(num_samples, val_fraction, test_fraction, torch.Generator().manual_seed(seed))
@@ -197,6 +235,7 @@ def regression_with_gap(
         >>> bool(((x < -1) | (x > 1)).all())
         True
     """
+    check_noise(noise, count=2)
     if not (domain[0] < gap[0] < gap[1] < domain[1]):
         raise ValueError(f"gap must lie inside domain, got gap={gap} and domain={domain}")
     generator = torch.Generator().manual_seed(seed)

@@ -127,6 +127,12 @@ class CategoricalLikelihood(Likelihood):
                 f"categorical likelihood: targets must be integer class indices of shape {tuple(output.shape[:1])}, "
                 f"got {target.dtype} of shape {tuple(target.shape)}"
             )
+        num_classes = output.shape[1]
+        if target.numel() and bool(((target < 0) | (target >= num_classes)).any()):
+            raise ValueError(
+                f"categorical likelihood: targets must be class indices in [0, {num_classes - 1}] for the network's "
+                f"{num_classes} logits, got labels in [{target.min().item()}, {target.max().item()}]"
+            )
         return target
 
     def predictive_outputs(self, sample_outputs: Tensor, sample_globals: dict[str, Tensor]) -> Tensor:

@@ -281,9 +281,25 @@ class BDLCLI(LightningCLI):
 
 
 def main(args: Optional[Sequence[str]] = None) -> None:
-    """Entry point of the ``bdl`` console script."""
+    """Run the ``bdl`` command with ``args`` (default: the command line); errors propagate as exceptions."""
     BDLCLI(args=list(args) if args is not None else None)
 
 
+def console() -> None:
+    """Entry point of the ``bdl`` console script: like :func:`main`, but bad input ends in a one-line message.
+
+    A ``ValueError``, ``TypeError`` or ``FileNotFoundError`` (a wrong value, a missing data file or
+    checkpoint) prints ``bdl: error: <message>`` and exits with status 2, as the CLI's own argument errors
+    do; set ``BDL_TRACEBACK=1`` to see the traceback instead.
+    """
+    try:
+        main()
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        if os.environ.get("BDL_TRACEBACK"):
+            raise
+        print(f"bdl: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    console()

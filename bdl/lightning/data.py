@@ -17,7 +17,16 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
-from ..data.offline import Splits, load_digits, load_mnist1d, regression_with_gap, two_moons
+from ..data.offline import (
+    Splits,
+    check_fractions,
+    check_noise,
+    check_ood_classes,
+    load_digits,
+    load_mnist1d,
+    regression_with_gap,
+    two_moons,
+)
 
 TASKS = ("classification", "regression")
 
@@ -174,6 +183,9 @@ class DigitsDataModule(UncertaintyDataModule):
             raise ValueError(f"ood must be 'classes', 'noise' or None, got {ood!r}")
         if ood == "classes" and not ood_classes:
             raise ValueError("ood='classes' needs ood_classes: the digits to hold out, e.g. [8, 9]")
+        if ood == "classes":
+            check_ood_classes(ood_classes, 10)
+        check_fractions(val_fraction, test_fraction)
         self.ood = ood
         self.ood_classes = tuple(ood_classes)
         self.num_noise = _positive_int("num_noise", num_noise)
@@ -214,6 +226,8 @@ class MNIST1DDataModule(UncertaintyDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
+        check_ood_classes(ood_classes, 10)
+        check_fractions(val_fraction)
         self.ood_classes = tuple(ood_classes)
         self.channels = channels
         self.val_fraction = val_fraction
@@ -260,6 +274,7 @@ class TwoMoonsDataModule(UncertaintyDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
         self.num_samples = _positive_int("num_samples", num_samples)
+        check_noise(noise)
         self.noise = noise
         self.ood = ood
 
@@ -303,6 +318,9 @@ class RegressionGapDataModule(UncertaintyDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
         self.num_samples = _positive_int("num_samples", num_samples)
+        check_noise(noise, count=2)
+        if not (domain[0] < gap[0] < gap[1] < domain[1]):
+            raise ValueError(f"gap must lie inside domain, got gap={tuple(gap)} and domain={tuple(domain)}")
         self.gap, self.domain, self.noise = tuple(gap), tuple(domain), tuple(noise)
 
     @property

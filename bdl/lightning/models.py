@@ -22,6 +22,13 @@ def _activation(name: str) -> type[nn.Module]:
     return ACTIVATIONS[name]
 
 
+def _check_sizes(owner: str, **sizes: int) -> None:
+    """Raise ``ValueError`` naming the first argument that is not a positive int (layer widths, channels, classes)."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
 def _check_dropout(dropout: float) -> float:
     if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1):
         raise ValueError(f"dropout must be a rate in [0, 1), got {dropout!r}")
@@ -56,6 +63,8 @@ class MLP(nn.Sequential):
         head: Literal["linear", "gaussian"] = "linear",
     ) -> None:
         act, dropout = _activation(activation), _check_dropout(dropout)
+        _check_sizes("MLP", in_features=in_features, out_features=out_features)
+        _check_sizes("MLP", **{f"hidden[{i}]": size for i, size in enumerate(hidden)})
         if head not in ("linear", "gaussian"):
             raise ValueError(f"head must be 'linear' or 'gaussian', got {head!r}")
         layers: list[nn.Module] = [nn.Flatten()]
@@ -80,6 +89,7 @@ class LeNet5(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, dropout: float = 0.0) -> None:
         super().__init__()
         dropout = _check_dropout(dropout)
+        _check_sizes("LeNet5", in_channels=in_channels, num_classes=num_classes)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
@@ -105,6 +115,7 @@ class Conv1dNet(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, channels: int = 32, dropout: float = 0.0) -> None:
         super().__init__()
         dropout = _check_dropout(dropout)
+        _check_sizes("Conv1dNet", in_channels=in_channels, num_classes=num_classes, channels=channels)
         self.features = nn.Sequential(
             nn.Conv1d(in_channels, channels, 5, stride=2, padding=1), nn.ReLU(),
             nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
@@ -141,6 +152,7 @@ class ResNet(nn.Module):
         if depth not in builders:
             raise ValueError(f"depth must be one of {sorted(builders)}, got {depth!r}")
         dropout = _check_dropout(dropout)
+        _check_sizes("ResNet", num_classes=num_classes)
         self.net = builders[depth](num_classes=num_classes)
         if small_inputs:
             self.net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)

@@ -340,11 +340,11 @@ class TabularDataModule(_StandardizedTable):
         else:
             columns, _ = _read_npz(self.path, self.features, self.target)
         y = columns.pop(self.target)
+        if len(y) == 0:
+            raise ValueError(f"TabularDataModule: {self.path} has no data rows (path must name a file with at least one row)")
         blocks = [column.reshape(len(y), -1) for column in columns.values()]
         names = [name if block.shape[1] == 1 and column.ndim == 1 else f"{name}[{i}]"
                  for (name, column), block in zip(columns.items(), blocks) for i in range(block.shape[1])]  # fmt: skip
-        if len(y) == 0:
-            raise ValueError(f"{self.path} has no data rows")
         return np.concatenate(blocks, axis=1), y, names
 
     def build(self) -> Splits:

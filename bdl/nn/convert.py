@@ -31,6 +31,8 @@ def kl_divergence(model: nn.Module) -> Tensor:
         >>> torch.allclose(kl, model[0].kl_divergence() + model[2].kl_divergence())
         True
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     terms = [m.kl_divergence() for m in model.modules() if isinstance(m, BayesianModule)]
     if not terms:
         reference = next(model.parameters(), None)

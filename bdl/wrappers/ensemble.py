@@ -157,6 +157,8 @@ class DeepEnsemble(nn.Module):
         members = []
         for i, checkpoint in enumerate(checkpoints):
             if isinstance(checkpoint, (str, os.PathLike)):
+                if not os.path.isfile(checkpoint):
+                    raise FileNotFoundError(f"checkpoints[{i}]: no file at {os.fspath(checkpoint)!r}")
                 checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=True)
             if not isinstance(checkpoint, Mapping):
                 raise TypeError(f"checkpoints[{i}] must be a path or a state_dict mapping, got {type(checkpoint).__name__}")

@@ -137,3 +137,17 @@ def test_damaged_checkpoints_give_a_clear_error(damage, tmp_path):
         check_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         check_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_the_bdl_command_reports_a_damaged_checkpoint_in_one_line(tmp_path, monkeypatch, capsys):
+    from bdl.lightning.cli import console
+
+    path = tmp_path / "broken.ckpt"
+    path.write_bytes(os.urandom(1000))
+    config = write_config(tmp_path, "variational")
+    monkeypatch.setattr(sys, "argv", ["bdl", "test", "--config", str(config), "--ckpt_path", str(path)])
+    with pytest.raises(SystemExit) as exit_info:
+        console()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"bdl: error: checkpoint '{path}' cannot be loaded safely")
+    assert not (tmp_path / "resume").exists()  # nothing half-written

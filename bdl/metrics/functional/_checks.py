@@ -22,6 +22,8 @@ def probability_sum_tolerance(dtype: torch.dtype) -> float:
 
 def as_tensor(value, name: str) -> Tensor:  # noqa: ANN001 - anything tensor-like
     if isinstance(value, Tensor):
+        if value.is_meta:
+            raise ValueError(f"`{name}` is on the 'meta' device (a shape without values), got shape {tuple(value.shape)}")
         return value
     try:
         return torch.as_tensor(value)
