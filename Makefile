@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bdl-installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-peers install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ bench: $(STAMP)
 	$(PY) experiments/benchmark_layers.py
 	$(PY) experiments/benchmark_predict.py
 	$(PY) experiments/benchmark_svi.py
+
+# Installs the peer libraries (the `peers` extra) into .venv, then compares speed and quality with them.
+bench-peers: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,peers]"
+	$(PY) experiments/benchmark_peers.py --threads 1
+	$(PY) experiments/peer_quality.py --out experiments/results/peer_quality.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

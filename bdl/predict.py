@@ -639,7 +639,12 @@ def draw_samples(model: Callable[..., Any], x: Tensor, num_samples: int, *, meth
         return sample_outputs(x, num_samples)
     if method == "batched":
         return _batched_samples(model, x, num_samples)
-    return _stack_outputs([model(x) for _ in range(num_samples)])
+    if not isinstance(model, nn.Module):
+        return _stack_outputs([model(x) for _ in range(num_samples)])
+    # One forward is one sample of the weights: "reparam" draws it with one matmul per layer, where "local"
+    # and "flipout" (training-time variance reducers) need two; each input's predictive is the same.
+    with use_estimator(model, "reparam"):
+        return _stack_outputs([model(x) for _ in range(num_samples)])
 
 
 # ============================================================================ predict

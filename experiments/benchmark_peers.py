@@ -243,12 +243,12 @@ def reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
-PEERS: dict[str, tuple[str, Callable[[], list[Union[Variant, Missing]]]]] = {
-    "bayesian-torch": ("bayesian-torch", bayesian_torch_variants),
-    "blitz": ("blitz-bayesian-pytorch", blitz_variants),
-    "torchbnn": ("torchbnn", torchbnn_variants),
-    "torch-uncertainty": ("torch-uncertainty", torch_uncertainty_variants),
-}
+PEERS: list[tuple[str, Callable[[], list[Union[Variant, Missing]]]]] = [  # (PyPI distribution, its rows)
+    ("bayesian-torch", bayesian_torch_variants),
+    ("blitz-bayesian-pytorch", blitz_variants),
+    ("torchbnn", torchbnn_variants),
+    ("torch-uncertainty", torch_uncertainty_variants),
+]
 
 
 def version(distribution: str) -> str:
@@ -345,6 +345,15 @@ class Row:
     predict_mib: float = math.nan
     train_ms: list[float] = field(default_factory=list)
     predict_ms: list[float] = field(default_factory=list)
+    error: Optional[str] = None  # set when a step or a prediction raised: the row is reported as failed
+
+    def run(self, fn: Callable[[], object], device: torch.device) -> float:
+        """``timed_ms(fn)``, or NaN with ``error`` set if ``fn`` raises (a peer that breaks is a row, not a crash)."""
+        try:
+            return timed_ms(fn, device)
+        except Exception as error:  # noqa: BLE001
+            self.error = f"failed: {reason(error)}"
+            return math.nan
 
 
 def build_row(variant: Variant, sizes: tuple[int, ...], args: argparse.Namespace, device: torch.device) -> Row:
@@ -381,16 +390,19 @@ def measure(variants: list[Variant], sizes: tuple[int, ...], args: argparse.Name
     built = [row for row in rows if isinstance(row, Row)]
     for _ in range(args.steps):
         for row in built:
-            row.train_ms.append(timed_ms(row.train_step, device))
+            if row.error is None:
+                row.train_ms.append(row.run(row.train_step, device))
     for row in built:
         memory = PeakMemory(device)
         with memory:
-            row.predict()  # also the warm-up
+            if row.error is None:
+                row.run(row.predict, device)  # the warm-up
         row.predict_mib = memory.mib
     for _ in range(args.predict_repeats):
         for row in built:
-            row.predict_ms.append(timed_ms(row.predict, device))
-    return rows
+            if row.error is None:
+                row.predict_ms.append(row.run(row.predict, device))
+    return [Missing(row.variant.name, row.error) if isinstance(row, Row) and row.error else row for row in rows]
 
 
 # ============================================================================ main
@@ -431,10 +443,10 @@ def main() -> None:
         Variant("nn.Linear", lambda sizes: mlp(sizes, nn.Linear), lambda m, x, y: F.cross_entropy(m(x), y), loop_predict(plain_forward))
     ]
     variants += bdl_variants()
-    for _, load in PEERS.values():
+    for _, load in PEERS:
         variants += load()
 
-    versions = ", ".join(f"{distribution} {version(distribution)}" for distribution in ("torch", "bdl", *(d for d, _ in PEERS.values())))
+    versions = ", ".join(f"{distribution} {version(distribution)}" for distribution in ("torch", "bdl", *(d for d, _ in PEERS)))
     print(f"versions: {versions}")
     print(f"{device}, {args.threads} threads; training: batch {args.batch_size}, median of {args.steps} steps after "
           f"{args.warmup}, rows in turn; prediction: S={args.num_samples} at batch {args.predict_batch_size}, median of "

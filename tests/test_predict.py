@@ -320,3 +320,18 @@ def test_empty_inputs_bad_outputs_and_bad_samples_are_reported():
         Prediction.from_probs(torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match=">= 0"):
         Prediction.from_regression(torch.randn(2, 3, 1), -torch.ones(2, 3, 1))
+
+
+def test_loop_path_predicts_local_and_flipout_models_with_the_same_per_input_distribution():
+    # A forward of a "local" or "flipout" layer is, for each input, a draw from the same Gaussian-weight predictive
+    # as "reparam"; predict's loop uses the cheaper reparam forward and restores the layer's estimator.
+    torch.manual_seed(0)
+    model = nn.Sequential(bdl.BayesLinear(3, 16, estimator="flipout", posterior_std_init=0.3), nn.Tanh(),
+                          bdl.BayesLinear(16, 1, estimator="local", posterior_std_init=0.3))  # fmt: skip
+    x = torch.randn(6, 3)
+    with torch.no_grad():
+        reference = torch.stack([model(x) for _ in range(4000)])  # the layers' own estimators
+    pred = bdl.predict(model, x, num_samples=4000, task="regression", method="loop")
+    assert [model[0].estimator, model[2].estimator] == ["flipout", "local"]
+    assert torch.allclose(pred.mean, reference.mean(0), atol=0.03)
+    assert torch.allclose(pred.epistemic_variance, reference.var(0, unbiased=False), rtol=0.1, atol=1e-3)
