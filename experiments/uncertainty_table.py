@@ -187,7 +187,9 @@ def config_epochs(path: Path) -> int:
     return int(yaml.safe_load(path.read_text())["trainer"]["max_epochs"])
 
 
-def build(config: Path, args: argparse.Namespace, seed: int, folder: Path, overrides: Sequence[str] = (), epochs: Optional[int] = None):
+def build(
+    config: Path, args: argparse.Namespace, seed: int, folder: Path, overrides: Sequence[str] = (), epochs: Optional[int] = None
+) -> tuple[Any, Any, Any]:
     """``(module, datamodule, trainer)`` from a config, as ``bdl fit`` builds them, with the seed and epochs set."""
     from bdl.lightning.cli import BDLCLI
 
@@ -222,7 +224,7 @@ def time_predictions(predict: Callable[[torch.Tensor], Any], loader: Any, device
     return 1000 * (time.perf_counter() - start)
 
 
-def test_loader(data: Any) -> Any:  # noqa: ANN401
+def in_distribution_test_loader(data: Any) -> Any:  # noqa: ANN401
     loaders = data.test_dataloader()
     return loaders[0] if isinstance(loaders, list) else loaders
 
@@ -251,7 +253,7 @@ def run_network_method(dataset: str, method: str, seed: int, args: argparse.Name
     folder = args.runs_dir / dataset / method / f"seed{seed}"
     module, data, trainer = build(config_path(dataset, spec.config), args, seed, folder, spec.overrides)
     metrics, train_s = fit_and_test(module, data, trainer)
-    loader = test_loader(data)
+    loader = in_distribution_test_loader(data)
     module.eval()
     predict_ms = time_predictions(lambda x: module.sample_prediction(x, module.num_eval_samples), loader, module.device)
     results = {}
@@ -280,7 +282,7 @@ def temperature_scaled(module: Any, data: Any, trainer: Any, train_s: float) -> 
     fit_s = time.perf_counter() - start
     module.model = scaler.wrap(module.model)  # DeterministicModule predicts with self.model: the same evaluation
     trainer.test(module, datamodule=data, verbose=False)
-    predict_ms = time_predictions(lambda x: module.sample_prediction(x, 1), test_loader(data), module.device)
+    predict_ms = time_predictions(lambda x: module.sample_prediction(x, 1), in_distribution_test_loader(data), module.device)
     temperature = float(scaler.temperature)
     metrics = {**report_metrics(module.report), "train_s": train_s + fit_s, "predict_ms": predict_ms, "temperature": temperature}
     return RunResult(metrics, [f"T = {temperature:.3f}"])
