@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bdl-installed
 
-.PHONY: demo test bench bench-peers install clean
+.PHONY: demo test bench bench-peers results install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ bench: $(STAMP)
 	$(PY) experiments/benchmark_layers.py
 	$(PY) experiments/benchmark_predict.py
 	$(PY) experiments/benchmark_svi.py
+
+# Every method on every offline data set, 3 seeds (about an hour on 2 CPU cores): experiments/results/*.md
+results: $(STAMP)
+	$(PY) experiments/uncertainty_table.py --seeds 3
 
 # Installs the peer libraries (the `peers` extra) into .venv, then compares speed and quality with them.
 bench-peers: $(STAMP)

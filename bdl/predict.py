@@ -246,8 +246,13 @@ class Prediction:
 
     @property
     def mutual_information(self) -> Tensor:
-        """Epistemic uncertainty ``H[p] - 1/S sum_s H[p_s]`` in nats, [N] (float rounding below 0 clipped)."""
+        """Epistemic uncertainty ``H[p] - 1/S sum_s H[p_s]`` in nats, [N] (float rounding below 0 clipped).
+
+        Exactly 0 for a single sample (a deterministic model), where the two entropies differ only by rounding.
+        """
         self._need("classification", "mutual_information")
+        if self.num_samples == 1:
+            return torch.zeros_like(self.expected_entropy)
         return (self.predictive_entropy - self.expected_entropy).clamp_min(0)
 
     # ------------------------------------------------------------------ regression

@@ -335,3 +335,8 @@ def test_loop_path_predicts_local_and_flipout_models_with_the_same_per_input_dis
     assert [model[0].estimator, model[2].estimator] == ["flipout", "local"]
     assert torch.allclose(pred.mean, reference.mean(0), atol=0.03)
     assert torch.allclose(pred.epistemic_variance, reference.var(0, unbiased=False), rtol=0.1, atol=1e-3)
+
+
+def test_mutual_information_of_one_sample_is_exactly_zero():
+    pred = Prediction.from_logits(10 * torch.randn(1, 50, 7))
+    assert torch.equal(pred.mutual_information, torch.zeros(50))
