@@ -264,6 +264,8 @@ class BDLCLI(LightningCLI):
         if trainer_config.get("logger") in (None, True):
             root = trainer_config.get("default_root_dir") or DEFAULT_ROOT
             version = _run_version(root, self.run_name(), resume=getattr(self, "_resume_version", None))
+            folder = Path(root) / self.run_name() / f"version_{version}"
+            self._new_run_folder = None if folder.exists() else folder
             loggers: list[Logger] = [CSVLogger(save_dir=root, name=self.run_name(), version=version)]
             if _tensorboard_available():
                 from lightning.pytorch.loggers import TensorBoardLogger
@@ -271,6 +273,28 @@ class BDLCLI(LightningCLI):
                 loggers.append(TensorBoardLogger(save_dir=root, name=self.run_name(), version=version, default_hp_metric=False))
             kwargs.setdefault("logger", loggers)
         return super().instantiate_trainer(**kwargs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            self._remove_failed_run_folder()
+            raise
+
+    def _remove_failed_run_folder(self) -> None:
+        """After a run that failed before saving a checkpoint, delete the run folder it created (nothing in it is
+        worth keeping: the config and logs of a run that never trained); folders with checkpoints stay, to resume."""
+        folder = getattr(self, "_new_run_folder", None)
+        trainer = getattr(self, "trainer", None)
+        if folder is None or not folder.is_dir() or (trainer is not None and not trainer.is_global_zero):
+            return
+        if any((folder / "checkpoints").glob("*.ckpt")):
+            return
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        if folder.parent.is_dir() and not any(folder.parent.iterdir()):
+            folder.parent.rmdir()
 
     def after_fit(self) -> None:
         if not self._subconfig().get("evaluate_after_fit"):

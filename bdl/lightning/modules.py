@@ -33,6 +33,7 @@ from .. import infer
 from ..evaluate import Report, evaluate
 from ..nn.convert import bayesianize as convert_to_bayesian
 from ..nn.convert import kl_divergence
+from ..nn.functional import check_estimator
 from ..nn.heads import gaussian_nll
 from ..nn.layers import BayesianModule
 from ..nn.loss import elbo_loss
@@ -294,11 +295,27 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
     def nll(self, output: Any, y: Tensor) -> Tensor:  # noqa: ANN401 - logits, a mean, or (mean, variance)
         """Mean per-example negative log-likelihood of the targets ``y`` under the network's ``output``."""
         if self.task == "classification":
-            return F.cross_entropy(output, y)
+            if y.is_floating_point() or y.is_complex():
+                raise TypeError(f"targets must be integer class labels (torch.long) for classification, got {y.dtype}")
+            try:
+                return F.cross_entropy(output, y)
+            except (IndexError, RuntimeError) as error:  # labels out of range or shapes unlike the logits
+                classes = output.shape[-1] if output.dim() else 0
+                if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+                    raise ValueError(
+                        f"targets must hold labels in [0, {classes - 1}] for {classes} classes (the network's outputs), "
+                        f"got labels from {int(y.min())} to {int(y.max())}"
+                    ) from None
+                raise ValueError(f"targets of shape {tuple(y.shape)} do not fit logits of shape {tuple(output.shape)}: {error}") from None
         if isinstance(output, (tuple, list)):
             mean, variance = output
         else:
             mean, variance = output, torch.full_like(output, self.noise_variance)
+        if y.numel() != mean.numel():
+            raise ValueError(
+                f"targets must have the shape of the network's mean output {tuple(mean.shape)} (or one value per "
+                f"example), got shape {tuple(y.shape)}"
+            )
         return gaussian_nll(mean, variance, y.reshape(mean.shape))
 
     def sample_prediction(self, x: Tensor, num_samples: Optional[int]) -> Prediction:
@@ -397,12 +414,15 @@ class VariationalModule(UncertaintyModule):
         num_data: Optional[int] = None,
         **kwargs: Any,  # noqa: ANN401
     ) -> None:
+        prior_std = _check_number("prior_std", prior_std, strict=True)  # checked even when unused (a Bayesian net)
+        posterior_std_init = _check_number("posterior_std_init", posterior_std_init, strict=True)
+        check_estimator(estimator)
         if isinstance(model, nn.Module) and not any(isinstance(m, BayesianModule) for m in model.modules()):
             model = convert_to_bayesian(
                 model,
                 include=include,
                 exclude=exclude,
-                prior=_check_number("prior_std", prior_std, strict=True),
+                prior=prior_std,
                 center_prior_on_weights=center_prior_on_weights,
                 posterior_std_init=posterior_std_init,
                 estimator=estimator,
