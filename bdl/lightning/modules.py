@@ -138,6 +138,7 @@ class _Evaluation:
     num_eval_samples: Optional[int]
     num_val_samples: Optional[int]
     n_bins: int
+    save_report: bool = True
     report: Optional[Report] = None
 
     def _setup_metrics(self) -> None:
@@ -208,7 +209,7 @@ class _Evaluation:
         headline = {f"test/{key}": value for key in HEADLINE_METRICS if (value := self.report.metrics.get(key)) is not None}
         self.log_dict(headline)
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # every process: log_dir broadcasts
-        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+        if self.save_report and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self.report.save(folder)
             self.report_dir = folder
 
@@ -237,6 +238,8 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         num_eval_samples: Monte Carlo samples per test/predict input (None: the method's default).
         num_val_samples: Monte Carlo samples per validation input (None: the method's default).
         n_bins: bins of the calibration metrics.
+        save_report: write the test report (``metrics.json``, ``report.md``, PNG plots) to the run folder;
+            ``module.report`` holds it either way.
         noise_variance: the Gaussian noise variance of a regression network that outputs means only.
     """
 
@@ -253,6 +256,7 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         num_eval_samples: Optional[int] = 32,
         num_val_samples: Optional[int] = 8,
         n_bins: int = 15,
+        save_report: bool = True,
         noise_variance: float = 1.0,
     ) -> None:
         super().__init__()
@@ -273,6 +277,7 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         self.num_eval_samples = None if num_eval_samples is None else _check_positive_int("num_eval_samples", num_eval_samples)
         self.num_val_samples = None if num_val_samples is None else _check_positive_int("num_val_samples", num_val_samples)
         self.n_bins = _check_positive_int("n_bins", n_bins)
+        self.save_report = bool(save_report)
         self.noise_variance = _check_number("noise_variance", noise_variance, strict=True)
         self.model = model
         self.save_hyperparameters(ignore=["model"])
@@ -545,6 +550,8 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         num_eval_samples: posterior samples per test/predict input.
         num_val_samples: posterior samples per validation input.
         n_bins: bins of the calibration metrics.
+        save_report: write the test report (``metrics.json``, ``report.md``, PNG plots) to the run folder;
+            ``module.report`` holds it either way.
         **kwargs: :class:`bdl.infer.SVIModule` options (elbo, lr, lr_decay, init_scale, ...).
     """
 
@@ -556,6 +563,7 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         num_eval_samples: int = 32,
         num_val_samples: int = 8,
         n_bins: int = 15,
+        save_report: bool = True,
         **kwargs: Any,  # noqa: ANN401
     ) -> None:
         if not isinstance(model, infer.PyroModel):
@@ -565,6 +573,7 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         self.num_eval_samples = _check_positive_int("num_eval_samples", num_eval_samples)
         self.num_val_samples = _check_positive_int("num_val_samples", num_val_samples)
         self.n_bins = _check_positive_int("n_bins", n_bins)
+        self.save_report = bool(save_report)
         self._setup_metrics()
 
     def on_fit_start(self) -> None:

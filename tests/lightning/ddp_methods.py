@@ -23,12 +23,12 @@ from bdl.lightning import (
     VariationalModule,
 )
 
-EPOCHS = 4
+EPOCHS = 2
 
 
 def build(method: str) -> L.LightningModule:
     net = MLP(64, 8, hidden=[32], dropout=0.1 if method == "mc_dropout" else 0.0)
-    options = dict(lr=1e-2, num_val_samples=4)
+    options = dict(lr=1e-2, num_val_samples=4, save_report=False)
     if method == "deterministic":
         return DeterministicModule(net, **options)
     if method == "variational":
@@ -36,8 +36,8 @@ def build(method: str) -> L.LightningModule:
     if method == "mc_dropout":
         return MCDropoutModule(net, num_eval_samples=16, **options)
     if method == "ensemble":
-        return EnsembleModule(net, num_members=3, lr=1e-2)
-    return SVIModule(bdl.infer.PyroModel(net, "categorical"), lr=1e-2, num_eval_samples=16, num_val_samples=4)
+        return EnsembleModule(net, num_members=3, lr=1e-2, save_report=False)
+    return SVIModule(bdl.infer.PyroModel(net, "categorical"), lr=1e-2, num_eval_samples=16, num_val_samples=4, save_report=False)
 
 
 def main(out: str, mode: str) -> None:
