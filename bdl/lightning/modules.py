@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .. import infer
 from ..evaluate import Report, evaluate
+from ..infer.svi_trainer import _as_args
 from ..nn.convert import bayesianize as convert_to_bayesian
 from ..nn.convert import kl_divergence
 from ..nn.functional import check_estimator
@@ -38,7 +39,6 @@ from ..nn.heads import gaussian_nll
 from ..nn.layers import BayesianModule
 from ..nn.loss import elbo_loss
 from ..predict import Prediction, predict
-from ..infer.svi_trainer import _as_args
 from ..wrappers import DeepEnsemble, MCDropout
 
 TASKS = ("classification", "regression")
@@ -46,7 +46,7 @@ LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = infer.OPTIMIZERS
 # Metrics of the report logged as test/<name> (those present for the task and data).
 HEADLINE_METRICS = (
-    "accuracy", "nll", "brier_score", "ece", "rmse", "crps", "coverage@0.95",
+    "accuracy", "nll", "brier_score", "ece", "rmse", "crps", "interval_coverage_95",
     "ood/predictive_entropy/auroc", "ood/mutual_information/auroc", "ood/total_variance/auroc", "ood/epistemic_variance/auroc",
 )  # fmt: skip
 

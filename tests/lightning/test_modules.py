@@ -144,7 +144,8 @@ def test_regression_modules_log_rmse_and_report_the_gap(tmp_path):
     fit = trainer(tmp_path, max_epochs=5)
     fit.fit(module, data)
     assert {"val/rmse", "val/nll"} <= set(fit.logged_metrics)
-    fit.test(module, data, verbose=False)
+    results = fit.test(module, data, verbose=False)[0]
+    assert {"test/rmse", "test/nll", "test/crps", "test/interval_coverage_95"} <= set(results)
     assert math.isfinite(module.report.metrics["rmse"]) and "crps" in module.report.metrics
     assert module.report.ood_prediction is not None  # inputs in the gap
 

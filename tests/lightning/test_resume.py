@@ -69,7 +69,7 @@ data:
   class_path: bdl.lightning.DigitsDataModule
   init_args: {{batch_size: 64}}
 trainer:
-  max_epochs: 3
+  max_epochs: 2
   limit_train_batches: 5
   accelerator: cpu
   enable_progress_bar: false
