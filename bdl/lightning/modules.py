@@ -171,9 +171,20 @@ class _Evaluation:
             if metric.update_count:  # a deterministic mean-only regressor has no predictive NLL
                 self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=name in ("accuracy", "rmse"))
 
+    def _checked_prediction(self, x: Tensor, num_samples: Optional[int], stage: str) -> Prediction:
+        """:meth:`sample_prediction`, with a non-finite output reported with the stage, epoch and step."""
+        try:
+            return self.sample_prediction(x, num_samples)
+        except ValueError as error:
+            if "non-finite" not in str(error):
+                raise
+            raise FloatingPointError(
+                f"non-finite prediction in {stage} at epoch {self.current_epoch}, step {self.global_step}: {error}"
+            ) from None
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
         x, y = _split_batch(batch)
-        prediction = self.sample_prediction(x, self.num_val_samples)
+        prediction = self._checked_prediction(x, self.num_val_samples, "validation")
         self._update_val_metrics(prediction, y)
 
     def on_test_epoch_start(self) -> None:
@@ -181,7 +192,7 @@ class _Evaluation:
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:  # noqa: ANN401
         x, y = _split_batch(batch)
-        prediction = self.sample_prediction(x, self.num_eval_samples)
+        prediction = self._checked_prediction(x, self.num_eval_samples, "test")
         one_dimensional = x.dim() == 2 and x.shape[1] == 1  # kept for the 1-D regression figure
         self._test_outputs[dataloader_idx].append((prediction, y, x if one_dimensional else None))
 
@@ -598,7 +609,7 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         with torch.no_grad():
             loss, _, _ = self.loss(*_as_args(batch))
         self.log("val/elbo", -loss, on_epoch=True, batch_size=len(x), sync_dist=True)  # val/nll is the predictive NLL, as elsewhere
-        self._update_val_metrics(self.sample_prediction(x, self.num_val_samples), y)
+        self._update_val_metrics(self._checked_prediction(x, self.num_val_samples, "validation"), y)
 
 
 METHODS: dict[str, type[L.LightningModule]] = {

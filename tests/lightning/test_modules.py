@@ -228,3 +228,11 @@ def test_num_data_comes_from_a_plain_training_loader_too(tmp_path):
     for model in (module, svi):
         trainer(tmp_path, max_steps=1).fit(model, DataLoader(dataset, batch_size=8))
     assert module.num_data == 24 and svi.model.num_data == 24
+
+
+def test_non_finite_prediction_in_validation_is_reported_with_the_step(tmp_path):
+    module = DeterministicModule(net(), lr=1e-2)
+    with torch.no_grad():
+        module.model[2].bias.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="non-finite prediction in validation at epoch 0, step 0: .*logits"):
+        trainer(tmp_path).fit(module, TinyData(batch_size=8))  # the sanity check validates first
