@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bdl
+from benchmark_layers import mlp  # experiments/ is the script's folder, so on sys.path
 
 SIZES = "784-1200-1200-10"
 NUM_DATA = 60_000  # the N of the ELBO (an MNIST-sized training set)
@@ -70,14 +71,6 @@ PRIOR_STD = 1.0
 
 
 # ============================================================================ models
-def mlp(sizes: tuple[int, ...], layer: Callable[[int, int], nn.Module]) -> nn.Sequential:
-    """``layer(in, out)`` between consecutive sizes, ReLU between layers."""
-    modules: list[nn.Module] = []
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        modules.append(layer(fan_in, fan_out))
-        if i < len(sizes) - 2:
-            modules.append(nn.ReLU())
-    return nn.Sequential(*modules)
 
 
 class KLSequential(nn.Module):
@@ -165,7 +158,7 @@ def bdl_variants() -> list[Variant]:
     return [
         Variant(
             f"bdl BayesLinear {estimator}",
-            lambda sizes, e=estimator: mlp(sizes, lambda i, o: bdl.BayesLinear(i, o, prior=PRIOR_STD, estimator=e)),
+            lambda sizes, e=estimator: mlp(lambda i, o: bdl.BayesLinear(i, o, prior=PRIOR_STD, estimator=e), sizes),
             loss,
             predict,
         )
@@ -202,7 +195,7 @@ def blitz_variants() -> list[Union[Variant, Missing]]:
     def layer(fan_in: int, fan_out: int) -> nn.Module:
         return BayesianLinear(fan_in, fan_out, prior_dist=torch.distributions.Normal(0.0, PRIOR_STD))
 
-    return [Variant(name, lambda sizes: mlp(sizes, layer), cross_entropy_plus(kl_divergence_from_nn), loop_predict(plain_forward))]
+    return [Variant(name, lambda sizes: mlp(layer, sizes), cross_entropy_plus(kl_divergence_from_nn), loop_predict(plain_forward))]
 
 
 def torchbnn_variants() -> list[Union[Variant, Missing]]:
@@ -216,7 +209,7 @@ def torchbnn_variants() -> list[Union[Variant, Missing]]:
     def layer(fan_in: int, fan_out: int) -> nn.Module:
         return torchbnn.BayesLinear(prior_mu=0.0, prior_sigma=PRIOR_STD, in_features=fan_in, out_features=fan_out)
 
-    return [Variant(name, lambda sizes: mlp(sizes, layer), cross_entropy_plus(kl_loss), loop_predict(plain_forward))]
+    return [Variant(name, lambda sizes: mlp(layer, sizes), cross_entropy_plus(kl_loss), loop_predict(plain_forward))]
 
 
 def torch_uncertainty_variants() -> list[Union[Variant, Missing]]:
@@ -236,7 +229,7 @@ def torch_uncertainty_variants() -> list[Union[Variant, Missing]]:
             elbo.set_model(model)
         return elbo(x, y).squeeze()
 
-    return [Variant(name, lambda sizes: mlp(sizes, layer), loss, loop_predict(plain_forward))]
+    return [Variant(name, lambda sizes: mlp(layer, sizes), loss, loop_predict(plain_forward))]
 
 
 def reason(error: BaseException) -> str:
@@ -440,7 +433,7 @@ def main() -> None:
     device = torch.device(args.device)
 
     variants: list[Union[Variant, Missing]] = [
-        Variant("nn.Linear", lambda sizes: mlp(sizes, nn.Linear), lambda m, x, y: F.cross_entropy(m(x), y), loop_predict(plain_forward))
+        Variant("nn.Linear", lambda sizes: mlp(nn.Linear, sizes), lambda m, x, y: F.cross_entropy(m(x), y), loop_predict(plain_forward))
     ]
     variants += bdl_variants()
     for _, load in PEERS:
