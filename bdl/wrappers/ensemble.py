@@ -18,8 +18,8 @@ from torch.func import functional_call
 
 ENSEMBLE_METHODS = ("auto", "vmap", "loop")
 """How a :class:`DeepEnsemble` runs its members: ``"vmap"`` (one vectorised call, members must share an
-architecture), ``"loop"`` (one call per member), ``"auto"`` (``"vmap"`` on accelerators when the members
-share an architecture; ``"loop"`` on CPU, where it was measured faster, see :meth:`DeepEnsemble.resolve_method`)."""
+architecture), ``"loop"`` (one call per member), ``"auto"`` (``"loop"``: it was measured faster on CPU and on
+an H200 GPU, see :meth:`DeepEnsemble.resolve_method`)."""
 
 
 def _structure(module: nn.Module) -> tuple[Any, ...]:
@@ -191,23 +191,21 @@ class DeepEnsemble(nn.Module):
     def resolve_method(self) -> str:
         """``"vmap"`` or ``"loop"``: the path :meth:`forward` takes now.
 
-        ``"auto"`` takes ``"vmap"`` only on accelerators (one kernel per layer instead of ``M``); on CPU
-        ``experiments/benchmark_predict.py`` measured the loop as fast or faster (up to 1.3x) for 5-member
-        MLP ensembles at batch 64 and 1024. Both need no BatchNorm-style buffer updates in
-        training mode to take ``"vmap"`` (buffers would update the stacked copy, not the members).
+        ``"auto"`` takes ``"loop"``: ``experiments/benchmark_predict.py`` measured it as fast as or faster
+        than ``"vmap"`` for 5-member MLP ensembles at batch 64 and 1024, on CPU (up to 1.3x) and on an H200
+        GPU (1.3-1.5x: stacking the members' weights costs more than the ``M - 1`` launches it saves). Ask
+        for ``"vmap"`` explicitly to use it (e.g. for many small members); it needs members of one
+        architecture and, in training mode, no BatchNorm-style buffers (their updates would go to the
+        stacked copy, not the members).
         """
-        if self.method == "loop" or len(self.members) == 1:
+        if self.method != "vmap" or len(self.members) == 1:
             return "loop"
-        vmappable = self.shares_architecture() and not (self.training and any(True for _ in self.members[0].buffers()))
-        if self.method == "vmap":
-            if not vmappable:
-                raise ValueError(
-                    "method='vmap' needs members of one architecture (same modules, parameter and buffer shapes) "
-                    "and, in training mode, no buffers; use method='loop'"
-                )
-            return "vmap"
-        device = next(self.members[0].parameters(), torch.empty(0)).device
-        return "vmap" if vmappable and device.type != "cpu" else "loop"
+        if not self.shares_architecture() or (self.training and any(True for _ in self.members[0].buffers())):
+            raise ValueError(
+                "method='vmap' needs members of one architecture (same modules, parameter and buffer shapes) "
+                "and, in training mode, no buffers; use method='loop'"
+            )
+        return "vmap"
 
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Member parameters and buffers stacked along a new first dimension.
@@ -240,7 +238,10 @@ class DeepEnsemble(nn.Module):
             return functional_call(base, (p, b), inputs)
 
         in_dims = (0, 0) + (None,) * len(args)
-        return torch.vmap(call, in_dims=in_dims, randomness="different", chunk_size=self.chunk_size)(params, buffers, *args)
+        try:
+            return torch.vmap(call, in_dims=in_dims, randomness="different", chunk_size=self.chunk_size)(params, buffers, *args)
+        except RuntimeError as error:  # e.g. torch 2.11's vmap of cuDNN BatchNorm under CUDA autocast
+            raise RuntimeError(f"DeepEnsemble method='vmap' failed: {error}; method='loop' runs the members one by one") from error
 
     def _loop_forward(self, *args: Any) -> Any:  # noqa: ANN401
         outputs = [member(*args) for member in self.members]
