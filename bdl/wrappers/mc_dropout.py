@@ -12,8 +12,10 @@ import fnmatch
 import math
 from typing import Any, Iterator, Optional, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
+
+from ..nn.functional import dropout
 
 DROPOUT_TYPES = (_DropoutNd,)
 """Module types kept stochastic: ``_DropoutNd`` covers ``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``
@@ -28,6 +30,11 @@ class _DropoutBefore:
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return (self.dropout(args[0]), *args[1:])
+
+
+def _always_on_dropout(module: nn.Dropout, args: tuple[Any, ...], output: Tensor) -> Tensor:
+    """Forward hook on an eval-mode ``nn.Dropout`` (which returns its input): the output of dropout left on."""
+    return dropout(args[0], module.p)
 
 
 def _matches(name: str, module: nn.Module, patterns: Sequence[str | type]) -> bool:
@@ -119,13 +126,25 @@ class MCDropout(nn.Module):
 
     @contextlib.contextmanager
     def dropout_enabled(self) -> Iterator[None]:
-        """Context in which every dropout module is in training mode (restored afterwards)."""
+        """Context in which every dropout module draws fresh masks (restored afterwards).
+
+        Other dropout types are switched to training mode; plain ``nn.Dropout`` layers draw the same
+        distribution faster: they stay in eval mode (the identity) and a forward hook applies
+        :func:`bdl.nn.functional.dropout` to their input.
+        """
         previous = [module.training for module in self._dropout]
+        hooks = []
         for module in self._dropout:
-            module.training = True
+            if type(module) is nn.Dropout:
+                module.training = False
+                hooks.append(module.register_forward_hook(_always_on_dropout))
+            else:
+                module.training = True
         try:
             yield
         finally:
+            for hook in hooks:
+                hook.remove()
             for module, training in zip(self._dropout, previous):
                 module.training = training
 

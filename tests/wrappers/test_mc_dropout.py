@@ -13,6 +13,37 @@ def net_with_batchnorm(p=0.3):
     return nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(p), nn.Linear(16, 3))
 
 
+class AlwaysOnDropout(nn.Module):
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return bdl.nn.functional.dropout(x, self.p)
+
+
+def test_fast_dropout_has_the_distribution_of_torch_dropout_and_its_gradient():
+    torch.manual_seed(0)
+    x = torch.rand(400, 1000) + 0.5  # large enough for the threaded draw
+    for p in (0.1, 0.5):
+        got = bdl.nn.functional.dropout(x, p)
+        kept = got != 0
+        assert abs(kept.float().mean().item() - (1 - p)) < 0.005  # 400k draws: std 0.0008
+        torch.testing.assert_close(got[kept], x[kept] / (1 - p))
+        assert abs(kept[:, :500].float().mean() - kept[:, 500:].float().mean()) < 0.005  # every chunk drawn
+    torch.manual_seed(1)
+    a = bdl.nn.functional.dropout(x, 0.3)
+    torch.manual_seed(1)
+    assert torch.equal(a, bdl.nn.functional.dropout(x, 0.3))  # reproducible under the global seed
+    leaf = x.clone().requires_grad_()
+    out = bdl.nn.functional.dropout(leaf, 0.3)
+    out.sum().backward()
+    torch.testing.assert_close(leaf.grad, (out != 0).float() / 0.7)
+    assert bdl.nn.functional.dropout(x, 0.0) is x and not bdl.nn.functional.dropout(x, 1.0).any()
+    with pytest.raises(ValueError, match=r"p must be a dropout rate in \[0, 1\], got 1.5"):
+        bdl.nn.functional.dropout(x, 1.5)
+
+
 def test_dropout_is_on_and_batchnorm_uses_running_statistics():
     net = net_with_batchnorm()
     with torch.no_grad():
@@ -21,8 +52,9 @@ def test_dropout_is_on_and_batchnorm_uses_running_statistics():
     model = MCDropout(net)
     x = torch.randn(6, 4)
     # reference: the whole network in eval mode except the dropout layer, with the same random masks
+    # (nn.Dropout layers draw them through bdl.nn.functional.dropout)
     reference_net = copy.deepcopy(net).eval()
-    reference_net[3].train()
+    reference_net[3] = AlwaysOnDropout(0.3)
     torch.manual_seed(5)
     expected = reference_net(x)
     torch.manual_seed(5)
@@ -72,7 +104,7 @@ def test_inserted_dropout_goes_before_the_chosen_modules_of_a_copy():
     # p=0.5 on the 8 hidden units: the output is the last layer applied to masked, rescaled hidden units
     hidden = net[1](net[0](x))
     torch.manual_seed(3)
-    mask = torch.empty_like(hidden).bernoulli_(0.5) * 2
+    mask = (torch.rand_like(hidden) >= 0.5).float() * 2  # the draw of bdl.nn.functional.dropout
     torch.manual_seed(3)
     torch.testing.assert_close(model(x), net[2](hidden * mask))
     assert not net[2]._forward_pre_hooks  # the user's model is untouched
