@@ -494,7 +494,9 @@ def resolve_method(model: Callable[..., Any], batch_size: int, method: str = "au
       weights and ``V`` those whose variance matmul is not shared across samples (all but a leading
       ``BayesLinear`` of an ``nn.Sequential``), i.e. up to a few hundred rows per batch: 2.8-3.3x faster
       than the loop at batch 64, 1.4-1.7x slower at 1024.
-    - On accelerators ``"batched"`` (one large launch instead of ``S`` small ones; not measured here).
+    - On accelerators ``"batched"``: one large launch instead of ``S`` small ones. Measured on an H200 at
+      S=32: 2-13x faster than the loop for ``BayesLinear`` MLPs (batch 64 and 1024) and 1.6-5.7x for MC
+      dropout.
 
     Args:
         model: the model.

@@ -93,3 +93,17 @@ def test_mcmc_validates_its_arguments(linear_regression):
         mcmc(model, data.x, data.y, chain_method="vectorized")
     with pytest.raises(ValueError, match="num_chains"):
         mcmc(model, data.x, data.y, num_chains=0)
+
+
+@pytest.mark.filterwarnings("ignore:num_chains=2 is more than available_cpu")
+def test_parallel_chains_sample_the_exact_posterior(linear_regression):
+    """chain_method="parallel": one Pyro MCMC run of all chains, each in its own process where there are more CPUs
+    than chains (on 2 cores Pyro draws them in turn, still as one run)."""
+    data = linear_regression
+    result = mcmc(data.pyro_model(), data.x, data.y, num_samples=100, warmup_steps=60, num_chains=2,
+                  chain_method="parallel", seed=0, kernel_options={"full_mass": True})  # fmt: skip
+    assert result.chain_samples["weight"].shape == (2, 100, 1, 1) and len(result.diagnostics["divergences"]) == 2
+    w = data.slope_intercept(result.samples)
+    ess = result.summary["weight"]["n_eff"].reshape(()).double()
+    assert ((w.mean(0) - data.mean).abs() < 4 * data.std / ess.sqrt()).all()
+    assert result.summary.max_r_hat < 1.05 and result.prediction.mean.shape == (50, 1)
