@@ -176,6 +176,39 @@ def test_invalid_options_are_rejected_with_the_valid_names():
         SVIModule(model, "normal", optimizer="lbfgs")
     with pytest.raises(ValueError, match="rank"):
         SVIModule(model, "normal", rank=2)
+    with pytest.raises(ValueError, match=r"validate must be one of \['first', 'always', 'never'\], got 'once'"):
+        SVIModule(model, "normal", validate="once")
+
+
+@pytest.mark.parametrize("validate, expected", [("first", [True, False, False]), ("always", [True] * 3), ("never", [False] * 3)])
+def test_pyro_validation_runs_on_the_steps_asked_for(validate, expected, monkeypatch):
+    flags = []
+    real = pyro.validation_enabled
+
+    def recording(is_validate=True):
+        flags.append(is_validate)
+        return real(is_validate)
+
+    x, y = classification_data()
+    module = SVIModule(PyroModel(nn.Linear(2, 2), "categorical", num_data=64), "normal", validate=validate)
+    monkeypatch.setattr(pyro, "validation_enabled", recording)
+    for _ in range(3):
+        module.loss(x, y)
+    assert flags == expected
+
+
+def counts_model(y):
+    rate = pyro.sample("log_rate", dist.Normal(0.0, 1.0)).exp()
+    with pyro.plate("data", len(y)):
+        pyro.sample("obs", dist.Poisson(rate), obs=y)
+
+
+def test_first_step_validation_catches_observations_outside_the_support():
+    counts = torch.tensor([1.0, -2.0, 3.0])  # a negative count: outside the Poisson's support
+    with pytest.raises(ValueError, match="support"):
+        SVIModule(counts_model, "normal", example_args=(counts,)).loss(counts)
+    unchecked = SVIModule(counts_model, "normal", example_args=(counts,), validate="never")
+    unchecked.loss(counts)  # not caught: the reason to check at least the first step
 
 
 @pytest.mark.slow
