@@ -26,12 +26,15 @@ import bdl
 SIZES = (784, 1200, 1200, 10)
 
 
-def mlp(layer: Callable[[int, int], nn.Module], sizes: tuple[int, ...] = SIZES) -> nn.Sequential:
+def mlp(layer: Callable[[int, int], nn.Module], sizes: tuple[int, ...] = SIZES, dropout: float = 0.0) -> nn.Sequential:
+    """``layer(in, out)`` for each pair of ``sizes`` with ReLU (and ``nn.Dropout(dropout)`` if > 0) between them."""
     modules: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         modules.append(layer(fan_in, fan_out))
         if i < len(sizes) - 2:
             modules.append(nn.ReLU())
+            if dropout:
+                modules.append(nn.Dropout(dropout))
     return nn.Sequential(*modules)
 
 

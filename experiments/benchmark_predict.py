@@ -30,21 +30,11 @@ import torch
 from torch import nn
 
 import bdl
+from benchmark_layers import mlp
 from bdl.predict import resolve_method
 
 SIZES = ((784, 1200, 1200, 10), (64, 128, 128, 10))
 BATCHES = (64, 1024)
-
-
-def mlp(sizes: tuple[int, ...], layer: Callable[[int, int], nn.Module] = nn.Linear, dropout: float = 0.0) -> nn.Sequential:
-    modules: list[nn.Module] = []
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        modules.append(layer(fan_in, fan_out))
-        if i < len(sizes) - 2:
-            modules.append(nn.ReLU())
-            if dropout:
-                modules.append(nn.Dropout(dropout))
-    return nn.Sequential(*modules)
 
 
 def best_ms(candidates: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
@@ -102,10 +92,10 @@ def main() -> None:
     for sizes in sizes_list:
         label = "-".join(map(str, sizes))
         torch.manual_seed(0)
-        plain = mlp(sizes).to(device).eval()
-        bayesian = mlp(sizes, lambda i, o: bdl.BayesLinear(i, o, posterior_std_init=0.05)).to(device)
-        dropout = bdl.MCDropout(mlp(sizes, dropout=0.2).to(device))
-        ensemble = bdl.DeepEnsemble([mlp(sizes).to(device) for _ in range(args.members)])
+        plain = mlp(nn.Linear, sizes).to(device).eval()
+        bayesian = mlp(lambda i, o: bdl.BayesLinear(i, o, posterior_std_init=0.05), sizes).to(device)
+        dropout = bdl.MCDropout(mlp(nn.Linear, sizes, dropout=0.2).to(device))
+        ensemble = bdl.DeepEnsemble([mlp(nn.Linear, sizes).to(device) for _ in range(args.members)])
         for batch in batches:
             x = torch.randn(batch, sizes[0], device=device)
 

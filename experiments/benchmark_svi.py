@@ -27,17 +27,7 @@ from torch import nn
 
 import bdl
 from bdl.infer import PyroModel, SVIModule
-
-SIZES = (784, 1200, 1200, 10)
-
-
-def mlp(layer: Callable[[int, int], nn.Module], sizes: tuple[int, ...]) -> nn.Sequential:
-    modules: list[nn.Module] = []
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        modules.append(layer(fan_in, fan_out))
-        if i < len(sizes) - 2:
-            modules.append(nn.ReLU())
-    return nn.Sequential(*modules)
+from benchmark_layers import SIZES, mlp
 
 
 def median_ms(steps_by_name: dict[str, Callable[[], None]], steps: int, cuda: bool, warmup: int = 3) -> dict[str, float]:
