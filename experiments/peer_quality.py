@@ -9,6 +9,8 @@ the same seeds (model initialisation and batch order). The loss is ``cross-entro
 
 - ``bdl``: ``bdl.BayesLinear(..., posterior_std_init=0.0486)``, ``bdl.elbo_loss`` with
   ``bdl.kl_divergence(model)`` (summed over weights: the ELBO).
+- ``bdl (mean KL)``: the same layers with bayesian-torch's objective: each weight and bias tensor's KL
+  averaged over its elements (:func:`mean_kl`), to compare the libraries on that objective too.
 - ``bayesian-torch (own KL)``: ``LinearReparameterization(..., posterior_rho_init=-3)``, the KL the
   layers return, which bayesian-torch 0.5 averages over each layer's weights (``kl.mean()``) instead of
   summing them: the KL term is smaller by a factor of about the layer's size.
@@ -90,20 +92,34 @@ def summed_kl(model: nn.Module) -> Tensor:
     return total
 
 
+def mean_kl(model: nn.Module) -> Tensor:
+    """bayesian-torch 0.5's KL for bdl layers: per weight and bias tensor, the KL averaged over its elements."""
+    total = torch.zeros(())
+    for layer in model.modules():
+        if isinstance(layer, bdl.BayesLinear):
+            for mu, std in ((layer.weight_mu, layer.weight_std), (layer.bias_mu, layer.bias_std)):
+                if mu is not None:
+                    total = total + bdl.nn.functional.kl_normal_normal(mu, std, 0.0, PRIOR_STD) / mu.numel()
+    return total
+
+
 Setup = tuple[nn.Module, Callable[[nn.Module, Tensor, Tensor, int], Tensor], nn.Module]
 # (model to train, loss(model, x, y, num_data), model to evaluate)
 
 
-def bdl_setup(num_features: int, num_classes: int) -> Setup:
-    def layer(fan_in: int, fan_out: int) -> nn.Module:
-        return bdl.BayesLinear(fan_in, fan_out, prior=PRIOR_STD, posterior_std_init=POSTERIOR_STD_INIT)
+def bdl_setup(kl: Callable[[nn.Module], Tensor]) -> Callable[[int, int], Setup]:
+    def setup(num_features: int, num_classes: int) -> Setup:
+        def layer(fan_in: int, fan_out: int) -> nn.Module:
+            return bdl.BayesLinear(fan_in, fan_out, prior=PRIOR_STD, posterior_std_init=POSTERIOR_STD_INIT)
 
-    model = nn.Sequential(layer(num_features, HIDDEN), nn.ReLU(), layer(HIDDEN, num_classes))
+        model = nn.Sequential(layer(num_features, HIDDEN), nn.ReLU(), layer(HIDDEN, num_classes))
 
-    def loss(model: nn.Module, x: Tensor, y: Tensor, num_data: int) -> Tensor:
-        return bdl.elbo_loss(F.cross_entropy(model(x), y), bdl.kl_divergence(model), num_data).loss
+        def loss(model: nn.Module, x: Tensor, y: Tensor, num_data: int) -> Tensor:
+            return bdl.elbo_loss(F.cross_entropy(model(x), y), kl(model), num_data).loss
 
-    return model, loss, model
+        return model, loss, model
+
+    return setup
 
 
 def bayesian_torch_setup(summed: bool) -> Callable[[int, int], Setup]:
@@ -187,7 +203,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     splits = load_digits(seed=0, ood_classes=[8, 9])
-    setups: list[tuple[str, Union[Callable[[int, int], Setup], str]]] = [("bdl", bdl_setup)]
+    setups: list[tuple[str, Union[Callable[[int, int], Setup], str]]] = [
+        ("bdl", bdl_setup(bdl.kl_divergence)), ("bdl (mean KL)", bdl_setup(mean_kl))]
     try:
         setups += [("bayesian-torch (own KL)", bayesian_torch_setup(summed=False)),
                    ("bayesian-torch (summed KL)", bayesian_torch_setup(summed=True))]
@@ -207,7 +224,8 @@ def main() -> None:
         f"loss cross-entropy + KL / N; evaluated by bdl.evaluate with S={args.num_samples}; mean ± std over "
         f"seeds {', '.join(map(str, args.seeds))}; {args.threads} CPU threads.\n"
         "ECE: 15 equal-width bins. OOD AUROC: predictive entropy separating digits 8-9 from the test set. "
-        "bayesian-torch's own KL is the mean over each layer's weights, not the sum."
+        "bayesian-torch's own KL is the mean over each layer's weights, not the sum; 'bdl (mean KL)' trains bdl's "
+        "layers on that objective, 'bayesian-torch (summed KL)' trains bayesian-torch's on the ELBO."
     )
     text = f"{header}\n\n{table(rows)}\n"
     print(f"\n{text}")
