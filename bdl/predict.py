@@ -73,6 +73,12 @@ def _check_int(name: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
+def _all_finite(t: Tensor) -> bool:
+    """Whether every element of ``t`` is finite: one sum (NaN and Inf propagate into it), and only when
+    that is not finite (an overflow of large finite values, too) the elementwise check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _summary_dtype(t: Tensor) -> Tensor:
     # half-precision outputs (autocast) are summarised in float32: entropies of 16-bit probabilities lose digits
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -331,7 +337,7 @@ def _check_samples(name: str, value: Any, expected: str) -> Tensor:  # noqa: ANN
         raise ValueError(f"{name} must hold at least one sample (S >= 1), got shape {tuple(value.shape)}")
     if value.is_meta:
         raise ValueError(f"{name} is on the 'meta' device (a shape without values), got shape {tuple(value.shape)}")
-    if not bool(torch.isfinite(value).all()):
+    if not _all_finite(value):
         bad = int((~torch.isfinite(value)).sum())
         raise ValueError(f"{name} must be finite, got {bad} NaN/Inf entries out of {value.numel()}")
     return value
@@ -698,7 +704,7 @@ def _add_output(summary: Any, output: Any, task: str) -> None:  # noqa: ANN401
         if not isinstance(output, Tensor) or output.dim() != 3:
             shape = tuple(output.shape[1:]) if isinstance(output, Tensor) else type(output).__name__
             raise ValueError(f"a classification model must return logits [B, C], got {shape}")
-        if not torch.isfinite(output).all():
+        if not _all_finite(output):
             raise ValueError("the model returned non-finite logits (NaN or Inf)")
         summary.add_logits(output)
         return
@@ -715,7 +721,7 @@ def _add_output(summary: Any, output: Any, task: str) -> None:  # noqa: ANN401
         variances = None if variances is None else variances.unsqueeze(-1)
     if means.dim() != 3:
         raise ValueError(f"a regression model must return means [B, D] or [B], got {tuple(means.shape[1:])}")
-    if not torch.isfinite(means).all() or (variances is not None and not torch.isfinite(variances).all()):
+    if not _all_finite(means) or (variances is not None and not _all_finite(variances)):
         raise ValueError("the model returned non-finite means or variances (NaN or Inf)")
     if variances is not None and (variances < 0).any():
         raise ValueError("the model returned negative variances")

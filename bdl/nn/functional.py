@@ -254,7 +254,9 @@ class _ExpScaledNoise(torch.autograd.Function):
 def scaled_noise(rho: Tensor, transform: str = "exp") -> Tensor:
     """A draw of ``std * eps``, ``eps ~ N(0, I)``, with ``std = transform(rho)``; differentiable in ``rho``."""
     if transform == "exp":
-        return _ExpScaledNoise.apply(rho)
+        if torch.is_grad_enabled() and rho.requires_grad:
+            return _ExpScaledNoise.apply(rho)
+        return randn_like(rho).mul_(rho.exp())  # prediction: no graph, so no autograd.Function call
     return std_from_rho(rho, transform)[0] * randn_like(rho)
 
 
@@ -266,7 +268,11 @@ def posterior_variance(rho: Tensor, transform: str = "exp") -> Tensor:
 
 
 def _sample(mu: Optional[Tensor], rho: Optional[Tensor], transform: str) -> Optional[Tensor]:
-    return None if mu is None else mu + scaled_noise(rho, transform)
+    if mu is None:
+        return None
+    if torch.is_grad_enabled() and (mu.requires_grad or rho.requires_grad):
+        return mu + scaled_noise(rho, transform)
+    return scaled_noise(rho, transform).add_(mu)  # no graph: add into the fresh noise
 
 
 def reparameterized(
