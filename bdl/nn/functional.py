@@ -149,7 +149,7 @@ _pool_pid = -1
 def _noise_pool() -> ThreadPoolExecutor:
     global _pool, _pool_pid
     if _pool is None or _pool_pid != os.getpid():  # a forked child (DataLoader worker) needs its own threads
-        _pool = ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="bdl-noise")
+        _pool = ThreadPoolExecutor(max_workers=max(torch.get_num_threads() - 1, 1), thread_name_prefix="bdl-noise")
         _pool_pid = os.getpid()
     return _pool
 
@@ -179,7 +179,11 @@ def _threaded_fill(t: Tensor, fill: Callable[[Tensor, torch.Generator], object])
         with torch.inference_mode(inference):
             fill(chunk, torch.Generator().manual_seed(seed))
 
-    list(_noise_pool().map(run, chunks, seeds))
+    # the calling thread fills the first chunk itself: one thread fewer competing for the cores
+    pending = [_noise_pool().submit(run, chunk, seed) for chunk, seed in zip(chunks[1:], seeds[1:])]
+    run(chunks[0], seeds[0])
+    for future in pending:
+        future.result()
     return out
 
 
