@@ -38,8 +38,8 @@ def mlp(layer: Callable[[int, int], nn.Module], sizes: tuple[int, ...] = SIZES, 
     return nn.Sequential(*modules)
 
 
-def time_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, fused: bool, warmup: int = 5) -> float:
-    """Median ms per forward + backward + Adam step."""
+def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fused: bool) -> Callable[[], None]:
+    """One forward + backward + Adam step of ``model`` (the ELBO for Bayesian models, else cross-entropy)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
     num_data = 60_000
     bayesian = any(isinstance(m, bdl.BayesianModule) for m in model.modules())
@@ -51,19 +51,26 @@ def time_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, f
         loss.backward()
         optimizer.step()
 
-    for _ in range(warmup):
-        step()
-    times = []
+    return step
+
+
+def median_ms(steps_by_name: dict[str, Callable[[], None]], steps: int, cuda: bool, warmup: int = 3) -> dict[str, float]:
+    """Median ms per step of each training step, measured interleaved (one step of each in turn), so a
+    change in machine load affects all of them alike."""
+    for step in steps_by_name.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps_by_name}
     for _ in range(steps):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
+        for name, step in steps_by_name.items():
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def main() -> None:
@@ -86,20 +93,23 @@ def main() -> None:
         variants[f"BayesLinear {estimator}"] = lambda i, o, e=estimator: bdl.BayesLinear(i, o, estimator=e)
     variants["BayesLinear reparam softplus"] = lambda i, o: bdl.BayesLinear(i, o, std_transform="softplus")
 
-    print(f"MLP {'-'.join(map(str, sizes))}, batch {args.batch_size}, {device}, {args.threads} threads, median of {args.steps} steps")
+    steps = {}
+    for name, layer in variants.items():
+        for fused in (False, True):
+            torch.manual_seed(0)
+            steps[name, fused] = training_step(mlp(layer, sizes).to(device), x, y, fused)
+    ms = median_ms(steps, args.steps, device.type == "cuda")
+    print(f"MLP {'-'.join(map(str, sizes))}, batch {args.batch_size}, {device}, {args.threads} threads, "
+          f"median of {args.steps} steps, interleaved (one step of each variant in turn)")
     print("ms per forward + backward + Adam step; ratio to nn.Linear with the same optimizer")
     print(f"| {'layer':<30} | {'Adam (default)':>14} | {'ratio':>5} | {'Adam (fused)':>12} | {'ratio':>5} |")
     print(f"|{'-' * 32}|{'-' * 16}|{'-' * 7}|{'-' * 14}|{'-' * 7}|")
-    baseline: dict[bool, float] = {}
-    for name, layer in variants.items():
+    for name in variants:
         row = f"| {name:<30} |"
         for fused, width in ((False, 14), (True, 12)):
-            torch.manual_seed(0)
-            model = mlp(layer, sizes).to(device)
-            ms = time_steps(model, x, y, args.steps, fused)
-            baseline.setdefault(fused, ms)
-            row += f" {ms:>{width}.1f} | {ms / baseline[fused]:>5.2f} |"
+            row += f" {ms[name, fused]:>{width}.1f} | {ms[name, fused] / ms['nn.Linear', fused]:>5.2f} |"
         print(row)
+
 
 if __name__ == "__main__":
     main()

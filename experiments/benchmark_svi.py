@@ -18,8 +18,6 @@ A benchmark, run on demand, not a test.
 from __future__ import annotations
 
 import argparse
-import time
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,26 +25,7 @@ from torch import nn
 
 import bdl
 from bdl.infer import PyroModel, SVIModule
-from benchmark_layers import SIZES, mlp
-
-
-def median_ms(steps_by_name: dict[str, Callable[[], None]], steps: int, cuda: bool, warmup: int = 3) -> dict[str, float]:
-    """Median ms per step of each training step, measured interleaved (one step of each in turn), so a
-    change in machine load affects all of them alike."""
-    for step in steps_by_name.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps_by_name}
-    for _ in range(steps):
-        for name, step in steps_by_name.items():
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if cuda:
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * sorted(t)[len(t) // 2] for name, t in times.items()}
+from benchmark_layers import SIZES, median_ms, mlp
 
 
 def main() -> None:
