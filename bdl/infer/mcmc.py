@@ -176,7 +176,9 @@ def mcmc(
     (see :class:`PosteriorSummary`). Meant for small models: the gold standard to compare VI against.
 
     ``chain_method="sequential"`` runs one chain after another in this process (reproducible with
-    ``seed``); ``"parallel"`` lets Pyro run them in subprocesses (when there are enough CPUs).
+    ``seed``); ``"parallel"`` lets Pyro run them in subprocesses (when there are more CPUs than chains),
+    started with ``spawn`` (a forked worker fails once autograd has started its threads), so the model
+    must be picklable: a :class:`PyroModel`, or a model function defined at module level.
 
     Args:
         model: a :class:`PyroModel` (``num_data`` None or equal to the number of data points: MCMC needs
@@ -250,6 +252,9 @@ def mcmc(
                 warmup_steps=warmup_steps,
                 num_chains=chains_in_run,
                 disable_progbar=not progress_bar,
+                # fresh worker processes: a forked one fails once autograd has started its device threads
+                # (seen on a CUDA machine)
+                mp_context="spawn" if chains_in_run > 1 else None,
             )
             sampler.run(*args)
             chains.append(sampler.get_samples(group_by_chain=True))
