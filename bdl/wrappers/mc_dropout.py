@@ -49,9 +49,10 @@ def _matches(name: str, module: nn.Module, patterns: Sequence[str | type]) -> bo
 class MCDropout(nn.Module):
     """Keeps every dropout layer of ``model`` stochastic at prediction time; everything else as usual.
 
-    Inside :meth:`forward` the dropout modules (see :data:`DROPOUT_TYPES`) are switched to training mode,
-    whatever the mode of the rest of the model, so in eval mode BatchNorm uses its running statistics
-    while dropout draws fresh masks on every call; each call is one Monte Carlo sample. The wrapper
+    Inside :meth:`forward` the dropout modules (see :data:`DROPOUT_TYPES`) draw fresh masks whatever the
+    mode of the rest of the model (``nn.Dropout`` through :func:`bdl.nn.functional.dropout`, the same
+    distribution drawn faster; the other types switched to training mode), so in eval mode BatchNorm uses
+    its running statistics while dropout is on; each call is one Monte Carlo sample. The wrapper
     shares ``model`` (no copy) and starts in eval mode; call ``.train()`` to train through it. Dropout
     applied with ``F.dropout(x, training=self.training)`` inside a custom ``forward`` cannot be seen
     and stays off in eval mode: use ``nn.Dropout`` modules.
