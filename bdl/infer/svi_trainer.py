@@ -136,7 +136,7 @@ class SVIModule(L.LightningModule):
         validate: when Pyro checks distribution arguments and the support of values
             (``pyro.validation_enabled``): ``"first"`` on this module's first loss only, which catches a
             malformed model or batch at once (default); ``"always"``, on every step (the checks scan every
-            weight: about 15% of a 784-1200-1200-10 MLP's step on CPU); ``"never"``.
+            weight: 176 against 156 ms for a 784-1200-1200-10 MLP's step on 2 CPU threads); ``"never"``.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2))

@@ -209,8 +209,9 @@ def dropout(input: Tensor, p: float = 0.5) -> Tensor:
     """Inverted dropout that is always on: ``input * m / (1 - p)`` with ``m ~ Bernoulli(1 - p)`` per element.
 
     The distribution of ``F.dropout(input, p, training=True)``, computed as ``input * ((u >= p) / (1 - p))``
-    with ``u`` from :func:`rand_like`: on CPU about 4x faster than ``F.dropout`` on one thread (which
-    draws its mask with a slower Bernoulli sampler and multiplies by a bool mask), more with threads.
+    with ``u`` from :func:`rand_like`: on CPU, for a 32768x128 tensor, 37 ms against ``F.dropout``'s 77 ms
+    with 2 threads (the uniforms come from several threads; ``F.dropout``'s Bernoulli mask from one),
+    53 against 65 ms on one thread.
     On accelerators it is ``F.dropout`` (one fused kernel there). :class:`bdl.MCDropout` uses it for its
     ``nn.Dropout`` layers. Differentiable in ``input``.
 
@@ -311,7 +312,8 @@ def local_reparameterized(
 
 def _random_signs(t: Tensor, per_channel: bool) -> Tensor:
     shape = t.shape[:2] + (1,) * (t.dim() - 2) if per_channel else t.shape
-    # u < 1/2 for u uniform on [0, 1) in steps of 2^-24 is exactly a fair coin; 3x faster than bernoulli_ on CPU
+    # u < 1/2 for u uniform on [0, 1) in steps of 2^-24 is exactly a fair coin; faster than bernoulli_ on CPU
+    # (128x1200, 2 threads: 2.0 against 2.8 ms)
     like = t.detach() if shape == t.shape else t.new_empty(shape)
     return rand_like(like).lt_(0.5).mul_(2).sub_(1)
 
