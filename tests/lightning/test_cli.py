@@ -12,16 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_args import FEW_STEPS
 
 from bdl.lightning.cli import BDLCLI, main
 
 REPO = Path(__file__).parents[2]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
-TINY = [
-    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-    "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
-]  # fmt: skip
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -42,7 +38,7 @@ def quickstart_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as patch:
         _isolate(patch)
-        main(["fit", "--config", QUICKSTART, *TINY, "--trainer.default_root_dir", str(root)])
+        main(["fit", "--config", QUICKSTART, *FEW_STEPS, "--trainer.default_root_dir", str(root)])
     return root
 
 
@@ -107,7 +103,7 @@ def test_fit_with_evaluate_after_fit_writes_the_report_with_ood_aurocs(quickstar
 
 
 def test_run_name_replaces_the_config_file_name_as_folder(tmp_path):
-    main(["fit", "--config", QUICKSTART, *TINY, "--trainer.limit_val_batches", "0", "--checkpoint.monitor", "null",
+    main(["fit", "--config", QUICKSTART, *FEW_STEPS, "--trainer.limit_val_batches", "0", "--checkpoint.monitor", "null",
           "--evaluate_after_fit", "false", "--run_name", "other", "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
     assert sorted(path.name for path in tmp_path.iterdir()) == ["other"]
     folder = tmp_path / "other" / "version_0"
@@ -132,7 +128,7 @@ def test_evaluate_prints_the_table_and_writes_the_report_in_a_new_version(quicks
     best = _copy_run(quickstart_run, tmp_path)
     fitted = json.loads((tmp_path / "quickstart" / "version_0" / "metrics.json").read_text())["metrics"]
     capsys.readouterr()
-    main(["evaluate", "--config", QUICKSTART, "--ckpt_path", str(best), *TINY, "--trainer.default_root_dir", str(tmp_path)])
+    main(["evaluate", "--config", QUICKSTART, "--ckpt_path", str(best), *FEW_STEPS, "--trainer.default_root_dir", str(tmp_path)])
     out = capsys.readouterr().out
     folder = tmp_path / "quickstart" / "version_1"
     assert "VariationalModule on DigitsDataModule: 64 test inputs, 64 OOD inputs (digits 8, 9)" in out
@@ -150,7 +146,7 @@ def test_evaluate_prints_the_table_and_writes_the_report_in_a_new_version(quicks
 
 def test_test_subcommand_logs_test_metrics_and_writes_the_report(quickstart_run, tmp_path, capsys):
     best = _copy_run(quickstart_run, tmp_path)
-    main(["test", "--config", QUICKSTART, "--ckpt_path", str(best), *TINY, "--trainer.default_root_dir", str(tmp_path)])
+    main(["test", "--config", QUICKSTART, "--ckpt_path", str(best), *FEW_STEPS, "--trainer.default_root_dir", str(tmp_path)])
     assert "test/accuracy" in capsys.readouterr().out
     folder = tmp_path / "quickstart" / "version_1"
     report = json.loads((folder / "metrics.json").read_text())
@@ -161,7 +157,7 @@ def test_test_subcommand_logs_test_metrics_and_writes_the_report(quickstart_run,
 
 def test_predict_writes_predictions_with_normalised_probabilities(quickstart_run, tmp_path):
     best = _copy_run(quickstart_run, tmp_path)
-    main(["predict", "--config", QUICKSTART, "--ckpt_path", str(best), *TINY, "--trainer.limit_predict_batches", "1",
+    main(["predict", "--config", QUICKSTART, "--ckpt_path", str(best), *FEW_STEPS, "--trainer.limit_predict_batches", "1",
           "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
     predictions = torch.load(tmp_path / "quickstart" / "version_1" / "predictions.pt", weights_only=True)
     probs = predictions["probs"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_args import FEW_STEPS
 
 from bdl.lightning.cli import main
 
@@ -45,12 +46,7 @@ def mnist1d_cache(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("config", OFFLINE, ids=[path.stem for path in OFFLINE])
 def test_offline_config_trains_a_few_steps_and_writes_the_report(config, tmp_path, mnist1d_cache):
-    args = [
-        "fit", "--config", str(config),
-        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-        "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(tmp_path),
-    ]  # fmt: skip
+    args = ["fit", "--config", str(config), *FEW_STEPS, "--trainer.default_root_dir", str(tmp_path)]
     if config.name.startswith("mnist1d"):
         args += ["--data.init_args.cache_dir", str(mnist1d_cache)]
     main(args)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_args import FEW_STEPS
 from fake_datasets import write_cifar10, write_svhn
 from torch import nn
 
@@ -18,11 +19,6 @@ from bdl.lightning.cli import main
 
 pytestmark = pytest.mark.cuda
 CONFIGS = Path(__file__).parents[2] / "configs"
-FEW_STEPS = [
-    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-    "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
-]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
