@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import ESTIMATORS, STD_TRANSFORMS, check_estimator, rho_from_std, std_from_rho
-from .priors import Prior, as_prior
+from .functional import ESTIMATORS, STD_TRANSFORMS, GaussianWeights, check_estimator, rho_from_std, std_from_rho
+from .priors import GaussianPrior, Prior, as_prior
 
 
 def _check_size(name: str, value: Any, owner: str, minimum: int = 0) -> int:  # noqa: ANN401
@@ -46,6 +46,41 @@ class BayesianModule(nn.Module):
         raise NotImplementedError
 
 
+class _KLCache(dict):
+    """A layer's KLs from its last training forward; copies and pickles of the layer start empty
+    (the tensors belong to that forward's autograd graph)."""
+
+    def __deepcopy__(self, memo: dict) -> "_KLCache":
+        return _KLCache()
+
+    def __reduce__(self) -> tuple:
+        return (_KLCache, ())
+
+
+class _CachedKL:
+    """The KL a forward computed for one parameter pair, with what it was computed from."""
+
+    __slots__ = ("kl", "mu", "rho", "state", "prior", "graph")
+
+    def __init__(self, posterior: GaussianWeights) -> None:
+        self.kl, self.mu, self.rho, self.prior = posterior.kl, posterior.mu, posterior.rho, posterior.prior
+        self.state = self._state(posterior.mu, posterior.rho)
+        self.graph = posterior.graph  # its "spent" flag is set when a backward goes through the node
+
+    @staticmethod
+    def _state(mu: Tensor, rho: Tensor) -> tuple:
+        return (mu._version, rho._version, mu.data_ptr(), rho.data_ptr(), mu.dtype, mu.device)
+
+    def valid(self, mu: Tensor, rho: Tensor, prior: Optional[tuple[float, float]]) -> bool:
+        return (
+            not self.graph.spent
+            and mu is self.mu
+            and rho is self.rho
+            and prior == self.prior
+            and self._state(mu, rho) == self.state
+        )
+
+
 class _BayesLayer(BayesianModule):
     """Shared machinery: posterior parameters, priors, estimators, KL. Subclasses define ``_op``."""
 
@@ -69,6 +104,7 @@ class _BayesLayer(BayesianModule):
         self.std_transform = std_transform
         self.posterior_std_init = float(posterior_std_init)
         self.deterministic = False
+        self._kl_cache = _KLCache()
         self.weight_mu = nn.Parameter(torch.empty(weight_shape, **factory_kwargs))
         self.weight_rho = nn.Parameter(torch.empty(weight_shape, **factory_kwargs))
         if bias:
@@ -81,6 +117,10 @@ class _BayesLayer(BayesianModule):
         self.weight_prior = prior
         self.bias_prior = copy.deepcopy(prior) if bias else None
         self.reset_parameters()
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("_kl_cache", _KLCache())  # layers pickled before the cache existed
+        super().__setstate__(state)
 
     # priors are assigned through these so tensor-valued ones are checked against the parameter shape
     def __setattr__(self, name: str, value: Any) -> None:
@@ -134,20 +174,65 @@ class _BayesLayer(BayesianModule):
                 f"{weight.device}; move the input or the model with .to(device)"
             )
 
+    def _fusable_prior(self, prior: Optional[Prior], mu: Optional[Tensor]) -> Optional[tuple[float, float]]:
+        """``(loc, scale)`` where this forward can compute the parameter's KL in its sampling node."""
+        if (
+            mu is None
+            or type(prior) is not GaussianPrior
+            or isinstance(prior.loc, Tensor)
+            or isinstance(prior.scale, Tensor)
+            or self.std_transform != "exp"
+        ):
+            return None
+        return (prior.loc, prior.scale)
+
     def forward(self, input: Tensor) -> Tensor:
         if self.deterministic:
             return self._op(input, self.weight_mu, self.bias_mu)
+        # a training forward also computes the KL, in the same autograd nodes as the weight draws, and
+        # keeps it for kl_divergence() (see _GaussianWithKL); not inside compile or torch.func transforms
+        fuse = (
+            torch.is_grad_enabled()
+            and self.weight_mu.requires_grad
+            and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(self.weight_mu)
+        )
+        weight = GaussianWeights(
+            self.weight_mu, self.weight_rho, self.std_transform, self._fusable_prior(self.weight_prior, self.weight_mu) if fuse else None
+        )
+        bias = None
+        if self.bias_mu is not None:
+            bias = GaussianWeights(
+                self.bias_mu, self.bias_rho, self.std_transform, self._fusable_prior(self.bias_prior, self.bias_mu) if fuse else None
+            )
         estimator = ESTIMATORS[self.estimator]
         kwargs = {"per_channel": True} if self.estimator == "flipout" and self._flipout_per_channel else {}
-        return estimator(
-            self._op, input, self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho, self.std_transform, **kwargs
-        )
+        output = estimator(self._op, input, weight, bias, **kwargs)
+        if fuse:
+            self._kl_cache.clear()
+            for name, posterior in (("weight", weight), ("bias", bias)):
+                if posterior is not None and posterior.kl is not None:
+                    self._kl_cache[name] = _CachedKL(posterior)
+        return output
+
+    def _parameter_kl(self, name: str) -> Tensor:
+        mu, rho = getattr(self, f"{name}_mu"), getattr(self, f"{name}_rho")
+        prior = getattr(self, f"{name}_prior")
+        cached = self._kl_cache.get(name)
+        if cached is not None and cached.valid(mu, rho, self._fusable_prior(prior, mu)):
+            return cached.kl if torch.is_grad_enabled() else cached.kl.detach()
+        return prior.posterior_kl(mu, rho, self.std_transform)
 
     def kl_divergence(self) -> Tensor:
-        """``KL(q || p)`` of this layer's weights and bias (closed form for Gaussian priors, else one MC sample)."""
-        kl = self.weight_prior.posterior_kl(self.weight_mu, self.weight_rho, self.std_transform)
+        """``KL(q || p)`` of this layer's weights and bias (closed form for Gaussian priors, else one MC sample).
+
+        After a training forward (gradients enabled) this is the KL computed alongside that forward's
+        weight draws, which makes the step's backward one pass per parameter; it is recomputed once
+        the parameters change or a backward has gone through it.
+        """
+        kl = self._parameter_kl("weight")
         if self.bias_mu is not None:
-            kl = kl + self.bias_prior.posterior_kl(self.bias_mu, self.bias_rho, self.std_transform)
+            kl = kl + self._parameter_kl("bias")
         return kl
 
     def _bayes_repr(self) -> str:

@@ -1,6 +1,6 @@
 import torch
 
-from bdl.nn.functional import randn_like
+from bdl.nn.functional import _random_signs, randn_like
 
 
 def test_parallel_noise_is_standard_normal_and_works_under_inference_mode():
@@ -15,3 +15,18 @@ def test_parallel_noise_is_standard_normal_and_works_under_inference_mode():
     first = randn_like(template)
     torch.manual_seed(3)
     assert torch.equal(first, randn_like(template)) and not first.is_inference()
+
+
+def test_cpu_random_signs_are_fair_independent_coins():
+    """Flipout's signs are unpacked 31 to an int32 draw: every bit position must be a fair coin,
+    independent of its neighbours, and the layout must follow the requested shape."""
+    torch.manual_seed(0)
+    signs = _random_signs(torch.empty(4000, 31 * 16), per_channel=False)
+    assert signs.dtype == torch.float32 and set(signs.unique().tolist()) == {-1.0, 1.0}
+    by_bit = signs.reshape(-1, 31)  # column j holds bit j of every draw
+    n = by_bit.shape[0]
+    assert by_bit.mean(0).abs().max() < 4.5 / n**0.5  # a stuck or biased bit is off by ~1
+    assert (by_bit[:, :-1] * by_bit[:, 1:]).mean(0).abs().max() < 4.5 / n**0.5
+    assert (by_bit[:-1] * by_bit[1:]).mean(0).abs().max() < 4.5 / n**0.5  # consecutive draws
+    per_channel = _random_signs(torch.empty(6, 5, 4, 4, dtype=torch.float64), per_channel=True)
+    assert per_channel.shape == (6, 5, 1, 1) and per_channel.dtype == torch.float64

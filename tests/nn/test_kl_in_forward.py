@@ -1,0 +1,129 @@
+"""A training forward computes each layer's KL in the node that draws its weights (one backward pass
+per parameter); kl_divergence() returns that KL while it is valid and recomputes it otherwise."""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Normal, kl_divergence
+
+import bdl
+from bdl.nn.layers import _BayesLayer
+
+LAYERS = {
+    "linear": (lambda **kw: bdl.BayesLinear(5, 3, **kw), (4, 5)),
+    "conv2d": (lambda **kw: bdl.BayesConv2d(2, 3, 3, padding=1, **kw), (2, 2, 5, 5)),
+}
+PRIOR = bdl.nn.GaussianPrior(0.2, 0.6)
+
+
+def elbo_gradients(layer, x, seed, kl_weight=0.37):
+    torch.manual_seed(seed)
+    out = layer(x)
+    kl = layer.kl_divergence()
+    loss = out.square().sum() + kl_weight * kl
+    return out, kl, torch.autograd.grad(loss, list(layer.parameters()))
+
+
+def test_elbo_gradients_match_autograd_on_the_same_noise():
+    """Known answer: w = mu + exp(rho) eps, KL from torch.distributions, gradients by plain autograd."""
+    layer = bdl.BayesLinear(5, 3, prior=PRIOR, posterior_std_init=0.3).double()
+    x = torch.randn(4, 5, dtype=torch.double)
+    out, kl, grads = elbo_gradients(layer, x, seed=3)
+    params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+    mu, rho, b_mu, b_rho = params
+    torch.manual_seed(3)
+    eps_w, eps_b = torch.randn_like(rho), torch.randn_like(b_rho)
+    ref_out = F.linear(x, mu + rho.exp() * eps_w, b_mu + b_rho.exp() * eps_b)
+    ref_kl = sum(kl_divergence(Normal(m, r.exp()), Normal(0.2, 0.6)).sum() for m, r in ((mu, rho), (b_mu, b_rho)))
+    ref_grads = torch.autograd.grad(ref_out.square().sum() + 0.37 * ref_kl, params)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(kl, ref_kl)
+    for name, got, want in zip(("weight_mu", "weight_rho", "bias_mu", "bias_rho"), grads, ref_grads):
+        torch.testing.assert_close(got, want, msg=name)
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_gradients_equal_those_of_separate_sample_and_kl(kind, estimator, monkeypatch):
+    make, shape = LAYERS[kind]
+    layer = make(estimator=estimator, prior=PRIOR, posterior_std_init=0.2).double()
+    x = torch.randn(shape, dtype=torch.double)
+    fused = elbo_gradients(layer, x, seed=1)
+    assert layer._kl_cache, "the training forward should have computed the KL"
+    # only the loss' data term, only its KL: each output's share of the one backward
+    torch.manual_seed(1)
+    out_only = torch.autograd.grad(layer(x).sum(), list(layer.parameters()), allow_unused=True)
+    kl_only = torch.autograd.grad(layer.kl_divergence(), list(layer.parameters()))
+
+    monkeypatch.setattr(_BayesLayer, "_fusable_prior", lambda self, prior, mu: None)
+    separate = elbo_gradients(layer, x, seed=1)
+    assert not layer._kl_cache
+    torch.manual_seed(1)
+    out_only_separate = torch.autograd.grad(layer(x).sum(), list(layer.parameters()), allow_unused=True)
+    kl_only_separate = torch.autograd.grad(layer.kl_divergence(), list(layer.parameters()))
+
+    torch.testing.assert_close(fused[0], separate[0])
+    torch.testing.assert_close(fused[1], separate[1])
+    for pairs in ((fused[2], separate[2]), (out_only, out_only_separate), (kl_only, kl_only_separate)):
+        for got, want in zip(*pairs):
+            torch.testing.assert_close(got, want)
+
+
+def test_kl_is_reused_until_parameters_change_or_a_backward_consumed_it():
+    layer = bdl.BayesLinear(5, 3, prior=PRIOR)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    x = torch.randn(4, 5)
+    out = layer(x)
+    kl = layer.kl_divergence()
+    torch.testing.assert_close(layer.kl_divergence(), kl)
+    fresh = PRIOR.posterior_kl(layer.weight_mu, layer.weight_rho) + PRIOR.posterior_kl(layer.bias_mu, layer.bias_rho)
+    torch.testing.assert_close(kl, fresh)
+    with torch.no_grad():
+        assert layer.kl_divergence().grad_fn is None
+    (out.sum() + kl).backward()
+    # the graph behind the kept KL is spent: a second loss through kl_divergence() must still work
+    layer.kl_divergence().backward()
+    optimizer.step()
+    after = PRIOR.posterior_kl(layer.weight_mu, layer.weight_rho) + PRIOR.posterior_kl(layer.bias_mu, layer.bias_rho)
+    torch.testing.assert_close(layer.kl_divergence(), after)
+    assert not torch.allclose(after, kl)
+
+
+def test_kl_follows_prior_and_dtype_changes_after_a_forward():
+    layer = bdl.BayesLinear(5, 3)
+    layer(torch.randn(4, 5))
+    layer.weight_prior = bdl.nn.GaussianPrior(0.0, 0.1)
+    expected = layer.weight_prior.posterior_kl(layer.weight_mu, layer.weight_rho) + layer.bias_prior.posterior_kl(
+        layer.bias_mu, layer.bias_rho
+    )
+    torch.testing.assert_close(layer.kl_divergence(), expected)
+    layer(torch.randn(4, 5))
+    layer.double()
+    assert layer.kl_divergence().dtype == torch.float64
+
+
+def test_layers_copy_and_pickle_after_a_training_forward():
+    model = torch.nn.Sequential(bdl.BayesLinear(5, 3), torch.nn.ReLU(), bdl.BayesLinear(3, 2, estimator="flipout"))
+    model(torch.randn(4, 5)).sum().backward()
+    model(torch.randn(4, 5))  # a forward whose graph is still alive
+    twin = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (twin, loaded):
+        assert not other[0]._kl_cache
+        torch.testing.assert_close(bdl.kl_divergence(other), bdl.kl_divergence(model))
+
+
+def test_non_gaussian_priors_and_softplus_keep_their_own_kl():
+    mixture = bdl.BayesLinear(5, 3, prior=bdl.nn.ScaleMixturePrior())
+    softplus = bdl.BayesLinear(5, 3, std_transform="softplus")
+    moped = bdl.BayesLinear(5, 3, bias=False, prior=bdl.nn.GaussianPrior(torch.zeros(3, 5), 0.5))
+    for layer in (mixture, softplus, moped):
+        layer(torch.randn(4, 5))
+        assert "weight" not in layer._kl_cache
+        assert layer.kl_divergence().requires_grad
