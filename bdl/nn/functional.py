@@ -141,7 +141,7 @@ def normal_log_prob(value: Tensor, loc: float | Tensor, std: float | Tensor) -> 
 
 # CPU normal_ is sequential (one Mersenne-Twister stream) and dominates the cost of sampling large
 # weight matrices; filling chunks from independent generators on several threads divides it.
-_PARALLEL_NOISE_MIN_NUMEL = 1 << 18
+_PARALLEL_NOISE_MIN_NUMEL = 1 << 17  # below, handing chunks to threads costs more than it saves (2 cores)
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_pid = -1
 
