@@ -4,7 +4,7 @@ Times one training step (forward + backward + Adam) of a 784-1200-1200-10 MLP (b
 
 - ``bdl.BayesLinear`` (reparameterisation, closed-form KL): ``bdl.elbo_loss`` on the ELBO;
 - the same architecture as ``nn.Linear`` layers with Gaussian priors via ``bdl.infer.PyroModel`` and an
-  ``AutoNormal`` guide, trained by ``bdl.SVIModule``'s loss (Pyro's ``TraceMeanField_ELBO``, closed-form KL),
+  ``AutoNormal`` guide, trained by ``bdl.SVIModule``'s loss (``bdl.infer.guides.MeanFieldELBO``, closed-form KL),
 
 and prints ms per step and the ratio Pyro / BayesLinear (target: within 2x). Both use the same mean-field
 Gaussian family, so the ratio is Pyro's bookkeeping overhead (traces, site handling) on top of the same

@@ -101,7 +101,8 @@ class SVIModule(L.LightningModule):
     """Fit a Pyro guide to a Bayesian model with SVI, as a LightningModule.
 
     Minimises the negative ELBO ``-E_q[log p(y | x, w)] + KL(q(w) || p(w))`` (Pyro's ``Trace_ELBO``, or
-    ``TraceMeanField_ELBO`` with closed-form KL for mean-field guides) with a torch optimizer, following
+    :class:`~bdl.infer.guides.MeanFieldELBO`: ``TraceMeanField_ELBO`` with closed-form KL terms, also for
+    ``AutoNormal``'s weights, where Pyro's estimates them by Monte Carlo) with a torch optimizer, following
     Pyro's ``ELBOModule`` pattern: ``self.elbo = loss(model, guide)`` is an ``nn.Module`` whose
     ``parameters()`` are the guide's variational parameters plus the model's point parameters. The
     guide's parameters are created in ``__init__`` (so ``configure_optimizers`` sees them and
