@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import ESTIMATORS, STD_TRANSFORMS, GaussianWeights, check_estimator, rho_from_std, std_from_rho
+from .functional import ESTIMATORS, STD_TRANSFORMS, GaussianWeights, check_estimator, randn_like, rho_from_std, std_from_rho
 from .priors import GaussianPrior, Prior, as_prior
 
 
@@ -47,8 +47,8 @@ class BayesianModule(nn.Module):
 
 
 class _KLCache(dict):
-    """A layer's KLs from its last training forward; copies and pickles of the layer start empty
-    (the tensors belong to that forward's autograd graph)."""
+    """What a layer keeps from its last forwards (KLs in an autograd graph, stds for prediction); copies and
+    pickles of the layer start empty."""
 
     def __deepcopy__(self, memo: dict) -> "_KLCache":
         return _KLCache()
@@ -105,6 +105,7 @@ class _BayesLayer(BayesianModule):
         self.posterior_std_init = float(posterior_std_init)
         self.deterministic = False
         self._kl_cache = _KLCache()
+        self._std_cache = _KLCache()
         self.weight_mu = nn.Parameter(torch.empty(weight_shape, **factory_kwargs))
         self.weight_rho = nn.Parameter(torch.empty(weight_shape, **factory_kwargs))
         if bias:
@@ -119,7 +120,8 @@ class _BayesLayer(BayesianModule):
         self.reset_parameters()
 
     def __setstate__(self, state: dict) -> None:
-        state.setdefault("_kl_cache", _KLCache())  # layers pickled before the cache existed
+        state.setdefault("_kl_cache", _KLCache())  # layers pickled before these caches existed
+        state.setdefault("_std_cache", _KLCache())
         super().__setstate__(state)
 
     # priors are assigned through these so tensor-valued ones are checked against the parameter shape
@@ -186,9 +188,35 @@ class _BayesLayer(BayesianModule):
             return None
         return (prior.loc, prior.scale)
 
+    def _prediction_std(self, name: str) -> Tensor:
+        """The posterior std of ``{name}_rho`` for sampling without gradients, kept while ``rho`` is unchanged."""
+        rho = getattr(self, f"{name}_rho")
+        key = (rho._version, rho.data_ptr(), rho.dtype, rho.device, self.std_transform)
+        cached = self._std_cache.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._std_cache[name] = (key, std_from_rho(rho, self.std_transform)[0])
+        return cached[1]
+
+    def _prediction_sample(self, name: str) -> Optional[Tensor]:
+        mu = getattr(self, f"{name}_mu")
+        if mu is None:
+            return None
+        noise = randn_like(mu)
+        return torch.addcmul(mu, noise, self._prediction_std(name), out=noise)
+
     def forward(self, input: Tensor) -> Tensor:
         if self.deterministic:
             return self._op(input, self.weight_mu, self.bias_mu)
+        if not torch.is_grad_enabled():
+            if (
+                self.estimator == "reparam"
+                and not torch.compiler.is_compiling()
+                and not torch._C._functorch.is_functorch_wrapped_tensor(self.weight_mu)
+            ):
+                # prediction: S forwards share one std per parameter (no exp per draw); same draws as with a graph
+                return self._op(input, self._prediction_sample("weight"), self._prediction_sample("bias"))
+        elif self._std_cache:
+            self._std_cache.clear()  # training: the stds kept for prediction are stale after the next step
         # a training forward also computes the KL, in the same autograd nodes as the weight draws, and
         # keeps it for kl_divergence() (see _GaussianWithKL); not inside compile or torch.func transforms
         fuse = (

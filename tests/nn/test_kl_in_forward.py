@@ -127,3 +127,23 @@ def test_non_gaussian_priors_and_softplus_keep_their_own_kl():
         layer(torch.randn(4, 5))
         assert "weight" not in layer._kl_cache
         assert layer.kl_divergence().requires_grad
+
+
+def test_prediction_reuses_the_std_while_rho_is_unchanged_and_draws_as_with_a_graph():
+    layer = bdl.BayesLinear(5, 3, posterior_std_init=0.3)
+    x = torch.randn(4, 5)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        first = layer(x)
+    torch.manual_seed(2)
+    with_graph = layer(x)  # the same noise, drawn through the training path
+    torch.testing.assert_close(first, with_graph.detach())
+    assert not layer._std_cache  # a training forward drops what prediction kept
+    with torch.no_grad():
+        layer(x)
+        kept = layer._std_cache["weight"][1]
+        layer(x)
+        assert layer._std_cache["weight"][1] is kept
+        layer.weight_rho.add_(1.0)  # an optimizer step changes rho in place
+        layer(x)
+        torch.testing.assert_close(layer._std_cache["weight"][1], layer.weight_rho.exp())
