@@ -68,8 +68,8 @@ class _MeanFieldNormal(dist.Normal):
 
 @register_kl(_MeanFieldNormal, dist.Normal)
 def _kl_mean_field_normal(p: dist.Normal, q: dist.Normal) -> Tensor:
-    if q.loc.requires_grad or q.scale.requires_grad:  # a learned prior: the autograd formula differentiates it
-        return _kl_normal_normal(p, q)
+    if q.loc.requires_grad or q.scale.requires_grad or p.loc.shape != q.loc.shape:
+        return _kl_normal_normal(p, q)  # a learned prior, or one that broadcasts: the autograd formula
     return _NormalKL.apply(p.loc, p.scale, q.loc, q.scale)
 
 

@@ -46,15 +46,15 @@ class BayesianModule(nn.Module):
         raise NotImplementedError
 
 
-class _KLCache(dict):
+class _TransientCache(dict):
     """What a layer keeps from its last forwards (KLs in an autograd graph, stds for prediction); copies and
     pickles of the layer start empty."""
 
-    def __deepcopy__(self, memo: dict) -> "_KLCache":
-        return _KLCache()
+    def __deepcopy__(self, memo: dict) -> "_TransientCache":
+        return _TransientCache()
 
     def __reduce__(self) -> tuple:
-        return (_KLCache, ())
+        return (_TransientCache, ())
 
 
 class _CachedKL:
@@ -104,8 +104,8 @@ class _BayesLayer(BayesianModule):
         self.std_transform = std_transform
         self.posterior_std_init = float(posterior_std_init)
         self.deterministic = False
-        self._kl_cache = _KLCache()
-        self._std_cache = _KLCache()
+        self._kl_cache = _TransientCache()
+        self._std_cache = _TransientCache()
         self.weight_mu = nn.Parameter(torch.empty(weight_shape, **factory_kwargs))
         self.weight_rho = nn.Parameter(torch.empty(weight_shape, **factory_kwargs))
         if bias:
@@ -120,8 +120,8 @@ class _BayesLayer(BayesianModule):
         self.reset_parameters()
 
     def __setstate__(self, state: dict) -> None:
-        state.setdefault("_kl_cache", _KLCache())  # layers pickled before these caches existed
-        state.setdefault("_std_cache", _KLCache())
+        state.setdefault("_kl_cache", _TransientCache())  # layers pickled before these caches existed
+        state.setdefault("_std_cache", _TransientCache())
         super().__setstate__(state)
 
     # priors are assigned through these so tensor-valued ones are checked against the parameter shape
