@@ -1,8 +1,9 @@
 """The maths of mean-field Gaussian layers, as small functions the layer classes call.
 
 Every estimator takes the layer's deterministic operation ``op(x, weight, bias)`` (``F.linear`` or a
-convolution with its stride/padding bound) and the posterior's means and standard deviations, and
-returns the pre-activations of one Monte Carlo draw.
+convolution with its stride/padding bound) and the weight's and bias' posteriors as :class:`GaussianWeights`
+(which, in a training forward, also compute the KL in the same autograd node), and returns the
+pre-activations of one Monte Carlo draw.
 
 - ``reparameterized``: one weight sample ``w = mu + std * eps`` per call, shared by the whole batch
   (Kingma & Welling 2014; Blundell et al. 2015).
