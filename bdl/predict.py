@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ._outputs import draw_stacked
 from .nn.convert import use_estimator
 from .nn.functional import posterior_variance, randn_like
 from .nn.layers import BayesianModule, BayesLinear
@@ -565,16 +566,6 @@ def _map_output(output: Any, fn: Callable[[Tensor], Tensor]) -> Any:  # noqa: AN
     raise TypeError(f"the model must return a tensor or a tuple of tensors, got {type(output).__name__}")
 
 
-def _stack_outputs(outputs: list[Any]) -> Any:  # noqa: ANN401
-    first = outputs[0]
-    if isinstance(first, Tensor):
-        return torch.stack(outputs)
-    if isinstance(first, (tuple, list)):
-        stacked = [torch.stack(parts) for parts in zip(*outputs)]
-        return type(first)(*stacked) if hasattr(first, "_fields") else type(first)(stacked)
-    raise TypeError(f"the model must return a tensor or a tuple of tensors, got {type(first).__name__}")
-
-
 def _repeat_rows(x: Tensor, num_samples: int) -> Tensor:
     """``[B, ...] -> [S * B, ...]``: the batch repeated ``S`` times, sample-major."""
     return x.unsqueeze(0).expand(num_samples, *x.shape).reshape(num_samples * x.shape[0], *x.shape[1:])
@@ -653,11 +644,11 @@ def draw_samples(model: Callable[..., Any], x: Tensor, num_samples: int, *, meth
     if method == "batched":
         return _batched_samples(model, x, num_samples)
     if not isinstance(model, nn.Module):
-        return _stack_outputs([model(x) for _ in range(num_samples)])
+        return draw_stacked(lambda _: model(x), num_samples)
     # One forward is one sample of the weights: "reparam" draws it with one matmul per layer, where "local"
     # and "flipout" (training-time variance reducers) need two; each input's predictive is the same.
     with use_estimator(model, "reparam"):
-        return _stack_outputs([model(x) for _ in range(num_samples)])
+        return draw_stacked(lambda _: model(x), num_samples)
 
 
 # ============================================================================ predict

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .._outputs import draw_stacked, output_parts
+
 ENSEMBLE_METHODS = ("auto", "vmap", "loop")
 """How a :class:`DeepEnsemble` runs its members: ``"vmap"`` (one vectorised call, members must share an
 architecture), ``"loop"`` (one call per member), ``"auto"`` (``"loop"``: it was measured faster on CPU and on
@@ -29,22 +31,6 @@ def _structure(module: nn.Module) -> tuple[Any, ...]:
         tuple((name, p.shape, p.dtype, p.device) for name, p in module.named_parameters()),
         tuple((name, b.shape, b.dtype, b.device) for name, b in module.named_buffers()),
     )
-
-
-def _output_shapes(output: Any) -> Any:  # noqa: ANN401
-    if isinstance(output, Tensor):
-        return tuple(output.shape)
-    if isinstance(output, (tuple, list)):
-        return tuple(_output_shapes(part) for part in output)
-    raise TypeError(f"ensemble members must return a tensor or a tuple of tensors, got {type(output).__name__}")
-
-
-def _stack(outputs: list[Any]) -> Any:  # noqa: ANN401
-    first = outputs[0]
-    if isinstance(first, Tensor):
-        return torch.stack(outputs)
-    stacked = [_stack(list(parts)) for parts in zip(*outputs)]
-    return type(first)(*stacked) if hasattr(first, "_fields") else type(first)(stacked)
 
 
 class DeepEnsemble(nn.Module):
@@ -244,12 +230,7 @@ class DeepEnsemble(nn.Module):
             raise RuntimeError(f"DeepEnsemble method='vmap' failed: {error}; method='loop' runs the members one by one") from error
 
     def _loop_forward(self, *args: Any) -> Any:  # noqa: ANN401
-        outputs = [member(*args) for member in self.members]
-        shapes = [_output_shapes(output) for output in outputs]
-        if any(shape != shapes[0] for shape in shapes[1:]):
-            listing = ", ".join(f"member {i}: {shape}" for i, shape in enumerate(shapes))
-            raise ValueError(f"ensemble members must give outputs of one shape, got {listing}")
-        return _stack(outputs)
+        return draw_stacked(lambda m: self.members[m](*args), len(self.members), "ensemble members", "member")
 
     def forward(self, *args: Any) -> Any:  # noqa: ANN401 - a tensor or tuple like one member's output
         """Every member's output on the same inputs, stacked along a new first dimension ``[M, ...]``."""
@@ -262,14 +243,10 @@ class DeepEnsemble(nn.Module):
         rounds, remainder = divmod(num_samples, len(self.members))
         if remainder or rounds < 1:
             raise ValueError(f"num_samples must be a multiple of the {len(self.members)} members, got {num_samples}")
-        outputs = [self(x) for _ in range(rounds)]
         if rounds == 1:
-            return outputs[0]
-        first = outputs[0]
-        if isinstance(first, Tensor):
-            return torch.cat(outputs)
-        merged = [torch.cat(parts) for parts in zip(*outputs)]
-        return type(first)(*merged) if hasattr(first, "_fields") else type(first)(merged)
+            return self(x)
+        parts, rebuild = output_parts(draw_stacked(lambda _: self(x), rounds, "the ensemble", "round"))
+        return rebuild([part.flatten(0, 1) for part in parts])
 
     def member_losses(self, outputs: Any, target: Tensor, criterion: Callable[..., Tensor]) -> Tensor:  # noqa: ANN401
         """``[M]``: ``criterion(output_m, target)`` for each member's slice of ``outputs = ensemble(x)``.

@@ -18,12 +18,12 @@ def test_parallel_noise_is_standard_normal_and_works_under_inference_mode():
 
 
 def test_cpu_random_signs_are_fair_independent_coins():
-    """Flipout's signs are unpacked 31 to an int32 draw: every bit position must be a fair coin,
-    independent of its neighbours, and the layout must follow the requested shape."""
+    """Flipout's signs are unpacked 64 to a 64-bit draw: every bit position (sign bits included) must be
+    a fair coin, independent of its neighbours, and the layout must follow the requested shape."""
     torch.manual_seed(0)
-    signs = _random_signs(torch.empty(4000, 31 * 16), per_channel=False)
+    signs = _random_signs(torch.empty(4000, 64 * 8), per_channel=False)
     assert signs.dtype == torch.float32 and set(signs.unique().tolist()) == {-1.0, 1.0}
-    by_bit = signs.reshape(-1, 31)  # column j holds bit j of every draw
+    by_bit = signs.reshape(-1, 64)  # column j holds bit j of every draw
     n = by_bit.shape[0]
     assert by_bit.mean(0).abs().max() < 4.5 / n**0.5  # a stuck or biased bit is off by ~1
     assert (by_bit[:, :-1] * by_bit[:, 1:]).mean(0).abs().max() < 4.5 / n**0.5

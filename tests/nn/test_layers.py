@@ -36,7 +36,7 @@ def analytic_moments(layer, x):
 def test_estimator_matches_analytic_moments(kind, estimator):
     layer = LAYERS[kind](estimator=estimator, posterior_std_init=0.4)
     x = torch.randn(INPUTS[kind])
-    num_samples = 2000
+    num_samples = 4000
     with torch.no_grad():
         if estimator != "local":  # weight (and, for flipout, bias) noise is shared within a call
             draws = torch.stack([layer(x) for _ in range(num_samples)])
@@ -44,7 +44,8 @@ def test_estimator_matches_analytic_moments(kind, estimator):
             copies = x.unsqueeze(0).expand(num_samples, *x.shape).reshape(-1, *x.shape[1:])
             draws = layer(copies).reshape(num_samples, x.shape[0], *layer(x).shape[1:])
         mean, var = analytic_moments(layer, x)
-    # z-scores of the sample mean; relative error of the sample variance (sd ~ sqrt(2 / S) = 0.032)
+    # z-scores of the sample mean; relative error of the sample variance (sd ~ sqrt(2 / S) = 0.022 per element;
+    # their mean over the outputs has sd ~0.007 across seeds, so 0.03 is > 4 sd)
     z = (draws.mean(0) - mean) / (var / num_samples).sqrt()
     assert z.abs().max() < 5
     ratio = draws.var(0) / var

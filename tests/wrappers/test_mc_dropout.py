@@ -44,6 +44,26 @@ def test_fast_dropout_has_the_distribution_of_torch_dropout_and_its_gradient():
         bdl.nn.functional.dropout(x, 1.5)
 
 
+def test_fast_dropout_masks_are_independent_across_the_lanes_of_a_random_word():
+    # each 64-bit generator word gives four elements' 16-bit lanes: every lane position must have the
+    # drop rate, and neighbours (same word) and elements four apart (next word) must be independent
+    torch.manual_seed(0)
+    x = torch.ones(1_000_000)
+    for p in (0.2, 0.5, 0.7):
+        kept = (bdl.nn.functional.dropout(x, p) != 0).float()
+        lanes = kept.view(-1, 4)
+        torch.testing.assert_close(lanes.mean(0), torch.full((4,), 1 - p), atol=0.004, rtol=0)  # std 0.0009
+        for a, b in ((kept[:-1], kept[1:]), (kept[:-4], kept[4:])):
+            assert abs((a * b).mean().item() - (1 - p) ** 2) < 0.003
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):
+        out = bdl.nn.functional.dropout(torch.ones(4000, dtype=dtype), 0.3)
+        assert out.dtype == dtype
+        assert set(out.tolist()) == {0.0, torch.tensor(1 / 0.7, dtype=dtype).item()}
+    noncontiguous = torch.ones(300, 200).t()
+    out = bdl.nn.functional.dropout(noncontiguous, 0.5)
+    assert out.shape == (200, 300) and abs((out == 0).float().mean().item() - 0.5) < 0.02
+
+
 def test_dropout_is_on_and_batchnorm_uses_running_statistics():
     net = net_with_batchnorm()
     with torch.no_grad():
@@ -104,9 +124,10 @@ def test_inserted_dropout_goes_before_the_chosen_modules_of_a_copy():
     # p=0.5 on the 8 hidden units: the output is the last layer applied to masked, rescaled hidden units
     hidden = net[1](net[0](x))
     torch.manual_seed(3)
-    mask = (torch.rand_like(hidden) >= 0.5).float() * 2  # the draw of bdl.nn.functional.dropout
+    expected = net[2](bdl.nn.functional.dropout(hidden, 0.5))  # hidden units masked and rescaled
+    assert (expected != net[2](hidden)).any()
     torch.manual_seed(3)
-    torch.testing.assert_close(model(x), net[2](hidden * mask))
+    torch.testing.assert_close(model(x), expected)
     assert not net[2]._forward_pre_hooks  # the user's model is untouched
     assert list(model.state_dict()) == [f"model.{key}" for key in net.state_dict()]
 

@@ -1,0 +1,41 @@
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from bdl._outputs import draw_stacked
+
+
+class Pair(NamedTuple):
+    mean: torch.Tensor
+    variance: torch.Tensor
+
+
+def test_draw_stacked_equals_torch_stack_for_tensors_and_tuples_with_and_without_grad():
+    torch.manual_seed(0)
+    draws = [torch.randn(3, 2) for _ in range(4)]
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert torch.equal(draw_stacked(lambda i: draws[i], 4), torch.stack(draws))
+            pairs = draw_stacked(lambda i: Pair(draws[i], draws[i].exp()), 4)
+            assert isinstance(pairs, Pair) and torch.equal(pairs.variance, torch.stack(draws).exp())
+            plain = draw_stacked(lambda i: (draws[i], draws[i] + 1), 4)
+            assert isinstance(plain, tuple) and torch.equal(plain[1], torch.stack(draws) + 1)
+    leaf = torch.ones(2, requires_grad=True)
+    draw_stacked(lambda i: leaf * (i + 1), 3).sum().backward()  # stacked with autograd: gradients flow
+    assert leaf.grad.tolist() == [6.0, 6.0]
+
+
+def test_draw_stacked_rejects_outputs_that_differ_from_the_first():
+    shapes = [(5, 3), (5, 3), (5, 4)]
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=r"member 0: \(5, 3\), member 2: \(5, 4\)"):
+            draw_stacked(lambda i: torch.zeros(shapes[i]), 3, "ensemble members", "member")
+    with torch.no_grad(), pytest.raises(ValueError, match="shape and dtype"):
+        draw_stacked(lambda i: torch.zeros(2, dtype=torch.float64 if i else torch.float32), 2)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"sample 1: \(\(2,\), \(2,\)\)"):
+        draw_stacked(lambda i: (torch.zeros(2), torch.zeros(2)) if i else torch.zeros(2), 2)
+    with pytest.raises(TypeError, match="must return a tensor or a tuple of tensors, got str"):
+        draw_stacked(lambda i: "logits", 2)
+    with pytest.raises(ValueError, match="count must be >= 1"):
+        draw_stacked(lambda i: torch.zeros(1), 0)
