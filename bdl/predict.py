@@ -351,7 +351,7 @@ def _merge_moments(
     """Chan et al. (1979): merge ``(count, mean, sum of squared deviations)`` with a chunk ``[s, ...]``."""
     chunk_count = samples.shape[0]
     chunk_mean = samples.mean(0)
-    chunk_m2 = (samples - chunk_mean).square().sum(0)
+    chunk_m2 = torch.sub(samples, chunk_mean).square_().sum(0)
     if mean is None:
         return chunk_count, chunk_mean, chunk_m2
     total = count + chunk_count
@@ -730,12 +730,16 @@ def _eval_mode(model: Any) -> Iterator[None]:  # noqa: ANN401
         yield
         return
     modes = [(module, module.training) for module in model.modules()]
+    if not any(training for _, training in modes):  # already in eval mode: nothing to switch or restore
+        yield
+        return
     model.eval()
     try:
         yield
     finally:
         for module, training in modes:
-            module.training = training
+            if module.training != training:
+                module.training = training
 
 
 def predict(
@@ -840,7 +844,7 @@ def predict(
             targets.append(y)
     if not summaries:
         raise ValueError("inputs are empty: nothing to predict")
-    prediction = Prediction.cat(summaries)
+    prediction = summaries[0] if len(summaries) == 1 else Prediction.cat(summaries)
     if len(prediction) == 0:
         raise ValueError("inputs are empty: nothing to predict")
     if all(y is not None for y in targets):

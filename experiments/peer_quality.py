@@ -107,10 +107,12 @@ Setup = tuple[nn.Module, Callable[[nn.Module, Tensor, Tensor, int], Tensor], nn.
 # (model to train, loss(model, x, y, num_data), model to evaluate)
 
 
-def bdl_setup(kl: Callable[[nn.Module], Tensor]) -> Callable[[int, int], Setup]:
+def bdl_setup(kl: Callable[[nn.Module], Tensor], std_transform: str = "exp") -> Callable[[int, int], Setup]:
     def setup(num_features: int, num_classes: int) -> Setup:
         def layer(fan_in: int, fan_out: int) -> nn.Module:
-            return bdl.BayesLinear(fan_in, fan_out, prior=PRIOR_STD, posterior_std_init=POSTERIOR_STD_INIT)
+            return bdl.BayesLinear(
+                fan_in, fan_out, prior=PRIOR_STD, posterior_std_init=POSTERIOR_STD_INIT, std_transform=std_transform
+            )
 
         model = nn.Sequential(layer(num_features, HIDDEN), nn.ReLU(), layer(HIDDEN, num_classes))
 
@@ -142,6 +144,64 @@ def bayesian_torch_setup(summed: bool) -> Callable[[int, int], Setup]:
         return model, loss, LogitsOnly(model)
 
     return setup
+
+
+def same_step_check(num_features: int, num_classes: int, batch: int = 64) -> str:
+    """One ELBO step of both libraries from the same parameters and noise: the differences in loss and gradients.
+
+    A bayesian-torch MLP's initial values are copied into bdl layers with ``std_transform="softplus"`` (its
+    parametrisation), both draw their weight noise from the global generator in the same order, so with
+    the same seed the losses and gradients must agree to float rounding.
+    """
+    torch.manual_seed(0)
+    peer, peer_loss, _ = bayesian_torch_setup(summed=True)(num_features, num_classes)
+    ours, our_loss, _ = bdl_setup(bdl.kl_divergence, "softplus")(num_features, num_classes)
+    pairs = []
+    with torch.no_grad():
+        for mine, theirs in zip([m for m in ours if isinstance(m, bdl.BayesLinear)], peer.layers):
+            for a, b in ((mine.weight_mu, theirs.mu_weight), (mine.weight_rho, theirs.rho_weight),
+                         (mine.bias_mu, theirs.mu_bias), (mine.bias_rho, theirs.rho_bias)):
+                a.copy_(b)
+                pairs.append((a, b))
+    x, y = torch.randn(batch, num_features), torch.randint(0, num_classes, (batch,))
+    losses = []
+    for model, loss in ((ours, our_loss), (peer, peer_loss)):
+        torch.manual_seed(1)
+        value = loss(model, x, y, 1000)
+        value.backward()
+        losses.append(value.item())
+    grad = max((a.grad - b.grad).abs().max().item() for a, b in pairs)
+    scale = max(b.grad.abs().max().item() for _, b in pairs)
+    return f"|loss difference| {abs(losses[0] - losses[1]):.1e} (loss {losses[1]:.3f}), max |gradient difference| {grad:.1e} (max |gradient| {scale:.2f})"
+
+
+def paired_differences(runs: list[dict[str, float]], baseline: list[dict[str, float]]) -> list[str]:
+    """Per metric, the mean over seeds of ``run - baseline`` (same seed) with its 95% t interval."""
+    from scipy.stats import t as student_t
+
+    cells = []
+    for key in COLUMNS:
+        diffs = [run[key] - base[key] for run, base in zip(runs, baseline)]
+        mean = statistics.fmean(diffs)
+        half = student_t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+        cells.append(f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]")
+    return cells
+
+
+PAIRS = (("bdl", "bayesian-torch (summed KL)"), ("bdl (softplus)", "bayesian-torch (summed KL)"),
+         ("bdl (mean KL)", "bayesian-torch (own KL)"))
+
+
+def paired_table(rows: list[tuple[str, Union[list[dict[str, float]], str]]]) -> str:
+    found = dict(rows)
+    lines = [f"| {'difference (same seeds)':<52} | " + " | ".join(f"{t:>25}" for t in COLUMNS.values()) + " |",
+             f"|{'-' * 54}|" + "|".join("-" * 27 for _ in COLUMNS) + "|"]
+    for ours, theirs in PAIRS:
+        a, b = found.get(ours), found.get(theirs)
+        if isinstance(a, list) and isinstance(b, list):
+            cells = paired_differences(a, b)
+            lines.append(f"| {ours + ' - ' + theirs:<52} | " + " | ".join(f"{c:>25}" for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def run_seed(setup: Callable[[int, int], Setup], splits: bdl.data.Splits, seed: int, args: argparse.Namespace) -> dict[str, float]:
@@ -204,10 +264,13 @@ def main() -> None:
 
     splits = load_digits(seed=0, ood_classes=[8, 9])
     setups: list[tuple[str, Union[Callable[[int, int], Setup], str]]] = [
-        ("bdl", bdl_setup(bdl.kl_divergence)), ("bdl (mean KL)", bdl_setup(mean_kl))]
+        ("bdl", bdl_setup(bdl.kl_divergence)), ("bdl (softplus)", bdl_setup(bdl.kl_divergence, "softplus")),
+        ("bdl (mean KL)", bdl_setup(mean_kl))]
+    check = None
     try:
         setups += [("bayesian-torch (own KL)", bayesian_torch_setup(summed=False)),
                    ("bayesian-torch (summed KL)", bayesian_torch_setup(summed=True))]
+        check = same_step_check(splits.num_features, splits.num_classes)
     except Exception as error:  # noqa: BLE001 - any import failure is reported, not hidden
         setups += [(name, f"not installed: {reason(error)}") for name in ("bayesian-torch (own KL)", "bayesian-torch (summed KL)")]
 
@@ -225,9 +288,16 @@ def main() -> None:
         f"seeds {', '.join(map(str, args.seeds))}; {args.threads} CPU threads.\n"
         "ECE: 15 equal-width bins. OOD AUROC: predictive entropy separating digits 8-9 from the test set. "
         "bayesian-torch's own KL is the mean over each layer's weights, not the sum; 'bdl (mean KL)' trains bdl's "
-        "layers on that objective, 'bayesian-torch (summed KL)' trains bayesian-torch's on the ELBO."
+        "layers on that objective, 'bayesian-torch (summed KL)' trains bayesian-torch's on the ELBO. "
+        "'bdl (softplus)' is bdl with bayesian-torch's parametrisation std = softplus(rho) (bdl's default is "
+        "std = exp(rho): the same posterior family, optimised along another path)."
     )
     text = f"{header}\n\n{table(rows)}\n"
+    if check is not None:
+        pairs = paired_table(rows)
+        text += (f"\nPaired differences (bdl row minus bayesian-torch row, seed by seed; mean and 95% t interval; "
+                 f"lower NLL and ECE, higher accuracy and AUROC are better):\n\n{pairs}\n"
+                 f"\nOne ELBO step from the same parameters and noise, bdl (softplus) against bayesian-torch: {check}.\n")
     print(f"\n{text}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import contextlib
 import importlib
 import importlib.util
 import io
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -93,9 +94,10 @@ def test_peer_benchmark_measures_every_installed_library_and_names_the_missing(o
 
 
 def test_peer_quality_reports_mean_and_std_over_seeds_and_writes_the_table(outputs):
-    rows = table_rows(outputs["quality"])
-    assert list(rows) == ["bdl", "bdl (mean KL)", "bayesian-torch (own KL)", "bayesian-torch (summed KL)"]
-    for name in ("bdl", "bdl (mean KL)"):
+    main, _, paired = outputs["quality"].partition("Paired differences")
+    rows = table_rows(main)
+    assert list(rows) == ["bdl", "bdl (softplus)", "bdl (mean KL)", "bayesian-torch (own KL)", "bayesian-torch (summed KL)"]
+    for name in ("bdl", "bdl (softplus)", "bdl (mean KL)"):
         accuracy, nll, ece, auroc, train_s = (float(cell.split(" ± ")[0]) for cell in rows[name])
         assert all(" ± " in cell for cell in rows[name])
         assert 0.5 < accuracy <= 1 and nll > 0 and 0 <= ece <= 1 and 0 <= auroc <= 1 and train_s >= 0  # a fast machine trains the tiny setting in < 0.05 s
@@ -105,3 +107,14 @@ def test_peer_quality_reports_mean_and_std_over_seeds_and_writes_the_table(outpu
         else:
             assert rows[name][0].startswith("not installed:"), rows[name]
     assert outputs["quality_file"] and outputs["quality_file"].strip() in outputs["quality"]
+    if not importable(PEER_MODULES["bayesian-torch"]):
+        assert not paired
+        return
+    differences = table_rows(paired)
+    assert list(differences) == ["bdl - bayesian-torch (summed KL)", "bdl (softplus) - bayesian-torch (summed KL)",
+                                 "bdl (mean KL) - bayesian-torch (own KL)"]
+    for cells in differences.values():
+        assert all(re.fullmatch(r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]", cell) for cell in cells), cells
+    # the same parameters and noise give the same ELBO step in both libraries
+    loss_diff, grad_diff = re.search(r"\|loss difference\| (\S+) .*max \|gradient difference\| (\S+)", paired).groups()
+    assert float(loss_diff) < 1e-4 and float(grad_diff) < 1e-5
