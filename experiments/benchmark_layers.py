@@ -6,7 +6,15 @@ Times forward + backward + Adam step of a 784-1200-1200-10 MLP (batch 128) for `
 both of PyTorch's CPU implementations: the default (a loop over parameters on CPU) and ``fused=True``,
 which is several times faster on CPU and matters more for Bayesian layers (twice the parameters).
 
+Two protocols. ``isolated`` (default): each layer and optimizer trains in a fresh process of its own, as a
+user's one model does, and the processes take turns for ``--rounds`` rounds (the median over rounds of
+each process's median step is reported), so that a change in machine load hits every variant alike.
+``interleaved``: every model lives in one process and they take one step each in turn; the models then
+share the allocator and the caches, which on a machine where fresh pages are expensive (this development
+VM takes ~3 us per page fault) charges the larger Bayesian models for the others' memory traffic.
+
     python experiments/benchmark_layers.py [--threads 2] [--steps 30] [--device cpu|cuda]
+                                           [--protocol isolated|interleaved] [--rounds 3]
 
 A benchmark, run on demand (``make bench``), not a test.
 """
@@ -14,6 +22,9 @@ A benchmark, run on demand (``make bench``), not a test.
 from __future__ import annotations
 
 import argparse
+import statistics
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -73,6 +84,29 @@ def median_ms(steps_by_name: dict[str, Callable[[], None]], steps: int, cuda: bo
     return {name: 1e3 * sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
+def variants() -> dict[str, Callable[[int, int], nn.Module]]:
+    found: dict[str, Callable[[int, int], nn.Module]] = {"nn.Linear": lambda i, o: nn.Linear(i, o)}
+    for estimator in ("reparam", "local", "flipout"):
+        found[f"BayesLinear {estimator}"] = lambda i, o, e=estimator: bdl.BayesLinear(i, o, estimator=e)
+    found["BayesLinear reparam softplus"] = lambda i, o: bdl.BayesLinear(i, o, std_transform="softplus")
+    return found
+
+
+def isolated_ms(args: argparse.Namespace, keys: list[tuple[str, bool]]) -> dict[tuple[str, bool], float]:
+    """Median over ``args.rounds`` rounds of the median step of each variant, each run in a process of its own."""
+    runs: dict[tuple[str, bool], list[float]] = {key: [] for key in keys}
+    for _ in range(args.rounds):
+        for name, fused in keys:
+            command = [sys.executable, __file__, "--child", name, "--threads", str(args.threads), "--steps",
+                       str(args.steps), "--batch-size", str(args.batch_size), "--device", args.device,
+                       "--sizes", *map(str, args.sizes)] + (["--fused"] if fused else [])
+            result = subprocess.run(command, capture_output=True, text=True, check=True)
+            runs[name, fused].append(float(result.stdout.split("ms=")[-1]))
+    for (name, fused), values in runs.items():
+        print(f"rounds, {name}, Adam ({'fused' if fused else 'default'}): " + ", ".join(f"{v:.1f}" for v in values) + " ms")
+    return {key: statistics.median(values) for key, values in runs.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -80,6 +114,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--protocol", choices=("isolated", "interleaved"), default="isolated")
+    parser.add_argument("--rounds", type=int, default=3, help="isolated protocol: turns of every variant's process")
+    parser.add_argument("--variants", nargs="+", default=None, help="only these rows (nn.Linear is always timed)")
+    parser.add_argument("--optimizer", choices=("default", "fused", "both"), default="both", help="which Adam to time")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # isolated protocol: time this variant
+    parser.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -87,26 +127,38 @@ def main() -> None:
     sizes = tuple(args.sizes)
     x = torch.randn(args.batch_size, sizes[0], device=device)
     y = torch.randint(0, sizes[-1], (args.batch_size,), device=device)
+    layers = variants()
+    if args.variants:
+        unknown = sorted(set(args.variants) - set(layers))
+        if unknown:
+            parser.error(f"unknown --variants {unknown}; choose from {sorted(layers)}")
+        layers = {name: layer for name, layer in layers.items() if name == "nn.Linear" or name in args.variants}
+    if args.child is not None:
+        step = training_step(mlp(variants()[args.child], sizes).to(device), x, y, args.fused)
+        print(f"ms={median_ms({args.child: step}, args.steps, device.type == 'cuda')[args.child]}")
+        return
 
-    variants: dict[str, Callable[[int, int], nn.Module]] = {"nn.Linear": lambda i, o: nn.Linear(i, o)}
-    for estimator in ("reparam", "local", "flipout"):
-        variants[f"BayesLinear {estimator}"] = lambda i, o, e=estimator: bdl.BayesLinear(i, o, estimator=e)
-    variants["BayesLinear reparam softplus"] = lambda i, o: bdl.BayesLinear(i, o, std_transform="softplus")
-
-    steps = {}
-    for name, layer in variants.items():
-        for fused in (False, True):
+    optimizers = {"default": (False,), "fused": (True,), "both": (False, True)}[args.optimizer]
+    keys = [(name, fused) for name in layers for fused in optimizers]
+    if args.protocol == "isolated":
+        ms = isolated_ms(args, keys)
+        how = f"each variant in a process of its own, median of {args.steps} steps, median of {args.rounds} rounds"
+    else:
+        steps = {}
+        for name, fused in keys:
             torch.manual_seed(0)
-            steps[name, fused] = training_step(mlp(layer, sizes).to(device), x, y, fused)
-    ms = median_ms(steps, args.steps, device.type == "cuda")
-    print(f"MLP {'-'.join(map(str, sizes))}, batch {args.batch_size}, {device}, {args.threads} threads, "
-          f"median of {args.steps} steps, interleaved (one step of each variant in turn)")
+            steps[name, fused] = training_step(mlp(layers[name], sizes).to(device), x, y, fused)
+        ms = median_ms(steps, args.steps, device.type == "cuda")
+        how = f"median of {args.steps} steps, interleaved (one step of each variant in turn, one process)"
+    print(f"MLP {'-'.join(map(str, sizes))}, batch {args.batch_size}, {device}, {args.threads} threads, {how}")
     print("ms per forward + backward + Adam step; ratio to nn.Linear with the same optimizer")
-    print(f"| {'layer':<30} | {'Adam (default)':>14} | {'ratio':>5} | {'Adam (fused)':>12} | {'ratio':>5} |")
-    print(f"|{'-' * 32}|{'-' * 16}|{'-' * 7}|{'-' * 14}|{'-' * 7}|")
-    for name in variants:
+    columns = [(fused, width, title) for fused, width, title in ((False, 14, "Adam (default)"), (True, 12, "Adam (fused)"))
+               if fused in optimizers]
+    print(f"| {'layer':<30} |" + "".join(f" {title:>{width}} | {'ratio':>5} |" for _, width, title in columns))
+    print(f"|{'-' * 32}|" + "".join(f"{'-' * (width + 2)}|{'-' * 7}|" for _, width, _ in columns))
+    for name in layers:
         row = f"| {name:<30} |"
-        for fused, width in ((False, 14), (True, 12)):
+        for fused, width, _ in columns:
             row += f" {ms[name, fused]:>{width}.1f} | {ms[name, fused] / ms['nn.Linear', fused]:>5.2f} |"
         print(row)
 

@@ -24,6 +24,13 @@ def test_mlp_comparison_prints_both_models():
 
 
 def test_layer_benchmark_prints_a_table_with_ratios():
-    out = run("benchmark_layers.py", "--sizes", "16", "32", "4", "--steps", "2", "--batch-size", "8")
+    tiny = ("--sizes", "16", "32", "4", "--steps", "2", "--batch-size", "8")
+    out = run("benchmark_layers.py", *tiny, "--protocol", "interleaved")
     rows = [line for line in out.splitlines() if line.startswith("| BayesLinear")]
     assert len(rows) == 4 and all(line.count("|") == 6 for line in rows)
+    # the default protocol: every variant (here nn.Linear and one Bayesian layer) in processes of its own
+    out = run("benchmark_layers.py", *tiny, "--rounds", "1", "--variants", "BayesLinear flipout", "--optimizer", "default")
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert "process of its own" in out and list(rows) == ["layer", "nn.Linear", "BayesLinear flipout"]
+    assert "Adam (default)" in rows["layer"] and "fused" not in rows["layer"]
+    assert rows["nn.Linear"].count("1.00") == 1 and float(rows["BayesLinear flipout"].split("|")[3]) > 0
