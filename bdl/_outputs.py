@@ -24,13 +24,15 @@ def output_parts(output: Any, who: str = "the model") -> tuple[list[Tensor], Cal
     raise TypeError(f"{who} must return a tensor or a tuple of tensors, got {type(output).__name__}")
 
 
-def _signature(parts: list[Tensor]) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    return [(tuple(part.shape), part.dtype) for part in parts]
+def _signature(parts: list[Tensor]) -> list[tuple[tuple[int, ...], torch.dtype, torch.device]]:
+    return [(tuple(part.shape), part.dtype, part.device) for part in parts]
 
 
-def _describe(parts: list[Tensor], single: bool) -> str:
+def _describe(parts: list[Tensor], single: bool, full: bool = False) -> str:
+    """The parts' shapes as a tuple (one tensor: its shape); ``full`` adds dtype and device."""
     shapes = [tuple(part.shape) for part in parts]
-    return str(shapes[0] if single else tuple(shapes))
+    text = str(shapes[0] if single else tuple(shapes))
+    return text + " " + ", ".join(f"{part.dtype} on {part.device}" for part in parts) if full else text
 
 
 def draw_stacked(draw: Callable[[int], Any], count: int, who: str = "the model", item: str = "sample") -> Any:  # noqa: ANN401
@@ -42,7 +44,7 @@ def draw_stacked(draw: Callable[[int], Any], count: int, who: str = "the model",
     batch 1024 (2 threads): 2.3 ms against 3.3 ms for keeping the outputs and stacking them at the end,
     whose long-lived small tensors made the allocator hand every forward fresh pages for its
     activations. With gradients enabled the outputs are kept and stacked (autograd needs them anyway).
-    Outputs of another shape, dtype or structure than the first raise a ``ValueError`` naming the
+    Outputs of another shape, dtype, device or structure than the first raise a ``ValueError`` naming the
     ``item`` (e.g. ``"member 2: (5, 4)"``).
     """
     if count < 1:
@@ -50,14 +52,18 @@ def draw_stacked(draw: Callable[[int], Any], count: int, who: str = "the model",
     first = draw(0)
     parts, rebuild = output_parts(first, who)
     single = isinstance(first, Tensor)
-    signature, described = _signature(parts), _describe(parts, single)
+    signature = _signature(parts)
+    described = {full: _describe(parts, single, full) for full in (False, True)}
 
     def check(index: int, output: Any) -> list[Tensor]:  # noqa: ANN401
         others, _ = output_parts(output, who)
-        if _signature(others) != signature or isinstance(output, Tensor) != single:
+        other_single = isinstance(output, Tensor)
+        if _signature(others) != signature or other_single != single:
+            # same shapes: the dtype or device differs, so name them
+            full = other_single == single and [s[0] for s in _signature(others)] == [s[0] for s in signature]
             raise ValueError(
-                f"{who} must give outputs of one shape and dtype, got {item} 0: {described}, "
-                f"{item} {index}: {_describe(others, isinstance(output, Tensor))}"
+                f"{who} must give outputs of one shape, dtype and device, got {item} 0: {described[full]}, "
+                f"{item} {index}: {_describe(others, other_single, full)}"
             )
         return others
 

@@ -493,8 +493,8 @@ def resolve_method(model: Callable[..., Any], batch_size: int, method: str = "au
     batched path is not exact (see :data:`SAMPLING_METHODS`). Otherwise, from
     ``experiments/benchmark_predict.py`` on a shared 2-core CPU:
 
-    - MC dropout: ``"batched"`` (1.5-2x faster than the loop at batch 64; at 1024 1.5x faster for a
-      784-1200-1200-10 MLP, level within noise for 64-128-128-10).
+    - MC dropout: ``"batched"`` (1.6-4.4x faster than the loop at batch 64, 1.15-1.2x at 1024, for
+      784-1200-1200-10 and 64-128-128-10 MLPs).
     - ``BayesLinear`` layers: local reparameterisation costs a second matmul per layer for every row,
       while the loop samples every weight once per forward, which costs about as much as 300 rows of
       matmul per weight. So ``"batched"`` when ``batch_size * V <= 300 * W``, with ``W`` the sampled
