@@ -207,13 +207,13 @@ def rand_like(t: Tensor) -> Tensor:
 
 
 def random_bits(count: int) -> Tensor:
-    """``count`` int64 words of 64 independent fair random bits each (on CPU, several threads for many).
+    """``count`` int64 words of 64 independent fair random bits each, on the CPU (several threads for many).
 
     Every bit of every word is used: ``random_(-2**63, None)`` draws the whole 64-bit range from one
     generator call, where ``torch.rand`` spends a call (~5-7 ns here) on each 24-bit float. Reproducible
     under ``torch.manual_seed`` as :func:`randn_like`.
     """
-    words = torch.empty(count, dtype=torch.int64)
+    words = torch.empty(count, dtype=torch.int64, device="cpu")
     out = _threaded_fill(words, lambda chunk, generator: chunk.random_(-(2**63), None, generator=generator))
     return words.random_(-(2**63), None) if out is None else out
 
@@ -245,6 +245,8 @@ def dropout(input: Tensor, p: float = 0.5) -> Tensor:
         if p == 1:
             return input * 0
         raise ValueError(f"p must be a dropout rate in [0, 1], got {p!r}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got dtype {input.dtype}")
     if p == 0:
         return input
     if input.device.type != "cpu" or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(input):

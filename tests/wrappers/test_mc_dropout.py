@@ -59,6 +59,8 @@ def test_fast_dropout_masks_are_independent_across_the_lanes_of_a_random_word():
         out = bdl.nn.functional.dropout(torch.ones(4000, dtype=dtype), 0.3)
         assert out.dtype == dtype
         assert set(out.tolist()) == {0.0, torch.tensor(1 / 0.7, dtype=dtype).item()}
+    with pytest.raises(TypeError, match="floating-point tensor, got dtype torch.int64"):
+        bdl.nn.functional.dropout(torch.ones(3, dtype=torch.int64), 0.3)
     noncontiguous = torch.ones(300, 200).t()
     out = bdl.nn.functional.dropout(noncontiguous, 0.5)
     assert out.shape == (200, 300) and abs((out == 0).float().mean().item() - 0.5) < 0.02
