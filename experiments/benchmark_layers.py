@@ -11,7 +11,8 @@ user's one model does, and the processes take turns for ``--rounds`` rounds (the
 each process's median step is reported), so that a change in machine load hits every variant alike.
 ``interleaved``: every model lives in one process and they take one step each in turn; the models then
 share the allocator and the caches, which on a machine where fresh pages are expensive (this development
-VM takes ~3 us per page fault) charges the larger Bayesian models for the others' memory traffic.
+VM takes ~3 us per page fault) changes each variant's time differently: in session 5, interleaved gave
+``nn.Linear`` 22.5 ms and Flipout 3.14x, isolated 31.1 ms and 2.92x.
 
     python experiments/benchmark_layers.py [--threads 2] [--steps 30] [--device cpu|cuda]
                                            [--protocol isolated|interleaved] [--rounds 3]
