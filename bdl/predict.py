@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ._outputs import draw_stacked
+from ._outputs import draw_stacked, output_parts
 from .nn.convert import use_estimator
 from .nn.functional import posterior_variance, randn_like
 from .nn.layers import BayesianModule, BayesLinear
@@ -557,13 +557,8 @@ _ROWS_PER_SAMPLED_WEIGHT = 300
 
 
 def _map_output(output: Any, fn: Callable[[Tensor], Tensor]) -> Any:  # noqa: ANN401
-    if isinstance(output, Tensor):
-        return fn(output)
-    if isinstance(output, tuple) and hasattr(output, "_fields"):  # NamedTuple, e.g. GaussianOutput
-        return type(output)(*(fn(part) for part in output))
-    if isinstance(output, (tuple, list)):
-        return type(output)(fn(part) for part in output)
-    raise TypeError(f"the model must return a tensor or a tuple of tensors, got {type(output).__name__}")
+    parts, rebuild = output_parts(output)
+    return rebuild([fn(part) for part in parts])
 
 
 def _repeat_rows(x: Tensor, num_samples: int) -> Tensor:
