@@ -256,6 +256,23 @@ def test_predict_runs_in_eval_mode_and_restores_every_module():
     assert torch.equal(model[1].running_mean, before)
 
 
+def test_predict_calls_a_modules_own_train_override():
+    class FrozenBatchNorm(nn.BatchNorm1d):
+        """Stays in eval mode whatever train() is asked for (a common fine-tuning override)."""
+
+        calls: list[bool] = []
+
+        def train(self, mode: bool = True) -> "FrozenBatchNorm":
+            self.calls.append(mode)
+            return super().train(False)
+
+    model = nn.Sequential(nn.Linear(4, 8), FrozenBatchNorm(8), bdl.BayesLinear(8, 3)).train()
+    FrozenBatchNorm.calls.clear()
+    bdl.predict(model, torch.randn(1, 4), num_samples=3)
+    assert FrozenBatchNorm.calls == [False]  # predict switched through train(), not around it
+    assert model.training and model[0].training and not model[1].training and model[2].training
+
+
 def test_predict_does_not_track_gradients():
     pred = bdl.predict(bayes_mlp(), torch.randn(3, 4), num_samples=2)
     assert not pred.probs.requires_grad

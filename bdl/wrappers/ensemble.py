@@ -21,7 +21,7 @@ from .._outputs import draw_stacked, output_parts
 ENSEMBLE_METHODS = ("auto", "vmap", "loop")
 """How a :class:`DeepEnsemble` runs its members: ``"vmap"`` (one vectorised call, members must share an
 architecture), ``"loop"`` (one call per member), ``"auto"`` (``"loop"``: it was measured faster on CPU and on
-an H200 GPU, see :meth:`DeepEnsemble.resolve_method`)."""
+H200 and H100 GPUs, see :meth:`DeepEnsemble.resolve_method`)."""
 
 
 def _structure(module: nn.Module) -> tuple[Any, ...]:
@@ -178,8 +178,8 @@ class DeepEnsemble(nn.Module):
         """``"vmap"`` or ``"loop"``: the path :meth:`forward` takes now.
 
         ``"auto"`` takes ``"loop"``: ``experiments/benchmark_predict.py`` measured it as fast as or faster
-        than ``"vmap"`` for 5-member MLP ensembles at batch 64 and 1024, on CPU (up to 1.3x) and on an H200
-        GPU (1.3-1.5x: stacking the members' weights costs more than the ``M - 1`` launches it saves). Ask
+        than ``"vmap"`` for 5-member MLP ensembles at batch 64 and 1024, on CPU (up to 1.3x), on an H200 (1.3-1.5x)
+        and on an H100 (1.2-1.3x): stacking the members' weights costs more than the ``M - 1`` launches it saves. Ask
         for ``"vmap"`` explicitly to use it (e.g. for many small members); it needs members of one
         architecture and, in training mode, no BatchNorm-style buffers (their updates would go to the
         stacked copy, not the members).

@@ -34,3 +34,10 @@ def test_layer_benchmark_prints_a_table_with_ratios():
     assert "process of its own" in out and list(rows) == ["layer", "nn.Linear", "BayesLinear flipout"]
     assert "Adam (default)" in rows["layer"] and "fused" not in rows["layer"]
     assert rows["nn.Linear"].count("1.00") == 1 and float(rows["BayesLinear flipout"].split("|")[3]) > 0
+
+
+def test_resnet_benchmark_times_every_estimator_against_conv2d():
+    out = run("benchmark_resnet.py", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "1")
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in out.splitlines() if line.startswith("| ") and "ms/step" not in line}
+    assert list(rows) == ["nn.Conv2d", "reparam", "local", "flipout"] and "(25000 steps)" in out  # one CIFAR-10 epoch at batch 2
+    assert float(rows["nn.Conv2d"][1]) == 1.0 and all(float(ms) > 0 for ms, _ in rows.values())
