@@ -15,7 +15,7 @@ VM takes ~3 us per page fault) changes each variant's time differently: in sessi
 ``nn.Linear`` 22.5 ms and Flipout 3.14x, isolated 31.1 ms and 2.92x.
 
     python experiments/benchmark_layers.py [--threads 2] [--steps 30] [--device cpu|cuda]
-                                           [--protocol isolated|interleaved] [--rounds 3]
+                                           [--protocol isolated|interleaved] [--rounds 3] [--compile]
 
 A benchmark, run on demand (``make bench``), not a test.
 """
@@ -50,17 +50,22 @@ def mlp(layer: Callable[[int, int], nn.Module], sizes: tuple[int, ...] = SIZES, 
     return nn.Sequential(*modules)
 
 
-def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fused: bool) -> Callable[[], None]:
-    """One forward + backward + Adam step of ``model`` (the ELBO for Bayesian models, else cross-entropy)."""
+def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fused: bool, compile_loss: bool = False) -> Callable[[], None]:
+    """One forward + backward + Adam step of ``model`` (the ELBO for Bayesian models, else cross-entropy);
+    ``compile_loss``: the loss (forward, KL, and through AOTAutograd the backward) under ``torch.compile``."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
     num_data = 60_000
     bayesian = any(isinstance(m, bdl.BayesianModule) for m in model.modules())
 
+    def objective() -> torch.Tensor:
+        nll = F.cross_entropy(model(x), y)
+        return bdl.elbo_loss(nll, bdl.kl_divergence(model), num_data).loss if bayesian else nll
+
+    loss_of = torch.compile(objective, fullgraph=True) if compile_loss else objective
+
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        nll = F.cross_entropy(model(x), y)
-        loss = bdl.elbo_loss(nll, bdl.kl_divergence(model), num_data).loss if bayesian else nll
-        loss.backward()
+        loss_of().backward()
         optimizer.step()
 
     return step
@@ -100,7 +105,7 @@ def isolated_ms(args: argparse.Namespace, keys: list[tuple[str, bool]]) -> dict[
         for name, fused in keys:
             command = [sys.executable, __file__, "--child", name, "--threads", str(args.threads), "--steps",
                        str(args.steps), "--batch-size", str(args.batch_size), "--device", args.device,
-                       "--sizes", *map(str, args.sizes)] + (["--fused"] if fused else [])
+                       "--sizes", *map(str, args.sizes)] + (["--fused"] if fused else []) + (["--compile"] if args.compile else [])
             result = subprocess.run(command, capture_output=True, text=True, check=True)
             runs[name, fused].append(float(result.stdout.split("ms=")[-1]))
     for (name, fused), values in runs.items():
@@ -119,6 +124,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="isolated protocol: turns of every variant's process")
     parser.add_argument("--variants", nargs="+", default=None, help="only these rows (nn.Linear is always timed)")
     parser.add_argument("--optimizer", choices=("default", "fused", "both"), default="both", help="which Adam to time")
+    parser.add_argument("--compile", action="store_true", help="time each loss under torch.compile (first steps compile)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # isolated protocol: time this variant
     parser.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -135,7 +141,7 @@ def main() -> None:
             parser.error(f"unknown --variants {unknown}; choose from {sorted(layers)}")
         layers = {name: layer for name, layer in layers.items() if name == "nn.Linear" or name in args.variants}
     if args.child is not None:
-        step = training_step(mlp(variants()[args.child], sizes).to(device), x, y, args.fused)
+        step = training_step(mlp(variants()[args.child], sizes).to(device), x, y, args.fused, args.compile)
         print(f"ms={median_ms({args.child: step}, args.steps, device.type == 'cuda')[args.child]}")
         return
 
@@ -148,10 +154,11 @@ def main() -> None:
         steps = {}
         for name, fused in keys:
             torch.manual_seed(0)
-            steps[name, fused] = training_step(mlp(layers[name], sizes).to(device), x, y, fused)
+            steps[name, fused] = training_step(mlp(layers[name], sizes).to(device), x, y, fused, args.compile)
         ms = median_ms(steps, args.steps, device.type == "cuda")
         how = f"median of {args.steps} steps, interleaved (one step of each variant in turn, one process)"
-    print(f"MLP {'-'.join(map(str, sizes))}, batch {args.batch_size}, {device}, {args.threads} threads, {how}")
+    compiled = ", loss under torch.compile" if args.compile else ""
+    print(f"MLP {'-'.join(map(str, sizes))}, batch {args.batch_size}, {device}, {args.threads} threads{compiled}, {how}")
     print("ms per forward + backward + Adam step; ratio to nn.Linear with the same optimizer")
     columns = [(fused, width, title) for fused, width, title in ((False, 14, "Adam (default)"), (True, 12, "Adam (fused)"))
                if fused in optimizers]

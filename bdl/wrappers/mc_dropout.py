@@ -12,6 +12,7 @@ import fnmatch
 import math
 from typing import Any, Iterator, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
@@ -131,12 +132,15 @@ class MCDropout(nn.Module):
 
         Other dropout types are switched to training mode; plain ``nn.Dropout`` layers draw the same
         distribution faster: they stay in eval mode (the identity) and a forward hook applies
-        :func:`bdl.nn.functional.dropout` to their input.
+        :func:`bdl.nn.functional.dropout` to their input. Inside ``torch.compile`` every dropout layer is
+        switched to training mode instead (registering a hook there would break the graph, and the
+        compiled ``F.dropout`` is one fused kernel anyway).
         """
         previous = [module.training for module in self._dropout]
         hooks = []
+        compiling = torch.compiler.is_compiling()
         for module in self._dropout:
-            if type(module) is nn.Dropout:
+            if type(module) is nn.Dropout and not compiling:
                 module.training = False
                 hooks.append(module.register_forward_hook(_always_on_dropout))
             else:

@@ -193,14 +193,24 @@ def test_repr_shows_bayesian_options():
     assert "estimator='local'" in text and "bias=False" in text and "scale=0.1" in text
 
 
-def test_torch_compile_runs_a_bayesian_model():
-    model = nn.Sequential(bdl.BayesLinear(5, 8), nn.ReLU(), bdl.BayesLinear(8, 2, estimator="local"))
-    compiled = torch.compile(model, backend="aot_eager")
-    x = torch.randn(4, 5)
-    out = compiled(x)
-    assert out.shape == (4, 2) and not torch.equal(out, compiled(x))
-    (out.sum() + bdl.kl_divergence(model)).backward()
-    assert model[0].weight_rho.grad is not None
+def test_torch_compile_traces_a_bayesian_model_in_one_graph():
+    model = nn.Sequential(
+        bdl.BayesConv2d(1, 3, 3, estimator="flipout"), nn.ReLU(), nn.Flatten(),
+        bdl.BayesLinear(3 * 4 * 4, 8), nn.ReLU(), bdl.BayesLinear(8, 2, estimator="local"),
+    )  # fmt: skip
+    x, y = torch.randn(4, 1, 6, 6), torch.tensor([0, 1, 1, 0])
+
+    # fullgraph: a graph break anywhere (e.g. a torch.* call returning a Python int) is an error
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return bdl.elbo_loss(F.cross_entropy(model(x), y), bdl.kl_divergence(model), num_data=100).loss
+
+    loss(x, y).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    predict = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        out = predict(x)
+        assert out.shape == (4, 2) and not torch.equal(out, predict(x))
 
 
 @pytest.mark.cuda

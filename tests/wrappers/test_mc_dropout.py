@@ -196,3 +196,15 @@ def test_copies_and_pickles_keep_working():
         with torch.no_grad():
             clone.model[1].weight.zero_()
         assert not torch.equal(model.model[1].weight, clone.model[1].weight)
+
+
+def test_torch_compile_traces_mc_dropout_in_one_graph_and_keeps_it_stochastic():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3), nn.ReLU(), nn.Linear(3, 2))
+    model = MCDropout(base, p=0.5, insert_before=["5"])  # the model's own nn.Dropout and an inserted one
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # a graph break is an error
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        first, second, plain = compiled(x), compiled(x), base.eval()(x)
+    assert not torch.equal(first, second) and not torch.equal(first, plain)
+    assert not any(m.training for m in model.dropout_modules) and not model.training  # modes restored
