@@ -43,7 +43,8 @@ def draw_stacked(draw: Callable[[int], Any], count: int, who: str = "the model",
     forward reuses the memory just released. Measured for a 5-member ensemble of 64-128-128-10 MLPs at
     batch 1024 (2 threads): 2.3 ms against 3.3 ms for keeping the outputs and stacking them at the end,
     whose long-lived small tensors made the allocator hand every forward fresh pages for its
-    activations. With gradients enabled the outputs are kept and stacked (autograd needs them anyway).
+    activations. With gradients enabled the outputs are kept and stacked (autograd needs them anyway), and
+    so they are inside ``torch.compile``.
     Outputs of another shape, dtype, device or structure than the first raise a ``ValueError`` naming the
     ``item`` (e.g. ``"member 2: (5, 4)"``).
     """
@@ -67,7 +68,7 @@ def draw_stacked(draw: Callable[[int], Any], count: int, who: str = "the model",
             )
         return others
 
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():  # a compiled graph plans its own memory
         columns = [parts] + [check(index, draw(index)) for index in range(1, count)]
         return rebuild([torch.stack(list(column)) for column in zip(*columns)])
     stacked = [part.new_empty((count, *part.shape)) for part in parts]

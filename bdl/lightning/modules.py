@@ -252,6 +252,13 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         save_report: write the test report (``metrics.json``, ``report.md``, PNG plots) to the run folder;
             ``module.report`` holds it either way.
         noise_variance: the Gaussian noise variance of a regression network that outputs means only.
+        compile: compile the network with ``torch.compile`` (in place, ``nn.Module.compile``: checkpoints
+            keep their keys); ``True`` for torch's defaults or a dict of ``torch.compile`` options such as
+            ``{"mode": "max-autotune"}``. Measured on an H100 for a Bayesian 784-1200-1200-10 MLP at batch
+            128: no gain in a Lightning fit (7.5 ms per step compiled, 6.1-8.1 ms eager; Lightning's own
+            per-step work and the eager KL and optimizer dominate at that size), although compiling the
+            whole loss outside Lightning took the bare step from 4.7 to 3.1 ms; on a CPU compiling made
+            steps slower (README, "torch.compile"). Larger convolutional networks are not measured yet.
     """
 
     def __init__(
@@ -269,8 +276,11 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         n_bins: int = 15,
         save_report: bool = True,
         noise_variance: float = 1.0,
+        compile: bool | dict[str, Any] = False,  # noqa: A002 - the name torch and Lightning users know
     ) -> None:
         super().__init__()
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(f"compile must be true, false or a dict of torch.compile options, got {compile!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if task not in TASKS:
@@ -291,6 +301,8 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         self.save_report = bool(save_report)
         self.noise_variance = _check_number("noise_variance", noise_variance, strict=True)
         self.model = model
+        if compile is not False:
+            model.compile(**({} if compile is True else compile))
         self.save_hyperparameters(ignore=["model"])
         self._setup_metrics()
 

@@ -234,3 +234,26 @@ def test_non_finite_prediction_in_validation_is_reported_with_the_step(tmp_path)
         module.model[2].bias.fill_(float("inf"))
     with pytest.raises(FloatingPointError, match="non-finite prediction in validation at epoch 0, step 0: .*logits"):
         trainer(tmp_path).fit(module, TinyData(batch_size=8))  # the sanity check validates first
+
+
+@pytest.mark.parametrize("module_class", [VariationalModule, MCDropoutModule, EnsembleModule])
+def test_compile_option_trains_and_evaluates_through_the_compiled_network(module_class, tmp_path):
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):  # eager execution of what dynamo traced, counted
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
+    module = module_class(model, compile={"backend": counting_backend, "fullgraph": True})
+    keys = set(module.state_dict())
+    fit = trainer(tmp_path, limit_val_batches=1)
+    fit.fit(module, TinyData(batch_size=8))
+    assert graphs  # the network ran compiled, in one graph per call (fullgraph)
+    report = fit.test(module, TinyData(batch_size=8), verbose=False)
+    assert math.isfinite(report[0]["test/nll"]) and set(module.state_dict()) == keys  # no _orig_mod. prefixes
+
+
+def test_compile_option_rejects_anything_but_a_bool_or_options():
+    with pytest.raises(TypeError, match="compile must be true, false or a dict of torch.compile options"):
+        DeterministicModule(net(), compile="yes")
