@@ -50,7 +50,9 @@ def mlp(layer: Callable[[int, int], nn.Module], sizes: tuple[int, ...] = SIZES, 
     return nn.Sequential(*modules)
 
 
-def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fused: bool, compile_loss: bool = False) -> Callable[[], None]:
+def training_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, fused: bool, compile_loss: bool = False
+) -> Callable[[], None]:
     """One forward + backward + Adam step of ``model`` (the ELBO for Bayesian models, else cross-entropy);
     ``compile_loss``: the loss (forward, KL, and through AOTAutograd the backward) under ``torch.compile``."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
@@ -105,7 +107,8 @@ def isolated_ms(args: argparse.Namespace, keys: list[tuple[str, bool]]) -> dict[
         for name, fused in keys:
             command = [sys.executable, __file__, "--child", name, "--threads", str(args.threads), "--steps",
                        str(args.steps), "--batch-size", str(args.batch_size), "--device", args.device,
-                       "--sizes", *map(str, args.sizes)] + (["--fused"] if fused else []) + (["--compile"] if args.compile else [])
+                       "--sizes", *map(str, args.sizes)]
+            command += (["--fused"] if fused else []) + (["--compile"] if args.compile else [])
             result = subprocess.run(command, capture_output=True, text=True, check=True)
             runs[name, fused].append(float(result.stdout.split("ms=")[-1]))
     for (name, fused), values in runs.items():

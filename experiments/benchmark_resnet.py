@@ -73,7 +73,8 @@ def main() -> None:
     ms = median_ms(steps, args.steps, cuda, warmup=args.warmup)
     name = torch.cuda.get_device_name(device) if cuda else f"cpu, {args.threads} threads"
     precision = "bf16 autocast" if cuda else "float32"
-    print(f"ResNet-{args.depth} (32x32 inputs), batch {args.batch_size}, {precision}, Adam, {name}, median of {args.steps} interleaved steps")
+    print(f"ResNet-{args.depth} (32x32 inputs), batch {args.batch_size}, {precision}, Adam, {name}, "
+          f"median of {args.steps} interleaved steps")
     epoch_steps = math.ceil(CIFAR10_TRAIN_SIZE / args.batch_size)
     print(f"| layers    | ms/step | ratio | s per CIFAR-10 epoch ({epoch_steps} steps) |")
     print("|-----------|---------|-------|----------------------------------|")

@@ -38,6 +38,7 @@ def test_layer_benchmark_prints_a_table_with_ratios():
 
 def test_resnet_benchmark_times_every_estimator_against_conv2d():
     out = run("benchmark_resnet.py", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "1")
-    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in out.splitlines() if line.startswith("| ") and "ms/step" not in line}
+    lines = [line for line in out.splitlines() if line.startswith("| ") and "ms/step" not in line]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in lines}
     assert list(rows) == ["nn.Conv2d", "reparam", "local", "flipout"] and "(25000 steps)" in out  # one CIFAR-10 epoch at batch 2
     assert float(rows["nn.Conv2d"][1]) == 1.0 and all(float(ms) > 0 for ms, _ in rows.values())
