@@ -362,3 +362,13 @@ def test_ddp_test_run_gathers_the_predictions_of_both_processes(ddp_run):
     # each process predicts ceil(21 / 2) = 11 inputs (the DistributedSampler pads with one repeat); both gathered
     assert report["num_examples"] == 2 * math.ceil(NUM_TEST / 2)
     assert "OrderedData: 22 test inputs" in output
+
+
+@pytest.mark.slow
+def test_a_distributed_run_destroys_its_process_group_when_it_ends(ddp_run, monkeypatch):
+    folder, config, _, _ = ddp_run
+    monkeypatch.syspath_prepend(str(folder))
+    one_rank = ["--trainer.strategy", "ddp", "--trainer.devices", "1", "--evaluate_after_fit", "false"]
+    main(["fit", "--config", str(config), *one_rank, "--trainer.default_root_dir", str(folder / "one_rank")])
+    assert (folder / "one_rank" / "ddp" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert not torch.distributed.is_initialized()  # left alive, gloo's threads can abort the process at exit
