@@ -369,6 +369,11 @@ def test_a_distributed_run_destroys_its_process_group_when_it_ends(ddp_run, monk
     folder, config, _, _ = ddp_run
     monkeypatch.syspath_prepend(str(folder))
     one_rank = ["--trainer.strategy", "ddp", "--trainer.devices", "1", "--evaluate_after_fit", "false"]
-    main(["fit", "--config", str(config), *one_rank, "--trainer.default_root_dir", str(folder / "one_rank")])
+    environment = dict(os.environ)
+    try:
+        main(["fit", "--config", str(config), *one_rank, "--trainer.default_root_dir", str(folder / "one_rank")])
+    finally:  # Lightning's DDP sets MASTER_PORT, WORLD_SIZE, LOCAL_RANK, ...: later tests must not see them
+        os.environ.clear()
+        os.environ.update(environment)
     assert (folder / "one_rank" / "ddp" / "version_0" / "checkpoints" / "last.ckpt").is_file()
     assert not torch.distributed.is_initialized()  # left alive, gloo's threads can abort the process at exit
