@@ -211,6 +211,9 @@ def test_torch_compile_traces_a_bayesian_model_in_one_graph():
     with torch.no_grad():
         out = predict(x)
         assert out.shape == (4, 2) and not torch.equal(out, predict(x))
+    for method in ("loop", "auto"):  # bdl.predict on the compiled model (a BayesConv2d: batched is refused)
+        prediction = bdl.predict(predict, x, num_samples=4, method=method)
+        assert prediction.probs.shape == (4, 2) and bool((prediction.mutual_information > 0).all())
 
 
 @pytest.mark.cuda

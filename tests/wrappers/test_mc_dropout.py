@@ -208,3 +208,6 @@ def test_torch_compile_traces_mc_dropout_in_one_graph_and_keeps_it_stochastic():
         first, second, plain = compiled(x), compiled(x), base.eval()(x)
     assert not torch.equal(first, second) and not torch.equal(first, plain)
     assert not any(m.training for m in model.dropout_modules) and not model.training  # modes restored
+    for method in ("loop", "batched"):  # bdl.predict on the compiled wrapper
+        prediction = bdl.predict(compiled, x, num_samples=8, method=method)
+        assert prediction.probs.shape == (64, 2) and float(prediction.mutual_information.mean()) > 0
