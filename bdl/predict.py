@@ -714,9 +714,19 @@ def _add_output(summary: Any, output: Any, task: str) -> None:  # noqa: ANN401
     summary.add(means, variances)
 
 
-def _sample_chunks(num_samples: int, chunk_size: int) -> Iterator[int]:
-    for start in range(0, num_samples, chunk_size):
-        yield min(chunk_size, num_samples - start)
+def _draw_or_none(model: Callable[..., Any], x: Tensor, count: int, method: str, may_shrink: bool) -> Any:  # noqa: ANN401
+    """:func:`draw_samples`, or None where it ran out of memory and fewer samples at once may fit."""
+    try:
+        return draw_samples(model, x, count, method=method)
+    except torch.OutOfMemoryError:
+        if not may_shrink:
+            raise
+    return None  # outside the handler: the traceback and the tensors its frames hold are released
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager
@@ -782,7 +792,9 @@ def predict(
         keep_samples: also keep ``sample_probs`` / ``sample_means`` ``[S, N, ...]``.
         batch_size: rows per forward pass for tensor inputs.
         chunk_size: samples drawn at once per batch, bounding memory to ``chunk_size x batch`` rows in
-            the batched path. None: as many as fit in 8192 rows, at least 1.
+            the batched path. None: as many as fit in 8192 rows, at least 1, halved whenever a draw runs
+            out of memory (``torch.OutOfMemoryError``, e.g. a convolutional network's activations on a
+            GPU) and kept that small for the rest of the call; a given ``chunk_size`` is used as is.
         method: ``"auto"``, ``"loop"`` or ``"batched"`` (see :data:`SAMPLING_METHODS`); all give the same
             distribution. Ignored for models that draw their own samples (ensembles).
 
@@ -823,6 +835,7 @@ def predict(
     summaries: list[Prediction] = []
     targets: list[Optional[Tensor]] = []
     resolved: dict[int, str] = {}
+    fitted: dict[int, int] = {}  # rows -> default chunk size, halved after an out-of-memory error
     with torch.no_grad(), _eval_mode(model):
         for x, y in _batches(inputs, batch_size):
             if not isinstance(x, Tensor) or x.dim() == 0:
@@ -832,18 +845,24 @@ def predict(
             if device is not None:
                 x = x.to(device)
             rows = x.shape[0]
+            summary: Any = _ClassificationSummary(keep_samples) if task == "classification" else _RegressionSummary(keep_samples)
             if members:
-                chunks = [members] * (num_samples // members)
-                path = "loop"
+                for _ in range(num_samples // members):
+                    _add_output(summary, draw_samples(model, x, members), task)
             else:
                 if rows not in resolved:
                     resolved[rows] = resolve_method(model, rows, method)
-                path = resolved[rows]
-                size = chunk_size or max(1, min(num_samples, ROWS_PER_CHUNK // max(rows, 1)))
-                chunks = list(_sample_chunks(num_samples, size))
-            summary: Any = _ClassificationSummary(keep_samples) if task == "classification" else _RegressionSummary(keep_samples)
-            for count in chunks:
-                _add_output(summary, draw_samples(model, x, count, method=path), task)
+                    fitted[rows] = max(1, min(num_samples, ROWS_PER_CHUNK // max(rows, 1)))
+                drawn = 0
+                while drawn < num_samples:
+                    count = min(chunk_size or fitted[rows], num_samples - drawn)
+                    output = _draw_or_none(model, x, count, resolved[rows], may_shrink=chunk_size is None and count > 1)
+                    if output is None:  # out of memory: half the samples at once, for the rest of the call too
+                        fitted[rows] = count // 2
+                        _release_cached_memory(x.device)
+                        continue
+                    _add_output(summary, output, task)
+                    drawn += count
             summaries.append(summary.result())
             targets.append(y)
     if not summaries:

@@ -1,4 +1,5 @@
 import math
+import sys
 
 import pytest
 import torch
@@ -358,3 +359,29 @@ def test_loop_path_predicts_local_and_flipout_models_with_the_same_per_input_dis
 def test_mutual_information_of_one_sample_is_exactly_zero():
     pred = Prediction.from_logits(10 * torch.randn(1, 50, 7))
     assert torch.equal(pred.mutual_information, torch.zeros(50))
+
+
+def test_default_chunks_halve_after_running_out_of_memory(monkeypatch):
+    module = sys.modules["bdl.predict"]
+    real, counts, limit = module.draw_samples, [], [4]
+
+    def limited(model, x, count, method="loop"):
+        counts.append(count)
+        if count > limit[0]:
+            raise torch.OutOfMemoryError(f"fake: {count} samples at once")
+        return real(model, x, count, method=method)
+
+    monkeypatch.setattr(module, "draw_samples", limited)
+    model, x = bayes_mlp(), torch.randn(20, 4)
+    pred = bdl.predict(model, x, num_samples=32, batch_size=10, method="batched")
+    assert pred.num_samples == 32 and len(pred) == 20 and bool(torch.isfinite(pred.probs).all())
+    assert counts == [32, 16, 8] + [4] * 8 + [4] * 8  # the second batch starts at the size that fitted
+    counts.clear()
+    with pytest.raises(torch.OutOfMemoryError):  # a chunk size the user gave is used as is
+        bdl.predict(model, x, num_samples=32, chunk_size=8, method="batched")
+    assert counts == [8]
+    limit[0] = 0
+    counts.clear()
+    with pytest.raises(torch.OutOfMemoryError):  # not even one sample fits: the error reaches the user
+        bdl.predict(model, x, num_samples=32, method="batched")
+    assert counts == [32, 16, 8, 4, 2, 1]
