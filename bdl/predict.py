@@ -724,11 +724,6 @@ def _draw_or_none(model: Callable[..., Any], x: Tensor, count: int, method: str,
     return None  # outside the handler: the traceback and the tensors its frames hold are released
 
 
-def _release_cached_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 @contextlib.contextmanager
 def _eval_mode(model: Any) -> Iterator[None]:  # noqa: ANN401
     if not isinstance(model, nn.Module):
@@ -859,7 +854,8 @@ def predict(
                     output = _draw_or_none(model, x, count, resolved[rows], may_shrink=chunk_size is None and count > 1)
                     if output is None:  # out of memory: half the samples at once, for the rest of the call too
                         fitted[rows] = count // 2
-                        _release_cached_memory(x.device)
+                        if x.device.type == "cuda":
+                            torch.cuda.empty_cache()
                         continue
                     _add_output(summary, output, task)
                     drawn += count

@@ -9,7 +9,7 @@ seconds one CIFAR-10 epoch (50,000 images) would take at that rate. Steps of the
 
     python experiments/benchmark_resnet.py [--device cuda] [--batch-size 128] [--steps 40]
 
-A benchmark for a GPU, run on demand, not a test (on 2 CPU threads a step takes seconds).
+A benchmark for a GPU, run on demand, not a test (on 2 CPU threads even batch 2 took 0.18-0.63 s a step).
 """
 
 from __future__ import annotations
