@@ -85,6 +85,10 @@ def nuts_run(linear_regression):
 @pytest.fixture(scope="session")
 def full_rank_svi(linear_regression):
     """SVI with a full-covariance Gaussian guide on the conjugate model (400 steps)."""
+    # A session fixture is set up before the function-scoped autouse seed, and torch seeds its default
+    # generator at random in each process: unseeded, the fitted correlation varied from -0.47 to -0.62
+    # between runs (exact -0.58, tolerance 0.1), so the test failed about one run in ten.
+    torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     data = linear_regression
