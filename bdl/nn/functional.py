@@ -162,8 +162,9 @@ def _threaded_fill(t: Tensor, fill: Callable[[Tensor, torch.Generator], object])
     ``torch.manual_seed``. None where threads do not pay or cannot be used: accelerators, one thread,
     small tensors, and inside ``torch.compile`` or ``torch.func`` transforms.
     """
-    # torch.compile first: get_num_threads (an int from a torch.* call) would break its graph
-    if torch.compiler.is_compiling() or t.device.type != "cpu" or t.numel() < _PARALLEL_NOISE_MIN_NUMEL:
+    # the size first (the cheapest test, and most tensors fail it), then torch.compile before get_num_threads
+    # (an int from a torch.* call would break its graph)
+    if t.numel() < _PARALLEL_NOISE_MIN_NUMEL or torch.compiler.is_compiling() or t.device.type != "cpu":
         return None
     threads = torch.get_num_threads()
     if threads < 2 or torch._C._functorch.is_functorch_wrapped_tensor(t):

@@ -188,21 +188,20 @@ class _BayesLayer(BayesianModule):
             return None
         return (prior.loc, prior.scale)
 
-    def _prediction_std(self, name: str) -> Tensor:
-        """The posterior std of ``{name}_rho`` for sampling without gradients, kept while ``rho`` is unchanged."""
-        rho = getattr(self, f"{name}_rho")
+    def _prediction_std(self, name: str, rho: Tensor) -> Tensor:
+        """The posterior std of ``rho`` (the layer's ``{name}_rho``) for sampling without gradients, kept
+        while ``rho`` is unchanged."""
         key = (rho._version, rho.data_ptr(), rho.dtype, rho.device, self.std_transform)
         cached = self._std_cache.get(name)
         if cached is None or cached[0] != key:
             cached = self._std_cache[name] = (key, std_from_rho(rho, self.std_transform)[0])
         return cached[1]
 
-    def _prediction_sample(self, name: str) -> Optional[Tensor]:
-        mu = getattr(self, f"{name}_mu")
+    def _prediction_sample(self, name: str, mu: Optional[Tensor], rho: Optional[Tensor]) -> Optional[Tensor]:
         if mu is None:
             return None
         noise = randn_like(mu)
-        return torch.addcmul(mu, noise, self._prediction_std(name), out=noise)
+        return torch.addcmul(mu, noise, self._prediction_std(name, rho), out=noise)
 
     def forward(self, input: Tensor) -> Tensor:
         if self.deterministic:
@@ -214,7 +213,8 @@ class _BayesLayer(BayesianModule):
                 and not torch._C._functorch.is_functorch_wrapped_tensor(self.weight_mu)
             ):
                 # prediction: S forwards share one std per parameter (no exp per draw); same draws as with a graph
-                return self._op(input, self._prediction_sample("weight"), self._prediction_sample("bias"))
+                weight = self._prediction_sample("weight", self.weight_mu, self.weight_rho)
+                return self._op(input, weight, self._prediction_sample("bias", self.bias_mu, self.bias_rho))
         elif self._std_cache:
             self._std_cache.clear()  # training: the stds kept for prediction are stale after the next step
         # a training forward also computes the KL, in the same autograd nodes as the weight draws, and
