@@ -8,10 +8,14 @@ library's Bayesian linear layer, with prior N(0, 1) everywhere, measures:
   median of ``--steps`` steps after ``--warmup`` steps. The rows take their steps in turn (one step of
   each model, then again), so that load from other processes on a shared machine hits them alike;
 - ms per S=32-sample prediction at batch 1024: the mean predictive probabilities of S stochastic
-  forwards under ``torch.no_grad()`` in eval mode. bdl through ``bdl.predict`` (which also keeps the
-  moments behind its uncertainty measures); the peers and the ``nn.Linear`` floor through a loop of S
-  forwards averaging the softmax, their natural way; median of ``--predict-repeats`` runs (in turn, as
-  above) after one warm-up;
+  forwards under ``torch.no_grad()`` in eval mode, through the same loop for every row (S forwards of the
+  model averaging the softmax, as the peers' docs predict): the same work, so the layers are compared;
+  median of ``--predict-repeats`` runs (in turn, as above) after one warm-up;
+- for bdl's rows also ``bdl.predict(model, x, S)``, what a bdl user calls: it picks the sampling path
+  (for ``BayesLinear`` at this batch, a loop of weight draws with the reparameterisation estimator
+  whatever the layer's training estimator) and, beyond the mean probabilities, keeps the per-input
+  moments behind its uncertainty measures (entropies, mutual information, variance of the predicted
+  class), which the peers' loop does not compute;
 - the ratio of each to the same MLP with ``nn.Linear`` (for prediction: S forwards of it);
 - peak memory above the level at the start of each measurement: the training window holds building the
   model and the optimizer and the warm-up steps, the prediction window the warm-up prediction. CUDA: ``torch.cuda.max_memory_allocated``. CPU: the process's resident
@@ -110,6 +114,7 @@ class Variant:
     build: Callable[[tuple[int, ...]], nn.Module]
     loss: Loss
     predict: Predict
+    api_predict: Optional[Predict] = None  # bdl's rows: bdl.predict, timed next to the common loop
 
 
 @dataclass
@@ -160,6 +165,7 @@ def bdl_variants() -> list[Variant]:
             f"bdl BayesLinear {estimator}",
             lambda sizes, e=estimator: mlp(lambda i, o: bdl.BayesLinear(i, o, prior=PRIOR_STD, estimator=e), sizes),
             loss,
+            loop_predict(plain_forward),
             predict,
         )
         for estimator in ("reparam", "local", "flipout")
@@ -334,10 +340,13 @@ class Row:
     variant: Variant
     train_step: Callable[[], None]
     predict: Callable[[], object]
+    api_predict: Optional[Callable[[], object]] = None
     train_mib: float = math.nan
     predict_mib: float = math.nan
+    api_predict_mib: float = math.nan
     train_ms: list[float] = field(default_factory=list)
     predict_ms: list[float] = field(default_factory=list)
+    api_predict_ms: list[float] = field(default_factory=list)
     error: Optional[str] = None  # set when a step or a prediction raised: the row is reported as failed
 
     def run(self, fn: Callable[[], object], device: torch.device) -> float:
@@ -368,7 +377,14 @@ def build_row(variant: Variant, sizes: tuple[int, ...], args: argparse.Namespace
 
         for _ in range(args.warmup):
             train_step()
-    return Row(variant, train_step, lambda: variant.predict(model, x_predict, args.num_samples), train_mib=memory.mib)
+    api_predict = variant.api_predict
+    return Row(
+        variant,
+        train_step,
+        lambda: variant.predict(model, x_predict, args.num_samples),
+        None if api_predict is None else lambda: api_predict(model, x_predict, args.num_samples),
+        train_mib=memory.mib,
+    )
 
 
 def measure(variants: list[Variant], sizes: tuple[int, ...], args: argparse.Namespace, device: torch.device) -> list[Union[Row, Missing]]:
@@ -386,15 +402,20 @@ def measure(variants: list[Variant], sizes: tuple[int, ...], args: argparse.Name
             if row.error is None:
                 row.train_ms.append(row.run(row.train_step, device))
     for row in built:
-        memory = PeakMemory(device)
-        with memory:
-            if row.error is None:
-                row.run(row.predict, device)  # the warm-up
-        row.predict_mib = memory.mib
+        for kind in ("predict", "api_predict"):
+            predict = getattr(row, kind)
+            if predict is None:
+                continue
+            memory = PeakMemory(device)
+            with memory:
+                if row.error is None:
+                    row.run(predict, device)  # the warm-up
+            setattr(row, f"{kind}_mib", memory.mib)
     for _ in range(args.predict_repeats):
         for row in built:
-            if row.error is None:
-                row.predict_ms.append(row.run(row.predict, device))
+            for predict, times in ((row.predict, row.predict_ms), (row.api_predict, row.api_predict_ms)):
+                if predict is not None and row.error is None:
+                    times.append(row.run(predict, device))
     return [Missing(row.variant.name, row.error) if isinstance(row, Row) and row.error else row for row in rows]
 
 
@@ -444,8 +465,9 @@ def main() -> None:
     print(f"{device}, {args.threads} threads; training: batch {args.batch_size}, median of {args.steps} steps after "
           f"{args.warmup}, rows in turn; prediction: S={args.num_samples} at batch {args.predict_batch_size}, median of "
           f"{args.predict_repeats}")
-    print("train: ms per forward + ELBO loss (own KL) + backward + Adam step; predict: ms per S-sample prediction; "
-          "ratios to nn.Linear (prediction: S forwards of it)")
+    print("train: ms per forward + ELBO loss (own KL) + backward + Adam step; predict: ms per S-sample prediction, "
+          "a loop of S forwards averaging the softmax for every row; bdl.predict: the same with bdl's API (sampling "
+          "path of its choice, uncertainty summaries too); ratios to nn.Linear (prediction: S forwards of it)")
     print(PeakMemory(device).describe())
     # an untimed tiny pass first: the first optimizer step imports torch._dynamo (2 s, 150 MiB) and
     # libraries initialise lazily; the first row measured would be charged for it
@@ -455,20 +477,24 @@ def main() -> None:
     for sizes in args.sizes:
         print(f"\nMLP {'-'.join(map(str, sizes))}, prior N(0, 1)\n")
         print(f"| {'layer':<40} | {'train ms':>9} | {'ratio':>5} | {'predict ms':>10} | {'ratio':>5} | "
-              f"{'train MiB':>9} | {'predict MiB':>11} |")
-        print(f"|{'-' * 42}|{'-' * 11}|{'-' * 7}|{'-' * 12}|{'-' * 7}|{'-' * 11}|{'-' * 13}|")
+              f"{'bdl.predict ms':>14} | {'ratio':>5} | {'train MiB':>9} | {'predict MiB':>11} | {'bdl.predict MiB':>15} |")
+        print(f"|{'-' * 42}|{'-' * 11}|{'-' * 7}|{'-' * 12}|{'-' * 7}|{'-' * 16}|{'-' * 7}|{'-' * 11}|{'-' * 13}|{'-' * 17}|")
         measured = iter(measure([v for v in variants if isinstance(v, Variant)], sizes, args, device))
         baseline: Optional[tuple[float, float]] = None
         for variant in variants:
             row = variant if isinstance(variant, Missing) else next(measured)
             if isinstance(row, Missing):
-                print(f"| {row.name:<40} | {row.reason} | | | | | |")
+                print(f"| {row.name:<40} | {row.reason} | | | | | | | | |")
                 continue
             train_ms, predict_ms = statistics.median(row.train_ms), statistics.median(row.predict_ms)
             baseline = baseline or (train_ms, predict_ms)
+            api = ("-", "-", "-")
+            if row.api_predict_ms:
+                api_ms = statistics.median(row.api_predict_ms)
+                api = (f"{api_ms:.2f}", f"{api_ms / baseline[1]:.2f}", f"{row.api_predict_mib:.1f}")
             print(f"| {row.variant.name:<40} | {train_ms:>9.2f} | {train_ms / baseline[0]:>5.2f} | "
-                  f"{predict_ms:>10.2f} | {predict_ms / baseline[1]:>5.2f} | "
-                  f"{row.train_mib:>9.1f} | {row.predict_mib:>11.1f} |")
+                  f"{predict_ms:>10.2f} | {predict_ms / baseline[1]:>5.2f} | {api[0]:>14} | {api[1]:>5} | "
+                  f"{row.train_mib:>9.1f} | {row.predict_mib:>11.1f} | {api[2]:>15} |")
         sys.stdout.flush()
 
 
