@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ._outputs import draw_stacked, output_parts
 from .nn.convert import use_estimator
-from .nn.functional import posterior_variance, randn_like
+from .nn.functional import gaussian_draw, randn_like
 from .nn.layers import BayesianModule, BayesLinear
 
 TASKS = ("classification", "regression")
@@ -574,11 +574,10 @@ def _local_expand(layer: BayesLinear, x: Tensor, num_samples: int) -> Tensor:
     """
     layer._check_input(x)  # the layer's forward is bypassed here: same errors for a wrong input
     mean = nn.functional.linear(x, layer.weight_mu, layer.bias_mu)
-    bias_var = None if layer.bias_rho is None else posterior_variance(layer.bias_rho, layer.std_transform)
-    var = nn.functional.linear(x.square(), posterior_variance(layer.weight_rho, layer.std_transform), bias_var)
-    std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+    bias_var = None if layer.bias_rho is None else layer._prediction_scale("bias", layer.bias_rho, variance=True)
+    var = nn.functional.linear(x.square(), layer._prediction_scale("weight", layer.weight_rho, variance=True), bias_var)
     noise = randn_like(mean.unsqueeze(0).expand(num_samples, *mean.shape))
-    return torch.addcmul(mean, std, noise).reshape(num_samples * x.shape[0], *mean.shape[1:])
+    return gaussian_draw(mean, var, noise).reshape(num_samples * x.shape[0], *mean.shape[1:])
 
 
 def _batched_samples(model: nn.Module, x: Tensor, num_samples: int) -> Any:  # noqa: ANN401

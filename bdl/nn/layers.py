@@ -16,7 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import ESTIMATORS, STD_TRANSFORMS, GaussianWeights, check_estimator, randn_like, rho_from_std, std_from_rho
+from .functional import (
+    ESTIMATORS,
+    STD_TRANSFORMS,
+    GaussianWeights,
+    check_estimator,
+    local_reparameterized,
+    posterior_variance,
+    randn_like,
+    rho_from_std,
+    std_from_rho,
+)
 from .priors import GaussianPrior, Prior, as_prior
 
 
@@ -188,20 +198,31 @@ class _BayesLayer(BayesianModule):
             return None
         return (prior.loc, prior.scale)
 
-    def _prediction_std(self, name: str, rho: Tensor) -> Tensor:
-        """The posterior std of ``rho`` (the layer's ``{name}_rho``) for sampling without gradients, kept
-        while ``rho`` is unchanged."""
+    def _prediction_scale(self, name: str, rho: Tensor, variance: bool = False) -> Tensor:
+        """The posterior std (or variance) of ``rho``, the layer's ``{name}_rho``, for sampling without
+        gradients: kept while ``rho`` is unchanged, so that S forwards compute it once (not inside
+        ``torch.compile`` or ``torch.func`` transforms, whose tensors have no storage to key it by)."""
+        if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(rho):
+            return posterior_variance(rho, self.std_transform) if variance else std_from_rho(rho, self.std_transform)[0]
         key = (rho._version, rho.data_ptr(), rho.dtype, rho.device, self.std_transform)
-        cached = self._std_cache.get(name)
+        cached = self._std_cache.get((name, variance))
         if cached is None or cached[0] != key:
-            cached = self._std_cache[name] = (key, std_from_rho(rho, self.std_transform)[0])
+            value = posterior_variance(rho, self.std_transform) if variance else std_from_rho(rho, self.std_transform)[0]
+            cached = self._std_cache[name, variance] = (key, value)
         return cached[1]
 
     def _prediction_sample(self, name: str, mu: Optional[Tensor], rho: Optional[Tensor]) -> Optional[Tensor]:
         if mu is None:
             return None
         noise = randn_like(mu)
-        return torch.addcmul(mu, noise, self._prediction_std(name, rho), out=noise)
+        return torch.addcmul(mu, noise, self._prediction_scale(name, rho), out=noise)
+
+    def _prediction_weights(self, name: str) -> Optional[GaussianWeights]:
+        """``{name}``'s posterior for a forward without gradients, its variance computed once for S forwards."""
+        mu, rho = getattr(self, f"{name}_mu"), getattr(self, f"{name}_rho")
+        if mu is None:
+            return None
+        return GaussianWeights(mu, rho, self.std_transform, variance=self._prediction_scale(name, rho, variance=True))
 
     def forward(self, input: Tensor) -> Tensor:
         if self.deterministic:
@@ -215,6 +236,8 @@ class _BayesLayer(BayesianModule):
                 # prediction: S forwards share one std per parameter (no exp per draw); same draws as with a graph
                 weight = self._prediction_sample("weight", self.weight_mu, self.weight_rho)
                 return self._op(input, weight, self._prediction_sample("bias", self.bias_mu, self.bias_rho))
+            if self.estimator == "local":  # predict's batched path: likewise one variance per parameter
+                return local_reparameterized(self._op, input, self._prediction_weights("weight"), self._prediction_weights("bias"))
         elif self._std_cache:
             self._std_cache.clear()  # training: the stds kept for prediction are stale after the next step
         # a training forward also computes the KL, in the same autograd nodes as the weight draws, and

@@ -30,3 +30,22 @@ def test_cpu_random_signs_are_fair_independent_coins():
     assert (by_bit[:-1] * by_bit[1:]).mean(0).abs().max() < 4.5 / n**0.5  # consecutive draws
     per_channel = _random_signs(torch.empty(6, 5, 4, 4, dtype=torch.float64), per_channel=True)
     assert per_channel.shape == (6, 5, 1, 1) and per_channel.dtype == torch.float64
+
+
+def test_local_reparameterisation_without_a_graph_draws_the_values_of_the_graph_path():
+    # prediction writes the draw into its temporaries; with the same seed it must give the training path's values
+    import bdl
+
+    layer = bdl.BayesLinear(5, 7, estimator="local", posterior_std_init=0.2)
+    conv = bdl.BayesConv2d(3, 4, 3, estimator="local", posterior_std_init=0.2)
+    for module, x in ((layer, torch.randn(6, 5)), (conv, torch.randn(2, 3, 8, 8))):
+        torch.manual_seed(1)
+        with_graph = module(x)
+        assert with_graph.requires_grad
+        torch.manual_seed(1)
+        with torch.no_grad():
+            without = module(x)
+        torch.testing.assert_close(without, with_graph.detach(), rtol=0, atol=0)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            assert not torch.equal(module(x), module(x))  # still fresh noise per call
