@@ -155,6 +155,13 @@ def _noise_pool() -> ThreadPoolExecutor:
     return _pool
 
 
+def _in_functorch(t: Tensor) -> bool:
+    """Whether ``t`` is a torch.func tensor or the code runs inside a torch.func transform (a DeepEnsemble's
+    vmap): there, fresh tensors are not batched, and in-place random fills of them are refused (vmap's
+    ``randomness="different"``), as are ``out=`` arguments."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def _threaded_fill(t: Tensor, fill: Callable[[Tensor, torch.Generator], object]) -> Optional[Tensor]:
     """A tensor like ``t`` filled chunk by chunk by ``fill(chunk, generator)`` on several threads, or None.
 
@@ -167,7 +174,7 @@ def _threaded_fill(t: Tensor, fill: Callable[[Tensor, torch.Generator], object])
     if t.numel() < _PARALLEL_NOISE_MIN_NUMEL or torch.compiler.is_compiling() or t.device.type != "cpu":
         return None
     threads = torch.get_num_threads()
-    if threads < 2 or torch._C._functorch.is_functorch_wrapped_tensor(t):
+    if threads < 2 or _in_functorch(t):
         return None
     out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
     chunks = out.view(-1).chunk(threads)
@@ -247,7 +254,7 @@ def dropout(input: Tensor, p: float = 0.5) -> Tensor:
         raise TypeError(f"input must be a floating-point tensor, got dtype {input.dtype}")
     if p == 0:
         return input
-    if input.device.type != "cpu" or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(input):
+    if input.device.type != "cpu" or torch.compiler.is_compiling() or _in_functorch(input):
         return F.dropout(input, p, training=True)
     n = input.numel()
     lanes = random_bits((n + 3) // 4).view(torch.int16)[:n].view(input.shape)  # uniform on [-2^15, 2^15)
@@ -448,7 +455,8 @@ def gaussian_draw(mean: Tensor, var: Tensor, noise: Tensor) -> Tensor:
     MLP and 121 instead of 143 ms for 784-1200-1200-10: on the development VM a fresh page costs ~3 us.
     """
     tiny = torch.finfo(var.dtype).tiny
-    if mean.requires_grad or var.requires_grad or noise.requires_grad:
+    # torch.func transforms (a DeepEnsemble's vmap) have no batching rule for out= ops
+    if mean.requires_grad or var.requires_grad or noise.requires_grad or _in_functorch(mean):
         return torch.addcmul(mean, var.clamp_min(tiny).sqrt(), noise)
     return torch.addcmul(mean, var.clamp_min_(tiny).sqrt_(), noise, out=noise)
 
@@ -456,7 +464,7 @@ def gaussian_draw(mean: Tensor, var: Tensor, noise: Tensor) -> Tensor:
 def _random_signs(t: Tensor, per_channel: bool) -> Tensor:
     """Independent fair ``+-1`` shaped like ``t`` (or ``t.shape[:2] + (1, ...)`` per channel), of ``t``'s dtype."""
     shape = t.shape[:2] + (1,) * (t.dim() - 2) if per_channel else t.shape
-    if t.device.type != "cpu" or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t):
+    if t.device.type != "cpu" or torch.compiler.is_compiling() or _in_functorch(t):
         # u < 1/2 for u uniform on [0, 1) in steps of 2^-24 is exactly a fair coin
         like = t.detach() if shape == t.shape else t.new_empty(shape)
         return rand_like(like).lt_(0.5).mul_(2).sub_(1)
