@@ -455,8 +455,9 @@ def gaussian_draw(mean: Tensor, var: Tensor, noise: Tensor) -> Tensor:
     MLP and 121 instead of 143 ms for 784-1200-1200-10: on the development VM a fresh page costs ~3 us.
     """
     tiny = torch.finfo(var.dtype).tiny
-    # torch.func transforms (a DeepEnsemble's vmap) have no batching rule for out= ops
-    if mean.requires_grad or var.requires_grad or noise.requires_grad or _in_functorch(mean):
+    # torch.func transforms (a DeepEnsemble's vmap) have no batching rule for out= ops; torch.compile fuses
+    # the draw itself (and cannot trace the torch.func test)
+    if torch.compiler.is_compiling() or mean.requires_grad or var.requires_grad or noise.requires_grad or _in_functorch(mean):
         return torch.addcmul(mean, var.clamp_min(tiny).sqrt(), noise)
     return torch.addcmul(mean, var.clamp_min_(tiny).sqrt_(), noise, out=noise)
 
