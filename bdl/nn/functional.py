@@ -465,11 +465,13 @@ def gaussian_draw(mean: Tensor, var: Tensor, noise: Tensor) -> Tensor:
 def _random_signs(t: Tensor, per_channel: bool) -> Tensor:
     """Independent fair ``+-1`` shaped like ``t`` (or ``t.shape[:2] + (1, ...)`` per channel), of ``t``'s dtype."""
     shape = t.shape[:2] + (1,) * (t.dim() - 2) if per_channel else t.shape
-    if t.device.type != "cpu" or torch.compiler.is_compiling() or _in_functorch(t):
+    compiling = torch.compiler.is_compiling()  # first: dynamo cannot trace the torch.func test
+    transformed = not compiling and _in_functorch(t)
+    if t.device.type != "cpu" or compiling or transformed:
         # u < 1/2 for u uniform on [0, 1) in steps of 2^-24 is exactly a fair coin
         like = t.detach() if shape == t.shape else t.new_empty(shape)
         uniform = rand_like(like)
-        if not torch.compiler.is_compiling() and _in_functorch(t):  # vmap has no batching rule for lt_
+        if transformed:  # vmap has no batching rule for lt_
             return (uniform < 0.5).to(uniform.dtype) * 2 - 1
         return uniform.lt_(0.5).mul_(2).sub_(1)
     # on CPU every random number costs a generator call (~5-8 ns): unpack the 64 signs of each

@@ -1,5 +1,6 @@
 import torch
 
+import bdl
 from bdl.nn.functional import _random_signs, randn_like
 
 
@@ -34,8 +35,6 @@ def test_cpu_random_signs_are_fair_independent_coins():
 
 def test_local_reparameterisation_without_a_graph_draws_the_values_of_the_graph_path():
     # prediction writes the draw into its temporaries; with the same seed it must give the training path's values
-    import bdl
-
     layer = bdl.BayesLinear(5, 7, estimator="local", posterior_std_init=0.2)
     conv = bdl.BayesConv2d(3, 4, 3, estimator="local", posterior_std_init=0.2)
     for module, x in ((layer, torch.randn(6, 5)), (conv, torch.randn(2, 3, 8, 8))):
