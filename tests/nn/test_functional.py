@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import bdl
@@ -33,11 +34,12 @@ def test_cpu_random_signs_are_fair_independent_coins():
     assert per_channel.shape == (6, 5, 1, 1) and per_channel.dtype == torch.float64
 
 
-def test_local_reparameterisation_without_a_graph_draws_the_values_of_the_graph_path():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_local_reparameterisation_without_a_graph_draws_the_values_of_the_graph_path(device):
     # prediction writes the draw into its temporaries; with the same seed it must give the training path's values
-    layer = bdl.BayesLinear(5, 7, estimator="local", posterior_std_init=0.2)
-    conv = bdl.BayesConv2d(3, 4, 3, estimator="local", posterior_std_init=0.2)
-    for module, x in ((layer, torch.randn(6, 5)), (conv, torch.randn(2, 3, 8, 8))):
+    layer = bdl.BayesLinear(5, 7, estimator="local", posterior_std_init=0.2, device=device)
+    conv = bdl.BayesConv2d(3, 4, 3, estimator="local", posterior_std_init=0.2, device=device)
+    for module, x in ((layer, torch.randn(6, 5, device=device)), (conv, torch.randn(2, 3, 8, 8, device=device))):
         torch.manual_seed(1)
         with_graph = module(x)
         assert with_graph.requires_grad

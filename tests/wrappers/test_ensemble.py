@@ -57,20 +57,21 @@ def test_vmap_and_loop_give_identical_outputs(factory):
         torch.testing.assert_close(vmap(x) if not isinstance(got, tuple) else vmap(x)[0], got if not isinstance(got, tuple) else got[0])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
-def test_vmap_runs_bayesian_members_of_every_estimator_without_gradients(estimator):
+def test_vmap_runs_bayesian_members_of_every_estimator_without_gradients(estimator, device):
     # the layers' no-graph shortcuts (cached stds, draws written in place) must stay out of torch.func's way
     torch.manual_seed(0)
     members = [nn.Sequential(bdl.BayesLinear(4, 8, estimator=estimator), nn.ReLU(), bdl.BayesLinear(8, 3, estimator=estimator)) for _ in range(3)]
-    ensemble = DeepEnsemble(members, method="vmap").eval()
-    x = torch.randn(5, 4)
+    ensemble = DeepEnsemble(members, method="vmap").to(device).eval()
+    x = torch.randn(5, 4, device=device)
     with warnings.catch_warnings():
         # nor fall back to functorch's slow per-member loop, which warns "There is a performance drop ..."
         warnings.filterwarnings("error", message=".*performance drop")
         with torch.no_grad():
             assert ensemble(x).shape == (3, 5, 3)
         pred = bdl.predict(ensemble, x, num_samples=6)
-    assert pred.num_samples == 6 and bool(torch.isfinite(pred.probs).all())
+    assert pred.num_samples == 6 and pred.probs.device.type == device and bool(torch.isfinite(pred.probs).all())
 
 
 def test_vmap_training_sends_each_members_own_gradient_to_it():
