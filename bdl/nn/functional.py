@@ -162,8 +162,9 @@ def _in_functorch(t: Tensor) -> bool:
     return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def _threaded_fill(t: Tensor, fill: Callable[[Tensor, torch.Generator], object]) -> Optional[Tensor]:
-    """A tensor like ``t`` filled chunk by chunk by ``fill(chunk, generator)`` on several threads, or None.
+def _threaded_fill(t: Tensor, fill: Callable[[Tensor, torch.Generator], object], out: Optional[Tensor] = None) -> Optional[Tensor]:
+    """A tensor like ``t`` (or ``out``, a contiguous tensor of its shape) filled chunk by chunk by
+    ``fill(chunk, generator)`` on several threads, or None.
 
     Each chunk gets its own generator seeded from the global one, so the result is reproducible under
     ``torch.manual_seed``. None where threads do not pay or cannot be used: accelerators, one thread,
@@ -176,7 +177,8 @@ def _threaded_fill(t: Tensor, fill: Callable[[Tensor, torch.Generator], object])
     threads = torch.get_num_threads()
     if threads < 2 or _in_functorch(t):
         return None
-    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    if out is None:
+        out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
     chunks = out.view(-1).chunk(threads)
     seeds = torch.randint(0, 2**62, (len(chunks),)).tolist()
     inference = torch.is_inference_mode_enabled()  # thread-local: the workers must match the caller
@@ -203,6 +205,13 @@ def randn_like(t: Tensor) -> Tensor:
     """
     out = _threaded_fill(t, lambda chunk, generator: chunk.normal_(generator=generator))
     return torch.randn_like(t) if out is None else out
+
+
+def _normal_(t: Tensor) -> Tensor:
+    """Fill the contiguous ``t`` with standard normals in place: the values ``randn_like(t)`` would draw."""
+    if _threaded_fill(t, lambda chunk, generator: chunk.normal_(generator=generator), out=t) is None:
+        t.normal_()
+    return t
 
 
 def rand_like(t: Tensor) -> Tensor:

@@ -3,6 +3,7 @@ per parameter); kl_divergence() returns that KL while it is valid and recomputes
 
 import copy
 import io
+import threading
 
 import pytest
 import torch
@@ -156,3 +157,42 @@ def test_prediction_reuses_the_std_while_rho_is_unchanged_and_draws_as_with_a_gr
         layer.weight_rho.sub_(0.5)
         layer(x)
         torch.testing.assert_close(layer._std_cache["weight", True][1], (2 * layer.weight_rho).exp())
+
+
+def test_large_cpu_prediction_samples_reuse_a_buffer_per_thread():
+    # weights of 2^15 elements or more are drawn into a kept buffer when predicting on the CPU
+    layer = bdl.BayesLinear(256, 200, posterior_std_init=0.3)
+    x = torch.randn(6, 256)
+    torch.manual_seed(4)
+    with_graph = layer(x).detach()
+    torch.manual_seed(4)
+    with torch.no_grad():
+        first = layer(x)
+        kept = first.clone()
+        buffer = layer._std_cache["sample", "weight", threading.get_ident()]
+        second = layer(x)
+    torch.testing.assert_close(first, with_graph)  # the training path's draw (to rounding: another op order)
+    assert torch.equal(first, kept) and not torch.equal(first, second)  # outputs own their memory; fresh noise
+    assert layer._std_cache["sample", "weight", threading.get_ident()] is buffer
+    assert not any(key[0] == "sample" for key in layer._std_cache if key[1] == "bias")  # 200 numbers: no buffer
+    with torch.inference_mode():
+        in_inference = layer(x)
+    with torch.no_grad():  # an inference-mode buffer cannot be written outside inference mode: replaced
+        assert torch.isfinite(layer(x)).all() and in_inference.is_inference()
+    outputs = {}
+
+    def predict(name):
+        with torch.no_grad():
+            outputs[name] = layer(x)
+
+    threads = [threading.Thread(target=predict, args=(name,)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len([key for key in layer._std_cache if key[0] == "sample"]) >= 2 and len(outputs) == 2
+    layer(x)  # a training forward drops the buffers with the stds
+    assert not layer._std_cache
+    layer.double()
+    with torch.no_grad():
+        assert layer(x.double()).dtype == torch.float64
