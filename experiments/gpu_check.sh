@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU checks a session runs on a lent device machine (the workplace's `run` tool), ~6 minutes on an H100:
+# the CUDA tests, the peer, predict and layer benchmarks on CUDA, then the whole suite with the GPU visible.
+# Results go to $OUT (the tool's folder that comes back). The machine's image has torch, lightning and
+# torchmetrics; pyro-ppl, mnist1d and the peers travel as wheels in .whl/ (ignored by git), fetched here with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl pyro-ppl pyro-api mnist1d jsonargparse docstring-parser \
+#     typeshed-client bayesian-torch blitz-bayesian-pytorch torchbnn torch-uncertainty
+# and the call is run(command="bash experiments/gpu_check.sh", carry=[".whl"], timeout_s=560).
+set -u
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, lightning, pyro, torchmetrics; print('torch', torch.__version__, 'lightning', lightning.__version__, 'pyro', pyro.__version__, 'torchmetrics', torchmetrics.__version__)"
+mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -c "from bdl.lightning.cli import console; console()" "$@"\n' > /tmp/bin/bdl && chmod +x /tmp/bin/bdl && export PATH=/tmp/bin:$PATH
+echo "== cuda tests"; timeout 100 python3 -m pytest -m cuda -q -p no:cacheprovider -W ignore::DeprecationWarning 2>&1 | tee $OUT/cuda_tests.log | tail -15
+echo "== peers large"; timeout 75 python3 experiments/benchmark_peers.py --device cuda --steps 50 --predict-repeats 21 2>&1 | tee $OUT/bench_peers.txt
+echo "== peers small"; timeout 60 python3 experiments/benchmark_peers.py --device cuda --sizes 64-128-128-10 --steps 50 --predict-repeats 21 2>&1 | tee $OUT/bench_peers_small.txt
+echo "== predict"; timeout 50 python3 experiments/benchmark_predict.py --device cuda 2>&1 | tee $OUT/bench_predict.txt
+echo "== layers"; timeout 40 python3 experiments/benchmark_layers.py --device cuda --steps 50 --protocol interleaved 2>&1 | tee $OUT/bench_layers.txt
+echo "== full suite"; timeout 230 python3 -m pytest -q -n 12 -p no:cacheprovider -m "not cuda" --timeout 170 --durations=12 2>&1 | tee $OUT/suite.log | tail -20
