@@ -322,6 +322,10 @@ class BayesLinear(_BayesLayer):
             pre-activations sampled per example) or ``"flipout"``.
         std_transform: ``"exp"`` (``std = exp(rho)``, default, cheaper) or ``"softplus"``.
 
+    Forwards without gradients (prediction) keep what S draws share: the posterior std (or variance) while
+    ``rho`` is unchanged and, on the CPU, a buffer per thread for weight samples of 2^15 elements or more;
+    a training forward drops them, and copies and pickles of the layer start without them.
+
     Example:
         >>> layer = BayesLinear(4, 2, estimator="local")
         >>> x = torch.randn(8, 4)
