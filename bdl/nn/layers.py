@@ -64,8 +64,8 @@ _SAMPLE_BUFFER_MIN_NUMEL = 1 << 15
 
 
 class _TransientCache(dict):
-    """What a layer keeps from its last forwards (KLs in an autograd graph, stds for prediction); copies and
-    pickles of the layer start empty."""
+    """What a layer keeps from its last forwards (KLs in an autograd graph; stds and sample buffers for
+    prediction); copies and pickles of the layer start empty."""
 
     def __deepcopy__(self, memo: dict) -> "_TransientCache":
         return _TransientCache()
@@ -229,7 +229,8 @@ class _BayesLayer(BayesianModule):
         # A large CPU sample is written into a buffer the layer keeps, one per thread (forwards on several
         # threads must not share it; on the CPU the op has used the sample when forward returns). A fresh
         # weight-sized tensor per forward takes page faults whenever the allocator has handed the last one
-        # back to the system: 16,000 per 32-sample prediction of a 784-1200-1200-10 MLP, ~15% of its time.
+        # back to the system: 10,000-19,000 per 32-sample prediction of a 784-1200-1200-10 MLP at batch 1024
+        # (4-11% of its time in alternating runs, README "Benchmarks").
         key = ("sample", name, threading.get_ident())
         buffer = self._std_cache.get(key)
         if buffer is None or buffer.shape != mu.shape or buffer.dtype != mu.dtype or buffer.is_inference() != torch.is_inference_mode_enabled():
