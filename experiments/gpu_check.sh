@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks a session runs on a lent device machine (the workplace's `run` tool), ~6 minutes on an H100:
+# The GPU checks a session runs on a lent device machine (the workplace's `run` tool), ~7 minutes on an H100 (session 8: 5.3 min with the suite cut at 140 s, which needed 195 s):
 # the CUDA tests, the peer, predict and layer benchmarks on CUDA, then the whole suite with the GPU visible.
 # Results go to $OUT (the tool's folder that comes back). The machine's image has torch, lightning and
 # torchmetrics; pyro-ppl, mnist1d and the peers travel as wheels in .whl/ (ignored by git), fetched here with
