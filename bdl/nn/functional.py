@@ -140,19 +140,50 @@ def normal_log_prob(value: Tensor, loc: float | Tensor, std: float | Tensor) -> 
     return -0.5 * ((value - loc) / std).square() - std.log() - _HALF_LOG_TWO_PI
 
 
-# CPU normal_ is sequential (one Mersenne-Twister stream) and dominates the cost of sampling large
-# weight matrices; filling chunks from independent generators on several threads divides it.
-_PARALLEL_NOISE_MIN_NUMEL = 1 << 17  # below, handing chunks to threads costs more than it saves (2 cores)
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_pid = -1
+# CPU normal_ is sequential (one Mersenne-Twister stream, ~7 ns a number here) and dominates the cost of
+# sampling large weight matrices; chunks filled from independent generators on other threads divide it, but
+# only on cores that torch's intra-op threads leave free: after every parallel op torch's OpenMP workers spin
+# on their cores for a while, waiting for the next one, and a fill thread there shares a core with a spinner.
+# On the 2-core development VM, torch on 2 threads, alternating in one process (two processes): a 32-sample
+# prediction of the 784-1200-1200-10 MLP at batch 1024 took 2288 / 2458 ms with a fill thread against
+# 1929 / 2326 ms with torch's normal_ alone, MC dropout of 64-128-128-10 91.5 / 110 against 76.4 / 99.5 ms,
+# and a training step was no faster (75 / 84 against 78 / 81 ms). With torch on 1 thread, a fill thread on
+# the spare core gained (the same prediction 3295 against 3524 ms; batch 64: 260 against 280 ms).
+_PARALLEL_NOISE_MIN_NUMEL = 1 << 17  # below, handing chunks to threads costs more than it saves
+_MAX_FILL_THREADS = 8  # the calling thread and up to 7 helpers
+_pools: dict[int, ThreadPoolExecutor] = {}  # by number of helper threads, for the process in _pools_pid
+_pools_pid = -1
+_cores: tuple[int, int] = (-1, 0)
 
 
-def _noise_pool() -> ThreadPoolExecutor:
-    global _pool, _pool_pid
-    if _pool is None or _pool_pid != os.getpid():  # a forked child (DataLoader worker) needs its own threads
-        _pool = ThreadPoolExecutor(max_workers=max(torch.get_num_threads() - 1, 1), thread_name_prefix="bdl-noise")
-        _pool_pid = os.getpid()
-    return _pool
+def _available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask), looked up once per process."""
+    global _cores
+    if _cores[0] != os.getpid():
+        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        _cores = (os.getpid(), count)
+    return _cores[1]
+
+
+def _fill_helpers() -> int:
+    """Threads besides the caller that may fill noise: the cores torch's intra-op threads leave spare.
+
+    None where ``OMP_NUM_THREADS`` is set: then the process's thread budget was chosen for it, e.g. by
+    Lightning's DDP and torchrun, which split a machine's cores between the processes they start.
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return 0
+    return max(0, min(_available_cores() - torch.get_num_threads(), _MAX_FILL_THREADS - 1))
+
+
+def _noise_pool(helpers: int) -> ThreadPoolExecutor:
+    global _pools, _pools_pid
+    if _pools_pid != os.getpid():  # a forked child (DataLoader worker) needs its own threads
+        _pools, _pools_pid = {}, os.getpid()
+    pool = _pools.get(helpers)
+    if pool is None:  # kept, not shut down: another thread may be filling with it
+        pool = _pools.setdefault(helpers, ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="bdl-noise"))
+    return pool
 
 
 def _in_functorch(t: Tensor) -> bool:
@@ -167,19 +198,20 @@ def _threaded_fill(t: Tensor, fill: Callable[[Tensor, torch.Generator], object],
     ``fill(chunk, generator)`` on several threads, or None.
 
     Each chunk gets its own generator seeded from the global one, so the result is reproducible under
-    ``torch.manual_seed``. None where threads do not pay or cannot be used: accelerators, one thread,
-    small tensors, and inside ``torch.compile`` or ``torch.func`` transforms.
+    ``torch.manual_seed`` (for a given number of spare cores). None where threads do not pay or cannot be
+    used: accelerators, no core spare beside torch's intra-op threads (see :func:`_fill_helpers`), small
+    tensors, and inside ``torch.compile`` or ``torch.func`` transforms.
     """
     # the size first (the cheapest test, and most tensors fail it), then torch.compile before get_num_threads
     # (an int from a torch.* call would break its graph)
     if t.numel() < _PARALLEL_NOISE_MIN_NUMEL or torch.compiler.is_compiling() or t.device.type != "cpu":
         return None
-    threads = torch.get_num_threads()
-    if threads < 2 or _in_functorch(t):
+    helpers = _fill_helpers()
+    if helpers < 1 or _in_functorch(t):
         return None
     if out is None:
         out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-    chunks = out.view(-1).chunk(threads)
+    chunks = out.view(-1).chunk(helpers + 1)
     seeds = torch.randint(0, 2**62, (len(chunks),)).tolist()
     inference = torch.is_inference_mode_enabled()  # thread-local: the workers must match the caller
 
@@ -188,7 +220,8 @@ def _threaded_fill(t: Tensor, fill: Callable[[Tensor, torch.Generator], object],
             fill(chunk, torch.Generator().manual_seed(seed))
 
     # the calling thread fills the first chunk itself: one thread fewer competing for the cores
-    pending = [_noise_pool().submit(run, chunk, seed) for chunk, seed in zip(chunks[1:], seeds[1:])]
+    pool = _noise_pool(helpers)
+    pending = [pool.submit(run, chunk, seed) for chunk, seed in zip(chunks[1:], seeds[1:])]
     run(chunks[0], seeds[0])
     for future in pending:
         future.result()
@@ -196,12 +229,13 @@ def _threaded_fill(t: Tensor, fill: Callable[[Tensor, torch.Generator], object],
 
 
 def randn_like(t: Tensor) -> Tensor:
-    """``torch.randn_like(t)``, filled by several threads for large CPU tensors.
+    """``torch.randn_like(t)``, filled by several threads for large CPU tensors where cores are spare.
 
     Each chunk comes from its own generator seeded from the global generator, so results are
     reproducible under ``torch.manual_seed`` and the draws are independent standard normals.
-    Falls back to ``torch.randn_like`` on accelerators, small tensors, and inside ``torch.compile``
-    or ``torch.func`` transforms.
+    Falls back to ``torch.randn_like`` on accelerators, small tensors, where torch's intra-op threads
+    already occupy every core the process may use, and inside ``torch.compile`` or ``torch.func``
+    transforms.
     """
     out = _threaded_fill(t, lambda chunk, generator: chunk.normal_(generator=generator))
     return torch.randn_like(t) if out is None else out
@@ -215,13 +249,13 @@ def _normal_(t: Tensor) -> Tensor:
 
 
 def rand_like(t: Tensor) -> Tensor:
-    """``torch.rand_like(t)`` (uniform on [0, 1)), filled by several threads for large CPU tensors, as :func:`randn_like`."""
+    """``torch.rand_like(t)`` (uniform on [0, 1)), filled by several threads where :func:`randn_like` would be."""
     out = _threaded_fill(t, lambda chunk, generator: chunk.uniform_(generator=generator))
     return torch.rand_like(t) if out is None else out
 
 
 def random_bits(count: int) -> Tensor:
-    """``count`` int64 words of 64 independent fair random bits each, on the CPU (several threads for many).
+    """``count`` int64 words of 64 independent fair random bits each, on the CPU (threads as :func:`randn_like`).
 
     Every bit of every word is used: ``random_(-2**63, None)`` draws the whole 64-bit range from one
     generator call, where ``torch.rand`` spends a call (~5-7 ns here) on each 24-bit float. Reproducible
@@ -243,9 +277,9 @@ def dropout(input: Tensor, p: float = 0.5) -> Tensor:
     its 16 bits, as an integer ``v`` in ``[0, 2^16)``, are at least ``round(p * 2^16)``, so the drop rate
     is ``p`` rounded to a multiple of ``2^-16`` (torch's own CPU Bernoulli rounds to ``2^-24``). The mask
     is then formed with float arithmetic only, ``clamp((v - t + 1) / (1 - p), 0, 1 / (1 - p))``. For a
-    32768x128 tensor on 2 threads (fastest of 25, interleaved): 6.5 ms against 15 ms for comparing uniforms
-    from :func:`rand_like` (1024x128: 0.29 against 0.68 ms) and 37 ms for ``F.dropout``, whose Bernoulli
-    mask comes from one thread, one generator call per element.
+    32768x128 tensor, torch on 2 threads and the random numbers from one (fastest of 25, interleaved, on the
+    2-core development VM): 18 ms against 32 ms for comparing uniforms from :func:`rand_like` (1024x128: 0.52
+    against 1.27 ms) and 57 ms for ``F.dropout``, whose Bernoulli mask takes one generator call per element.
     On accelerators it is ``F.dropout`` (one fused kernel there). :class:`bdl.MCDropout` uses it for its
     ``nn.Dropout`` layers. Differentiable in ``input``.
 

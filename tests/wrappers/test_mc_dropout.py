@@ -22,7 +22,9 @@ class AlwaysOnDropout(nn.Module):
         return bdl.nn.functional.dropout(x, self.p)
 
 
-def test_fast_dropout_has_the_distribution_of_torch_dropout_and_its_gradient():
+@pytest.mark.parametrize("helpers", [0, 1])
+def test_fast_dropout_has_the_distribution_of_torch_dropout_and_its_gradient(monkeypatch, helpers):
+    monkeypatch.setattr(bdl.nn.functional, "_fill_helpers", lambda: helpers)  # with and without noise threads
     torch.manual_seed(0)
     x = torch.rand(400, 1000) + 0.5  # large enough for the threaded draw
     for p in (0.1, 0.5):
