@@ -117,13 +117,15 @@ class _KLNormalExp(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
-        mu, _, ctx.prior_loc, ctx.prior_scale = inputs
-        ctx.save_for_backward(mu, output[1])
+        mu, rho, ctx.prior_loc, ctx.prior_scale = inputs
+        ctx.save_for_backward(mu, output[1], rho)
         ctx.mark_non_differentiable(output[1])
 
     @staticmethod
     def backward(ctx, grad: Tensor, _):  # type: ignore[no-untyped-def]
-        mu, var = ctx.saved_tensors
+        mu, var, rho = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: var, computed without a graph, again from rho
+            var = (2 * rho).exp()
         scale = grad / ctx.prior_scale**2
         centred = mu if ctx.prior_loc == 0 else mu - ctx.prior_loc
         return centred * scale, torch.addcmul(-grad, var, scale), None, None
@@ -383,15 +385,17 @@ class _GaussianWithKL(torch.autograd.Function):
             out, saved, sum_var = (noise + mu if what == "sample" else noise), noise, torch.dot(std.view(-1), std.view(-1))
         centred = (mu if prior_loc == 0 else mu - prior_loc).reshape(-1)
         kl = (sum_var + torch.dot(centred, centred)) / (2 * prior_scale**2) - rho.sum() + mu.numel() * (math.log(prior_scale) - 0.5)
-        ctx.save_for_backward(mu, rho if what == "variance" else std, saved)
+        ctx.save_for_backward(mu, rho if what == "variance" else std, saved, rho)
         ctx.what, ctx.prior_loc, ctx.prior_scale, ctx.graph = what, prior_loc, prior_scale, graph
         ctx.set_materialize_grads(False)
         return out, kl, mu.view_as(mu)
 
     @staticmethod
     def backward(ctx, grad: Optional[Tensor], grad_kl: Optional[Tensor], grad_mean: Optional[Tensor]):  # type: ignore[no-untyped-def]
-        mu, std, saved = ctx.saved_tensors
+        mu, std, saved, rho = ctx.saved_tensors
         ctx.graph.spent = True
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable in mu and rho
+            return _GaussianWithKL._backward_with_graph(ctx, mu, rho, std, saved, grad, grad_kl, grad_mean)
         what = ctx.what
         grad_mu = grad if what == "sample" else None
         if grad_mean is not None:
@@ -403,17 +407,59 @@ class _GaussianWithKL(torch.autograd.Function):
         # addcmul is one pass: drho = -g + grad * d(out)/d(rho) + var * g / s0^2
         scale = grad_kl / ctx.prior_scale**2
         centred = mu if ctx.prior_loc == 0 else mu - ctx.prior_loc
-        grad_mu = centred * scale if grad_mu is None else torch.addcmul(grad_mu, centred, scale)
+        # The incoming gradients are fresh outputs of the op's backward (a matmul or a sum) that nothing else
+        # reads: on the CPU the parameters' gradients are written into them, sparing a weight-sized allocation
+        # each, which takes page faults whenever the allocator has handed the memory back to the system
+        # (README "Benchmarks", session 9). A sample's gradient, which is also mu's, is read for rho's before
+        # it becomes mu's.
+        reuse = std.device.type == "cpu"
+        into = grad if reuse and grad is not None and grad is not grad_mu and _reusable(grad, std) else None
         if what == "variance":  # d var / d rho = 2 var
             var = saved
-            grad_rho = torch.addcmul(-grad_kl, var, scale if grad is None else torch.add(scale, grad, alpha=2))
-            return grad_mu, grad_rho, None, None, None, None
-        grad_rho = -grad_kl.expand_as(std).clone() if grad is None else torch.addcmul(-grad_kl, grad, saved)
-        if std.device.type == "cpu":  # var = std^2 without materialising it
-            grad_rho.addcmul_(std, std, value=scale.item())
+            factor = scale if grad is None else torch.add(scale, grad, alpha=2, out=into)
+            grad_rho = torch.addcmul(-grad_kl, var, factor, out=into)
         else:
-            grad_rho.addcmul_(std * scale, std)
+            grad_rho = -grad_kl.expand_as(std).clone() if grad is None else torch.addcmul(-grad_kl, grad, saved, out=into)
+            if std.device.type == "cpu":  # var = std^2 without materialising it
+                grad_rho.addcmul_(std, std, value=scale.item())
+            else:
+                grad_rho.addcmul_(std * scale, std)
+        if grad_mu is None:
+            grad_mu = centred * scale
+        elif reuse and grad_mu is not grad_rho and _reusable(grad_mu, mu):
+            grad_mu.addcmul_(centred, scale)
+        else:
+            grad_mu = torch.addcmul(grad_mu, centred, scale)
         return grad_mu, grad_rho, None, None, None, None
+
+    @staticmethod
+    def _backward_with_graph(ctx, mu, rho, std, saved, grad, grad_kl, grad_mean):  # type: ignore[no-untyped-def]
+        """The backward as differentiable ops of ``mu``, ``rho`` and the incoming gradients, for second-order
+        derivatives (e.g. a gradient penalty): the forward's ``std``, noise and variance were computed without
+        a graph, so they are recomputed from ``rho`` here, with the draw ``eps`` = noise / std held fixed."""
+        what = ctx.what
+        grad_mu = grad if what == "sample" else None
+        if grad_mean is not None:
+            grad_mu = grad_mean if grad_mu is None else grad_mu + grad_mean
+        var = (2 * rho).exp()
+        if what == "variance":
+            grad_rho = None if grad is None else 2 * grad * var
+        else:
+            # the draw, a constant: detached, since the noise a "noise" node saved is its own output
+            eps = saved.detach() / std.clamp_min(torch.finfo(std.dtype).tiny)
+            grad_rho = None if grad is None else grad * eps * rho.exp()
+        if grad_kl is not None:
+            scale = grad_kl / ctx.prior_scale**2
+            kl_mu = (mu if ctx.prior_loc == 0 else mu - ctx.prior_loc) * scale
+            kl_rho = var * scale - grad_kl
+            grad_mu = kl_mu if grad_mu is None else grad_mu + kl_mu
+            grad_rho = kl_rho if grad_rho is None else grad_rho + kl_rho
+        return grad_mu, grad_rho, None, None, None, None
+
+
+def _reusable(grad: Tensor, like: Tensor) -> bool:
+    """Whether an incoming gradient can hold a parameter's gradient: same shape and dtype, contiguous."""
+    return grad.shape == like.shape and grad.dtype == like.dtype and grad.is_contiguous() and not grad.requires_grad
 
 
 class GaussianWeights:
