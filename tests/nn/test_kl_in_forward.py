@@ -28,6 +28,15 @@ def elbo_gradients(layer, x, seed, kl_weight=0.37):
     return out, kl, torch.autograd.grad(loss, list(layer.parameters()))
 
 
+def penalty_gradients(layer, x, seed):
+    """Second-order: the gradient of the squared norm of the ELBO's gradients (create_graph=True)."""
+    params = list(layer.parameters())
+    torch.manual_seed(seed)
+    loss = layer(x).square().sum() + 0.37 * layer.kl_divergence()
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    return torch.autograd.grad(sum(g.square().sum() for g in grads), params)
+
+
 def test_elbo_gradients_match_autograd_on_the_same_noise():
     """Known answer: w = mu + exp(rho) eps, KL from torch.distributions, gradients by plain autograd."""
     layer = bdl.BayesLinear(5, 3, prior=PRIOR, posterior_std_init=0.3).double()
@@ -54,6 +63,7 @@ def test_gradients_equal_those_of_separate_sample_and_kl(kind, estimator, monkey
     x = torch.randn(shape, dtype=torch.double)
     fused = elbo_gradients(layer, x, seed=1)
     assert layer._kl_cache, "the training forward should have computed the KL"
+    fused_second_order = penalty_gradients(layer, x, seed=1)  # create_graph: the backward's own graph
     # only the loss' data term, only its KL: each output's share of the one backward
     torch.manual_seed(1)
     out_only = torch.autograd.grad(layer(x).sum(), list(layer.parameters()), allow_unused=True)
@@ -65,21 +75,18 @@ def test_gradients_equal_those_of_separate_sample_and_kl(kind, estimator, monkey
     torch.manual_seed(1)
     out_only_separate = torch.autograd.grad(layer(x).sum(), list(layer.parameters()), allow_unused=True)
     kl_only_separate = torch.autograd.grad(layer.kl_divergence(), list(layer.parameters()))
+    separate_second_order = penalty_gradients(layer, x, seed=1)
 
     torch.testing.assert_close(fused[0], separate[0])
     torch.testing.assert_close(fused[1], separate[1])
-    for pairs in ((fused[2], separate[2]), (out_only, out_only_separate), (kl_only, kl_only_separate)):
+    for pairs in (
+        (fused[2], separate[2]),
+        (out_only, out_only_separate),
+        (kl_only, kl_only_separate),
+        (fused_second_order, separate_second_order),
+    ):
         for got, want in zip(*pairs):
             torch.testing.assert_close(got, want)
-
-
-def penalty_gradients(layer, x, seed):
-    """Second-order: the gradient of the squared norm of the ELBO's gradients (create_graph=True)."""
-    params = list(layer.parameters())
-    torch.manual_seed(seed)
-    loss = layer(x).square().sum() + 0.37 * layer.kl_divergence()
-    grads = torch.autograd.grad(loss, params, create_graph=True)
-    return torch.autograd.grad(sum(g.square().sum() for g in grads), params)
 
 
 def test_second_order_gradients_match_autograd_on_the_same_draws(monkeypatch):
@@ -102,19 +109,6 @@ def test_second_order_gradients_match_autograd_on_the_same_draws(monkeypatch):
     want = torch.autograd.grad(sum(g.square().sum() for g in grads), params)
     for name, a, b in zip(("weight_mu", "weight_rho", "bias_mu", "bias_rho"), got, want):
         torch.testing.assert_close(a, b, msg=name)
-
-
-@pytest.mark.parametrize("kind", LAYERS)
-@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
-def test_second_order_gradients_equal_those_of_separate_sample_and_kl(kind, estimator, monkeypatch):
-    make, shape = LAYERS[kind]
-    layer = make(estimator=estimator, prior=PRIOR, posterior_std_init=0.2).double()
-    x = torch.randn(shape, dtype=torch.double)
-    fused = penalty_gradients(layer, x, seed=2)
-    monkeypatch.setattr(_BayesLayer, "_fusable_prior", lambda self, prior, mu: None)
-    separate = penalty_gradients(layer, x, seed=2)
-    for got, want in zip(fused, separate):
-        torch.testing.assert_close(got, want)
 
 
 def test_kl_is_reused_until_parameters_change_or_a_backward_consumed_it():
