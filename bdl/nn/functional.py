@@ -407,11 +407,11 @@ class _GaussianWithKL(torch.autograd.Function):
         # addcmul is one pass: drho = -g + grad * d(out)/d(rho) + var * g / s0^2
         scale = grad_kl / ctx.prior_scale**2
         centred = mu if ctx.prior_loc == 0 else mu - ctx.prior_loc
-        # The incoming gradients are fresh outputs of the op's backward (a matmul or a sum) that nothing else
-        # reads: on the CPU the parameters' gradients are written into them, sparing a weight-sized allocation
-        # each, which takes page faults whenever the allocator has handed the memory back to the system
-        # (README "Benchmarks", session 9). A sample's gradient, which is also mu's, is read for rho's before
-        # it becomes mu's.
+        # A weight's incoming gradients are fresh outputs of the op's backward (a matmul or a convolution's)
+        # that nothing else reads: on the CPU the weight's gradients are written into them (see _reusable),
+        # sparing a weight-sized allocation each, which takes page faults whenever the allocator has handed the
+        # memory back to the system (README "Benchmarks", session 9). A sample's gradient, which is also mu's,
+        # is read for rho's before it becomes mu's.
         reuse = std.device.type == "cpu"
         into = grad if reuse and grad is not None and grad is not grad_mu and _reusable(grad, std) else None
         if what == "variance":  # d var / d rho = 2 var
@@ -458,8 +458,16 @@ class _GaussianWithKL(torch.autograd.Function):
 
 
 def _reusable(grad: Tensor, like: Tensor) -> bool:
-    """Whether an incoming gradient can hold a parameter's gradient: same shape and dtype, contiguous."""
-    return grad.shape == like.shape and grad.dtype == like.dtype and grad.is_contiguous() and not grad.requires_grad
+    """Whether an incoming gradient can hold the gradient of the parameter ``like``: only a weight's, always
+    a matmul's or convolution's fresh output (a bias's comes from whatever the op does with it, and an add's
+    backward, for one, hands its gradient on unchanged), of its shape and dtype, contiguous."""
+    return (
+        like.dim() >= 2
+        and grad.shape == like.shape
+        and grad.dtype == like.dtype
+        and grad.is_contiguous()
+        and not grad.requires_grad
+    )
 
 
 class GaussianWeights:
