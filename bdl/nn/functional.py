@@ -150,7 +150,9 @@ def normal_log_prob(value: Tensor, loc: float | Tensor, std: float | Tensor) -> 
 # prediction of the 784-1200-1200-10 MLP at batch 1024 took 2288 / 2458 ms with a fill thread against
 # 1929 / 2326 ms with torch's normal_ alone, MC dropout of 64-128-128-10 91.5 / 110 against 76.4 / 99.5 ms,
 # and a training step was no faster (75 / 84 against 78 / 81 ms). With torch on 1 thread, a fill thread on
-# the spare core gained (the same prediction 3295 against 3524 ms; batch 64: 260 against 280 ms).
+# the spare core gained (the same prediction 3295 against 3524 ms; batch 64: 260 against 280 ms), but the
+# chunks stay one per torch thread (with one, torch's generator alone), so that a draw does not depend on
+# the machine's core count.
 _PARALLEL_NOISE_MIN_NUMEL = 1 << 17  # below, handing chunks to threads costs more than it saves
 _MAX_FILL_THREADS = 8  # the calling thread and up to 7 helpers
 _pools: dict[int, ThreadPoolExecutor] = {}  # by number of helper threads, for the process in _pools_pid
@@ -197,23 +199,24 @@ def _in_functorch(t: Tensor) -> bool:
 
 def _threaded_fill(t: Tensor, fill: Callable[[Tensor, torch.Generator], object], out: Optional[Tensor] = None) -> Optional[Tensor]:
     """A tensor like ``t`` (or ``out``, a contiguous tensor of its shape) filled chunk by chunk by
-    ``fill(chunk, generator)`` on several threads, or None.
+    ``fill(chunk, generator)``, one chunk per intra-op thread of torch, or None.
 
     Each chunk gets its own generator seeded from the global one, so the result is reproducible under
-    ``torch.manual_seed`` (for a given number of spare cores). None where threads do not pay or cannot be
-    used: accelerators, no core spare beside torch's intra-op threads (see :func:`_fill_helpers`), small
-    tensors, and inside ``torch.compile`` or ``torch.func`` transforms.
+    ``torch.manual_seed`` for a given ``torch.get_num_threads()``, however many threads fill the chunks:
+    the caller and one helper per core that torch's threads leave spare (see :func:`_fill_helpers`), or the
+    caller alone. None (draw with torch's generator) where chunks cannot be used: accelerators, one intra-op
+    thread, small tensors, and inside ``torch.compile`` or ``torch.func`` transforms.
     """
     # the size first (the cheapest test, and most tensors fail it), then torch.compile before get_num_threads
     # (an int from a torch.* call would break its graph)
     if t.numel() < _PARALLEL_NOISE_MIN_NUMEL or torch.compiler.is_compiling() or t.device.type != "cpu":
         return None
-    helpers = _fill_helpers()
-    if helpers < 1 or _in_functorch(t):
+    threads = torch.get_num_threads()
+    if threads < 2 or _in_functorch(t):
         return None
     if out is None:
         out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-    chunks = out.view(-1).chunk(helpers + 1)
+    chunks = out.view(-1).chunk(threads)
     seeds = torch.randint(0, 2**62, (len(chunks),)).tolist()
     inference = torch.is_inference_mode_enabled()  # thread-local: the workers must match the caller
 
@@ -221,6 +224,11 @@ def _threaded_fill(t: Tensor, fill: Callable[[Tensor, torch.Generator], object],
         with torch.inference_mode(inference):
             fill(chunk, torch.Generator().manual_seed(seed))
 
+    helpers = min(_fill_helpers(), len(chunks) - 1)
+    if not helpers:  # every chunk on the calling thread: the numbers helpers would draw
+        for chunk, seed in zip(chunks, seeds):
+            run(chunk, seed)
+        return out
     # the calling thread fills the first chunk itself: one thread fewer competing for the cores
     pool = _noise_pool(helpers)
     pending = [pool.submit(run, chunk, seed) for chunk, seed in zip(chunks[1:], seeds[1:])]
@@ -231,13 +239,12 @@ def _threaded_fill(t: Tensor, fill: Callable[[Tensor, torch.Generator], object],
 
 
 def randn_like(t: Tensor) -> Tensor:
-    """``torch.randn_like(t)``, filled by several threads for large CPU tensors where cores are spare.
+    """``torch.randn_like(t)``, for large CPU tensors in chunks that several threads fill where cores are spare.
 
     Each chunk comes from its own generator seeded from the global generator, so results are
-    reproducible under ``torch.manual_seed`` and the draws are independent standard normals.
-    Falls back to ``torch.randn_like`` on accelerators, small tensors, where torch's intra-op threads
-    already occupy every core the process may use, and inside ``torch.compile`` or ``torch.func``
-    transforms.
+    reproducible under ``torch.manual_seed`` (for a given number of torch threads) and the draws are
+    independent standard normals. Falls back to ``torch.randn_like`` on accelerators, small tensors, one
+    intra-op thread, and inside ``torch.compile`` or ``torch.func`` transforms.
     """
     out = _threaded_fill(t, lambda chunk, generator: chunk.normal_(generator=generator))
     return torch.randn_like(t) if out is None else out
