@@ -14,13 +14,23 @@ def _seed():
     yield
 
 
+def _with_threads(count):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     # tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from _with_threads(1)
+
+
+@pytest.fixture
+def four_threads():
+    # four chunks per large CPU draw of bdl.nn.functional, whatever the machine
+    yield from _with_threads(4)
 
 
 def pytest_collection_modifyitems(config, items):

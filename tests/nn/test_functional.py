@@ -6,15 +6,6 @@ import bdl.nn.functional as BF
 from bdl.nn.functional import _random_signs, randn_like
 
 
-@pytest.fixture
-def four_threads():
-    # four chunks per large draw, whatever the machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(4)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("helpers", [0, 1, 3])
 def test_parallel_noise_is_standard_normal_and_works_under_inference_mode(monkeypatch, four_threads, helpers):
     # Lightning validates and tests under torch.inference_mode (thread-local); the noise threads must follow it.
