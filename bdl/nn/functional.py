@@ -149,10 +149,10 @@ def normal_log_prob(value: Tensor, loc: float | Tensor, std: float | Tensor) -> 
 # On the 2-core development VM, torch on 2 threads, alternating in one process (two processes): a 32-sample
 # prediction of the 784-1200-1200-10 MLP at batch 1024 took 2288 / 2458 ms with a fill thread against
 # 1929 / 2326 ms with torch's normal_ alone, MC dropout of 64-128-128-10 91.5 / 110 against 76.4 / 99.5 ms,
-# and a training step was no faster (75 / 84 against 78 / 81 ms). With torch on 1 thread, a fill thread on
-# the spare core gained (the same prediction 3295 against 3524 ms; batch 64: 260 against 280 ms), but the
-# chunks stay one per torch thread (with one, torch's generator alone), so that a draw does not depend on
-# the machine's core count.
+# and a training step was no faster (75 / 84 against 78 / 81 ms). With torch on 1 thread, a prototype's fill
+# thread on the spare core gained (the same prediction 3295 against 3524 ms; batch 64: 260 against 280 ms),
+# but the chunks stay one per torch thread (with one, torch's generator alone), so that a draw does not
+# depend on the machine's core count.
 _PARALLEL_NOISE_MIN_NUMEL = 1 << 17  # below, handing chunks to threads costs more than it saves
 _MAX_FILL_THREADS = 8  # the calling thread and up to 7 helpers
 _pools: dict[int, ThreadPoolExecutor] = {}  # by number of helper threads, for the process in _pools_pid
@@ -401,12 +401,12 @@ class _GaussianWithKL(torch.autograd.Function):
     def backward(ctx, grad: Optional[Tensor], grad_kl: Optional[Tensor], grad_mean: Optional[Tensor]):  # type: ignore[no-untyped-def]
         mu, std, saved, rho = ctx.saved_tensors
         ctx.graph.spent = True
-        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable in mu and rho
-            return _GaussianWithKL._backward_with_graph(ctx, mu, rho, std, saved, grad, grad_kl, grad_mean)
         what = ctx.what
         grad_mu = grad if what == "sample" else None
         if grad_mean is not None:
             grad_mu = grad_mean if grad_mu is None else grad_mu + grad_mean
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable in mu and rho
+            return _GaussianWithKL._backward_with_graph(ctx, mu, rho, std, saved, grad, grad_mu, grad_kl)
         if grad_kl is None:  # the KL was not part of the loss
             grad_rho = None if grad is None else grad * saved * (2 if what == "variance" else 1)
             return grad_mu, grad_rho, None, None, None, None
@@ -419,37 +419,34 @@ class _GaussianWithKL(torch.autograd.Function):
         # sparing a weight-sized allocation each, which takes page faults whenever the allocator has handed the
         # memory back to the system (README "Benchmarks", session 9). A sample's gradient, which is also mu's,
         # is read for rho's before it becomes mu's.
-        reuse = std.device.type == "cpu"
-        into = grad if reuse and grad is not None and grad is not grad_mu and _reusable(grad, std) else None
+        cpu = std.device.type == "cpu"
+        into = grad if cpu and grad is not None and grad is not grad_mu and _reusable(grad, std) else None
         if what == "variance":  # d var / d rho = 2 var
             var = saved
             factor = scale if grad is None else torch.add(scale, grad, alpha=2, out=into)
             grad_rho = torch.addcmul(-grad_kl, var, factor, out=into)
         else:
             grad_rho = -grad_kl.expand_as(std).clone() if grad is None else torch.addcmul(-grad_kl, grad, saved, out=into)
-            if std.device.type == "cpu":  # var = std^2 without materialising it
+            if cpu:  # var = std^2 without materialising it
                 grad_rho.addcmul_(std, std, value=scale.item())
             else:
                 grad_rho.addcmul_(std * scale, std)
         if grad_mu is None:
             grad_mu = centred * scale
-        elif reuse and grad_mu is not grad_rho and _reusable(grad_mu, mu):
+        elif cpu and grad_mu is not grad_rho and _reusable(grad_mu, mu):
             grad_mu.addcmul_(centred, scale)
         else:
             grad_mu = torch.addcmul(grad_mu, centred, scale)
         return grad_mu, grad_rho, None, None, None, None
 
     @staticmethod
-    def _backward_with_graph(ctx, mu, rho, std, saved, grad, grad_kl, grad_mean):  # type: ignore[no-untyped-def]
-        """The backward as differentiable ops of ``mu``, ``rho`` and the incoming gradients, for second-order
-        derivatives (e.g. a gradient penalty): the forward's ``std``, noise and variance were computed without
-        a graph, so they are recomputed from ``rho`` here, with the draw ``eps`` = noise / std held fixed."""
-        what = ctx.what
-        grad_mu = grad if what == "sample" else None
-        if grad_mean is not None:
-            grad_mu = grad_mean if grad_mu is None else grad_mu + grad_mean
+    def _backward_with_graph(ctx, mu, rho, std, saved, grad, grad_mu, grad_kl):  # type: ignore[no-untyped-def]
+        """The backward as differentiable ops of ``mu``, ``rho`` and the incoming gradients (``grad_mu``: the
+        data term's share of mu's), for second-order derivatives (e.g. a gradient penalty): the forward's
+        ``std``, noise and variance were computed without a graph, so they are recomputed from ``rho`` here,
+        with the draw ``eps`` = noise / std held fixed."""
         var = (2 * rho).exp()
-        if what == "variance":
+        if ctx.what == "variance":
             grad_rho = None if grad is None else 2 * grad * var
         else:
             # the draw, a constant: detached, since the noise a "noise" node saved is its own output
