@@ -6,6 +6,12 @@ One path for every method: a model with randomness -> Monte Carlo samples -> a `
 
 __version__ = "0.1.0"
 
+# glibc's malloc thresholds raised once, as freeing a 32 MiB tensor would: without it every training step and
+# prediction of a few-MiB tensors pays thousands of page faults (bdl/_malloc.py; BDL_MALLOC_WARMUP=0 skips it)
+from ._malloc import warm_up_malloc as _warm_up_malloc
+
+_warm_up_malloc()
+
 # --- nn: Bayesian layers, priors, KL, ELBO, bayesianize (bdl/nn) ---
 from .nn import (
     ELBO,
