@@ -33,7 +33,7 @@ results: $(STAMP)
 # Installs the peer libraries (the `peers` extra) into .venv, then compares speed and quality with them.
 bench-peers: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,peers]"
-	$(PY) experiments/benchmark_peers.py --steps 12 --predict-repeats 3
+	$(PY) experiments/benchmark_peers.py --steps 12 --predict-repeats 7
 	$(PY) experiments/benchmark_peers.py --sizes 64-128-128-10 --steps 30 --predict-repeats 21
 	$(PY) experiments/peer_quality.py --seeds 0 1 2 3 4 5 6 7 8 9 --threads 1 --out experiments/results/peer_quality.md
 	$(PY) experiments/peer_quality.py --seeds 0 1 2 3 4 5 6 7 8 9 --threads 1 --epochs 120 --out experiments/results/peer_quality_120_epochs.md
