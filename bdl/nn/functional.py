@@ -416,9 +416,9 @@ class _GaussianWithKL(torch.autograd.Function):
         centred = mu if ctx.prior_loc == 0 else mu - ctx.prior_loc
         # A weight's incoming gradients are fresh outputs of the op's backward (a matmul or a convolution's)
         # that nothing else reads: on the CPU the weight's gradients are written into them (see _reusable),
-        # sparing a weight-sized allocation each, which takes page faults whenever the allocator has handed the
-        # memory back to the system (README "Benchmarks", session 9). A sample's gradient, which is also mu's,
-        # is read for rho's before it becomes mu's.
+        # sparing a weight-sized allocation each (fewer page faults and passes over fresh memory; 2-14% of a
+        # step in session 9, experiments/results/benchmark_history.md). A sample's gradient, which is also
+        # mu's, is read for rho's before it becomes mu's.
         cpu = std.device.type == "cpu"
         into = grad if cpu and grad is not None and grad is not grad_mu and _reusable(grad, std) else None
         if what == "variance":  # d var / d rho = 2 var

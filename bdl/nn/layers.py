@@ -230,7 +230,7 @@ class _BayesLayer(BayesianModule):
         # threads must not share it; on the CPU the op has used the sample when forward returns). A fresh
         # weight-sized tensor per forward takes page faults whenever the allocator has handed the last one
         # back to the system: 10,000-19,000 per 32-sample prediction of a 784-1200-1200-10 MLP at batch 1024
-        # (4-11% of its time in alternating runs, README "Benchmarks").
+        # (4-11% of its time in alternating runs, experiments/results/benchmark_history.md, session 8).
         key = ("sample", name, threading.get_ident())
         buffer = self._std_cache.get(key)
         if buffer is None or buffer.shape != mu.shape or buffer.dtype != mu.dtype or buffer.is_inference() != torch.is_inference_mode_enabled():
