@@ -50,7 +50,7 @@ def warm_up_malloc() -> bool:
     if os.environ.get("BDL_MALLOC_WARMUP", "1") == "0" or not _glibc():
         return False
     try:
-        block = torch.empty(WARMUP_BYTES, dtype=torch.uint8)
+        block = torch.empty(WARMUP_BYTES, dtype=torch.uint8, device="cpu")  # whatever torch's default device
     except RuntimeError:  # address space refused (a tight ulimit -v): keep glibc's defaults
         return False
     del block

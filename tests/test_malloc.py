@@ -6,9 +6,8 @@ Each measurement runs in a fresh process that imports numpy before torch (as mos
 784-1200-1200-10 ``BayesLinear`` MLP for a few steps and counts its minor page faults (``ru_minflt``) per step
 after the first three. With ``BDL_MALLOC_WARMUP=0`` the same steps take thousands each (5,200-10,300 on the
 development VM, 0-86 with the warm-up, 563 once inside a full test run): the control that shows the count
-can fail. The children run torch on
-one thread: with two, and the two children running at once, the warm-up's steps took 0-844 faults each (the
-OpenMP workers' own malloc arenas, it seems), a noisier count.
+can fail. The children run torch on one thread: with two, and the two children running at once, the
+warm-up's steps took 0-844 faults each (the OpenMP workers' own malloc arenas, it seems), a noisier count.
 """
 
 import os
@@ -20,12 +19,17 @@ import pytest
 from bdl._malloc import _glibc
 
 CHILD = """
+import os
 import resource
 import numpy
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+torch.set_default_device(os.environ.get("DEFAULT_DEVICE_AT_IMPORT", "cpu"))  # e.g. "cuda" in a user's script
 import bdl
+
+torch.set_default_device(None)
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # see the module docstring
@@ -52,28 +56,35 @@ pytestmark = pytest.mark.skipif(not _glibc(), reason="glibc's malloc thresholds 
 
 @pytest.fixture(scope="module")
 def faults_per_step() -> dict[str, int]:
-    """Page faults per training step with the warm-up ("1") and without ("0"), the two processes run at once."""
+    """Page faults per training step with the warm-up ("1"), without ("0"), and with the warm-up while torch's
+    default device was "meta" at import ("1 meta": the block must still come from the CPU's malloc), the
+    processes run at once."""
+    settings = {"0": ("0", "cpu"), "1": ("1", "cpu"), "1 meta": ("1", "meta")}
     children = {
-        warmup: subprocess.Popen(
+        name: subprocess.Popen(
             [sys.executable, "-c", CHILD],
-            env=dict(os.environ, BDL_MALLOC_WARMUP=warmup),
+            env=dict(os.environ, BDL_MALLOC_WARMUP=warmup, DEFAULT_DEVICE_AT_IMPORT=device),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for warmup in ("0", "1")
+        for name, (warmup, device) in settings.items()
     }
     counts = {}
-    for warmup, child in children.items():
+    for name, child in children.items():
         out, err = child.communicate(timeout=300)
         assert child.returncode == 0, err
-        counts[warmup] = int(out.split()[-1])
+        counts[name] = int(out.split()[-1])
     return counts
 
 
 def test_training_steps_reuse_their_pages_after_import(faults_per_step):
     # most of them: in a full test run on the development VM the warm child still took 563 per step
     assert faults_per_step["1"] < faults_per_step["0"] / 4
+
+
+def test_the_warmup_works_whatever_torchs_default_device_at_import(faults_per_step):
+    assert faults_per_step["1 meta"] < faults_per_step["0"] / 4
 
 
 def test_without_the_warmup_every_step_faults_pages_in_again(faults_per_step):
