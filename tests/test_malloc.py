@@ -6,8 +6,10 @@ Each measurement runs in a fresh process that imports numpy before torch (as mos
 784-1200-1200-10 ``BayesLinear`` MLP for a few steps and counts its minor page faults (``ru_minflt``) per step
 after the first three. With ``BDL_MALLOC_WARMUP=0`` the same steps take thousands each (5,200-10,300 on the
 development VM, 0-86 with the warm-up, 563 once inside a full test run): the control that shows the count
-can fail. The children run torch on one thread: with two, and the two children running at once, the
-warm-up's steps took 0-844 faults each (the OpenMP workers' own malloc arenas, it seems), a noisier count.
+can fail. A third child imports bdl while torch's default device is "meta" (as a script that sets "cuda"
+first would): the warm-up must still free its block through the CPU's malloc. The children run torch on one
+thread: with two, and two children running at once, the warm-up's steps took 0-844 faults each (the OpenMP
+workers' own malloc arenas, it seems), a noisier count.
 """
 
 import os
