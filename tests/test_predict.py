@@ -385,3 +385,38 @@ def test_default_chunks_halve_after_running_out_of_memory(monkeypatch):
     with pytest.raises(torch.OutOfMemoryError):  # not even one sample fits: the error reaches the user
         bdl.predict(model, x, num_samples=32, method="batched")
     assert counts == [32, 16, 8, 4, 2, 1]
+
+
+def _default_counts(monkeypatch, model, x, **kwargs):
+    """The sample counts ``predict`` draws per call of ``draw_samples`` without a ``chunk_size``."""
+    module = sys.modules["bdl.predict"]
+    real, counts = module.draw_samples, []
+
+    def recording(model, x, count, method="loop"):
+        counts.append(count)
+        return real(model, x, count, method=method)
+
+    monkeypatch.setattr(module, "draw_samples", recording)
+    bdl.predict(model, x, num_samples=32, method="batched", **kwargs)
+    return counts
+
+
+def test_cpu_chunks_keep_the_largest_activation_within_the_byte_budget(monkeypatch):
+    # 16 channels of 32x32 float32: 64 KiB per row and sample, so 12 MiB hold 192 rows: 3 samples of 64 rows
+    conv = bdl.MCDropout(nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Dropout(0.2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)
+    ))  # fmt: skip
+    assert _default_counts(monkeypatch, conv, torch.randn(64, 3, 32, 32)) == [3] * 10 + [2]
+    # a narrow MLP's activations are small: the row limit alone decides (8192 rows, all 32 samples of 64)
+    assert _default_counts(monkeypatch, bayes_mlp(), torch.randn(64, 4)) == [32]
+
+
+def test_the_chunk_probe_leaves_the_random_stream_and_the_model_alone():
+    model = bdl.MCDropout(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Dropout(0.3), nn.Flatten(), nn.Linear(16 * 8 * 8, 4)))
+    x = torch.randn(64, 3, 8, 8)  # 4 KiB per row and sample: chunks of 32 samples, one draw
+    torch.manual_seed(1)
+    probed = bdl.predict(model, x, num_samples=32, method="batched", keep_samples=True)
+    torch.manual_seed(1)
+    given = bdl.predict(model, x, num_samples=32, method="batched", keep_samples=True, chunk_size=32)
+    torch.testing.assert_close(probed.sample_probs, given.sample_probs, rtol=0, atol=0)
+    assert not any(m._forward_hooks for m in model.modules())
