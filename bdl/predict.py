@@ -761,10 +761,10 @@ def _activation_bytes_per_row(model: nn.Module, x: Tensor) -> Optional[int]:
     return largest
 
 
-# model -> {(input row shape, dtype): bytes per row or None}: the probe costs about a batched draw's fixed
-# overhead (0.7-0.8 ms for a 64-128-128-10 MLP on the development VM), a sixth of a 32-sample prediction at
-# batch 64, so it runs once per model and input shape (a model changed in place keeps its old estimate: only
-# the chunk size depends on it)
+# network -> {(input row shape, dtype): bytes per row or None}: the probe costs a one-row draw (0.4-0.8 ms for
+# a 64-128-128-10 MLP on the development VM, up to a sixth of a 32-sample prediction at batch 64), so it runs
+# once per network and input shape; keyed by the network inside an MCDropout, which users often wrap anew
+# for each call (a network changed in place keeps its old estimate: only the chunk size depends on it)
 _activation_sizes: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Optional[int]]]" = weakref.WeakKeyDictionary()
 
 
@@ -775,7 +775,7 @@ def _default_chunk(model: Any, x: Tensor, num_samples: int, method: str) -> int:
     count = max(1, min(num_samples, ROWS_PER_CHUNK // max(rows, 1)))
     if count == 1 or method != "batched" or x.device.type != "cpu" or not isinstance(model, nn.Module):
         return count
-    sizes = _activation_sizes.setdefault(model, {})
+    sizes = _activation_sizes.setdefault(_stochastic_sources(model)[0], {})
     key = (tuple(x.shape[1:]), x.dtype)
     if key not in sizes:
         sizes[key] = _activation_bytes_per_row(model, x)

@@ -420,3 +420,22 @@ def test_the_chunk_probe_leaves_the_random_stream_and_the_model_alone():
     given = bdl.predict(model, x, num_samples=32, method="batched", keep_samples=True, chunk_size=32)
     torch.testing.assert_close(probed.sample_probs, given.sample_probs, rtol=0, atol=0)
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_the_chunk_probe_runs_once_per_network_and_input_shape(monkeypatch):
+    module = sys.modules["bdl.predict"]
+    real, probes = module._activation_bytes_per_row, []
+
+    def counting(model, x):
+        probes.append(tuple(x.shape[1:]))
+        return real(model, x)
+
+    monkeypatch.setattr(module, "_activation_bytes_per_row", counting)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
+    for _ in range(3):  # a new MC-dropout wrapper per call, as users write it, around the same network
+        bdl.predict(bdl.MCDropout(net), torch.randn(8, 4), num_samples=4)
+    assert probes == [(4,)]
+    bdl.predict(bdl.MCDropout(net), torch.randn(8, 4), num_samples=4, chunk_size=2)  # a given chunk: no probe
+    assert probes == [(4,)]
+    bdl.predict(bdl.MCDropout(net), torch.randn(8, 2, 2), num_samples=4)  # another row shape
+    assert probes == [(4,), (2, 2)]
