@@ -69,7 +69,7 @@ ROWS_PER_CHUNK = 8192
 # maps. Measured on the 2-core development VM, MC dropout, S=32 (fresh processes): ResNet-18 on 32x32 inputs
 # at batch 128, 8192 rows per chunk took 67.5 s and 5.2 GB more memory, the loop 49.5 s and 0.2 GB; LeNet-5 at
 # batch 1024, 3198 against 1685 ms for the loop; 784-1200-1200-10 at batch 1024, chunks of 2 samples (9.4 MB
-# activations) 1326 / 1405 ms against 1508 / 1615 ms for 8 (38 MB, 150,000-170,000 page faults per call).
+# activations) 1326 / 1405 ms against 1508 / 1615 ms for 8 (38 MB, 146,000-170,000 page faults per call).
 CHUNK_ACTIVATION_BYTES = 12 << 20
 
 
@@ -761,8 +761,8 @@ def _activation_bytes_per_row(model: nn.Module, x: Tensor) -> Optional[int]:
     return largest
 
 
-# network -> {(input row shape, dtype): bytes per row or None}: the probe costs a one-row draw (0.4-0.8 ms for
-# a 64-128-128-10 MLP on the development VM, up to a sixth of a 32-sample prediction at batch 64), so it runs
+# network -> {(input row shape, dtype): bytes per row or None}: the probe costs a one-row draw (0.4-2.1 ms for
+# a 64-128-128-10 MLP on the development VM, up to a fifth of a 32-sample prediction at batch 64), so it runs
 # once per network and input shape; keyed by the network inside an MCDropout, which users often wrap anew
 # for each call (a network changed in place keeps its old estimate: only the chunk size depends on it)
 _activation_sizes: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Optional[int]]]" = weakref.WeakKeyDictionary()
@@ -901,7 +901,7 @@ def predict(
     summaries: list[Prediction] = []
     targets: list[Optional[Tensor]] = []
     resolved: dict[int, str] = {}
-    fitted: dict[int, int] = {}  # rows -> default chunk size, halved after an out-of-memory error
+    fitted: dict[int, int] = {}  # rows -> samples per draw: chunk_size, or the default (halved after running out of memory)
     with torch.no_grad(), _eval_mode(model):
         for x, y in _batches(inputs, batch_size):
             if not isinstance(x, Tensor) or x.dim() == 0:
@@ -918,10 +918,10 @@ def predict(
             else:
                 if rows not in resolved:
                     resolved[rows] = resolve_method(model, rows, method)
-                    fitted[rows] = 1 if chunk_size else _default_chunk(model, x, num_samples, resolved[rows])
+                    fitted[rows] = chunk_size or _default_chunk(model, x, num_samples, resolved[rows])
                 drawn = 0
                 while drawn < num_samples:
-                    count = min(chunk_size or fitted[rows], num_samples - drawn)
+                    count = min(fitted[rows], num_samples - drawn)
                     output = _draw_or_none(model, x, count, resolved[rows], may_shrink=chunk_size is None and count > 1)
                     if output is None:  # out of memory: half the samples at once, for the rest of the call too
                         fitted[rows] = count // 2
