@@ -3,7 +3,8 @@
 - :class:`PyroModel`: Gaussian priors on all or selected parameters of any network, plus a likelihood
   (:data:`LIKELIHOODS`), with the data plate scaled to the global training-set size.
 - :class:`SVIModule` (Lightning) and :func:`svi` (a plain loop): fit an autoguide (:data:`GUIDES`).
-- :func:`mcmc`: NUTS / HMC with a :class:`PosteriorSummary` (mean, std, quantiles, n_eff, r_hat).
+- :func:`mcmc`: NUTS / HMC with a :class:`PosteriorSummary` (mean, std, quantiles, n_eff, r_hat) of the
+  parameters and, from ``MCMCResult.predictive_summary``, of the predictions (function space).
 - :func:`compare_predictions`: how close an approximate predictive is to a reference one.
 
 Every engine ends in a :class:`bdl.Prediction`.

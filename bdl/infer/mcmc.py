@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
@@ -149,6 +150,61 @@ class MCMCResult:
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         with private_param_store():
             return predict_function_model(self.model, self.samples, *args, output_site=output_site, task=task, keep_samples=keep_samples)
+
+    def predictive_summary(self, inputs: Any, *, output_site: str = "obs", task: Optional[str] = None) -> PosteriorSummary:
+        """Convergence in function space: ESS and split R-hat of the predictions on ``inputs``, per input and output.
+
+        A network's posterior holds symmetric copies of every mode (hidden units permuted, or sign-flipped
+        around an odd activation, compute the same function), so two chains in different copies give a
+        weight-space R-hat far above 1 while agreeing on every prediction. What the posterior predictive
+        averages are the per-draw predictions: class probabilities (site ``"probs"``, ``[N, C]``) for
+        classification; predicted means (``"mean"``, ``[N, D]``) and, where the model predicts them, noise
+        variances (``"variance"``) for regression. Their R-hat near 1 (e.g. < 1.01, Vehtari et al. 2021) and
+        ESS are the check that matters for predictions (Izmailov et al. 2021, "What Are Bayesian Neural
+        Network Posteriors Really Like?", compare chains in function space for the same reason). An output
+        that is the same in every draw (a saturated probability, a known noise variance) gets R-hat 1 and ESS
+        ``inf`` rather than the NaN of 0 / 0.
+
+        Args:
+            inputs: as for :meth:`predict`.
+            output_site, task: as for :meth:`predict` (model functions only).
+
+        Returns:
+            a :class:`PosteriorSummary` whose "parameters" are the prediction sites above.
+
+        Example:
+            >>> def model(x, y=None):
+            ...     slope = pyro.sample("slope", pyro.distributions.Normal(0.0, 1.0))
+            ...     with pyro.plate("data", x.shape[0]):
+            ...         return pyro.sample("obs", pyro.distributions.Normal(slope * x, 0.1), obs=y)
+            >>> x = torch.linspace(-1, 1, 20)
+            >>> result = mcmc(model, x, 0.5 * x, num_samples=50, warmup_steps=50, seed=0)
+            >>> summary = result.predictive_summary(x[:3], task="regression")
+            >>> summary["mean"]["r_hat"].shape, bool(summary.max_r_hat < 1.1)
+            (torch.Size([3, 1]), True)
+        """
+        num_chains, num_draws = next(iter(self.chain_samples.values())).shape[:2]
+        prediction = self.predict(inputs, keep_samples=True, output_site=output_site, task=task)
+        if prediction.task == "classification":
+            sites = {"probs": prediction.sample_probs}
+        else:
+            sites = {"mean": prediction.sample_means, "variance": prediction.sample_variances}
+        # ``samples`` concatenates the chains in order, and so do the predictions drawn from it
+        draws = {name: value.reshape(num_chains, num_draws, *value.shape[1:]) for name, value in sites.items() if value is not None}
+        summary = PosteriorSummary(draws)
+        for name, value in draws.items():
+            # An output equal in every draw (a probability saturated at 0 or 1, a known noise variance) has
+            # nothing to mix: its R-hat and ESS are 0 / 0, reported as converged and exact. Pyro's ESS of a
+            # tensor turns every element NaN when one is constant, so only the others go through it.
+            constant = (value == value[:1, :1]).flatten(0, 1).all(0)
+            varying = value[:, :, ~constant].double()  # [chains, draws, K]
+            r_hat = torch.ones(constant.shape, dtype=torch.double, device=value.device)
+            n_eff = torch.full(constant.shape, math.inf, dtype=torch.double, device=value.device)
+            if varying.shape[-1]:
+                r_hat[~constant] = stats.split_gelman_rubin(varying, chain_dim=0, sample_dim=1)
+                n_eff[~constant] = stats.effective_sample_size(varying, chain_dim=0, sample_dim=1)
+            summary[name]["r_hat"], summary[name]["n_eff"] = r_hat, n_eff
+        return summary
 
 
 def mcmc(

@@ -111,3 +111,73 @@ def test_parallel_chains_sample_the_exact_posterior_in_worker_processes(linear_r
     ess = result.summary["weight"]["n_eff"].reshape(()).double()
     assert ((w.mean(0) - data.mean).abs() < 4 * data.std / ess.sqrt()).all()
     assert result.summary.max_r_hat < 1.05 and result.prediction.mean.shape == (50, 1)
+
+
+def test_predictive_summary_is_pyros_r_hat_and_ess_of_each_chains_predictions(nuts_run, linear_regression):
+    x = linear_regression.x[:5]
+    summary = nuts_run.predictive_summary(x)
+    weight, bias = nuts_run.chain_samples["weight"], nuts_run.chain_samples["bias"]  # [2, 200, 1, 1], [2, 200, 1]
+    means = (weight[:, :, None, 0, 0] * x[:, 0] + bias).unsqueeze(-1)  # f(x) per chain and draw: [2, 200, 5, 1]
+    reference = pyro_summary({"mean": means.double()})["mean"]
+    torch.testing.assert_close(summary["mean"]["r_hat"], reference["r_hat"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(summary["mean"]["n_eff"], reference["n_eff"], rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(summary["mean"]["mean"], means.double().mean((0, 1)), rtol=1e-4, atol=1e-5)
+    # the known noise variance is the same in every draw: converged and exact, not NaN
+    assert (summary["variance"]["r_hat"] == 1).all() and torch.isinf(summary["variance"]["n_eff"]).all()
+    assert 1 - 1e-3 < summary.max_r_hat < 1.01 and summary.min_ess > 100
+
+
+def _two_chain_result(model, chains):
+    """An MCMCResult from given draws ``{site: [2, S, ...]}`` (no sampling)."""
+    from bdl.infer.mcmc import MCMCResult
+
+    samples = {name: value.reshape(-1, *value.shape[2:]) for name, value in chains.items()}
+    return MCMCResult(samples, chains, PosteriorSummary(chains), {"divergences": [0.0, 0.0], "acceptance_rate": [0.8, 0.8]}, None, model)
+
+
+def test_chains_in_symmetric_copies_of_a_mode_disagree_in_weight_space_but_agree_in_function_space():
+    # tanh(-z) = -tanh(z): flipping a hidden unit's input weights, bias and output weight, and swapping the
+    # two hidden units, leave the network's function unchanged
+    model = PyroModel(nn.Sequential(nn.Linear(1, 2), nn.Tanh(), nn.Linear(2, 1)), "gaussian", likelihood_options={"noise_std": 0.1})
+    generator = torch.Generator().manual_seed(0)
+    mode = {"0.weight": torch.tensor([[1.5], [-0.7]]), "0.bias": torch.tensor([0.3, 0.2]), "2.weight": torch.tensor([[2.0, 1.0]]), "2.bias": torch.tensor([0.1])}
+
+    def draws():
+        return {name: value + 0.02 * torch.randn(400, *value.shape, generator=generator) for name, value in mode.items()}
+
+    first, second = draws(), draws()
+    flipped = {
+        "0.weight": -second["0.weight"].flip(1),  # hidden units swapped and sign-flipped
+        "0.bias": -second["0.bias"].flip(1),
+        "2.weight": -second["2.weight"].flip(2),
+        "2.bias": second["2.bias"],
+    }
+    symmetric = _two_chain_result(model, {name: torch.stack([first[name], flipped[name]]) for name in mode})
+    x = torch.linspace(-2, 2, 7).unsqueeze(1)
+    assert symmetric.summary.max_r_hat > 10  # the weight-space diagnostic calls this unconverged
+    function_space = symmetric.predictive_summary(x)
+    assert function_space.max_r_hat < 1.02 and function_space.min_ess > 300
+    # chains that differ in function are flagged in function space too
+    shifted = {**second, "2.bias": second["2.bias"] + 0.5}
+    different = _two_chain_result(model, {name: torch.stack([first[name], shifted[name]]) for name in mode})
+    assert different.predictive_summary(x).max_r_hat > 1.5
+
+
+def test_predictive_summary_of_class_probabilities_reports_saturated_ones_as_converged():
+    def model(x, y=None):
+        scale = pyro.sample("scale", dist.Normal(0.0, 1.0))
+        first = scale * x  # [S, N] when the samples are vectorised
+        logits = pyro.deterministic("logits", torch.stack([first, torch.zeros_like(first), torch.full_like(first, -200.0)], -1))
+        with pyro.plate("data", x.shape[-1]):
+            return pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+
+    generator = torch.Generator().manual_seed(0)
+    result = _two_chain_result(model, {"scale": 1 + 0.1 * torch.randn(2, 300, generator=generator)})
+    summary = result.predictive_summary(torch.tensor([0.5, 1.0]), output_site="logits", task="classification")
+    probs = summary["probs"]
+    assert probs["r_hat"].shape == (2, 3)
+    # class 2's probability is 0 in every draw (logit -200): converged, exact; the others mixed
+    assert (probs["r_hat"][:, 2] == 1).all() and torch.isinf(probs["n_eff"][:, 2]).all()
+    assert (probs["r_hat"][:, :2] < 1.02).all() and (probs["n_eff"][:, :2] > 300).all()
+    with pytest.raises(ValueError, match="task"):
+        result.predictive_summary(torch.tensor([0.5]))
