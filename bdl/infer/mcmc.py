@@ -163,7 +163,7 @@ class MCMCResult:
         ESS are the check that matters for predictions (Izmailov et al. 2021, "What Are Bayesian Neural
         Network Posteriors Really Like?", compare chains in function space for the same reason). An output
         that is the same in every draw (a saturated probability, a known noise variance) gets R-hat 1 and ESS
-        ``inf`` rather than the NaN of 0 / 0.
+        ``inf`` rather than the NaN of 0 / 0, unless no parameter ever moved (stuck chains stay NaN).
 
         Args:
             inputs: as for :meth:`predict`.
@@ -192,11 +192,13 @@ class MCMCResult:
         # ``samples`` concatenates the chains in order, and so do the predictions drawn from it
         draws = {name: value.reshape(num_chains, num_draws, *value.shape[1:]) for name, value in sites.items() if value is not None}
         summary = PosteriorSummary(draws)
+        # Chains that never left their (common) start leave every output constant too: that stays NaN
+        moved = any(bool((value != value[:1, :1]).any()) for value in self.chain_samples.values())
         for name, value in draws.items():
             # An output equal in every draw (a probability saturated at 0 or 1, a known noise variance) has
             # nothing to mix: its R-hat and ESS are 0 / 0, reported as converged and exact. Pyro's ESS of a
             # tensor turns every element NaN when one is constant, so only the others go through it.
-            constant = (value == value[:1, :1]).flatten(0, 1).all(0)
+            constant = (value == value[:1, :1]).flatten(0, 1).all(0) & moved
             varying = value[:, :, ~constant].double()  # [chains, draws, K]
             r_hat = torch.ones(constant.shape, dtype=torch.double, device=value.device)
             n_eff = torch.full(constant.shape, math.inf, dtype=torch.double, device=value.device)

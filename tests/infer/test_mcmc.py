@@ -181,3 +181,7 @@ def test_predictive_summary_of_class_probabilities_reports_saturated_ones_as_con
     assert (probs["r_hat"][:, :2] < 1.02).all() and (probs["n_eff"][:, :2] > 300).all()
     with pytest.raises(ValueError, match="task"):
         result.predictive_summary(torch.tensor([0.5]))
+    # chains that never moved from a common start are not "converged": every output stays NaN
+    stuck = _two_chain_result(model, {"scale": torch.ones(2, 300)})
+    stuck_probs = stuck.predictive_summary(torch.tensor([0.5]), output_site="logits", task="classification")["probs"]
+    assert torch.isnan(stuck_probs["r_hat"]).all() and torch.isnan(stuck_probs["n_eff"]).all()
