@@ -24,8 +24,9 @@ bench: $(STAMP)
 	$(PY) experiments/benchmark_predict.py
 	$(PY) experiments/benchmark_svi.py
 
-# Every method on every offline data set, 3 seeds: experiments/results/*.md. The two runs take about an hour
-# together on 2 CPU cores; MNIST-1D trains 3x its configs' 30 epochs (at 30 every method is still improving).
+# Every method on every offline data set, 3 seeds: experiments/results/*.md. The two runs took 39 minutes
+# together on the 2-core development VM (session 11); MNIST-1D trains 3x its configs' 30 epochs (at 30 every
+# method is still improving).
 results: $(STAMP)
 	$(PY) experiments/uncertainty_table.py --seeds 3 --datasets digits regression_gap diabetes mnist1d_reference --reference-epochs 120
 	$(PY) experiments/uncertainty_table.py --seeds 3 --datasets mnist1d --epochs-scale 3
