@@ -25,6 +25,11 @@ KERNELS: dict[str, type] = {"nuts": NUTS, "hmc": HMC}
 CHAIN_METHODS = ("sequential", "parallel")
 
 
+def _constant_elements(chains: Tensor) -> Tensor:
+    """``[*shape]`` bool: the elements of ``[num_chains, num_samples, *shape]`` draws equal in every draw."""
+    return (chains == chains[:1, :1]).flatten(0, 1).all(0)
+
+
 class PosteriorSummary:
     """Per-parameter posterior summary of MCMC samples: mean, std, quantiles, ESS and split R-hat.
 
@@ -33,7 +38,8 @@ class PosteriorSummary:
     Gelman et al., BDA3 ch. 11) and :func:`pyro.ops.stats.quantile` for the quantile columns.
 
     ``summary[site]`` is a dict ``{statistic: tensor shaped like the site}``; ``str(summary)`` is a table
-    with one row per scalar element (``"weight[0,2]"``).
+    with one row per scalar element (``"weight[0,2]"``). An element equal in every draw has NaN ESS and
+    R-hat (0 / 0), the site's other elements their own values.
 
     Args:
         chain_samples: ``{site: [num_chains, num_samples, *shape]}``.
@@ -63,6 +69,13 @@ class PosteriorSummary:
             row = {"mean": base[name]["mean"], "std": base[name]["std"]}
             row.update({self._label(level): q[i] for i, level in enumerate(self.quantiles)})
             row.update({"n_eff": base[name]["n_eff"], "r_hat": base[name]["r_hat"]})
+            constant = _constant_elements(value)
+            if constant.any() and not constant.all():
+                # Pyro's ESS of a tensor turns every element NaN when one element never changes; only that
+                # element's ESS (and R-hat) is 0 / 0, so the others are computed without it
+                varying = value[:, :, ~constant].double()
+                row["n_eff"] = torch.full_like(row["n_eff"], math.nan)
+                row["n_eff"][~constant] = stats.effective_sample_size(varying, chain_dim=0, sample_dim=1)
             self.table[name] = row
 
     @staticmethod
@@ -193,19 +206,13 @@ class MCMCResult:
         draws = {name: value.reshape(num_chains, num_draws, *value.shape[1:]) for name, value in sites.items() if value is not None}
         summary = PosteriorSummary(draws)
         # Chains that never left their (common) start leave every output constant too: that stays NaN
-        moved = any(bool((value != value[:1, :1]).any()) for value in self.chain_samples.values())
-        for name, value in draws.items():
-            # An output equal in every draw (a probability saturated at 0 or 1, a known noise variance) has
-            # nothing to mix: its R-hat and ESS are 0 / 0, reported as converged and exact. Pyro's ESS of a
-            # tensor turns every element NaN when one is constant, so only the others go through it.
-            constant = (value == value[:1, :1]).flatten(0, 1).all(0) & moved
-            varying = value[:, :, ~constant].double()  # [chains, draws, K]
-            r_hat = torch.ones(constant.shape, dtype=torch.double, device=value.device)
-            n_eff = torch.full(constant.shape, math.inf, dtype=torch.double, device=value.device)
-            if varying.shape[-1]:
-                r_hat[~constant] = stats.split_gelman_rubin(varying, chain_dim=0, sample_dim=1)
-                n_eff[~constant] = stats.effective_sample_size(varying, chain_dim=0, sample_dim=1)
-            summary[name]["r_hat"], summary[name]["n_eff"] = r_hat, n_eff
+        if any(bool((value != value[:1, :1]).any()) for value in self.chain_samples.values()):
+            for name, value in draws.items():
+                # An output equal in every draw (a probability saturated at 0 or 1, a known noise variance) has
+                # nothing to mix: R-hat and ESS are 0 / 0 there, reported as converged and exact
+                constant = _constant_elements(value)
+                summary[name]["r_hat"][constant] = 1.0
+                summary[name]["n_eff"][constant] = math.inf
         return summary
 
 

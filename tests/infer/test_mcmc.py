@@ -52,6 +52,13 @@ def test_summary_uses_pyros_diagnostics_and_flags_chains_that_disagree():
     torch.testing.assert_close(good["z"]["n_eff"], reference["n_eff"])
     torch.testing.assert_close(good["z"]["95.0%"], mixed.reshape(-1, 3).double().quantile(0.95, dim=0), atol=0.02, rtol=0)
     assert good.max_r_hat < 1.01 and bad.max_r_hat > 1.5
+    # an element that never changes has no ESS (0 / 0), and must not take the others' with it (Pyro's does)
+    frozen = mixed.clone()
+    frozen[..., 1] = 0.5
+    partly = PosteriorSummary({"z": frozen})["z"]
+    assert torch.isnan(partly["n_eff"][1]) and torch.isnan(partly["r_hat"][1])
+    torch.testing.assert_close(partly["n_eff"][[0, 2]], reference["n_eff"][[0, 2]])
+    torch.testing.assert_close(partly["r_hat"][[0, 2]], reference["r_hat"][[0, 2]])
     assert bad.min_ess < 20 < good.min_ess
     with pytest.raises(ValueError, match="num_chains"):
         PosteriorSummary({"z": torch.randn(10)})
