@@ -328,7 +328,8 @@ def run_nuts(dataset: str, seed: int, args: argparse.Namespace) -> RunResult:
     if chains > 1:
         metrics.update(max_r_hat=result.summary.max_r_hat, min_ess=result.summary.min_ess)
         notes[0] += f", weight space: max R-hat {result.summary.max_r_hat:.2f}, min ESS {result.summary.min_ess:.0f}"
-        # a network's symmetric modes make weight-space R-hat large where the chains agree on every prediction
+        # weight-space R-hat cannot tell a network's symmetric copies of one mode from chains that disagree: the
+        # predictions can
         function_space = result.predictive_summary(x_test)
         metrics.update(function_space_max_r_hat=function_space.max_r_hat, function_space_min_ess=function_space.min_ess)
         notes[0] += f"; function space (test predictions): max R-hat {function_space.max_r_hat:.2f}, min ESS {function_space.min_ess:.0f}"
