@@ -322,9 +322,9 @@ def run_nuts(dataset: str, seed: int, args: argparse.Namespace) -> RunResult:
     report = bdl.evaluate(prediction, (x_test, y_test), ood_data=ood_prediction)
     divergences = int(sum(result.diagnostics["divergences"]))
     chains = len(result.diagnostics["divergences"])
-    draws = next(iter(result.samples.values())).shape[0]
+    draws = next(iter(result.samples.values())).shape[0] // chains  # the samples hold every chain's draws
     metrics = {**report_metrics(report), "train_s": train_s, "predict_ms": predict_ms, "divergences": divergences}
-    notes = [f"{chains} chain(s), {draws} draws, {divergences} divergent"]
+    notes = [f"{chains} chain(s) x {draws} draws, {divergences} divergent"]
     if chains > 1:
         metrics.update(max_r_hat=result.summary.max_r_hat, min_ess=result.summary.min_ess)
         notes[0] += f", weight space: max R-hat {result.summary.max_r_hat:.2f}, min ESS {result.summary.min_ess:.0f}"

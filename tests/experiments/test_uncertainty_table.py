@@ -88,3 +88,20 @@ def test_arguments_are_checked_and_quick_means_one_seed(monkeypatch):
     for wrong in (["--seeds", "0"], ["--methods", "laplace"], ["--epochs-scale", "0"], ["--nuts-samples", "2"]):
         with pytest.raises(SystemExit):
             script.parse_args(wrong)
+
+
+def test_nuts_with_two_chains_reports_weight_and_function_space_diagnostics(monkeypatch, tmp_path):
+    # --quick runs one chain, which has no R-hat: here the path of `make results` (two chains), at a tiny size
+    spec = importlib.util.spec_from_file_location("uncertainty_table", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "uncertainty_table", script)
+    spec.loader.exec_module(script)
+    args = script.parse_args(["--quick", "--nuts-hidden", "4", "--runs-dir", str(tmp_path)])
+    monkeypatch.setattr(script, "nuts_settings", lambda _: (2, 4, 6, 2))
+    result = script.run_nuts("regression_gap", 0, args)
+    metrics, (note,) = result.metrics, result.notes
+    assert note.startswith("2 chain(s) x 6 draws") and "weight space: max R-hat" in note and "function space" in note
+    for name in ("max_r_hat", "function_space_max_r_hat"):
+        assert metrics[name] >= 1 or metrics[name] != metrics[name]  # R-hat >= 1, or NaN (a weight that never moved)
+    assert 0 < metrics["function_space_min_ess"] <= 2 * 6 or metrics["function_space_min_ess"] == float("inf")
+    assert metrics["rmse"] > 0 and metrics["divergences"] >= 0
