@@ -195,12 +195,15 @@ class Prediction:
         if sample_variances is not None:
             if not isinstance(sample_variances, Tensor):
                 raise TypeError(f"sample_variances must be a Tensor or None, got {type(sample_variances).__name__}")
-            if sample_variances.numel() != sample_means.numel():
+            if sample_variances.dim() == 2 and sample_means.shape[-1] == 1:
+                sample_variances = sample_variances.unsqueeze(-1)  # [S, N], as the means may be
+            # the same shape, not only as many elements: a transposed [S, D, N] would pair values with wrong inputs
+            if sample_variances.shape != sample_means.shape:
                 raise ValueError(
                     f"sample_variances must have the shape of sample_means {tuple(sample_means.shape)}, "
                     f"got {tuple(sample_variances.shape)}"
                 )
-            sample_variances = sample_variances.reshape(sample_means.shape)
+            sample_variances = _check_samples("sample_variances", sample_variances, "[S, N, D] or [S, N]")
             if (sample_variances < 0).any():
                 raise ValueError("sample_variances must be >= 0")
         summary = _RegressionSummary(keep_samples)
@@ -310,11 +313,19 @@ class Prediction:
     def __getitem__(self, index: Any) -> "Prediction":  # noqa: ANN401 - any tensor index
         """The prediction for a subset of the inputs (a slice, indices or a boolean mask over ``N``).
 
+        An integer ``i`` selects input ``i`` as a prediction for one input (``N = 1``), like ``[i]``.
+
         Example:
             >>> pred = Prediction.from_logits(torch.randn(4, 6, 3))
-            >>> len(pred[pred.max_probability > 0.0]), len(pred[:2])
-            (6, 2)
+            >>> len(pred[pred.max_probability > 0.0]), len(pred[:2]), len(pred[-1])
+            (6, 2, 1)
         """
+        if isinstance(index, Tensor) and index.dim() == 0 and not index.is_floating_point() and index.dtype != torch.bool:
+            index = int(index)
+        if isinstance(index, int) and not isinstance(index, bool):
+            if not -len(self) <= index < len(self):
+                raise IndexError(f"index {index} is out of range for a prediction of {len(self)} inputs")
+            index = [index % len(self)]  # keep the inputs' dimension: every field stays [N, ...]
         values: dict[str, Any] = {}
         for item in fields(self):
             value = getattr(self, item.name)
@@ -470,8 +481,23 @@ def _stochastic_sources(model: nn.Module) -> tuple[nn.Module, set[nn.Module], co
     return core, sources, context
 
 
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_pre_hooks or module._forward_hooks)
+
+
+def _plain_sequential(core: nn.Module) -> bool:
+    """Whether calling the children of ``core`` in turn is calling ``core``: an ``nn.Sequential`` without a
+    ``forward`` of its own and without forward hooks (the batched path then runs its children one by one)."""
+    return isinstance(core, nn.Sequential) and type(core).forward is nn.Sequential.forward and not _hooked(core)
+
+
 def _batched_blocker(model: nn.Module) -> Optional[str]:
     """Why the batched path would not give the per-input predictive of ``model`` (None: it would)."""
+    from .wrappers.mc_dropout import MCDropout
+
+    if isinstance(model, MCDropout) and (_hooked(model) or type(model).forward is not MCDropout.forward):
+        # the batched path calls the wrapped model itself, inside the wrapper's dropout context
+        return f"its {type(model).__name__} wrapper has forward hooks or its own forward, which the batched path would skip"
     _, sources, _ = _stochastic_sources(model)
     for module in sources:
         if isinstance(module, BayesianModule) and not isinstance(module, BayesLinear):
@@ -491,7 +517,7 @@ def _leading_bayes_linear(core: nn.Module, sources: set[nn.Module]) -> tuple[int
     first = next((i for i, child in enumerate(children) if any(m in sources for m in child.modules())), len(children))
     leading = children[first] if first < len(children) else None
     # a hooked layer (e.g. MC dropout inserted before it) must run through its __call__
-    if isinstance(leading, BayesLinear) and not (leading._forward_pre_hooks or leading._forward_hooks):
+    if isinstance(leading, BayesLinear) and not _hooked(leading):
         return first, leading
     return first, None
 
@@ -554,7 +580,7 @@ def resolve_method(model: Callable[..., Any], batch_size: int, method: str = "au
         return "batched"
     sampled = sum(layer.weight_mu.numel() for layer in layers)
     unshared = sampled
-    if isinstance(core, nn.Sequential):
+    if _plain_sequential(core):
         _, leading = _leading_bayes_linear(core, sources)
         if leading is not None:
             unshared -= leading.weight_mu.numel()
@@ -594,7 +620,7 @@ def _batched_samples(model: nn.Module, x: Tensor, num_samples: int) -> Any:  # n
     core, sources, context = _stochastic_sources(model)
     with context, use_estimator(core, "local"):
         h, rest = x, core
-        if isinstance(core, nn.Sequential):
+        if _plain_sequential(core):
             children = list(core)
             first, leading = _leading_bayes_linear(core, sources)
             for child in children[:first]:

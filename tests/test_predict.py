@@ -98,6 +98,16 @@ def test_regression_decomposition_is_the_variance_of_the_mixture():
     torch.testing.assert_close(pred.total_variance, second_moment - pred.mean.square(), atol=1e-5, rtol=1e-5)
 
 
+def test_regression_variances_must_match_the_means_and_be_finite():
+    means, variances = torch.randn(3, 4, 2), torch.rand(3, 4, 2)
+    with pytest.raises(ValueError, match=r"shape of sample_means \(3, 4, 2\)"):
+        Prediction.from_regression(means, variances.transpose(1, 2).contiguous())  # as many elements, wrong layout
+    with pytest.raises(ValueError, match="sample_variances must be finite"):
+        Prediction.from_regression(means, torch.full_like(variances, float("nan")))
+    flat = Prediction.from_regression(means[..., 0], variances[..., 0])  # [S, N] means and variances: D = 1
+    torch.testing.assert_close(flat.aleatoric_variance, variances[..., :1].mean(0))
+
+
 def test_interval_is_the_central_gaussian_interval():
     pred = Prediction.from_regression(torch.randn(5, 8, 1), torch.rand(5, 8, 1))
     lower, upper = pred.interval(0.9)
@@ -237,6 +247,48 @@ def test_batched_path_reports_models_that_mix_rows():
         bdl.predict(model, torch.randn(5, 4), num_samples=4, method="batched")
 
 
+class Scaled(nn.Sequential):
+    """A Sequential with a forward of its own: its children in turn do not make the model."""
+
+    def forward(self, x):
+        return super().forward(x) * 100.0
+
+
+def _scaled_by_hook(model: nn.Module) -> nn.Module:
+    model.register_forward_hook(lambda module, inputs, output: output * 100.0)
+    return model
+
+
+@pytest.mark.parametrize("build", ["subclass", "hook"])
+@pytest.mark.parametrize("kind", ["mc_dropout", "bayes"])
+def test_batched_path_calls_a_sequential_with_its_own_forward_or_hooks(build, kind):
+    torch.manual_seed(0)
+    if kind == "bayes":
+        layers = [bdl.BayesLinear(4, 16), nn.ReLU(), bdl.BayesLinear(16, 2)]
+    else:
+        layers = [nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2)]
+    core = Scaled(*layers) if build == "subclass" else _scaled_by_hook(nn.Sequential(*layers))
+    model = bdl.MCDropout(core) if kind == "mc_dropout" else core
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        scale = model(x).abs().mean()  # outputs of the scaled model: around 100x those of its children
+    assert resolve_method(model, 6) == "batched"  # still batched, through the model's own call
+    for method in ("loop", "batched"):
+        pred = bdl.predict(model, x, num_samples=400, task="regression", method=method)
+        assert pred.mean.abs().mean() > scale / 10  # 100x off when the children ran without the model's call
+
+
+def test_a_hooked_mc_dropout_wrapper_is_sampled_by_the_loop():
+    model = _scaled_by_hook(bdl.MCDropout(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2))))
+    assert resolve_method(model, 8) == "loop"
+    with pytest.raises(ValueError, match="hooks"):
+        bdl.predict(model, torch.randn(8, 4), num_samples=4, method="batched")
+    with torch.no_grad():
+        ones = torch.ones(8, 2)
+        model.model[2].weight.zero_(), model.model[2].bias.fill_(1.0)
+        torch.testing.assert_close(bdl.predict(model, torch.randn(8, 4), num_samples=3, task="regression").mean, 100 * ones)
+
+
 # ----------------------------------------------------------------------------- inputs, modes, devices
 def test_dataloader_inputs_keep_targets_and_match_tensor_path():
     x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
@@ -288,6 +340,12 @@ def test_prediction_indexing_concatenation_and_repr():
     for name in ("probs", "expected_entropy", "sample_probs", "targets"):
         assert torch.equal(getattr(joined, name), getattr(pred, name))
     assert "num_samples=4" in repr(pred) and "probs=[10, 3]" in repr(pred)
+    one = pred[3]  # an integer keeps the inputs' dimension: a prediction for one input
+    assert len(one) == 1 and one.expected_entropy.shape == (1,) and one.sample_probs.shape == (4, 1, 3)
+    assert torch.equal(one.probs[0], pred.probs[3]) and torch.equal(pred[-1].probs, pred.probs[-1:])
+    assert torch.equal(pred[torch.tensor(3)].probs, one.probs)
+    with pytest.raises(IndexError, match="10 inputs"):
+        pred[10]
     with pytest.raises(AttributeError, match="regression"):
         pred.total_variance
     with pytest.raises(ValueError, match="num_samples"):
