@@ -48,10 +48,31 @@ def test_classification_identities_hold(method):
 @pytest.mark.parametrize("method", ["loop", "batched"])
 def test_deterministic_model_has_zero_mutual_information(method):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-    pred = bdl.predict(model, torch.randn(20, 4), num_samples=5, method=method)
-    torch.testing.assert_close(pred.mutual_information, torch.zeros(20), atol=1e-6, rtol=0)
-    torch.testing.assert_close(pred.predicted_class_variance, torch.zeros(20), atol=1e-10, rtol=0)
-    torch.testing.assert_close(pred.predictive_entropy, pred.expected_entropy, atol=1e-6, rtol=0)
+    x = 30 * torch.randn(20, 4)  # large logits: rounding in the averages would show
+    pred = bdl.predict(model, x, num_samples=32, method=method, chunk_size=5)
+    # exactly 0, not rounding noise: that noise grows with the outputs and would rank OOD inputs
+    assert torch.equal(pred.mutual_information, torch.zeros(20))
+    assert torch.equal(pred.predicted_class_variance, torch.zeros(20))
+    with torch.no_grad():
+        torch.testing.assert_close(pred.probs, model(x).softmax(-1))
+    regression = bdl.predict(model, x, num_samples=32, task="regression", method=method, chunk_size=5)
+    assert torch.equal(regression.epistemic_variance, torch.zeros(20, 3))
+    with torch.no_grad():
+        assert torch.equal(regression.mean, model(x))
+
+
+def test_only_outputs_equal_in_every_sample_get_exactly_zero_epistemic_parts():
+    sample_logits = torch.randn(1, 3, 4).repeat(6, 1, 1)
+    sample_logits[5, 1, 2] += 1.0  # input 1 differs in the last sample only: its epistemic parts stay
+    pred = Prediction.from_logits(sample_logits)
+    assert pred.mutual_information[1] > 0 and pred.predicted_class_variance[1] > 0
+    assert torch.equal(pred.mutual_information[[0, 2]], torch.zeros(2))
+    merged = Prediction.cat([Prediction.from_logits(sample_logits[:, :2]), Prediction.from_logits(sample_logits[:, 2:])])
+    torch.testing.assert_close(merged.mutual_information, pred.mutual_information, atol=0, rtol=0)
+    means = sample_logits.clone()
+    regression = Prediction.from_regression(means)
+    assert regression.epistemic_variance[1, 2] > 0 and regression.epistemic_variance[1, :2].eq(0).all()
+    assert torch.equal(regression.mean[0], means[0, 0])
 
 
 def test_bayesian_model_under_deterministic_has_zero_mutual_information():
