@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -147,7 +148,21 @@ def _float(value: Tensor) -> float:
 
 
 def _percent(fraction: float) -> str:
+    """A fraction as a percentage for a metric's key: 0.925 -> ``"92_5"`` (read back by :func:`_key_parts`)."""
     return f"{100 * fraction:g}".replace(".", "_")
+
+
+_PERCENT_KEY = re.compile(r"^(risk_at|coverage_at|interval_coverage|interval_width|fpr_at)_(\d+(?:_\d+)?)(?:_(\w+))?$")
+
+
+def _key_parts(key: str) -> Optional[tuple[str, str, Optional[str]]]:
+    """``(name, percentage, rest)`` of a key that :func:`_percent` wrote: ``"risk_at_92_5_coverage"`` ->
+    ``("risk at", "92.5", "coverage")``; None for other keys."""
+    match = _PERCENT_KEY.match(key)
+    if match is None:
+        return None
+    name, percent, rest = match.groups()
+    return name.replace("_", " "), percent.replace("_", "."), rest
 
 
 @dataclass
@@ -223,11 +238,14 @@ class Report:
         shown = set()
         sections = {title: dict(names) for title, names in _SECTIONS.items()}
         for key in self.metrics:
+            parts = _key_parts(key)
+            if parts is None:
+                continue
+            name, percent, rest = parts
             if key.startswith(("risk_at_", "coverage_at_")):
-                first, value, second = key.rsplit("_", 2)
-                sections["Selective prediction"][key] = f"{first.replace('_', ' ')} {value}% {second} (max probability)"
+                sections["Selective prediction"][key] = f"{name} {percent}% {rest} (max probability)"
             elif key.startswith(("interval_coverage_", "interval_width_")):
-                sections["Calibration"][key] = f"{key.rsplit('_', 1)[0].replace('_', ' ')} ({key.rsplit('_', 1)[1]}%)"
+                sections["Calibration"][key] = f"{name} ({percent}%)"
         for title, names in sections.items():
             rows = [(label, self.metrics[key]) for key, label in names.items() if key in self.metrics]
             shown.update(key for key in names if key in self.metrics)
@@ -241,7 +259,7 @@ class Report:
             lines += ["", "## OOD detection (higher score = more OOD; OOD is the positive class)", ""]
             headers = [_OOD_COLUMNS.get(column, column) for column in columns]
             if any(column.startswith("fpr_at_") for column in columns):
-                tpr = next(column for column in columns if column.startswith("fpr_at_")).split("_")[2]
+                tpr = _key_parts(next(column for column in columns if column.startswith("fpr_at_")))[1]
                 headers = [f"FPR at {tpr}% TPR" if header.startswith("fpr_at_") else header for header in headers]
             lines += ["| score | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(columns)]
             for score in scores:

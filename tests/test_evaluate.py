@@ -163,6 +163,20 @@ def test_options_reach_the_metrics():
     assert isinstance(report, Report) and str(report) == report.to_markdown()
 
 
+def test_fractional_percentages_are_labelled_as_given():
+    x, y = blobs(150)
+    model = nn.Linear(2, 3)
+    report = evaluate(model, (x, y), num_samples=1, ood_data=x + 5, coverage=0.925, risk=0.005, tpr=0.925)
+    text = report.to_markdown()
+    assert "risk at 92.5% coverage" in text and "coverage at 0.5% risk" in text and "FPR at 92.5% TPR" in text
+    assert "risk_at_92_5_coverage" in report.metrics and "ood/energy/fpr_at_92_5_tpr" in report.metrics
+    sample_means, sample_variances = torch.randn(4, 150, 1), torch.rand(4, 150, 1)
+    prediction = Prediction.from_regression(sample_means, sample_variances)
+    regression = evaluate(prediction, y.float(), levels=(0.5, 0.925))
+    text = regression.to_markdown()
+    assert "interval coverage (92.5%)" in text and "interval width (50%)" in text and "## Other" not in text
+
+
 @pytest.mark.parametrize(
     "call, error, message",
     [
