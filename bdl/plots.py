@@ -84,6 +84,7 @@ def plot_reliability_diagram(
         2
     """
     bins = M.calibration_bins(probs, target, n_bins=n_bins)
+    probs = torch.as_tensor(probs)  # checked above; an array or nested list as the metrics take it
     error = M.ece(probs, target, n_bins=n_bins).item()
     if ax is None:
         figure = Figure(figsize=(5.0, 5.5), layout="constrained")

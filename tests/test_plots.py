@@ -54,6 +54,14 @@ def test_reliability_diagram_into_a_given_axes_draws_no_histogram_unless_asked()
     assert len(histogram_ax.patches) == 15
 
 
+def test_reliability_diagram_takes_lists_and_large_half_precision_inputs():
+    figure = plots.plot_reliability_diagram([[0.7, 0.3], [0.4, 0.6]], [0, 1], n_bins=4)
+    assert "N = 2" in " ".join(text.get_text() for text in figure.axes[0].texts)
+    probs = torch.softmax(0.01 * torch.randn(70_000, 2), dim=1).half()  # 70,000 in one bin: inf as float16
+    figure = plots.plot_reliability_diagram(probs, torch.randint(0, 2, (70_000,)), n_bins=5)
+    assert "N = 70000" in " ".join(text.get_text() for text in figure.axes[0].texts)
+
+
 def test_ood_histogram_and_roc_show_the_auroc_and_compose(tmp_path):
     scores_in, scores_out = torch.randn(300), torch.randn(200) + 1.5
     area = M.auroc(scores_in, scores_out).item()

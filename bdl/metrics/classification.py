@@ -34,7 +34,7 @@ class NLL(_RunningMean):
 
     def update(self, probs: Tensor, target: Tensor) -> None:
         """Add a batch: ``probs`` [B, C] predictive probabilities, ``target`` [B] integer labels."""
-        self._add(F.nll(probs, target), probs.shape[0])
+        self._add(F.nll(probs, target), len(target))  # checked by nll: a tensor, array or list of N labels
 
 
 class BrierScore(_RunningMean):
@@ -51,7 +51,7 @@ class BrierScore(_RunningMean):
 
     def update(self, probs: Tensor, target: Tensor) -> None:
         """Add a batch: ``probs`` [B, C] predictive probabilities, ``target`` [B] integer labels."""
-        self._add(F.brier_score(probs, target), probs.shape[0])
+        self._add(F.brier_score(probs, target), len(target))
 
 
 class _BinnedCalibration(Metric):

@@ -250,3 +250,20 @@ def test_streaming_metric_validates_its_batches():
     with pytest.raises(ValueError, match="4 columns"):
         ClasswiseECE(num_classes=4).update(torch.tensor([[0.5, 0.5]]), torch.tensor([0]))
     assert math.isclose(NLL().higher_is_better, False) and repr(ECE(n_bins=7)) == "ECE(n_bins=7)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_calibration_bin_counts_stay_exact_in_half_precision(dtype):
+    probs = torch.softmax(0.01 * torch.randn(70_001, 2), dim=1)  # every confidence in one bin
+    target = torch.randint(0, 2, (70_001,))
+    count = M.calibration_bins(probs.to(dtype), target, n_bins=5).count
+    assert count.dtype == torch.int64 and count.tolist() == M.calibration_bins(probs, target, n_bins=5).count.tolist()
+    assert int(count.sum()) == 70_001  # float16 made it inf, bfloat16 rounded it
+
+
+def test_streaming_nll_and_brier_take_what_the_functions_take():
+    probs, target = [[0.7, 0.3], [0.2, 0.8]], [0, 1]
+    for metric, function in ((NLL(), M.nll), (BrierScore(), M.brier_score)):
+        metric.update(probs, target)
+        metric.update(np.array(probs), np.array(target))
+        assert metric.compute().item() == pytest.approx(function(probs, target).item())

@@ -1,6 +1,7 @@
 """bdl/metrics/functional/selective.py and bdl/metrics/selective.py."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -93,6 +94,7 @@ def test_selective_metrics_are_invariant_to_permuting_inputs(seed, size):
         (lambda: M.aurc(torch.tensor([float("nan")]), torch.ones(1)), "finite"),
         (lambda: M.risk_at_coverage(torch.rand(3), torch.rand(3), coverage=0.0), "coverage"),
         (lambda: M.coverage_at_risk(torch.rand(3), torch.rand(3), risk=-0.1), "risk"),
+        (lambda: M.coverage_at_risk(torch.rand(3), torch.rand(3), risk=math.nan), "risk"),
     ],
 )
 def test_bad_input_raises_a_clear_error(call, message):

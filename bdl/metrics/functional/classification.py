@@ -119,7 +119,7 @@ class CalibrationBins(NamedTuple):
         edges: bin edges, shape [B + 1].
         confidence: mean confidence in each bin, shape [B] (NaN for empty bins).
         accuracy: fraction correct in each bin, shape [B] (NaN for empty bins).
-        count: number of examples in each bin, shape [B].
+        count: number of examples in each bin, shape [B], int64.
     """
 
     edges: Tensor
@@ -184,7 +184,7 @@ def calibration_bins(probs: Tensor, target: Tensor, *, n_bins: int = 15) -> Cali
         >>> probs = torch.tensor([[0.95, 0.05], [0.9, 0.1], [0.4, 0.6]])
         >>> bins = calibration_bins(probs, torch.tensor([0, 1, 1]), n_bins=2)
         >>> bins.count, bins.accuracy
-        (tensor([0., 3.]), tensor([   nan, 0.6667]))
+        (tensor([0, 3]), tensor([   nan, 0.6667]))
     """
     probs, target = _checked(probs, target)
     n_bins = check_n_bins(n_bins)
@@ -194,7 +194,8 @@ def calibration_bins(probs: Tensor, target: Tensor, *, n_bins: int = 15) -> Cali
     mean_confidence = (confidence_sum / count.clamp_min(1)).masked_fill(empty, float("nan"))
     mean_accuracy = (correct_sum / count.clamp_min(1)).masked_fill(empty, float("nan"))
     edges = torch.linspace(0, 1, n_bins + 1, dtype=probs.dtype, device=probs.device)
-    return CalibrationBins(edges, mean_confidence.to(probs.dtype), mean_accuracy.to(probs.dtype), count.to(probs.dtype))
+    # counts as integers: in half precision they would round (bfloat16 above 256) or overflow (float16 above 65504)
+    return CalibrationBins(edges, mean_confidence.to(probs.dtype), mean_accuracy.to(probs.dtype), count.round().long())
 
 
 def _binned_metric(probs: Tensor, target: Tensor, n_bins: int, kind: str) -> Tensor:

@@ -211,7 +211,7 @@ def _levels(levels: Levels, like: Tensor) -> Tensor:
     if levels is None:
         return torch.linspace(0.05, 0.95, 19, dtype=like.dtype, device=like.device)
     levels = torch.as_tensor(levels, dtype=like.dtype, device=like.device).reshape(-1)
-    if levels.numel() == 0 or (levels <= 0).any() or (levels >= 1).any():
+    if levels.numel() == 0 or not bool(((levels > 0) & (levels < 1)).all()):  # NaN fails both
         raise ValueError(f"`levels` must be a non-empty list of numbers in (0, 1), got {levels.tolist()}")
     return levels
 
