@@ -108,6 +108,40 @@ def _selected(name: str, module: nn.Module, include: Optional[Sequence[str | typ
     return False
 
 
+def _patterns(name: str, value: Optional[Sequence[str | type]]) -> Optional[list[str | type]]:
+    """``include``/``exclude`` as a list; a bare string or type is one pattern (not one per character)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, type)):
+        return [value]
+    if not isinstance(value, Sequence) or not all(isinstance(p, (str, type)) for p in value):
+        raise TypeError(f"{name} must be a glob pattern, a module type, or a list of them, got {value!r}")
+    return list(value)
+
+
+def _keep_off_fast_paths(model: nn.Module) -> None:
+    """Stop torch's Transformer inference fast paths from reading Bayesian layers' weights directly.
+
+    In eval mode ``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder`` with a padding mask) call a
+    fused kernel with ``linear1.weight`` etc. instead of calling the layers: a Bayesian layer has no
+    ``weight`` (and must draw one). The encoder layer skips its fast path when a forward hook is attached
+    (a no-op pre-hook here), the encoder when ``use_nested_tensor`` is off.
+    """
+    for module in model.modules():
+        if not any(isinstance(m, BayesianModule) for m in module.modules()):
+            continue
+        if isinstance(module, nn.TransformerEncoderLayer):
+            if _no_fast_path not in module._forward_pre_hooks.values():
+                module.register_forward_pre_hook(_no_fast_path)
+        elif isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
+
+
+def _no_fast_path(module: nn.Module, args: Any) -> None:  # noqa: ANN401
+    """A forward pre-hook that does nothing: its presence turns torch's Transformer fast path off."""
+    return None
+
+
 def bayesianize(
     model: nn.Module,
     *,
@@ -129,7 +163,10 @@ def bayesianize(
     Args:
         model: any ``nn.Module``.
         include: convert only modules whose qualified name matches one of these glob patterns
-            (``"fc"``, ``"layer4.*"``) or that are instances of one of these types. None: all.
+            (``"fc"``, ``"layer4.*"``) or that are instances of one of these types (a single pattern or
+            type on its own is one pattern). None: all. A module used under several names (tied) is
+            converted once, into one Bayesian layer under all of them, when one of its names is
+            selected and none excluded.
         exclude: like ``include``, for modules to leave deterministic (applied after ``include``).
         prior: prior of every converted layer (see :class:`BayesLinear`); its scale is kept when
             ``center_prior_on_weights`` is set.
@@ -158,22 +195,33 @@ def bayesianize(
         "estimator": estimator,
         "std_transform": std_transform,
     }
+    include, exclude = _patterns("include", include), _patterns("exclude", exclude)
     converted = copy.deepcopy(model)
+    names: dict[int, list[str]] = {}  # every name of each convertible module: a tied one has several
+    modules: dict[int, nn.Module] = {}
+    for name, module in converted.named_modules(remove_duplicate=False):
+        if type(module) in _CONVERSIONS:
+            names.setdefault(id(module), []).append(name)
+            modules[id(module)] = module
     targets = [
-        (name, module)
-        for name, module in converted.named_modules()
-        if type(module) in _CONVERSIONS and _selected(name, module, include) and not (exclude and _selected(name, module, exclude))
+        (modules[key], module_names)
+        for key, module_names in names.items()
+        if any(_selected(name, modules[key], include) for name in module_names)
+        and not (exclude and any(_selected(name, modules[key], exclude) for name in module_names))
     ]
     if include is not None and not targets:
-        raise ValueError(f"include={list(include)!r} selects no nn.Linear/nn.Conv layer of the model")
-    for name, module in targets:
+        raise ValueError(f"include={include!r} selects no nn.Linear/nn.Conv layer of the model")
+    for module, module_names in targets:
         layer = _CONVERSIONS[type(module)].from_module(module, prior=copy.deepcopy(prior), **options)
         if center_prior_on_weights:
             layer.weight_prior = GaussianPrior(module.weight.detach(), prior.scale)
             if module.bias is not None:
                 layer.bias_prior = GaussianPrior(module.bias.detach(), prior.scale)
-        if name == "":  # the model is itself a single layer
-            return layer
-        parent_name, _, child = name.rpartition(".")
-        setattr(converted.get_submodule(parent_name), child, layer)
+        layer.train(module.training)
+        for name in module_names:
+            if name == "":  # the model is itself a single layer
+                return layer
+            parent_name, _, child = name.rpartition(".")
+            setattr(converted.get_submodule(parent_name), child, layer)
+    _keep_off_fast_paths(converted)
     return converted

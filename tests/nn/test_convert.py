@@ -56,6 +56,59 @@ def test_include_by_name_or_type_and_exclude():
         bdl.bayesianize(net, include=["classifier"])
 
 
+def test_a_single_pattern_or_type_is_one_pattern():
+    net = SmallNet()
+    # a bare string was read one character at a time: "features.*" converted everything (its "*" matches all)
+    convs = bdl.bayesianize(net, include="features.*")
+    assert isinstance(convs.features[0], bdl.BayesConv2d) and isinstance(convs.fc, nn.Linear)
+    assert isinstance(bdl.bayesianize(net, exclude="features.*").features[0], nn.Conv2d)
+    assert isinstance(bdl.bayesianize(net, include=nn.Linear).fc, bdl.BayesLinear)
+    with pytest.raises(TypeError, match="include must be"):
+        bdl.bayesianize(net, include=[3])
+
+
+def test_a_module_used_under_two_names_becomes_one_bayesian_layer():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(4, 4)
+            self.again = self.first
+
+        def forward(self, x):
+            return self.again(self.first(x))
+
+    net = Tied()
+    for include in (None, ["again"]):
+        bnn = bdl.bayesianize(net, include=include)
+        assert isinstance(bnn.first, bdl.BayesLinear) and bnn.again is bnn.first
+        assert sum(p.numel() for p in bnn.parameters()) == 2 * sum(p.numel() for p in net.parameters())
+    assert type(bdl.bayesianize(net, exclude=["again"]).first) is nn.Linear
+
+
+def test_converted_layers_keep_the_training_mode():
+    bnn = bdl.bayesianize(SmallNet().eval())
+    assert not any(module.training for module in bnn.modules())
+
+
+@pytest.mark.parametrize("padding_mask", [False, True])
+def test_a_converted_transformer_samples_in_eval_mode(padding_mask):
+    # in eval mode torch's encoder fast path reads linear1.weight etc. and calls a fused kernel
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    bnn = bdl.bayesianize(encoder)
+    x = torch.randn(2, 5, 8)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 3:] = True
+    kwargs = {"src_key_padding_mask": mask} if padding_mask else {}
+    with torch.no_grad():
+        assert not torch.equal(bnn(x, **kwargs), bnn(x, **kwargs))  # each call draws weights
+        with bdl.deterministic(bnn):
+            torch.testing.assert_close(bnn(x, **kwargs)[~mask], encoder(x, **kwargs)[~mask])
+    single = bdl.bayesianize(layer).eval()
+    with torch.no_grad():
+        assert not torch.equal(single(x), single(x))
+
+
 def test_a_single_layer_converts_to_a_bayesian_layer():
     layer = bdl.bayesianize(nn.Conv1d(2, 3, 5))
     assert isinstance(layer, bdl.BayesConv1d) and layer.kernel_size == (5,)
