@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import weakref
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -79,9 +80,9 @@ def _entropy(probs: Tensor) -> Tensor:
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return int(value)  # a numpy integer too
 
 
 def _all_finite(t: Tensor) -> bool:
@@ -301,7 +302,7 @@ class Prediction:
             (tensor([[-1.9600]]), tensor([[1.9600]]))
         """
         self._need("regression", "interval")
-        if not (isinstance(level, (int, float)) and 0 < level < 1):
+        if not (isinstance(level, numbers.Real) and 0 < level < 1):
             raise ValueError(f"level must be a number in (0, 1), got {level!r}")
         z = math.sqrt(2) * torch.erfinv(torch.tensor(float(level), dtype=torch.float64)).item()
         half = z * self.total_variance.sqrt()

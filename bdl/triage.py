@@ -9,6 +9,7 @@ validation data, then applied to new predictions.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, NamedTuple, Optional, Union
 
 import torch
@@ -142,22 +143,22 @@ def triage(
     chosen = [name for name, value in (("threshold", threshold), ("coverage", coverage), ("error_rate", error_rate)) if value is not None]
     if len(chosen) != 1:
         raise ValueError(f"give exactly one of threshold, coverage, error_rate; got {chosen or 'none'}")
-    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
+    if tolerance is not None and not (isinstance(tolerance, numbers.Real) and tolerance >= 0):
         raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
     scores = _scores(prediction, score, "prediction")
     reference = prediction if validation is None else validation
     if validation is not None and validation.task != prediction.task:
         raise ValueError(f"validation is a {validation.task} prediction, prediction a {prediction.task} one")
     if threshold is not None:
-        if not isinstance(threshold, (int, float)) or math.isnan(threshold):
+        if not isinstance(threshold, numbers.Real) or math.isnan(threshold):
             raise ValueError(f"threshold must be a number, got {threshold!r}")
         chosen_threshold = float(threshold)
     elif coverage is not None:
-        if not (isinstance(coverage, (int, float)) and 0 < coverage <= 1):
+        if not (isinstance(coverage, numbers.Real) and 0 < coverage <= 1):
             raise ValueError(f"coverage must be in (0, 1], got {coverage!r}")
         chosen_threshold = _threshold_for_coverage(_scores(reference, score, "validation"), float(coverage))
     else:
-        if not (isinstance(error_rate, (int, float)) and 0 <= error_rate < 1):
+        if not (isinstance(error_rate, numbers.Real) and 0 <= error_rate < 1):
             raise ValueError(f"error_rate must be in [0, 1), got {error_rate!r}")
         name = "prediction" if validation is None else "validation"
         errors = _errors(reference, tolerance, name)

@@ -14,6 +14,7 @@ which is what :func:`bdl.predict` computes for the wrapped model. Log-probabilit
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -101,7 +102,7 @@ class TemperatureScaler(nn.Module):
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
             raise ValueError(f"`temperature` must be a positive number, got {temperature!r}")
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=False)
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -40,8 +41,8 @@ def check_fractions(val_fraction: float, test_fraction: Optional[float] = None) 
 
     ``test_fraction`` must be above 0 when given; None checks ``val_fraction`` alone.
     """
-    numbers = [val_fraction] + ([] if test_fraction is None else [test_fraction])
-    if any(isinstance(value, bool) or not isinstance(value, (int, float)) for value in numbers):
+    fractions = [val_fraction] + ([] if test_fraction is None else [test_fraction])
+    if any(isinstance(value, bool) or not isinstance(value, numbers.Real) for value in fractions):
         raise TypeError(f"val_fraction and test_fraction must be numbers, got {val_fraction!r} and {test_fraction!r}")
     if test_fraction is None:
         if not 0 <= val_fraction < 1:
@@ -68,7 +69,7 @@ def check_noise(noise: Any, name: str = "noise", count: int = 1) -> None:  # noq
     """Raise ``ValueError`` unless ``noise`` is a number >= 0 (``count`` 1) or ``count`` such numbers."""
     values = [noise] if count == 1 else list(noise) if isinstance(noise, (tuple, list)) else None
     if values is None or len(values) != count or any(
-        isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 for v in values
+        isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 for v in values
     ):
         expected = "a number >= 0" if count == 1 else f"{count} numbers >= 0"
         raise ValueError(f"{name} must be {expected} (noise standard deviations), got {noise!r}")

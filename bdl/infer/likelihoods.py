@@ -14,6 +14,7 @@ Each likelihood also knows how to turn Monte Carlo samples of the network output
 from __future__ import annotations
 
 import math
+import numbers
 from typing import TYPE_CHECKING, ClassVar, Optional, Union
 
 import pyro
@@ -205,7 +206,7 @@ class GaussianLikelihood(Likelihood):
 
     def __init__(self, noise_std: float = 1.0) -> None:
         super().__init__()
-        if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std > 0):
+        if not (isinstance(noise_std, numbers.Real) and math.isfinite(noise_std) and noise_std > 0):
             raise ValueError(f"noise_std must be a positive number, got {noise_std!r}")
         self.noise_std = float(noise_std)
 
@@ -241,7 +242,7 @@ class HomoscedasticGaussianLikelihood(GaussianLikelihood):
     global_sites = ("noise_std",)
 
     def __init__(self, noise_prior_scale: float = 1.0) -> None:
-        if not (isinstance(noise_prior_scale, (int, float)) and math.isfinite(noise_prior_scale) and noise_prior_scale > 0):
+        if not (isinstance(noise_prior_scale, numbers.Real) and math.isfinite(noise_prior_scale) and noise_prior_scale > 0):
             raise ValueError(f"noise_prior_scale must be a positive number, got {noise_prior_scale!r}")
         super().__init__()
         del self.noise_std
@@ -283,7 +284,7 @@ class HeteroscedasticGaussianLikelihood(Likelihood):
 
     def __init__(self, min_std: float = 1e-4) -> None:
         super().__init__()
-        if not (isinstance(min_std, (int, float)) and min_std >= 0):
+        if not (isinstance(min_std, numbers.Real) and min_std >= 0):
             raise ValueError(f"min_std must be a number >= 0, got {min_std!r}")
         self.min_std = float(min_std)
 

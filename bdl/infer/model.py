@@ -9,6 +9,7 @@ estimates, trained by the same optimizer in SVI, held fixed by MCMC).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Iterable, Optional, Union
 
 import pyro
@@ -130,7 +131,7 @@ class PyroModel(nn.Module):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
-        if not (isinstance(prior_scale, (int, float)) and math.isfinite(prior_scale) and prior_scale > 0):
+        if not (isinstance(prior_scale, numbers.Real) and math.isfinite(prior_scale) and prior_scale > 0):
             raise ValueError(f"prior_scale must be a positive number, got {prior_scale!r}")
         if prior_loc not in PRIOR_LOCS:
             raise ValueError(f"prior_loc must be one of {PRIOR_LOCS}, got {prior_loc!r}")

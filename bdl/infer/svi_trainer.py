@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Union
 
 import lightning as L
@@ -53,7 +54,7 @@ def exponential_decay(optimizer: torch.optim.Optimizer, lr_decay: float, num_ste
         >>> round(optimizer.param_groups[0]["lr"], 6)
         0.01
     """
-    if not (isinstance(lr_decay, (int, float)) and 0 < lr_decay <= 1):
+    if not (isinstance(lr_decay, numbers.Real) and 0 < lr_decay <= 1):
         raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay!r}")
     total = max(int(num_steps), 1)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: float(lr_decay) ** (min(step, total) / total))
@@ -171,9 +172,9 @@ class SVIModule(L.LightningModule):
             raise TypeError(f"model must be a bdl.infer.PyroModel or a Pyro model function, got {type(model).__name__}")
         if isinstance(optimizer, str) and optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZERS)} or pass a callable")
-        if not (isinstance(lr, (int, float)) and lr > 0):
+        if not (isinstance(lr, numbers.Real) and lr > 0):
             raise ValueError(f"lr must be a positive number, got {lr!r}")
-        if not (isinstance(lr_decay, (int, float)) and 0 < lr_decay <= 1):
+        if not (isinstance(lr_decay, numbers.Real) and 0 < lr_decay <= 1):
             raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay!r}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")

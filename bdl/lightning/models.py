@@ -7,6 +7,7 @@ decides how they become Bayesian, e.g. :class:`~bdl.lightning.VariationalModule`
 
 from __future__ import annotations
 
+import numbers
 from typing import Literal, Sequence
 
 from torch import Tensor, nn
@@ -30,7 +31,7 @@ def _check_sizes(owner: str, **sizes: int) -> None:
 
 
 def _check_dropout(dropout: float) -> float:
-    if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1):
+    if not (isinstance(dropout, numbers.Real) and not isinstance(dropout, bool) and 0 <= dropout < 1):
         raise ValueError(f"dropout must be a rate in [0, 1), got {dropout!r}")
     return float(dropout)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -58,7 +59,7 @@ def _check_positive_int(name: str, value: Any) -> int:  # noqa: ANN401
 
 
 def _check_number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = False) -> float:  # noqa: ANN401
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < minimum or (strict and value == minimum):
         raise ValueError(f"{name} must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
     return float(value)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
+import numbers
 import os
 from typing import Literal, Optional, Sequence
 
@@ -86,11 +87,11 @@ def _read_npz(path: str, arrays: Optional[Sequence[str]], target: str) -> tuple[
 
 def _numeric(path: str, name: str, array: np.ndarray) -> np.ndarray:
     try:
-        numbers = array.astype(np.float64)
+        floats = array.astype(np.float64)
     except (TypeError, ValueError):
-        numbers = None
-    if numbers is not None and array.dtype.kind in "biuf":
-        bad = ~np.isfinite(numbers)
+        floats = None
+    if floats is not None and array.dtype.kind in "biuf":
+        bad = ~np.isfinite(floats)
     else:  # strings or objects: find the first entry that is not a number
         bad = np.zeros(array.shape, dtype=bool)
         for index, value in np.ndenumerate(array):
@@ -104,7 +105,7 @@ def _numeric(path: str, name: str, array: np.ndarray) -> np.ndarray:
         index = tuple(int(i) for i in np.argwhere(bad)[0])
         column = name if array.ndim == 1 else f"{name}[{index[1]}]"
         raise _not_a_number(path, column, index[0], array[index].item())
-    return numbers
+    return floats
 
 
 def _check_names(path: str, names: Sequence[str], available: Sequence[str], kind: str) -> None:
@@ -425,7 +426,7 @@ class SklearnRegressionDataModule(_StandardizedTable):
             raise ValueError(f"name must be one of {sorted(SKLEARN_REGRESSION_DATASETS)}, got {name!r}")
         if ood not in (*OOD_TAILS, None):
             raise ValueError(f"ood must be one of {list(OOD_TAILS)} or None, got {ood!r}")
-        ok = isinstance(ood_fraction, (int, float)) and not isinstance(ood_fraction, bool) and 0 < ood_fraction <= 0.5
+        ok = isinstance(ood_fraction, numbers.Real) and not isinstance(ood_fraction, bool) and 0 < ood_fraction <= 0.5
         if not ok:
             raise ValueError(f"ood_fraction must be a number in (0, 0.5], got {ood_fraction!r}")
         super().__init__(

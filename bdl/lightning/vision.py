@@ -21,6 +21,7 @@ The OOD sets are labelled ``-1`` (their classes are not the model's), like the O
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional, Sequence
@@ -101,7 +102,7 @@ def _svhn_files(data_dir: str) -> _Files:
 
 
 def _check_fraction(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
         raise ValueError(f"{name} must be a fraction in [0, 1), got {value!r}")
     return float(value)
 

@@ -58,7 +58,14 @@ def rho_from_std(std: float | Tensor, transform: str = "exp") -> Tensor:
     std = torch.as_tensor(std)
     if transform == "exp":
         return std.log()
-    return std.expm1().log()  # softplus^{-1}(s) = log(exp(s) - 1)
+    return std + (-std).expm1().neg().log()  # softplus^{-1}(s) = log(exp(s) - 1) = s + log(1 - exp(-s))
+
+
+def rho_value(std: float, transform: str = "exp") -> float:
+    """:func:`rho_from_std` of one number, as a Python float (computed in double precision, on no device)."""
+    if transform == "exp":
+        return math.log(std)
+    return std + math.log(-math.expm1(-std))
 
 
 def kl_normal_normal(

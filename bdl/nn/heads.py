@@ -10,6 +10,7 @@ parts.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -88,7 +89,7 @@ class GaussianHead(nn.Module):
         super().__init__()
         if variance not in VARIANCE_TRANSFORMS:
             raise ValueError(f"variance must be one of {sorted(VARIANCE_TRANSFORMS)}, got {variance!r}")
-        if not (isinstance(min_variance, (int, float)) and math.isfinite(min_variance) and min_variance >= 0):
+        if not (isinstance(min_variance, numbers.Real) and math.isfinite(min_variance) and min_variance >= 0):
             raise ValueError(f"min_variance must be a finite number >= 0, got {min_variance!r}")
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

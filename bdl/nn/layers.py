@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import threading
 from typing import Any, Optional
 
@@ -21,12 +22,13 @@ from .functional import (
     ESTIMATORS,
     STD_TRANSFORMS,
     GaussianWeights,
+    _in_functorch,
     _normal_,
     check_estimator,
     local_reparameterized,
     posterior_variance,
     randn_like,
-    rho_from_std,
+    rho_value,
     std_from_rho,
 )
 from .priors import GaussianPrior, Prior, as_prior
@@ -113,7 +115,7 @@ class _BayesLayer(BayesianModule):
         estimator: str,
         std_transform: str,
     ) -> None:
-        if not (isinstance(posterior_std_init, (int, float)) and math.isfinite(posterior_std_init) and posterior_std_init > 0):
+        if not (isinstance(posterior_std_init, numbers.Real) and math.isfinite(posterior_std_init) and posterior_std_init > 0):
             raise ValueError(f"posterior_std_init must be a positive finite number, got {posterior_std_init!r}")
         if std_transform not in STD_TRANSFORMS:
             raise ValueError(f"std_transform must be one of {list(STD_TRANSFORMS)}, got {std_transform!r}")
@@ -133,7 +135,17 @@ class _BayesLayer(BayesianModule):
             self.register_parameter("bias_rho", None)
         prior = as_prior(prior)
         self.weight_prior = prior
-        self.bias_prior = copy.deepcopy(prior) if bias else None
+        bias_prior = copy.deepcopy(prior) if bias else None
+        if bias_prior is not None:
+            try:
+                bias_prior.check_shape(self.bias_mu.shape)
+            except ValueError as error:
+                raise ValueError(
+                    f"prior: {error}; a prior with tensor parameters shaped for the weight {tuple(weight_shape)} "
+                    f"does not fit the bias {tuple(self.bias_mu.shape)}: construct the layer with a scalar prior and "
+                    "assign layer.weight_prior and layer.bias_prior, or use bias=False"
+                ) from None
+        self.bias_prior = bias_prior
         self.reset_parameters()
 
     def __setstate__(self, state: dict) -> None:
@@ -153,14 +165,15 @@ class _BayesLayer(BayesianModule):
     def reset_parameters(self) -> None:
         """Means as ``torch.nn`` initialises its weights (Kaiming-uniform); stds at ``posterior_std_init``."""
         nn.init.kaiming_uniform_(self.weight_mu, a=math.sqrt(5))
+        rho = rho_value(self.posterior_std_init, self.std_transform)  # a float: no tensor on the default device
         with torch.no_grad():
-            self.weight_rho.fill_(rho_from_std(self.posterior_std_init, self.std_transform).item())
+            self.weight_rho.fill_(rho)
         if self.bias_mu is not None:
             fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.weight_mu)
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias_mu, -bound, bound)
             with torch.no_grad():
-                self.bias_rho.fill_(rho_from_std(self.posterior_std_init, self.std_transform).item())
+                self.bias_rho.fill_(rho)
 
     @property
     def weight_std(self) -> Tensor:
@@ -251,7 +264,7 @@ class _BayesLayer(BayesianModule):
             if (
                 self.estimator == "reparam"
                 and not torch.compiler.is_compiling()
-                and not torch._C._functorch.is_functorch_wrapped_tensor(self.weight_mu)
+                and not _in_functorch(self.weight_mu)
             ):
                 # prediction: S forwards share one std per parameter (no exp per draw); same draws as with a graph
                 weight = self._prediction_sample("weight", self.weight_mu, self.weight_rho)
@@ -266,7 +279,7 @@ class _BayesLayer(BayesianModule):
             torch.is_grad_enabled()
             and self.weight_mu.requires_grad
             and not torch.compiler.is_compiling()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(self.weight_mu)
+            and not _in_functorch(self.weight_mu)
         )
         weight = GaussianWeights(
             self.weight_mu, self.weight_rho, self.std_transform, self._fusable_prior(self.weight_prior, self.weight_mu) if fuse else None

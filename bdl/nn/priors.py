@@ -7,6 +7,7 @@ A prior is a small ``nn.Module`` (so tensor-valued parameters move with ``.to(de
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -19,7 +20,7 @@ def _check_positive(name: str, value: float | Tensor, owner: str) -> None:
     if isinstance(value, Tensor):
         if not bool(torch.isfinite(value).all()) or bool((value <= 0).any()):
             raise ValueError(f"{owner}: {name} must be positive and finite everywhere, got a tensor with min {value.min().item():g}")
-    elif not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    elif not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
         raise ValueError(f"{owner}: {name} must be a positive finite number, got {value!r}")
 
 
@@ -130,7 +131,7 @@ class ScaleMixturePrior(Prior):
         super().__init__()
         _check_positive("scale1", scale1, "ScaleMixturePrior")
         _check_positive("scale2", scale2, "ScaleMixturePrior")
-        if not (isinstance(mixture_weight, (int, float)) and 0 < mixture_weight < 1):
+        if not (isinstance(mixture_weight, numbers.Real) and 0 < mixture_weight < 1):
             raise ValueError(f"ScaleMixturePrior: mixture_weight must be in (0, 1), got {mixture_weight!r}")
         self.scale1 = float(scale1)
         self.scale2 = float(scale2)
@@ -151,6 +152,6 @@ def as_prior(prior: Prior | float | None) -> Prior:
         return GaussianPrior(0.0, 1.0)
     if isinstance(prior, Prior):
         return prior
-    if isinstance(prior, (int, float)) and not isinstance(prior, bool):
+    if isinstance(prior, numbers.Real) and not isinstance(prior, bool):
         return GaussianPrior(0.0, float(prior))
     raise TypeError(f"prior must be a bdl Prior, a positive float (the scale of N(0, s^2)) or None, got {type(prior).__name__}")

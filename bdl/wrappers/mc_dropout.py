@@ -10,6 +10,7 @@ import contextlib
 import copy
 import fnmatch
 import math
+import numbers
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -89,7 +90,7 @@ class MCDropout(nn.Module):
                 insert_before = [insert_before]
             if not all(isinstance(pattern, (str, type)) for pattern in insert_before):
                 raise TypeError(f"insert_before must be name patterns and/or module types, got {insert_before!r}")
-            if not (isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and 0 < p < 1):
+            if not (isinstance(p, numbers.Real) and not isinstance(p, bool) and math.isfinite(p) and 0 < p < 1):
                 raise ValueError(f"p must be a dropout rate in (0, 1) when inserting dropout, got {p!r}")
             model = copy.deepcopy(model)
             for name, module in model.named_modules():

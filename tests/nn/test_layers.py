@@ -107,6 +107,46 @@ def test_posterior_std_init_and_transform(std_transform):
     layer = bdl.BayesLinear(5, 3, posterior_std_init=0.05, std_transform=std_transform)
     torch.testing.assert_close(layer.weight_std, torch.full((3, 5), 0.05))
     torch.testing.assert_close(layer.bias_std, torch.full((3,), 0.05))
+    precise = bdl.BayesLinear(5, 3, posterior_std_init=1e-3, std_transform=std_transform, dtype=torch.float64)
+    torch.testing.assert_close(precise.weight_std, torch.full((3, 5), 1e-3, dtype=torch.float64), rtol=1e-12, atol=0)
+    wide = bdl.BayesLinear(5, 3, posterior_std_init=200.0, std_transform=std_transform)  # exp(200) overflows float32
+    torch.testing.assert_close(wide.weight_std, torch.full((3, 5), 200.0))
+
+
+def test_layers_build_under_a_meta_default_device_like_torch_nn():
+    with torch.device("meta"):
+        layer, conv = bdl.BayesLinear(3, 2), bdl.bayesianize(nn.Conv2d(2, 3, 3))
+    assert layer.weight_rho.is_meta and conv.bias_rho.is_meta
+
+
+def test_numpy_scalars_are_numbers():
+    np = pytest.importorskip("numpy")
+    layer = bdl.BayesLinear(3, 2, prior=np.float32(0.5), posterior_std_init=np.float32(0.01))
+    assert layer.weight_prior.scale == pytest.approx(0.5) and layer.posterior_std_init == pytest.approx(0.01)
+    assert bdl.GaussianPrior(0.0, np.float32(0.1)).scale == pytest.approx(0.1)
+
+
+def test_a_prior_shaped_for_the_weight_says_how_to_give_the_bias_its_own():
+    pretrained = torch.randn(3, 5)
+    with pytest.raises(ValueError, match="bias_prior"):
+        bdl.BayesLinear(5, 3, prior=bdl.GaussianPrior(pretrained, 0.1))
+    layer = bdl.BayesLinear(5, 3, prior=bdl.GaussianPrior(pretrained, 0.1), bias=False)
+    assert torch.equal(layer.weight_prior.loc, pretrained)
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_torch_func_transforms_over_inputs(estimator):
+    torch.manual_seed(0)
+    layer = bdl.BayesLinear(4, 2, estimator=estimator, posterior_std_init=0.5)
+    with bdl.deterministic(layer):
+        torch.testing.assert_close(torch.func.jacrev(layer)(torch.randn(4)), layer.weight_mu)
+    assert torch.func.jacrev(layer)(torch.randn(4)).shape == (2, 4)
+    x = torch.randn(1, 4)
+    expected_std = (x.square() @ layer.weight_std.square().T + layer.bias_std.square()).sqrt().detach()
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            draws = torch.func.vmap(layer, randomness="different")(x.expand(4000, 1, 4))  # 4000 draws at once
+        torch.testing.assert_close(draws.std(0).detach(), expected_std, rtol=0.06, atol=0)
 
 
 def test_constructor_mirrors_torch_nn():

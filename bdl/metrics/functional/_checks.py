@@ -6,6 +6,8 @@ trusts its inputs. Messages name the argument, the expected form and what came.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -113,7 +115,7 @@ def check_n_bins(n_bins: int) -> int:
 
 def check_fraction(value: float, name: str, *, open_left: bool = True) -> float:
     """A number in (0, 1] (or [0, 1] when ``open_left`` is False)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a number, got {type(value).__name__}")
     low_ok = value > 0 if open_left else value >= 0
     if not (low_ok and value <= 1):

@@ -14,6 +14,7 @@ equal to the plain sorted-order definition when confidences are distinct.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -138,7 +139,7 @@ def coverage_at_risk(confidence: Tensor, loss: Tensor, *, risk: float = 0.05) ->
         >>> coverage_at_risk(torch.tensor([0.9, 0.6, 0.8, 0.7]), torch.tensor([0.0, 1.0, 1.0, 0.0]), risk=0.4)
         tensor(0.7500, dtype=torch.float64)
     """
-    if isinstance(risk, bool) or not isinstance(risk, (int, float)) or not risk >= 0:  # NaN too
+    if isinstance(risk, bool) or not isinstance(risk, numbers.Real) or not risk >= 0:  # NaN too
         raise ValueError(f"`risk` must be a non-negative number, got {risk!r}")
     coverage, selective_risk = risk_coverage_curve(confidence, loss)
     # a small relative slack so that a risk of exactly `risk` is not lost to float rounding
