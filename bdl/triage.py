@@ -47,10 +47,18 @@ def _scores(prediction: Prediction, score: Union[str, Callable[[Prediction], Ten
         values = score(prediction)
         if not isinstance(values, Tensor) or values.shape != (len(prediction),):
             raise ValueError(f"score must return one value per input [{len(prediction)}], got {getattr(values, 'shape', type(values))}")
-        return values
+        return _finite_scores(values, name)
     if not isinstance(score, str) or score not in OOD_SCORES:
         raise ValueError(f"score must be a callable or one of {scores_for_task(prediction.task)}, got {score!r}")
-    return ood_score(prediction, score)
+    return _finite_scores(ood_score(prediction, score), name)
+
+
+def _finite_scores(values: Tensor, name: str) -> Tensor:
+    # a NaN score compares False with every threshold: that input would be handled automatically, unreviewed
+    if not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise ValueError(f"the uncertainty scores of {name} must be finite, got {bad} NaN/Inf of {values.numel()}")
+    return values
 
 
 def _errors(prediction: Prediction, tolerance: Optional[float], name: str) -> Optional[Tensor]:

@@ -127,6 +127,13 @@ def test_bad_arguments_are_named(kwargs, message):
         triage(Prediction.from_logits(torch.randn(2, 5, 3)), **kwargs)
 
 
+def test_non_finite_scores_are_refused():
+    pred = Prediction.from_logits(torch.randn(2, 5, 3))
+    nan_scores = lambda p: torch.tensor([0.1, float("nan"), 0.3, 0.2, 0.5])  # noqa: E731
+    with pytest.raises(ValueError, match="finite"):  # a NaN score would pass every threshold: never reviewed
+        triage(pred, coverage=0.5, score=nan_scores)
+
+
 def test_rejects_a_non_prediction():
     with pytest.raises(TypeError, match="Prediction"):
         triage(torch.randn(5), threshold=0.1)

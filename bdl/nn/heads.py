@@ -150,7 +150,7 @@ def gaussian_nll(mean: Tensor, variance: Tensor, target: Tensor, *, reduction: s
     if bool((variance < 0).any()):  # as torch.nn.GaussianNLLLoss checks; log of a negative variance is NaN
         raise ValueError(f"variance must be >= 0 everywhere (> 0 for a finite NLL), got a minimum of {variance.min().item():.4g}")
     per_element = 0.5 * (variance.log() + (target - mean).square() / variance) + _HALF_LOG_TWO_PI
-    per_example = per_element.reshape(per_element.shape[0], -1).sum(-1) if per_element.dim() > 1 else per_element
+    per_example = per_element.flatten(1).sum(-1) if per_element.dim() > 1 else per_element  # flatten: N = 0 too
     if reduction == "mean":
         return per_example.mean()
     if reduction == "sum":

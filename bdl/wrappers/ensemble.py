@@ -25,12 +25,41 @@ H200 and H100 GPUs, see :meth:`DeepEnsemble.resolve_method`)."""
 
 
 def _structure(module: nn.Module) -> tuple[Any, ...]:
-    """What must agree between members for ``functional_call`` on one of them to run any of them."""
+    """What must agree between members for ``functional_call`` on one of them to run any of them (with
+    :func:`_attributes`)."""
     return (
         tuple((name, type(m), m.extra_repr()) for name, m in module.named_modules()),
         tuple((name, p.shape, p.dtype, p.device) for name, p in module.named_parameters()),
         tuple((name, b.shape, b.dtype, b.device) for name, b in module.named_buffers()),
     )
+
+
+def _attributes(module: nn.Module) -> list[tuple[str, dict[str, Any]]]:
+    """Each submodule's plain attributes (a scale factor, the training flag, a dropout rate): vmap runs the
+    first member's module with the others' tensors, so these must be the members' own too."""
+    return [(name, {k: v for k, v in vars(m).items() if not k.startswith("_")}) for name, m in module.named_modules()]
+
+
+def _same(a: Any, b: Any) -> bool:  # noqa: ANN401 - any attribute values
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b.to(a.device))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # noqa: BLE001 - values without a truth value of ==: only identical ones agree
+        return False
+
+
+def _check_factory(factory: Any) -> None:  # noqa: ANN401
+    # a module is callable too: called without arguments it fails in its forward, far from the mistake
+    if not callable(factory) or isinstance(factory, nn.Module):
+        raise TypeError(
+            "factory must be a callable that takes no arguments and returns a new nn.Module (such as "
+            f"`lambda: nn.Linear(4, 2)`), got {type(factory).__name__}"
+        )
 
 
 class DeepEnsemble(nn.Module):
@@ -97,8 +126,7 @@ class DeepEnsemble(nn.Module):
             >>> len(ensemble)
             3
         """
-        if not callable(factory):
-            raise TypeError(f"factory must be a callable returning an nn.Module, got {type(factory).__name__}")
+        _check_factory(factory)
         if isinstance(num_members, bool) or not isinstance(num_members, int) or num_members < 1:
             raise ValueError(f"num_members must be an int >= 1, got {num_members!r}")
         return cls([factory() for _ in range(num_members)], **kwargs)
@@ -135,6 +163,7 @@ class DeepEnsemble(nn.Module):
             >>> torch.equal(ensemble.members[1].weight, members[1].weight)
             True
         """
+        _check_factory(factory)
         if isinstance(checkpoints, (str, os.PathLike, Mapping)):
             raise TypeError("checkpoints must be a sequence with one checkpoint per member")
         checkpoints = list(checkpoints)
@@ -170,9 +199,13 @@ class DeepEnsemble(nn.Module):
         return len(self.members)
 
     def shares_architecture(self) -> bool:
-        """Whether every member has the structure, parameter and buffer shapes of the first (vmap-able)."""
+        """Whether every member has the structure, parameter and buffer shapes, and plain attributes (such as
+        a scale factor or the training mode) of the first (vmap-able)."""
         reference = _structure(self.members[0])
-        return all(_structure(member) == reference for member in self.members[1:])
+        if not all(_structure(member) == reference for member in self.members[1:]):
+            return False
+        attributes = _attributes(self.members[0])
+        return all(_same(_attributes(member), attributes) for member in self.members[1:])
 
     def resolve_method(self) -> str:
         """``"vmap"`` or ``"loop"``: the path :meth:`forward` takes now.
@@ -188,7 +221,7 @@ class DeepEnsemble(nn.Module):
             return "loop"
         if not self.shares_architecture() or (self.training and any(True for _ in self.members[0].buffers())):
             raise ValueError(
-                "method='vmap' needs members of one architecture (same modules, parameter and buffer shapes) "
+                "method='vmap' needs members of one architecture (same modules, attributes, parameter and buffer shapes) "
                 "and, in training mode, no buffers; use method='loop'"
             )
         return "vmap"

@@ -47,6 +47,12 @@ def test_gaussian_nll_accepts_flat_targets_for_one_output():
     torch.testing.assert_close(gaussian_nll(mean, variance, target), gaussian_nll(mean, variance, target[:, None]))
 
 
+def test_gaussian_nll_of_an_empty_batch():
+    empty = torch.zeros(0, 2)
+    assert gaussian_nll(empty, empty + 1, empty, reduction="none").shape == (0,)
+    assert gaussian_nll(empty, empty + 1, empty, reduction="sum").item() == 0.0
+
+
 def test_loss_module_takes_the_head_output_and_trains_through_elbo():
     model = nn.Sequential(bdl.BayesLinear(2, 8), nn.Tanh(), GaussianHead(8, 1, linear=bdl.BayesLinear))
     assert sum(isinstance(m, bdl.BayesianModule) for m in model.modules()) == 2

@@ -120,6 +120,27 @@ def test_different_architectures_fall_back_to_the_loop_or_refuse_vmap():
         DeepEnsemble(members, method="vmap")(torch.randn(2, 4))
 
 
+def test_members_that_differ_in_plain_attributes_or_mode_refuse_vmap():
+    class Scaled(nn.Module):
+        def __init__(self, factor):
+            super().__init__()
+            self.linear, self.factor = nn.Linear(4, 3), factor
+
+        def forward(self, x):
+            return self.linear(x) * self.factor
+
+    x = torch.randn(2, 4)
+    ensemble = DeepEnsemble([Scaled(1.0), Scaled(100.0)], method="vmap")  # vmap ran member 0's factor for both
+    assert not ensemble.shares_architecture()
+    with pytest.raises(ValueError, match="one architecture"):
+        ensemble(x)
+    same = DeepEnsemble([Scaled(2.0), Scaled(2.0)], method="vmap")
+    torch.testing.assert_close(same(x), DeepEnsemble(same.members, method="loop")(x))
+    mixed = DeepEnsemble([nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)) for _ in range(2)], method="vmap")
+    mixed.eval().members[1].train()  # one member's dropout on: vmap would run both in member 0's mode
+    assert not mixed.shares_architecture()
+
+
 def test_vmap_with_batchnorm_in_training_mode_is_refused():
     ensemble = DeepEnsemble([member(), member()], method="vmap").train()
     with pytest.raises(ValueError, match="buffers"):
@@ -197,6 +218,9 @@ def test_bad_arguments_are_named():
         DeepEnsemble([nn.Linear(2, 2)], method="parallel")
     with pytest.raises(ValueError, match="num_members"):
         DeepEnsemble.from_factory(lambda: nn.Linear(2, 2), 0)
+    for make in (lambda: DeepEnsemble.from_factory(nn.Linear(2, 2), 3), lambda: DeepEnsemble.from_checkpoints(nn.Linear(2, 2), [{}])):
+        with pytest.raises(TypeError, match="factory must be a callable that takes no arguments"):
+            make()  # a module instead of a factory
     assert set(ENSEMBLE_METHODS) == {"auto", "vmap", "loop"}
 
 
