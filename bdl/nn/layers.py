@@ -338,7 +338,10 @@ class BayesLinear(_BayesLayer):
 
     Forwards without gradients (prediction) keep what S draws share: the posterior std (or variance) while
     ``rho`` is unchanged and, on the CPU, a buffer per thread for weight samples of 2^15 elements or more;
-    a training forward drops them, and copies and pickles of the layer start without them.
+    a training forward drops them, and copies and pickles of the layer start without them. "Unchanged" is
+    judged by the parameter's version counter, as autograd judges it: an in-place edit through ``.data``
+    (``layer.weight_rho.data.fill_(...)``) is not seen, so edit under ``torch.no_grad()`` instead
+    (``layer.weight_rho.fill_(...)``); the same holds for the KL a training forward keeps.
 
     Example:
         >>> layer = BayesLinear(4, 2, estimator="local")
