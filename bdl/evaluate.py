@@ -256,7 +256,14 @@ class Report:
         if ood_keys:
             scores = list(dict.fromkeys(key.split("/")[1] for key in ood_keys))
             columns = list(dict.fromkeys(key.split("/")[2] for key in ood_keys))
-            lines += ["", "## OOD detection (higher score = more OOD; OOD is the positive class)", ""]
+            lines += [
+                "",
+                "## OOD detection (higher score = more OOD)",
+                "",
+                "AUROC and AUPR-out take OOD inputs as the positive class, AUPR-in the in-distribution ones; "
+                "FPR at x% TPR is the fraction of OOD inputs accepted when x% of in-distribution inputs are.",
+                "",
+            ]
             headers = [_OOD_COLUMNS.get(column, column) for column in columns]
             if any(column.startswith("fpr_at_") for column in columns):
                 tpr = _key_parts(next(column for column in columns if column.startswith("fpr_at_")))[1]
@@ -502,6 +509,8 @@ def evaluate(
         ood_prediction = _ood_prediction(model, ood_data, predict_options)
         if ood_prediction.task != task:
             raise ValueError(f"the OOD prediction's task {ood_prediction.task!r} differs from the test task {task!r}")
+        if isinstance(ood_scores, str):
+            ood_scores = [ood_scores]  # one score by name, not one per character
         names = list(ood_scores) if ood_scores is not None else _default_scores(prediction, ood_prediction)
         settings.update(ood_scores=tuple(names), tpr=tpr)
         for name in names:

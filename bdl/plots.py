@@ -152,7 +152,8 @@ def plot_ood_histogram(
     figure, ax = _axes(ax)
     inside, outside = _numpy(torch.as_tensor(scores_in)), _numpy(torch.as_tensor(scores_out))
     low, high = min(inside.min(), outside.min()), max(inside.max(), outside.max())
-    edges = torch.linspace(low, high if high > low else low + 1, bins + 1).numpy()
+    # in float64: float32 edges collapse for scores whose spread is below float32's resolution at their size
+    edges = torch.linspace(float(low), float(high) if high > low else float(low) + 1, bins + 1, dtype=torch.float64).numpy()
     ax.hist(inside, bins=edges, density=True, histtype="stepfilled", alpha=0.55, color=_BLUE, label=f"in-distribution (N={len(inside)})")
     ax.hist(outside, bins=edges, density=True, histtype="stepfilled", alpha=0.55, color=_ORANGE, label=f"OOD (N={len(outside)})")
     ax.set(xlabel=score_name, ylabel="density", title=f"{score_name}: AUROC = {area:.3f}")

@@ -74,6 +74,8 @@ def test_ood_histogram_and_roc_show_the_auroc_and_compose(tmp_path):
     assert labels[0] == f"entropy (AUROC = {area:.3f})" and labels.count("chance") == 1 and len(labels) == 3
     fpr, tpr = M.ood_roc_curve(scores_in, scores_out)
     np.testing.assert_allclose(roc.axes[0].lines[0].get_xdata(), fpr.numpy())
+    close = plots.plot_ood_histogram(1000 + 1e-4 * torch.rand(50, dtype=torch.float64), 1000 + 1e-4 * torch.rand(50, dtype=torch.float64))
+    assert len(close.axes[0].patches) == 2 and all(p.get_path().vertices[:, 1].max() > 0 for p in close.axes[0].patches)
     np.testing.assert_allclose(roc.axes[0].lines[0].get_ydata(), tpr.numpy())
     saved_image(roc, tmp_path / "roc.png")
 

@@ -32,6 +32,12 @@ def _check_logits(logits, target) -> tuple[Tensor, Tensor]:  # noqa: ANN001
             f"`logits` must have shape [N, C] or [S, N, C] with N >= 1 and C >= 2, got shape {tuple(logits.shape)}"
         )
     target = check_labels(target, logits.shape[-1], logits.shape[-2])
+    # probabilities in place of logits fit a meaningless temperature (softmax of values in [0, 1])
+    if bool((logits >= 0).all()) and bool(((logits.double().sum(-1) - 1).abs() < 1e-4).all()):
+        raise ValueError(
+            "`logits` look like probabilities (non-negative, every row summing to 1): pass the network's logits, "
+            "or log-probabilities (probs.log())"
+        )
     return logits, target.to(logits.device)
 
 

@@ -93,6 +93,7 @@ def test_wrap_divides_a_models_output_and_the_temperature_is_saved():
          ValueError, "finite"),
         (lambda: TemperatureScaler().wrap(lambda x: x), TypeError, "nn.Module"),
         (lambda: fit_temperature(torch.randn(5, 3), torch.zeros(5, dtype=torch.long), max_iter=0), ValueError, "max_iter"),
+        (lambda: fit_temperature(torch.randn(5, 3).softmax(-1), torch.zeros(5, dtype=torch.long)), ValueError, "look like probabilities"),
     ],
 )
 def test_bad_input_raises_a_clear_error(call, error, message):
