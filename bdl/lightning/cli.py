@@ -14,6 +14,7 @@ to the config file's name.
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import os
 import sys
@@ -25,6 +26,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from ..predict import Prediction
 
@@ -160,6 +162,38 @@ def _run_version(root: str, name: str, resume: Optional[int] = None) -> int:
     return int(version)
 
 
+class _ContinuedCSVLogger(CSVLogger):
+    """Lightning's ``CSVLogger`` for a resumed fit: it continues the run's ``metrics.csv``, which Lightning's
+    deletes when the folder exists. Rows logged before the checkpoint (``step`` below its global step) are
+    kept; later ones, from an epoch the interrupted run had begun and the resumed fit runs again, are not."""
+
+    def __init__(self, *args: Any, resume_step: int, **kwargs: Any) -> None:  # noqa: ANN401
+        super().__init__(*args, **kwargs)
+        self._resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:  # noqa: ANN401 - Lightning's experiment writer
+        if self._experiment is not None:
+            return self._experiment
+        path = Path(self.log_dir) / "metrics.csv"
+        fields: list[str] = []
+        kept: list[dict[str, str]] = []
+        if path.is_file():
+            with path.open(newline="") as file:
+                reader = csv.DictReader(file)
+                fields = list(reader.fieldnames or [])
+                kept = [row for row in reader if row.get("step") and float(row["step"]) < self._resume_step]
+        writer = super().experiment  # Lightning's writer, which has just deleted the file
+        if fields:
+            with path.open("w", newline="") as file:
+                rows = csv.DictWriter(file, fieldnames=fields)
+                rows.writeheader()
+                rows.writerows(kept)
+            writer.metrics_keys = fields  # the header new rows are appended under (a new key rewrites it)
+        return writer
+
+
 def _version_of(path: Path) -> Optional[int]:
     """``n`` for a checkpoint at ``.../version_<n>/checkpoints/<file>``, else None."""
     folder = path.parent.parent.name
@@ -242,9 +276,10 @@ class BDLCLI(LightningCLI):
                 )
             ckpt_path = str(max(found)[1])
             config["ckpt_path"] = ckpt_path
-        check_checkpoint(ckpt_path)
+        checkpoint = check_checkpoint(ckpt_path)
         if self.subcommand == "fit":  # resuming: keep logging into the run's own folder
             self._resume_version = _version_of(Path(ckpt_path))
+            self._resume_step = int(checkpoint.get("global_step", 0))
         return super()._parse_ckpt_path()
 
     def _subconfig(self) -> Any:  # noqa: ANN401
@@ -266,7 +301,13 @@ class BDLCLI(LightningCLI):
             version = _run_version(root, self.run_name(), resume=getattr(self, "_resume_version", None))
             folder = Path(root) / self.run_name() / f"version_{version}"
             self._new_run_folder = None if folder.exists() else folder
-            loggers: list[Logger] = [CSVLogger(save_dir=root, name=self.run_name(), version=version)]
+            resume = getattr(self, "_resume_version", None) is not None and version == self._resume_version
+            csv_logger = (
+                _ContinuedCSVLogger(save_dir=root, name=self.run_name(), version=version, resume_step=self._resume_step)
+                if resume
+                else CSVLogger(save_dir=root, name=self.run_name(), version=version)
+            )
+            loggers: list[Logger] = [csv_logger]
             if _tensorboard_available():
                 from lightning.pytorch.loggers import TensorBoardLogger
 

@@ -1,5 +1,6 @@
 """A run killed mid-epoch resumes from its last checkpoint and ends exactly where an uninterrupted run ends."""
 
+import csv
 import json
 import os
 import signal
@@ -112,6 +113,19 @@ def test_killed_run_resumes_from_last_checkpoint_to_the_same_final_metrics(metho
     assert resumed.keys() == reference.keys()
     for key, value in reference.items():
         assert resumed[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    # the training curve too: epoch 0's rows kept (Lightning's CSV logger deleted them on resume), epoch 1's once
+    resumed_rows, reference_rows = csv_rows(interrupted), csv_rows(uninterrupted)
+    assert [(row["epoch"], row["step"]) for row in resumed_rows] == [(row["epoch"], row["step"]) for row in reference_rows]
+    assert {"0", "1"} <= {row["epoch"] for row in resumed_rows}
+    for resumed_row, reference_row in zip(resumed_rows, reference_rows):
+        for key, value in reference_row.items():
+            if value:
+                assert float(resumed_row[key]) == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
+
+
+def csv_rows(root: Path) -> list[dict]:
+    with (root / "resume" / "version_0" / "metrics.csv").open(newline="") as file:
+        return list(csv.DictReader(file))
 
 
 def test_resume_without_a_previous_run_says_what_is_missing(tmp_path, monkeypatch):
