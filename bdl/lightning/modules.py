@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
+from torch.utils.data import DistributedSampler
 
 from .. import infer
 from ..evaluate import Report, evaluate
@@ -86,18 +87,38 @@ def _check_finite(module: L.LightningModule, terms: dict[str, Tensor]) -> None:
     )
 
 
-def _gather_prediction(module: L.LightningModule, prediction: Prediction) -> Prediction:
-    """The prediction over every process (``all_gather`` of each tensor field, processes concatenated)."""
+def _gather_rows(module: L.LightningModule, value: Tensor, total: Optional[int], dim: int = 0) -> Tensor:
+    """Every process's rows (along ``dim``) of a test-set tensor, in the data set's order, without padding.
+
+    With ``total`` (the data set's size, from an unshuffled ``DistributedSampler``) process ``r``'s ``k``-th
+    row is row ``r + k * W`` of the data set padded to a multiple of ``W`` processes by repeating its first
+    rows: interleaving the processes' rows restores the order, and the repeats, at the end, are cut.
+    Without it the processes' rows are concatenated, as they come.
+    """
+    gathered = module.all_gather(value)  # [W, *value.shape]
+    if total is None:
+        return gathered.movedim(0, dim).flatten(dim, dim + 1)
+    interleaved = gathered.movedim(0, dim + 1).flatten(dim, dim + 1)  # rows k * W + r
+    return interleaved.narrow(dim, 0, total)
+
+
+def _gather_prediction(module: L.LightningModule, prediction: Prediction, total: Optional[int]) -> Prediction:
+    """The prediction over every process (:func:`_gather_rows` of each tensor field)."""
     values = {}
     for field in dataclasses.fields(prediction):
         value = getattr(prediction, field.name)
-        if isinstance(value, Tensor):
-            gathered = module.all_gather(value)
-            value = gathered.flatten(0, 1) if gathered.dim() > value.dim() else gathered
-            if field.name in ("sample_probs", "sample_means", "sample_variances"):
-                value = value.transpose(0, 1)  # [S, N, ...] stays samples-first
+        if isinstance(value, Tensor):  # per-sample fields are [S, N, ...]: their rows are dim 1
+            value = _gather_rows(module, value, total, dim=1 if field.name.startswith("sample_") else 0)
         values[field.name] = value
     return dataclasses.replace(prediction, **values)
+
+
+def _unpadded_size(loader: Any) -> Optional[int]:  # noqa: ANN401
+    """The data set size behind a test loader whose unshuffled ``DistributedSampler`` pads it (else None)."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler) and not sampler.shuffle and not sampler.drop_last:
+        return len(sampler.dataset)
+    return None
 
 
 class _ResumableRandomState:
@@ -205,9 +226,13 @@ class _Evaluation:
         targets = torch.cat([part[1] for part in parts]) if all(part[1] is not None for part in parts) else None
         inputs = torch.cat([part[2] for part in parts]) if all(part[2] is not None for part in parts) else None
         if self.trainer.world_size > 1:
-            prediction = _gather_prediction(self, prediction)
-            targets = None if targets is None else self.all_gather(targets).flatten(0, 1)
-            inputs = None if inputs is None else self.all_gather(inputs).flatten(0, 1)
+            loaders = self.trainer.test_dataloaders
+            loader = loaders[index] if isinstance(loaders, (list, tuple)) else loaders
+            # Lightning's DistributedSampler pads the test set to a multiple of the processes: cut the repeats
+            total = _unpadded_size(loader)
+            prediction = _gather_prediction(self, prediction, total)
+            targets = None if targets is None else _gather_rows(self, targets, total)
+            inputs = None if inputs is None else _gather_rows(self, inputs, total)
         return prediction.to("cpu"), None if targets is None else targets.cpu(), None if inputs is None else inputs.cpu()
 
     def on_test_epoch_end(self) -> None:

@@ -56,7 +56,8 @@ def main(out: str, mode: str) -> None:
         logged_val_accuracy = float(trainer.callback_metrics["val/accuracy"])
         trainer.test(module, data, verbose=False)
         if trainer.is_global_zero:
-            entry = {"test": module.report.metrics, "num_test": len(module.report.prediction), "val_accuracy": logged_val_accuracy}
+            entry = {"test": module.report.metrics, "num_test": len(module.report.prediction), "val_accuracy": logged_val_accuracy,
+                     "targets": module.report.targets.tolist()}  # fmt: skip
             if method == "deterministic":  # one forward per input: the synced metric must equal the full-set value
                 x, y = data.splits.val.tensors
                 with torch.no_grad():
