@@ -407,10 +407,16 @@ def _regression_metrics(
     return {key: _float(value) for key, value in metrics.items()}
 
 
+_EPISTEMIC_SCORES = ("mutual_information", "epistemic_variance")
+
+
 def _default_scores(prediction: Prediction, ood_prediction: Prediction) -> list[str]:
     names = M.scores_for_task(prediction.task)
     if prediction.logits is None or ood_prediction.logits is None:
         names = [name for name in names if name not in M.LOGIT_SCORES]
+    if prediction.num_samples == 1 and ood_prediction.num_samples == 1:
+        # one sample has no epistemic part: a score that is 0 for every input would report chance (AUROC 0.5)
+        names = [name for name in names if name not in _EPISTEMIC_SCORES]
     return names
 
 
@@ -464,7 +470,8 @@ def evaluate(
         task: ``"classification"`` or ``"regression"`` (taken from ready Predictions).
         n_bins: bins of the calibration metrics and the reliability diagram.
         ood_scores: OOD score names; default every score the task allows (energy and max logit only when
-            both predictions have logits).
+            both predictions have logits; mutual information and epistemic variance only when there is more
+            than one sample).
         coverage: the coverage of "risk at coverage".
         risk: the risk of "coverage at risk".
         levels: central-interval levels for regression coverage and width.

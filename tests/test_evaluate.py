@@ -163,6 +163,14 @@ def test_options_reach_the_metrics():
     assert isinstance(report, Report) and str(report) == report.to_markdown()
 
 
+def test_one_sample_reports_no_epistemic_ood_scores():
+    x, y = blobs(150)
+    one = evaluate(nn.Linear(2, 3), (x, y), num_samples=1, ood_data=x + 5)
+    assert not any("mutual_information" in key for key in one.metrics) and "ood/predictive_entropy/auroc" in one.metrics
+    several = evaluate(BayesLinear(2, 3), (x, y), num_samples=4, ood_data=x + 5)
+    assert "ood/mutual_information/auroc" in several.metrics
+
+
 def test_fractional_percentages_are_labelled_as_given():
     x, y = blobs(150)
     model = nn.Linear(2, 3)
