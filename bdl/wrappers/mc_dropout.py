@@ -39,6 +39,14 @@ def _always_on_dropout(module: nn.Dropout, args: tuple[Any, ...], output: Tensor
     return dropout(args[0], module.p)
 
 
+def _holds_compiled_module(model: nn.Module) -> bool:
+    """Whether ``model`` or a submodule runs compiled: ``torch.compile(module)`` or ``module.compile()``."""
+    return any(
+        isinstance(module, torch._dynamo.eval_frame.OptimizedModule) or getattr(module, "_compiled_call_impl", None) is not None
+        for module in model.modules()
+    )
+
+
 def _matches(name: str, module: nn.Module, patterns: Sequence[str | type]) -> bool:
     for pattern in patterns:
         if isinstance(pattern, type) and isinstance(module, pattern):
@@ -133,15 +141,17 @@ class MCDropout(nn.Module):
 
         Other dropout types are switched to training mode; plain ``nn.Dropout`` layers draw the same
         distribution faster: they stay in eval mode (the identity) and a forward hook applies
-        :func:`bdl.nn.functional.dropout` to their input. Inside ``torch.compile`` every dropout layer is
-        switched to training mode instead (registering a hook there would break the graph, and the
-        compiled ``F.dropout`` is one fused kernel anyway).
+        :func:`bdl.nn.functional.dropout` to their input. Inside ``torch.compile``, and when the wrapped
+        model is (or holds) a compiled module, every dropout layer is switched to training mode instead:
+        registering a hook there would break the graph, a graph compiled before the hook existed would
+        ignore it (torch.compile does not guard on hooks), and the compiled ``F.dropout`` is one fused
+        kernel anyway; the training flags are guarded, so a compiled model recompiles for them.
         """
         previous = [module.training for module in self._dropout]
         hooks = []
-        compiling = torch.compiler.is_compiling()
+        compiled = torch.compiler.is_compiling() or _holds_compiled_module(self.model)
         for module in self._dropout:
-            if type(module) is nn.Dropout and not compiling:
+            if type(module) is nn.Dropout and not compiled:
                 module.training = False
                 hooks.append(module.register_forward_hook(_always_on_dropout))
             else:

@@ -213,3 +213,26 @@ def test_torch_compile_traces_mc_dropout_in_one_graph_and_keeps_it_stochastic():
     for method in ("loop", "batched"):  # bdl.predict on the compiled wrapper
         prediction = bdl.predict(compiled, x, num_samples=8, method=method)
         assert prediction.probs.shape == (64, 2) and float(prediction.mutual_information.mean()) > 0
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile", "submodule.compile"])
+def test_a_compiled_model_inside_mc_dropout_stays_stochastic(how):
+    # torch.compile does not guard on hooks: a graph traced in eval mode before MCDropout hooked its dropout
+    # layers ran on without them (identical samples, zero epistemic uncertainty, no warning)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+    if how == "torch.compile":
+        compiled = torch.compile(net, backend="eager")
+    else:
+        (net if how == "module.compile" else net[3]).compile(backend="eager")
+        compiled = net
+    net.eval()
+    x = torch.randn(10, 4)
+    with torch.no_grad():
+        compiled(x)  # traced once with dropout off, as in a validation pass
+    model = MCDropout(compiled)
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))
+        assert torch.equal(compiled(x), compiled(x))  # off again outside the wrapper
+    for method in ("loop", "batched"):
+        assert float(bdl.predict(model, x, num_samples=8, method=method).mutual_information.min()) > 0
