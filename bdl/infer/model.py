@@ -189,9 +189,13 @@ class PyroModel(nn.Module):
         return dist.Normal(loc, self.prior_scale).to_event(loc.dim())
 
     def current_values(self) -> dict[str, Tensor]:
-        """The network's current values of the Bayesian parameters (used to initialise guides)."""
+        """Copies of the network's current values of the Bayesian parameters (used to initialise guides).
+
+        Copies: AutoNormal and AutoDelta keep an initial value's memory as their location parameter, and the
+        optimiser would then train the user's network in place.
+        """
         named = dict(self.net.named_parameters())
-        return {name: named[name].detach() for name in self.bayesian_names}
+        return {name: named[name].detach().clone() for name in self.bayesian_names}
 
     def run_net(self, weights: dict[str, Tensor], x: Tensor) -> Tensor:
         """``f(x; w)``: the network with ``weights`` substituted for its Bayesian parameters."""

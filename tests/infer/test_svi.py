@@ -157,6 +157,19 @@ def test_instances_do_not_share_parameters_through_pyros_param_store():
     assert len(pyro.get_param_store()) == 0
 
 
+@pytest.mark.parametrize("guide", ["normal", "delta", "multivariate_normal"])
+def test_training_a_guide_leaves_the_users_network_alone(guide):
+    # AutoNormal/AutoDelta keep their initial values' memory as locations: with the network's own tensors
+    # there, every optimiser step trained the user's network too
+    net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2))
+    before = {name: value.clone() for name, value in net.state_dict().items()}
+    x, y = classification_data()
+    fitted = svi(PyroModel(net, "categorical", num_data=len(x)), x, y, guide=guide, num_steps=20, lr=0.05)
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert fitted.guide is not None
+
+
 def test_fit_refuses_a_model_without_num_data():
     x, y = classification_data()
     module = SVIModule(PyroModel(nn.Linear(2, 2), "categorical"), "normal")
