@@ -154,15 +154,34 @@ class MCMCResult:
     prediction: Optional["Prediction"]
     model: Any = field(repr=False)
 
-    def predict(self, inputs: Any, *, keep_samples: bool = False, output_site: str = "obs", task: Optional[str] = None) -> "Prediction":
-        """Posterior predictive on new inputs (a tensor / batches for a PyroModel, model arguments otherwise)."""
+    def predict(
+        self,
+        inputs: Any,  # noqa: ANN401
+        *,
+        keep_samples: bool = False,
+        output_site: str = "obs",
+        task: Optional[str] = None,
+        parallel: Optional[bool] = None,
+    ) -> "Prediction":
+        """Posterior predictive on new inputs (a tensor / batches for a PyroModel, model arguments otherwise).
+
+        ``parallel`` (model functions only): run the model once for all draws (it must broadcast over a
+        leading sample dimension) or once per draw; None tries the first and falls back to the second
+        when the model does not broadcast.
+        """
         if isinstance(self.model, PyroModel):
             return predict_from_samples(self.model, self.samples, inputs, keep_samples=keep_samples)
         if task not in TASKS:
             raise ValueError(f"predict on a model function needs task in {TASKS}, got {task!r}")
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        options = {"output_site": output_site, "task": task, "keep_samples": keep_samples}
         with private_param_store():
-            return predict_function_model(self.model, self.samples, *args, output_site=output_site, task=task, keep_samples=keep_samples)
+            if parallel is not None:
+                return predict_function_model(self.model, self.samples, *args, parallel=parallel, **options)
+            try:
+                return predict_function_model(self.model, self.samples, *args, parallel=True, **options)
+            except (RuntimeError, ValueError):  # e.g. `x @ w` with a batch of draws w: one draw at a time
+                return predict_function_model(self.model, self.samples, *args, parallel=False, **options)
 
     def predictive_summary(self, inputs: Any, *, output_site: str = "obs", task: Optional[str] = None) -> PosteriorSummary:
         """Convergence in function space: ESS and split R-hat of the predictions on ``inputs``, per input and output.

@@ -89,6 +89,24 @@ def test_hmc_on_a_model_function_with_predictions_at_new_inputs():
     assert 0.2 < result.prediction.total_variance[1, 0].sqrt() < 0.4
 
 
+def test_predictions_of_a_model_function_that_does_not_broadcast_over_draws():
+    x = torch.randn(40, 2)
+    y = x @ torch.tensor([1.0, -2.0]) + 0.1 * torch.randn(40)
+
+    def model(x, y=None):  # `x @ w` cannot take a batch of draws of w
+        w = pyro.sample("w", dist.Normal(torch.zeros(2), 10.0).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("obs", dist.Normal(x @ w, 0.1), obs=y)
+
+    new_x = torch.randn(5, 2)
+    # the run's samples were lost to a shape error in the vectorised prediction at the end
+    result = mcmc(model, x, y, num_samples=30, warmup_steps=30, num_chains=1, seed=0, predict_inputs=(new_x,), task="regression")
+    samples = result.samples["w"]
+    torch.testing.assert_close(result.prediction.mean[:, 0], new_x @ samples.mean(0), atol=0.05, rtol=0)
+    with pytest.raises(RuntimeError):
+        result.predict((new_x,), task="regression", parallel=True)
+
+
 def test_mcmc_validates_its_arguments(linear_regression):
     data = linear_regression
     model = PyroModel(nn.Linear(1, 1), "gaussian", num_data=1000)
