@@ -199,7 +199,14 @@ class PyroModel(nn.Module):
 
     def run_net(self, weights: dict[str, Tensor], x: Tensor) -> Tensor:
         """``f(x; w)``: the network with ``weights`` substituted for its Bayesian parameters."""
-        return functional_call(self.net, weights, (x,), strict=False)
+        output = functional_call(self.net, weights, (x,), strict=False)
+        if not isinstance(output, Tensor):  # e.g. a bdl.GaussianHead's (mean, variance)
+            raise TypeError(
+                f"the network must return one tensor, which the likelihood reads, got {type(output).__name__}; "
+                "for a mean and a noise scale per input, end the network with nn.Linear(features, 2 * D) and use "
+                "likelihood='gaussian_heteroscedastic' (it splits the output into mean and softplus(std))"
+            )
+        return output
 
     def forward(self, x: Optional[Tensor] = None, y: Optional[Tensor] = None) -> Optional[Tensor]:
         weights = {name: pyro.sample(name, self.prior(name)) for name in self.bayesian_names}

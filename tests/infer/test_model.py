@@ -108,3 +108,11 @@ def test_invalid_arguments_name_the_argument():
     model = PyroModel(mlp(), "categorical", num_data=4)
     with pytest.raises(ValueError, match="num_data"):
         poutine.trace(model).get_trace(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+
+
+def test_a_network_that_returns_a_tuple_is_told_how_to_model_a_noise_scale():
+    import bdl
+
+    model = PyroModel(nn.Sequential(nn.Linear(2, 8), nn.Tanh(), bdl.GaussianHead(8, 1)), "gaussian_heteroscedastic", num_data=4)
+    with pytest.raises(TypeError, match="gaussian_heteroscedastic"):
+        model(torch.randn(4, 2), torch.randn(4))
