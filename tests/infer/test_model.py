@@ -3,6 +3,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
+import bdl
 from bdl.infer import PyroModel, select_parameters
 
 
@@ -111,8 +112,6 @@ def test_invalid_arguments_name_the_argument():
 
 
 def test_a_network_that_returns_a_tuple_is_told_how_to_model_a_noise_scale():
-    import bdl
-
     model = PyroModel(nn.Sequential(nn.Linear(2, 8), nn.Tanh(), bdl.GaussianHead(8, 1)), "gaussian_heteroscedastic", num_data=4)
     with pytest.raises(TypeError, match="gaussian_heteroscedastic"):
         model(torch.randn(4, 2), torch.randn(4))
