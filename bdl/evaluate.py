@@ -66,15 +66,16 @@ def _is_prediction(value: Any) -> bool:  # noqa: ANN401
 
 
 def _split_tensors(data: Any, name: str) -> tuple[Optional[Tensor], Optional[Tensor]]:  # noqa: ANN401
-    """``(inputs, targets)`` from a tensor ``x`` or a pair ``(x, y)``; either may be None."""
+    """``(inputs, targets)`` from a tensor ``x`` or a tuple ``(x,)``, ``(x, y)`` or ``(x, y, ...)`` (as
+    :func:`bdl.predict` reads it: the rest ignored); either may be None."""
     if data is None:
         return None, None
     if isinstance(data, Tensor):
         return data, None
-    if isinstance(data, (tuple, list)) and len(data) in (1, 2) and all(isinstance(t, Tensor) for t in data):
-        return data[0], (data[1] if len(data) == 2 else None)
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, Tensor) for t in data):
+        return data[0], (data[1] if len(data) >= 2 else None)
     raise TypeError(
-        f"`{name}` must be a DataLoader, a tensor of inputs or a pair (inputs, targets) of tensors, "
+        f"`{name}` must be a DataLoader, a tensor of inputs or a tuple (inputs, targets, ...) of tensors, "
         f"got {type(data).__name__}"
     )
 

@@ -753,6 +753,12 @@ def _batches(inputs: Any, batch_size: int) -> Iterator[tuple[Tensor, Optional[Te
         raise TypeError(
             f"inputs must be a tensor, a tuple (x, y) of tensors, or a DataLoader/iterable of batches, got {type(inputs).__name__}"
         )
+    if isinstance(inputs, list) and inputs and all(isinstance(t, Tensor) for t in inputs):
+        # [x, y] would be read as two batches (labels fed to the network); evaluate reads it as a pair
+        raise TypeError(
+            f"inputs is a list of {len(inputs)} tensors, which is ambiguous: pass a tuple (x, y) for inputs with "
+            "targets, or iter(batches) / a DataLoader for batches of inputs"
+        )
     for batch in inputs:
         if isinstance(batch, Tensor):
             yield batch, None

@@ -171,6 +171,15 @@ def test_one_sample_reports_no_epistemic_ood_scores():
     assert "ood/mutual_information/auroc" in several.metrics
 
 
+def test_tuples_with_more_than_inputs_and_targets_are_read_as_predict_reads_them():
+    x, y = blobs(60)
+    extra = torch.zeros(60)
+    model = nn.Linear(2, 3)
+    report = evaluate(model, (x, y, extra), num_samples=1, ood_data=(x + 5, y, extra))
+    assert report.metrics["accuracy"] == evaluate(model, (x, y), num_samples=1).metrics["accuracy"]
+    assert torch.equal(report.targets, y) and "ood/predictive_entropy/auroc" in report.metrics
+
+
 def test_fractional_percentages_are_labelled_as_given():
     x, y = blobs(150)
     model = nn.Linear(2, 3)

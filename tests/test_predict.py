@@ -321,6 +321,13 @@ def test_dataloader_inputs_keep_targets_and_match_tensor_path():
     assert bdl.predict(model, x, num_samples=1).targets is None
 
 
+def test_a_list_of_tensors_is_refused_as_ambiguous():
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.raises(TypeError, match="ambiguous"):  # it fed the labels to the network as a second batch
+        bdl.predict(nn.Linear(4, 3), [x, y], num_samples=1)
+    assert len(bdl.predict(nn.Linear(4, 3), iter([x, x]), num_samples=1)) == 12  # batches, said so
+
+
 def test_predict_runs_in_eval_mode_and_restores_every_module():
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), bdl.BayesLinear(8, 3)).train()
     model[1].eval()  # a mixed state must come back as it was

@@ -498,7 +498,9 @@ class VariationalModule(UncertaintyModule):
         if self.kl_warmup_epochs == 0 or self._trainer is None:
             return self.kl_weight
         batches = max(self.trainer.num_training_batches, 1) if math.isfinite(self.trainer.num_training_batches) else 1
-        progress = self.global_step / (self.kl_warmup_epochs * batches)
+        # global_step counts optimiser steps: one per accumulate_grad_batches batches (and one for a remainder)
+        steps_per_epoch = math.ceil(batches / max(self.trainer.accumulate_grad_batches, 1))
+        progress = self.global_step / (self.kl_warmup_epochs * steps_per_epoch)
         return self.kl_weight * min(1.0, progress)
 
     def training_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:

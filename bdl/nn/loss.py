@@ -66,8 +66,8 @@ class ELBOLoss(nn.Module):
         model: the Bayesian model whose KL enters the loss.
         num_data: training-set size.
         criterion: per-example data term ``criterion(output, target)`` returning a mean NLL; default
-            ``nn.CrossEntropyLoss()`` (classification with logits). Use ``bdl.nn.GaussianNLLLoss``-style
-            losses for regression.
+            ``nn.CrossEntropyLoss()`` (classification with logits). Use :class:`bdl.GaussianNLLLoss` (with a
+            :class:`bdl.GaussianHead`) for regression.
         kl_weight: weight of the KL term.
 
     Example:

@@ -67,7 +67,8 @@ class GaussianPrior(Prior):
     """Gaussian prior ``N(loc, scale^2)`` on every weight, with a closed-form KL.
 
     ``loc`` and ``scale`` are floats, or tensors broadcastable to the weight (a prior centred on
-    pretrained weights, as MOPED does: ``GaussianPrior(loc=pretrained.weight, scale=0.1)``).
+    pretrained weights, as MOPED does: ``layer.weight_prior = GaussianPrior(loc=pretrained.weight, scale=0.1)``
+    and likewise ``layer.bias_prior``; :func:`bdl.bayesianize` with ``center_prior_on_weights=True`` sets both).
 
     Args:
         loc: prior mean.

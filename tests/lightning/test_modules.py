@@ -77,6 +77,13 @@ def test_variational_module_takes_num_data_from_the_data_module_and_warms_the_kl
     expected = [0.5 * min(1.0, step / 8) for step in range(12)]
     assert weights == pytest.approx(expected)
 
+    # accumulating 3 batches per optimiser step: 2 steps per epoch (3 + the remaining 1), full weight after 2 epochs
+    weights.clear()
+    module = VariationalModule(net(), kl_weight=0.5, kl_warmup_epochs=2)
+    trainer(tmp_path, max_epochs=3, limit_val_batches=0, accumulate_grad_batches=3, callbacks=[Record()]).fit(module, data)
+    steps = [0, 0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5]  # global_step at each batch's start
+    assert weights == pytest.approx([0.5 * min(1.0, step / 4) for step in steps])
+
 
 def test_variational_module_uses_existing_bayesian_layers_as_they_are():
     model = nn.Sequential(bdl.BayesLinear(4, 8, prior=2.0), nn.ReLU(), nn.Linear(8, 3))
