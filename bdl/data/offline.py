@@ -79,6 +79,13 @@ def _split_indices(n: int, val_fraction: float, test_fraction: float, generator:
     check_fractions(val_fraction, test_fraction)
     order = torch.randperm(n, generator=generator)
     num_test, num_val = round(n * test_fraction), round(n * val_fraction)
+    num_train = n - num_test - num_val
+    # an empty split would train without a check, or end in a test run that reports nothing
+    if num_train < 1 or num_test < 1 or (val_fraction > 0 and num_val < 1):
+        raise ValueError(
+            f"{n} rows with val_fraction={val_fraction} and test_fraction={test_fraction} give {num_train} training, "
+            f"{num_val} validation and {num_test} test rows: every split needs at least one (more data, or other fractions)"
+        )
     return order[num_test + num_val :], order[num_test : num_test + num_val], order[:num_test]
 
 

@@ -41,6 +41,9 @@ def _read_csv(path: str, columns: Optional[Sequence[str]], target: str) -> tuple
         header = [name.strip() for name in next(rows, [])]
         if not header:
             raise ValueError(f"{path} is empty: a CSV needs a header row naming its columns")
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:  # a name could only ever select the first of them
+            raise ValueError(f"{path}: the header names {repeated} more than once; give every column its own name")
         wanted = [name for name in header if name != target] if columns is None else list(columns)
         _check_names(path, [*wanted, target], header, "columns")
         positions = {name: header.index(name) for name in [*wanted, target]}
@@ -63,7 +66,13 @@ def _read_csv(path: str, columns: Optional[Sequence[str]], target: str) -> tuple
 
 def _read_npz(path: str, arrays: Optional[Sequence[str]], target: str) -> tuple[dict[str, np.ndarray], list[str]]:
     """The named arrays of an NPZ file as float64, each ``[N]`` or ``[N, k]``."""
-    with np.load(path, allow_pickle=False) as data:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:  # numpy's message for a file that is no archive speaks of pickles
+        raise ValueError(f"{path} cannot be read as an .npz archive of arrays (np.savez writes one): {error}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} holds a single array, not an .npz archive of named arrays (np.savez writes one)")
+    with archive as data:
         available = list(data.files)
         wanted = [name for name in available if name != target] if arrays is None else list(arrays)
         _check_names(path, [*wanted, target], available, "arrays")
@@ -109,6 +118,9 @@ def _numeric(path: str, name: str, array: np.ndarray) -> np.ndarray:
 
 
 def _check_names(path: str, names: Sequence[str], available: Sequence[str], kind: str) -> None:
+    repeated = sorted({name for name in names if list(names).count(name) > 1})
+    if repeated:
+        raise ValueError(f"{path}: {kind} {repeated} asked for more than once (as a feature twice, or as feature and target)")
     unknown = [name for name in names if name not in available]
     if unknown:
         raise ValueError(f"{path} has no {kind} {unknown}; available {kind}: {list(available)}")
@@ -165,8 +177,6 @@ class _StandardizedTable(UncertaintyDataModule):
         kept = np.arange(len(y)) if ood_rows is None else np.flatnonzero(~ood_rows)
         parts = _split_indices(len(kept), self.val_fraction, self.test_fraction, torch.Generator().manual_seed(self.seed))
         train_idx, val_idx, test_idx = (kept[part.numpy()] for part in parts)
-        if len(train_idx) == 0:
-            raise ValueError(f"too few rows ({len(kept)}) to leave training rows after the validation and test fractions")
         if self.standardize:
             mean, std = x[train_idx].mean(0), x[train_idx].std(0)
             std = np.where(std > 0, std, 1.0)
@@ -343,6 +353,8 @@ class TabularDataModule(_StandardizedTable):
         y = columns.pop(self.target)
         if len(y) == 0:
             raise ValueError(f"TabularDataModule: {self.path} has no data rows (path must name a file with at least one row)")
+        if not columns:
+            raise ValueError(f"TabularDataModule: {self.path} has no feature column besides the target {self.target!r}")
         blocks = [column.reshape(len(y), -1) for column in columns.values()]
         names = [name if block.shape[1] == 1 and column.ndim == 1 else f"{name}[{i}]"
                  for (name, column), block in zip(columns.items(), blocks) for i in range(block.shape[1])]  # fmt: skip

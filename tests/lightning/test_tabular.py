@@ -141,6 +141,31 @@ def test_unknown_columns_list_the_available_ones(tmp_path, table):
         TabularDataModule(str(tmp_path / "d.npz"), "target").setup()
 
 
+def test_malformed_files_are_named_with_what_is_wrong(tmp_path, table):
+    duplicated = _write_csv(tmp_path / "dup.csv", ["a", "a", "y"], [[i, 9 - i, i % 2] for i in range(20)])
+    with pytest.raises(ValueError, match=r"dup.csv: the header names \['a'\] more than once"):
+        TabularDataModule(str(duplicated), "y").setup()  # the second "a" was dropped silently
+    with pytest.raises(ValueError, match=r"asked for more than once"):
+        TabularDataModule(str(_csv(tmp_path, table)), "label", features=["a", "a"]).setup()
+    only_target = _write_csv(tmp_path / "target.csv", ["y"], [[i % 2] for i in range(20)])
+    with pytest.raises(ValueError, match="no feature column besides the target"):
+        TabularDataModule(str(only_target), "y").setup()
+    (tmp_path / "text.npz").write_text("not an archive")
+    with pytest.raises(ValueError, match=r"text.npz cannot be read as an .npz archive"):
+        TabularDataModule(str(tmp_path / "text.npz"), "y").setup()
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    (tmp_path / "single.npy").rename(tmp_path / "single.npz")
+    with pytest.raises(ValueError, match="single array"):
+        TabularDataModule(str(tmp_path / "single.npz"), "y").setup()
+
+
+def test_a_table_too_small_for_its_fractions_says_so(tmp_path, table):
+    two_rows = _write_csv(tmp_path / "two.csv", ["a", "label"], [[1.0, 0], [2.0, 1]])
+    # the test split rounded to 0 rows: the fit ran and the test run reported nothing, without a word
+    with pytest.raises(ValueError, match=r"two.csv: 2 rows .* 0 test rows: every split needs at least one"):
+        TabularDataModule(str(two_rows), "label").setup()
+
+
 def test_non_numeric_values_name_column_and_row(tmp_path):
     rows = [[1, 2.5, 0], [2, 3.5, 1], [3, "abc", 0], [4, 1.0, 1]]
     path = _write_csv(tmp_path / "bad.csv", ["id", "b", "label"], rows)
