@@ -187,11 +187,23 @@ class _Evaluation:
             y = y.reshape(prediction.mean.shape)
             metrics["rmse"].update(prediction.mean, y)
             variance = prediction.total_variance
-            if bool((variance > 0).all()):
+            positive = variance > 0
+            if bool(positive.all()):
                 metrics["nll"].update(prediction.mean, variance, y)
+                if not bool(torch.isfinite(metrics["nll"].total)):  # a variance so small that the NLL overflows
+                    raise self._non_finite("validation", "the Gaussian NLL is infinite: a predicted variance is too small for the error")
+            elif bool(positive.any()):  # a mean-only model predicts 0 everywhere; some zeros are an underflow
+                zeros = int((~positive).sum())
+                raise self._non_finite("validation", f"the predicted variance is 0 for {zeros} of {variance.numel()} outputs (its NLL infinite)")
         for name, metric in metrics.items():
             if metric.update_count:  # a deterministic mean-only regressor has no predictive NLL
                 self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=name in ("accuracy", "rmse"))
+
+    def _non_finite(self, stage: str, what: str) -> FloatingPointError:
+        return FloatingPointError(
+            f"non-finite {stage} metric at epoch {self.current_epoch}, step {self.global_step}: {what}; a variance head "
+            "needs a floor (e.g. GaussianHead(min_variance=1e-6))"
+        )
 
     def _checked_prediction(self, x: Tensor, num_samples: Optional[int], stage: str) -> Prediction:
         """:meth:`sample_prediction`, with a non-finite output reported with the stage, epoch and step."""
@@ -253,7 +265,7 @@ class _Evaluation:
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Prediction:  # noqa: ANN401
         """A :class:`bdl.Prediction` per batch (merge them with ``Prediction.cat``)."""
         x, _ = _split_batch(batch)
-        return self.sample_prediction(x, self.num_eval_samples)
+        return self._checked_prediction(x, self.num_eval_samples, "predict")
 
 
 class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):

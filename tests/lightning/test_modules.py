@@ -243,6 +243,36 @@ def test_non_finite_prediction_in_validation_is_reported_with_the_step(tmp_path)
         trainer(tmp_path).fit(module, TinyData(batch_size=8))  # the sanity check validates first
 
 
+class UnderflowingHead(nn.Module):
+    """A regression network whose predicted variance is ``floor`` (or 0 for inputs with a positive first feature)."""
+
+    def __init__(self, floor: float, zero_some: bool = False) -> None:
+        super().__init__()
+        self.linear, self.floor, self.zero_some = nn.Linear(1, 1), floor, zero_some
+
+    def forward(self, x):
+        mean = self.linear(x)
+        variance = torch.full_like(mean, self.floor)
+        return mean, (variance * (x <= 0)) if self.zero_some else variance
+
+
+@pytest.mark.parametrize("floor, zero_some, message", [(1e-44, False, "NLL is infinite"), (1.0, True, r"variance is 0 for \d+ of")])
+def test_a_variance_that_underflows_stops_validation_with_the_step(tmp_path, floor, zero_some, message):
+    # the NLL was logged as inf (and checkpoints chosen on it), or batches with a zero variance were left out
+    module = DeterministicModule(UnderflowingHead(floor, zero_some), task="regression", lr=1e-2)
+    with pytest.raises(FloatingPointError, match=f"non-finite validation metric at epoch 0, step 0: .*{message}"):
+        trainer(tmp_path).validate(module, RegressionGapDataModule(num_samples=60))
+
+
+def test_non_finite_predictions_of_a_predict_run_name_the_stage(tmp_path):
+    module = DeterministicModule(net(), lr=1e-2)
+    with torch.no_grad():
+        module.model[2].bias.fill_(float("nan"))
+    data = TinyData(batch_size=8)
+    with pytest.raises(FloatingPointError, match="non-finite prediction in predict"):
+        trainer(tmp_path).predict(module, data.setup() or data.test_dataloader())
+
+
 @pytest.mark.parametrize("module_class", [VariationalModule, MCDropoutModule, EnsembleModule])
 def test_compile_option_trains_and_evaluates_through_the_compiled_network(module_class, tmp_path):
     graphs = []
