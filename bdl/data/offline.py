@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import warnings
+import zipfile
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
@@ -73,6 +77,20 @@ def check_noise(noise: Any, name: str = "noise", count: int = 1) -> None:  # noq
     ):
         expected = "a number >= 0" if count == 1 else f"{count} numbers >= 0"
         raise ValueError(f"{name} must be {expected} (noise standard deviations), got {noise!r}")
+
+
+def _read_cache(path: str, keys: Sequence[str]) -> Optional[dict[str, np.ndarray]]:
+    """The arrays of a cache file, or None (with a warning) when it cannot be read or lacks one: made again."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [key for key in keys if key not in data.files]
+            if not missing:
+                return {key: data[key] for key in keys}
+            problem = f"it has no {missing}"
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        problem = f"{type(error).__name__}: {error}"
+    warnings.warn(f"{path}: cannot use the cached data ({problem}); generating it again and overwriting the file", stacklevel=3)
+    return None
 
 
 def _split_indices(n: int, val_fraction: float, test_fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
@@ -164,16 +182,11 @@ def load_mnist1d(
         ood_classes: classes held out of training and testing as an out-of-distribution set.
         cache_dir: folder to cache the generated data in, or None.
     """
-    import os
-
-    import numpy as np
-
     check_fractions(val_fraction)
     check_ood_classes(ood_classes, 10)
     path = None if cache_dir is None else os.path.join(cache_dir, "mnist1d.npz")
-    if path is not None and os.path.exists(path):
-        arrays = dict(np.load(path))
-    else:
+    arrays = None if path is None or not os.path.exists(path) else _read_cache(path, ("x", "y", "x_test", "y_test"))
+    if arrays is None:
         from mnist1d.data import get_dataset_args, make_dataset
 
         data = make_dataset(get_dataset_args())
@@ -188,6 +201,8 @@ def load_mnist1d(
     order = torch.randperm(int((~held_out).sum()), generator=torch.Generator().manual_seed(seed))
     x_in, y_in = x[~held_out][order], y[~held_out][order]
     num_val = round(len(x_in) * val_fraction)
+    if num_val >= len(x_in):
+        raise ValueError(f"val_fraction={val_fraction} leaves no training rows of the {len(x_in)} in-distribution ones")
     ood = None
     if len(ood_classes):
         ood_x = torch.cat([x[held_out], x_test[held_out_test]])

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -31,6 +32,18 @@ def test_mnist1d_has_the_papers_split_and_caches(tmp_path):
     cached = load_mnist1d(cache_dir=str(tmp_path), ood_classes=[0])
     assert cached.num_classes == 9 and len(cached.ood) > 0
     assert (cached.train.tensors[1] < 9).all()
+    # an unreadable or incomplete cache is made again, with a warning naming it (it was a BadZipFile/KeyError)
+    reference = load_mnist1d(cache_dir=str(tmp_path))
+    for content in (b"not an archive", None):
+        if content is None:
+            np.savez(tmp_path / "mnist1d.npz", x=np.zeros((2, 40)))
+        else:
+            (tmp_path / "mnist1d.npz").write_bytes(content)
+        with pytest.warns(UserWarning, match="mnist1d.npz: cannot use the cached data"):
+            again = load_mnist1d(cache_dir=str(tmp_path))
+        assert torch.equal(again.train.tensors[0], reference.train.tensors[0])
+    with pytest.raises(ValueError, match="no training rows"):
+        load_mnist1d(val_fraction=0.9999)
 
 
 def test_regression_toy_leaves_the_gap_empty():
