@@ -185,9 +185,19 @@ class _TorchvisionDataModule(UncertaintyDataModule):
             files.check()
 
     def build(self) -> Splits:
-        for files in self._required():
+        required = self._required()
+        for files in required:
             files.check()
-        return self._load()
+        try:
+            return self._load()
+        except Exception as error:  # noqa: BLE001 - torchvision's readers fail with whatever the bytes give
+            # a truncated or corrupt file fails deep in torchvision or numpy (a reshape, an unpickling, an
+            # assertion): say which files were read, and keep the original error as the cause
+            listing = "; ".join(f"{files.name} in {files.folder!r} ({', '.join(files.files)})" for files in required)
+            raise ValueError(
+                f"{type(self).__name__}: could not read the data files: {listing}. They may be truncated or of "
+                f"another format; delete them and set download: true to fetch them again ({type(error).__name__}: {error})"
+            ) from error
 
     def _load(self) -> Splits:
         raise NotImplementedError

@@ -87,6 +87,18 @@ def test_mnist_missing_files_say_which_data_set_where_and_how(tmp_path):
         MNISTDataModule(ood="svhn")
 
 
+def test_corrupt_files_are_named(mnist_root, cifar_root):
+    root = mnist_root[0]
+    images = next((root / "MNIST" / "raw").glob("train-images*"))
+    images.write_bytes(images.read_bytes()[:1000])  # truncated: a reshape error deep in torchvision
+    with pytest.raises(ValueError, match=r"MNISTDataModule: could not read the data files: MNIST in .*train-images"):
+        MNISTDataModule(data_dir=str(root)).setup()
+    batch = next((cifar_root[0] / "cifar-10-batches-py").glob("data_batch_*"))
+    batch.write_bytes(b"garbage")  # an unpickling error
+    with pytest.raises(ValueError, match=r"could not read the data files: CIFAR-10 in .*cifar-10-batches-py"):
+        CIFAR10DataModule(data_dir=str(cifar_root[0])).setup()
+
+
 def test_cifar10_reads_pickles_in_chw_order_with_cifar_normalisation(cifar_root):
     root, arrays = cifar_root
     data = CIFAR10DataModule(data_dir=str(root), val_fraction=0.25, augment=False, seed=0)
