@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_warn
 
 from ..predict import Prediction
 
@@ -264,6 +265,12 @@ class BDLCLI(LightningCLI):
         self.subcommand = self.config.get("subcommand")  # LightningCLI sets it only after this method
         config = self._subconfig() if self.subcommand else None
         ckpt_path = None if config is None else config.get("ckpt_path")
+        if ckpt_path is None and self.subcommand in ("evaluate", "test", "validate", "predict"):
+            # Lightning runs the model as the config builds it: a report on untrained weights, said nowhere
+            rank_zero_warn(
+                f"bdl {self.subcommand} without --ckpt_path: the model has the weights the config initialises it "
+                "with (untrained); pass --ckpt_path runs/<run>/version_<n>/checkpoints/<file>.ckpt to use a trained one"
+            )
         if ckpt_path is None or (ckpt_path in ("last", "best", "hpc", "registry") and self.subcommand != "fit"):
             return super()._parse_ckpt_path()  # Lightning resolves those names for test/validate/predict
         if ckpt_path == "last":

@@ -143,6 +143,11 @@ def test_evaluate_prints_the_table_and_writes_the_report_in_a_new_version(quicks
     assert json.loads((tmp_path / "quickstart" / "version_0" / "metrics.json").read_text())["metrics"] == fitted
 
 
+def test_evaluate_without_a_checkpoint_warns_that_the_weights_are_untrained(tmp_path):
+    with pytest.warns(UserWarning, match="without --ckpt_path: the model has the weights the config initialises"):
+        main(["evaluate", "--config", QUICKSTART, *FEW_STEPS, "--trainer.default_root_dir", str(tmp_path)])
+
+
 def test_test_subcommand_logs_test_metrics_and_writes_the_report(quickstart_run, tmp_path, capsys):
     best = _copy_run(quickstart_run, tmp_path)
     main(["test", "--config", QUICKSTART, "--ckpt_path", str(best), *FEW_STEPS, "--trainer.default_root_dir", str(tmp_path)])
