@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from bdl.data import load_digits, load_mnist1d, regression_with_gap, two_moons
+from bdl.data.offline import _read_cache
 
 
 def test_digits_splits_are_disjoint_seeded_and_standardised_on_train():
@@ -33,17 +34,15 @@ def test_mnist1d_has_the_papers_split_and_caches(tmp_path):
     assert cached.num_classes == 9 and len(cached.ood) > 0
     assert (cached.train.tensors[1] < 9).all()
     # an unreadable or incomplete cache is made again, with a warning naming it (it was a BadZipFile/KeyError)
-    reference = load_mnist1d(cache_dir=str(tmp_path))
-    for content in (b"not an archive", None):
-        if content is None:
-            np.savez(tmp_path / "mnist1d.npz", x=np.zeros((2, 40)))
-        else:
-            (tmp_path / "mnist1d.npz").write_bytes(content)
-        with pytest.warns(UserWarning, match="mnist1d.npz: cannot use the cached data"):
-            again = load_mnist1d(cache_dir=str(tmp_path))
-        assert torch.equal(again.train.tensors[0], reference.train.tensors[0])
+    (tmp_path / "mnist1d.npz").write_bytes(b"not an archive")
+    with pytest.warns(UserWarning, match="mnist1d.npz: cannot use the cached data"):
+        again = load_mnist1d(cache_dir=str(tmp_path))
+    assert torch.equal(again.train.tensors[0], splits.train.tensors[0])
+    np.savez(tmp_path / "incomplete.npz", x=np.zeros((2, 40)))
+    with pytest.warns(UserWarning, match=r"incomplete.npz: cannot use the cached data \(it has no \['y', 'x_test', 'y_test'\]"):
+        assert _read_cache(str(tmp_path / "incomplete.npz"), ("x", "y", "x_test", "y_test")) is None
     with pytest.raises(ValueError, match="no training rows"):
-        load_mnist1d(val_fraction=0.9999)
+        load_mnist1d(val_fraction=0.9999, cache_dir=str(tmp_path))
 
 
 def test_regression_toy_leaves_the_gap_empty():
