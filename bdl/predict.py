@@ -973,6 +973,14 @@ def predict(
             "model: its parameters are on the 'meta' device (shapes without values), so it cannot predict; "
             "materialise it first, e.g. model.to_empty(device='cpu') and load_state_dict(...)"
         )
+    if isinstance(model, nn.Module):
+        # what modules keep from their parameters' values between calls (a layer's stds, an ensemble's stacked
+        # weights) is judged current by version counters, which edits through .data (an EMA copy) bypass:
+        # every call starts afresh, and its batches share them
+        for module in model.modules():
+            forget = getattr(module, "_drop_value_caches", None)
+            if callable(forget):
+                forget()
     summaries: list[Prediction] = []
     targets: list[Optional[Tensor]] = []
     resolved: dict[int, str] = {}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -169,3 +169,21 @@ class TemperatureScaledModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         return self.scaler(self.model(*args, **kwargs))
+
+    # A model that draws its own samples (a DeepEnsemble: one per member) keeps doing so, scaled: without these
+    # bdl.predict would take the wrapper for one network whose output is the members' stacked logits
+    @property
+    def sample_outputs(self) -> Callable[[Tensor, int], Tensor]:
+        """The wrapped model's ``sample_outputs(x, num_samples)``, each sample's logits divided by ``T``."""
+        inner = getattr(self.model, "sample_outputs", None)
+        if not callable(inner):
+            raise AttributeError(f"{type(self.model).__name__} draws no samples of its own (no sample_outputs)")
+        return lambda x, num_samples: self.scaler(inner(x, num_samples))
+
+    @property
+    def num_members(self) -> int:
+        """The wrapped ensemble's number of members."""
+        members = getattr(self.model, "num_members", None)
+        if members is None:
+            raise AttributeError(f"{type(self.model).__name__} has no members")
+        return members

@@ -28,8 +28,8 @@ class _OODMetric(_Buffered):
     def __init__(self, **kwargs) -> None:  # noqa: ANN003 - torchmetrics options
         super().__init__(("scores", "is_ood"), **kwargs)
 
-    def update(self, scores: Tensor, is_ood: Tensor) -> None:
-        """Add a batch: ``scores`` [B] (higher = more OOD) and ``is_ood`` [B] (bool, or 0/1 integers)."""
+    @staticmethod
+    def _checked(scores: Tensor, is_ood: Tensor) -> tuple[Tensor, Tensor]:
         scores = check_vector(scores, "scores", allow_empty=True)
         is_ood = as_tensor(is_ood, "is_ood")
         if is_ood.shape != scores.shape:
@@ -40,14 +40,36 @@ class _OODMetric(_Buffered):
             if is_ood.is_floating_point() or ((is_ood != 0) & (is_ood != 1)).any():
                 raise ValueError("`is_ood` must be boolean or hold only 0 and 1")
             is_ood = is_ood.bool()
+        return scores, is_ood
+
+    def update(self, scores: Tensor, is_ood: Tensor) -> None:
+        """Add a batch: ``scores`` [B] (higher = more OOD) and ``is_ood`` [B] (bool, or 0/1 integers)."""
+        scores, is_ood = self._checked(scores, is_ood)
         self._append(scores=scores, is_ood=is_ood)
+
+    def forward(self, scores: Tensor, is_ood: Tensor) -> Tensor:
+        """Add the batch (as :meth:`update`) and return the metric of this batch alone, NaN when the batch holds
+        only one side: batches may hold in- and out-of-distribution inputs apart, and the metric over all of
+        them is what :meth:`compute` gives. (torchmetrics' own ``forward`` computes the batch value through
+        :meth:`compute`, which refuses one side, and its state then held the failed batch alone.)"""
+        self.update(scores, is_ood)
+        scores, is_ood = self._checked(scores, is_ood)
+        if bool(is_ood.all()) or not bool(is_ood.any()):
+            value = torch.tensor(float("nan"), dtype=torch.float64, device=scores.device)
+        else:
+            value = self._value(scores[~is_ood], scores[is_ood])
+        self._forward_cache = value  # what Lightning logs for on_step
+        return value
 
     def _split(self) -> tuple[Tensor, Tensor]:
         scores, is_ood = self._gathered()
         return scores[~is_ood], scores[is_ood]
 
+    def _value(self, scores_in: Tensor, scores_out: Tensor) -> Tensor:
+        return type(self)._function(scores_in, scores_out)
+
     def compute(self) -> Tensor:
-        return type(self)._function(*self._split())
+        return self._value(*self._split())
 
 
 class OODAUROC(_OODMetric):
@@ -110,8 +132,8 @@ class OODFPRAtTPR(_OODMetric):
         super().__init__(**kwargs)
         self.tpr = check_fraction(tpr, "tpr")
 
-    def compute(self) -> Tensor:
-        return F.fpr_at_tpr(*self._split(), tpr=self.tpr)
+    def _value(self, scores_in: Tensor, scores_out: Tensor) -> Tensor:
+        return F.fpr_at_tpr(scores_in, scores_out, tpr=self.tpr)
 
     def extra_repr(self) -> str:
         return f"tpr={self.tpr}"

@@ -231,6 +231,12 @@ class _BayesLayer(BayesianModule):
             cached = self._std_cache[name, variance] = (key, value)
         return cached[1]
 
+    def _drop_value_caches(self) -> None:
+        """Forget the kept stds (not the sample buffers): :func:`bdl.predict` calls it first, since an edit through
+        ``.data`` moves no version counter."""
+        for key in [key for key in self._std_cache if key[0] != "sample"]:
+            del self._std_cache[key]
+
     def _prediction_sample(self, name: str, mu: Optional[Tensor], rho: Optional[Tensor]) -> Optional[Tensor]:
         """A draw of ``{name}`` for a forward without gradients (the values the training path draws)."""
         if mu is None:
@@ -338,9 +344,10 @@ class BayesLinear(_BayesLayer):
 
     Forwards without gradients (prediction) keep what S draws share: the posterior std (or variance) while
     ``rho`` is unchanged and, on the CPU, a buffer per thread for weight samples of 2^15 elements or more;
-    a training forward drops them, and copies and pickles of the layer start without them. "Unchanged" is
-    judged by the parameter's version counter, as autograd judges it: an in-place edit through ``.data``
-    (``layer.weight_rho.data.fill_(...)``) is not seen, so edit under ``torch.no_grad()`` instead
+    a training forward drops them, :func:`bdl.predict` forgets the stds at the start of every call, and copies
+    and pickles of the layer start without them. Between your own forwards "unchanged" is judged by the
+    parameter's version counter, as autograd judges it: an in-place edit through ``.data``
+    (``layer.weight_rho.data.fill_(...)``) is not seen there, so edit under ``torch.no_grad()`` instead
     (``layer.weight_rho.fill_(...)``); the same holds for the KL a training forward keeps.
 
     Example:

@@ -226,6 +226,10 @@ class DeepEnsemble(nn.Module):
             )
         return "vmap"
 
+    def _drop_value_caches(self) -> None:
+        """Forget the stacked weights (:func:`bdl.predict` calls it first: ``.data`` edits move no version counter)."""
+        self._stacked = None
+
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Member parameters and buffers stacked along a new first dimension.
 

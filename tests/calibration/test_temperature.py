@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import bdl
 from bdl.calibration import TemperatureScaler, fit_temperature
 from bdl.calibration.temperature import _scaled_nll
 from bdl.metrics import functional as M
@@ -65,6 +66,19 @@ def test_sample_logits_of_a_bayesian_model_are_scaled_per_sample_before_averagin
     assert abs(best - fit_temperature(noisy.mean(0), target).item()) > 0.05  # not the same as averaging logits
     log_probs = torch.log_softmax(noisy, dim=-1)  # log-probabilities give the same fit as logits
     torch.testing.assert_close(fit_temperature(log_probs, target), fit_temperature(noisy, target), rtol=1e-4, atol=0)
+
+
+def test_a_wrapped_ensemble_is_still_sampled_member_by_member():
+    torch.manual_seed(0)
+    ensemble = bdl.DeepEnsemble.from_factory(lambda: nn.Linear(4, 3), 3).eval()
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    with torch.no_grad():
+        scaler = TemperatureScaler().fit(ensemble(x), y)  # [M, N, C]: the members as samples
+        expected = bdl.Prediction.from_logits(ensemble(x) / scaler.temperature)
+    prediction = bdl.predict(scaler.wrap(ensemble), x)  # it took the wrapper for one network giving [M, N, C]
+    assert prediction.num_samples == 3
+    torch.testing.assert_close(prediction.probs, expected.probs)
+    assert not hasattr(scaler.wrap(nn.Linear(4, 3)), "sample_outputs")
 
 
 def test_wrap_divides_a_models_output_and_the_temperature_is_saved():

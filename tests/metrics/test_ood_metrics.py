@@ -181,6 +181,20 @@ def test_streaming_ood_metrics_equal_the_functional_ones_for_mixed_batches():
         assert metric.compute().item() == pytest.approx(function(scores_in, scores_out).item(), abs=1e-12)
 
 
+def test_calling_a_streaming_ood_metric_on_one_sided_batches_gives_nan_batch_values_and_keeps_the_state():
+    # torchmetrics' forward computes each batch's value; with one side only that raised, and the state then
+    # held the failed batch alone
+    scores_in, scores_out = torch.randn(30), torch.randn(20) + 1
+    for metric, function in ((OODAUROC(), M.auroc), (OODFPRAtTPR(tpr=0.9), lambda a, b: M.fpr_at_tpr(a, b, tpr=0.9))):
+        assert math.isnan(metric(scores_in, torch.zeros(30, dtype=torch.bool)).item())
+        mixed = metric(torch.cat([scores_out[:10], scores_in[:5]]), torch.tensor([True] * 10 + [False] * 5))
+        assert mixed.item() == pytest.approx(function(scores_in[:5], scores_out[:10]).item())
+        metric(scores_out[10:], torch.ones(10, dtype=torch.bool))
+        assert metric.update_count == 3
+        expected = function(torch.cat([scores_in, scores_in[:5]]), scores_out)
+        assert metric.compute().item() == pytest.approx(expected.item())
+
+
 def test_streaming_ood_metric_checks_its_labels():
     with pytest.raises(ValueError, match="only 0 and 1"):
         OODAUROC().update(torch.randn(3), torch.tensor([0, 1, 2]))

@@ -113,6 +113,16 @@ def test_posterior_std_init_and_transform(std_transform):
     torch.testing.assert_close(wide.weight_std, torch.full((3, 5), 200.0))
 
 
+def test_predict_sees_an_edit_made_through_data():
+    layer = bdl.BayesLinear(4, 3)
+    x = torch.ones(1, 4)
+    bdl.predict(layer, x, num_samples=2, task="regression")  # keeps the stds of std 1e-3
+    layer.weight_rho.data.fill_(0.0)  # std 1: no version counter moves
+    layer.bias_rho.data.fill_(0.0)
+    spread = bdl.predict(layer, x, num_samples=400, task="regression").epistemic_variance.sqrt()
+    assert (spread > 1.5).all() and (spread < 3).all()  # sqrt(4 + 1) = 2.24
+
+
 def test_layers_build_under_a_meta_default_device_like_torch_nn():
     with torch.device("meta"):
         layer, conv = bdl.BayesLinear(3, 2), bdl.bayesianize(nn.Conv2d(2, 3, 3))

@@ -105,6 +105,12 @@ def test_vmap_cache_follows_in_place_updates():
     torch.testing.assert_close(after[2], before[2] + 1.0)
     torch.testing.assert_close(after[:2], before[:2])
 
+    # an edit through .data (an EMA copy) moves no version counter: predict starts every call afresh
+    with torch.no_grad():
+        ensemble.members[2][3].bias.data.add_(1.0)
+    prediction = bdl.predict(ensemble, x, task="regression", keep_samples=True)
+    torch.testing.assert_close(prediction.sample_means[2], after[2] + 1.0)
+
 
 def test_members_with_different_output_shapes_are_an_error():
     ensemble = DeepEnsemble([member(3), member(3), member(4)]).eval()
