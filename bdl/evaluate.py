@@ -415,10 +415,16 @@ def _default_scores(prediction: Prediction, ood_prediction: Prediction) -> list[
     names = M.scores_for_task(prediction.task)
     if prediction.logits is None or ood_prediction.logits is None:
         names = [name for name in names if name not in M.LOGIT_SCORES]
-    if prediction.num_samples == 1 and ood_prediction.num_samples == 1:
-        # one sample has no epistemic part: a score that is 0 for every input would report chance (AUROC 0.5)
-        names = [name for name in names if name not in _EPISTEMIC_SCORES]
+    # one sample, or samples all equal (a deterministic model), has no epistemic part: a score that is 0 for
+    # every input would report chance (AUROC 0.5) as if it had been measured
+    names = [name for name in names if name not in _EPISTEMIC_SCORES or _varies(name, prediction, ood_prediction)]
     return names
+
+
+def _varies(score: str, prediction: Prediction, ood_prediction: Prediction) -> bool:
+    if prediction.num_samples == 1 and ood_prediction.num_samples == 1:
+        return False
+    return any(bool((M.ood_score(p, score) != 0).any()) for p in (prediction, ood_prediction))
 
 
 def _ood_prediction(model: Any, ood_data: Any, predict_options: dict[str, Any]) -> Prediction:  # noqa: ANN401
@@ -471,8 +477,8 @@ def evaluate(
         task: ``"classification"`` or ``"regression"`` (taken from ready Predictions).
         n_bins: bins of the calibration metrics and the reliability diagram.
         ood_scores: OOD score names; default every score the task allows (energy and max logit only when
-            both predictions have logits; mutual information and epistemic variance only when there is more
-            than one sample).
+            both predictions have logits; mutual information and epistemic variance only when they are not 0
+            for every input, as for one sample or a deterministic model).
         coverage: the coverage of "risk at coverage".
         risk: the risk of "coverage at risk".
         levels: central-interval levels for regression coverage and width.

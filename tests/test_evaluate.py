@@ -165,8 +165,9 @@ def test_options_reach_the_metrics():
 
 def test_one_sample_reports_no_epistemic_ood_scores():
     x, y = blobs(150)
-    one = evaluate(nn.Linear(2, 3), (x, y), num_samples=1, ood_data=x + 5)
-    assert not any(key.startswith("ood/mutual_information") for key in one.metrics) and "ood/predictive_entropy/auroc" in one.metrics
+    for samples in (1, 8):  # one sample, or eight equal ones of a deterministic network
+        one = evaluate(nn.Linear(2, 3), (x, y), num_samples=samples, ood_data=x + 5)
+        assert not any(key.startswith("ood/mutual_information") for key in one.metrics) and "ood/predictive_entropy/auroc" in one.metrics
     several = evaluate(BayesLinear(2, 3), (x, y), num_samples=4, ood_data=x + 5)
     assert "ood/mutual_information/auroc" in several.metrics
 

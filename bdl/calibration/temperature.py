@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -86,7 +87,20 @@ def fit_temperature(logits: Tensor, target: Tensor, *, max_iter: int = 100) -> T
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return log_temperature.detach().exp().to(logits.dtype)
+    temperature = log_temperature.detach().exp()
+    if not _TYPICAL_TEMPERATURES[0] <= float(temperature) <= _TYPICAL_TEMPERATURES[1]:
+        # the NLL's minimum is that far out when the validation set is (nearly) separable, T -> 0, or every
+        # prediction on it is wrong, T -> inf: a temperature fitted to those few examples, not to the model
+        warnings.warn(
+            f"fitted temperature {float(temperature):.3g} is far outside the usual range: the validation set may be "
+            "too small or too easy (every example right, or right in some Monte Carlo sample: T -> 0) or every "
+            "prediction wrong (T -> inf); check it on held-out data before use",
+            stacklevel=2,
+        )
+    return temperature.to(logits.dtype)
+
+
+_TYPICAL_TEMPERATURES = (1e-2, 1e2)
 
 
 class TemperatureScaler(nn.Module):
@@ -129,6 +143,8 @@ class TemperatureScaler(nn.Module):
 
     def forward(self, logits: Tensor) -> Tensor:
         """``logits / T``, any shape with classes last."""
+        if not isinstance(logits, Tensor):  # e.g. a wrapped GaussianHead model's (mean, variance)
+            raise TypeError(f"temperature scaling divides classification logits, a tensor; got {type(logits).__name__}")
         return logits / self.temperature.to(logits.dtype)
 
     def wrap(self, model: nn.Module) -> "TemperatureScaledModel":

@@ -68,6 +68,14 @@ def test_sample_logits_of_a_bayesian_model_are_scaled_per_sample_before_averagin
     torch.testing.assert_close(fit_temperature(log_probs, target), fit_temperature(noisy, target), rtol=1e-4, atol=0)
 
 
+def test_an_extreme_temperature_is_flagged_and_tuples_are_refused():
+    logits = torch.randn(30, 3)
+    with pytest.warns(UserWarning, match="far outside the usual range"):  # separable: the NLL falls as T -> 0
+        fit_temperature(logits, logits.argmax(1))
+    with pytest.raises(TypeError, match="classification logits"):
+        TemperatureScaler(2.0)((torch.zeros(2, 1), torch.ones(2, 1)))
+
+
 def test_a_wrapped_ensemble_is_still_sampled_member_by_member():
     torch.manual_seed(0)
     ensemble = bdl.DeepEnsemble.from_factory(lambda: nn.Linear(4, 3), 3).eval()
