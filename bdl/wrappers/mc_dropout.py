@@ -21,7 +21,13 @@ from ..nn.functional import dropout
 
 DROPOUT_TYPES = (_DropoutNd,)
 """Module types kept stochastic: ``_DropoutNd`` covers ``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``
-and ``FeatureAlphaDropout``."""
+and ``FeatureAlphaDropout``. An ``nn.MultiheadAttention`` with ``dropout > 0`` (its attention dropout, also
+inside ``nn.Transformer*`` layers) is kept stochastic too: it is switched to training mode, which changes
+nothing else in it."""
+
+
+def _is_dropout(module: nn.Module) -> bool:
+    return isinstance(module, DROPOUT_TYPES) or (isinstance(module, nn.MultiheadAttention) and module.dropout > 0)
 
 
 class _DropoutBefore:
@@ -117,7 +123,7 @@ class MCDropout(nn.Module):
         if inserted:  # registered (so .train()/.to() and print reach them) only when there are any
             self.inserted_dropout = nn.ModuleList(inserted)
         self._inserted = inserted
-        self._dropout = [m for m in model.modules() if isinstance(m, DROPOUT_TYPES)] + inserted
+        self._dropout = [m for m in model.modules() if _is_dropout(m)] + inserted
         if not self._dropout:
             raise ValueError(
                 f"{type(model).__name__} has no dropout layer ({', '.join(t.__name__ for t in DROPOUT_TYPES)}); "

@@ -236,3 +236,23 @@ def test_a_compiled_model_inside_mc_dropout_stays_stochastic(how):
         assert torch.equal(compiled(x), compiled(x))  # off again outside the wrapper
     for method in ("loop", "batched"):
         assert float(bdl.predict(model, x, num_samples=8, method=method).mutual_information.min()) > 0
+
+
+def test_attention_dropout_is_kept_stochastic():
+    class Attend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True)  # no nn.Dropout anywhere
+
+        def forward(self, x):
+            return self.attention(x, x, x, need_weights=False)[0].mean(1)
+
+    torch.manual_seed(0)
+    net = Attend().eval()
+    x = torch.randn(4, 5, 8)
+    model = MCDropout(net)  # it said "has no dropout layer"
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x)) and torch.equal(net(x), net(x))
+    assert not net.attention.training  # switched back
+    encoder = MCDropout(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2, batch_first=True))
+    assert encoder.model.self_attn in encoder.dropout_modules
