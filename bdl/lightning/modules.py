@@ -289,7 +289,8 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         n_bins: bins of the calibration metrics.
         save_report: write the test report (``metrics.json``, ``report.md``, PNG plots) to the run folder;
             ``module.report`` holds it either way.
-        noise_variance: the Gaussian noise variance of a regression network that outputs means only.
+        noise_variance: the Gaussian noise variance of a regression network that outputs means only (its
+            likelihood in training, and the aleatoric variance of its predictions).
         compile: compile the network with ``torch.compile`` (in place, ``nn.Module.compile``: checkpoints
             keep their keys); ``True`` for torch's defaults or a dict of ``torch.compile`` options such as
             ``{"mode": "max-autotune"}``. Measured on an H100 for a Bayesian 784-1200-1200-10 MLP at batch
@@ -385,7 +386,16 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         return gaussian_nll(mean, variance, y.reshape(mean.shape))
 
     def sample_prediction(self, x: Tensor, num_samples: Optional[int]) -> Prediction:
-        return predict(self.predictive_model, x, num_samples=num_samples, task=self.task)
+        return self._with_noise(predict(self.predictive_model, x, num_samples=num_samples, task=self.task))
+
+    def _with_noise(self, prediction: Prediction) -> Prediction:
+        """A mean-only regression network's prediction with the likelihood it was trained on: its aleatoric
+        variance is ``noise_variance`` (``predict`` alone gives 0, and the NLL, intervals and checkpoint
+        choice by ``val/nll`` ignored the noise). A Gaussian head's predicted variances are never all 0."""
+        if self.task != "regression" or bool((prediction.aleatoric_variance != 0).any()):
+            return prediction
+        noise = torch.full_like(prediction.aleatoric_variance, self.noise_variance)
+        return dataclasses.replace(prediction, aleatoric_variance=noise)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:  # noqa: ANN401
         x, y = _split_batch(batch)
@@ -429,7 +439,7 @@ class DeterministicModule(UncertaintyModule):
         return {"loss": nll, "nll": nll}
 
     def sample_prediction(self, x: Tensor, num_samples: Optional[int]) -> Prediction:
-        return predict(self.model, x, num_samples=1, task=self.task)
+        return self._with_noise(predict(self.model, x, num_samples=1, task=self.task))
 
 
 class VariationalModule(UncertaintyModule):
@@ -631,6 +641,10 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
     ) -> None:
         if not isinstance(model, infer.PyroModel):
             raise TypeError(f"model must be a bdl.infer.PyroModel, got {type(model).__name__}")
+        # bdl.infer.SVIModule saves its num_samples among the hyperparameters: load_from_checkpoint passes it
+        # back next to num_eval_samples, from which it is set (they were passed twice, and every load failed)
+        if kwargs.pop("num_samples", num_eval_samples) != num_eval_samples:
+            raise TypeError("SVIModule takes num_eval_samples (posterior samples per test input), not num_samples")
         super().__init__(model, guide, num_samples=num_eval_samples, **kwargs)
         self.task = model.task
         self.num_eval_samples = _check_positive_int("num_eval_samples", num_eval_samples)

@@ -157,6 +157,37 @@ def test_regression_modules_log_rmse_and_report_the_gap(tmp_path):
     assert module.report.ood_prediction is not None  # inputs in the gap
 
 
+def test_a_mean_only_regressor_is_evaluated_with_its_noise_variance(tmp_path):
+    # trained on N(mean, noise_variance), it was evaluated as if noise-free: huge NLL, ~0 interval coverage
+    torch.manual_seed(0)
+    x = torch.randn(60, 1)
+    y = torch.sin(x) + 0.3 * torch.randn(60, 1)
+    module = DeterministicModule(MLP(1, 1, hidden=[8]), task="regression", noise_variance=0.09, lr=1e-2)
+    fit = trainer(tmp_path, max_epochs=2)
+    fit.fit(module, DataLoader(TensorDataset(x, y), batch_size=20), DataLoader(TensorDataset(x, y), batch_size=60))
+    with torch.no_grad():
+        mean = module.model(x)
+    expected = bdl.metrics.functional.gaussian_nll(mean, torch.full_like(mean, 0.09), y)
+    assert float(fit.callback_metrics["val/nll"]) == pytest.approx(float(expected), rel=1e-5)
+    assert torch.equal(module.sample_prediction(x, None).aleatoric_variance, torch.full_like(mean, 0.09))
+
+
+def test_svi_module_loads_from_its_checkpoint(tmp_path):
+    def pyro_model():
+        return bdl.infer.PyroModel(MLP(4, 3, hidden=[8]), "categorical")
+
+    module = SVIModule(pyro_model(), num_eval_samples=6, lr=0.01)
+    trainer(tmp_path, max_steps=2).fit(module, TinyData(batch_size=8))
+    path = tmp_path / "svi.ckpt"
+    module.trainer.save_checkpoint(path)
+    restored = SVIModule.load_from_checkpoint(path, model=pyro_model())  # "got multiple values for num_samples"
+    assert restored.num_eval_samples == 6
+    for name, value in module.guide.state_dict().items():
+        assert torch.equal(restored.guide.state_dict()[name], value), name
+    with pytest.raises(TypeError, match="num_eval_samples"):
+        SVIModule(pyro_model(), num_eval_samples=6, num_samples=7)
+
+
 def test_svi_module_gets_num_data_from_the_data_module(tmp_path):
     data = TinyData(num_train=32, batch_size=16)
     module = SVIModule(bdl.infer.PyroModel(net(), "categorical"), lr=1e-2, num_eval_samples=4, num_val_samples=2)
