@@ -450,6 +450,10 @@ def main() -> None:
     for name in ("threads", "steps", "predict_repeats", "batch_size", "predict_batch_size", "num_samples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():  # every row would fail, and the run exit 0
+        parser.error(f"--device {args.device}: no CUDA device is available here")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 

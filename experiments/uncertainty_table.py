@@ -46,7 +46,8 @@ of an existing ``<dataset>.md`` is kept when the file is rewritten.
 
     python experiments/uncertainty_table.py                       # everything, 3 seeds (long on a CPU)
     python experiments/uncertainty_table.py --seeds 1 --datasets digits diabetes --methods deterministic ensemble
-    python experiments/uncertainty_table.py --quick                # 1 seed, 1 epoch, 2 batches: a smoke test
+    python experiments/uncertainty_table.py --quick                # 1 seed, 1 epoch, 2 batches: a smoke test,
+                                                                   # written to a temporary folder unless --out
 
 Run on demand, not in the tests (``tests/experiments/test_uncertainty_table.py`` runs ``--quick``).
 """
@@ -625,7 +626,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every config's max_epochs (rounded, at least 1)")
     parser.add_argument("--reference-epochs", type=int, default=60, help="epochs of the MNIST-1D reference runs (times --epochs-scale)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run: 1 seed, 1 epoch, 2 batches, 4 NUTS draws")
-    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results", help="folder for the tables and plots")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the tables and plots (default experiments/results; with --quick a temporary folder, "
+                             "so that a smoke run does not overwrite the results)")
     parser.add_argument("--runs-dir", type=Path, default=None,
                         help="keep every run's folder here (config, checkpoints, metrics.csv, the report with its figures); "
                              "default: a temporary folder, removed")
@@ -644,6 +647,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.nuts_warmup < 0 or not args.epochs_scale > 0 or any(size < 1 for size in args.nuts_hidden):
         parser.error("--nuts-warmup must be >= 0, --epochs-scale > 0 and --nuts-hidden sizes >= 1")
     args.seeds = [0] if args.quick else list(range(args.seeds))
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="uncertainty_table_quick_")) if args.quick else ROOT / "experiments" / "results"
+    for dataset in args.datasets:
+        if dataset != REFERENCE and not any(applies(method, dataset) for method in args.methods):
+            parser.error(f"no method of --methods {' '.join(args.methods)} applies to the data set {dataset} (its task: {DATASETS[dataset].task})")
     args.keep_runs = args.runs_dir is not None
     args.datasets = list(dict.fromkeys(args.datasets))
     args.methods = [method for method in METHODS if method in args.methods]  # the table's order
@@ -680,6 +688,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             shutil.rmtree(args.runs_dir, ignore_errors=True)
     total = time.perf_counter() - start
     print("Time per data set: " + ", ".join(f"{name} {duration(seconds)}" for name, seconds in timings) + f"; total {duration(total)}")
+    print(f"Tables and plots in {args.out}")
     return 1 if failed else 0
 
 
