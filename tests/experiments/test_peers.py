@@ -125,3 +125,11 @@ def test_peer_quality_reports_mean_and_std_over_seeds_and_writes_the_table(outpu
     # the same parameters and noise give the same ELBO step in both libraries
     loss_diff, grad_diff = re.search(r"\|loss difference\| (\S+) .*max \|gradient difference\| (\S+)", paired).groups()
     assert float(loss_diff) < 1e-4 and float(grad_diff) < 1e-5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_cuda_benchmark_without_cuda_is_refused(capsys):
+    # every row failed with "no NVIDIA driver" and the run exited 0
+    with pytest.raises(SystemExit) as exit_info:
+        run_script("benchmark_peers.py", "--quick", "--device", "cuda")
+    assert exit_info.value.code == 2 and "no CUDA device" in capsys.readouterr().err
