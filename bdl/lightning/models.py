@@ -65,6 +65,8 @@ class MLP(nn.Sequential):
     ) -> None:
         act, dropout = _activation(activation), _check_dropout(dropout)
         _check_sizes("MLP", in_features=in_features, out_features=out_features)
+        if isinstance(hidden, (int, str)) or not isinstance(hidden, Sequence):
+            raise TypeError(f"MLP: hidden must be a list of layer sizes (e.g. [128, 128]), got {hidden!r}")
         _check_sizes("MLP", **{f"hidden[{i}]": size for i, size in enumerate(hidden)})
         if head not in ("linear", "gaussian"):
             raise ValueError(f"head must be 'linear' or 'gaussian', got {head!r}")

@@ -333,6 +333,8 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         self.lr = _check_number("lr", lr, strict=True)
         self.weight_decay = _check_number("weight_decay", weight_decay)
         self.momentum = _check_number("momentum", momentum)
+        if self.momentum >= 1:  # SGD's velocity would grow without bound
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         self.lr_schedule = lr_schedule
         self.num_eval_samples = None if num_eval_samples is None else _check_positive_int("num_eval_samples", num_eval_samples)
         self.num_val_samples = None if num_val_samples is None else _check_positive_int("num_val_samples", num_val_samples)
@@ -592,6 +594,10 @@ class EnsembleModule(UncertaintyModule):
         **kwargs: Any,  # noqa: ANN401
     ) -> None:
         num_members = _check_positive_int("num_members", num_members)
+        for name, value in (("num_eval_samples", num_eval_samples), ("num_val_samples", num_val_samples)):
+            # each round of an ensemble's prediction is one sample per member: found only at test time otherwise
+            if value is not None and (_check_positive_int(name, value) % num_members):
+                raise ValueError(f"{name} must be a multiple of num_members={num_members} (one sample per member per round), got {value}")
         members = [model] + [_reinitialized(model) for _ in range(num_members - 1)]
         super().__init__(DeepEnsemble(members), num_eval_samples=num_eval_samples, num_val_samples=num_val_samples, **kwargs)
         self.num_members = num_members

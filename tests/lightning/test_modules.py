@@ -234,11 +234,23 @@ def test_non_finite_svi_loss_is_named_even_without_pyro_validation(tmp_path):
         (dict(lr=0.0), "lr must be a number > 0"),
         (dict(num_val_samples=0), "num_val_samples must be a positive int"),
         (dict(lr_schedule="step"), "lr_schedule must be one of"),
+        (dict(optimizer="sgd", momentum=1.5), r"momentum must be in \[0, 1\)"),
     ],
 )
 def test_bad_options_are_rejected_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DeterministicModule(net(), **kwargs)
+
+
+def test_ensemble_sample_counts_and_network_sizes_are_checked_when_built():
+    # a count that is no multiple of the members failed only at test time, after the whole fit
+    with pytest.raises(ValueError, match="num_eval_samples must be a multiple of num_members=3"):
+        EnsembleModule(net(), num_members=3, num_eval_samples=4)
+    with pytest.raises(ValueError, match="num_val_samples must be a multiple"):
+        EnsembleModule(net(), num_members=3, num_val_samples=8)
+    assert EnsembleModule(net(), num_members=3, num_eval_samples=6).num_members == 3
+    with pytest.raises(TypeError, match="hidden must be a list of layer sizes"):
+        MLP(64, 10, hidden=64)
 
 
 def test_cosine_schedule_anneals_the_learning_rate_to_zero(tmp_path):
