@@ -11,6 +11,7 @@ import copy
 import fnmatch
 import math
 import numbers
+import sys
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -47,8 +48,11 @@ def _always_on_dropout(module: nn.Dropout, args: tuple[Any, ...], output: Tensor
 
 def _holds_compiled_module(model: nn.Module) -> bool:
     """Whether ``model`` or a submodule runs compiled: ``torch.compile(module)`` or ``module.compile()``."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is None:  # nothing was compiled in this process (and importing it would cost ~1.7 s)
+        return False
     return any(
-        isinstance(module, torch._dynamo.eval_frame.OptimizedModule) or getattr(module, "_compiled_call_impl", None) is not None
+        isinstance(module, dynamo.eval_frame.OptimizedModule) or getattr(module, "_compiled_call_impl", None) is not None
         for module in model.modules()
     )
 
