@@ -124,8 +124,9 @@ def _unpadded_size(loader: Any) -> Optional[int]:  # noqa: ANN401
 class _ResumableRandomState:
     """Saves the random number generators' states in checkpoints and restores them on load.
 
-    A run resumed from a checkpoint then draws the same data order and the same Monte Carlo noise
-    (weights, dropout masks, Pyro samples) as a run that was never interrupted.
+    A run resumed from a checkpoint written at the end of an epoch (as ``last.ckpt`` is by default) then
+    draws the same data order and the same Monte Carlo noise (weights, dropout masks, Pyro samples) as a
+    run that was never interrupted, also with DataLoaders that have no generator of their own.
     """
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -135,19 +136,19 @@ class _ResumableRandomState:
         checkpoint["bdl_random_state"] = states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Applied when the next epoch starts, before its data order is drawn: Lightning draws random numbers
-        # while it restores the loops (the sanity check, re-entering the checkpoint's epoch) that an
-        # uninterrupted run does not draw.
-        self._pending_random_state = (checkpoint.get("epoch", -1), checkpoint.get("bdl_random_state"))
+        # Applied when the resumed fit starts (on_fit_start), not here: restoring the loops and the sanity check
+        # come in between (the sanity check under Lightning's isolate_rng). Not later either: the training
+        # loader's iterator is made right after on_fit_start and draws its base seed from the global generator
+        # (a DataLoader without a generator of its own), as the uninterrupted run's does after the checkpoint.
+        self._pending_random_state = checkpoint.get("bdl_random_state")
 
-    def on_train_epoch_start(self) -> None:
-        epoch, states = getattr(self, "_pending_random_state", (None, None))
-        if states is None or self.current_epoch <= epoch:
+    def on_fit_start(self) -> None:
+        states, self._pending_random_state = getattr(self, "_pending_random_state", None), None
+        if states is None or self.trainer.ckpt_path is None:  # load_from_checkpoint and a fresh fit: nothing to resume
             return
         torch.set_rng_state(states["torch"])
         if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states["cuda"])
-        self._pending_random_state = (None, None)
 
 
 class _Evaluation:
@@ -660,7 +661,7 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         self._setup_metrics()
 
     def on_fit_start(self) -> None:
-        pass  # num_data is checked when training starts (the training loader exists then)
+        _ResumableRandomState.on_fit_start(self)  # num_data is checked when training starts (the loader exists then)
 
     def on_train_start(self) -> None:
         if self.model.num_data is None:
