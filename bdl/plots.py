@@ -10,15 +10,17 @@ The numbers drawn are those of :mod:`bdl.metrics.functional`, so a plot and a re
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from .metrics import functional as M
 from .metrics.functional._checks import check_float, check_vector
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn: it took half of `import bdl`'s own time
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = [
     "plot_ood_histogram",
@@ -32,9 +34,17 @@ __all__ = [
 _BLUE, _RED, _ORANGE, _GREY = "#1f77b4", "#d62728", "#ff7f0e", "#7f7f7f"
 
 
+def _figure(**kwargs: Any) -> Figure:  # noqa: ANN401
+    from matplotlib.figure import Figure
+
+    return Figure(layout="constrained", **kwargs)
+
+
 def _axes(ax: Optional[Axes], figsize: tuple[float, float] = (5.0, 4.0)) -> tuple[Figure, Axes]:
+    from matplotlib.axes import Axes
+
     if ax is None:
-        figure = Figure(figsize=figsize, layout="constrained")
+        figure = _figure(figsize=figsize)
         return figure, figure.add_subplot()
     if not isinstance(ax, Axes):
         raise TypeError(f"`ax` must be a matplotlib Axes or None, got {type(ax).__name__}")
@@ -87,7 +97,7 @@ def plot_reliability_diagram(
     probs = torch.as_tensor(probs)  # checked above; an array or nested list as the metrics take it
     error = M.ece(probs, target, n_bins=n_bins).item()
     if ax is None:
-        figure = Figure(figsize=(5.0, 5.5), layout="constrained")
+        figure = _figure(figsize=(5.0, 5.5))
         ax, histogram_ax = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     else:
         figure, ax = _axes(ax)

@@ -5,19 +5,13 @@ of the table must still be measured. The scripts run in the test's process: most
 time would go to importing torch again.
 """
 
-import contextlib
 import importlib
 import importlib.util
-import io
 import re
-import runpy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
 PEER_MODULES = {
     "bayesian-torch": "bayesian_torch.layers",
     "blitz": "blitz.modules",
@@ -52,23 +46,8 @@ def table_rows(text: str) -> dict[str, list[str]]:
     return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
 
 
-def run_script(script: str, *args: str) -> str:
-    """Run ``experiments/<script>`` as ``__main__`` in this process (saves a second torch import) and return its stdout."""
-    threads = torch.get_num_threads()
-    stdout = io.StringIO()
-    try:
-        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
-            patch.setattr(sys, "argv", [script, *args])
-            patch.syspath_prepend(str(ROOT / "experiments"))
-            runpy.run_path(str(ROOT / "experiments" / script), run_name="__main__")
-    finally:
-        torch.set_num_threads(threads)
-        sys.modules.pop("benchmark_peers", None)
-    return stdout.getvalue()
-
-
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory):
+def outputs(tmp_path_factory, run_script):
     out = tmp_path_factory.mktemp("peer_quality") / "quality.md"
     return {
         "benchmark": run_script("benchmark_peers.py", "--quick", "--threads", "1"),
@@ -128,7 +107,7 @@ def test_peer_quality_reports_mean_and_std_over_seeds_and_writes_the_table(outpu
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_a_cuda_benchmark_without_cuda_is_refused(capsys):
+def test_a_cuda_benchmark_without_cuda_is_refused(capsys, run_script):
     # every row failed with "no NVIDIA driver" and the run exited 0
     with pytest.raises(SystemExit) as exit_info:
         run_script("benchmark_peers.py", "--quick", "--device", "cuda")

@@ -1,43 +1,29 @@
 """The on-demand scripts in experiments/ still run end to end (tiny settings)."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def run(script: str, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / script), *args], capture_output=True, text=True, timeout=300, cwd=ROOT
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 @pytest.mark.slow
-def test_mlp_comparison_prints_both_models():
-    out = run("compare_mlp.py", "--epochs", "2", "--num-samples", "4")
+def test_mlp_comparison_prints_both_models(run_script):
+    out = run_script("compare_mlp.py", "--epochs", "2", "--num-samples", "4")
     assert "nn.Linear MLP" in out and "bdl.BayesLinear MLP" in out and "ECE" in out
 
 
-def test_layer_benchmark_prints_a_table_with_ratios():
+def test_layer_benchmark_prints_a_table_with_ratios(run_script):
     tiny = ("--sizes", "16", "32", "4", "--steps", "2", "--batch-size", "8")
-    out = run("benchmark_layers.py", *tiny, "--protocol", "interleaved")
+    out = run_script("benchmark_layers.py", *tiny, "--protocol", "interleaved")
     rows = [line for line in out.splitlines() if line.startswith("| BayesLinear")]
     assert len(rows) == 4 and all(line.count("|") == 6 for line in rows)
     # the default protocol: every variant (here nn.Linear and one Bayesian layer) in processes of its own
-    out = run("benchmark_layers.py", *tiny, "--rounds", "1", "--variants", "BayesLinear flipout", "--optimizer", "default")
+    out = run_script("benchmark_layers.py", *tiny, "--rounds", "1", "--variants", "BayesLinear flipout", "--optimizer", "default")
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert "process of its own" in out and list(rows) == ["layer", "nn.Linear", "BayesLinear flipout"]
     assert "Adam (default)" in rows["layer"] and "fused" not in rows["layer"]
     assert rows["nn.Linear"].count("1.00") == 1 and float(rows["BayesLinear flipout"].split("|")[3]) > 0
 
 
-def test_resnet_benchmark_times_every_estimator_against_conv2d():
-    out = run("benchmark_resnet.py", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "1")
+def test_resnet_benchmark_times_every_estimator_against_conv2d(run_script):
+    out = run_script("benchmark_resnet.py", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "1")
     lines = [line for line in out.splitlines() if line.startswith("| ") and "ms/step" not in line]
     rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in lines}
     assert list(rows) == ["nn.Conv2d", "reparam", "local", "flipout"] and "(25000 steps)" in out  # one CIFAR-10 epoch at batch 2

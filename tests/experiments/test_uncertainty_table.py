@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,16 +29,12 @@ def first_table(text: str) -> tuple[list[str], dict[str, list[str]]]:
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def quick_run(tmp_path_factory, run_script):
     out = tmp_path_factory.mktemp("results")
     (out / "digits.md").write_text("# old table\n\n## Findings\n\nWritten by hand: kept.\n")
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--datasets", "digits", "regression_gap",
-         "--methods", "deterministic", "temperature", "mc_dropout", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, result.stdout
+    stdout = run_script("uncertainty_table.py", "--quick", "--datasets", "digits", "regression_gap",
+                        "--methods", "deterministic", "temperature", "mc_dropout", "--out", str(out))  # fmt: skip
+    return out, stdout
 
 
 def test_classification_table_has_a_row_per_method_and_every_metric(quick_run):
