@@ -38,6 +38,29 @@ import bdl
 SIZES = (784, 1200, 1200, 10)
 
 
+def check_counts(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()
+) -> None:
+    """``parser.error`` for an argument (an attribute of ``args``, or each item of a list) below 1 (``positive``) or 0."""
+    for names, least in ((positive, 1), (non_negative, 0)):
+        for name in names:
+            values = getattr(args, name)
+            for value in values if isinstance(values, (list, tuple)) else [values]:
+                if value < least:
+                    parser.error(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    """``"784-1200-1200-10"`` as ``(784, 1200, 1200, 10)``: an argparse ``type`` for MLP layer widths."""
+    try:
+        sizes = tuple(int(n) for n in text.split("-"))
+    except ValueError:
+        sizes = ()
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive layer widths joined by '-', e.g. 784-1200-1200-10, got {text!r}")
+    return sizes
+
+
 def mlp(layer: Callable[[int, int], nn.Module], sizes: tuple[int, ...] = SIZES, dropout: float = 0.0) -> nn.Sequential:
     """``layer(in, out)`` for each pair of ``sizes`` with ReLU (and ``nn.Dropout(dropout)`` if > 0) between them."""
     modules: list[nn.Module] = []
@@ -131,6 +154,9 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # isolated protocol: time this variant
     parser.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    check_counts(parser, args, positive=("threads", "steps", "batch_size", "rounds", "sizes"))
+    if len(args.sizes) < 2:
+        parser.error(f"--sizes needs the input and output widths at least, got {args.sizes}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bdl
-from benchmark_layers import mlp  # experiments/ is the script's folder, so on sys.path
+from benchmark_layers import check_counts, mlp, parse_sizes  # experiments/ is the script's folder, so on sys.path
 
 SIZES = "784-1200-1200-10"
 NUM_DATA = 60_000  # the N of the ELBO (an MNIST-sized training set)
@@ -420,16 +420,6 @@ def measure(variants: list[Variant], sizes: tuple[int, ...], args: argparse.Name
 
 
 # ============================================================================ main
-def parse_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(n) for n in text.split("-"))
-    except ValueError:
-        sizes = ()
-    if len(sizes) < 2 or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"sizes must be positive layer widths joined by '-', e.g. 784-1200-1200-10, got {text!r}")
-    return sizes
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -447,11 +437,8 @@ def main() -> None:
     if args.quick:
         args.sizes, args.steps, args.warmup, args.predict_repeats = [(16, 32, 32, 4)], 2, 1, 1
         args.batch_size, args.predict_batch_size, args.num_samples = 8, 16, 4
-    for name in ("threads", "steps", "predict_repeats", "batch_size", "predict_batch_size", "num_samples"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    check_counts(parser, args, positive=("threads", "steps", "predict_repeats", "batch_size", "predict_batch_size", "num_samples"),
+                 non_negative=("warmup",))  # fmt: skip
     if args.device.startswith("cuda") and not torch.cuda.is_available():  # every row would fail, and the run exit 0
         parser.error(f"--device {args.device}: no CUDA device is available here")
     torch.set_num_threads(args.threads)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import bdl
-from benchmark_layers import mlp
+from benchmark_layers import check_counts, mlp, parse_sizes
 from bdl.predict import resolve_method
 
 SIZES = ((784, 1200, 1200, 10), (64, 128, 128, 10))
@@ -67,15 +67,16 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
-    parser.add_argument("--sizes", type=str, nargs="+", default=None, help="MLP sizes such as 784-1200-1200-10")
+    parser.add_argument("--sizes", type=parse_sizes, nargs="+", default=None, help="MLP sizes such as 784-1200-1200-10")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks that the script runs")
     args = parser.parse_args()
+    check_counts(parser, args, positive=("threads", "repeats", "num_samples", "members", "batches"))
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sizes_list: tuple[tuple[int, ...], ...] = SIZES
     batches: tuple[int, ...] = tuple(args.batches)
     if args.sizes:
-        sizes_list = tuple(tuple(int(n) for n in text.split("-")) for text in args.sizes)
+        sizes_list = tuple(args.sizes)
     num_samples, repeats = args.num_samples, args.repeats
     if args.quick:
         sizes_list, batches, num_samples, repeats = ((16, 32, 32, 4),), (8,), 4, 1

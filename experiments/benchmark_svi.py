@@ -25,7 +25,7 @@ from torch import nn
 
 import bdl
 from bdl.infer import PyroModel, SVIModule
-from benchmark_layers import SIZES, median_ms, mlp
+from benchmark_layers import SIZES, check_counts, median_ms, mlp
 
 
 def main() -> None:
@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     args = parser.parse_args()
+    check_counts(parser, args, positive=("threads", "steps", "batch_size", "num_data", "sizes"))
+    if len(args.sizes) < 2:
+        parser.error(f"--sizes needs the input and output widths at least, got {args.sizes}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)

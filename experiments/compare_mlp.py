@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 import bdl
 from bdl.data import load_digits
+from benchmark_layers import check_counts
 
 
 def mlp(linear: type[nn.Module], num_features: int, num_classes: int, hidden: int = 128) -> nn.Sequential:
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/compare_mlp")
     args = parser.parse_args()
+    check_counts(parser, args, positive=("epochs", "num_samples"))
 
     splits = load_digits(seed=args.seed, ood_classes=[8, 9])
     num_data = len(splits.train)

@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader
 
 import bdl
 from bdl.data import load_digits
+from benchmark_layers import check_counts
 from benchmark_peers import KLSequential, reason
 
 POSTERIOR_RHO_INIT = -3.0  # bayesian-torch's default
@@ -261,9 +262,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this .md file")
     args = parser.parse_args()
-    for name in ("epochs", "batch_size", "num_samples", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_counts(parser, args, positive=("epochs", "batch_size", "num_samples", "threads"))
+    if len(set(args.seeds)) < len(args.seeds):  # a std over a repeated seed measures nothing
+        parser.error(f"--seeds must be different, got {args.seeds}")
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
     if args.out is not None and args.out.suffix != ".md":

@@ -28,3 +28,28 @@ def test_resnet_benchmark_times_every_estimator_against_conv2d(run_script):
     rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in lines}
     assert list(rows) == ["nn.Conv2d", "reparam", "local", "flipout"] and "(25000 steps)" in out  # one CIFAR-10 epoch at batch 2
     assert float(rows["nn.Conv2d"][1]) == 1.0 and all(float(ms) > 0 for ms, _ in rows.values())
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("benchmark_layers.py", ["--steps", "0"], "--steps must be >= 1, got 0"),
+        ("benchmark_layers.py", ["--rounds", "0"], "--rounds must be >= 1, got 0"),
+        ("benchmark_layers.py", ["--threads", "0"], "--threads must be >= 1, got 0"),
+        ("benchmark_layers.py", ["--batch-size", "0", "--protocol", "interleaved"], "--batch-size must be >= 1, got 0"),
+        ("benchmark_layers.py", ["--sizes", "16"], "--sizes needs the input and output widths"),
+        ("benchmark_predict.py", ["--repeats", "0"], "--repeats must be >= 1, got 0"),
+        ("benchmark_predict.py", ["--batches", "64", "0"], "--batches must be >= 1, got 0"),
+        ("benchmark_predict.py", ["--sizes", "16-x-4"], "sizes must be positive layer widths"),
+        ("benchmark_svi.py", ["--steps", "0"], "--steps must be >= 1, got 0"),
+        ("benchmark_resnet.py", ["--steps", "0"], "--steps must be >= 1, got 0"),
+        ("benchmark_resnet.py", ["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+        ("peer_quality.py", ["--seeds", "0", "0"], "--seeds must be different"),
+        ("compare_mlp.py", ["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    ],
+)
+def test_scripts_refuse_counts_that_measure_nothing(script, args, message, run_script, capsys):
+    # they crashed with tracebacks, or printed tables of empty batches, inf and NaN
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(script, *args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
