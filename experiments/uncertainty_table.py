@@ -665,11 +665,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     temporary = args.runs_dir is None
     args.runs_dir = Path(tempfile.mkdtemp(prefix="uncertainty_table_")) if temporary else args.runs_dir
+    from bdl.evaluate import Report
+
+    figures = Report.figures
     if temporary:
         # Every test run saves its report; drawing its PNGs costs seconds a run, for a folder that is removed.
-        from bdl.evaluate import Report
-
-        Report.figures = lambda self: {}  # metrics.json and report.md only
+        Report.figures = lambda self: {}  # metrics.json and report.md only (restored below: main can be imported)
     start, failed, timings = time.perf_counter(), False, []
     try:
         for dataset in args.datasets:
@@ -684,6 +685,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             timings.append((dataset, seconds))
             print(f"\n{path.read_text()}", flush=True)
     finally:
+        Report.figures = figures
         if temporary:
             shutil.rmtree(args.runs_dir, ignore_errors=True)
     total = time.perf_counter() - start

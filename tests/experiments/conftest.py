@@ -1,10 +1,12 @@
 import contextlib
 import io
+import logging
 import os
 import runpy
 import sys
 from pathlib import Path
 
+import lightning.pytorch  # noqa: F401 - its loggers exist (and get their levels) before a script changes them
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ def _run_script(script: str, *args: str) -> str:
     first optimiser step) torch._dynamo on this machine, more than most tiny runs take.
     """
     threads, modules, environment = torch.get_num_threads(), set(sys.modules), dict(os.environ)
+    loggers = {name: logger.level for name, logger in logging.root.manager.loggerDict.items() if isinstance(logger, logging.Logger)}
     stdout = io.StringIO()
     try:
         with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
@@ -32,6 +35,8 @@ def _run_script(script: str, *args: str) -> str:
         torch.set_num_threads(threads)
         os.environ.clear()
         os.environ.update(environment)  # e.g. Lightning's PL_GLOBAL_SEED
+        for name, level in loggers.items():  # uncertainty_table silences Lightning's loggers
+            logging.getLogger(name).setLevel(level)
         for name in set(sys.modules) - modules:  # the sibling scripts it imported (benchmark_layers, ...)
             if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(EXPERIMENTS)):
                 del sys.modules[name]
