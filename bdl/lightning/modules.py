@@ -76,15 +76,35 @@ def _split_batch(batch: Any) -> tuple[Tensor, Optional[Tensor]]:  # noqa: ANN401
 
 def _check_finite(module: L.LightningModule, terms: dict[str, Tensor]) -> None:
     """Stop training at the first non-finite loss term, naming the step and the term(s) (e.g. the NLL or the KL)."""
-    if bool(torch.isfinite(terms["loss"]).all()):
-        return
-    bad = [name for name, value in terms.items() if name != "loss" and not bool(torch.isfinite(value).all())]
-    values = ", ".join(f"{name}={value.item():.4g}" for name, value in terms.items() if value.numel() == 1)
-    raise FloatingPointError(
-        f"non-finite training loss at epoch {module.current_epoch}, step {module.global_step}: "
-        f"{' and '.join(name.upper() for name in bad) or 'the loss'} is not finite ({values}); "
-        "lower the learning rate, check the inputs for NaN/inf, or check the prior and posterior scales"
-    )
+    error = None
+    if not bool(torch.isfinite(terms["loss"]).all()):
+        bad = [name for name, value in terms.items() if name != "loss" and not bool(torch.isfinite(value).all())]
+        values = ", ".join(f"{name}={value.item():.4g}" for name, value in terms.items() if value.numel() == 1)
+        error = FloatingPointError(
+            f"non-finite training loss at epoch {module.current_epoch}, step {module.global_step}: "
+            f"{' and '.join(name.upper() for name in bad) or 'the loss'} is not finite ({values}); "
+            "lower the learning rate, check the inputs for NaN/inf, or check the prior and posterior scales"
+        )
+    _raise_on_every_process(module, error, "non-finite training loss")
+
+
+def _raise_on_every_process(module: L.LightningModule, error: Optional[Exception], what: str) -> None:
+    """Raise ``error`` (None: nothing went wrong here), and in a multi-process run stop the other processes too.
+
+    Every process calls this at the same point (each step, each evaluation batch): a check that failed on one
+    process alone left the others at their next collective, to fail there with "connection closed by peer"
+    (gloo) or to wait for the timeout (NCCL). The processes where nothing went wrong raise a
+    ``FloatingPointError`` that points to the one that failed.
+    """
+    trainer = module._trainer
+    if trainer is not None and trainer.world_size > 1:
+        if trainer.strategy.reduce_boolean_decision(error is not None, all=False) and error is None:
+            error = FloatingPointError(
+                f"{what} on another process at epoch {module.current_epoch}, step {module.global_step} (this is "
+                f"process {trainer.global_rank} of {trainer.world_size}): that process's error says where"
+            )
+    if error is not None:
+        raise error
 
 
 def _gather_rows(module: L.LightningModule, value: Tensor, total: Optional[int], dim: int = 0) -> Tensor:
@@ -189,13 +209,15 @@ class _Evaluation:
             metrics["rmse"].update(prediction.mean, y)
             variance = prediction.total_variance
             positive = variance > 0
+            error = None
             if bool(positive.all()):
                 metrics["nll"].update(prediction.mean, variance, y)
                 if not bool(torch.isfinite(metrics["nll"].total)):  # a variance so small that the NLL overflows
-                    raise self._non_finite("validation", "the Gaussian NLL is infinite: a predicted variance is too small for the error")
+                    error = self._non_finite("validation", "the Gaussian NLL is infinite: a predicted variance is too small for the error")
             elif bool(positive.any()):  # a mean-only model predicts 0 everywhere; some zeros are an underflow
                 zeros = int((~positive).sum())
-                raise self._non_finite("validation", f"the predicted variance is 0 for {zeros} of {variance.numel()} outputs (its NLL infinite)")
+                error = self._non_finite("validation", f"the predicted variance is 0 for {zeros} of {variance.numel()} outputs (its NLL infinite)")
+            _raise_on_every_process(self, error, "non-finite validation metric")
         for name, metric in metrics.items():
             if metric.update_count:  # a deterministic mean-only regressor has no predictive NLL
                 self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=name in ("accuracy", "rmse"))
@@ -208,14 +230,18 @@ class _Evaluation:
 
     def _checked_prediction(self, x: Tensor, num_samples: Optional[int], stage: str) -> Prediction:
         """:meth:`sample_prediction`, with a non-finite output reported with the stage, epoch and step."""
+        prediction, failure = None, None
         try:
-            return self.sample_prediction(x, num_samples)
+            prediction = self.sample_prediction(x, num_samples)
         except ValueError as error:
             if "non-finite" not in str(error):
                 raise
-            raise FloatingPointError(
+            failure = FloatingPointError(
                 f"non-finite prediction in {stage} at epoch {self.current_epoch}, step {self.global_step}: {error}"
-            ) from None
+            )
+        _raise_on_every_process(self, failure, f"non-finite prediction in {stage}")
+        assert prediction is not None  # no failure
+        return prediction
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
         x, y = _split_batch(batch)

@@ -65,9 +65,28 @@ def main(out: str, mode: str) -> None:
             if method == "variational":
                 entry["num_data"] = module.num_data
             results[method] = entry
-    if processes == 1 or torch.distributed.get_rank() == 0:
+    if processes > 1:  # a non-finite loss on one process stops both (the other waited in its next collective)
+        L.seed_everything(0)
+        trainer = L.Trainer(
+            max_steps=3, accelerator="cpu", devices=processes, strategy="ddp", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        )  # fmt: skip
+        try:
+            trainer.fit(NaNOnTheLastProcess(MLP(64, 8, hidden=[16]), save_report=False), DigitsDataModule(batch_size=32))
+            results["nan_on_one_process"] = "no error"
+        except FloatingPointError as error:
+            results["nan_on_one_process"] = str(error)
+    if trainer.global_rank == 0:
         with open(out, "w") as file:
             json.dump(results, file)
+
+
+class NaNOnTheLastProcess(DeterministicModule):
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        terms = super().training_loss(x, y)
+        if self.global_step == 1 and self.global_rank == self.trainer.world_size - 1:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
 
 
 if __name__ == "__main__":

@@ -55,3 +55,10 @@ def test_validation_metrics_are_synchronised_and_the_elbo_uses_the_global_data_s
     # each process validates half of the 216 validation images; the logged accuracy is over all of them
     assert ddp["deterministic"]["val_accuracy"] == pytest.approx(ddp["deterministic"]["val_accuracy_full_set"], abs=1e-6)
     assert ddp["variational"]["num_data"] == results["single"]["variational"]["num_data"] == 938
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_process_stops_every_process_with_a_clear_error(results):
+    # process 0 (the first process's error is the one a user reads) failed with gloo's "connection closed by peer"
+    message = results["ddp"]["nan_on_one_process"]
+    assert message.startswith("non-finite training loss on another process at epoch 0, step 1 (this is process 0 of 2)")

@@ -316,6 +316,41 @@ def test_non_finite_predictions_of_a_predict_run_name_the_stage(tmp_path):
         trainer(tmp_path).predict(module, data.setup() or data.test_dataloader())
 
 
+class OtherProcessFailed:
+    """A stand-in for a 2-process DDP strategy whose other process found a non-finite value."""
+
+    def __init__(self) -> None:
+        self.decisions = []
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:  # noqa: A002 - Lightning's name
+        self.decisions.append((decision, all))
+        return True  # some process failed
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_every_process_stops_when_another_one_finds_a_non_finite_value(task, monkeypatch):
+    # Each check takes part in the processes' decision, also where its own values are finite: one process
+    # raising alone left the others waiting in their next collective (gloo: "connection closed by peer").
+    from types import SimpleNamespace
+
+    classifier = task == "classification"
+    module = DeterministicModule(net() if classifier else nn.Sequential(nn.Linear(1, 1)), task=task, noise_variance=0.5)
+    strategy = OtherProcessFailed()
+    monkeypatch.setattr(module, "_trainer", SimpleNamespace(world_size=2, global_rank=0, strategy=strategy, current_epoch=3, global_step=7))
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    x = torch.randn(8, 4 if classifier else 1)
+    y = torch.randint(0, 3, (8,)) if classifier else torch.randn(8)
+    with pytest.raises(FloatingPointError, match=r"non-finite prediction in validation on another process at epoch 3, step 7 \(this is process 0 of 2\)"):
+        module.validation_step((x, y), 0)
+    if not classifier:  # the validation NLL check too
+        prediction = module.sample_prediction(x, None)
+        with pytest.raises(FloatingPointError, match="non-finite validation metric on another process"):
+            module._update_val_metrics(prediction, y)
+    with pytest.raises(FloatingPointError, match="non-finite training loss on another process at epoch 3, step 7"):
+        module.training_step((x, y), 0)
+    assert strategy.decisions and all(decision == (False, False) for decision in strategy.decisions)
+
+
 @pytest.mark.parametrize("module_class", [VariationalModule, MCDropoutModule, EnsembleModule])
 def test_compile_option_trains_and_evaluates_through_the_compiled_network(module_class, tmp_path):
     graphs = []
