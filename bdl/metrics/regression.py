@@ -72,6 +72,9 @@ class IntervalCoverage(_RunningMean):
         super().__init__(**kwargs)
         F._half_width_factor(level, torch.zeros(()))  # validates `level`
         self.level = float(level)
+        # A state that holds the level: a MetricCollection merges metrics whose states are equal after the first
+        # update (compute groups), and two levels that both covered every target there reported one value after.
+        self.add_state("nominal_level", default=torch.tensor(self.level, dtype=torch.float64), dist_reduce_fx="max")
 
     def update(self, mean: Tensor, variance: Tensor, target: Tensor) -> None:
         """Add a batch of predictive means, variances and targets."""
@@ -101,7 +104,8 @@ class QuantileCalibrationError(Metric):
     def __init__(self, levels: Optional[F.Levels] = None, **kwargs) -> None:  # noqa: ANN003
         super().__init__(**kwargs)
         levels = F._levels(levels, torch.zeros((), dtype=torch.float64))
-        self.register_buffer("levels", levels, persistent=False)
+        # a state, not a buffer: a MetricCollection then never merges two metrics of different levels (IntervalCoverage)
+        self.add_state("levels", default=levels, dist_reduce_fx="max")
         self.add_state("below", default=torch.zeros_like(levels), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 

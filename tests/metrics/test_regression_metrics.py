@@ -150,3 +150,29 @@ def test_streaming_regression_metrics_equal_the_functional():
         assert metric.compute().item() == pytest.approx(function(mean, variance, target).item(), abs=1e-10)
     with pytest.raises(ValueError, match="level"):
         IntervalCoverage(level=0.0)
+
+
+def test_a_metric_collection_keeps_metrics_of_different_levels_apart():
+    # torchmetrics merges metrics whose states are equal after the first update (compute groups): two coverage
+    # levels that both covered every target in the first batch reported one level's value from then on
+    from torchmetrics import MetricCollection
+
+    collection = MetricCollection({
+        "coverage_50": IntervalCoverage(0.5), "coverage_95": IntervalCoverage(0.95),
+        "qce_low": QuantileCalibrationError([0.1, 0.2]), "qce_high": QuantileCalibrationError([0.8, 0.9]),
+    })  # fmt: skip
+    mean, variance = torch.zeros(50), torch.ones(50)
+    first = torch.zeros(50)  # inside every interval, below no quantile above the median
+    second = torch.linspace(-3, 3, 50)
+    collection.update(mean, variance, first)
+    collection.update(mean, variance, second)
+    values = collection.compute()
+    targets = torch.cat([first, second])
+    mean, variance = torch.zeros(100), torch.ones(100)
+    for level in (0.5, 0.95):
+        expected = M.interval_coverage(mean, variance, targets, level=level)
+        torch.testing.assert_close(values[f"coverage_{round(level * 100)}"], expected.double())
+    for name, levels in (("qce_low", [0.1, 0.2]), ("qce_high", [0.8, 0.9])):
+        expected = M.quantile_calibration_error(mean, variance, targets, levels=levels)
+        torch.testing.assert_close(values[name], expected.double())
+    assert values["coverage_50"] < values["coverage_95"]
