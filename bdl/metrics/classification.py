@@ -184,6 +184,12 @@ class AdaptiveECE(_Buffered):
     def update(self, probs: Tensor, target: Tensor) -> None:
         """Add a batch: ``probs`` [B, C] predictive probabilities, ``target`` [B] integer labels."""
         probs, target = F._checked(probs, target)
+        if probs.dtype in (torch.float16, torch.bfloat16):
+            # kept in float32 with rows renormalised: half-precision rows sum to 1 only within their own
+            # tolerance, and compute checks the concatenated batches at the widest dtype's (a bf16 batch
+            # followed by float32 ones failed there)
+            probs = probs.float()
+            probs = probs / probs.sum(-1, keepdim=True)
         self._append(probs=probs, target=target)
 
     def compute(self) -> Tensor:

@@ -267,3 +267,17 @@ def test_streaming_nll_and_brier_take_what_the_functions_take():
         metric.update(probs, target)
         metric.update(np.array(probs), np.array(target))
         assert metric.compute().item() == pytest.approx(function(probs, target).item())
+
+
+def test_adaptive_ece_takes_a_half_precision_batch_before_float32_ones():
+    # compute re-checked the concatenated probabilities at float32's tolerance, which bf16 rows miss
+    logits = torch.randn(64, 10)
+    target = torch.randint(0, 10, (64,))
+    metric = AdaptiveECE(n_bins=5)
+    low = logits[:32].softmax(-1).bfloat16()
+    assert (low.float().sum(-1) - 1).abs().max() > 1e-3  # the bf16 rows are off by more than float32 allows
+    metric.update(low, target[:32])
+    metric.update(logits[32:].softmax(-1), target[32:])
+    low = low.float() / low.float().sum(-1, keepdim=True)
+    expected = M.adaptive_ece(torch.cat([low, logits[32:].softmax(-1)]), target, n_bins=5)
+    torch.testing.assert_close(metric.compute(), expected)
