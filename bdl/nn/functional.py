@@ -396,7 +396,7 @@ class _GaussianWithKL(torch.autograd.Function):
         else:
             std = rho.exp()
             noise = randn_like(rho).mul_(std)
-            out, saved, sum_var = (noise + mu if what == "sample" else noise), noise, torch.dot(std.view(-1), std.view(-1))
+            out, saved, sum_var = (noise + mu if what == "sample" else noise), noise, torch.dot(std.reshape(-1), std.reshape(-1))
         centred = (mu if prior_loc == 0 else mu - prior_loc).reshape(-1)
         kl = (sum_var + torch.dot(centred, centred)) / (2 * prior_scale**2) - rho.sum() + mu.numel() * (math.log(prior_scale) - 0.5)
         ctx.save_for_backward(mu, rho if what == "variance" else std, saved, rho)

@@ -273,3 +273,27 @@ def test_runs_on_cuda(estimator):
     out = model(torch.randn(3, 1, 8, 8, device="cuda"))
     (out.sum() + bdl.kl_divergence(model)).backward()
     assert out.device.type == "cuda" and model[0].weight_rho.grad.device.type == "cuda"
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_channels_last_conv_trains_like_the_contiguous_layer(estimator):
+    # reparam and flipout failed in every training forward ("view size is not compatible with input tensor's
+    # size and stride"): the fused sample + KL node viewed a channels-last std as flat
+    layer = bdl.BayesConv2d(3, 4, 3, estimator=estimator)
+    channels_last = copy.deepcopy(layer).to(memory_format=torch.channels_last)
+    assert not channels_last.weight_rho.is_contiguous()
+    x = torch.randn(2, 3, 8, 8)
+    for module in (layer, channels_last):
+        output = module(x)  # the noise is drawn in memory order: other numbers, the same distribution
+        (output.square().mean() + module.kl_divergence()).backward()
+        assert output.shape == (2, 4, 6, 6) and torch.isfinite(output).all()
+        assert torch.isfinite(module.weight_rho.grad).all() and module.weight_rho.grad.abs().sum() > 0
+    layer.zero_grad(), channels_last.zero_grad()
+    for module in (layer, channels_last):  # the KL and its gradients do not depend on the layout
+        module(x)
+        module.kl_divergence().backward()
+    torch.testing.assert_close(channels_last.kl_divergence(), layer.kl_divergence())
+    torch.testing.assert_close(channels_last.weight_rho.grad, layer.weight_rho.grad)
+    torch.testing.assert_close(channels_last.weight_mu.grad, layer.weight_mu.grad)
+    with bdl.deterministic(layer), bdl.deterministic(channels_last):
+        torch.testing.assert_close(channels_last(x), layer(x))
