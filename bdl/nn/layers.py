@@ -12,6 +12,7 @@ import copy
 import math
 import numbers
 import threading
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -226,10 +227,12 @@ class _BayesLayer(BayesianModule):
             return posterior_variance(rho, self.std_transform) if variance else std_from_rho(rho, self.std_transform)[0]
         key = (rho._version, rho.data_ptr(), rho.dtype, rho.device, self.std_transform)
         cached = self._std_cache.get((name, variance))
-        if cached is None or cached[0] != key:
+        # the tensor itself too (weakly): a new tensor at a freed one's address with the same version (0), as
+        # torch.func.functional_call's fresh parameters can be, got the freed one's std
+        if cached is None or cached[0] != key or cached[1]() is not rho:
             value = posterior_variance(rho, self.std_transform) if variance else std_from_rho(rho, self.std_transform)[0]
-            cached = self._std_cache[name, variance] = (key, value)
-        return cached[1]
+            cached = self._std_cache[name, variance] = (key, weakref.ref(rho), value)
+        return cached[2]
 
     def _drop_value_caches(self) -> None:
         """Forget the kept stds (not the sample buffers): :func:`bdl.predict` calls it first, since an edit through

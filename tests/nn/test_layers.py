@@ -1,5 +1,6 @@
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -297,3 +298,21 @@ def test_channels_last_conv_trains_like_the_contiguous_layer(estimator):
     torch.testing.assert_close(channels_last.weight_mu.grad, layer.weight_mu.grad)
     with bdl.deterministic(layer), bdl.deterministic(channels_last):
         torch.testing.assert_close(channels_last(x), layer(x))
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local"])
+def test_no_grad_forwards_use_the_std_of_the_rho_they_are_given(estimator):
+    # The kept std was keyed by (version, address): fresh tensors at one address (functional_call with new
+    # parameter sets, here made to share a storage so the address repeats every time) got the first one's std.
+    layer = bdl.BayesLinear(40, 30, bias=False, estimator=estimator)
+    mu = layer.weight_mu.detach().clone()
+    storage = torch.empty(30 * 40).untyped_storage()
+    x = torch.randn(256, 40)
+    mean = F.linear(x, mu)
+    with torch.no_grad():
+        for std in (0.001, 1.0, 0.001, 1.0):
+            torch.empty(0).set_(storage, 0, (30, 40), (40, 1)).fill_(math.log(std))
+            rho = torch.empty(0).set_(storage, 0, (30, 40), (40, 1))  # a new tensor, the same address and version
+            out = torch.func.functional_call(layer, {"weight_mu": mu, "weight_rho": rho}, (x,))
+            expected = std * x.square().sum(1).sqrt()  # the output's std per input
+            assert ((out - mean).std(1) / expected).mean() == pytest.approx(1.0, abs=0.15), std
