@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ._outputs import draw_stacked, output_parts
 from .nn.convert import use_estimator
-from .nn.functional import gaussian_draw, randn_like
+from .nn.functional import gaussian_draw, pre_activation_variance, randn_like
 from .nn.layers import BayesianModule, BayesLinear
 
 TASKS = ("classification", "regression")
@@ -654,7 +654,7 @@ def _local_expand(layer: BayesLinear, x: Tensor, num_samples: int) -> Tensor:
     layer._check_input(x)  # the layer's forward is bypassed here: same errors for a wrong input
     mean = nn.functional.linear(x, layer.weight_mu, layer.bias_mu)
     bias_var = None if layer.bias_rho is None else layer._prediction_scale("bias", layer.bias_rho, variance=True)
-    var = nn.functional.linear(x.square(), layer._prediction_scale("weight", layer.weight_rho, variance=True), bias_var)
+    var = pre_activation_variance(nn.functional.linear, x, layer._prediction_scale("weight", layer.weight_rho, variance=True), bias_var)
     noise = randn_like(mean.unsqueeze(0).expand(num_samples, *mean.shape))
     return gaussian_draw(mean, var, noise).reshape(num_samples * x.shape[0], *mean.shape[1:])
 

@@ -360,7 +360,10 @@ def scaled_noise(rho: Tensor, transform: str = "exp") -> Tensor:
 
 
 def posterior_variance(rho: Tensor, transform: str = "exp") -> Tensor:
-    """``std^2`` with ``std = transform(rho)``."""
+    """``std^2`` with ``std = transform(rho)``; float32 for a float16 ``rho`` (whose stds under 2.4e-4
+    have no float16 square)."""
+    if rho.dtype == torch.float16:
+        rho = rho.float()
     if transform == "exp":
         return (2 * rho).exp()
     return std_from_rho(rho, transform)[0].square()
@@ -547,9 +550,35 @@ def reparameterized(op: Op, x: Tensor, weight: GaussianWeights, bias: Optional[G
 
 def local_reparameterized(op: Op, x: Tensor, weight: GaussianWeights, bias: Optional[GaussianWeights]) -> Tensor:
     """Pre-activations drawn from ``N(op(x, mu), op(x^2, std^2))``, independently per example."""
-    var = op(x.square(), weight.variance(), None if bias is None else bias.variance())
+    var = pre_activation_variance(op, x, weight.variance(), None if bias is None else bias.variance())
     mean = op(x, weight.mean(), None if bias is None else bias.mean())
     return gaussian_draw(mean, var, randn_like(mean))
+
+
+def _half_precision(x: Tensor, weight_var: Tensor) -> bool:
+    """Whether ``op(x^2, var)`` would run in float16 (the tensors' dtype, or autocast's on their device)."""
+    if x.dtype == torch.float16 or weight_var.dtype == torch.float16:
+        return True
+    device = x.device.type
+    try:
+        return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+    except (AttributeError, TypeError, RuntimeError):  # torch < 2.4, or a device type autocast does not know
+        return False
+
+
+def pre_activation_variance(op: Op, x: Tensor, weight_var: Tensor, bias_var: Optional[Tensor]) -> Tensor:
+    """``op(x^2, weight_var, bias_var)``: the pre-activations' variance under a Gaussian posterior.
+
+    In float32 where it would be float16 (a ``.half()`` model, or float16 autocast such as Lightning's
+    ``16-mixed``): float16 has no numbers below 6e-8 and is coarse below 6e-5, so the variances of a
+    posterior with stds under ~1e-2 (std^2 under 1e-4, e.g. a MOPED-initialised model) underflowed, and the
+    draw's floor at the smallest normal number gave every such pre-activation a noise std of 7.8e-3 (and
+    no gradient to ``rho``); ``x^2`` also overflows float16 above 256. bfloat16 has float32's range.
+    """
+    if not _half_precision(x, weight_var):
+        return op(x.square(), weight_var, bias_var)
+    with torch.autocast(x.device.type, enabled=False):
+        return op(x.float().square(), weight_var.float(), None if bias_var is None else bias_var.float())
 
 
 def gaussian_draw(mean: Tensor, var: Tensor, noise: Tensor) -> Tensor:
@@ -563,6 +592,8 @@ def gaussian_draw(mean: Tensor, var: Tensor, noise: Tensor) -> Tensor:
     MLP and 121 instead of 143 ms for 784-1200-1200-10: on the development VM a fresh page costs ~3 us.
     """
     tiny = torch.finfo(var.dtype).tiny
+    if var.dtype != mean.dtype:  # a float32 variance of float16 pre-activations (pre_activation_variance)
+        return torch.addcmul(mean, var.clamp_min(tiny).sqrt().to(mean.dtype), noise)
     # torch.func transforms (a DeepEnsemble's vmap) have no batching rule for out= ops; torch.compile fuses
     # the draw itself (and cannot trace the torch.func test)
     if torch.compiler.is_compiling() or mean.requires_grad or var.requires_grad or noise.requires_grad or _in_functorch(mean):

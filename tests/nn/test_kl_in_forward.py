@@ -180,21 +180,21 @@ def test_prediction_reuses_the_std_while_rho_is_unchanged_and_draws_as_with_a_gr
     assert not layer._std_cache  # a training forward drops what prediction kept
     with torch.no_grad():
         layer(x)
-        kept = layer._std_cache["weight", False][1]
+        kept = layer._std_cache["weight", False][-1]
         layer(x)
-        assert layer._std_cache["weight", False][1] is kept
+        assert layer._std_cache["weight", False][-1] is kept
         layer.weight_rho.add_(1.0)  # an optimizer step changes rho in place
         layer(x)
-        torch.testing.assert_close(layer._std_cache["weight", False][1], layer.weight_rho.exp())
+        torch.testing.assert_close(layer._std_cache["weight", False][-1], layer.weight_rho.exp())
         # local reparameterisation (predict's batched path) keeps the variance the same way
         layer.estimator = "local"
         layer(x)
-        kept = layer._std_cache["weight", True][1]
+        kept = layer._std_cache["weight", True][-1]
         layer(x)
-        assert layer._std_cache["weight", True][1] is kept
+        assert layer._std_cache["weight", True][-1] is kept
         layer.weight_rho.sub_(0.5)
         layer(x)
-        torch.testing.assert_close(layer._std_cache["weight", True][1], (2 * layer.weight_rho).exp())
+        torch.testing.assert_close(layer._std_cache["weight", True][-1], (2 * layer.weight_rho).exp())
 
 
 def test_large_cpu_prediction_samples_reuse_a_buffer_per_thread():

@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import io
 import math
@@ -316,3 +317,54 @@ def test_no_grad_forwards_use_the_std_of_the_rho_they_are_given(estimator):
             out = torch.func.functional_call(layer, {"weight_mu": mu, "weight_rho": rho}, (x,))
             expected = std * x.square().sum(1).sqrt()  # the output's std per input
             assert ((out - mean).std(1) / expected).mean() == pytest.approx(1.0, abs=0.15), std
+
+
+@pytest.mark.parametrize("precision", ["autocast", "half"])
+def test_local_reparameterization_keeps_small_variances_in_float16(precision):
+    # float16 variances below 6e-5 were raised to that floor (a noise std of 7.8e-3 for every pre-activation
+    # here, whose true std is 8e-4) and the data term's gradient to rho was exactly 0
+    torch.manual_seed(0)
+    layer = bdl.BayesLinear(64, 32, posterior_std_init=1e-4, estimator="local")
+    x = torch.randn(4000, 64)
+    true_std = (x.square() @ layer.weight_std.square().T + layer.bias_std.square()).sqrt()
+    mean = F.linear(x, layer.weight_mu, layer.bias_mu)
+    half = copy.deepcopy(layer).half() if precision == "half" else layer
+    context = torch.autocast("cpu", dtype=torch.float16) if precision == "autocast" else contextlib.nullcontext()
+    with context:
+        out = half(x.half() if precision == "half" else x)
+    assert out.dtype == torch.float16
+    noise = (out.float() - mean) / true_std
+    assert noise.std().item() == pytest.approx(1.0, abs=0.1)  # float16's rounding of the output adds ~1e-4
+    target = torch.randn(4000, 32)
+    grads = []
+    for module, context in ((layer, contextlib.nullcontext()), (half, torch.autocast("cpu", dtype=torch.float16, enabled=precision == "autocast"))):
+        module.zero_grad()
+        torch.manual_seed(3)
+        with context:
+            loss = (module(x.half() if module is not layer and precision == "half" else x).float() - target).square().mean()
+        loss.backward()
+        grads.append(module.weight_rho.grad.float())
+    assert grads[1].abs().sum() > 0.5 * grads[0].abs().sum()
+
+
+def test_batched_predictions_keep_small_epistemic_variances_under_float16_autocast():
+    torch.manual_seed(0)
+    model = nn.Sequential(bdl.BayesLinear(64, 32, posterior_std_init=1e-4), nn.ReLU(), bdl.BayesLinear(32, 1, posterior_std_init=1e-4))
+    x = torch.randn(256, 64)
+    reference = bdl.predict(model, x, num_samples=32, task="regression", method="loop").epistemic_variance.sqrt().mean()
+    with torch.autocast("cpu", dtype=torch.float16):
+        batched = bdl.predict(model, x, num_samples=32, task="regression", method="batched").epistemic_variance.sqrt().mean()
+    assert batched.item() == pytest.approx(reference.item(), rel=0.15)  # was 8e-3 against 3.8e-4
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_the_kl_of_a_half_precision_model_is_computed_in_float32(estimator):
+    # summed in float16 it was inf from ~10,000 weights on (float16's largest number is 65,504)
+    layer = bdl.BayesLinear(200, 200, estimator=estimator)
+    reference = layer.kl_divergence()
+    half = layer.half()
+    half(torch.randn(8, 200).half()).float().sum().backward()  # a training forward (the KL is fused there in float32)
+    kl = half.kl_divergence()
+    assert kl.dtype == torch.float32 and kl.item() == pytest.approx(reference.item(), rel=1e-3)
+    kl.backward()
+    assert half.weight_rho.grad.dtype == torch.float16 and torch.isfinite(half.weight_rho.grad).all()
