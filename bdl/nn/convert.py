@@ -49,6 +49,9 @@ def deterministic(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block, every Bayesian layer of ``model`` uses its posterior means instead of sampling.
 
     A model converted with :func:`bayesianize` then reproduces the original model's outputs exactly.
+    Copies made inside the block (``copy.deepcopy``, ``torch.save(model)``) sample as the layers do outside.
+    With activation checkpointing, call ``backward()`` inside the block too: the recomputed forward would
+    otherwise sample.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -58,15 +61,8 @@ def deterministic(model: nn.Module) -> Iterator[nn.Module]:
         ...     torch.equal(bnn(x), net(x))
         True
     """
-    layers = list(_bayes_layers(model))
-    previous = [layer.deterministic for layer in layers]
-    for layer in layers:
-        layer.deterministic = True
-    try:
+    with _temporarily(list(_bayes_layers(model)), "deterministic", True):
         yield model
-    finally:
-        for layer, flag in zip(layers, previous):
-            layer.deterministic = flag
 
 
 @contextlib.contextmanager
@@ -85,15 +81,32 @@ def use_estimator(model: nn.Module, estimator: str) -> Iterator[nn.Module]:
         'reparam'
     """
     check_estimator(estimator)
-    layers = list(_bayes_layers(model))
-    previous = [layer.estimator for layer in layers]
-    for layer in layers:
-        layer.estimator = estimator
-    try:
+    with _temporarily(list(_bayes_layers(model)), "estimator", estimator):
         yield model
+
+
+@contextlib.contextmanager
+def _temporarily(layers: list[_BayesLayer], attribute: str, value: object) -> Iterator[None]:
+    """Set ``attribute`` of every layer to ``value`` inside the block.
+
+    The layers' own values are also noted in ``_context_overrides``, which copies and pickles made inside the
+    block go back to (``_BayesLayer.__getstate__``): a ``copy.deepcopy``, ``torch.save(model)`` or
+    ``AveragedModel`` taken inside ``deterministic`` never sampled again.
+    """
+    previous, owned = [], []
+    for layer in layers:
+        overrides = layer.__dict__.setdefault("_context_overrides", {})
+        previous.append(getattr(layer, attribute))
+        owned.append(attribute not in overrides)  # an outer block already noted the layer's own value
+        overrides.setdefault(attribute, previous[-1])
+        setattr(layer, attribute, value)
+    try:
+        yield
     finally:
-        for layer, name in zip(layers, previous):
-            layer.estimator = name
+        for layer, old, own in zip(layers, previous, owned):
+            setattr(layer, attribute, old)
+            if own:
+                layer._context_overrides.pop(attribute, None)
 
 
 def _selected(name: str, module: nn.Module, include: Optional[Sequence[str | type]]) -> bool:

@@ -149,6 +149,12 @@ class _BayesLayer(BayesianModule):
         self.bias_prior = bias_prior
         self.reset_parameters()
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        # the layer's own settings, not those of a bdl.deterministic / bdl.use_estimator block the copy is made in
+        state.update(state.pop("_context_overrides", None) or {})
+        return state
+
     def __setstate__(self, state: dict) -> None:
         state.setdefault("_kl_cache", _TransientCache())  # layers pickled before these caches existed
         state.setdefault("_std_cache", _TransientCache())

@@ -53,6 +53,23 @@ def _same(a: Any, b: Any) -> bool:  # noqa: ANN401 - any attribute values
         return False
 
 
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers are tensors of their shapes on the meta device.
+
+    Made by ``deepcopy`` with those tensors swapped in (nothing of the members' values is copied); also
+    inside ``torch.func.functional_call``, whose plain tensors in ``_parameters`` failed ``.to("meta")``.
+    """
+    memo: dict[int, Any] = {}
+    for submodule in module.modules():
+        for value in submodule._parameters.values():
+            if value is not None:
+                memo[id(value)] = nn.Parameter(torch.empty_like(value, device="meta"), requires_grad=value.requires_grad)
+        for value in submodule._buffers.values():
+            if value is not None:
+                memo[id(value)] = torch.empty_like(value, device="meta")
+    return copy.deepcopy(module, memo)
+
+
 def _check_factory(factory: Any) -> None:  # noqa: ANN401
     # a module is callable too: called without arguments it fails in its forward, far from the mistake
     if not callable(factory) or isinstance(factory, nn.Module):
@@ -251,10 +268,12 @@ class DeepEnsemble(nn.Module):
 
     def _vmap_forward(self, *args: Any) -> Any:  # noqa: ANN401
         if not self._base:
-            self._base.append(copy.deepcopy(self.members[0]).to("meta"))
+            self._base.append(_meta_copy(self.members[0]))
         base = self._base[0]
+        # the first member's plain attributes as they are now (the training flags, a bdl.deterministic or
+        # bdl.use_estimator block, a changed dropout rate): the copy kept those of its first forward
         for base_module, module in zip(base.modules(), self.members[0].modules()):
-            base_module.training = module.training
+            base_module.__dict__.update((k, v) for k, v in vars(module).items() if not k.startswith("_"))
         params, buffers = self._state()
 
         def call(p: dict[str, Tensor], b: dict[str, Tensor], *inputs: Any) -> Any:  # noqa: ANN401

@@ -153,3 +153,26 @@ def test_context_managers_restore_state_even_on_error():
 def test_bayesianize_rejects_non_modules():
     with pytest.raises(TypeError, match="nn.Module"):
         bdl.bayesianize(lambda x: x)
+
+
+def test_copies_made_inside_the_context_managers_keep_the_layers_own_settings():
+    # a deepcopy, AveragedModel or torch.save(model) taken inside bdl.deterministic never sampled again
+    import copy
+    import io
+
+    model = nn.Sequential(bdl.BayesLinear(4, 8), nn.ReLU(), bdl.BayesLinear(8, 2, estimator="local"))
+    x = torch.randn(3, 4)
+    with bdl.deterministic(model), bdl.use_estimator(model, "flipout"):
+        with bdl.deterministic(model):  # nested: the outermost block noted the layers' own values
+            copies = [copy.deepcopy(model), torch.optim.swa_utils.AveragedModel(model).module]
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        copies.append(torch.load(buffer, weights_only=False))
+        assert all(layer.deterministic and layer.estimator == "flipout" for layer in (model[0], model[2]))
+        torch.testing.assert_close(model(x), model(x))
+    for copied in copies:
+        assert [(m.deterministic, m.estimator) for m in (copied[0], copied[2])] == [(False, "reparam"), (False, "local")]
+        assert not torch.equal(copied(x), copied(x))
+    assert [(m.deterministic, m.estimator) for m in (model[0], model[2])] == [(False, "reparam"), (False, "local")]
+    assert not any(m._context_overrides for m in (model[0], model[2]))

@@ -269,3 +269,36 @@ def test_toy_with_a_gap_separates_aleatoric_from_epistemic_variance(one_thread):
     log_pairs = torch.stack([pred.aleatoric_variance[seen].log().flatten(), true_variance.log().flatten()])
     assert torch.corrcoef(log_pairs)[0, 1] > 0.95
     torch.testing.assert_close(pred.total_variance, pred.aleatoric_variance + pred.epistemic_variance)
+
+
+def bayesian_member():
+    return nn.Sequential(bdl.BayesLinear(4, 8), nn.ReLU(), bdl.BayesLinear(8, 3))
+
+
+def test_vmap_follows_the_members_settings_after_its_first_forward():
+    # the first forward's copy of member 0 kept its plain attributes: inside bdl.deterministic the ensemble
+    # still sampled, after a first forward inside it never sampled again, and a changed dropout rate was ignored
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    ensemble = DeepEnsemble([bayesian_member() for _ in range(2)], method="vmap")
+    ensemble(x)
+    with bdl.deterministic(ensemble):
+        means = torch.stack([F.linear(F.linear(x, m[0].weight_mu, m[0].bias_mu).relu(), m[2].weight_mu, m[2].bias_mu) for m in ensemble.members])
+        torch.testing.assert_close(ensemble(x), means)
+    assert not torch.equal(ensemble(x), ensemble(x))  # sampling again outside the block
+    dropout = DeepEnsemble([nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)) for _ in range(2)], method="vmap").train()
+    dropout(x)
+    for net in dropout.members:
+        net[1].p = 0.0
+    torch.testing.assert_close(dropout(x), dropout.eval()(x))
+
+
+def test_functional_call_runs_a_vmap_ensemble_before_its_first_forward():
+    # the meta copy was made with .to("meta") while functional_call's plain tensors were in place: AssertionError
+    ensemble = DeepEnsemble([nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(2)], method="vmap")
+    x = torch.randn(5, 4)
+    state = {name: value * 2 for name, value in ensemble.state_dict().items()}
+    out = torch.func.functional_call(ensemble, state, (x,))
+    expected = torch.stack([torch.func.functional_call(m, {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"members.{i}.")}, (x,))
+                            for i, m in enumerate(ensemble.members)])  # fmt: skip
+    torch.testing.assert_close(out, expected)
