@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_internals
 
 from ._outputs import draw_stacked, output_parts
 from .nn.convert import use_estimator
@@ -525,7 +526,13 @@ def _stochastic_sources(model: nn.Module) -> tuple[nn.Module, set[nn.Module], co
 
 
 def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_pre_hooks or module._forward_hooks)
+    """Whether ``module``'s forward hooks (its own, or global ones from ``register_module_forward_hook``) run."""
+    return bool(
+        module._forward_pre_hooks
+        or module._forward_hooks
+        or getattr(_module_internals, "_global_forward_hooks", None)
+        or getattr(_module_internals, "_global_forward_pre_hooks", None)
+    )
 
 
 def _plain_sequential(core: nn.Module) -> bool:

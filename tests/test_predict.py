@@ -525,3 +525,24 @@ def test_the_chunk_probe_runs_once_per_network_and_input_shape(monkeypatch):
     assert probes == [(4,)]
     bdl.predict(bdl.MCDropout(net), torch.randn(8, 2, 2), num_samples=4)  # another row shape
     assert probes == [(4,), (2, 2)]
+
+
+def test_global_module_hooks_run_in_the_batched_path():
+    # register_module_forward_hook's hooks were skipped for the leading BayesLinear (its moments shared by samples)
+    torch.manual_seed(0)
+    model = nn.Sequential(bdl.BayesLinear(4, 16), nn.ReLU(), bdl.BayesLinear(16, 2))
+    x = torch.randn(6, 4)
+    calls = []
+
+    def hook(module, inputs, output):
+        calls.append(type(module).__name__)
+        return output * 100.0 if module is model[0] else output
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        means = {method: bdl.predict(model, x, num_samples=64, task="regression", method=method).mean for method in ("loop", "batched")}
+    finally:
+        handle.remove()
+    assert calls.count("BayesLinear") >= 2 * 64  # every sample of the loop path ran both layers' hooks
+    torch.testing.assert_close(means["batched"], means["loop"], rtol=0.2, atol=1.0)
+    assert means["batched"].abs().mean() > 10  # the first layer's outputs scaled 100x
