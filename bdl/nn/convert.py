@@ -171,7 +171,9 @@ def bayesianize(
     The input model is not changed. Posterior means start at the existing weights, so the converted
     model under :func:`deterministic` gives exactly the original outputs; posterior standard deviations
     start at ``posterior_std_init``. Kernel sizes, strides, padding (and its mode), dilation, groups and
-    ``bias=False`` are kept.
+    ``bias=False`` are kept. Only those exact types are converted: subclasses (a layer with a
+    parametrization or ``weight_norm``, ``nn.MultiheadAttention``'s ``out_proj``, whose weight the
+    attention reads directly) stay as they are.
 
     Args:
         model: any ``nn.Module``.
@@ -223,7 +225,16 @@ def bayesianize(
         and not (exclude and any(_selected(name, modules[key], exclude) for name in module_names))
     ]
     if include is not None and not targets:
-        raise ValueError(f"include={include!r} selects no nn.Linear/nn.Conv layer of the model")
+        subclasses = [
+            f"{name!r} is a {type(module).__name__}"
+            for name, module in converted.named_modules()
+            if isinstance(module, tuple(_CONVERSIONS)) and type(module) not in _CONVERSIONS and _selected(name, module, include)
+        ]
+        hint = (
+            f" ({', '.join(subclasses)}: subclasses of nn.Linear/nn.Conv, such as layers with a parametrization or "
+            "weight_norm, are not converted)" if subclasses else ""
+        )
+        raise ValueError(f"include={include!r} selects no nn.Linear/nn.Conv layer of the model{hint}")
     for module, module_names in targets:
         layer = _CONVERSIONS[type(module)].from_module(module, prior=copy.deepcopy(prior), **options)
         if center_prior_on_weights:

@@ -176,3 +176,10 @@ def test_copies_made_inside_the_context_managers_keep_the_layers_own_settings():
         assert not torch.equal(copied(x), copied(x))
     assert [(m.deterministic, m.estimator) for m in (model[0], model[2])] == [(False, "reparam"), (False, "local")]
     assert not any(m._context_overrides for m in (model[0], model[2]))
+
+
+def test_include_naming_a_parametrized_layer_says_why_it_is_not_converted():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    with pytest.raises(ValueError, match=r"selects no nn.Linear/nn.Conv layer of the model \('0' is a ParametrizedLinear: subclasses"):
+        bdl.bayesianize(model, include=["0"])
