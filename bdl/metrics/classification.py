@@ -147,8 +147,7 @@ class ClasswiseECE(Metric):
         probs, target = F._checked(probs, target)
         if probs.shape[1] != self.num_classes:
             raise ValueError(f"`probs` must have {self.num_classes} columns, got shape {tuple(probs.shape)}")
-        one_hot = torch.nn.functional.one_hot(target, self.num_classes).to(probs.dtype)
-        count, probability_sum, outcome_sum = F._classwise_sums(probs, one_hot, self.n_bins)
+        count, probability_sum, outcome_sum = F._classwise_sums(probs, target, self.n_bins)
         self.count += count
         self.probability_sum += probability_sum
         self.outcome_sum += outcome_sum

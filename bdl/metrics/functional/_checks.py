@@ -35,15 +35,29 @@ def as_tensor(value, name: str) -> Tensor:  # noqa: ANN001 - anything tensor-lik
 
 def check_float(value, name: str) -> Tensor:  # noqa: ANN001
     """A floating tensor with finite entries; integers are promoted to the default dtype."""
+    tensor = _real(value, name)
+    _check_finite(tensor, name, tensor.sum(dtype=torch.float32 if tensor.dtype == torch.float16 else None))
+    return tensor
+
+
+def _real(value, name: str) -> Tensor:  # noqa: ANN001
     tensor = as_tensor(value, name)
     if tensor.dtype == torch.bool or not (tensor.is_floating_point() or tensor.dtype in _INTEGER_DTYPES):
         raise TypeError(f"`{name}` must hold real numbers, got dtype {tensor.dtype}")
     if not tensor.is_floating_point():
         tensor = tensor.to(torch.get_default_dtype())
-    if not torch.isfinite(tensor).all():
-        bad = (~torch.isfinite(tensor)).sum().item()
-        raise ValueError(f"`{name}` must be finite, got {bad} NaN/Inf entries out of {tensor.numel()}")
     return tensor
+
+
+def _check_finite(tensor: Tensor, name: str, total: Tensor) -> None:
+    """Raise if an entry of ``tensor`` is NaN/Inf. ``total`` is its sum (or a sum of partial sums): NaN and
+    Inf propagate into it, so a finite one clears every entry at the cost of a sum; only a non-finite one
+    (or an overflow of large finite entries) takes the elementwise test, whose masks cost 3-4 times the
+    input's memory (53x the sum's time at 100,000 x 1,000 probabilities)."""
+    if bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all()):
+        return
+    bad = (~torch.isfinite(tensor)).sum().item()
+    raise ValueError(f"`{name}` must be finite, got {bad} NaN/Inf entries out of {tensor.numel()}")
 
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -51,19 +65,22 @@ _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int6
 
 def check_probs(probs, name: str = "probs") -> Tensor:  # noqa: ANN001
     """``probs`` [N, C]: finite, in [0, 1], rows summing to 1 within :func:`probability_sum_tolerance`."""
-    probs = check_float(probs, name)
+    probs = _real(probs, name)
     if probs.dim() != 2 or probs.shape[1] < 2:
         raise ValueError(f"`{name}` must have shape [N, C] with C >= 2 classes, got shape {tuple(probs.shape)}")
     if probs.shape[0] == 0:
         raise ValueError(f"`{name}` must hold at least one example, got shape {tuple(probs.shape)}")
-    if (probs < 0).any() or (probs > 1).any():
+    # two passes over the [N, C] tensor (row sums, min and max) and no [N, C] temporaries
+    row_sums = probs.sum(dim=1)
+    _check_finite(probs, name, row_sums.sum(dtype=torch.float32 if probs.dtype == torch.float16 else None))
+    low, high = torch.aminmax(probs)
+    if low < 0 or high > 1:
         raise ValueError(
-            f"`{name}` must be probabilities in [0, 1], got values in "
-            f"[{probs.min().item():.4g}, {probs.max().item():.4g}]"
+            f"`{name}` must be probabilities in [0, 1], got values in [{low.item():.4g}, {high.item():.4g}]"
             " (pass softmax(logits), not logits)"
         )
     tolerance = probability_sum_tolerance(probs.dtype)
-    error = (probs.sum(dim=1) - 1).abs()
+    error = (row_sums - 1).abs()
     if (error > tolerance).any():
         worst = error.argmax().item()
         raise ValueError(
