@@ -161,7 +161,8 @@ class ClasswiseECE(Metric):
 
 
 class AdaptiveECE(_Buffered):
-    """Streaming :func:`~bdl.metrics.functional.adaptive_ece` (equal-mass bins need every example: kept in memory).
+    """Streaming :func:`~bdl.metrics.functional.adaptive_ece` (equal-mass bins need every example: each one's
+    top-label confidence and correctness are kept, two numbers whatever the number of classes).
 
     Args:
         n_bins: number of equal-mass bins.
@@ -177,22 +178,18 @@ class AdaptiveECE(_Buffered):
     higher_is_better = False
 
     def __init__(self, n_bins: int = 15, **kwargs) -> None:  # noqa: ANN003
-        super().__init__(("probs", "target"), **kwargs)
+        super().__init__(("confidence", "correct"), **kwargs)
         self.n_bins = check_n_bins(n_bins)
 
     def update(self, probs: Tensor, target: Tensor) -> None:
         """Add a batch: ``probs`` [B, C] predictive probabilities, ``target`` [B] integer labels."""
-        probs, target = F._checked(probs, target)
-        if probs.dtype in (torch.float16, torch.bfloat16):
-            # kept in float32 with rows renormalised: half-precision rows sum to 1 only within their own
-            # tolerance, and compute checks the concatenated batches at the widest dtype's (a bf16 batch
-            # followed by float32 ones failed there)
-            probs = probs.float()
-            probs = probs / probs.sum(-1, keepdim=True)
-        self._append(probs=probs, target=target)
+        confidence, correct = F._top_label(*F._checked(probs, target))
+        if confidence.dtype in (torch.float16, torch.bfloat16):  # batches of several dtypes concatenate in float32
+            confidence, correct = confidence.float(), correct.float()
+        self._append(confidence=confidence, correct=correct)
 
     def compute(self) -> Tensor:
-        return self._compute_with(F.adaptive_ece, n_bins=self.n_bins)
+        return self._compute_with(F._adaptive_ece_of, self.n_bins)
 
     def extra_repr(self) -> str:
         return f"n_bins={self.n_bins}"

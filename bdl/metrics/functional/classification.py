@@ -329,13 +329,17 @@ def adaptive_ece(probs: Tensor, target: Tensor, *, n_bins: int = 15) -> Tensor:
     """
     probs, target = _checked(probs, target)
     n_bins = check_n_bins(n_bins)
-    confidence, correct = _top_label(probs, target)
+    return _adaptive_ece_of(*_top_label(probs, target), n_bins)
+
+
+def _adaptive_ece_of(confidence: Tensor, correct: Tensor, n_bins: int) -> Tensor:
+    """:func:`adaptive_ece` from each example's top-label confidence and 0/1 correctness ([N] each)."""
     order = correct.double().argsort(stable=True)
     order = order[confidence[order].argsort(stable=True)]
     total = confidence.new_zeros((), dtype=torch.float64)
     for group in torch.tensor_split(order, min(n_bins, order.numel())):
         total += (confidence[group].double().sum() - correct[group].double().sum()).abs()
-    return (total / confidence.numel()).to(probs.dtype)
+    return (total / confidence.numel()).to(confidence.dtype)
 
 
 def classwise_ece(probs: Tensor, target: Tensor, *, n_bins: int = 15) -> Tensor:
