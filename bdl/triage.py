@@ -80,8 +80,10 @@ def _threshold_for_coverage(scores: Tensor, coverage: float) -> float:
     """The largest threshold that handles at most ``coverage`` of the inputs (ties are kept together)."""
     ordered = scores.sort().values
     count = math.floor(coverage * len(ordered) + 1e-9)
-    while count > 0 and count < len(ordered) and ordered[count] == ordered[count - 1]:
-        count -= 1  # a threshold between tied scores does not exist: handle fewer
+    if 0 < count < len(ordered) and ordered[count] == ordered[count - 1]:
+        # a threshold between tied scores does not exist: handle fewer, up to the first of the run (found by
+        # bisection: stepping back one at a time took 1.4 s at 200,000 inputs with 95% of the scores tied)
+        count = int(torch.searchsorted(ordered, ordered[count - 1 : count]))
     return ordered[count - 1].item() if count > 0 else -math.inf
 
 

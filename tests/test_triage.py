@@ -137,3 +137,13 @@ def test_non_finite_scores_are_refused():
 def test_rejects_a_non_prediction():
     with pytest.raises(TypeError, match="Prediction"):
         triage(torch.randn(5), threshold=0.1)
+
+
+@pytest.mark.parametrize("coverage", [0.05, 0.3, 0.5, 0.77, 0.9, 0.95, 1.0])
+def test_coverage_threshold_with_many_ties_is_the_largest_that_handles_at_most_that_fraction(coverage):
+    from bdl.triage import _threshold_for_coverage
+
+    generator = torch.Generator().manual_seed(int(coverage * 100))
+    scores = torch.randint(0, 6, (500,), generator=generator).double() ** 2  # a few values, heavily tied
+    allowed = [value for value in scores.unique().tolist() if (scores <= value).double().mean() <= coverage + 1e-12]
+    assert _threshold_for_coverage(scores, coverage) == (max(allowed) if allowed else -math.inf)
