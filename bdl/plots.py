@@ -40,6 +40,12 @@ def _figure(**kwargs: Any) -> Figure:  # noqa: ANN401
     return Figure(layout="constrained", **kwargs)
 
 
+def _legend(ax: Axes, points: int, fallback: str) -> None:
+    # matplotlib's "best" tests every drawn point against each candidate place: 6 s of a 7 s savefig of the
+    # 1-D regression figure at 200,000 inputs
+    ax.legend(fontsize="small", loc="best" if points <= 2000 else fallback)
+
+
 def _axes(ax: Optional[Axes], figsize: tuple[float, float] = (5.0, 4.0)) -> tuple[Figure, Axes]:
     from matplotlib.axes import Axes
 
@@ -246,7 +252,7 @@ def plot_risk_coverage(
         ax.plot(_numpy(oracle_coverage), _numpy(oracle_risk), linestyle="--", color=_GREY,
                 label=f"oracle (AURC = {oracle_risk.mean().item():.4f})")
     ax.set(xlim=(0, 1), ylim=(0, None), xlabel="coverage", ylabel="selective risk", title="Risk-coverage curve")
-    ax.legend(fontsize="small")
+    _legend(ax, len(coverage), "upper left")  # risk grows with coverage: the upper left stays empty
     return figure
 
 
@@ -310,7 +316,7 @@ def plot_regression_1d(
         values = check_float(target, "target").reshape(len(x), -1)[:, output]
         ax.scatter(_numpy(x), _numpy(values), s=8, color=_RED, alpha=0.6, label="targets", zorder=3)
     ax.set(xlabel="x", ylabel="y", title="Predictive distribution")
-    ax.legend(fontsize="small")
+    _legend(ax, len(x), "upper left")
     return figure
 
 
