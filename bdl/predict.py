@@ -264,7 +264,11 @@ class Prediction:
     def predictive_entropy(self) -> Tensor:
         """Total uncertainty ``H[p] = -sum_c p_c log p_c`` of the mean probabilities, in nats, [N]."""
         self._need("classification", "predictive_entropy")
-        return _entropy(self.probs)
+        # kept while probs is the same, unchanged tensor: evaluate reads it 7 times (MI, OOD scores, the report)
+        probs, cached = self.probs, self.__dict__.get("_entropy_cache")
+        if cached is None or cached[0] is not probs or cached[1] != probs._version:
+            cached = self.__dict__["_entropy_cache"] = (probs, probs._version, _entropy(probs))
+        return cached[2]
 
     @property
     def mutual_information(self) -> Tensor:

@@ -546,3 +546,13 @@ def test_global_module_hooks_run_in_the_batched_path():
     assert calls.count("BayesLinear") >= 2 * 64  # every sample of the loop path ran both layers' hooks
     torch.testing.assert_close(means["batched"], means["loop"], rtol=0.2, atol=1.0)
     assert means["batched"].abs().mean() > 10  # the first layer's outputs scaled 100x
+
+
+def test_the_predictive_entropy_is_computed_once_and_follows_the_probabilities():
+    pred = bdl.Prediction.from_logits(torch.randn(4, 6, 3))
+    first = pred.predictive_entropy
+    assert pred.predictive_entropy is first  # evaluate read it 7 times, each an [N, C] pass
+    pred.probs = torch.full((6, 3), 1 / 3)
+    torch.testing.assert_close(pred.predictive_entropy, torch.full((6,), math.log(3)))
+    pred.probs.copy_(torch.tensor([1.0, 0.0, 0.0]).expand(6, 3))  # in place
+    torch.testing.assert_close(pred.predictive_entropy, torch.zeros(6))
