@@ -266,8 +266,9 @@ class Prediction:
         self._need("classification", "predictive_entropy")
         # kept while probs is the same, unchanged tensor: evaluate reads it 7 times (MI, OOD scores, the report)
         probs, cached = self.probs, self.__dict__.get("_entropy_cache")
-        if cached is None or cached[0] is not probs or cached[1] != probs._version:
-            cached = self.__dict__["_entropy_cache"] = (probs, probs._version, _entropy(probs))
+        version = None if probs.is_inference() else probs._version  # inference tensors have no version counter
+        if cached is None or cached[0] is not probs or cached[1] != version:
+            cached = self.__dict__["_entropy_cache"] = (probs, version, _entropy(probs))
         return cached[2]
 
     @property

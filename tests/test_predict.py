@@ -556,3 +556,11 @@ def test_the_predictive_entropy_is_computed_once_and_follows_the_probabilities()
     torch.testing.assert_close(pred.predictive_entropy, torch.full((6,), math.log(3)))
     pred.probs.copy_(torch.tensor([1.0, 0.0, 0.0]).expand(6, 3))  # in place
     torch.testing.assert_close(pred.predictive_entropy, torch.zeros(6))
+
+
+def test_the_predictive_entropy_of_inference_tensors():
+    # Lightning tests in inference mode, whose tensors have no version counter to key the kept entropy by
+    with torch.inference_mode():
+        pred = bdl.Prediction.from_logits(torch.randn(4, 6, 3))
+    assert pred.probs.is_inference()
+    torch.testing.assert_close(pred.predictive_entropy, -(pred.probs * pred.probs.log()).sum(-1))
