@@ -92,6 +92,17 @@ def _all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+_SUMMARY_CHUNK_ELEMENTS = 1 << 26
+
+
+def _summary_chunks(samples: Tensor) -> tuple[Tensor, ...]:
+    """``[S, N, C]`` in chunks of whole samples of about 64M elements, as :func:`predict` feeds its summaries:
+    summarising every sample at once held ~3x the samples in temporaries (+3.7 GB for 1.2 GB of logits;
+    +1.1 GB in chunks, at the same speed; chunks of 16M elements took twice as long)."""
+    per_sample = max(1, samples[0].numel()) if len(samples) else 1
+    return samples.split(max(1, _SUMMARY_CHUNK_ELEMENTS // per_sample))
+
+
 def _summary_dtype(t: Tensor) -> Tensor:
     # half-precision outputs (autocast) are summarised in float32: entropies of 16-bit probabilities lose digits
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -155,7 +166,8 @@ class Prediction:
         """
         sample_logits = _check_samples("sample_logits", sample_logits, "[S, N, C] of logits")
         summary = _ClassificationSummary(keep_samples)
-        summary.add_logits(sample_logits)
+        for chunk in _summary_chunks(sample_logits):
+            summary.add_logits(chunk)
         return summary.result()
 
     @classmethod
@@ -174,7 +186,8 @@ class Prediction:
         if worst > 1e-3:
             raise ValueError(f"sample_probs must sum to 1 over the last dimension (classes), got a row off by {worst:.3g}")
         summary = _ClassificationSummary(keep_samples)
-        summary.add_probs(sample_probs)
+        for chunk in _summary_chunks(sample_probs):
+            summary.add_probs(chunk)
         return summary.result()
 
     @classmethod

@@ -564,3 +564,23 @@ def test_the_predictive_entropy_of_inference_tensors():
         pred = bdl.Prediction.from_logits(torch.randn(4, 6, 3))
     assert pred.probs.is_inference()
     torch.testing.assert_close(pred.predictive_entropy, -(pred.probs * pred.probs.log()).sum(-1))
+
+
+def test_from_logits_summarises_large_inputs_in_chunks_of_samples(monkeypatch):
+    # all S samples at once held ~3x the input in temporaries; chunks give the same summaries
+    import sys
+
+    logits = torch.randn(8, 50, 4)
+    whole = bdl.Prediction.from_logits(logits)
+    module = sys.modules["bdl.predict"]
+    monkeypatch.setattr(module, "_SUMMARY_CHUNK_ELEMENTS", 3 * 50 * 4)  # chunks of 3 samples
+    sizes = []
+    add_logits = module._ClassificationSummary.add_logits
+    monkeypatch.setattr(module._ClassificationSummary, "add_logits", lambda self, chunk: sizes.append(len(chunk)) or add_logits(self, chunk))
+    chunked = bdl.Prediction.from_logits(logits)
+    assert sizes == [3, 3, 2]
+    probs = bdl.Prediction.from_probs(logits.softmax(-1))
+    for name in ("probs", "expected_entropy", "mutual_information", "predicted_class_variance", "logits"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(whole, name))
+    torch.testing.assert_close(probs.probs, whole.probs)
+    assert chunked.num_samples == 8
