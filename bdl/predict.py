@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_internals
 
 from ._outputs import draw_stacked, output_parts
+from .metrics.functional._checks import all_finite
 from .nn.convert import use_estimator
 from .nn.functional import gaussian_draw, pre_activation_variance, randn_like
 from .nn.layers import BayesianModule, BayesLinear
@@ -84,12 +85,6 @@ def _check_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)  # a numpy integer too
-
-
-def _all_finite(t: Tensor) -> bool:
-    """Whether every element of ``t`` is finite: one sum (NaN and Inf propagate into it), and only when
-    that is not finite (an overflow of large finite values, too) the elementwise check."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 _SUMMARY_CHUNK_ELEMENTS = 1 << 26
@@ -380,7 +375,7 @@ def _check_samples(name: str, value: Any, expected: str) -> Tensor:  # noqa: ANN
         raise ValueError(f"{name} must hold at least one sample (S >= 1), got shape {tuple(value.shape)}")
     if value.is_meta:
         raise ValueError(f"{name} is on the 'meta' device (a shape without values), got shape {tuple(value.shape)}")
-    if not _all_finite(value):
+    if not all_finite(value):
         bad = int((~torch.isfinite(value)).sum())
         raise ValueError(f"{name} must be finite, got {bad} NaN/Inf entries out of {value.numel()}")
     return value
@@ -799,7 +794,7 @@ def _add_output(summary: Any, output: Any, task: str) -> None:  # noqa: ANN401
         if not isinstance(output, Tensor) or output.dim() != 3:
             shape = tuple(output.shape[1:]) if isinstance(output, Tensor) else type(output).__name__
             raise ValueError(f"a classification model must return logits [B, C], got {shape}")
-        if not _all_finite(output):
+        if not all_finite(output):
             raise ValueError("the model returned non-finite logits (NaN or Inf)")
         summary.add_logits(output)
         return
@@ -816,7 +811,7 @@ def _add_output(summary: Any, output: Any, task: str) -> None:  # noqa: ANN401
         variances = None if variances is None else variances.unsqueeze(-1)
     if means.dim() != 3:
         raise ValueError(f"a regression model must return means [B, D] or [B], got {tuple(means.shape[1:])}")
-    if not _all_finite(means) or (variances is not None and not _all_finite(variances)):
+    if not all_finite(means) or (variances is not None and not all_finite(variances)):
         raise ValueError("the model returned non-finite means or variances (NaN or Inf)")
     if variances is not None and (variances < 0).any():
         raise ValueError("the model returned negative variances")

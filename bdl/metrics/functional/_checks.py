@@ -7,6 +7,7 @@ trusts its inputs. Messages name the argument, the expected form and what came.
 from __future__ import annotations
 
 import numbers
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -36,7 +37,7 @@ def as_tensor(value, name: str) -> Tensor:  # noqa: ANN001 - anything tensor-lik
 def check_float(value, name: str) -> Tensor:  # noqa: ANN001
     """A floating tensor with finite entries; integers are promoted to the default dtype."""
     tensor = _real(value, name)
-    _check_finite(tensor, name, tensor.sum(dtype=torch.float32 if tensor.dtype == torch.float16 else None))
+    _check_finite(tensor, name)
     return tensor
 
 
@@ -49,12 +50,19 @@ def _real(value, name: str) -> Tensor:  # noqa: ANN001
     return tensor
 
 
-def _check_finite(tensor: Tensor, name: str, total: Tensor) -> None:
-    """Raise if an entry of ``tensor`` is NaN/Inf. ``total`` is its sum (or a sum of partial sums): NaN and
-    Inf propagate into it, so a finite one clears every entry at the cost of a sum; only a non-finite one
-    (or an overflow of large finite entries) takes the elementwise test, whose masks cost 3-4 times the
-    input's memory (53x the sum's time at 100,000 x 1,000 probabilities)."""
-    if bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all()):
+def all_finite(tensor: Tensor, total: Optional[Tensor] = None) -> bool:
+    """Whether every entry of ``tensor`` is finite. ``total`` is its sum (or a sum of partial sums; None: taken
+    here, in float32 for float16): NaN and Inf propagate into it, so a finite one clears every entry at the
+    cost of a sum; only a non-finite one (or an overflow of large finite entries) takes the elementwise test,
+    whose masks cost 3-4 times the input's memory (53x the sum's time at 100,000 x 1,000 probabilities)."""
+    if total is None:
+        total = tensor.sum(dtype=torch.float32 if tensor.dtype == torch.float16 else None)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
+
+
+def _check_finite(tensor: Tensor, name: str, total: Optional[Tensor] = None) -> None:
+    """Raise if an entry of ``tensor`` is NaN/Inf (see :func:`all_finite`)."""
+    if all_finite(tensor, total):
         return
     bad = (~torch.isfinite(tensor)).sum().item()
     raise ValueError(f"`{name}` must be finite, got {bad} NaN/Inf entries out of {tensor.numel()}")
