@@ -163,6 +163,21 @@ def test_options_reach_the_metrics():
     assert isinstance(report, Report) and str(report) == report.to_markdown()
 
 
+def test_nll_of_a_confidently_wrong_model_is_its_cross_entropy():
+    # logits scaled up 30x make mistakes with probabilities down to 1e-25, far below float32's eps (1.2e-7);
+    # clipping there (as sklearn's log_loss does) reported 4.7 where the cross-entropy is 6.1
+    torch.manual_seed(1)
+    x, y = blobs(300)
+    torch.manual_seed(0)
+    model = nn.Linear(2, 3)
+    with torch.no_grad():
+        model.weight.mul_(30.0)
+        logits = model(x)
+    assert (logits.softmax(-1).gather(1, y[:, None]) < 1e-7).sum() >= 10
+    report = evaluate(model, (x, y), num_samples=1)
+    assert report.metrics["nll"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-4)
+
+
 def test_one_sample_reports_no_epistemic_ood_scores():
     x, y = blobs(150)
     for samples in (1, 8):  # one sample, or eight equal ones of a deterministic network

@@ -82,13 +82,26 @@ def test_classwise_ece_is_the_mean_of_torchmetrics_binary_calibration_errors():
     torch.testing.assert_close(M.classwise_ece(probs, target, n_bins=10), torch.stack(per_class).mean(), atol=1e-6, rtol=0)
 
 
-def test_nll_matches_sklearn_log_loss_including_a_zero_probability():
+def test_nll_matches_sklearn_log_loss_above_its_clipping_epsilon():
     probs = random_probs(300, 6, dtype=torch.float64)
     target = sample_labels(probs)
-    probs[0] = torch.tensor([0.0, 0.2, 0.2, 0.2, 0.2, 0.2], dtype=torch.float64)
-    target[0] = 0  # a confident mistake: clipped at float64 eps, as sklearn does
     expected = log_loss(target.numpy(), probs.numpy(), labels=list(range(6)))
     assert M.nll(probs, target).item() == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_nll_counts_confident_mistakes_in_full_and_a_zero_probability_finitely(dtype):
+    # p = 1e-20 costs 46.05 nats (sklearn's clip at eps would charge 15.9 in float32, 36.0 in float64); a
+    # zero costs -log(tiny) of float32 or float64 (half types are read in float32), never inf
+    probs = torch.tensor([[1e-20, 1.0], [0.0, 1.0], [0.5, 0.5]], dtype=torch.float64)
+    target = torch.tensor([0, 0, 0])
+    tiny = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).tiny
+    half_probs = dtype in (torch.float16, torch.bfloat16)
+    first = -math.log(tiny) if dtype == torch.float16 else 46.0517  # float16 holds no 1e-20: it rounds to 0
+    expected = (first - math.log(tiny) + math.log(2)) / 3
+    value = M.nll(probs.to(dtype), target)
+    assert value.dtype == dtype
+    assert value.item() == pytest.approx(expected, rel=1e-2 if half_probs else 1e-5)
 
 
 def test_brier_score_matches_sklearn_multiclass_and_twice_the_binary_score():
