@@ -17,14 +17,14 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .metrics import functional as M
-from .predict import Prediction, predict
+from .predict import DEFAULT_BATCH_SIZE, Prediction, as_loader, predict
 
 __all__ = ["Report", "evaluate"]
 
-Data = Union[DataLoader, Tensor, Sequence[Tensor], None]
+Data = Union[DataLoader, Dataset, Tensor, Sequence[Tensor], None]
 
 # Display names and sections of the report, in order; a key missing from a report is skipped.
 _SECTIONS: dict[str, dict[str, str]] = {
@@ -75,7 +75,7 @@ def _split_tensors(data: Any, name: str) -> tuple[Optional[Tensor], Optional[Ten
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, Tensor) for t in data):
         return data[0], (data[1] if len(data) >= 2 else None)
     raise TypeError(
-        f"`{name}` must be a DataLoader, a tensor of inputs or a tuple (inputs, targets, ...) of tensors, "
+        f"`{name}` must be a DataLoader, a Dataset, a tensor of inputs or a tuple (inputs, targets, ...) of tensors, "
         f"got {type(data).__name__}"
     )
 
@@ -112,10 +112,15 @@ class _Recorder:
         return inputs, (torch.cat(self.targets) if self.targets else None)
 
 
+def _loader(data: Any, predict_options: dict[str, Any]) -> Any:  # noqa: ANN401 - a Dataset, or data as it is
+    return as_loader(data, predict_options.get("batch_size", DEFAULT_BATCH_SIZE))
+
+
 def _predict(
     model: Any, data: Data, name: str, predict_options: dict[str, Any]  # noqa: ANN401
 ) -> tuple[Prediction, Optional[Tensor], Optional[Tensor]]:
     """``(prediction, inputs, targets)`` for a model or a ready Prediction and one data set."""
+    data = _loader(data, predict_options)
     if _is_prediction(model):
         if isinstance(data, DataLoader):
             recorder = _Recorder(data)
@@ -435,6 +440,7 @@ def _ood_prediction(model: Any, ood_data: Any, predict_options: dict[str, Any]) 
             "with a ready Prediction for the test set, `ood_data` must be a Prediction too, "
             f"got {type(ood_data).__name__}"
         )
+    ood_data = _loader(ood_data, predict_options)
     inputs = ood_data if isinstance(ood_data, DataLoader) else _split_tensors(ood_data, "ood_data")[0]
     return predict(model, inputs, **predict_options)
 
@@ -467,10 +473,11 @@ def evaluate(
     Args:
         model: a model that :func:`bdl.predict` accepts, or a ready :class:`~bdl.Prediction` for the test
             set (e.g. from a Pyro engine).
-        test_data: a DataLoader of ``(x, y)`` batches or a pair ``(x, y)`` of tensors. With a ready
-            Prediction: the targets alone, a pair ``(x, y)`` (``x`` is used only for the 1-D regression
-            figure), a DataLoader, or None when ``Prediction.targets`` is set.
-        ood_data: out-of-distribution inputs (a tensor, a DataLoader, or ``(x, ...)``), or a ready
+        test_data: a DataLoader of ``(x, y)`` batches, a Dataset of ``(x, y)`` examples (read in order,
+            ``batch_size`` at a time) or a pair ``(x, y)`` of tensors. With a ready Prediction: the
+            targets alone, a pair ``(x, y)`` (``x`` is used only for the 1-D regression figure), a
+            DataLoader or Dataset, or None when ``Prediction.targets`` is set.
+        ood_data: out-of-distribution inputs (a tensor, a DataLoader, a Dataset, or ``(x, ...)``), or a ready
             Prediction for them (required when ``model`` is a Prediction). Labels, if any, are ignored.
         num_samples: Monte Carlo samples S per input; None leaves the choice to :func:`bdl.predict` (one
             per member for a deep ensemble, else 32). Not used for ready Predictions.

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_internals
+from torch.utils.data import DataLoader, Dataset
 
 from ._outputs import draw_stacked, output_parts
 from .metrics.functional._checks import all_finite
@@ -755,7 +756,20 @@ def _model_device(model: Any) -> Optional[torch.device]:  # noqa: ANN401
     return None
 
 
+DEFAULT_BATCH_SIZE = 1024  # rows per forward of tensor and Dataset inputs
+
+
+def as_loader(data: Any, batch_size: int) -> Any:  # noqa: ANN401 - anything; only a Dataset changes
+    """A ``Dataset`` (map-style or iterable, e.g. torchvision's ``MNIST``) as a DataLoader of ``batch_size``
+    examples in order; any other data as it is. Iterating a Dataset itself gives single examples without
+    a batch dimension (for a TensorDataset: until its indexing fails)."""
+    if isinstance(data, Dataset) and not isinstance(data, DataLoader):
+        return DataLoader(data, batch_size=batch_size)
+    return data
+
+
 def _batches(inputs: Any, batch_size: int) -> Iterator[tuple[Tensor, Optional[Tensor]]]:  # noqa: ANN401
+    inputs = as_loader(inputs, batch_size)
     if isinstance(inputs, Tensor):
         if inputs.dim() == 0:
             raise ValueError("inputs must have a batch dimension, got a scalar tensor")
@@ -771,7 +785,7 @@ def _batches(inputs: Any, batch_size: int) -> Iterator[tuple[Tensor, Optional[Te
         return
     if not isinstance(inputs, Iterable):
         raise TypeError(
-            f"inputs must be a tensor, a tuple (x, y) of tensors, or a DataLoader/iterable of batches, got {type(inputs).__name__}"
+            f"inputs must be a tensor, a tuple (x, y) of tensors, a DataLoader/iterable of batches, or a Dataset, got {type(inputs).__name__}"
         )
     if isinstance(inputs, list) and inputs and all(isinstance(t, Tensor) for t in inputs):
         # [x, y] would be read as two batches (labels fed to the network); evaluate reads it as a pair
@@ -922,7 +936,7 @@ def predict(
     task: str = "classification",
     *,
     keep_samples: bool = False,
-    batch_size: int = 1024,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     chunk_size: Optional[int] = None,
     method: str = "auto",
 ) -> Prediction:
@@ -941,15 +955,16 @@ def predict(
 
     Args:
         model: the stochastic model (any callable; ``nn.Module`` for the batched path).
-        inputs: a tensor ``[N, ...]``, a tuple ``(x, y, ...)`` of tensors, or a DataLoader / iterable of
-            batches ``x`` or ``(x, y, ...)``. Tensors are split into ``batch_size`` rows; targets ``y``
-            are kept in ``Prediction.targets``.
+        inputs: a tensor ``[N, ...]``, a tuple ``(x, y, ...)`` of tensors, a DataLoader / iterable of
+            batches ``x`` or ``(x, y, ...)``, or a ``Dataset`` of examples ``x`` or ``(x, y, ...)``.
+            Tensors and Datasets are split into ``batch_size`` rows, in order; targets ``y`` are kept in
+            ``Prediction.targets``.
         num_samples: Monte Carlo samples ``S``. None: the number of members for a ``DeepEnsemble``
             (a multiple of it gives stochastic members several rounds), else 32. Use 1 for a
             deterministic network.
         task: ``"classification"`` or ``"regression"``.
         keep_samples: also keep ``sample_probs`` / ``sample_means`` ``[S, N, ...]``.
-        batch_size: rows per forward pass for tensor inputs.
+        batch_size: rows per forward pass for tensor and Dataset inputs.
         chunk_size: samples drawn at once per batch, bounding memory to ``chunk_size x batch`` rows in
             the batched path. None: as many as fit in 8192 rows and, on the CPU's batched path, keep the
             largest activation within 12 MiB (from a probe forward of one row; see

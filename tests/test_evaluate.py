@@ -111,6 +111,17 @@ def test_every_model_kind_of_predict_gets_a_report(make_model):
     )
 
 
+def test_datasets_give_the_report_of_their_tensors():
+    x, y = blobs(90)
+    model = nn.Linear(2, 3)
+    from_tensors = evaluate(model, (x, y), ood_data=x + 5, num_samples=1)
+    from_datasets = evaluate(model, TensorDataset(x, y), ood_data=TensorDataset(x + 5), num_samples=1, batch_size=32)
+    assert from_datasets.metrics == pytest.approx(from_tensors.metrics, rel=1e-6)
+    assert torch.equal(from_datasets.targets, y)
+    ready = evaluate(from_tensors.prediction, TensorDataset(x, y), ood_data=from_tensors.ood_prediction)
+    assert ready.metrics == pytest.approx(from_tensors.metrics, rel=1e-6)
+
+
 def test_a_shuffling_loader_keeps_targets_aligned_with_predictions():
     model = nn.Sequential(nn.Linear(2, 3))
     x, y = blobs(300)

@@ -321,6 +321,23 @@ def test_dataloader_inputs_keep_targets_and_match_tensor_path():
     assert bdl.predict(model, x, num_samples=1).targets is None
 
 
+def test_datasets_are_read_in_order_batch_size_examples_at_a_time():
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    model = nn.Linear(4, 3)
+    sizes = []
+    model.register_forward_hook(lambda module, args, output: sizes.append(args[0].shape[0]))
+    pred = bdl.predict(model, TensorDataset(x, y), num_samples=1, batch_size=16)  # iterating it gave rows without a batch dimension
+    assert torch.equal(pred.targets, y) and sizes == [16, 16, 8]
+    torch.testing.assert_close(pred.probs, model(x).softmax(-1))
+
+    class Inputs(torch.utils.data.IterableDataset):  # examples without targets, one at a time
+        def __iter__(self):
+            return iter(x)
+
+    streamed = bdl.predict(model, Inputs(), num_samples=1, batch_size=32)
+    assert streamed.targets is None and torch.equal(streamed.probs, pred.probs)
+
+
 def test_a_list_of_tensors_is_refused_as_ambiguous():
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     with pytest.raises(TypeError, match="ambiguous"):  # it fed the labels to the network as a second batch
