@@ -32,6 +32,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from ..predict import Prediction
 
 DEFAULT_ROOT = "runs"
+# Model arguments that say how to evaluate, not what was trained: with --ckpt_path they come from the command's
+# config and arguments, the rest of the model from the checkpoint's hyperparameters.
+EVALUATION_OPTIONS = ("num_eval_samples", "num_val_samples", "n_bins", "save_report", "compile")
 REPORT_COLUMNS = {
     "accuracy": "accuracy",
     "nll": "NLL",
@@ -260,7 +263,12 @@ class BDLCLI(LightningCLI):
         )
 
     def _parse_ckpt_path(self) -> None:
-        """Resolve ``--ckpt_path last`` for fit, and check a given checkpoint before Lightning reads it."""
+        """Resolve ``--ckpt_path last``/``best``, check a given checkpoint, and take the model from it.
+
+        Lightning replaces the config's model arguments with the checkpoint's hyperparameters (the model
+        that was trained); bdl then puts back this command's evaluation options
+        (:data:`EVALUATION_OPTIONS`), which Lightning's merge silently dropped.
+        """
         self._resume_version: Optional[int] = None
         self.subcommand = self.config.get("subcommand")  # LightningCLI sets it only after this method
         config = self._subconfig() if self.subcommand else None
@@ -271,35 +279,62 @@ class BDLCLI(LightningCLI):
                 f"bdl {self.subcommand} without --ckpt_path: the model has the weights the config initialises it "
                 "with (untrained); pass --ckpt_path runs/<run>/version_<n>/checkpoints/<file>.ckpt to use a trained one"
             )
-        if ckpt_path is None or (ckpt_path in ("last", "best", "hpc", "registry") and self.subcommand != "fit"):
-            return super()._parse_ckpt_path()  # Lightning resolves those names for test/validate/predict
-        if ckpt_path == "last":
-            root = Path(config.get("trainer", {}).get("default_root_dir") or DEFAULT_ROOT) / self.run_name()
-            found = [(version, path) for path in root.glob("version_*/checkpoints/last.ckpt") if (version := _version_of(path)) is not None]
-            if not found:
-                raise FileNotFoundError(
-                    f"--ckpt_path last: no {root}/version_*/checkpoints/last.ckpt to resume from; "
-                    "start the run without --ckpt_path (or pass a checkpoint file)"
-                )
-            ckpt_path = str(max(found)[1])
-            config["ckpt_path"] = ckpt_path
+        if ckpt_path is None or ckpt_path in ("hpc", "registry") or (ckpt_path == "best" and self.subcommand == "fit"):
+            return super()._parse_ckpt_path()
+        if ckpt_path in ("last", "best"):
+            # Lightning would look for them in this command's new run folder, find nothing and go on untrained
+            ckpt_path = config["ckpt_path"] = str(self._newest_checkpoint(config, ckpt_path))
         checkpoint = check_checkpoint(ckpt_path)
-        if self.subcommand == "fit":  # resuming: keep logging into the run's own folder
-            self._resume_version = _version_of(Path(ckpt_path))
-            self._resume_step = int(checkpoint.get("global_step", 0))
-        return super()._parse_ckpt_path()
+        if self.subcommand == "fit":  # resuming the run the checkpoint belongs to: keep logging into its folder
+            version = _version_of(Path(ckpt_path))
+            own = Path(config.get("trainer", {}).get("default_root_dir") or DEFAULT_ROOT) / self.run_name() / f"version_{version}"
+            if version is not None and Path(ckpt_path).resolve().parent.parent == own.resolve():
+                self._resume_version = version
+                self._resume_step = int(checkpoint.get("global_step", 0))
+        model = config.get("model")
+        init_args = model.get("init_args") if hasattr(model, "get") else None
+        chosen = {key: init_args[key] for key in EVALUATION_OPTIONS if init_args is not None and key in init_args}
+        super()._parse_ckpt_path()  # a new config object
+        model = self._subconfig().get("model")
+        if chosen and hasattr(model, "get") and model.get("init_args") is not None:
+            for key, value in chosen.items():
+                if key in model["init_args"]:
+                    model["init_args"][key] = value
+
+    def _newest_checkpoint(self, config: Any, which: str) -> Path:  # noqa: ANN401 - the subcommand's config
+        """``last.ckpt`` (``which="last"``) or the best checkpoint of the newest ``version_<n>`` of this run that has one."""
+        name = "last" if which == "last" else (config.get("checkpoint", {}).get("filename") or "best")
+        root = Path(config.get("trainer", {}).get("default_root_dir") or DEFAULT_ROOT) / self.run_name()
+        found = [(version, path) for path in root.glob(f"version_*/checkpoints/{name}.ckpt") if (version := _version_of(path)) is not None]
+        if not found:
+            doing = "resume" if self.subcommand == "fit" else self.subcommand
+            raise FileNotFoundError(
+                f"--ckpt_path {which}: no {root}/version_*/checkpoints/{name}.ckpt to {doing} from; "
+                + ("start the run without --ckpt_path (or pass a checkpoint file)" if self.subcommand == "fit" else "pass a checkpoint file")
+            )
+        return max(found)[1]
 
     def _subconfig(self) -> Any:  # noqa: ANN401
         return self.config[self.subcommand] if self.subcommand else self.config
 
     def run_name(self) -> str:
+        """The run folder's name: ``run_name``, else the (last) config file's name, else the model's class name."""
         config = self._subconfig()
         if config.get("run_name"):
             return str(config["run_name"])
         files = [path for path in (config.get("config") or []) if path is not None]
         if files:
             return Path(str(files[-1])).stem
+        model = config.get("model")
+        class_path = model.get("class_path") if hasattr(model, "get") else None
+        if class_path:  # known before the model is built (a resume resolves its folder first)
+            return str(class_path).rsplit(".", 1)[-1]
         return type(self.model).__name__
+
+    def before_instantiate_classes(self) -> None:
+        # the saved config.yaml names its run: given to a later command, it finds the same folder (its own
+        # file name is "config")
+        self._subconfig()["run_name"] = self.run_name()
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:  # noqa: ANN401
         trainer_config = self._subconfig().get("trainer", {})
@@ -321,6 +356,16 @@ class BDLCLI(LightningCLI):
                 loggers.append(TensorBoardLogger(save_dir=root, name=self.run_name(), version=version, default_hp_metric=False))
             kwargs.setdefault("logger", loggers)
         return super().instantiate_trainer(**kwargs)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> L.Trainer:
+        # the ``checkpoint`` group's callback: after_fit evaluates its best file, whatever other ModelCheckpoints
+        # the user adds (Lightning's "best" means the first one's); none with enable_checkpointing false, which
+        # Lightning refuses next to a ModelCheckpoint
+        self._checkpoint = next((callback for callback in callbacks if isinstance(callback, ModelCheckpoint)), None)
+        if config.get("enable_checkpointing") is False and self._checkpoint is not None:
+            callbacks = [callback for callback in callbacks if callback is not self._checkpoint]
+            self._checkpoint = None
+        return super()._instantiate_trainer(config, callbacks)
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
@@ -347,8 +392,8 @@ class BDLCLI(LightningCLI):
     def after_fit(self) -> None:
         if not self._subconfig().get("evaluate_after_fit"):
             return
-        checkpoint = self.trainer.checkpoint_callback
-        ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
+        checkpoint = getattr(self, "_checkpoint", None)
+        ckpt_path = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
         self.trainer.evaluate(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
 

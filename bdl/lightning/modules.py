@@ -703,11 +703,18 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
             _check_finite(self, {"loss": loss, "nll": nll, "kl": kl})
         return loss, nll, kl
 
+    def on_validation_start(self) -> None:
+        # a validate run outside fit: scale the likelihood as fit does, so val/elbo means the same in both
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.model.num_data is None and datamodule is not None and hasattr(datamodule, "num_train"):
+            self.model.num_data = int(datamodule.num_train)
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
         x, y = _split_batch(batch)
-        with torch.no_grad():
-            loss, _, _ = self.loss(*_as_args(batch))
-        self.log("val/elbo", -loss, on_epoch=True, batch_size=len(x), sync_dist=True)  # val/nll is the predictive NLL, as elsewhere
+        if self.model.num_data is not None:  # else the ELBO of the batch alone, not comparable with fit's
+            with torch.no_grad():
+                loss, _, _ = self.loss(*_as_args(batch))
+            self.log("val/elbo", -loss, on_epoch=True, batch_size=len(x), sync_dist=True)  # val/nll is the predictive NLL, as elsewhere
         self._update_val_metrics(self._checked_prediction(x, self.num_val_samples, "validation"), y)
 
 

@@ -111,6 +111,44 @@ def test_run_name_replaces_the_config_file_name_as_folder(tmp_path):
     assert not (folder / "metrics.json").exists()  # evaluate_after_fit false: no report
 
 
+def test_fit_from_another_runs_checkpoint_leaves_that_run_folder_alone(quickstart_run, tmp_path):
+    last = _copy_run(quickstart_run, tmp_path).with_name("last.ckpt")
+    before = {path.name: path.read_bytes() for path in last.parents[1].iterdir() if path.is_file()}
+    # the checkpoint's version_0 was taken for this run's own: it logged into other/version_0 had that existed, and
+    # rewrote that run's metrics.csv and config.yaml
+    (tmp_path / "other" / "version_0").mkdir(parents=True)
+    main(["fit", "--config", QUICKSTART, *FEW_STEPS, "--trainer.max_epochs", "2", "--evaluate_after_fit", "false",
+          "--run_name", "other", "--ckpt_path", str(last), "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    assert {path.name: path.read_bytes() for path in last.parents[1].iterdir() if path.is_file()} == before
+    assert sorted(path.name for path in (last.parents[1] / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    resumed = tmp_path / "other" / "version_1"
+    assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4  # it did resume
+    assert not any((tmp_path / "other" / "version_0").iterdir())
+
+
+def test_checkpointing_off_and_extra_checkpoint_callbacks(tmp_path, monkeypatch):
+    evaluated = []
+    monkeypatch.setattr("bdl.lightning.cli.Trainer.evaluate", lambda self, *args, ckpt_path=None, **kwargs: evaluated.append(ckpt_path))
+    # enable_checkpointing false: Lightning refused it next to the checkpoint group's ModelCheckpoint
+    main(["fit", "--config", QUICKSTART, *FEW_STEPS, "--trainer.enable_checkpointing", "false", "--trainer.default_root_dir", str(tmp_path)])
+    assert evaluated == [None] and not list(tmp_path.rglob("*.ckpt"))  # the weights as trained
+    # a user's periodic checkpoint comes first in the callbacks: Lightning's "best" meant its latest file
+    main(["fit", "--config", QUICKSTART, *FEW_STEPS, "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath",
+          str(tmp_path / "periodic"), "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    assert evaluated[1] == str(tmp_path / "quickstart" / "version_1" / "checkpoints" / "best.ckpt")
+    assert list((tmp_path / "periodic").glob("*.ckpt"))
+
+
+def test_resuming_a_run_without_a_config_file_finds_the_folder_named_after_the_module(tmp_path):
+    arguments = ["--model", "bdl.lightning.DeterministicModule", "--model.model", "bdl.lightning.MLP", "--model.model.in_features", "64",
+                 "--model.model.out_features", "8", "--data", "bdl.lightning.DigitsDataModule", *FEW_STEPS,
+                 "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    main(["fit", *arguments])
+    main(["fit", *arguments, "--trainer.max_epochs", "2", "--ckpt_path", "last"])  # AttributeError: no model yet
+    assert sorted(path.name for path in (tmp_path / "DeterministicModule").iterdir()) == ["version_0"]
+    assert torch.load(tmp_path / "DeterministicModule" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
 def test_limit_batches_of_one_is_one_batch_and_fractions_stay_fractions(tmp_path):
     cli = BDLCLI(args=["--config", QUICKSTART, "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0.5",
                        "--trainer.default_root_dir", str(tmp_path)], run=False)  # fmt: skip
@@ -141,6 +179,24 @@ def test_evaluate_prints_the_table_and_writes_the_report_in_a_new_version(quicks
     # the checkpoint's weights were loaded: same test batch, near-identical predictions (an untrained net scores ~1/8)
     assert report["metrics"]["accuracy"] == pytest.approx(fitted["accuracy"], abs=2 / 64)
     assert json.loads((tmp_path / "quickstart" / "version_0" / "metrics.json").read_text())["metrics"] == fitted
+
+
+def test_evaluate_last_or_best_loads_the_runs_newest_checkpoint_with_this_commands_evaluation_options(quickstart_run, tmp_path):
+    _copy_run(quickstart_run, tmp_path)
+    fitted = json.loads((tmp_path / "quickstart" / "version_0" / "metrics.json").read_text())["metrics"]
+    saved_config = tmp_path / "quickstart" / "version_0" / "config.yaml"
+    assert yaml.safe_load(saved_config.read_text())["run_name"] == "quickstart"  # was null: the saved config found runs/config/
+    # Lightning looked for "best" in the new, empty version folder and evaluated the untrained network; and the
+    # checkpoint's hyperparameters replaced num_eval_samples 4 by the 32 it was trained with
+    main(["evaluate", "--config", QUICKSTART, "--ckpt_path", "best", "--model.init_args.num_eval_samples", "4", *FEW_STEPS,
+          "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    report = json.loads((tmp_path / "quickstart" / "version_1" / "metrics.json").read_text())
+    assert report["num_samples"] == 4 and report["metrics"]["accuracy"] == pytest.approx(fitted["accuracy"], abs=6 / 64)
+    main(["test", "--config", str(saved_config), "--ckpt_path", "last", *FEW_STEPS, "--trainer.default_root_dir", str(tmp_path)])
+    report = json.loads((tmp_path / "quickstart" / "version_2" / "metrics.json").read_text())
+    assert report["num_samples"] == 32 and report["metrics"]["accuracy"] == pytest.approx(fitted["accuracy"], abs=2 / 64)
+    with pytest.raises(FileNotFoundError, match=r"--ckpt_path best: no .*other/version_\*/checkpoints/best.ckpt to evaluate from"):
+        main(["evaluate", "--config", QUICKSTART, "--run_name", "other", "--ckpt_path", "best", "--trainer.default_root_dir", str(tmp_path)])
 
 
 def test_evaluate_without_a_checkpoint_warns_that_the_weights_are_untrained(tmp_path):

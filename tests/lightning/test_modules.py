@@ -199,6 +199,18 @@ def test_svi_module_gets_num_data_from_the_data_module(tmp_path):
     assert module.report.ood_prediction is not None
 
 
+def test_svi_validation_outside_fit_scales_the_elbo_as_fit_does(tmp_path):
+    data = TinyData(num_train=32, batch_size=16)
+    module = SVIModule(bdl.infer.PyroModel(net(), "categorical"), lr=1e-2, num_eval_samples=4, num_val_samples=2)
+    validating = trainer(tmp_path)
+    validating.validate(module, data, verbose=False)  # the likelihood was the batch's alone: off by num_data / batch
+    assert module.model.num_data == 32 and "val/elbo" in validating.logged_metrics
+    unknown = SVIModule(bdl.infer.PyroModel(net(), "categorical"), num_val_samples=2)
+    plain = trainer(tmp_path)
+    plain.validate(unknown, DataLoader(data.val_dataloader().dataset, batch_size=16), verbose=False)
+    assert unknown.model.num_data is None and "val/elbo" not in plain.logged_metrics and "val/nll" in plain.logged_metrics
+
+
 def test_non_finite_loss_stops_training_with_a_message_naming_the_step(tmp_path):
     data = TinyData(batch_size=8)
     module = DeterministicModule(net(), lr=1e-2)
