@@ -9,6 +9,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.distributions.distribution import Distribution as PyroDistribution
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.trace_mean_field_elbo import _check_mean_field_requirement
 from pyro.infer.util import is_validation_enabled
@@ -74,6 +75,19 @@ def _kl_mean_field_normal(p: dist.Normal, q: dist.Normal) -> Tensor:
     return _NormalKL.apply(p.loc, p.scale, q.loc, q.scale)
 
 
+class _TransformedDelta(dist.Delta):
+    """``AutoNormal``'s ``Delta`` at ``w = T(u)``, as :class:`MeanFieldELBO` sees it: its ``log_density`` is
+    ``log |du/dw|``, so ``log q(w) = log q(u) + log_density``. Pyro's ``KL(Delta || p) = -log p(v)``
+    drops that term, so ``TraceMeanField_ELBO`` fits the posterior under ``p(w) |dw/du|`` for every
+    latent off the real line (e.g. a noise scale: its learned value came out low); this one keeps it,
+    as NumPyro does."""
+
+
+@register_kl(_TransformedDelta, PyroDistribution)  # Pyro registers its KL(Delta || p) for Pyro's Distribution
+def _kl_transformed_delta(p: dist.Delta, q: PyroDistribution) -> Tensor:
+    return p.log_density - q.log_prob(p.v)
+
+
 def _identity(transform: Transform) -> bool:
     while isinstance(transform, IndependentTransform):
         transform = transform.base_transform
@@ -94,13 +108,16 @@ class MeanFieldELBO(TraceMeanField_ELBO):
 
     ``AutoNormal`` draws each latent ``w`` through an auxiliary site ``w_unconstrained ~ N(loc, scale^2)``
     and puts a ``Delta`` at its transform, so Pyro's ``TraceMeanField_ELBO`` falls back to the Monte
-    Carlo estimate ``log q(w) - log p(w)`` (its KL of a ``Delta``) and, before that, computes every site's
+    Carlo estimate ``-log p(w)`` (its KL of a ``Delta``, which leaves out the transform's log-Jacobian:
+    wrong for latents off the real line, such as a noise scale) and, before that, computes every site's
     log-density once more for the trace. For latents on the real line under a Normal prior (every network
     weight of a :class:`~bdl.infer.PyroModel`) the transform is the identity, so this ELBO takes the
     auxiliary Normal as the guide's distribution of ``w`` and uses the closed-form
     ``KL(N(loc, scale^2) || prior)`` (same expectation, no Monte Carlo noise in that term), computed by
     one fused node, and computes only the log-densities the loss uses. Other sites are handled exactly as
-    by ``TraceMeanField_ELBO``. With Pyro's validation on it also runs Pyro's checks.
+    by ``TraceMeanField_ELBO``, except that the KL of a transformed site's ``Delta`` keeps its log-Jacobian,
+    so the loss is the negative ELBO of ``Trace_ELBO`` for every site. With Pyro's validation on it also
+    runs Pyro's checks.
     """
 
     def _get_trace(self, model, guide, args, kwargs):  # type: ignore[no-untyped-def]
@@ -120,6 +137,8 @@ class MeanFieldELBO(TraceMeanField_ELBO):
             auxiliary = guide_trace.nodes.get(f"{name}_unconstrained")
             guide_site = guide_trace.nodes[name]
             delta = guide_site["fn"]
+            if type(delta) is dist.Delta and isinstance(delta.log_density, Tensor):  # keep T's log-Jacobian in the KL
+                guide_site["fn"] = delta = _TransformedDelta(delta.v, log_density=delta.log_density, event_dim=delta.event_dim)
             if (
                 auxiliary is None
                 or not isinstance(delta, dist.Delta)
@@ -127,7 +146,7 @@ class MeanFieldELBO(TraceMeanField_ELBO):
                 or delta.v.data_ptr() != auxiliary["value"].data_ptr()
                 or delta.v.shape != auxiliary["value"].shape
             ):
-                continue  # not an AutoNormal site on the real line: Pyro's treatment
+                continue  # not an AutoNormal site on the real line: Pyro's treatment, with the Jacobian
             posterior, prior = _normal_base(auxiliary["fn"]), _normal_base(site["fn"])
             if posterior is None or prior is None or posterior[1] != prior[1]:
                 continue

@@ -97,13 +97,25 @@ class PosteriorSummary:
 
     @property
     def max_r_hat(self) -> float:
-        """Largest split R-hat over all parameters (converged chains: close to 1, e.g. < 1.01)."""
-        return max(float(row["r_hat"].max()) for row in self.table.values())
+        """Largest split R-hat over all parameters (converged chains: close to 1, e.g. < 1.01).
+
+        Elements equal in every draw of every chain (R-hat 0 / 0, NaN in the table) are left out, so one
+        of them cannot hide the others' values; NaN only when every element is one.
+        """
+        return self._over_elements("r_hat", largest=True)
 
     @property
     def min_ess(self) -> float:
-        """Smallest effective sample size over all parameters."""
-        return min(float(row["n_eff"].min()) for row in self.table.values())
+        """Smallest effective sample size over all parameters (elements equal in every draw left out, as
+        for :attr:`max_r_hat`)."""
+        return self._over_elements("n_eff", largest=False)
+
+    def _over_elements(self, column: str, *, largest: bool) -> float:
+        values = torch.cat([row[column].reshape(-1) for row in self.table.values()])
+        values = values[~values.isnan()]
+        if not len(values):
+            return math.nan
+        return float(values.max() if largest else values.min())
 
     def rows(self) -> list[tuple[str, dict[str, float]]]:
         """One ``(label, {column: value})`` per scalar element of every site."""

@@ -194,7 +194,15 @@ class SVIModule(L.LightningModule):
         with private_param_store():
             # Creates the guide's parameters now: before configure_optimizers, and before a checkpoint's
             # state_dict is loaded into them.
-            self.guide(*tuple(example_args))
+            try:
+                self.guide(*tuple(example_args))
+            except TypeError as error:
+                if example_args or isinstance(model, PyroModel) or "argument" not in str(error):
+                    raise
+                raise TypeError(
+                    f"SVIModule: the model function needs arguments to set the guide up ({error}); pass "
+                    "example_args=(x, y), e.g. a batch of the training data"
+                ) from error
         self.elbo.model.traces.clear()
 
     @property

@@ -198,9 +198,18 @@ class _Evaluation:
         """A Monte Carlo :class:`bdl.Prediction` for the inputs ``x`` (``num_samples`` None: the method's default)."""
         raise NotImplementedError
 
+    def _labels(self, y: Tensor) -> Tensor:
+        """Classification targets as the metrics take them: whole-number floats (a Bernoulli likelihood trains on
+        0./1. labels, as binary cross-entropy does) become integer labels ``[B]``; anything else is left to the
+        metrics' checks."""
+        if self.task == "classification" and y.is_floating_point() and bool((y == y.round()).all()):
+            return y.long().reshape(-1) if y.dim() == 2 and y.shape[1] == 1 else y.long()
+        return y
+
     def _update_val_metrics(self, prediction: Prediction, y: Tensor) -> None:
         metrics = self.val_metrics
         if self.task == "classification":
+            y = self._labels(y)
             metrics["accuracy"].update((prediction.predicted_class == y).float())
             metrics["nll"].update(prediction.probs, y)
             metrics["ece"].update(prediction.probs, y)
@@ -255,7 +264,7 @@ class _Evaluation:
         x, y = _split_batch(batch)
         prediction = self._checked_prediction(x, self.num_eval_samples, "test")
         one_dimensional = x.dim() == 2 and x.shape[1] == 1  # kept for the 1-D regression figure
-        self._test_outputs[dataloader_idx].append((prediction, y, x if one_dimensional else None))
+        self._test_outputs[dataloader_idx].append((prediction, None if y is None else self._labels(y), x if one_dimensional else None))
 
     def _collect(self, index: int) -> tuple[Optional[Prediction], Optional[Tensor], Optional[Tensor]]:
         parts = self._test_outputs.get(index)

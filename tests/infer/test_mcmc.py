@@ -1,3 +1,5 @@
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -59,6 +61,13 @@ def test_summary_uses_pyros_diagnostics_and_flags_chains_that_disagree():
     assert torch.isnan(partly["n_eff"][1]) and torch.isnan(partly["r_hat"][1])
     torch.testing.assert_close(partly["n_eff"][[0, 2]], reference["n_eff"][[0, 2]])
     torch.testing.assert_close(partly["r_hat"][[0, 2]], reference["r_hat"][[0, 2]])
+    # nor hide them from the headline numbers (torch's max is NaN when one element is: a "max_r_hat > 1.01"
+    # check passed for chains that disagree)
+    frozen_bad = stuck.clone()
+    frozen_bad[..., 1] = 0.5
+    assert PosteriorSummary({"z": frozen_bad}).max_r_hat == pytest.approx(float(bad["z"]["r_hat"][[0, 2]].max()))
+    assert PosteriorSummary({"z": frozen_bad}).min_ess == pytest.approx(float(bad["z"]["n_eff"][[0, 2]].min()))
+    assert math.isnan(PosteriorSummary({"z": torch.zeros(2, 10)}).max_r_hat)  # no element moved: no answer
     assert bad.min_ess < 20 < good.min_ess
     with pytest.raises(ValueError, match="num_chains"):
         PosteriorSummary({"z": torch.randn(10)})

@@ -192,6 +192,15 @@ def test_invalid_options_are_rejected_with_the_valid_names():
     with pytest.raises(ValueError, match=r"validate must be one of \['first', 'always', 'never'\], got 'once'"):
         SVIModule(model, "normal", validate="once")
 
+    def linear_model(x, y=None):
+        slope = pyro.sample("slope", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Normal(slope * x, 1.0), obs=y)
+
+    with pytest.raises(TypeError, match=r"needs arguments to set the guide up .*missing 1 required.*pass example_args=\(x, y\)"):
+        SVIModule(linear_model)  # Python's own message alone never named example_args
+    assert SVIModule(linear_model, example_args=(torch.zeros(3),)).guide is not None
+
 
 @pytest.mark.parametrize("validate, expected", [("first", [True, False, False]), ("always", [True] * 3), ("never", [False] * 3)])
 def test_pyro_validation_runs_on_the_steps_asked_for(validate, expected, monkeypatch):

@@ -211,6 +211,17 @@ def test_svi_validation_outside_fit_scales_the_elbo_as_fit_does(tmp_path):
     assert unknown.model.num_data is None and "val/elbo" not in plain.logged_metrics and "val/nll" in plain.logged_metrics
 
 
+def test_bernoulli_models_trained_on_float_labels_are_validated_and_tested_on_them(tmp_path):
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    labels = (x[:, 0] > 0).float()  # 0./1., as binary cross-entropy takes them; the metrics refused them after training
+    module = SVIModule(bdl.infer.PyroModel(nn.Linear(3, 1), "bernoulli"), lr=1e-2, num_val_samples=2, num_eval_samples=4, save_report=False)
+    fitting = trainer(tmp_path, max_epochs=2)
+    fitting.fit(module, DataLoader(TensorDataset(x, labels), batch_size=32), DataLoader(TensorDataset(x, labels[:, None]), batch_size=32))
+    assert 0 <= float(fitting.logged_metrics["val/accuracy"]) <= 1
+    fitting.test(module, DataLoader(TensorDataset(x, labels), batch_size=32), verbose=False)
+    assert torch.equal(module.report.targets, labels.long())
+
+
 def test_non_finite_loss_stops_training_with_a_message_naming_the_step(tmp_path):
     data = TinyData(batch_size=8)
     module = DeterministicModule(net(), lr=1e-2)
