@@ -35,6 +35,9 @@ DEFAULT_ROOT = "runs"
 # Model arguments that say how to evaluate, not what was trained: with --ckpt_path they come from the command's
 # config and arguments, the rest of the model from the checkpoint's hyperparameters.
 EVALUATION_OPTIONS = ("num_eval_samples", "num_val_samples", "n_bins", "save_report", "compile")
+# The logged metrics whose direction is known: a checkpoint monitor on them must have the matching mode.
+HIGHER_IS_BETTER = ("val/accuracy", "val/elbo", "train/elbo")
+LOWER_IS_BETTER = ("val/nll", "val/ece", "val/rmse", "train/loss", "train/nll", "train/kl")
 REPORT_COLUMNS = {
     "accuracy": "accuracy",
     "nll": "NLL",
@@ -335,6 +338,16 @@ class BDLCLI(LightningCLI):
         # the saved config.yaml names its run: given to a later command, it finds the same folder (its own
         # file name is "config")
         self._subconfig()["run_name"] = self.run_name()
+        checkpoint = self._subconfig().get("checkpoint") or {}
+        monitor, mode = checkpoint.get("monitor"), checkpoint.get("mode")
+        metric = str(monitor).removesuffix("_epoch").removesuffix("_step")
+        better = "higher" if metric in HIGHER_IS_BETTER else "lower" if metric in LOWER_IS_BETTER else None
+        if better is not None and mode != ("max" if better == "higher" else "min"):
+            # Lightning keeps whatever the mode asks for: the worst checkpoint, named "best"
+            raise ValueError(
+                f"checkpoint.monitor {monitor!r} is better when {better}, but checkpoint.mode is {mode!r}, which keeps "
+                f"the worst checkpoint as the best; pass --checkpoint.mode {'max' if better == 'higher' else 'min'}"
+            )
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:  # noqa: ANN401
         trainer_config = self._subconfig().get("trainer", {})

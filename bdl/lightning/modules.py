@@ -250,6 +250,14 @@ class _Evaluation:
             )
         _raise_on_every_process(self, failure, f"non-finite prediction in {stage}")
         assert prediction is not None  # no failure
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        classes = getattr(datamodule, "num_classes", None) if self.task == "classification" else None
+        if isinstance(classes, int) and prediction.probs.shape[-1] != classes:
+            # the NLL trains such a network without complaint, with probability on classes the data never has
+            raise ValueError(
+                f"the network outputs {prediction.probs.shape[-1]} class scores but {type(datamodule).__name__} has "
+                f"{classes} classes (num_classes, held-out OOD classes excluded): set the network's output size to {classes}"
+            )
         return prediction
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: ANN401

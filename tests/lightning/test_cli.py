@@ -285,6 +285,17 @@ def test_invalid_value_is_rejected_with_the_module_message(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_checkpoint_mode_against_its_metric_and_a_network_of_the_wrong_size_are_refused(tmp_path):
+    # Lightning kept the worst epoch as "best"
+    with pytest.raises(ValueError, match=r"checkpoint.monitor 'val/accuracy' is better when higher, but checkpoint.mode is 'min'.*--checkpoint.mode max"):
+        main(["fit", "--config", QUICKSTART, "--checkpoint.monitor", "val/accuracy", "--trainer.default_root_dir", str(tmp_path)])
+    # ten class scores for the eight digits left after holding out 8 and 9 trained without complaint
+    with pytest.raises(ValueError, match=r"the network outputs 10 class scores but DigitsDataModule has 8 classes .*output size to 8"):
+        main(["fit", "--config", QUICKSTART, *FEW_STEPS, "--model.init_args.model.init_args.out_features", "10",
+              "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------------------- print_config
 
 
