@@ -7,6 +7,7 @@ from torch import nn
 import bdl
 from bdl.calibration import TemperatureScaler, fit_temperature
 from bdl.calibration.temperature import _scaled_nll
+from bdl.calibration import temperature as temperature_module
 from bdl.metrics import functional as M
 
 
@@ -66,6 +67,19 @@ def test_sample_logits_of_a_bayesian_model_are_scaled_per_sample_before_averagin
     assert abs(best - fit_temperature(noisy.mean(0), target).item()) > 0.05  # not the same as averaging logits
     log_probs = torch.log_softmax(noisy, dim=-1)  # log-probabilities give the same fit as logits
     torch.testing.assert_close(fit_temperature(log_probs, target), fit_temperature(noisy, target), rtol=1e-4, atol=0)
+
+
+def test_the_nll_is_summed_over_pieces_of_rows_to_the_same_temperature(monkeypatch):
+    logits, target = distorted_logits(2.5, num_examples=1000)
+    noisy = logits + 2.0 * torch.randn(3, *logits.shape)
+    whole = [fit_temperature(noisy, target), fit_temperature(logits, target)]
+    calls = []
+    real = temperature_module._scaled_nll
+    monkeypatch.setattr(temperature_module, "_scaled_nll", lambda *args: calls.append(args[1].shape) or real(*args))
+    monkeypatch.setattr(temperature_module, "_CHUNK_ELEMENTS", 3 * 64 * logits.shape[1])  # pieces of 64 rows, the last of 40
+    pieces = [fit_temperature(noisy, target), fit_temperature(logits, target)]
+    assert calls[0] == (3, 64, logits.shape[1]) and calls[15] == (3, 40, logits.shape[1])
+    torch.testing.assert_close(pieces, whole, rtol=1e-9, atol=0)
 
 
 def test_an_extreme_temperature_is_flagged_and_tuples_are_refused():
