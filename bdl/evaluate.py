@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,20 @@ def _split_tensors(data: Any, name: str) -> tuple[Optional[Tensor], Optional[Ten
         f"`{name}` must be a DataLoader, a Dataset, a tensor of inputs or a tuple (inputs, targets, ...) of tensors, "
         f"got {type(data).__name__}"
     )
+
+
+def _plain(value: Any) -> Any:  # noqa: ANN401 - a setting as evaluate got it
+    """A setting as JSON holds it: numpy and torch scalars (``np.float32(0.9)``, which evaluate accepts as a
+    number) become Python numbers, tuples and arrays lists."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(item) for item in value]
+    if isinstance(value, Tensor) and value.dim() == 0:
+        value = value.item()
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _one_dimensional(x: Tensor) -> bool:
@@ -223,9 +238,7 @@ class Report:
             "num_examples": int(self.targets.shape[0]),
             "num_ood_examples": None if self.ood_prediction is None else _num_examples(self.ood_prediction),
             "num_samples": getattr(self.prediction, "num_samples", None),
-            "settings": {
-                key: list(value) if isinstance(value, tuple) else value for key, value in self.settings.items()
-            },
+            "settings": {key: _plain(value) for key, value in self.settings.items()},
             # JSON has no NaN/Inf: an undefined metric is null here (and "n/a" in report.md), never a number.
             "metrics": {key: value if math.isfinite(value) else None for key, value in self.metrics.items()},
             "undefined_metrics": [key for key, value in self.metrics.items() if not math.isfinite(value)],

@@ -36,7 +36,7 @@ from torch.nn.modules import module as _module_internals
 from torch.utils.data import DataLoader, Dataset
 
 from ._outputs import draw_stacked, output_parts
-from .metrics.functional._checks import all_finite
+from .metrics.functional._checks import all_finite, probability_sum_tolerance
 from .nn.convert import use_estimator
 from .nn.functional import gaussian_draw, pre_activation_variance, randn_like
 from .nn.layers import BayesianModule, BayesLinear
@@ -176,11 +176,15 @@ class Prediction:
             (tensor([[0.8000, 0.2000]]), tensor([0.0100]))
         """
         sample_probs = _check_samples("sample_probs", sample_probs, "[S, N, C] of probabilities")
-        if ((sample_probs < 0) | (sample_probs > 1)).any():
-            raise ValueError("sample_probs must lie in [0, 1]; did you pass logits? use Prediction.from_logits")
-        worst = (sample_probs.sum(-1) - 1).abs().max().item() if sample_probs.numel() else 0.0
-        if worst > 1e-3:
-            raise ValueError(f"sample_probs must sum to 1 over the last dimension (classes), got a row off by {worst:.3g}")
+        if sample_probs.numel():
+            low, high = torch.aminmax(sample_probs)
+            if bool(low < 0) or bool(high > 1):
+                raise ValueError("sample_probs must lie in [0, 1]; did you pass logits? use Prediction.from_logits")
+            half = sample_probs.dtype in (torch.float16, torch.bfloat16)
+            worst = (sample_probs.sum(-1, dtype=torch.float32 if half else None) - 1).abs().max().item()
+            # the metrics' tolerance: a bfloat16 softmax of ten classes is off by 0.004, beyond float32's 1e-3
+            if worst > probability_sum_tolerance(sample_probs.dtype):
+                raise ValueError(f"sample_probs must sum to 1 over the last dimension (classes), got a row off by {worst:.3g}")
         summary = _ClassificationSummary(keep_samples)
         for chunk in _summary_chunks(sample_probs):
             summary.add_probs(chunk)
@@ -339,7 +343,8 @@ class Prediction:
         """
         if isinstance(index, Tensor) and index.dim() == 0 and not index.is_floating_point() and index.dtype != torch.bool:
             index = int(index)
-        if isinstance(index, int) and not isinstance(index, bool):
+        if isinstance(index, numbers.Integral) and not isinstance(index, bool):  # numpy's integers too (np.argmax)
+            index = int(index)
             if not -len(self) <= index < len(self):
                 raise IndexError(f"index {index} is out of range for a prediction of {len(self)} inputs")
             index = [index % len(self)]  # keep the inputs' dimension: every field stays [N, ...]

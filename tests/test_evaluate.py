@@ -5,6 +5,7 @@ import math
 import struct
 
 import matplotlib.image
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -247,6 +248,18 @@ def test_metrics_json_is_strict_json():
     report = evaluate(nn.Linear(2, 3), blobs(60), num_samples=1)
     text = json.dumps(report.to_dict(), allow_nan=False)  # no NaN or Inf sneaks into the file
     assert all(math.isfinite(value) for value in json.loads(text)["metrics"].values())
+
+
+def test_numpy_and_torch_scalar_settings_are_saved_as_numbers(tmp_path):
+    # evaluate took them as numbers, then json.dumps refused np.float32 and no file was written
+    x, y = blobs(60)
+    report = evaluate(nn.Linear(2, 3), (x, y), ood_data=x + 5, num_samples=1, coverage=np.float32(0.9), risk=np.float32(0.1),
+                      tpr=np.float64(0.95), n_bins=10)  # fmt: skip
+    report.save(tmp_path)
+    settings = json.loads((tmp_path / "metrics.json").read_text())["settings"]
+    assert settings["coverage"] == pytest.approx(0.9) and settings["risk"] == pytest.approx(0.1) and settings["n_bins"] == 10
+    regression = evaluate(nn.Linear(2, 1), (x, x[:, 0]), task="regression", num_samples=1, levels=[np.float32(0.5), 0.9])
+    assert regression.to_dict()["settings"]["levels"] == pytest.approx([0.5, 0.9])
 
 
 @pytest.mark.cuda

@@ -1,6 +1,7 @@
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -395,6 +396,18 @@ def test_prediction_indexing_concatenation_and_repr():
         pred.total_variance
     with pytest.raises(ValueError, match="num_samples"):
         Prediction.cat([pred, Prediction.from_logits(torch.randn(2, 3, 3))])
+
+
+def test_half_precision_probabilities_and_numpy_indices_are_taken():
+    probs = torch.randn(3, 5, 10).softmax(-1).bfloat16()  # rows off by up to 0.004: refused at float32's 1e-3
+    pred = Prediction.from_probs(probs)
+    torch.testing.assert_close(pred.probs, probs.float().mean(0), atol=1e-2, rtol=0)
+    with pytest.raises(ValueError, match="sum to 1"):
+        Prediction.from_probs(probs.float() * 1.01)
+    one = pred[np.argmax(pred.max_probability.numpy())]  # np.int64 dropped the inputs' dimension: probs [C]
+    assert len(one) == 1 and one.probs.shape == (1, 10) and one.predictive_entropy.shape == (1,)
+    with pytest.raises(IndexError, match="out of range"):
+        pred[np.int64(5)]
 
 
 @pytest.mark.cuda

@@ -11,19 +11,38 @@ from torchmetrics.utilities import dim_zero_cat
 
 
 class _RunningMean(Metric):
-    """Accumulates ``sum(batch_mean * batch_size)`` and ``sum(batch_size)``: exact for any split into batches."""
+    """Accumulates ``sum(batch_mean * batch_size)`` and ``sum(batch_size)``: exact for any split into batches.
+
+    The two states are named after the metric (``nll_total``, ``nll_count``; read them as ``total`` and
+    ``count``): a ``MetricCollection`` merges metrics whose states have the same names and values after the
+    first update (compute groups), and the NLL and the Brier score of a first batch that is all confidently
+    right both sum to 0: one reported the other's value for the rest of the run.
+    """
 
     is_differentiable = False
     full_state_update = False
 
     def __init__(self, **kwargs) -> None:  # noqa: ANN003 - torchmetrics options
         super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        prefix = type(self).__name__.lower()
+        self._state_names = (f"{prefix}_total", f"{prefix}_count")
+        for name in self._state_names:
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    @property
+    def total(self) -> Tensor:
+        """``sum(batch_mean * batch_size)`` so far."""
+        return getattr(self, self._state_names[0])
+
+    @property
+    def count(self) -> Tensor:
+        """``sum(batch_size)`` so far."""
+        return getattr(self, self._state_names[1])
 
     def _add(self, batch_mean: Tensor, batch_size: int) -> None:
-        self.total += batch_mean.detach().double() * batch_size
-        self.count += batch_size
+        total, count = self._state_names
+        setattr(self, total, self.total + batch_mean.detach().double() * batch_size)
+        setattr(self, count, self.count + batch_size)
 
     def compute(self) -> Tensor:
         return self.total / self.count

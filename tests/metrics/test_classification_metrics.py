@@ -282,6 +282,21 @@ def test_streaming_nll_and_brier_take_what_the_functions_take():
         assert metric.compute().item() == pytest.approx(function(probs, target).item())
 
 
+def test_a_metric_collection_keeps_nll_and_brier_apart_after_a_confidently_right_first_batch():
+    # both running sums were 0 after it (saturated softmax): torchmetrics merged the two into one compute group
+    from torchmetrics import MetricCollection
+
+    collection = MetricCollection({"nll": NLL(), "brier": BrierScore()})
+    first = torch.tensor([[20.0, 0.0], [0.0, 20.0]]).softmax(-1), torch.tensor([0, 1])
+    second = torch.tensor([[0.7, 0.3], [0.4, 0.6], [0.2, 0.8]]), torch.tensor([0, 0, 0])
+    collection.update(*first)
+    collection.update(*second)
+    values = collection.compute()
+    probs, target = torch.cat([first[0], second[0]]), torch.cat([first[1], second[1]])
+    torch.testing.assert_close(values["nll"], M.nll(probs, target).double())
+    torch.testing.assert_close(values["brier"], M.brier_score(probs, target).double())
+
+
 def test_adaptive_ece_takes_a_half_precision_batch_before_float32_ones():
     # compute re-checked the concatenated probabilities at float32's tolerance, which bf16 rows miss
     logits = torch.randn(64, 10)
