@@ -22,13 +22,16 @@ from ..nn.functional import dropout
 
 DROPOUT_TYPES = (_DropoutNd,)
 """Module types kept stochastic: ``_DropoutNd`` covers ``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``
-and ``FeatureAlphaDropout``. An ``nn.MultiheadAttention`` with ``dropout > 0`` (its attention dropout, also
-inside ``nn.Transformer*`` layers) is kept stochastic too: it is switched to training mode, which changes
-nothing else in it."""
+and ``FeatureAlphaDropout``. Two modules with a ``dropout`` argument are kept stochastic too, by switching
+them to training mode, which changes nothing else in them: ``nn.MultiheadAttention`` with ``dropout > 0``
+(its attention dropout, also inside ``nn.Transformer*`` layers) and ``nn.RNN``/``nn.LSTM``/``nn.GRU`` with
+``dropout > 0`` (between their layers)."""
 
 
 def _is_dropout(module: nn.Module) -> bool:
-    return isinstance(module, DROPOUT_TYPES) or (isinstance(module, nn.MultiheadAttention) and module.dropout > 0)
+    if isinstance(module, DROPOUT_TYPES):
+        return True
+    return isinstance(module, (nn.MultiheadAttention, nn.RNNBase)) and module.dropout > 0
 
 
 class _DropoutBefore:
@@ -128,6 +131,7 @@ class MCDropout(nn.Module):
             self.inserted_dropout = nn.ModuleList(inserted)
         self._inserted = inserted
         self._dropout = [m for m in model.modules() if _is_dropout(m)] + inserted
+        self._encoders = [m for m in model.modules() if isinstance(m, nn.TransformerEncoder)]
         if not self._dropout:
             raise ValueError(
                 f"{type(model).__name__} has no dropout layer ({', '.join(t.__name__ for t in DROPOUT_TYPES)}); "
@@ -159,6 +163,11 @@ class MCDropout(nn.Module):
         """
         previous = [module.training for module in self._dropout]
         hooks = []
+        # an eval-mode TransformerEncoder turns a padded batch into a nested tensor when its first layer would take
+        # the fused fast path, which the dropout switched on here then shuts: the layers failed on the nested tensor
+        encoders = [encoder for encoder in self._encoders if encoder.use_nested_tensor]
+        for encoder in encoders:
+            encoder.use_nested_tensor = False
         compiled = torch.compiler.is_compiling() or _holds_compiled_module(self.model)
         for module in self._dropout:
             if type(module) is nn.Dropout and not compiled:
@@ -173,6 +182,8 @@ class MCDropout(nn.Module):
                 hook.remove()
             for module, training in zip(self._dropout, previous):
                 module.training = training
+            for encoder in encoders:
+                encoder.use_nested_tensor = True
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - whatever the model returns
         with self.dropout_enabled():

@@ -256,3 +256,52 @@ def test_attention_dropout_is_kept_stochastic():
     assert not net.attention.training  # switched back
     encoder = MCDropout(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2, batch_first=True))
     assert encoder.model.self_attn in encoder.dropout_modules
+
+
+def test_a_padded_transformer_encoder_predicts_under_mc_dropout():
+    # the eval-mode encoder built a nested tensor for the padding mask, which its layers failed on once MC dropout
+    # had switched their dropout on (under no_grad: every bdl.predict)
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.3, batch_first=True)
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.TransformerEncoder(layer, num_layers=2)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            padding = torch.zeros(x.shape[:2], dtype=torch.bool)
+            padding[:, -2:] = True
+            return self.head(self.encoder(x, src_key_padding_mask=padding).mean(1))
+
+    net = Classifier().eval()
+    model = MCDropout(net)
+    x = torch.randn(4, 6, 8)
+    prediction = bdl.predict(model, x, num_samples=8)
+    assert prediction.mutual_information.min() > 0  # the samples differ
+    assert net.encoder.use_nested_tensor  # restored
+    with torch.no_grad():
+        net(x)  # and the plain model still takes its fast path
+
+
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU, nn.RNN])
+def test_the_dropout_between_recurrent_layers_is_kept_stochastic(rnn):
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rnn(4, 8, num_layers=2, dropout=0.5, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    net = Recurrent().eval()
+    model = MCDropout(net)  # "has no dropout layer"; and next to an nn.Dropout it stayed off
+    x = torch.randn(5, 7, 4)
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x)) and torch.equal(net(x), net(x))
+    assert model.dropout_modules == [net.rnn] and not net.rnn.training
+    with pytest.raises(ValueError, match="no dropout layer"):
+        MCDropout(rnn(4, 8, num_layers=2))  # dropout=0: nothing to keep on
