@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Callable, NamedTuple, Optional
 
@@ -49,8 +50,12 @@ def elbo_loss(nll: Tensor, kl: Tensor, num_data: int, kl_weight: float = 1.0) ->
     """
     if isinstance(num_data, bool) or not isinstance(num_data, numbers.Integral) or num_data <= 0:
         raise ValueError(f"num_data must be a positive int (the training-set size), got {num_data!r}")
-    if kl_weight < 0:
-        raise ValueError(f"kl_weight must be >= 0, got {kl_weight!r}")
+    if isinstance(kl_weight, Tensor):
+        valid = kl_weight.dim() == 0 and bool(torch.isfinite(kl_weight)) and bool(kl_weight >= 0)
+    else:
+        valid = isinstance(kl_weight, numbers.Real) and math.isfinite(kl_weight) and kl_weight >= 0
+    if not valid:  # NaN passed the "< 0" test and turned every loss into NaN
+        raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
     if nll.dim() > 1:
         raise ValueError(f"nll must be a scalar or per-example vector [B], got shape {tuple(nll.shape)}")
     if kl.dim() != 0:

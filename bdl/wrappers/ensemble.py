@@ -266,7 +266,7 @@ class DeepEnsemble(nn.Module):
         self._stacked = (key, params, buffers) if not torch.is_grad_enabled() else None
         return params, buffers
 
-    def _vmap_forward(self, *args: Any) -> Any:  # noqa: ANN401
+    def _vmap_forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
         if not self._base:
             self._base.append(_meta_copy(self.members[0]))
         base = self._base[0]
@@ -277,7 +277,7 @@ class DeepEnsemble(nn.Module):
         params, buffers = self._state()
 
         def call(p: dict[str, Tensor], b: dict[str, Tensor], *inputs: Any) -> Any:  # noqa: ANN401
-            return functional_call(base, (p, b), inputs)
+            return functional_call(base, (p, b), inputs, kwargs)  # keyword arguments: the same for every member
 
         in_dims = (0, 0) + (None,) * len(args)
         try:
@@ -285,14 +285,15 @@ class DeepEnsemble(nn.Module):
         except RuntimeError as error:  # e.g. torch 2.11's vmap of cuDNN BatchNorm under CUDA autocast
             raise RuntimeError(f"DeepEnsemble method='vmap' failed: {error}; method='loop' runs the members one by one") from error
 
-    def _loop_forward(self, *args: Any) -> Any:  # noqa: ANN401
-        return draw_stacked(lambda m: self.members[m](*args), len(self.members), "ensemble members", "member")
+    def _loop_forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        return draw_stacked(lambda m: self.members[m](*args, **kwargs), len(self.members), "ensemble members", "member")
 
-    def forward(self, *args: Any) -> Any:  # noqa: ANN401 - a tensor or tuple like one member's output
-        """Every member's output on the same inputs, stacked along a new first dimension ``[M, ...]``."""
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - a tensor or tuple like one member's output
+        """Every member's output on the same inputs (keyword arguments too, e.g. a transformer's
+        ``src_key_padding_mask``), stacked along a new first dimension ``[M, ...]``."""
         if self.resolve_method() == "vmap":
-            return self._vmap_forward(*args)
-        return self._loop_forward(*args)
+            return self._vmap_forward(*args, **kwargs)
+        return self._loop_forward(*args, **kwargs)
 
     def sample_outputs(self, x: Tensor, num_samples: int) -> Any:  # noqa: ANN401
         """``num_samples`` outputs ``[S, B, ...]``: ``S / M`` rounds of all members (``S`` a multiple of ``M``)."""

@@ -47,11 +47,14 @@ def test_elbo_loss_module_uses_the_model_kl():
         ({"num_data": 0}, "num_data"),
         ({"num_data": 10.5}, "num_data"),
         ({"num_data": 10, "kl_weight": -1.0}, "kl_weight"),
+        ({"num_data": 10, "kl_weight": float("nan")}, "kl_weight must be a finite number"),  # NaN passed "< 0"
+        ({"num_data": 10, "kl_weight": torch.tensor(-0.5)}, "kl_weight"),
     ],
 )
 def test_bad_elbo_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         bdl.elbo_loss(torch.tensor(1.0), torch.tensor(2.0), **kwargs)
+    assert bdl.elbo_loss(torch.tensor(1.0), torch.tensor(2.0), num_data=10, kl_weight=torch.tensor(0.5)).loss.item() == pytest.approx(1.1)
 
 
 def test_elbo_rejects_non_scalar_kl():

@@ -90,6 +90,8 @@ def test_mixture_prior_kl_has_gradients_in_a_layer():
         (lambda: bdl.GaussianPrior(0.0, 0.0), "scale must be a positive"),
         (lambda: bdl.GaussianPrior(0.0, -2.0), "scale must be a positive"),
         (lambda: bdl.GaussianPrior(0.0, torch.tensor([1.0, -1.0])), "scale must be positive"),
+        (lambda: bdl.GaussianPrior(float("nan"), 1.0), "loc must be a finite number"),  # every KL was NaN
+        (lambda: bdl.GaussianPrior(torch.tensor([0.0, float("inf")]), 1.0), "loc must be a finite number"),
         (lambda: bdl.ScaleMixturePrior(scale1=-1.0), "scale1"),
         (lambda: bdl.ScaleMixturePrior(scale2=0.0), "scale2"),
         (lambda: bdl.ScaleMixturePrior(mixture_weight=0.0), "mixture_weight"),

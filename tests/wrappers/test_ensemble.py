@@ -302,3 +302,24 @@ def test_functional_call_runs_a_vmap_ensemble_before_its_first_forward():
     expected = torch.stack([torch.func.functional_call(m, {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"members.{i}.")}, (x,))
                             for i, m in enumerate(ensemble.members)])  # fmt: skip
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("method", ["loop", "vmap"])
+def test_keyword_arguments_reach_every_member(method):
+    # a transformer member's src_key_padding_mask could not be passed: forward took positional inputs only
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x, mask=None):
+            out = self.linear(x)
+            return out if mask is None else out.masked_fill(mask[..., None], 0.0)
+
+    torch.manual_seed(0)
+    ensemble = DeepEnsemble.from_factory(Masked, 3, method=method)
+    x, mask = torch.randn(5, 4), torch.tensor([True, False, True, False, False])
+    stacked = ensemble(x, mask=mask)
+    expected = torch.stack([member(x, mask=mask) for member in ensemble.members])
+    torch.testing.assert_close(stacked, expected)
+    assert (stacked[:, mask] == 0).all() and (stacked[:, ~mask] != 0).all()
