@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import warnings
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -109,16 +110,33 @@ def _temporarily(layers: list[_BayesLayer], attribute: str, value: object) -> It
                 layer._context_overrides.pop(attribute, None)
 
 
-def _selected(name: str, module: nn.Module, include: Optional[Sequence[str | type]]) -> bool:
+def _matches(name: str, module: nn.Module, pattern: str | type) -> bool:
+    return isinstance(module, pattern) if isinstance(pattern, type) else fnmatch.fnmatchcase(name, pattern)
+
+
+def _selected(name: str, module: nn.Module, include: Optional[Sequence[str | type]], root: Optional[nn.Module] = None) -> bool:
+    """Whether the module, or (given ``root``) one of the blocks holding it, matches a pattern: ``"layer4"`` and
+    ``nn.Sequential`` select every layer inside, as ``"layer4.*"`` does."""
     if include is None:
         return True
-    for pattern in include:
-        if isinstance(pattern, type):
-            if isinstance(module, pattern):
-                return True
-        elif fnmatch.fnmatchcase(name, pattern):
-            return True
-    return False
+    lineage = [(name, module)]
+    if root is not None and name:
+        parts = name.split(".")
+        lineage += [(".".join(parts[:i]), root.get_submodule(".".join(parts[:i]))) for i in range(len(parts))]
+    return any(_matches(owner, block, pattern) for pattern in include for owner, block in lineage)
+
+
+def _weight_recomputed(module: nn.Module) -> bool:
+    """A layer whose ``weight`` is no parameter of its own but recomputed before each call by a legacy
+    ``torch.nn.utils.weight_norm``/``spectral_norm`` or ``prune`` hook (from ``weight_g``/``weight_v``,
+    ``weight_orig``...): its ``weight`` attribute is the last call's, stale after ``load_state_dict``."""
+    return "weight" not in module._parameters
+
+
+_HOOK_DICTS = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks",
+)  # fmt: skip
 
 
 def _patterns(name: str, value: Optional[Sequence[str | type]]) -> Optional[list[str | type]]:
@@ -171,18 +189,24 @@ def bayesianize(
     The input model is not changed. Posterior means start at the existing weights, so the converted
     model under :func:`deterministic` gives exactly the original outputs; posterior standard deviations
     start at ``posterior_std_init``. Kernel sizes, strides, padding (and its mode), dilation, groups and
-    ``bias=False`` are kept. Only those exact types are converted: subclasses (a layer with a
-    parametrization or ``weight_norm``, ``nn.MultiheadAttention``'s ``out_proj``, whose weight the
-    attention reads directly) stay as they are.
+    ``bias=False`` are kept, and so are the layers' hooks and memory format (``channels_last``). Only those
+    exact types are converted: subclasses (a layer with a parametrization or ``weight_norm``,
+    ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention reads directly) stay as they
+    are, and so, with a warning, do layers whose weight a legacy ``torch.nn.utils.weight_norm``,
+    ``spectral_norm`` or ``prune`` hook recomputes. A layer whose weight is tied to another module's
+    (a language model's output layer and its embedding) gets a posterior of its own, with a warning.
+    Lazy layers must be built (one forward pass) first.
 
     Args:
         model: any ``nn.Module``.
         include: convert only modules whose qualified name matches one of these glob patterns
             (``"fc"``, ``"layer4.*"``) or that are instances of one of these types (a single pattern or
-            type on its own is one pattern). None: all. A module used under several names (tied) is
-            converted once, into one Bayesian layer under all of them, when one of its names is
-            selected and none excluded.
-        exclude: like ``include``, for modules to leave deterministic (applied after ``include``).
+            type on its own is one pattern), or that sit inside a block that does (``"layer4"``,
+            ``nn.Sequential``). None: all. A module used under several names (tied) is converted
+            once, into one Bayesian layer under all of them, when one of its names is selected and
+            none excluded.
+        exclude: like ``include``, for modules to leave deterministic (applied after ``include``); a
+            pattern that matches no module of the model is an error (a typo would exclude nothing).
         prior: prior of every converted layer (see :class:`BayesLinear`); its scale is kept when
             ``center_prior_on_weights`` is set.
         center_prior_on_weights: centre each weight's Gaussian prior on its pretrained value
@@ -211,32 +235,78 @@ def bayesianize(
         "std_transform": std_transform,
     }
     include, exclude = _patterns("include", include), _patterns("exclude", exclude)
-    converted = copy.deepcopy(model)
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+        lazy = [name for name, module in model.named_modules() if isinstance(module, nn.modules.lazy.LazyModuleMixin)]
+        raise ValueError(
+            f"model has lazy layers not built yet ({', '.join(map(repr, lazy))}): run one forward pass on a batch first, "
+            "so that they become nn.Linear/nn.Conv layers bayesianize can convert (else they stay deterministic)"
+        )
+    all_modules = list(model.named_modules(remove_duplicate=False))
+    for pattern in exclude or ():
+        if not any(_matches(name, module, pattern) for name, module in all_modules):
+            raise ValueError(f"exclude pattern {pattern!r} matches no module of the model (a typo leaves everything converted)")
+    # a legacy weight_norm/pruning layer holds its last computed weight, a non-leaf tensor that deepcopy refuses;
+    # the copy gets it detached (the hook recomputes it at every call anyway)
+    memo: dict[int, Any] = {
+        id(module.weight): module.weight.detach().clone()
+        for _, module in all_modules
+        if _weight_recomputed(module) and isinstance(getattr(module, "weight", None), Tensor)
+    }
+    converted = copy.deepcopy(model, memo)
     names: dict[int, list[str]] = {}  # every name of each convertible module: a tied one has several
     modules: dict[int, nn.Module] = {}
+    recomputed: list[str] = []
     for name, module in converted.named_modules(remove_duplicate=False):
         if type(module) in _CONVERSIONS:
+            if _weight_recomputed(module):
+                recomputed.append(name)
+                continue
             names.setdefault(id(module), []).append(name)
             modules[id(module)] = module
-    targets = [
-        (modules[key], module_names)
-        for key, module_names in names.items()
-        if any(_selected(name, modules[key], include) for name in module_names)
-        and not (exclude and any(_selected(name, modules[key], exclude) for name in module_names))
-    ]
+
+    def chosen(module: nn.Module, module_names: list[str]) -> bool:
+        return any(_selected(name, module, include, converted) for name in module_names) and not (
+            exclude and any(_selected(name, module, exclude, converted) for name in module_names)
+        )
+
+    targets = [(modules[key], module_names) for key, module_names in names.items() if chosen(modules[key], module_names)]
+    skipped = [name for name in recomputed if chosen(converted.get_submodule(name), [name])]
+    if skipped:
+        warnings.warn(
+            f"bayesianize leaves {', '.join(map(repr, skipped))} deterministic: their weight is recomputed by a legacy "
+            "weight_norm/spectral_norm/pruning hook, so the layer's weight attribute is stale; remove the hook first "
+            "(torch.nn.utils.remove_weight_norm, remove_spectral_norm, prune.remove) to convert them",
+            stacklevel=2,
+        )
     if include is not None and not targets:
         subclasses = [
             f"{name!r} is a {type(module).__name__}"
             for name, module in converted.named_modules()
-            if isinstance(module, tuple(_CONVERSIONS)) and type(module) not in _CONVERSIONS and _selected(name, module, include)
+            if isinstance(module, tuple(_CONVERSIONS)) and type(module) not in _CONVERSIONS and _selected(name, module, include, converted)
         ]
         hint = (
             f" ({', '.join(subclasses)}: subclasses of nn.Linear/nn.Conv, such as layers with a parametrization or "
             "weight_norm, are not converted)" if subclasses else ""
         )
         raise ValueError(f"include={include!r} selects no nn.Linear/nn.Conv layer of the model{hint}")
+    if include is None and not names and not recomputed:
+        warnings.warn(f"bayesianize: {type(model).__name__} has no nn.Linear/nn.Conv layer to convert; the copy is deterministic", stacklevel=2)
+    owners: dict[int, list[str]] = {}  # parameter -> the modules holding it (tied weights have several)
+    for name, module in converted.named_modules():
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                owners.setdefault(id(parameter), []).append(name)
     for module, module_names in targets:
+        shared = sorted({owner for p in (module.weight, module.bias) if p is not None for owner in owners[id(p)]} - set(module_names))
+        if shared:
+            warnings.warn(
+                f"bayesianize: {module_names[0]!r} shares parameters with {', '.join(map(repr, shared))} (tied weights); its "
+                "Bayesian layer gets a posterior of its own, so the tie is broken",
+                stacklevel=2,
+            )
         layer = _CONVERSIONS[type(module)].from_module(module, prior=copy.deepcopy(prior), **options)
+        for hooks in _HOOK_DICTS:  # the user's hooks on the layer keep running (a feature or output hook)
+            getattr(layer, hooks).update(getattr(module, hooks, {}))
         if center_prior_on_weights:
             layer.weight_prior = GaussianPrior(module.weight.detach(), prior.scale)
             if module.bias is not None:

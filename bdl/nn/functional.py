@@ -618,7 +618,7 @@ def _random_signs(t: Tensor, per_channel: bool) -> Tensor:
     # 2.8 ms with bernoulli_); the arithmetic shift of int32 keeps bit 31 as the lowest bit of -1 or 0
     n = math.prod(shape)
     words = random_bits((n + 63) // 64).view(torch.int32).view(-1, 1)
-    bits = (words >> torch.arange(32, dtype=torch.int32)).bitwise_and_(1).mul_(2).sub_(1)
+    bits = (words >> torch.arange(32, dtype=torch.int32, device=words.device)).bitwise_and_(1).mul_(2).sub_(1)
     return bits.view(-1)[:n].view(shape).to(t.dtype)
 
 

@@ -566,7 +566,15 @@ class BayesConv3d(_BayesConvNd):
 
 
 def _copy_means(layer: _BayesLayer, module: nn.Module) -> None:
+    weight = module.weight
+    for memory_format in (torch.channels_last, torch.channels_last_3d):
+        rank = 4 if memory_format is torch.channels_last else 5
+        if weight.dim() == rank and not weight.is_contiguous() and weight.is_contiguous(memory_format=memory_format):
+            # the original's layout, so that the converted convolution runs the same kernel (bit-identical under
+            # bdl.deterministic) and trains as fast
+            for name in ("weight_mu", "weight_rho"):
+                getattr(layer, name).data = getattr(layer, name).data.contiguous(memory_format=memory_format)
     with torch.no_grad():
-        layer.weight_mu.copy_(module.weight)
+        layer.weight_mu.copy_(weight)
         if module.bias is not None:
             layer.bias_mu.copy_(module.bias)

@@ -83,7 +83,10 @@ class GaussianPrior(Prior):
     def __init__(self, loc: float | Tensor = 0.0, scale: float | Tensor = 1.0) -> None:
         super().__init__()
         _check_positive("scale", scale, "GaussianPrior")
-        finite = bool(torch.isfinite(loc).all()) if isinstance(loc, Tensor) else isinstance(loc, numbers.Real) and math.isfinite(loc)
+        if isinstance(loc, Tensor):  # a meta tensor (a model built without memory) has no values to check
+            finite = loc.is_meta or bool(torch.isfinite(loc).all())
+        else:
+            finite = isinstance(loc, numbers.Real) and math.isfinite(loc)
         if not finite:  # a NaN mean made every KL NaN, found only at the first training step
             raise ValueError(f"GaussianPrior: loc must be a finite number or a tensor of finite numbers, got {loc!r}")
         self.loc: Union[float, Tensor]

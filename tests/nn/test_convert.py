@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.utils.prune
 from torch import nn
 
 import bdl
@@ -134,7 +135,8 @@ def test_prior_centred_on_pretrained_weights():
 
 def test_modules_that_read_their_weights_directly_are_left_alone():
     attention = nn.MultiheadAttention(8, 2)  # its out_proj is a Linear subclass read by F.multi_head_attention_forward
-    converted = bdl.bayesianize(nn.Sequential(attention))
+    with pytest.warns(UserWarning, match="has no nn.Linear/nn.Conv layer to convert"):
+        converted = bdl.bayesianize(nn.Sequential(attention))
     assert type(converted[0].out_proj) is type(attention.out_proj)
 
 
@@ -183,3 +185,79 @@ def test_include_naming_a_parametrized_layer_says_why_it_is_not_converted():
     torch.nn.utils.parametrizations.weight_norm(model[0])
     with pytest.raises(ValueError, match=r"selects no nn.Linear/nn.Conv layer of the model \('0' is a ParametrizedLinear: subclasses"):
         bdl.bayesianize(model, include=["0"])
+
+
+def test_blocks_and_container_types_select_the_layers_inside_and_an_exclude_typo_is_an_error():
+    net = SmallNet()
+    # "features" (and nn.Sequential) matched only the container itself: exclude did nothing, include raised
+    kept = bdl.bayesianize(net, exclude="features")
+    assert isinstance(kept.features[0], nn.Conv2d) and isinstance(kept.features[2], nn.Conv2d) and isinstance(kept.fc, bdl.BayesLinear)
+    assert isinstance(bdl.bayesianize(net, exclude=nn.Sequential).features[2], nn.Conv2d)
+    inside = bdl.bayesianize(net, include="features")
+    assert isinstance(inside.features[2], bdl.BayesConv2d) and isinstance(inside.fc, nn.Linear)
+    with pytest.raises(ValueError, match="exclude pattern 'featurs' matches no module"):
+        bdl.bayesianize(net, exclude=["featurs"])
+
+
+def test_legacy_weight_norm_spectral_norm_and_pruned_layers_stay_deterministic_with_a_warning():
+    # their weight attribute is recomputed by a hook: it was copied stale (spectral_norm: the unnormalised weight)
+    torch.manual_seed(0)
+    for reparametrize in (torch.nn.utils.spectral_norm, torch.nn.utils.weight_norm,
+                          lambda m: torch.nn.utils.prune.l1_unstructured(m, "weight", 0.5)):  # fmt: skip
+        net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).eval()
+        reparametrize(net[0])
+        trained = {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+        net.load_state_dict(trained)  # a loaded checkpoint: the cached weight is the old one
+        with pytest.warns(UserWarning, match=r"leaves '0' deterministic: its weight is recomputed|leaves '0' deterministic"):
+            bnn = bdl.bayesianize(net)
+        assert type(bnn[0]) is nn.Linear and isinstance(bnn[2], bdl.BayesLinear)
+        x = torch.randn(5, 4)
+        with bdl.deterministic(bnn):
+            torch.testing.assert_close(bnn(x), net(x), rtol=0, atol=0)
+
+
+def test_hooks_on_converted_layers_keep_running():
+    net = SmallNet().eval()
+    seen = []
+    net.fc.register_forward_hook(lambda module, args, output: output * 2)  # dropped: outputs changed
+    net.features[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    bnn = bdl.bayesianize(net)
+    x = torch.randn(2, 3, 7, 6)
+    with bdl.deterministic(bnn):
+        torch.testing.assert_close(bnn(x), net(x), rtol=0, atol=0)
+    assert len(seen) == 2  # once for the original, once for the converted copy
+
+
+def test_tied_weights_are_reported_and_lazy_layers_must_be_built_first():
+    embedding = nn.Embedding(10, 6)
+    head = nn.Linear(6, 10, bias=False)
+    head.weight = embedding.weight  # a language model's tied output layer
+    with pytest.warns(UserWarning, match=r"'1' shares parameters with '0' \(tied weights\)"):
+        bdl.bayesianize(nn.Sequential(embedding, head))
+    lazy = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))  # it stayed an nn.Linear after its first call
+    with pytest.raises(ValueError, match=r"lazy layers not built yet \('0'\): run one forward pass"):
+        bdl.bayesianize(lazy)
+    lazy(torch.randn(3, 5))
+    assert isinstance(bdl.bayesianize(lazy)[0], bdl.BayesLinear)
+    with pytest.warns(UserWarning, match="no nn.Linear/nn.Conv layer to convert"):
+        bdl.bayesianize(nn.Sequential(nn.ReLU()))
+
+
+def test_channels_last_layers_keep_their_layout_and_outputs():
+    net = SmallNet().eval().to(memory_format=torch.channels_last)
+    bnn = bdl.bayesianize(net)
+    assert bnn.features[2].weight_mu.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 7, 6).to(memory_format=torch.channels_last)
+    with bdl.deterministic(bnn):
+        assert torch.equal(bnn(x), net(x))  # the contiguous means ran another kernel: 1.5e-7 apart
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_a_cpu_model_samples_whatever_the_default_device(estimator):
+    # flipout's sign unpacking made a tensor on the default device (cuda for some users; meta here, no GPU)
+    bnn = bdl.bayesianize(nn.Sequential(nn.Linear(4, 2)), estimator=estimator, center_prior_on_weights=True)
+    x = torch.randn(3, 4)
+    with torch.device("meta"):
+        assert bnn(x).device.type == "cpu"
+        meta = bdl.bayesianize(nn.Linear(4, 2), center_prior_on_weights=True)  # the prior's finiteness check read values
+    assert meta.weight_mu.is_meta
