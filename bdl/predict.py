@@ -812,7 +812,8 @@ def _add_output(summary: Any, output: Any, task: str) -> None:  # noqa: ANN401
     if task == "classification":
         if not isinstance(output, Tensor) or output.dim() != 3:
             shape = tuple(output.shape[1:]) if isinstance(output, Tensor) else type(output).__name__
-            raise ValueError(f"a classification model must return logits [B, C], got {shape}")
+            regression = "" if isinstance(output, Tensor) else "; a model that returns (mean, variance), e.g. with a GaussianHead, needs task='regression'"
+            raise ValueError(f"a classification model must return logits [B, C], got {shape}{regression}")
         if not all_finite(output):
             raise ValueError("the model returned non-finite logits (NaN or Inf)")
         summary.add_logits(output)

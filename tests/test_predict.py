@@ -444,6 +444,8 @@ def test_empty_inputs_bad_outputs_and_bad_samples_are_reported():
         bdl.predict(model, torch.randn(3, 4))
     with pytest.raises(ValueError, match=r"logits \[B, C\]"):
         bdl.predict(nn.Sequential(nn.Linear(4, 1), nn.Flatten(0)), torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"got GaussianOutput; a model that returns \(mean, variance\).*needs task='regression'"):
+        bdl.predict(nn.Sequential(nn.Linear(4, 8), bdl.GaussianHead(8, 1)), torch.randn(3, 4))
     with pytest.raises(TypeError, match="inputs must be"):
         bdl.predict(nn.Linear(4, 3), 3.0)
     with pytest.raises(ValueError, match=r"\[S, N, C\]"):

@@ -85,13 +85,17 @@ class Trainer(L.Trainer):
         ckpt_path: Optional[str] = None,
         verbose: bool = True,
         datamodule: Optional[L.LightningDataModule] = None,
+        weights_only: Optional[bool] = None,
     ) -> list[dict[str, float]]:
         """Evaluate a model on the test set (and OOD set): write the bdl.evaluate report and print its table.
 
         Runs :meth:`test` (the bdl LightningModules write ``metrics.json``, ``report.md`` and the plots
         to the run folder at the end of a test epoch), then prints the headline metrics and the folder.
         """
-        results = self.test(model, dataloaders, ckpt_path=ckpt_path, verbose=False, datamodule=datamodule)
+        # weights_only: as Trainer.test (a run's saved config.yaml holds fit's, which evaluate refused); passed only
+        # when set, for Lightning releases before it
+        options = {} if weights_only is None else {"weights_only": weights_only}
+        results = self.test(model, dataloaders, ckpt_path=ckpt_path, verbose=False, datamodule=datamodule, **options)
         module = model if model is not None else self.lightning_module
         report = getattr(module, "report", None)
         log_dir = self.log_dir  # a broadcast under DDP: every process must ask, not only rank 0

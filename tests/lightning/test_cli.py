@@ -192,7 +192,8 @@ def test_evaluate_last_or_best_loads_the_runs_newest_checkpoint_with_this_comman
           "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
     report = json.loads((tmp_path / "quickstart" / "version_1" / "metrics.json").read_text())
     assert report["num_samples"] == 4 and report["metrics"]["accuracy"] == pytest.approx(fitted["accuracy"], abs=6 / 64)
-    main(["test", "--config", str(saved_config), "--ckpt_path", "last", *FEW_STEPS, "--trainer.default_root_dir", str(tmp_path)])
+    # the saved config holds fit's weights_only, which evaluate refused
+    main(["evaluate", "--config", str(saved_config), "--ckpt_path", "last", *FEW_STEPS, "--trainer.default_root_dir", str(tmp_path)])
     report = json.loads((tmp_path / "quickstart" / "version_2" / "metrics.json").read_text())
     assert report["num_samples"] == 32 and report["metrics"]["accuracy"] == pytest.approx(fitted["accuracy"], abs=2 / 64)
     with pytest.raises(FileNotFoundError, match=r"--ckpt_path best: no .*other/version_\*/checkpoints/best.ckpt to evaluate from"):

@@ -158,7 +158,7 @@ def _resume_case(method: str, seed: int):
 
     import bdl
     from bdl.infer import PyroModel
-    from bdl.lightning import EnsembleModule, MCDropoutModule, SVIModule, VariationalModule
+    from bdl.lightning import DeterministicModule, EnsembleModule, MCDropoutModule, SVIModule, VariationalModule
 
     data = torch.Generator().manual_seed(0)
     x = torch.randn(96, 5, generator=data)
@@ -168,6 +168,8 @@ def _resume_case(method: str, seed: int):
         module = VariationalModule(nn.Sequential(bdl.BayesLinear(5, 8), nn.ReLU(), bdl.BayesLinear(8, 2)), num_data=96)
     elif method == "mc_dropout":
         module = MCDropoutModule(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2)))
+    elif method == "deterministic":  # the shuffled loader's order alone
+        module = DeterministicModule(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2)))
     elif method == "ensemble":  # members drawn at construction, dropout in training
         module = EnsembleModule(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2)), num_members=2, num_val_samples=2)
     else:
@@ -177,7 +179,7 @@ def _resume_case(method: str, seed: int):
     return module, loaders
 
 
-@pytest.mark.parametrize("method", ["variational", "mc_dropout", "ensemble", "svi"])
+@pytest.mark.parametrize("method", ["deterministic", "variational", "mc_dropout", "ensemble", "svi"])
 def test_a_resumed_fit_draws_the_random_numbers_of_an_uninterrupted_one(method, tmp_path, one_thread):
     import lightning as L
 
