@@ -42,7 +42,8 @@ def exponential_decay(optimizer: torch.optim.Optimizer, lr_decay: float, num_ste
     Args:
         optimizer: the torch optimizer.
         lr_decay: final / initial learning rate, in (0, 1].
-        num_steps: steps over which to decay (the rate stays at ``lr * lr_decay`` afterwards).
+        num_steps: steps over which to decay (the rate stays at ``lr * lr_decay`` afterwards), or a callable
+            that gives them, read at the first step.
 
     Returns:
         a ``LambdaLR`` to ``step()`` after every optimizer step.
@@ -56,8 +57,26 @@ def exponential_decay(optimizer: torch.optim.Optimizer, lr_decay: float, num_ste
     """
     if not (isinstance(lr_decay, numbers.Real) and 0 < lr_decay <= 1):
         raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay!r}")
-    total = max(int(num_steps), 1)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: float(lr_decay) ** (min(step, total) / total))
+    steps = _steps_when_needed(num_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: float(lr_decay) ** (min(step, steps()) / steps()) if step else 1.0)
+
+
+def _steps_when_needed(num_steps: Union[int, Callable[[], int]]) -> Callable[[], int]:
+    """``num_steps``, or the value of a callable read once at the schedule's first step (not at step 0, which
+    LambdaLR computes as it is built). Lightning's ``trainer.estimated_stepping_batches``, read in
+    ``configure_optimizers``, builds the training loader's iterator before ``on_fit_start`` restores a resumed
+    fit's random state: a shuffled loader of the user's then drew its order one number early (not bit-identical)."""
+    if not callable(num_steps):
+        total = max(int(num_steps), 1)
+        return lambda: total
+    known: list[int] = []
+
+    def steps() -> int:
+        if not known:
+            known.append(max(int(num_steps()), 1))
+        return known[0]
+
+    return steps
 
 
 class _RecordingModel(nn.Module):
@@ -221,7 +240,7 @@ class SVIModule(L.LightningModule):
         optimizer = spec(params) if callable(spec) else OPTIMIZERS[spec](params, lr=self.lr)
         if self.lr_decay == 1.0 or self._trainer is None:
             return optimizer
-        scheduler = exponential_decay(optimizer, self.lr_decay, self.trainer.estimated_stepping_batches)
+        scheduler = exponential_decay(optimizer, self.lr_decay, lambda: self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_fit_start(self) -> None:

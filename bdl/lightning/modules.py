@@ -33,7 +33,7 @@ from torch.utils.data import DistributedSampler
 
 from .. import infer
 from ..evaluate import Report, evaluate
-from ..infer.svi_trainer import _as_args
+from ..infer.svi_trainer import _as_args, _steps_when_needed
 from ..nn.convert import bayesianize as convert_to_bayesian
 from ..nn.convert import kl_divergence
 from ..nn.functional import check_estimator
@@ -461,8 +461,11 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         optimizer = OPTIMIZERS[self.optimizer_name](params, **options)
         if self.lr_schedule == "constant":
             return optimizer
-        steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        # the closed form of CosineAnnealingLR to 0, its length read at the first step, not here (see _steps_when_needed)
+        steps = _steps_when_needed(lambda: self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps()) / steps())) if step else 1.0
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

@@ -168,26 +168,37 @@ def _resume_case(method: str, seed: int):
         module = VariationalModule(nn.Sequential(bdl.BayesLinear(5, 8), nn.ReLU(), bdl.BayesLinear(8, 2)), num_data=96)
     elif method == "mc_dropout":
         module = MCDropoutModule(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2)))
-    elif method == "deterministic":  # the shuffled loader's order alone
-        module = DeterministicModule(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2)))
+    elif method.startswith("deterministic"):  # the shuffled loader's order alone
+        # a cosine schedule read the fit's length in configure_optimizers, which built the loader's iterator before the
+        # random state was restored: one draw early, another order
+        schedule = "cosine" if method.endswith("cosine") else "constant"
+        module = DeterministicModule(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2)), lr_schedule=schedule)
     elif method == "ensemble":  # members drawn at construction, dropout in training
         module = EnsembleModule(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2)), num_members=2, num_val_samples=2)
     else:
-        module = SVIModule(PyroModel(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2)), num_data=96))
+        decay = 0.1 if method.endswith("lr_decay") else 1.0  # the same for its exponential decay
+        module = SVIModule(PyroModel(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2)), num_data=96), lr_decay=decay)
     # the user's own loaders, without generators: their iterators draw seeds from the global generator
     loaders = [DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True), DataLoader(TensorDataset(x[:40], y[:40]), batch_size=20)]
     return module, loaders
 
 
-@pytest.mark.parametrize("method", ["deterministic", "variational", "mc_dropout", "ensemble", "svi"])
+@pytest.mark.parametrize("method", ["deterministic", "deterministic_cosine", "variational", "mc_dropout", "ensemble", "svi", "svi_lr_decay"])
 def test_a_resumed_fit_draws_the_random_numbers_of_an_uninterrupted_one(method, tmp_path, one_thread):
     import lightning as L
+
+    class StopAfter(L.Callback):  # the run is cut after that many epochs, as a killed one is: max_epochs stays 3
+        def __init__(self, epochs):
+            self.epochs = epochs
+
+        def on_train_epoch_end(self, trainer, module):
+            trainer.should_stop = trainer.should_stop or trainer.current_epoch + 1 >= self.epochs
 
     def fit(folder, epochs, seed, ckpt_path=None):
         module, (train, val) = _resume_case(method, seed)
         trainer = L.Trainer(
-            max_epochs=epochs, default_root_dir=folder, logger=False, enable_progress_bar=False, accelerator="cpu",
-            enable_model_summary=False, callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True)],
+            max_epochs=3, default_root_dir=folder, logger=False, enable_progress_bar=False, accelerator="cpu",
+            enable_model_summary=False, callbacks=[StopAfter(epochs), L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True)],
         )  # fmt: skip
         module.save_report = False
         trainer.fit(module, train, val, ckpt_path=ckpt_path)
