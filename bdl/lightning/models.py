@@ -162,6 +162,20 @@ class ResNet(nn.Module):
             self.net.maxpool = nn.Identity()
         if dropout > 0:
             self.net.fc = nn.Sequential(nn.Dropout(dropout), self.net.fc)
+        self.reset_parameters()  # the small-input stem too
+
+    def reset_parameters(self) -> None:
+        """torchvision's initialisation: Kaiming-normal convolutions (fan-out), normalisation layers at 1 and 0,
+        linear layers at PyTorch's default. An ensemble's other members are re-initialised with it (their layers'
+        own defaults gave convolutions 2.5x smaller and logits 25x smaller than member 0's)."""
+        for module in self.net.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                module.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

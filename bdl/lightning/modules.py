@@ -325,7 +325,8 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         task: ``"classification"`` (the network gives logits) or ``"regression"``.
         optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (with ``momentum``).
         lr: learning rate, > 0.
-        weight_decay: weight decay of the optimiser, >= 0.
+        weight_decay: weight decay of the optimiser, >= 0; not applied to Bayesian layers' ``*_rho`` (their
+            posterior stds), which it would pull towards 1.
         momentum: momentum of SGD.
         lr_schedule: ``"constant"`` or ``"cosine"`` (annealed to 0 over the run, per step).
         num_eval_samples: Monte Carlo samples per test/predict input (None: the method's default).
@@ -454,7 +455,15 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         return terms["loss"]
 
     def configure_optimizers(self) -> Any:  # noqa: ANN401 - Lightning's optimizer config
-        params = [p for p in self.parameters() if p.requires_grad]
+        named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        # no decay on the posterior std parameters: with std = exp(rho) it pulls every std towards 1 whatever
+        # the data and the KL say (SGD, weight decay 5e-4: stds 15x their value without it)
+        params: Any = [p for name, p in named if not name.endswith("_rho")]
+        stds = [p for name, p in named if name.endswith("_rho")]
+        if stds and self.weight_decay:
+            params = [{"params": params}, {"params": stds, "weight_decay": 0.0}]
+        else:
+            params = params + stds
         options: dict[str, Any] = {"lr": self.lr, "weight_decay": self.weight_decay}
         if self.optimizer_name == "sgd":
             options["momentum"] = self.momentum
@@ -621,7 +630,9 @@ class EnsembleModule(UncertaintyModule):
     """A deep ensemble (Lakshminarayanan et al. 2017): ``num_members`` copies of the network trained in one run.
 
     Member 0 is the given network; the others are copies with their parameters re-initialised (every
-    submodule's ``reset_parameters``), so members start apart. One optimiser steps all members; the loss
+    submodule's ``reset_parameters``, children before parents), so members start apart. A network whose
+    ``__init__`` initialises its layers its own way should apply that scheme in a ``reset_parameters`` of its
+    own too (as :class:`bdl.lightning.ResNet` does), or the other members start from the layers' defaults. One optimiser steps all members; the loss
     is the sum of the members' mean NLLs, so each member follows the gradient of its own loss (logged:
     ``train/nll``, the members' average). Prediction uses each member once (``num_eval_samples`` None).
 
@@ -655,11 +666,18 @@ class EnsembleModule(UncertaintyModule):
 
 
 def _reinitialized(model: nn.Module) -> nn.Module:
+    """A copy with fresh parameters: every submodule's ``reset_parameters``, children before their parents, so a
+    network's own scheme (ResNet's Kaiming-normal convolutions) has the last word over its layers' defaults."""
     copied = copy.deepcopy(model)
-    for module in copied.modules():
-        reset = getattr(module, "reset_parameters", None)
-        if callable(reset):
-            reset()
+
+    def reset(module: nn.Module) -> None:
+        for child in module.children():
+            reset(child)
+        method = getattr(module, "reset_parameters", None)
+        if callable(method):
+            method()
+
+    reset(copied)
     return copied
 
 

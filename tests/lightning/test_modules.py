@@ -398,3 +398,26 @@ def test_compile_option_trains_and_evaluates_through_the_compiled_network(module
 def test_compile_option_rejects_anything_but_a_bool_or_options():
     with pytest.raises(TypeError, match="compile must be true, false or a dict of torch.compile options"):
         DeterministicModule(net(), compile="yes")
+
+
+def test_ensemble_members_start_from_the_networks_own_initialisation():
+    # the copies were re-initialised layer by layer with PyTorch's defaults: a ResNet's members 1..M-1 had
+    # convolutions 2.5x smaller than member 0's (torchvision's Kaiming-normal) and logits 25x smaller
+    from bdl.lightning import ResNet
+
+    torch.manual_seed(0)
+    module = EnsembleModule(ResNet(18, num_classes=10), num_members=3)
+    stds = [float(member.net.layer1[0].conv1.weight.std()) for member in module.model.members]
+    assert max(stds) / min(stds) < 1.1, stds
+    first = [member.net.layer1[0].conv1.weight for member in module.model.members]
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])  # still apart
+
+
+def test_weight_decay_leaves_the_posterior_std_parameters_alone():
+    # decaying rho towards 0 pulls every std = exp(rho) towards 1, whatever the data and the KL say
+    module = VariationalModule(net(), num_data=32, optimizer="sgd", weight_decay=5e-4)
+    module.trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    optimizer = module.configure_optimizers()
+    decays = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    for name, parameter in module.named_parameters():
+        assert decays[id(parameter)] == (0.0 if name.endswith("_rho") else 5e-4), name
