@@ -53,11 +53,13 @@ SAMPLING_METHODS = ("auto", "loop", "batched")
   mean-field this is the exact per-input predictive, Kingma et al. 2015). In an ``nn.Sequential`` the
   deterministic layers before the first stochastic one run once, and a leading ``BayesLinear``
   computes its pre-activation mean and variance once for all samples. Needs a model that treats batch
-  rows independently in eval mode (every standard layer does) and no Bayesian layer other than
-  ``BayesLinear`` (local reparameterisation of a convolution treats output positions as independent,
-  a different distribution).
-- ``"auto"``: ``"batched"`` where it is exact and was measured faster (see :func:`resolve_method`),
-  else ``"loop"``.
+  rows independently in eval mode (every standard layer does but ``BatchNorm`` without running statistics,
+  which is refused) and no Bayesian layer other than ``BayesLinear`` (local reparameterisation of a
+  convolution treats output positions as independent, a different distribution). A one-row probe draw
+  per network and input shape also refuses a ``BayesLinear`` on inputs ``[B, T, F]`` (one weight sample
+  serves all ``T`` positions) and dropout on a tensor without the batch rows (a weight).
+- ``"auto"``: ``"batched"`` where it is exact and was measured faster (see :func:`resolve_method`; the
+  probe's refusals fall back to the loop), else ``"loop"``.
 
 Every path gives the same per-input predictive distribution (tests compare them with the posterior's
 definition); they differ in the correlations *between* inputs, which a :class:`Prediction` does not use.
@@ -541,6 +543,8 @@ def _stochastic_sources(model: nn.Module) -> tuple[nn.Module, set[nn.Module], co
     for module in core.modules():
         if isinstance(module, BayesianModule) and not getattr(module, "deterministic", False):
             sources.add(module)
+        elif isinstance(module, MCDropout):  # an MC dropout block inside the model: it and its dropout draw noise
+            sources.update([module, *module.noise_modules])
     return core, sources, context
 
 
@@ -576,7 +580,68 @@ def _batched_blocker(model: nn.Module) -> Optional[str]:
             )
     if any(hasattr(module, "sample_outputs") for module in model.modules()):
         return "it contains a module with its own sample_outputs (e.g. a DeepEnsemble)"
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
+            # normalised with the statistics of its batch even in eval mode: of S x B rows, not of B
+            return f"it has a {type(module).__name__} without running statistics, which mixes the rows of a batch"
     return None
+
+
+class _NotRowwise(ValueError):
+    """The batched path found noise that is not drawn row by row (see :func:`_rowwise_blocker`)."""
+
+
+def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
+    """Why the batched path would not draw each row's noise on its own for inputs like ``x`` (None: it would).
+
+    Seen only in a forward: a ``BayesLinear`` on inputs ``[B, T, F]`` (a transformer's tokens), whose local
+    reparameterisation gives each position its own noise where one weight sample serves them all, and dropout
+    applied to a tensor without the batch rows (on a weight: DropConnect), whose mask the samples would share.
+    A probe draw of one row and ``_PROBE_SAMPLES`` samples under forward pre-hooks, the random state restored,
+    once per network and input shape; None where it cannot tell (a compiled module; a probe that fails, the
+    draw itself then raises)."""
+    from .wrappers.mc_dropout import DROPOUT_TYPES as DROPOUT_LAYERS
+
+    core, sources, _ = _stochastic_sources(model)
+    found = _rowwise_checks.setdefault(core, {})
+    key = (tuple(x.shape[1:]), x.dtype)
+    if key in found:
+        return found[key]
+    if any(hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None for m in core.modules()):
+        return None
+    reasons: list[str] = []
+
+    def check(module: nn.Module, args: Any) -> None:  # noqa: ANN401
+        first = args[0] if args and isinstance(args[0], Tensor) else None
+        if first is None:
+            return
+        if isinstance(module, BayesLinear) and first.dim() > 2:
+            reasons.append(
+                f"a BayesLinear gets inputs of shape {tuple(first.shape[1:])} per row, and local reparameterisation "
+                "would give every position its own noise where one weight sample serves them all"
+            )
+        elif isinstance(module, DROPOUT_LAYERS) and (first.dim() == 0 or first.shape[0] != _PROBE_SAMPLES):
+            reasons.append("a dropout layer is applied to a tensor without the batch rows (e.g. a weight), whose mask the samples would share")
+
+    handles = [m.register_forward_pre_hook(check) for m in sources if isinstance(m, (BayesLinear, DROPOUT_LAYERS))]
+    try:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            _batched_samples(model, x[:1], _PROBE_SAMPLES)
+    except _NotRowwise as error:
+        reasons.append(str(error))
+    except Exception:  # noqa: BLE001 - only a probe
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    found[key] = reasons[0] if reasons else None
+    return found[key]
+
+
+_PROBE_SAMPLES = 7  # rows of the probe draw: a weight's first dimension is rarely 7
+
+# network -> {(input row shape, dtype): why not row-wise, or None}, as _activation_sizes
+_rowwise_checks: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Optional[str]]]" = weakref.WeakKeyDictionary()
 
 
 def _leading_bayes_linear(core: nn.Module, sources: set[nn.Module]) -> tuple[int, Optional[BayesLinear]]:
@@ -678,6 +743,11 @@ def _local_expand(layer: BayesLinear, x: Tensor, num_samples: int) -> Tensor:
     sample, so they are computed once for the ``B`` rows; only the noise is drawn ``S`` times.
     """
     layer._check_input(x)  # the layer's forward is bypassed here: same errors for a wrong input
+    if x.dim() != 2:
+        raise _NotRowwise(
+            f"a BayesLinear gets inputs of shape {tuple(x.shape[1:])} per row, and local reparameterisation would "
+            "give every position its own noise where one weight sample serves them all"
+        )
     mean = nn.functional.linear(x, layer.weight_mu, layer.bias_mu)
     bias_var = None if layer.bias_rho is None else layer._prediction_scale("bias", layer.bias_rho, variance=True)
     var = pre_activation_variance(nn.functional.linear, x, layer._prediction_scale("weight", layer.weight_rho, variance=True), bias_var)
@@ -739,7 +809,10 @@ def draw_samples(model: Callable[..., Any], x: Tensor, num_samples: int, *, meth
     """
     sample_outputs = getattr(model, "sample_outputs", None)
     if callable(sample_outputs):
-        return sample_outputs(x, num_samples)
+        if not isinstance(model, nn.Module):
+            return sample_outputs(x, num_samples)
+        with use_estimator(model, "reparam"):  # members' Bayesian convolutions: one weight sample per forward
+            return sample_outputs(x, num_samples)
     if method == "batched":
         return _batched_samples(model, x, num_samples)
     if not isinstance(model, nn.Module):
@@ -1042,6 +1115,11 @@ def predict(
             else:
                 if rows not in resolved:
                     resolved[rows] = resolve_method(model, rows, method)
+                    blocker = _rowwise_blocker(model, x) if resolved[rows] == "batched" else None
+                    if blocker is not None and method == "batched":
+                        raise ValueError(f"method='batched' would not sample this model exactly: {blocker}; use method='loop'")
+                    if blocker is not None:
+                        resolved[rows] = "loop"
                     fitted[rows] = chunk_size or _default_chunk(model, x, num_samples, resolved[rows])
                 drawn = 0
                 while drawn < num_samples:

@@ -616,3 +616,87 @@ def test_from_logits_summarises_large_inputs_in_chunks_of_samples(monkeypatch):
         torch.testing.assert_close(getattr(chunked, name), getattr(whole, name))
     torch.testing.assert_close(probs.probs, whole.probs)
     assert chunked.num_samples == 8
+
+
+def _same_prediction(model, x, **kwargs):
+    torch.manual_seed(0)
+    first = bdl.predict(model, x, num_samples=16, **kwargs)
+    torch.manual_seed(0)
+    loop = bdl.predict(model, x, num_samples=16, method="loop", **kwargs)
+    return first, loop
+
+
+class _Tokens(nn.Module):
+    """A BayesLinear over every token of [B, T, F] inputs, then the mean over tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = bdl.BayesLinear(4, 3, posterior_std_init=0.3)
+
+    def forward(self, x):
+        return self.layer(x).mean(1)
+
+
+class _DropConnect(nn.Module):
+    """MC DropConnect written with nn.Dropout on the weight: one mask per forward, shared by the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.drop(self.linear.weight), self.linear.bias)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: _Tokens(), "every position its own noise"),  # token noise drawn independently: variance 5x too small
+        (lambda: bdl.MCDropout(_DropConnect()), "without the batch rows"),  # one mask for all samples: variance 0
+        (lambda: bdl.MCDropout(nn.Sequential(nn.Dropout(0.3), nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Linear(6, 3))),
+         "without running statistics"),  # batch statistics of S x B rows  # fmt: skip
+    ],
+)
+def test_models_whose_noise_is_not_drawn_row_by_row_are_sampled_by_the_loop(build, message):
+    torch.manual_seed(1)
+    model = build()
+    x = torch.randn(6, 5, 4) if isinstance(model, _Tokens) else torch.randn(6, 4)
+    first, loop = _same_prediction(model, x, task="regression" if isinstance(model, _Tokens) else "classification")
+    summary = (lambda p: p.epistemic_variance) if first.task == "regression" else (lambda p: p.mutual_information)
+    assert torch.equal(summary(first), summary(loop)) and bool((summary(loop) > 0).all())
+    with pytest.raises(ValueError, match=message):
+        bdl.predict(model, x, num_samples=4, method="batched", task=first.task)
+
+
+def test_an_mc_dropout_block_inside_a_model_draws_noise_in_the_batched_path():
+    # the block was taken for a deterministic prefix, run once and copied: epistemic variance exactly 0
+    torch.manual_seed(0)
+    model = nn.Sequential(bdl.MCDropout(nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Dropout(0.5))), nn.Linear(32, 3))
+    x = torch.randn(5, 4)
+    batched = bdl.predict(model, x, num_samples=64, method="batched")
+    loop = bdl.predict(model, x, num_samples=64, method="loop")
+    assert bool((batched.mutual_information > 0).all())
+    torch.testing.assert_close(batched.mutual_information.mean(), loop.mutual_information.mean(), rtol=0.5, atol=0)
+
+
+def test_ensembles_sample_their_bayesian_members_with_one_weight_draw_per_forward():
+    # members kept their training estimator: a local-reparameterised convolution gave each position its own noise
+    estimators = []
+    members = [nn.Sequential(bdl.BayesConv2d(1, 2, 3, estimator="local"), nn.Flatten(), nn.Linear(8, 2)) for _ in range(2)]
+    for member in members:
+        member[0].register_forward_pre_hook(lambda module, args: estimators.append(module.estimator))
+    bdl.predict(bdl.DeepEnsemble(members), torch.randn(3, 1, 4, 4), num_samples=4)
+    assert estimators and set(estimators) == {"reparam"}
+    assert members[0][0].estimator == "local"  # restored
+
+
+def test_models_built_under_inference_mode_predict():
+    # their parameters are inference tensors, without the version counter the std cache keys on
+    with torch.inference_mode():
+        bnn = nn.Sequential(bdl.BayesLinear(4, 8), nn.ReLU(), bdl.BayesLinear(8, 3))
+        ensemble = bdl.DeepEnsemble([nn.Linear(4, 3), nn.Linear(4, 3)], method="vmap")
+    x = torch.randn(5, 4)
+    for method in ("loop", "batched"):
+        assert bdl.predict(bnn, x, num_samples=4, method=method).mutual_information.shape == (5,)
+    assert bdl.predict(ensemble, x).num_samples == 2

@@ -230,7 +230,8 @@ class _BayesLayer(BayesianModule):
         """The posterior std (or variance) of ``rho``, the layer's ``{name}_rho``, for sampling without
         gradients: kept while ``rho`` is unchanged, so that S forwards compute it once (not inside
         ``torch.compile`` or ``torch.func`` transforms, whose tensors have no storage to key it by)."""
-        if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(rho):
+        # inference tensors (a model built or loaded under torch.inference_mode) have no version counter to key by
+        if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(rho) or rho.is_inference():
             return posterior_variance(rho, self.std_transform) if variance else std_from_rho(rho, self.std_transform)[0]
         key = (rho._version, rho.data_ptr(), rho.dtype, rho.device, self.std_transform)
         cached = self._std_cache.get((name, variance))

@@ -255,15 +255,17 @@ class DeepEnsemble(nn.Module):
         member's tensors change (their version counters move on every in-place update).
         """
         tensors = [dict(member.named_parameters()) | dict(member.named_buffers()) for member in self.members]
-        key = tuple((t.data_ptr(), t._version) for state in tensors for t in state.values())
-        if not torch.is_grad_enabled() and self._stacked is not None and self._stacked[0] == key:
+        # inference tensors (members built or loaded under torch.inference_mode) have no version counter: no cache
+        inference = any(t.is_inference() for state in tensors for t in state.values())
+        key = None if inference else tuple((t.data_ptr(), t._version) for state in tensors for t in state.values())
+        if not torch.is_grad_enabled() and key is not None and self._stacked is not None and self._stacked[0] == key:
             return self._stacked[1], self._stacked[2]
         names = list(tensors[0])
         parameter_names = {name for name, _ in self.members[0].named_parameters()}
         stacked = {name: torch.stack([state[name] for state in tensors]) for name in names}
         params = {name: value for name, value in stacked.items() if name in parameter_names}
         buffers = {name: value for name, value in stacked.items() if name not in parameter_names}
-        self._stacked = (key, params, buffers) if not torch.is_grad_enabled() else None
+        self._stacked = (key, params, buffers) if not torch.is_grad_enabled() and key is not None else None
         return params, buffers
 
     def _vmap_forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
