@@ -308,7 +308,8 @@ class DeepEnsemble(nn.Module):
         return rebuild([part.flatten(0, 1) for part in parts])
 
     def member_losses(self, outputs: Any, target: Tensor, criterion: Callable[..., Tensor]) -> Tensor:  # noqa: ANN401
-        """``[M]``: ``criterion(output_m, target)`` for each member's slice of ``outputs = ensemble(x)``.
+        """``[M]``: ``criterion(output_m, target)`` for each member's slice of ``outputs = ensemble(x)`` (``[M, ...]``
+        with the criterion's shape when it does not reduce to a scalar, e.g. ``reduction="none"``: ``[M, B]``).
 
         Sum it for joint training: each member's parameters then get the gradient of their own loss.
 
