@@ -18,7 +18,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from torch.utils.data.dataloader import _InfiniteConstantSampler
 
 from .metrics import functional as M
 from .predict import DEFAULT_BATCH_SIZE, Prediction, as_loader, predict
@@ -138,6 +139,13 @@ def _predict(
     data = _loader(data, predict_options)
     if _is_prediction(model):
         if isinstance(data, DataLoader):
+            sampler = getattr(data, "sampler", None)
+            if not isinstance(sampler, (SequentialSampler, _InfiniteConstantSampler)):
+                # the prediction is in the data set's order: a shuffled loader's targets belong to other inputs
+                raise ValueError(
+                    f"`{name}` is a DataLoader with a {type(sampler).__name__}, but a ready Prediction is in the data set's "
+                    "order: pass a loader without shuffle (or its data set, or (x, y) tensors)"
+                )
             recorder = _Recorder(data)
             for _ in recorder:
                 pass
@@ -148,6 +156,8 @@ def _predict(
             inputs, targets = _split_tensors(data, name)
         if targets is None:
             targets = model.targets
+        if inputs is not None and len(inputs) != len(model):
+            raise ValueError(f"`{name}` has {len(inputs)} inputs but the Prediction is for {len(model)}")
         return model, inputs, targets
     if data is None:
         raise ValueError(f"`{name}` is required when evaluating a model (only a ready Prediction carries its own)")

@@ -103,6 +103,8 @@ def plot_reliability_diagram(
     probs = torch.as_tensor(probs)  # checked above; an array or nested list as the metrics take it
     error = M.ece(probs, target, n_bins=n_bins).item()
     if ax is None:
+        if histogram_ax is not None:  # it was left empty, the bars drawn into a new figure
+            raise ValueError("`histogram_ax` needs `ax` too (the reliability bars' axes); pass both, or neither for a new figure")
         figure = _figure(figsize=(5.0, 5.5))
         ax, histogram_ax = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     else:
@@ -297,6 +299,11 @@ def plot_regression_1d(
         x = x[:, 0]
     if x.dim() != 1:
         raise ValueError(f"`x` must be 1-D inputs of shape [N] or [N, 1], got shape {tuple(x.shape)}")
+    # a multiple of N reshaped too, pairing each x with another input's prediction
+    if prediction.mean.shape[0] != len(x):
+        raise ValueError(f"`x` has {len(x)} inputs but `prediction` is for {prediction.mean.shape[0]}")
+    if target is not None and check_float(target, "target").shape[0] != len(x):
+        raise ValueError(f"`target` has {check_float(target, 'target').shape[0]} rows but `x` has {len(x)} inputs")
     mean = prediction.mean.reshape(len(x), -1)[:, output]
     aleatoric = prediction.aleatoric_variance.reshape(len(x), -1)[:, output]
     total = prediction.total_variance.reshape(len(x), -1)[:, output]

@@ -123,6 +123,18 @@ def test_datasets_give_the_report_of_their_tensors():
     assert ready.metrics == pytest.approx(from_tensors.metrics, rel=1e-6)
 
 
+def test_a_ready_prediction_refuses_a_shuffled_loader_and_inputs_of_another_length():
+    # the loader's targets came in another order than the prediction's: metrics of mismatched pairs
+    x, y = blobs(40)
+    prediction = bdl.predict(nn.Linear(2, 3), x, num_samples=1)
+    with pytest.raises(ValueError, match="DataLoader with a RandomSampler, but a ready Prediction is in the data set's order"):
+        evaluate(prediction, DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True))
+    in_order = evaluate(prediction, DataLoader(TensorDataset(x, y), batch_size=8))
+    assert in_order.metrics == evaluate(prediction, (x, y)).metrics
+    with pytest.raises(ValueError, match="`test_data` has 20 inputs but the Prediction is for 40"):
+        evaluate(prediction, (x[:20], y[:20]))
+
+
 def test_a_shuffling_loader_keeps_targets_aligned_with_predictions():
     model = nn.Sequential(nn.Linear(2, 3))
     x, y = blobs(300)

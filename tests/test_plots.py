@@ -125,6 +125,16 @@ def test_plots_reject_bad_axes_and_bad_data():
         plots.plot_reliability_diagram(torch.ones(3, 2), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="0 OOD scores"):
         plots.plot_ood_histogram(torch.randn(5), torch.zeros(0))
+    # the caller's histogram axes stayed empty, the bars went into a new figure
+    with pytest.raises(ValueError, match="`histogram_ax` needs `ax` too"):
+        plots.plot_reliability_diagram(torch.full((3, 2), 0.5), torch.zeros(3, dtype=torch.long), histogram_ax=Figure().add_subplot())
+    # 40 predictions for 20 inputs reshaped to [20, 2]: every x drawn with another input's prediction
+    x = torch.linspace(0, 1, 40)
+    prediction = Prediction.from_regression(10 * x.reshape(1, 40, 1).expand(2, 40, 1).clone())
+    with pytest.raises(ValueError, match="`x` has 20 inputs but `prediction` is for 40"):
+        plots.plot_regression_1d(x[:20], prediction)
+    with pytest.raises(ValueError, match="`target` has 40 rows but `x` has 20"):
+        plots.plot_regression_1d(x[:20], prediction[:20], target=x)
 
 
 @pytest.mark.parametrize("points, location", [(60, 0), (5000, 2)])  # matplotlib's codes: 0 "best", 2 "upper left"
