@@ -572,9 +572,11 @@ def write_dataset(dataset: str, results: dict[str, list[RunResult]], seconds: fl
     path.write_text(text)
     (out / f"{dataset}.json").write_text(json.dumps({
         "dataset": dataset, "seeds": args.seeds, "seconds": seconds, "settings": settings_line(args),
-        "results": {method: [{"metrics": run.metrics, "notes": run.notes, "error": run.error} for run in runs]
+        # strict JSON: an undefined metric (a stuck chain's R-hat) is null, as in bdl's metrics.json
+        "results": {method: [{"metrics": {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in run.metrics.items()},
+                              "notes": run.notes, "error": run.error} for run in runs]
                     for method, runs in results.items()},
-    }, indent=1, allow_nan=True) + "\n")  # fmt: skip
+    }, indent=1, allow_nan=False) + "\n")  # fmt: skip
     plot(dataset, results, out / f"{dataset}.png")
     return path
 

@@ -55,7 +55,10 @@ def test_classification_table_has_a_row_per_method_and_every_metric(quick_run):
     assert "## Expected shape" in text and "![NLL and OOD AUROC per method](digits.png)" in text
     assert text.rstrip().endswith("## Findings\n\nWritten by hand: kept.")
     assert text in stdout  # printed as well
-    data = json.loads((out / "digits.json").read_text())
+    def no_nan(constant):  # strict JSON: NaN/Infinity are not JSON (an undefined metric is null)
+        raise AssertionError(f"{constant} in digits.json")
+
+    data = json.loads((out / "digits.json").read_text(), parse_constant=no_nan)
     assert data["seeds"] == [0] and 0 < data["results"]["deterministic"][0]["metrics"]["accuracy"] <= 1
     assert data["results"]["temperature"][0]["metrics"]["temperature"] > 0
     assert (out / "digits.png").stat().st_size > 0

@@ -297,6 +297,18 @@ def test_a_metric_collection_keeps_nll_and_brier_apart_after_a_confidently_right
     torch.testing.assert_close(values["brier"], M.brier_score(probs, target).double())
 
 
+def test_half_precision_bins_are_equal_width():
+    # the edges were built in bfloat16: widths 0.0625-0.0703 where 1/15 was meant
+    probs = torch.softmax(2 * torch.randn(500, 4), -1)
+    target = torch.randint(0, 4, (500,))
+    bins = M.calibration_bins(probs.bfloat16(), target, n_bins=15)
+    assert bins.edges.dtype == torch.float32
+    torch.testing.assert_close(torch.diff(bins.edges), torch.full((15,), 1 / 15), atol=1e-6, rtol=0)
+    confidence = probs.bfloat16().max(1).values.float()
+    expected = torch.bincount((torch.bucketize(confidence, torch.linspace(0, 1, 16), right=True) - 1).clamp(0, 14), minlength=15)
+    assert torch.equal(bins.count, expected)
+
+
 def test_adaptive_ece_takes_a_half_precision_batch_before_float32_ones():
     # compute re-checked the concatenated probabilities at float32's tolerance, which bf16 rows miss
     logits = torch.randn(64, 10)

@@ -136,7 +136,7 @@ class CalibrationBins(NamedTuple):
     """Per-bin statistics of top-label confidence (see the module docstring for the bin convention).
 
     Attributes:
-        edges: bin edges, shape [B + 1].
+        edges: bin edges, shape [B + 1] (float32 for half-precision probabilities).
         confidence: mean confidence in each bin, shape [B] (NaN for empty bins).
         accuracy: fraction correct in each bin, shape [B] (NaN for empty bins).
         count: number of examples in each bin, shape [B], int64.
@@ -148,9 +148,16 @@ class CalibrationBins(NamedTuple):
     count: Tensor
 
 
+def _edges(n_bins: int, like: Tensor) -> Tensor:
+    """Equal-width bin edges in the dtype of ``like``, float32 for half types: bfloat16's rounding made the
+    15 "equal" widths 0.0625-0.0703."""
+    dtype = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+    return torch.linspace(0, 1, n_bins + 1, dtype=dtype, device=like.device)
+
+
 def _bin_index(values: Tensor, n_bins: int) -> Tensor:
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=values.dtype, device=values.device)
-    return (torch.bucketize(values, edges, right=True) - 1).clamp(0, n_bins - 1)
+    edges = _edges(n_bins, values)
+    return (torch.bucketize(values.to(edges.dtype), edges, right=True) - 1).clamp(0, n_bins - 1)
 
 
 def _bin_sums(values: Tensor, outcomes: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -213,7 +220,7 @@ def calibration_bins(probs: Tensor, target: Tensor, *, n_bins: int = 15) -> Cali
     empty = count == 0
     mean_confidence = (confidence_sum / count.clamp_min(1)).masked_fill(empty, float("nan"))
     mean_accuracy = (correct_sum / count.clamp_min(1)).masked_fill(empty, float("nan"))
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=probs.dtype, device=probs.device)
+    edges = _edges(n_bins, probs)
     # counts as integers: in half precision they would round (bfloat16 above 256) or overflow (float16 above 65504)
     return CalibrationBins(edges, mean_confidence.to(probs.dtype), mean_accuracy.to(probs.dtype), count.round().long())
 
