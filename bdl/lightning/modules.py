@@ -119,7 +119,8 @@ def _gather_rows(module: L.LightningModule, value: Tensor, total: Optional[int],
     if total is None:
         return gathered.movedim(0, dim).flatten(dim, dim + 1)
     interleaved = gathered.movedim(0, dim + 1).flatten(dim, dim + 1)  # rows k * W + r
-    return interleaved.narrow(dim, 0, total)
+    # fewer rows than the data set under limit_test_batches: a prefix of it, the repeats only at its end
+    return interleaved.narrow(dim, 0, min(total, interleaved.shape[dim]))
 
 
 def _gather_prediction(module: L.LightningModule, prediction: Prediction, total: Optional[int]) -> Prediction:
@@ -131,6 +132,25 @@ def _gather_prediction(module: L.LightningModule, prediction: Prediction, total:
             value = _gather_rows(module, value, total, dim=1 if field.name.startswith("sample_") else 0)
         values[field.name] = value
     return dataclasses.replace(prediction, **values)
+
+
+def _loader_at(loaders: Any, index: int) -> Any:  # noqa: ANN401 - a loader, or a list/tuple/dict of them
+    """The ``index``-th loader, in the order Lightning numbers them (``dataloader_idx``); a dict by its values."""
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    return loaders[index] if isinstance(loaders, (list, tuple)) else loaders
+
+
+def _own_rows(loader: Any, rank: int, world_size: int, seen: int, rows: int) -> int:  # noqa: ANN401
+    """How many of a batch's ``rows`` on process ``rank`` are the data set's own, after ``seen`` rows before it:
+    an unshuffled ``DistributedSampler`` gives process ``r`` rows ``r, r + W, ...`` and pads the last round by
+    repeating the first rows, so process ``r`` owns its first ``ceil((N - r) / W)`` rows (all, for another
+    sampler)."""
+    total = _unpadded_size(loader)
+    if total is None or world_size <= 1:
+        return rows
+    own = -(-(total - rank) // world_size)
+    return max(0, min(rows, own - seen))
 
 
 def _unpadded_size(loader: Any) -> Optional[int]:  # noqa: ANN401
@@ -206,14 +226,36 @@ class _Evaluation:
             return y.long().reshape(-1) if y.dim() == 2 and y.shape[1] == 1 else y.long()
         return y
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_rows_seen = 0
+
+    def _unpadded(self, prediction: Prediction, y: Tensor) -> tuple[Optional[Prediction], Tensor]:
+        """The batch without the rows Lightning's sampler repeats to give every process as many (under DDP an
+        odd-sized validation set counted them; they choose best.ckpt); None when it holds only repeats."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1:
+            return prediction, y
+        loader = _loader_at(getattr(trainer, "val_dataloaders", None), 0)
+        seen = getattr(self, "_val_rows_seen", 0)
+        keep = _own_rows(loader, trainer.global_rank, trainer.world_size, seen, len(y))
+        self._val_rows_seen = seen + len(y)
+        if keep == len(y):
+            return prediction, y
+        return (prediction[:keep] if keep else None), y[:keep]
+
     def _update_val_metrics(self, prediction: Prediction, y: Tensor) -> None:
+        unpadded, y = self._unpadded(prediction, y)
         metrics = self.val_metrics
-        if self.task == "classification":
+        if unpadded is None:  # only repeats: nothing to add, but the collective below and the logging run as elsewhere
+            error = None
+        elif self.task == "classification":
+            prediction = unpadded
             y = self._labels(y)
             metrics["accuracy"].update((prediction.predicted_class == y).float())
             metrics["nll"].update(prediction.probs, y)
             metrics["ece"].update(prediction.probs, y)
         else:
+            prediction = unpadded
             y = y.reshape(prediction.mean.shape)
             metrics["rmse"].update(prediction.mean, y)
             variance = prediction.total_variance
@@ -226,6 +268,7 @@ class _Evaluation:
             elif bool(positive.any()):  # a mean-only model predicts 0 everywhere; some zeros are an underflow
                 zeros = int((~positive).sum())
                 error = self._non_finite("validation", f"the predicted variance is 0 for {zeros} of {variance.numel()} outputs (its NLL infinite)")
+        if self.task != "classification":  # every process, every batch: a collective
             _raise_on_every_process(self, error, "non-finite validation metric")
         for name, metric in metrics.items():
             if metric.update_count:  # a deterministic mean-only regressor has no predictive NLL
@@ -248,7 +291,10 @@ class _Evaluation:
             failure = FloatingPointError(
                 f"non-finite prediction in {stage} at epoch {self.current_epoch}, step {self.global_step}: {error}"
             )
-        _raise_on_every_process(self, failure, f"non-finite prediction in {stage}")
+        if stage == "predict" and failure is not None:
+            raise failure  # no collective: predict's unpadded sampler gives the processes unequal batch counts
+        if stage != "predict":
+            _raise_on_every_process(self, failure, f"non-finite prediction in {stage}")
         assert prediction is not None  # no failure
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         classes = getattr(datamodule, "num_classes", None) if self.task == "classification" else None
@@ -283,9 +329,15 @@ class _Evaluation:
         inputs = torch.cat([part[2] for part in parts]) if all(part[2] is not None for part in parts) else None
         if self.trainer.world_size > 1:
             loaders = self.trainer.test_dataloaders
-            loader = loaders[index] if isinstance(loaders, (list, tuple)) else loaders
+            loader = _loader_at(loaders, index)
             # Lightning's DistributedSampler pads the test set to a multiple of the processes: cut the repeats
             total = _unpadded_size(loader)
+            if total is None:  # concatenated as they come, repeats and all (each input twice without a sampler)
+                raise ValueError(
+                    f"test loader {index} has a {type(getattr(loader, 'sampler', None)).__name__}, not Lightning's unshuffled "
+                    "DistributedSampler: the processes' rows cannot be put back in order without repeats; keep "
+                    "use_distributed_sampler on and the test loader unshuffled, or test on one process"
+                )
             prediction = _gather_prediction(self, prediction, total)
             targets = None if targets is None else _gather_rows(self, targets, total)
             inputs = None if inputs is None else _gather_rows(self, inputs, total)

@@ -45,7 +45,9 @@ class _OODMetric(_Buffered):
     def update(self, scores: Tensor, is_ood: Tensor) -> None:
         """Add a batch: ``scores`` [B] (higher = more OOD) and ``is_ood`` [B] (bool, or 0/1 integers)."""
         scores, is_ood = self._checked(scores, is_ood)
-        self._append(scores=scores, is_ood=is_ood)
+        # kept in the scores' dtype, not as bool: a process without updates syncs an empty placeholder of the
+        # metric's float dtype, and gloo aborted on the mismatched all-gather
+        self._append(scores=scores, is_ood=is_ood.to(scores.dtype))
 
     def forward(self, scores: Tensor, is_ood: Tensor) -> Tensor:
         """Add the batch (as :meth:`update`) and return the metric of this batch alone, NaN when the batch holds
@@ -63,6 +65,7 @@ class _OODMetric(_Buffered):
 
     def _split(self) -> tuple[Tensor, Tensor]:
         scores, is_ood = self._gathered()
+        is_ood = is_ood.bool()
         return scores[~is_ood], scores[is_ood]
 
     def _value(self, scores_in: Tensor, scores_out: Tensor) -> Tensor:

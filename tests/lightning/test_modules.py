@@ -421,3 +421,40 @@ def test_weight_decay_leaves_the_posterior_std_parameters_alone():
     decays = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
     for name, parameter in module.named_parameters():
         assert decays[id(parameter)] == (0.0 if name.endswith("_rho") else 5e-4), name
+
+
+def test_distributed_rows_are_counted_once_and_predict_runs_no_collective(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from torch.utils.data import DistributedSampler
+
+    from bdl.lightning import modules as lightning_modules
+    from bdl.metrics import OODAUROC
+
+    # validation under DDP: an odd-sized set's padded repeats were counted (they choose best.ckpt). 7 rows on
+    # 2 processes: process 1 gets rows 1, 3, 5 and a repeat of row 0, in batches of 2
+    data = TensorDataset(torch.randn(7, 4), torch.randint(0, 3, (7,)))
+    kept = 0
+    for rank in (0, 1):
+        loader = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=rank, shuffle=False))
+        module = DeterministicModule(net())
+        module._trainer = SimpleNamespace(world_size=2, global_rank=rank, val_dataloaders={"val": loader})
+        module.on_validation_epoch_start()
+        for x, y in loader:
+            prediction, labels = module._unpadded(bdl.predict(module.model, x, num_samples=1), y)
+            kept += len(labels)
+            assert prediction is None or len(prediction) == len(labels)
+    assert kept == 7
+    # the test gather under limit_test_batches: fewer rows than the data set (narrowing to its size failed)
+    gathered = SimpleNamespace(all_gather=lambda value: torch.stack([value, value + 1]))
+    assert lightning_modules._gather_rows(gathered, torch.tensor([0.0, 2.0]), total=289).tolist() == [0.0, 1.0, 2.0, 3.0]
+    # predict's unpadded sampler gives the processes unequal batch counts: a collective per batch deadlocked
+    calls = []
+    monkeypatch.setattr(lightning_modules, "_raise_on_every_process", lambda module, error, what: calls.append(what))
+    module = DeterministicModule(net())
+    trainer(tmp_path).predict(module, DataLoader(TensorDataset(torch.randn(6, 4)), batch_size=4))
+    assert not any("predict" in what for what in calls)
+    # OOD states sync in the scores' dtype: a process without updates syncs a float placeholder (bool aborted gloo)
+    metric = OODAUROC()
+    metric.update(torch.tensor([0.1, 0.9]), torch.tensor([False, True]))
+    assert metric.is_ood[0].dtype == torch.float32 and metric.compute() == 1.0
