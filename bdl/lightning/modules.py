@@ -685,8 +685,9 @@ class EnsembleModule(UncertaintyModule):
     submodule's ``reset_parameters``, children before parents), so members start apart. A network whose
     ``__init__`` initialises its layers its own way should apply that scheme in a ``reset_parameters`` of its
     own too (as :class:`bdl.lightning.ResNet` does), or the other members start from the layers' defaults.
-    One optimiser steps all members; the loss is the sum of the members' mean NLLs, so each member follows the gradient of its own loss (logged:
-    ``train/nll``, the members' average). Prediction uses each member once (``num_eval_samples`` None).
+    One optimiser steps all members; the loss is the sum of the members' mean NLLs, so each member follows
+    the gradient of its own loss (logged: ``train/nll``, the members' average). Prediction uses each member
+    once (``num_eval_samples`` None).
 
     Example:
         >>> module = EnsembleModule(nn.Linear(4, 3), num_members=3)
