@@ -189,7 +189,8 @@ def bayesianize(
     The input model is not changed. Posterior means start at the existing weights, so the converted
     model under :func:`deterministic` gives exactly the original outputs; posterior standard deviations
     start at ``posterior_std_init``. Kernel sizes, strides, padding (and its mode), dilation, groups and
-    ``bias=False`` are kept, and so are the layers' hooks and memory format (``channels_last``). Only those
+    ``bias=False`` are kept, and so are the layers' hooks, memory format (``channels_last``) and frozen
+    weights (``requires_grad=False`` on a weight freezes its posterior mean and std). Only those
     exact types are converted: subclasses (a layer with a parametrization or ``weight_norm``,
     ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention reads directly) stay as they
     are, and so, with a warning, do layers whose weight a legacy ``torch.nn.utils.weight_norm``,
@@ -307,6 +308,11 @@ def bayesianize(
         layer = _CONVERSIONS[type(module)].from_module(module, prior=copy.deepcopy(prior), **options)
         for hooks in _HOOK_DICTS:  # the user's hooks on the layer keep running (a feature or output hook)
             getattr(layer, hooks).update(getattr(module, hooks, {}))
+        for name in ("weight", "bias"):  # a frozen weight (a frozen backbone) stays frozen: its mean and its std
+            original = getattr(module, name)
+            if original is not None and not original.requires_grad:
+                for suffix in ("_mu", "_rho"):
+                    getattr(layer, name + suffix).requires_grad_(False)
         if center_prior_on_weights:
             layer.weight_prior = GaussianPrior(module.weight.detach(), prior.scale)
             if module.bias is not None:

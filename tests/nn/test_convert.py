@@ -261,3 +261,14 @@ def test_a_cpu_model_samples_whatever_the_default_device(estimator):
         assert bnn(x).device.type == "cpu"
         meta = bdl.bayesianize(nn.Linear(4, 2), center_prior_on_weights=True)  # the prior's finiteness check read values
     assert meta.weight_mu.is_meta
+
+
+def test_frozen_layers_stay_frozen():
+    # a frozen backbone's converted layers trained: their means and stds were new trainable parameters
+    net = SmallNet()
+    for parameter in net.features.parameters():
+        parameter.requires_grad_(False)
+    bnn = bdl.bayesianize(net)
+    frozen = {name for name, p in bnn.named_parameters() if not p.requires_grad}
+    assert {"features.0.weight_mu", "features.0.weight_rho", "features.2.bias_mu", "features.2.bias_rho"} <= frozen
+    assert bnn.fc.weight_mu.requires_grad and bnn.fc.weight_rho.requires_grad
