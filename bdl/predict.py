@@ -587,10 +587,6 @@ def _batched_blocker(model: nn.Module) -> Optional[str]:
     return None
 
 
-class _NotRowwise(ValueError):
-    """The batched path found noise that is not drawn row by row (see :func:`_rowwise_blocker`)."""
-
-
 def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
     """Why the batched path would not draw each row's noise on its own for inputs like ``x`` (None: it would).
 
@@ -607,8 +603,6 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
     key = (tuple(x.shape[1:]), x.dtype)
     if key in found:
         return found[key]
-    if any(hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None for m in core.modules()):
-        return None
     reasons: list[str] = []
 
     def check(module: nn.Module, args: Any) -> None:  # noqa: ANN401
@@ -623,19 +617,31 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
         elif isinstance(module, DROPOUT_LAYERS) and (first.dim() == 0 or first.shape[0] != _PROBE_SAMPLES):
             reasons.append("a dropout layer is applied to a tensor without the batch rows (e.g. a weight), whose mask the samples would share")
 
-    handles = [m.register_forward_pre_hook(check) for m in sources if isinstance(m, (BayesLinear, DROPOUT_LAYERS))]
+    hooks = [(m, True, check) for m in sources if isinstance(m, (BayesLinear, DROPOUT_LAYERS))]
+    if not _probe_draw(model, x, _PROBE_SAMPLES, hooks):
+        return None
+    found[key] = reasons[0] if reasons else None
+    return found[key]
+
+
+def _probe_draw(model: nn.Module, x: Tensor, num_samples: int, hooks: list[tuple[nn.Module, bool, Callable[..., Any]]]) -> bool:
+    """A batched draw of ``x[:1]`` with ``num_samples`` samples under ``hooks`` (``(module, pre-hook?, hook)``,
+    removed afterwards), the random state restored; False where it tells nothing: a compiled module (hooks
+    would change its graph) or a draw that fails (the real draw then raises the error)."""
+    from .wrappers.mc_dropout import _holds_compiled_module
+
+    if _holds_compiled_module(model):
+        return False
+    handles = [m.register_forward_pre_hook(hook) if pre else m.register_forward_hook(hook) for m, pre, hook in hooks]
     try:
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            _batched_samples(model, x[:1], _PROBE_SAMPLES)
-    except _NotRowwise as error:
-        reasons.append(str(error))
+            _batched_samples(model, x[:1], num_samples)
     except Exception:  # noqa: BLE001 - only a probe
-        return None
+        return False
     finally:
         for handle in handles:
             handle.remove()
-    found[key] = reasons[0] if reasons else None
-    return found[key]
+    return True
 
 
 _PROBE_SAMPLES = 7  # rows of the probe draw: a weight's first dimension is rarely 7
@@ -744,7 +750,7 @@ def _local_expand(layer: BayesLinear, x: Tensor, num_samples: int) -> Tensor:
     """
     layer._check_input(x)  # the layer's forward is bypassed here: same errors for a wrong input
     if x.dim() != 2:
-        raise _NotRowwise(
+        raise ValueError(  # the probe refuses it before a draw where it can (see _rowwise_blocker)
             f"a BayesLinear gets inputs of shape {tuple(x.shape[1:])} per row, and local reparameterisation would "
             "give every position its own noise where one weight sample serves them all"
         )
@@ -927,9 +933,6 @@ def _activation_bytes_per_row(model: nn.Module, x: Tensor) -> Optional[int]:
     in bytes: a probe forward of ``x[:1]`` under forward hooks, the random state restored afterwards. None
     where it cannot tell: a compiled module (hooks would change its graph) or a probe that fails (the draw
     itself then raises the error)."""
-    modules = list(model.modules())
-    if any(hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None for m in modules):
-        return None
     largest = 0
 
     def record(module: nn.Module, inputs: Any, output: Any) -> None:  # noqa: ANN401
@@ -937,16 +940,7 @@ def _activation_bytes_per_row(model: nn.Module, x: Tensor) -> Optional[int]:
         for t in _tensors(output):
             largest = max(largest, t.numel() * t.element_size())
 
-    handles = [m.register_forward_hook(record) for m in modules]
-    try:
-        with torch.random.fork_rng(devices=[]):
-            _batched_samples(model, x[:1], 1)
-    except Exception:  # noqa: BLE001 - only a probe
-        return None
-    finally:
-        for handle in handles:
-            handle.remove()
-    return largest
+    return largest if _probe_draw(model, x, 1, [(m, False, record) for m in model.modules()]) else None
 
 
 # network -> {(input row shape, dtype): bytes per row or None}: the probe costs a one-row draw (0.4-2.1 ms for
