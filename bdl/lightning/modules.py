@@ -229,22 +229,28 @@ class _Evaluation:
     def on_validation_epoch_start(self) -> None:
         self._val_rows_seen = 0
 
-    def _unpadded(self, prediction: Prediction, y: Tensor) -> tuple[Optional[Prediction], Tensor]:
-        """The batch without the rows Lightning's sampler repeats to give every process as many (under DDP an
-        odd-sized validation set counted them; they choose best.ckpt); None when it holds only repeats."""
+    def _own_val_rows(self, rows: int) -> int:
+        """How many of this validation batch's ``rows`` are not the repeats Lightning's sampler adds to give every
+        process as many (under DDP an odd-sized validation set counted them; they choose best.ckpt): the first
+        ones. Call once per batch: it counts the rows seen."""
         trainer = self._trainer
         if trainer is None or trainer.world_size <= 1:
-            return prediction, y
+            return rows
         loader = _loader_at(getattr(trainer, "val_dataloaders", None), 0)
         seen = getattr(self, "_val_rows_seen", 0)
-        keep = _own_rows(loader, trainer.global_rank, trainer.world_size, seen, len(y))
-        self._val_rows_seen = seen + len(y)
+        self._val_rows_seen = seen + rows
+        return _own_rows(loader, trainer.global_rank, trainer.world_size, seen, rows)
+
+    def _unpadded(self, prediction: Prediction, y: Tensor, keep: Optional[int] = None) -> tuple[Optional[Prediction], Tensor]:
+        """The batch without the sampler's repeats (``keep``: :meth:`_own_val_rows`, if already counted); None
+        when it holds only repeats."""
+        keep = self._own_val_rows(len(y)) if keep is None else keep
         if keep == len(y):
             return prediction, y
         return (prediction[:keep] if keep else None), y[:keep]
 
-    def _update_val_metrics(self, prediction: Prediction, y: Tensor) -> None:
-        unpadded, y = self._unpadded(prediction, y)
+    def _update_val_metrics(self, prediction: Prediction, y: Tensor, keep: Optional[int] = None) -> None:
+        unpadded, y = self._unpadded(prediction, y, keep)
         metrics = self.val_metrics
         if unpadded is None:  # only repeats: nothing to add, but the collective below and the logging run as elsewhere
             error = None
@@ -802,11 +808,14 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
         x, y = _split_batch(batch)
-        if self.model.num_data is not None:  # else the ELBO of the batch alone, not comparable with fit's
+        keep = self._own_val_rows(len(x))
+        # else the ELBO of the batch alone, not comparable with fit's; under DDP without the sampler's repeats
+        if self.model.num_data is not None and keep:
+            args = [a[:keep] if isinstance(a, Tensor) and a.dim() and len(a) == len(x) else a for a in _as_args(batch)]
             with torch.no_grad():
-                loss, _, _ = self.loss(*_as_args(batch))
-            self.log("val/elbo", -loss, on_epoch=True, batch_size=len(x), sync_dist=True)  # val/nll is the predictive NLL, as elsewhere
-        self._update_val_metrics(self._checked_prediction(x, self.num_val_samples, "validation"), y)
+                loss, _, _ = self.loss(*args)
+            self.log("val/elbo", -loss, on_epoch=True, batch_size=keep, sync_dist=True)  # val/nll is the predictive NLL, as elsewhere
+        self._update_val_metrics(self._checked_prediction(x, self.num_val_samples, "validation"), y, keep)
 
 
 METHODS: dict[str, type[L.LightningModule]] = {

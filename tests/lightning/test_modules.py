@@ -445,6 +445,19 @@ def test_distributed_rows_are_counted_once_and_predict_runs_no_collective(tmp_pa
             kept += len(labels)
             assert prediction is None or len(prediction) == len(labels)
     assert kept == 7
+    # SVI's val/elbo left the repeats in too: process 1's last batch is row 5 and a repeat of row 0
+    loader = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
+    module = SVIModule(bdl.infer.PyroModel(net(), "categorical", num_data=7), num_val_samples=2)
+    module._trainer = SimpleNamespace(world_size=2, global_rank=1, val_dataloaders=loader, training=False)
+    lossed, logged, loss = [], [], module.loss
+    module.loss = lambda *args: lossed.append(len(args[0])) or loss(*args)
+    module.log = lambda name, value, **options: logged.append((name, options.get("batch_size")))
+    module._checked_prediction = lambda x, num_samples, stage: None
+    module._update_val_metrics = lambda prediction, y, keep=None: logged.append(("metrics", keep))
+    module.on_validation_epoch_start()
+    for batch_idx, batch in enumerate(loader):
+        module.validation_step(batch, batch_idx)
+    assert lossed == [2, 1] and logged == [("val/elbo", 2), ("metrics", 2), ("val/elbo", 1), ("metrics", 1)]
     # the test gather under limit_test_batches: fewer rows than the data set (narrowing to its size failed)
     gathered = SimpleNamespace(all_gather=lambda value: torch.stack([value, value + 1]))
     assert lightning_modules._gather_rows(gathered, torch.tensor([0.0, 2.0]), total=289).tolist() == [0.0, 1.0, 2.0, 3.0]
