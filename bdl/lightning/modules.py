@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import math
 import numbers
 from collections import defaultdict
@@ -139,6 +140,34 @@ def _loader_at(loaders: Any, index: int) -> Any:  # noqa: ANN401 - a loader, or 
     if isinstance(loaders, dict):
         loaders = list(loaders.values())
     return loaders[index] if isinstance(loaders, (list, tuple)) else loaders
+
+
+def _storable_patterns(patterns: Any) -> Any:  # noqa: ANN401 - None, a pattern or a sequence of them
+    """Layer patterns (``include``, ``exclude``, ``insert_before``) as a checkpoint's hyperparameters can keep them:
+    module types as ``{"module": ..., "type": ...}`` (a type is pickled as a global, which ``torch.load`` with
+    ``weights_only=True``, its default, refuses); :func:`_loaded_patterns` turns them back."""
+    if patterns is None or isinstance(patterns, str):
+        return patterns
+    if isinstance(patterns, type):
+        patterns = [patterns]
+    return [{"module": p.__module__, "type": p.__qualname__} if isinstance(p, type) else p for p in patterns]
+
+
+def _loaded_patterns(patterns: Any) -> Any:  # noqa: ANN401
+    """:func:`_storable_patterns`' module types imported again."""
+    if patterns is None or isinstance(patterns, (str, type)):
+        return patterns
+    loaded = []
+    for pattern in patterns:
+        if isinstance(pattern, dict) and set(pattern) == {"module", "type"}:
+            found: Any = importlib.import_module(pattern["module"])
+            for part in pattern["type"].split("."):
+                found = getattr(found, part, None)
+            if not isinstance(found, type):
+                raise ValueError(f"layer pattern {pattern!r}: no class {pattern['type']!r} in module {pattern['module']!r}")
+            pattern = found
+        loaded.append(pattern)
+    return loaded
 
 
 def _own_rows(loader: Any, rank: int, world_size: int, seen: int, rows: int) -> int:  # noqa: ANN401
@@ -609,11 +638,13 @@ class VariationalModule(UncertaintyModule):
         prior_std = _check_number("prior_std", prior_std, strict=True)  # checked even when unused (a Bayesian net)
         posterior_std_init = _check_number("posterior_std_init", posterior_std_init, strict=True)
         check_estimator(estimator)
+        # as the hyperparameters keep them (read from this frame by save_hyperparameters)
+        include, exclude = _storable_patterns(include), _storable_patterns(exclude)
         if isinstance(model, nn.Module) and not any(isinstance(m, BayesianModule) for m in model.modules()):
             model = convert_to_bayesian(
                 model,
-                include=include,
-                exclude=exclude,
+                include=_loaded_patterns(include),
+                exclude=_loaded_patterns(exclude),
                 prior=prior_std,
                 center_prior_on_weights=center_prior_on_weights,
                 posterior_std_init=posterior_std_init,
@@ -676,7 +707,8 @@ class MCDropoutModule(UncertaintyModule):
     """
 
     def __init__(self, model: nn.Module, *, p: Optional[float] = None, insert_before: Optional[Sequence[str]] = None, **kwargs: Any) -> None:  # noqa: ANN401
-        super().__init__(MCDropout(model, p=p, insert_before=insert_before), **kwargs)
+        insert_before = _storable_patterns(insert_before)  # as the hyperparameters keep it (see VariationalModule)
+        super().__init__(MCDropout(model, p=p, insert_before=_loaded_patterns(insert_before)), **kwargs)
         self.model.train(self.training)
 
     def training_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:

@@ -188,6 +188,29 @@ def test_svi_module_loads_from_its_checkpoint(tmp_path):
         SVIModule(pyro_model(), num_eval_samples=6, num_samples=7)
 
 
+def test_modules_with_layer_types_as_patterns_load_from_their_checkpoint_with_weights_only(tmp_path):
+    # a module type in include/exclude/insert_before was pickled into the hyperparameters, a global that
+    # torch.load(weights_only=True) (its default) refused
+    fit = trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    modules = {
+        MCDropoutModule: dict(p=0.1, insert_before=[nn.Linear]),
+        VariationalModule: dict(exclude=nn.ReLU, include=["0", nn.Linear]),
+    }
+    for cls, options in modules.items():
+        module = cls(net(), **options)
+        fit.strategy.connect(module)
+        path = tmp_path / f"{cls.__name__}.ckpt"
+        fit.save_checkpoint(path)
+        restored = cls.load_from_checkpoint(path, model=net(), weights_only=True)
+        assert [type(m) for m in restored.model.modules()] == [type(m) for m in module.model.modules()], cls
+        for name, value in module.state_dict().items():
+            assert torch.equal(restored.state_dict()[name], value), name
+    assert sum(isinstance(m, nn.Dropout) for m in restored.model.modules()) == 0
+    assert sum(isinstance(m, nn.Dropout) for m in MCDropoutModule.load_from_checkpoint(tmp_path / "MCDropoutModule.ckpt", model=net()).model.modules()) == 2
+    with pytest.raises(ValueError, match="no class 'Gone'"):
+        MCDropoutModule(net(), p=0.1, insert_before=[{"module": "torch.nn", "type": "Gone"}])
+
+
 def test_svi_module_gets_num_data_from_the_data_module(tmp_path):
     data = TinyData(num_train=32, batch_size=16)
     module = SVIModule(bdl.infer.PyroModel(net(), "categorical"), lr=1e-2, num_eval_samples=4, num_val_samples=2)
