@@ -657,9 +657,10 @@ class VariationalModule(UncertaintyModule):
         self.kl_warmup_epochs = _check_number("kl_warmup_epochs", kl_warmup_epochs)
         self.num_train_samples = _check_positive_int("num_train_samples", num_train_samples)
         self.num_data = None if num_data is None else _check_positive_int("num_data", num_data)
+        self._num_data_from_data = num_data is None  # then each fit reads its own training set's size
 
     def on_train_start(self) -> None:  # the training loader exists from here on
-        if self.num_data is None:
+        if self._num_data_from_data:
             self.num_data = _training_set_size(self.trainer)
 
     def current_kl_weight(self) -> float:
@@ -813,13 +814,14 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         self.num_val_samples = _check_positive_int("num_val_samples", num_val_samples)
         self.n_bins = _check_positive_int("n_bins", n_bins)
         self.save_report = bool(save_report)
+        self._num_data_from_data = model.num_data is None  # then each fit (or validate) reads its data's size
         self._setup_metrics()
 
     def on_fit_start(self) -> None:
         _ResumableRandomState.on_fit_start(self)  # num_data is checked when training starts (the loader exists then)
 
     def on_train_start(self) -> None:
-        if self.model.num_data is None:
+        if self._num_data_from_data:
             self.model.num_data = _training_set_size(self.trainer)
         infer.SVIModule.on_fit_start(self)  # checks num_data
 
@@ -835,7 +837,7 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
     def on_validation_start(self) -> None:
         # a validate run outside fit: scale the likelihood as fit does, so val/elbo means the same in both
         datamodule = getattr(self.trainer, "datamodule", None)
-        if self.model.num_data is None and datamodule is not None and hasattr(datamodule, "num_train"):
+        if self._num_data_from_data and datamodule is not None and hasattr(datamodule, "num_train"):
             self.model.num_data = int(datamodule.num_train)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: ANN401

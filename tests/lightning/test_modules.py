@@ -322,6 +322,14 @@ def test_num_data_comes_from_a_plain_training_loader_too(tmp_path):
     for model in (module, svi):
         trainer(tmp_path, max_steps=1).fit(model, DataLoader(dataset, batch_size=8))
     assert module.num_data == 24 and svi.model.num_data == 24
+    # a second fit on another training set (fine-tuning) scales the KL by its size, not by the first one's
+    larger = TensorDataset(torch.randn(40, 4), torch.randint(0, 3, (40,)))
+    for model in (module, svi):
+        trainer(tmp_path, max_steps=1).fit(model, DataLoader(larger, batch_size=8))
+    assert module.num_data == 40 and svi.model.num_data == 40
+    given = VariationalModule(net(), num_data=1000)  # a size the user gave stays
+    trainer(tmp_path, max_steps=1).fit(given, DataLoader(larger, batch_size=8))
+    assert given.num_data == 1000
 
 
 def test_non_finite_prediction_in_validation_is_reported_with_the_step(tmp_path):
