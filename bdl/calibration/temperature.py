@@ -102,13 +102,22 @@ def fit_temperature(logits: Tensor, target: Tensor, *, max_iter: int = 100) -> T
     with torch.enable_grad():
         optimizer.step(closure)
     temperature = log_temperature.detach().exp()
-    if not _TYPICAL_TEMPERATURES[0] <= float(temperature) <= _TYPICAL_TEMPERATURES[1]:
+    if bool((samples.argmax(-1) == target).all()):
+        # each label's probability grows as T falls: the NLL tends to 0 as T -> 0 and has no minimum, and T is
+        # where L-BFGS stopped (with large margins already inside the usual range, e.g. 0.03)
+        warnings.warn(
+            f"every validation example is classified right (by every Monte Carlo sample), so the NLL falls towards 0 "
+            f"as T -> 0 and has no minimum: the fitted temperature {float(temperature):.3g} is only where the "
+            "optimiser stopped; fit it on a larger or harder validation set",
+            stacklevel=2,
+        )
+    elif not _TYPICAL_TEMPERATURES[0] <= float(temperature) <= _TYPICAL_TEMPERATURES[1]:
         # the NLL's minimum is that far out when the validation set is (nearly) separable, T -> 0, or every
         # prediction on it is wrong, T -> inf: a temperature fitted to those few examples, not to the model
         warnings.warn(
             f"fitted temperature {float(temperature):.3g} is far outside the usual range: the validation set may be "
-            "too small or too easy (every example right, or right in some Monte Carlo sample: T -> 0) or every "
-            "prediction wrong (T -> inf); check it on held-out data before use",
+            "too small or too easy (nearly every example right, or right in some Monte Carlo sample: T -> 0) or "
+            "every prediction wrong (T -> inf); check it on held-out data before use",
             stacklevel=2,
         )
     return temperature.to(logits.dtype)

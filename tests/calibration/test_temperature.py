@@ -1,5 +1,7 @@
 """bdl/calibration/temperature.py."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -83,9 +85,20 @@ def test_the_nll_is_summed_over_pieces_of_rows_to_the_same_temperature(monkeypat
 
 
 def test_an_extreme_temperature_is_flagged_and_tuples_are_refused():
+    torch.manual_seed(0)
     logits = torch.randn(30, 3)
-    with pytest.warns(UserWarning, match="far outside the usual range"):  # separable: the NLL falls as T -> 0
-        fit_temperature(logits, logits.argmax(1))
+    # separable: the NLL falls as T -> 0; with large margins L-BFGS stopped at T = 0.03-0.07, without a warning
+    for scale in (1, 10, 30):
+        with pytest.warns(UserWarning, match="no minimum"):
+            fit_temperature(scale * logits, logits.argmax(1))
+    target = logits.argmax(1)
+    target[0] = (target[0] + 1) % 3  # one example wrong: a minimum exists
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert 0.01 < float(fit_temperature(10 * logits, target)) < 100
+    samples = torch.stack([logits, logits.roll(1, 0)])  # every example right in some sample, not in all: T -> 0 too
+    with pytest.warns(UserWarning, match="far outside the usual range"):
+        fit_temperature(samples, logits.argmax(1))
     with pytest.raises(TypeError, match="classification logits"):
         TemperatureScaler(2.0)((torch.zeros(2, 1), torch.ones(2, 1)))
 
