@@ -34,6 +34,19 @@ def test_gaussian_nll_matches_torch_distributions_and_gaussian_nll_loss():
     torch.testing.assert_close(M.gaussian_nll(mean, variance, target), full)
 
 
+def test_half_precision_inputs_are_read_in_float32():
+    # a residual of 300 squared overflowed float16 (max 65504): RMSE and the NLL came out infinite
+    mean, target, variance = torch.tensor([1000.0, 0.0]), torch.tensor([1300.0, 1.0]), torch.tensor([1e4, 1.0])
+    for dtype in (torch.float16, torch.bfloat16):
+        half = [t.to(dtype) for t in (mean, variance, target)]
+        reference = [t.to(dtype).float() for t in (mean, variance, target)]  # the same rounded inputs
+        torch.testing.assert_close(M.rmse(half[0], half[2]), M.rmse(reference[0], reference[2]))
+        torch.testing.assert_close(M.gaussian_nll(*half), M.gaussian_nll(*reference))
+        metric = GaussianNLL()
+        metric.update(*half)
+        assert torch.isfinite(metric.compute())
+
+
 def test_gaussian_nll_is_the_training_loss_per_output_dimension():
     import bdl
 

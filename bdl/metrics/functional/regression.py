@@ -43,10 +43,16 @@ def _check_shapes(mean: Tensor, **others: Tensor) -> dict[str, Tensor]:
     return checked
 
 
+def _wide(t: Tensor) -> Tensor:
+    """Half types in float32: a squared residual overflows float16 above 256 (the NLL forms it before dividing
+    by the variance), and bfloat16 keeps 8 bits of each term of a sum."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _point(mean, target) -> tuple[Tensor, Tensor]:  # noqa: ANN001
     mean = check_float(mean, "mean")
     target = _check_shapes(mean, target=check_float(target, "target"))["target"]
-    return mean, target
+    return _wide(mean), _wide(target)
 
 
 def _gaussian(mean, variance, target) -> tuple[Tensor, Tensor, Tensor]:  # noqa: ANN001
@@ -55,7 +61,7 @@ def _gaussian(mean, variance, target) -> tuple[Tensor, Tensor, Tensor]:  # noqa:
     variance = checked["variance"]
     if (variance <= 0).any():
         raise ValueError(f"`variance` must be positive, got minimum {variance.min().item():.4g}")
-    return mean, variance, checked["target"]
+    return _wide(mean), _wide(variance), _wide(checked["target"])
 
 
 def _half_width_factor(level: float, like: Tensor) -> Tensor:
