@@ -59,6 +59,8 @@ def test_fpr_at_95_tpr_on_a_hand_worked_example():
     assert M.fpr_at_tpr(scores_in, scores_out, tpr=1.0).item() == 0.75
     # with 19 in-distribution inputs, 95% means ceil(18.05) = 19 of them: t = 19 again
     assert M.fpr_at_tpr(torch.arange(1.0, 20.0), scores_out).item() == 0.5
+    # a tiny TPR accepts one input (t = 1): it rounded to none and took the last threshold (FPR at 100% TPR)
+    assert M.fpr_at_tpr(scores_in, scores_out, tpr=1e-12).item() == 0.25
 
 
 def test_fpr_at_tpr_matches_a_brute_force_threshold_search():

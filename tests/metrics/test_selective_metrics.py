@@ -45,8 +45,8 @@ def test_ties_give_the_average_over_every_order_within_tie_groups():
 def test_risk_at_coverage_and_coverage_at_risk_match_brute_force():
     confidence, loss = torch.rand(53), (torch.rand(53) > 0.7).float()
     risks = brute_force_risks(confidence.tolist(), loss.tolist())
-    for coverage in (0.1, 0.5, 0.9, 1.0):
-        accepted = -(-round(coverage * 53 * 1e6) // 1_000_000)  # ceil without float noise
+    for coverage in (1e-12, 0.1, 0.5, 0.9, 1.0):  # 1e-12: one input (it rounded to none, the last risk)
+        accepted = max(1, -(-round(coverage * 53 * 1e6) // 1_000_000))  # ceil without float noise
         assert M.risk_at_coverage(confidence, loss, coverage=coverage).item() == pytest.approx(risks[accepted - 1])
     for target_risk in (0.0, 0.1, 0.2, 0.5):
         feasible = [n / 53 for n, risk in enumerate(risks, start=1) if risk <= target_risk + 1e-12]

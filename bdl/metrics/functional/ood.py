@@ -191,7 +191,8 @@ def fpr_at_tpr(scores_in: Tensor, scores_out: Tensor, *, tpr: float = 0.95) -> T
     """
     scores_in, scores_out = _checked(scores_in, scores_out)
     tpr = check_fraction(tpr, "tpr")
-    rank = math.ceil(round(tpr * scores_in.numel(), 9))  # round: 0.95 * 20 is 19.000000000000004
+    # round: 0.95 * 20 is 19.000000000000004; at least one (a tiny tpr rounded to 0 indexed the last score)
+    rank = max(1, math.ceil(round(tpr * scores_in.numel(), 9)))
     threshold = scores_in.sort().values[rank - 1]
     return (scores_out <= threshold).double().mean()
 

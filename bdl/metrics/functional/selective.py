@@ -120,7 +120,8 @@ def risk_at_coverage(confidence: Tensor, loss: Tensor, *, coverage: float = 0.9)
     """
     coverage = check_fraction(coverage, "coverage")
     _, risk = risk_coverage_curve(confidence, loss)
-    accepted = math.ceil(round(coverage * risk.numel(), 9))  # round: 0.9 * 10 is 9.000000000000002
+    # round: 0.9 * 10 is 9.000000000000002; at least one (a tiny coverage rounded to 0 indexed the last risk)
+    accepted = max(1, math.ceil(round(coverage * risk.numel(), 9)))
     return risk[accepted - 1]
 
 
