@@ -43,15 +43,21 @@ class EpochRandomSampler(RandomSampler):
     Lightning calls :meth:`set_epoch` before every epoch. Unlike a plain shuffling loader, drawing the
     order does not touch the global random number generator, so the data order of a resumed run is the
     order the uninterrupted run would have used (and Monte Carlo draws do not shift the data order).
-    Under DDP Lightning replaces it with a seeded ``DistributedSampler``, also epoch-aware.
+    ``workers_generator``, the loader's ``generator``, is reseeded from ``seed`` and the epoch too: the
+    loader's worker processes (started anew each epoch) take their random state, e.g. for data
+    augmentation, from it. Under DDP Lightning replaces the sampler with a seeded ``DistributedSampler``,
+    also epoch-aware (the workers' seeds are then not).
     """
 
-    def __init__(self, data_source: Sized, seed: int = 0) -> None:
+    def __init__(self, data_source: Sized, seed: int = 0, workers_generator: Optional[torch.Generator] = None) -> None:
         super().__init__(data_source)
-        self.seed, self.epoch = int(seed), 0
+        self.seed, self.workers_generator = int(seed), workers_generator
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        if self.workers_generator is not None:
+            self.workers_generator.manual_seed((self.seed * 1_000_003 + self.epoch) ^ 0x5EED)
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -113,19 +119,28 @@ class UncertaintyDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, *, train: bool = False) -> DataLoader:
         # The training order and the workers' base seed come from torch's initial seed (seed_everything's),
-        # not from draws on the global generator: see EpochRandomSampler.
+        # not from draws on the global generator: see EpochRandomSampler. Training workers start anew each
+        # epoch, seeded for it: persistent ones continued their random streams from the fit's start, so a
+        # resumed fit's augmentations restarted from epoch 0's.
         seed = torch.initial_seed() % 2**31
+        generator = torch.Generator().manual_seed(seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochRandomSampler(dataset, seed) if train else None,
+            sampler=EpochRandomSampler(dataset, seed, generator) if train else None,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(seed),
+            persistent_workers=self.num_workers > 0 and not train,
+            generator=generator,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._built().train, train=True)
+        loader = self._loader(self._built().train, train=True)
+        # a resumed fit starts its workers (which draw their first indices) before Lightning's set_epoch: the
+        # sampler starts at the epoch the fit resumes at, or the first epoch replayed epoch 0's order
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            loader.sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._built().val)

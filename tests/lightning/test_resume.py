@@ -208,3 +208,55 @@ def test_a_resumed_fit_draws_the_random_numbers_of_an_uninterrupted_one(method, 
     fit(tmp_path / "b", 2, seed=0)
     resumed = fit(tmp_path / "b", 3, seed=1, ckpt_path=tmp_path / "b" / "last.ckpt")
     torch.testing.assert_close(resumed, reference, rtol=0, atol=0)
+
+
+class _NoisyDigits:
+    """A training set that adds fresh noise to every input it hands out, as data augmentation does."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        x, y = self.dataset[index]
+        return x + torch.randn_like(x), y
+
+
+def test_a_resumed_fit_with_loader_workers_sees_the_data_and_augmentation_of_an_uninterrupted_one(tmp_path, one_thread):
+    # With worker processes the resumed fit's first epoch replayed epoch 0's order (the workers drew their
+    # first indices before Lightning's set_epoch), and persistent workers restarted their augmentation streams.
+    import lightning as L
+    from torch import nn
+
+    from bdl.data import Splits
+    from bdl.lightning import DeterministicModule, DigitsDataModule
+
+    class NoisyDigits(DigitsDataModule):
+        def build(self) -> Splits:
+            splits = super().build()
+            return Splits(_NoisyDigits(splits.train), splits.val, splits.test, None, num_classes=splits.num_classes)
+
+    class StopAfter(L.Callback):
+        def __init__(self, epochs):
+            self.epochs = epochs
+
+        def on_train_epoch_end(self, trainer, module):
+            trainer.should_stop = trainer.should_stop or trainer.current_epoch + 1 >= self.epochs
+
+    def fit(folder, epochs, ckpt_path=None):
+        L.seed_everything(0)
+        module = DeterministicModule(nn.Linear(64, 8), lr=0.05, save_report=False)
+        trainer = L.Trainer(
+            max_epochs=3, default_root_dir=folder, logger=False, enable_progress_bar=False, accelerator="cpu",
+            enable_model_summary=False, limit_train_batches=4, limit_val_batches=0,
+            callbacks=[StopAfter(epochs), L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True)],
+        )  # fmt: skip
+        trainer.fit(module, NoisyDigits(batch_size=32, num_workers=1), ckpt_path=ckpt_path)
+        return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+    reference = fit(tmp_path / "a", 3)
+    fit(tmp_path / "b", 2)
+    resumed = fit(tmp_path / "b", 3, ckpt_path=tmp_path / "b" / "last.ckpt")
+    torch.testing.assert_close(resumed, reference, rtol=0, atol=0)
