@@ -117,6 +117,19 @@ def _as_args(batch: Any) -> tuple:
     return (batch,)
 
 
+def ignored_hparams(names: Sequence[str]) -> list[str]:
+    """The constructor arguments ``names`` a module leaves out of its checkpoint's hyperparameters (objects: the
+    network, which the state dict holds, guide instances, callables), less ``model`` when LightningCLI builds
+    the module: its hyperparameters are then the run's config, where the network is plain data (class path and
+    arguments). Kept, ``bdl evaluate --ckpt_path`` and ``load_from_checkpoint(path)`` rebuild the network that
+    was trained: without it, one built from this command's config (another dropout rate, say) got the weights."""
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    if _given_hyperparameters.get() is not None:
+        return [name for name in names if name != "model"]
+    return list(names)
+
+
 class SVIModule(L.LightningModule):
     """Fit a Pyro guide to a Bayesian model with SVI, as a LightningModule.
 
@@ -139,7 +152,8 @@ class SVIModule(L.LightningModule):
     batch (``model(*batch)``); a function model whose latent sites depend on the data needs
     ``example_args`` to set the guide up. Checkpoints hold the guide (and the network's point parameters)
     and the names of the options; restore with ``SVIModule.load_from_checkpoint(path, model=...)`` given a
-    model of the same architecture, or resume with ``Trainer.fit(module, ..., ckpt_path=path)``.
+    model of the same architecture (a checkpoint of the ``bdl`` command holds the model's config too:
+    ``load_from_checkpoint(path)``), or resume with ``Trainer.fit(module, ..., ckpt_path=path)``.
 
     Args:
         model: a :class:`PyroModel` or a Pyro model function.
@@ -201,7 +215,7 @@ class SVIModule(L.LightningModule):
             raise ValueError(f"validate must be one of {list(VALIDATE)}, got {validate!r}")
         # Names go into the checkpoint's hyperparameters; objects (model, guide instances, callables) do not.
         ignore = ["model", "example_args"] + [name for name, value in (("guide", guide), ("optimizer", optimizer)) if not isinstance(value, str)]
-        self.save_hyperparameters(ignore=ignore)
+        self.save_hyperparameters(ignore=ignored_hparams(ignore))
         guide_module = make_guide(guide, model, init_scale=init_scale, rank=rank)
         self.elbo = make_elbo(elbo, guide_module, num_particles=num_particles)(_RecordingModel(model), guide_module)
         self._optimizer_spec = optimizer

@@ -34,7 +34,7 @@ from torch.utils.data import DistributedSampler
 
 from .. import infer
 from ..evaluate import Report, evaluate
-from ..infer.svi_trainer import _as_args, _steps_when_needed
+from ..infer.svi_trainer import _as_args, _steps_when_needed, ignored_hparams
 from ..nn.convert import bayesianize as convert_to_bayesian
 from ..nn.convert import kl_divergence
 from ..nn.functional import check_estimator
@@ -476,7 +476,7 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         self.model = model
         if compile is not False:
             model.compile(**({} if compile is True else compile))
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=ignored_hparams(["model"]))
         self._setup_metrics()
 
     # ------------------------------------------------------------------ what subclasses define

@@ -200,6 +200,22 @@ def test_evaluate_last_or_best_loads_the_runs_newest_checkpoint_with_this_comman
         main(["evaluate", "--config", QUICKSTART, "--run_name", "other", "--ckpt_path", "best", "--trainer.default_root_dir", str(tmp_path)])
 
 
+def test_a_checkpoint_brings_its_network_back_and_loads_without_the_network(quickstart_run, tmp_path):
+    from bdl.lightning import VariationalModule
+
+    best = _copy_run(quickstart_run, tmp_path)
+    # the network's arguments came from this command's config (the module's own from the checkpoint): another
+    # activation (or dropout rate), which keeps the weights' shapes, evaluated the trained weights silently
+    main(["evaluate", "--config", QUICKSTART, "--ckpt_path", str(best), "--model.init_args.model.init_args.activation", "tanh",
+          *FEW_STEPS, "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    used = yaml.safe_load((tmp_path / "quickstart" / "version_1" / "config.yaml").read_text())
+    assert used["model"]["init_args"]["model"]["init_args"]["activation"] == "relu"
+    # and load_from_checkpoint(path) builds the network from the checkpoint (jsonargparse: "required: model")
+    module = VariationalModule.load_from_checkpoint(best)
+    state = torch.load(best, weights_only=True)["state_dict"]
+    assert all(torch.equal(module.state_dict()[key], value) for key, value in state.items())
+
+
 def test_evaluate_without_a_checkpoint_warns_that_the_weights_are_untrained(tmp_path):
     with pytest.warns(UserWarning, match="without --ckpt_path: the model has the weights the config initialises"):
         main(["evaluate", "--config", QUICKSTART, *FEW_STEPS, "--trainer.default_root_dir", str(tmp_path)])
