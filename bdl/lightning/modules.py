@@ -663,6 +663,15 @@ class VariationalModule(UncertaintyModule):
         if self._num_data_from_data:
             self.num_data = _training_set_size(self.trainer)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["bdl_num_data"] = self.num_data  # found by the fit: not among the hyperparameters
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.num_data is None:  # a loaded module's loss scales the KL as the trained one's did
+            self.num_data = checkpoint.get("bdl_num_data")
+
     def current_kl_weight(self) -> float:
         """``beta_t``: the KL weight of this step (after warm-up, ``kl_weight``)."""
         if self.kl_warmup_epochs == 0 or self._trainer is None:
@@ -824,6 +833,15 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         if self._num_data_from_data:
             self.model.num_data = _training_set_size(self.trainer)
         infer.SVIModule.on_fit_start(self)  # checks num_data
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["bdl_num_data"] = self.model.num_data  # as VariationalModule's
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.model.num_data is None:
+            self.model.num_data = checkpoint.get("bdl_num_data")
 
     def sample_prediction(self, x: Tensor, num_samples: Optional[int]) -> Prediction:
         return self.predict(x, num_samples=num_samples or self.num_eval_samples)

@@ -186,6 +186,12 @@ def test_svi_module_loads_from_its_checkpoint(tmp_path):
         assert torch.equal(restored.guide.state_dict()[name], value), name
     with pytest.raises(TypeError, match="num_eval_samples"):
         SVIModule(pyro_model(), num_eval_samples=6, num_samples=7)
+    # the training-set size the fit found (32) comes back: it was None, and the loaded loss unscaled
+    assert module.model.num_data == 32 and restored.model.num_data == 32
+    variational = VariationalModule(net())
+    trainer(tmp_path, max_steps=1).fit(variational, TinyData(batch_size=8))
+    variational.trainer.save_checkpoint(path)
+    assert VariationalModule.load_from_checkpoint(path, model=net()).num_data == 32
 
 
 def test_modules_with_layer_types_as_patterns_load_from_their_checkpoint_with_weights_only(tmp_path):
