@@ -286,6 +286,11 @@ class Prediction:
             cached = self.__dict__["_entropy_cache"] = (probs, version, _entropy(probs))
         return cached[2]
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (deepcopy, pickle, torch.save) leaves the entropy cache behind: its tensors' version counters
+        # restart, so a cache taken before an in-place edit of probs looked valid again in the copy
+        return {key: value for key, value in self.__dict__.items() if key != "_entropy_cache"}
+
     @property
     def mutual_information(self) -> Tensor:
         """Epistemic uncertainty ``H[p] - 1/S sum_s H[p_s]`` in nats, [N] (float rounding below 0 clipped).

@@ -588,6 +588,20 @@ def test_the_predictive_entropy_is_computed_once_and_follows_the_probabilities()
     torch.testing.assert_close(pred.predictive_entropy, torch.full((6,), math.log(3)))
     pred.probs.copy_(torch.tensor([1.0, 0.0, 0.0]).expand(6, 3))  # in place
     torch.testing.assert_close(pred.predictive_entropy, torch.zeros(6))
+    # copies: their tensors' version counters restart, and the copied cache of the first version looked valid
+    import copy
+    import io
+    import pickle
+
+    pred = bdl.Prediction.from_logits(torch.randn(4, 6, 3))
+    pred.probs.clamp_(min=1e-6)  # version 1, as a copy's tensors are
+    pred.predictive_entropy  # kept for version 1
+    pred.probs.copy_(torch.full((6, 3), 1 / 3))
+    buffer = io.BytesIO()
+    torch.save(pred, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(pred), pickle.loads(pickle.dumps(pred)), torch.load(buffer, weights_only=False)):
+        torch.testing.assert_close(twin.predictive_entropy, torch.full((6,), math.log(3)))
 
 
 def test_the_predictive_entropy_of_inference_tensors():
