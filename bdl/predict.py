@@ -153,7 +153,8 @@ class Prediction:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_logits(cls, sample_logits: Tensor, keep_samples: bool = False) -> "Prediction":
-        """Summarise per-sample logits ``[S, N, C]`` (probabilities by softmax; ``logits`` keeps their mean).
+        """Summarise per-sample logits ``[S, N, C]`` (probabilities by softmax; ``logits`` keeps their mean; ``C = 1``:
+        binary log-odds, read as the two-class logits ``(0, l)``).
 
         Example:
             >>> pred = Prediction.from_logits(torch.tensor([[[2.0, 0.0]], [[0.0, 2.0]]]))  # S=2 disagree
@@ -162,7 +163,7 @@ class Prediction:
             >>> round(pred.mutual_information.item(), 4)  # ln 2 - H[softmax(2, 0)]
             0.3278
         """
-        sample_logits = _check_samples("sample_logits", sample_logits, "[S, N, C] of logits")
+        sample_logits = _two_class(_check_samples("sample_logits", sample_logits, "[S, N, C] of logits"))
         summary = _ClassificationSummary(keep_samples)
         for chunk in _summary_chunks(sample_logits):
             summary.add_logits(chunk)
@@ -375,6 +376,15 @@ class Prediction:
             if isinstance(getattr(self, item.name), Tensor)
         )
         return f"Prediction(task={self.task!r}, num_samples={self.num_samples}, {shapes})"
+
+
+def _two_class(logits: Tensor) -> Tensor:
+    """Logits ``[..., 1]`` (a binary classifier's log-odds of class 1, as ``BCEWithLogitsLoss`` trains them) as
+    two-class logits ``(0, l)``, whose softmax is ``(1 - sigmoid(l), sigmoid(l))``; a softmax of the one column
+    gave every input probability 1 and no uncertainty. Other logits as they are."""
+    if logits.shape[-1] != 1:
+        return logits
+    return torch.cat([torch.zeros_like(logits), logits], dim=-1)
 
 
 def _check_samples(name: str, value: Any, expected: str) -> Tensor:  # noqa: ANN401
@@ -900,7 +910,7 @@ def _add_output(summary: Any, output: Any, task: str) -> None:  # noqa: ANN401
             raise ValueError(f"a classification model must return logits [B, C], got {shape}{regression}")
         if not all_finite(output):
             raise ValueError("the model returned non-finite logits (NaN or Inf)")
-        summary.add_logits(output)
+        summary.add_logits(_two_class(output))
         return
     if isinstance(output, (tuple, list)):
         if len(output) != 2:
@@ -1024,8 +1034,10 @@ def predict(
     ``theta_s`` (a Bayesian layer draws fresh weights, an :class:`~bdl.MCDropout` fresh masks, a
     :class:`~bdl.DeepEnsemble` contributes one sample per member). The model runs in eval mode (each
     module's mode is restored afterwards) and under ``torch.no_grad()``, on its own device; inputs are
-    moved there. Classification models return logits ``[B, C]``; regression models return means
-    ``[B, D]`` or ``[B]``, or a ``(mean, variance)`` pair such as :class:`~bdl.GaussianHead` gives.
+    moved there. Classification models return logits ``[B, C]`` (``[B, 1]``: one logit per input, as a binary
+    classifier trained with ``BCEWithLogitsLoss`` gives, is the log-odds of class 1, read as the two-class
+    logits ``(0, l)``, so ``P(y=1) = sigmoid(l)``); regression models return means ``[B, D]`` or ``[B]``, or a
+    ``(mean, variance)`` pair such as :class:`~bdl.GaussianHead` gives.
     See the module docstring for the uncertainty decomposition.
 
     Memory: per-input summaries are accumulated batch by batch and ``chunk_size`` samples at a time;

@@ -604,6 +604,23 @@ def test_the_predictive_entropy_is_computed_once_and_follows_the_probabilities()
         torch.testing.assert_close(twin.predictive_entropy, torch.full((6,), math.log(3)))
 
 
+def test_a_binary_classifier_with_one_logit_predicts_sigmoid_probabilities():
+    # a one-column softmax gave every input probability 1: no entropy, no mutual information, nothing triaged
+    torch.manual_seed(0)
+    net = nn.Sequential(bdl.BayesLinear(4, 16, posterior_std_init=0.5), nn.ReLU(), bdl.BayesLinear(16, 1, posterior_std_init=0.5))
+    x = torch.randn(10, 4)
+    torch.manual_seed(1)
+    pred = bdl.predict(net, x, num_samples=16, method="loop")
+    torch.manual_seed(1)
+    with torch.no_grad(), bdl.use_estimator(net, "reparam"):
+        logits = torch.stack([net(x) for _ in range(16)])
+    expected = bdl.Prediction.from_probs(torch.cat([1 - logits.sigmoid(), logits.sigmoid()], -1))
+    torch.testing.assert_close(pred.probs, expected.probs)
+    torch.testing.assert_close(pred.mutual_information, expected.mutual_information)
+    assert bool((pred.mutual_information > 0).all())
+    torch.testing.assert_close(bdl.Prediction.from_logits(logits).probs[:, 1], logits.sigmoid().mean(0)[:, 0])
+
+
 def test_the_predictive_entropy_of_inference_tensors():
     # Lightning tests in inference mode, whose tensors have no version counter to key the kept entropy by
     with torch.inference_mode():

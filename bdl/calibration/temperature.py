@@ -22,16 +22,18 @@ import torch
 from torch import Tensor, nn
 
 from ..metrics.functional._checks import check_float, check_labels
+from ..predict import _two_class
 
 __all__ = ["TemperatureScaledModel", "TemperatureScaler", "fit_temperature"]
 
 
 def _check_logits(logits, target) -> tuple[Tensor, Tensor]:  # noqa: ANN001
     logits = check_float(logits, "logits")
-    if logits.dim() not in (2, 3) or logits.shape[-1] < 2 or logits.shape[-2] == 0:
+    if logits.dim() not in (2, 3) or logits.shape[-2] == 0:
         raise ValueError(
-            f"`logits` must have shape [N, C] or [S, N, C] with N >= 1 and C >= 2, got shape {tuple(logits.shape)}"
+            f"`logits` must have shape [N, C] or [S, N, C] with N >= 1 (C = 1: binary log-odds), got shape {tuple(logits.shape)}"
         )
+    logits = _two_class(logits)  # (0, l) / T = (0, l / T): the scaled log-odds, as bdl.predict reads them
     target = check_labels(target, logits.shape[-1], logits.shape[-2])
     # probabilities in place of logits fit a meaningless temperature (softmax of values in [0, 1]); amin and the
     # row sums, not a mask and a float64 copy of [S, N, C] logits
@@ -62,7 +64,8 @@ def fit_temperature(logits: Tensor, target: Tensor, *, max_iter: int = 100) -> T
     56 s in one piece, +0.8 GB and 17 s in pieces, on one CPU thread).
 
     Args:
-        logits: validation logits, shape [N, C], or per-sample logits [S, N, C] of a Bayesian model.
+        logits: validation logits, shape [N, C], or per-sample logits [S, N, C] of a Bayesian model (C = 1:
+            a binary classifier's log-odds of class 1, labels 0 and 1).
         target: integer labels, shape [N].
         max_iter: the most L-BFGS iterations.
 

@@ -103,6 +103,16 @@ def test_an_extreme_temperature_is_flagged_and_tuples_are_refused():
         TemperatureScaler(2.0)((torch.zeros(2, 1), torch.ones(2, 1)))
 
 
+def test_a_binary_classifiers_single_logit_is_scaled_as_its_two_class_logits():
+    torch.manual_seed(0)
+    log_odds = 3 * torch.randn(500, 1)
+    target = torch.bernoulli(torch.sigmoid(log_odds[:, 0] / 3)).long()  # overconfident by 3
+    two_class = torch.cat([torch.zeros_like(log_odds), log_odds], -1)
+    temperature = fit_temperature(log_odds, target)
+    torch.testing.assert_close(temperature, fit_temperature(two_class, target))
+    assert abs(float(temperature) - 3) < 0.6
+
+
 def test_a_wrapped_ensemble_is_still_sampled_member_by_member():
     torch.manual_seed(0)
     ensemble = bdl.DeepEnsemble.from_factory(lambda: nn.Linear(4, 3), 3).eval()
