@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
+from .metrics.functional._checks import check_labels, targets_like
 from .metrics.functional.ood import OOD_SCORES, ood_score, scores_for_task
 from .predict import Prediction
 
@@ -67,12 +68,12 @@ def _errors(prediction: Prediction, tolerance: Optional[float], name: str) -> Op
     if targets is None:
         return None
     if prediction.task == "classification":
-        if targets.shape != (len(prediction),):
-            raise ValueError(f"{name}.targets must be class indices [N={len(prediction)}], got shape {tuple(targets.shape)}")
+        # labels out of range or fractional counted every input wrong, and everything went to review
+        targets = check_labels(targets, prediction.probs.shape[-1], len(prediction), f"{name}.targets")
         return prediction.predicted_class != targets.to(prediction.probs.device)
     if tolerance is None:
         return None
-    targets = targets.reshape(prediction.mean.shape).to(prediction.mean.device)
+    targets = targets_like(targets, prediction.mean, f"{name}.targets")  # NaN counted as right; [D, N] paired wrongly
     return ((targets - prediction.mean).abs() > tolerance).reshape(len(prediction), -1).any(-1)
 
 

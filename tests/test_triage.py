@@ -85,6 +85,24 @@ def test_regression_error_rate_uses_the_tolerance():
         triage(pred, error_rate=0.1)
 
 
+def test_targets_are_checked_against_the_prediction():
+    # labels out of range counted every input wrong (all to review); regression targets were reshaped by element
+    # count ([D, N] paired with other inputs) and NaN targets counted right
+    pred = Prediction.from_logits(torch.randn(2, 6, 3))
+    for bad, message in ((torch.arange(6) % 3 + 3, r"labels in \[0, 2\]"), (torch.arange(6) % 3 + 0.5, "integer class labels")):
+        pred.targets = bad
+        with pytest.raises((ValueError, TypeError), match=message):
+            triage(pred, error_rate=0.2)
+    regression = Prediction.from_regression(torch.randn(2, 5, 2), torch.ones(2, 5, 2))
+    for bad, message in ((torch.randn(2, 5), "shape"), (torch.full((5, 2), float("nan")), "finite")):
+        regression.targets = bad
+        with pytest.raises(ValueError, match=message):
+            triage(regression, error_rate=0.2, tolerance=1.0)
+    regression = Prediction.from_regression(torch.randn(2, 5, 1))
+    regression.targets = torch.randn(5)  # [N] for one output: fine
+    assert triage(regression, error_rate=0.99, tolerance=10.0).coverage == 1.0
+
+
 def test_seed_use_case_routes_uncertain_inputs_to_review(one_thread):
     torch.manual_seed(0)
 

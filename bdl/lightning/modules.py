@@ -41,7 +41,8 @@ from ..nn.functional import check_estimator
 from ..nn.heads import gaussian_nll
 from ..nn.layers import BayesianModule
 from ..nn.loss import elbo_loss
-from ..predict import Prediction, predict
+from ..metrics.functional._checks import targets_like
+from ..predict import Prediction, _two_class, predict
 from ..wrappers import DeepEnsemble, MCDropout
 
 TASKS = ("classification", "regression")
@@ -291,7 +292,7 @@ class _Evaluation:
             metrics["ece"].update(prediction.probs, y)
         else:
             prediction = unpadded
-            y = y.reshape(prediction.mean.shape)
+            y = targets_like(y, prediction.mean, "targets")
             metrics["rmse"].update(prediction.mean, y)
             variance = prediction.total_variance
             positive = variance > 0
@@ -499,7 +500,7 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
             if y.is_floating_point() or y.is_complex():
                 raise TypeError(f"targets must be integer class labels (torch.long) for classification, got {y.dtype}")
             try:
-                return F.cross_entropy(output, y)
+                return F.cross_entropy(_two_class(output), y)  # one logit: binary cross-entropy, as predict reads it
             except (IndexError, RuntimeError) as error:  # labels out of range or shapes unlike the logits
                 classes = output.shape[-1] if output.dim() else 0
                 if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
@@ -512,12 +513,14 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
             mean, variance = output
         else:
             mean, variance = output, torch.full_like(output, self.noise_variance)
-        if y.numel() != mean.numel():
+        try:  # a transposed [D, B] was reshaped by element count: outputs paired with other examples' targets
+            y = targets_like(y, mean, "targets")
+        except ValueError:
             raise ValueError(
                 f"targets must have the shape of the network's mean output {tuple(mean.shape)} (or one value per "
                 f"example), got shape {tuple(y.shape)}"
-            )
-        return gaussian_nll(mean, variance, y.reshape(mean.shape))
+            ) from None
+        return gaussian_nll(mean, variance, y)
 
     def sample_prediction(self, x: Tensor, num_samples: Optional[int]) -> Prediction:
         return self._with_noise(predict(self.predictive_model, x, num_samples=num_samples, task=self.task))

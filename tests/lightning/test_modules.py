@@ -3,6 +3,7 @@ import math
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -170,6 +171,20 @@ def test_a_mean_only_regressor_is_evaluated_with_its_noise_variance(tmp_path):
     expected = bdl.metrics.functional.gaussian_nll(mean, torch.full_like(mean, 0.09), y)
     assert float(fit.callback_metrics["val/nll"]) == pytest.approx(float(expected), rel=1e-5)
     assert torch.equal(module.sample_prediction(x, None).aleatoric_variance, torch.full_like(mean, 0.09))
+
+
+def test_a_one_logit_classifier_trains_on_binary_cross_entropy_and_regression_targets_keep_their_shape():
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    module = DeterministicModule(nn.Linear(4, 1))  # a softmax of one column: loss exactly 0, nothing learnt
+    logit = module.model(x)[:, 0]
+    expected = F.binary_cross_entropy_with_logits(logit, y.float())
+    torch.testing.assert_close(module.training_loss(x, y)["loss"], expected)
+    # a transposed [D, B] target was reshaped by element count: outputs paired with other examples' targets
+    regression = DeterministicModule(nn.Linear(4, 2), task="regression")
+    with pytest.raises(ValueError, match="shape of the network's mean output"):
+        regression.training_loss(x, torch.randn(2, 8))
+    single = DeterministicModule(nn.Linear(4, 1), task="regression")
+    assert torch.isfinite(single.training_loss(x, torch.randn(8))["loss"])  # [B] for [B, 1]: fine
 
 
 def test_svi_module_loads_from_its_checkpoint(tmp_path):

@@ -115,6 +115,22 @@ def check_labels(target, num_classes: int, num_examples: int, name: str = "targe
     return target.long()
 
 
+def targets_like(target, mean: Tensor, name: str = "target") -> Tensor:  # noqa: ANN001
+    """Regression ``target`` as ``mean`` is shaped ([N, D] or [N]): finite, of the same shape up to trailing
+    dimensions of size 1 (``[N]`` for ``[N, 1]`` and back). A reshape by element count alone paired a
+    transposed ``[D, N]`` target with the wrong outputs."""
+    target = check_float(target, name)
+
+    def core(shape: tuple[int, ...]) -> tuple[int, ...]:
+        while len(shape) > 1 and shape[-1] == 1:
+            shape = shape[:-1]
+        return shape
+
+    if core(tuple(target.shape)) != core(tuple(mean.shape)):
+        raise ValueError(f"`{name}` must have the shape of the predicted means {tuple(mean.shape)}, got shape {tuple(target.shape)}")
+    return target.reshape(mean.shape).to(mean.device)
+
+
 def check_vector(value, name: str, *, allow_empty: bool = False) -> Tensor:  # noqa: ANN001
     """A finite 1-D floating tensor (scores, confidences, losses)."""
     tensor = check_float(value, name)
