@@ -901,8 +901,13 @@ def _batches(inputs: Any, batch_size: int) -> Iterator[tuple[Tensor, Optional[Te
             raise TypeError(f"batches of inputs must be a tensor or a tuple (x, y, ...), got {type(batch).__name__}")
 
 
-def _add_output(summary: Any, output: Any, task: str) -> None:  # noqa: ANN401
-    """Validate one chunk of stacked model outputs ``[s, B, ...]`` and add it to the running summary."""
+def _add_output(summary: Any, output: Any, task: str, rows: int) -> None:  # noqa: ANN401
+    """Validate one chunk of stacked model outputs ``[s, B, ...]`` for ``rows`` inputs and add it to the running summary."""
+    for part in output if isinstance(output, (tuple, list)) else (output,):
+        # a forward that drops or transposes the batch gave a prediction for other rows than the inputs'
+        if isinstance(part, Tensor) and (part.dim() < 2 or part.shape[1] != rows):
+            got = f"an output of shape {tuple(part.shape[1:])}" if part.dim() >= 2 else "an output without a batch dimension"
+            raise ValueError(f"the model returned {got} for a batch of {rows} inputs; it must keep the batch in the first dimension")
     if task == "classification":
         if not isinstance(output, Tensor) or output.dim() != 3:
             shape = tuple(output.shape[1:]) if isinstance(output, Tensor) else type(output).__name__
@@ -1122,7 +1127,7 @@ def predict(
             summary: Any = _ClassificationSummary(keep_samples) if task == "classification" else _RegressionSummary(keep_samples)
             if members:
                 for _ in range(num_samples // members):
-                    _add_output(summary, draw_samples(model, x, members), task)
+                    _add_output(summary, draw_samples(model, x, members), task, rows)
             else:
                 if rows not in resolved:
                     resolved[rows] = resolve_method(model, rows, method)
@@ -1141,7 +1146,7 @@ def predict(
                         if x.device.type == "cuda":
                             torch.cuda.empty_cache()
                         continue
-                    _add_output(summary, output, task)
+                    _add_output(summary, output, task, rows)
                     drawn += count
             summaries.append(summary.result())
             targets.append(y)

@@ -604,6 +604,18 @@ def test_the_predictive_entropy_is_computed_once_and_follows_the_probabilities()
         torch.testing.assert_close(twin.predictive_entropy, torch.full((6,), math.log(3)))
 
 
+def test_an_output_for_other_rows_than_the_inputs_is_refused():
+    # a forward that drops or transposes the batch gave a prediction for other rows than its targets
+    x, y = torch.randn(10, 4), torch.arange(10) % 3
+    linear = nn.Linear(4, 7)
+    for forward in (lambda x: linear(x)[:3], lambda x: linear(x).T, lambda x: linear(x).sum()):
+        for method in ("loop", "batched"):
+            with pytest.raises(ValueError, match="batch"):
+                bdl.predict(bdl.MCDropout(nn.Sequential(nn.Dropout(0.1), Lambda(forward))), (x, y), num_samples=2, method=method)
+    with pytest.raises(ValueError, match="for a batch of 10 inputs"):
+        bdl.predict(bdl.DeepEnsemble([Lambda(lambda x: linear(x)[:3])] * 2), x)
+
+
 def test_a_binary_classifier_with_one_logit_predicts_sigmoid_probabilities():
     # a one-column softmax gave every input probability 1: no entropy, no mutual information, nothing triaged
     torch.manual_seed(0)
@@ -731,3 +743,12 @@ def test_models_built_under_inference_mode_predict():
     for method in ("loop", "batched"):
         assert bdl.predict(bnn, x, num_samples=4, method=method).mutual_information.shape == (5,)
     assert bdl.predict(ensemble, x).num_samples == 2
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
