@@ -613,7 +613,7 @@ def test_an_output_for_other_rows_than_the_inputs_is_refused():
             with pytest.raises(ValueError, match="batch"):
                 bdl.predict(bdl.MCDropout(nn.Sequential(nn.Dropout(0.1), Lambda(forward))), (x, y), num_samples=2, method=method)
     with pytest.raises(ValueError, match="for a batch of 10 inputs"):
-        bdl.predict(bdl.DeepEnsemble([Lambda(lambda x: linear(x)[:3])] * 2), x)
+        bdl.predict(bdl.DeepEnsemble([Lambda(lambda x: linear(x)[:3]) for _ in range(2)]), x)
 
 
 def test_a_binary_classifier_with_one_logit_predicts_sigmoid_probabilities():

@@ -116,9 +116,16 @@ class DeepEnsemble(nn.Module):
         members = list(members)
         if not members:
             raise ValueError("members is empty: an ensemble needs at least one network")
+        first: dict[int, int] = {}
         for i, member in enumerate(members):
             if not isinstance(member, nn.Module):
                 raise TypeError(f"members[{i}] must be an nn.Module, got {type(member).__name__}")
+            j = first.setdefault(id(member), i)
+            if j != i:  # one network twice: its members agree exactly, and the mutual information is 0
+                raise ValueError(
+                    f"members[{i}] is members[{j}], the same network: each member must be a network of its own "
+                    "(a factory must build a new one per call, e.g. lambda: make_net(), not lambda: net)"
+                )
         if method not in ENSEMBLE_METHODS:
             raise ValueError(f"method must be one of {list(ENSEMBLE_METHODS)}, got {method!r}")
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):

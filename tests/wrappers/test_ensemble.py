@@ -118,6 +118,14 @@ def test_members_with_different_output_shapes_are_an_error():
         ensemble(torch.randn(5, 4))
 
 
+def test_one_network_twice_is_refused():
+    # a factory returning the same network (lambda: net) made an ensemble of one: mutual information exactly 0
+    net = member(3)
+    for build in (lambda: DeepEnsemble([net, member(3), net]), lambda: DeepEnsemble.from_factory(lambda: net, 3)):
+        with pytest.raises(ValueError, match=r"members\[(1|2)\] is members\[0\], the same network"):
+            build()
+
+
 def test_different_architectures_fall_back_to_the_loop_or_refuse_vmap():
     members = [nn.Linear(4, 3), nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))]
     assert not DeepEnsemble(members).shares_architecture()
