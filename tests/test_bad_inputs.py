@@ -139,7 +139,10 @@ ROWS = [
     _row("bayesianize-include-matches-nothing", lambda t: bdl.bayesianize(nn.Linear(2, 2), include=["nope"]), ValueError, r"include=\['nope'\] selects no nn.Linear/nn.Conv layer"),
     _row("kl_divergence-of-a-non-module", lambda t: bdl.kl_divergence("model"), TypeError, r"model must be an nn.Module, got str"),
     _row("elbo_loss-num_data-zero", lambda t: bdl.elbo_loss(torch.tensor(1.0), torch.tensor(1.0), 0), ValueError, r"num_data must be a positive int \(the training-set size\), got 0"),
-    _row("gaussian_nll-negative-variance", lambda t: bdl.gaussian_nll(torch.zeros(3), -torch.ones(3), torch.zeros(3)), ValueError, r"variance must be >= 0 everywhere .*got a minimum of -1"),
+    _row("gaussian_nll-negative-variance", lambda t: bdl.gaussian_nll(torch.zeros(3), -torch.ones(3), torch.zeros(3)), ValueError, r"variance must be > 0 everywhere, got a minimum of -1"),
+    _row("gaussian_nll-zero-variance", lambda t: bdl.gaussian_nll(torch.zeros(3), torch.zeros(3), torch.ones(3)), ValueError, r"variance must be > 0 everywhere, got a minimum of 0"),
+    _row("elbo_loss-empty-nll", lambda t: bdl.elbo_loss(torch.empty(0), torch.tensor(1.0), 10), ValueError, r"nll must be .* B >= 1, got shape \(0,\)"),
+    _row("elbo_loss-float-nll", lambda t: bdl.elbo_loss(1.0, torch.tensor(1.0), 10), TypeError, r"nll must be a tensor"),
     # ---- predict and Prediction: num_samples, names, empty data, shapes, dtypes, devices
     _row("predict-num_samples-zero", lambda t: bdl.predict(_bnn(), _x(), num_samples=0), ValueError, r"num_samples must be an int >= 1, got 0"),
     _row("predict-num_samples-negative", lambda t: bdl.predict(_bnn(), _x(), num_samples=-3), ValueError, r"num_samples must be an int >= 1, got -3"),

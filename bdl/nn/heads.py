@@ -147,8 +147,11 @@ def gaussian_nll(mean: Tensor, variance: Tensor, target: Tensor, *, reduction: s
             target = target.unsqueeze(-1)
         else:
             raise ValueError(f"target must have the shape of mean {tuple(mean.shape)}, got {tuple(target.shape)}")
-    if bool((variance < 0).any()):  # as torch.nn.GaussianNLLLoss checks; log of a negative variance is NaN
-        raise ValueError(f"variance must be >= 0 everywhere (> 0 for a finite NLL), got a minimum of {variance.min().item():.4g}")
+    if bool((variance <= 0).any()):  # log of a negative variance is NaN, and of 0 too here (-inf + inf, or 0 / 0)
+        raise ValueError(
+            f"variance must be > 0 everywhere, got a minimum of {variance.min().item():.4g} (a variance head needs a "
+            "floor, e.g. GaussianHead(min_variance=1e-6))"
+        )
     per_element = 0.5 * (variance.log() + (target - mean).square() / variance) + _HALF_LOG_TWO_PI
     per_example = per_element.flatten(1).sum(-1) if per_element.dim() > 1 else per_element  # flatten: N = 0 too
     if reduction == "mean":

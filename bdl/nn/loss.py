@@ -56,8 +56,11 @@ def elbo_loss(nll: Tensor, kl: Tensor, num_data: int, kl_weight: float = 1.0) ->
         valid = isinstance(kl_weight, numbers.Real) and math.isfinite(kl_weight) and kl_weight >= 0
     if not valid:  # NaN passed the "< 0" test and turned every loss into NaN
         raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
-    if nll.dim() > 1:
-        raise ValueError(f"nll must be a scalar or per-example vector [B], got shape {tuple(nll.shape)}")
+    for name, value in (("nll", nll), ("kl", kl)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a tensor (the {'data term' if name == 'nll' else 'model'}'s, with its graph), got {type(value).__name__}")
+    if nll.dim() > 1 or nll.numel() == 0:  # an empty batch's mean NLL is NaN
+        raise ValueError(f"nll must be a scalar or per-example vector [B] with B >= 1, got shape {tuple(nll.shape)}")
     if kl.dim() != 0:
         raise ValueError(f"kl must be a scalar tensor, got shape {tuple(kl.shape)}")
     nll = nll.mean()
