@@ -10,6 +10,13 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 
+def require_data(metric: Metric, count: Tensor) -> None:
+    """Raise when ``metric`` holds no examples (``count``, summed across processes, is 0): computed before any
+    update, a mean was NaN, an MCE 0 (a perfect score of nothing) and a buffered metric failed in torchmetrics."""
+    if not bool(count.sum() > 0):
+        raise ValueError(f"{type(metric).__name__}.compute() before any example was added: call update() with a batch first")
+
+
 class _RunningMean(Metric):
     """Accumulates ``sum(batch_mean * batch_size)`` and ``sum(batch_size)``: exact for any split into batches.
 
@@ -45,6 +52,7 @@ class _RunningMean(Metric):
         setattr(self, count, self.count + batch_size)
 
     def compute(self) -> Tensor:
+        require_data(self, self.count)
         return self.total / self.count
 
 
@@ -65,6 +73,8 @@ class _Buffered(Metric):
             getattr(self, name).append(tensor.detach())
 
     def _gathered(self) -> list[Tensor]:
+        first = getattr(self, self._names[0])
+        require_data(self, torch.tensor(sum(t.numel() for t in first) if isinstance(first, list) else first.numel()))
         return [dim_zero_cat(getattr(self, name)) for name in self._names]
 
     def _compute_with(self, function: Callable[..., Tensor], *args, **kwargs) -> Tensor:  # noqa: ANN002, ANN003

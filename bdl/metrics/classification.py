@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ._base import _Buffered, _RunningMean
+from ._base import _Buffered, _RunningMean, require_data
 from .functional import classification as F
 from .functional._checks import check_n_bins
 
@@ -75,6 +75,7 @@ class _BinnedCalibration(Metric):
         self.correct_sum += correct_sum
 
     def compute(self) -> Tensor:
+        require_data(self, self.count)
         return F._reduce(self.count, self.confidence_sum, self.correct_sum, self._kind)
 
     def extra_repr(self) -> str:
@@ -153,6 +154,7 @@ class ClasswiseECE(Metric):
         self.outcome_sum += outcome_sum
 
     def compute(self) -> Tensor:
+        require_data(self, self.count[0])
         num_examples = self.count[0].sum()
         return ((self.probability_sum - self.outcome_sum).abs().sum(dim=1) / num_examples).mean()
 

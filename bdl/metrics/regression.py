@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ._base import _RunningMean
+from ._base import _RunningMean, require_data
 from .functional import regression as F
 
 __all__ = ["CRPS", "GaussianNLL", "IntervalCoverage", "QuantileCalibrationError"]
@@ -117,4 +117,5 @@ class QuantileCalibrationError(Metric):
         self.count += size
 
     def compute(self) -> Tensor:
+        require_data(self, self.count)
         return (self.below / self.count - self.levels).abs().mean()

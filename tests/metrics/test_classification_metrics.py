@@ -327,3 +327,17 @@ def test_adaptive_ece_keeps_two_numbers_per_example_whatever_the_classes():
     metric = AdaptiveECE()
     metric.update(torch.softmax(torch.randn(100, 1000), -1), torch.randint(0, 1000, (100,)))
     assert sum(t.numel() for name in ("confidence", "correct") for t in getattr(metric, name)) == 200
+
+
+def test_streaming_metrics_computed_before_any_example_say_so():
+    # a mean of nothing was NaN, an MCE of nothing 0.0 (a perfect score), a buffered metric failed in torchmetrics
+    import warnings
+
+    import bdl.metrics as BM
+
+    metrics = [BM.MCE(), BM.ECE(), BM.NLL(), BM.BrierScore(), BM.ClasswiseECE(3), BM.AdaptiveECE(), BM.GaussianNLL(), BM.CRPS(),
+               BM.IntervalCoverage(), BM.QuantileCalibrationError(), BM.OODAUROC(), BM.AURC()]  # fmt: skip
+    for metric in metrics:
+        with warnings.catch_warnings(), pytest.raises(ValueError, match=rf"{type(metric).__name__}.compute\(\) before any example"):
+            warnings.simplefilter("ignore")  # torchmetrics' own "compute before update" warning
+            metric.compute()
