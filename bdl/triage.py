@@ -62,6 +62,11 @@ def _finite_scores(values: Tensor, name: str) -> Tensor:
     return values
 
 
+def _outputs_shape(prediction: Prediction) -> tuple[int, ...]:
+    """Per-input shape of the predicted outputs: ``(C,)`` classes, or the regression outputs ``(D,)``."""
+    return tuple((prediction.probs if prediction.task == "classification" else prediction.mean).shape[1:])
+
+
 def _errors(prediction: Prediction, tolerance: Optional[float], name: str) -> Optional[Tensor]:
     """Bool ``[N]`` of wrong predictions (None without targets)."""
     targets = prediction.targets
@@ -158,8 +163,15 @@ def triage(
         raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
     scores = _scores(prediction, score, "prediction")
     reference = prediction if validation is None else validation
-    if validation is not None and validation.task != prediction.task:
-        raise ValueError(f"validation is a {validation.task} prediction, prediction a {prediction.task} one")
+    if validation is not None:
+        if not isinstance(validation, Prediction):
+            raise TypeError(f"validation must be a bdl.Prediction (bdl.predict on labelled data), got {type(validation).__name__}")
+        if validation.task != prediction.task:
+            raise ValueError(f"validation is a {validation.task} prediction, prediction a {prediction.task} one")
+        # a threshold on another model's scores (3 against 7 classes: entropies of another scale) means nothing here
+        ours, theirs = _outputs_shape(prediction), _outputs_shape(validation)
+        if ours != theirs:
+            raise ValueError(f"validation predicts outputs of shape {theirs} per input, prediction {ours}: predict both with the same model")
     if threshold is not None:
         if not isinstance(threshold, numbers.Real) or math.isnan(threshold):
             raise ValueError(f"threshold must be a number, got {threshold!r}")

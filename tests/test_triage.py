@@ -155,6 +155,11 @@ def test_non_finite_scores_are_refused():
 def test_rejects_a_non_prediction():
     with pytest.raises(TypeError, match="Prediction"):
         triage(torch.randn(5), threshold=0.1)
+    with pytest.raises(TypeError, match="validation must be a bdl.Prediction"):
+        triage(Prediction.from_logits(torch.randn(2, 5, 3)), validation=torch.randn(5), coverage=0.5)
+    # another model's validation prediction (7 classes against 3): a threshold on entropies of another scale
+    with pytest.raises(ValueError, match=r"validation predicts outputs of shape \(7,\) per input, prediction \(3,\)"):
+        triage(Prediction.from_logits(torch.randn(2, 5, 3)), validation=Prediction.from_logits(torch.randn(2, 9, 7)), coverage=0.8)
 
 
 @pytest.mark.parametrize("coverage", [0.05, 0.3, 0.5, 0.77, 0.9, 0.95, 1.0])
