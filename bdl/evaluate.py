@@ -167,7 +167,9 @@ def _predict(
         inputs, targets = recorder.tensors()
         return prediction, inputs, targets
     inputs, targets = _split_tensors(data, name)
-    return predict(model, inputs, **predict_options), inputs, targets
+    prediction = predict(model, inputs, **predict_options)
+    prediction.targets = targets  # as a loader's batches give it (triage on the report's prediction needs them)
+    return prediction, inputs, targets
 
 
 def _num_examples(prediction: Prediction) -> int:
@@ -553,6 +555,13 @@ def evaluate(
         ood_prediction = _ood_prediction(model, ood_data, predict_options)
         if ood_prediction.task != task:
             raise ValueError(f"the OOD prediction's task {ood_prediction.task!r} differs from the test task {task!r}")
+        field = "probs" if task == "classification" else "mean"
+        ours, theirs = getattr(prediction, field).shape[1:], getattr(ood_prediction, field).shape[1:]
+        if ours != theirs:  # another model's: its scores (entropies over 7 classes against 3) of another scale
+            raise ValueError(
+                f"the OOD prediction has outputs of shape {tuple(theirs)} per input, the test prediction {tuple(ours)}: "
+                "predict both with the same model"
+            )
         if isinstance(ood_scores, str):
             ood_scores = [ood_scores]  # one score by name, not one per character
         names = list(ood_scores) if ood_scores is not None else _default_scores(prediction, ood_prediction)

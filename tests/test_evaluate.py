@@ -119,6 +119,8 @@ def test_datasets_give_the_report_of_their_tensors():
     from_datasets = evaluate(model, TensorDataset(x, y), ood_data=TensorDataset(x + 5), num_samples=1, batch_size=32)
     assert from_datasets.metrics == pytest.approx(from_tensors.metrics, rel=1e-6)
     assert torch.equal(from_datasets.targets, y)
+    # the report's prediction carries its targets from tensors too, as from a loader (triage by error rate needs them)
+    assert torch.equal(from_tensors.prediction.targets, y) and torch.equal(from_datasets.prediction.targets, y)
     ready = evaluate(from_tensors.prediction, TensorDataset(x, y), ood_data=from_tensors.ood_prediction)
     assert ready.metrics == pytest.approx(from_tensors.metrics, rel=1e-6)
 
@@ -249,6 +251,8 @@ def test_fractional_percentages_are_labelled_as_given():
         (lambda: evaluate(Prediction.from_logits(torch.randn(1, 10, 3)), torch.zeros(10, dtype=torch.long),
                           ood_data=Prediction.from_logits(torch.randn(1, 5, 3)), ood_scores=["confidence"]),
          ValueError, "unknown OOD score"),
+        (lambda: evaluate(Prediction.from_logits(torch.randn(1, 10, 3)), torch.zeros(10, dtype=torch.long),
+                          ood_data=Prediction.from_logits(torch.randn(1, 5, 7))), ValueError, r"OOD prediction has outputs of shape \(7,\)"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(call, error, message):
