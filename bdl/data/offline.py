@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import random
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -189,7 +190,14 @@ def load_mnist1d(
     if arrays is None:
         from mnist1d.data import get_dataset_args, make_dataset
 
-        data = make_dataset(get_dataset_args())
+        # make_dataset seeds Python's and numpy's global generators with 42 (mnist1d.utils.set_seed): restored, or
+        # every run's numpy/random draws after it were the same whatever its seed (and differed with a cache)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            data = make_dataset(get_dataset_args())
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
         arrays = {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
         if path is not None:
             os.makedirs(cache_dir, exist_ok=True)

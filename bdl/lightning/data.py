@@ -83,10 +83,12 @@ class UncertaintyDataModule(L.LightningDataModule):
     def __init__(self, *, batch_size: int = 64, eval_batch_size: Optional[int] = None, num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
         self.batch_size = _positive_int("batch_size", batch_size)
-        self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size or batch_size)
+        self.eval_batch_size = _positive_int("eval_batch_size", batch_size if eval_batch_size is None else eval_batch_size)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
         self.num_workers = num_workers
+        if isinstance(seed, bool) or not isinstance(seed, int):  # torch's manual_seed named no argument
+            raise ValueError(f"seed must be an int, got {seed!r}")
         self.seed = seed
         self.splits: Optional[Splits] = None
 
