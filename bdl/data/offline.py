@@ -141,7 +141,10 @@ def load_digits(
     train, val, test = _split_indices(len(x_in), val_fraction, test_fraction, generator)
     x_ood = x[held_out]
     if standardize:
-        mean, std = x_in[train].mean(0), x_in[train].std(0).clamp_min(1e-3)
+        # a pixel constant in the training images gets scale 1, as in scikit-learn's StandardScaler: a floor of
+        # 1e-3 multiplied its test and OOD values by 1000 (pixel 56 of seed 0's split: 0.0625 became 62.5)
+        mean, std = x_in[train].mean(0), x_in[train].std(0)
+        std = torch.where(std < 10 * torch.finfo(std.dtype).eps, torch.ones_like(std), std)
         x_in, x_ood = (x_in - mean) / std, (x_ood - mean) / std
     ood = TensorDataset(x_ood, torch.full((len(x_ood),), -1, dtype=torch.long)) if len(ood_classes) else None
     return Splits(

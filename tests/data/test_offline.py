@@ -15,6 +15,16 @@ def test_digits_splits_are_disjoint_seeded_and_standardised_on_train():
     again = load_digits(seed=1)
     assert torch.equal(again.test.tensors[0], splits.test.tensors[0])
     assert not torch.equal(load_digits(seed=2).test.tensors[0], splits.test.tensors[0])
+    # a pixel constant in training is scaled by 1 (StandardScaler's rule): a floor of 1e-3 on its std turned
+    # seed 0's test pixel 56 of 0.0625 (raw) into 62.5
+    from sklearn.preprocessing import StandardScaler
+
+    seed0, raw = load_digits(seed=0, ood_classes=[8, 9]), load_digits(seed=0, ood_classes=[8, 9], standardize=False)
+    scaler = StandardScaler().fit(raw.train.tensors[0].numpy())
+    for split in ("test", "ood"):
+        expected = torch.as_tensor(scaler.transform(getattr(raw, split).tensors[0].numpy()), dtype=torch.float32)
+        # torch's std divides by N - 1, scikit-learn's by N (938 rows: 0.05%)
+        torch.testing.assert_close(getattr(seed0, split).tensors[0], expected, rtol=2e-3, atol=2e-3)
 
 
 def test_digits_ood_classes_are_held_out_and_labels_remapped():
