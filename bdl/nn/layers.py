@@ -13,7 +13,7 @@ import math
 import numbers
 import threading
 import weakref
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -241,6 +241,13 @@ class _BayesLayer(BayesianModule):
             value = posterior_variance(rho, self.std_transform) if variance else std_from_rho(rho, self.std_transform)[0]
             cached = self._std_cache[name, variance] = (key, weakref.ref(rho), value)
         return cached[2]
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> "_BayesLayer":  # noqa: ANN401
+        # .to() / .double() / .cpu(): the kept stds, KLs and sample buffers are of the old dtype or device, and
+        # held their memory (a model moved off a GPU kept GPU memory until its next forward)
+        self._std_cache.clear()
+        self._kl_cache.clear()
+        return super()._apply(fn, recurse)
 
     def _drop_value_caches(self) -> None:
         """Forget the kept stds (not the sample buffers): :func:`bdl.predict` calls it first, since an edit through

@@ -97,7 +97,10 @@ class DeepEnsemble(nn.Module):
     Args:
         members: the networks (at least one). Members with different output shapes raise ``ValueError``
             on the first forward that shows it.
-        method: ``"auto"``, ``"vmap"`` or ``"loop"``, see :data:`ENSEMBLE_METHODS`.
+        method: ``"auto"``, ``"vmap"`` or ``"loop"``, see :data:`ENSEMBLE_METHODS`. Without gradients,
+            ``vmap`` keeps the members' stacked weights between calls while their version counters stay put:
+            edit members' parameters in place under ``torch.no_grad()`` (not through ``.data``, which moves no
+            counter; :func:`bdl.predict` restacks them on every call).
         chunk_size: members evaluated at once by ``vmap`` (None: all), bounding memory.
 
     Example:
@@ -253,6 +256,10 @@ class DeepEnsemble(nn.Module):
     def _drop_value_caches(self) -> None:
         """Forget the stacked weights (:func:`bdl.predict` calls it first: ``.data`` edits move no version counter)."""
         self._stacked = None
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> "DeepEnsemble":  # noqa: ANN401
+        self._stacked = None  # .to() / .double() / .cpu(): a stacked copy of the old weights held their memory
+        return super()._apply(fn, recurse)
 
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Member parameters and buffers stacked along a new first dimension.

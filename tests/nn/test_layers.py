@@ -238,6 +238,21 @@ def test_state_dict_round_trip_and_dtype_device_moves():
     assert double(x.double()).dtype == torch.float64
     assert double[2].weight_prior.loc.dtype == torch.float64
     assert bdl.kl_divergence(double).dtype == torch.float64
+    # what the layers keep from their forwards (stds, a KL, sample buffers) is of the old dtype or device after a
+    # move: it held its memory (a model moved off a GPU kept GPU memory), so a move forgets it
+    big = nn.Sequential(bdl.BayesLinear(600, 300), nn.ReLU(), bdl.BayesLinear(300, 2))
+    wide = torch.randn(4, 600)
+    big(wide).sum().backward()
+    with torch.no_grad():
+        big(wide)
+    assert big[0]._std_cache and big[0]._kl_cache
+    big.double()
+    assert not any(layer._std_cache or layer._kl_cache for layer in (big[0], big[2]))
+    ensemble = bdl.DeepEnsemble.from_factory(lambda: nn.Linear(5, 2), 3, method="vmap")
+    with torch.no_grad():
+        ensemble(x)
+    assert ensemble._stacked is not None
+    assert ensemble.double()._stacked is None
 
 
 def test_repr_shows_bayesian_options():
