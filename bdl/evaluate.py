@@ -547,7 +547,8 @@ def evaluate(
         metrics = _classification_metrics(prediction, targets, n_bins=n_bins, coverage=coverage, risk=risk)
     else:
         targets = M._checks.check_float(targets, "test targets")
-        settings.update(levels=tuple(levels))
+        levels = tuple(M.regression._levels(levels, torch.zeros((), dtype=torch.float64)).tolist())  # a number too
+        settings.update(levels=levels)
         metrics = _regression_metrics(prediction, targets, levels=levels, notes=notes)
 
     ood_prediction = None

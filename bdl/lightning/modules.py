@@ -234,6 +234,16 @@ class _Evaluation:
     save_report: bool = True
     report: Optional[Report] = None
 
+    def setup(self, stage: str) -> None:
+        # a regression module on class labels failed deep in a reshape ("shape '[64, 8]' is invalid")
+        datamodule = getattr(self.trainer, "datamodule", None)
+        task = getattr(datamodule, "task", None)
+        if isinstance(task, str) and task != self.task:
+            raise ValueError(
+                f"the model's task is {self.task!r} but {type(datamodule).__name__}'s is {task!r}: set the model's task "
+                f"(model.init_args.task, or the likelihood of an SVI model) to {task!r}"
+            )
+
     def _setup_metrics(self) -> None:
         from .. import metrics as M
 

@@ -310,6 +310,9 @@ def test_a_checkpoint_mode_against_its_metric_and_a_network_of_the_wrong_size_ar
     with pytest.raises(ValueError, match=r"the network outputs 10 class scores but DigitsDataModule has 8 classes .*output size to 8"):
         main(["fit", "--config", QUICKSTART, *FEW_STEPS, "--model.init_args.model.init_args.out_features", "10",
               "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    # a regression module on class labels failed deep in a reshape
+    with pytest.raises(ValueError, match=r"the model's task is 'regression' but DigitsDataModule's is 'classification'"):
+        main(["fit", "--config", QUICKSTART, *FEW_STEPS, "--model.init_args.task", "regression", "--trainer.default_root_dir", str(tmp_path)])
     assert list(tmp_path.iterdir()) == []
 
 

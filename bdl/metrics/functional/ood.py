@@ -206,6 +206,7 @@ def ood_metrics(scores_in: Tensor, scores_out: Tensor, *, tpr: float = 0.95) -> 
         >>> ood_metrics(torch.tensor([0.1, 0.2]), torch.tensor([0.9]))["auroc"]
         1.0
     """
+    tpr = check_fraction(tpr, "tpr")  # before the key is formatted from it
     percent = f"{100 * tpr:g}".replace(".", "_")
     return {
         "auroc": auroc(scores_in, scores_out).item(),

@@ -10,7 +10,8 @@ the predictive mixture of Gaussians by one Gaussian with the same first two mome
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+import numbers
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -213,9 +214,20 @@ def interval_width(variance: Tensor, *, level: float = 0.95) -> Tensor:
 Levels = Union[Sequence[float], Tensor, None]
 
 
+def _flat(levels: Any) -> list[Any]:  # noqa: ANN401
+    """The entries of a number, a (nested) sequence or a tensor of levels."""
+    if hasattr(levels, "tolist") and not isinstance(levels, numbers.Real):  # a tensor or a numpy array
+        levels = levels.tolist()
+    if isinstance(levels, (list, tuple)):
+        return [v for item in levels for v in _flat(item)]
+    return [levels]
+
+
 def _levels(levels: Levels, like: Tensor) -> Tensor:
     if levels is None:
         return torch.linspace(0.05, 0.95, 19, dtype=like.dtype, device=like.device)
+    if isinstance(levels, (str, bytes)) or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in _flat(levels)):
+        raise TypeError(f"`levels` must be a number in (0, 1) or a list of them, got {levels!r}")
     levels = torch.as_tensor(levels, dtype=like.dtype, device=like.device).reshape(-1)
     if levels.numel() == 0 or not bool(((levels > 0) & (levels < 1)).all()):  # NaN fails both
         raise ValueError(f"`levels` must be a non-empty list of numbers in (0, 1), got {levels.tolist()}")
