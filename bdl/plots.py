@@ -166,6 +166,8 @@ def plot_ood_histogram(
         >>> figure.axes[0].get_xlabel()
         'entropy'
     """
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:  # 0 drew empty histograms, 2.5 a torch signature dump
+        raise ValueError(f"bins must be a positive int, got {bins!r}")
     area = M.auroc(scores_in, scores_out).item()
     figure, ax = _axes(ax)
     inside, outside = _numpy(torch.as_tensor(scores_in)), _numpy(torch.as_tensor(scores_out))

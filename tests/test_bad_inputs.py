@@ -206,7 +206,10 @@ ROWS = [
     _row("MCDropout-of-a-model-without-dropout", lambda t: bdl.MCDropout(nn.Linear(2, 2)), ValueError, r"Linear has no dropout layer .*insert_before"),
     _row("DeepEnsemble-of-no-members", lambda t: bdl.DeepEnsemble([]), ValueError, r"members is empty: an ensemble needs at least one network"),
     _row("DeepEnsemble-missing-checkpoint-file", lambda t: bdl.DeepEnsemble.from_checkpoints(lambda: nn.Linear(2, 2), [str(t / "member0.ckpt")]), FileNotFoundError, r"checkpoints\[0\]: no file at '.*member0\.ckpt'"),
-    _row("TemperatureScaler-zero-temperature", lambda t: bdl.TemperatureScaler(temperature=0), ValueError, r"`temperature` must be a positive number, got 0"),
+    _row("TemperatureScaler-zero-temperature", lambda t: bdl.TemperatureScaler(temperature=0), ValueError, r"`temperature` must be a positive finite number, got 0"),
+    _row("TemperatureScaler-inf-temperature", lambda t: bdl.TemperatureScaler(temperature=float("inf")), ValueError, r"`temperature` must be a positive finite number, got inf"),
+    _row("ELBOLoss-criterion-string", lambda t: bdl.ELBOLoss(nn.Linear(2, 2), 10, criterion="ce"), TypeError, r"criterion must be a callable criterion\(output, target\)"),
+    _row("plot_ood_histogram-bins-zero", lambda t: bdl.plots.plot_ood_histogram(torch.rand(5), torch.rand(5), bins=0), ValueError, r"bins must be a positive int, got 0"),
     _row("TemperatureScaler.fit-float-labels", lambda t: bdl.TemperatureScaler().fit(torch.randn(10, 3), _y().float()), TypeError, r"`target` must hold integer class labels, got dtype torch.float32"),
     # ---- Pyro engines: names, scales, labels, num_samples
     _row("make_guide-unknown-name", lambda t: infer.make_guide("bogus", _pyro_model()), ValueError, r"unknown guide 'bogus'; choose one of \['delta', 'lowrank_normal', 'multivariate_normal', 'normal'\]"),

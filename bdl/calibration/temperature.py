@@ -148,8 +148,8 @@ class TemperatureScaler(nn.Module):
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
-            raise ValueError(f"`temperature` must be a positive number, got {temperature!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 < temperature < math.inf:
+            raise ValueError(f"`temperature` must be a positive finite number, got {temperature!r}")
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=False)
 
     @property

@@ -36,7 +36,7 @@ def _not_a_number(path: str, column: str, row: int, value: object) -> ValueError
 
 def _read_csv(path: str, columns: Optional[Sequence[str]], target: str) -> tuple[dict[str, np.ndarray], list[str]]:
     """The numeric columns of a CSV with a header row: ``({name: float64 [N]}, all column names)``."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: the byte-order mark Excel writes
         rows = csv.reader(f)
         header = [name.strip() for name in next(rows, [])]
         if not header:

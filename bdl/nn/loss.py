@@ -96,6 +96,8 @@ class ELBOLoss(nn.Module):
         elbo_loss(torch.zeros(()), torch.zeros(()), num_data, kl_weight)  # validates the arguments
         self.model = [model]  # a list, so the model is not registered as a submodule of the loss
         self.num_data = num_data
+        if criterion is not None and not callable(criterion):  # a name such as "ce" failed at the first call
+            raise TypeError(f"criterion must be a callable criterion(output, target), e.g. nn.CrossEntropyLoss(), got {criterion!r}")
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.kl_weight = kl_weight
 

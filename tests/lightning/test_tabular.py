@@ -89,6 +89,16 @@ def test_default_features_are_all_other_columns_and_loaders_batch(tmp_path, tabl
     assert x.shape == (8, 4) and y.shape == (8,)
 
 
+def test_a_csv_with_a_byte_order_mark_reads_its_first_column(tmp_path, table):
+    # Excel's UTF-8 CSVs begin with a byte-order mark: the first column was named '\ufefflabel'
+    path = _csv(tmp_path, table)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    first = path.read_text(encoding="utf-8-sig").split(",")[0]
+    data = TabularDataModule(str(path), first)
+    data.setup()
+    assert data.num_train > 0
+
+
 def test_same_seed_same_split(tmp_path, table):
     path = str(_csv(tmp_path, table))
 
