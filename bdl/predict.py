@@ -237,6 +237,7 @@ class Prediction:
             >>> len(Prediction.cat([a, b]))
             7
         """
+        parts = list(parts)  # a generator too
         if not parts:
             raise ValueError("parts is empty: nothing to concatenate")
         first = parts[0]
@@ -248,6 +249,14 @@ class Prediction:
                     f"parts must share task and num_samples: got ({part.task!r}, {part.num_samples}) "
                     f"next to ({first.task!r}, {first.num_samples})"
                 )
+            field_name = "probs" if first.task == "classification" else "mean"
+            if getattr(part, field_name).shape[1:] != getattr(first, field_name).shape[1:]:
+                raise ValueError(
+                    f"parts must predict outputs of one shape: got {tuple(getattr(part, field_name).shape[1:])} next to "
+                    f"{tuple(getattr(first, field_name).shape[1:])} per input"
+                )
+        if len({part.targets is None for part in parts}) > 1:  # the labelled parts' targets were dropped silently
+            raise ValueError("parts must all have targets or all have none: some have targets and some do not")
         merged: dict[str, Any] = {"task": first.task, "num_samples": first.num_samples}
         for item in fields(cls):
             if item.name in merged:
@@ -905,6 +914,9 @@ def _add_output(summary: Any, output: Any, task: str, rows: int) -> None:  # noq
     """Validate one chunk of stacked model outputs ``[s, B, ...]`` for ``rows`` inputs and add it to the running summary."""
     for part in output if isinstance(output, (tuple, list)) else (output,):
         # a forward that drops or transposes the batch gave a prediction for other rows than the inputs'
+        if isinstance(part, Tensor) and not part.is_floating_point():
+            # an int or bool output failed in a softmax or a mean kernel, far from the model
+            raise TypeError(f"the model returned {part.dtype} outputs; it must return floating-point logits, means or variances")
         if isinstance(part, Tensor) and (part.dim() < 2 or part.shape[1] != rows):
             got = f"an output of shape {tuple(part.shape[1:])}" if part.dim() >= 2 else "an output without a batch dimension"
             raise ValueError(f"the model returned {got} for a batch of {rows} inputs; it must keep the batch in the first dimension")
@@ -1157,6 +1169,8 @@ def predict(
         raise ValueError("inputs are empty: nothing to predict")
     if all(y is not None for y in targets):
         prediction.targets = torch.cat([y.to(prediction_device(prediction)) for y in targets])
+    elif any(y is not None for y in targets):  # the labelled batches' targets were dropped silently
+        raise ValueError("some batches of inputs came with targets and some without: give every batch (x, y), or every batch x")
     return prediction
 
 

@@ -614,6 +614,16 @@ def test_an_output_for_other_rows_than_the_inputs_is_refused():
                 bdl.predict(bdl.MCDropout(nn.Sequential(nn.Dropout(0.1), Lambda(forward))), (x, y), num_samples=2, method=method)
     with pytest.raises(ValueError, match="for a batch of 10 inputs"):
         bdl.predict(bdl.DeepEnsemble([Lambda(lambda x: linear(x)[:3]) for _ in range(2)]), x)
+    with pytest.raises(TypeError, match="returned torch.int64 outputs"):  # failed in a softmax kernel
+        bdl.predict(Lambda(lambda x: linear(x).long()), x)
+    # batches with and without targets: the labelled ones' were dropped silently
+    with pytest.raises(ValueError, match="some batches of inputs came with targets and some without"):
+        bdl.predict(linear, [(x[:5], y[:5]), x[5:]], num_samples=1)
+    labelled, unlabelled = bdl.predict(linear, (x[:5], y[:5]), num_samples=1), bdl.predict(linear, x[5:], num_samples=1)
+    with pytest.raises(ValueError, match="all have targets or all have none"):
+        bdl.Prediction.cat([labelled, unlabelled])
+    with pytest.raises(ValueError, match=r"outputs of one shape: got \(4,\) next to \(3,\)"):
+        bdl.Prediction.cat(iter([bdl.Prediction.from_logits(torch.randn(1, 2, 3)), bdl.Prediction.from_logits(torch.randn(1, 2, 4))]))
 
 
 def test_a_binary_classifier_with_one_logit_predicts_sigmoid_probabilities():
