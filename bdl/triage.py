@@ -48,6 +48,8 @@ def _scores(prediction: Prediction, score: Union[str, Callable[[Prediction], Ten
         values = score(prediction)
         if not isinstance(values, Tensor) or values.shape != (len(prediction),):
             raise ValueError(f"score must return one value per input [{len(prediction)}], got {getattr(values, 'shape', type(values))}")
+        if not values.is_floating_point():  # a bool or int score failed in searchsorted
+            values = values.to(torch.float64)
         return _finite_scores(values, name)
     if not isinstance(score, str) or score not in OOD_SCORES:
         raise ValueError(f"score must be a callable or one of {scores_for_task(prediction.task)}, got {score!r}")

@@ -207,6 +207,7 @@ ROWS = [
     _row("DeepEnsemble-of-no-members", lambda t: bdl.DeepEnsemble([]), ValueError, r"members is empty: an ensemble needs at least one network"),
     _row("DeepEnsemble-missing-checkpoint-file", lambda t: bdl.DeepEnsemble.from_checkpoints(lambda: nn.Linear(2, 2), [str(t / "member0.ckpt")]), FileNotFoundError, r"checkpoints\[0\]: no file at '.*member0\.ckpt'"),
     _row("TemperatureScaler-zero-temperature", lambda t: bdl.TemperatureScaler(temperature=0), ValueError, r"`temperature` must be a positive finite number, got 0"),
+    _row("deterministic-not-a-module", lambda t: bdl.deterministic("m").__enter__(), TypeError, r"model must be an nn.Module, got str"),
     _row("TemperatureScaler-inf-temperature", lambda t: bdl.TemperatureScaler(temperature=float("inf")), ValueError, r"`temperature` must be a positive finite number, got inf"),
     _row("ELBOLoss-criterion-string", lambda t: bdl.ELBOLoss(nn.Linear(2, 2), 10, criterion="ce"), TypeError, r"criterion must be a callable criterion\(output, target\)"),
     _row("plot_ood_histogram-bins-zero", lambda t: bdl.plots.plot_ood_histogram(torch.rand(5), torch.rand(5), bins=0), ValueError, r"bins must be a positive int, got 0"),

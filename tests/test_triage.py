@@ -145,6 +145,12 @@ def test_bad_arguments_are_named(kwargs, message):
         triage(Prediction.from_logits(torch.randn(2, 5, 3)), **kwargs)
 
 
+def test_a_boolean_score_is_read_as_numbers():
+    pred = Prediction.from_logits(torch.randn(2, 6, 3))
+    flag = lambda p: torch.tensor([True, False, True, False, False, True])  # noqa: E731 - failed in searchsorted
+    assert triage(pred, coverage=0.5, score=flag).review.tolist() == [True, False, True, False, False, True]
+
+
 def test_non_finite_scores_are_refused():
     pred = Prediction.from_logits(torch.randn(2, 5, 3))
     nan_scores = lambda p: torch.tensor([0.1, float("nan"), 0.3, 0.2, 0.5])  # noqa: E731

@@ -37,7 +37,9 @@ class _OODMetric(_Buffered):
                 f"`is_ood` must have the shape of `scores` {tuple(scores.shape)}, got {tuple(is_ood.shape)}"
             )
         if is_ood.dtype != torch.bool:
-            if is_ood.is_floating_point() or ((is_ood != 0) & (is_ood != 1)).any():
+            if is_ood.is_floating_point():  # 0. and 1. were refused as if they were other values
+                raise ValueError(f"`is_ood` must be boolean or integers 0 and 1, got dtype {is_ood.dtype} (use .bool())")
+            if ((is_ood != 0) & (is_ood != 1)).any():
                 raise ValueError("`is_ood` must be boolean or hold only 0 and 1")
             is_ood = is_ood.bool()
         return scores, is_ood

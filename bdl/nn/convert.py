@@ -42,6 +42,8 @@ def kl_divergence(model: nn.Module) -> Tensor:
 
 
 def _bayes_layers(model: nn.Module) -> Iterator[_BayesLayer]:
+    if not isinstance(model, nn.Module):  # "'str' object has no attribute 'modules'"
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     return (m for m in model.modules() if isinstance(m, _BayesLayer))
 
 
