@@ -405,6 +405,8 @@ def _check_samples(name: str, value: Any, expected: str) -> Tensor:  # noqa: ANN
         raise TypeError(f"{name} must be floating point, got {value.dtype}")
     if value.shape[0] == 0:
         raise ValueError(f"{name} must hold at least one sample (S >= 1), got shape {tuple(value.shape)}")
+    if value.shape[2] == 0:  # no classes (argmax failed) or no outputs (every metric NaN)
+        raise ValueError(f"{name} must have at least one entry in its last dimension, got shape {tuple(value.shape)}")
     if value.is_meta:
         raise ValueError(f"{name} is on the 'meta' device (a shape without values), got shape {tuple(value.shape)}")
     if not all_finite(value):

@@ -139,7 +139,7 @@ def test_a_flat_target_is_accepted_for_a_single_output_prediction():
         (lambda: M.interval_coverage(torch.randn(4), torch.ones(4), torch.randn(4), level=1.0), "level"),
         (lambda: M.quantile_calibration_error(torch.randn(4), torch.ones(4), torch.randn(4), levels=[0.0, 0.5]), "levels"),
         (lambda: M.quantile_calibration_error(torch.randn(4), torch.ones(4), torch.randn(4), levels=[0.5, math.nan]), "levels"),
-        (lambda: M.mae(torch.zeros(0), torch.zeros(0)), "N >= 1"),
+        (lambda: M.mae(torch.zeros(0), torch.zeros(0)), "N, D >= 1"),
         (lambda: M.mae(torch.zeros(2, 2, 2), torch.zeros(2, 2, 2)), r"\[N\] or \[N, D\]"),
     ],
 )

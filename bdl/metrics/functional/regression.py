@@ -33,8 +33,8 @@ _LOG_TWO_PI = math.log(2 * math.pi)
 
 
 def _check_shapes(mean: Tensor, **others: Tensor) -> dict[str, Tensor]:
-    if mean.dim() not in (1, 2) or mean.shape[0] == 0:
-        raise ValueError(f"`mean` must have shape [N] or [N, D] with N >= 1, got shape {tuple(mean.shape)}")
+    if mean.dim() not in (1, 2) or mean.numel() == 0:  # [N, 0]: every metric NaN
+        raise ValueError(f"`mean` must have shape [N] or [N, D] with N, D >= 1, got shape {tuple(mean.shape)}")
     checked = {}
     for name, value in others.items():
         if mean.dim() == 2 and mean.shape[1] == 1 and value.shape == mean.shape[:1]:
