@@ -365,6 +365,8 @@ class Prediction:
             if not -len(self) <= index < len(self):
                 raise IndexError(f"index {index} is out of range for a prediction of {len(self)} inputs")
             index = [index % len(self)]  # keep the inputs' dimension: every field stays [N, ...]
+        elif isinstance(index, (str, bytes, float, bool)) or index is None:  # torch's messages named none of it
+            raise TypeError(f"a Prediction is indexed over its inputs by an int, a slice, indices or a boolean mask, got {index!r}")
         values: dict[str, Any] = {}
         for item in fields(self):
             value = getattr(self, item.name)

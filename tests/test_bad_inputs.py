@@ -210,6 +210,8 @@ ROWS = [
     _row("rmse-no-outputs", lambda t: M.rmse(torch.zeros(3, 0), torch.zeros(3, 0)), ValueError, r"`mean` must have shape \[N\] or \[N, D\] with N, D >= 1, got shape \(3, 0\)"),
     _row("from_regression-no-outputs", lambda t: bdl.Prediction.from_regression(torch.zeros(2, 3, 0)), ValueError, r"sample_means must have at least one entry in its last dimension"),
     _row("from_logits-no-classes", lambda t: bdl.Prediction.from_logits(torch.zeros(2, 3, 0)), ValueError, r"sample_logits must have at least one entry in its last dimension"),
+    _row("ScaleMixturePrior-tensor-scale", lambda t: bdl.ScaleMixturePrior(scale1=torch.tensor([1.0, 2.0])), ValueError, r"scale1 must be a number \(one scale for every weight\), got a tensor of shape \(2,\)"),
+    _row("Prediction-string-index", lambda t: bdl.Prediction.from_logits(torch.randn(2, 3, 4))["a"], TypeError, r"a Prediction is indexed over its inputs by an int, a slice"),
     _row("deterministic-not-a-module", lambda t: bdl.deterministic("m").__enter__(), TypeError, r"model must be an nn.Module, got str"),
     _row("TemperatureScaler-inf-temperature", lambda t: bdl.TemperatureScaler(temperature=float("inf")), ValueError, r"`temperature` must be a positive finite number, got inf"),
     _row("ELBOLoss-criterion-string", lambda t: bdl.ELBOLoss(nn.Linear(2, 2), 10, criterion="ce"), TypeError, r"criterion must be a callable criterion\(output, target\)"),

@@ -136,8 +136,10 @@ class ScaleMixturePrior(Prior):
 
     def __init__(self, scale1: float = 1.0, scale2: float = math.exp(-6), mixture_weight: float = 0.5) -> None:
         super().__init__()
-        _check_positive("scale1", scale1, "ScaleMixturePrior")
-        _check_positive("scale2", scale2, "ScaleMixturePrior")
+        for name, value in (("scale1", scale1), ("scale2", scale2)):
+            if isinstance(value, Tensor) and value.numel() != 1:  # float() of it failed, naming nothing
+                raise ValueError(f"ScaleMixturePrior: {name} must be a number (one scale for every weight), got a tensor of shape {tuple(value.shape)}")
+            _check_positive(name, value, "ScaleMixturePrior")
         if not (isinstance(mixture_weight, numbers.Real) and 0 < mixture_weight < 1):
             raise ValueError(f"ScaleMixturePrior: mixture_weight must be in (0, 1), got {mixture_weight!r}")
         self.scale1 = float(scale1)
