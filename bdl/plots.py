@@ -10,6 +10,7 @@ The numbers drawn are those of :mod:`bdl.metrics.functional`, so a plot and a re
 
 from __future__ import annotations
 
+import numbers
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -306,6 +307,11 @@ def plot_regression_1d(
         raise ValueError(f"`x` has {len(x)} inputs but `prediction` is for {prediction.mean.shape[0]}")
     if target is not None and check_float(target, "target").shape[0] != len(x):
         raise ValueError(f"`target` has {check_float(target, 'target').shape[0]} rows but `x` has {len(x)} inputs")
+    outputs = prediction.mean.reshape(len(x), -1).shape[1]
+    if isinstance(output, bool) or not isinstance(output, numbers.Integral) or not 0 <= output < outputs:
+        raise ValueError(f"`output` must be an int in [0, {outputs - 1}] (the prediction has {outputs} outputs), got {output!r}")
+    if target is not None and check_float(target, "target").reshape(len(x), -1).shape[1] != outputs:
+        raise ValueError(f"`target` must have one value per output ({outputs}) for each input, got shape {tuple(check_float(target, 'target').shape)}")
     mean = prediction.mean.reshape(len(x), -1)[:, output]
     aleatoric = prediction.aleatoric_variance.reshape(len(x), -1)[:, output]
     total = prediction.total_variance.reshape(len(x), -1)[:, output]
