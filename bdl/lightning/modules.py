@@ -21,6 +21,7 @@ import dataclasses
 import importlib
 import math
 import numbers
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -787,11 +788,23 @@ def _reinitialized(model: nn.Module) -> nn.Module:
     def reset(module: nn.Module) -> None:
         for child in module.children():
             reset(child)
-        method = getattr(module, "reset_parameters", None)
+        # torch's MultiheadAttention and Transformer name theirs _reset_parameters: members shared the attention's
+        # in-projection with member 0
+        method = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
         if callable(method):
             method()
 
     reset(copied)
+    kept = [
+        name for (name, new), old in zip(copied.named_parameters(), model.parameters())
+        if new.numel() > 1 and torch.equal(new, old) and not bool((new == new.reshape(-1)[0]).all())
+    ]  # fmt: skip
+    if kept:  # constant initial values (LayerNorm's ones) are alike by design; random ones are member 0's
+        warnings.warn(
+            f"EnsembleModule: parameters {kept[:5]}{' ...' if len(kept) > 5 else ''} keep member 0's values in every member "
+            "(their module has no reset_parameters): the members start alike there; give that module a reset_parameters",
+            stacklevel=3,
+        )
     return copied
 
 

@@ -29,9 +29,13 @@ them to training mode, which changes nothing else in them: ``nn.MultiheadAttenti
 
 
 def _is_dropout(module: nn.Module) -> bool:
+    """Whether ``module`` drops anything in training mode: a dropout layer with ``p > 0`` (torchvision's ViT has
+    ``p = 0`` ones), an attention with dropout, an RNN with dropout between its layers (of which it needs two)."""
     if isinstance(module, DROPOUT_TYPES):
-        return True
-    return isinstance(module, (nn.MultiheadAttention, nn.RNNBase)) and module.dropout > 0
+        return module.p > 0
+    if isinstance(module, nn.RNNBase):
+        return module.dropout > 0 and module.num_layers > 1
+    return isinstance(module, nn.MultiheadAttention) and module.dropout > 0
 
 
 class _DropoutBefore:
@@ -45,8 +49,9 @@ class _DropoutBefore:
 
 
 def _always_on_dropout(module: nn.Dropout, args: tuple[Any, ...], output: Tensor) -> Tensor:
-    """Forward hook on an eval-mode ``nn.Dropout`` (which returns its input): the output of dropout left on."""
-    return dropout(args[0], module.p)
+    """Forward hook on an eval-mode ``nn.Dropout`` (whose output is its input), ahead of the user's hooks on it:
+    the output of dropout left on, which those hooks then see (and may replace)."""
+    return dropout(output, module.p)
 
 
 def _holds_compiled_module(model: nn.Module) -> bool:
@@ -132,10 +137,14 @@ class MCDropout(nn.Module):
         self._inserted = inserted
         self._dropout = [m for m in model.modules() if _is_dropout(m)] + inserted
         self._encoders = [m for m in model.modules() if isinstance(m, nn.TransformerEncoder)]
+        # an eval-mode encoder layer takes torch's fused fast path, which applies no dropout: in training mode
+        # (a flag that only gates that path) it runs its dropout modules
+        self._encoder_layers = [m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer) and any(map(_is_dropout, m.modules()))]
         if not self._dropout:
             raise ValueError(
-                f"{type(model).__name__} has no dropout layer ({', '.join(t.__name__ for t in DROPOUT_TYPES)}); "
-                "MC dropout needs one: pass p=0.1, insert_before=[nn.Linear] (or module names) to insert dropout"
+                f"{type(model).__name__} has no dropout layer ({', '.join(t.__name__ for t in DROPOUT_TYPES)}) with a rate "
+                "p > 0 (nor attention or multi-layer RNN dropout); MC dropout needs one: pass p=0.1, "
+                "insert_before=[nn.Linear] (or module names) to insert dropout"
             )
         self.eval()
 
@@ -161,7 +170,10 @@ class MCDropout(nn.Module):
         ignore it (torch.compile does not guard on hooks), and the compiled ``F.dropout`` is one fused
         kernel anyway; the training flags are guarded, so a compiled model recompiles for them.
         """
-        previous = [module.training for module in self._dropout]
+        switched = self._dropout + getattr(self, "_encoder_layers", [])  # an MCDropout pickled before it existed
+        previous = [module.training for module in switched]
+        for layer in switched[len(self._dropout):]:
+            layer.training = True
         hooks = []
         # an eval-mode TransformerEncoder turns a padded batch into a nested tensor when its first layer would take
         # the fused fast path, which the dropout switched on here then shuts: the layers failed on the nested tensor
@@ -172,7 +184,7 @@ class MCDropout(nn.Module):
         for module in self._dropout:
             if type(module) is nn.Dropout and not compiled:
                 module.training = False
-                hooks.append(module.register_forward_hook(_always_on_dropout))
+                hooks.append(module.register_forward_hook(_always_on_dropout, prepend=True))
             else:
                 module.training = True
         try:
@@ -180,7 +192,7 @@ class MCDropout(nn.Module):
         finally:
             for hook in hooks:
                 hook.remove()
-            for module, training in zip(self._dropout, previous):
+            for module, training in zip(switched, previous):
                 module.training = training
             for encoder in encoders:
                 encoder.use_nested_tensor = True

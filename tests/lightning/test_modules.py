@@ -465,6 +465,27 @@ def test_ensemble_members_start_from_the_networks_own_initialisation():
     assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])  # still apart
 
 
+def test_ensemble_members_reset_attention_and_warn_about_parameters_without_a_reset():
+    # torch's MultiheadAttention names its method _reset_parameters: every member had member 0's in-projection
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), nn.Flatten(), nn.Linear(8, 3))
+    module = EnsembleModule(net, num_members=3)
+    weights = [member[0].self_attn.in_proj_weight for member in module.model.members]
+    assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
+
+    class WithToken(nn.Module):  # a learned token without reset_parameters stays member 0's in every member
+        def __init__(self):
+            super().__init__()
+            self.token = nn.Parameter(torch.randn(4))
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(x + self.token)
+
+    with pytest.warns(UserWarning, match=r"parameters \['token'\] keep member 0's values"):
+        EnsembleModule(WithToken(), num_members=2)
+
+
 def test_weight_decay_leaves_the_posterior_std_parameters_alone():
     # decaying rho towards 0 pulls every std = exp(rho) towards 1, whatever the data and the KL say
     module = VariationalModule(net(), num_data=32, optimizer="sgd", weight_decay=5e-4)

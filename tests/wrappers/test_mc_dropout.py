@@ -285,6 +285,39 @@ def test_a_padded_transformer_encoder_predicts_under_mc_dropout():
         net(x)  # and the plain model still takes its fast path
 
 
+def test_an_encoder_layer_leaves_its_fast_path_even_where_no_hook_blocks_it(monkeypatch):
+    # with a compiled model MC dropout switches flags and registers no hooks; the eval-mode encoder layer then took
+    # torch's fused fast path, which applies no dropout: every sample equal, mutual information 0
+    from bdl.wrappers import mc_dropout
+
+    monkeypatch.setattr(mc_dropout, "_holds_compiled_module", lambda model: True)  # the compiled branch, eagerly
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.3, batch_first=True).eval()
+    model = MCDropout(layer)
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))
+    assert not layer.training  # restored
+
+
+def test_dropout_that_never_fires_is_not_counted_and_user_hooks_see_the_dropped_output():
+    # zero-rate layers (torchvision's ViT) and a one-layer RNN's dropout drop nothing: mutual information 0, unflagged
+    with pytest.raises(ValueError, match="no dropout layer .* p > 0"):
+        MCDropout(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0), nn.Linear(4, 2)))
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no dropout layer"):
+        MCDropout(nn.GRU(4, 8, num_layers=1, dropout=0.3))
+    # a forward hook on a dropout layer saw the undropped output, and what it returned was discarded
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 64), nn.Dropout(0.5), nn.Linear(64, 2))
+    seen = []
+    net[1].register_forward_hook(lambda module, args, output: seen.append(float((output == 0).float().mean())))
+    MCDropout(net)(torch.randn(16, 4))
+    assert 0.4 < seen[0] < 0.6
+    net[1].register_forward_hook(lambda module, args, output: output * 0)
+    with torch.no_grad():
+        torch.testing.assert_close(MCDropout(net)(torch.randn(3, 4)), net[2].bias.expand(3, 2))
+
+
 @pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU, nn.RNN])
 def test_the_dropout_between_recurrent_layers_is_kept_stochastic(rnn):
     class Recurrent(nn.Module):
