@@ -39,13 +39,21 @@ def _is_dropout(module: nn.Module) -> bool:
 
 
 class _DropoutBefore:
-    """Forward pre-hook applying ``dropout`` to a module's first input (picklable and deep-copyable)."""
+    """Forward pre-hook (``with_kwargs=True``) applying ``dropout`` to a module's first input, positional or the
+    first tensor passed by keyword (``fc(input=x)``); picklable and deep-copyable."""
 
     def __init__(self, dropout: nn.Module) -> None:
         self.dropout = dropout
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (self.dropout(args[0]), *args[1:])
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: Optional[dict[str, Any]] = None) -> Any:  # noqa: ANN401
+        if kwargs is None:  # registered without kwargs (an MCDropout pickled by an earlier bdl)
+            return (self.dropout(args[0]), *args[1:])
+        if args:
+            return (self.dropout(args[0]), *args[1:]), kwargs
+        name = next((key for key, value in kwargs.items() if isinstance(value, Tensor)), None)
+        if name is None:
+            raise ValueError(f"MC dropout inserted before {type(module).__name__} found no input tensor to drop")
+        return args, {**kwargs, name: self.dropout(kwargs[name])}
 
 
 def _always_on_dropout(module: nn.Dropout, args: tuple[Any, ...], output: Tensor) -> Tensor:
@@ -119,10 +127,12 @@ class MCDropout(nn.Module):
             if not (isinstance(p, numbers.Real) and not isinstance(p, bool) and math.isfinite(p) and 0 < p < 1):
                 raise ValueError(f"p must be a dropout rate in (0, 1) when inserting dropout, got {p!r}")
             model = copy.deepcopy(model)
+            # an attention's out_proj is an nn.Linear whose forward the attention never calls (it reads the weight)
+            unused = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
             for name, module in model.named_modules():
-                if name and _matches(name, module, insert_before):
+                if name and id(module) not in unused and _matches(name, module, insert_before):
                     dropout = nn.Dropout(float(p))
-                    module.register_forward_pre_hook(_DropoutBefore(dropout))
+                    module.register_forward_pre_hook(_DropoutBefore(dropout), with_kwargs=True)
                     inserted.append(dropout)
                     self._targets.append(module)
                     self._target_names.append(name)

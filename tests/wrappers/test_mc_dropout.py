@@ -142,6 +142,24 @@ def test_insert_before_accepts_module_types():
     assert model.extra_repr().endswith("inserted_before=['0', '2']")
 
 
+def test_insertion_skips_an_attentions_out_proj_and_drops_keyword_inputs():
+    # an attention never calls its out_proj's forward: listed as a target, it got no dropout
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(input=self.attention(x, x, x)[0].mean(1))  # by keyword: an IndexError
+
+    model = MCDropout(Net(), p=0.5, insert_before=[nn.Linear])
+    assert model._target_names == ["fc"]
+    x = torch.randn(4, 5, 8)
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
