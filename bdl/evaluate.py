@@ -331,9 +331,11 @@ class Report:
                 self.prediction.mean, self.prediction.total_variance, self.targets
             )
         if self.task == "regression" and self.inputs is not None and _one_dimensional(self.inputs):
-            figures["regression_1d"] = plots.plot_regression_1d(
-                self.inputs.reshape(-1), self.prediction, target=self.targets
-            )
+            outputs = self.prediction.mean.reshape(len(self.prediction), -1).shape[1]
+            for output in range(outputs):  # one figure per output (only the first was drawn, unlabelled)
+                figures["regression_1d" if outputs == 1 else f"regression_1d_output{output}"] = plots.plot_regression_1d(
+                    self.inputs.reshape(-1), self.prediction, target=self.targets, output=output
+                )
         scores = self.ood_scores
         if scores:
             from matplotlib.figure import Figure

@@ -330,7 +330,7 @@ def plot_regression_1d(
     if target is not None:
         values = check_float(target, "target").reshape(len(x), -1)[:, output]
         ax.scatter(_numpy(x), _numpy(values), s=8, color=_RED, alpha=0.6, label="targets", zorder=3)
-    ax.set(xlabel="x", ylabel="y", title="Predictive distribution")
+    ax.set(xlabel="x", ylabel="y" if outputs == 1 else f"y[{output}]", title="Predictive distribution" + (f" of output {output}" if outputs > 1 else ""))
     _legend(ax, len(x), "upper left")
     return figure
 

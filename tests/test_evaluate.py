@@ -164,6 +164,12 @@ def test_report_of_a_heteroscedastic_regression_model(tmp_path):
     directory = report.save(tmp_path)
     check_report_directory(report, directory, ["quantile_calibration", "regression_1d", "ood_histograms", "ood_roc"])
     assert "| CRPS |" in report.to_markdown() and "interval coverage (90%)" in report.to_markdown()
+    # two outputs: one figure each (only output 0 was drawn, and nothing said which)
+    two = evaluate(nn.Sequential(nn.Linear(1, 8), nn.Tanh(), GaussianHead(8, 2)), (x, torch.cat([y[:, None], -y[:, None]], 1)),
+                   task="regression", num_samples=1)  # fmt: skip
+    figures = two.figures()
+    assert {"regression_1d_output0", "regression_1d_output1"} <= set(figures) and "regression_1d" not in figures
+    assert figures["regression_1d_output1"].axes[0].get_title() == "Predictive distribution of output 1"
 
 
 def test_a_point_regression_model_reports_errors_and_says_why_the_rest_is_missing(tmp_path):
