@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler
 from torch.utils.data.dataloader import _InfiniteConstantSampler
 
 from .metrics import functional as M
-from .predict import DEFAULT_BATCH_SIZE, Prediction, as_loader, predict
+from .predict import DEFAULT_BATCH_SIZE, Prediction, as_loader, predict, prediction_device
 
 __all__ = ["Report", "evaluate"]
 
@@ -448,9 +448,15 @@ def _default_scores(prediction: Prediction, ood_prediction: Prediction) -> list[
     if prediction.logits is None or ood_prediction.logits is None:
         names = [name for name in names if name not in M.LOGIT_SCORES]
     # one sample, or samples all equal (a deterministic model), has no epistemic part: a score that is 0 for
-    # every input would report chance (AUROC 0.5) as if it had been measured
+    # every input would report chance (AUROC 0.5) as if it had been measured; so would any score that is the same
+    # for every input (the total variance of a mean-only network with a fixed noise variance)
     names = [name for name in names if name not in _EPISTEMIC_SCORES or _varies(name, prediction, ood_prediction)]
-    return names
+    return [name for name in names if not _constant(name, prediction, ood_prediction)]
+
+
+def _constant(score: str, prediction: Prediction, ood_prediction: Prediction) -> bool:
+    values = torch.cat([M.ood_score(prediction, score).reshape(-1), M.ood_score(ood_prediction, score).reshape(-1).to(prediction_device(prediction))])
+    return bool((values == values[0]).all())
 
 
 def _varies(score: str, prediction: Prediction, ood_prediction: Prediction) -> bool:

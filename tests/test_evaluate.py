@@ -176,6 +176,9 @@ def test_a_point_regression_model_reports_errors_and_says_why_the_rest_is_missin
     x, y = torch.randn(50, 3), torch.randn(50)
     report = evaluate(nn.Linear(3, 1), (x, y), task="regression", num_samples=2)
     assert set(report.metrics) == {"rmse", "mae", "mean_aleatoric_variance", "mean_epistemic_variance"}
+    # a score equal for every input (the total variance of a mean-only network) reported chance, AUROC 0.5
+    with_ood = evaluate(nn.Linear(3, 1), (x, y), ood_data=x + 5, task="regression", num_samples=2)
+    assert not any(key.startswith("ood/") for key in with_ood.metrics)
     assert "variance is zero" in report.to_markdown()
     directory = report.save(tmp_path)
     assert {path.name for path in directory.iterdir()} == {"metrics.json", "report.md"}
