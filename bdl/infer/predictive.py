@@ -154,6 +154,17 @@ def predict_from_samples(
     missing = [name for name in model.sample_sites if name not in samples]
     if missing:
         raise ValueError(f"samples lack the latent sites {missing}; got {sorted(samples)}")
+    # every weight site [S, *parameter shape] with one S: torch's "expanded size" or an IndexError named none
+    parameters = dict(model.net.named_parameters())
+    counts = set()
+    for name in model.bayesian_names:
+        value, shape = samples[name], tuple(parameters[name].shape)
+        if not isinstance(value, Tensor) or tuple(value.shape[1:]) != shape:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"samples[{name!r}] must have shape [S, *{shape}] (S posterior draws of the parameter), got {got}")
+        counts.add(value.shape[0])
+    if len(counts) > 1:
+        raise ValueError(f"samples must hold the same number S of draws for every site, got {sorted(counts)}")
     from ..predict import Prediction, _batches
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
