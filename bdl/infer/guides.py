@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import pyro
 import pyro.distributions as dist
@@ -20,21 +20,48 @@ from torch import Tensor
 from torch.distributions import biject_to, register_kl
 from torch.distributions.kl import _kl_normal_normal
 from torch.distributions.transforms import ComposeTransform, IndependentTransform, Transform
-from pyro.infer.autoguide import (
-    AutoDelta,
-    AutoGuide,
-    AutoLowRankMultivariateNormal,
-    AutoMultivariateNormal,
-    AutoNormal,
-    init_to_median,
-    init_to_value,
-)
+from pyro.infer import autoguide
+from pyro.infer.autoguide import AutoGuide, init_to_median, init_to_value
 
 from torch import nn  # noqa: F401  (used in the examples)
 
 from .model import PyroModel
 
-#: Guide names -> Pyro autoguide classes.
+
+class _ModuleLocal:
+    """An autoguide whose calls keep its parameters on the module (Pyro's ``module_local_params``).
+
+    Called through Pyro itself (``Predictive(model, guide=...)``, ``guide()``, ``AutoDelta.median()``), a
+    guide otherwise syncs its parameters with Pyro's global parameter store by full name
+    (``AutoNormal.locs.weight``), which every guide of the same structure shares: a second fitted guide took
+    the first one's parameter objects, and with them its posterior (its predictions and its next checkpoint).
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        context = self._pyro_context  # type: ignore[attr-defined]
+        if not hasattr(context, "param_state"):  # made while the setting was off: the local store it enters
+            context.param_state = {"params": {}, "constraints": {}}
+        with pyro.settings.context(module_local_params=True):
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+
+
+class AutoNormal(_ModuleLocal, autoguide.AutoNormal):
+    """Pyro's ``AutoNormal`` with module-local parameters (see :class:`_ModuleLocal`)."""
+
+
+class AutoDelta(_ModuleLocal, autoguide.AutoDelta):
+    """Pyro's ``AutoDelta`` with module-local parameters (see :class:`_ModuleLocal`)."""
+
+
+class AutoLowRankMultivariateNormal(_ModuleLocal, autoguide.AutoLowRankMultivariateNormal):
+    """Pyro's ``AutoLowRankMultivariateNormal`` with module-local parameters (see :class:`_ModuleLocal`)."""
+
+
+class AutoMultivariateNormal(_ModuleLocal, autoguide.AutoMultivariateNormal):
+    """Pyro's ``AutoMultivariateNormal`` with module-local parameters (see :class:`_ModuleLocal`)."""
+
+
+#: Guide names -> autoguide classes (Pyro's, with module-local parameters).
 GUIDES: dict[str, type[AutoGuide]] = {
     "normal": AutoNormal,  # mean-field Gaussian (ADVI)
     "lowrank_normal": AutoLowRankMultivariateNormal,  # Gaussian, covariance = low rank + diagonal
@@ -258,9 +285,9 @@ def make_elbo(elbo: str, guide: AutoGuide, *, num_particles: int = 1) -> pyro.in
     if not isinstance(num_particles, int) or isinstance(num_particles, bool) or num_particles < 1:
         raise ValueError(f"num_particles must be an int >= 1, got {num_particles!r}")
     if elbo == "auto":
-        elbo = "mean_field" if isinstance(guide, AutoNormal) else "trace"
+        elbo = "mean_field" if isinstance(guide, autoguide.AutoNormal) else "trace"
     if elbo not in ELBOS:
         raise ValueError(f"unknown elbo {elbo!r}; choose one of {sorted(ELBOS) + ['auto']}")
-    if elbo == "mean_field" and not isinstance(guide, (AutoNormal, AutoDelta)):
+    if elbo == "mean_field" and not isinstance(guide, (autoguide.AutoNormal, autoguide.AutoDelta)):
         raise ValueError(f"elbo='mean_field' needs a mean-field guide (AutoNormal or AutoDelta), got {type(guide).__name__}")
     return ELBOS[elbo](num_particles=num_particles)

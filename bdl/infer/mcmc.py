@@ -339,6 +339,10 @@ def mcmc(
 
     chains, diagnostics = [], {"divergences": [], "acceptance_rate": []}
     runs = [1] * num_chains if chain_method == "sequential" else [num_chains]
+    if seed is None and max(runs) > 1:
+        # Pyro seeds its chain processes from torch.initial_seed(), which draws do not move: every unseeded call
+        # sampled the same chains. A seed drawn from the generator, as sequential chains draw from it
+        torch.manual_seed(int(torch.randint(2**62, ())))
     # eval mode: dropout in the network would make the potential energy random.
     with private_param_store(), (_eval_mode(model) if isinstance(model, nn.Module) else nullcontext()):
         for chains_in_run in runs:

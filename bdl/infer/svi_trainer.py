@@ -269,7 +269,8 @@ class SVIModule(L.LightningModule):
         check = self.validate == "always" or (self.validate == "first" and not self._validated)
         with private_param_store(), pyro.validation_enabled(check):
             loss = self.elbo(*args)
-        self._validated = True
+        if torch.is_grad_enabled():  # a training step: the sanity check's validation batch used up "first"
+            self._validated = True
         nll = self.elbo.model.pop_nll().to(loss.device)
         return loss, nll, loss.detach() - nll
 

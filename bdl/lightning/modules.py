@@ -264,7 +264,9 @@ class _Evaluation:
         0./1. labels, as binary cross-entropy does) become integer labels ``[B]``; anything else is left to the
         metrics' checks."""
         if self.task == "classification" and y.is_floating_point() and bool((y == y.round()).all()):
-            return y.long().reshape(-1) if y.dim() == 2 and y.shape[1] == 1 else y.long()
+            y = y.long()
+        if self.task == "classification" and not y.is_floating_point() and y.dim() == 2 and y.shape[1] == 1:
+            return y.reshape(-1)  # a Bernoulli likelihood's [B, 1] labels, integers as much as floats
         return y
 
     def on_validation_epoch_start(self) -> None:

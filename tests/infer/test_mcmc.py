@@ -147,6 +147,33 @@ def test_parallel_chains_sample_the_exact_posterior_in_worker_processes(linear_r
     assert result.summary.max_r_hat < 1.05 and result.prediction.mean.shape == (50, 1)
 
 
+def test_unseeded_parallel_runs_seed_their_chain_processes_afresh(linear_regression, monkeypatch):
+    # Pyro seeds the chain processes from torch.initial_seed(), which draws do not move: every unseeded call
+    # sampled the same chains
+    import sys
+
+    bdl_mcmc = sys.modules["bdl.infer.mcmc"]  # the module: bdl.infer.mcmc the attribute is the function
+    seeds = []
+
+    class Stop(Exception):
+        pass
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def run(self, *args):
+            seeds.append(torch.initial_seed())
+            raise Stop
+
+    monkeypatch.setattr(bdl_mcmc, "MCMC", Recording)
+    data = linear_regression
+    for _ in range(2):
+        with pytest.raises(Stop):
+            mcmc(data.pyro_model(), data.x, data.y, num_chains=2, chain_method="parallel")
+    assert seeds[0] != seeds[1]
+
+
 def test_predictive_summary_is_pyros_r_hat_and_ess_of_each_chains_predictions(nuts_run, linear_regression):
     x = linear_regression.x[:5]
     summary = nuts_run.predictive_summary(x)

@@ -155,6 +155,18 @@ def test_instances_do_not_share_parameters_through_pyros_param_store():
         assert torch.equal(value, before[name]), name
     assert not torch.equal(first.guide.locs.weight, second.guide.locs.weight)
     assert len(pyro.get_param_store()) == 0
+    # called through Pyro itself (Predictive, guide()), a guide synced its parameters with the global store by
+    # name: the second guide took the first one's parameter objects, and its posterior
+    from pyro.infer import Predictive
+
+    for module in (first, second):
+        Predictive(module.elbo.model, guide=module.guide, num_samples=2)(x, y)
+    for name, value in second.guide.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert second.guide.locs.weight_unconstrained is not first.guide.locs.weight_unconstrained
+    delta = [SVIModule(PyroModel(nn.Linear(2, 2), "categorical", num_data=64), "delta") for _ in range(2)]
+    values = [module.guide.median(x, y)["weight"].clone() for module in delta]  # the second took the first's
+    assert not torch.equal(values[0], values[1])
 
 
 @pytest.mark.parametrize("guide", ["normal", "delta", "multivariate_normal"])
@@ -231,6 +243,12 @@ def test_first_step_validation_catches_observations_outside_the_support():
         SVIModule(counts_model, "normal", example_args=(counts,)).loss(counts)
     unchecked = SVIModule(counts_model, "normal", example_args=(counts,), validate="never")
     unchecked.loss(counts)  # not caught: the reason to check at least the first step
+    # Lightning's sanity check validates first, without gradients: that batch used the check up
+    module = SVIModule(counts_model, "normal", example_args=(counts,))
+    with torch.no_grad():
+        module.loss(torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="support"):
+        module.loss(counts)
 
 
 @pytest.mark.slow

@@ -264,6 +264,10 @@ def test_bernoulli_models_trained_on_float_labels_are_validated_and_tested_on_th
     assert 0 <= float(fitting.logged_metrics["val/accuracy"]) <= 1
     fitting.test(module, DataLoader(TensorDataset(x, labels), batch_size=32), verbose=False)
     assert torch.equal(module.report.targets, labels.long())
+    # integer [B, 1] labels: refused by the metrics at the first validation ("must have shape [N]")
+    fitting = trainer(tmp_path, max_epochs=1)
+    fitting.fit(module, DataLoader(TensorDataset(x, labels.long()[:, None]), batch_size=32), DataLoader(TensorDataset(x, labels.long()[:, None]), batch_size=32))
+    assert 0 <= float(fitting.logged_metrics["val/accuracy"]) <= 1
 
 
 def test_non_finite_loss_stops_training_with_a_message_naming_the_step(tmp_path):
