@@ -140,7 +140,10 @@ class SVIModule(L.LightningModule):
     ``parameters()`` are the guide's variational parameters plus the model's point parameters. The
     guide's parameters are created in ``__init__`` (so ``configure_optimizers`` sees them and
     checkpoints restore them) and live in this module's ``state_dict``; Pyro's global parameter store
-    is never used across calls (see :func:`private_param_store`).
+    is never used across calls (see :func:`private_param_store`), and the guides bdl builds keep their
+    parameters on the module when called through Pyro too (``Predictive(model, guide=module.guide)``).
+    The network stays in training mode inside the ELBO (dropout on, BatchNorm on batch statistics, as a
+    training step of the plain network); predictions and MCMC run it in eval mode.
 
     Logged per step/epoch: ``{stage}/elbo`` (the ELBO estimate), ``{stage}/nll`` (expected negative
     log-likelihood of the whole training set, i.e. the minibatch NLL scaled by ``num_data / batch``) and
