@@ -52,4 +52,8 @@ from .infer import PyroModel, compare_predictions, mcmc
 def __getattr__(name: str):  # noqa: ANN202 - SVIModule or svi, loaded with Lightning on first use
     if name in ("SVIModule", "svi"):
         return getattr(infer, name)
+    if name in ("data", "lightning"):  # bdl.data.load_digits, bdl.lightning.VariationalModule after `import bdl`
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

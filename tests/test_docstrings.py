@@ -38,3 +38,14 @@ def test_every_public_name_has_a_docstring():
         if not name.startswith("_") and callable(getattr(bdl, name)) and not (getattr(bdl, name).__doc__ or "").strip()
     ]
     assert not missing, missing
+
+
+def test_subpackages_the_readme_names_load_on_first_use(monkeypatch):
+    # bdl.data.load_digits and bdl.lightning.VariationalModule raised AttributeError after a plain `import bdl`
+    import sys
+
+    for name in ("data", "lightning"):
+        module = importlib.import_module(f"bdl.{name}")
+        monkeypatch.delattr(bdl, name)  # as in a fresh process, where nothing imported it yet
+        assert getattr(bdl, name) is sys.modules[f"bdl.{name}"] is module
+    assert callable(bdl.data.load_digits) and bdl.lightning.VariationalModule.__name__ == "VariationalModule"

@@ -36,11 +36,12 @@ from .priors import GaussianPrior, Prior, as_prior
 
 
 def _check_size(name: str, value: Any, owner: str, minimum: int = 0) -> int:  # noqa: ANN401
-    if isinstance(value, bool) or not isinstance(value, int):
+    # numbers.Integral: numpy's integers too (np.prod of a shape), which torch.nn's layers take
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value}")
-    return value
+    return int(value)
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -464,8 +465,8 @@ class _BayesConvNd(_BayesLayer):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        _check_size("in_channels", in_channels, name, minimum=1)
-        _check_size("out_channels", out_channels, name, minimum=1)
+        in_channels = _check_size("in_channels", in_channels, name, minimum=1)
+        out_channels = _check_size("out_channels", out_channels, name, minimum=1)
         # a weightless twin on the meta device validates the other arguments exactly as torch.nn does
         reference = self._torch_cls(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device="meta"

@@ -136,6 +136,12 @@ def test_numpy_scalars_are_numbers():
     layer = bdl.BayesLinear(3, 2, prior=np.float32(0.5), posterior_std_init=np.float32(0.01))
     assert layer.weight_prior.scale == pytest.approx(0.5) and layer.posterior_std_init == pytest.approx(0.01)
     assert bdl.GaussianPrior(0.0, np.float32(0.1)).scale == pytest.approx(0.1)
+    # numpy integer sizes (np.prod of a shape), which torch.nn takes: refused, and bayesianize failed on such a model
+    size = np.prod((1, 4, 2))
+    assert type(bdl.BayesLinear(size, 3).in_features) is int
+    assert bdl.BayesConv2d(np.int64(1), np.int64(4), 3).in_channels == 1
+    converted = bdl.bayesianize(nn.Sequential(nn.Flatten(), nn.Linear(size, 3)))
+    assert converted[1].in_features == 8
 
 
 def test_a_prior_shaped_for_the_weight_says_how_to_give_the_bias_its_own():
