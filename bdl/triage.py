@@ -31,6 +31,12 @@ class Triage(NamedTuple):
         coverage: fraction of the ``N`` inputs handled automatically.
         error_rate: error rate among the automatically handled inputs, when the prediction has targets
             (and, for regression, a ``tolerance``); else None (also when nothing is handled).
+
+    Example:
+        >>> pred = bdl.Prediction.from_probs(torch.tensor([[[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]]]))
+        >>> result = bdl.triage(pred, threshold=0.6)  # predictive entropy above 0.6 nats goes to review
+        >>> result.review, result.coverage
+        (tensor([False,  True, False]), 0.6666666666666666)
     """
 
     review: Tensor

@@ -21,7 +21,13 @@ _HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
 
 
 class GaussianOutput(NamedTuple):
-    """Mean and variance of a Gaussian predictive, both ``[B, D]`` (a tuple, so ``mean, var = out`` works)."""
+    """Mean and variance of a Gaussian predictive, both ``[B, D]`` (a tuple, so ``mean, var = out`` works).
+
+    Example:
+        >>> mean, variance = bdl.GaussianHead(4, 1)(torch.randn(3, 4))
+        >>> mean.shape, bool((variance > 0).all())
+        (torch.Size([3, 1]), True)
+    """
 
     mean: Tensor
     variance: Tensor

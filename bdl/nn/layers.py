@@ -56,9 +56,23 @@ class BayesianModule(nn.Module):
 
     Subclasses implement :meth:`kl_divergence` for their own parameters (not their children's);
     :func:`bdl.kl_divergence` sums it over all modules of a model.
+
+    Example:
+        >>> class BayesScale(BayesianModule):  # y = a * x with a ~ N(mu, 0.1^2), prior N(0, 1)
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.mu = nn.Parameter(torch.zeros(()))
+        ...     def forward(self, x):
+        ...         return (self.mu + 0.1 * torch.randn(())) * x
+        ...     def kl_divergence(self):
+        ...         return torch.distributions.kl_divergence(
+        ...             torch.distributions.Normal(self.mu, 0.1), torch.distributions.Normal(0.0, 1.0))
+        >>> bdl.kl_divergence(nn.Sequential(BayesScale(), BayesLinear(2, 1))).item() > 0
+        True
     """
 
     def kl_divergence(self) -> Tensor:  # pragma: no cover - abstract
+        """``KL(q || p)`` of this module's own parameters, a scalar tensor."""
         raise NotImplementedError
 
 

@@ -11,7 +11,13 @@ from torch import Tensor, nn
 
 
 class ELBO(NamedTuple):
-    """Negative ELBO per training example, and its two parts (for logging them separately)."""
+    """Negative ELBO per training example, and its two parts (for logging them separately).
+
+    Example:
+        >>> out = bdl.elbo_loss(torch.tensor(0.5), torch.tensor(20.0), num_data=100)
+        >>> out.loss, out.nll, out.kl  # loss = nll + kl / num_data
+        (tensor(0.7000), tensor(0.5000), tensor(20.))
+    """
 
     loss: Tensor
     nll: Tensor

@@ -30,9 +30,18 @@ class Prior(nn.Module):
     Subclasses implement :meth:`log_prob`; :meth:`kl_divergence` defaults to a one-sample Monte Carlo
     estimate ``log q(w) - log p(w)`` with ``w = loc + std * eps`` (reparameterised, so it has gradients),
     and subclasses with a closed form override it.
+
+    Example:
+        >>> class LaplacePrior(Prior):  # p(w) = exp(-|w| / b) / (2 b)
+        ...     def log_prob(self, value):
+        ...         return -value.abs() / 0.1 - math.log(2 * 0.1)
+        >>> layer = BayesLinear(3, 2, prior=LaplacePrior())
+        >>> layer.kl_divergence().shape  # a one-sample Monte Carlo estimate
+        torch.Size([])
     """
 
     def log_prob(self, value: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Elementwise log density of the prior at ``value``."""
         raise NotImplementedError
 
     def kl_divergence(self, loc: Tensor, std: Tensor, log_std: Optional[Tensor] = None) -> Tensor:
