@@ -642,6 +642,13 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
                 f"a BayesLinear gets inputs of shape {tuple(first.shape[1:])} per row, and local reparameterisation "
                 "would give every position its own noise where one weight sample serves them all"
             )
+        elif isinstance(module, BayesLinear) and first.shape[0] != _PROBE_SAMPLES:
+            # an input's tokens flattened into rows (x.reshape(-1, H)): each would get its own weight sample
+            reasons.append(
+                f"a BayesLinear gets {first.shape[0] // _PROBE_SAMPLES or first.shape[0]} rows per input row (e.g. tokens "
+                "flattened into rows), and local reparameterisation would give each its own noise where one weight "
+                "sample serves them all"
+            )
         elif isinstance(module, DROPOUT_LAYERS) and (first.dim() == 0 or first.shape[0] != _PROBE_SAMPLES):
             reasons.append("a dropout layer is applied to a tensor without the batch rows (e.g. a weight), whose mask the samples would share")
 

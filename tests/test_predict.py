@@ -690,6 +690,13 @@ class _Tokens(nn.Module):
         return self.layer(x).mean(1)
 
 
+class _FlatTokens(_Tokens):
+    """The same with the tokens flattened into rows first (a tagger's head): 2-D inputs, T rows per input."""
+
+    def forward(self, x):
+        return self.layer(x.reshape(-1, x.shape[-1])).view(x.shape[0], x.shape[1], -1).mean(1)
+
+
 class _DropConnect(nn.Module):
     """MC DropConnect written with nn.Dropout on the weight: one mask per forward, shared by the batch."""
 
@@ -706,6 +713,7 @@ class _DropConnect(nn.Module):
     "build, message",
     [
         (lambda: _Tokens(), "every position its own noise"),  # token noise drawn independently: variance 5x too small
+        (lambda: _FlatTokens(), "rows per input row"),  # the same, flattened: taken batched, variance 10x too small
         (lambda: bdl.MCDropout(_DropConnect()), "without the batch rows"),  # one mask for all samples: variance 0
         (lambda: bdl.MCDropout(nn.Sequential(nn.Dropout(0.3), nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Linear(6, 3))),
          "without running statistics"),  # batch statistics of S x B rows  # fmt: skip
