@@ -198,7 +198,13 @@ def bayesianize(
     are, and so, with a warning, do layers whose weight a legacy ``torch.nn.utils.weight_norm``,
     ``spectral_norm`` or ``prune`` hook recomputes. A layer whose weight is tied to another module's
     (a language model's output layer and its embedding) gets a posterior of its own, with a warning.
-    Lazy layers must be built (one forward pass) first.
+    Lazy layers must be built (one forward pass) first. Transposed convolutions, embeddings and
+    recurrent layers are not converted. Code that reads a converted layer's ``.weight`` itself (as
+    torchvision's Swin attention does) fails with an error that says so: exclude that layer. Torch's
+    fused Transformer fast paths, which do the same, are turned off in the copy; in eval mode without
+    gradients an ``nn.TransformerEncoder`` given a ``src_key_padding_mask`` then returns its computed
+    values at padded positions where the fast path returned zeros (the other positions agree to float
+    rounding): pool with the mask.
 
     Args:
         model: any ``nn.Module``.

@@ -175,6 +175,21 @@ class _BayesLayer(BayesianModule):
         state.setdefault("_std_cache", _TransientCache())
         super().__setstate__(state)
 
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in ("weight", "bias"):
+                raise
+        # code that reads a layer's weight itself (torch's fused Transformer fast path, F.linear(x, m.weight) in
+        # torchvision's Swin) failed with Python's bare "object has no attribute 'weight'"
+        raise AttributeError(
+            f"{type(self).__name__} has no '{name}': its posterior is {name}_mu and {name}_rho, sampled in each forward; "
+            f"code that reads a layer's .{name} itself cannot use a Bayesian layer: keep that layer deterministic "
+            "(bdl.bayesianize(..., exclude=[...])), or for an nn.TransformerEncoderLayer build it with bdl.bayesianize, "
+            "which turns torch's fused fast path off"
+        )
+
     # priors are assigned through these so tensor-valued ones are checked against the parameter shape
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("weight_prior", "bias_prior") and value is not None:

@@ -261,6 +261,16 @@ def test_state_dict_round_trip_and_dtype_device_moves():
     assert ensemble.double()._stacked is None
 
 
+def test_reading_a_bayesian_layers_weight_says_why_there_is_none():
+    # torch's Transformer fast path and torchvision's Swin read .weight themselves: a bare AttributeError
+    layer = bdl.BayesLinear(3, 2)
+    assert not hasattr(layer, "weight") and not hasattr(layer, "bias")
+    with pytest.raises(AttributeError, match=r"BayesLinear has no 'weight': its posterior is weight_mu and weight_rho.*exclude"):
+        nn.functional.linear(torch.randn(1, 3), layer.weight)
+    with pytest.raises(AttributeError, match="has no attribute 'other'"):
+        layer.other
+
+
 def test_repr_shows_bayesian_options():
     text = repr(bdl.BayesConv2d(2, 3, 3, bias=False, estimator="local", prior=0.1))
     assert "estimator='local'" in text and "bias=False" in text and "scale=0.1" in text
