@@ -176,11 +176,15 @@ class _BayesLayer(BayesianModule):
         super().__setstate__(state)
 
     def __getattr__(self, name: str) -> Any:  # noqa: ANN401
+        parameters = self.__dict__.get("_parameters")
+        if parameters is not None and name in parameters:  # first, as nn.Module's: every forward reads them
+            return parameters[name]
+        if name != "weight" and name != "bias":
+            return super().__getattr__(name)
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name not in ("weight", "bias"):
-                raise
+            pass
         # code that reads a layer's weight itself (torch's fused Transformer fast path, F.linear(x, m.weight) in
         # torchvision's Swin) failed with Python's bare "object has no attribute 'weight'"
         raise AttributeError(
