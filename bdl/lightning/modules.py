@@ -749,6 +749,8 @@ class EnsembleModule(UncertaintyModule):
     submodule's ``reset_parameters``, children before parents), so members start apart. A network whose
     ``__init__`` initialises its layers its own way should apply that scheme in a ``reset_parameters`` of its
     own too (as :class:`bdl.lightning.ResNet` does), or the other members start from the layers' defaults.
+    Frozen parameters (``requires_grad=False``, e.g. a pretrained backbone) and the buffers of modules whose
+    parameters are all frozen are kept: every member starts from them.
     One optimiser steps all members; the loss is the sum of the members' mean NLLs, so each member follows
     the gradient of its own loss (logged: ``train/nll``, the members' average). Prediction uses each member
     once (``num_eval_samples`` None).
@@ -782,6 +784,16 @@ class EnsembleModule(UncertaintyModule):
         return {"loss": losses.sum(), "nll": losses.mean().detach()}
 
 
+def _frozen_buffers(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """Buffers of the modules that have parameters, all frozen (``requires_grad=False``)."""
+    found = []
+    for prefix, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            found += [(f"{prefix}.{name}" if prefix else name, b) for name, b in module.named_buffers(recurse=False) if b is not None]
+    return found
+
+
 def _reinitialized(model: nn.Module) -> nn.Module:
     """A copy with fresh parameters: every submodule's ``reset_parameters``, children before their parents, so a
     network's own scheme (ResNet's Kaiming-normal convolutions) has the last word over its layers' defaults."""
@@ -796,10 +808,18 @@ def _reinitialized(model: nn.Module) -> nn.Module:
         if callable(method):
             method()
 
+    # a frozen part (a pretrained backbone under a trainable head) is shared knowledge, not an initialisation: it
+    # and the buffers of modules whose parameters are all frozen (its BatchNorm statistics) stay member 0's
+    frozen = {name: value.detach().clone() for name, value in copied.named_parameters() if not value.requires_grad}
+    frozen.update((name, value.clone()) for name, value in _frozen_buffers(copied))
     reset(copied)
+    with torch.no_grad():
+        state = dict([*copied.named_parameters(), *copied.named_buffers()])
+        for name, value in frozen.items():
+            state[name].copy_(value)
     kept = [
         name for (name, new), old in zip(copied.named_parameters(), model.parameters())
-        if new.numel() > 1 and torch.equal(new, old) and not bool((new == new.reshape(-1)[0]).all())
+        if new.requires_grad and new.numel() > 1 and torch.equal(new, old) and not bool((new == new.reshape(-1)[0]).all())
     ]  # fmt: skip
     if kept:  # constant initial values (LayerNorm's ones) are alike by design; random ones are member 0's
         warnings.warn(

@@ -488,6 +488,14 @@ def test_ensemble_members_reset_attention_and_warn_about_parameters_without_a_re
 
     with pytest.warns(UserWarning, match=r"parameters \['token'\] keep member 0's values"):
         EnsembleModule(WithToken(), num_members=2)
+    # a frozen pretrained backbone (and its BatchNorm statistics) was re-initialised in members 1..M-1
+    backbone = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    backbone[1].running_mean.fill_(3.0)
+    backbone.requires_grad_(False)
+    ensemble = EnsembleModule(nn.Sequential(backbone, nn.Linear(8, 3)), num_members=3).model
+    for member in ensemble.members[1:]:
+        assert torch.equal(member[0][0].weight, backbone[0].weight) and bool((member[0][1].running_mean == 3).all())
+        assert not torch.equal(member[1].weight, ensemble.members[0][1].weight)  # the head starts apart
 
 
 def test_weight_decay_leaves_the_posterior_std_parameters_alone():
