@@ -550,6 +550,7 @@ def evaluate(
     settings: dict[str, Any] = {"n_bins": n_bins}
     notes: list[str] = []
     if task == "classification":
+        targets = M._checks.as_class_labels(M._checks.as_tensor(targets, "test targets"))  # a binary classifier's 0./1.
         targets = M._checks.check_labels(targets, prediction.probs.shape[1], len(prediction), "test targets")
         settings.update(coverage=coverage, risk=risk)
         metrics = _classification_metrics(prediction, targets, n_bins=n_bins, coverage=coverage, risk=risk)

@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .metrics.functional._checks import check_labels, targets_like
+from .metrics.functional._checks import as_class_labels, check_labels, targets_like
 from .metrics.functional.ood import OOD_SCORES, ood_score, scores_for_task
 from .predict import Prediction
 
@@ -59,7 +59,11 @@ def _scores(prediction: Prediction, score: Union[str, Callable[[Prediction], Ten
         return _finite_scores(values, name)
     if not isinstance(score, str) or score not in OOD_SCORES:
         raise ValueError(f"score must be a callable or one of {scores_for_task(prediction.task)}, got {score!r}")
-    return _finite_scores(ood_score(prediction, score), name)
+    try:
+        values = ood_score(prediction, score)
+    except ValueError as error:  # "this Prediction has no logits": say which one
+        raise ValueError(f"{name}: {error}") from None
+    return _finite_scores(values, name)
 
 
 def _finite_scores(values: Tensor, name: str) -> Tensor:
@@ -82,7 +86,7 @@ def _errors(prediction: Prediction, tolerance: Optional[float], name: str) -> Op
         return None
     if prediction.task == "classification":
         # labels out of range or fractional counted every input wrong, and everything went to review
-        targets = check_labels(targets, prediction.probs.shape[-1], len(prediction), f"{name}.targets")
+        targets = check_labels(as_class_labels(targets), prediction.probs.shape[-1], len(prediction), f"{name}.targets")
         return prediction.predicted_class != targets.to(prediction.probs.device)
     if tolerance is None:
         return None
@@ -170,6 +174,8 @@ def triage(
     if tolerance is not None and not (isinstance(tolerance, numbers.Real) and tolerance >= 0):
         raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
     scores = _scores(prediction, score, "prediction")
+    if len(scores) == 0:
+        raise ValueError("prediction has no inputs: nothing to triage")
     reference = prediction if validation is None else validation
     if validation is not None:
         if not isinstance(validation, Prediction):
@@ -180,16 +186,18 @@ def triage(
         ours, theirs = _outputs_shape(prediction), _outputs_shape(validation)
         if ours != theirs:
             raise ValueError(f"validation predicts outputs of shape {theirs} per input, prediction {ours}: predict both with the same model")
+        if len(validation) == 0 and threshold is None:  # no threshold can be chosen: everything went to review
+            raise ValueError("validation has no inputs: a threshold cannot be chosen on it")
     if threshold is not None:
-        if not isinstance(threshold, numbers.Real) or math.isnan(threshold):
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
             raise ValueError(f"threshold must be a number, got {threshold!r}")
         chosen_threshold = float(threshold)
     elif coverage is not None:
-        if not (isinstance(coverage, numbers.Real) and 0 < coverage <= 1):
+        if isinstance(coverage, bool) or not (isinstance(coverage, numbers.Real) and 0 < coverage <= 1):
             raise ValueError(f"coverage must be in (0, 1], got {coverage!r}")
         chosen_threshold = _threshold_for_coverage(_scores(reference, score, "validation"), float(coverage))
     else:
-        if not (isinstance(error_rate, numbers.Real) and 0 <= error_rate < 1):
+        if isinstance(error_rate, bool) or not (isinstance(error_rate, numbers.Real) and 0 <= error_rate < 1):
             raise ValueError(f"error_rate must be in [0, 1), got {error_rate!r}")
         name = "prediction" if validation is None else "validation"
         errors = _errors(reference, tolerance, name)
@@ -198,7 +206,8 @@ def triage(
             raise ValueError(f"error_rate needs {name} with {need} (set {name}.targets, pass tolerance= for regression)")
         reference_scores = _scores(reference, score, name)
         chosen_threshold = _threshold_for_error_rate(reference_scores, errors.to(reference_scores.device), float(error_rate))
-    review = scores > chosen_threshold
+    # in float64: a float32 comparison rounded a given threshold (log 2) up to the score just above it
+    review = scores.double() > chosen_threshold
     handled = ~review
     errors = _errors(prediction, tolerance, "prediction")
     achieved = None

@@ -119,6 +119,9 @@ def test_datasets_give_the_report_of_their_tensors():
     from_datasets = evaluate(model, TensorDataset(x, y), ood_data=TensorDataset(x + 5), num_samples=1, batch_size=32)
     assert from_datasets.metrics == pytest.approx(from_tensors.metrics, rel=1e-6)
     assert torch.equal(from_datasets.targets, y)
+    # a binary classifier's labels as binary cross-entropy takes them: 0./1. floats of shape [N, 1]
+    binary = evaluate(nn.Linear(2, 1), (x, (y > 0).float()[:, None]), num_samples=1)
+    assert torch.equal(binary.targets, (y > 0).long())
     # the report's prediction carries its targets from tensors too, as from a loader (triage by error rate needs them)
     assert torch.equal(from_tensors.prediction.targets, y) and torch.equal(from_datasets.prediction.targets, y)
     ready = evaluate(from_tensors.prediction, TensorDataset(x, y), ood_data=from_tensors.ood_prediction)

@@ -145,6 +145,26 @@ def test_bad_arguments_are_named(kwargs, message):
         triage(Prediction.from_logits(torch.randn(2, 5, 3)), **kwargs)
 
 
+def test_empty_sets_bools_thresholds_and_binary_labels():
+    pred = Prediction.from_probs(torch.tensor([[[0.5, 0.5], [0.9, 0.1]]]))
+    # an empty validation set sent everything to review (threshold -inf), an empty prediction gave coverage NaN
+    with pytest.raises(ValueError, match="validation has no inputs"):
+        triage(pred, coverage=0.8, validation=pred[:0])
+    with pytest.raises(ValueError, match="prediction has no inputs"):
+        triage(pred[:0], threshold=0.5)
+    # a given threshold was rounded to float32, up to the score just above it: log 2 left [0.5, 0.5] unreviewed
+    assert triage(pred, threshold=math.log(2)).review.tolist() == [True, False]
+    for kwargs in ({"coverage": True}, {"error_rate": False}, {"threshold": True}):
+        with pytest.raises(ValueError):
+            triage(pred, **kwargs)
+    # a binary classifier's labels as binary cross-entropy takes them, 0./1. of shape [N, 1]: refused
+    pred.targets = torch.tensor([[1.0], [0.0]])
+    assert triage(pred, error_rate=0.0).review.tolist() == [True, False]
+    # which prediction lacks logits
+    with pytest.raises(ValueError, match="^validation: .*needs logits"):
+        triage(Prediction.from_logits(torch.randn(1, 2, 2)), coverage=0.5, validation=pred, score="energy")
+
+
 def test_a_boolean_score_is_read_as_numbers():
     pred = Prediction.from_logits(torch.randn(2, 6, 3))
     flag = lambda p: torch.tensor([True, False, True, False, False, True])  # noqa: E731 - failed in searchsorted

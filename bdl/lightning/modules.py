@@ -42,7 +42,7 @@ from ..nn.functional import check_estimator
 from ..nn.heads import gaussian_nll
 from ..nn.layers import BayesianModule
 from ..nn.loss import elbo_loss
-from ..metrics.functional._checks import targets_like
+from ..metrics.functional._checks import as_class_labels, targets_like
 from ..predict import Prediction, _two_class, predict
 from ..wrappers import DeepEnsemble, MCDropout
 
@@ -263,11 +263,7 @@ class _Evaluation:
         """Classification targets as the metrics take them: whole-number floats (a Bernoulli likelihood trains on
         0./1. labels, as binary cross-entropy does) become integer labels ``[B]``; anything else is left to the
         metrics' checks."""
-        if self.task == "classification" and y.is_floating_point() and bool((y == y.round()).all()):
-            y = y.long()
-        if self.task == "classification" and not y.is_floating_point() and y.dim() == 2 and y.shape[1] == 1:
-            return y.reshape(-1)  # a Bernoulli likelihood's [B, 1] labels, integers as much as floats
-        return y
+        return as_class_labels(y) if self.task == "classification" else y
 
     def on_validation_epoch_start(self) -> None:
         self._val_rows_seen = 0

@@ -98,6 +98,16 @@ def check_probs(probs, name: str = "probs") -> Tensor:  # noqa: ANN001
     return probs
 
 
+def as_class_labels(target: Tensor) -> Tensor:
+    """A binary classifier's labels as binary cross-entropy takes them (whole-number floats, ``[N, 1]``) as integer
+    class labels ``[N]``; anything else as it is, for :func:`check_labels` to judge."""
+    if target.is_floating_point() and target.numel() and bool((target == target.round()).all()):
+        target = target.long()
+    if not target.is_floating_point() and target.dim() == 2 and target.shape[1] == 1:
+        target = target.reshape(-1)
+    return target
+
+
 def check_labels(target, num_classes: int, num_examples: int, name: str = "target") -> Tensor:  # noqa: ANN001
     """``target`` [N]: integer class labels in ``[0, num_classes)``."""
     target = as_tensor(target, name)
