@@ -267,6 +267,10 @@ class _Evaluation:
 
     def on_validation_epoch_start(self) -> None:
         self._val_rows_seen = 0
+        # Lightning's bf16-true/16-true cast the module with .to(dtype), which torchmetrics lets through to the
+        # metrics' states: bfloat16 counts stop at 256 (val/accuracy of 216 inputs read 0.848 for 183 right)
+        for metric in self.val_metrics.values():
+            metric.set_dtype(torch.float64)
 
     def _own_val_rows(self, rows: int) -> int:
         """How many of this validation batch's ``rows`` are not the repeats Lightning's sampler adds to give every

@@ -251,7 +251,7 @@ class _BayesLayer(BayesianModule):
         """``(loc, scale)`` where this forward can compute the parameter's KL in its sampling node."""
         if (
             mu is None
-            or mu.dtype == torch.float16  # its variance and KL are computed in float32 (see _parameter_kl)
+            or mu.dtype in (torch.float16, torch.bfloat16)  # its variance and KL are computed in float32 (see _parameter_kl)
             or type(prior) is not GaussianPrior
             or isinstance(prior.loc, Tensor)
             or isinstance(prior.scale, Tensor)
@@ -363,7 +363,9 @@ class _BayesLayer(BayesianModule):
         cached = self._kl_cache.get(name)
         if cached is not None and cached.valid(mu, rho, self._fusable_prior(prior, mu)):
             return cached.kl if torch.is_grad_enabled() else cached.kl.detach()
-        if mu.dtype == torch.float16:  # a KL over more than ~10,000 weights overflows float16 (65,504)
+        # a KL over more than ~10,000 weights overflows float16 (65,504), and bfloat16's 8 bits lose its large
+        # cancelling terms (50% off for posterior stds of 1)
+        if mu.dtype in (torch.float16, torch.bfloat16):
             mu, rho = mu.float(), rho.float()
         return prior.posterior_kl(mu, rho, self.std_transform)
 

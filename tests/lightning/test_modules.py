@@ -498,6 +498,20 @@ def test_ensemble_members_reset_attention_and_warn_about_parameters_without_a_re
         assert not torch.equal(member[1].weight, ensemble.members[0][1].weight)  # the head starts apart
 
 
+def test_validation_metrics_keep_their_precision_when_lightning_casts_the_module(tmp_path):
+    # bf16-true casts the module with .to(dtype), metric states included: bfloat16 counts stop at 256
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(600, 4, generator=generator), torch.randint(0, 3, (600,), generator=generator)
+    module = DeterministicModule(nn.Linear(4, 3))
+    fit = trainer(tmp_path, precision="bf16-true")
+    fit.validate(module, DataLoader(TensorDataset(x, y), batch_size=64), verbose=False)
+    with torch.no_grad():
+        logits = module.model(x.bfloat16()).float()
+    expected = {"val/accuracy": (logits.argmax(1) == y).float().mean(), "val/nll": F.cross_entropy(logits, y)}
+    for key, value in expected.items():
+        assert float(fit.callback_metrics[key]) == pytest.approx(float(value), rel=1e-3), key
+
+
 def test_weight_decay_leaves_the_posterior_std_parameters_alone():
     # decaying rho towards 0 pulls every std = exp(rho) towards 1, whatever the data and the KL say
     module = VariationalModule(net(), num_data=32, optimizer="sgd", weight_decay=5e-4)

@@ -399,3 +399,9 @@ def test_the_kl_of_a_half_precision_model_is_computed_in_float32(estimator):
     assert kl.dtype == torch.float32 and kl.item() == pytest.approx(reference.item(), rel=1e-3)
     kl.backward()
     assert half.weight_rho.grad.dtype == torch.float16 and torch.isfinite(half.weight_rho.grad).all()
+    # bfloat16 summed it with 8 significant bits: its large terms cancel, 50% off for posterior stds of 1
+    wide = bdl.BayesLinear(64, 128, posterior_std_init=1.0, estimator=estimator)
+    brain = wide.bfloat16()
+    brain(torch.randn(4, 64).bfloat16()).float().sum().backward()
+    assert brain.kl_divergence().dtype == torch.float32
+    assert brain.kl_divergence().item() == pytest.approx(bdl.BayesLinear.kl_divergence(copy.deepcopy(brain).double()).item(), rel=1e-4)
