@@ -239,7 +239,7 @@ class _Evaluation:
         # a regression module on class labels failed deep in a reshape ("shape '[64, 8]' is invalid")
         datamodule = getattr(self.trainer, "datamodule", None)
         task = getattr(datamodule, "task", None)
-        if isinstance(task, str) and task != self.task:
+        if task in TASKS and task != self.task:  # another vocabulary ("multiclass") is the data module's own
             raise ValueError(
                 f"the model's task is {self.task!r} but {type(datamodule).__name__}'s is {task!r}: set the model's task "
                 f"(model.init_args.task, or the likelihood of an SVI model) to {task!r}"
@@ -269,8 +269,10 @@ class _Evaluation:
         self._val_rows_seen = 0
         # Lightning's bf16-true/16-true cast the module with .to(dtype), which torchmetrics lets through to the
         # metrics' states: bfloat16 counts stop at 256 (val/accuracy of 216 inputs read 0.848 for 183 right)
-        for metric in self.val_metrics.values():
-            metric.set_dtype(torch.float64)
+        wide = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
+        for metric in self.modules():
+            if isinstance(metric, torchmetrics.Metric):
+                metric.set_dtype(wide)
 
     def _own_val_rows(self, rows: int) -> int:
         """How many of this validation batch's ``rows`` are not the repeats Lightning's sampler adds to give every
@@ -527,7 +529,7 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         else:
             mean, variance = output, torch.full_like(output, self.noise_variance)
         try:  # a transposed [D, B] was reshaped by element count: outputs paired with other examples' targets
-            y = targets_like(y, mean, "targets")
+            y = targets_like(y, mean, "targets", finite=False)  # NaN: a non-finite loss, stopped by _check_finite
         except ValueError:
             raise ValueError(
                 f"targets must have the shape of the network's mean output {tuple(mean.shape)} (or one value per "
@@ -654,13 +656,15 @@ class VariationalModule(UncertaintyModule):
         prior_std = _check_number("prior_std", prior_std, strict=True)  # checked even when unused (a Bayesian net)
         posterior_std_init = _check_number("posterior_std_init", posterior_std_init, strict=True)
         check_estimator(estimator)
-        # as the hyperparameters keep them (read from this frame by save_hyperparameters)
+        # the patterns as given (a checkpoint's stored types imported), and as the hyperparameters keep them: read
+        # from this frame by save_hyperparameters (a class defined in a function is converted, not stored)
+        given_include, given_exclude = _loaded_patterns(include), _loaded_patterns(exclude)
         include, exclude = _storable_patterns(include), _storable_patterns(exclude)
         if isinstance(model, nn.Module) and not any(isinstance(m, BayesianModule) for m in model.modules()):
             model = convert_to_bayesian(
                 model,
-                include=_loaded_patterns(include),
-                exclude=_loaded_patterns(exclude),
+                include=given_include,
+                exclude=given_exclude,
                 prior=prior_std,
                 center_prior_on_weights=center_prior_on_weights,
                 posterior_std_init=posterior_std_init,
@@ -733,8 +737,9 @@ class MCDropoutModule(UncertaintyModule):
     """
 
     def __init__(self, model: nn.Module, *, p: Optional[float] = None, insert_before: Optional[Sequence[str]] = None, **kwargs: Any) -> None:  # noqa: ANN401
+        given = _loaded_patterns(insert_before)
         insert_before = _storable_patterns(insert_before)  # as the hyperparameters keep it (see VariationalModule)
-        super().__init__(MCDropout(model, p=p, insert_before=_loaded_patterns(insert_before)), **kwargs)
+        super().__init__(MCDropout(model, p=p, insert_before=given), **kwargs)
         self.model.train(self.training)
 
     def training_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
@@ -810,7 +815,8 @@ def _reinitialized(model: nn.Module) -> nn.Module:
 
     # a frozen part (a pretrained backbone under a trainable head) is shared knowledge, not an initialisation: it
     # and the buffers of modules whose parameters are all frozen (its BatchNorm statistics) stay member 0's
-    frozen = {name: value.detach().clone() for name, value in copied.named_parameters() if not value.requires_grad}
+    lazy = nn.parameter.UninitializedParameter  # a lazy layer's parameters have no values yet: nothing to compare
+    frozen = {name: value.detach().clone() for name, value in copied.named_parameters() if not value.requires_grad and not isinstance(value, lazy)}
     frozen.update((name, value.clone()) for name, value in _frozen_buffers(copied))
     reset(copied)
     with torch.no_grad():
@@ -819,7 +825,8 @@ def _reinitialized(model: nn.Module) -> nn.Module:
             state[name].copy_(value)
     kept = [
         name for (name, new), old in zip(copied.named_parameters(), model.parameters())
-        if new.requires_grad and new.numel() > 1 and torch.equal(new, old) and not bool((new == new.reshape(-1)[0]).all())
+        if new.requires_grad and not isinstance(new, lazy) and new.numel() > 1 and torch.equal(new, old)
+        and not bool((new == new.reshape(-1)[0]).all())
     ]  # fmt: skip
     if kept:  # constant initial values (LayerNorm's ones) are alike by design; random ones are member 0's
         warnings.warn(
@@ -873,6 +880,7 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         self.save_report = bool(save_report)
         self._num_data_from_data = model.num_data is None  # then each fit (or validate) reads its data's size
         self._setup_metrics()
+        self.val_elbo = torchmetrics.MeanMetric()
 
     def on_fit_start(self) -> None:
         _ResumableRandomState.on_fit_start(self)  # num_data is checked when training starts (the loader exists then)
@@ -909,12 +917,15 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
         x, y = _split_batch(batch)
         keep = self._own_val_rows(len(x))
-        # else the ELBO of the batch alone, not comparable with fit's; under DDP without the sampler's repeats
-        if self.model.num_data is not None and keep:
-            args = [a[:keep] if isinstance(a, Tensor) and a.dim() and len(a) == len(x) else a for a in _as_args(batch)]
-            with torch.no_grad():
-                loss, _, _ = self.loss(*args)
-            self.log("val/elbo", -loss, on_epoch=True, batch_size=keep, sync_dist=True)  # val/nll is the predictive NLL, as elsewhere
+        # else the ELBO of the batch alone, not comparable with fit's; under DDP without the sampler's repeats, in a
+        # weighted mean of its own: Lightning's sync of unequal batch sizes rounded their average to an int (2% off)
+        if self.model.num_data is not None:
+            if keep:
+                args = [a[:keep] if isinstance(a, Tensor) and a.dim() and len(a) == len(x) else a for a in _as_args(batch)]
+                with torch.no_grad():
+                    loss, _, _ = self.loss(*args)
+                self.val_elbo.update(-loss, weight=keep)
+            self.log("val/elbo", self.val_elbo, on_step=False, on_epoch=True)  # val/nll is the predictive NLL, as elsewhere
         self._update_val_metrics(self._checked_prediction(x, self.num_val_samples, "validation"), y, keep)
 
 

@@ -29,13 +29,20 @@ them to training mode, which changes nothing else in them: ``nn.MultiheadAttenti
 
 
 def _is_dropout(module: nn.Module) -> bool:
-    """Whether ``module`` drops anything in training mode: a dropout layer with ``p > 0`` (torchvision's ViT has
-    ``p = 0`` ones), an attention with dropout, an RNN with dropout between its layers (of which it needs two)."""
+    """Whether ``module`` is a dropout layer, or an attention or RNN with a dropout rate."""
+    if isinstance(module, DROPOUT_TYPES):
+        return True
+    return isinstance(module, (nn.MultiheadAttention, nn.RNNBase)) and module.dropout > 0
+
+
+def _can_fire(module: nn.Module) -> bool:
+    """Whether the dropout ``module`` drops anything in training mode: not at rate 0 (torchvision's ViT has such
+    layers) nor between the layers of a one-layer RNN. (Others stay switched on: a rate may be set later.)"""
     if isinstance(module, DROPOUT_TYPES):
         return module.p > 0
     if isinstance(module, nn.RNNBase):
-        return module.dropout > 0 and module.num_layers > 1
-    return isinstance(module, nn.MultiheadAttention) and module.dropout > 0
+        return module.num_layers > 1
+    return True
 
 
 class _DropoutBefore:
@@ -150,7 +157,7 @@ class MCDropout(nn.Module):
         # an eval-mode encoder layer takes torch's fused fast path, which applies no dropout: in training mode
         # (a flag that only gates that path) it runs its dropout modules
         self._encoder_layers = [m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer) and any(map(_is_dropout, m.modules()))]
-        if not self._dropout:
+        if not any(map(_can_fire, self._dropout)):
             raise ValueError(
                 f"{type(model).__name__} has no dropout layer ({', '.join(t.__name__ for t in DROPOUT_TYPES)}) with a rate "
                 "p > 0 (nor attention or multi-layer RNN dropout); MC dropout needs one: pass p=0.1, "

@@ -168,10 +168,12 @@ def test_unseeded_parallel_runs_seed_their_chain_processes_afresh(linear_regress
 
     monkeypatch.setattr(bdl_mcmc, "MCMC", Recording)
     data = linear_regression
+    torch.manual_seed(5)
     for _ in range(2):
         with pytest.raises(Stop):
             mcmc(data.pyro_model(), data.x, data.y, num_chains=2, chain_method="parallel")
     assert seeds[0] != seeds[1]
+    assert torch.initial_seed() == 5  # bdl's data modules take their data order from it
 
 
 def test_predictive_summary_is_pyros_r_hat_and_ess_of_each_chains_predictions(nuts_run, linear_regression):

@@ -512,6 +512,33 @@ def test_validation_metrics_keep_their_precision_when_lightning_casts_the_module
         assert float(fit.callback_metrics[key]) == pytest.approx(float(value), rel=1e-3), key
 
 
+def test_module_options_that_worked_before_this_sessions_checks_still_work(tmp_path):
+    # a lazy layer in an ensemble (the check for parameters no reset reaches read its uninitialised values)
+    lazy = EnsembleModule(nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 3)), num_members=2)
+    trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(lazy, TinyData(batch_size=8))
+
+    def build():  # a class defined in a function, as a layer pattern (its stored form cannot be imported back)
+        class Block(nn.Sequential):
+            pass
+
+        return Block, nn.Sequential(Block(nn.Linear(4, 8), nn.Dropout(0.1)), nn.Linear(8, 3))
+
+    block, network = build()
+    assert any(isinstance(m, bdl.BayesLinear) for m in VariationalModule(network, include=[block]).modules())
+    block, network = build()
+    assert MCDropoutModule(network, p=0.1, insert_before=[block]).model._target_names == ["0"]
+
+    class MulticlassData(TinyData):  # a data module's own task vocabulary (torchmetrics') is not bdl's
+        task = "multiclass"
+
+    trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(DeterministicModule(net()), MulticlassData(batch_size=8))
+    # a NaN regression target is a non-finite loss, not a shape error
+    regression = DeterministicModule(nn.Linear(4, 1), task="regression")
+    y = torch.randn(8)
+    y[0] = float("nan")
+    assert torch.isnan(regression.training_loss(torch.randn(8, 4), y)["loss"])
+
+
 def test_weight_decay_leaves_the_posterior_std_parameters_alone():
     # decaying rho towards 0 pulls every std = exp(rho) towards 1, whatever the data and the KL say
     module = VariationalModule(net(), num_data=32, optimizer="sgd", weight_decay=5e-4)
@@ -556,7 +583,9 @@ def test_distributed_rows_are_counted_once_and_predict_runs_no_collective(tmp_pa
     module.on_validation_epoch_start()
     for batch_idx, batch in enumerate(loader):
         module.validation_step(batch, batch_idx)
-    assert lossed == [2, 1] and logged == [("val/elbo", 2), ("metrics", 2), ("val/elbo", 1), ("metrics", 1)]
+    assert lossed == [2, 1] and logged == [("val/elbo", None), ("metrics", 2), ("val/elbo", None), ("metrics", 1)]
+    # a weighted mean of its own: Lightning's sync of unequal batch sizes rounded their average to an int
+    assert float(module.val_elbo.weight) == 3.0
     # the test gather under limit_test_batches: fewer rows than the data set (narrowing to its size failed)
     gathered = SimpleNamespace(all_gather=lambda value: torch.stack([value, value + 1]))
     assert lightning_modules._gather_rows(gathered, torch.tensor([0.0, 2.0]), total=289).tolist() == [0.0, 1.0, 2.0, 3.0]

@@ -324,6 +324,12 @@ def test_dropout_that_never_fires_is_not_counted_and_user_hooks_see_the_dropped_
         MCDropout(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0), nn.Linear(4, 2)))
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="no dropout layer"):
         MCDropout(nn.GRU(4, 8, num_layers=1, dropout=0.3))
+    # next to one that fires, a rate-0 layer is still switched on: its rate may be set later (a sweep)
+    later = nn.Sequential(nn.Dropout(0.1), nn.Linear(4, 64), nn.Dropout(0.0))
+    model = MCDropout(later)
+    later[2].p = 0.5
+    with torch.no_grad():
+        assert 0.4 < float((model(torch.randn(32, 4)) == 0).float().mean()) < 0.6
     # a forward hook on a dropout layer saw the undropped output, and what it returned was discarded
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 64), nn.Dropout(0.5), nn.Linear(64, 2))

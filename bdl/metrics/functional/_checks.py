@@ -125,11 +125,11 @@ def check_labels(target, num_classes: int, num_examples: int, name: str = "targe
     return target.long()
 
 
-def targets_like(target, mean: Tensor, name: str = "target") -> Tensor:  # noqa: ANN001
-    """Regression ``target`` as ``mean`` is shaped ([N, D] or [N]): finite, of the same shape up to trailing
-    dimensions of size 1 (``[N]`` for ``[N, 1]`` and back). A reshape by element count alone paired a
-    transposed ``[D, N]`` target with the wrong outputs."""
-    target = check_float(target, name)
+def targets_like(target, mean: Tensor, name: str = "target", *, finite: bool = True) -> Tensor:  # noqa: ANN001
+    """Regression ``target`` as ``mean`` is shaped ([N, D] or [N]): finite (unless ``finite`` is False), of the
+    same shape up to trailing dimensions of size 1 (``[N]`` for ``[N, 1]`` and back). A reshape by element
+    count alone paired a transposed ``[D, N]`` target with the wrong outputs."""
+    target = check_float(target, name) if finite else _real(target, name)
 
     def core(shape: tuple[int, ...]) -> tuple[int, ...]:
         while len(shape) > 1 and shape[-1] == 1:
