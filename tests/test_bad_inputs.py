@@ -190,7 +190,7 @@ ROWS = [
     _row("rmse-shape-mismatch", lambda t: M.rmse(torch.zeros(5), torch.zeros(4)), ValueError, r"shape mismatch: expected equal shapes, got `mean` \(5,\), `target` \(4,\)"),
     _row("risk_at_coverage-zero", lambda t: M.risk_at_coverage(torch.rand(5), torch.zeros(5), coverage=0), ValueError, r"`coverage` must lie in \(0, 1\], got 0"),
     # ---- evaluate and triage
-    _row("evaluate-float-labels", lambda t: bdl.evaluate(_bnn(), (_x(), _y().float()), num_samples=2), TypeError, r"`test targets` must hold integer class labels, got dtype torch.float32"),
+    _row("evaluate-fractional-labels", lambda t: bdl.evaluate(_bnn(), (_x(), _y().float() + 0.5), num_samples=2), TypeError, r"`test targets` must hold integer class labels, got dtype torch.float32"),
     _row("evaluate-labels-out-of-range", lambda t: bdl.evaluate(_bnn(), (_x(), _y() + 3), num_samples=2), ValueError, r"`test targets` must hold labels in \[0, 2\] for 3 classes, got labels in \[3, 5\]"),
     _row("evaluate-without-labels", lambda t: bdl.evaluate(_bnn(), _x(), num_samples=2), ValueError, r"no test targets: pass `test_data` as \(x, y\)"),
     _row("evaluate-num_samples-zero", lambda t: bdl.evaluate(_bnn(), (_x(), _y()), num_samples=0), ValueError, r"num_samples must be an int >= 1, got 0"),
