@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler
 from torch.utils.data.dataloader import _InfiniteConstantSampler
 
 from .metrics import functional as M
-from .predict import DEFAULT_BATCH_SIZE, Prediction, as_loader, predict, prediction_device
+from .predict import DEFAULT_BATCH_SIZE, Prediction, as_loader, outputs_shape, predict, prediction_device
 
 __all__ = ["Report", "evaluate"]
 
@@ -565,11 +565,10 @@ def evaluate(
         ood_prediction = _ood_prediction(model, ood_data, predict_options)
         if ood_prediction.task != task:
             raise ValueError(f"the OOD prediction's task {ood_prediction.task!r} differs from the test task {task!r}")
-        field = "probs" if task == "classification" else "mean"
-        ours, theirs = getattr(prediction, field).shape[1:], getattr(ood_prediction, field).shape[1:]
+        ours, theirs = outputs_shape(prediction), outputs_shape(ood_prediction)
         if ours != theirs:  # another model's: its scores (entropies over 7 classes against 3) of another scale
             raise ValueError(
-                f"the OOD prediction has outputs of shape {tuple(theirs)} per input, the test prediction {tuple(ours)}: "
+                f"the OOD prediction has outputs of shape {theirs} per input, the test prediction {ours}: "
                 "predict both with the same model"
             )
         if isinstance(ood_scores, str):

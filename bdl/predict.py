@@ -249,11 +249,9 @@ class Prediction:
                     f"parts must share task and num_samples: got ({part.task!r}, {part.num_samples}) "
                     f"next to ({first.task!r}, {first.num_samples})"
                 )
-            field_name = "probs" if first.task == "classification" else "mean"
-            if getattr(part, field_name).shape[1:] != getattr(first, field_name).shape[1:]:
+            if outputs_shape(part) != outputs_shape(first):
                 raise ValueError(
-                    f"parts must predict outputs of one shape: got {tuple(getattr(part, field_name).shape[1:])} next to "
-                    f"{tuple(getattr(first, field_name).shape[1:])} per input"
+                    f"parts must predict outputs of one shape: got {outputs_shape(part)} next to {outputs_shape(first)} per input"
                 )
         if len({part.targets is None for part in parts}) > 1:  # the labelled parts' targets were dropped silently
             raise ValueError("parts must all have targets or all have none: some have targets and some do not")
@@ -1185,6 +1183,16 @@ def predict(
     return prediction
 
 
+def _summary(prediction: Prediction) -> Tensor:
+    """The per-input summary every Prediction of its task has: ``probs`` [N, C], or ``mean`` [N, D]."""
+    return prediction.probs if prediction.task == "classification" else prediction.mean
+
+
 def prediction_device(prediction: Prediction) -> torch.device:
     """The device a :class:`Prediction`'s tensors are on."""
-    return (prediction.probs if prediction.task == "classification" else prediction.mean).device
+    return _summary(prediction).device
+
+
+def outputs_shape(prediction: Prediction) -> tuple[int, ...]:
+    """Per-input shape of a :class:`Prediction`'s outputs: ``(C,)`` classes, or the regression outputs ``(D,)``."""
+    return tuple(_summary(prediction).shape[1:])

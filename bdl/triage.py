@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .metrics.functional._checks import as_class_labels, check_labels, targets_like
 from .metrics.functional.ood import OOD_SCORES, ood_score, scores_for_task
-from .predict import Prediction
+from .predict import Prediction, outputs_shape
 
 DEFAULT_SCORES = {"classification": "predictive_entropy", "regression": "total_variance"}
 
@@ -72,11 +72,6 @@ def _finite_scores(values: Tensor, name: str) -> Tensor:
         bad = int((~torch.isfinite(values)).sum())
         raise ValueError(f"the uncertainty scores of {name} must be finite, got {bad} NaN/Inf of {values.numel()}")
     return values
-
-
-def _outputs_shape(prediction: Prediction) -> tuple[int, ...]:
-    """Per-input shape of the predicted outputs: ``(C,)`` classes, or the regression outputs ``(D,)``."""
-    return tuple((prediction.probs if prediction.task == "classification" else prediction.mean).shape[1:])
 
 
 def _errors(prediction: Prediction, tolerance: Optional[float], name: str) -> Optional[Tensor]:
@@ -183,7 +178,7 @@ def triage(
         if validation.task != prediction.task:
             raise ValueError(f"validation is a {validation.task} prediction, prediction a {prediction.task} one")
         # a threshold on another model's scores (3 against 7 classes: entropies of another scale) means nothing here
-        ours, theirs = _outputs_shape(prediction), _outputs_shape(validation)
+        ours, theirs = outputs_shape(prediction), outputs_shape(validation)
         if ours != theirs:
             raise ValueError(f"validation predicts outputs of shape {theirs} per input, prediction {ours}: predict both with the same model")
         if len(validation) == 0 and threshold is None:  # no threshold can be chosen: everything went to review
