@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -340,17 +339,16 @@ def mcmc(
 
     chains, diagnostics = [], {"divergences": [], "acceptance_rate": []}
     runs = [1] * num_chains if chain_method == "sequential" else [num_chains]
-    reseeded: contextlib.AbstractContextManager = nullcontext()
-    if seed is None and max(runs) > 1:
-        # Pyro seeds its chain processes from torch.initial_seed(), which draws do not move: every unseeded call
-        # sampled the same chains. A seed drawn from the generator, set inside fork_rng: the caller's initial seed
-        # (which bdl's data modules derive their data order from) and state come back afterwards
-        drawn = int(torch.randint(2**62, ()))
-        reseeded = torch.random.fork_rng(devices=[])
+    # Pyro seeds its chain processes from torch.initial_seed(), which draws do not move: every unseeded call sampled
+    # the same chains. A seed drawn from the generator, set inside fork_rng: the caller's initial seed (which bdl's
+    # data modules derive their data order from) and state come back afterwards
+    reseed = int(torch.randint(2**62, ())) if seed is None and max(runs) > 1 else None
     # eval mode: dropout in the network would make the potential energy random.
-    with reseeded, private_param_store(), (_eval_mode(model) if isinstance(model, nn.Module) else nullcontext()):
-        if seed is None and max(runs) > 1:
-            torch.manual_seed(drawn)
+    with (torch.random.fork_rng(devices=[]) if reseed is not None else nullcontext()), private_param_store(), (
+        _eval_mode(model) if isinstance(model, nn.Module) else nullcontext()
+    ):
+        if reseed is not None:
+            torch.manual_seed(reseed)
         for chains_in_run in runs:
             sampler = MCMC(
                 make_kernel(),
