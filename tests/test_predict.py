@@ -46,6 +46,54 @@ def test_classification_identities_hold(method):
     assert torch.equal(pred.predicted_class, pred.probs.argmax(-1))
 
 
+@pytest.mark.parametrize("classes", [1, 3, 10, 40])
+@pytest.mark.parametrize("source", ["logits", "probs"])
+def test_summary_layouts_agree(monkeypatch, classes, source):
+    """Few classes are summarised as [S, C, N] on the CPU (ATen's softmax and reductions along a last dimension
+    shorter than a SIMD register run scalar loops); both layouts give the same Prediction, chunked or not."""
+    predict_module = sys.modules["bdl.predict"]
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(12, 9, classes, generator=generator)
+    logits[:, :2] = logits[0, :2]  # two inputs the same in every sample: MI and variance exactly 0
+    logits[:, 2, :] = logits[:, 2, :1]  # equal logits, varying: constant probabilities (with two classes or more)
+    constant = 3 if classes > 1 else 2
+    logits = predict_module._two_class(logits)  # as predict passes a binary classifier's one logit
+    samples = logits if source == "logits" else logits.softmax(-1)
+
+    def summarise(classes_first, chunks):
+        monkeypatch.setattr(predict_module, "_classes_first", lambda t: classes_first)
+        summary = predict_module._ClassificationSummary(keep_samples=True)
+        for chunk in samples.split(chunks):
+            summary.add_logits(chunk) if source == "logits" else summary.add_probs(chunk)
+        return summary.result()
+
+    reference = summarise(False, 12)
+    p = logits.double().softmax(-1)
+    torch.testing.assert_close(reference.probs, p.mean(0).float())
+    torch.testing.assert_close(reference.expected_entropy, -torch.special.xlogy(p, p).sum(-1).mean(0).float(), atol=1e-6, rtol=1e-5)
+    for classes_first, chunks in [(True, 12), (True, 5), (False, 5)]:
+        pred = summarise(classes_first, chunks)
+        for name in ("probs", "expected_entropy", "predicted_class_variance", "logits", "sample_probs"):
+            value, expected = getattr(pred, name), getattr(reference, name)
+            if expected is None:
+                assert value is None, name
+                continue
+            assert value.shape == expected.shape and value.is_contiguous(), name
+            torch.testing.assert_close(value, expected, atol=1e-6, rtol=1e-5, msg=name)
+        assert torch.equal(pred.mutual_information[:constant], torch.zeros(constant))
+        assert torch.equal(pred.predicted_class_variance[:constant], torch.zeros(constant))
+        assert (pred.mutual_information[constant:] > 1e-3).all()
+
+
+def test_summary_layout_follows_the_register_length():
+    classes_first = sys.modules["bdl.predict"]._classes_first
+    register = {"AVX512": 64, "AVX2": 32, "SVE256": 32}.get(torch.backends.cpu.get_cpu_capability(), 16)
+    assert classes_first(torch.zeros(2, 3, register // 4 - 1)) and not classes_first(torch.zeros(2, 3, register // 4))
+    assert classes_first(torch.zeros(2, 3, register // 8 - 1, dtype=torch.float64))
+    assert not classes_first(torch.zeros(2, 3, register // 8, dtype=torch.float64))
+    assert not classes_first(torch.zeros(2, 3, 2, device="meta"))  # only the CPU's kernels fall back to scalar loops
+
+
 @pytest.mark.parametrize("method", ["loop", "batched"])
 def test_deterministic_model_has_zero_mutual_information(method):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
