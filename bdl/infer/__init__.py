@@ -3,14 +3,16 @@
 - :class:`PyroModel`: Gaussian priors on all or selected parameters of any network, plus a likelihood
   (:data:`LIKELIHOODS`), with the data plate scaled to the global training-set size.
 - :class:`SVIModule` (Lightning) and :func:`svi` (a plain loop): fit an autoguide (:data:`GUIDES`).
-- :func:`mcmc`: NUTS / HMC with a :class:`PosteriorSummary` (mean, std, quantiles, n_eff, r_hat) of the
-  parameters and, from ``MCMCResult.predictive_summary``, of the predictions (function space).
+- :func:`mcmc`: NUTS / HMC with a :class:`PosteriorSummary` (mean, std, quantiles, n_eff, r_hat, and the
+  rank-normalised ess_bulk, ess_tail, rank_r_hat of :mod:`bdl.infer.diagnostics`) of the parameters and,
+  from ``MCMCResult.predictive_summary``, of the predictions (function space).
 - :func:`compare_predictions`: how close an approximate predictive is to a reference one.
 
 Every engine ends in a :class:`bdl.Prediction`.
 """
 
 from .compare import PredictiveComparison, compare_predictions
+from .diagnostics import ess_bulk, ess_tail, rank_normalize, rank_r_hat
 from .guides import ELBOS, GUIDES, make_elbo, make_guide
 from .likelihoods import (
     LIKELIHOODS,

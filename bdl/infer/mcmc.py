@@ -14,6 +14,7 @@ from pyro.infer.mcmc.util import summary as pyro_summary
 from pyro.ops import stats
 from torch import Tensor, nn
 
+from .diagnostics import ess_bulk, ess_tail, rank_r_hat
 from .model import PyroModel
 from .predictive import TASKS, _eval_mode, predict_from_samples, predict_function_model, private_param_store
 
@@ -30,12 +31,20 @@ def _constant_elements(chains: Tensor) -> Tensor:
     return (chains == chains[:1, :1]).flatten(0, 1).all(0)
 
 
+_SAMPLE_SIZES = ("n_eff", "ess_bulk", "ess_tail")
+_DIAGNOSTICS = ("n_eff", "r_hat", "ess_bulk", "ess_tail", "rank_r_hat")
+
+
 class PosteriorSummary:
     """Per-parameter posterior summary of MCMC samples: mean, std, quantiles, ESS and split R-hat.
 
     Built from Pyro's diagnostics: ``pyro.infer.mcmc.util.summary`` (mean, std, ``n_eff`` =
     :func:`pyro.ops.stats.effective_sample_size`, ``r_hat`` = :func:`pyro.ops.stats.split_gelman_rubin`,
-    Gelman et al., BDA3 ch. 11) and :func:`pyro.ops.stats.quantile` for the quantile columns.
+    Gelman et al., BDA3 ch. 11) and :func:`pyro.ops.stats.quantile` for the quantile columns; and the
+    rank-normalised diagnostics of Vehtari et al. (2021), as Stan and ArviZ report them
+    (:mod:`bdl.infer.diagnostics`): ``ess_bulk``, ``ess_tail`` and ``rank_r_hat``, which also catch chains
+    that differ in spread only and hold for heavy tails. Vehtari et al. call chains converged when
+    ``rank_r_hat`` is below 1.01 and both ESS are above 100 per chain (400 for four chains).
 
     ``summary[site]`` is a dict ``{statistic: tensor shaped like the site}``; ``str(summary)`` is a table
     with one row per scalar element (``"weight[0,2]"``). An element equal in every draw has NaN ESS and
@@ -49,9 +58,9 @@ class PosteriorSummary:
         >>> samples = {"mu": torch.randn(2, 200)}
         >>> summary = PosteriorSummary(samples)
         >>> sorted(summary["mu"])
-        ['25.0%', '5.0%', '50.0%', '75.0%', '95.0%', 'mean', 'n_eff', 'r_hat', 'std']
-        >>> bool(summary.max_r_hat < 1.05)
-        True
+        ['25.0%', '5.0%', '50.0%', '75.0%', '95.0%', 'ess_bulk', 'ess_tail', 'mean', 'n_eff', 'r_hat', 'rank_r_hat', 'std']
+        >>> bool(summary.max_r_hat < 1.05), bool(summary.max_rank_r_hat < 1.05)
+        (True, True)
     """
 
     def __init__(self, chain_samples: dict[str, Tensor], quantiles: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95)) -> None:
@@ -69,6 +78,7 @@ class PosteriorSummary:
             row = {"mean": base[name]["mean"], "std": base[name]["std"]}
             row.update({self._label(level): q[i] for i, level in enumerate(self.quantiles)})
             row.update({"n_eff": base[name]["n_eff"], "r_hat": base[name]["r_hat"]})
+            row.update({"ess_bulk": ess_bulk(value), "ess_tail": ess_tail(value), "rank_r_hat": rank_r_hat(value)})
             constant = _constant_elements(value)
             if constant.any() and not constant.all():
                 # Pyro's ESS of a tensor turns every element NaN when one element never changes; only that
@@ -93,7 +103,7 @@ class PosteriorSummary:
 
     @property
     def columns(self) -> list[str]:
-        return ["mean", "std", *map(self._label, self.quantiles), "n_eff", "r_hat"]
+        return ["mean", "std", *map(self._label, self.quantiles), *_DIAGNOSTICS]
 
     @property
     def max_r_hat(self) -> float:
@@ -103,6 +113,23 @@ class PosteriorSummary:
         of them cannot hide the others' values; NaN only when every element is one.
         """
         return self._over_elements("r_hat", largest=True)
+
+    @property
+    def max_rank_r_hat(self) -> float:
+        """Largest rank-normalised R-hat over all parameters (Vehtari et al. 2021: converged below 1.01); elements
+        equal in every draw left out, as for :attr:`max_r_hat`."""
+        return self._over_elements("rank_r_hat", largest=True)
+
+    @property
+    def min_ess_bulk(self) -> float:
+        """Smallest bulk effective sample size over all parameters (elements equal in every draw left out)."""
+        return self._over_elements("ess_bulk", largest=False)
+
+    @property
+    def min_ess_tail(self) -> float:
+        """Smallest tail effective sample size (5% and 95% quantiles) over all parameters (elements equal in every
+        draw left out)."""
+        return self._over_elements("ess_tail", largest=False)
 
     @property
     def min_ess(self) -> float:
@@ -133,7 +160,7 @@ class PosteriorSummary:
         width = max([len(label) for label, _ in rows[:max_rows]] + [9])
         lines = [f"{'parameter':<{width}} " + " ".join(f"{c:>9}" for c in self.columns)]
         for label, values in rows[:max_rows]:
-            lines.append(f"{label:<{width}} " + " ".join(f"{values[c]:>9.3f}" if c != "n_eff" else f"{values[c]:>9.1f}" for c in self.columns))
+            lines.append(f"{label:<{width}} " + " ".join(f"{values[c]:>9.3f}" if c not in _SAMPLE_SIZES else f"{values[c]:>9.1f}" for c in self.columns))
         if len(rows) > max_rows:
             lines.append(f"... {len(rows) - max_rows} more rows")
         return "\n".join(lines)
@@ -242,8 +269,8 @@ class MCMCResult:
                 # An output equal in every draw (a probability saturated at 0 or 1, a known noise variance) has
                 # nothing to mix: R-hat and ESS are 0 / 0 there, reported as converged and exact
                 constant = _constant_elements(value)
-                summary[name]["r_hat"][constant] = 1.0
-                summary[name]["n_eff"][constant] = math.inf
+                for column in _DIAGNOSTICS:
+                    summary[name][column][constant] = math.inf if column in _SAMPLE_SIZES else 1.0
         return summary
 
 

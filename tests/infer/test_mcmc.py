@@ -29,7 +29,7 @@ def test_nuts_summary_shows_the_slope_interval_covering_the_truth_with_r_hat_and
     assert slope["5.0%"].item() < 2.5 < slope["95.0%"].item()
     table = str(summary)
     header = table.splitlines()[0].split()
-    assert header == ["parameter", "mean", "std", "5.0%", "25.0%", "50.0%", "75.0%", "95.0%", "n_eff", "r_hat"]
+    assert header == ["parameter", "mean", "std", "5.0%", "25.0%", "50.0%", "75.0%", "95.0%", "n_eff", "r_hat", "ess_bulk", "ess_tail", "rank_r_hat"]
     assert any(line.startswith("weight[0,0]") for line in table.splitlines())
 
 
@@ -187,7 +187,10 @@ def test_predictive_summary_is_pyros_r_hat_and_ess_of_each_chains_predictions(nu
     torch.testing.assert_close(summary["mean"]["mean"], means.double().mean((0, 1)), rtol=1e-4, atol=1e-5)
     # the known noise variance is the same in every draw: converged and exact, not NaN
     assert (summary["variance"]["r_hat"] == 1).all() and torch.isinf(summary["variance"]["n_eff"]).all()
+    assert (summary["variance"]["rank_r_hat"] == 1).all() and torch.isinf(summary["variance"]["ess_bulk"]).all()
+    assert torch.isinf(summary["variance"]["ess_tail"]).all()
     assert 1 - 1e-3 < summary.max_r_hat < 1.01 and summary.min_ess > 100
+    assert summary.max_rank_r_hat < 1.05 and summary.min_ess_bulk > 100 and summary.min_ess_tail > 100  # 2 x 200 draws
 
 
 def _two_chain_result(model, chains):
@@ -220,10 +223,11 @@ def test_chains_in_symmetric_copies_of_a_mode_disagree_in_weight_space_but_agree
     assert symmetric.summary.max_r_hat > 10  # the weight-space diagnostic calls this unconverged
     function_space = symmetric.predictive_summary(x)
     assert function_space.max_r_hat < 1.02 and function_space.min_ess > 300
+    assert symmetric.summary.max_rank_r_hat > 1.5 and function_space.max_rank_r_hat < 1.02
     # chains that differ in function are flagged in function space too
     shifted = {**second, "2.bias": second["2.bias"] + 0.5}
     different = _two_chain_result(model, {name: torch.stack([first[name], shifted[name]]) for name in mode})
-    assert different.predictive_summary(x).max_r_hat > 1.5
+    assert different.predictive_summary(x).max_r_hat > 1.5 and different.predictive_summary(x).max_rank_r_hat > 1.5
 
 
 def test_predictive_summary_of_class_probabilities_reports_saturated_ones_as_converged():

@@ -1,0 +1,81 @@
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pyro.ops.stats import effective_sample_size, split_gelman_rubin
+
+from bdl.infer import PosteriorSummary
+from bdl.infer.diagnostics import ess_bulk, ess_tail, rank_normalize, rank_r_hat
+
+REFERENCE = np.load(Path(__file__).with_name("reference") / "diagnostics_reference.npz")
+CASES = sorted(name for name in REFERENCE.files if "/" not in name)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rank_diagnostics_equal_arviz(case):
+    """ArviZ 0.23's rhat(method="rank"), ess(method="bulk") and ess(method="tail") on the same draws
+    (tests/infer/reference/make_diagnostics_reference.py): odd and short chains, ties, one chain, heavy tails."""
+    draws = torch.from_numpy(REFERENCE[case])
+    r_hat, bulk, tail = REFERENCE[case + "/reference"]
+    if not math.isnan(r_hat):
+        assert float(rank_r_hat(draws)) == pytest.approx(r_hat, rel=1e-10)
+    assert float(ess_bulk(draws)) == pytest.approx(bulk, rel=1e-10)
+    assert float(ess_tail(draws)) == pytest.approx(tail, rel=1e-10)
+
+
+def test_rank_r_hat_catches_a_chain_of_another_spread_that_split_r_hat_misses():
+    draws = torch.from_numpy(REFERENCE["one_wider_4x200"])  # same centre, one chain 3x wider
+    assert float(split_gelman_rubin(draws, chain_dim=0, sample_dim=1)) < 1.01
+    assert float(rank_r_hat(draws)) > 1.1
+    iid = torch.from_numpy(REFERENCE["iid_4x200"])
+    assert float(rank_r_hat(iid)) < 1.01
+
+
+def test_diagnostics_are_elementwise_and_nan_where_an_element_never_moves():
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.randn(3, 80, 2, 4, generator=generator, dtype=torch.float64)
+    draws[..., 1, 2] = 0.25
+    for diagnostic in (rank_r_hat, ess_bulk, ess_tail):
+        values = diagnostic(draws)
+        assert values.shape == (2, 4) and values.dtype == torch.float64
+        assert torch.isnan(values[1, 2]) and not torch.isnan(values[0, 0])
+        for index in [(0, 0), (1, 3)]:  # each element's value is its own chains' alone
+            assert float(values[index]) == pytest.approx(float(diagnostic(draws[(..., *index)])), rel=1e-12)
+    # for independent draws the bulk ESS is near the number of draws, and near Pyro's ESS
+    bulk = ess_bulk(draws)[0]
+    pyro_ess = effective_sample_size(draws[..., 0, :], chain_dim=0, sample_dim=1)
+    assert ((bulk / pyro_ess - 1).abs() < 0.25).all() and ((bulk / 240 - 1).abs() < 0.35).all()
+
+
+def test_rank_normalize_is_blom_scores_of_average_ranks():
+    z = rank_normalize(torch.tensor([[3.0, 1.0, 2.0, 2.0]]))
+    ranks = torch.tensor([4.0, 1.0, 2.5, 2.5], dtype=torch.float64)
+    expected = torch.distributions.Normal(0.0, 1.0).icdf((ranks - 0.375) / 4.25)
+    torch.testing.assert_close(z[0], expected.double())
+
+
+def test_diagnostics_refuse_too_few_draws_and_bad_levels():
+    with pytest.raises(ValueError, match=r"num_draws >= 4"):
+        rank_r_hat(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="num_chains"):
+        ess_bulk(torch.randn(10))
+    with pytest.raises(TypeError, match="Tensor"):
+        ess_bulk(np.zeros((2, 10)))
+    with pytest.raises(ValueError, match=r"probs must be levels in \(0, 1\)"):
+        ess_tail(torch.randn(2, 10), probs=(0.0, 0.95))
+
+
+def test_posterior_summary_reports_the_rank_diagnostics():
+    draws = torch.from_numpy(REFERENCE["one_wider_4x200"]).float()
+    summary = PosteriorSummary({"z": draws.unsqueeze(-1)})
+    row = summary["z"]
+    torch.testing.assert_close(row["rank_r_hat"], rank_r_hat(draws.unsqueeze(-1)))
+    torch.testing.assert_close(row["ess_bulk"], ess_bulk(draws.unsqueeze(-1)))
+    torch.testing.assert_close(row["ess_tail"], ess_tail(draws.unsqueeze(-1)))
+    assert summary.max_r_hat < 1.01 < 1.1 < summary.max_rank_r_hat  # the classic R-hat misses the wide chain
+    assert summary.min_ess_bulk == pytest.approx(float(row["ess_bulk"]))
+    assert summary.min_ess_tail == pytest.approx(float(row["ess_tail"]))
+    header = str(summary).splitlines()[0].split()
+    assert header[-5:] == ["n_eff", "r_hat", "ess_bulk", "ess_tail", "rank_r_hat"]
