@@ -12,6 +12,7 @@ import copy
 import math
 import numbers
 import threading
+import warnings
 import weakref
 from typing import Any, Callable, Optional
 
@@ -29,6 +30,7 @@ from .functional import (
     local_reparameterized,
     posterior_variance,
     randn_like,
+    rho_from_std,
     rho_value,
     std_from_rho,
 )
@@ -174,6 +176,34 @@ class _BayesLayer(BayesianModule):
         state.setdefault("_kl_cache", _TransientCache())  # layers pickled before these caches existed
         state.setdefault("_std_cache", _TransientCache())
         super().__setstate__(state)
+
+    # The posterior stds are transform(rho): a state dict records the transform its rho were saved under (in its
+    # per-module metadata, where torch keeps format versions, so the keys stay tensors), and loading it into a
+    # layer of the other transform converts them to the same stds. Without the record (a state dict rebuilt as a
+    # plain dict, or saved by bdl before session 16) the rho are read as this layer's.
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None:
+            metadata.setdefault(prefix[:-1], {})["std_transform"] = self.std_transform
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, *args: Any) -> None:  # noqa: ANN401
+        saved = local_metadata.get("std_transform", self.std_transform)
+        if saved != self.std_transform and saved in STD_TRANSFORMS:
+            converted = False
+            for name in ("weight_rho", "bias_rho"):
+                rho = state_dict.get(prefix + name)
+                if isinstance(rho, Tensor):  # load_state_dict works on a copy of the caller's dict
+                    std = std_from_rho(rho.detach().double(), saved)[0]
+                    state_dict[prefix + name] = rho_from_std(std, self.std_transform).to(rho.dtype)
+                    converted = True
+            if converted:  # one message for all layers (Python shows a warning once per text and place)
+                warnings.warn(
+                    f"a state dict saved with std_transform={saved!r} was loaded into Bayesian layers with "
+                    f"std_transform={self.std_transform!r}: their rho were converted, so the posterior stds are the saved ones",
+                    stacklevel=2,
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
     def __getattr__(self, name: str) -> Any:  # noqa: ANN401
         parameters = self.__dict__.get("_parameters")

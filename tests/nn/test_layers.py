@@ -227,6 +227,45 @@ def test_wrong_input_shapes_name_the_expected_form():
         bdl.BayesConv2d(2, 3, 3)(torch.randn(4, 3, 8, 8))
 
 
+@pytest.mark.parametrize("saved, loaded", [("softplus", "exp"), ("exp", "softplus")])
+def test_a_state_dict_of_the_other_std_transform_loads_as_the_same_posterior_stds(saved, loaded):
+    torch.manual_seed(0)
+    source = nn.Sequential(bdl.BayesLinear(3, 4, std_transform=saved), nn.ReLU(), bdl.BayesConv2d(1, 2, 3, std_transform=saved))
+    with torch.no_grad():
+        for layer in (source[0], source[2]):
+            layer.weight_rho.uniform_(-4, 1)  # stds up to e and more: where the transforms differ most
+            layer.bias_rho.uniform_(-4, 1)
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    target = nn.Sequential(bdl.BayesLinear(3, 4, std_transform=loaded), nn.ReLU(), bdl.BayesConv2d(1, 2, 3, std_transform=loaded))
+    with pytest.warns(UserWarning, match=f"saved with std_transform='{saved}'.*std_transform='{loaded}'"):
+        target.load_state_dict(state)
+    for a, b in [(source[0], target[0]), (source[2], target[2])]:
+        assert b.std_transform == loaded
+        torch.testing.assert_close(b.weight_std, a.weight_std, rtol=1e-6, atol=0)
+        torch.testing.assert_close(b.bias_std, a.bias_std, rtol=1e-6, atol=0)
+        assert torch.equal(b.weight_mu, a.weight_mu)
+    assert torch.equal(state["0.weight_rho"], source[0].weight_rho)  # the caller's state dict is not changed
+    # a partial load converts what it loads and leaves the rest
+    partial = bdl.BayesLinear(3, 4, std_transform=loaded)
+    own = partial.bias_rho.detach().clone()
+    sub = type(state)({"weight_mu": state["0.weight_mu"], "weight_rho": state["0.weight_rho"]})
+    sub._metadata = {"": dict(state._metadata["0"])}
+    with pytest.warns(UserWarning, match="converted"):
+        partial.load_state_dict(sub, strict=False)
+    torch.testing.assert_close(partial.weight_std, source[0].weight_std, rtol=1e-6, atol=0)
+    assert torch.equal(partial.bias_rho, own)
+
+
+def test_the_same_std_transform_loads_without_a_warning(recwarn):
+    model = bdl.BayesLinear(3, 4, std_transform="softplus")
+    clone = bdl.BayesLinear(3, 4, std_transform="softplus")
+    clone.load_state_dict(model.state_dict())
+    assert torch.equal(clone.weight_rho, model.weight_rho) and not recwarn.list
+
+
 def test_state_dict_round_trip_and_dtype_device_moves():
     model = nn.Sequential(bdl.BayesLinear(5, 8), nn.ReLU(), bdl.BayesLinear(8, 2, bias=False, prior=bdl.GaussianPrior(torch.zeros(2, 8), 0.5)))
     buffer = io.BytesIO()
