@@ -348,6 +348,8 @@ def mcmc(
         raise ValueError(f"warmup_steps must be an int >= 0 or None, got {warmup_steps!r}")
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {TASKS} or None, got {task!r}")
+    if predict_inputs is not None and task is None and not isinstance(model, PyroModel):  # no prediction, silently
+        raise ValueError(f"predict_inputs of a model function need task (one of {TASKS}): what output_site {output_site!r} holds")
     if not callable(model):
         raise TypeError(f"model must be a bdl.infer.PyroModel or a Pyro model function, got {type(model).__name__}")
     if isinstance(model, PyroModel):

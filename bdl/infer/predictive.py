@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Union
 
 import pyro
 import torch
@@ -198,11 +199,17 @@ def predict_function_model(
 ) -> "Prediction":
     """Posterior predictive of a plain Pyro model function at one of its sites.
 
-    Runs ``pyro.infer.Predictive(model, posterior_samples=samples)`` and reads ``output_site``: for
-    ``task="classification"`` it must hold logits ``[N, C]`` (e.g. a ``pyro.deterministic`` site); for
-    ``"regression"`` it holds the predicted values ``[N]`` or ``[N, D]`` — a mean site, or the observation
-    site itself, whose samples then already contain the noise (the Prediction's aleatoric variance is 0 and
-    all spread is reported as epistemic).
+    Runs the model under each posterior draw (``pyro.infer.Predictive``'s vectorised trace, or one trace per
+    draw) and reads ``output_site``:
+
+    - an observation site (``pyro.sample("obs", dist, obs=y)`` with ``y=None``): its distribution under each
+      draw. Regression reads the distribution's mean and variance (a ``Normal``'s ``loc`` and ``scale**2``),
+      so the Prediction splits the spread into aleatoric (the noise) and epistemic (the draws' means);
+      classification reads its logits (``Categorical``; a ``Bernoulli``'s log-odds as two classes). A
+      distribution without a finite mean and variance (a ``StudentT`` with ``df <= 2``) is read as its
+      sampled values, which then hold the noise (all of it reported as epistemic).
+    - a ``pyro.deterministic`` site: its values, logits ``[N, C]`` for classification, predicted means
+      ``[N]`` / ``[N, D]`` (aleatoric variance 0) for regression.
 
     Args:
         model: the Pyro model function.
@@ -233,19 +240,66 @@ def predict_function_model(
         raise ValueError("samples is empty: pass posterior samples of the model's latent sites")
     num_samples = next(iter(samples.values())).shape[0]
     with torch.no_grad():
-        drawn = Predictive(model, posterior_samples=samples, num_samples=num_samples, return_sites=[output_site], parallel=parallel)(*args, **kwargs)
-        if output_site not in drawn:
-            raise ValueError(f"output_site {output_site!r} is not a site of the model")
-        # Vectorised Predictive pads sites with singleton plate dims; restore the site's own shape.
         single = pyro.poutine.trace(pyro.poutine.condition(model, {k: v[0] for k, v in samples.items()})).get_trace(*args, **kwargs)
-    values = drawn[output_site].reshape((num_samples,) + single.nodes[output_site]["value"].shape)
-    if values.dim() not in ((3,) if task == "classification" else (2, 3)):
-        raise ValueError(
-            f"output_site {output_site!r}: expected samples [S, N, C] of logits (classification) or [S, N] / [S, N, D] "
-            f"(regression), got shape {tuple(values.shape)}"
-        )
+        if output_site not in single.nodes or single.nodes[output_site]["type"] != "sample":
+            raise ValueError(f"output_site {output_site!r} is not a site of the model")
+        shape = single.nodes[output_site]["value"].shape
+        observation = not single.nodes[output_site]["infer"].get("_deterministic", False)
+        if parallel:
+            predictive = Predictive(model, posterior_samples=samples, num_samples=num_samples, return_sites=[output_site], parallel=True)
+            nodes = [predictive.get_vectorized_trace(*args, **kwargs).nodes[output_site]]
+        else:
+            nodes = [
+                pyro.poutine.trace(pyro.poutine.condition(model, {k: v[i] for k, v in samples.items()})).get_trace(*args, **kwargs).nodes[output_site]
+                for i in range(num_samples)
+            ]
+
+    def per_draw(read: Callable[[Any, Tensor], Optional[Tensor]], extra: tuple[int, ...] = ()) -> Optional[Tensor]:
+        """``read(distribution, value)`` of every draw as ``[S, *site shape, *extra]``, or None where it has none."""
+        parts = []
+        for node in nodes:
+            try:
+                part = read(node["fn"], node["value"])
+            except (AttributeError, NotImplementedError):
+                return None
+            if part is None:
+                return None
+            # a vectorised trace pads the site with singleton plate dims, and broadcasts what no draw changes
+            full = node["value"].shape + extra
+            parts.append(torch.broadcast_to(part, full) if part.numel() < math.prod(full) else part)
+        stacked = torch.stack(parts) if len(parts) > 1 else parts[0]
+        return stacked.reshape((num_samples,) + shape + extra)
+
+    values = per_draw(lambda fn, value: value)
     if task == "classification":
+        logits = None
+        if observation and values.dim() == 2:  # labels [S, N]: the distribution's logits (a Bernoulli's as one column)
+
+            def read_logits(fn: Any, value: Tensor) -> Tensor:  # noqa: ANN401
+                return fn.logits.unsqueeze(-1) if fn.logits.shape == value.shape else fn.logits
+
+            try:
+                classes = read_logits(nodes[0]["fn"], nodes[0]["value"]).shape[-1]
+            except (AttributeError, NotImplementedError):
+                classes = None
+            logits = None if classes is None else per_draw(read_logits, extra=(classes,))
+        values = values if logits is None else logits
+        if values.dim() != 3:
+            raise ValueError(
+                f"output_site {output_site!r}: expected samples [S, N, C] of logits, or an observation site of a Categorical "
+                f"or Bernoulli, got shape {tuple(values.shape)}"
+            )
         return Prediction.from_logits(values, keep_samples=keep_samples)
-    if values.dim() == 2:
-        values = values.unsqueeze(-1)
-    return Prediction.from_regression(values.to(torch.get_default_dtype()), None, keep_samples=keep_samples)
+    if values.dim() not in (2, 3):
+        raise ValueError(f"output_site {output_site!r}: expected samples [S, N] / [S, N, D] (regression), got shape {tuple(values.shape)}")
+    means = variances = None
+    if observation:
+        means, variances = per_draw(lambda fn, value: fn.mean), per_draw(lambda fn, value: fn.variance)
+        if means is None or variances is None or not (torch.isfinite(means).all() and torch.isfinite(variances).all()):
+            means = variances = None  # no finite moments (a StudentT with df <= 2): the sampled values
+    if means is None:
+        means = values
+    dtype = torch.get_default_dtype()
+    if means.dim() == 2:
+        means, variances = means.unsqueeze(-1), None if variances is None else variances.unsqueeze(-1)
+    return Prediction.from_regression(means.to(dtype), None if variances is None else variances.to(dtype), keep_samples=keep_samples)
