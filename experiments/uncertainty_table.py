@@ -327,13 +327,21 @@ def run_nuts(dataset: str, seed: int, args: argparse.Namespace) -> RunResult:
     metrics = {**report_metrics(report), "train_s": train_s, "predict_ms": predict_ms, "divergences": divergences}
     notes = [f"{chains} chain(s) x {draws} draws, {divergences} divergent"]
     if chains > 1:
-        metrics.update(max_r_hat=result.summary.max_r_hat, min_ess=result.summary.min_ess)
-        notes[0] += f", weight space: max R-hat {result.summary.max_r_hat:.2f}, min ESS {result.summary.min_ess:.0f}"
+        summary = result.summary
+        metrics.update(max_r_hat=summary.max_r_hat, min_ess=summary.min_ess, max_rank_r_hat=summary.max_rank_r_hat, min_ess_bulk=summary.min_ess_bulk)
+        notes[0] += f", weight space: max R-hat {summary.max_r_hat:.2f} (rank-normalised {summary.max_rank_r_hat:.2f}), min ESS {summary.min_ess:.0f}"
         # weight-space R-hat cannot tell a network's symmetric copies of one mode from chains that disagree: the
         # predictions can
         function_space = result.predictive_summary(x_test)
-        metrics.update(function_space_max_r_hat=function_space.max_r_hat, function_space_min_ess=function_space.min_ess)
-        notes[0] += f"; function space (test predictions): max R-hat {function_space.max_r_hat:.2f}, min ESS {function_space.min_ess:.0f}"
+        metrics.update(
+            function_space_max_r_hat=function_space.max_r_hat,
+            function_space_min_ess=function_space.min_ess,
+            function_space_max_rank_r_hat=function_space.max_rank_r_hat,
+        )
+        notes[0] += (
+            f"; function space (test predictions): max R-hat {function_space.max_r_hat:.2f} (rank-normalised "
+            f"{function_space.max_rank_r_hat:.2f}), min ESS {function_space.min_ess:.0f}"
+        )
     return RunResult(metrics, notes)
 
 

@@ -103,7 +103,8 @@ def test_nuts_with_two_chains_reports_weight_and_function_space_diagnostics(monk
     result = script.run_nuts("regression_gap", 0, args)
     metrics, (note,) = result.metrics, result.notes
     assert note.startswith("2 chain(s) x 6 draws") and "weight space: max R-hat" in note and "function space" in note
-    for name in ("max_r_hat", "function_space_max_r_hat"):
+    assert "rank-normalised" in note
+    for name in ("max_r_hat", "function_space_max_r_hat", "max_rank_r_hat", "function_space_max_rank_r_hat"):
         assert metrics[name] >= 1 or metrics[name] != metrics[name]  # R-hat >= 1, or NaN (a weight that never moved)
     assert 0 < metrics["function_space_min_ess"] <= 2 * 6 or metrics["function_space_min_ess"] == float("inf")
     assert metrics["rmse"] > 0 and metrics["divergences"] >= 0
