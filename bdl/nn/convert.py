@@ -259,7 +259,8 @@ def bayesianize(
     memo: dict[int, Any] = {
         id(module.weight): module.weight.detach().clone()
         for _, module in all_modules
-        if _weight_recomputed(module) and isinstance(getattr(module, "weight", None), Tensor)
+        # (a convertible layer only: torch.compile's wrapper reads its layer's weight through __getattr__)
+        if type(module) in _CONVERSIONS and _weight_recomputed(module) and isinstance(getattr(module, "weight", None), Tensor)
     }
     converted = copy.deepcopy(model, memo)
     names: dict[int, list[str]] = {}  # every name of each convertible module: a tied one has several
@@ -305,6 +306,7 @@ def bayesianize(
         for parameter in module._parameters.values():
             if parameter is not None:
                 owners.setdefault(id(parameter), []).append(name)
+    replaced: dict[int, nn.Module] = {}  # id of a converted layer -> its Bayesian layer
     for module, module_names in targets:
         shared = sorted({owner for p in (module.weight, module.bias) if p is not None for owner in owners[id(p)]} - set(module_names))
         if shared:
@@ -316,6 +318,8 @@ def bayesianize(
         layer = _CONVERSIONS[type(module)].from_module(module, prior=copy.deepcopy(prior), **options)
         for hooks in _HOOK_DICTS:  # the user's hooks on the layer keep running (a feature or output hook)
             getattr(layer, hooks).update(getattr(module, hooks, {}))
+        # torch runs _backward_hooks as full backward hooks only where this flag says so
+        layer._is_full_backward_hook = getattr(module, "_is_full_backward_hook", None)
         for name in ("weight", "bias"):  # a frozen weight (a frozen backbone) stays frozen: its mean and its std
             original = getattr(module, name)
             if original is not None and not original.requires_grad:
@@ -326,10 +330,35 @@ def bayesianize(
             if module.bias is not None:
                 layer.bias_prior = GaussianPrior(module.bias.detach(), prior.scale)
         layer.train(module.training)
+        replaced[id(module)] = layer
         for name in module_names:
             if name == "":  # the model is itself a single layer
                 return layer
             parent_name, _, child = name.rpartition(".")
-            setattr(converted.get_submodule(parent_name), child, layer)
+            parent = converted.get_submodule(parent_name)
+            setattr(parent, child, layer)
+            if type(parent).__name__ == "OptimizedModule" and callable(getattr(parent, "_initialize", None)):
+                parent._initialize()  # torch.compile's wrapper bound its forward to the replaced layer's __call__
+    _rebind_references(converted, replaced)
     _keep_off_fast_paths(converted)
     return converted
+
+
+def _rebind_references(model: nn.Module, replaced: dict[int, nn.Module]) -> None:
+    """Point plain lists, tuples and dicts that modules keep (``self.layers = [self.fc1, self.fc2]``, read by
+    ``forward``) at the Bayesian layers that replaced their entries: they held the deterministic copies,
+    which the forward then kept using while the KL counted layers it never ran."""
+    if not replaced:
+        return
+    for module in model.modules():
+        for key, value in list(vars(module).items()):
+            if key in ("_modules", "_parameters", "_buffers") or isinstance(value, nn.Module):
+                continue
+            if isinstance(value, list):
+                value[:] = [replaced.get(id(item), item) for item in value]
+            elif isinstance(value, tuple) and any(id(item) in replaced for item in value):
+                items = [replaced.get(id(item), item) for item in value]
+                module.__dict__[key] = type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+            elif isinstance(value, dict) and any(id(item) in replaced for item in value.values()):
+                for name, item in list(value.items()):
+                    value[name] = replaced.get(id(item), item)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .functional import (
     ESTIMATORS,
@@ -94,6 +95,19 @@ class _TransientCache(dict):
         return (_TransientCache, ())
 
 
+_optimizer_steps = [0]  # optimizer steps taken in this process (a list: mutated in place by the hook)
+
+
+def _count_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:  # noqa: ANN401
+    _optimizer_steps[0] += 1
+
+
+# What layers keep between calls (a forward's KL, the stds S prediction forwards share) is judged current by the
+# parameters' version counters; torch's fused optimizers (Adam(fused=True) and the like) write the parameters
+# without moving them, so every optimizer step counts as a change too
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 class _CachedKL:
     """The KL a forward computed for one parameter pair, with what it was computed from."""
 
@@ -106,7 +120,7 @@ class _CachedKL:
 
     @staticmethod
     def _state(mu: Tensor, rho: Tensor) -> tuple:
-        return (mu._version, rho._version, mu.data_ptr(), rho.data_ptr(), mu.dtype, mu.device)
+        return (mu._version, rho._version, mu.data_ptr(), rho.data_ptr(), mu.dtype, mu.device, _optimizer_steps[0])
 
     def valid(self, mu: Tensor, rho: Tensor, prior: Optional[tuple[float, float]]) -> bool:
         return (
@@ -188,6 +202,10 @@ class _BayesLayer(BayesianModule):
             metadata.setdefault(prefix[:-1], {})["std_transform"] = self.std_transform
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, *args: Any) -> None:  # noqa: ANN401
+        # the kept stds and KL describe the old values, and hold references to the parameters, which
+        # torch's swap_tensors loading (torch.__future__.set_swap_module_params_on_conversion) refuses
+        self._std_cache.clear()
+        self._kl_cache.clear()
         saved = local_metadata.get("std_transform", self.std_transform)
         if saved != self.std_transform and saved in STD_TRANSFORMS:
             converted = False
@@ -297,7 +315,7 @@ class _BayesLayer(BayesianModule):
         # inference tensors (a model built or loaded under torch.inference_mode) have no version counter to key by
         if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(rho) or rho.is_inference():
             return posterior_variance(rho, self.std_transform) if variance else std_from_rho(rho, self.std_transform)[0]
-        key = (rho._version, rho.data_ptr(), rho.dtype, rho.device, self.std_transform)
+        key = (rho._version, rho.data_ptr(), rho.dtype, rho.device, self.std_transform, _optimizer_steps[0])
         cached = self._std_cache.get((name, variance))
         # the tensor itself too (weakly): a new tensor at a freed one's address with the same version (0), as
         # torch.func.functional_call's fresh parameters can be, got the freed one's std
@@ -432,7 +450,8 @@ class BayesLinear(_BayesLayer):
     ``rho`` is unchanged and, on the CPU, a buffer per thread for weight samples of 2^15 elements or more;
     a training forward drops them, :func:`bdl.predict` forgets the stds at the start of every call, and copies
     and pickles of the layer start without them. Between your own forwards "unchanged" is judged by the
-    parameter's version counter, as autograd judges it: an in-place edit through ``.data``
+    parameter's version counter, as autograd judges it, and by the process's count of optimizer steps (torch's
+    fused optimizers write parameters without moving their counters): an in-place edit through ``.data``
     (``layer.weight_rho.data.fill_(...)``) is not seen there, so edit under ``torch.no_grad()`` instead
     (``layer.weight_rho.fill_(...)``); the same holds for the KL a training forward keeps.
 

@@ -272,3 +272,53 @@ def test_frozen_layers_stay_frozen():
     frozen = {name for name, p in bnn.named_parameters() if not p.requires_grad}
     assert {"features.0.weight_mu", "features.0.weight_rho", "features.2.bias_mu", "features.2.bias_rho"} <= frozen
     assert bnn.fc.weight_mu.requires_grad and bnn.fc.weight_rho.requires_grad
+
+
+def test_full_backward_hooks_on_converted_layers_keep_running():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    calls = []
+    net[2].register_full_backward_hook(lambda module, grad_input, grad_output: calls.append("full"))
+    net[2].register_full_backward_pre_hook(lambda module, grad_output: calls.append("pre"))
+    bnn = bdl.bayesianize(net)
+    bnn(torch.randn(3, 4)).sum().backward()
+    assert sorted(calls) == ["full", "pre"]  # the full backward hook was never called
+
+
+class _ListedLayers(nn.Module):
+    """Layers also kept in a plain list, which forward reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.layers = [self.fc1, self.fc2]
+        self.by_name = {"out": self.fc2}
+        self.pair = (self.fc1, self.fc2)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x + self.by_name["out"](torch.zeros(1, 8)) + self.pair[1](torch.zeros(1, 8))
+
+
+def test_layers_a_module_also_keeps_in_a_list_dict_or_tuple_are_the_converted_ones():
+    model = _ListedLayers()
+    bnn = bdl.bayesianize(model)
+    assert bnn.layers == [bnn.fc1, bnn.fc2] and bnn.by_name["out"] is bnn.fc2 and bnn.pair == (bnn.fc1, bnn.fc2)
+    assert isinstance(bnn.layers[0], bdl.BayesLinear) and isinstance(model.layers[0], nn.Linear)  # the original kept
+    x = torch.randn(5, 4)
+    assert not torch.equal(bnn(x), bnn(x))  # the forward ran the deterministic copies
+    with bdl.deterministic(bnn):
+        torch.testing.assert_close(bnn(x), model(x))
+
+
+def test_a_compiled_layer_or_model_converts_to_a_sampling_trainable_layer():
+    head = torch.compile(nn.Linear(4, 2), backend="eager")
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), head)
+    for converted, x in ((bdl.bayesianize(net), torch.randn(5, 3)), (bdl.bayesianize(head), torch.randn(5, 4))):
+        assert not torch.equal(converted(x), converted(x))  # the compiled wrapper called the replaced nn.Linear
+        layer = next(m for m in converted.modules() if isinstance(m, bdl.BayesLinear) and m.in_features == 4)
+        before = layer.weight_mu.detach().clone()
+        optimizer = torch.optim.SGD(converted.parameters(), lr=0.1)
+        converted(x).square().sum().backward()
+        optimizer.step()
+        assert not torch.equal(layer.weight_mu, before)  # its mean had become a frozen copy of the weight

@@ -444,3 +444,45 @@ def test_the_kl_of_a_half_precision_model_is_computed_in_float32(estimator):
     brain(torch.randn(4, 64).bfloat16()).float().sum().backward()
     assert brain.kl_divergence().dtype == torch.float32
     assert brain.kl_divergence().item() == pytest.approx(bdl.BayesLinear.kl_divergence(copy.deepcopy(brain).double()).item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("optimizer", ["fused", "foreach"])
+def test_kept_stds_and_kl_follow_an_optimizer_step_that_moves_no_version_counter(optimizer):
+    """torch's fused optimizers write the parameters without moving their version counters, by which the
+    layers judged the stds kept for prediction and a forward's KL current."""
+    torch.manual_seed(0)
+    layer = bdl.BayesLinear(50, 40, posterior_std_init=0.01)
+    step = torch.optim.Adam(layer.parameters(), lr=0.5, **{optimizer: True})
+    x = torch.randn(8, 50)
+    with torch.no_grad():
+        layer(x)  # keeps the stds (0.01) for the draws below
+    layer(x)  # a training forward, not backpropagated: keeps its KL
+    kept_kl = layer.kl_divergence().detach()
+    for parameter in layer.parameters():
+        parameter.grad = -torch.ones_like(parameter)
+    step.step()  # Adam's first step moves every parameter by lr: rho by +0.5, the stds 0.01 -> 0.0165
+    expected_std = layer.weight_rho.detach().exp()
+    torch.testing.assert_close(expected_std, torch.full_like(expected_std, 0.01 * math.exp(0.5)))
+    fresh = bdl.GaussianPrior(0.0, 1.0).posterior_kl(layer.weight_mu, layer.weight_rho) + bdl.GaussianPrior(0.0, 1.0).posterior_kl(layer.bias_mu, layer.bias_rho)
+    torch.testing.assert_close(layer.kl_divergence(), fresh)
+    assert not torch.isclose(fresh, kept_kl)
+    with torch.no_grad():
+        draws = torch.stack([layer._prediction_sample("weight", layer.weight_mu, layer.weight_rho) for _ in range(200)])
+    spread = (draws - layer.weight_mu).std() / expected_std.mean()
+    assert 0.9 < float(spread) < 1.1
+
+
+def test_load_state_dict_with_swapped_tensors_after_forwards():
+    """torch's swap_tensors loading refused parameters that the kept stds (a weak reference) and KL (its graph) held."""
+    layer, source = bdl.BayesLinear(4, 3), bdl.BayesLinear(4, 3)
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        with torch.no_grad():
+            layer(torch.randn(2, 4))
+        layer.load_state_dict(source.state_dict())
+        layer(torch.randn(2, 4))  # a training forward, not backpropagated
+        layer.load_state_dict(source.state_dict())
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    assert torch.equal(layer.weight_mu, source.weight_mu) and torch.equal(layer.weight_rho, source.weight_rho)
