@@ -755,7 +755,8 @@ class EnsembleModule(UncertaintyModule):
     ``__init__`` initialises its layers its own way should apply that scheme in a ``reset_parameters`` of its
     own too (as :class:`bdl.lightning.ResNet` does), or the other members start from the layers' defaults.
     Frozen parameters (``requires_grad=False``, e.g. a pretrained backbone) and the buffers of modules whose
-    parameters are all frozen are kept: every member starts from them.
+    parameters are all frozen (for a module without parameters, such as ``BatchNorm(affine=False)``: those of the
+    closest enclosing module that has some) are kept: every member starts from them.
     One optimiser steps all members; the loss is the sum of the members' mean NLLs, so each member follows
     the gradient of its own loss (logged: ``train/nll``, the members' average). Prediction uses each member
     once (``num_eval_samples`` None).
@@ -790,10 +791,17 @@ class EnsembleModule(UncertaintyModule):
 
 
 def _frozen_buffers(model: nn.Module) -> list[tuple[str, Tensor]]:
-    """Buffers of the modules that have parameters, all frozen (``requires_grad=False``)."""
+    """Buffers of the modules that have parameters, all frozen (``requires_grad=False``), and of parameter-free
+    modules (``BatchNorm(affine=False)``) whose closest enclosing module with parameters has them all frozen."""
     found = []
     for prefix, module in model.named_modules():
         own = list(module.parameters(recurse=False))
+        if not own:  # judged by the closest enclosing module with parameters (their BatchNorm's statistics are theirs)
+            parts = prefix.split(".") if prefix else []
+            for depth in range(len(parts) - 1, -1, -1):
+                own = list(model.get_submodule(".".join(parts[:depth])).parameters())
+                if own:
+                    break
         if own and not any(p.requires_grad for p in own):
             found += [(f"{prefix}.{name}" if prefix else name, b) for name, b in module.named_buffers(recurse=False) if b is not None]
     return found

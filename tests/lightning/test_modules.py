@@ -489,13 +489,18 @@ def test_ensemble_members_reset_attention_and_warn_about_parameters_without_a_re
     with pytest.warns(UserWarning, match=r"parameters \['token'\] keep member 0's values"):
         EnsembleModule(WithToken(), num_members=2)
     # a frozen pretrained backbone (and its BatchNorm statistics) was re-initialised in members 1..M-1
-    backbone = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    backbone = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8, affine=False)))
     backbone[1].running_mean.fill_(3.0)
+    backbone[2][1].running_mean.fill_(5.0)  # a BatchNorm without parameters: frozen with the block around it
     backbone.requires_grad_(False)
-    ensemble = EnsembleModule(nn.Sequential(backbone, nn.Linear(8, 3)), num_members=3).model
+    head = nn.Sequential(nn.Linear(8, 3), nn.BatchNorm1d(3, affine=False))
+    head[1].running_mean.fill_(7.0)
+    ensemble = EnsembleModule(nn.Sequential(backbone, head), num_members=3).model
     for member in ensemble.members[1:]:
         assert torch.equal(member[0][0].weight, backbone[0].weight) and bool((member[0][1].running_mean == 3).all())
-        assert not torch.equal(member[1].weight, ensemble.members[0][1].weight)  # the head starts apart
+        assert bool((member[0][2][1].running_mean == 5).all())
+        assert not torch.equal(member[1][0].weight, ensemble.members[0][1][0].weight)  # the head starts apart
+        assert bool((member[1][1].running_mean == 0).all())  # and its statistics afresh
 
 
 def test_validation_metrics_keep_their_precision_when_lightning_casts_the_module(tmp_path):
