@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import functools
 import warnings
 from typing import Any, Iterator, Optional, Sequence
 
@@ -320,6 +321,11 @@ def bayesianize(
             getattr(layer, hooks).update(getattr(module, hooks, {}))
         # torch runs _backward_hooks as full backward hooks only where this flag says so
         layer._is_full_backward_hook = getattr(module, "_is_full_backward_hook", None)
+        # what the user set on the layer (a flag the model's forward reads); not torch's private state, such as the
+        # _compiled_call_impl of module.compile(), which calls the replaced layer
+        for key in module.__dict__.keys() - _standard_attributes(type(module)) - layer.__dict__.keys():
+            if not key.startswith("_"):
+                layer.__dict__[key] = module.__dict__[key]
         for name in ("weight", "bias"):  # a frozen weight (a frozen backbone) stays frozen: its mean and its std
             original = getattr(module, name)
             if original is not None and not original.requires_grad:
@@ -342,6 +348,12 @@ def bayesianize(
     _rebind_references(converted, replaced)
     _keep_off_fast_paths(converted)
     return converted
+
+
+@functools.lru_cache(maxsize=None)
+def _standard_attributes(cls: type[nn.Module]) -> frozenset[str]:
+    """The instance attributes every ``cls`` (``nn.Linear``, ``nn.Conv2d``...) has: those of a shape-only one."""
+    return frozenset(vars(cls(1, 1, 1, device="meta") if issubclass(cls, nn.modules.conv._ConvNd) else cls(1, 1, device="meta")))
 
 
 def _rebind_references(model: nn.Module, replaced: dict[int, nn.Module]) -> None:

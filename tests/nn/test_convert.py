@@ -322,3 +322,16 @@ def test_a_compiled_layer_or_model_converts_to_a_sampling_trainable_layer():
         converted(x).square().sum().backward()
         optimizer.step()
         assert not torch.equal(layer.weight_mu, before)  # its mean had become a frozen copy of the weight
+
+
+def test_attributes_set_on_a_converted_layer_are_kept():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Conv1d(1, 2, 3))
+    net[0].scale_output = 2.0  # read by a user's forward, say
+    net[2].tag = "head"
+    bnn = bdl.bayesianize(net)
+    assert bnn[0].scale_output == 2.0 and bnn[2].tag == "head" and isinstance(bnn[0], bdl.BayesLinear)
+    compiled = nn.Sequential(nn.Linear(4, 2))
+    compiled[0].compile(backend="eager")  # module.compile's wrapper calls the nn.Linear: not carried over
+    converted = bdl.bayesianize(compiled)
+    x = torch.randn(3, 4)
+    assert not torch.equal(converted(x), converted(x))
