@@ -286,7 +286,7 @@ class BDLCLI(LightningCLI):
                 f"bdl {self.subcommand} without --ckpt_path: the model has the weights the config initialises it "
                 "with (untrained); pass --ckpt_path runs/<run>/version_<n>/checkpoints/<file>.ckpt to use a trained one"
             )
-        if ckpt_path is None or ckpt_path in ("hpc", "registry") or (ckpt_path == "best" and self.subcommand == "fit"):
+        if ckpt_path is None or ckpt_path in ("hpc", "registry"):
             return super()._parse_ckpt_path()
         if ckpt_path in ("last", "best"):
             # Lightning would look for them in this command's new run folder, find nothing and go on untrained

@@ -147,6 +147,9 @@ def test_resuming_a_run_without_a_config_file_finds_the_folder_named_after_the_m
     main(["fit", *arguments, "--trainer.max_epochs", "2", "--ckpt_path", "last"])  # AttributeError: no model yet
     assert sorted(path.name for path in (tmp_path / "DeterministicModule").iterdir()) == ["version_0"]
     assert torch.load(tmp_path / "DeterministicModule" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    # best too (Lightning was handed "best" itself, and said no checkpoint callback saves the best model)
+    main(["fit", *arguments, "--trainer.max_epochs", "3", "--ckpt_path", "best"])
+    assert torch.load(tmp_path / "DeterministicModule" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] > 4
 
 
 def test_limit_batches_of_one_is_one_batch_and_fractions_stay_fractions(tmp_path):

@@ -260,3 +260,46 @@ def test_a_resumed_fit_with_loader_workers_sees_the_data_and_augmentation_of_an_
     fit(tmp_path / "b", 2)
     resumed = fit(tmp_path / "b", 3, ckpt_path=tmp_path / "b" / "last.ckpt")
     torch.testing.assert_close(resumed, reference, rtol=0, atol=0)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_fit_resumed_from_a_checkpoint_saved_partway_through_an_epoch_trains_on_that_epochs_remaining_batches(tmp_path, one_thread):
+    # Lightning runs the interrupted epoch's remaining batches from a fresh loader: they were the epoch's first
+    # ones again (3 batches trained twice, 3 never)
+    import lightning as L
+    from torch import nn
+
+    from bdl.lightning import DeterministicModule, DigitsDataModule
+
+    class Record(L.Callback):
+        def __init__(self, crash_at=None):
+            self.batches, self.crash_at = [], crash_at
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == self.crash_at:
+                raise _Crash
+            self.batches.append((trainer.current_epoch, float(batch[0].sum())))
+
+    def fit(folder, record, ckpt_path=None):
+        L.seed_everything(0)
+        module = DeterministicModule(nn.Linear(64, 8), lr=0.05, save_report=False)
+        trainer = L.Trainer(
+            max_epochs=2, default_root_dir=folder, logger=False, enable_progress_bar=False, accelerator="cpu",
+            enable_model_summary=False, limit_train_batches=6, limit_val_batches=0,
+            callbacks=[record, L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, every_n_train_steps=3, save_last=True)],
+        )  # fmt: skip
+        trainer.fit(module, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
+        return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+    reference = Record()
+    expected = fit(tmp_path / "a", reference)
+    with pytest.raises(_Crash):
+        fit(tmp_path / "b", Record(crash_at=4))
+    assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["global_step"] == 3  # mid-epoch 0
+    after = Record()
+    resumed = fit(tmp_path / "b", after, ckpt_path=tmp_path / "b" / "last.ckpt")
+    assert after.batches == reference.batches[3:]
+    torch.testing.assert_close(resumed, expected, rtol=0, atol=0)
