@@ -30,6 +30,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..predict import Prediction
+from .modules import _gather_prediction, _loader_at, _unpadded_size
 
 DEFAULT_ROOT = "runs"
 # Model arguments that say how to evaluate, not what was trained: with --ckpt_path they come from the command's
@@ -129,7 +130,8 @@ class PredictionWriter(BasePredictionWriter):
 
     The file holds a dict of tensors (``probs``, ``predicted_class``, ``predictive_entropy``,
     ``expected_entropy``, ``mutual_information`` for classification; ``mean``, ``aleatoric_variance``,
-    ``epistemic_variance`` for regression); load it with ``torch.load``.
+    ``epistemic_variance`` for regression), one row per input in the data set's order, also when several
+    processes (DDP) predicted parts of it; load it with ``torch.load``.
     """
 
     def __init__(self) -> None:
@@ -140,15 +142,25 @@ class PredictionWriter(BasePredictionWriter):
         parts = [part for part in parts if isinstance(part, Prediction)]
         if not parts:
             return
-        prediction = Prediction.cat(parts).to("cpu")
+        prediction = Prediction.cat(parts)
+        folder = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective under DDP: every process
+        if trainer.world_size > 1:  # each process predicted rows r, r + W, ... of the data set: back in order, in one file
+            total = _unpadded_size(_loader_at(trainer.predict_dataloaders, 0))
+            if total is None:
+                raise ValueError(
+                    "bdl predict under DDP needs Lightning's unshuffled distributed sampler on the predict loader "
+                    "(use_distributed_sampler on) to put the processes' rows back in order"
+                )
+            prediction = _gather_prediction(pl_module, prediction, total)
+            if trainer.global_rank != 0:
+                return
+        prediction = prediction.to("cpu")
         if prediction.task == "classification":
             names = ("probs", "predicted_class", "predictive_entropy", "expected_entropy", "mutual_information", "max_probability")
         else:
             names = ("mean", "aleatoric_variance", "epistemic_variance", "total_variance")
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        suffix = "" if trainer.world_size == 1 else f".rank{trainer.global_rank}"
-        torch.save({name: getattr(prediction, name) for name in names}, folder / f"predictions{suffix}.pt")
+        torch.save({name: getattr(prediction, name) for name in names}, folder / "predictions.pt")
 
 
 def _tensorboard_available() -> bool:

@@ -114,16 +114,24 @@ def _gather_rows(module: L.LightningModule, value: Tensor, total: Optional[int],
     """Every process's rows (along ``dim``) of a test-set tensor, in the data set's order, without padding.
 
     With ``total`` (the data set's size, from an unshuffled ``DistributedSampler``) process ``r``'s ``k``-th
-    row is row ``r + k * W`` of the data set padded to a multiple of ``W`` processes by repeating its first
-    rows: interleaving the processes' rows restores the order, and the repeats, at the end, are cut.
-    Without it the processes' rows are concatenated, as they come.
+    row is row ``r + k * W`` of the data set, padded to a multiple of ``W`` processes by repeating its first
+    rows (the test loop's sampler) or not (the predict loop's, which leaves the last processes a row short):
+    interleaving the processes' rows restores the order, and the repeats or the short processes' fillers, at
+    the end, are cut. Without it the processes' rows are concatenated, as they come.
     """
+    counts = module.all_gather(torch.tensor(value.shape[dim], device=value.device)).reshape(-1)
+    most = int(counts.max())
+    if value.shape[dim] < most:  # all_gather needs one shape: fill up to the longest process's rows
+        filler = value.new_zeros((*value.shape[:dim], most - value.shape[dim], *value.shape[dim + 1 :]))
+        value = torch.cat([value, filler], dim)
     gathered = module.all_gather(value)  # [W, *value.shape]
     if total is None:
+        if bool((counts != most).any()):
+            raise ValueError("the processes hold different numbers of rows, and without the data set's size their order is unknown")
         return gathered.movedim(0, dim).flatten(dim, dim + 1)
     interleaved = gathered.movedim(0, dim + 1).flatten(dim, dim + 1)  # rows k * W + r
     # fewer rows than the data set under limit_test_batches: a prefix of it, the repeats only at its end
-    return interleaved.narrow(dim, 0, min(total, interleaved.shape[dim]))
+    return interleaved.narrow(dim, 0, min(total, int(counts.sum())))
 
 
 def _gather_prediction(module: L.LightningModule, prediction: Prediction, total: Optional[int]) -> Prediction:
@@ -185,10 +193,12 @@ def _own_rows(loader: Any, rank: int, world_size: int, seen: int, rows: int) -> 
 
 
 def _unpadded_size(loader: Any) -> Optional[int]:  # noqa: ANN401
-    """The data set size behind a test loader whose unshuffled ``DistributedSampler`` pads it (else None)."""
-    sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, DistributedSampler) and not sampler.shuffle and not sampler.drop_last:
-        return len(sampler.dataset)
+    """The data set size behind a loader whose unshuffled ``DistributedSampler`` splits it (else None): the
+    loader's sampler in the test loop; in the predict loop its batch sampler's (Lightning keeps the loader's
+    own sampler there and splits the batches)."""
+    for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        if isinstance(sampler, DistributedSampler) and not sampler.shuffle and not sampler.drop_last:
+            return len(sampler.dataset)
     return None
 
 

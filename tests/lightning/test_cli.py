@@ -472,3 +472,35 @@ def test_a_distributed_run_destroys_its_process_group_when_it_ends(ddp_run, monk
         os.environ.update(environment)
     assert (folder / "one_rank" / "ddp" / "version_0" / "checkpoints" / "last.ckpt").is_file()
     assert not torch.distributed.is_initialized()  # left alive, gloo's threads can abort the process at exit
+
+
+@pytest.mark.slow
+def test_ddp_predict_writes_one_file_in_the_data_sets_order(ddp_run, monkeypatch):
+    # each process predicted rows r, r + 2, ... (21 rows: 11 and 10), written as predictions.rank<r>.pt
+    folder, config, returncode, output = ddp_run
+    assert returncode == 0, output[-5000:]
+    checkpoint = folder / "runs" / "ddp" / "version_0" / "checkpoints" / "last.ckpt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    command = [sys.executable, "-m", "bdl.lightning.cli", "predict", "--config", str(config), "--ckpt_path", str(checkpoint),
+               "--trainer.default_root_dir", str(folder / "predict"), "--model.init_args.num_eval_samples", "1"]  # fmt: skip
+    result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    written = folder / "predict" / "ddp" / "version_0"
+    assert sorted(path.name for path in written.glob("predictions*")) == ["predictions.pt"]
+    probs = torch.load(written / "predictions.pt", weights_only=True)["probs"]
+    monkeypatch.syspath_prepend(str(folder))
+    from bdl_cli_ddp_data import OrderedData
+
+    from bdl.lightning import VariationalModule
+
+    x, _ = OrderedData(num_train=NUM_TRAIN, num_test=NUM_TEST)._built().test.tensors
+    module = VariationalModule.load_from_checkpoint(checkpoint, weights_only=False)
+    import bdl
+
+    with torch.no_grad(), bdl.deterministic(module.model):  # posterior stds of 1e-3: one draw is near the means
+        expected = module.model(x).softmax(-1)
+    assert probs.shape == expected.shape == (NUM_TEST, 3)
+    torch.testing.assert_close(probs, expected, atol=3e-3, rtol=0)
+    by_process = torch.cat([torch.arange(0, NUM_TEST, 2), torch.arange(1, NUM_TEST, 2)])  # the processes' rows, one after the other
+    assert not torch.allclose(expected[by_process], expected, atol=3e-3)  # so the comparison can fail
