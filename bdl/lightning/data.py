@@ -52,7 +52,7 @@ class EpochRandomSampler(RandomSampler):
     def __init__(self, data_source: Sized, seed: int = 0, workers_generator: Optional[torch.Generator] = None) -> None:
         super().__init__(data_source)
         self.seed, self.workers_generator = int(seed), workers_generator
-        self.start = 0
+        self.start: Optional[tuple[int, int]] = None  # (epoch, position) of a resumed pass
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -61,13 +61,15 @@ class EpochRandomSampler(RandomSampler):
             self.workers_generator.manual_seed((self.seed * 1_000_003 + self.epoch) ^ 0x5EED)
 
     def resume_at(self, position: int) -> None:
-        """Start the next pass at ``position`` of the epoch's order (a fit resumed from a checkpoint saved partway
-        through an epoch: the examples before it were trained on); later passes start at 0."""
-        self.start = max(0, int(position))
+        """Start the next pass over this epoch at ``position`` of its order (a fit resumed from a checkpoint saved
+        partway through the epoch: the examples before it were trained on); later passes, and a pass over
+        another epoch, start at 0."""
+        self.start = (self.epoch, max(0, int(position)))
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        start, self.start = self.start, 0
+        start = self.start[1] if self.start is not None and self.start[0] == self.epoch else 0
+        self.start = None
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()[start:]
 
 
@@ -149,11 +151,13 @@ class UncertaintyDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             loader.sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
-            # from a checkpoint saved partway through an epoch (val_check_interval < 1, every_n_train_steps) Lightning
-            # runs the epoch's remaining batches, from a fresh iterator: they start where the interrupted run was,
-            # after the batches whose training step ran ("completed" lags by one for a checkpoint saved in
-            # on_train_batch_end: Lightning adds it later, in the epoch loop's reset)
-            loader.sampler.resume_at(trainer.fit_loop.epoch_loop.batch_progress.current.processed * self.batch_size)
+            # from a checkpoint saved partway through an epoch (val_check_interval < 1, every_n_train_steps: the epoch
+            # started, not processed) Lightning runs the epoch's remaining batches, from a fresh iterator: they start
+            # where the interrupted run was, after the batches whose training step ran ("completed" lags by one for
+            # a checkpoint saved in on_train_batch_end: Lightning adds it later, in the epoch loop's reset)
+            epochs = trainer.fit_loop.epoch_progress.current
+            if epochs.started > epochs.processed:
+                loader.sampler.resume_at(trainer.fit_loop.epoch_loop.batch_progress.current.processed * self.batch_size)
         return loader
 
     def val_dataloader(self) -> DataLoader:

@@ -592,8 +592,11 @@ def test_distributed_rows_are_counted_once_and_predict_runs_no_collective(tmp_pa
     # a weighted mean of its own: Lightning's sync of unequal batch sizes rounded their average to an int
     assert float(module.val_elbo.weight) == 3.0
     # the test gather under limit_test_batches: fewer rows than the data set (narrowing to its size failed)
-    gathered = SimpleNamespace(all_gather=lambda value: torch.stack([value, value + 1]))
+    gathered = SimpleNamespace(all_gather=lambda value: torch.stack([value, value if value.dim() == 0 else value + 1]))
     assert lightning_modules._gather_rows(gathered, torch.tensor([0.0, 2.0]), total=289).tolist() == [0.0, 1.0, 2.0, 3.0]
+    # the predict loop's sampler does not pad: process 1 of 2 holds one row fewer of 3 (here its filler, -1, is cut)
+    short = SimpleNamespace(all_gather=lambda value: torch.tensor([2, 1]) if value.dim() == 0 else torch.stack([value, torch.tensor([1.0, -1.0])]))
+    assert lightning_modules._gather_rows(short, torch.tensor([0.0, 2.0]), total=3).tolist() == [0.0, 1.0, 2.0]
     # predict's unpadded sampler gives the processes unequal batch counts: a collective per batch deadlocked
     calls = []
     monkeypatch.setattr(lightning_modules, "_raise_on_every_process", lambda module, error, what: calls.append(what))
