@@ -303,3 +303,16 @@ def test_a_fit_resumed_from_a_checkpoint_saved_partway_through_an_epoch_trains_o
     resumed = fit(tmp_path / "b", after, ckpt_path=tmp_path / "b" / "last.ckpt")
     assert after.batches == reference.batches[3:]
     torch.testing.assert_close(resumed, expected, rtol=0, atol=0)
+
+
+def test_a_resumed_pass_starts_partway_only_in_its_own_epoch():
+    from bdl.lightning.data import EpochRandomSampler
+
+    sampler = EpochRandomSampler(range(10), seed=3)
+    sampler.set_epoch(2)
+    order = list(sampler)
+    sampler.resume_at(4)
+    assert list(sampler) == order[4:] and list(sampler) == order  # once
+    sampler.resume_at(4)
+    sampler.set_epoch(3)  # Lightning moved on to the next epoch first: that one starts at its beginning
+    assert len(list(sampler)) == 10
