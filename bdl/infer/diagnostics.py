@@ -153,7 +153,9 @@ def rank_r_hat(chains: Tensor) -> Tensor:
     bulk = _r_hat(_normal_scores(split))
     folded = (split - split.flatten(0, 1).quantile(0.5, dim=0)).abs()
     tail = _r_hat(_normal_scores(folded))
-    return _undefined(flat, torch.maximum(bulk, tail)).reshape(chains.shape[2:])
+    # fmax: chains stuck at different values tie every distance to the median (tail R-hat 0 / 0), and the bulk
+    # R-hat (infinite) must not be lost to that NaN
+    return _undefined(flat, torch.fmax(bulk, tail)).reshape(chains.shape[2:])
 
 
 def ess_bulk(chains: Tensor) -> Tensor:

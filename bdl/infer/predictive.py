@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, U
 
 import pyro
 import torch
+from pyro.distributions import Independent, MaskedDistribution
 from pyro.infer import Predictive
 from torch import Tensor, nn
 
@@ -187,6 +188,30 @@ def predict_from_samples(
     return prediction
 
 
+def _logits_reader(fn: Any, value: Tensor, labels: bool) -> tuple[Callable[[Any, Tensor], Optional[Tensor]], tuple[int, ...]]:  # noqa: ANN401
+    """How to read an observation site's logits from its distribution, for :func:`predict_function_model`'s
+    ``per_draw``: ``(read, extra dims)``. A ``Categorical``'s labels have logits with a class dimension more; a
+    ``Bernoulli``'s log-odds become one column; a ``OneHotCategorical``'s one-hot values ``[N, C]`` have logits of
+    their shape. ``.mask()`` and ``.to_event()`` wrappers are looked through; a read that finds no logits gives None."""
+
+    def base(fn: Any) -> Any:  # noqa: ANN401
+        while isinstance(fn, (MaskedDistribution, Independent)):
+            fn = fn.base_dist
+        return fn
+
+    try:
+        logits = base(fn).logits
+    except (AttributeError, NotImplementedError):
+        return (lambda fn, value: None), ()
+    if labels and logits.dim() == value.dim() + 1:  # Categorical
+        return (lambda fn, value: base(fn).logits), (logits.shape[-1],)
+    if labels and logits.dim() == value.dim():  # Bernoulli
+        return (lambda fn, value: base(fn).logits.unsqueeze(-1)), (1,)
+    if not labels and logits.dim() == value.dim():  # OneHotCategorical
+        return (lambda fn, value: base(fn).logits), ()
+    return (lambda fn, value: None), ()
+
+
 def predict_function_model(
     model: Callable,
     samples: dict[str, Tensor],
@@ -205,7 +230,8 @@ def predict_function_model(
     - an observation site (``pyro.sample("obs", dist, obs=y)`` with ``y=None``): its distribution under each
       draw. Regression reads the distribution's mean and variance (a ``Normal``'s ``loc`` and ``scale**2``),
       so the Prediction splits the spread into aleatoric (the noise) and epistemic (the draws' means);
-      classification reads its logits (``Categorical``; a ``Bernoulli``'s log-odds as two classes). A
+      classification reads its logits (``Categorical``, ``OneHotCategorical``, also under ``.mask()``; a
+      ``Bernoulli``'s log-odds as two classes). A latent site given in ``samples`` is read as its draws. A
       distribution without a finite mean and variance (a ``StudentT`` with ``df <= 2``) is read as its
       sampled values, which then hold the noise (all of it reported as epistemic).
     - a ``pyro.deterministic`` site: its values, logits ``[N, C]`` for classification, predicted means
@@ -244,7 +270,8 @@ def predict_function_model(
         if output_site not in single.nodes or single.nodes[output_site]["type"] != "sample":
             raise ValueError(f"output_site {output_site!r} is not a site of the model")
         shape = single.nodes[output_site]["value"].shape
-        observation = not single.nodes[output_site]["infer"].get("_deterministic", False)
+        # an unobserved sample site of the model (y=None): a latent in the samples is its posterior draws instead
+        observation = output_site not in samples and not single.nodes[output_site]["infer"].get("_deterministic", False)
         if parallel:
             predictive = Predictive(model, posterior_samples=samples, num_samples=num_samples, return_sites=[output_site], parallel=True)
             nodes = [predictive.get_vectorized_trace(*args, **kwargs).nodes[output_site]]
@@ -273,21 +300,13 @@ def predict_function_model(
     values = per_draw(lambda fn, value: value)
     if task == "classification":
         logits = None
-        if observation and values.dim() == 2:  # labels [S, N]: the distribution's logits (a Bernoulli's as one column)
-
-            def read_logits(fn: Any, value: Tensor) -> Tensor:  # noqa: ANN401
-                return fn.logits.unsqueeze(-1) if fn.logits.shape == value.shape else fn.logits
-
-            try:
-                classes = read_logits(nodes[0]["fn"], nodes[0]["value"]).shape[-1]
-            except (AttributeError, NotImplementedError):
-                classes = None
-            logits = None if classes is None else per_draw(read_logits, extra=(classes,))
+        if observation and values.dim() in (2, 3):
+            logits = per_draw(*_logits_reader(nodes[0]["fn"], nodes[0]["value"], labels=values.dim() == 2))
         values = values if logits is None else logits
         if values.dim() != 3:
             raise ValueError(
-                f"output_site {output_site!r}: expected samples [S, N, C] of logits, or an observation site of a Categorical "
-                f"or Bernoulli, got shape {tuple(values.shape)}"
+                f"output_site {output_site!r}: expected samples [S, N, C] of logits, or an observation site of a Categorical, "
+                f"Bernoulli or OneHotCategorical, got shape {tuple(values.shape)}"
             )
         return Prediction.from_logits(values, keep_samples=keep_samples)
     if values.dim() not in (2, 3):

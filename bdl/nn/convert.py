@@ -323,8 +323,9 @@ def bayesianize(
         layer._is_full_backward_hook = getattr(module, "_is_full_backward_hook", None)
         # what the user set on the layer (a flag the model's forward reads); not torch's private state, such as the
         # _compiled_call_impl of module.compile(), which calls the replaced layer
+        # (data only: a callable, such as a patched instance forward, would run the replaced layer)
         for key in module.__dict__.keys() - _standard_attributes(type(module)) - layer.__dict__.keys():
-            if not key.startswith("_"):
+            if not key.startswith("_") and not callable(module.__dict__[key]):
                 layer.__dict__[key] = module.__dict__[key]
         for name in ("weight", "bias"):  # a frozen weight (a frozen backbone) stays frozen: its mean and its std
             original = getattr(module, name)
@@ -362,15 +363,24 @@ def _rebind_references(model: nn.Module, replaced: dict[int, nn.Module]) -> None
     which the forward then kept using while the KL counted layers it never ran."""
     if not replaced:
         return
+
+    def rebound(value: Any, depth: int = 0) -> Any:  # noqa: ANN401 - a list, tuple or dict, nested a few levels
+        if id(value) in replaced:
+            return replaced[id(value)]
+        if depth > 4:
+            return value
+        if isinstance(value, list):
+            value[:] = [rebound(item, depth + 1) for item in value]
+        elif isinstance(value, dict):
+            for name, item in list(value.items()):
+                value[name] = rebound(item, depth + 1)
+        elif isinstance(value, tuple):
+            items = [rebound(item, depth + 1) for item in value]
+            if any(new is not old for new, old in zip(items, value)):
+                return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+        return value
+
     for module in model.modules():
         for key, value in list(vars(module).items()):
-            if key in ("_modules", "_parameters", "_buffers") or isinstance(value, nn.Module):
-                continue
-            if isinstance(value, list):
-                value[:] = [replaced.get(id(item), item) for item in value]
-            elif isinstance(value, tuple) and any(id(item) in replaced for item in value):
-                items = [replaced.get(id(item), item) for item in value]
-                module.__dict__[key] = type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-            elif isinstance(value, dict) and any(id(item) in replaced for item in value.values()):
-                for name, item in list(value.items()):
-                    value[name] = replaced.get(id(item), item)
+            if key not in ("_modules", "_parameters", "_buffers") and isinstance(value, (list, tuple, dict)):
+                module.__dict__[key] = rebound(value)

@@ -79,3 +79,10 @@ def test_posterior_summary_reports_the_rank_diagnostics():
     assert summary.min_ess_tail == pytest.approx(float(row["ess_tail"]))
     header = str(summary).splitlines()[0].split()
     assert header[-5:] == ["n_eff", "r_hat", "ess_bulk", "ess_tail", "rank_r_hat"]
+
+
+def test_chains_stuck_at_different_values_have_infinite_rank_r_hat():
+    stuck = torch.stack([torch.zeros(100), torch.ones(100)]).unsqueeze(-1)  # each chain constant, the two apart
+    mixed = torch.randn(2, 100, 1, generator=torch.Generator().manual_seed(0))
+    summary = PosteriorSummary({"a": stuck, "b": mixed})
+    assert math.isinf(float(rank_r_hat(stuck))) and math.isinf(summary.max_rank_r_hat)  # was NaN, dropped from the max

@@ -193,3 +193,47 @@ def test_mcmc_function_model_predictive_summary_sees_chains_that_disagree_throug
 def test_mcmc_refuses_prediction_inputs_of_a_function_model_without_a_task():
     with pytest.raises(ValueError, match="task"):
         bdl.mcmc(_slope_model, torch.ones(3), torch.ones(3), num_samples=4, warmup_steps=2, num_chains=1, predict_inputs=(torch.ones(2),))
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_a_latent_output_site_is_read_as_its_posterior_draws(parallel):
+    """A per-input latent (f ~ Normal(w x, 0.1), then obs ~ Normal(f, 1)) given in the samples: its draws, not its
+    distribution given w."""
+    from bdl.infer import predict_function_model
+
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[-1]):
+            f = pyro.sample("f", dist.Normal(w * x, 0.1))
+            return pyro.sample("obs", dist.Normal(f, 1.0), obs=y)
+
+    x = torch.tensor([0.5, 1.0, 2.0])
+    f = torch.tensor([[5.0, 6.0, 7.0], [7.0, 8.0, 9.0]])
+    prediction = predict_function_model(model, {"w": torch.zeros(2), "f": f}, x, output_site="f", task="regression", parallel=parallel)
+    torch.testing.assert_close(prediction.mean[:, 0], f.mean(0))
+    torch.testing.assert_close(prediction.epistemic_variance[:, 0], f.var(0, unbiased=False))
+    assert torch.equal(prediction.aleatoric_variance, torch.zeros(3, 1))
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_one_hot_and_masked_categorical_observation_sites_give_their_probabilities(parallel):
+    from bdl.infer import predict_function_model
+
+    def one_hot(x, y=None):
+        slope = pyro.sample("slope", dist.Normal(0.0, 1.0))
+        logit = slope * x
+        with pyro.plate("data", x.shape[-1]):
+            return pyro.sample("obs", dist.OneHotCategorical(logits=torch.stack([torch.zeros_like(logit), logit], -1)), obs=y)
+
+    def masked(x, y=None):
+        slope = pyro.sample("slope", dist.Normal(0.0, 1.0))
+        logit = slope * x
+        with pyro.plate("data", x.shape[-1]):
+            categorical = dist.Categorical(logits=torch.stack([torch.zeros_like(logit), logit], -1))
+            return pyro.sample("obs", categorical.mask(torch.ones_like(logit, dtype=torch.bool)), obs=y)
+
+    slopes, x = torch.tensor([0.5, 6.0]), torch.tensor([1.0, 2.0])
+    expected = torch.stack([torch.zeros(2, 2), slopes[:, None] * x], -1).softmax(-1).mean(0)
+    for model in (one_hot, masked):
+        prediction = predict_function_model(model, {"slope": slopes}, x, output_site="obs", task="classification", parallel=parallel)
+        torch.testing.assert_close(prediction.probs, expected)  # one-hot draws were read as logits

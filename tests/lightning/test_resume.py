@@ -316,3 +316,28 @@ def test_a_resumed_pass_starts_partway_only_in_its_own_epoch():
     sampler.resume_at(4)
     sampler.set_epoch(3)  # Lightning moved on to the next epoch first: that one starts at its beginning
     assert len(list(sampler)) == 10
+
+
+def test_loaders_rebuilt_every_epoch_start_each_epoch_at_its_beginning(tmp_path, one_thread):
+    # the resume offset was read from the previous epoch's batch count when Lightning rebuilt the loader
+    import lightning as L
+    from torch import nn
+
+    from bdl.lightning import DeterministicModule, DigitsDataModule
+
+    class Count(L.Callback):
+        def __init__(self):
+            self.seen = {}
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.seen[trainer.current_epoch] = self.seen.get(trainer.current_epoch, 0) + len(batch[1])
+
+    count, data = Count(), DigitsDataModule(batch_size=64)
+    trainer = L.Trainer(
+        max_epochs=3, default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu", enable_model_summary=False,
+        limit_val_batches=0, reload_dataloaders_every_n_epochs=1, callbacks=[count], enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(DeterministicModule(nn.Linear(64, 8), save_report=False), data)
+    size = len(data._built().train)
+    assert count.seen == {0: size, 1: size, 2: size}
+    assert sum(len(y) for _, y in data.train_dataloader()) == size

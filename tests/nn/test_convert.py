@@ -335,3 +335,25 @@ def test_attributes_set_on_a_converted_layer_are_kept():
     converted = bdl.bayesianize(compiled)
     x = torch.randn(3, 4)
     assert not torch.equal(converted(x), converted(x))
+
+
+def test_a_patched_forward_is_not_carried_over_and_nested_lists_are_rebound():
+    net = nn.Sequential(nn.Linear(4, 2))
+    original_forward = net[0].forward
+    net[0].forward = lambda x: original_forward(x)  # an instance forward, as wrappers patch in: it calls the nn.Linear
+    bnn = bdl.bayesianize(net)
+    x = torch.randn(3, 4)
+    assert not torch.equal(bnn(x), bnn(x))
+
+    class Staged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 2)
+            self.stages = [[self.fc1], ({"out": self.fc2},)]
+
+        def forward(self, x):
+            return self.stages[1][0]["out"](self.stages[0][0](x))
+
+    staged = bdl.bayesianize(Staged())
+    assert staged.stages[0][0] is staged.fc1 and staged.stages[1][0]["out"] is staged.fc2
+    assert not torch.equal(staged(x), staged(x))
