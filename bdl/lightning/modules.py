@@ -182,22 +182,22 @@ def _loaded_patterns(patterns: Any) -> Any:  # noqa: ANN401
 
 def _own_rows(loader: Any, rank: int, world_size: int, seen: int, rows: int) -> int:  # noqa: ANN401
     """How many of a batch's ``rows`` on process ``rank`` are the data set's own, after ``seen`` rows before it:
-    an unshuffled ``DistributedSampler`` gives process ``r`` rows ``r, r + W, ...`` and pads the last round by
-    repeating the first rows, so process ``r`` owns its first ``ceil((N - r) / W)`` rows (all, for another
-    sampler)."""
-    total = _unpadded_size(loader)
+    a ``DistributedSampler`` gives process ``r`` the positions ``r, r + W, ...`` of its order (shuffled or not)
+    padded by repeating its first entries to a multiple of ``W``, so process ``r`` owns its first
+    ``ceil((N - r) / W)`` rows (all, for another sampler)."""
+    total = _unpadded_size(loader, shuffled=True)
     if total is None or world_size <= 1:
         return rows
     own = -(-(total - rank) // world_size)
     return max(0, min(rows, own - seen))
 
 
-def _unpadded_size(loader: Any) -> Optional[int]:  # noqa: ANN401
-    """The data set size behind a loader whose unshuffled ``DistributedSampler`` splits it (else None): the
-    loader's sampler in the test loop; in the predict loop its batch sampler's (Lightning keeps the loader's
-    own sampler there and splits the batches)."""
+def _unpadded_size(loader: Any, shuffled: bool = False) -> Optional[int]:  # noqa: ANN401
+    """The data set size behind a loader whose unshuffled (or, with ``shuffled``, any) ``DistributedSampler``
+    splits it without dropping rows (else None): the loader's sampler in the test loop; in the predict loop its
+    batch sampler's (Lightning keeps the loader's own sampler there and splits the batches)."""
     for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
-        if isinstance(sampler, DistributedSampler) and not sampler.shuffle and not sampler.drop_last:
+        if isinstance(sampler, DistributedSampler) and (shuffled or not sampler.shuffle) and not sampler.drop_last:
             return len(sampler.dataset)
     return None
 

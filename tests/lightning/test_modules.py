@@ -576,6 +576,17 @@ def test_distributed_rows_are_counted_once_and_predict_runs_no_collective(tmp_pa
             kept += len(labels)
             assert prediction is None or len(prediction) == len(labels)
     assert kept == 7
+    # a shuffled validation loader: DistributedSampler pads after shuffling, so the repeats are still at the end
+    kept = 0
+    for rank in (0, 1):
+        sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=3)
+        loader = DataLoader(data, batch_size=2, sampler=sampler)
+        module = DeterministicModule(net())
+        module._trainer = SimpleNamespace(world_size=2, global_rank=rank, val_dataloaders=loader)
+        module.on_validation_epoch_start()
+        for x, y in loader:
+            kept += len(module._unpadded(bdl.predict(module.model, x, num_samples=1), y)[1])
+    assert kept == 7
     # SVI's val/elbo left the repeats in too: process 1's last batch is row 5 and a repeat of row 0
     loader = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
     module = SVIModule(bdl.infer.PyroModel(net(), "categorical", num_data=7), num_val_samples=2)
