@@ -16,7 +16,6 @@ writes the :func:`bdl.evaluate` report (``metrics.json``, ``report.md``, PNG plo
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import importlib
@@ -208,8 +207,7 @@ class _ResumableRandomState:
 
     A run resumed from a checkpoint written at the end of an epoch (as ``last.ckpt`` is by default) then
     draws the same data order and the same Monte Carlo noise (weights, dropout masks, Pyro samples) as a
-    run that was never interrupted, also with DataLoaders that have no generator of their own. Validation
-    draws from forked generators, so that training's random numbers do not depend on it.
+    run that was never interrupted, also with DataLoaders that have no generator of their own.
     """
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -224,24 +222,6 @@ class _ResumableRandomState:
         # loader's iterator is made right after on_fit_start and draws its base seed from the global generator
         # (a DataLoader without a generator of its own), as the uninterrupted run's does after the checkpoint.
         self._pending_random_state = checkpoint.get("bdl_random_state")
-
-    def on_validation_epoch_start(self) -> None:
-        # Validation draws its Monte Carlo samples from generators of its own (the global ones forked, and restored
-        # when it ends): training's random numbers do not depend on when or how it validates, and a fit resumed from
-        # a checkpoint saved before an epoch's validation (a step checkpoint on its last batch, which Lightning
-        # resumes without that validation) draws what the uninterrupted fit drew
-        self._validation_random_state = contextlib.ExitStack()
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        self._validation_random_state.enter_context(torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []))
-        super().on_validation_epoch_start()
-
-    def on_validation_epoch_end(self) -> None:
-        try:
-            super().on_validation_epoch_end()
-        finally:
-            state, self._validation_random_state = getattr(self, "_validation_random_state", None), None
-            if state is not None:
-                state.close()
 
     def on_fit_start(self) -> None:
         states, self._pending_random_state = getattr(self, "_pending_random_state", None), None
