@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -100,15 +102,19 @@ class Trainer(L.Trainer):
         module = model if model is not None else self.lightning_module
         report = getattr(module, "report", None)
         log_dir = self.log_dir  # a broadcast under DDP: every process must ask, not only rank 0
-        if verbose and self.is_global_zero and report is not None:
-            info = report.to_dict()
+        info = None if report is None else report.to_dict()
+        saved = Path(getattr(module, "report_dir", None) or log_dir or self.default_root_dir) / "metrics.json"
+        if info is None and saved.is_file():  # ddp_spawn: the processes that tested wrote it, this one has no report
+            info = json.loads(saved.read_text())
+        if verbose and self.is_global_zero and info is not None:
             ood_name = getattr(datamodule, "ood_name", None)
             ood = "" if info["num_ood_examples"] is None else f", {info['num_ood_examples']} OOD inputs ({ood_name or 'OOD set'})"
             print(
                 f"\n{type(module).__name__} on {type(datamodule).__name__ if datamodule is not None else 'the test data'}: "
                 f"{info['num_examples']} test inputs{ood}, {info['num_samples']} Monte Carlo samples per input\n"
             )
-            print(summary_table(report.metrics, ood_name=ood_name))
+            metrics = {key: math.nan if value is None else value for key, value in info["metrics"].items()}
+            print(summary_table(metrics, ood_name=ood_name))
             print(f"\nReport (metrics.json, report.md, plots): {getattr(module, 'report_dir', None) or log_dir}")
         return results
 
@@ -186,11 +192,13 @@ def _run_version(root: str, name: str, resume: Optional[int] = None) -> int:
 
 
 class _ContinuedCSVLogger(CSVLogger):
-    """Lightning's ``CSVLogger`` for a resumed fit: it continues the run's ``metrics.csv``, which Lightning's
-    deletes when the folder exists. Rows logged before the checkpoint (``step`` below its global step) are
-    kept; later ones, from an epoch the interrupted run had begun and the resumed fit runs again, are not."""
+    """Lightning's ``CSVLogger`` that continues the run's ``metrics.csv``, which Lightning's deletes when it
+    (re)creates its writer. For a resumed fit, rows logged before the checkpoint (``step`` below its global
+    step) are kept; later ones, from an epoch the interrupted run had begun and the resumed fit runs again,
+    are not. For a new run (``resume_step`` infinite) every row is kept: under ``ddp_spawn`` each fit or test
+    runs in new processes, whose copies of the logger make the writer anew."""
 
-    def __init__(self, *args: Any, resume_step: int, **kwargs: Any) -> None:  # noqa: ANN401
+    def __init__(self, *args: Any, resume_step: float, **kwargs: Any) -> None:  # noqa: ANN401
         super().__init__(*args, **kwargs)
         self._resume_step = resume_step
 
@@ -373,11 +381,9 @@ class BDLCLI(LightningCLI):
             folder = Path(root) / self.run_name() / f"version_{version}"
             self._new_run_folder = None if folder.exists() else folder
             resume = getattr(self, "_resume_version", None) is not None and version == self._resume_version
-            csv_logger = (
-                _ContinuedCSVLogger(save_dir=root, name=self.run_name(), version=version, resume_step=self._resume_step)
-                if resume
-                else CSVLogger(save_dir=root, name=self.run_name(), version=version)
-            )
+            # a new run's logger continues its metrics.csv too: under ddp_spawn every fit or test starts new processes,
+            # whose copies of the logger start the file afresh (the test after a fit deleted the training curve)
+            csv_logger = _ContinuedCSVLogger(save_dir=root, name=self.run_name(), version=version, resume_step=self._resume_step if resume else math.inf)
             loggers: list[Logger] = [csv_logger]
             if _tensorboard_available():
                 from lightning.pytorch.loggers import TensorBoardLogger

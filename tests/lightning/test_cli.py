@@ -504,3 +504,17 @@ def test_ddp_predict_writes_one_file_in_the_data_sets_order(ddp_run, monkeypatch
     torch.testing.assert_close(probs, expected, atol=3e-3, rtol=0)
     by_process = torch.cat([torch.arange(0, NUM_TEST, 2), torch.arange(1, NUM_TEST, 2)])  # the processes' rows, one after the other
     assert not torch.allclose(expected[by_process], expected, atol=3e-3)  # so the comparison can fail
+
+
+@pytest.mark.slow
+def test_ddp_spawn_keeps_the_training_curve_and_prints_the_report(tmp_path):
+    # every fit or test under ddp_spawn runs in new processes: the test after the fit started metrics.csv afresh,
+    # and the calling process, which holds no report, printed nothing
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "bdl.lightning.cli", "fit", "--config", QUICKSTART, *FEW_STEPS, "--trainer.accelerator", "cpu",
+               "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    columns = _csv_columns(tmp_path / "quickstart" / "version_0" / "metrics.csv")
+    assert {"train/loss_epoch", "val/nll", "test/nll"} <= columns.keys()
+    assert "| accuracy" in result.stdout
