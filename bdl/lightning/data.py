@@ -11,11 +11,12 @@ Offline modules (no download): :class:`DigitsDataModule`, :class:`MNIST1DDataMod
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator, Literal, Optional, Sequence, Sized, Union
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, TensorDataset
 
 from ..data.offline import (
     Splits,
@@ -71,6 +72,22 @@ class EpochRandomSampler(RandomSampler):
         start = self.start[1] if self.start is not None and self.start[0] == self.epoch else 0
         self.start = None
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()[start:]
+
+
+class _ResumableDistributedSampler(DistributedSampler):
+    """The ``DistributedSampler`` Lightning puts under a DDP training loader (the same seed, so the same order),
+    able to start a resumed epoch partway, as :meth:`EpochRandomSampler.resume_at` does on one process."""
+
+    start: Optional[tuple[int, int]] = None
+
+    def resume_at(self, position: int) -> None:
+        self.start = (self.epoch, max(0, int(position)))
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        start = self.start[1] if self.start is not None and self.start[0] == self.epoch else 0
+        self.start = None
+        return iter(indices[start:])
 
 
 class UncertaintyDataModule(L.LightningDataModule):
@@ -135,10 +152,18 @@ class UncertaintyDataModule(L.LightningDataModule):
         # resumed fit's augmentations restarted from epoch 0's.
         seed = torch.initial_seed() % 2**31
         generator = torch.Generator().manual_seed(seed)
+        sampler: Any = EpochRandomSampler(dataset, seed, generator) if train else None
+        trainer = getattr(self, "trainer", None)
+        if train and trainer is not None and trainer.world_size > 1 and _injects_distributed_sampler(trainer):
+            # the sampler Lightning would put there, but one that can resume an epoch partway
+            sampler = _ResumableDistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                shuffle=not trainer.overfit_batches, seed=int(os.getenv("PL_GLOBAL_SEED", 0)),
+            )  # fmt: skip
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochRandomSampler(dataset, seed, generator) if train else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0 and not train,
             generator=generator,
@@ -175,6 +200,12 @@ class UncertaintyDataModule(L.LightningDataModule):
     def ood_dataloader(self) -> Optional[DataLoader]:
         splits = self._built()
         return None if splits.ood is None else self._loader(splits.ood)
+
+
+def _injects_distributed_sampler(trainer: Any) -> bool:  # noqa: ANN401
+    """Whether Lightning puts a ``DistributedSampler`` under the loaders (``use_distributed_sampler``, on by default)."""
+    connector = getattr(trainer, "_accelerator_connector", None)
+    return bool(getattr(connector, "use_distributed_sampler", True))
 
 
 def uniform_noise_like(inputs: torch.Tensor, num_samples: int, seed: int) -> TensorDataset:

@@ -341,3 +341,27 @@ def test_loaders_rebuilt_every_epoch_start_each_epoch_at_its_beginning(tmp_path,
     size = len(data._built().train)
     assert count.seen == {0: size, 1: size, 2: size}
     assert sum(len(y) for _, y in data.train_dataloader()) == size
+
+
+def test_under_ddp_the_training_loader_has_lightnings_distributed_order_and_resumes_an_epoch_partway(monkeypatch):
+    # Lightning's own DistributedSampler restarted a resumed epoch at its first batch (under DDP, 320 rows
+    # trained twice, 298 never, in a 2-process digits run resumed from a step checkpoint)
+    from types import SimpleNamespace
+
+    from torch.utils.data import DistributedSampler
+
+    from bdl.lightning import DigitsDataModule
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")
+    progress = SimpleNamespace(started=3, processed=2)  # epoch 2 begun, not finished
+    loop = SimpleNamespace(epoch_progress=SimpleNamespace(current=progress),
+                           epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(processed=3))))  # fmt: skip
+    data = DigitsDataModule(batch_size=16)
+    data.trainer = SimpleNamespace(world_size=2, global_rank=1, overfit_batches=0, fit_loop=loop,
+                                   _accelerator_connector=SimpleNamespace(use_distributed_sampler=True))  # fmt: skip
+    sampler = data.train_dataloader().sampler
+    reference = DistributedSampler(data._built().train, num_replicas=2, rank=1, shuffle=True, seed=7)
+    reference.set_epoch(2)
+    assert isinstance(sampler, DistributedSampler) and sampler.epoch == 2
+    assert list(sampler) == list(reference)[3 * 16 :]  # the epoch's order after the 3 batches trained
+    assert list(sampler) == list(reference)  # then whole epochs again
