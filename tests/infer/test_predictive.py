@@ -143,28 +143,34 @@ def test_a_function_models_observation_site_splits_noise_from_the_draws_spread(p
     torch.testing.assert_close(prediction.aleatoric_variance, torch.full((3, 1), 0.25))
 
 
+# Observation sites of a slope model, from the two-class logits (0, slope * x) or, for "three", (0, l, -l)
+OBSERVATIONS = {
+    "categorical": lambda logits: dist.Categorical(logits=logits),
+    "bernoulli": lambda logits: dist.Bernoulli(logits=logits[..., 1]),
+    "one_hot": lambda logits: dist.OneHotCategorical(logits=logits),
+    "masked": lambda logits: dist.Categorical(logits=logits).mask(torch.ones(logits.shape[:-1], dtype=torch.bool)),
+    "three": lambda logits: dist.Categorical(logits=torch.cat([logits, -logits[..., 1:]], -1)),
+}
+
+
 @pytest.mark.parametrize("parallel", [True, False])
-def test_a_function_models_categorical_or_bernoulli_observation_site_gives_its_probabilities(parallel):
+@pytest.mark.parametrize("observation", sorted(OBSERVATIONS))
+def test_a_function_models_observation_site_gives_its_class_probabilities(observation, parallel):
+    """Categorical, Bernoulli (as two classes), OneHotCategorical (its one-hot draws were read as logits) and a
+    masked Categorical (refused) observation sites: the softmax of their logits, averaged over the draws."""
     from bdl.infer import predict_function_model
 
-    def categorical(x, y=None):
+    def model(x, y=None):
         slope = pyro.sample("slope", dist.Normal(0.0, 1.0))
         logit = slope * x
         with pyro.plate("data", x.shape[-1]):
-            return pyro.sample("obs", dist.Categorical(logits=torch.stack([torch.zeros_like(logit), logit, -logit], -1)), obs=y)
+            return pyro.sample("obs", OBSERVATIONS[observation](torch.stack([torch.zeros_like(logit), logit], -1)), obs=y)
 
-    def bernoulli(x, y=None):
-        slope = pyro.sample("slope", dist.Normal(0.0, 1.0))
-        with pyro.plate("data", x.shape[-1]):
-            return pyro.sample("obs", dist.Bernoulli(logits=slope * x), obs=y)
-
-    slopes, x = torch.tensor([0.5, -1.0, 3.0]), torch.tensor([1.0, 2.0])
+    slopes, x = torch.tensor([0.5, -1.0, 6.0]), torch.tensor([1.0, 2.0])
     logit = slopes[:, None] * x
-    options = {"output_site": "obs", "task": "classification", "parallel": parallel}
-    three = predict_function_model(categorical, {"slope": slopes}, x, **options)
-    torch.testing.assert_close(three.probs, torch.stack([torch.zeros_like(logit), logit, -logit], -1).softmax(-1).mean(0))
-    two = predict_function_model(bernoulli, {"slope": slopes}, x, **options)
-    torch.testing.assert_close(two.probs[:, 1], logit.sigmoid().mean(0))
+    logits = [torch.zeros_like(logit), logit] + ([-logit] if observation == "three" else [])
+    prediction = predict_function_model(model, {"slope": slopes}, x, output_site="obs", task="classification", parallel=parallel)
+    torch.testing.assert_close(prediction.probs, torch.stack(logits, -1).softmax(-1).mean(0))
 
 
 def test_mcmc_function_model_predictive_summary_sees_chains_that_disagree_through_the_noise():
@@ -213,27 +219,3 @@ def test_a_latent_output_site_is_read_as_its_posterior_draws(parallel):
     torch.testing.assert_close(prediction.mean[:, 0], f.mean(0))
     torch.testing.assert_close(prediction.epistemic_variance[:, 0], f.var(0, unbiased=False))
     assert torch.equal(prediction.aleatoric_variance, torch.zeros(3, 1))
-
-
-@pytest.mark.parametrize("parallel", [True, False])
-def test_one_hot_and_masked_categorical_observation_sites_give_their_probabilities(parallel):
-    from bdl.infer import predict_function_model
-
-    def one_hot(x, y=None):
-        slope = pyro.sample("slope", dist.Normal(0.0, 1.0))
-        logit = slope * x
-        with pyro.plate("data", x.shape[-1]):
-            return pyro.sample("obs", dist.OneHotCategorical(logits=torch.stack([torch.zeros_like(logit), logit], -1)), obs=y)
-
-    def masked(x, y=None):
-        slope = pyro.sample("slope", dist.Normal(0.0, 1.0))
-        logit = slope * x
-        with pyro.plate("data", x.shape[-1]):
-            categorical = dist.Categorical(logits=torch.stack([torch.zeros_like(logit), logit], -1))
-            return pyro.sample("obs", categorical.mask(torch.ones_like(logit, dtype=torch.bool)), obs=y)
-
-    slopes, x = torch.tensor([0.5, 6.0]), torch.tensor([1.0, 2.0])
-    expected = torch.stack([torch.zeros(2, 2), slopes[:, None] * x], -1).softmax(-1).mean(0)
-    for model in (one_hot, masked):
-        prediction = predict_function_model(model, {"slope": slopes}, x, output_site="obs", task="classification", parallel=parallel)
-        torch.testing.assert_close(prediction.probs, expected)  # one-hot draws were read as logits

@@ -224,14 +224,30 @@ class _NoisyDigits:
         return x + torch.randn_like(x), y
 
 
+def _fit_linear_on_digits(folder, data, callbacks, ckpt_path=None, **trainer_options):
+    """Seeded fit of a linear classifier on a digits data module, without logger or validation; its parameters."""
+    import lightning as L
+    from torch import nn
+
+    from bdl.lightning import DeterministicModule
+
+    L.seed_everything(0)
+    module = DeterministicModule(nn.Linear(64, 8), lr=0.05, save_report=False)
+    trainer = L.Trainer(
+        default_root_dir=folder, logger=False, enable_progress_bar=False, accelerator="cpu", enable_model_summary=False,
+        limit_val_batches=0, callbacks=callbacks, **trainer_options,
+    )  # fmt: skip
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
 def test_a_resumed_fit_with_loader_workers_sees_the_data_and_augmentation_of_an_uninterrupted_one(tmp_path, one_thread):
     # With worker processes the resumed fit's first epoch replayed epoch 0's order (the workers drew their
     # first indices before Lightning's set_epoch), and persistent workers restarted their augmentation streams.
     import lightning as L
-    from torch import nn
 
     from bdl.data import Splits
-    from bdl.lightning import DeterministicModule, DigitsDataModule
+    from bdl.lightning import DigitsDataModule
 
     class NoisyDigits(DigitsDataModule):
         def build(self) -> Splits:
@@ -246,15 +262,9 @@ def test_a_resumed_fit_with_loader_workers_sees_the_data_and_augmentation_of_an_
             trainer.should_stop = trainer.should_stop or trainer.current_epoch + 1 >= self.epochs
 
     def fit(folder, epochs, ckpt_path=None):
-        L.seed_everything(0)
-        module = DeterministicModule(nn.Linear(64, 8), lr=0.05, save_report=False)
-        trainer = L.Trainer(
-            max_epochs=3, default_root_dir=folder, logger=False, enable_progress_bar=False, accelerator="cpu",
-            enable_model_summary=False, limit_train_batches=4, limit_val_batches=0,
-            callbacks=[StopAfter(epochs), L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True)],
-        )  # fmt: skip
-        trainer.fit(module, NoisyDigits(batch_size=32, num_workers=1), ckpt_path=ckpt_path)
-        return torch.cat([p.detach().flatten() for p in module.parameters()])
+        callbacks = [StopAfter(epochs), L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True)]
+        data = NoisyDigits(batch_size=32, num_workers=1)
+        return _fit_linear_on_digits(folder, data, callbacks, ckpt_path, max_epochs=3, limit_train_batches=4)
 
     reference = fit(tmp_path / "a", 3)
     fit(tmp_path / "b", 2)
@@ -270,9 +280,8 @@ def test_a_fit_resumed_from_a_checkpoint_saved_partway_through_an_epoch_trains_o
     # Lightning runs the interrupted epoch's remaining batches from a fresh loader: they were the epoch's first
     # ones again (3 batches trained twice, 3 never)
     import lightning as L
-    from torch import nn
 
-    from bdl.lightning import DeterministicModule, DigitsDataModule
+    from bdl.lightning import DigitsDataModule
 
     class Record(L.Callback):
         def __init__(self, crash_at=None):
@@ -284,15 +293,8 @@ def test_a_fit_resumed_from_a_checkpoint_saved_partway_through_an_epoch_trains_o
             self.batches.append((trainer.current_epoch, float(batch[0].sum())))
 
     def fit(folder, record, ckpt_path=None):
-        L.seed_everything(0)
-        module = DeterministicModule(nn.Linear(64, 8), lr=0.05, save_report=False)
-        trainer = L.Trainer(
-            max_epochs=2, default_root_dir=folder, logger=False, enable_progress_bar=False, accelerator="cpu",
-            enable_model_summary=False, limit_train_batches=6, limit_val_batches=0,
-            callbacks=[record, L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, every_n_train_steps=3, save_last=True)],
-        )  # fmt: skip
-        trainer.fit(module, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
-        return torch.cat([p.detach().flatten() for p in module.parameters()])
+        callbacks = [record, L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, every_n_train_steps=3, save_last=True)]
+        return _fit_linear_on_digits(folder, DigitsDataModule(batch_size=32), callbacks, ckpt_path, max_epochs=2, limit_train_batches=6)
 
     reference = Record()
     expected = fit(tmp_path / "a", reference)
