@@ -20,6 +20,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -98,13 +99,15 @@ class Trainer(L.Trainer):
         # weights_only: as Trainer.test (a run's saved config.yaml holds fit's, which evaluate refused); passed only
         # when set, for Lightning releases before it
         options = {} if weights_only is None else {"weights_only": weights_only}
+        started = time.time()
         results = self.test(model, dataloaders, ckpt_path=ckpt_path, verbose=False, datamodule=datamodule, **options)
         module = model if model is not None else self.lightning_module
         report = getattr(module, "report", None)
         log_dir = self.log_dir  # a broadcast under DDP: every process must ask, not only rank 0
         info = None if report is None else report.to_dict()
         saved = Path(getattr(module, "report_dir", None) or log_dir or self.default_root_dir) / "metrics.json"
-        if info is None and saved.is_file():  # ddp_spawn: the processes that tested wrote it, this one has no report
+        # ddp_spawn: the processes that tested wrote it, this one has no report (one this test wrote, not an older one)
+        if info is None and saved.is_file() and saved.stat().st_mtime >= started - 1:
             info = json.loads(saved.read_text())
         if verbose and self.is_global_zero and info is not None:
             ood_name = getattr(datamodule, "ood_name", None)
@@ -429,6 +432,9 @@ class BDLCLI(LightningCLI):
             return
         checkpoint = getattr(self, "_checkpoint", None)
         ckpt_path = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+        for logger in self.trainer.loggers:  # the fit is over: every row it logged stays (ddp_spawn tests start a new writer)
+            if isinstance(logger, _ContinuedCSVLogger):
+                logger._resume_step = math.inf
         self.trainer.evaluate(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
 

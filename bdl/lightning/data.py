@@ -154,12 +154,11 @@ class UncertaintyDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(seed)
         sampler: Any = EpochRandomSampler(dataset, seed, generator) if train else None
         trainer = getattr(self, "trainer", None)
-        if train and trainer is not None and trainer.world_size > 1 and _injects_distributed_sampler(trainer):
-            # the sampler Lightning would put there, but one that can resume an epoch partway
+        replicas = _distributed_sampler_kwargs(trainer) if train and trainer is not None else None
+        if replicas is not None:  # the sampler Lightning would put there (its replicas and seed), able to resume partway
             sampler = _ResumableDistributedSampler(
-                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
-                shuffle=not trainer.overfit_batches, seed=int(os.getenv("PL_GLOBAL_SEED", 0)),
-            )  # fmt: skip
+                dataset, **replicas, shuffle=not trainer.overfit_batches, seed=int(os.getenv("PL_GLOBAL_SEED", 0))
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
@@ -202,10 +201,18 @@ class UncertaintyDataModule(L.LightningDataModule):
         return None if splits.ood is None else self._loader(splits.ood)
 
 
-def _injects_distributed_sampler(trainer: Any) -> bool:  # noqa: ANN401
-    """Whether Lightning puts a ``DistributedSampler`` under the loaders (``use_distributed_sampler``, on by default)."""
+def _distributed_sampler_kwargs(trainer: Any) -> Optional[dict[str, Any]]:  # noqa: ANN401
+    """``num_replicas`` and ``rank`` of the ``DistributedSampler`` Lightning puts under the loaders, or None where it
+    puts none: as Lightning decides, with a distributed strategy (any DDP, on one device too) and
+    ``use_distributed_sampler`` on (the default), over the strategy's data-parallel processes (not the
+    tensor-parallel ranks of a ``ModelParallelStrategy``, which share one batch)."""
     connector = getattr(trainer, "_accelerator_connector", None)
-    return bool(getattr(connector, "use_distributed_sampler", True))
+    if not getattr(connector, "use_distributed_sampler", True) or not getattr(connector, "is_distributed", trainer.world_size > 1):
+        return None
+    kwargs = getattr(trainer, "distributed_sampler_kwargs", None)
+    if kwargs is None:
+        return None
+    return {"num_replicas": kwargs["num_replicas"], "rank": kwargs["rank"]}
 
 
 def uniform_noise_like(inputs: torch.Tensor, num_samples: int, seed: int) -> TensorDataset:

@@ -321,11 +321,11 @@ def bayesianize(
             getattr(layer, hooks).update(getattr(module, hooks, {}))
         # torch runs _backward_hooks as full backward hooks only where this flag says so
         layer._is_full_backward_hook = getattr(module, "_is_full_backward_hook", None)
-        # what the user set on the layer (a flag the model's forward reads); not torch's private state, such as the
-        # _compiled_call_impl of module.compile(), which calls the replaced layer
-        # (data only: a callable, such as a patched instance forward, would run the replaced layer)
+        # what the user set on the layer (a flag or a function the model's forward reads); not torch's private state,
+        # such as the _compiled_call_impl of module.compile(), nor what replaces a method of the class (a patched
+        # instance forward), which call the replaced layer
         for key in module.__dict__.keys() - _standard_attributes(type(module)) - layer.__dict__.keys():
-            if not key.startswith("_") and not callable(module.__dict__[key]):
+            if not key.startswith("_") and not hasattr(type(module), key):
                 layer.__dict__[key] = module.__dict__[key]
         for name in ("weight", "bias"):  # a frozen weight (a frozen backbone) stays frozen: its mean and its std
             original = getattr(module, name)

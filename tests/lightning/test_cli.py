@@ -518,3 +518,39 @@ def test_ddp_spawn_keeps_the_training_curve_and_prints_the_report(tmp_path):
     columns = _csv_columns(tmp_path / "quickstart" / "version_0" / "metrics.csv")
     assert {"train/loss_epoch", "val/nll", "test/nll"} <= columns.keys()
     assert "| accuracy" in result.stdout
+
+
+def test_evaluate_prints_a_report_written_by_this_test_only(tmp_path, capsys):
+    # under ddp_spawn the calling process has no report and prints the metrics.json the test wrote; an older one (a
+    # previous run's, in a resumed folder) was printed as this run's
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bdl.lightning.cli import Trainer
+
+    report = {"task": "classification", "num_examples": 4, "num_ood_examples": None, "num_samples": 2,
+              "metrics": {"accuracy": 0.25, "nll": 1.5}}  # fmt: skip
+
+    class Plain(L.LightningModule):  # no bdl report
+        def __init__(self, write):
+            super().__init__()
+            self.layer, self.write = torch.nn.Linear(2, 2), write
+
+        def test_step(self, batch, batch_idx):
+            return None
+
+        def on_test_end(self):
+            if self.write:
+                (tmp_path / "metrics.json").write_text(json.dumps(report))
+
+    (tmp_path / "metrics.json").write_text(json.dumps({**report, "metrics": {"accuracy": 0.99, "nll": 0.01}}))
+    old = tmp_path / "metrics.json"
+    os.utime(old, (old.stat().st_atime - 3600, old.stat().st_mtime - 3600))
+    loader = DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2)
+    trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    capsys.readouterr()
+    trainer.evaluate(Plain(write=False), loader)
+    assert "| accuracy" not in capsys.readouterr().out
+    trainer.evaluate(Plain(write=True), loader)
+    out = capsys.readouterr().out
+    assert "| accuracy" in out and "0.2500" in out

@@ -360,10 +360,19 @@ def test_under_ddp_the_training_loader_has_lightnings_distributed_order_and_resu
                            epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(processed=3))))  # fmt: skip
     data = DigitsDataModule(batch_size=16)
     data.trainer = SimpleNamespace(world_size=2, global_rank=1, overfit_batches=0, fit_loop=loop,
-                                   _accelerator_connector=SimpleNamespace(use_distributed_sampler=True))  # fmt: skip
+                                   distributed_sampler_kwargs={"num_replicas": 2, "rank": 1},
+                                   _accelerator_connector=SimpleNamespace(use_distributed_sampler=True, is_distributed=True))  # fmt: skip
     sampler = data.train_dataloader().sampler
     reference = DistributedSampler(data._built().train, num_replicas=2, rank=1, shuffle=True, seed=7)
     reference.set_epoch(2)
     assert isinstance(sampler, DistributedSampler) and sampler.epoch == 2
     assert list(sampler) == list(reference)[3 * 16 :]  # the epoch's order after the 3 batches trained
     assert list(sampler) == list(reference)  # then whole epochs again
+    # tensor-parallel ranks share one batch: the replicas are the strategy's data-parallel ones, not the processes
+    data.trainer.distributed_sampler_kwargs = {"num_replicas": 1, "rank": 0}
+    assert data.train_dataloader().sampler.num_replicas == 1
+    # DDP on one device: Lightning puts its sampler there too (which restarted a resumed epoch)
+    data.trainer.world_size, data.trainer.global_rank = 1, 0
+    assert isinstance(data.train_dataloader().sampler, DistributedSampler)
+    data.trainer._accelerator_connector.use_distributed_sampler = False
+    assert not isinstance(data.train_dataloader().sampler, DistributedSampler)

@@ -328,8 +328,10 @@ def test_attributes_set_on_a_converted_layer_are_kept():
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Conv1d(1, 2, 3))
     net[0].scale_output = 2.0  # read by a user's forward, say
     net[2].tag = "head"
+    net[2].post = torch.tanh  # functions and classes too (not what replaces a method, such as a patched forward)
     bnn = bdl.bayesianize(net)
     assert bnn[0].scale_output == 2.0 and bnn[2].tag == "head" and isinstance(bnn[0], bdl.BayesLinear)
+    assert bnn[2].post is torch.tanh
     compiled = nn.Sequential(nn.Linear(4, 2))
     compiled[0].compile(backend="eager")  # module.compile's wrapper calls the nn.Linear: not carried over
     converted = bdl.bayesianize(compiled)
