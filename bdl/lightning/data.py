@@ -38,7 +38,25 @@ def _positive_int(name: str, value: Any) -> int:  # noqa: ANN401
     return value
 
 
-class EpochRandomSampler(RandomSampler):
+class _ResumablePass:
+    """A sampler whose next pass over its current epoch can start partway (:meth:`resume_at`)."""
+
+    epoch: int
+    start: Optional[tuple[int, int]] = None  # (epoch, position) of a resumed pass
+
+    def resume_at(self, position: int) -> None:
+        """Start the next pass over this epoch at ``position`` of its order (a fit resumed from a checkpoint saved
+        partway through the epoch: the examples before it were trained on); later passes, and a pass over
+        another epoch, start at 0."""
+        self.start = (self.epoch, max(0, int(position)))
+
+    def _resumed(self, order: list[int]) -> list[int]:
+        start = self.start[1] if self.start is not None and self.start[0] == self.epoch else 0
+        self.start = None
+        return order[start:]
+
+
+class EpochRandomSampler(_ResumablePass, RandomSampler):
     """Shuffles anew each epoch, in an order that depends only on ``seed`` and the epoch.
 
     Lightning calls :meth:`set_epoch` before every epoch. Unlike a plain shuffling loader, drawing the
@@ -53,7 +71,6 @@ class EpochRandomSampler(RandomSampler):
     def __init__(self, data_source: Sized, seed: int = 0, workers_generator: Optional[torch.Generator] = None) -> None:
         super().__init__(data_source)
         self.seed, self.workers_generator = int(seed), workers_generator
-        self.start: Optional[tuple[int, int]] = None  # (epoch, position) of a resumed pass
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -61,33 +78,17 @@ class EpochRandomSampler(RandomSampler):
         if self.workers_generator is not None:
             self.workers_generator.manual_seed((self.seed * 1_000_003 + self.epoch) ^ 0x5EED)
 
-    def resume_at(self, position: int) -> None:
-        """Start the next pass over this epoch at ``position`` of its order (a fit resumed from a checkpoint saved
-        partway through the epoch: the examples before it were trained on); later passes, and a pass over
-        another epoch, start at 0."""
-        self.start = (self.epoch, max(0, int(position)))
-
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        start = self.start[1] if self.start is not None and self.start[0] == self.epoch else 0
-        self.start = None
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()[start:]
+        yield from self._resumed(torch.randperm(len(self.data_source), generator=generator).tolist())
 
 
-class _ResumableDistributedSampler(DistributedSampler):
+class _ResumableDistributedSampler(_ResumablePass, DistributedSampler):
     """The ``DistributedSampler`` Lightning puts under a DDP training loader (the same seed, so the same order),
-    able to start a resumed epoch partway, as :meth:`EpochRandomSampler.resume_at` does on one process."""
-
-    start: Optional[tuple[int, int]] = None
-
-    def resume_at(self, position: int) -> None:
-        self.start = (self.epoch, max(0, int(position)))
+    able to start a resumed epoch partway, as :class:`EpochRandomSampler` does on one process."""
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        start = self.start[1] if self.start is not None and self.start[0] == self.epoch else 0
-        self.start = None
-        return iter(indices[start:])
+        return iter(self._resumed(list(super().__iter__())))
 
 
 class UncertaintyDataModule(L.LightningDataModule):
