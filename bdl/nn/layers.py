@@ -194,7 +194,7 @@ class _BayesLayer(BayesianModule):
     # The posterior stds are transform(rho): a state dict records the transform its rho were saved under (in its
     # per-module metadata, where torch keeps format versions, so the keys stay tensors), and loading it into a
     # layer of the other transform converts them to the same stds. Without the record (a state dict rebuilt as a
-    # plain dict, or saved by bdl before session 16) the rho are read as this layer's.
+    # plain dict, or saved by an older bdl) the rho are read as this layer's.
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         metadata = getattr(destination, "_metadata", None)
