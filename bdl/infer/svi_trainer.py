@@ -282,10 +282,10 @@ class SVIModule(L.LightningModule):
         loss, nll, kl = self.loss(*args)
         batch_size = args[0].shape[0] if args and isinstance(args[0], Tensor) and args[0].dim() else 1
         on_step = stage == "train"
-        sync = stage == "val"  # validation values are averaged over processes; training ones stay per process (cheap)
-        self.log(f"{stage}/elbo", -loss.detach(), on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=sync)
-        self.log(f"{stage}/nll", nll, on_step=on_step, on_epoch=True, batch_size=batch_size, sync_dist=sync)
-        self.log(f"{stage}/kl", kl, on_step=on_step, on_epoch=True, batch_size=batch_size, sync_dist=sync)
+        # averaged over processes under DDP, training values too (their epoch means were each process's own)
+        self.log(f"{stage}/elbo", -loss.detach(), on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log(f"{stage}/nll", nll, on_step=on_step, on_epoch=True, batch_size=batch_size, sync_dist=True)
+        self.log(f"{stage}/kl", kl, on_step=on_step, on_epoch=True, batch_size=batch_size, sync_dist=True)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

@@ -331,8 +331,19 @@ class _Evaluation:
                 error = self._non_finite("validation", f"the predicted variance is 0 for {zeros} of {variance.numel()} outputs (its NLL infinite)")
         if self.task != "classification":  # every process, every batch: a collective
             _raise_on_every_process(self, error, "non-finite validation metric")
-        for name, metric in metrics.items():
-            if metric.update_count:  # a deterministic mean-only regressor has no predictive NLL
+
+    def on_validation_epoch_end(self) -> None:
+        # Logged here, on every process alike: a metric that no process updated is left out (a deterministic
+        # mean-only regressor has no predictive NLL), one that another process updated is not. Logged from each
+        # validation step where the process itself had updated it, a validation set with fewer rows than processes
+        # (a process holding only the sampler's repeats) hung the others in the metric's synchronisation.
+        metrics = self.val_metrics
+        updated = torch.tensor([metric.update_count > 0 for metric in metrics.values()], device=self.device)
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            updated = trainer.strategy.reduce(updated.float(), reduce_op="sum") > 0
+        for (name, metric), logged in zip(metrics.items(), updated.tolist()):
+            if logged:
                 self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=name in ("accuracy", "rmse"))
 
     def _non_finite(self, stage: str, what: str) -> FloatingPointError:
@@ -565,8 +576,10 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
             raise ValueError("training batches must be (inputs, targets) pairs")
         terms = self.training_loss(x, y)
         _check_finite(self, terms)
+        # synchronised: under DDP the epoch means were each process's own (rank 0's in the logs); this costs a
+        # collective per term and step, small beside the gradients' own
         for name, value in terms.items():
-            self.log(f"train/{name}", value, on_step=True, on_epoch=True, prog_bar=name == "loss", batch_size=len(x))
+            self.log(f"train/{name}", value, on_step=True, on_epoch=True, prog_bar=name == "loss", batch_size=len(x), sync_dist=True)
         return terms["loss"]
 
     def configure_optimizers(self) -> Any:  # noqa: ANN401 - Lightning's optimizer config

@@ -11,6 +11,7 @@ import sys
 import lightning as L
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import bdl
 from bdl.lightning import (
@@ -54,6 +55,10 @@ def main(out: str, mode: str) -> None:
         )  # fmt: skip
         trainer.fit(module, data)
         logged_val_accuracy = float(trainer.callback_metrics["val/accuracy"])
+        train_means = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/") and k.endswith("_epoch")}
+        every_process = [train_means] * processes
+        if processes > 1:
+            torch.distributed.all_gather_object(every_process, train_means)
         trainer.test(module, data, verbose=False)
         if trainer.is_global_zero:
             entry = {"test": module.report.metrics, "num_test": len(module.report.prediction), "val_accuracy": logged_val_accuracy,
@@ -64,6 +69,7 @@ def main(out: str, mode: str) -> None:
                     entry["val_accuracy_full_set"] = float((module.model(x).argmax(1) == y).float().mean())
             if method == "variational":
                 entry["num_data"] = module.num_data
+            entry["train_epoch_means"] = every_process
             results[method] = entry
     if processes > 1:  # a non-finite loss on one process stops both (the other waited in its next collective)
         L.seed_everything(0)
@@ -76,6 +82,19 @@ def main(out: str, mode: str) -> None:
             results["nan_on_one_process"] = "no error"
         except FloatingPointError as error:
             results["nan_on_one_process"] = str(error)
+    if processes > 1:  # one validation row for two processes: the process holding only the sampler's repeat hung the other
+        L.seed_everything(0)
+        x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+        val = TensorDataset(x[:1], y[:1])
+        trainer = L.Trainer(
+            max_epochs=1, accelerator="cpu", devices=processes, strategy="ddp", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        module = DeterministicModule(MLP(4, 2, hidden=[8]), save_report=False)
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16), DataLoader(val, batch_size=4))
+        with torch.no_grad():
+            correct = float(module.model(val.tensors[0]).argmax(1).eq(val.tensors[1]).float().mean())
+        results["one_validation_row"] = {"logged": float(trainer.callback_metrics["val/accuracy"]), "correct": correct}
     if trainer.global_rank == 0:
         with open(out, "w") as file:
             json.dump(results, file)

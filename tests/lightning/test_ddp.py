@@ -62,3 +62,20 @@ def test_a_non_finite_loss_on_one_process_stops_every_process_with_a_clear_error
     # process 0 (the first process's error is the one a user reads) failed with gloo's "connection closed by peer"
     message = results["ddp"]["nan_on_one_process"]
     assert message.startswith("non-finite training loss on another process at epoch 0, step 1 (this is process 0 of 2)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["deterministic", "variational", "svi"])
+def test_epoch_level_training_means_are_over_every_process(results, method):
+    # each process's own average before (Lightning logs rank 0's): the two processes' values differed
+    first, second = results["ddp"][method]["train_epoch_means"]
+    assert first.keys() >= {"train/loss_epoch" if method != "svi" else "train/elbo_epoch", "train/nll_epoch"}
+    assert first == pytest.approx(second, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_validation_set_smaller_than_the_processes_does_not_hang(results):
+    # one row for two processes: the process holding only the sampler's repeat logged no metric, and the other
+    # waited in the metric's synchronisation for ever; the logged accuracy is the one row's
+    row = results["ddp"]["one_validation_row"]
+    assert row["logged"] == row["correct"]
