@@ -118,7 +118,10 @@ class Trainer(L.Trainer):
             )
             metrics = {key: math.nan if value is None else value for key, value in info["metrics"].items()}
             print(summary_table(metrics, ood_name=ood_name))
-            print(f"\nReport (metrics.json, report.md, plots): {getattr(module, 'report_dir', None) or log_dir}")
+            if self.fast_dev_run:
+                print("\nfast_dev_run: no report files written")
+            else:
+                print(f"\nReport (metrics.json, report.md, plots): {getattr(module, 'report_dir', None) or log_dir}")
         return results
 
 
@@ -168,6 +171,8 @@ class PredictionWriter(BasePredictionWriter):
             names = ("probs", "predicted_class", "predictive_entropy", "expected_entropy", "mutual_information", "max_probability")
         else:
             names = ("mean", "aleatoric_variance", "epistemic_variance", "total_variance")
+        if trainer.fast_dev_run:  # a smoke test: no logger, so the folder would be the working directory
+            return
         folder.mkdir(parents=True, exist_ok=True)
         torch.save({name: getattr(prediction, name) for name in names}, folder / "predictions.pt")
 
@@ -402,6 +407,11 @@ class BDLCLI(LightningCLI):
         self._checkpoint = next((callback for callback in callbacks if isinstance(callback, ModelCheckpoint)), None)
         if config.get("enable_checkpointing") is False and self._checkpoint is not None:
             callbacks = [callback for callback in callbacks if callback is not self._checkpoint]
+            self._checkpoint = None
+        if config.get("fast_dev_run"):
+            # Lightning saves no checkpoint in a fast_dev_run but save_last's at the end of training, which without a
+            # logger went to checkpoints/last.ckpt in the working directory
+            callbacks = [callback for callback in callbacks if not isinstance(callback, ModelCheckpoint)]
             self._checkpoint = None
         return super()._instantiate_trainer(config, callbacks)
 

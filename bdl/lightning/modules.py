@@ -426,7 +426,8 @@ class _Evaluation:
         headline = {f"test/{key}": value for key in HEADLINE_METRICS if (value := self.report.metrics.get(key)) is not None}
         self.log_dict(headline)
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # every process: log_dir broadcasts
-        if self.save_report and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+        # fast_dev_run is a smoke test: Lightning gives it no logger, and the report went to the working directory
+        if self.save_report and self.trainer.is_global_zero and not self.trainer.sanity_checking and not self.trainer.fast_dev_run:
             self.report.save(folder)
             self.report_dir = folder
 

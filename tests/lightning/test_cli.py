@@ -139,6 +139,20 @@ def test_checkpointing_off_and_extra_checkpoint_callbacks(tmp_path, monkeypatch)
     assert list((tmp_path / "periodic").glob("*.ckpt"))
 
 
+def test_fast_dev_run_writes_no_files(quickstart_run, tmp_path, monkeypatch, capsys):
+    # a smoke test: Lightning gives it no logger, and bdl wrote checkpoints/last.ckpt, metrics.json, report.md and
+    # the plots into the working directory (and predictions.pt for predict)
+    best = _copy_run(quickstart_run, tmp_path / "runs")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    main(["fit", "--config", QUICKSTART, "--trainer.fast_dev_run", "true", "--trainer.enable_progress_bar", "false"])
+    assert "fast_dev_run: no report files written" in capsys.readouterr().out
+    main(["predict", "--config", QUICKSTART, "--ckpt_path", str(best), "--trainer.fast_dev_run", "true",
+          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    assert not list(work.rglob("*"))
+
+
 def test_resuming_a_run_without_a_config_file_finds_the_folder_named_after_the_module(tmp_path):
     arguments = ["--model", "bdl.lightning.DeterministicModule", "--model.model", "bdl.lightning.MLP", "--model.model.in_features", "64",
                  "--model.model.out_features", "8", "--data", "bdl.lightning.DigitsDataModule", *FEW_STEPS,
