@@ -196,3 +196,14 @@ def test_coverage_threshold_with_many_ties_is_the_largest_that_handles_at_most_t
     scores = torch.randint(0, 6, (500,), generator=generator).double() ** 2  # a few values, heavily tied
     allowed = [value for value in scores.unique().tolist() if (scores <= value).double().mean() <= coverage + 1e-12]
     assert _threshold_for_coverage(scores, coverage) == (max(allowed) if allowed else -math.inf)
+
+
+def test_float32_targets_mean_their_decimal_value():
+    # np.float32(0.7) is 0.69999999: triage handled 699 of 1000 inputs (6 of 10), and 9 of 10 at an error rate of 0.7
+    np = pytest.importorskip("numpy")
+    for n in (10, 1000):
+        prediction = Prediction.from_logits(torch.linspace(0.01, 3, n, dtype=torch.float64)[None, :, None])
+        assert int((~triage(prediction, score="max_probability", coverage=np.float32(0.7)).review).sum()) == 7 * n // 10
+    prediction = Prediction.from_logits(torch.linspace(0.01, 3, 10, dtype=torch.float64)[None, :, None])
+    prediction.targets = torch.tensor([0] * 7 + [1] * 3)  # every input predicted 1: 7 wrong
+    assert int((~triage(prediction, score="max_probability", error_rate=np.float32(0.7)).review).sum()) == 10

@@ -40,7 +40,8 @@ def _check_logits(logits, target) -> tuple[Tensor, Tensor]:  # noqa: ANN001
     if bool(logits.amin() >= 0) and bool(((logits.sum(-1, dtype=torch.float64) - 1).abs() < 1e-4).all()):
         raise ValueError(
             "`logits` look like probabilities (non-negative, every row summing to 1): pass the network's logits, "
-            "or log-probabilities (probs.log())"
+            "or log-probabilities (probs.clamp_min(torch.finfo(probs.dtype).tiny).log(): a probability of exactly 0 "
+            "has log -inf)"
         )
     return logits, target.to(logits.device)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -15,6 +15,21 @@ def require_data(metric: Metric, count: Tensor) -> None:
     update, a mean was NaN, an MCE 0 (a perfect score of nothing) and a buffered metric failed in torchmetrics."""
     if not bool(count.sum() > 0):
         raise ValueError(f"{type(metric).__name__}.compute() before any example was added: call update() with a batch first")
+
+
+def empty_batch(*values: object) -> bool:
+    """Whether every one of a batch's ``values`` (tensors, arrays or lists) holds no example: ``update`` then adds
+    nothing, as torchmetrics' own metrics do (a masked batch, ``probs[mask]``, can be empty); a batch with some
+    values empty and others not goes on to the checks, which name the mismatch."""
+    def rows(value: object) -> Optional[int]:
+        if isinstance(value, Tensor):
+            return value.shape[0] if value.dim() else None
+        try:
+            return len(value)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+
+    return all(rows(value) == 0 for value in values)
 
 
 class _RunningMean(Metric):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ._base import _Buffered, _RunningMean, require_data
+from ._base import _Buffered, _RunningMean, empty_batch, require_data
 from .functional import classification as F
 from .functional._checks import check_n_bins
 
@@ -34,6 +34,8 @@ class NLL(_RunningMean):
 
     def update(self, probs: Tensor, target: Tensor) -> None:
         """Add a batch: ``probs`` [B, C] predictive probabilities, ``target`` [B] integer labels."""
+        if empty_batch(probs, target):
+            return
         self._add(F.nll(probs, target), len(target))  # checked by nll: a tensor, array or list of N labels
 
 
@@ -51,6 +53,8 @@ class BrierScore(_RunningMean):
 
     def update(self, probs: Tensor, target: Tensor) -> None:
         """Add a batch: ``probs`` [B, C] predictive probabilities, ``target`` [B] integer labels."""
+        if empty_batch(probs, target):
+            return
         self._add(F.brier_score(probs, target), len(target))
 
 
@@ -68,6 +72,8 @@ class _BinnedCalibration(Metric):
 
     def update(self, probs: Tensor, target: Tensor) -> None:
         """Add a batch: ``probs`` [B, C] predictive probabilities, ``target`` [B] integer labels."""
+        if empty_batch(probs, target):
+            return
         probs, target = F._checked(probs, target)
         count, confidence_sum, correct_sum = F._bin_sums(*F._top_label(probs, target), self.n_bins)
         self.count += count
@@ -145,6 +151,8 @@ class ClasswiseECE(Metric):
 
     def update(self, probs: Tensor, target: Tensor) -> None:
         """Add a batch: ``probs`` [B, C] predictive probabilities, ``target`` [B] integer labels."""
+        if empty_batch(probs, target):
+            return
         probs, target = F._checked(probs, target)
         if probs.shape[1] != self.num_classes:
             raise ValueError(f"`probs` must have {self.num_classes} columns, got shape {tuple(probs.shape)}")
@@ -185,6 +193,8 @@ class AdaptiveECE(_Buffered):
 
     def update(self, probs: Tensor, target: Tensor) -> None:
         """Add a batch: ``probs`` [B, C] predictive probabilities, ``target`` [B] integer labels."""
+        if empty_batch(probs, target):
+            return
         confidence, correct = F._top_label(*F._checked(probs, target))
         if confidence.dtype in (torch.float16, torch.bfloat16):  # batches of several dtypes concatenate in float32
             confidence, correct = confidence.float(), correct.float()

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ._base import _RunningMean, require_data
+from ._base import _RunningMean, empty_batch, require_data
 from .functional import regression as F
 
 __all__ = ["CRPS", "GaussianNLL", "IntervalCoverage", "QuantileCalibrationError"]
@@ -33,6 +33,8 @@ class GaussianNLL(_RunningMean):
 
     def update(self, mean: Tensor, variance: Tensor, target: Tensor) -> None:
         """Add a batch of predictive means, variances and targets."""
+        if empty_batch(mean, variance, target):
+            return
         self._add(F.gaussian_nll(mean, variance, target), torch.as_tensor(mean).numel())
 
 
@@ -50,6 +52,8 @@ class CRPS(_RunningMean):
 
     def update(self, mean: Tensor, variance: Tensor, target: Tensor) -> None:
         """Add a batch of predictive means, variances and targets."""
+        if empty_batch(mean, variance, target):
+            return
         self._add(F.crps_gaussian(mean, variance, target), torch.as_tensor(mean).numel())
 
 
@@ -78,6 +82,8 @@ class IntervalCoverage(_RunningMean):
 
     def update(self, mean: Tensor, variance: Tensor, target: Tensor) -> None:
         """Add a batch of predictive means, variances and targets."""
+        if empty_batch(mean, variance, target):
+            return
         self._add(F.interval_coverage(mean, variance, target, level=self.level), torch.as_tensor(mean).numel())
 
     def extra_repr(self) -> str:
@@ -111,6 +117,8 @@ class QuantileCalibrationError(Metric):
 
     def update(self, mean: Tensor, variance: Tensor, target: Tensor) -> None:
         """Add a batch of predictive means, variances and targets."""
+        if empty_batch(mean, variance, target):
+            return
         _, observed = F.quantile_calibration_curve(mean, variance, target, levels=self.levels)
         size = torch.as_tensor(mean).numel()
         self.below += observed.double() * size

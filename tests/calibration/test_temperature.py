@@ -158,3 +158,18 @@ def test_wrap_divides_a_models_output_and_the_temperature_is_saved():
 def test_bad_input_raises_a_clear_error(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_the_advice_for_probabilities_works_when_some_are_zero():
+    # the error for probabilities said "pass log-probabilities (probs.log())", which a saturated float32 softmax
+    # (exact zeros) turned into -inf, refused in turn
+    torch.manual_seed(0)
+    logits = torch.randn(300, 3) * 3
+    logits[0] = torch.tensor([120.0, 0.0, 0.0])
+    target = torch.distributions.Categorical(logits=logits / 3).sample()
+    probs = logits.softmax(-1)
+    assert bool((probs == 0).any())
+    with pytest.raises(ValueError, match=r"probs\.clamp_min\(torch\.finfo\(probs\.dtype\)\.tiny\)\.log\(\)"):
+        fit_temperature(probs, target)
+    advised = fit_temperature(probs.clamp_min(torch.finfo(probs.dtype).tiny).log(), target)
+    assert float(advised) == pytest.approx(float(fit_temperature(logits, target)), rel=1e-3)

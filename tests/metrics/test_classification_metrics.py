@@ -341,3 +341,24 @@ def test_streaming_metrics_computed_before_any_example_say_so():
         with warnings.catch_warnings(), pytest.raises(ValueError, match=rf"{type(metric).__name__}.compute\(\) before any example"):
             warnings.simplefilter("ignore")  # torchmetrics' own "compute before update" warning
             metric.compute()
+
+
+@pytest.mark.parametrize("metric", [NLL, BrierScore, ECE, MCE, AdaptiveECE, lambda: ClasswiseECE(num_classes=3)])
+def test_an_empty_batch_adds_nothing(metric):
+    # a masked batch (probs[mask]) can be empty: it raised "must hold at least one example", where torchmetrics'
+    # own metrics take it
+    probs, target = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]), torch.tensor([0, 2])
+    with_empty, without = metric(), metric()
+    with_empty.update(torch.empty(0, 3), torch.empty(0, dtype=torch.long))
+    with_empty.update(probs, target)
+    without.update(probs, target)
+    assert torch.equal(with_empty.compute(), without.compute())
+    with pytest.raises(ValueError, match="at least one example"):  # empty probs for one label: a mismatch
+        metric().update(torch.empty(0, 3), torch.tensor([1]))
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.uint64])
+def test_unsigned_labels_are_labels(dtype):
+    # numpy's unsigned labels became torch.uint32 and were refused as "not integer class labels"
+    probs, target = torch.tensor([[0.7, 0.3], [0.2, 0.8]]), np.array([0, 1])
+    assert M.nll(probs, target.astype(dtype)) == M.nll(probs, torch.from_numpy(target))

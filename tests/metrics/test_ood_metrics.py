@@ -207,3 +207,11 @@ def test_streaming_ood_metric_checks_its_labels():
     with pytest.raises(ValueError, match="0 OOD scores"):
         metric.compute()
     assert not math.isnan(OODFPRAtTPR().tpr)
+
+
+def test_integer_scores_keep_their_order_above_float32s_integers():
+    # integers were cast to float32, where 20000001 and 20000002 are one number: ties that sklearn does not see
+    scores_in, scores_out = torch.tensor([20000001, 20000003]), torch.tensor([20000002, 20000004])
+    labels = [0, 0, 1, 1]  # OOD inputs are the positives, scored higher
+    expected = roc_auc_score(labels, torch.cat([scores_in, scores_out]).numpy())
+    assert float(M.auroc(scores_in, scores_out)) == pytest.approx(expected) == 0.75

@@ -189,3 +189,13 @@ def test_a_metric_collection_keeps_metrics_of_different_levels_apart():
         expected = M.quantile_calibration_error(mean, variance, targets, levels=levels)
         torch.testing.assert_close(values[name], expected.double())
     assert values["coverage_50"] < values["coverage_95"]
+
+
+@pytest.mark.parametrize("metric", [GaussianNLL, CRPS, IntervalCoverage, QuantileCalibrationError])
+def test_an_empty_batch_adds_nothing(metric):
+    mean, variance, target = torch.tensor([0.0, 1.0]), torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.0])
+    with_empty, without = metric(), metric()
+    with_empty.update(torch.empty(0), torch.empty(0), torch.empty(0))
+    with_empty.update(mean, variance, target)
+    without.update(mean, variance, target)
+    assert torch.equal(with_empty.compute(), without.compute())

@@ -108,3 +108,8 @@ def test_streaming_aurc_equals_the_functional():
     for batch in range(0, 300, 70):
         metric.update(confidence[batch : batch + 70], loss[batch : batch + 70])
     assert metric.compute().item() == pytest.approx(M.aurc(confidence, loss).item(), abs=1e-12)
+
+
+def test_integer_confidences_keep_their_order_above_float32s_integers():
+    # float32 holds 33554433 and 33554434 as one number: a tie, AURC 0.5 instead of the 0.75 of their order
+    assert float(M.aurc(torch.tensor([33554433, 33554434]), torch.tensor([0, 1]))) == pytest.approx(0.75)

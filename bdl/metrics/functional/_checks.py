@@ -68,7 +68,7 @@ def _check_finite(tensor: Tensor, name: str, total: Optional[Tensor] = None) -> 
     raise ValueError(f"`{name}` must be finite, got {bad} NaN/Inf entries out of {tensor.numel()}")
 
 
-_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64)
 
 
 def check_probs(probs, name: str = "probs") -> Tensor:  # noqa: ANN001
@@ -113,6 +113,8 @@ def check_labels(target, num_classes: int, num_examples: int, name: str = "targe
     target = as_tensor(target, name)
     if target.dtype not in _INTEGER_DTYPES:
         raise TypeError(f"`{name}` must hold integer class labels, got dtype {target.dtype}")
+    if target.dtype in (torch.uint16, torch.uint32, torch.uint64):  # numpy's unsigned labels; torch has few ops for them
+        target = target.to(torch.int64)  # a uint64 label past 2^63 wraps negative: refused below as out of range
     if target.dim() != 1 or target.shape[0] != num_examples:
         raise ValueError(
             f"`{name}` must have shape [N] = [{num_examples}] to match the predictions, got shape {tuple(target.shape)}"
@@ -142,8 +144,12 @@ def targets_like(target, mean: Tensor, name: str = "target", *, finite: bool = T
 
 
 def check_vector(value, name: str, *, allow_empty: bool = False) -> Tensor:  # noqa: ANN001
-    """A finite 1-D floating tensor (scores, confidences, losses)."""
-    tensor = check_float(value, name)
+    """A finite 1-D floating tensor (scores, confidences, losses); integers become float64, which holds them exactly
+    up to 2^53 (float32 from 2^24 on merged distinct scores into ties)."""
+    as_given = as_tensor(value, name)
+    if as_given.dtype in _INTEGER_DTYPES:
+        as_given = as_given.to(torch.float64)
+    tensor = check_float(as_given, name)
     if tensor.dim() != 1:
         raise ValueError(f"`{name}` must be 1-D with shape [N], got shape {tuple(tensor.shape)}")
     if not allow_empty and tensor.numel() == 0:

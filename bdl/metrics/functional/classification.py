@@ -8,9 +8,11 @@ Binning convention (ECE, MCE, over/under-confidence, classwise ECE, reliability 
 equal-width bins with edges ``linspace(0, 1, n_bins + 1)``; bin ``b`` holds confidences in
 ``[edge_b, edge_{b+1})`` and the last bin also holds confidence exactly 1. This is torchmetrics'
 ``CalibrationError`` convention (``torch.bucketize(..., right=True)``) with one difference:
-torchmetrics gives confidences of exactly 1 a bin of their own (``n_bins + 1`` bins in all). The two
+torchmetrics gives confidences of exactly 1 a bin of their own (``n_bins + 1`` bins in all). The ECEs
 agree whenever those examples lie on the same side of the diagonal as the rest of the top bin
-(triangle inequality), e.g. for a saturated, overconfident network; tests check both cases.
+(triangle inequality), e.g. for a saturated, overconfident network; tests check both cases. The MCE
+does not: merging the two bins averages their gaps, so bdl's MCE can be lower than torchmetrics' when
+confidences of exactly 1 are present (confidences 1 and 0.95, both wrong: 0.975 against 1.0).
 """
 
 from __future__ import annotations
@@ -260,7 +262,8 @@ def ece(probs: Tensor, target: Tensor, *, n_bins: int = 15) -> Tensor:
 def mce(probs: Tensor, target: Tensor, *, n_bins: int = 15) -> Tensor:
     """Maximum calibration error, ``max_b |acc_b - conf_b|`` over non-empty equal-width bins (Naeini et al. 2015).
 
-    Matches torchmetrics' ``CalibrationError(norm="max")``.
+    Matches torchmetrics' ``CalibrationError(norm="max")`` without confidences of exactly 1 (see the module
+    docstring: torchmetrics bins those apart, and its MCE can be higher then).
 
     Args:
         probs: predictive probabilities, shape [N, C].
@@ -360,7 +363,8 @@ def classwise_ece(probs: Tensor, target: Tensor, *, n_bins: int = 15) -> Tensor:
 
     ``cwECE = 1/C sum_k sum_b (n_kb / N) |mean_{n in b}[y_n = k] - mean_{n in b} p_nk|``, where the bins
     ``b`` partition the probabilities ``p_nk`` of class ``k`` over all examples. Class ``k``'s term is
-    torchmetrics' ``binary_calibration_error(probs[:, k], target == k)``. Unlike the top-label ECE it
+    torchmetrics' ``binary_calibration_error(probs[:, k], target == k)`` (up to the binning of probabilities of
+    exactly 1, see the module docstring). Unlike the top-label ECE it
     also sees miscalibration of the probabilities of classes that are not predicted.
 
     Args:
