@@ -818,3 +818,55 @@ class Lambda(nn.Module):
 
     def forward(self, x):
         return self.fn(x)
+
+
+class _TokenHead(nn.Module):
+    """A per-token linear layer, mean-pooled: one weight sample must serve all tokens of an input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, 8] -> [B, 1]
+        return self.fc(x).mean(1)
+
+
+def test_a_compiled_model_is_probed_too():
+    # the probe that refuses the batched path for a BayesLinear on tokens was skipped for compiled modules: 'auto'
+    # took the batched path and gave every token its own noise, a third of the variance, without an error
+    torch.manual_seed(0)
+    bnn = bdl.bayesianize(_TokenHead(), posterior_std_init=0.5).eval()
+    compiled = torch.compile(bnn, backend="eager")
+    x = torch.randn(4, 16, 8)
+    with pytest.raises(ValueError, match="one weight sample serves them all"):
+        bdl.predict(compiled, x, num_samples=4, method="batched", task="regression")
+    torch.manual_seed(1)
+    auto = bdl.predict(compiled, x, num_samples=2000, task="regression").epistemic_variance
+    # one weight sample per input: Var = 0.25 * (|mean_t x_t|^2 + 1) for std 0.5 on weights and bias
+    expected = 0.25 * (x.mean(1).square().sum(-1, keepdim=True) + 1)
+    assert torch.allclose(auto, expected, rtol=0.12), (auto.flatten(), expected.flatten())
+
+
+class _SequenceFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding, self.dropout, self.rnn, self.head = nn.Embedding(30, 8), nn.Dropout(0.3), nn.GRU(8, 16), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T] -> dropout on [T, B, E], torch's RNN layout
+        out, _ = self.rnn(self.dropout(self.embedding(x).transpose(0, 1)))
+        return self.head(out[-1])
+
+
+def test_dropout_on_sequence_first_activations_takes_the_batched_path():
+    # refused before as "dropout applied to a tensor without the batch rows (e.g. a weight)": the rows were in the
+    # second dimension; each row still gets its own masks, so the batched draw is the loop's distribution
+    torch.manual_seed(0)
+    model, x = bdl.MCDropout(_SequenceFirst()), torch.randint(0, 30, (5, 9))
+    assert resolve_method(model, 5) == "batched"
+    torch.manual_seed(1)
+    batched = bdl.predict(model, x, num_samples=3000, method="batched", keep_samples=True).sample_probs[..., 0]
+    torch.manual_seed(2)
+    loop = bdl.predict(model, x, num_samples=3000, method="loop", keep_samples=True).sample_probs[..., 0]
+    error = ((batched.var(0) + loop.var(0)) / 3000).sqrt()
+    assert bool(((batched.mean(0) - loop.mean(0)).abs() < 4 * error).all())
+    assert bool(((batched.var(0) / loop.var(0) - 1).abs() < 0.15).all())

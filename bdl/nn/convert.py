@@ -301,7 +301,16 @@ def bayesianize(
         )
         raise ValueError(f"include={include!r} selects no nn.Linear/nn.Conv layer of the model{hint}")
     if include is None and not names and not recomputed:
-        warnings.warn(f"bayesianize: {type(model).__name__} has no nn.Linear/nn.Conv layer to convert; the copy is deterministic", stacklevel=2)
+        bayesian = [name or type(model).__name__ for name, module in converted.named_modules() if isinstance(module, BayesianModule)]
+        if bayesian:  # it said "the copy is deterministic" of a copy that samples
+            warnings.warn(
+                f"bayesianize: {type(model).__name__} has no nn.Linear/nn.Conv layer to convert; its Bayesian layers "
+                f"({', '.join(map(repr, bayesian[:3]))}{', ...' if len(bayesian) > 3 else ''}) are copied as they are, "
+                "without this call's prior, posterior_std_init, estimator or std_transform",
+                stacklevel=2,
+            )
+        else:
+            warnings.warn(f"bayesianize: {type(model).__name__} has no nn.Linear/nn.Conv layer to convert; the copy is deterministic", stacklevel=2)
     owners: dict[int, list[str]] = {}  # parameter -> the modules holding it (tied weights have several)
     for name, module in converted.named_modules():
         for parameter in module._parameters.values():

@@ -24,11 +24,19 @@ architecture), ``"loop"`` (one call per member), ``"auto"`` (``"loop"``: it was 
 H200 and H100 GPUs, see :meth:`DeepEnsemble.resolve_method`)."""
 
 
+def _module_class(module: nn.Module) -> type:
+    """``module``'s class, or for a module with a parametrization (``weight_norm``, ``spectral_norm``, ...) the class
+    it had: torch gives each such module a class of its own, so members from one factory seemed to differ."""
+    if nn.utils.parametrize.is_parametrized(module):
+        return type(module).__mro__[1]
+    return type(module)
+
+
 def _structure(module: nn.Module) -> tuple[Any, ...]:
     """What must agree between members for ``functional_call`` on one of them to run any of them (with
     :func:`_attributes`)."""
     return (
-        tuple((name, type(m), m.extra_repr()) for name, m in module.named_modules()),
+        tuple((name, _module_class(m), nn.utils.parametrize.is_parametrized(m), m.extra_repr()) for name, m in module.named_modules()),
         tuple((name, p.shape, p.dtype, p.device) for name, p in module.named_parameters()),
         tuple((name, b.shape, b.dtype, b.device) for name, b in module.named_buffers()),
     )

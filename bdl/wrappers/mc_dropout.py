@@ -179,7 +179,8 @@ class MCDropout(nn.Module):
     def dropout_enabled(self) -> Iterator[None]:
         """Context in which every dropout module draws fresh masks (restored afterwards).
 
-        Other dropout types are switched to training mode; plain ``nn.Dropout`` layers draw the same
+        Other dropout types are switched to training mode (and out of ``inplace``, which would overwrite the
+        caller's input); plain ``nn.Dropout`` layers draw the same
         distribution faster: they stay in eval mode (the identity) and a forward hook applies
         :func:`bdl.nn.functional.dropout` to their input. Inside ``torch.compile``, and when the wrapped
         model is (or holds) a compiled module, every dropout layer is switched to training mode instead:
@@ -198,6 +199,11 @@ class MCDropout(nn.Module):
         for encoder in encoders:
             encoder.use_nested_tensor = False
         compiled = torch.compiler.is_compiling() or _holds_compiled_module(self.model)
+        # an in-place dropout is the identity in eval mode; switched on, it overwrote its input, which for a first
+        # layer is the caller's tensor: predict's loop fed every sample the last one's masked input (all zeros)
+        in_place = [module for module in self._dropout if getattr(module, "inplace", False) is True]
+        for module in in_place:
+            module.inplace = False
         for module in self._dropout:
             if type(module) is nn.Dropout and not compiled:
                 module.training = False
@@ -211,6 +217,8 @@ class MCDropout(nn.Module):
                 hook.remove()
             for module, training in zip(switched, previous):
                 module.training = training
+            for module in in_place:
+                module.inplace = True
             for encoder in encoders:
                 encoder.use_nested_tensor = True
 

@@ -359,3 +359,13 @@ def test_a_patched_forward_is_not_carried_over_and_nested_lists_are_rebound():
     staged = bdl.bayesianize(Staged())
     assert staged.stages[0][0] is staged.fc1 and staged.stages[1][0]["out"] is staged.fc2
     assert not torch.equal(staged(x), staged(x))
+
+
+def test_a_model_that_is_already_bayesian_gets_a_warning_that_says_so():
+    # it warned "the copy is deterministic" of a copy that samples, and the prior given was silently not applied
+    model = nn.Sequential(bdl.BayesLinear(4, 8), nn.ReLU(), bdl.BayesLinear(8, 3))
+    with pytest.warns(UserWarning, match=r"its Bayesian layers \('0', '2'\) are copied as they are, without this call's prior"):
+        copy = bdl.bayesianize(model, prior=0.1)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert not torch.equal(copy(x), copy(x))

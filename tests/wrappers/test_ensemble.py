@@ -331,3 +331,20 @@ def test_keyword_arguments_reach_every_member(method):
     expected = torch.stack([member(x, mask=mask) for member in ensemble.members])
     torch.testing.assert_close(stacked, expected)
     assert (stacked[:, mask] == 0).all() and (stacked[:, ~mask] != 0).all()
+
+
+def test_members_with_a_parametrization_share_an_architecture():
+    # torch gives every parametrized module a class of its own: vmap was refused ("members of one architecture")
+    def member() -> nn.Module:
+        return nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 8)), nn.ReLU(), nn.Linear(8, 3))
+
+    torch.manual_seed(0)
+    ensemble = DeepEnsemble.from_factory(member, 3)
+    assert ensemble.shares_architecture()
+    x = torch.randn(5, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # functorch: no batching rule for _weight_norm (a fallback)
+        ensemble.method = "vmap"
+        vmapped = bdl.predict(ensemble, x, keep_samples=True).sample_probs
+    ensemble.method = "loop"
+    assert torch.allclose(vmapped, bdl.predict(ensemble, x, keep_samples=True).sample_probs, atol=1e-6)

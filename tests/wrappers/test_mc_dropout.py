@@ -362,3 +362,20 @@ def test_the_dropout_between_recurrent_layers_is_kept_stochastic(rnn):
     assert model.dropout_modules == [net.rnn] and not net.rnn.training
     with pytest.raises(ValueError, match="no dropout layer"):
         MCDropout(rnn(4, 8, num_layers=2))  # dropout=0: nothing to keep on
+
+
+def test_an_in_place_dropout_leaves_the_callers_input_alone():
+    # switched on, an inplace=True dropout overwrote its input: the caller's tensor ended all zeros, and the loop's
+    # samples compounded each other's masks (probabilities 0.4995 everywhere)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Dropout2d(0.5, inplace=True), nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2)).eval()
+    x = torch.randn(8, 3, 6, 6)
+    before = x.clone()
+    model = MCDropout(net)
+    torch.manual_seed(1)
+    loop = bdl.predict(model, x, num_samples=400, method="loop")
+    assert torch.equal(x, before)
+    torch.manual_seed(2)
+    batched = bdl.predict(model, x, num_samples=400, method="batched")
+    assert torch.allclose(loop.probs, batched.probs, atol=0.05)
+    assert net[0].inplace  # restored
