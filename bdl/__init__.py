@@ -30,6 +30,7 @@ from .nn import (
     elbo_loss,
     gaussian_nll,
     kl_divergence,
+    sample_once,
     use_estimator,
 )
 

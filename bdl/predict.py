@@ -39,7 +39,7 @@ from ._outputs import draw_stacked, output_parts
 from .metrics.functional._checks import all_finite, probability_sum_tolerance
 from .nn.convert import use_estimator
 from .nn.functional import gaussian_draw, pre_activation_variance, randn_like
-from .nn.layers import BayesianModule, BayesLinear
+from .nn.layers import BayesianModule, BayesLinear, _sample_once_blocks, _sample_once_draws
 
 TASKS = ("classification", "regression")
 
@@ -673,7 +673,12 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
         first = args[0] if args and isinstance(args[0], Tensor) else None
         if first is None:
             return
-        if isinstance(module, BayesLinear) and first.dim() > 2:
+        if isinstance(module, BayesLinear) and _sample_once_draws(module) is not None:
+            reasons.append(
+                "a BayesLinear draws its weights once per forward (bdl.sample_once), for every row of the batch: the "
+                "batched path's samples would share that draw"
+            )
+        elif isinstance(module, BayesLinear) and first.dim() > 2:
             reasons.append(
                 f"a BayesLinear gets inputs of shape {tuple(first.shape[1:])} per row, and local reparameterisation "
                 "would give every position its own noise where one weight sample serves them all"
@@ -1169,6 +1174,13 @@ def predict(
             "model: its parameters are on the 'meta' device (shapes without values), so it cannot predict; "
             "materialise it first, e.g. model.to_empty(device='cpu') and load_state_dict(...)"
         )
+    if isinstance(model, nn.Module) and _sample_once_blocks[0]:
+        inside = [module for module in model.modules() if isinstance(module, BayesianModule) and _sample_once_draws(module) is not None]
+        if inside:
+            raise ValueError(
+                "predict was called inside a bdl.sample_once block that holds the model's Bayesian layers: every sample "
+                "would use the block's one draw of the weights; open the block inside the model's forward instead"
+            )
     if isinstance(model, nn.Module):
         # what modules keep from their parameters' values between calls (a layer's stds, an ensemble's stacked
         # weights) is judged current by version counters, which edits through .data (an EMA copy) bypass:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import check_estimator
-from .layers import BayesConv1d, BayesConv2d, BayesConv3d, BayesianModule, BayesLinear, _BayesLayer
+from .layers import BayesConv1d, BayesConv2d, BayesConv3d, BayesianModule, BayesLinear, _BayesLayer, _sample_once_block
 from .priors import GaussianPrior, Prior, as_prior
 
 _CONVERSIONS: dict[type[nn.Module], type[_BayesLayer]] = {
@@ -66,6 +66,37 @@ def deterministic(model: nn.Module) -> Iterator[nn.Module]:
         True
     """
     with _temporarily(list(_bayes_layers(model)), "deterministic", True):
+        yield model
+
+
+@contextlib.contextmanager
+def sample_once(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, every Bayesian layer of ``model`` draws its weights once, at its first call, and every
+    later call in the block uses that draw.
+
+    Outside it a layer draws fresh weights at every call, so one called several times in a forward (a recurrent
+    cell unrolled over time, a Siamese encoder, weights tied between an encoder and a decoder) sees several
+    independent draws where the posterior has one weight: ``||f(x) - f(x)||`` is not 0, and ``w * (w * x)``
+    has the mean of ``w1 * w2 * x``. Open the block in the forward, around the calls that must share a draw; a
+    forward is then one sample of the weights, in training (the draw's KL is the layer's, counted once) and in
+    :func:`bdl.predict`, which takes its loop for such a model. Inside the block layers draw as the
+    ``"reparam"`` estimator does, whatever theirs (a draw per row, ``"local"``, or a sign flip per row,
+    ``"flipout"``, cannot be shared by calls); not inside ``torch.compile``, where they draw at every call.
+
+    Example:
+        >>> class Siamese(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.encoder = BayesLinear(4, 8)
+        ...
+        ...     def forward(self, a, b):
+        ...         with bdl.sample_once(self):
+        ...             return (self.encoder(a) - self.encoder(b)).square().sum(-1)
+        >>> x = torch.randn(3, 4)
+        >>> Siamese()(x, x)
+        tensor([0., 0., 0.], grad_fn=<SumBackward1>)
+    """
+    with _sample_once_block(list(_bayes_layers(model))):
         yield model
 
 

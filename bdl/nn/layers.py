@@ -8,13 +8,14 @@ KL from the posterior to the prior; ``bdl.kl_divergence(model)`` sums it over a 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
 import threading
 import warnings
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,38 @@ class BayesianModule(nn.Module):
 # weights from this size (128 KiB of float32, glibc's default mmap threshold) are sampled into a kept buffer
 # when predicting on the CPU; smaller ones come from the allocator's free lists at no cost
 _SAMPLE_BUFFER_MIN_NUMEL = 1 << 15
+
+
+class _SampleOnceBlocks(threading.local):
+    def __init__(self) -> None:
+        self.open: list[tuple[frozenset[int], dict[int, tuple]]] = []  # (layers, their draws) of each open block
+
+
+_sample_once = _SampleOnceBlocks()
+_sample_once_blocks = [0]  # blocks open in any thread: a forward's cheap first test (the others read no thread-local)
+
+
+def _sample_once_draws(layer: nn.Module) -> Optional[dict[int, tuple]]:
+    """The draws of the innermost :func:`bdl.sample_once` block of this thread that holds ``layer``, or None."""
+    for layers, draws in reversed(_sample_once.open):
+        if id(layer) in layers:
+            return draws
+    return None
+
+
+@contextlib.contextmanager
+def _sample_once_block(layers: list[nn.Module]) -> Iterator[None]:
+    block: tuple[frozenset[int], dict[int, tuple]] = (frozenset(map(id, layers)), {})
+    _sample_once.open.append(block)
+    _sample_once_blocks[0] += 1
+    try:
+        yield
+    finally:
+        _sample_once_blocks[0] -= 1
+        for index in range(len(_sample_once.open) - 1, -1, -1):
+            if _sample_once.open[index] is block:
+                del _sample_once.open[index]
+                break
 
 
 class _TransientCache(dict):
@@ -366,6 +399,13 @@ class _BayesLayer(BayesianModule):
     def forward(self, input: Tensor) -> Tensor:
         if self.deterministic:
             return self._op(input, self.weight_mu, self.bias_mu)
+        if _sample_once_blocks[0] and not torch.compiler.is_compiling():
+            draws = _sample_once_draws(self)
+            if draws is not None:  # inside bdl.sample_once: this block's one draw, made at the first call
+                drawn = draws.get(id(self))
+                if drawn is None:
+                    drawn = draws[id(self)] = self._draw_once()
+                return self._op(input, *drawn)
         if not torch.is_grad_enabled():
             if (
                 self.estimator == "reparam"
@@ -387,6 +427,16 @@ class _BayesLayer(BayesianModule):
             and not torch.compiler.is_compiling()
             and not _in_functorch(self.weight_mu)
         )
+        weight, bias = self._posteriors(fuse)
+        estimator = ESTIMATORS[self.estimator]
+        kwargs = {"per_channel": True} if self.estimator == "flipout" and self._flipout_per_channel else {}
+        output = estimator(self._op, input, weight, bias, **kwargs)
+        if fuse:
+            self._keep_kl(weight, bias)
+        return output
+
+    def _posteriors(self, fuse: bool) -> tuple[GaussianWeights, Optional[GaussianWeights]]:
+        """The weight's and bias's posteriors for one forward; ``fuse``: their draws compute the KL too."""
         weight = GaussianWeights(
             self.weight_mu, self.weight_rho, self.std_transform, self._fusable_prior(self.weight_prior, self.weight_mu) if fuse else None
         )
@@ -395,15 +445,23 @@ class _BayesLayer(BayesianModule):
             bias = GaussianWeights(
                 self.bias_mu, self.bias_rho, self.std_transform, self._fusable_prior(self.bias_prior, self.bias_mu) if fuse else None
             )
-        estimator = ESTIMATORS[self.estimator]
-        kwargs = {"per_channel": True} if self.estimator == "flipout" and self._flipout_per_channel else {}
-        output = estimator(self._op, input, weight, bias, **kwargs)
+        return weight, bias
+
+    def _keep_kl(self, weight: GaussianWeights, bias: Optional[GaussianWeights]) -> None:
+        self._kl_cache.clear()
+        for name, posterior in (("weight", weight), ("bias", bias)):
+            if posterior is not None and posterior.kl is not None:
+                self._kl_cache[name] = _CachedKL(posterior)
+
+    def _draw_once(self) -> tuple[Tensor, Optional[Tensor]]:
+        """A draw of the weight and bias for every call in a :func:`bdl.sample_once` block (reparameterised,
+        whatever the estimator: a draw per row or a sign flip per row cannot be shared by several calls)."""
+        fuse = torch.is_grad_enabled() and self.weight_mu.requires_grad and not _in_functorch(self.weight_mu)
+        weight, bias = self._posteriors(fuse)
+        drawn = (weight.sample(), None if bias is None else bias.sample())
         if fuse:
-            self._kl_cache.clear()
-            for name, posterior in (("weight", weight), ("bias", bias)):
-                if posterior is not None and posterior.kl is not None:
-                    self._kl_cache[name] = _CachedKL(posterior)
-        return output
+            self._keep_kl(weight, bias)
+        return drawn
 
     def _parameter_kl(self, name: str) -> Tensor:
         mu, rho = getattr(self, f"{name}_mu"), getattr(self, f"{name}_rho")
