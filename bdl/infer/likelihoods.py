@@ -38,7 +38,8 @@ def data_plate(batch_size: int, num_data: Optional[int], device: Optional[torch.
 
     Args:
         batch_size: number of data points in the batch, > 0.
-        num_data: size of the whole (global) training set, >= ``batch_size``, or None.
+        num_data: size of the whole (global) training set, >= ``batch_size`` when gradients are enabled (a
+            training batch), or None.
         device: device of the batch.
 
     Returns:
@@ -50,7 +51,9 @@ def data_plate(batch_size: int, num_data: Optional[int], device: Optional[torch.
     """
     if num_data is None:
         return pyro.plate(DATA_PLATE, batch_size)
-    if num_data < batch_size:
+    if num_data < batch_size and torch.is_grad_enabled():
+        # a training batch larger than the training set: num_data is wrong (per batch, or per process). Evaluation
+        # (no gradients) may take larger batches of other data: a validation grid over a small training set
         raise ValueError(
             f"num_data must be the size of the whole training set (>= the batch size {batch_size}), got {num_data}"
         )
@@ -164,8 +167,13 @@ class BernoulliLikelihood(Likelihood):
         if logit.dim() != 1:
             raise ValueError(f"Bernoulli likelihood: the network output must be one logit per example, [B] or [B, 1], got shape {tuple(output.shape)}")
         target = target.reshape(-1) if target.numel() == logit.shape[0] else target
-        if target.shape != logit.shape or not bool(((target == 0) | (target == 1)).all()):
+        if target.shape != logit.shape:
             raise ValueError(f"Bernoulli likelihood: targets must be 0/1 of shape {tuple(logit.shape)}, got shape {tuple(target.shape)}")
+        if not bool(((target == 0) | (target == 1)).all()):
+            raise ValueError(
+                f"Bernoulli likelihood: targets must be 0/1, got values from {target.min().item()} to {target.max().item()} "
+                "(class labels of more classes need the categorical likelihood)"
+            )
         return target.to(logit.dtype)
 
     def predictive_outputs(self, sample_outputs: Tensor, sample_globals: dict[str, Tensor]) -> Tensor:

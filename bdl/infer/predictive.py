@@ -71,7 +71,9 @@ def sample_guide(guide: Callable, num_samples: int, *args, parallel: bool = True
         trace = pyro.poutine.trace(guide).get_trace(*args, **kwargs)
     shapes = {name: site["value"].shape for name, site in trace.nodes.items() if site["type"] == "sample"}
     # Predictive pads vectorised samples with singleton plate dims; drop them.
-    return {name: value.reshape((num_samples,) + shapes[name]) for name, value in drawn.items() if name in shapes}
+    # detached copies: a delta guide's "draws" are views of its parameters, which kept their gradient and changed
+    # with every later optimiser step
+    return {name: value.detach().reshape((num_samples,) + shapes[name]).clone() for name, value in drawn.items() if name in shapes}
 
 
 def network_outputs(model: PyroModel, samples: dict[str, Tensor], x: Tensor, *, vectorize: bool = True) -> Tensor:

@@ -269,6 +269,12 @@ class SVIModule(L.LightningModule):
 
     def loss(self, *args) -> tuple[Tensor, Tensor, Tensor]:
         """``(loss, nll, kl)`` for one batch of model arguments: ``loss = -ELBO`` (differentiable)."""
+        if isinstance(self.model, PyroModel) and (len(args) < 2 or not isinstance(args[1], Tensor)):
+            # Pyro failed with a bare KeyError: 'obs' (the guide, built with targets, had no site for them)
+            raise ValueError(
+                f"SVIModule on a PyroModel needs (inputs, targets) batches, got {len(args)} tensor(s) without targets: "
+                "a loader of (x, y) pairs, or loss(x, y)"
+            )
         check = self.validate == "always" or (self.validate == "first" and not self._validated)
         with private_param_store(), pyro.validation_enabled(check):
             loss = self.elbo(*args)
@@ -323,7 +329,7 @@ class SVIModule(L.LightningModule):
         depend on the data.
         """
         with private_param_store():
-            return sample_guide(self.guide, num_samples or self.num_samples, *args, parallel=parallel, **kwargs)
+            return sample_guide(self.guide, self.num_samples if num_samples is None else num_samples, *args, parallel=parallel, **kwargs)
 
     def predict(
         self,
@@ -353,7 +359,7 @@ class SVIModule(L.LightningModule):
         Returns:
             a :class:`bdl.Prediction`.
         """
-        num_samples = num_samples or self.num_samples
+        num_samples = self.num_samples if num_samples is None else num_samples  # 0 was read as "the default"
         if isinstance(self.model, PyroModel):
             samples = self.sample_posterior(num_samples, parallel=parallel)
             return predict_from_samples(self.model, samples, inputs, keep_samples=keep_samples, vectorize=parallel)
@@ -415,6 +421,14 @@ def svi(
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    if isinstance(model, PyroModel):  # as mcmc: without targets the guide took the observations for latents
+        if len(args) < 2 or not all(isinstance(a, Tensor) for a in args[:2]):
+            raise ValueError("svi on a PyroModel needs the data as tensors: svi(model, x, y, ...)")
+        if model.num_data not in (None, args[0].shape[0]):
+            raise ValueError(
+                f"svi fits the full-data posterior (full-batch steps): the PyroModel's num_data ({model.num_data}) must "
+                f"be None or the number of data points ({args[0].shape[0]}); train minibatches with the Lightning Trainer"
+            )
     module = SVIModule(
         model,
         guide,

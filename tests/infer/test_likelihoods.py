@@ -83,3 +83,12 @@ def test_registry_lists_the_names_on_an_unknown_one():
         make_likelihood("poisson")
     with pytest.raises(ValueError, match="noise_std"):
         make_likelihood("gaussian", noise_std=0.0)
+
+
+def test_bernoulli_targets_other_than_0_1_are_named_by_value():
+    # the message blamed the shape: "must be 0/1 of shape (4,), got shape (4,)"
+    likelihood = BernoulliLikelihood()
+    with pytest.raises(ValueError, match="targets must be 0/1, got values from 0 to 2"):
+        likelihood.check_target(torch.tensor([0, 1, 2, 1]), torch.randn(4, 1))
+    with pytest.raises(ValueError, match=r"of shape \(4,\), got shape \(3,\)"):
+        likelihood.check_target(torch.tensor([0, 1, 1]), torch.randn(4, 1))

@@ -279,3 +279,51 @@ def test_pyro_bnn_on_digits_is_as_accurate_as_a_plain_mlp():
     bnn_accuracy = (prediction.predicted_class == prediction.targets).float().mean().item()
     assert bnn_accuracy > 0.9 and bnn_accuracy > mlp_accuracy - 0.03, (bnn_accuracy, mlp_accuracy)
     assert (prediction.mutual_information >= -1e-6).all() and prediction.mutual_information.mean() > 0
+
+
+def test_a_validation_batch_larger_than_the_training_set_is_evaluated():
+    # the sanity check failed with "num_data must be the size of the whole training set (>= the batch size 50)":
+    # a dense validation grid over a small training set; a training batch that large is still refused
+    torch.manual_seed(0)
+    train = DataLoader(TensorDataset(torch.randn(20, 2), torch.randint(0, 2, (20,))), batch_size=10)
+    val = DataLoader(TensorDataset(torch.randn(100, 2), torch.randint(0, 2, (100,))), batch_size=50)
+    module = SVIModule(PyroModel(nn.Linear(2, 2), "categorical", num_data=20), lr=1e-2)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train, val)
+    assert torch.isfinite(trainer.callback_metrics["val/elbo"])
+    with pytest.raises(ValueError, match="num_data must be the size of the whole training set"):
+        module.loss(torch.randn(50, 2), torch.randint(0, 2, (50,)))
+
+
+def test_a_pyro_model_without_targets_or_with_another_data_size_is_refused():
+    # svi(model, x) fitted the 50 targets as latent variables (slope -0.07 for 3) and loss(x) raised KeyError: 'obs';
+    # num_data=1000 for 20 points shrank the posterior std 6x
+    x, y = torch.randn(20, 1), torch.randn(20)
+
+    def model(num_data=20):
+        return PyroModel(nn.Linear(1, 1), "gaussian", num_data=num_data)
+
+    with pytest.raises(ValueError, match=r"needs the data as tensors: svi\(model, x, y"):
+        svi(model(), x, num_steps=1)
+    with pytest.raises(ValueError, match="needs \\(inputs, targets\\) batches"):
+        SVIModule(model()).loss(x)
+    with pytest.raises(ValueError, match=r"num_data \(1000\) must be None or the number of data points \(20\)"):
+        svi(model(1000), x, y, num_steps=1)
+
+
+def test_posterior_draws_are_detached_copies_and_zero_samples_are_refused():
+    # a delta guide's draws were views of its parameters: they required grad and changed with later steps
+    x = torch.randn(30, 2)
+    fitted = svi(PyroModel(nn.Linear(2, 1), "gaussian", num_data=30), x, x.sum(1), guide="delta", num_steps=10)
+    draws = fitted.sample_posterior(3)
+    before = draws["weight"].clone()
+    assert not draws["weight"].requires_grad
+    optimizer = torch.optim.SGD([p for p in fitted.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        fitted.loss(x, x.sum(1))[0].backward()
+        optimizer.step()
+    assert torch.equal(draws["weight"], before)
+    for call in (lambda: fitted.sample_posterior(0), lambda: fitted.predict(x, num_samples=0)):  # 0 meant the default
+        with pytest.raises(ValueError, match="num_samples must be a positive int, got 0"):
+            call()
