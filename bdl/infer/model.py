@@ -100,7 +100,10 @@ class PyroModel(nn.Module):
     Called with ``x=None`` the model only samples the latent variables (what guides need to set up).
 
     Args:
-        net: any ``nn.Module`` mapping a batch ``x`` to outputs (logits ``[B, C]``, means ``[B, D]``, ...).
+        net: any ``nn.Module`` mapping a batch ``x`` to outputs (logits ``[B, C]``, means ``[B, D]``, ...). Its
+            parameters that get priors are frozen (``requires_grad=False``; the model uses sampled values, and DDP
+            wants a gradient for every trainable parameter): to train ``net`` itself afterwards, call
+            ``net.requires_grad_(True)``, or give the model a copy (``copy.deepcopy(net)``).
         likelihood: a likelihood name (``"categorical"``, ``"bernoulli"``, ``"gaussian"``,
             ``"gaussian_homoscedastic"``, ``"gaussian_heteroscedastic"``) or a :class:`Likelihood`.
         num_data: size of the whole training set, or None (each call sees all data).
