@@ -690,8 +690,7 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
                 "flattened into rows), and local reparameterisation would give each its own noise where one weight "
                 "sample serves them all"
             )
-        elif isinstance(module, DROPOUT_LAYERS) and (first.dim() == 0 or _PROBE_SAMPLES not in first.shape[:2]):
-            # the rows in the first or (sequence-first layouts, [T, B, E]) second dimension: each has its own mask
+        elif isinstance(module, DROPOUT_LAYERS) and not _holds_probe_rows(first):
             reasons.append("a dropout layer is applied to a tensor without the batch rows (e.g. a weight), whose mask the samples would share")
 
     hooks = [(m, True, check) for m in sources if isinstance(m, (BayesLinear, DROPOUT_LAYERS))]
@@ -699,6 +698,18 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
         return None
     found[key] = reasons[0] if reasons else None
     return found[key]
+
+
+def _holds_probe_rows(t: Tensor) -> bool:
+    """Whether ``t`` holds the probe draw's rows: in its first dimension, or in the second of an activation of a
+    sequence-first layout (``[T, B, E]``, torch's RNN default); not a weight (DropConnect), nor a view of one,
+    whose ``[out, 7]`` would otherwise pass."""
+    if t.dim() == 0:
+        return False
+    if t.shape[0] == _PROBE_SAMPLES:
+        return True
+    weight = isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
+    return t.dim() >= 3 and t.shape[1] == _PROBE_SAMPLES and not weight
 
 
 def _probe_draw(model: nn.Module, x: Tensor, num_samples: int, hooks: list[tuple[nn.Module, bool, Callable[..., Any]]]) -> bool:

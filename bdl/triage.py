@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import struct
 from typing import Callable, NamedTuple, Optional, Union
 
 import torch
@@ -89,16 +90,24 @@ def _errors(prediction: Prediction, tolerance: Optional[float], name: str) -> Op
     return ((targets - prediction.mean).abs() > tolerance).reshape(len(prediction), -1).any(-1)
 
 
-# relative slack on a target coverage or error rate: above float32's rounding (2^-24), far below any difference
-# between two targets a user means
-_SLACK = 1e-7
+def _as_given(value: numbers.Real) -> float:
+    """A target as the decimal number it was written as: a float32 one (numpy's, from an array or a config) is
+    read by its shortest decimal form, so ``np.float32(0.7)`` is 0.7 and not 0.69999999 (which handled 699 of 1000
+    inputs, not 700); any other as ``float``."""
+    value_float = float(value)
+    if "float32" not in str(getattr(value, "dtype", "")):
+        return value_float
+    for digits in range(1, 10):  # 9 significant digits identify every float32
+        decimal = float(f"{value_float:.{digits}g}")
+        if struct.unpack("f", struct.pack("f", decimal))[0] == value_float:
+            return decimal
+    return value_float
 
 
 def _threshold_for_coverage(scores: Tensor, coverage: float) -> float:
     """The largest threshold that handles at most ``coverage`` of the inputs (ties are kept together)."""
     ordered = scores.sort().values
-    # the slack absorbs a float32 coverage's rounding (np.float32(0.7) is 0.69999999: 699 of 1000 inputs, not 700)
-    count = math.floor(coverage * len(ordered) * (1 + _SLACK) + 1e-9)
+    count = math.floor(coverage * len(ordered) + 1e-9)
     if 0 < count < len(ordered) and ordered[count] == ordered[count - 1]:
         # a threshold between tied scores does not exist: handle fewer, up to the first of the run (found by
         # bisection: stepping back one at a time took 1.4 s at 200,000 inputs with 95% of the scores tied)
@@ -114,7 +123,7 @@ def _threshold_for_error_rate(scores: Tensor, errors: Tensor, error_rate: float)
     # only cut after the last of a run of tied scores
     cut = torch.ones_like(ordered, dtype=torch.bool)
     cut[:-1] = ordered[1:] != ordered[:-1]
-    allowed = (risk <= error_rate * (1 + _SLACK) + 1e-12) & cut
+    allowed = (risk <= error_rate + 1e-12) & cut
     if not allowed.any():
         return -math.inf
     last = int(allowed.nonzero().max())
@@ -196,7 +205,7 @@ def triage(
     elif coverage is not None:
         if isinstance(coverage, bool) or not (isinstance(coverage, numbers.Real) and 0 < coverage <= 1):
             raise ValueError(f"coverage must be in (0, 1], got {coverage!r}")
-        chosen_threshold = _threshold_for_coverage(_scores(reference, score, "validation"), float(coverage))
+        chosen_threshold = _threshold_for_coverage(_scores(reference, score, "validation"), _as_given(coverage))
     else:
         if isinstance(error_rate, bool) or not (isinstance(error_rate, numbers.Real) and 0 <= error_rate < 1):
             raise ValueError(f"error_rate must be in [0, 1), got {error_rate!r}")
@@ -206,7 +215,7 @@ def triage(
             need = "targets" if reference.task == "classification" or reference.targets is None else "a tolerance"
             raise ValueError(f"error_rate needs {name} with {need} (set {name}.targets, pass tolerance= for regression)")
         reference_scores = _scores(reference, score, name)
-        chosen_threshold = _threshold_for_error_rate(reference_scores, errors.to(reference_scores.device), float(error_rate))
+        chosen_threshold = _threshold_for_error_rate(reference_scores, errors.to(reference_scores.device), _as_given(error_rate))
     # in float64: a float32 comparison rounded a given threshold (log 2) up to the score just above it
     review = scores.double() > chosen_threshold
     handled = ~review

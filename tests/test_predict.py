@@ -870,3 +870,23 @@ def test_dropout_on_sequence_first_activations_takes_the_batched_path():
     error = ((batched.var(0) + loop.var(0)) / 3000).sqrt()
     assert bool(((batched.mean(0) - loop.mean(0)).abs() < 4 * error).all())
     assert bool(((batched.var(0) / loop.var(0) - 1).abs() < 0.15).all())
+
+
+class _WeightDropout(nn.Module):
+    def __init__(self, in_features: int) -> None:
+        super().__init__()
+        self.linear, self.dropout = nn.Linear(in_features, 16), nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # dropout on the weight: one mask per forward
+        return nn.functional.linear(x, self.dropout(self.linear.weight), self.linear.bias)
+
+
+@pytest.mark.parametrize("in_features", [6, 7])
+def test_dropout_on_a_weight_keeps_the_loop_whatever_its_shape(in_features):
+    # a weight [16, 7] has the probe's row count (7) in its second dimension, as sequence-first activations do:
+    # it took the batched path, whose samples shared one mask (epistemic variance 0 against the loop's 0.035)
+    model = bdl.MCDropout(nn.Sequential(_WeightDropout(in_features), nn.ReLU(), nn.Linear(16, 1)))
+    x = torch.randn(32, in_features)
+    with pytest.raises(ValueError, match="a dropout layer is applied to a tensor without the batch rows"):
+        bdl.predict(model, x, num_samples=4, task="regression", method="batched")
+    assert float(bdl.predict(model, x, num_samples=50, task="regression").epistemic_variance.min()) > 0

@@ -331,19 +331,12 @@ class _Evaluation:
                 error = self._non_finite("validation", f"the predicted variance is 0 for {zeros} of {variance.numel()} outputs (its NLL infinite)")
         if self.task != "classification":  # every process, every batch: a collective
             _raise_on_every_process(self, error, "non-finite validation metric")
-
-    def on_validation_epoch_end(self) -> None:
-        # Logged here, on every process alike: a metric that no process updated is left out (a deterministic
-        # mean-only regressor has no predictive NLL), one that another process updated is not. Logged from each
-        # validation step where the process itself had updated it, a validation set with fewer rows than processes
-        # (a process holding only the sampler's repeats) hung the others in the metric's synchronisation.
-        metrics = self.val_metrics
-        updated = torch.tensor([metric.update_count > 0 for metric in metrics.values()], device=self.device)
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:
-            updated = trainer.strategy.reduce(updated.float(), reduce_op="sum") > 0
-        for (name, metric), logged in zip(metrics.items(), updated.tolist()):
-            if logged:
+        for name, metric in metrics.items():
+            # a metric never updated is left out (a mean-only regressor with no variance has no predictive NLL); a
+            # batch of only the sampler's repeats logs every metric, as the other processes do: with a validation set
+            # smaller than the number of processes, a process holding nothing else logged none, and the others
+            # waited for it in the metrics' synchronisation for ever
+            if metric.update_count or unpadded is None:
                 self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=name in ("accuracy", "rmse"))
 
     def _non_finite(self, stage: str, what: str) -> FloatingPointError:
@@ -379,6 +372,8 @@ class _Evaluation:
         return prediction
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
+        if batch_idx == 0:  # as on_validation_epoch_start, which a subclass may override without calling super
+            self._val_rows_seen = 0
         x, y = _split_batch(batch)
         prediction = self._checked_prediction(x, self.num_val_samples, "validation")
         self._update_val_metrics(prediction, y)
@@ -947,6 +942,8 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
             self.model.num_data = int(datamodule.num_train)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
+        if batch_idx == 0:  # as on_validation_epoch_start, which a subclass may override without calling super
+            self._val_rows_seen = 0
         x, y = _split_batch(batch)
         keep = self._own_val_rows(len(x))
         # else the ELBO of the batch alone, not comparable with fit's; under DDP without the sampler's repeats, in a

@@ -81,7 +81,10 @@ def sample_once(model: nn.Module) -> Iterator[nn.Module]:
     forward is then one sample of the weights, in training (the draw's KL is the layer's, counted once) and in
     :func:`bdl.predict`, which takes its loop for such a model. Inside the block layers draw as the
     ``"reparam"`` estimator does, whatever theirs (a draw per row, ``"local"``, or a sign flip per row,
-    ``"flipout"``, cannot be shared by calls); not inside ``torch.compile``, where they draw at every call.
+    ``"flipout"``, cannot be shared by calls); not inside ``torch.compile``, where they draw at every call. A
+    block inside another that holds the same layers (an encoder's own, in a model's) uses the outer block's
+    draw; a call without gradients (a stop-gradient branch) uses the same draw as calls with them. With
+    activation checkpointing the recomputed forward runs outside the block and draws anew: not supported.
 
     Example:
         >>> class Siamese(nn.Module):

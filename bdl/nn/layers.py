@@ -95,8 +95,9 @@ _sample_once_blocks = [0]  # blocks open in any thread: a forward's cheap first 
 
 
 def _sample_once_draws(layer: nn.Module) -> Optional[dict[int, tuple]]:
-    """The draws of the innermost :func:`bdl.sample_once` block of this thread that holds ``layer``, or None."""
-    for layers, draws in reversed(_sample_once.open):
+    """The draws of the outermost :func:`bdl.sample_once` block of this thread that holds ``layer``, or None: a
+    block opened inside another (an encoder's own, called twice in a model's) shares the outer one's draw."""
+    for layers, draws in _sample_once.open:
         if id(layer) in layers:
             return draws
     return None
@@ -401,11 +402,13 @@ class _BayesLayer(BayesianModule):
             return self._op(input, self.weight_mu, self.bias_mu)
         if _sample_once_blocks[0] and not torch.compiler.is_compiling():
             draws = _sample_once_draws(self)
-            if draws is not None:  # inside bdl.sample_once: this block's one draw, made at the first call
+            if draws is not None:  # inside bdl.sample_once: the block's one draw, made at the first call
+                graph = torch.is_grad_enabled() and self.weight_mu.requires_grad
                 drawn = draws.get(id(self))
-                if drawn is None:
-                    drawn = draws[id(self)] = self._draw_once()
-                return self._op(input, *drawn)
+                if drawn is None or (graph and not drawn[2]):
+                    # the same noise again where a call without gradients drew first (a stop-gradient branch)
+                    drawn = draws[id(self)] = self._draw_once(None if drawn is None else drawn[1], graph)
+                return self._op(input, *drawn[0])
         if not torch.is_grad_enabled():
             if (
                 self.estimator == "reparam"
@@ -453,15 +456,17 @@ class _BayesLayer(BayesianModule):
             if posterior is not None and posterior.kl is not None:
                 self._kl_cache[name] = _CachedKL(posterior)
 
-    def _draw_once(self) -> tuple[Tensor, Optional[Tensor]]:
-        """A draw of the weight and bias for every call in a :func:`bdl.sample_once` block (reparameterised,
-        whatever the estimator: a draw per row or a sign flip per row cannot be shared by several calls)."""
-        fuse = torch.is_grad_enabled() and self.weight_mu.requires_grad and not _in_functorch(self.weight_mu)
-        weight, bias = self._posteriors(fuse)
-        drawn = (weight.sample(), None if bias is None else bias.sample())
-        if fuse:
-            self._keep_kl(weight, bias)
-        return drawn
+    def _draw_once(self, noise: Optional[tuple[Tensor, Optional[Tensor]]], graph: bool) -> tuple:
+        """``((weight, bias), noise, graph)``: the draw ``mu + std * noise`` for every call in a :func:`bdl.sample_once`
+        block (reparameterised, whatever the estimator: a draw per row or a sign flip per row cannot be shared by
+        several calls), from fresh noise or the given; ``graph``: built with gradients to ``mu`` and ``rho``."""
+        if noise is None:
+            noise = (randn_like(self.weight_mu), None if self.bias_mu is None else randn_like(self.bias_mu))
+        drawn = []
+        for name, eps in zip(("weight", "bias"), noise):
+            mu, rho = getattr(self, f"{name}_mu"), getattr(self, f"{name}_rho")
+            drawn.append(None if mu is None else mu + std_from_rho(rho, self.std_transform)[0] * eps)
+        return tuple(drawn), noise, graph
 
     def _parameter_kl(self, name: str) -> Tensor:
         mu, rho = getattr(self, f"{name}_mu"), getattr(self, f"{name}_rho")

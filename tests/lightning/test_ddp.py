@@ -76,6 +76,7 @@ def test_epoch_level_training_means_are_over_every_process(results, method):
 @pytest.mark.slow
 def test_a_validation_set_smaller_than_the_processes_does_not_hang(results):
     # one row for two processes: the process holding only the sampler's repeat logged no metric, and the other
-    # waited in the metric's synchronisation for ever; the logged accuracy is the one row's
+    # waited in the metric's synchronisation for ever; the logged accuracy is the one row's, in the second epoch
+    # too, of a module whose own validation epoch hooks do not call bdl's
     row = results["ddp"]["one_validation_row"]
     assert row["logged"] == row["correct"]

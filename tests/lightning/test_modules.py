@@ -618,3 +618,23 @@ def test_distributed_rows_are_counted_once_and_predict_runs_no_collective(tmp_pa
     metric = OODAUROC()
     metric.update(torch.tensor([0.1, 0.9]), torch.tensor([False, True]))
     assert metric.is_ood[0].dtype == torch.float32 and metric.compute() == 1.0
+
+
+def test_a_module_that_overrides_the_validation_epoch_hooks_still_logs_its_metrics(tmp_path):
+    # a Lightning hook a user overrides without calling super: the validation metrics must not depend on it
+    class WithOwnHooks(DeterministicModule):
+        def on_validation_epoch_start(self) -> None:
+            pass
+
+        def on_validation_epoch_end(self) -> None:
+            self.log("val/extra", 1.0)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    module = WithOwnHooks(MLP(4, 2, hidden=[8]), lr=1e-2)
+    fit = trainer(tmp_path, max_epochs=2)
+    fit.fit(module, DataLoader(TensorDataset(x, y), batch_size=16), DataLoader(TensorDataset(x[:20], y[:20]), batch_size=8))
+    assert {"val/accuracy", "val/nll", "val/ece", "val/extra"} <= set(fit.callback_metrics)
+    with torch.no_grad():
+        accuracy = float((module.model(x[:20]).argmax(1) == y[:20]).float().mean())
+    assert float(fit.callback_metrics["val/accuracy"]) == pytest.approx(accuracy)

@@ -82,8 +82,44 @@ def test_predict_takes_the_loop_and_refuses_a_block_around_it():
         bdl.predict(model, x, num_samples=4, task="regression", method="batched")
     with bdl.sample_once(model), pytest.raises(ValueError, match="inside a bdl.sample_once block"):
         bdl.predict(model, x, num_samples=4, task="regression")  # every sample would be the block's one draw
-    with bdl.sample_once(model), torch.no_grad():  # nested blocks: the inner one draws its own
-        outer = model.w(x)
-        with bdl.sample_once(model):
-            inner = model.w(x)
-        assert torch.equal(model.w(x), outer) and not torch.equal(inner, outer)
+
+
+
+def test_a_block_inside_another_shares_the_outer_draw():
+    # an encoder that opens its own block, called twice in a model that opens one: each call drew anew
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = bdl.BayesLinear(4, 8, posterior_std_init=0.3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with bdl.sample_once(self):
+                return self.layer(x)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = Encoder()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with bdl.sample_once(self):
+                return (self.encoder(x) - self.encoder(x)).square().sum(-1)
+
+    x = torch.randn(3, 4)
+    assert torch.equal(Model()(x), torch.zeros(3))
+    encoder = Encoder()
+    assert not torch.equal(encoder(x), encoder(x))  # apart, each forward is its own draw
+
+
+def test_a_call_without_gradients_first_shares_the_draw_and_the_later_calls_train():
+    # a stop-gradient branch (SimSiam) called first: its draw, cached without a graph, gave the calls with gradients
+    # no gradient to the posterior (backward failed, or the encoder silently never trained)
+    model = Siamese()
+    x = torch.randn(3, 4)
+    with bdl.sample_once(model):
+        with torch.no_grad():
+            target = model.encoder(x)
+        online = model.encoder(x)
+    assert torch.equal(online.detach(), target)
+    (online - target).square().sum().add(online.sum()).backward()
+    assert model.encoder.weight_mu.grad is not None and bool(model.encoder.weight_rho.grad.abs().sum() > 0)
