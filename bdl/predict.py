@@ -703,13 +703,11 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
 def _holds_probe_rows(t: Tensor) -> bool:
     """Whether ``t`` holds the probe draw's rows: in its first dimension, or in the second of an activation of a
     sequence-first layout (``[T, B, E]``, torch's RNN default); not a weight (DropConnect), nor a view of one,
-    whose ``[out, 7]`` would otherwise pass."""
-    if t.dim() == 0:
+    whose ``[7, in]`` or ``[out, 7]`` would otherwise pass. A weight computed from parameters (weight_norm's) with 7
+    rows, or 7 columns and 3 dimensions or more, still passes."""
+    if t.dim() == 0 or isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):  # a [7, in] weight too
         return False
-    if t.shape[0] == _PROBE_SAMPLES:
-        return True
-    weight = isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
-    return t.dim() >= 3 and t.shape[1] == _PROBE_SAMPLES and not weight
+    return t.shape[0] == _PROBE_SAMPLES or (t.dim() >= 3 and t.shape[1] == _PROBE_SAMPLES)
 
 
 def _probe_draw(model: nn.Module, x: Tensor, num_samples: int, hooks: list[tuple[nn.Module, bool, Callable[..., Any]]]) -> bool:

@@ -873,19 +873,20 @@ def test_dropout_on_sequence_first_activations_takes_the_batched_path():
 
 
 class _WeightDropout(nn.Module):
-    def __init__(self, in_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
-        self.linear, self.dropout = nn.Linear(in_features, 16), nn.Dropout(0.5)
+        self.linear, self.dropout = nn.Linear(in_features, out_features), nn.Dropout(0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # dropout on the weight: one mask per forward
         return nn.functional.linear(x, self.dropout(self.linear.weight), self.linear.bias)
 
 
 @pytest.mark.parametrize("in_features", [6, 7])
-def test_dropout_on_a_weight_keeps_the_loop_whatever_its_shape(in_features):
+@pytest.mark.parametrize("out_features", [16, 7])
+def test_dropout_on_a_weight_keeps_the_loop_whatever_its_shape(in_features, out_features):
     # a weight [16, 7] has the probe's row count (7) in its second dimension, as sequence-first activations do:
     # it took the batched path, whose samples shared one mask (epistemic variance 0 against the loop's 0.035)
-    model = bdl.MCDropout(nn.Sequential(_WeightDropout(in_features), nn.ReLU(), nn.Linear(16, 1)))
+    model = bdl.MCDropout(nn.Sequential(_WeightDropout(in_features, out_features), nn.ReLU(), nn.Linear(out_features, 1)))
     x = torch.randn(32, in_features)
     with pytest.raises(ValueError, match="a dropout layer is applied to a tensor without the batch rows"):
         bdl.predict(model, x, num_samples=4, task="regression", method="batched")

@@ -133,8 +133,8 @@ def test_seed_use_case_routes_uncertain_inputs_to_review(one_thread):
     [
         ({}, "exactly one of"),
         ({"coverage": 0.5, "threshold": 1.0}, "exactly one of"),
-        ({"coverage": 0.0}, "coverage must be in"),
-        ({"error_rate": 1.5}, "error_rate must be in"),
+        ({"coverage": 0.0}, "coverage must be a number"),
+        ({"error_rate": 1.5}, "error_rate must be a number"),
         ({"error_rate": 0.1}, "targets"),
         ({"coverage": 0.5, "score": "variance"}, "predictive_entropy"),
         ({"coverage": 0.5, "score": "total_variance"}, "regression"),
@@ -207,3 +207,14 @@ def test_float32_targets_mean_their_decimal_value():
     prediction = Prediction.from_logits(torch.linspace(0.01, 3, 10, dtype=torch.float64)[None, :, None])
     prediction.targets = torch.tensor([0] * 7 + [1] * 3)  # every input predicted 1: 7 wrong
     assert int((~triage(prediction, score="max_probability", error_rate=np.float32(0.7)).review).sum()) == 10
+    # exactly 10% wrong, every 10th input from the first, by a score that handles them in order: the error rate is
+    # 0.1 at 10, 20, ..., 100 inputs; np.float16(0.1) is 0.09998, below every one of them (none handled)
+    logits = torch.randn(100, 3)
+    labels = logits.argmax(1)
+    labels[::10] = (labels[::10] + 1) % 3
+    prediction = Prediction.from_logits(logits[None])
+    prediction.targets = labels
+    def in_order(p):
+        return torch.arange(len(p), dtype=torch.float32)
+    for target in (0.1, np.float32(0.1), np.float16(0.1)):
+        assert int((~triage(prediction, score=in_order, error_rate=target).review).sum()) == 100

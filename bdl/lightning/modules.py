@@ -331,12 +331,17 @@ class _Evaluation:
                 error = self._non_finite("validation", f"the predicted variance is 0 for {zeros} of {variance.numel()} outputs (its NLL infinite)")
         if self.task != "classification":  # every process, every batch: a collective
             _raise_on_every_process(self, error, "non-finite validation metric")
-        for name, metric in metrics.items():
-            # a metric never updated is left out (a mean-only regressor with no variance has no predictive NLL); a
-            # batch of only the sampler's repeats logs every metric, as the other processes do: with a validation set
-            # smaller than the number of processes, a process holding nothing else logged none, and the others
-            # waited for it in the metrics' synchronisation for ever
-            if metric.update_count or unpadded is None:
+        # a metric no process has updated is left out (a mean-only regressor with no variance has no predictive NLL);
+        # every process logs the same ones: with a validation set smaller than the number of processes, a process
+        # holding only the sampler's repeats logged none, and the others waited for it in the metrics' synchronisation
+        # for ever (the decision is a collective in each step, not at the epoch's end, which a subclass may override)
+        updated = [metric.update_count > 0 for metric in metrics.values()]
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            flags = torch.tensor(updated, dtype=torch.float32, device=self.device)
+            updated = (trainer.strategy.reduce(flags, reduce_op="sum") > 0).tolist()
+        for (name, metric), logged in zip(metrics.items(), updated):
+            if logged:
                 self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=name in ("accuracy", "rmse"))
 
     def _non_finite(self, stage: str, what: str) -> FloatingPointError:

@@ -403,7 +403,9 @@ class _BayesLayer(BayesianModule):
         if _sample_once_blocks[0] and not torch.compiler.is_compiling():
             draws = _sample_once_draws(self)
             if draws is not None:  # inside bdl.sample_once: the block's one draw, made at the first call
-                graph = torch.is_grad_enabled() and self.weight_mu.requires_grad
+                graph = torch.is_grad_enabled() and any(
+                    p is not None and p.requires_grad for p in (self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho)
+                )
                 drawn = draws.get(id(self))
                 if drawn is None or (graph and not drawn[2]):
                     # the same noise again where a call without gradients drew first (a stop-gradient branch)
@@ -462,6 +464,8 @@ class _BayesLayer(BayesianModule):
         several calls), from fresh noise or the given; ``graph``: built with gradients to ``mu`` and ``rho``."""
         if noise is None:
             noise = (randn_like(self.weight_mu), None if self.bias_mu is None else randn_like(self.bias_mu))
+        elif not torch.is_inference_mode_enabled():  # noise drawn under inference_mode cannot join a graph
+            noise = tuple(eps.clone() if eps is not None and eps.is_inference() else eps for eps in noise)
         drawn = []
         for name, eps in zip(("weight", "bias"), noise):
             mu, rho = getattr(self, f"{name}_mu"), getattr(self, f"{name}_rho")

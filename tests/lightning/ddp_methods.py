@@ -95,6 +95,17 @@ def main(out: str, mode: str) -> None:
         with torch.no_grad():
             correct = float(module.model(val.tensors[0]).argmax(1).eq(val.tensors[1]).float().mean())
         results["one_validation_row"] = {"logged": float(trainer.callback_metrics["val/accuracy"]), "correct": correct}
+        # a regressor whose predictions have no variance updates no NLL anywhere: the process holding only the repeat
+        # logged one, and the other waited in its synchronisation
+        L.seed_everything(0)
+        x, y = torch.randn(16, 3), torch.randn(16, 1)
+        trainer = L.Trainer(
+            max_epochs=1, accelerator="cpu", devices=processes, strategy="ddp", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        )  # fmt: skip
+        module = MeanOnly(MLP(3, 1, hidden=[8]), task="regression", save_report=False)
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4), DataLoader(TensorDataset(x[:3], y[:3]), batch_size=1))
+        results["no_variance_logged"] = sorted(key for key in trainer.callback_metrics if key.startswith("val/"))
     if trainer.global_rank == 0:
         with open(out, "w") as file:
             json.dump(results, file)
@@ -108,6 +119,11 @@ class OwnEpochHooks(DeterministicModule):
 
     def on_validation_epoch_end(self) -> None:
         pass
+
+
+class MeanOnly(DeterministicModule):
+    def sample_prediction(self, x: torch.Tensor, num_samples: int) -> bdl.Prediction:
+        return bdl.predict(self.model, x, num_samples=1, task="regression")  # variance 0: no NLL
 
 
 class NaNOnTheLastProcess(DeterministicModule):

@@ -80,3 +80,10 @@ def test_a_validation_set_smaller_than_the_processes_does_not_hang(results):
     # too, of a module whose own validation epoch hooks do not call bdl's
     row = results["ddp"]["one_validation_row"]
     assert row["logged"] == row["correct"]
+
+
+@pytest.mark.slow
+def test_a_metric_no_process_updates_is_left_out_on_every_process(results):
+    # a regressor without variance updates no NLL; with 3 rows of one per batch, process 1's second batch holds only
+    # the sampler's repeat: it logged val/nll, and process 0 waited in val/nll's synchronisation for ever
+    assert results["ddp"]["no_variance_logged"] == ["val/rmse"]

@@ -123,3 +123,25 @@ def test_a_call_without_gradients_first_shares_the_draw_and_the_later_calls_trai
     assert torch.equal(online.detach(), target)
     (online - target).square().sum().add(online.sum()).backward()
     assert model.encoder.weight_mu.grad is not None and bool(model.encoder.weight_rho.grad.abs().sum() > 0)
+
+
+def test_a_draw_made_under_inference_mode_or_for_frozen_means_trains_the_rest():
+    # noise drawn under inference_mode could not join a graph ("Inference tensors cannot be saved for backward"); and
+    # with the means frozen the graph was judged by weight_mu alone: rho got no gradient, silently
+    model, x = Siamese(), torch.randn(3, 4)
+    with bdl.sample_once(model):
+        with torch.inference_mode():
+            target = model.encoder(x)
+        online = model.encoder(x)
+    assert torch.equal(online.detach(), target.clone())
+    online.sum().backward()
+    assert model.encoder.weight_rho.grad is not None
+    frozen = Siamese()
+    frozen.encoder.weight_mu.requires_grad_(False)
+    frozen.encoder.bias_mu.requires_grad_(False)
+    with bdl.sample_once(frozen):
+        with torch.no_grad():
+            frozen.encoder(x)
+        out = frozen.encoder(x)
+    out.sum().backward()
+    assert frozen.encoder.weight_rho.grad is not None and bool(frozen.encoder.weight_rho.grad.abs().sum() > 0)
