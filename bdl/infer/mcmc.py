@@ -15,7 +15,7 @@ from pyro.ops import stats
 from torch import Tensor, nn
 
 from .diagnostics import ess_bulk, ess_tail, rank_r_hat
-from .model import PyroModel
+from .model import PyroModel, check_full_data
 from .predictive import TASKS, _eval_mode, predict_from_samples, predict_function_model, private_param_store
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -353,13 +353,7 @@ def mcmc(
     if not callable(model):
         raise TypeError(f"model must be a bdl.infer.PyroModel or a Pyro model function, got {type(model).__name__}")
     if isinstance(model, PyroModel):
-        if len(args) < 2 or not all(isinstance(a, Tensor) for a in args[:2]):
-            raise ValueError("mcmc on a PyroModel needs the data as tensors: mcmc(model, x, y, ...)")
-        if model.num_data not in (None, args[0].shape[0]):
-            raise ValueError(
-                f"mcmc samples the full-data posterior: the PyroModel's num_data ({model.num_data}) must be None or "
-                f"the number of data points given ({args[0].shape[0]})"
-            )
+        check_full_data("mcmc", model, args)
     if seed is not None:
         pyro.set_rng_seed(seed)
 

@@ -218,3 +218,16 @@ class PyroModel(nn.Module):
             return None
         output = self.run_net(weights, x)
         return self.likelihood(output, y, num_data=self.num_data)
+
+
+def check_full_data(engine: str, model: PyroModel, args: tuple) -> None:
+    """For ``mcmc`` and ``svi``, which see the whole data set at every step: a :class:`PyroModel` needs ``(x, y)``
+    tensors (without ``y`` an SVI guide took the observations for latent variables) and a ``num_data`` of None or
+    the number of data points given (another scales the likelihood: a posterior std 6x too small for 1000 of 20)."""
+    if len(args) < 2 or not all(isinstance(a, Tensor) for a in args[:2]):
+        raise ValueError(f"{engine} on a PyroModel needs the data as tensors: {engine}(model, x, y, ...)")
+    if model.num_data not in (None, args[0].shape[0]):
+        raise ValueError(
+            f"{engine} uses the full-data posterior: the PyroModel's num_data ({model.num_data}) must be None or the "
+            f"number of data points given ({args[0].shape[0]}); train on minibatches with the Lightning Trainer"
+        )

@@ -13,7 +13,7 @@ from pyro.infer.autoguide import AutoGuide
 from torch import Tensor, nn
 
 from .guides import make_elbo, make_guide
-from .model import PyroModel
+from .model import PyroModel, check_full_data
 from .predictive import (
     TASKS,
     network_outputs,
@@ -421,14 +421,8 @@ def svi(
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
-    if isinstance(model, PyroModel):  # as mcmc: without targets the guide took the observations for latents
-        if len(args) < 2 or not all(isinstance(a, Tensor) for a in args[:2]):
-            raise ValueError("svi on a PyroModel needs the data as tensors: svi(model, x, y, ...)")
-        if model.num_data not in (None, args[0].shape[0]):
-            raise ValueError(
-                f"svi fits the full-data posterior (full-batch steps): the PyroModel's num_data ({model.num_data}) must "
-                f"be None or the number of data points ({args[0].shape[0]}); train minibatches with the Lightning Trainer"
-            )
+    if isinstance(model, PyroModel):
+        check_full_data("svi", model, args)
     module = SVIModule(
         model,
         guide,

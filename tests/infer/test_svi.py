@@ -307,7 +307,7 @@ def test_a_pyro_model_without_targets_or_with_another_data_size_is_refused():
         svi(model(), x, num_steps=1)
     with pytest.raises(ValueError, match="needs \\(inputs, targets\\) batches"):
         SVIModule(model()).loss(x)
-    with pytest.raises(ValueError, match=r"num_data \(1000\) must be None or the number of data points \(20\)"):
+    with pytest.raises(ValueError, match=r"num_data \(1000\) must be None or the number of data points given \(20\)"):
         svi(model(1000), x, y, num_steps=1)
 
 
