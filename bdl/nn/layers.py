@@ -432,16 +432,6 @@ class _BayesLayer(BayesianModule):
             and not torch.compiler.is_compiling()
             and not _in_functorch(self.weight_mu)
         )
-        weight, bias = self._posteriors(fuse)
-        estimator = ESTIMATORS[self.estimator]
-        kwargs = {"per_channel": True} if self.estimator == "flipout" and self._flipout_per_channel else {}
-        output = estimator(self._op, input, weight, bias, **kwargs)
-        if fuse:
-            self._keep_kl(weight, bias)
-        return output
-
-    def _posteriors(self, fuse: bool) -> tuple[GaussianWeights, Optional[GaussianWeights]]:
-        """The weight's and bias's posteriors for one forward; ``fuse``: their draws compute the KL too."""
         weight = GaussianWeights(
             self.weight_mu, self.weight_rho, self.std_transform, self._fusable_prior(self.weight_prior, self.weight_mu) if fuse else None
         )
@@ -450,13 +440,15 @@ class _BayesLayer(BayesianModule):
             bias = GaussianWeights(
                 self.bias_mu, self.bias_rho, self.std_transform, self._fusable_prior(self.bias_prior, self.bias_mu) if fuse else None
             )
-        return weight, bias
-
-    def _keep_kl(self, weight: GaussianWeights, bias: Optional[GaussianWeights]) -> None:
-        self._kl_cache.clear()
-        for name, posterior in (("weight", weight), ("bias", bias)):
-            if posterior is not None and posterior.kl is not None:
-                self._kl_cache[name] = _CachedKL(posterior)
+        estimator = ESTIMATORS[self.estimator]
+        kwargs = {"per_channel": True} if self.estimator == "flipout" and self._flipout_per_channel else {}
+        output = estimator(self._op, input, weight, bias, **kwargs)
+        if fuse:
+            self._kl_cache.clear()
+            for name, posterior in (("weight", weight), ("bias", bias)):
+                if posterior is not None and posterior.kl is not None:
+                    self._kl_cache[name] = _CachedKL(posterior)
+        return output
 
     def _draw_once(self, noise: Optional[tuple[Tensor, Optional[Tensor]]], graph: bool) -> tuple:
         """``((weight, bias), noise, graph)``: the draw ``mu + std * noise`` for every call in a :func:`bdl.sample_once`
