@@ -61,6 +61,8 @@ def check_fractions(val_fraction: float, test_fraction: Optional[float] = None) 
 
 def check_ood_classes(ood_classes: Sequence[int], num_classes: int) -> None:
     """Raise ``ValueError`` unless ``ood_classes`` are labels in ``0..num_classes-1`` leaving at least 2 classes."""
+    if not isinstance(ood_classes, (list, tuple)) or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) for c in ood_classes):
+        raise ValueError(f"ood_classes must be a list of class labels (e.g. [8, 9]), got {ood_classes!r}")
     unknown = sorted(set(ood_classes) - set(range(num_classes)))
     if unknown:
         raise ValueError(f"ood_classes must be class labels in 0..{num_classes - 1}, got {unknown}")
@@ -212,8 +214,11 @@ def load_mnist1d(
     order = torch.randperm(int((~held_out).sum()), generator=torch.Generator().manual_seed(seed))
     x_in, y_in = x[~held_out][order], y[~held_out][order]
     num_val = round(len(x_in) * val_fraction)
-    if num_val >= len(x_in):
-        raise ValueError(f"val_fraction={val_fraction} leaves no training rows of the {len(x_in)} in-distribution ones")
+    if num_val >= len(x_in) or (val_fraction > 0 and num_val < 1):  # an empty split, as _split_indices refuses
+        raise ValueError(
+            f"val_fraction={val_fraction} of {len(x_in)} in-distribution rows gives {num_val} validation and "
+            f"{len(x_in) - num_val} training rows: each needs at least one"
+        )
     ood = None
     if len(ood_classes):
         ood_x = torch.cat([x[held_out], x_test[held_out_test]])

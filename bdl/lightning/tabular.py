@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from ..data.offline import Splits, _split_indices
+from ..data.offline import Splits, _split_indices, check_fractions
 from .data import TASKS, UncertaintyDataModule
 
 
@@ -126,14 +126,6 @@ def _check_names(path: str, names: Sequence[str], available: Sequence[str], kind
         raise ValueError(f"{path} has no {kind} {unknown}; available {kind}: {list(available)}")
 
 
-def _check_fractions(val_fraction: float, test_fraction: float) -> None:
-    if not (0 <= val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(
-            f"val_fraction and test_fraction must be in [0, 1) (test_fraction above 0) with a sum below 1, "
-            f"got {val_fraction} and {test_fraction}"
-        )
-
-
 class _StandardizedTable(UncertaintyDataModule):
     """A table of numbers held in memory: seeded train/val/test split, standardisation with training rows only.
 
@@ -156,7 +148,7 @@ class _StandardizedTable(UncertaintyDataModule):
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
         if task not in TASKS:
             raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
-        _check_fractions(val_fraction, test_fraction)
+        check_fractions(val_fraction, test_fraction)
         self.task = task
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.standardize = standardize
@@ -468,4 +460,9 @@ class SklearnRegressionDataModule(_StandardizedTable):
                 ood_rows = values > np.quantile(values, 1 - self.ood_fraction)
             else:
                 ood_rows = values < np.quantile(values, self.ood_fraction)
+            if not ood_rows.any():  # a feature with few values (sex: 1 or 2): the run had no OOD metrics, silently
+                raise ValueError(
+                    f"ood={self.ood!r} with ood_fraction={self.ood_fraction} selects no row of {self.name}: its "
+                    f"{self.ood_feature!r} takes {len(np.unique(values))} distinct values; pick another ood_feature"
+                )
         return self._make_splits(x, y, names, ood_rows)

@@ -110,6 +110,8 @@ def _check_fraction(name: str, value: float) -> float:
 def _train_val_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     num_val = round(n * val_fraction)
+    if num_val >= n or (val_fraction > 0 and num_val < 1):  # an empty split trained without a check
+        raise ValueError(f"val_fraction={val_fraction} of {n} training images gives {num_val} validation and {n - num_val} training images: each needs at least one")
     return order[num_val:], order[:num_val]
 
 

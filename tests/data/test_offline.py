@@ -60,7 +60,7 @@ def test_mnist1d_has_the_papers_split_and_caches(tmp_path):
     np.savez(tmp_path / "incomplete.npz", x=np.zeros((2, 40)))
     with pytest.warns(UserWarning, match=r"incomplete.npz: cannot use the cached data \(it has no \['y', 'x_test', 'y_test'\]"):
         assert _read_cache(str(tmp_path / "incomplete.npz"), ("x", "y", "x_test", "y_test")) is None
-    with pytest.raises(ValueError, match="no training rows"):
+    with pytest.raises(ValueError, match="gives 4000 validation and 0 training rows"):
         load_mnist1d(val_fraction=0.9999, cache_dir=str(tmp_path))
 
 
@@ -77,3 +77,18 @@ def test_regression_toy_leaves_the_gap_empty():
 def test_two_moons_is_binary():
     splits = two_moons(200)
     assert set(splits.train.tensors[1].tolist()) == {0, 1}
+
+
+def test_a_validation_fraction_too_small_for_one_row_is_refused(tmp_path):
+    # MNIST-1D gave an empty validation set where digits refuses: training went on without a check
+    with pytest.raises(ValueError, match="gives 0 validation"):
+        load_mnist1d(val_fraction=0.0001, cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="0 validation"):
+        load_digits(val_fraction=0.0001)
+
+
+@pytest.mark.parametrize("ood_classes", [8, "8", [8.0], [True]])
+def test_ood_classes_must_be_a_list_of_labels(ood_classes):
+    # an int raised "TypeError: 'int' object is not iterable"
+    with pytest.raises(ValueError, match="ood_classes must be a list of class labels"):
+        load_digits(ood_classes=ood_classes)

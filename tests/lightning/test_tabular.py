@@ -281,3 +281,15 @@ def test_sklearn_data_module_arguments_are_checked():
         SklearnRegressionDataModule(ood_fraction=0.7)
     with pytest.raises(ValueError, match="val_fraction"):
         SklearnRegressionDataModule(val_fraction=0.6, test_fraction=0.5)
+
+
+def test_an_ood_split_that_selects_no_row_is_refused():
+    # sex takes two values: no row lies strictly above its 90% quantile, and the run silently had no OOD set
+    with pytest.raises(ValueError, match="selects no row of diabetes: its 'sex' takes 2 distinct values"):
+        SklearnRegressionDataModule("diabetes", ood="high", ood_feature="sex", ood_fraction=0.1).setup("fit")
+
+
+def test_a_fraction_that_is_not_a_number_is_named(tmp_path):
+    table = {"a": np.arange(20.0), "y": np.arange(20.0)}
+    with pytest.raises(TypeError, match="val_fraction and test_fraction must be numbers, got '0.1'"):
+        TabularDataModule(str(_csv(tmp_path, table)), "y", task="regression", val_fraction="0.1")

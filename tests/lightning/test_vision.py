@@ -189,3 +189,12 @@ def test_normalized_images_checks_its_inputs():
         NormalizedImages(torch.zeros(2, 1, 4, 4), torch.zeros(2), [0.5], [0.5])
     with pytest.raises(ValueError, match="one label per image"):
         NormalizedImages(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(3), [0.5], [0.5])
+
+
+def test_a_validation_fraction_too_small_for_one_image_is_refused():
+    from bdl.lightning.vision import _train_val_indices
+
+    with pytest.raises(ValueError, match="gives 0 validation and 100 training images"):
+        _train_val_indices(100, 0.001, seed=0)
+    train, val = _train_val_indices(100, 0.1, seed=0)
+    assert len(train) == 90 and len(val) == 10 and not set(train.tolist()) & set(val.tolist())
