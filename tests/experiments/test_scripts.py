@@ -4,8 +4,9 @@ import pytest
 
 
 @pytest.mark.slow
-def test_mlp_comparison_prints_both_models(run_script):
-    out = run_script("compare_mlp.py", "--epochs", "2", "--num-samples", "4")
+def test_mlp_comparison_prints_both_models(run_script, tmp_path):
+    # its run folders under tmp_path: the default (runs/compare_mlp) was a folder in the checkout
+    out = run_script("compare_mlp.py", "--epochs", "2", "--num-samples", "4", "--out", str(tmp_path / "compare_mlp"))
     assert "nn.Linear MLP" in out and "bdl.BayesLinear MLP" in out and "ECE" in out
 
 
