@@ -78,7 +78,7 @@ def sample_once(model: nn.Module) -> Iterator[nn.Module]:
     cell unrolled over time, a Siamese encoder, weights tied between an encoder and a decoder) sees several
     independent draws where the posterior has one weight: ``||f(x) - f(x)||`` is not 0, and ``w * (w * x)``
     has the mean of ``w1 * w2 * x``. Open the block in the forward, around the calls that must share a draw; a
-    forward is then one sample of the weights, in training (the draw's KL is the layer's, counted once) and in
+    forward is then one sample of the weights, in training (the layer's KL, from its posterior, enters the loss once) and in
     :func:`bdl.predict`, which takes its loop for such a model. Inside the block layers draw as the
     ``"reparam"`` estimator does, whatever theirs (a draw per row, ``"local"``, or a sign flip per row,
     ``"flipout"``, cannot be shared by calls); not inside ``torch.compile``, where they draw at every call. A
