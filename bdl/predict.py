@@ -658,8 +658,10 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
     reparameterisation gives each position its own noise where one weight sample serves them all, and dropout
     applied to a tensor without the batch rows (on a weight: DropConnect), whose mask the samples would share.
     A probe draw of one row and ``_PROBE_SAMPLES`` samples under forward pre-hooks, the random state restored,
-    once per network and input shape (compiled modules run eagerly for it); None where it cannot tell (a probe
-    that fails: the draw itself then raises)."""
+    once per network and input shape (compiled modules run eagerly for it); where dropout ran, a second probe
+    with ``_SECOND_PROBE_SAMPLES`` samples: a tensor that holds the rows grows with them, a weight (even one
+    computed from parameters, as weight_norm's) does not. None where it cannot tell (a probe that fails: the
+    draw itself then raises)."""
     from .wrappers.mc_dropout import DROPOUT_TYPES as DROPOUT_LAYERS
 
     core, sources, _ = _stochastic_sources(model)
@@ -668,6 +670,8 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
     if key in found:
         return found[key]
     reasons: list[str] = []
+    dropout_inputs: list[tuple[nn.Module, int]] = []  # (dropout layer, elements of its input), in call order
+    weight_reason = "a dropout layer is applied to a tensor without the batch rows (e.g. a weight), whose mask the samples would share"
 
     def check(module: nn.Module, args: Any) -> None:  # noqa: ANN401
         first = args[0] if args and isinstance(args[0], Tensor) else None
@@ -690,24 +694,33 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
                 "flattened into rows), and local reparameterisation would give each its own noise where one weight "
                 "sample serves them all"
             )
-        elif isinstance(module, DROPOUT_LAYERS) and not _holds_probe_rows(first):
-            reasons.append("a dropout layer is applied to a tensor without the batch rows (e.g. a weight), whose mask the samples would share")
+        elif isinstance(module, DROPOUT_LAYERS) and (isinstance(first, nn.Parameter) or isinstance(first._base, nn.Parameter)):
+            reasons.append(weight_reason)
+        elif isinstance(module, DROPOUT_LAYERS):
+            dropout_inputs.append((module, first.numel()))
 
     hooks = [(m, True, check) for m in sources if isinstance(m, (BayesLinear, DROPOUT_LAYERS))]
     if not _probe_draw(model, x, _PROBE_SAMPLES, hooks):
         return None
+    if not reasons and dropout_inputs:
+        first_inputs, dropout_inputs = dropout_inputs, []
+        hooks = [(m, True, check) for m in sources if isinstance(m, DROPOUT_LAYERS)]
+        if not _probe_draw(model, x, _SECOND_PROBE_SAMPLES, hooks):
+            return None
+        if not _grow_with_rows(first_inputs, dropout_inputs):
+            reasons.append(weight_reason)
     found[key] = reasons[0] if reasons else None
     return found[key]
 
 
-def _holds_probe_rows(t: Tensor) -> bool:
-    """Whether ``t`` holds the probe draw's rows: in its first dimension, or in the second of an activation of a
-    sequence-first layout (``[T, B, E]``, torch's RNN default); not a weight (DropConnect), nor a view of one,
-    whose ``[7, in]`` or ``[out, 7]`` would otherwise pass. A weight computed from parameters (weight_norm's) with 7
-    rows, or 7 columns and 3 dimensions or more, still passes."""
-    if t.dim() == 0 or isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):  # a [7, in] weight too
-        return False
-    return t.shape[0] == _PROBE_SAMPLES or (t.dim() >= 3 and t.shape[1] == _PROBE_SAMPLES)
+def _grow_with_rows(first: list[tuple[nn.Module, int]], second: list[tuple[nn.Module, int]]) -> bool:
+    """Whether every dropout input of the two probes (``(layer, elements)`` in call order, of ``_PROBE_SAMPLES``
+    and ``_SECOND_PROBE_SAMPLES`` rows) holds the rows: its size in proportion to the rows, as an activation's in
+    any layout (``[B, E]``, ``[T, B, E]``, tokens flattened into rows), where a weight keeps its size."""
+    return len(first) == len(second) and all(
+        a is b and size_a * _SECOND_PROBE_SAMPLES == size_b * _PROBE_SAMPLES
+        for (a, size_a), (b, size_b) in zip(first, second)
+    )
 
 
 def _probe_draw(model: nn.Module, x: Tensor, num_samples: int, hooks: list[tuple[nn.Module, bool, Callable[..., Any]]]) -> bool:
@@ -737,6 +750,7 @@ def _probe_draw(model: nn.Module, x: Tensor, num_samples: int, hooks: list[tuple
 
 
 _PROBE_SAMPLES = 7  # rows of the probe draw: a weight's first dimension is rarely 7
+_SECOND_PROBE_SAMPLES = 3  # rows of the second probe, where dropout ran: what holds the rows shrinks with them
 
 # network -> {(input row shape, dtype): why not row-wise, or None}, as _activation_sizes
 _rowwise_checks: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Optional[str]]]" = weakref.WeakKeyDictionary()

@@ -891,3 +891,54 @@ def test_dropout_on_a_weight_keeps_the_loop_whatever_its_shape(in_features, out_
     with pytest.raises(ValueError, match="a dropout layer is applied to a tensor without the batch rows"):
         bdl.predict(model, x, num_samples=4, task="regression", method="batched")
     assert float(bdl.predict(model, x, num_samples=50, task="regression").epistemic_variance.min()) > 0
+
+
+class _NormedWeightDropout(nn.Module):
+    """DropConnect on a weight computed from parameters (weight_norm's): neither a Parameter nor a view of one."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer, self.dropout = nn.utils.parametrizations.weight_norm(layer), nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dropout(self.layer.weight)
+        if isinstance(self.layer, nn.Conv2d):
+            return nn.functional.conv2d(x, weight, self.layer.bias).flatten(1).sum(1, keepdim=True)
+        return nn.functional.linear(x, weight, self.layer.bias).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize(
+    "layer, x_shape",
+    [(lambda: nn.Linear(4, 7), (16, 4)), (lambda: nn.Linear(7, 3), (16, 7)), (lambda: nn.Conv2d(7, 4, 3), (16, 7, 3, 3))],
+)
+def test_dropout_on_a_computed_weight_with_the_probes_row_count_keeps_the_loop(layer, x_shape):
+    # a weight_norm weight [7, 4], or a conv weight [4, 7, 3, 3], looked like the probe's 7 rows (first dimension,
+    # or second of 3+): batched, every sample shared one mask, epistemic variance exactly 0
+    torch.manual_seed(0)
+    model, x = bdl.MCDropout(_NormedWeightDropout(layer())), torch.randn(*x_shape)
+    with pytest.raises(ValueError, match="a dropout layer is applied to a tensor without the batch rows"):
+        bdl.predict(model, x, num_samples=4, task="regression", method="batched")
+    assert float(bdl.predict(model, x, num_samples=50, task="regression").epistemic_variance.min()) > 0
+
+
+class _FlatTokenDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropout, self.head = nn.Dropout(0.5), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, 8]: dropout on the tokens flattened into rows
+        return self.head(self.dropout(x.reshape(-1, x.shape[-1]))).view(x.shape[0], -1).mean(1, keepdim=True)
+
+
+def test_dropout_on_tokens_flattened_into_rows_takes_the_batched_path():
+    # each element still gets its own mask, as in the loop; it was refused as "a tensor without the batch rows"
+    torch.manual_seed(0)
+    model, x = bdl.MCDropout(_FlatTokenDropout()), torch.randn(5, 6, 8)
+    assert resolve_method(model, 5) == "batched"
+    torch.manual_seed(1)
+    batched = bdl.predict(model, x, num_samples=3000, method="batched", task="regression", keep_samples=True)
+    torch.manual_seed(2)
+    loop = bdl.predict(model, x, num_samples=3000, method="loop", task="regression", keep_samples=True)
+    error = ((batched.sample_means.var(0) + loop.sample_means.var(0)) / 3000).sqrt()
+    assert bool(((batched.mean - loop.mean).abs() < 4 * error).all())
+    assert bool(((batched.epistemic_variance / loop.epistemic_variance - 1).abs() < 0.15).all())
