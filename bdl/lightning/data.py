@@ -43,6 +43,15 @@ class _ResumablePass:
 
     epoch: int
     start: Optional[tuple[int, int]] = None  # (epoch, position) of a resumed pass
+    workers_generator: Optional[torch.Generator] = None
+
+    def _seed_workers(self, seed: int, rank: int = 0) -> None:
+        """Reseed ``workers_generator`` (the loader's ``generator``, from which its worker processes, started anew
+        each epoch, take their random state, e.g. for data augmentation) from ``seed``, the epoch and the DDP rank,
+        so a resumed fit's workers draw what the uninterrupted fit's would have. The rank moves the low 32 bits,
+        the only ones torch's CPU generator keeps (an odd multiplier: every rank its own seed)."""
+        if self.workers_generator is not None:
+            self.workers_generator.manual_seed((((seed * 1_000_003 + self.epoch) ^ 0x5EED) + rank * 0x9E3779B9) % 2**64)
 
     def resume_at(self, position: int) -> None:
         """Start the next pass over this epoch at ``position`` of its order (a fit resumed from a checkpoint saved
@@ -64,8 +73,7 @@ class EpochRandomSampler(_ResumablePass, RandomSampler):
     order the uninterrupted run would have used (and Monte Carlo draws do not shift the data order).
     ``workers_generator``, the loader's ``generator``, is reseeded from ``seed`` and the epoch too: the
     loader's worker processes (started anew each epoch) take their random state, e.g. for data
-    augmentation, from it. Under DDP Lightning replaces the sampler with a seeded ``DistributedSampler``,
-    also epoch-aware (the workers' seeds are then not).
+    augmentation, from it. Under DDP bdl's data modules use :class:`_ResumableDistributedSampler` instead.
     """
 
     def __init__(self, data_source: Sized, seed: int = 0, workers_generator: Optional[torch.Generator] = None) -> None:
@@ -75,8 +83,7 @@ class EpochRandomSampler(_ResumablePass, RandomSampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-        if self.workers_generator is not None:
-            self.workers_generator.manual_seed((self.seed * 1_000_003 + self.epoch) ^ 0x5EED)
+        self._seed_workers(self.seed)
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -85,7 +92,19 @@ class EpochRandomSampler(_ResumablePass, RandomSampler):
 
 class _ResumableDistributedSampler(_ResumablePass, DistributedSampler):
     """The ``DistributedSampler`` Lightning puts under a DDP training loader (the same seed, so the same order),
-    able to start a resumed epoch partway, as :class:`EpochRandomSampler` does on one process."""
+    able to start a resumed epoch partway, and reseeding its loader's workers each epoch (from ``workers_seed``,
+    the epoch and the rank), as :class:`EpochRandomSampler` does on one process."""
+
+    def __init__(
+        self, dataset: Dataset, *, workers_seed: int = 0, workers_generator: Optional[torch.Generator] = None, **kwargs: Any
+    ) -> None:
+        super().__init__(dataset, **kwargs)
+        self.workers_seed, self.workers_generator = int(workers_seed), workers_generator
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self._seed_workers(self.workers_seed, self.rank)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._resumed(list(super().__iter__())))
@@ -158,7 +177,12 @@ class UncertaintyDataModule(L.LightningDataModule):
         replicas = _distributed_sampler_kwargs(trainer) if train and trainer is not None else None
         if replicas is not None:  # the sampler Lightning would put there (its replicas and seed), able to resume partway
             sampler = _ResumableDistributedSampler(
-                dataset, **replicas, shuffle=not trainer.overfit_batches, seed=int(os.getenv("PL_GLOBAL_SEED", 0))
+                dataset,
+                **replicas,
+                shuffle=not trainer.overfit_batches,
+                seed=int(os.getenv("PL_GLOBAL_SEED", 0)),
+                workers_seed=seed,
+                workers_generator=generator,
             )
         return DataLoader(
             dataset,

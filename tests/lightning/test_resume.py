@@ -376,3 +376,47 @@ def test_under_ddp_the_training_loader_has_lightnings_distributed_order_and_resu
     assert isinstance(data.train_dataloader().sampler, DistributedSampler)
     data.trainer._accelerator_connector.use_distributed_sampler = False
     assert not isinstance(data.train_dataloader().sampler, DistributedSampler)
+
+
+class _RandomValues(torch.utils.data.Dataset):
+    """A worker's random numbers, one per example (an augmentation's draws)."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return torch.rand(())
+
+
+def test_ddp_training_workers_are_seeded_by_the_epoch_and_the_rank():
+    # under DDP the workers' generator was seeded once per fit: a resumed fit's workers replayed epoch 0's draws,
+    # and every rank's workers drew the same numbers
+    from types import SimpleNamespace
+
+    from bdl.lightning import DigitsDataModule
+    from bdl.lightning.data import _ResumableDistributedSampler
+
+    def loader(rank):
+        data = DigitsDataModule(batch_size=4, num_workers=1)
+        data.trainer = SimpleNamespace(
+            _accelerator_connector=SimpleNamespace(use_distributed_sampler=True, is_distributed=True),
+            distributed_sampler_kwargs={"num_replicas": 2, "rank": rank},
+            world_size=2,
+            overfit_batches=0,
+        )
+        built = data._loader(_RandomValues(), train=True)
+        assert isinstance(built.sampler, _ResumableDistributedSampler)
+        return built
+
+    def epoch(built, number):
+        built.sampler.set_epoch(number)
+        return torch.cat(list(built))
+
+    torch.manual_seed(0)
+    uninterrupted = loader(0)
+    first, second = epoch(uninterrupted, 0), epoch(uninterrupted, 1)
+    assert not torch.equal(first, second)
+    torch.manual_seed(0)
+    assert torch.equal(epoch(loader(0), 1), second)  # a fit resumed at epoch 1
+    torch.manual_seed(0)
+    assert not torch.equal(epoch(loader(1), 0), first)
