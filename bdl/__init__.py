@@ -50,6 +50,48 @@ from . import infer
 from .infer import PyroModel, compare_predictions, mcmc
 
 
+# `from bdl import *`: the public names, not the subpackages (bdl.nn would shadow `from torch import nn`); SVIModule
+# and svi stay out, as importing them imports Lightning
+__all__ = [
+    "BayesConv1d",
+    "BayesConv2d",
+    "BayesConv3d",
+    "BayesLinear",
+    "BayesianModule",
+    "DeepEnsemble",
+    "ELBO",
+    "ELBOLoss",
+    "GaussianHead",
+    "GaussianNLLLoss",
+    "GaussianOutput",
+    "GaussianPrior",
+    "MCDropout",
+    "Prediction",
+    "Prior",
+    "PyroModel",
+    "Report",
+    "ScaleMixturePrior",
+    "TemperatureScaler",
+    "Triage",
+    "bayesianize",
+    "compare_predictions",
+    "deterministic",
+    "elbo_loss",
+    "evaluate",
+    "gaussian_nll",
+    "kl_divergence",
+    "mcmc",
+    "predict",
+    "sample_once",
+    "triage",
+    "use_estimator",
+]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "SVIModule", "svi", "data", "lightning"})
+
+
 def __getattr__(name: str):  # noqa: ANN202 - SVIModule or svi, loaded with Lightning on first use
     if name in ("SVIModule", "svi"):
         return getattr(infer, name)

@@ -2,6 +2,7 @@
 
 import doctest
 import importlib
+import inspect
 import math
 import pkgutil
 
@@ -49,3 +50,13 @@ def test_subpackages_the_readme_names_load_on_first_use(monkeypatch):
         monkeypatch.delattr(bdl, name)  # as in a fresh process, where nothing imported it yet
         assert getattr(bdl, name) is sys.modules[f"bdl.{name}"] is module
     assert callable(bdl.data.load_digits) and bdl.lightning.VariationalModule.__name__ == "VariationalModule"
+
+
+def test_star_import_gives_the_public_names_and_no_subpackage():
+    # `from bdl import *` bound bdl.nn over `from torch import nn` (and bdl.calibration, bdl.wrappers, ...)
+    namespace: dict = {}
+    exec("from torch import nn\nfrom bdl import *", namespace)
+    assert namespace["nn"] is torch.nn
+    public = {name for name in dir(bdl) if not name.startswith("_") and not inspect.ismodule(getattr(bdl, name))}
+    assert set(bdl.__all__) == public - {"SVIModule", "svi"}  # those two import Lightning
+    assert all(namespace[name] is getattr(bdl, name) for name in bdl.__all__)
