@@ -654,8 +654,8 @@ def _batched_blocker(model: nn.Module) -> Optional[str]:
 def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
     """Why the batched path would not draw each row's noise on its own for inputs like ``x`` (None: it would).
 
-    Seen only in a forward: a ``BayesLinear`` on inputs ``[B, T, F]`` (a transformer's tokens), whose local
-    reparameterisation gives each position its own noise where one weight sample serves them all, and dropout
+    Seen only in a forward: a ``BayesLinear`` on inputs ``[B, T, F]`` (a transformer's tokens), which draws one
+    weight sample per call, for every row (one sample must serve all positions of an input), and dropout
     applied to a tensor without the batch rows (on a weight: DropConnect), whose mask the samples would share.
     A probe draw of one row and ``_PROBE_SAMPLES`` samples under forward pre-hooks, the random state restored,
     once per network and input shape (compiled modules run eagerly for it); where dropout ran, a second probe
@@ -683,10 +683,7 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
                 "batched path's samples would share that draw"
             )
         elif isinstance(module, BayesLinear) and first.dim() > 2:
-            reasons.append(
-                f"a BayesLinear gets inputs of shape {tuple(first.shape[1:])} per row, and local reparameterisation "
-                "would give every position its own noise where one weight sample serves them all"
-            )
+            reasons.append(_positions_reason(first))
         elif isinstance(module, BayesLinear) and first.shape[0] != _PROBE_SAMPLES:
             # an input's tokens flattened into rows (x.reshape(-1, H)): each would get its own weight sample
             reasons.append(
@@ -848,6 +845,13 @@ def _repeat_rows(x: Tensor, num_samples: int) -> Tensor:
     return x.unsqueeze(0).expand(num_samples, *x.shape).reshape(num_samples * x.shape[0], *x.shape[1:])
 
 
+def _positions_reason(x: Tensor) -> str:
+    return (
+        f"a BayesLinear gets inputs of shape {tuple(x.shape[1:])} per row, which it samples with one weight draw per "
+        "call (one must serve all positions of an input): the batched path's samples would share it"
+    )
+
+
 def _local_expand(layer: BayesLinear, x: Tensor, num_samples: int) -> Tensor:
     """``S`` independent local-reparameterisation draws of ``layer(x)`` as ``[S * B, out]``.
 
@@ -857,8 +861,7 @@ def _local_expand(layer: BayesLinear, x: Tensor, num_samples: int) -> Tensor:
     layer._check_input(x)  # the layer's forward is bypassed here: same errors for a wrong input
     if x.dim() != 2:
         raise ValueError(  # the probe refuses it before a draw where it can (see _rowwise_blocker)
-            f"a BayesLinear gets inputs of shape {tuple(x.shape[1:])} per row, and local reparameterisation would "
-            "give every position its own noise where one weight sample serves them all"
+            _positions_reason(x)
         )
     mean = nn.functional.linear(x, layer.weight_mu, layer.bias_mu)
     bias_var = None if layer.bias_rho is None else layer._prediction_scale("bias", layer.bias_rho, variance=True)

@@ -760,7 +760,7 @@ class _DropConnect(nn.Module):
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda: _Tokens(), "every position its own noise"),  # token noise drawn independently: variance 5x too small
+        (lambda: _Tokens(), "one weight draw per call"),  # the batched samples would share one weight draw
         (lambda: _FlatTokens(), "rows per input row"),  # the same, flattened: taken batched, variance 10x too small
         (lambda: bdl.MCDropout(_DropConnect()), "without the batch rows"),  # one mask for all samples: variance 0
         (lambda: bdl.MCDropout(nn.Sequential(nn.Dropout(0.3), nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Linear(6, 3))),

@@ -411,16 +411,17 @@ class _BayesLayer(BayesianModule):
                     # the same noise again where a call without gradients drew first (a stop-gradient branch)
                     drawn = draws[id(self)] = self._draw_once(None if drawn is None else drawn[1], graph)
                 return self._op(input, *drawn[0])
+        name = self._estimator_for(input)
         if not torch.is_grad_enabled():
             if (
-                self.estimator == "reparam"
+                name == "reparam"
                 and not torch.compiler.is_compiling()
                 and not _in_functorch(self.weight_mu)
             ):
                 # prediction: S forwards share one std per parameter (no exp per draw); same draws as with a graph
                 weight = self._prediction_sample("weight", self.weight_mu, self.weight_rho)
                 return self._op(input, weight, self._prediction_sample("bias", self.bias_mu, self.bias_rho))
-            if self.estimator == "local":  # predict's batched path: likewise one variance per parameter
+            if name == "local":  # predict's batched path: likewise one variance per parameter
                 return local_reparameterized(self._op, input, self._prediction_weights("weight"), self._prediction_weights("bias"))
         elif self._std_cache:
             self._std_cache.clear()  # training: the stds kept for prediction are stale after the next step
@@ -440,8 +441,8 @@ class _BayesLayer(BayesianModule):
             bias = GaussianWeights(
                 self.bias_mu, self.bias_rho, self.std_transform, self._fusable_prior(self.bias_prior, self.bias_mu) if fuse else None
             )
-        estimator = ESTIMATORS[self.estimator]
-        kwargs = {"per_channel": True} if self.estimator == "flipout" and self._flipout_per_channel else {}
+        estimator = ESTIMATORS[name]
+        kwargs = {"per_channel": True} if name == "flipout" and self._flipout_per_channel else {}
         output = estimator(self._op, input, weight, bias, **kwargs)
         if fuse:
             self._kl_cache.clear()
@@ -449,6 +450,10 @@ class _BayesLayer(BayesianModule):
                 if posterior is not None and posterior.kl is not None:
                     self._kl_cache[name] = _CachedKL(posterior)
         return output
+
+    def _estimator_for(self, input: Tensor) -> str:
+        """The estimator this forward of ``input`` uses: the layer's (see :class:`BayesLinear` for its exception)."""
+        return self.estimator
 
     def _draw_once(self, noise: Optional[tuple[Tensor, Optional[Tensor]]], graph: bool) -> tuple:
         """``((weight, bias), noise, graph)``: the draw ``mu + std * noise`` for every call in a :func:`bdl.sample_once`
@@ -502,7 +507,10 @@ class BayesLinear(_BayesLayer):
         prior: a :class:`~bdl.nn.Prior`, a float ``s`` meaning ``N(0, s^2)``, or None for ``N(0, 1)``.
         posterior_std_init: initial posterior standard deviation of every weight, > 0.
         estimator: ``"reparam"`` (one weight sample per forward), ``"local"`` (local reparameterisation:
-            pre-activations sampled per example) or ``"flipout"``.
+            pre-activations sampled per example) or ``"flipout"`` (a sign flip per example). Inputs with more
+            than two dimensions (``[B, T, in]``, a sequence's tokens, or ``[T, B, in]``) are sampled with
+            ``"reparam"`` whatever the estimator: the positions of an example must share one weight sample,
+            which a draw per pre-activation or per row would not give (each position would see its own weights).
         std_transform: ``"exp"`` (``std = exp(rho)``, default, cheaper) or ``"softplus"``.
 
     Forwards without gradients (prediction) keep what S draws share: the posterior std (or variance) while
@@ -563,6 +571,12 @@ class BayesLinear(_BayesLayer):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
         return super().forward(input)
+
+    def _estimator_for(self, input: Tensor) -> str:
+        # inputs with positions ([B, T, in]: a sequence's tokens) in any layout: one weight sample must serve all
+        # the positions of an example, which local reparameterisation (a draw per output element) and per-row
+        # sign flips (positions would be rows) cannot give; one sample per call can, whatever the batch dimension
+        return "reparam" if input.dim() > 2 else self.estimator
 
     @classmethod
     def from_module(cls, module: nn.Linear, **bayes_options: Any) -> "BayesLinear":
