@@ -98,10 +98,11 @@ class GaussianHead(nn.Module):
         if not (isinstance(min_variance, numbers.Real) and math.isfinite(min_variance) and min_variance >= 0):
             raise ValueError(f"min_variance must be a finite number >= 0, got {min_variance!r}")
         for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            # numbers.Integral: numpy's integers too (np.prod of a shape), as nn.Linear and BayesLinear take them
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.in_features = in_features
-        self.out_features = out_features
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
         self.variance = variance
         self.min_variance = float(min_variance)
         if not callable(linear):

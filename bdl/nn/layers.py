@@ -278,11 +278,14 @@ class _BayesLayer(BayesianModule):
 
     # priors are assigned through these so tensor-valued ones are checked against the parameter shape
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("weight_prior", "bias_prior") and value is not None:
-            value = as_prior(value)
-            param = self.weight_mu if name == "weight_prior" else self.bias_mu
-            if param is not None:
-                value.check_shape(param.shape)
+        if name in ("weight_prior", "bias_prior"):
+            param = self._parameters.get("weight_mu" if name == "weight_prior" else "bias_mu")
+            # None means N(0, 1), as the constructor's prior=None (it was kept, and kl_divergence() then raised an
+            # AttributeError); only a layer without bias keeps no bias prior
+            if value is not None or param is not None:
+                value = as_prior(value)
+                if param is not None:
+                    value.check_shape(param.shape)
         super().__setattr__(name, value)
 
     def reset_parameters(self) -> None:

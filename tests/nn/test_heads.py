@@ -101,3 +101,12 @@ def test_loss_module_rejects_a_plain_tensor_output():
 def test_nll_constant_is_half_log_two_pi():
     value = gaussian_nll(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1, 1))
     assert math.isclose(value.item(), 0.5 * math.log(2 * math.pi), rel_tol=1e-6)
+
+
+def test_head_takes_numpy_integer_sizes_as_nn_linear_does():
+    import numpy as np
+
+    head = GaussianHead(np.prod((4, 4)), np.int64(2))
+    assert (head.in_features, head.out_features) == (16, 2) and type(head.in_features) is int
+    with pytest.raises(ValueError, match="in_features must be a positive int"):
+        GaussianHead(4.0, 2)

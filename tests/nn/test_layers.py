@@ -502,3 +502,15 @@ def test_the_positions_of_an_input_share_one_weight_sample(estimator, grad):
         assert torch.equal(y, y.narrow(position_dim, 0, 1).expand_as(y))  # one weight sample serves every position
         assert not torch.equal(y[:, 0] if position_dim == 0 else y[0], layer(x)[:, 0] if position_dim == 0 else layer(x)[0])
     assert layer.estimator == estimator
+
+
+def test_a_prior_set_to_none_is_the_constructors_none():
+    # kept as None, it made kl_divergence() raise "'NoneType' object has no attribute 'posterior_kl'"
+    layer = bdl.BayesLinear(4, 3)
+    expected = layer.kl_divergence()
+    layer.weight_prior, layer.bias_prior = 2.0, 2.0
+    assert not torch.allclose(layer.kl_divergence(), expected)
+    layer.weight_prior = layer.bias_prior = None
+    assert isinstance(layer.weight_prior, bdl.GaussianPrior) and isinstance(layer.bias_prior, bdl.GaussianPrior)
+    torch.testing.assert_close(layer.kl_divergence(), expected)
+    assert bdl.BayesLinear(4, 3, bias=False).bias_prior is None  # no bias, no bias prior
