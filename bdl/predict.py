@@ -154,7 +154,7 @@ class Prediction:
     @classmethod
     def from_logits(cls, sample_logits: Tensor, keep_samples: bool = False) -> "Prediction":
         """Summarise per-sample logits ``[S, N, C]`` (probabilities by softmax; ``logits`` keeps their mean; ``C = 1``:
-        binary log-odds, read as the two-class logits ``(0, l)``).
+        binary log-odds, read as the two-class logits ``(-l/2, l/2)``).
 
         Example:
             >>> pred = Prediction.from_logits(torch.tensor([[[2.0, 0.0]], [[0.0, 2.0]]]))  # S=2 disagree
@@ -389,11 +389,15 @@ class Prediction:
 
 def _two_class(logits: Tensor) -> Tensor:
     """Logits ``[..., 1]`` (a binary classifier's log-odds of class 1, as ``BCEWithLogitsLoss`` trains them) as
-    two-class logits ``(0, l)``, whose softmax is ``(1 - sigmoid(l), sigmoid(l))``; a softmax of the one column
-    gave every input probability 1 and no uncertainty. Other logits as they are."""
+    two-class logits ``(-l/2, l/2)``, whose softmax is ``(1 - sigmoid(l), sigmoid(l))`` (a softmax of the one
+    column gave every input probability 1 and no uncertainty). Symmetric, so the logit-based OOD scores (energy,
+    max logit) depend on ``|l|`` only: with ``(0, l)`` they measured how much an input looked like class 0, and
+    swapping the labels moved their AUROC from 0.53 to 0.47. The softmax is bit for bit ``(0, l)``'s (both are
+    ``(-l, 0)`` or ``(0, -l)`` after subtracting the larger). Other logits as they are."""
     if logits.shape[-1] != 1:
         return logits
-    return torch.cat([torch.zeros_like(logits), logits], dim=-1)
+    half = logits / 2
+    return torch.cat([-half, half], dim=-1)
 
 
 def _check_samples(name: str, value: Any, expected: str) -> Tensor:  # noqa: ANN401
@@ -1138,7 +1142,7 @@ def predict(
     module's mode is restored afterwards) and under ``torch.no_grad()``, on its own device; inputs are
     moved there. Classification models return logits ``[B, C]`` (``[B, 1]``: one logit per input, as a binary
     classifier trained with ``BCEWithLogitsLoss`` gives, is the log-odds of class 1, read as the two-class
-    logits ``(0, l)``, so ``P(y=1) = sigmoid(l)``); regression models return means ``[B, D]`` or ``[B]``, or a
+    logits ``(-l/2, l/2)``, so ``P(y=1) = sigmoid(l)``); regression models return means ``[B, D]`` or ``[B]``, or a
     ``(mean, variance)`` pair such as :class:`~bdl.GaussianHead` gives.
     See the module docstring for the uncertainty decomposition.
 

@@ -942,3 +942,21 @@ def test_dropout_on_tokens_flattened_into_rows_takes_the_batched_path():
     error = ((batched.sample_means.var(0) + loop.sample_means.var(0)) / 3000).sqrt()
     assert bool(((batched.mean - loop.mean).abs() < 4 * error).all())
     assert bool(((batched.epistemic_variance / loop.epistemic_variance - 1).abs() < 0.15).all())
+
+
+def test_a_binary_classifiers_logit_scores_do_not_depend_on_which_class_is_one():
+    # read as (0, l), energy was -softplus(l) and max logit -max(0, l): how much an input looked like class 0, so
+    # swapping the labels (l -> -l) changed their OOD AUROC (max logit 0.735 against 0.479)
+    from bdl.metrics.functional import ood_score
+
+    torch.manual_seed(0)
+    logit = 4 * torch.randn(3, 50, 1)
+    pred, swapped = Prediction.from_logits(logit), Prediction.from_logits(-logit)
+    probs = torch.sigmoid(logit).squeeze(-1)
+    torch.testing.assert_close(pred.probs, torch.stack([1 - probs, probs], -1).mean(0))  # P(y=1) = sigmoid(l)
+    assert torch.equal(pred.probs, swapped.probs.flip(-1))
+    for name in ("energy", "max_logit", "max_probability", "predictive_entropy", "mutual_information"):
+        torch.testing.assert_close(ood_score(pred, name), ood_score(swapped, name))
+    mean = logit.mean(0)  # the mean logit's two columns
+    torch.testing.assert_close(ood_score(pred, "max_logit"), -mean.abs().squeeze(-1) / 2)
+    torch.testing.assert_close(ood_score(pred, "energy"), -(mean.abs() / 2 + torch.log1p(torch.exp(-mean.abs()))).squeeze(-1))

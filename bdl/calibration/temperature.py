@@ -33,7 +33,7 @@ def _check_logits(logits, target) -> tuple[Tensor, Tensor]:  # noqa: ANN001
         raise ValueError(
             f"`logits` must have shape [N, C] or [S, N, C] with N >= 1 (C = 1: binary log-odds), got shape {tuple(logits.shape)}"
         )
-    logits = _two_class(logits)  # (0, l) / T = (0, l / T): the scaled log-odds, as bdl.predict reads them
+    logits = _two_class(logits)  # (-l/2, l/2) / T: the scaled log-odds, as bdl.predict reads them
     target = check_labels(target, logits.shape[-1], logits.shape[-2])
     # probabilities in place of logits fit a meaningless temperature (softmax of values in [0, 1]); amin and the
     # row sums, not a mask and a float64 copy of [S, N, C] logits

@@ -177,9 +177,10 @@ class BernoulliLikelihood(Likelihood):
         return target.to(logit.dtype)
 
     def predictive_outputs(self, sample_outputs: Tensor, sample_globals: dict[str, Tensor]) -> Tensor:
-        # Two-class logits (0, l): softmax gives (1 - sigmoid(l), sigmoid(l)).
-        logit = self._logit(sample_outputs)
-        return torch.stack([torch.zeros_like(logit), logit], dim=-1)
+        # Two-class logits (-l/2, l/2), as bdl.predict reads one logit: softmax gives (1 - sigmoid(l), sigmoid(l)),
+        # and the logit-based OOD scores (energy, max logit) depend on |l| only
+        half = self._logit(sample_outputs) / 2
+        return torch.stack([-half, half], dim=-1)
 
 
 def _regression_target(target: Tensor, mean: Tensor, name: str) -> Tensor:

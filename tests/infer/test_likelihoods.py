@@ -92,3 +92,13 @@ def test_bernoulli_targets_other_than_0_1_are_named_by_value():
         likelihood.check_target(torch.tensor([0, 1, 2, 1]), torch.randn(4, 1))
     with pytest.raises(ValueError, match=r"of shape \(4,\), got shape \(3,\)"):
         likelihood.check_target(torch.tensor([0, 1, 1]), torch.randn(4, 1))
+
+
+def test_bernoulli_predictive_logits_are_symmetric_as_predicts_reading_of_one_logit():
+    # (0, l) made energy and max logit measure "how much class 0"; bdl.predict reads one logit as (-l/2, l/2)
+    from bdl.predict import _two_class
+
+    logit = torch.randn(4, 6, 1)
+    outputs = BernoulliLikelihood().predictive_outputs(logit, {})
+    assert torch.equal(outputs, _two_class(logit))
+    torch.testing.assert_close(outputs.softmax(-1)[..., 1], torch.sigmoid(logit.squeeze(-1)))
