@@ -443,15 +443,28 @@ def _regression_metrics(
 _EPISTEMIC_SCORES = ("mutual_information", "epistemic_variance")
 
 
-def _default_scores(prediction: Prediction, ood_prediction: Prediction) -> list[str]:
+def _default_scores(prediction: Prediction, ood_prediction: Prediction, notes: list[str]) -> list[str]:
+    """The OOD scores the predictions allow; a note in ``notes`` for each left out (a report without an OOD table
+    and without a word of why read as if OOD detection had not been asked for)."""
     names = M.scores_for_task(prediction.task)
     if prediction.logits is None or ood_prediction.logits is None:
+        left = [name for name in names if name in M.LOGIT_SCORES]
         names = [name for name in names if name not in M.LOGIT_SCORES]
+        if left:
+            notes.append(f"OOD scores {', '.join(left)} left out: they need logits, and the predictions hold only probabilities")
     # one sample, or samples all equal (a deterministic model), has no epistemic part: a score that is 0 for
     # every input would report chance (AUROC 0.5) as if it had been measured; so would any score that is the same
     # for every input (the total variance of a mean-only network with a fixed noise variance)
-    names = [name for name in names if name not in _EPISTEMIC_SCORES or _varies(name, prediction, ood_prediction)]
-    return [name for name in names if not _constant(name, prediction, ood_prediction)]
+    kept = [name for name in names if name not in _EPISTEMIC_SCORES or _varies(name, prediction, ood_prediction)]
+    for name in names:
+        if name not in kept:
+            notes.append(f"OOD score {name} left out: the model has no epistemic part here (one sample, or every sample equal)")
+    constant = [name for name in kept if _constant(name, prediction, ood_prediction)]
+    if constant:
+        notes.append(
+            f"OOD scores {', '.join(constant)} left out: the same for every test and OOD input, so they cannot tell them apart"
+        )
+    return [name for name in kept if name not in constant]
 
 
 def _constant(score: str, prediction: Prediction, ood_prediction: Prediction) -> bool:
@@ -573,7 +586,7 @@ def evaluate(
             )
         if isinstance(ood_scores, str):
             ood_scores = [ood_scores]  # one score by name, not one per character
-        names = list(ood_scores) if ood_scores is not None else _default_scores(prediction, ood_prediction)
+        names = list(ood_scores) if ood_scores is not None else _default_scores(prediction, ood_prediction, notes)
         settings.update(ood_scores=tuple(names), tpr=tpr)
         for name in names:
             values = M.ood_metrics(M.ood_score(prediction, name), M.ood_score(ood_prediction, name), tpr=tpr)

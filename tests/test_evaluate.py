@@ -153,6 +153,7 @@ def test_predictions_without_logits_leave_out_the_logit_scores():
     report = evaluate(Prediction.from_probs(probs), torch.randint(0, 3, (50,)), ood_data=Prediction.from_probs(ood))
     assert report.settings["ood_scores"] == ("max_probability", "predictive_entropy", "mutual_information")
     assert not any(key.startswith(("ood/energy", "ood/max_logit")) for key in report.metrics)
+    assert any("energy, max_logit left out: they need logits" in note for note in report.notes)
 
 
 def test_report_of_a_heteroscedastic_regression_model(tmp_path):
@@ -221,8 +222,19 @@ def test_one_sample_reports_no_epistemic_ood_scores():
     for samples in (1, 8):  # one sample, or eight equal ones of a deterministic network
         one = evaluate(nn.Linear(2, 3), (x, y), num_samples=samples, ood_data=x + 5)
         assert not any(key.startswith("ood/mutual_information") for key in one.metrics) and "ood/predictive_entropy/auroc" in one.metrics
+        assert any(note.startswith("OOD score mutual_information left out: the model has no epistemic part") for note in one.notes)
     several = evaluate(BayesLinear(2, 3), (x, y), num_samples=4, ood_data=x + 5)
-    assert "ood/mutual_information/auroc" in several.metrics
+    assert "ood/mutual_information/auroc" in several.metrics and not several.notes
+
+
+def test_every_ood_score_left_out_is_named_in_the_notes():
+    # a mean-only regressor sampled once: every score constant, no OOD table, and not a word of why
+    x, y = torch.randn(50, 1), torch.randn(50)
+    report = evaluate(nn.Linear(1, 1), (x, y), ood_data=5 * torch.randn(20, 1), task="regression", num_samples=1)
+    assert report.settings["ood_scores"] == () and not any(key.startswith("ood/") for key in report.metrics)
+    assert any("epistemic_variance left out" in note for note in report.notes)
+    assert any("total_variance left out: the same for every test and OOD input" in note for note in report.notes)
+    assert "total_variance left out" in report.to_markdown()
 
 
 def test_tuples_with_more_than_inputs_and_targets_are_read_as_predict_reads_them():
