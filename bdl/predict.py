@@ -106,7 +106,7 @@ def _summary_dtype(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)  # == compared tensors field by field and raised; identity, as nn.Module
 class Prediction:
     """Monte Carlo predictive distribution for ``N`` inputs, summarised per input.
 
@@ -231,6 +231,8 @@ class Prediction:
     @classmethod
     def cat(cls, parts: Sequence["Prediction"]) -> "Prediction":
         """Concatenate predictions for consecutive sets of inputs (same task and number of samples).
+
+        The optional fields (the kept samples, the mean logits) are kept where every part has them, else None.
 
         Example:
             >>> a, b = Prediction.from_logits(torch.randn(4, 2, 3)), Prediction.from_logits(torch.randn(4, 5, 3))
@@ -368,6 +370,8 @@ class Prediction:
             index = [index % len(self)]  # keep the inputs' dimension: every field stays [N, ...]
         elif isinstance(index, (str, bytes, float, bool)) or index is None:  # torch's messages named none of it
             raise TypeError(f"a Prediction is indexed over its inputs by an int, a slice, indices or a boolean mask, got {index!r}")
+        elif getattr(index, "ndim", 1) > 1:  # a tensor or an array  # a [1, 2] index made probs [1, 2, C]
+            raise IndexError(f"a Prediction is indexed over its inputs by one-dimensional indices or a mask, got shape {tuple(index.shape)}")
         values: dict[str, Any] = {}
         for item in fields(self):
             value = getattr(self, item.name)
@@ -983,9 +987,12 @@ def _batches(inputs: Any, batch_size: int) -> Iterator[tuple[Tensor, Optional[Te
         for start in range(0, x.shape[0], batch_size):
             yield x[start : start + batch_size], None if y is None else y[start : start + batch_size]
         return
-    if not isinstance(inputs, Iterable):
+    array = type(inputs).__module__ == "numpy"  # an array was read as batches of rows
+    if not isinstance(inputs, Iterable) or array:
+        hint = ": convert a numpy array with torch.from_numpy" if array else ""
         raise TypeError(
-            f"inputs must be a tensor, a tuple (x, y) of tensors, a DataLoader/iterable of batches, or a Dataset, got {type(inputs).__name__}"
+            f"inputs must be a tensor, a tuple (x, y) of tensors, a DataLoader/iterable of batches, or a Dataset, got "
+            f"{type(inputs).__name__}{hint}"
         )
     if isinstance(inputs, list) and inputs and all(isinstance(t, Tensor) for t in inputs):
         # [x, y] would be read as two batches (labels fed to the network); evaluate reads it as a pair

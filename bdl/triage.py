@@ -185,6 +185,8 @@ def triage(
         raise ValueError(f"give exactly one of threshold, coverage, error_rate; got {chosen or 'none'}")
     if tolerance is not None and not (isinstance(tolerance, numbers.Real) and tolerance >= 0):
         raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    if tolerance is not None and getattr(prediction, "task", None) == "classification":  # it was ignored
+        raise ValueError("tolerance is for regression predictions (an absolute error); a classification's errors are wrong classes")
     scores = _scores(prediction, score, "prediction")
     if len(scores) == 0:
         raise ValueError("prediction has no inputs: nothing to triage")

@@ -838,7 +838,7 @@ def test_a_compiled_model_is_probed_too():
     bnn = bdl.bayesianize(_TokenHead(), posterior_std_init=0.5).eval()
     compiled = torch.compile(bnn, backend="eager")
     x = torch.randn(4, 16, 8)
-    with pytest.raises(ValueError, match="one weight sample serves them all"):
+    with pytest.raises(ValueError, match="one weight draw per call"):
         bdl.predict(compiled, x, num_samples=4, method="batched", task="regression")
     torch.manual_seed(1)
     auto = bdl.predict(compiled, x, num_samples=2000, task="regression").epistemic_variance
@@ -960,3 +960,18 @@ def test_a_binary_classifiers_logit_scores_do_not_depend_on_which_class_is_one()
     mean = logit.mean(0)  # the mean logit's two columns
     torch.testing.assert_close(ood_score(pred, "max_logit"), -mean.abs().squeeze(-1) / 2)
     torch.testing.assert_close(ood_score(pred, "energy"), -(mean.abs() / 2 + torch.log1p(torch.exp(-mean.abs()))).squeeze(-1))
+
+
+def test_predictions_compare_by_identity_and_refuse_indices_of_two_dimensions():
+    # == raised "Boolean value of Tensor with more than one value is ambiguous"; a [1, 2] index made probs [1, 2, C]
+    pred = Prediction.from_logits(torch.randn(2, 3, 4))
+    assert pred == pred and pred != Prediction.from_logits(torch.randn(2, 3, 4)) and len({pred}) == 1
+    for index in (torch.tensor([[0, 1]]), np.array([[0, 1]])):
+        with pytest.raises(IndexError, match="one-dimensional indices or a mask, got shape"):
+            pred[index]
+    assert len(pred[np.array([0, 2])]) == 2
+
+
+def test_a_numpy_array_of_inputs_gets_an_error_that_says_so():
+    with pytest.raises(TypeError, match="got ndarray: convert a numpy array with torch.from_numpy"):
+        bdl.predict(nn.Linear(3, 2), np.zeros((4, 3), np.float32), num_samples=1)

@@ -218,3 +218,10 @@ def test_float32_targets_mean_their_decimal_value():
         return torch.arange(len(p), dtype=torch.float32)
     for target in (0.1, np.float32(0.1), np.float16(0.1)):
         assert int((~triage(prediction, score=in_order, error_rate=target).review).sum()) == 100
+
+
+def test_a_tolerance_for_a_classification_triage_is_refused():
+    # it was ignored: a user who thought it counted near-misses as right got the plain error rate
+    pred = Prediction.from_logits(torch.randn(2, 10, 3))
+    with pytest.raises(ValueError, match="tolerance is for regression predictions"):
+        triage(pred, coverage=0.5, tolerance=0.1)
