@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import warnings
 import weakref
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -1214,6 +1215,8 @@ def predict(
             "model: its parameters are on the 'meta' device (shapes without values), so it cannot predict; "
             "materialise it first, e.g. model.to_empty(device='cpu') and load_state_dict(...)"
         )
+    if isinstance(model, nn.Module) and num_samples > 1 and members is None:
+        _warn_if_dropout_is_off(model, num_samples)
     if isinstance(model, nn.Module) and _sample_once_blocks[0]:
         inside = [module for module in model.modules() if isinstance(module, BayesianModule) and _sample_once_draws(module) is not None]
         if inside:
@@ -1278,6 +1281,23 @@ def predict(
     elif any(y is not None for y in targets):  # the labelled batches' targets were dropped silently
         raise ValueError("some batches of inputs came with targets and some without: give every batch (x, y), or every batch x")
     return prediction
+
+
+def _warn_if_dropout_is_off(model: nn.Module, num_samples: int) -> None:
+    """Warn where ``model`` has dropout that could fire but nothing bdl knows draws noise at prediction: its
+    dropout is off in eval mode, so (unless the model draws noise itself) the samples are all one forward and
+    the mutual information is 0, with no word of why (the user meant MC dropout and forgot the wrapper)."""
+    from .wrappers.mc_dropout import _can_fire, _is_dropout
+
+    _, sources, _ = _stochastic_sources(model)
+    if not sources and any(_is_dropout(module) and _can_fire(module) for module in model.modules()):
+        warnings.warn(
+            f"the model has dropout, which is off at prediction (eval mode), and no Bayesian layer: unless it draws "
+            f"noise itself, its {num_samples} samples are one forward repeated (epistemic uncertainty 0); wrap it "
+            "in bdl.MCDropout for MC dropout, or pass num_samples=1",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _summary(prediction: Prediction) -> Tensor:

@@ -1,5 +1,6 @@
 import math
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -975,3 +976,18 @@ def test_predictions_compare_by_identity_and_refuse_indices_of_two_dimensions():
 def test_a_numpy_array_of_inputs_gets_an_error_that_says_so():
     with pytest.raises(TypeError, match="got ndarray: convert a numpy array with torch.from_numpy"):
         bdl.predict(nn.Linear(3, 2), np.zeros((4, 3), np.float32), num_samples=1)
+
+
+def test_a_network_with_dropout_and_no_wrapper_is_warned_about():
+    # 30 identical forwards, mutual information exactly 0, and no word of why: MCDropout was forgotten
+    net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Linear(8, 3))
+    x = torch.randn(5, 4)
+    with pytest.warns(UserWarning, match="wrap it in bdl.MCDropout"):
+        pred = bdl.predict(net, x, num_samples=30)
+    assert float(pred.mutual_information.abs().max()) < 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bdl.predict(net, x, num_samples=1)  # one forward asked for
+        bdl.predict(bdl.MCDropout(net), x, num_samples=4)
+        bdl.predict(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.0), nn.Linear(8, 3)), x, num_samples=4)  # never fires
+        bdl.predict(nn.Sequential(bdl.BayesLinear(4, 8), nn.Dropout(0.3), nn.Linear(8, 3)), x, num_samples=4)
