@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ._outputs import draw_stacked, output_parts
 from .metrics.functional._checks import all_finite, probability_sum_tolerance
-from .nn.convert import use_estimator
+from .nn.convert import deterministic, use_estimator
 from .nn.functional import gaussian_draw, pre_activation_variance, randn_like
 from .nn.layers import BayesianModule, BayesLinear, _sample_once_blocks, _sample_once_draws
 
@@ -668,7 +668,8 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
 
     Seen only in a forward: a ``BayesLinear`` on inputs ``[B, T, F]`` (a transformer's tokens), which draws one
     weight sample per call, for every row (one sample must serve all positions of an input), and dropout
-    applied to a tensor without the batch rows (on a weight: DropConnect), whose mask the samples would share.
+    applied to a tensor without the batch rows (on a weight: DropConnect), whose mask the samples would share;
+    and a network that mixes the rows of a batch (:func:`_mixes_rows`), whose batched rows would mix the samples.
     A probe draw of one row and ``_PROBE_SAMPLES`` samples under forward pre-hooks, the random state restored,
     once per network and input shape (compiled modules run eagerly for it); where dropout ran, a second probe
     with ``_SECOND_PROBE_SAMPLES`` samples: a tensor that holds the rows grows with them, a weight (even one
@@ -680,6 +681,12 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
     found = _rowwise_checks.setdefault(core, {})
     key = (tuple(x.shape[1:]), x.dtype)
     if key in found:
+        return found[key]
+    if _mixes_rows(core, x):
+        found[key] = (
+            "its output for an input depends on the other rows of the batch (e.g. batch statistics), and the batched "
+            "path's rows would mix the samples"
+        )
         return found[key]
     reasons: list[str] = []
     dropout_inputs: list[tuple[nn.Module, int]] = []  # (dropout layer, elements of its input), in call order
@@ -732,20 +739,57 @@ def _grow_with_rows(first: list[tuple[nn.Module, int]], second: list[tuple[nn.Mo
     )
 
 
+def _eager(model: nn.Module) -> Optional[contextlib.AbstractContextManager]:
+    """A context that runs ``model``'s compiled modules eagerly (compiled code would not run a probe's hooks, and
+    a probe compiles nothing); None for compiled modules before torch 2.6, where a probe tells nothing. Skipped,
+    it let a compiled model's BayesLinear on tokens take the batched path: a third of the variance, no error."""
+    from .wrappers.mc_dropout import _holds_compiled_module
+
+    if not _holds_compiled_module(model):
+        return contextlib.nullcontext()
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return None if set_stance is None else set_stance("force_eager")
+
+
+def _mixes_rows(core: nn.Module, x: Tensor) -> bool:
+    """Whether ``core``, its Bayesian layers at their means and its dropout off (eval mode), gives an input's
+    row another output next to another row: a layer that mixes the rows of a batch (batch statistics, a batch
+    mean subtracted), whose batched draw would mix the ``S`` samples' rows (a loop mixes only the inputs'). Two
+    forwards of the first row and one with a second (of ``x``, or the first plus 1); False where it cannot tell:
+    one input of integers, a forward that fails, or noise that stays on (the two single-row forwards differ)."""
+    if x.shape[0] >= 2:
+        pair = x[:2]
+    elif x.is_floating_point():
+        pair = torch.cat([x[:1], x[:1] + 1])
+    else:
+        return False
+    eager = _eager(core)
+    if eager is None:
+        return False
+    try:
+        with eager, deterministic(core), torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            one, again, both = core(pair[:1]), core(pair[:1]), core(pair)
+    except Exception:  # noqa: BLE001 - only a probe
+        return False
+    for single, repeat, first in zip(_tensors(one), _tensors(again), _tensors(both)):
+        if not single.is_floating_point() or single.dim() == 0 or single.shape[0] != 1 or first.shape[1:] != single.shape[1:]:
+            continue
+        if not torch.equal(single, repeat):  # noise this cannot switch off: no telling
+            return False
+        # matmuls of 1 and 2 rows may round differently; a row-mixing layer moves the output far more
+        tolerance = max(1e-3, 10 * torch.finfo(single.dtype).eps)
+        if not torch.allclose(first[:1], single, rtol=tolerance, atol=tolerance * float(single.abs().max().clamp_min(1))):
+            return True
+    return False
+
+
 def _probe_draw(model: nn.Module, x: Tensor, num_samples: int, hooks: list[tuple[nn.Module, bool, Callable[..., Any]]]) -> bool:
     """A batched draw of ``x[:1]`` with ``num_samples`` samples under ``hooks`` (``(module, pre-hook?, hook)``,
     removed afterwards), the random state restored, compiled modules run eagerly; False where it tells nothing:
     a draw that fails (the real draw then raises the error), or compiled modules before torch 2.6."""
-    from .wrappers.mc_dropout import _holds_compiled_module
-
-    eager: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if _holds_compiled_module(model):
-        # compiled code would not run the hooks: the probe runs the modules eagerly (and compiles nothing). Skipped,
-        # it let a compiled model's BayesLinear on tokens take the batched path: a third of the variance, no error
-        set_stance = getattr(torch.compiler, "set_stance", None)
-        if set_stance is None:  # torch < 2.6
-            return False
-        eager = set_stance("force_eager")
+    eager = _eager(model)
+    if eager is None:
+        return False
     handles = [m.register_forward_pre_hook(hook) if pre else m.register_forward_hook(hook) for m, pre, hook in hooks]
     try:
         with eager, torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):

@@ -746,6 +746,13 @@ class _FlatTokens(_Tokens):
         return self.layer(x.reshape(-1, x.shape[-1])).view(x.shape[0], x.shape[1], -1).mean(1)
 
 
+class _Centre(nn.Module):
+    """Subtracts the batch mean: the output of a row depends on the other rows."""
+
+    def forward(self, h):
+        return h - h.mean(0, keepdim=True)
+
+
 class _DropConnect(nn.Module):
     """MC DropConnect written with nn.Dropout on the weight: one mask per forward, shared by the batch."""
 
@@ -764,6 +771,8 @@ class _DropConnect(nn.Module):
         (lambda: _Tokens(), "one weight draw per call"),  # the batched samples would share one weight draw
         (lambda: _FlatTokens(), "rows per input row"),  # the same, flattened: taken batched, variance 10x too small
         (lambda: bdl.MCDropout(_DropConnect()), "without the batch rows"),  # one mask for all samples: variance 0
+        (lambda: bdl.MCDropout(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.5), _Centre(), nn.Linear(16, 3))),
+         "depends on the other rows of the batch"),  # the batch mean of S x B rows: MI 0.0115 against 0.021  # fmt: skip
         (lambda: bdl.MCDropout(nn.Sequential(nn.Dropout(0.3), nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Linear(6, 3))),
          "without running statistics"),  # batch statistics of S x B rows  # fmt: skip
     ],
