@@ -1244,6 +1244,11 @@ def predict(
     _check_int("batch_size", batch_size)
     if chunk_size is not None:
         _check_int("chunk_size", chunk_size)
+    inner = getattr(model, "predictive_model", None)
+    if isinstance(model, nn.Module) and isinstance(inner, nn.Module) and inner is not model and not hasattr(model, "sample_outputs"):
+        # a bdl.lightning module: sample what its own evaluation samples (an EnsembleModule's forward gives the
+        # members' stacked outputs [M, B, C], which were read as one output of the wrong batch size)
+        model = inner
     members = getattr(model, "num_members", None) if callable(getattr(model, "sample_outputs", None)) else None
     if num_samples is None:
         num_samples = members or 32

@@ -638,3 +638,15 @@ def test_a_module_that_overrides_the_validation_epoch_hooks_still_logs_its_metri
     with torch.no_grad():
         accuracy = float((module.model(x[:20]).argmax(1) == y[:20]).float().mean())
     assert float(fit.callback_metrics["val/accuracy"]) == pytest.approx(accuracy)
+
+
+def test_predict_and_evaluate_take_an_ensemble_module_as_its_ensemble():
+    # its forward gives the members' outputs [M, B, C]: "the model returned an output of shape (3, 6, 3) for a batch
+    # of 6 inputs", from a checkpoint loaded back as from one built in Python
+    from bdl.lightning import EnsembleModule
+
+    module = EnsembleModule(nn.Linear(4, 3), num_members=3)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    pred, reference = bdl.predict(module, x), bdl.predict(module.model, x)
+    assert pred.num_samples == 3 and torch.equal(pred.probs, reference.probs)
+    assert bdl.evaluate(module, (x, y)).metrics["accuracy"] == bdl.evaluate(module.model, (x, y)).metrics["accuracy"]
