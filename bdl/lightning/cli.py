@@ -118,10 +118,11 @@ class Trainer(L.Trainer):
             )
             metrics = {key: math.nan if value is None else value for key, value in info["metrics"].items()}
             print(summary_table(metrics, ood_name=ood_name))
-            if self.fast_dev_run:
-                print("\nfast_dev_run: no report files written")
+            folder = getattr(module, "report_dir", None) or (saved.parent if report is None else None)
+            if folder is None:  # fast_dev_run, or a trainer without a logger: module.report holds it
+                print("\nfast_dev_run: no report files written" if self.fast_dev_run else "\nno logger: no report files written")
             else:
-                print(f"\nReport (metrics.json, report.md, plots): {getattr(module, 'report_dir', None) or log_dir}")
+                print(f"\nReport (metrics.json, report.md, plots): {folder}")
         return results
 
 

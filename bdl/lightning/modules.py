@@ -426,8 +426,16 @@ class _Evaluation:
         headline = {f"test/{key}": value for key in HEADLINE_METRICS if (value := self.report.metrics.get(key)) is not None}
         self.log_dict(headline)
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # every process: log_dir broadcasts
-        # fast_dev_run is a smoke test: Lightning gives it no logger, and the report went to the working directory
-        if self.save_report and self.trainer.is_global_zero and not self.trainer.sanity_checking and not self.trainer.fast_dev_run:
+        # without a logger (logger=False, or fast_dev_run, a smoke test that Lightning gives none) there is no run
+        # folder, and the report went to the working directory: module.report holds it
+        self.report_dir = None  # not an earlier test's folder
+        if (
+            self.save_report
+            and self.trainer.loggers
+            and self.trainer.is_global_zero
+            and not self.trainer.sanity_checking
+            and not self.trainer.fast_dev_run
+        ):
             self.report.save(folder)
             self.report_dir = folder
 
@@ -457,8 +465,8 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         num_eval_samples: Monte Carlo samples per test/predict input (None: the method's default).
         num_val_samples: Monte Carlo samples per validation input (None: the method's default).
         n_bins: bins of the calibration metrics.
-        save_report: write the test report (``metrics.json``, ``report.md``, PNG plots) to the run folder;
-            ``module.report`` holds it either way.
+        save_report: write the test report (``metrics.json``, ``report.md``, PNG plots) to the run folder (the
+            logger's; a trainer without a logger writes none); ``module.report`` holds it either way.
         noise_variance: the Gaussian noise variance of a regression network that outputs means only (its
             likelihood in training, and the aleatoric variance of its predictions).
         compile: compile the network with ``torch.compile`` (in place, ``nn.Module.compile``: checkpoints
@@ -882,8 +890,8 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         num_eval_samples: posterior samples per test/predict input.
         num_val_samples: posterior samples per validation input.
         n_bins: bins of the calibration metrics.
-        save_report: write the test report (``metrics.json``, ``report.md``, PNG plots) to the run folder;
-            ``module.report`` holds it either way.
+        save_report: write the test report (``metrics.json``, ``report.md``, PNG plots) to the run folder (the
+            logger's; a trainer without a logger writes none); ``module.report`` holds it either way.
         **kwargs: :class:`bdl.infer.SVIModule` options (elbo, lr, lr_decay, init_scale, ...).
     """
 

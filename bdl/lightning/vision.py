@@ -75,8 +75,14 @@ class _Files:
     files: tuple[str, ...]
     source: str
 
-    def check(self) -> None:
+    def check(self, download_error: Optional[BaseException] = None) -> None:
         missing = [name for name in self.files if not os.path.isfile(os.path.join(self.folder, name))]
+        if missing and download_error is not None:  # offline: torchvision's URLError, 40 lines deep
+            raise FileNotFoundError(
+                f"{self.name} not found in {self.folder!r} (missing: {', '.join(missing)}) and the download failed "
+                f"({type(download_error).__name__}: {download_error}). Without a network, put the files there "
+                f"yourself: {self.source}"
+            ) from download_error
         if missing:
             raise FileNotFoundError(
                 f"{self.name} not found in {self.folder!r} (missing: {', '.join(missing)}). Set download: true "
@@ -181,10 +187,14 @@ class _TorchvisionDataModule(UncertaintyDataModule):
 
     def prepare_data(self) -> None:
         """Download missing files when ``download`` is true (once per node); then check that all are there."""
+        failed = None
         if self.download:
-            self._download()
+            try:
+                self._download()
+            except (OSError, RuntimeError) as error:  # URLError is an OSError; torchvision's MNIST raises RuntimeError
+                failed = error
         for files in self._required():
-            files.check()
+            files.check(failed)
 
     def build(self) -> Splits:
         required = self._required()

@@ -650,3 +650,18 @@ def test_predict_and_evaluate_take_an_ensemble_module_as_its_ensemble():
     pred, reference = bdl.predict(module, x), bdl.predict(module.model, x)
     assert pred.num_samples == 3 and torch.equal(pred.probs, reference.probs)
     assert bdl.evaluate(module, (x, y)).metrics["accuracy"] == bdl.evaluate(module.model, (x, y)).metrics["accuracy"]
+
+
+def test_a_trainer_without_a_logger_writes_no_report_files(tmp_path, monkeypatch):
+    # the README's example (logger=False) left metrics.json, report.md and four PNGs in the working directory
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    module = VariationalModule(MLP(64, 8, hidden=[16]), num_eval_samples=4)
+    data = DigitsDataModule(ood="classes", ood_classes=[8, 9], batch_size=256)
+    test = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    test.test(module, data, verbose=False)
+    assert module.report is not None and module.report_dir is None
+    assert list(tmp_path.iterdir()) == []
+    logged = trainer(tmp_path / "logged", logger=L.pytorch.loggers.CSVLogger(tmp_path / "logged", name="run"))
+    logged.test(module, data, verbose=False)
+    assert (tmp_path / "logged" / "run" / "version_0" / "metrics.json").is_file() and module.report_dir is not None

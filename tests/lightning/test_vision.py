@@ -198,3 +198,20 @@ def test_a_validation_fraction_too_small_for_one_image_is_refused():
         _train_val_indices(100, 0.001, seed=0)
     train, val = _train_val_indices(100, 0.1, seed=0)
     assert len(train) == 90 and len(val) == 10 and not set(train.tolist()) & set(val.tolist())
+
+
+@pytest.mark.parametrize(
+    "module, error",
+    [
+        (CIFAR10DataModule, lambda: __import__("urllib.error").error.URLError("[Errno -2] Name or service not known")),
+        (MNISTDataModule, lambda: RuntimeError("Error downloading train-images-idx3-ubyte.gz")),
+    ],
+)
+def test_a_failed_download_says_which_files_are_missing_and_how_to_get_them(tmp_path, monkeypatch, module, error):
+    # offline, the shipped configs (download: true) ended in 40 lines of torchvision's and urllib's traceback
+    def offline(self):
+        raise error()
+
+    monkeypatch.setattr(module, "_download", offline)
+    with pytest.raises(FileNotFoundError, match=r"not found in .*the download failed \((URLError|RuntimeError): .*put the files there yourself"):
+        module(data_dir=str(tmp_path), download=True).prepare_data()
