@@ -416,6 +416,15 @@ class BDLCLI(LightningCLI):
             self._checkpoint = None
         return super()._instantiate_trainer(config, callbacks)
 
+    def test(self, **kwargs: Any) -> Any:  # noqa: ANN401 - LightningCLI runs this for `bdl test` (Trainer.test's arguments)
+        """``bdl test``: for bdl's modules, :meth:`Trainer.evaluate` (the test run, printing bdl's table); Lightning's
+        table repeated the test set's metrics, logged at the epoch's end, under the OOD loader's column, as if they
+        were measured on the OOD inputs. Other modules get Lightning's test."""
+        model = kwargs.get("model") or self.model
+        if not hasattr(model, "save_report"):  # not a bdl module (bdl.lightning's, or SVIModule): no report to show
+            return self.trainer.test(**kwargs)
+        return self.trainer.evaluate(**kwargs)
+
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
