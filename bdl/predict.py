@@ -682,7 +682,8 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
     key = (tuple(x.shape[1:]), x.dtype)
     if key in found:
         return found[key]
-    if _mixes_rows(core, x):
+    mixes = _mixes_rows(core, x)
+    if mixes:
         found[key] = (
             "its output for an input depends on the other rows of the batch (e.g. batch statistics), and the batched "
             "path's rows would mix the samples"
@@ -725,8 +726,10 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
             return None
         if not _grow_with_rows(first_inputs, dropout_inputs):
             reasons.append(weight_reason)
-    found[key] = reasons[0] if reasons else None
-    return found[key]
+    reason = reasons[0] if reasons else None
+    if reason is not None or mixes is not None:  # "cannot tell" is not kept: the next batch may tell
+        found[key] = reason
+    return reason
 
 
 def _grow_with_rows(first: list[tuple[nn.Module, int]], second: list[tuple[nn.Module, int]]) -> bool:
@@ -751,34 +754,43 @@ def _eager(model: nn.Module) -> Optional[contextlib.AbstractContextManager]:
     return None if set_stance is None else set_stance("force_eager")
 
 
-def _mixes_rows(core: nn.Module, x: Tensor) -> bool:
+def _mixes_rows(core: nn.Module, x: Tensor) -> Optional[bool]:
     """Whether ``core``, its Bayesian layers at their means and its dropout off (eval mode), gives an input's
     row another output next to another row: a layer that mixes the rows of a batch (batch statistics, a batch
-    mean subtracted), whose batched draw would mix the ``S`` samples' rows (a loop mixes only the inputs'). Two
-    forwards of the first row and one with a second (of ``x``, or the first plus 1); False where it cannot tell:
-    one input of integers, a forward that fails, or noise that stays on (the two single-row forwards differ)."""
-    if x.shape[0] >= 2:
-        pair = x[:2]
-    elif x.is_floating_point():
-        pair = torch.cat([x[:1], x[:1] + 1])
-    else:
-        return False
+    mean subtracted), whose batched draw would mix the ``S`` samples' rows (a loop mixes only the inputs'). Row
+    0 of ``x0`` repeated against row 0 of ``x0`` beside copies of ``xk`` (a row of ``x`` unlike ``x0``, or
+    ``x0 + 1``, or integer ``x0`` rolled along its last dimension), each twice, ``_PROBE_SAMPLES`` rows (outputs with as many in their first dimension hold the
+    rows there; an RNN's ``h_n`` ``[layers, B, H]`` does not, and a batch of 2 beside 2 layers read it as rows):
+    the same shapes run the same kernels, so a row-wise network gives the same bits (a 1-row forward against a
+    2-row one rounds differently on GPUs: a bfloat16 network differed by a rounding step). None where it cannot
+    tell: integer inputs whose rows are all alike, a forward that fails, or noise that stays on (an MC dropout
+    block inside the model); the batched path is then taken, as before the check."""
+    x0 = x[:1]
+    unlike = next((x[i : i + 1] for i in range(1, x.shape[0]) if not torch.equal(x[i : i + 1], x0)), None)
+    if unlike is None and x0.dim() > 1 and not x.is_floating_point():
+        rolled = x0.roll(1, -1)  # token ids rolled along the sequence: still valid ids
+        unlike = None if torch.equal(rolled, x0) else rolled
+    if unlike is None:
+        if not x.is_floating_point():
+            return None
+        unlike = x0 + 1
     eager = _eager(core)
     if eager is None:
-        return False
+        return None
+    rows = _PROBE_SAMPLES
+    ones = (1,) * (x0.dim() - 1)  # repeated, not expanded: a model may write into its input
+    same, other = x0.repeat(rows, *ones), torch.cat([x0, unlike.repeat(rows - 1, *ones)])
     try:
         with eager, deterministic(core), torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            one, again, both = core(pair[:1]), core(pair[:1]), core(pair)
+            outputs = [list(_tensors(core(batch))) for batch in (same, same, other, other)]
     except Exception:  # noqa: BLE001 - only a probe
-        return False
-    for single, repeat, first in zip(_tensors(one), _tensors(again), _tensors(both)):
-        if not single.is_floating_point() or single.dim() == 0 or single.shape[0] != 1 or first.shape[1:] != single.shape[1:]:
-            continue
-        if not torch.equal(single, repeat):  # noise this cannot switch off: no telling
-            return False
-        # matmuls of 1 and 2 rows may round differently; a row-mixing layer moves the output far more
-        tolerance = max(1e-3, 10 * torch.finfo(single.dtype).eps)
-        if not torch.allclose(first[:1], single, rtol=tolerance, atol=tolerance * float(single.abs().max().clamp_min(1))):
+        return None
+    if any(not torch.equal(a, b) for a, b in zip(outputs[0], outputs[1])) or any(
+        not torch.equal(a, b) for a, b in zip(outputs[2], outputs[3])
+    ):
+        return None  # noise this cannot switch off: no telling
+    for alone, beside in zip(outputs[0], outputs[2]):
+        if alone.dim() and alone.shape[0] == rows and alone.shape == beside.shape and not torch.equal(alone[:1], beside[:1]):
             return True
     return False
 

@@ -1000,3 +1000,31 @@ def test_a_network_with_dropout_and_no_wrapper_is_warned_about():
         bdl.predict(bdl.MCDropout(net), x, num_samples=4)
         bdl.predict(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.0), nn.Linear(8, 3)), x, num_samples=4)  # never fires
         bdl.predict(nn.Sequential(bdl.BayesLinear(4, 8), nn.Dropout(0.3), nn.Linear(8, 3)), x, num_samples=4)
+
+
+class _CentredTokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding, self.dropout, self.centre, self.head = nn.Embedding(50, 16), nn.Dropout(0.5), _Centre(), nn.Linear(16, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, T] token ids, the batch mean subtracted
+        return self.head(self.centre(self.dropout(self.embedding(tokens))).mean(1))
+
+
+def test_the_row_mixing_check_is_not_fooled_by_alike_rows_and_keeps_no_unknown_verdict():
+    # decided from the first two rows of the first batch and cached: a constant batch first (an OOD set of zeros),
+    # or one row of token ids, made it "does not mix" for good, and later calls mixed the samples' rows
+    torch.manual_seed(0)
+    model = bdl.MCDropout(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.5), _Centre(), nn.Linear(16, 3)))
+    bdl.predict(model, torch.zeros(32, 4), num_samples=2)
+    with pytest.raises(ValueError, match="depends on the other rows of the batch"):
+        bdl.predict(model, torch.randn(4, 4), num_samples=2, method="batched")
+    tokens = bdl.MCDropout(_CentredTokens())
+    with pytest.raises(ValueError, match="depends on the other rows of the batch"):
+        bdl.predict(tokens, torch.randint(0, 50, (1, 6)), num_samples=2, method="batched")  # one row of ids
+
+
+def test_an_rnns_hidden_state_is_not_read_as_rows_by_the_row_mixing_check():
+    # h_n [layers, B, H]: with 2 layers beside a batch of 2 its first dimension looked like the rows
+    model = bdl.MCDropout(nn.GRU(8, 16, num_layers=2, dropout=0.2, batch_first=True))
+    assert sys.modules["bdl.predict"]._rowwise_blocker(model, torch.randn(2, 5, 8)) is None
