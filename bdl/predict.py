@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field, fields
@@ -1256,11 +1257,13 @@ def predict(
     _check_int("batch_size", batch_size)
     if chunk_size is not None:
         _check_int("chunk_size", chunk_size)
-    inner = getattr(model, "predictive_model", None)
-    if isinstance(model, nn.Module) and isinstance(inner, nn.Module) and inner is not model and not hasattr(model, "sample_outputs"):
+    lightning = sys.modules.get("bdl.lightning.modules")  # loaded if the model can be one of its modules
+    trained = model if lightning is not None and isinstance(model, lightning.UncertaintyModule) else None
+    if trained is not None:
         # a bdl.lightning module: sample what its own evaluation samples (an EnsembleModule's forward gives the
-        # members' stacked outputs [M, B, C], which were read as one output of the wrong batch size)
-        model = inner
+        # members' stacked outputs [M, B, C], which were read as one output of the wrong batch size), with the
+        # likelihood it was trained on (a mean-only regressor's noise_variance, below)
+        model = trained.predictive_model
     members = getattr(model, "num_members", None) if callable(getattr(model, "sample_outputs", None)) else None
     if num_samples is None:
         num_samples = members or 32
@@ -1276,8 +1279,8 @@ def predict(
             "model: its parameters are on the 'meta' device (shapes without values), so it cannot predict; "
             "materialise it first, e.g. model.to_empty(device='cpu') and load_state_dict(...)"
         )
-    if isinstance(model, nn.Module) and num_samples > 1 and members is None:
-        _warn_if_dropout_is_off(model, num_samples)
+    if isinstance(model, nn.Module) and num_samples > 1 and not callable(getattr(model, "sample_outputs", None)):
+        _warn_if_dropout_is_off(model, num_samples)  # not for a model that draws its samples itself (SVI, ensembles)
     if isinstance(model, nn.Module) and _sample_once_blocks[0]:
         inside = [module for module in model.modules() if isinstance(module, BayesianModule) and _sample_once_draws(module) is not None]
         if inside:
@@ -1337,6 +1340,8 @@ def predict(
     prediction = summaries[0] if len(summaries) == 1 else Prediction.cat(summaries)
     if len(prediction) == 0:
         raise ValueError("inputs are empty: nothing to predict")
+    if trained is not None:
+        prediction = trained._with_noise(prediction)
     if all(y is not None for y in targets):
         prediction.targets = torch.cat([y.to(prediction_device(prediction)) for y in targets])
     elif any(y is not None for y in targets):  # the labelled batches' targets were dropped silently

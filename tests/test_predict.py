@@ -1028,3 +1028,17 @@ def test_an_rnns_hidden_state_is_not_read_as_rows_by_the_row_mixing_check():
     # h_n [layers, B, H]: with 2 layers beside a batch of 2 its first dimension looked like the rows
     model = bdl.MCDropout(nn.GRU(8, 16, num_layers=2, dropout=0.2, batch_first=True))
     assert sys.modules["bdl.predict"]._rowwise_blocker(model, torch.randn(2, 5, 8)) is None
+
+
+def test_no_dropout_warning_for_a_model_that_draws_its_own_samples():
+    class Own(nn.Module):  # as an SVI module over a network with dropout: the posterior's draws, not dropout's
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.3))
+
+        def sample_outputs(self, x, num_samples):
+            return torch.stack([self.net(x) + torch.randn(x.shape[0], 3) for _ in range(num_samples)])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(bdl.predict(Own(), torch.randn(5, 4), num_samples=4).mutual_information.min()) > 0

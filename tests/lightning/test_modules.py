@@ -665,3 +665,22 @@ def test_a_trainer_without_a_logger_writes_no_report_files(tmp_path, monkeypatch
     logged = trainer(tmp_path / "logged", logger=L.pytorch.loggers.CSVLogger(tmp_path / "logged", name="run"))
     logged.test(module, data, verbose=False)
     assert (tmp_path / "logged" / "run" / "version_0" / "metrics.json").is_file() and module.report_dir is not None
+
+
+def test_predict_redirects_only_bdl_modules_and_gives_them_their_noise_variance():
+    # any module with a predictive_model attribute was redirected (a user's wrapper lost its forward); a mean-only
+    # regressor's prediction had aleatoric variance 0, where its own test report has its noise_variance
+    class Tempered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.predictive_model = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.predictive_model(x) / 2
+
+    wrapper, x = Tempered(), torch.randn(5, 4)
+    torch.testing.assert_close(bdl.predict(wrapper, x, num_samples=1).probs, (wrapper.predictive_model(x) / 2).softmax(-1))
+    module = DeterministicModule(nn.Linear(4, 1), task="regression", noise_variance=0.25)
+    pred = bdl.predict(module, x, num_samples=1, task="regression")
+    assert torch.equal(pred.aleatoric_variance, torch.full((5, 1), 0.25))
+    torch.testing.assert_close(pred.aleatoric_variance, module.sample_prediction(x, 1).aleatoric_variance)
