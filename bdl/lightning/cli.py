@@ -119,8 +119,9 @@ class Trainer(L.Trainer):
             metrics = {key: math.nan if value is None else value for key, value in info["metrics"].items()}
             print(summary_table(metrics, ood_name=ood_name))
             folder = getattr(module, "report_dir", None) or (saved.parent if report is None else None)
-            if folder is None:  # fast_dev_run, or a trainer without a logger: module.report holds it
-                print("\nfast_dev_run: no report files written" if self.fast_dev_run else "\nno logger: no report files written")
+            if folder is None:  # fast_dev_run, save_report off, or a trainer without a logger: module.report holds it
+                why = "fast_dev_run" if self.fast_dev_run else "save_report is off" if not getattr(module, "save_report", True) else "no logger"
+                print(f"\n{why}: no report files written")
             else:
                 print(f"\nReport (metrics.json, report.md, plots): {folder}")
         return results

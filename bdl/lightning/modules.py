@@ -30,6 +30,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
@@ -438,6 +439,8 @@ class _Evaluation:
         ):
             self.report.save(folder)
             self.report_dir = folder
+        elif self.save_report and not self.trainer.loggers and not self.trainer.fast_dev_run and not self.trainer.sanity_checking:
+            rank_zero_info("bdl: the trainer has no logger, so the test report is written to no folder; module.report holds it")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Prediction:  # noqa: ANN401
         """A :class:`bdl.Prediction` per batch (merge them with ``Prediction.cat``)."""

@@ -514,6 +514,8 @@ class BayesLinear(_BayesLayer):
             than two dimensions (``[B, T, in]``, a sequence's tokens, or ``[T, B, in]``) are sampled with
             ``"reparam"`` whatever the estimator: the positions of an example must share one weight sample,
             which a draw per pre-activation or per row would not give (each position would see its own weights).
+            The layer cannot see positions flattened into rows (``x.reshape(-1, in)``): there ``"local"`` and
+            ``"flipout"`` give every token its own weights, so keep the positions in their own dimension.
         std_transform: ``"exp"`` (``std = exp(rho)``, default, cheaper) or ``"softplus"``.
 
     Forwards without gradients (prediction) keep what S draws share: the posterior std (or variance) while

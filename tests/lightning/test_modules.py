@@ -652,8 +652,10 @@ def test_predict_and_evaluate_take_an_ensemble_module_as_its_ensemble():
     assert bdl.evaluate(module, (x, y)).metrics["accuracy"] == bdl.evaluate(module.model, (x, y)).metrics["accuracy"]
 
 
-def test_a_trainer_without_a_logger_writes_no_report_files(tmp_path, monkeypatch):
+def test_a_trainer_without_a_logger_writes_no_report_files(tmp_path, monkeypatch, caplog, capsys):
     # the README's example (logger=False) left metrics.json, report.md and four PNGs in the working directory
+    from bdl.lightning.cli import Trainer
+
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     module = VariationalModule(MLP(64, 8, hidden=[16]), num_eval_samples=4)
@@ -662,6 +664,11 @@ def test_a_trainer_without_a_logger_writes_no_report_files(tmp_path, monkeypatch
     test.test(module, data, verbose=False)
     assert module.report is not None and module.report_dir is None
     assert list(tmp_path.iterdir()) == []
+    assert "no logger, so the test report is written to no folder; module.report holds it" in caplog.text + capsys.readouterr().err
+    quiet = VariationalModule(MLP(64, 8, hidden=[16]), num_eval_samples=4, save_report=False)
+    logger = L.pytorch.loggers.CSVLogger(tmp_path / "quiet", name="run")
+    Trainer(logger=logger, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu").evaluate(quiet, datamodule=data)
+    assert "save_report is off: no report files written" in capsys.readouterr().out  # it said "no logger"
     logged = trainer(tmp_path / "logged", logger=L.pytorch.loggers.CSVLogger(tmp_path / "logged", name="run"))
     logged.test(module, data, verbose=False)
     assert (tmp_path / "logged" / "run" / "version_0" / "metrics.json").is_file() and module.report_dir is not None
