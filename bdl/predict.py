@@ -363,6 +363,11 @@ class Prediction:
             >>> len(pred[pred.max_probability > 0.0]), len(pred[:2]), len(pred[-1])
             (6, 2, 1)
         """
+        if isinstance(index, list):  # indices or a mask as a list: nested lists are a 2-D index
+            try:
+                index = torch.as_tensor(index) if index else torch.empty(0, dtype=torch.long)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"a Prediction is indexed over its inputs by an int, a slice, indices or a boolean mask, got {index!r}") from None
         if isinstance(index, Tensor) and index.dim() == 0 and not index.is_floating_point() and index.dtype != torch.bool:
             index = int(index)
         if isinstance(index, numbers.Integral) and not isinstance(index, bool):  # numpy's integers too (np.argmax)
@@ -1045,9 +1050,12 @@ def _batches(inputs: Any, batch_size: int) -> Iterator[tuple[Tensor, Optional[Te
         for start in range(0, x.shape[0], batch_size):
             yield x[start : start + batch_size], None if y is None else y[start : start + batch_size]
         return
-    array = type(inputs).__module__ == "numpy"  # an array was read as batches of rows
+    # an array was read as batches of rows; a pair of arrays (scikit-learn's X, y) as batches of two
+    array = type(inputs).__module__ == "numpy" or (
+        isinstance(inputs, (tuple, list)) and bool(inputs) and all(type(part).__module__ == "numpy" for part in inputs)
+    )
     if not isinstance(inputs, Iterable) or array:
-        hint = ": convert a numpy array with torch.from_numpy" if array else ""
+        hint = ": convert numpy arrays with torch.from_numpy" if array else ""
         raise TypeError(
             f"inputs must be a tensor, a tuple (x, y) of tensors, a DataLoader/iterable of batches, or a Dataset, got "
             f"{type(inputs).__name__}{hint}"

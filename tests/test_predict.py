@@ -983,7 +983,7 @@ def test_predictions_compare_by_identity_and_refuse_indices_of_two_dimensions():
 
 
 def test_a_numpy_array_of_inputs_gets_an_error_that_says_so():
-    with pytest.raises(TypeError, match="got ndarray: convert a numpy array with torch.from_numpy"):
+    with pytest.raises(TypeError, match="got ndarray: convert numpy arrays with torch.from_numpy"):
         bdl.predict(nn.Linear(3, 2), np.zeros((4, 3), np.float32), num_samples=1)
 
 
@@ -1042,3 +1042,12 @@ def test_no_dropout_warning_for_a_model_that_draws_its_own_samples():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert float(bdl.predict(Own(), torch.randn(5, 4), num_samples=4).mutual_information.min()) > 0
+
+
+def test_nested_list_indices_and_numpy_pairs_get_errors_that_name_them():
+    pred = Prediction.from_logits(torch.randn(4, 3, 2), keep_samples=True)
+    with pytest.raises(IndexError, match="one-dimensional indices or a mask, got shape"):
+        pred[[[0, 1]]]  # probs [2, 2] beside sample_probs [4, 1, 2, 2]
+    assert len(pred[[0, 2]]) == 2 and len(pred[[True, False, True]]) == 2 and len(pred[[]]) == 0
+    with pytest.raises(TypeError, match="got tuple: convert numpy arrays with torch.from_numpy"):
+        bdl.predict(nn.Linear(3, 2), (np.zeros((4, 3), np.float32), np.zeros(4, np.int64)), num_samples=1)
