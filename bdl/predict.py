@@ -377,7 +377,7 @@ class Prediction:
             index = [index % len(self)]  # keep the inputs' dimension: every field stays [N, ...]
         elif isinstance(index, (str, bytes, float, bool)) or index is None:  # torch's messages named none of it
             raise TypeError(f"a Prediction is indexed over its inputs by an int, a slice, indices or a boolean mask, got {index!r}")
-        elif getattr(index, "ndim", 1) > 1:  # a tensor or an array  # a [1, 2] index made probs [1, 2, C]
+        elif getattr(index, "ndim", 1) > 1:  # a tensor or an array [1, 2] made probs [1, 2, C]
             raise IndexError(f"a Prediction is indexed over its inputs by one-dimensional indices or a mask, got shape {tuple(index.shape)}")
         values: dict[str, Any] = {}
         for item in fields(self):
@@ -763,14 +763,16 @@ def _eager(model: nn.Module) -> Optional[contextlib.AbstractContextManager]:
 def _mixes_rows(core: nn.Module, x: Tensor) -> Optional[bool]:
     """Whether ``core``, its Bayesian layers at their means and its dropout off (eval mode), gives an input's
     row another output next to another row: a layer that mixes the rows of a batch (batch statistics, a batch
-    mean subtracted), whose batched draw would mix the ``S`` samples' rows (a loop mixes only the inputs'). Row
-    0 of ``x0`` repeated against row 0 of ``x0`` beside copies of ``xk`` (a row of ``x`` unlike ``x0``, or
-    ``x0 + 1``, or integer ``x0`` rolled along its last dimension), each twice, ``_PROBE_SAMPLES`` rows (outputs with as many in their first dimension hold the
-    rows there; an RNN's ``h_n`` ``[layers, B, H]`` does not, and a batch of 2 beside 2 layers read it as rows):
-    the same shapes run the same kernels, so a row-wise network gives the same bits (a 1-row forward against a
-    2-row one rounds differently on GPUs: a bfloat16 network differed by a rounding step). None where it cannot
-    tell: integer inputs whose rows are all alike, a forward that fails, or noise that stays on (an MC dropout
-    block inside the model); the batched path is then taken, as before the check."""
+    mean subtracted), whose batched draw would mix the ``S`` samples' rows (a loop mixes only the inputs').
+
+    Row 0 of ``x0`` repeated against row 0 of ``x0`` beside copies of ``xk`` (a row of ``x`` unlike ``x0``, or
+    ``x0 + 1``, or integer ``x0`` rolled along its last dimension), each batch twice, of ``_PROBE_SAMPLES`` rows
+    (outputs with as many in their first dimension hold the rows there; an RNN's ``h_n`` ``[layers, B, H]``
+    does not, and a batch of 2 beside 2 layers read it as rows). The same shapes run the same kernels, so a
+    row-wise network gives the same bits (a 1-row forward against a 2-row one rounds differently on GPUs: a
+    bfloat16 network differed by a rounding step). None where it cannot tell: integer inputs whose rows are all
+    alike, a forward that fails, or noise that stays on (an MC dropout block inside the model); the batched path
+    is then taken, as before the check."""
     x0 = x[:1]
     unlike = next((x[i : i + 1] for i in range(1, x.shape[0]) if not torch.equal(x[i : i + 1], x0)), None)
     if unlike is None and x0.dim() > 1 and not x.is_floating_point():
