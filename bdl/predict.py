@@ -685,7 +685,9 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
 
     core, sources, _ = _stochastic_sources(model)
     found = _rowwise_checks.setdefault(core, {})
-    key = (tuple(x.shape[1:]), x.dtype)
+    # the layers that draw noise are part of the question: the same network inside MCDropout, or with a layer held
+    # at its means (bdl.deterministic), drew through other layers than the verdict cached for it alone
+    key = (tuple(x.shape[1:]), x.dtype, frozenset(map(id, sources)))
     if key in found:
         return found[key]
     mixes = _mixes_rows(core, x)
@@ -769,10 +771,11 @@ def _mixes_rows(core: nn.Module, x: Tensor) -> Optional[bool]:
     ``x0 + 1``, or integer ``x0`` rolled along its last dimension), each batch twice, of ``_PROBE_SAMPLES`` rows
     (outputs with as many in their first dimension hold the rows there; an RNN's ``h_n`` ``[layers, B, H]``
     does not, and a batch of 2 beside 2 layers read it as rows). The same shapes run the same kernels, so a
-    row-wise network gives the same bits (a 1-row forward against a 2-row one rounds differently on GPUs: a
-    bfloat16 network differed by a rounding step). None where it cannot tell: integer inputs whose rows are all
-    alike, a forward that fails, or noise that stays on (an MC dropout block inside the model); the batched path
-    is then taken, as before the check."""
+    row-wise network gives the same numbers (a 1-row forward against a 2-row one rounds differently on GPUs: a
+    bfloat16 network differed by a rounding step), to 16 rounding steps of the lowest precision at work (packed
+    sequences and nested-tensor attention size their kernels by the other rows' lengths: row 0 moved by 1e-8).
+    None where it cannot tell: integer inputs whose rows are all alike, a forward that fails, or noise that
+    stays on (an MC dropout block inside the model); the batched path is then taken, as before the check."""
     x0 = x[:1]
     unlike = next((x[i : i + 1] for i in range(1, x.shape[0]) if not torch.equal(x[i : i + 1], x0)), None)
     if unlike is None and x0.dim() > 1 and not x.is_floating_point():
@@ -797,8 +800,19 @@ def _mixes_rows(core: nn.Module, x: Tensor) -> Optional[bool]:
         not torch.equal(a, b) for a, b in zip(outputs[2], outputs[3])
     ):
         return None  # noise this cannot switch off: no telling
+    # packed sequences and nested-tensor attention size their kernels by the other rows' lengths: row 0 moved by
+    # 1e-8 there; mixing moves it by the scale of the output. A few rounding steps of the lowest precision at work
+    eps = max((torch.finfo(p.dtype).eps for p in core.parameters() if p.is_floating_point()), default=0.0)
+    if torch.is_autocast_enabled(x.device.type):
+        eps = max(eps, torch.finfo(torch.get_autocast_dtype(x.device.type)).eps)
     for alone, beside in zip(outputs[0], outputs[2]):
-        if alone.dim() and alone.shape[0] == rows and alone.shape == beside.shape and not torch.equal(alone[:1], beside[:1]):
+        if not (alone.dim() and alone.shape[0] == rows and alone.shape == beside.shape) or not alone[:1].numel():
+            continue
+        a, b = alone[:1], beside[:1]
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
+                return True
+        elif float((a - b).abs().max()) > 16 * max(eps, torch.finfo(a.dtype).eps) * float(a.abs().max()):
             return True
     return False
 
@@ -923,8 +937,8 @@ def _repeat_rows(x: Tensor, num_samples: int) -> Tensor:
 
 def _positions_reason(x: Tensor) -> str:
     return (
-        f"a BayesLinear gets inputs of shape {tuple(x.shape[1:])} per row, which it samples with one weight draw per "
-        "call (one must serve all positions of an input): the batched path's samples would share it"
+        f"a BayesLinear gets {x.dim()}-dimensional inputs (positions beside the rows), which it samples with one weight "
+        "draw per call (one must serve all positions of an input): the batched path's samples would share it"
     )
 
 
@@ -1308,8 +1322,11 @@ def predict(
                 forget()
     summaries: list[Prediction] = []
     targets: list[Optional[Tensor]] = []
-    resolved: dict[int, str] = {}
-    fitted: dict[int, int] = {}  # rows -> samples per draw: chunk_size, or the default (halved after running out of memory)
+    # per input shape (a loader's batches of other lengths: a chunk fitted to short sequences overran the memory
+    # bound 5x on long ones): the path, and the samples per draw (chunk_size, or the default, halved after
+    # running out of memory)
+    resolved: dict[tuple[int, ...], str] = {}
+    fitted: dict[tuple[int, ...], int] = {}
     with torch.no_grad(), _eval_mode(model):
         for x, y in _batches(inputs, batch_size):
             if not isinstance(x, Tensor) or x.dim() == 0:
@@ -1318,26 +1335,26 @@ def predict(
                 raise ValueError(f"inputs are on the 'meta' device (shape {tuple(x.shape)}, no values): pass tensors with data")
             if device is not None:
                 x = x.to(device)
-            rows = x.shape[0]
+            rows, shape = x.shape[0], tuple(x.shape)
             summary: Any = _ClassificationSummary(keep_samples) if task == "classification" else _RegressionSummary(keep_samples)
             if members:
                 for _ in range(num_samples // members):
                     _add_output(summary, draw_samples(model, x, members), task, rows)
             else:
-                if rows not in resolved:
-                    resolved[rows] = resolve_method(model, rows, method)
-                    blocker = _rowwise_blocker(model, x) if resolved[rows] == "batched" else None
+                if shape not in resolved:
+                    resolved[shape] = resolve_method(model, rows, method)
+                    blocker = _rowwise_blocker(model, x) if resolved[shape] == "batched" else None
                     if blocker is not None and method == "batched":
                         raise ValueError(f"method='batched' would not sample this model exactly: {blocker}; use method='loop'")
                     if blocker is not None:
-                        resolved[rows] = "loop"
-                    fitted[rows] = chunk_size or _default_chunk(model, x, num_samples, resolved[rows])
+                        resolved[shape] = "loop"
+                    fitted[shape] = chunk_size or _default_chunk(model, x, num_samples, resolved[shape])
                 drawn = 0
                 while drawn < num_samples:
-                    count = min(fitted[rows], num_samples - drawn)
-                    output = _draw_or_none(model, x, count, resolved[rows], may_shrink=chunk_size is None and count > 1)
+                    count = min(fitted[shape], num_samples - drawn)
+                    output = _draw_or_none(model, x, count, resolved[shape], may_shrink=chunk_size is None and count > 1)
                     if output is None:  # out of memory: half the samples at once, for the rest of the call too
-                        fitted[rows] = count // 2
+                        fitted[shape] = count // 2
                         if x.device.type == "cuda":
                             torch.cuda.empty_cache()
                         continue
