@@ -768,7 +768,7 @@ def _mixes_rows(core: nn.Module, x: Tensor) -> Optional[bool]:
     mean subtracted), whose batched draw would mix the ``S`` samples' rows (a loop mixes only the inputs').
 
     Row 0 of ``x0`` repeated against row 0 of ``x0`` beside copies of ``xk`` (a row of ``x`` unlike ``x0``, or
-    ``x0 + 1``, or integer ``x0`` rolled along its last dimension), each batch twice, of ``_PROBE_SAMPLES`` rows
+    ``x0 + 1``, or integer ``x0``'s first entry everywhere), each batch twice, of ``_PROBE_SAMPLES`` rows
     (outputs with as many in their first dimension hold the rows there; an RNN's ``h_n`` ``[layers, B, H]``
     does not, and a batch of 2 beside 2 layers read it as rows). The same shapes run the same kernels, so a
     row-wise network gives the same numbers (a 1-row forward against a 2-row one rounds differently on GPUs: a
@@ -778,9 +778,11 @@ def _mixes_rows(core: nn.Module, x: Tensor) -> Optional[bool]:
     stays on (an MC dropout block inside the model); the batched path is then taken, as before the check."""
     x0 = x[:1]
     unlike = next((x[i : i + 1] for i in range(1, x.shape[0]) if not torch.equal(x[i : i + 1], x0)), None)
-    if unlike is None and x0.dim() > 1 and not x.is_floating_point():
-        rolled = x0.roll(1, -1)  # token ids rolled along the sequence: still valid ids
-        unlike = None if torch.equal(rolled, x0) else rolled
+    if unlike is None and x0.numel() and not x.is_floating_point():
+        # token ids: the first one everywhere, still a valid id (a rolled sequence has the same tokens, and a
+        # network that pools over positions gave it the same output)
+        repeated = torch.full_like(x0, x0.flatten()[0])
+        unlike = None if torch.equal(repeated, x0) else repeated
     if unlike is None:
         if not x.is_floating_point():
             return None
