@@ -57,9 +57,11 @@ SAMPLING_METHODS = ("auto", "loop", "batched")
   computes its pre-activation mean and variance once for all samples. Needs a model that treats batch
   rows independently in eval mode (every standard layer does but ``BatchNorm`` without running statistics,
   which is refused) and no Bayesian layer other than ``BayesLinear`` (local reparameterisation of a
-  convolution treats output positions as independent, a different distribution). A one-row probe draw
-  per network and input shape also refuses a ``BayesLinear`` on inputs ``[B, T, F]`` (one weight sample
-  serves all ``T`` positions) and dropout on a tensor without the batch rows (a weight).
+  convolution treats output positions as independent, a different distribution). Probe forwards of a few
+  rows, once per network, input shape and set of noise-drawing layers, also refuse a network whose output
+  for a row depends on the other rows (its noise off: a batch mean subtracted), a ``BayesLinear`` on inputs
+  ``[B, T, F]`` (one weight sample serves all ``T`` positions) and dropout on a tensor without the batch
+  rows (a weight, even one computed from parameters).
 - ``"auto"``: ``"batched"`` where it is exact and was measured faster (see :func:`resolve_method`; the
   probe's refusals fall back to the loop), else ``"loop"``.
 
