@@ -497,7 +497,7 @@ def evaluate(
     ood_data: Any = None,  # noqa: ANN401 - data, or a Prediction
     *,
     num_samples: Optional[int] = None,
-    task: str = "classification",
+    task: Optional[str] = None,
     n_bins: int = 15,
     ood_scores: Optional[Sequence[str]] = None,
     coverage: float = 0.9,
@@ -527,7 +527,8 @@ def evaluate(
             Prediction for them (required when ``model`` is a Prediction). Labels, if any, are ignored.
         num_samples: Monte Carlo samples S per input; None leaves the choice to :func:`bdl.predict` (one
             per member for a deep ensemble, else 32). Not used for ready Predictions.
-        task: ``"classification"`` or ``"regression"`` (taken from ready Predictions).
+        task: ``"classification"`` or ``"regression"`` (taken from ready Predictions); None: classification, or
+            a ``bdl.lightning`` module's task.
         n_bins: bins of the calibration metrics and the reliability diagram.
         ood_scores: OOD score names; default every score the task allows (energy and max logit only when
             both predictions have logits; mutual information and epistemic variance only when they are not 0

@@ -690,14 +690,19 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
     # the layers that draw noise are part of the question: the same network inside MCDropout, or with a layer held
     # at its means (bdl.deterministic), drew through other layers than the verdict cached for it alone
     key = (tuple(x.shape[1:]), x.dtype, frozenset(map(id, sources)))
-    if key in found:
-        return found[key]
-    mixes = _mixes_rows(core, x)
-    if mixes:
-        found[key] = (
+    # two verdicts: the row-mixing one (kept once told: one row of integers cannot tell, the next batch may) and
+    # the probe draws' (kept at once)
+    mixing_key = ("mixes rows", *key)
+    if mixing_key not in found:
+        mixes = _mixes_rows(core, x)
+        if mixes is not None:
+            found[mixing_key] = mixes
+    if found.get(mixing_key):
+        return (
             "its output for an input depends on the other rows of the batch (e.g. batch statistics), and the batched "
             "path's rows would mix the samples"
         )
+    if key in found:
         return found[key]
     reasons: list[str] = []
     dropout_inputs: list[tuple[nn.Module, int]] = []  # (dropout layer, elements of its input), in call order
@@ -736,10 +741,8 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
             return None
         if not _grow_with_rows(first_inputs, dropout_inputs):
             reasons.append(weight_reason)
-    reason = reasons[0] if reasons else None
-    if reason is not None or mixes is not None:  # "cannot tell" is not kept: the next batch may tell
-        found[key] = reason
-    return reason
+    found[key] = reasons[0] if reasons else None
+    return found[key]
 
 
 def _grow_with_rows(first: list[tuple[nn.Module, int]], second: list[tuple[nn.Module, int]]) -> bool:
@@ -770,28 +773,27 @@ def _mixes_rows(core: nn.Module, x: Tensor) -> Optional[bool]:
     mean subtracted), whose batched draw would mix the ``S`` samples' rows (a loop mixes only the inputs').
 
     Row 0 of ``x0`` repeated against row 0 of ``x0`` beside copies of ``xk`` (a row of ``x`` unlike ``x0``, or
-    ``x0 + 1``, or integer ``x0``'s first entry everywhere), each batch twice, of ``_PROBE_SAMPLES`` rows
-    (outputs with as many in their first dimension hold the rows there; an RNN's ``h_n`` ``[layers, B, H]``
-    does not, and a batch of 2 beside 2 layers read it as rows). The same shapes run the same kernels, so a
-    row-wise network gives the same numbers (a 1-row forward against a 2-row one rounds differently on GPUs: a
-    bfloat16 network differed by a rounding step), to 16 rounding steps of the lowest precision at work (packed
-    sequences and nested-tensor attention size their kernels by the other rows' lengths: row 0 moved by 1e-8).
-    None where it cannot tell: integer inputs whose rows are all alike, a forward that fails, or noise that
-    stays on (an MC dropout block inside the model); the batched path is then taken, as before the check."""
+    ``x0 + 1`` for floating-point inputs), each batch twice, of ``_PROBE_SAMPLES`` rows (outputs with as many in
+    their first dimension hold the rows there; an RNN's ``h_n`` ``[layers, B, H]`` does not, and a batch of 2
+    beside 2 layers read it as rows). The same shapes run the same kernels, so a row-wise network gives the same
+    numbers (a 1-row forward against a 2-row one rounds differently on GPUs: a bfloat16 network differed by a
+    rounding step) to 4 rounding steps of the output's precision (or autocast's), relative to the outputs' scale
+    and at least 1: packed sequences and nested-tensor attention size their kernels by the other rows' lengths,
+    and moved row 0 by up to 8e-8 where it was 1e-3. A mixing smaller than that is not seen (in bfloat16, 3% of
+    the outputs' scale).
+
+    None where it cannot tell from these inputs: integers in a single row (no other row to put beside it whose
+    values are known to be valid) or a forward that fails (the draw itself then raises). False where the noise
+    stays on with it off (an MC dropout block inside the model): as before the check, the batched path."""
     x0 = x[:1]
     unlike = next((x[i : i + 1] for i in range(1, x.shape[0]) if not torch.equal(x[i : i + 1], x0)), None)
-    if unlike is None and x0.numel() and not x.is_floating_point():
-        # token ids: the first one everywhere, still a valid id (a rolled sequence has the same tokens, and a
-        # network that pools over positions gave it the same output)
-        repeated = torch.full_like(x0, x0.flatten()[0])
-        unlike = None if torch.equal(repeated, x0) else repeated
     if unlike is None:
         if not x.is_floating_point():
             return None
         unlike = x0 + 1
     eager = _eager(core)
     if eager is None:
-        return None
+        return False
     rows = _PROBE_SAMPLES
     ones = (1,) * (x0.dim() - 1)  # repeated, not expanded: a model may write into its input
     same, other = x0.repeat(rows, *ones), torch.cat([x0, unlike.repeat(rows - 1, *ones)])
@@ -803,20 +805,18 @@ def _mixes_rows(core: nn.Module, x: Tensor) -> Optional[bool]:
     if any(not torch.equal(a, b) for a, b in zip(outputs[0], outputs[1])) or any(
         not torch.equal(a, b) for a, b in zip(outputs[2], outputs[3])
     ):
-        return None  # noise this cannot switch off: no telling
-    # packed sequences and nested-tensor attention size their kernels by the other rows' lengths: row 0 moved by
-    # 1e-8 there; mixing moves it by the scale of the output. A few rounding steps of the lowest precision at work
-    eps = max((torch.finfo(p.dtype).eps for p in core.parameters() if p.is_floating_point()), default=0.0)
-    if torch.is_autocast_enabled(x.device.type):
-        eps = max(eps, torch.finfo(torch.get_autocast_dtype(x.device.type)).eps)
+        return False  # noise this cannot switch off: no telling, and no other input will tell
+    autocast_eps = torch.finfo(torch.get_autocast_dtype(x.device.type)).eps if torch.is_autocast_enabled(x.device.type) else 0.0
     for alone, beside in zip(outputs[0], outputs[2]):
-        if not (alone.dim() and alone.shape[0] == rows and alone.shape == beside.shape) or not alone[:1].numel():
+        if not (alone.dim() and alone.shape[0] == rows and alone.shape == beside.shape) or not alone.numel():
             continue
-        a, b = alone[:1], beside[:1]
-        if not a.is_floating_point():
-            if not torch.equal(a, b):
+        if not alone.is_floating_point():
+            if not torch.equal(alone[:1], beside[:1]):
                 return True
-        elif float((a - b).abs().max()) > 16 * max(eps, torch.finfo(a.dtype).eps) * float(a.abs().max()):
+            continue
+        scale = max(1.0, float(alone.abs().max()), float(beside.abs().max()))
+        tolerance = 4 * max(torch.finfo(alone.dtype).eps, autocast_eps) * scale
+        if float((alone[:1] - beside[:1]).abs().max()) > tolerance:
             return True
     return False
 
@@ -1223,7 +1223,7 @@ def predict(
     model: Callable[..., Any],
     inputs: Union[Tensor, tuple, Iterable],
     num_samples: Optional[int] = None,
-    task: str = "classification",
+    task: Optional[str] = None,
     *,
     keep_samples: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -1254,7 +1254,7 @@ def predict(
         num_samples: Monte Carlo samples ``S``. None: the number of members for a ``DeepEnsemble``
             (a multiple of it gives stochastic members several rounds), else 32. Use 1 for a
             deterministic network.
-        task: ``"classification"`` or ``"regression"``.
+        task: ``"classification"`` or ``"regression"``; None: classification, or a ``bdl.lightning`` module's task.
         keep_samples: also keep ``sample_probs`` / ``sample_means`` ``[S, N, ...]``.
         batch_size: rows per forward pass for tensor and Dataset inputs.
         chunk_size: samples drawn at once per batch, bounding memory to ``chunk_size x batch`` rows in
@@ -1276,7 +1276,7 @@ def predict(
         (torch.Size([10, 3]), torch.Size([10]))
         >>> to_review = pred.mutual_information > 0.05  # route the uncertain ones to a person
     """
-    if task not in TASKS:
+    if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
     if not callable(model):
         raise TypeError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
@@ -1286,12 +1286,19 @@ def predict(
     if chunk_size is not None:
         _check_int("chunk_size", chunk_size)
     lightning = sys.modules.get("bdl.lightning.modules")  # loaded if the model can be one of its modules
-    trained = model if lightning is not None and isinstance(model, lightning.UncertaintyModule) else None
+    unwrapped = getattr(model, "_orig_mod", model)  # torch.compile(module) wraps it
+    trained = unwrapped if lightning is not None and isinstance(unwrapped, lightning.UncertaintyModule) else None
     if trained is not None:
         # a bdl.lightning module: sample what its own evaluation samples (an EnsembleModule's forward gives the
-        # members' stacked outputs [M, B, C], which were read as one output of the wrong batch size), with the
-        # likelihood it was trained on (a mean-only regressor's noise_variance, below)
+        # members' stacked outputs [M, B, C], which were read as one output of the wrong batch size), for its
+        # task, as many times as it evaluates, with the likelihood it was trained on (a mean-only regressor's
+        # noise_variance, below)
+        if task is not None and task != trained.task:
+            raise ValueError(f"task={task!r}, but the model is a {trained.task} module ({type(trained).__name__})")
+        task = trained.task
+        num_samples = trained.num_eval_samples if num_samples is None else num_samples
         model = trained.predictive_model
+    task = "classification" if task is None else task
     members = getattr(model, "num_members", None) if callable(getattr(model, "sample_outputs", None)) else None
     if num_samples is None:
         num_samples = members or 32

@@ -1020,8 +1020,9 @@ def test_the_row_mixing_check_is_not_fooled_by_alike_rows_and_keeps_no_unknown_v
     with pytest.raises(ValueError, match="depends on the other rows of the batch"):
         bdl.predict(model, torch.randn(4, 4), num_samples=2, method="batched")
     tokens = bdl.MCDropout(_CentredTokens())
+    bdl.predict(tokens, torch.randint(0, 50, (1, 6)), num_samples=2)  # one row of ids: nothing valid to put beside it
     with pytest.raises(ValueError, match="depends on the other rows of the batch"):
-        bdl.predict(tokens, torch.randint(0, 50, (1, 6)), num_samples=2, method="batched")  # one row of ids
+        bdl.predict(tokens, torch.randint(0, 50, (4, 6)), num_samples=2, method="batched")
 
 
 def test_an_rnns_hidden_state_is_not_read_as_rows_by_the_row_mixing_check():

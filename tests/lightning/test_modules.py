@@ -688,6 +688,13 @@ def test_predict_redirects_only_bdl_modules_and_gives_them_their_noise_variance(
     wrapper, x = Tempered(), torch.randn(5, 4)
     torch.testing.assert_close(bdl.predict(wrapper, x, num_samples=1).probs, (wrapper.predictive_model(x) / 2).softmax(-1))
     module = DeterministicModule(nn.Linear(4, 1), task="regression", noise_variance=0.25)
-    pred = bdl.predict(module, x, num_samples=1, task="regression")
+    pred = bdl.predict(module, x)  # the module's task and sample count (predict's defaults crashed in its noise step)
+    assert pred.task == "regression" and pred.num_samples == 1
     assert torch.equal(pred.aleatoric_variance, torch.full((5, 1), 0.25))
     torch.testing.assert_close(pred.aleatoric_variance, module.sample_prediction(x, 1).aleatoric_variance)
+    assert bdl.evaluate(module, (x, torch.randn(5))).task == "regression"
+    with pytest.raises(ValueError, match="task='classification', but the model is a regression module"):
+        bdl.predict(module, x, task="classification")
+    assert bdl.predict(VariationalModule(nn.Linear(4, 3), num_eval_samples=8, num_data=10), x).num_samples == 8  # was 32
+    # torch.compile(module), as Lightning's docs show it, was not redirected: the ensemble's [M, B, C] again
+    assert bdl.predict(torch.compile(EnsembleModule(nn.Linear(4, 3), num_members=3)), x).num_samples == 3
