@@ -124,6 +124,12 @@ class Trainer(L.Trainer):
                 print(f"\n{why}: no report files written")
             else:
                 print(f"\nReport (metrics.json, report.md, plots): {folder}")
+        elif verbose and self.is_global_zero and results and any(key.startswith("test/") for key in results[0]):
+            # ddp_spawn without a written report (no logger, save_report off): the processes that tested kept it,
+            # and only the logged headline metrics came back; `bdl test` printed nothing at all
+            headline = {key[len("test/") :]: value for key, value in results[0].items() if key.startswith("test/")}
+            print(f"\n{type(module).__name__}: the test's headline metrics (no report came back to this process)\n")
+            print(summary_table(headline, ood_name=getattr(datamodule, "ood_name", None)))
         return results
 
 

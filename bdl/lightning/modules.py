@@ -440,7 +440,10 @@ class _Evaluation:
             self.report.save(folder)
             self.report_dir = folder
         elif self.save_report and not self.trainer.loggers and not self.trainer.fast_dev_run and not self.trainer.sanity_checking:
-            rank_zero_info("bdl: the trainer has no logger, so the test report is written to no folder; module.report holds it")
+            rank_zero_info(
+                "bdl: the trainer has no logger, so the test report is written to no folder; module.report holds it (in the "
+                "process that tested: under ddp_spawn not the calling one)"
+            )
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Prediction:  # noqa: ANN401
         """A :class:`bdl.Prediction` per batch (merge them with ``Prediction.cat``)."""

@@ -570,3 +570,19 @@ def test_evaluate_prints_a_report_written_by_this_test_only(tmp_path, capsys):
     trainer.evaluate(Plain(write=True), loader)
     out = capsys.readouterr().out
     assert "| accuracy" in out and "0.2500" in out
+
+
+def test_evaluate_prints_the_headline_metrics_when_no_report_came_back(tmp_path, monkeypatch, capsys):
+    # ddp_spawn without a logger (or with save_report off): the processes that tested kept the report, and `bdl test`
+    # printed nothing at all; the logged headline metrics do come back
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bdl.lightning import MLP, VariationalModule
+    from bdl.lightning.cli import Trainer
+
+    module = VariationalModule(MLP(4, 3, hidden=[4]), num_data=10)
+    trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu")
+    monkeypatch.setattr(Trainer, "test", lambda self, *args, **kwargs: [{"test/accuracy": 0.75, "test/nll": 0.5}])
+    trainer.evaluate(module, DataLoader(TensorDataset(torch.randn(4, 4)), batch_size=2))
+    out = capsys.readouterr().out
+    assert "no report came back to this process" in out and "| accuracy" in out and "0.7500" in out
