@@ -365,13 +365,21 @@ class Prediction:
             >>> len(pred[pred.max_probability > 0.0]), len(pred[:2]), len(pred[-1])
             (6, 2, 1)
         """
+        if isinstance(index, tuple):  # x[a, b] or x[(a,)]: pred[([0, 1],)] made probs [2, C] beside samples [S, 1, 2, C]
+            raise TypeError(f"a Prediction is indexed over its inputs by one index, got a tuple {index!r}")
+        if getattr(index, "ndim", None) == 0 and not isinstance(index, numbers.Integral):  # a 0-d tensor or array
+            if isinstance(index, Tensor):
+                integral = not (index.is_floating_point() or index.is_complex() or index.dtype == torch.bool)
+            else:
+                integral = getattr(getattr(index, "dtype", None), "kind", "") in ("i", "u")
+            if not integral:  # pred[torch.tensor(True)] made probs [1, N, C]
+                raise TypeError(f"a Prediction is indexed over its inputs by an int, a slice, indices or a boolean mask, got {index!r}")
+            index = int(index)
         if isinstance(index, list):  # indices or a mask as a list: nested lists are a 2-D index
             try:
                 index = torch.as_tensor(index) if index else torch.empty(0, dtype=torch.long)
             except (TypeError, ValueError, RuntimeError):
                 raise TypeError(f"a Prediction is indexed over its inputs by an int, a slice, indices or a boolean mask, got {index!r}") from None
-        if isinstance(index, Tensor) and index.dim() == 0 and not index.is_floating_point() and index.dtype != torch.bool:
-            index = int(index)
         if isinstance(index, numbers.Integral) and not isinstance(index, bool):  # numpy's integers too (np.argmax)
             index = int(index)
             if not -len(self) <= index < len(self):
@@ -1072,7 +1080,7 @@ def _batches(inputs: Any, batch_size: int) -> Iterator[tuple[Tensor, Optional[Te
         return
     # an array was read as batches of rows; a pair of arrays (scikit-learn's X, y) as batches of two
     array = type(inputs).__module__ == "numpy" or (
-        isinstance(inputs, (tuple, list)) and bool(inputs) and all(type(part).__module__ == "numpy" for part in inputs)
+        isinstance(inputs, (tuple, list)) and any(type(part).__module__ == "numpy" for part in inputs)
     )
     if not isinstance(inputs, Iterable) or array:
         hint = ": convert numpy arrays with torch.from_numpy" if array else ""
@@ -1338,6 +1346,7 @@ def predict(
     # running out of memory)
     resolved: dict[tuple[int, ...], str] = {}
     fitted: dict[tuple[int, ...], int] = {}
+    fits: Optional[int] = None  # input elements x samples that fit at once after running out of memory (all shapes)
     with torch.no_grad(), _eval_mode(model):
         for x, y in _batches(inputs, batch_size):
             if not isinstance(x, Tensor) or x.dim() == 0:
@@ -1360,12 +1369,15 @@ def predict(
                     if blocker is not None:
                         resolved[shape] = "loop"
                     fitted[shape] = chunk_size or _default_chunk(model, x, num_samples, resolved[shape])
+                    if fits is not None and chunk_size is None:  # what ran out of memory on another shape: not again
+                        fitted[shape] = max(1, min(fitted[shape], fits // max(1, x.numel())))
                 drawn = 0
                 while drawn < num_samples:
                     count = min(fitted[shape], num_samples - drawn)
                     output = _draw_or_none(model, x, count, resolved[shape], may_shrink=chunk_size is None and count > 1)
                     if output is None:  # out of memory: half the samples at once, for the rest of the call too
                         fitted[shape] = count // 2
+                        fits = min(fits or math.inf, fitted[shape] * x.numel())
                         if x.device.type == "cuda":
                             torch.cuda.empty_cache()
                         continue

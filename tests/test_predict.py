@@ -1098,3 +1098,41 @@ def test_the_chunk_is_fitted_to_each_input_shape(monkeypatch):
     model = bdl.MCDropout(nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.2), Lambda(lambda h: h.mean(1)), nn.Linear(16, 3)))
     bdl.predict(model, iter([torch.randn(4, 5, 8), torch.randn(4, 50, 8), torch.randn(4, 5, 8)]), num_samples=2)
     assert shapes == [(4, 5, 8), (4, 50, 8)]
+
+
+def test_zero_dimensional_and_tuple_indices_are_read_or_refused():
+    # pred[torch.tensor(True)] made probs [1, 5, 3]; pred[np.array(2)] made probs (3,); pred[([0, 1],)] probs [2, 3]
+    pred = Prediction.from_logits(torch.randn(4, 5, 3), keep_samples=True)
+    assert len(pred[np.array(2)]) == 1 and torch.equal(pred[np.array(2)].probs, pred[2].probs)
+    assert torch.equal(pred[torch.tensor(-1)].probs, pred[4].probs)
+    for index in (torch.tensor(True), np.array(True), np.bool_(True), torch.tensor(1.0), ([0, 1],), (0,)):
+        with pytest.raises(TypeError, match="a Prediction is indexed over its inputs"):
+            pred[index]
+
+
+def test_a_pair_with_a_numpy_part_is_refused_before_any_forward():
+    # (tensor X, numpy y) ran X as one batch, whatever batch_size, before "got ndarray"
+    calls = []
+    model = nn.Linear(3, 2)
+    model.register_forward_hook(lambda *args: calls.append(1))
+    for pair in ((torch.zeros(4, 3), np.zeros(4)), (np.zeros((4, 3), np.float32), torch.zeros(4))):
+        with pytest.raises(TypeError, match="convert numpy arrays with torch.from_numpy"):
+            bdl.predict(model, pair, num_samples=1)
+    assert not calls
+
+
+def test_running_out_of_memory_on_one_shape_shrinks_the_draws_of_the_next(monkeypatch):
+    # the halving was learned per input shape: each new length of a loader paid the failed draws again (60 against 3)
+    predict_module, failed = sys.modules["bdl.predict"], []
+    real = predict_module.draw_samples
+
+    def draw(model, x, count, method="loop"):
+        if count * x.numel() > 4 * 8 * 12 * 4:  # 4 samples of the longest batch fit
+            failed.append(count)
+            raise torch.OutOfMemoryError("simulated")
+        return real(model, x, count, method=method)
+
+    monkeypatch.setattr(predict_module, "draw_samples", draw)
+    model = bdl.MCDropout(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), Lambda(lambda h: h.mean(1)), nn.Linear(8, 3)))
+    bdl.predict(model, iter([torch.randn(8, length, 4) for length in range(6, 13)]), num_samples=32)
+    assert len(failed) <= 4  # 32 -> 16 -> 8 -> 4 on the first shape, at most one more after
