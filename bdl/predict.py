@@ -780,25 +780,25 @@ def _mixes_rows(core: nn.Module, x: Tensor) -> Optional[bool]:
     row another output next to another row: a layer that mixes the rows of a batch (batch statistics, a batch
     mean subtracted), whose batched draw would mix the ``S`` samples' rows (a loop mixes only the inputs').
 
-    Row 0 of ``x0`` repeated against row 0 of ``x0`` beside copies of ``xk`` (a row of ``x`` unlike ``x0``, or
-    ``x0 + 1`` for floating-point inputs), each batch twice, of ``_PROBE_SAMPLES`` rows (outputs with as many in
-    their first dimension hold the rows there; an RNN's ``h_n`` ``[layers, B, H]`` does not, and a batch of 2
-    beside 2 layers read it as rows). The same shapes run the same kernels, so a row-wise network gives the same
-    numbers (a 1-row forward against a 2-row one rounds differently on GPUs: a bfloat16 network differed by a
-    rounding step) to 4 rounding steps of the output's precision (or autocast's), relative to the outputs' scale
-    and at least 1: packed sequences and nested-tensor attention size their kernels by the other rows' lengths,
-    and moved row 0 by up to 8e-8 where it was 1e-3. A mixing smaller than that is not seen (in bfloat16, 3% of
-    the outputs' scale).
+    Row 0 of ``x0`` repeated against row 0 of ``x0`` beside copies of ``xk`` (the first row of ``x`` unlike
+    ``x0``), each batch twice, of ``_PROBE_SAMPLES`` rows (outputs with as many in their first dimension hold the
+    rows there; an RNN's ``h_n`` ``[layers, B, H]`` does not, and a batch of 2 beside 2 layers read it as rows).
+    The same shapes run the same kernels, so a row-wise network gives the same numbers (a 1-row forward against a
+    2-row one rounds differently on GPUs: a bfloat16 network differed by a rounding step), element by element to
+    4 rounding steps of the output's precision (or autocast's) times the element's size, at least 1: packed
+    sequences and nested-tensor attention size their kernels by the other rows' lengths, and moved an output of
+    1e-3 by up to 8e-8. Non-finite entries (a logit masked with -inf) are compared as they are. A mixing smaller
+    than that is not seen (in bfloat16, 3% of an output).
 
-    None where it cannot tell from these inputs: integers in a single row (no other row to put beside it whose
-    values are known to be valid) or a forward that fails (the draw itself then raises). False where the noise
-    stays on with it off (an MC dropout block inside the model): as before the check, the batched path."""
+    None where these inputs cannot tell: a single row, or rows all alike (no row that is known to be valid to
+    put beside it: ``x0 + 1`` gave a category code past its embedding, and a shift a normalising first layer
+    removes), or a forward that fails (the draw itself then raises); the batched path is taken and the question
+    waits for a batch that can tell. False where the noise stays on with it off (an MC dropout block inside the
+    model): as before the check, the batched path."""
     x0 = x[:1]
     unlike = next((x[i : i + 1] for i in range(1, x.shape[0]) if not torch.equal(x[i : i + 1], x0)), None)
     if unlike is None:
-        if not x.is_floating_point():
-            return None
-        unlike = x0 + 1
+        return None
     eager = _eager(core)
     if eager is None:
         return False
@@ -818,13 +818,18 @@ def _mixes_rows(core: nn.Module, x: Tensor) -> Optional[bool]:
     for alone, beside in zip(outputs[0], outputs[2]):
         if not (alone.dim() and alone.shape[0] == rows and alone.shape == beside.shape) or not alone.numel():
             continue
-        if not alone.is_floating_point():
-            if not torch.equal(alone[:1], beside[:1]):
+        a, b = alone[:1], beside[:1]
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
                 return True
             continue
-        scale = max(1.0, float(alone.abs().max()), float(beside.abs().max()))
-        tolerance = 4 * max(torch.finfo(alone.dtype).eps, autocast_eps) * scale
-        if float((alone[:1] - beside[:1]).abs().max()) > tolerance:
+        finite = torch.isfinite(a) & torch.isfinite(b)
+        odd_a, odd_b = a[~finite], b[~finite]  # -inf beside -inf (a masked logit), NaN beside NaN: alike
+        if bool(((odd_a != odd_b) & ~(odd_a.isnan() & odd_b.isnan())).any()):
+            return True
+        a, b = a[finite].double(), b[finite].double()
+        step = 4 * max(torch.finfo(alone.dtype).eps, autocast_eps)
+        if bool(((a - b).abs() > step * torch.maximum(a.abs(), b.abs()).clamp_min(1)).any()):
             return True
     return False
 
@@ -1296,6 +1301,11 @@ def predict(
     lightning = sys.modules.get("bdl.lightning.modules")  # loaded if the model can be one of its modules
     unwrapped = getattr(model, "_orig_mod", model)  # torch.compile(module) wraps it
     trained = unwrapped if lightning is not None and isinstance(unwrapped, lightning.UncertaintyModule) else None
+    if lightning is not None and isinstance(unwrapped, lightning.SVIModule):  # samples itself: its task and count
+        if task is not None and task != unwrapped.task:
+            raise ValueError(f"task={task!r}, but the model is a {unwrapped.task} module ({type(unwrapped).__name__})")
+        task, model = unwrapped.task, unwrapped
+        num_samples = unwrapped.num_eval_samples if num_samples is None else num_samples
     if trained is not None:
         # a bdl.lightning module: sample what its own evaluation samples (an EnsembleModule's forward gives the
         # members' stacked outputs [M, B, C], which were read as one output of the wrong batch size), for its

@@ -1136,3 +1136,21 @@ def test_running_out_of_memory_on_one_shape_shrinks_the_draws_of_the_next(monkey
     model = bdl.MCDropout(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), Lambda(lambda h: h.mean(1)), nn.Linear(8, 3)))
     bdl.predict(model, iter([torch.randn(8, length, 4) for length in range(6, 13)]), num_samples=32)
     assert len(failed) <= 4  # 32 -> 16 -> 8 -> 4 on the first shape, at most one more after
+
+
+def test_masked_logits_do_not_hide_row_mixing_and_single_rows_are_not_made_up():
+    # a logit masked at -1e9 made the tolerance (scaled by the largest output) about 480: the mixing was not seen,
+    # and the batched path's MI came out 35% high; an x0 + 1 row beside one input row fed codes past an embedding
+    class Masked(nn.Module):
+        def __init__(self, fill):
+            super().__init__()
+            self.body, self.fill = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), _Centre(), nn.Linear(16, 4)), fill
+
+        def forward(self, x):
+            return self.body(x).masked_fill(torch.tensor([False, False, False, True]), self.fill)
+
+    check = sys.modules["bdl.predict"]._mixes_rows
+    x = torch.randn(8, 4)
+    for fill in (-1e9, torch.finfo(torch.float32).min, -math.inf):
+        assert check(Masked(fill).eval(), x) is True
+    assert check(Masked(-1e9).eval(), x[:1]) is None and check(Masked(-1e9).eval(), x[:1].expand(3, 4)) is None

@@ -124,7 +124,7 @@ class Trainer(L.Trainer):
                 print(f"\n{why}: no report files written")
             else:
                 print(f"\nReport (metrics.json, report.md, plots): {folder}")
-        elif verbose and self.is_global_zero and results and any(key.startswith("test/") for key in results[0]):
+        elif verbose and self.is_global_zero and hasattr(module, "save_report") and results and any(key.startswith("test/") for key in results[0]):
             # ddp_spawn without a written report (no logger, save_report off): the processes that tested kept it,
             # and only the logged headline metrics came back; `bdl test` printed nothing at all
             headline = {key[len("test/") :]: value for key, value in results[0].items() if key.startswith("test/")}

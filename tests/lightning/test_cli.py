@@ -586,3 +586,5 @@ def test_evaluate_prints_the_headline_metrics_when_no_report_came_back(tmp_path,
     trainer.evaluate(module, DataLoader(TensorDataset(torch.randn(4, 4)), batch_size=2))
     out = capsys.readouterr().out
     assert "no report came back to this process" in out and "| accuracy" in out and "0.7500" in out
+    trainer.evaluate(torch.nn.Linear(4, 3), DataLoader(TensorDataset(torch.randn(4, 4)), batch_size=2))  # not bdl's
+    assert capsys.readouterr().out == ""  # it printed an empty table

@@ -698,3 +698,19 @@ def test_predict_redirects_only_bdl_modules_and_gives_them_their_noise_variance(
     assert bdl.predict(VariationalModule(nn.Linear(4, 3), num_eval_samples=8, num_data=10), x).num_samples == 8  # was 32
     # torch.compile(module), as Lightning's docs show it, was not redirected: the ensemble's [M, B, C] again
     assert bdl.predict(torch.compile(EnsembleModule(nn.Linear(4, 3), num_members=3)), x).num_samples == 3
+
+
+def test_predict_takes_an_svi_modules_task_and_sample_count():
+    # a bdl.lightning.SVIModule (not an UncertaintyModule) was read as a classifier with 32 samples
+    import pyro
+
+    from bdl.lightning import SVIModule
+
+    pyro.set_rng_seed(0)
+    x, y = torch.randn(12, 4), torch.randn(12, 1)
+    module = SVIModule(bdl.infer.PyroModel(MLP(4, 1, hidden=[8]), "gaussian", num_data=12), num_eval_samples=6, lr=1e-2)
+    pred = bdl.predict(module, x)
+    assert (pred.task, pred.num_samples) == ("regression", 6)
+    assert bdl.evaluate(module, (x, y)).task == "regression"
+    with pytest.raises(ValueError, match="but the model is a regression module"):
+        bdl.predict(module, x, task="classification")
