@@ -698,8 +698,8 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
     # the layers that draw noise are part of the question: the same network inside MCDropout, or with a layer held
     # at its means (bdl.deterministic), drew through other layers than the verdict cached for it alone
     key = (tuple(x.shape[1:]), x.dtype, frozenset(map(id, sources)))
-    # two verdicts: the row-mixing one (kept once told: one row of integers cannot tell, the next batch may) and
-    # the probe draws' (kept at once)
+    # two verdicts: the row-mixing one (kept once told: a single row, or rows all alike, cannot tell, and the next
+    # batch may) and the probe draws' (kept at once)
     mixing_key = ("mixes rows", *key)
     if mixing_key not in found:
         mixes = _mixes_rows(core, x)
