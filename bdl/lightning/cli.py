@@ -396,6 +396,7 @@ class BDLCLI(LightningCLI):
             version = _run_version(root, self.run_name(), resume=getattr(self, "_resume_version", None))
             folder = Path(root) / self.run_name() / f"version_{version}"
             self._new_run_folder = None if folder.exists() else folder
+            self._new_root = None if Path(root).exists() else Path(root)  # runs/ itself, on a first run
             resume = getattr(self, "_resume_version", None) is not None and version == self._resume_version
             # a new run's logger continues its metrics.csv too: under ddp_spawn every fit or test starts new processes,
             # whose copies of the logger start the file afresh (the test after a fit deleted the training curve)
@@ -453,6 +454,9 @@ class BDLCLI(LightningCLI):
         shutil.rmtree(folder, ignore_errors=True)
         if folder.parent.is_dir() and not any(folder.parent.iterdir()):
             folder.parent.rmdir()
+        root = getattr(self, "_new_root", None)  # made for this run: a first fit that failed left an empty runs/
+        if root is not None and root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
 
     def after_fit(self) -> None:
         if not self._subconfig().get("evaluate_after_fit"):

@@ -588,3 +588,14 @@ def test_evaluate_prints_the_headline_metrics_when_no_report_came_back(tmp_path,
     assert "no report came back to this process" in out and "| accuracy" in out and "0.7500" in out
     trainer.evaluate(torch.nn.Linear(4, 3), DataLoader(TensorDataset(torch.randn(4, 4)), batch_size=2))  # not bdl's
     assert capsys.readouterr().out == ""  # it printed an empty table
+
+
+def test_a_first_run_that_fails_leaves_no_empty_root_folder(tmp_path, monkeypatch):
+    # the run folders went, the runs/ the run had created stayed, empty
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="checkpoint.monitor 'val/accuracy' is better when higher"):
+        main(["fit", "--config", QUICKSTART, *FEW_STEPS, "--checkpoint.monitor", "val/accuracy", "--trainer.default_root_dir", "runs"])
+    with pytest.raises(ValueError, match=r"the network outputs 10 class scores"):
+        main(["fit", "--config", QUICKSTART, *FEW_STEPS, "--model.init_args.model.init_args.out_features", "10",
+              "--trainer.default_root_dir", "runs"])  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
