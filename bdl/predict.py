@@ -687,9 +687,9 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
     applied to a tensor without the batch rows (on a weight: DropConnect), whose mask the samples would share;
     and a network that mixes the rows of a batch (:func:`_mixes_rows`), whose batched rows would mix the samples.
     A probe draw of one row and ``_PROBE_SAMPLES`` samples under forward pre-hooks, the random state restored,
-    once per network and input shape (compiled modules run eagerly for it); where dropout ran, a second probe
-    with ``_SECOND_PROBE_SAMPLES`` samples: a tensor that holds the rows grows with them, a weight (even one
-    computed from parameters, as weight_norm's) does not. None where it cannot tell (a probe that fails: the
+    once per network, input shape and set of noise-drawing layers (compiled modules run eagerly for it); where
+    dropout ran, a second probe with ``_SECOND_PROBE_SAMPLES`` samples: a tensor that holds the rows grows with
+    them, a weight (even one computed from parameters, as weight_norm's) does not. None where it cannot tell (a probe that fails: the
     draw itself then raises)."""
     from .wrappers.mc_dropout import DROPOUT_TYPES as DROPOUT_LAYERS
 
@@ -967,9 +967,7 @@ def _local_expand(layer: BayesLinear, x: Tensor, num_samples: int) -> Tensor:
     """
     layer._check_input(x)  # the layer's forward is bypassed here: same errors for a wrong input
     if x.dim() != 2:
-        raise ValueError(  # the probe refuses it before a draw where it can (see _rowwise_blocker)
-            _positions_reason(x)
-        )
+        raise ValueError(_positions_reason(x))  # the probe refuses it before a draw where it can (_rowwise_blocker)
     mean = nn.functional.linear(x, layer.weight_mu, layer.bias_mu)
     bias_var = None if layer.bias_rho is None else layer._prediction_scale("bias", layer.bias_rho, variance=True)
     var = pre_activation_variance(nn.functional.linear, x, layer._prediction_scale("weight", layer.weight_rho, variance=True), bias_var)
