@@ -8,6 +8,7 @@ validation data, then applied to new predictions.
 
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 from fractions import Fraction
@@ -88,6 +89,18 @@ def _errors(prediction: Prediction, tolerance: Optional[float], name: str) -> Op
         return None
     targets = targets_like(targets, prediction.mean, f"{name}.targets")  # NaN counted as right; [D, N] paired wrongly
     return ((targets - prediction.mean).abs() > tolerance).reshape(len(prediction), -1).any(-1)
+
+
+def _real(value: object) -> Optional[float]:
+    """``value`` as a float when it is one real number: a Python, numpy or ``Decimal`` number, or a 0-d tensor or
+    array of a real dtype (not a bool), read as given (:func:`_as_given`); None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if not isinstance(value, (numbers.Real, decimal.Decimal)):
+        dtype = str(getattr(value, "dtype", "")).removeprefix("torch.")
+        if getattr(value, "shape", None) != () or not dtype.startswith(("float", "int", "uint", "bfloat")):
+            return None
+    return _as_given(value)
 
 
 def _as_given(value: numbers.Real) -> float:
@@ -183,8 +196,10 @@ def triage(
     chosen = [name for name, value in (("threshold", threshold), ("coverage", coverage), ("error_rate", error_rate)) if value is not None]
     if len(chosen) != 1:
         raise ValueError(f"give exactly one of threshold, coverage, error_rate; got {chosen or 'none'}")
-    if tolerance is not None and not (isinstance(tolerance, numbers.Real) and tolerance >= 0):
-        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    if tolerance is not None:
+        given, tolerance = tolerance, _real(tolerance)
+        if tolerance is None or not tolerance >= 0:
+            raise ValueError(f"tolerance must be a number >= 0, got {given!r}")
     if tolerance is not None and getattr(prediction, "task", None) == "classification":  # it was ignored
         raise ValueError("tolerance is for regression predictions (an absolute error); a classification's errors are wrong classes")
     scores = _scores(prediction, score, "prediction")
@@ -203,23 +218,25 @@ def triage(
         if len(validation) == 0 and threshold is None:  # no threshold can be chosen: everything went to review
             raise ValueError("validation has no inputs: a threshold cannot be chosen on it")
     if threshold is not None:
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
+        chosen_threshold = _real(threshold)
+        if chosen_threshold is None or math.isnan(chosen_threshold):
             raise ValueError(f"threshold must be a number, got {threshold!r}")
-        chosen_threshold = float(threshold)
     elif coverage is not None:
-        if isinstance(coverage, bool) or not (isinstance(coverage, numbers.Real) and 0 < coverage <= 1):
-            raise ValueError(f"coverage must be a number (int or float) in (0, 1], got {coverage!r}")
-        chosen_threshold = _threshold_for_coverage(_scores(reference, score, "validation"), _as_given(coverage))
+        target = _real(coverage)
+        if target is None or not 0 < target <= 1:
+            raise ValueError(f"coverage must be a number in (0, 1], got {coverage!r}")
+        chosen_threshold = _threshold_for_coverage(_scores(reference, score, "validation"), target)
     else:
-        if isinstance(error_rate, bool) or not (isinstance(error_rate, numbers.Real) and 0 <= error_rate < 1):
-            raise ValueError(f"error_rate must be a number (int or float) in [0, 1), got {error_rate!r}")
+        target = _real(error_rate)
+        if target is None or not 0 <= target < 1:
+            raise ValueError(f"error_rate must be a number in [0, 1), got {error_rate!r}")
         name = "prediction" if validation is None else "validation"
         errors = _errors(reference, tolerance, name)
         if errors is None:
             need = "targets" if reference.task == "classification" or reference.targets is None else "a tolerance"
             raise ValueError(f"error_rate needs {name} with {need} (set {name}.targets, pass tolerance= for regression)")
         reference_scores = _scores(reference, score, name)
-        chosen_threshold = _threshold_for_error_rate(reference_scores, errors.to(reference_scores.device), _as_given(error_rate))
+        chosen_threshold = _threshold_for_error_rate(reference_scores, errors.to(reference_scores.device), target)
     # in float64: a float32 comparison rounded a given threshold (log 2) up to the score just above it
     review = scores.double() > chosen_threshold
     handled = ~review

@@ -225,3 +225,27 @@ def test_a_tolerance_for_a_classification_triage_is_refused():
     pred = Prediction.from_logits(torch.randn(2, 10, 3))
     with pytest.raises(ValueError, match="tolerance is for regression predictions"):
         triage(pred, coverage=0.5, tolerance=0.1)
+
+
+def test_targets_may_be_0d_tensors_arrays_or_decimals():
+    # a 0-d tensor (a value computed with torch) and a Decimal were refused as "not a number"
+    from decimal import Decimal
+
+    import numpy as np
+
+    prediction = Prediction.from_logits(torch.linspace(0.01, 3, 10, dtype=torch.float64)[None, :, None])
+    prediction.targets = torch.tensor([0] * 7 + [1] * 3)
+    for coverage in (torch.tensor(0.7), np.array(0.7, dtype=np.float32), Decimal("0.7"), torch.tensor(0.7, dtype=torch.float64)):
+        assert int((~triage(prediction, score="max_probability", coverage=coverage).review).sum()) == 7
+    assert int((~triage(prediction, score="max_probability", error_rate=torch.tensor(0.7)).review).sum()) == 10
+    by_threshold = triage(prediction, score="max_probability", threshold=torch.tensor(0.4, dtype=torch.float64))
+    assert by_threshold.threshold == 0.4
+    for wrong in (torch.tensor([0.7]), torch.tensor(True), np.array([0.7]), Decimal("NaN"), "0.7"):
+        with pytest.raises(ValueError, match="coverage must be a number in"):
+            triage(prediction, coverage=wrong)
+    regression = Prediction.from_regression(torch.zeros(1, 4, 1))
+    regression.targets = torch.tensor([[0.0], [0.5], [2.0], [0.1]])
+    result = triage(regression, threshold=1.0, tolerance=torch.tensor(1.0))
+    assert result.error_rate == 0.25
+    with pytest.raises(ValueError, match="tolerance must be a number >= 0"):
+        triage(regression, threshold=1.0, tolerance=torch.tensor([1.0]))
