@@ -174,7 +174,9 @@ def plot_ood_histogram(
     inside, outside = _numpy(torch.as_tensor(scores_in)), _numpy(torch.as_tensor(scores_out))
     low, high = min(inside.min(), outside.min()), max(inside.max(), outside.max())
     # in float64: float32 edges collapse for scores whose spread is below float32's resolution at their size
-    edges = torch.linspace(float(low), float(high) if high > low else float(low) + 1, bins + 1, dtype=torch.float64).numpy()
+    # one value only: a bin of width 1, or wider where 1 is below float64's resolution at that value (2^53 and up)
+    top = float(high) if high > low else float(low) + max(1.0, abs(float(low)) * 1e-9)
+    edges = torch.linspace(float(low), top, bins + 1, dtype=torch.float64).numpy()
     ax.hist(inside, bins=edges, density=True, histtype="stepfilled", alpha=0.55, color=_BLUE, label=f"in-distribution (N={len(inside)})")
     ax.hist(outside, bins=edges, density=True, histtype="stepfilled", alpha=0.55, color=_ORANGE, label=f"OOD (N={len(outside)})")
     ax.set(xlabel=score_name, ylabel="density", title=f"{score_name}: AUROC = {area:.3f}")

@@ -78,6 +78,9 @@ def test_ood_histogram_and_roc_show_the_auroc_and_compose(tmp_path):
     assert len(close.axes[0].patches) == 2 and all(p.get_path().vertices[:, 1].max() > 0 for p in close.axes[0].patches)
     np.testing.assert_allclose(roc.axes[0].lines[0].get_ydata(), tpr.numpy())
     saved_image(roc, tmp_path / "roc.png")
+    for value in (1.0, 1e17):  # one value only: at 1e17 the bin [v, v + 1] was empty in float64 (a NaN density, no plot)
+        same = plots.plot_ood_histogram(torch.full((20,), value, dtype=torch.float64), torch.full((10,), value, dtype=torch.float64))
+        assert all(np.isfinite(p.get_path().vertices).all() and p.get_path().vertices[:, 1].max() > 0 for p in same.axes[0].patches)
 
 
 def test_risk_coverage_plot_draws_the_curve_and_the_oracle(tmp_path):

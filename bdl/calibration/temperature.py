@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..metrics.functional._checks import check_float, check_labels
+from ..metrics.functional._checks import check_float, check_labels, probability_sum_tolerance
 from ..predict import _two_class
 
 __all__ = ["TemperatureScaledModel", "TemperatureScaler", "fit_temperature"]
@@ -29,15 +29,22 @@ __all__ = ["TemperatureScaledModel", "TemperatureScaler", "fit_temperature"]
 
 def _check_logits(logits, target) -> tuple[Tensor, Tensor]:  # noqa: ANN001
     logits = check_float(logits, "logits")
-    if logits.dim() not in (2, 3) or logits.shape[-2] == 0:
+    if logits.dim() not in (2, 3) or 0 in logits.shape:
         raise ValueError(
-            f"`logits` must have shape [N, C] or [S, N, C] with N >= 1 (C = 1: binary log-odds), got shape {tuple(logits.shape)}"
+            f"`logits` must have shape [N, C] or [S, N, C] with S, N, C >= 1 (C = 1: binary log-odds), got shape {tuple(logits.shape)}"
+        )
+    if logits.shape[-1] == 1 and logits.numel() > 1 and bool(logits.amin() >= 0) and bool(logits.amax() <= 1):
+        # every log-odds in [0, 1] is a model that never leans to class 0 nor beyond p = 0.73; sigmoid outputs are
+        raise ValueError(
+            "`logits` of a binary model (C = 1) are all in [0, 1]: they look like sigmoid probabilities; pass the "
+            "log-odds (torch.logit(p, eps=1e-6))"
         )
     logits = _two_class(logits)  # (-l/2, l/2) / T: the scaled log-odds, as bdl.predict reads them
     target = check_labels(target, logits.shape[-1], logits.shape[-2])
     # probabilities in place of logits fit a meaningless temperature (softmax of values in [0, 1]); amin and the
     # row sums, not a mask and a float64 copy of [S, N, C] logits
-    if bool(logits.amin() >= 0) and bool(((logits.sum(-1, dtype=torch.float64) - 1).abs() < 1e-4).all()):
+    tolerance = probability_sum_tolerance(logits.dtype)  # a float16 softmax's rows are 3e-4 off, bfloat16's 3e-3
+    if bool(logits.amin() >= 0) and bool(((logits.sum(-1, dtype=torch.float64) - 1).abs() < tolerance).all()):
         raise ValueError(
             "`logits` look like probabilities (non-negative, every row summing to 1): pass the network's logits, "
             "or log-probabilities (probs.clamp_min(torch.finfo(probs.dtype).tiny).log(): a probability of exactly 0 "

@@ -153,6 +153,18 @@ def test_wrap_divides_a_models_output_and_the_temperature_is_saved():
         (lambda: TemperatureScaler().wrap(lambda x: x), TypeError, "nn.Module"),
         (lambda: fit_temperature(torch.randn(5, 3), torch.zeros(5, dtype=torch.long), max_iter=0), ValueError, "max_iter"),
         (lambda: fit_temperature(torch.randn(5, 3).softmax(-1), torch.zeros(5, dtype=torch.long)), ValueError, "look like probabilities"),
+        # a half-precision softmax's rows are 3e-4 (float16) and 3e-3 (bfloat16) off 1: they fitted T = 0.42
+        (lambda: fit_temperature((3 * torch.randn(500, 3)).softmax(-1).half(), torch.zeros(500, dtype=torch.long)),
+         ValueError, "look like probabilities"),
+        (lambda: fit_temperature((3 * torch.randn(500, 3)).softmax(-1).bfloat16(), torch.zeros(500, dtype=torch.long)),
+         ValueError, "look like probabilities"),
+        # a binary model's sigmoid outputs were read as log-odds (T = 0.76, test NLL 0.93 against 0.75 unscaled)
+        (lambda: fit_temperature(torch.randn(50, 1).sigmoid(), torch.zeros(50, dtype=torch.long)), ValueError,
+         r"look like sigmoid probabilities; pass the log-odds \(torch.logit"),
+        (lambda: fit_temperature(torch.randn(2, 50, 1).sigmoid(), torch.zeros(50, dtype=torch.long)), ValueError, "sigmoid"),
+        # no samples or no classes: torch's amin error, or "labels in [0, -1] for 0 classes"
+        (lambda: fit_temperature(torch.randn(0, 5, 3), torch.zeros(5, dtype=torch.long)), ValueError, r"S, N, C >= 1.*\(0, 5, 3\)"),
+        (lambda: fit_temperature(torch.randn(5, 0), torch.zeros(5, dtype=torch.long)), ValueError, r"S, N, C >= 1.*\(5, 0\)"),
     ],
 )
 def test_bad_input_raises_a_clear_error(call, error, message):

@@ -199,3 +199,10 @@ def test_an_empty_batch_adds_nothing(metric):
     with_empty.update(mean, variance, target)
     without.update(mean, variance, target)
     assert torch.equal(with_empty.compute(), without.compute())
+
+
+@pytest.mark.parametrize("level", [0, -0.5, 1, 1.5])
+def test_a_level_outside_the_open_unit_interval_is_refused_with_that_interval(level):
+    # level=1 was refused with "(0, 1)" but 0 and 1.5 with "(0, 1]", which allows 1
+    with pytest.raises(ValueError, match=rf"`level` must lie in \(0, 1\), got {level}"):
+        M.interval_width(torch.ones(3), level=level)

@@ -170,12 +170,13 @@ def check_n_bins(n_bins: int) -> int:
     return n_bins
 
 
-def check_fraction(value: float, name: str, *, open_left: bool = True) -> float:
-    """A number in (0, 1] (or [0, 1] when ``open_left`` is False)."""
+def check_fraction(value: float, name: str, *, open_left: bool = True, open_right: bool = False) -> float:
+    """A number in (0, 1] (``[0, ...`` when ``open_left`` is False, ``..., 1)`` when ``open_right`` is True)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a number, got {type(value).__name__}")
     low_ok = value > 0 if open_left else value >= 0
-    if not (low_ok and value <= 1):
-        interval = "(0, 1]" if open_left else "[0, 1]"
+    high_ok = value < 1 if open_right else value <= 1
+    if not (low_ok and high_ok):
+        interval = ("(" if open_left else "[") + "0, 1" + (")" if open_right else "]")
         raise ValueError(f"`{name}` must lie in {interval}, got {value}")
     return float(value)

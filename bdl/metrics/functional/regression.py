@@ -67,9 +67,7 @@ def _gaussian(mean, variance, target) -> tuple[Tensor, Tensor, Tensor]:  # noqa:
 
 def _half_width_factor(level: float, like: Tensor) -> Tensor:
     """``z = Phi^{-1}((1 + level) / 2)``: the central ``level`` interval is ``mean +- z * std``."""
-    level = check_fraction(level, "level")
-    if level >= 1:
-        raise ValueError(f"`level` must lie in (0, 1), got {level}")
+    level = check_fraction(level, "level", open_right=True)
     z = torch.special.ndtri(torch.tensor((1 + level) / 2, dtype=torch.float64))
     return z.to(dtype=like.dtype, device=like.device)
 
