@@ -750,15 +750,23 @@ class VariationalModule(UncertaintyModule):
 
 
 def _training_set_size(trainer: L.Trainer) -> int:
-    """Size of the whole training set: the data module's ``num_train``, else the training loader's dataset."""
+    """Size of the whole training set: the data module's ``num_train``, else the rows of the training loader's
+    subset sampler (``SubsetRandomSampler(train_indices)`` over a data set that also holds the validation rows),
+    else its dataset's."""
     datamodule = getattr(trainer, "datamodule", None)
     if datamodule is not None and hasattr(datamodule, "num_train"):
         return int(datamodule.num_train)
     loader = trainer.train_dataloader
-    dataset = getattr(loader, "dataset", None)
-    if dataset is None:
-        raise ValueError("cannot tell the training-set size from the training loader: pass num_data")
-    return len(dataset)
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler):  # Lightning's under DDP, over the dataset or over the user's sampler
+        sampler = getattr(sampler.dataset, "_sampler", None)
+    indices = sampler if isinstance(sampler, (Sequence, Tensor)) else getattr(sampler, "indices", None)  # a list too
+    if indices is not None:
+        return len(indices)
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):  # no dataset, or an IterableDataset without a length
+        raise ValueError("cannot tell the training-set size from the training loader: pass num_data") from None
 
 
 class MCDropoutModule(UncertaintyModule):

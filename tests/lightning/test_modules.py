@@ -357,6 +357,35 @@ def test_num_data_comes_from_a_plain_training_loader_too(tmp_path):
     assert given.num_data == 1000
 
 
+def test_num_data_of_a_loader_over_a_subset_of_its_data_set_is_the_subsets_size(tmp_path):
+    # the usual split on one Dataset, DataLoader(full, sampler=SubsetRandomSampler(train_indices)), scaled the KL
+    # by the whole data set (1000 rows for 100 trained on)
+    from types import SimpleNamespace
+
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+    from torch.utils.data import IterableDataset, SubsetRandomSampler
+
+    from bdl.lightning.modules import _training_set_size
+
+    full = TensorDataset(torch.randn(1000, 4), torch.randint(0, 3, (1000,)))
+    module = VariationalModule(net())
+    trainer(tmp_path, max_steps=1).fit(module, DataLoader(full, batch_size=50, sampler=SubsetRandomSampler(torch.arange(100))))
+    assert module.num_data == 100
+    trainer(tmp_path, max_steps=1).fit(module, DataLoader(full, batch_size=50, sampler=list(range(300))))
+    assert module.num_data == 300
+    # under DDP Lightning wraps the user's sampler: the whole subset still, not one process's share of it
+    wrapped = DistributedSamplerWrapper(SubsetRandomSampler(torch.arange(100)), num_replicas=2, rank=0)
+    assert _training_set_size(SimpleNamespace(train_dataloader=DataLoader(full, sampler=wrapped))) == 100
+    spread = torch.utils.data.DistributedSampler(full, num_replicas=2, rank=0)
+    assert _training_set_size(SimpleNamespace(train_dataloader=DataLoader(full, sampler=spread))) == 1000
+
+    class Stream(IterableDataset):  # no length: torch's bare "object of type 'Stream' has no len()"
+        def __iter__(self):
+            yield from zip(torch.randn(16, 4), torch.randint(0, 3, (16,)))
+
+    with pytest.raises(ValueError, match="cannot tell the training-set size from the training loader: pass num_data"):
+        trainer(tmp_path, max_steps=1).fit(VariationalModule(net()), DataLoader(Stream(), batch_size=8))
+
 def test_non_finite_prediction_in_validation_is_reported_with_the_step(tmp_path):
     module = DeterministicModule(net(), lr=1e-2)
     with torch.no_grad():
