@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import copy
 import os
+from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from .._outputs import draw_stacked, output_parts
 
@@ -209,18 +211,36 @@ class DeepEnsemble(nn.Module):
             if isinstance(checkpoint, (str, os.PathLike)):
                 if not os.path.isfile(checkpoint):
                     raise FileNotFoundError(f"checkpoints[{i}]: no file at {os.fspath(checkpoint)!r}")
-                checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=True)
+                path = os.fspath(checkpoint)
+                try:
+                    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+                except Exception as error:  # noqa: BLE001 - torch raises several types for broken files
+                    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                    raise ValueError(
+                        f"checkpoints[{i}] ({path!r}) cannot be loaded safely (weights_only=True): it is truncated, "
+                        f"corrupted, not a PyTorch checkpoint, or holds objects other than tensors and plain values "
+                        f"({type(error).__name__}: {reason})"
+                    ) from None
             if not isinstance(checkpoint, Mapping):
                 raise TypeError(f"checkpoints[{i}] must be a path or a state_dict mapping, got {type(checkpoint).__name__}")
             state = checkpoint.get("state_dict", checkpoint)
             if prefix:
-                state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+                # with the state's metadata: each layer's record of how it was saved (a BayesLinear's std_transform,
+                # converted on loading) goes with its keys; a plain dict of the stripped keys lost it
+                metadata = getattr(state, "_metadata", None)
+                state = OrderedDict((key, value) for key, value in state.items() if key.startswith(prefix))
                 if not state:
                     raise ValueError(f"checkpoints[{i}] has no key starting with prefix={prefix!r}")
+                if metadata is not None:
+                    state._metadata = copy.copy(metadata)  # type: ignore[attr-defined]
+                consume_prefix_in_state_dict_if_present(state, prefix)
             member = factory()
             if not isinstance(member, nn.Module):
                 raise TypeError(f"factory must return an nn.Module, got {type(member).__name__}")
-            member.load_state_dict(state, strict=strict)
+            try:
+                member.load_state_dict(state, strict=strict)
+            except RuntimeError as error:  # another architecture's keys or shapes: say which checkpoint
+                raise RuntimeError(f"checkpoints[{i}] does not fit the factory's model: {error}") from None
             members.append(member)
         return cls(members, **kwargs)
 

@@ -190,6 +190,29 @@ def test_from_checkpoints_loads_files_and_lightning_style_dicts(tmp_path):
         DeepEnsemble.from_checkpoints(member, paths[1:], prefix="net.")
     with pytest.raises(TypeError, match="one checkpoint per member"):
         DeepEnsemble.from_checkpoints(member, paths[0])
+    broken = tmp_path / "broken.pt"  # torch's KeyError: 101, or its advice to load with weights_only=False
+    broken.write_bytes(paths[0].read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"checkpoints\[1\] \('.*broken.pt'\) cannot be loaded safely"):
+        DeepEnsemble.from_checkpoints(member, [paths[0], broken])
+    with pytest.raises(RuntimeError, match=r"checkpoints\[0\] does not fit the factory's model: Error\(s\) in loading"):
+        DeepEnsemble.from_checkpoints(lambda: nn.Sequential(nn.Linear(4, 3)), [paths[0]])
+
+
+def test_from_checkpoints_with_a_prefix_keeps_each_layers_saved_std_transform(tmp_path):
+    # the prefix was stripped into a plain dict, which lost the state's metadata: rho saved under softplus was
+    # loaded unconverted into exp layers (posterior std 0.6487 for 0.5), without the warning load_state_dict gives
+    class Wrapper(nn.Module):  # a LightningModule's keys: "model.<key>"
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+    trained = nn.Sequential(bdl.BayesLinear(4, 3, std_transform="softplus", posterior_std_init=0.5))
+    torch.save({"state_dict": Wrapper(trained).state_dict()}, tmp_path / "softplus.ckpt")
+    with pytest.warns(UserWarning, match="std_transform"):
+        ensemble = DeepEnsemble.from_checkpoints(
+            lambda: nn.Sequential(bdl.BayesLinear(4, 3, std_transform="exp")), [tmp_path / "softplus.ckpt"], prefix="model."
+        )
+    torch.testing.assert_close(ensemble.members[0][0].weight_rho.exp(), torch.full((3, 4), 0.5))
 
 
 def test_predict_treats_members_as_samples():
