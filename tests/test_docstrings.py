@@ -5,6 +5,7 @@ import importlib
 import inspect
 import math
 import pkgutil
+import re
 
 import pytest
 import torch
@@ -60,3 +61,15 @@ def test_star_import_gives_the_public_names_and_no_subpackage():
     public = {name for name in dir(bdl) if not name.startswith("_") and not inspect.ismodule(getattr(bdl, name))}
     assert set(bdl.__all__) == public - {"SVIModule", "svi"}  # those two import Lightning
     assert all(namespace[name] is getattr(bdl, name) for name in bdl.__all__)
+
+
+def test_every_torch_class_a_docstring_names_exists():
+    # the convolution layers' shared docstring said "Bayesian nn.BayesConv2d ... the arguments of nn.BayesConv2d"
+    missing = []
+    for module_name in MODULES:
+        module = importlib.import_module(module_name)
+        for test in doctest.DocTestFinder(exclude_empty=False).find(module, module_name):
+            for name in re.findall(r"``nn\.(\w+)``", test.docstring or ""):
+                if not hasattr(nn, name):
+                    missing.append(f"{test.name}: nn.{name}")
+    assert not missing

@@ -703,9 +703,9 @@ class _BayesConvNd(_BayesLayer):
         return f"{s}, {self._bayes_repr()}"
 
 
-_CONV_DOC = """Bayesian ``nn.{name}``: a convolution whose kernel and bias are drawn from a mean-field Gaussian posterior.
+_CONV_DOC = """Bayesian ``nn.{torch_name}``: a convolution whose kernel and bias are drawn from a mean-field Gaussian posterior.
 
-    Positional arguments are those of ``nn.{name}`` (``in_channels, out_channels, kernel_size, stride,
+    Positional arguments are those of ``nn.{torch_name}`` (``in_channels, out_channels, kernel_size, stride,
     padding, dilation, groups, bias, padding_mode, device, dtype``); the Bayesian options
     (``prior``, ``posterior_std_init``, ``estimator``, ``std_transform``) are keyword-only, as in
     :class:`BayesLinear`. With ``estimator="local"`` output positions get independent noise (the
@@ -719,19 +719,19 @@ _CONV_DOC = """Bayesian ``nn.{name}``: a convolution whose kernel and bias are d
 
 
 class BayesConv1d(_BayesConvNd):
-    __doc__ = _CONV_DOC.format(name="BayesConv1d", kernel=3, shape="5, 2, 16", out_shape="5, 4, 16")
+    __doc__ = _CONV_DOC.format(name="BayesConv1d", torch_name="Conv1d", kernel=3, shape="5, 2, 16", out_shape="5, 4, 16")
     _torch_cls = nn.Conv1d
     _conv = staticmethod(F.conv1d)
 
 
 class BayesConv2d(_BayesConvNd):
-    __doc__ = _CONV_DOC.format(name="BayesConv2d", kernel=3, shape="5, 2, 8, 8", out_shape="5, 4, 8, 8")
+    __doc__ = _CONV_DOC.format(name="BayesConv2d", torch_name="Conv2d", kernel=3, shape="5, 2, 8, 8", out_shape="5, 4, 8, 8")
     _torch_cls = nn.Conv2d
     _conv = staticmethod(F.conv2d)
 
 
 class BayesConv3d(_BayesConvNd):
-    __doc__ = _CONV_DOC.format(name="BayesConv3d", kernel=3, shape="5, 2, 4, 4, 4", out_shape="5, 4, 4, 4, 4")
+    __doc__ = _CONV_DOC.format(name="BayesConv3d", torch_name="Conv3d", kernel=3, shape="5, 2, 4, 4, 4", out_shape="5, 4, 4, 4, 4")
     _torch_cls = nn.Conv3d
     _conv = staticmethod(F.conv3d)
 
