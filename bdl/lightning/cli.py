@@ -19,6 +19,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -486,17 +487,34 @@ def main(args: Optional[Sequence[str]] = None) -> None:
 def console() -> None:
     """Entry point of the ``bdl`` console script: like :func:`main`, but bad input ends in a one-line message.
 
-    A ``ValueError``, ``TypeError`` or ``FileNotFoundError`` (a wrong value, a missing data file or
-    checkpoint) prints ``bdl: error: <message>`` and exits with status 2, as the CLI's own argument errors
+    A ``ValueError``, ``TypeError``, ``FileNotFoundError`` or ``FloatingPointError`` (a wrong value, a
+    missing data file or checkpoint, a training loss that stopped being finite) prints ``bdl: error: <message>`` and exits with status 2, as the CLI's own argument errors
     do; set ``BDL_TRACEBACK=1`` to see the traceback instead.
     """
     try:
         main()
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as error:
         if os.environ.get("BDL_TRACEBACK"):
             raise
-        print(f"bdl: error: {error}", file=sys.stderr)
+        print(f"bdl: error: {_message(error)}", file=sys.stderr)
         sys.exit(2)
+
+
+_SECTIONS = {"LightningModule": "model", "LightningDataModule": "data"}
+
+
+def _message(error: BaseException) -> str:
+    """What went wrong, for one line: a class that a config named and that refused its arguments says so itself,
+    after its config section and class path, instead of under jsonargparse's "Does not validate against any of the
+    Union subtypes" and a dump of the whole resolved config."""
+    text, cause = str(error), error.__cause__
+    if not (text.startswith("Does not validate against any of the Union subtypes") and isinstance(cause, (ValueError, TypeError))):
+        return text
+    subtypes = re.search(r"^Subtypes: (.*)$", text, flags=re.MULTILINE)
+    section = next((name for base, name in _SECTIONS.items() if subtypes and f".{base}'>" in subtypes.group(1)), None)
+    class_path = re.search(r"class_path='([\w.]+)'", text)
+    where = " ".join(part for part in (section, f"({class_path.group(1)})" if class_path else None) if part)
+    return f"{where}: {_message(cause)}" if where else _message(cause)
 
 
 if __name__ == "__main__":

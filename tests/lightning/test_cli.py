@@ -599,3 +599,24 @@ def test_a_first_run_that_fails_leaves_no_empty_root_folder(tmp_path, monkeypatc
         main(["fit", "--config", QUICKSTART, *FEW_STEPS, "--model.init_args.model.init_args.out_features", "10",
               "--trainer.default_root_dir", "runs"])  # fmt: skip
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (["--model.init_args.prior_std", "-1"], "model (bdl.lightning.VariationalModule): prior_std must be a number > 0.0, got -1.0"),
+        (["--data.init_args.batch_size", "0"], "data (bdl.lightning.DigitsDataModule): batch_size must be a positive int, got 0"),
+        (["--model.init_args.model.init_args.hidden", "[-3]"], "model (bdl.lightning.VariationalModule): MLP: hidden[0] must be a positive int, got -3"),
+    ],
+)
+def test_the_bdl_command_says_which_class_refused_a_value_in_one_line(override, expected, tmp_path, monkeypatch, capsys):
+    # the class's own message came under jsonargparse's "Does not validate against any of the Union subtypes" and
+    # the whole resolved config
+    from bdl.lightning.cli import console
+
+    argv = ["bdl", "fit", "--config", QUICKSTART, *override, "--trainer.default_root_dir", str(tmp_path / "runs")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        console()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"bdl: error: {expected}"
