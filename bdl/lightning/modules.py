@@ -42,7 +42,7 @@ from ..nn.convert import kl_divergence
 from ..nn.functional import check_estimator
 from ..nn.heads import gaussian_nll
 from ..nn.layers import BayesianModule
-from ..nn.loss import elbo_loss
+from ..nn.loss import elbo_loss, non_finite_where
 from ..metrics.functional._checks import as_class_labels, targets_like
 from ..predict import Prediction, _two_class, predict
 from ..wrappers import DeepEnsemble, MCDropout
@@ -87,27 +87,10 @@ def _check_finite(module: L.LightningModule, terms: dict[str, Tensor]) -> None:
         error = FloatingPointError(
             f"non-finite training loss at epoch {module.current_epoch}, step {module.global_step}: "
             f"{' and '.join(name.upper() for name in bad) or 'the loss'} {'are' if len(bad) > 1 else 'is'} not finite "
-            f"({values}); {_non_finite_where(module, 'kl' in bad)}; lower the learning rate, check the inputs for "
+            f"({values}); {non_finite_where(module, 'kl' in bad)}; lower the learning rate, check the inputs for "
             "NaN/inf, or check the prior and posterior scales"
         )
     _raise_on_every_process(module, error, "non-finite training loss")
-
-
-def _non_finite_where(module: nn.Module, kl_too: bool) -> str:
-    """Where a non-finite loss came from, for its error: the parameters that are not finite (a step before
-    diverged), else the Bayesian layers whose KL is not (a posterior std that overflowed), else the inputs."""
-    params = [f"{name} ({int((~torch.isfinite(value)).sum())} of {value.numel()})" for name, value in module.named_parameters()
-              if not bool(torch.isfinite(value).all())]
-    if params:
-        more = f" and {len(params) - 4} more" if len(params) > 4 else ""
-        return f"non-finite parameters: {', '.join(params[:4])}{more} (an earlier step diverged)"
-    if kl_too:
-        with torch.no_grad():
-            layers = [f"{name} ({type(layer).__name__})" for name, layer in module.named_modules()
-                      if isinstance(layer, BayesianModule) and not bool(torch.isfinite(layer.kl_divergence()).all())]
-        if layers:
-            return f"every parameter is finite, but the KL of {', '.join(layers[:4])}{' ...' if len(layers) > 4 else ''} is not"
-    return "every parameter is finite (a NaN/inf in this batch's inputs or targets, or an overflow in the forward)"
 
 
 def _raise_on_every_process(module: L.LightningModule, error: Optional[Exception], what: str) -> None:

@@ -9,6 +9,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from .layers import BayesianModule
+
 
 class ELBO(NamedTuple):
     """Negative ELBO per training example, and its two parts (for logging them separately).
@@ -73,6 +75,23 @@ def elbo_loss(nll: Tensor, kl: Tensor, num_data: int, kl_weight: float = 1.0) ->
     return ELBO(nll + kl_weight * kl / int(num_data), nll, kl)
 
 
+def non_finite_where(module: nn.Module, kl_too: bool) -> str:
+    """Where a non-finite loss came from, for its error: the parameters that are not finite (a step before
+    diverged), else the Bayesian layers whose KL is not (a posterior std that overflowed), else the inputs."""
+    params = [f"{name} ({int((~torch.isfinite(value)).sum())} of {value.numel()})" for name, value in module.named_parameters()
+              if not bool(torch.isfinite(value).all())]
+    if params:
+        more = f" and {len(params) - 4} more" if len(params) > 4 else ""
+        return f"non-finite parameters: {', '.join(params[:4])}{more} (an earlier step diverged)"
+    if kl_too:
+        with torch.no_grad():
+            layers = [f"{name} ({type(layer).__name__})" for name, layer in module.named_modules()
+                      if isinstance(layer, BayesianModule) and not bool(torch.isfinite(layer.kl_divergence()).all())]
+        if layers:
+            return f"every parameter is finite, but the KL of {', '.join(layers[:4])}{' ...' if len(layers) > 4 else ''} is not"
+    return "every parameter is finite (a NaN/inf in this batch's inputs or targets, or an overflow in the forward)"
+
+
 class ELBOLoss(nn.Module):
     """Module form of :func:`elbo_loss` that also computes the data term and the model's KL.
 
@@ -83,6 +102,8 @@ class ELBOLoss(nn.Module):
             ``nn.CrossEntropyLoss()`` (classification with logits). Use :class:`bdl.GaussianNLLLoss` (with a
             :class:`bdl.GaussianHead`) for regression.
         kl_weight: weight of the KL term.
+        check_finite: raise a ``FloatingPointError`` naming the term (NLL, KL) and the non-finite parameters
+            or layers when the loss is not finite, instead of returning NaN (one host sync per call on a GPU).
 
     Example:
         >>> model = nn.Sequential(BayesLinear(4, 3))
@@ -97,8 +118,11 @@ class ELBOLoss(nn.Module):
         num_data: int,
         criterion: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
         kl_weight: float = 1.0,
+        *,
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
+        self.check_finite = bool(check_finite)
         elbo_loss(torch.zeros(()), torch.zeros(()), num_data, kl_weight)  # validates the arguments
         self.model = [model]  # a list, so the model is not registered as a submodule of the loss
         self.num_data = num_data
@@ -110,4 +134,13 @@ class ELBOLoss(nn.Module):
     def forward(self, output: Tensor, target: Tensor) -> ELBO:
         from .convert import kl_divergence
 
-        return elbo_loss(self.criterion(output, target), kl_divergence(self.model[0]), self.num_data, self.kl_weight)
+        result = elbo_loss(self.criterion(output, target), kl_divergence(self.model[0]), self.num_data, self.kl_weight)
+        if self.check_finite and not bool(torch.isfinite(result.loss)):
+            bad = [name for name in ("nll", "kl") if not bool(torch.isfinite(getattr(result, name)))]
+            raise FloatingPointError(
+                f"ELBOLoss: {' and '.join(name.upper() for name in bad) or 'the loss'} {'are' if len(bad) > 1 else 'is'} "
+                f"not finite (nll={result.nll.item():.4g}, kl={result.kl.item():.4g}); "
+                f"{non_finite_where(self.model[0], 'kl' in bad)}; lower the learning rate, check the inputs for "
+                "NaN/inf, or check the prior and posterior scales"
+            )
+        return result

@@ -60,3 +60,28 @@ def test_bad_elbo_arguments(kwargs, message):
 def test_elbo_rejects_non_scalar_kl():
     with pytest.raises(ValueError, match="kl must be a scalar"):
         bdl.elbo_loss(torch.tensor(1.0), torch.ones(3), num_data=10)
+
+
+def test_elbo_loss_module_stops_a_diverging_plain_loop_and_says_where():
+    # a plain loop at a learning rate that diverges got loss=nan, nll=nan, kl=inf back without a word
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(bdl.BayesLinear(4, 16), nn.ReLU(), bdl.BayesLinear(16, 2))
+    criterion = bdl.ELBOLoss(model, num_data=len(x))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e6)
+    with pytest.raises(FloatingPointError, match=r"ELBOLoss: NLL and KL are not finite \(nll=nan, kl=inf\); every parameter is finite, but the KL of 0 \(BayesLinear\), 2 \(BayesLinear\) is not"):
+        for _ in range(5):
+            out = criterion(model(x), y)
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+    fresh = nn.Sequential(bdl.BayesLinear(4, 2))
+    with torch.no_grad():
+        fresh[0].weight_rho.fill_(1e4)  # the std exp(1e4) overflows: finite parameters, an infinite KL
+    with pytest.raises(FloatingPointError, match=r"ELBOLoss: NLL and KL are not finite .*the KL of 0 \(BayesLinear\) is not"):
+        bdl.ELBOLoss(fresh, num_data=10)(fresh(x), y)
+    with pytest.raises(FloatingPointError, match=r"ELBOLoss: NLL is not finite .*every parameter is finite \(a NaN/inf in this batch's inputs"):
+        bdl.ELBOLoss(model := nn.Sequential(bdl.BayesLinear(4, 2)), num_data=10)(model(torch.full((3, 4), float("nan"))), y[:3])
+    unchecked = bdl.ELBOLoss(fresh, num_data=10, check_finite=False)(fresh(x), y)  # as before, for a user who checks
+    assert not torch.isfinite(unchecked.loss)
