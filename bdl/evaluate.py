@@ -8,13 +8,14 @@ computes the metrics of :mod:`bdl.metrics.functional` for the task, and returns 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler
 from torch.utils.data.dataloader import _InfiniteConstantSampler
 
 from .metrics import functional as M
-from .predict import DEFAULT_BATCH_SIZE, Prediction, as_loader, outputs_shape, predict, prediction_device
+from .predict import DEFAULT_BATCH_SIZE, Prediction, _NonFiniteOutput, as_loader, outputs_shape, predict, prediction_device
 
 __all__ = ["Report", "evaluate"]
 
@@ -130,6 +131,15 @@ class _Recorder:
 
 def _loader(data: Any, predict_options: dict[str, Any]) -> Any:  # noqa: ANN401 - a Dataset, or data as it is
     return as_loader(data, predict_options.get("batch_size", DEFAULT_BATCH_SIZE))
+
+
+@contextlib.contextmanager
+def _naming(name: str) -> Iterator[None]:
+    """Which data set's inputs gave a non-finite output (the OOD set's alone, say)."""
+    try:
+        yield
+    except _NonFiniteOutput as error:
+        raise ValueError(f"{name}: {error}") from None
 
 
 def _predict(
@@ -552,7 +562,8 @@ def evaluate(
         ['ood/energy/aupr_in', 'ood/energy/aupr_out', 'ood/energy/auroc', 'ood/energy/fpr_at_95_tpr']
     """
     predict_options = {"num_samples": num_samples, "task": task, **predict_options}
-    prediction, inputs, targets = _predict(model, test_data, "test_data", predict_options)
+    with _naming("test_data"):
+        prediction, inputs, targets = _predict(model, test_data, "test_data", predict_options)
     if targets is None:
         raise ValueError(
             "no test targets: pass `test_data` as (x, y) or as a DataLoader of (x, y) batches "
@@ -576,7 +587,8 @@ def evaluate(
 
     ood_prediction = None
     if ood_data is not None:
-        ood_prediction = _ood_prediction(model, ood_data, predict_options)
+        with _naming("ood_data"):
+            ood_prediction = _ood_prediction(model, ood_data, predict_options)
         if ood_prediction.task != task:
             raise ValueError(f"the OOD prediction's task {ood_prediction.task!r} differs from the test task {task!r}")
         ours, theirs = outputs_shape(prediction), outputs_shape(ood_prediction)

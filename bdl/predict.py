@@ -42,6 +42,7 @@ from .metrics.functional._checks import all_finite, probability_sum_tolerance
 from .nn.convert import deterministic, use_estimator
 from .nn.functional import gaussian_draw, pre_activation_variance, randn_like
 from .nn.layers import BayesianModule, BayesLinear, _sample_once_blocks, _sample_once_draws
+from .nn.loss import non_finite_parameters
 
 TASKS = ("classification", "regression")
 
@@ -1106,6 +1107,38 @@ def _batches(inputs: Any, batch_size: int) -> Iterator[tuple[Tensor, Optional[Te
             raise TypeError(f"batches of inputs must be a tensor or a tuple (x, y, ...), got {type(batch).__name__}")
 
 
+class _NonFiniteOutput(ValueError):
+    """Raised by :func:`_add_output` with the rows ``[B]`` (bool) whose outputs were not finite, for
+    :func:`predict` to say which inputs and why."""
+
+    def __init__(self, message: str, rows: Tensor) -> None:
+        super().__init__(message)
+        self.rows = rows
+
+
+def _non_finite_rows(output: Tensor) -> Tensor:
+    """``[B]`` bool: the inputs whose outputs ``[s, B, ...]`` hold a NaN or an infinity in some sample."""
+    return ~torch.isfinite(output).reshape(output.shape[0], output.shape[1], -1).all(-1).all(0)
+
+
+def _non_finite_message(error: _NonFiniteOutput, model: Any, x: Tensor, offset: int) -> str:  # noqa: ANN401
+    """``error``'s message, with which inputs (rows of the whole input, counted across a loader's batches) and
+    the likely cause: non-finite inputs in those rows, non-finite parameters (training diverged), or neither."""
+    bad = error.rows.nonzero().flatten().cpu()
+    rows = ", ".join(str(offset + int(row)) for row in bad[:8]) + (", ..." if len(bad) > 8 else "")
+    where = f"for {len(bad)} of the batch's {len(error.rows)} inputs (rows [{rows}] of the inputs)"
+    inputs_bad = x.is_floating_point() and not bool(torch.isfinite(x[bad.to(x.device)]).all())
+    params = non_finite_parameters(model) if isinstance(model, nn.Module) else []
+    if inputs_bad:
+        cause = "those inputs hold NaN or Inf"
+    elif params:
+        more = f" and {len(params) - 4} more" if len(params) > 4 else ""
+        cause = f"the model's parameters are not finite: {', '.join(params[:4])}{more} (training may have diverged)"
+    else:
+        cause = "the inputs and the parameters are finite: an overflow in the forward (e.g. a half-precision activation)"
+    return f"{error} {where}; {cause}"
+
+
 def _add_output(summary: Any, output: Any, task: str, rows: int) -> None:  # noqa: ANN401
     """Validate one chunk of stacked model outputs ``[s, B, ...]`` for ``rows`` inputs and add it to the running summary."""
     for part in output if isinstance(output, (tuple, list)) else (output,):
@@ -1122,7 +1155,7 @@ def _add_output(summary: Any, output: Any, task: str, rows: int) -> None:  # noq
             regression = "" if isinstance(output, Tensor) else "; a model that returns (mean, variance), e.g. with a GaussianHead, needs task='regression'"
             raise ValueError(f"a classification model must return logits [B, C], got {shape}{regression}")
         if not all_finite(output):
-            raise ValueError("the model returned non-finite logits (NaN or Inf)")
+            raise _NonFiniteOutput("the model returned non-finite logits (NaN or Inf)", _non_finite_rows(output))
         summary.add_logits(_two_class(output))
         return
     if isinstance(output, (tuple, list)):
@@ -1139,7 +1172,8 @@ def _add_output(summary: Any, output: Any, task: str, rows: int) -> None:  # noq
     if means.dim() != 3:
         raise ValueError(f"a regression model must return means [B, D] or [B], got {tuple(means.shape[1:])}")
     if not all_finite(means) or (variances is not None and not all_finite(variances)):
-        raise ValueError("the model returned non-finite means or variances (NaN or Inf)")
+        bad = _non_finite_rows(means) if variances is None else _non_finite_rows(means) | _non_finite_rows(variances)
+        raise _NonFiniteOutput("the model returned non-finite means or variances (NaN or Inf)", bad)
     if variances is not None and (variances < 0).any():
         raise ValueError("the model returned negative variances")
     summary.add(means, variances)
@@ -1355,6 +1389,7 @@ def predict(
     resolved: dict[tuple[int, ...], str] = {}
     fitted: dict[tuple[int, ...], int] = {}
     fits: Optional[int] = None  # input elements x samples that fit at once after running out of memory (all shapes)
+    offset = 0  # rows before this batch, for the rows a non-finite output names
     with torch.no_grad(), _eval_mode(model):
         for x, y in _batches(inputs, batch_size):
             if not isinstance(x, Tensor) or x.dim() == 0:
@@ -1365,32 +1400,36 @@ def predict(
                 x = x.to(device)
             rows, shape = x.shape[0], tuple(x.shape)
             summary: Any = _ClassificationSummary(keep_samples) if task == "classification" else _RegressionSummary(keep_samples)
-            if members:
-                for _ in range(num_samples // members):
-                    _add_output(summary, draw_samples(model, x, members), task, rows)
-            else:
-                if shape not in resolved:
-                    resolved[shape] = resolve_method(model, rows, method)
-                    blocker = _rowwise_blocker(model, x) if resolved[shape] == "batched" else None
-                    if blocker is not None and method == "batched":
-                        raise ValueError(f"method='batched' would not sample this model exactly: {blocker}; use method='loop'")
-                    if blocker is not None:
-                        resolved[shape] = "loop"
-                    fitted[shape] = chunk_size or _default_chunk(model, x, num_samples, resolved[shape])
-                    if fits is not None and chunk_size is None:  # what ran out of memory on another shape: not again
-                        fitted[shape] = max(1, min(fitted[shape], fits // max(1, x.numel())))
-                drawn = 0
-                while drawn < num_samples:
-                    count = min(fitted[shape], num_samples - drawn)
-                    output = _draw_or_none(model, x, count, resolved[shape], may_shrink=chunk_size is None and count > 1)
-                    if output is None:  # out of memory: half the samples at once, for the rest of the call too
-                        fitted[shape] = count // 2
-                        fits = min(fits or math.inf, fitted[shape] * x.numel())
-                        if x.device.type == "cuda":
-                            torch.cuda.empty_cache()
-                        continue
-                    _add_output(summary, output, task, rows)
-                    drawn += count
+            try:
+                if members:
+                    for _ in range(num_samples // members):
+                        _add_output(summary, draw_samples(model, x, members), task, rows)
+                else:
+                    if shape not in resolved:
+                        resolved[shape] = resolve_method(model, rows, method)
+                        blocker = _rowwise_blocker(model, x) if resolved[shape] == "batched" else None
+                        if blocker is not None and method == "batched":
+                            raise ValueError(f"method='batched' would not sample this model exactly: {blocker}; use method='loop'")
+                        if blocker is not None:
+                            resolved[shape] = "loop"
+                        fitted[shape] = chunk_size or _default_chunk(model, x, num_samples, resolved[shape])
+                        if fits is not None and chunk_size is None:  # what ran out of memory on another shape: not again
+                            fitted[shape] = max(1, min(fitted[shape], fits // max(1, x.numel())))
+                    drawn = 0
+                    while drawn < num_samples:
+                        count = min(fitted[shape], num_samples - drawn)
+                        output = _draw_or_none(model, x, count, resolved[shape], may_shrink=chunk_size is None and count > 1)
+                        if output is None:  # out of memory: half the samples at once, for the rest of the call too
+                            fitted[shape] = count // 2
+                            fits = min(fits or math.inf, fitted[shape] * x.numel())
+                            if x.device.type == "cuda":
+                                torch.cuda.empty_cache()
+                            continue
+                        _add_output(summary, output, task, rows)
+                        drawn += count
+            except _NonFiniteOutput as error:
+                raise _NonFiniteOutput(_non_finite_message(error, model, x, offset), error.rows) from None
+            offset += rows
             summaries.append(summary.result())
             targets.append(y)
     if not summaries:

@@ -483,6 +483,32 @@ def test_bad_arguments(kwargs, error, message):
         bdl.predict(nn.Linear(4, 3), torch.randn(3, 4), **kwargs)
 
 
+def test_a_non_finite_output_names_the_inputs_and_the_likely_cause():
+    # three causes gave one message, "the model returned non-finite logits (NaN or Inf)"
+    torch.manual_seed(0)
+    net = nn.Sequential(bdl.BayesLinear(4, 8), nn.ReLU(), bdl.BayesLinear(8, 3))
+    x = torch.randn(100, 4)
+    holes = x.clone()
+    holes[[17, 42], 1] = math.nan
+    with pytest.raises(ValueError, match=r"non-finite logits \(NaN or Inf\) for 2 of the batch's 100 inputs \(rows \[17, 42\] of the inputs\); those inputs hold NaN or Inf$"):
+        bdl.predict(net, holes, num_samples=4)
+    loader = DataLoader(TensorDataset(holes[10:]), batch_size=30)  # rows of the whole input, across the batches
+    with pytest.raises(ValueError, match=r"for 1 of the batch's 30 inputs \(rows \[7\] of the inputs\)"):
+        bdl.predict(net, loader, num_samples=4)
+    with torch.no_grad():
+        net[2].weight_mu[0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"for 100 of the batch's 100 inputs \(rows \[0, 1, 2, 3, 4, 5, 6, 7, ...\] .*; the model's parameters are not finite: 2.weight_mu \(1 of 24\)"):
+        bdl.predict(net, x, num_samples=4)
+    huge = nn.Sequential(nn.Linear(4, 3))
+    with torch.no_grad():
+        huge[0].weight.fill_(1e30)
+    with pytest.raises(ValueError, match=r"regression.*|the inputs and the parameters are finite: an overflow in the forward"):
+        bdl.predict(huge, torch.full((2, 4), 1e10), task="regression")
+    fine = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"^ood_data: the model returned non-finite logits .* for 1 of the batch's 5 inputs \(rows \[2\]"):
+        bdl.evaluate(fine, (x, torch.arange(100) % 3), ood_data=holes[15:20])
+
+
 def test_empty_inputs_bad_outputs_and_bad_samples_are_reported():
     with pytest.raises(ValueError, match="empty"):
         bdl.predict(nn.Linear(4, 3), torch.randn(0, 4))

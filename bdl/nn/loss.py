@@ -75,11 +75,16 @@ def elbo_loss(nll: Tensor, kl: Tensor, num_data: int, kl_weight: float = 1.0) ->
     return ELBO(nll + kl_weight * kl / int(num_data), nll, kl)
 
 
+def non_finite_parameters(module: nn.Module) -> list[str]:
+    """``"name (count of numel)"`` for each floating-point parameter of ``module`` holding a NaN or an infinity."""
+    return [f"{name} ({int((~torch.isfinite(value)).sum())} of {value.numel()})" for name, value in module.named_parameters()
+            if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+
+
 def non_finite_where(module: nn.Module, kl_too: bool) -> str:
     """Where a non-finite loss came from, for its error: the parameters that are not finite (a step before
     diverged), else the Bayesian layers whose KL is not (a posterior std that overflowed), else the inputs."""
-    params = [f"{name} ({int((~torch.isfinite(value)).sum())} of {value.numel()})" for name, value in module.named_parameters()
-              if not bool(torch.isfinite(value).all())]
+    params = non_finite_parameters(module)
     if params:
         more = f" and {len(params) - 4} more" if len(params) > 4 else ""
         return f"non-finite parameters: {', '.join(params[:4])}{more} (an earlier step diverged)"
