@@ -214,6 +214,11 @@ class TemperatureScaledModel(nn.Module):
 
     def __init__(self, model: nn.Module, scaler: TemperatureScaler) -> None:
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(scaler, TemperatureScaler):  # a float failed at the first forward: "'float' object is not callable"
+            hint = f" (wrap it: TemperatureScaler({scaler!r}))" if isinstance(scaler, numbers.Real) else ""
+            raise TypeError(f"scaler must be a bdl.TemperatureScaler, got {type(scaler).__name__}{hint}")
         self.model = model
         self.scaler = scaler
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import bdl
-from bdl.calibration import TemperatureScaler, fit_temperature
+from bdl.calibration import TemperatureScaledModel, TemperatureScaler, fit_temperature
 from bdl.calibration.temperature import _scaled_nll
 from bdl.calibration import temperature as temperature_module
 from bdl.metrics import functional as M
@@ -151,6 +151,8 @@ def test_wrap_divides_a_models_output_and_the_temperature_is_saved():
         (lambda: TemperatureScaler().fit(torch.full((2, 3), float("nan")), torch.zeros(2, dtype=torch.long)),
          ValueError, "finite"),
         (lambda: TemperatureScaler().wrap(lambda x: x), TypeError, "nn.Module"),
+        (lambda: TemperatureScaledModel(nn.Linear(2, 2), 2.0), TypeError,
+         r"scaler must be a bdl.TemperatureScaler, got float \(wrap it: TemperatureScaler\(2.0\)\)"),
         (lambda: fit_temperature(torch.randn(5, 3), torch.zeros(5, dtype=torch.long), max_iter=0), ValueError, "max_iter"),
         (lambda: fit_temperature(torch.randn(5, 3).softmax(-1), torch.zeros(5, dtype=torch.long)), ValueError, "look like probabilities"),
         # a half-precision softmax's rows are 3e-4 (float16) and 3e-3 (bfloat16) off 1: they fitted T = 0.42
