@@ -569,9 +569,17 @@ def evaluate(
             "no test targets: pass `test_data` as (x, y) or as a DataLoader of (x, y) batches "
             "(or a ready Prediction with `targets` set)"
         )
+    if task is not None and task != prediction.task:  # a ready Prediction's task was kept, the argument ignored
+        raise ValueError(f"task={task!r} was given, but the prediction is a {prediction.task} one")
     task = prediction.task
     device = (prediction.probs if task == "classification" else prediction.mean).device
     targets = M._checks.as_tensor(targets, "test targets").to(device)
+    if task == "classification" and targets.is_floating_point() and not bool((targets == targets.round()).all()):
+        # "must hold integer class labels" did not say why a regression was taken for a classification
+        raise TypeError(
+            f"`test targets` must hold integer class labels, got dtype {targets.dtype} with fractional values: for a "
+            "regression model pass task='regression'"
+        )
     settings: dict[str, Any] = {"n_bins": n_bins}
     notes: list[str] = []
     if task == "classification":

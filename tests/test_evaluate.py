@@ -140,6 +140,19 @@ def test_a_ready_prediction_refuses_a_shuffled_loader_and_inputs_of_another_leng
         evaluate(prediction, (x[:20], y[:20]))
 
 
+def test_a_task_that_contradicts_the_prediction_or_targets_is_named():
+    # a classification Prediction with task="regression" was reported as a classification without a word, and a
+    # regressor's float targets were refused as "must hold integer class labels" with no hint of task=
+    prediction = Prediction.from_logits(torch.randn(2, 6, 3))
+    with pytest.raises(ValueError, match="task='regression' was given, but the prediction is a classification one"):
+        evaluate(prediction, torch.arange(6) % 3, task="regression")
+    assert evaluate(prediction, torch.arange(6) % 3, task="classification").task == "classification"
+    x, y = torch.randn(6, 4), torch.randn(6)
+    with pytest.raises(TypeError, match="`test targets` must hold integer class labels, got dtype torch.float32 with fractional values: for a regression model pass task='regression'"):
+        evaluate(nn.Linear(4, 1), (x, y))
+    assert evaluate(nn.Linear(4, 1), (x, y), task="regression").task == "regression"
+
+
 def test_a_shuffling_loader_keeps_targets_aligned_with_predictions():
     model = nn.Sequential(nn.Linear(2, 3))
     x, y = blobs(300)
