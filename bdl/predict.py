@@ -1087,7 +1087,8 @@ def _batches(inputs: Any, batch_size: int) -> Iterator[tuple[Tensor, Optional[Te
         isinstance(inputs, (tuple, list)) and any(type(part).__module__ == "numpy" for part in inputs)
     )
     if not isinstance(inputs, Iterable) or array:
-        hint = ": convert numpy arrays with torch.from_numpy" if array else ""
+        # numpy's default float64 then met a float32 model in torch's "mat1 and mat2 must have the same dtype"
+        hint = ": convert numpy arrays with torch.from_numpy (and .float() for a float32 model)" if array else ""
         raise TypeError(
             f"inputs must be a tensor, a tuple (x, y) of tensors, a DataLoader/iterable of batches, or a Dataset, got "
             f"{type(inputs).__name__}{hint}"
