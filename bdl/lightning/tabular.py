@@ -16,6 +16,7 @@ import csv
 import math
 import numbers
 import os
+import warnings
 from typing import Literal, Optional, Sequence
 
 import numpy as np
@@ -178,6 +179,15 @@ class _StandardizedTable(UncertaintyDataModule):
         if self.task == "classification":
             classes, labels = np.unique(y[kept], return_inverse=True)
             self._classes = [int(value) if value.is_integer() else float(value) for value in classes]
+            if len(classes) > len(kept) / 2 and any(isinstance(value, float) for value in self._classes):
+                # a continuous target read as classes: one class per row or so, which trains and means nothing
+                warnings.warn(
+                    f"{type(self).__name__}: the target takes {len(classes)} distinct values, some fractional, in "
+                    f"{len(kept)} rows, each its own class under task='classification'; for a continuous target pass "
+                    "task='regression'",
+                    UserWarning,
+                    stacklevel=2,
+                )
             targets = torch.full((len(y),), -1, dtype=torch.long)
             targets[torch.as_tensor(kept)] = torch.as_tensor(labels.reshape(-1), dtype=torch.long)
             num_classes: Optional[int] = len(classes)

@@ -123,6 +123,21 @@ def test_npz_x_and_y_arrays_round_trip(tmp_path):
     assert [len(data.splits.train), len(data.splits.val), len(data.splits.test)] == [18, 6, 6]
 
 
+def test_a_continuous_target_read_as_classes_gets_a_hint_of_task_regression(tmp_path):
+    # 40 rows of a continuous target became 40 classes under the default task, without a word
+    import warnings
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.normal(size=(40, 3)), y=rng.normal(size=40))
+    with pytest.warns(UserWarning, match="the target takes 40 distinct values, some fractional, in 40 rows.*task='regression'"):
+        assert TabularDataModule(str(tmp_path / "data.npz"), "y").num_classes == 40
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TabularDataModule(str(tmp_path / "data.npz"), "y", task="regression").splits
+        np.savez(tmp_path / "labels.npz", x=rng.normal(size=(40, 3)), y=rng.integers(0, 30, 40).astype(float))
+        TabularDataModule(str(tmp_path / "labels.npz"), "y").splits  # whole numbers: class codes, however many
+
+
 def test_npz_named_one_dimensional_arrays(tmp_path, table):
     np.savez(tmp_path / "t.npz", **table)
     data = TabularDataModule(str(tmp_path / "t.npz"), "value", task="regression", features=["a", "b"], standardize=False)
