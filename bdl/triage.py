@@ -164,6 +164,11 @@ def triage(
     for ``error_rate``) and applied to ``prediction``. Inputs with tied scores are always handled
     together, so the achieved coverage can be below the target.
 
+    The targets hold on ``validation``; on new inputs they are estimates, with the sampling error of a
+    fraction of ``len(validation)`` inputs. An ``error_rate`` target is met on new data somewhat less often
+    than not: the threshold handling the *most* validation inputs at that rate sits where the validation
+    errors happen to be few. For a margin, set a lower target or use a larger validation set.
+
     Errors are wrong predicted classes; for regression an input is wrong when ``|y - mean|`` exceeds
     ``tolerance`` in any output dimension.
 
