@@ -214,8 +214,17 @@ class Report:
 
     Attributes:
         task: ``"classification"`` or ``"regression"``.
-        metrics: flat ``{name: value}``; OOD metrics are named ``"ood/<score>/<metric>"`` (higher score =
-            more OOD, see :mod:`bdl.metrics.functional.ood`).
+        metrics: flat ``{name: value}``. Classification: ``accuracy``, ``nll``, ``brier_score``, ``ece``,
+            ``adaptive_ece``, ``mce``, ``classwise_ece``, ``overconfidence``, ``underconfidence``,
+            ``mean_confidence``, ``mean_predictive_entropy``, ``mean_expected_entropy``,
+            ``mean_mutual_information``, ``aurc``, ``excess_aurc``, ``risk_at_<coverage %>_coverage`` and
+            ``coverage_at_<risk %>_risk`` (``risk_at_90_coverage``, ``coverage_at_5_risk`` by default; a
+            fraction such as 85.5% writes ``85_5``). Regression: ``rmse``, ``mae``, ``mean_aleatoric_variance``,
+            ``mean_epistemic_variance``, ``nll``, ``crps``, ``quantile_calibration_error``, and
+            ``interval_coverage_<level %>`` and ``interval_width_<level %>`` per level (50, 90, 95 by default).
+            OOD metrics are ``"ood/<score>/<metric>"`` with ``<metric>`` one of ``auroc``, ``aupr_in``,
+            ``aupr_out``, ``fpr_at_<tpr %>_tpr`` (``fpr_at_95_tpr``; higher score = more OOD, see
+            :mod:`bdl.metrics.functional.ood`).
         prediction: the test-set :class:`~bdl.Prediction`.
         targets: the test targets.
         ood_prediction: the OOD-set Prediction, or None.

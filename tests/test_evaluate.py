@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import struct
 
 import matplotlib.image
@@ -325,3 +326,23 @@ def test_metrics_and_report_on_cuda_match_the_cpu(tmp_path):
     assert on_cuda.prediction.probs.is_cuda
     assert on_cuda.metrics == pytest.approx(on_cpu.metrics, abs=1e-5)
     check_report_directory(on_cuda, on_cuda.save(tmp_path), ["reliability_diagram", "risk_coverage", "ood_histograms", "ood_roc"])
+
+
+def test_the_report_docstring_lists_every_metric_key_of_both_tasks():
+    # a user had to guess the keys ("Brier" in the table is brier_score)
+    doc = Report.__doc__
+    classification = evaluate(Prediction.from_logits(torch.randn(4, 60, 3)), torch.arange(60) % 3,
+                              ood_data=Prediction.from_logits(torch.randn(4, 20, 3)))
+    regression = evaluate(Prediction.from_regression(torch.randn(4, 60, 1), torch.rand(4, 60, 1)), torch.randn(60, 1),
+                          ood_data=Prediction.from_regression(torch.randn(4, 20, 1), torch.rand(4, 20, 1)))
+    for report in (classification, regression):
+        for key in report.metrics:
+            name = key.split("/")[-1]
+            for generic, pattern in (("risk_at_<coverage %>_coverage", r"risk_at_\d+_coverage"),
+                                     ("coverage_at_<risk %>_risk", r"coverage_at_\d+_risk"),
+                                     ("interval_coverage_<level %>", r"interval_coverage_\d+"),
+                                     ("interval_width_<level %>", r"interval_width_\d+"),
+                                     ("fpr_at_<tpr %>_tpr", r"fpr_at_\d+_tpr")):
+                if re.fullmatch(pattern, name):
+                    name = generic
+            assert f"``{name}``" in doc, key
