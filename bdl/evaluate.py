@@ -77,9 +77,11 @@ def _split_tensors(data: Any, name: str) -> tuple[Optional[Tensor], Optional[Ten
         return data, None
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, Tensor) for t in data):
         return data[0], (data[1] if len(data) >= 2 else None)
+    array = type(data).__module__ == "numpy" or (isinstance(data, (tuple, list)) and any(type(part).__module__ == "numpy" for part in data))
+    hint = ": convert numpy arrays with torch.from_numpy (and .float() for a float32 model)" if array else ""
     raise TypeError(
         f"`{name}` must be a DataLoader, a Dataset, a tensor of inputs or a tuple (inputs, targets, ...) of tensors, "
-        f"got {type(data).__name__}"
+        f"got {type(data).__name__}{hint}"
     )
 
 
@@ -583,7 +585,7 @@ def evaluate(
     task = prediction.task
     device = (prediction.probs if task == "classification" else prediction.mean).device
     targets = M._checks.as_tensor(targets, "test targets").to(device)
-    if task == "classification" and targets.is_floating_point() and not bool((targets == targets.round()).all()):
+    if task == "classification" and targets.is_floating_point() and bool(((targets != targets.round()) & ~targets.isnan()).any()):
         # "must hold integer class labels" did not say why a regression was taken for a classification
         raise TypeError(
             f"`test targets` must hold integer class labels, got dtype {targets.dtype} with fractional values: for a "

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_internals
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from ._outputs import draw_stacked, output_parts
 from .metrics.functional._checks import all_finite, probability_sum_tolerance
@@ -1122,12 +1122,24 @@ def _non_finite_rows(output: Tensor) -> Tensor:
     return ~torch.isfinite(output).reshape(output.shape[0], output.shape[1], -1).all(-1).all(0)
 
 
-def _non_finite_message(error: _NonFiniteOutput, model: Any, x: Tensor, offset: int) -> str:  # noqa: ANN401
-    """``error``'s message, with which inputs (rows of the whole input, counted across a loader's batches) and
-    the likely cause: non-finite inputs in those rows, non-finite parameters (training diverged), or neither."""
+def _read_in_order(inputs: Any) -> bool:  # noqa: ANN401
+    """Whether ``inputs`` are read in their own order (tensors, a Dataset, a loader without shuffling), so that
+    the ``k``-th input read is row ``k``; not a shuffling loader's (``loader``: evaluate's recorder of one)."""
+    loader = getattr(inputs, "loader", inputs)
+    if isinstance(loader, DataLoader):
+        sampler = getattr(loader.batch_sampler, "sampler", None) or loader.sampler
+        return isinstance(sampler, SequentialSampler)
+    return isinstance(inputs, (Tensor, tuple, list, Dataset))
+
+
+def _non_finite_message(error: _NonFiniteOutput, model: Any, x: Tensor, offset: int, in_order: bool) -> str:  # noqa: ANN401
+    """``error``'s message, with which inputs (counted across a loader's batches: rows, or positions in a
+    shuffling loader's order) and the likely cause: non-finite inputs there, non-finite parameters (training
+    diverged), or neither."""
     bad = error.rows.nonzero().flatten().cpu()
     rows = ", ".join(str(offset + int(row)) for row in bad[:8]) + (", ..." if len(bad) > 8 else "")
-    where = f"for {len(bad)} of the batch's {len(error.rows)} inputs (rows [{rows}] of the inputs)"
+    which = f"rows [{rows}] of the inputs" if in_order else f"inputs [{rows}] in the order the loader gave them"
+    where = f"for {len(bad)} of the batch's {len(error.rows)} inputs ({which})"
     inputs_bad = x.is_floating_point() and not bool(torch.isfinite(x[bad.to(x.device)]).all())
     params = non_finite_parameters(model) if isinstance(model, nn.Module) else []
     if inputs_bad:
@@ -1429,7 +1441,8 @@ def predict(
                         _add_output(summary, output, task, rows)
                         drawn += count
             except _NonFiniteOutput as error:
-                raise _NonFiniteOutput(_non_finite_message(error, model, x, offset), error.rows) from None
+                message = _non_finite_message(error, model, x, offset, _read_in_order(inputs))
+                raise _NonFiniteOutput(message, error.rows) from None
             offset += rows
             summaries.append(summary.result())
             targets.append(y)

@@ -91,16 +91,17 @@ def _errors(prediction: Prediction, tolerance: Optional[float], name: str) -> Op
     return ((targets - prediction.mean).abs() > tolerance).reshape(len(prediction), -1).any(-1)
 
 
-def _real(value: object) -> Optional[float]:
+def _real(value: object, exact: bool = False) -> Optional[float]:
     """``value`` as a float when it is one real number: a Python, numpy or ``Decimal`` number, or a 0-d tensor or
-    array of a real dtype (not a bool), read as given (:func:`_as_given`); None for anything else."""
+    array of a real dtype (not a bool), read as given (:func:`_as_given`: a target typed as a decimal) or, with
+    ``exact``, as its exact value (a threshold: a score's own value); None for anything else."""
     if isinstance(value, bool):
         return None
     if not isinstance(value, (numbers.Real, decimal.Decimal)):
         dtype = str(getattr(value, "dtype", "")).removeprefix("torch.")
         if getattr(value, "shape", None) != () or not dtype.startswith(("float", "int", "uint", "bfloat")):
             return None
-    return _as_given(value)
+    return float(value) if exact else _as_given(value)
 
 
 def _as_given(value: numbers.Real) -> float:
@@ -223,7 +224,7 @@ def triage(
         if len(validation) == 0 and threshold is None:  # no threshold can be chosen: everything went to review
             raise ValueError("validation has no inputs: a threshold cannot be chosen on it")
     if threshold is not None:
-        chosen_threshold = _real(threshold)
+        chosen_threshold = _real(threshold, exact=True)  # np.float32(score) is that score, not its decimal form
         if chosen_threshold is None or math.isnan(chosen_threshold):
             raise ValueError(f"threshold must be a number, got {threshold!r}")
     elif coverage is not None:

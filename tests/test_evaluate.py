@@ -152,6 +152,13 @@ def test_a_task_that_contradicts_the_prediction_or_targets_is_named():
     with pytest.raises(TypeError, match="`test targets` must hold integer class labels, got dtype torch.float32 with fractional values: for a regression model pass task='regression'"):
         evaluate(nn.Linear(4, 1), (x, y))
     assert evaluate(nn.Linear(4, 1), (x, y), task="regression").task == "regression"
+    nan_label = (torch.arange(6) % 3).float()
+    nan_label[2] = math.nan  # a NaN label is not a regression's target: not that hint
+    with pytest.raises((TypeError, ValueError)) as error:
+        evaluate(prediction, nan_label)
+    assert "task='regression'" not in str(error.value)
+    with pytest.raises(TypeError, match="got tuple: convert numpy arrays with torch.from_numpy"):
+        evaluate(nn.Linear(4, 3), (x.numpy(), (torch.arange(6) % 3).numpy()))
 
 
 def test_a_shuffling_loader_keeps_targets_aligned_with_predictions():

@@ -502,8 +502,11 @@ def test_a_non_finite_output_names_the_inputs_and_the_likely_cause():
     huge = nn.Sequential(nn.Linear(4, 3))
     with torch.no_grad():
         huge[0].weight.fill_(1e30)
-    with pytest.raises(ValueError, match=r"regression.*|the inputs and the parameters are finite: an overflow in the forward"):
+    with pytest.raises(ValueError, match=r"non-finite means or variances .* for 2 of the batch's 2 inputs .*; the inputs and the parameters are finite: an overflow in the forward"):
         bdl.predict(huge, torch.full((2, 4), 1e10), task="regression")
+    shuffled = DataLoader(TensorDataset(holes), batch_size=30, shuffle=True, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"for [12] of the batch's \d+ inputs \(inputs \[[\d, ]+\] in the order the loader gave them\); those inputs hold NaN"):
+        bdl.predict(nn.Sequential(nn.Linear(4, 3)), shuffled)
     fine = nn.Sequential(nn.Linear(4, 3))
     with pytest.raises(ValueError, match=r"^ood_data: the model returned non-finite logits .* for 1 of the batch's 5 inputs \(rows \[2\]"):
         bdl.evaluate(fine, (x, torch.arange(100) % 3), ood_data=holes[15:20])

@@ -6,7 +6,7 @@ from torch import nn
 
 import bdl
 from bdl.predict import Prediction
-from bdl.triage import Triage, triage
+from bdl.triage import Triage, _scores, triage
 
 
 def labelled(confidences, correct):
@@ -249,3 +249,15 @@ def test_targets_may_be_0d_tensors_arrays_or_decimals():
     assert result.error_rate == 0.25
     with pytest.raises(ValueError, match="tolerance must be a number >= 0"):
         triage(regression, threshold=1.0, tolerance=torch.tensor([1.0]))
+
+
+def test_a_float32_threshold_is_the_scores_exact_value():
+    # np.float32(score) went through the decimal reading meant for targets: 0.98869514 moved one input to review
+    import numpy as np
+
+    prediction = Prediction.from_logits(torch.randn(1, 1000, 3, generator=torch.Generator().manual_seed(0)))
+    ordered = _scores(prediction, None, "prediction").sort().values  # predictive entropy, float32
+    assert len(ordered.unique()) == 1000
+    for k in range(0, 1000, 9):  # about half of float32 values have a shortest decimal below them
+        for given in (ordered[k].item(), np.float32(ordered[k].item()), ordered[k]):
+            assert int((~triage(prediction, threshold=given).review).sum()) == k + 1

@@ -34,10 +34,13 @@ def _check_logits(logits, target) -> tuple[Tensor, Tensor]:  # noqa: ANN001
             f"`logits` must have shape [N, C] or [S, N, C] with S, N, C >= 1 (C = 1: binary log-odds), got shape {tuple(logits.shape)}"
         )
     if logits.shape[-1] == 1 and logits.numel() > 1 and bool(logits.amin() >= 0) and bool(logits.amax() <= 1):
-        # every log-odds in [0, 1] is a model that never leans to class 0 nor beyond p = 0.73; sigmoid outputs are
-        raise ValueError(
-            "`logits` of a binary model (C = 1) are all in [0, 1]: they look like sigmoid probabilities; pass the "
-            "log-odds (torch.logit(p, eps=1e-6))"
+        # every log-odds in [0, 1] is a model that never leans to class 0 nor beyond p = 0.73: a weak model, or
+        # sigmoid outputs passed by mistake (fitted as log-odds they gave T = 0.76 and a worse test NLL)
+        warnings.warn(
+            "`logits` of a binary model (C = 1) are all in [0, 1]: if they are sigmoid probabilities, pass the "
+            "log-odds (torch.logit(p, eps=1e-6)); log-odds of a weak model can lie there too",
+            UserWarning,
+            stacklevel=3,
         )
     logits = _two_class(logits)  # (-l/2, l/2) / T: the scaled log-odds, as bdl.predict reads them
     target = check_labels(target, logits.shape[-1], logits.shape[-2])

@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DistributedSampler, SubsetRandomSampler
 
 from .. import infer
 from ..evaluate import Report, evaluate
@@ -750,6 +751,15 @@ class VariationalModule(UncertaintyModule):
         return {"loss": loss, "nll": nll, "kl": kl.detach(), "kl_weight": torch.tensor(kl_weight)}
 
 
+def _flat_indices(indices: Any) -> bool:  # noqa: ANN401
+    """Whether ``indices`` is a flat sequence of row indices (integers), not a list of lists or of other things."""
+    if isinstance(indices, Tensor):
+        return indices.dim() == 1 and not indices.is_floating_point() and indices.dtype != torch.bool
+    if isinstance(indices, np.ndarray):
+        return indices.ndim == 1 and np.issubdtype(indices.dtype, np.integer)
+    return all(isinstance(index, numbers.Integral) and not isinstance(index, bool) for index in indices)
+
+
 def _training_set_size(trainer: L.Trainer) -> int:
     """Size of the whole training set: the data module's ``num_train``, else the rows of the training loader's
     subset sampler (``SubsetRandomSampler(train_indices)`` over a data set that also holds the validation rows),
@@ -758,12 +768,15 @@ def _training_set_size(trainer: L.Trainer) -> int:
     if datamodule is not None and hasattr(datamodule, "num_train"):
         return int(datamodule.num_train)
     loader = trainer.train_dataloader
-    sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, DistributedSampler):  # Lightning's under DDP, over the dataset or over the user's sampler
-        sampler = getattr(sampler.dataset, "_sampler", None)
-    indices = sampler if isinstance(sampler, (Sequence, Tensor)) else getattr(sampler, "indices", None)  # a list too
-    if indices is not None:
-        return len(indices)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for sampler in (getattr(batch_sampler, "sampler", None), getattr(loader, "sampler", None)):
+        if isinstance(sampler, DistributedSampler):  # Lightning's under DDP, over the dataset or the user's sampler
+            sampler = getattr(sampler.dataset, "_sampler", None)
+        # the rows a subset sampler or a flat index list draws from (another sampler's `indices` may mean
+        # anything: one list per class, say); a BatchSampler's own sampler first, a plain loader's after
+        indices = sampler.indices if isinstance(sampler, SubsetRandomSampler) else sampler
+        if isinstance(indices, (Sequence, Tensor, np.ndarray)) and _flat_indices(indices):
+            return len(indices)
     try:
         return len(loader.dataset)
     except (AttributeError, TypeError):  # no dataset, or an IterableDataset without a length

@@ -108,7 +108,8 @@ class ELBOLoss(nn.Module):
             :class:`bdl.GaussianHead`) for regression.
         kl_weight: weight of the KL term.
         check_finite: raise a ``FloatingPointError`` naming the term (NLL, KL) and the non-finite parameters
-            or layers when the loss is not finite, instead of returning NaN (one host sync per call on a GPU).
+            or layers when the loss is not finite, instead of returning NaN (one host sync per call on a GPU;
+            skipped under ``torch.compile`` and inside ``torch.func`` transforms, which cannot branch on a value).
 
     Example:
         >>> model = nn.Sequential(BayesLinear(4, 3))
@@ -140,7 +141,10 @@ class ELBOLoss(nn.Module):
         from .convert import kl_divergence
 
         result = elbo_loss(self.criterion(output, target), kl_divergence(self.model[0]), self.num_data, self.kl_weight)
-        if self.check_finite and not bool(torch.isfinite(result.loss)):
+        # not while compiling (a data-dependent branch: a graph break, an error under fullgraph) nor inside
+        # torch.func transforms (vmap of per-example gradients cannot read a value)
+        traced = torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(result.loss)
+        if self.check_finite and not traced and not bool(torch.isfinite(result.loss)):
             bad = [name for name in ("nll", "kl") if not bool(torch.isfinite(getattr(result, name)))]
             raise FloatingPointError(
                 f"ELBOLoss: {' and '.join(name.upper() for name in bad) or 'the loss'} {'are' if len(bad) > 1 else 'is'} "

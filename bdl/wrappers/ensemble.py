@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from .._outputs import draw_stacked, output_parts
 
@@ -217,9 +216,9 @@ class DeepEnsemble(nn.Module):
                 except Exception as error:  # noqa: BLE001 - torch raises several types for broken files
                     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                     raise ValueError(
-                        f"checkpoints[{i}] ({path!r}) cannot be loaded safely (weights_only=True): it is truncated, "
-                        f"corrupted, not a PyTorch checkpoint, or holds objects other than tensors and plain values "
-                        f"({type(error).__name__}: {reason})"
+                        f"checkpoints[{i}] ({path!r}) cannot be loaded with weights_only=True, map_location="
+                        f"{map_location!r}: {type(error).__name__}: {reason} (a truncated or corrupted file, not a "
+                        "PyTorch checkpoint, objects other than tensors and plain values, or a device this machine lacks)"
                     ) from None
             if not isinstance(checkpoint, Mapping):
                 raise TypeError(f"checkpoints[{i}] must be a path or a state_dict mapping, got {type(checkpoint).__name__}")
@@ -228,12 +227,16 @@ class DeepEnsemble(nn.Module):
                 # with the state's metadata: each layer's record of how it was saved (a BayesLinear's std_transform,
                 # converted on loading) goes with its keys; a plain dict of the stripped keys lost it
                 metadata = getattr(state, "_metadata", None)
-                state = OrderedDict((key, value) for key, value in state.items() if key.startswith(prefix))
+                state = OrderedDict((key[len(prefix):], value) for key, value in state.items() if key.startswith(prefix))
                 if not state:
                     raise ValueError(f"checkpoints[{i}] has no key starting with prefix={prefix!r}")
-                if metadata is not None:
-                    state._metadata = copy.copy(metadata)  # type: ignore[attr-defined]
-                consume_prefix_in_state_dict_if_present(state, prefix)
+                if metadata is not None:  # keyed by module path: "model.net" is the member itself for "model.net."
+                    root = prefix.removesuffix(".")
+                    state._metadata = OrderedDict(  # type: ignore[attr-defined]
+                        ("" if key == root else key[len(prefix):], value)
+                        for key, value in metadata.items()
+                        if key == root or key.startswith(prefix)
+                    )
             member = factory()
             if not isinstance(member, nn.Module):
                 raise TypeError(f"factory must return an nn.Module, got {type(member).__name__}")

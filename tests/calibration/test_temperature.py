@@ -160,10 +160,6 @@ def test_wrap_divides_a_models_output_and_the_temperature_is_saved():
          ValueError, "look like probabilities"),
         (lambda: fit_temperature((3 * torch.randn(500, 3)).softmax(-1).bfloat16(), torch.zeros(500, dtype=torch.long)),
          ValueError, "look like probabilities"),
-        # a binary model's sigmoid outputs were read as log-odds (T = 0.76, test NLL 0.93 against 0.75 unscaled)
-        (lambda: fit_temperature(torch.randn(50, 1).sigmoid(), torch.zeros(50, dtype=torch.long)), ValueError,
-         r"look like sigmoid probabilities; pass the log-odds \(torch.logit"),
-        (lambda: fit_temperature(torch.randn(2, 50, 1).sigmoid(), torch.zeros(50, dtype=torch.long)), ValueError, "sigmoid"),
         # no samples or no classes: torch's amin error, or "labels in [0, -1] for 0 classes"
         (lambda: fit_temperature(torch.randn(0, 5, 3), torch.zeros(5, dtype=torch.long)), ValueError, r"S, N, C >= 1.*\(0, 5, 3\)"),
         (lambda: fit_temperature(torch.randn(5, 0), torch.zeros(5, dtype=torch.long)), ValueError, r"S, N, C >= 1.*\(5, 0\)"),
@@ -172,6 +168,18 @@ def test_wrap_divides_a_models_output_and_the_temperature_is_saved():
 def test_bad_input_raises_a_clear_error(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_binary_values_all_in_the_unit_interval_are_fitted_with_a_warning_that_they_may_be_probabilities():
+    # a binary model's sigmoid outputs were read as log-odds without a word (T = 0.76, test NLL 0.93 against 0.75
+    # unscaled); a weak model's real log-odds can lie in [0, 1] too, so they are fitted, with the warning
+    target = torch.zeros(50, dtype=torch.long)
+    for values in (torch.randn(50, 1).sigmoid(), torch.randn(2, 50, 1).sigmoid()):
+        with pytest.warns(UserWarning, match=r"all in \[0, 1\]: if they are sigmoid probabilities, pass the log-odds"):
+            assert float(fit_temperature(values, target)) > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_temperature(torch.randn(50, 1), target)
 
 
 def test_the_advice_for_probabilities_works_when_some_are_zero():

@@ -1,6 +1,7 @@
 import math
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -377,6 +378,24 @@ def test_num_data_of_a_loader_over_a_subset_of_its_data_set_is_the_subsets_size(
     assert module.num_data == 100
     trainer(tmp_path, max_steps=1).fit(module, DataLoader(full, batch_size=50, sampler=list(range(300))))
     assert module.num_data == 300
+    trainer(tmp_path, max_steps=1).fit(module, DataLoader(full, batch_size=50, sampler=np.arange(200)))
+    assert module.num_data == 200
+    batches = torch.utils.data.BatchSampler(SubsetRandomSampler(torch.arange(100)), 50, False)
+    trainer(tmp_path, max_steps=1).fit(module, DataLoader(full, batch_sampler=batches))
+    assert module.num_data == 100
+
+    class ClassBalanced(torch.utils.data.Sampler):  # its `indices` are one list per class: read as 3 rows
+        def __init__(self, labels: torch.Tensor) -> None:
+            self.indices = [torch.nonzero(labels == c).flatten() for c in labels.unique()]
+
+        def __iter__(self):
+            yield from (int(rows[torch.randint(len(rows), ())]) for _ in range(10) for rows in self.indices)
+
+        def __len__(self) -> int:
+            return 10 * len(self.indices)
+
+    trainer(tmp_path, max_steps=1).fit(module, DataLoader(full, batch_size=10, sampler=ClassBalanced(full.tensors[1])))
+    assert module.num_data == 1000
     # under DDP Lightning wraps the user's sampler: the whole subset still, not one process's share of it
     wrapped = DistributedSamplerWrapper(SubsetRandomSampler(torch.arange(100)), num_replicas=2, rank=0)
     assert _training_set_size(SimpleNamespace(train_dataloader=DataLoader(full, sampler=wrapped))) == 100

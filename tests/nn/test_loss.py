@@ -85,3 +85,19 @@ def test_elbo_loss_module_stops_a_diverging_plain_loop_and_says_where():
         bdl.ELBOLoss(model := nn.Sequential(bdl.BayesLinear(4, 2)), num_data=10)(model(torch.full((3, 4), float("nan"))), y[:3])
     unchecked = bdl.ELBOLoss(fresh, num_data=10, check_finite=False)(fresh(x), y)  # as before, for a user who checks
     assert not torch.isfinite(unchecked.loss)
+
+
+def test_elbo_loss_module_traces_under_compile_and_torch_func():
+    # its finiteness check read a value: vmap of per-example gradients failed, and fullgraph compile too
+    model = nn.Sequential(bdl.BayesLinear(4, 3))
+    criterion = bdl.ELBOLoss(model, num_data=100)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    params = dict(model.named_parameters())
+
+    def loss_of(p, xi, yi):
+        return criterion(torch.func.functional_call(model, p, (xi[None],)), yi[None]).loss
+
+    grads = torch.func.vmap(torch.func.grad(loss_of), in_dims=(None, 0, 0), randomness="different")(params, x, y)
+    assert grads["0.weight_mu"].shape == (8, 3, 4)
+    compiled = torch.compile(lambda a, b: criterion(model(a), b).loss, fullgraph=True)
+    assert torch.isfinite(compiled(x, y))

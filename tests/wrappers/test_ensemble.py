@@ -192,7 +192,7 @@ def test_from_checkpoints_loads_files_and_lightning_style_dicts(tmp_path):
         DeepEnsemble.from_checkpoints(member, paths[0])
     broken = tmp_path / "broken.pt"  # torch's KeyError: 101, or its advice to load with weights_only=False
     broken.write_bytes(paths[0].read_bytes()[:200])
-    with pytest.raises(ValueError, match=r"checkpoints\[1\] \('.*broken.pt'\) cannot be loaded safely"):
+    with pytest.raises(ValueError, match=r"checkpoints\[1\] \('.*broken.pt'\) cannot be loaded with weights_only=True, map_location='cpu': RuntimeError: PytorchStreamReader"):
         DeepEnsemble.from_checkpoints(member, [paths[0], broken])
     with pytest.raises(RuntimeError, match=r"checkpoints\[0\] does not fit the factory's model: Error\(s\) in loading"):
         DeepEnsemble.from_checkpoints(lambda: nn.Sequential(nn.Linear(4, 3)), [paths[0]])
@@ -213,6 +213,14 @@ def test_from_checkpoints_with_a_prefix_keeps_each_layers_saved_std_transform(tm
             lambda: nn.Sequential(bdl.BayesLinear(4, 3, std_transform="exp")), [tmp_path / "softplus.ckpt"], prefix="model."
         )
     torch.testing.assert_close(ensemble.members[0][0].weight_rho.exp(), torch.full((3, 4), 0.5))
+    # a bare layer under a deeper prefix: torch's consume_prefix_in_state_dict_if_present misses its record
+    nested = Wrapper(nn.ModuleDict({"net": bdl.BayesLinear(4, 3, std_transform="softplus", posterior_std_init=0.5)}))
+    torch.save({"state_dict": nested.state_dict()}, tmp_path / "nested.ckpt")
+    with pytest.warns(UserWarning, match="std_transform"):
+        ensemble = DeepEnsemble.from_checkpoints(
+            lambda: bdl.BayesLinear(4, 3, std_transform="exp"), [tmp_path / "nested.ckpt"], prefix="model.net."
+        )
+    torch.testing.assert_close(ensemble.members[0].weight_rho.exp(), torch.full((3, 4), 0.5))
 
 
 def test_predict_treats_members_as_samples():
