@@ -12,7 +12,7 @@ Every engine ends in a :class:`bdl.Prediction`.
 """
 
 from .compare import PredictiveComparison, compare_predictions
-from .diagnostics import ess_bulk, ess_tail, rank_normalize, rank_r_hat
+from .diagnostics import ess_bulk, ess_mean, ess_tail, rank_normalize, rank_r_hat
 from .guides import ELBOS, GUIDES, make_elbo, make_guide
 from .likelihoods import (
     LIKELIHOODS,

@@ -13,10 +13,15 @@ function), which exist for any distribution:
 - :func:`ess_tail`: the smaller ESS of the indicators ``x <= q_5%`` and ``x <= q_95%``: how well the 5% and
   95% quantiles (a 90% interval) are estimated.
 
+- :func:`ess_mean`: the effective sample size of the draws themselves (split chains): how well the posterior
+  mean is estimated (what :class:`~bdl.infer.PosteriorSummary` reports as ``n_eff``).
+
 The ESS is Stan's (Geyer's initial monotone sequence with Stan's refinements), as ArviZ computes it; every
-function here gives ArviZ 0.23's ``rhat(method="rank")``, ``ess(method="bulk")`` and ``ess(method="tail")``
-to rounding (tested). Draws are ``[num_chains, num_draws, *shape]``; each function returns ``[*shape]`` in
-float64. An element equal in every draw gives NaN (0 / 0), as Pyro's diagnostics do.
+function here gives ArviZ 0.23's ``rhat(method="rank")``, ``ess(method="bulk")``, ``ess(method="tail")`` and
+``ess(method="mean")`` to rounding (tested). Stan's ESS is at most ``S log10(S)`` for ``S`` draws in all
+(antithetic chains can exceed ``S``, not by more). Draws are ``[num_chains, num_draws, *shape]``; each function
+returns ``[*shape]`` in float64. An element equal in every draw gives NaN (0 / 0), as Pyro's diagnostics do, and
+so does an element with a NaN among its draws (as in ArviZ and Pyro); the other elements keep their own values.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ess_bulk", "ess_tail", "rank_normalize", "rank_r_hat"]
+__all__ = ["ess_bulk", "ess_mean", "ess_tail", "rank_normalize", "rank_r_hat"]
 
 
 def _as_chains(name: str, chains: Tensor) -> Tensor:
@@ -117,9 +122,11 @@ def _ess(chains: Tensor) -> Tensor:
 
 
 def _undefined(chains: Tensor, values: Tensor) -> Tensor:
-    """``values`` with NaN for the elements equal in every draw (their diagnostics are 0 / 0)."""
-    constant = (chains == chains[:1, :1]).flatten(0, 1).all(0)
-    return values.masked_fill(constant, math.nan)
+    """``values`` with NaN for the elements equal in every draw (their diagnostics are 0 / 0) and for those with a
+    NaN draw: ranks put NaN last, and the diagnostics of the rest looked converged (an all-NaN chain: every draw
+    effective)."""
+    undefined = (chains == chains[:1, :1]).flatten(0, 1).all(0) | chains.isnan().flatten(0, 1).any(0)
+    return values.masked_fill(undefined, math.nan)
 
 
 def rank_normalize(chains: Tensor) -> Tensor:
@@ -190,3 +197,22 @@ def ess_tail(chains: Tensor, probs: Sequence[float] = (0.05, 0.95)) -> Tensor:
     levels = flat.flatten(0, 1).quantile(torch.tensor(probs, dtype=torch.float64, device=flat.device), dim=0)  # [P, E]
     ess = torch.stack([_ess(_split((flat <= level).to(torch.float64))) for level in levels]).amin(0)
     return _undefined(flat, ess).reshape(chains.shape[2:])
+
+
+def ess_mean(chains: Tensor) -> Tensor:
+    """Effective sample size of the mean (ArviZ's ``ess(method="mean")``) of ``[num_chains, num_draws, *shape]``:
+    ``[*shape]``.
+
+    Stan's ESS of the draws themselves (split chains, Geyer's initial monotone sequence): how many independent
+    draws would estimate the posterior mean as well. Unlike :func:`pyro.ops.stats.effective_sample_size`, it is
+    at most ``S log10(S)`` for ``S`` draws in all (Pyro's gave 569 for 40 independent draws). An element with a
+    NaN or infinite draw gives NaN (it has no mean to estimate).
+
+    Example:
+        >>> chains = torch.randn(4, 500, generator=torch.Generator().manual_seed(0))
+        >>> 1500 < float(ess_mean(chains)) < 2500
+        True
+    """
+    flat = _as_chains("chains", chains)
+    ess = _ess(_split(flat))
+    return _undefined(flat, ess.masked_fill(~flat.isfinite().flatten(0, 1).all(0), math.nan)).reshape(chains.shape[2:])

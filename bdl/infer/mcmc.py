@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import ast
+import io
 import math
+import multiprocessing.process
+import os
+import pickle
+import sys
+import types
+import warnings
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import pyro
 import torch
+import torch.multiprocessing
+from pyro import poutine
 from pyro.infer import HMC, MCMC, NUTS
-from pyro.infer.mcmc.util import summary as pyro_summary
 from pyro.ops import stats
 from torch import Tensor, nn
 
-from .diagnostics import ess_bulk, ess_tail, rank_r_hat
-from .model import PyroModel, check_full_data
+from .diagnostics import ess_bulk, ess_mean, ess_tail, rank_r_hat
+from .model import PyroModel, check_finite_data, check_full_data
 from .predictive import TASKS, _eval_mode, predict_from_samples, predict_function_model, private_param_store
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,21 +48,24 @@ _DIAGNOSTICS = ("n_eff", "r_hat", "ess_bulk", "ess_tail", "rank_r_hat")
 class PosteriorSummary:
     """Per-parameter posterior summary of MCMC samples: mean, std, quantiles, ESS and split R-hat.
 
-    Built from Pyro's diagnostics: ``pyro.infer.mcmc.util.summary`` (mean, std, ``n_eff`` =
-    :func:`pyro.ops.stats.effective_sample_size`, ``r_hat`` = :func:`pyro.ops.stats.split_gelman_rubin`,
-    Gelman et al., BDA3 ch. 11) and :func:`pyro.ops.stats.quantile` for the quantile columns; and the
-    rank-normalised diagnostics of Vehtari et al. (2021), as Stan and ArviZ report them
-    (:mod:`bdl.infer.diagnostics`): ``ess_bulk``, ``ess_tail`` and ``rank_r_hat``, which also catch chains
-    that differ in spread only and hold for heavy tails. Vehtari et al. call chains converged when
-    ``rank_r_hat`` is below 1.01 and both ESS are above 100 per chain (400 for four chains).
+    The classic diagnostics: mean, std, ``r_hat`` = :func:`pyro.ops.stats.split_gelman_rubin` (Gelman et al.,
+    BDA3 ch. 11, as ``pyro.infer.mcmc.util.summary`` reports it), ``n_eff`` = Stan's effective sample size of
+    the mean (:func:`bdl.infer.diagnostics.ess_mean`, ArviZ's ``ess(method="mean")``: at most ``S log10(S)``
+    for ``S`` draws, where Pyro's ``effective_sample_size`` gave 569 for 4 chains of 10 independent draws)
+    and :func:`pyro.ops.stats.quantile` for the quantile columns (labelled ``"5.0%"``, or with the digits a
+    level needs: ``"0.05%"``); and the rank-normalised diagnostics of Vehtari et al. (2021), as Stan and
+    ArviZ report them (:mod:`bdl.infer.diagnostics`): ``ess_bulk``, ``ess_tail`` and ``rank_r_hat``, which
+    also catch chains that differ in spread only and hold for heavy tails. Vehtari et al. call chains
+    converged when ``rank_r_hat`` is below 1.01 and both ESS are above 100 per chain (400 for four chains).
 
     ``summary[site]`` is a dict ``{statistic: tensor shaped like the site}``; ``str(summary)`` is a table
     with one row per scalar element (``"weight[0,2]"``). An element equal in every draw has NaN ESS and
-    R-hat (0 / 0), the site's other elements their own values.
+    R-hat (0 / 0), the site's other elements their own values. An element with a NaN (or infinite) draw has
+    NaN statistics too (rank diagnostics of infinite draws excepted: ranks exist), and a warning names it.
 
     Args:
         chain_samples: ``{site: [num_chains, num_samples, *shape]}``.
-        quantiles: the quantile levels to report, in (0, 1).
+        quantiles: the quantile levels to report, distinct, in (0, 1).
 
     Example:
         >>> samples = {"mu": torch.randn(2, 200)}
@@ -66,31 +79,51 @@ class PosteriorSummary:
     def __init__(self, chain_samples: dict[str, Tensor], quantiles: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95)) -> None:
         if not all(0 < q < 1 for q in quantiles):
             raise ValueError(f"quantiles must lie in (0, 1), got {tuple(quantiles)}")
+        labels = [self._label(q) for q in quantiles]
+        if len(set(labels)) < len(labels):
+            # one column per label: the first of two levels showed the second's values
+            raise ValueError(f"quantiles must be distinct levels, got {tuple(quantiles)} (columns {labels})")
         for name, value in chain_samples.items():
             if value.dim() < 2 or value.shape[1] < 4:
                 raise ValueError(f"chain_samples[{name!r}] must be [num_chains, num_samples >= 4, ...], got shape {tuple(value.shape)}")
         self.quantiles = tuple(float(q) for q in quantiles)
-        base = pyro_summary({k: v.double() for k, v in chain_samples.items()}, group_by_chain=True)
         self.table: dict[str, dict[str, Tensor]] = {}
+        # elements whose diagnostics are 0 / 0 (equal in every draw): left out of max_r_hat, min_ess...
+        self._constant: dict[str, Tensor] = {}
+        not_finite = []
         for name, value in chain_samples.items():
-            flat = value.double().reshape((-1,) + value.shape[2:])
+            value = value.detach().double()
+            flat = value.reshape((-1,) + value.shape[2:])
+            finite = flat.isfinite().all(0)
             q = stats.quantile(flat, list(self.quantiles), dim=0)
-            row = {"mean": base[name]["mean"], "std": base[name]["std"]}
-            row.update({self._label(level): q[i] for i, level in enumerate(self.quantiles)})
-            row.update({"n_eff": base[name]["n_eff"], "r_hat": base[name]["r_hat"]})
+            row = {"mean": flat.mean(0), "std": flat.std(0)}
+            # sorting puts NaN last: the lower quantiles of draws with NaN looked like numbers
+            row.update({self._label(level): q[i].masked_fill(flat.isnan().any(0), math.nan) for i, level in enumerate(self.quantiles)})
+            row.update({"n_eff": ess_mean(value), "r_hat": stats.split_gelman_rubin(value, chain_dim=0, sample_dim=1)})
             row.update({"ess_bulk": ess_bulk(value), "ess_tail": ess_tail(value), "rank_r_hat": rank_r_hat(value)})
-            constant = _constant_elements(value)
-            if constant.any() and not constant.all():
-                # Pyro's ESS of a tensor turns every element NaN when one element never changes; only that
-                # element's ESS (and R-hat) is 0 / 0, so the others are computed without it
-                varying = value[:, :, ~constant].double()
-                row["n_eff"] = torch.full_like(row["n_eff"], math.nan)
-                row["n_eff"][~constant] = stats.effective_sample_size(varying, chain_dim=0, sample_dim=1)
             self.table[name] = row
+            self._constant[name] = _constant_elements(value)
+            not_finite += [self._element_label(name, index) for index in (~finite).nonzero().tolist()]
+        if not_finite:
+            shown = ", ".join(not_finite[:5]) + (f" and {len(not_finite) - 5} more" if len(not_finite) > 5 else "")
+            warnings.warn(
+                f"PosteriorSummary: the draws of {shown} hold NaN or infinite values: their mean, ESS and R-hat are NaN, "
+                "and so are max_r_hat, min_ess and the other headline numbers (the chain diverged, or the model's "
+                "outputs overflowed)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     @staticmethod
     def _label(level: float) -> str:
-        return f"{100 * level:.1f}%"
+        """``"5.0%"``; with the digits the level needs where one decimal would round it (``"0.05%"``)."""
+        percent = 100 * level
+        short = f"{percent:.1f}"
+        return f"{short}%" if math.isclose(float(short), percent, rel_tol=1e-9) else f"{percent:.10g}%"
+
+    @staticmethod
+    def _element_label(name: str, index: Sequence[int]) -> str:
+        return name + (f"[{','.join(map(str, index))}]" if index else "")
 
     def __getitem__(self, site: str) -> dict[str, Tensor]:
         return self.table[site]
@@ -110,7 +143,8 @@ class PosteriorSummary:
         """Largest split R-hat over all parameters (converged chains: close to 1, e.g. < 1.01).
 
         Elements equal in every draw of every chain (R-hat 0 / 0, NaN in the table) are left out, so one
-        of them cannot hide the others' values; NaN only when every element is one.
+        of them cannot hide the others' values; NaN when every element is one, or when an element's draws
+        hold NaN (its R-hat is unknown, so is the largest).
         """
         return self._over_elements("r_hat", largest=True)
 
@@ -139,8 +173,11 @@ class PosteriorSummary:
 
     def _over_elements(self, column: str, *, largest: bool) -> float:
         values = torch.cat([row[column].reshape(-1) for row in self.table.values()])
-        values = values[~values.isnan()]
-        if not len(values):
+        constant = torch.cat([self._constant[name].reshape(-1) for name in self.table])
+        # only the 0 / 0 of an element that never moved is left out (predictive_summary gives those a value);
+        # any other NaN (draws with NaN) makes the answer NaN, as it is unknown
+        values = values[~(constant & values.isnan())]
+        if not len(values) or bool(values.isnan().any()):
             return math.nan
         return float(values.max() if largest else values.min())
 
@@ -150,8 +187,7 @@ class PosteriorSummary:
         for name, row in self.table.items():
             shape = row["mean"].shape
             for index in (torch.cartesian_prod(*[torch.arange(n) for n in shape]).reshape(-1, len(shape)).tolist() if shape else [[]]):
-                label = name + (f"[{','.join(map(str, index))}]" if index else "")
-                out.append((label, {col: float(row[col][tuple(index)]) for col in self.columns}))
+                out.append((self._element_label(name, index), {col: float(row[col][tuple(index)]) for col in self.columns}))
         return out
 
     def to_string(self, max_rows: int = 50) -> str:
@@ -274,6 +310,160 @@ class MCMCResult:
         return summary
 
 
+class _Discard(io.RawIOBase):
+    """A file that forgets what is written (pickling to find what a pickle refers to, without a copy)."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # noqa: ANN001
+        return len(data)
+
+
+def _is_main_guard(test: ast.expr) -> bool:
+    """Whether an ``if`` test is ``__name__ == "__main__"`` (either way round)."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    return any(isinstance(a, ast.Name) and a.id == "__name__" for a in sides) and any(
+        isinstance(a, ast.Constant) and a.value == "__main__" for a in sides
+    )
+
+
+def _defined_only_under_main_guard(name: str, path: str) -> bool:
+    """Whether the script ``path`` defines the top-level ``name`` only inside ``if __name__ == "__main__":``, which a
+    spawned process (it runs the script as ``__mp_main__``) skips. False where the file cannot be read or parsed."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            tree = ast.parse(file.read())
+    except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
+        return False
+    outside: set[str] = set()
+    guarded: set[str] = set()
+
+    def visit(statements: list, names: set[str]) -> None:
+        for node in statements:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name))
+            elif isinstance(node, ast.If) and _is_main_guard(node.test):
+                visit(node.body, guarded)
+                visit(node.orelse, names)
+            else:  # if, for, while, with, try: their blocks run at import
+                for child in ast.iter_child_nodes(node):
+                    if isinstance(child, ast.stmt):
+                        visit([child], names)
+                    elif isinstance(child, ast.excepthandler):
+                        visit(child.body, names)
+
+    visit(tree.body, outside)
+    return name in guarded and name not in outside
+
+
+def _check_spawnable(model: Any, args: tuple, kernel_options: Optional[dict]) -> None:  # noqa: ANN401
+    """Raise a ValueError where chains in spawned worker processes could not load the model.
+
+    A spawned worker unpickles the kernel (with the model) and the data; a function or class that it cannot
+    import made it die while Pyro's parent process waited for its draws forever. Pickling finds what the model
+    refers to: local objects fail at once; a function or class of ``__main__`` loads in the worker only where
+    ``__main__`` is a file (not a notebook or a REPL), which the worker runs as ``__mp_main__`` without its
+    ``if __name__ == "__main__":`` block; and a script read from standard input has no file to run at all.
+    """
+    fix = "define the model (and its network class) at module level of an importable .py file, or use chain_method=\"sequential\""
+    referred: list[Any] = []
+
+    class Recording(pickle.Pickler):
+        def reducer_override(self, obj: Any) -> Any:  # noqa: ANN401
+            if isinstance(obj, (type, types.FunctionType)):
+                referred.append(obj)
+            elif isinstance(obj, Tensor):  # its class, not its data (a copy of the whole data set)
+                referred.append(type(obj))
+                return torch.empty, (0,)
+            return NotImplemented
+
+    try:
+        Recording(_Discard(), protocol=pickle.HIGHEST_PROTOCOL).dump((model, kernel_options, args))
+    except (pickle.PicklingError, AttributeError, TypeError) as error:
+        raise ValueError(
+            f"mcmc: chain_method=\"parallel\" runs each chain in a spawned process, which loads the model from a "
+            f"pickle, and the model cannot be pickled ({error}); {fix}"
+        ) from error
+    main = sys.modules.get("__main__")
+    main_path = getattr(main, "__file__", None)  # "<stdin>" for `python - < script.py`
+    if main_path is not None and getattr(getattr(main, "__spec__", None), "name", None) is None:
+        # a worker runs __main__'s file first (as multiprocessing finds it), and died where there was none
+        if not os.path.isfile(os.path.join(multiprocessing.process.ORIGINAL_DIR or "", main_path)):
+            raise ValueError(
+                f"mcmc: chain_method=\"parallel\" runs each chain in a spawned process, which first runs the script "
+                f"of __main__, {main_path!r}, and that is not a file (a script read from standard input); run the "
+                "script from a file, or use chain_method=\"sequential\""
+            )
+    for obj in referred:
+        qualname = getattr(obj, "__qualname__", "")
+        where = None
+        if "<locals>" in qualname:
+            where = "inside a function"
+        elif getattr(obj, "__module__", None) == "__main__":
+            if main_path is None:
+                where = "in an interactive __main__ (a notebook or a REPL), which a worker cannot import"
+            elif _defined_only_under_main_guard(qualname.split(".")[0], main_path):
+                where = 'under `if __name__ == "__main__":`, which a worker does not run'
+        if where is not None:
+            raise ValueError(
+                f"mcmc: chain_method=\"parallel\" runs each chain in a spawned process, which could not load "
+                f"{qualname!r}: it is defined {where} (Pyro would wait for those chains forever); {fix}"
+            )
+
+
+def _check_predict_inputs(model: Any, args: tuple, predict_inputs: Any, output_site: str) -> None:  # noqa: ANN401
+    """Raise a ValueError where ``predict_inputs`` do not fit the model, before sampling: a forward pass of the
+    network on their first row (PyroModel), or a run of the model function on them, with the network's own
+    weights or a prior draw (the randomness of the caller's generator left as it was)."""
+    if isinstance(model, PyroModel):
+        from ..predict import _batches
+
+        if isinstance(predict_inputs, Iterator):
+            return  # a one-shot iterator, whose first batch the check would use up
+        try:
+            first, _ = next(_batches(predict_inputs, 1))
+        except StopIteration:
+            raise ValueError("mcmc: predict_inputs hold no batch") from None
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"mcmc: predict_inputs: {error}") from error
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        with torch.no_grad(), _eval_mode(model):
+            try:
+                expected = model.run_net({}, args[0][:1].to(device))
+            except (RuntimeError, ValueError, TypeError, IndexError):
+                return  # the training inputs fail too: sampling says how, as it did
+            try:
+                output = model.run_net({}, first[:1].to(device))
+            except (RuntimeError, ValueError, TypeError, IndexError) as error:
+                raise ValueError(
+                    f"mcmc: predict_inputs do not fit the network (checked before sampling): inputs of shape "
+                    f"{tuple(first.shape)} failed where the training inputs x are {tuple(args[0].shape)}: {error}"
+                ) from error
+        if output.shape[1:] != expected.shape[1:]:
+            raise ValueError(
+                f"mcmc: predict_inputs give network outputs of shape {tuple(output.shape[1:])} per input, the training "
+                f"inputs x {tuple(expected.shape[1:])}: inputs of shape {tuple(first.shape)} against {tuple(args[0].shape)}"
+            )
+        return
+    inputs = tuple(predict_inputs) if isinstance(predict_inputs, (tuple, list)) else (predict_inputs,)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), private_param_store(), pyro.validation_enabled(False):
+            trace = poutine.trace(model).get_trace(*inputs)
+    except Exception as error:  # noqa: BLE001 (the user's code: what it raises here, predicting after sampling raised)
+        raise ValueError(f"mcmc: the model function fails on predict_inputs (checked before sampling): {error}") from error
+    if output_site not in trace.nodes or trace.nodes[output_site]["type"] != "sample":
+        sites = [name for name, node in trace.nodes.items() if node["type"] == "sample"]
+        raise ValueError(f"mcmc: output_site {output_site!r} is not a site of the model run on predict_inputs; its sample sites: {sites}")
+
+
 def mcmc(
     model: Union[PyroModel, Callable],
     *args,
@@ -301,7 +491,12 @@ def mcmc(
     ``chain_method="sequential"`` runs one chain after another in this process (reproducible with
     ``seed``); ``"parallel"`` lets Pyro run them in subprocesses (when there are more CPUs than chains),
     started with ``spawn`` (a forked worker fails once autograd has started its threads), so the model
-    must be picklable: a :class:`PyroModel`, or a model function defined at module level.
+    must be picklable: a :class:`PyroModel`, or a model function defined at module level of an importable
+    file (not in a notebook, nor under ``if __name__ == "__main__":``); a ValueError says so before sampling.
+
+    The data (a PyroModel's ``x`` and ``y``) must be finite, and ``predict_inputs`` are tried on the network
+    (or the model function) before sampling: either mistake raises a ValueError at once, not after the run.
+    Divergent transitions after warm-up (``result.diagnostics["divergences"]``) raise a warning.
 
     Args:
         model: a :class:`PyroModel` (``num_data`` None or equal to the number of data points: MCMC needs
@@ -354,6 +549,12 @@ def mcmc(
         raise TypeError(f"model must be a bdl.infer.PyroModel or a Pyro model function, got {type(model).__name__}")
     if isinstance(model, PyroModel):
         check_full_data("mcmc", model, args)
+        check_finite_data("mcmc", args)
+    if predict_inputs is not None:
+        _check_predict_inputs(model, args, predict_inputs, output_site)
+    # Pyro samples the chains in processes where they fit the CPUs, else one after another (warning)
+    if chain_method == "parallel" and 1 < num_chains <= max(torch.multiprocessing.cpu_count() - 1, 1):
+        _check_spawnable(model, args, kernel_options)
     if seed is not None:
         pyro.set_rng_seed(seed)
 
@@ -390,6 +591,16 @@ def mcmc(
                 key = f"chain {chain}"
                 diagnostics["divergences"].append(float(len(diag["divergences"][key])))
                 diagnostics["acceptance_rate"].append(float(diag["acceptance rate"][key]))
+    if any(diagnostics["divergences"]):
+        counts = [int(count) for count in diagnostics["divergences"]]
+        target = (kernel_options or {}).get("target_accept_prob", 0.8)
+        warnings.warn(
+            f"mcmc: {sum(counts)} divergent transitions after warm-up (per chain: {counts}): the chains may miss "
+            f"regions of the posterior (biased draws); raise kernel_options['target_accept_prob'] (now {target}, e.g. "
+            "to 0.95) for smaller steps, or reparameterise the model (e.g. non-centred priors)",
+            UserWarning,
+            stacklevel=2,
+        )
     chain_samples = {name: torch.cat([c[name] for c in chains], dim=0) for name in chains[0]}
     samples = {name: value.reshape((-1,) + value.shape[2:]) for name, value in chain_samples.items()}
     summary = PosteriorSummary(chain_samples, quantiles)

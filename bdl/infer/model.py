@@ -231,3 +231,21 @@ def check_full_data(engine: str, model: PyroModel, args: tuple) -> None:
             f"{engine} uses the full-data posterior: the PyroModel's num_data ({model.num_data}) must be None or the "
             f"number of data points given ({args[0].shape[0]}); train on minibatches with the Lightning Trainer"
         )
+
+
+def check_finite_data(engine: str, args: tuple) -> None:
+    """For ``svi`` and ``mcmc`` on a :class:`PyroModel`: the inputs ``x`` and floating-point targets ``y`` hold no NaN
+    or infinity. One missing value made every step's likelihood NaN: SVI failed in a Categorical's argument check,
+    MCMC with "cannot find valid initial parameters", neither naming the data."""
+    for name, what, value in (("x", "inputs", args[0]), ("y", "targets", args[1])):
+        if not value.is_floating_point():
+            continue
+        rows = value.reshape(value.shape[0] if value.dim() else 1, -1)
+        bad_rows = (~rows.isfinite()).any(1).nonzero()[:, 0]
+        if len(bad_rows):
+            row = int(bad_rows[0])
+            shown = rows[row].tolist() if rows.shape[1] <= 10 else f"tensor of shape {tuple(value.shape[1:])}"
+            raise ValueError(
+                f"{engine}: {name} (the {what}) must be finite, got NaN or inf in {len(bad_rows)} of {len(rows)} rows, the "
+                f"first at row {row}: {name}[{row}] = {shown}; drop or impute the missing values first"
+            )

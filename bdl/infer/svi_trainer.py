@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -13,7 +14,7 @@ from pyro.infer.autoguide import AutoGuide
 from torch import Tensor, nn
 
 from .guides import make_elbo, make_guide
-from .model import PyroModel, check_full_data
+from .model import PyroModel, check_finite_data, check_full_data
 from .predictive import (
     TASKS,
     network_outputs,
@@ -410,6 +411,11 @@ def svi(
     Returns:
         the fitted :class:`SVIModule`; ``.losses`` holds the loss (-ELBO) of every step.
 
+    Raises:
+        ValueError: a PyroModel's data ``x`` or ``y`` hold NaN or inf (the first bad row is named).
+        FloatingPointError: the loss is not finite at a step (e.g. a learning rate too large): the fit stops
+            there rather than return a module with NaN parameters.
+
     Example:
         >>> def model(y):
         ...     mu = pyro.sample("mu", pyro.distributions.Normal(0.0, 10.0))
@@ -423,6 +429,7 @@ def svi(
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
     if isinstance(model, PyroModel):
         check_full_data("svi", model, args)
+        check_finite_data("svi", args)
     module = SVIModule(
         model,
         guide,
@@ -435,15 +442,24 @@ def svi(
         num_samples=num_samples,
         example_args=args,
     )
+    optimizer_name = optimizer
     optimizer = module.configure_optimizers()  # no Trainer attached: the optimizer alone
     scheduler = exponential_decay(optimizer, lr_decay, num_steps)
     losses = []
-    for _ in range(num_steps):
+    for step in range(num_steps):
         optimizer.zero_grad(set_to_none=True)
         loss, _, _ = module.loss(*args)
+        value = loss.item()
+        if not math.isfinite(value):
+            # a step on a NaN loss makes every parameter NaN, and the run went on to return that "fit"
+            learning_rate = f"lr={lr:g}" if isinstance(optimizer_name, str) else "the optimizer's learning rate"
+            raise FloatingPointError(
+                f"svi: the loss is not finite at step {step + 1} of {num_steps} (loss={value}); lower {learning_rate}, "
+                "check the data for NaN/inf, or check the prior and guide scales (init_scale)"
+            )
         loss.backward()
         optimizer.step()
         scheduler.step()
-        losses.append(loss.item())
+        losses.append(value)
     module.losses = losses
     return module

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -106,5 +107,6 @@ def test_nuts_with_two_chains_reports_weight_and_function_space_diagnostics(monk
     assert "rank-normalised" in note
     for name in ("max_r_hat", "function_space_max_r_hat", "max_rank_r_hat", "function_space_max_rank_r_hat"):
         assert metrics[name] >= 1 or metrics[name] != metrics[name]  # R-hat >= 1, or NaN (a weight that never moved)
-    assert 0 < metrics["function_space_min_ess"] <= 2 * 6 or metrics["function_space_min_ess"] == float("inf")
+    # Stan's ESS of the mean is at most S log10(S) for S draws (more than S for antithetic chains)
+    assert 0 < metrics["function_space_min_ess"] <= 2 * 6 * math.log10(2 * 6) or metrics["function_space_min_ess"] == float("inf")
     assert metrics["rmse"] > 0 and metrics["divergences"] >= 0

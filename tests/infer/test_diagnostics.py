@@ -7,7 +7,7 @@ import torch
 from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 
 from bdl.infer import PosteriorSummary
-from bdl.infer.diagnostics import ess_bulk, ess_tail, rank_normalize, rank_r_hat
+from bdl.infer.diagnostics import ess_bulk, ess_mean, ess_tail, rank_normalize, rank_r_hat
 
 REFERENCE = np.load(Path(__file__).with_name("reference") / "diagnostics_reference.npz")
 CASES = sorted(name for name in REFERENCE.files if "/" not in name)
@@ -23,6 +23,37 @@ def test_rank_diagnostics_equal_arviz(case):
         assert float(rank_r_hat(draws)) == pytest.approx(r_hat, rel=1e-10)
     assert float(ess_bulk(draws)) == pytest.approx(bulk, rel=1e-10)
     assert float(ess_tail(draws)) == pytest.approx(tail, rel=1e-10)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ess_mean_equals_arviz(case):
+    """ArviZ 0.23's ess(method="mean") (split chains, Stan's ESS): the summary's n_eff."""
+    draws = torch.from_numpy(REFERENCE[case])
+    assert float(ess_mean(draws)) == pytest.approx(float(REFERENCE[case + "/ess_mean"]), rel=1e-10)
+
+
+def test_ess_mean_is_at_most_s_log10_s_where_pyros_ess_exceeds_the_draws():
+    draws = torch.randn(4, 10, generator=torch.Generator().manual_seed(292), dtype=torch.float64)  # 40 independent draws
+    assert float(effective_sample_size(draws, chain_dim=0, sample_dim=1)) > 500  # Pyro's: 569 of 40
+    # Stan's cap S log10(S); ArviZ gives 64.08239965311849 for these draws
+    assert float(ess_mean(draws)) == pytest.approx(40 * math.log10(40), rel=1e-12)
+
+
+def test_draws_with_nan_give_nan_diagnostics_for_that_element_alone():
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.randn(4, 200, 3, generator=generator, dtype=torch.float64)
+    draws[0, 100:, 0] = math.nan  # half of one chain
+    draws[:, :, 1] = math.nan  # every draw: the rank diagnostics called each an effective draw (ESS 800 of 800)
+    for diagnostic in (ess_bulk, ess_tail, rank_r_hat, ess_mean):
+        values = diagnostic(draws)
+        assert torch.isnan(values[:2]).all(), diagnostic.__name__  # ArviZ and Pyro: NaN
+        assert float(values[2]) == pytest.approx(float(diagnostic(draws[..., 2])), rel=1e-12)
+        assert not math.isnan(float(values[2]))
+    # an infinite draw has a rank (ArviZ's rank diagnostics stay finite) but no mean
+    infinite = draws[..., 2].clone()
+    infinite[1, 7] = math.inf
+    assert math.isnan(float(ess_mean(infinite)))
+    assert all(math.isfinite(float(diagnostic(infinite))) for diagnostic in (ess_bulk, ess_tail, rank_r_hat))
 
 
 def test_rank_r_hat_catches_a_chain_of_another_spread_that_split_r_hat_misses():

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -8,6 +9,7 @@ from pyro.infer.mcmc.util import summary as pyro_summary
 from torch import nn
 
 from bdl.infer import PosteriorSummary, PyroModel, mcmc
+from bdl.infer.diagnostics import ess_mean
 
 
 def test_nuts_recovers_the_exact_posterior_within_monte_carlo_error(nuts_run, linear_regression):
@@ -44,22 +46,25 @@ def test_mcmc_prediction_has_the_exact_epistemic_and_aleatoric_variance(nuts_run
     assert ((prediction.epistemic_variance[:, 0].double() / exact_var - 1).abs() < 0.3).all()
 
 
-def test_summary_uses_pyros_diagnostics_and_flags_chains_that_disagree():
+def test_summary_uses_pyros_r_hat_and_stans_ess_and_flags_chains_that_disagree():
     generator = torch.Generator().manual_seed(0)
     mixed = torch.randn(2, 400, 3, generator=generator)
     stuck = mixed + torch.tensor([0.0, 3.0]).reshape(2, 1, 1)  # second chain centred elsewhere
     good, bad = PosteriorSummary({"z": mixed}), PosteriorSummary({"z": stuck})
     reference = pyro_summary({"z": mixed.double()})["z"]
     torch.testing.assert_close(good["z"]["r_hat"], reference["r_hat"])
-    torch.testing.assert_close(good["z"]["n_eff"], reference["n_eff"])
+    torch.testing.assert_close(good["z"]["mean"], reference["mean"])
+    torch.testing.assert_close(good["z"]["std"], reference["std"])
+    torch.testing.assert_close(good["z"]["n_eff"], ess_mean(mixed))  # ArviZ's ESS of the mean (test_diagnostics)
+    assert ((good["z"]["n_eff"] / reference["n_eff"] - 1).abs() < 0.05).all()  # near Pyro's on long chains
     torch.testing.assert_close(good["z"]["95.0%"], mixed.reshape(-1, 3).double().quantile(0.95, dim=0), atol=0.02, rtol=0)
     assert good.max_r_hat < 1.01 and bad.max_r_hat > 1.5
-    # an element that never changes has no ESS (0 / 0), and must not take the others' with it (Pyro's does)
+    # an element that never changes has no ESS (0 / 0), and must not take the others' with it (Pyro's did)
     frozen = mixed.clone()
     frozen[..., 1] = 0.5
     partly = PosteriorSummary({"z": frozen})["z"]
     assert torch.isnan(partly["n_eff"][1]) and torch.isnan(partly["r_hat"][1])
-    torch.testing.assert_close(partly["n_eff"][[0, 2]], reference["n_eff"][[0, 2]])
+    torch.testing.assert_close(partly["n_eff"][[0, 2]], good["z"]["n_eff"][[0, 2]])
     torch.testing.assert_close(partly["r_hat"][[0, 2]], reference["r_hat"][[0, 2]])
     # nor hide them from the headline numbers (torch's max is NaN when one element is: a "max_r_hat > 1.01"
     # check passed for chains that disagree)
@@ -176,14 +181,14 @@ def test_unseeded_parallel_runs_seed_their_chain_processes_afresh(linear_regress
     assert torch.initial_seed() == 5  # bdl's data modules take their data order from it
 
 
-def test_predictive_summary_is_pyros_r_hat_and_ess_of_each_chains_predictions(nuts_run, linear_regression):
+def test_predictive_summary_is_the_r_hat_and_ess_of_each_chains_predictions(nuts_run, linear_regression):
     x = linear_regression.x[:5]
     summary = nuts_run.predictive_summary(x)
     weight, bias = nuts_run.chain_samples["weight"], nuts_run.chain_samples["bias"]  # [2, 200, 1, 1], [2, 200, 1]
     means = (weight[:, :, None, 0, 0] * x[:, 0] + bias).unsqueeze(-1)  # f(x) per chain and draw: [2, 200, 5, 1]
     reference = pyro_summary({"mean": means.double()})["mean"]
     torch.testing.assert_close(summary["mean"]["r_hat"], reference["r_hat"], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(summary["mean"]["n_eff"], reference["n_eff"], rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(summary["mean"]["n_eff"], ess_mean(means), rtol=1e-3, atol=1e-2)
     torch.testing.assert_close(summary["mean"]["mean"], means.double().mean((0, 1)), rtol=1e-4, atol=1e-5)
     # the known noise variance is the same in every draw: converged and exact, not NaN
     assert (summary["variance"]["r_hat"] == 1).all() and torch.isinf(summary["variance"]["n_eff"]).all()
@@ -252,3 +257,179 @@ def test_predictive_summary_of_class_probabilities_reports_saturated_ones_as_con
     stuck = _two_chain_result(model, {"scale": torch.ones(2, 300)})
     stuck_probs = stuck.predictive_summary(torch.tensor([0.5]), output_site="logits", task="classification")["probs"]
     assert torch.isnan(stuck_probs["r_hat"]).all() and torch.isnan(stuck_probs["n_eff"]).all()
+
+
+def test_summary_n_eff_is_at_most_s_log10_s_on_short_chains():
+    draws = torch.randn(4, 10, generator=torch.Generator().manual_seed(292), dtype=torch.float64)  # 40 independent draws
+    summary = PosteriorSummary({"a": draws})
+    # ArviZ's ess(method="mean") gives 64.08239965311849 = 40 log10(40) (Stan's cap); Pyro's ESS gave 568.8
+    assert float(summary["a"]["n_eff"]) == pytest.approx(64.08239965311849, rel=1e-10)
+    assert summary.min_ess == pytest.approx(64.08239965311849, rel=1e-10)
+
+
+def test_summary_of_draws_with_nan_warns_naming_them_and_has_nan_headline_numbers():
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randn(4, 200, generator=generator, dtype=torch.float64)
+    broken = torch.randn(4, 200, generator=generator, dtype=torch.float64)
+    broken[0, 100:] = math.nan  # half of one chain
+    with pytest.warns(RuntimeWarning, match=r"w\[0\] hold NaN"):
+        summary = PosteriorSummary({"w": torch.stack([broken, clean], -1), "b": torch.randn(4, 200, generator=generator)})
+    row = summary["w"]
+    for column in summary.columns:
+        assert torch.isnan(row[column][0]), column  # quantiles too: sorting put the NaN last, "5.0%" looked fine
+    # the clean element keeps its own numbers (Pyro's ESS of the site was NaN for both)
+    assert float(row["n_eff"][1]) == pytest.approx(float(ess_mean(clean)), rel=1e-12)
+    assert float(row["r_hat"][1]) < 1.01 and float(row["n_eff"][1]) > 400
+    # the broken element's R-hat is unknown, so is the largest: it was the clean element's, 0.997
+    for name in ("max_r_hat", "max_rank_r_hat", "min_ess", "min_ess_bulk", "min_ess_tail"):
+        assert math.isnan(getattr(summary, name)), name
+    # an element equal in every draw is still left out (0 / 0): not a reason for NaN
+    frozen = torch.stack([clean, torch.full_like(clean, 0.5)], -1)
+    assert PosteriorSummary({"w": frozen}).min_ess == pytest.approx(float(ess_mean(clean)), rel=1e-12)
+
+
+def test_quantile_columns_keep_levels_below_a_tenth_of_a_percent_and_refuse_equal_labels():
+    draws = torch.randn(2, 2000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    summary = PosteriorSummary({"a": draws}, quantiles=(0.0005, 0.001, 0.0254, 0.025))
+    assert summary.columns[2:6] == ["0.05%", "0.1%", "2.54%", "2.5%"]
+    exact = pyro.ops.stats.quantile(draws.reshape(-1), [0.0005, 0.001, 0.0254, 0.025], dim=0)
+    for label, value in zip(summary.columns[2:6], exact):
+        assert float(summary["a"][label]) == float(value)  # each its own level: "0.1%" twice showed one value
+    assert len({float(summary["a"][label]) for label in summary.columns[2:6]}) == 4
+    assert PosteriorSummary({"a": draws}).columns[2:7] == ["5.0%", "25.0%", "50.0%", "75.0%", "95.0%"]  # as they were
+    with pytest.raises(ValueError, match="distinct"):
+        PosteriorSummary({"a": draws}, quantiles=(0.5, 0.5))
+
+
+def regression_model(x, y=None):
+    """Module level, so worker processes can import it."""
+    slope = pyro.sample("slope", dist.Normal(0.0, 2.0))
+    with pyro.plate("data", x.shape[0]):
+        return pyro.sample("obs", dist.Normal(slope * x, 0.5), obs=y)
+
+
+class SamplingStarted(Exception):
+    pass
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """bdl's MCMC replaced by one that stops at once: what mcmc checks before sampling, without sampling."""
+    import sys
+
+    class Stopping:
+        def __init__(self, *args, **kwargs):
+            raise SamplingStarted
+
+    monkeypatch.setattr(sys.modules["bdl.infer.mcmc"], "MCMC", Stopping)
+
+
+def _fake_main(monkeypatch, path=None):
+    """``__main__`` replaced by a module holding ``regression_model``'s code as ``model`` (with ``__file__`` = ``path``)."""
+    import sys
+    import types
+
+    main = types.ModuleType("__main__")
+    if path is not None:
+        main.__file__ = str(path)
+    model = types.FunctionType(regression_model.__code__, regression_model.__globals__, "model")
+    model.__module__, model.__qualname__ = "__main__", "model"
+    main.model = model
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    return model
+
+
+@pytest.mark.parametrize("case", ["local", "notebook", "main_guard", "stdin"])
+def test_parallel_chains_refuse_a_model_that_worker_processes_cannot_load(case, monkeypatch, no_sampling, tmp_path):
+    """Spawned workers that could not unpickle the model died, and Pyro waited for their chains forever."""
+    import torch.multiprocessing
+
+    monkeypatch.setattr(torch.multiprocessing, "cpu_count", lambda: 4)  # Pyro runs 2 chains in processes
+    x = torch.linspace(-1, 1, 20)
+    if case == "local":
+
+        def model(x, y=None):
+            return regression_model(x, y)
+
+        expected = "cannot be pickled"
+    elif case == "notebook":
+        model, expected = _fake_main(monkeypatch), "interactive __main__"
+    elif case == "main_guard":
+        script = tmp_path / "script.py"
+        script.write_text('import pyro\n\nif __name__ == "__main__":\n    def model(x, y=None):\n        pass\n    main()\n')
+        model, expected = _fake_main(monkeypatch, script), "under `if __name__ == \"__main__\":`"
+    else:  # python - < script.py: the worker runs __main__'s "file" first, whatever the model
+        _fake_main(monkeypatch, "<stdin>")
+        model, expected = regression_model, "not a file"
+    with pytest.raises(ValueError, match=rf"parallel.*{expected}.*chain_method=\"sequential\""):
+        mcmc(model, x, 1.5 * x, num_samples=20, warmup_steps=20, num_chains=2, chain_method="parallel", seed=0)
+
+
+def test_parallel_chains_accept_a_model_that_worker_processes_can_load(monkeypatch, no_sampling, tmp_path, linear_regression):
+    import torch.multiprocessing
+
+    monkeypatch.setattr(torch.multiprocessing, "cpu_count", lambda: 4)
+    x = torch.linspace(-1, 1, 20)
+    script = tmp_path / "script.py"
+    script.write_text('def model(x, y=None):\n    pass\n\nif __name__ == "__main__":\n    main()\n')
+    data = linear_regression
+    for model in (regression_model, _fake_main(monkeypatch, script)):  # importable; defined at a script's top level
+        with pytest.raises(SamplingStarted):
+            mcmc(model, x, 1.5 * x, num_samples=20, num_chains=2, chain_method="parallel", seed=0)
+    with pytest.raises(SamplingStarted):
+        mcmc(data.pyro_model(), data.x, data.y, num_samples=20, num_chains=2, chain_method="parallel", seed=0)
+    # chains that run one after another (more chains than spare CPUs) are not checked: a local model works there
+    local = lambda x, y=None: regression_model(x, y)  # noqa: E731
+    with pytest.raises(SamplingStarted):
+        mcmc(local, x, 1.5 * x, num_samples=20, num_chains=4, chain_method="parallel", seed=0)
+
+
+def test_predict_inputs_that_do_not_fit_the_model_are_refused_before_sampling(no_sampling):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 3, generator=generator)
+    y = (x[:, 0] > 0).long()
+    model = PyroModel(nn.Linear(3, 2), "categorical")
+    with pytest.raises(ValueError, match=r"predict_inputs do not fit the network.*\(1, 7\)"):  # was after sampling
+        mcmc(model, x, y, num_samples=20, predict_inputs=torch.randn(5, 7), seed=0)
+    with pytest.raises(SamplingStarted):  # inputs that fit, as a tensor or as batches
+        mcmc(model, x, y, num_samples=20, predict_inputs=torch.randn(5, 3), seed=0)
+    with pytest.raises(SamplingStarted):
+        mcmc(model, x, y, num_samples=20, predict_inputs=[(torch.randn(5, 3), torch.zeros(5))], seed=0)
+    line = torch.linspace(-1, 1, 20)
+    with pytest.raises(ValueError, match="output_site 'mean' is not a site"):
+        mcmc(regression_model, line, line, num_samples=20, predict_inputs=(line,), task="regression", output_site="mean")
+    with pytest.raises(ValueError, match="model function fails on predict_inputs"):
+        mcmc(regression_model, line, line, num_samples=20, predict_inputs=("not a tensor",), task="regression")
+    state = torch.get_rng_state()
+    with pytest.raises(SamplingStarted):
+        mcmc(regression_model, line, line, num_samples=20, predict_inputs=(line[:3],), task="regression")
+    assert torch.equal(torch.get_rng_state(), state)  # the trial run drew from a forked generator
+
+
+def test_mcmc_names_the_first_row_of_data_holding_nan():
+    x, y = torch.randn(20, 3, generator=torch.Generator().manual_seed(0)), torch.arange(20) % 2
+    x[4, 1] = math.nan
+    with pytest.raises(ValueError, match=r"mcmc: x \(the inputs\) must be finite, got NaN or inf in 1 of 20 rows, the first at row 4"):
+        mcmc(PyroModel(nn.Linear(3, 2)), x, y, num_samples=4, warmup_steps=2, num_chains=1)
+    targets = torch.zeros(20)
+    targets[[7, 9]] = math.inf
+    with pytest.raises(ValueError, match=r"y \(the targets\) must be finite, got NaN or inf in 2 of 20 rows, the first at row 7"):
+        mcmc(PyroModel(nn.Linear(3, 1), "gaussian"), x.nan_to_num(), targets, num_samples=4, warmup_steps=2, num_chains=1)
+
+
+def test_divergent_transitions_after_warmup_raise_a_warning_with_the_count_per_chain():
+    y = torch.randn(20, generator=torch.Generator().manual_seed(0)) + 3
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=y)
+
+    with pytest.warns(UserWarning, match=r"divergent transitions after warm-up \(per chain: \[\d+, \d+\]\).*target_accept_prob") as caught:
+        result = mcmc(model, y, num_samples=30, warmup_steps=0, num_chains=2, seed=0, kernel_options={"step_size": 3.0, "adapt_step_size": False})
+    counts = [int(count) for count in result.diagnostics["divergences"]]
+    assert sum(counts) > 0 and any(f"per chain: {counts}" in str(warning.message) for warning in caught)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # an adapted step size: no divergence, no warning
+        quiet = mcmc(model, y, num_samples=30, warmup_steps=50, num_chains=2, seed=0)
+    assert sum(quiet.diagnostics["divergences"]) == 0

@@ -327,3 +327,32 @@ def test_posterior_draws_are_detached_copies_and_zero_samples_are_refused():
     for call in (lambda: fitted.sample_posterior(0), lambda: fitted.predict(x, num_samples=0)):  # 0 meant the default
         with pytest.raises(ValueError, match="num_samples must be a positive int, got 0"):
             call()
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_svi_stops_at_the_first_non_finite_loss_naming_the_step():
+    # lr=1e8 diverges in a few steps: svi stepped on through NaN losses and returned a module with NaN parameters
+    x, y = torch.randn(20, 3, generator=torch.Generator().manual_seed(0)), torch.arange(20) % 2
+
+    def fit(num_steps):
+        torch.manual_seed(0)
+        return svi(PyroModel(nn.Linear(3, 2), num_data=20), x, y, num_steps=num_steps, lr=1e8)
+
+    with pytest.raises(FloatingPointError, match=r"svi: the loss is not finite at step (\d+) of 30 \(loss=(nan|inf|-inf)\); lower lr=1e\+08") as caught:
+        fit(30)
+    step = int(caught.value.args[0].split("at step ")[1].split()[0])
+    assert 1 < step < 30
+    before = fit(step - 1)  # the same random stream: every loss before that step is finite
+    assert len(before.losses) == step - 1 and all(torch.isfinite(torch.tensor(before.losses)))
+
+
+def test_svi_names_the_first_row_of_data_holding_nan():
+    # Pyro failed in the Categorical's argument check with a dump of NaN logits, not naming the data
+    x, y = torch.randn(20, 3, generator=torch.Generator().manual_seed(0)), torch.arange(20) % 2
+    x[4, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"svi: x \(the inputs\) must be finite, got NaN or inf in 1 of 20 rows, the first at row 4: x\[4\] = \[.*nan"):
+        svi(PyroModel(nn.Linear(3, 2), num_data=20), x, y, num_steps=2)
+    targets = torch.randn(20)
+    targets[11] = float("nan")
+    with pytest.raises(ValueError, match=r"y \(the targets\) must be finite, got NaN or inf in 1 of 20 rows, the first at row 11"):
+        svi(PyroModel(nn.Linear(3, 1), "gaussian", num_data=20), x.nan_to_num(), targets, num_steps=2)

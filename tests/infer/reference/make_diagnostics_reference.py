@@ -1,4 +1,5 @@
-"""Writes diagnostics_reference.npz: MCMC-like draws and ArviZ's rank-normalised R-hat, bulk and tail ESS of them.
+"""Writes diagnostics_reference.npz: MCMC-like draws and ArviZ's rank-normalised R-hat, bulk and tail ESS of them,
+and ArviZ's ESS of the mean (``ess(method="mean")``, what bdl's ``n_eff`` column reports).
 
 Run once with ArviZ installed (not a bdl dependency); the test reads the file. Made with arviz 0.23.4,
 numpy 2.4.6, scipy 1.17.1: ``python make_diagnostics_reference.py``.
@@ -37,4 +38,5 @@ for name, draws in cases.items():
     rhat = float(az.rhat(draws, method="rank")) if draws.shape[0] > 1 else np.nan  # ArviZ wants 2 chains
     arrays[name] = draws
     arrays[name + "/reference"] = np.array([rhat, float(az.ess(draws, method="bulk")), float(az.ess(draws, method="tail"))])
+    arrays[name + "/ess_mean"] = np.array(float(az.ess(draws, method="mean")))
 np.savez_compressed(Path(__file__).with_name("diagnostics_reference.npz"), **arrays)
