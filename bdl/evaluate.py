@@ -585,7 +585,13 @@ def evaluate(
     task = prediction.task
     device = (prediction.probs if task == "classification" else prediction.mean).device
     targets = M._checks.as_tensor(targets, "test targets").to(device)
-    if task == "classification" and targets.is_floating_point() and bool(((targets != targets.round()) & ~targets.isnan()).any()):
+    if task == "classification" and targets.is_floating_point() and not bool(targets.isfinite().all()):
+        bad = (~targets.isfinite()).reshape(len(targets), -1).any(1).nonzero()[:, 0]
+        raise ValueError(
+            f"`test targets` must be class labels, got NaN or inf in {len(bad)} of {len(targets)} rows, the first "
+            f"at row {int(bad[0])}: drop those examples"
+        )
+    if task == "classification" and targets.is_floating_point() and bool((targets != targets.round()).any()):
         # "must hold integer class labels" did not say why a regression was taken for a classification
         raise TypeError(
             f"`test targets` must hold integer class labels, got dtype {targets.dtype} with fractional values: for a "

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_internals
-from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from ._outputs import draw_stacked, output_parts
 from .metrics.functional._checks import all_finite, probability_sum_tolerance
@@ -1127,8 +1127,10 @@ def _read_in_order(inputs: Any) -> bool:  # noqa: ANN401
     the ``k``-th input read is row ``k``; not a shuffling loader's (``loader``: evaluate's recorder of one)."""
     loader = getattr(inputs, "loader", inputs)
     if isinstance(loader, DataLoader):
-        sampler = getattr(loader.batch_sampler, "sampler", None) or loader.sampler
-        return isinstance(sampler, SequentialSampler)
+        batches = loader.batch_sampler  # a custom one may reorder rows whatever loader.sampler says
+        if batches is not None and type(batches) is not BatchSampler:
+            return False
+        return isinstance(loader.sampler if batches is None else batches.sampler, SequentialSampler)
     return isinstance(inputs, (Tensor, tuple, list, Dataset))
 
 

@@ -154,9 +154,8 @@ def test_a_task_that_contradicts_the_prediction_or_targets_is_named():
     assert evaluate(nn.Linear(4, 1), (x, y), task="regression").task == "regression"
     nan_label = (torch.arange(6) % 3).float()
     nan_label[2] = math.nan  # a NaN label is not a regression's target: not that hint
-    with pytest.raises((TypeError, ValueError)) as error:
+    with pytest.raises(ValueError, match=r"`test targets` must be class labels, got NaN or inf in 1 of 6 rows, the first at row 2"):
         evaluate(prediction, nan_label)
-    assert "task='regression'" not in str(error.value)
     with pytest.raises(TypeError, match="got tuple: convert numpy arrays with torch.from_numpy"):
         evaluate(nn.Linear(4, 3), (x.numpy(), (torch.arange(6) % 3).numpy()))
 

@@ -507,6 +507,16 @@ def test_a_non_finite_output_names_the_inputs_and_the_likely_cause():
     shuffled = DataLoader(TensorDataset(holes), batch_size=30, shuffle=True, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"for [12] of the batch's \d+ inputs \(inputs \[[\d, ]+\] in the order the loader gave them\); those inputs hold NaN"):
         bdl.predict(nn.Sequential(nn.Linear(4, 3)), shuffled)
+
+    class Reversed(torch.utils.data.Sampler):  # a batch sampler of its own: loader.sampler still says "in order"
+        def __iter__(self):
+            yield list(range(99, -1, -1))
+
+        def __len__(self) -> int:
+            return 1
+
+    with pytest.raises(ValueError, match=r"\(inputs \[57, 82\] in the order the loader gave them\)"):
+        bdl.predict(nn.Sequential(nn.Linear(4, 3)), DataLoader(TensorDataset(holes), batch_sampler=Reversed()))
     fine = nn.Sequential(nn.Linear(4, 3))
     with pytest.raises(ValueError, match=r"^ood_data: the model returned non-finite logits .* for 1 of the batch's 5 inputs \(rows \[2\]"):
         bdl.evaluate(fine, (x, torch.arange(100) % 3), ood_data=holes[15:20])

@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-import ast
-import io
 import math
-import multiprocessing.process
-import os
-import pickle
-import sys
-import types
 import warnings
-from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
@@ -23,6 +15,7 @@ from pyro import poutine
 from pyro.infer import HMC, MCMC, NUTS
 from pyro.ops import stats
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .diagnostics import ess_bulk, ess_mean, ess_tail, rank_r_hat
 from .model import PyroModel, check_finite_data, check_full_data
@@ -37,8 +30,9 @@ CHAIN_METHODS = ("sequential", "parallel")
 
 
 def _constant_elements(chains: Tensor) -> Tensor:
-    """``[*shape]`` bool: the elements of ``[num_chains, num_samples, *shape]`` draws equal in every draw."""
-    return (chains == chains[:1, :1]).flatten(0, 1).all(0)
+    """``[*shape]`` bool: the elements of ``[num_chains, num_samples, *shape]`` draws equal in every draw, to a
+    finite value (an element infinite in every draw is not a 0 / 0 to leave out: its statistics are unknown)."""
+    return ((chains == chains[:1, :1]) & chains.isfinite()).flatten(0, 1).all(0)
 
 
 _SAMPLE_SIZES = ("n_eff", "ess_bulk", "ess_tail")
@@ -107,9 +101,10 @@ class PosteriorSummary:
         if not_finite:
             shown = ", ".join(not_finite[:5]) + (f" and {len(not_finite) - 5} more" if len(not_finite) > 5 else "")
             warnings.warn(
-                f"PosteriorSummary: the draws of {shown} hold NaN or infinite values: their mean, ESS and R-hat are NaN, "
-                "and so are max_r_hat, min_ess and the other headline numbers (the chain diverged, or the model's "
-                "outputs overflowed)",
+                f"PosteriorSummary: the draws of {shown} hold NaN or infinite values: their classic statistics (mean, "
+                "std, n_eff, r_hat) are not finite, and so are max_r_hat and min_ess (with NaN draws the rank-normalised "
+                "ones and their headline numbers too; infinite draws still have ranks); the chain diverged, or the "
+                "model's outputs overflowed",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -310,126 +305,69 @@ class MCMCResult:
         return summary
 
 
-class _Discard(io.RawIOBase):
-    """A file that forgets what is written (pickling to find what a pickle refers to, without a copy)."""
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:  # noqa: ANN001
-        return len(data)
+_TRIAL_SECONDS = 300  # a spawned process that has not loaded the model by then: not a verdict, a warning
 
 
-def _is_main_guard(test: ast.expr) -> bool:
-    """Whether an ``if`` test is ``__name__ == "__main__"`` (either way round)."""
-    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
-        return False
-    sides = [test.left, test.comparators[0]]
-    return any(isinstance(a, ast.Name) and a.id == "__name__" for a in sides) and any(
-        isinstance(a, ast.Constant) and a.value == "__main__" for a in sides
-    )
-
-
-def _defined_only_under_main_guard(name: str, path: str) -> bool:
-    """Whether the script ``path`` defines the top-level ``name`` only inside ``if __name__ == "__main__":``, which a
-    spawned process (it runs the script as ``__mp_main__``) skips. False where the file cannot be read or parsed."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            tree = ast.parse(file.read())
-    except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
-        return False
-    outside: set[str] = set()
-    guarded: set[str] = set()
-
-    def visit(statements: list, names: set[str]) -> None:
-        for node in statements:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                names.add(node.name)
-            elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
-            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
-                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-                names.update(n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name))
-            elif isinstance(node, ast.If) and _is_main_guard(node.test):
-                visit(node.body, guarded)
-                visit(node.orelse, names)
-            else:  # if, for, while, with, try: their blocks run at import
-                for child in ast.iter_child_nodes(node):
-                    if isinstance(child, ast.stmt):
-                        visit([child], names)
-                    elif isinstance(child, ast.excepthandler):
-                        visit(child.body, names)
-
-    visit(tree.body, outside)
-    return name in guarded and name not in outside
+def _loaded(*payload: Any) -> None:  # noqa: ANN401
+    """A trial worker's work: none. Unpickling ``payload`` (the model, kernel options and data), which the
+    spawned process did before calling this, is the test."""
 
 
 def _check_spawnable(model: Any, args: tuple, kernel_options: Optional[dict]) -> None:  # noqa: ANN401
     """Raise a ValueError where chains in spawned worker processes could not load the model.
 
-    A spawned worker unpickles the kernel (with the model) and the data; a function or class that it cannot
-    import made it die while Pyro's parent process waited for its draws forever. Pickling finds what the model
-    refers to: local objects fail at once; a function or class of ``__main__`` loads in the worker only where
-    ``__main__`` is a file (not a notebook or a REPL), which the worker runs as ``__mp_main__`` without its
-    ``if __name__ == "__main__":`` block; and a script read from standard input has no file to run at all.
+    A worker that cannot (a model defined inside a function, in a notebook, under ``if __name__ ==
+    "__main__":``, in a script run with ``python -m`` or from standard input, or a script without that guard,
+    which the worker runs again up to its ``mcmc`` call) dies before its first draw, and Pyro's parent
+    process waited for its draws forever. So one process is spawned first with the same payload, as Pyro
+    spawns its workers, and must load it and exit cleanly: a few seconds (it imports torch and what the
+    model needs) before chains that take longer.
     """
-    fix = "define the model (and its network class) at module level of an importable .py file, or use chain_method=\"sequential\""
-    referred: list[Any] = []
-
-    class Recording(pickle.Pickler):
-        def reducer_override(self, obj: Any) -> Any:  # noqa: ANN401
-            if isinstance(obj, (type, types.FunctionType)):
-                referred.append(obj)
-            elif isinstance(obj, Tensor):  # its class, not its data (a copy of the whole data set)
-                referred.append(type(obj))
-                return torch.empty, (0,)
-            return NotImplemented
-
+    fix = (
+        "define the model (and its network class) at module level of an importable .py file, with the script's own "
+        "code under `if __name__ == \"__main__\":` (a spawned process runs the rest of the script again), or use "
+        "chain_method=\"sequential\""
+    )
+    trial = torch.multiprocessing.get_context("spawn").Process(target=_loaded, args=(model, kernel_options, args), daemon=True)
     try:
-        Recording(_Discard(), protocol=pickle.HIGHEST_PROTOCOL).dump((model, kernel_options, args))
-    except (pickle.PicklingError, AttributeError, TypeError) as error:
+        trial.start()
+    except Exception as error:  # noqa: BLE001 - pickling here: a local function, a lambda; or a worker's own mcmc call
         raise ValueError(
             f"mcmc: chain_method=\"parallel\" runs each chain in a spawned process, which loads the model from a "
-            f"pickle, and the model cannot be pickled ({error}); {fix}"
+            f"pickle, and the model cannot be sent to one ({type(error).__name__}: {error}); {fix}"
         ) from error
-    main = sys.modules.get("__main__")
-    main_path = getattr(main, "__file__", None)  # "<stdin>" for `python - < script.py`
-    if main_path is not None and getattr(getattr(main, "__spec__", None), "name", None) is None:
-        # a worker runs __main__'s file first (as multiprocessing finds it), and died where there was none
-        if not os.path.isfile(os.path.join(multiprocessing.process.ORIGINAL_DIR or "", main_path)):
-            raise ValueError(
-                f"mcmc: chain_method=\"parallel\" runs each chain in a spawned process, which first runs the script "
-                f"of __main__, {main_path!r}, and that is not a file (a script read from standard input); run the "
-                "script from a file, or use chain_method=\"sequential\""
-            )
-    for obj in referred:
-        qualname = getattr(obj, "__qualname__", "")
-        where = None
-        if "<locals>" in qualname:
-            where = "inside a function"
-        elif getattr(obj, "__module__", None) == "__main__":
-            if main_path is None:
-                where = "in an interactive __main__ (a notebook or a REPL), which a worker cannot import"
-            elif _defined_only_under_main_guard(qualname.split(".")[0], main_path):
-                where = 'under `if __name__ == "__main__":`, which a worker does not run'
-        if where is not None:
-            raise ValueError(
-                f"mcmc: chain_method=\"parallel\" runs each chain in a spawned process, which could not load "
-                f"{qualname!r}: it is defined {where} (Pyro would wait for those chains forever); {fix}"
-            )
+    trial.join(_TRIAL_SECONDS)
+    if trial.is_alive():
+        trial.kill()
+        trial.join()
+        warnings.warn(
+            f"mcmc: a trial spawned process had not loaded the model after {_TRIAL_SECONDS} s; sampling in "
+            "processes anyway (if the chains never finish, use chain_method=\"sequential\")",
+            UserWarning,
+            stacklevel=3,
+        )
+    elif trial.exitcode != 0:
+        raise ValueError(
+            f"mcmc: chain_method=\"parallel\" runs each chain in a spawned process, and a trial one could not load "
+            f"the model (exit code {trial.exitcode}; its error is printed above; Pyro would wait for those chains "
+            f"forever); {fix}"
+        )
 
 
 def _check_predict_inputs(model: Any, args: tuple, predict_inputs: Any, output_site: str) -> None:  # noqa: ANN401
     """Raise a ValueError where ``predict_inputs`` do not fit the model, before sampling: a forward pass of the
-    network on their first row (PyroModel), or a run of the model function on them, with the network's own
-    weights or a prior draw (the randomness of the caller's generator left as it was)."""
-    if isinstance(model, PyroModel):
-        from ..predict import _batches
+    network on their first row (PyroModel), or a run of the model function on them, in eval mode (a BatchNorm's
+    statistics stay as they are), with the network's own weights or a prior draw (the randomness of the caller's
+    generator left as it was). Only inputs that can be read twice (tensors, tuples, a map-style Dataset or a
+    loader over one) are tried, and only where the training inputs pass the same trial."""
+    from ..predict import _batches
 
-        if isinstance(predict_inputs, Iterator):
-            return  # a one-shot iterator, whose first batch the check would use up
+    if isinstance(model, PyroModel):
+        data = predict_inputs.dataset if isinstance(predict_inputs, DataLoader) else predict_inputs
+        if not isinstance(data, (Tensor, tuple, list, Dataset)) or isinstance(data, IterableDataset):
+            return  # a stream, whose first batch the check would use up
         try:
-            first, _ = next(_batches(predict_inputs, 1))
+            first, _ = next(_batches(data, 1))
         except StopIteration:
             raise ValueError("mcmc: predict_inputs hold no batch") from None
         except (TypeError, ValueError) as error:
@@ -437,26 +375,32 @@ def _check_predict_inputs(model: Any, args: tuple, predict_inputs: Any, output_s
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         with torch.no_grad(), _eval_mode(model):
             try:
-                expected = model.run_net({}, args[0][:1].to(device))
+                model.run_net({}, args[0][:1].to(device))
             except (RuntimeError, ValueError, TypeError, IndexError):
                 return  # the training inputs fail too: sampling says how, as it did
             try:
-                output = model.run_net({}, first[:1].to(device))
+                model.run_net({}, first[:1].to(device))
             except (RuntimeError, ValueError, TypeError, IndexError) as error:
                 raise ValueError(
                     f"mcmc: predict_inputs do not fit the network (checked before sampling): inputs of shape "
                     f"{tuple(first.shape)} failed where the training inputs x are {tuple(args[0].shape)}: {error}"
                 ) from error
-        if output.shape[1:] != expected.shape[1:]:
-            raise ValueError(
-                f"mcmc: predict_inputs give network outputs of shape {tuple(output.shape[1:])} per input, the training "
-                f"inputs x {tuple(expected.shape[1:])}: inputs of shape {tuple(first.shape)} against {tuple(args[0].shape)}"
-            )
+        return
+    if not isinstance(predict_inputs, (Tensor, tuple, list)):
         return
     inputs = tuple(predict_inputs) if isinstance(predict_inputs, (tuple, list)) else (predict_inputs,)
+
+    def trace_of(model_args: tuple) -> Any:  # noqa: ANN401
+        modes = _eval_mode(model) if isinstance(model, nn.Module) else nullcontext()
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), private_param_store(), pyro.validation_enabled(False), modes:
+            return poutine.trace(model).get_trace(*model_args)
+
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), private_param_store(), pyro.validation_enabled(False):
-            trace = poutine.trace(model).get_trace(*inputs)
+        trace_of(args)
+    except Exception:  # noqa: BLE001 - a prior that cannot be sampled (ImproperUniform): no trial is possible
+        return
+    try:
+        trace = trace_of(inputs)
     except Exception as error:  # noqa: BLE001 (the user's code: what it raises here, predicting after sampling raised)
         raise ValueError(f"mcmc: the model function fails on predict_inputs (checked before sampling): {error}") from error
     if output_site not in trace.nodes or trace.nodes[output_site]["type"] != "sample":
@@ -492,7 +436,9 @@ def mcmc(
     ``seed``); ``"parallel"`` lets Pyro run them in subprocesses (when there are more CPUs than chains),
     started with ``spawn`` (a forked worker fails once autograd has started its threads), so the model
     must be picklable: a :class:`PyroModel`, or a model function defined at module level of an importable
-    file (not in a notebook, nor under ``if __name__ == "__main__":``); a ValueError says so before sampling.
+    file (not in a notebook, nor under ``if __name__ == "__main__":``, and a script's own code under that
+    guard). One trial process is spawned first (a few seconds) and must load the model, else a ValueError
+    says so before sampling: a worker that could not load it left Pyro waiting forever.
 
     The data (a PyroModel's ``x`` and ``y``) must be finite, and ``predict_inputs`` are tried on the network
     (or the model function) before sampling: either mistake raises a ValueError at once, not after the run.

@@ -238,6 +238,8 @@ def check_finite_data(engine: str, args: tuple) -> None:
     or infinity. One missing value made every step's likelihood NaN: SVI failed in a Categorical's argument check,
     MCMC with "cannot find valid initial parameters", neither naming the data."""
     for name, what, value in (("x", "inputs", args[0]), ("y", "targets", args[1])):
+        if value.dim() and value.shape[0] == 0:  # torch's "cannot reshape tensor of 0 elements", or Pyro's 1 / 0
+            raise ValueError(f"{engine}: {name} (the {what}) has no rows, got shape {tuple(value.shape)}")
         if not value.is_floating_point():
             continue
         rows = value.reshape(value.shape[0] if value.dim() else 1, -1)

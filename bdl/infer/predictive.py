@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Union
 
 import pyro
@@ -267,7 +267,10 @@ def predict_function_model(
     if not samples:
         raise ValueError("samples is empty: pass posterior samples of the model's latent sites")
     num_samples = next(iter(samples.values())).shape[0]
-    with torch.no_grad():
+    # a model that is a module (a PyroModule) predicts in eval mode, as it was sampled: a BatchNorm's running
+    # statistics moved to the new inputs' in training mode
+    modes = _eval_mode(model) if isinstance(model, nn.Module) else nullcontext()
+    with torch.no_grad(), modes:
         single = pyro.poutine.trace(pyro.poutine.condition(model, {k: v[0] for k, v in samples.items()})).get_trace(*args, **kwargs)
         if output_site not in single.nodes or single.nodes[output_site]["type"] != "sample":
             raise ValueError(f"output_site {output_site!r} is not a site of the model")

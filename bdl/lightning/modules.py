@@ -751,6 +751,13 @@ class VariationalModule(UncertaintyModule):
         return {"loss": loss, "nll": nll, "kl": kl.detach(), "kl_weight": torch.tensor(kl_weight)}
 
 
+def _length(value: Any) -> Optional[int]:  # noqa: ANN401
+    try:
+        return len(value)
+    except TypeError:
+        return None
+
+
 def _flat_indices(indices: Any) -> bool:  # noqa: ANN401
     """Whether ``indices`` is a flat sequence of row indices (integers), not a list of lists or of other things."""
     if isinstance(indices, Tensor):
@@ -772,10 +779,12 @@ def _training_set_size(trainer: L.Trainer) -> int:
     for sampler in (getattr(batch_sampler, "sampler", None), getattr(loader, "sampler", None)):
         if isinstance(sampler, DistributedSampler):  # Lightning's under DDP, over the dataset or the user's sampler
             sampler = getattr(sampler.dataset, "_sampler", None)
-        # the rows a subset sampler or a flat index list draws from (another sampler's `indices` may mean
-        # anything: one list per class, say); a BatchSampler's own sampler first, a plain loader's after
-        indices = sampler.indices if isinstance(sampler, SubsetRandomSampler) else sampler
-        if isinstance(indices, (Sequence, Tensor, np.ndarray)) and _flat_indices(indices):
+        # the rows a subset sampler (torch's, or one of its kind: flat `indices`, one draw of each per epoch) or a
+        # flat index list draws from; another sampler's `indices` may mean anything (one list per class, say); a
+        # BatchSampler's own sampler first, a plain loader's after
+        indices = getattr(sampler, "indices", None) if not isinstance(sampler, (Sequence, Tensor, np.ndarray)) else sampler
+        subset = indices is sampler or isinstance(sampler, SubsetRandomSampler) or _length(sampler) == _length(indices)
+        if isinstance(indices, (Sequence, Tensor, np.ndarray)) and subset and _flat_indices(indices):
             return len(indices)
     try:
         return len(loader.dataset)

@@ -286,6 +286,10 @@ def test_summary_of_draws_with_nan_warns_naming_them_and_has_nan_headline_number
     # an element equal in every draw is still left out (0 / 0): not a reason for NaN
     frozen = torch.stack([clean, torch.full_like(clean, 0.5)], -1)
     assert PosteriorSummary({"w": frozen}).min_ess == pytest.approx(float(ess_mean(clean)), rel=1e-12)
+    # but one infinite in every draw is not a 0 / 0 to leave out: max_r_hat looked converged (1.0009)
+    with pytest.warns(RuntimeWarning, match=r"the draws of w\[1\] hold NaN or infinite values"):
+        overflowed = PosteriorSummary({"w": torch.stack([clean, torch.full_like(clean, math.inf)], -1)})
+    assert math.isnan(overflowed.max_r_hat) and math.isnan(overflowed.max_rank_r_hat)
 
 
 def test_quantile_columns_keep_levels_below_a_tenth_of_a_percent_and_refuse_equal_labels():
@@ -341,7 +345,8 @@ def _fake_main(monkeypatch, path=None):
 
 @pytest.mark.parametrize("case", ["local", "notebook", "main_guard", "stdin"])
 def test_parallel_chains_refuse_a_model_that_worker_processes_cannot_load(case, monkeypatch, no_sampling, tmp_path):
-    """Spawned workers that could not unpickle the model died, and Pyro waited for their chains forever."""
+    """Spawned workers that could not unpickle the model died, and Pyro waited for their chains forever: a trial
+    process spawned first must load it."""
     import torch.multiprocessing
 
     monkeypatch.setattr(torch.multiprocessing, "cpu_count", lambda: 4)  # Pyro runs 2 chains in processes
@@ -351,18 +356,41 @@ def test_parallel_chains_refuse_a_model_that_worker_processes_cannot_load(case, 
         def model(x, y=None):
             return regression_model(x, y)
 
-        expected = "cannot be pickled"
+        expected = "cannot be sent to one \\((AttributeError|PicklingError)"
     elif case == "notebook":
-        model, expected = _fake_main(monkeypatch), "interactive __main__"
+        model, expected = _fake_main(monkeypatch), "a trial one could not load the model \\(exit code 1"
     elif case == "main_guard":
         script = tmp_path / "script.py"
         script.write_text('import pyro\n\nif __name__ == "__main__":\n    def model(x, y=None):\n        pass\n    main()\n')
-        model, expected = _fake_main(monkeypatch, script), "under `if __name__ == \"__main__\":`"
+        model, expected = _fake_main(monkeypatch, script), "a trial one could not load the model"
     else:  # python - < script.py: the worker runs __main__'s "file" first, whatever the model
         _fake_main(monkeypatch, "<stdin>")
-        model, expected = regression_model, "not a file"
+        model, expected = regression_model, "a trial one could not load the model"
     with pytest.raises(ValueError, match=rf"parallel.*{expected}.*chain_method=\"sequential\""):
         mcmc(model, x, 1.5 * x, num_samples=20, warmup_steps=20, num_chains=2, chain_method="parallel", seed=0)
+
+
+def test_parallel_chains_refuse_a_script_whose_workers_would_run_its_mcmc_call_again(tmp_path):
+    """A script without an ``if __name__ == "__main__":`` guard: each spawned worker ran it again up to its mcmc
+    call, failed there, and Pyro waited for the chains forever (the static checks of the first version passed it)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "import torch, torch.multiprocessing\n"
+        "torch.multiprocessing.cpu_count = lambda: 4  # Pyro runs 2 chains in processes on any machine\n"
+        "import pyro, pyro.distributions as dist\n"
+        "from bdl.infer import mcmc\n\n"
+        "def model(x, y=None):\n"
+        "    w = pyro.sample('w', dist.Normal(0.0, 1.0))\n"
+        "    with pyro.plate('data', x.shape[0]):\n"
+        "        return pyro.sample('obs', dist.Normal(w * x, 0.5), obs=y)\n\n"
+        "x = torch.linspace(-1, 1, 20)\n"
+        "mcmc(model, x, 1.5 * x, num_samples=4, warmup_steps=4, num_chains=2, chain_method='parallel')\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0 and "a trial one could not load the model" in done.stderr, done.stderr[-2000:]
 
 
 def test_parallel_chains_accept_a_model_that_worker_processes_can_load(monkeypatch, no_sampling, tmp_path, linear_regression):
@@ -404,6 +432,90 @@ def test_predict_inputs_that_do_not_fit_the_model_are_refused_before_sampling(no
     with pytest.raises(SamplingStarted):
         mcmc(regression_model, line, line, num_samples=20, predict_inputs=(line[:3],), task="regression")
     assert torch.equal(torch.get_rng_state(), state)  # the trial run drew from a forked generator
+
+
+def test_the_predict_inputs_check_leaves_valid_inputs_and_the_model_as_they_were(no_sampling):
+    # the first version of the check moved a BatchNorm's statistics (training mode), used up a stream's first
+    # batch, refused a convolutional network's longer sequences and a prior it could not sample
+    from pyro.infer.autoguide import init_to_value
+    from pyro.nn import PyroModule, PyroSample
+    from torch.distributions import constraints
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Normed(PyroModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.BatchNorm1d(1)
+            self.fc = PyroModule[nn.Linear](1, 1)
+            self.fc.weight = PyroSample(dist.Normal(0.0, 2.0).expand([1, 1]).to_event(2))
+
+        def forward(self, x, y=None):
+            mean = self.fc(self.norm(x)).squeeze(-1)  # outside the plate: one weight for every row
+            with pyro.plate("data", x.shape[0]):
+                return pyro.sample("obs", dist.Normal(mean, 0.5), obs=y)
+
+    x = torch.randn(30, 1, generator=torch.Generator().manual_seed(0))
+    normed = Normed()
+    with pytest.raises(SamplingStarted):
+        mcmc(normed, x, 1.5 * x[:, 0], num_samples=20, predict_inputs=(5 + x[:10],), task="regression")
+    assert normed.norm.running_mean.item() == 0 and normed.training
+
+    class Once(IterableDataset):  # a stream that can be read once
+        def __init__(self) -> None:
+            self.rows = iter(torch.randn(12, 3))
+
+        def __iter__(self):
+            yield from self.rows
+
+    stream = DataLoader(Once(), batch_size=4)
+    with pytest.raises(SamplingStarted):
+        mcmc(PyroModel(nn.Linear(3, 2)), x.expand(30, 3), torch.arange(30) % 2, num_samples=20, predict_inputs=stream)
+    assert sum(len(batch) for batch in stream) == 12
+
+    class PerPosition(nn.Module):  # x [B, T] -> [B, T], any length
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(1, 1, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x[:, None, :])[:, 0, :]
+
+    sequences = torch.randn(16, 10)
+    with pytest.raises(SamplingStarted):
+        mcmc(PyroModel(PerPosition(), "gaussian"), sequences, sequences, num_samples=20, predict_inputs=torch.randn(4, 12))
+
+    def flat_prior(x, y=None):
+        w = pyro.sample("w", dist.ImproperUniform(constraints.real, (), ()))
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("obs", dist.Normal(w * x, 0.5), obs=y)
+
+    line = torch.linspace(-1, 1, 20)
+    options = {"init_strategy": init_to_value(values={"w": torch.tensor(0.0)}), "max_plate_nesting": 1}
+    with pytest.raises(SamplingStarted):
+        mcmc(flat_prior, line, line, num_samples=20, predict_inputs=(line[:3],), task="regression", kernel_options=options)
+
+
+def test_a_module_model_predicts_in_eval_mode():
+    # result.prediction ran a PyroModule in training mode: its BatchNorm's statistics moved to the new inputs
+    from pyro.nn import PyroModule, PyroSample
+
+    class Normed(PyroModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.BatchNorm1d(1)
+            self.fc = PyroModule[nn.Linear](1, 1)
+            self.fc.weight = PyroSample(dist.Normal(0.0, 2.0).expand([1, 1]).to_event(2))
+            self.fc.bias = PyroSample(dist.Normal(0.0, 2.0).expand([1]).to_event(1))
+
+        def forward(self, x, y=None):
+            mean = self.fc(self.norm(x)).squeeze(-1)  # outside the plate: one weight for every row
+            with pyro.plate("data", x.shape[0]):
+                return pyro.sample("obs", dist.Normal(mean, 0.5), obs=y)
+
+    x = torch.randn(30, 1, generator=torch.Generator().manual_seed(0))
+    normed = Normed()
+    mcmc(normed, x, 1.5 * x[:, 0], num_samples=6, warmup_steps=6, predict_inputs=(5 + x[:10],), task="regression", seed=0)
+    assert normed.norm.running_mean.item() == 0 and normed.training
 
 
 def test_mcmc_names_the_first_row_of_data_holding_nan():

@@ -356,3 +356,5 @@ def test_svi_names_the_first_row_of_data_holding_nan():
     targets[11] = float("nan")
     with pytest.raises(ValueError, match=r"y \(the targets\) must be finite, got NaN or inf in 1 of 20 rows, the first at row 11"):
         svi(PyroModel(nn.Linear(3, 1), "gaussian", num_data=20), x.nan_to_num(), targets, num_steps=2)
+    with pytest.raises(ValueError, match=r"svi: x \(the inputs\) has no rows, got shape \(0, 3\)"):  # torch's reshape error
+        svi(PyroModel(nn.Linear(3, 2)), x[:0], y[:0], num_steps=2)

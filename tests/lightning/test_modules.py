@@ -396,6 +396,19 @@ def test_num_data_of_a_loader_over_a_subset_of_its_data_set_is_the_subsets_size(
 
     trainer(tmp_path, max_steps=1).fit(module, DataLoader(full, batch_size=10, sampler=ClassBalanced(full.tensors[1])))
     assert module.num_data == 1000
+
+    class SubsetInOrder(torch.utils.data.Sampler):  # a user's subset sampler: flat indices, each drawn once
+        def __init__(self, indices: list[int]) -> None:
+            self.indices = indices
+
+        def __iter__(self):
+            return iter(self.indices)
+
+        def __len__(self) -> int:
+            return len(self.indices)
+
+    trainer(tmp_path, max_steps=1).fit(module, DataLoader(full, batch_size=10, sampler=SubsetInOrder(list(range(50)))))
+    assert module.num_data == 50
     # under DDP Lightning wraps the user's sampler: the whole subset still, not one process's share of it
     wrapped = DistributedSamplerWrapper(SubsetRandomSampler(torch.arange(100)), num_replicas=2, rank=0)
     assert _training_set_size(SimpleNamespace(train_dataloader=DataLoader(full, sampler=wrapped))) == 100
