@@ -586,9 +586,9 @@ def evaluate(
     device = (prediction.probs if task == "classification" else prediction.mean).device
     targets = M._checks.as_tensor(targets, "test targets").to(device)
     if task == "classification" and targets.is_floating_point() and not bool(targets.isfinite().all()):
-        bad = (~targets.isfinite()).reshape(len(targets), -1).any(1).nonzero()[:, 0]
+        bad = (~targets.isfinite()).reshape(targets.shape[0] if targets.dim() else 1, -1).any(1).nonzero()[:, 0]
         raise ValueError(
-            f"`test targets` must be class labels, got NaN or inf in {len(bad)} of {len(targets)} rows, the first "
+            f"`test targets` must be class labels, got NaN or inf in {len(bad)} of {targets.shape[0] if targets.dim() else 1} rows, the first "
             f"at row {int(bad[0])}: drop those examples"
         )
     if task == "classification" and targets.is_floating_point() and bool((targets != targets.round()).any()):

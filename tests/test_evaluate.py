@@ -156,6 +156,8 @@ def test_a_task_that_contradicts_the_prediction_or_targets_is_named():
     nan_label[2] = math.nan  # a NaN label is not a regression's target: not that hint
     with pytest.raises(ValueError, match=r"`test targets` must be class labels, got NaN or inf in 1 of 6 rows, the first at row 2"):
         evaluate(prediction, nan_label)
+    with pytest.raises(ValueError, match=r"got NaN or inf in 1 of 1 rows"):  # a 0-d one: torch's "len() of a 0-d tensor"
+        evaluate(Prediction.from_logits(torch.randn(2, 1, 3)), torch.tensor(math.nan))
     with pytest.raises(TypeError, match="got tuple: convert numpy arrays with torch.from_numpy"):
         evaluate(nn.Linear(4, 3), (x.numpy(), (torch.arange(6) % 3).numpy()))
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+import sys
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -308,9 +311,33 @@ class MCMCResult:
 _TRIAL_SECONDS = 300  # a spawned process that has not loaded the model by then: not a verdict, a warning
 
 
+_RERUN_CALLED_MCMC = [False]  # in a spawned process: its script, run again to load the model, called mcmc
+
+
 def _loaded(*payload: Any) -> None:  # noqa: ANN401
     """A trial worker's work: none. Unpickling ``payload`` (the model, kernel options and data), which the
-    spawned process did before calling this, is the test."""
+    spawned process did before calling this, is the test; and its script must not have called ``mcmc`` while
+    it ran again (a user's ``except`` may have caught that error, not hidden from the parent)."""
+    if _RERUN_CALLED_MCMC[0]:
+        raise SystemExit(3)
+
+
+def _spawn_failure_cause() -> str:
+    """Why a spawned process could not load a model of ``__main__``, and what to do, as far as ``__main__`` tells."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    spec = getattr(getattr(main, "__spec__", None), "name", None)
+    if path is not None and not os.path.isfile(os.path.join(multiprocessing.process.ORIGINAL_DIR or "", path)):
+        return f"the script, {path!r}, is no file a spawned process can run (read from standard input): run it from a file"
+    if spec == "__main__" or (spec or "").endswith(".__main__"):
+        return (
+            "the script is a package's __main__ (python -m package, a folder or a zipapp), which a spawned process "
+            "does not import: define the model in another module of the package"
+        )
+    return (
+        "define the model (and its network class) at module level of an importable .py file, with the script's own "
+        "code under `if __name__ == \"__main__\":` (a spawned process runs the rest of the script again)"
+    )
 
 
 def _check_spawnable(model: Any, args: tuple, kernel_options: Optional[dict]) -> None:  # noqa: ANN401
@@ -323,18 +350,24 @@ def _check_spawnable(model: Any, args: tuple, kernel_options: Optional[dict]) ->
     spawns its workers, and must load it and exit cleanly: a few seconds (it imports torch and what the
     model needs) before chains that take longer.
     """
-    fix = (
-        "define the model (and its network class) at module level of an importable .py file, with the script's own "
-        "code under `if __name__ == \"__main__\":` (a spawned process runs the rest of the script again), or use "
-        "chain_method=\"sequential\""
-    )
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # this is a spawned process running the script again: its mcmc call would start processes of its own
+        _RERUN_CALLED_MCMC[0] = True
+        raise RuntimeError(
+            "mcmc was called while a spawned process was loading the script: the script's own code must run under "
+            "`if __name__ == \"__main__\":`"
+        )
+    sequential = "or use chain_method=\"sequential\""
     trial = torch.multiprocessing.get_context("spawn").Process(target=_loaded, args=(model, kernel_options, args), daemon=True)
     try:
         trial.start()
-    except Exception as error:  # noqa: BLE001 - pickling here: a local function, a lambda; or a worker's own mcmc call
+    except Exception as error:  # noqa: BLE001 - pickling here: a local function, a lambda, data with a graph
+        graph = any(isinstance(arg, Tensor) and arg.grad_fn is not None for arg in args)
+        what = "the data (a tensor with an autograd graph: pass it detached, x.detach())" if graph else "the model"
         raise ValueError(
-            f"mcmc: chain_method=\"parallel\" runs each chain in a spawned process, which loads the model from a "
-            f"pickle, and the model cannot be sent to one ({type(error).__name__}: {error}); {fix}"
+            f"mcmc: chain_method=\"parallel\" runs each chain in a spawned process, which loads the model and data "
+            f"from a pickle, and {what} cannot be sent to one ({type(error).__name__}: {error}); "
+            + ("" if graph else _spawn_failure_cause() + ", ") + sequential
         ) from error
     trial.join(_TRIAL_SECONDS)
     if trial.is_alive():
@@ -347,10 +380,16 @@ def _check_spawnable(model: Any, args: tuple, kernel_options: Optional[dict]) ->
             stacklevel=3,
         )
     elif trial.exitcode != 0:
+        cause = (
+            "the script called mcmc again when the process ran it: put the script's own code under "
+            "`if __name__ == \"__main__\":`"
+            if trial.exitcode == 3
+            else _spawn_failure_cause()
+        )
         raise ValueError(
             f"mcmc: chain_method=\"parallel\" runs each chain in a spawned process, and a trial one could not load "
             f"the model (exit code {trial.exitcode}; its error is printed above; Pyro would wait for those chains "
-            f"forever); {fix}"
+            f"forever): {cause}, {sequential}"
         )
 
 
@@ -366,8 +405,11 @@ def _check_predict_inputs(model: Any, args: tuple, predict_inputs: Any, output_s
         data = predict_inputs.dataset if isinstance(predict_inputs, DataLoader) else predict_inputs
         if not isinstance(data, (Tensor, tuple, list, Dataset)) or isinstance(data, IterableDataset):
             return  # a stream, whose first batch the check would use up
+        if isinstance(predict_inputs, DataLoader):  # its first row as the loader makes batches (its collate_fn)
+            data = DataLoader(data, batch_size=1, collate_fn=predict_inputs.collate_fn)
         try:
-            first, _ = next(_batches(data, 1))
+            with torch.random.fork_rng(devices=[]):  # a data set's random transforms draw nothing of the caller's
+                first, _ = next(_batches(data, 1))
         except StopIteration:
             raise ValueError("mcmc: predict_inputs hold no batch") from None
         except (TypeError, ValueError) as error:
@@ -391,8 +433,7 @@ def _check_predict_inputs(model: Any, args: tuple, predict_inputs: Any, output_s
     inputs = tuple(predict_inputs) if isinstance(predict_inputs, (tuple, list)) else (predict_inputs,)
 
     def trace_of(model_args: tuple) -> Any:  # noqa: ANN401
-        modes = _eval_mode(model) if isinstance(model, nn.Module) else nullcontext()
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), private_param_store(), pyro.validation_enabled(False), modes:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), private_param_store(), pyro.validation_enabled(False), _eval_mode(model):
             return poutine.trace(model).get_trace(*model_args)
 
     try:

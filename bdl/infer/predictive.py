@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Union
 
 import pyro
@@ -12,6 +12,7 @@ from pyro.distributions import Independent, MaskedDistribution
 from pyro.infer import Predictive
 from torch import Tensor, nn
 
+from ..predict import _eval_mode  # each module's own mode restored (a frozen submodule stays in eval)
 from .model import PyroModel
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -107,15 +108,6 @@ def network_outputs(model: PyroModel, samples: dict[str, Tensor], x: Tensor, *, 
                 pass
         return torch.stack([model.run_net({k: v[s] for k, v in weights.items()}, x) for s in range(num_samples)])
 
-
-@contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def predict_from_samples(
@@ -269,8 +261,7 @@ def predict_function_model(
     num_samples = next(iter(samples.values())).shape[0]
     # a model that is a module (a PyroModule) predicts in eval mode, as it was sampled: a BatchNorm's running
     # statistics moved to the new inputs' in training mode
-    modes = _eval_mode(model) if isinstance(model, nn.Module) else nullcontext()
-    with torch.no_grad(), modes:
+    with torch.no_grad(), _eval_mode(model):
         single = pyro.poutine.trace(pyro.poutine.condition(model, {k: v[0] for k, v in samples.items()})).get_trace(*args, **kwargs)
         if output_site not in single.nodes or single.nodes[output_site]["type"] != "sample":
             raise ValueError(f"output_site {output_site!r} is not a site of the model")

@@ -754,7 +754,7 @@ class VariationalModule(UncertaintyModule):
 def _length(value: Any) -> Optional[int]:  # noqa: ANN401
     try:
         return len(value)
-    except TypeError:
+    except (TypeError, NotImplementedError):  # Lightning takes a sampler whose epoch has no known length
         return None
 
 
@@ -785,7 +785,7 @@ def _training_set_size(trainer: L.Trainer) -> int:
         indices = getattr(sampler, "indices", None) if not isinstance(sampler, (Sequence, Tensor, np.ndarray)) else sampler
         subset = indices is sampler or isinstance(sampler, SubsetRandomSampler) or _length(sampler) == _length(indices)
         if isinstance(indices, (Sequence, Tensor, np.ndarray)) and subset and _flat_indices(indices):
-            return len(indices)
+            return len(np.unique(np.asarray(indices)))  # the rows, each once (a sampler may list a row twice)
     try:
         return len(loader.dataset)
     except (AttributeError, TypeError):  # no dataset, or an IterableDataset without a length

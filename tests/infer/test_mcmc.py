@@ -365,7 +365,7 @@ def test_parallel_chains_refuse_a_model_that_worker_processes_cannot_load(case, 
         model, expected = _fake_main(monkeypatch, script), "a trial one could not load the model"
     else:  # python - < script.py: the worker runs __main__'s "file" first, whatever the model
         _fake_main(monkeypatch, "<stdin>")
-        model, expected = regression_model, "a trial one could not load the model"
+        model, expected = regression_model, "a trial one could not load the model .*: the script, '<stdin>', is no file"
     with pytest.raises(ValueError, match=rf"parallel.*{expected}.*chain_method=\"sequential\""):
         mcmc(model, x, 1.5 * x, num_samples=20, warmup_steps=20, num_chains=2, chain_method="parallel", seed=0)
 
@@ -391,6 +391,15 @@ def test_parallel_chains_refuse_a_script_whose_workers_would_run_its_mcmc_call_a
     )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
     assert done.returncode != 0 and "a trial one could not load the model" in done.stderr, done.stderr[-2000:]
+
+
+def test_parallel_chains_name_data_with_an_autograd_graph_as_what_cannot_be_sent(monkeypatch):
+    import torch.multiprocessing
+
+    monkeypatch.setattr(torch.multiprocessing, "cpu_count", lambda: 4)
+    x = torch.linspace(-1, 1, 20, requires_grad=True) * 1.0  # not a leaf: refused by the pickler
+    with pytest.raises(ValueError, match=r"the data \(a tensor with an autograd graph: pass it detached, x.detach\(\)\) cannot be sent"):
+        mcmc(regression_model, x, 1.5 * x, num_samples=20, num_chains=2, chain_method="parallel")
 
 
 def test_parallel_chains_accept_a_model_that_worker_processes_can_load(monkeypatch, no_sampling, tmp_path, linear_regression):
@@ -471,6 +480,10 @@ def test_the_predict_inputs_check_leaves_valid_inputs_and_the_model_as_they_were
     with pytest.raises(SamplingStarted):
         mcmc(PyroModel(nn.Linear(3, 2)), x.expand(30, 3), torch.arange(30) % 2, num_samples=20, predict_inputs=stream)
     assert sum(len(batch) for batch in stream) == 12
+    # a loader's rows as its own collate_fn makes them ([2, 2] items flattened): read without it they failed
+    flattening = DataLoader(torch.randn(10, 2, 2), batch_size=5, collate_fn=lambda items: torch.stack(items).flatten(1))
+    with pytest.raises(SamplingStarted):
+        mcmc(PyroModel(nn.Linear(4, 2)), torch.randn(30, 4), torch.arange(30) % 2, num_samples=20, predict_inputs=flattening)
 
     class PerPosition(nn.Module):  # x [B, T] -> [B, T], any length
         def __init__(self) -> None:
@@ -516,6 +529,9 @@ def test_a_module_model_predicts_in_eval_mode():
     normed = Normed()
     mcmc(normed, x, 1.5 * x[:, 0], num_samples=6, warmup_steps=6, predict_inputs=(5 + x[:10],), task="regression", seed=0)
     assert normed.norm.running_mean.item() == 0 and normed.training
+    normed.norm.eval()  # a frozen submodule stays frozen: restoring the top module's mode set it training again
+    mcmc(normed, x, 1.5 * x[:, 0], num_samples=6, warmup_steps=6, predict_inputs=(5 + x[:10],), task="regression", seed=0)
+    assert normed.training and not normed.norm.training
 
 
 def test_mcmc_names_the_first_row_of_data_holding_nan():

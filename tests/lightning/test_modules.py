@@ -409,6 +409,15 @@ def test_num_data_of_a_loader_over_a_subset_of_its_data_set_is_the_subsets_size(
 
     trainer(tmp_path, max_steps=1).fit(module, DataLoader(full, batch_size=10, sampler=SubsetInOrder(list(range(50)))))
     assert module.num_data == 50
+    trainer(tmp_path, max_steps=1).fit(module, DataLoader(full, batch_size=10, sampler=SubsetInOrder(list(range(50)) * 2)))
+    assert module.num_data == 50  # each row once, however often the sampler lists it
+
+    class UnknownLength(SubsetInOrder):  # Lightning accepts a sampler whose epoch length is unknown
+        def __len__(self) -> int:
+            raise NotImplementedError
+
+    trainer(tmp_path, max_steps=1).fit(module, DataLoader(full, batch_size=10, sampler=UnknownLength(list(range(50)))))
+    assert module.num_data == 1000
     # under DDP Lightning wraps the user's sampler: the whole subset still, not one process's share of it
     wrapped = DistributedSamplerWrapper(SubsetRandomSampler(torch.arange(100)), num_replicas=2, rank=0)
     assert _training_set_size(SimpleNamespace(train_dataloader=DataLoader(full, sampler=wrapped))) == 100
