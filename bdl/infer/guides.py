@@ -37,10 +37,19 @@ class _ModuleLocal:
     the first one's parameter objects, and with them its posterior (its predictions and its next checkpoint).
     """
 
+    def __init__(self, model: Any, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+        super().__init__(model, *args, **kwargs)  # type: ignore[call-arg]
+        self._given_model = (model,)  # as given: Pyro's self.model may be wrapped in handlers (init_to_...)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
-        context = self._pyro_context  # type: ignore[attr-defined]
-        if not hasattr(context, "param_state"):  # made while the setting was off: the local store it enters
-            context.param_state = {"params": {}, "constraints": {}}
+        # contexts made while the setting was off have no local store to enter: the guide's, and those of a
+        # model made of PyroModules, which the guide's first call traces ("'_Context' object has no attribute
+        # 'param_state'": bdl.svi could not train a PyroModule model)
+        model = self._given_model[0]
+        for module in [self, *(model.modules() if isinstance(model, nn.Module) else ())]:
+            context = getattr(module, "_pyro_context", None)
+            if context is not None and not hasattr(context, "param_state"):
+                context.param_state = {"params": {}, "constraints": {}}
         with pyro.settings.context(module_local_params=True):
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
 

@@ -358,3 +358,33 @@ def test_svi_names_the_first_row_of_data_holding_nan():
         svi(PyroModel(nn.Linear(3, 1), "gaussian", num_data=20), x.nan_to_num(), targets, num_steps=2)
     with pytest.raises(ValueError, match=r"svi: x \(the inputs\) has no rows, got shape \(0, 3\)"):  # torch's reshape error
         svi(PyroModel(nn.Linear(3, 2)), x[:0], y[:0], num_steps=2)
+
+
+def test_svi_trains_a_model_made_of_pyro_modules_to_the_conjugate_posterior_mean():
+    # "'_Context' object has no attribute 'param_state'": the guide's first call traced the PyroModules with
+    # module-local parameters on, whose contexts had no local store
+    from pyro.nn import PyroModule, PyroSample
+
+    class Line(PyroModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = PyroModule[nn.Linear](1, 1)
+            self.fc.weight = PyroSample(dist.Normal(0.0, 1.0).expand([1, 1]).to_event(2))
+            self.fc.bias = PyroSample(dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+
+        def forward(self, x, y=None):
+            mean = self.fc(x).squeeze(-1)
+            with pyro.plate("data", x.shape[0]):
+                return pyro.sample("obs", dist.Normal(mean, 0.5), obs=y)
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 1, generator=generator)
+    y = 1.5 * x[:, 0] + 0.5 * torch.randn(50, generator=generator)
+    features = torch.cat([x, torch.ones_like(x)], 1).double()
+    precision = torch.eye(2, dtype=torch.float64) + features.T @ features / 0.25
+    mean = torch.linalg.solve(precision, features.T @ y.double() / 0.25)  # (slope, intercept)
+    pyro.set_rng_seed(0)
+    module = svi(Line(), x, y, num_steps=500, lr=0.05)
+    locs = dict(module.guide.named_parameters())
+    fitted = torch.stack([locs["locs.fc.weight_unconstrained"].reshape(()), locs["locs.fc.bias_unconstrained"].reshape(())])
+    torch.testing.assert_close(fitted.double(), mean, atol=0.05, rtol=0)
