@@ -443,13 +443,9 @@ def test_predict_inputs_that_do_not_fit_the_model_are_refused_before_sampling(no
     assert torch.equal(torch.get_rng_state(), state)  # the trial run drew from a forked generator
 
 
-def test_the_predict_inputs_check_leaves_valid_inputs_and_the_model_as_they_were(no_sampling):
-    # the first version of the check moved a BatchNorm's statistics (training mode), used up a stream's first
-    # batch, refused a convolutional network's longer sequences and a prior it could not sample
-    from pyro.infer.autoguide import init_to_value
+def _normed_line() -> nn.Module:
+    """A PyroModule regression line behind a BatchNorm (not Bayesian), in training mode as built."""
     from pyro.nn import PyroModule, PyroSample
-    from torch.distributions import constraints
-    from torch.utils.data import DataLoader, IterableDataset
 
     class Normed(PyroModule):
         def __init__(self) -> None:
@@ -457,14 +453,25 @@ def test_the_predict_inputs_check_leaves_valid_inputs_and_the_model_as_they_were
             self.norm = nn.BatchNorm1d(1)
             self.fc = PyroModule[nn.Linear](1, 1)
             self.fc.weight = PyroSample(dist.Normal(0.0, 2.0).expand([1, 1]).to_event(2))
+            self.fc.bias = PyroSample(dist.Normal(0.0, 2.0).expand([1]).to_event(1))
 
         def forward(self, x, y=None):
             mean = self.fc(self.norm(x)).squeeze(-1)  # outside the plate: one weight for every row
             with pyro.plate("data", x.shape[0]):
                 return pyro.sample("obs", dist.Normal(mean, 0.5), obs=y)
 
+    return Normed()
+
+
+def test_the_predict_inputs_check_leaves_valid_inputs_and_the_model_as_they_were(no_sampling):
+    # the first version of the check moved a BatchNorm's statistics (training mode), used up a stream's first
+    # batch, refused a convolutional network's longer sequences and a prior it could not sample
+    from pyro.infer.autoguide import init_to_value
+    from torch.distributions import constraints
+    from torch.utils.data import DataLoader, IterableDataset
+
     x = torch.randn(30, 1, generator=torch.Generator().manual_seed(0))
-    normed = Normed()
+    normed = _normed_line()
     with pytest.raises(SamplingStarted):
         mcmc(normed, x, 1.5 * x[:, 0], num_samples=20, predict_inputs=(5 + x[:10],), task="regression")
     assert normed.norm.running_mean.item() == 0 and normed.training
@@ -510,23 +517,8 @@ def test_the_predict_inputs_check_leaves_valid_inputs_and_the_model_as_they_were
 
 def test_a_module_model_predicts_in_eval_mode():
     # result.prediction ran a PyroModule in training mode: its BatchNorm's statistics moved to the new inputs
-    from pyro.nn import PyroModule, PyroSample
-
-    class Normed(PyroModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.norm = nn.BatchNorm1d(1)
-            self.fc = PyroModule[nn.Linear](1, 1)
-            self.fc.weight = PyroSample(dist.Normal(0.0, 2.0).expand([1, 1]).to_event(2))
-            self.fc.bias = PyroSample(dist.Normal(0.0, 2.0).expand([1]).to_event(1))
-
-        def forward(self, x, y=None):
-            mean = self.fc(self.norm(x)).squeeze(-1)  # outside the plate: one weight for every row
-            with pyro.plate("data", x.shape[0]):
-                return pyro.sample("obs", dist.Normal(mean, 0.5), obs=y)
-
     x = torch.randn(30, 1, generator=torch.Generator().manual_seed(0))
-    normed = Normed()
+    normed = _normed_line()
     mcmc(normed, x, 1.5 * x[:, 0], num_samples=6, warmup_steps=6, predict_inputs=(5 + x[:10],), task="regression", seed=0)
     assert normed.norm.running_mean.item() == 0 and normed.training
     normed.norm.eval()  # a frozen submodule stays frozen: restoring the top module's mode set it training again
