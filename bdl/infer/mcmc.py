@@ -350,6 +350,11 @@ def _check_spawnable(model: Any, args: tuple, kernel_options: Optional[dict]) ->
     spawns its workers, and must load it and exit cleanly: a few seconds (it imports torch and what the
     model needs) before chains that take longer.
     """
+    if multiprocessing.current_process().daemon:  # a DataLoader's or Pyro's worker: it may start no process
+        raise ValueError(
+            "mcmc: chain_method=\"parallel\" starts a process per chain, which a daemonic process (a DataLoader's or "
+            "another sampler's worker) may not do: use chain_method=\"sequential\" there"
+        )
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         # this is a spawned process running the script again: its mcmc call would start processes of its own
         _RERUN_CALLED_MCMC[0] = True
@@ -406,9 +411,11 @@ def _check_predict_inputs(model: Any, args: tuple, predict_inputs: Any, output_s
         if not isinstance(data, (Tensor, tuple, list, Dataset)) or isinstance(data, IterableDataset):
             return  # a stream, whose first batch the check would use up
         if isinstance(predict_inputs, DataLoader):  # its first row as the loader makes batches (its collate_fn)
-            data = DataLoader(data, batch_size=1, collate_fn=predict_inputs.collate_fn)
+            # batch_size=None: the data set's items are batches already, which its collate_fn only converts
+            size = None if predict_inputs.batch_sampler is None else 1
+            data = DataLoader(data, batch_size=size, collate_fn=predict_inputs.collate_fn)
         try:
-            with torch.random.fork_rng(devices=[]):  # a data set's random transforms draw nothing of the caller's
+            with torch.random.fork_rng(devices=[]):  # random transforms on torch's CPU generator: the caller's stays
                 first, _ = next(_batches(data, 1))
         except StopIteration:
             raise ValueError("mcmc: predict_inputs hold no batch") from None

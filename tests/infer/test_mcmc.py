@@ -1,4 +1,5 @@
 import math
+import sys
 import warnings
 
 import pyro
@@ -393,6 +394,20 @@ def test_parallel_chains_refuse_a_script_whose_workers_would_run_its_mcmc_call_a
     assert done.returncode != 0 and "a trial one could not load the model" in done.stderr, done.stderr[-2000:]
 
 
+def test_parallel_chains_are_refused_in_a_daemonic_process(monkeypatch):
+    # a DataLoader's worker may start no process: the message blamed the model's definition
+    import types
+
+    import torch.multiprocessing
+
+    monkeypatch.setattr(torch.multiprocessing, "cpu_count", lambda: 4)
+    bdl_mcmc = sys.modules["bdl.infer.mcmc"]
+    monkeypatch.setattr(bdl_mcmc.multiprocessing, "current_process", lambda: types.SimpleNamespace(daemon=True))
+    x = torch.linspace(-1, 1, 20)
+    with pytest.raises(ValueError, match="a daemonic process .* may not do: use chain_method=\"sequential\" there"):
+        mcmc(regression_model, x, 1.5 * x, num_samples=20, num_chains=2, chain_method="parallel")
+
+
 def test_parallel_chains_name_data_with_an_autograd_graph_as_what_cannot_be_sent(monkeypatch):
     import torch.multiprocessing
 
@@ -491,6 +506,10 @@ def test_the_predict_inputs_check_leaves_valid_inputs_and_the_model_as_they_were
     flattening = DataLoader(torch.randn(10, 2, 2), batch_size=5, collate_fn=lambda items: torch.stack(items).flatten(1))
     with pytest.raises(SamplingStarted):
         mcmc(PyroModel(nn.Linear(4, 2)), torch.randn(30, 4), torch.arange(30) % 2, num_samples=20, predict_inputs=flattening)
+    batches = [(torch.randn(10, 4), torch.zeros(10)) for _ in range(4)]  # items that are batches: batch_size=None
+    with pytest.raises(SamplingStarted):
+        mcmc(PyroModel(nn.Linear(4, 2)), torch.randn(30, 4), torch.arange(30) % 2, num_samples=20,
+             predict_inputs=DataLoader(batches, batch_size=None))  # fmt: skip
 
     class PerPosition(nn.Module):  # x [B, T] -> [B, T], any length
         def __init__(self) -> None:
