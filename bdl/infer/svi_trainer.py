@@ -228,6 +228,10 @@ class SVIModule(L.LightningModule):
         self.num_samples = num_samples
         self.validate = validate
         self._validated = False
+        advice = (
+            "each step runs in a fresh parameter store and the optimizer trains the guide's parameters and the "
+            "model's own: make it a parameter of the model, e.g. a PyroModule's PyroParam or nn.Parameter"
+        )
         with private_param_store():
             # Creates the guide's parameters now: before configure_optimizers, and before a checkpoint's
             # state_dict is loaded into them.
@@ -240,6 +244,15 @@ class SVIModule(L.LightningModule):
                     f"SVIModule: the model function needs arguments to set the guide up ({error}); pass "
                     "example_args=(x, y), e.g. a batch of the training data"
                 ) from error
+            except NotImplementedError as error:  # Pyro's, for pyro.param under bdl's module-local guides
+                if "pyro.param" not in str(error):
+                    raise
+                raise ValueError(f"SVIModule: the model calls pyro.param, which bdl's guides cannot train: {advice}") from error
+            # a pyro.param of the model that no module holds was left at its initial value (sigma 2.0 for 0.3)
+            trained = {id(parameter) for parameter in self.elbo.parameters()}
+            untrained = [name for name, value in pyro.get_param_store().named_parameters() if id(value) not in trained]
+        if untrained:
+            raise ValueError(f"SVIModule: the model's pyro.param sites {untrained} would not be trained: {advice}")
         self.elbo.model.traces.clear()
 
     @property
