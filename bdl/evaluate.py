@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler
 from torch.utils.data.dataloader import _InfiniteConstantSampler
 
 from .metrics import functional as M
-from .predict import DEFAULT_BATCH_SIZE, Prediction, _NonFiniteOutput, as_loader, outputs_shape, predict, prediction_device
+from .predict import DEFAULT_BATCH_SIZE, Prediction, _NonFiniteOutput, as_loader, numpy_hint, outputs_shape, predict, prediction_device
 
 __all__ = ["Report", "evaluate"]
 
@@ -77,11 +77,9 @@ def _split_tensors(data: Any, name: str) -> tuple[Optional[Tensor], Optional[Ten
         return data, None
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, Tensor) for t in data):
         return data[0], (data[1] if len(data) >= 2 else None)
-    array = type(data).__module__ == "numpy" or (isinstance(data, (tuple, list)) and any(type(part).__module__ == "numpy" for part in data))
-    hint = ": convert numpy arrays with torch.from_numpy (and .float() for a float32 model)" if array else ""
     raise TypeError(
         f"`{name}` must be a DataLoader, a Dataset, a tensor of inputs or a tuple (inputs, targets, ...) of tensors, "
-        f"got {type(data).__name__}{hint}"
+        f"got {type(data).__name__}{numpy_hint(data)}"
     )
 
 

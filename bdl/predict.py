@@ -42,7 +42,7 @@ from .metrics.functional._checks import all_finite, probability_sum_tolerance
 from .nn.convert import deterministic, use_estimator
 from .nn.functional import gaussian_draw, pre_activation_variance, randn_like
 from .nn.layers import BayesianModule, BayesLinear, _sample_once_blocks, _sample_once_draws
-from .nn.loss import non_finite_parameters
+from .nn.loss import first_few, non_finite_parameters
 
 TASKS = ("classification", "regression")
 
@@ -1067,6 +1067,15 @@ def as_loader(data: Any, batch_size: int) -> Any:  # noqa: ANN401 - anything; on
     return data
 
 
+def numpy_hint(value: Any) -> str:  # noqa: ANN401
+    """For an error about ``value``: how to pass it, where it is a numpy array or holds one (else ""). numpy's
+    default float64 then met a float32 model in torch's "mat1 and mat2 must have the same dtype"."""
+    array = type(value).__module__ == "numpy" or (
+        isinstance(value, (tuple, list)) and any(type(part).__module__ == "numpy" for part in value)
+    )
+    return ": convert numpy arrays with torch.from_numpy (and .float() for a float32 model)" if array else ""
+
+
 def _batches(inputs: Any, batch_size: int) -> Iterator[tuple[Tensor, Optional[Tensor]]]:  # noqa: ANN401
     inputs = as_loader(inputs, batch_size)
     if isinstance(inputs, Tensor):
@@ -1083,12 +1092,8 @@ def _batches(inputs: Any, batch_size: int) -> Iterator[tuple[Tensor, Optional[Te
             yield x[start : start + batch_size], None if y is None else y[start : start + batch_size]
         return
     # an array was read as batches of rows; a pair of arrays (scikit-learn's X, y) as batches of two
-    array = type(inputs).__module__ == "numpy" or (
-        isinstance(inputs, (tuple, list)) and any(type(part).__module__ == "numpy" for part in inputs)
-    )
-    if not isinstance(inputs, Iterable) or array:
-        # numpy's default float64 then met a float32 model in torch's "mat1 and mat2 must have the same dtype"
-        hint = ": convert numpy arrays with torch.from_numpy (and .float() for a float32 model)" if array else ""
+    hint = numpy_hint(inputs)
+    if not isinstance(inputs, Iterable) or hint:
         raise TypeError(
             f"inputs must be a tensor, a tuple (x, y) of tensors, a DataLoader/iterable of batches, or a Dataset, got "
             f"{type(inputs).__name__}{hint}"
@@ -1147,8 +1152,7 @@ def _non_finite_message(error: _NonFiniteOutput, model: Any, x: Tensor, offset: 
     if inputs_bad:
         cause = "those inputs hold NaN or Inf"
     elif params:
-        more = f" and {len(params) - 4} more" if len(params) > 4 else ""
-        cause = f"the model's parameters are not finite: {', '.join(params[:4])}{more} (training may have diverged)"
+        cause = f"the model's parameters are not finite: {first_few(params)} (training may have diverged)"
     else:
         cause = "the inputs and the parameters are finite: an overflow in the forward (e.g. a half-precision activation)"
     return f"{error} {where}; {cause}"

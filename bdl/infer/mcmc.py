@@ -20,6 +20,7 @@ from pyro.ops import stats
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ..nn.loss import first_few
 from .diagnostics import ess_bulk, ess_mean, ess_tail, rank_r_hat
 from .model import PyroModel, check_finite_data, check_full_data
 from .predictive import TASKS, _eval_mode, predict_from_samples, predict_function_model, private_param_store
@@ -102,7 +103,7 @@ class PosteriorSummary:
             self._constant[name] = _constant_elements(value)
             not_finite += [self._element_label(name, index) for index in (~finite).nonzero().tolist()]
         if not_finite:
-            shown = ", ".join(not_finite[:5]) + (f" and {len(not_finite) - 5} more" if len(not_finite) > 5 else "")
+            shown = first_few(not_finite, 5)
             warnings.warn(
                 f"PosteriorSummary: the draws of {shown} hold NaN or infinite values: their classic statistics (mean, "
                 "std, n_eff, r_hat) are not finite, and so are max_r_hat and min_ess (with NaN draws the rank-normalised "

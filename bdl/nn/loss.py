@@ -81,19 +81,23 @@ def non_finite_parameters(module: nn.Module) -> list[str]:
             if value.is_floating_point() and not bool(torch.isfinite(value).all())]
 
 
+def first_few(names: list[str], limit: int = 4) -> str:
+    """``names`` joined for a message, the first ``limit`` of them and how many more."""
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def non_finite_where(module: nn.Module, kl_too: bool) -> str:
     """Where a non-finite loss came from, for its error: the parameters that are not finite (a step before
     diverged), else the Bayesian layers whose KL is not (a posterior std that overflowed), else the inputs."""
     params = non_finite_parameters(module)
     if params:
-        more = f" and {len(params) - 4} more" if len(params) > 4 else ""
-        return f"non-finite parameters: {', '.join(params[:4])}{more} (an earlier step diverged)"
+        return f"non-finite parameters: {first_few(params)} (an earlier step diverged)"
     if kl_too:
         with torch.no_grad():
             layers = [f"{name} ({type(layer).__name__})" for name, layer in module.named_modules()
                       if isinstance(layer, BayesianModule) and not bool(torch.isfinite(layer.kl_divergence()).all())]
         if layers:
-            return f"every parameter is finite, but the KL of {', '.join(layers[:4])}{' ...' if len(layers) > 4 else ''} is not"
+            return f"every parameter is finite, but the KL of {first_few(layers)} is not"
     return "every parameter is finite (a NaN/inf in this batch's inputs or targets, or an overflow in the forward)"
 
 
