@@ -38,20 +38,47 @@ class _ModuleLocal:
     """
 
     def __init__(self, model: Any, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
-        super().__init__(model, *args, **kwargs)  # type: ignore[call-arg]
-        self._given_model = (model,)  # as given: Pyro's self.model may be wrapped in handlers (init_to_...)
+        # The guide's first call traces the model: with module-local parameters on there, the model's
+        # PyroModules ("'_Context' object has no attribute 'param_state'", also for a model function that
+        # calls one) and its pyro.param sites (Pyro's "not yet implemented") failed
+        outside = _OutsideGuide(model)
+        super().__init__(outside, *args, **kwargs)  # type: ignore[call-arg]
+        self._outside = (outside,)  # Pyro's self.model may wrap it in handlers (init_to_...); a tuple: no submodule
+
+    @property
+    def model_params(self) -> dict[str, Tensor]:
+        """The model's Pyro parameters (name -> unconstrained value) seen when this guide last traced it."""
+        return self._outside[0].params
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
-        # contexts made while the setting was off have no local store to enter: the guide's, and those of a
-        # model made of PyroModules, which the guide's first call traces ("'_Context' object has no attribute
-        # 'param_state'": bdl.svi could not train a PyroModule model)
-        model = self._given_model[0]
-        for module in [self, *(model.modules() if isinstance(model, nn.Module) else ())]:
-            context = getattr(module, "_pyro_context", None)
-            if context is not None and not hasattr(context, "param_state"):
-                context.param_state = {"params": {}, "constraints": {}}
+        # a context made while the setting was off has no local store to enter
+        context = getattr(self, "_pyro_context", None)
+        if context is not None and not hasattr(context, "param_state"):
+            context.param_state = {"params": {}, "constraints": {}}
         with pyro.settings.context(module_local_params=True):
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
+
+
+class _OutsideGuide:
+    """A model run as outside a :class:`_ModuleLocal` guide: Pyro's global parameters, in a throw-away store.
+
+    Inside the guide's call the global store is the guide's own, whose parameters Pyro checks are all the
+    guide's. The model's parameters seen on the last call are kept in ``params`` (name -> unconstrained value),
+    for the trainer to check that it trains them. A class, not a closure: guides are pickled (parallel MCMC,
+    ``torch.save``).
+    """
+
+    def __init__(self, model: Callable) -> None:
+        self.model = model
+        self.params: dict[str, Tensor] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        store = pyro.get_param_store()
+        with pyro.settings.context(module_local_params=False), store.scope():
+            try:
+                return self.model(*args, **kwargs)
+            finally:
+                self.params = dict(store.named_parameters())
 
 
 class AutoNormal(_ModuleLocal, autoguide.AutoNormal):

@@ -13,7 +13,7 @@ from pyro import poutine
 from pyro.infer.autoguide import AutoGuide
 from torch import Tensor, nn
 
-from .guides import make_elbo, make_guide
+from .guides import _ModuleLocal, make_elbo, make_guide
 from .model import PyroModel, check_finite_data, check_full_data
 from .predictive import (
     TASKS,
@@ -131,6 +131,13 @@ def ignored_hparams(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
+def _untrained_advice(untrained: dict[str, Tensor]) -> str:
+    start = "each step runs in a fresh parameter store and the optimizer trains the guide's parameters and the model's own"
+    if all(isinstance(value, nn.Parameter) for value in untrained.values()):  # a module's, called by a function
+        return f"{start}, and these are parameters of a module the model function calls: pass that module as the model (a PyroModule whose forward is the model)"
+    return f"{start}: make it a parameter of the model, e.g. a PyroModule's PyroParam or nn.Parameter"
+
+
 class SVIModule(L.LightningModule):
     """Fit a Pyro guide to a Bayesian model with SVI, as a LightningModule.
 
@@ -228,10 +235,6 @@ class SVIModule(L.LightningModule):
         self.num_samples = num_samples
         self.validate = validate
         self._validated = False
-        advice = (
-            "each step runs in a fresh parameter store and the optimizer trains the guide's parameters and the "
-            "model's own: make it a parameter of the model, e.g. a PyroModule's PyroParam or nn.Parameter"
-        )
         with private_param_store():
             # Creates the guide's parameters now: before configure_optimizers, and before a checkpoint's
             # state_dict is loaded into them.
@@ -244,15 +247,15 @@ class SVIModule(L.LightningModule):
                     f"SVIModule: the model function needs arguments to set the guide up ({error}); pass "
                     "example_args=(x, y), e.g. a batch of the training data"
                 ) from error
-            except NotImplementedError as error:  # Pyro's, for pyro.param under bdl's module-local guides
-                if "pyro.param" not in str(error):
-                    raise
-                raise ValueError(f"SVIModule: the model calls pyro.param, which bdl's guides cannot train: {advice}") from error
-            # a pyro.param of the model that no module holds was left at its initial value (sigma 2.0 for 0.3)
+            # a pyro.param of the model that no module holds was left at its initial value (sigma 2.0 for 0.3);
+            # bdl's guides trace the model in a store of its own
+            seen = dict(pyro.get_param_store().named_parameters())
+            if isinstance(guide_module, _ModuleLocal):
+                seen.update(guide_module.model_params)
             trained = {id(parameter) for parameter in self.elbo.parameters()}
-            untrained = [name for name, value in pyro.get_param_store().named_parameters() if id(value) not in trained]
+            untrained = {name: value for name, value in sorted(seen.items()) if id(value) not in trained}
         if untrained:
-            raise ValueError(f"SVIModule: the model's pyro.param sites {untrained} would not be trained: {advice}")
+            raise ValueError(f"SVIModule: the model's pyro.param sites {list(untrained)} would not be trained: {_untrained_advice(untrained)}")
         self.elbo.model.traces.clear()
 
     @property
