@@ -9,6 +9,7 @@ Members that share an architecture can run in one vectorised call (``torch.func.
 from __future__ import annotations
 
 import copy
+import numbers
 import os
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -140,11 +141,11 @@ class DeepEnsemble(nn.Module):
                 )
         if method not in ENSEMBLE_METHODS:
             raise ValueError(f"method must be one of {list(ENSEMBLE_METHODS)}, got {method!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
             raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
         self.members = nn.ModuleList(members)
         self.method = method
-        self.chunk_size = chunk_size
+        self.chunk_size = None if chunk_size is None else int(chunk_size)  # a numpy integer too
         # a weightless copy of member 0 that functional_call runs; in a list so it is not registered as a submodule
         self._base: list[nn.Module] = []
         self._stacked: Optional[tuple[Any, dict[str, Tensor], dict[str, Tensor]]] = None
@@ -163,9 +164,9 @@ class DeepEnsemble(nn.Module):
             3
         """
         _check_factory(factory)
-        if isinstance(num_members, bool) or not isinstance(num_members, int) or num_members < 1:
+        if isinstance(num_members, bool) or not isinstance(num_members, numbers.Integral) or num_members < 1:
             raise ValueError(f"num_members must be an int >= 1, got {num_members!r}")
-        return cls([factory() for _ in range(num_members)], **kwargs)
+        return cls([factory() for _ in range(int(num_members))], **kwargs)
 
     @classmethod
     def from_checkpoints(
@@ -330,6 +331,11 @@ class DeepEnsemble(nn.Module):
         try:
             return torch.vmap(call, in_dims=in_dims, randomness="different", chunk_size=self.chunk_size)(params, buffers, *args)
         except RuntimeError as error:  # e.g. torch 2.11's vmap of cuDNN BatchNorm under CUDA autocast
+            try:  # an error of the inputs (float32 into a float64 ensemble) is the member's own, which the loop meets too
+                with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                    self.members[0](*args, **kwargs)
+            except Exception as alone:
+                raise alone from None
             raise RuntimeError(f"DeepEnsemble method='vmap' failed: {error}; method='loop' runs the members one by one") from error
 
     def _loop_forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401

@@ -2,6 +2,7 @@ import copy
 import pickle
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -379,3 +380,24 @@ def test_members_with_a_parametrization_share_an_architecture():
         vmapped = bdl.predict(ensemble, x, keep_samples=True).sample_probs
     ensemble.method = "loop"
     assert torch.allclose(vmapped, bdl.predict(ensemble, x, keep_samples=True).sample_probs, atol=1e-6)
+
+
+def test_numpy_integers_are_accepted_as_counts():
+    ensemble = DeepEnsemble.from_factory(lambda: nn.Linear(2, 2), np.int64(3), chunk_size=np.int64(2))
+    assert len(ensemble) == 3 and ensemble.chunk_size == 2 and type(ensemble.chunk_size) is int
+
+
+class _ItemNet(nn.Linear):
+    def forward(self, x):  # .item() runs alone, not under vmap
+        return super().forward(x) * (2.0 if self.weight.sum().item() > 0 else 1.0)
+
+
+def test_a_vmap_failure_suggests_the_loop_only_where_a_member_runs_alone():
+    x = torch.randn(5, 4)
+    ensemble = DeepEnsemble.from_factory(lambda: nn.Linear(4, 3), 3, method="vmap").double()
+    with pytest.raises(RuntimeError, match="must have the same dtype") as caught:  # float32 inputs: the loop fails too
+        ensemble(x)
+    assert "method='loop'" not in str(caught.value)
+    with pytest.raises(RuntimeError, match="method='vmap' failed: .*method='loop' runs the members one by one"):
+        DeepEnsemble.from_factory(lambda: _ItemNet(4, 3), 3, method="vmap")(x)
+    DeepEnsemble.from_factory(lambda: _ItemNet(4, 3), 3, method="loop")(x)

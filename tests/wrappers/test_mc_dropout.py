@@ -379,3 +379,18 @@ def test_an_in_place_dropout_leaves_the_callers_input_alone():
     batched = bdl.predict(model, x, num_samples=400, method="batched")
     assert torch.allclose(loop.probs, batched.probs, atol=0.05)
     assert net[0].inplace  # restored
+
+
+def test_an_mc_dropout_around_another_drops_each_layer_once():
+    # each wrapper hooked the same nn.Dropout: p=0.5 dropped 75% and kept values were scaled by 4
+    torch.manual_seed(0)
+    x = torch.ones(1, 20_000)
+    inner = MCDropout(nn.Sequential(nn.Identity(), nn.Dropout(0.5)))
+    for model in (MCDropout(inner), MCDropout(nn.Sequential(nn.Identity(), inner))):
+        with torch.no_grad():
+            y = model(x)
+        assert abs((y == 0).float().mean().item() - 0.5) < 0.02
+        assert set(y.unique().tolist()) == {0.0, 2.0}
+        assert not inner.model[1]._forward_hooks and not inner.model[1].training  # both contexts undone
+    module = bdl.lightning.MCDropoutModule(inner)  # bdl.MCDropout(net) handed to the Lightning module
+    assert abs((module.model(x) == 0).float().mean().item() - 0.5) < 0.02
