@@ -190,9 +190,7 @@ def _float(value: Tensor) -> float:
     return float(value.item()) if isinstance(value, Tensor) else float(value)
 
 
-def _percent(fraction: float) -> str:
-    """A fraction as a percentage for a metric's key: 0.925 -> ``"92_5"`` (read back by :func:`_key_parts`)."""
-    return f"{100 * fraction:g}".replace(".", "_")
+_percent = M._checks.percent_key  # read back by _key_parts
 
 
 _PERCENT_KEY = re.compile(r"^(risk_at|coverage_at|interval_coverage|interval_width|fpr_at)_(\d+(?:_\d+)?)(?:_(\w+))?$")

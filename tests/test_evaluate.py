@@ -281,6 +281,10 @@ def test_fractional_percentages_are_labelled_as_given():
     regression = evaluate(prediction, y.float(), levels=(0.5, 0.925))
     text = regression.to_markdown()
     assert "interval coverage (92.5%)" in text and "interval width (50%)" in text and "## Other" not in text
+    # %g wrote 1e-05 for 1e-7: the report's key reader failed (to_markdown raised TypeError), or filed it under Other
+    tiny = evaluate(model, (x, y), num_samples=1, ood_data=x + 5, tpr=1e-7, coverage=1e-7)
+    text = tiny.to_markdown()
+    assert "FPR at 0.00001% TPR" in text and "risk at 0.00001% coverage" in text and "## Other" not in text
 
 
 @pytest.mark.parametrize(

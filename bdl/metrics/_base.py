@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 
 def require_data(metric: Metric, count: Tensor) -> None:
@@ -86,6 +87,16 @@ class _Buffered(Metric):
     def _append(self, **tensors: Tensor) -> None:
         for name, tensor in tensors.items():
             getattr(self, name).append(tensor.detach())
+
+    def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors, process_group: Optional[Any] = None) -> None:
+        # every process sends float64 (exact for float32, float16 and integers up to 2^53): one without updates sends
+        # torchmetrics' empty placeholder in the metric's dtype, float32, and gloo aborted the whole job (SIGABRT,
+        # "Received data size doesn't match") where the others had stored float64, float16 or integer values
+        for name in self._names:
+            stored = getattr(self, name)
+            stored = stored if isinstance(stored, list) else [stored]
+            setattr(self, name, [t.double() for t in stored] or [torch.empty(0, dtype=torch.float64, device=self.device)])
+        super()._sync_dist(dist_sync_fn, process_group)
 
     def _gathered(self) -> list[Tensor]:
         first = getattr(self, self._names[0])

@@ -106,9 +106,31 @@ def main(out: str, mode: str) -> None:
         module = MeanOnly(MLP(3, 1, hidden=[8]), task="regression", save_report=False)
         trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4), DataLoader(TensorDataset(x[:3], y[:3]), batch_size=1))
         results["no_variance_logged"] = sorted(key for key in trainer.callback_metrics if key.startswith("val/"))
+        # a buffered metric that only process 0 updates: the other synced a float32 placeholder, and gloo aborted the
+        # job (SIGABRT) where process 0 had stored float64, float16 or integer values
+        results["buffered_on_one_process"] = {
+            name: float(metric_on_process_0(name, trainer.global_rank)) for name in BUFFERED_ON_ONE_PROCESS
+        }
     if trainer.global_rank == 0:
         with open(out, "w") as file:
             json.dump(results, file)
+
+
+BUFFERED_ON_ONE_PROCESS = ("ood_auroc_float64", "adaptive_ece_float64", "aurc_float16", "aurc_int64")
+
+
+def metric_on_process_0(name: str, rank: int) -> torch.Tensor:
+    """One of BUFFERED_ON_ONE_PROCESS, updated on process 0 only, computed on every process."""
+    scores = torch.tensor([0.1, 0.9, 0.4, 0.7, 0.35], dtype=torch.float64)
+    metric, args = {
+        "ood_auroc_float64": (bdl.metrics.OODAUROC(), (scores, torch.tensor([0, 1, 0, 1, 1]).bool())),
+        "adaptive_ece_float64": (bdl.metrics.AdaptiveECE(n_bins=2), (torch.stack([scores, 1 - scores], 1), torch.tensor([0, 1, 1, 0, 0]))),
+        "aurc_float16": (bdl.metrics.AURC(), (scores.half(), torch.tensor([0, 1, 1, 0, 1]).half())),
+        "aurc_int64": (bdl.metrics.AURC(), (torch.tensor([3, 1, 2, 5, 4]), torch.tensor([0, 1, 1, 0, 1]))),
+    }[name]
+    if rank == 0:
+        metric.update(*args)
+    return metric.compute()
 
 
 class OwnEpochHooks(DeterministicModule):

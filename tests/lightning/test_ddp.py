@@ -87,3 +87,11 @@ def test_a_metric_no_process_updates_is_left_out_on_every_process(results):
     # a regressor without variance updates no NLL; with 3 rows of one per batch, process 1's second batch holds only
     # the sampler's repeat: it logged val/nll, and process 0 waited in val/nll's synchronisation for ever
     assert results["ddp"]["no_variance_logged"] == ["val/rmse"]
+
+
+@pytest.mark.slow
+def test_a_buffered_metric_only_one_process_updates_syncs_in_any_dtype(results):
+    from ddp_methods import BUFFERED_ON_ONE_PROCESS, metric_on_process_0  # noqa: PLC0415  (beside this file)
+
+    expected = {name: float(metric_on_process_0(name, 0)) for name in BUFFERED_ON_ONE_PROCESS}
+    assert results["ddp"]["buffered_on_one_process"] == pytest.approx(expected, abs=1e-6)

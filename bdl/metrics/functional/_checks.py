@@ -180,3 +180,12 @@ def check_fraction(value: float, name: str, *, open_left: bool = True, open_righ
         interval = ("(" if open_left else "[") + "0, 1" + (")" if open_right else "]")
         raise ValueError(f"`{name}` must lie in {interval}, got {value}")
     return float(value)
+
+
+def percent_key(fraction: float) -> str:
+    """A fraction as a percentage for a metric's name: 0.925 -> ``"92_5"``, 1e-7 -> ``"0_00001"``
+    (``%g`` wrote ``"1e-05"``, which the report's key reader did not take)."""
+    text = f"{100 * fraction:g}"
+    if "e" in text:
+        text = f"{100 * fraction:.15f}".rstrip("0")
+    return text.replace(".", "_")

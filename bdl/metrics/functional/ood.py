@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._checks import check_fraction, check_vector
+from ._checks import check_fraction, check_vector, percent_key
 
 __all__ = [
     "LOGIT_SCORES",
@@ -207,7 +207,7 @@ def ood_metrics(scores_in: Tensor, scores_out: Tensor, *, tpr: float = 0.95) -> 
         1.0
     """
     tpr = check_fraction(tpr, "tpr")  # before the key is formatted from it
-    percent = f"{100 * tpr:g}".replace(".", "_")
+    percent = percent_key(tpr)
     return {
         "auroc": auroc(scores_in, scores_out).item(),
         "aupr_in": aupr_in(scores_in, scores_out).item(),
