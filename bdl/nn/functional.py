@@ -645,6 +645,6 @@ ESTIMATORS = {
 
 def check_estimator(name: str) -> str:
     """Return ``name`` if it is a known estimator, else raise a ``ValueError`` listing them."""
-    if name not in ESTIMATORS:
+    if not isinstance(name, str) or name not in ESTIMATORS:  # a list was "unhashable type", naming nothing
         raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {name!r}")
     return name

@@ -142,6 +142,11 @@ def _count_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:  # no
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+def _untraceable(tensor: Tensor) -> bool:
+    """Whether ``tensor`` has no storage to key a cache by: inside ``torch.compile``, or wrapped by ``torch.func``."""
+    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
 class _CachedKL:
     """The KL a forward computed for one parameter pair, with what it was computed from."""
 
@@ -350,7 +355,7 @@ class _BayesLayer(BayesianModule):
         gradients: kept while ``rho`` is unchanged, so that S forwards compute it once (not inside
         ``torch.compile`` or ``torch.func`` transforms, whose tensors have no storage to key it by)."""
         # inference tensors (a model built or loaded under torch.inference_mode) have no version counter to key by
-        if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(rho) or rho.is_inference():
+        if _untraceable(rho) or rho.is_inference():
             return posterior_variance(rho, self.std_transform) if variance else std_from_rho(rho, self.std_transform)[0]
         key = (rho._version, rho.data_ptr(), rho.dtype, rho.device, self.std_transform, _optimizer_steps[0])
         cached = self._std_cache.get((name, variance))
@@ -475,8 +480,10 @@ class _BayesLayer(BayesianModule):
     def _parameter_kl(self, name: str) -> Tensor:
         mu, rho = getattr(self, f"{name}_mu"), getattr(self, f"{name}_rho")
         prior = getattr(self, f"{name}_prior")
+        # not inside torch.compile, which cannot trace the check's data_ptr (an eager forward's KL, left here without
+        # a backward, broke a fullgraph compiled step), nor for torch.func's wrapped tensors
         cached = self._kl_cache.get(name)
-        if cached is not None and cached.valid(mu, rho, self._fusable_prior(prior, mu)):
+        if cached is not None and not _untraceable(mu) and cached.valid(mu, rho, self._fusable_prior(prior, mu)):
             return cached.kl if torch.is_grad_enabled() else cached.kl.detach()
         # a KL over more than ~10,000 weights overflows float16 (65,504), and bfloat16's 8 bits lose its large
         # cancelling terms (50% off for posterior stds of 1)
