@@ -26,6 +26,7 @@ from pyro.infer.autoguide import AutoGuide, init_to_median, init_to_value
 from torch import nn  # noqa: F401  (used in the examples)
 
 from .model import PyroModel
+from .predictive import KeepRequiresGrad
 
 
 class _ModuleLocal:
@@ -41,14 +42,7 @@ class _ModuleLocal:
         # The guide's first call traces the model: with module-local parameters on there, the model's
         # PyroModules ("'_Context' object has no attribute 'param_state'", also for a model function that
         # calls one) and its pyro.param sites (Pyro's "not yet implemented") failed
-        outside = _OutsideGuide(model)
-        super().__init__(outside, *args, **kwargs)  # type: ignore[call-arg]
-        self._outside = (outside,)  # Pyro's self.model may wrap it in handlers (init_to_...); a tuple: no submodule
-
-    @property
-    def model_params(self) -> dict[str, Tensor]:
-        """The model's Pyro parameters (name -> unconstrained value) seen when this guide last traced it."""
-        return self._outside[0].params
+        super().__init__(_OutsideGuide(model), *args, **kwargs)  # type: ignore[call-arg]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
         # a context made while the setting was off has no local store to enter
@@ -63,22 +57,15 @@ class _OutsideGuide:
     """A model run as outside a :class:`_ModuleLocal` guide: Pyro's global parameters, in a throw-away store.
 
     Inside the guide's call the global store is the guide's own, whose parameters Pyro checks are all the
-    guide's. The model's parameters seen on the last call are kept in ``params`` (name -> unconstrained value),
-    for the trainer to check that it trains them. A class, not a closure: guides are pickled (parallel MCMC,
-    ``torch.save``).
+    guide's. A class, not a closure: guides are pickled (``torch.save``).
     """
 
     def __init__(self, model: Callable) -> None:
         self.model = model
-        self.params: dict[str, Tensor] = {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
-        store = pyro.get_param_store()
-        with pyro.settings.context(module_local_params=False), store.scope():
-            try:
-                return self.model(*args, **kwargs)
-            finally:
-                self.params = dict(store.named_parameters())
+        with pyro.settings.context(module_local_params=False), pyro.get_param_store().scope(), KeepRequiresGrad():
+            return self.model(*args, **kwargs)
 
 
 class AutoNormal(_ModuleLocal, autoguide.AutoNormal):

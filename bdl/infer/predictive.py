@@ -10,6 +10,7 @@ import pyro
 import torch
 from pyro.distributions import Independent, MaskedDistribution
 from pyro.infer import Predictive
+from pyro.poutine.messenger import Messenger
 from torch import Tensor, nn
 
 from ..predict import _eval_mode  # each module's own mode restored (a frozen submodule stays in eval)
@@ -36,8 +37,31 @@ def private_param_store() -> Iterator[None]:
         >>> "a" in pyro.get_param_store()
         False
     """
-    with pyro.get_param_store().scope():
+    with pyro.get_param_store().scope(), KeepRequiresGrad():
         yield
+
+
+class KeepRequiresGrad(Messenger):
+    """Leaves ``requires_grad`` of each ``nn.Parameter`` given to ``pyro.param`` as it was.
+
+    With global parameters, a PyroModule passes its ``nn.Parameter`` s to ``pyro.param``, and Pyro's store sets
+    ``requires_grad`` True: a frozen layer (pretrained features under a Bayesian head) was unfrozen, and the
+    optimizer trained it. Inside ``poutine.block`` (an autoguide's set-up trace) it must be entered within.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held: dict[str, tuple[nn.Parameter, bool]] = {}
+
+    def _pyro_param(self, msg: dict) -> None:
+        init = msg["args"][1] if len(msg["args"]) > 1 else None
+        if isinstance(init, nn.Parameter):
+            self._held[msg["name"]] = (init, init.requires_grad)
+
+    def _pyro_post_param(self, msg: dict) -> None:
+        parameter, requires_grad = self._held.pop(msg["name"], (None, None))
+        if parameter is not None:
+            parameter.requires_grad_(requires_grad)
 
 
 def _check_num_samples(num_samples: int) -> None:

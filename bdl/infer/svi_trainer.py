@@ -13,7 +13,7 @@ from pyro import poutine
 from pyro.infer.autoguide import AutoGuide
 from torch import Tensor, nn
 
-from .guides import _ModuleLocal, make_elbo, make_guide
+from .guides import make_elbo, make_guide
 from .model import PyroModel, check_finite_data, check_full_data
 from .predictive import (
     TASKS,
@@ -131,11 +131,38 @@ def ignored_hparams(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
-def _untrained_advice(untrained: dict[str, Tensor]) -> str:
-    start = "each step runs in a fresh parameter store and the optimizer trains the guide's parameters and the model's own"
-    if all(isinstance(value, nn.Parameter) for value in untrained.values()):  # a module's, called by a function
-        return f"{start}, and these are parameters of a module the model function calls: pass that module as the model (a PyroModule whose forward is the model)"
-    return f"{start}: make it a parameter of the model, e.g. a PyroModule's PyroParam or nn.Parameter"
+def _untrained_param_sites(model: Callable, args: tuple, trained: set[int]) -> dict[str, bool]:
+    """The model's ``pyro.param`` sites whose values the optimizer would not train (``trained``: the ids of its
+    parameters), each -> whether a module's (a PyroModule's ``PyroParam`` or ``nn.Parameter``).
+
+    A ``pyro.param`` that no module holds was left at its initial value (sigma 2.0 where Pyro learns 0.3), and so
+    were the parameters of a PyroModule that a model function calls. A frozen ``nn.Parameter`` is meant so.
+    """
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    # the model's latent sites draw from the prior: the caller's random streams are left as they were
+    with torch.random.fork_rng(devices=cuda), private_param_store(), pyro.settings.context(module_local_params=False):
+        trace = poutine.trace(model, param_only=True).get_trace(*args)
+    untrained = {}
+    for name, site in trace.nodes.items():
+        if site["type"] != "param":
+            continue
+        given = site["args"][1] if len(site["args"]) > 1 else None  # a PyroModule's nn.Parameter; None: a PyroParam
+        stored = getattr(site["value"], "unconstrained", lambda: site["value"])()  # the store's (a contiguous copy)
+        if id(given) in trained or id(stored) in trained or (isinstance(given, nn.Parameter) and not given.requires_grad):
+            continue
+        untrained[name] = given is None or isinstance(given, nn.Parameter)
+    return dict(sorted(untrained.items()))
+
+
+def _untrained_advice(untrained: dict[str, bool]) -> str:
+    advice = "each step runs in a fresh parameter store and the optimizer trains the guide's parameters and the model's own"
+    modules = [name for name, of_module in untrained.items() if of_module]
+    own = [name for name, of_module in untrained.items() if not of_module]
+    if own:
+        advice += f"; make {own} parameters of the model, e.g. a PyroModule's PyroParam or nn.Parameter"
+    if modules:
+        advice += f"; {modules} belong to a module the model function calls: pass that module as the model (a PyroModule whose forward is the model)"
+    return advice
 
 
 class SVIModule(L.LightningModule):
@@ -235,6 +262,7 @@ class SVIModule(L.LightningModule):
         self.num_samples = num_samples
         self.validate = validate
         self._validated = False
+        frozen = [parameter for parameter in self.elbo.parameters() if not parameter.requires_grad]
         with private_param_store():
             # Creates the guide's parameters now: before configure_optimizers, and before a checkpoint's
             # state_dict is loaded into them.
@@ -247,13 +275,9 @@ class SVIModule(L.LightningModule):
                     f"SVIModule: the model function needs arguments to set the guide up ({error}); pass "
                     "example_args=(x, y), e.g. a batch of the training data"
                 ) from error
-            # a pyro.param of the model that no module holds was left at its initial value (sigma 2.0 for 0.3);
-            # bdl's guides trace the model in a store of its own
-            seen = dict(pyro.get_param_store().named_parameters())
-            if isinstance(guide_module, _ModuleLocal):
-                seen.update(guide_module.model_params)
-            trained = {id(parameter) for parameter in self.elbo.parameters()}
-            untrained = {name: value for name, value in sorted(seen.items()) if id(value) not in trained}
+        for parameter in frozen:  # a user's Pyro guide traced the model's PyroModules without KeepRequiresGrad
+            parameter.requires_grad_(False)
+        untrained = _untrained_param_sites(model, tuple(example_args), {id(parameter) for parameter in self.elbo.parameters()})
         if untrained:
             raise ValueError(f"SVIModule: the model's pyro.param sites {list(untrained)} would not be trained: {_untrained_advice(untrained)}")
         self.elbo.model.traces.clear()

@@ -1,3 +1,5 @@
+import copy
+
 import lightning as L
 import pyro
 import pyro.distributions as dist
@@ -5,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 from pyro.infer.autoguide import AutoNormal as PyroAutoNormal
+from pyro.nn import PyroModule, PyroParam
 from torch.utils.data import DataLoader, TensorDataset
 
 from bdl.infer import PyroModel, SVIModule, svi
@@ -361,9 +364,11 @@ def test_svi_names_the_first_row_of_data_holding_nan():
         svi(PyroModel(nn.Linear(3, 2)), x[:0], y[:0], num_steps=2)
 
 
-def _pyro_line(shift: bool = False) -> nn.Module:
-    """y = slope x + bias + noise 0.5 as a PyroModule, slope and bias ~ N(0, 1); ``shift``: plus a learnt nn.Parameter."""
-    from pyro.nn import PyroModule, PyroSample
+def _pyro_line(shift: bool = False, sigma: bool = False) -> nn.Module:
+    """y = slope x + bias + noise 0.5 as a PyroModule, slope and bias ~ N(0, 1); ``shift``: plus a learnt
+    nn.Parameter; ``sigma``: the noise a learnt PyroParam."""
+    from pyro.distributions import constraints
+    from pyro.nn import PyroSample
 
     class Line(PyroModule):
         def __init__(self) -> None:
@@ -372,11 +377,13 @@ def _pyro_line(shift: bool = False) -> nn.Module:
             self.fc.weight = PyroSample(dist.Normal(0.0, 1.0).expand([1, 1]).to_event(2))
             self.fc.bias = PyroSample(dist.Normal(0.0, 1.0).expand([1]).to_event(1))
             self.shift = nn.Parameter(torch.zeros(())) if shift else None
+            if sigma:
+                self.sigma = PyroParam(torch.tensor(2.0), constraint=constraints.positive)
 
         def forward(self, x, y=None):
             mean = self.fc(x).squeeze(-1) + (0.0 if self.shift is None else self.shift)
             with pyro.plate("data", x.shape[0]):
-                return pyro.sample("obs", dist.Normal(mean, 0.5), obs=y)
+                return pyro.sample("obs", dist.Normal(mean, self.sigma if sigma else 0.5), obs=y)
 
     return Line()
 
@@ -404,10 +411,56 @@ def test_a_module_parameter_that_a_model_function_hides_from_svi_is_refused():
     net = _pyro_line(shift=True)
     x = torch.randn(20, 1, generator=torch.Generator().manual_seed(0))
     for guide in ("normal", PyroAutoNormal(lambda x, y=None: net(x, y))):
-        with pytest.raises(ValueError, match=r"sites \['shift'\] would not be trained: .* pass that module as the model"):
+        with pytest.raises(ValueError, match=r"sites \['shift'\] would not be trained: .*; \['shift'\] belong to a module the model function calls: pass that module as the model"):
             svi(lambda x, y=None: net(x, y), x, x[:, 0], guide=guide, num_steps=2)
     svi(net, x, x[:, 0] + 1, guide="normal", num_steps=100, lr=0.05)  # the module itself: its shift is trained
     assert net.shift.item() > 0.3  # 0 untrained; it shares the offset of 1 with the bias
+
+
+def test_svi_leaves_a_pyro_modules_frozen_and_non_contiguous_parameters_as_they_are_meant():
+    # a frozen feature layer under a Bayesian head was unfrozen by Pyro's parameter store and trained; a channels_last
+    # (non-contiguous) parameter, which the store copies, was refused as "would not be trained"
+    class Model(PyroModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.frozen = PyroModule[nn.Linear](1, 1).requires_grad_(False)
+            self.line = _pyro_line()
+            self.strided = nn.Parameter(torch.zeros(2, 2).t())  # not contiguous
+
+        def forward(self, x, y=None):
+            return self.line(self.frozen(x) + self.strided.sum(), y)
+
+    x = torch.randn(20, 1, generator=torch.Generator().manual_seed(0))
+    for guide in ("normal", "delta"):
+        model = Model()
+        before = model.frozen.weight.detach().clone()
+        svi(model, x, x[:, 0] + 1, guide=guide, num_steps=30, lr=0.05)
+        assert torch.equal(model.frozen.weight, before) and not model.frozen.weight.requires_grad
+        assert model.strided.requires_grad and model.strided.abs().sum() > 0 and not model.strided.is_contiguous()
+    # a frozen module called by a function: not refused (frozen is meant), and still frozen
+    features = PyroModule[nn.Linear](1, 1).requires_grad_(False)
+    svi(lambda x, y=None: _line_after(features, x, y), x, x[:, 0], guide="normal", num_steps=2)
+    assert not features.weight.requires_grad
+
+
+def _line_after(features: nn.Module, x: torch.Tensor, y=None):
+    slope = pyro.sample("slope", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", x.shape[0]):
+        return pyro.sample("obs", dist.Normal(slope * features(x)[:, 0], 0.5), obs=y)
+
+
+def test_a_copied_fitted_guide_is_accepted_again_and_the_advice_is_per_site():
+    net = _pyro_line(sigma=True)
+    x = torch.randn(20, 1, generator=torch.Generator().manual_seed(0))
+    fitted = svi(net, x, x[:, 0], num_steps=5, lr=0.05)
+    SVIModule(net, copy.deepcopy(fitted.guide), example_args=(x, x[:, 0]))  # refused: stale parameters of the copy's
+
+    def mixed(x, y=None):  # a pyro.param of its own, and a module's PyroParam
+        b = pyro.param("b", torch.tensor(0.5))
+        return net(x + b, y)
+
+    with pytest.raises(ValueError, match=r"sites \['b', 'sigma'\] would not be trained: .*; make \['b'\] parameters of the model, .*; \['sigma'\] belong to a module the model function calls: pass that module"):
+        svi(mixed, x, x[:, 0], num_steps=2)
 
 
 def test_a_model_pyro_param_that_svi_would_not_train_is_refused():
