@@ -186,6 +186,45 @@ class PredictionWriter(BasePredictionWriter):
         torch.save({name: getattr(prediction, name) for name in names}, folder / "predictions.pt")
 
 
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, whose ``last.ckpt`` (``save_last=True``) is the run's newest state.
+
+    Since Lightning 2.6 ``save_last`` rewrites ``last.ckpt`` only in a step that saves a top-k checkpoint too: with
+    the best one kept, ``last.ckpt`` was a copy of it (a 40-epoch quickstart's at epoch 36; ``--ckpt_path last``
+    trained epochs 37-39 again, and ``evaluate --ckpt_path last`` read the best epoch's weights). It is saved
+    wherever Lightning would save a checkpoint (each validation or training epoch end) and at the end of training.
+    """
+
+    @property
+    def state_key(self) -> str:  # ModelCheckpoint's: a run checkpointed before this class resumes its best score
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning finds a monitor the module never logs at the first save, after a whole training epoch
+        logged = sorted(key for key in trainer.callback_metrics if key.startswith("val/"))
+        if self.monitor is not None and self.monitor.startswith("val/") and logged and self.monitor not in logged:
+            raise ValueError(f"checkpoint.monitor {self.monitor!r} is not a metric the module logs in validation: {logged}")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_newest_last(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_newest_last(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._save_newest_last(trainer)  # max_steps ended the run between validations
+
+    def _save_newest_last(self, trainer: L.Trainer) -> None:
+        # "link" links last.ckpt to the newest saved checkpoint, as Lightning documents; skipped: saved at this step
+        if self.save_last is True and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 def _tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
 
@@ -301,7 +340,7 @@ class BDLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=Optional[str], default=None, help="Run folder name (default: the config file's name).")
         parser.add_argument("--evaluate_after_fit", type=bool, default=False, help="After fit, evaluate the best checkpoint.")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults(
             {"checkpoint.monitor": "val/nll", "checkpoint.mode": "min", "checkpoint.save_last": True, "checkpoint.filename": "best"}
         )

@@ -8,12 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
 from cli_args import FEW_STEPS
 
-from bdl.lightning.cli import BDLCLI, main
+from bdl.lightning.cli import BDLCLI, Checkpoint, main
 
 REPO = Path(__file__).parents[2]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -332,6 +333,10 @@ def test_a_checkpoint_mode_against_its_metric_and_a_network_of_the_wrong_size_ar
     # a regression module on class labels failed deep in a reshape
     with pytest.raises(ValueError, match=r"the model's task is 'regression' but DigitsDataModule's is 'classification'"):
         main(["fit", "--config", QUICKSTART, *FEW_STEPS, "--model.init_args.task", "regression", "--trainer.default_root_dir", str(tmp_path)])
+    # a monitor the module never logs failed after the first training epoch, in Lightning's traceback
+    with pytest.raises(ValueError, match=r"checkpoint.monitor 'val/accurracy' is not a metric the module logs in validation: \['val/accuracy', 'val/ece', 'val/nll'\]"):
+        main(["fit", "--config", QUICKSTART, *FEW_STEPS, "--checkpoint.monitor", "val/accurracy", "--checkpoint.mode", "max",
+              "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
     assert list(tmp_path.iterdir()) == []
 
 
@@ -620,3 +625,37 @@ def test_the_bdl_command_says_which_class_refused_a_value_in_one_line(override, 
         console()
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"bdl: error: {expected}"
+
+
+class _WorseEachEpoch(L.LightningModule):
+    """Logs val/nll = the epoch: only epoch 0's checkpoint is the best."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).square().mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/nll", float(self.current_epoch))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("limits", [{}, {"max_steps": 5}])
+def test_last_ckpt_is_the_newest_state_when_the_best_is_older(tmp_path, limits):
+    # Lightning 2.6 rewrote last.ckpt only with a new best: it stayed at epoch 0 (global step 2 of 6), and
+    # --ckpt_path last trained the later epochs again
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
+    checkpoint = Checkpoint(dirpath=tmp_path, filename="best", monitor="val/nll", mode="min", save_last=True)
+    trainer = L.Trainer(max_epochs=3, **limits, callbacks=[checkpoint], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=1)  # fmt: skip
+    trainer.fit(_WorseEachEpoch(), data, data)
+    assert torch.load(tmp_path / "best.ckpt", weights_only=True)["global_step"] == 2
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert last["global_step"] == trainer.global_step == limits.get("max_steps", 6)
+    assert any(key.startswith("ModelCheckpoint{") for key in last["callbacks"])  # resumable by runs from before
