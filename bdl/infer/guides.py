@@ -26,7 +26,7 @@ from pyro.infer.autoguide import AutoGuide, init_to_median, init_to_value
 from torch import nn  # noqa: F401  (used in the examples)
 
 from .model import PyroModel
-from .predictive import KeepRequiresGrad
+from .predictive import keep_requires_grad
 
 
 class _ModuleLocal:
@@ -64,7 +64,7 @@ class _OutsideGuide:
         self.model = model
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
-        with pyro.settings.context(module_local_params=False), pyro.get_param_store().scope(), KeepRequiresGrad():
+        with pyro.settings.context(module_local_params=False), pyro.get_param_store().scope(), keep_requires_grad():
             return self.model(*args, **kwargs)
 
 

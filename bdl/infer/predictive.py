@@ -10,7 +10,7 @@ import pyro
 import torch
 from pyro.distributions import Independent, MaskedDistribution
 from pyro.infer import Predictive
-from pyro.poutine.messenger import Messenger
+from pyro.params.param_store import ParamStoreDict
 from torch import Tensor, nn
 
 from ..predict import _eval_mode  # each module's own mode restored (a frozen submodule stays in eval)
@@ -37,31 +37,38 @@ def private_param_store() -> Iterator[None]:
         >>> "a" in pyro.get_param_store()
         False
     """
-    with pyro.get_param_store().scope(), KeepRequiresGrad():
+    with pyro.get_param_store().scope(), keep_requires_grad():
         yield
 
 
-class KeepRequiresGrad(Messenger):
-    """Leaves ``requires_grad`` of each ``nn.Parameter`` given to ``pyro.param`` as it was.
+_ORIGINAL_SETITEM = ParamStoreDict.__setitem__
+_keeping = [0]  # depth of keep_requires_grad contexts
 
-    With global parameters, a PyroModule passes its ``nn.Parameter`` s to ``pyro.param``, and Pyro's store sets
-    ``requires_grad`` True: a frozen layer (pretrained features under a Bayesian head) was unfrozen, and the
-    optimizer trained it. Inside ``poutine.block`` (an autoguide's set-up trace) it must be entered within.
+
+def _setitem_keeping_requires_grad(self: ParamStoreDict, name: str, value: Tensor) -> None:
+    requires_grad = value.requires_grad if isinstance(value, nn.Parameter) else None
+    _ORIGINAL_SETITEM(self, name, value)
+    if requires_grad is not None:
+        value.requires_grad_(requires_grad)
+
+
+@contextmanager
+def keep_requires_grad() -> Iterator[None]:
+    """Pyro's parameter store leaves the ``requires_grad`` of an ``nn.Parameter`` stored in it as it was.
+
+    With global parameters a PyroModule puts its ``nn.Parameter`` s in the store, whose ``__setitem__`` sets
+    ``requires_grad`` True: a frozen layer (pretrained features under a Bayesian head) was unfrozen, and trained by
+    the optimizer, after ``svi`` or ``mcmc`` alike. Patched on the class while inside, which also reaches the
+    ``pyro.param`` calls that ``poutine.block`` hides from handlers (an autoguide's set-up trace).
     """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._held: dict[str, tuple[nn.Parameter, bool]] = {}
-
-    def _pyro_param(self, msg: dict) -> None:
-        init = msg["args"][1] if len(msg["args"]) > 1 else None
-        if isinstance(init, nn.Parameter):
-            self._held[msg["name"]] = (init, init.requires_grad)
-
-    def _pyro_post_param(self, msg: dict) -> None:
-        parameter, requires_grad = self._held.pop(msg["name"], (None, None))
-        if parameter is not None:
-            parameter.requires_grad_(requires_grad)
+    _keeping[0] += 1
+    ParamStoreDict.__setitem__ = _setitem_keeping_requires_grad  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        _keeping[0] -= 1
+        if _keeping[0] == 0:
+            ParamStoreDict.__setitem__ = _ORIGINAL_SETITEM  # type: ignore[method-assign]
 
 
 def _check_num_samples(num_samples: int) -> None:

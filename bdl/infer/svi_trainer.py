@@ -131,38 +131,44 @@ def ignored_hparams(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
-def _untrained_param_sites(model: Callable, args: tuple, trained: set[int]) -> dict[str, bool]:
-    """The model's ``pyro.param`` sites whose values the optimizer would not train (``trained``: the ids of its
-    parameters), each -> whether a module's (a PyroModule's ``PyroParam`` or ``nn.Parameter``).
+def _untrained_param_sites(trace: Optional[poutine.Trace], store: dict[str, Tensor], trained: set[int]) -> dict[str, str]:
+    """The ``pyro.param`` sites of a loss's model ``trace`` and parameter ``store`` whose values the optimizer would
+    not train (``trained``: the ids of its parameters), each -> ``"model"`` (a model's ``pyro.param``),
+    ``"module"`` (a PyroModule's ``PyroParam`` or ``nn.Parameter``, called by a model function) or ``"guide"``.
 
-    A ``pyro.param`` that no module holds was left at its initial value (sigma 2.0 where Pyro learns 0.3), and so
-    were the parameters of a PyroModule that a model function calls. A frozen ``nn.Parameter`` is meant so.
+    Each step runs in a fresh store: such a site stays at its initial value (sigma 2.0 where Pyro learns 0.3). A
+    frozen ``nn.Parameter`` is meant so.
     """
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    # the model's latent sites draw from the prior: the caller's random streams are left as they were
-    with torch.random.fork_rng(devices=cuda), private_param_store(), pyro.settings.context(module_local_params=False):
-        trace = poutine.trace(model, param_only=True).get_trace(*args)
-    untrained = {}
-    for name, site in trace.nodes.items():
+    untrained, in_model = {}, set()
+    for name, site in trace.nodes.items() if trace is not None else ():
         if site["type"] != "param":
             continue
+        in_model.add(name)
         given = site["args"][1] if len(site["args"]) > 1 else None  # a PyroModule's nn.Parameter; None: a PyroParam
         stored = getattr(site["value"], "unconstrained", lambda: site["value"])()  # the store's (a contiguous copy)
         if id(given) in trained or id(stored) in trained or (isinstance(given, nn.Parameter) and not given.requires_grad):
             continue
-        untrained[name] = given is None or isinstance(given, nn.Parameter)
+        untrained[name] = "module" if given is None or isinstance(given, nn.Parameter) else "model"
+    for name, value in store.items():
+        if name not in in_model and id(value) not in trained:
+            untrained[name] = "guide"  # a guide function's pyro.param (AutoCallable)
     return dict(sorted(untrained.items()))
 
 
-def _untrained_advice(untrained: dict[str, bool]) -> str:
-    advice = "each step runs in a fresh parameter store and the optimizer trains the guide's parameters and the model's own"
-    modules = [name for name, of_module in untrained.items() if of_module]
-    own = [name for name, of_module in untrained.items() if not of_module]
-    if own:
-        advice += f"; make {own} parameters of the model, e.g. a PyroModule's PyroParam or nn.Parameter"
-    if modules:
-        advice += f"; {modules} belong to a module the model function calls: pass that module as the model (a PyroModule whose forward is the model)"
-    return advice
+_ADVICE = {
+    "model": "make {} parameters of the model, e.g. a PyroModule's PyroParam or nn.Parameter",
+    "module": "{} belong to a module the model function calls: pass that module as the model (a PyroModule whose forward is the model)",
+    "guide": "{} are the guide's: make them a PyroModule guide's PyroParam, or use an autoguide",
+}
+
+
+def _untrained_advice(untrained: dict[str, str]) -> str:
+    advice = ["each step runs in a fresh parameter store and the optimizer trains the guide's parameters and the model's own"]
+    for kind, text in _ADVICE.items():
+        names = [name for name, of in untrained.items() if of == kind]
+        if names:
+            advice.append(text.format(names))
+    return "; ".join(advice)
 
 
 class SVIModule(L.LightningModule):
@@ -262,7 +268,7 @@ class SVIModule(L.LightningModule):
         self.num_samples = num_samples
         self.validate = validate
         self._validated = False
-        frozen = [parameter for parameter in self.elbo.parameters() if not parameter.requires_grad]
+        self._params_checked = False
         with private_param_store():
             # Creates the guide's parameters now: before configure_optimizers, and before a checkpoint's
             # state_dict is loaded into them.
@@ -275,11 +281,6 @@ class SVIModule(L.LightningModule):
                     f"SVIModule: the model function needs arguments to set the guide up ({error}); pass "
                     "example_args=(x, y), e.g. a batch of the training data"
                 ) from error
-        for parameter in frozen:  # a user's Pyro guide traced the model's PyroModules without KeepRequiresGrad
-            parameter.requires_grad_(False)
-        untrained = _untrained_param_sites(model, tuple(example_args), {id(parameter) for parameter in self.elbo.parameters()})
-        if untrained:
-            raise ValueError(f"SVIModule: the model's pyro.param sites {list(untrained)} would not be trained: {_untrained_advice(untrained)}")
         self.elbo.model.traces.clear()
 
     @property
@@ -319,10 +320,21 @@ class SVIModule(L.LightningModule):
         check = self.validate == "always" or (self.validate == "first" and not self._validated)
         with private_param_store(), pyro.validation_enabled(check):
             loss = self.elbo(*args)
+            if not self._params_checked:
+                self._check_params_train()
         if torch.is_grad_enabled():  # a training step: the sanity check's validation batch used up "first"
             self._validated = True
         nll = self.elbo.model.pop_nll().to(loss.device)
         return loss, nll, loss.detach() - nll
+
+    def _check_params_train(self) -> None:
+        """Refuse Pyro parameters of the first loss's model and guide that the optimizer would not train."""
+        trained = {id(parameter) for parameter in self.elbo.parameters()}
+        traces = self.elbo.model.traces
+        untrained = _untrained_param_sites(traces[0] if traces else None, dict(pyro.get_param_store().named_parameters()), trained)
+        self._params_checked = True
+        if untrained:
+            raise ValueError(f"SVIModule: the pyro.param sites {list(untrained)} would not be trained: {_untrained_advice(untrained)}")
 
     def _step(self, batch: Any, stage: str) -> Tensor:
         args = _as_args(batch)

@@ -10,6 +10,7 @@ from pyro.infer.autoguide import AutoNormal as PyroAutoNormal
 from pyro.nn import PyroModule, PyroParam
 from torch.utils.data import DataLoader, TensorDataset
 
+import bdl
 from bdl.infer import PyroModel, SVIModule, svi
 
 
@@ -437,10 +438,16 @@ def test_svi_leaves_a_pyro_modules_frozen_and_non_contiguous_parameters_as_they_
         svi(model, x, x[:, 0] + 1, guide=guide, num_steps=30, lr=0.05)
         assert torch.equal(model.frozen.weight, before) and not model.frozen.weight.requires_grad
         assert model.strided.requires_grad and model.strided.abs().sum() > 0 and not model.strided.is_contiguous()
-    # a frozen module called by a function: not refused (frozen is meant), and still frozen
+    # a frozen module called by a function: not refused (frozen is meant), and still frozen, with a user's guide too
     features = PyroModule[nn.Linear](1, 1).requires_grad_(False)
-    svi(lambda x, y=None: _line_after(features, x, y), x, x[:, 0], guide="normal", num_steps=2)
-    assert not features.weight.requires_grad
+    model = lambda x, y=None: _line_after(features, x, y)  # noqa: E731
+    for guide in ("normal", PyroAutoNormal(model)):
+        svi(model, x, x[:, 0], guide=guide, num_steps=2)
+        assert not features.weight.requires_grad
+    # and after NUTS, whose set-up traces Pyro blocks (a later svi trained the layer)
+    model = Model()
+    bdl.mcmc(model, x, x[:, 0], num_samples=4, warmup_steps=4, seed=0)
+    assert not model.frozen.weight.requires_grad
 
 
 def _line_after(features: nn.Module, x: torch.Tensor, y=None):
@@ -461,6 +468,30 @@ def test_a_copied_fitted_guide_is_accepted_again_and_the_advice_is_per_site():
 
     with pytest.raises(ValueError, match=r"sites \['b', 'sigma'\] would not be trained: .*; make \['b'\] parameters of the model, .*; \['sigma'\] belong to a module the model function calls: pass that module"):
         svi(mixed, x, x[:, 0], num_steps=2)
+    # a guide set up already needs no example arguments (a model function's did: "missing argument 'x'")
+    function = lambda x, y=None: _line_after(nn.Identity(), x, y)  # noqa: E731
+    SVIModule(function, svi(function, x, x[:, 0], num_steps=2).guide)
+
+
+def test_a_guide_functions_pyro_param_that_svi_would_not_train_is_refused():
+    # an AutoCallable's pyro.param stayed at its initial value: w's posterior mean -0.002 where Pyro's SVI learns 1.99
+    from pyro import poutine
+    from pyro.infer.autoguide import AutoCallable, AutoGuideList
+
+    def model(x, y=None):
+        w, b = pyro.sample("w", dist.Normal(0.0, 1.0)), pyro.sample("b", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("obs", dist.Normal(w * x + b, 0.5), obs=y)
+
+    def guide_w(x, y=None):
+        return {"w": pyro.sample("w", dist.Normal(pyro.param("w_loc", torch.tensor(0.0)), 0.1))}
+
+    guide = AutoGuideList(model)
+    guide.append(AutoCallable(model, guide_w))
+    guide.append(PyroAutoNormal(poutine.block(model, hide=["w"])))
+    x = torch.randn(20, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"sites \['w_loc'\] would not be trained: .*\['w_loc'\] are the guide's: make them a PyroModule guide's PyroParam"):
+        svi(model, x, 2 * x, guide=guide, num_steps=2)
 
 
 def test_a_model_pyro_param_that_svi_would_not_train_is_refused():
@@ -475,7 +506,7 @@ def test_a_model_pyro_param_that_svi_would_not_train_is_refused():
             return pyro.sample("obs", dist.Normal(w * x, sigma), obs=y)
 
     x = torch.randn(20, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match=r"the model's pyro.param sites \['sigma'\] would not be trained: .*PyroParam"):
+    with pytest.raises(ValueError, match=r"the pyro.param sites \['sigma'\] would not be trained: .*PyroParam"):
         svi(model, x, 1.5 * x, guide=PyroAutoNormal(model), num_steps=2)
-    with pytest.raises(ValueError, match=r"the model's pyro.param sites \['sigma'\] would not be trained: .*PyroParam"):
+    with pytest.raises(ValueError, match=r"the pyro.param sites \['sigma'\] would not be trained: .*PyroParam"):
         svi(model, x, 1.5 * x, num_steps=2)  # bdl's guides: Pyro stopped with "not yet implemented"
