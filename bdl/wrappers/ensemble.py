@@ -63,6 +63,9 @@ def _same(a: Any, b: Any) -> bool:  # noqa: ANN401 - any attribute values
         return False
 
 
+_FORWARD_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
 def _meta_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose parameters and buffers are tensors of their shapes on the meta device.
 
@@ -322,6 +325,9 @@ class DeepEnsemble(nn.Module):
         # bdl.use_estimator block, a changed dropout rate): the copy kept those of its first forward
         for base_module, module in zip(base.modules(), self.members[0].modules()):
             base_module.__dict__.update((k, v) for k, v in vars(module).items() if not k.startswith("_"))
+            # and its forward hooks: an MCDropout around the ensemble hooks the members' dropout layers for the call
+            # (the copy dropped nothing, or kept dropping for good when made inside one)
+            base_module.__dict__.update((name, getattr(module, name)) for name in _FORWARD_HOOKS)
         params, buffers = self._state()
 
         def call(p: dict[str, Tensor], b: dict[str, Tensor], *inputs: Any) -> Any:  # noqa: ANN401
@@ -332,7 +338,7 @@ class DeepEnsemble(nn.Module):
             return torch.vmap(call, in_dims=in_dims, randomness="different", chunk_size=self.chunk_size)(params, buffers, *args)
         except RuntimeError as error:  # e.g. torch 2.11's vmap of cuDNN BatchNorm under CUDA autocast
             try:  # an error of the inputs (float32 into a float64 ensemble) is the member's own, which the loop meets too
-                with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                with torch.random.fork_rng(devices=[]):  # in the caller's grad mode: a member may take input gradients
                     self.members[0](*args, **kwargs)
             except Exception as alone:
                 raise alone from None

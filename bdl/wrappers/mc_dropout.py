@@ -205,11 +205,12 @@ class MCDropout(nn.Module):
         for module in in_place:
             module.inplace = False
         for module in self._dropout:
+            # an MCDropout around one (or around a model holding one) dropped twice: p = 0.5 dropped 75%, kept x4
+            if any(hook is _always_on_dropout for hook in module._forward_hooks.values()):
+                continue  # the outer one's hook drops (eval mode), compiled here or not
             if type(module) is nn.Dropout and not compiled:
                 module.training = False
-                # an MCDropout around one (or around a model holding one) dropped twice: p = 0.5 dropped 75%, kept x4
-                if not any(hook is _always_on_dropout for hook in module._forward_hooks.values()):
-                    hooks.append(module.register_forward_hook(_always_on_dropout, prepend=True))
+                hooks.append(module.register_forward_hook(_always_on_dropout, prepend=True))
             else:
                 module.training = True
         try:

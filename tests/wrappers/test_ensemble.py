@@ -392,6 +392,12 @@ class _ItemNet(nn.Linear):
         return super().forward(x) * (2.0 if self.weight.sum().item() > 0 else 1.0)
 
 
+class _InputGradientNet(nn.Linear):
+    def forward(self, x):  # an input gradient (a physics-informed network): the loop runs it, vmap does not
+        x = x.detach().requires_grad_(True)
+        return torch.autograd.grad(super().forward(x).tanh().sum(), x, create_graph=True)[0]
+
+
 def test_a_vmap_failure_suggests_the_loop_only_where_a_member_runs_alone():
     x = torch.randn(5, 4)
     ensemble = DeepEnsemble.from_factory(lambda: nn.Linear(4, 3), 3, method="vmap").double()
@@ -401,3 +407,23 @@ def test_a_vmap_failure_suggests_the_loop_only_where_a_member_runs_alone():
     with pytest.raises(RuntimeError, match="method='vmap' failed: .*method='loop' runs the members one by one"):
         DeepEnsemble.from_factory(lambda: _ItemNet(4, 3), 3, method="vmap")(x)
     DeepEnsemble.from_factory(lambda: _ItemNet(4, 3), 3, method="loop")(x)
+    with pytest.raises(RuntimeError, match="method='loop' runs the members one by one"):  # tried alone under no_grad
+        DeepEnsemble.from_factory(lambda: _InputGradientNet(4, 1), 3, method="vmap")(x)
+    assert DeepEnsemble.from_factory(lambda: _InputGradientNet(4, 1), 3, method="loop")(x).shape == (3, 5, 4)
+
+
+def test_mc_dropout_around_a_vmapped_ensemble_drops_only_inside_it():
+    # vmap runs a copy of member 0 made at the first forward, without the hooks MCDropout puts on the members for a
+    # call: it dropped nothing inside MCDropout, or, made inside one, dropped for good outside it
+    def member():
+        linear = nn.Linear(4, 4)
+        nn.init.eye_(linear.weight), nn.init.zeros_(linear.bias)
+        return nn.Sequential(linear, nn.Dropout(0.5))
+
+    x = torch.ones(500, 4)
+    for first_inside in (True, False):
+        ensemble = DeepEnsemble([member() for _ in range(3)], method="vmap").eval()
+        calls = [bdl.MCDropout(ensemble), ensemble] if first_inside else [ensemble, bdl.MCDropout(ensemble)]
+        with torch.no_grad():
+            dropped = {type(model).__name__: (model(x) == 0).float().mean().item() for model in calls}
+        assert dropped["DeepEnsemble"] == 0 and abs(dropped["MCDropout"] - 0.5) < 0.03

@@ -386,11 +386,13 @@ def test_an_mc_dropout_around_another_drops_each_layer_once():
     torch.manual_seed(0)
     x = torch.ones(1, 20_000)
     inner = MCDropout(nn.Sequential(nn.Identity(), nn.Dropout(0.5)))
-    for model in (MCDropout(inner), MCDropout(nn.Sequential(nn.Identity(), inner))):
+    compiled = MCDropout(nn.Sequential(nn.Identity(), nn.Dropout(0.5)))
+    compiled.forward = torch.compile(compiled.forward, backend="eager")  # switched the layer to training, hooked too
+    for model in (MCDropout(inner), MCDropout(nn.Sequential(nn.Identity(), inner)), MCDropout(compiled)):
         with torch.no_grad():
             y = model(x)
         assert abs((y == 0).float().mean().item() - 0.5) < 0.02
         assert set(y.unique().tolist()) == {0.0, 2.0}
-        assert not inner.model[1]._forward_hooks and not inner.model[1].training  # both contexts undone
+        assert not any(m.model[1]._forward_hooks or m.model[1].training for m in (inner, compiled))  # both contexts undone
     module = bdl.lightning.MCDropoutModule(inner)  # bdl.MCDropout(net) handed to the Lightning module
     assert abs((module.model(x) == 0).float().mean().item() - 0.5) < 0.02
