@@ -603,6 +603,10 @@ def evaluate(
     else:
         targets = M._checks.check_float(targets, "test targets")
         levels = tuple(M.regression._levels(levels, torch.zeros((), dtype=torch.float64)).tolist())  # a number too
+        named = {}
+        for level in levels:  # keys name a level to 6 digits: a second level of the same name was dropped silently
+            if named.setdefault(_percent(level), level) != level:
+                raise ValueError(f"`levels` {named[_percent(level)]} and {level} both name interval_coverage_{_percent(level)}: pass levels apart")
         settings.update(levels=levels)
         metrics = _regression_metrics(prediction, targets, levels=levels, notes=notes)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numbers
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -186,6 +187,6 @@ def percent_key(fraction: float) -> str:
     """A fraction as a percentage for a metric's name: 0.925 -> ``"92_5"``, 1e-7 -> ``"0_00001"``
     (``%g`` wrote ``"1e-05"``, which the report's key reader did not take)."""
     text = f"{100 * fraction:g}"
-    if "e" in text:
-        text = f"{100 * fraction:.15f}".rstrip("0")
+    if "e" in text:  # fixed notation, to the last digit that tells the value apart (1e-18 was "0_")
+        text = np.format_float_positional(100 * fraction, precision=6, fractional=False, trim="-")
     return text.replace(".", "_")
