@@ -74,7 +74,13 @@ def _steps_when_needed(num_steps: Union[int, Callable[[], int]]) -> Callable[[],
 
     def steps() -> int:
         if not known:
-            known.append(max(int(num_steps()), 1))
+            total = num_steps()
+            if not math.isfinite(total):  # "cannot convert float infinity to integer", naming nothing
+                raise ValueError(
+                    "a learning rate that decays over the run (lr_schedule='cosine', lr_decay < 1) needs a run of known "
+                    "length: set the Trainer's max_epochs or max_steps"
+                )
+            known.append(max(int(total), 1))
         return known[0]
 
     return steps

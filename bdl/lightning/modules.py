@@ -71,6 +71,16 @@ def _check_number(name: str, value: Any, *, minimum: float = 0.0, strict: bool =
     return float(value)
 
 
+def _one_validation_loader(module: L.LightningModule, dataloader_idx: int) -> None:
+    # Lightning asked for a dataloader_idx argument, and with one, the second loader's metrics were pooled with the
+    # first's (val/nll 1.4865 logged for a loader whose own is 1.7522)
+    if dataloader_idx:
+        raise ValueError(
+            f"{type(module).__name__} validates on one loader (its val/ metrics are one set), got a second: validate each "
+            "set with trainer.validate(module, loader), or concatenate them (torch.utils.data.ConcatDataset)"
+        )
+
+
 def _split_batch(batch: Any) -> tuple[Tensor, Optional[Tensor]]:  # noqa: ANN401
     if isinstance(batch, Tensor):
         return batch, None
@@ -379,7 +389,8 @@ class _Evaluation:
             )
         return prediction
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:  # noqa: ANN401
+        _one_validation_loader(self, dataloader_idx)
         if batch_idx == 0:  # as on_validation_epoch_start, which a subclass may override without calling super
             self._val_rows_seen = 0
         x, y = _split_batch(batch)
@@ -390,6 +401,11 @@ class _Evaluation:
         self._test_outputs: dict[int, list[tuple[Prediction, Optional[Tensor], Optional[Tensor]]]] = defaultdict(list)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:  # noqa: ANN401
+        if dataloader_idx > 1:  # predicted, then left out of the report
+            raise ValueError(
+                f"{type(self).__name__} tests on a test loader and an optional OOD loader, got a third: test each OOD set "
+                "in a run of its own, or concatenate them (torch.utils.data.ConcatDataset)"
+            )
         x, y = _split_batch(batch)
         prediction = self._checked_prediction(x, self.num_eval_samples, "test")
         one_dimensional = x.dim() == 2 and x.shape[1] == 1  # kept for the 1-D regression figure
@@ -736,7 +752,12 @@ class VariationalModule(UncertaintyModule):
         """``beta_t``: the KL weight of this step (after warm-up, ``kl_weight``)."""
         if self.kl_warmup_epochs == 0 or self._trainer is None:
             return self.kl_weight
-        batches = max(self.trainer.num_training_batches, 1) if math.isfinite(self.trainer.num_training_batches) else 1
+        if not math.isfinite(self.trainer.num_training_batches):  # taken as one batch: the warm-up ended in 2 steps
+            raise ValueError(
+                f"kl_warmup_epochs={self.kl_warmup_epochs} is scheduled in epochs, and the training loader's epoch has "
+                "no length (an IterableDataset without __len__): give the dataset a __len__, or set kl_warmup_epochs=0"
+            )
+        batches = max(self.trainer.num_training_batches, 1)
         # global_step counts optimiser steps: one per accumulate_grad_batches batches (and one for a remainder)
         steps_per_epoch = math.ceil(batches / max(self.trainer.accumulate_grad_batches, 1))
         progress = self.global_step / (self.kl_warmup_epochs * steps_per_epoch)
@@ -991,7 +1012,8 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         if self._num_data_from_data and datamodule is not None and hasattr(datamodule, "num_train"):
             self.model.num_data = int(datamodule.num_train)
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:  # noqa: ANN401
+        _one_validation_loader(self, dataloader_idx)
         if batch_idx == 0:  # as on_validation_epoch_start, which a subclass may override without calling super
             self._val_rows_seen = 0
         x, y = _split_batch(batch)

@@ -788,3 +788,27 @@ def test_predict_takes_an_svi_modules_task_and_sample_count():
     assert bdl.evaluate(module, (x, y)).task == "regression"
     with pytest.raises(ValueError, match="but the model is a regression module"):
         bdl.predict(module, x, task="classification")
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(0)
+        return iter([(torch.randn(4, generator=generator), torch.tensor(i % 3)) for i in range(20)])
+
+
+def test_loaders_the_modules_cannot_score_are_refused(tmp_path):
+    x, y = torch.randn(24, 4), torch.randint(0, 3, (24,))
+    data = DataLoader(TensorDataset(x, y), batch_size=8)
+    # a second validation loader: Lightning asked for dataloader_idx, and with it the loaders' metrics were pooled
+    for module in (DeterministicModule(net(), save_report=False), SVIModule(bdl.PyroModel(net(), num_data=24), save_report=False)):
+        with pytest.raises(ValueError, match=f"{type(module).__name__} validates on one loader .*, got a second"):
+            trainer(tmp_path).fit(module, data, [data, data])
+    # a third test loader was predicted and left out of the report
+    with pytest.raises(ValueError, match="tests on a test loader and an optional OOD loader, got a third"):
+        trainer(tmp_path).test(DeterministicModule(net(), save_report=False), [data, data, data])
+    # a KL warm-up over an epoch of unknown length ended after kl_warmup_epochs steps
+    with pytest.raises(ValueError, match=r"kl_warmup_epochs=2.0 is scheduled in epochs, and the training loader's epoch has no length"):
+        trainer(tmp_path).fit(VariationalModule(net(), num_data=20, kl_warmup_epochs=2, save_report=False), DataLoader(_Stream(), batch_size=4))
+    # a cosine schedule over a run without an end: "cannot convert float infinity to integer"
+    with pytest.raises(ValueError, match="lr_schedule='cosine', lr_decay < 1\\) needs a run of known length"):
+        trainer(tmp_path, max_epochs=-1, max_steps=-1, max_time={"seconds": 30}).fit(DeterministicModule(net(), lr_schedule="cosine", save_report=False), data)
