@@ -31,6 +31,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..predict import Prediction
@@ -187,12 +188,15 @@ class PredictionWriter(BasePredictionWriter):
 
 
 class Checkpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint``, whose ``last.ckpt`` (``save_last=True``) is the run's newest state.
+    """Lightning's ``ModelCheckpoint``, whose ``last.ckpt`` (``save_last=True``) is the run's newest resumable state.
 
     Since Lightning 2.6 ``save_last`` rewrites ``last.ckpt`` only in a step that saves a top-k checkpoint too: with
     the best one kept, ``last.ckpt`` was a copy of it (a 40-epoch quickstart's at epoch 36; ``--ckpt_path last``
     trained epochs 37-39 again, and ``evaluate --ckpt_path last`` read the best epoch's weights). It is saved
-    wherever Lightning would save a checkpoint (each validation or training epoch end) and at the end of training.
+    wherever Lightning would save a checkpoint (each validation or training epoch end). A run that ``max_steps``
+    stops partway through an epoch keeps the last one of those: Lightning resumes a checkpoint saved then as if
+    the epoch were over. A ``val/`` monitor the module does not log gets a clear error at the first validation
+    (Lightning's came in a traceback), and a warning already when the sanity check's validation did not log it.
     """
 
     @property
@@ -200,24 +204,30 @@ class Checkpoint(ModelCheckpoint):
         return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
     def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning finds a monitor the module never logs at the first save, after a whole training epoch
-        logged = sorted(key for key in trainer.callback_metrics if key.startswith("val/"))
-        if self.monitor is not None and self.monitor.startswith("val/") and logged and self.monitor not in logged:
-            raise ValueError(f"checkpoint.monitor {self.monitor!r} is not a metric the module logs in validation: {logged}")
+        # not refused here: a module may log a metric only outside the sanity check (SVIModule's val/elbo before
+        # num_data is known)
+        if self._missing_monitor(trainer):
+            rank_zero_warn(f"checkpoint.monitor {self.monitor!r} was not logged by the sanity check's validation: {self._logged(trainer)}")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
+        # not where max_steps ended the epoch early: Lightning resumed such a checkpoint as if the epoch were over
+        if self._should_save_on_train_epoch_end(trainer) and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             self._save_newest_last(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and self._missing_monitor(trainer):
+            raise ValueError(f"checkpoint.monitor {self.monitor!r} is not a metric the module logs in validation: {self._logged(trainer)}")
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._save_newest_last(trainer)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
-        self._save_newest_last(trainer)  # max_steps ended the run between validations
+    def _logged(self, trainer: L.Trainer) -> list[str]:
+        return sorted(key for key in trainer.callback_metrics if key.startswith("val/"))
+
+    def _missing_monitor(self, trainer: L.Trainer) -> bool:
+        logged = self._logged(trainer)
+        return self.monitor is not None and self.monitor.startswith("val/") and bool(logged) and self.monitor not in logged
 
     def _save_newest_last(self, trainer: L.Trainer) -> None:
         # "link" links last.ckpt to the newest saved checkpoint, as Lightning documents; skipped: saved at this step
