@@ -301,6 +301,12 @@ class SVIModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.elbo.parameters() if p.requires_grad]
+        if not params:  # torch's "optimizer got an empty parameter list", before the first loss's check
+            raise ValueError(
+                "SVIModule: nothing to train: the guide and the model hold no parameter the optimizer can train (a "
+                "model without latent sites, or a guide function's pyro.param, which each step's fresh parameter "
+                "store leaves at its initial value: make the parameters a PyroModule's PyroParam or nn.Parameter)"
+            )
         spec = self._optimizer_spec
         optimizer = spec(params) if callable(spec) else OPTIMIZERS[spec](params, lr=self.lr)
         if self.lr_decay == 1.0 or self._trainer is None:
@@ -338,9 +344,9 @@ class SVIModule(L.LightningModule):
         trained = {id(parameter) for parameter in self.elbo.parameters()}
         traces = self.elbo.model.traces
         untrained = _untrained_param_sites(traces[0] if traces else None, dict(pyro.get_param_store().named_parameters()), trained)
-        self._params_checked = True
-        if untrained:
+        if untrained:  # on every loss until it passes: a second fit of the refused module trained silently
             raise ValueError(f"SVIModule: the pyro.param sites {list(untrained)} would not be trained: {_untrained_advice(untrained)}")
+        self._params_checked = True
 
     def _step(self, batch: Any, stage: str) -> Tensor:
         args = _as_args(batch)

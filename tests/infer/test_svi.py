@@ -510,3 +510,13 @@ def test_a_model_pyro_param_that_svi_would_not_train_is_refused():
         svi(model, x, 1.5 * x, guide=PyroAutoNormal(model), num_steps=2)
     with pytest.raises(ValueError, match=r"the pyro.param sites \['sigma'\] would not be trained: .*PyroParam"):
         svi(model, x, 1.5 * x, num_steps=2)  # bdl's guides: Pyro stopped with "not yet implemented"
+    module = SVIModule(model, example_args=(x, 1.5 * x))
+    for _ in range(2):  # the second loss of a refused module trained silently
+        with pytest.raises(ValueError, match=r"sites \['sigma'\] would not be trained"):
+            module.loss(x, 1.5 * x)
+
+    def points(x, y=None):  # no latent site: torch's "optimizer got an empty parameter list"
+        return pyro.sample("obs", dist.Normal(pyro.param("w", torch.tensor(0.0)) * x, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match="SVIModule: nothing to train: the guide and the model hold no parameter"):
+        svi(points, x, 1.5 * x, num_steps=2)
