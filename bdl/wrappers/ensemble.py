@@ -63,7 +63,19 @@ def _same(a: Any, b: Any) -> bool:  # noqa: ANN401 - any attribute values
         return False
 
 
-_FORWARD_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+def _common_hooks(module: nn.Module, others: Sequence[nn.Module]) -> dict[str, Any]:
+    """The forward (pre-)hooks of ``module`` that each of ``others`` has too (the same function), as the attributes
+    ``nn.Module`` keeps them in: those that apply to every member under vmap."""
+    state: dict[str, Any] = {}
+    for hooks, flags in (("_forward_pre_hooks", ("_forward_pre_hooks_with_kwargs",)),
+                         ("_forward_hooks", ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"))):  # fmt: skip
+        kept = OrderedDict(
+            (key, hook) for key, hook in getattr(module, hooks).items()
+            if all(any(theirs is hook for theirs in getattr(other, hooks).values()) for other in others)
+        )  # fmt: skip
+        state[hooks] = kept
+        state.update((flag, {key: value for key, value in getattr(module, flag).items() if key in kept}) for flag in flags)
+    return state
 
 
 def _meta_copy(module: nn.Module) -> nn.Module:
@@ -323,11 +335,12 @@ class DeepEnsemble(nn.Module):
         base = self._base[0]
         # the first member's plain attributes as they are now (the training flags, a bdl.deterministic or
         # bdl.use_estimator block, a changed dropout rate): the copy kept those of its first forward
-        for base_module, module in zip(base.modules(), self.members[0].modules()):
+        for base_module, module, *others in zip(base.modules(), *(member.modules() for member in self.members)):
             base_module.__dict__.update((k, v) for k, v in vars(module).items() if not k.startswith("_"))
-            # and its forward hooks: an MCDropout around the ensemble hooks the members' dropout layers for the call
-            # (the copy dropped nothing, or kept dropping for good when made inside one)
-            base_module.__dict__.update((name, getattr(module, name)) for name in _FORWARD_HOOKS)
+            # and the forward hooks every member has: an MCDropout around the ensemble hooks the members' dropout
+            # layers for the call (the copy dropped nothing, or kept dropping for good when made inside one); a hook
+            # of member 0's alone is not run for the others
+            base_module.__dict__.update(_common_hooks(module, others))
         params, buffers = self._state()
 
         def call(p: dict[str, Tensor], b: dict[str, Tensor], *inputs: Any) -> Any:  # noqa: ANN401

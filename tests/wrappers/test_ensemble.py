@@ -427,3 +427,7 @@ def test_mc_dropout_around_a_vmapped_ensemble_drops_only_inside_it():
         with torch.no_grad():
             dropped = {type(model).__name__: (model(x) == 0).float().mean().item() for model in calls}
         assert dropped["DeepEnsemble"] == 0 and abs(dropped["MCDropout"] - 0.5) < 0.03
+    # a hook on member 0 alone is not run for every member
+    ensemble.members[0][0].register_forward_hook(lambda module, args, output: torch.zeros_like(output))
+    with torch.no_grad():
+        assert (ensemble(x)[1:] != 0).any()
