@@ -286,6 +286,7 @@ def test_fractional_percentages_are_labelled_as_given():
     text = tiny.to_markdown()
     assert "FPR at 0.00001% TPR" in text and "risk at 0.00001% coverage" in text and "## Other" not in text
     assert "FPR at 0.0000000000000001% TPR" in evaluate(model, (x, y), num_samples=1, ood_data=x + 5, tpr=1e-18).to_markdown()  # "0_"
+    assert "interval coverage (99.99999%)" in evaluate(prediction, y.float(), levels=(0.5, 0.9999999)).to_markdown()  # "(100%)"
     with pytest.raises(ValueError, match=r"`levels` 0.9 and 0.9000001 both name interval_coverage_90"):  # one was dropped
         evaluate(prediction, y.float(), levels=(0.5, 0.9, 0.9000001))
 

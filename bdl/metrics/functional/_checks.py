@@ -184,9 +184,11 @@ def check_fraction(value: float, name: str, *, open_left: bool = True, open_righ
 
 
 def percent_key(fraction: float) -> str:
-    """A fraction as a percentage for a metric's name: 0.925 -> ``"92_5"``, 1e-7 -> ``"0_00001"``
-    (``%g`` wrote ``"1e-05"``, which the report's key reader did not take)."""
-    text = f"{100 * fraction:g}"
-    if "e" in text:  # fixed notation, to the last digit that tells the value apart (1e-18 was "0_")
-        text = np.format_float_positional(100 * fraction, precision=6, fractional=False, trim="-")
+    """A fraction as a percentage for a metric's name, to 6 significant digits in fixed notation: 0.925 ->
+    ``"92_5"``, 1e-7 -> ``"0_00001"`` (``%g`` wrote ``"1e-05"``, which the report's key reader did not take), and
+    more digits where 6 round a fraction below 1 to ``"100"`` (0.9999999 -> ``"99_99999"``)."""
+    digits, text = 6, ""
+    while digits <= 17 and (not text or (text == "100" and fraction != 1)):
+        text = np.format_float_positional(100 * fraction, precision=digits, fractional=False, trim="-")
+        digits += 1
     return text.replace(".", "_")
