@@ -193,7 +193,7 @@ class Checkpoint(ModelCheckpoint):
     Since Lightning 2.6 ``save_last`` rewrites ``last.ckpt`` only in a step that saves a top-k checkpoint too: with
     the best one kept, ``last.ckpt`` was a copy of it (a 40-epoch quickstart's at epoch 36; ``--ckpt_path last``
     trained epochs 37-39 again, and ``evaluate --ckpt_path last`` read the best epoch's weights). It is saved
-    wherever Lightning would save a checkpoint (each validation or training epoch end). A run that ``max_steps``
+    wherever Lightning would save a checkpoint (each validation or training epoch end) and at the end of training. A run that ``max_steps``
     stops partway through an epoch keeps the last one of those: Lightning resumes a checkpoint saved then as if
     the epoch were over. A ``val/`` monitor the module does not log gets a clear error at the first validation
     (Lightning's came in a traceback), and a warning already when the sanity check's validation did not log it.
@@ -220,6 +220,11 @@ class Checkpoint(ModelCheckpoint):
             raise ValueError(f"checkpoint.monitor {self.monitor!r} is not a metric the module logs in validation: {self._logged(trainer)}")
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
+            self._save_newest_last(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:  # no validation in the last epoch (check_val_every_n_epoch)
             self._save_newest_last(trainer)
 
     def _logged(self, trainer: L.Trainer) -> list[str]:
