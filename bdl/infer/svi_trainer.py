@@ -75,10 +75,12 @@ def _steps_when_needed(num_steps: Union[int, Callable[[], int]]) -> Callable[[],
     def steps() -> int:
         if not known:
             total = num_steps()
-            if not math.isfinite(total):  # "cannot convert float infinity to integer", naming nothing
+            # inf: "cannot convert float infinity to integer", naming nothing; -1 (Lightning's max_steps, for a loader
+            # without a length): the schedule ended after one step
+            if not math.isfinite(total) or total <= 0:
                 raise ValueError(
                     "a learning rate that decays over the run (lr_schedule='cosine', lr_decay < 1) needs a run of known "
-                    "length: set the Trainer's max_epochs or max_steps"
+                    "length: set the Trainer's max_steps, or max_epochs with a training loader that has a length"
                 )
             known.append(max(int(total), 1))
         return known[0]
