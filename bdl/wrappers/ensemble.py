@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import numbers
 import os
+import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -63,19 +64,25 @@ def _same(a: Any, b: Any) -> bool:  # noqa: ANN401 - any attribute values
         return False
 
 
-def _common_hooks(module: nn.Module, others: Sequence[nn.Module]) -> dict[str, Any]:
-    """The forward (pre-)hooks of ``module`` that each of ``others`` has too (the same function), as the attributes
-    ``nn.Module`` keeps them in: those that apply to every member under vmap."""
+def _common_hooks(module: nn.Module, others: Sequence[nn.Module]) -> Optional[dict[str, Any]]:
+    """The forward (pre-)hooks of ``module``, as the attributes ``nn.Module`` keeps them in, where each of ``others``
+    has the same hooks (the same function, or alike by their ``alike`` method: MCDropout's inserted dropout, one
+    per member); None where a hook is on some of them only, which one vmapped copy cannot run."""
     state: dict[str, Any] = {}
     for hooks, flags in (("_forward_pre_hooks", ("_forward_pre_hooks_with_kwargs",)),
                          ("_forward_hooks", ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"))):  # fmt: skip
-        kept = OrderedDict(
-            (key, hook) for key, hook in getattr(module, hooks).items()
-            if all(any(theirs is hook for theirs in getattr(other, hooks).values()) for other in others)
-        )  # fmt: skip
-        state[hooks] = kept
-        state.update((flag, {key: value for key, value in getattr(module, flag).items() if key in kept}) for flag in flags)
+        mine = getattr(module, hooks)
+        for other in others:
+            theirs = list(getattr(other, hooks).values())
+            if len(theirs) != len(mine) or not all(_alike(hook, their) for hook, their in zip(mine.values(), theirs)):
+                return None
+        state[hooks] = OrderedDict(mine)
+        state.update((flag, dict(getattr(module, flag))) for flag in flags)
     return state
+
+
+def _alike(hook: Any, other: Any) -> bool:  # noqa: ANN401
+    return hook is other or (type(hook) is type(other) and hasattr(hook, "alike") and hook.alike(other))
 
 
 def _meta_copy(module: nn.Module) -> nn.Module:
@@ -164,6 +171,7 @@ class DeepEnsemble(nn.Module):
         # a weightless copy of member 0 that functional_call runs; in a list so it is not registered as a submodule
         self._base: list[nn.Module] = []
         self._stacked: Optional[tuple[Any, dict[str, Tensor], dict[str, Tensor]]] = None
+        self._warned_hooks = False
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -335,12 +343,21 @@ class DeepEnsemble(nn.Module):
         base = self._base[0]
         # the first member's plain attributes as they are now (the training flags, a bdl.deterministic or
         # bdl.use_estimator block, a changed dropout rate): the copy kept those of its first forward
+        hooks = []
         for base_module, module, *others in zip(base.modules(), *(member.modules() for member in self.members)):
             base_module.__dict__.update((k, v) for k, v in vars(module).items() if not k.startswith("_"))
-            # and the forward hooks every member has: an MCDropout around the ensemble hooks the members' dropout
-            # layers for the call (the copy dropped nothing, or kept dropping for good when made inside one); a hook
-            # of member 0's alone is not run for the others
-            base_module.__dict__.update(_common_hooks(module, others))
+            # and the forward hooks, which every member must have alike: an MCDropout around the ensemble hooks the
+            # members' dropout layers for the call (the copy dropped nothing, or kept dropping for good when made
+            # inside one); a hook of some members only (member 0's zeroed every member) runs in the loop
+            common = _common_hooks(module, others)
+            if common is None:
+                if not getattr(self, "_warned_hooks", False):  # an ensemble pickled before it existed
+                    warnings.warn("DeepEnsemble: the members' forward hooks differ (a hook on some members only), which vmap cannot run: the members run one by one (method='loop')", stacklevel=5)
+                    self._warned_hooks = True
+                return self._loop_forward(*args, **kwargs)
+            hooks.append((base_module, common))
+        for base_module, common in hooks:
+            base_module.__dict__.update(common)
         params, buffers = self._state()
 
         def call(p: dict[str, Tensor], b: dict[str, Tensor], *inputs: Any) -> Any:  # noqa: ANN401

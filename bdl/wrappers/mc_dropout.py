@@ -52,6 +52,10 @@ class _DropoutBefore:
     def __init__(self, dropout: nn.Module) -> None:
         self.dropout = dropout
 
+    def alike(self, other: "_DropoutBefore") -> bool:
+        """Whether ``other`` drops as this does: a vmapped DeepEnsemble runs member 0's for every member."""
+        return type(self.dropout) is type(other.dropout) and self.dropout.p == other.dropout.p
+
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: Optional[dict[str, Any]] = None) -> Any:  # noqa: ANN401
         if kwargs is None:  # registered without kwargs (an MCDropout pickled by an earlier bdl)
             return (self.dropout(args[0]), *args[1:])

@@ -427,7 +427,13 @@ def test_mc_dropout_around_a_vmapped_ensemble_drops_only_inside_it():
         with torch.no_grad():
             dropped = {type(model).__name__: (model(x) == 0).float().mean().item() for model in calls}
         assert dropped["DeepEnsemble"] == 0 and abs(dropped["MCDropout"] - 0.5) < 0.03
-    # a hook on member 0 alone is not run for every member
-    ensemble.members[0][0].register_forward_hook(lambda module, args, output: torch.zeros_like(output))
+    # dropout inserted before each member's layers (an MCDropout hook object per member) drops under vmap too
+    ensemble = DeepEnsemble([member() for _ in range(3)], method="vmap").eval()
+    inserted = bdl.MCDropout(ensemble, p=0.5, insert_before=[nn.Linear])
     with torch.no_grad():
-        assert (ensemble(x)[1:] != 0).any()
+        assert not torch.equal(inserted(x), inserted(x))
+    # a hook on member 0 alone (it zeroed every member) runs in the loop, on member 0 only
+    ensemble.members[0][0].register_forward_hook(lambda module, args, output: torch.zeros_like(output))
+    with torch.no_grad(), pytest.warns(UserWarning, match="the members' forward hooks differ .* the members run one by one"):
+        outputs = ensemble(x)
+    assert (outputs[0] == 0).all() and (outputs[1:] != 0).any()
