@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import numbers
 import os
+import sys
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -64,25 +65,48 @@ def _same(a: Any, b: Any) -> bool:  # noqa: ANN401 - any attribute values
         return False
 
 
-def _common_hooks(module: nn.Module, others: Sequence[nn.Module]) -> Optional[dict[str, Any]]:
-    """The forward (pre-)hooks of ``module``, as the attributes ``nn.Module`` keeps them in, where each of ``others``
-    has the same hooks (the same function, or alike by their ``alike`` method: MCDropout's inserted dropout, one
-    per member); None where a hook is on some of them only, which one vmapped copy cannot run."""
-    state: dict[str, Any] = {}
-    for hooks, flags in (("_forward_pre_hooks", ("_forward_pre_hooks_with_kwargs",)),
-                         ("_forward_hooks", ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"))):  # fmt: skip
-        mine = getattr(module, hooks)
-        for other in others:
+_HOOKS = (("_forward_pre_hooks", ("_forward_pre_hooks_with_kwargs",)),
+          ("_forward_hooks", ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")))  # fmt: skip
+
+
+def _hooks_alike(modules: Sequence[nn.Module]) -> bool:
+    """Whether ``modules`` (one per member, at one place) have the same forward (pre-)hooks: the same functions,
+    or alike by their ``alike`` method (MCDropout's inserted dropout, one hook object per member)."""
+    for hooks, _ in _HOOKS:
+        mine = list(getattr(modules[0], hooks).values())
+        for other in modules[1:]:
             theirs = list(getattr(other, hooks).values())
-            if len(theirs) != len(mine) or not all(_alike(hook, their) for hook, their in zip(mine.values(), theirs)):
-                return None
-        state[hooks] = OrderedDict(mine)
-        state.update((flag, dict(getattr(module, flag))) for flag in flags)
-    return state
+            if len(theirs) != len(mine) or not all(_alike(hook, their) for hook, their in zip(mine, theirs)):
+                return False
+    return True
 
 
 def _alike(hook: Any, other: Any) -> bool:  # noqa: ANN401
     return hook is other or (type(hook) is type(other) and hasattr(hook, "alike") and hook.alike(other))
+
+
+def _hooks_for_copy(module: nn.Module, names: Callable[[], dict[int, str]], copy: nn.Module) -> dict[str, Any]:
+    """``module``'s forward (pre-)hooks, as the attributes ``nn.Module`` keeps them in (ordered dicts: hooks registered
+    on the copy take weak references to them), for the same place in ``copy`` of member 0 (``names``: member 0's
+    module names by id): a hook holding a module of member 0 (``in_copy``) takes the copy's."""
+    state: dict[str, Any] = {}
+    for hooks, flags in _HOOKS:
+        state[hooks] = OrderedDict(
+            (key, hook.in_copy(names(), copy) if hasattr(hook, "in_copy") else hook) for key, hook in getattr(module, hooks).items()
+        )  # fmt: skip
+        state.update((flag, OrderedDict(getattr(module, flag))) for flag in flags)
+    return state
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` of the first frame outside bdl and torch, for a warning: the user's call, however it came."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_INTERNAL = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
 
 
 def _meta_copy(module: nn.Module) -> nn.Module:
@@ -306,6 +330,15 @@ class DeepEnsemble(nn.Module):
                 "method='vmap' needs members of one architecture (same modules, attributes, parameter and buffer shapes) "
                 "and, in training mode, no buffers; use method='loop'"
             )
+        if not all(_hooks_alike(modules) for modules in zip(*(member.modules() for member in self.members))):
+            # one vmapped copy of member 0 runs every member: a hook of member 0's alone zeroed every member
+            if not getattr(self, "_warned_hooks", False):  # an ensemble pickled before it existed
+                warnings.warn(
+                    "DeepEnsemble: the members' forward hooks differ (a hook on some members only), which vmap cannot "
+                    "run: the members run one by one (method='loop')", stacklevel=_user_stacklevel()
+                )  # fmt: skip
+                self._warned_hooks = True
+            return "loop"
         return "vmap"
 
     def _drop_value_caches(self) -> None:
@@ -343,21 +376,19 @@ class DeepEnsemble(nn.Module):
         base = self._base[0]
         # the first member's plain attributes as they are now (the training flags, a bdl.deterministic or
         # bdl.use_estimator block, a changed dropout rate): the copy kept those of its first forward
-        hooks = []
-        for base_module, module, *others in zip(base.modules(), *(member.modules() for member in self.members)):
+        names: list[dict[int, str]] = []  # member 0's module names by id, when a hook asks
+
+        def member_names() -> dict[int, str]:
+            if not names:
+                names.append({id(module): name for name, module in self.members[0].named_modules()})
+            return names[0]
+
+        for base_module, module in zip(base.modules(), self.members[0].modules()):
             base_module.__dict__.update((k, v) for k, v in vars(module).items() if not k.startswith("_"))
-            # and the forward hooks, which every member must have alike: an MCDropout around the ensemble hooks the
-            # members' dropout layers for the call (the copy dropped nothing, or kept dropping for good when made
-            # inside one); a hook of some members only (member 0's zeroed every member) runs in the loop
-            common = _common_hooks(module, others)
-            if common is None:
-                if not getattr(self, "_warned_hooks", False):  # an ensemble pickled before it existed
-                    warnings.warn("DeepEnsemble: the members' forward hooks differ (a hook on some members only), which vmap cannot run: the members run one by one (method='loop')", stacklevel=5)
-                    self._warned_hooks = True
-                return self._loop_forward(*args, **kwargs)
-            hooks.append((base_module, common))
-        for base_module, common in hooks:
-            base_module.__dict__.update(common)
+            # and its forward hooks, alike on every member (resolve_method): an MCDropout around the ensemble hooks
+            # the members' dropout layers for the call (the copy dropped nothing, or kept dropping for good when made
+            # inside one)
+            base_module.__dict__.update(_hooks_for_copy(module, member_names, base))
         params, buffers = self._state()
 
         def call(p: dict[str, Tensor], b: dict[str, Tensor], *inputs: Any) -> Any:  # noqa: ANN401

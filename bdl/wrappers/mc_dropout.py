@@ -56,6 +56,13 @@ class _DropoutBefore:
         """Whether ``other`` drops as this does: a vmapped DeepEnsemble runs member 0's for every member."""
         return type(self.dropout) is type(other.dropout) and self.dropout.p == other.dropout.p
 
+    def in_copy(self, names: dict[int, str], copy: nn.Module) -> "_DropoutBefore":
+        """This hook for ``copy`` of a module whose submodules are named in ``names`` (a vmapped DeepEnsemble's copy
+        of member 0): the copy's own dropout where the member holds it (an MCDropout member, whose copy switches its
+        own on), else this one (an MCDropout around the ensemble switches it on)."""
+        name = names.get(id(self.dropout))
+        return self if name is None else _DropoutBefore(copy.get_submodule(name))
+
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: Optional[dict[str, Any]] = None) -> Any:  # noqa: ANN401
         if kwargs is None:  # registered without kwargs (an MCDropout pickled by an earlier bdl)
             return (self.dropout(args[0]), *args[1:])

@@ -435,5 +435,25 @@ def test_mc_dropout_around_a_vmapped_ensemble_drops_only_inside_it():
     # a hook on member 0 alone (it zeroed every member) runs in the loop, on member 0 only
     ensemble.members[0][0].register_forward_hook(lambda module, args, output: torch.zeros_like(output))
     with torch.no_grad(), pytest.warns(UserWarning, match="the members' forward hooks differ .* the members run one by one"):
+        assert ensemble.resolve_method() == "loop"
+    with torch.no_grad():
         outputs = ensemble(x)
     assert (outputs[0] == 0).all() and (outputs[1:] != 0).any()
+
+
+@pytest.mark.parametrize("insert", [False, True])
+def test_an_ensemble_of_mc_dropout_members_drops_under_vmap(insert):
+    # the vmap copy's hook dictionaries were plain dicts, to which the copy's own MCDropout could not register
+    # ("cannot create weak reference to 'dict' object"); with inserted dropout the copy ran member 0's, left off
+    def member():
+        linear = nn.Linear(4, 4)
+        nn.init.eye_(linear.weight), nn.init.zeros_(linear.bias)
+        net = nn.Sequential(nn.Identity(), linear) if insert else nn.Sequential(linear, nn.Dropout(0.5))
+        return bdl.MCDropout(net, p=0.5, insert_before=[nn.Linear]) if insert else bdl.MCDropout(net)
+
+    x = torch.ones(500, 4)
+    ensemble = DeepEnsemble([member() for _ in range(3)], method="vmap").eval()
+    with torch.no_grad():
+        outputs = ensemble(x)
+    dropped = (outputs == 0).float().mean((1, 2))
+    assert ensemble.resolve_method() == "vmap" and ((dropped - 0.5).abs() < 0.05).all() and not torch.equal(outputs[0], outputs[1])
