@@ -192,11 +192,11 @@ class Checkpoint(ModelCheckpoint):
 
     Since Lightning 2.6 ``save_last`` rewrites ``last.ckpt`` only in a step that saves a top-k checkpoint too: with
     the best one kept, ``last.ckpt`` was a copy of it (a 40-epoch quickstart's at epoch 36; ``--ckpt_path last``
-    trained epochs 37-39 again, and ``evaluate --ckpt_path last`` read the best epoch's weights). It is saved
-    wherever Lightning would save a checkpoint (each validation or training epoch end) and at the end of training. A run that ``max_steps``
-    stops partway through an epoch keeps the last one of those: Lightning resumes a checkpoint saved then as if
-    the epoch were over. A ``val/`` monitor the module does not log gets a clear error at the first validation
-    (Lightning's came in a traceback), and a warning already when the sanity check's validation did not log it.
+    trained epochs 37-39 again, and ``evaluate --ckpt_path last`` read the best epoch's weights). It is saved at
+    each validation and at the end of each training epoch. A run that ``max_steps`` stops partway through an epoch
+    keeps the previous epoch end's: Lightning resumed a checkpoint saved there as if the epoch were over (a run
+    stopped in its first epoch gets Lightning's, the final weights, which resume so). A ``val/`` monitor the module does not log gets a one-line error at the first validation
+    (Lightning's came in a traceback), after a warning when the sanity check's validation did not log it.
     """
 
     @property
@@ -211,8 +211,9 @@ class Checkpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        # not where max_steps ended the epoch early: Lightning resumed such a checkpoint as if the epoch were over
-        if self._should_save_on_train_epoch_end(trainer) and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        # every finished epoch, validated or not (check_val_every_n_epoch); not where max_steps ended it early:
+        # Lightning resumed such a checkpoint as if the epoch were over
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             self._save_newest_last(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -223,8 +224,8 @@ class Checkpoint(ModelCheckpoint):
             self._save_newest_last(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:  # no validation in the last epoch (check_val_every_n_epoch)
+        super().on_train_end(trainer, pl_module)  # Lightning's: last.ckpt of a run that saved none, wherever it stopped
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             self._save_newest_last(trainer)
 
     def _logged(self, trainer: L.Trainer) -> list[str]:
