@@ -62,27 +62,30 @@ def exponential_decay(optimizer: torch.optim.Optimizer, lr_decay: float, num_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: float(lr_decay) ** (min(step, steps()) / steps()) if step else 1.0)
 
 
+def _run_length(total: float) -> int:
+    # inf: "cannot convert float infinity to integer", naming nothing; -1 (Lightning's max_steps, for a loader
+    # without a length): the schedule ended after one step
+    if not math.isfinite(total) or total <= 0:
+        raise ValueError(
+            "a learning rate that decays over the run (lr_schedule='cosine', lr_decay < 1) needs a run of known "
+            "length: set the Trainer's max_steps, or max_epochs with a training loader that has a length"
+        )
+    return max(int(total), 1)
+
+
 def _steps_when_needed(num_steps: Union[int, Callable[[], int]]) -> Callable[[], int]:
     """``num_steps``, or the value of a callable read once at the schedule's first step (not at step 0, which
     LambdaLR computes as it is built). Lightning's ``trainer.estimated_stepping_batches``, read in
     ``configure_optimizers``, builds the training loader's iterator before ``on_fit_start`` restores a resumed
     fit's random state: a shuffled loader of the user's then drew its order one number early (not bit-identical)."""
     if not callable(num_steps):
-        total = max(int(num_steps), 1)
+        total = _run_length(num_steps)
         return lambda: total
     known: list[int] = []
 
     def steps() -> int:
         if not known:
-            total = num_steps()
-            # inf: "cannot convert float infinity to integer", naming nothing; -1 (Lightning's max_steps, for a loader
-            # without a length): the schedule ended after one step
-            if not math.isfinite(total) or total <= 0:
-                raise ValueError(
-                    "a learning rate that decays over the run (lr_schedule='cosine', lr_decay < 1) needs a run of known "
-                    "length: set the Trainer's max_steps, or max_epochs with a training loader that has a length"
-                )
-            known.append(max(int(total), 1))
+            known.append(_run_length(num_steps()))
         return known[0]
 
     return steps

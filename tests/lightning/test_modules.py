@@ -812,5 +812,8 @@ def test_loaders_the_modules_cannot_score_are_refused(tmp_path):
     # a cosine schedule over a run without an end: "cannot convert float infinity to integer"
     with pytest.raises(ValueError, match="lr_schedule='cosine', lr_decay < 1\\) needs a run of known length"):
         trainer(tmp_path, max_epochs=-1, max_steps=-1, max_time={"seconds": 30}).fit(DeterministicModule(net(), lr_schedule="cosine", save_report=False), data)
+    for steps in (-1, 0, float("inf")):  # a number of steps given directly: the lr decayed in one step, or OverflowError
+        with pytest.raises(ValueError, match="needs a run of known length"):
+            bdl.infer.exponential_decay(torch.optim.SGD(net().parameters(), lr=0.1), 0.1, steps)
     with pytest.raises(ValueError, match="needs a run of known length: set the Trainer's max_steps"):  # the lr was 0 after one step
         trainer(tmp_path, max_epochs=3).fit(DeterministicModule(net(), lr_schedule="cosine", save_report=False), DataLoader(_Stream(), batch_size=4))
