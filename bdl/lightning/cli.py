@@ -193,10 +193,12 @@ class Checkpoint(ModelCheckpoint):
     Since Lightning 2.6 ``save_last`` rewrites ``last.ckpt`` only in a step that saves a top-k checkpoint too: with
     the best one kept, ``last.ckpt`` was a copy of it (a 40-epoch quickstart's at epoch 36; ``--ckpt_path last``
     trained epochs 37-39 again, and ``evaluate --ckpt_path last`` read the best epoch's weights). It is saved at
-    each validation and at the end of each training epoch. A run that ``max_steps`` stops partway through an epoch
-    keeps the previous epoch end's: Lightning resumed a checkpoint saved there as if the epoch were over (a run
-    stopped in its first epoch gets Lightning's, the final weights, which resume so). A ``val/`` monitor the module does not log gets a one-line error at the first validation
-    (Lightning's came in a traceback), after a warning when the sanity check's validation did not log it.
+    the end of each training epoch. A run stopped partway through an epoch (``max_steps``, or an early stop at a
+    validation with ``val_check_interval`` below 1) keeps the previous epoch end's: Lightning resumed a checkpoint
+    saved there to other weights, as if the epoch were over, except where Lightning itself saves one (with a new
+    best there, or in a run stopped within its first epoch, which saved none). A ``val/``
+    monitor the module does not log gets a one-line error at the first validation (Lightning's came in a
+    traceback), after a warning when the sanity check's validation did not log it.
     """
 
     @property
@@ -220,7 +222,9 @@ class Checkpoint(ModelCheckpoint):
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and self._missing_monitor(trainer):
             raise ValueError(f"checkpoint.monitor {self.monitor!r} is not a metric the module logs in validation: {self._logged(trainer)}")
         super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
+        # at an epoch's end: a checkpoint of a validation partway through one (val_check_interval < 1) that a stop
+        # then made the last resumed to other weights
+        if not self._should_save_on_train_epoch_end(trainer) and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             self._save_newest_last(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

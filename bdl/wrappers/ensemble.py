@@ -99,14 +99,17 @@ def _hooks_for_copy(module: nn.Module, names: Callable[[], dict[int, str]], copy
 
 
 def _user_stacklevel() -> int:
-    """``stacklevel`` of the first frame outside bdl and torch, for a warning: the user's call, however it came."""
+    """``stacklevel`` of the first frame outside bdl and torch, for a warning: the user's call, however it came
+    (under torch.compile, which cannot trace the frames, the caller's)."""
+    if torch.compiler.is_compiling():
+        return 2
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
         frame, level = frame.f_back, level + 1
     return level
 
 
-_INTERNAL = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+_INTERNAL = (os.path.dirname(os.path.dirname(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
 
 
 def _meta_copy(module: nn.Module) -> nn.Module:

@@ -646,7 +646,15 @@ class _WorseEachEpoch(L.LightningModule):
 
 
 @pytest.mark.parametrize(
-    "limits, last_step", [({}, 6), ({"max_steps": 5}, 4), ({"check_val_every_n_epoch": 2}, 6), ({"check_val_every_n_epoch": 2, "max_steps": 3}, 2), ({"max_steps": 1}, 1)]
+    "limits, last_step",
+    [
+        ({}, 6),
+        ({"max_steps": 5}, 4),
+        ({"check_val_every_n_epoch": 2}, 6),
+        ({"check_val_every_n_epoch": 2, "max_steps": 3}, 2),
+        ({"max_steps": 1}, 1),
+        ({"val_check_interval": 0.5, "max_steps": 3}, 2),
+    ],
 )
 def test_last_ckpt_is_the_newest_state_when_the_best_is_older(tmp_path, limits, last_step):
     # Lightning 2.6 rewrote last.ckpt only with a new best: it stayed at epoch 0 (global step 2 of 6), and
