@@ -15,26 +15,17 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 import warnings
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
+from .._warn import user_stacklevel
 from ..metrics.functional._checks import check_float, check_labels, probability_sum_tolerance
 from ..predict import _two_class
 
 __all__ = ["TemperatureScaledModel", "TemperatureScaler", "fit_temperature"]
-
-
-def _caller() -> int:
-    """``stacklevel`` of the first frame outside this module, for a warning: the user's call, whether to
-    :func:`fit_temperature` or through :meth:`TemperatureScaler.fit`."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename == __file__:
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _check_logits(logits, target) -> tuple[Tensor, Tensor]:  # noqa: ANN001
@@ -50,7 +41,7 @@ def _check_logits(logits, target) -> tuple[Tensor, Tensor]:  # noqa: ANN001
             "`logits` of a binary model (C = 1) are all in [0, 1]: if they are sigmoid probabilities, pass the "
             "log-odds (torch.logit(p, eps=1e-6)); log-odds of a weak model can lie there too",
             UserWarning,
-            stacklevel=_caller(),
+            stacklevel=user_stacklevel(),
         )
     logits = _two_class(logits)  # (-l/2, l/2) / T: the scaled log-odds, as bdl.predict reads them
     target = check_labels(target, logits.shape[-1], logits.shape[-2])
@@ -133,7 +124,7 @@ def fit_temperature(logits: Tensor, target: Tensor, *, max_iter: int = 100) -> T
             f"every validation example is classified right (by every Monte Carlo sample), so the NLL falls towards 0 "
             f"as T -> 0 and has no minimum: the fitted temperature {float(temperature):.3g} is only where the "
             "optimiser stopped; fit it on a larger or harder validation set",
-            stacklevel=_caller(),
+            stacklevel=user_stacklevel(),
         )
     elif not _TYPICAL_TEMPERATURES[0] <= float(temperature) <= _TYPICAL_TEMPERATURES[1]:
         # the NLL's minimum is that far out when the validation set is (nearly) separable, T -> 0, or every
@@ -142,7 +133,7 @@ def fit_temperature(logits: Tensor, target: Tensor, *, max_iter: int = 100) -> T
             f"fitted temperature {float(temperature):.3g} is far outside the usual range: the validation set may be "
             "too small or too easy (nearly every example right, or right in some Monte Carlo sample: T -> 0) or "
             "every prediction wrong (T -> inf); check it on held-out data before use",
-            stacklevel=_caller(),
+            stacklevel=user_stacklevel(),
         )
     return temperature.to(logits.dtype)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import numbers
 import os
-import sys
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .._outputs import draw_stacked, output_parts
+from .._warn import user_stacklevel
 
 ENSEMBLE_METHODS = ("auto", "vmap", "loop")
 """How a :class:`DeepEnsemble` runs its members: ``"vmap"`` (one vectorised call, members must share an
@@ -96,20 +96,6 @@ def _hooks_for_copy(module: nn.Module, names: Callable[[], dict[int, str]], copy
         )  # fmt: skip
         state.update((flag, OrderedDict(getattr(module, flag))) for flag in flags)
     return state
-
-
-def _user_stacklevel() -> int:
-    """``stacklevel`` of the first frame outside bdl and torch, for a warning: the user's call, however it came
-    (under torch.compile, which cannot trace the frames, the caller's)."""
-    if torch.compiler.is_compiling():
-        return 2
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-_INTERNAL = (os.path.dirname(os.path.dirname(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
 
 
 def _meta_copy(module: nn.Module) -> nn.Module:
@@ -338,7 +324,7 @@ class DeepEnsemble(nn.Module):
             if not getattr(self, "_warned_hooks", False):  # an ensemble pickled before it existed
                 warnings.warn(
                     "DeepEnsemble: the members' forward hooks differ (a hook on some members only), which vmap cannot "
-                    "run: the members run one by one (method='loop')", stacklevel=_user_stacklevel()
+                    "run: the members run one by one (method='loop')", stacklevel=user_stacklevel()
                 )  # fmt: skip
                 self._warned_hooks = True
             return "loop"
