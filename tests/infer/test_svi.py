@@ -460,7 +460,7 @@ def test_a_copied_fitted_guide_is_accepted_again_and_the_advice_is_per_site():
     net = _pyro_line(sigma=True)
     x = torch.randn(20, 1, generator=torch.Generator().manual_seed(0))
     fitted = svi(net, x, x[:, 0], num_steps=5, lr=0.05)
-    SVIModule(net, copy.deepcopy(fitted.guide), example_args=(x, x[:, 0]))  # refused: stale parameters of the copy's
+    SVIModule(net, copy.deepcopy(fitted.guide), example_args=(x, x[:, 0])).loss(x, x[:, 0])  # refused: the copy's stale parameters
 
     def mixed(x, y=None):  # a pyro.param of its own, and a module's PyroParam
         b = pyro.param("b", torch.tensor(0.5))
@@ -470,7 +470,7 @@ def test_a_copied_fitted_guide_is_accepted_again_and_the_advice_is_per_site():
         svi(mixed, x, x[:, 0], num_steps=2)
     # a guide set up already needs no example arguments (a model function's did: "missing argument 'x'")
     function = lambda x, y=None: _line_after(nn.Identity(), x, y)  # noqa: E731
-    SVIModule(function, svi(function, x, x[:, 0], num_steps=2).guide)
+    SVIModule(function, svi(function, x, x[:, 0], num_steps=2).guide).loss(x, x[:, 0])
 
 
 def test_a_guide_functions_pyro_param_that_svi_would_not_train_is_refused():
