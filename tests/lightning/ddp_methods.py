@@ -114,6 +114,8 @@ def main(out: str, mode: str) -> None:
     if trainer.global_rank == 0:
         with open(out, "w") as file:
             json.dump(results, file)
+    if torch.distributed.is_initialized():  # left alive, gloo's threads aborted the process at exit (status -6), now and then
+        torch.distributed.destroy_process_group()
 
 
 BUFFERED_ON_ONE_PROCESS = ("ood_auroc_float64", "adaptive_ece_float64", "aurc_float16", "aurc_int64")
