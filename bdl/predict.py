@@ -38,7 +38,7 @@ from torch.nn.modules import module as _module_internals
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from ._outputs import draw_stacked, output_parts
-from .metrics.functional._checks import all_finite, probability_sum_tolerance
+from .metrics.functional._checks import all_finite, check_probability_rows
 from .nn.convert import deterministic, use_estimator
 from .nn.functional import gaussian_draw, pre_activation_variance, randn_like
 from .nn.layers import BayesianModule, BayesLinear, _sample_once_blocks, _sample_once_draws
@@ -185,14 +185,7 @@ class Prediction:
         """
         sample_probs = _check_samples("sample_probs", sample_probs, "[S, N, C] of probabilities")
         if sample_probs.numel():
-            low, high = torch.aminmax(sample_probs)
-            if bool(low < 0) or bool(high > 1):
-                raise ValueError("sample_probs must lie in [0, 1]; did you pass logits? use Prediction.from_logits")
-            half = sample_probs.dtype in (torch.float16, torch.bfloat16)
-            worst = (sample_probs.sum(-1, dtype=torch.float32 if half else None) - 1).abs().max().item()
-            # the metrics' tolerance: a bfloat16 softmax of ten classes is off by 0.004, beyond float32's 1e-3
-            if worst > probability_sum_tolerance(sample_probs.dtype):
-                raise ValueError(f"sample_probs must sum to 1 over the last dimension (classes), got a row off by {worst:.3g}")
+            check_probability_rows(sample_probs, "sample_probs", hint="did you pass logits? use Prediction.from_logits")
         summary = _ClassificationSummary(keep_samples)
         for chunk in _summary_chunks(sample_probs):
             summary.add_probs(chunk)

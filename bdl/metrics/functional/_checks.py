@@ -79,24 +79,31 @@ def check_probs(probs, name: str = "probs") -> Tensor:  # noqa: ANN001
         raise ValueError(f"`{name}` must have shape [N, C] with C >= 2 classes, got shape {tuple(probs.shape)}")
     if probs.shape[0] == 0:
         raise ValueError(f"`{name}` must hold at least one example, got shape {tuple(probs.shape)}")
-    # two passes over the [N, C] tensor (row sums, min and max) and no [N, C] temporaries
-    row_sums = probs.sum(dim=1)
-    _check_finite(probs, name, row_sums.sum(dtype=torch.float32 if probs.dtype == torch.float16 else None))
+    check_probability_rows(probs, name)
+    return probs
+
+
+def check_probability_rows(probs: Tensor, name: str, hint: str = "pass softmax(logits), not logits") -> None:
+    """Raise unless ``probs`` [..., C] (non-empty) is finite, in [0, 1], and sums to 1 over its last dimension
+    within :func:`probability_sum_tolerance`; ``hint`` follows the [0, 1] error."""
+    # two passes over the tensor (row sums, min and max) and no temporaries of its size; half types sum in float32
+    half = probs.dtype in (torch.float16, torch.bfloat16)
+    row_sums = probs.sum(dim=-1, dtype=torch.float32 if half else None)
+    _check_finite(probs, name, row_sums.sum())
     low, high = torch.aminmax(probs)
     if low < 0 or high > 1:
         raise ValueError(
-            f"`{name}` must be probabilities in [0, 1], got values in [{low.item():.4g}, {high.item():.4g}]"
-            " (pass softmax(logits), not logits)"
+            f"`{name}` must be probabilities in [0, 1], got values in [{low.item():.4g}, {high.item():.4g}] ({hint})"
         )
     tolerance = probability_sum_tolerance(probs.dtype)
     error = (row_sums - 1).abs()
     if (error > tolerance).any():
-        worst = error.argmax().item()
+        worst = [int(i) for i in torch.unravel_index(error.argmax(), error.shape)]
+        where = f"row {worst[0]}" if len(worst) == 1 else f"row {tuple(worst)}"
         raise ValueError(
-            f"rows of `{name}` must sum to 1 (tolerance {tolerance:.3g}), row {worst} sums to "
-            f"{probs[worst].sum().item():.6g}"
+            f"rows of `{name}` must sum to 1 over the last dimension (tolerance {tolerance:.3g}), {where} sums to "
+            f"{row_sums[tuple(worst)].item():.6g}"
         )
-    return probs
 
 
 def as_class_labels(target: Tensor) -> Tensor:
