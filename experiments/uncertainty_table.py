@@ -215,9 +215,13 @@ def build(
 
 
 def time_predictions(predict: Callable[[torch.Tensor], Any], loader: Any, device: torch.device) -> float:  # noqa: ANN401
-    """Milliseconds to predict every batch of ``loader`` with ``predict``."""
-    start = time.perf_counter()
+    """Milliseconds to predict every batch of ``loader`` with ``predict``, after one untimed batch (one-time costs:
+    an ensemble's stacked copy, allocator growth, CUDA kernels' first launch)."""
     with torch.no_grad():
+        predict(next(iter(loader))[0].to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
         for batch in loader:
             predict(batch[0].to(device))
     if device.type == "cuda":

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "experiments" / "uncertainty_table.py"
@@ -91,6 +92,21 @@ def test_arguments_are_checked_and_quick_means_one_seed(monkeypatch):
     # a smoke run without --out must not overwrite the committed results
     assert script.parse_args(["--quick"]).out != script.ROOT / "experiments" / "results"
     assert script.parse_args([]).out == script.ROOT / "experiments" / "results"
+
+
+def test_predict_time_leaves_the_first_batch_out(monkeypatch):
+    spec = importlib.util.spec_from_file_location("uncertainty_table", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "uncertainty_table", script)
+    spec.loader.exec_module(script)
+    clock = [0.0]
+    monkeypatch.setattr(script.time, "perf_counter", lambda: clock[0])
+
+    def predict(x):  # a fake clock: the first call's one-time costs take 100 s, every call 1 s
+        clock[0] += 1.0 if clock[0] else 101.0
+
+    loader = [(torch.zeros(2, 3),)] * 4
+    assert script.time_predictions(predict, loader, torch.device("cpu")) == 4000.0  # 4 batches, 1 s each
 
 
 def test_nuts_with_two_chains_reports_weight_and_function_space_diagnostics(monkeypatch, tmp_path):
