@@ -15,6 +15,7 @@ from torchmetrics import Metric
 from ._base import _Buffered, _RunningMean, empty_batch, require_data
 from .functional import classification as F
 from .functional._checks import check_n_bins
+from .functional.classification import _brier_wide, _nll_wide
 
 __all__ = ["ECE", "MCE", "AdaptiveECE", "BrierScore", "ClasswiseECE", "NLL"]
 
@@ -36,7 +37,7 @@ class NLL(_RunningMean):
         """Add a batch: ``probs`` [B, C] predictive probabilities, ``target`` [B] integer labels."""
         if empty_batch(probs, target):
             return
-        self._add(F.nll(probs, target), len(target))  # checked by nll: a tensor, array or list of N labels
+        self._add(_nll_wide(probs, target)[0], len(target))  # checked there: a tensor, array or list of N labels
 
 
 class BrierScore(_RunningMean):
@@ -55,7 +56,7 @@ class BrierScore(_RunningMean):
         """Add a batch: ``probs`` [B, C] predictive probabilities, ``target`` [B] integer labels."""
         if empty_batch(probs, target):
             return
-        self._add(F.brier_score(probs, target), len(target))
+        self._add(_brier_wide(probs, target)[0], len(target))
 
 
 class _BinnedCalibration(Metric):

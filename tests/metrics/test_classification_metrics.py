@@ -282,6 +282,23 @@ def test_streaming_nll_and_brier_take_what_the_functions_take():
         assert metric.compute().item() == pytest.approx(function(probs, target).item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_streaming_nll_and_brier_of_half_batches_add_unrounded_values(dtype):
+    # each batch's value was rounded to the half dtype (NLL off by 6e-4 relative in bfloat16), and the Brier
+    # score's squared errors were summed over classes in it
+    generator = torch.Generator().manual_seed(0)
+    probs = random_probs(1000, 10, generator=generator, dtype=dtype)
+    target = sample_labels(probs.float(), generator=generator)
+    wide_probs = probs.double()
+    exact_nll = -wide_probs[torch.arange(1000), target].log().mean()
+    exact_brier = (wide_probs - torch.nn.functional.one_hot(target, 10)).square().sum(1).mean()
+    for metric, exact in ((NLL(), exact_nll), (BrierScore(), exact_brier)):
+        for start in range(0, 1000, 100):
+            metric.update(probs[start : start + 100], target[start : start + 100])
+        assert metric.compute().item() == pytest.approx(exact.item(), rel=1e-6)
+    assert M.brier_score(probs, target) == exact_brier.to(dtype)  # the function rounds once, at the end
+
+
 def test_a_metric_collection_keeps_nll_and_brier_apart_after_a_confidently_right_first_batch():
     # both running sums were 0 after it (saturated softmax): torchmetrics merged the two into one compute group
     from torchmetrics import MetricCollection

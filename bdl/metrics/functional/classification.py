@@ -88,11 +88,18 @@ def nll(probs: Tensor, target: Tensor) -> Tensor:
         >>> nll(probs, torch.tensor([0, 1]))  # (log 2 + log 4/3) / 2
         tensor(0.4904)
     """
+    value, dtype = _nll_wide(probs, target)
+    return value.to(dtype)
+
+
+def _nll_wide(probs, target) -> tuple[Tensor, torch.dtype]:  # noqa: ANN001
+    """:func:`nll` before its cast back to the probabilities' dtype, and that dtype: the streaming metric adds
+    the batches' values as they are (a bfloat16 batch mean keeps 8 bits)."""
     probs, target = _checked(probs, target)
     picked = probs.gather(1, target[:, None]).squeeze(1)
     if picked.dtype in (torch.float16, torch.bfloat16):
         picked = picked.float()
-    return -picked.clamp_min(torch.finfo(picked.dtype).tiny).log().mean().to(probs.dtype)
+    return -picked.clamp_min(torch.finfo(picked.dtype).tiny).log().mean(), probs.dtype
 
 
 def brier_score(probs: Tensor, target: Tensor) -> Tensor:
@@ -115,15 +122,23 @@ def brier_score(probs: Tensor, target: Tensor) -> Tensor:
         >>> brier_score(probs, torch.tensor([0, 0]))  # (0.04 + 0.04 + 0.36 + 0.36) / 2
         tensor(0.4000)
     """
+    value, dtype = _brier_wide(probs, target)
+    return value.to(dtype)
+
+
+def _brier_wide(probs, target) -> tuple[Tensor, torch.dtype]:  # noqa: ANN001
+    """:func:`brier_score` in float64, and the probabilities' dtype (see :func:`_nll_wide`)."""
     probs, target = _checked(probs, target)
     # sum_k p_k^2 + 1 - 2 p_y would cancel for confident rows; the exact form over blocks of rows keeps the
     # [N, C] one-hot and difference (2.3 GB at 100,000 x 1,000) to a block's
     total = probs.new_zeros((), dtype=torch.float64)
     step = _block(probs.shape[1])
     for start in range(0, probs.shape[0], step):
-        one_hot = torch.nn.functional.one_hot(target[start : start + step], probs.shape[1]).to(probs.dtype)
-        total += (probs[start : start + step] - one_hot).square().sum(dim=1).double().sum()
-    return (total / probs.shape[0]).to(probs.dtype)
+        block = probs[start : start + step]
+        block = block.float() if block.dtype in (torch.float16, torch.bfloat16) else block  # 8 bits of each term
+        one_hot = torch.nn.functional.one_hot(target[start : start + step], probs.shape[1]).to(block.dtype)
+        total += (block - one_hot).square().sum(dim=1).double().sum()
+    return total / probs.shape[0], probs.dtype
 
 
 _BLOCK_ELEMENTS = 1 << 22
