@@ -11,12 +11,14 @@ from __future__ import annotations
 import decimal
 import math
 import numbers
+import warnings
 from fractions import Fraction
 from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
+from ._warn import user_stacklevel
 from .metrics.functional._checks import as_class_labels, check_labels, targets_like
 from .metrics.functional.ood import OOD_SCORES, ood_score, scores_for_task
 from .predict import Prediction, outputs_shape
@@ -123,7 +125,9 @@ def _as_given(value: numbers.Real) -> float:
 def _threshold_for_coverage(scores: Tensor, coverage: float) -> float:
     """The largest threshold that handles at most ``coverage`` of the inputs (ties are kept together)."""
     ordered = scores.sort().values
-    count = math.floor(Fraction(repr(coverage)) * len(ordered))  # exact: 0.7 * 41943050 in floats is one short
+    # exact for a decimal (0.7 * 41943050 in floats is one short), rounded for a float that is none (2/3 written
+    # as 0.6666666666666666 handled 199 of 300)
+    count = math.floor(round(Fraction(repr(coverage)) * len(ordered), 9))
     if 0 < count < len(ordered) and ordered[count] == ordered[count - 1]:
         # a threshold between tied scores does not exist: handle fewer, up to the first of the run (found by
         # bisection: stepping back one at a time took 1.4 s at 200,000 inputs with 95% of the scores tied)
@@ -163,7 +167,9 @@ def triage(
     handles the most ``validation`` inputs while their error rate stays at most ``error_rate``). The
     threshold is chosen on ``validation`` (default: ``prediction`` itself, which then needs targets
     for ``error_rate``) and applied to ``prediction``. Inputs with tied scores are always handled
-    together, so the achieved coverage can be below the target.
+    together, so the achieved coverage can be below the target. Where no threshold meets the target (a tie at
+    the cut takes in every input, or even the most certain input is wrong), the threshold is ``-inf``: every input
+    goes to review, with a warning.
 
     The targets hold on ``validation``; on new inputs they are estimates, with the sampling error of a
     fraction of ``len(validation)`` inputs. An ``error_rate`` target is met on new data somewhat less often
@@ -243,6 +249,15 @@ def triage(
             raise ValueError(f"error_rate needs {name} with {need} (set {name}.targets, pass tolerance= for regression)")
         reference_scores = _scores(reference, score, name)
         chosen_threshold = _threshold_for_error_rate(reference_scores, errors.to(reference_scores.device), target)
+    if threshold is None and chosen_threshold == -math.inf:  # documented, but easily taken for a working triage
+        inputs = f"the {len(reference)} {'validation' if validation is not None else 'prediction'} inputs"
+        why = (
+            f"coverage={target:g} of {inputs} handles none (under one input, or tied scores at the cut, which are "
+            "handled together: a model without epistemic uncertainty scores every input alike)"
+            if coverage is not None
+            else f"error_rate={target:g} is not met by the most certain of {inputs} (or by the run of inputs tied with it)"
+        )
+        warnings.warn(f"triage: {why}; every input goes to review", UserWarning, stacklevel=user_stacklevel())
     # in float64: a float32 comparison rounded a given threshold (log 2) up to the score just above it
     review = scores.double() > chosen_threshold
     handled = ~review

@@ -6,7 +6,7 @@ from torch import nn
 
 import bdl
 from bdl.predict import Prediction
-from bdl.triage import Triage, _scores, triage
+from bdl.triage import Triage, _scores, _threshold_for_coverage, triage
 
 
 def labelled(confidences, correct):
@@ -59,11 +59,28 @@ def test_error_rate_threshold_is_the_largest_that_meets_the_target():
 
 def test_tied_scores_are_handled_together():
     validation = labelled([0.9, 0.9, 0.9, 0.6], [True, True, False, False])
-    result = triage(validation, coverage=0.5, score="max_probability")
+    with pytest.warns(UserWarning, match=r"coverage=0.5 of the 4 prediction inputs handles none .*every input goes to review"):
+        result = triage(validation, coverage=0.5, score="max_probability")
     assert result.coverage == 0.0 and result.review.all() and result.threshold == -math.inf
     # the three tied inputs have error rate 1/3 (all four: 1/2): allowed at 0.34, not at 0.3
     assert triage(validation, error_rate=0.34, score="max_probability").coverage == 0.75
-    assert triage(validation, error_rate=0.3, score="max_probability").coverage == 0.0
+    with pytest.warns(UserWarning, match=r"error_rate=0.3 is not met by the most certain of the 4 prediction inputs"):
+        assert triage(validation, error_rate=0.3, score="max_probability").coverage == 0.0
+
+
+def test_a_deterministic_models_mutual_information_warns_that_everything_goes_to_review():
+    validation = Prediction.from_logits(torch.randn(1, 50, 3).expand(4, 50, 3))  # 4 equal samples: MI 0 everywhere
+    new = Prediction.from_logits(torch.randn(1, 5, 3).expand(4, 5, 3))
+    with pytest.warns(UserWarning, match="the 50 validation inputs handles none") as caught:
+        result = triage(new, validation=validation, coverage=0.8, score="mutual_information")
+    assert result.review.all() and caught[0].filename == __file__  # at the caller's line
+
+
+@pytest.mark.parametrize("coverage, inputs, handled", [(1 / 3, 3, 1), (2 / 3, 3, 2), (2 / 3, 300, 200), (1 / 6, 300, 50)])
+def test_coverage_of_a_fraction_without_a_decimal_form_handles_its_share(coverage, inputs, handled):
+    # 2/3 is the float 0.6666666666666666, which as a decimal times 300 is 199.99999999999998: 199 handled
+    scores = torch.arange(inputs, dtype=torch.float64)
+    assert _threshold_for_coverage(scores, coverage) == handled - 1
 
 
 def test_fixed_threshold_and_the_default_score():
@@ -190,8 +207,6 @@ def test_rejects_a_non_prediction():
 
 @pytest.mark.parametrize("coverage", [0.05, 0.3, 0.5, 0.77, 0.9, 0.95, 1.0])
 def test_coverage_threshold_with_many_ties_is_the_largest_that_handles_at_most_that_fraction(coverage):
-    from bdl.triage import _threshold_for_coverage
-
     generator = torch.Generator().manual_seed(int(coverage * 100))
     scores = torch.randint(0, 6, (500,), generator=generator).double() ** 2  # a few values, heavily tied
     allowed = [value for value in scores.unique().tolist() if (scores <= value).double().mean() <= coverage + 1e-12]

@@ -102,6 +102,11 @@ def test_bad_input_raises_a_clear_error(call, message):
         call()
 
 
+def test_a_tensor_risk_is_refused_as_a_type():
+    with pytest.raises(TypeError, match="`risk` must be a number, got Tensor"):  # was "must be a non-negative number"
+        M.coverage_at_risk(torch.rand(3), torch.rand(3), risk=torch.tensor(0.4))
+
+
 def test_streaming_aurc_equals_the_functional():
     confidence, loss = torch.rand(300), (torch.rand(300) > 0.5).float()
     metric = AURC()

@@ -140,7 +140,9 @@ def coverage_at_risk(confidence: Tensor, loss: Tensor, *, risk: float = 0.05) ->
         >>> coverage_at_risk(torch.tensor([0.9, 0.6, 0.8, 0.7]), torch.tensor([0.0, 1.0, 1.0, 0.0]), risk=0.4)
         tensor(0.7500, dtype=torch.float64)
     """
-    if isinstance(risk, bool) or not isinstance(risk, numbers.Real) or not risk >= 0:  # NaN too
+    if isinstance(risk, bool) or not isinstance(risk, numbers.Real):  # a tensor was called negative
+        raise TypeError(f"`risk` must be a number, got {type(risk).__name__}")
+    if not risk >= 0:  # NaN too
         raise ValueError(f"`risk` must be a non-negative number, got {risk!r}")
     coverage, selective_risk = risk_coverage_curve(confidence, loss)
     # a small relative slack so that a risk of exactly `risk` is not lost to float rounding
