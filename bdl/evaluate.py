@@ -46,7 +46,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "mean_mutual_information": "mean mutual information (epistemic)",
         "mean_aleatoric_variance": "mean aleatoric variance", "mean_epistemic_variance": "mean epistemic variance",
     },
-    "Selective prediction": {"aurc": "AURC", "excess_aurc": "excess AURC"},
+    "Selective prediction": {"aurc": "AURC (max probability)", "excess_aurc": "excess AURC (max probability)"},
 }
 
 

@@ -274,6 +274,7 @@ def test_fractional_percentages_are_labelled_as_given():
     report = evaluate(model, (x, y), num_samples=1, ood_data=x + 5, coverage=0.925, risk=0.005, tpr=0.925)
     text = report.to_markdown()
     assert "risk at 92.5% coverage" in text and "coverage at 0.5% risk" in text and "FPR at 92.5% TPR" in text
+    assert "| AURC (max probability) |" in text  # the confidence the selective rows use, on each of them
     assert "risk_at_92_5_coverage" in report.metrics and "ood/energy/fpr_at_92_5_tpr" in report.metrics
     assert {key.split("/")[1] for key in evaluate(model, (x, y), num_samples=1, ood_data=x + 5, ood_scores="energy").metrics if key.startswith("ood/")} == {"energy"}
     sample_means, sample_variances = torch.randn(4, 150, 1), torch.rand(4, 150, 1)
