@@ -135,7 +135,7 @@ def gaussian_nll(mean: Tensor, variance: Tensor, target: Tensor, *, reduction: s
         reduction: ``"mean"`` over examples (default), ``"sum"``, or ``"none"`` for the ``[B]`` vector.
 
     Returns:
-        A scalar, or ``[B]`` with ``reduction="none"``.
+        A scalar, or ``[B]`` with ``reduction="none"``; float32 for half-precision ``mean`` (computed in it).
 
     Example:
         >>> mean, variance = torch.zeros(4, 1), torch.ones(4, 1)
@@ -159,6 +159,8 @@ def gaussian_nll(mean: Tensor, variance: Tensor, target: Tensor, *, reduction: s
             f"variance must be > 0 everywhere, got a minimum of {variance.min().item():.4g} (a variance head needs a "
             "floor, e.g. GaussianHead(min_variance=1e-6))"
         )
+    if mean.dtype in (torch.float16, torch.bfloat16):  # a residual above 256 squared overflows float16: inf
+        mean, variance, target = mean.float(), variance.float(), target.float()
     per_element = 0.5 * (variance.log() + (target - mean).square() / variance) + _HALF_LOG_TWO_PI
     per_example = per_element.flatten(1).sum(-1) if per_element.dim() > 1 else per_element  # flatten: N = 0 too
     if reduction == "mean":

@@ -103,6 +103,19 @@ def test_nll_constant_is_half_log_two_pi():
     assert math.isclose(value.item(), 0.5 * math.log(2 * math.pi), rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_nll_is_computed_in_float32(dtype):
+    # residual 300: its square overflowed float16 before the division by the variance (an NLL of 10 gave inf)
+    mean = torch.zeros(2, 1, dtype=dtype, requires_grad=True)
+    variance, target = torch.full((2, 1), 1e4, dtype=dtype), torch.full((2,), 300.0, dtype=dtype)
+    value = gaussian_nll(mean, variance, target)
+    exact = 0.5 * (math.log(2 * math.pi * 1e4) + 300.0**2 / 1e4)
+    assert value.dtype == torch.float32 and value.item() == pytest.approx(exact, rel=1e-3)
+    value.backward()
+    assert mean.grad.dtype == dtype and bool(torch.isfinite(mean.grad).all())
+    assert GaussianNLLLoss()((mean, variance), target).item() == value.item()
+
+
 def test_head_takes_numpy_integer_sizes_as_nn_linear_does():
     import numpy as np
 
