@@ -398,9 +398,10 @@ class SklearnRegressionDataModule(_StandardizedTable):
     (``seed``) into ``val_fraction`` validation, ``test_fraction`` test and the rest training rows.
 
     With ``standardize=True`` features and target are standardised with the mean and (population)
-    standard deviation of the training rows only (OOD rows too, with the same statistics), so RMSE and
-    NLL are in units of the training target's standard deviation (:attr:`target_std`; map predictions
-    back with :meth:`unstandardize_target`). Inputs are float32 ``[N, F]``, targets float32 ``[N, 1]``.
+    standard deviation of the training rows only (OOD rows too, with the same statistics), so RMSE is
+    in units of the training target's standard deviation (:attr:`target_std`; map predictions back with
+    :meth:`unstandardize_target`), and a Gaussian NLL in original units is the standardised one plus
+    ``log(target_std)``. Inputs are float32 ``[N, F]``, targets float32 ``[N, 1]``.
 
     Args:
         name: the data set, one of :data:`SKLEARN_REGRESSION_DATASETS` (``"diabetes"``).
