@@ -113,11 +113,15 @@ def _check_fraction(name: str, value: float) -> float:
     return float(value)
 
 
+class _SplitError(ValueError):
+    """A split of readable files that bdl refuses: not the files' fault (see ``build``)."""
+
+
 def _train_val_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     num_val = round(n * val_fraction)
     if num_val >= n or (val_fraction > 0 and num_val < 1):  # an empty split trained without a check
-        raise ValueError(f"val_fraction={val_fraction} of {n} training images gives {num_val} validation and {n - num_val} training images: each needs at least one")
+        raise _SplitError(f"val_fraction={val_fraction} of {n} training images gives {num_val} validation and {n - num_val} training images: each needs at least one")
     return order[num_val:], order[:num_val]
 
 
@@ -202,6 +206,8 @@ class _TorchvisionDataModule(UncertaintyDataModule):
             files.check()
         try:
             return self._load()
+        except (_SplitError, MemoryError):  # read fine: deleting the files would not help
+            raise
         except Exception as error:  # noqa: BLE001 - torchvision's readers fail with whatever the bytes give
             # a truncated or corrupt file fails deep in torchvision or numpy (a reshape, an unpickling, an
             # assertion): say which files were read, and keep the original error as the cause

@@ -191,13 +191,17 @@ def test_normalized_images_checks_its_inputs():
         NormalizedImages(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(3), [0.5], [0.5])
 
 
-def test_a_validation_fraction_too_small_for_one_image_is_refused():
+def test_a_validation_fraction_too_small_for_one_image_is_refused(mnist_root, cifar_root):
     from bdl.lightning.vision import _train_val_indices
 
     with pytest.raises(ValueError, match="gives 0 validation and 100 training images"):
         _train_val_indices(100, 0.001, seed=0)
     train, val = _train_val_indices(100, 0.1, seed=0)
     assert len(train) == 90 and len(val) == 10 and not set(train.tolist()) & set(val.tolist())
+    # through setup, said as it is: it was called unreadable files, with the advice to delete them
+    for module, root in ((MNISTDataModule, mnist_root[0]), (CIFAR10DataModule, cifar_root[0])):
+        with pytest.raises(ValueError, match=r"^val_fraction=0.001 of \d+ training images gives 0 validation"):
+            module(data_dir=str(root), ood=None, val_fraction=0.001).setup()
 
 
 @pytest.mark.parametrize(
