@@ -179,7 +179,7 @@ ROWS = [
     _row("ood_metrics-tpr-string", lambda t: M.ood_metrics(torch.rand(5), torch.rand(5), tpr="0.9"), TypeError, r"`tpr` must be a number, got str"),
     _row("quantile_calibration_error-levels-string", lambda t: M.quantile_calibration_error(torch.zeros(3), torch.ones(3), torch.zeros(3), levels="0.5"), TypeError, r"`levels` must be a number in \(0, 1\) or a list of them, got '0.5'"),
     _row("evaluate-levels-percent", lambda t: bdl.evaluate(bdl.Prediction.from_regression(torch.randn(2, 4, 1)), torch.randn(4), task="regression", levels=[95]), ValueError, r"`levels` must be a non-empty list of numbers in \(0, 1\), got \[95.0\]"),
-    _row("ece-n_bins-zero", lambda t: M.ece(_probs(), _y(), n_bins=0), ValueError, r"`n_bins` must be a positive integer, got 0"),
+    _row("ece-n_bins-zero", lambda t: M.ece(_probs(), _y(), n_bins=0), ValueError, r"`n_bins` must be a positive int, got 0"),
     _row("accuracy-targets-of-another-length", lambda t: M.accuracy(_probs(), _y(3)), ValueError, r"`target` must have shape \[N\] = \[10\] to match the predictions, got shape \(3,\)"),
     _row("accuracy-zero-examples", lambda t: M.accuracy(torch.empty(0, 3), torch.empty(0, dtype=torch.long)), ValueError, r"`probs` must hold at least one example, got shape \(0, 3\)"),
     _row("accuracy-meta-probs", lambda t: M.accuracy(_probs().to("meta"), _y()), ValueError, r"`probs` is on the 'meta' device"),

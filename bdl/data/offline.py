@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
+from ..metrics.functional._checks import check_positive_int
+
 
 @dataclass
 class Splits:
@@ -38,7 +40,8 @@ class Splits:
 
     @property
     def num_features(self) -> int:
-        return self.train.tensors[0].shape[1]
+        """Input elements per example (``F`` of ``[F]`` inputs; ``C * H * W`` of images)."""
+        return math.prod(self.train[0][0].shape)
 
 
 def check_fractions(val_fraction: float, test_fraction: Optional[float] = None) -> None:
@@ -274,6 +277,7 @@ def regression_with_gap(
         >>> bool(((x < -1) | (x > 1)).all())
         True
     """
+    num_samples = check_positive_int(num_samples, "num_samples")
     check_noise(noise, count=2)
     if not (domain[0] < gap[0] < gap[1] < domain[1]):
         raise ValueError(f"gap must lie inside domain, got gap={gap} and domain={domain}")

@@ -28,14 +28,9 @@ from ..data.offline import (
     regression_with_gap,
     two_moons,
 )
+from ..metrics.functional._checks import check_positive_int
 
 TASKS = ("classification", "regression")
-
-
-def _positive_int(name: str, value: Any) -> int:  # noqa: ANN401
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class _ResumablePass:
@@ -128,8 +123,8 @@ class UncertaintyDataModule(L.LightningDataModule):
 
     def __init__(self, *, batch_size: int = 64, eval_batch_size: Optional[int] = None, num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
-        self.batch_size = _positive_int("batch_size", batch_size)
-        self.eval_batch_size = _positive_int("eval_batch_size", batch_size if eval_batch_size is None else eval_batch_size)
+        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.eval_batch_size = check_positive_int(batch_size if eval_batch_size is None else eval_batch_size, "eval_batch_size")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
         self.num_workers = num_workers
@@ -284,7 +279,7 @@ class DigitsDataModule(UncertaintyDataModule):
         check_fractions(val_fraction, test_fraction)
         self.ood = ood
         self.ood_classes = tuple(ood_classes)
-        self.num_noise = _positive_int("num_noise", num_noise)
+        self.num_noise = check_positive_int(num_noise, "num_noise")
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
 
     @property
@@ -369,7 +364,7 @@ class TwoMoonsDataModule(UncertaintyDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
-        self.num_samples = _positive_int("num_samples", num_samples)
+        self.num_samples = check_positive_int(num_samples, "num_samples")
         check_noise(noise)
         self.noise = noise
         self.ood = ood
@@ -413,7 +408,7 @@ class RegressionGapDataModule(UncertaintyDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
-        self.num_samples = _positive_int("num_samples", num_samples)
+        self.num_samples = check_positive_int(num_samples, "num_samples")
         check_noise(noise, count=2)
         if not (domain[0] < gap[0] < gap[1] < domain[1]):
             raise ValueError(f"gap must lie inside domain, got gap={tuple(gap)} and domain={tuple(domain)}")

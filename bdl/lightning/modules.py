@@ -44,7 +44,7 @@ from ..nn.functional import check_estimator
 from ..nn.heads import gaussian_nll
 from ..nn.layers import BayesianModule
 from ..nn.loss import elbo_loss, non_finite_where
-from ..metrics.functional._checks import as_class_labels, targets_like
+from ..metrics.functional._checks import as_class_labels, check_positive_int, targets_like
 from ..predict import Prediction, _two_class, predict
 from ..wrappers import DeepEnsemble, MCDropout
 
@@ -57,11 +57,6 @@ HEADLINE_METRICS = (
     "ood/predictive_entropy/auroc", "ood/mutual_information/auroc", "ood/total_variance/auroc", "ood/epistemic_variance/auroc",
 )  # fmt: skip
 
-
-def _check_positive_int(name: str, value: Any) -> int:  # noqa: ANN401
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _check_number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = False) -> float:  # noqa: ANN401
@@ -538,9 +533,9 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         if self.momentum >= 1:  # SGD's velocity would grow without bound
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         self.lr_schedule = lr_schedule
-        self.num_eval_samples = None if num_eval_samples is None else _check_positive_int("num_eval_samples", num_eval_samples)
-        self.num_val_samples = None if num_val_samples is None else _check_positive_int("num_val_samples", num_val_samples)
-        self.n_bins = _check_positive_int("n_bins", n_bins)
+        self.num_eval_samples = None if num_eval_samples is None else check_positive_int(num_eval_samples, "num_eval_samples")
+        self.num_val_samples = None if num_val_samples is None else check_positive_int(num_val_samples, "num_val_samples")
+        self.n_bins = check_positive_int(n_bins, "n_bins")
         self.save_report = bool(save_report)
         self.noise_variance = _check_number("noise_variance", noise_variance, strict=True)
         self.model = model
@@ -731,8 +726,8 @@ class VariationalModule(UncertaintyModule):
             raise ValueError("the model has no layer bdl can make Bayesian (nn.Linear, nn.Conv1d/2d/3d) after include/exclude")
         self.kl_weight = _check_number("kl_weight", kl_weight)
         self.kl_warmup_epochs = _check_number("kl_warmup_epochs", kl_warmup_epochs)
-        self.num_train_samples = _check_positive_int("num_train_samples", num_train_samples)
-        self.num_data = None if num_data is None else _check_positive_int("num_data", num_data)
+        self.num_train_samples = check_positive_int(num_train_samples, "num_train_samples")
+        self.num_data = None if num_data is None else check_positive_int(num_data, "num_data")
         self._num_data_from_data = num_data is None  # then each fit reads its own training set's size
 
     def on_train_start(self) -> None:  # the training loader exists from here on
@@ -866,10 +861,10 @@ class EnsembleModule(UncertaintyModule):
         num_val_samples: Optional[int] = None,
         **kwargs: Any,  # noqa: ANN401
     ) -> None:
-        num_members = _check_positive_int("num_members", num_members)
+        num_members = check_positive_int(num_members, "num_members")
         for name, value in (("num_eval_samples", num_eval_samples), ("num_val_samples", num_val_samples)):
             # each round of an ensemble's prediction is one sample per member: found only at test time otherwise
-            if value is not None and (_check_positive_int(name, value) % num_members):
+            if value is not None and (check_positive_int(value, name) % num_members):
                 raise ValueError(f"{name} must be a multiple of num_members={num_members} (one sample per member per round), got {value}")
         members = [model] + [_reinitialized(model) for _ in range(num_members - 1)]
         super().__init__(DeepEnsemble(members), num_eval_samples=num_eval_samples, num_val_samples=num_val_samples, **kwargs)
@@ -972,9 +967,9 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
             raise TypeError("SVIModule takes num_eval_samples (posterior samples per test input), not num_samples")
         super().__init__(model, guide, num_samples=num_eval_samples, **kwargs)
         self.task = model.task
-        self.num_eval_samples = _check_positive_int("num_eval_samples", num_eval_samples)
-        self.num_val_samples = _check_positive_int("num_val_samples", num_val_samples)
-        self.n_bins = _check_positive_int("n_bins", n_bins)
+        self.num_eval_samples = check_positive_int(num_eval_samples, "num_eval_samples")
+        self.num_val_samples = check_positive_int(num_val_samples, "num_val_samples")
+        self.n_bins = check_positive_int(n_bins, "n_bins")
         self.save_report = bool(save_report)
         self._num_data_from_data = model.num_data is None  # then each fit (or validate) reads its data's size
         self._setup_metrics()

@@ -72,6 +72,22 @@ def test_regression_toy_leaves_the_gap_empty():
     assert ((splits.ood.tensors[0] >= -1) & (splits.ood.tensors[0] <= 1)).all()
     with pytest.raises(ValueError, match="gap"):
         regression_with_gap(gap=(-5.0, 0.0))
+    for wrong in (-5, 2.5, True):  # torch's "negative dimension -5" / a TypeError from torch.rand, unnamed
+        with pytest.raises(ValueError, match=f"num_samples must be a positive int, got {wrong!r}"):
+            regression_with_gap(wrong)
+    assert len(regression_with_gap(np.int64(100)).ood) > 0
+
+
+def test_num_features_counts_the_elements_of_one_input(tmp_path):
+    assert regression_with_gap(100).num_features == 1 and load_digits().num_features == 64
+    from bdl.lightning import MNIST1DDataModule
+    from bdl.lightning.vision import NormalizedImages
+
+    assert MNIST1DDataModule(cache_dir=str(tmp_path), channels=True).build().num_features == 40  # [1, 40]: it said 1
+
+    images = load_digits()
+    images.train = NormalizedImages(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), (0.5,) * 3, (0.2,) * 3)
+    assert images.num_features == 3 * 8 * 8  # CIFAR's datasets have no .tensors: AttributeError
 
 
 def test_two_moons_is_binary():

@@ -172,10 +172,15 @@ def check_same_shape(**tensors: Tensor) -> None:
         raise ValueError(f"shape mismatch: expected equal shapes, got {listed}")
 
 
+def check_positive_int(value: int, name: str) -> int:
+    """``value`` as an int if it is an integer >= 1 (a numpy one too, not a bool), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
 def check_n_bins(n_bins: int) -> int:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"`n_bins` must be a positive integer, got {n_bins!r}")
-    return n_bins
+    return check_positive_int(n_bins, "`n_bins`")
 
 
 def check_fraction(value: float, name: str, *, open_left: bool = True, open_right: bool = False) -> float:
