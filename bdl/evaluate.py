@@ -229,6 +229,7 @@ class Report:
         inputs: the test inputs when known (used for the 1-D regression figure), else None.
         settings: the options the metrics were computed with (``n_bins``, ``coverage``, ...).
         notes: remarks on metrics that were left out and why.
+        ood_inputs: the OOD inputs when known and 1-D (drawn in the 1-D regression figure), else None.
 
     Example:
         >>> prediction = Prediction.from_logits(torch.randn(4, 100, 3))  # S=4 samples, N=100, C=3
@@ -249,6 +250,7 @@ class Report:
     inputs: Optional[Tensor] = None
     settings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    ood_inputs: Optional[Tensor] = None
 
     @property
     def ood_scores(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -349,10 +351,12 @@ class Report:
             )
         if self.task == "regression" and self.inputs is not None and _one_dimensional(self.inputs):
             outputs = self.prediction.mean.reshape(len(self.prediction), -1).shape[1]
+            ood = self.ood_prediction is not None and self.ood_inputs is not None and _one_dimensional(self.ood_inputs)
             for output in range(outputs):  # one figure per output (only the first was drawn, unlabelled)
                 figures["regression_1d" if outputs == 1 else f"regression_1d_output{output}"] = plots.plot_regression_1d(
-                    self.inputs.reshape(-1), self.prediction, target=self.targets, output=output
-                )
+                    self.inputs.reshape(-1), self.prediction, target=self.targets, output=output,
+                    ood_x=self.ood_inputs.reshape(-1) if ood else None, ood_prediction=self.ood_prediction if ood else None,
+                )  # fmt: skip
         scores = self.ood_scores
         if scores:
             from matplotlib.figure import Figure
@@ -495,17 +499,19 @@ def _varies(score: str, prediction: Prediction, ood_prediction: Prediction) -> b
     return any(bool((M.ood_score(p, score) != 0).any()) for p in (prediction, ood_prediction))
 
 
-def _ood_prediction(model: Any, ood_data: Any, predict_options: dict[str, Any]) -> Prediction:  # noqa: ANN401
+def _ood_prediction(
+    model: Any, ood_data: Any, predict_options: dict[str, Any]  # noqa: ANN401
+) -> tuple[Prediction, Optional[Tensor]]:
+    """The OOD set's prediction, and its inputs where they are 1-D (for the regression figure)."""
     if _is_prediction(ood_data):
-        return ood_data
+        return ood_data, None
     if _is_prediction(model):
         raise TypeError(
             "with a ready Prediction for the test set, `ood_data` must be a Prediction too, "
             f"got {type(ood_data).__name__}"
         )
-    ood_data = _loader(ood_data, predict_options)
-    inputs = ood_data if isinstance(ood_data, DataLoader) else _split_tensors(ood_data, "ood_data")[0]
-    return predict(model, inputs, **predict_options)
+    prediction, inputs, _ = _predict(model, ood_data, "ood_data", predict_options)
+    return prediction, inputs if inputs is not None and _one_dimensional(inputs) else None
 
 
 def evaluate(
@@ -610,10 +616,10 @@ def evaluate(
         settings.update(levels=levels)
         metrics = _regression_metrics(prediction, targets, levels=levels, notes=notes)
 
-    ood_prediction = None
+    ood_prediction = ood_inputs = None
     if ood_data is not None:
         with _naming("ood_data"):
-            ood_prediction = _ood_prediction(model, ood_data, predict_options)
+            ood_prediction, ood_inputs = _ood_prediction(model, ood_data, predict_options)
         if ood_prediction.task != task:
             raise ValueError(f"the OOD prediction's task {ood_prediction.task!r} differs from the test task {task!r}")
         ours, theirs = outputs_shape(prediction), outputs_shape(ood_prediction)
@@ -629,4 +635,4 @@ def evaluate(
         for name in names:
             values = M.ood_metrics(M.ood_score(prediction, name), M.ood_score(ood_prediction, name), tpr=tpr)
             metrics.update({f"ood/{name}/{key}": value for key, value in values.items()})
-    return Report(task, metrics, prediction, targets, ood_prediction, inputs, settings, notes)
+    return Report(task, metrics, prediction, targets, ood_prediction, inputs, settings, notes, ood_inputs)

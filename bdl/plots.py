@@ -268,6 +268,8 @@ def plot_regression_1d(
     prediction: Any,  # noqa: ANN401 - a regression bdl.Prediction
     *,
     target: Optional[Tensor] = None,
+    ood_x: Optional[Tensor] = None,
+    ood_prediction: Any = None,  # noqa: ANN401 - a regression bdl.Prediction
     level: float = 0.95,
     output: int = 0,
     ax: Optional[Axes] = None,
@@ -276,12 +278,16 @@ def plot_regression_1d(
 
     The inner band uses the aleatoric variance only (noise the model expects in the data), the outer
     band the total variance (aleatoric + epistemic); the difference is the model's own uncertainty,
-    which should grow away from the training data.
+    which should grow away from the training data. OOD inputs (``ood_x`` with their ``ood_prediction``,
+    e.g. inside a gap in the training inputs) join the bands and are marked along the x axis: there the
+    test inputs alone drew a straight line across.
 
     Args:
         x: inputs, shape [N] or [N, 1].
         prediction: a regression :class:`bdl.Prediction` for ``x``.
         target: observed targets, shape [N] or [N, D], drawn as points (optional).
+        ood_x: OOD inputs, shape [M] or [M, 1] (optional, with ``ood_prediction``).
+        ood_prediction: the regression :class:`bdl.Prediction` for ``ood_x``.
         level: coverage of the bands, in (0, 1).
         output: which output dimension to draw when D > 1.
         ax: axes to draw into (a new figure if None).
@@ -296,17 +302,13 @@ def plot_regression_1d(
         >>> prediction = Prediction.from_regression(sample_means, torch.full_like(sample_means, 0.01))
         >>> figure = plot_regression_1d(x, prediction, target=torch.sin(x))
     """
-    if getattr(prediction, "task", None) != "regression":
-        task = getattr(prediction, "task", None)
-        raise ValueError(f"`prediction` must be a regression Prediction, got task={task!r}")
-    x = check_float(x, "x")
-    if x.dim() == 2 and x.shape[1] == 1:
-        x = x[:, 0]
-    if x.dim() != 1:
-        raise ValueError(f"`x` must be 1-D inputs of shape [N] or [N, 1], got shape {tuple(x.shape)}")
-    # a multiple of N reshaped too, pairing each x with another input's prediction
-    if prediction.mean.shape[0] != len(x):
-        raise ValueError(f"`x` has {len(x)} inputs but `prediction` is for {prediction.mean.shape[0]}")
+    x = _inputs_1d(x, prediction, "x", "prediction")
+    if (ood_x is None) != (ood_prediction is None):
+        raise ValueError("`ood_x` and `ood_prediction` go together: pass both or neither")
+    if ood_x is not None:
+        ood_x = _inputs_1d(ood_x, ood_prediction, "ood_x", "ood_prediction")
+        if ood_prediction.mean.shape[1:] != prediction.mean.shape[1:]:
+            raise ValueError(f"`ood_prediction` has outputs {tuple(ood_prediction.mean.shape[1:])}, `prediction` {tuple(prediction.mean.shape[1:])}")
     if target is not None and check_float(target, "target").shape[0] != len(x):
         raise ValueError(f"`target` has {check_float(target, 'target').shape[0]} rows but `x` has {len(x)} inputs")
     outputs = prediction.mean.reshape(len(x), -1).shape[1]
@@ -314,12 +316,16 @@ def plot_regression_1d(
         raise ValueError(f"`output` must be an int in [0, {outputs - 1}] (the prediction has {outputs} outputs), got {output!r}")
     if target is not None and check_float(target, "target").reshape(len(x), -1).shape[1] != outputs:
         raise ValueError(f"`target` must have one value per output ({outputs}) for each input, got shape {tuple(check_float(target, 'target').shape)}")
-    mean = prediction.mean.reshape(len(x), -1)[:, output]
-    aleatoric = prediction.aleatoric_variance.reshape(len(x), -1)[:, output]
-    total = prediction.total_variance.reshape(len(x), -1)[:, output]
+    parts = [(x, prediction)] + ([] if ood_x is None else [(ood_x, ood_prediction)])
+
+    def joined(field: str) -> Tensor:  # the test and OOD inputs' values of one output, in the order of `every`
+        return torch.cat([getattr(p, field).reshape(len(inputs), -1)[:, output].cpu() for inputs, p in parts])
+
+    every = torch.cat([inputs.cpu() for inputs, _ in parts])
+    mean, aleatoric, total = joined("mean"), joined("aleatoric_variance"), joined("total_variance")
     z = M.regression._half_width_factor(level, mean).item()
-    order = x.argsort()
-    xs = _numpy(x[order])
+    order = every.argsort()
+    xs = _numpy(every[order])
     figure, ax = _axes(ax, figsize=(6.0, 4.0))
     centre = mean[order]
     # opaque shades of one hue: the dark inner band is the aleatoric part, the light rim the epistemic excess
@@ -332,9 +338,27 @@ def plot_regression_1d(
     if target is not None:
         values = check_float(target, "target").reshape(len(x), -1)[:, output]
         ax.scatter(_numpy(x), _numpy(values), s=8, color=_RED, alpha=0.6, label="targets", zorder=3)
+    if ood_x is not None:  # a rug at the bottom: where the OOD inputs are, whatever the y range
+        ax.plot(_numpy(ood_x), [0.02] * len(ood_x), "|", color="grey", markersize=8, transform=ax.get_xaxis_transform(), label="OOD inputs")
     ax.set(xlabel="x", ylabel="y" if outputs == 1 else f"y[{output}]", title="Predictive distribution" + (f" of output {output}" if outputs > 1 else ""))
     _legend(ax, len(x), "upper left")
     return figure
+
+
+def _inputs_1d(x: Tensor, prediction: Any, name: str, prediction_name: str) -> Tensor:  # noqa: ANN401
+    """``x`` as ``[N]`` after checking it against ``prediction``, a regression Prediction for it."""
+    if getattr(prediction, "task", None) != "regression":
+        task = getattr(prediction, "task", None)
+        raise ValueError(f"`{prediction_name}` must be a regression Prediction, got task={task!r}")
+    x = check_float(x, name)
+    if x.dim() == 2 and x.shape[1] == 1:
+        x = x[:, 0]
+    if x.dim() != 1:
+        raise ValueError(f"`{name}` must be 1-D inputs of shape [N] or [N, 1], got shape {tuple(x.shape)}")
+    # a multiple of N reshaped too, pairing each x with another input's prediction
+    if prediction.mean.shape[0] != len(x):
+        raise ValueError(f"`{name}` has {len(x)} inputs but `{prediction_name}` is for {prediction.mean.shape[0]}")
+    return x
 
 
 def plot_quantile_calibration(

@@ -189,6 +189,10 @@ def test_report_of_a_heteroscedastic_regression_model(tmp_path):
     assert {"ood/total_variance/auroc", "ood/epistemic_variance/auroc"} <= set(report.metrics)
     directory = report.save(tmp_path)
     check_report_directory(report, directory, ["quantile_calibration", "regression_1d", "ood_histograms", "ood_roc"])
+    assert torch.equal(report.ood_inputs.reshape(-1), x[:, 0] + 6)  # drawn in the 1-D figure, marked along its x axis
+    assert any(line.get_label() == "OOD inputs" for line in report.figures()["regression_1d"].axes[0].lines)
+    from_loader = evaluate(model, (x, y), ood_data=DataLoader(TensorDataset(x + 6), batch_size=50), task="regression", num_samples=2)
+    assert torch.equal(from_loader.ood_inputs, x[:, 0] + 6)
     assert "| CRPS |" in report.to_markdown() and "interval coverage (90%)" in report.to_markdown()
     # two outputs: one figure each (only output 0 was drawn, and nothing said which)
     two = evaluate(nn.Sequential(nn.Linear(1, 8), nn.Tanh(), GaussianHead(8, 2)), (x, torch.cat([y[:, None], -y[:, None]], 1)),

@@ -114,6 +114,26 @@ def test_regression_plot_draws_mean_and_nested_bands(tmp_path):
         plots.plot_regression_1d(torch.randn(60, 2), prediction)
 
 
+def test_regression_plot_draws_the_ood_inputs_in_the_gap():
+    # test inputs on both sides of a gap, OOD inputs inside it: the bands ran straight across the gap, which the
+    # figure of the gap toy exists to show
+    x = torch.cat([torch.linspace(-3, -1, 30), torch.linspace(1, 3, 30)])
+    gap = torch.linspace(-0.9, 0.9, 10)
+    prediction = Prediction.from_regression(torch.randn(4, 60, 1) * 0.01, torch.full((4, 60, 1), 0.01))
+    inside = Prediction.from_regression(torch.randn(4, 10, 1) * 3, torch.full((4, 10, 1), 0.01))  # wide there
+    ax = plots.plot_regression_1d(x, prediction, ood_x=gap[:, None], ood_prediction=inside).axes[0]
+    total_band = ax.collections[0].get_paths()[0].vertices
+    in_gap = (total_band[:, 0] > -1) & (total_band[:, 0] < 1)
+    assert in_gap.any() and np.abs(total_band[in_gap, 1]).max() > 1  # the gap's epistemic spread is drawn
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), torch.cat([x, gap]).sort().values.numpy())
+    rug = [line for line in ax.lines if line.get_label() == "OOD inputs"]
+    assert len(rug) == 1 and np.allclose(rug[0].get_xdata(), gap.numpy())
+    with pytest.raises(ValueError, match="`ood_x` and `ood_prediction` go together"):
+        plots.plot_regression_1d(x, prediction, ood_x=gap)
+    with pytest.raises(ValueError, match="`ood_x` has 9 inputs but `ood_prediction` is for 10"):
+        plots.plot_regression_1d(x, prediction, ood_x=gap[:9], ood_prediction=inside)
+
+
 def test_quantile_calibration_plot(tmp_path):
     figure = plots.plot_quantile_calibration(torch.zeros(400), torch.ones(400), 2 * torch.randn(400))
     nominal, observed = M.quantile_calibration_curve(torch.zeros(400), torch.ones(400), 2 * torch.randn(400))

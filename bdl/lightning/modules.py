@@ -433,9 +433,10 @@ class _Evaluation:
         prediction, targets, inputs = self._collect(0)
         if prediction is None or targets is None:
             raise ValueError("the test loader must give (inputs, targets) batches to evaluate the model")
-        ood_prediction, _, _ = self._collect(1)
+        ood_prediction, _, ood_inputs = self._collect(1)
         test_data = (inputs, targets) if inputs is not None else targets
         self.report = evaluate(prediction, test_data, ood_data=ood_prediction, n_bins=self.n_bins)
+        self.report.ood_inputs = ood_inputs  # for the 1-D regression figure (a ready Prediction does not carry them)
         self._test_outputs.clear()
         headline = {f"test/{key}": value for key in HEADLINE_METRICS if (value := self.report.metrics.get(key)) is not None}
         self.log_dict(headline)

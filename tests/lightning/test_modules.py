@@ -157,6 +157,7 @@ def test_regression_modules_log_rmse_and_report_the_gap(tmp_path):
     assert {"test/rmse", "test/nll", "test/crps", "test/interval_coverage_95"} <= set(results)
     assert math.isfinite(module.report.metrics["rmse"]) and "crps" in module.report.metrics
     assert module.report.ood_prediction is not None  # inputs in the gap
+    assert torch.equal(module.report.ood_inputs.reshape(-1), data.splits.ood.tensors[0].reshape(-1))  # drawn in the figure
 
 
 def test_a_mean_only_regressor_is_evaluated_with_its_noise_variance(tmp_path):
