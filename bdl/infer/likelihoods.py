@@ -179,7 +179,8 @@ class BernoulliLikelihood(Likelihood):
     def predictive_outputs(self, sample_outputs: Tensor, sample_globals: dict[str, Tensor]) -> Tensor:
         # Two-class logits (-l/2, l/2), as bdl.predict reads one logit: softmax gives (1 - sigmoid(l), sigmoid(l)),
         # and the logit-based OOD scores (energy, max logit) depend on |l| only
-        half = self._logit(sample_outputs) / 2
+        # [S, B, 1] or [S, B]: only a third dimension is the logit column (one input's [S, 1] is S logits)
+        half = (sample_outputs.squeeze(-1) if sample_outputs.dim() == 3 else sample_outputs) / 2
         return torch.stack([-half, half], dim=-1)
 
 

@@ -102,3 +102,8 @@ def test_bernoulli_predictive_logits_are_symmetric_as_predicts_reading_of_one_lo
     outputs = BernoulliLikelihood().predictive_outputs(logit, {})
     assert torch.equal(outputs, _two_class(logit))
     torch.testing.assert_close(outputs.softmax(-1)[..., 1], torch.sigmoid(logit.squeeze(-1)))
+    # a network giving [B]: S samples of one input are [S, 1], which was read as one [S] column ([S, 2] out)
+    for samples in (torch.randn(4, 1), torch.randn(4, 1, 1), torch.randn(4, 6)):
+        outputs = BernoulliLikelihood().predictive_outputs(samples, {})
+        assert outputs.shape == (4, samples.shape[1], 2)
+        torch.testing.assert_close(outputs.softmax(-1)[..., 1], torch.sigmoid(samples.reshape(4, -1)))
