@@ -17,6 +17,7 @@ from .guides import make_elbo, make_guide
 from .model import PyroModel, check_finite_data, check_full_data
 from .predictive import (
     TASKS,
+    _eval_mode,
     network_outputs,
     predict_from_samples,
     predict_function_model,
@@ -378,14 +379,16 @@ class SVIModule(L.LightningModule):
         the outputs into what :func:`bdl.predict` expects: logits ``[S, N, C]`` for classification
         (two-class logits for a Bernoulli likelihood), ``(means, noise variances)`` ``[S, N, D]`` for
         regression. So ``bdl.predict(module, x, num_samples=S, task=module.model.task)`` works as for
-        any bdl model.
+        any bdl model. The network runs in eval mode and without gradients, whatever the module's mode (after
+        a fit it is in training mode: dropout fired, and BatchNorm took the test batch's statistics).
         """
         if not isinstance(self.model, PyroModel):
             raise TypeError("SVIModule.sample_outputs needs a PyroModel; for a model function use predict(..., task=...)")
-        samples = self.sample_posterior(num_samples)
-        samples = {name: value.to(x.device) for name, value in samples.items()}
-        outputs = network_outputs(self.model, samples, x)
-        return self.model.likelihood.predictive_outputs(outputs, samples)
+        with torch.no_grad(), _eval_mode(self.model):
+            samples = self.sample_posterior(num_samples)
+            samples = {name: value.to(x.device) for name, value in samples.items()}
+            outputs = network_outputs(self.model, samples, x)
+            return self.model.likelihood.predictive_outputs(outputs, samples)
 
     def forward(self, x: Tensor) -> Union[Tensor, tuple[Tensor, Tensor]]:
         """One posterior draw of the predictive outputs on ``x`` (see :meth:`sample_outputs`)."""

@@ -187,6 +187,20 @@ def test_training_a_guide_leaves_the_users_network_alone(guide):
     assert fitted.guide is not None
 
 
+def test_sample_outputs_run_the_network_in_eval_mode_after_a_fit():
+    # after svi the module is in training mode: a direct call fired dropout and moved BatchNorm's statistics
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3), torch.randint(0, 3, (64,))
+    net = nn.Sequential(nn.Linear(3, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+    module = svi(PyroModel(net, "categorical"), x, y, guide="delta", num_steps=5)
+    assert module.training
+    statistics = net[1].running_mean.clone()
+    draws = module.sample_outputs(10 * torch.randn(32, 3), 4)  # a point-mass posterior: equal draws in eval mode
+    assert torch.equal(draws[0], draws[3]) and not draws.requires_grad
+    assert torch.equal(net[1].running_mean, statistics) and module.training and net[3].training
+    assert module(torch.randn(1, 3)).shape == (1, 3)  # one input: BatchNorm in training mode raised
+
+
 def test_fit_refuses_a_model_without_num_data():
     x, y = classification_data()
     module = SVIModule(PyroModel(nn.Linear(2, 2), "categorical"), "normal")
