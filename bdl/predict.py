@@ -1321,7 +1321,7 @@ def predict(
             (``torch.OutOfMemoryError``, e.g. a convolutional network's activations on a GPU) and kept that
             small for the rest of the call; a given ``chunk_size`` is used as is.
         method: ``"auto"``, ``"loop"`` or ``"batched"`` (see :data:`SAMPLING_METHODS`); all give the same
-            distribution. Ignored for models that draw their own samples (ensembles).
+            distribution. Ignored for models that draw their own samples (ensembles, SVI modules).
 
     Returns:
         A :class:`Prediction` for all ``N`` inputs, in order.
@@ -1361,7 +1361,10 @@ def predict(
         num_samples = trained.num_eval_samples if num_samples is None else num_samples
         model = trained.predictive_model
     task = "classification" if task is None else task
-    members = getattr(model, "num_members", None) if callable(getattr(model, "sample_outputs", None)) else None
+    draws_itself = callable(getattr(model, "sample_outputs", None))
+    members = getattr(model, "num_members", None) if draws_itself else None
+    if draws_itself:
+        method = "loop"  # not one of ours to choose: an SVI module's method='batched' was refused as inexact
     if num_samples is None:
         num_samples = members or 32
     _check_int("num_samples", num_samples)

@@ -199,6 +199,12 @@ def test_sample_outputs_run_the_network_in_eval_mode_after_a_fit():
     assert torch.equal(draws[0], draws[3]) and not draws.requires_grad
     assert torch.equal(net[1].running_mean, statistics) and module.training and net[3].training
     assert module(torch.randn(1, 3)).shape == (1, 3)  # one input: BatchNorm in training mode raised
+    # it draws its own samples: bdl.predict's method is ignored, as documented ('batched' was refused as inexact)
+    probs = []
+    for method in ("loop", "batched"):
+        torch.manual_seed(1)
+        probs.append(bdl.predict(module, x, num_samples=3, method=method).probs)
+    assert torch.equal(*probs)
 
 
 def test_fit_refuses_a_model_without_num_data():
