@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Callable, Optional, Union
 
@@ -273,8 +274,8 @@ def make_guide(
         raise TypeError(f"guide must be a name, an AutoGuide or a callable model -> AutoGuide, got {type(guide).__name__}")
     if guide not in GUIDES:
         raise ValueError(f"unknown guide {guide!r}; choose one of {sorted(GUIDES)}")
-    if not (isinstance(init_scale, numbers.Real) and init_scale > 0):
-        raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
+    if not (isinstance(init_scale, numbers.Real) and math.isfinite(init_scale) and init_scale > 0):
+        raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}")
     if rank is not None and guide != "lowrank_normal":
         raise ValueError(f"rank applies to the 'lowrank_normal' guide only, got rank={rank} with guide={guide!r}")
     if rank is not None and (not isinstance(rank, int) or rank <= 0):

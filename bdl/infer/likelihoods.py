@@ -294,8 +294,8 @@ class HeteroscedasticGaussianLikelihood(Likelihood):
 
     def __init__(self, min_std: float = 1e-4) -> None:
         super().__init__()
-        if not (isinstance(min_std, numbers.Real) and min_std >= 0):
-            raise ValueError(f"min_std must be a number >= 0, got {min_std!r}")
+        if not (isinstance(min_std, numbers.Real) and math.isfinite(min_std) and min_std >= 0):
+            raise ValueError(f"min_std must be a finite number >= 0, got {min_std!r}")
         self.min_std = float(min_std)
 
     def extra_repr(self) -> str:

@@ -261,8 +261,8 @@ class SVIModule(L.LightningModule):
             raise TypeError(f"model must be a bdl.infer.PyroModel or a Pyro model function, got {type(model).__name__}")
         if isinstance(optimizer, str) and optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZERS)} or pass a callable")
-        if not (isinstance(lr, numbers.Real) and lr > 0):
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        if not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
         if not (isinstance(lr_decay, numbers.Real) and 0 < lr_decay <= 1):
             raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay!r}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:

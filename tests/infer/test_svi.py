@@ -228,6 +228,13 @@ def test_invalid_options_are_rejected_with_the_valid_names():
         SVIModule(model, "normal", rank=2)
     with pytest.raises(ValueError, match=r"validate must be one of \['first', 'always', 'never'\], got 'once'"):
         SVIModule(model, "normal", validate="once")
+    # infinity passed the checks that refuse 0 and NaN, and failed later ("loss is not finite", Pyro's "loc")
+    with pytest.raises(ValueError, match="lr must be a positive finite number, got inf"):
+        SVIModule(model, "normal", lr=float("inf"))
+    with pytest.raises(ValueError, match="init_scale must be a positive finite number, got inf"):
+        SVIModule(model, "normal", init_scale=float("inf"))
+    with pytest.raises(ValueError, match="min_std must be a finite number >= 0, got inf"):
+        PyroModel(nn.Linear(2, 2), "gaussian_heteroscedastic", likelihood_options={"min_std": float("inf")})
 
     def linear_model(x, y=None):
         slope = pyro.sample("slope", dist.Normal(0.0, 10.0))
