@@ -251,6 +251,8 @@ PEERS: list[tuple[str, Callable[[], list[Union[Variant, Missing]]]]] = [  # (PyP
 
 
 def version(distribution: str) -> str:
+    if distribution == "bdl":  # the imported one (a checkout on the path has no installed metadata)
+        return bdl.__version__
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -341,6 +343,7 @@ class Row:
     train_step: Callable[[], None]
     predict: Callable[[], object]
     api_predict: Optional[Callable[[], object]] = None
+    model: Optional[nn.Module] = None
     train_mib: float = math.nan
     predict_mib: float = math.nan
     api_predict_mib: float = math.nan
@@ -383,8 +386,19 @@ def build_row(variant: Variant, sizes: tuple[int, ...], args: argparse.Namespace
         train_step,
         lambda: variant.predict(model, x_predict, args.num_samples),
         None if api_predict is None else lambda: api_predict(model, x_predict, args.num_samples),
+        model=model,
         train_mib=memory.mib,
     )
+
+
+def forget_prediction_buffers(model: Optional[nn.Module]) -> None:
+    """Drop what bdl's layers keep between predictions (sample buffers, stds), so that each prediction's memory
+    window pays for its own: the reparam row's loop left buffers that its bdl.predict reused, where the local and
+    flipout rows' bdl.predict allocated them (9 MiB apart for the same work)."""
+    for module in [] if model is None else model.modules():
+        cache = getattr(module, "_std_cache", None)
+        if isinstance(cache, dict):
+            cache.clear()
 
 
 def measure(variants: list[Variant], sizes: tuple[int, ...], args: argparse.Namespace, device: torch.device) -> list[Union[Row, Missing]]:
@@ -406,6 +420,7 @@ def measure(variants: list[Variant], sizes: tuple[int, ...], args: argparse.Name
             predict = getattr(row, kind)
             if predict is None:
                 continue
+            forget_prediction_buffers(row.model)
             memory = PeakMemory(device)
             with memory:
                 if row.error is None:

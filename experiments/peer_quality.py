@@ -234,8 +234,9 @@ def run_seed(setup: Callable[[int, int], Setup], splits: bdl.data.Splits, seed: 
 
 
 def mean_std(values: list[float], digits: int = 3) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.{digits}f} ± {spread:.{digits}f}"
+    """``mean ± sample std``; the mean alone for one value (whose std is undefined, not 0)."""
+    mean = f"{statistics.fmean(values):.{digits}f}"
+    return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table(rows: list[tuple[str, Union[list[dict[str, float]], str]]]) -> str:
@@ -288,13 +289,13 @@ def main() -> None:
     for name, setup in setups:
         runs: Union[list[dict[str, float]], str] = setup if isinstance(setup, str) else [run_seed(setup, splits, seed, args) for seed in args.seeds]
         rows.append((name, runs))
-        print(f"{name}: done", flush=True)
+        print(f"{name}: {runs if isinstance(runs, str) else 'done'}", flush=True)
 
     header = (
         f"MLP {splits.num_features}-{HIDDEN}-{splits.num_classes} on digits 0-7 ({len(splits.train)} train / "
         f"{len(splits.test)} test images; {len(splits.ood)} images of 8 and 9 as OOD inputs); {args.epochs} epochs, "
         f"Adam lr {args.lr}, batch {args.batch_size}, prior N(0, 1), initial posterior std {POSTERIOR_STD_INIT:.4f}, "
-        f"loss cross-entropy + KL / N; evaluated by bdl.evaluate with S={args.num_samples}; mean ± std over "
+        f"loss cross-entropy + KL / N; evaluated by bdl.evaluate with S={args.num_samples}; mean ± sample std (n - 1) over "
         f"seeds {', '.join(map(str, args.seeds))}; {args.threads} CPU threads.\n"
         "ECE: 15 equal-width bins. OOD AUROC: predictive entropy separating digits 8-9 from the test set. "
         "bayesian-torch's own KL is the mean over each layer's weights, not the sum; 'bdl (mean KL)' trains bdl's "

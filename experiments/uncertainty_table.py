@@ -549,7 +549,7 @@ def write_dataset(dataset: str, results: dict[str, list[RunResult]], seconds: fl
         f"{spec.description}.",
         "",
         "Written by `python experiments/uncertainty_table.py " + " ".join(sys.argv[1:]) + "`. " + settings_line(args) + ".",
-        f"Mean ± std over {len(args.seeds)} seed(s)" + (" (one seed: no std)" if len(args.seeds) == 1 else "") +
+        f"Mean ± sample std (n - 1) over {len(args.seeds)} seed(s)" + (" (one seed: no std)" if len(args.seeds) == 1 else "") +
         f"; this data set took {duration(seconds)}.",
         "",
         results_table(dataset, results),
@@ -618,7 +618,7 @@ def write_reference(results: dict[str, dict[str, list[RunResult]]], seconds: flo
         "the checkpoint with the lowest validation NLL. Paper accuracies: Greydanus (2020), MNIST-1D, table 1.",
         "",
         "Written by `python experiments/uncertainty_table.py " + " ".join(sys.argv[1:]) + "`. " + settings_line(args) +
-        f". Mean ± std over {len(args.seeds)} seed(s); took {duration(seconds)}.",
+        f". Mean ± sample std (n - 1) over {len(args.seeds)} seed(s); took {duration(seconds)}.",
         "",
         markdown_table(header, rows),
     ]) + "\n"  # fmt: skip

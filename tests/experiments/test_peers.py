@@ -6,6 +6,7 @@ time would go to importing torch again.
 """
 
 import importlib
+import importlib.metadata
 import importlib.util
 import re
 
@@ -104,6 +105,47 @@ def test_peer_quality_reports_mean_and_std_over_seeds_and_writes_the_table(outpu
     # the same parameters and noise give the same ELBO step in both libraries
     loss_diff, grad_diff = re.search(r"\|loss difference\| (\S+) .*max \|gradient difference\| (\S+)", paired).groups()
     assert float(loss_diff) < 1e-4 and float(grad_diff) < 1e-5
+
+
+def load_script(name, monkeypatch):
+    """An experiments/ script as a module (its sibling imports found on the path)."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "experiments"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(__import__("sys").modules, name, script)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_each_predictions_memory_window_pays_for_its_own_buffers(monkeypatch):
+    # the reparam row's loop left weight-sample buffers that its bdl.predict window reused (9 MiB uncounted),
+    # where the local and flipout rows' bdl.predict window allocated them: the same work, 28-32 MiB apart
+    script = load_script("benchmark_peers", monkeypatch)
+    variant = script.bdl_variants()[0]
+    model = variant.build((256, 256, 4))  # 65,536 weights: above the size whose samples go into kept buffers
+    variant.predict(model, torch.randn(8, 256), 2)
+    assert any(key[0] == "sample" for key in model[0]._std_cache)
+    script.forget_prediction_buffers(model)
+    assert all(not module._std_cache for module in model.modules() if hasattr(module, "_std_cache"))
+    script.forget_prediction_buffers(None)  # a row without a model (a peer's that failed to build)
+
+
+def test_scripts_name_bdls_version_and_a_single_seed_has_no_spread(monkeypatch):
+    import bdl
+
+    peers = load_script("benchmark_peers", monkeypatch)
+
+    def no_metadata(distribution):  # a checkout on the path, not installed: "bdl not installed" above bdl's rows
+        raise importlib.metadata.PackageNotFoundError(distribution)
+
+    monkeypatch.setattr(peers.importlib.metadata, "version", no_metadata)
+    assert peers.version("bdl") == bdl.__version__ and peers.version("blitz-bayesian-pytorch") == "not installed"
+    quality = load_script("peer_quality", monkeypatch)
+    assert quality.mean_std([0.8724]) == "0.872"  # "0.872 ± 0.000": one seed's std is undefined, not 0
+    assert quality.mean_std([0.8, 0.9]) == "0.850 ± 0.071"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
