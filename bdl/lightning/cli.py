@@ -35,7 +35,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..predict import Prediction
-from .modules import _gather_prediction, _loader_at, _unpadded_size
+from .modules import _gather_prediction, _loader_at, _unpadded_size, target_scale
 
 DEFAULT_ROOT = "runs"
 # Model arguments that say how to evaluate, not what was trained: with --ckpt_path they come from the command's
@@ -153,7 +153,8 @@ class PredictionWriter(BasePredictionWriter):
     The file holds a dict of tensors (``probs``, ``predicted_class``, ``predictive_entropy``,
     ``expected_entropy``, ``mutual_information`` for classification; ``mean``, ``aleatoric_variance``,
     ``epistemic_variance`` for regression), one row per input in the data set's order, also when several
-    processes (DDP) predicted parts of it; load it with ``torch.load``.
+    processes (DDP) predicted parts of it; load it with ``torch.load``. A regression on targets its data module
+    standardised (``target_std``) also holds ``target_mean`` and ``target_std``, the way back to the original units.
     """
 
     def __init__(self) -> None:
@@ -184,7 +185,11 @@ class PredictionWriter(BasePredictionWriter):
         if trainer.fast_dev_run:  # a smoke test: no logger, so the folder would be the working directory
             return
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save({name: getattr(prediction, name) for name in names}, folder / "predictions.pt")
+        saved: dict[str, Any] = {name: getattr(prediction, name) for name in names}
+        scale = target_scale(trainer) if prediction.task == "regression" else None
+        if scale is not None:  # standardised units: the way back (mean * std + mean_0, variances * std^2)
+            saved.update(target_mean=scale[0], target_std=scale[1])
+        torch.save(saved, folder / "predictions.pt")
 
 
 class Checkpoint(ModelCheckpoint):

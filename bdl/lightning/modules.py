@@ -437,6 +437,7 @@ class _Evaluation:
         test_data = (inputs, targets) if inputs is not None else targets
         self.report = evaluate(prediction, test_data, ood_data=ood_prediction, n_bins=self.n_bins)
         self.report.ood_inputs = ood_inputs  # for the 1-D regression figure (a ready Prediction does not carry them)
+        _note_target_scale(self.report, target_scale(self.trainer))
         self._test_outputs.clear()
         headline = {f"test/{key}": value for key in HEADLINE_METRICS if (value := self.report.metrics.get(key)) is not None}
         self.log_dict(headline)
@@ -463,6 +464,26 @@ class _Evaluation:
         """A :class:`bdl.Prediction` per batch (merge them with ``Prediction.cat``)."""
         x, _ = _split_batch(batch)
         return self._checked_prediction(x, self.num_eval_samples, "predict")
+
+
+def target_scale(trainer: L.Trainer) -> Optional[tuple[float, float]]:
+    """``(mean, std)`` a data module standardised the regression targets with (``target_mean``/``target_std``,
+    as :class:`bdl.lightning.SklearnRegressionDataModule` gives), else None: the report's numbers are in its units."""
+    data = getattr(trainer, "datamodule", None)
+    std = getattr(data, "target_std", None)
+    return None if std is None else (float(data.target_mean), float(std))
+
+
+def _note_target_scale(report: Report, scale: Optional[tuple[float, float]]) -> None:
+    if scale is None or report.task != "regression":
+        return
+    mean, std = scale
+    report.settings.update(target_mean=mean, target_std=std)  # metrics.json: the way back to the original units
+    report.notes.append(
+        f"targets are standardised with the training rows' mean {mean:.6g} and std {std:.6g}: in the original units "
+        f"RMSE, MAE and CRPS are {std:.6g} times these, variances {std**2:.6g} times, and the NLL is {math.log(std):+.4g} "
+        "from these (+ log std)"
+    )
 
 
 class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):

@@ -308,3 +308,29 @@ def test_a_fraction_that_is_not_a_number_is_named(tmp_path):
     table = {"a": np.arange(20.0), "y": np.arange(20.0)}
     with pytest.raises(TypeError, match="val_fraction and test_fraction must be numbers, got '0.1'"):
         TabularDataModule(str(_csv(tmp_path, table)), "y", task="regression", val_fraction="0.1")
+
+
+def test_a_standardised_targets_report_and_predictions_say_how_to_get_back_to_its_units(tmp_path):
+    import lightning as L
+
+    from bdl.lightning import MLP, DeterministicModule
+    from bdl.lightning.cli import PredictionWriter
+
+    torch.manual_seed(0)
+    data = SklearnRegressionDataModule("diabetes", batch_size=64)
+    module = DeterministicModule(MLP(10, 1, hidden=[16], head="gaussian"), task="regression", lr=1e-2)
+    trainer = L.Trainer(max_epochs=2, default_root_dir=tmp_path, accelerator="cpu", enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[PredictionWriter()])  # fmt: skip
+    trainer.fit(module, data)
+    trainer.test(module, data, verbose=False)
+    report, std = module.report, data.target_std
+    assert report.settings["target_std"] == std and report.settings["target_mean"] == data.target_mean
+    assert any(f"RMSE, MAE and CRPS are {std:.6g} times these" in note for note in report.notes)
+    y = torch.cat([batch[1] for batch in data.test_dataloader()[0]])
+    mean = data.unstandardize_target(report.prediction.mean)  # the note's claim, in the original units
+    rmse = (mean - data.unstandardize_target(y)).square().mean().sqrt()
+    assert rmse.item() == pytest.approx(report.metrics["rmse"] * std, rel=1e-5)
+    assert '"target_std"' in (module.report_dir / "metrics.json").read_text()
+    trainer.predict(module, data)
+    saved = torch.load(next(tmp_path.rglob("predictions.pt")), weights_only=True)
+    assert saved["target_std"] == std and saved["mean"].shape == (len(y), 1)
