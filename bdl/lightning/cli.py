@@ -35,7 +35,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..predict import Prediction
-from .modules import _gather_prediction, _loader_at, _unpadded_size, target_scale
+from .modules import _check_one_order, _gather_prediction, _loader_at, _unpadded_size, target_scale
 
 DEFAULT_ROOT = "runs"
 # Model arguments that say how to evaluate, not what was trained: with --ckpt_path they come from the command's
@@ -168,12 +168,14 @@ class PredictionWriter(BasePredictionWriter):
         prediction = Prediction.cat(parts)
         folder = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective under DDP: every process
         if trainer.world_size > 1:  # each process predicted rows r, r + W, ... of the data set: back in order, in one file
-            total = _unpadded_size(_loader_at(trainer.predict_dataloaders, 0))
+            loader = _loader_at(trainer.predict_dataloaders, 0)
+            total = _unpadded_size(loader)
             if total is None:
                 raise ValueError(
                     "bdl predict under DDP needs Lightning's unshuffled distributed sampler on the predict loader "
                     "(use_distributed_sampler on) to put the processes' rows back in order"
                 )
+            _check_one_order(pl_module, loader, "predict loader")
             prediction = _gather_prediction(pl_module, prediction, total)
             if trainer.global_rank != 0:
                 return

@@ -22,6 +22,7 @@ import importlib
 import math
 import numbers
 import warnings
+import zlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -210,6 +211,33 @@ def _unpadded_size(loader: Any, shuffled: bool = False) -> Optional[int]:  # noq
     return None
 
 
+def _check_one_order(module: L.LightningModule, loader: Any, what: str) -> None:  # noqa: ANN401
+    """Raise where the processes drew different orders from a loader's own sampler (call on every process).
+
+    Under DDP Lightning wraps a sampler of the loader's own (``DistributedSamplerWrapper``) and every process
+    lists it: a random one (a ``SubsetRandomSampler`` without a common seed) gave each process another order,
+    and the rows were split among them as if it were one, some counted twice and others not at all, silently."""
+    for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        wrapped = getattr(sampler, "dataset", None)
+        order = getattr(wrapped, "_sampler_list", None)  # Lightning's _DatasetSamplerWrapper, listed this pass
+        if order is not None:
+            break
+    else:
+        return
+    try:
+        digest = zlib.crc32(torch.as_tensor(order, dtype=torch.int64).numpy().tobytes())
+    except (TypeError, ValueError, RuntimeError):  # not integer indices
+        digest = zlib.crc32(repr(order).encode())
+    digests = module.all_gather(torch.tensor(digest, dtype=torch.int64, device=module.device)).reshape(-1)
+    if not bool((digests == digests[0]).all()):
+        raise ValueError(
+            f"the {what}'s {type(wrapped._sampler).__name__} gave the processes different orders (a random "
+            "sampler without a common seed), so its rows would be split as if they were one order: some counted "
+            "twice, others dropped; seed every process alike (lightning.seed_everything) before the loader is made, "
+            "give the loader a sampler of fixed order, or evaluate on one process"
+        )
+
+
 class _ResumableRandomState:
     """Saves the random number generators' states in checkpoints and restores them on load.
 
@@ -301,6 +329,8 @@ class _Evaluation:
             return rows
         loader = _loader_at(getattr(trainer, "val_dataloaders", None), 0)
         seen = getattr(self, "_val_rows_seen", 0)
+        if seen == 0:  # the pass's first batch: its order has just been drawn
+            _check_one_order(self, loader, "validation loader")
         self._val_rows_seen = seen + rows
         return _own_rows(loader, trainer.global_rank, trainer.world_size, seen, rows)
 
@@ -419,11 +449,15 @@ class _Evaluation:
             # Lightning's DistributedSampler pads the test set to a multiple of the processes: cut the repeats
             total = _unpadded_size(loader)
             if total is None:  # concatenated as they come, repeats and all (each input twice without a sampler)
+                sampler = getattr(loader, "sampler", None)
+                shuffled = isinstance(sampler, DistributedSampler) and sampler.shuffle
                 raise ValueError(
-                    f"test loader {index} has a {type(getattr(loader, 'sampler', None)).__name__}, not Lightning's unshuffled "
-                    "DistributedSampler: the processes' rows cannot be put back in order without repeats; keep "
-                    "use_distributed_sampler on and the test loader unshuffled, or test on one process"
-                )
+                    f"test loader {index} " + ("is shuffled (a DistributedSampler with shuffle=True)" if shuffled else
+                    f"has a {type(sampler).__name__}, not Lightning's unshuffled DistributedSampler") + ": the processes' "
+                    "rows cannot be put back in order without repeats; keep use_distributed_sampler on and the test "
+                    "loader unshuffled, or test on one process"
+                )  # fmt: skip
+            _check_one_order(self, loader, f"test loader {index}")
             prediction = _gather_prediction(self, prediction, total)
             targets = None if targets is None else _gather_rows(self, targets, total)
             inputs = None if inputs is None else _gather_rows(self, inputs, total)

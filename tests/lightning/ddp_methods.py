@@ -6,6 +6,7 @@ Run by tests/lightning/test_ddp.py (Lightning's DDP launcher starts this script 
 """
 
 import json
+import os
 import sys
 
 import lightning as L
@@ -111,11 +112,49 @@ def main(out: str, mode: str) -> None:
         results["buffered_on_one_process"] = {
             name: float(metric_on_process_0(name, trainer.global_rank)) for name in BUFFERED_ON_ONE_PROCESS
         }
+    if processes > 1:
+        results["random_sampler"] = random_sampler_outcomes(torch.distributed.get_rank())
     if trainer.global_rank == 0:
         with open(out, "w") as file:
             json.dump(results, file)
     if torch.distributed.is_initialized():  # left alive, gloo's threads aborted the process at exit (status -6), now and then
         torch.distributed.destroy_process_group()
+
+
+def random_sampler_outcomes(rank: int) -> dict[str, object]:
+    """Test, validate and predict on a loader with a SubsetRandomSampler of its own, which every process lists
+    itself: unseeded (each its own order: the rows were split as if the orders were one, some counted twice, others
+    dropped, silently), then seeded alike (every row once)."""
+    from torch.utils.data import SubsetRandomSampler
+
+    from bdl.lightning.cli import PredictionWriter
+
+    L.seed_everything(0)
+    x, y = torch.randn(21, 4), torch.arange(21)  # a class per row: the report's targets name its rows
+    module = DeterministicModule(MLP(4, 21, hidden=[8]), save_report=False)
+    outcomes: dict[str, object] = {}
+    for seeded in (False, True):
+        for stage in ("test", "validate", "predict"):
+            trainer = L.Trainer(
+                accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, callbacks=[PredictionWriter()],
+            )  # fmt: skip
+            # the sampler draws from the global generator, which Lightning reseeds from seed_everything's seed (if
+            # any) as each run starts on every process
+            if seeded:
+                L.seed_everything(0)
+            else:
+                os.environ.pop("PL_GLOBAL_SEED", None)
+                torch.manual_seed(100 + rank)
+            loader = DataLoader(TensorDataset(x, y), batch_size=4, sampler=SubsetRandomSampler(range(21)))
+            key = f"{stage}_{'seeded' if seeded else 'unseeded'}"
+            try:
+                getattr(trainer, stage)(module, loader, verbose=False) if stage != "predict" else trainer.predict(module, loader)
+                outcomes[key] = "ok"
+            except ValueError as error:
+                outcomes[key] = str(error)
+        outcomes["test_rows_seeded"] = sorted(module.report.targets.tolist()) if seeded else None
+    return outcomes
 
 
 BUFFERED_ON_ONE_PROCESS = ("ood_auroc_float64", "adaptive_ece_float64", "aurc_float16", "aurc_int64")
