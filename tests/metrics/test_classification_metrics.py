@@ -132,6 +132,22 @@ def test_adaptive_ece_matches_a_direct_numpy_equal_mass_binning():
     assert M.adaptive_ece(probs, target, n_bins=15).item() == pytest.approx(expected, abs=1e-6)
 
 
+def test_adaptive_ece_of_a_calibrated_tie_group_is_zero():
+    # 1000 predictions at 0.9, 90% right: ties were broken wrong-first, cutting the group into an all-wrong and an
+    # all-right bin (0.17); each tied example now counts with its group's accuracy
+    probs = torch.tensor([[0.9, 0.1]]).repeat(1000, 1)
+    target = (torch.arange(1000) % 10 == 0).long()  # 100 wrong
+    assert M.adaptive_ece(probs, target, n_bins=15).item() < 1e-6
+    streaming = AdaptiveECE(n_bins=15)
+    streaming.update(probs[:300], target[:300])
+    streaming.update(probs[300:], target[300:])
+    assert streaming.compute().item() < 1e-6
+    # a group of two ties across a boundary (bins of 2): its accuracy 1/2 on both sides
+    probs = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.7, 0.3], [0.8, 0.2]])
+    expected = (abs(1.3 - 1.5) + abs(1.5 - 1.5)) / 4  # bins {0.6 right, 0.7 half}, {0.7 half, 0.8 right}
+    assert M.adaptive_ece(probs, torch.tensor([0, 0, 1, 0]), n_bins=2).item() == pytest.approx(expected)
+
+
 def test_over_and_underconfidence_split_ece_and_give_the_direction():
     probs, target = overconfident(3000, 5, factor=3.0)
     over, under = M.overconfidence(probs, target), M.underconfidence(probs, target)
