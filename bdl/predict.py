@@ -531,7 +531,10 @@ class _ClassificationSummary:
         sample_logits = self._in_layout(sample_logits)
         log_probs = sample_logits.log_softmax(self.dim)
         probs = log_probs.exp()
-        self._add(probs, torch.mul(probs, log_probs).sum(self.dim).sum(0).neg_())
+        entropy_sum = torch.mul(probs, log_probs).sum(self.dim).sum(0).neg_()
+        if not all_finite(entropy_sum):  # logits spread past the dtype's range: log p = -inf where p = 0, 0 * -inf NaN
+            entropy_sum = torch.where(probs > 0, probs * log_probs, 0).sum(self.dim).sum(0).neg_()
+        self._add(probs, entropy_sum)
         chunk_sum = sample_logits.sum(0)
         self.logits_sum = chunk_sum if self.logits_sum is None else self.logits_sum + chunk_sum
 

@@ -151,6 +151,16 @@ def test_from_probs_handles_zero_probabilities_and_has_no_logits():
     assert pred.logits is None and pred.sample_probs is None
 
 
+@pytest.mark.parametrize("dtype, big", [(torch.float32, 3.4e38), (torch.float64, 1e308), (torch.bfloat16, 3e38)])
+def test_logits_spread_past_the_dtypes_range_have_finite_entropies(dtype, big):
+    # log_softmax gives -inf to the losing class, whose probability 0 times -inf was NaN: E[H] and MI NaN
+    logits = torch.tensor([[[big, -big]], [[-big, big]]], dtype=dtype)
+    pred = Prediction.from_logits(logits)
+    reference = Prediction.from_probs(logits.double().softmax(-1))
+    assert pred.expected_entropy.item() == 0 and pred.mutual_information.item() == pytest.approx(math.log(2))
+    torch.testing.assert_close(pred.predictive_entropy.double(), reference.predictive_entropy)
+
+
 def test_half_precision_logits_are_summarised_in_float32():
     logits = torch.randn(6, 5, 4)
     pred = Prediction.from_logits(logits.half())
