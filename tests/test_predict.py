@@ -161,6 +161,17 @@ def test_logits_spread_past_the_dtypes_range_have_finite_entropies(dtype, big):
     torch.testing.assert_close(pred.predictive_entropy.double(), reference.predictive_entropy)
 
 
+def test_regression_moments_do_not_drift_with_the_number_of_chunks():
+    # float32 running moments of outputs far from 0: 2000 samples one at a time put the epistemic variance 1e-3 off
+    torch.manual_seed(0)
+    model = lambda x: 1e4 + x + torch.randn_like(x)  # noqa: E731
+    pred = bdl.predict(model, torch.randn(50, 1), num_samples=2000, task="regression", chunk_size=1, keep_samples=True)
+    samples = pred.sample_means.double()
+    torch.testing.assert_close(pred.epistemic_variance, samples.var(0, correction=0).float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(pred.mean, samples.mean(0).float(), rtol=1e-7, atol=0)
+    assert pred.mean.dtype == pred.epistemic_variance.dtype == torch.float32
+
+
 def test_half_precision_logits_are_summarised_in_float32():
     logits = torch.randn(6, 5, 4)
     pred = Prediction.from_logits(logits.half())
