@@ -82,7 +82,7 @@ def fit_temperature(logits: Tensor, target: Tensor, *, max_iter: int = 100) -> T
         max_iter: the most L-BFGS iterations.
 
     Returns:
-        A positive scalar tensor ``T`` (dtype of ``logits``).
+        A positive scalar tensor ``T`` (dtype of ``logits``; float32 for half-precision ones).
 
     Example:
         >>> true_logits = torch.randn(2000, 5)
@@ -135,7 +135,8 @@ def fit_temperature(logits: Tensor, target: Tensor, *, max_iter: int = 100) -> T
             "every prediction wrong (T -> inf); check it on held-out data before use",
             stacklevel=user_stacklevel(),
         )
-    return temperature.to(logits.dtype)
+    # float32 for half-precision logits: float16 rounded a fitted 8e5 to inf (then log T inf), bfloat16 to 8 bits
+    return temperature.to(torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype)
 
 
 _TYPICAL_TEMPERATURES = (1e-2, 1e2)

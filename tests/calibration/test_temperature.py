@@ -101,6 +101,12 @@ def test_an_extreme_temperature_is_flagged_and_tuples_are_refused():
         fit_temperature(samples, logits.argmax(1))
     with pytest.raises(TypeError, match="classification logits"):
         TemperatureScaler(2.0)((torch.zeros(2, 1), torch.ones(2, 1)))
+    # random logits, every label class 0 (uniform is best): T ~ 8e5, which float16 rounded to inf (log T inf too)
+    wrong = torch.randn(40, 3, generator=torch.Generator().manual_seed(1))
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.warns(UserWarning, match="far outside the usual range"):
+            scaler = TemperatureScaler().fit(wrong.to(dtype), torch.zeros(40, dtype=torch.long))
+        assert scaler.temperature.dtype == torch.float32 and 1e5 < float(scaler.temperature) < 1e7
 
 
 def test_a_binary_classifiers_single_logit_is_scaled_as_its_two_class_logits():
