@@ -99,6 +99,19 @@ def test_interval_coverage_uses_the_predictions_interval_bounds_inclusively():
     assert M.interval_coverage(mean, variance, target, level=0.95).item() == pytest.approx(2 / 3)
 
 
+def test_rmse_of_huge_residuals_and_intervals_near_level_one_stay_finite():
+    # float32 residuals of 1e20 squared to inf (MAE and CRPS finite); (1 + level) / 2 rounded to 1: z = inf
+    residual = torch.tensor([1e20, 2e20])
+    assert M.rmse(residual, torch.zeros(2)).item() == pytest.approx(math.sqrt(2.5e40), rel=1e-6)
+    from bdl import Prediction
+
+    level = 1 - 2**-53
+    prediction = Prediction.from_regression(torch.zeros(1, 3, 1), torch.ones(1, 3, 1))
+    low, high = prediction.interval(level)
+    width = M.interval_width(torch.ones(3), level=level).item()
+    assert math.isfinite(width) and width == pytest.approx((high - low).mean().item(), rel=1e-6)
+
+
 def test_quantile_calibration_error_small_when_calibrated_large_when_not():
     mean, variance, target = gaussian_data()
     assert M.quantile_calibration_error(mean, variance, target).item() < 0.01

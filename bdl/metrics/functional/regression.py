@@ -68,7 +68,7 @@ def _gaussian(mean, variance, target) -> tuple[Tensor, Tensor, Tensor]:  # noqa:
 def _half_width_factor(level: float, like: Tensor) -> Tensor:
     """``z = Phi^{-1}((1 + level) / 2)``: the central ``level`` interval is ``mean +- z * std``."""
     level = check_fraction(level, "level", open_right=True)
-    z = torch.special.ndtri(torch.tensor((1 + level) / 2, dtype=torch.float64))
+    z = -torch.special.ndtri(torch.tensor((1 - level) / 2, dtype=torch.float64))  # (1 + level) / 2 rounds to 1 near 1
     return z.to(dtype=like.dtype, device=like.device)
 
 
@@ -87,7 +87,8 @@ def rmse(mean: Tensor, target: Tensor) -> Tensor:
         tensor(3.5355)
     """
     mean, target = _point(mean, target)
-    return (mean - target).square().mean().sqrt()
+    # squared in float64: a float32 residual above 1.8e19 squared to inf where MAE and CRPS stay finite
+    return (mean - target).double().square().mean().sqrt().to(mean.dtype)
 
 
 def mae(mean: Tensor, target: Tensor) -> Tensor:
