@@ -98,12 +98,12 @@ def _check_int(name: str, value: Any, minimum: int = 1) -> int:
 _SUMMARY_CHUNK_ELEMENTS = 1 << 26
 
 
-def _summary_chunks(samples: Tensor) -> tuple[Tensor, ...]:
-    """``[S, N, C]`` in chunks of whole samples of about 64M elements, as :func:`predict` feeds its summaries:
-    summarising every sample at once held ~3x the samples in temporaries (+3.7 GB for 1.2 GB of logits;
-    +1.1 GB in chunks, at the same speed; chunks of 16M elements took twice as long)."""
+def _summary_chunks(samples: Tensor, elements: int = _SUMMARY_CHUNK_ELEMENTS) -> tuple[Tensor, ...]:
+    """``[S, N, C]`` in chunks of whole samples of about ``elements`` (64M), as :func:`predict` feeds its
+    summaries: summarising every sample at once held ~3x the samples in temporaries (+3.7 GB for 1.2 GB of
+    logits; +1.1 GB in chunks, at the same speed; chunks of 16M elements took twice as long)."""
     per_sample = max(1, samples[0].numel()) if len(samples) else 1
-    return samples.split(max(1, _SUMMARY_CHUNK_ELEMENTS // per_sample))
+    return samples.split(max(1, elements // per_sample))
 
 
 def _summary_dtype(t: Tensor) -> Tensor:
@@ -596,10 +596,12 @@ class _RegressionSummary:
         # samples one at a time: 1.5e-3 off)
         wide = torch.float32 if sample_means.device.type == "mps" else torch.float64  # MPS has no float64
         self.constancy.update(sample_means)
-        self.count, self.mean, self.m2 = _merge_moments(self.count, self.mean, self.m2, sample_means.to(wide))
+        # in pieces of 8M elements: a whole [S, N, D] at once (from_regression's) took 4x its size in float64 copies
+        for piece in _summary_chunks(sample_means, 1 << 23):
+            self.count, self.mean, self.m2 = _merge_moments(self.count, self.mean, self.m2, piece.to(wide))
         if sample_variances is not None:
-            sample_variances = _summary_dtype(sample_variances)
-            chunk_sum = sample_variances.sum(0, dtype=wide)
+            # positive terms: summed in their own dtype (sum(0, dtype=float64) took 30x as long on the CPU)
+            chunk_sum = _summary_dtype(sample_variances).sum(0).to(wide)
             self.variance_sum = chunk_sum if self.variance_sum is None else self.variance_sum + chunk_sum
         if self.keep_samples:
             self.kept_means.append(sample_means)

@@ -76,11 +76,18 @@ def test_a_deterministic_models_mutual_information_warns_that_everything_goes_to
     assert result.review.all() and caught[0].filename == __file__  # at the caller's line
 
 
-@pytest.mark.parametrize("coverage, inputs, handled", [(1 / 3, 3, 1), (2 / 3, 3, 2), (2 / 3, 300, 200), (1 / 6, 300, 50)])
+@pytest.mark.parametrize(
+    "coverage, inputs, handled",
+    [(1 / 3, 3, 1), (2 / 3, 3, 2), (2 / 3, 300, 200), (1 / 6, 300, 50), (0.9999999999, 5, 4), (1 - 1e-11, 1, 0)],
+)
 def test_coverage_of_a_fraction_without_a_decimal_form_handles_its_share(coverage, inputs, handled):
-    # 2/3 is the float 0.6666666666666666, which as a decimal times 300 is 199.99999999999998: 199 handled
+    # 2/3 is the float 0.6666666666666666, which as a decimal times 300 is 199.99999999999998: 199 handled; and
+    # a coverage just below 1 is not 1 (rounding the product handled all 5 inputs at 0.9999999999)
     scores = torch.arange(inputs, dtype=torch.float64)
-    assert _threshold_for_coverage(scores, coverage) == handled - 1
+    assert _threshold_for_coverage(scores, coverage) == (handled - 1 if handled else -math.inf)
+    from bdl.triage import _as_fraction
+
+    assert _as_fraction(2 / 3) * 30_000_000 == 20_000_000 and _as_fraction(0.7) * 41943050 == 29360135
 
 
 def test_fixed_threshold_and_the_default_score():
