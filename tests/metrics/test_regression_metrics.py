@@ -103,6 +103,9 @@ def test_rmse_of_huge_residuals_and_intervals_near_level_one_stay_finite():
     # float32 residuals of 1e20 squared to inf (MAE and CRPS finite); (1 + level) / 2 rounded to 1: z = inf
     residual = torch.tensor([1e20, 2e20])
     assert M.rmse(residual, torch.zeros(2)).item() == pytest.approx(math.sqrt(2.5e40), rel=1e-6)
+    assert M.rmse(residual.double() * 1e180, torch.zeros(2)).item() == pytest.approx(math.sqrt(2.5) * 1e200, rel=1e-6)
+    assert M.rmse(torch.zeros(3), torch.zeros(3, dtype=torch.float64)).dtype == torch.float64  # the promoted dtype
+    assert M.rmse(torch.zeros(3), torch.zeros(3)).item() == 0
     from bdl import Prediction
 
     level = 1 - 2**-53

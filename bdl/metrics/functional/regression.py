@@ -87,8 +87,13 @@ def rmse(mean: Tensor, target: Tensor) -> Tensor:
         tensor(3.5355)
     """
     mean, target = _point(mean, target)
-    # squared in float64: a float32 residual above 1.8e19 squared to inf where MAE and CRPS stay finite
-    return (mean - target).double().square().mean().sqrt().to(mean.dtype)
+    residual = mean - target
+    # scaled by the largest residual, which no square overflows (a float32 residual above 1.8e19 squared to inf,
+    # where MAE and CRPS stay finite); float64 would not do on MPS, nor for float64 residuals of 1e200
+    scale = residual.abs().max()
+    if not scale > 0:  # all zero: 0 (or an empty set's NaN, as the mean of nothing)
+        return residual.square().mean().sqrt()
+    return scale * (residual / scale).square().mean().sqrt()
 
 
 def mae(mean: Tensor, target: Tensor) -> Tensor:
