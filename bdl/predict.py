@@ -98,12 +98,12 @@ def _check_int(name: str, value: Any, minimum: int = 1) -> int:
 _SUMMARY_CHUNK_ELEMENTS = 1 << 26
 
 
-def _summary_chunks(samples: Tensor, elements: int = _SUMMARY_CHUNK_ELEMENTS) -> tuple[Tensor, ...]:
-    """``[S, N, C]`` in chunks of whole samples of about ``elements`` (64M), as :func:`predict` feeds its
-    summaries: summarising every sample at once held ~3x the samples in temporaries (+3.7 GB for 1.2 GB of
-    logits; +1.1 GB in chunks, at the same speed; chunks of 16M elements took twice as long)."""
+def _summary_chunks(samples: Tensor, elements: Optional[int] = None) -> tuple[Tensor, ...]:
+    """``[S, N, C]`` in chunks of whole samples of about ``elements`` (None: ``_SUMMARY_CHUNK_ELEMENTS``, 64M), as
+    :func:`predict` feeds its summaries: summarising every sample at once held ~3x the samples in temporaries
+    (+3.7 GB for 1.2 GB of logits; +1.1 GB in chunks, at the same speed; chunks of 16M elements took twice as long)."""
     per_sample = max(1, samples[0].numel()) if len(samples) else 1
-    return samples.split(max(1, elements // per_sample))
+    return samples.split(max(1, (_SUMMARY_CHUNK_ELEMENTS if elements is None else elements) // per_sample))
 
 
 def _summary_dtype(t: Tensor) -> Tensor:
@@ -536,7 +536,11 @@ class _ClassificationSummary:
             entropy_sum = torch.where(probs > 0, probs * log_probs, 0).sum(self.dim).sum(0).neg_()
         self._add(probs, entropy_sum)
         chunk_sum = sample_logits.sum(0)
-        self.logits_sum = chunk_sum if self.logits_sum is None else self.logits_sum + chunk_sum
+        total = chunk_sum if self.logits_sum is None else self.logits_sum + chunk_sum
+        if not all_finite(total) and sample_logits.device.type != "mps":  # logits near the dtype's limit: their sum
+            chunk_sum = sample_logits.double().sum(0)  # overflowed (their mean cannot): in float64 from here on
+            total = chunk_sum if self.logits_sum is None else self.logits_sum.double() + chunk_sum
+        self.logits_sum = total
 
     def add_probs(self, sample_probs: Tensor) -> None:
         sample_probs = self._in_layout(sample_probs)
@@ -570,7 +574,7 @@ class _ClassificationSummary:
             probs=mean,
             expected_entropy=expected_entropy,
             predicted_class_variance=m2.gather(-1, predicted).squeeze(-1) / self.count,
-            logits=self._per_input(self.logits_sum) / self.count if self.from_logits and self.logits_sum is not None else None,
+            logits=(self._per_input(self.logits_sum) / self.count).to(mean.dtype) if self.from_logits and self.logits_sum is not None else None,
             sample_probs=samples.transpose(1, 2).contiguous() if samples is not None and self.dim == 1 else samples,
         )
 

@@ -159,6 +159,9 @@ def test_logits_spread_past_the_dtypes_range_have_finite_entropies(dtype, big):
     reference = Prediction.from_probs(logits.double().softmax(-1))
     assert pred.expected_entropy.item() == 0 and pred.mutual_information.item() == pytest.approx(math.log(2))
     torch.testing.assert_close(pred.predictive_entropy.double(), reference.predictive_entropy)
+    if dtype != torch.float64:  # samples that agree: their mean logits are theirs (the float32 sum was inf, as
+        agree = Prediction.from_logits(logits[:1].expand(3, 1, 2))  # masking with finfo.min gives: energy -inf)
+        assert agree.logits.dtype == agree.probs.dtype and torch.equal(agree.logits.to(dtype), logits[0])
 
 
 def test_regression_moments_do_not_drift_with_the_number_of_chunks():
