@@ -7,6 +7,7 @@ import numbers
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Union
 
 import lightning as L
+import numpy as np
 import pyro
 import torch
 from pyro import poutine
@@ -141,6 +142,25 @@ def ignored_hparams(names: Sequence[str]) -> list[str]:
     if _given_hyperparameters.get() is not None:
         return [name for name in names if name != "model"]
     return list(names)
+
+
+def plain_hyperparameters(checkpoint: dict[str, Any]) -> None:
+    """numpy scalars among a checkpoint's (module's and data module's) hyperparameters as Python numbers, in place:
+    ``torch.load(weights_only=True)``, as Lightning and ``bdl evaluate`` load, refuses numpy's types (a run with
+    ``num_eval_samples=np.int64(8)`` trained to the end, then none of its checkpoints loaded)."""
+    for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint[key] = _plain(checkpoint[key])
+
+
+def _plain(value: Any) -> Any:  # noqa: ANN401
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_plain(item) for item in value)
+    return value
 
 
 def _untrained_param_sites(trace: Optional[poutine.Trace], store: dict[str, Tensor], trained: set[int]) -> dict[str, str]:
@@ -319,6 +339,9 @@ class SVIModule(L.LightningModule):
             return optimizer
         scheduler = exponential_decay(optimizer, self.lr_decay, lambda: self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        plain_hyperparameters(checkpoint)
 
     def on_fit_start(self) -> None:
         if isinstance(self.model, PyroModel) and self.model.num_data is None:

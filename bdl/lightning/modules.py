@@ -38,7 +38,7 @@ from torch.utils.data import DistributedSampler, SubsetRandomSampler
 
 from .. import infer
 from ..evaluate import Report, evaluate
-from ..infer.svi_trainer import _as_args, _steps_when_needed, ignored_hparams
+from ..infer.svi_trainer import _as_args, _steps_when_needed, ignored_hparams, plain_hyperparameters
 from ..nn.convert import bayesianize as convert_to_bayesian
 from ..nn.convert import kl_divergence
 from ..nn.functional import check_estimator
@@ -247,6 +247,7 @@ class _ResumableRandomState:
     """
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        plain_hyperparameters(checkpoint)
         states = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             states["cuda"] = torch.cuda.get_rng_state_all()

@@ -818,3 +818,22 @@ def test_loaders_the_modules_cannot_score_are_refused(tmp_path):
             bdl.infer.exponential_decay(torch.optim.SGD(net().parameters(), lr=0.1), 0.1, steps)
     with pytest.raises(ValueError, match="needs a run of known length: set the Trainer's max_steps"):  # the lr was 0 after one step
         trainer(tmp_path, max_epochs=3).fit(DeterministicModule(net(), lr_schedule="cosine", save_report=False), DataLoader(_Stream(), batch_size=4))
+
+
+def test_numpy_numbers_among_the_options_leave_checkpoints_loadable(tmp_path):
+    # accepted (np.int64 counts, np.float64 rates), but kept as numpy scalars among the hyperparameters, which
+    # torch.load(weights_only=True), as Lightning and bdl evaluate load, refused: no checkpoint of the run loaded
+    import numpy as np
+
+    from bdl.infer import PyroModel
+
+    data = TinyData(batch_size=np.int64(16))
+    modules = [MCDropoutModule(MLP(4, 3, hidden=[8], dropout=0.1), num_eval_samples=np.int64(4), lr=np.float64(1e-2), save_report=False),
+               SVIModule(PyroModel(MLP(4, 3, hidden=[8]), "categorical"), num_eval_samples=4, lr=np.float64(1e-2))]  # fmt: skip
+    for module in modules:
+        fit = trainer(tmp_path, enable_checkpointing=True, default_root_dir=tmp_path / type(module).__name__)
+        fit.fit(module, data)
+        checkpoint = torch.load(fit.checkpoint_callback.best_model_path, weights_only=True)
+        assert type(checkpoint["hyper_parameters"]["num_eval_samples"]) is int  # (Pyro's options take ints only)
+        assert type(checkpoint["hyper_parameters"]["lr"]) is float
+        fit.test(module, data, ckpt_path="best", verbose=False)
