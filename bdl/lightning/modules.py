@@ -502,11 +502,27 @@ class _Evaluation:
 
 
 def target_scale(trainer: L.Trainer) -> Optional[tuple[float, float]]:
-    """``(mean, std)`` a data module standardised the regression targets with (``target_mean``/``target_std``,
-    as :class:`bdl.lightning.SklearnRegressionDataModule` gives), else None: the report's numbers are in its units."""
-    data = getattr(trainer, "datamodule", None)
-    std = getattr(data, "target_std", None)
-    return None if std is None else (float(data.target_mean), float(std))
+    """``(mean, std)`` the data module of the running call standardised the regression targets with (one number
+    each, ``target_mean``/``target_std``, as :class:`bdl.lightning.SklearnRegressionDataModule` gives), else None:
+    the report's numbers are in its units."""
+    # the running call's data module, not trainer.datamodule: Lightning keeps an earlier fit's there when a later
+    # call passes loaders (a report on raw targets claimed the other data set's standardisation)
+    selector = getattr(getattr(trainer, "_data_connector", None), "_datahook_selector", None)
+    data = getattr(selector, "datamodule", None)
+    mean, std = (_one_number(getattr(data, name, None)) for name in ("target_mean", "target_std"))
+    if mean is None or std is None or not std > 0:  # none, or one per output (not a single scale)
+        return None
+    return mean, std
+
+
+def _one_number(value: Any) -> Optional[float]:  # noqa: ANN401
+    """``value`` as a float if it is one finite real number (a 1-element tensor or array too), else None."""
+    if isinstance(value, Tensor):
+        value = value.item() if value.numel() == 1 else None
+    elif isinstance(value, np.ndarray):
+        value = value.item() if value.size == 1 else None
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
 
 
 def _note_target_scale(report: Report, scale: Optional[tuple[float, float]]) -> None:
@@ -516,7 +532,7 @@ def _note_target_scale(report: Report, scale: Optional[tuple[float, float]]) -> 
     report.settings.update(target_mean=mean, target_std=std)  # metrics.json: the way back to the original units
     report.notes.append(
         f"targets are standardised with the training rows' mean {mean:.6g} and std {std:.6g}: in the original units "
-        f"RMSE, MAE and CRPS are {std:.6g} times these, variances {std**2:.6g} times, and the NLL is {math.log(std):+.4g} "
+        f"RMSE, MAE, CRPS and interval widths are {std:.6g} times these, variances {std**2:.6g} times, and the NLL is {math.log(std):+.4g} "
         "from these (+ log std)"
     )
 

@@ -325,7 +325,7 @@ def test_a_standardised_targets_report_and_predictions_say_how_to_get_back_to_it
     trainer.test(module, data, verbose=False)
     report, std = module.report, data.target_std
     assert report.settings["target_std"] == std and report.settings["target_mean"] == data.target_mean
-    assert any(f"RMSE, MAE and CRPS are {std:.6g} times these" in note for note in report.notes)
+    assert any(f"RMSE, MAE, CRPS and interval widths are {std:.6g} times these" in note for note in report.notes)
     y = torch.cat([batch[1] for batch in data.test_dataloader()[0]])
     mean = data.unstandardize_target(report.prediction.mean)  # the note's claim, in the original units
     rmse = (mean - data.unstandardize_target(y)).square().mean().sqrt()
@@ -334,3 +334,15 @@ def test_a_standardised_targets_report_and_predictions_say_how_to_get_back_to_it
     trainer.predict(module, data)
     saved = torch.load(next(tmp_path.rglob("predictions.pt")), weights_only=True)
     assert saved["target_std"] == std and saved["mean"].shape == (len(y), 1)
+    # loaders passed to a later call: Lightning keeps the fit's data module, whose scale the report claimed
+    from bdl.lightning import RegressionGapDataModule
+
+    gap = RegressionGapDataModule(num_samples=100)
+    gap.setup()
+    toy = DeterministicModule(MLP(1, 1, hidden=[8], head="gaussian"), task="regression", save_report=False)
+    trainer.test(toy, dataloaders=gap.test_dataloader()[0], verbose=False)
+    assert "target_std" not in toy.report.settings and not any("standardised" in note for note in toy.report.notes)
+    # a scale per output is no single scale: left out (it raised at the end of the test)
+    data._target_mean, data._target_std = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
+    trainer.test(module, data, verbose=False)
+    assert "target_std" not in module.report.settings
