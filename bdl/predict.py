@@ -604,8 +604,11 @@ class _RegressionSummary:
         for piece in _summary_chunks(sample_means, 1 << 23):
             self.count, self.mean, self.m2 = _merge_moments(self.count, self.mean, self.m2, piece.to(wide))
         if sample_variances is not None:
-            # positive terms: summed in their own dtype (sum(0, dtype=float64) took 30x as long on the CPU)
-            chunk_sum = _summary_dtype(sample_variances).sum(0).to(wide)
+            # positive terms: summed in their own dtype (sum(0, dtype=float64) took 30x as long on the CPU), widened
+            # where that overflowed (variances near float32's limit, whose mean fits)
+            sample_variances = _summary_dtype(sample_variances)
+            chunk_sum = sample_variances.sum(0)
+            chunk_sum = chunk_sum.to(wide) if all_finite(chunk_sum) else sample_variances.sum(0, dtype=wide)
             self.variance_sum = chunk_sum if self.variance_sum is None else self.variance_sum + chunk_sum
         if self.keep_samples:
             self.kept_means.append(sample_means)

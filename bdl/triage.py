@@ -122,19 +122,20 @@ def _as_given(value: numbers.Real) -> float:
     return value_float
 
 
-def _as_fraction(value: float) -> Fraction:
-    """The fraction ``value`` stands for: the simplest with a denominator up to 10^6 that is the same float (2/3,
-    which as its decimal 0.6666666666666666 handled 199 of 300 inputs), else its shortest decimal, exactly (0.7 *
-    41943050 in floats is one short; 0.9999999999 is not 1, which rounding the product took it for)."""
+def _as_fraction(value: float, inputs: int = 1) -> Fraction:
+    """The fraction ``value`` stands for: the simplest with a denominator up to ``max(10^6, inputs)`` that is the
+    same float (2/3, which as its decimal 0.6666666666666666 handled 199 of 300 inputs; k/n of n inputs), else its
+    shortest decimal, exactly (0.7 * 41943050 in floats is one short; 0.9999999999 is not 1, which rounding the
+    product took it for)."""
     decimal = Fraction(repr(value))
-    simple = decimal.limit_denominator(10**6)
+    simple = decimal.limit_denominator(max(10**6, inputs))
     return simple if float(simple) == value else decimal
 
 
 def _threshold_for_coverage(scores: Tensor, coverage: float) -> float:
     """The largest threshold that handles at most ``coverage`` of the inputs (ties are kept together)."""
     ordered = scores.sort().values
-    count = math.floor(_as_fraction(coverage) * len(ordered))
+    count = math.floor(_as_fraction(coverage, len(ordered)) * len(ordered))
     if 0 < count < len(ordered) and ordered[count] == ordered[count - 1]:
         # a threshold between tied scores does not exist: handle fewer, up to the first of the run (found by
         # bisection: stepping back one at a time took 1.4 s at 200,000 inputs with 95% of the scores tied)

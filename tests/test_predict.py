@@ -173,6 +173,9 @@ def test_regression_moments_do_not_drift_with_the_number_of_chunks():
     torch.testing.assert_close(pred.epistemic_variance, samples.var(0, correction=0).float(), rtol=1e-6, atol=0)
     torch.testing.assert_close(pred.mean, samples.mean(0).float(), rtol=1e-7, atol=0)
     assert pred.mean.dtype == pred.epistemic_variance.dtype == torch.float32
+    # variances near float32's limit: their float32 sum overflowed, where their mean fits
+    huge = Prediction.from_regression(torch.zeros(10, 2, 1), torch.full((10, 2, 1), 1e38))
+    torch.testing.assert_close(huge.aleatoric_variance, torch.full((2, 1), 1e38))
 
 
 def test_half_precision_logits_are_summarised_in_float32():

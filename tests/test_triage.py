@@ -88,6 +88,7 @@ def test_coverage_of_a_fraction_without_a_decimal_form_handles_its_share(coverag
     from bdl.triage import _as_fraction
 
     assert _as_fraction(2 / 3) * 30_000_000 == 20_000_000 and _as_fraction(0.7) * 41943050 == 29360135
+    assert _as_fraction(700003 / 1000003, 1000003) * 1000003 == 700003  # k/n of more than 10^6 inputs: one short
 
 
 def test_fixed_threshold_and_the_default_score():

@@ -106,6 +106,7 @@ def test_rmse_of_huge_residuals_and_intervals_near_level_one_stay_finite():
     assert M.rmse(residual.double() * 1e180, torch.zeros(2)).item() == pytest.approx(math.sqrt(2.5) * 1e200, rel=1e-6)
     assert M.rmse(torch.zeros(3), torch.zeros(3, dtype=torch.float64)).dtype == torch.float64  # the promoted dtype
     assert M.rmse(torch.zeros(3), torch.zeros(3)).item() == 0
+    assert M.rmse(torch.tensor([3e38, 0.0]), torch.tensor([-3e38, 0.0])).item() == math.inf  # inf / inf gave NaN
     from bdl import Prediction
 
     level = 1 - 2**-53

@@ -91,7 +91,7 @@ def rmse(mean: Tensor, target: Tensor) -> Tensor:
     # scaled by the largest residual, which no square overflows (a float32 residual above 1.8e19 squared to inf,
     # where MAE and CRPS stay finite); float64 would not do on MPS, nor for float64 residuals of 1e200
     scale = residual.abs().max()
-    if not scale > 0:  # all zero: 0 (or an empty set's NaN, as the mean of nothing)
+    if not scale > 0 or torch.isinf(scale):  # all zero: 0; a residual past the dtype's range: inf, as MAE's
         return residual.square().mean().sqrt()
     return scale * (residual / scale).square().mean().sqrt()
 
