@@ -532,14 +532,16 @@ class _ClassificationSummary:
         log_probs = sample_logits.log_softmax(self.dim)
         probs = log_probs.exp()
         entropy_sum = torch.mul(probs, log_probs).sum(self.dim).sum(0).neg_()
-        if not all_finite(entropy_sum):  # logits spread past the dtype's range: log p = -inf where p = 0, 0 * -inf NaN
-            entropy_sum = torch.where(probs > 0, probs * log_probs, 0).sum(self.dim).sum(0).neg_()
-        self._add(probs, entropy_sum)
         chunk_sum = sample_logits.sum(0)
         total = chunk_sum if self.logits_sum is None else self.logits_sum + chunk_sum
-        if not all_finite(total) and sample_logits.device.type != "mps":  # logits near the dtype's limit: their sum
-            chunk_sum = sample_logits.double().sum(0)  # overflowed (their mean cannot): in float64 from here on
-            total = chunk_sum if self.logits_sum is None else self.logits_sum.double() + chunk_sum
+        # logits near or past the dtype's range (one check of both: on a GPU each costs a sync)
+        if not bool(torch.isfinite(entropy_sum.sum() + total.sum())):
+            if not all_finite(entropy_sum):  # log p = -inf where p = 0: 0 * -inf is NaN
+                entropy_sum = torch.where(probs > 0, probs * log_probs, 0).sum(self.dim).sum(0).neg_()
+            if not all_finite(total) and sample_logits.device.type != "mps":  # the sum overflowed (the mean cannot):
+                chunk_sum = sample_logits.double().sum(0)  # in float64 from here on
+                total = chunk_sum if self.logits_sum is None else self.logits_sum.double() + chunk_sum
+        self._add(probs, entropy_sum)
         self.logits_sum = total
 
     def add_probs(self, sample_probs: Tensor) -> None:
