@@ -63,6 +63,23 @@ def test_star_import_gives_the_public_names_and_no_subpackage():
     assert all(namespace[name] is getattr(bdl, name) for name in bdl.__all__)
 
 
+@pytest.mark.parametrize(
+    "package", ["bdl.nn", "bdl.metrics", "bdl.metrics.functional", "bdl.infer", "bdl.lightning", "bdl.data", "bdl.calibration", "bdl.wrappers"]
+)
+def test_a_subpackages_star_import_gives_its_public_names_and_no_submodule(package):
+    # without __all__, `from bdl.nn import *` bound the submodule `loss` over a caller's variable (bdl.infer: `model`,
+    # bdl.lightning: `data`), and `from bdl.metrics import *` gave typing's names but none of the Metric classes
+    module = importlib.import_module(package)
+    namespace: dict = {}
+    exec(f"from {package} import *", namespace)
+    bound = {name: value for name, value in namespace.items() if name != "__builtins__"}
+    assert set(bound) == set(module.__all__) and not any(inspect.ismodule(value) for value in bound.values())
+    assert all(bound[name] is getattr(module, name) for name in bound)
+    public = {name for name in vars(module) if not name.startswith("_") and not inspect.ismodule(getattr(module, name))}
+    lazy = {"OPTIMIZERS", "SVIModule", "exponential_decay", "svi"}  # bdl.infer's: import Lightning, by name only
+    assert public - {"annotations", "TYPE_CHECKING", "Any", "importlib"} - lazy <= set(module.__all__)
+
+
 def test_every_torch_class_a_docstring_names_exists():
     # the convolution layers' shared docstring said "Bayesian nn.BayesConv2d ... the arguments of nn.BayesConv2d"
     missing = []

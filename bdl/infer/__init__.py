@@ -41,3 +41,38 @@ def __getattr__(name: str):  # noqa: ANN202 - the attribute asked for
         globals().update({lazy: getattr(module, lazy) for lazy in _LAZY})
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+# `from bdl.infer import *`: the public names, not the submodules (`model` would shadow a caller's variable); SVIModule,
+# svi, OPTIMIZERS and exponential_decay stay out, as importing them imports Lightning (import them by name)
+__all__ = [
+    "BernoulliLikelihood",
+    "CategoricalLikelihood",
+    "ELBOS",
+    "GUIDES",
+    "GaussianLikelihood",
+    "HeteroscedasticGaussianLikelihood",
+    "HomoscedasticGaussianLikelihood",
+    "KERNELS",
+    "LIKELIHOODS",
+    "Likelihood",
+    "MCMCResult",
+    "PosteriorSummary",
+    "PredictiveComparison",
+    "PyroModel",
+    "compare_predictions",
+    "ess_bulk",
+    "ess_mean",
+    "ess_tail",
+    "make_elbo",
+    "make_guide",
+    "make_likelihood",
+    "mcmc",
+    "network_outputs",
+    "predict_from_samples",
+    "predict_function_model",
+    "private_param_store",
+    "rank_normalize",
+    "rank_r_hat",
+    "sample_guide",
+    "select_parameters",
+]

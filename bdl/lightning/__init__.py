@@ -22,3 +22,27 @@ from .modules import (
 )
 from .tabular import SklearnRegressionDataModule, TabularDataModule
 from .vision import CIFAR10DataModule, MNISTDataModule
+
+# `from bdl.lightning import *`: the public names, not the submodules (`data` would shadow a caller's variable)
+__all__ = [
+    "CIFAR10DataModule",
+    "Conv1dNet",
+    "DeterministicModule",
+    "DigitsDataModule",
+    "EnsembleModule",
+    "LeNet5",
+    "METHODS",
+    "MCDropoutModule",
+    "MLP",
+    "MNIST1DDataModule",
+    "MNISTDataModule",
+    "RegressionGapDataModule",
+    "ResNet",
+    "SVIModule",
+    "SklearnRegressionDataModule",
+    "TabularDataModule",
+    "TwoMoonsDataModule",
+    "UncertaintyDataModule",
+    "UncertaintyModule",
+    "VariationalModule",
+]

@@ -39,3 +39,6 @@ def __getattr__(name: str) -> Any:  # noqa: ANN401 - a Metric class
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_CLASSES])
+
+# `from bdl.metrics import *`: the Metric classes too (loaded through __getattr__ then)
+__all__ = ["OOD_SCORES", "ood_score", "scores_for_task", *_CLASSES]

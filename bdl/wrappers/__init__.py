@@ -2,3 +2,10 @@
 
 from .ensemble import ENSEMBLE_METHODS, DeepEnsemble
 from .mc_dropout import DROPOUT_TYPES, MCDropout
+
+__all__ = [
+    "DROPOUT_TYPES",
+    "DeepEnsemble",
+    "ENSEMBLE_METHODS",
+    "MCDropout",
+]
