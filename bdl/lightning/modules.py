@@ -568,6 +568,15 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
             per-step work and the eager KL and optimizer dominate at that size), although compiling the
             whole loss outside Lightning took the bare step from 4.7 to 3.1 ms; on a CPU compiling made
             steps slower (README, "torch.compile"). Larger convolutional networks are not measured yet.
+
+    Example:
+        >>> class Plain(UncertaintyModule):  # what a method adds: its training loss
+        ...     def training_loss(self, x, y):
+        ...         nll = self.nll(self.model(x), y)
+        ...         return {"loss": nll, "nll": nll}
+        >>> module = Plain(nn.Linear(4, 3), lr=1e-2)
+        >>> module.sample_prediction(torch.randn(5, 4), 1).probs.shape
+        torch.Size([5, 3])
     """
 
     def __init__(
@@ -711,6 +720,12 @@ class DeterministicModule(UncertaintyModule):
     """The plain network trained on the NLL: the baseline every Bayesian method is compared with.
 
     Predictions use one forward pass (no Monte Carlo), so epistemic uncertainty is zero.
+
+    Args:
+        model: the network.
+        num_eval_samples: forward passes per test/predict input (1: the network is deterministic; more only
+            where it draws noise of its own).
+        **kwargs: :class:`UncertaintyModule` options (task, optimizer, lr, ...).
 
     Example:
         >>> module = DeterministicModule(nn.Linear(4, 3), lr=1e-2)
@@ -887,6 +902,12 @@ class MCDropoutModule(UncertaintyModule):
     The network is wrapped in :class:`bdl.MCDropout` (its dropout layers stay stochastic at prediction;
     BatchNorm stays in eval mode). ``p`` and ``insert_before`` insert dropout into a network without it.
 
+    Args:
+        model: the network, with dropout layers unless ``p`` is given.
+        p: dropout rate for the layers :class:`bdl.MCDropout` inserts (None: use the network's own dropout).
+        insert_before: names or types of the layers to insert dropout before (see :class:`bdl.MCDropout`).
+        **kwargs: :class:`UncertaintyModule` options (task, optimizer, lr, num_eval_samples, ...).
+
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
         >>> module = MCDropoutModule(net)
@@ -918,6 +939,13 @@ class EnsembleModule(UncertaintyModule):
     One optimiser steps all members; the loss is the sum of the members' mean NLLs, so each member follows
     the gradient of its own loss (logged: ``train/nll``, the members' average). Prediction uses each member
     once (``num_eval_samples`` None).
+
+    Args:
+        model: the network of member 0 (the others are re-initialised copies).
+        num_members: members, >= 1.
+        num_eval_samples: samples per test/predict input, a multiple of ``num_members`` (None: one per member).
+        num_val_samples: samples per validation input, a multiple of ``num_members`` (None: one per member).
+        **kwargs: :class:`UncertaintyModule` options (task, optimizer, lr, ...).
 
     Example:
         >>> module = EnsembleModule(nn.Linear(4, 3), num_members=3)
@@ -1019,6 +1047,13 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         save_report: write the test report (``metrics.json``, ``report.md``, PNG plots) to the run folder (the
             logger's; a trainer without a logger writes none); ``module.report`` holds it either way.
         **kwargs: :class:`bdl.infer.SVIModule` options (elbo, lr, lr_decay, init_scale, ...).
+
+    Example:
+        >>> from bdl.infer import PyroModel
+        >>> model = PyroModel(nn.Linear(4, 3), "categorical", num_data=100)
+        >>> module = bdl.lightning.SVIModule(model, num_eval_samples=8)  # (bdl.SVIModule is the plain Pyro one)
+        >>> module.sample_prediction(torch.randn(5, 4), None).num_samples
+        8
     """
 
     def __init__(
