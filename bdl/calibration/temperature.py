@@ -210,6 +210,10 @@ class TemperatureScaledModel(nn.Module):
     Bayesian layers inside ``model`` keep drawing fresh weights on every call, so Monte Carlo prediction
     works unchanged. Built by :meth:`TemperatureScaler.wrap`.
 
+    Args:
+        model: the network giving logits.
+        scaler: the fitted :class:`TemperatureScaler`.
+
     Example:
         >>> model = nn.Sequential(BayesLinear(3, 2))
         >>> scaled = TemperatureScaledModel(model, TemperatureScaler(1.5))

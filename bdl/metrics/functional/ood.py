@@ -202,6 +202,14 @@ def ood_metrics(scores_in: Tensor, scores_out: Tensor, *, tpr: float = 0.95) -> 
 
     The last key is named after ``tpr`` (``fpr_at_90_tpr`` for ``tpr=0.9``). Higher score = more OOD.
 
+    Args:
+        scores_in: scores of the in-distribution inputs, shape [N].
+        scores_out: scores of the OOD inputs, shape [M].
+        tpr: fraction of in-distribution inputs accepted for the FPR, in (0, 1].
+
+    Returns:
+        ``{name: value}`` as Python floats.
+
     Example:
         >>> ood_metrics(torch.tensor([0.1, 0.2]), torch.tensor([0.9]))["auroc"]
         1.0
