@@ -13,18 +13,29 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass(frozen=True)
 class PredictiveComparison:
-    """Agreement of two posterior predictives over the same N inputs (all values are means over inputs).
+    """Agreement of two posterior predictives over the same N inputs, from :func:`compare_predictions`.
 
-    Classification:
-        class_agreement: fraction of inputs whose predicted classes agree.
-        total_variation: mean of ``TV(p, q) = 1/2 sum_c |p_c - q_c|`` (0 = identical, 1 = disjoint).
+    Every value is a mean over the inputs (for regression over the inputs and output dimensions), except
+    ``max_total_variation`` (a maximum) and ``num_inputs`` (a count). The fields of the other task are None.
+
+    Attributes:
+        task: ``"classification"`` or ``"regression"``.
+        num_inputs: the number of inputs N compared.
+        class_agreement: fraction of inputs whose predicted classes agree (classification).
+        total_variation: mean over inputs of ``TV(p, q) = 1/2 sum_c |p_c - q_c|`` (0 = identical, 1 = disjoint).
         max_total_variation: the largest per-input total variation.
-    Regression (per output dimension, then averaged):
-        mean_difference: mean ``|mu_a - mu_r|``.
+        mean_difference: mean ``|mu_a - mu_r|`` of the predictive means (regression).
         std_difference: mean ``|sigma_a - sigma_r|`` of the predictive standard deviations.
         std_ratio: mean ``sigma_a / sigma_r`` (< 1: the approximation is overconfident).
-        wasserstein: mean 2-Wasserstein distance between the Gaussian predictives,
-            ``sqrt((mu_a - mu_r)^2 + (sigma_a - sigma_r)^2)``.
+        wasserstein: mean 2-Wasserstein distance between the Gaussian predictives of each input and output
+            dimension, ``sqrt((mu_a - mu_r)^2 + (sigma_a - sigma_r)^2)``.
+
+    Example:
+        >>> probs = torch.tensor([[[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]]])  # 1 sample, 3 inputs, 2 classes
+        >>> other = torch.tensor([[[0.8, 0.2], [0.4, 0.6], [0.2, 0.8]]])
+        >>> comparison = compare_predictions(bdl.Prediction.from_probs(probs), bdl.Prediction.from_probs(other))
+        >>> print(comparison)
+        task=classification, num_inputs=3, class_agreement=0.6667, total_variation=0.1, max_total_variation=0.2
     """
 
     task: str

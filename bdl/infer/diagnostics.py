@@ -133,6 +133,13 @@ def rank_normalize(chains: Tensor) -> Tensor:
     """The normal scores of ``[num_chains, num_draws, *shape]`` draws, per element: ``Phi^-1((r - 3/8) / (S + 1/4))``
     with ``r`` a draw's rank among all ``S`` draws (average ranks for ties). float64, the input's shape.
 
+    Args:
+        chains: draws ``[num_chains, num_draws, *shape]``, at least one chain of at least 4 draws (read in
+            float64).
+
+    Returns:
+        the normal scores, float64, shaped like ``chains``.
+
     Example:
         >>> z = rank_normalize(torch.tensor([[1.0, 10.0, 100.0, 1000.0]]))
         >>> [round(v, 3) for v in z.flatten().tolist()]
@@ -147,6 +154,13 @@ def rank_r_hat(chains: Tensor) -> Tensor:
 
     ``max(bulk, tail)``: the split R-hat of the draws' normal scores and of the normal scores of their
     distances to the median. Below 1.01 for well-mixed chains. Works with one chain (its two halves).
+
+    Args:
+        chains: draws ``[num_chains, num_draws, *shape]``, at least one chain of at least 4 draws (read in
+            float64).
+
+    Returns:
+        R-hat per element, float64 ``[*shape]`` (NaN for an element equal in every draw or with a NaN draw).
 
     Example:
         >>> chains = torch.randn(4, 500, generator=torch.Generator().manual_seed(0))
@@ -169,7 +183,17 @@ def ess_bulk(chains: Tensor) -> Tensor:
     """Bulk effective sample size (Vehtari et al. 2021) of ``[num_chains, num_draws, *shape]``: ``[*shape]``.
 
     Stan's ESS of the normal scores of the split chains: how many independent draws would estimate the
-    centre of the posterior as well. Example:
+    centre of the posterior as well.
+
+    Args:
+        chains: draws ``[num_chains, num_draws, *shape]``, at least one chain of at least 4 draws (read in
+            float64).
+
+    Returns:
+        the bulk ESS per element, float64 ``[*shape]`` (NaN for an element equal in every draw or with a NaN
+        draw).
+
+    Example:
         >>> chains = torch.randn(4, 500, generator=torch.Generator().manual_seed(0))
         >>> 1500 < float(ess_bulk(chains)) < 2500
         True
@@ -184,6 +208,15 @@ def ess_tail(chains: Tensor, probs: Sequence[float] = (0.05, 0.95)) -> Tensor:
 
     The smaller of Stan's ESS of the indicators ``x <= q`` (split chains) at the quantiles ``probs`` of all
     draws (default 5% and 95%): how well the ends of a 90% interval are estimated.
+
+    Args:
+        chains: draws ``[num_chains, num_draws, *shape]``, at least one chain of at least 4 draws (read in
+            float64).
+        probs: the quantile levels, in (0, 1), at least one.
+
+    Returns:
+        the tail ESS per element, float64 ``[*shape]`` (NaN for an element equal in every draw or with a NaN
+        draw).
 
     Example:
         >>> chains = torch.randn(4, 500, generator=torch.Generator().manual_seed(0))
@@ -207,6 +240,14 @@ def ess_mean(chains: Tensor) -> Tensor:
     draws would estimate the posterior mean as well. Unlike :func:`pyro.ops.stats.effective_sample_size`, it is
     at most ``S log10(S)`` for ``S`` draws in all (Pyro's gave 569 for 40 independent draws). An element with a
     NaN or infinite draw gives NaN (it has no mean to estimate).
+
+    Args:
+        chains: draws ``[num_chains, num_draws, *shape]``, at least one chain of at least 4 draws (read in
+            float64).
+
+    Returns:
+        the ESS of the mean per element, float64 ``[*shape]`` (NaN for an element equal in every draw or with
+        a NaN or infinite draw).
 
     Example:
         >>> chains = torch.randn(4, 500, generator=torch.Generator().manual_seed(0))

@@ -66,6 +66,13 @@ class Likelihood(nn.Module):
 
     Subclasses implement :meth:`distribution` and :meth:`predictive_outputs`; likelihoods with global latent
     variables (a learned noise scale) also override :meth:`sample_globals`.
+
+    Example:
+        >>> likelihood = CategoricalLikelihood()  # a subclass; forward and prediction are the base class's
+        >>> logits, labels = torch.zeros(4, 3), torch.tensor([0, 1, 2, 0])
+        >>> trace = pyro.poutine.trace(likelihood).get_trace(logits, labels, num_data=100)
+        >>> trace.nodes["obs"]["scale"], likelihood.prediction(torch.zeros(5, 4, 3), {}).probs.shape
+        (25.0, torch.Size([4, 3]))
     """
 
     task: ClassVar[str]

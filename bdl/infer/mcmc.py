@@ -135,6 +135,8 @@ class PosteriorSummary:
 
     @property
     def columns(self) -> list[str]:
+        """The statistics in table order: ``mean``, ``std``, the quantile labels, then ``n_eff``, ``r_hat``,
+        ``ess_bulk``, ``ess_tail`` and ``rank_r_hat``."""
         return ["mean", "std", *map(self._label, self.quantiles), *_DIAGNOSTICS]
 
     @property
@@ -219,6 +221,16 @@ class MCMCResult:
             ``"acceptance_rate"``.
         prediction: the posterior predictive on the prediction inputs, or None.
         model: the model that was sampled.
+
+    Example:
+        >>> def model(x, y=None):
+        ...     slope = pyro.sample("slope", pyro.distributions.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(x)):
+        ...         pyro.sample("obs", pyro.distributions.Normal(slope * x, 0.5), obs=y)
+        >>> x = torch.linspace(-1, 1, 20)
+        >>> result = mcmc(model, x, 2.0 * x, num_samples=50, warmup_steps=50, seed=0)
+        >>> result.chain_samples["slope"].shape, result.samples["slope"].shape, result.prediction is None
+        (torch.Size([2, 50]), torch.Size([100]), True)
     """
 
     samples: dict[str, Tensor]

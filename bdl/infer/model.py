@@ -162,6 +162,9 @@ class PyroModel(nn.Module):
 
     @property
     def num_data(self) -> Optional[int]:
+        """Size of the whole (global) training set: each minibatch's log-likelihood is multiplied by
+        ``num_data / batch``. None: every call sees the whole data set (scale 1). Settable, to a positive int
+        or None (anything else raises ``ValueError``)."""
         return self._num_data
 
     @num_data.setter

@@ -117,6 +117,15 @@ class UncertaintyDataModule(L.LightningDataModule):
         eval_batch_size: batch size of validation/test/OOD loaders (default ``batch_size``).
         num_workers: DataLoader worker processes.
         seed: seed of the random train/val/test split.
+
+    Example:
+        >>> class Toy(UncertaintyDataModule):
+        ...     def build(self):
+        ...         data = TensorDataset(torch.randn(10, 3), torch.randint(0, 2, (10,)))
+        ...         return Splits(data, data, data, ood=TensorDataset(torch.randn(4, 3)), num_classes=2)
+        >>> data = Toy(batch_size=4)
+        >>> data.num_train, data.num_classes, data.ood_name, len(data.test_dataloader())
+        (10, 2, 'ood', 2)
     """
 
     task: str = "classification"
@@ -153,6 +162,7 @@ class UncertaintyDataModule(L.LightningDataModule):
 
     @property
     def num_classes(self) -> Optional[int]:
+        """Number of classes of the training labels (held-out OOD classes not counted), None for regression."""
         return self._built().num_classes
 
     @property
@@ -217,6 +227,7 @@ class UncertaintyDataModule(L.LightningDataModule):
         return self._loader(self._built().test)
 
     def ood_dataloader(self) -> Optional[DataLoader]:
+        """The OOD loader (``eval_batch_size``, not shuffled), or None without an OOD set."""
         splits = self._built()
         return None if splits.ood is None else self._loader(splits.ood)
 
@@ -249,6 +260,14 @@ class DigitsDataModule(UncertaintyDataModule):
     ``ood="classes"`` holds the digits ``ood_classes`` out of training and uses their images as OOD
     inputs (the other classes are relabelled ``0 .. C-1``); ``ood="noise"`` keeps all ten classes and
     uses uniform noise over each feature's training range; ``ood=None`` has no OOD set.
+
+    Args:
+        ood: ``"classes"``, ``"noise"`` or None (no OOD set).
+        ood_classes: the digits held out as the OOD set; used only with ``ood="classes"``.
+        num_noise: number of uniform-noise OOD inputs; used only with ``ood="noise"``.
+        val_fraction, test_fraction: fractions of the in-distribution images for validation and testing.
+        batch_size, eval_batch_size, num_workers, seed: see :class:`UncertaintyDataModule` (``seed`` also
+            seeds the noise).
 
     Example:
         >>> data = DigitsDataModule(ood="classes", ood_classes=[8, 9])
@@ -302,6 +321,20 @@ class MNIST1DDataModule(UncertaintyDataModule):
     ``val_fraction`` of the 4000 training signals form the validation set. ``ood_classes`` (optional)
     are held out of training and testing and form the OOD set. ``cache_dir`` keeps the generated arrays.
     Inputs are ``[N, 40]``; set ``channels=True`` for ``[N, 1, 40]`` (1-D CNNs).
+
+    Args:
+        ood_classes: classes held out as the OOD set (their training and test signals); the other classes are
+            relabelled ``0 .. C-1``. Empty (the default): all ten classes, no OOD set.
+        channels: give ``[N, 1, 40]`` inputs instead of ``[N, 40]``.
+        val_fraction: fraction of the (in-distribution) training signals used for validation.
+        cache_dir: folder to keep the generated arrays in (``mnist1d.npz``), or None.
+        batch_size, eval_batch_size, num_workers, seed: see :class:`UncertaintyDataModule` (``seed`` picks the
+            train/validation split; the signals themselves are fixed).
+
+    Example:
+        >>> data = MNIST1DDataModule(ood_classes=[8, 9], channels=True)  # nothing generated until used
+        >>> data.ood_name, data.batch_size
+        ('classes 8, 9', 128)
     """
 
     def __init__(
@@ -346,6 +379,16 @@ class MNIST1DDataModule(UncertaintyDataModule):
 class TwoMoonsDataModule(UncertaintyDataModule):
     """Two interleaved half circles (binary classification); OOD: uniform noise on a wider box (optional).
 
+    The OOD set is ``num_samples // 4`` points drawn uniformly on ``[-3, 4] x [-3, 3]`` (the noise-free
+    moons lie in ``[-1, 2] x [-0.5, 1]``), labelled ``-1``.
+
+    Args:
+        num_samples: points of the two moons, split into training, validation (15%) and test (20%) points.
+        noise: standard deviation of the Gaussian noise added to the points (scikit-learn's ``make_moons``).
+        ood: add the uniform-noise OOD set.
+        batch_size, eval_batch_size, num_workers, seed: see :class:`UncertaintyDataModule` (``seed`` also
+            seeds the points and the OOD set).
+
     Example:
         >>> data = TwoMoonsDataModule(num_samples=200)
         >>> data.num_classes, data.num_train
@@ -385,7 +428,17 @@ class TwoMoonsDataModule(UncertaintyDataModule):
 class RegressionGapDataModule(UncertaintyDataModule):
     """1-D heteroscedastic regression with no training inputs in ``gap`` (see :func:`bdl.data.regression_with_gap`).
 
-    The OOD set is inputs inside the gap, where epistemic uncertainty should rise.
+    The OOD set is 50 inputs evenly spaced over the gap (with noise-free targets), where epistemic
+    uncertainty should rise.
+
+    Args:
+        num_samples: training, validation (15%) and test (20%) points together, all outside ``gap``.
+        gap: ``(low, high)``, the interval without training inputs, inside ``domain``.
+        domain: ``(low, high)``, the interval the inputs are drawn from.
+        noise: ``(at 0, at the edge)``: the noise standard deviation at ``x = 0`` and at the largest ``|x|``
+            of ``domain``, linear in ``|x|`` between.
+        batch_size, eval_batch_size, num_workers, seed: see :class:`UncertaintyDataModule` (``seed`` also
+            seeds the inputs and the noise).
 
     Example:
         >>> data = RegressionGapDataModule(num_samples=100)

@@ -84,6 +84,12 @@ class MLP(nn.Sequential):
 class LeNet5(nn.Module):
     """LeNet-5 for ``[N, C, 28, 28]`` (or 32x32) images: two conv+pool blocks, then 120-84-classes.
 
+    Args:
+        in_channels: channels of the input images (1 for MNIST, 3 for CIFAR-10).
+        num_classes: output classes (logits ``[N, num_classes]``).
+        dropout: dropout rate after the ReLU of each of the two hidden fully connected layers (120 and 84
+            units), none in the convolutional blocks (0 = none; MC dropout needs > 0).
+
     Example:
         >>> LeNet5(num_classes=10)(torch.randn(2, 1, 28, 28)).shape
         torch.Size([2, 10])
@@ -108,7 +114,19 @@ class LeNet5(nn.Module):
 
 
 class Conv1dNet(nn.Module):
-    """A small 1-D CNN for ``[N, C, L]`` signals such as MNIST-1D (the paper's CNN: three conv layers, then linear).
+    """A small 1-D CNN for ``[N, C, L]`` signals such as MNIST-1D, after the paper's CNN: three convolutions, then linear.
+
+    The three convolutions (kernels 5, 3, 3, stride 2, padding 1, each followed by a ReLU) are those of the
+    MNIST-1D paper's ``ConvBase`` (Greydanus 2020), but the head differs: global average pooling over the
+    length, then ``Linear(channels, num_classes)`` (``Linear(32, 10)`` by default), where the paper's network
+    has 25 channels and a linear layer on the flattened 25 x 5 features of a length-40 signal. Inputs
+    ``[N, L]`` are read as one channel.
+
+    Args:
+        in_channels: channels of the input signals (1 for MNIST-1D, and for ``[N, L]`` inputs).
+        num_classes: output classes (logits ``[N, num_classes]``).
+        channels: channels of each of the three convolutions (default 32; the paper's has 25).
+        dropout: dropout rate before the final linear layer (0 = none; MC dropout needs > 0).
 
     Example:
         >>> Conv1dNet(num_classes=10)(torch.randn(2, 1, 40)).shape

@@ -236,6 +236,11 @@ class MNISTDataModule(_TorchvisionDataModule):
         val_fraction: fraction of the training images used for validation.
         flatten: give ``[784]`` vectors instead of ``[1, 28, 28]`` images.
         batch_size, eval_batch_size, num_workers, seed: see :class:`UncertaintyDataModule`.
+
+    Example:
+        >>> data = MNISTDataModule(data_dir="data", flatten=True)  # constructing it reads no file
+        >>> data.ood_name, data.batch_size, data.val_fraction
+        ('FashionMNIST', 128, 0.1)
     """
 
     MEAN = 0.1307
@@ -311,6 +316,11 @@ class CIFAR10DataModule(_TorchvisionDataModule):
         val_fraction: fraction of the training images used for validation.
         augment: random crop and horizontal flip on the training images.
         batch_size, eval_batch_size, num_workers, seed: see :class:`UncertaintyDataModule`.
+
+    Example:
+        >>> data = CIFAR10DataModule(data_dir="data", ood="cifar100", augment=False)  # constructing it reads no file
+        >>> data.ood_name, data.MEAN
+        ('CIFAR-100', (0.4914, 0.4822, 0.4465))
     """
 
     MEAN = (0.4914, 0.4822, 0.4465)

@@ -157,6 +157,12 @@ class CalibrationBins(NamedTuple):
         confidence: mean confidence in each bin, shape [B] (NaN for empty bins).
         accuracy: fraction correct in each bin, shape [B] (NaN for empty bins).
         count: number of examples in each bin, shape [B], int64.
+
+    Example:
+        >>> probs = torch.tensor([[0.95, 0.05], [0.9, 0.1], [0.4, 0.6]])
+        >>> edges, confidence, accuracy, count = calibration_bins(probs, torch.tensor([0, 1, 1]), n_bins=2)
+        >>> edges, confidence, count
+        (tensor([0.0000, 0.5000, 1.0000]), tensor([   nan, 0.8167]), tensor([0, 3]))
     """
 
     edges: Tensor
