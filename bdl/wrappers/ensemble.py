@@ -328,6 +328,16 @@ class DeepEnsemble(nn.Module):
                 )  # fmt: skip
                 self._warned_hooks = True
             return "loop"
+        if torch.is_grad_enabled() and any(
+            module._backward_hooks or module._backward_pre_hooks for member in self.members for module in member.modules()
+        ):  # the vmapped copy has none: a backward through it ran no member's hook
+            if not getattr(self, "_warned_backward_hooks", False):
+                warnings.warn(
+                    "DeepEnsemble: members have backward hooks, which vmap cannot run: with gradients the members run "
+                    "one by one (method='loop')", stacklevel=user_stacklevel()
+                )  # fmt: skip
+                self._warned_backward_hooks = True
+            return "loop"
         return "vmap"
 
     def _drop_value_caches(self) -> None:

@@ -441,6 +441,20 @@ def test_mc_dropout_around_a_vmapped_ensemble_drops_only_inside_it():
     assert (outputs[0] == 0).all() and (outputs[1:] != 0).any()
 
 
+def test_members_backward_hooks_run_with_gradients():
+    # the vmapped copy of member 0 has no backward hooks: a backward through it ran none of the members'
+    ensemble = DeepEnsemble.from_factory(lambda: nn.Sequential(nn.Linear(4, 3)), 3, method="vmap")
+    calls = []
+    for member in ensemble.members:
+        member[0].register_full_backward_hook(lambda module, grad_in, grad_out: calls.append(module))
+    x = torch.randn(5, 4, requires_grad=True)
+    with torch.no_grad():
+        assert ensemble.resolve_method() == "vmap"  # nothing to run backward: vmap as asked
+    with pytest.warns(UserWarning, match="members have backward hooks, which vmap cannot run"):
+        ensemble(x).sum().backward()
+    assert calls and {id(module) for module in calls} == {id(member[0]) for member in ensemble.members}
+
+
 @pytest.mark.parametrize("insert", [False, True])
 def test_an_ensemble_of_mc_dropout_members_drops_under_vmap(insert):
     # the vmap copy's hook dictionaries were plain dicts, to which the copy's own MCDropout could not register
