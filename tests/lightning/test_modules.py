@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import lightning as L
 import numpy as np
@@ -837,3 +838,20 @@ def test_numpy_numbers_among_the_options_leave_checkpoints_loadable(tmp_path):
         assert type(checkpoint["hyper_parameters"]["num_eval_samples"]) is int  # (Pyro's options take ints only)
         assert type(checkpoint["hyper_parameters"]["lr"]) is float
         fit.test(module, data, ckpt_path="best", verbose=False)
+
+
+def test_bf16_true_warns_where_optimiser_steps_round_away(tmp_path):
+    # rho near log(1e-3) = -6.9 is 0.031 apart in bfloat16: Adam steps of about lr = 3e-3 rounded back, and the
+    # posterior stds (SVI: the guide scales) never trained, with no word of why
+    from bdl.infer import PyroModel
+
+    for module, frozen in ((VariationalModule(MLP(4, 3, hidden=[8]), lr=3e-3, save_report=False), "weight_rho"),
+                           (SVIModule(PyroModel(MLP(4, 3, hidden=[8]), "categorical"), lr=1e-2), "scales")):  # fmt: skip
+        with pytest.warns(UserWarning, match=rf"parameter tensors \(e\.g\. .*{frozen}.*use precision 'bf16-mixed'"):
+            trainer(tmp_path, max_steps=1, precision="bf16-true", limit_val_batches=0).fit(module, TinyData(batch_size=16))
+    with warnings.catch_warnings():  # float32 parameters under bf16-mixed, and a plain network's weights, move
+        warnings.filterwarnings("error", message=".*rounds back.*")
+        trainer(tmp_path, max_steps=1, precision="bf16-mixed", limit_val_batches=0).fit(
+            VariationalModule(MLP(4, 3, hidden=[8]), save_report=False), TinyData(batch_size=16))
+        trainer(tmp_path, max_steps=1, precision="bf16-true", limit_val_batches=0).fit(
+            DeterministicModule(MLP(4, 3, hidden=[8]), lr=3e-3, save_report=False), TinyData(batch_size=16))
