@@ -94,10 +94,27 @@ def _check_finite(module: L.LightningModule, terms: dict[str, Tensor]) -> None:
         error = FloatingPointError(
             f"non-finite training loss at epoch {module.current_epoch}, step {module.global_step}: "
             f"{' and '.join(name.upper() for name in bad) or 'the loss'} {'are' if len(bad) > 1 else 'is'} not finite "
-            f"({values}); {non_finite_where(module, 'kl' in bad)}; lower the learning rate, check the inputs for "
-            "NaN/inf, or check the prior and posterior scales"
+            f"({values}); {non_finite_where(module, 'kl' in bad)}; "
+            + (_float16_adam(module) or "lower the learning rate, check the inputs for NaN/inf, or check the prior and posterior scales")
         )
     _raise_on_every_process(module, error, "non-finite training loss")
+
+
+def _float16_adam(module: L.LightningModule) -> Optional[str]:
+    """The cause where an Adam-type optimiser steps float16 parameters (``precision="16-true"``): its ``eps`` and
+    the second moments of small gradients are 0 in float16, so a step divides by 0 whatever the learning rate."""
+    trainer = module._trainer
+    for optimizer in trainer.optimizers if trainer is not None else ():
+        for group in optimizer.param_groups:
+            eps = group.get("eps")
+            if eps is not None and "betas" in group and any(p.dtype == torch.float16 for p in group["params"]):
+                if torch.tensor(eps, dtype=torch.float16).item() == 0:
+                    return (
+                        f"{type(optimizer).__name__} steps float16 parameters: its eps={eps:g} and the squared small "
+                        "gradients are 0 in float16, so a step divides by 0 at any learning rate; use precision "
+                        "'16-mixed' or 'bf16-mixed' (parameters in float32), or optimizer 'sgd'"
+                    )
+    return None
 
 
 def _raise_on_every_process(module: L.LightningModule, error: Optional[Exception], what: str) -> None:

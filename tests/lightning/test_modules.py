@@ -855,3 +855,11 @@ def test_bf16_true_warns_where_optimiser_steps_round_away(tmp_path):
             VariationalModule(MLP(4, 3, hidden=[8]), save_report=False), TinyData(batch_size=16))
         trainer(tmp_path, max_steps=1, precision="bf16-true", limit_val_batches=0).fit(
             DeterministicModule(MLP(4, 3, hidden=[8]), lr=3e-3, save_report=False), TinyData(batch_size=16))
+
+
+def test_adam_on_float16_parameters_is_named_as_the_cause_of_a_non_finite_loss(tmp_path):
+    # 16-true: Adam's eps=1e-8 and small squared gradients are 0 in float16, and the error said "lower the learning rate"
+    torch.manual_seed(0)
+    module = DeterministicModule(MLP(4, 3, hidden=[64]), lr=1e-6, save_report=False)
+    with pytest.raises(FloatingPointError, match=r"Adam steps float16 parameters: its eps=1e-08 .* at any learning rate"):
+        trainer(tmp_path, max_steps=5, precision="16-true", limit_val_batches=0).fit(module, TinyData(batch_size=16))
