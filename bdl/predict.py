@@ -1320,7 +1320,8 @@ def predict(
     See the module docstring for the uncertainty decomposition.
 
     Memory: per-input summaries are accumulated batch by batch and ``chunk_size`` samples at a time;
-    ``[S, N, C]`` is kept only with ``keep_samples=True``.
+    ``[S, N, C]`` is kept only with ``keep_samples=True``. Half-precision outputs (autocast, a ``.half()`` model)
+    are summarised in float32; float64 ones stay float64.
 
     Args:
         model: the stochastic model (any callable; ``nn.Module`` for the batched path).
