@@ -223,13 +223,11 @@ class MCMCResult:
         model: the model that was sampled.
 
     Example:
-        >>> def model(x, y=None):
-        ...     slope = pyro.sample("slope", pyro.distributions.Normal(0.0, 10.0))
-        ...     with pyro.plate("data", len(x)):
-        ...         pyro.sample("obs", pyro.distributions.Normal(slope * x, 0.5), obs=y)
-        >>> x = torch.linspace(-1, 1, 20)
-        >>> result = mcmc(model, x, 2.0 * x, num_samples=50, warmup_steps=50, seed=0)
-        >>> result.chain_samples["slope"].shape, result.samples["slope"].shape, result.prediction is None
+        >>> def location(y):  # ten observations of N(mu, 1), mu ~ N(0, 10^2)
+        ...     mu = pyro.sample("mu", pyro.distributions.Normal(0.0, 10.0))
+        ...     pyro.sample("obs", pyro.distributions.Normal(mu, 1.0).expand([10]).to_event(1), obs=y)
+        >>> result = mcmc(location, torch.full((10,), 2.0), num_samples=50, warmup_steps=50, seed=0)
+        >>> result.chain_samples["mu"].shape, result.samples["mu"].shape, result.prediction is None
         (torch.Size([2, 50]), torch.Size([100]), True)
     """
 

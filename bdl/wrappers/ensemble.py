@@ -321,24 +321,20 @@ class DeepEnsemble(nn.Module):
             )
         if not all(_hooks_alike(modules) for modules in zip(*(member.modules() for member in self.members))):
             # one vmapped copy of member 0 runs every member: a hook of member 0's alone zeroed every member
-            if not getattr(self, "_warned_hooks", False):  # an ensemble pickled before it existed
-                warnings.warn(
-                    "DeepEnsemble: the members' forward hooks differ (a hook on some members only), which vmap cannot "
-                    "run: the members run one by one (method='loop')", stacklevel=user_stacklevel()
-                )  # fmt: skip
-                self._warned_hooks = True
-            return "loop"
+            return self._loop_instead("_warned_hooks", "the members' forward hooks differ (a hook on some members only)")
         if torch.is_grad_enabled() and any(
             module._backward_hooks or module._backward_pre_hooks for member in self.members for module in member.modules()
         ):  # the vmapped copy has none: a backward through it ran no member's hook
-            if not getattr(self, "_warned_backward_hooks", False):
-                warnings.warn(
-                    "DeepEnsemble: members have backward hooks, which vmap cannot run: with gradients the members run "
-                    "one by one (method='loop')", stacklevel=user_stacklevel()
-                )  # fmt: skip
-                self._warned_backward_hooks = True
-            return "loop"
+            return self._loop_instead("_warned_backward_hooks", "members have backward hooks (with gradients)")
         return "vmap"
+
+    def _loop_instead(self, flag: str, why: str) -> str:
+        """``"loop"``, with a warning the first time (``flag``) that ``why`` keeps vmap from running the members."""
+        if not getattr(self, flag, False):  # an ensemble pickled before the flag existed has none
+            warnings.warn(f"DeepEnsemble: {why}, which vmap cannot run: the members run one by one (method='loop')",
+                          stacklevel=user_stacklevel())  # fmt: skip
+            setattr(self, flag, True)
+        return "loop"
 
     def _drop_value_caches(self) -> None:
         """Forget the stacked weights (:func:`bdl.predict` calls it first: ``.data`` edits move no version counter)."""
