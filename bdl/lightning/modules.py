@@ -44,7 +44,7 @@ from ..nn.convert import kl_divergence
 from ..nn.functional import check_estimator
 from ..nn.heads import gaussian_nll
 from ..nn.layers import BayesianModule
-from ..nn.loss import elbo_loss, non_finite_where
+from ..nn.loss import elbo_loss, non_finite_parameters, non_finite_where
 from ..metrics.functional._checks import as_class_labels, check_positive_int, targets_like
 from ..predict import Prediction, _two_class, predict
 from ..wrappers import DeepEnsemble, MCDropout
@@ -95,7 +95,9 @@ def _check_finite(module: L.LightningModule, terms: dict[str, Tensor]) -> None:
             f"non-finite training loss at epoch {module.current_epoch}, step {module.global_step}: "
             f"{' and '.join(name.upper() for name in bad) or 'the loss'} {'are' if len(bad) > 1 else 'is'} not finite "
             f"({values}); {non_finite_where(module, 'kl' in bad)}; "
-            + (_float16_adam(module) or "lower the learning rate, check the inputs for NaN/inf, or check the prior and posterior scales")
+            # Adam's 0/0 step writes NaN into parameters: without any, the cause is elsewhere (a NaN input, an overflow)
+            + (non_finite_parameters(module) and _float16_adam(module)
+               or "lower the learning rate, check the inputs for NaN/inf, or check the prior and posterior scales")
         )
     _raise_on_every_process(module, error, "non-finite training loss")
 
@@ -295,13 +297,21 @@ def _warn_if_steps_round_away(trainer: L.Trainer) -> None:
     names = {id(parameter): name for name, parameter in trainer.lightning_module.named_parameters()}
     for optimizer in trainer.optimizers:
         for group in optimizer.param_groups:
+            # the largest rate the schedule reaches (a warm-up starts far below it: LinearLR, OneCycleLR)
+            lr = max(float(group.get(key) or 0) for key in ("lr", "initial_lr", "max_lr"))
+            if not lr > 0:  # nothing moves at 0 anyway
+                continue
             for parameter in group["params"]:
-                if not parameter.requires_grad or parameter.dtype not in (torch.float16, torch.bfloat16) or not parameter.numel():
+                dtype = parameter.dtype
+                if not parameter.requires_grad or dtype not in (torch.float16, torch.bfloat16) or not parameter.numel():
                     continue
                 trained += 1
-                values = parameter.detach().float().abs()
-                spacing = torch.exp2(torch.floor(torch.log2(values))) * torch.finfo(parameter.dtype).eps  # 0 at 0: moves
-                if float((spacing / 2 > float(group["lr"])).float().mean()) > 0.5:
+                # above the smallest power of two whose spacing (2^k eps) is over 2 lr, a step either way rounds
+                # back (at a power of two itself the spacing below is half: 1.0 moves down at 3e-3 in bfloat16)
+                threshold = 2.0 ** math.ceil(math.log2(2 * lr / torch.finfo(dtype).eps))
+                while threshold * torch.finfo(dtype).eps / 2 <= lr:
+                    threshold *= 2
+                if int(torch.count_nonzero(parameter.detach().abs() > threshold)) > parameter.numel() / 2:
                     frozen.append(names.get(id(parameter), f"a {tuple(parameter.shape)} parameter"))
     if frozen:
         rank_zero_warn(

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.modules import module as _module_internals
 
 from .._outputs import draw_stacked, output_parts
 from .._warn import user_stacklevel
@@ -322,9 +323,10 @@ class DeepEnsemble(nn.Module):
         if not all(_hooks_alike(modules) for modules in zip(*(member.modules() for member in self.members))):
             # one vmapped copy of member 0 runs every member: a hook of member 0's alone zeroed every member
             return self._loop_instead("_warned_hooks", "the members' forward hooks differ (a hook on some members only)")
-        if torch.is_grad_enabled() and any(
-            module._backward_hooks or module._backward_pre_hooks for member in self.members for module in member.modules()
-        ):  # the vmapped copy has none: a backward through it ran no member's hook
+        if torch.is_grad_enabled() and (
+            _module_internals._global_backward_hooks or _module_internals._global_backward_pre_hooks  # on every module
+            or any(module._backward_hooks or module._backward_pre_hooks for member in self.members for module in member.modules())
+        ):  # the vmapped copy runs none of the members' modules: a backward through it ran no member's hook
             return self._loop_instead("_warned_backward_hooks", "members have backward hooks (with gradients)")
         return "vmap"
 

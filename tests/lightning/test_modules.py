@@ -855,6 +855,17 @@ def test_bf16_true_warns_where_optimiser_steps_round_away(tmp_path):
             VariationalModule(MLP(4, 3, hidden=[8]), save_report=False), TinyData(batch_size=16))
         trainer(tmp_path, max_steps=1, precision="bf16-true", limit_val_batches=0).fit(
             DeterministicModule(MLP(4, 3, hidden=[8]), lr=3e-3, save_report=False), TinyData(batch_size=16))
+        # a LayerNorm weight of 1.0 moves down at 3e-3 (the spacing below a power of two is half); a warm-up starts at
+        # 1e-5 but reaches 3e-3: both were flagged as staying as initialised
+        normed = nn.Sequential(nn.Linear(4, 64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 3))
+        trainer(tmp_path, max_steps=1, precision="bf16-true", limit_val_batches=0).fit(
+            WarmUp(normed, lr=3e-3, save_report=False), TinyData(batch_size=16))
+
+
+class WarmUp(DeterministicModule):
+    def configure_optimizers(self):  # noqa: ANN201
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        return [optimizer], [torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / 300, total_iters=10)]
 
 
 def test_adam_on_float16_parameters_is_named_as_the_cause_of_a_non_finite_loss(tmp_path):
@@ -863,3 +874,10 @@ def test_adam_on_float16_parameters_is_named_as_the_cause_of_a_non_finite_loss(t
     module = DeterministicModule(MLP(4, 3, hidden=[64]), lr=1e-6, save_report=False)
     with pytest.raises(FloatingPointError, match=r"Adam steps float16 parameters: its eps=1e-08 .* at any learning rate"):
         trainer(tmp_path, max_steps=5, precision="16-true", limit_val_batches=0).fit(module, TinyData(batch_size=16))
+    # a NaN input at step 0 (every parameter finite): the generic advice, not Adam's eps
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    x[0, 0] = math.nan
+    module = DeterministicModule(MLP(4, 3, hidden=[64]), lr=1e-6, save_report=False)
+    with pytest.raises(FloatingPointError, match=r"step 0: .*every parameter is finite.*check the inputs for NaN/inf") as caught:
+        trainer(tmp_path, max_steps=5, precision="16-true", limit_val_batches=0).fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
+    assert "Adam" not in str(caught.value)

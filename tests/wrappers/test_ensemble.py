@@ -453,6 +453,16 @@ def test_members_backward_hooks_run_with_gradients():
     with pytest.warns(UserWarning, match=r"members have backward hooks \(with gradients\), which vmap cannot run"):
         ensemble(x).sum().backward()
     assert calls and {id(module) for module in calls} == {id(member[0]) for member in ensemble.members}
+    # a global backward hook (every module's) too: under vmap it ran for the ensemble alone, not its members' layers
+    fresh = DeepEnsemble.from_factory(lambda: nn.Sequential(nn.Linear(4, 3)), 3, method="vmap")
+    seen = []
+    handle = torch.nn.modules.module.register_module_full_backward_hook(lambda module, grad_in, grad_out: seen.append(module))
+    try:
+        with pytest.warns(UserWarning, match="members have backward hooks"):
+            fresh(x).sum().backward()
+    finally:
+        handle.remove()
+    assert {id(member[0]) for member in fresh.members} <= {id(module) for module in seen}
 
 
 @pytest.mark.parametrize("insert", [False, True])
