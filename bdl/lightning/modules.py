@@ -295,10 +295,14 @@ def _warn_if_steps_round_away(trainer: L.Trainer) -> None:
     SVI's guide scales neither (NLL 4x float32's), with no word of why."""
     frozen, trained = [], 0
     names = {id(parameter): name for name, parameter in trainer.lightning_module.named_parameters()}
+    peaks: dict[int, float] = {}  # CyclicLR keeps its peaks on itself, one per group
+    for config in getattr(trainer, "lr_scheduler_configs", None) or ():
+        for group, peak in zip(config.scheduler.optimizer.param_groups, getattr(config.scheduler, "max_lrs", ())):
+            peaks[id(group)] = float(peak)
     for optimizer in trainer.optimizers:
         for group in optimizer.param_groups:
-            # the largest rate the schedule reaches (a warm-up starts far below it: LinearLR, OneCycleLR)
-            lr = max(float(group.get(key) or 0) for key in ("lr", "initial_lr", "max_lr"))
+            # the largest rate the schedule reaches (a warm-up starts far below it: LinearLR, OneCycleLR, CyclicLR)
+            lr = max([float(group.get(key) or 0) for key in ("lr", "initial_lr", "max_lr")] + [peaks.get(id(group), 0.0)])
             if not lr > 0:  # nothing moves at 0 anyway
                 continue
             for parameter in group["params"]:

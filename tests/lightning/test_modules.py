@@ -1,3 +1,4 @@
+import copy
 import math
 import warnings
 
@@ -860,6 +861,14 @@ def test_bf16_true_warns_where_optimiser_steps_round_away(tmp_path):
         normed = nn.Sequential(nn.Linear(4, 64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 3))
         trainer(tmp_path, max_steps=1, precision="bf16-true", limit_val_batches=0).fit(
             WarmUp(normed, lr=3e-3, save_report=False), TinyData(batch_size=16))
+        trainer(tmp_path, max_steps=1, precision="bf16-true", limit_val_batches=0).fit(  # its peak is on the scheduler
+            Cyclic(copy.deepcopy(normed), lr=3e-3, save_report=False), TinyData(batch_size=16))
+
+
+class Cyclic(DeterministicModule):
+    def configure_optimizers(self):  # noqa: ANN201
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        return [optimizer], [torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=1e-5, max_lr=self.lr, step_size_up=5)]
 
 
 class WarmUp(DeterministicModule):
