@@ -26,6 +26,7 @@ from pyro.infer.autoguide import AutoGuide, init_to_median, init_to_value
 
 from torch import nn  # noqa: F401  (used in the examples)
 
+from ..metrics.functional._checks import check_positive_int
 from .model import PyroModel
 from .predictive import keep_requires_grad
 
@@ -278,8 +279,7 @@ def make_guide(
         raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}")
     if rank is not None and guide != "lowrank_normal":
         raise ValueError(f"rank applies to the 'lowrank_normal' guide only, got rank={rank} with guide={guide!r}")
-    if rank is not None and (not isinstance(rank, int) or rank <= 0):
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    rank = None if rank is None else check_positive_int(rank, "rank")
     init_loc_fn = _init_loc_fn(model)
     if guide == "normal":
         return AutoNormal(model, init_loc_fn=init_loc_fn, init_scale=float(init_scale))
@@ -306,8 +306,7 @@ def make_elbo(elbo: str, guide: AutoGuide, *, num_particles: int = 1) -> pyro.in
         >>> type(make_elbo("auto", AutoNormal(PyroModel(nn.Linear(2, 1), "gaussian")))).__name__
         'MeanFieldELBO'
     """
-    if not isinstance(num_particles, int) or isinstance(num_particles, bool) or num_particles < 1:
-        raise ValueError(f"num_particles must be an int >= 1, got {num_particles!r}")
+    num_particles = check_positive_int(num_particles, "num_particles")
     if elbo == "auto":
         elbo = "mean_field" if isinstance(guide, autoguide.AutoNormal) else "trace"
     if elbo not in ELBOS:

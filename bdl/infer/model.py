@@ -169,9 +169,9 @@ class PyroModel(nn.Module):
 
     @num_data.setter
     def num_data(self, value: Optional[int]) -> None:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0):
             raise ValueError(f"num_data must be a positive int (the global training-set size) or None, got {value!r}")
-        self._num_data = value
+        self._num_data = None if value is None else int(value)  # a numpy integer as an int
 
     @property
     def task(self) -> str:

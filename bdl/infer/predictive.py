@@ -13,6 +13,7 @@ from pyro.infer import Predictive
 from pyro.params.param_store import ParamStoreDict
 from torch import Tensor, nn
 
+from ..metrics.functional._checks import check_positive_int
 from ..predict import _eval_mode  # each module's own mode restored (a frozen submodule stays in eval)
 from .model import PyroModel
 
@@ -71,9 +72,8 @@ def keep_requires_grad() -> Iterator[None]:
             ParamStoreDict.__setitem__ = _ORIGINAL_SETITEM  # type: ignore[method-assign]
 
 
-def _check_num_samples(num_samples: int) -> None:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+def _check_num_samples(num_samples: int) -> int:
+    return check_positive_int(num_samples, "num_samples")  # a numpy integer as an int
 
 
 def sample_guide(guide: Callable, num_samples: int, *args, parallel: bool = True, **kwargs) -> dict[str, Tensor]:
@@ -97,7 +97,7 @@ def sample_guide(guide: Callable, num_samples: int, *args, parallel: bool = True
         >>> samples["weight"].shape
         torch.Size([10, 1, 3])
     """
-    _check_num_samples(num_samples)
+    num_samples = _check_num_samples(num_samples)
     with torch.no_grad():
         drawn = Predictive(guide, num_samples=num_samples, parallel=parallel)(*args, **kwargs)
         trace = pyro.poutine.trace(guide).get_trace(*args, **kwargs)
@@ -176,8 +176,7 @@ def predict_from_samples(
     """
     if not isinstance(model, PyroModel):
         raise TypeError(f"model must be a bdl.infer.PyroModel, got {type(model).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = check_positive_int(batch_size, "batch_size")
     missing = [name for name in model.sample_sites if name not in samples]
     if missing:
         raise ValueError(f"samples lack the latent sites {missing}; got {sorted(samples)}")

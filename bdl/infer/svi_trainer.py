@@ -14,6 +14,7 @@ from pyro import poutine
 from pyro.infer.autoguide import AutoGuide
 from torch import Tensor, nn
 
+from ..metrics.functional._checks import check_positive_int
 from .guides import make_elbo, make_guide
 from .model import PyroModel, check_finite_data, check_full_data
 from .predictive import (
@@ -285,8 +286,7 @@ class SVIModule(L.LightningModule):
             raise ValueError(f"lr must be a positive finite number, got {lr!r}")
         if not (isinstance(lr_decay, numbers.Real) and 0 < lr_decay <= 1):
             raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay!r}")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        num_samples = check_positive_int(num_samples, "num_samples")
         if validate not in VALIDATE:
             raise ValueError(f"validate must be one of {list(VALIDATE)}, got {validate!r}")
         # Names go into the checkpoint's hyperparameters; objects (model, guide instances, callables) do not.

@@ -831,12 +831,13 @@ def test_numpy_numbers_among_the_options_leave_checkpoints_loadable(tmp_path):
 
     data = TinyData(batch_size=np.int64(16))
     modules = [MCDropoutModule(MLP(4, 3, hidden=[8], dropout=0.1), num_eval_samples=np.int64(4), lr=np.float64(1e-2), save_report=False),
-               SVIModule(PyroModel(MLP(4, 3, hidden=[8]), "categorical"), num_eval_samples=4, lr=np.float64(1e-2))]  # fmt: skip
+               SVIModule(PyroModel(MLP(4, 3, hidden=[8]), "categorical", num_data=np.int64(32)), num_eval_samples=np.int64(4),
+                         lr=np.float64(1e-2), num_particles=np.int64(2), guide="lowrank_normal", rank=np.int64(2))]  # fmt: skip
     for module in modules:
         fit = trainer(tmp_path, enable_checkpointing=True, default_root_dir=tmp_path / type(module).__name__)
         fit.fit(module, data)
         checkpoint = torch.load(fit.checkpoint_callback.best_model_path, weights_only=True)
-        assert type(checkpoint["hyper_parameters"]["num_eval_samples"]) is int  # (Pyro's options take ints only)
+        assert type(checkpoint["hyper_parameters"]["num_eval_samples"]) is int  # Pyro's options too (they refused them)
         assert type(checkpoint["hyper_parameters"]["lr"]) is float
         fit.test(module, data, ckpt_path="best", verbose=False)
 
