@@ -292,7 +292,7 @@ def _warn_if_steps_round_away(trainer: L.Trainer) -> None:
     """Warn where trained half-precision parameters (``precision="bf16-true"``/``"16-true"``) are too large for
     their optimiser's steps: an Adam step of about ``lr`` below half their spacing rounds back, every step. A
     posterior std's rho near log(1e-3) = -6.9 is 0.031 apart in bfloat16: at lr 3e-3 the stds never trained, and
-    SVI's guide scales neither (NLL 4x float32's), with no word of why."""
+    SVI's guide scales neither, with no word of why."""
     frozen, trained = [], 0
     names = {id(parameter): name for name, parameter in trainer.lightning_module.named_parameters()}
     peaks: dict[int, float] = {}  # CyclicLR keeps its peaks on itself, one per group
