@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import numbers
 import os
 import sys
 import warnings
@@ -541,11 +542,16 @@ def mcmc(
         raise ValueError(f"unknown kernel {kernel!r}; choose one of {sorted(KERNELS)}")
     if chain_method not in CHAIN_METHODS:
         raise ValueError(f"chain_method must be one of {CHAIN_METHODS}, got {chain_method!r}")
-    for name, value, low in (("num_samples", num_samples, 4), ("num_chains", num_chains, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if warmup_steps is not None and (isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0):
-        raise ValueError(f"warmup_steps must be an int >= 0 or None, got {warmup_steps!r}")
+    # numpy integers too, as bdl's other counts take; Pyro's MCMC is handed Python ints
+    counts = {"num_samples": (num_samples, 4), "num_chains": (num_chains, 1), "warmup_steps": (warmup_steps, 0)}
+    for name, (value, low) in counts.items():
+        if name == "warmup_steps" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            alternative = " or None" if name == "warmup_steps" else ""
+            raise ValueError(f"{name} must be an int >= {low}{alternative}, got {value!r}")
+    num_samples, num_chains = int(num_samples), int(num_chains)
+    warmup_steps = None if warmup_steps is None else int(warmup_steps)
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {TASKS} or None, got {task!r}")
     if predict_inputs is not None and task is None and not isinstance(model, PyroModel):  # no prediction, silently

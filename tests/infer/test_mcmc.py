@@ -2,6 +2,7 @@ import math
 import sys
 import warnings
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -90,8 +91,9 @@ def test_hmc_on_a_model_function_with_predictions_at_new_inputs():
             return pyro.sample("obs", dist.Normal(slope * x, 0.3), obs=y)
 
     new_x = torch.tensor([-2.0, 0.0, 2.0])
+    # counts as numpy integers (from a sweep's array): taken as bdl's other counts are
     result = mcmc(
-        model, x, y, kernel="hmc", num_samples=150, warmup_steps=100, num_chains=1, seed=0,
+        model, x, y, kernel="hmc", num_samples=np.int64(150), warmup_steps=np.int64(100), num_chains=np.int32(1), seed=0,
         kernel_options={"trajectory_length": 1.0}, predict_inputs=(new_x,), task="regression",
     )
     exact_precision = (x * x).sum() / 0.09 + 1 / 100
@@ -133,6 +135,10 @@ def test_mcmc_validates_its_arguments(linear_regression):
         mcmc(model, data.x, data.y, chain_method="vectorized")
     with pytest.raises(ValueError, match="num_chains"):
         mcmc(model, data.x, data.y, num_chains=0)
+    with pytest.raises(ValueError, match=r"warmup_steps must be an int >= 0 or None, got -1"):
+        mcmc(model, data.x, data.y, warmup_steps=-1)
+    with pytest.raises(ValueError, match=r"num_samples must be an int >= 4, got 2.0"):
+        mcmc(model, data.x, data.y, num_samples=2.0)
 
 
 def test_parallel_chains_sample_the_exact_posterior_in_worker_processes(linear_regression, monkeypatch):
