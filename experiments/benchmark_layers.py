@@ -14,7 +14,7 @@ share the allocator and the caches, which on a machine where fresh pages are exp
 VM takes ~3 us per page fault) changes each variant's time differently: in session 5, interleaved gave
 ``nn.Linear`` 22.5 ms and Flipout 3.14x, isolated 31.1 ms and 2.92x.
 
-    python experiments/benchmark_layers.py [--threads 2] [--steps 30] [--device cpu|cuda]
+    python experiments/benchmark_layers.py [--threads 2] [--steps 30] [--device cpu|cuda] [--sizes 784-1200-1200-10]
                                            [--protocol isolated|interleaved] [--rounds 3] [--compile]
 
 A benchmark, run on demand (``make bench``), not a test.
@@ -59,6 +59,16 @@ def parse_sizes(text: str) -> tuple[int, ...]:
     if len(sizes) < 2 or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"sizes must be positive layer widths joined by '-', e.g. 784-1200-1200-10, got {text!r}")
     return sizes
+
+
+def network_sizes(parser: argparse.ArgumentParser, tokens: list[str]) -> tuple[int, ...]:
+    """One MLP's widths from ``--sizes``, written as the other benchmarks take it (``784-1200-1200-10``) or as
+    separate numbers (``784 1200 1200 10``); ``parser.error`` otherwise."""
+    text = tokens[0] if len(tokens) == 1 else "-".join(tokens)
+    try:
+        return parse_sizes(text)
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"--sizes: {error} (one network here)")
 
 
 def mlp(layer: Callable[[int, int], nn.Module], sizes: tuple[int, ...] = SIZES, dropout: float = 0.0) -> nn.Sequential:
@@ -130,7 +140,7 @@ def isolated_ms(args: argparse.Namespace, keys: list[tuple[str, bool]]) -> dict[
         for name, fused in keys:
             command = [sys.executable, __file__, "--child", name, "--threads", str(args.threads), "--steps",
                        str(args.steps), "--batch-size", str(args.batch_size), "--device", args.device,
-                       "--sizes", *map(str, args.sizes)]
+                       "--sizes", "-".join(map(str, args.sizes))]
             command += (["--fused"] if fused else []) + (["--compile"] if args.compile else [])
             result = subprocess.run(command, capture_output=True, text=True, check=True)
             runs[name, fused].append(float(result.stdout.split("ms=")[-1]))
@@ -145,7 +155,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["-".join(map(str, SIZES))], help="MLP widths, e.g. 784-1200-1200-10")
     parser.add_argument("--protocol", choices=("isolated", "interleaved"), default="isolated")
     parser.add_argument("--rounds", type=int, default=3, help="isolated protocol: turns of every variant's process")
     parser.add_argument("--variants", nargs="+", default=None, help="only these rows (nn.Linear is always timed)")
@@ -154,9 +164,8 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # isolated protocol: time this variant
     parser.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    check_counts(parser, args, positive=("threads", "steps", "batch_size", "rounds", "sizes"))
-    if len(args.sizes) < 2:
-        parser.error(f"--sizes needs the input and output widths at least, got {args.sizes}")
+    check_counts(parser, args, positive=("threads", "steps", "batch_size", "rounds"))
+    args.sizes = network_sizes(parser, args.sizes)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)

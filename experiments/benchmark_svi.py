@@ -10,7 +10,7 @@ and prints ms per step and the ratio Pyro / BayesLinear (target: within 2x). Bot
 Gaussian family, so the ratio is Pyro's bookkeeping overhead (traces, site handling) on top of the same
 arithmetic.
 
-    python experiments/benchmark_svi.py [--threads 2] [--steps 20] [--device cpu|cuda]
+    python experiments/benchmark_svi.py [--threads 2] [--steps 20] [--device cpu|cuda] [--sizes 784-1200-1200-10]
 
 A benchmark, run on demand, not a test.
 """
@@ -25,7 +25,7 @@ from torch import nn
 
 import bdl
 from bdl.infer import PyroModel, SVIModule
-from benchmark_layers import SIZES, check_counts, median_ms, mlp
+from benchmark_layers import SIZES, check_counts, median_ms, mlp, network_sizes
 
 
 def main() -> None:
@@ -35,11 +35,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-data", type=int, default=60_000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["-".join(map(str, SIZES))], help="MLP widths, e.g. 784-1200-1200-10")
     args = parser.parse_args()
-    check_counts(parser, args, positive=("threads", "steps", "batch_size", "num_data", "sizes"))
-    if len(args.sizes) < 2:
-        parser.error(f"--sizes needs the input and output widths at least, got {args.sizes}")
+    check_counts(parser, args, positive=("threads", "steps", "batch_size", "num_data"))
+    args.sizes = network_sizes(parser, args.sizes)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)

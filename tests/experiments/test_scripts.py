@@ -16,6 +16,8 @@ def test_layer_benchmark_prints_a_table_with_ratios(run_script):
     rows = [line for line in out.splitlines() if line.startswith("| BayesLinear")]
     assert len(rows) == 4 and all(line.count("|") == 6 for line in rows)
     # the default protocol: every variant (here nn.Linear and one Bayesian layer) in processes of its own
+    # written as the other benchmarks take it: one network's widths joined by '-'
+    tiny = ("--sizes", "16-32-4") + tiny[4:]
     out = run_script("benchmark_layers.py", *tiny, "--rounds", "1", "--variants", "BayesLinear flipout", "--optimizer", "default")
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert "process of its own" in out and list(rows) == ["layer", "nn.Linear", "BayesLinear flipout"]
@@ -38,7 +40,8 @@ def test_resnet_benchmark_times_every_estimator_against_conv2d(run_script):
         ("benchmark_layers.py", ["--rounds", "0"], "--rounds must be >= 1, got 0"),
         ("benchmark_layers.py", ["--threads", "0"], "--threads must be >= 1, got 0"),
         ("benchmark_layers.py", ["--batch-size", "0", "--protocol", "interleaved"], "--batch-size must be >= 1, got 0"),
-        ("benchmark_layers.py", ["--sizes", "16"], "--sizes needs the input and output widths"),
+        ("benchmark_layers.py", ["--sizes", "16"], "--sizes: sizes must be positive layer widths joined by '-'"),
+        ("benchmark_svi.py", ["--sizes", "16-0-4"], "--sizes: sizes must be positive layer widths joined by '-'"),
         ("benchmark_predict.py", ["--repeats", "0"], "--repeats must be >= 1, got 0"),
         ("benchmark_predict.py", ["--batches", "64", "0"], "--batches must be >= 1, got 0"),
         ("benchmark_predict.py", ["--sizes", "16-x-4"], "sizes must be positive layer widths"),
