@@ -278,6 +278,10 @@ class _ResumableRandomState:
         # loader's iterator is made right after on_fit_start and draws its base seed from the global generator
         # (a DataLoader without a generator of its own), as the uninterrupted run's does after the checkpoint.
         self._pending_random_state = checkpoint.get("bdl_random_state")
+        # Lightning loads the weights before its 64-true plugin casts the module: float64 weights went into float32
+        # parameters, and a resumed double-precision run started from them rounded. The cast comes first here.
+        if self._trainer is not None and str(self._trainer.precision) == "64-true":
+            self.double()
 
     def on_fit_start(self) -> None:
         states, self._pending_random_state = getattr(self, "_pending_random_state", None), None

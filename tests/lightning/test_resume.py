@@ -420,3 +420,29 @@ def test_ddp_training_workers_are_seeded_by_the_epoch_and_the_rank():
     assert torch.equal(epoch(loader(0), 1), second)  # a fit resumed at epoch 1
     torch.manual_seed(0)
     assert not torch.equal(epoch(loader(1), 0), first)
+
+
+def test_a_fit_resumed_in_double_precision_starts_from_the_checkpoints_float64_weights(tmp_path, one_thread):
+    # Lightning loads the checkpoint before its 64-true plugin casts the module: the saved float64 weights went
+    # into float32 parameters, and the resumed run started from them rounded (about 1e-8 off, then drifting)
+    import lightning as L
+
+    from bdl.lightning import DigitsDataModule
+
+    class StopAfter(L.Callback):
+        def __init__(self, epochs):
+            self.epochs = epochs
+
+        def on_train_epoch_end(self, trainer, module):
+            trainer.should_stop = trainer.should_stop or trainer.current_epoch + 1 >= self.epochs
+
+    def fit(folder, epochs, ckpt_path=None):
+        callbacks = [StopAfter(epochs), L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True)]
+        data = DigitsDataModule(batch_size=32)
+        return _fit_linear_on_digits(folder, data, callbacks, ckpt_path, max_epochs=3, limit_train_batches=4, precision="64-true")
+
+    reference = fit(tmp_path / "a", 3)
+    fit(tmp_path / "b", 2)
+    resumed = fit(tmp_path / "b", 3, ckpt_path=tmp_path / "b" / "last.ckpt")
+    assert reference.dtype == torch.float64
+    torch.testing.assert_close(resumed, reference, rtol=0, atol=0)
