@@ -1259,6 +1259,12 @@ def _default_chunk(model: Any, x: Tensor, num_samples: int, method: str) -> int:
     return max(1, min(count, CHUNK_ACTIVATION_BYTES // (per_row * rows))) if per_row else count
 
 
+def _note(error: BaseException, text: str) -> None:
+    """``text`` shown under ``error``'s message (Python 3.11's exception notes; nothing before)."""
+    if hasattr(error, "add_note"):
+        error.add_note(text)
+
+
 def _draw_or_none(model: Callable[..., Any], x: Tensor, count: int, method: str, may_shrink: bool) -> Any:  # noqa: ANN401
     """:func:`draw_samples`, or None where it ran out of memory and fewer samples at once may fit."""
     try:
@@ -1454,7 +1460,22 @@ def predict(
                     drawn = 0
                     while drawn < num_samples:
                         count = min(fitted[shape], num_samples - drawn)
-                        output = _draw_or_none(model, x, count, resolved[shape], may_shrink=chunk_size is None and count > 1)
+                        try:
+                            output = _draw_or_none(model, x, count, resolved[shape], may_shrink=chunk_size is None and count > 1)
+                        except torch.OutOfMemoryError:
+                            raise
+                        except Exception as error:
+                            if resolved[shape] != "batched" or drawn:
+                                raise
+                            if method == "batched":
+                                _note(error, f"bdl.predict: method='batched' ran the model on {count} x {rows} rows at once; "
+                                             "method='loop' runs it on the batch's rows, once per sample")
+                                raise
+                            # a model that works on batches of its own size only (an RNN state built for B rows):
+                            # "auto" takes the loop, and the model's own error where that fails too
+                            resolved[shape] = "loop"
+                            fitted[shape] = chunk_size or _default_chunk(model, x, num_samples, "loop")
+                            continue
                         if output is None:  # out of memory: half the samples at once, for the rest of the call too
                             fitted[shape] = count // 2
                             fits = min(fits or math.inf, fitted[shape] * x.numel())

@@ -345,6 +345,39 @@ def test_batched_path_reports_models_that_mix_rows():
         bdl.predict(model, torch.randn(5, 4), num_samples=4, method="batched")
 
 
+class FixedBatchRNN(nn.Module):
+    """An MC-dropout RNN whose initial state is made for batches of ``batch_size`` rows (a tutorial pattern)."""
+
+    def __init__(self, batch_size):
+        super().__init__()
+        self.batch_size = batch_size
+        self.rnn = nn.GRU(4, 8, batch_first=True)
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(x, torch.zeros(1, self.batch_size, 8))
+        return self.fc(self.drop(out[:, -1]))
+
+
+def test_auto_takes_the_loop_for_a_model_that_runs_on_batches_of_its_own_size_only():
+    # the batched path runs the model on S x B rows: auto failed with the RNN's shape error where the loop works
+    model = bdl.MCDropout(FixedBatchRNN(batch_size=6))
+    x = torch.randn(6, 5, 4)
+    torch.manual_seed(0)
+    auto = bdl.predict(model, x, num_samples=8)
+    torch.manual_seed(0)
+    loop = bdl.predict(model, x, num_samples=8, method="loop")
+    assert auto.probs.shape == (6, 3) and auto.mutual_information.min() >= 0
+    assert torch.equal(auto.probs, loop.probs)  # the failed batched draw drew no dropout mask first
+    with pytest.raises(RuntimeError) as error:
+        bdl.predict(model, x, num_samples=8, method="batched")
+    if sys.version_info >= (3, 11):
+        assert "method='loop' runs it on the batch's rows" in "".join(error.value.__notes__)
+    with pytest.raises(RuntimeError):  # a batch of another size: the model's own error, from the loop too
+        bdl.predict(model, x[:4], num_samples=8)
+
+
 class Scaled(nn.Sequential):
     """A Sequential with a forward of its own: its children in turn do not make the model."""
 
