@@ -709,18 +709,24 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
     def nll(self, output: Any, y: Tensor) -> Tensor:  # noqa: ANN401 - logits, a mean, or (mean, variance)
         """Mean per-example negative log-likelihood of the targets ``y`` under the network's ``output``."""
         if self.task == "classification":
+            # labels as evaluation takes them: a binary classifier's [B, 1] or whole-number float labels (as
+            # BCEWithLogitsLoss takes them), and any integer dtype
+            y = as_class_labels(y)
             if y.is_floating_point() or y.is_complex():
                 raise TypeError(f"targets must be integer class labels (torch.long) for classification, got {y.dtype}")
+            logits = _two_class(output)  # one logit: binary cross-entropy, as predict reads it
             try:
-                return F.cross_entropy(_two_class(output), y)  # one logit: binary cross-entropy, as predict reads it
-            except (IndexError, RuntimeError) as error:  # labels out of range or shapes unlike the logits
-                classes = output.shape[-1] if output.dim() else 0
+                return F.cross_entropy(logits, y.long())
+            except (IndexError, RuntimeError) as error:  # shapes unlike the logits or labels out of range
+                if logits.dim() < 2 or tuple(y.shape) != (logits.shape[0], *logits.shape[2:]):
+                    raise ValueError(f"targets of shape {tuple(y.shape)} do not fit logits of shape {tuple(output.shape)}: {error}") from None
+                classes = logits.shape[1]
                 if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
                     raise ValueError(
-                        f"targets must hold labels in [0, {classes - 1}] for {classes} classes (the network's outputs), "
-                        f"got labels from {int(y.min())} to {int(y.max())}"
+                        f"targets must hold labels in [0, {classes - 1}] for {classes} classes (the network's outputs"
+                        f"{', one logit: binary' if output.shape[1] == 1 else ''}), got labels from {int(y.min())} to {int(y.max())}"
                     ) from None
-                raise ValueError(f"targets of shape {tuple(y.shape)} do not fit logits of shape {tuple(output.shape)}: {error}") from None
+                raise
         if isinstance(output, (tuple, list)):
             mean, variance = output
         else:

@@ -191,6 +191,25 @@ def test_a_one_logit_classifier_trains_on_binary_cross_entropy_and_regression_ta
     assert torch.isfinite(single.training_loss(x, torch.randn(8))["loss"])  # [B] for [B, 1]: fine
 
 
+def test_the_training_loss_takes_the_labels_evaluation_takes_and_names_a_one_logit_heads_two_classes():
+    x, y = torch.randn(8, 4), torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    binary = DeterministicModule(nn.Linear(4, 1))
+    expected = F.binary_cross_entropy_with_logits(binary.model(x)[:, 0], y.float())
+    # [B, 1] labels and BCEWithLogitsLoss's float labels were refused (a range error for "1 classes", a TypeError)
+    for labels in (y[:, None], y.float(), y.float()[:, None], y.to(torch.int32)):
+        torch.testing.assert_close(binary.training_loss(x, labels)["loss"], expected)
+    with pytest.raises(ValueError, match=r"labels in \[0, 1\] for 2 classes \(the network's outputs, one logit: binary\), got labels from 0 to 2"):
+        binary.training_loss(x, torch.tensor([0, 1, 2, 0, 1, 0, 0, 1]))
+    multi = DeterministicModule(nn.Linear(4, 3))
+    expected = F.cross_entropy(multi.model(x), y)
+    for dtype in (torch.int32, torch.int16, torch.uint8):  # blamed on the shape ("expected Long or Byte")
+        torch.testing.assert_close(multi.training_loss(x, y.to(dtype))["loss"], expected)
+    with pytest.raises(ValueError, match=r"targets of shape \(8, 2\) do not fit logits of shape \(8, 3\)"):
+        multi.training_loss(x, torch.zeros(8, 2, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer class labels"):
+        multi.training_loss(x, torch.rand(8))
+
+
 def test_svi_module_loads_from_its_checkpoint(tmp_path):
     def pyro_model():
         return bdl.infer.PyroModel(MLP(4, 3, hidden=[8]), "categorical")
