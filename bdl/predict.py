@@ -1097,8 +1097,11 @@ def _batches(inputs: Any, batch_size: int) -> Iterator[tuple[Tensor, Optional[Te
         for start in range(0, inputs.shape[0], batch_size):
             yield inputs[start : start + batch_size], None
         return
-    if isinstance(inputs, tuple) and inputs and all(isinstance(t, Tensor) for t in inputs):
+    if isinstance(inputs, tuple) and inputs and isinstance(inputs[0], Tensor):
         x, y = inputs[0], (inputs[1] if len(inputs) > 1 else None)
+        # read as a pair, not as batches (x was predicted, then the next "batch" refused)
+        if y is not None and not isinstance(y, Tensor):
+            raise TypeError(f"inputs (x, y): y must be a tensor of targets (or None), got {type(y).__name__}{numpy_hint(y)}")
         if y is not None and y.shape[:1] != x.shape[:1]:
             raise ValueError(f"inputs (x, y): x and y must have the same length, got {tuple(x.shape)} and {tuple(y.shape)}")
         for start in range(0, x.shape[0], batch_size):
@@ -1331,7 +1334,7 @@ def predict(
 
     Args:
         model: the stochastic model (any callable; ``nn.Module`` for the batched path).
-        inputs: a tensor ``[N, ...]``, a tuple ``(x, y, ...)`` of tensors, a DataLoader / iterable of
+        inputs: a tensor ``[N, ...]``, a tuple ``(x, y, ...)`` of tensors (``(x, None)``: no targets), a DataLoader / iterable of
             batches ``x`` or ``(x, y, ...)``, or a ``Dataset`` of examples ``x`` or ``(x, y, ...)``.
             Tensors and Datasets are split into ``batch_size`` rows, in order; targets ``y`` are kept in
             ``Prediction.targets``.

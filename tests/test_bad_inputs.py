@@ -154,6 +154,8 @@ ROWS = [
     _row("predict-empty-dataloader", lambda t: bdl.predict(_bnn(), _empty_loader()), ValueError, r"inputs are empty: nothing to predict"),
     _row("predict-wrong-feature-count-batched-path", lambda t: bdl.predict(_bnn(), torch.randn(5, 3), method="batched"), ValueError, r"BayesLinear: input must have 4 features in its last dimension, got shape \(5, 3\)"),
     _row("predict-int-inputs", lambda t: bdl.predict(_bnn(), torch.randint(0, 3, (5, 4))), TypeError, r"input must be a floating-point tensor of the layer's dtype torch.float32, got torch.int64"),
+    # read as batches: x was predicted first, then the next "batch" was refused as "batches of inputs must be ..."
+    _row("predict-x-and-list-y", lambda t: bdl.predict(_bnn(), (_x(), [0] * 10)), TypeError, r"inputs \(x, y\): y must be a tensor of targets \(or None\), got list"),
     _row("predict-x-and-y-of-different-lengths", lambda t: bdl.predict(_bnn(), (_x(), _y(5))), ValueError, r"inputs \(x, y\): x and y must have the same length, got \(10, 4\) and \(5,\)"),
     _row("predict-inputs-of-a-wrong-type", lambda t: bdl.predict(_bnn(), "data"), TypeError, r"batches of inputs must be a tensor or a tuple \(x, y, \.\.\.\), got str"),
     _row("predict-meta-inputs", lambda t: bdl.predict(_bnn(), torch.randn(5, 4, device="meta")), ValueError, r"inputs are on the 'meta' device \(shape \(5, 4\), no values\)"),

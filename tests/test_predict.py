@@ -360,6 +360,15 @@ class FixedBatchRNN(nn.Module):
         return self.fc(self.drop(out[:, -1]))
 
 
+def test_inputs_x_with_none_for_targets_are_predicted_as_unlabelled():
+    model, x = bayes_mlp(), torch.randn(6, 4)
+    torch.manual_seed(0)
+    paired = bdl.predict(model, (x, None), num_samples=4)
+    torch.manual_seed(0)
+    alone = bdl.predict(model, x, num_samples=4)
+    assert paired.targets is None and torch.equal(paired.probs, alone.probs)
+
+
 def test_auto_takes_the_loop_for_a_model_that_runs_on_batches_of_its_own_size_only():
     # the batched path runs the model on S x B rows: auto failed with the RNN's shape error where the loop works
     model = bdl.MCDropout(FixedBatchRNN(batch_size=6))
