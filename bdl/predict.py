@@ -1334,8 +1334,9 @@ def predict(
 
     Args:
         model: the stochastic model (any callable; ``nn.Module`` for the batched path).
-        inputs: a tensor ``[N, ...]``, a tuple ``(x, y, ...)`` of tensors (``(x, None)``: no targets), a DataLoader / iterable of
-            batches ``x`` or ``(x, y, ...)``, or a ``Dataset`` of examples ``x`` or ``(x, y, ...)``.
+        inputs: a tensor ``[N, ...]``, a tuple ``(x, y, ...)`` of tensors (``(x, None)``: no targets), a
+            DataLoader / iterable of batches ``x`` or ``(x, y, ...)``, or a ``Dataset`` of examples ``x`` or
+            ``(x, y, ...)``.
             Tensors and Datasets are split into ``batch_size`` rows, in order; targets ``y`` are kept in
             ``Prediction.targets``.
         num_samples: Monte Carlo samples ``S``. None: the number of members for a ``DeepEnsemble``
