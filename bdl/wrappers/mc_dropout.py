@@ -12,7 +12,7 @@ import fnmatch
 import math
 import numbers
 import sys
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -239,6 +239,27 @@ class MCDropout(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - whatever the model returns
         with self.dropout_enabled():
             return self.model(*args, **kwargs)
+
+    # Around a model that draws its own samples (a DeepEnsemble: each forward gives every member's output), its
+    # sample_outputs and num_members, with dropout on: bdl.predict read the stacked [M, B, C] as one output of M
+    # rows. Absent (AttributeError) around other models, which predict samples call by call.
+    @property
+    def sample_outputs(self) -> Callable[[Tensor, int], Any]:
+        inner = getattr(self.model, "sample_outputs", None)
+        if not callable(inner):
+            raise AttributeError(f"MCDropout around {type(self.model).__name__} has no sample_outputs: each call is one sample")
+
+        def sample_outputs(x: Tensor, num_samples: int) -> Any:  # noqa: ANN401
+            with self.dropout_enabled():
+                return inner(x, num_samples)
+
+        return sample_outputs
+
+    @property
+    def num_members(self) -> int:
+        if not callable(getattr(self.model, "sample_outputs", None)) or not hasattr(self.model, "num_members"):
+            raise AttributeError(f"MCDropout around {type(self.model).__name__} has no num_members")
+        return self.model.num_members
 
     def extra_repr(self) -> str:
         text = f"dropout_layers={len(self._dropout) - len(self._inserted)}"

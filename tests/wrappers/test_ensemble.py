@@ -412,6 +412,23 @@ def test_a_vmap_failure_suggests_the_loop_only_where_a_member_runs_alone():
     assert DeepEnsemble.from_factory(lambda: _InputGradientNet(4, 1), 3, method="loop")(x).shape == (3, 5, 4)
 
 
+def test_predict_samples_mc_dropout_around_an_ensemble_as_an_ensemble_of_mc_dropout_members():
+    # predict read the ensemble's stacked [M, B, C] as one output of M rows, and refused it
+    def member():
+        return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+    torch.manual_seed(0)
+    ensemble, x = DeepEnsemble([member() for _ in range(3)]), torch.randn(6, 4)
+    torch.manual_seed(1)
+    around = bdl.predict(bdl.MCDropout(ensemble), x, num_samples=6)
+    torch.manual_seed(1)
+    inside = bdl.predict(DeepEnsemble([bdl.MCDropout(m) for m in ensemble.members]), x, num_samples=6)
+    torch.manual_seed(1)
+    plain = bdl.predict(ensemble, x, num_samples=6)
+    assert torch.equal(around.probs, inside.probs) and not torch.equal(around.probs, plain.probs)
+    assert not hasattr(bdl.MCDropout(member()), "sample_outputs")  # other models: sampled call by call
+
+
 def test_mc_dropout_around_a_vmapped_ensemble_drops_only_inside_it():
     # vmap runs a copy of member 0 made at the first forward, without the hooks MCDropout puts on the members for a
     # call: it dropped nothing inside MCDropout, or, made inside one, dropped for good outside it
