@@ -1,12 +1,12 @@
 """Stacking the outputs of repeated forwards (Monte Carlo samples, ensemble members).
 
-A model's output is a tensor or a (named) tuple of tensors such as a :class:`bdl.GaussianHead`'s
-``(mean, variance)``; these helpers keep that structure.
+A model's output is a tensor, a (named) tuple of tensors such as a :class:`bdl.GaussianHead`'s
+``(mean, variance)``, or a dict of tensors (``{"logits": ...}``); these helpers keep that structure.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -21,7 +21,10 @@ def output_parts(output: Any, who: str = "the model") -> tuple[list[Tensor], Cal
         if hasattr(output, "_fields"):  # NamedTuple, e.g. GaussianOutput
             return list(output), lambda parts: kind(*parts)
         return list(output), lambda parts: kind(parts)
-    raise TypeError(f"{who} must return a tensor or a tuple of tensors, got {type(output).__name__}")
+    if isinstance(output, Mapping) and output and all(isinstance(part, Tensor) for part in output.values()):
+        keys = list(output)  # e.g. {"logits": ...}: a plain dict of the same keys (vmap gives one too)
+        return list(output.values()), lambda parts: dict(zip(keys, parts))
+    raise TypeError(f"{who} must return a tensor, a tuple or a dict of tensors, got {type(output).__name__}")
 
 
 def _signature(parts: list[Tensor]) -> list[tuple[tuple[int, ...], torch.dtype, torch.device]]:
@@ -33,6 +36,10 @@ def _describe(parts: list[Tensor], single: bool, full: bool = False) -> str:
     shapes = [tuple(part.shape) for part in parts]
     text = str(shapes[0] if single else tuple(shapes))
     return text + " " + ", ".join(f"{part.dtype} on {part.device}" for part in parts) if full else text
+
+
+def _keys(keys: list | None, parts: list[Tensor]) -> str:
+    return f"a dict of keys {keys}" if keys is not None else f"{len(parts)} tensor(s)"
 
 
 def draw_stacked(draw: Callable[[int], Any], count: int, who: str = "the model", item: str = "sample") -> Any:  # noqa: ANN401
@@ -53,12 +60,17 @@ def draw_stacked(draw: Callable[[int], Any], count: int, who: str = "the model",
     first = draw(0)
     parts, rebuild = output_parts(first, who)
     single = isinstance(first, Tensor)
+    first_keys = list(first) if isinstance(first, Mapping) else None
     signature = _signature(parts)
     described = {full: _describe(parts, single, full) for full in (False, True)}
 
     def check(index: int, output: Any) -> list[Tensor]:  # noqa: ANN401
         others, _ = output_parts(output, who)
         other_single = isinstance(output, Tensor)
+        keys = list(output) if isinstance(output, Mapping) else None
+        if keys != first_keys:
+            raise ValueError(f"{who} must give outputs of one structure, got {item} 0: {_keys(first_keys, parts)}, "
+                             f"{item} {index}: {_keys(keys, others)}")
         if _signature(others) != signature or other_single != single:
             # same shapes: the dtype or device differs, so name them
             full = other_single == single and [s[0] for s in _signature(others)] == [s[0] for s in signature]

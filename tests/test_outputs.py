@@ -21,6 +21,9 @@ def test_draw_stacked_equals_torch_stack_for_tensors_and_tuples_with_and_without
             assert isinstance(pairs, Pair) and torch.equal(pairs.variance, torch.stack(draws).exp())
             plain = draw_stacked(lambda i: (draws[i], draws[i] + 1), 4)
             assert isinstance(plain, tuple) and torch.equal(plain[1], torch.stack(draws) + 1)
+            # a dict, e.g. {"logits": ...}: the loop refused what vmap gave
+            named = draw_stacked(lambda i: {"logits": draws[i], "aux": -draws[i]}, 4)
+            assert list(named) == ["logits", "aux"] and torch.equal(named["aux"], -torch.stack(draws))
     leaf = torch.ones(2, requires_grad=True)
     draw_stacked(lambda i: leaf * (i + 1), 3).sum().backward()  # stacked with autograd: gradients flow
     assert leaf.grad.tolist() == [6.0, 6.0]
@@ -35,7 +38,12 @@ def test_draw_stacked_rejects_outputs_that_differ_from_the_first():
         draw_stacked(lambda i: torch.zeros(2, dtype=torch.float64 if i else torch.float32), 2)
     with torch.no_grad(), pytest.raises(ValueError, match=r"sample 1: \(\(2,\), \(2,\)\)"):
         draw_stacked(lambda i: (torch.zeros(2), torch.zeros(2)) if i else torch.zeros(2), 2)
-    with pytest.raises(TypeError, match="must return a tensor or a tuple of tensors, got str"):
+    with pytest.raises(TypeError, match="must return a tensor, a tuple or a dict of tensors, got str"):
         draw_stacked(lambda i: "logits", 2)
+    keys = [["logits"], ["logits"], ["scores"]]
+    with pytest.raises(ValueError, match=r"member 0: a dict of keys \['logits'\], member 2: a dict of keys \['scores'\]"):
+        draw_stacked(lambda i: {key: torch.zeros(2) for key in keys[i]}, 3, "ensemble members", "member")
+    with pytest.raises(ValueError, match=r"sample 0: 1 tensor\(s\), sample 1: a dict of keys \['logits'\]"):
+        draw_stacked(lambda i: {"logits": torch.zeros(2)} if i else torch.zeros(2), 2)
     with pytest.raises(ValueError, match="count must be >= 1"):
         draw_stacked(lambda i: torch.zeros(1), 0)

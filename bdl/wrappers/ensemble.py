@@ -405,7 +405,7 @@ class DeepEnsemble(nn.Module):
     def _loop_forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
         return draw_stacked(lambda m: self.members[m](*args, **kwargs), len(self.members), "ensemble members", "member")
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - a tensor or tuple like one member's output
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - a tensor, tuple or dict like one member's output
         """Every member's output on the same inputs (keyword arguments too, e.g. a transformer's
         ``src_key_padding_mask``), stacked along a new first dimension ``[M, ...]``."""
         if self.resolve_method() == "vmap":
@@ -445,6 +445,8 @@ class DeepEnsemble(nn.Module):
                 if output.shape[:1] != (count,):
                     raise ValueError(f"outputs must be stacked over the {count} members [M, ...], got shape {tuple(output.shape)}")
                 return output[m]
+            if isinstance(output, Mapping):  # members returning {"logits": ...}
+                return {key: member(part, m) for key, part in output.items()}
             parts = [member(part, m) for part in output]
             return type(output)(*parts) if hasattr(output, "_fields") else type(output)(parts)
 

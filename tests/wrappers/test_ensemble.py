@@ -429,6 +429,26 @@ def test_predict_samples_mc_dropout_around_an_ensemble_as_an_ensemble_of_mc_drop
     assert not hasattr(bdl.MCDropout(member()), "sample_outputs")  # other models: sampled call by call
 
 
+def test_members_returning_dicts_give_the_same_outputs_in_the_loop_and_under_vmap():
+    class DictNet(nn.Module):  # e.g. a Hugging Face-style {"logits": ...}
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return {"logits": self.fc(x), "features": x * 2}
+
+    members, x = [DictNet() for _ in range(3)], torch.randn(5, 4)
+    loop, vmap = (DeepEnsemble(members, method=method)(x) for method in ("loop", "vmap"))
+    assert list(loop) == ["logits", "features"] and loop["logits"].shape == (3, 5, 3)
+    torch.testing.assert_close(loop, vmap)
+    # joint training reads each member's dict (it recursed into the keys' characters)
+    ensemble, y = DeepEnsemble(members), torch.randint(0, 3, (5,))
+    losses = ensemble.member_losses(loop, y, lambda output, target: F.cross_entropy(output["logits"], target))
+    expected = [F.cross_entropy(member(x)["logits"], y) for member in members]
+    torch.testing.assert_close(losses, torch.stack(expected))
+
+
 def test_mc_dropout_around_a_vmapped_ensemble_drops_only_inside_it():
     # vmap runs a copy of member 0 made at the first forward, without the hooks MCDropout puts on the members for a
     # call: it dropped nothing inside MCDropout, or, made inside one, dropped for good outside it
