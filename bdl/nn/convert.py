@@ -6,6 +6,7 @@ import contextlib
 import copy
 import fnmatch
 import functools
+import threading
 import warnings
 from typing import Any, Iterator, Optional, Sequence
 
@@ -123,28 +124,36 @@ def use_estimator(model: nn.Module, estimator: str) -> Iterator[nn.Module]:
         yield model
 
 
+_blocks_lock = threading.Lock()  # blocks opened and closed by several threads (a server's requests)
+
+
 @contextlib.contextmanager
 def _temporarily(layers: list[_BayesLayer], attribute: str, value: object) -> Iterator[None]:
     """Set ``attribute`` of every layer to ``value`` inside the block.
 
     The layers' own values are also noted in ``_context_overrides``, which copies and pickles made inside the
     block go back to (``_BayesLayer.__getstate__``): a ``copy.deepcopy``, ``torch.save(model)`` or
-    ``AveragedModel`` taken inside ``deterministic`` never sampled again.
+    ``AveragedModel`` taken inside ``deterministic`` never sampled again. The open blocks are kept per layer
+    (``_context_blocks``), so blocks that close out of order (two threads' overlapping :func:`bdl.predict`
+    calls) leave the newest open block's value, and the layer's own once none is open: each block restoring
+    what it found left a block's value for good (a model that never sampled again).
     """
-    previous, owned = [], []
-    for layer in layers:
-        overrides = layer.__dict__.setdefault("_context_overrides", {})
-        previous.append(getattr(layer, attribute))
-        owned.append(attribute not in overrides)  # an outer block already noted the layer's own value
-        overrides.setdefault(attribute, previous[-1])
-        setattr(layer, attribute, value)
+    token = object()
+    with _blocks_lock:
+        for layer in layers:
+            blocks = layer.__dict__.setdefault("_context_blocks", {}).setdefault(attribute, [])
+            if not blocks:
+                layer.__dict__.setdefault("_context_overrides", {})[attribute] = getattr(layer, attribute)
+            blocks.append((token, value))
+            setattr(layer, attribute, value)
     try:
         yield
     finally:
-        for layer, old, own in zip(layers, previous, owned):
-            setattr(layer, attribute, old)
-            if own:
-                layer._context_overrides.pop(attribute, None)
+        with _blocks_lock:
+            for layer in layers:
+                blocks = layer._context_blocks[attribute]
+                blocks[:] = [block for block in blocks if block[0] is not token]
+                setattr(layer, attribute, blocks[-1][1] if blocks else layer._context_overrides.pop(attribute))
 
 
 def _matches(name: str, module: nn.Module, pattern: str | type) -> bool:

@@ -223,6 +223,7 @@ class _BayesLayer(BayesianModule):
         state = super().__getstate__()
         # the layer's own settings, not those of a bdl.deterministic / bdl.use_estimator block the copy is made in
         state.update(state.pop("_context_overrides", None) or {})
+        state.pop("_context_blocks", None)
         return state
 
     def __setstate__(self, state: dict) -> None:

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.utils.prune
@@ -178,6 +180,27 @@ def test_copies_made_inside_the_context_managers_keep_the_layers_own_settings():
         assert not torch.equal(copied(x), copied(x))
     assert [(m.deterministic, m.estimator) for m in (model[0], model[2])] == [(False, "reparam"), (False, "local")]
     assert not any(m._context_overrides for m in (model[0], model[2]))
+
+
+def test_blocks_that_close_out_of_order_leave_the_open_blocks_value_then_the_layers_own():
+    # two threads' overlapping blocks (a server's bdl.predict calls): each restored what it found on entry, so the
+    # block closed last restored the other block's value for good: a model that never sampled again
+    model = nn.Sequential(bdl.BayesLinear(4, 8, estimator="flipout"), nn.ReLU(), bdl.BayesLinear(8, 2))
+    x = torch.randn(3, 4)
+    first, second = bdl.deterministic(model), bdl.deterministic(model)
+    first.__enter__(), second.__enter__()
+    first.__exit__(None, None, None)
+    assert model[0].deterministic  # the second block is still open
+    second.__exit__(None, None, None)
+    assert not model[0].deterministic and not model[2].deterministic and not torch.equal(model(x), model(x))
+    local, reparam = bdl.use_estimator(model, "local"), bdl.use_estimator(model, "reparam")
+    local.__enter__(), reparam.__enter__()
+    reparam_copy = copy.deepcopy(model)
+    reparam.__exit__(None, None, None)  # in order: the first block's value again
+    assert model[0].estimator == "local"
+    local.__exit__(None, None, None)
+    assert [m.estimator for m in (model[0], model[2], reparam_copy[0])] == ["flipout", "reparam", "flipout"]
+    assert not any(m._context_overrides or any(m._context_blocks.values()) for m in (model[0], model[2]))
 
 
 def test_include_naming_a_parametrized_layer_says_why_it_is_not_converted():
