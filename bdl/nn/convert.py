@@ -298,13 +298,15 @@ def bayesianize(
     for pattern in exclude or ():
         if not any(_matches(name, module, pattern) for name, module in all_modules):
             raise ValueError(f"exclude pattern {pattern!r} matches no module of the model (a typo leaves everything converted)")
-    # a legacy weight_norm/pruning layer holds its last computed weight, a non-leaf tensor that deepcopy refuses;
-    # the copy gets it detached (the hook recomputes it at every call anyway)
+    # a legacy weight_norm/spectral_norm/pruning layer (of any type: a vocoder's ConvTranspose1d, a pruned Embedding)
+    # holds its last computed weight, and a model may keep its last activation: non-leaf tensors, which deepcopy
+    # refuses. The copy gets them detached (a hook recomputes such a weight at every call anyway). Read by vars():
+    # torch.compile's wrapper reads its layer's attributes through __getattr__
     memo: dict[int, Any] = {
-        id(module.weight): module.weight.detach().clone()
+        id(value): value.detach().clone()
         for _, module in all_modules
-        # (a convertible layer only: torch.compile's wrapper reads its layer's weight through __getattr__)
-        if type(module) in _CONVERSIONS and _weight_recomputed(module) and isinstance(getattr(module, "weight", None), Tensor)
+        for value in vars(module).values()
+        if isinstance(value, Tensor) and value.grad_fn is not None
     }
     converted = copy.deepcopy(model, memo)
     names: dict[int, list[str]] = {}  # every name of each convertible module: a tied one has several

@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -236,6 +237,37 @@ def test_legacy_weight_norm_spectral_norm_and_pruned_layers_stay_deterministic_w
         assert type(bnn[0]) is nn.Linear and isinstance(bnn[2], bdl.BayesLinear)
         x = torch.randn(5, 4)
         with bdl.deterministic(bnn):
+            torch.testing.assert_close(bnn(x), net(x), rtol=0, atol=0)
+
+
+def test_models_holding_computed_tensors_in_layers_it_does_not_convert_are_converted():
+    # deepcopy refused their non-leaf tensors ("Only Tensors created explicitly by the user ..."): a vocoder's
+    # weight-normed ConvTranspose1d, a spectral-normed ConvTranspose2d after a training forward, a pruned
+    # Embedding, a model that keeps its last activation (Grad-CAM style)
+    class KeepsActivation(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            self.activation = torch.relu(self.fc(x))
+            return self.out(self.activation)
+
+    vocoder = nn.Sequential(torch.nn.utils.weight_norm(nn.ConvTranspose1d(4, 4, 4, 2, 1)), nn.Conv1d(4, 1, 3, padding=1))
+    upsampler = nn.Sequential(torch.nn.utils.spectral_norm(nn.ConvTranspose2d(2, 2, 2, 2)), nn.Conv2d(2, 1, 3))
+    upsampler(torch.randn(1, 2, 4, 4))  # a training forward: spectral_norm's weight now has a graph
+    embedding = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+    torch.nn.utils.prune.l1_unstructured(embedding[0], "weight", 0.5)
+    keeps = KeepsActivation()
+    keeps(torch.randn(3, 4))
+    cases = [(vocoder, torch.randn(2, 4, 10), 1), (upsampler.eval(), torch.randn(1, 2, 4, 4), 1),
+             (embedding, torch.tensor([[1, 2, 3]]), 1), (keeps, torch.randn(3, 4), 2)]  # fmt: skip
+    for net, x, converted in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the hooked layers stay deterministic, with a warning where convertible
+            bnn = bdl.bayesianize(net)
+        assert sum(isinstance(m, bdl.BayesianModule) for m in bnn.modules()) == converted
+        with torch.no_grad(), bdl.deterministic(bnn):
             torch.testing.assert_close(bnn(x), net(x), rtol=0, atol=0)
 
 
