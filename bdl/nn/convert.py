@@ -335,6 +335,13 @@ def bayesianize(
             stacklevel=2,
         )
     if include is not None and not targets:
+        included = [module_names[0] for key, module_names in names.items()
+                    if any(_selected(name, modules[key], include, converted) for name in module_names)]  # fmt: skip
+        if included:  # exclude took them all: "selects no layer" was false
+            raise ValueError(
+                f"include={include!r} selects {len(included)} nn.Linear/nn.Conv layer(s) ({', '.join(map(repr, included[:5]))}"
+                f"{', ...' if len(included) > 5 else ''}) and exclude={exclude!r} leaves out every one: nothing to convert"
+            )
         subclasses = [
             f"{name!r} is a {type(module).__name__}"
             for name, module in converted.named_modules()

@@ -171,5 +171,7 @@ def as_prior(prior: Prior | float | None) -> Prior:
     if isinstance(prior, Prior):
         return prior
     if isinstance(prior, numbers.Real) and not isinstance(prior, bool):
+        if not (math.isfinite(prior) and prior > 0):  # GaussianPrior's own message named its "scale", not prior
+            raise ValueError(f"prior: a number is the scale s of the prior N(0, s^2) and must be positive and finite, got {prior!r}")
         return GaussianPrior(0.0, float(prior))
     raise TypeError(f"prior must be a bdl Prior, a positive float (the scale of N(0, s^2)) or None, got {type(prior).__name__}")

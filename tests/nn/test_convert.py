@@ -221,6 +221,9 @@ def test_blocks_and_container_types_select_the_layers_inside_and_an_exclude_typo
     assert isinstance(inside.features[2], bdl.BayesConv2d) and isinstance(inside.fc, nn.Linear)
     with pytest.raises(ValueError, match="exclude pattern 'featurs' matches no module"):
         bdl.bayesianize(net, exclude=["featurs"])
+    # exclude leaving out every layer include selects: it said include "selects no nn.Linear/nn.Conv layer"
+    with pytest.raises(ValueError, match=r"include=\['features'\] selects 2 nn.Linear/nn.Conv layer\(s\) \('features.0', 'features.2'\) and exclude=\['features.\*'\] leaves out every one"):
+        bdl.bayesianize(net, include="features", exclude="features.*")
 
 
 def test_legacy_weight_norm_spectral_norm_and_pruned_layers_stay_deterministic_with_a_warning():
