@@ -132,6 +132,7 @@ ROWS = [
     _row("ScaleMixturePrior-mixture_weight-above-1", lambda t: bdl.ScaleMixturePrior(mixture_weight=1.5), ValueError, r"mixture_weight must be in \(0, 1\), got 1.5"),
     _row("prior-as-negative-float", lambda t: bdl.BayesLinear(4, 2, prior=-0.5), ValueError, r"prior: a number is the scale s of the prior N\(0, s\^2\) and must be positive and finite, got -0.5"),
     _row("bayesianize-prior-as-negative-float", lambda t: bdl.bayesianize(nn.Linear(4, 2), prior=-1), ValueError, r"prior: a number is the scale s .* got -1$"),
+    _row("weight_prior-assigned-a-negative-float", lambda t: setattr(bdl.BayesLinear(4, 2), "weight_prior", -2), ValueError, r"weight_prior: a number is the scale s .* got -2$"),
     _row("prior-as-a-string", lambda t: bdl.BayesLinear(4, 2, prior="gaussian"), TypeError, r"prior must be a bdl Prior, a positive float .* got str"),
     _row("prior-tensor-of-the-wrong-shape", lambda t: bdl.BayesLinear(4, 2, prior=bdl.GaussianPrior(torch.zeros(3, 3), 1.0)), ValueError, r"GaussianPrior: loc of shape \(3, 3\) does not broadcast to the parameter's shape \(2, 4\)"),
     _row("unknown-estimator", lambda t: bdl.BayesLinear(4, 2, estimator="mc"), ValueError, r"estimator must be one of \['flipout', 'local', 'reparam'\], got 'mc'"),

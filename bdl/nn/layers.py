@@ -289,7 +289,7 @@ class _BayesLayer(BayesianModule):
             # None means N(0, 1), as the constructor's prior=None (it was kept, and kl_divergence() then raised an
             # AttributeError); only a layer without bias keeps no bias prior
             if value is not None or param is not None:
-                value = as_prior(value)
+                value = as_prior(value, name)
                 if param is not None:
                     value.check_shape(param.shape)
         super().__setattr__(name, value)

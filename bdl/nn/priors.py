@@ -164,7 +164,7 @@ class ScaleMixturePrior(Prior):
         return f"scale1={self.scale1:g}, scale2={self.scale2:g}, mixture_weight={self.mixture_weight:g}"
 
 
-def as_prior(prior: Prior | float | None) -> Prior:
+def as_prior(prior: Prior | float | None, name: str = "prior") -> Prior:
     """``None`` -> ``N(0, 1)``; a float ``s`` -> ``N(0, s^2)``; a :class:`Prior` is returned as is."""
     if prior is None:
         return GaussianPrior(0.0, 1.0)
@@ -172,6 +172,6 @@ def as_prior(prior: Prior | float | None) -> Prior:
         return prior
     if isinstance(prior, numbers.Real) and not isinstance(prior, bool):
         if not (math.isfinite(prior) and prior > 0):  # GaussianPrior's own message named its "scale", not prior
-            raise ValueError(f"prior: a number is the scale s of the prior N(0, s^2) and must be positive and finite, got {prior!r}")
+            raise ValueError(f"{name}: a number is the scale s of the prior N(0, s^2) and must be positive and finite, got {prior!r}")
         return GaussianPrior(0.0, float(prior))
-    raise TypeError(f"prior must be a bdl Prior, a positive float (the scale of N(0, s^2)) or None, got {type(prior).__name__}")
+    raise TypeError(f"{name} must be a bdl Prior, a positive float (the scale of N(0, s^2)) or None, got {type(prior).__name__}")
