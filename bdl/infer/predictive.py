@@ -267,7 +267,8 @@ def predict_function_model(
         *args, **kwargs: the model's arguments for the new inputs (with observations set to None).
         output_site: the site to read.
         task: ``"classification"`` or ``"regression"``.
-        parallel: vectorise over samples (the model must then broadcast over a leading sample dim).
+        parallel: vectorise over samples (the model must then broadcast over a leading sample dim; where
+            its first and last draws differ from the model run on each alone, it is run draw by draw).
         keep_samples: keep the per-sample predictions.
 
     Returns:
@@ -289,10 +290,15 @@ def predict_function_model(
     if not samples:
         raise ValueError("samples is empty: pass posterior samples of the model's latent sites")
     num_samples = next(iter(samples.values())).shape[0]
+
+    def run(i: int) -> pyro.poutine.Trace:
+        """The model's trace under draw ``i`` alone."""
+        return pyro.poutine.trace(pyro.poutine.condition(model, {k: v[i] for k, v in samples.items()})).get_trace(*args, **kwargs)
+
     # a model that is a module (a PyroModule) predicts in eval mode, as it was sampled: a BatchNorm's running
     # statistics moved to the new inputs' in training mode
     with torch.no_grad(), _eval_mode(model):
-        single = pyro.poutine.trace(pyro.poutine.condition(model, {k: v[0] for k, v in samples.items()})).get_trace(*args, **kwargs)
+        single = run(0)
         if output_site not in single.nodes or single.nodes[output_site]["type"] != "sample":
             raise ValueError(f"output_site {output_site!r} is not a site of the model")
         shape = single.nodes[output_site]["value"].shape
@@ -300,12 +306,37 @@ def predict_function_model(
         observation = output_site not in samples and not single.nodes[output_site]["infer"].get("_deterministic", False)
         if parallel:
             predictive = Predictive(model, posterior_samples=samples, num_samples=num_samples, return_sites=[output_site], parallel=True)
-            nodes = [predictive.get_vectorized_trace(*args, **kwargs).nodes[output_site]]
-        else:
-            nodes = [
-                pyro.poutine.trace(pyro.poutine.condition(model, {k: v[i] for k, v in samples.items()})).get_trace(*args, **kwargs).nodes[output_site]
-                for i in range(num_samples)
-            ]
+            read = _read_site([predictive.get_vectorized_trace(*args, **kwargs).nodes[output_site]], num_samples, shape, task, observation, output_site)
+            # a model that indexes a vector latent (b[0] + b[1] * x) runs under a batch of draws without an error, and
+            # where the inputs' length equals the vector's it broadcasts into other numbers: its first and last draws
+            # are checked against the model run on them alone, and the model is run draw by draw where they differ
+            ends = [0, num_samples - 1] if num_samples > 1 else [0]
+            alone = _read_site([run(i).nodes[output_site] if i else single.nodes[output_site] for i in ends], len(ends), shape,
+                               task, observation, output_site)  # fmt: skip
+            if not all(_agree(None if whole is None else whole[ends], part) for whole, part in zip(read, alone)):
+                read = None
+        if not parallel or read is None:
+            nodes = [run(i).nodes[output_site] if i else single.nodes[output_site] for i in range(num_samples)]
+            read = _read_site(nodes, num_samples, shape, task, observation, output_site)
+    if task == "classification":
+        return Prediction.from_logits(read[0], keep_samples=keep_samples)
+    means, variances = read
+    dtype = torch.get_default_dtype()
+    return Prediction.from_regression(means.to(dtype), None if variances is None else variances.to(dtype), keep_samples=keep_samples)
+
+
+def _agree(whole: Optional[Tensor], part: Optional[Tensor]) -> bool:
+    if whole is None or part is None:
+        return whole is None and part is None
+    return whole.shape == part.shape and torch.allclose(whole, part, rtol=1e-4, atol=1e-6, equal_nan=True)
+
+
+def _read_site(
+    nodes: list[dict[str, Any]], num_samples: int, shape: torch.Size, task: str, observation: bool, output_site: str
+) -> tuple[Optional[Tensor], ...]:
+    """What :func:`predict_function_model` reads at ``output_site`` from its trace ``nodes`` (one vectorised over
+    the draws, or one per draw): ``(logits [S, N, C],)`` for classification, ``(means [S, N, D], variances or
+    None)`` for regression."""
 
     def per_draw(read: Callable[[Any, Tensor], Optional[Tensor]], extra: tuple[int, ...] = ()) -> Optional[Tensor]:
         """``read(distribution, value)`` of every draw as ``[S, *site shape, *extra]``, or None where it has none."""
@@ -334,7 +365,7 @@ def predict_function_model(
                 f"output_site {output_site!r}: expected samples [S, N, C] of logits, or an observation site of a Categorical, "
                 f"Bernoulli or OneHotCategorical, got shape {tuple(values.shape)}"
             )
-        return Prediction.from_logits(values, keep_samples=keep_samples)
+        return (values,)
     if values.dim() not in (2, 3):
         raise ValueError(f"output_site {output_site!r}: expected samples [S, N] / [S, N, D] (regression), got shape {tuple(values.shape)}")
     means = variances = None
@@ -344,7 +375,6 @@ def predict_function_model(
             means = variances = None  # no finite moments (a StudentT with df <= 2): the sampled values
     if means is None:
         means = values
-    dtype = torch.get_default_dtype()
     if means.dim() == 2:
         means, variances = means.unsqueeze(-1), None if variances is None else variances.unsqueeze(-1)
-    return Prediction.from_regression(means.to(dtype), None if variances is None else variances.to(dtype), keep_samples=keep_samples)
+    return means, variances

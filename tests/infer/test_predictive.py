@@ -143,6 +143,43 @@ def test_a_function_models_observation_site_splits_noise_from_the_draws_spread(p
     torch.testing.assert_close(prediction.aleatoric_variance, torch.full((3, 1), 0.25))
 
 
+def _line_model(x, y=None):
+    """Intercept and slope in one vector latent, unpacked by index: valid for one draw at a time."""
+    b = pyro.sample("b", dist.Normal(torch.zeros(2), 10.0).to_event(1))
+    with pyro.plate("data", x.shape[0]):
+        return pyro.sample("obs", dist.Normal(b[0] + b[1] * x, 0.5), obs=y)
+
+
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_a_model_that_broadcasts_draws_into_other_numbers_is_predicted_draw_by_draw(task):
+    # under a batch of draws b[0] and b[1] are the first two draws: with 2 inputs, as many as the vector's
+    # entries, the vectorised pass broadcast without an error into wrong means and no epistemic variance
+    from bdl.infer import predict_function_model
+
+    def model(x, y=None):
+        if task == "regression":
+            return _line_model(x, y)
+        b = pyro.sample("b", dist.Normal(torch.zeros(2), 10.0).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            logit = b[0] + b[1] * x
+            return pyro.sample("obs", dist.Categorical(logits=torch.stack([-logit, logit], -1)), obs=y)
+
+    draws = torch.tensor([[1.0, 3.0], [0.5, 2.0], [2.0, -1.0], [0.0, 4.0]])
+    x = torch.tensor([0.0, 1.0])
+    vectorised, looped = (
+        predict_function_model(model, {"b": draws}, x, output_site="obs", task=task, parallel=parallel, keep_samples=True)
+        for parallel in (True, False)
+    )
+    logits = draws[:, :1] + draws[:, 1:] * x  # [S, N]
+    if task == "regression":
+        torch.testing.assert_close(vectorised.sample_means[..., 0], logits)
+        torch.testing.assert_close(vectorised.epistemic_variance[:, 0], logits.var(0, unbiased=False))
+    else:
+        torch.testing.assert_close(vectorised.probs, torch.softmax(torch.stack([-logits, logits], -1), -1).mean(0))
+    torch.testing.assert_close(vectorised.mean if task == "regression" else vectorised.probs,
+                               looped.mean if task == "regression" else looped.probs)  # fmt: skip
+
+
 # Observation sites of a slope model, from the two-class logits (0, slope * x) or, for "three", (0, l, -l)
 OBSERVATIONS = {
     "categorical": lambda logits: dist.Categorical(logits=logits),
