@@ -10,7 +10,7 @@ import sys
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
 
 import pyro
 import torch
@@ -75,13 +75,18 @@ class PosteriorSummary:
         (True, True)
     """
 
-    def __init__(self, chain_samples: dict[str, Tensor], quantiles: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95)) -> None:
-        if not all(0 < q < 1 for q in quantiles):
+    @classmethod
+    def check_quantiles(cls, quantiles: Sequence[float]) -> None:
+        """A ValueError unless ``quantiles`` are distinct levels in (0, 1) (mcmc checks them before sampling)."""
+        if not all(isinstance(q, numbers.Real) and not isinstance(q, bool) and 0 < q < 1 for q in quantiles):
             raise ValueError(f"quantiles must lie in (0, 1), got {tuple(quantiles)}")
-        labels = [self._label(q) for q in quantiles]
+        labels = [cls._label(q) for q in quantiles]
         if len(set(labels)) < len(labels):
             # one column per label: the first of two levels showed the second's values
             raise ValueError(f"quantiles must be distinct levels, got {tuple(quantiles)} (columns {labels})")
+
+    def __init__(self, chain_samples: dict[str, Tensor], quantiles: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95)) -> None:
+        self.check_quantiles(quantiles)
         for name, value in chain_samples.items():
             if value.dim() < 2 or value.shape[1] < 4:
                 raise ValueError(f"chain_samples[{name!r}] must be [num_chains, num_samples >= 4, ...], got shape {tuple(value.shape)}")
@@ -416,8 +421,12 @@ def _check_predict_inputs(model: Any, args: tuple, predict_inputs: Any, output_s
     statistics stay as they are), with the network's own weights or a prior draw (the randomness of the caller's
     generator left as it was). Only inputs that can be read twice (tensors, tuples, a map-style Dataset or a
     loader over one) are tried, and only where the training inputs pass the same trial."""
-    from ..predict import _batches
+    from ..predict import _batches, numpy_hint
 
+    hint = numpy_hint(predict_inputs)
+    if hint or isinstance(predict_inputs, (str, bytes, Mapping)):  # refused by the prediction after sampling
+        kind = "a tensor, batches of tensors or a Dataset" if isinstance(model, PyroModel) else "the tuple of the model's arguments"
+        raise TypeError(f"mcmc: predict_inputs must be {kind}, got {type(predict_inputs).__name__}{hint}")
     if isinstance(model, PyroModel):
         data = predict_inputs.dataset if isinstance(predict_inputs, DataLoader) else predict_inputs
         if not isinstance(data, (Tensor, tuple, list, Dataset)) or isinstance(data, IterableDataset):
@@ -522,7 +531,7 @@ def mcmc(
         output_site: site read by predictions of a function model.
         task: ``"classification"`` or ``"regression"`` for predictions of a function model.
         quantiles: quantile levels shown in the summary.
-        seed: if given, ``pyro.set_rng_seed(seed)`` first.
+        seed: if given (an int in ``[0, 2**32)``), ``pyro.set_rng_seed(seed)`` first.
         progress_bar: show Pyro's progress bar.
 
     Returns:
@@ -551,6 +560,16 @@ def mcmc(
             alternative = " or None" if name == "warmup_steps" else ""
             raise ValueError(f"{name} must be an int >= {low}{alternative}, got {value!r}")
     num_samples, num_chains = int(num_samples), int(num_chains)
+    PosteriorSummary.check_quantiles(quantiles)  # checked after sampling, a long run was lost to a typo
+    if seed is not None:  # pyro.set_rng_seed seeds numpy too: an int in [0, 2^32); its errors named no argument
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+            raise ValueError(f"seed must be an int in [0, 2**32) or None, got {seed!r}")
+        seed = int(seed)
+    if isinstance(model, PyroModel) and (kernel_options or {}).get("jit_compile"):
+        raise ValueError(
+            "kernel_options['jit_compile'] works for model functions only: a PyroModel runs its network through "
+            "torch.func.functional_call, which JIT cannot trace"
+        )
     warmup_steps = None if warmup_steps is None else int(warmup_steps)
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {TASKS} or None, got {task!r}")

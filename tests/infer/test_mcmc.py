@@ -93,7 +93,7 @@ def test_hmc_on_a_model_function_with_predictions_at_new_inputs():
     new_x = torch.tensor([-2.0, 0.0, 2.0])
     # counts as numpy integers (from a sweep's array): taken as bdl's other counts are
     result = mcmc(
-        model, x, y, kernel="hmc", num_samples=np.int64(150), warmup_steps=np.int64(100), num_chains=np.int32(1), seed=0,
+        model, x, y, kernel="hmc", num_samples=np.int64(150), warmup_steps=np.int64(100), num_chains=np.int32(1), seed=np.int64(0),
         kernel_options={"trajectory_length": 1.0}, predict_inputs=(new_x,), task="regression",
     )
     exact_precision = (x * x).sum() / 0.09 + 1 / 100
@@ -139,6 +139,21 @@ def test_mcmc_validates_its_arguments(linear_regression):
         mcmc(model, data.x, data.y, warmup_steps=-1)
     with pytest.raises(ValueError, match=r"num_samples must be an int >= 4, got 2.0"):
         mcmc(model, data.x, data.y, num_samples=2.0)
+    # each checked after every chain had run (a lost run), or by Pyro/numpy/random without naming the argument
+    fits = PyroModel(nn.Linear(1, 1), "gaussian")
+    with pytest.raises(ValueError, match=r"quantiles must lie in \(0, 1\), got \(0.05, 95\)"):
+        mcmc(fits, data.x, data.y, quantiles=(0.05, 95))
+    with pytest.raises(ValueError, match="quantiles must be distinct levels"):
+        mcmc(fits, data.x, data.y, quantiles=(0.05, 0.05))
+    with pytest.raises(TypeError, match="predict_inputs must be a tensor, batches of tensors or a Dataset, got ndarray: convert numpy"):
+        mcmc(fits, data.x, data.y, predict_inputs=data.x.numpy())
+    with pytest.raises(TypeError, match="predict_inputs must be the tuple of the model's arguments, got dict"):
+        mcmc(lambda x: None, data.x, predict_inputs={"x": data.x}, task="regression")
+    for seed in (-1, 2**40, 1.5, True):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*32\) or None"):
+            mcmc(fits, data.x, data.y, seed=seed)
+    with pytest.raises(ValueError, match=r"kernel_options\['jit_compile'\] works for model functions only"):
+        mcmc(fits, data.x, data.y, kernel_options={"jit_compile": True})
 
 
 def test_parallel_chains_sample_the_exact_posterior_in_worker_processes(linear_regression, monkeypatch):
