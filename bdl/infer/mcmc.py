@@ -415,6 +415,24 @@ def _check_spawnable(model: Any, args: tuple, kernel_options: Optional[dict]) ->
         )
 
 
+def _check_deterministic_network(model: PyroModel, args: tuple) -> None:
+    """A ValueError where the network's output is random in eval mode (a bdl.MCDropout inside): the potential
+    energy NUTS follows was then random, every transition diverged, and the warning blamed the step size."""
+    if not args or not isinstance(args[0], Tensor) or not len(args[0]):
+        return
+    x = args[0][:1].to(next((p.device for p in model.parameters()), torch.device("cpu")))
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad(), _eval_mode(model):
+        try:
+            first, second = model.run_net({}, x), model.run_net({}, x)
+        except Exception:  # noqa: BLE001 - the network's own error: sampling raises it, as it did
+            return
+    if not torch.equal(first, second):
+        raise ValueError(
+            "mcmc: the network's output is random in eval mode (e.g. a bdl.MCDropout inside it), so the posterior "
+            "density NUTS/HMC follows would be random too; pass the network without it (its dropout is off in eval mode)"
+        )
+
+
 def _check_predict_inputs(model: Any, args: tuple, predict_inputs: Any, output_site: str) -> None:  # noqa: ANN401
     """Raise a ValueError where ``predict_inputs`` do not fit the model, before sampling: a forward pass of the
     network on their first row (PyroModel), or a run of the model function on them, in eval mode (a BatchNorm's
@@ -580,6 +598,7 @@ def mcmc(
     if isinstance(model, PyroModel):
         check_full_data("mcmc", model, args)
         check_finite_data("mcmc", args)
+        _check_deterministic_network(model, args)
     if predict_inputs is not None:
         _check_predict_inputs(model, args, predict_inputs, output_site)
     # Pyro samples the chains in processes where they fit the CPUs, else one after another (warning)

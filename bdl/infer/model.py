@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..nn.layers import BayesianModule
 from .likelihoods import Likelihood, make_likelihood
 
 ParameterSelection = Union[None, str, Iterable[str], type, tuple, Callable[[str, nn.Parameter], bool]]
@@ -134,6 +135,14 @@ class PyroModel(nn.Module):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
+        layers = [name or type(net).__name__ for name, module in net.named_modules() if isinstance(module, BayesianModule)]
+        if layers:  # the priors went on their posterior means and stds, which then drew random weights
+            raise ValueError(
+                f"net has bdl Bayesian layers ({', '.join(map(repr, layers[:3]))}{', ...' if len(layers) > 3 else ''}), which "
+                "sample their own weights: PyroModel puts its prior on a plain network's weights (pass the network "
+                "before bdl.bayesianize), while a network of Bayesian layers trains on the ELBO (bdl.elbo_loss, "
+                "VariationalModule)"
+            )
         if not (isinstance(prior_scale, numbers.Real) and math.isfinite(prior_scale) and prior_scale > 0):
             raise ValueError(f"prior_scale must be a positive number, got {prior_scale!r}")
         if prior_loc not in PRIOR_LOCS:

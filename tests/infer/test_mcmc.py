@@ -10,6 +10,7 @@ import torch
 from pyro.infer.mcmc.util import summary as pyro_summary
 from torch import nn
 
+import bdl
 from bdl.infer import PosteriorSummary, PyroModel, mcmc
 from bdl.infer.diagnostics import ess_mean
 
@@ -154,6 +155,10 @@ def test_mcmc_validates_its_arguments(linear_regression):
             mcmc(fits, data.x, data.y, seed=seed)
     with pytest.raises(ValueError, match=r"kernel_options\['jit_compile'\] works for model functions only"):
         mcmc(fits, data.x, data.y, kernel_options={"jit_compile": True})
+    # a network random in eval mode: every transition diverged after minutes, with advice about the step size
+    dropout = PyroModel(bdl.MCDropout(nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.5), nn.Linear(8, 1))), "gaussian")
+    with pytest.raises(ValueError, match="mcmc: the network's output is random in eval mode"):
+        mcmc(dropout, data.x, data.y)
 
 
 def test_parallel_chains_sample_the_exact_posterior_in_worker_processes(linear_regression, monkeypatch):
