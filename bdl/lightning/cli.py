@@ -343,6 +343,27 @@ def check_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
     return checkpoint
 
 
+def _class_of(path: str) -> Any:  # noqa: ANN401 - the class, or the path where it does not import
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return path
+
+
+def _check_same_class(model: Any, checkpoint: dict[str, Any], ckpt_path: str) -> None:  # noqa: ANN401
+    """A ValueError where the config's model class is not the checkpoint's: Lightning builds the checkpoint's, which
+    then ran with the other class's evaluation options (a VariationalModule evaluated with 1 sample) in a run
+    folder named after the config."""
+    named = model.get("class_path") if hasattr(model, "get") else None
+    saved = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    if named and saved and _class_of(str(named)) is not _class_of(str(saved)) and str(named) != str(saved):
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} holds a {saved}, but the config's model is a {named}: pass the config of the run "
+            "that wrote the checkpoint (its config.yaml, beside checkpoints/)"
+        )
+
+
 class BDLCLI(LightningCLI):
     """``LightningCLI`` with bdl's defaults: any LightningModule/DataModule by class path, run folders, ``evaluate``.
 
@@ -395,6 +416,7 @@ class BDLCLI(LightningCLI):
             # Lightning would look for them in this command's new run folder, find nothing and go on untrained
             ckpt_path = config["ckpt_path"] = str(self._newest_checkpoint(config, ckpt_path))
         checkpoint = check_checkpoint(ckpt_path)
+        _check_same_class(config.get("model"), checkpoint, ckpt_path)
         if self.subcommand == "fit":  # resuming the run the checkpoint belongs to: keep logging into its folder
             version = _version_of(Path(ckpt_path))
             own = Path(config.get("trainer", {}).get("default_root_dir") or DEFAULT_ROOT) / self.run_name() / f"version_{version}"

@@ -218,6 +218,17 @@ def test_evaluate_last_or_best_loads_the_runs_newest_checkpoint_with_this_comman
         main(["evaluate", "--config", QUICKSTART, "--run_name", "other", "--ckpt_path", "best", "--trainer.default_root_dir", str(tmp_path)])
 
 
+def test_a_checkpoint_of_another_module_class_than_the_configs_is_refused(quickstart_run, tmp_path):
+    # Lightning built the checkpoint's VariationalModule with DeterministicModule's num_eval_samples=1, in a run
+    # folder named after the deterministic config
+    best = _copy_run(quickstart_run, tmp_path)
+    deterministic = str(REPO / "configs" / "digits_deterministic.yaml")
+    for command in ("evaluate", "fit"):
+        with pytest.raises(ValueError, match=r"holds a bdl.lightning.VariationalModule, but the config's model is a bdl.lightning.DeterministicModule"):
+            main([command, "--config", deterministic, "--ckpt_path", str(best), "--trainer.default_root_dir", str(tmp_path)])
+    assert not (tmp_path / "digits_deterministic").exists()
+
+
 def test_a_checkpoint_brings_its_network_back_and_loads_without_the_network(quickstart_run, tmp_path):
     from bdl.lightning import VariationalModule
 
