@@ -316,6 +316,18 @@ def _version_of(path: Path) -> Optional[int]:
     return None
 
 
+def _recorded_best(last: Path) -> Optional[Path]:
+    """The best checkpoint that ``last.ckpt``'s ModelCheckpoint state records (its newest state), where that file is
+    in the same folder (the run folder may have moved since: the recorded path is absolute); else None."""
+    try:
+        states = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("callbacks") or {}
+    except Exception:  # noqa: BLE001 - an unreadable last.ckpt: the named file, as before
+        return None
+    recorded = [state.get("best_model_path") for key, state in states.items() if key.startswith("ModelCheckpoint") and isinstance(state, dict)]
+    best = [last.parent / Path(path).name for path in recorded if path]
+    return best[0] if len(best) == 1 and best[0].is_file() else None
+
+
 def check_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
     """Load a checkpoint with ``torch.load(weights_only=True)``, turning a missing, truncated or tampered file into a clear error.
 
@@ -438,6 +450,13 @@ class BDLCLI(LightningCLI):
         name = "last" if which == "last" else (config.get("checkpoint", {}).get("filename") or "best")
         root = Path(config.get("trainer", {}).get("default_root_dir") or DEFAULT_ROOT) / self.run_name()
         found = [(version, path) for path in root.glob(f"version_*/checkpoints/{name}.ckpt") if (version := _version_of(path)) is not None]
+        if which == "best":
+            # the best as the run recorded it: with save_top_k > 1 Lightning names the kept files best, best-v1, ...
+            # and reuses freed names (best.ckpt held a worse epoch), and a templated filename ("ep{epoch}") names none
+            for path in root.glob("version_*/checkpoints/last.ckpt"):
+                recorded = _recorded_best(path)
+                if recorded is not None and (version := _version_of(path)) is not None:
+                    found = [entry for entry in found if entry[0] != version] + [(version, recorded)]
         if not found:
             doing = "resume" if self.subcommand == "fit" else self.subcommand
             raise FileNotFoundError(

@@ -218,6 +218,22 @@ def test_evaluate_last_or_best_loads_the_runs_newest_checkpoint_with_this_comman
         main(["evaluate", "--config", QUICKSTART, "--run_name", "other", "--ckpt_path", "best", "--trainer.default_root_dir", str(tmp_path)])
 
 
+def test_ckpt_path_best_is_the_best_checkpoint_the_run_recorded(quickstart_run, tmp_path):
+    # with save_top_k > 1 Lightning names the kept files best, best-v1, ... and reuses freed names: best.ckpt held a
+    # worse epoch than the run's best (best-v1.ckpt), and a templated filename ("ep{epoch}") named no file at all
+    best = _copy_run(quickstart_run, tmp_path)
+    folder = best.parent
+    last = torch.load(folder / "last.ckpt", weights_only=True)
+    (state,) = [value for key, value in last["callbacks"].items() if key.startswith("ModelCheckpoint")]
+    for recorded, extra in (("best-v1.ckpt", []), ("ep3.ckpt", ["--checkpoint.filename", "ep{epoch}"])):
+        shutil.copy(best, folder / recorded)
+        state["best_model_path"] = str(quickstart_run / "quickstart" / "version_0" / "checkpoints" / recorded)  # before the copy
+        torch.save(last, folder / "last.ckpt")
+        main(["evaluate", "--config", QUICKSTART, "--ckpt_path", "best", *extra, *FEW_STEPS, "--trainer.default_root_dir", str(tmp_path)])
+        newest = max((tmp_path / "quickstart").glob("version_*"), key=lambda path: int(path.name[8:]))
+        assert yaml.safe_load((newest / "config.yaml").read_text())["ckpt_path"] == str(folder / recorded)
+
+
 def test_a_checkpoint_of_another_module_class_than_the_configs_is_refused(quickstart_run, tmp_path):
     # Lightning built the checkpoint's VariationalModule with DeterministicModule's num_eval_samples=1, in a run
     # folder named after the deterministic config
