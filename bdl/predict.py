@@ -27,6 +27,7 @@ import contextlib
 import math
 import numbers
 import sys
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field, fields
@@ -1278,6 +1279,24 @@ def _draw_or_none(model: Callable[..., Any], x: Tensor, count: int, method: str,
     return None  # outside the handler: the traceback and the tensors its frames hold are released
 
 
+_call_locks: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_call_locks_guard = threading.Lock()
+
+
+def _one_call_at_a_time(model: Any) -> contextlib.AbstractContextManager:  # noqa: ANN401
+    """The model's lock: a call switches the model's modes and its layers' settings (eval mode, the estimator,
+    MC dropout's switches, an ensemble's vmapped copy) and restores them afterwards, so two threads' calls on one
+    model (a server's requests) changed each other's samples (0 mutual information, BatchNorm statistics moved)
+    or failed. Re-entrant: a model may predict inside a call."""
+    if not isinstance(model, nn.Module):
+        return contextlib.nullcontext()
+    with _call_locks_guard:
+        lock = _call_locks.get(model)
+        if lock is None:
+            lock = _call_locks[model] = threading.RLock()
+    return lock
+
+
 @contextlib.contextmanager
 def _eval_mode(model: Any) -> Iterator[None]:  # noqa: ANN401
     if not isinstance(model, nn.Module):
@@ -1331,6 +1350,10 @@ def predict(
     Memory: per-input summaries are accumulated batch by batch and ``chunk_size`` samples at a time;
     ``[S, N, C]`` is kept only with ``keep_samples=True``. Half-precision outputs (autocast, a ``.half()`` model)
     are summarised in float32; float64 ones stay float64.
+
+    Threads: calls on one model (a server's requests) run one at a time, since a call switches the model's
+    modes and its layers' settings for its draws. Calling the model itself from several threads at once (or
+    wrappers such as several ``MCDropout`` around one network) is not covered: serve through ``predict``.
 
     Args:
         model: the stochastic model (any callable; ``nn.Module`` for the batched path).
@@ -1419,14 +1442,6 @@ def predict(
                 "predict was called inside a bdl.sample_once block that holds the model's Bayesian layers: every sample "
                 "would use the block's one draw of the weights; open the block inside the model's forward instead"
             )
-    if isinstance(model, nn.Module):
-        # what modules keep from their parameters' values between calls (a layer's stds, an ensemble's stacked
-        # weights) is judged current by version counters, which edits through .data (an EMA copy) bypass:
-        # every call starts afresh, and its batches share them
-        for module in model.modules():
-            forget = getattr(module, "_drop_value_caches", None)
-            if callable(forget):
-                forget()
     summaries: list[Prediction] = []
     targets: list[Optional[Tensor]] = []
     # per input shape (a loader's batches of other lengths: a chunk fitted to short sequences overran the memory
@@ -1436,7 +1451,15 @@ def predict(
     fitted: dict[tuple[int, ...], int] = {}
     fits: Optional[int] = None  # input elements x samples that fit at once after running out of memory (all shapes)
     offset = 0  # rows before this batch, for the rows a non-finite output names
-    with torch.no_grad(), _eval_mode(model):
+    with _one_call_at_a_time(model), torch.no_grad(), _eval_mode(model):
+        if isinstance(model, nn.Module):
+            # what modules keep from their parameters' values between calls (a layer's stds, an ensemble's stacked
+            # weights) is judged current by version counters, which edits through .data (an EMA copy) bypass:
+            # every call starts afresh, and its batches share them
+            for module in model.modules():
+                forget = getattr(module, "_drop_value_caches", None)
+                if callable(forget):
+                    forget()
         for x, y in _batches(inputs, batch_size):
             if not isinstance(x, Tensor) or x.dim() == 0:
                 raise ValueError("every batch of inputs must be a tensor with a batch dimension")

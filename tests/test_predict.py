@@ -387,6 +387,43 @@ def test_auto_takes_the_loop_for_a_model_that_runs_on_batches_of_its_own_size_on
         bdl.predict(model, x[:4], num_samples=8)
 
 
+def test_calls_on_one_model_from_two_threads_run_one_after_the_other():
+    # each call switches the model to eval mode, its layers' estimator and dropout on, and restores them: a call
+    # overlapping another ran with the other's settings (BatchNorm statistics moved in train mode, 0 mutual
+    # information) or failed
+    import threading
+
+    torch.manual_seed(0)
+    model = bdl.MCDropout(nn.Sequential(bdl.BayesLinear(4, 16), nn.BatchNorm1d(16), nn.Dropout(0.3), bdl.BayesLinear(16, 3)))
+    model.train()
+    statistics = model.model[1].running_mean.clone()
+    order, first_inside, second_called = [], threading.Event(), threading.Event()
+
+    def hook(module, args):
+        order.append(threading.current_thread().name)
+        if threading.current_thread().name == "first" and not first_inside.is_set():
+            first_inside.set()
+            second_called.wait(timeout=0.5)  # without the lock the second call runs its forwards meanwhile
+        elif threading.current_thread().name == "second":
+            second_called.set()
+
+    model.model[0].register_forward_pre_hook(hook)
+    results = {}
+
+    def call(name, rows):
+        results[name] = bdl.predict(model, torch.randn(rows, 4), num_samples=8, method="loop")
+
+    first = threading.Thread(target=call, args=("first", 5), name="first")
+    second = threading.Thread(target=call, args=("second", 7), name="second")
+    first.start()
+    first_inside.wait(timeout=5)
+    second.start()
+    first.join(), second.join()
+    assert order == ["first"] * 8 + ["second"] * 8
+    assert model.training and model.model[1].training and torch.equal(model.model[1].running_mean, statistics)
+    assert all(results[name].mutual_information.min() > 0 for name in ("first", "second"))
+
+
 class Scaled(nn.Sequential):
     """A Sequential with a forward of its own: its children in turn do not make the model."""
 

@@ -212,11 +212,12 @@ def _threaded_fill(t: Tensor, fill: Callable[[Tensor, torch.Generator], object],
     ``torch.manual_seed`` for a given ``torch.get_num_threads()``, however many threads fill the chunks:
     the caller and one helper per core that torch's threads leave spare (see :func:`_fill_helpers`), or the
     caller alone. None (draw with torch's generator) where chunks cannot be used: accelerators, one intra-op
-    thread, small tensors, and inside ``torch.compile`` or ``torch.func`` transforms.
+    thread, small tensors, and inside ``torch.compile``, ``torch.func`` transforms or ``torch.jit.trace``.
     """
     # the size first (the cheapest test, and most tensors fail it), then torch.compile before get_num_threads
     # (an int from a torch.* call would break its graph)
-    if t.numel() < _PARALLEL_NOISE_MIN_NUMEL or torch.compiler.is_compiling() or t.device.type != "cpu":
+    # (nor where torch.jit.trace records it: the chunks' seeds, drawn as Python ints, became constants of the trace)
+    if t.numel() < _PARALLEL_NOISE_MIN_NUMEL or torch.compiler.is_compiling() or t.device.type != "cpu" or torch.jit.is_tracing():
         return None
     threads = torch.get_num_threads()
     if threads < 2 or _in_functorch(t):

@@ -377,8 +377,9 @@ class _BayesLayer(BayesianModule):
     def _drop_value_caches(self) -> None:
         """Forget the kept stds (not the sample buffers): :func:`bdl.predict` calls it first, since an edit through
         ``.data`` moves no version counter."""
-        for key in [key for key in self._std_cache if key[0] != "sample"]:
-            del self._std_cache[key]
+        for key in list(self._std_cache):  # a snapshot, and pop: another thread's predict drops and adds keys too
+            if key[0] != "sample":
+                self._std_cache.pop(key, None)
 
     def _prediction_sample(self, name: str, mu: Optional[Tensor], rho: Optional[Tensor]) -> Optional[Tensor]:
         """A draw of ``{name}`` for a forward without gradients (the values the training path draws)."""
@@ -421,7 +422,9 @@ class _BayesLayer(BayesianModule):
                     drawn = draws[id(self)] = self._draw_once(None if drawn is None else drawn[1], graph)
                 return self._op(input, *drawn[0])
         name = self._estimator_for(input)
-        if not torch.is_grad_enabled():
+        # (not where torch.jit.trace records the forward: the out= of the prediction path is refused by a replay
+        # with gradients)
+        if not torch.is_grad_enabled() and not torch.jit.is_tracing():
             if (
                 name == "reparam"
                 and not torch.compiler.is_compiling()

@@ -2,6 +2,7 @@ import contextlib
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -207,7 +208,7 @@ def test_linear_accepts_extra_leading_dimensions():
         (lambda: bdl.BayesLinear(5, 3, estimator="bogus"), r"estimator must be one of \['flipout', 'local', 'reparam'\]"),
         (lambda: bdl.BayesLinear(5, 3, estimator=["local"]), r"estimator must be one of .*got \['local'\]"),  # "unhashable type"
         (lambda: bdl.BayesLinear(5, 3, std_transform="sigmoid"), "std_transform"),
-        (lambda: bdl.BayesLinear(5, 3, prior=-1.0), "scale must be a positive"),
+        (lambda: bdl.BayesLinear(5, 3, prior=-1.0), "prior: a number is the scale s of the prior N\\(0, s\\^2\\) and must be positive"),
         (lambda: bdl.BayesLinear(5, 3, prior=bdl.GaussianPrior(torch.zeros(4, 4))), "does not broadcast"),
     ],
 )
@@ -524,3 +525,19 @@ def test_a_prior_set_to_none_is_the_constructors_none():
     assert isinstance(layer.weight_prior, bdl.GaussianPrior) and isinstance(layer.bias_prior, bdl.GaussianPrior)
     torch.testing.assert_close(layer.kl_divergence(), expected)
     assert bdl.BayesLinear(4, 3, bias=False).bias_prior is None  # no bias, no bias prior
+
+
+def test_a_traced_layer_draws_fresh_noise_and_runs_with_gradients_when_traced_without(monkeypatch):
+    # traced with 2+ threads, a large layer's chunked noise recorded its chunks' seeds as constant generators; traced
+    # under no_grad, the prediction path's addcmul(out=...) was recorded and refused by a replay with gradients
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the chunked path, whatever this machine has
+    layer, x = bdl.BayesLinear(512, 512), torch.randn(2, 512)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings
+        traced = torch.jit.trace(layer, x, check_trace=False)
+    assert "Generator" not in str(traced.graph)
+    torch.manual_seed(1)
+    first = traced(x)
+    torch.manual_seed(1)
+    assert torch.equal(traced(x), first) and not torch.equal(traced(x), first)  # seeded, and fresh
+    first.sum().backward()  # with gradients: the trace has no out= op
