@@ -346,7 +346,7 @@ class _Evaluation:
 
     def setup(self, stage: str) -> None:
         # a regression module on class labels failed deep in a reshape ("shape '[64, 8]' is invalid")
-        datamodule = getattr(self.trainer, "datamodule", None)
+        datamodule = running_datamodule(self.trainer)
         task = getattr(datamodule, "task", None)
         if task in TASKS and task != self.task:  # another vocabulary ("multiclass") is the data module's own
             raise ValueError(
@@ -467,7 +467,7 @@ class _Evaluation:
         if stage != "predict":
             _raise_on_every_process(self, failure, f"non-finite prediction in {stage}")
         assert prediction is not None  # no failure
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = running_datamodule(self._trainer)
         classes = getattr(datamodule, "num_classes", None) if self.task == "classification" else None
         if isinstance(classes, int) and prediction.probs.shape[-1] != classes:
             # the NLL trains such a network without complaint, with probability on classes the data never has
@@ -563,14 +563,19 @@ class _Evaluation:
         return self._checked_prediction(x, self.num_eval_samples, "predict")
 
 
+def running_datamodule(trainer: Optional[L.Trainer]) -> Optional[L.LightningDataModule]:
+    """The data module of the trainer's running call (fit, validate, test, predict), or None where it was given
+    loaders: ``trainer.datamodule`` is the last one any call was given, which Lightning keeps (a fit on a 50-row
+    loader after a validate on a data module scaled its KL by the other data set's size, 650)."""
+    selector = getattr(getattr(trainer, "_data_connector", None), "_datahook_selector", None)
+    return getattr(selector, "datamodule", None)
+
+
 def target_scale(trainer: L.Trainer) -> Optional[tuple[float, float]]:
     """``(mean, std)`` the data module of the running call standardised the regression targets with (one number
     each, ``target_mean``/``target_std``, as :class:`bdl.lightning.SklearnRegressionDataModule` gives), else None:
     the report's numbers are in its units."""
-    # the running call's data module, not trainer.datamodule: Lightning keeps an earlier fit's there when a later
-    # call passes loaders (a report on raw targets claimed the other data set's standardisation)
-    selector = getattr(getattr(trainer, "_data_connector", None), "_datahook_selector", None)
-    data = getattr(selector, "datamodule", None)
+    data = running_datamodule(trainer)  # a report on raw targets claimed an earlier call's standardisation
     mean, std = (_one_number(getattr(data, name, None)) for name in ("target_mean", "target_std"))
     if mean is None or std is None or not std > 0:  # none, or one per output (not a single scale)
         return None
@@ -947,7 +952,7 @@ def _training_set_size(trainer: L.Trainer) -> int:
     """Size of the whole training set: the data module's ``num_train``, else the rows of the training loader's
     subset sampler (``SubsetRandomSampler(train_indices)`` over a data set that also holds the validation rows),
     else its dataset's."""
-    datamodule = getattr(trainer, "datamodule", None)
+    datamodule = running_datamodule(trainer)
     if datamodule is not None and hasattr(datamodule, "num_train"):
         return int(datamodule.num_train)
     loader = trainer.train_dataloader
@@ -1184,7 +1189,7 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
 
     def on_validation_start(self) -> None:
         # a validate run outside fit: scale the likelihood as fit does, so val/elbo means the same in both
-        datamodule = getattr(self.trainer, "datamodule", None)
+        datamodule = running_datamodule(self.trainer)
         if self._num_data_from_data and datamodule is not None and hasattr(datamodule, "num_train"):
             self.model.num_data = int(datamodule.num_train)
 

@@ -382,6 +382,13 @@ def test_num_data_comes_from_a_plain_training_loader_too(tmp_path):
     given = VariationalModule(net(), num_data=1000)  # a size the user gave stays
     trainer(tmp_path, max_steps=1).fit(given, DataLoader(larger, batch_size=8))
     assert given.num_data == 1000
+    # a trainer that ran a call on a data module keeps it as trainer.datamodule: a later fit on a loader took that
+    # data module's num_train (32) for its own training set's size
+    for model in (VariationalModule(net()), SVIModule(bdl.infer.PyroModel(net(), "categorical"), num_val_samples=2)):
+        reused = trainer(tmp_path, max_steps=1)
+        reused.validate(model, datamodule=TinyData(batch_size=8), verbose=False)
+        reused.fit(model, DataLoader(larger, batch_size=8))
+        assert (model.num_data if isinstance(model, VariationalModule) else model.model.num_data) == 40
 
 
 def test_num_data_of_a_loader_over_a_subset_of_its_data_set_is_the_subsets_size(tmp_path):
