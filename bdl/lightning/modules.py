@@ -918,9 +918,12 @@ class VariationalModule(UncertaintyModule):
                 "no length (an IterableDataset without __len__): give the dataset a __len__, or set kl_warmup_epochs=0"
             )
         batches = max(self.trainer.num_training_batches, 1)
-        # global_step counts optimiser steps: one per accumulate_grad_batches batches (and one for a remainder)
-        steps_per_epoch = math.ceil(batches / max(self.trainer.accumulate_grad_batches, 1))
-        progress = self.global_step / (self.kl_warmup_epochs * steps_per_epoch)
+        # in epochs: this epoch's optimiser steps (one per accumulate_grad_batches batches, and one for a remainder)
+        # so far over its number, after the epochs before. Not global_step over this epoch's steps: a
+        # GradientAccumulationScheduler changes the factor between epochs, and the weight jumped to 1 (or fell)
+        accumulate = max(self.trainer.accumulate_grad_batches, 1)
+        batch = max(self.trainer.fit_loop.epoch_loop.batch_idx, 0)
+        progress = (self.current_epoch + (batch // accumulate) / math.ceil(batches / accumulate)) / self.kl_warmup_epochs
         return self.kl_weight * min(1.0, progress)
 
     def training_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:

@@ -88,6 +88,16 @@ def test_variational_module_takes_num_data_from_the_data_module_and_warms_the_kl
     steps = [0, 0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5]  # global_step at each batch's start
     assert weights == pytest.approx([0.5 * min(1.0, step / 4) for step in steps])
 
+    # a factor that changes between epochs (GradientAccumulationScheduler): the weight jumped to 0.5 at epoch 1
+    # (global_step 2 over 1 step per epoch), or fell where the factor went down
+    for schedule, expected in (({0: 1, 1: 4}, [0, 1 / 16, 2 / 16, 3 / 16] + [1 / 4] * 4 + [1 / 2] * 4),
+                               ({0: 4, 1: 1}, [0] * 4 + [1 / 4, 5 / 16, 6 / 16, 7 / 16] + [1 / 2] * 4)):  # fmt: skip
+        weights.clear()
+        module = VariationalModule(net(), kl_weight=0.5, kl_warmup_epochs=2)
+        accumulating = L.pytorch.callbacks.GradientAccumulationScheduler(schedule)
+        trainer(tmp_path, max_epochs=3, limit_val_batches=0, callbacks=[Record(), accumulating]).fit(module, data)
+        assert weights == pytest.approx(expected)
+
 
 def test_variational_module_uses_existing_bayesian_layers_as_they_are():
     model = nn.Sequential(bdl.BayesLinear(4, 8, prior=2.0), nn.ReLU(), nn.Linear(8, 3))

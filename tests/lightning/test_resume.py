@@ -446,3 +446,36 @@ def test_a_fit_resumed_in_double_precision_starts_from_the_checkpoints_float64_w
     resumed = fit(tmp_path / "b", 3, ckpt_path=tmp_path / "b" / "last.ckpt")
     assert reference.dtype == torch.float64
     torch.testing.assert_close(resumed, reference, rtol=0, atol=0)
+
+
+def test_a_fit_resumed_partway_through_an_epoch_keeps_the_kl_warm_up_of_an_uninterrupted_one(tmp_path, one_thread):
+    # the warm-up's weight is read from the epoch and the batch in it: both must come back with the checkpoint (the
+    # weights drawn are not those of an uninterrupted run: a resume is exact from an epoch's end only)
+    import lightning as L
+
+    class Record(L.Callback):
+        def __init__(self, crash_at=None):
+            self.weights, self.crash_at = [], crash_at
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == self.crash_at:
+                raise _Crash
+            self.weights.append(module.current_kl_weight())
+
+    def fit(folder, record, ckpt_path=None):
+        module, (train, _) = _resume_case("variational", seed=0)
+        module.kl_warmup_epochs, module.save_report = 2, False
+        callbacks = [record, L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, every_n_train_steps=2, save_last=True)]
+        trainer = L.Trainer(max_epochs=3, default_root_dir=folder, logger=False, enable_progress_bar=False, accelerator="cpu",
+                            enable_model_summary=False, limit_val_batches=0, callbacks=callbacks)  # fmt: skip
+        trainer.fit(module, train, ckpt_path=ckpt_path)
+
+    reference = Record()
+    fit(tmp_path / "a", reference)
+    assert reference.weights == pytest.approx([min(1.0, step / 6) for step in range(9)])  # 3 batches per epoch
+    with pytest.raises(_Crash):
+        fit(tmp_path / "b", Record(crash_at=5))
+    assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["global_step"] == 4  # mid-epoch 1
+    after = Record()
+    fit(tmp_path / "b", after, ckpt_path=tmp_path / "b" / "last.ckpt")
+    assert after.weights == pytest.approx(reference.weights[4:])
