@@ -929,6 +929,8 @@ class VariationalModule(UncertaintyModule):
     def training_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         if self.num_data is None:
             raise ValueError("VariationalModule needs num_data (the training-set size) outside a Trainer fit")
+        if self.num_data < len(x) and torch.is_grad_enabled():  # as SVIModule's: a per-batch (or per-process) size
+            raise ValueError(f"num_data must be the size of the whole training set (>= the batch size {len(x)}), got {self.num_data}")
         nll = torch.stack([self.nll(self.model(x), y) for _ in range(self.num_train_samples)]).mean()
         kl_weight = self.current_kl_weight()
         loss, nll, kl = elbo_loss(nll, kl_divergence(self.model), self.num_data, kl_weight=kl_weight)

@@ -138,6 +138,11 @@ class ELBOLoss(nn.Module):
         self.num_data = num_data
         if criterion is not None and not callable(criterion):  # a name such as "ce" failed at the first call
             raise TypeError(f"criterion must be a callable criterion(output, target), e.g. nn.CrossEntropyLoss(), got {criterion!r}")
+        if getattr(criterion, "reduction", None) == "sum":  # the KL, per example, was then B times too weak
+            raise ValueError(
+                f"criterion {type(criterion).__name__}(reduction='sum') sums over the batch; the ELBO here is per example "
+                "(NLL + KL / num_data): use reduction='mean' (or 'none', averaged)"
+            )
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.kl_weight = kl_weight
 
