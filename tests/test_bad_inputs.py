@@ -224,7 +224,6 @@ ROWS = [
     _row("predict_from_samples-draw-counts", lambda t: infer.predict_from_samples(infer.PyroModel(nn.Linear(3, 2), "categorical"), {"weight": torch.randn(5, 2, 3), "bias": torch.randn(4, 2)}, torch.randn(4, 3)), ValueError, r"the same number S of draws for every site, got \[4, 5\]"),
     _row("deterministic-not-a-module", lambda t: bdl.deterministic("m").__enter__(), TypeError, r"model must be an nn.Module, got str"),
     _row("TemperatureScaler-inf-temperature", lambda t: bdl.TemperatureScaler(temperature=float("inf")), ValueError, r"`temperature` must be a positive finite number, got inf"),
-    _row("VariationalModule-num_data-below-the-batch", lambda t: VariationalModule(nn.Linear(4, 2), num_data=3).training_loss(_x(), _y()), ValueError, r"num_data must be the size of the whole training set \(>= the batch size 10\), got 3"),
     _row("ELBOLoss-criterion-summing", lambda t: bdl.ELBOLoss(nn.Linear(2, 2), 10, criterion=nn.CrossEntropyLoss(reduction="sum")), ValueError, r"criterion CrossEntropyLoss\(reduction='sum'\) sums over the batch; the ELBO here is per example"),
     _row("ELBOLoss-criterion-string", lambda t: bdl.ELBOLoss(nn.Linear(2, 2), 10, criterion="ce"), TypeError, r"criterion must be a callable criterion\(output, target\)"),
     _row("plot_ood_histogram-bins-zero", lambda t: bdl.plots.plot_ood_histogram(torch.rand(5), torch.rand(5), bins=0), ValueError, r"bins must be a positive int, got 0"),

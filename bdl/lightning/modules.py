@@ -714,10 +714,11 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
     def nll(self, output: Any, y: Tensor) -> Tensor:  # noqa: ANN401 - logits, a mean, or (mean, variance)
         """Mean per-example negative log-likelihood of the targets ``y`` under the network's ``output``."""
         if self.task == "classification":
-            # labels as evaluation takes them: a binary classifier's [B, 1] or whole-number float labels (as
-            # BCEWithLogitsLoss takes them), and any integer dtype
-            y = as_class_labels(y)
-            if y.is_floating_point() or y.is_complex():
+            # labels as evaluation takes them: [B, 1] labels, any integer dtype, and a one-logit head's 0/1 float
+            # labels (as BCEWithLogitsLoss takes them; only there: a float16 label above 2048 is rounded to another class)
+            binary = isinstance(output, Tensor) and output.dim() > 0 and output.shape[-1] == 1
+            y = as_class_labels(y) if binary or not y.is_floating_point() else y
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
                 raise TypeError(f"targets must be integer class labels (torch.long) for classification, got {y.dtype}")
             logits = _two_class(output)  # one logit: binary cross-entropy, as predict reads it
             try:
@@ -929,8 +930,6 @@ class VariationalModule(UncertaintyModule):
     def training_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         if self.num_data is None:
             raise ValueError("VariationalModule needs num_data (the training-set size) outside a Trainer fit")
-        if self.num_data < len(x) and torch.is_grad_enabled():  # as SVIModule's: a per-batch (or per-process) size
-            raise ValueError(f"num_data must be the size of the whole training set (>= the batch size {len(x)}), got {self.num_data}")
         nll = torch.stack([self.nll(self.model(x), y) for _ in range(self.num_train_samples)]).mean()
         kl_weight = self.current_kl_weight()
         loss, nll, kl = elbo_loss(nll, kl_divergence(self.model), self.num_data, kl_weight=kl_weight)

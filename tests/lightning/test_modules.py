@@ -216,8 +216,9 @@ def test_the_training_loss_takes_the_labels_evaluation_takes_and_names_a_one_log
         torch.testing.assert_close(multi.training_loss(x, y.to(dtype))["loss"], expected)
     with pytest.raises(ValueError, match=r"targets of shape \(8, 2\) do not fit logits of shape \(8, 3\)"):
         multi.training_loss(x, torch.zeros(8, 2, dtype=torch.long))
-    with pytest.raises(TypeError, match="integer class labels"):
-        multi.training_loss(x, torch.rand(8))
+    for labels in (torch.rand(8), y.float(), y.bool(), F.one_hot(y, 3).float()):  # float labels: a one-logit head's only
+        with pytest.raises(TypeError, match="integer class labels"):
+            multi.training_loss(x, labels)
 
 
 def test_svi_module_loads_from_its_checkpoint(tmp_path):
