@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import os
 import sys
 import threading
 import warnings
@@ -1281,6 +1282,16 @@ def _draw_or_none(model: Callable[..., Any], x: Tensor, count: int, method: str,
 
 _call_locks: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 _call_locks_guard = threading.Lock()
+
+
+def _fresh_call_locks() -> None:
+    """In a forked child (a DataLoader worker): the locks as new, since a parent thread that held one at the fork
+    does not exist here to release it (the child's own predict on the model waited forever)."""
+    global _call_locks, _call_locks_guard
+    _call_locks, _call_locks_guard = weakref.WeakKeyDictionary(), threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_call_locks)
 
 
 def _one_call_at_a_time(model: Any) -> contextlib.AbstractContextManager:  # noqa: ANN401

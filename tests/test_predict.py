@@ -424,6 +424,37 @@ def test_calls_on_one_model_from_two_threads_run_one_after_the_other():
     assert all(results[name].mutual_information.min() > 0 for name in ("first", "second"))
 
 
+def test_a_process_forked_while_a_thread_predicts_predicts_on_its_own():
+    # the child inherited the model's lock, held by a thread that does not exist in it: its own predict (a DataLoader
+    # worker's) waited forever
+    import multiprocessing
+    import threading
+
+    model, x = bayes_mlp(), torch.randn(2, 4)
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(module, args):
+        inside.set()
+        release.wait(timeout=20)
+
+    handle = model.register_forward_pre_hook(hold)
+    serving = threading.Thread(target=lambda: bdl.predict(model, x, num_samples=1))
+    serving.start()
+    inside.wait(timeout=20)
+    handle.remove()
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=lambda: queue.put(bdl.predict(model, x, num_samples=2).probs.shape))
+    child.start()
+    child.join(timeout=20)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    release.set()
+    serving.join()
+    assert not hung and queue.get(timeout=5) == (2, 3)
+
+
 class Scaled(nn.Sequential):
     """A Sequential with a forward of its own: its children in turn do not make the model."""
 

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import fnmatch
 import functools
+import os
 import threading
 import warnings
 from typing import Any, Iterator, Optional, Sequence
@@ -127,6 +128,14 @@ def use_estimator(model: nn.Module, estimator: str) -> Iterator[nn.Module]:
 _blocks_lock = threading.Lock()  # blocks opened and closed by several threads (a server's requests)
 
 
+def _fresh_blocks_lock() -> None:
+    global _blocks_lock
+    _blocks_lock = threading.Lock()  # a forked child: its parent's thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_fresh_blocks_lock)
+
+
 @contextlib.contextmanager
 def _temporarily(layers: list[_BayesLayer], attribute: str, value: object) -> Iterator[None]:
     """Set ``attribute`` of every layer to ``value`` inside the block.
@@ -139,7 +148,9 @@ def _temporarily(layers: list[_BayesLayer], attribute: str, value: object) -> It
     what it found left a block's value for good (a model that never sampled again).
     """
     token = object()
-    with _blocks_lock:
+    # (not inside torch.compile, which cannot enter a lock and traces the bookkeeping as it is)
+    lock = contextlib.nullcontext() if torch.compiler.is_compiling() else _blocks_lock
+    with lock:
         for layer in layers:
             blocks = layer.__dict__.setdefault("_context_blocks", {}).setdefault(attribute, [])
             if not blocks:
@@ -149,7 +160,7 @@ def _temporarily(layers: list[_BayesLayer], attribute: str, value: object) -> It
     try:
         yield
     finally:
-        with _blocks_lock:
+        with lock:
             for layer in layers:
                 blocks = layer._context_blocks[attribute]
                 blocks[:] = [block for block in blocks if block[0] is not token]

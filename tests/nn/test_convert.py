@@ -204,6 +204,25 @@ def test_blocks_that_close_out_of_order_leave_the_open_blocks_value_then_the_lay
     assert not any(m._context_overrides or any(m._context_blocks.values()) for m in (model[0], model[2]))
 
 
+def test_a_block_opened_in_a_forward_compiles_into_one_graph():
+    # the blocks' lock (for threads) broke the graph, and fullgraph=True failed: dynamo cannot enter a lock
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = bdl.BayesLinear(4, 8), bdl.BayesLinear(8, 2)
+
+        def forward(self, x):
+            with bdl.deterministic(self.a):
+                hidden = self.a(x).relu()
+            return self.b(hidden)
+
+    net, x = Net(), torch.randn(3, 4)
+    compiled = torch.compile(net, backend="eager", fullgraph=True)
+    with torch.no_grad(), bdl.deterministic(net.b):
+        torch.testing.assert_close(compiled(x), net(x))
+    assert not net.a.deterministic and not any(net.a._context_blocks.values())
+
+
 def test_include_naming_a_parametrized_layer_says_why_it_is_not_converted():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     torch.nn.utils.parametrizations.weight_norm(model[0])
