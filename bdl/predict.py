@@ -32,7 +32,7 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -1178,6 +1178,11 @@ def _non_finite_message(error: _NonFiniteOutput, model: Any, x: Tensor, offset: 
 
 def _add_output(summary: Any, output: Any, task: str, rows: int) -> None:  # noqa: ANN401
     """Validate one chunk of stacked model outputs ``[s, B, ...]`` for ``rows`` inputs and add it to the running summary."""
+    if isinstance(output, Mapping):  # e.g. {"logits": ...}, which the loop stacks as an ensemble's members' outputs
+        raise TypeError(
+            f"the model returned a dict (keys {list(output)}); predict reads logits, a mean, or a (mean, variance) pair: "
+            "wrap it in an nn.Module whose forward returns that, e.g. model(x)['logits']"
+        )
     for part in output if isinstance(output, (tuple, list)) else (output,):
         # a forward that drops or transposes the batch gave a prediction for other rows than the inputs'
         if isinstance(part, Tensor) and not part.is_floating_point():

@@ -25,7 +25,7 @@ import warnings
 import zlib
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import lightning as L
 import numpy as np
@@ -713,6 +713,11 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
 
     def nll(self, output: Any, y: Tensor) -> Tensor:  # noqa: ANN401 - logits, a mean, or (mean, variance)
         """Mean per-example negative log-likelihood of the targets ``y`` under the network's ``output``."""
+        if isinstance(output, Mapping):
+            raise TypeError(
+                f"the network returned a dict (keys {list(output)}); the loss reads logits, a mean, or a (mean, variance) "
+                "pair: wrap it in an nn.Module whose forward returns that, e.g. net(x)['logits']"
+            )
         if self.task == "classification":
             # labels as evaluation takes them: [B, 1] labels, any integer dtype, and a one-logit head's 0/1 float
             # labels (as BCEWithLogitsLoss takes them; only there: a float16 label above 2048 is rounded to another class)

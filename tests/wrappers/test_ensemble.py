@@ -447,6 +447,14 @@ def test_members_returning_dicts_give_the_same_outputs_in_the_loop_and_under_vma
     losses = ensemble.member_losses(loop, y, lambda output, target: F.cross_entropy(output["logits"], target))
     expected = [F.cross_entropy(member(x)["logits"], y) for member in members]
     torch.testing.assert_close(losses, torch.stack(expected))
+    # predict and the Lightning modules read logits: a dict is named as such (it was "a model that returns (mean,
+    # variance) needs task='regression'", and an AttributeError there)
+    for task in ("classification", "regression"):
+        with pytest.raises(TypeError, match=r"the model returned a dict \(keys \['logits', 'features'\]\); predict reads logits"):
+            bdl.predict(ensemble, x, task=task)
+    module = bdl.lightning.EnsembleModule(DictNet(), num_members=2)
+    with pytest.raises(TypeError, match=r"the network returned a dict \(keys \['logits', 'features'\]\)"):
+        module.training_loss(x, y)
 
 
 def test_mc_dropout_around_a_vmapped_ensemble_drops_only_inside_it():
