@@ -769,6 +769,16 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
     return found[key]
 
 
+_BATCHED_FAILED = "the model failed on the batched path's rows (the S samples' rows at once)"
+
+
+def _remember_batched_failure(model: nn.Module, x: Tensor) -> None:
+    """Note, as :func:`_rowwise_blocker`'s verdict for inputs like ``x``, that the batched path's forward failed."""
+    core, sources, _ = _stochastic_sources(model)
+    key = (tuple(x.shape[1:]), x.dtype, frozenset(map(id, sources)))
+    _rowwise_checks.setdefault(core, {})[key] = _BATCHED_FAILED
+
+
 def _grow_with_rows(first: list[tuple[nn.Module, int]], second: list[tuple[nn.Module, int]]) -> bool:
     """Whether every dropout input of the two probes (``(layer, elements)`` in call order, of ``_PROBE_SAMPLES``
     and ``_SECOND_PROBE_SAMPLES`` rows) holds the rows: its size in proportion to the rows, as an activation's in
@@ -1494,7 +1504,8 @@ def predict(
                         resolved[shape] = resolve_method(model, rows, method)
                         blocker = _rowwise_blocker(model, x) if resolved[shape] == "batched" else None
                         if blocker is not None and method == "batched":
-                            raise ValueError(f"method='batched' would not sample this model exactly: {blocker}; use method='loop'")
+                            how = "cannot sample this model" if blocker == _BATCHED_FAILED else "would not sample this model exactly"
+                            raise ValueError(f"method='batched' {how}: {blocker}; use method='loop'")
                         if blocker is not None:
                             resolved[shape] = "loop"
                         fitted[shape] = chunk_size or _default_chunk(model, x, num_samples, resolved[shape])
@@ -1515,7 +1526,9 @@ def predict(
                                              "method='loop' runs it on the batch's rows, once per sample")
                                 raise
                             # a model that works on batches of its own size only (an RNN state built for B rows):
-                            # "auto" takes the loop, and the model's own error where that fails too
+                            # "auto" takes the loop, and the model's own error where that fails too; remembered
+                            # for the network and inputs like these (the failed forward cost every call 1.6x)
+                            _remember_batched_failure(model, x)
                             resolved[shape] = "loop"
                             fitted[shape] = chunk_size or _default_chunk(model, x, num_samples, "loop")
                             continue

@@ -373,18 +373,24 @@ def test_auto_takes_the_loop_for_a_model_that_runs_on_batches_of_its_own_size_on
     # the batched path runs the model on S x B rows: auto failed with the RNN's shape error where the loop works
     model = bdl.MCDropout(FixedBatchRNN(batch_size=6))
     x = torch.randn(6, 5, 4)
+    with pytest.raises(RuntimeError) as error:
+        bdl.predict(model, x, num_samples=8, method="batched")
+    if sys.version_info >= (3, 11):
+        assert "method='loop' runs it on the batch's rows" in "".join(error.value.__notes__)
     torch.manual_seed(0)
     auto = bdl.predict(model, x, num_samples=8)
     torch.manual_seed(0)
     loop = bdl.predict(model, x, num_samples=8, method="loop")
     assert auto.probs.shape == (6, 3) and auto.mutual_information.min() >= 0
     assert torch.equal(auto.probs, loop.probs)  # the failed batched draw drew no dropout mask first
-    with pytest.raises(RuntimeError) as error:
-        bdl.predict(model, x, num_samples=8, method="batched")
-    if sys.version_info >= (3, 11):
-        assert "method='loop' runs it on the batch's rows" in "".join(error.value.__notes__)
+    with pytest.raises(ValueError, match="method='batched' cannot sample this model: the model failed on the batched path's rows"):
+        bdl.predict(model, x, num_samples=8, method="batched")  # as auto found
     with pytest.raises(RuntimeError):  # a batch of another size: the model's own error, from the loop too
         bdl.predict(model, x[:4], num_samples=8)
+    rows = []
+    model.model.fc.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
+    bdl.predict(model, x, num_samples=8)
+    assert rows == [6] * 8  # remembered: the batched forward (48 rows) failed every call
 
 
 def test_calls_on_one_model_from_two_threads_run_one_after_the_other():
@@ -444,7 +450,11 @@ def test_a_process_forked_while_a_thread_predicts_predicts_on_its_own():
     handle.remove()
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
-    child = context.Process(target=lambda: queue.put(bdl.predict(model, x, num_samples=2).probs.shape))
+    def work():
+        torch.set_num_threads(1)  # as a DataLoader worker: the parent's OpenMP threads are not the child's
+        queue.put(bdl.predict(model, x, num_samples=2).probs.shape)
+
+    child = context.Process(target=work)
     child.start()
     child.join(timeout=20)
     hung = child.is_alive()
