@@ -306,18 +306,21 @@ def predict_function_model(
         observation = output_site not in samples and not single.nodes[output_site]["infer"].get("_deterministic", False)
         if parallel:
             predictive = Predictive(model, posterior_samples=samples, num_samples=num_samples, return_sites=[output_site], parallel=True)
-            read = _read_site([predictive.get_vectorized_trace(*args, **kwargs).nodes[output_site]], num_samples, shape, task, observation, output_site)
+            read, sampled = _read_site([predictive.get_vectorized_trace(*args, **kwargs).nodes[output_site]], num_samples, shape,
+                                       task, observation, output_site)  # fmt: skip
             # a model that indexes a vector latent (b[0] + b[1] * x) runs under a batch of draws without an error, and
             # where the inputs' length equals the vector's it broadcasts into other numbers: its first and last draws
-            # are checked against the model run on them alone, and the model is run draw by draw where they differ
+            # are checked against the model run on them alone, and the model is run draw by draw where they differ.
+            # Not where sampled values are read (a Cauchy's): each run draws others
             ends = [0, num_samples - 1] if num_samples > 1 else [0]
-            alone = _read_site([run(i).nodes[output_site] if i else single.nodes[output_site] for i in ends], len(ends), shape,
-                               task, observation, output_site)  # fmt: skip
-            if not all(_agree(None if whole is None else whole[ends], part) for whole, part in zip(read, alone)):
-                read = None
+            if not sampled:
+                alone, _ = _read_site([run(i).nodes[output_site] if i else single.nodes[output_site] for i in ends], len(ends),
+                                      shape, task, observation, output_site)  # fmt: skip
+                if not all(_agree(None if whole is None else whole[ends], part) for whole, part in zip(read, alone)):
+                    read = None
         if not parallel or read is None:
             nodes = [run(i).nodes[output_site] if i else single.nodes[output_site] for i in range(num_samples)]
-            read = _read_site(nodes, num_samples, shape, task, observation, output_site)
+            read, _ = _read_site(nodes, num_samples, shape, task, observation, output_site)
     if task == "classification":
         return Prediction.from_logits(read[0], keep_samples=keep_samples)
     means, variances = read
@@ -333,10 +336,11 @@ def _agree(whole: Optional[Tensor], part: Optional[Tensor]) -> bool:
 
 def _read_site(
     nodes: list[dict[str, Any]], num_samples: int, shape: torch.Size, task: str, observation: bool, output_site: str
-) -> tuple[Optional[Tensor], ...]:
+) -> tuple[tuple[Optional[Tensor], ...], bool]:
     """What :func:`predict_function_model` reads at ``output_site`` from its trace ``nodes`` (one vectorised over
     the draws, or one per draw): ``(logits [S, N, C],)`` for classification, ``(means [S, N, D], variances or
-    None)`` for regression."""
+    None)`` for regression; and whether those are sampled values (of an observation site without finite moments,
+    or without logits), which another run of the model draws anew."""
 
     def per_draw(read: Callable[[Any, Tensor], Optional[Tensor]], extra: tuple[int, ...] = ()) -> Optional[Tensor]:
         """``read(distribution, value)`` of every draw as ``[S, *site shape, *extra]``, or None where it has none."""
@@ -365,7 +369,7 @@ def _read_site(
                 f"output_site {output_site!r}: expected samples [S, N, C] of logits, or an observation site of a Categorical, "
                 f"Bernoulli or OneHotCategorical, got shape {tuple(values.shape)}"
             )
-        return (values,)
+        return (values,), observation and logits is None
     if values.dim() not in (2, 3):
         raise ValueError(f"output_site {output_site!r}: expected samples [S, N] / [S, N, D] (regression), got shape {tuple(values.shape)}")
     means = variances = None
@@ -375,6 +379,7 @@ def _read_site(
             means = variances = None  # no finite moments (a StudentT with df <= 2): the sampled values
     if means is None:
         means = values
+    sampled = observation and means is values
     if means.dim() == 2:
         means, variances = means.unsqueeze(-1), None if variances is None else variances.unsqueeze(-1)
-    return means, variances
+    return (means, variances), sampled

@@ -180,6 +180,23 @@ def test_a_model_that_broadcasts_draws_into_other_numbers_is_predicted_draw_by_d
                                looped.mean if task == "regression" else looped.probs)  # fmt: skip
 
 
+def test_sampled_values_are_read_from_the_vectorised_run_without_running_the_draws_alone():
+    # a Cauchy observation has no finite moments: its sampled values, which every run draws anew, made the check of
+    # the vectorised run fail every time, and the model then ran once per draw (1003 runs for 1000 draws)
+    from bdl.infer import predict_function_model
+
+    calls = []
+
+    def model(x, y=None):
+        calls.append(1)
+        slope = pyro.sample("slope", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("obs", dist.Cauchy(slope * x, 0.5), obs=y)
+
+    prediction = predict_function_model(model, {"slope": torch.randn(200)}, torch.randn(5), output_site="obs", task="regression")
+    assert prediction.mean.shape == (5, 1) and len(calls) < 10  # not once per draw (Pyro's vectorised run takes 2)
+
+
 # Observation sites of a slope model, from the two-class logits (0, slope * x) or, for "three", (0, l, -l)
 OBSERVATIONS = {
     "categorical": lambda logits: dist.Categorical(logits=logits),
