@@ -142,7 +142,7 @@ def test_mcmc_validates_its_arguments(linear_regression):
         mcmc(model, data.x, data.y, num_samples=2.0)
     # each checked after every chain had run (a lost run), or by Pyro/numpy/random without naming the argument
     fits = PyroModel(nn.Linear(1, 1), "gaussian")
-    with pytest.raises(ValueError, match=r"quantiles must lie in \(0, 1\), got \(0.05, 95\)"):
+    with pytest.raises(ValueError, match=r"quantiles must be numbers in \(0, 1\), got \(0.05, 95\)"):
         mcmc(fits, data.x, data.y, quantiles=(0.05, 95))
     with pytest.raises(ValueError, match="quantiles must be distinct levels"):
         mcmc(fits, data.x, data.y, quantiles=(0.05, 0.05))
@@ -330,6 +330,10 @@ def test_quantile_columns_keep_levels_below_a_tenth_of_a_percent_and_refuse_equa
     assert PosteriorSummary({"a": draws}).columns[2:7] == ["5.0%", "25.0%", "50.0%", "75.0%", "95.0%"]  # as they were
     with pytest.raises(ValueError, match="distinct"):
         PosteriorSummary({"a": draws}, quantiles=(0.5, 0.5))
+    # levels as tensors (torch.tensor([0.05, 0.95]), iterated): read as numbers; they were refused as out of (0, 1)
+    assert PosteriorSummary({"a": draws}, quantiles=torch.tensor([0.05, 0.5])).columns[2:4] == ["5.0%", "50.0%"]
+    with pytest.raises(ValueError, match=r"quantiles must be numbers in \(0, 1\)"):
+        PosteriorSummary({"a": draws}, quantiles=("5%",))
 
 
 def regression_model(x, y=None):
