@@ -433,7 +433,7 @@ def _check_deterministic_network(model: PyroModel, args: tuple) -> None:
         except Exception:  # noqa: BLE001 - the network's own error: sampling raises it, as it did
             return
     # (a tolerance: a GPU's atomic sums differ in the last bits from run to run)
-    if not torch.allclose(first, second, rtol=1e-4, atol=1e-6 * (1 + float(first.abs().max()))):
+    if not torch.allclose(first, second, rtol=1e-4, atol=1e-6 * (1 + float(first.abs().nan_to_num().max())), equal_nan=True):
         raise ValueError(
             "mcmc: the network's output is random in eval mode (e.g. a bdl.MCDropout inside it), so the posterior "
             "density NUTS/HMC follows would be random too; pass the network without it (its dropout is off in eval mode)"
