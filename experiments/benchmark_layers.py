@@ -64,6 +64,8 @@ def parse_sizes(text: str) -> tuple[int, ...]:
 def network_sizes(parser: argparse.ArgumentParser, tokens: list[str]) -> tuple[int, ...]:
     """One MLP's widths from ``--sizes``, written as the other benchmarks take it (``784-1200-1200-10``) or as
     separate numbers (``784 1200 1200 10``); ``parser.error`` otherwise."""
+    if len(tokens) > 1 and not all(token.isdigit() for token in tokens):  # several networks (benchmark_peers' form)
+        parser.error(f"--sizes: one network here, as 784-1200-1200-10 or 784 1200 1200 10, got {' '.join(tokens)}")
     text = tokens[0] if len(tokens) == 1 else "-".join(tokens)
     try:
         return parse_sizes(text)

@@ -42,6 +42,7 @@ def test_resnet_benchmark_times_every_estimator_against_conv2d(run_script):
         ("benchmark_layers.py", ["--batch-size", "0", "--protocol", "interleaved"], "--batch-size must be >= 1, got 0"),
         ("benchmark_layers.py", ["--sizes", "16"], "--sizes: sizes must be positive layer widths joined by '-'"),
         ("benchmark_svi.py", ["--sizes", "16-0-4"], "--sizes: sizes must be positive layer widths joined by '-'"),
+        ("benchmark_svi.py", ["--sizes", "16-8-4", "8-4-2"], "--sizes: one network here, as 784-1200-1200-10 or 784 1200 1200 10, got 16-8-4 8-4-2"),
         ("benchmark_predict.py", ["--repeats", "0"], "--repeats must be >= 1, got 0"),
         ("benchmark_predict.py", ["--batches", "64", "0"], "--batches must be >= 1, got 0"),
         ("benchmark_predict.py", ["--sizes", "16-x-4"], "sizes must be positive layer widths"),
