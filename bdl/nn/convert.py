@@ -9,7 +9,7 @@ import functools
 import os
 import threading
 import warnings
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -310,14 +310,14 @@ def bayesianize(
         if not any(_matches(name, module, pattern) for name, module in all_modules):
             raise ValueError(f"exclude pattern {pattern!r} matches no module of the model (a typo leaves everything converted)")
     # a legacy weight_norm/spectral_norm/pruning layer (of any type: a vocoder's ConvTranspose1d, a pruned Embedding)
-    # holds its last computed weight, and a model may keep its last activation: non-leaf tensors, which deepcopy
-    # refuses. The copy gets them detached (a hook recomputes such a weight at every call anyway). Read by vars():
-    # torch.compile's wrapper reads its layer's attributes through __getattr__
+    # holds its last computed weight, and a model may keep its last activations (an attribute, a list or a dict of
+    # them): non-leaf tensors, which deepcopy refuses. The copy gets them detached (a hook recomputes such a weight
+    # at every call anyway). Read by vars(): torch.compile's wrapper reads its layer's attributes through __getattr__
     memo: dict[int, Any] = {
         id(value): value.detach().clone()
         for _, module in all_modules
-        for value in vars(module).values()
-        if isinstance(value, Tensor) and value.grad_fn is not None
+        for value in _kept_tensors(vars(module).values())
+        if value.grad_fn is not None
     }
     converted = copy.deepcopy(model, memo)
     names: dict[int, list[str]] = {}  # every name of each convertible module: a tied one has several
@@ -424,6 +424,15 @@ def bayesianize(
 
 
 @functools.lru_cache(maxsize=None)
+def _kept_tensors(values: Iterable[Any], depth: int = 0) -> Iterator[Tensor]:
+    """The tensors among ``values``, and in the lists, tuples and dicts among them (a few levels)."""
+    for value in values:
+        if isinstance(value, Tensor):
+            yield value
+        elif depth < 3 and isinstance(value, (list, tuple, dict)):
+            yield from _kept_tensors(value.values() if isinstance(value, dict) else value, depth + 1)
+
+
 def _standard_attributes(cls: type[nn.Module]) -> frozenset[str]:
     """The instance attributes every ``cls`` (``nn.Linear``, ``nn.Conv2d``...) has: those of a shape-only one."""
     return frozenset(vars(cls(1, 1, 1, device="meta") if issubclass(cls, nn.modules.conv._ConvNd) else cls(1, 1, device="meta")))

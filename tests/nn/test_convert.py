@@ -273,6 +273,7 @@ def test_models_holding_computed_tensors_in_layers_it_does_not_convert_are_conve
 
         def forward(self, x):
             self.activation = torch.relu(self.fc(x))
+            self.kept = {"all": [self.activation, (self.activation * 2,)]}  # a hook's store of activations
             return self.out(self.activation)
 
     vocoder = nn.Sequential(torch.nn.utils.weight_norm(nn.ConvTranspose1d(4, 4, 4, 2, 1)), nn.Conv1d(4, 1, 3, padding=1))
