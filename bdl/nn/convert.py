@@ -423,7 +423,6 @@ def bayesianize(
     return converted
 
 
-@functools.lru_cache(maxsize=None)
 def _kept_tensors(values: Iterable[Any], depth: int = 0) -> Iterator[Tensor]:
     """The tensors among ``values``, and in the lists, tuples and dicts among them (a few levels)."""
     for value in values:
@@ -433,6 +432,7 @@ def _kept_tensors(values: Iterable[Any], depth: int = 0) -> Iterator[Tensor]:
             yield from _kept_tensors(value.values() if isinstance(value, dict) else value, depth + 1)
 
 
+@functools.lru_cache(maxsize=None)
 def _standard_attributes(cls: type[nn.Module]) -> frozenset[str]:
     """The instance attributes every ``cls`` (``nn.Linear``, ``nn.Conv2d``...) has: those of a shape-only one."""
     return frozenset(vars(cls(1, 1, 1, device="meta") if issubclass(cls, nn.modules.conv._ConvNd) else cls(1, 1, device="meta")))
