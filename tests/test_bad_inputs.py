@@ -273,9 +273,10 @@ ROWS = [
         ValueError, r"estimator must be one of \['flipout', 'local', 'reparam'\], got 'mc'",
 
     ),
+    _row("evaluate-bfloat16-labels-past-256", lambda t: bdl.evaluate(nn.Linear(4, 300), (_x(), torch.full((10,), 257.0).bfloat16()), num_samples=1), TypeError, r"class labels in torch.bfloat16 from 256 up may have been rounded to other classes \(257 -> 256"),
     _row(
         "training_loss-float-labels",
-        lambda t: DeterministicModule(nn.Linear(4, 3)).training_loss(_x(8), _y(8).float()),
+        lambda t: DeterministicModule(nn.Linear(4, 3)).training_loss(_x(8), _y(8).float() + 0.5),
         TypeError, r"targets?`? must (hold|be) integer class (labels|indices).*float32",
 
     ),

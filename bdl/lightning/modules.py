@@ -719,16 +719,20 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
                 "pair: wrap it in an nn.Module whose forward returns that, e.g. net(x)['logits']"
             )
         if self.task == "classification":
-            # labels as evaluation takes them: [B, 1] labels, any integer dtype, and a one-logit head's 0/1 float
-            # labels (as BCEWithLogitsLoss takes them; only there: a float16 label above 2048 is rounded to another class)
-            binary = isinstance(output, Tensor) and output.dim() > 0 and output.shape[-1] == 1
-            y = as_class_labels(y) if binary or not y.is_floating_point() else y
+            # labels as evaluation takes them: [B, 1] labels, any integer dtype, whole-number float labels (a one-logit
+            # head's 0./1., as BCEWithLogitsLoss takes them), not half-precision ones that may have been rounded
+            y = as_class_labels(y)
             if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
                 raise TypeError(f"targets must be integer class labels (torch.long) for classification, got {y.dtype}")
             logits = _two_class(output)  # one logit: binary cross-entropy, as predict reads it
             try:
                 return F.cross_entropy(logits, y.long())
             except (IndexError, RuntimeError) as error:  # shapes unlike the logits or labels out of range
+                if y.shape == logits.shape:  # one-hot rows, or class probabilities
+                    raise ValueError(
+                        f"targets must be class labels of shape {tuple(logits.shape[:1])}, got shape {tuple(y.shape)} like the "
+                        "logits' (one-hot or class probabilities: pass the labels, e.g. y.argmax(-1))"
+                    ) from None
                 if logits.dim() < 2 or tuple(y.shape) != (logits.shape[0], *logits.shape[2:]):
                     raise ValueError(f"targets of shape {tuple(y.shape)} do not fit logits of shape {tuple(output.shape)}: {error}") from None
                 classes = logits.shape[1]

@@ -216,9 +216,17 @@ def test_the_training_loss_takes_the_labels_evaluation_takes_and_names_a_one_log
         torch.testing.assert_close(multi.training_loss(x, y.to(dtype))["loss"], expected)
     with pytest.raises(ValueError, match=r"targets of shape \(8, 2\) do not fit logits of shape \(8, 3\)"):
         multi.training_loss(x, torch.zeros(8, 2, dtype=torch.long))
-    for labels in (torch.rand(8), y.float(), y.bool(), F.one_hot(y, 3).float()):  # float labels: a one-logit head's only
+    torch.testing.assert_close(multi.training_loss(x, y.float())["loss"], expected)  # whole numbers, as evaluation takes
+    for labels in (torch.rand(8), y.bool()):
         with pytest.raises(TypeError, match="integer class labels"):
             multi.training_loss(x, labels)
+    with pytest.raises(ValueError, match=r"class labels of shape \(8,\), got shape \(8, 3\) like the logits' \(one-hot"):
+        multi.training_loss(x, F.one_hot(y, 3).float())
+    # bf16-true casts float labels to bfloat16, which rounds 257 to 256: another class, silently
+    wide = DeterministicModule(nn.Linear(4, 300))
+    with pytest.raises(TypeError, match=r"class labels in torch.bfloat16 from 256 up may have been rounded"):
+        wide.training_loss(x, torch.full((8,), 257.0).bfloat16())
+    assert torch.isfinite(wide.training_loss(x, torch.full((8,), 255.0).bfloat16())["loss"])  # exact below 256
 
 
 def test_svi_module_loads_from_its_checkpoint(tmp_path):
