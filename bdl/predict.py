@@ -1503,15 +1503,16 @@ def predict(
                     if shape not in resolved:
                         resolved[shape] = resolve_method(model, rows, method)
                         blocker = _rowwise_blocker(model, x) if resolved[shape] == "batched" else None
+                        if blocker == _BATCHED_FAILED and method == "batched":
+                            blocker = None  # an auto call's finding: asked for, it is tried (and raises its own error)
                         if blocker is not None and method == "batched":
-                            how = "cannot sample this model" if blocker == _BATCHED_FAILED else "would not sample this model exactly"
-                            raise ValueError(f"method='batched' {how}: {blocker}; use method='loop'")
+                            raise ValueError(f"method='batched' would not sample this model exactly: {blocker}; use method='loop'")
                         if blocker is not None:
                             resolved[shape] = "loop"
                         fitted[shape] = chunk_size or _default_chunk(model, x, num_samples, resolved[shape])
                         if fits is not None and chunk_size is None:  # what ran out of memory on another shape: not again
                             fitted[shape] = max(1, min(fitted[shape], fits // max(1, x.numel())))
-                    drawn = 0
+                    drawn, failed = 0, False
                     while drawn < num_samples:
                         count = min(fitted[shape], num_samples - drawn)
                         try:
@@ -1526,9 +1527,11 @@ def predict(
                                              "method='loop' runs it on the batch's rows, once per sample")
                                 raise
                             # a model that works on batches of its own size only (an RNN state built for B rows):
-                            # "auto" takes the loop, and the model's own error where that fails too; remembered
-                            # for the network and inputs like these (the failed forward cost every call 1.6x)
-                            _remember_batched_failure(model, x)
+                            # "auto" takes the loop, and the model's own error where that fails too. Remembered for
+                            # the network and inputs like these once the loop has drawn (the failed forward cost
+                            # every call 1.6x), but not a failed allocation (a CPU's is a plain RuntimeError) nor
+                            # an error of these inputs, which the loop raises too
+                            failed = not any(text in str(error) for text in ("out of memory", "allocate"))
                             resolved[shape] = "loop"
                             fitted[shape] = chunk_size or _default_chunk(model, x, num_samples, "loop")
                             continue
@@ -1540,6 +1543,9 @@ def predict(
                             continue
                         _add_output(summary, output, task, rows)
                         drawn += count
+                        if failed:
+                            _remember_batched_failure(model, x)
+                            failed = False
             except _NonFiniteOutput as error:
                 message = _non_finite_message(error, model, x, offset, _read_in_order(inputs))
                 raise _NonFiniteOutput(message, error.rows) from None

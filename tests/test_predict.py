@@ -383,14 +383,30 @@ def test_auto_takes_the_loop_for_a_model_that_runs_on_batches_of_its_own_size_on
     loop = bdl.predict(model, x, num_samples=8, method="loop")
     assert auto.probs.shape == (6, 3) and auto.mutual_information.min() >= 0
     assert torch.equal(auto.probs, loop.probs)  # the failed batched draw drew no dropout mask first
-    with pytest.raises(ValueError, match="method='batched' cannot sample this model: the model failed on the batched path's rows"):
-        bdl.predict(model, x, num_samples=8, method="batched")  # as auto found
+    with pytest.raises(RuntimeError):  # asked for, it is tried again: the model's own error
+        bdl.predict(model, x, num_samples=8, method="batched")
     with pytest.raises(RuntimeError):  # a batch of another size: the model's own error, from the loop too
         bdl.predict(model, x[:4], num_samples=8)
     rows = []
     model.model.fc.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
     bdl.predict(model, x, num_samples=8)
     assert rows == [6] * 8  # remembered: the batched forward (48 rows) failed every call
+
+    # an error of the inputs (the loop fails too) is not remembered: the model keeps its batched path
+    class RefusesNaN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Linear(8, 3))
+
+        def forward(self, x):
+            if torch.isnan(x).any():
+                raise ValueError("NaN input")
+            return self.net(x)
+
+    checked = bdl.MCDropout(RefusesNaN())
+    with pytest.raises(ValueError, match="NaN input"):
+        bdl.predict(checked, torch.full((6, 4), math.nan), num_samples=8)
+    assert bdl.predict(checked, torch.randn(6, 4), num_samples=8, method="batched").mutual_information.min() >= 0
 
 
 def test_calls_on_one_model_from_two_threads_run_one_after_the_other():
