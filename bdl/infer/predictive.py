@@ -306,18 +306,21 @@ def predict_function_model(
         observation = output_site not in samples and not single.nodes[output_site]["infer"].get("_deterministic", False)
         if parallel:
             predictive = Predictive(model, posterior_samples=samples, num_samples=num_samples, return_sites=[output_site], parallel=True)
-            read, sampled = _read_site([predictive.get_vectorized_trace(*args, **kwargs).nodes[output_site]], num_samples, shape,
-                                       task, observation, output_site)  # fmt: skip
+            vectorised = predictive.get_vectorized_trace(*args, **kwargs).nodes[output_site]
+            read, sampled = _read_site([vectorised], num_samples, shape, task, observation, output_site)
             # a model that indexes a vector latent (b[0] + b[1] * x) runs under a batch of draws without an error, and
             # where the inputs' length equals the vector's it broadcasts into other numbers: its first and last draws
             # are checked against the model run on them alone, and the model is run draw by draw where they differ.
-            # Not where sampled values are read (a Cauchy's): each run draws others
+            # Sampled values (a Cauchy's), which each run draws anew, by their density under both runs' distributions
             ends = [0, num_samples - 1] if num_samples > 1 else [0]
-            if not sampled:
-                alone, _ = _read_site([run(i).nodes[output_site] if i else single.nodes[output_site] for i in ends], len(ends),
-                                      shape, task, observation, output_site)  # fmt: skip
-                if not all(_agree(None if whole is None else whole[ends], part) for whole, part in zip(read, alone)):
-                    read = None
+            alone_nodes = [run(i).nodes[output_site] if i else single.nodes[output_site] for i in ends]
+            if sampled:
+                agree = _same_density(vectorised, alone_nodes, ends, num_samples)
+            else:
+                alone, _ = _read_site(alone_nodes, len(ends), shape, task, observation, output_site)
+                agree = all(_agree(None if whole is None else whole[ends], part) for whole, part in zip(read, alone))
+            if not agree:
+                read = None
         if not parallel or read is None:
             nodes = [run(i).nodes[output_site] if i else single.nodes[output_site] for i in range(num_samples)]
             read, _ = _read_site(nodes, num_samples, shape, task, observation, output_site)
@@ -326,6 +329,18 @@ def predict_function_model(
     means, variances = read
     dtype = torch.get_default_dtype()
     return Prediction.from_regression(means.to(dtype), None if variances is None else variances.to(dtype), keep_samples=keep_samples)
+
+
+def _same_density(vectorised: dict[str, Any], alone: list[dict[str, Any]], ends: list[int], num_samples: int) -> bool:
+    """Whether the vectorised run's values of draws ``ends`` have the log-density under that run's distribution
+    that the distributions of those draws run alone (``alone``) give them."""
+    try:
+        value = vectorised["value"]
+        whole = vectorised["fn"].log_prob(value).reshape(num_samples, -1).sum(-1)
+        parts = [node["fn"].log_prob(value[i].reshape(node["value"].shape)).sum() for i, node in zip(ends, alone)]
+    except (RuntimeError, ValueError, IndexError):  # shapes that do not line up: not the draws run alone
+        return False
+    return all(bool(torch.isclose(whole[i], part, rtol=1e-4, atol=1e-5)) for i, part in zip(ends, parts))
 
 
 def _agree(whole: Optional[Tensor], part: Optional[Tensor]) -> bool:

@@ -196,6 +196,18 @@ def test_sampled_values_are_read_from_the_vectorised_run_without_running_the_dra
     prediction = predict_function_model(model, {"slope": torch.randn(200)}, torch.randn(5), output_site="obs", task="regression")
     assert prediction.mean.shape == (5, 1) and len(calls) < 10  # not once per draw (Pyro's vectorised run takes 2)
 
+    # and the broadcast of b[0] + b[1] * x is still caught there: by the values' density under both runs
+    def line(x, y=None):
+        b = pyro.sample("b", dist.Normal(torch.zeros(2), 10.0).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("obs", dist.Cauchy(b[0] + b[1] * x, 1e-3), obs=y)
+
+    draws = torch.tensor([[1.0, 3.0], [0.5, 2.0], [2.0, -1.0], [0.0, 4.0]])
+    x = torch.tensor([0.0, 1.0])
+    torch.manual_seed(0)
+    prediction = predict_function_model(line, {"b": draws}, x, output_site="obs", task="regression", keep_samples=True)
+    torch.testing.assert_close(prediction.sample_means[..., 0], draws[:, :1] + draws[:, 1:] * x, atol=0.1, rtol=0)
+
 
 # Observation sites of a slope model, from the two-class logits (0, slope * x) or, for "three", (0, l, -l)
 OBSERVATIONS = {
