@@ -596,8 +596,16 @@ def gaussian_draw(mean: Tensor, var: Tensor, noise: Tensor) -> Tensor:
     if var.dtype != mean.dtype:  # a float32 variance of float16 pre-activations (pre_activation_variance)
         return torch.addcmul(mean, var.clamp_min(tiny).sqrt().to(mean.dtype), noise)
     # torch.func transforms (a DeepEnsemble's vmap) have no batching rule for out= ops; torch.compile fuses
-    # the draw itself (and cannot trace the torch.func test)
-    if torch.compiler.is_compiling() or mean.requires_grad or var.requires_grad or noise.requires_grad or _in_functorch(mean):
+    # the draw itself (and cannot trace the torch.func test); a torch.jit.trace recorded under no_grad replays
+    # with gradients, which refuse out=
+    if (
+        torch.compiler.is_compiling()
+        or mean.requires_grad
+        or var.requires_grad
+        or noise.requires_grad
+        or torch.jit.is_tracing()
+        or _in_functorch(mean)
+    ):
         return torch.addcmul(mean, var.clamp_min(tiny).sqrt(), noise)
     return torch.addcmul(mean, var.clamp_min_(tiny).sqrt_(), noise, out=noise)
 
@@ -607,7 +615,8 @@ def _random_signs(t: Tensor, per_channel: bool) -> Tensor:
     shape = t.shape[:2] + (1,) * (t.dim() - 2) if per_channel else t.shape
     compiling = torch.compiler.is_compiling()  # first: dynamo cannot trace the torch.func test
     transformed = not compiling and _in_functorch(t)
-    if t.device.type != "cpu" or compiling or transformed:
+    # (and in a torch.jit.trace, which has no op for the bits' view as int32)
+    if t.device.type != "cpu" or compiling or transformed or torch.jit.is_tracing():
         # u < 1/2 for u uniform on [0, 1) in steps of 2^-24 is exactly a fair coin
         like = t.detach() if shape == t.shape else t.new_empty(shape)
         uniform = rand_like(like)

@@ -541,3 +541,12 @@ def test_a_traced_layer_draws_fresh_noise_and_runs_with_gradients_when_traced_wi
     torch.manual_seed(1)
     assert torch.equal(traced(x), first) and not torch.equal(traced(x), first)  # seeded, and fresh
     first.sum().backward()  # with gradients: the trace has no out= op
+    # every estimator: flipout's signs (bits viewed as int32) had no op in a trace, local's draw an out= op
+    for estimator in ("local", "flipout"):
+        net = nn.Sequential(bdl.BayesLinear(4, 8, estimator=estimator), nn.ReLU(), bdl.BayesLinear(8, 3, estimator=estimator))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(net, x[:, :4], check_trace=False)
+        outputs = traced(x[:, :4])
+        assert not torch.equal(outputs, traced(x[:, :4]))
+        outputs.sum().backward()
