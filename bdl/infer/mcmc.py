@@ -10,7 +10,7 @@ import sys
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import pyro
 import torch
@@ -76,22 +76,25 @@ class PosteriorSummary:
     """
 
     @classmethod
-    def check_quantiles(cls, quantiles: Sequence[float]) -> None:
-        """A ValueError unless ``quantiles`` are distinct levels in (0, 1) (mcmc checks them before sampling)."""
+    def check_quantiles(cls, quantiles: Sequence[float]) -> tuple[float, ...]:
+        """``quantiles`` as floats, or a ValueError unless they are distinct levels in (0, 1) (mcmc checks them
+        before sampling)."""
+        given = tuple(quantiles) if isinstance(quantiles, Iterable) else (quantiles,)  # a generator: read once
         try:  # numbers, or 0-dim tensors / numpy scalars
-            levels = [float(q) for q in quantiles if not isinstance(q, (bool, str))]
+            levels = [float(q) for q in given if not isinstance(q, (bool, str))]
         except (TypeError, ValueError):
             levels = []
-        if len(levels) != len(quantiles) or not all(0 < q < 1 for q in levels):
-            raise ValueError(f"quantiles must be numbers in (0, 1), got {tuple(quantiles)}")
+        if len(levels) != len(given) or not all(0 < q < 1 for q in levels):
+            raise ValueError(f"quantiles must be numbers in (0, 1), got {given}")
         quantiles = levels
         labels = [cls._label(q) for q in quantiles]
         if len(set(labels)) < len(labels):
             # one column per label: the first of two levels showed the second's values
             raise ValueError(f"quantiles must be distinct levels, got {tuple(quantiles)} (columns {labels})")
+        return tuple(quantiles)
 
     def __init__(self, chain_samples: dict[str, Tensor], quantiles: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95)) -> None:
-        self.check_quantiles(quantiles)
+        quantiles = self.check_quantiles(quantiles)
         for name, value in chain_samples.items():
             if value.dim() < 2 or value.shape[1] < 4:
                 raise ValueError(f"chain_samples[{name!r}] must be [num_chains, num_samples >= 4, ...], got shape {tuple(value.shape)}")
@@ -591,7 +594,7 @@ def mcmc(
             alternative = " or None" if name == "warmup_steps" else ""
             raise ValueError(f"{name} must be an int >= {low}{alternative}, got {value!r}")
     num_samples, num_chains = int(num_samples), int(num_chains)
-    PosteriorSummary.check_quantiles(quantiles)  # checked after sampling, a long run was lost to a typo
+    quantiles = PosteriorSummary.check_quantiles(quantiles)  # checked after sampling, a long run was lost to a typo
     if seed is not None:  # pyro.set_rng_seed seeds numpy too: an int in [0, 2^32); its errors named no argument
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
             raise ValueError(f"seed must be an int in [0, 2**32) or None, got {seed!r}")

@@ -335,6 +335,7 @@ def test_quantile_columns_keep_levels_below_a_tenth_of_a_percent_and_refuse_equa
     assert PosteriorSummary({"a": draws}, quantiles=torch.tensor([0.05, 0.5])).columns[2:4] == ["5.0%", "50.0%"]
     with pytest.raises(ValueError, match=r"quantiles must be numbers in \(0, 1\)"):
         PosteriorSummary({"a": draws}, quantiles=("5%",))
+    assert PosteriorSummary({"a": draws}, quantiles=(q for q in (0.05, 0.5))).columns[2:4] == ["5.0%", "50.0%"]  # "no len()"
 
 
 def regression_model(x, y=None):
