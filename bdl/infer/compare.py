@@ -26,7 +26,8 @@ class PredictiveComparison:
         max_total_variation: the largest per-input total variation.
         mean_difference: mean ``|mu_a - mu_r|`` of the predictive means (regression).
         std_difference: mean ``|sigma_a - sigma_r|`` of the predictive standard deviations.
-        std_ratio: mean ``sigma_a / sigma_r`` (< 1: the approximation is overconfident).
+        std_ratio: mean ``sigma_a / sigma_r`` (< 1: the approximation is overconfident); 1 for an input where
+            both are 0, ``inf`` where only the reference's is.
         wasserstein: mean 2-Wasserstein distance between the Gaussian predictives of each input and output
             dimension, ``sqrt((mu_a - mu_r)^2 + (sigma_a - sigma_r)^2)``.
 
@@ -82,6 +83,8 @@ def compare_predictions(approximate: "Prediction", reference: "Prediction") -> P
             raise TypeError(f"{name} must be a bdl.Prediction, got {type(value).__name__}")
     if approximate.task != reference.task:
         raise ValueError(f"the predictions are of different tasks: approximate={approximate.task!r}, reference={reference.task!r}")
+    if len(approximate) == 0 or len(reference) == 0:  # a raw torch error (classification) or NaN fields (regression)
+        raise ValueError(f"no inputs to compare: approximate has {len(approximate)}, reference {len(reference)}")
     if approximate.task == "classification":
         p, q = approximate.probs, reference.probs.to(approximate.probs.device)
         if p.shape != q.shape:
@@ -105,6 +108,8 @@ def compare_predictions(approximate: "Prediction", reference: "Prediction") -> P
         num_inputs=mu_a.shape[0],
         mean_difference=float((mu_a - mu_r).abs().mean()),
         std_difference=float((sd_a - sd_r).abs().mean()),
-        std_ratio=float((sd_a / sd_r.clamp_min(torch.finfo(sd_r.dtype).tiny)).mean()),
+        # a reference std of 0 (a mean-only prediction): clamped to float's tiny, identical predictives read 0
+        # ("overconfident") and one such input among ratios of 1 gave 1.7e37
+        std_ratio=float(torch.where(sd_r > 0, sd_a / sd_r, torch.where(sd_a > 0, torch.inf, 1.0)).mean()),
         wasserstein=float(((mu_a - mu_r).square() + (sd_a - sd_r).square()).sqrt().mean()),
     )

@@ -31,6 +31,10 @@ def test_regression_compares_predictive_means_and_stds():
     assert comparison.std_ratio == pytest.approx(0.5)
     assert comparison.wasserstein == pytest.approx((1.5**2 + 1.0) ** 0.5)
     assert "std_ratio=0.5" in str(comparison)
+    # a reference std of 0 (mean-only predictions): identical ones read 0 ("overconfident"), one such input 1.7e37
+    point = bdl.Prediction.from_regression(torch.zeros(1, 4, 1))
+    assert compare_predictions(point, point).std_ratio == 1.0
+    assert compare_predictions(reference, point).std_ratio == float("inf")
 
 
 def test_mismatched_predictions_are_rejected():
@@ -42,6 +46,9 @@ def test_mismatched_predictions_are_rejected():
         compare_predictions(classification, bdl.Prediction.from_probs(torch.full((2, 4, 2), 0.5)))
     with pytest.raises(TypeError, match="bdl.Prediction"):
         compare_predictions(torch.zeros(3), classification)
+    for empty in (bdl.Prediction.from_probs(torch.full((2, 0, 2), 0.5)), bdl.Prediction.from_regression(torch.zeros(2, 0, 1))):
+        with pytest.raises(ValueError, match="no inputs to compare: approximate has 0, reference 0"):
+            compare_predictions(empty, empty)
 
 
 def test_svi_with_a_full_rank_guide_matches_the_nuts_reference(full_rank_svi, nuts_run, linear_regression):
