@@ -206,7 +206,7 @@ def _key_parts(key: str) -> Optional[tuple[str, str, Optional[str]]]:
     return name.replace("_", " "), percent.replace("_", "."), rest
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity, as Prediction: == of its tensor fields raised "ambiguous"
 class Report:
     """The result of :func:`evaluate`: metrics, the predictions they came from, and the figures.
 

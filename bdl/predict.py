@@ -186,6 +186,11 @@ class Prediction:
             (tensor([[0.8000, 0.2000]]), tensor([0.0100]))
         """
         sample_probs = _check_samples("sample_probs", sample_probs, "[S, N, C] of probabilities")
+        if sample_probs.shape[-1] == 1:  # a sigmoid's p(class 1) failed "rows must sum to 1", and all ones made 1 class
+            raise ValueError(
+                "sample_probs has one column: for a binary model's p(class 1) pass torch.cat([1 - p, p], -1), or its "
+                "logits to Prediction.from_logits, which reads one column as log-odds"
+            )
         if sample_probs.numel():
             check_probability_rows(sample_probs, "sample_probs", hint="did you pass logits? use Prediction.from_logits")
         summary = _ClassificationSummary(keep_samples)
@@ -257,6 +262,9 @@ class Prediction:
                 )
         if len({part.targets is None for part in parts}) > 1:  # the labelled parts' targets were dropped silently
             raise ValueError("parts must all have targets or all have none: some have targets and some do not")
+        shapes = {tuple(part.targets.shape[1:]) for part in parts if part.targets is not None}
+        if len(shapes) > 1:  # torch's "same number of dimensions" error named no part
+            raise ValueError(f"parts' targets must have one shape per input, got {sorted(shapes)} (e.g. [N, 1] beside [N])")
         merged: dict[str, Any] = {"task": first.task, "num_samples": first.num_samples}
         for item in fields(cls):
             if item.name in merged:
@@ -393,10 +401,22 @@ class Prediction:
             values[item.name] = value
         return Prediction(**values)
 
-    def to(self, device: Union[str, torch.device]) -> "Prediction":
-        """A copy with every tensor moved to ``device``."""
+    def to(self, device: Union[str, torch.device, torch.dtype]) -> "Prediction":
+        """A copy with every tensor moved to ``device``; given a floating dtype, the floating tensors cast to it
+        (integer targets, class labels, stay as they are)."""
+        if isinstance(device, torch.dtype):
+            if not device.is_floating_point:  # probabilities as integers are all 0
+                raise TypeError(f"Prediction.to: a dtype must be floating (its values are probabilities, means, variances), got {device}")
+
+            def convert(value: Tensor) -> Tensor:
+                return value.to(device) if value.is_floating_point() else value
+        else:
+
+            def convert(value: Tensor) -> Tensor:
+                return value.to(device)
+
         values = {item.name: getattr(self, item.name) for item in fields(self)}
-        return Prediction(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in values.items()})
+        return Prediction(**{k: convert(v) if isinstance(v, Tensor) else v for k, v in values.items()})
 
     def __repr__(self) -> str:
         shapes = ", ".join(

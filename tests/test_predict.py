@@ -875,6 +875,30 @@ def test_an_output_for_other_rows_than_the_inputs_is_refused():
         bdl.Prediction.cat([labelled, unlabelled])
     with pytest.raises(ValueError, match=r"outputs of one shape: got \(4,\) next to \(3,\)"):
         bdl.Prediction.cat(iter([bdl.Prediction.from_logits(torch.randn(1, 2, 3)), bdl.Prediction.from_logits(torch.randn(1, 2, 4))]))
+    # regression targets [N, 1] beside [N] (evaluate takes either): torch's "same number of dimensions"
+    column, flat = (bdl.Prediction.from_regression(torch.randn(1, 2, 1)) for _ in range(2))
+    column.targets, flat.targets = torch.zeros(2, 1), torch.zeros(2)
+    with pytest.raises(ValueError, match=r"targets must have one shape per input, got \[\(\), \(1,\)\]"):
+        bdl.Prediction.cat([column, flat])
+    # a sigmoid's one column: "rows must sum to 1", or all ones read as one class
+    with pytest.raises(ValueError, match=r"sample_probs has one column: .* torch.cat\(\[1 - p, p\], -1\)"):
+        bdl.Prediction.from_probs(torch.full((2, 3, 1), 0.3))
+
+
+def test_prediction_to_a_dtype_casts_its_summaries_and_keeps_integer_targets():
+    # every tensor was cast: labels became floats (cross_entropy refused them; float16 read 2049 as 2048), and
+    # to(torch.long) made every probability 0
+    prediction = bdl.Prediction.from_logits(torch.randn(4, 3, 5), keep_samples=True)
+    prediction.targets = torch.tensor([0, 4, 2049])
+    wide = prediction.to(torch.float64)
+    assert wide.probs.dtype == wide.sample_probs.dtype == torch.float64 and torch.equal(wide.targets, prediction.targets)
+    torch.testing.assert_close(wide.probs.float(), prediction.probs)
+    with pytest.raises(TypeError, match="a dtype must be floating"):
+        prediction.to(torch.long)
+    assert prediction.to("cpu").targets.dtype == torch.int64
+    # compared by identity, as Prediction (== compared its tensors: "ambiguous")
+    report = bdl.evaluate(prediction, prediction.targets.clamp_max(4))
+    assert report == report and report != bdl.evaluate(prediction, prediction.targets.clamp_max(4))
 
 
 def test_a_binary_classifier_with_one_logit_predicts_sigmoid_probabilities():
