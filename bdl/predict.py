@@ -295,7 +295,10 @@ class Prediction:
 
     @property
     def predictive_entropy(self) -> Tensor:
-        """Total uncertainty ``H[p] = -sum_c p_c log p_c`` of the mean probabilities, in nats, [N]."""
+        """Total uncertainty ``H[p] = -sum_c p_c log p_c`` of the mean probabilities, in nats, [N].
+
+        Kept while ``probs`` is unchanged (by its version counter): edit ``probs`` through torch ops, not through
+        ``.numpy()`` or ``.data``, which the counter does not see."""
         self._need("classification", "predictive_entropy")
         # kept while probs is the same, unchanged tensor: evaluate reads it 7 times (MI, OOD scores, the report)
         probs, cached = self.probs, self.__dict__.get("_entropy_cache")
