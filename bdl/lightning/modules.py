@@ -1083,6 +1083,25 @@ def _frozen_buffers(model: nn.Module) -> list[tuple[str, Tensor]]:
     return found
 
 
+def _reset_parametrized(module: nn.Module) -> None:
+    """``reset_parameters`` of a module with parametrizations (weight_norm, spectral_norm): run on the computed
+    weight, it wrote into a temporary, and every member kept member 0's. Run on a stand-in of the module's own
+    class whose parametrized tensors are plain, then set through the parametrizations (their right_inverse)."""
+    cls = type(module).__mro__[1]  # the class before parametrize made one of its own
+    reset = getattr(cls, "reset_parameters", None) or getattr(cls, "_reset_parameters", None)
+    if not callable(reset):
+        return
+    stand_in = object.__new__(cls)
+    stand_in.__dict__.update(module.__dict__)
+    plain = {name: nn.Parameter(getattr(module, name).detach().clone()) for name in module.parametrizations}
+    stand_in._parameters = {**module._parameters, **plain}  # the others (a bias) are the module's own: reset in place
+    stand_in._modules = {key: value for key, value in module._modules.items() if key != "parametrizations"}
+    reset(stand_in)
+    with torch.no_grad():
+        for name, value in plain.items():
+            setattr(module, name, value.detach())
+
+
 def _reinitialized(model: nn.Module) -> nn.Module:
     """A copy with fresh parameters: every submodule's ``reset_parameters``, children before their parents, so a
     network's own scheme (ResNet's Kaiming-normal convolutions) has the last word over its layers' defaults."""
@@ -1094,7 +1113,9 @@ def _reinitialized(model: nn.Module) -> nn.Module:
         # torch's MultiheadAttention and Transformer name theirs _reset_parameters: members shared the attention's
         # in-projection with member 0
         method = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
-        if callable(method):
+        if callable(method) and nn.utils.parametrize.is_parametrized(module):
+            _reset_parametrized(module)
+        elif callable(method):
             method()
 
     # a frozen part (a pretrained backbone under a trainable head) is shared knowledge, not an initialisation: it

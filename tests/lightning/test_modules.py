@@ -610,6 +610,17 @@ def test_ensemble_members_reset_attention_and_warn_about_parameters_without_a_re
 
     with pytest.warns(UserWarning, match=r"parameters \['token'\] keep member 0's values"):
         EnsembleModule(WithToken(), num_members=2)
+    # weight_norm / spectral_norm: reset_parameters wrote into the computed weight, and every member kept member
+    # 0's stored tensors (with a warning blaming a missing reset_parameters)
+    for parametrization in (nn.utils.parametrizations.weight_norm, nn.utils.parametrizations.spectral_norm):
+        normed = nn.Sequential(parametrization(nn.Linear(4, 8)), nn.ReLU(), nn.Linear(8, 3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            members = EnsembleModule(normed, num_members=3).model.members
+        for name, value in members[0][0].named_parameters():
+            assert not torch.equal(value, dict(members[1][0].named_parameters())[name]), name
+        x = torch.randn(5, 4)
+        assert not torch.allclose(members[0](x), members[1](x)) and members[1][0].weight.shape == (8, 4)
     # a frozen pretrained backbone (and its BatchNorm statistics) was re-initialised in members 1..M-1
     backbone = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8, affine=False)))
     backbone[1].running_mean.fill_(3.0)
