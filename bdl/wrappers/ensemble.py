@@ -160,8 +160,12 @@ class DeepEnsemble(nn.Module):
 
     def __init__(self, members: Iterable[nn.Module], *, method: str = "auto", chunk_size: Optional[int] = None) -> None:
         super().__init__()
-        if isinstance(members, nn.Module) and not isinstance(members, (nn.ModuleList, nn.Sequential)):
-            raise TypeError("members must be a list of nn.Modules, got a single module; use DeepEnsemble.from_factory(fn, n)")
+        if isinstance(members, nn.Module) and not isinstance(members, nn.ModuleList):
+            # a Sequential is one network: its layers became "members" (three Linear/Tanh/Linear samples, no error)
+            raise TypeError(
+                f"members must be a list (or nn.ModuleList) of networks, got a single {type(members).__name__}; "
+                "use DeepEnsemble.from_factory(fn, n) for n networks built by fn"
+            )
         members = list(members)
         if not members:
             raise ValueError("members is empty: an ensemble needs at least one network")
@@ -315,10 +319,17 @@ class DeepEnsemble(nn.Module):
         """
         if self.method != "vmap" or len(self.members) == 1:
             return "loop"
-        if not self.shares_architecture() or (self.training and any(True for _ in self.members[0].buffers())):
+        if not self.shares_architecture():
             raise ValueError(
-                "method='vmap' needs members of one architecture (same modules, attributes, parameter and buffer shapes) "
-                "and, in training mode, no buffers; use method='loop'"
+                "method='vmap' needs members of one architecture (same modules, attributes, parameter and buffer shapes); "
+                "use method='loop'"
+            )
+        # the members' own modes (alike: shares_architecture compares them), not the wrapper's: members switched to
+        # training mode in an eval-mode ensemble updated vmap's stacked copy of their statistics, not theirs
+        if any(module.training and module._buffers for module in self.members[0].modules()):
+            raise ValueError(
+                "method='vmap' cannot run members in training mode that hold buffers (BatchNorm statistics): their updates "
+                "would go to vmap's stacked copy, not the members; use method='loop', or eval()"
             )
         if not all(_hooks_alike(modules) for modules in zip(*(member.modules() for member in self.members))):
             # one vmapped copy of member 0 runs every member: a hook of member 0's alone zeroed every member

@@ -135,6 +135,24 @@ def test_different_architectures_fall_back_to_the_loop_or_refuse_vmap():
         DeepEnsemble(members, method="vmap")(torch.randn(2, 4))
 
 
+def test_vmap_refuses_members_in_training_mode_with_buffers_whatever_the_wrappers_mode():
+    # the wrapper's flag was read: members switched to train() in an eval ensemble ran BatchNorm in training mode
+    # under vmap, whose statistics' updates went to the stacked copy (the members' never moved); the reverse was
+    # refused as "members of one architecture"
+    _, vmap = ensemble_pair()
+    x = torch.randn(6, 4)
+    for member_ in vmap.members:
+        member_.train()
+    statistics = vmap.members[0][1].running_mean.clone()
+    with pytest.raises(ValueError, match=r"cannot run members in training mode that hold buffers \(BatchNorm statistics\)"):
+        vmap(x)
+    assert torch.equal(vmap.members[0][1].running_mean, statistics)
+    vmap.train()
+    for member_ in vmap.members:
+        member_.eval()
+    assert vmap.resolve_method() == "vmap"  # nothing to update
+
+
 def test_members_that_differ_in_plain_attributes_or_mode_refuse_vmap():
     class Scaled(nn.Module):
         def __init__(self, factor):
@@ -258,8 +276,11 @@ def test_bad_arguments_are_named():
         DeepEnsemble([])
     with pytest.raises(TypeError, match=r"members\[1\]"):
         DeepEnsemble([nn.Linear(2, 2), "net"])
-    with pytest.raises(TypeError, match="single module"):
+    with pytest.raises(TypeError, match=r"got a single Linear; use DeepEnsemble.from_factory"):
         DeepEnsemble(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"got a single Sequential"):  # its layers were taken for members
+        DeepEnsemble(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)))
+    assert len(DeepEnsemble(nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)]))) == 2
     with pytest.raises(ValueError, match="method must be one of"):
         DeepEnsemble([nn.Linear(2, 2)], method="parallel")
     with pytest.raises(ValueError, match="num_members"):
