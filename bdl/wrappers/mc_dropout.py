@@ -148,12 +148,15 @@ class MCDropout(nn.Module):
             # an attention's out_proj is an nn.Linear whose forward the attention never calls (it reads the weight)
             unused = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
             for name, module in model.named_modules():
-                if name and id(module) not in unused and _matches(name, module, insert_before):
+                # the model itself by a type pattern only (a name glob such as "*" would match its empty name): a bare
+                # nn.Linear model matched nothing, "its modules: []"
+                own_type = [pattern for pattern in insert_before if isinstance(pattern, type)]
+                if id(module) not in unused and _matches(name, module, insert_before if name else own_type):
                     dropout = nn.Dropout(float(p))
                     module.register_forward_pre_hook(_DropoutBefore(dropout), with_kwargs=True)
                     inserted.append(dropout)
                     self._targets.append(module)
-                    self._target_names.append(name)
+                    self._target_names.append(name or "(the model)")
             if not self._targets:
                 names = [name for name, _ in model.named_modules() if name]
                 raise ValueError(f"insert_before={list(insert_before)!r} matched no module of the model; its modules: {names}")

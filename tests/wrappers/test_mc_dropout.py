@@ -140,6 +140,13 @@ def test_insert_before_accepts_module_types():
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     model = MCDropout(net, p=0.1, insert_before=[nn.Linear])
     assert model.extra_repr().endswith("inserted_before=['0', '2']")
+    # the model itself, by its type (a bare linear model's input dropout: "matched no module ... its modules: []")
+    bare = MCDropout(nn.Linear(4, 3), p=0.5, insert_before=[nn.Linear])
+    assert bare.extra_repr().endswith("inserted_before=['(the model)']")
+    with torch.no_grad():
+        assert not torch.equal(bare(torch.ones(100, 4)), bare(torch.ones(100, 4)))
+    with pytest.raises(ValueError, match="matched no module"):  # a name glob does not name the model itself
+        MCDropout(nn.Linear(4, 3), p=0.5, insert_before=["*"])
 
 
 def test_insertion_skips_an_attentions_out_proj_and_drops_keyword_inputs():
