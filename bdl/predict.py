@@ -413,13 +413,17 @@ class Prediction:
 
             def convert(value: Tensor) -> Tensor:
                 return value.to(device) if value.is_floating_point() else value
+
+            # class labels stay as they are, floats too (bfloat16 read 291 as 292)
+            cast = {item.name: item.name != "targets" or self.task == "regression" for item in fields(self)}
         else:
 
             def convert(value: Tensor) -> Tensor:
                 return value.to(device)
 
+            cast = {item.name: True for item in fields(self)}
         values = {item.name: getattr(self, item.name) for item in fields(self)}
-        return Prediction(**{k: convert(v) if isinstance(v, Tensor) else v for k, v in values.items()})
+        return Prediction(**{k: convert(v) if isinstance(v, Tensor) and cast[k] else v for k, v in values.items()})
 
     def __repr__(self) -> str:
         shapes = ", ".join(
@@ -1554,7 +1558,7 @@ def predict(
                             # the network and inputs like these once the loop has drawn (the failed forward cost
                             # every call 1.6x), but not a failed allocation (a CPU's is a plain RuntimeError) nor
                             # an error of these inputs, which the loop raises too
-                            failed = not any(text in str(error) for text in ("out of memory", "allocate"))
+                            failed = not isinstance(error, MemoryError) and not any(text in str(error) for text in ("out of memory", "allocate"))
                             resolved[shape] = "loop"
                             fitted[shape] = chunk_size or _default_chunk(model, x, num_samples, "loop")
                             continue

@@ -227,7 +227,7 @@ ROWS = [
     _row("ELBOLoss-criterion-summing", lambda t: bdl.ELBOLoss(nn.Linear(2, 2), 10, criterion=nn.CrossEntropyLoss(reduction="sum")), ValueError, r"criterion CrossEntropyLoss\(reduction='sum'\) sums over the batch; the ELBO here is per example"),
     _row("ELBOLoss-criterion-string", lambda t: bdl.ELBOLoss(nn.Linear(2, 2), 10, criterion="ce"), TypeError, r"criterion must be a callable criterion\(output, target\)"),
     _row("plot_ood_histogram-bins-zero", lambda t: bdl.plots.plot_ood_histogram(torch.rand(5), torch.rand(5), bins=0), ValueError, r"bins must be a positive int, got 0"),
-    _row("TemperatureScaler.fit-float-labels", lambda t: bdl.TemperatureScaler().fit(torch.randn(10, 3), _y().float()), TypeError, r"`target` must hold integer class labels, got dtype torch.float32"),
+    _row("TemperatureScaler.fit-float-labels", lambda t: bdl.TemperatureScaler().fit(torch.randn(10, 3), _y().float() + 0.5), TypeError, r"`target` must hold integer class labels, got dtype torch.float32"),
     # ---- Pyro engines: names, scales, labels, num_samples
     _row("make_guide-unknown-name", lambda t: infer.make_guide("bogus", _pyro_model()), ValueError, r"unknown guide 'bogus'; choose one of \['delta', 'lowrank_normal', 'multivariate_normal', 'normal'\]"),
     _row("make_likelihood-unknown-name", lambda t: infer.make_likelihood("poisson"), ValueError, r"unknown likelihood 'poisson'; choose one of \['bernoulli', 'categorical'"),
@@ -235,7 +235,7 @@ ROWS = [
     _row("GaussianLikelihood-zero-noise", lambda t: infer.GaussianLikelihood(noise_std=0), ValueError, r"noise_std must be a positive number, got 0"),
     _row("PyroModel-negative-prior_scale", lambda t: infer.PyroModel(nn.Linear(2, 2), "categorical", prior_scale=-1.0), ValueError, r"prior_scale must be a positive number, got -1.0"),
     _row("categorical-likelihood-labels-out-of-range", lambda t: infer.CategoricalLikelihood()(torch.randn(5, 2), torch.tensor([0, 1, 2, 3, 4])), ValueError, r"targets must be class indices in \[0, 1\] for the network's 2 logits, got labels in \[0, 4\]"),
-    _row("categorical-likelihood-float-labels", lambda t: infer.CategoricalLikelihood()(torch.randn(5, 2), torch.zeros(5)), ValueError, r"targets must be integer class indices of shape \(5,\), got torch.float32"),
+    _row("categorical-likelihood-float-labels", lambda t: infer.CategoricalLikelihood()(torch.randn(5, 2), torch.full((5,), 0.5)), ValueError, r"targets must be integer class indices of shape \(5,\), got torch.float32"),
     _row("mcmc-unknown-kernel", lambda t: bdl.mcmc(lambda: None, kernel="bogus"), ValueError, r"unknown kernel 'bogus'; choose one of \['hmc', 'nuts'\]"),
     _row("mcmc-num_samples-zero", lambda t: bdl.mcmc(lambda: None, num_samples=0), ValueError, r"num_samples must be an int >= 4, got 0"),
     # ---- Lightning data modules and networks: files, empty data, fractions, noise, sizes, names
@@ -273,6 +273,7 @@ ROWS = [
         ValueError, r"estimator must be one of \['flipout', 'local', 'reparam'\], got 'mc'",
 
     ),
+    _row("training_loss-infinite-label", lambda t: DeterministicModule(nn.Linear(4, 3)).training_loss(_x(4), torch.tensor([0.0, 1.0, math.inf, 2.0])), TypeError, r"targets must be integer class labels \(torch.long\) for classification, got torch.float32"),
     _row("evaluate-bfloat16-labels-past-256", lambda t: bdl.evaluate(nn.Linear(4, 300), (_x(), torch.full((10,), 257.0).bfloat16()), num_samples=1), TypeError, r"class labels in torch.bfloat16 from 256 up may have been rounded to other classes \(257 -> 256"),
     _row(
         "training_loss-float-labels",

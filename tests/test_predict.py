@@ -896,6 +896,12 @@ def test_prediction_to_a_dtype_casts_its_summaries_and_keeps_integer_targets():
     with pytest.raises(TypeError, match="a dtype must be floating"):
         prediction.to(torch.long)
     assert prediction.to("cpu").targets.dtype == torch.int64
+    floats = bdl.Prediction.from_logits(torch.randn(2, 3, 400))
+    floats.targets = torch.tensor([290.0, 291.0, 399.0])  # float class labels stay too (bfloat16 read 291 as 292)
+    assert torch.equal(floats.to(torch.bfloat16).targets, floats.targets)
+    regression = bdl.Prediction.from_regression(torch.randn(2, 3, 1))
+    regression.targets = torch.randn(3, 1)
+    assert regression.to(torch.float64).targets.dtype == torch.float64  # a regression's targets are values
     # compared by identity, as Prediction (== compared its tensors: "ambiguous")
     report = bdl.evaluate(prediction, prediction.targets.clamp_max(4))
     assert report == report and report != bdl.evaluate(prediction, prediction.targets.clamp_max(4))

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .._warn import user_stacklevel
-from ..metrics.functional._checks import check_float, check_labels, probability_sum_tolerance
+from ..metrics.functional._checks import as_class_labels, as_tensor, check_float, check_labels, probability_sum_tolerance
 from ..predict import _two_class
 
 __all__ = ["TemperatureScaledModel", "TemperatureScaler", "fit_temperature"]
@@ -44,7 +44,8 @@ def _check_logits(logits, target) -> tuple[Tensor, Tensor]:  # noqa: ANN001
             stacklevel=user_stacklevel(),
         )
     logits = _two_class(logits)  # (-l/2, l/2) / T: the scaled log-odds, as bdl.predict reads them
-    target = check_labels(target, logits.shape[-1], logits.shape[-2])
+    # labels as evaluate takes them: a binary model's 0./1. floats, [N, 1]
+    target = check_labels(as_class_labels(as_tensor(target, "target")), logits.shape[-1], logits.shape[-2])
     # probabilities in place of logits fit a meaningless temperature (softmax of values in [0, 1]); amin and the
     # row sums, not a mask and a float64 copy of [S, N, C] logits
     tolerance = probability_sum_tolerance(logits.dtype)  # a float16 softmax's rows are 3e-4 off, bfloat16's 3e-3

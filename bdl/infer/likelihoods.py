@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..metrics.functional._checks import as_class_labels
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..predict import Prediction
 
@@ -133,6 +135,7 @@ class CategoricalLikelihood(Likelihood):
     def check_target(self, target: Tensor, output: Tensor) -> Tensor:
         if output.dim() != 2:
             raise ValueError(f"categorical likelihood: the network output must be logits [B, C], got shape {tuple(output.shape)}")
+        target = as_class_labels(target)  # as the other modules and evaluation take labels: [B, 1], whole floats
         if target.shape != output.shape[:1] or target.is_floating_point():
             raise ValueError(
                 f"categorical likelihood: targets must be integer class indices of shape {tuple(output.shape[:1])}, "

@@ -79,7 +79,8 @@ class PosteriorSummary:
     def check_quantiles(cls, quantiles: Sequence[float]) -> tuple[float, ...]:
         """``quantiles`` as floats, or a ValueError unless they are distinct levels in (0, 1) (mcmc checks them
         before sampling)."""
-        given = tuple(quantiles) if isinstance(quantiles, Iterable) else (quantiles,)  # a generator: read once
+        scalar = not isinstance(quantiles, Iterable) or getattr(quantiles, "ndim", None) == 0  # 0.5, tensor(0.5)
+        given = (quantiles,) if scalar else tuple(quantiles)  # a generator: read once
         try:  # numbers, or 0-dim tensors / numpy scalars
             levels = [float(q) for q in given if not isinstance(q, (bool, str))]
         except (TypeError, ValueError):

@@ -497,7 +497,9 @@ class _Evaluation:
         x, y = _split_batch(batch)
         prediction = self._checked_prediction(x, self.num_eval_samples, "test")
         one_dimensional = x.dim() == 2 and x.shape[1] == 1  # kept for the 1-D regression figure
-        self._test_outputs[dataloader_idx].append((prediction, None if y is None else self._labels(y), x if one_dimensional else None))
+        # (the OOD loader's targets are never read: not judged either, as image ids in bfloat16 were)
+        labels = None if y is None or dataloader_idx == 1 else self._labels(y)
+        self._test_outputs[dataloader_idx].append((prediction, labels, x if one_dimensional else None))
 
     def _collect(self, index: int) -> tuple[Optional[Prediction], Optional[Tensor], Optional[Tensor]]:
         parts = self._test_outputs.get(index)

@@ -618,11 +618,12 @@ def _random_signs(t: Tensor, per_channel: bool) -> Tensor:
     # (and in a torch.jit.trace, which has no op for the bits' view as int32)
     if t.device.type != "cpu" or compiling or transformed or torch.jit.is_tracing():
         # u < 1/2 for u uniform on [0, 1) in steps of 2^-24 is exactly a fair coin
-        like = t.detach() if shape == t.shape else t.new_empty(shape)
+        # float32 uniforms: bfloat16's are below 1/2 with probability 0.5009 (a float32 one's is exactly 1/2)
+        like = t.new_empty(shape, dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) or shape != t.shape else t.detach()
         uniform = rand_like(like)
         if transformed:  # vmap has no batching rule for lt_
-            return (uniform < 0.5).to(uniform.dtype) * 2 - 1
-        return uniform.lt_(0.5).mul_(2).sub_(1)
+            return ((uniform < 0.5).to(uniform.dtype) * 2 - 1).to(t.dtype)
+        return uniform.lt_(0.5).mul_(2).sub_(1).to(t.dtype)
     # on CPU every random number costs a generator call (~5-8 ns): unpack the 64 signs of each
     # :func:`random_bits` word instead (128x1200 signs, one thread: 0.3 ms against 1.3 ms with uniforms,
     # 2.8 ms with bernoulli_); the arithmetic shift of int32 keeps bit 31 as the lowest bit of -1 or 0

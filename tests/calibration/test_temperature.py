@@ -117,6 +117,9 @@ def test_a_binary_classifiers_single_logit_is_scaled_as_its_two_class_logits():
     temperature = fit_temperature(log_odds, target)
     torch.testing.assert_close(temperature, fit_temperature(two_class, target))
     assert abs(float(temperature) - 3) < 0.6
+    # the labels evaluate takes: 0./1. floats, [N, 1] (refused: "must hold integer class labels", "shape (500, 1)")
+    for labels in (target.float(), target.float()[:, None], target[:, None]):
+        torch.testing.assert_close(fit_temperature(log_odds, labels), temperature)
 
 
 def test_a_wrapped_ensemble_is_still_sampled_member_by_member():

@@ -25,6 +25,9 @@ def test_categorical_log_likelihood_is_minus_cross_entropy():
     logits, y = torch.randn(6, 4), torch.randint(0, 4, (6,))
     log_prob, _ = observed_log_prob(CategoricalLikelihood(), logits, y)
     torch.testing.assert_close(log_prob, -F.cross_entropy(logits, y, reduction="sum"))
+    # the labels the other modules take: [B, 1], whole-number floats (refused here alone)
+    for labels in (y[:, None], y.float()):
+        torch.testing.assert_close(observed_log_prob(CategoricalLikelihood(), logits, labels)[0], log_prob)
 
 
 def test_bernoulli_log_likelihood_is_minus_binary_cross_entropy():

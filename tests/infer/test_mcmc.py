@@ -336,6 +336,8 @@ def test_quantile_columns_keep_levels_below_a_tenth_of_a_percent_and_refuse_equa
     with pytest.raises(ValueError, match=r"quantiles must be numbers in \(0, 1\)"):
         PosteriorSummary({"a": draws}, quantiles=("5%",))
     assert PosteriorSummary({"a": draws}, quantiles=(q for q in (0.05, 0.5))).columns[2:4] == ["5.0%", "50.0%"]  # "no len()"
+    for level in (0.5, torch.tensor(0.5), np.float64(0.5), np.array(0.5)):  # one level ("iteration over a 0-d tensor")
+        assert PosteriorSummary({"a": draws}, quantiles=level).columns[2] == "50.0%"
 
 
 def regression_model(x, y=None):

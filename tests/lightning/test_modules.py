@@ -158,6 +158,15 @@ def test_test_run_writes_the_evaluate_report_with_ood_metrics(tmp_path):
     assert {"train/nll_epoch", "train/kl_epoch", "val/accuracy", "val/nll", "val/ece"} <= set(logged)
 
 
+def test_the_ood_loaders_targets_are_not_judged_as_labels():
+    # never read, they were judged: image ids as floats (bf16-true casts them to bfloat16) stopped the test run
+    module = DeterministicModule(nn.Linear(4, 3), save_report=False)
+    test = DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,))), batch_size=8)
+    ood = DataLoader(TensorDataset(torch.randn(16, 4), torch.arange(300, 316).float().bfloat16()), batch_size=8)
+    trainer(None).test(module, dataloaders=[test, ood], verbose=False)
+    assert len(module.report.ood_prediction) == 16
+
+
 def test_regression_modules_log_rmse_and_report_the_gap(tmp_path):
     torch.manual_seed(0)
     data = RegressionGapDataModule(num_samples=200)

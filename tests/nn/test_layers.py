@@ -550,3 +550,16 @@ def test_a_traced_layer_draws_fresh_noise_and_runs_with_gradients_when_traced_wi
         outputs = traced(x[:, :4])
         assert not torch.equal(outputs, traced(x[:, :4]))
         outputs.sum().backward()
+
+
+
+def test_traced_flipout_signs_of_half_layers_are_float32_coin_flips(monkeypatch):
+    # a bfloat16 uniform is below 1/2 with probability 0.5009, not 1/2: the signs come from float32 uniforms
+    from bdl.nn.functional import _random_signs
+
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)  # the uniform path, as in a trace
+    torch.manual_seed(0)
+    expected = (torch.rand(1000) < 0.5).float() * 2 - 1
+    torch.manual_seed(0)
+    signs = _random_signs(torch.empty(1000, dtype=torch.bfloat16), per_channel=False)
+    assert signs.dtype == torch.bfloat16 and torch.equal(signs.float(), expected)
