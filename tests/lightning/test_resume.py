@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -276,34 +277,39 @@ class _Crash(Exception):
     pass
 
 
+class _RecordUntilCrash(L.Callback):
+    """Records ``read(trainer, module, batch)`` at the start of each training batch; raises :class:`_Crash` (a
+    killed run) at global step ``crash_at``."""
+
+    def __init__(self, read, crash_at=None):
+        self.values, self.read, self.crash_at = [], read, crash_at
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.crash_at:
+            raise _Crash
+        self.values.append(self.read(trainer, module, batch))
+
+
 def test_a_fit_resumed_from_a_checkpoint_saved_partway_through_an_epoch_trains_on_that_epochs_remaining_batches(tmp_path, one_thread):
     # Lightning runs the interrupted epoch's remaining batches from a fresh loader: they were the epoch's first
     # ones again (3 batches trained twice, 3 never)
-    import lightning as L
-
     from bdl.lightning import DigitsDataModule
 
-    class Record(L.Callback):
-        def __init__(self, crash_at=None):
-            self.batches, self.crash_at = [], crash_at
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if trainer.global_step == self.crash_at:
-                raise _Crash
-            self.batches.append((trainer.current_epoch, float(batch[0].sum())))
+    def recorder(crash_at=None):  # the epoch and a checksum of each batch
+        return _RecordUntilCrash(lambda trainer, module, batch: (trainer.current_epoch, float(batch[0].sum())), crash_at)
 
     def fit(folder, record, ckpt_path=None):
         callbacks = [record, L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, every_n_train_steps=3, save_last=True)]
         return _fit_linear_on_digits(folder, DigitsDataModule(batch_size=32), callbacks, ckpt_path, max_epochs=2, limit_train_batches=6)
 
-    reference = Record()
+    reference = recorder()
     expected = fit(tmp_path / "a", reference)
     with pytest.raises(_Crash):
-        fit(tmp_path / "b", Record(crash_at=4))
+        fit(tmp_path / "b", recorder(crash_at=4))
     assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["global_step"] == 3  # mid-epoch 0
-    after = Record()
+    after = recorder()
     resumed = fit(tmp_path / "b", after, ckpt_path=tmp_path / "b" / "last.ckpt")
-    assert after.batches == reference.batches[3:]
+    assert after.values == reference.values[3:]
     torch.testing.assert_close(resumed, expected, rtol=0, atol=0)
 
 
@@ -451,16 +457,8 @@ def test_a_fit_resumed_in_double_precision_starts_from_the_checkpoints_float64_w
 def test_a_fit_resumed_partway_through_an_epoch_keeps_the_kl_warm_up_of_an_uninterrupted_one(tmp_path, one_thread):
     # the warm-up's weight is read from the epoch and the batch in it: both must come back with the checkpoint (the
     # weights drawn are not those of an uninterrupted run: a resume is exact from an epoch's end only)
-    import lightning as L
-
-    class Record(L.Callback):
-        def __init__(self, crash_at=None):
-            self.weights, self.crash_at = [], crash_at
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if trainer.global_step == self.crash_at:
-                raise _Crash
-            self.weights.append(module.current_kl_weight())
+    def recorder(crash_at=None):  # the KL weight of each batch
+        return _RecordUntilCrash(lambda trainer, module, batch: module.current_kl_weight(), crash_at)
 
     def fit(folder, record, ckpt_path=None):
         module, (train, _) = _resume_case("variational", seed=0)
@@ -470,12 +468,12 @@ def test_a_fit_resumed_partway_through_an_epoch_keeps_the_kl_warm_up_of_an_unint
                             enable_model_summary=False, limit_val_batches=0, callbacks=callbacks)  # fmt: skip
         trainer.fit(module, train, ckpt_path=ckpt_path)
 
-    reference = Record()
+    reference = recorder()
     fit(tmp_path / "a", reference)
-    assert reference.weights == pytest.approx([min(1.0, step / 6) for step in range(9)])  # 3 batches per epoch
+    assert reference.values == pytest.approx([min(1.0, step / 6) for step in range(9)])  # 3 batches per epoch
     with pytest.raises(_Crash):
-        fit(tmp_path / "b", Record(crash_at=5))
+        fit(tmp_path / "b", recorder(crash_at=5))
     assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["global_step"] == 4  # mid-epoch 1
-    after = Record()
+    after = recorder()
     fit(tmp_path / "b", after, ckpt_path=tmp_path / "b" / "last.ckpt")
-    assert after.weights == pytest.approx(reference.weights[4:])
+    assert after.values == pytest.approx(reference.values[4:])
