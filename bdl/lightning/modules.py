@@ -1085,14 +1085,16 @@ def _frozen_buffers(model: nn.Module) -> list[tuple[str, Tensor]]:
     return found
 
 
-def _reset_parametrized(module: nn.Module) -> None:
+def _reset_parametrized(module: nn.Module) -> bool:
     """``reset_parameters`` of a module with parametrizations (weight_norm, spectral_norm): run on the computed
     weight, it wrote into a temporary, and every member kept member 0's. Run on a stand-in of the module's own
-    class whose parametrized tensors are plain, then set through the parametrizations (their right_inverse)."""
+    class whose parametrized tensors are plain, then set through the parametrizations (their right_inverse).
+    False where a parametrization has no right_inverse: nothing to set them through."""
     cls = type(module).__mro__[1]  # the class before parametrize made one of its own
     reset = getattr(cls, "reset_parameters", None) or getattr(cls, "_reset_parameters", None)
-    if not callable(reset):
-        return
+    invertible = all(hasattr(p, "right_inverse") for name in module.parametrizations for p in module.parametrizations[name])
+    if not callable(reset) or not invertible:  # the module's own reset (its other parameters); a warning names these
+        return False
     stand_in = object.__new__(cls)
     stand_in.__dict__.update(module.__dict__)
     plain = {name: nn.Parameter(getattr(module, name).detach().clone()) for name in module.parametrizations}
@@ -1102,6 +1104,28 @@ def _reset_parametrized(module: nn.Module) -> None:
     with torch.no_grad():
         for name, value in plain.items():
             setattr(module, name, value.detach())
+            for parametrization in module.parametrizations[name]:
+                # spectral_norm's power-iteration vectors were member 0's: in eval mode (no iteration) a member's
+                # weight was scaled by another's sigma, its norm 10-30 where 1 was meant. Fresh ones, as torch makes
+                if hasattr(parametrization, "_power_method") and hasattr(parametrization, "_u"):
+                    matrix = parametrization._reshape_weight_to_matrix(module.parametrizations[name].original)
+                    parametrization._u.copy_(F.normalize(torch.randn_like(parametrization._u), dim=0, eps=parametrization.eps))
+                    parametrization._v.copy_(F.normalize(torch.randn_like(parametrization._v), dim=0, eps=parametrization.eps))
+                    parametrization._power_method(matrix, 15)
+    return True
+
+
+def _computed_alike(name: str, copied: nn.Module, model: nn.Module) -> bool:
+    """For a parametrization's stored tensor (``0.parametrizations.weight.original``), whether the tensor it computes
+    is alike in both (orthogonal's stored -I is, while its weight lives elsewhere); True for other parameters."""
+    owner, found, rest = name.partition(".parametrizations.")
+    if not found and name.startswith("parametrizations."):
+        owner, found, rest = "", True, name[len("parametrizations."):]
+    if not found:
+        return True
+    tensor = rest.split(".", 1)[0]
+    with torch.no_grad():
+        return torch.equal(getattr(copied.get_submodule(owner), tensor), getattr(model.get_submodule(owner), tensor))
 
 
 def _reinitialized(model: nn.Module) -> nn.Module:
@@ -1115,9 +1139,7 @@ def _reinitialized(model: nn.Module) -> nn.Module:
         # torch's MultiheadAttention and Transformer name theirs _reset_parameters: members shared the attention's
         # in-projection with member 0
         method = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
-        if callable(method) and nn.utils.parametrize.is_parametrized(module):
-            _reset_parametrized(module)
-        elif callable(method):
+        if callable(method) and not (nn.utils.parametrize.is_parametrized(module) and _reset_parametrized(module)):
             method()
 
     # a frozen part (a pretrained backbone under a trainable head) is shared knowledge, not an initialisation: it
@@ -1133,12 +1155,13 @@ def _reinitialized(model: nn.Module) -> nn.Module:
     kept = [
         name for (name, new), old in zip(copied.named_parameters(), model.parameters())
         if new.requires_grad and not isinstance(new, lazy) and new.numel() > 1 and torch.equal(new, old)
-        and not bool((new == new.reshape(-1)[0]).all())
+        and not bool((new == new.reshape(-1)[0]).all()) and _computed_alike(name, copied, model)
     ]  # fmt: skip
     if kept:  # constant initial values (LayerNorm's ones) are alike by design; random ones are member 0's
         warnings.warn(
             f"EnsembleModule: parameters {kept[:5]}{' ...' if len(kept) > 5 else ''} keep member 0's values in every member "
-            "(their module has no reset_parameters): the members start alike there; give that module a reset_parameters",
+            "(their module has no reset_parameters, or a parametrization without right_inverse): the members start "
+            "alike there; give that module a reset_parameters",
             stacklevel=3,
         )
     return copied

@@ -326,7 +326,8 @@ class DeepEnsemble(nn.Module):
             )
         # the members' own modes (alike: shares_architecture compares them), not the wrapper's: members switched to
         # training mode in an eval-mode ensemble updated vmap's stacked copy of their statistics, not theirs
-        if any(module.training and module._buffers for module in self.members[0].modules()):
+        # (buffers that are None, as InstanceNorm's and an untracked BatchNorm's statistics, hold nothing to update)
+        if any(module.training and any(b is not None for b in module._buffers.values()) for module in self.members[0].modules()):
             raise ValueError(
                 "method='vmap' cannot run members in training mode that hold buffers (BatchNorm statistics): their updates "
                 "would go to vmap's stacked copy, not the members; use method='loop', or eval()"

@@ -630,6 +630,25 @@ def test_ensemble_members_reset_attention_and_warn_about_parameters_without_a_re
             assert not torch.equal(value, dict(members[1][0].named_parameters())[name]), name
         x = torch.randn(5, 4)
         assert not torch.allclose(members[0](x), members[1](x)) and members[1][0].weight.shape == (8, 4)
+    # spectral_norm's power-iteration vectors were member 0's: in eval mode a member's weight had norm 10-30, not 1
+    torch.manual_seed(0)
+    members = EnsembleModule(nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(64, 64))), num_members=3).eval().model.members
+    assert all(abs(float(torch.linalg.matrix_norm(member[0].weight, ord=2)) - 1) < 0.1 for member in members)
+    # an orthogonal weight (its stored tensor is -I in every member, its weight apart): no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        members = EnsembleModule(nn.Sequential(nn.utils.parametrizations.orthogonal(nn.Linear(4, 4))), num_members=2).model.members
+    assert not torch.allclose(members[0][0].weight, members[1][0].weight)
+
+    class Symmetric(nn.Module):  # torch's tutorial parametrization, without right_inverse: kept, with a warning
+        def forward(self, weight):
+            return weight.triu() + weight.triu(1).transpose(0, 1)
+
+    layer = nn.Linear(4, 4)
+    nn.utils.parametrize.register_parametrization(layer, "weight", Symmetric())
+    with pytest.warns(UserWarning, match=r"\['0.parametrizations.weight.original'\] keep member 0's values .* a parametrization without right_inverse"):
+        members = EnsembleModule(nn.Sequential(layer), num_members=2).model.members  # it failed in setattr
+    assert not torch.equal(members[0][0].bias, members[1][0].bias)
     # a frozen pretrained backbone (and its BatchNorm statistics) was re-initialised in members 1..M-1
     backbone = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8, affine=False)))
     backbone[1].running_mean.fill_(3.0)

@@ -151,6 +151,9 @@ def test_vmap_refuses_members_in_training_mode_with_buffers_whatever_the_wrapper
     for member_ in vmap.members:
         member_.eval()
     assert vmap.resolve_method() == "vmap"  # nothing to update
+    # InstanceNorm and an untracked BatchNorm register their statistics as None: nothing to update, vmap runs
+    norms = DeepEnsemble([nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False)) for _ in range(2)], method="vmap")
+    assert norms.train().resolve_method() == "vmap" and norms(x).shape == (2, 6, 6)
 
 
 def test_members_that_differ_in_plain_attributes_or_mode_refuse_vmap():
