@@ -406,24 +406,21 @@ class Prediction:
 
     def to(self, device: Union[str, torch.device, torch.dtype]) -> "Prediction":
         """A copy with every tensor moved to ``device``; given a floating dtype, the floating tensors cast to it
-        (integer targets, class labels, stay as they are)."""
-        if isinstance(device, torch.dtype):
-            if not device.is_floating_point:  # probabilities as integers are all 0
-                raise TypeError(f"Prediction.to: a dtype must be floating (its values are probabilities, means, variances), got {device}")
+        (class labels stay as they are)."""
+        dtype = device if isinstance(device, torch.dtype) else None
+        if dtype is not None and not dtype.is_floating_point:  # probabilities as integers are all 0
+            raise TypeError(f"Prediction.to: a dtype must be floating (its values are probabilities, means, variances), got {dtype}")
 
-            def convert(value: Tensor) -> Tensor:
-                return value.to(device) if value.is_floating_point() else value
-
-            # class labels stay as they are, floats too (bfloat16 read 291 as 292)
-            cast = {item.name: item.name != "targets" or self.task == "regression" for item in fields(self)}
-        else:
-
-            def convert(value: Tensor) -> Tensor:
+        def moved(name: str, value: Any) -> Any:  # noqa: ANN401
+            if not isinstance(value, Tensor):
+                return value
+            if dtype is None:
                 return value.to(device)
+            # float class labels too stay as they are (bfloat16 read 291 as 292)
+            label = name == "targets" and self.task == "classification"
+            return value.to(dtype) if value.is_floating_point() and not label else value
 
-            cast = {item.name: True for item in fields(self)}
-        values = {item.name: getattr(self, item.name) for item in fields(self)}
-        return Prediction(**{k: convert(v) if isinstance(v, Tensor) and cast[k] else v for k, v in values.items()})
+        return Prediction(**{item.name: moved(item.name, getattr(self, item.name)) for item in fields(self)})
 
     def __repr__(self) -> str:
         shapes = ", ".join(

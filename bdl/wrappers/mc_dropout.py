@@ -147,11 +147,11 @@ class MCDropout(nn.Module):
             model = copy.deepcopy(model)
             # an attention's out_proj is an nn.Linear whose forward the attention never calls (it reads the weight)
             unused = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+            # the model itself by a type pattern only (a name glob such as "*" would match its empty name): a bare
+            # nn.Linear model matched nothing, "its modules: []"
+            types = [pattern for pattern in insert_before if isinstance(pattern, type)]
             for name, module in model.named_modules():
-                # the model itself by a type pattern only (a name glob such as "*" would match its empty name): a bare
-                # nn.Linear model matched nothing, "its modules: []"
-                own_type = [pattern for pattern in insert_before if isinstance(pattern, type)]
-                if id(module) not in unused and _matches(name, module, insert_before if name else own_type):
+                if id(module) not in unused and _matches(name, module, insert_before if name else types):
                     dropout = nn.Dropout(float(p))
                     module.register_forward_pre_hook(_DropoutBefore(dropout), with_kwargs=True)
                     inserted.append(dropout)
