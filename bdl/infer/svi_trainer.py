@@ -532,6 +532,7 @@ def svi(
         num_particles=num_particles,
         optimizer=optimizer,
         lr=lr,
+        lr_decay=lr_decay,  # recorded (its hparams said a constant rate), and kept by a Trainer fit of the module
         init_scale=init_scale,
         rank=rank,
         num_samples=num_samples,

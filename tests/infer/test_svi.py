@@ -57,6 +57,7 @@ def test_map_guide_finds_the_posterior_mode(linear_regression):
     w = data.slope_intercept(fitted.sample_posterior(2))
     assert torch.equal(w[0], w[1])  # a point mass
     assert ((w[0] - data.mean).abs() / data.std).max() < 0.1  # Gaussian posterior: mode = mean
+    assert fitted.lr_decay == 1e-3 and fitted.hparams.lr_decay == 1e-3  # recorded as 1.0 (a constant rate)
 
 
 def test_advi_on_a_normal_model_with_unknown_mean_and_scale():
