@@ -188,18 +188,11 @@ def _resume_case(method: str, seed: int):
 def test_a_resumed_fit_draws_the_random_numbers_of_an_uninterrupted_one(method, tmp_path, one_thread):
     import lightning as L
 
-    class StopAfter(L.Callback):  # the run is cut after that many epochs, as a killed one is: max_epochs stays 3
-        def __init__(self, epochs):
-            self.epochs = epochs
-
-        def on_train_epoch_end(self, trainer, module):
-            trainer.should_stop = trainer.should_stop or trainer.current_epoch + 1 >= self.epochs
-
     def fit(folder, epochs, seed, ckpt_path=None):
         module, (train, val) = _resume_case(method, seed)
         trainer = L.Trainer(
             max_epochs=3, default_root_dir=folder, logger=False, enable_progress_bar=False, accelerator="cpu",
-            enable_model_summary=False, callbacks=[StopAfter(epochs), L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True)],
+            enable_model_summary=False, callbacks=[_StopAfter(epochs), L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True)],
         )  # fmt: skip
         module.save_report = False
         trainer.fit(module, train, val, ckpt_path=ckpt_path)
@@ -255,15 +248,8 @@ def test_a_resumed_fit_with_loader_workers_sees_the_data_and_augmentation_of_an_
             splits = super().build()
             return Splits(_NoisyDigits(splits.train), splits.val, splits.test, None, num_classes=splits.num_classes)
 
-    class StopAfter(L.Callback):
-        def __init__(self, epochs):
-            self.epochs = epochs
-
-        def on_train_epoch_end(self, trainer, module):
-            trainer.should_stop = trainer.should_stop or trainer.current_epoch + 1 >= self.epochs
-
     def fit(folder, epochs, ckpt_path=None):
-        callbacks = [StopAfter(epochs), L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True)]
+        callbacks = [_StopAfter(epochs), L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True)]
         data = NoisyDigits(batch_size=32, num_workers=1)
         return _fit_linear_on_digits(folder, data, callbacks, ckpt_path, max_epochs=3, limit_train_batches=4)
 
@@ -271,6 +257,16 @@ def test_a_resumed_fit_with_loader_workers_sees_the_data_and_augmentation_of_an_
     fit(tmp_path / "b", 2)
     resumed = fit(tmp_path / "b", 3, ckpt_path=tmp_path / "b" / "last.ckpt")
     torch.testing.assert_close(resumed, reference, rtol=0, atol=0)
+
+
+class _StopAfter(L.Callback):
+    """Cuts the run after ``epochs`` epochs, as a killed one is (max_epochs stays as it was)."""
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, module):
+        trainer.should_stop = trainer.should_stop or trainer.current_epoch + 1 >= self.epochs
 
 
 class _Crash(Exception):
@@ -435,15 +431,8 @@ def test_a_fit_resumed_in_double_precision_starts_from_the_checkpoints_float64_w
 
     from bdl.lightning import DigitsDataModule
 
-    class StopAfter(L.Callback):
-        def __init__(self, epochs):
-            self.epochs = epochs
-
-        def on_train_epoch_end(self, trainer, module):
-            trainer.should_stop = trainer.should_stop or trainer.current_epoch + 1 >= self.epochs
-
     def fit(folder, epochs, ckpt_path=None):
-        callbacks = [StopAfter(epochs), L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True)]
+        callbacks = [_StopAfter(epochs), L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True)]
         data = DigitsDataModule(batch_size=32)
         return _fit_linear_on_digits(folder, data, callbacks, ckpt_path, max_epochs=3, limit_train_batches=4, precision="64-true")
 
