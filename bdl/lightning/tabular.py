@@ -127,6 +127,15 @@ def _check_names(path: str, names: Sequence[str], available: Sequence[str], kind
         raise ValueError(f"{path} has no {kind} {unknown}; available {kind}: {list(available)}")
 
 
+def _scale(values: np.ndarray) -> np.ndarray:
+    """The population std of each column of ``values`` (the training rows), 1 where a column is constant.
+
+    A constant column's std is rounding noise (``1e-17`` for a column of 0.1s), not 0: dividing by it scaled its
+    other values in the validation and test rows by ``1e16``, so constancy is read from the values themselves.
+    """
+    return np.where(values.max(0) > values.min(0), values.std(0), 1.0)
+
+
 class _StandardizedTable(UncertaintyDataModule):
     """A table of numbers held in memory: seeded train/val/test split, standardisation with training rows only.
 
@@ -171,8 +180,7 @@ class _StandardizedTable(UncertaintyDataModule):
         parts = _split_indices(len(kept), self.val_fraction, self.test_fraction, torch.Generator().manual_seed(self.seed))
         train_idx, val_idx, test_idx = (kept[part.numpy()] for part in parts)
         if self.standardize:
-            mean, std = x[train_idx].mean(0), x[train_idx].std(0)
-            std = np.where(std > 0, std, 1.0)
+            mean, std = x[train_idx].mean(0), _scale(x[train_idx])
             x = (x - mean) / std
             self._feature_mean, self._feature_std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
         inputs = torch.as_tensor(x, dtype=torch.float32)
@@ -193,8 +201,7 @@ class _StandardizedTable(UncertaintyDataModule):
             num_classes: Optional[int] = len(classes)
         else:
             if self.standardize:
-                mean, std = float(y[train_idx].mean()), float(y[train_idx].std())
-                std = std if std > 0 else 1.0
+                mean, std = float(y[train_idx].mean()), float(_scale(y[train_idx]))
                 y = (y - mean) / std
                 self._target_mean, self._target_std = mean, std
             targets = torch.as_tensor(y, dtype=torch.float32).unsqueeze(1)

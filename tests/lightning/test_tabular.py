@@ -65,6 +65,26 @@ def test_features_are_standardised_with_training_rows_only(tmp_path, table):
     assert data.splits.test.tensors[0].mean(0).abs().max() > 1e-3
 
 
+def test_a_column_constant_in_the_training_rows_gets_scale_one(tmp_path):
+    # a column of 0.1s has a std of rounding noise (2e-16), not 0: other values in the test rows were scaled by 1e15
+    n = 120
+    first = TabularDataModule(_npz(tmp_path / "a.npz", n, np.full(n, 0.1)), "y", task="regression", standardize=False)
+    test_ids = first._built().test.tensors[0][:, 0].long().numpy()
+    dose = np.full(n, 0.1)
+    dose[test_ids[:3]] = 0.2  # every training row keeps 0.1
+    target = np.full(n, 0.7)
+    target[test_ids[:3]] = 1.7
+    data = TabularDataModule(_npz(tmp_path / "b.npz", n, dose, target), "y", task="regression")
+    assert data.feature_std[1].item() == 1.0 and data.target_std == 1.0
+    x, y = data._built().test.tensors
+    assert x[:, 1].abs().max().item() == pytest.approx(0.1) and y.abs().max().item() == pytest.approx(1.0)
+
+
+def _npz(path, n, dose, target=None):
+    np.savez(path, id=np.arange(n, dtype=float), dose=dose, y=np.arange(n, dtype=float) if target is None else target)
+    return str(path)
+
+
 def test_regression_target_is_standardised_on_train_and_can_be_undone(tmp_path, table):
     data = TabularDataModule(str(_csv(tmp_path, table)), "value", task="regression", features=["id", "a"])
     train_ids, _, test_ids = _all_rows(data)
