@@ -75,7 +75,9 @@ class _Files:
     files: tuple[str, ...]
     source: str
 
-    def check(self, download_error: Optional[BaseException] = None) -> None:
+    def check(self, download_error: Optional[BaseException] = None, download: bool = False) -> None:
+        """Raise ``FileNotFoundError`` naming the missing files: after ``download_error``, or before a download
+        that ``download`` says ``prepare_data`` would make."""
         missing = [name for name in self.files if not os.path.isfile(os.path.join(self.folder, name))]
         if missing and download_error is not None:  # offline: torchvision's URLError, 40 lines deep
             raise FileNotFoundError(
@@ -83,6 +85,12 @@ class _Files:
                 f"({type(download_error).__name__}: {download_error}). Without a network, put the files there "
                 f"yourself: {self.source}"
             ) from download_error
+        if missing and download:  # read before prepare_data (data.num_train to size a model): it downloads
+            raise FileNotFoundError(
+                f"{self.name} not found in {self.folder!r} (missing: {', '.join(missing)}). With download=True the "
+                "files are fetched by prepare_data(), which trainer.fit calls: call data.prepare_data() before "
+                "reading the data outside a Trainer"
+            )
         if missing:
             raise FileNotFoundError(
                 f"{self.name} not found in {self.folder!r} (missing: {', '.join(missing)}). Set download: true "
@@ -179,7 +187,7 @@ class _TorchvisionDataModule(UncertaintyDataModule):
         self, *, data_dir: str, download: bool, val_fraction: float, batch_size: int, eval_batch_size: Optional[int], num_workers: int, seed: int
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
-        self.data_dir = os.fspath(data_dir)
+        self.data_dir = os.path.expanduser(os.fspath(data_dir))  # '~/data' as torchvision reads it
         self.download = bool(download)
         self.val_fraction = _check_fraction("val_fraction", val_fraction)
 
@@ -203,7 +211,7 @@ class _TorchvisionDataModule(UncertaintyDataModule):
     def build(self) -> Splits:
         required = self._required()
         for files in required:
-            files.check()
+            files.check(download=self.download)
         try:
             return self._load()
         except (_SplitError, MemoryError):  # read fine: deleting the files would not help

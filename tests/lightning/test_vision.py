@@ -87,6 +87,19 @@ def test_mnist_missing_files_say_which_data_set_where_and_how(tmp_path):
         MNISTDataModule(ood="svhn")
 
 
+def test_a_home_relative_data_dir_is_read_where_torchvision_reads_it(mnist_root, monkeypatch):
+    root, _, _ = mnist_root
+    monkeypatch.setenv("HOME", str(root.parent))  # '~/<root>' is root: it was looked up as a literal '~' folder
+    data = MNISTDataModule(data_dir=f"~/{root.name}", download=True)
+    data.prepare_data()  # the files are there: no download
+    assert data.num_train > 0 and data.data_dir == str(root)
+
+
+def test_data_read_before_prepare_data_with_download_true_says_to_call_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"MNIST not found .*fetched by prepare_data\(\).*call data.prepare_data\(\)"):
+        MNISTDataModule(data_dir=str(tmp_path), download=True).num_train  # it said to set download: true, already set
+
+
 def test_corrupt_files_are_named(mnist_root, cifar_root):
     root = mnist_root[0]
     images = next((root / "MNIST" / "raw").glob("train-images*"))
