@@ -57,9 +57,9 @@ class Splits:
 
 
 def check_fractions(val_fraction: float, test_fraction: Optional[float] = None) -> None:
-    """Raise ``ValueError`` unless ``val_fraction`` (and ``test_fraction``) are in [0, 1) with a sum below 1.
+    """Raise ``ValueError`` unless ``val_fraction`` is in [0, 1) and ``test_fraction`` in (0, 1), with a sum below 1.
 
-    ``test_fraction`` must be above 0 when given; None checks ``val_fraction`` alone.
+    None for ``test_fraction`` checks ``val_fraction`` alone.
     """
     fractions = [val_fraction] + ([] if test_fraction is None else [test_fraction])
     if any(isinstance(value, bool) or not isinstance(value, numbers.Real) for value in fractions):
@@ -70,7 +70,7 @@ def check_fractions(val_fraction: float, test_fraction: Optional[float] = None) 
         return
     if not (0 <= val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(
-            f"val_fraction and test_fraction must be in [0, 1) with a sum below 1, got {val_fraction} and {test_fraction}"
+            f"val_fraction must be in [0, 1) and test_fraction in (0, 1), with a sum below 1, got {val_fraction} and {test_fraction}"
         )
 
 

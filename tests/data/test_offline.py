@@ -103,6 +103,12 @@ def test_a_validation_fraction_too_small_for_one_row_is_refused(tmp_path):
         load_digits(val_fraction=0.0001)
 
 
+def test_a_zero_test_fraction_is_refused_saying_it_must_be_above_zero():
+    # "must be in [0, 1) ..., got 0.15 and 0": 0 is in [0, 1)
+    with pytest.raises(ValueError, match=r"test_fraction in \(0, 1\).*got 0.15 and 0"):
+        load_digits(val_fraction=0.15, test_fraction=0)
+
+
 @pytest.mark.parametrize("ood_classes", [8, "8", [8.0], [True]])
 def test_ood_classes_must_be_a_list_of_labels(ood_classes):
     # an int raised "TypeError: 'int' object is not iterable"

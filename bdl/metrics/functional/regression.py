@@ -118,8 +118,8 @@ def gaussian_nll(mean: Tensor, variance: Tensor, target: Tensor) -> Tensor:
     """Negative log-likelihood of the targets under ``N(mean, variance)``, constant included.
 
     ``NLL = mean(1/2 log(2 pi variance) + (target - mean)^2 / (2 variance))``, i.e.
-    ``-Normal(mean, variance.sqrt()).log_prob(target).mean()`` (``torch.nn.functional.gaussian_nll_loss``
-    with ``full=True``). Averaged over all N * D elements, like every metric here; the training loss
+    ``-Normal(mean, variance.sqrt()).log_prob(target).mean()``: ``torch.nn.functional.gaussian_nll_loss``
+    with ``full=True`` for variances of at least its ``eps`` (1e-6), which it raises smaller ones to. Averaged over all N * D elements, like every metric here; the training loss
     :func:`bdl.gaussian_nll` sums over the D outputs of each example instead, so it is D times this.
 
     Args:
