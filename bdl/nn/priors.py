@@ -18,6 +18,8 @@ from .functional import kl_normal_normal, kl_normal_normal_exp, normal_log_prob,
 
 def _check_positive(name: str, value: float | Tensor, owner: str) -> None:
     if isinstance(value, Tensor):
+        if value.is_meta:  # a model built without memory has no values to check (as loc's)
+            return
         if not bool(torch.isfinite(value).all()) or bool((value <= 0).any()):
             raise ValueError(f"{owner}: {name} must be positive and finite everywhere, got a tensor with min {value.min().item():g}")
     elif not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
@@ -149,6 +151,8 @@ class ScaleMixturePrior(Prior):
             if isinstance(value, Tensor) and value.numel() != 1:  # float() of it failed, naming nothing
                 raise ValueError(f"ScaleMixturePrior: {name} must be a number (one scale for every weight), got a tensor of shape {tuple(value.shape)}")
             _check_positive(name, value, "ScaleMixturePrior")
+        if isinstance(mixture_weight, Tensor) and mixture_weight.numel() == 1 and not mixture_weight.is_meta:
+            mixture_weight = mixture_weight.item()  # as the scales: one number
         if not (isinstance(mixture_weight, numbers.Real) and 0 < mixture_weight < 1):
             raise ValueError(f"ScaleMixturePrior: mixture_weight must be in (0, 1), got {mixture_weight!r}")
         self.scale1 = float(scale1)
@@ -158,7 +162,9 @@ class ScaleMixturePrior(Prior):
     def log_prob(self, value: Tensor) -> Tensor:
         first = normal_log_prob(value, 0.0, self.scale1) + math.log(self.mixture_weight)
         second = normal_log_prob(value, 0.0, self.scale2) + math.log1p(-self.mixture_weight)
-        return torch.logaddexp(first, second)
+        # log(e^a + e^b) = max + log1p(e^-|a - b|), not torch.logaddexp: its double backward (a gradient penalty's
+        # create_graph) overflowed to inf / inf = NaN once the log densities differed by 709, at any |w| > 0.1 here
+        return torch.maximum(first, second) + (first - second).abs().neg().exp().log1p()
 
     def extra_repr(self) -> str:
         return f"scale1={self.scale1:g}, scale2={self.scale2:g}, mixture_weight={self.mixture_weight:g}"

@@ -41,6 +41,19 @@ def test_fused_kl_gradients_match_autograd():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("estimator", ["reparam", "local", "flipout"])
+def test_a_large_layers_kl_is_float32_accurate_before_and_after_a_forward(estimator):
+    # a million equal stds at the prior's scale: torch.dot's sequential float32 sum was 5e-4 off, which the KL's
+    # cancelling terms made +240 nats of 5001 after a training forward (the fused node), and +0.08 before
+    layer = bdl.BayesLinear(1000, 1000, bias=False, prior=bdl.GaussianPrior(0.0, 0.1), posterior_std_init=0.1, estimator=estimator)
+    with torch.no_grad():
+        layer.weight_mu.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(0))
+    expected = layer.weight_mu.double().square().sum().item() / (2 * 0.1**2)  # the std terms cancel exactly
+    before = layer.kl_divergence().item()
+    layer(torch.randn(2, 1000))
+    assert before == pytest.approx(expected, rel=2e-4) and layer.kl_divergence().item() == pytest.approx(expected, rel=2e-4)
+
+
 def test_model_kl_sums_layers():
     model = torch.nn.Sequential(bdl.BayesLinear(4, 8), torch.nn.ReLU(), bdl.BayesLinear(8, 2, prior=0.5))
     torch.testing.assert_close(bdl.kl_divergence(model), model[0].kl_divergence() + model[2].kl_divergence())
@@ -82,6 +95,30 @@ def test_mixture_prior_kl_has_gradients_in_a_layer():
     layer = bdl.BayesLinear(4, 3, prior=bdl.ScaleMixturePrior())
     layer.kl_divergence().backward()
     assert layer.weight_rho.grad.abs().sum() > 0 and layer.weight_mu.grad.abs().sum() > 0
+
+
+def test_second_order_gradients_through_a_mixture_prior_kl_are_finite_and_right():
+    # torch.logaddexp's double backward gave NaN once the log densities differed by 709 (|w| > 0.1 at scale2 = e^-6)
+    prior = bdl.ScaleMixturePrior()
+    w = torch.tensor([0.5, -2.0, 1e-3, 0.0], dtype=torch.float64, requires_grad=True)
+
+    def penalty(w):
+        (grad,) = torch.autograd.grad(prior.log_prob(w).sum(), w, create_graph=True)
+        return grad.square().sum()
+
+    assert torch.autograd.gradcheck(penalty, (w,))
+    torch.testing.assert_close(prior.log_prob(w.detach()), torch.logsumexp(torch.stack([
+        Normal(0.0, 1.0).log_prob(w.detach()) + math.log(0.5), Normal(0.0, math.exp(-6)).log_prob(w.detach()) + math.log(0.5)]), 0))
+
+
+def test_prior_arguments_of_other_forms():
+    # a one-element tensor as the scales (it was "must be in (0, 1), got tensor(0.5000)"), meta scales as meta locs
+    assert bdl.ScaleMixturePrior(mixture_weight=torch.tensor(0.25)).mixture_weight == 0.25
+    with torch.device("meta"):
+        layer = bdl.BayesLinear(3, 2, bias=False, prior=bdl.GaussianPrior(0.0, torch.full((2, 3), 0.1)))
+    assert layer.weight_prior.scale.is_meta  # it raised: Tensor.item() cannot be called on meta tensors
+    with pytest.raises(ValueError, match=r"std_transform must be one of \['exp', 'softplus'\], got 'Exp'"):
+        bdl.GaussianPrior(0.0, 1.0).posterior_kl(torch.zeros(3), torch.zeros(3), "Exp")  # it took softplus's stds
 
 
 @pytest.mark.parametrize(
