@@ -33,7 +33,27 @@ def empty_batch(*values: object) -> bool:
     return all(rows(value) == 0 for value in values)
 
 
-class _RunningMean(Metric):
+def _syncs_each_step(metric: Metric) -> bool:
+    """Whether ``metric``'s ``forward`` gathers its batch across processes (``dist_sync_on_step`` in a distributed run)."""
+    return bool(metric.dist_sync_on_step) and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+class _Metric(Metric):
+    """A ``Metric`` whose ``forward`` on an empty batch returns NaN and keeps what was added.
+
+    torchmetrics' ``forward`` computes the batch's value by resetting the state, updating with the batch alone
+    and calling ``compute``, which refuses to report on no examples: the error lost everything added before.
+    """
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - the subclass's update arguments
+        if empty_batch(*args, *kwargs.values()) and not _syncs_each_step(self):  # a synced step joins the gather
+            self.update(*args, **kwargs)  # adds nothing, as torchmetrics' own metrics do
+            self._forward_cache = torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
+            return self._forward_cache
+        return super().forward(*args, **kwargs)
+
+
+class _RunningMean(_Metric):
     """Accumulates ``sum(batch_mean * batch_size)`` and ``sum(batch_size)``: exact for any split into batches.
 
     The two states are named after the metric (``nll_total``, ``nll_count``; read them as ``total`` and
@@ -72,7 +92,7 @@ class _RunningMean(Metric):
         return self.total / self.count
 
 
-class _Buffered(Metric):
+class _Buffered(_Metric):
     """Keeps every update's tensors (concatenated, gathered across processes) and applies a functional metric."""
 
     is_differentiable = False

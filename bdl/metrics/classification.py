@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
-from ._base import _Buffered, _RunningMean, empty_batch, require_data
+from ._base import _Buffered, _Metric, _RunningMean, empty_batch, require_data
 from .functional import classification as F
 from .functional._checks import check_n_bins
 from .functional.classification import _brier_wide, _nll_wide
@@ -59,7 +58,7 @@ class BrierScore(_RunningMean):
         self._add(_brier_wide(probs, target)[0], len(target))
 
 
-class _BinnedCalibration(Metric):
+class _BinnedCalibration(_Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
@@ -123,7 +122,7 @@ class MCE(_BinnedCalibration):
     _kind = "mce"
 
 
-class ClasswiseECE(Metric):
+class ClasswiseECE(_Metric):
     """Streaming :func:`~bdl.metrics.functional.classwise_ece`; keeps three sums per class and bin.
 
     Args:

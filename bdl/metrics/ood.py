@@ -13,8 +13,10 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torchmetrics.utilities import dim_zero_cat
+from torchmetrics.utilities.distributed import gather_all_tensors
 
-from ._base import _Buffered
+from ._base import _Buffered, _syncs_each_step
 from .functional import ood as F
 from .functional._checks import as_tensor, check_fraction, check_vector
 
@@ -55,9 +57,15 @@ class _OODMetric(_Buffered):
         """Add the batch (as :meth:`update`) and return the metric of this batch alone, NaN when the batch holds
         only one side: batches may hold in- and out-of-distribution inputs apart, and the metric over all of
         them is what :meth:`compute` gives. (torchmetrics' own ``forward`` computes the batch value through
-        :meth:`compute`, which refuses one side, and its state then held the failed batch alone.)"""
+        :meth:`compute`, which refuses one side, and its state then held the failed batch alone.) With
+        ``dist_sync_on_step`` in a distributed run the batch value is that of every process's batch together."""
         self.update(scores, is_ood)
         scores, is_ood = self._checked(scores, is_ood)
+        if _syncs_each_step(self):  # each process returned its own batch's value, other metrics the synced one
+            gather = self.dist_sync_fn or gather_all_tensors
+            # float64 on every process, as _sync_dist sends: gloo aborted on mismatched dtypes (an empty batch's)
+            scores, is_ood = (dim_zero_cat(gather(t.double(), group=self.process_group)) for t in (scores, is_ood))
+            is_ood = is_ood.bool()
         if bool(is_ood.all()) or not bool(is_ood.any()):
             value = torch.tensor(float("nan"), dtype=torch.float64, device=scores.device)
         else:

@@ -11,9 +11,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
-from ._base import _RunningMean, empty_batch, require_data
+from ._base import _Metric, _RunningMean, empty_batch, require_data
 from .functional import regression as F
 
 __all__ = ["CRPS", "GaussianNLL", "IntervalCoverage", "QuantileCalibrationError"]
@@ -90,7 +89,7 @@ class IntervalCoverage(_RunningMean):
         return f"level={self.level}"
 
 
-class QuantileCalibrationError(Metric):
+class QuantileCalibrationError(_Metric):
     """Streaming :func:`~bdl.metrics.functional.quantile_calibration_error`; keeps one count per level.
 
     Args:

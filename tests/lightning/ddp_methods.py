@@ -114,6 +114,7 @@ def main(out: str, mode: str) -> None:
         }
     if processes > 1:
         results["random_sampler"] = random_sampler_outcomes(torch.distributed.get_rank())
+        results["synced_on_step"] = synced_on_step(torch.distributed.get_rank())
     if trainer.global_rank == 0:
         with open(out, "w") as file:
             json.dump(results, file)
@@ -172,6 +173,26 @@ def metric_on_process_0(name: str, rank: int) -> torch.Tensor:
     if rank == 0:
         metric.update(*args)
     return metric.compute()
+
+
+def synced_on_step(rank: int) -> dict[str, float]:
+    """``forward`` of metrics with ``dist_sync_on_step=True``, each process with its half of SYNCED_ON_STEP's batch
+    (process 1's NLL batch empty): the OOD metrics returned each process's own batch value."""
+    scores, is_ood, probs, labels = SYNCED_ON_STEP
+    mine = slice(0, 3) if rank == 0 else slice(3, 8)
+    nll_rows = slice(0, 8) if rank == 0 else slice(0, 0)
+    return {
+        "auroc": float(bdl.metrics.OODAUROC(dist_sync_on_step=True)(scores[mine], is_ood[mine])),
+        "nll": float(bdl.metrics.NLL(dist_sync_on_step=True)(probs[nll_rows], labels[nll_rows])),
+    }
+
+
+SYNCED_ON_STEP = (
+    torch.tensor([0.1, 0.9, 0.4, 0.7, 0.35, 0.2, 0.8, 0.5], dtype=torch.float64),
+    torch.tensor([0, 1, 0, 0, 1, 1, 1, 0]).bool(),  # process 0's three are two in and one out
+    torch.softmax(torch.arange(16.0).view(8, 2).sin(), 1),
+    torch.tensor([0, 1, 1, 0, 1, 0, 0, 1]),
+)
 
 
 class OwnEpochHooks(DeterministicModule):

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import bdl
+
 SCRIPT = Path(__file__).with_name("ddp_methods.py")
 
 
@@ -95,6 +97,16 @@ def test_a_buffered_metric_only_one_process_updates_syncs_in_any_dtype(results):
 
     expected = {name: float(metric_on_process_0(name, 0)) for name in BUFFERED_ON_ONE_PROCESS}
     assert results["ddp"]["buffered_on_one_process"] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_metrics_synced_on_each_step_return_the_value_of_every_process_batch(results):
+    from ddp_methods import SYNCED_ON_STEP  # noqa: PLC0415  (beside this file)
+
+    scores, is_ood, probs, labels = SYNCED_ON_STEP
+    expected = {"auroc": float(bdl.metrics.functional.auroc(scores[~is_ood], scores[is_ood])),
+                "nll": float(bdl.metrics.functional.nll(probs, labels))}  # fmt: skip
+    assert results["ddp"]["synced_on_step"] == pytest.approx(expected, abs=1e-12)  # AUROC was process 0's 3 rows'
 
 
 @pytest.mark.slow

@@ -385,6 +385,8 @@ def test_an_empty_batch_adds_nothing(metric):
     with_empty.update(torch.empty(0, 3), torch.empty(0, dtype=torch.long))
     with_empty.update(probs, target)
     without.update(probs, target)
+    # called on an empty batch (torchmetrics' forward): NaN, and the state is kept (it raised, and lost the state)
+    assert with_empty(torch.empty(0, 3), torch.empty(0, dtype=torch.long)).isnan()
     assert torch.equal(with_empty.compute(), without.compute())
     with pytest.raises(ValueError, match="at least one example"):  # empty probs for one label: a mismatch
         metric().update(torch.empty(0, 3), torch.tensor([1]))

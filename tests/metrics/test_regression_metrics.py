@@ -215,6 +215,7 @@ def test_an_empty_batch_adds_nothing(metric):
     with_empty.update(torch.empty(0), torch.empty(0), torch.empty(0))
     with_empty.update(mean, variance, target)
     without.update(mean, variance, target)
+    assert with_empty(torch.empty(0), torch.empty(0), torch.empty(0)).isnan()  # forward: the state is kept
     assert torch.equal(with_empty.compute(), without.compute())
 
 
