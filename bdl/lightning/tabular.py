@@ -131,9 +131,13 @@ def _scale(values: np.ndarray) -> np.ndarray:
     """The population std of each column of ``values`` (the training rows), 1 where a column is constant.
 
     A constant column's std is rounding noise (``1e-17`` for a column of 0.1s), not 0: dividing by it scaled its
-    other values in the validation and test rows by ``1e16``, so constancy is read from the values themselves.
+    other values in the validation and test rows by ``1e16``. Constant is scikit-learn's test (``StandardScaler``):
+    a variance within the rounding error of computing it, which a variance that underflows to 0 also passes.
     """
-    return np.where(values.max(0) > values.min(0), values.std(0), 1.0)
+    n, eps = len(values), np.finfo(np.float64).eps
+    mean, var = values.mean(0), values.var(0)
+    constant = var <= n * eps * var + (n * mean * eps) ** 2
+    return np.where(constant, 1.0, np.sqrt(var))
 
 
 class _StandardizedTable(UncertaintyDataModule):

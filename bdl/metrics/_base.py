@@ -34,8 +34,9 @@ def empty_batch(*values: object) -> bool:
 
 
 def _syncs_each_step(metric: Metric) -> bool:
-    """Whether ``metric``'s ``forward`` gathers its batch across processes (``dist_sync_on_step`` in a distributed run)."""
-    return bool(metric.dist_sync_on_step) and torch.distributed.is_available() and torch.distributed.is_initialized()
+    """Whether ``metric``'s ``forward`` gathers its batch across processes: ``dist_sync_on_step``, in a run its
+    ``distributed_available_fn`` says is distributed (as torchmetrics' ``sync`` decides)."""
+    return bool(metric.dist_sync_on_step) and bool(metric.distributed_available_fn())
 
 
 class _Metric(Metric):
@@ -46,7 +47,12 @@ class _Metric(Metric):
     """
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - the subclass's update arguments
-        if empty_batch(*args, *kwargs.values()) and not _syncs_each_step(self):  # a synced step joins the gather
+        empty = empty_batch(*args, *kwargs.values())
+        if _syncs_each_step(self):  # the batch value is every process's: empty when all of them are
+            gather = self.dist_sync_fn or gather_all_tensors
+            holding = torch.tensor([0.0 if empty else 1.0], dtype=torch.float64, device=self.device)
+            empty = not any(bool(count.sum() > 0) for count in gather(holding, group=self.process_group))
+        if empty:
             self.update(*args, **kwargs)  # adds nothing, as torchmetrics' own metrics do
             self._forward_cache = torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
             return self._forward_cache

@@ -36,6 +36,11 @@ _HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
 STD_TRANSFORMS = ("exp", "softplus")
 
 
+def _check_transform(transform: str) -> None:
+    if transform not in STD_TRANSFORMS:  # anything else was taken for softplus
+        raise ValueError(f"std_transform must be one of {list(STD_TRANSFORMS)}, got {transform!r}")
+
+
 def std_from_rho(rho: Tensor, transform: str = "exp") -> tuple[Tensor, Tensor]:
     """Posterior standard deviation and its log from the unconstrained parameter ``rho``.
 
@@ -49,8 +54,7 @@ def std_from_rho(rho: Tensor, transform: str = "exp") -> tuple[Tensor, Tensor]:
     """
     if transform == "exp":
         return rho.exp(), rho
-    if transform != "softplus":  # Prior.posterior_kl(mu, rho, "Exp") took softplus's stds
-        raise ValueError(f"std_transform must be one of {list(STD_TRANSFORMS)}, got {transform!r}")
+    _check_transform(transform)  # Prior.posterior_kl(mu, rho, "Exp") took softplus's stds
     std = F.softplus(rho)
     return std, std.log()
 
@@ -60,8 +64,7 @@ def rho_from_std(std: float | Tensor, transform: str = "exp") -> Tensor:
     std = torch.as_tensor(std)
     if transform == "exp":
         return std.log()
-    if transform != "softplus":
-        raise ValueError(f"std_transform must be one of {list(STD_TRANSFORMS)}, got {transform!r}")
+    _check_transform(transform)
     return std + (-std).expm1().neg().log()  # softplus^{-1}(s) = log(exp(s) - 1) = s + log(1 - exp(-s))
 
 
@@ -69,6 +72,7 @@ def rho_value(std: float, transform: str = "exp") -> float:
     """:func:`rho_from_std` of one number, as a Python float (computed in double precision, on no device)."""
     if transform == "exp":
         return math.log(std)
+    _check_transform(transform)
     return std + math.log(-math.expm1(-std))
 
 

@@ -147,11 +147,14 @@ class ScaleMixturePrior(Prior):
 
     def __init__(self, scale1: float = 1.0, scale2: float = math.exp(-6), mixture_weight: float = 0.5) -> None:
         super().__init__()
+        for name, value in (("scale1", scale1), ("scale2", scale2), ("mixture_weight", mixture_weight)):
+            if isinstance(value, Tensor) and value.is_meta:  # kept as floats: a meta tensor has no value to keep
+                raise ValueError(f"ScaleMixturePrior: {name} must be a number (kept as a float), got a meta tensor")
         for name, value in (("scale1", scale1), ("scale2", scale2)):
             if isinstance(value, Tensor) and value.numel() != 1:  # float() of it failed, naming nothing
                 raise ValueError(f"ScaleMixturePrior: {name} must be a number (one scale for every weight), got a tensor of shape {tuple(value.shape)}")
             _check_positive(name, value, "ScaleMixturePrior")
-        if isinstance(mixture_weight, Tensor) and mixture_weight.numel() == 1 and not mixture_weight.is_meta:
+        if isinstance(mixture_weight, Tensor) and mixture_weight.numel() == 1:
             mixture_weight = mixture_weight.item()  # as the scales: one number
         if not (isinstance(mixture_weight, numbers.Real) and 0 < mixture_weight < 1):
             raise ValueError(f"ScaleMixturePrior: mixture_weight must be in (0, 1), got {mixture_weight!r}")
@@ -164,7 +167,8 @@ class ScaleMixturePrior(Prior):
         second = normal_log_prob(value, 0.0, self.scale2) + math.log1p(-self.mixture_weight)
         # log(e^a + e^b) = max + log1p(e^-|a - b|), not torch.logaddexp: its double backward (a gradient penalty's
         # create_graph) overflowed to inf / inf = NaN once the log densities differed by 709, at any |w| > 0.1 here
-        return torch.maximum(first, second) + (first - second).abs().neg().exp().log1p()
+        # (both -inf where w^2 overflows: their difference is NaN, read as a distance of inf, so the sum stays -inf)
+        return torch.maximum(first, second) + (first - second).abs().nan_to_num(nan=math.inf).neg().exp().log1p()
 
     def extra_repr(self) -> str:
         return f"scale1={self.scale1:g}, scale2={self.scale2:g}, mixture_weight={self.mixture_weight:g}"

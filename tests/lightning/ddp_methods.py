@@ -181,10 +181,19 @@ def synced_on_step(rank: int) -> dict[str, float]:
     scores, is_ood, probs, labels = SYNCED_ON_STEP
     mine = slice(0, 3) if rank == 0 else slice(3, 8)
     nll_rows = slice(0, 8) if rank == 0 else slice(0, 0)
-    return {
+    nll = bdl.metrics.NLL(dist_sync_on_step=True)
+    outcomes = {
         "auroc": float(bdl.metrics.OODAUROC(dist_sync_on_step=True)(scores[mine], is_ood[mine])),
-        "nll": float(bdl.metrics.NLL(dist_sync_on_step=True)(probs[nll_rows], labels[nll_rows])),
+        "nll": float(nll(probs[nll_rows], labels[nll_rows])),
+        # told the run is not distributed: its own batch's value (it gathered, and hung where one process called it)
+        "auroc_not_distributed": float(
+            bdl.metrics.OODAUROC(dist_sync_on_step=True, distributed_available_fn=lambda: False)(scores[mine], is_ood[mine])
+        ),
     }
+    # empty on every process: NaN, and the state is kept (it raised, lost the state, and every later call failed)
+    outcomes["nll_all_empty"] = float(nll(probs[:0], labels[:0]))
+    outcomes["nll_after"] = float(nll.compute())
+    return outcomes
 
 
 SYNCED_ON_STEP = (

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -104,9 +105,15 @@ def test_metrics_synced_on_each_step_return_the_value_of_every_process_batch(res
     from ddp_methods import SYNCED_ON_STEP  # noqa: PLC0415  (beside this file)
 
     scores, is_ood, probs, labels = SYNCED_ON_STEP
-    expected = {"auroc": float(bdl.metrics.functional.auroc(scores[~is_ood], scores[is_ood])),
-                "nll": float(bdl.metrics.functional.nll(probs, labels))}  # fmt: skip
-    assert results["ddp"]["synced_on_step"] == pytest.approx(expected, abs=1e-12)  # AUROC was process 0's 3 rows'
+    own = slice(0, 3)  # process 0's rows, whose outcomes are written
+    expected = {
+        "auroc": float(bdl.metrics.functional.auroc(scores[~is_ood], scores[is_ood])),  # it was process 0's rows'
+        "nll": float(bdl.metrics.functional.nll(probs, labels)),
+        "auroc_not_distributed": float(bdl.metrics.functional.auroc(scores[own][~is_ood[own]], scores[own][is_ood[own]])),
+        "nll_after": float(bdl.metrics.functional.nll(probs, labels)),
+    }
+    outcomes = dict(results["ddp"]["synced_on_step"])
+    assert math.isnan(outcomes.pop("nll_all_empty")) and outcomes == pytest.approx(expected, abs=1e-12)
 
 
 @pytest.mark.slow

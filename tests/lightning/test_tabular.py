@@ -78,6 +78,12 @@ def test_a_column_constant_in_the_training_rows_gets_scale_one(tmp_path):
     assert data.feature_std[1].item() == 1.0 and data.target_std == 1.0
     x, y = data._built().test.tensors
     assert x[:, 1].abs().max().item() == pytest.approx(0.1) and y.abs().max().item() == pytest.approx(1.0)
+    # constant up to rounding (0.3 - 0.2 among the 0.1s), and distinct values whose variance underflows to 0
+    dose[::2] = 0.3 - 0.2
+    tiny = np.where(np.arange(n) % 2 == 0, 0.0, 1e-170)
+    np.savez(tmp_path / "c.npz", id=np.arange(n, dtype=float), dose=dose, tiny=tiny, y=np.arange(n, dtype=float))
+    data = TabularDataModule(str(tmp_path / "c.npz"), "y", task="regression")
+    assert data.feature_std[1:].tolist() == [1.0, 1.0] and data._built().test.tensors[0].abs().max() < 10
 
 
 def _npz(path, n, dose, target=None):

@@ -5,7 +5,7 @@ import torch
 from torch.distributions import Categorical, MixtureSameFamily, Normal, kl_divergence
 
 import bdl
-from bdl.nn.functional import kl_normal_normal, kl_normal_normal_exp
+from bdl.nn.functional import kl_normal_normal, kl_normal_normal_exp, rho_value
 
 
 @pytest.mark.parametrize("std_transform", ["exp", "softplus"])
@@ -107,6 +107,8 @@ def test_second_order_gradients_through_a_mixture_prior_kl_are_finite_and_right(
         return grad.square().sum()
 
     assert torch.autograd.gradcheck(penalty, (w,))
+    huge = torch.tensor([float("inf"), -float("inf"), 1e20])  # w^2 overflows: -inf, as logaddexp gave (not NaN)
+    assert prior.log_prob(huge).tolist() == [-math.inf] * 3 and prior.log_prob(torch.tensor([300.0]).half()).item() == -math.inf
     torch.testing.assert_close(prior.log_prob(w.detach()), torch.logsumexp(torch.stack([
         Normal(0.0, 1.0).log_prob(w.detach()) + math.log(0.5), Normal(0.0, math.exp(-6)).log_prob(w.detach()) + math.log(0.5)]), 0))
 
@@ -119,6 +121,11 @@ def test_prior_arguments_of_other_forms():
     assert layer.weight_prior.scale.is_meta  # it raised: Tensor.item() cannot be called on meta tensors
     with pytest.raises(ValueError, match=r"std_transform must be one of \['exp', 'softplus'\], got 'Exp'"):
         bdl.GaussianPrior(0.0, 1.0).posterior_kl(torch.zeros(3), torch.zeros(3), "Exp")  # it took softplus's stds
+    with pytest.raises(ValueError, match="got 'sigmoid'"):
+        rho_value(1.0, "sigmoid")
+    for name in ("scale1", "mixture_weight"):  # kept as floats: float() of a meta tensor named nothing
+        with pytest.raises(ValueError, match=f"{name} must be a number .*got a meta tensor"):
+            bdl.ScaleMixturePrior(**{name: torch.tensor(0.5, device="meta")})
 
 
 @pytest.mark.parametrize(
