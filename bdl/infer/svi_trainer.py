@@ -395,6 +395,15 @@ class SVIModule(L.LightningModule):
         with torch.no_grad():
             self._step(batch, "val")
 
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> "Prediction":  # noqa: ANN401
+        """``trainer.predict``: a :class:`bdl.Prediction` of each batch's inputs (its first element; targets are
+        ignored), from :meth:`predict` (a PyroModel only). Merge them with ``Prediction.cat``."""
+        if not isinstance(self.model, PyroModel):  # Lightning's default forward(batch) failed on x.device of a list
+            raise TypeError(
+                "SVIModule.predict_step needs a PyroModel; for a model function call module.predict(args, task=...)"
+            )
+        return self.predict(_as_args(batch)[0])
+
     def sample_outputs(self, x: Tensor, num_samples: int) -> Union[Tensor, tuple[Tensor, Tensor]]:
         """``num_samples`` posterior draws of the model's predictive outputs on ``x`` (PyroModel only).
 

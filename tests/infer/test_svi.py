@@ -208,6 +208,17 @@ def test_sample_outputs_run_the_network_in_eval_mode_after_a_fit():
     assert torch.equal(*probs)
 
 
+def test_trainer_predict_gives_a_prediction_per_batch():
+    # Lightning's default predict_step called forward(batch): "'list' object has no attribute 'device'"
+    x, y = classification_data()
+    module = svi(PyroModel(nn.Linear(2, 2), "categorical"), x, y, guide="delta", num_steps=5)
+    batches = trainer().predict(module, DataLoader(TensorDataset(x, y), batch_size=40))
+    assert [type(b).__name__ for b in batches] == ["Prediction"] * 2
+    torch.testing.assert_close(bdl.Prediction.cat(batches).probs, module.predict(x).probs)  # a point mass: equal draws
+    with pytest.raises(TypeError, match="needs a PyroModel"):
+        svi(counts_model, torch.tensor([1.0, 3.0]), num_steps=2).predict_step(torch.ones(2), 0)
+
+
 def test_fit_refuses_a_model_without_num_data():
     x, y = classification_data()
     module = SVIModule(PyroModel(nn.Linear(2, 2), "categorical"), "normal")
