@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import pyro
 import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from pyro import poutine
 from pyro.infer.autoguide import AutoGuide
 from torch import Tensor, nn
@@ -74,6 +75,19 @@ def _run_length(total: float) -> int:
             "length: set the Trainer's max_steps, or max_epochs with a training loader that has a length"
         )
     return max(int(total), 1)
+
+
+def stepping_batches(trainer: L.Trainer) -> float:
+    """The optimiser steps of ``trainer``'s fit: Lightning's ``estimated_stepping_batches``, with a
+    ``GradientAccumulationScheduler``'s factor taken per epoch (Lightning takes the first epoch's for every epoch:
+    a cosine schedule accumulating 4 then 1 reached lr 0 with 4 of 6 epochs to go)."""
+    estimate = trainer.estimated_stepping_batches  # max_steps, infinite runs, and the loader's length set up
+    schedulers = [c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)]
+    batches, epochs = trainer.num_training_batches, trainer.max_epochs
+    if not schedulers or not math.isfinite(batches) or epochs is None or epochs < 0:
+        return estimate
+    total = sum(math.ceil(batches / schedulers[0].get_accumulate_grad_batches(epoch)) for epoch in range(max(epochs, 1)))
+    return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
 
 
 def _steps_when_needed(num_steps: Union[int, Callable[[], int]]) -> Callable[[], int]:
@@ -337,7 +351,7 @@ class SVIModule(L.LightningModule):
         optimizer = spec(params) if callable(spec) else OPTIMIZERS[spec](params, lr=self.lr)
         if self.lr_decay == 1.0 or self._trainer is None:
             return optimizer
-        scheduler = exponential_decay(optimizer, self.lr_decay, lambda: self.trainer.estimated_stepping_batches)
+        scheduler = exponential_decay(optimizer, self.lr_decay, lambda: stepping_batches(self.trainer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

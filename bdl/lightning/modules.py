@@ -38,7 +38,7 @@ from torch.utils.data import DistributedSampler, SubsetRandomSampler
 
 from .. import infer
 from ..evaluate import Report, evaluate
-from ..infer.svi_trainer import _as_args, _steps_when_needed, ignored_hparams, plain_hyperparameters
+from ..infer.svi_trainer import _as_args, _steps_when_needed, ignored_hparams, plain_hyperparameters, stepping_batches
 from ..nn.convert import bayesianize as convert_to_bayesian
 from ..nn.convert import kl_divergence
 from ..nn.functional import check_estimator
@@ -798,7 +798,7 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         if self.lr_schedule == "constant":
             return optimizer
         # the closed form of CosineAnnealingLR to 0, its length read at the first step, not here (see _steps_when_needed)
-        steps = _steps_when_needed(lambda: self.trainer.estimated_stepping_batches)
+        steps = _steps_when_needed(lambda: stepping_batches(self.trainer))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps()) / steps())) if step else 1.0
         )
