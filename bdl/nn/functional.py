@@ -134,7 +134,19 @@ class _KLNormalExp(torch.autograd.Function):
     def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
         mu, rho, ctx.prior_loc, ctx.prior_scale = inputs
         ctx.save_for_backward(mu, output[1], rho)
+        ctx.save_for_forward(mu, output[1])
         ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def jvp(ctx, mu_tangent: Optional[Tensor], rho_tangent: Optional[Tensor], *_):  # type: ignore[no-untyped-def]
+        """Forward mode (``torch.func.jvp``, ``jacfwd``, ``hessian``): the backward's gradients dotted with the tangents."""
+        mu, var = ctx.saved_tensors
+        tangent = torch.zeros((), dtype=mu.dtype, device=mu.device)
+        if mu_tangent is not None:
+            tangent = tangent + ((mu if ctx.prior_loc == 0 else mu - ctx.prior_loc) * mu_tangent).sum() / ctx.prior_scale**2
+        if rho_tangent is not None:
+            tangent = tangent + ((var / ctx.prior_scale**2 - 1) * rho_tangent).sum()
+        return tangent, None
 
     @staticmethod
     def backward(ctx, grad: Tensor, _):  # type: ignore[no-untyped-def]
@@ -613,6 +625,7 @@ def gaussian_draw(mean: Tensor, var: Tensor, noise: Tensor) -> Tensor:
         or noise.requires_grad
         or torch.jit.is_tracing()
         or _in_functorch(mean)
+        or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0  # forward AD has no rule for out= ops
     ):
         return torch.addcmul(mean, var.clamp_min(tiny).sqrt(), noise)
     return torch.addcmul(mean, var.clamp_min_(tiny).sqrt_(), noise, out=noise)

@@ -535,8 +535,10 @@ class BayesLinear(_BayesLayer):
     and pickles of the layer start without them. Between your own forwards "unchanged" is judged by the
     parameter's version counter, as autograd judges it, and by the process's count of optimizer steps (torch's
     fused optimizers write parameters without moving their counters): an in-place edit through ``.data``
-    (``layer.weight_rho.data.fill_(...)``) is not seen there, so edit under ``torch.no_grad()`` instead
-    (``layer.weight_rho.fill_(...)``); the same holds for the KL a training forward keeps.
+    (``layer.weight_rho.data.fill_(...)``) is not seen there, nor one through another tensor sharing the
+    parameter's memory (a flat buffer that ``torch.nn.utils.vector_to_parameters`` made the parameters views of,
+    edited and written back), so edit under ``torch.no_grad()`` instead (``layer.weight_rho.fill_(...)``, or
+    ``vector_to_parameters`` of a new tensor); the same holds for the KL a training forward keeps.
 
     Example:
         >>> layer = BayesLinear(4, 2, estimator="local")
