@@ -134,19 +134,7 @@ class _KLNormalExp(torch.autograd.Function):
     def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
         mu, rho, ctx.prior_loc, ctx.prior_scale = inputs
         ctx.save_for_backward(mu, output[1], rho)
-        ctx.save_for_forward(mu, output[1])
         ctx.mark_non_differentiable(output[1])
-
-    @staticmethod
-    def jvp(ctx, mu_tangent: Optional[Tensor], rho_tangent: Optional[Tensor], *_):  # type: ignore[no-untyped-def]
-        """Forward mode (``torch.func.jvp``, ``jacfwd``, ``hessian``): the backward's gradients dotted with the tangents."""
-        mu, var = ctx.saved_tensors
-        tangent = torch.zeros((), dtype=mu.dtype, device=mu.device)
-        if mu_tangent is not None:
-            tangent = tangent + ((mu if ctx.prior_loc == 0 else mu - ctx.prior_loc) * mu_tangent).sum() / ctx.prior_scale**2
-        if rho_tangent is not None:
-            tangent = tangent + ((var / ctx.prior_scale**2 - 1) * rho_tangent).sum()
-        return tangent, None
 
     @staticmethod
     def backward(ctx, grad: Tensor, _):  # type: ignore[no-untyped-def]
@@ -158,9 +146,37 @@ class _KLNormalExp(torch.autograd.Function):
         return centred * scale, torch.addcmul(-grad, var, scale), None, None
 
 
+class _KLNormalExpWithJvp(_KLNormalExp):
+    """:class:`_KLNormalExp` with a forward-mode rule (``torch.func.jvp``, ``jacfwd``, ``hessian``), which raised
+    NotImplementedError; a class of its own, as torch.compile cannot trace a Function that defines ``jvp``."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+        _KLNormalExp.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0], output[1])
+
+    @staticmethod
+    def jvp(ctx, mu_tangent: Optional[Tensor], rho_tangent: Optional[Tensor], *_):  # type: ignore[no-untyped-def]
+        """The backward's gradients dotted with the tangents."""
+        mu, var = ctx.saved_tensors
+        tangent = torch.zeros((), dtype=mu.dtype, device=mu.device)
+        if mu_tangent is not None:
+            tangent = tangent + ((mu if ctx.prior_loc == 0 else mu - ctx.prior_loc) * mu_tangent).sum() / ctx.prior_scale**2
+        if rho_tangent is not None:
+            tangent = tangent + ((var / ctx.prior_scale**2 - 1) * rho_tangent).sum()
+        return tangent, None
+
+
+def _forward_ad_possible(t: Tensor) -> bool:
+    """Whether a forward-mode derivative may pass through ``t``: inside a torch.func transform or an eager
+    ``forward_ad.dual_level`` (not while torch.compile traces)."""
+    return not torch.compiler.is_compiling() and (_in_functorch(t) or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0)
+
+
 def kl_normal_normal_exp(mu: Tensor, rho: Tensor, prior_loc: float, prior_scale: float) -> Tensor:
     """:func:`kl_normal_normal` for a posterior ``N(mu, exp(rho)^2)`` and a scalar prior, fused."""
-    return _KLNormalExp.apply(mu, rho, float(prior_loc), float(prior_scale))[0]
+    function = _KLNormalExpWithJvp if _forward_ad_possible(mu) else _KLNormalExp
+    return function.apply(mu, rho, float(prior_loc), float(prior_scale))[0]
 
 
 def normal_log_prob(value: Tensor, loc: float | Tensor, std: float | Tensor) -> Tensor:
@@ -624,8 +640,7 @@ def gaussian_draw(mean: Tensor, var: Tensor, noise: Tensor) -> Tensor:
         or var.requires_grad
         or noise.requires_grad
         or torch.jit.is_tracing()
-        or _in_functorch(mean)
-        or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0  # forward AD has no rule for out= ops
+        or _forward_ad_possible(mean)  # torch.func (vmap, jvp) and forward AD have no rules for out= ops
     ):
         return torch.addcmul(mean, var.clamp_min(tiny).sqrt(), noise)
     return torch.addcmul(mean, var.clamp_min_(tiny).sqrt_(), noise, out=noise)
