@@ -82,6 +82,12 @@ def _hooks_alike(modules: Sequence[nn.Module]) -> bool:
     return True
 
 
+def _bdl_hook(hook: Any) -> bool:  # noqa: ANN401
+    """Whether ``hook`` is one of bdl's (MC dropout's, bayesianize's, predict's probes), which run on vmap's copy."""
+    module = getattr(hook, "__module__", None) or ""
+    return module == "bdl" or module.startswith("bdl.")
+
+
 def _alike(hook: Any, other: Any) -> bool:  # noqa: ANN401
     return hook is other or (type(hook) is type(other) and hasattr(hook, "alike") and hook.alike(other))
 
@@ -146,7 +152,8 @@ class DeepEnsemble(nn.Module):
         method: ``"auto"``, ``"vmap"`` or ``"loop"``, see :data:`ENSEMBLE_METHODS`. Without gradients,
             ``vmap`` keeps the members' stacked weights between calls while their version counters stay put:
             edit members' parameters in place under ``torch.no_grad()`` (not through ``.data``, which moves no
-            counter; :func:`bdl.predict` restacks them on every call).
+            counter; :func:`bdl.predict` restacks them on every call). Members with forward hooks of your own
+            (feature recorders), or backward hooks under gradients, run by ``"loop"``, with a warning.
         chunk_size: members evaluated at once by ``vmap`` (None: all), bounding memory.
 
     Example:
@@ -335,6 +342,9 @@ class DeepEnsemble(nn.Module):
         if not all(_hooks_alike(modules) for modules in zip(*(member.modules() for member in self.members))):
             # one vmapped copy of member 0 runs every member: a hook of member 0's alone zeroed every member
             return self._loop_instead("_warned_hooks", "the members' forward hooks differ (a hook on some members only)")
+        if any(not _bdl_hook(hook) for module in self.members[0].modules() for hooks, _ in _HOOKS for hook in getattr(module, hooks).values()):
+            # it ran once, on the copy, with vmap's batched tensors: recorded features failed when read ("escaped")
+            return self._loop_instead("_warned_own_hooks", "members have forward hooks of your own (they would run once, on vmap's batched copy)")
         if torch.is_grad_enabled() and (
             _module_internals._global_backward_hooks or _module_internals._global_backward_pre_hooks  # on every module
             or any(module._backward_hooks or module._backward_pre_hooks for member in self.members for module in member.modules())

@@ -508,6 +508,18 @@ def test_mc_dropout_around_a_vmapped_ensemble_drops_only_inside_it():
     with torch.no_grad():
         outputs = ensemble(x)
     assert (outputs[0] == 0).all() and (outputs[1:] != 0).any()
+    # a recording hook of the user's on every member ran once, inside vmap: what it kept failed when read ("escaped")
+    ensemble = DeepEnsemble([member() for _ in range(3)], method="vmap").eval()
+    features = []
+
+    def record(module, args, output):
+        features.append(output)
+
+    for each in ensemble.members:
+        each[0].register_forward_hook(record)  # one function: the members' hooks are alike
+    with torch.no_grad(), pytest.warns(UserWarning, match="forward hooks of your own .* the members run one by one"):
+        outputs = ensemble(x)
+    assert len(features) == 3 and all(torch.equal(f, m[0](x)) for f, m in zip(features, ensemble.members))
 
 
 def test_members_backward_hooks_run_with_gradients():
