@@ -247,7 +247,7 @@ ROWS = [
     _row("DigitsDataModule-eval_batch_size-zero", lambda t: DigitsDataModule(eval_batch_size=0), ValueError, r"eval_batch_size must be a positive int, got 0"),
     _row("DigitsDataModule-seed-string", lambda t: DigitsDataModule(seed="0"), ValueError, r"seed must be an int, got '0'"),
     _row("DigitsDataModule-unknown-ood", lambda t: DigitsDataModule(ood="bogus"), ValueError, r"ood must be 'classes', 'noise' or None, got 'bogus'"),
-    _row("DigitsDataModule-val_fraction-above-1", lambda t: DigitsDataModule(val_fraction=1.5), ValueError, r"val_fraction and test_fraction must be in \[0, 1\) with a sum below 1, got 1.5 and 0.2"),
+    _row("DigitsDataModule-val_fraction-above-1", lambda t: DigitsDataModule(val_fraction=1.5), ValueError, r"val_fraction must be in \[0, 1\) and test_fraction in \(0, 1\), with a sum below 1, got 1.5 and 0.2"),
     _row("DigitsDataModule-holding-out-every-class", lambda t: DigitsDataModule(ood_classes=list(range(10))), ValueError, r"ood_classes must leave at least 2 of the 10 classes to train on"),
     _row("DigitsDataModule-unknown-ood-class", lambda t: DigitsDataModule(ood_classes=[12]), ValueError, r"ood_classes must be class labels in 0..9, got \[12\]"),
     _row("TwoMoonsDataModule-negative-noise", lambda t: TwoMoonsDataModule(noise=-1.0), ValueError, r"noise must be a number >= 0 .*got -1.0"),
