@@ -64,9 +64,10 @@ SAMPLING_METHODS = ("auto", "loop", "batched")
   rows, once per network, input shape and set of noise-drawing layers, also refuse a network whose output
   for a row depends on the other rows (its noise off: a batch mean subtracted), a ``BayesLinear`` on inputs
   ``[B, T, F]`` (one weight sample serves all ``T`` positions) and dropout on a tensor without the batch
-  rows (a weight, even one computed from parameters). Forward hooks of yours run in these probes too (up to six
+  rows (a weight, even one computed from parameters). Forward hooks of yours run in these probes too (up to seven
   forwards of 1 to 7 rows built from the input's first rows, some with the layers at their means, on the first
-  call for a network and input shape): a hook that collects features should skip them, or use ``method="loop"``.
+  call for a network and input shape, and again on later calls until a batch of two distinct rows lets the
+  row-mixing probe tell): a hook that collects features should skip them, or use ``method="loop"``.
 - ``"auto"``: ``"batched"`` where it is exact and was measured faster (see :func:`resolve_method`; the
   probe's refusals fall back to the loop), else ``"loop"``.
 

@@ -86,7 +86,8 @@ def stepping_batches(trainer: L.Trainer) -> float:
     batches, epochs = trainer.num_training_batches, trainer.max_epochs
     if not schedulers or not math.isfinite(batches) or epochs is None or epochs < 0:
         return estimate
-    total = sum(math.ceil(batches / schedulers[0].get_accumulate_grad_batches(epoch)) for epoch in range(max(epochs, 1)))
+    # the last scheduler's: each sets the factor at every epoch's start, in the order given
+    total = sum(math.ceil(batches / schedulers[-1].get_accumulate_grad_batches(epoch)) for epoch in range(max(epochs, 1)))
     return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
 
 

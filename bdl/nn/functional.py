@@ -153,12 +153,13 @@ class _KLNormalExpWithJvp(_KLNormalExp):
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
         _KLNormalExp.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(inputs[0], output[1])
+        # the backward's tensors, all of them: other ones broke the vmap rule of its backward ("flat_bdims")
+        ctx.save_for_forward(inputs[0], output[1], inputs[1])
 
     @staticmethod
     def jvp(ctx, mu_tangent: Optional[Tensor], rho_tangent: Optional[Tensor], *_):  # type: ignore[no-untyped-def]
         """The backward's gradients dotted with the tangents."""
-        mu, var = ctx.saved_tensors
+        mu, var, _ = ctx.saved_tensors
         tangent = torch.zeros((), dtype=mu.dtype, device=mu.device)
         if mu_tangent is not None:
             tangent = tangent + ((mu if ctx.prior_loc == 0 else mu - ctx.prior_loc) * mu_tangent).sum() / ctx.prior_scale**2
@@ -167,10 +168,15 @@ class _KLNormalExpWithJvp(_KLNormalExp):
         return tangent, None
 
 
+def forward_ad_active() -> bool:
+    """Whether an eager ``torch.autograd.forward_ad.dual_level`` is open (tensors may carry tangents)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
 def _forward_ad_possible(t: Tensor) -> bool:
     """Whether a forward-mode derivative may pass through ``t``: inside a torch.func transform or an eager
     ``forward_ad.dual_level`` (not while torch.compile traces)."""
-    return not torch.compiler.is_compiling() and (_in_functorch(t) or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0)
+    return not torch.compiler.is_compiling() and (_in_functorch(t) or forward_ad_active())
 
 
 def kl_normal_normal_exp(mu: Tensor, rho: Tensor, prior_loc: float, prior_scale: float) -> Tensor:
@@ -387,11 +393,25 @@ class _ExpScaledNoise(torch.autograd.Function):
         return grad * noise
 
 
+class _ExpScaledNoiseWithJvp(_ExpScaledNoise):
+    """:class:`_ExpScaledNoise` with a forward-mode rule, ``tangent * exp(rho) * eps`` (see :class:`_KLNormalExpWithJvp`)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+        _ExpScaledNoise.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def jvp(ctx, rho_tangent: Tensor) -> Tensor:  # type: ignore[no-untyped-def]
+        (noise,) = ctx.saved_tensors
+        return rho_tangent * noise
+
+
 def scaled_noise(rho: Tensor, transform: str = "exp") -> Tensor:
     """A draw of ``std * eps``, ``eps ~ N(0, I)``, with ``std = transform(rho)``; differentiable in ``rho``."""
     if transform == "exp":
         if torch.is_grad_enabled() and rho.requires_grad:
-            return _ExpScaledNoise.apply(rho)
+            return (_ExpScaledNoiseWithJvp if _forward_ad_possible(rho) else _ExpScaledNoise).apply(rho)
         return randn_like(rho).mul_(rho.exp())  # prediction: no graph, so no autograd.Function call
     return std_from_rho(rho, transform)[0] * randn_like(rho)
 

@@ -29,6 +29,7 @@ from .functional import (
     _in_functorch,
     _normal_,
     check_estimator,
+    forward_ad_active,
     local_reparameterized,
     posterior_variance,
     randn_like,
@@ -429,6 +430,7 @@ class _BayesLayer(BayesianModule):
                 name == "reparam"
                 and not torch.compiler.is_compiling()
                 and not _in_functorch(self.weight_mu)
+                and not forward_ad_active()  # its out= draw has no forward-mode rule
             ):
                 # prediction: S forwards share one std per parameter (no exp per draw); same draws as with a graph
                 weight = self._prediction_sample("weight", self.weight_mu, self.weight_rho)
@@ -444,6 +446,7 @@ class _BayesLayer(BayesianModule):
             and self.weight_mu.requires_grad
             and not torch.compiler.is_compiling()
             and not _in_functorch(self.weight_mu)
+            and not forward_ad_active()  # the fused node has no forward-mode rule
         )
         weight = GaussianWeights(
             self.weight_mu, self.weight_rho, self.std_transform, self._fusable_prior(self.weight_prior, self.weight_mu) if fuse else None

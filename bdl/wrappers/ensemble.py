@@ -342,7 +342,10 @@ class DeepEnsemble(nn.Module):
         if not all(_hooks_alike(modules) for modules in zip(*(member.modules() for member in self.members))):
             # one vmapped copy of member 0 runs every member: a hook of member 0's alone zeroed every member
             return self._loop_instead("_warned_hooks", "the members' forward hooks differ (a hook on some members only)")
-        if any(not _bdl_hook(hook) for module in self.members[0].modules() for hooks, _ in _HOOKS for hook in getattr(module, hooks).values()):
+        global_hooks = [getattr(_module_internals, f"_global{hooks}", {}) for hooks, _ in _HOOKS]  # register_module_forward_hook's
+        if any(not _bdl_hook(hook) for hooks in global_hooks for hook in hooks.values()) or any(
+            not _bdl_hook(hook) for module in self.members[0].modules() for hooks, _ in _HOOKS for hook in getattr(module, hooks).values()
+        ):
             # it ran once, on the copy, with vmap's batched tensors: recorded features failed when read ("escaped")
             return self._loop_instead("_warned_own_hooks", "members have forward hooks of your own (they would run once, on vmap's batched copy)")
         if torch.is_grad_enabled() and (

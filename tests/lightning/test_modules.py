@@ -387,12 +387,12 @@ def test_cosine_schedule_anneals_the_learning_rate_to_zero(tmp_path):
     assert fit.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
     # a GradientAccumulationScheduler: Lightning's estimate takes epoch 0's factor for every epoch, so the
     # schedule ended early (4 then 1: lr 0 for the last epochs) or late (1 then 4: never annealed)
-    for schedule in ({0: 4, 1: 1}, {0: 1, 1: 4}):
+    for schedule in ({0: 4, 1: 1}, {0: 1, 1: 4}, ({0: 1, 1: 4}, {0: 4, 1: 1})):  # two schedulers: the last sets it
         for module in (DeterministicModule(net(), lr=0.1, lr_schedule="cosine"), SVIModule(bdl.infer.PyroModel(net(), "categorical"), lr=0.1, lr_decay=0.01)):
             rates = []
             record = L.pytorch.callbacks.LambdaCallback(on_train_batch_start=lambda run, *_: rates.append(run.optimizers[0].param_groups[0]["lr"]))
-            accumulating = L.pytorch.callbacks.GradientAccumulationScheduler(schedule)
-            fit = trainer(tmp_path, max_epochs=3, limit_val_batches=0, callbacks=[record, accumulating])
+            accumulating = [L.pytorch.callbacks.GradientAccumulationScheduler(s) for s in (schedule if isinstance(schedule, tuple) else (schedule,))]
+            fit = trainer(tmp_path, max_epochs=3, limit_val_batches=0, callbacks=[record, *accumulating])
             fit.fit(module, data)
             final = fit.optimizers[0].param_groups[0]["lr"]
             assert final == pytest.approx(0.0 if isinstance(module, DeterministicModule) else 1e-3, abs=1e-9), (schedule, module)

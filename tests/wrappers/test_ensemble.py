@@ -520,6 +520,18 @@ def test_mc_dropout_around_a_vmapped_ensemble_drops_only_inside_it():
     with torch.no_grad(), pytest.warns(UserWarning, match="forward hooks of your own .* the members run one by one"):
         outputs = ensemble(x)
     assert len(features) == 3 and all(torch.equal(f, m[0](x)) for f, m in zip(features, ensemble.members))
+    # a global hook (register_module_forward_hook) too
+    features.clear()
+    ensemble = DeepEnsemble([member() for _ in range(3)], method="vmap").eval()
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: features.append(output) if isinstance(module, nn.Linear) else None
+    )
+    try:
+        with torch.no_grad(), pytest.warns(UserWarning, match="forward hooks of your own"):
+            ensemble(x)
+    finally:
+        handle.remove()
+    assert len(features) == 3 and torch.equal(features[0], ensemble.members[0][0](x))
 
 
 def test_members_backward_hooks_run_with_gradients():
