@@ -95,6 +95,13 @@ def fit_temperature(logits: Tensor, target: Tensor, *, max_iter: int = 100) -> T
     logits, target = _check_logits(logits, target)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"`max_iter` must be a positive integer, got {max_iter!r}")
+    with torch.inference_mode(False):  # fitted in a torch.inference_mode block too, as under torch.no_grad
+        return _fit_temperature(logits, target, max_iter)
+
+
+def _fit_temperature(logits: Tensor, target: Tensor, max_iter: int) -> Tensor:
+    # inference tensors (made under torch.inference_mode: bdl.predict's targets there) cannot be saved for backward
+    logits, target = (t.clone() if t.is_inference() else t for t in (logits, target))
     samples = logits.detach()
     if samples.dim() == 2:
         samples = samples.unsqueeze(0)

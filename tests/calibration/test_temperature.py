@@ -27,6 +27,19 @@ def test_fit_recovers_the_distortion_of_the_logits(factor):
     assert temperature == pytest.approx(factor, rel=0.05)
 
 
+def test_inference_mode_tensors_and_blocks_fit_the_same_temperature():
+    # "Inference tensors cannot be saved for backward" (labels, or float64 logits, made under inference_mode), and
+    # inside an inference_mode block "element 0 of tensors does not require grad"
+    torch.manual_seed(0)
+    logits, target = distorted_logits(3.0, num_examples=500)
+    expected = fit_temperature(logits, target)
+    with torch.inference_mode():
+        inference = logits.double(), target.clone()
+        inside = TemperatureScaler().fit(logits, target).temperature.clone()
+    torch.testing.assert_close(fit_temperature(*inference).float(), expected.float())
+    torch.testing.assert_close(inside.float(), expected.float())
+
+
 def test_fitted_temperature_is_a_stationary_minimum_of_the_nll():
     logits, target = distorted_logits(2.0, num_examples=2000)
     temperature = fit_temperature(logits, target)
