@@ -95,6 +95,8 @@ class Likelihood(nn.Module):
 
     def forward(self, output: Tensor, target: Optional[Tensor] = None, *, num_data: Optional[int] = None) -> Tensor:
         """Score ``target`` (or sample it when None) inside the data plate; returns the observation site."""
+        if output.dim() == 0 or output.shape[0] == 0:  # pyro.plate's "size cannot be zero", or a failed reshape
+            raise ValueError(f"{type(self).__name__}: the batch holds no example (network output of shape {tuple(output.shape)})")
         globals_ = self.sample_globals()
         if target is not None:
             target = self.check_target(target, output)
@@ -141,6 +143,7 @@ class CategoricalLikelihood(Likelihood):
                 f"categorical likelihood: targets must be integer class indices of shape {tuple(output.shape[:1])}, "
                 f"got {target.dtype} of shape {tuple(target.shape)}"
             )
+        target = target.long()  # numpy's unsigned labels: torch has no comparison for uint16 ("lt_cpu")
         num_classes = output.shape[1]
         if target.numel() and bool(((target < 0) | (target >= num_classes)).any()):
             raise ValueError(
@@ -179,10 +182,12 @@ class BernoulliLikelihood(Likelihood):
         target = target.reshape(-1) if target.numel() == logit.shape[0] else target
         if target.shape != logit.shape:
             raise ValueError(f"Bernoulli likelihood: targets must be 0/1 of shape {tuple(logit.shape)}, got shape {tuple(target.shape)}")
-        if not bool(((target == 0) | (target == 1)).all()):
+        bad = ~((target == 0) | (target == 1))
+        if bool(bad.any()):  # "values from 0.0 to 1.0" for a soft label 0.5, "from nan to nan"
+            index = int(bad.nonzero()[0, 0])
             raise ValueError(
-                f"Bernoulli likelihood: targets must be 0/1, got values from {target.min().item()} to {target.max().item()} "
-                "(class labels of more classes need the categorical likelihood)"
+                f"Bernoulli likelihood: targets must be 0/1, got {target[index].item()} at index {index} (soft labels are not "
+                "taken; class labels of more classes need the categorical likelihood)"
             )
         return target.to(logit.dtype)
 

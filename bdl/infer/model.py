@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..nn.layers import BayesianModule
-from .likelihoods import Likelihood, make_likelihood
+from .likelihoods import DATA_PLATE, OBSERVATION_SITE, Likelihood, make_likelihood
 
 ParameterSelection = Union[None, str, Iterable[str], type, tuple, Callable[[str, nn.Parameter], bool]]
 PRIOR_LOCS = ("zero", "pretrained")
@@ -153,9 +153,13 @@ class PyroModel(nn.Module):
         self.prior_scale = float(prior_scale)
         self.prior_loc = prior_loc
         self.bayesian_names = select_parameters(net, bayesian_parameters)
-        clash = set(self.bayesian_names) & set(self.likelihood.global_sites)
+        # the observation site and the data plate too: "Multiple sample sites named 'obs'" at the first trace
+        clash = set(self.bayesian_names) & {*self.likelihood.global_sites, OBSERVATION_SITE, DATA_PLATE}
         if clash:
-            raise ValueError(f"parameter names {sorted(clash)} clash with the likelihood's latent sites")
+            raise ValueError(
+                f"parameter names {sorted(clash)} clash with the likelihood's sites ({OBSERVATION_SITE!r}, the plate "
+                f"{DATA_PLATE!r} and its latent sites {list(self.likelihood.global_sites)}): rename the network's parameters"
+            )
         named = dict(net.named_parameters())
         for name in self.bayesian_names:
             # The network's own values of these parameters are never used in the model (the sampled ones

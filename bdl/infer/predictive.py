@@ -189,6 +189,12 @@ def predict_from_samples(
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"samples[{name!r}] must have shape [S, *{shape}] (S posterior draws of the parameter), got {got}")
         counts.add(value.shape[0])
+    for name in model.likelihood.global_sites:  # the learned noise: [S], one number per draw, paired with the weights'
+        value = samples[name]
+        if not isinstance(value, Tensor) or value.dim() == 0 or value[0].numel() != 1:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"samples[{name!r}] must have shape [S] (S posterior draws of the likelihood's {name}), got {got}")
+        counts.add(value.shape[0])
     if len(counts) > 1:
         raise ValueError(f"samples must hold the same number S of draws for every site, got {sorted(counts)}")
     from ..predict import Prediction, _batches

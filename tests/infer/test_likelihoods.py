@@ -91,10 +91,22 @@ def test_registry_lists_the_names_on_an_unknown_one():
 def test_bernoulli_targets_other_than_0_1_are_named_by_value():
     # the message blamed the shape: "must be 0/1 of shape (4,), got shape (4,)"
     likelihood = BernoulliLikelihood()
-    with pytest.raises(ValueError, match="targets must be 0/1, got values from 0 to 2"):
+    with pytest.raises(ValueError, match="targets must be 0/1, got 2 at index 2"):
         likelihood.check_target(torch.tensor([0, 1, 2, 1]), torch.randn(4, 1))
+    with pytest.raises(ValueError, match=r"got 0.5 at index 1 \(soft labels are not taken"):  # "values from 0.0 to 1.0"
+        likelihood.check_target(torch.tensor([0.0, 0.5, 1.0, 1.0]), torch.randn(4, 1))
     with pytest.raises(ValueError, match=r"of shape \(4,\), got shape \(3,\)"):
         likelihood.check_target(torch.tensor([0, 1, 1]), torch.randn(4, 1))
+
+
+def test_unsigned_labels_and_empty_batches():
+    # numpy's uint16 labels: "lt_cpu" not implemented for 'UInt16'
+    labels = torch.tensor([0, 2, 1], dtype=torch.uint16)
+    assert torch.equal(CategoricalLikelihood().check_target(labels, torch.randn(3, 3)), torch.tensor([0, 2, 1]))
+    # an empty batch: pyro.plate's "size cannot be zero", or a failed reshape inside the Categorical
+    for num_data in (None, 100):
+        with pytest.raises(ValueError, match=r"the batch holds no example \(network output of shape \(0, 3\)\)"):
+            CategoricalLikelihood()(torch.randn(0, 3), torch.zeros(0, dtype=torch.long), num_data=num_data)
 
 
 def test_bernoulli_predictive_logits_are_symmetric_as_predicts_reading_of_one_logit():

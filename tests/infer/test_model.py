@@ -109,6 +109,12 @@ def test_invalid_arguments_name_the_argument():
     model = PyroModel(mlp(), "categorical", num_data=4)
     with pytest.raises(ValueError, match="num_data"):
         poutine.trace(model).get_trace(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    # parameters named as the observation site or the plate failed at the first trace ("Multiple sample sites")
+    for name in ("obs", "data"):
+        net = torch.nn.Module()
+        net.register_parameter(name, torch.nn.Parameter(torch.zeros(3)))
+        with pytest.raises(ValueError, match=rf"parameter names \['{name}'\] clash with the likelihood's sites"):
+            PyroModel(net, "categorical")
 
 
 def test_a_network_that_returns_a_tuple_is_told_how_to_model_a_noise_scale():

@@ -63,6 +63,11 @@ def test_regression_prediction_splits_noise_from_weight_uncertainty(likelihood, 
     torch.testing.assert_close(prediction.mean, means.mean(0))
     torch.testing.assert_close(prediction.epistemic_variance, means.var(0, unbiased=False))
     torch.testing.assert_close(prediction.aleatoric_variance, noise_var.mean(0))
+    if likelihood == "gaussian_homoscedastic":  # the noise draws are checked as the weights': [S], the same S
+        # 5 draws beside 6 gave torch's "expanded size", and a [3, 2] tensor was read as 6 draws, paired wrongly
+        for bad, message in ((noise_std[:5], r"same number S of draws .*\[5, 6\]"), (noise_std.reshape(3, 2), r"samples\['noise_std'\] must have shape \[S\]")):
+            with pytest.raises(ValueError, match=message):
+                predict_from_samples(model, {**samples, "noise_std": bad}, x)
 
 
 def test_batches_share_the_posterior_samples_and_keep_targets():
