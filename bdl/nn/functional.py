@@ -139,7 +139,9 @@ class _KLNormalExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor, _):  # type: ignore[no-untyped-def]
         mu, var, rho = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: var, computed without a graph, again from rho
+        # create_graph=True, or an eager forward-over-reverse (a dual level): var, computed without a graph or a
+        # tangent, again from rho (its curvature in rho was left out of an eager Hessian-vector product)
+        if torch.is_grad_enabled() or forward_ad_active():
             var = (2 * rho).exp()
         scale = grad / ctx.prior_scale**2
         centred = mu if ctx.prior_loc == 0 else mu - ctx.prior_loc

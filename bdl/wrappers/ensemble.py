@@ -82,10 +82,12 @@ def _hooks_alike(modules: Sequence[nn.Module]) -> bool:
     return True
 
 
-def _bdl_hook(hook: Any) -> bool:  # noqa: ANN401
-    """Whether ``hook`` is one of bdl's (MC dropout's, bayesianize's, predict's probes), which run on vmap's copy."""
+def _runs_on_copy(hook: Any) -> bool:  # noqa: ANN401
+    """Whether ``hook`` is one of bdl's (MC dropout's, bayesianize's, predict's probes) or torch's own bookkeeping
+    (``torch.utils.module_tracker``, which ``FlopCounterMode`` and Lightning's model summary use), which run on
+    vmap's copy as they would on the members."""
     module = getattr(hook, "__module__", None) or ""
-    return module == "bdl" or module.startswith("bdl.")
+    return module == "bdl" or module.startswith(("bdl.", "torch."))
 
 
 def _alike(hook: Any, other: Any) -> bool:  # noqa: ANN401
@@ -342,12 +344,12 @@ class DeepEnsemble(nn.Module):
         if not all(_hooks_alike(modules) for modules in zip(*(member.modules() for member in self.members))):
             # one vmapped copy of member 0 runs every member: a hook of member 0's alone zeroed every member
             return self._loop_instead("_warned_hooks", "the members' forward hooks differ (a hook on some members only)")
-        global_hooks = [getattr(_module_internals, f"_global{hooks}", {}) for hooks, _ in _HOOKS]  # register_module_forward_hook's
-        if any(not _bdl_hook(hook) for hooks in global_hooks for hook in hooks.values()) or any(
-            not _bdl_hook(hook) for module in self.members[0].modules() for hooks, _ in _HOOKS for hook in getattr(module, hooks).values()
-        ):
-            # it ran once, on the copy, with vmap's batched tensors: recorded features failed when read ("escaped")
+        # a hook of the user's ran once, on the copy, with vmap's batched tensors: features it kept failed when read
+        if any(not _runs_on_copy(hook) for module in self.members[0].modules() for hooks, _ in _HOOKS for hook in getattr(module, hooks).values()):
             return self._loop_instead("_warned_own_hooks", "members have forward hooks of your own (they would run once, on vmap's batched copy)")
+        global_hooks = [getattr(_module_internals, f"_global{hooks}", {}) for hooks, _ in _HOOKS]  # register_module_forward_hook's
+        if any(not _runs_on_copy(hook) for hooks in global_hooks for hook in hooks.values()):
+            return self._loop_instead("_warned_global_hooks", "global forward hooks (register_module_forward_hook) are set")
         if torch.is_grad_enabled() and (
             _module_internals._global_backward_hooks or _module_internals._global_backward_pre_hooks  # on every module
             or any(module._backward_hooks or module._backward_pre_hooks for member in self.members for module in member.modules())

@@ -84,14 +84,25 @@ def test_forward_mode_derivatives_through_a_sampling_layer(estimator):
     def call(rho):
         return torch.func.functional_call(layer, {**params, "weight_rho": rho}, (x,))
 
-    def loss(rho):
-        return call(rho).square().sum() + bdl.kl_divergence(layer)
+    def loss(rho):  # the data term and the KL, both of this rho
+        return call(rho).square().sum() + kl_normal_normal_exp(params["weight_mu"], rho, 0.0, 1.0)
 
     torch.manual_seed(1)
     _, hvp = torch.func.jvp(torch.func.grad(loss), (rho,), (tangent,))
     torch.manual_seed(1)
     hessian = torch.func.jacrev(torch.func.jacrev(loss))(rho)
     torch.testing.assert_close(hvp, (hessian * tangent).sum((2, 3)))
+    # eager forward-over-reverse against eager reverse-over-reverse (flipout's signs are drawn otherwise under
+    # torch.func): the KL's curvature in rho (2 exp(2 rho) t) was left out
+    leaf = rho.clone().requires_grad_()
+    torch.manual_seed(1)
+    (gradient,) = torch.autograd.grad(loss(leaf), leaf, create_graph=True)
+    (expected,) = torch.autograd.grad(gradient, leaf, tangent)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(rho.clone().requires_grad_(), tangent)
+        torch.manual_seed(1)
+        (gradient,) = torch.autograd.grad(loss(dual), dual)
+        torch.testing.assert_close(fwAD.unpack_dual(gradient).tangent, expected)
     for gradients in (True, False):  # the training forward and the prediction path
         with torch.set_grad_enabled(gradients), fwAD.dual_level():
             torch.manual_seed(2)

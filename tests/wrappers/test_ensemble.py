@@ -527,11 +527,16 @@ def test_mc_dropout_around_a_vmapped_ensemble_drops_only_inside_it():
         lambda module, args, output: features.append(output) if isinstance(module, nn.Linear) else None
     )
     try:
-        with torch.no_grad(), pytest.warns(UserWarning, match="forward hooks of your own"):
+        with torch.no_grad(), pytest.warns(UserWarning, match=r"global forward hooks \(register_module_forward_hook\) are set"):
             ensemble(x)
     finally:
         handle.remove()
     assert len(features) == 3 and torch.equal(features[0], ensemble.members[0][0](x))
+    # torch's own bookkeeping hooks (FlopCounterMode's module tracker, Lightning's model summary) run on the copy
+    ensemble = DeepEnsemble([member() for _ in range(3)], method="vmap").eval()
+    with warnings.catch_warnings(), torch.utils.flop_counter.FlopCounterMode(display=False):
+        warnings.simplefilter("error")
+        assert ensemble.resolve_method() == "vmap"
 
 
 def test_members_backward_hooks_run_with_gradients():
