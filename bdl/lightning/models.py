@@ -26,7 +26,7 @@ def _activation(name: str) -> type[nn.Module]:
 def _check_sizes(owner: str, **sizes: int) -> None:
     """Raise ``ValueError`` naming the first argument that is not a positive int (layer widths, channels, classes)."""
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:  # numpy's ints too, as nn.Linear's
             raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
 
 

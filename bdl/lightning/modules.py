@@ -726,6 +726,11 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
             y = as_class_labels(y)
             if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
                 raise TypeError(f"targets must be integer class labels (torch.long) for classification, got {y.dtype}")
+            if isinstance(output, (tuple, list)):  # a GaussianHead's (mean, variance): "'GaussianOutput' has no 'shape'"
+                raise ValueError(
+                    f"a classification model must return logits [B, C], got {type(output).__name__}; a model that returns "
+                    "(mean, variance), e.g. with a GaussianHead, needs task='regression'"
+                )
             logits = _two_class(output)  # one logit: binary cross-entropy, as predict reads it
             try:
                 return F.cross_entropy(logits, y.long())

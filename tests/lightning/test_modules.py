@@ -377,6 +377,11 @@ def test_ensemble_sample_counts_and_network_sizes_are_checked_when_built():
     assert EnsembleModule(net(), num_members=3, num_eval_samples=6).num_members == 3
     with pytest.raises(TypeError, match="hidden must be a list of layer sizes"):
         MLP(64, 10, hidden=64)
+    # numpy's integers, as nn.Linear takes them ("in_features must be a positive int, got np.int64(64)")
+    assert MLP(np.prod((8, 8)), np.int64(3), hidden=[np.int64(16)])(torch.randn(2, 64)).shape == (2, 3)
+    # a GaussianHead under the default classification task: "'GaussianOutput' object has no attribute 'shape'"
+    with pytest.raises(ValueError, match=r"got GaussianOutput; .* needs task='regression'"):
+        DeterministicModule(MLP(4, 3, hidden=[8], head="gaussian")).training_loss(torch.randn(5, 4), torch.randint(0, 3, (5,)))
 
 
 def test_cosine_schedule_anneals_the_learning_rate_to_zero(tmp_path):
