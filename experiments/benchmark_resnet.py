@@ -4,7 +4,7 @@ Times one step (forward + cross-entropy + KL / num_data + backward + Adam) of to
 the CIFAR stem (``bdl.lightning.models.ResNet``, 32x32 inputs), the network of ``configs/cifar10_resnet18_*.yaml``:
 every convolution and the final linear layer converted by ``bdl.bayesianize`` with each estimator, under bf16
 autocast on CUDA (float32 on CPU; the configs' ``precision: 16-mixed`` is float16 autocast with a gradient
-scaler). Prints ms per step, the ratio to ``nn.Conv2d`` and the seconds a pass over CIFAR-10's 50,000 training
+scaler on CUDA, and Lightning's bf16 autocast on a CPU). Prints ms per step, the ratio to ``nn.Conv2d`` and the seconds a pass over CIFAR-10's 50,000 training
 images would take at that rate (the configs train on 45,000 of them, holding out ``val_fraction`` 0.1). Steps of the variants are interleaved
 (one step of each in turn), so a change in machine load affects all of them alike.
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules import module as _module_internals
+from torch.utils.module_tracker import ModuleTracker
 
 from .._outputs import draw_stacked, output_parts
 from .._warn import user_stacklevel
@@ -83,11 +84,14 @@ def _hooks_alike(modules: Sequence[nn.Module]) -> bool:
 
 
 def _runs_on_copy(hook: Any) -> bool:  # noqa: ANN401
-    """Whether ``hook`` is one of bdl's (MC dropout's, bayesianize's, predict's probes) or torch's own bookkeeping
-    (``torch.utils.module_tracker``, which ``FlopCounterMode`` and Lightning's model summary use), which run on
-    vmap's copy as they would on the members."""
+    """Whether ``hook`` is one of bdl's (MC dropout's, bayesianize's, predict's probes) or torch's ``ModuleTracker``'s
+    (which ``FlopCounterMode`` and Lightning's model summary set: it tracks which module runs, and vmap's copy then
+    counts the members' FLOPs under its own module names), which run on vmap's copy. Not every hook of torch's:
+    quantization observers kept the copy's ranges, not the members', and ``ModTracker`` calls user hooks."""
+    if isinstance(getattr(hook, "__self__", None), ModuleTracker):
+        return True
     module = getattr(hook, "__module__", None) or ""
-    return module == "bdl" or module.startswith(("bdl.", "torch."))
+    return module == "bdl" or module.startswith("bdl.")
 
 
 def _alike(hook: Any, other: Any) -> bool:  # noqa: ANN401

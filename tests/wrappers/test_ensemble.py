@@ -532,7 +532,20 @@ def test_mc_dropout_around_a_vmapped_ensemble_drops_only_inside_it():
     finally:
         handle.remove()
     assert len(features) == 3 and torch.equal(features[0], ensemble.members[0][0](x))
-    # torch's own bookkeeping hooks (FlopCounterMode's module tracker, Lightning's model summary) run on the copy
+    # torch's hooks that keep state, as quantization observers: on the copy they saw vmap's stacked outputs
+    from torch.ao.quantization import MinMaxObserver
+    from torch.ao.quantization.quantize import _observer_forward_hook
+
+    ensemble = DeepEnsemble([member() for _ in range(3)], method="vmap")
+    for each in ensemble.members:
+        each[0].activation_post_process = MinMaxObserver()
+        each[0].register_forward_hook(_observer_forward_hook)
+    ensemble.eval()
+    with torch.no_grad(), pytest.warns(UserWarning, match="forward hooks of your own"):
+        outputs = ensemble(x)
+    for each in ensemble.members:
+        assert each[0].activation_post_process.max_val == each[0](x).max()  # it stayed -inf
+    # torch's module tracker (FlopCounterMode's, Lightning's model summary's) runs on the copy
     ensemble = DeepEnsemble([member() for _ in range(3)], method="vmap").eval()
     with warnings.catch_warnings(), torch.utils.flop_counter.FlopCounterMode(display=False):
         warnings.simplefilter("error")
