@@ -264,7 +264,9 @@ def quantile_calibration_curve(
     mean, variance, target = _gaussian(mean, variance, target)
     levels = _levels(levels, mean)
     cdf = torch.special.ndtr((target - mean) / variance.sqrt()).reshape(-1)
-    observed = (cdf[None, :] <= levels[:, None]).to(mean.dtype).mean(dim=1)
+    # counted in the sorted cdf, not by an [L, N * D] comparison (8x the inputs' memory at 19 levels, 43x at 99)
+    below = torch.searchsorted(cdf.sort().values, levels.to(cdf.dtype), right=True)
+    observed = below.to(mean.dtype) / cdf.numel()
     return levels, observed
 
 
