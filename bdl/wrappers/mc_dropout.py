@@ -109,7 +109,11 @@ class MCDropout(nn.Module):
     its running statistics while dropout is on; each call is one Monte Carlo sample. The wrapper
     shares ``model`` (no copy) and starts in eval mode; call ``.train()`` to train through it. Dropout
     applied with ``F.dropout(x, training=self.training)`` inside a custom ``forward`` cannot be seen
-    and stays off in eval mode: use ``nn.Dropout`` modules.
+    and stays off in eval mode: use ``nn.Dropout`` modules. Activation checkpointing (``torch.utils.checkpoint``)
+    inside the model is not supported: its backward recomputes the forward after :meth:`forward` has returned,
+    with the dropout as it is outside (other masks, or none in eval mode), so the gradients are not those of the
+    loss; train a checkpointed model bare, and wrap it for prediction. Dropout layers replaced after wrapping are
+    found again at the next call.
 
     A model without dropout layers raises ``ValueError`` unless ``insert_before`` names where to add
     ``nn.Dropout(p)`` (applied to the input of each chosen module by a forward pre-hook); the model is
@@ -166,11 +170,7 @@ class MCDropout(nn.Module):
         if inserted:  # registered (so .train()/.to() and print reach them) only when there are any
             self.inserted_dropout = nn.ModuleList(inserted)
         self._inserted = inserted
-        self._dropout = [m for m in model.modules() if _is_dropout(m)] + inserted
-        self._encoders = [m for m in model.modules() if isinstance(m, nn.TransformerEncoder)]
-        # an eval-mode encoder layer takes torch's fused fast path, which applies no dropout: in training mode
-        # (a flag that only gates that path) it runs its dropout modules
-        self._encoder_layers = [m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer) and any(map(_is_dropout, m.modules()))]
+        self._find_dropout()
         if not any(map(_can_fire, self._dropout)):
             raise ValueError(
                 f"{type(model).__name__} has no dropout layer ({', '.join(t.__name__ for t in DROPOUT_TYPES)}) with a rate "
@@ -179,15 +179,39 @@ class MCDropout(nn.Module):
             )
         self.eval()
 
+    def _find_dropout(self) -> None:
+        """The model's dropout layers (and transformer encoders) with their names, then the inserted ones."""
+        named = [(name, m) for name, m in self.model.named_modules() if _is_dropout(m)]
+        self._dropout_names = [name for name, _ in named]
+        self._dropout = [m for _, m in named] + self._inserted
+        self._encoders = [m for m in self.model.modules() if isinstance(m, nn.TransformerEncoder)]
+        # an eval-mode encoder layer takes torch's fused fast path, which applies no dropout: in training mode
+        # (a flag that only gates that path) it runs its dropout modules
+        self._encoder_layers = [m for m in self.model.modules() if isinstance(m, nn.TransformerEncoderLayer) and any(map(_is_dropout, m.modules()))]
+
+    def _found_dropout(self) -> list[nn.Module]:
+        """The dropout layers, found again where one found before is no longer in its place (a head replaced after
+        wrapping: its dropout stayed off, 0 mutual information, while the detached old one was switched on)."""
+        names = getattr(self, "_dropout_names", None)  # an MCDropout pickled before it existed: as it was found
+        if names is not None:
+            try:
+                moved = any(self.model.get_submodule(name) is not m for name, m in zip(names, self._dropout))
+            except AttributeError:
+                moved = True
+            if moved:
+                self._find_dropout()
+        return self._dropout
+
     @property
     def dropout_modules(self) -> list[nn.Module]:
         """Every dropout module kept stochastic (the model's own, then inserted ones)."""
-        return list(self._dropout)
+        return list(self._found_dropout())
 
     @property
     def noise_modules(self) -> list[nn.Module]:
         """Modules whose call draws dropout noise: the dropout layers and the modules dropout was inserted before."""
-        return self._dropout[: len(self._dropout) - len(self._inserted)] + self._targets
+        dropout = self._found_dropout()
+        return dropout[: len(dropout) - len(self._inserted)] + self._targets
 
     @contextlib.contextmanager
     def dropout_enabled(self) -> Iterator[None]:
@@ -202,9 +226,10 @@ class MCDropout(nn.Module):
         ignore it (torch.compile does not guard on hooks), and the compiled ``F.dropout`` is one fused
         kernel anyway; the training flags are guarded, so a compiled model recompiles for them.
         """
-        switched = self._dropout + getattr(self, "_encoder_layers", [])  # an MCDropout pickled before it existed
+        dropout_layers = self._found_dropout()
+        switched = dropout_layers + getattr(self, "_encoder_layers", [])  # an MCDropout pickled before it existed
         previous = [module.training for module in switched]
-        for layer in switched[len(self._dropout):]:
+        for layer in switched[len(dropout_layers):]:
             layer.training = True
         hooks = []
         # an eval-mode TransformerEncoder turns a padded batch into a nested tensor when its first layer would take

@@ -187,6 +187,18 @@ def test_rejects_a_non_module():
         MCDropout(lambda x: x)
 
 
+def test_dropout_layers_replaced_after_wrapping_are_found_again():
+    # the list made at wrapping kept the old head's dropout: the new one stayed off (0 mutual information)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Sequential(nn.Dropout(0.5), nn.Linear(16, 3)))
+    model = bdl.MCDropout(net)
+    net[2] = nn.Sequential(nn.Dropout(0.5), nn.Linear(16, 3)).eval()
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))
+    assert model.dropout_modules == [net[2][0]]
+    assert bdl.predict(model, x, num_samples=20).mutual_information.min() > 0
+
+
 def test_train_mode_trains_batchnorm_and_predict_restores_it():
     net = net_with_batchnorm()
     model = MCDropout(net).train()
