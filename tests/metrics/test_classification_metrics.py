@@ -125,11 +125,12 @@ def test_adaptive_ece_matches_a_direct_numpy_equal_mass_binning():
     confidence, predicted = probs.max(dim=1)
     correct = (predicted == target).numpy().astype(float)
     order = np.argsort(confidence.numpy(), kind="stable")
-    expected = sum(
-        len(group) * abs(confidence.numpy()[group].mean() - correct[group].mean())
-        for group in np.array_split(order, 15)
-    ) / len(order)
-    assert M.adaptive_ece(probs, target, n_bins=15).item() == pytest.approx(expected, abs=1e-6)
+    for n_bins in (15, 400, 1003, 5000):  # bins summed by a cumulative sum (a Python loop over them took 1.7 s for 1e5)
+        expected = sum(
+            len(group) * abs(confidence.numpy()[group].mean() - correct[group].mean())
+            for group in np.array_split(order, min(n_bins, len(order)))
+        ) / len(order)
+        assert M.adaptive_ece(probs, target, n_bins=n_bins).item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_adaptive_ece_of_a_calibrated_tie_group_is_zero():

@@ -376,10 +376,16 @@ def _adaptive_ece_of(confidence: Tensor, correct: Tensor, n_bins: int) -> Tensor
     ordered, order = confidence.double().sort(stable=True)
     _, tie, ties = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
     accuracy = torch.zeros(len(ties), dtype=torch.float64, device=ordered.device).index_add_(0, tie, correct[order].double())
-    outcome = (accuracy / ties)[tie]  # each example's tie group's accuracy
-    total = ordered.new_zeros(())
-    for group in torch.tensor_split(torch.arange(len(ordered), device=ordered.device), min(n_bins, len(ordered))):
-        total += (ordered[group].sum() - outcome[group].sum()).abs()
+    gap = ordered - (accuracy / ties)[tie]  # each example's confidence less its tie group's accuracy
+    # the bins as torch.tensor_split makes them (the first n % k one longer), summed by differences of the cumulative
+    # sum: a Python loop over the bins took 1.7 s for 100,000 of them
+    n = len(ordered)
+    k = min(n_bins, n)
+    sizes = torch.full((k,), n // k, dtype=torch.long, device=ordered.device)
+    sizes[: n % k] += 1
+    ends = sizes.cumsum(0)
+    cumulative = torch.cat([gap.new_zeros(1), gap.cumsum(0)])
+    total = (cumulative[ends] - cumulative[ends - sizes]).abs().sum()
     return (total / confidence.numel()).to(confidence.dtype)
 
 
