@@ -952,6 +952,27 @@ def test_from_logits_summarises_large_inputs_in_chunks_of_samples(monkeypatch):
     assert chunked.num_samples == 8
 
 
+def test_from_logits_and_from_probs_summarise_many_rows_in_blocks_of_rows(monkeypatch):
+    # one sample of many rows was a chunk, whose summary held ~10 [N, C] temporaries: 7x the logits at S = 1 or 2
+    import sys
+
+    module = sys.modules["bdl.predict"]
+    logits = torch.randn(2, 50, 4)
+    logits[:, :5] = logits[:1, :5]  # rows alike in both samples: exactly 0 mutual information, block by block too
+    whole = [bdl.Prediction.from_logits(logits, keep_samples=True), bdl.Prediction.from_probs(logits.softmax(-1), keep_samples=True)]
+    monkeypatch.setattr(module, "_ROW_BLOCK_ELEMENTS", 7 * 4)  # blocks of 7 rows
+    sizes = []
+    add_logits = module._ClassificationSummary.add_logits
+    monkeypatch.setattr(module._ClassificationSummary, "add_logits", lambda self, chunk: sizes.append(chunk.shape[1]) or add_logits(self, chunk))
+    blocked = [bdl.Prediction.from_logits(logits, keep_samples=True), bdl.Prediction.from_probs(logits.softmax(-1), keep_samples=True)]
+    assert sizes == [7] * 7 + [1]
+    for a, b in zip(whole, blocked):
+        for name in ("probs", "expected_entropy", "mutual_information", "predicted_class_variance", "logits", "sample_probs"):
+            if getattr(a, name) is not None:
+                torch.testing.assert_close(getattr(b, name), getattr(a, name))
+        assert (b.mutual_information[:5] == 0).all() and b.num_samples == 2
+
+
 def _same_prediction(model, x, **kwargs):
     torch.manual_seed(0)
     first = bdl.predict(model, x, num_samples=16, **kwargs)
