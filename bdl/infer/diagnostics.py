@@ -27,7 +27,8 @@ so does an element with a NaN among its draws (as in ArviZ and Pyro); the other 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import numbers
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -92,7 +93,10 @@ def _ess(chains: Tensor) -> Tensor:
     """
     c, n, e = chains.shape
     total = c * n
-    constant = (chains.amax((0, 1)) - chains.amin((0, 1))) < torch.finfo(torch.float64).resolution
+    # equal up to rounding, relative to the values (ArviZ's absolute 1e-15 read the draws of a parameter in units
+    # of 1e-17 as constant: every draw "effective")
+    high, low = chains.amax((0, 1)), chains.amin((0, 1))
+    constant = (high - low) <= torch.finfo(torch.float64).resolution * torch.maximum(high.abs(), low.abs())
     autocovariance = _autocovariance(chains)
     mean_var = autocovariance[:, 0].mean(0) * n / (n - 1)
     var_plus = mean_var * (n - 1) / n
@@ -119,6 +123,11 @@ def _ess(chains: Tensor) -> Tensor:
     tau = (-1 + 2 * paired + extra).clamp_min(1 / math.log10(total))
     ess = total / tau
     return torch.where(constant, torch.full_like(ess, float(total)), ess)
+
+
+def _empty(chains: Tensor, flat: Tensor) -> Optional[Tensor]:
+    """The diagnostics of a site of no elements (``[C, N, 0]``): an empty ``[*shape]``; None for other sites."""
+    return flat.new_empty(chains.shape[2:]) if flat.shape[2] == 0 else None
 
 
 def _undefined(chains: Tensor, values: Tensor) -> Tensor:
@@ -170,6 +179,8 @@ def rank_r_hat(chains: Tensor) -> Tensor:
         True
     """
     flat = _as_chains("chains", chains)
+    if (empty := _empty(chains, flat)) is not None:  # quantile() of nothing raised
+        return empty
     split = _split(flat)
     bulk = _r_hat(_normal_scores(split))
     folded = (split - split.flatten(0, 1).quantile(0.5, dim=0)).abs()
@@ -199,6 +210,8 @@ def ess_bulk(chains: Tensor) -> Tensor:
         True
     """
     flat = _as_chains("chains", chains)
+    if (empty := _empty(chains, flat)) is not None:  # an FFT of nothing raised
+        return empty
     split = _split(flat)
     return _undefined(flat, _ess(_normal_scores(split))).reshape(chains.shape[2:])
 
@@ -224,9 +237,13 @@ def ess_tail(chains: Tensor, probs: Sequence[float] = (0.05, 0.95)) -> Tensor:
         True
     """
     flat = _as_chains("chains", chains)
+    if isinstance(probs, numbers.Real) or (isinstance(probs, Tensor) and probs.dim() == 0):
+        probs = (probs,)  # one level, as PosteriorSummary's quantiles take it ("'float' object is not iterable")
     probs = tuple(float(p) for p in probs)
     if not probs or not all(0 < p < 1 for p in probs):
         raise ValueError(f"probs must be levels in (0, 1), got {probs}")
+    if (empty := _empty(chains, flat)) is not None:
+        return empty
     levels = flat.flatten(0, 1).quantile(torch.tensor(probs, dtype=torch.float64, device=flat.device), dim=0)  # [P, E]
     ess = torch.stack([_ess(_split((flat <= level).to(torch.float64))) for level in levels]).amin(0)
     return _undefined(flat, ess).reshape(chains.shape[2:])
@@ -255,5 +272,7 @@ def ess_mean(chains: Tensor) -> Tensor:
         True
     """
     flat = _as_chains("chains", chains)
+    if (empty := _empty(chains, flat)) is not None:
+        return empty
     ess = _ess(_split(flat))
     return _undefined(flat, ess.masked_fill(~flat.isfinite().flatten(0, 1).all(0), math.nan)).reshape(chains.shape[2:])

@@ -106,7 +106,12 @@ class PosteriorSummary:
         not_finite = []
         for name, value in chain_samples.items():
             value = value.detach().double()
-            flat = value.reshape((-1,) + value.shape[2:])
+            if value[0, 0].numel() == 0:  # a site of no elements: empty statistics (Pyro's R-hat failed a reshape)
+                names = ["mean", "std", *map(self._label, self.quantiles), "n_eff", "r_hat", "ess_bulk", "ess_tail", "rank_r_hat"]
+                self.table[name] = {column: value.new_empty(value.shape[2:]) for column in names}
+                self._constant[name] = torch.zeros(value.shape[2:], dtype=torch.bool, device=value.device)
+                continue
+            flat = value.flatten(0, 1)
             finite = flat.isfinite().all(0)
             q = stats.quantile(flat, list(self.quantiles), dim=0)
             row = {"mean": flat.mean(0), "std": flat.std(0)}
@@ -668,7 +673,7 @@ def mcmc(
             stacklevel=2,
         )
     chain_samples = {name: torch.cat([c[name] for c in chains], dim=0) for name in chains[0]}
-    samples = {name: value.reshape((-1,) + value.shape[2:]) for name, value in chain_samples.items()}
+    samples = {name: value.flatten(0, 1) for name, value in chain_samples.items()}
     summary = PosteriorSummary(chain_samples, quantiles)
     result = MCMCResult(samples, chain_samples, summary, diagnostics, None, model)
     if isinstance(model, PyroModel):

@@ -98,6 +98,29 @@ def test_diagnostics_refuse_too_few_draws_and_bad_levels():
         ess_tail(torch.randn(2, 10), probs=(0.0, 0.95))
 
 
+def test_ess_does_not_depend_on_the_units_of_the_draws():
+    # an absolute 1e-15 threshold (ArviZ's) read draws spanning less as constant: ESS = every draw (4000 for 12)
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(4, 1000, generator=generator, dtype=torch.float64)
+    chains = torch.zeros_like(noise)
+    for t in range(1, 1000):
+        chains[:, t] = 0.99 * chains[:, t - 1] + noise[:, t]
+    at_scale = [float(ess_mean(chains * scale)) for scale in (1.0, 1e-12, 1e-17)]
+    assert at_scale == pytest.approx([at_scale[0]] * 3, rel=1e-9) and at_scale[0] < 50
+
+
+def test_a_site_of_no_elements_has_empty_diagnostics():
+    # quantile() of nothing, an FFT of nothing and Pyro's R-hat reshape raised
+    empty = torch.randn(2, 10, 0)
+    for diagnostic in (rank_r_hat, ess_bulk, ess_tail, ess_mean):
+        assert diagnostic(empty).shape == (0,)
+    summary = PosteriorSummary({"b": empty, "w": torch.randn(2, 10)})
+    assert summary["b"]["r_hat"].shape == (0,) and math.isfinite(summary.max_r_hat)
+    # one tail level as a number, as PosteriorSummary takes one quantile ("'float' object is not iterable")
+    torch.testing.assert_close(ess_tail(torch.randn(2, 10, generator=torch.Generator().manual_seed(1)), probs=0.1),
+                               ess_tail(torch.randn(2, 10, generator=torch.Generator().manual_seed(1)), probs=(0.1,)))
+
+
 def test_posterior_summary_reports_the_rank_diagnostics():
     draws = torch.from_numpy(REFERENCE["one_wider_4x200"]).float()
     summary = PosteriorSummary({"z": draws.unsqueeze(-1)})
