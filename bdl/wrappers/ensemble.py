@@ -347,7 +347,7 @@ class DeepEnsemble(nn.Module):
             )
         if not all(_hooks_alike(modules) for modules in zip(*(member.modules() for member in self.members))):
             # one vmapped copy of member 0 runs every member: a hook of member 0's alone zeroed every member
-            return self._loop_instead("_warned_hooks", "the members' forward hooks differ (a hook on some members only)")
+            return self._loop_instead("_warned_hooks", "the members' forward hooks differ (a hook object of each member's own, or a hook on some members only)")
         # a hook of the user's ran once, on the copy, with vmap's batched tensors: features it kept failed when read
         if any(not _runs_on_copy(hook) for module in self.members[0].modules() for hooks, _ in _HOOKS for hook in getattr(module, hooks).values()):
             return self._loop_instead("_warned_own_hooks", "members have forward hooks of your own (they would run once, on vmap's batched copy)")
@@ -399,8 +399,11 @@ class DeepEnsemble(nn.Module):
         return params, buffers
 
     def _vmap_forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
-        if not self._base:
-            self._base.append(_meta_copy(self.members[0]))
+        # made again where member 0's modules changed since (a layer replaced in every member: the copy ran the old)
+        layout = tuple((name, type(module)) for name, module in self.members[0].named_modules())
+        if not self._base or getattr(self, "_base_layout", None) != layout:
+            self._base[:] = [_meta_copy(self.members[0])]
+            self._base_layout = layout
         base = self._base[0]
         # the first member's plain attributes as they are now (the training flags, a bdl.deterministic or
         # bdl.use_estimator block, a changed dropout rate): the copy kept those of its first forward

@@ -111,9 +111,11 @@ class MCDropout(nn.Module):
     applied with ``F.dropout(x, training=self.training)`` inside a custom ``forward`` cannot be seen
     and stays off in eval mode: use ``nn.Dropout`` modules. Activation checkpointing (``torch.utils.checkpoint``)
     inside the model is not supported: its backward recomputes the forward after :meth:`forward` has returned,
-    with the dropout as it is outside (other masks, or none in eval mode), so the gradients are not those of the
-    loss; train a checkpointed model bare, and wrap it for prediction. Dropout layers replaced after wrapping are
-    found again at the next call.
+    outside the dropout context. In eval mode the recomputation drops nothing (wrong gradients; torch's
+    ``CheckpointError`` with ``use_reentrant=False``); in training mode plain ``nn.Dropout`` layers, whose masks
+    bdl draws on the CPU, get torch's other masks (wrong gradients). Train a checkpointed model bare, and wrap it
+    for prediction. Dropout layers are found at every call: ones replaced or added after wrapping are kept on,
+    and inserted dropout follows a module replaced under its name.
 
     A model without dropout layers raises ``ValueError`` unless ``insert_before`` names where to add
     ``nn.Dropout(p)`` (applied to the input of each chosen module by a forward pre-hook); the model is
@@ -180,26 +182,36 @@ class MCDropout(nn.Module):
         self.eval()
 
     def _find_dropout(self) -> None:
-        """The model's dropout layers (and transformer encoders) with their names, then the inserted ones."""
-        named = [(name, m) for name, m in self.model.named_modules() if _is_dropout(m)]
-        self._dropout_names = [name for name, _ in named]
-        self._dropout = [m for _, m in named] + self._inserted
-        self._encoders = [m for m in self.model.modules() if isinstance(m, nn.TransformerEncoder)]
+        """The model's dropout layers and transformer encoders (one pass over its modules), then the inserted ones."""
+        dropout, encoders, layers = [], [], []
+        for module in self.model.modules():
+            if _is_dropout(module):
+                dropout.append(module)
+            elif isinstance(module, nn.TransformerEncoder):
+                encoders.append(module)
+            elif isinstance(module, nn.TransformerEncoderLayer):
+                layers.append(module)
+        self._dropout = dropout + self._inserted
+        self._encoders = encoders
         # an eval-mode encoder layer takes torch's fused fast path, which applies no dropout: in training mode
         # (a flag that only gates that path) it runs its dropout modules
-        self._encoder_layers = [m for m in self.model.modules() if isinstance(m, nn.TransformerEncoderLayer) and any(map(_is_dropout, m.modules()))]
+        self._encoder_layers = [m for m in layers if any(map(_is_dropout, m.modules()))]
 
     def _found_dropout(self) -> list[nn.Module]:
-        """The dropout layers, found again where one found before is no longer in its place (a head replaced after
-        wrapping: its dropout stayed off, 0 mutual information, while the detached old one was switched on)."""
-        names = getattr(self, "_dropout_names", None)  # an MCDropout pickled before it existed: as it was found
-        if names is not None:
+        """The dropout layers as the model holds them now, found at every call: a head replaced after wrapping kept
+        its dropout off (0 mutual information) while the detached old one was switched on. An inserted dropout
+        follows a module replaced under its name (its pre-hook is put on the new one)."""
+        self._find_dropout()
+        for i, (name, target) in enumerate(zip(self._target_names, self._targets)):
+            if name == "(the model)":
+                continue
             try:
-                moved = any(self.model.get_submodule(name) is not m for name, m in zip(names, self._dropout))
-            except AttributeError:
-                moved = True
-            if moved:
-                self._find_dropout()
+                current = self.model.get_submodule(name)
+            except AttributeError:  # removed: the dropout before it has nothing to drop
+                continue
+            if current is not target:
+                current.register_forward_pre_hook(_DropoutBefore(self._inserted[i]), with_kwargs=True)
+                self._targets[i] = current
         return self._dropout
 
     @property

@@ -552,6 +552,17 @@ def test_mc_dropout_around_a_vmapped_ensemble_drops_only_inside_it():
         assert ensemble.resolve_method() == "vmap"
 
 
+def test_a_vmap_ensemble_runs_layers_replaced_in_its_members():
+    # the copy of member 0 that vmap runs was made once: a layer replaced in every member still ran the old one
+    ensemble = DeepEnsemble([nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(3)], method="vmap")
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        ensemble(x)
+        for each in ensemble.members:
+            each[1] = nn.Tanh()
+        torch.testing.assert_close(ensemble(x), torch.stack([each(x) for each in ensemble.members]))
+
+
 def test_members_backward_hooks_run_with_gradients():
     # the vmapped copy of member 0 has no backward hooks: a backward through it ran none of the members'
     ensemble = DeepEnsemble.from_factory(lambda: nn.Sequential(nn.Linear(4, 3)), 3, method="vmap")

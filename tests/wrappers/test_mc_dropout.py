@@ -197,6 +197,16 @@ def test_dropout_layers_replaced_after_wrapping_are_found_again():
         assert not torch.equal(model(x), model(x))
     assert model.dropout_modules == [net[2][0]]
     assert bdl.predict(model, x, num_samples=20).mutual_information.min() > 0
+    # a dropout added where there was none (the new head's; the body's own at rate 0): it stayed off, MI 0
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+    model = bdl.MCDropout(net)
+    net[2].p = 0.0
+    net[3] = nn.Sequential(nn.Dropout(0.5), nn.Linear(16, 3)).eval()
+    assert bdl.predict(model, x, num_samples=20).mutual_information.min() > 0
+    # an inserted dropout follows a module replaced under its name (its pre-hook stayed on the detached one)
+    model = bdl.MCDropout(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)), p=0.3, insert_before=["2"])
+    model.model[2] = nn.Linear(16, 3)
+    assert bdl.predict(model, x, num_samples=20).mutual_information.min() > 0 and model.noise_modules == [model.model[2]]
 
 
 def test_train_mode_trains_batchnorm_and_predict_restores_it():
