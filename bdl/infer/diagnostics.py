@@ -96,7 +96,10 @@ def _ess(chains: Tensor) -> Tensor:
     # equal up to rounding, relative to the values (ArviZ's absolute 1e-15 read the draws of a parameter in units
     # of 1e-17 as constant: every draw "effective")
     high, low = chains.amax((0, 1)), chains.amin((0, 1))
-    constant = (high - low) <= torch.finfo(torch.float64).resolution * torch.maximum(high.abs(), low.abs())
+    size = torch.maximum(high.abs(), low.abs())
+    constant = (high - low) <= torch.finfo(torch.float64).resolution * size
+    # in units of the largest draw (the ESS does not depend on them): squares of draws near 1e-165 underflowed, 0 / 0
+    chains = chains / torch.where((size > 0) & size.isfinite(), size, torch.ones_like(size))
     autocovariance = _autocovariance(chains)
     mean_var = autocovariance[:, 0].mean(0) * n / (n - 1)
     var_plus = mean_var * (n - 1) / n

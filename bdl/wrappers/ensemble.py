@@ -399,8 +399,14 @@ class DeepEnsemble(nn.Module):
         return params, buffers
 
     def _vmap_forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
-        # made again where member 0's modules changed since (a layer replaced in every member: the copy ran the old)
-        layout = tuple((name, type(module)) for name, module in self.members[0].named_modules())
+        for member in self.members:  # MC dropout members find their layers now, as their own forward would
+            for module in member.modules():
+                found = getattr(module, "_found_dropout", None)
+                if callable(found):
+                    found()
+        # made again where member 0's modules changed since (a layer replaced in every member: the copy ran the old,
+        # also one of the same type and other settings); each new module is made while the one it replaces lives
+        layout = tuple((name, type(module), id(module)) for name, module in self.members[0].named_modules())
         if not self._base or getattr(self, "_base_layout", None) != layout:
             self._base[:] = [_meta_copy(self.members[0])]
             self._base_layout = layout

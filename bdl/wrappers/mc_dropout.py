@@ -74,6 +74,15 @@ class _DropoutBefore:
         return args, {**kwargs, name: self.dropout(kwargs[name])}
 
 
+def _remove_dropout_before(module: nn.Module, dropout: nn.Module) -> bool:
+    """Remove ``module``'s forward pre-hooks that apply ``dropout`` (:class:`_DropoutBefore`); whether there were any."""
+    keys = [key for key, hook in module._forward_pre_hooks.items() if isinstance(hook, _DropoutBefore) and hook.dropout is dropout]
+    for key in keys:
+        module._forward_pre_hooks.pop(key)
+        module._forward_pre_hooks_with_kwargs.pop(key, None)
+    return bool(keys)
+
+
 def _always_on_dropout(module: nn.Dropout, args: tuple[Any, ...], output: Tensor) -> Tensor:
     """Forward hook on an eval-mode ``nn.Dropout`` (whose output is its input), ahead of the user's hooks on it:
     the output of dropout left on, which those hooks then see (and may replace)."""
@@ -202,6 +211,8 @@ class MCDropout(nn.Module):
         its dropout off (0 mutual information) while the detached old one was switched on. An inserted dropout
         follows a module replaced under its name (its pre-hook is put on the new one)."""
         self._find_dropout()
+        if torch.compiler.is_compiling():  # a hook registered inside a traced forward fails under fullgraph
+            return self._dropout
         for i, (name, target) in enumerate(zip(self._target_names, self._targets)):
             if name == "(the model)":
                 continue
@@ -210,7 +221,11 @@ class MCDropout(nn.Module):
             except AttributeError:  # removed: the dropout before it has nothing to drop
                 continue
             if current is not target:
-                current.register_forward_pre_hook(_DropoutBefore(self._inserted[i]), with_kwargs=True)
+                dropout = self._inserted[i]
+                # off the module it leaves, and not twice on one it comes back to (swapped back, it dropped twice)
+                _remove_dropout_before(target, dropout)
+                _remove_dropout_before(current, dropout)
+                current.register_forward_pre_hook(_DropoutBefore(dropout), with_kwargs=True)
                 self._targets[i] = current
         return self._dropout
 

@@ -561,6 +561,16 @@ def test_a_vmap_ensemble_runs_layers_replaced_in_its_members():
         for each in ensemble.members:
             each[1] = nn.Tanh()
         torch.testing.assert_close(ensemble(x), torch.stack([each(x) for each in ensemble.members]))
+        for each in ensemble.members:  # of the same type, other settings: "not on the expected device meta"
+            each[2] = nn.Linear(8, 2, bias=False)
+        torch.testing.assert_close(ensemble(x), torch.stack([each(x) for each in ensemble.members]))
+    # MC dropout members whose dropout was inserted before a module replaced since: vmap dropped nothing
+    members = [bdl.MCDropout(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), p=0.5, insert_before=["2"]) for _ in range(2)]
+    ensemble = DeepEnsemble(members, method="vmap")
+    for each in members:
+        each.model[2] = nn.Linear(8, 2)
+    with torch.no_grad():
+        assert not torch.equal(ensemble(x), ensemble(x))
 
 
 def test_members_backward_hooks_run_with_gradients():

@@ -205,8 +205,12 @@ def test_dropout_layers_replaced_after_wrapping_are_found_again():
     assert bdl.predict(model, x, num_samples=20).mutual_information.min() > 0
     # an inserted dropout follows a module replaced under its name (its pre-hook stayed on the detached one)
     model = bdl.MCDropout(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)), p=0.3, insert_before=["2"])
+    head = model.model[2]
     model.model[2] = nn.Linear(16, 3)
     assert bdl.predict(model, x, num_samples=20).mutual_information.min() > 0 and model.noise_modules == [model.model[2]]
+    model.model[2] = head  # swapped back: it held its hook still, and dropped twice
+    model(x)
+    assert len(head._forward_pre_hooks) == 1 and model.model[2] is head
 
 
 def test_train_mode_trains_batchnorm_and_predict_restores_it():
