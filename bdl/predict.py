@@ -123,6 +123,18 @@ def _row_blocks(samples: Tensor) -> tuple[Tensor, ...]:
 _ROW_BLOCK_ELEMENTS = 1 << 22  # 16 MB of float32 per sample and block
 
 
+def _summarised(samples: Tensor, keep_samples: bool, add: Callable[[Any, Tensor], None]) -> "Prediction":
+    """The classification :class:`Prediction` of ``[S, N, C]`` ``samples``, added to a summary by ``add`` (its
+    ``add_logits`` or ``add_probs``) block of rows by block, chunk of samples by chunk."""
+    parts = []
+    for block in _row_blocks(samples):
+        summary = _ClassificationSummary(keep_samples)
+        for chunk in _summary_chunks(block):
+            add(summary, chunk)
+        parts.append(summary.result())
+    return parts[0] if len(parts) == 1 else Prediction.cat(parts)
+
+
 def _summary_dtype(t: Tensor) -> Tensor:
     # half-precision outputs (autocast) are summarised in float32: entropies of 16-bit probabilities lose digits
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -186,13 +198,7 @@ class Prediction:
             0.3278
         """
         sample_logits = _two_class(_check_samples("sample_logits", sample_logits, "[S, N, C] of logits"))
-        parts = []
-        for block in _row_blocks(sample_logits):
-            summary = _ClassificationSummary(keep_samples)
-            for chunk in _summary_chunks(block):
-                summary.add_logits(chunk)
-            parts.append(summary.result())
-        return parts[0] if len(parts) == 1 else cls.cat(parts)
+        return _summarised(sample_logits, keep_samples, _ClassificationSummary.add_logits)
 
     @classmethod
     def from_probs(cls, sample_probs: Tensor, keep_samples: bool = False) -> "Prediction":
@@ -211,13 +217,7 @@ class Prediction:
             )
         if sample_probs.numel():
             check_probability_rows(sample_probs, "sample_probs", hint="did you pass logits? use Prediction.from_logits")
-        parts = []
-        for block in _row_blocks(sample_probs):
-            summary = _ClassificationSummary(keep_samples)
-            for chunk in _summary_chunks(block):
-                summary.add_probs(chunk)
-            parts.append(summary.result())
-        return parts[0] if len(parts) == 1 else cls.cat(parts)
+        return _summarised(sample_probs, keep_samples, _ClassificationSummary.add_probs)
 
     @classmethod
     def from_regression(
