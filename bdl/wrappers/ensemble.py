@@ -332,6 +332,11 @@ class DeepEnsemble(nn.Module):
         """
         if self.method != "vmap" or len(self.members) == 1:
             return "loop"
+        for member in self.members:  # MC dropout members find their layers (and move inserted dropout) first, as their
+            for module in member.modules():  # own forward would: vmap's copy runs none of theirs
+                found = getattr(module, "_found_dropout", None)
+                if callable(found):
+                    found()
         if not self.shares_architecture():
             raise ValueError(
                 "method='vmap' needs members of one architecture (same modules, attributes, parameter and buffer shapes); "
@@ -399,15 +404,13 @@ class DeepEnsemble(nn.Module):
         return params, buffers
 
     def _vmap_forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
-        for member in self.members:  # MC dropout members find their layers now, as their own forward would
-            for module in member.modules():
-                found = getattr(module, "_found_dropout", None)
-                if callable(found):
-                    found()
-        # made again where member 0's modules changed since (a layer replaced in every member: the copy ran the old,
-        # also one of the same type and other settings); each new module is made while the one it replaces lives
-        layout = tuple((name, type(module), id(module)) for name, module in self.members[0].named_modules())
-        if not self._base or getattr(self, "_base_layout", None) != layout:
+        # made again where a module of member 0 was replaced since (in every member: the copy ran the old one, also one
+        # of the same type and other settings); the modules themselves are kept, as a freed one's id is reused at once
+        layout = tuple(self.members[0].named_modules())
+        kept = getattr(self, "_base_layout", None)
+        if not self._base or kept is None or len(kept) != len(layout) or any(
+            a is not b or m != n for (m, a), (n, b) in zip(kept, layout)
+        ):
             self._base[:] = [_meta_copy(self.members[0])]
             self._base_layout = layout
         base = self._base[0]

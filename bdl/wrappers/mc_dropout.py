@@ -12,6 +12,7 @@ import fnmatch
 import math
 import numbers
 import sys
+import uuid
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -75,8 +76,14 @@ class _DropoutBefore:
 
 
 def _remove_dropout_before(module: nn.Module, dropout: nn.Module) -> bool:
-    """Remove ``module``'s forward pre-hooks that apply ``dropout`` (:class:`_DropoutBefore`); whether there were any."""
-    keys = [key for key, hook in module._forward_pre_hooks.items() if isinstance(hook, _DropoutBefore) and hook.dropout is dropout]
+    """Remove ``module``'s forward pre-hooks that apply ``dropout`` (:class:`_DropoutBefore`), or a deep copy of it (a
+    module deep-copied carries a copy of the hook: it dropped twice, and in the bare model); whether there were any."""
+    tag = getattr(dropout, "_bdl_inserted", None)  # kept by deepcopy and pickle; None in an MCDropout of an earlier bdl
+
+    def same(other: nn.Module) -> bool:
+        return other is dropout or (tag is not None and getattr(other, "_bdl_inserted", None) == tag)
+
+    keys = [key for key, hook in module._forward_pre_hooks.items() if isinstance(hook, _DropoutBefore) and same(hook.dropout)]
     for key in keys:
         module._forward_pre_hooks.pop(key)
         module._forward_pre_hooks_with_kwargs.pop(key, None)
@@ -168,6 +175,7 @@ class MCDropout(nn.Module):
             for name, module in model.named_modules():
                 if id(module) not in unused and _matches(name, module, insert_before if name else types):
                     dropout = nn.Dropout(float(p))
+                    dropout._bdl_inserted = uuid.uuid4().hex  # its hook's copies in copied modules are told by it
                     module.register_forward_pre_hook(_DropoutBefore(dropout), with_kwargs=True)
                     inserted.append(dropout)
                     self._targets.append(module)
@@ -211,8 +219,6 @@ class MCDropout(nn.Module):
         its dropout off (0 mutual information) while the detached old one was switched on. An inserted dropout
         follows a module replaced under its name (its pre-hook is put on the new one)."""
         self._find_dropout()
-        if torch.compiler.is_compiling():  # a hook registered inside a traced forward fails under fullgraph
-            return self._dropout
         for i, (name, target) in enumerate(zip(self._target_names, self._targets)):
             if name == "(the model)":
                 continue

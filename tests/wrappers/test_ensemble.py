@@ -564,6 +564,14 @@ def test_a_vmap_ensemble_runs_layers_replaced_in_its_members():
         for each in ensemble.members:  # of the same type, other settings: "not on the expected device meta"
             each[2] = nn.Linear(8, 2, bias=False)
         torch.testing.assert_close(ensemble(x), torch.stack([each(x) for each in ensemble.members]))
+    # twice between forwards: the second took the freed first one's id, which was all the check saw
+    ensemble = DeepEnsemble([nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(3)], method="vmap")
+    with torch.no_grad():
+        ensemble(x)
+        for each in ensemble.members:
+            each[2] = nn.Identity()
+            each[2] = nn.Linear(8, 2, bias=False)
+        torch.testing.assert_close(ensemble(x), torch.stack([each(x) for each in ensemble.members]))
     # MC dropout members whose dropout was inserted before a module replaced since: vmap dropped nothing
     members = [bdl.MCDropout(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), p=0.5, insert_before=["2"]) for _ in range(2)]
     ensemble = DeepEnsemble(members, method="vmap")

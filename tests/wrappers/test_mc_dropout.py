@@ -211,6 +211,12 @@ def test_dropout_layers_replaced_after_wrapping_are_found_again():
     model.model[2] = head  # swapped back: it held its hook still, and dropped twice
     model(x)
     assert len(head._forward_pre_hooks) == 1 and model.model[2] is head
+    # a deep copy of the target carries a copy of the hook: it dropped twice, and in the bare model too
+    model.model[2] = copy.deepcopy(head).train()
+    model(x)
+    assert len(model.model[2]._forward_pre_hooks) == 1
+    model.model.eval()
+    assert torch.equal(model.model(x), model.model(x))  # the bare model drops nothing
 
 
 def test_train_mode_trains_batchnorm_and_predict_restores_it():
