@@ -12,6 +12,7 @@ import copy
 import numbers
 import os
 import warnings
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -405,14 +406,15 @@ class DeepEnsemble(nn.Module):
 
     def _vmap_forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
         # made again where a module of member 0 was replaced since (in every member: the copy ran the old one, also one
-        # of the same type and other settings); the modules themselves are kept, as a freed one's id is reused at once
-        layout = tuple(self.members[0].named_modules())
+        # of the same type and other settings); told by weak references, as a freed module's id is reused at once (and
+        # a strong one kept a replaced layer's memory, and wrote it into torch.save)
+        layout = list(self.members[0].named_modules())
         kept = getattr(self, "_base_layout", None)
         if not self._base or kept is None or len(kept) != len(layout) or any(
-            a is not b or m != n for (m, a), (n, b) in zip(kept, layout)
+            ref() is not module or m != n for (m, ref), (n, module) in zip(kept, layout)
         ):
             self._base[:] = [_meta_copy(self.members[0])]
-            self._base_layout = layout
+            self._base_layout = [(name, weakref.ref(module)) for name, module in layout]
         base = self._base[0]
         # the first member's plain attributes as they are now (the training flags, a bdl.deterministic or
         # bdl.use_estimator block, a changed dropout rate): the copy kept those of its first forward
@@ -502,4 +504,5 @@ class DeepEnsemble(nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state["_base"], state["_stacked"] = [], None  # caches: rebuilt on demand
+        state.pop("_base_layout", None)  # weak references, which do not pickle
         return state

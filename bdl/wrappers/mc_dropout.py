@@ -198,6 +198,13 @@ class MCDropout(nn.Module):
             )
         self.eval()
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a copy (deepcopy, pickle) tags its inserted dropout afresh: copies sharing a module removed each other's hooks
+        super().__setstate__(state)
+        for dropout in self.__dict__.get("_inserted", []):
+            if hasattr(dropout, "_bdl_inserted"):
+                dropout._bdl_inserted = uuid.uuid4().hex
+
     def _find_dropout(self) -> None:
         """The model's dropout layers and transformer encoders (one pass over its modules), then the inserted ones."""
         dropout, encoders, layers = [], [], []
@@ -227,6 +234,11 @@ class MCDropout(nn.Module):
             except AttributeError:  # removed: the dropout before it has nothing to drop
                 continue
             if current is not target:
+                if torch.compiler.is_compiling():  # a hook cannot be moved inside a traced forward (fullgraph failed)
+                    raise RuntimeError(
+                        f"MCDropout: the module {name!r} that dropout was inserted before was replaced after compiling; "
+                        "read model.dropout_modules (or call the model) outside torch.compile once to move the dropout"
+                    )
                 dropout = self._inserted[i]
                 # off the module it leaves, and not twice on one it comes back to (swapped back, it dropped twice)
                 _remove_dropout_before(target, dropout)

@@ -1,6 +1,7 @@
 import copy
 import pickle
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -572,6 +573,11 @@ def test_a_vmap_ensemble_runs_layers_replaced_in_its_members():
             each[2] = nn.Identity()
             each[2] = nn.Linear(8, 2, bias=False)
         torch.testing.assert_close(ensemble(x), torch.stack([each(x) for each in ensemble.members]))
+        replaced = weakref.ref(ensemble.members[0][2])
+        for each in ensemble.members:
+            each[2] = nn.Linear(8, 2)
+        ensemble._drop_value_caches()
+        assert replaced() is None  # not kept alive by the ensemble (nor written by torch.save)
     # MC dropout members whose dropout was inserted before a module replaced since: vmap dropped nothing
     members = [bdl.MCDropout(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), p=0.5, insert_before=["2"]) for _ in range(2)]
     ensemble = DeepEnsemble(members, method="vmap")

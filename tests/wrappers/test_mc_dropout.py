@@ -217,6 +217,11 @@ def test_dropout_layers_replaced_after_wrapping_are_found_again():
     assert len(model.model[2]._forward_pre_hooks) == 1
     model.model.eval()
     assert torch.equal(model.model(x), model.model(x))  # the bare model drops nothing
+    # two copies of one wrapper given one shared head: each removed the other's hook (their tags were equal)
+    first, second = copy.deepcopy(model), copy.deepcopy(model)
+    first.model[2] = second.model[2] = nn.Linear(16, 3)
+    first(x), second(x)
+    assert len(first.model[2]._forward_pre_hooks) == 2 and not torch.equal(first(x), first(x))
 
 
 def test_train_mode_trains_batchnorm_and_predict_restores_it():
