@@ -75,9 +75,9 @@ class _DropoutBefore:
         return args, {**kwargs, name: self.dropout(kwargs[name])}
 
 
-def _remove_dropout_before(module: nn.Module, dropout: nn.Module) -> bool:
+def _remove_dropout_before(module: nn.Module, dropout: nn.Module) -> None:
     """Remove ``module``'s forward pre-hooks that apply ``dropout`` (:class:`_DropoutBefore`), or a deep copy of it (a
-    module deep-copied carries a copy of the hook: it dropped twice, and in the bare model); whether there were any."""
+    module deep-copied carries a copy of the hook: it dropped twice, and in the bare model)."""
     tag = getattr(dropout, "_bdl_inserted", None)  # kept by deepcopy and pickle; None in an MCDropout of an earlier bdl
 
     def same(other: nn.Module) -> bool:
@@ -87,7 +87,6 @@ def _remove_dropout_before(module: nn.Module, dropout: nn.Module) -> bool:
     for key in keys:
         module._forward_pre_hooks.pop(key)
         module._forward_pre_hooks_with_kwargs.pop(key, None)
-    return bool(keys)
 
 
 def _always_on_dropout(module: nn.Dropout, args: tuple[Any, ...], output: Tensor) -> Tensor:
@@ -272,7 +271,7 @@ class MCDropout(nn.Module):
         kernel anyway; the training flags are guarded, so a compiled model recompiles for them.
         """
         dropout_layers = self._found_dropout()
-        switched = dropout_layers + getattr(self, "_encoder_layers", [])  # an MCDropout pickled before it existed
+        switched = dropout_layers + self._encoder_layers  # (found again, also in an MCDropout pickled before they were kept)
         previous = [module.training for module in switched]
         for layer in switched[len(dropout_layers):]:
             layer.training = True
