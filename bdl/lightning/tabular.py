@@ -130,8 +130,8 @@ def _check_names(path: str, names: Sequence[str], available: Sequence[str], kind
 def _scale(values: np.ndarray) -> np.ndarray:
     """The population std of each column of ``values`` (the training rows), 1 where a column is constant.
 
-    A constant column's std is rounding noise (``1e-17`` for a column of 0.1s), not 0: dividing by it scaled its
-    other values in the validation and test rows by ``1e16``. Constant is scikit-learn's test (``StandardScaler``):
+    A constant column's std is rounding noise (2e-16 for a column of 0.1s), not 0: dividing by it scaled its
+    other values in the validation and test rows by about 1e15 (0.2 came out as 4e14). Constant is scikit-learn's test (``StandardScaler``):
     a variance within the rounding error of computing it, which a variance that underflows to 0 also passes.
     """
     n, eps = len(values), np.finfo(np.float64).eps
