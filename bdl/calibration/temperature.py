@@ -184,6 +184,11 @@ class TemperatureScaler(nn.Module):
         See :func:`fit_temperature`.
         """
         temperature = fit_temperature(logits, target, max_iter=max_iter)
+        if self.log_temperature.is_inference() and not torch.is_inference_mode_enabled():
+            # made in a torch.inference_mode block: written in place only in one, so replaced (as a fresh fit would)
+            value = temperature.log().to(self.log_temperature.device, self.log_temperature.dtype)
+            self.log_temperature = nn.Parameter(value, requires_grad=False)
+            return self
         with torch.no_grad():
             self.log_temperature.copy_(temperature.log())
         return self

@@ -40,6 +40,18 @@ def test_inference_mode_tensors_and_blocks_fit_the_same_temperature():
     torch.testing.assert_close(inside.float(), expected.float())
 
 
+def test_a_scaler_made_in_an_inference_mode_block_is_refitted_outside_it():
+    # its parameter is an inference tensor: "Inplace update to inference tensor outside InferenceMode"
+    logits, target = distorted_logits(3.0, num_examples=500)
+    with torch.inference_mode():
+        scaler = TemperatureScaler().double()
+    scaler.fit(logits, target)
+    torch.testing.assert_close(scaler.temperature, fit_temperature(logits, target).double())
+    assert scaler.log_temperature.dtype == torch.float64 and not scaler.log_temperature.is_inference()
+    assert list(scaler.state_dict()) == ["log_temperature"]
+    torch.testing.assert_close(scaler(logits.double()), logits.double() / scaler.temperature)
+
+
 def test_fitted_temperature_is_a_stationary_minimum_of_the_nll():
     logits, target = distorted_logits(2.0, num_examples=2000)
     temperature = fit_temperature(logits, target)
