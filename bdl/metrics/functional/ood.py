@@ -51,13 +51,22 @@ def _labelled(scores_in: Tensor, scores_out: Tensor) -> tuple[Tensor, Tensor]:
     return scores, is_out
 
 
+def _descending(scores: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
+    order = scores.argsort(descending=True)
+    return scores[order], positive[order]
+
+
+def _ascending_negated(scores: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
+    """``_descending(-scores, 1 - positive)`` of descending ``scores``, without sorting again."""
+    return -scores.flip(0), 1 - positive.flip(0)
+
+
 def _curve_counts(scores: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
     """Cumulative (true positives, false positives) when predicting positive for ``score >= t``.
 
-    One entry per distinct score ``t``, from the highest down, so tied scores move together.
+    ``scores`` are sorted from the highest down (:func:`_descending`); one entry per distinct score ``t``, so tied
+    scores move together.
     """
-    order = scores.argsort(descending=True)
-    scores, positive = scores[order], positive[order]
     last_of_run = torch.ones_like(scores, dtype=torch.bool)
     last_of_run[:-1] = scores[1:] != scores[:-1]
     true_positives = positive.cumsum(0)[last_of_run]
@@ -98,7 +107,7 @@ def ood_roc_curve(scores_in: Tensor, scores_out: Tensor) -> tuple[Tensor, Tensor
         >>> fpr.tolist(), tpr.tolist()
         ([0.0, 0.0, 0.5, 0.5, 1.0], [0.0, 0.5, 0.5, 1.0, 1.0])
     """
-    return _roc(*_labelled(*_checked(scores_in, scores_out)))
+    return _roc(*_descending(*_labelled(*_checked(scores_in, scores_out))))
 
 
 def auroc(scores_in: Tensor, scores_out: Tensor) -> Tensor:
@@ -141,8 +150,7 @@ def aupr_out(scores_in: Tensor, scores_out: Tensor) -> Tensor:
         >>> aupr_out(torch.tensor([0.1, 0.4]), torch.tensor([0.35, 0.8]))  # (1 + 2/3) / 2
         tensor(0.8333, dtype=torch.float64)
     """
-    scores, is_out = _labelled(*_checked(scores_in, scores_out))
-    return _average_precision(scores, is_out)
+    return _average_precision(*_descending(*_labelled(*_checked(scores_in, scores_out))))
 
 
 def aupr_in(scores_in: Tensor, scores_out: Tensor) -> Tensor:
@@ -162,8 +170,7 @@ def aupr_in(scores_in: Tensor, scores_out: Tensor) -> Tensor:
         >>> aupr_in(torch.tensor([0.1, 0.4]), torch.tensor([0.35, 0.8]))  # (1 + 2/3) / 2
         tensor(0.8333, dtype=torch.float64)
     """
-    scores, is_out = _labelled(*_checked(scores_in, scores_out))
-    return _average_precision(-scores, 1 - is_out)
+    return _average_precision(*_ascending_negated(*_descending(*_labelled(*_checked(scores_in, scores_out)))))
 
 
 def fpr_at_tpr(scores_in: Tensor, scores_out: Tensor, *, tpr: float = 0.95) -> Tensor:
@@ -189,11 +196,13 @@ def fpr_at_tpr(scores_in: Tensor, scores_out: Tensor, *, tpr: float = 0.95) -> T
         >>> fpr_at_tpr(scores_in, torch.tensor([5.0, 18.0, 18.5, 30.0]))  # 5 and 18 are accepted
         tensor(0.5000, dtype=torch.float64)
     """
-    scores_in, scores_out = _checked(scores_in, scores_out)
-    tpr = check_fraction(tpr, "tpr")
+    return _fpr_at_tpr(*_checked(scores_in, scores_out), check_fraction(tpr, "tpr"))
+
+
+def _fpr_at_tpr(scores_in: Tensor, scores_out: Tensor, tpr: float) -> Tensor:
     # round: 0.95 * 20 is 19.000000000000004; at least one (a tiny tpr rounded to 0 indexed the last score)
     rank = max(1, math.ceil(round(tpr * scores_in.numel(), 9)))
-    threshold = scores_in.sort().values[rank - 1]
+    threshold = scores_in.kthvalue(rank).values  # the rank-th smallest, without sorting every score
     return (scores_out <= threshold).double().mean()
 
 
@@ -216,11 +225,13 @@ def ood_metrics(scores_in: Tensor, scores_out: Tensor, *, tpr: float = 0.95) -> 
     """
     tpr = check_fraction(tpr, "tpr")  # before the key is formatted from it
     percent = percent_key(tpr)
+    scores_in, scores_out = _checked(scores_in, scores_out)
+    scores, is_out = _descending(*_labelled(scores_in, scores_out))  # one sort serves the three curves
     return {
-        "auroc": auroc(scores_in, scores_out).item(),
-        "aupr_in": aupr_in(scores_in, scores_out).item(),
-        "aupr_out": aupr_out(scores_in, scores_out).item(),
-        f"fpr_at_{percent}_tpr": fpr_at_tpr(scores_in, scores_out, tpr=tpr).item(),
+        "auroc": torch.trapezoid(*_roc(scores, is_out)[::-1]).item(),
+        "aupr_in": _average_precision(*_ascending_negated(scores, is_out)).item(),
+        "aupr_out": _average_precision(scores, is_out).item(),
+        f"fpr_at_{percent}_tpr": _fpr_at_tpr(scores_in, scores_out, tpr).item(),
     }
 
 
