@@ -184,10 +184,29 @@ def _selected(name: str, module: nn.Module, include: Optional[Sequence[str | typ
 
 
 def _weight_recomputed(module: nn.Module) -> bool:
-    """A layer whose ``weight`` is no parameter of its own but recomputed before each call by a legacy
+    """A layer whose ``weight`` or ``bias`` is no parameter of its own but recomputed before each call by a legacy
     ``torch.nn.utils.weight_norm``/``spectral_norm`` or ``prune`` hook (from ``weight_g``/``weight_v``,
-    ``weight_orig``...): its ``weight`` attribute is the last call's, stale after ``load_state_dict``."""
-    return "weight" not in module._parameters
+    ``bias_orig``...): that attribute is the last call's, stale after ``load_state_dict``. (``bias=False`` leaves
+    ``bias`` registered as None.)"""
+    return "weight" not in module._parameters or "bias" not in module._parameters
+
+
+_NOT_CONVERTED = (nn.Embedding, nn.EmbeddingBag, nn.RNNBase, nn.MultiheadAttention, nn.modules.conv._ConvTransposeNd)
+"""Layers with weights of their own that bayesianize leaves deterministic (besides subclasses of the converted
+types), named in a warning: a user converting "the model" may take them for Bayesian."""
+
+
+def _left_deterministic(model: nn.Module, chosen: Any) -> list[tuple[str, nn.Module]]:  # noqa: ANN401 - chosen(module, names)
+    """The selected layers of :data:`_NOT_CONVERTED` types, and subclasses of nn.Linear/nn.Conv, that hold
+    parameters; outermost only (a MultiheadAttention, not its ``out_proj`` too)."""
+    left: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{outer}.") or not outer for outer, _ in left):
+            continue
+        subclass = isinstance(module, tuple(_CONVERSIONS)) and type(module) not in _CONVERSIONS
+        if (subclass or isinstance(module, _NOT_CONVERTED)) and next(module.parameters(), None) is not None and chosen(module, [name]):
+            left.append((name, module))
+    return left
 
 
 _HOOK_DICTS = (
@@ -249,12 +268,13 @@ def bayesianize(
     ``bias=False`` are kept, and so are the layers' hooks, memory format (``channels_last``) and frozen
     weights (``requires_grad=False`` on a weight freezes its posterior mean and std). Only those
     exact types are converted: subclasses (a layer with a parametrization or ``weight_norm``,
-    ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention reads directly) stay as they
-    are, and so, with a warning, do layers whose weight a legacy ``torch.nn.utils.weight_norm``,
-    ``spectral_norm`` or ``prune`` hook recomputes. A layer whose weight is tied to another module's
-    (a language model's output layer and its embedding) gets a posterior of its own, with a warning.
-    Lazy layers must be built (one forward pass) first. Transposed convolutions, embeddings and
-    recurrent layers are not converted. Code that reads a converted layer's ``.weight`` itself (as
+    ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention reads directly), transposed
+    convolutions, embeddings, recurrent and attention layers stay as they are, with a warning that names
+    them and their share of the parameters (``exclude`` them to silence it); so, with a warning, do
+    layers whose weight or bias a legacy ``torch.nn.utils.weight_norm``, ``spectral_norm`` or ``prune``
+    hook recomputes. A layer whose weight is tied to another module's (a language model's output layer
+    and its embedding) gets a posterior of its own, with a warning. Lazy layers must be built (one
+    forward pass) first. Code that reads a converted layer's ``.weight`` itself (as
     torchvision's Swin attention does) fails with an error that says so: exclude that layer. Torch's
     fused Transformer fast paths, which do the same, are turned off in the copy; in eval mode without
     gradients an ``nn.TransformerEncoder`` given a ``src_key_padding_mask`` then returns its computed
@@ -340,8 +360,8 @@ def bayesianize(
     skipped = [name for name in recomputed if chosen(converted.get_submodule(name), [name])]
     if skipped:
         warnings.warn(
-            f"bayesianize leaves {', '.join(map(repr, skipped))} deterministic: their weight is recomputed by a legacy "
-            "weight_norm/spectral_norm/pruning hook, so the layer's weight attribute is stale; remove the hook first "
+            f"bayesianize leaves {', '.join(map(repr, skipped))} deterministic: their weight or bias is recomputed by a "
+            "legacy weight_norm/spectral_norm/pruning hook, so the layer's attribute is stale; remove the hook first "
             "(torch.nn.utils.remove_weight_norm, remove_spectral_norm, prune.remove) to convert them",
             stacklevel=2,
         )
@@ -362,8 +382,25 @@ def bayesianize(
             f" ({', '.join(subclasses)}: subclasses of nn.Linear/nn.Conv, such as layers with a parametrization or "
             "weight_norm, are not converted)" if subclasses else ""
         )
+        if skipped:
+            hint += f" ({', '.join(map(repr, skipped))}: recomputed by a legacy hook, see the warning)"
         raise ValueError(f"include={include!r} selects no nn.Linear/nn.Conv layer of the model{hint}")
-    if include is None and not names and not recomputed:
+    left = _left_deterministic(converted, chosen)
+    if left:
+        held = {id(p): p for _, module in left for p in module.parameters()}
+        total = sum(p.numel() for p in converted.parameters())
+        count = sum(p.numel() for p in held.values())
+        listing = ", ".join(f"{name!r} ({type(module).__name__})" for name, module in left[:5])
+        warnings.warn(
+            f"bayesianize leaves {len(left)} layer(s) deterministic, with {count:,} of the model's {total:,} parameters"
+            f" ({count / total:.0%}): {listing}{', ...' if len(left) > 5 else ''}"
+            f"{'' if targets else '; nothing is converted, the copy is deterministic'}. It converts nn.Linear and "
+            "nn.Conv1d/2d/3d themselves, not their subclasses (a layer with a parametrization, attention's out_proj, "
+            "which the attention reads directly), embeddings, recurrent or attention layers, or transposed "
+            "convolutions; pass these in `exclude` to silence this warning",
+            stacklevel=2,
+        )
+    if include is None and not names and not recomputed and not left:
         bayesian = [name or type(model).__name__ for name, module in converted.named_modules() if isinstance(module, BayesianModule)]
         if bayesian:  # it said "the copy is deterministic" of a copy that samples
             warnings.warn(

@@ -138,9 +138,55 @@ def test_prior_centred_on_pretrained_weights():
 
 def test_modules_that_read_their_weights_directly_are_left_alone():
     attention = nn.MultiheadAttention(8, 2)  # its out_proj is a Linear subclass read by F.multi_head_attention_forward
-    with pytest.warns(UserWarning, match="has no nn.Linear/nn.Conv layer to convert"):
+    with pytest.warns(UserWarning, match=r"leaves 1 layer\(s\) deterministic, with 288 of the model's 288 parameters \(100%\): '0' \(MultiheadAttention\); nothing is converted"):
         converted = bdl.bayesianize(nn.Sequential(attention))
     assert type(converted[0].out_proj) is type(attention.out_proj)
+
+
+def test_layers_left_deterministic_are_named_with_their_share_of_the_parameters():
+    # a text classifier converted "whole" kept 75% of its parameters deterministic (embedding, attention) without a
+    # word, and so did layers with a torch.nn.utils.parametrizations.weight_norm (subclasses of nn.Linear)
+    class TextClassifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(50, 8)
+            self.rnn = nn.GRU(8, 8)
+            self.attention = nn.MultiheadAttention(8, 2)
+            self.norm = nn.LayerNorm(8)  # normalisation layers staying deterministic is the usual recipe: not named
+            self.head = nn.utils.parametrizations.weight_norm(nn.Linear(8, 8))
+            self.out = nn.Linear(8, 3)
+
+    model = TextClassifier()
+    left = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(("norm", "out")))
+    total = sum(p.numel() for p in model.parameters())
+    with pytest.warns(UserWarning) as record:
+        converted = bdl.bayesianize(model)
+    message = str(record[0].message)
+    assert f"leaves 4 layer(s) deterministic, with {left:,} of the model's {total:,} parameters" in message
+    assert "'embedding' (Embedding), 'rnn' (GRU), 'attention' (MultiheadAttention), 'head' (ParametrizedLinear)" in message
+    assert "nothing is converted" not in message and len(record) == 1
+    assert isinstance(converted.out, bdl.BayesLinear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bdl.bayesianize(model, exclude=[nn.Embedding, nn.RNNBase, "attention", "head"])  # named: no warning
+        bdl.bayesianize(model, include=["out"])
+
+
+def test_a_layer_whose_bias_a_hook_recomputes_is_left_deterministic_with_a_warning():
+    # a pruned bias (or weight_norm(name="bias")) is no parameter of the layer: bayesianize raised a bare KeyError
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    pruned = prune.l1_unstructured(nn.Linear(4, 3), "bias", 0.5)
+    model = nn.Sequential(nn.Linear(4, 4), pruned)
+    with pytest.warns(UserWarning, match=r"leaves '1' deterministic: their weight or bias is recomputed"):
+        converted = bdl.bayesianize(model)
+    assert type(converted[1]) is nn.Linear and isinstance(converted[0], bdl.BayesLinear)
+    x = torch.randn(5, 4)
+    with torch.no_grad(), bdl.deterministic(converted):
+        torch.testing.assert_close(converted(x), model(x), rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="recomputed"), pytest.raises(ValueError, match=r"'1': recomputed by a legacy hook"):
+        bdl.bayesianize(model, include=["1"])
 
 
 def test_context_managers_restore_state_even_on_error():
