@@ -24,6 +24,7 @@ from torch.utils.module_tracker import ModuleTracker
 
 from .._outputs import draw_stacked, output_parts
 from .._warn import user_stacklevel
+from ..nn.layers import _untraceable
 
 ENSEMBLE_METHODS = ("auto", "vmap", "loop")
 """How a :class:`DeepEnsemble` runs its members: ``"vmap"`` (one vectorised call, members must share an
@@ -391,9 +392,11 @@ class DeepEnsemble(nn.Module):
         member's tensors change (their version counters move on every in-place update).
         """
         tensors = [dict(member.named_parameters()) | dict(member.named_buffers()) for member in self.members]
-        # inference tensors (members built or loaded under torch.inference_mode) have no version counter: no cache
-        inference = any(t.is_inference() for state in tensors for t in state.values())
-        key = None if inference else tuple((t.data_ptr(), t._version) for state in tensors for t in state.values())
+        # no cache for inference tensors (members built or loaded under torch.inference_mode: no version counter), nor
+        # under torch.func (a grad of the ensemble, or an ensemble of vmapped ensembles: no storage to key by). Keyed
+        # by the names too: layers registered again in another order (or one inserted) kept their tensors and versions
+        uncached = any(t.is_inference() or _untraceable(t) for state in tensors for t in state.values())
+        key = None if uncached else tuple((name, t.data_ptr(), t._version) for state in tensors for name, t in state.items())
         if not torch.is_grad_enabled() and key is not None and self._stacked is not None and self._stacked[0] == key:
             return self._stacked[1], self._stacked[2]
         names = list(tensors[0])
@@ -414,6 +417,7 @@ class DeepEnsemble(nn.Module):
             ref() is not module or m != n for (m, ref), (n, module) in zip(kept, layout)
         ):
             self._base[:] = [_meta_copy(self.members[0])]
+            self._stacked = None
             self._base_layout = [(name, weakref.ref(module)) for name, module in layout]
         base = self._base[0]
         # the first member's plain attributes as they are now (the training flags, a bdl.deterministic or

@@ -587,6 +587,56 @@ def test_a_vmap_ensemble_runs_layers_replaced_in_its_members():
         assert not torch.equal(ensemble(x), ensemble(x))
 
 
+def test_the_stacked_weights_of_a_vmap_ensemble_follow_their_names():
+    # kept by the tensors' storage and versions only: a layer inserted (the tensors renamed) failed with "not on the
+    # expected device meta", and two same-shape layers registered again in the other order swapped silently (off by 1.6)
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    inserted = DeepEnsemble([nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(3)], method="vmap")
+    swapped = DeepEnsemble([Net() for _ in range(3)], method="vmap")
+    with torch.no_grad():
+        inserted(x), swapped(x)
+        for each in inserted.members:
+            each.insert(1, nn.Tanh())
+        for each in swapped.members:
+            a, b = each.a, each.b
+            del each.a, each.b
+            each.b, each.a = a, b
+        for ensemble in (inserted, swapped):
+            torch.testing.assert_close(ensemble(x), torch.stack([each(x) for each in ensemble.members]))
+
+
+def test_a_vmap_ensemble_runs_under_torch_func_and_inside_another():
+    # its stacked-weights cache read data_ptr() of torch.func's wrapped tensors: "Cannot access data pointer of Tensor
+    # that doesn't have storage" for a functional grad through it, and for an ensemble of vmapped ensembles
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    nested = DeepEnsemble([DeepEnsemble([nn.Linear(4, 2) for _ in range(2)], method="vmap") for _ in range(3)], method="vmap")
+    expected = torch.stack([torch.stack([m(x) for m in inner.members]) for inner in nested.members])
+    with torch.no_grad():
+        torch.testing.assert_close(nested(x), expected)
+    torch.testing.assert_close(nested(x), expected)
+    gradients = {}
+    for method in ("loop", "vmap"):
+        ensemble = DeepEnsemble([nn.Linear(4, 2) for _ in range(3)], method=method)
+        torch.manual_seed(1)
+        for layer in ensemble.members:
+            layer.reset_parameters()
+        params = {name: value.detach() for name, value in ensemble.named_parameters()}
+        gradients[method] = grad(lambda p: functional_call(ensemble, p, (x,)).square().sum())(params)
+    torch.testing.assert_close(gradients["vmap"], gradients["loop"])
+
+
 def test_members_backward_hooks_run_with_gradients():
     # the vmapped copy of member 0 has no backward hooks: a backward through it ran none of the members'
     ensemble = DeepEnsemble.from_factory(lambda: nn.Sequential(nn.Linear(4, 3)), 3, method="vmap")
