@@ -64,15 +64,23 @@ class _DropoutBefore:
         name = names.get(id(self.dropout))
         return self if name is None else _DropoutBefore(copy.get_submodule(name))
 
+    def _drop(self, module: nn.Module, x: Tensor) -> Tensor:
+        dropout = self.dropout
+        if dropout.training or any(hook is _always_on_dropout for hook in dropout._forward_hooks.values()):
+            return dropout(x)  # switched on by an MCDropout's call (this one's, or one around it)
+        # else as a dropout layer of the model: on while the module it was inserted before trains (the wrapper's own
+        # mode reached it alone: mc.train() then mc.model.eval() still dropped, in evaluation of the bare network)
+        return torch.nn.functional.dropout(x, dropout.p, training=True) if module.training else x
+
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: Optional[dict[str, Any]] = None) -> Any:  # noqa: ANN401
         if kwargs is None:  # registered without kwargs (an MCDropout pickled by an earlier bdl)
-            return (self.dropout(args[0]), *args[1:])
+            return (self._drop(module, args[0]), *args[1:])
         if args:
-            return (self.dropout(args[0]), *args[1:]), kwargs
+            return (self._drop(module, args[0]), *args[1:]), kwargs
         name = next((key for key, value in kwargs.items() if isinstance(value, Tensor)), None)
         if name is None:
             raise ValueError(f"MC dropout inserted before {type(module).__name__} found no input tensor to drop")
-        return args, {**kwargs, name: self.dropout(kwargs[name])}
+        return args, {**kwargs, name: self._drop(module, kwargs[name])}
 
 
 def _remove_dropout_before(module: nn.Module, dropout: nn.Module) -> None:
@@ -226,10 +234,8 @@ class MCDropout(nn.Module):
         follows a module replaced under its name (its pre-hook is put on the new one)."""
         self._find_dropout()
         for i, (name, target) in enumerate(zip(self._target_names, self._targets)):
-            if name == "(the model)":
-                continue
-            try:
-                current = self.model.get_submodule(name)
+            try:  # the model itself too: `mc.model = retrained` dropped nothing, with 0 mutual information
+                current = self.model if name == "(the model)" else self.model.get_submodule(name)
             except AttributeError:  # removed: the dropout before it has nothing to drop
                 continue
             if current is not target:
@@ -245,6 +251,14 @@ class MCDropout(nn.Module):
                 current.register_forward_pre_hook(_DropoutBefore(dropout), with_kwargs=True)
                 self._targets[i] = current
         return self._dropout
+
+    def train(self, mode: bool = True) -> "MCDropout":
+        """As ``nn.Module.train``; inserted dropout stays in eval mode, switched on by a call of the wrapper only (or,
+        as a dropout layer of the model would be, while the module it was inserted before trains)."""
+        super().train(mode)
+        for dropout in self._inserted:
+            dropout.training = False
+        return self
 
     @property
     def dropout_modules(self) -> list[nn.Module]:

@@ -136,6 +136,32 @@ def test_inserted_dropout_goes_before_the_chosen_modules_of_a_copy():
     assert list(model.state_dict()) == [f"model.{key}" for key in net.state_dict()]
 
 
+def test_inserted_dropout_outside_the_wrapper_follows_the_mode_of_the_module_it_precedes():
+    # it followed the wrapper's mode: after mc.train(), the bare network in eval mode (a deterministic baseline,
+    # predict(mc.model, ...)) still dropped, and in the reverse order the bare network trained without its dropout
+    torch.manual_seed(0)
+    model = MCDropout(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)), p=0.5, insert_before=["2"])
+    x = torch.randn(8, 4)
+    model.train()
+    model.model.eval()
+    assert torch.equal(model.model(x), model.model(x))
+    assert not torch.equal(model(x), model(x))  # the wrapper drops in either mode
+    model.eval()
+    model.model.train()
+    hidden = model.model[1](model.model[0](x))
+    torch.manual_seed(1)
+    trained = model.model(x)
+    torch.manual_seed(1)
+    head = model.model[2]  # (called, it would drop again)
+    expected = torch.nn.functional.linear(torch.nn.functional.dropout(hidden, 0.5), head.weight, head.bias)
+    torch.testing.assert_close(trained, expected)  # as an nn.Dropout in the model
+    # an MCDropout around the model itself (a bare layer): replacing `mc.model` kept the dropout on the old one
+    itself = MCDropout(nn.Linear(4, 3), p=0.5, insert_before=[nn.Linear])
+    itself.model = nn.Linear(4, 3)
+    assert not torch.equal(itself(x), itself(x)) and itself.noise_modules == [itself.model]
+    assert bdl.predict(itself, x, num_samples=16).mutual_information.min() > 0
+
+
 def test_insert_before_accepts_module_types():
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     model = MCDropout(net, p=0.1, insert_before=[nn.Linear])
