@@ -907,6 +907,20 @@ def test_prediction_to_a_dtype_casts_its_summaries_and_keeps_integer_targets():
     assert report == report and report != bdl.evaluate(prediction, prediction.targets.clamp_max(4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_a_cast_prediction_keeps_the_zero_mutual_information_of_equal_samples(dtype):
+    # the expected entropy was cast, the predictive entropy recomputed in the new dtype: a deterministic model's MI
+    # came back as rounding noise (2e-7 in float64, 8e-3 in bfloat16) and evaluate ranked OOD inputs by it
+    torch.manual_seed(0)
+    logits = torch.cat([(torch.randn(1, 100, 10) * 3).expand(8, 100, 10), torch.randn(8, 20, 10)], dim=1)
+    prediction = bdl.Prediction.from_logits(logits)
+    cast = prediction.to(dtype)
+    assert torch.equal(cast.mutual_information[:100], torch.zeros(100, dtype=dtype))
+    torch.testing.assert_close(cast.mutual_information[100:].float(), prediction.mutual_information[100:], atol=1e-2, rtol=0.05)
+    assert (cast.mutual_information[100:] > 0).all()
+    torch.testing.assert_close(cast.expected_entropy[100:], prediction.expected_entropy[100:].to(dtype))
+
+
 def test_a_binary_classifier_with_one_logit_predicts_sigmoid_probabilities():
     # a one-column softmax gave every input probability 1: no entropy, no mutual information, nothing triaged
     torch.manual_seed(0)
