@@ -32,7 +32,7 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -255,7 +255,7 @@ class Prediction:
         return summary.result()
 
     @classmethod
-    def cat(cls, parts: Sequence["Prediction"]) -> "Prediction":
+    def cat(cls, parts: Iterable["Prediction"]) -> "Prediction":
         """Concatenate predictions for consecutive sets of inputs (same task and number of samples).
 
         The optional fields (the kept samples, the mean logits) are kept where every part has them, else None.
@@ -1405,7 +1405,7 @@ def _eval_mode(model: Any) -> Iterator[None]:  # noqa: ANN401
 
 def predict(
     model: Callable[..., Any],
-    inputs: Union[Tensor, tuple, Iterable],
+    inputs: Union[Tensor, tuple, Iterable, Dataset],
     num_samples: Optional[int] = None,
     task: Optional[str] = None,
     *,
