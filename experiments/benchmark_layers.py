@@ -41,13 +41,17 @@ SIZES = (784, 1200, 1200, 10)
 def check_counts(
     parser: argparse.ArgumentParser, args: argparse.Namespace, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()
 ) -> None:
-    """``parser.error`` for an argument (an attribute of ``args``, or each item of a list) below 1 (``positive``) or 0."""
+    """``parser.error`` for an argument (an attribute of ``args``, or each item of a list) below 1 (``positive``) or 0,
+    and for ``--device cuda`` where no CUDA device is (a traceback from the first tensor moved, or every row failed)."""
     for names, least in ((positive, 1), (non_negative, 0)):
         for name in names:
             values = getattr(args, name)
             for value in values if isinstance(values, (list, tuple)) else [values]:
                 if value < least:
                     parser.error(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    device = getattr(args, "device", None)
+    if isinstance(device, str) and device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {device}: no CUDA device is available here")
 
 
 def parse_sizes(text: str) -> tuple[int, ...]:

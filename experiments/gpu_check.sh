@@ -7,7 +7,8 @@
 #     --platform manylinux2014_x86_64 -d .whl pyro-ppl pyro-api mnist1d jsonargparse docstring-parser \
 #     typeshed-client bayesian-torch blitz-bayesian-pytorch torchbnn torch-uncertainty
 # and the call is run(command="bash experiments/gpu_check.sh", carry=[".whl"], timeout_s=560).
-set -u
+set -uo pipefail  # a step's status is its command's, not tee's or tail's
+status=0  # the script's: non-zero when any step failed (the run tool's rc)
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
@@ -15,9 +16,10 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, lightning, pyro, torchmetrics; print('torch', torch.__version__, 'lightning', lightning.__version__, 'pyro', pyro.__version__, 'torchmetrics', torchmetrics.__version__)"
 mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -c "from bdl.lightning.cli import console; console()" "$@"\n' > /tmp/bin/bdl && chmod +x /tmp/bin/bdl && export PATH=/tmp/bin:$PATH
-echo "== cuda tests"; timeout 100 python3 -m pytest -m cuda -q -p no:cacheprovider -W ignore::DeprecationWarning 2>&1 | tee $OUT/cuda_tests.log | tail -15
-echo "== peers large"; timeout 75 python3 experiments/benchmark_peers.py --device cuda --steps 50 --predict-repeats 21 2>&1 | tee $OUT/bench_peers.txt
-echo "== peers small"; timeout 60 python3 experiments/benchmark_peers.py --device cuda --sizes 64-128-128-10 --steps 50 --predict-repeats 21 2>&1 | tee $OUT/bench_peers_small.txt
-echo "== predict"; timeout 50 python3 experiments/benchmark_predict.py --device cuda 2>&1 | tee $OUT/bench_predict.txt
-echo "== layers"; timeout 40 python3 experiments/benchmark_layers.py --device cuda --steps 50 --protocol interleaved 2>&1 | tee $OUT/bench_layers.txt
-echo "== full suite"; timeout 230 python3 -m pytest -q -n 12 -p no:cacheprovider -m "not cuda" --timeout 170 --durations=12 2>&1 | tee $OUT/suite.log | tail -20
+echo "== cuda tests"; timeout 100 python3 -m pytest -m cuda -q -p no:cacheprovider -W ignore::DeprecationWarning 2>&1 | tee $OUT/cuda_tests.log | tail -15 || status=1
+echo "== peers large"; timeout 75 python3 experiments/benchmark_peers.py --device cuda --steps 50 --predict-repeats 21 2>&1 | tee $OUT/bench_peers.txt || status=1
+echo "== peers small"; timeout 60 python3 experiments/benchmark_peers.py --device cuda --sizes 64-128-128-10 --steps 50 --predict-repeats 21 2>&1 | tee $OUT/bench_peers_small.txt || status=1
+echo "== predict"; timeout 50 python3 experiments/benchmark_predict.py --device cuda 2>&1 | tee $OUT/bench_predict.txt || status=1
+echo "== layers"; timeout 40 python3 experiments/benchmark_layers.py --device cuda --steps 50 --protocol interleaved 2>&1 | tee $OUT/bench_layers.txt || status=1
+echo "== full suite"; timeout 230 python3 -m pytest -q -n 12 -p no:cacheprovider -m "not cuda" --timeout 170 --durations=12 2>&1 | tee $OUT/suite.log | tail -20 || status=1
+exit $status

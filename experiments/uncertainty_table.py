@@ -662,8 +662,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.nuts_warmup < 0 or not args.epochs_scale > 0 or any(size < 1 for size in args.nuts_hidden):
         parser.error("--nuts-warmup must be >= 0, --epochs-scale > 0 and --nuts-hidden sizes >= 1")
     args.seeds = [0] if args.quick else list(range(args.seeds))
-    if args.out is None:
-        args.out = Path(tempfile.mkdtemp(prefix="uncertainty_table_quick_")) if args.quick else ROOT / "experiments" / "results"
+    if args.out is None and not args.quick:  # --quick: a temporary folder, made by main (parsing makes nothing)
+        args.out = ROOT / "experiments" / "results"
     for dataset in args.datasets:
         if dataset != REFERENCE and not any(applies(method, dataset) for method in args.methods):
             parser.error(f"no method of --methods {' '.join(args.methods)} applies to the data set {dataset} (its task: {DATASETS[dataset].task})")
@@ -677,6 +677,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     quiet()
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="uncertainty_table_quick_"))
     args.out.mkdir(parents=True, exist_ok=True)
     temporary = args.runs_dir is None
     args.runs_dir = Path(tempfile.mkdtemp(prefix="uncertainty_table_")) if temporary else args.runs_dir

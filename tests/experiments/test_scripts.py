@@ -1,6 +1,7 @@
 """The on-demand scripts in experiments/ still run end to end (tiny settings)."""
 
 import pytest
+import torch
 
 
 @pytest.mark.slow
@@ -58,3 +59,12 @@ def test_scripts_refuse_counts_that_measure_nothing(script, args, message, run_s
     with pytest.raises(SystemExit) as exit_info:
         run_script(script, *args)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["benchmark_peers.py", "benchmark_layers.py", "benchmark_predict.py", "benchmark_svi.py", "benchmark_resnet.py"])
+def test_a_cuda_benchmark_without_cuda_is_refused(script, capsys, run_script, monkeypatch):
+    # the peers' benchmark ran every row into "no NVIDIA driver" and exited 0; the others stopped with that traceback
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(script, "--device", "cuda")
+    assert exit_info.value.code == 2 and "--device cuda: no CUDA device is available here" in capsys.readouterr().err

@@ -77,11 +77,12 @@ def test_regression_table_skips_temperature_scaling_and_reports_coverage(quick_r
     assert (out / "regression_gap.png").exists() and not (out / "mnist1d_reference.md").exists()
 
 
-def test_arguments_are_checked_and_quick_means_one_seed(monkeypatch):
+def test_arguments_are_checked_and_quick_means_one_seed(monkeypatch, tmp_path):
     spec = importlib.util.spec_from_file_location("uncertainty_table", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "uncertainty_table", script)  # its dataclasses look their module up
     spec.loader.exec_module(script)
+    monkeypatch.setattr(script.tempfile, "tempdir", str(tmp_path))  # parsing made a temporary folder, even when refused
     args = script.parse_args(["--quick", "--methods", "svi", "deterministic"])
     assert args.seeds == [0] and args.methods == ["deterministic", "svi"]  # the table's order
     assert script.parse_args(["--seeds", "2"]).seeds == [0, 1]
@@ -90,8 +91,9 @@ def test_arguments_are_checked_and_quick_means_one_seed(monkeypatch):
         with pytest.raises(SystemExit):
             script.parse_args(wrong)
     # a smoke run without --out must not overwrite the committed results
-    assert script.parse_args(["--quick"]).out != script.ROOT / "experiments" / "results"
+    assert script.parse_args(["--quick"]).out is None  # main makes a temporary folder
     assert script.parse_args([]).out == script.ROOT / "experiments" / "results"
+    assert not list(tmp_path.iterdir())
 
 
 def test_predict_time_leaves_the_first_batch_out(monkeypatch):
