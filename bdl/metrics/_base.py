@@ -49,14 +49,17 @@ class _Metric(Metric):
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - the subclass's update arguments
         empty = empty_batch(*args, *kwargs.values())
         if _syncs_each_step(self):  # the batch value is every process's: empty when all of them are
-            gather = self.dist_sync_fn or gather_all_tensors
             holding = torch.tensor([0.0 if empty else 1.0], dtype=torch.float64, device=self.device)
-            empty = not any(bool(count.sum() > 0) for count in gather(holding, group=self.process_group))
+            empty = not any(bool(count.sum() > 0) for count in self._gather_step(holding))
         if empty:
             self.update(*args, **kwargs)  # adds nothing, as torchmetrics' own metrics do
             self._forward_cache = torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
             return self._forward_cache
         return super().forward(*args, **kwargs)
+
+    def _gather_step(self, tensor: Tensor) -> list[Tensor]:
+        """``tensor`` of every process (``dist_sync_on_step``), by the metric's own sync function if it has one."""
+        return (self.dist_sync_fn or gather_all_tensors)(tensor, group=self.process_group)
 
 
 class _RunningMean(_Metric):

@@ -14,7 +14,6 @@ from typing import Callable
 import torch
 from torch import Tensor
 from torchmetrics.utilities import dim_zero_cat
-from torchmetrics.utilities.distributed import gather_all_tensors
 
 from ._base import _Buffered, _syncs_each_step
 from .functional import ood as F
@@ -62,9 +61,8 @@ class _OODMetric(_Buffered):
         self.update(scores, is_ood)
         scores, is_ood = self._checked(scores, is_ood)
         if _syncs_each_step(self):  # each process returned its own batch's value, other metrics the synced one
-            gather = self.dist_sync_fn or gather_all_tensors
             # float64 on every process, as _sync_dist sends: gloo aborted on mismatched dtypes (an empty batch's)
-            scores, is_ood = (dim_zero_cat(gather(t.double(), group=self.process_group)) for t in (scores, is_ood))
+            scores, is_ood = (dim_zero_cat(self._gather_step(t.double())) for t in (scores, is_ood))
             is_ood = is_ood.bool()
         if bool(is_ood.all()) or not bool(is_ood.any()):
             value = torch.tensor(float("nan"), dtype=torch.float64, device=scores.device)
