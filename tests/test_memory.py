@@ -127,3 +127,28 @@ def test_evaluate_over_a_dataloader_does_not_keep_the_samples(growth):
         f"evaluating {LARGE} instead of {SMALL} inputs grew the peak memory by {_mb(extra)}, close to the "
         f"{_mb(KEPT_BYTES)} that keeping [S, N, C] would cost: {measured}"
     )
+
+
+ONE_SAMPLE = """
+import resource, torch
+import bdl
+
+torch.set_num_threads(1)
+logits = torch.randn(1, 50_000, 1000)  # 191 MiB, allocated before the baseline
+bdl.Prediction.from_logits(torch.randn(1, 100, 1000))  # warm-up
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+prediction = bdl.Prediction.from_logits(logits)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline) / (logits.numel() * 4))
+"""
+
+
+def test_one_sample_of_many_rows_is_summarised_into_its_result_without_a_second_copy():
+    # blocks of rows were summarised apart and then concatenated: the blocks' results and their concatenation, 4.4x
+    # the logits at its peak; the result alone (mean probabilities and mean logits) is 2x
+    if not sys.platform.startswith("linux"):
+        pytest.skip("ru_maxrss is in kilobytes on Linux (bytes on macOS); measured on Linux only")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    run = subprocess.run(["sh", "-c", '"$@"; exit $?', "sh", sys.executable, "-c", ONE_SAMPLE], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ratio = float(run.stdout.strip().splitlines()[-1])
+    assert 2 <= ratio < 3.2, f"Prediction.from_logits of one [50000, 1000] sample peaked at {ratio:.2f}x its logits"
