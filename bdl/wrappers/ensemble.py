@@ -25,6 +25,7 @@ from torch.utils.module_tracker import ModuleTracker
 from .._outputs import draw_stacked, output_parts
 from .._warn import user_stacklevel
 from ..nn.layers import _untraceable
+from .mc_dropout import _holds_compiled_module
 
 ENSEMBLE_METHODS = ("auto", "vmap", "loop")
 """How a :class:`DeepEnsemble` runs its members: ``"vmap"`` (one vectorised call, members must share an
@@ -340,6 +341,11 @@ class DeepEnsemble(nn.Module):
                 if callable(found):
                     found()
         if not self.shares_architecture():
+            if any(_holds_compiled_module(member) for member in self.members):  # each compile wrapper has its own state
+                raise ValueError(
+                    "method='vmap' runs the members' modules, not their torch.compile wrappers: compile the ensemble "
+                    "instead (torch.compile(DeepEnsemble(members, method='vmap'))), or use method='loop'"
+                )
             raise ValueError(
                 "method='vmap' needs members of one architecture (same modules, attributes, parameter and buffer shapes); "
                 "use method='loop'"

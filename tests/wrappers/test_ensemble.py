@@ -677,3 +677,12 @@ def test_an_ensemble_of_mc_dropout_members_drops_under_vmap(insert):
         outputs = ensemble(x)
     dropped = (outputs == 0).float().mean((1, 2))
     assert ensemble.resolve_method() == "vmap" and ((dropped - 0.5).abs() < 0.05).all() and not torch.equal(outputs[0], outputs[1])
+
+
+def test_compiled_members_under_vmap_are_refused_with_what_to_do():
+    # "needs members of one architecture" for members of one architecture: each compile wrapper has its own state
+    members = [torch.compile(nn.Linear(4, 2)) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"not their torch.compile wrappers: compile the ensemble instead"):
+        DeepEnsemble(members, method="vmap")(torch.randn(5, 4))
+    with pytest.raises(ValueError, match="needs members of one architecture"):
+        DeepEnsemble([nn.Linear(4, 2), nn.Linear(4, 3)], method="vmap")(torch.randn(5, 4))
