@@ -456,12 +456,11 @@ class Prediction:
 
         result = Prediction(**{item.name: moved(item.name, getattr(self, item.name)) for item in fields(self)})
         if self.task == "classification" and self.probs is not None and self.expected_entropy is not None:
-            # the entropy of the moved probabilities rounds its own way: where the mutual information was exactly 0 (a
-            # deterministic model's inputs), rounding noise came back (2e-7 in float64, 8e-3 in bfloat16) and
-            # evaluate ranked OOD inputs by it; there the expected entropy is the new predictive entropy
-            zero = (self.mutual_information == 0).to(result.probs.device)
-            if zero.any():
-                result.expected_entropy = torch.where(zero, result.predictive_entropy, result.expected_entropy)
+            # the entropy of the moved probabilities rounds its own way: where the two entropies were equal (a
+            # deterministic model's inputs: the summary sets them so), rounding noise came back as mutual information
+            # (2e-7 in float64, 8e-3 in bfloat16) and evaluate ranked OOD inputs by it; there they stay equal
+            equal = (self.expected_entropy == self.predictive_entropy).to(result.probs.device)
+            result.expected_entropy = torch.where(equal, result.predictive_entropy, result.expected_entropy)
         return result
 
     def __repr__(self) -> str:

@@ -919,6 +919,11 @@ def test_a_cast_prediction_keeps_the_zero_mutual_information_of_equal_samples(dt
     torch.testing.assert_close(cast.mutual_information[100:].float(), prediction.mutual_information[100:], atol=1e-2, rtol=0.05)
     assert (cast.mutual_information[100:] > 0).all()
     torch.testing.assert_close(cast.expected_entropy[100:], prediction.expected_entropy[100:].to(dtype))
+    assert prediction.to("meta").probs.is_meta  # no value read ("item() cannot be called on meta tensors")
+    # entropies a caller set apart (an expected entropy above the predictive one: MI clipped to 0) are kept
+    built = bdl.Prediction(task="classification", num_samples=5, probs=torch.tensor([[0.5, 0.5], [0.9, 0.1]]),
+                           expected_entropy=torch.tensor([0.9, 0.2]))  # fmt: skip
+    assert torch.equal(built.to("cpu").expected_entropy, built.expected_entropy)
 
 
 def test_a_binary_classifier_with_one_logit_predicts_sigmoid_probabilities():

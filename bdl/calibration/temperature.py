@@ -61,6 +61,16 @@ def _check_logits(logits, target) -> tuple[Tensor, Tensor]:  # noqa: ANN001
 _CHUNK_ELEMENTS = 1 << 22  # logits per piece of the NLL (32 MiB in float64; its autograd graph holds a few times that)
 
 
+def _has_version_counter(tensor: Tensor) -> bool:
+    """False for an inference tensor, and for a parameter made as one and cast since (``.double()`` outside the
+    block sets a normal ``.data``, yet in-place writes still fail)."""
+    try:
+        tensor._version
+    except RuntimeError:
+        return False
+    return True
+
+
 def _scaled_nll(log_temperature: Tensor, logits: Tensor, target: Tensor) -> Tensor:
     """NLL of ``1/S sum_s softmax(logits_s / T)`` with ``T = exp(log_temperature)``; logits are [S, N, C]."""
     log_probs = torch.log_softmax(logits / log_temperature.exp(), dim=-1)
@@ -184,8 +194,9 @@ class TemperatureScaler(nn.Module):
         See :func:`fit_temperature`.
         """
         temperature = fit_temperature(logits, target, max_iter=max_iter)
-        if self.log_temperature.is_inference() and not torch.is_inference_mode_enabled():
-            # made in a torch.inference_mode block: written in place only in one, so replaced (as a fresh fit would)
+        if not torch.is_inference_mode_enabled() and not _has_version_counter(self.log_temperature):
+            # made in a torch.inference_mode block (and perhaps cast since, which leaves it without a version counter
+            # still): written in place only in such a block, so replaced (as a fresh fit would)
             value = temperature.log().to(self.log_temperature.device, self.log_temperature.dtype)
             self.log_temperature = nn.Parameter(value, requires_grad=False)
             return self

@@ -191,7 +191,10 @@ def _weight_recomputed(module: nn.Module) -> bool:
     return "weight" not in module._parameters or "bias" not in module._parameters
 
 
-_NOT_CONVERTED = (nn.Embedding, nn.EmbeddingBag, nn.RNNBase, nn.MultiheadAttention, nn.modules.conv._ConvTransposeNd)
+_NOT_CONVERTED = (
+    nn.Embedding, nn.EmbeddingBag, nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention, nn.Bilinear,
+    nn.modules.conv._ConvTransposeNd,
+)  # fmt: skip
 """Layers with weights of their own that bayesianize leaves deterministic (besides subclasses of the converted
 types), named in a warning: a user converting "the model" may take them for Bayesian."""
 
@@ -269,7 +272,7 @@ def bayesianize(
     weights (``requires_grad=False`` on a weight freezes its posterior mean and std). Only those
     exact types are converted: subclasses (a layer with a parametrization or ``weight_norm``,
     ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention reads directly), transposed
-    convolutions, embeddings, recurrent and attention layers stay as they are, with a warning that names
+    convolutions, embeddings, recurrent layers and cells, attention and ``nn.Bilinear`` stay as they are, with a warning that names
     them and their share of the parameters (``exclude`` them to silence it); so, with a warning, do
     layers whose weight or bias a legacy ``torch.nn.utils.weight_norm``, ``spectral_norm`` or ``prune``
     hook recomputes. A layer whose weight is tied to another module's (a language model's output layer
@@ -396,8 +399,8 @@ def bayesianize(
             f" ({count / total:.0%}): {listing}{', ...' if len(left) > 5 else ''}"
             f"{'' if targets else '; nothing is converted, the copy is deterministic'}. It converts nn.Linear and "
             "nn.Conv1d/2d/3d themselves, not their subclasses (a layer with a parametrization, attention's out_proj, "
-            "which the attention reads directly), embeddings, recurrent or attention layers, or transposed "
-            "convolutions; pass these in `exclude` to silence this warning",
+            "which the attention reads directly), embeddings, recurrent layers or cells, attention, nn.Bilinear or "
+            "transposed convolutions; pass these in `exclude` to silence this warning",
             stacklevel=2,
         )
     if include is None and not names and not recomputed and not left:

@@ -50,6 +50,10 @@ def test_a_scaler_made_in_an_inference_mode_block_is_refitted_outside_it():
     assert scaler.log_temperature.dtype == torch.float64 and not scaler.log_temperature.is_inference()
     assert list(scaler.state_dict()) == ["log_temperature"]
     torch.testing.assert_close(scaler(logits.double()), logits.double() / scaler.temperature)
+    with torch.inference_mode():  # cast outside the block: no inference tensor, yet no version counter either
+        cast = TemperatureScaler()
+    cast.double().fit(logits, target)
+    torch.testing.assert_close(cast.temperature, scaler.temperature)
 
 
 def test_fitted_temperature_is_a_stationary_minimum_of_the_nll():

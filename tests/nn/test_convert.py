@@ -151,6 +151,8 @@ def test_layers_left_deterministic_are_named_with_their_share_of_the_parameters(
             super().__init__()
             self.embedding = nn.Embedding(50, 8)
             self.rnn = nn.GRU(8, 8)
+            self.cell = nn.LSTMCell(8, 8)
+            self.pair = nn.Bilinear(8, 8, 8)
             self.attention = nn.MultiheadAttention(8, 2)
             self.norm = nn.LayerNorm(8)  # normalisation layers staying deterministic is the usual recipe: not named
             self.head = nn.utils.parametrizations.weight_norm(nn.Linear(8, 8))
@@ -162,13 +164,13 @@ def test_layers_left_deterministic_are_named_with_their_share_of_the_parameters(
     with pytest.warns(UserWarning) as record:
         converted = bdl.bayesianize(model)
     message = str(record[0].message)
-    assert f"leaves 4 layer(s) deterministic, with {left:,} of the model's {total:,} parameters" in message
-    assert "'embedding' (Embedding), 'rnn' (GRU), 'attention' (MultiheadAttention), 'head' (ParametrizedLinear)" in message
+    assert f"leaves 6 layer(s) deterministic, with {left:,} of the model's {total:,} parameters" in message
+    assert "'embedding' (Embedding), 'rnn' (GRU), 'cell' (LSTMCell), 'pair' (Bilinear), 'attention' (MultiheadAttention), ..." in message
     assert "nothing is converted" not in message and len(record) == 1
     assert isinstance(converted.out, bdl.BayesLinear)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        bdl.bayesianize(model, exclude=[nn.Embedding, nn.RNNBase, "attention", "head"])  # named: no warning
+        bdl.bayesianize(model, exclude=[nn.Embedding, nn.RNNBase, "cell", "pair", "attention", "head"])  # named: no warning
         bdl.bayesianize(model, include=["out"])
 
 
