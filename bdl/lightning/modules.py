@@ -1215,6 +1215,11 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         if kwargs.pop("num_samples", num_eval_samples) != num_eval_samples:
             raise TypeError("SVIModule takes num_eval_samples (posterior samples per test input), not num_samples")
         super().__init__(model, guide, num_samples=num_eval_samples, **kwargs)
+        # not kept as a hyperparameter: load_from_checkpoint(..., num_eval_samples=100) passed the saved one back beside
+        # it, and the check above refused the pair
+        for hparams in (self.hparams, getattr(self, "_hparams_initial", None)):
+            if hparams is not None:
+                hparams.pop("num_samples", None)
         self.task = model.task
         self.num_eval_samples = check_positive_int(num_eval_samples, "num_eval_samples")
         self.num_val_samples = check_positive_int(num_val_samples, "num_val_samples")

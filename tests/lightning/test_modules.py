@@ -248,6 +248,8 @@ def test_svi_module_loads_from_its_checkpoint(tmp_path):
     module.trainer.save_checkpoint(path)
     restored = SVIModule.load_from_checkpoint(path, model=pyro_model())  # "got multiple values for num_samples"
     assert restored.num_eval_samples == 6
+    # another number of samples at loading: the saved num_samples (6) came back beside it and the pair was refused
+    assert SVIModule.load_from_checkpoint(path, model=pyro_model(), num_eval_samples=50).num_eval_samples == 50
     for name, value in module.guide.state_dict().items():
         assert torch.equal(restored.guide.state_dict()[name], value), name
     with pytest.raises(TypeError, match="num_eval_samples"):
