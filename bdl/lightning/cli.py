@@ -435,6 +435,11 @@ class BDLCLI(LightningCLI):
             if version is not None and Path(ckpt_path).resolve().parent.parent == own.resolve():
                 self._resume_version = version
                 self._resume_step = int(checkpoint.get("global_step", 0))
+        if "_class_path" not in (checkpoint.get("hyper_parameters") or {}):
+            # saved outside the bdl command (a module trained in Python): its hyperparameters name no class and hold
+            # no network, and Lightning's merge of them failed in jsonargparse's words. The config builds the model,
+            # and the checkpoint's weights load into it (strictly: another network is an error)
+            return
         model = config.get("model")
         init_args = model.get("init_args") if hasattr(model, "get") else None
         chosen = {key: init_args[key] for key in EVALUATION_OPTIONS if init_args is not None and key in init_args}

@@ -179,6 +179,26 @@ def test_limit_batches_of_one_is_one_batch_and_fractions_stay_fractions(tmp_path
 # --------------------------------------------------------------------------------- evaluate / test / predict
 
 
+def test_evaluate_takes_a_checkpoint_of_a_module_trained_from_python(tmp_path, capsys):
+    # its hyperparameters name no class and hold no network: Lightning's merge into the config failed with
+    # jsonargparse's "Parsing of ckpt_path hyperparameters failed!"; the config's model now takes its weights
+    import lightning as L
+
+    from bdl.lightning import MLP, DigitsDataModule, VariationalModule
+
+    module = VariationalModule(MLP(64, 8, hidden=[128]), lr=0.003)  # the network of configs/quickstart.yaml
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, DigitsDataModule(ood="classes", ood_classes=[8, 9], batch_size=64))
+    with torch.no_grad():
+        module.model[-1].bias_mu[3] = 50.0  # every input "a 3": a report that shows these weights were loaded
+    trainer.save_checkpoint(tmp_path / "python.ckpt")
+    main(["evaluate", "--config", QUICKSTART, "--ckpt_path", str(tmp_path / "python.ckpt"), *FEW_STEPS,
+          "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    report = json.loads((tmp_path / "quickstart" / "version_0" / "metrics.json").read_text())["metrics"]
+    assert report["nll"] > 20 and report["accuracy"] < 0.3  # an untrained network's NLL is about ln 8 = 2.1
+
+
 def test_evaluate_prints_the_table_and_writes_the_report_in_a_new_version(quickstart_run, tmp_path, capsys):
     best = _copy_run(quickstart_run, tmp_path)
     fitted = json.loads((tmp_path / "quickstart" / "version_0" / "metrics.json").read_text())["metrics"]
