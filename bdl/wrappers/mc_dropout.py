@@ -174,6 +174,15 @@ class MCDropout(nn.Module):
             if not (isinstance(p, numbers.Real) and not isinstance(p, bool) and math.isfinite(p) and 0 < p < 1):
                 raise ValueError(f"p must be a dropout rate in (0, 1) when inserting dropout, got {p!r}")
             model = copy.deepcopy(model)
+            # a network taken out of another MCDropout (load_from_checkpoint(model=module.model.model)) carries that
+            # one's inserted dropout hooks: in training mode it dropped twice (keeping 0.25 at p = 0.5), at
+            # prediction once. Those of an MCDropout inside the network are its own, and stay
+            owned = {id(d) for m in model.modules() if isinstance(m, MCDropout) for d in m._inserted}
+            for module in model.modules():
+                for key, hook in list(module._forward_pre_hooks.items()):
+                    if isinstance(hook, _DropoutBefore) and id(hook.dropout) not in owned:
+                        module._forward_pre_hooks.pop(key)
+                        module._forward_pre_hooks_with_kwargs.pop(key, None)
             # an attention's out_proj is an nn.Linear whose forward the attention never calls (it reads the weight)
             unused = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
             # the model itself by a type pattern only (a name glob such as "*" would match its empty name): a bare

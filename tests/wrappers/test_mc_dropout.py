@@ -162,6 +162,21 @@ def test_inserted_dropout_outside_the_wrapper_follows_the_mode_of_the_module_it_
     assert bdl.predict(itself, x, num_samples=16).mutual_information.min() > 0
 
 
+def test_a_network_taken_out_of_an_mc_dropout_is_wrapped_again_without_the_old_dropout():
+    # its copy kept the first wrapper's inserted dropout hooks: in training it dropped twice (kept 0.25 at p = 0.5)
+    first = MCDropout(nn.Sequential(nn.Linear(64, 64)), p=0.5, insert_before=[nn.Linear])
+    again = MCDropout(first.model, p=0.5, insert_before=[nn.Linear]).train()
+    assert len(again.model[0]._forward_pre_hooks) == 1
+    x = torch.ones(200, 64)
+    with torch.no_grad():
+        again.model[0].weight.copy_(torch.eye(64))
+        again.model[0].bias.zero_()
+        kept = (again(x) != 0).float().mean()
+    assert 0.45 < kept < 0.55
+    nested = MCDropout(nn.Sequential(first, nn.Linear(64, 2)), p=0.5, insert_before=["1"])  # an MCDropout inside keeps its own
+    assert len(nested.model[0].model[0]._forward_pre_hooks) == 1
+
+
 def test_insert_before_accepts_module_types():
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     model = MCDropout(net, p=0.1, insert_before=[nn.Linear])
