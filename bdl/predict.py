@@ -335,10 +335,14 @@ class Prediction:
         ``.numpy()`` or ``.data``, which the counter does not see."""
         self._need("classification", "predictive_entropy")
         # kept while probs is the same, unchanged tensor: evaluate reads it 7 times (MI, OOD scores, the report)
+        # and while the entropy handed out is unchanged (`h = pred.predictive_entropy; h /= math.log(C)` edited the
+        # next read, and the mutual information). Inference tensors have no version counter: never kept
         probs, cached = self.probs, self.__dict__.get("_entropy_cache")
-        version = None if probs.is_inference() else probs._version  # inference tensors have no version counter
-        if cached is None or cached[0] is not probs or cached[1] != version:
-            cached = self.__dict__["_entropy_cache"] = (probs, version, _entropy(probs))
+        if probs.is_inference():
+            return _entropy(probs)
+        if cached is None or cached[0] is not probs or cached[1] != (probs._version, _version(cached[2])):
+            entropy = _entropy(probs)
+            cached = self.__dict__["_entropy_cache"] = (probs, (probs._version, _version(entropy)), entropy)
         return cached[2]
 
     def __getstate__(self) -> dict[str, Any]:
@@ -470,6 +474,11 @@ class Prediction:
             if isinstance(getattr(self, item.name), Tensor)
         )
         return f"Prediction(task={self.task!r}, num_samples={self.num_samples}, {shapes})"
+
+
+def _version(tensor: Tensor) -> Optional[int]:
+    """``tensor._version``; None for an inference tensor (one computed inside a ``torch.inference_mode`` block)."""
+    return None if tensor.is_inference() else tensor._version
 
 
 def _two_class(logits: Tensor) -> Tensor:

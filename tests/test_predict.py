@@ -1426,3 +1426,15 @@ def test_masked_logits_do_not_hide_row_mixing_and_single_rows_are_not_made_up():
     for fill in (-1e9, torch.finfo(torch.float32).min, -math.inf):
         assert check(Masked(fill).eval(), x) is True
     assert check(Masked(-1e9).eval(), x[:1]) is None and check(Masked(-1e9).eval(), x[:1].expand(3, 4)) is None
+
+
+def test_the_entropy_handed_out_edited_in_place_does_not_change_the_next_read():
+    # kept while probs was unchanged, and handed out as it is: `h = pred.predictive_entropy; h /= math.log(C)` edited
+    # every later read, and made the mutual information 0
+    prediction = bdl.Prediction.from_logits(torch.randn(6, 3, 10))
+    entropy, information = prediction.predictive_entropy.clone(), prediction.mutual_information.clone()
+    normalised = prediction.predictive_entropy
+    normalised /= math.log(10)
+    torch.testing.assert_close(prediction.predictive_entropy, entropy)
+    torch.testing.assert_close(prediction.mutual_information, information)
+    assert prediction.predictive_entropy is prediction.predictive_entropy  # still kept between reads

@@ -151,11 +151,13 @@ def _untraceable(tensor: Tensor) -> bool:
 class _CachedKL:
     """The KL a forward computed for one parameter pair, with what it was computed from."""
 
-    __slots__ = ("kl", "mu", "rho", "state", "prior", "graph")
+    __slots__ = ("kl", "mu", "rho", "state", "prior", "graph", "kl_version")
 
     def __init__(self, posterior: GaussianWeights) -> None:
         self.kl, self.mu, self.rho, self.prior = posterior.kl, posterior.mu, posterior.rho, posterior.prior
         self.state = self._state(posterior.mu, posterior.rho)
+        # the KL itself, which kl_divergence hands out (a bias-free layer's as it is): `kl /= N` edited the next one
+        self.kl_version = posterior.kl._version
         self.graph = posterior.graph  # its "spent" flag is set when a backward goes through the node
 
     @staticmethod
@@ -169,6 +171,7 @@ class _CachedKL:
             and rho is self.rho
             and prior == self.prior
             and self._state(mu, rho) == self.state
+            and self.kl._version == self.kl_version
         )
 
 
@@ -376,11 +379,15 @@ class _BayesLayer(BayesianModule):
         return super()._apply(fn, recurse)
 
     def _drop_value_caches(self) -> None:
-        """Forget the kept stds (not the sample buffers): :func:`bdl.predict` calls it first, since an edit through
-        ``.data`` moves no version counter."""
+        """Forget the kept stds, and the sample buffers of threads that have ended (a live thread's are kept):
+        :func:`bdl.predict` calls it first, since an edit through ``.data`` moves no version counter."""
+        alive = None
         for key in list(self._std_cache):  # a snapshot, and pop: another thread's predict drops and adds keys too
-            if key[0] != "sample":
-                self._std_cache.pop(key, None)
+            if key[0] == "sample":
+                alive = {thread.ident for thread in threading.enumerate()} if alive is None else alive
+                if key[2] in alive:
+                    continue  # (16 worker threads that predicted and ended held 16 weight-sized buffers for good)
+            self._std_cache.pop(key, None)
 
     def _prediction_sample(self, name: str, mu: Optional[Tensor], rho: Optional[Tensor]) -> Optional[Tensor]:
         """A draw of ``{name}`` for a forward without gradients (the values the training path draws)."""

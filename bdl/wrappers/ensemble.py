@@ -24,7 +24,7 @@ from torch.utils.module_tracker import ModuleTracker
 
 from .._outputs import draw_stacked, output_parts
 from .._warn import user_stacklevel
-from ..nn.layers import _untraceable
+from ..nn.layers import _optimizer_steps, _untraceable
 from .mc_dropout import _holds_compiled_module
 
 ENSEMBLE_METHODS = ("auto", "vmap", "loop")
@@ -403,6 +403,8 @@ class DeepEnsemble(nn.Module):
         # by the names too: layers registered again in another order (or one inserted) kept their tensors and versions
         uncached = any(t.is_inference() or _untraceable(t) for state in tensors for t in state.values())
         key = None if uncached else tuple((name, t.data_ptr(), t._version) for state in tensors for name, t in state.items())
+        if key is not None:  # a fused optimizer (Adam(fused=True)) writes the members' weights without moving a version
+            key += (_optimizer_steps[0],)
         if not torch.is_grad_enabled() and key is not None and self._stacked is not None and self._stacked[0] == key:
             return self._stacked[1], self._stacked[2]
         names = list(tensors[0])

@@ -563,3 +563,38 @@ def test_traced_flipout_signs_of_half_layers_are_float32_coin_flips(monkeypatch)
     torch.manual_seed(0)
     signs = _random_signs(torch.empty(1000, dtype=torch.bfloat16), per_channel=False)
     assert signs.dtype == torch.bfloat16 and torch.equal(signs.float(), expected)
+
+
+def test_the_kl_handed_out_edited_in_place_does_not_change_the_next_one():
+    # a bias-free layer's KL is the cached tensor itself: `kl /= num_data` (a logging line) edited every later KL
+    torch.manual_seed(0)
+    for layer, x in ((bdl.BayesLinear(20, 3, bias=False), torch.randn(4, 20)), (bdl.BayesConv2d(2, 3, 3, bias=False), torch.randn(2, 2, 6, 6))):
+        layer(x)
+        expected = layer.weight_prior.posterior_kl(layer.weight_mu, layer.weight_rho, layer.std_transform).item()
+        kl = bdl.kl_divergence(layer)
+        kl /= 1000
+        with torch.no_grad():
+            logged = bdl.kl_divergence(layer)
+            logged /= 50_000
+        assert bdl.kl_divergence(layer).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_sample_buffers_of_threads_that_ended_are_freed_by_the_next_predict():
+    # kept per thread id and never dropped: 16 server threads that predicted and ended held 16 weight-sized buffers
+    import threading
+
+    model = nn.Sequential(bdl.BayesLinear(256, 256), nn.ReLU(), bdl.BayesLinear(256, 4))  # a 65,536-weight buffer
+    x = torch.randn(8, 256)
+
+    def threads_holding():
+        return {key[2] for key in model[0]._std_cache if key[0] == "sample"}
+
+    bdl.predict(model, x, num_samples=2, method="loop")
+    assert threads_holding() == {threading.get_ident()}
+    workers = [threading.Thread(target=bdl.predict, args=(model, x), kwargs={"num_samples": 2, "method": "loop"}) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+        worker.join()  # one after another: a thread's id may be reused by the next, as the buffer may
+    assert len(threads_holding()) >= 2  # held after they ended
+    bdl.predict(model, x, num_samples=2, method="loop")
+    assert threads_holding() == {threading.get_ident()}

@@ -686,3 +686,22 @@ def test_compiled_members_under_vmap_are_refused_with_what_to_do():
         DeepEnsemble(members, method="vmap")(torch.randn(5, 4))
     with pytest.raises(ValueError, match="needs members of one architecture"):
         DeepEnsemble([nn.Linear(4, 2), nn.Linear(4, 3)], method="vmap")(torch.randn(5, 4))
+
+
+def test_a_vmap_ensemble_sees_members_trained_by_a_fused_optimizer():
+    # its stacked weights were kept by the members' version counters, which a fused optimizer does not move: after
+    # training, no-grad calls returned the outputs of before (5.4 off the members' own)
+    torch.manual_seed(0)
+    ensemble = DeepEnsemble([nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(3)], method="vmap")
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        before = ensemble(x)
+    optimizer = torch.optim.Adam(ensemble.parameters(), lr=0.1, fused=True)
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.stack([member(x) for member in ensemble.members]).square().sum().backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = ensemble(x)
+        torch.testing.assert_close(after, torch.stack([member(x) for member in ensemble.members]))
+    assert not torch.allclose(after, before)
