@@ -16,6 +16,7 @@ from pyro.infer.autoguide import AutoGuide
 from torch import Tensor, nn
 
 from ..metrics.functional._checks import check_positive_int
+from ..nn.loss import check_trained_parameters
 from .guides import make_elbo, make_guide
 from .model import PyroModel, check_finite_data, check_full_data
 from .predictive import (
@@ -404,7 +405,17 @@ class SVIModule(L.LightningModule):
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        if not bool(torch.isfinite(loss.detach())):  # a step on it makes every parameter NaN, and the fit went on
+            raise FloatingPointError(
+                f"SVIModule: the loss is not finite at epoch {self.current_epoch}, step {self.global_step} "
+                f"(loss={loss.item()}); lower the learning rate, check the data for NaN/inf, or check the prior and "
+                "guide scales (init_scale)"
+            )
+        return loss
+
+    def on_train_end(self) -> None:
+        check_trained_parameters(self)  # a last step whose loss was finite and whose gradient was not
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():

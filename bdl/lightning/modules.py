@@ -44,7 +44,7 @@ from ..nn.convert import kl_divergence
 from ..nn.functional import check_estimator
 from ..nn.heads import gaussian_nll
 from ..nn.layers import BayesianModule
-from ..nn.loss import elbo_loss, non_finite_parameters, non_finite_where
+from ..nn.loss import check_trained_parameters, elbo_loss, non_finite_parameters, non_finite_where
 from ..metrics.functional._checks import as_class_labels, check_positive_int, targets_like
 from ..predict import Prediction, _two_class, predict
 from ..wrappers import DeepEnsemble, MCDropout
@@ -699,6 +699,9 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         _warn_if_steps_round_away(self.trainer)
+
+    def on_train_end(self) -> None:
+        check_trained_parameters(self)  # a last step whose loss was finite and whose gradient was not
 
     @property
     def predictive_model(self) -> nn.Module:

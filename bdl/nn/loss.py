@@ -81,6 +81,18 @@ def non_finite_parameters(module: nn.Module) -> list[str]:
             if value.is_floating_point() and not bool(torch.isfinite(value).all())]
 
 
+def check_trained_parameters(module: nn.Module) -> None:
+    """A ``FloatingPointError`` where a fit ended with non-finite parameters: its last step's loss was finite but its
+    gradient was not (an earlier step's would have stopped the next step's loss), and the fit ended silently."""
+    params = non_finite_parameters(module)
+    if params:
+        raise FloatingPointError(
+            f"training ended with non-finite parameters: {first_few(params)}; the last step's loss was finite but its "
+            "gradient was not (an overflow in the backward): lower the learning rate, or check the prior and posterior "
+            "scales (a predicted variance or posterior std that can reach 0)"
+        )
+
+
 def first_few(names: list[str], limit: int = 4) -> str:
     """``names`` joined for a message, the first ``limit`` of them and how many more."""
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")

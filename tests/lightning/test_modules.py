@@ -354,6 +354,20 @@ def test_non_finite_svi_loss_is_named_even_without_pyro_validation(tmp_path):
         trainer(tmp_path, num_sanity_val_steps=0).fit(module, TinyData(batch_size=8))
 
 
+def test_a_fit_whose_last_step_left_non_finite_parameters_ends_with_an_error(tmp_path):
+    # a finite loss (1.5e23) with an infinite gradient on the fit's last step: the parameters became NaN, and the loss
+    # check, which only the next step would have run, never fired
+    torch.manual_seed(0)
+    module = DeterministicModule(net(), lr=1e-2)
+    module.model[0].weight.register_hook(lambda grad: grad * float("inf") if module.global_step == 1 else grad)
+    with pytest.raises(FloatingPointError, match=r"training ended with non-finite parameters: model.0.weight \(64 of 64\)"):
+        trainer(tmp_path, max_steps=2, num_sanity_val_steps=0, limit_val_batches=0).fit(module, TinyData(batch_size=8))
+    # bdl.SVIModule (bdl.infer's) checked no loss at all under a Trainer: a NaN fit ended normally
+    svi = bdl.SVIModule(bdl.infer.PyroModel(net(), "categorical", num_data=32), optimizer="sgd", lr=1e6, validate="never")
+    with pytest.raises(FloatingPointError, match=r"SVIModule: the loss is not finite at epoch 0, step \d+"):
+        trainer(tmp_path, max_steps=20, num_sanity_val_steps=0, limit_val_batches=0).fit(svi, TinyData(batch_size=8))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
