@@ -343,7 +343,8 @@ class Prediction:
         if cached is None or cached[0] is not probs or cached[1] != (probs._version, _version(cached[2])):
             entropy = _entropy(probs)
             cached = self.__dict__["_entropy_cache"] = (probs, (probs._version, _version(entropy)), entropy)
-        return cached[2]
+        # one computed in a torch.inference_mode block has no version counter to see an edit by: a copy
+        return cached[2].clone() if cached[2].is_inference() else cached[2]
 
     def __getstate__(self) -> dict[str, Any]:
         # a copy (deepcopy, pickle, torch.save) leaves the entropy cache behind: its tensors' version counters

@@ -1438,3 +1438,9 @@ def test_the_entropy_handed_out_edited_in_place_does_not_change_the_next_read():
     torch.testing.assert_close(prediction.predictive_entropy, entropy)
     torch.testing.assert_close(prediction.mutual_information, information)
     assert prediction.predictive_entropy is prediction.predictive_entropy  # still kept between reads
+    logits = torch.randn(6, 3, 10)
+    fresh, entropy = bdl.Prediction.from_logits(logits), bdl.Prediction.from_logits(logits).predictive_entropy
+    with torch.inference_mode():  # computed there, it has no version counter to see the edit by
+        normalised = fresh.predictive_entropy
+        normalised /= math.log(10)
+    torch.testing.assert_close(fresh.predictive_entropy, entropy)

@@ -376,6 +376,43 @@ def _check_same_class(model: Any, checkpoint: dict[str, Any], ckpt_path: str) ->
         )
 
 
+TRAINING_OPTIONS = ("optimizer", "lr", "weight_decay", "momentum", "lr_schedule", "lr_decay", "kl_warmup_epochs")
+"""Module arguments that change how a fit trains, not the trained model: free to differ when evaluating a checkpoint."""
+
+
+def _plain(value: Any) -> Any:  # noqa: ANN401 - a hyperparameter's value
+    """A hyperparameter as comparable text or numbers: lists for tuples, ``module.Type`` for a layer type (a
+    checkpoint keeps one as ``{"module": ..., "type": ...}``)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict) and set(value) == {"module", "type"}:
+        return f"{value['module']}.{value['type']}"
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    return value
+
+
+def _check_python_checkpoint(model: Any, saved: dict[str, Any], ckpt_path: str, training: bool) -> None:  # noqa: ANN401
+    """A ValueError where a checkpoint saved from Python holds module arguments other than the config's (besides
+    the evaluation options, and, unless resuming a fit, the training options): the config's module was evaluated
+    in their place, silently (an MC dropout rate of 0.2 for the 0.5 it was trained with)."""
+    init_args = model.get("init_args") if hasattr(model, "get") else None
+    if init_args is None:
+        return
+    skipped = EVALUATION_OPTIONS + (() if training else TRAINING_OPTIONS)
+    differ = [
+        f"{key}={_plain(value)!r} (the config: {_plain(init_args[key])!r})"
+        for key, value in saved.items()
+        if key != "model" and not key.startswith("_") and key not in skipped and key in init_args and _plain(value) != _plain(init_args[key])
+    ]
+    if differ:
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} was saved from Python (not by the bdl command) with {', '.join(differ)}: the config "
+            "must build the module that was trained; pass those values (--model.init_args.<name>), or evaluate it from "
+            "Python (bdl.lightning.cli.Trainer.evaluate)"
+        )
+
+
 class BDLCLI(LightningCLI):
     """``LightningCLI`` with bdl's defaults: any LightningModule/DataModule by class path, run folders, ``evaluate``.
 
@@ -435,10 +472,13 @@ class BDLCLI(LightningCLI):
             if version is not None and Path(ckpt_path).resolve().parent.parent == own.resolve():
                 self._resume_version = version
                 self._resume_step = int(checkpoint.get("global_step", 0))
-        if "_class_path" not in (checkpoint.get("hyper_parameters") or {}):
+        saved = checkpoint.get("hyper_parameters") or {}
+        if "_class_path" not in saved:
             # saved outside the bdl command (a module trained in Python): its hyperparameters name no class and hold
-            # no network, and Lightning's merge of them failed in jsonargparse's words. The config builds the model,
-            # and the checkpoint's weights load into it (strictly: another network is an error)
+            # no network, and Lightning's merge of them failed in jsonargparse's words. The config builds the module,
+            # which the checkpoint's weights load into (strictly: another network is an error); what no weight holds
+            # (an MC dropout rate, the layers it was inserted before) must be the config's too
+            _check_python_checkpoint(config.get("model"), saved, ckpt_path, training=self.subcommand == "fit")
             return
         model = config.get("model")
         init_args = model.get("init_args") if hasattr(model, "get") else None

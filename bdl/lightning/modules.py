@@ -1232,6 +1232,14 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         self._setup_metrics()
         self.val_elbo = torchmetrics.MeanMetric()
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "SVIModule":  # noqa: ANN401 - Lightning's
+        """Lightning's ``load_from_checkpoint``; a ``num_eval_samples`` given here replaces the ``num_samples`` that
+        checkpoints of earlier versions kept beside it (the pair was refused as two numbers of samples)."""
+        if "num_eval_samples" in kwargs and "num_samples" not in kwargs:
+            kwargs["num_samples"] = kwargs["num_eval_samples"]
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def on_fit_start(self) -> None:
         _ResumableRandomState.on_fit_start(self)  # num_data is checked when training starts (the loader exists then)
         _warn_if_steps_round_away(self.trainer)

@@ -184,7 +184,7 @@ def test_evaluate_takes_a_checkpoint_of_a_module_trained_from_python(tmp_path, c
     # jsonargparse's "Parsing of ckpt_path hyperparameters failed!"; the config's model now takes its weights
     import lightning as L
 
-    from bdl.lightning import MLP, DigitsDataModule, VariationalModule
+    from bdl.lightning import MLP, DigitsDataModule, MCDropoutModule, VariationalModule
 
     module = VariationalModule(MLP(64, 8, hidden=[128]), lr=0.003)  # the network of configs/quickstart.yaml
     trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -197,6 +197,16 @@ def test_evaluate_takes_a_checkpoint_of_a_module_trained_from_python(tmp_path, c
           "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
     report = json.loads((tmp_path / "quickstart" / "version_0" / "metrics.json").read_text())["metrics"]
     assert report["nll"] > 20 and report["accuracy"] < 0.3  # an untrained network's NLL is about ln 8 = 2.1
+    # what no weight holds (an inserted dropout rate) was the config's, silently: 0.2 evaluated for 0.5 trained
+    module = MCDropoutModule(MLP(64, 8, hidden=[128], dropout=0.2), p=0.5, insert_before=["4"], lr=0.01)
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, DigitsDataModule(ood="classes", ood_classes=[8, 9], batch_size=64))
+    trainer.save_checkpoint(tmp_path / "dropout.ckpt")
+    with pytest.raises(ValueError, match=r"saved from Python \(not by the bdl command\) with p=0.5 \(the config: None\), "
+                                         r"insert_before=\['4'\] \(the config: None\): the config must build"):  # fmt: skip
+        main(["evaluate", "--config", str(REPO / "configs" / "digits_mc_dropout.yaml"), "--ckpt_path", str(tmp_path / "dropout.ckpt"),
+              *FEW_STEPS, "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
 
 
 def test_evaluate_prints_the_table_and_writes_the_report_in_a_new_version(quickstart_run, tmp_path, capsys):

@@ -250,6 +250,11 @@ def test_svi_module_loads_from_its_checkpoint(tmp_path):
     assert restored.num_eval_samples == 6
     # another number of samples at loading: the saved num_samples (6) came back beside it and the pair was refused
     assert SVIModule.load_from_checkpoint(path, model=pyro_model(), num_eval_samples=50).num_eval_samples == 50
+    old = torch.load(path, weights_only=True)
+    old["hyper_parameters"]["num_samples"] = 6  # as checkpoints of earlier versions kept it
+    torch.save(old, tmp_path / "old.ckpt")
+    assert SVIModule.load_from_checkpoint(tmp_path / "old.ckpt", model=pyro_model(), num_eval_samples=50).num_eval_samples == 50
+    assert SVIModule.load_from_checkpoint(tmp_path / "old.ckpt", model=pyro_model()).num_eval_samples == 6
     for name, value in module.guide.state_dict().items():
         assert torch.equal(restored.guide.state_dict()[name], value), name
     with pytest.raises(TypeError, match="num_eval_samples"):
