@@ -471,6 +471,14 @@ def _check_predict_inputs(model: Any, args: tuple, predict_inputs: Any, output_s
         data = predict_inputs.dataset if isinstance(predict_inputs, DataLoader) else predict_inputs
         if not isinstance(data, (Tensor, tuple, list, Dataset)) or isinstance(data, IterableDataset):
             return  # a stream, whose first batch the check would use up
+        x = data[0] if isinstance(data, (tuple, list)) and data and isinstance(data[0], Tensor) else data
+        if isinstance(x, Tensor) and x.is_floating_point() and x.dim() and not bool(torch.isfinite(x).all()):
+            # their predictions would be NaN: the error came after every chain had run, and the samples were lost
+            bad = (~torch.isfinite(x.reshape(len(x), -1))).any(1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"mcmc: predict_inputs hold NaN or Inf in rows {bad[:8]}{' ...' if len(bad) > 8 else ''} "
+                f"({len(bad)} of {len(x)}); checked before sampling"
+            )
         if isinstance(predict_inputs, DataLoader):  # its first row as the loader makes batches (its collate_fn)
             # batch_size=None: the data set's items are batches already, which its collate_fn only converts
             size = None if predict_inputs.batch_sampler is None else 1

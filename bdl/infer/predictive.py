@@ -197,14 +197,20 @@ def predict_from_samples(
         counts.add(value.shape[0])
     if len(counts) > 1:
         raise ValueError(f"samples must hold the same number S of draws for every site, got {sorted(counts)}")
-    from ..predict import Prediction, _batches
+    from ..predict import Prediction, _batches, _non_finite_message, _non_finite_rows, _NonFiniteOutput, _read_in_order
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     samples = {name: value.to(device) for name, value in samples.items()}
-    parts, targets = [], []
+    parts, targets, offset = [], [], 0
     with _eval_mode(model):
         for x, y in _batches(inputs, batch_size):
             outputs = network_outputs(model, samples, x.to(device), vectorize=vectorize)
+            # named by input row, as bdl.predict does (the likelihood's check named "sample_means", a count)
+            bad = [_non_finite_rows(t) for t in (outputs if isinstance(outputs, tuple) else (outputs,)) if isinstance(t, Tensor)]
+            if bad and bool(torch.stack(bad).any()):
+                error = _NonFiniteOutput("the network's outputs are not finite", torch.stack(bad).any(0))
+                raise ValueError(_non_finite_message(error, model, x, offset, _read_in_order(inputs)))
+            offset += len(x)
             parts.append(model.likelihood.prediction(outputs, samples, keep_samples=keep_samples))
             if y is not None:
                 targets.append(y.to(device))

@@ -477,6 +477,10 @@ def test_predict_inputs_that_do_not_fit_the_model_are_refused_before_sampling(no
     model = PyroModel(nn.Linear(3, 2), "categorical")
     with pytest.raises(ValueError, match=r"predict_inputs do not fit the network.*\(1, 7\)"):  # was after sampling
         mcmc(model, x, y, num_samples=20, predict_inputs=torch.randn(5, 7), seed=0)
+    nan = torch.randn(5, 3)
+    nan[3, 1] = float("nan")  # "sample_means must be finite" once every chain had run
+    with pytest.raises(ValueError, match=r"predict_inputs hold NaN or Inf in rows \[3\] \(1 of 5\); checked before sampling"):
+        mcmc(model, x, y, num_samples=20, predict_inputs=nan, seed=0)
     with pytest.raises(SamplingStarted):  # inputs that fit, as a tensor or as batches
         mcmc(model, x, y, num_samples=20, predict_inputs=torch.randn(5, 3), seed=0)
     with pytest.raises(SamplingStarted):

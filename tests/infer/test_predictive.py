@@ -290,3 +290,15 @@ def test_a_latent_output_site_is_read_as_its_posterior_draws(parallel):
     torch.testing.assert_close(prediction.mean[:, 0], f.mean(0))
     torch.testing.assert_close(prediction.epistemic_variance[:, 0], f.var(0, unbiased=False))
     assert torch.equal(prediction.aleatoric_variance, torch.zeros(3, 1))
+
+
+def test_non_finite_outputs_name_the_input_rows_and_the_cause():
+    # the likelihood's check said "sample_means must be finite, got 50 NaN/Inf entries out of 250": no row, no cause
+    model = PyroModel(mlp(1), "gaussian")
+    samples = weight_samples(model.net)
+    x = torch.randn(7, 4)
+    x[5, 2] = float("nan")
+    loader = DataLoader(TensorDataset(x), batch_size=3)
+    for inputs in (x, loader):
+        with pytest.raises(ValueError, match=r"not finite for 1 of the batch's \d inputs \(rows \[5\] of the inputs\); those inputs hold NaN or Inf"):
+            predict_from_samples(model, samples, inputs)
