@@ -93,7 +93,8 @@ def _check_finite(module: L.LightningModule, terms: dict[str, Tensor]) -> None:
         values = ", ".join(f"{name}={value.item():.4g}" for name, value in terms.items() if value.numel() == 1)
         error = FloatingPointError(
             f"non-finite training loss at epoch {module.current_epoch}, step {module.global_step}: "
-            f"{' and '.join(name.upper() for name in bad) or 'the loss'} {'are' if len(bad) > 1 else 'is'} not finite "
+            f"{' and '.join(name.upper() if name in ('nll', 'kl') else name for name in bad) or 'the loss'} "
+            f"{'are' if len(bad) > 1 else 'is'} not finite "
             f"({values}); {non_finite_where(module, 'kl' in bad)}; "
             # Adam's 0/0 step writes NaN into parameters: without any, the cause is elsewhere (a NaN input, an overflow)
             + (non_finite_parameters(module) and _float16_adam(module)
@@ -1073,6 +1074,8 @@ class EnsembleModule(UncertaintyModule):
 
     def training_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         losses = self.model.member_losses(self.model(x), y, self.nll)
+        if self._trainer is not None and self.trainer.training:  # which member: one diverged, the others had not
+            _check_finite(self, {"loss": losses.sum(), **{f"member {i}'s NLL": loss for i, loss in enumerate(losses)}})
         return {"loss": losses.sum(), "nll": losses.mean().detach()}
 
 

@@ -359,6 +359,14 @@ def test_non_finite_svi_loss_is_named_even_without_pyro_validation(tmp_path):
         trainer(tmp_path, num_sanity_val_steps=0).fit(module, TinyData(batch_size=8))
 
 
+def test_a_non_finite_ensemble_loss_names_the_member(tmp_path):
+    module = EnsembleModule(nn.Linear(4, 3), num_members=3)
+    with torch.no_grad():
+        module.model.members[1].weight.mul_(1e38)  # finite weights, overflowing logits in member 1 only
+    with pytest.raises(FloatingPointError, match=r"step \d+: member 1's NLL is not finite \(loss=inf, member 0's NLL=[\d.]+, member 1's NLL=inf"):
+        trainer(tmp_path, num_sanity_val_steps=0).fit(module, TinyData(batch_size=8))
+
+
 def test_a_fit_whose_last_step_left_non_finite_parameters_ends_with_an_error(tmp_path):
     # a finite loss (1.5e23) with an infinite gradient on the fit's last step: the parameters became NaN, and the loss
     # check, which only the next step would have run, never fired
