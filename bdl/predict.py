@@ -701,6 +701,16 @@ class _RegressionSummary:
             mean = torch.where(constant, self.constancy.first, mean)
             m2 = m2.masked_fill(constant, 0)
         aleatoric = torch.zeros_like(mean) if self.variance_sum is None else (self.variance_sum / self.count).to(self.dtype)
+        for name, value in (("epistemic variance", m2), ("aleatoric variance", aleatoric)):
+            # summed in float64 from finite outputs, it can pass the outputs' dtype's range (float32 means of +-2e19
+            # have a variance of 4e38): an infinite variance and interval came back without a word
+            if not bool(torch.isfinite(value).all()):
+                over = ~torch.isfinite(value)
+                raise ValueError(
+                    f"the {name} of the model's outputs overflows {self.dtype} (above {torch.finfo(self.dtype).max:.3g}) "
+                    f"for {int(over.sum())} of {value.numel()} outputs: predict with float64 outputs (model.double() and "
+                    "float64 inputs)"
+                )
         keep_variances = self.keep_samples and len(self.kept_variances) == len(self.kept_means)
         return Prediction(
             task="regression",

@@ -1444,3 +1444,11 @@ def test_the_entropy_handed_out_edited_in_place_does_not_change_the_next_read():
         normalised = fresh.predictive_entropy
         normalised /= math.log(10)
     torch.testing.assert_close(fresh.predictive_entropy, entropy)
+
+
+def test_a_regression_variance_past_the_dtypes_range_is_an_error_not_inf():
+    # finite float32 means of +-2e19: the float64 moments (4e38) came back as an infinite variance and interval
+    with pytest.raises(ValueError, match=r"the epistemic variance of the model's outputs overflows torch.float32 \(above 3.4e\+38\) for 1 of 1 outputs: predict with float64"):
+        bdl.Prediction.from_regression(torch.tensor([[[2e19]], [[-2e19]]]))
+    wide = bdl.Prediction.from_regression(torch.tensor([[[2e19]], [[-2e19]]], dtype=torch.float64))
+    assert wide.epistemic_variance.item() == pytest.approx(4e38)
