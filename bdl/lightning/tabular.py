@@ -127,17 +127,35 @@ def _check_names(path: str, names: Sequence[str], available: Sequence[str], kind
         raise ValueError(f"{path} has no {kind} {unknown}; available {kind}: {list(available)}")
 
 
-def _scale(values: np.ndarray) -> np.ndarray:
-    """The population std of each column of ``values`` (the training rows), 1 where a column is constant.
+def _scale(values: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """The population std of each column of ``values`` (the training rows, columns ``names``), 1 where a column is
+    constant.
 
     A constant column's std is rounding noise (2e-16 for a column of 0.1s), not 0: dividing by it scaled its
     other values in the validation and test rows by about 1e15 (0.2 came out as 4e14). Constant is scikit-learn's test (``StandardScaler``):
     a variance within the rounding error of computing it, which a variance that underflows to 0 also passes.
+    A variance that overflows float64 (values of 1e160) is an error: it passed as constant, and the values as inf.
     """
     n, eps = len(values), np.finfo(np.float64).eps
-    mean, var = values.mean(0), values.var(0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, var = values.mean(0), values.var(0)
+    if not np.isfinite(var).all():
+        bad = [names[i] for i in np.flatnonzero(~np.isfinite(np.atleast_1d(var)))]
+        raise ValueError(f"the values of {bad} are too large to standardise (their variance overflows float64): rescale them")
     constant = var <= n * eps * var + (n * mean * eps) ** 2
     return np.where(constant, 1.0, np.sqrt(var))
+
+
+def _check_float32(values: np.ndarray, names: Sequence[str]) -> None:
+    """A ValueError naming the column and row of a value beyond float32's range, which the cast made infinite."""
+    with np.errstate(over="ignore"):
+        over = ~np.isfinite(values.astype(np.float32))
+    if over.any():
+        row, column = np.argwhere(over.reshape(len(values), -1))[0]
+        raise ValueError(
+            f"{names[column]!r} holds {float(values.reshape(len(values), -1)[row, column]):.4g} in row {row}, beyond "
+            f"float32's range ({np.finfo(np.float32).max:.3g}), which the data are cast to: rescale it (or standardize=True)"
+        )
 
 
 class _StandardizedTable(UncertaintyDataModule):
@@ -184,9 +202,10 @@ class _StandardizedTable(UncertaintyDataModule):
         parts = _split_indices(len(kept), self.val_fraction, self.test_fraction, torch.Generator().manual_seed(self.seed))
         train_idx, val_idx, test_idx = (kept[part.numpy()] for part in parts)
         if self.standardize:
-            mean, std = x[train_idx].mean(0), _scale(x[train_idx])
+            mean, std = x[train_idx].mean(0), _scale(x[train_idx], names)
             x = (x - mean) / std
             self._feature_mean, self._feature_std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        _check_float32(x, names)
         inputs = torch.as_tensor(x, dtype=torch.float32)
         if self.task == "classification":
             classes, labels = np.unique(y[kept], return_inverse=True)
@@ -205,9 +224,10 @@ class _StandardizedTable(UncertaintyDataModule):
             num_classes: Optional[int] = len(classes)
         else:
             if self.standardize:
-                mean, std = float(y[train_idx].mean()), float(_scale(y[train_idx]))
+                mean, std = float(y[train_idx].mean()), float(_scale(y[train_idx], ["the target"]))
                 y = (y - mean) / std
                 self._target_mean, self._target_std = mean, std
+            _check_float32(y, ["the target"])
             targets = torch.as_tensor(y, dtype=torch.float32).unsqueeze(1)
             num_classes = None
         train, val, test = (TensorDataset(inputs[idx], targets[idx]) for idx in (train_idx, val_idx, test_idx))

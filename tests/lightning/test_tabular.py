@@ -235,6 +235,22 @@ def test_non_numeric_values_name_column_and_row(tmp_path):
         TabularDataModule(str(tmp_path / "u.npz"), "y").setup()
 
 
+def test_values_past_float32_or_a_float64_variance_are_named_not_made_infinite(tmp_path):
+    # checked finite in float64, then cast to float32: 1e39 became inf; a column of 1e160s overflowed its variance,
+    # passed as constant (std 1), and its values came out as inf
+    n, generator = 40, np.random.default_rng(0)
+    dose = generator.normal(size=n)
+    dose[7] = 1e39
+    with pytest.raises(ValueError, match=r"'dose' holds 1e\+39 in row 7, beyond float32's range"):
+        TabularDataModule(_npz(tmp_path / "a.npz", n, dose), "y", task="regression", standardize=False).setup()
+    with pytest.raises(ValueError, match=r"the values of \['dose'\] are too large to standardise"):
+        TabularDataModule(_npz(tmp_path / "b.npz", n, generator.normal(size=n) * 1e160), "y", task="regression").setup()
+    with pytest.raises(ValueError, match=r"'the target' holds 1e\+39 in row 3"):
+        target = np.arange(n, dtype=float)
+        target[3] = 1e39
+        TabularDataModule(_npz(tmp_path / "c.npz", n, dose.clip(-5, 5), target), "y", task="regression", standardize=False).setup()
+
+
 def test_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match=r"\.csv or \.npz"):
         TabularDataModule(str(tmp_path / "t.json"), "y")
