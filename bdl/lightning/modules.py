@@ -16,6 +16,7 @@ writes the :func:`bdl.evaluate` report (``metrics.json``, ``report.md``, PNG plo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib
@@ -25,7 +26,7 @@ import warnings
 import zlib
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
 
 import lightning as L
 import numpy as np
@@ -452,16 +453,29 @@ class _Evaluation:
             "needs a floor (e.g. GaussianHead(min_variance=1e-6))"
         )
 
-    def _checked_prediction(self, x: Tensor, num_samples: Optional[int], stage: str) -> Prediction:
-        """:meth:`sample_prediction`, with a non-finite output reported with the stage, epoch and step."""
+    @contextlib.contextmanager
+    def _where(self, stage: str, batch_idx: int) -> Iterator[None]:
+        """A ValueError of a batch's targets (a NaN, a label out of range) with the stage, epoch and batch: it named
+        neither."""
+        try:
+            yield
+        except ValueError as error:
+            raise ValueError(f"{stage} at epoch {self.current_epoch}, batch {batch_idx} of the {stage} loader: {error}") from error
+
+    def _checked_prediction(self, x: Tensor, num_samples: Optional[int], stage: str, batch_idx: int, dataloader_idx: int = 0) -> Prediction:
+        """:meth:`sample_prediction`, with a non-finite output reported with the stage, epoch, step and batch."""
         prediction, failure = None, None
         try:
             prediction = self.sample_prediction(x, num_samples)
         except ValueError as error:
             if "non-finite" not in str(error):
                 raise
+            # the rows predict names are the batch's (row 5 of batch 2 was "rows [5] of the inputs")
+            loader = {"test": ("the test loader", "the OOD loader")[dataloader_idx == 1]}.get(stage, f"the {stage} loader")
+            message = str(error).replace("of the inputs", "of that batch").replace("in the order the loader gave them", "of that batch")
             failure = FloatingPointError(
-                f"non-finite prediction in {stage} at epoch {self.current_epoch}, step {self.global_step}: {error}"
+                f"non-finite prediction in {stage} at epoch {self.current_epoch}, step {self.global_step}, in batch "
+                f"{batch_idx} of {loader}: {message}"
             )
         if stage == "predict" and failure is not None:
             raise failure  # no collective: predict's unpadded sampler gives the processes unequal batch counts
@@ -483,8 +497,9 @@ class _Evaluation:
         if batch_idx == 0:  # as on_validation_epoch_start, which a subclass may override without calling super
             self._val_rows_seen = 0
         x, y = _split_batch(batch)
-        prediction = self._checked_prediction(x, self.num_val_samples, "validation")
-        self._update_val_metrics(prediction, y)
+        prediction = self._checked_prediction(x, self.num_val_samples, "validation", batch_idx)
+        with self._where("validation", batch_idx):
+            self._update_val_metrics(prediction, y)
 
     def on_test_epoch_start(self) -> None:
         self._test_outputs: dict[int, list[tuple[Prediction, Optional[Tensor], Optional[Tensor]]]] = defaultdict(list)
@@ -496,10 +511,11 @@ class _Evaluation:
                 "in a run of its own, or concatenate them (torch.utils.data.ConcatDataset)"
             )
         x, y = _split_batch(batch)
-        prediction = self._checked_prediction(x, self.num_eval_samples, "test")
+        prediction = self._checked_prediction(x, self.num_eval_samples, "test", batch_idx, dataloader_idx)
         one_dimensional = x.dim() == 2 and x.shape[1] == 1  # kept for the 1-D regression figure
         # (the OOD loader's targets are never read: not judged either, as image ids in bfloat16 were)
-        labels = None if y is None or dataloader_idx == 1 else self._labels(y)
+        with self._where("test", batch_idx):
+            labels = None if y is None or dataloader_idx == 1 else self._labels(y)
         self._test_outputs[dataloader_idx].append((prediction, labels, x if one_dimensional else None))
 
     def _collect(self, index: int) -> tuple[Optional[Prediction], Optional[Tensor], Optional[Tensor]]:
@@ -563,7 +579,7 @@ class _Evaluation:
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Prediction:  # noqa: ANN401
         """A :class:`bdl.Prediction` per batch (merge them with ``Prediction.cat``)."""
         x, _ = _split_batch(batch)
-        return self._checked_prediction(x, self.num_eval_samples, "predict")
+        return self._checked_prediction(x, self.num_eval_samples, "predict", batch_idx)
 
 
 def running_datamodule(trainer: Optional[L.Trainer]) -> Optional[L.LightningDataModule]:
@@ -1291,7 +1307,9 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
                     loss, _, _ = self.loss(*args)
                 self.val_elbo.update(-loss, weight=keep)
             self.log("val/elbo", self.val_elbo, on_step=False, on_epoch=True)  # val/nll is the predictive NLL, as elsewhere
-        self._update_val_metrics(self._checked_prediction(x, self.num_val_samples, "validation"), y, keep)
+        prediction = self._checked_prediction(x, self.num_val_samples, "validation", batch_idx)
+        with self._where("validation", batch_idx):
+            self._update_val_metrics(prediction, y, keep)
 
 
 METHODS: dict[str, type[L.LightningModule]] = {

@@ -538,8 +538,18 @@ def test_non_finite_prediction_in_validation_is_reported_with_the_step(tmp_path)
     module = DeterministicModule(net(), lr=1e-2)
     with torch.no_grad():
         module.model[2].bias.fill_(float("inf"))
-    with pytest.raises(FloatingPointError, match="non-finite prediction in validation at epoch 0, step 0: .*logits"):
+    with pytest.raises(FloatingPointError, match="non-finite prediction in validation at epoch 0, step 0, in batch 0 of the validation loader: .*logits"):
         trainer(tmp_path).fit(module, TinyData(batch_size=8))  # the sanity check validates first
+    # row 5 of the third batch: the message said "rows [5] of the inputs", and a target error named no batch at all
+    x, y = torch.randn(24, 4), torch.randint(0, 3, (24,))
+    x[2 * 8 + 5, 1] = float("nan")
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    with pytest.raises(FloatingPointError, match=r"in test at epoch 0, step 0, in batch 2 of the test loader: .* \(rows \[5\] of that batch\)"):
+        trainer(tmp_path).test(DeterministicModule(net()), loader)
+    labels = y.clone()
+    labels[20] = 3
+    with pytest.raises(ValueError, match=r"validation at epoch 0, batch 2 of the validation loader: `target` must hold labels in \[0, 2\]"):
+        trainer(tmp_path).validate(DeterministicModule(net()), DataLoader(TensorDataset(torch.randn(24, 4), labels), batch_size=8))
 
 
 class UnderflowingHead(nn.Module):
@@ -801,7 +811,7 @@ def test_distributed_rows_are_counted_once_and_predict_runs_no_collective(tmp_pa
     lossed, logged, loss = [], [], module.loss
     module.loss = lambda *args: lossed.append(len(args[0])) or loss(*args)
     module.log = lambda name, value, **options: logged.append((name, options.get("batch_size")))
-    module._checked_prediction = lambda x, num_samples, stage: None
+    module._checked_prediction = lambda x, num_samples, stage, *where: None
     module._update_val_metrics = lambda prediction, y, keep=None: logged.append(("metrics", keep))
     module.on_validation_epoch_start()
     for batch_idx, batch in enumerate(loader):
