@@ -444,14 +444,28 @@ def _regression_metrics(
         "mean_aleatoric_variance": prediction.aleatoric_variance.mean(),
         "mean_epistemic_variance": prediction.epistemic_variance.mean(),
     }
-    if not (variance > 0).all():
-        notes.append(
-            "the predictive variance is zero for some inputs (a model that predicts only a mean, sampled "
-            "without randomness), so the Gaussian NLL, CRPS, interval and quantile metrics are left out"
-        )
+    positive = variance > 0
+    if not positive.all():
+        if positive.any():  # some zeros: a variance head that reached 0 (underflow), not a mean-only model
+            notes.append(
+                f"the predictive variance is 0 for {int((~positive).sum())} of {variance.numel()} outputs (a predicted "
+                "variance that underflowed: a variance head needs a floor, e.g. GaussianHead(min_variance=1e-6)), so "
+                "the Gaussian NLL, CRPS, interval and quantile metrics are left out"
+            )
+        else:
+            notes.append(
+                "the predictive variance is zero for every input (a model that predicts only a mean, sampled "
+                "without randomness), so the Gaussian NLL, CRPS, interval and quantile metrics are left out"
+            )
         return {key: _float(value) for key, value in metrics.items()}
+    nll = M.gaussian_nll(mean, variance, targets)
+    if not bool(torch.isfinite(nll)):  # positive variances too small for their errors (1e-45): inf, shown as n/a
+        notes.append(
+            f"the Gaussian NLL is infinite: the smallest predicted variance ({float(variance.min()):.3g}) is too small "
+            "for its error"
+        )
     metrics.update(
-        nll=M.gaussian_nll(mean, variance, targets),
+        nll=nll,
         crps=M.crps_gaussian(mean, variance, targets),
         quantile_calibration_error=M.quantile_calibration_error(mean, variance, targets),
     )

@@ -202,6 +202,19 @@ def test_report_of_a_heteroscedastic_regression_model(tmp_path):
     assert figures["regression_1d_output1"].axes[0].get_title() == "Predictive distribution of output 1"
 
 
+def test_a_variance_that_underflowed_or_a_nll_that_overflowed_is_said_as_such():
+    # some zero variances were blamed on "a model that predicts only a mean"; an infinite NLL showed as n/a unsaid
+    y = torch.randn(40, 1)
+    mean, variance = torch.zeros(1, 40, 1), torch.ones(1, 40, 1)
+    variance[0, :3] = 0
+    report = evaluate(bdl.Prediction.from_regression(mean, variance), y)
+    assert "the predictive variance is 0 for 3 of 40 outputs (a predicted variance that underflowed" in " ".join(report.notes)
+    assert "nll" not in report.metrics
+    variance[0, :3] = 1e-45  # float32's smallest, 1.4e-45
+    report = evaluate(bdl.Prediction.from_regression(mean, variance), y.abs() + 1)
+    assert "the Gaussian NLL is infinite: the smallest predicted variance (1.4e-45) is too small for its error" in report.notes
+
+
 def test_a_point_regression_model_reports_errors_and_says_why_the_rest_is_missing(tmp_path):
     x, y = torch.randn(50, 3), torch.randn(50)
     report = evaluate(nn.Linear(3, 1), (x, y), task="regression", num_samples=2)
