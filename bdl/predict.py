@@ -1267,8 +1267,19 @@ def _non_finite_message(error: _NonFiniteOutput, model: Any, x: Tensor, offset: 
     elif params:
         cause = f"the model's parameters are not finite: {first_few(params)} (training may have diverged)"
     else:
-        cause = "the inputs and the parameters are finite: an overflow in the forward (e.g. a half-precision activation)"
+        layers = _non_finite_posteriors(model) if isinstance(model, nn.Module) else []
+        if layers:  # rho = 50: every parameter finite, the draws not (it said "a half-precision activation")
+            cause = f"the inputs and the parameters are finite, but the posterior of {first_few(layers)} is not (its KL is infinite: a posterior std that overflowed)"
+        else:
+            cause = "the inputs and the parameters are finite: a NaN or an overflow in the forward (e.g. the log of a negative value, or a half-precision activation)"
     return f"{error} {where}; {cause}"
+
+
+def _non_finite_posteriors(model: nn.Module) -> list[str]:
+    """The Bayesian layers of ``model`` whose KL is not finite (a posterior std that overflowed)."""
+    with torch.no_grad():
+        return [f"{name} ({type(layer).__name__})" for name, layer in model.named_modules()
+                if isinstance(layer, BayesianModule) and not bool(torch.isfinite(layer.kl_divergence()).all())]  # fmt: skip
 
 
 def _add_output(summary: Any, output: Any, task: str, rows: int) -> None:  # noqa: ANN401

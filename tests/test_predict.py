@@ -665,8 +665,13 @@ def test_a_non_finite_output_names_the_inputs_and_the_likely_cause():
     huge = nn.Sequential(nn.Linear(4, 3))
     with torch.no_grad():
         huge[0].weight.fill_(1e30)
-    with pytest.raises(ValueError, match=r"non-finite means or variances .* for 2 of the batch's 2 inputs .*; the inputs and the parameters are finite: an overflow in the forward"):
+    with pytest.raises(ValueError, match=r"non-finite means or variances .* for 2 of the batch's 2 inputs .*; the inputs and the parameters are finite: a NaN or an overflow in the forward"):
         bdl.predict(huge, torch.full((2, 4), 1e10), task="regression")
+    exploded = nn.Sequential(bdl.BayesLinear(4, 3))
+    with torch.no_grad():
+        exploded[0].weight_rho.fill_(50.0)  # a posterior std of e^50: every parameter finite, the draws not
+    with pytest.raises(ValueError, match=r"the inputs and the parameters are finite, but the posterior of 0 \(BayesLinear\) is not \(its KL is infinite"):
+        bdl.predict(exploded, torch.randn(8, 4), num_samples=2)
     shuffled = DataLoader(TensorDataset(holes), batch_size=30, shuffle=True, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"for [12] of the batch's \d+ inputs \(inputs \[[\d, ]+\] in the order the loader gave them\); those inputs hold NaN"):
         bdl.predict(nn.Sequential(nn.Linear(4, 3)), shuffled)
