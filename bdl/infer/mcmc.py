@@ -455,6 +455,30 @@ def _check_deterministic_network(model: PyroModel, args: tuple) -> None:
         )
 
 
+def _explain_no_initial_params(model: PyroModel, args: tuple, error: Exception) -> None:
+    """Pyro's "Model specification seems incorrect - cannot find valid initial params", with the rows of the data
+    whose network outputs are not finite (with the network's own weights), where there are any."""
+    if not args or not isinstance(args[0], Tensor) or not len(args[0]):
+        return
+    from ..predict import _non_finite_rows
+
+    x = args[0].to(next((p.device for p in model.parameters()), torch.device("cpu")))
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad(), _eval_mode(model):
+        try:
+            outputs = model.run_net({}, x)
+        except Exception:  # noqa: BLE001 - Pyro's own error says more than the network's here
+            return
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    bad = torch.stack([_non_finite_rows(t.unsqueeze(0)) for t in outputs if isinstance(t, Tensor)]).any(0)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(
+            f"mcmc: Pyro found no weights with a finite posterior density to start from: the network's outputs are not "
+            f"finite for rows {rows[:8]}{' ...' if len(rows) > 8 else ''} of the data ({len(rows)} of {len(x)}), whose "
+            "inputs are finite, with its own weights too (a NaN in the forward, e.g. the log of a negative value)"
+        ) from error
+
+
 def _check_predict_inputs(model: Any, args: tuple, predict_inputs: Any, output_site: str) -> None:  # noqa: ANN401
     """Raise a ValueError where ``predict_inputs`` do not fit the model, before sampling: a forward pass of the
     network on their first row (PyroModel), or a run of the model function on them, in eval mode (a BatchNorm's
@@ -663,7 +687,12 @@ def mcmc(
                 # (seen on a CUDA machine)
                 mp_context="spawn" if chains_in_run > 1 else None,
             )
-            sampler.run(*args)
+            try:
+                sampler.run(*args)
+            except (ValueError, RuntimeError) as error:
+                if "cannot find valid initial params" in str(error) and isinstance(model, PyroModel):
+                    _explain_no_initial_params(model, args, error)
+                raise
             chains.append(sampler.get_samples(group_by_chain=True))
             diag = sampler.diagnostics()
             for chain in range(chains_in_run):

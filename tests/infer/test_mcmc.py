@@ -610,3 +610,14 @@ def test_divergent_transitions_after_warmup_raise_a_warning_with_the_count_per_c
         warnings.simplefilter("error", UserWarning)  # an adapted step size: no divergence, no warning
         quiet = mcmc(model, y, num_samples=30, warmup_steps=50, num_chains=2, seed=0)
     assert sum(quiet.diagnostics["divergences"]) == 0
+
+
+def test_a_network_whose_outputs_are_not_finite_on_the_data_is_named_when_sampling_cannot_start():
+    # Pyro's "Model specification seems incorrect - cannot find valid initial params", with nothing of the cause
+    class LogFeatures(nn.Module):
+        def forward(self, x):
+            return x.log()
+
+    x = torch.tensor([[1.0, 2.0], [-1.0, 2.0], [3.0, 1.0]])
+    with pytest.raises(ValueError, match=r"the network's outputs are not finite for rows \[1\] of the data \(1 of 3\), whose inputs are finite"):
+        mcmc(PyroModel(nn.Sequential(LogFeatures(), nn.Linear(2, 1)), "gaussian"), x, torch.zeros(3, 1), num_samples=4, warmup_steps=2, seed=0)
