@@ -446,7 +446,9 @@ def _regression_metrics(
     }
     positive = variance > 0
     if not positive.all():
-        if positive.any():  # some zeros: a variance head that reached 0 (underflow), not a mean-only model
+        # some zeros with a variance head (its aleatoric part not 0 everywhere): one that reached 0 (underflow); else a
+        # mean-only model, whose samples agree for those inputs
+        if positive.any() and bool((prediction.aleatoric_variance != 0).any()):
             notes.append(
                 f"the predictive variance is 0 for {int((~positive).sum())} of {variance.numel()} outputs (a predicted "
                 "variance that underflowed: a variance head needs a floor, e.g. GaussianHead(min_variance=1e-6)), so "
@@ -454,8 +456,9 @@ def _regression_metrics(
             )
         else:
             notes.append(
-                "the predictive variance is zero for every input (a model that predicts only a mean, sampled "
-                "without randomness), so the Gaussian NLL, CRPS, interval and quantile metrics are left out"
+                f"the predictive variance is zero for {'every input' if not positive.any() else f'{int((~positive).sum())} of {variance.numel()} outputs'} "
+                "(a model that predicts only a mean, whose samples agree there), so the Gaussian NLL, CRPS, interval and "
+                "quantile metrics are left out"
             )
         return {key: _float(value) for key, value in metrics.items()}
     nll = M.gaussian_nll(mean, variance, targets)

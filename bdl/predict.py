@@ -701,7 +701,7 @@ class _RegressionSummary:
             mean = torch.where(constant, self.constancy.first, mean)
             m2 = m2.masked_fill(constant, 0)
         aleatoric = torch.zeros_like(mean) if self.variance_sum is None else (self.variance_sum / self.count).to(self.dtype)
-        for name, value in (("epistemic variance", m2), ("aleatoric variance", aleatoric)):
+        for name, value in (("epistemic variance", m2), ("aleatoric variance", aleatoric), ("total variance", aleatoric + m2)):
             # summed in float64 from finite outputs, it can pass the outputs' dtype's range (float32 means of +-2e19
             # have a variance of 4e38): an infinite variance and interval came back without a word
             if not bool(torch.isfinite(value).all()):
@@ -1277,9 +1277,17 @@ def _non_finite_message(error: _NonFiniteOutput, model: Any, x: Tensor, offset: 
 
 def _non_finite_posteriors(model: nn.Module) -> list[str]:
     """The Bayesian layers of ``model`` whose KL is not finite (a posterior std that overflowed)."""
+    layers = []
     with torch.no_grad():
-        return [f"{name} ({type(layer).__name__})" for name, layer in model.named_modules()
-                if isinstance(layer, BayesianModule) and not bool(torch.isfinite(layer.kl_divergence()).all())]  # fmt: skip
+        for name, layer in model.named_modules():
+            if isinstance(layer, BayesianModule):
+                try:
+                    finite = bool(torch.isfinite(layer.kl_divergence()).all())
+                except Exception:  # noqa: BLE001 - a layer without a KL (prediction only): no cause to name here
+                    continue
+                if not finite:
+                    layers.append(f"{name} ({type(layer).__name__})")
+    return layers
 
 
 def _add_output(summary: Any, output: Any, task: str, rows: int) -> None:  # noqa: ANN401

@@ -672,6 +672,13 @@ def test_a_non_finite_output_names_the_inputs_and_the_likely_cause():
         exploded[0].weight_rho.fill_(50.0)  # a posterior std of e^50: every parameter finite, the draws not
     with pytest.raises(ValueError, match=r"the inputs and the parameters are finite, but the posterior of 0 \(BayesLinear\) is not \(its KL is infinite"):
         bdl.predict(exploded, torch.randn(8, 4), num_samples=2)
+
+    class NoKL(bdl.BayesianModule):  # prediction only: its KL raises NotImplementedError, which replaced the message
+        def forward(self, x):
+            return x.log()
+
+    with pytest.raises(ValueError, match=r"the inputs and the parameters are finite: a NaN or an overflow"):
+        bdl.predict(NoKL(), -torch.ones(2, 3), num_samples=2)
     shuffled = DataLoader(TensorDataset(holes), batch_size=30, shuffle=True, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"for [12] of the batch's \d+ inputs \(inputs \[[\d, ]+\] in the order the loader gave them\); those inputs hold NaN"):
         bdl.predict(nn.Sequential(nn.Linear(4, 3)), shuffled)
@@ -1455,5 +1462,8 @@ def test_a_regression_variance_past_the_dtypes_range_is_an_error_not_inf():
     # finite float32 means of +-2e19: the float64 moments (4e38) came back as an infinite variance and interval
     with pytest.raises(ValueError, match=r"the epistemic variance of the model's outputs overflows torch.float32 \(above 3.4e\+38\) for 1 of 1 outputs: predict with float64"):
         bdl.Prediction.from_regression(torch.tensor([[[2e19]], [[-2e19]]]))
+    means, variances = torch.tensor([[[1.3e19]], [[-1.3e19]]]), torch.full((2, 1, 1), 2e38)  # each part finite, their sum not
+    with pytest.raises(ValueError, match=r"the total variance of the model's outputs overflows torch.float32"):
+        bdl.Prediction.from_regression(means, variances)
     wide = bdl.Prediction.from_regression(torch.tensor([[[2e19]], [[-2e19]]], dtype=torch.float64))
     assert wide.epistemic_variance.item() == pytest.approx(4e38)

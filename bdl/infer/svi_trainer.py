@@ -406,13 +406,25 @@ class SVIModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self._step(batch, "train")
-        if not bool(torch.isfinite(loss.detach())):  # a step on it makes every parameter NaN, and the fit went on
+        self._check_loss(loss)
+        return loss
+
+    def _check_loss(self, loss: Tensor) -> None:
+        """Stop at a non-finite training loss (a step on it makes every parameter NaN, and the fit went on), on every
+        process of a distributed run (the others met a closed connection at their next collective, or waited)."""
+        failed = not bool(torch.isfinite(loss.detach()))
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(failed, all=False) and not failed:
+            raise FloatingPointError(
+                f"SVIModule: the loss is not finite on another process at epoch {self.current_epoch}, step "
+                f"{self.global_step} (this is process {trainer.global_rank} of {trainer.world_size}): that process's error says where"
+            )
+        if failed:
             raise FloatingPointError(
                 f"SVIModule: the loss is not finite at epoch {self.current_epoch}, step {self.global_step} "
                 f"(loss={loss.item()}); lower the learning rate, check the data for NaN/inf, or check the prior and "
                 "guide scales (init_scale)"
             )
-        return loss
 
     def on_train_end(self) -> None:
         check_trained_parameters(self)  # a last step whose loss was finite and whose gradient was not

@@ -376,8 +376,14 @@ def _check_same_class(model: Any, checkpoint: dict[str, Any], ckpt_path: str) ->
         )
 
 
-TRAINING_OPTIONS = ("optimizer", "lr", "weight_decay", "momentum", "lr_schedule", "lr_decay", "kl_warmup_epochs")
-"""Module arguments that change how a fit trains, not the trained model: free to differ when evaluating a checkpoint."""
+TRAINING_OPTIONS = (
+    "optimizer", "lr", "weight_decay", "momentum", "lr_schedule", "lr_decay", "kl_warmup_epochs", "kl_weight",
+    "num_train_samples", "num_data", "prior_std", "posterior_std_init", "elbo", "num_particles", "init_scale", "validate",
+)  # fmt: skip
+"""Module arguments that change how a fit trains (the loss, its prior, the starting stds), not the trained model,
+whose stds and guide scales the state dict holds: free to differ when evaluating a checkpoint."""
+
+_PATTERNS = ("include", "exclude", "insert_before")  # one pattern on its own is a list of one
 
 
 def _plain(value: Any) -> Any:  # noqa: ANN401 - a hyperparameter's value
@@ -400,10 +406,16 @@ def _check_python_checkpoint(model: Any, saved: dict[str, Any], ckpt_path: str, 
     if init_args is None:
         return
     skipped = EVALUATION_OPTIONS + (() if training else TRAINING_OPTIONS)
+
+    def plain(key: str, value: Any) -> Any:  # noqa: ANN401
+        single = key in _PATTERNS and (isinstance(value, (str, type)) or (isinstance(value, dict) and set(value) == {"module", "type"}))
+        return _plain([value] if single else value)
+
     differ = [
-        f"{key}={_plain(value)!r} (the config: {_plain(init_args[key])!r})"
+        f"{key}={plain(key, value)!r} (the config: {plain(key, init_args[key])!r})"
         for key, value in saved.items()
-        if key != "model" and not key.startswith("_") and key not in skipped and key in init_args and _plain(value) != _plain(init_args[key])
+        if key != "model" and not key.startswith("_") and key not in skipped and key in init_args
+        and plain(key, value) != plain(key, init_args[key])
     ]
     if differ:
         raise ValueError(

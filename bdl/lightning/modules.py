@@ -471,7 +471,9 @@ class _Evaluation:
             if "non-finite" not in str(error):
                 raise
             # the rows predict names are the batch's (row 5 of batch 2 was "rows [5] of the inputs")
-            loader = {"test": ("the test loader", "the OOD loader")[dataloader_idx == 1]}.get(stage, f"the {stage} loader")
+            loader = ("the test loader", "the OOD loader")[dataloader_idx == 1] if stage == "test" else (
+                f"{stage} loader {dataloader_idx}" if dataloader_idx else f"the {stage} loader"
+            )
             message = str(error).replace("of the inputs", "of that batch").replace("in the order the loader gave them", "of that batch")
             failure = FloatingPointError(
                 f"non-finite prediction in {stage} at epoch {self.current_epoch}, step {self.global_step}, in batch "
@@ -579,7 +581,7 @@ class _Evaluation:
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Prediction:  # noqa: ANN401
         """A :class:`bdl.Prediction` per batch (merge them with ``Prediction.cat``)."""
         x, _ = _split_batch(batch)
-        return self._checked_prediction(x, self.num_eval_samples, "predict", batch_idx)
+        return self._checked_prediction(x, self.num_eval_samples, "predict", batch_idx, dataloader_idx)
 
 
 def running_datamodule(trainer: Optional[L.Trainer]) -> Optional[L.LightningDataModule]:
@@ -1285,6 +1287,9 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         if self._trainer is not None and self.trainer.training:
             _check_finite(self, {"loss": loss, "nll": nll, "kl": kl})
         return loss, nll, kl
+
+    def _check_loss(self, loss: Tensor) -> None:
+        pass  # loss() has checked it, naming the term, on every process
 
     def on_validation_start(self) -> None:
         # a validate run outside fit: scale the likelihood as fit does, so val/elbo means the same in both

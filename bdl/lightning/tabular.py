@@ -146,15 +146,23 @@ def _scale(values: np.ndarray, names: Sequence[str]) -> np.ndarray:
     return np.where(constant, 1.0, np.sqrt(var))
 
 
-def _check_float32(values: np.ndarray, names: Sequence[str]) -> None:
-    """A ValueError naming the column and row of a value beyond float32's range, which the cast made infinite."""
+def _check_float32(values: np.ndarray, names: Sequence[str], raw: Optional[np.ndarray] = None, std: Optional[np.ndarray] = None) -> None:
+    """A ValueError naming the column and row of a value beyond float32's range, which the cast made infinite;
+    ``raw`` and ``std``: the values before standardisation (to ``values``) and the training stds."""
     with np.errstate(over="ignore"):
         over = ~np.isfinite(values.astype(np.float32))
     if over.any():
         row, column = np.argwhere(over.reshape(len(values), -1))[0]
+        if raw is None:
+            value = float(values.reshape(len(values), -1)[row, column])
+            advice = "rescale it (or standardize=True)"
+        else:  # the standardised value overflows: a column that barely varies in the training rows
+            value = float(raw.reshape(len(raw), -1)[row, column])
+            spread = float(np.atleast_1d(std)[column])
+            advice = f"its training rows have a std of {spread:.3g}, so it standardises to beyond that range: drop or rescale it"
         raise ValueError(
-            f"{names[column]!r} holds {float(values.reshape(len(values), -1)[row, column]):.4g} in row {row}, beyond "
-            f"float32's range ({np.finfo(np.float32).max:.3g}), which the data are cast to: rescale it (or standardize=True)"
+            f"{names[column]!r} holds {value:.4g} in row {row}, which comes out beyond float32's range "
+            f"({np.finfo(np.float32).max:.3g}), the data's dtype: {advice}"
         )
 
 
@@ -202,10 +210,13 @@ class _StandardizedTable(UncertaintyDataModule):
         parts = _split_indices(len(kept), self.val_fraction, self.test_fraction, torch.Generator().manual_seed(self.seed))
         train_idx, val_idx, test_idx = (kept[part.numpy()] for part in parts)
         if self.standardize:
+            raw = x
             mean, std = x[train_idx].mean(0), _scale(x[train_idx], names)
             x = (x - mean) / std
             self._feature_mean, self._feature_std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
-        _check_float32(x, names)
+            _check_float32(x, names, raw, std)
+        else:
+            _check_float32(x, names)
         inputs = torch.as_tensor(x, dtype=torch.float32)
         if self.task == "classification":
             classes, labels = np.unique(y[kept], return_inverse=True)
@@ -224,10 +235,13 @@ class _StandardizedTable(UncertaintyDataModule):
             num_classes: Optional[int] = len(classes)
         else:
             if self.standardize:
+                raw = y
                 mean, std = float(y[train_idx].mean()), float(_scale(y[train_idx], ["the target"]))
                 y = (y - mean) / std
                 self._target_mean, self._target_std = mean, std
-            _check_float32(y, ["the target"])
+                _check_float32(y, ["the target"], raw, np.array([std]))
+            else:
+                _check_float32(y, ["the target"])
             targets = torch.as_tensor(y, dtype=torch.float32).unsqueeze(1)
             num_classes = None
         train, val, test = (TensorDataset(inputs[idx], targets[idx]) for idx in (train_idx, val_idx, test_idx))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from pyro.infer.mcmc.util import summary as pyro_summary
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import bdl
 from bdl.infer import PosteriorSummary, PyroModel, mcmc
@@ -479,8 +480,9 @@ def test_predict_inputs_that_do_not_fit_the_model_are_refused_before_sampling(no
         mcmc(model, x, y, num_samples=20, predict_inputs=torch.randn(5, 7), seed=0)
     nan = torch.randn(5, 3)
     nan[3, 1] = float("nan")  # "sample_means must be finite" once every chain had run
-    with pytest.raises(ValueError, match=r"predict_inputs hold NaN or Inf in rows \[3\] \(1 of 5\); checked before sampling"):
-        mcmc(model, x, y, num_samples=20, predict_inputs=nan, seed=0)
+    for inputs in (nan, TensorDataset(nan), DataLoader(TensorDataset(nan), batch_size=2)):
+        with pytest.raises(ValueError, match=r"predict_inputs hold NaN or Inf in rows \[3\] \(1 of 5\); checked before sampling"):
+            mcmc(model, x, y, num_samples=20, predict_inputs=inputs, seed=0)
     with pytest.raises(SamplingStarted):  # inputs that fit, as a tensor or as batches
         mcmc(model, x, y, num_samples=20, predict_inputs=torch.randn(5, 3), seed=0)
     with pytest.raises(SamplingStarted):

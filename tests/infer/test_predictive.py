@@ -302,3 +302,6 @@ def test_non_finite_outputs_name_the_input_rows_and_the_cause():
     for inputs in (x, loader):
         with pytest.raises(ValueError, match=r"not finite for 1 of the batch's \d inputs \(rows \[5\] of the inputs\); those inputs hold NaN or Inf"):
             predict_from_samples(model, samples, inputs)
+    samples["0.weight"][2, 0, 1] = float("nan")  # a draw, not the inputs or the network's own weights
+    with pytest.raises(ValueError, match=r"samples\['0.weight'\] holds NaN or Inf in draws \[2\] \(1 of 6\)"):
+        predict_from_samples(model, samples, x[:5])

@@ -209,6 +209,22 @@ def test_evaluate_takes_a_checkpoint_of_a_module_trained_from_python(tmp_path, c
               *FEW_STEPS, "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
 
 
+def test_a_python_checkpoint_is_compared_with_the_config_in_the_forms_each_takes():
+    # a bare pattern ("2") against the config's list (["2"]), and options that only shape the fit (the starting
+    # stds, the KL weight), were refused as differences
+    from bdl.lightning.cli import _check_python_checkpoint
+
+    config = {"init_args": {"insert_before": ["2"], "include": ["1", "torch.nn.modules.linear.Linear"], "posterior_std_init": 1e-3,
+                            "kl_weight": 1.0, "p": 0.1, "num_eval_samples": 32}}  # fmt: skip
+    saved = {"insert_before": "2", "include": ("1", {"module": "torch.nn.modules.linear", "type": "Linear"}), "posterior_std_init": 0.05,
+             "kl_weight": 0.1, "p": 0.1, "num_eval_samples": 8, "model": None, "_instantiator": "x"}  # fmt: skip
+    _check_python_checkpoint(config, saved, "a.ckpt", training=False)
+    with pytest.raises(ValueError, match=r"with posterior_std_init=0.05 \(the config: 0.001\), kl_weight=0.1 \(the config: 1.0\)"):
+        _check_python_checkpoint(config, saved, "a.ckpt", training=True)  # a resumed fit goes on with them
+    with pytest.raises(ValueError, match=r"with p=0.5 \(the config: 0.1\):"):
+        _check_python_checkpoint(config, {**saved, "p": 0.5}, "a.ckpt", training=False)
+
+
 def test_evaluate_prints_the_table_and_writes_the_report_in_a_new_version(quickstart_run, tmp_path, capsys):
     best = _copy_run(quickstart_run, tmp_path)
     fitted = json.loads((tmp_path / "quickstart" / "version_0" / "metrics.json").read_text())["metrics"]

@@ -617,6 +617,34 @@ def test_every_process_stops_when_another_one_finds_a_non_finite_value(task, mon
     assert strategy.decisions and all(decision == (False, False) for decision in strategy.decisions)
 
 
+def test_bdl_svi_module_stops_every_process_at_a_non_finite_loss(monkeypatch):
+    # bdl.SVIModule (bdl.infer's) raised on the process whose loss failed only: the other died with gloo's
+    # "Connection closed by peer" (or waited for NCCL's timeout)
+    from types import SimpleNamespace
+
+    module = bdl.SVIModule(bdl.infer.PyroModel(net(), "categorical", num_data=8), validate="never")
+    strategy = OtherProcessFailed()
+    monkeypatch.setattr(module, "_trainer", SimpleNamespace(world_size=2, global_rank=0, strategy=strategy, current_epoch=3, global_step=7))
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    with pytest.raises(FloatingPointError, match=r"SVIModule: the loss is not finite on another process at epoch 3, step 7 \(this is process 0 of 2\)"):
+        module.training_step((torch.randn(8, 4), torch.randint(0, 3, (8,))), 0)
+    assert strategy.decisions == [(False, False)]
+
+
+def test_frozen_non_finite_parameters_and_unbuilt_lazy_layers_end_a_fit_quietly(tmp_path):
+    # the end-of-fit check named a frozen inf (a bound) as a diverged step, and failed on a lazy layer never built
+    class Bounded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.unused = net(), nn.LazyLinear(3)
+            self.bound = nn.Parameter(torch.tensor(float("inf")), requires_grad=False)
+
+        def forward(self, x):
+            return self.body(x).clamp_max(self.bound)
+
+    trainer(tmp_path, max_steps=2, num_sanity_val_steps=0, limit_val_batches=0).fit(DeterministicModule(Bounded()), TinyData(batch_size=8))
+
+
 @pytest.mark.parametrize("module_class", [VariationalModule, MCDropoutModule, EnsembleModule])
 def test_compile_option_trains_and_evaluates_through_the_compiled_network(module_class, tmp_path):
     # dynamo counts recompilations per code object for the whole process: after the MC dropout compile tests the
