@@ -456,9 +456,10 @@ def _regression_metrics(
             )
         else:
             notes.append(
-                f"the predictive variance is zero for {'every input' if not positive.any() else f'{int((~positive).sum())} of {variance.numel()} outputs'} "
-                "(a model that predicts only a mean, whose samples agree there), so the Gaussian NLL, CRPS, interval and "
-                "quantile metrics are left out"
+                f"the predictive variance is zero for {'every input' if not positive.any() else f'{int((~positive).sum())} of {variance.numel()} outputs'}: "
+                "the model predicts no variance and its samples agree there (a model that predicts only a mean, or a "
+                "variance head that underflowed to 0: give it a floor, e.g. GaussianHead(min_variance=1e-6)), so the "
+                "Gaussian NLL, CRPS, interval and quantile metrics are left out"
             )
         return {key: _float(value) for key, value in metrics.items()}
     nll = M.gaussian_nll(mean, variance, targets)

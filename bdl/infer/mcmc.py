@@ -19,7 +19,7 @@ from pyro import poutine
 from pyro.infer import HMC, MCMC, NUTS
 from pyro.ops import stats
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler, TensorDataset
 
 from ..nn.loss import first_few
 from .diagnostics import ess_bulk, ess_mean, ess_tail, rank_r_hat
@@ -496,7 +496,12 @@ def _check_predict_inputs(model: Any, args: tuple, predict_inputs: Any, output_s
         if not isinstance(data, (Tensor, tuple, list, Dataset)) or isinstance(data, IterableDataset):
             return  # a stream, whose first batch the check would use up
         x = data[0] if isinstance(data, (tuple, list)) and data and isinstance(data[0], Tensor) else data
-        x = x.tensors[0] if isinstance(x, TensorDataset) else x  # (a loader over one too); other data sets unread
+        if isinstance(x, TensorDataset):  # (a loader over one too, where it reads every row); other data sets unread
+            reads_all = not isinstance(predict_inputs, DataLoader) or type(predict_inputs.sampler) is SequentialSampler or (
+                type(predict_inputs.sampler) is RandomSampler and not predict_inputs.sampler.replacement
+                and predict_inputs.sampler.num_samples == len(x)
+            )
+            x = x.tensors[0] if reads_all else None
         if isinstance(x, Tensor) and x.is_floating_point() and x.dim() and not bool(torch.isfinite(x).all()):
             # their predictions would be NaN: the error came after every chain had run, and the samples were lost
             bad = (~torch.isfinite(x.reshape(len(x), -1))).any(1).nonzero().flatten().tolist()

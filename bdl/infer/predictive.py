@@ -199,8 +199,9 @@ def predict_from_samples(
         raise ValueError(f"samples must hold the same number S of draws for every site, got {sorted(counts)}")
     from ..predict import Prediction, _batches, _non_finite_message, _non_finite_rows, _NonFiniteOutput, _read_in_order
 
+    used = {*model.bayesian_names, *model.likelihood.global_sites}
     for name, value in samples.items():  # else the outputs' error blamed the inputs or the network's own weights
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if name in used and value.dim() and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             draws = (~torch.isfinite(value.reshape(len(value), -1))).any(1).nonzero().flatten().tolist()
             raise ValueError(
                 f"samples[{name!r}] holds NaN or Inf in draws {draws[:8]}{' ...' if len(draws) > 8 else ''} "

@@ -1289,7 +1289,8 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         return loss, nll, kl
 
     def _check_loss(self, loss: Tensor) -> None:
-        pass  # loss() has checked it, naming the term, on every process
+        # loss() has checked its terms, naming them; this sees a term a subclass's loss() adds after it
+        _check_finite(self, {"loss": loss})
 
     def on_validation_start(self) -> None:
         # a validate run outside fit: scale the likelihood as fit does, so val/elbo means the same in both

@@ -146,20 +146,20 @@ def _scale(values: np.ndarray, names: Sequence[str]) -> np.ndarray:
     return np.where(constant, 1.0, np.sqrt(var))
 
 
-def _check_float32(values: np.ndarray, names: Sequence[str], raw: Optional[np.ndarray] = None, std: Optional[np.ndarray] = None) -> None:
+def _check_float32(values: np.ndarray, names: Sequence[str], raw: Optional[np.ndarray] = None, train: Optional[np.ndarray] = None) -> None:
     """A ValueError naming the column and row of a value beyond float32's range, which the cast made infinite;
-    ``raw`` and ``std``: the values before standardisation (to ``values``) and the training stds."""
+    ``raw`` and ``train``: the values before standardisation (to ``values``) and the training rows' indices."""
     with np.errstate(over="ignore"):
         over = ~np.isfinite(values.astype(np.float32))
     if over.any():
         row, column = np.argwhere(over.reshape(len(values), -1))[0]
-        if raw is None:
-            value = float(values.reshape(len(values), -1)[row, column])
-            advice = "rescale it (or standardize=True)"
-        else:  # the standardised value overflows: a column that barely varies in the training rows
-            value = float(raw.reshape(len(raw), -1)[row, column])
-            spread = float(np.atleast_1d(std)[column])
-            advice = f"its training rows have a std of {spread:.3g}, so it standardises to beyond that range: drop or rescale it"
+        value = float((values if raw is None else raw).reshape(len(values), -1)[row, column])
+        if raw is None or abs(value) > float(np.finfo(np.float32).max):
+            advice = "rescale it" + (" (or standardize=True)" if raw is None else "")
+        else:  # the value standardised overflows: a column that barely varies in the training rows, or not at all
+            column_values = raw.reshape(len(raw), -1)[train, column]
+            spread = "is constant" if np.ptp(column_values) == 0 else f"has a std of {float(column_values.std()):.3g}"
+            advice = f"the column {spread} in the training rows, so it standardises to beyond that range: drop or rescale it"
         raise ValueError(
             f"{names[column]!r} holds {value:.4g} in row {row}, which comes out beyond float32's range "
             f"({np.finfo(np.float32).max:.3g}), the data's dtype: {advice}"
@@ -214,7 +214,7 @@ class _StandardizedTable(UncertaintyDataModule):
             mean, std = x[train_idx].mean(0), _scale(x[train_idx], names)
             x = (x - mean) / std
             self._feature_mean, self._feature_std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
-            _check_float32(x, names, raw, std)
+            _check_float32(x, names, raw, train_idx)
         else:
             _check_float32(x, names)
         inputs = torch.as_tensor(x, dtype=torch.float32)
@@ -239,7 +239,7 @@ class _StandardizedTable(UncertaintyDataModule):
                 mean, std = float(y[train_idx].mean()), float(_scale(y[train_idx], ["the target"]))
                 y = (y - mean) / std
                 self._target_mean, self._target_std = mean, std
-                _check_float32(y, ["the target"], raw, np.array([std]))
+                _check_float32(y, ["the target"], raw, train_idx)
             else:
                 _check_float32(y, ["the target"])
             targets = torch.as_tensor(y, dtype=torch.float32).unsqueeze(1)

@@ -77,17 +77,22 @@ def elbo_loss(nll: Tensor, kl: Tensor, num_data: int, kl_weight: float = 1.0) ->
 
 def non_finite_parameters(module: nn.Module, names: Optional[set[str]] = None) -> list[str]:
     """``"name (count of numel)"`` for each floating-point parameter of ``module`` (of ``names``, if given) holding a
-    NaN or an infinity."""
-    return [f"{name} ({int((~torch.isfinite(value)).sum())} of {value.numel()})" for name, value in module.named_parameters()
-            if (names is None or name in names) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    NaN or, if it is trained, an infinity: a frozen infinity is a bound or a mask (a frozen NaN is never one), and a
+    lazy layer never built holds no values."""
+    found = []
+    for name, value in module.named_parameters():
+        if (names is not None and name not in names) or isinstance(value, nn.parameter.UninitializedParameter) or not value.is_floating_point():
+            continue
+        bad = ~torch.isfinite(value) if value.requires_grad else torch.isnan(value)
+        if bool(bad.any()):
+            found.append(f"{name} ({int(bad.sum())} of {value.numel()})")
+    return found
 
 
 def check_trained_parameters(module: nn.Module) -> None:
     """A ``FloatingPointError`` where a fit ended with non-finite parameters: its last step's loss was finite but its
     gradient was not (an earlier step's would have stopped the next step's loss), and the fit ended silently."""
-    # the trained ones (a frozen inf is a bound, not a divergence; a lazy layer never built holds no values)
-    trained = {name for name, p in module.named_parameters() if p.requires_grad and not isinstance(p, nn.parameter.UninitializedParameter)}
-    params = non_finite_parameters(module, trained)
+    params = non_finite_parameters(module, {name for name, p in module.named_parameters() if p.requires_grad})  # the trained ones
     if params:
         raise FloatingPointError(
             f"training ended with non-finite parameters: {first_few(params)}; the last step's loss was finite but its "

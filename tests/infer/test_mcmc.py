@@ -483,6 +483,8 @@ def test_predict_inputs_that_do_not_fit_the_model_are_refused_before_sampling(no
     for inputs in (nan, TensorDataset(nan), DataLoader(TensorDataset(nan), batch_size=2)):
         with pytest.raises(ValueError, match=r"predict_inputs hold NaN or Inf in rows \[3\] \(1 of 5\); checked before sampling"):
             mcmc(model, x, y, num_samples=20, predict_inputs=inputs, seed=0)
+    with pytest.raises(SamplingStarted):  # a loader that never reads the NaN row
+        mcmc(model, x, y, num_samples=20, predict_inputs=DataLoader(TensorDataset(nan), sampler=[0, 1, 2, 4]), seed=0)
     with pytest.raises(SamplingStarted):  # inputs that fit, as a tensor or as batches
         mcmc(model, x, y, num_samples=20, predict_inputs=torch.randn(5, 3), seed=0)
     with pytest.raises(SamplingStarted):

@@ -302,6 +302,8 @@ def test_non_finite_outputs_name_the_input_rows_and_the_cause():
     for inputs in (x, loader):
         with pytest.raises(ValueError, match=r"not finite for 1 of the batch's \d inputs \(rows \[5\] of the inputs\); those inputs hold NaN or Inf"):
             predict_from_samples(model, samples, inputs)
+    unused = {"unused_diagnostic": torch.full((6,), float("inf")), "step_size": torch.tensor(float("nan"))}
+    assert torch.isfinite(predict_from_samples(model, samples | unused, x[:5]).mean).all()  # sites the model does not read
     samples["0.weight"][2, 0, 1] = float("nan")  # a draw, not the inputs or the network's own weights
     with pytest.raises(ValueError, match=r"samples\['0.weight'\] holds NaN or Inf in draws \[2\] \(1 of 6\)"):
         predict_from_samples(model, samples, x[:5])

@@ -631,6 +631,18 @@ def test_bdl_svi_module_stops_every_process_at_a_non_finite_loss(monkeypatch):
     assert strategy.decisions == [(False, False)]
 
 
+def test_a_term_an_svi_subclass_adds_to_the_loss_is_checked_too(tmp_path):
+    # its loss() check ran inside super().loss(), before the subclass's term: a NaN penalty trained on
+    class Penalised(SVIModule):
+        def loss(self, *args):
+            loss, nll, kl = super().loss(*args)
+            return loss + (float("nan") if self.global_step >= 1 else 0.0), nll, kl
+
+    module = Penalised(bdl.infer.PyroModel(net(), "categorical"), num_val_samples=2, validate="never")
+    with pytest.raises(FloatingPointError, match=r"epoch 0, step 1: the loss is not finite \(loss=nan\)"):
+        trainer(tmp_path, max_steps=3, num_sanity_val_steps=0, limit_val_batches=0).fit(module, TinyData(batch_size=8))
+
+
 def test_frozen_non_finite_parameters_and_unbuilt_lazy_layers_end_a_fit_quietly(tmp_path):
     # the end-of-fit check named a frozen inf (a bound) as a diverged step, and failed on a lazy layer never built
     class Bounded(nn.Module):

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,3 +103,19 @@ def test_elbo_loss_module_traces_under_compile_and_torch_func():
     assert grads["0.weight_mu"].shape == (8, 3, 4)
     compiled = torch.compile(lambda a, b: criterion(model(a), b).loss, fullgraph=True)
     assert torch.isfinite(compiled(x, y))
+
+
+def test_non_finite_parameters_leave_out_frozen_bounds_and_unbuilt_lazy_layers():
+    # a frozen -inf mask was named as "an earlier step diverged" when a NaN input broke the loss; a lazy layer never
+    # built made the check itself fail ("Attempted to use an uninitialized parameter")
+    from bdl.nn.loss import non_finite_parameters
+
+    model = nn.Module()
+    model.layer, model.lazy = nn.Linear(2, 2), nn.LazyLinear(2)
+    model.mask = nn.Parameter(torch.tensor([0.0, -math.inf]), requires_grad=False)
+    assert non_finite_parameters(model) == []
+    model.mask.data[0] = math.nan  # a frozen NaN is never a bound
+    with torch.no_grad():
+        model.layer.weight[0, 0] = math.inf
+    assert sorted(non_finite_parameters(model)) == ["layer.weight (1 of 4)", "mask (1 of 2)"]
+
