@@ -16,6 +16,7 @@ from pyro.infer.autoguide import AutoGuide
 from torch import Tensor, nn
 
 from ..metrics.functional._checks import check_positive_int
+from .._distributed import raise_on_every_process
 from ..nn.loss import check_trained_parameters
 from .guides import make_elbo, make_guide
 from .model import PyroModel, check_finite_data, check_full_data
@@ -396,6 +397,8 @@ class SVIModule(L.LightningModule):
     def _step(self, batch: Any, stage: str) -> Tensor:
         args = _as_args(batch)
         loss, nll, kl = self.loss(*args)
+        if stage == "train":
+            self._check_loss(loss, nll, kl)
         batch_size = args[0].shape[0] if args and isinstance(args[0], Tensor) and args[0].dim() else 1
         on_step = stage == "train"
         # averaged over processes under DDP, training values too (their epoch means were each process's own)
@@ -405,26 +408,19 @@ class SVIModule(L.LightningModule):
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss = self._step(batch, "train")
-        self._check_loss(loss)
-        return loss
+        return self._step(batch, "train")
 
-    def _check_loss(self, loss: Tensor) -> None:
+    def _check_loss(self, loss: Tensor, nll: Tensor, kl: Tensor) -> None:
         """Stop at a non-finite training loss (a step on it makes every parameter NaN, and the fit went on), on every
         process of a distributed run (the others met a closed connection at their next collective, or waited)."""
-        failed = not bool(torch.isfinite(loss.detach()))
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(failed, all=False) and not failed:
-            raise FloatingPointError(
-                f"SVIModule: the loss is not finite on another process at epoch {self.current_epoch}, step "
-                f"{self.global_step} (this is process {trainer.global_rank} of {trainer.world_size}): that process's error says where"
+        error = None
+        if not bool(torch.isfinite(loss.detach())):
+            error = FloatingPointError(
+                f"non-finite training loss at epoch {self.current_epoch}, step {self.global_step} (loss={loss.item()}, "
+                f"nll={nll.item():.4g}, kl={kl.item():.4g}); lower the learning rate, check the inputs for NaN/inf, or "
+                "check the prior and guide scales (init_scale)"
             )
-        if failed:
-            raise FloatingPointError(
-                f"SVIModule: the loss is not finite at epoch {self.current_epoch}, step {self.global_step} "
-                f"(loss={loss.item()}); lower the learning rate, check the data for NaN/inf, or check the prior and "
-                "guide scales (init_scale)"
-            )
+        raise_on_every_process(self, error, "non-finite training loss")
 
     def on_train_end(self) -> None:
         check_trained_parameters(self)  # a last step whose loss was finite and whose gradient was not

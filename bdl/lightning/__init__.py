@@ -3,10 +3,7 @@
 Configs name these by class path, e.g. ``bdl.lightning.VariationalModule`` and ``bdl.lightning.DigitsDataModule``.
 """
 
-import atexit
-
-import torch
-
+from .. import _distributed  # noqa: F401 - the process group destroyed at exit
 from .data import (
     DigitsDataModule,
     MNIST1DDataModule,
@@ -27,16 +24,6 @@ from .modules import (
 from .tabular import SklearnRegressionDataModule, TabularDataModule
 from .vision import CIFAR10DataModule, MNISTDataModule
 
-
-def _destroy_process_group() -> None:
-    # a distributed run's worker processes (ddp_spawn's; ddp's beside the one that launched them) exit with gloo's
-    # process group alive: Lightning destroys it at exit for NCCL only, and gloo's threads, left to interpreter exit,
-    # can abort a process that trained and tested (SIGABRT, "terminate called without an active exception")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-atexit.register(_destroy_process_group)  # every process that runs a bdl module imports this package
 
 # `from bdl.lightning import *`: the public names, not the submodules (`data` would shadow a caller's variable)
 __all__ = [

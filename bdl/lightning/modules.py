@@ -45,6 +45,7 @@ from ..nn.convert import kl_divergence
 from ..nn.functional import check_estimator
 from ..nn.heads import gaussian_nll
 from ..nn.layers import BayesianModule
+from .._distributed import raise_on_every_process
 from ..nn.loss import check_trained_parameters, elbo_loss, non_finite_parameters, non_finite_where
 from ..metrics.functional._checks import as_class_labels, check_positive_int, targets_like
 from ..predict import Prediction, _two_class, predict
@@ -86,10 +87,12 @@ def _split_batch(batch: Any) -> tuple[Tensor, Optional[Tensor]]:  # noqa: ANN401
     raise TypeError(f"batches must be tensors or (inputs, targets) pairs, got {type(batch).__name__}")
 
 
-def _check_finite(module: L.LightningModule, terms: dict[str, Tensor]) -> None:
-    """Stop training at the first non-finite loss term, naming the step and the term(s) (e.g. the NLL or the KL)."""
+def _check_finite(module: L.LightningModule, terms: dict[str, Tensor], details: Optional[dict[str, Tensor]] = None) -> None:
+    """Stop training at the first non-finite loss term, naming the step and the term(s) (e.g. the NLL or the KL),
+    and of ``details`` (parts of a term, such as an ensemble's members' NLLs) those that are not finite."""
     error = None
     if not bool(torch.isfinite(terms["loss"]).all()):
+        terms = {**terms, **(details or {})}
         bad = [name for name, value in terms.items() if name != "loss" and not bool(torch.isfinite(value).all())]
         values = ", ".join(f"{name}={value.item():.4g}" for name, value in terms.items() if value.numel() == 1)
         error = FloatingPointError(
@@ -101,7 +104,7 @@ def _check_finite(module: L.LightningModule, terms: dict[str, Tensor]) -> None:
             + (non_finite_parameters(module) and _float16_adam(module)
                or "lower the learning rate, check the inputs for NaN/inf, or check the prior and posterior scales")
         )
-    _raise_on_every_process(module, error, "non-finite training loss")
+    raise_on_every_process(module, error, "non-finite training loss")
 
 
 def _float16_adam(module: L.LightningModule) -> Optional[str]:
@@ -119,25 +122,6 @@ def _float16_adam(module: L.LightningModule) -> Optional[str]:
                         "'16-mixed' or 'bf16-mixed' (parameters in float32), or optimizer 'sgd'"
                     )
     return None
-
-
-def _raise_on_every_process(module: L.LightningModule, error: Optional[Exception], what: str) -> None:
-    """Raise ``error`` (None: nothing went wrong here), and in a multi-process run stop the other processes too.
-
-    Every process calls this at the same point (each step, each evaluation batch): a check that failed on one
-    process alone left the others at their next collective, to fail there with "connection closed by peer"
-    (gloo) or to wait for the timeout (NCCL). The processes where nothing went wrong raise a
-    ``FloatingPointError`` that points to the one that failed.
-    """
-    trainer = module._trainer
-    if trainer is not None and trainer.world_size > 1:
-        if trainer.strategy.reduce_boolean_decision(error is not None, all=False) and error is None:
-            error = FloatingPointError(
-                f"{what} on another process at epoch {module.current_epoch}, step {module.global_step} (this is "
-                f"process {trainer.global_rank} of {trainer.world_size}): that process's error says where"
-            )
-    if error is not None:
-        raise error
 
 
 def _gather_rows(module: L.LightningModule, value: Tensor, total: Optional[int], dim: int = 0) -> Tensor:
@@ -433,7 +417,7 @@ class _Evaluation:
                 zeros = int((~positive).sum())
                 error = self._non_finite("validation", f"the predicted variance is 0 for {zeros} of {variance.numel()} outputs (its NLL infinite)")
         if self.task != "classification":  # every process, every batch: a collective
-            _raise_on_every_process(self, error, "non-finite validation metric")
+            raise_on_every_process(self, error, "non-finite validation metric")
         # a metric no process has updated is left out (a mean-only regressor with no variance has no predictive NLL);
         # every process logs the same ones: with a validation set smaller than the number of processes, a process
         # holding only the sampler's repeats logged none, and the others waited for it in the metrics' synchronisation
@@ -482,7 +466,7 @@ class _Evaluation:
         if stage == "predict" and failure is not None:
             raise failure  # no collective: predict's unpadded sampler gives the processes unequal batch counts
         if stage != "predict":
-            _raise_on_every_process(self, failure, f"non-finite prediction in {stage}")
+            raise_on_every_process(self, failure, f"non-finite prediction in {stage}")
         assert prediction is not None  # no failure
         datamodule = running_datamodule(self._trainer)
         classes = getattr(datamodule, "num_classes", None) if self.task == "classification" else None
@@ -801,12 +785,16 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         if y is None:
             raise ValueError("training batches must be (inputs, targets) pairs")
         terms = self.training_loss(x, y)
-        _check_finite(self, terms)
+        _check_finite(self, terms, self._diagnostic_terms())
         # synchronised: under DDP the epoch means were each process's own (rank 0's in the logs); this costs a
         # collective per term and step, small beside the gradients' own
         for name, value in terms.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=True, prog_bar=name == "loss", batch_size=len(x), sync_dist=True)
         return terms["loss"]
+
+    def _diagnostic_terms(self) -> dict[str, Tensor]:
+        """Parts of the last training loss to name where it is not finite (an ensemble's members' NLLs)."""
+        return {}
 
     def configure_optimizers(self) -> Any:  # noqa: ANN401 - Lightning's optimizer config
         named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
@@ -1092,9 +1080,12 @@ class EnsembleModule(UncertaintyModule):
 
     def training_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         losses = self.model.member_losses(self.model(x), y, self.nll)
-        if self._trainer is not None and self.trainer.training:  # which member: one diverged, the others had not
-            _check_finite(self, {"loss": losses.sum(), **{f"member {i}'s NLL": loss for i, loss in enumerate(losses)}})
+        self._member_nlls = losses.detach()  # which member, where the loss is not finite: one diverged, the others not
         return {"loss": losses.sum(), "nll": losses.mean().detach()}
+
+    def _diagnostic_terms(self) -> dict[str, Tensor]:
+        nlls = getattr(self, "_member_nlls", None)
+        return {} if nlls is None else {f"member {i}'s NLL": nll for i, nll in enumerate(nlls)}
 
 
 def _frozen_buffers(model: nn.Module) -> list[tuple[str, Tensor]]:
@@ -1282,15 +1273,9 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
     def sample_prediction(self, x: Tensor, num_samples: Optional[int]) -> Prediction:
         return self.predict(x, num_samples=num_samples or self.num_eval_samples)
 
-    def loss(self, *args: Any) -> tuple[Tensor, Tensor, Tensor]:  # noqa: ANN401
-        loss, nll, kl = super().loss(*args)
-        if self._trainer is not None and self.trainer.training:
-            _check_finite(self, {"loss": loss, "nll": nll, "kl": kl})
-        return loss, nll, kl
-
-    def _check_loss(self, loss: Tensor) -> None:
-        # loss() has checked its terms, naming them; this sees a term a subclass's loss() adds after it
-        _check_finite(self, {"loss": loss})
+    def _check_loss(self, loss: Tensor, nll: Tensor, kl: Tensor) -> None:
+        # the loss a subclass's loss() returns (a term it adds too), its terms and the parameters named
+        _check_finite(self, {"loss": loss, "nll": nll, "kl": kl})
 
     def on_validation_start(self) -> None:
         # a validate run outside fit: scale the likelihood as fit does, so val/elbo means the same in both

@@ -126,14 +126,15 @@ def test_a_random_sampler_of_the_loaders_own_must_draw_one_order_on_every_proces
     assert outcomes["test_rows_seeded"] == list(range(21))  # every row once
 
 
-def test_a_process_that_imported_bdl_lightning_destroys_its_gloo_group_at_exit(tmp_path):
+@pytest.mark.parametrize("module", ["bdl.lightning", "bdl.infer.svi_trainer"])  # bdl.SVIModule's imports no bdl.lightning
+def test_a_process_that_imported_bdl_modules_destroys_its_gloo_group_at_exit(tmp_path, module):
     # ddp_spawn's workers exited with gloo's process group alive (Lightning destroys it at exit for NCCL only), and
     # gloo's threads, left to interpreter exit, once aborted a worker that had trained and tested
     script = f"""
 import atexit
 import torch.distributed as dist
 atexit.register(lambda: print("initialized at exit:", dist.is_initialized()))  # runs after bdl's handler
-import bdl.lightning
+import {module}
 dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

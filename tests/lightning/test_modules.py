@@ -359,12 +359,18 @@ def test_non_finite_svi_loss_is_named_even_without_pyro_validation(tmp_path):
         trainer(tmp_path, num_sanity_val_steps=0).fit(module, TinyData(batch_size=8))
 
 
-def test_a_non_finite_ensemble_loss_names_the_member(tmp_path):
+def test_a_non_finite_ensemble_loss_names_the_member(tmp_path, monkeypatch):
     module = EnsembleModule(nn.Linear(4, 3), num_members=3)
     with torch.no_grad():
         module.model.members[1].weight.mul_(1e38)  # finite weights, overflowing logits in member 1 only
-    with pytest.raises(FloatingPointError, match=r"step \d+: member 1's NLL is not finite \(loss=inf, member 0's NLL=[\d.]+, member 1's NLL=inf"):
+    from bdl.lightning import modules as lightning_modules
+
+    checks, check = [], lightning_modules.raise_on_every_process
+    # one check (one collective under DDP) per step: it was one in training_loss and one in training_step
+    monkeypatch.setattr(lightning_modules, "raise_on_every_process", lambda *args: checks.append(args[2]) or check(*args))
+    with pytest.raises(FloatingPointError, match=r"step \d+: NLL and member 1's NLL are not finite \(loss=inf, nll=inf, member 0's NLL=[\d.]+, member 1's NLL=inf"):
         trainer(tmp_path, num_sanity_val_steps=0).fit(module, TinyData(batch_size=8))
+    assert checks == ["non-finite training loss"] * (module.global_step + 1)
 
 
 def test_a_fit_whose_last_step_left_non_finite_parameters_ends_with_an_error(tmp_path):
@@ -377,7 +383,7 @@ def test_a_fit_whose_last_step_left_non_finite_parameters_ends_with_an_error(tmp
         trainer(tmp_path, max_steps=2, num_sanity_val_steps=0, limit_val_batches=0).fit(module, TinyData(batch_size=8))
     # bdl.SVIModule (bdl.infer's) checked no loss at all under a Trainer: a NaN fit ended normally
     svi = bdl.SVIModule(bdl.infer.PyroModel(net(), "categorical", num_data=32), optimizer="sgd", lr=1e6, validate="never")
-    with pytest.raises(FloatingPointError, match=r"SVIModule: the loss is not finite at epoch 0, step \d+"):
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss at epoch 0, step \d+ \(loss=nan"):
         trainer(tmp_path, max_steps=20, num_sanity_val_steps=0, limit_val_batches=0).fit(svi, TinyData(batch_size=8))
 
 
@@ -626,7 +632,7 @@ def test_bdl_svi_module_stops_every_process_at_a_non_finite_loss(monkeypatch):
     strategy = OtherProcessFailed()
     monkeypatch.setattr(module, "_trainer", SimpleNamespace(world_size=2, global_rank=0, strategy=strategy, current_epoch=3, global_step=7))
     monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
-    with pytest.raises(FloatingPointError, match=r"SVIModule: the loss is not finite on another process at epoch 3, step 7 \(this is process 0 of 2\)"):
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss on another process at epoch 3, step 7 \(this is process 0 of 2\)"):
         module.training_step((torch.randn(8, 4), torch.randint(0, 3, (8,))), 0)
     assert strategy.decisions == [(False, False)]
 
@@ -639,7 +645,7 @@ def test_a_term_an_svi_subclass_adds_to_the_loss_is_checked_too(tmp_path):
             return loss + (float("nan") if self.global_step >= 1 else 0.0), nll, kl
 
     module = Penalised(bdl.infer.PyroModel(net(), "categorical"), num_val_samples=2, validate="never")
-    with pytest.raises(FloatingPointError, match=r"epoch 0, step 1: the loss is not finite \(loss=nan\)"):
+    with pytest.raises(FloatingPointError, match=r"epoch 0, step 1: the loss is not finite \(loss=nan, nll="):
         trainer(tmp_path, max_steps=3, num_sanity_val_steps=0, limit_val_batches=0).fit(module, TinyData(batch_size=8))
 
 
@@ -867,7 +873,7 @@ def test_distributed_rows_are_counted_once_and_predict_runs_no_collective(tmp_pa
     assert lightning_modules._gather_rows(short, torch.tensor([0.0, 2.0]), total=3).tolist() == [0.0, 1.0, 2.0]
     # predict's unpadded sampler gives the processes unequal batch counts: a collective per batch deadlocked
     calls = []
-    monkeypatch.setattr(lightning_modules, "_raise_on_every_process", lambda module, error, what: calls.append(what))
+    monkeypatch.setattr(lightning_modules, "raise_on_every_process", lambda module, error, what: calls.append(what))
     module = DeterministicModule(net())
     trainer(tmp_path).predict(module, DataLoader(TensorDataset(torch.randn(6, 4)), batch_size=4))
     assert not any("predict" in what for what in calls)
