@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_internals
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
+from ._tensors import version_or_none
 from ._outputs import draw_stacked, output_parts
 from .metrics.functional._checks import all_finite, check_probability_rows
 from .nn.convert import deterministic, use_estimator
@@ -338,13 +339,13 @@ class Prediction:
         # and while the entropy handed out is unchanged (`h = pred.predictive_entropy; h /= math.log(C)` edited the
         # next read, and the mutual information). Inference tensors have no version counter: never kept
         probs, cached = self.probs, self.__dict__.get("_entropy_cache")
-        if probs.is_inference():
+        if version_or_none(probs) is None:
             return _entropy(probs)
-        if cached is None or cached[0] is not probs or cached[1] != (probs._version, _version(cached[2])):
+        if cached is None or cached[0] is not probs or cached[1] != (probs._version, version_or_none(cached[2])):
             entropy = _entropy(probs)
-            cached = self.__dict__["_entropy_cache"] = (probs, (probs._version, _version(entropy)), entropy)
+            cached = self.__dict__["_entropy_cache"] = (probs, (probs._version, version_or_none(entropy)), entropy)
         # one computed in a torch.inference_mode block has no version counter to see an edit by: a copy
-        return cached[2].clone() if cached[2].is_inference() else cached[2]
+        return cached[2].clone() if version_or_none(cached[2]) is None else cached[2]
 
     def __getstate__(self) -> dict[str, Any]:
         # a copy (deepcopy, pickle, torch.save) leaves the entropy cache behind: its tensors' version counters
@@ -475,11 +476,6 @@ class Prediction:
             if isinstance(getattr(self, item.name), Tensor)
         )
         return f"Prediction(task={self.task!r}, num_samples={self.num_samples}, {shapes})"
-
-
-def _version(tensor: Tensor) -> Optional[int]:
-    """``tensor._version``; None for an inference tensor (one computed inside a ``torch.inference_mode`` block)."""
-    return None if tensor.is_inference() else tensor._version
 
 
 def _two_class(logits: Tensor) -> Tensor:

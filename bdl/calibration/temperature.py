@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .._tensors import version_or_none
 from .._warn import user_stacklevel
 from ..metrics.functional._checks import as_class_labels, as_tensor, check_float, check_labels, probability_sum_tolerance
 from ..predict import _two_class
@@ -59,16 +60,6 @@ def _check_logits(logits, target) -> tuple[Tensor, Tensor]:  # noqa: ANN001
 
 
 _CHUNK_ELEMENTS = 1 << 22  # logits per piece of the NLL (32 MiB in float64; its autograd graph holds a few times that)
-
-
-def _has_version_counter(tensor: Tensor) -> bool:
-    """False for an inference tensor, and for a parameter made as one and cast since (``.double()`` outside the
-    block sets a normal ``.data``, yet in-place writes still fail)."""
-    try:
-        tensor._version
-    except RuntimeError:
-        return False
-    return True
 
 
 def _scaled_nll(log_temperature: Tensor, logits: Tensor, target: Tensor) -> Tensor:
@@ -194,7 +185,7 @@ class TemperatureScaler(nn.Module):
         See :func:`fit_temperature`.
         """
         temperature = fit_temperature(logits, target, max_iter=max_iter)
-        if not torch.is_inference_mode_enabled() and not _has_version_counter(self.log_temperature):
+        if not torch.is_inference_mode_enabled() and version_or_none(self.log_temperature) is None:
             # made in a torch.inference_mode block (and perhaps cast since, which leaves it without a version counter
             # still): written in place only in such a block, so replaced (as a fresh fit would)
             value = temperature.log().to(self.log_temperature.device, self.log_temperature.dtype)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .._tensors import version_or_none
 from .functional import (
     ESTIMATORS,
     STD_TRANSFORMS,
@@ -360,7 +361,7 @@ class _BayesLayer(BayesianModule):
         gradients: kept while ``rho`` is unchanged, so that S forwards compute it once (not inside
         ``torch.compile`` or ``torch.func`` transforms, whose tensors have no storage to key it by)."""
         # inference tensors (a model built or loaded under torch.inference_mode) have no version counter to key by
-        if _untraceable(rho) or rho.is_inference():
+        if _untraceable(rho) or version_or_none(rho) is None:
             return posterior_variance(rho, self.std_transform) if variance else std_from_rho(rho, self.std_transform)[0]
         key = (rho._version, rho.data_ptr(), rho.dtype, rho.device, self.std_transform, _optimizer_steps[0])
         cached = self._std_cache.get((name, variance))
@@ -454,6 +455,8 @@ class _BayesLayer(BayesianModule):
             and not torch.compiler.is_compiling()
             and not _in_functorch(self.weight_mu)
             and not forward_ad_active()  # the fused node has no forward-mode rule
+            # kept by the parameters' version counters, which one made in inference mode and cast since lacks
+            and all(version_or_none(p) is not None for p in (self.weight_mu, self.weight_rho))
         )
         weight = GaussianWeights(
             self.weight_mu, self.weight_rho, self.std_transform, self._fusable_prior(self.weight_prior, self.weight_mu) if fuse else None

@@ -24,6 +24,7 @@ from torch.utils.module_tracker import ModuleTracker
 
 from .._outputs import draw_stacked, output_parts
 from .._warn import user_stacklevel
+from .._tensors import version_or_none
 from ..nn.layers import _optimizer_steps, _untraceable
 from .mc_dropout import _holds_compiled_module
 
@@ -401,7 +402,7 @@ class DeepEnsemble(nn.Module):
         # no cache for inference tensors (members built or loaded under torch.inference_mode: no version counter), nor
         # under torch.func (a grad of the ensemble, or an ensemble of vmapped ensembles: no storage to key by). Keyed
         # by the names too: layers registered again in another order (or one inserted) kept their tensors and versions
-        uncached = any(t.is_inference() or _untraceable(t) for state in tensors for t in state.values())
+        uncached = any(_untraceable(t) or version_or_none(t) is None for state in tensors for t in state.values())
         key = None if uncached else tuple((name, t.data_ptr(), t._version) for state in tensors for name, t in state.items())
         if key is not None:  # a fused optimizer (Adam(fused=True)) writes the members' weights without moving a version
             key += (_optimizer_steps[0],)

@@ -598,3 +598,21 @@ def test_sample_buffers_of_threads_that_ended_are_freed_by_the_next_predict():
     assert len(threads_holding()) >= 2  # held after they ended
     bdl.predict(model, x, num_samples=2, method="loop")
     assert threads_holding() == {threading.get_ident()}
+
+
+def test_a_layer_made_in_inference_mode_and_cast_outside_it_predicts():
+    # its parameters are no inference tensors but keep no version counter: the caches keyed by it raised "Inference
+    # tensors do not track version counter" (predict, a vmap ensemble of such members). Training it fails in torch
+    # itself, as for an nn.Linear made so: autograd cannot save such a tensor
+    with torch.inference_mode():
+        layer, members = bdl.BayesLinear(4, 2), [nn.Linear(4, 2) for _ in range(3)]
+    layer, members = layer.double(), [member.double() for member in members]
+    x = torch.randn(3, 4, dtype=torch.float64)
+    assert bdl.predict(layer, x, num_samples=2, task="regression").mean.shape == (3, 2)
+    with torch.no_grad():
+        assert bool(torch.isfinite(bdl.kl_divergence(layer)))
+    with torch.no_grad():  # (torch's own nn.Linear cannot run such weights at all: the sampled and stacked ones can)
+        stacked = bdl.DeepEnsemble(members, method="vmap")(x)
+    weights = torch.stack([member.weight.detach().clone() for member in members])
+    biases = torch.stack([member.bias.detach().clone() for member in members])
+    torch.testing.assert_close(stacked, x @ weights.transpose(1, 2) + biases[:, None])
