@@ -464,9 +464,11 @@ def _regression_metrics(
         return {key: _float(value) for key, value in metrics.items()}
     nll = M.gaussian_nll(mean, variance, targets)
     if not bool(torch.isfinite(nll)):  # positive variances too small for their errors (1e-45): inf, shown as n/a
+        error = (targets.reshape(mean.shape) - mean).square()
+        worst = int(torch.argmax(torch.where(error > 0, error / variance, torch.zeros_like(error)).flatten()))
         notes.append(
-            f"the Gaussian NLL is infinite: the smallest predicted variance ({float(variance.min()):.3g}) is too small "
-            "for its error"
+            f"the Gaussian NLL is infinite: output {worst} (flattened) has a predicted variance of "
+            f"{float(variance.flatten()[worst]):.3g} for a squared error of {float(error.flatten()[worst]):.3g}"
         )
     metrics.update(
         nll=nll,

@@ -129,7 +129,7 @@ def _summarised(samples: Tensor, keep_samples: bool, add: Callable[[Any, Tensor]
     ``add_logits`` or ``add_probs``) block of rows by block, chunk of samples by chunk."""
     blocks = _row_blocks(samples)
     merged: dict[str, Tensor] = {}  # every row's fields, written block by block: Prediction.cat of the blocks' results
-    start = num_samples = 0  # held the result twice (6.3x the logits for one sample of 100,000 x 1000)
+    start = num_samples = 0  # held the result twice (5.4x the logits at its peak for one sample of 100,000 x 1000)
     for block in blocks:
         summary = _ClassificationSummary(keep_samples)
         for chunk in _summary_chunks(block):
@@ -337,7 +337,7 @@ class Prediction:
         self._need("classification", "predictive_entropy")
         # kept while probs is the same, unchanged tensor: evaluate reads it 7 times (MI, OOD scores, the report)
         # and while the entropy handed out is unchanged (`h = pred.predictive_entropy; h /= math.log(C)` edited the
-        # next read, and the mutual information). Inference tensors have no version counter: never kept
+        # next read, and the mutual information). Probabilities without a version counter: computed afresh
         probs, cached = self.probs, self.__dict__.get("_entropy_cache")
         if version_or_none(probs) is None:
             return _entropy(probs)
@@ -704,8 +704,8 @@ class _RegressionSummary:
                 over = ~torch.isfinite(value)
                 raise ValueError(
                     f"the {name} of the model's outputs overflows {self.dtype} (above {torch.finfo(self.dtype).max:.3g}) "
-                    f"for {int(over.sum())} of {value.numel()} outputs: predict with float64 outputs (model.double() and "
-                    "float64 inputs)"
+                    f"for {int(over.sum())} of {value.numel()} outputs: use float64 (model.double() and float64 inputs for "
+                    "predict; float64 means and variances for Prediction.from_regression)"
                 )
         keep_variances = self.keep_samples and len(self.kept_variances) == len(self.kept_means)
         return Prediction(

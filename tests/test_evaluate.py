@@ -215,7 +215,10 @@ def test_a_variance_that_underflowed_or_a_nll_that_overflowed_is_said_as_such():
     assert "the predictive variance is zero for 3 of 40 outputs: the model predicts no variance and its samples agree there" in " ".join(agreeing.notes)
     variance[0, :3] = 1e-45  # float32's smallest, 1.4e-45
     report = evaluate(bdl.Prediction.from_regression(mean, variance), y.abs() + 1)
-    assert "the Gaussian NLL is infinite: the smallest predicted variance (1.4e-45) is too small for its error" in report.notes
+    assert any(re.fullmatch(r"the Gaussian NLL is infinite: output 0 \(flattened\) has a predicted variance of 1.4e-45 for a squared error of [\d.e+]+", note) for note in report.notes)
+    mean, variance = torch.zeros(1, 3, 1), torch.tensor([1e-45, 1e-30, 1.0]).reshape(1, 3, 1)  # the smallest variance, no error
+    report = evaluate(bdl.Prediction.from_regression(mean, variance), torch.tensor([[0.0], [1e5], [0.5]]))
+    assert "the Gaussian NLL is infinite: output 1 (flattened) has a predicted variance of 1e-30 for a squared error of 1e+10" in report.notes
 
 
 def test_a_point_regression_model_reports_errors_and_says_why_the_rest_is_missing(tmp_path):

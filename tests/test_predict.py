@@ -1460,7 +1460,7 @@ def test_the_entropy_handed_out_edited_in_place_does_not_change_the_next_read():
 
 def test_a_regression_variance_past_the_dtypes_range_is_an_error_not_inf():
     # finite float32 means of +-2e19: the float64 moments (4e38) came back as an infinite variance and interval
-    with pytest.raises(ValueError, match=r"the epistemic variance of the model's outputs overflows torch.float32 \(above 3.4e\+38\) for 1 of 1 outputs: predict with float64"):
+    with pytest.raises(ValueError, match=r"the epistemic variance of the model's outputs overflows torch.float32 \(above 3.4e\+38\) for 1 of 1 outputs: use float64 \(model.double\(\)"):
         bdl.Prediction.from_regression(torch.tensor([[[2e19]], [[-2e19]]]))
     means, variances = torch.tensor([[[1.3e19]], [[-1.3e19]]]), torch.full((2, 1, 1), 2e38)  # each part finite, their sum not
     with pytest.raises(ValueError, match=r"the total variance of the model's outputs overflows torch.float32"):

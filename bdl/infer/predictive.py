@@ -216,7 +216,7 @@ def predict_from_samples(
             # named by input row, as bdl.predict does (the likelihood's check named "sample_means", a count)
             bad = [_non_finite_rows(t) for t in (outputs if isinstance(outputs, tuple) else (outputs,)) if isinstance(t, Tensor)]
             if bad and bool(torch.stack(bad).any()):
-                error = _NonFiniteOutput("the network's outputs are not finite", torch.stack(bad).any(0))
+                error = _NonFiniteOutput("the network returned non-finite outputs (NaN or Inf)", torch.stack(bad).any(0))
                 raise ValueError(_non_finite_message(error, model, x, offset, _read_in_order(inputs)))
             offset += len(x)
             parts.append(model.likelihood.prediction(outputs, samples, keep_samples=keep_samples))

@@ -457,9 +457,11 @@ class BDLCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Resolve ``--ckpt_path last``/``best``, check a given checkpoint, and take the model from it.
 
-        Lightning replaces the config's model arguments with the checkpoint's hyperparameters (the model
-        that was trained); bdl then puts back this command's evaluation options
-        (:data:`EVALUATION_OPTIONS`), which Lightning's merge silently dropped.
+        For a checkpoint the ``bdl`` command wrote, Lightning replaces the config's model arguments with the
+        checkpoint's hyperparameters (the model that was trained); bdl then puts back this command's evaluation
+        options (:data:`EVALUATION_OPTIONS`), which Lightning's merge silently dropped. A checkpoint saved from
+        Python names no class: the config's model is kept, and refused where its arguments differ from the
+        checkpoint's (:func:`_check_python_checkpoint`).
         """
         self._resume_version: Optional[int] = None
         self.subcommand = self.config.get("subcommand")  # LightningCLI sets it only after this method

@@ -141,7 +141,10 @@ def _scale(values: np.ndarray, names: Sequence[str]) -> np.ndarray:
         mean, var = values.mean(0), values.var(0)
     if not np.isfinite(var).all():
         bad = [names[i] for i in np.flatnonzero(~np.isfinite(np.atleast_1d(var)))]
-        raise ValueError(f"the values of {bad} are too large to standardise (their variance overflows float64): rescale them")
+        raise ValueError(
+            f"column{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))} hold{'' if len(bad) > 1 else 's'} values too large "
+            "to standardise (the variance overflows float64): rescale them"
+        )
     constant = var <= n * eps * var + (n * mean * eps) ** 2
     return np.where(constant, 1.0, np.sqrt(var))
 
@@ -161,8 +164,8 @@ def _check_float32(values: np.ndarray, names: Sequence[str], raw: Optional[np.nd
             spread = "is constant" if np.ptp(column_values) == 0 else f"has a std of {float(column_values.std()):.3g}"
             advice = f"the column {spread} in the training rows, so it standardises to beyond that range: drop or rescale it"
         raise ValueError(
-            f"{names[column]!r} holds {value:.4g} in row {row}, which comes out beyond float32's range "
-            f"({np.finfo(np.float32).max:.3g}), the data's dtype: {advice}"
+            f"column {names[column]!r}, row {row} (counting data rows from 0) holds {value:.4g}, which comes out beyond "
+            f"float32's range ({np.finfo(np.float32).max:.3g}), the data's dtype: {advice}"
         )
 
 
@@ -234,14 +237,15 @@ class _StandardizedTable(UncertaintyDataModule):
             targets[torch.as_tensor(kept)] = torch.as_tensor(labels.reshape(-1), dtype=torch.long)
             num_classes: Optional[int] = len(classes)
         else:
+            target = str(getattr(self, "target", "target"))  # the file's column name (scikit-learn's data sets: "target")
             if self.standardize:
                 raw = y
-                mean, std = float(y[train_idx].mean()), float(_scale(y[train_idx], ["the target"]))
+                mean, std = float(y[train_idx].mean()), float(_scale(y[train_idx], [target]))
                 y = (y - mean) / std
                 self._target_mean, self._target_std = mean, std
-                _check_float32(y, ["the target"], raw, train_idx)
+                _check_float32(y, [target], raw, train_idx)
             else:
-                _check_float32(y, ["the target"])
+                _check_float32(y, [target])
             targets = torch.as_tensor(y, dtype=torch.float32).unsqueeze(1)
             num_classes = None
         train, val, test = (TensorDataset(inputs[idx], targets[idx]) for idx in (train_idx, val_idx, test_idx))

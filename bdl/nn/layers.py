@@ -380,8 +380,8 @@ class _BayesLayer(BayesianModule):
         return super()._apply(fn, recurse)
 
     def _drop_value_caches(self) -> None:
-        """Forget the kept stds, and the sample buffers of threads that have ended (a live thread's are kept):
-        :func:`bdl.predict` calls it first, since an edit through ``.data`` moves no version counter."""
+        """Forget the kept stds (:func:`bdl.predict` calls this first: an edit through ``.data`` moves no version
+        counter), and the sample buffers of threads that have ended (a live thread's are kept)."""
         alive = None
         for key in list(self._std_cache):  # a snapshot, and pop: another thread's predict drops and adds keys too
             if key[0] == "sample":

@@ -300,7 +300,7 @@ def test_non_finite_outputs_name_the_input_rows_and_the_cause():
     x[5, 2] = float("nan")
     loader = DataLoader(TensorDataset(x), batch_size=3)
     for inputs in (x, loader):
-        with pytest.raises(ValueError, match=r"not finite for 1 of the batch's \d inputs \(rows \[5\] of the inputs\); those inputs hold NaN or Inf"):
+        with pytest.raises(ValueError, match=r"non-finite outputs \(NaN or Inf\) for 1 of the batch's \d inputs \(rows \[5\] of the inputs\); those inputs hold NaN or Inf"):
             predict_from_samples(model, samples, inputs)
     unused = {"unused_diagnostic": torch.full((6,), float("inf")), "step_size": torch.tensor(float("nan"))}
     assert torch.isfinite(predict_from_samples(model, samples | unused, x[:5]).mean).all()  # sites the model does not read

@@ -552,6 +552,9 @@ def test_non_finite_prediction_in_validation_is_reported_with_the_step(tmp_path)
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
     with pytest.raises(FloatingPointError, match=r"in test at epoch 0, step 0, in batch 2 of the test loader: .* \(rows \[5\] of that batch\)"):
         trainer(tmp_path).test(DeterministicModule(net()), loader)
+    svi = SVIModule(bdl.infer.PyroModel(net(), "categorical", num_data=24), num_eval_samples=2)
+    with pytest.raises(FloatingPointError, match=r"in test at epoch 0, step 0, in batch 2 of the test loader: .* \(rows \[5\] of that batch\)"):
+        trainer(tmp_path).test(svi, loader)  # bdl.infer's predictions: a bare ValueError naming rows of the inputs
     labels = y.clone()
     labels[20] = 3
     with pytest.raises(ValueError, match=r"validation at epoch 0, batch 2 of the validation loader: `target` must hold labels in \[0, 2\]"):

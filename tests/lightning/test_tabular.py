@@ -241,22 +241,22 @@ def test_values_past_float32_or_a_float64_variance_are_named_not_made_infinite(t
     n, generator = 40, np.random.default_rng(0)
     dose = generator.normal(size=n)
     dose[7] = 1e39
-    with pytest.raises(ValueError, match=r"'dose' holds 1e\+39 in row 7, which comes out beyond float32's range .*: rescale it"):
+    with pytest.raises(ValueError, match=r"column 'dose', row 7 \(counting data rows from 0\) holds 1e\+39, which comes out beyond float32's range .*: rescale it"):
         TabularDataModule(_npz(tmp_path / "a.npz", n, dose), "y", task="regression", standardize=False).setup()
-    with pytest.raises(ValueError, match=r"the values of \['dose'\] are too large to standardise"):
+    with pytest.raises(ValueError, match=r"column 'dose' holds values too large to standardise"):
         TabularDataModule(_npz(tmp_path / "b.npz", n, generator.normal(size=n) * 1e160), "y", task="regression").setup()
     from bdl.data.offline import _split_indices
 
     test_row = int(_split_indices(n, 0.15, 0.2, torch.Generator().manual_seed(0))[2][0])
     tiny = generator.normal(size=n) * 1e-30  # a column that barely varies in the training rows, then 1e10 in a test row
     tiny[test_row] = 1e10
-    with pytest.raises(ValueError, match=rf"'dose' holds 1e\+10 in row {test_row}, which comes out beyond float32's range .*: the column has a std of 9.\d+e-31 in the training rows"):
+    with pytest.raises(ValueError, match=rf"column 'dose', row {test_row} \(counting data rows from 0\) holds 1e\+10, which comes out beyond float32's range .*: the column has a std of 9.\d+e-31 in the training rows"):
         TabularDataModule(_npz(tmp_path / "d.npz", n, tiny), "y", task="regression").setup()
     beyond = generator.normal(size=n)
     beyond[test_row] = 1e39  # beyond float32 before it is standardised: the message spoke of its training std
-    with pytest.raises(ValueError, match=rf"'dose' holds 1e\+39 in row {test_row}, which comes out beyond float32's range .*: rescale it$"):
+    with pytest.raises(ValueError, match=rf"column 'dose', row {test_row} \(counting data rows from 0\) holds 1e\+39, which comes out beyond float32's range .*: rescale it$"):
         TabularDataModule(_npz(tmp_path / "e.npz", n, beyond), "y", task="regression").setup()
-    with pytest.raises(ValueError, match=r"'the target' holds 1e\+39 in row 3"):
+    with pytest.raises(ValueError, match=r"column 'y', row 3 \(counting data rows from 0\) holds 1e\+39"):
         target = np.arange(n, dtype=float)
         target[3] = 1e39
         TabularDataModule(_npz(tmp_path / "c.npz", n, dose.clip(-5, 5), target), "y", task="regression", standardize=False).setup()

@@ -144,8 +144,9 @@ def test_modules_that_read_their_weights_directly_are_left_alone():
 
 
 def test_layers_left_deterministic_are_named_with_their_share_of_the_parameters():
-    # a text classifier converted "whole" kept 75% of its parameters deterministic (embedding, attention) without a
-    # word, and so did layers with a torch.nn.utils.parametrizations.weight_norm (subclasses of nn.Linear)
+    # a text classifier converted "whole" kept most of its parameters deterministic (75% in a QA repro: embedding,
+    # attention) without a word, and so did layers with a torch.nn.utils.parametrizations.weight_norm (subclasses of
+    # nn.Linear)
     class TextClassifier(nn.Module):
         def __init__(self):
             super().__init__()

@@ -589,7 +589,8 @@ def test_a_vmap_ensemble_runs_layers_replaced_in_its_members():
 
 def test_the_stacked_weights_of_a_vmap_ensemble_follow_their_names():
     # kept by the tensors' storage and versions only: a layer inserted (the tensors renamed) failed with "not on the
-    # expected device meta", and two same-shape layers registered again in the other order swapped silently (off by 1.6)
+    # expected device meta", and two same-shape layers registered again in the other order swapped silently (1.58 off
+    # in the review's repro)
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
