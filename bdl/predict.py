@@ -141,12 +141,17 @@ def _summarised(samples: Tensor, keep_samples: bool, add: Callable[[Any, Tensor]
         for item in fields(Prediction):
             value = getattr(part, item.name)
             if isinstance(value, Tensor):
-                dim = 1 if item.name.startswith("sample_") else 0  # [S, N, C] kept samples, else [N, ...]
+                dim = _row_dim(item.name)
                 if item.name not in merged:
                     merged[item.name] = value.new_empty((*value.shape[:dim], samples.shape[1], *value.shape[dim + 1 :]))
                 merged[item.name].narrow(dim, start, block.shape[1]).copy_(value)
         start += block.shape[1]
     return Prediction(task="classification", num_samples=num_samples, **merged)
+
+
+def _row_dim(field_name: str) -> int:
+    """The dimension of a :class:`Prediction` field that counts inputs: 1 for kept samples ``[S, N, ...]``, else 0."""
+    return 1 if field_name.startswith("sample_") else 0
 
 
 def _summary_dtype(t: Tensor) -> Tensor:
@@ -308,7 +313,7 @@ class Prediction:
             if any(value is None for value in values):
                 merged[item.name] = None
             else:
-                merged[item.name] = torch.cat(values, dim=1 if item.name.startswith("sample_") else 0)
+                merged[item.name] = torch.cat(values, dim=_row_dim(item.name))
         return cls(**merged)
 
     # ------------------------------------------------------------------ classification

@@ -41,17 +41,20 @@ SIZES = (784, 1200, 1200, 10)
 def check_counts(
     parser: argparse.ArgumentParser, args: argparse.Namespace, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()
 ) -> None:
-    """``parser.error`` for an argument (an attribute of ``args``, or each item of a list) below 1 (``positive``) or 0,
-    and for ``--device cuda`` where no CUDA device is (a traceback from the first tensor moved, or every row failed)."""
+    """``parser.error`` for an argument (an attribute of ``args``, or each item of a list) below 1 (``positive``) or 0."""
     for names, least in ((positive, 1), (non_negative, 0)):
         for name in names:
             values = getattr(args, name)
             for value in values if isinstance(values, (list, tuple)) else [values]:
                 if value < least:
                     parser.error(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
-    device = getattr(args, "device", None)
-    if isinstance(device, str) and device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {device}: no CUDA device is available here")
+
+
+def check_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``parser.error`` for ``--device cuda`` where no CUDA device is (a traceback from the first tensor moved, or
+    every row failed and the run exited 0)."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available here")
 
 
 def parse_sizes(text: str) -> tuple[int, ...]:
@@ -171,6 +174,7 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     check_counts(parser, args, positive=("threads", "steps", "batch_size", "rounds"))
+    check_device(parser, args)
     args.sizes = network_sizes(parser, args.sizes)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bdl
-from benchmark_layers import check_counts, mlp, parse_sizes  # experiments/ is the script's folder, so on sys.path
+from benchmark_layers import check_counts, check_device, mlp, parse_sizes  # experiments/ is the script's folder, so on sys.path
 
 SIZES = "784-1200-1200-10"
 NUM_DATA = 60_000  # the N of the ELBO (an MNIST-sized training set)
@@ -454,6 +454,7 @@ def main() -> None:
         args.batch_size, args.predict_batch_size, args.num_samples = 8, 16, 4
     check_counts(parser, args, positive=("threads", "steps", "predict_repeats", "batch_size", "predict_batch_size", "num_samples"),
                  non_negative=("warmup",))  # fmt: skip
+    check_device(parser, args)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import bdl
-from benchmark_layers import check_counts, mlp, parse_sizes
+from benchmark_layers import check_counts, check_device, mlp, parse_sizes
 from bdl.predict import resolve_method
 
 SIZES = ((784, 1200, 1200, 10), (64, 128, 128, 10))
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks that the script runs")
     args = parser.parse_args()
     check_counts(parser, args, positive=("threads", "repeats", "num_samples", "members", "batches"))
+    check_device(parser, args)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sizes_list: tuple[tuple[int, ...], ...] = SIZES

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import bdl
 from bdl.lightning.models import ResNet
-from benchmark_layers import check_counts, median_ms
+from benchmark_layers import check_counts, check_device, median_ms
 
 ESTIMATORS = ("reparam", "local", "flipout")
 CIFAR10_TRAIN_SIZE = 50_000
@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=18, choices=(18, 34, 50))
     args = parser.parse_args()
     check_counts(parser, args, positive=("threads", "batch_size", "steps"), non_negative=("warmup",))
+    check_device(parser, args)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -25,7 +25,7 @@ from torch import nn
 
 import bdl
 from bdl.infer import PyroModel, SVIModule
-from benchmark_layers import SIZES, check_counts, median_ms, mlp, network_sizes
+from benchmark_layers import SIZES, check_counts, check_device, median_ms, mlp, network_sizes
 
 
 def main() -> None:
@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["-".join(map(str, SIZES))], help="MLP widths, e.g. 784-1200-1200-10")
     args = parser.parse_args()
     check_counts(parser, args, positive=("threads", "steps", "batch_size", "num_data"))
+    check_device(parser, args)
     args.sizes = network_sizes(parser, args.sizes)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

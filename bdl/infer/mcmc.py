@@ -455,7 +455,7 @@ def _check_deterministic_network(model: PyroModel, args: tuple) -> None:
         )
 
 
-def _explain_no_initial_params(model: PyroModel, args: tuple, error: Exception) -> None:
+def _raise_if_outputs_not_finite_on_data(model: PyroModel, args: tuple, error: Exception) -> None:
     """Pyro's "Model specification seems incorrect - cannot find valid initial params", with the rows of the data
     whose network outputs are not finite (with the network's own weights), where there are any."""
     if not args or not isinstance(args[0], Tensor) or not len(args[0]):
@@ -697,7 +697,7 @@ def mcmc(
                 sampler.run(*args)
             except (ValueError, RuntimeError) as error:
                 if "cannot find valid initial params" in str(error) and isinstance(model, PyroModel):
-                    _explain_no_initial_params(model, args, error)
+                    _raise_if_outputs_not_finite_on_data(model, args, error)
                 raise
             chains.append(sampler.get_samples(group_by_chain=True))
             diag = sampler.diagnostics()

@@ -278,6 +278,8 @@ class SVIModule(L.LightningModule):
         torch.Size([64, 2])
     """
 
+    _hparams_not_saved: tuple[str, ...] = ()  # arguments a subclass sets from its own (kept there)
+
     def __init__(
         self,
         model: Union[PyroModel, Callable],
@@ -307,7 +309,8 @@ class SVIModule(L.LightningModule):
         if validate not in VALIDATE:
             raise ValueError(f"validate must be one of {list(VALIDATE)}, got {validate!r}")
         # Names go into the checkpoint's hyperparameters; objects (model, guide instances, callables) do not.
-        ignore = ["model", "example_args"] + [name for name, value in (("guide", guide), ("optimizer", optimizer)) if not isinstance(value, str)]
+        ignore = ["model", "example_args", *self._hparams_not_saved]
+        ignore += [name for name, value in (("guide", guide), ("optimizer", optimizer)) if not isinstance(value, str)]
         self.save_hyperparameters(ignore=ignored_hparams(ignore))
         guide_module = make_guide(guide, model, init_scale=init_scale, rank=rank)
         self.elbo = make_elbo(elbo, guide_module, num_particles=num_particles)(_RecordingModel(model), guide_module)

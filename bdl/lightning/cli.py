@@ -398,24 +398,28 @@ def _plain(value: Any) -> Any:  # noqa: ANN401 - a hyperparameter's value
     return value
 
 
+def _init_args(model: Any) -> Any:  # noqa: ANN401 - a config's model entry
+    """A config's model ``init_args`` (None where the entry holds none)."""
+    return model.get("init_args") if hasattr(model, "get") else None
+
+
 def _check_python_checkpoint(model: Any, saved: dict[str, Any], ckpt_path: str, training: bool) -> None:  # noqa: ANN401
     """A ValueError where a checkpoint saved from Python holds module arguments other than the config's (besides
     the evaluation options, and, unless resuming a fit, the training options): the config's module was evaluated
     in their place, silently (an MC dropout rate of 0.2 for the 0.5 it was trained with)."""
-    init_args = model.get("init_args") if hasattr(model, "get") else None
+    init_args = _init_args(model)
     if init_args is None:
         return
     skipped = EVALUATION_OPTIONS + (() if training else TRAINING_OPTIONS)
 
-    def plain(key: str, value: Any) -> Any:  # noqa: ANN401
-        single = key in _PATTERNS and (isinstance(value, (str, type)) or (isinstance(value, dict) and set(value) == {"module", "type"}))
-        return _plain([value] if single else value)
+    def comparable(key: str, value: Any) -> Any:  # noqa: ANN401 - one layer pattern on its own is a list of one
+        return _plain([value] if key in _PATTERNS and value is not None and not isinstance(value, (list, tuple)) else value)
 
     differ = [
-        f"{key}={plain(key, value)!r} (the config: {plain(key, init_args[key])!r})"
+        f"{key}={comparable(key, value)!r} (the config: {comparable(key, init_args[key])!r})"
         for key, value in saved.items()
         if key != "model" and not key.startswith("_") and key not in skipped and key in init_args
-        and plain(key, value) != plain(key, init_args[key])
+        and comparable(key, value) != comparable(key, init_args[key])
     ]
     if differ:
         raise ValueError(
@@ -495,7 +499,7 @@ class BDLCLI(LightningCLI):
             _check_python_checkpoint(config.get("model"), saved, ckpt_path, training=self.subcommand == "fit")
             return
         model = config.get("model")
-        init_args = model.get("init_args") if hasattr(model, "get") else None
+        init_args = _init_args(model)
         chosen = {key: init_args[key] for key in EVALUATION_OPTIONS if init_args is not None and key in init_args}
         super()._parse_ckpt_path()  # a new config object
         model = self._subconfig().get("model")

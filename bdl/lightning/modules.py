@@ -438,7 +438,7 @@ class _Evaluation:
         )
 
     @contextlib.contextmanager
-    def _where(self, stage: str, batch_idx: int) -> Iterator[None]:
+    def _naming_batch(self, stage: str, batch_idx: int) -> Iterator[None]:
         """A ValueError of a batch's targets (a NaN, a label out of range) with the stage, epoch and batch: it named
         neither."""
         try:
@@ -484,7 +484,7 @@ class _Evaluation:
             self._val_rows_seen = 0
         x, y = _split_batch(batch)
         prediction = self._checked_prediction(x, self.num_val_samples, "validation", batch_idx)
-        with self._where("validation", batch_idx):
+        with self._naming_batch("validation", batch_idx):
             self._update_val_metrics(prediction, y)
 
     def on_test_epoch_start(self) -> None:
@@ -500,7 +500,7 @@ class _Evaluation:
         prediction = self._checked_prediction(x, self.num_eval_samples, "test", batch_idx, dataloader_idx)
         one_dimensional = x.dim() == 2 and x.shape[1] == 1  # kept for the 1-D regression figure
         # (the OOD loader's targets are never read: not judged either, as image ids in bfloat16 were)
-        with self._where("test", batch_idx):
+        with self._naming_batch("test", batch_idx):
             labels = None if y is None or dataloader_idx == 1 else self._labels(y)
         self._test_outputs[dataloader_idx].append((prediction, labels, x if one_dimensional else None))
 
@@ -1212,6 +1212,10 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         8
     """
 
+    # num_samples is set from num_eval_samples: kept as a hyperparameter too, load_from_checkpoint(...,
+    # num_eval_samples=100) passed the saved one back beside it, and the check in __init__ refused the pair
+    _hparams_not_saved = ("num_samples",)
+
     def __init__(
         self,
         model: infer.PyroModel,
@@ -1230,11 +1234,6 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         if kwargs.pop("num_samples", num_eval_samples) != num_eval_samples:
             raise TypeError("SVIModule takes num_eval_samples (posterior samples per test input), not num_samples")
         super().__init__(model, guide, num_samples=num_eval_samples, **kwargs)
-        # not kept as a hyperparameter: load_from_checkpoint(..., num_eval_samples=100) passed the saved one back beside
-        # it, and the check above refused the pair
-        for hparams in (self.hparams, getattr(self, "_hparams_initial", None)):
-            if hparams is not None:
-                hparams.pop("num_samples", None)
         self.task = model.task
         self.num_eval_samples = check_positive_int(num_eval_samples, "num_eval_samples")
         self.num_val_samples = check_positive_int(num_val_samples, "num_val_samples")
@@ -1299,7 +1298,7 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
                 self.val_elbo.update(-loss, weight=keep)
             self.log("val/elbo", self.val_elbo, on_step=False, on_epoch=True)  # val/nll is the predictive NLL, as elsewhere
         prediction = self._checked_prediction(x, self.num_val_samples, "validation", batch_idx)
-        with self._where("validation", batch_idx):
+        with self._naming_batch("validation", batch_idx):
             self._update_val_metrics(prediction, y, keep)
 
 

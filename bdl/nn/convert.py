@@ -183,7 +183,7 @@ def _selected(name: str, module: nn.Module, include: Optional[Sequence[str | typ
     return any(_matches(owner, block, pattern) for pattern in include for owner, block in lineage)
 
 
-def _weight_recomputed(module: nn.Module) -> bool:
+def _recomputed_by_legacy_hook(module: nn.Module) -> bool:
     """A layer whose ``weight`` or ``bias`` is no parameter of its own but recomputed before each call by a legacy
     ``torch.nn.utils.weight_norm``/``spectral_norm`` or ``prune`` hook (from ``weight_g``/``weight_v``,
     ``bias_orig``...): that attribute is the last call's, stale after ``load_state_dict``. (``bias=False`` leaves
@@ -199,6 +199,11 @@ _NOT_CONVERTED = (
 types), named in a warning: a user converting "the model" may take them for Bayesian."""
 
 
+def _unconverted_subclass(module: nn.Module) -> bool:
+    """A subclass of a converted type (a parametrized layer, attention's out_proj), which stays as it is."""
+    return isinstance(module, tuple(_CONVERSIONS)) and type(module) not in _CONVERSIONS
+
+
 def _left_deterministic(model: nn.Module, chosen: Any) -> list[tuple[str, nn.Module]]:  # noqa: ANN401 - chosen(module, names)
     """The selected layers of :data:`_NOT_CONVERTED` types, and subclasses of nn.Linear/nn.Conv, that hold
     parameters; outermost only (a MultiheadAttention, not its ``out_proj`` too)."""
@@ -206,8 +211,7 @@ def _left_deterministic(model: nn.Module, chosen: Any) -> list[tuple[str, nn.Mod
     for name, module in model.named_modules():
         if any(name.startswith(f"{outer}.") or not outer for outer, _ in left):
             continue
-        subclass = isinstance(module, tuple(_CONVERSIONS)) and type(module) not in _CONVERSIONS
-        if (subclass or isinstance(module, _NOT_CONVERTED)) and next(module.parameters(), None) is not None and chosen(module, [name]):
+        if (_unconverted_subclass(module) or isinstance(module, _NOT_CONVERTED)) and next(module.parameters(), None) is not None and chosen(module, [name]):
             left.append((name, module))
     return left
 
@@ -348,7 +352,7 @@ def bayesianize(
     recomputed: list[str] = []
     for name, module in converted.named_modules(remove_duplicate=False):
         if type(module) in _CONVERSIONS:
-            if _weight_recomputed(module):
+            if _recomputed_by_legacy_hook(module):
                 recomputed.append(name)
                 continue
             names.setdefault(id(module), []).append(name)
@@ -379,7 +383,7 @@ def bayesianize(
         subclasses = [
             f"{name!r} is a {type(module).__name__}"
             for name, module in converted.named_modules()
-            if isinstance(module, tuple(_CONVERSIONS)) and type(module) not in _CONVERSIONS and _selected(name, module, include, converted)
+            if _unconverted_subclass(module) and _selected(name, module, include, converted)
         ]
         hint = (
             f" ({', '.join(subclasses)}: subclasses of nn.Linear/nn.Conv, such as layers with a parametrization or "

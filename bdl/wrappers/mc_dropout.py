@@ -88,10 +88,12 @@ def _remove_dropout_before(module: nn.Module, dropout: nn.Module) -> None:
     module deep-copied carries a copy of the hook: it dropped twice, and in the bare model)."""
     tag = getattr(dropout, "_bdl_inserted", None)  # kept by deepcopy and pickle; None in an MCDropout of an earlier bdl
 
-    def same(other: nn.Module) -> bool:
-        return other is dropout or (tag is not None and getattr(other, "_bdl_inserted", None) == tag)
+    _remove_inserted_dropout(module, lambda other: other is dropout or (tag is not None and getattr(other, "_bdl_inserted", None) == tag))
 
-    keys = [key for key, hook in module._forward_pre_hooks.items() if isinstance(hook, _DropoutBefore) and same(hook.dropout)]
+
+def _remove_inserted_dropout(module: nn.Module, which: Callable[[nn.Module], bool]) -> None:
+    """Remove ``module``'s forward pre-hooks (:class:`_DropoutBefore`) whose dropout ``which`` picks."""
+    keys = [key for key, hook in module._forward_pre_hooks.items() if isinstance(hook, _DropoutBefore) and which(hook.dropout)]
     for key in keys:
         module._forward_pre_hooks.pop(key)
         module._forward_pre_hooks_with_kwargs.pop(key, None)
@@ -179,10 +181,7 @@ class MCDropout(nn.Module):
             # prediction once. Those of an MCDropout inside the network are its own, and stay
             owned = {id(d) for m in model.modules() if isinstance(m, MCDropout) for d in m._inserted}
             for module in model.modules():
-                for key, hook in list(module._forward_pre_hooks.items()):
-                    if isinstance(hook, _DropoutBefore) and id(hook.dropout) not in owned:
-                        module._forward_pre_hooks.pop(key)
-                        module._forward_pre_hooks_with_kwargs.pop(key, None)
+                _remove_inserted_dropout(module, lambda dropout: id(dropout) not in owned)
             # an attention's out_proj is an nn.Linear whose forward the attention never calls (it reads the weight)
             unused = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
             # the model itself by a type pattern only (a name glob such as "*" would match its empty name): a bare

@@ -251,11 +251,11 @@ def test_values_past_float32_or_a_float64_variance_are_named_not_made_infinite(t
     tiny = generator.normal(size=n) * 1e-30  # a column that barely varies in the training rows, then 1e10 in a test row
     tiny[test_row] = 1e10
     with pytest.raises(ValueError, match=rf"column 'dose', row {test_row} \(counting data rows from 0\) holds 1e\+10, which comes out beyond float32's range .*: the column has a std of 9.\d+e-31 in the training rows"):
-        TabularDataModule(_npz(tmp_path / "d.npz", n, tiny), "y", task="regression").setup()
+        TabularDataModule(_npz(tmp_path / "d.npz", n, tiny), "y", task="regression", val_fraction=0.15, test_fraction=0.2, seed=0).setup()
     beyond = generator.normal(size=n)
     beyond[test_row] = 1e39  # beyond float32 before it is standardised: the message spoke of its training std
     with pytest.raises(ValueError, match=rf"column 'dose', row {test_row} \(counting data rows from 0\) holds 1e\+39, which comes out beyond float32's range .*: rescale it$"):
-        TabularDataModule(_npz(tmp_path / "e.npz", n, beyond), "y", task="regression").setup()
+        TabularDataModule(_npz(tmp_path / "e.npz", n, beyond), "y", task="regression", val_fraction=0.15, test_fraction=0.2, seed=0).setup()
     with pytest.raises(ValueError, match=r"column 'y', row 3 \(counting data rows from 0\) holds 1e\+39"):
         target = np.arange(n, dtype=float)
         target[3] = 1e39

@@ -82,6 +82,11 @@ def _roc(scores: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
     return fpr, tpr
 
 
+def _auroc(scores: Tensor, positive: Tensor) -> Tensor:
+    fpr, tpr = _roc(scores, positive)
+    return torch.trapezoid(tpr, fpr)
+
+
 def _average_precision(scores: Tensor, positive: Tensor) -> Tensor:
     true_positives, false_positives = _curve_counts(scores, positive)
     precision = true_positives / (true_positives + false_positives)
@@ -128,8 +133,7 @@ def auroc(scores_in: Tensor, scores_out: Tensor) -> Tensor:
         >>> auroc(torch.tensor([0.1, 0.4]), torch.tensor([0.35, 0.8]))
         tensor(0.7500, dtype=torch.float64)
     """
-    fpr, tpr = ood_roc_curve(scores_in, scores_out)
-    return torch.trapezoid(tpr, fpr)
+    return _auroc(*_descending(*_labelled(*_checked(scores_in, scores_out))))
 
 
 def aupr_out(scores_in: Tensor, scores_out: Tensor) -> Tensor:
@@ -228,7 +232,7 @@ def ood_metrics(scores_in: Tensor, scores_out: Tensor, *, tpr: float = 0.95) -> 
     scores_in, scores_out = _checked(scores_in, scores_out)
     scores, is_out = _descending(*_labelled(scores_in, scores_out))  # one sort serves the three curves
     return {
-        "auroc": torch.trapezoid(*_roc(scores, is_out)[::-1]).item(),
+        "auroc": _auroc(scores, is_out).item(),
         "aupr_in": _average_precision(*_ascending_negated(scores, is_out)).item(),
         "aupr_out": _average_precision(scores, is_out).item(),
         f"fpr_at_{percent}_tpr": _fpr_at_tpr(scores_in, scores_out, tpr).item(),
