@@ -49,9 +49,8 @@ def _read_csv(path: str, columns: Optional[Sequence[str]], target: str) -> tuple
         _check_names(path, [*wanted, target], header, "columns")
         positions = {name: header.index(name) for name in [*wanted, target]}
         values: dict[str, list[float]] = {name: [] for name in positions}
-        for row, fields in enumerate(rows):
-            if not fields:  # a blank line, e.g. at the end
-                continue
+        # blank lines (one at the end, say) are no data rows: counted, they put other messages' row numbers off by one
+        for row, fields in enumerate(fields for fields in rows if fields):
             if len(fields) != len(header):
                 raise ValueError(f"{path}: row {row} (counting data rows from 0) has {len(fields)} fields, the header {len(header)}")
             for name, position in positions.items():

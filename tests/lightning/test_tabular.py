@@ -227,6 +227,9 @@ def test_non_numeric_values_name_column_and_row(tmp_path):
     path = _write_csv(tmp_path / "gap.csv", ["a", "label"], [[1, 0], [2, ""], [3, 1]])
     with pytest.raises(ValueError, match=r"column 'label', row 1 .*''"):
         TabularDataModule(str(path), "label").setup()
+    (tmp_path / "blank.csv").write_text("a,label\n1,0\n\n2,1\nnan,0\n")  # a blank line is no data row: row 2
+    with pytest.raises(ValueError, match=r"column 'a', row 2 \(counting data rows from 0\) holds 'nan'"):
+        TabularDataModule(str(tmp_path / "blank.csv"), "label").setup()
     np.savez(tmp_path / "s.npz", x=np.array([[1.0, 2.0], [3.0, np.nan]]), y=np.array([0, 1]))
     with pytest.raises(ValueError, match=r"column 'x\[1\]', row 1 .*nan"):
         TabularDataModule(str(tmp_path / "s.npz"), "y").setup()
