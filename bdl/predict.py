@@ -45,7 +45,7 @@ from .metrics.functional._checks import all_finite, check_probability_rows
 from .nn.convert import deterministic, use_estimator
 from .nn.functional import gaussian_draw, pre_activation_variance, randn_like
 from .nn.layers import BayesianModule, BayesLinear, _sample_once_blocks, _sample_once_draws
-from .nn.loss import first_few, non_finite_parameters
+from .nn.loss import first_few, non_finite_parameters, non_finite_posteriors
 
 TASKS = ("classification", "regression")
 
@@ -1268,27 +1268,13 @@ def _non_finite_message(error: _NonFiniteOutput, model: Any, x: Tensor, offset: 
     elif params:
         cause = f"the model's parameters are not finite: {first_few(params)} (training may have diverged)"
     else:
-        layers = _non_finite_posteriors(model) if isinstance(model, nn.Module) else []
+        layers = non_finite_posteriors(model) if isinstance(model, nn.Module) else []
         if layers:  # rho = 50: every parameter finite, the draws not (it said "a half-precision activation")
             cause = f"the inputs and the parameters are finite, but the posterior of {first_few(layers)} is not (its KL is infinite: a posterior std that overflowed)"
         else:
             cause = "the inputs and the parameters are finite: a NaN or an overflow in the forward (e.g. the log of a negative value, or a half-precision activation)"
     return f"{error} {where}; {cause}"
 
-
-def _non_finite_posteriors(model: nn.Module) -> list[str]:
-    """The Bayesian layers of ``model`` whose KL is not finite (a posterior std that overflowed)."""
-    layers = []
-    with torch.no_grad():
-        for name, layer in model.named_modules():
-            if isinstance(layer, BayesianModule):
-                try:
-                    finite = bool(torch.isfinite(layer.kl_divergence()).all())
-                except Exception:  # noqa: BLE001 - a layer without a KL (prediction only): no cause to name here
-                    continue
-                if not finite:
-                    layers.append(f"{name} ({type(layer).__name__})")
-    return layers
 
 
 def _add_output(summary: Any, output: Any, task: str, rows: int) -> None:  # noqa: ANN401

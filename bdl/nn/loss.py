@@ -106,6 +106,22 @@ def first_few(names: list[str], limit: int = 4) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def non_finite_posteriors(module: nn.Module) -> list[str]:
+    """``"name (type)"`` for each Bayesian layer of ``module`` whose KL is not finite (a posterior std that
+    overflowed); a layer without a KL (prediction only) is left out."""
+    layers = []
+    with torch.no_grad():
+        for name, layer in module.named_modules():
+            if isinstance(layer, BayesianModule):
+                try:
+                    finite = bool(torch.isfinite(layer.kl_divergence()).all())
+                except NotImplementedError:
+                    continue
+                if not finite:
+                    layers.append(f"{name} ({type(layer).__name__})")
+    return layers
+
+
 def non_finite_where(module: nn.Module, kl_too: bool) -> str:
     """Where a non-finite loss came from, for its error: the parameters that are not finite (a step before
     diverged), else the Bayesian layers whose KL is not (a posterior std that overflowed), else the inputs."""
@@ -113,9 +129,7 @@ def non_finite_where(module: nn.Module, kl_too: bool) -> str:
     if params:
         return f"non-finite parameters: {first_few(params)} (an earlier step diverged)"
     if kl_too:
-        with torch.no_grad():
-            layers = [f"{name} ({type(layer).__name__})" for name, layer in module.named_modules()
-                      if isinstance(layer, BayesianModule) and not bool(torch.isfinite(layer.kl_divergence()).all())]
+        layers = non_finite_posteriors(module)
         if layers:
             return f"every parameter is finite, but the KL of {first_few(layers)} is not"
     return "every parameter is finite (a NaN/inf in this batch's inputs or targets, or an overflow in the forward)"
