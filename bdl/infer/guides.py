@@ -23,12 +23,13 @@ from torch.distributions.kl import _kl_normal_normal
 from torch.distributions.transforms import ComposeTransform, IndependentTransform, Transform
 from pyro.infer import autoguide
 from pyro.infer.autoguide import AutoGuide, init_to_median, init_to_value
+from pyro.nn import PyroModule
 
-from torch import nn  # noqa: F401  (used in the examples)
+from torch import nn
 
 from ..metrics.functional._checks import check_positive_int
 from .model import PyroModel
-from .predictive import keep_requires_grad
+from .predictive import keep_requires_grad, private_param_store
 
 
 class _ModuleLocal:
@@ -288,6 +289,37 @@ def make_guide(
     if guide == "lowrank_normal":
         return AutoLowRankMultivariateNormal(model, init_loc_fn=init_loc_fn, init_scale=float(init_scale), rank=rank)
     return AutoMultivariateNormal(model, init_loc_fn=init_loc_fn, init_scale=float(init_scale))
+
+
+def collapsed_scales(guide: nn.Module) -> list[str]:
+    """``"name (k of n entries)"`` for each scale parameter of a Pyro guide (``scales.*``, ``scale``,
+    ``scale_tril``'s diagonal) that reached 0 while finite: its unconstrained value underflowed (``softplus(-104)``
+    is 0 in float32), so the guide's log-density, and with it the ELBO, is infinite or NaN, or a low-rank
+    guide's covariance singular, with every trained parameter finite. Empty for a guide that is no PyroModule.
+
+    Example:
+        >>> guide = make_guide("normal", PyroModel(nn.Linear(2, 1), "gaussian"))
+        >>> with private_param_store():
+        ...     _ = guide()  # creates the parameters
+        >>> with torch.no_grad():
+        ...     _ = guide.scales.weight_unconstrained.fill_(-1e4)
+        >>> collapsed_scales(guide)
+        ['scales.weight (2 of 2 entries)']
+    """
+    if not isinstance(guide, PyroModule):
+        return []
+    found = []
+    with torch.no_grad(), private_param_store():
+        for name, value in guide.named_pyro_params():
+            parts = name.split(".")
+            if not {"scale", "scales", "scale_tril"} & set(parts):
+                continue
+            if parts[-1] == "scale_tril":
+                value = value.diagonal(dim1=-2, dim2=-1)
+            zero = int((value == 0).sum())
+            if zero:
+                found.append(f"{name} ({zero} of {value.numel()} entries)")
+    return found
 
 
 def make_elbo(elbo: str, guide: AutoGuide, *, num_particles: int = 1) -> pyro.infer.ELBO:

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from ..metrics.functional._checks import check_positive_int
 from .._distributed import raise_on_every_process
-from ..nn.loss import check_trained_parameters
-from .guides import make_elbo, make_guide
+from ..nn.loss import check_trained_parameters, first_few, non_finite_where
+from .guides import collapsed_scales, make_elbo, make_guide
 from .model import PyroModel, check_finite_data, check_full_data
 from .predictive import (
     TASKS,
@@ -380,7 +380,16 @@ class SVIModule(L.LightningModule):
             )
         check = self.validate == "always" or (self.validate == "first" and not self._validated)
         with private_param_store(), pyro.validation_enabled(check):
-            loss = self.elbo(*args)
+            try:
+                loss = self.elbo(*args)
+            except torch.linalg.LinAlgError as error:  # a low-rank or full-covariance guide's Cholesky factor
+                collapsed = collapsed_scales(self.guide)
+                if not collapsed:
+                    raise
+                raise FloatingPointError(
+                    f"SVIModule: the guide's covariance is singular ({str(error).splitlines()[0]}): its scale is 0 in {first_few(collapsed)} "
+                    "(an unconstrained scale that underflowed); lower the learning rate"
+                ) from error
             if not self._params_checked:
                 self._check_params_train()
         if torch.is_grad_enabled():  # a training step: the sanity check's validation batch used up "first"
@@ -420,8 +429,8 @@ class SVIModule(L.LightningModule):
         if not bool(torch.isfinite(loss.detach())):
             error = FloatingPointError(
                 f"non-finite training loss at epoch {self.current_epoch}, step {self.global_step} (loss={loss.item()}, "
-                f"nll={nll.item():.4g}, kl={kl.item():.4g}); lower the learning rate, check the inputs for NaN/inf, or "
-                "check the prior and guide scales (init_scale)"
+                f"nll={nll.item():.4g}, kl={kl.item():.4g}); {non_finite_where(self, True, collapsed_scales(self.guide))}; "
+                "lower the learning rate, check the inputs for NaN/inf, or check the prior and guide scales (init_scale)"
             )
         raise_on_every_process(self, error, "non-finite training loss")
 
@@ -596,7 +605,8 @@ def svi(
             # a step on a NaN loss makes every parameter NaN, and the run went on to return that "fit"
             learning_rate = f"lr={lr:g}" if isinstance(optimizer_name, str) else "the optimizer's learning rate"
             raise FloatingPointError(
-                f"svi: the loss is not finite at step {step + 1} of {num_steps} (loss={value}); lower {learning_rate}, "
+                f"svi: the loss is not finite at step {step + 1} of {num_steps} (loss={value}); "
+                f"{non_finite_where(module, True, collapsed_scales(module.guide))}; lower {learning_rate}, "
                 "check the data for NaN/inf, or check the prior and guide scales (init_scale)"
             )
         loss.backward()

@@ -40,6 +40,7 @@ from torch.utils.data import DistributedSampler, SubsetRandomSampler
 from .. import infer
 from ..evaluate import Report, evaluate
 from ..infer.svi_trainer import _as_args, _steps_when_needed, ignored_hparams, plain_hyperparameters, stepping_batches
+from ..infer.guides import collapsed_scales
 from ..nn.convert import bayesianize as convert_to_bayesian
 from ..nn.convert import kl_divergence
 from ..nn.functional import check_estimator
@@ -87,9 +88,12 @@ def _split_batch(batch: Any) -> tuple[Tensor, Optional[Tensor]]:  # noqa: ANN401
     raise TypeError(f"batches must be tensors or (inputs, targets) pairs, got {type(batch).__name__}")
 
 
-def _check_finite(module: L.LightningModule, terms: dict[str, Tensor], details: Optional[dict[str, Tensor]] = None) -> None:
+def _check_finite(
+    module: L.LightningModule, terms: dict[str, Tensor], details: Optional[dict[str, Tensor]] = None, guide: Optional[nn.Module] = None
+) -> None:
     """Stop training at the first non-finite loss term, naming the step and the term(s) (e.g. the NLL or the KL),
-    and of ``details`` (parts of a term, such as an ensemble's members' NLLs) those that are not finite."""
+    of ``details`` (parts of a term, such as an ensemble's members' NLLs) those that are not finite, and of a Pyro
+    ``guide``'s scales those that collapsed to 0."""
     error = None
     if not bool(torch.isfinite(terms["loss"]).all()):
         terms = {**terms, **(details or {})}
@@ -99,7 +103,7 @@ def _check_finite(module: L.LightningModule, terms: dict[str, Tensor], details: 
             f"non-finite training loss at epoch {module.current_epoch}, step {module.global_step}: "
             f"{' and '.join(name.upper() if name in ('nll', 'kl') else name for name in bad) or 'the loss'} "
             f"{'are' if len(bad) > 1 else 'is'} not finite "
-            f"({values}); {non_finite_where(module, 'kl' in bad)}; "
+            f"({values}); {non_finite_where(module, 'kl' in bad, collapsed_scales(guide) if guide is not None else ())}; "
             # Adam's 0/0 step writes NaN into parameters: without any, the cause is elsewhere (a NaN input, an overflow)
             + (non_finite_parameters(module) and _float16_adam(module)
                or "lower the learning rate, check the inputs for NaN/inf, or check the prior and posterior scales")
@@ -1274,7 +1278,7 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
 
     def _check_loss(self, loss: Tensor, nll: Tensor, kl: Tensor) -> None:
         # the loss a subclass's loss() returns (a term it adds too), its terms and the parameters named
-        _check_finite(self, {"loss": loss, "nll": nll, "kl": kl})
+        _check_finite(self, {"loss": loss, "nll": nll, "kl": kl}, guide=self.guide)
 
     def on_validation_start(self) -> None:
         # a validate run outside fit: scale the likelihood as fit does, so val/elbo means the same in both

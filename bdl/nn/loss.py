@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -122,12 +122,18 @@ def non_finite_posteriors(module: nn.Module) -> list[str]:
     return layers
 
 
-def non_finite_where(module: nn.Module, kl_too: bool) -> str:
+def non_finite_where(module: nn.Module, kl_too: bool, collapsed: Sequence[str] = ()) -> str:
     """Where a non-finite loss came from, for its error: the parameters that are not finite (a step before
-    diverged), else the Bayesian layers whose KL is not (a posterior std that overflowed), else the inputs."""
+    diverged), else the scales ``collapsed`` to 0 (a Pyro guide's, see :func:`bdl.infer.guides.collapsed_scales`),
+    else the Bayesian layers whose KL is not finite (a posterior std that overflowed), else the inputs."""
     params = non_finite_parameters(module)
     if params:
         return f"non-finite parameters: {first_few(params)} (an earlier step diverged)"
+    if collapsed:
+        return (
+            f"every parameter is finite, but the guide's scale is 0 in {first_few(list(collapsed))} (an unconstrained "
+            "scale that underflowed: its log-density is infinite)"
+        )
     if kl_too:
         layers = non_finite_posteriors(module)
         if layers:

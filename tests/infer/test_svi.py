@@ -375,14 +375,15 @@ def test_posterior_draws_are_detached_copies_and_zero_samples_are_refused():
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_svi_stops_at_the_first_non_finite_loss_naming_the_step():
-    # lr=1e8 diverges in a few steps: svi stepped on through NaN losses and returned a module with NaN parameters
+    # lr=1e8 diverges in a few steps: svi stepped on through NaN losses and returned a module with NaN parameters;
+    # the cause is named: the guide's scales underflowed to 0
     x, y = torch.randn(20, 3, generator=torch.Generator().manual_seed(0)), torch.arange(20) % 2
 
     def fit(num_steps):
         torch.manual_seed(0)
         return svi(PyroModel(nn.Linear(3, 2), num_data=20), x, y, num_steps=num_steps, lr=1e8)
 
-    with pytest.raises(FloatingPointError, match=r"svi: the loss is not finite at step (\d+) of 30 \(loss=(nan|inf|-inf)\); lower lr=1e\+08") as caught:
+    with pytest.raises(FloatingPointError, match=r"svi: the loss is not finite at step (\d+) of 30 \(loss=(nan|inf|-inf)\); every parameter is finite, but the guide's scale is 0 in scales.weight \(6 of 6 entries\).*; lower lr=1e\+08") as caught:
         fit(30)
     step = int(caught.value.args[0].split("at step ")[1].split()[0])
     assert 1 < step < 30
@@ -559,3 +560,30 @@ def test_a_model_pyro_param_that_svi_would_not_train_is_refused():
 
     with pytest.raises(ValueError, match="SVIModule: nothing to train: the guide and the model hold no parameter"):
         svi(points, x, 1.5 * x, num_steps=2)
+
+
+@pytest.mark.parametrize("guide", ["normal", "lowrank_normal", "multivariate_normal"])
+@pytest.mark.parametrize("lightning_module", [False, True])
+def test_a_guide_scale_that_underflowed_to_zero_is_named_as_the_cause(guide, lightning_module):
+    # every parameter stays finite, so the error said "a NaN/inf in this batch's inputs" (bdl.lightning's) or named
+    # no cause; a low-rank guide failed in a bare Cholesky error
+    from bdl.lightning import SVIModule as LightningSVIModule
+
+    x, y = torch.randn(32, 2, generator=torch.Generator().manual_seed(0)), torch.arange(32) % 2
+    net = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 2))
+    if lightning_module:
+        module = LightningSVIModule(PyroModel(net, "categorical"), guide=guide, validate="never")
+    else:
+        module = SVIModule(PyroModel(net, "categorical", num_data=32), guide=guide, validate="never")
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if name.endswith(("scale_unconstrained", "scales.0.weight_unconstrained")):
+                parameter[0] = -1e4  # softplus(-1e4) is 0 in float32
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    site, entries = ("scales.0.weight", "2 of 8") if guide == "normal" else ("scale", "1 of 22")
+    if guide == "lowrank_normal":
+        message = rf"SVIModule: the guide's covariance is singular \(linalg.cholesky: .*\): its scale is 0 in {site} \({entries} entries\)"
+    else:
+        message = rf"step 0.*; every parameter is finite, but the guide's scale is 0 in {site} \({entries} entries\) \(an unconstrained"
+    with pytest.raises(FloatingPointError, match=message):
+        trainer(max_epochs=1).fit(module, loader)
