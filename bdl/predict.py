@@ -1258,7 +1258,7 @@ def _non_finite_message(error: _NonFiniteOutput, model: Any, x: Tensor, offset: 
     shuffling loader's order) and the likely cause: non-finite inputs there, non-finite parameters (training
     diverged), or neither."""
     bad = error.rows.nonzero().flatten().cpu()
-    rows = ", ".join(str(offset + int(row)) for row in bad[:8]) + (", ..." if len(bad) > 8 else "")
+    rows = first_few([str(offset + int(row)) for row in bad], limit=8)
     which = f"rows [{rows}] of the inputs" if in_order else f"inputs [{rows}] in the order the loader gave them"
     where = f"for {len(bad)} of the batch's {len(error.rows)} inputs ({which})"
     inputs_bad = x.is_floating_point() and not bool(torch.isfinite(x[bad.to(x.device)]).all())

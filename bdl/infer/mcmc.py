@@ -474,7 +474,7 @@ def _raise_if_outputs_not_finite_on_data(model: PyroModel, args: tuple, error: E
         rows = bad.nonzero().flatten().tolist()
         raise ValueError(
             f"mcmc: Pyro found no weights with a finite posterior density to start from: the network's outputs are not "
-            f"finite for rows {rows[:8]}{' ...' if len(rows) > 8 else ''} of the data ({len(rows)} of {len(x)}), whose "
+            f"finite for rows [{first_few([str(row) for row in rows], limit=8)}] of the data ({len(rows)} of {len(x)}), whose "
             "inputs are finite, with its own weights too (a NaN in the forward, e.g. the log of a negative value)"
         ) from error
 

@@ -14,6 +14,7 @@ from pyro.params.param_store import ParamStoreDict
 from torch import Tensor, nn
 
 from ..metrics.functional._checks import check_positive_int
+from ..nn.loss import first_few
 from ..predict import _eval_mode  # each module's own mode restored (a frozen submodule stays in eval)
 from .model import PyroModel
 
@@ -204,7 +205,7 @@ def predict_from_samples(
         if name in used and value.dim() and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             draws = (~torch.isfinite(value.reshape(len(value), -1))).any(1).nonzero().flatten().tolist()
             raise ValueError(
-                f"samples[{name!r}] holds NaN or Inf in draws {draws[:8]}{' ...' if len(draws) > 8 else ''} "
+                f"samples[{name!r}] holds NaN or Inf in draws [{first_few([str(draw) for draw in draws], limit=8)}] "
                 f"({len(draws)} of {len(value)}): the posterior samples are not finite (a diverged chain or guide)"
             )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
