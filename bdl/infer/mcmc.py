@@ -279,14 +279,10 @@ class MCMCResult:
         if task not in TASKS:
             raise ValueError(f"predict on a model function needs task in {TASKS}, got {task!r}")
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        options = {"output_site": output_site, "task": task, "keep_samples": keep_samples}
         with private_param_store():
-            if parallel is not None:
-                return predict_function_model(self.model, self.samples, *args, parallel=parallel, **options)
-            try:
-                return predict_function_model(self.model, self.samples, *args, parallel=True, **options)
-            except (RuntimeError, ValueError):  # e.g. `x @ w` with a batch of draws w: one draw at a time
-                return predict_function_model(self.model, self.samples, *args, parallel=False, **options)
+            return predict_function_model(
+                self.model, self.samples, *args, output_site=output_site, task=task, parallel=parallel, keep_samples=keep_samples
+            )
 
     def predictive_summary(self, inputs: Any, *, output_site: str = "obs", task: Optional[str] = None) -> PosteriorSummary:
         """Convergence in function space: ESS and split R-hat of the predictions on ``inputs``, per input and output.

@@ -263,7 +263,7 @@ def predict_function_model(
     *args,
     output_site: str,
     task: str,
-    parallel: bool = True,
+    parallel: Optional[bool] = True,
     keep_samples: bool = False,
     **kwargs,
 ) -> "Prediction":
@@ -289,7 +289,8 @@ def predict_function_model(
         output_site: the site to read.
         task: ``"classification"`` or ``"regression"``.
         parallel: vectorise over samples (the model must then broadcast over a leading sample dim; where
-            its first and last draws differ from the model run on each alone, it is run draw by draw).
+            its first and last draws differ from the model run on each alone, it is run draw by draw); None:
+            vectorise, and run draw by draw where the model fails under a batch of draws (``x @ w``).
         keep_samples: keep the per-sample predictions.
 
     Returns:
@@ -306,6 +307,12 @@ def predict_function_model(
     """
     from ..predict import Prediction
 
+    if parallel is None:
+        options = {"output_site": output_site, "task": task, "keep_samples": keep_samples}
+        try:
+            return predict_function_model(model, samples, *args, parallel=True, **options, **kwargs)
+        except (RuntimeError, ValueError):  # e.g. `x @ w` with a batch of draws w: one draw at a time
+            return predict_function_model(model, samples, *args, parallel=False, **options, **kwargs)
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if not samples:
@@ -326,7 +333,9 @@ def predict_function_model(
         # an unobserved sample site of the model (y=None): a latent in the samples is its posterior draws instead
         observation = output_site not in samples and not single.nodes[output_site]["infer"].get("_deterministic", False)
         if parallel:
-            predictive = Predictive(model, posterior_samples=samples, num_samples=num_samples, return_sites=[output_site], parallel=True)
+            predictive = Predictive(
+                model, posterior_samples=_plate_layout(samples, single), num_samples=num_samples, return_sites=[output_site], parallel=True
+            )
             vectorised = predictive.get_vectorized_trace(*args, **kwargs).nodes[output_site]
             read, sampled = _read_site([vectorised], num_samples, shape, task, observation, output_site)
             # a model that indexes a vector latent (b[0] + b[1] * x) runs under a batch of draws without an error, and
@@ -350,6 +359,23 @@ def predict_function_model(
     means, variances = read
     dtype = torch.get_default_dtype()
     return Prediction.from_regression(means.to(dtype), None if variances is None else variances.to(dtype), keep_samples=keep_samples)
+
+
+def _plate_layout(samples: dict[str, Tensor], trace: pyro.poutine.Trace) -> dict[str, Tensor]:
+    """Draws ``[S, *value shape]`` in the layout of Pyro's vectorised runs: a site's batch dimensions left-padded
+    with singleton dimensions to the model's plate nesting, e.g. ``[S, 1, D]`` for a vector latent outside the
+    model's one plate (``Normal(zeros(D), 1).to_event(1)``). ``Predictive`` pads by the value's dimensions and
+    so read its ``D`` as a plate dimension: ``x[:, None] * w`` failed, or broadcast into other numbers."""
+    dims = [frame.dim for node in trace.nodes.values() if node["type"] == "sample" for frame in node["cond_indep_stack"] if frame.vectorized]
+    nesting = -min(dims) if dims else 0
+    padded = {}
+    for name, value in samples.items():
+        node = trace.nodes.get(name)
+        if node is not None and node["type"] == "sample" and value.shape[1:] == node["value"].shape:
+            pad = max(nesting - len(node["fn"].batch_shape), 0)
+            value = value.reshape(value.shape[:1] + (1,) * pad + value.shape[1:])
+        padded[name] = value
+    return padded
 
 
 def _same_density(vectorised: dict[str, Any], alone: list[dict[str, Any]], ends: list[int], num_samples: int) -> bool:

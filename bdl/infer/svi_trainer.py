@@ -490,7 +490,7 @@ class SVIModule(L.LightningModule):
         keep_samples: bool = False,
         output_site: str = "obs",
         task: Optional[str] = None,
-        parallel: bool = True,
+        parallel: Optional[bool] = None,
     ) -> "Prediction":
         """Posterior predictive on ``inputs`` as a :class:`bdl.Prediction`.
 
@@ -505,20 +505,22 @@ class SVIModule(L.LightningModule):
             keep_samples: keep per-sample predictions.
             output_site: site read for a function model.
             task: ``"classification"`` or ``"regression"`` for a function model.
-            parallel: vectorise over samples.
+            parallel: vectorise over samples (the guide's draws, and the model's runs on them), or draw one at a
+                time; None: vectorise, and run a function model draw by draw where it fails under a batch of
+                draws (``x @ w``).
 
         Returns:
             a :class:`bdl.Prediction`.
         """
         num_samples = self.num_samples if num_samples is None else num_samples  # 0 was read as "the default"
         if isinstance(self.model, PyroModel):
-            samples = self.sample_posterior(num_samples, parallel=parallel)
-            return predict_from_samples(self.model, samples, inputs, keep_samples=keep_samples, vectorize=parallel)
+            samples = self.sample_posterior(num_samples, parallel=parallel is not False)
+            return predict_from_samples(self.model, samples, inputs, keep_samples=keep_samples, vectorize=parallel is not False)
         if task not in TASKS:
             raise ValueError(f"predict on a model function needs task in {TASKS}, got {task!r}")
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         with private_param_store():
-            samples = sample_guide(self.guide, num_samples, *args, parallel=parallel)
+            samples = sample_guide(self.guide, num_samples, *args, parallel=parallel is not False)
             return predict_function_model(
                 self.model, samples, *args, output_site=output_site, task=task, parallel=parallel, keep_samples=keep_samples
             )

@@ -185,6 +185,28 @@ def test_a_model_that_broadcasts_draws_into_other_numbers_is_predicted_draw_by_d
                                looped.mean if task == "regression" else looped.probs)  # fmt: skip
 
 
+@pytest.mark.parametrize("num_samples", [16, 20])  # 20: as many draws as inputs
+def test_a_vector_latent_outside_the_plates_is_predicted_vectorised(num_samples):
+    # one slope per output, w ~ Normal(0, 1).to_event(1): Predictive padded the draws [S, D] by their dimensions and
+    # read D as a plate dimension, so x[:, None] * w failed ("size of tensor a (20) must match ... (16)"), or, with
+    # S = N, broadcast into other numbers and fell back to one run per draw
+    from bdl.infer import predict_function_model
+
+    calls = []
+
+    def model(x, y=None):
+        calls.append(1)
+        w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("obs", dist.Normal(x[:, None] * w, 0.1).to_event(1), obs=y)
+
+    x, w = torch.randn(20, generator=torch.Generator().manual_seed(0)), torch.randn(num_samples, 2, generator=torch.Generator().manual_seed(1))
+    prediction = predict_function_model(model, {"w": w}, x, output_site="obs", task="regression", keep_samples=True)
+    torch.testing.assert_close(prediction.sample_means, x[None, :, None] * w[:, None, :])
+    torch.testing.assert_close(prediction.aleatoric_variance, torch.full((20, 2), 0.01))
+    assert len(calls) < num_samples  # vectorised: the draws were not run one by one
+
+
 def test_sampled_values_are_read_from_the_vectorised_run_without_running_the_draws_alone():
     # a Cauchy observation has no finite moments: its sampled values, which every run draws anew, made the check of
     # the vectorised run fail every time, and the model then ran once per draw (1003 runs for 1000 draws)

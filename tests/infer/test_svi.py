@@ -587,3 +587,23 @@ def test_a_guide_scale_that_underflowed_to_zero_is_named_as_the_cause(guide, lig
         message = rf"step 0.*; every parameter is finite, but the guide's scale is 0 in {site} \({entries} entries\) \(an unconstrained"
     with pytest.raises(FloatingPointError, match=message):
         trainer(max_epochs=1).fit(module, loader)
+
+
+def test_predict_runs_a_function_model_that_does_not_broadcast_over_draws_one_draw_at_a_time():
+    # x @ w fails under a batch of draws w; predict's default (parallel=True) raised where MCMCResult.predict's fell back
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("obs", dist.Normal(x @ w, 0.1), obs=y)
+
+    x = torch.randn(30, 3, generator=torch.Generator().manual_seed(0))
+    y = x @ torch.tensor([1.0, -1.0, 0.5])
+    pyro.set_rng_seed(0)
+    fitted = svi(model, x, y, num_steps=5, num_samples=8)
+    with pytest.raises(RuntimeError):
+        fitted.predict((x,), task="regression", parallel=True)
+    pyro.set_rng_seed(1)
+    prediction = fitted.predict((x,), task="regression", keep_samples=True)
+    pyro.set_rng_seed(1)
+    draws = fitted.sample_posterior(8)["w"]  # the same draws
+    torch.testing.assert_close(prediction.sample_means[..., 0], draws @ x.T)
