@@ -192,7 +192,8 @@ def triage(
         score: name of an uncertainty score (higher = more uncertain; classification:
             ``"predictive_entropy"`` (default), ``"mutual_information"``, ``"max_probability"`` (uses
             ``1 - max p``), ``"energy"``, ``"max_logit"``; regression: ``"total_variance"`` (default),
-            ``"epistemic_variance"``; see :data:`bdl.metrics.functional.OOD_SCORES`), or a function
+            ``"epistemic_variance"``, averaged over the output dimensions; see
+            :data:`bdl.metrics.functional.OOD_SCORES`), or a function
             ``Prediction -> [N]``.
         threshold: a fixed threshold.
         coverage: target fraction handled automatically, in (0, 1].

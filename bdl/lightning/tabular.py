@@ -338,7 +338,7 @@ class TabularDataModule(_StandardizedTable):
 
     Args:
         path: the ``.csv`` or ``.npz`` file.
-        target: the column (CSV) or array (NPZ) to predict.
+        target: the column (CSV) or array (NPZ) to predict: one (a single regression output or class label).
         task: ``"classification"`` or ``"regression"``.
         features: the input columns or arrays, or None for all but ``target``.
         val_fraction, test_fraction: fractions of the rows for validation and testing.
