@@ -614,6 +614,10 @@ def test_half_precision_probabilities_and_numpy_indices_are_taken():
     probs = torch.randn(3, 5, 10).softmax(-1).bfloat16()  # rows off by up to 0.004: refused at float32's 1e-3
     pred = Prediction.from_probs(probs)
     torch.testing.assert_close(pred.probs, probs.float().mean(0), atol=1e-2, rtol=0)
+    # renormalised in float32: bdl.evaluate refused the prediction ("row 171 sums to 1.00214", tolerance 1e-3)
+    torch.testing.assert_close(pred.probs.sum(-1), torch.ones(5), atol=1e-6, rtol=0)
+    one_sample = torch.softmax(torch.randn(1, 200, 10, generator=torch.Generator().manual_seed(0)), -1).bfloat16()
+    assert bdl.evaluate(Prediction.from_probs(one_sample), torch.arange(200) % 10).metrics["ece"] > 0
     with pytest.raises(ValueError, match="sum to 1"):
         Prediction.from_probs(probs.float() * 1.01)
     one = pred[np.argmax(pred.max_probability.numpy())]  # np.int64 dropped the inputs' dimension: probs [C]

@@ -95,6 +95,8 @@ def test_selective_metrics_are_invariant_to_permuting_inputs(seed, size):
         (lambda: M.risk_at_coverage(torch.rand(3), torch.rand(3), coverage=0.0), "coverage"),
         (lambda: M.coverage_at_risk(torch.rand(3), torch.rand(3), risk=-0.1), "risk"),
         (lambda: M.coverage_at_risk(torch.rand(3), torch.rand(3), risk=math.nan), "risk"),
+        # coverage 1, which evaluate's Report.save then failed to write as JSON
+        (lambda: M.coverage_at_risk(torch.rand(3), torch.rand(3), risk=math.inf), "`risk` must be a finite non-negative number, got inf"),
     ],
 )
 def test_bad_input_raises_a_clear_error(call, message):

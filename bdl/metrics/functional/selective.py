@@ -131,7 +131,7 @@ def coverage_at_risk(confidence: Tensor, loss: Tensor, *, risk: float = 0.05) ->
     Args:
         confidence: confidence per example, shape [N] (higher = more confident).
         loss: non-negative loss per example, shape [N].
-        risk: the largest acceptable selective risk, >= 0.
+        risk: the largest acceptable selective risk, finite and >= 0.
 
     Returns:
         A float64 scalar tensor in [0, 1].
@@ -142,8 +142,8 @@ def coverage_at_risk(confidence: Tensor, loss: Tensor, *, risk: float = 0.05) ->
     """
     if isinstance(risk, bool) or not isinstance(risk, numbers.Real):  # a tensor was called negative
         raise TypeError(f"`risk` must be a number, got {type(risk).__name__}")
-    if not risk >= 0:  # NaN too
-        raise ValueError(f"`risk` must be a non-negative number, got {risk!r}")
+    if not 0 <= risk < math.inf:  # NaN too; an infinite risk (coverage 1) could not be saved in a report's JSON
+        raise ValueError(f"`risk` must be a finite non-negative number, got {risk!r}")
     coverage, selective_risk = risk_coverage_curve(confidence, loss)
     # a small relative slack so that a risk of exactly `risk` is not lost to float rounding
     ok = selective_risk <= risk * (1 + 1e-12) + 1e-15
