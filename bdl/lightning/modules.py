@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler, SubsetRandomSampler
 
@@ -941,8 +941,8 @@ class VariationalModule(UncertaintyModule):
 
     def current_kl_weight(self) -> float:
         """``beta_t``: the KL weight of this step (after warm-up, ``kl_weight``)."""
-        if self.kl_warmup_epochs == 0 or self._trainer is None:
-            return self.kl_weight
+        if self.kl_warmup_epochs == 0 or self._trainer is None or not self.trainer.training:
+            return self.kl_weight  # outside a fit's training (a call after trainer.validate): no epoch to read
         if not math.isfinite(self.trainer.num_training_batches):  # taken as one batch: the warm-up ended in 2 steps
             raise ValueError(
                 f"kl_warmup_epochs={self.kl_warmup_epochs} is scheduled in epochs, and the training loader's epoch has "
@@ -1048,8 +1048,8 @@ class EnsembleModule(UncertaintyModule):
     parameters are all frozen (for a module without parameters, such as ``BatchNorm(affine=False)``: those of the
     closest enclosing module that has some) are kept: every member starts from them.
     One optimiser steps all members; the loss is the sum of the members' mean NLLs, so each member follows
-    the gradient of its own loss (logged: ``train/nll``, the members' average). Prediction uses each member
-    once (``num_eval_samples`` None).
+    the gradient of its own loss (logged: ``train/nll``, the members' average), clipped by its own norm under
+    the Trainer's ``gradient_clip_val``. Prediction uses each member once (``num_eval_samples`` None).
 
     Args:
         model: the network of member 0 (the others are re-initialised copies).
@@ -1086,6 +1086,18 @@ class EnsembleModule(UncertaintyModule):
         losses = self.model.member_losses(self.model(x), y, self.nll)
         self._member_nlls = losses.detach()  # which member, where the loss is not finite: one diverged, the others not
         return {"loss": losses.sum(), "nll": losses.mean().detach()}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: Optional[float] = None, gradient_clip_algorithm: Optional[str] = None
+    ) -> None:
+        """The Trainer's ``gradient_clip_val`` by norm clips each member's gradient by its own norm: Lightning's
+        clipped the norm of all members' gradients together, so one member's large gradient shrank every other
+        member's step (and the clip tightened as sqrt(num_members)). Clipping by value is Lightning's."""
+        if gradient_clip_val and GradClipAlgorithmType.NORM == (gradient_clip_algorithm or "norm"):  # an enum or a str
+            for member in self.model.members:
+                torch.nn.utils.clip_grad_norm_([p for p in member.parameters() if p.grad is not None], gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _diagnostic_terms(self) -> dict[str, Tensor]:
         nlls = getattr(self, "_member_nlls", None)

@@ -98,6 +98,12 @@ def test_variational_module_takes_num_data_from_the_data_module_and_warms_the_kl
         trainer(tmp_path, max_epochs=3, limit_val_batches=0, callbacks=[Record(), accumulating]).fit(module, data)
         assert weights == pytest.approx(expected)
 
+    # outside a fit's training (after trainer.validate) the weight is the full one, as before any Trainer: it raised
+    # "the training loader's epoch has no length (an IterableDataset without __len__)", of a run with no training loader
+    module = VariationalModule(net(), kl_weight=0.5, kl_warmup_epochs=2, num_data=32)
+    trainer(tmp_path).validate(module, TinyData(batch_size=8))
+    assert module.current_kl_weight() == 0.5
+
 
 def test_variational_module_uses_existing_bayesian_layers_as_they_are():
     model = nn.Sequential(bdl.BayesLinear(4, 8, prior=2.0), nn.ReLU(), nn.Linear(8, 3))
@@ -127,6 +133,20 @@ def test_ensemble_members_start_apart_and_each_gets_the_gradient_of_its_own_loss
         grads = torch.autograd.grad(nn.functional.cross_entropy(out, y), alone)
         assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(member.parameters(), grads))
     assert module.sample_prediction(x, None).num_samples == 3
+
+
+@pytest.mark.parametrize("algorithm", [None, "norm"])
+def test_gradient_clipping_by_norm_clips_each_ensemble_member_by_its_own_norm(tmp_path, algorithm):
+    # Lightning clipped the norm of all members' gradients together: member 0 ended 0.07 from the network trained alone
+    data = DataLoader(TensorDataset(torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), torch.arange(32) % 3), batch_size=8)
+    options = dict(optimizer="sgd", momentum=0.0, lr=0.5, save_report=False)
+    torch.manual_seed(1)
+    ensemble = EnsembleModule(net(), num_members=3, **options)
+    alone = DeterministicModule(copy.deepcopy(ensemble.model.members[0]), **options)
+    for module in (ensemble, alone):
+        trainer(tmp_path, max_epochs=2, limit_val_batches=0, gradient_clip_val=0.2, gradient_clip_algorithm=algorithm).fit(module, data)
+    assert all(torch.equal(a, b) for a, b in zip(ensemble.model.members[0].parameters(), alone.model.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(ensemble.model.members[1].parameters(), alone.model.parameters()))
 
 
 def test_mc_dropout_module_trains_with_dropout_and_predicts_with_it_in_eval_mode():
