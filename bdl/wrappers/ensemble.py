@@ -205,7 +205,7 @@ class DeepEnsemble(nn.Module):
         self.chunk_size = None if chunk_size is None else int(chunk_size)  # a numpy integer too
         # a weightless copy of member 0 that functional_call runs; in a list so it is not registered as a submodule
         self._base: list[nn.Module] = []
-        self._stacked: Optional[tuple[Any, dict[str, Tensor], dict[str, Tensor]]] = None
+        self._stacked: Optional[tuple[Any, dict[str, Tensor], dict[str, Tensor], list[weakref.ref]]] = None
         self._warned_hooks = False
 
     # ------------------------------------------------------------------ constructors
@@ -406,14 +406,20 @@ class DeepEnsemble(nn.Module):
         key = None if uncached else tuple((name, t.data_ptr(), t._version) for state in tensors for name, t in state.items())
         if key is not None:  # a fused optimizer (Adam(fused=True)) writes the members' weights without moving a version
             key += (_optimizer_steps[0],)
-        if not torch.is_grad_enabled() and key is not None and self._stacked is not None and self._stacked[0] == key:
+        # and the tensors themselves, by weak reference: a new tensor at a freed one's address, both at version 0 (a
+        # functional_call's parameters, a replaced Parameter), matched the key and got the old weights' outputs
+        sources = [t for state in tensors for t in state.values()]
+        if not torch.is_grad_enabled() and key is not None and self._stacked is not None and self._stacked[0] == key and all(
+            ref() is t for ref, t in zip(self._stacked[3], sources)
+        ):
             return self._stacked[1], self._stacked[2]
         names = list(tensors[0])
         parameter_names = {name for name, _ in self.members[0].named_parameters()}
         stacked = {name: torch.stack([state[name] for state in tensors]) for name in names}
         params = {name: value for name, value in stacked.items() if name in parameter_names}
         buffers = {name: value for name, value in stacked.items() if name not in parameter_names}
-        self._stacked = (key, params, buffers) if not torch.is_grad_enabled() and key is not None else None
+        cache = not torch.is_grad_enabled() and key is not None
+        self._stacked = (key, params, buffers, [weakref.ref(t) for t in sources]) if cache else None
         return params, buffers
 
     def _vmap_forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401

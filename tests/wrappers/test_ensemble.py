@@ -706,3 +706,18 @@ def test_a_vmap_ensemble_sees_members_trained_by_a_fused_optimizer():
         after = ensemble(x)
         torch.testing.assert_close(after, torch.stack([member(x) for member in ensemble.members]))
     assert not torch.allclose(after, before)
+
+
+def test_the_stacked_weights_of_a_vmap_ensemble_follow_the_tensors_themselves():
+    # kept by address and version: a new tensor there at version 0 (a replaced Parameter over the same storage here;
+    # a functional_call's parameters, or any tensor the allocator put at a freed one's address) got the old stack
+    torch.manual_seed(0)
+    ensemble = DeepEnsemble([nn.Linear(3, 3, bias=False) for _ in range(2)], method="vmap").eval()
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        ensemble(x)
+        ensemble.members[1].weight = nn.Parameter(ensemble.members[1].weight.detach().t())  # same address and version
+        torch.testing.assert_close(ensemble(x)[1], ensemble.members[1](x))
+        for value in (1.0, 2.0):
+            parameters = {name: torch.full_like(p, value) for name, p in ensemble.named_parameters()}
+            torch.testing.assert_close(torch.func.functional_call(ensemble, parameters, (x,)), value * x.sum(-1, keepdim=True).expand(2, 4, 3))
