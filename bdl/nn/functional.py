@@ -358,7 +358,7 @@ def dropout(input: Tensor, p: float = 0.5) -> Tensor:
         raise TypeError(f"input must be a floating-point tensor, got dtype {input.dtype}")
     if p == 0:
         return input
-    if input.device.type != "cpu" or torch.compiler.is_compiling() or _in_functorch(input):
+    if input.device.type != "cpu" or torch.compiler.is_compiling() or _in_functorch(input) or torch.jit.is_tracing():
         return F.dropout(input, p, training=True)
     n = input.numel()
     lanes = random_bits((n + 3) // 4).view(torch.int16)[:n].view(input.shape)  # uniform on [-2^15, 2^15)
