@@ -207,6 +207,8 @@ class DeepEnsemble(nn.Module):
         self._base: list[nn.Module] = []
         self._stacked: Optional[tuple[Any, dict[str, Tensor], dict[str, Tensor], list[weakref.ref]]] = None
         self._warned_hooks = False
+        if method == "vmap":  # made now: in a first call under torch.compile(fullgraph=True) it cannot be (a Parameter())
+            self._current_base()
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -422,10 +424,11 @@ class DeepEnsemble(nn.Module):
         self._stacked = (key, params, buffers, [weakref.ref(t) for t in sources]) if cache else None
         return params, buffers
 
-    def _vmap_forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
-        # made again where a module of member 0 was replaced since (in every member: the copy ran the old one, also one
-        # of the same type and other settings); told by weak references, as a freed module's id is reused at once (and
-        # a strong one kept a replaced layer's memory, and wrote it into torch.save)
+    def _current_base(self) -> nn.Module:
+        """The weightless copy of member 0 that vmap runs, made again where a module of member 0 was replaced since
+        (in every member: the copy ran the old one, also one of the same type and other settings); told by weak
+        references, as a freed module's id is reused at once (and a strong one kept a replaced layer's memory, and
+        wrote it into torch.save)."""
         layout = list(self.members[0].named_modules())
         kept = getattr(self, "_base_layout", None)
         if not self._base or kept is None or len(kept) != len(layout) or any(
@@ -434,7 +437,10 @@ class DeepEnsemble(nn.Module):
             self._base[:] = [_meta_copy(self.members[0])]
             self._stacked = None
             self._base_layout = [(name, weakref.ref(module)) for name, module in layout]
-        base = self._base[0]
+        return self._base[0]
+
+    def _vmap_forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        base = self._current_base()
         # the first member's plain attributes as they are now (the training flags, a bdl.deterministic or
         # bdl.use_estimator block, a changed dropout rate): the copy kept those of its first forward
         names: list[dict[int, str]] = []  # member 0's module names by id, when a hook asks
@@ -525,3 +531,8 @@ class DeepEnsemble(nn.Module):
         state["_base"], state["_stacked"] = [], None  # caches: rebuilt on demand
         state.pop("_base_layout", None)  # weak references, which do not pickle
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self.method == "vmap":  # as in __init__
+            self._current_base()
