@@ -332,25 +332,9 @@ def predict_function_model(
         shape = single.nodes[output_site]["value"].shape
         # an unobserved sample site of the model (y=None): a latent in the samples is its posterior draws instead
         observation = output_site not in samples and not single.nodes[output_site]["infer"].get("_deterministic", False)
+        read = None
         if parallel:
-            predictive = Predictive(
-                model, posterior_samples=_plate_layout(samples, single), num_samples=num_samples, return_sites=[output_site], parallel=True
-            )
-            vectorised = predictive.get_vectorized_trace(*args, **kwargs).nodes[output_site]
-            read, sampled = _read_site([vectorised], num_samples, shape, task, observation, output_site)
-            # a model that indexes a vector latent (b[0] + b[1] * x) runs under a batch of draws without an error, and
-            # where the inputs' length equals the vector's it broadcasts into other numbers: its first and last draws
-            # are checked against the model run on them alone, and the model is run draw by draw where they differ.
-            # Sampled values (a Cauchy's), which each run draws anew, by their density under both runs' distributions
-            ends = [0, num_samples - 1] if num_samples > 1 else [0]
-            alone_nodes = [run(i).nodes[output_site] if i else single.nodes[output_site] for i in ends]
-            if sampled:
-                agree = _same_density(vectorised, alone_nodes, ends, num_samples)
-            else:
-                alone, _ = _read_site(alone_nodes, len(ends), shape, task, observation, output_site)
-                agree = all(_agree(None if whole is None else whole[ends], part) for whole, part in zip(read, alone))
-            if not agree:
-                read = None
+            read = _vectorised_read(model, samples, single, run, args, kwargs, output_site, task, observation)
         if not parallel or read is None:
             nodes = [run(i).nodes[output_site] if i else single.nodes[output_site] for i in range(num_samples)]
             read, _ = _read_site(nodes, num_samples, shape, task, observation, output_site)
@@ -359,6 +343,58 @@ def predict_function_model(
     means, variances = read
     dtype = torch.get_default_dtype()
     return Prediction.from_regression(means.to(dtype), None if variances is None else variances.to(dtype), keep_samples=keep_samples)
+
+
+def _vectorised_read(
+    model: Callable, samples: dict[str, Tensor], single: pyro.poutine.Trace, run: Callable[[int], pyro.poutine.Trace],
+    args: tuple, kwargs: dict[str, Any], output_site: str, task: str, observation: bool,
+) -> Optional[tuple[Optional[Tensor], ...]]:
+    """What :func:`predict_function_model` reads at ``output_site`` from one run of the model vectorised over all
+    draws, or None where no run gives the draws' own values (the model is then run draw by draw).
+
+    The draws are tried as given (``[S, *value shape]``, as Pyro's ``Predictive`` pads them: a model written for
+    those, e.g. ``x @ W``), then padded to the model's plate nesting (:func:`_plate_layout`: ``x[:, None] * w``
+    for a vector latent ``w``), each on the first and last draws alone before all of them (a layout that
+    broadcasts into ``[S, S, N]`` costs ``S^2``). A model that indexes a vector latent (``b[0] + b[1] * x``) runs
+    under a batch of draws without an error, and where the inputs' length equals the vector's it broadcasts into
+    other numbers: a run is kept only where its first and last draws equal the model run on them alone (sampled
+    values, a Cauchy's, which each run draws anew: by their density under both runs' distributions). Where every
+    layout fails, the draws as given are run once more, and its error raised."""
+    num_samples = next(iter(samples.values())).shape[0]
+    shape = single.nodes[output_site]["value"].shape
+    ends = [0, num_samples - 1] if num_samples > 1 else [0]
+    alone_nodes = [run(i).nodes[output_site] if i else single.nodes[output_site] for i in ends]
+    alone: list[Optional[tuple[Optional[Tensor], ...]]] = []  # read once, where a run reads values it can compare
+
+    def vectorised(draws: dict[str, Tensor], picked: list[int]) -> Optional[tuple[Optional[Tensor], ...]]:
+        """The read of one vectorised run on ``draws`` (the draws ``picked``), or None where its ends disagree."""
+        count = len(picked)
+        predictive = Predictive(model, posterior_samples=draws, num_samples=count, return_sites=[output_site], parallel=True)
+        node = predictive.get_vectorized_trace(*args, **kwargs).nodes[output_site]
+        read, sampled = _read_site([node], count, shape, task, observation, output_site)
+        where = [picked.index(i) for i in ends]
+        if sampled:
+            return read if _same_density(node, alone_nodes, where, count) else None
+        if not alone:
+            alone.append(_read_site(alone_nodes, len(ends), shape, task, observation, output_site)[0])
+        return read if all(_agree(None if whole is None else whole[where], part) for whole, part in zip(read, alone[0])) else None
+
+    padded = _plate_layout(samples, single)
+    layouts = [samples] + ([padded] if any(padded[name].shape != value.shape for name, value in samples.items()) else [])
+    errors = []
+    for draws in layouts:
+        try:
+            if num_samples > 2 and vectorised({name: value[ends] for name, value in draws.items()}, ends) is None:
+                continue
+            read = vectorised(draws, list(range(num_samples)))
+        except (RuntimeError, ValueError, IndexError) as error:  # shapes that do not broadcast in this layout
+            errors.append(error)
+            continue
+        if read is not None:
+            return read
+    if len(errors) == len(layouts):  # the run on every draw as given: its error (not one of two draws'), if it fails
+        return vectorised(samples, list(range(num_samples)))
+    return None
 
 
 def _plate_layout(samples: dict[str, Tensor], trace: pyro.poutine.Trace) -> dict[str, Tensor]:

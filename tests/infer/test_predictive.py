@@ -207,6 +207,25 @@ def test_a_vector_latent_outside_the_plates_is_predicted_vectorised(num_samples)
     assert len(calls) < num_samples  # vectorised: the draws were not run one by one
 
 
+def test_a_matrix_latent_used_as_x_at_w_is_predicted_vectorised_as_pyro_lays_out_its_draws():
+    # padded to the plate nesting ([S, 1, D, C]) its logits were [S, 1, N, C], which Pyro spread over [S, S, N]: a
+    # reshape error, or S times the memory and a run per draw (7 s against 0.05 s at S = 200, N = 1000)
+    from bdl.infer import predict_function_model
+
+    calls = []
+
+    def model(x, y=None):
+        calls.append(1)
+        weights = pyro.sample("W", dist.Normal(torch.zeros(4, 3), 1.0).to_event(2))
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("obs", dist.Categorical(logits=x @ weights), obs=y)
+
+    x, draws = torch.randn(50, 4, generator=torch.Generator().manual_seed(0)), torch.randn(40, 4, 3, generator=torch.Generator().manual_seed(1))
+    prediction = predict_function_model(model, {"W": draws}, x, output_site="obs", task="classification")
+    torch.testing.assert_close(prediction.probs, torch.softmax(x @ draws, -1).mean(0))
+    assert len(calls) < 40
+
+
 def test_sampled_values_are_read_from_the_vectorised_run_without_running_the_draws_alone():
     # a Cauchy observation has no finite moments: its sampled values, which every run draws anew, made the check of
     # the vectorised run fail every time, and the model then ran once per draw (1003 runs for 1000 draws)
