@@ -306,13 +306,13 @@ def collapsed_scales(guide: nn.Module) -> list[str]:
         >>> collapsed_scales(guide)
         ['scales.weight (2 of 2 entries)']
     """
-    if not isinstance(guide, PyroModule):
+    if not isinstance(guide, PyroModule) or isinstance(guide, autoguide.AutoDelta):  # a Delta's are named by site
         return []
     found = []
     with torch.no_grad(), private_param_store():
         for name, value in guide.named_pyro_params():
-            parts = name.split(".")
-            if not {"scale", "scales", "scale_tril"} & set(parts):
+            parts = name.split(".")  # the guide's own parameter, not a site of that name (AutoNormal's locs.scale)
+            if parts[0] not in ("scale", "scales", "scale_tril"):
                 continue
             if parts[-1] == "scale_tril":
                 value = value.diagonal(dim1=-2, dim2=-1)

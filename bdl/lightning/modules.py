@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler, SubsetRandomSampler
@@ -941,8 +942,11 @@ class VariationalModule(UncertaintyModule):
 
     def current_kl_weight(self) -> float:
         """``beta_t``: the KL weight of this step (after warm-up, ``kl_weight``)."""
-        if self.kl_warmup_epochs == 0 or self._trainer is None or not self.trainer.training:
-            return self.kl_weight  # outside a fit's training (a call after trainer.validate): no epoch to read
+        state = None if self._trainer is None else self.trainer.state
+        if self.kl_warmup_epochs == 0 or state is None or state.fn != TrainerFn.FITTING or state.status != TrainerStatus.RUNNING:
+            return self.kl_weight  # outside a running fit (after trainer.validate, or a fit): no warm-up to read
+        if self.trainer.sanity_checking:  # before the training loader is read: the epochs done (0, or a resumed run's)
+            return self.kl_weight * min(1.0, self.current_epoch / self.kl_warmup_epochs)
         if not math.isfinite(self.trainer.num_training_batches):  # taken as one batch: the warm-up ended in 2 steps
             raise ValueError(
                 f"kl_warmup_epochs={self.kl_warmup_epochs} is scheduled in epochs, and the training loader's epoch has "
@@ -1093,11 +1097,19 @@ class EnsembleModule(UncertaintyModule):
         """The Trainer's ``gradient_clip_val`` by norm clips each member's gradient by its own norm: Lightning's
         clipped the norm of all members' gradients together, so one member's large gradient shrank every other
         member's step (and the clip tightened as sqrt(num_members)). Clipping by value is Lightning's."""
-        if gradient_clip_val and GradClipAlgorithmType.NORM == (gradient_clip_algorithm or "norm"):  # an enum or a str
-            for member in self.model.members:
-                torch.nn.utils.clip_grad_norm_([p for p in member.parameters() if p.grad is not None], gradient_clip_val)
+        if GradClipAlgorithmType.NORM != (gradient_clip_algorithm or "norm"):  # an enum or a str
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        # through Lightning's checks and precision plugin, as its own clipping (a negative value clips nothing, a fused
+        # optimizer under a GradScaler is refused), with the optimizer's groups narrowed to one member's parameters
+        groups = optimizer.param_groups
+        try:
+            for member in self.model.members:
+                own = {id(parameter) for parameter in member.parameters()}
+                optimizer.param_groups = [{**group, "params": [p for p in group["params"] if id(p) in own]} for group in groups]
+                self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        finally:
+            optimizer.param_groups = groups
 
     def _diagnostic_terms(self) -> dict[str, Tensor]:
         nlls = getattr(self, "_member_nlls", None)

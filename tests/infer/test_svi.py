@@ -607,3 +607,32 @@ def test_predict_runs_a_function_model_that_does_not_broadcast_over_draws_one_dr
     pyro.set_rng_seed(1)
     draws = fitted.sample_posterior(8)["w"]  # the same draws
     torch.testing.assert_close(prediction.sample_means[..., 0], draws @ x.T)
+
+
+def test_collapsed_scales_names_the_guides_scales_not_sites_called_scale():
+    # a network parameter named "scale" at 0 was read as a collapsed guide scale (AutoNormal's locs.scale, AutoDelta's
+    # scale), and a loss that an overflowing input made NaN blamed it
+    from bdl.infer.guides import collapsed_scales, make_guide
+    from bdl.infer.predictive import private_param_store
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.zeros(1))
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    model = PyroModel(Gated(), "categorical")
+    for name in ("normal", "delta"):
+        guide = make_guide(name, model)
+        with private_param_store():
+            guide(torch.randn(3, 2), torch.zeros(3, dtype=torch.long))
+        assert collapsed_scales(guide) == []
+    with torch.no_grad():
+        guide = make_guide("normal", model)
+        with private_param_store():
+            guide(torch.randn(3, 2), torch.zeros(3, dtype=torch.long))
+        guide.scales.scale_unconstrained.fill_(-1e4)
+    assert collapsed_scales(guide) == ["scales.scale (1 of 1 entries)"]

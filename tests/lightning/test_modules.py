@@ -103,6 +103,16 @@ def test_variational_module_takes_num_data_from_the_data_module_and_warms_the_kl
     module = VariationalModule(net(), kl_weight=0.5, kl_warmup_epochs=2, num_data=32)
     trainer(tmp_path).validate(module, TinyData(batch_size=8))
     assert module.current_kl_weight() == 0.5
+    # in a fit's validation, the training's weight: 0 in the sanity check (it raised there too), then the last step's
+    seen = []
+
+    class RecordValidation(L.Callback):
+        def on_validation_start(self, trainer, module):
+            seen.append(module.current_kl_weight())
+
+    module = VariationalModule(net(), kl_weight=0.5, kl_warmup_epochs=2, save_report=False)
+    trainer(tmp_path, max_epochs=1, num_sanity_val_steps=1, limit_val_batches=1, callbacks=[RecordValidation()]).fit(module, data)
+    assert seen == pytest.approx([0.0, 0.5 * 3 / 8]) and module.current_kl_weight() == 0.5  # the epoch's last step's; after: full
 
 
 def test_variational_module_uses_existing_bayesian_layers_as_they_are():
@@ -135,18 +145,36 @@ def test_ensemble_members_start_apart_and_each_gets_the_gradient_of_its_own_loss
     assert module.sample_prediction(x, None).num_samples == 3
 
 
-@pytest.mark.parametrize("algorithm", [None, "norm"])
-def test_gradient_clipping_by_norm_clips_each_ensemble_member_by_its_own_norm(tmp_path, algorithm):
-    # Lightning clipped the norm of all members' gradients together: member 0 ended 0.07 from the network trained alone
+@pytest.mark.parametrize("algorithm, value", [(None, 0.2), ("norm", 0.2), (None, -1.0)])
+def test_gradient_clipping_by_norm_clips_each_ensemble_member_by_its_own_norm(tmp_path, algorithm, value):
+    # Lightning clipped the norm of all members' gradients together: member 0 ended 0.07 from the network trained
+    # alone; clipping the members by hand then took a negative value (which Lightning ignores) and flipped gradients
     data = DataLoader(TensorDataset(torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), torch.arange(32) % 3), batch_size=8)
     options = dict(optimizer="sgd", momentum=0.0, lr=0.5, save_report=False)
     torch.manual_seed(1)
     ensemble = EnsembleModule(net(), num_members=3, **options)
     alone = DeterministicModule(copy.deepcopy(ensemble.model.members[0]), **options)
     for module in (ensemble, alone):
-        trainer(tmp_path, max_epochs=2, limit_val_batches=0, gradient_clip_val=0.2, gradient_clip_algorithm=algorithm).fit(module, data)
+        trainer(tmp_path, max_epochs=2, limit_val_batches=0, gradient_clip_val=value, gradient_clip_algorithm=algorithm).fit(module, data)
     assert all(torch.equal(a, b) for a, b in zip(ensemble.model.members[0].parameters(), alone.model.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(ensemble.model.members[1].parameters(), alone.model.parameters()))
+
+
+def test_ensemble_clipping_is_refused_where_lightnings_is_for_an_optimizer_that_unscales_in_its_step(tmp_path):
+    # clipped by hand, the members' gradients were clipped while still scaled by the GradScaler (a clip of 100 made
+    # the steps 200 times shorter); Lightning refuses this (a CPU GradScaler stands in for 16-mixed on a GPU)
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    class FusedSGD(EnsembleModule):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, fused=True)
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    data = DataLoader(TensorDataset(torch.randn(16, 4), torch.arange(16) % 3), batch_size=16)
+    with pytest.raises(RuntimeError, match="The current optimizer, SGD, does not allow for gradient clipping"):
+        trainer(tmp_path, max_steps=1, gradient_clip_val=100.0, plugins=[plugin], limit_val_batches=0).fit(
+            FusedSGD(net(), num_members=2, save_report=False), data
+        )
 
 
 def test_mc_dropout_module_trains_with_dropout_and_predicts_with_it_in_eval_mode():
