@@ -429,6 +429,9 @@ def test_a_fit_whose_last_step_left_non_finite_parameters_ends_with_an_error(tmp
     module.model[0].weight.register_hook(lambda grad: grad * float("inf") if module.global_step == 1 else grad)
     with pytest.raises(FloatingPointError, match=r"training ended with non-finite parameters: model.0.weight \(64 of 64\)"):
         trainer(tmp_path, max_steps=2, num_sanity_val_steps=0, limit_val_batches=0).fit(module, TinyData(batch_size=8))
+
+
+def test_bdl_infer_svi_module_under_a_trainer_stops_at_a_non_finite_loss(tmp_path):
     # bdl.SVIModule (bdl.infer's) checked no loss at all under a Trainer: a NaN fit ended normally
     svi = bdl.SVIModule(bdl.infer.PyroModel(net(), "categorical", num_data=32), optimizer="sgd", lr=1e6, validate="never")
     with pytest.raises(FloatingPointError, match=r"non-finite training loss at epoch 0, step \d+ \(loss=nan"):
@@ -588,7 +591,7 @@ def test_num_data_of_a_loader_over_a_subset_of_its_data_set_is_the_subsets_size(
     with pytest.raises(ValueError, match="cannot tell the training-set size from the training loader: pass num_data"):
         trainer(tmp_path, max_steps=1).fit(VariationalModule(net()), DataLoader(Stream(), batch_size=8))
 
-def test_non_finite_prediction_in_validation_is_reported_with_the_step(tmp_path):
+def test_non_finite_predictions_and_bad_targets_in_evaluation_name_the_stage_epoch_batch_and_rows(tmp_path):
     module = DeterministicModule(net(), lr=1e-2)
     with torch.no_grad():
         module.model[2].bias.fill_(float("inf"))
