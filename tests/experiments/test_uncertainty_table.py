@@ -128,3 +128,24 @@ def test_nuts_with_two_chains_reports_weight_and_function_space_diagnostics(monk
     # Stan's ESS of the mean is at most S log10(S) for S draws (more than S for antithetic chains)
     assert 0 < metrics["function_space_min_ess"] <= 2 * 6 * math.log10(2 * 6) or metrics["function_space_min_ess"] == float("inf")
     assert metrics["rmse"] > 0 and metrics["divergences"] >= 0
+
+
+def test_the_shape_check_compares_an_epistemic_auroc_with_the_baselines_total_one(monkeypatch):
+    # compared with chance (0.5), every method's MI AUROC passed on digits, where each one is below the single
+    # network's entropy AUROC on every seed
+    spec = importlib.util.spec_from_file_location("uncertainty_table", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "uncertainty_table", script)
+    spec.loader.exec_module(script)
+
+    def run(entropy, mutual_information=0.5):
+        metrics = {"nll": 0.1, "ece": 0.01, "ood/predictive_entropy/auroc": entropy, "ood/mutual_information/auroc": mutual_information}
+        return [script.RunResult(metrics, [], None)]
+
+    table = script.shape_check("digits", {"deterministic": run(0.97), "ensemble": run(0.96, 0.96), "mc_dropout": run(0.96, 0.98)})[0]
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]] for line in table.splitlines()[2:]}
+    assert "OOD AUROC (MI) above 0.5 and the baseline's (entropy)" in table.splitlines()[0]
+    assert rows["deep ensemble (5)"][-1] == "**no**" and rows["MC dropout"][-1] == "yes"
+    # and above chance where the baseline's is below it (the regression toy's total variance: 0.008)
+    table = script.shape_check("digits", {"deterministic": run(0.01), "ensemble": run(0.96, 0.4)})[0]
+    assert table.splitlines()[2].split("|")[-2].strip() == "**no**"
