@@ -178,8 +178,13 @@ def plot_ood_histogram(
     # in float64: float32 edges collapse for scores whose spread is below float32's resolution at their size
     # one value only: a bin of width 1, or wider where 1 is below float64's resolution at that value (2^53 and up)
     top = float(high) if high > low else float(low) + max(1.0, abs(float(low)) * 1e-9)
-    if math.isinf(top - float(low)):  # linspace's step was inf, its edges NaN; matplotlib's ticks overflow there too
-        raise ValueError(f"scores_in and scores_out span [{float(low):g}, {top:g}], wider than float64's range: rescale them")
+    # a spread that overflows gave NaN edges, and scores within a factor 10 of float64's largest number a figure whose
+    # axis ticks overflow when it is drawn (8e307 did, 1.7e307 does not)
+    if not math.isfinite(10 * max(abs(float(low)), abs(top))):
+        raise ValueError(
+            f"scores_in and scores_out span [{float(low):g}, {top:g}], too close to float64's largest number (1.8e308) "
+            "to draw: rescale them"
+        )
     edges = torch.linspace(float(low), top, bins + 1, dtype=torch.float64).numpy()
     ax.hist(inside, bins=edges, density=True, histtype="stepfilled", alpha=0.55, color=_BLUE, label=f"in-distribution (N={len(inside)})")
     ax.hist(outside, bins=edges, density=True, histtype="stepfilled", alpha=0.55, color=_ORANGE, label=f"OOD (N={len(outside)})")

@@ -82,8 +82,11 @@ def test_ood_histogram_and_roc_show_the_auroc_and_compose(tmp_path):
         same = plots.plot_ood_histogram(torch.full((20,), value, dtype=torch.float64), torch.full((10,), value, dtype=torch.float64))
         assert all(np.isfinite(p.get_path().vertices).all() and p.get_path().vertices[:, 1].max() > 0 for p in same.axes[0].patches)
     # finite scores whose spread overflows: linspace's edges were NaN (matplotlib: "bins must increase monotonically")
-    with pytest.raises(ValueError, match=r"scores_in and scores_out span \[-1e\+308, 1e\+308\], wider than float64's range"):
-        plots.plot_ood_histogram(torch.tensor([-1e308, 0.0], dtype=torch.float64), torch.tensor([1e308], dtype=torch.float64))
+    # and within a factor 10 of float64's largest number: a figure whose axis ticks overflowed when saved
+    for low, high in ((-1e308, 1e308), (-8e307, 8e307), (0.0, 1.5e308)):
+        with pytest.raises(ValueError, match=r"scores_in and scores_out span \[.*\], too close to float64's largest number"):
+            plots.plot_ood_histogram(torch.tensor([low, 0.0], dtype=torch.float64), torch.tensor([high], dtype=torch.float64))
+    saved_image(plots.plot_ood_histogram(torch.tensor([-1.7e307, 0.0], dtype=torch.float64), torch.tensor([1.7e307], dtype=torch.float64)), tmp_path / "wide.png")
 
 
 def test_risk_coverage_plot_draws_the_curve_and_the_oracle(tmp_path):

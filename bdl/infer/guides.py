@@ -306,13 +306,16 @@ def collapsed_scales(guide: nn.Module) -> list[str]:
         >>> collapsed_scales(guide)
         ['scales.weight (2 of 2 entries)']
     """
-    if not isinstance(guide, PyroModule) or isinstance(guide, autoguide.AutoDelta):  # a Delta's are named by site
+    if not isinstance(guide, PyroModule):
         return []
     found = []
     with torch.no_grad(), private_param_store():
         for name, value in guide.named_pyro_params():
-            parts = name.split(".")  # the guide's own parameter, not a site of that name (AutoNormal's locs.scale)
-            if parts[0] not in ("scale", "scales", "scale_tril"):
+            parts, owner = name.split("."), guide
+            while isinstance(owner, autoguide.AutoGuideList) and parts[0].isdigit():  # "0.scales.a": its part 0's
+                owner, parts = owner[int(parts[0])], parts[1:]
+            # the guide's own parameter, not a site of that name (AutoNormal's locs.scale; a Delta's are named by site)
+            if isinstance(owner, autoguide.AutoDelta) or parts[0] not in ("scale", "scales", "scale_tril"):
                 continue
             if parts[-1] == "scale_tril":
                 value = value.diagonal(dim1=-2, dim2=-1)

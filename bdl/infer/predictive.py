@@ -330,6 +330,7 @@ def predict_function_model(
         if output_site not in single.nodes or single.nodes[output_site]["type"] != "sample":
             raise ValueError(f"output_site {output_site!r} is not a site of the model")
         shape = single.nodes[output_site]["value"].shape
+        _check_not_subsampled(single.nodes[output_site], output_site)
         # an unobserved sample site of the model (y=None): a latent in the samples is its posterior draws instead
         observation = output_site not in samples and not single.nodes[output_site]["infer"].get("_deterministic", False)
         read = None
@@ -343,6 +344,19 @@ def predict_function_model(
     means, variances = read
     dtype = torch.get_default_dtype()
     return Prediction.from_regression(means.to(dtype), None if variances is None else variances.to(dtype), keep_samples=keep_samples)
+
+
+def _check_not_subsampled(node: dict[str, Any], output_site: str) -> None:
+    """Refuse an output site in a subsampled plate (``pyro.plate(..., subsample_size=k)``): every run of the model,
+    and every draw of a vectorised one, picks other inputs, so a row of the prediction mixed different inputs."""
+    for frame in node["cond_indep_stack"]:
+        full = getattr(frame, "full_size", None)
+        if frame.vectorized and full is not None and frame.size != full:
+            raise ValueError(
+                f"output_site {output_site!r} is in plate {frame.name!r}, subsampled ({frame.size} of its {full} "
+                "elements): each run of the model picks other inputs; predict with the full plate (no subsample_size, "
+                "e.g. a model argument that sets it only for training)"
+            )
 
 
 def _vectorised_read(

@@ -945,8 +945,10 @@ class VariationalModule(UncertaintyModule):
         state = None if self._trainer is None else self.trainer.state
         if self.kl_warmup_epochs == 0 or state is None or state.fn != TrainerFn.FITTING or state.status != TrainerStatus.RUNNING:
             return self.kl_weight  # outside a running fit (after trainer.validate, or a fit): no warm-up to read
-        if self.trainer.sanity_checking:  # before the training loader is read: the epochs done (0, or a resumed run's)
-            return self.kl_weight * min(1.0, self.current_epoch / self.kl_warmup_epochs)
+        if self.trainer.sanity_checking:  # before the training loader is read: the epochs trained (0, or a resumed run's;
+            # current_epoch counts completed ones, which a checkpoint saved at an epoch's end does not yet include)
+            trained = self.trainer.fit_loop.epoch_progress.current.processed
+            return self.kl_weight * min(1.0, trained / self.kl_warmup_epochs)
         if not math.isfinite(self.trainer.num_training_batches):  # taken as one batch: the warm-up ended in 2 steps
             raise ValueError(
                 f"kl_warmup_epochs={self.kl_warmup_epochs} is scheduled in epochs, and the training loader's epoch has "

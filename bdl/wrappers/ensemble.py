@@ -207,8 +207,6 @@ class DeepEnsemble(nn.Module):
         self._base: list[nn.Module] = []
         self._stacked: Optional[tuple[Any, dict[str, Tensor], dict[str, Tensor], list[weakref.ref]]] = None
         self._warned_hooks = False
-        if method == "vmap":  # made now: in a first call under torch.compile(fullgraph=True) it cannot be (a Parameter())
-            self._current_base()
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -425,10 +423,12 @@ class DeepEnsemble(nn.Module):
         return params, buffers
 
     def _current_base(self) -> nn.Module:
-        """The weightless copy of member 0 that vmap runs, made again where a module of member 0 was replaced since
-        (in every member: the copy ran the old one, also one of the same type and other settings); told by weak
-        references, as a freed module's id is reused at once (and a strong one kept a replaced layer's memory, and
-        wrote it into torch.save)."""
+        """The weightless copy of member 0 that vmap runs, made at the first call (not when built: members are
+        configured after, their lazy layers built, and some cannot be copied where vmap never runs), and made again
+        where a module of member 0 was replaced since (in every member: the copy ran the old one, also one of the
+        same type and other settings); told by weak references, as a freed module's id is reused at once (and a
+        strong one kept a replaced layer's memory, and wrote it into torch.save). A first call under
+        ``torch.compile(fullgraph=True)`` cannot make it (a ``Parameter()``): call the ensemble once before."""
         layout = list(self.members[0].named_modules())
         kept = getattr(self, "_base_layout", None)
         if not self._base or kept is None or len(kept) != len(layout) or any(
@@ -531,8 +531,3 @@ class DeepEnsemble(nn.Module):
         state["_base"], state["_stacked"] = [], None  # caches: rebuilt on demand
         state.pop("_base_layout", None)  # weak references, which do not pickle
         return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        if self.method == "vmap":  # as in __init__
-            self._current_base()

@@ -348,3 +348,18 @@ def test_non_finite_outputs_name_the_input_rows_and_the_cause():
     samples["0.weight"][2, 0, 1] = float("nan")  # a draw, not the inputs or the network's own weights
     with pytest.raises(ValueError, match=r"samples\['0.weight'\] holds NaN or Inf in draws \[2\] \(1 of 6\)"):
         predict_from_samples(model, samples, x[:5])
+
+
+def test_an_output_site_in_a_subsampled_plate_is_refused():
+    # every run (and every draw of a vectorised one) picked its own 10 of the 50 inputs: 10 rows that mixed inputs, and
+    # an epistemic variance of 1.75 for draws that were all the same
+    from bdl.infer import predict_function_model
+
+    def model(x, y=None):
+        slope = pyro.sample("slope", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0], subsample_size=10) as rows:
+            return pyro.sample("obs", dist.Normal(slope * x[rows], 0.1), obs=None if y is None else y[rows])
+
+    for parallel in (True, False):
+        with pytest.raises(ValueError, match=r"output_site 'obs' is in plate 'data', subsampled \(10 of its 50 elements\)"):
+            predict_function_model(model, {"slope": torch.full((20,), 2.0)}, torch.linspace(-1, 1, 50), output_site="obs", task="regression", parallel=parallel)

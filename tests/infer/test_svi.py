@@ -636,3 +636,22 @@ def test_collapsed_scales_names_the_guides_scales_not_sites_called_scale():
             guide(torch.randn(3, 2), torch.zeros(3, dtype=torch.long))
         guide.scales.scale_unconstrained.fill_(-1e4)
     assert collapsed_scales(guide) == ["scales.scale (1 of 1 entries)"]
+    # the parts of an AutoGuideList by their own names ("0.scales.a", "1.scale": none was found)
+    from pyro import poutine
+    from pyro.infer.autoguide import AutoDiagonalNormal, AutoGuideList
+
+    def two_sites(y):
+        a = pyro.sample("a", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        b = pyro.sample("b", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("obs", dist.Normal(a.sum(-1, keepdim=True) + b, 1.0), obs=y)
+
+    guides = AutoGuideList(two_sites)
+    guides.append(PyroAutoNormal(poutine.block(two_sites, expose=["a"])))
+    guides.append(AutoDiagonalNormal(poutine.block(two_sites, expose=["b"])))
+    with private_param_store():
+        guides(torch.randn(20))
+        with torch.no_grad():
+            guides[0].scales.a_unconstrained.fill_(-1e4)
+            guides[1].scale_unconstrained.fill_(-1e4)
+        assert collapsed_scales(guides) == ["0.scales.a (2 of 2 entries)", "1.scale (1 of 1 entries)"]

@@ -113,6 +113,17 @@ def test_variational_module_takes_num_data_from_the_data_module_and_warms_the_kl
     module = VariationalModule(net(), kl_weight=0.5, kl_warmup_epochs=2, save_report=False)
     trainer(tmp_path, max_epochs=1, num_sanity_val_steps=1, limit_val_batches=1, callbacks=[RecordValidation()]).fit(module, data)
     assert seen == pytest.approx([0.0, 0.5 * 3 / 8]) and module.current_kl_weight() == 0.5  # the epoch's last step's; after: full
+    # resumed from the end of epoch 0, the sanity check's weight is one epoch's (it was 0: epoch 0 not yet "completed")
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
+    trainer(tmp_path, max_epochs=1, num_sanity_val_steps=0, limit_val_batches=1, enable_checkpointing=True, callbacks=[checkpoint]).fit(
+        VariationalModule(net(), kl_weight=0.5, kl_warmup_epochs=2, save_report=False), data
+    )
+    seen.clear()
+    module = VariationalModule(net(), kl_weight=0.5, kl_warmup_epochs=2, save_report=False)
+    trainer(tmp_path, max_epochs=2, num_sanity_val_steps=1, limit_val_batches=1, callbacks=[RecordValidation()]).fit(
+        module, data, ckpt_path=tmp_path / "checkpoints" / "last.ckpt"
+    )
+    assert seen[0] == pytest.approx(0.25)
 
 
 def test_variational_module_uses_existing_bayesian_layers_as_they_are():
