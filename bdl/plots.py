@@ -178,8 +178,8 @@ def plot_ood_histogram(
     # in float64: float32 edges collapse for scores whose spread is below float32's resolution at their size
     # one value only: a bin of width 1, or wider where 1 is below float64's resolution at that value (2^53 and up)
     top = float(high) if high > low else float(low) + max(1.0, abs(float(low)) * 1e-9)
-    # a spread that overflows gave NaN edges, and scores within a factor 10 of float64's largest number a figure whose
-    # axis ticks overflow when it is drawn (8e307 did, 1.7e307 does not)
+    # a spread that overflows gave NaN edges, and scores near float64's largest number a figure whose axis ticks
+    # overflow when it is drawn (8e307 did, 1.7e307 does not): a conservative factor of 10 keeps clear of both
     if not math.isfinite(10 * max(abs(float(low)), abs(top))):
         raise ValueError(
             f"scores_in and scores_out span [{float(low):g}, {top:g}], too close to float64's largest number (1.8e308) "

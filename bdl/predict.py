@@ -45,7 +45,7 @@ from .metrics.functional._checks import all_finite, check_probability_rows
 from .nn.convert import deterministic, use_estimator
 from .nn.functional import gaussian_draw, pre_activation_variance, randn_like
 from .nn.layers import BayesianModule, BayesLinear, _sample_once_blocks, _sample_once_draws
-from .nn.loss import first_few, non_finite_parameters, non_finite_posteriors
+from .nn.loss import first_few, index_list, non_finite_parameters, non_finite_posteriors
 
 TASKS = ("classification", "regression")
 
@@ -1261,8 +1261,8 @@ def _non_finite_message(error: _NonFiniteOutput, model: Any, x: Tensor, offset: 
     shuffling loader's order) and the likely cause: non-finite inputs there, non-finite parameters (training
     diverged), or neither."""
     bad = error.rows.nonzero().flatten().cpu()
-    rows = first_few([str(offset + int(row)) for row in bad], limit=8)
-    which = f"rows [{rows}] of the inputs" if in_order else f"inputs [{rows}] in the order the loader gave them"
+    rows = index_list([offset + int(row) for row in bad])
+    which = f"rows {rows} of the inputs" if in_order else f"inputs {rows} in the order the loader gave them"
     where = f"for {len(bad)} of the batch's {len(error.rows)} inputs ({which})"
     inputs_bad = x.is_floating_point() and not bool(torch.isfinite(x[bad.to(x.device)]).all())
     params = non_finite_parameters(model) if isinstance(model, nn.Module) else []

@@ -465,14 +465,14 @@ def shape_check(dataset: str, results: dict[str, list[RunResult]]) -> list[str]:
     classification = DATASETS[dataset].task == "classification"
     checks = [("nll", "NLL lower", lambda a, b: a < b)]
     if classification:
-        total = "ood/predictive_entropy/auroc"
+        total_auroc_key = "ood/predictive_entropy/auroc"
         checks += [("ece", "ECE lower", lambda a, b: a < b),
-                   (total, "OOD AUROC (entropy) higher", lambda a, b: a > b),
+                   (total_auroc_key, "OOD AUROC (entropy) higher", lambda a, b: a > b),
                    ("ood/mutual_information/auroc", "OOD AUROC (MI) above 0.5 and the baseline's (entropy)", lambda a, b: a > b)]  # fmt: skip
     else:
-        total = "ood/total_variance/auroc"
+        total_auroc_key = "ood/total_variance/auroc"
         checks += [("interval_coverage_95", "95% coverage closer to 0.95", lambda a, b: abs(a - 0.95) < abs(b - 0.95)),
-                   (total, "OOD AUROC (total var.) higher", lambda a, b: a > b),
+                   (total_auroc_key, "OOD AUROC (total var.) higher", lambda a, b: a > b),
                    ("ood/epistemic_variance/auroc", "OOD AUROC (epist. var.) above 0.5 and the baseline's (total var.)", lambda a, b: a > b)]  # fmt: skip
     header = ["method vs deterministic"] + [title for _, title, _ in checks]
     rows = []
@@ -485,7 +485,7 @@ def shape_check(dataset: str, results: dict[str, list[RunResult]]) -> list[str]:
             # the baseline has no epistemic score: chance, and its total one (compared with chance alone, every method
             # passed on digits, where each one's MI ranks the OOD digits below the single network's entropy)
             if key in EPISTEMIC_KEYS:
-                theirs = math.nan if method in SINGLE_NETWORK else max(0.5, mean(baseline, total))
+                theirs = math.nan if method in SINGLE_NETWORK else max(0.5, mean(baseline, total_auroc_key))
             row.append("n/a" if math.isnan(mine) or math.isnan(theirs) else ("yes" if better(mine, theirs) else "**no**"))
         rows.append(row)
     return [markdown_table(header, rows)] if rows else ["(no other method in this run)"]

@@ -292,10 +292,11 @@ def make_guide(
 
 
 def collapsed_scales(guide: nn.Module) -> list[str]:
-    """``"name (k of n entries)"`` for each scale parameter of a Pyro guide (``scales.*``, ``scale``,
-    ``scale_tril``'s diagonal) that reached 0 while finite: its unconstrained value underflowed (``softplus(-104)``
-    is 0 in float32), so the guide's log-density, and with it the ELBO, is infinite or NaN, or a low-rank
-    guide's covariance singular, with every trained parameter finite. Empty for a guide that is no PyroModule.
+    """The scales of a Pyro guide that collapsed to 0, as ``"name (k of n entries)"``: its scale parameters
+    (``scales.*``, ``scale``, the diagonal of a Cholesky-factor ``scale_tril``) with entries at 0 while finite.
+    Their unconstrained values underflowed (``softplus(-104)`` is 0 in float32), so the guide's log-density, and
+    with it the ELBO, is infinite or NaN, or a low-rank guide's covariance singular, with every trained parameter
+    finite. Empty for a guide that is no PyroModule; an ``AutoGuideList``'s parts are read by their own names.
 
     Example:
         >>> guide = make_guide("normal", PyroModel(nn.Linear(2, 1), "gaussian"))
@@ -312,12 +313,13 @@ def collapsed_scales(guide: nn.Module) -> list[str]:
     with torch.no_grad(), private_param_store():
         for name, value in guide.named_pyro_params():
             parts, owner = name.split("."), guide
-            while isinstance(owner, autoguide.AutoGuideList) and parts[0].isdigit():  # "0.scales.a": its part 0's
+            # an AutoGuideList names its parts' parameters by index ("0.scales.a"): read them as the part's own
+            while isinstance(owner, autoguide.AutoGuideList) and parts[0].isdigit():
                 owner, parts = owner[int(parts[0])], parts[1:]
             # the guide's own parameter, not a site of that name (AutoNormal's locs.scale; a Delta's are named by site)
             if isinstance(owner, autoguide.AutoDelta) or parts[0] not in ("scale", "scales", "scale_tril"):
                 continue
-            if parts[-1] == "scale_tril":
+            if parts[-1] == "scale_tril":  # a Cholesky factor's (Pyro's own has a unit diagonal, and a scale)
                 value = value.diagonal(dim1=-2, dim2=-1)
             zero = int((value == 0).sum())
             if zero:

@@ -21,7 +21,7 @@ from pyro.ops import stats
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler, TensorDataset
 
-from ..nn.loss import first_few
+from ..nn.loss import first_few, index_list
 from .diagnostics import ess_bulk, ess_mean, ess_tail, rank_r_hat
 from .model import PyroModel, check_finite_data, check_full_data
 from .predictive import TASKS, _eval_mode, predict_from_samples, predict_function_model, private_param_store
@@ -470,7 +470,7 @@ def _raise_if_outputs_not_finite_on_data(model: PyroModel, args: tuple, error: E
         rows = bad.nonzero().flatten().tolist()
         raise ValueError(
             f"mcmc: Pyro found no weights with a finite posterior density to start from: the network's outputs are not "
-            f"finite for rows [{first_few([str(row) for row in rows], limit=8)}] of the data ({len(rows)} of {len(x)}), whose "
+            f"finite for rows {index_list(rows)} of the data ({len(rows)} of {len(x)}), whose "
             "inputs are finite, with its own weights too (a NaN in the forward, e.g. the log of a negative value)"
         ) from error
 
@@ -502,7 +502,7 @@ def _check_predict_inputs(model: Any, args: tuple, predict_inputs: Any, output_s
             # their predictions would be NaN: the error came after every chain had run, and the samples were lost
             bad = (~torch.isfinite(x.reshape(len(x), -1))).any(1).nonzero().flatten().tolist()
             raise ValueError(
-                f"mcmc: predict_inputs hold NaN or Inf in rows {bad[:8]}{' ...' if len(bad) > 8 else ''} "
+                f"mcmc: predict_inputs hold NaN or Inf in rows {index_list(bad)} "
                 f"({len(bad)} of {len(x)}); checked before sampling"
             )
         if isinstance(predict_inputs, DataLoader):  # its first row as the loader makes batches (its collate_fn)

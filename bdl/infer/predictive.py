@@ -14,7 +14,7 @@ from pyro.params.param_store import ParamStoreDict
 from torch import Tensor, nn
 
 from ..metrics.functional._checks import check_positive_int
-from ..nn.loss import first_few
+from ..nn.loss import index_list
 from ..predict import _eval_mode  # each module's own mode restored (a frozen submodule stays in eval)
 from .model import PyroModel
 
@@ -205,7 +205,7 @@ def predict_from_samples(
         if name in used and value.dim() and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             draws = (~torch.isfinite(value.reshape(len(value), -1))).any(1).nonzero().flatten().tolist()
             raise ValueError(
-                f"samples[{name!r}] holds NaN or Inf in draws [{first_few([str(draw) for draw in draws], limit=8)}] "
+                f"samples[{name!r}] holds NaN or Inf in draws {index_list(draws)} "
                 f"({len(draws)} of {len(value)}): the posterior samples are not finite (a diverged chain or guide)"
             )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -307,12 +307,6 @@ def predict_function_model(
     """
     from ..predict import Prediction
 
-    if parallel is None:
-        options = {"output_site": output_site, "task": task, "keep_samples": keep_samples}
-        try:
-            return predict_function_model(model, samples, *args, parallel=True, **options, **kwargs)
-        except (RuntimeError, ValueError):  # e.g. `x @ w` with a batch of draws w: one draw at a time
-            return predict_function_model(model, samples, *args, parallel=False, **options, **kwargs)
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if not samples:
@@ -322,6 +316,16 @@ def predict_function_model(
     def run(i: int) -> pyro.poutine.Trace:
         """The model's trace under draw ``i`` alone."""
         return pyro.poutine.trace(pyro.poutine.condition(model, {k: v[i] for k, v in samples.items()})).get_trace(*args, **kwargs)
+
+    def alone(i: int) -> dict[str, Any]:
+        """The output site of the model run under draw ``i`` alone (draw 0's: the run that checked the site)."""
+        return run(i).nodes[output_site] if i else single.nodes[output_site]
+
+    def vectorised_node(draws: dict[str, Tensor]) -> dict[str, Any]:
+        """The output site of one run of the model vectorised over ``draws`` (``{site: [s, ...]}``)."""
+        count = next(iter(draws.values())).shape[0]
+        predictive = Predictive(model, posterior_samples=draws, num_samples=count, return_sites=[output_site], parallel=True)
+        return predictive.get_vectorized_trace(*args, **kwargs).nodes[output_site]
 
     # a model that is a module (a PyroModule) predicts in eval mode, as it was sampled: a BatchNorm's running
     # statistics moved to the new inputs' in training mode
@@ -333,12 +337,10 @@ def predict_function_model(
         _check_not_subsampled(single.nodes[output_site], output_site)
         # an unobserved sample site of the model (y=None): a latent in the samples is its posterior draws instead
         observation = output_site not in samples and not single.nodes[output_site]["infer"].get("_deterministic", False)
-        read = None
-        if parallel:
-            read = _vectorised_read(model, samples, single, run, args, kwargs, output_site, task, observation)
-        if not parallel or read is None:
-            nodes = [run(i).nodes[output_site] if i else single.nodes[output_site] for i in range(num_samples)]
-            read, _ = _read_site(nodes, num_samples, shape, task, observation, output_site)
+        site = (task, observation, output_site)
+        read = None if parallel is False else _vectorised_read(samples, single, alone, vectorised_node, site, strict=parallel is True)
+        if read is None:  # one run per draw
+            read, _ = _read_site([alone(i) for i in range(num_samples)], num_samples, shape, *site)
     if task == "classification":
         return Prediction.from_logits(read[0], keep_samples=keep_samples)
     means, variances = read
@@ -359,12 +361,22 @@ def _check_not_subsampled(node: dict[str, Any], output_site: str) -> None:
             )
 
 
+_LAYOUT_ERRORS = (RuntimeError, ValueError, IndexError)
+"""What a model raises under a batch of draws laid out in a way its code does not broadcast (``x @ w``, ``x[:, w > 0]``)."""
+
+
 def _vectorised_read(
-    model: Callable, samples: dict[str, Tensor], single: pyro.poutine.Trace, run: Callable[[int], pyro.poutine.Trace],
-    args: tuple, kwargs: dict[str, Any], output_site: str, task: str, observation: bool,
+    samples: dict[str, Tensor],
+    single: pyro.poutine.Trace,
+    alone: Callable[[int], dict[str, Any]],
+    vectorised_node: Callable[[dict[str, Tensor]], dict[str, Any]],
+    site: tuple[str, bool, str],
+    *,
+    strict: bool,
 ) -> Optional[tuple[Optional[Tensor], ...]]:
-    """What :func:`predict_function_model` reads at ``output_site`` from one run of the model vectorised over all
-    draws, or None where no run gives the draws' own values (the model is then run draw by draw).
+    """What :func:`predict_function_model` reads at its output site (``site``: task, observation, name) from one
+    run of the model vectorised over all draws, or None where no run gives the draws' own values (the model is
+    then run draw by draw).
 
     The draws are tried as given (``[S, *value shape]``, as Pyro's ``Predictive`` pads them: a model written for
     those, e.g. ``x @ W``), then padded to the model's plate nesting (:func:`_plate_layout`: ``x[:, None] * w``
@@ -373,40 +385,39 @@ def _vectorised_read(
     under a batch of draws without an error, and where the inputs' length equals the vector's it broadcasts into
     other numbers: a run is kept only where its first and last draws equal the model run on them alone (sampled
     values, a Cauchy's, which each run draws anew: by their density under both runs' distributions). Where every
-    layout fails, the draws as given are run once more, and its error raised."""
+    layout fails, ``strict`` runs the draws as given once more and raises its error (not that of two draws)."""
     num_samples = next(iter(samples.values())).shape[0]
-    shape = single.nodes[output_site]["value"].shape
+    shape = single.nodes[site[2]]["value"].shape
     ends = [0, num_samples - 1] if num_samples > 1 else [0]
-    alone_nodes = [run(i).nodes[output_site] if i else single.nodes[output_site] for i in ends]
-    alone: list[Optional[tuple[Optional[Tensor], ...]]] = []  # read once, where a run reads values it can compare
+    alone_nodes = [alone(i) for i in ends]
+    alone_read = None  # read once, where a run reads values it can compare
 
     def vectorised(draws: dict[str, Tensor], picked: list[int]) -> Optional[tuple[Optional[Tensor], ...]]:
         """The read of one vectorised run on ``draws`` (the draws ``picked``), or None where its ends disagree."""
-        count = len(picked)
-        predictive = Predictive(model, posterior_samples=draws, num_samples=count, return_sites=[output_site], parallel=True)
-        node = predictive.get_vectorized_trace(*args, **kwargs).nodes[output_site]
-        read, sampled = _read_site([node], count, shape, task, observation, output_site)
+        nonlocal alone_read
+        node = vectorised_node(draws)
+        read, sampled = _read_site([node], len(picked), shape, *site)
         where = [picked.index(i) for i in ends]
         if sampled:
-            return read if _same_density(node, alone_nodes, where, count) else None
-        if not alone:
-            alone.append(_read_site(alone_nodes, len(ends), shape, task, observation, output_site)[0])
-        return read if all(_agree(None if whole is None else whole[where], part) for whole, part in zip(read, alone[0])) else None
+            return read if _same_density(node, alone_nodes, where, len(picked)) else None
+        if alone_read is None:
+            alone_read = _read_site(alone_nodes, len(ends), shape, *site)[0]
+        return read if all(_agree(None if whole is None else whole[where], part) for whole, part in zip(read, alone_read)) else None
 
     padded = _plate_layout(samples, single)
     layouts = [samples] + ([padded] if any(padded[name].shape != value.shape for name, value in samples.items()) else [])
-    errors = []
+    failed = 0
     for draws in layouts:
         try:
             if num_samples > 2 and vectorised({name: value[ends] for name, value in draws.items()}, ends) is None:
                 continue
             read = vectorised(draws, list(range(num_samples)))
-        except (RuntimeError, ValueError, IndexError) as error:  # shapes that do not broadcast in this layout
-            errors.append(error)
+        except _LAYOUT_ERRORS:  # shapes that do not broadcast in this layout
+            failed += 1
             continue
         if read is not None:
             return read
-    if len(errors) == len(layouts):  # the run on every draw as given: its error (not one of two draws'), if it fails
+    if strict and failed == len(layouts):
         return vectorised(samples, list(range(num_samples)))
     return None
 
@@ -435,7 +446,7 @@ def _same_density(vectorised: dict[str, Any], alone: list[dict[str, Any]], ends:
         value = vectorised["value"]
         whole = vectorised["fn"].log_prob(value).reshape(num_samples, -1).sum(-1)
         parts = [node["fn"].log_prob(value[i].reshape(node["value"].shape)).sum() for i, node in zip(ends, alone)]
-    except (RuntimeError, ValueError, IndexError):  # shapes that do not line up: not the draws run alone
+    except _LAYOUT_ERRORS:  # shapes that do not line up: not the draws run alone
         return False
     return all(bool(torch.isclose(whole[i], part, rtol=1e-4, atol=1e-5)) for i, part in zip(ends, parts))
 

@@ -429,7 +429,7 @@ class SVIModule(L.LightningModule):
         if not bool(torch.isfinite(loss.detach())):
             error = FloatingPointError(
                 f"non-finite training loss at epoch {self.current_epoch}, step {self.global_step} (loss={loss.item()}, "
-                f"nll={nll.item():.4g}, kl={kl.item():.4g}); {non_finite_where(self, True, collapsed_scales(self.guide))}; "
+                f"nll={nll.item():.4g}, kl={kl.item():.4g}); {non_finite_where(self, kl_too=True, collapsed=collapsed_scales(self.guide))}; "
                 "lower the learning rate, check the inputs for NaN/inf, or check the prior and guide scales (init_scale)"
             )
         raise_on_every_process(self, error, "non-finite training loss")
@@ -513,14 +513,15 @@ class SVIModule(L.LightningModule):
             a :class:`bdl.Prediction`.
         """
         num_samples = self.num_samples if num_samples is None else num_samples  # 0 was read as "the default"
+        vectorize = parallel is not False
         if isinstance(self.model, PyroModel):
-            samples = self.sample_posterior(num_samples, parallel=parallel is not False)
-            return predict_from_samples(self.model, samples, inputs, keep_samples=keep_samples, vectorize=parallel is not False)
+            samples = self.sample_posterior(num_samples, parallel=vectorize)
+            return predict_from_samples(self.model, samples, inputs, keep_samples=keep_samples, vectorize=vectorize)
         if task not in TASKS:
             raise ValueError(f"predict on a model function needs task in {TASKS}, got {task!r}")
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         with private_param_store():
-            samples = sample_guide(self.guide, num_samples, *args, parallel=parallel is not False)
+            samples = sample_guide(self.guide, num_samples, *args, parallel=vectorize)
             return predict_function_model(
                 self.model, samples, *args, output_site=output_site, task=task, parallel=parallel, keep_samples=keep_samples
             )
@@ -608,7 +609,7 @@ def svi(
             learning_rate = f"lr={lr:g}" if isinstance(optimizer_name, str) else "the optimizer's learning rate"
             raise FloatingPointError(
                 f"svi: the loss is not finite at step {step + 1} of {num_steps} (loss={value}); "
-                f"{non_finite_where(module, True, collapsed_scales(module.guide))}; lower {learning_rate}, "
+                f"{non_finite_where(module, kl_too=True, collapsed=collapsed_scales(module.guide))}; lower {learning_rate}, "
                 "check the data for NaN/inf, or check the prior and guide scales (init_scale)"
             )
         loss.backward()

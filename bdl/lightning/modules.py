@@ -40,8 +40,8 @@ from torch.utils.data import DistributedSampler, SubsetRandomSampler
 
 from .. import infer
 from ..evaluate import Report, evaluate
-from ..infer.svi_trainer import _as_args, _steps_when_needed, ignored_hparams, plain_hyperparameters, stepping_batches
 from ..infer.guides import collapsed_scales
+from ..infer.svi_trainer import _as_args, _steps_when_needed, ignored_hparams, plain_hyperparameters, stepping_batches
 from ..nn.convert import bayesianize as convert_to_bayesian
 from ..nn.convert import kl_divergence
 from ..nn.functional import check_estimator
@@ -104,7 +104,7 @@ def _check_finite(
             f"non-finite training loss at epoch {module.current_epoch}, step {module.global_step}: "
             f"{' and '.join(name.upper() if name in ('nll', 'kl') else name for name in bad) or 'the loss'} "
             f"{'are' if len(bad) > 1 else 'is'} not finite "
-            f"({values}); {non_finite_where(module, 'kl' in bad, collapsed_scales(guide) if guide is not None else ())}; "
+            f"({values}); {non_finite_where(module, kl_too='kl' in bad, collapsed=collapsed_scales(guide) if guide is not None else ())}; "
             # Adam's 0/0 step writes NaN into parameters: without any, the cause is elsewhere (a NaN input, an overflow)
             + (non_finite_parameters(module) and _float16_adam(module)
                or "lower the learning rate, check the inputs for NaN/inf, or check the prior and posterior scales")
@@ -941,12 +941,15 @@ class VariationalModule(UncertaintyModule):
             self.num_data = checkpoint.get("bdl_num_data")
 
     def current_kl_weight(self) -> float:
-        """``beta_t``: the KL weight of this step (after warm-up, ``kl_weight``)."""
+        """``beta_t``: the KL weight of this step (after warm-up, ``kl_weight``); in a fit's validation, its last
+        training step's; in the sanity check, that of the epochs already trained (0, or a resumed fit's); outside a
+        running fit (after ``trainer.validate``, or once the fit ended), ``kl_weight``."""
         state = None if self._trainer is None else self.trainer.state
         if self.kl_warmup_epochs == 0 or state is None or state.fn != TrainerFn.FITTING or state.status != TrainerStatus.RUNNING:
-            return self.kl_weight  # outside a running fit (after trainer.validate, or a fit): no warm-up to read
-        if self.trainer.sanity_checking:  # before the training loader is read: the epochs trained (0, or a resumed run's;
-            # current_epoch counts completed ones, which a checkpoint saved at an epoch's end does not yet include)
+            return self.kl_weight
+        # before the training loader is read: by epochs processed (current_epoch counts completed ones, which a
+        # checkpoint saved at an epoch's end does not yet include)
+        if self.trainer.sanity_checking:
             trained = self.trainer.fit_loop.epoch_progress.current.processed
             return self.kl_weight * min(1.0, trained / self.kl_warmup_epochs)
         if not math.isfinite(self.trainer.num_training_batches):  # taken as one batch: the warm-up ended in 2 steps
@@ -1099,8 +1102,10 @@ class EnsembleModule(UncertaintyModule):
         """The Trainer's ``gradient_clip_val`` by norm clips each member's gradient by its own norm: Lightning's
         clipped the norm of all members' gradients together, so one member's large gradient shrank every other
         member's step (and the clip tightened as sqrt(num_members)). Clipping by value is Lightning's."""
-        if GradClipAlgorithmType.NORM != (gradient_clip_algorithm or "norm"):  # an enum or a str
+        if (gradient_clip_algorithm or "norm") != GradClipAlgorithmType.NORM:  # an enum or a str
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if not (gradient_clip_val or self.trainer.gradient_clip_val or 0) > 0:  # called at every step, also without
             return
         # through Lightning's checks and precision plugin, as its own clipping (a negative value clips nothing, a fused
         # optimizer under a GradScaler is refused), with the optimizer's groups narrowed to one member's parameters

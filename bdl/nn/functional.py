@@ -341,7 +341,8 @@ def dropout(input: Tensor, p: float = 0.5) -> Tensor:
     32768x128 tensor, torch on 2 threads and the random numbers from one (fastest of 25, interleaved, on the
     2-core development VM): 18 ms against 32 ms for comparing uniforms from :func:`rand_like` (1024x128: 0.52
     against 1.27 ms) and 57 ms for ``F.dropout``, whose Bernoulli mask takes one generator call per element.
-    On accelerators it is ``F.dropout`` (one fused kernel there). :class:`bdl.MCDropout` uses it for its
+    On accelerators it is ``F.dropout`` (one fused kernel there), and so it is under ``torch.compile``,
+    ``torch.func`` transforms and ``torch.jit.trace``. :class:`bdl.MCDropout` uses it for its
     ``nn.Dropout`` layers. Differentiable in ``input``.
 
     Example:
@@ -358,6 +359,7 @@ def dropout(input: Tensor, p: float = 0.5) -> Tensor:
         raise TypeError(f"input must be a floating-point tensor, got dtype {input.dtype}")
     if p == 0:
         return input
+    # compiled graphs, torch.func transforms and jit traces have no op for the bit-packed mask's int16 view
     if input.device.type != "cpu" or torch.compiler.is_compiling() or _in_functorch(input) or torch.jit.is_tracing():
         return F.dropout(input, p, training=True)
     n = input.numel()

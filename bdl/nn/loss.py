@@ -101,9 +101,15 @@ def check_trained_parameters(module: nn.Module) -> None:
         )
 
 
-def first_few(names: list[str], limit: int = 4) -> str:
+def first_few(names: Sequence[str], limit: int = 4) -> str:
     """``names`` joined for a message, the first ``limit`` of them and how many more."""
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def index_list(indices: Sequence[int], limit: int = 8) -> str:
+    """Rows or draws for a message that states their count itself: ``[0, 3, 5]``, or the first ``limit`` and
+    ``...``."""
+    return "[" + ", ".join(str(int(i)) for i in indices[:limit]) + (", ...]" if len(indices) > limit else "]")
 
 
 def non_finite_posteriors(module: nn.Module) -> list[str]:
@@ -122,7 +128,7 @@ def non_finite_posteriors(module: nn.Module) -> list[str]:
     return layers
 
 
-def non_finite_where(module: nn.Module, kl_too: bool, collapsed: Sequence[str] = ()) -> str:
+def non_finite_where(module: nn.Module, *, kl_too: bool, collapsed: Sequence[str] = ()) -> str:
     """Where a non-finite loss came from, for its error: the parameters that are not finite (a step before
     diverged), else the scales ``collapsed`` to 0 (a Pyro guide's, see :func:`bdl.infer.guides.collapsed_scales`),
     else the Bayesian layers whose KL is not finite (a posterior std that overflowed), else the inputs."""
@@ -131,7 +137,7 @@ def non_finite_where(module: nn.Module, kl_too: bool, collapsed: Sequence[str] =
         return f"non-finite parameters: {first_few(params)} (an earlier step diverged)"
     if collapsed:
         return (
-            f"every parameter is finite, but the guide's scale is 0 in {first_few(list(collapsed))} (an unconstrained "
+            f"every parameter is finite, but the guide's scale is 0 in {first_few(collapsed)} (an unconstrained "
             "scale that underflowed: its log-density is infinite)"
         )
     if kl_too:
@@ -198,7 +204,7 @@ class ELBOLoss(nn.Module):
             raise FloatingPointError(
                 f"ELBOLoss: {' and '.join(name.upper() for name in bad) or 'the loss'} {'are' if len(bad) > 1 else 'is'} "
                 f"not finite (nll={result.nll.item():.4g}, kl={result.kl.item():.4g}); "
-                f"{non_finite_where(self.model[0], 'kl' in bad)}; lower the learning rate, check the inputs for "
+                f"{non_finite_where(self.model[0], kl_too='kl' in bad)}; lower the learning rate, check the inputs for "
                 "NaN/inf, or check the prior and posterior scales"
             )
         return result

@@ -14,7 +14,7 @@ import os
 import warnings
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -115,6 +115,16 @@ def _hooks_for_copy(module: nn.Module, names: Callable[[], dict[int, str]], copy
     return state
 
 
+class _Stacked(NamedTuple):
+    """The members' tensors stacked for vmap, kept between calls without gradients while ``key`` (names, storage,
+    versions, optimizer steps) and the ``sources`` (weak references to the stacked tensors themselves) hold."""
+
+    key: tuple
+    params: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    sources: list[weakref.ref]
+
+
 def _meta_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose parameters and buffers are tensors of their shapes on the meta device.
 
@@ -205,7 +215,8 @@ class DeepEnsemble(nn.Module):
         self.chunk_size = None if chunk_size is None else int(chunk_size)  # a numpy integer too
         # a weightless copy of member 0 that functional_call runs; in a list so it is not registered as a submodule
         self._base: list[nn.Module] = []
-        self._stacked: Optional[tuple[Any, dict[str, Tensor], dict[str, Tensor], list[weakref.ref]]] = None
+        self._stacked: Optional[_Stacked] = None
+        self._base_layout: Optional[list[tuple[str, weakref.ref]]] = None  # member 0's modules when _base was made
         self._warned_hooks = False
 
     # ------------------------------------------------------------------ constructors
@@ -409,17 +420,17 @@ class DeepEnsemble(nn.Module):
         # and the tensors themselves, by weak reference: a new tensor at a freed one's address, both at version 0 (a
         # functional_call's parameters, a replaced Parameter), matched the key and got the old weights' outputs
         sources = [t for state in tensors for t in state.values()]
-        if not torch.is_grad_enabled() and key is not None and self._stacked is not None and self._stacked[0] == key and all(
-            ref() is t for ref, t in zip(self._stacked[3], sources)
+        if not torch.is_grad_enabled() and key is not None and self._stacked is not None and self._stacked.key == key and all(
+            ref() is t for ref, t in zip(self._stacked.sources, sources)
         ):
-            return self._stacked[1], self._stacked[2]
+            return self._stacked.params, self._stacked.buffers
         names = list(tensors[0])
         parameter_names = {name for name, _ in self.members[0].named_parameters()}
         stacked = {name: torch.stack([state[name] for state in tensors]) for name in names}
         params = {name: value for name, value in stacked.items() if name in parameter_names}
         buffers = {name: value for name, value in stacked.items() if name not in parameter_names}
         cache = not torch.is_grad_enabled() and key is not None
-        self._stacked = (key, params, buffers, [weakref.ref(t) for t in sources]) if cache else None
+        self._stacked = _Stacked(key, params, buffers, [weakref.ref(t) for t in sources]) if cache else None
         return params, buffers
 
     def _current_base(self) -> nn.Module:
@@ -430,7 +441,7 @@ class DeepEnsemble(nn.Module):
         strong one kept a replaced layer's memory, and wrote it into torch.save). A first call under
         ``torch.compile(fullgraph=True)`` cannot make it (a ``Parameter()``): call the ensemble once before."""
         layout = list(self.members[0].named_modules())
-        kept = getattr(self, "_base_layout", None)
+        kept = getattr(self, "_base_layout", None)  # (an ensemble pickled by an earlier version has none)
         if not self._base or kept is None or len(kept) != len(layout) or any(
             ref() is not module or m != n for (m, ref), (n, module) in zip(kept, layout)
         ):
@@ -529,5 +540,5 @@ class DeepEnsemble(nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state["_base"], state["_stacked"] = [], None  # caches: rebuilt on demand
-        state.pop("_base_layout", None)  # weak references, which do not pickle
+        state["_base_layout"] = None  # weak references, which do not pickle
         return state

@@ -17,6 +17,16 @@ REGRESSION_HEADER = ["method", "RMSE ↓", "NLL ↓", "95% coverage →0.95", "C
                      "FPR95 (total var.) ↓", "OOD AUROC (epist. var.) ↑", "train s ↓", "predict ms ↓"]  # fmt: skip
 
 
+@pytest.fixture
+def script(monkeypatch):
+    """experiments/uncertainty_table.py imported as a module."""
+    spec = importlib.util.spec_from_file_location("uncertainty_table", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "uncertainty_table", module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def first_table(text: str) -> tuple[list[str], dict[str, list[str]]]:
     """The header and ``{first cell: other cells}`` of the first markdown table in ``text``."""
     lines = text.splitlines()
@@ -77,11 +87,7 @@ def test_regression_table_skips_temperature_scaling_and_reports_coverage(quick_r
     assert (out / "regression_gap.png").exists() and not (out / "mnist1d_reference.md").exists()
 
 
-def test_arguments_are_checked_and_quick_means_one_seed(monkeypatch, tmp_path):
-    spec = importlib.util.spec_from_file_location("uncertainty_table", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "uncertainty_table", script)  # its dataclasses look their module up
-    spec.loader.exec_module(script)
+def test_arguments_are_checked_and_quick_means_one_seed(script, monkeypatch, tmp_path):
     monkeypatch.setattr(script.tempfile, "tempdir", str(tmp_path))  # parsing made a temporary folder, even when refused
     args = script.parse_args(["--quick", "--methods", "svi", "deterministic"])
     assert args.seeds == [0] and args.methods == ["deterministic", "svi"]  # the table's order
@@ -96,11 +102,7 @@ def test_arguments_are_checked_and_quick_means_one_seed(monkeypatch, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_predict_time_leaves_the_first_batch_out(monkeypatch):
-    spec = importlib.util.spec_from_file_location("uncertainty_table", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "uncertainty_table", script)
-    spec.loader.exec_module(script)
+def test_predict_time_leaves_the_first_batch_out(script, monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(script.time, "perf_counter", lambda: clock[0])
 
@@ -111,12 +113,8 @@ def test_predict_time_leaves_the_first_batch_out(monkeypatch):
     assert script.time_predictions(predict, loader, torch.device("cpu")) == 4000.0  # 4 batches, 1 s each
 
 
-def test_nuts_with_two_chains_reports_weight_and_function_space_diagnostics(monkeypatch, tmp_path):
+def test_nuts_with_two_chains_reports_weight_and_function_space_diagnostics(script, monkeypatch, tmp_path):
     # --quick runs one chain, which has no R-hat: here the path of `make results` (two chains), at a tiny size
-    spec = importlib.util.spec_from_file_location("uncertainty_table", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "uncertainty_table", script)
-    spec.loader.exec_module(script)
     args = script.parse_args(["--quick", "--nuts-hidden", "4", "--runs-dir", str(tmp_path)])
     monkeypatch.setattr(script, "nuts_settings", lambda _: (2, 4, 6, 2))
     result = script.run_nuts("regression_gap", 0, args)
@@ -130,13 +128,9 @@ def test_nuts_with_two_chains_reports_weight_and_function_space_diagnostics(monk
     assert metrics["rmse"] > 0 and metrics["divergences"] >= 0
 
 
-def test_the_shape_check_compares_an_epistemic_auroc_with_the_baselines_total_one(monkeypatch):
+def test_the_shape_check_compares_an_epistemic_auroc_with_the_baselines_total_one(script):
     # compared with chance (0.5), every method's MI AUROC passed on digits, where each one is below the single
     # network's entropy AUROC on every seed
-    spec = importlib.util.spec_from_file_location("uncertainty_table", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "uncertainty_table", script)
-    spec.loader.exec_module(script)
 
     def run(entropy, mutual_information=0.5):
         metrics = {"nll": 0.1, "ece": 0.01, "ood/predictive_entropy/auroc": entropy, "ood/mutual_information/auroc": mutual_information}

@@ -208,8 +208,9 @@ def test_a_vector_latent_outside_the_plates_is_predicted_vectorised(num_samples)
 
 
 def test_a_matrix_latent_used_as_x_at_w_is_predicted_vectorised_as_pyro_lays_out_its_draws():
-    # padded to the plate nesting ([S, 1, D, C]) its logits were [S, 1, N, C], which Pyro spread over [S, S, N]: a
-    # reshape error, or S times the memory and a run per draw (7 s against 0.05 s at S = 200, N = 1000)
+    # its draws padded to the plate nesting ([S, 1, D, C]) give logits [S, 1, N, C], which Pyro spreads over [S, S, N]:
+    # when that layout was the only one tried, a reshape error, or S times the memory and a run per draw (7 s against
+    # 0.05 s at S = 200, N = 1000); tried as given first, or on two draws before all, it runs vectorised
     from bdl.infer import predict_function_model
 
     calls = []
@@ -363,3 +364,20 @@ def test_an_output_site_in_a_subsampled_plate_is_refused():
     for parallel in (True, False):
         with pytest.raises(ValueError, match=r"output_site 'obs' is in plate 'data', subsampled \(10 of its 50 elements\)"):
             predict_function_model(model, {"slope": torch.full((20,), 2.0)}, torch.linspace(-1, 1, 50), output_site="obs", task="regression", parallel=parallel)
+
+
+def test_parallel_none_runs_a_model_that_fails_under_a_batch_of_draws_one_draw_at_a_time():
+    # x[:, w > 0] raises an IndexError under a batch of draws, which the fallback did not catch (RuntimeError and
+    # ValueError only); parallel=True raises the model's own error
+    from bdl.infer import predict_function_model
+
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("obs", dist.Normal(x[:, w > 0].sum(-1), 0.1), obs=y)  # the features a draw picks
+
+    x, w = torch.randn(10, 3, generator=torch.Generator().manual_seed(0)), torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+    prediction = predict_function_model(model, {"w": w}, x, output_site="obs", task="regression", parallel=None)
+    torch.testing.assert_close(prediction.mean[:, 0], torch.stack([x[:, draw > 0].sum(-1) for draw in w]).mean(0))
+    with pytest.raises(IndexError):
+        predict_function_model(model, {"w": w}, x, output_site="obs", task="regression", parallel=True)

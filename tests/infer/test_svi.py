@@ -589,7 +589,7 @@ def test_a_guide_scale_that_underflowed_to_zero_is_named_as_the_cause(guide, lig
         trainer(max_epochs=1).fit(module, loader)
 
 
-def test_predict_runs_a_function_model_that_does_not_broadcast_over_draws_one_draw_at_a_time():
+def test_svi_module_predict_runs_a_function_model_that_does_not_broadcast_over_draws_one_draw_at_a_time():
     # x @ w fails under a batch of draws w; predict's default (parallel=True) raised where MCMCResult.predict's fell back
     def model(x, y=None):
         w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
@@ -636,9 +636,15 @@ def test_collapsed_scales_names_the_guides_scales_not_sites_called_scale():
             guide(torch.randn(3, 2), torch.zeros(3, dtype=torch.long))
         guide.scales.scale_unconstrained.fill_(-1e4)
     assert collapsed_scales(guide) == ["scales.scale (1 of 1 entries)"]
-    # the parts of an AutoGuideList by their own names ("0.scales.a", "1.scale": none was found)
+
+
+def test_collapsed_scales_reads_a_guide_lists_parts_and_a_cholesky_factors_diagonal():
+    # an AutoGuideList's parameters are named by part ("0.scales.a", "1.scale"): none was found
     from pyro import poutine
-    from pyro.infer.autoguide import AutoDiagonalNormal, AutoGuideList
+    from pyro.distributions import constraints
+    from pyro.infer.autoguide import AutoDiagonalNormal, AutoGuideList, AutoMultivariateNormal
+    from bdl.infer.guides import collapsed_scales
+    from bdl.infer.predictive import private_param_store
 
     def two_sites(y):
         a = pyro.sample("a", dist.Normal(torch.zeros(2), 1.0).to_event(1))
@@ -655,3 +661,13 @@ def test_collapsed_scales_names_the_guides_scales_not_sites_called_scale():
             guides[0].scales.a_unconstrained.fill_(-1e4)
             guides[1].scale_unconstrained.fill_(-1e4)
         assert collapsed_scales(guides) == ["0.scales.a (2 of 2 entries)", "1.scale (1 of 1 entries)"]
+
+    class CholeskyGuide(AutoMultivariateNormal):  # a scale_tril whose diagonal is its own (Pyro's: unit, and a scale)
+        scale_tril_constraint = constraints.lower_cholesky
+
+    guide = CholeskyGuide(two_sites)
+    with private_param_store():
+        guide(torch.randn(20))
+        with torch.no_grad():
+            guide.scale_tril_unconstrained[1, 1] = -1e4  # exp(-1e4): 0
+        assert collapsed_scales(guide) == ["scale_tril (1 of 3 entries)"]

@@ -98,6 +98,9 @@ def test_variational_module_takes_num_data_from_the_data_module_and_warms_the_kl
         trainer(tmp_path, max_epochs=3, limit_val_batches=0, callbacks=[Record(), accumulating]).fit(module, data)
         assert weights == pytest.approx(expected)
 
+
+def test_the_kl_weight_outside_training_steps_is_the_fits_or_the_full_one(tmp_path):
+    data = TinyData(num_train=32, batch_size=8)  # 4 batches per epoch
     # outside a fit's training (after trainer.validate) the weight is the full one, as before any Trainer: it raised
     # "the training loader's epoch has no length (an IterableDataset without __len__)", of a run with no training loader
     module = VariationalModule(net(), kl_weight=0.5, kl_warmup_epochs=2, num_data=32)
@@ -164,11 +167,11 @@ def test_gradient_clipping_by_norm_clips_each_ensemble_member_by_its_own_norm(tm
     options = dict(optimizer="sgd", momentum=0.0, lr=0.5, save_report=False)
     torch.manual_seed(1)
     ensemble = EnsembleModule(net(), num_members=3, **options)
-    alone = DeterministicModule(copy.deepcopy(ensemble.model.members[0]), **options)
-    for module in (ensemble, alone):
+    alone = [DeterministicModule(copy.deepcopy(member), **options) for member in ensemble.model.members]  # as they start
+    for module in (ensemble, *alone):
         trainer(tmp_path, max_epochs=2, limit_val_batches=0, gradient_clip_val=value, gradient_clip_algorithm=algorithm).fit(module, data)
-    assert all(torch.equal(a, b) for a, b in zip(ensemble.model.members[0].parameters(), alone.model.parameters()))
-    assert not all(torch.equal(a, b) for a, b in zip(ensemble.model.members[1].parameters(), alone.model.parameters()))
+    for member, single in zip(ensemble.model.members, alone):  # every member as its network trained alone
+        assert all(torch.equal(a, b) for a, b in zip(member.parameters(), single.model.parameters()))
 
 
 def test_ensemble_clipping_is_refused_where_lightnings_is_for_an_optimizer_that_unscales_in_its_step(tmp_path):

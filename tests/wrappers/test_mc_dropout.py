@@ -484,7 +484,6 @@ def test_an_mc_dropout_around_another_drops_each_layer_once():
     assert abs((module.model(x) == 0).float().mean().item() - 0.5) < 0.02
 
 
-
 def test_a_traced_mc_dropout_model_drops_anew_at_every_call():
     # the CPU dropout's bit-packed mask (random bits viewed as int16) has no op in a trace: "INTERNAL ASSERT FAILED"
     torch.manual_seed(0)
