@@ -334,7 +334,7 @@ def predict_function_model(
         if output_site not in single.nodes or single.nodes[output_site]["type"] != "sample":
             raise ValueError(f"output_site {output_site!r} is not a site of the model")
         shape = single.nodes[output_site]["value"].shape
-        _check_not_subsampled(single.nodes[output_site], output_site)
+        _check_not_subsampled(single, lambda: run(0), output_site)
         # an unobserved sample site of the model (y=None): a latent in the samples is its posterior draws instead
         observation = output_site not in samples and not single.nodes[output_site]["infer"].get("_deterministic", False)
         site = (task, observation, output_site)
@@ -348,16 +348,25 @@ def predict_function_model(
     return Prediction.from_regression(means.to(dtype), None if variances is None else variances.to(dtype), keep_samples=keep_samples)
 
 
-def _check_not_subsampled(node: dict[str, Any], output_site: str) -> None:
-    """Refuse an output site in a subsampled plate (``pyro.plate(..., subsample_size=k)``): every run of the model,
-    and every draw of a vectorised one, picks other inputs, so a row of the prediction mixed different inputs."""
-    for frame in node["cond_indep_stack"]:
-        full = getattr(frame, "full_size", None)
-        if frame.vectorized and full is not None and frame.size != full:
+def _check_not_subsampled(trace: pyro.poutine.Trace, rerun: Callable[[], pyro.poutine.Trace], output_site: str) -> None:
+    """Refuse an output site in a plate that subsamples anew at each run (``pyro.plate(..., subsample_size=k)``):
+    every run of the model, and every draw of a vectorised one, picks other inputs, so a row of the prediction
+    mixed different inputs. Fixed indices (``subsample=idx``, as bdl's own likelihoods pass) are the same in a
+    second run (``rerun``), and kept."""
+    frames = [
+        frame for frame in trace.nodes[output_site]["cond_indep_stack"]
+        if frame.vectorized and getattr(frame, "full_size", None) is not None and frame.size != frame.full_size
+    ]  # fmt: skip
+    if not frames:
+        return
+    again = rerun()
+    for frame in frames:
+        first, second = (t.nodes.get(frame.name, {}).get("value") for t in (trace, again))
+        if first is None or second is None or not torch.equal(first, second):
             raise ValueError(
-                f"output_site {output_site!r} is in plate {frame.name!r}, subsampled ({frame.size} of its {full} "
-                "elements): each run of the model picks other inputs; predict with the full plate (no subsample_size, "
-                "e.g. a model argument that sets it only for training)"
+                f"output_site {output_site!r} is in plate {frame.name!r}, subsampled ({frame.size} of its "
+                f"{frame.full_size} elements) anew at each run: each run of the model picks other inputs; predict with "
+                "the full plate (no subsample_size, e.g. a model argument that sets it only for training)"
             )
 
 
@@ -407,12 +416,15 @@ def _vectorised_read(
     padded = _plate_layout(samples, single)
     layouts = [samples] + ([padded] if any(padded[name].shape != value.shape for name, value in samples.items()) else [])
     failed = 0
+    # strict: the errors of shapes that do not broadcast; else any (a TypeError of torch.full_like(x, latent), an
+    # assert on a shape), which a run per draw then raises again if the model itself is at fault
+    errors = _LAYOUT_ERRORS if strict else Exception
     for draws in layouts:
         try:
             if num_samples > 2 and vectorised({name: value[ends] for name, value in draws.items()}, ends) is None:
                 continue
             read = vectorised(draws, list(range(num_samples)))
-        except _LAYOUT_ERRORS:  # shapes that do not broadcast in this layout
+        except errors:
             failed += 1
             continue
         if read is not None:

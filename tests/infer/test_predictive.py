@@ -362,22 +362,47 @@ def test_an_output_site_in_a_subsampled_plate_is_refused():
             return pyro.sample("obs", dist.Normal(slope * x[rows], 0.1), obs=None if y is None else y[rows])
 
     for parallel in (True, False):
-        with pytest.raises(ValueError, match=r"output_site 'obs' is in plate 'data', subsampled \(10 of its 50 elements\)"):
+        with pytest.raises(ValueError, match=r"output_site 'obs' is in plate 'data', subsampled \(10 of its 50 elements\) anew at each run"):
             predict_function_model(model, {"slope": torch.full((20,), 2.0)}, torch.linspace(-1, 1, 50), output_site="obs", task="regression", parallel=parallel)
 
+    # fixed indices (subsample=, as bdl's own likelihoods pass them) are the same rows in every run: kept
+    def fixed(x, y=None):
+        slope = pyro.sample("slope", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0], subsample=torch.tensor([1, 3])) as rows:
+            return pyro.sample("obs", dist.Normal(slope * x[rows], 0.1), obs=None if y is None else y[rows])
 
-def test_parallel_none_runs_a_model_that_fails_under_a_batch_of_draws_one_draw_at_a_time():
-    # x[:, w > 0] raises an IndexError under a batch of draws, which the fallback did not catch (RuntimeError and
-    # ValueError only); parallel=True raises the model's own error
+    x, slopes = torch.linspace(-1, 1, 6), torch.tensor([1.0, 3.0])
+    prediction = predict_function_model(fixed, {"slope": slopes}, x, output_site="obs", task="regression")
+    torch.testing.assert_close(prediction.mean[:, 0], 2.0 * x[[1, 3]])
+
+
+def _picked_features(x, w):
+    return x[:, w > 0].sum(-1)  # the features a draw picks: an IndexError under a batch of draws
+
+
+def _filled(x, w):
+    return torch.full_like(x[:, 0], w[..., 0]) + x.sum(-1)  # a TypeError (a fill value of several) under a batch
+
+
+def _asserted(x, w):
+    mean = (x * w).sum(-1)
+    assert mean.shape == x.shape[:1]  # a model's own shape check: an AssertionError under a batch
+    return mean
+
+
+@pytest.mark.parametrize("mean_of, error", [(_picked_features, IndexError), (_filled, TypeError), (_asserted, AssertionError)])
+def test_parallel_none_runs_a_model_that_fails_under_a_batch_of_draws_one_draw_at_a_time(mean_of, error):
+    # the fallback caught RuntimeError and ValueError only: these raised, also at the end of a bdl.mcmc run with
+    # predict_inputs, whose samples were then lost; parallel=True raises the model's own error
     from bdl.infer import predict_function_model
 
     def model(x, y=None):
         w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
         with pyro.plate("data", x.shape[0]):
-            return pyro.sample("obs", dist.Normal(x[:, w > 0].sum(-1), 0.1), obs=y)  # the features a draw picks
+            return pyro.sample("obs", dist.Normal(mean_of(x, w), 0.1), obs=y)
 
     x, w = torch.randn(10, 3, generator=torch.Generator().manual_seed(0)), torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
     prediction = predict_function_model(model, {"w": w}, x, output_site="obs", task="regression", parallel=None)
-    torch.testing.assert_close(prediction.mean[:, 0], torch.stack([x[:, draw > 0].sum(-1) for draw in w]).mean(0))
-    with pytest.raises(IndexError):
+    torch.testing.assert_close(prediction.mean[:, 0], torch.stack([mean_of(x, draw) for draw in w]).mean(0))
+    with pytest.raises(error):
         predict_function_model(model, {"w": w}, x, output_site="obs", task="regression", parallel=True)
