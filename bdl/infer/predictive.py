@@ -334,7 +334,7 @@ def predict_function_model(
         if output_site not in single.nodes or single.nodes[output_site]["type"] != "sample":
             raise ValueError(f"output_site {output_site!r} is not a site of the model")
         shape = single.nodes[output_site]["value"].shape
-        _check_not_subsampled(single, lambda: run(0), output_site)
+        _check_not_subsampled(single, output_site)
         # an unobserved sample site of the model (y=None): a latent in the samples is its posterior draws instead
         observation = output_site not in samples and not single.nodes[output_site]["infer"].get("_deterministic", False)
         site = (task, observation, output_site)
@@ -348,26 +348,23 @@ def predict_function_model(
     return Prediction.from_regression(means.to(dtype), None if variances is None else variances.to(dtype), keep_samples=keep_samples)
 
 
-def _check_not_subsampled(trace: pyro.poutine.Trace, rerun: Callable[[], pyro.poutine.Trace], output_site: str) -> None:
+def _check_not_subsampled(trace: pyro.poutine.Trace, output_site: str) -> None:
     """Refuse an output site in a plate that subsamples anew at each run (``pyro.plate(..., subsample_size=k)``):
     every run of the model, and every draw of a vectorised one, picks other inputs, so a row of the prediction
-    mixed different inputs. Fixed indices (``subsample=idx``, as bdl's own likelihoods pass) are the same in a
-    second run (``rerun``), and kept."""
-    frames = [
-        frame for frame in trace.nodes[output_site]["cond_indep_stack"]
-        if frame.vectorized and getattr(frame, "full_size", None) is not None and frame.size != frame.full_size
-    ]  # fmt: skip
-    if not frames:
-        return
-    again = rerun()
-    for frame in frames:
-        first, second = (t.nodes.get(frame.name, {}).get("value") for t in (trace, again))
-        if first is None or second is None or not torch.equal(first, second):
-            raise ValueError(
-                f"output_site {output_site!r} is in plate {frame.name!r}, subsampled ({frame.size} of its "
-                f"{frame.full_size} elements) anew at each run: each run of the model picks other inputs; predict with "
-                "the full plate (no subsample_size, e.g. a model argument that sets it only for training)"
-            )
+    mixed different inputs. Fixed indices (``subsample=idx``, as bdl's own likelihoods pass them) are kept: the
+    plate's own site then has no ``subsample_size`` (two runs that happened to pick the same indices told
+    nothing)."""
+    for frame in trace.nodes[output_site]["cond_indep_stack"]:
+        if not frame.vectorized or getattr(frame, "full_size", None) in (None, frame.size):
+            continue
+        plate = trace.nodes.get(frame.name, {}).get("fn")
+        if getattr(plate, "subsample_size", None) is None:
+            continue
+        raise ValueError(
+            f"output_site {output_site!r} is in plate {frame.name!r}, subsampled ({frame.size} of its "
+            f"{frame.full_size} elements) anew at each run: each run of the model picks other inputs; predict with "
+            "the full plate (no subsample_size, e.g. a model argument that sets it only for training)"
+        )
 
 
 _LAYOUT_ERRORS = (RuntimeError, ValueError, IndexError)

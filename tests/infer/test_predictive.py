@@ -365,15 +365,30 @@ def test_an_output_site_in_a_subsampled_plate_is_refused():
         with pytest.raises(ValueError, match=r"output_site 'obs' is in plate 'data', subsampled \(10 of its 50 elements\) anew at each run"):
             predict_function_model(model, {"slope": torch.full((20,), 2.0)}, torch.linspace(-1, 1, 50), output_site="obs", task="regression", parallel=parallel)
 
-    # fixed indices (subsample=, as bdl's own likelihoods pass them) are the same rows in every run: kept
-    def fixed(x, y=None):
+    # told by the plate, not by two runs that may pick the same rows (1 of 2 of a plate of 2: kept 16 times in 40)
+    def one_of_two(x, y=None):
         slope = pyro.sample("slope", dist.Normal(0.0, 1.0))
-        with pyro.plate("data", x.shape[0], subsample=torch.tensor([1, 3])) as rows:
-            return pyro.sample("obs", dist.Normal(slope * x[rows], 0.1), obs=None if y is None else y[rows])
+        with pyro.plate("data", 2, subsample_size=1) as rows:
+            return pyro.sample("obs", dist.Normal(slope * x[rows], 0.1), obs=y)
+
+    for seed in range(10):
+        torch.manual_seed(seed)
+        with pytest.raises(ValueError, match="anew at each run"):
+            predict_function_model(one_of_two, {"slope": torch.full((4,), 2.0)}, torch.tensor([-1.0, 1.0]), output_site="obs", task="regression")
+
+    # fixed indices (subsample=, as bdl's own likelihoods pass them; a tensor, a list) are the same rows in every run: kept
+    def fixed(indices):
+        def model(x, y=None):
+            slope = pyro.sample("slope", dist.Normal(0.0, 1.0))
+            with pyro.plate("data", x.shape[0], subsample=indices) as rows:
+                return pyro.sample("obs", dist.Normal(slope * x[torch.as_tensor(rows)], 0.1), obs=y)
+
+        return model
 
     x, slopes = torch.linspace(-1, 1, 6), torch.tensor([1.0, 3.0])
-    prediction = predict_function_model(fixed, {"slope": slopes}, x, output_site="obs", task="regression")
-    torch.testing.assert_close(prediction.mean[:, 0], 2.0 * x[[1, 3]])
+    for indices in (torch.tensor([1, 3]), [1, 3]):
+        prediction = predict_function_model(fixed(indices), {"slope": slopes}, x, output_site="obs", task="regression")
+        torch.testing.assert_close(prediction.mean[:, 0], 2.0 * x[[1, 3]])
 
 
 def _picked_features(x, w):
