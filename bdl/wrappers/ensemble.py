@@ -9,6 +9,7 @@ Members that share an architecture can run in one vectorised call (``torch.func.
 from __future__ import annotations
 
 import copy
+import enum
 import numbers
 import os
 import warnings
@@ -52,10 +53,29 @@ def _structure(module: nn.Module) -> tuple[Any, ...]:
     )
 
 
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # the hook dicts, _parameters, ...: each module's own
+_IMMUTABLE = (type(None), bool, numbers.Number, str, bytes, enum.Enum, torch.dtype, torch.device)
+
+
+def _immutable(value: Any) -> bool:  # noqa: ANN401 - any attribute value
+    if isinstance(value, (tuple, frozenset)):
+        return all(map(_immutable, value))
+    return isinstance(value, _IMMUTABLE)
+
+
+def _settings(module: nn.Module) -> dict[str, Any]:
+    """``module``'s plain attributes (a scale factor, the training flag, a dropout rate): the public ones, and the
+    private ones of immutable values (a user's ``self._scale = 2.0``, MultiheadAttention's ``_qkv_same_embed_dim``),
+    but not ``nn.Module``'s own, nor bdl's ``_bdl_`` tags (one per instance), nor lists, dicts and objects (caches:
+    sharing member 0's with vmap's copy filled them with vmap's batched tensors)."""
+    return {k: v for k, v in vars(module).items()
+            if not k.startswith("_") or (k not in _MODULE_INTERNALS and not k.startswith("_bdl_") and _immutable(v))}  # fmt: skip
+
+
 def _attributes(module: nn.Module) -> list[tuple[str, dict[str, Any]]]:
-    """Each submodule's plain attributes (a scale factor, the training flag, a dropout rate): vmap runs the
-    first member's module with the others' tensors, so these must be the members' own too."""
-    return [(name, {k: v for k, v in vars(m).items() if not k.startswith("_")}) for name, m in module.named_modules()]
+    """Each submodule's :func:`_settings`: vmap runs the first member's module with the others' tensors, so these
+    must be the members' own too."""
+    return [(name, _settings(m)) for name, m in module.named_modules()]
 
 
 def _same(a: Any, b: Any) -> bool:  # noqa: ANN401 - any attribute values
@@ -462,7 +482,7 @@ class DeepEnsemble(nn.Module):
             return names[0]
 
         for base_module, module in zip(base.modules(), self.members[0].modules()):
-            base_module.__dict__.update((k, v) for k, v in vars(module).items() if not k.startswith("_"))
+            base_module.__dict__.update(_settings(module))
             # and its forward hooks, alike on every member (resolve_method): an MCDropout around the ensemble hooks
             # the members' dropout layers for the call (the copy dropped nothing, or kept dropping for good when made
             # inside one)

@@ -176,6 +176,11 @@ def test_members_that_differ_in_plain_attributes_or_mode_refuse_vmap():
     mixed = DeepEnsemble([nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)) for _ in range(2)], method="vmap")
     mixed.eval().members[1].train()  # one member's dropout on: vmap would run both in member 0's mode
     assert not mixed.shares_architecture()
+    private = [Scaled(1.0), Scaled(1.0)]
+    private[1].linear._scale = 3.0  # a private setting too (read in a user's forward), not a cache of lists or objects
+    assert not DeepEnsemble(private, method="vmap").shares_architecture()
+    private[0].linear._scale, private[0].linear._seen, private[1].linear._seen = 3.0, [1], []
+    assert DeepEnsemble(private, method="vmap").shares_architecture()
 
 
 def test_vmap_with_batchnorm_in_training_mode_is_refused():
@@ -356,6 +361,27 @@ def test_vmap_follows_the_members_settings_after_its_first_forward():
     for net in dropout.members:
         net[1].p = 0.0
     torch.testing.assert_close(dropout(x), dropout.eval()(x))
+
+
+def test_vmap_follows_the_members_private_settings_and_keeps_their_caches():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self._scale, self._seen = nn.Linear(4, 3), 1.0, []
+
+        def forward(self, x):
+            self._seen.append(x.shape)
+            return self.linear(x) * self._scale
+
+    x = torch.randn(2, 4)
+    members = [Scaled(), Scaled()]
+    ensemble = DeepEnsemble(members, method="vmap")
+    ensemble(x)
+    for net in members:
+        net._scale = 10.0  # the copy kept member 0's first value: the old outputs, silently
+    torch.testing.assert_close(ensemble(x), torch.stack([net(x) for net in members]))
+    # vmap's copy fills a list of its own, not member 0's with vmap's batched shapes
+    assert members[0]._seen == [x.shape] and members[1]._seen == [x.shape]
 
 
 def test_functional_call_runs_a_vmap_ensemble_before_its_first_forward():
