@@ -39,13 +39,14 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_internals
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
+from ._messages import first_few, index_list
 from ._tensors import version_or_none
 from ._outputs import draw_stacked, output_parts
 from .metrics.functional._checks import all_finite, check_probability_rows
 from .nn.convert import deterministic, use_estimator
 from .nn.functional import gaussian_draw, pre_activation_variance, randn_like
 from .nn.layers import BayesianModule, BayesLinear, _sample_once_blocks, _sample_once_draws
-from .nn.loss import first_few, index_list, non_finite_parameters, non_finite_posteriors
+from .nn.loss import non_finite_parameters, non_finite_posteriors
 
 TASKS = ("classification", "regression")
 

@@ -21,7 +21,7 @@ from pyro.ops import stats
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler, TensorDataset
 
-from ..nn.loss import first_few, index_list
+from .._messages import first_few, index_list
 from .diagnostics import ess_bulk, ess_mean, ess_tail, rank_r_hat
 from .model import PyroModel, check_finite_data, check_full_data
 from .predictive import TASKS, _eval_mode, predict_from_samples, predict_function_model, private_param_store

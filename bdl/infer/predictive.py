@@ -14,7 +14,7 @@ from pyro.params.param_store import ParamStoreDict
 from torch import Tensor, nn
 
 from ..metrics.functional._checks import check_positive_int
-from ..nn.loss import index_list
+from .._messages import index_list
 from ..predict import _eval_mode  # each module's own mode restored (a frozen submodule stays in eval)
 from .model import PyroModel
 

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from ..metrics.functional._checks import check_positive_int
 from .._distributed import raise_on_every_process
-from ..nn.loss import check_trained_parameters, first_few, non_finite_where
+from .._messages import first_few
+from ..nn.loss import check_trained_parameters, non_finite_where
 from .guides import collapsed_scales, make_elbo, make_guide
 from .model import PyroModel, check_finite_data, check_full_data
 from .predictive import (

@@ -9,6 +9,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._messages import first_few
 from .layers import BayesianModule
 
 
@@ -99,17 +100,6 @@ def check_trained_parameters(module: nn.Module) -> None:
             "gradient was not (an overflow in the backward): lower the learning rate, or check the prior and posterior "
             "scales (a predicted variance or posterior std that can reach 0)"
         )
-
-
-def first_few(names: Sequence[str], limit: int = 4) -> str:
-    """``names`` joined for a message, the first ``limit`` of them and how many more."""
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def index_list(indices: Sequence[int], limit: int = 8) -> str:
-    """Rows or draws for a message that states their count itself: ``[0, 3, 5]``, or the first ``limit`` and
-    ``...``."""
-    return "[" + ", ".join(str(int(i)) for i in indices[:limit]) + (", ...]" if len(indices) > limit else "]")
 
 
 def non_finite_posteriors(module: nn.Module) -> list[str]:
