@@ -66,11 +66,14 @@ class _DropoutBefore:
 
     def _drop(self, module: nn.Module, x: Tensor) -> Tensor:
         dropout = self.dropout
+        if module.training:  # as a dropout layer of the model trains (activation checkpointing's recompute replays it)
+            return torch.nn.functional.dropout(x, dropout.p, training=True)
         if dropout.training or any(hook is _always_on_dropout for hook in dropout._forward_hooks.values()):
             return dropout(x)  # switched on by an MCDropout's call (this one's, or one around it)
-        # else as a dropout layer of the model: on while the module it was inserted before trains (the wrapper's own
-        # mode reached it alone: mc.train() then mc.model.eval() still dropped, in evaluation of the bare network)
-        return torch.nn.functional.dropout(x, dropout.p, training=True) if module.training else x
+        # else as a dropout layer of the model: off while the module it was inserted before does not train (the
+        # wrapper's own mode reached it alone: mc.train() then mc.model.eval() still dropped, in evaluation of the bare
+        # network)
+        return x
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: Optional[dict[str, Any]] = None) -> Any:  # noqa: ANN401
         if kwargs is None:  # registered without kwargs (an MCDropout pickled by an earlier bdl)
@@ -135,12 +138,12 @@ class MCDropout(nn.Module):
     shares ``model`` (no copy) and starts in eval mode; call ``.train()`` to train through it. Dropout
     applied with ``F.dropout(x, training=self.training)`` inside a custom ``forward`` cannot be seen
     and stays off in eval mode: use ``nn.Dropout`` modules. Activation checkpointing (``torch.utils.checkpoint``)
-    inside the model is not supported: its backward recomputes the forward after :meth:`forward` has returned,
-    outside the dropout context. In eval mode the recomputation drops nothing (wrong gradients; torch's
-    ``CheckpointError`` with ``use_reentrant=False``); in training mode plain ``nn.Dropout`` layers, whose masks
-    bdl draws on the CPU, get torch's other masks (wrong gradients). Train a checkpointed model bare, and wrap it
-    for prediction. Dropout layers are found at every call: ones replaced or added after wrapping are kept on,
-    and inserted dropout follows a module replaced under its name.
+    inside the model trains through the wrapper (in training mode, dropout layers and inserted dropout drop as
+    ``F.dropout`` does, whose masks the recomputation in the backward replays), but gradients in eval mode are not
+    supported: the backward recomputes the forward after :meth:`forward` has returned, outside the dropout
+    context, and drops nothing (wrong gradients; torch's ``CheckpointError`` with ``use_reentrant=False``).
+    Dropout layers are found at every call: ones replaced or added after wrapping are kept on, and inserted
+    dropout follows a module replaced under its name.
 
     A model without dropout layers raises ``ValueError`` unless ``insert_before`` names where to add
     ``nn.Dropout(p)`` (applied to the input of each chosen module by a forward pre-hook); the model is
@@ -313,6 +316,8 @@ class MCDropout(nn.Module):
             # an MCDropout around one (or around a model holding one) dropped twice: p = 0.5 dropped 75%, kept x4
             if any(hook is _always_on_dropout for hook in module._forward_hooks.values()):
                 continue  # the outer one's hook drops (eval mode), compiled here or not
+            if module.training:  # a model's own layer drops already (in MCDropoutModule's training): as F.dropout, which
+                continue  # activation checkpointing's recompute in the backward replays (bdl's dropout drew other masks)
             if type(module) is nn.Dropout and not compiled:
                 module.training = False
                 hooks.append(module.register_forward_hook(_always_on_dropout, prepend=True))

@@ -163,6 +163,35 @@ def test_inserted_dropout_outside_the_wrapper_follows_the_mode_of_the_module_it_
     assert bdl.predict(itself, x, num_samples=16).mutual_information.min() > 0
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_training_through_the_wrapper_gets_the_gradient_of_its_masks_under_activation_checkpointing(reentrant):
+    # the recomputation in the backward runs outside the wrapper's call: its own layers dropped there by F.dropout and
+    # inserted dropout as a layer of the model, with other masks than bdl's dropout drew in the forward (wrong gradients)
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.ReLU(), nn.Linear(16, 16))
+            self.head, self.checkpointed = nn.Linear(16, 3), True
+
+        def forward(self, x):
+            if self.checkpointed:
+                return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=reentrant))
+            return self.head(self.block(x))
+
+    torch.manual_seed(0)
+    model = MCDropout(Net(), p=0.5, insert_before=["block.3"]).train()
+    x = torch.randn(8, 4, requires_grad=True)
+    gradients = []
+    for checkpointed in (True, False):
+        model.model.checkpointed = checkpointed
+        torch.manual_seed(1)
+        model(x).square().sum().backward()
+        gradients.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad()
+    for checkpointed, plain in zip(*gradients):
+        torch.testing.assert_close(checkpointed, plain)
+
+
 def test_a_network_taken_out_of_an_mc_dropout_is_wrapped_again_without_the_old_dropout():
     # its copy kept the first wrapper's inserted dropout hooks: in training it dropped twice (kept 0.25 at p = 0.5)
     first = MCDropout(nn.Sequential(nn.Linear(64, 64)), p=0.5, insert_before=[nn.Linear])
