@@ -1,40 +1,66 @@
 """Stacking the outputs of repeated forwards (Monte Carlo samples, ensemble members).
 
 A model's output is a tensor, a (named) tuple of tensors such as a :class:`bdl.GaussianHead`'s
-``(mean, variance)``, or a dict of tensors (``{"logits": ...}``); these helpers keep that structure.
+``(mean, variance)``, a dict of tensors (``{"logits": ...}``), or these nested (an LSTM's ``(output, (h, c))``),
+``None`` in places; these helpers keep that structure.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
+
+
+class _Structure(NamedTuple):
+    """An output's structure: its pytree spec and the places of its leaves that are ``None``."""
+
+    spec: pytree.TreeSpec
+    holes: frozenset[int]
+
+
+def _flatten(output: Any, who: str) -> tuple[list[Tensor], _Structure]:  # noqa: ANN401
+    """``output``'s tensors and its structure: nested tuples, lists and dicts too (an LSTM's ``(output, (h, c))``),
+    with ``None`` in places (a MultiheadAttention's ``(output, None)``), which are kept as they are."""
+    if isinstance(output, Mapping) and type(output) not in pytree.SUPPORTED_NODES:
+        output = dict(output)  # a Mapping of a type of its own: a plain dict of the same keys (vmap gives one too)
+    leaves, spec = pytree.tree_flatten(output)
+    tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
+    if not tensors or any(leaf is not None and not isinstance(leaf, Tensor) for leaf in leaves):
+        raise TypeError(f"{who} must return a tensor, or a tuple, list or dict of tensors (nested too), got {_kinds(output)}")
+    return tensors, _Structure(spec, frozenset(i for i, leaf in enumerate(leaves) if leaf is None))
+
+
+def _kinds(output: Any) -> str:  # noqa: ANN401
+    """``output``'s type, and for a container the types of what it holds that are neither tensors nor None."""
+    if not isinstance(output, (tuple, list, Mapping)):
+        return type(output).__name__
+    other = {type(leaf).__name__ for leaf in pytree.tree_leaves(output) if leaf is not None and not isinstance(leaf, Tensor)}
+    return f"a {type(output).__name__} holding {', '.join(sorted(other))}" if other else f"an empty {type(output).__name__}"
+
+
+def _rebuild(structure: _Structure, parts: list[Any]) -> Any:  # noqa: ANN401
+    """The output of ``structure`` with ``parts`` in the places of its tensors (its ``None`` kept)."""
+    given = iter(parts)
+    leaves = [None if i in structure.holes else next(given) for i in range(structure.spec.num_leaves)]
+    return pytree.tree_unflatten(leaves, structure.spec)
 
 
 def output_parts(output: Any, who: str = "the model") -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:  # noqa: ANN401
     """The tensors of ``output`` and a function that rebuilds an output of the same structure from others."""
-    if isinstance(output, Tensor):
-        return [output], lambda parts: parts[0]
-    if isinstance(output, (tuple, list)) and output and all(isinstance(part, Tensor) for part in output):
-        kind = type(output)
-        if hasattr(output, "_fields"):  # NamedTuple, e.g. GaussianOutput
-            return list(output), lambda parts: kind(*parts)
-        return list(output), lambda parts: kind(parts)
-    if isinstance(output, Mapping) and output and all(isinstance(part, Tensor) for part in output.values()):
-        keys = list(output)  # e.g. {"logits": ...}: a plain dict of the same keys (vmap gives one too)
-        return list(output.values()), lambda parts: dict(zip(keys, parts))
-    raise TypeError(f"{who} must return a tensor, a tuple or a dict of tensors, got {type(output).__name__}")
+    parts, structure = _flatten(output, who)
+    return parts, lambda others: _rebuild(structure, list(others))
 
 
 def _signature(parts: list[Tensor]) -> list[tuple[tuple[int, ...], torch.dtype, torch.device]]:
     return [(tuple(part.shape), part.dtype, part.device) for part in parts]
 
 
-def _describe(parts: list[Tensor], single: bool, full: bool = False) -> str:
-    """The parts' shapes as a tuple (one tensor: its shape); ``full`` adds dtype and device."""
-    shapes = [tuple(part.shape) for part in parts]
-    text = str(shapes[0] if single else tuple(shapes))
+def _describe(parts: list[Tensor], structure: _Structure, full: bool = False) -> str:
+    """The parts' shapes in the output's structure (one tensor: its shape); ``full`` adds dtype and device."""
+    text = str(_rebuild(structure, [tuple(part.shape) for part in parts]))
     return text + " " + ", ".join(f"{part.dtype} on {part.device}" for part in parts) if full else text
 
 
@@ -58,31 +84,29 @@ def draw_stacked(draw: Callable[[int], Any], count: int, who: str = "the model",
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     first = draw(0)
-    parts, rebuild = output_parts(first, who)
-    single = isinstance(first, Tensor)
+    parts, structure = _flatten(first, who)
     first_keys = list(first) if isinstance(first, Mapping) else None
     signature = _signature(parts)
-    described = {full: _describe(parts, single, full) for full in (False, True)}
+    described = {full: _describe(parts, structure, full) for full in (False, True)}
 
     def check(index: int, output: Any) -> list[Tensor]:  # noqa: ANN401
-        others, _ = output_parts(output, who)
-        other_single = isinstance(output, Tensor)
+        others, other_structure = _flatten(output, who)
         keys = list(output) if isinstance(output, Mapping) else None
         if keys != first_keys:
             raise ValueError(f"{who} must give outputs of one structure, got {item} 0: {_keys(first_keys, parts)}, "
                              f"{item} {index}: {_keys(keys, others)}")
-        if _signature(others) != signature or other_single != single:
+        if _signature(others) != signature or other_structure != structure:
             # same shapes: the dtype or device differs, so name them
-            full = other_single == single and [s[0] for s in _signature(others)] == [s[0] for s in signature]
+            full = other_structure == structure and [s[0] for s in _signature(others)] == [s[0] for s in signature]
             raise ValueError(
                 f"{who} must give outputs of one shape, dtype and device, got {item} 0: {described[full]}, "
-                f"{item} {index}: {_describe(others, other_single, full)}"
+                f"{item} {index}: {_describe(others, other_structure, full)}"
             )
         return others
 
     if torch.is_grad_enabled() or torch.compiler.is_compiling():  # a compiled graph plans its own memory
         columns = [parts] + [check(index, draw(index)) for index in range(1, count)]
-        return rebuild([torch.stack(list(column)) for column in zip(*columns)])
+        return _rebuild(structure, [torch.stack(list(column)) for column in zip(*columns)])
     stacked = [part.new_empty((count, *part.shape)) for part in parts]
     del first
     for index in range(count):
@@ -91,4 +115,4 @@ def draw_stacked(draw: Callable[[int], Any], count: int, who: str = "the model",
         for target, part in zip(stacked, parts):
             target[index].copy_(part)
         del parts
-    return rebuild(stacked)
+    return _rebuild(structure, stacked)

@@ -24,6 +24,11 @@ def test_draw_stacked_equals_torch_stack_for_tensors_and_tuples_with_and_without
             # a dict, e.g. {"logits": ...}: the loop refused what vmap gave
             named = draw_stacked(lambda i: {"logits": draws[i], "aux": -draws[i]}, 4)
             assert list(named) == ["logits", "aux"] and torch.equal(named["aux"], -torch.stack(draws))
+            # nested, None in places (an LSTM's (output, (h, c)), a MultiheadAttention's (output, None)): the loop refused
+            # what vmap gave
+            nested = draw_stacked(lambda i: (draws[i], (Pair(draws[i], -draws[i]), None), [{"h": 2 * draws[i]}]), 4)
+            assert isinstance(nested[1][0], Pair) and nested[1][1] is None
+            assert torch.equal(nested[1][0].variance, -torch.stack(draws)) and torch.equal(nested[2][0]["h"], 2 * torch.stack(draws))
     leaf = torch.ones(2, requires_grad=True)
     draw_stacked(lambda i: leaf * (i + 1), 3).sum().backward()  # stacked with autograd: gradients flow
     assert leaf.grad.tolist() == [6.0, 6.0]
@@ -38,8 +43,14 @@ def test_draw_stacked_rejects_outputs_that_differ_from_the_first():
         draw_stacked(lambda i: torch.zeros(2, dtype=torch.float64 if i else torch.float32), 2)
     with torch.no_grad(), pytest.raises(ValueError, match=r"sample 1: \(\(2,\), \(2,\)\)"):
         draw_stacked(lambda i: (torch.zeros(2), torch.zeros(2)) if i else torch.zeros(2), 2)
-    with pytest.raises(TypeError, match="must return a tensor, a tuple or a dict of tensors, got str"):
+    with pytest.raises(TypeError, match=r"must return a tensor, or a tuple, list or dict of tensors \(nested too\), got str"):
         draw_stacked(lambda i: "logits", 2)
+    with pytest.raises(TypeError, match="got a tuple holding int, str"):
+        draw_stacked(lambda i: (torch.zeros(2), (3, "x")), 2)
+    with pytest.raises(TypeError, match="got an empty dict"):
+        draw_stacked(lambda i: {}, 2)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"sample 0: \(\(2,\), \(\(2,\), \(2,\)\)\), sample 1: \(\(2,\), \(\(2,\), None\)\)"):
+        draw_stacked(lambda i: (torch.zeros(2), (torch.zeros(2), None if i else torch.zeros(2))), 2)
     keys = [["logits"], ["logits"], ["scores"]]
     with pytest.raises(ValueError, match=r"member 0: a dict of keys \['logits'\], member 2: a dict of keys \['scores'\]"):
         draw_stacked(lambda i: {key: torch.zeros(2) for key in keys[i]}, 3, "ensemble members", "member")

@@ -489,12 +489,18 @@ class DeepEnsemble(nn.Module):
             base_module.__dict__.update(_hooks_for_copy(module, member_names, base))
         params, buffers = self._state()
 
-        def call(p: dict[str, Tensor], b: dict[str, Tensor], *inputs: Any) -> Any:  # noqa: ANN401
-            return functional_call(base, (p, b), inputs, kwargs)  # keyword arguments: the same for every member
+        rebuilds: list[Callable[[list[Tensor]], Any]] = []  # the output's structure: vmap returns its tensors only (not None)
+
+        def call(p: dict[str, Tensor], b: dict[str, Tensor], *inputs: Any) -> tuple[Tensor, ...]:  # noqa: ANN401
+            # keyword arguments: the same for every member
+            parts, rebuild = output_parts(functional_call(base, (p, b), inputs, kwargs), "ensemble members")
+            rebuilds[:] = [rebuild]
+            return tuple(parts)
 
         in_dims = (0, 0) + (None,) * len(args)
         try:
-            return torch.vmap(call, in_dims=in_dims, randomness="different", chunk_size=self.chunk_size)(params, buffers, *args)
+            parts = torch.vmap(call, in_dims=in_dims, randomness="different", chunk_size=self.chunk_size)(params, buffers, *args)
+            return rebuilds[0](list(parts))
         except RuntimeError as error:  # e.g. torch 2.11's vmap of cuDNN BatchNorm under CUDA autocast
             try:  # an error of the inputs (float32 into a float64 ensemble) is the member's own, which the loop meets too
                 with torch.random.fork_rng(devices=[]):  # in the caller's grad mode: a member may take input gradients
@@ -540,18 +546,11 @@ class DeepEnsemble(nn.Module):
         if not callable(criterion):
             raise TypeError(f"criterion must be callable, got {type(criterion).__name__}")
         count = len(self.members)
-
-        def member(output: Any, m: int) -> Any:  # noqa: ANN401
-            if isinstance(output, Tensor):
-                if output.shape[:1] != (count,):
-                    raise ValueError(f"outputs must be stacked over the {count} members [M, ...], got shape {tuple(output.shape)}")
-                return output[m]
-            if isinstance(output, Mapping):  # members returning {"logits": ...}
-                return {key: member(part, m) for key, part in output.items()}
-            parts = [member(part, m) for part in output]
-            return type(output)(*parts) if hasattr(output, "_fields") else type(output)(parts)
-
-        return torch.stack([criterion(member(outputs, m), target) for m in range(count)])
+        parts, rebuild = output_parts(outputs, "the ensemble")  # members returning {"logits": ...}, (mean, variance), ...
+        for part in parts:
+            if part.shape[:1] != (count,):
+                raise ValueError(f"outputs must be stacked over the {count} members [M, ...], got shape {tuple(part.shape)}")
+        return torch.stack([criterion(rebuild([part[m] for part in parts]), target) for m in range(count)])
 
     def extra_repr(self) -> str:
         return f"num_members={len(self.members)}, method={self.method!r}"

@@ -480,6 +480,24 @@ def test_predict_samples_mc_dropout_around_an_ensemble_as_an_ensemble_of_mc_drop
     assert not hasattr(bdl.MCDropout(member()), "sample_outputs")  # other models: sampled call by call
 
 
+def test_members_returning_nested_outputs_give_the_same_outputs_in_the_loop_and_under_vmap():
+    class Encoder(nn.Module):  # an LSTM's (output, (h, c)), an attention's (output, None): the loop refused them
+        def __init__(self):
+            super().__init__()
+            self.fc, self.state = nn.Linear(4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x), (self.state(x), self.state(x).exp(), None)
+
+    members, x = [Encoder() for _ in range(3)], torch.randn(5, 4)
+    loop, vmap = (DeepEnsemble(members, method=method)(x) for method in ("loop", "vmap"))
+    torch.testing.assert_close(loop, vmap)
+    assert loop[1][2] is None
+    torch.testing.assert_close(loop[1][1], torch.stack([member(x)[1][1] for member in members]))
+    losses = DeepEnsemble(members).member_losses(loop, x[:, :2], lambda output, target: F.mse_loss(output[1][0], target))
+    torch.testing.assert_close(losses, torch.stack([F.mse_loss(member(x)[1][0], x[:, :2]) for member in members]))
+
+
 def test_members_returning_dicts_give_the_same_outputs_in_the_loop_and_under_vmap():
     class DictNet(nn.Module):  # e.g. a Hugging Face-style {"logits": ...}
         def __init__(self):
