@@ -175,7 +175,7 @@ class DeepEnsemble(nn.Module):
     """An ensemble of ``M`` networks; ``forward`` returns every member's output stacked, ``[M, B, ...]``.
 
     Tuple outputs (e.g. a :class:`bdl.GaussianHead`'s ``(mean, variance)``) come back as tuples of stacked
-    tensors. :func:`bdl.predict` uses each member as one sample (``num_samples`` defaults to ``M``; a
+    tensors, dicts and nested ones (an LSTM's ``(output, (h, c))``) alike. :func:`bdl.predict` uses each member as one sample (``num_samples`` defaults to ``M``; a
     multiple of ``M`` runs stochastic members, e.g. :class:`bdl.MCDropout` ones, several rounds).
 
     Joint training, one optimizer over all members with each member trained on its own loss: sum the
@@ -193,7 +193,9 @@ class DeepEnsemble(nn.Module):
             ``vmap`` keeps the members' stacked weights between calls while their version counters stay put:
             edit members' parameters in place under ``torch.no_grad()`` (not through ``.data``, which moves no
             counter; :func:`bdl.predict` restacks them on every call). Members with forward hooks of your own
-            (feature recorders), or backward hooks under gradients, run by ``"loop"``, with a warning.
+            (feature recorders), or backward hooks under gradients, run by ``"loop"``, with a warning. Under
+            ``vmap`` an ``nn.TransformerEncoder`` given a padding mask in eval mode leaves its nested-tensor fast path
+            (which vmap cannot batch): its padded positions hold values where the loop's fast path gives zeros.
         chunk_size: members evaluated at once by ``vmap`` (None: all), bounding memory.
 
     Example:
@@ -487,6 +489,8 @@ class DeepEnsemble(nn.Module):
             # the members' dropout layers for the call (the copy dropped nothing, or kept dropping for good when made
             # inside one)
             base_module.__dict__.update(_hooks_for_copy(module, member_names, base))
+            if isinstance(base_module, nn.TransformerEncoder):  # a padded batch's nested tensor has no batching rule: as
+                base_module.use_nested_tensor = False  # bayesianize, padded positions then hold values, not zeros
         params, buffers = self._state()
 
         rebuilds: list[Callable[[list[Tensor]], Any]] = []  # the output's structure: vmap returns its tensors only (not None)

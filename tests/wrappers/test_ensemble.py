@@ -498,6 +498,19 @@ def test_members_returning_nested_outputs_give_the_same_outputs_in_the_loop_and_
     torch.testing.assert_close(losses, torch.stack([F.mse_loss(member(x)[1][0], x[:, :2]) for member in members]))
 
 
+def test_a_vmap_ensemble_of_transformer_encoders_takes_a_padding_mask_in_eval_mode():
+    # an eval-mode encoder turned the padded batch into a nested tensor, which vmap cannot batch: RuntimeError
+    torch.manual_seed(0)
+    members = [nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2) for _ in range(3)]
+    x, mask = torch.randn(4, 5, 8), torch.zeros(4, 5, dtype=torch.bool)
+    mask[:2, 3:] = True
+    ensemble = DeepEnsemble(members, method="vmap").eval()
+    with torch.no_grad():
+        vmap, loop = ensemble(x, src_key_padding_mask=mask), DeepEnsemble(members, method="loop")(x, src_key_padding_mask=mask)
+    torch.testing.assert_close(vmap[:, ~mask], loop[:, ~mask])  # the loop's fast path zeroed the padded positions
+    assert all(member.use_nested_tensor for member in members)
+
+
 def test_members_returning_dicts_give_the_same_outputs_in_the_loop_and_under_vmap():
     class DictNet(nn.Module):  # e.g. a Hugging Face-style {"logits": ...}
         def __init__(self):
