@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -56,6 +56,20 @@ class _Metric(Metric):
             self._forward_cache = torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
             return self._forward_cache
         return super().forward(*args, **kwargs)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], exclude_state: Sequence[str] = "") -> Metric:
+        """Moves the states, but keeps their dtypes (float64 totals and counts) unless :meth:`set_dtype` asks:
+        torchmetrics keeps them through ``.half()``, ``.float()``, ... but not ``.to(dtype)``, which Lightning's
+        ``"bf16-true"`` and ``"16-true"`` precisions call on the module holding the metric (a bfloat16 count stopped
+        growing at 256 batches of 64, a float16 one reached inf after 65504 examples, and the NLL read 0)."""
+        if self._dtype_convert:
+            return super()._apply(fn, exclude_state)
+
+        def keep_dtype(tensor: Tensor) -> Tensor:
+            moved = fn(tensor)
+            return moved.to(tensor.dtype) if moved.dtype != tensor.dtype else moved
+
+        return super()._apply(keep_dtype, exclude_state)
 
     def _gather_step(self, tensor: Tensor) -> list[Tensor]:
         """``tensor`` of every process (``dist_sync_on_step``), by the metric's own sync function if it has one."""

@@ -291,6 +291,28 @@ def test_calibration_bin_counts_stay_exact_in_half_precision(dtype):
     assert int(count.sum()) == 70_001  # float16 made it inf, bfloat16 rounded it
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_streaming_states_keep_their_dtype_when_the_module_holding_them_is_cast(dtype):
+    # Lightning's "16-true" / "bf16-true" precision calls .to(dtype) on the LightningModule and its metrics: a float16
+    # count reached inf after 65504 examples (the NLL read 0), a bfloat16 one stopped growing at 256 batches of 64
+    import bdl.metrics
+
+    for name in bdl.metrics._CLASSES:
+        metric = getattr(bdl.metrics, name)(**({"num_classes": 2} if name == "ClasswiseECE" else {}))
+        dtypes = {key: [t.dtype for t in value] if isinstance(value, list) else value.dtype for key, value in metric.metric_state.items()}
+        moved = {key: [t.dtype for t in value] if isinstance(value, list) else value.dtype for key, value in metric.to(dtype).metric_state.items()}
+        assert moved == dtypes, name
+    probs = torch.softmax(torch.randn(70_000, 2), dim=1)
+    target = torch.randint(0, 2, (70_000,))
+    nll, ece = NLL().to(dtype), ECE(n_bins=10).to(dtype)
+    for batch in range(0, 70_000, 7000):
+        nll.update(probs[batch : batch + 7000], target[batch : batch + 7000])
+        ece.update(probs[batch : batch + 7000], target[batch : batch + 7000])
+    assert nll.compute().item() == pytest.approx(M.nll(probs, target).item(), abs=1e-6)
+    assert ece.compute().item() == pytest.approx(M.ece(probs, target, n_bins=10).item(), abs=1e-6)
+    assert NLL().set_dtype(torch.float32).nll_count.dtype == torch.float32  # torchmetrics' way to cast them, kept
+
+
 def test_streaming_nll_and_brier_take_what_the_functions_take():
     probs, target = [[0.7, 0.3], [0.2, 0.8]], [0, 1]
     for metric, function in ((NLL(), M.nll), (BrierScore(), M.brier_score)):
