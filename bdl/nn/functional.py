@@ -470,7 +470,15 @@ class _GaussianWithKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Optional[Tensor], grad_kl: Optional[Tensor], grad_mean: Optional[Tensor]):  # type: ignore[no-untyped-def]
-        mu, std, saved, rho = ctx.saved_tensors
+        try:
+            mu, std, saved, rho = ctx.saved_tensors
+        except RuntimeError as error:  # freed by a backward through the other output (a KL's gradient taken alone)
+            raise RuntimeError(
+                "a Bayesian layer's forward was backpropagated already: its weight draw and its KL (bdl.kl_divergence "
+                "after a training forward) share one autograd node, which a backward through either frees. Call backward "
+                "once on the sum of the terms (an ELBO), or pass retain_graph=True to the first backward "
+                "(kl.backward(retain_graph=True), torch.autograd.grad(kl, ..., retain_graph=True))"
+            ) from error
         ctx.graph.spent = True
         what = ctx.what
         grad_mu = grad if what == "sample" else None

@@ -513,7 +513,9 @@ class _BayesLayer(BayesianModule):
 
         After a training forward (gradients enabled) this is the KL computed alongside that forward's
         weight draws, which makes the step's backward one pass per parameter; it is recomputed once
-        the parameters change or a backward has gone through it.
+        the parameters change or a backward has gone through it. Draw and KL being one autograd node, a backward
+        of the KL alone (its gradient taken apart from the data term's) frees the forward's graph: pass it
+        ``retain_graph=True``.
         """
         kl = self._parameter_kl("weight")
         if self.bias_mu is not None:

@@ -131,6 +131,27 @@ def test_kl_is_reused_until_parameters_change_or_a_backward_consumed_it():
     assert not torch.allclose(after, kl)
 
 
+def test_a_kl_backpropagated_alone_says_how_to_keep_the_forwards_graph():
+    # the KL's own backward freed the node it shares with the weight draw: the data term's backward then failed with
+    # torch's "backward through the graph a second time", naming neither the KL nor the way out
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(bdl.BayesLinear(5, 4), torch.nn.ReLU(), bdl.BayesLinear(4, 3))
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    out = model(x)
+    torch.autograd.grad(bdl.kl_divergence(model), [model[0].weight_rho])
+    with pytest.raises(RuntimeError, match=r"weight draw and its KL .* share one autograd node.*retain_graph=True"):
+        F.cross_entropy(out, y).backward()
+    torch.manual_seed(1)
+    out = model(x)
+    kl = bdl.kl_divergence(model)
+    (kl_grad,) = torch.autograd.grad(kl, [model[0].weight_rho], retain_graph=True)  # as the message says
+    (nll_grad,) = torch.autograd.grad(F.cross_entropy(out, y), [model[0].weight_rho])
+    torch.manual_seed(1)
+    out = model(x)
+    (both,) = torch.autograd.grad(F.cross_entropy(out, y) + bdl.kl_divergence(model), [model[0].weight_rho])
+    torch.testing.assert_close(kl_grad + nll_grad, both)
+
+
 def test_kl_follows_prior_and_dtype_changes_after_a_forward():
     layer = bdl.BayesLinear(5, 3)
     layer(torch.randn(4, 5))
