@@ -80,7 +80,14 @@ class _OODMetric(_Buffered):
         return type(self)._function(scores_in, scores_out)
 
     def compute(self) -> Tensor:
-        return self._value(*self._split())
+        scores_in, scores_out = self._split()
+        if not scores_in.numel() or not scores_out.numel():
+            raise ValueError(
+                f"{type(self).__name__} needs both sides: got {scores_in.numel()} in-distribution scores and "
+                f"{scores_out.numel()} OOD scores since the last reset (Lightning's sanity check runs the first num_sanity_val_steps "
+                "validation batches only: with the OOD inputs last, interleave them or set num_sanity_val_steps=0)"
+            )
+        return self._value(scores_in, scores_out)
 
 
 class OODAUROC(_OODMetric):

@@ -195,6 +195,11 @@ def test_calling_a_streaming_ood_metric_on_one_sided_batches_gives_nan_batch_val
         assert metric.update_count == 3
         expected = function(torch.cat([scores_in, scores_in[:5]]), scores_out)
         assert metric.compute().item() == pytest.approx(expected.item())
+    # one side over all batches (Lightning's sanity check on a validation set with its OOD inputs last) says so
+    one_sided = OODAUROC()
+    one_sided.update(scores_in, torch.zeros(30, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"OODAUROC needs both sides: got 30 in-distribution scores and 0 OOD scores .*num_sanity_val_steps=0"):
+        one_sided.compute()
 
 
 def test_streaming_ood_metric_checks_its_labels():
