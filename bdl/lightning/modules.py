@@ -48,6 +48,7 @@ from ..nn.functional import check_estimator
 from ..nn.heads import gaussian_nll
 from ..nn.layers import BayesianModule
 from .._distributed import raise_on_every_process
+from .._warn import user_stacklevel
 from ..nn.loss import check_trained_parameters, elbo_loss, non_finite_parameters, non_finite_where
 from ..metrics.functional._checks import as_class_labels, check_positive_int, targets_like
 from ..predict import Prediction, _two_class, predict
@@ -863,7 +864,8 @@ class VariationalModule(UncertaintyModule):
     training set, taken from the data module (all processes together under DDP) unless given.
 
     A network without Bayesian layers is converted with :func:`bdl.bayesianize` (``include``/``exclude``
-    select layers; ``center_prior_on_weights`` for pretrained networks); one that has them is used as is.
+    select layers; ``center_prior_on_weights`` for pretrained networks); one that has them is used as is (those
+    options then ignored, with a warning).
 
     Args:
         model: the network.
@@ -918,6 +920,17 @@ class VariationalModule(UncertaintyModule):
                 posterior_std_init=posterior_std_init,
                 estimator=estimator,
             )
+        elif isinstance(model, nn.Module):
+            given = {"prior_std": prior_std != 1.0, "posterior_std_init": posterior_std_init != 1e-3, "estimator": estimator != "reparam",
+                     "include": include is not None, "exclude": exclude is not None, "center_prior_on_weights": center_prior_on_weights}  # fmt: skip
+            ignored = [name for name, set_ in given.items() if set_]
+            if ignored:  # a MOPED user's centred prior was silently N(0, 1)
+                warnings.warn(
+                    f"VariationalModule: {', '.join(ignored)} set how a plain network is converted, but this one has Bayesian "
+                    "layers already, used as they are: they are ignored. Pass the plain network, or convert it with those "
+                    "options yourself (bdl.bayesianize)",
+                    stacklevel=user_stacklevel(),
+                )
         super().__init__(model, **kwargs)
         if not any(isinstance(m, BayesianModule) for m in self.model.modules()):
             raise ValueError("the model has no layer bdl can make Bayesian (nn.Linear, nn.Conv1d/2d/3d) after include/exclude")

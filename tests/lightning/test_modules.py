@@ -131,8 +131,14 @@ def test_the_kl_weight_outside_training_steps_is_the_fits_or_the_full_one(tmp_pa
 
 def test_variational_module_uses_existing_bayesian_layers_as_they_are():
     model = nn.Sequential(bdl.BayesLinear(4, 8, prior=2.0), nn.ReLU(), nn.Linear(8, 3))
-    module = VariationalModule(model, num_data=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module = VariationalModule(model, num_data=10)
     assert module.model is model and isinstance(module.model[2], nn.Linear)
+    # options of the conversion meet a converted network: ignored, and said so (a MOPED centred prior was N(0, 1) silently)
+    with pytest.warns(UserWarning, match=r"prior_std, center_prior_on_weights set how a plain network is converted.*ignored"):
+        VariationalModule(model, num_data=10, prior_std=0.1, center_prior_on_weights=True)
+    assert model[0].weight_prior.scale == 2.0
 
 
 def test_num_train_samples_averages_the_nll_over_weight_samples():
