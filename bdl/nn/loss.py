@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .._messages import first_few
+from ..metrics.functional._checks import as_class_labels
 from .layers import BayesianModule
 
 
@@ -144,8 +145,9 @@ class ELBOLoss(nn.Module):
         model: the Bayesian model whose KL enters the loss.
         num_data: training-set size.
         criterion: per-example data term ``criterion(output, target)`` returning a mean NLL; default
-            ``nn.CrossEntropyLoss()`` (classification with logits). Use :class:`bdl.GaussianNLLLoss` (with a
-            :class:`bdl.GaussianHead`) for regression.
+            ``nn.CrossEntropyLoss()`` (classification with logits; logits ``[B, 1]`` are a binary classifier's
+            log-odds of class 1, with labels 0/1 as ``BCEWithLogitsLoss`` takes them, as :func:`bdl.predict` reads
+            them). Use :class:`bdl.GaussianNLLLoss` (with a :class:`bdl.GaussianHead`) for regression.
         kl_weight: weight of the KL term.
         check_finite: raise a ``FloatingPointError`` naming the term (NLL, KL) and the non-finite parameters
             or layers when the loss is not finite, instead of returning NaN (one host sync per call on a GPU;
@@ -180,11 +182,16 @@ class ELBOLoss(nn.Module):
                 "(NLL + KL / num_data): use reduction='mean' (or 'none', averaged)"
             )
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+        self._one_logit_binary = criterion is None
         self.kl_weight = kl_weight
 
     def forward(self, output: Tensor, target: Tensor) -> ELBO:
+        from ..predict import _two_class
         from .convert import kl_divergence
 
+        if getattr(self, "_one_logit_binary", False) and isinstance(output, Tensor) and output.dim() == 2 and output.shape[1] == 1:
+            # a cross-entropy over one class: 0 whatever the model with labels 0, an IndexError with a label 1
+            output, target = _two_class(output), as_class_labels(target)
         result = elbo_loss(self.criterion(output, target), kl_divergence(self.model[0]), self.num_data, self.kl_weight)
         # not while compiling (a data-dependent branch: a graph break, an error under fullgraph) nor inside
         # torch.func transforms (vmap of per-example gradients cannot read a value)

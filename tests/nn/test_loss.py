@@ -43,6 +43,23 @@ def test_elbo_loss_module_uses_the_model_kl():
     assert list(criterion.parameters()) == []  # the model is not a submodule of the loss
 
 
+def test_elbo_loss_reads_one_logit_as_a_binary_classifiers_log_odds():
+    # a cross-entropy over one class: 0 for a batch of labels 0 (nothing trained), an IndexError for a label 1
+    torch.manual_seed(0)
+    model = nn.Sequential(bdl.BayesLinear(3, 1))
+    criterion = bdl.ELBOLoss(model, num_data=50)
+    x, y = torch.randn(8, 3), torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    with torch.no_grad():
+        with bdl.deterministic(model):
+            logits = model(x)
+            for target in (y, y.float(), y.float().unsqueeze(1), torch.zeros(8, dtype=torch.long)):  # as BCEWithLogitsLoss takes them
+                expected = F.binary_cross_entropy_with_logits(logits.squeeze(1), target.reshape(-1).float())
+                torch.testing.assert_close(criterion(logits, target).nll, expected)
+    assert criterion.criterion.reduction == "mean"  # a given criterion is used as given
+    given = bdl.ELBOLoss(model, 50, criterion=nn.BCEWithLogitsLoss())(logits, y.float().unsqueeze(1)).nll
+    torch.testing.assert_close(given, F.binary_cross_entropy_with_logits(logits, y.float().unsqueeze(1)))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
