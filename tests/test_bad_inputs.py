@@ -130,6 +130,7 @@ ROWS = [
     _row("GaussianPrior-tensor-scale-with-a-zero", lambda t: bdl.GaussianPrior(0.0, torch.tensor([1.0, 0.0])), ValueError, r"GaussianPrior: scale must be positive and finite everywhere"),
     _row("ScaleMixturePrior-zero-scale2", lambda t: bdl.ScaleMixturePrior(scale2=0.0), ValueError, r"ScaleMixturePrior: scale2 must be a positive finite number, got 0.0"),
     _row("ScaleMixturePrior-mixture_weight-above-1", lambda t: bdl.ScaleMixturePrior(mixture_weight=1.5), ValueError, r"mixture_weight must be in \(0, 1\), got 1.5"),
+    _row("ScaleMixturePrior-mixture_weight-1", lambda t: bdl.ScaleMixturePrior(scale1=0.5, mixture_weight=1), ValueError, r"got 1 \(one component: use GaussianPrior\(0.0, scale1\)"),
     _row("prior-as-negative-float", lambda t: bdl.BayesLinear(4, 2, prior=-0.5), ValueError, r"prior: a number is the scale s of the prior N\(0, s\^2\) and must be positive and finite, got -0.5"),
     _row("bayesianize-prior-as-negative-float", lambda t: bdl.bayesianize(nn.Linear(4, 2), prior=-1), ValueError, r"prior: a number is the scale s .* got -1$"),
     _row("weight_prior-assigned-a-negative-float", lambda t: setattr(bdl.BayesLinear(4, 2), "weight_prior", -2), ValueError, r"weight_prior: a number is the scale s .* got -2$"),
