@@ -139,6 +139,7 @@ ROWS = [
     _row("unknown-estimator", lambda t: bdl.BayesLinear(4, 2, estimator="mc"), ValueError, r"estimator must be one of \['flipout', 'local', 'reparam'\], got 'mc'"),
     _row("unknown-std_transform", lambda t: bdl.BayesLinear(4, 2, std_transform="relu"), ValueError, r"std_transform must be one of \['exp', 'softplus'\], got 'relu'"),
     _row("use_estimator-unknown-name", lambda t: bdl.use_estimator(_bnn(), "mc").__enter__(), ValueError, r"estimator must be one of .*got 'mc'"),
+    _row("bayesianize-tensor-prior", lambda t: bdl.bayesianize(nn.Sequential(nn.Linear(3, 4)), prior=bdl.GaussianPrior(torch.zeros(4, 3), 1.0)), ValueError, r"prior: its tensor parameters \{'loc': \(4, 3\)\} do not fit '0' \(weight \(4, 3\), bias \(4,\)\): bayesianize gives every converted layer this prior"),
     _row("bayesianize-include-matches-nothing", lambda t: bdl.bayesianize(nn.Linear(2, 2), include=["nope"]), ValueError, r"include=\['nope'\] selects no nn.Linear/nn.Conv layer"),
     _row("kl_divergence-of-a-non-module", lambda t: bdl.kl_divergence("model"), TypeError, r"model must be an nn.Module, got str"),
     _row("elbo_loss-num_data-zero", lambda t: bdl.elbo_loss(torch.tensor(1.0), torch.tensor(1.0), 0), ValueError, r"num_data must be a positive int \(the training-set size\), got 0"),

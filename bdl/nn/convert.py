@@ -432,7 +432,18 @@ def bayesianize(
                 "Bayesian layer gets a posterior of its own, so the tie is broken",
                 stacklevel=2,
             )
-        layer = _CONVERSIONS[type(module)].from_module(module, prior=copy.deepcopy(prior), **options)
+        try:
+            layer = _CONVERSIONS[type(module)].from_module(module, prior=copy.deepcopy(prior), **options)
+        except ValueError as error:  # the layer's advice ("construct the layer with a scalar prior") fit no bayesianize call
+            shaped = {name: tuple(value.shape) for name, value in prior.named_buffers() if value.numel() > 1}
+            if not shaped:
+                raise
+            raise ValueError(
+                f"prior: its tensor parameters {shaped} do not fit {module_names[0]!r} (weight {tuple(module.weight.shape)}"
+                f"{'' if module.bias is None else f', bias {tuple(module.bias.shape)}'}): bayesianize gives every converted "
+                "layer this prior; pass a scalar prior and assign the layers' weight_prior / bias_prior after converting "
+                "(or center_prior_on_weights=True for priors centred on the network's weights)"
+            ) from None
         for hooks in _HOOK_DICTS:  # the user's hooks on the layer keep running (a feature or output hook)
             getattr(layer, hooks).update(getattr(module, hooks, {}))
         # torch runs _backward_hooks as full backward hooks only where this flag says so
