@@ -1299,7 +1299,7 @@ def _add_output(summary: Any, output: Any, task: str, rows: int) -> None:  # noq
     if task == "classification":
         if not isinstance(output, Tensor) or output.dim() != 3:
             shape = tuple(output.shape[1:]) if isinstance(output, Tensor) else type(output).__name__
-            regression = "" if isinstance(output, Tensor) else "; a model that returns (mean, variance), e.g. with a GaussianHead, needs task='regression'"
+            regression = "; a model that returns (mean, variance), e.g. with a GaussianHead, needs task='regression'" if _pair(output) else ""
             raise ValueError(f"a classification model must return logits [B, C], got {shape}{regression}")
         if not all_finite(output):
             raise _NonFiniteOutput("the model returned non-finite logits (NaN or Inf)", _non_finite_rows(output))
@@ -1308,6 +1308,11 @@ def _add_output(summary: Any, output: Any, task: str, rows: int) -> None:  # noq
     if isinstance(output, (tuple, list)):
         if len(output) != 2:
             raise ValueError(f"a regression model must return a mean or a (mean, variance) pair, got {len(output)} outputs")
+        if not _pair(output):  # (mean, None), (mean, (variance,)): stacked as they are, but no pair of tensors
+            raise TypeError(
+                "a regression model must return a mean or a (mean, variance) pair of tensors, got a pair of "
+                f"{type(output[0]).__name__} and {type(output[1]).__name__}"
+            )
         means, variances = output
         if means.shape != variances.shape:
             raise ValueError(f"the model's mean and variance differ in shape: {tuple(means.shape[1:])} and {tuple(variances.shape[1:])}")
@@ -1324,6 +1329,11 @@ def _add_output(summary: Any, output: Any, task: str, rows: int) -> None:  # noq
     if variances is not None and (variances < 0).any():
         raise ValueError("the model returned negative variances")
     summary.add(means, variances)
+
+
+def _pair(output: Any) -> bool:  # noqa: ANN401
+    """Whether ``output`` is a (mean, variance) pair of tensors, as a :class:`GaussianHead` gives."""
+    return isinstance(output, (tuple, list)) and len(output) == 2 and all(isinstance(part, Tensor) for part in output)
 
 
 def _tensors(output: Any) -> Iterator[Tensor]:  # noqa: ANN401

@@ -151,6 +151,8 @@ ROWS = [
     _row("predict-num_samples-zero", lambda t: bdl.predict(_bnn(), _x(), num_samples=0), ValueError, r"num_samples must be an int >= 1, got 0"),
     _row("predict-num_samples-negative", lambda t: bdl.predict(_bnn(), _x(), num_samples=-3), ValueError, r"num_samples must be an int >= 1, got -3"),
     _row("predict-num_samples-float", lambda t: bdl.predict(_bnn(), _x(), num_samples=2.5), ValueError, r"num_samples must be an int >= 1, got 2.5"),
+    _row("predict-regression-pair-with-none", lambda t: bdl.predict(lambda x: (x[:, :1], None), _x(), num_samples=1, task="regression"), TypeError, r"a regression model must return a mean or a \(mean, variance\) pair of tensors, got a pair of Tensor and NoneType"),
+    _row("predict-classification-nested-tuple", lambda t: bdl.predict(lambda x: (x, (x, x)), _x(), num_samples=1), ValueError, r"a classification model must return logits \[B, C\], got tuple$"),
     _row("predict-unknown-task", lambda t: bdl.predict(_bnn(), _x(), task="segmentation"), ValueError, r"task must be one of \['classification', 'regression'\], got 'segmentation'"),
     _row("predict-unknown-method", lambda t: bdl.predict(_bnn(), _x(), method="fast"), ValueError, r"method must be one of \['auto', 'loop', 'batched'\], got 'fast'"),
     _row("predict-batch_size-zero", lambda t: bdl.predict(_bnn(), _x(), batch_size=0), ValueError, r"batch_size must be an int >= 1, got 0"),

@@ -65,9 +65,9 @@ class _Metric(Metric):
         if self._dtype_convert:
             return super()._apply(fn, exclude_state)
 
-        def keep_dtype(tensor: Tensor) -> Tensor:
+        def keep_dtype(tensor: Tensor) -> Tensor:  # the device move alone: a round trip through the dtype rounded them
             moved = fn(tensor)
-            return moved.to(tensor.dtype) if moved.dtype != tensor.dtype else moved
+            return moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
 
         return super()._apply(keep_dtype, exclude_state)
 

@@ -473,6 +473,8 @@ class _GaussianWithKL(torch.autograd.Function):
         try:
             mu, std, saved, rho = ctx.saved_tensors
         except RuntimeError as error:  # freed by a backward through the other output (a KL's gradient taken alone)
+            if "a second time" not in str(error):  # a tensor modified in place, a checkpoint's error: torch's own words
+                raise
             raise RuntimeError(
                 "a Bayesian layer's forward was backpropagated already: its weight draw and its KL (bdl.kl_divergence "
                 "after a training forward) share one autograd node, which a backward through either frees. Call backward "

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import brier_score_loss, log_loss
@@ -311,6 +312,12 @@ def test_streaming_states_keep_their_dtype_when_the_module_holding_them_is_cast(
     assert nll.compute().item() == pytest.approx(M.nll(probs, target).item(), abs=1e-6)
     assert ece.compute().item() == pytest.approx(M.ece(probs, target, n_bins=10).item(), abs=1e-6)
     assert NLL().set_dtype(torch.float32).nll_count.dtype == torch.float32  # torchmetrics' way to cast them, kept
+    # cast after updates: the values as they were (a round trip through the dtype rounded them), .half() too
+    for cast in (lambda m: m.to(dtype), lambda m: m.half() if dtype == torch.float16 else m.bfloat16()):
+        holder = nn.ModuleDict({"nll": NLL()})
+        holder["nll"].update(probs, target)
+        total = holder["nll"].nll_total.item()
+        assert cast(holder)["nll"].nll_total.item() == total and holder["nll"].nll_count.item() == 70_000
 
 
 def test_streaming_nll_and_brier_take_what_the_functions_take():

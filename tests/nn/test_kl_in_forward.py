@@ -150,6 +150,11 @@ def test_a_kl_backpropagated_alone_says_how_to_keep_the_forwards_graph():
     out = model(x)
     (both,) = torch.autograd.grad(F.cross_entropy(out, y) + bdl.kl_divergence(model), [model[0].weight_rho])
     torch.testing.assert_close(kl_grad + nll_grad, both)
+    out = model(x)  # torch's own error otherwise: a parameter changed in place before the backward
+    with torch.no_grad():
+        model[0].weight_mu.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (F.cross_entropy(out, y) + bdl.kl_divergence(model)).backward()
 
 
 def test_kl_follows_prior_and_dtype_changes_after_a_forward():
