@@ -24,13 +24,20 @@ class _Structure(NamedTuple):
 def _flatten(output: Any, who: str) -> tuple[list[Tensor], _Structure]:  # noqa: ANN401
     """``output``'s tensors and its structure: nested tuples, lists and dicts too (an LSTM's ``(output, (h, c))``),
     with ``None`` in places (a MultiheadAttention's ``(output, None)``), which are kept as they are."""
-    if isinstance(output, Mapping) and type(output) not in pytree.SUPPORTED_NODES:
-        output = dict(output)  # a Mapping of a type of its own: a plain dict of the same keys (vmap gives one too)
-    leaves, spec = pytree.tree_flatten(output)
+    leaves, spec = pytree.tree_flatten(pytree.tree_map(_plain, output))
     tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
     if not tensors or any(leaf is not None and not isinstance(leaf, Tensor) for leaf in leaves):
         raise TypeError(f"{who} must return a tensor, or a tuple, list or dict of tensors (nested too), got {_kinds(output)}")
     return tensors, _Structure(spec, frozenset(i for i, leaf in enumerate(leaves) if leaf is None))
+
+
+def _plain(leaf: Any) -> Any:  # noqa: ANN401
+    """A tuple, list or Mapping of a type of its own (``class Pair(tuple)``, which torch's pytree takes for a leaf) as
+    a plain one, its contents too (named tuples and ``OrderedDict`` are pytree nodes: kept)."""
+    for kind in (tuple, list):
+        if isinstance(leaf, kind):
+            return pytree.tree_map(_plain, kind(leaf))
+    return pytree.tree_map(_plain, dict(leaf)) if isinstance(leaf, Mapping) else leaf
 
 
 def _kinds(output: Any) -> str:  # noqa: ANN401

@@ -6,6 +6,10 @@ import torch
 from bdl._outputs import draw_stacked
 
 
+class Mine(tuple):
+    pass
+
+
 class Pair(NamedTuple):
     mean: torch.Tensor
     variance: torch.Tensor
@@ -29,6 +33,9 @@ def test_draw_stacked_equals_torch_stack_for_tensors_and_tuples_with_and_without
             nested = draw_stacked(lambda i: (draws[i], (Pair(draws[i], -draws[i]), None), [{"h": 2 * draws[i]}]), 4)
             assert isinstance(nested[1][0], Pair) and nested[1][1] is None
             assert torch.equal(nested[1][0].variance, -torch.stack(draws)) and torch.equal(nested[2][0]["h"], 2 * torch.stack(draws))
+            # a tuple of a class of its own, which torch's pytree takes for a leaf: a plain tuple (the loop took it)
+            mine = draw_stacked(lambda i: Mine((draws[i], -draws[i])), 4)
+            assert type(mine) is tuple and torch.equal(mine[1], -torch.stack(draws))
     leaf = torch.ones(2, requires_grad=True)
     draw_stacked(lambda i: leaf * (i + 1), 3).sum().backward()  # stacked with autograd: gradients flow
     assert leaf.grad.tolist() == [6.0, 6.0]
