@@ -53,6 +53,12 @@ def _structure(module: nn.Module) -> tuple[Any, ...]:
     )
 
 
+def _attributes(module: nn.Module) -> list[tuple[str, dict[str, Any]]]:
+    """Each submodule's plain attributes (a scale factor, the training flag, a dropout rate): vmap runs the
+    first member's module with the others' tensors, so these must be the members' own too."""
+    return [(name, {k: v for k, v in vars(m).items() if not k.startswith("_")}) for name, m in module.named_modules()]
+
+
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))  # the hook dicts, _parameters, ...: each module's own
 _IMMUTABLE = (type(None), bool, numbers.Number, str, bytes, enum.Enum, torch.dtype, torch.device)
 
@@ -63,19 +69,15 @@ def _immutable(value: Any) -> bool:  # noqa: ANN401 - any attribute value
     return isinstance(value, _IMMUTABLE)
 
 
-def _settings(module: nn.Module) -> dict[str, Any]:
-    """``module``'s plain attributes (a scale factor, the training flag, a dropout rate): the public ones, and the
-    private ones of immutable values (a user's ``self._scale = 2.0``, MultiheadAttention's ``_qkv_same_embed_dim``),
-    but not ``nn.Module``'s own, nor bdl's ``_bdl_`` tags (one per instance), nor lists, dicts and objects (caches:
-    sharing member 0's with vmap's copy filled them with vmap's batched tensors)."""
-    return {k: v for k, v in vars(module).items()
-            if not k.startswith("_") or (k not in _MODULE_INTERNALS and not k.startswith("_bdl_") and _immutable(v))}  # fmt: skip
-
-
-def _attributes(module: nn.Module) -> list[tuple[str, dict[str, Any]]]:
-    """Each submodule's :func:`_settings`: vmap runs the first member's module with the others' tensors, so these
-    must be the members' own too."""
-    return [(name, _settings(m)) for name, m in module.named_modules()]
+def _private_values(module: nn.Module) -> list[tuple[str, dict[str, Any]]]:
+    """Each submodule's private attributes of immutable values (a user's ``self._scale = 2.0``, a cache's key such as
+    a rotary embedding's ``_seq_len_cached``), not ``nn.Module``'s own nor bdl's ``_bdl_`` tags (one per instance):
+    vmap's copy of member 0 is made again when they change. Not compared between members (a member's runtime state,
+    such as a shape it recorded or its trainer, differs legitimately), nor copied alone (its cache then kept a table
+    for another key)."""
+    return [(name, {k: v for k, v in vars(m).items() if k.startswith("_") and k not in _MODULE_INTERNALS
+                    and not k.startswith("_bdl_") and _immutable(v)})  # fmt: skip
+            for name, m in module.named_modules()]
 
 
 def _same(a: Any, b: Any) -> bool:  # noqa: ANN401 - any attribute values
@@ -459,17 +461,20 @@ class DeepEnsemble(nn.Module):
         """The weightless copy of member 0 that vmap runs, made at the first call (not when built: members are
         configured after, their lazy layers built, and some cannot be copied where vmap never runs), and made again
         where a module of member 0 was replaced since (in every member: the copy ran the old one, also one of the
-        same type and other settings); told by weak references, as a freed module's id is reused at once (and a
-        strong one kept a replaced layer's memory, and wrote it into torch.save). A first call under
-        ``torch.compile(fullgraph=True)`` cannot make it (a ``Parameter()``): call the ensemble once before."""
+        same type and other settings) or a private setting of member 0 changed (:func:`_private_values`). Modules are
+        told by weak references, as a freed module's id is reused at once (and a strong one kept a replaced layer's
+        memory, and wrote it into torch.save). A first call under ``torch.compile(fullgraph=True)`` cannot make it (a
+        ``Parameter()``): call the ensemble once before."""
         layout = list(self.members[0].named_modules())
         kept = getattr(self, "_base_layout", None)  # (an ensemble pickled by an earlier version has none)
+        private = _private_values(self.members[0])
         if not self._base or kept is None or len(kept) != len(layout) or any(
             ref() is not module or m != n for (m, ref), (n, module) in zip(kept, layout)
-        ):
+        ) or not _same(private, getattr(self, "_base_private", None)):  # a private setting changed since: the copy kept it
             self._base[:] = [_meta_copy(self.members[0])]
             self._stacked = None
             self._base_layout = [(name, weakref.ref(module)) for name, module in layout]
+            self._base_private = private
         return self._base[0]
 
     def _vmap_forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
@@ -484,7 +489,7 @@ class DeepEnsemble(nn.Module):
             return names[0]
 
         for base_module, module in zip(base.modules(), self.members[0].modules()):
-            base_module.__dict__.update(_settings(module))
+            base_module.__dict__.update((k, v) for k, v in vars(module).items() if not k.startswith("_"))
             # and its forward hooks, alike on every member (resolve_method): an MCDropout around the ensemble hooks
             # the members' dropout layers for the call (the copy dropped nothing, or kept dropping for good when made
             # inside one)
