@@ -197,7 +197,8 @@ class DeepEnsemble(nn.Module):
             counter; :func:`bdl.predict` restacks them on every call). Members with forward hooks of your own
             (feature recorders), or backward hooks under gradients, run by ``"loop"``, with a warning. Under
             ``vmap`` an ``nn.TransformerEncoder`` given a padding mask in eval mode leaves its nested-tensor fast path
-            (which vmap cannot batch): its padded positions hold values where the loop's fast path gives zeros.
+            (which vmap cannot batch): its padded positions hold values where the loop's fast path gives zeros (a
+            decoder attending to that memory without a ``memory_key_padding_mask`` reads them).
         chunk_size: members evaluated at once by ``vmap`` (None: all), bounding memory.
 
     Example:
