@@ -21,13 +21,19 @@ class _Structure(NamedTuple):
     holes: frozenset[int]
 
 
+_TENSOR = _Structure(pytree.tree_flatten(0)[1], frozenset())  # a bare tensor's: a leaf
+
+
 def _flatten(output: Any, who: str) -> tuple[list[Tensor], _Structure]:  # noqa: ANN401
     """``output``'s tensors and its structure: nested tuples, lists and dicts too (an LSTM's ``(output, (h, c))``),
     with ``None`` in places (a MultiheadAttention's ``(output, None)``), which are kept as they are."""
-    leaves, spec = pytree.tree_flatten(pytree.tree_map(_plain, output))
+    if isinstance(output, Tensor):  # the common case, without pytree's walks (which doubled a Monte Carlo draw's cost)
+        return [output], _TENSOR
+    plain = pytree.tree_map(_plain, output)
+    leaves, spec = pytree.tree_flatten(plain)
     tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
     if not tensors or any(leaf is not None and not isinstance(leaf, Tensor) for leaf in leaves):
-        raise TypeError(f"{who} must return a tensor, or a tuple, list or dict of tensors (nested too), got {_kinds(output)}")
+        raise TypeError(f"{who} must return a tensor, or a tuple, list or dict of tensors (nested too), got {_kinds(output, leaves)}")
     return tensors, _Structure(spec, frozenset(i for i, leaf in enumerate(leaves) if leaf is None))
 
 
@@ -40,16 +46,18 @@ def _plain(leaf: Any) -> Any:  # noqa: ANN401
     return pytree.tree_map(_plain, dict(leaf)) if isinstance(leaf, Mapping) else leaf
 
 
-def _kinds(output: Any) -> str:  # noqa: ANN401
-    """``output``'s type, and for a container the types of what it holds that are neither tensors nor None."""
+def _kinds(output: Any, leaves: list[Any]) -> str:  # noqa: ANN401
+    """``output``'s type, and for a container the types of its ``leaves`` that are neither tensors nor None."""
     if not isinstance(output, (tuple, list, Mapping)):
         return type(output).__name__
-    other = {type(leaf).__name__ for leaf in pytree.tree_leaves(output) if leaf is not None and not isinstance(leaf, Tensor)}
+    other = {type(leaf).__name__ for leaf in leaves if leaf is not None and not isinstance(leaf, Tensor)}
     return f"a {type(output).__name__} holding {', '.join(sorted(other))}" if other else f"an empty {type(output).__name__}"
 
 
 def _rebuild(structure: _Structure, parts: list[Any]) -> Any:  # noqa: ANN401
     """The output of ``structure`` with ``parts`` in the places of its tensors (its ``None`` kept)."""
+    if structure is _TENSOR:
+        return parts[0]
     given = iter(parts)
     leaves = [None if i in structure.holes else next(given) for i in range(structure.spec.num_leaves)]
     return pytree.tree_unflatten(leaves, structure.spec)

@@ -52,6 +52,8 @@ def test_draw_stacked_rejects_outputs_that_differ_from_the_first():
         draw_stacked(lambda i: (torch.zeros(2), torch.zeros(2)) if i else torch.zeros(2), 2)
     with pytest.raises(TypeError, match=r"must return a tensor, or a tuple, list or dict of tensors \(nested too\), got str"):
         draw_stacked(lambda i: "logits", 2)
+    with pytest.raises(TypeError, match="got a Mine holding str"):  # what it holds, not its own class of tuple
+        draw_stacked(lambda i: Mine((torch.zeros(2), "x")), 2)
     with pytest.raises(TypeError, match="got a tuple holding int, str"):
         draw_stacked(lambda i: (torch.zeros(2), (3, "x")), 2)
     with pytest.raises(TypeError, match="got an empty dict"):

@@ -69,15 +69,17 @@ def _immutable(value: Any) -> bool:  # noqa: ANN401 - any attribute value
     return isinstance(value, _IMMUTABLE)
 
 
-def _private_values(module: nn.Module) -> list[tuple[str, dict[str, Any]]]:
+def _private_values(module: nn.Module) -> list[dict[str, Any]]:
     """Each submodule's private attributes of immutable values (a user's ``self._scale = 2.0``, a cache's key such as
     a rotary embedding's ``_seq_len_cached``), not ``nn.Module``'s own nor bdl's ``_bdl_`` tags (one per instance):
-    vmap's copy of member 0 is made again when they change. Not compared between members (a member's runtime state,
-    such as a shape it recorded or its trainer, differs legitimately), nor copied alone (its cache then kept a table
-    for another key)."""
-    return [(name, {k: v for k, v in vars(m).items() if k.startswith("_") and k not in _MODULE_INTERNALS
-                    and not k.startswith("_bdl_") and _immutable(v)})  # fmt: skip
-            for name, m in module.named_modules()]
+    vmap's copy of member 0 is made again when they change (copied alone, a cache's key left it a table for another
+    key), and members whose values differ run by the loop. Compared with ``==`` (a NaN set once is the same object)."""
+    found = []
+    for m in module.modules():
+        attributes = vars(m)  # (a set difference first: most of a module's attributes are nn.Module's own)
+        keys = [k for k in attributes.keys() - _MODULE_INTERNALS if k[0] == "_" and not k.startswith("_bdl_")]
+        found.append({k: attributes[k] for k in keys if _immutable(attributes[k])})
+    return found
 
 
 def _same(a: Any, b: Any) -> bool:  # noqa: ANN401 - any attribute values
@@ -161,6 +163,9 @@ def _meta_copy(module: nn.Module) -> nn.Module:
         for value in submodule._buffers.values():
             if value is not None:
                 memo[id(value)] = torch.empty_like(value, device="meta")
+        for value in vars(submodule).values():  # a tensor kept from a forward with gradients (an auxiliary loss):
+            if isinstance(value, Tensor) and not value.is_leaf:  # not deep-copyable
+                memo[id(value)] = value.detach().clone()
     return copy.deepcopy(module, memo)
 
 
@@ -395,6 +400,12 @@ class DeepEnsemble(nn.Module):
                 "method='vmap' cannot run members in training mode that hold buffers (BatchNorm statistics): their updates "
                 "would go to vmap's stacked copy, not the members; use method='loop', or eval()"
             )
+        private = [_private_values(member) for member in self.members]
+        if any(values != private[0] for values in private[1:]):  # vmap's copy ran member 0's for all (a temperature each)
+            differ = next(f"{name}.{key}".lstrip(".") for values in private[1:] for (name, _), mine, theirs in
+                          zip(self.members[0].named_modules(), private[0], values) if mine != theirs
+                          for key in sorted(mine.keys() | theirs.keys()) if mine.get(key, mine) != theirs.get(key, mine))  # fmt: skip
+            return self._loop_instead("_warned_private", f"the members' private attribute {differ!r} differs")
         if not all(_hooks_alike(modules) for modules in zip(*(member.modules() for member in self.members))):
             # one vmapped copy of member 0 runs every member: a hook of member 0's alone zeroed every member
             return self._loop_instead("_warned_hooks", "the members' forward hooks differ (a hook object of each member's own, or a hook on some members only)")
@@ -465,15 +476,17 @@ class DeepEnsemble(nn.Module):
         same type and other settings) or a private setting of member 0 changed (:func:`_private_values`). Modules are
         told by weak references, as a freed module's id is reused at once (and a strong one kept a replaced layer's
         memory, and wrote it into torch.save). A first call under ``torch.compile(fullgraph=True)`` cannot make it (a
-        ``Parameter()``): call the ensemble once before."""
+        ``Parameter()``): call the ensemble once before, and again after changing a private setting of member 0."""
         layout = list(self.members[0].named_modules())
         kept = getattr(self, "_base_layout", None)  # (an ensemble pickled by an earlier version has none)
-        private = _private_values(self.members[0])
-        if not self._base or kept is None or len(kept) != len(layout) or any(
+        replaced = not self._base or kept is None or len(kept) != len(layout) or any(
             ref() is not module or m != n for (m, ref), (n, module) in zip(kept, layout)
-        ) or not _same(private, getattr(self, "_base_private", None)):  # a private setting changed since: the copy kept it
+        )
+        private = _private_values(self.members[0])
+        if replaced or private != getattr(self, "_base_private", None):  # a private setting changed: the copy kept it
             self._base[:] = [_meta_copy(self.members[0])]
-            self._stacked = None
+            if replaced:  # (the old layers' stacked weights)
+                self._stacked = None
             self._base_layout = [(name, weakref.ref(module)) for name, module in layout]
             self._base_private = private
         return self._base[0]

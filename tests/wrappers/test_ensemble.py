@@ -381,8 +381,14 @@ def test_vmap_follows_member_0s_private_settings_with_the_caches_they_key():
     assert members[0]._seen == [x.shape] and members[1]._seen == [x.shape]
     [net(x, offset=3) for net in members]  # key and table of member 0 change together: copied together, not the key alone
     torch.testing.assert_close(ensemble(x, offset=3), torch.stack([net(x, offset=3) for net in members]))
-    members[0]._shape_seen = (5, 4)  # runtime state of one member: vmap still runs (it refused, "one architecture")
-    assert ensemble.resolve_method() == "vmap"
+    members[0]._aux = members[0].linear(x).square().mean()  # a tensor kept from a training forward: no deepcopy
+    members[0]._scale = 2.0  # the copy made again for it
+    members[1]._scale = 2.0
+    torch.testing.assert_close(ensemble(x), torch.stack([net(x) for net in members]))
+    members[1]._scale = 5.0  # members' private settings that differ (a temperature each): vmap ran member 0's for all
+    with pytest.warns(UserWarning, match=r"the members' private attribute '_scale' differs.*method='loop'"):
+        assert ensemble.resolve_method() == "loop"
+    torch.testing.assert_close(ensemble(x), torch.stack([net(x) for net in members]))
 
 
 def test_functional_call_runs_a_vmap_ensemble_before_its_first_forward():
