@@ -1307,7 +1307,7 @@ def _add_output(summary: Any, output: Any, task: str, rows: int) -> None:  # noq
         return
     if isinstance(output, (tuple, list)):
         if len(output) != 2:
-            raise ValueError(f"a regression model must return a mean or a (mean, variance) pair, got {len(output)} outputs")
+            raise ValueError(f"a regression model must return a mean or a (mean, variance) pair, got a {type(output).__name__} of {len(output)}")
         if not _pair(output):  # (mean, None), (mean, (variance,)): stacked as they are, but no pair of tensors
             raise TypeError(
                 "a regression model must return a mean or a (mean, variance) pair of tensors, got a pair of "
