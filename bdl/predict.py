@@ -44,7 +44,7 @@ from ._tensors import version_or_none
 from ._outputs import draw_stacked, output_parts
 from .metrics.functional._checks import all_finite, check_probability_rows
 from .nn.convert import deterministic, use_estimator
-from .nn.functional import gaussian_draw, pre_activation_variance, randn_like
+from .nn.functional import _two_class, gaussian_draw, pre_activation_variance, randn_like
 from .nn.layers import BayesianModule, BayesLinear, _sample_once_blocks, _sample_once_draws
 from .nn.loss import non_finite_parameters, non_finite_posteriors
 
@@ -482,19 +482,6 @@ class Prediction:
             if isinstance(getattr(self, item.name), Tensor)
         )
         return f"Prediction(task={self.task!r}, num_samples={self.num_samples}, {shapes})"
-
-
-def _two_class(logits: Tensor) -> Tensor:
-    """Logits ``[..., 1]`` (a binary classifier's log-odds of class 1, as ``BCEWithLogitsLoss`` trains them) as
-    two-class logits ``(-l/2, l/2)``, whose softmax is ``(1 - sigmoid(l), sigmoid(l))`` (a softmax of the one
-    column gave every input probability 1 and no uncertainty). Symmetric, so the logit-based OOD scores (energy,
-    max logit) depend on ``|l|`` only: with ``(0, l)`` they measured how much an input looked like class 0, and
-    swapping the labels moved their AUROC from 0.53 to 0.47. The softmax is bit for bit ``(0, l)``'s (both are
-    ``(-l, 0)`` or ``(0, -l)`` after subtracting the larger). Other logits as they are."""
-    if logits.shape[-1] != 1:
-        return logits
-    half = logits / 2
-    return torch.cat([-half, half], dim=-1)
 
 
 def _check_samples(name: str, value: Any, expected: str) -> Tensor:  # noqa: ANN401

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .._tensors import version_or_none
 from .._warn import user_stacklevel
 from ..metrics.functional._checks import as_class_labels, as_tensor, check_float, check_labels, probability_sum_tolerance
-from ..predict import _two_class
+from ..nn.functional import _two_class
 
 __all__ = ["TemperatureScaledModel", "TemperatureScaler", "fit_temperature"]
 

@@ -44,14 +44,14 @@ from ..infer.guides import collapsed_scales
 from ..infer.svi_trainer import _as_args, _steps_when_needed, ignored_hparams, plain_hyperparameters, stepping_batches
 from ..nn.convert import bayesianize as convert_to_bayesian
 from ..nn.convert import kl_divergence
-from ..nn.functional import check_estimator
+from ..nn.functional import _two_class, check_estimator
 from ..nn.heads import gaussian_nll
 from ..nn.layers import BayesianModule
 from .._distributed import raise_on_every_process
 from .._warn import user_stacklevel
 from ..nn.loss import check_trained_parameters, elbo_loss, non_finite_parameters, non_finite_where
 from ..metrics.functional._checks import as_class_labels, check_positive_int, targets_like
-from ..predict import Prediction, _two_class, predict
+from ..predict import Prediction, predict
 from ..wrappers import DeepEnsemble, MCDropout
 
 TASKS = ("classification", "regression")
@@ -921,9 +921,10 @@ class VariationalModule(UncertaintyModule):
                 estimator=estimator,
             )
         elif isinstance(model, nn.Module):
-            given = {"prior_std": prior_std != 1.0, "posterior_std_init": posterior_std_init != 1e-3, "estimator": estimator != "reparam",
-                     "include": include is not None, "exclude": exclude is not None, "center_prior_on_weights": center_prior_on_weights}  # fmt: skip
-            ignored = [name for name, set_ in given.items() if set_]
+            given = {"prior_std": prior_std, "posterior_std_init": posterior_std_init, "estimator": estimator,
+                     "include": include, "exclude": exclude, "center_prior_on_weights": center_prior_on_weights}  # fmt: skip
+            defaults = VariationalModule.__init__.__kwdefaults__
+            ignored = [name for name, value in given.items() if value != defaults[name]]
             if ignored:  # a MOPED user's centred prior was silently N(0, 1)
                 warnings.warn(
                     f"VariationalModule: {', '.join(ignored)} set how a plain network is converted, but this one has Bayesian "

@@ -29,6 +29,9 @@ _CONVERSIONS: dict[type[nn.Module], type[_BayesLayer]] = {
 def kl_divergence(model: nn.Module) -> Tensor:
     """Sum of ``kl_divergence()`` over every :class:`BayesianModule` in ``model`` (0 if there is none).
 
+    After a training forward each layer's KL shares an autograd node with its weight draw: backpropagate it with the
+    data term in one loss, or pass ``retain_graph=True`` to a backward of the KL alone.
+
     Example:
         >>> model = nn.Sequential(BayesLinear(4, 8), nn.ReLU(), BayesLinear(8, 2))
         >>> kl = bdl.kl_divergence(model)
@@ -434,15 +437,15 @@ def bayesianize(
             )
         try:
             layer = _CONVERSIONS[type(module)].from_module(module, prior=copy.deepcopy(prior), **options)
-        except ValueError as error:  # the layer's advice ("construct the layer with a scalar prior") fit no bayesianize call
+        except ValueError:  # the layer's advice ("construct the layer with a scalar prior") fit no bayesianize call
             shaped = {name: tuple(value.shape) for name, value in prior.named_buffers() if value.numel() > 1}
             if not shaped:
                 raise
+            shapes = f"weight {tuple(module.weight.shape)}" + ("" if module.bias is None else f", bias {tuple(module.bias.shape)}")
             raise ValueError(
-                f"prior: its tensor parameters {shaped} do not fit {module_names[0]!r} (weight {tuple(module.weight.shape)}"
-                f"{'' if module.bias is None else f', bias {tuple(module.bias.shape)}'}): bayesianize gives every converted "
-                "layer this prior; pass a scalar prior and assign the layers' weight_prior / bias_prior after converting "
-                "(or center_prior_on_weights=True for priors centred on the network's weights)"
+                f"prior: its tensor parameters {shaped} do not fit {module_names[0]!r} ({shapes}): bayesianize gives every "
+                "converted layer this prior; pass a scalar prior and assign the layers' weight_prior / bias_prior after "
+                "converting (or center_prior_on_weights=True for priors centred on the network's weights)"
             ) from None
         for hooks in _HOOK_DICTS:  # the user's hooks on the layer keep running (a feature or output hook)
             getattr(layer, hooks).update(getattr(module, hooks, {}))

@@ -330,6 +330,19 @@ def random_bits(count: int) -> Tensor:
 _MASK_LEVELS = 1 << 16  # dropout masks compare 16 random bits per element
 
 
+def _two_class(logits: Tensor) -> Tensor:
+    """Logits ``[..., 1]`` (a binary classifier's log-odds of class 1, as ``BCEWithLogitsLoss`` trains them) as
+    two-class logits ``(-l/2, l/2)``, whose softmax is ``(1 - sigmoid(l), sigmoid(l))`` (a softmax of the one
+    column gave every input probability 1 and no uncertainty). Symmetric, so the logit-based OOD scores (energy,
+    max logit) depend on ``|l|`` only: with ``(0, l)`` they measured how much an input looked like class 0, and
+    swapping the labels moved their AUROC from 0.53 to 0.47. The softmax is bit for bit ``(0, l)``'s (both are
+    ``(-l, 0)`` or ``(0, -l)`` after subtracting the larger). Other logits as they are."""
+    if logits.shape[-1] != 1:
+        return logits
+    half = logits / 2
+    return torch.cat([-half, half], dim=-1)
+
+
 def dropout(input: Tensor, p: float = 0.5) -> Tensor:
     """Inverted dropout that is always on: ``input * m / (1 - p)`` with ``m ~ Bernoulli(1 - p)`` per element.
 

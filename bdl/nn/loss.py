@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .._messages import first_few
 from ..metrics.functional._checks import as_class_labels
+from .functional import _two_class
 from .layers import BayesianModule
 
 
@@ -186,10 +187,10 @@ class ELBOLoss(nn.Module):
         self.kl_weight = kl_weight
 
     def forward(self, output: Tensor, target: Tensor) -> ELBO:
-        from ..predict import _two_class
         from .convert import kl_divergence
 
-        if getattr(self, "_one_logit_binary", False) and isinstance(output, Tensor) and output.dim() == 2 and output.shape[1] == 1:
+        one_logit = isinstance(output, Tensor) and output.dim() == 2 and output.shape[1] == 1
+        if one_logit and getattr(self, "_one_logit_binary", False):  # (a loss pickled by an earlier bdl has no flag)
             # a cross-entropy over one class: 0 whatever the model with labels 0, an IndexError with a label 1
             output, target = _two_class(output), as_class_labels(target)
         result = elbo_loss(self.criterion(output, target), kl_divergence(self.model[0]), self.num_data, self.kl_weight)

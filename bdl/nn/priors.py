@@ -157,11 +157,10 @@ class ScaleMixturePrior(Prior):
         if isinstance(mixture_weight, Tensor) and mixture_weight.numel() == 1:
             mixture_weight = mixture_weight.item()  # as the scales: one number
         if not (isinstance(mixture_weight, numbers.Real) and 0 < mixture_weight < 1):
-            hint = {1: "scale1", 0: "scale2"}.get(mixture_weight) if isinstance(mixture_weight, numbers.Real) else None
-            raise ValueError(
-                f"ScaleMixturePrior: mixture_weight must be in (0, 1), got {mixture_weight!r}"
-                + (f" (one component: use GaussianPrior(0.0, {hint}), whose KL is exact)" if hint else "")
-            )
+            hint = ""
+            if isinstance(mixture_weight, numbers.Real) and mixture_weight in (0, 1):  # blitz's default prior_pi=1
+                hint = f" (one component: use GaussianPrior(0.0, {'scale1' if mixture_weight == 1 else 'scale2'}), whose KL is exact)"
+            raise ValueError(f"ScaleMixturePrior: mixture_weight must be in (0, 1), got {mixture_weight!r}{hint}")
         self.scale1 = float(scale1)
         self.scale2 = float(scale2)
         self.mixture_weight = float(mixture_weight)

@@ -76,10 +76,22 @@ def _private_values(module: nn.Module) -> list[dict[str, Any]]:
     key), and members whose values differ run by the loop. Compared with ``==`` (a NaN set once is the same object)."""
     found = []
     for m in module.modules():
-        attributes = vars(m)  # (a set difference first: most of a module's attributes are nn.Module's own)
+        attributes = vars(m)
+        # a set difference first: most of a module's attributes are nn.Module's own, and this runs at every vmap call
         keys = [k for k in attributes.keys() - _MODULE_INTERNALS if k[0] == "_" and not k.startswith("_bdl_")]
         found.append({k: attributes[k] for k in keys if _immutable(attributes[k])})
     return found
+
+
+def _first_difference(names: list[str], reference: list[dict[str, Any]], other: list[dict[str, Any]]) -> Optional[str]:
+    """The qualified name of the first private attribute (:func:`_private_values`) whose value differs between two
+    members, or None."""
+    missing = object()
+    for name, mine, theirs in zip(names, reference, other):
+        for key in sorted(mine.keys() | theirs.keys()):
+            if mine.get(key, missing) != theirs.get(key, missing):
+                return f"{name}.{key}" if name else key
+    return None
 
 
 def _same(a: Any, b: Any) -> bool:  # noqa: ANN401 - any attribute values
@@ -401,11 +413,11 @@ class DeepEnsemble(nn.Module):
                 "would go to vmap's stacked copy, not the members; use method='loop', or eval()"
             )
         private = [_private_values(member) for member in self.members]
-        if any(values != private[0] for values in private[1:]):  # vmap's copy ran member 0's for all (a temperature each)
-            differ = next(f"{name}.{key}".lstrip(".") for values in private[1:] for (name, _), mine, theirs in
-                          zip(self.members[0].named_modules(), private[0], values) if mine != theirs
-                          for key in sorted(mine.keys() | theirs.keys()) if mine.get(key, mine) != theirs.get(key, mine))  # fmt: skip
-            return self._loop_instead("_warned_private", f"the members' private attribute {differ!r} differs")
+        differing = [values for values in private[1:] if values != private[0]]
+        if differing:  # vmap's copy of member 0 ran member 0's for every member (a temperature each), silently
+            names = [name for name, _ in self.members[0].named_modules()]
+            attribute = _first_difference(names, private[0], differing[0])
+            return self._loop_instead("_warned_private", f"the members' private attribute {attribute!r} differs")
         if not all(_hooks_alike(modules) for modules in zip(*(member.modules() for member in self.members))):
             # one vmapped copy of member 0 runs every member: a hook of member 0's alone zeroed every member
             return self._loop_instead("_warned_hooks", "the members' forward hooks differ (a hook object of each member's own, or a hook on some members only)")
@@ -508,22 +520,25 @@ class DeepEnsemble(nn.Module):
             # the members' dropout layers for the call (the copy dropped nothing, or kept dropping for good when made
             # inside one)
             base_module.__dict__.update(_hooks_for_copy(module, member_names, base))
-            if isinstance(base_module, nn.TransformerEncoder):  # a padded batch's nested tensor has no batching rule: as
-                base_module.use_nested_tensor = False  # bayesianize, padded positions then hold values, not zeros
+            # vmap cannot batch the nested tensor an eval-mode encoder makes of a padded batch (as
+            # convert._keep_off_fast_paths and MCDropout turn it off): padded positions then hold values, not zeros
+            if isinstance(base_module, nn.TransformerEncoder):
+                base_module.use_nested_tensor = False
         params, buffers = self._state()
 
-        rebuilds: list[Callable[[list[Tensor]], Any]] = []  # the output's structure: vmap returns its tensors only (not None)
+        rebuild: Optional[Callable[[list[Tensor]], Any]] = None  # the output's structure: vmap returns tensors only
 
         def call(p: dict[str, Tensor], b: dict[str, Tensor], *inputs: Any) -> tuple[Tensor, ...]:  # noqa: ANN401
+            nonlocal rebuild
             # keyword arguments: the same for every member
             parts, rebuild = output_parts(functional_call(base, (p, b), inputs, kwargs), "ensemble members")
-            rebuilds[:] = [rebuild]
             return tuple(parts)
 
         in_dims = (0, 0) + (None,) * len(args)
         try:
             parts = torch.vmap(call, in_dims=in_dims, randomness="different", chunk_size=self.chunk_size)(params, buffers, *args)
-            return rebuilds[0](list(parts))
+            assert rebuild is not None  # set by the vmapped call
+            return rebuild(list(parts))
         except RuntimeError as error:  # e.g. torch 2.11's vmap of cuDNN BatchNorm under CUDA autocast
             try:  # an error of the inputs (float32 into a float64 ensemble) is the member's own, which the loop meets too
                 with torch.random.fork_rng(devices=[]):  # in the caller's grad mode: a member may take input gradients
@@ -569,7 +584,12 @@ class DeepEnsemble(nn.Module):
         if not callable(criterion):
             raise TypeError(f"criterion must be callable, got {type(criterion).__name__}")
         count = len(self.members)
-        parts, rebuild = output_parts(outputs, "the ensemble")  # members returning {"logits": ...}, (mean, variance), ...
+        try:  # any structure the members return ({"logits": ...}, (mean, variance), nested), sliced part by part
+            parts, rebuild = output_parts(outputs)
+        except TypeError:
+            raise TypeError(
+                f"outputs must be the ensemble's outputs (a tensor, or a tuple, list or dict of tensors), got {type(outputs).__name__}"
+            ) from None
         for part in parts:
             if part.shape[:1] != (count,):
                 raise ValueError(f"outputs must be stacked over the {count} members [M, ...], got shape {tuple(part.shape)}")

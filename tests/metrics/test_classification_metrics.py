@@ -15,6 +15,7 @@ from torchmetrics.functional.classification import (
     multiclass_calibration_error,
 )
 
+import bdl.metrics
 from bdl.metrics import ECE, MCE, NLL, AdaptiveECE, BrierScore, ClasswiseECE
 from bdl.metrics import functional as M
 
@@ -296,13 +297,13 @@ def test_calibration_bin_counts_stay_exact_in_half_precision(dtype):
 def test_streaming_states_keep_their_dtype_when_the_module_holding_them_is_cast(dtype):
     # Lightning's "16-true" / "bf16-true" precision calls .to(dtype) on the LightningModule and its metrics: a float16
     # count reached inf after 65504 examples (the NLL read 0), a bfloat16 one stopped growing at 256 batches of 64
-    import bdl.metrics
+    def state_dtypes(metric):
+        return {key: [t.dtype for t in value] if isinstance(value, list) else value.dtype for key, value in metric.metric_state.items()}
 
-    for name in bdl.metrics._CLASSES:
+    for name in bdl.metrics._CLASSES:  # every streaming metric bdl has
         metric = getattr(bdl.metrics, name)(**({"num_classes": 2} if name == "ClasswiseECE" else {}))
-        dtypes = {key: [t.dtype for t in value] if isinstance(value, list) else value.dtype for key, value in metric.metric_state.items()}
-        moved = {key: [t.dtype for t in value] if isinstance(value, list) else value.dtype for key, value in metric.to(dtype).metric_state.items()}
-        assert moved == dtypes, name
+        dtypes = state_dtypes(metric)
+        assert state_dtypes(metric.to(dtype)) == dtypes, name
     probs = torch.softmax(torch.randn(70_000, 2), dim=1)
     target = torch.randint(0, 2, (70_000,))
     nll, ece = NLL().to(dtype), ECE(n_bins=10).to(dtype)

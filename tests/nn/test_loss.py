@@ -55,7 +55,7 @@ def test_elbo_loss_reads_one_logit_as_a_binary_classifiers_log_odds():
             for target in (y, y.float(), y.float().unsqueeze(1), torch.zeros(8, dtype=torch.long)):  # as BCEWithLogitsLoss takes them
                 expected = F.binary_cross_entropy_with_logits(logits.squeeze(1), target.reshape(-1).float())
                 torch.testing.assert_close(criterion(logits, target).nll, expected)
-    assert criterion.criterion.reduction == "mean"  # a given criterion is used as given
+    # a given criterion is used as given
     given = bdl.ELBOLoss(model, 50, criterion=nn.BCEWithLogitsLoss())(logits, y.float().unsqueeze(1)).nll
     torch.testing.assert_close(given, F.binary_cross_entropy_with_logits(logits, y.float().unsqueeze(1)))
 

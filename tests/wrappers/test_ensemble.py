@@ -358,20 +358,20 @@ def test_vmap_follows_the_members_settings_after_its_first_forward():
     torch.testing.assert_close(dropout(x), dropout.eval()(x))
 
 
+class _Keyed(nn.Module):  # a private setting, and a cache with its key (as a rotary embedding's _seq_len_cached)
+    def __init__(self):
+        super().__init__()
+        self.linear, self._scale, self._seen, self._key, self._table = nn.Linear(4, 3), 1.0, [], None, None
+
+    def forward(self, x, offset=0):
+        self._seen.append(x.shape)
+        if self._key != offset:
+            self._key, self._table = offset, torch.arange(3.0) + offset
+        return self.linear(x) * self._scale + self._table
+
+
 def test_vmap_follows_member_0s_private_settings_with_the_caches_they_key():
-    class Scaled(nn.Module):  # a private setting, and a cache with its key (as a rotary embedding's _seq_len_cached)
-        def __init__(self):
-            super().__init__()
-            self.linear, self._scale, self._seen, self._key, self._table = nn.Linear(4, 3), 1.0, [], None, None
-
-        def forward(self, x, offset=0):
-            self._seen.append(x.shape)
-            if self._key != offset:
-                self._key, self._table = offset, torch.arange(3.0) + offset
-            return self.linear(x) * self._scale + self._table
-
-    x = torch.randn(2, 4)
-    members = [Scaled(), Scaled()]
+    x, members = torch.randn(2, 4), [_Keyed(), _Keyed()]
     ensemble = DeepEnsemble(members, method="vmap")
     ensemble(x)
     for net in members:
@@ -379,13 +379,18 @@ def test_vmap_follows_member_0s_private_settings_with_the_caches_they_key():
     torch.testing.assert_close(ensemble(x), torch.stack([net(x) for net in members]))
     # vmap's copy fills a list of its own, not member 0's with vmap's batched shapes
     assert members[0]._seen == [x.shape] and members[1]._seen == [x.shape]
-    [net(x, offset=3) for net in members]  # key and table of member 0 change together: copied together, not the key alone
+    for net in members:  # key and table of member 0 change together: copied together, not the key alone
+        net(x, offset=3)
     torch.testing.assert_close(ensemble(x, offset=3), torch.stack([net(x, offset=3) for net in members]))
     members[0]._aux = members[0].linear(x).square().mean()  # a tensor kept from a training forward: no deepcopy
-    members[0]._scale = 2.0  # the copy made again for it
-    members[1]._scale = 2.0
+    members[0]._scale = members[1]._scale = 2.0  # the copy made again for it
     torch.testing.assert_close(ensemble(x), torch.stack([net(x) for net in members]))
-    members[1]._scale = 5.0  # members' private settings that differ (a temperature each): vmap ran member 0's for all
+
+
+def test_members_whose_private_settings_differ_run_by_the_loop_with_a_warning():
+    x, members = torch.randn(2, 4), [_Keyed(), _Keyed()]
+    members[1]._scale = 5.0  # a temperature each: vmap ran member 0's for both
+    ensemble = DeepEnsemble(members, method="vmap")
     with pytest.warns(UserWarning, match=r"the members' private attribute '_scale' differs.*method='loop'"):
         assert ensemble.resolve_method() == "loop"
     torch.testing.assert_close(ensemble(x), torch.stack([net(x) for net in members]))
