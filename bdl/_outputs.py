@@ -103,12 +103,13 @@ def draw_stacked(draw: Callable[[int], Any], count: int, who: str = "the model",
     first_keys = list(first) if isinstance(first, Mapping) else None
     signature = _signature(parts)
     described = {full: _describe(parts, structure, full) for full in (False, True)}
+    first_kind = _keys(first_keys, parts)  # (parts are released below, before the next draws are checked)
 
     def check(index: int, output: Any) -> list[Tensor]:  # noqa: ANN401
         others, other_structure = _flatten(output, who)
         keys = list(output) if isinstance(output, Mapping) else None
         if keys != first_keys:
-            raise ValueError(f"{who} must give outputs of one structure, got {item} 0: {_keys(first_keys, parts)}, "
+            raise ValueError(f"{who} must give outputs of one structure, got {item} 0: {first_kind}, "
                              f"{item} {index}: {_keys(keys, others)}")
         if _signature(others) != signature or other_structure != structure:
             # same shapes: the dtype or device differs, so name them

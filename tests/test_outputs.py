@@ -61,8 +61,9 @@ def test_draw_stacked_rejects_outputs_that_differ_from_the_first():
     with torch.no_grad(), pytest.raises(ValueError, match=r"sample 0: \(\(2,\), \(\(2,\), \(2,\)\)\), sample 1: \(\(2,\), \(\(2,\), None\)\)"):
         draw_stacked(lambda i: (torch.zeros(2), (torch.zeros(2), None if i else torch.zeros(2))), 2)
     keys = [["logits"], ["logits"], ["scores"]]
-    with pytest.raises(ValueError, match=r"member 0: a dict of keys \['logits'\], member 2: a dict of keys \['scores'\]"):
-        draw_stacked(lambda i: {key: torch.zeros(2) for key in keys[i]}, 3, "ensemble members", "member")
+    for grad in (False, True):  # without gradients: a NameError (the first draw's parts were released)
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=r"member 0: a dict of keys \['logits'\], member 2: a dict of keys \['scores'\]"):
+            draw_stacked(lambda i: {key: torch.zeros(2) for key in keys[i]}, 3, "ensemble members", "member")
     with pytest.raises(ValueError, match=r"sample 0: 1 tensor\(s\), sample 1: a dict of keys \['logits'\]"):
         draw_stacked(lambda i: {"logits": torch.zeros(2)} if i else torch.zeros(2), 2)
     with pytest.raises(ValueError, match="count must be >= 1"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import math
 import numbers
 import os
 import warnings
@@ -26,6 +27,7 @@ from torch.utils.module_tracker import ModuleTracker
 from .._outputs import draw_stacked, output_parts
 from .._warn import user_stacklevel
 from .._tensors import version_or_none
+from ..nn.convert import _kept_tensors
 from ..nn.layers import _optimizer_steps, _untraceable
 from .mc_dropout import _holds_compiled_module
 
@@ -85,11 +87,12 @@ def _private_values(module: nn.Module) -> list[dict[str, Any]]:
 
 def _first_difference(names: list[str], reference: list[dict[str, Any]], other: list[dict[str, Any]]) -> Optional[str]:
     """The qualified name of the first private attribute (:func:`_private_values`) whose value differs between two
-    members, or None."""
-    missing = object()
+    members, or None. An attribute immutable in one member only (a Lightning module's ``_trainer``, None until fit; a
+    cache None until built) is state, not a setting: left out. Values compare as dicts compare theirs (a NaN that is
+    one object equals itself)."""
     for name, mine, theirs in zip(names, reference, other):
-        for key in sorted(mine.keys() | theirs.keys()):
-            if mine.get(key, missing) != theirs.get(key, missing):
+        for key in sorted(mine.keys() & theirs.keys()):
+            if mine[key] is not theirs[key] and mine[key] != theirs[key]:
                 return f"{name}.{key}" if name else key
     return None
 
@@ -175,9 +178,16 @@ def _meta_copy(module: nn.Module) -> nn.Module:
         for value in submodule._buffers.values():
             if value is not None:
                 memo[id(value)] = torch.empty_like(value, device="meta")
-        for value in vars(submodule).values():  # a tensor kept from a forward with gradients (an auxiliary loss):
-            if isinstance(value, Tensor) and not value.is_leaf:  # not deep-copyable
-                memo[id(value)] = value.detach().clone()
+        # a tensor kept from a forward with gradients (an auxiliary loss, in a list too) cannot be deep-copied: the
+        # copy's holds NaN, which a forward that reads it (member 0's values, for every member) passes on
+        for value in _kept_tensors(vars(submodule).values()):
+            if not value.is_leaf:
+                if isinstance(value._base, nn.Parameter):  # a view of a weight (tied weights) that the forward reads
+                    raise ValueError(
+                        f"method='vmap' runs a copy of member 0, whose {type(submodule).__name__} keeps a view of a parameter "
+                        "as a plain attribute (its values would be member 0's for every member): use method='loop'"
+                    )
+                memo[id(value)] = torch.full_like(value.detach(), math.nan)
     return copy.deepcopy(module, memo)
 
 
@@ -212,7 +222,9 @@ class DeepEnsemble(nn.Module):
             ``vmap`` keeps the members' stacked weights between calls while their version counters stay put:
             edit members' parameters in place under ``torch.no_grad()`` (not through ``.data``, which moves no
             counter; :func:`bdl.predict` restacks them on every call). Members with forward hooks of your own
-            (feature recorders), or backward hooks under gradients, run by ``"loop"``, with a warning. Under
+            (feature recorders), or backward hooks under gradients, run by ``"loop"``, with a warning; so do
+            members whose private settings of plain values differ (``self._temperature = 2.0``). vmap runs a copy of
+            member 0: a setting held in a tensor or list attribute of its own is member 0's for every member. Under
             ``vmap`` an ``nn.TransformerEncoder`` given a padding mask in eval mode leaves its nested-tensor fast path
             (which vmap cannot batch): its padded positions hold values where the loop's fast path gives zeros (a
             decoder attending to that memory without a ``memory_key_padding_mask`` reads them).
@@ -416,8 +428,9 @@ class DeepEnsemble(nn.Module):
         differing = [values for values in private[1:] if values != private[0]]
         if differing:  # vmap's copy of member 0 ran member 0's for every member (a temperature each), silently
             names = [name for name, _ in self.members[0].named_modules()]
-            attribute = _first_difference(names, private[0], differing[0])
-            return self._loop_instead("_warned_private", f"the members' private attribute {attribute!r} differs")
+            attribute = next(filter(None, (_first_difference(names, private[0], values) for values in differing)), None)
+            if attribute is not None:
+                return self._loop_instead("_warned_private", f"the members' private attribute {attribute!r} differs")
         if not all(_hooks_alike(modules) for modules in zip(*(member.modules() for member in self.members))):
             # one vmapped copy of member 0 runs every member: a hook of member 0's alone zeroed every member
             return self._loop_instead("_warned_hooks", "the members' forward hooks differ (a hook object of each member's own, or a hook on some members only)")
