@@ -84,8 +84,9 @@ class _OODMetric(_Buffered):
         if not scores_in.numel() or not scores_out.numel():
             raise ValueError(
                 f"{type(self).__name__} needs both sides: got {scores_in.numel()} in-distribution scores and "
-                f"{scores_out.numel()} OOD scores since the last reset (e.g. Lightning's sanity check runs the first num_sanity_val_steps "
-                "validation batches only: with the OOD inputs last, interleave them or set num_sanity_val_steps=0)"
+                f"{scores_out.numel()} OOD scores since the last reset (e.g. Lightning's sanity check runs the first "
+                "num_sanity_val_steps validation batches only: with the OOD inputs last, interleave them or set "
+                "num_sanity_val_steps=0)"
             )
         return self._value(scores_in, scores_out)
 

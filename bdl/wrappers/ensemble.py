@@ -75,7 +75,8 @@ def _private_values(module: nn.Module) -> list[dict[str, Any]]:
     """Each submodule's private attributes of immutable values (a user's ``self._scale = 2.0``, a cache's key such as
     a rotary embedding's ``_seq_len_cached``), not ``nn.Module``'s own nor bdl's ``_bdl_`` tags (one per instance):
     vmap's copy of member 0 is made again when they change (copied alone, a cache's key left it a table for another
-    key), and members whose values differ run by the loop. Compared with ``==`` (a NaN set once is the same object)."""
+    key), and members whose values differ run by the loop (:func:`_first_difference`). Compared with ``==`` (a NaN
+    set once is the same object)."""
     found = []
     for m in module.modules():
         attributes = vars(m)
@@ -204,8 +205,9 @@ class DeepEnsemble(nn.Module):
     """An ensemble of ``M`` networks; ``forward`` returns every member's output stacked, ``[M, B, ...]``.
 
     Tuple outputs (e.g. a :class:`bdl.GaussianHead`'s ``(mean, variance)``) come back as tuples of stacked
-    tensors, dicts and nested ones (an LSTM's ``(output, (h, c))``) alike. :func:`bdl.predict` uses each member as one sample (``num_samples`` defaults to ``M``; a
-    multiple of ``M`` runs stochastic members, e.g. :class:`bdl.MCDropout` ones, several rounds).
+    tensors, dicts and nested ones (an LSTM's ``(output, (h, c))``) alike. :func:`bdl.predict` uses each member
+    as one sample (``num_samples`` defaults to ``M``; a multiple of ``M`` runs stochastic members, e.g.
+    :class:`bdl.MCDropout` ones, several rounds).
 
     Joint training, one optimizer over all members with each member trained on its own loss: sum the
     per-member losses (the gradient of member ``m``'s parameters is then that of its own loss)::
