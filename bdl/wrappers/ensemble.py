@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import enum
-import math
 import numbers
 import os
 import warnings
@@ -71,30 +70,50 @@ def _immutable(value: Any) -> bool:  # noqa: ANN401 - any attribute value
     return isinstance(value, _IMMUTABLE)
 
 
-def _private_values(module: nn.Module) -> list[dict[str, Any]]:
-    """Each submodule's private attributes of immutable values (a user's ``self._scale = 2.0``, a cache's key such as
-    a rotary embedding's ``_seq_len_cached``), not ``nn.Module``'s own nor bdl's ``_bdl_`` tags (one per instance):
-    vmap's copy of member 0 is made again when they change (copied alone, a cache's key left it a table for another
-    key), and members whose values differ run by the loop (:func:`_first_difference`). Compared with ``==`` (a NaN
-    set once is the same object)."""
+class _Private(NamedTuple):
+    """A module's private attributes (not ``nn.Module``'s own nor bdl's ``_bdl_`` tags, one per instance): their names,
+    and the values of those that are immutable (a user's ``self._scale = 2.0``, a cache's key such as a rotary
+    embedding's ``_seq_len_cached``)."""
+
+    names: frozenset[str]
+    values: dict[str, Any]
+
+
+def _private_values(module: nn.Module) -> list[_Private]:
+    """Each submodule's :class:`_Private`: vmap's copy of member 0 is made again when they change (copied alone, a
+    cache's key left it a table for another key), and members whose settings differ run by the loop
+    (:func:`_first_difference`). Compared with ``==`` (a NaN set once is the same object)."""
     found = []
     for m in module.modules():
         attributes = vars(m)
         # a set difference first: most of a module's attributes are nn.Module's own, and this runs at every vmap call
-        keys = [k for k in attributes.keys() - _MODULE_INTERNALS if k[0] == "_" and not k.startswith("_bdl_")]
-        found.append({k: attributes[k] for k in keys if _immutable(attributes[k])})
+        names = frozenset(k for k in attributes.keys() - _MODULE_INTERNALS if k[0] == "_" and not k.startswith("_bdl_"))
+        found.append(_Private(names, {k: attributes[k] for k in names if _immutable(attributes[k])}))
     return found
 
 
-def _first_difference(names: list[str], reference: list[dict[str, Any]], other: list[dict[str, Any]]) -> Optional[str]:
-    """The qualified name of the first private attribute (:func:`_private_values`) whose value differs between two
-    members, or None. An attribute immutable in one member only (a Lightning module's ``_trainer``, None until fit; a
-    cache None until built) is state, not a setting: left out. Values compare as dicts compare theirs (a NaN that is
-    one object equals itself)."""
+def _first_difference(names: list[str], reference: list[_Private], other: list[_Private]) -> Optional[str]:
+    """The qualified name of the first private setting that differs between two members, or None: an attribute one
+    member has and the other has not, or immutable values that differ (as dicts compare theirs: a NaN that is one
+    object equals itself). An attribute immutable in one member only (a Lightning module's ``_trainer``, None until
+    fit; a cache None until built) is state, not a setting: left out."""
     for name, mine, theirs in zip(names, reference, other):
-        for key in sorted(mine.keys() & theirs.keys()):
-            if mine[key] is not theirs[key] and mine[key] != theirs[key]:
+        for key in sorted(mine.names ^ theirs.names):
+            return f"{name}.{key}" if name else key
+        for key in sorted(mine.values.keys() & theirs.values.keys()):
+            if mine.values[key] is not theirs.values[key] and mine.values[key] != theirs.values[key]:
                 return f"{name}.{key}" if name else key
+    return None
+
+
+def _uncopyable(module: nn.Module) -> Optional[str]:
+    """The first tensor attribute (in lists and dicts too) of ``module`` that needs gradients, as
+    ``"Linear._decoder"``, or None: one computed from the weights (a view of a weight, a loss kept from a training
+    forward), which ``deepcopy`` refuses and which would be member 0's for every member in vmap's copy."""
+    for submodule in module.modules():
+        for key, value in vars(submodule).items():
+            if key not in _MODULE_INTERNALS and any(tensor.requires_grad for tensor in _kept_tensors([value])):
+                return f"{type(submodule).__name__}.{key}"
     return None
 
 
@@ -179,16 +198,6 @@ def _meta_copy(module: nn.Module) -> nn.Module:
         for value in submodule._buffers.values():
             if value is not None:
                 memo[id(value)] = torch.empty_like(value, device="meta")
-        # a tensor kept from a forward with gradients (an auxiliary loss, in a list too) cannot be deep-copied: the
-        # copy's holds NaN, which a forward that reads it (member 0's values, for every member) passes on
-        for value in _kept_tensors(vars(submodule).values()):
-            if not value.is_leaf:
-                if isinstance(value._base, nn.Parameter):  # a view of a weight (tied weights) that the forward reads
-                    raise ValueError(
-                        f"method='vmap' runs a copy of member 0, whose {type(submodule).__name__} keeps a view of a parameter "
-                        "as a plain attribute (its values would be member 0's for every member): use method='loop'"
-                    )
-                memo[id(value)] = torch.full_like(value.detach(), math.nan)
     return copy.deepcopy(module, memo)
 
 
@@ -226,7 +235,9 @@ class DeepEnsemble(nn.Module):
             counter; :func:`bdl.predict` restacks them on every call). Members with forward hooks of your own
             (feature recorders), or backward hooks under gradients, run by ``"loop"``, with a warning; so do
             members whose private settings of plain values differ (``self._temperature = 2.0``). vmap runs a copy of
-            member 0: a setting held in a tensor or list attribute of its own is member 0's for every member. Under
+            member 0: a setting held in a tensor or list attribute of its own (a detached view of a weight too) is
+            member 0's for every member; members that keep a tensor needing gradients (a view of a weight, a loss of
+            a training forward) run by ``"loop"``, with a warning. Under
             ``vmap`` an ``nn.TransformerEncoder`` given a padding mask in eval mode leaves its nested-tensor fast path
             (which vmap cannot batch): its padded positions hold values where the loop's fast path gives zeros (a
             decoder attending to that memory without a ``memory_key_padding_mask`` reads them).
@@ -433,6 +444,11 @@ class DeepEnsemble(nn.Module):
             attribute = next(filter(None, (_first_difference(names, private[0], values) for values in differing)), None)
             if attribute is not None:
                 return self._loop_instead("_warned_private", f"the members' private attribute {attribute!r} differs")
+        uncopyable = _uncopyable(self.members[0])
+        if uncopyable is not None:  # deepcopy refused it, or the copy ran member 0's tensor for every member
+            return self._loop_instead(
+                "_warned_uncopyable", f"member 0's {uncopyable} is a tensor of its weights or of a forward with gradients"
+            )
         if not all(_hooks_alike(modules) for modules in zip(*(member.modules() for member in self.members))):
             # one vmapped copy of member 0 runs every member: a hook of member 0's alone zeroed every member
             return self._loop_instead("_warned_hooks", "the members' forward hooks differ (a hook object of each member's own, or a hook on some members only)")

@@ -382,7 +382,6 @@ def test_vmap_follows_member_0s_private_settings_with_the_caches_they_key():
     for net in members:  # key and table of member 0 change together: copied together, not the key alone
         net(x, offset=3)
     torch.testing.assert_close(ensemble(x, offset=3), torch.stack([net(x, offset=3) for net in members]))
-    members[0]._aux = [members[0].linear(x).square().mean()]  # a tensor kept from a training forward: no deepcopy
     members[0]._scale = members[1]._scale = 2.0  # the copy made again for it
     torch.testing.assert_close(ensemble(x), torch.stack([net(x) for net in members]))
 
@@ -400,9 +399,13 @@ def test_members_whose_private_settings_differ_run_by_the_loop_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert DeepEnsemble(fit, method="vmap").resolve_method() == "vmap"
+    one_sided = [_Keyed(), _Keyed()]  # a setting that one member has: its value ran for both
+    one_sided[0]._temperature = 2.0
+    with pytest.warns(UserWarning, match="'_temperature' differs"):
+        assert DeepEnsemble(one_sided, method="vmap").resolve_method() == "loop"
 
 
-def test_vmap_refuses_members_that_keep_a_view_of_a_weight():
+def test_members_that_keep_a_tensor_of_their_weights_run_by_the_loop_with_a_warning():
     class Tied(nn.Module):  # the copy of member 0 would read member 0's weight for every member
         def __init__(self):
             super().__init__()
@@ -412,8 +415,10 @@ def test_vmap_refuses_members_that_keep_a_view_of_a_weight():
         def forward(self, x):
             return self.encoder(x).relu() @ self._decoder
 
-    with pytest.raises(ValueError, match="keeps a view of a parameter as a plain attribute.*method='loop'"):
-        DeepEnsemble([Tied(), Tied()], method="vmap")(torch.randn(4, 3))
+    members, x = [Tied(), Tied()], torch.randn(4, 3)
+    ensemble = DeepEnsemble(members, method="vmap")
+    with pytest.warns(UserWarning, match=r"member 0's Tied._decoder is a tensor of its weights .*method='loop'"):
+        torch.testing.assert_close(ensemble(x), torch.stack([net(x) for net in members]))
 
 
 def test_functional_call_runs_a_vmap_ensemble_before_its_first_forward():
