@@ -36,28 +36,55 @@ architecture), ``"loop"`` (one call per member), ``"auto"`` (``"loop"``: it was 
 H200 and H100 GPUs, see :meth:`DeepEnsemble.resolve_method`)."""
 
 
+_Layout = list[tuple[str, nn.Module]]  # a member's named_modules(), walked once per resolve_method
+
+
+def _parametrized(module: nn.Module) -> bool:
+    """``nn.utils.parametrize.is_parametrized(module)`` without its ``getattr`` (``nn.Module.__getattr__`` raising
+    for nearly every module took a third of :meth:`DeepEnsemble.resolve_method`'s time)."""
+    parametrizations = module._modules.get("parametrizations")
+    return isinstance(parametrizations, nn.ModuleDict) and len(parametrizations) > 0
+
+
 def _module_class(module: nn.Module) -> type:
     """``module``'s class, or for a module with a parametrization (``weight_norm``, ``spectral_norm``, ...) the class
     it had: torch gives each such module a class of its own, so members from one factory seemed to differ."""
-    if nn.utils.parametrize.is_parametrized(module):
+    if _parametrized(module):
         return type(module).__mro__[1]
     return type(module)
 
 
-def _structure(module: nn.Module) -> tuple[Any, ...]:
+def _named_tensors(layout: _Layout, kind: str) -> tuple[tuple[str, torch.Size, torch.dtype, torch.device], ...]:
+    """``named_parameters()`` (``kind="_parameters"``) or ``named_buffers()`` (``"_buffers"``) of a walked member,
+    each tensor once, as ``(name, shape, dtype, device)``."""
+    seen: set[int] = set()
+    found = []
+    for name, module in layout:
+        for key, tensor in getattr(module, kind).items():
+            if tensor is not None and id(tensor) not in seen:
+                seen.add(id(tensor))
+                found.append((f"{name}.{key}" if name else key, tensor.shape, tensor.dtype, tensor.device))
+    return tuple(found)
+
+
+def _structure(layout: _Layout) -> tuple[Any, ...]:
     """What must agree between members for ``functional_call`` on one of them to run any of them (with
     :func:`_attributes`)."""
     return (
-        tuple((name, _module_class(m), nn.utils.parametrize.is_parametrized(m), m.extra_repr()) for name, m in module.named_modules()),
-        tuple((name, p.shape, p.dtype, p.device) for name, p in module.named_parameters()),
-        tuple((name, b.shape, b.dtype, b.device) for name, b in module.named_buffers()),
+        tuple((name, _module_class(m), _parametrized(m), m.extra_repr()) for name, m in layout),
+        _named_tensors(layout, "_parameters"),
+        _named_tensors(layout, "_buffers"),
     )
 
 
-def _attributes(module: nn.Module) -> list[tuple[str, dict[str, Any]]]:
+def _attributes(layout: _Layout) -> list[tuple[str, dict[str, Any]]]:
     """Each submodule's plain attributes (a scale factor, the training flag, a dropout rate): vmap runs the
     first member's module with the others' tensors, so these must be the members' own too."""
-    return [(name, {k: v for k, v in vars(m).items() if not k.startswith("_")}) for name, m in module.named_modules()]
+    found = []
+    for name, m in layout:
+        attributes = vars(m)  # a set difference first, as in _private_values
+        found.append((name, {k: attributes[k] for k in attributes.keys() - _MODULE_INTERNALS if k[0] != "_"} | {"training": m.training}))
+    return found
 
 
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))  # the hook dicts, _parameters, ...: each module's own
@@ -79,12 +106,12 @@ class _Private(NamedTuple):
     values: dict[str, Any]
 
 
-def _private_values(module: nn.Module) -> list[_Private]:
+def _private_values(modules: Iterable[nn.Module]) -> list[_Private]:
     """Each submodule's :class:`_Private`: vmap's copy of member 0 is made again when they change (copied alone, a
     cache's key left it a table for another key), and members whose settings differ run by the loop
     (:func:`_first_difference`). Compared with ``==`` (a NaN set once is the same object)."""
     found = []
-    for m in module.modules():
+    for m in modules:
         attributes = vars(m)
         # a set difference first: most of a module's attributes are nn.Module's own, and this runs at every vmap call
         names = frozenset(k for k in attributes.keys() - _MODULE_INTERNALS if k[0] == "_" and not k.startswith("_bdl_"))
@@ -106,11 +133,11 @@ def _first_difference(names: list[str], reference: list[_Private], other: list[_
     return None
 
 
-def _uncopyable(module: nn.Module) -> Optional[str]:
-    """The first tensor attribute (in lists and dicts too) of ``module`` that needs gradients, as
+def _uncopyable(modules: Iterable[nn.Module]) -> Optional[str]:
+    """The first tensor attribute (in lists and dicts too) of a member's ``modules`` that needs gradients, as
     ``"Linear._decoder"``, or None: one computed from the weights (a view of a weight, a loss kept from a training
     forward), which ``deepcopy`` refuses and which would be member 0's for every member in vmap's copy."""
-    for submodule in module.modules():
+    for submodule in modules:
         for key, value in vars(submodule).items():
             if key not in _MODULE_INTERNALS and any(tensor.requires_grad for tensor in _kept_tensors([value])):
                 return f"{type(submodule).__name__}.{key}"
@@ -118,6 +145,8 @@ def _uncopyable(module: nn.Module) -> Optional[str]:
 
 
 def _same(a: Any, b: Any) -> bool:  # noqa: ANN401 - any attribute values
+    if a is b:  # most settings (a flag, a small int, a name)
+        return True
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b.to(a.device))
     if isinstance(a, dict) and isinstance(b, dict):
@@ -130,6 +159,17 @@ def _same(a: Any, b: Any) -> bool:  # noqa: ANN401 - any attribute values
         return False
 
 
+def _agree(a: Any, b: Any) -> bool:  # noqa: ANN401 - any attribute values
+    """:func:`_same`, answered by ``==`` first where that says True (plain settings, compared at C speed: ``_same``'s
+    walk took most of :meth:`DeepEnsemble.resolve_method`'s time); one-element tensors then agree by value alone."""
+    try:
+        if a == b:
+            return True
+    except Exception:  # noqa: BLE001, S110 - a tensor of several elements, an array: compared by _same
+        pass
+    return _same(a, b)
+
+
 _HOOKS = (("_forward_pre_hooks", ("_forward_pre_hooks_with_kwargs",)),
           ("_forward_hooks", ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")))  # fmt: skip
 
@@ -138,6 +178,8 @@ def _hooks_alike(modules: Sequence[nn.Module]) -> bool:
     """Whether ``modules`` (one per member, at one place) have the same forward (pre-)hooks: the same functions,
     or alike by their ``alike`` method (MCDropout's inserted dropout, one hook object per member)."""
     for hooks, _ in _HOOKS:
+        if not any(getattr(module, hooks) for module in modules):  # (most modules)
+            continue
         mine = list(getattr(modules[0], hooks).values())
         for other in modules[1:]:
             theirs = list(getattr(other, hooks).values())
@@ -396,11 +438,15 @@ class DeepEnsemble(nn.Module):
     def shares_architecture(self) -> bool:
         """Whether every member has the structure, parameter and buffer shapes, and plain attributes (such as
         a scale factor or the training mode) of the first (vmap-able)."""
-        reference = _structure(self.members[0])
-        if not all(_structure(member) == reference for member in self.members[1:]):
+        return self._shares_architecture([list(member.named_modules()) for member in self.members])
+
+    @staticmethod
+    def _shares_architecture(layouts: list[_Layout]) -> bool:
+        reference = _structure(layouts[0])
+        if not all(_structure(layout) == reference for layout in layouts[1:]):
             return False
-        attributes = _attributes(self.members[0])
-        return all(_same(_attributes(member), attributes) for member in self.members[1:])
+        attributes = _attributes(layouts[0])
+        return all(_agree(_attributes(layout), attributes) for layout in layouts[1:])
 
     def resolve_method(self) -> str:
         """``"vmap"`` or ``"loop"``: the path :meth:`forward` takes now.
@@ -412,14 +458,24 @@ class DeepEnsemble(nn.Module):
         architecture and, in training mode, no BatchNorm-style buffers (their updates would go to the
         stacked copy, not the members).
         """
+        return self._resolve()[0]
+
+    def _resolve(self) -> tuple[str, list[_Layout]]:
+        """:meth:`resolve_method`'s answer, and the members' modules it walked (once: walking them for each check took
+        most of a small ensemble's vmap call)."""
         if self.method != "vmap" or len(self.members) == 1:
-            return "loop"
-        for member in self.members:  # MC dropout members find their layers (and move inserted dropout) first, as their
-            for module in member.modules():  # own forward would: vmap's copy runs none of theirs
-                found = getattr(module, "_found_dropout", None)
+            return "loop", []
+        layouts = [list(member.named_modules()) for member in self.members]
+        found_any = False  # MC dropout members find their layers (and move inserted dropout) first, as their own
+        for layout in layouts:  # forward would: vmap's copy runs none of theirs
+            for _, module in layout:
+                found = getattr(type(module), "_found_dropout", None)  # (the class's: nn.Module's getattr is slow)
                 if callable(found):
-                    found()
-        if not self.shares_architecture():
+                    found(module)
+                    found_any = True
+        if found_any:
+            layouts = [list(member.named_modules()) for member in self.members]
+        if not self._shares_architecture(layouts):
             if any(_holds_compiled_module(member) for member in self.members):  # each compile wrapper has its own state
                 raise ValueError(
                     "method='vmap' runs the members' modules, not their torch.compile wrappers: compile the ensemble "
@@ -432,38 +488,41 @@ class DeepEnsemble(nn.Module):
         # the members' own modes (alike: shares_architecture compares them), not the wrapper's: members switched to
         # training mode in an eval-mode ensemble updated vmap's stacked copy of their statistics, not theirs
         # (buffers that are None, as InstanceNorm's and an untracked BatchNorm's statistics, hold nothing to update)
-        if any(module.training and any(b is not None for b in module._buffers.values()) for module in self.members[0].modules()):
+        modules = [[module for _, module in layout] for layout in layouts]
+        if any(module.training and any(b is not None for b in module._buffers.values()) for module in modules[0]):
             raise ValueError(
                 "method='vmap' cannot run members in training mode that hold buffers (BatchNorm statistics): their updates "
                 "would go to vmap's stacked copy, not the members; use method='loop', or eval()"
             )
-        private = [_private_values(member) for member in self.members]
+        private = [_private_values(member) for member in modules]
         differing = [values for values in private[1:] if values != private[0]]
         if differing:  # vmap's copy of member 0 ran member 0's for every member (a temperature each), silently
-            names = [name for name, _ in self.members[0].named_modules()]
+            names = [name for name, _ in layouts[0]]
             attribute = next(filter(None, (_first_difference(names, private[0], values) for values in differing)), None)
             if attribute is not None:
-                return self._loop_instead("_warned_private", f"the members' private attribute {attribute!r} differs")
-        uncopyable = _uncopyable(self.members[0])
+                return self._loop_instead("_warned_private", f"the members' private attribute {attribute!r} differs"), layouts
+        uncopyable = _uncopyable(modules[0])
         if uncopyable is not None:  # deepcopy refused it, or the copy ran member 0's tensor for every member
             return self._loop_instead(
                 "_warned_uncopyable", f"member 0's {uncopyable} is a tensor of its weights or of a forward with gradients"
-            )
-        if not all(_hooks_alike(modules) for modules in zip(*(member.modules() for member in self.members))):
+            ), layouts
+        if not all(_hooks_alike(at_place) for at_place in zip(*modules)):
             # one vmapped copy of member 0 runs every member: a hook of member 0's alone zeroed every member
-            return self._loop_instead("_warned_hooks", "the members' forward hooks differ (a hook object of each member's own, or a hook on some members only)")
+            why = "the members' forward hooks differ (a hook object of each member's own, or a hook on some members only)"
+            return self._loop_instead("_warned_hooks", why), layouts
         # a hook of the user's ran once, on the copy, with vmap's batched tensors: features it kept failed when read
-        if any(not _runs_on_copy(hook) for module in self.members[0].modules() for hooks, _ in _HOOKS for hook in getattr(module, hooks).values()):
-            return self._loop_instead("_warned_own_hooks", "members have forward hooks of your own (they would run once, on vmap's batched copy)")
+        if any(not _runs_on_copy(hook) for module in modules[0] for hooks, _ in _HOOKS for hook in getattr(module, hooks).values()):
+            why = "members have forward hooks of your own (they would run once, on vmap's batched copy)"
+            return self._loop_instead("_warned_own_hooks", why), layouts
         global_hooks = [getattr(_module_internals, f"_global{hooks}", {}) for hooks, _ in _HOOKS]  # register_module_forward_hook's
         if any(not _runs_on_copy(hook) for hooks in global_hooks for hook in hooks.values()):
-            return self._loop_instead("_warned_global_hooks", "global forward hooks (register_module_forward_hook) are set")
+            return self._loop_instead("_warned_global_hooks", "global forward hooks (register_module_forward_hook) are set"), layouts
         if torch.is_grad_enabled() and (
             _module_internals._global_backward_hooks or _module_internals._global_backward_pre_hooks  # on every module
-            or any(module._backward_hooks or module._backward_pre_hooks for member in self.members for module in member.modules())
+            or any(module._backward_hooks or module._backward_pre_hooks for member in modules for module in member)
         ):  # the vmapped copy runs none of the members' modules: a backward through it ran no member's hook
-            return self._loop_instead("_warned_backward_hooks", "members have backward hooks (with gradients)")
-        return "vmap"
+            return self._loop_instead("_warned_backward_hooks", "members have backward hooks (with gradients)"), layouts
+        return "vmap", layouts
 
     def _loop_instead(self, flag: str, why: str) -> str:
         """``"loop"``, with a warning the first time (``flag``) that ``why`` keeps vmap from running the members."""
@@ -512,20 +571,20 @@ class DeepEnsemble(nn.Module):
         self._stacked = _Stacked(key, params, buffers, [weakref.ref(t) for t in sources]) if cache else None
         return params, buffers
 
-    def _current_base(self) -> nn.Module:
+    def _current_base(self, layout: _Layout) -> nn.Module:
         """The weightless copy of member 0 that vmap runs, made at the first call (not when built: members are
         configured after, their lazy layers built, and some cannot be copied where vmap never runs), and made again
         where a module of member 0 was replaced since (in every member: the copy ran the old one, also one of the
         same type and other settings) or a private setting of member 0 changed (:func:`_private_values`). Modules are
         told by weak references, as a freed module's id is reused at once (and a strong one kept a replaced layer's
         memory, and wrote it into torch.save). A first call under ``torch.compile(fullgraph=True)`` cannot make it (a
-        ``Parameter()``): call the ensemble once before, and again after changing a private setting of member 0."""
-        layout = list(self.members[0].named_modules())
+        ``Parameter()``): call the ensemble once before, and again after changing a private setting of member 0.
+        ``layout``: member 0's ``named_modules()``."""
         kept = getattr(self, "_base_layout", None)  # (an ensemble pickled by an earlier version has none)
         replaced = not self._base or kept is None or len(kept) != len(layout) or any(
             ref() is not module or m != n for (m, ref), (n, module) in zip(kept, layout)
         )
-        private = _private_values(self.members[0])
+        private = _private_values(module for _, module in layout)
         if replaced or private != getattr(self, "_base_private", None):  # a private setting changed: the copy kept it
             self._base[:] = [_meta_copy(self.members[0])]
             if replaced:  # (the old layers' stacked weights)
@@ -534,18 +593,19 @@ class DeepEnsemble(nn.Module):
             self._base_private = private
         return self._base[0]
 
-    def _vmap_forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
-        base = self._current_base()
+    def _vmap_forward(self, layout: _Layout, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:  # noqa: ANN401
+        """The members' outputs by one vmapped call of member 0's copy (``layout``: member 0's ``named_modules()``)."""
+        base = self._current_base(layout)
         # the first member's plain attributes as they are now (the training flags, a bdl.deterministic or
         # bdl.use_estimator block, a changed dropout rate): the copy kept those of its first forward
         names: list[dict[int, str]] = []  # member 0's module names by id, when a hook asks
 
         def member_names() -> dict[int, str]:
             if not names:
-                names.append({id(module): name for name, module in self.members[0].named_modules()})
+                names.append({id(module): name for name, module in layout})
             return names[0]
 
-        for base_module, module in zip(base.modules(), self.members[0].modules()):
+        for base_module, (_, module) in zip(base.modules(), layout):
             base_module.__dict__.update((k, v) for k, v in vars(module).items() if not k.startswith("_"))
             # and its forward hooks, alike on every member (resolve_method): an MCDropout around the ensemble hooks
             # the members' dropout layers for the call (the copy dropped nothing, or kept dropping for good when made
@@ -584,8 +644,9 @@ class DeepEnsemble(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - a tensor, tuple or dict like one member's output
         """Every member's output on the same inputs (keyword arguments too, e.g. a transformer's
         ``src_key_padding_mask``), stacked along a new first dimension ``[M, ...]``."""
-        if self.resolve_method() == "vmap":
-            return self._vmap_forward(*args, **kwargs)
+        method, layouts = self._resolve()
+        if method == "vmap":
+            return self._vmap_forward(layouts[0], args, kwargs)
         return self._loop_forward(*args, **kwargs)
 
     def sample_outputs(self, x: Tensor, num_samples: int) -> Any:  # noqa: ANN401

@@ -176,6 +176,25 @@ def test_members_that_differ_in_plain_attributes_or_mode_refuse_vmap():
     mixed = DeepEnsemble([nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)) for _ in range(2)], method="vmap")
     mixed.eval().members[1].train()  # one member's dropout on: vmap would run both in member 0's mode
     assert not mixed.shares_architecture()
+    # settings held in tensors, compared by value (several elements: == has no truth value)
+    for factors in ([torch.tensor(1.0), torch.tensor(100.0)], [torch.ones(3), torch.tensor([1.0, 1.0, 2.0])]):
+        assert not DeepEnsemble([Scaled(factor) for factor in factors], method="vmap").shares_architecture()
+    assert DeepEnsemble([Scaled(torch.ones(3)), Scaled(torch.ones(3))], method="vmap").shares_architecture()
+
+
+def test_members_with_weights_tied_in_some_only_refuse_vmap():
+    # a tied weight is one parameter (named once): vmap's copy of the tied member 0 ran member 1 tied too
+    def member(tied):
+        net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+        if tied:
+            net[2].weight = net[0].weight
+        return net
+
+    assert not DeepEnsemble([member(True), member(False)], method="vmap").shares_architecture()
+    assert not DeepEnsemble([member(False), member(True)], method="vmap").shares_architecture()
+    tied = DeepEnsemble([member(True), member(True)], method="vmap")
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(tied(x), DeepEnsemble(tied.members, method="loop")(x))
 
 
 def test_vmap_with_batchnorm_in_training_mode_is_refused():
