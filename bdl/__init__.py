@@ -36,7 +36,7 @@ from .nn import (
 
 # --- wrappers and prediction: MCDropout, DeepEnsemble, predict, Prediction (bdl/wrappers, bdl/predict.py) ---
 from .nn.heads import GaussianHead, GaussianNLLLoss, GaussianOutput, gaussian_nll
-from .predict import Prediction, predict
+from .predict import Prediction, common_random_numbers, predict
 from .triage import Triage, triage
 from .wrappers import DeepEnsemble, MCDropout
 
@@ -74,6 +74,7 @@ __all__ = [
     "TemperatureScaler",
     "Triage",
     "bayesianize",
+    "common_random_numbers",
     "compare_predictions",
     "deterministic",
     "elbo_loss",

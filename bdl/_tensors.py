@@ -1,9 +1,10 @@
-"""Small tensor facts bdl's caches key by."""
+"""Small tensor facts bdl's caches key by, and the random state Monte Carlo draws come from."""
 
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 
@@ -15,3 +16,19 @@ def version_or_none(tensor: Tensor) -> Optional[int]:
         return tensor._version
     except RuntimeError:
         return None
+
+
+RandomState = tuple[Tensor, Optional[list[Tensor]]]
+
+
+def random_state() -> RandomState:
+    """The state of torch's CPU generator and, where CUDA is in use, of every CUDA device's: where
+    :func:`set_random_state` puts them back, the same Monte Carlo draws come again (common random numbers)."""
+    return torch.random.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+
+def set_random_state(state: RandomState) -> None:
+    cpu, cuda = state
+    torch.random.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)

@@ -40,7 +40,7 @@ from torch.nn.modules import module as _module_internals
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from ._messages import first_few, index_list
-from ._tensors import version_or_none
+from ._tensors import random_state, set_random_state, version_or_none
 from ._outputs import draw_stacked, output_parts
 from .metrics.functional._checks import all_finite, check_probability_rows
 from .nn.convert import deterministic, use_estimator
@@ -1415,6 +1415,49 @@ def _one_call_at_a_time(model: Any) -> contextlib.AbstractContextManager:  # noq
     return lock
 
 
+_common_draws = threading.local()  # a common_random_numbers block's state, per thread: .active, .start
+
+
+@contextlib.contextmanager
+def common_random_numbers() -> Iterator[None]:
+    """Inside the block, every :func:`predict` call draws its Monte Carlo samples from the same random numbers.
+
+    Each call's first batch starts from the random state (torch's CPU generator, and CUDA's where in use) that
+    the block's first call started from. Where a batch's inputs share their draws (the weight samples of
+    Bayesian layers in the loop path), inputs predicted by separate calls then compare under the same ``S``
+    networks, as a deep ensemble's members are the same for every input: thresholds picked on validation data
+    (:func:`bdl.triage`) or an OOD score compared between two sets carry no difference of draws.
+    :func:`bdl.evaluate` predicts its test and OOD sets in such a block; a block around it (or another block)
+    joins it. Per thread; the random state after the block is wherever its last call left it.
+
+    Example:
+        >>> bnn = nn.Sequential(BayesLinear(4, 8), nn.ReLU(), BayesLinear(8, 3))
+        >>> x = torch.randn(5, 4)
+        >>> with bdl.common_random_numbers():
+        ...     first, second = bdl.predict(bnn, x, num_samples=8), bdl.predict(bnn, x, num_samples=8)
+        >>> torch.equal(first.probs, second.probs)
+        True
+    """
+    if getattr(_common_draws, "active", False):  # joins the block it is in
+        yield
+        return
+    _common_draws.active, _common_draws.start = True, None
+    try:
+        yield
+    finally:
+        _common_draws.active, _common_draws.start = False, None
+
+
+def _start_common_draws() -> None:
+    """At a predict call's first batch: in a :func:`common_random_numbers` block, take the block's random state
+    (the first call keeps its own as the block's)."""
+    if getattr(_common_draws, "active", False):
+        if _common_draws.start is None:
+            _common_draws.start = random_state()
+        else:
+            set_random_state(_common_draws.start)
+
+
 @contextlib.contextmanager
 def _eval_mode(model: Any) -> Iterator[None]:  # noqa: ANN401
     if not isinstance(model, nn.Module):
@@ -1578,13 +1621,15 @@ def predict(
                 forget = getattr(module, "_drop_value_caches", None)
                 if callable(forget):
                     forget()
-        for x, y in _batches(inputs, batch_size):
+        for index, (x, y) in enumerate(_batches(inputs, batch_size)):
             if not isinstance(x, Tensor) or x.dim() == 0:
                 raise ValueError("every batch of inputs must be a tensor with a batch dimension")
             if x.is_meta:
                 raise ValueError(f"inputs are on the 'meta' device (shape {tuple(x.shape)}, no values): pass tensors with data")
             if device is not None:
                 x = x.to(device)
+            if index == 0:  # before the first draw (a loader's iterator took its seed from the generator by now)
+                _start_common_draws()
             rows, shape = x.shape[0], tuple(x.shape)
             summary: Any = _ClassificationSummary(keep_samples) if task == "classification" else _RegressionSummary(keep_samples)
             try:

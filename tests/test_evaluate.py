@@ -272,6 +272,24 @@ def test_one_sample_reports_no_epistemic_ood_scores():
     assert "ood/mutual_information/auroc" in several.metrics and not several.notes
 
 
+@pytest.mark.parametrize("batch_size", [1024, 16])
+def test_the_ood_set_is_drawn_with_the_test_sets_random_numbers(batch_size):
+    # a batch shares its weight samples: two sets each drawn afresh differed by their draws (a test set against itself
+    # as the OOD set gave AUROCs far from 0.5); under the same draws, batch k of either set sees the same networks
+    torch.manual_seed(0)
+    model = nn.Sequential(BayesLinear(2, 16, posterior_std_init=0.3), nn.ReLU(), BayesLinear(16, 3, posterior_std_init=0.3))
+    x, y = blobs(64)
+    for method in ("loop", "batched"):
+        loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
+        report = evaluate(model, loader, ood_data=x.clone(), num_samples=8, method=method, batch_size=batch_size)
+        assert torch.equal(report.ood_prediction.mutual_information, report.prediction.mutual_information), method
+        assert all(value == 0.5 for key, value in report.metrics.items() if key.endswith("/auroc")), method
+    torch.manual_seed(1)
+    before = evaluate(model, (x, y), num_samples=8, method="loop").prediction.probs
+    torch.manual_seed(1)
+    assert torch.equal(evaluate(model, (x, y), ood_data=x + 5, num_samples=8, method="loop").prediction.probs, before)
+
+
 def test_every_ood_score_left_out_is_named_in_the_notes():
     # a mean-only regressor sampled once: every score constant, no OOD table, and not a word of why
     x, y = torch.randn(50, 1), torch.randn(50)

@@ -1471,3 +1471,21 @@ def test_a_regression_variance_past_the_dtypes_range_is_an_error_not_inf():
         bdl.Prediction.from_regression(means, variances)
     wide = bdl.Prediction.from_regression(torch.tensor([[[2e19]], [[-2e19]]], dtype=torch.float64))
     assert wide.epistemic_variance.item() == pytest.approx(4e38)
+
+
+def test_calls_in_a_common_random_numbers_block_draw_the_same_samples():
+    torch.manual_seed(0)
+    model, x = bayes_mlp(), torch.randn(40, 4)
+    loader = DataLoader(TensorDataset(x), batch_size=16)  # its iterator takes a seed from the generator first
+    with bdl.common_random_numbers():
+        first = bdl.predict(model, x, num_samples=8, method="loop", batch_size=16)
+        with bdl.common_random_numbers():  # joins the block it is in
+            again = bdl.predict(model, loader, num_samples=8, method="loop")
+        batched = bdl.predict(model, x[:16], num_samples=8, method="batched")
+        batched_again = bdl.predict(model, x[:16], num_samples=8, method="batched")
+    # every batch of both calls ran the same 8 weight samples: each input's prediction is the first call's
+    assert torch.equal(again.probs, first.probs) and torch.equal(again.mutual_information, first.mutual_information)
+    assert torch.equal(batched_again.probs, batched.probs)
+    assert not torch.equal(batched.probs, first.probs[:16])  # another path draws otherwise from the same numbers
+    fresh = bdl.predict(model, x, num_samples=8, method="loop", batch_size=16)
+    assert not torch.equal(fresh.probs, first.probs)  # outside the block: draws of its own

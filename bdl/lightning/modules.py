@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import DistributedSampler, SubsetRandomSampler
 
 from .. import infer
+from .._tensors import RandomState, random_state, set_random_state
 from ..evaluate import Report, evaluate
 from ..infer.guides import collapsed_scales
 from ..infer.svi_trainer import _as_args, _steps_when_needed, ignored_hparams, plain_hyperparameters, stepping_batches
@@ -495,6 +496,7 @@ class _Evaluation:
 
     def on_test_epoch_start(self) -> None:
         self._test_outputs: dict[int, list[tuple[Prediction, Optional[Tensor], Optional[Tensor]]]] = defaultdict(list)
+        self._test_random_state: Optional[RandomState] = None
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:  # noqa: ANN401
         if dataloader_idx > 1:  # predicted, then left out of the report
@@ -503,6 +505,11 @@ class _Evaluation:
                 "in a run of its own, or concatenate them (torch.utils.data.ConcatDataset)"
             )
         x, y = _split_batch(batch)
+        if batch_idx == 0:  # common random numbers, as bdl.evaluate draws them: the OOD loader's batch k compares with
+            if dataloader_idx == 0:  # the test loader's under the same draws (a batch's weight samples are shared)
+                self._test_random_state = random_state()
+            elif getattr(self, "_test_random_state", None) is not None:
+                set_random_state(self._test_random_state)
         prediction = self._checked_prediction(x, self.num_eval_samples, "test", batch_idx, dataloader_idx)
         one_dimensional = x.dim() == 2 and x.shape[1] == 1  # kept for the 1-D regression figure
         # (the OOD loader's targets are never read: not judged either, as image ids in bfloat16 were)

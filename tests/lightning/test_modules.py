@@ -226,6 +226,18 @@ def test_test_run_writes_the_evaluate_report_with_ood_metrics(tmp_path):
     assert {"train/nll_epoch", "train/kl_epoch", "val/accuracy", "val/nll", "val/ece"} <= set(logged)
 
 
+def test_the_ood_loader_is_drawn_with_the_test_loaders_random_numbers():
+    # as bdl.evaluate: the test loader given again as the OOD loader is the same prediction, not one of other draws
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    module = VariationalModule(MLP(4, 3, hidden=[16]), posterior_std_init=0.3, num_eval_samples=8, save_report=False)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    trainer(None).test(module, dataloaders=[loader, DataLoader(TensorDataset(x), batch_size=16)], verbose=False)
+    report = module.report
+    assert torch.equal(report.ood_prediction.mutual_information, report.prediction.mutual_information)
+    assert all(value == 0.5 for key, value in report.metrics.items() if key.endswith("/auroc"))
+
+
 def test_the_ood_loaders_targets_are_not_judged_as_labels():
     # never read, they were judged: image ids as floats (bf16-true casts them to bfloat16) stopped the test run
     module = DeterministicModule(nn.Linear(4, 3), save_report=False)
