@@ -24,6 +24,7 @@ of squares), so ``[S, N, C]`` is never held unless ``keep_samples=True``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import os
@@ -1134,6 +1135,9 @@ def draw_samples(model: Callable[..., Any], x: Tensor, num_samples: int, *, meth
     if callable(sample_outputs):
         if not isinstance(model, nn.Module):
             return sample_outputs(x, num_samples)
+        original = getattr(model, "_orig_mod", None)  # a torch.compile wrapper hands out the module's own method,
+        if isinstance(original, nn.Module) and callable(getattr(type(original), "sample_outputs", None)):  # whose
+            sample_outputs = functools.partial(type(original).sample_outputs, model)  # calls skipped the compiled graph
         with use_estimator(model, "reparam"):  # members' Bayesian convolutions: one weight sample per forward
             return sample_outputs(x, num_samples)
     if method == "batched":

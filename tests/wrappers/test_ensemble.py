@@ -812,6 +812,21 @@ def test_a_vmap_ensemble_compiles_whole_graph_after_one_call():
         torch.testing.assert_close(torch.compile(ensemble, backend="eager", fullgraph=True)(x), torch.stack([m(x) for m in ensemble.members]))
 
 
+@pytest.mark.parametrize("num_samples", [3, 6])
+def test_predict_runs_a_compiled_ensemble_compiled(num_samples):
+    # the compile wrapper's sample_outputs was the ensemble's own, whose calls ran the members eagerly: nothing compiled
+    from torch._dynamo.utils import counters
+
+    x = torch.randn(4, 8)
+    ensemble = DeepEnsemble.from_factory(lambda: nn.Linear(8, 3), 3).eval()
+    torch._dynamo.reset()
+    counters.clear()
+    prediction = bdl.predict(torch.compile(ensemble, backend="eager"), x, num_samples=num_samples, keep_samples=True)
+    assert counters["stats"]["unique_graphs"] >= 1
+    expected = torch.stack([m(x) for m in ensemble.members] * (num_samples // 3)).softmax(-1)
+    torch.testing.assert_close(prediction.sample_probs, expected)
+
+
 def test_a_vmap_ensemble_sees_members_trained_by_a_fused_optimizer():
     # its stacked weights were kept by the members' version counters, which a fused optimizer does not move: after
     # training, no-grad calls returned the outputs of before (5.4 off the members' own)
