@@ -1381,6 +1381,16 @@ def _note(error: BaseException, text: str) -> None:
         error.add_note(text)
 
 
+def _note_dtypes(error: BaseException, model: Any, x: Tensor) -> None:  # noqa: ANN401
+    """Under a failed forward whose floating inputs are not of the model's dtype, how to pass them: torch's "mat1 and
+    mat2 must have the same dtype" did not say which was which (``torch.from_numpy`` keeps numpy's float64)."""
+    if not isinstance(model, nn.Module) or not x.is_floating_point():
+        return
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is not None and dtype != x.dtype:
+        _note(error, f"bdl.predict: the inputs are {x.dtype} and the model's parameters {dtype}: pass inputs.to({dtype})")
+
+
 def _draw_or_none(model: Callable[..., Any], x: Tensor, count: int, method: str, may_shrink: bool) -> Any:  # noqa: ANN401
     """:func:`draw_samples`, or None where it ran out of memory and fewer samples at once may fit."""
     try:
@@ -1690,6 +1700,9 @@ def predict(
             except _NonFiniteOutput as error:
                 message = _non_finite_message(error, model, x, offset, _read_in_order(inputs))
                 raise _NonFiniteOutput(message, error.rows) from None
+            except Exception as error:
+                _note_dtypes(error, model, x)
+                raise
             offset += rows
             summaries.append(summary.result())
             targets.append(y)

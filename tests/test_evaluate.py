@@ -290,6 +290,19 @@ def test_the_ood_set_is_drawn_with_the_test_sets_random_numbers(batch_size):
     assert torch.equal(evaluate(model, (x, y), ood_data=x + 5, num_samples=8, method="loop").prediction.probs, before)
 
 
+def test_a_mean_only_model_with_sampled_spread_gets_a_note_on_its_intervals():
+    # MC dropout around a network that predicts means: coverage and NLL from the samples' spread alone, no note
+    torch.manual_seed(0)
+    x = torch.randn(200, 1)
+    y = x[:, 0] + 0.5 * torch.randn(200)
+    net = bdl.MCDropout(nn.Sequential(nn.Linear(1, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 1)))
+    report = evaluate(net, (x, y), task="regression", num_samples=8)
+    assert "interval_coverage_95" in report.metrics
+    assert any(note.startswith("the aleatoric variance is 0 for every input (the model predicts means only)") for note in report.notes)
+    head = bdl.MCDropout(nn.Sequential(nn.Linear(1, 32), nn.ReLU(), nn.Dropout(0.1), GaussianHead(32, 1)))
+    assert not evaluate(head, (x, y), task="regression", num_samples=8).notes
+
+
 def test_every_ood_score_left_out_is_named_in_the_notes():
     # a mean-only regressor sampled once: every score constant, no OOD table, and not a word of why
     x, y = torch.randn(50, 1), torch.randn(50)

@@ -1489,3 +1489,15 @@ def test_calls_in_a_common_random_numbers_block_draw_the_same_samples():
     assert not torch.equal(batched.probs, first.probs[:16])  # another path draws otherwise from the same numbers
     fresh = bdl.predict(model, x, num_samples=8, method="loop", batch_size=16)
     assert not torch.equal(fresh.probs, first.probs)  # outside the block: draws of its own
+
+
+def test_a_forward_failing_on_inputs_of_another_dtype_says_which_is_which():
+    # torch's "mat1 and mat2 must have the same dtype, but got Double and Float" named neither (torch.from_numpy of
+    # scikit-learn's data gives float64)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(RuntimeError) as failure:
+        bdl.predict(model, torch.randn(4, 3, dtype=torch.float64), num_samples=1)
+    assert failure.value.__notes__ == ["bdl.predict: the inputs are torch.float64 and the model's parameters torch.float32: pass inputs.to(torch.float32)"]
+    with pytest.raises(RuntimeError) as failure:  # an error of another kind, inputs of the model's dtype: no note
+        bdl.predict(model, torch.randn(4, 5), num_samples=1)
+    assert not getattr(failure.value, "__notes__", [])

@@ -39,7 +39,6 @@ from torch import Tensor, nn
 from torch.utils.data import DistributedSampler, SubsetRandomSampler
 
 from .. import infer
-from .._tensors import RandomState, random_state, set_random_state
 from ..evaluate import Report, evaluate
 from ..infer.guides import collapsed_scales
 from ..infer.svi_trainer import _as_args, _steps_when_needed, ignored_hparams, plain_hyperparameters, stepping_batches
@@ -49,6 +48,8 @@ from ..nn.functional import _two_class, check_estimator
 from ..nn.heads import gaussian_nll
 from ..nn.layers import BayesianModule
 from .._distributed import raise_on_every_process
+from .._messages import first_few
+from .._tensors import RandomState, random_state, set_random_state
 from .._warn import user_stacklevel
 from ..nn.loss import check_trained_parameters, elbo_loss, non_finite_parameters, non_finite_where
 from ..metrics.functional._checks import as_class_labels, check_positive_int, targets_like
@@ -705,6 +706,13 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         self.n_bins = check_positive_int(n_bins, "n_bins")
         self.save_report = bool(save_report)
         self.noise_variance = _check_number("noise_variance", noise_variance, strict=True)
+        bayesian = [name for name, module in model.named_modules() if isinstance(module, BayesianModule)]
+        if bayesian and type(self).training_loss in _NLL_ONLY_LOSSES:  # their stds fit the data alone, drawn at every forward
+            warnings.warn(
+                f"{type(self).__name__}: the network has Bayesian layers ({first_few(bayesian)}), which it trains on the "
+                "NLL alone, without their KL to the prior: use VariationalModule for a Bayesian network",
+                stacklevel=user_stacklevel(),
+            )
         self.model = model
         if compile is not False:
             model.compile(**({} if compile is True else compile))
@@ -1241,6 +1249,10 @@ def _reinitialized(model: nn.Module) -> nn.Module:
             stacklevel=3,
         )
     return copied
+
+
+# the losses without a KL term: a Bayesian network given to a module that trains with one of them is warned about
+_NLL_ONLY_LOSSES = frozenset((DeterministicModule.training_loss, MCDropoutModule.training_loss, EnsembleModule.training_loss))
 
 
 class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .._messages import first_few
+from .._warn import user_stacklevel
 from ..metrics.functional._checks import as_class_labels
 from .functional import _two_class
 from .layers import BayesianModule
@@ -139,6 +141,34 @@ def non_finite_where(module: nn.Module, *, kl_too: bool, collapsed: Sequence[str
     return "every parameter is finite (a NaN/inf in this batch's inputs or targets, or an overflow in the forward)"
 
 
+_REGRESSION_HINT = "for regression pass criterion=bdl.GaussianNLLLoss() with a bdl.GaussianHead (or e.g. nn.MSELoss())"
+
+
+def _check_logits_and_labels(output: object, target: Tensor) -> None:
+    """What the default criterion (cross-entropy on logits) takes: logits, and class labels or rows of class
+    probabilities (soft labels) of the logits' shape; a regression's outputs and targets got a loss (float targets
+    read as soft labels, negative ones too) or torch's error of shapes."""
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"ELBOLoss's default criterion is the cross-entropy of logits, got a {type(output).__name__} output: "
+            f"{_REGRESSION_HINT}"
+        )
+    if not isinstance(target, Tensor) or not target.is_floating_point() or not target.numel():
+        return
+    if output.dim() == 2 and output.shape[1] == 1:  # a binary classifier's log-odds: labels 0/1, as floats too
+        if bool(((target != 0) & (target != 1)).any()):
+            raise ValueError(
+                "ELBOLoss's default criterion reads one logit per input as a binary classifier's log-odds, whose "
+                f"targets are labels 0 or 1, got float targets such as {target[(target != 0) & (target != 1)][0].item():.4g}: "
+                f"{_REGRESSION_HINT}"
+            )
+    elif target.shape == output.shape and not bool(((target >= 0).all() & torch.isclose(target.sum(1), target.new_ones(())).all())):
+        raise ValueError(
+            "ELBOLoss's default criterion reads float targets of the logits' shape as rows of class probabilities "
+            f"(soft labels), got rows that are not (negative, or not summing to 1): {_REGRESSION_HINT}"
+        )
+
+
 class ELBOLoss(nn.Module):
     """Module form of :func:`elbo_loss` that also computes the data term and the model's KL.
 
@@ -184,20 +214,33 @@ class ELBOLoss(nn.Module):
             )
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self._one_logit_binary = criterion is None
+        self._checked_layers = False
         self.kl_weight = kl_weight
 
     def forward(self, output: Tensor, target: Tensor) -> ELBO:
         from .convert import kl_divergence
 
+        # not while compiling (a data-dependent branch: a graph break, an error under fullgraph) nor inside
+        # torch.func transforms (vmap of per-example gradients cannot read a value)
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+        traced = torch.compiler.is_compiling() or any(isinstance(t, Tensor) and wrapped(t) for t in (output, target))
+        if not traced and not getattr(self, "_checked_layers", True):  # once: the network bayesianize returned?
+            self._checked_layers = True
+            if not any(isinstance(module, BayesianModule) for module in self.model[0].modules()):
+                warnings.warn(
+                    f"ELBOLoss: the model ({type(self.model[0]).__name__}) has no Bayesian layer, so its KL is 0 and the loss "
+                    "is the NLL alone: pass the network bdl.bayesianize returned (it converts a copy)",
+                    stacklevel=user_stacklevel(),
+                )
+        default = getattr(self, "_one_logit_binary", False)  # the default criterion (a loss pickled by an earlier bdl has no flag)
+        if default and not traced:
+            _check_logits_and_labels(output, target)
         one_logit = isinstance(output, Tensor) and output.dim() == 2 and output.shape[1] == 1
-        if one_logit and getattr(self, "_one_logit_binary", False):  # (a loss pickled by an earlier bdl has no flag)
+        if one_logit and default:
             # a cross-entropy over one class: 0 whatever the model with labels 0, an IndexError with a label 1
             output, target = _two_class(output), as_class_labels(target)
         result = elbo_loss(self.criterion(output, target), kl_divergence(self.model[0]), self.num_data, self.kl_weight)
-        # not while compiling (a data-dependent branch: a graph break, an error under fullgraph) nor inside
-        # torch.func transforms (vmap of per-example gradients cannot read a value)
-        traced = torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(result.loss)
-        if self.check_finite and not traced and not bool(torch.isfinite(result.loss)):
+        if self.check_finite and not traced and not wrapped(result.loss) and not bool(torch.isfinite(result.loss)):
             bad = [name for name in ("nll", "kl") if not bool(torch.isfinite(getattr(result, name)))]
             raise FloatingPointError(
                 f"ELBOLoss: {' and '.join(name.upper() for name in bad) or 'the loss'} {'are' if len(bad) > 1 else 'is'} "

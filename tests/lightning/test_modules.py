@@ -238,6 +238,24 @@ def test_the_ood_loader_is_drawn_with_the_test_loaders_random_numbers():
     assert all(value == 0.5 for key, value in report.metrics.items() if key.endswith("/auroc"))
 
 
+def test_modules_that_train_without_a_kl_warn_of_bayesian_layers():
+    # a bayesianized network given to an ensemble or plain module trained its stds on the NLL alone, without a word
+    bayesian = bdl.bayesianize(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 3)))
+    for build in (lambda: DeterministicModule(bayesian), lambda: MCDropoutModule(bayesian), lambda: EnsembleModule(bayesian, num_members=2)):
+        with pytest.warns(UserWarning, match=r"has Bayesian layers \(.*0.*\), which it trains on the NLL alone, without their KL"):
+            build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        VariationalModule(bayesian, num_data=10)
+        DeterministicModule(nn.Linear(4, 3))
+
+        class OwnLoss(DeterministicModule):  # a loss of one's own (with a KL, say): not judged
+            def training_loss(self, x, y):
+                return super().training_loss(x, y)
+
+        OwnLoss(bayesian)
+
+
 def test_the_ood_loaders_targets_are_not_judged_as_labels():
     # never read, they were judged: image ids as floats (bf16-true casts them to bfloat16) stopped the test run
     module = DeterministicModule(nn.Linear(4, 3), save_report=False)

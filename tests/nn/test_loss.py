@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -58,6 +59,38 @@ def test_elbo_loss_reads_one_logit_as_a_binary_classifiers_log_odds():
     # a given criterion is used as given
     given = bdl.ELBOLoss(model, 50, criterion=nn.BCEWithLogitsLoss())(logits, y.float().unsqueeze(1)).nll
     torch.testing.assert_close(given, F.binary_cross_entropy_with_logits(logits, y.float().unsqueeze(1)))
+
+
+def test_elbo_loss_with_its_default_criterion_refuses_regression_outputs_and_targets():
+    # a regression through the default cross-entropy: float targets read as soft labels (negative ones too) gave a
+    # loss; one output, or a GaussianHead's pair, torch's errors of shapes and types
+    torch.manual_seed(0)
+    x = torch.randn(10, 2)
+    two, one = nn.Sequential(bdl.BayesLinear(2, 2)), nn.Sequential(bdl.BayesLinear(2, 1))
+    head = nn.Sequential(bdl.BayesLinear(2, 4), bdl.GaussianHead(4, 1))
+    with pytest.raises(ValueError, match=r"rows of class probabilities \(soft labels\).*criterion=bdl.GaussianNLLLoss\(\)"):
+        bdl.ELBOLoss(two, 100)(two(x), torch.randn(10, 2))
+    with pytest.raises(ValueError, match=r"binary classifier's log-odds, whose targets are labels 0 or 1, got float targets such as"):
+        bdl.ELBOLoss(one, 100)(one(x), torch.randn(10, 1))
+    with pytest.raises(TypeError, match="cross-entropy of logits, got a GaussianOutput output: for regression pass"):
+        bdl.ELBOLoss(head, 100)(head(x), torch.randn(10, 1))
+    soft = torch.softmax(torch.randn(10, 2), -1)  # soft labels (mixup, label smoothing) are the criterion's own
+    torch.testing.assert_close(bdl.ELBOLoss(two, 100)(logits := two(x), soft).nll, F.cross_entropy(logits, soft))
+    assert torch.isfinite(bdl.ELBOLoss(head, 100, criterion=bdl.GaussianNLLLoss())(head(x), torch.randn(10, 1)).loss)
+
+
+def test_elbo_loss_of_a_network_without_bayesian_layers_warns_once():
+    # the network before bayesianize (which converts a copy): a KL of 0, the NLL alone, without a word
+    plain = nn.Sequential(nn.Linear(2, 3))
+    criterion = bdl.ELBOLoss(plain, 100)
+    x, y = torch.randn(4, 2), torch.randint(0, 3, (4,))
+    with pytest.warns(UserWarning, match=r"ELBOLoss: the model \(Sequential\) has no Bayesian layer, so its KL is 0"):
+        criterion(plain(x), y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        criterion(plain(x), y)
+        converted = bdl.bayesianize(plain)
+        bdl.ELBOLoss(converted, 100)(converted(x), y)
 
 
 @pytest.mark.parametrize(
