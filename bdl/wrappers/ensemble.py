@@ -77,6 +77,14 @@ def _structure(layout: _Layout) -> tuple[Any, ...]:
     )
 
 
+def _described(entry: tuple[Any, ...]) -> str:
+    """One entry of :func:`_structure`, for an error: ``Dropout(p=0.5, inplace=False)``, ``float64 [3, 4] on cpu``."""
+    if isinstance(entry[1], type):  # a module: (name, class, parametrized, extra_repr)
+        return f"{entry[1].__name__}({entry[3]}){' (parametrized)' if entry[2] else ''}"
+    _, shape, dtype, device = entry
+    return f"{str(dtype).removeprefix('torch.')} {list(shape)} on {device}"
+
+
 def _attributes(layout: _Layout) -> list[tuple[str, dict[str, Any]]]:
     """Each submodule's plain attributes (a scale factor, the training flag, a dropout rate): vmap runs the
     first member's module with the others' tensors, so these must be the members' own too."""
@@ -448,6 +456,30 @@ class DeepEnsemble(nn.Module):
         attributes = _attributes(layouts[0])
         return all(_agree(_attributes(layout), attributes) for layout in layouts[1:])
 
+    @staticmethod
+    def _architecture_difference(layouts: list[_Layout]) -> str:
+        """Where the first member unlike member 0 differs from it, for the error ("needs members of one architecture"
+        did not say where: a bdl.deterministic block around one member, a dropout rate changed in one)."""
+        reference, attributes = _structure(layouts[0]), _attributes(layouts[0])
+        for index, layout in enumerate(layouts[1:], 1):
+            for kind, mine, theirs in zip(("module", "parameter", "buffer"), reference, _structure(layout)):
+                for ours, other in zip(mine, theirs):
+                    if ours != other:
+                        place = f"{kind} {other[0]!r}" if other[0] or kind != "module" else "network"
+                        if other[0] != ours[0]:
+                            return f"member {index}'s {place} is where member 0 has {kind} {ours[0]!r}"
+                        return f"member {index}'s {place} is {_described(other)}, member 0's {_described(ours)}"
+                if len(mine) != len(theirs):
+                    counted = " (the network itself included)" if kind == "module" else ""
+                    return f"member {index} has {len(theirs)} {kind}s{counted}, member 0 {len(mine)}"
+            for (name, ours), (_, other) in zip(attributes, _attributes(layout)):
+                for key in sorted(ours.keys() | other.keys()):
+                    mine_value, their_value = ours.get(key, "(none)"), other.get(key, "(none)")
+                    if not _agree(mine_value, their_value):
+                        where = f"{name}.{key}" if name else key
+                        return f"member {index}'s attribute {where!r} is {their_value!r}, member 0's {mine_value!r}"
+        return "no difference now"
+
     def resolve_method(self) -> str:
         """``"vmap"`` or ``"loop"``: the path :meth:`forward` takes now.
 
@@ -482,8 +514,8 @@ class DeepEnsemble(nn.Module):
                     "instead (torch.compile(DeepEnsemble(members, method='vmap'))), or use method='loop'"
                 )
             raise ValueError(
-                "method='vmap' needs members of one architecture (same modules, attributes, parameter and buffer shapes); "
-                "use method='loop'"
+                "method='vmap' needs members of one architecture (same modules, attributes, parameter and buffer shapes): "
+                f"{self._architecture_difference(layouts)}; use method='loop'"
             )
         # the members' own modes (alike: shares_architecture compares them), not the wrapper's: members switched to
         # training mode in an eval-mode ensemble updated vmap's stacked copy of their statistics, not theirs

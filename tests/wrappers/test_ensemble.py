@@ -182,6 +182,21 @@ def test_members_that_differ_in_plain_attributes_or_mode_refuse_vmap():
     assert DeepEnsemble([Scaled(torch.ones(3)), Scaled(torch.ones(3))], method="vmap").shares_architecture()
 
 
+def test_members_refused_by_vmap_are_told_where_they_differ():
+    # "needs members of one architecture" for members of one architecture, one of them in a bdl.deterministic block
+    x = torch.randn(3, 4)
+    ensemble = DeepEnsemble.from_factory(lambda: nn.Sequential(bdl.BayesLinear(4, 8), nn.Dropout(0.1), nn.Linear(8, 3)), 3, method="vmap")
+    with bdl.deterministic(ensemble.members[1]), pytest.raises(ValueError, match=r"member 1's attribute '0.deterministic' is True, member 0's False"):
+        ensemble(x)
+    ensemble.members[2][1].p = 0.5
+    with pytest.raises(ValueError, match=r"member 2's module '1' is Dropout\(p=0.5, inplace=False\), member 0's Dropout\(p=0.1"):
+        ensemble(x)
+    with pytest.raises(ValueError, match=r"member 1's parameter 'weight' is float64 \[3, 4\] on cpu, member 0's float32 \[3, 4\] on cpu"):
+        DeepEnsemble([nn.Linear(4, 3), nn.Linear(4, 3).double()], method="vmap")(x)
+    with pytest.raises(ValueError, match=r"member 1 has 3 modules \(the network itself included\), member 0 2"):
+        DeepEnsemble([nn.Sequential(nn.Linear(4, 3)), nn.Sequential(nn.Linear(4, 3), nn.ReLU())], method="vmap")(x)
+
+
 def test_members_with_weights_tied_in_some_only_refuse_vmap():
     # a tied weight is one parameter (named once): vmap's copy of the tied member 0 ran member 1 tied too
     def member(tied):
