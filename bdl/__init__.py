@@ -42,7 +42,7 @@ from .wrappers import DeepEnsemble, MCDropout
 
 # --- metrics, calibration, plots, evaluate (bdl/metrics, bdl/calibration, bdl/plots.py, bdl/evaluate.py) ---
 from . import metrics, plots
-from .calibration import TemperatureScaler
+from .calibration import TemperatureScaler, VarianceScaler
 from .evaluate import Report, evaluate
 
 # --- Pyro inference: SVI, MCMC (bdl/infer) ---
@@ -73,6 +73,7 @@ __all__ = [
     "ScaleMixturePrior",
     "TemperatureScaler",
     "Triage",
+    "VarianceScaler",
     "bayesianize",
     "common_random_numbers",
     "compare_predictions",

@@ -476,8 +476,8 @@ def _regression_metrics(
         notes.append(
             "the aleatoric variance is 0 for every input (the model predicts means only), so the Gaussian NLL, CRPS, "
             "interval and quantile metrics use the spread of its samples alone, without the noise of the data: give "
-            "the network a variance head (bdl.GaussianHead, trained with bdl.GaussianNLLLoss), or in bdl.lightning "
-            "set noise_variance"
+            "the network a variance head (bdl.GaussianHead, trained with bdl.GaussianNLLLoss), scale the variances "
+            "on validation data (bdl.VarianceScaler), or in bdl.lightning set noise_variance"
         )
     nll = M.gaussian_nll(mean, variance, targets)
     if not bool(torch.isfinite(nll)):  # positive variances too small for their errors (1e-45): inf, shown as n/a
