@@ -257,6 +257,8 @@ def uniform_noise_like(inputs: torch.Tensor, num_samples: int, seed: int) -> Ten
 class DigitsDataModule(UncertaintyDataModule):
     """scikit-learn's bundled 8x8 digits (64 features, standardised on train), with an OOD split.
 
+    Inputs are ``[64]`` feature vectors (for MLPs), or ``[1, 8, 8]`` images with ``flatten=False`` (for CNNs).
+
     ``ood="classes"`` holds the digits ``ood_classes`` out of training and uses their images as OOD
     inputs (the other classes are relabelled ``0 .. C-1``); ``ood="noise"`` keeps all ten classes and
     uses uniform noise over each feature's training range; ``ood=None`` has no OOD set.
@@ -266,6 +268,7 @@ class DigitsDataModule(UncertaintyDataModule):
         ood_classes: the digits held out as the OOD set; used only with ``ood="classes"``.
         num_noise: number of uniform-noise OOD inputs; used only with ``ood="noise"``.
         val_fraction, test_fraction: fractions of the in-distribution images for validation and testing.
+        flatten: give ``[64]`` vectors (True) or ``[1, 8, 8]`` images (False); the same standardised values.
         batch_size, eval_batch_size, num_workers, seed: see :class:`UncertaintyDataModule` (``seed`` also
             seeds the noise).
 
@@ -273,6 +276,9 @@ class DigitsDataModule(UncertaintyDataModule):
         >>> data = DigitsDataModule(ood="classes", ood_classes=[8, 9])
         >>> data.num_classes, data.num_train, data.ood_name
         (8, 938, 'digits 8, 9')
+        >>> x, y = next(iter(DigitsDataModule(flatten=False).train_dataloader()))
+        >>> x.shape
+        torch.Size([64, 1, 8, 8])
     """
 
     def __init__(
@@ -283,12 +289,15 @@ class DigitsDataModule(UncertaintyDataModule):
         num_noise: int = 300,
         val_fraction: float = 0.15,
         test_fraction: float = 0.2,
+        flatten: bool = True,
         batch_size: int = 64,
         eval_batch_size: Optional[int] = None,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
+        if not isinstance(flatten, bool):
+            raise TypeError(f"flatten must be true or false, got {flatten!r}")
         if ood not in ("classes", "noise", None):
             raise ValueError(f"ood must be 'classes', 'noise' or None, got {ood!r}")
         if ood == "classes" and not ood_classes:
@@ -300,6 +309,7 @@ class DigitsDataModule(UncertaintyDataModule):
         self.ood_classes = tuple(ood_classes)
         self.num_noise = check_positive_int(num_noise, "num_noise")
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.flatten = flatten
 
     @property
     def ood_name(self) -> Optional[str]:
@@ -312,6 +322,12 @@ class DigitsDataModule(UncertaintyDataModule):
         splits = load_digits(seed=self.seed, val_fraction=self.val_fraction, test_fraction=self.test_fraction, ood_classes=held_out)
         if self.ood == "noise":
             splits.ood = uniform_noise_like(splits.train.tensors[0], self.num_noise, self.seed)
+        if not self.flatten:
+            for name in ("train", "val", "test", "ood"):
+                part = getattr(splits, name)
+                if part is not None:
+                    x, *rest = part.tensors
+                    setattr(splits, name, TensorDataset(x.reshape(len(x), 1, 8, 8), *rest))
         return splits
 
 

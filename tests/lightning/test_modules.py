@@ -256,6 +256,24 @@ def test_modules_that_train_without_a_kl_warn_of_bayesian_layers():
         OwnLoss(bayesian)
 
 
+def test_digits_as_images_train_a_bayesian_cnn():
+    # digits came as 64 features only: a CNN needed an nn.Unflatten of its own (awkward in a config)
+    torch.manual_seed(0)
+    flat, images = DigitsDataModule(ood="noise"), DigitsDataModule(ood="noise", flatten=False)
+    flat.setup(), images.setup()
+    for name in ("train", "val", "test", "ood"):
+        x, x_flat = getattr(images.splits, name).tensors[0], getattr(flat.splits, name).tensors[0]
+        assert x.shape == (len(x_flat), 1, 8, 8) and torch.equal(x.flatten(1), x_flat), name
+    cnn = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    module = VariationalModule(cnn, num_eval_samples=4, save_report=False)
+    fit = trainer(None, max_epochs=2)
+    fit.fit(module, images)
+    fit.test(module, images, verbose=False)
+    assert module.report.metrics["accuracy"] > 0.6 and "ood/mutual_information/auroc" in module.report.metrics
+    with pytest.raises(TypeError, match="flatten must be true or false"):
+        DigitsDataModule(flatten="no")
+
+
 def test_the_ood_loaders_targets_are_not_judged_as_labels():
     # never read, they were judged: image ids as floats (bf16-true casts them to bfloat16) stopped the test run
     module = DeterministicModule(nn.Linear(4, 3), save_report=False)
