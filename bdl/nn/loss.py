@@ -153,6 +153,14 @@ def _check_logits_and_labels(output: object, target: Tensor) -> None:
             f"ELBOLoss's default criterion is the cross-entropy of logits, got a {type(output).__name__} output: "
             f"{_REGRESSION_HINT}"
         )
+    if (
+        isinstance(target, Tensor) and output.dim() == 3 and target.dim() == 1 and not target.is_floating_point()
+        and output.shape[1] == target.shape[0] != output.shape[0]
+    ):  # torch's "Expected input batch_size (5) to match target batch_size (32)"
+        raise ValueError(
+            f"ELBOLoss takes one network's logits [B, C], got {tuple(output.shape)} for {target.shape[0]} labels: stacked "
+            "outputs [M, B, C] such as a DeepEnsemble's go through ensemble.member_losses(outputs, target, criterion)"
+        )
     if not isinstance(target, Tensor) or not target.is_floating_point() or not target.numel():
         return
     if output.dim() == 2 and output.shape[1] == 1:  # a binary classifier's log-odds: labels 0/1, as floats too
@@ -238,7 +246,7 @@ class ELBOLoss(nn.Module):
         one_logit = isinstance(output, Tensor) and output.dim() == 2 and output.shape[1] == 1
         if one_logit and default:
             # a cross-entropy over one class: 0 whatever the model with labels 0, an IndexError with a label 1
-            output, target = _two_class(output), as_class_labels(target)
+            output, target = _two_class(output), as_class_labels(target.long() if target.dtype == torch.bool else target)
         result = elbo_loss(self.criterion(output, target), kl_divergence(self.model[0]), self.num_data, self.kl_weight)
         if self.check_finite and not traced and not wrapped(result.loss) and not bool(torch.isfinite(result.loss)):
             bad = [name for name in ("nll", "kl") if not bool(torch.isfinite(getattr(result, name)))]

@@ -74,6 +74,11 @@ def test_elbo_loss_with_its_default_criterion_refuses_regression_outputs_and_tar
         bdl.ELBOLoss(one, 100)(one(x), torch.randn(10, 1))
     with pytest.raises(TypeError, match="cross-entropy of logits, got a GaussianOutput output: for regression pass"):
         bdl.ELBOLoss(head, 100)(head(x), torch.randn(10, 1))
+    ensemble = bdl.DeepEnsemble([nn.Sequential(bdl.BayesLinear(2, 3)) for _ in range(4)])
+    with pytest.raises(ValueError, match=r"got \(4, 10, 3\) for 10 labels: stacked outputs \[M, B, C\].*member_losses"):
+        bdl.ELBOLoss(ensemble, 100)(ensemble(x), torch.randint(0, 3, (10,)))
+    labels = torch.rand(10) > 0.5  # a binary classifier's labels as bools
+    torch.testing.assert_close(bdl.ELBOLoss(one, 100)(logit := one(x), labels).nll, F.binary_cross_entropy_with_logits(logit[:, 0], labels.float()))
     soft = torch.softmax(torch.randn(10, 2), -1)  # soft labels (mixup, label smoothing) are the criterion's own
     torch.testing.assert_close(bdl.ELBOLoss(two, 100)(logits := two(x), soft).nll, F.cross_entropy(logits, soft))
     assert torch.isfinite(bdl.ELBOLoss(head, 100, criterion=bdl.GaussianNLLLoss())(head(x), torch.randn(10, 1)).loss)
