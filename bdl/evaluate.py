@@ -472,7 +472,8 @@ def _regression_metrics(
                 "Gaussian NLL, CRPS, interval and quantile metrics are left out"
             )
         return {key: _float(value) for key, value in metrics.items()}
-    if not bool((prediction.aleatoric_variance != 0).any()):  # a mean-only MC dropout net on a noisy toy: 32% of its 95% intervals held the targets
+    # a mean-only MC dropout net on a noisy toy: 32% of its 95% intervals held the targets (unless VarianceScaler-scaled)
+    if not getattr(prediction, "_variance_scaled", False) and not bool((prediction.aleatoric_variance != 0).any()):
         notes.append(
             "the aleatoric variance is 0 for every input (the model predicts means only), so the Gaussian NLL, CRPS, "
             "interval and quantile metrics use the spread of its samples alone, without the noise of the data: give "
@@ -628,41 +629,40 @@ def evaluate(
             )
         if task is not None and task != prediction.task:  # a ready Prediction's task was kept, the argument ignored
             raise ValueError(f"task={task!r} was given, but the prediction is a {prediction.task} one")
+        task = prediction.task
+        device = (prediction.probs if task == "classification" else prediction.mean).device
+        targets = M._checks.as_tensor(targets, "test targets").to(device)
+        if task == "classification" and targets.is_floating_point() and not bool(targets.isfinite().all()):
+            bad = (~targets.isfinite()).reshape(targets.shape[0] if targets.dim() else 1, -1).any(1).nonzero()[:, 0]
+            raise ValueError(
+                f"`test targets` must be class labels, got NaN or inf in {len(bad)} of {targets.shape[0] if targets.dim() else 1} rows, the first "
+                f"at row {int(bad[0])}: drop those examples"
+            )
+        if task == "classification" and targets.is_floating_point() and bool((targets != targets.round()).any()):
+            # "must hold integer class labels" did not say why a regression was taken for a classification
+            raise TypeError(
+                f"`test targets` must hold integer class labels, got dtype {targets.dtype} with fractional values: for a "
+                "regression model pass task='regression'"
+            )
+        settings: dict[str, Any] = {"n_bins": n_bins}
+        notes: list[str] = []
+        if task == "classification":
+            targets = M._checks.as_class_labels(M._checks.as_tensor(targets, "test targets"))  # a binary classifier's 0./1.
+            targets = M._checks.check_labels(targets, prediction.probs.shape[1], len(prediction), "test targets")
+            settings.update(coverage=coverage, risk=risk)
+            metrics = _classification_metrics(prediction, targets, n_bins=n_bins, coverage=coverage, risk=risk)
+        else:
+            targets = M._checks.check_float(targets, "test targets")
+            levels = tuple(M.regression._levels(levels, torch.zeros((), dtype=torch.float64)).tolist())  # a number too
+            named = {}
+            for level in levels:  # keys name a level to 6 digits: a second level of the same name was dropped silently
+                if named.setdefault(_percent(level), level) != level:
+                    raise ValueError(f"`levels` {named[_percent(level)]} and {level} both name interval_coverage_{_percent(level)}: pass levels apart")
+            settings.update(levels=levels)
+            metrics = _regression_metrics(prediction, targets, levels=levels, notes=notes)
         if ood_data is not None:
             with _naming("ood_data"):
                 ood_prediction, ood_inputs = _ood_prediction(model, ood_data, predict_options)
-    task = prediction.task
-    device = (prediction.probs if task == "classification" else prediction.mean).device
-    targets = M._checks.as_tensor(targets, "test targets").to(device)
-    if task == "classification" and targets.is_floating_point() and not bool(targets.isfinite().all()):
-        bad = (~targets.isfinite()).reshape(targets.shape[0] if targets.dim() else 1, -1).any(1).nonzero()[:, 0]
-        raise ValueError(
-            f"`test targets` must be class labels, got NaN or inf in {len(bad)} of {targets.shape[0] if targets.dim() else 1} rows, the first "
-            f"at row {int(bad[0])}: drop those examples"
-        )
-    if task == "classification" and targets.is_floating_point() and bool((targets != targets.round()).any()):
-        # "must hold integer class labels" did not say why a regression was taken for a classification
-        raise TypeError(
-            f"`test targets` must hold integer class labels, got dtype {targets.dtype} with fractional values: for a "
-            "regression model pass task='regression'"
-        )
-    settings: dict[str, Any] = {"n_bins": n_bins}
-    notes: list[str] = []
-    if task == "classification":
-        targets = M._checks.as_class_labels(M._checks.as_tensor(targets, "test targets"))  # a binary classifier's 0./1.
-        targets = M._checks.check_labels(targets, prediction.probs.shape[1], len(prediction), "test targets")
-        settings.update(coverage=coverage, risk=risk)
-        metrics = _classification_metrics(prediction, targets, n_bins=n_bins, coverage=coverage, risk=risk)
-    else:
-        targets = M._checks.check_float(targets, "test targets")
-        levels = tuple(M.regression._levels(levels, torch.zeros((), dtype=torch.float64)).tolist())  # a number too
-        named = {}
-        for level in levels:  # keys name a level to 6 digits: a second level of the same name was dropped silently
-            if named.setdefault(_percent(level), level) != level:
-                raise ValueError(f"`levels` {named[_percent(level)]} and {level} both name interval_coverage_{_percent(level)}: pass levels apart")
-        settings.update(levels=levels)
-        metrics = _regression_metrics(prediction, targets, levels=levels, notes=notes)
-
     if ood_prediction is not None:
         if ood_prediction.task != task:
             raise ValueError(f"the OOD prediction's task {ood_prediction.task!r} differs from the test task {task!r}")

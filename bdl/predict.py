@@ -1135,9 +1135,13 @@ def draw_samples(model: Callable[..., Any], x: Tensor, num_samples: int, *, meth
     if callable(sample_outputs):
         if not isinstance(model, nn.Module):
             return sample_outputs(x, num_samples)
-        original = getattr(model, "_orig_mod", None)  # a torch.compile wrapper hands out the module's own method,
-        if isinstance(original, nn.Module) and callable(getattr(type(original), "sample_outputs", None)):  # whose
-            sample_outputs = functools.partial(type(original).sample_outputs, model)  # calls skipped the compiled graph
+        from .wrappers.ensemble import DeepEnsemble, ensemble_rounds
+
+        original = getattr(model, "_orig_mod", None)
+        if isinstance(original, DeepEnsemble) and type(original).sample_outputs is DeepEnsemble.sample_outputs:
+            # a torch.compile wrapper hands out the ensemble's own method, whose calls skipped the compiled graph: its
+            # rounds call the wrapper (a subclass's own sample_outputs, which may call super(), runs as it is)
+            sample_outputs = functools.partial(ensemble_rounds, model, members=original.num_members)
         with use_estimator(model, "reparam"):  # members' Bayesian convolutions: one weight sample per forward
             return sample_outputs(x, num_samples)
     if method == "batched":
@@ -1387,7 +1391,8 @@ def _note_dtypes(error: BaseException, model: Any, x: Tensor) -> None:  # noqa: 
     if not isinstance(model, nn.Module) or not x.is_floating_point():
         return
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    if dtype is not None and dtype != x.dtype:
+    told = str(error).lower()  # an error of types ("Input type (double) and bias type (float)"), not of shapes
+    if dtype is not None and dtype != x.dtype and any(word in told for word in ("dtype", "scalar type", "type (")):
         _note(error, f"bdl.predict: the inputs are {x.dtype} and the model's parameters {dtype}: pass inputs.to({dtype})")
 
 
@@ -1442,7 +1447,9 @@ def common_random_numbers() -> Iterator[None]:
     networks, as a deep ensemble's members are the same for every input: thresholds picked on validation data
     (:func:`bdl.triage`) or an OOD score compared between two sets carry no difference of draws.
     :func:`bdl.evaluate` predicts its test and OOD sets in such a block; a block around it (or another block)
-    joins it. Per thread; the random state after the block is wherever its last call left it.
+    joins it. Only the calls' draws repeat: each call after the first gives the random state back as it found it (a
+    shuffled loader's order, and draws of your own between the calls, go on as without the block). The block is per
+    thread, the generator per process: other threads drawing meanwhile draw from the block's state.
 
     Example:
         >>> bnn = nn.Sequential(BayesLinear(4, 8), nn.ReLU(), BayesLinear(8, 3))
@@ -1462,14 +1469,27 @@ def common_random_numbers() -> Iterator[None]:
         _common_draws.active, _common_draws.start = False, None
 
 
-def _start_common_draws() -> None:
-    """At a predict call's first batch: in a :func:`common_random_numbers` block, take the block's random state
-    (the first call keeps its own as the block's)."""
-    if getattr(_common_draws, "active", False):
-        if _common_draws.start is None:
-            _common_draws.start = random_state()
-        else:
-            set_random_state(_common_draws.start)
+@contextlib.contextmanager
+def _common_draws_of_call() -> Iterator[Callable[[], None]]:
+    """A predict call's share of a :func:`common_random_numbers` block: the function it calls before its first draw
+    takes the block's random state (the first call keeps its own as the block's); a later call then gives the
+    generator back as it found it, so that only its draws repeat (not a shuffled loader's order, nor the caller's
+    draws between calls)."""
+    found: list[Any] = []
+
+    def start() -> None:
+        if getattr(_common_draws, "active", False):
+            if _common_draws.start is None:
+                _common_draws.start = random_state()
+            else:
+                found.append(random_state())
+                set_random_state(_common_draws.start)
+
+    try:
+        yield start
+    finally:
+        if found:
+            set_random_state(found[0])
 
 
 @contextlib.contextmanager
@@ -1626,7 +1646,7 @@ def predict(
     fitted: dict[tuple[int, ...], int] = {}
     fits: Optional[int] = None  # input elements x samples that fit at once after running out of memory (all shapes)
     offset = 0  # rows before this batch, for the rows a non-finite output names
-    with _one_call_at_a_time(model), torch.no_grad(), _eval_mode(model):
+    with _one_call_at_a_time(model), torch.no_grad(), _eval_mode(model), _common_draws_of_call() as start_common_draws:
         if isinstance(model, nn.Module):
             # what modules keep from their parameters' values between calls (a layer's stds, an ensemble's stacked
             # weights) is judged current by version counters, which edits through .data (an EMA copy) bypass:
@@ -1643,7 +1663,7 @@ def predict(
             if device is not None:
                 x = x.to(device)
             if index == 0:  # before the first draw (a loader's iterator took its seed from the generator by now)
-                _start_common_draws()
+                start_common_draws()
             rows, shape = x.shape[0], tuple(x.shape)
             summary: Any = _ClassificationSummary(keep_samples) if task == "classification" else _RegressionSummary(keep_samples)
             try:

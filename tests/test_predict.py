@@ -1491,6 +1491,25 @@ def test_calls_in_a_common_random_numbers_block_draw_the_same_samples():
     assert not torch.equal(fresh.probs, first.probs)  # outside the block: draws of its own
 
 
+def test_only_the_calls_draws_repeat_in_a_common_random_numbers_block():
+    # the block rewound the generator for everything: a subset drawn between calls was the same every round
+    torch.manual_seed(0)
+    model, x = bayes_mlp(), torch.randn(100, 4)
+    subsets, predictions = [], []
+    torch.manual_seed(1)
+    with bdl.common_random_numbers():
+        for _ in range(3):
+            subsets.append(torch.randperm(100)[:5])
+            predictions.append(bdl.predict(model, x[:10], num_samples=4, method="loop"))
+    assert len({tuple(subset.tolist()) for subset in subsets}) == 3
+    assert torch.equal(predictions[1].probs, predictions[0].probs) and torch.equal(predictions[2].probs, predictions[0].probs)
+    torch.manual_seed(1)  # the stream outside the calls is the one without the later calls' draws
+    expected = [torch.randperm(100)[:5]]
+    bdl.predict(model, x[:10], num_samples=4, method="loop")
+    expected += [torch.randperm(100)[:5], torch.randperm(100)[:5]]
+    assert all(torch.equal(a, b) for a, b in zip(subsets, expected))
+
+
 def test_a_forward_failing_on_inputs_of_another_dtype_says_which_is_which():
     # torch's "mat1 and mat2 must have the same dtype, but got Double and Float" named neither (torch.from_numpy of
     # scikit-learn's data gives float64)
@@ -1498,6 +1517,18 @@ def test_a_forward_failing_on_inputs_of_another_dtype_says_which_is_which():
     with pytest.raises(RuntimeError) as failure:
         bdl.predict(model, torch.randn(4, 3, dtype=torch.float64), num_samples=1)
     assert failure.value.__notes__ == ["bdl.predict: the inputs are torch.float64 and the model's parameters torch.float32: pass inputs.to(torch.float32)"]
-    with pytest.raises(RuntimeError) as failure:  # an error of another kind, inputs of the model's dtype: no note
-        bdl.predict(model, torch.randn(4, 5), num_samples=1)
-    assert not getattr(failure.value, "__notes__", [])
+    conv = nn.Conv2d(1, 2, 3)
+    with pytest.raises(RuntimeError) as failure:
+        bdl.predict(conv, torch.randn(2, 1, 5, 5, dtype=torch.float64), num_samples=1, task="regression")
+    assert failure.value.__notes__[0].startswith("bdl.predict: the inputs are torch.float64 and the model's parameters torch.float32")
+    for inputs in (torch.randn(4, 5), torch.randn(4, 5, dtype=torch.float64).numpy()):  # errors of shapes: no note
+        with pytest.raises(RuntimeError) as failure:
+            bdl.predict(nn.Sequential(Cast(), model), torch.as_tensor(inputs), num_samples=1)
+        assert not getattr(failure.value, "__notes__", [])
+
+
+class Cast(nn.Module):
+    """A model that takes inputs of any floating dtype."""
+
+    def forward(self, x):
+        return x.float()

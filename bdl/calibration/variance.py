@@ -153,7 +153,9 @@ class VarianceScaler(nn.Module):
             changes["sample_means"] = prediction.mean + scale.sqrt().to(prediction.sample_means.dtype) * (prediction.sample_means - prediction.mean)
         if prediction.sample_variances is not None:
             changes["sample_variances"] = prediction.sample_variances * scale.to(prediction.sample_variances.dtype)
-        return dataclasses.replace(prediction, **changes)
+        scaled = dataclasses.replace(prediction, **changes)
+        scaled._variance_scaled = True  # its spread is fitted to the data: evaluate's note on a mean-only model's is not
+        return scaled
 
     def extra_repr(self) -> str:
         values = ", ".join(f"{value:.4g}" for value in self.scale.reshape(-1).tolist())

@@ -706,7 +706,11 @@ class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
         self.n_bins = check_positive_int(n_bins, "n_bins")
         self.save_report = bool(save_report)
         self.noise_variance = _check_number("noise_variance", noise_variance, strict=True)
-        bayesian = [name for name, module in model.named_modules() if isinstance(module, BayesianModule)]
+        bayesian = [  # trained ones (a frozen layer's stds stay as they are)
+            name or type(module).__name__
+            for name, module in model.named_modules()
+            if isinstance(module, BayesianModule) and any(p.requires_grad for p in module.parameters())
+        ]
         if bayesian and type(self).training_loss in _NLL_ONLY_LOSSES:  # their stds fit the data alone, drawn at every forward
             warnings.warn(
                 f"{type(self).__name__}: the network has Bayesian layers ({first_few(bayesian)}), which it trains on the "

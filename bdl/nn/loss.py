@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .._messages import first_few
 from .._warn import user_stacklevel
-from ..metrics.functional._checks import as_class_labels
+from ..metrics.functional._checks import as_class_labels, probability_sum_tolerance
 from .functional import _two_class
 from .layers import BayesianModule
 
@@ -168,13 +168,15 @@ def _check_logits_and_labels(output: object, target: Tensor) -> None:
             raise ValueError(
                 "ELBOLoss's default criterion reads one logit per input as a binary classifier's log-odds, whose "
                 f"targets are labels 0 or 1, got float targets such as {target[(target != 0) & (target != 1)][0].item():.4g}: "
-                f"{_REGRESSION_HINT}"
+                f"{_REGRESSION_HINT}; for soft labels of a binary classifier pass criterion=nn.BCEWithLogitsLoss()"
             )
-    elif target.shape == output.shape and not bool(((target >= 0).all() & torch.isclose(target.sum(1), target.new_ones(())).all())):
-        raise ValueError(
-            "ELBOLoss's default criterion reads float targets of the logits' shape as rows of class probabilities "
-            f"(soft labels), got rows that are not (negative, or not summing to 1): {_REGRESSION_HINT}"
-        )
+    elif target.shape == output.shape:  # class probabilities along dim 1 ([C] alone: an unbatched row), summed in float32
+        sums = target.sum(1 if output.dim() > 1 else 0, dtype=torch.float32)
+        if not bool((target >= 0).all()) or bool(((sums - 1).abs() > probability_sum_tolerance(target.dtype)).any()):
+            raise ValueError(
+                "ELBOLoss's default criterion reads float targets of the logits' shape as class probabilities (soft "
+                f"labels), got ones that are not (negative, or not summing to 1 over the classes): {_REGRESSION_HINT}"
+            )
 
 
 class ELBOLoss(nn.Module):

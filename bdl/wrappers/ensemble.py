@@ -167,15 +167,27 @@ def _same(a: Any, b: Any) -> bool:  # noqa: ANN401 - any attribute values
         return False
 
 
+_PLAIN = frozenset((bool, int, float, str, type(None)))
+
+
 def _agree(a: Any, b: Any) -> bool:  # noqa: ANN401 - any attribute values
-    """:func:`_same`, answered by ``==`` first where that says True (plain settings, compared at C speed: ``_same``'s
-    walk took most of :meth:`DeepEnsemble.resolve_method`'s time); one-element tensors then agree by value alone."""
-    try:
-        if a == b:
-            return True
-    except Exception:  # noqa: BLE001, S110 - a tensor of several elements, an array: compared by _same
-        pass
+    """:func:`_same`, without its walk for the same object or two plain values of one type (most settings: the walk
+    took most of :meth:`DeepEnsemble.resolve_method`'s time)."""
+    if a is b:
+        return True
+    if type(a) is type(b) and type(a) in _PLAIN:
+        return a == b
     return _same(a, b)
+
+
+def _settings_agree(mine: list[tuple[str, dict[str, Any]]], theirs: list[tuple[str, dict[str, Any]]]) -> bool:
+    """Whether two members' :func:`_attributes` agree, setting by setting (:func:`_agree`)."""
+    if len(mine) != len(theirs):
+        return False
+    for (name, ours), (other_name, other) in zip(mine, theirs):
+        if name != other_name or ours.keys() != other.keys() or not all(_agree(value, other[key]) for key, value in ours.items()):
+            return False
+    return True
 
 
 _HOOKS = (("_forward_pre_hooks", ("_forward_pre_hooks_with_kwargs",)),
@@ -258,6 +270,18 @@ def _check_factory(factory: Any) -> None:  # noqa: ANN401
             "factory must be a callable that takes no arguments and returns a new nn.Module (such as "
             f"`lambda: nn.Linear(4, 2)`), got {type(factory).__name__}"
         )
+
+
+def ensemble_rounds(call: Callable[[Tensor], Any], x: Tensor, num_samples: int, members: int) -> Any:  # noqa: ANN401
+    """:meth:`DeepEnsemble.sample_outputs` of an ensemble of ``members`` that ``call`` runs (the ensemble, or a
+    ``torch.compile`` wrapper of it): ``num_samples / members`` calls, stacked."""
+    rounds, remainder = divmod(num_samples, members)
+    if remainder or rounds < 1:
+        raise ValueError(f"num_samples must be a multiple of the {members} members, got {num_samples}")
+    if rounds == 1:
+        return call(x)
+    parts, rebuild = output_parts(draw_stacked(lambda _: call(x), rounds, "the ensemble", "round"))
+    return rebuild([part.flatten(0, 1) for part in parts])
 
 
 class DeepEnsemble(nn.Module):
@@ -454,7 +478,7 @@ class DeepEnsemble(nn.Module):
         if not all(_structure(layout) == reference for layout in layouts[1:]):
             return False
         attributes = _attributes(layouts[0])
-        return all(_agree(_attributes(layout), attributes) for layout in layouts[1:])
+        return all(_settings_agree(attributes, _attributes(layout)) for layout in layouts[1:])
 
     @staticmethod
     def _architecture_difference(layouts: list[_Layout]) -> str:
@@ -467,7 +491,8 @@ class DeepEnsemble(nn.Module):
                     if ours != other:
                         place = f"{kind} {other[0]!r}" if other[0] or kind != "module" else "network"
                         if other[0] != ours[0]:
-                            return f"member {index}'s {place} is where member 0 has {kind} {ours[0]!r}"
+                            why = " (one tied to another in one member only, or registered in another order)" if kind != "module" else ""
+                            return f"member {index} has {kind} {other[0]!r} where member 0 has {ours[0]!r}{why}"
                         return f"member {index}'s {place} is {_described(other)}, member 0's {_described(ours)}"
                 if len(mine) != len(theirs):
                     counted = " (the network itself included)" if kind == "module" else ""
@@ -683,13 +708,7 @@ class DeepEnsemble(nn.Module):
 
     def sample_outputs(self, x: Tensor, num_samples: int) -> Any:  # noqa: ANN401
         """``num_samples`` outputs ``[S, B, ...]``: ``S / M`` rounds of all members (``S`` a multiple of ``M``)."""
-        rounds, remainder = divmod(num_samples, len(self.members))
-        if remainder or rounds < 1:
-            raise ValueError(f"num_samples must be a multiple of the {len(self.members)} members, got {num_samples}")
-        if rounds == 1:
-            return self(x)
-        parts, rebuild = output_parts(draw_stacked(lambda _: self(x), rounds, "the ensemble", "round"))
-        return rebuild([part.flatten(0, 1) for part in parts])
+        return ensemble_rounds(self, x, num_samples, len(self.members))
 
     def member_losses(self, outputs: Any, target: Tensor, criterion: Callable[..., Tensor]) -> Tensor:  # noqa: ANN401
         """``[M]``: ``criterion(output_m, target)`` for each member's slice of ``outputs = ensemble(x)`` (``[M, ...]``

@@ -100,6 +100,9 @@ def test_a_mean_only_mc_dropout_model_gets_intervals_that_hold():
     after = VarianceScaler().fit(validation)(test)
     assert before < 0.7
     assert M.interval_coverage(after.mean, after.total_variance, y[1000:], level=0.9).item() == pytest.approx(0.9, abs=0.06)
+    # evaluate's note on a mean-only model's intervals (the samples' spread alone) is for the unscaled prediction only
+    assert any("aleatoric variance is 0" in note for note in bdl.evaluate(test, y[1000:]).notes)
+    assert not bdl.evaluate(after, y[1000:]).notes
 
 
 def test_state_dict_and_repr():

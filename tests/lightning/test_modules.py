@@ -244,10 +244,13 @@ def test_modules_that_train_without_a_kl_warn_of_bayesian_layers():
     for build in (lambda: DeterministicModule(bayesian), lambda: MCDropoutModule(bayesian), lambda: EnsembleModule(bayesian, num_members=2)):
         with pytest.warns(UserWarning, match=r"has Bayesian layers \(.*0.*\), which it trains on the NLL alone, without their KL"):
             build()
+    with pytest.warns(UserWarning, match=r"has Bayesian layers \(BayesLinear\), which it trains"):
+        DeterministicModule(bdl.BayesLinear(4, 3))  # the network itself: named by its type
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         VariationalModule(bayesian, num_data=10)
         DeterministicModule(nn.Linear(4, 3))
+        DeterministicModule(bdl.BayesLinear(4, 3).requires_grad_(False))  # frozen: not trained
 
         class OwnLoss(DeterministicModule):  # a loss of one's own (with a KL, say): not judged
             def training_loss(self, x, y):

@@ -68,8 +68,11 @@ def test_elbo_loss_with_its_default_criterion_refuses_regression_outputs_and_tar
     x = torch.randn(10, 2)
     two, one = nn.Sequential(bdl.BayesLinear(2, 2)), nn.Sequential(bdl.BayesLinear(2, 1))
     head = nn.Sequential(bdl.BayesLinear(2, 4), bdl.GaussianHead(4, 1))
-    with pytest.raises(ValueError, match=r"rows of class probabilities \(soft labels\).*criterion=bdl.GaussianNLLLoss\(\)"):
+    with pytest.raises(ValueError, match=r"as class probabilities \(soft labels\), got ones that are not.*criterion=bdl.GaussianNLLLoss\(\)"):
         bdl.ELBOLoss(two, 100)(two(x), torch.randn(10, 2))
+    means = nn.Sequential(bdl.BayesLinear(2, 1), nn.Flatten(0))  # [B] means: not an IndexError
+    with pytest.raises(ValueError, match=r"as class probabilities \(soft labels\), got ones that are not"):
+        bdl.ELBOLoss(means, 100)(means(x), torch.randn(10))
     with pytest.raises(ValueError, match=r"binary classifier's log-odds, whose targets are labels 0 or 1, got float targets such as"):
         bdl.ELBOLoss(one, 100)(one(x), torch.randn(10, 1))
     with pytest.raises(TypeError, match="cross-entropy of logits, got a GaussianOutput output: for regression pass"):
@@ -79,6 +82,15 @@ def test_elbo_loss_with_its_default_criterion_refuses_regression_outputs_and_tar
         bdl.ELBOLoss(ensemble, 100)(ensemble(x), torch.randint(0, 3, (10,)))
     labels = torch.rand(10) > 0.5  # a binary classifier's labels as bools
     torch.testing.assert_close(bdl.ELBOLoss(one, 100)(logit := one(x), labels).nll, F.binary_cross_entropy_with_logits(logit[:, 0], labels.float()))
+    # soft labels in half precision (rows summing to 0.996 in bfloat16), of segmentation maps, of an unbatched row
+    four = nn.Sequential(nn.Conv2d(2, 4, 1), bdl.BayesConv2d(4, 4, 1))
+    images = torch.randn(8, 2, 5, 5)
+    for dtype in (torch.bfloat16, torch.float16):
+        soft_maps = torch.softmax(torch.randn(8, 4, 5, 5), 1).to(dtype)
+        logits = four(images).to(dtype)
+        torch.testing.assert_close(bdl.ELBOLoss(four, 100)(logits, soft_maps).nll, F.cross_entropy(logits, soft_maps))
+    row = torch.softmax(torch.randn(2), 0)
+    torch.testing.assert_close(bdl.ELBOLoss(two, 100)(logit_row := two(x[0]), row).nll, F.cross_entropy(logit_row, row))
     soft = torch.softmax(torch.randn(10, 2), -1)  # soft labels (mixup, label smoothing) are the criterion's own
     torch.testing.assert_close(bdl.ELBOLoss(two, 100)(logits := two(x), soft).nll, F.cross_entropy(logits, soft))
     assert torch.isfinite(bdl.ELBOLoss(head, 100, criterion=bdl.GaussianNLLLoss())(head(x), torch.randn(10, 1)).loss)

@@ -207,6 +207,8 @@ def test_members_with_weights_tied_in_some_only_refuse_vmap():
 
     assert not DeepEnsemble([member(True), member(False)], method="vmap").shares_architecture()
     assert not DeepEnsemble([member(False), member(True)], method="vmap").shares_architecture()
+    with pytest.raises(ValueError, match=r"member 1 has parameter '2.bias' where member 0 has '2.weight' \(one tied to another"):
+        DeepEnsemble([member(False), member(True)], method="vmap")(torch.randn(3, 4))
     tied = DeepEnsemble([member(True), member(True)], method="vmap")
     x = torch.randn(3, 4)
     torch.testing.assert_close(tied(x), DeepEnsemble(tied.members, method="loop")(x))
@@ -840,6 +842,18 @@ def test_predict_runs_a_compiled_ensemble_compiled(num_samples):
     assert counters["stats"]["unique_graphs"] >= 1
     expected = torch.stack([m(x) for m in ensemble.members] * (num_samples // 3)).softmax(-1)
     torch.testing.assert_close(prediction.sample_probs, expected)
+
+
+def test_predict_runs_a_compiled_ensemble_subclass_with_its_own_sample_outputs():
+    # (the compiled wrapper bound as its self, super() raised "obj must be an instance or subtype of type")
+    class Halved(DeepEnsemble):
+        def sample_outputs(self, x, num_samples):
+            return super().sample_outputs(x, num_samples) / 2
+
+    x = torch.randn(4, 8)
+    ensemble = Halved.from_factory(lambda: nn.Linear(8, 3), 3).eval()
+    prediction = bdl.predict(torch.compile(ensemble, backend="eager"), x, keep_samples=True)
+    torch.testing.assert_close(prediction.sample_probs, (torch.stack([m(x) for m in ensemble.members]) / 2).softmax(-1))
 
 
 def test_a_vmap_ensemble_sees_members_trained_by_a_fused_optimizer():
