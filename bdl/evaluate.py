@@ -472,13 +472,12 @@ def _regression_metrics(
                 "Gaussian NLL, CRPS, interval and quantile metrics are left out"
             )
         return {key: _float(value) for key, value in metrics.items()}
-    # a mean-only MC dropout net on a noisy toy: 32% of its 95% intervals held the targets (unless VarianceScaler-scaled)
-    if not getattr(prediction, "_variance_scaled", False) and not bool((prediction.aleatoric_variance != 0).any()):
+    if not bool((prediction.aleatoric_variance != 0).any()):  # a mean-only MC dropout net: 32% of its 95% intervals held
         notes.append(
             "the aleatoric variance is 0 for every input (the model predicts means only), so the Gaussian NLL, CRPS, "
-            "interval and quantile metrics use the spread of its samples alone, without the noise of the data: give "
-            "the network a variance head (bdl.GaussianHead, trained with bdl.GaussianNLLLoss), scale the variances "
-            "on validation data (bdl.VarianceScaler), or in bdl.lightning set noise_variance"
+            "interval and quantile metrics rest on the spread of its samples alone, which leaves out the noise of the "
+            "data unless it was scaled to it (bdl.VarianceScaler fitted on validation data); else give the network a "
+            "variance head (bdl.GaussianHead, trained with bdl.GaussianNLLLoss), or in bdl.lightning set noise_variance"
         )
     nll = M.gaussian_nll(mean, variance, targets)
     if not bool(torch.isfinite(nll)):  # positive variances too small for their errors (1e-45): inf, shown as n/a

@@ -9,7 +9,8 @@ the predictive mean, and so the RMSE, stay as they are.
 The factor applies to the whole predictive distribution of a :class:`bdl.Prediction`: the aleatoric and
 epistemic variances both (the Monte Carlo mixture spread ``s`` times wider about its mean), so their split is
 kept. It works on predictions, not on a model: a per-sample output cannot widen the spread of the samples'
-means without knowing their mean.
+means without knowing their mean. Scale every prediction you compare with the same scaler (the test and the OOD
+sets given to :func:`bdl.evaluate`: an OOD score of the total variance compared a scaled set with an unscaled one).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -72,9 +73,11 @@ def fit_variance_scale(mean: Tensor, variance: Tensor, target: Tensor, *, per_ou
     if bool(zero.any()):  # a mean-only model sampled once, or samples that agree: nothing to scale
         raise ValueError(
             f"`variance` must be > 0, got {int(zero.sum())} of {variance.numel()} outputs with variance <= 0 (a model that "
-            "predicts no variance and whose samples agree there): nothing to scale"
+            "predicts no variance and whose samples agree there): nothing to scale there; leave those inputs out of the "
+            "validation data, or give the model a variance head with a floor (bdl.GaussianHead(min_variance=...))"
         )
-    standardised = (target.double() - mean.double()).square() / variance.double().to(target.device)
+    target, variance = target.to(mean.device), variance.to(mean.device)  # (validation targets kept on the CPU)
+    standardised = (target.double() - mean.double()).square() / variance.double()
     scale = standardised.mean(0) if per_output else standardised.mean()
     return scale.clamp_min(torch.finfo(torch.float64).tiny)  # targets on the means exactly: the smallest factor
 
@@ -116,7 +119,7 @@ class VarianceScaler(nn.Module):
             value = torch.tensor(float(scale), dtype=torch.float64)
         else:
             raise TypeError(f"`scale` must be a positive number or a tensor [D] of them, got {type(scale).__name__}")
-        if value.dim() > 1 or not bool(((value > 0) & (value < math.inf)).all()):
+        if value.dim() > 1 or value.numel() == 0 or not bool(((value > 0) & (value < math.inf)).all()):
             raise ValueError(f"`scale` must be a positive finite number or a 1-D tensor of them, got {scale!r}")
         return value
 
@@ -129,6 +132,8 @@ class VarianceScaler(nn.Module):
         """Fit ``s^2`` on a validation regression ``prediction`` and its ``target`` (default
         ``prediction.targets``); returns ``self``. ``per_output``: one factor per output column."""
         prediction = _regression(prediction, "prediction")
+        if not isinstance(per_output, bool):
+            raise TypeError(f"`per_output` must be true or false, got {per_output!r}")
         if target is None:
             if prediction.targets is None:
                 raise ValueError("no `target`: pass the validation targets, or a prediction of (x, y) data (its targets are kept)")
@@ -154,8 +159,18 @@ class VarianceScaler(nn.Module):
         if prediction.sample_variances is not None:
             changes["sample_variances"] = prediction.sample_variances * scale.to(prediction.sample_variances.dtype)
         scaled = dataclasses.replace(prediction, **changes)
-        scaled._variance_scaled = True  # its spread is fitted to the data: evaluate's note on a mean-only model's is not
+        if not bool(torch.isfinite(scaled.total_variance).all()):  # a half-precision prediction's inf, silently
+            raise ValueError(
+                f"the scaled variances overflow {prediction.mean.dtype}: scale a prediction of a wider dtype (prediction.to(torch.float32))"
+            )
         return scaled
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+        # a per-output scaler's factors load into a scaler made with one (torch: "size mismatch"), checked as given
+        incoming = state_dict.get(prefix + "scale")
+        if isinstance(incoming, Tensor):
+            self.scale = torch.empty_like(self._checked(incoming), device=self.scale.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         values = ", ".join(f"{value:.4g}" for value in self.scale.reshape(-1).tolist())

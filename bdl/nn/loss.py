@@ -153,13 +153,12 @@ def _check_logits_and_labels(output: object, target: Tensor) -> None:
             f"ELBOLoss's default criterion is the cross-entropy of logits, got a {type(output).__name__} output: "
             f"{_REGRESSION_HINT}"
         )
-    if (
-        isinstance(target, Tensor) and output.dim() == 3 and target.dim() == 1 and not target.is_floating_point()
-        and output.shape[1] == target.shape[0] != output.shape[0]
-    ):  # torch's "Expected input batch_size (5) to match target batch_size (32)"
+    if isinstance(target, Tensor) and output.dim() == 3 and target.dim() == 1 and output.shape[1] == target.shape[0]:
+        # torch's "Expected input batch_size (5) to match target batch_size (32)" (labels [B] never fit [B, C, T] logits)
         raise ValueError(
             f"ELBOLoss takes one network's logits [B, C], got {tuple(output.shape)} for {target.shape[0]} labels: stacked "
-            "outputs [M, B, C] such as a DeepEnsemble's go through ensemble.member_losses(outputs, target, criterion)"
+            "outputs [M, B, C] such as a DeepEnsemble's take criterion=lambda outputs, target: "
+            "ensemble.member_losses(outputs, target, F.cross_entropy).sum() (the sum of the members' ELBOs)"
         )
     if not isinstance(target, Tensor) or not target.is_floating_point() or not target.numel():
         return

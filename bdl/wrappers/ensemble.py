@@ -85,6 +85,15 @@ def _described(entry: tuple[Any, ...]) -> str:
     return f"{str(dtype).removeprefix('torch.')} {list(shape)} on {device}"
 
 
+def _shown(value: Any) -> str:  # noqa: ANN401 - any attribute value
+    """An attribute's value for an error, in a line: a tensor or array by its type and shape (a [4, 250] table printed
+    25,000 characters), anything else by a repr cut at 80."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"a {type(value).__name__} of {str(value.dtype).removeprefix('torch.')} {list(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _attributes(layout: _Layout) -> list[tuple[str, dict[str, Any]]]:
     """Each submodule's plain attributes (a scale factor, the training flag, a dropout rate): vmap runs the
     first member's module with the others' tensors, so these must be the members' own too."""
@@ -163,7 +172,9 @@ def _same(a: Any, b: Any) -> bool:  # noqa: ANN401 - any attribute values
         return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     try:
         return a is b or bool(a == b)
-    except Exception:  # noqa: BLE001 - values without a truth value of ==: only identical ones agree
+    except Exception:  # noqa: BLE001 - values without a truth value of ==: only identical ones agree, or equal arrays
+        if type(a) is type(b) and type(a).__module__ == "numpy" and hasattr(a, "shape"):
+            return a.shape == b.shape and a.dtype == b.dtype and bool((a == b).all())
         return False
 
 
@@ -502,7 +513,10 @@ class DeepEnsemble(nn.Module):
                     mine_value, their_value = ours.get(key, "(none)"), other.get(key, "(none)")
                     if not _agree(mine_value, their_value):
                         where = f"{name}.{key}" if name else key
-                        return f"member {index}'s attribute {where!r} is {their_value!r}, member 0's {mine_value!r}"
+                        theirs_shown, mine_shown = _shown(their_value), _shown(mine_value)
+                        if theirs_shown == mine_shown:
+                            theirs_shown += " (other values)"
+                        return f"member {index}'s attribute {where!r} is {theirs_shown}, member 0's {mine_shown}"
         return "no difference now"
 
     def resolve_method(self) -> str:

@@ -100,16 +100,16 @@ def test_a_mean_only_mc_dropout_model_gets_intervals_that_hold():
     after = VarianceScaler().fit(validation)(test)
     assert before < 0.7
     assert M.interval_coverage(after.mean, after.total_variance, y[1000:], level=0.9).item() == pytest.approx(0.9, abs=0.06)
-    # evaluate's note on a mean-only model's intervals (the samples' spread alone) is for the unscaled prediction only
-    assert any("aleatoric variance is 0" in note for note in bdl.evaluate(test, y[1000:]).notes)
-    assert not bdl.evaluate(after, y[1000:]).notes
+    assert bdl.evaluate(after, y[1000:]).metrics["interval_coverage_90"] == pytest.approx(0.9, abs=0.06)
 
 
 def test_state_dict_and_repr():
     scaler = VarianceScaler(torch.tensor([2.0, 3.0]))
-    fresh = VarianceScaler(torch.tensor([1.0, 1.0]))
+    fresh = VarianceScaler()  # one factor: loads the per-output ones (torch: "size mismatch for scale")
     fresh.load_state_dict(scaler.state_dict())
     torch.testing.assert_close(fresh.scale, scaler.scale)
+    with pytest.raises(ValueError, match="`scale` must be a positive finite number"):
+        fresh.load_state_dict({"scale": torch.tensor(-1.0, dtype=torch.float64)})
     assert repr(scaler) == "VarianceScaler(scale=[2, 3])" and repr(VarianceScaler(1.5)) == "VarianceScaler(scale=1.5)"
 
 
@@ -119,11 +119,14 @@ def test_state_dict_and_repr():
         (lambda p, y: VarianceScaler(0.0), ValueError, "`scale` must be a positive finite number"),
         (lambda p, y: VarianceScaler(torch.ones(2, 2)), ValueError, "a 1-D tensor of them"),
         (lambda p, y: VarianceScaler("2"), TypeError, "`scale` must be a positive number"),
+        (lambda p, y: VarianceScaler(torch.tensor([])), ValueError, "a 1-D tensor of them"),
+        (lambda p, y: VarianceScaler().fit(p, y, per_output="no"), TypeError, "`per_output` must be true or false"),
+        (lambda p, y: VarianceScaler(1e5)(p.to(torch.float16)), ValueError, "the scaled variances overflow torch.float16"),
         (lambda p, y: VarianceScaler().fit(Prediction.from_logits(torch.randn(2, 5, 3)), y[:5]), ValueError, "classification prediction: variance scaling is for regression"),
         (lambda p, y: VarianceScaler().fit(p.mean, y), TypeError, "must be a bdl.Prediction of a regression"),
         (lambda p, y: VarianceScaler().fit(p), ValueError, "no `target`: pass the validation targets"),
         (lambda p, y: VarianceScaler().fit(p, y[:10]), ValueError, r"`target` must have the shape of `mean` \(4000, 1\)"),
-        (lambda p, y: VarianceScaler().fit(Prediction.from_regression(torch.ones(1, 3, 1)), y[:3]), ValueError, "3 of 3 outputs with variance <= 0"),
+        (lambda p, y: VarianceScaler().fit(Prediction.from_regression(torch.ones(1, 3, 1)), y[:3]), ValueError, "3 of 3 outputs with variance <= 0 .*leave those inputs out of the validation data"),
         (lambda p, y: fit_variance_scale(p.mean, p.total_variance, torch.full_like(y, float("nan"))), ValueError, "`target` must be finite, got 4000 NaN/Inf"),
     ],
 )

@@ -78,8 +78,16 @@ def test_elbo_loss_with_its_default_criterion_refuses_regression_outputs_and_tar
     with pytest.raises(TypeError, match="cross-entropy of logits, got a GaussianOutput output: for regression pass"):
         bdl.ELBOLoss(head, 100)(head(x), torch.randn(10, 1))
     ensemble = bdl.DeepEnsemble([nn.Sequential(bdl.BayesLinear(2, 3)) for _ in range(4)])
-    with pytest.raises(ValueError, match=r"got \(4, 10, 3\) for 10 labels: stacked outputs \[M, B, C\].*member_losses"):
-        bdl.ELBOLoss(ensemble, 100)(ensemble(x), torch.randint(0, 3, (10,)))
+    for labels in (torch.randint(0, 3, (10,)), torch.randint(0, 2, (10,)).float()):
+        with pytest.raises(ValueError, match=r"got \(4, 10, 3\) for 10 labels: stacked outputs \[M, B, C\].*member_losses"):
+            bdl.ELBOLoss(ensemble, 100)(ensemble(x), labels)
+    square = bdl.DeepEnsemble([nn.Sequential(bdl.BayesLinear(2, 3)) for _ in range(10)])  # M == B
+    with pytest.raises(ValueError, match=r"got \(10, 10, 3\) for 10 labels"):
+        bdl.ELBOLoss(square, 100)(square(x), torch.randint(0, 3, (10,)))
+    summed = bdl.ELBOLoss(ensemble, 100, criterion=lambda out, y: ensemble.member_losses(out, y, F.cross_entropy).sum())
+    outputs, y = ensemble(x), torch.randint(0, 3, (10,))
+    expected = sum(F.cross_entropy(outputs[m], y) for m in range(4)) + bdl.kl_divergence(ensemble) / 100
+    torch.testing.assert_close(summed(outputs, y).loss, expected)
     labels = torch.rand(10) > 0.5  # a binary classifier's labels as bools
     torch.testing.assert_close(bdl.ELBOLoss(one, 100)(logit := one(x), labels).nll, F.binary_cross_entropy_with_logits(logit[:, 0], labels.float()))
     # soft labels in half precision (rows summing to 0.996 in bfloat16), of segmentation maps, of an unbatched row

@@ -195,6 +195,17 @@ def test_members_refused_by_vmap_are_told_where_they_differ():
         DeepEnsemble([nn.Linear(4, 3), nn.Linear(4, 3).double()], method="vmap")(x)
     with pytest.raises(ValueError, match=r"member 1 has 3 modules \(the network itself included\), member 0 2"):
         DeepEnsemble([nn.Sequential(nn.Linear(4, 3)), nn.Sequential(nn.Linear(4, 3), nn.ReLU())], method="vmap")(x)
+    tables = []
+    for table in (torch.randn(4, 250), torch.randn(4, 250)):  # printed whole: a 25,000-character error
+        tables.append(nn.Linear(4, 3))
+        tables[-1].table = table
+    with pytest.raises(ValueError, match=r"attribute 'table' is a Tensor of float32 \[4, 250\] \(other values\), member 0's a Tensor") as refused:
+        DeepEnsemble(tables, method="vmap")(x)
+    assert len(str(refused.value)) < 300
+    arrays = [nn.Linear(4, 3), nn.Linear(4, 3)]
+    for member_ in arrays:  # equal numpy arrays: one setting (== of arrays has no truth value: they were told apart)
+        member_.table = np.array([1.0, 2.0])
+    assert DeepEnsemble(arrays, method="vmap").shares_architecture()
 
 
 def test_members_with_weights_tied_in_some_only_refuse_vmap():
