@@ -498,6 +498,7 @@ class _Evaluation:
     def on_test_epoch_start(self) -> None:
         self._test_outputs: dict[int, list[tuple[Prediction, Optional[Tensor], Optional[Tensor]]]] = defaultdict(list)
         self._test_random_state: Optional[RandomState] = None
+        self._random_state_after_test: Optional[RandomState] = None
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:  # noqa: ANN401
         if dataloader_idx > 1:  # predicted, then left out of the report
@@ -509,7 +510,8 @@ class _Evaluation:
         if batch_idx == 0:  # common random numbers, as bdl.evaluate draws them: the OOD loader's batch k compares with
             if dataloader_idx == 0:  # the test loader's under the same draws (a batch's weight samples are shared)
                 self._test_random_state = random_state()
-            elif getattr(self, "_test_random_state", None) is not None:
+            elif getattr(self, "_test_random_state", None) is not None:  # and given back after (as predict's blocks)
+                self._random_state_after_test = random_state()
                 set_random_state(self._test_random_state)
         prediction = self._checked_prediction(x, self.num_eval_samples, "test", batch_idx, dataloader_idx)
         one_dimensional = x.dim() == 2 and x.shape[1] == 1  # kept for the 1-D regression figure
@@ -546,6 +548,10 @@ class _Evaluation:
         return prediction.to("cpu"), None if targets is None else targets.cpu(), None if inputs is None else inputs.cpu()
 
     def on_test_epoch_end(self) -> None:
+        after = getattr(self, "_random_state_after_test", None)
+        if after is not None:  # the generator as the test loader left it: draws after the test do not repeat the OOD's
+            set_random_state(after)
+            self._random_state_after_test = None
         prediction, targets, inputs = self._collect(0)
         if prediction is None or targets is None:
             raise ValueError("the test loader must give (inputs, targets) batches to evaluate the model")

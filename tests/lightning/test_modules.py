@@ -236,6 +236,15 @@ def test_the_ood_loader_is_drawn_with_the_test_loaders_random_numbers():
     report = module.report
     assert torch.equal(report.ood_prediction.mutual_information, report.prediction.mutual_information)
     assert all(value == 0.5 for key, value in report.metrics.items() if key.endswith("/auroc"))
+    # the generator is given back as the test loader left it: what is drawn after is not the OOD loader's draws again
+    ood = DataLoader(TensorDataset(x), batch_size=16)
+    torch.manual_seed(1)
+    trainer(None).test(module, dataloaders=[loader], verbose=False)
+    iter(ood)  # (an iterator takes its workers' seed from the generator)
+    alone = torch.rand(3)
+    torch.manual_seed(1)
+    trainer(None).test(module, dataloaders=[loader, ood], verbose=False)
+    assert torch.equal(torch.rand(3), alone)
 
 
 def test_modules_that_train_without_a_kl_warn_of_bayesian_layers():
