@@ -28,6 +28,7 @@ def random_state() -> RandomState:
 
 
 def set_random_state(state: RandomState) -> None:
+    """Put back a state :func:`random_state` took."""
     cpu, cuda = state
     torch.random.set_rng_state(cpu)
     if cuda is not None:

@@ -55,6 +55,8 @@ def fit_variance_scale(mean: Tensor, variance: Tensor, target: Tensor, *, per_ou
         >>> bool(abs(fit_variance_scale(mean, variance, target) - 4) < 0.3)
         True
     """
+    if not isinstance(per_output, bool):
+        raise TypeError(f"`per_output` must be true or false, got {per_output!r}")
     mean, variance = check_float(mean, "mean"), check_float(variance, "variance")
     target = check_float(as_tensor(target, "target"), "target")
     if mean.dim() == 1:
@@ -119,7 +121,7 @@ class VarianceScaler(nn.Module):
             value = torch.tensor(float(scale), dtype=torch.float64)
         else:
             raise TypeError(f"`scale` must be a positive number or a tensor [D] of them, got {type(scale).__name__}")
-        if value.dim() > 1 or value.numel() == 0 or not bool(((value > 0) & (value < math.inf)).all()):
+        if value.dim() > 1 or value.numel() == 0 or (not value.is_meta and not bool(((value > 0) & (value < math.inf)).all())):
             raise ValueError(f"`scale` must be a positive finite number or a 1-D tensor of them, got {scale!r}")
         return value
 
@@ -132,8 +134,6 @@ class VarianceScaler(nn.Module):
         """Fit ``s^2`` on a validation regression ``prediction`` and its ``target`` (default
         ``prediction.targets``); returns ``self``. ``per_output``: one factor per output column."""
         prediction = _regression(prediction, "prediction")
-        if not isinstance(per_output, bool):
-            raise TypeError(f"`per_output` must be true or false, got {per_output!r}")
         if target is None:
             if prediction.targets is None:
                 raise ValueError("no `target`: pass the validation targets, or a prediction of (x, y) data (its targets are kept)")
@@ -148,7 +148,7 @@ class VarianceScaler(nn.Module):
         prediction = _regression(prediction, "prediction")
         outputs = prediction.mean.shape[-1]
         if self.scale.dim() == 1 and self.scale.shape[0] != outputs:
-            raise ValueError(f"the scaler holds {self.scale.shape[0]} factors (per_output), the prediction has {outputs} outputs")
+            raise ValueError(f"`prediction` has {outputs} outputs, but the scaler holds {self.scale.shape[0]} factors (per_output)")
         scale = self.scale.to(prediction.mean.device, prediction.aleatoric_variance.dtype)
         changes = {
             "aleatoric_variance": prediction.aleatoric_variance * scale,
@@ -159,10 +159,10 @@ class VarianceScaler(nn.Module):
         if prediction.sample_variances is not None:
             changes["sample_variances"] = prediction.sample_variances * scale.to(prediction.sample_variances.dtype)
         scaled = dataclasses.replace(prediction, **changes)
-        if not bool(torch.isfinite(scaled.total_variance).all()):  # a half-precision prediction's inf, silently
-            raise ValueError(
-                f"the scaled variances overflow {prediction.mean.dtype}: scale a prediction of a wider dtype (prediction.to(torch.float32))"
-            )
+        if bool(torch.isfinite(prediction.total_variance).all()) and not bool(torch.isfinite(scaled.total_variance).all()):
+            dtype = prediction.total_variance.dtype  # a half-precision prediction's inf, silently
+            wider = ": scale a float32 copy, prediction.to(torch.float32)" if torch.finfo(dtype).bits == 16 else ""
+            raise ValueError(f"`prediction`'s variances times the scale overflow {dtype}{wider}")
         return scaled
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401

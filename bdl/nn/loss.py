@@ -156,9 +156,10 @@ def _check_logits_and_labels(output: object, target: Tensor) -> None:
     if isinstance(target, Tensor) and output.dim() == 3 and target.dim() == 1 and output.shape[1] == target.shape[0]:
         # torch's "Expected input batch_size (5) to match target batch_size (32)" (labels [B] never fit [B, C, T] logits)
         raise ValueError(
-            f"ELBOLoss takes one network's logits [B, C], got {tuple(output.shape)} for {target.shape[0]} labels: stacked "
-            "outputs [M, B, C] such as a DeepEnsemble's take criterion=lambda outputs, target: "
-            "ensemble.member_losses(outputs, target, F.cross_entropy).sum() (the sum of the members' ELBOs)"
+            f"ELBOLoss takes one network's logits [B, C], got {tuple(output.shape)} for {target.shape[0]} labels: for "
+            "stacked outputs [M, B, C] such as a DeepEnsemble's, sum the members' losses (the sum of their ELBOs) with "
+            "criterion=lambda outputs, target: ensemble.member_losses(outputs, target, loss_of_one_member).sum(), e.g. "
+            "torch.nn.functional.cross_entropy for C >= 2 classes and labels [B]"
         )
     if not isinstance(target, Tensor) or not target.is_floating_point() or not target.numel():
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import math
 import numbers
 import os
 import warnings
@@ -86,10 +87,12 @@ def _described(entry: tuple[Any, ...]) -> str:
 
 
 def _shown(value: Any) -> str:  # noqa: ANN401 - any attribute value
-    """An attribute's value for an error, in a line: a tensor or array by its type and shape (a [4, 250] table printed
-    25,000 characters), anything else by a repr cut at 80."""
-    if hasattr(value, "shape") and hasattr(value, "dtype"):
-        return f"a {type(value).__name__} of {str(value.dtype).removeprefix('torch.')} {list(value.shape)}"
+    """An attribute's value for an error, in a line: a tensor or array of more than 8 elements by its dtype and shape
+    (a [4, 250] table printed 25,000 characters), anything else by its repr cut at 80 characters."""
+    array = not isinstance(value, type) and hasattr(value, "shape") and hasattr(value, "dtype")
+    if array and math.prod(value.shape) > 8:
+        kind = "tensor" if isinstance(value, Tensor) else "array"
+        return f"a {str(value.dtype).removeprefix('torch.')} {kind} {list(value.shape)}"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -162,6 +165,8 @@ def _uncopyable(modules: Iterable[nn.Module]) -> Optional[str]:
 
 
 def _same(a: Any, b: Any) -> bool:  # noqa: ANN401 - any attribute values
+    """Whether two members' values of one setting agree: tensors by shape and values, containers item by item,
+    numpy arrays by shape, dtype and values, anything else by ``==`` (values without a truth value: not at all)."""
     if a is b:  # most settings (a flag, a small int, a name)
         return True
     if isinstance(a, Tensor) or isinstance(b, Tensor):
@@ -174,7 +179,10 @@ def _same(a: Any, b: Any) -> bool:  # noqa: ANN401 - any attribute values
         return a is b or bool(a == b)
     except Exception:  # noqa: BLE001 - values without a truth value of ==: only identical ones agree, or equal arrays
         if type(a) is type(b) and type(a).__module__ == "numpy" and hasattr(a, "shape"):
-            return a.shape == b.shape and a.dtype == b.dtype and bool((a == b).all())
+            try:  # (an object array's items may have no truth value of == either)
+                return a.shape == b.shape and a.dtype == b.dtype and bool((a == b).all())
+            except Exception:  # noqa: BLE001
+                return False
         return False
 
 

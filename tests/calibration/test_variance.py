@@ -78,7 +78,7 @@ def test_one_factor_per_output():
     assert scaler.scale[0].item() == pytest.approx(4.0, rel=0.08) and scaler.scale[1].item() == pytest.approx(1.0, rel=0.08)
     assert VarianceScaler().fit(prediction, target).scale.shape == ()
     torch.testing.assert_close(scaler(prediction).total_variance, prediction.total_variance * scaler.scale.float())
-    with pytest.raises(ValueError, match="the scaler holds 2 factors \\(per_output\\), the prediction has 1 outputs"):
+    with pytest.raises(ValueError, match="`prediction` has 1 outputs, but the scaler holds 2 factors \\(per_output\\)"):
         scaler(overconfident(num_inputs=10)[0])
 
 
@@ -103,6 +103,17 @@ def test_a_mean_only_mc_dropout_model_gets_intervals_that_hold():
     assert bdl.evaluate(after, y[1000:]).metrics["interval_coverage_90"] == pytest.approx(0.9, abs=0.06)
 
 
+def test_overflow_is_named_only_where_the_scaling_made_it():
+    prediction, _ = overconfident(num_inputs=10)
+    with pytest.raises(ValueError, match=r"overflow torch.float32$"):  # no advice to widen a float32 one
+        VarianceScaler(1e39)(prediction)
+    infinite = Prediction.from_regression(torch.tensor([[[0.0]], [[600.0]]])).to(torch.float16)  # 9e4: inf already
+    assert not torch.isfinite(VarianceScaler(0.25)(infinite).total_variance).any()
+    with torch.device("meta"):  # built as a module's part on the meta device, then loaded
+        meta = VarianceScaler()
+    assert meta.scale.is_meta
+
+
 def test_state_dict_and_repr():
     scaler = VarianceScaler(torch.tensor([2.0, 3.0]))
     fresh = VarianceScaler()  # one factor: loads the per-output ones (torch: "size mismatch for scale")
@@ -121,7 +132,7 @@ def test_state_dict_and_repr():
         (lambda p, y: VarianceScaler("2"), TypeError, "`scale` must be a positive number"),
         (lambda p, y: VarianceScaler(torch.tensor([])), ValueError, "a 1-D tensor of them"),
         (lambda p, y: VarianceScaler().fit(p, y, per_output="no"), TypeError, "`per_output` must be true or false"),
-        (lambda p, y: VarianceScaler(1e5)(p.to(torch.float16)), ValueError, "the scaled variances overflow torch.float16"),
+        (lambda p, y: VarianceScaler(1e5)(p.to(torch.float16)), ValueError, r"`prediction`'s variances times the scale overflow torch.float16: scale a float32 copy"),
         (lambda p, y: VarianceScaler().fit(Prediction.from_logits(torch.randn(2, 5, 3)), y[:5]), ValueError, "classification prediction: variance scaling is for regression"),
         (lambda p, y: VarianceScaler().fit(p.mean, y), TypeError, "must be a bdl.Prediction of a regression"),
         (lambda p, y: VarianceScaler().fit(p), ValueError, "no `target`: pass the validation targets"),

@@ -79,7 +79,7 @@ def test_elbo_loss_with_its_default_criterion_refuses_regression_outputs_and_tar
         bdl.ELBOLoss(head, 100)(head(x), torch.randn(10, 1))
     ensemble = bdl.DeepEnsemble([nn.Sequential(bdl.BayesLinear(2, 3)) for _ in range(4)])
     for labels in (torch.randint(0, 3, (10,)), torch.randint(0, 2, (10,)).float()):
-        with pytest.raises(ValueError, match=r"got \(4, 10, 3\) for 10 labels: stacked outputs \[M, B, C\].*member_losses"):
+        with pytest.raises(ValueError, match=r"got \(4, 10, 3\) for 10 labels: for stacked outputs \[M, B, C\].*member_losses"):
             bdl.ELBOLoss(ensemble, 100)(ensemble(x), labels)
     square = bdl.DeepEnsemble([nn.Sequential(bdl.BayesLinear(2, 3)) for _ in range(10)])  # M == B
     with pytest.raises(ValueError, match=r"got \(10, 10, 3\) for 10 labels"):

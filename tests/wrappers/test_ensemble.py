@@ -199,13 +199,23 @@ def test_members_refused_by_vmap_are_told_where_they_differ():
     for table in (torch.randn(4, 250), torch.randn(4, 250)):  # printed whole: a 25,000-character error
         tables.append(nn.Linear(4, 3))
         tables[-1].table = table
-    with pytest.raises(ValueError, match=r"attribute 'table' is a Tensor of float32 \[4, 250\] \(other values\), member 0's a Tensor") as refused:
+    with pytest.raises(ValueError, match=r"attribute 'table' is a float32 tensor \[4, 250\] \(other values\), member 0's a float32 tensor") as refused:
         DeepEnsemble(tables, method="vmap")(x)
     assert len(str(refused.value)) < 300
     arrays = [nn.Linear(4, 3), nn.Linear(4, 3)]
     for member_ in arrays:  # equal numpy arrays: one setting (== of arrays has no truth value: they were told apart)
         member_.table = np.array([1.0, 2.0])
     assert DeepEnsemble(arrays, method="vmap").shares_architecture()
+    for member_ in arrays:  # arrays of arrays: no truth value of their items' == either
+        member_.table = np.array([np.zeros(2), np.zeros(3)], dtype=object)
+    assert not DeepEnsemble(arrays, method="vmap").shares_architecture()
+    small, kinds = [nn.Linear(4, 3), nn.Linear(4, 3)], [nn.Linear(4, 3), nn.Linear(4, 3)]
+    for member_, value, kind in zip(small, (torch.tensor([1.0, 2.0]), torch.tensor([1.0, 3.0])), (np.float32, np.float64)):
+        member_.setting, kinds[len(kinds) - 2 + (kind is np.float64)].kind = value, kind
+    with pytest.raises(ValueError, match=r"attribute 'setting' is tensor\(\[1., 3.\]\), member 0's tensor\(\[1., 2.\]\)"):
+        DeepEnsemble(small, method="vmap")(x)
+    with pytest.raises(ValueError, match=r"attribute 'kind' is <class 'numpy.float64'>, member 0's <class 'numpy.float32'>"):
+        DeepEnsemble(kinds, method="vmap")(x)
 
 
 def test_members_with_weights_tied_in_some_only_refuse_vmap():
