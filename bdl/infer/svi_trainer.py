@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Union
 
 import lightning as L
@@ -163,6 +164,25 @@ def ignored_hparams(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
+class LoadsWithModel:
+    """``load_from_checkpoint`` that says what to pass where the checkpoint holds no network: a module built in
+    Python saves the network's weights, not the network (an object), and loading it without ``model=`` failed
+    with Python's bare "missing 1 required positional argument: 'model'"."""
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - Lightning's
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except TypeError as error:
+            if "model" in kwargs or not re.search(r"required positional arguments?: .*'model'", str(error)):
+                raise
+            raise TypeError(
+                f"{cls.__name__}.load_from_checkpoint: {checkpoint_path} holds the network's weights but not the network, "
+                "which a module built in Python keeps out of its hyperparameters: pass one of the same architecture, "
+                f"{cls.__name__}.load_from_checkpoint(path, model=net) (a checkpoint of the bdl command has its config)"
+            ) from error
+
+
 def plain_hyperparameters(checkpoint: dict[str, Any]) -> None:
     """numpy scalars among a checkpoint's (module's and data module's) hyperparameters as Python numbers, in place:
     ``torch.load(weights_only=True)``, as Lightning and ``bdl evaluate`` load, refuses numpy's types (a run with
@@ -222,7 +242,7 @@ def _untrained_advice(untrained: dict[str, str]) -> str:
     return "; ".join(advice)
 
 
-class SVIModule(L.LightningModule):
+class SVIModule(LoadsWithModel, L.LightningModule):
     """Fit a Pyro guide to a Bayesian model with SVI, as a LightningModule.
 
     Minimises the negative ELBO ``-E_q[log p(y | x, w)] + KL(q(w) || p(w))`` (Pyro's ``Trace_ELBO``, or

@@ -41,7 +41,7 @@ from torch.utils.data import DistributedSampler, SubsetRandomSampler
 from .. import infer
 from ..evaluate import Report, evaluate
 from ..infer.guides import collapsed_scales
-from ..infer.svi_trainer import _as_args, _steps_when_needed, ignored_hparams, plain_hyperparameters, stepping_batches
+from ..infer.svi_trainer import LoadsWithModel, _as_args, _steps_when_needed, ignored_hparams, plain_hyperparameters, stepping_batches
 from ..nn.convert import bayesianize as convert_to_bayesian
 from ..nn.convert import kl_divergence
 from ..nn.functional import _two_class, check_estimator
@@ -629,7 +629,7 @@ def _note_target_scale(report: Report, scale: Optional[tuple[float, float]]) -> 
     )
 
 
-class UncertaintyModule(_ResumableRandomState, _Evaluation, L.LightningModule):
+class UncertaintyModule(LoadsWithModel, _ResumableRandomState, _Evaluation, L.LightningModule):
     """Base of the network-based methods: the optimiser, the data-fit term and the shared evaluation.
 
     Subclasses define :meth:`training_loss` and, where prediction is not the network itself,

@@ -393,6 +393,10 @@ def test_svi_module_loads_from_its_checkpoint(tmp_path):
     trainer(tmp_path, max_steps=1).fit(variational, TinyData(batch_size=8))
     variational.trainer.save_checkpoint(path)
     assert VariationalModule.load_from_checkpoint(path, model=net()).num_data == 32
+    # without model=: Python's bare "missing 1 required positional argument: 'model'"
+    for cls, saved in ((VariationalModule, path), (SVIModule, tmp_path / "old.ckpt")):
+        with pytest.raises(TypeError, match=rf"{cls.__name__}.load_from_checkpoint: .* holds the network's weights but not the network.*model=net"):
+            cls.load_from_checkpoint(saved)
 
 
 def test_modules_with_layer_types_as_patterns_load_from_their_checkpoint_with_weights_only(tmp_path):
