@@ -477,7 +477,7 @@ def _regression_metrics(
             "the aleatoric variance is 0 for every input (the model predicts means only), so the Gaussian NLL, CRPS, "
             "interval and quantile metrics rest on the spread of its samples alone, which leaves out the noise of the "
             "data unless it was scaled to it (bdl.VarianceScaler fitted on validation data); else give the network a "
-            "variance head (bdl.GaussianHead, trained with bdl.GaussianNLLLoss), or in bdl.lightning set noise_variance"
+            "variance head (bdl.GaussianHead, trained with bdl.GaussianNLLLoss), or in bdl.lightning set noise_variance (or noise_variance='learn')"
         )
     nll = M.gaussian_nll(mean, variance, targets)
     if not bool(torch.isfinite(nll)):  # positive variances too small for their errors (1e-45): inf, shown as n/a

@@ -652,7 +652,11 @@ class UncertaintyModule(LoadsWithModel, _ResumableRandomState, _Evaluation, L.Li
         save_report: write the test report (``metrics.json``, ``report.md``, PNG plots) to the run folder (the
             logger's; a trainer without a logger writes none); ``module.report`` holds it either way.
         noise_variance: the Gaussian noise variance of a regression network that outputs means only (its
-            likelihood in training, and the aleatoric variance of its predictions).
+            likelihood in training, and the aleatoric variance of its predictions): a number > 0, or
+            ``"learn"`` to fit it with the network (one variance for every output, the parameter
+            ``log_noise_variance``: standardise targets of unlike scales, or give the network a
+            :class:`bdl.GaussianHead` for a variance per output and input). None: 1.0, with a warning when
+            such a network starts training (its NLL, intervals and ``val/nll`` assume that noise).
         compile: compile the network with ``torch.compile`` (in place, ``nn.Module.compile``: checkpoints
             keep their keys); ``True`` for torch's defaults or a dict of ``torch.compile`` options such as
             ``{"mode": "max-autotune"}``. Measured on an H100 for a Bayesian 784-1200-1200-10 MLP at batch
@@ -685,7 +689,7 @@ class UncertaintyModule(LoadsWithModel, _ResumableRandomState, _Evaluation, L.Li
         num_val_samples: Optional[int] = 8,
         n_bins: int = 15,
         save_report: bool = True,
-        noise_variance: float = 1.0,
+        noise_variance: float | Literal["learn"] | None = None,
         compile: bool | dict[str, Any] = False,  # noqa: A002 - the name torch and Lightning users know
     ) -> None:
         super().__init__()
@@ -711,7 +715,15 @@ class UncertaintyModule(LoadsWithModel, _ResumableRandomState, _Evaluation, L.Li
         self.num_val_samples = None if num_val_samples is None else check_positive_int(num_val_samples, "num_val_samples")
         self.n_bins = check_positive_int(n_bins, "n_bins")
         self.save_report = bool(save_report)
-        self.noise_variance = _check_number("noise_variance", noise_variance, strict=True)
+        self._noise_variance_given = noise_variance is not None
+        if noise_variance == "learn":
+            if task != "regression":
+                raise ValueError(f"noise_variance='learn' is for task='regression' (a mean-only network's noise), got task={task!r}")
+            self.log_noise_variance = nn.Parameter(torch.zeros(()))
+        elif isinstance(noise_variance, str):
+            raise ValueError(f"noise_variance must be a number > 0 or 'learn', got {noise_variance!r}")
+        else:
+            self._fixed_noise_variance = _check_number("noise_variance", 1.0 if noise_variance is None else noise_variance, strict=True)
         bayesian = [  # trained ones (a frozen layer's stds stay as they are)
             name or type(module).__name__
             for name, module in model.named_modules()
@@ -747,6 +759,14 @@ class UncertaintyModule(LoadsWithModel, _ResumableRandomState, _Evaluation, L.Li
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared
+    @property
+    def noise_variance(self) -> Tensor | float:
+        """The noise variance of a mean-only regression network: the learned one (a tensor with its gradient)
+        for ``noise_variance="learn"``, else the number given."""
+        if hasattr(self, "log_noise_variance"):
+            return self.log_noise_variance.exp()
+        return self._fixed_noise_variance
+
     def forward(self, x: Tensor) -> Any:  # noqa: ANN401 - the network's output
         return self.model(x)
 
@@ -787,9 +807,16 @@ class UncertaintyModule(LoadsWithModel, _ResumableRandomState, _Evaluation, L.Li
                     ) from None
                 raise
         if isinstance(output, (tuple, list)):
+            if hasattr(self, "log_noise_variance"):  # never trained: and DDP stops at a parameter without a gradient
+                raise ValueError(
+                    "noise_variance='learn' is for a network that outputs means only; this one predicts its variance "
+                    f"(it returned {type(output).__name__}, a Gaussian head's (mean, variance)): leave noise_variance unset"
+                )
             mean, variance = output
         else:
-            mean, variance = output, torch.full_like(output, self.noise_variance)
+            self._warn_of_default_noise()
+            noise = self.noise_variance
+            mean, variance = output, (noise.to(output.dtype).expand_as(output) if isinstance(noise, Tensor) else torch.full_like(output, noise))
         try:  # a transposed [D, B] was reshaped by element count: outputs paired with other examples' targets
             y = targets_like(y, mean, "targets", finite=False)  # NaN: a non-finite loss, stopped by _check_finite
         except ValueError:
@@ -802,13 +829,23 @@ class UncertaintyModule(LoadsWithModel, _ResumableRandomState, _Evaluation, L.Li
     def sample_prediction(self, x: Tensor, num_samples: Optional[int]) -> Prediction:
         return self._with_noise(predict(self.predictive_model, x, num_samples=num_samples, task=self.task))
 
+    def _warn_of_default_noise(self) -> None:
+        if self._noise_variance_given or getattr(self, "_noise_warned", False):
+            return
+        self._noise_warned = True
+        rank_zero_warn(
+            f"{type(self).__name__}: the network outputs means only, and noise_variance is unset: its likelihood is "
+            "N(mean, 1.0), which the NLL, the intervals and a val/nll checkpoint assume. Set noise_variance to the "
+            "targets' noise variance, or to 'learn' to fit it, or end the network with a bdl.GaussianHead"
+        )
+
     def _with_noise(self, prediction: Prediction) -> Prediction:
         """A mean-only regression network's prediction with the likelihood it was trained on: its aleatoric
         variance is ``noise_variance`` (``predict`` alone gives 0, and the NLL, intervals and checkpoint
         choice by ``val/nll`` ignored the noise). A Gaussian head's predicted variances are never all 0."""
         if self.task != "regression" or bool((prediction.aleatoric_variance != 0).any()):
             return prediction
-        noise = torch.full_like(prediction.aleatoric_variance, self.noise_variance)
+        noise = torch.full_like(prediction.aleatoric_variance, float(torch.as_tensor(self.noise_variance).detach()))
         return dataclasses.replace(prediction, aleatoric_variance=noise)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:  # noqa: ANN401
@@ -831,8 +868,10 @@ class UncertaintyModule(LoadsWithModel, _ResumableRandomState, _Evaluation, L.Li
         named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
         # no decay on the posterior std parameters: with std = exp(rho) it pulls every std towards 1 whatever
         # the data and the KL say (SGD, weight decay 5e-4: stds 15x their value without it)
-        params: Any = [p for name, p in named if not name.endswith("_rho")]
-        stds = [p for name, p in named if name.endswith("_rho")]
+        # nor on a learned noise variance, which it would pull towards 1
+        undecayed = [name.endswith("_rho") or name == "log_noise_variance" for name, _ in named]
+        params: Any = [p for (_, p), plain in zip(named, undecayed) if not plain]
+        stds = [p for (_, p), plain in zip(named, undecayed) if plain]
         if stds and self.weight_decay:
             params = [{"params": params}, {"params": stds, "weight_decay": 0.0}]
         else:

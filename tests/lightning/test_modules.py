@@ -324,6 +324,39 @@ def test_a_mean_only_regressor_is_evaluated_with_its_noise_variance(tmp_path):
     assert torch.equal(module.sample_prediction(x, None).aleatoric_variance, torch.full_like(mean, 0.09))
 
 
+def test_a_mean_only_regressor_learns_its_noise_variance_and_is_warned_of_the_default(tmp_path):
+    # noise_variance was a fixed 1.0 unless given: 11x the data's noise here, silently (intervals far too wide)
+    torch.manual_seed(0)
+    x = torch.rand(400, 1) * 6 - 3
+    y = torch.sin(x) + 0.3 * torch.randn(400, 1)
+    loaders = DataLoader(TensorDataset(x, y), batch_size=50, shuffle=True), DataLoader(TensorDataset(x, y), batch_size=400)
+    module = DeterministicModule(MLP(1, 1, hidden=[32], activation="tanh"), task="regression", noise_variance="learn", lr=2e-2)
+    trainer(tmp_path, max_epochs=40).fit(module, *loaders)
+    with torch.no_grad():
+        residual = float((module.model(x) - y).square().mean())
+    # the maximum-likelihood noise is the mean squared residual; the data's is 0.09
+    learned = float(module.noise_variance.detach())
+    assert learned == pytest.approx(residual, rel=0.1) and 0.07 < residual < 0.12
+    prediction = module.sample_prediction(x, None)
+    assert torch.allclose(prediction.aleatoric_variance, torch.full_like(prediction.mean, learned))
+    assert "log_noise_variance" in module.state_dict()
+    decayed = DeterministicModule(nn.Linear(1, 1), task="regression", noise_variance="learn", weight_decay=0.1)
+    groups = decayed.configure_optimizers().param_groups  # weight decay would pull the variance towards 1
+    assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(2, 0.1), (1, 0.0)] and groups[1]["params"][0] is decayed.log_noise_variance
+    with pytest.warns(UserWarning, match="outputs means only, and noise_variance is unset: its likelihood is N\\(mean, 1.0\\)"):
+        DeterministicModule(nn.Linear(1, 1), task="regression").training_loss(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DeterministicModule(nn.Linear(1, 1), task="regression", noise_variance=1.0).training_loss(x, y)
+        DeterministicModule(MLP(1, 1, head="gaussian"), task="regression").training_loss(x, y)
+    with pytest.raises(ValueError, match="noise_variance='learn' is for a network that outputs means only"):
+        DeterministicModule(MLP(1, 1, head="gaussian"), task="regression", noise_variance="learn").training_loss(x, y)
+    with pytest.raises(ValueError, match="noise_variance='learn' is for task='regression'"):
+        DeterministicModule(nn.Linear(1, 2), noise_variance="learn")
+    with pytest.raises(ValueError, match="noise_variance must be a number > 0 or 'learn', got 'learned'"):
+        DeterministicModule(nn.Linear(1, 1), task="regression", noise_variance="learned")
+
+
 def test_a_one_logit_classifier_trains_on_binary_cross_entropy_and_regression_targets_keep_their_shape():
     x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
     module = DeterministicModule(nn.Linear(4, 1))  # a softmax of one column: loss exactly 0, nothing learnt
