@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ._warn import user_stacklevel
-from .metrics.functional._checks import as_class_labels, check_labels, targets_like
+from .metrics.functional._checks import as_class_labels, as_tensor, check_labels, targets_like
 from .metrics.functional.ood import OOD_SCORES, ood_score, scores_for_task
 from .predict import Prediction, outputs_shape
 
@@ -56,8 +56,10 @@ def _scores(prediction: Prediction, score: Union[str, Callable[[Prediction], Ten
         score = DEFAULT_SCORES[prediction.task]
     if callable(score):
         values = score(prediction)
-        if not isinstance(values, Tensor) or values.shape != (len(prediction),):
-            raise ValueError(f"score must return one value per input [{len(prediction)}], got {getattr(values, 'shape', type(values))}")
+        if not isinstance(values, Tensor):  # a numpy array of the right shape was refused for its shape
+            raise TypeError(f"score must return a torch.Tensor of shape [{len(prediction)}], got {type(values).__name__}")
+        if values.shape != (len(prediction),):
+            raise ValueError(f"score must return one value per input [{len(prediction)}], got shape {tuple(values.shape)}")
         if not values.is_floating_point():  # a bool or int score failed in searchsorted
             values = values.to(torch.float64)
         return _finite_scores(values, name)
@@ -85,7 +87,9 @@ def _errors(prediction: Prediction, tolerance: Optional[float], name: str) -> Op
         return None
     if prediction.task == "classification":
         # labels out of range or fractional counted every input wrong, and everything went to review
-        targets = check_labels(as_class_labels(targets), prediction.probs.shape[-1], len(prediction), f"{name}.targets")
+        # a numpy array or a list of labels failed in as_class_labels ("'numpy.ndarray' object has no attribute ...")
+        targets = as_class_labels(as_tensor(targets, f"{name}.targets"))
+        targets = check_labels(targets, prediction.probs.shape[-1], len(prediction), f"{name}.targets")
         return prediction.predicted_class != targets.to(prediction.probs.device)
     if tolerance is None:
         return None
@@ -177,7 +181,8 @@ def triage(
     for ``error_rate``) and applied to ``prediction``. Inputs with tied scores are always handled
     together, so the achieved coverage can be below the target. Where no threshold meets the target (a tie at
     the cut takes in every input, or even the most certain input is wrong), the threshold is ``-inf``: every input
-    goes to review, with a warning.
+    goes to review, with a warning. A chosen threshold is one of the validation scores: with ``coverage=1`` it is
+    the largest, so new inputs more uncertain than every validation input still go to review.
 
     The targets hold on ``validation``; on new inputs they are estimates, with the sampling error of a
     fraction of ``len(validation)`` inputs. An ``error_rate`` target is met on new data somewhat less often
@@ -191,7 +196,7 @@ def triage(
         prediction: the :class:`bdl.Prediction` to triage.
         score: name of an uncertainty score (higher = more uncertain; classification:
             ``"predictive_entropy"`` (default), ``"mutual_information"``, ``"max_probability"`` (uses
-            ``1 - max p``), ``"energy"``, ``"max_logit"``; regression: ``"total_variance"`` (default),
+            ``1 - max p``, exactly 0 in float32 for every input with a logit gap above about 17: all tied), ``"energy"``, ``"max_logit"``; regression: ``"total_variance"`` (default),
             ``"epistemic_variance"``, averaged over the output dimensions; see
             :data:`bdl.metrics.functional.OOD_SCORES`), or a function
             ``Prediction -> [N]``.
@@ -254,8 +259,9 @@ def triage(
         name = "prediction" if validation is None else "validation"
         errors = _errors(reference, tolerance, name)
         if errors is None:
-            need = "targets" if reference.task == "classification" or reference.targets is None else "a tolerance"
-            raise ValueError(f"error_rate needs {name} with {need} (set {name}.targets, pass tolerance= for regression)")
+            if reference.task == "classification" or reference.targets is None:
+                raise ValueError(f"error_rate needs {name} with targets (set {name}.targets, and pass tolerance= for regression)")
+            raise ValueError("error_rate on a regression needs a tolerance (the absolute error above which a prediction is wrong)")
         reference_scores = _scores(reference, score, name)
         chosen_threshold = _threshold_for_error_rate(reference_scores, errors.to(reference_scores.device), target)
     if threshold is None and chosen_threshold == -math.inf:  # documented, but easily taken for a working triage

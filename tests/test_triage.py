@@ -190,6 +190,25 @@ def test_empty_sets_bools_thresholds_and_binary_labels():
         triage(Prediction.from_logits(torch.randn(1, 2, 2)), coverage=0.5, validation=pred, score="energy")
 
 
+def test_labels_as_arrays_or_lists_and_a_scores_wrong_type_are_named():
+    # numpy or list labels failed in as_class_labels with an AttributeError; a numpy score of the right shape
+    # was refused for its shape ("one value per input [3], got (3,)")
+    pred = labelled([0.9, 0.6, 0.7], [True, True, False])
+    expected = triage(pred, error_rate=0.0)
+    for labels in (pred.targets.numpy(), pred.targets.tolist()):
+        pred.targets = labels
+        result = triage(pred, error_rate=0.0)
+        assert result.review.tolist() == expected.review.tolist() == [False, True, True] and result.error_rate == 0.0
+    with pytest.raises(TypeError, match=r"score must return a torch.Tensor of shape \[3\], got ndarray"):
+        triage(pred, coverage=0.5, score=lambda p: p.probs.numpy().max(1))
+    with pytest.raises(ValueError, match=r"one value per input \[3\], got shape \(3, 2\)"):
+        triage(pred, coverage=0.5, score=lambda p: p.probs)
+    regression = Prediction.from_regression(torch.randn(2, 5, 1))
+    regression.targets = torch.randn(5)
+    with pytest.raises(ValueError, match="error_rate on a regression needs a tolerance"):
+        triage(regression, error_rate=0.2)
+
+
 def test_a_boolean_score_is_read_as_numbers():
     pred = Prediction.from_logits(torch.randn(2, 6, 3))
     flag = lambda p: torch.tensor([True, False, True, False, False, True])  # noqa: E731 - failed in searchsorted

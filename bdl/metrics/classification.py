@@ -8,6 +8,8 @@ grow with the data and they sync across processes by summation.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -143,9 +145,10 @@ class ClasswiseECE(_Metric):
 
     def __init__(self, num_classes: int, n_bins: int = 15, **kwargs) -> None:  # noqa: ANN003
         super().__init__(**kwargs)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        # numbers.Integral: numpy's integers, from len(np.unique(y)), were refused as "not an integer"
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
             raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}")
-        self.num_classes, self.n_bins = num_classes, check_n_bins(n_bins)
+        self.num_classes, self.n_bins = int(num_classes), check_n_bins(n_bins)
         for name in ("count", "probability_sum", "outcome_sum"):
             self.add_state(name, default=torch.zeros(num_classes, n_bins, dtype=torch.float64), dist_reduce_fx="sum")
 

@@ -84,6 +84,17 @@ def test_classwise_ece_is_the_mean_of_torchmetrics_binary_calibration_errors():
     torch.testing.assert_close(M.classwise_ece(probs, target, n_bins=10), torch.stack(per_class).mean(), atol=1e-6, rtol=0)
 
 
+def test_certain_right_predictions_have_nll_plus_zero_and_classwise_ece_takes_numpy_class_counts():
+    # -0.0 was printed "-0.0000" in the report; numpy's integers were "not an integer" for num_classes
+    value = M.nll(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))
+    assert value.item() == 0.0 and math.copysign(1.0, value.item()) == 1.0
+    metric = ClasswiseECE(np.int64(3), n_bins=5)
+    probs, target = overconfident(200, 3)
+    metric.update(probs, target)
+    assert metric.num_classes == 3 and type(metric.num_classes) is int
+    torch.testing.assert_close(metric.compute(), M.classwise_ece(probs, target, n_bins=5).double())
+
+
 def test_nll_matches_sklearn_log_loss_above_its_clipping_epsilon():
     probs = random_probs(300, 6, dtype=torch.float64)
     target = sample_labels(probs)

@@ -58,6 +58,16 @@ def test_coverage_at_risk_is_zero_when_even_the_most_confident_input_fails():
     assert M.coverage_at_risk(torch.tensor([0.9, 0.1]), torch.tensor([1.0, 0.0]), risk=0.2).item() == 0.0
 
 
+def test_a_boolean_0_1_error_is_a_loss():
+    # the docs' loss for classification, predicted_class != target, is a bool tensor: it was refused
+    confidence, wrong = torch.tensor([0.9, 0.5, 0.7, 0.2]), torch.tensor([False, True, False, True])
+    assert M.aurc(confidence, wrong).item() == pytest.approx(M.aurc(confidence, wrong.double()).item(), abs=0)
+    assert M.excess_aurc(confidence, wrong).item() == pytest.approx(M.excess_aurc(confidence, wrong.double()).item(), abs=0)
+    metric = AURC()
+    metric.update(confidence, wrong)
+    assert metric.compute().item() == pytest.approx((0 + 0 + 1 / 3 + 2 / 4) / 4)
+
+
 def test_risk_at_full_coverage_is_the_mean_loss_and_an_oracle_has_zero_excess_aurc():
     loss = (torch.rand(100) > 0.7).float()
     assert M.risk_at_coverage(torch.rand(100), loss, coverage=1.0).item() == pytest.approx(loss.mean().item())

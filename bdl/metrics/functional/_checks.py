@@ -161,9 +161,10 @@ def targets_like(target, mean: Tensor, name: str = "target", *, finite: bool = T
 
 def check_vector(value, name: str, *, allow_empty: bool = False) -> Tensor:  # noqa: ANN001
     """A finite 1-D floating tensor (scores, confidences, losses); integers become float64, which holds them exactly
-    up to 2^53 (float32 from 2^24 on merged distinct scores into ties)."""
+    up to 2^53 (float32 from 2^24 on merged distinct scores into ties), and bools 0/1 (a 0/1 error,
+    ``predicted_class != target``, as the selective metrics' docs write it, was refused)."""
     as_given = as_tensor(value, name)
-    if as_given.dtype in _INTEGER_DTYPES:
+    if as_given.dtype in _INTEGER_DTYPES or as_given.dtype == torch.bool:
         as_given = as_given.to(torch.float64)
     tensor = check_float(as_given, name)
     if tensor.dim() != 1:

@@ -185,7 +185,11 @@ def fpr_at_tpr(scores_in: Tensor, scores_out: Tensor, *, tpr: float = 0.95) -> T
     a fraction ``tpr`` of in-distribution inputs have ``score <= t`` (are accepted), i.e. the
     ``ceil(tpr * N_in)``-th smallest in-distribution score; the result is the fraction of **OOD inputs
     accepted as in-distribution**, ``mean(scores_out <= t)`` (OOD inputs tied with ``t`` count as
-    accepted). Lower is better; 0 is perfect.
+    accepted). Lower is better; 0 is perfect. This is OpenOOD's (scikit-learn's ``roc_curve`` with the
+    in-distribution inputs positive, at the first TPR >= ``tpr``); Hendrycks et al.'s ``fpr_and_fdr_at_recall``
+    takes the recall closest to ``tpr``, which can be the threshold one in-distribution score lower (the
+    OOD inputs between the two then make the difference), and torch-uncertainty's ``FPRx`` makes the OOD
+    inputs the positives, another quantity.
 
     Args:
         scores_in: scores of in-distribution inputs, shape [N_in] (higher = more OOD).

@@ -2,7 +2,7 @@
 
 Inputs are a confidence per example (higher = more confident, e.g. ``Prediction.max_probability`` or
 ``-Prediction.predictive_entropy``) and a loss per example (for classification the 0/1 error
-``predicted_class != target``). Accepting the ``n`` most confident of ``N`` examples gives coverage
+``predicted_class != target``, a bool tensor read as 0/1). Accepting the ``n`` most confident of ``N`` examples gives coverage
 ``n / N`` and selective risk ``1/n sum_{i <= n} loss_(i)`` (Geifman & El-Yaniv 2017).
 
 Ties: examples with equal confidence cannot be told apart by any threshold, so the curve uses the
@@ -85,7 +85,10 @@ def excess_aurc(confidence: Tensor, loss: Tensor) -> Tensor:
     """AURC minus the AURC of an oracle confidence that ranks the losses perfectly ("E-AURC", Geifman et al. 2019).
 
     The oracle accepts the examples in increasing order of loss. 0 means the confidence orders the
-    errors as well as possible.
+    errors as well as possible. This is the exact oracle of the ``N`` examples (any losses); Geifman et
+    al.'s code takes the 0/1 oracle's large-``N`` form ``r + (1 - r) ln(1 - r)`` (``r`` the error rate), which
+    sits below it for small ``N``: confidences ``[0.9, 0.8, 0.7]`` with losses ``[0, 0, 1]`` have E-AURC 0
+    here and 0.048 by that form.
 
     Args:
         confidence: confidence per example, shape [N] (higher = more confident).
