@@ -252,6 +252,11 @@ class ELBOLoss(nn.Module):
         result = elbo_loss(self.criterion(output, target), kl_divergence(self.model[0]), self.num_data, self.kl_weight)
         if self.check_finite and not traced and not wrapped(result.loss) and not bool(torch.isfinite(result.loss)):
             bad = [name for name in ("nll", "kl") if not bool(torch.isfinite(getattr(result, name)))]
+            if bad == ["nll"] and isinstance(target, Tensor) and target.numel() == 0:  # not an overflow: "NaN/inf in the inputs"
+                raise ValueError(
+                    f"ELBOLoss: the batch is empty (targets of shape {tuple(target.shape)}), whose mean NLL is NaN: skip "
+                    "empty batches"
+                )
             raise FloatingPointError(
                 f"ELBOLoss: {' and '.join(name.upper() for name in bad) or 'the loss'} {'are' if len(bad) > 1 else 'is'} "
                 f"not finite (nll={result.nll.item():.4g}, kl={result.kl.item():.4g}); "

@@ -160,6 +160,9 @@ def test_elbo_loss_module_stops_a_diverging_plain_loop_and_says_where():
         bdl.ELBOLoss(fresh, num_data=10)(fresh(x), y)
     with pytest.raises(FloatingPointError, match=r"ELBOLoss: NLL is not finite .*every parameter is finite \(a NaN/inf in this batch's inputs"):
         bdl.ELBOLoss(model := nn.Sequential(bdl.BayesLinear(4, 2)), num_data=10)(model(torch.full((3, 4), float("nan"))), y[:3])
+    for criterion in (None, nn.CrossEntropyLoss()):  # an empty batch was blamed on NaN/inf inputs or an overflow
+        with pytest.raises(ValueError, match=r"ELBOLoss: the batch is empty \(targets of shape \(0,\)\), whose mean NLL is NaN"):
+            bdl.ELBOLoss(model, num_data=10, criterion=criterion)(model(x[:0]), y[:0])
     unchecked = bdl.ELBOLoss(fresh, num_data=10, check_finite=False)(fresh(x), y)  # as before, for a user who checks
     assert not torch.isfinite(unchecked.loss)
 
