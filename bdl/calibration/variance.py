@@ -169,7 +169,11 @@ class VarianceScaler(nn.Module):
         # a per-output scaler's factors load into a scaler made with one (torch: "size mismatch"), checked as given
         incoming = state_dict.get(prefix + "scale")
         if isinstance(incoming, Tensor):
-            self.scale = torch.empty_like(self._checked(incoming), device=self.scale.device)
+            try:
+                checked = self._checked(incoming)
+            except ValueError as error:  # which entry of a larger model's state dict
+                raise ValueError(f"state dict entry {prefix}scale: {error}") from None
+            self.scale = torch.empty_like(checked, device=self.scale.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -121,6 +121,9 @@ def test_state_dict_and_repr():
     torch.testing.assert_close(fresh.scale, scaler.scale)
     with pytest.raises(ValueError, match="`scale` must be a positive finite number"):
         fresh.load_state_dict({"scale": torch.tensor(-1.0, dtype=torch.float64)})
+    model = nn.Sequential(nn.Linear(2, 2), VarianceScaler())  # the entry of a larger state dict is named
+    with pytest.raises(ValueError, match=r"state dict entry 1.scale: `scale` must be a positive finite number"):
+        model.load_state_dict({**model.state_dict(), "1.scale": torch.tensor(0.0, dtype=torch.float64)})
     assert repr(scaler) == "VarianceScaler(scale=[2, 3])" and repr(VarianceScaler(1.5)) == "VarianceScaler(scale=1.5)"
 
 
