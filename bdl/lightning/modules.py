@@ -20,6 +20,7 @@ import contextlib
 import copy
 import dataclasses
 import importlib
+import inspect
 import math
 import numbers
 import warnings
@@ -47,6 +48,7 @@ from ..nn.convert import kl_divergence
 from ..nn.functional import _two_class, check_estimator
 from ..nn.heads import gaussian_nll
 from ..nn.layers import BayesianModule
+from ..nn.priors import Prior
 from .._distributed import raise_on_every_process
 from .._messages import first_few
 from .._tensors import RandomState, random_state, set_random_state
@@ -200,6 +202,44 @@ def _loaded_patterns(patterns: Any) -> Any:  # noqa: ANN401
             pattern = found
         loaded.append(pattern)
     return loaded
+
+
+def _storable_prior(prior: Optional[Prior]) -> Optional[dict[str, Any]]:
+    """A prior as a checkpoint's hyperparameters (and a config) keep it: ``{"class_path": ..., "init_args": ...}``,
+    its constructor's arguments read from its attributes of the same names (numbers and strings; a module would be
+    pickled, which ``torch.load(weights_only=True)`` refuses); :func:`_loaded_prior` builds it again."""
+    if prior is None:
+        return None
+    init_args = {}
+    for name, parameter in inspect.signature(type(prior).__init__).parameters.items():
+        if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        value = getattr(prior, name, None)
+        if isinstance(value, Tensor) and value.numel() == 1:
+            value = value.item()
+        if not isinstance(value, (numbers.Real, str)):
+            raise TypeError(
+                f"VariationalModule: prior {prior!r} cannot be kept among the checkpoint's hyperparameters: its argument "
+                f"{name!r} is not an attribute holding a number (got {type(value).__name__}); give every converted layer "
+                "one prior of numbers, or convert the network yourself (bdl.bayesianize(net, prior=...)) and pass that"
+            )
+        init_args[name] = value
+    return {"class_path": f"{type(prior).__module__}.{type(prior).__qualname__}", "init_args": init_args}
+
+
+def _loaded_prior(prior: Any) -> Optional[Prior]:  # noqa: ANN401 - a Prior, None or its stored form
+    """A :class:`bdl.Prior` from one given, or from :func:`_storable_prior`'s form (a checkpoint's, a config's)."""
+    if prior is None or isinstance(prior, Prior):
+        return prior
+    if isinstance(prior, Mapping) and set(prior) <= {"class_path", "init_args"} and isinstance(prior.get("class_path"), str):
+        module_name, _, class_name = prior["class_path"].rpartition(".")
+        found = getattr(importlib.import_module(module_name or "bdl"), class_name, None)
+        if isinstance(found, type) and issubclass(found, Prior):  # not any class a checkpoint names
+            return found(**prior.get("init_args", {}))
+    raise TypeError(
+        "prior must be a bdl Prior (e.g. bdl.ScaleMixturePrior(1.0, 0.0025, 0.5)), or in a config its class_path and "
+        f"init_args, got {prior!r}"
+    )
 
 
 def _own_rows(loader: Any, rank: int, world_size: int, seen: int, rows: int) -> int:  # noqa: ANN401
@@ -934,6 +974,8 @@ class VariationalModule(UncertaintyModule):
     Args:
         model: the network.
         prior_std: standard deviation of the ``N(0, prior_std^2)`` prior of converted layers.
+        prior: another prior of converted layers instead, e.g. ``bdl.ScaleMixturePrior(1.0, math.exp(-6), 0.5)``
+            (Blundell et al.'s; in a config its ``class_path`` and ``init_args``); every layer gets a copy.
         posterior_std_init: initial posterior standard deviation of converted layers.
         estimator: ``"reparam"``, ``"local"`` or ``"flipout"`` for converted layers.
         include, exclude: layer names/patterns to convert or leave deterministic.
@@ -961,6 +1003,7 @@ class VariationalModule(UncertaintyModule):
         include: Optional[Sequence[str]] = None,
         exclude: Optional[Sequence[str]] = None,
         center_prior_on_weights: bool = False,
+        prior: Optional[Prior] = None,
         kl_weight: float = 1.0,
         kl_warmup_epochs: float = 0.0,
         num_train_samples: int = 1,
@@ -970,6 +1013,10 @@ class VariationalModule(UncertaintyModule):
         prior_std = _check_number("prior_std", prior_std, strict=True)  # checked even when unused (a Bayesian net)
         posterior_std_init = _check_number("posterior_std_init", posterior_std_init, strict=True)
         check_estimator(estimator)
+        given_prior = _loaded_prior(prior)
+        if given_prior is not None and prior_std != VariationalModule.__init__.__kwdefaults__["prior_std"]:
+            raise ValueError(f"give prior_std (a Gaussian prior's scale) or prior, not both: got prior_std={prior_std:g} and prior={given_prior!r}")
+        prior = _storable_prior(given_prior)  # as the hyperparameters keep it (read from this frame, as the patterns)
         # the patterns as given (a checkpoint's stored types imported), and as the hyperparameters keep them: read
         # from this frame by save_hyperparameters (a class defined in a function is converted, not stored)
         given_include, given_exclude = _loaded_patterns(include), _loaded_patterns(exclude)
@@ -979,14 +1026,14 @@ class VariationalModule(UncertaintyModule):
                 model,
                 include=given_include,
                 exclude=given_exclude,
-                prior=prior_std,
+                prior=prior_std if given_prior is None else given_prior,
                 center_prior_on_weights=center_prior_on_weights,
                 posterior_std_init=posterior_std_init,
                 estimator=estimator,
             )
         elif isinstance(model, nn.Module):
             given = {"prior_std": prior_std, "posterior_std_init": posterior_std_init, "estimator": estimator,
-                     "include": include, "exclude": exclude, "center_prior_on_weights": center_prior_on_weights}  # fmt: skip
+                     "include": include, "exclude": exclude, "center_prior_on_weights": center_prior_on_weights, "prior": prior}  # fmt: skip
             defaults = VariationalModule.__init__.__kwdefaults__
             ignored = [name for name, value in given.items() if value != defaults[name]]
             if ignored:  # a MOPED user's centred prior was silently N(0, 1)

@@ -432,6 +432,34 @@ def test_svi_module_loads_from_its_checkpoint(tmp_path):
             cls.load_from_checkpoint(saved)
 
 
+def test_variational_module_takes_another_prior_and_loads_it_from_its_checkpoint(tmp_path):
+    # only N(0, prior_std^2) could be chosen: Blundell et al.'s scale mixture needed a network converted by hand
+    mixture = bdl.ScaleMixturePrior(scale1=1.0, scale2=math.exp(-6), mixture_weight=0.25)
+    module = VariationalModule(net(), prior=mixture)
+    layers = [m for m in module.model.modules() if isinstance(m, bdl.BayesLinear)]
+    priors = [prior for layer in layers for prior in (layer.weight_prior, layer.bias_prior)]
+    assert len(priors) == 4 and len({id(p) for p in priors}) == 4  # a copy each
+    assert all(type(p) is bdl.ScaleMixturePrior and (p.scale1, p.scale2, p.mixture_weight) == (1.0, math.exp(-6), 0.25) for p in priors)
+    fit = trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    fit.fit(module, TinyData(batch_size=8))
+    fit.save_checkpoint(tmp_path / "mixture.ckpt")
+    restored = VariationalModule.load_from_checkpoint(tmp_path / "mixture.ckpt", model=net(), weights_only=True)
+    assert [repr(p) for p in restored.model.modules() if isinstance(p, bdl.Prior)] == [repr(p) for p in priors]
+    for name, value in module.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], value), name
+    # a config's form (class_path and init_args) is built as the object
+    given = VariationalModule(net(), prior={"class_path": "bdl.GaussianPrior", "init_args": {"scale": 0.3}})
+    assert all(p.scale == 0.3 for p in given.model.modules() if isinstance(p, bdl.GaussianPrior))
+    with pytest.raises(ValueError, match="give prior_std .* or prior, not both"):
+        VariationalModule(net(), prior=mixture, prior_std=0.5)
+    with pytest.raises(TypeError, match="prior must be a bdl Prior"):
+        VariationalModule(net(), prior={"class_path": "torch.nn.Linear", "init_args": {}})  # not any class a checkpoint names
+    with pytest.raises(TypeError, match="its argument 'loc' is not an attribute holding a number"):
+        VariationalModule(net(), prior=bdl.GaussianPrior(torch.zeros(16, 4), 0.1))
+    with pytest.warns(UserWarning, match="prior set how a plain network is converted"):
+        VariationalModule(bdl.bayesianize(net()), prior=mixture)
+
+
 def test_modules_with_layer_types_as_patterns_load_from_their_checkpoint_with_weights_only(tmp_path):
     # a module type in include/exclude/insert_before was pickled into the hyperparameters, a global that
     # torch.load(weights_only=True) (its default) refused
