@@ -260,6 +260,7 @@ ROWS = [
     _row("MLP-unknown-activation", lambda t: MLP(4, 2, activation="bogus"), ValueError, r"unknown activation 'bogus'; choose one of \['elu', 'gelu', 'relu', 'silu', 'tanh'\]"),
     _row("LeNet5-zero-classes", lambda t: LeNet5(num_classes=0), ValueError, r"LeNet5: num_classes must be a positive int, got 0"),
     _row("LeNet5-8x8-digits", lambda t: LeNet5()(torch.randn(2, 1, 8, 8)), ValueError, r"LeNet5 takes images of at least 12x12 pixels .* got 8x8"),
+    _row("LeNet5-channels-last", lambda t: LeNet5()(torch.randn(2, 28, 28, 1)), RuntimeError, r"expected input\[2, 28, 28, 1\] to have 1 channels, but got 28"),
     # ---- Lightning modules
     _row("VariationalModule-negative-prior_std", lambda t: VariationalModule(MLP(4, 2), prior_std=-1.0), ValueError, r"prior_std must be a number > 0.0, got -1.0"),
     _row("VariationalModule-zero-posterior_std_init", lambda t: VariationalModule(MLP(4, 2), posterior_std_init=0.0), ValueError, r"posterior_std_init must be a (positive finite )?number( > 0.0)?, got 0.0"),

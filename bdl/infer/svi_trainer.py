@@ -12,6 +12,7 @@ import numpy as np
 import pyro
 import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from pyro import poutine
 from pyro.infer.autoguide import AutoGuide
 from torch import Tensor, nn
@@ -169,7 +170,7 @@ class LoadsWithModel:
     Python saves the network's weights, not the network (an object), and loading it without ``model=`` failed
     with Python's bare "missing 1 required positional argument: 'model'"."""
 
-    @classmethod
+    @_restricted_classmethod  # Lightning's: called on an instance, it left that instance untrained, silently
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - Lightning's
         try:
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)

@@ -35,7 +35,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..predict import Prediction
-from .modules import _check_one_order, _gather_prediction, _loader_at, _unpadded_size, target_scale
+from .modules import _check_one_order, _gather_prediction, _loaded_prior, _loader_at, _unpadded_size, target_scale
 
 DEFAULT_ROOT = "runs"
 # Model arguments that say how to evaluate, not what was trained: with --ckpt_path they come from the command's
@@ -378,7 +378,7 @@ def _check_same_class(model: Any, checkpoint: dict[str, Any], ckpt_path: str) ->
 
 TRAINING_OPTIONS = (
     "optimizer", "lr", "weight_decay", "momentum", "lr_schedule", "lr_decay", "kl_warmup_epochs", "kl_weight",
-    "num_train_samples", "num_data", "prior_std", "posterior_std_init", "elbo", "num_particles", "init_scale", "validate",
+    "num_train_samples", "num_data", "prior_std", "prior", "posterior_std_init", "elbo", "num_particles", "init_scale", "validate",
 )  # fmt: skip
 """Module arguments that change how a fit trains (the loss, its prior, the starting stds), not the trained model,
 whose stds and guide scales the state dict holds: free to differ when evaluating a checkpoint."""
@@ -413,6 +413,13 @@ def _check_python_checkpoint(model: Any, saved: dict[str, Any], ckpt_path: str, 
     skipped = EVALUATION_OPTIONS + (() if training else TRAINING_OPTIONS)
 
     def comparable(key: str, value: Any) -> Any:  # noqa: ANN401 - one layer pattern on its own is a list of one
+        if key == "noise_variance" and value is None:  # unset is 1.0, which modules saved before that default kept
+            value = 1.0
+        if key == "prior" and value is not None:  # as built: bdl.ScaleMixturePrior is bdl.nn.priors.ScaleMixturePrior
+            try:
+                return repr(_loaded_prior(value.as_dict() if hasattr(value, "as_dict") else value))
+            except (TypeError, ValueError):
+                return value
         return _plain([value] if key in _PATTERNS and value is not None and not isinstance(value, (list, tuple)) else value)
 
     differ = [

@@ -110,7 +110,8 @@ class LeNet5(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() in (3, 4) and min(x.shape[-2:]) < 12:  # torch's own error named a kernel size larger than "(0 x 0)"
+        # torch's own error named a kernel size larger than "(0 x 0)"; other layouts get torch's channel error
+        if x.dim() == 4 and x.shape[1] == self.features[0].in_channels and min(x.shape[-2:]) < 12:
             raise ValueError(
                 f"LeNet5 takes images of at least 12x12 pixels (two 5x5 convolutions, each with a 2x2 pooling), got "
                 f"{x.shape[-2]}x{x.shape[-1]} (input shape {tuple(x.shape)}); for 8x8 digits use an MLP on flat inputs"

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler, SubsetRandomSampler
 
@@ -694,9 +695,11 @@ class UncertaintyModule(LoadsWithModel, _ResumableRandomState, _Evaluation, L.Li
         noise_variance: the Gaussian noise variance of a regression network that outputs means only (its
             likelihood in training, and the aleatoric variance of its predictions): a number > 0, or
             ``"learn"`` to fit it with the network (one variance for every output, the parameter
-            ``log_noise_variance``: standardise targets of unlike scales, or give the network a
-            :class:`bdl.GaussianHead` for a variance per output and input). None: 1.0, with a warning when
-            such a network starts training (its NLL, intervals and ``val/nll`` assume that noise).
+            ``log_noise_variance``, shared by an ensemble's members: standardise targets of unlike scales, or
+            give the network a :class:`bdl.GaussianHead` for a variance per output and input). Learned beside
+            weight samples (Bayesian layers, MC dropout), it takes in their spread too, which predictions count
+            again as epistemic variance. None: 1.0, with a warning when such a network starts training (its NLL,
+            intervals and ``val/nll`` assume that noise).
         compile: compile the network with ``torch.compile`` (in place, ``nn.Module.compile``: checkpoints
             keep their keys); ``True`` for torch's defaults or a dict of ``torch.compile`` options such as
             ``{"mode": "max-autotune"}``. Measured on an H100 for a Bayesian 784-1200-1200-10 MLP at batch
@@ -806,6 +809,15 @@ class UncertaintyModule(LoadsWithModel, _ResumableRandomState, _Evaluation, L.Li
         if hasattr(self, "log_noise_variance"):
             return self.log_noise_variance.exp()
         return self._fixed_noise_variance
+
+    @noise_variance.setter
+    def noise_variance(self, value: float) -> None:
+        value = _check_number("noise_variance", value, strict=True)
+        if hasattr(self, "log_noise_variance"):  # a learned one starts from there
+            with torch.no_grad():
+                self.log_noise_variance.fill_(math.log(value))
+        else:
+            self._fixed_noise_variance = value
 
     def forward(self, x: Tensor) -> Any:  # noqa: ANN401 - the network's output
         return self.model(x)
@@ -1224,9 +1236,10 @@ class EnsembleModule(UncertaintyModule):
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: Optional[float] = None, gradient_clip_algorithm: Optional[str] = None
     ) -> None:
-        """The Trainer's ``gradient_clip_val`` by norm clips each member's gradient by its own norm: Lightning's
-        clipped the norm of all members' gradients together, so one member's large gradient shrank every other
-        member's step (and the clip tightened as sqrt(num_members)). Clipping by value is Lightning's."""
+        """The Trainer's ``gradient_clip_val`` by norm clips each member's gradient by its own norm (and that of
+        the parameters of no member, a learned ``noise_variance``, by theirs): Lightning's clipped the norm of all
+        members' gradients together, so one member's large gradient shrank every other member's step (and the
+        clip tightened as sqrt(num_members)). Clipping by value is Lightning's."""
         if (gradient_clip_algorithm or "norm") != GradClipAlgorithmType.NORM:  # an enum or a str
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
@@ -1235,9 +1248,11 @@ class EnsembleModule(UncertaintyModule):
         # through Lightning's checks and precision plugin, as its own clipping (a negative value clips nothing, a fused
         # optimizer under a GradScaler is refused), with the optimizer's groups narrowed to one member's parameters
         groups = optimizer.param_groups
+        parts = [{id(parameter) for parameter in member.parameters()} for member in self.model.members]
+        # and the parameters of no member (a learned noise variance, shared: its step went unclipped, to exp(134))
+        parts.append({id(p) for group in groups for p in group["params"]} - set().union(*parts))
         try:
-            for member in self.model.members:
-                own = {id(parameter) for parameter in member.parameters()}
+            for own in parts:
                 optimizer.param_groups = [{**group, "params": [p for p in group["params"] if id(p) in own]} for group in groups]
                 self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
         finally:
@@ -1407,7 +1422,7 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         self._setup_metrics()
         self.val_elbo = torchmetrics.MeanMetric()
 
-    @classmethod
+    @_restricted_classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "SVIModule":  # noqa: ANN401 - Lightning's
         """Lightning's ``load_from_checkpoint``; a ``num_eval_samples`` given here replaces the ``num_samples`` that
         checkpoints of earlier versions kept beside it (the pair was refused as two numbers of samples)."""

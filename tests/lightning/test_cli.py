@@ -223,6 +223,18 @@ def test_a_python_checkpoint_is_compared_with_the_config_in_the_forms_each_takes
         _check_python_checkpoint(config, saved, "a.ckpt", training=True)  # a resumed fit goes on with them
     with pytest.raises(ValueError, match=r"with p=0.5 \(the config: 0.1\):"):
         _check_python_checkpoint(config, {**saved, "p": 0.5}, "a.ckpt", training=False)
+    # noise_variance unset is 1.0, which modules saved before that default kept: every such checkpoint was refused
+    _check_python_checkpoint({"init_args": {"noise_variance": None}}, {"noise_variance": 1.0}, "a.ckpt", training=False)
+    _check_python_checkpoint({"init_args": {"noise_variance": 1.0}}, {"noise_variance": None}, "a.ckpt", training=False)
+    with pytest.raises(ValueError, match=r"with noise_variance=0.5 \(the config: 1.0\)"):
+        _check_python_checkpoint({"init_args": {"noise_variance": None}}, {"noise_variance": 0.5}, "a.ckpt", training=False)
+    # a prior by either class path, as built; another prior only shapes the fit
+    mixture = {"class_path": "bdl.nn.priors.ScaleMixturePrior", "init_args": {"scale1": 1.0, "scale2": 0.0025, "mixture_weight": 0.5}}
+    given = {"init_args": {"prior": {"class_path": "bdl.ScaleMixturePrior", "init_args": {"scale2": 0.0025}}}}
+    _check_python_checkpoint(given, {"prior": mixture}, "a.ckpt", training=True)
+    with pytest.raises(ValueError, match=r"with prior='ScaleMixturePrior\(scale1=1, scale2=0.0025, mixture_weight=0.5\)' \(the config: None\)"):
+        _check_python_checkpoint({"init_args": {"prior": None}}, {"prior": mixture}, "a.ckpt", training=True)
+    _check_python_checkpoint({"init_args": {"prior": None}}, {"prior": mixture}, "a.ckpt", training=False)
 
 
 def test_evaluate_prints_the_table_and_writes_the_report_in_a_new_version(quickstart_run, tmp_path, capsys):

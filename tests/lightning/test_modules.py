@@ -355,6 +355,22 @@ def test_a_mean_only_regressor_learns_its_noise_variance_and_is_warned_of_the_de
         DeterministicModule(nn.Linear(1, 2), noise_variance="learn")
     with pytest.raises(ValueError, match="noise_variance must be a number > 0 or 'learn', got 'learned'"):
         DeterministicModule(nn.Linear(1, 1), task="regression", noise_variance="learned")
+    fixed = DeterministicModule(nn.Linear(1, 1), task="regression", noise_variance=0.5)
+    fixed.noise_variance = 0.05  # settable, as the attribute it was
+    module.noise_variance = 0.25  # a learned one starts from there
+    assert fixed.noise_variance == 0.05 and float(module.log_noise_variance) == pytest.approx(math.log(0.25))
+    with pytest.raises(ValueError, match="noise_variance must be a number > 0"):
+        fixed.noise_variance = -1.0
+
+
+def test_an_ensembles_learned_noise_is_clipped_as_its_members(tmp_path):
+    # the members' gradients were clipped one by one, and the shared noise's not at all: log variance 134 (inf)
+    x, y = torch.randn(64, 1), 10 * torch.randn(64, 1)
+    for cls, options in ((EnsembleModule, dict(num_members=2)), (DeterministicModule, {})):
+        torch.manual_seed(0)
+        module = cls(MLP(1, 1, hidden=[4]), task="regression", noise_variance="learn", optimizer="sgd", momentum=0.0, lr=1.0, **options)
+        trainer(tmp_path, max_steps=1, gradient_clip_val=1e-3, limit_val_batches=0).fit(module, DataLoader(TensorDataset(x, y), batch_size=64))
+        assert abs(float(module.log_noise_variance)) <= 1e-3 + 1e-6, cls
 
 
 def test_a_one_logit_classifier_trains_on_binary_cross_entropy_and_regression_targets_keep_their_shape():
@@ -430,6 +446,11 @@ def test_svi_module_loads_from_its_checkpoint(tmp_path):
     for cls, saved in ((VariationalModule, path), (SVIModule, tmp_path / "old.ckpt")):
         with pytest.raises(TypeError, match=rf"{cls.__name__}.load_from_checkpoint: .* holds the network's weights but not the network.*model=net"):
             cls.load_from_checkpoint(saved)
+    # on an instance it returns another module, and left this one untrained: Lightning refuses that
+    with pytest.raises(TypeError, match="cannot be called on an instance"):
+        variational.load_from_checkpoint(path, model=net())
+    with pytest.raises(TypeError, match="cannot be called on an instance"):
+        restored.load_from_checkpoint(tmp_path / "old.ckpt", model=pyro_model())
 
 
 def test_variational_module_takes_another_prior_and_loads_it_from_its_checkpoint(tmp_path):
