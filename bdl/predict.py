@@ -1519,6 +1519,11 @@ def _eval_mode(model: Any) -> Iterator[None]:  # noqa: ANN401
                 set_flag(module, "training", training)
 
 
+def _is_svi_fit_of_a_pyro_model(model: object) -> bool:
+    svi, pyro_model = sys.modules.get("bdl.infer.svi_trainer"), sys.modules.get("bdl.infer.model")
+    return svi is not None and isinstance(model, svi.SVIModule) and isinstance(model.model, pyro_model.PyroModel)
+
+
 def predict(
     model: Callable[..., Any],
     inputs: Union[Tensor, tuple, Iterable, Dataset],
@@ -1593,12 +1598,24 @@ def predict(
         _check_int("chunk_size", chunk_size)
     lightning = sys.modules.get("bdl.lightning.modules")  # loaded if the model can be one of its modules
     unwrapped = getattr(model, "_orig_mod", model)  # torch.compile(module) wraps it
+    pyro_model = sys.modules.get("bdl.infer.model")
+    if pyro_model is not None and isinstance(unwrapped, pyro_model.PyroModel):
+        # its forward draws weights from the prior and returns sampled observations: a prior predictive whose noise
+        # was read as epistemic variance (RMSE 2.05 against the posterior's 0.107), silently
+        raise TypeError(
+            "model is a bdl.infer.PyroModel, whose forward draws its weights from the prior: predict from a posterior, "
+            "with the fit (bdl.infer.svi(...) or an SVIModule: bdl.predict(fit, x) or fit.predict(x)) or an MCMC "
+            "result (result.predict(x); bdl.evaluate(result.predict(x), y))"
+        )
     trained = unwrapped if lightning is not None and isinstance(unwrapped, lightning.UncertaintyModule) else None
     if lightning is not None and isinstance(unwrapped, lightning.SVIModule):  # samples itself: its task and count
         if task is not None and task != unwrapped.task:
             raise ValueError(f"task={task!r}, but the model is a {unwrapped.task} module ({type(unwrapped).__name__})")
         task, model = unwrapped.task, unwrapped
         num_samples = unwrapped.num_eval_samples if num_samples is None else num_samples
+    elif task is None and _is_svi_fit_of_a_pyro_model(unwrapped):
+        # bdl.infer.svi's fit of a PyroModel: its likelihood's task (a regression's (mean, variance) was read as logits)
+        task = unwrapped.model.task
     if trained is not None:
         # a bdl.lightning module: sample what its own evaluation samples (an EnsembleModule's forward gives the
         # members' stacked outputs [M, B, C], which were read as one output of the wrong batch size), for its

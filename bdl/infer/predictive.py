@@ -344,8 +344,11 @@ def predict_function_model(
     if task == "classification":
         return Prediction.from_logits(read[0], keep_samples=keep_samples)
     means, variances = read
-    dtype = torch.get_default_dtype()
-    return Prediction.from_regression(means.to(dtype), None if variances is None else variances.to(dtype), keep_samples=keep_samples)
+
+    def floating(values: Tensor) -> Tensor:  # integer draws (a count site) as the default dtype; float64 stays float64
+        return values if values.is_floating_point() else values.to(torch.get_default_dtype())
+
+    return Prediction.from_regression(floating(means), None if variances is None else floating(variances), keep_samples=keep_samples)
 
 
 def _check_not_subsampled(trace: pyro.poutine.Trace, output_site: str) -> None:

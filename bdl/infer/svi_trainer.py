@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Union
 
 import lightning as L
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from ..metrics.functional._checks import check_positive_int
 from .._distributed import raise_on_every_process
 from .._messages import first_few
+from .._warn import user_stacklevel
 from ..nn.loss import check_trained_parameters, non_finite_where
 from .guides import collapsed_scales, make_elbo, make_guide
 from .model import PyroModel, check_finite_data, check_full_data
@@ -591,6 +593,10 @@ def svi(
         FloatingPointError: the loss is not finite at a step (e.g. a learning rate too large): the fit stops
             there rather than return a module with NaN parameters.
 
+    Warns:
+        UserWarning: the loss was still falling over the last tenth of the steps (beyond the steps' noise): the
+            defaults move a parameter about 2 units in all, short of a weight of 5 (raise ``num_steps`` or ``lr``).
+
     Example:
         >>> def model(y):
         ...     mu = pyro.sample("mu", pyro.distributions.Normal(0.0, 10.0))
@@ -639,4 +645,26 @@ def svi(
         scheduler.step()
         losses.append(value)
     module.losses = losses
+    falling = _still_falling(losses)
+    if falling:  # a fit stopped halfway (lr 1e-2 decayed over 1000 steps moves a weight about 2 units: 2.1 of 4.9)
+        warnings.warn(
+            f"svi: the loss was still falling at the end ({falling}): the guide has likely not converged; raise "
+            "num_steps or lr, or lr_decay towards 1 (a constant rate)",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
     return module
+
+
+def _still_falling(losses: Sequence[float]) -> Optional[str]:
+    """Where the mean loss of the last tenth of the steps is below the tenth before by more than three standard
+    errors (the steps' noise) and more than 0.2% of the fall since the first tenth: the numbers, else None."""
+    window = len(losses) // 10
+    if window < 5:
+        return None
+    first, before, last = (np.asarray(part) for part in (losses[:window], losses[-2 * window : -window], losses[-window:]))
+    fall = before.mean() - last.mean()
+    noise = math.sqrt((before.var(ddof=1) + last.var(ddof=1)) / window)
+    if fall > 3 * noise and fall > 0.002 * (first.mean() - last.mean()):
+        return f"mean {last.mean():.6g} over the last {window} steps, {before.mean():.6g} over the {window} before"
+    return None

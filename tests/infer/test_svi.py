@@ -51,6 +51,24 @@ def test_mean_field_recovers_the_mean_and_the_precision_diagonal(linear_regressi
     assert abs(torch.corrcoef(w.T)[0, 1]) < 0.05
 
 
+def test_svi_warns_when_the_loss_is_still_falling_at_the_end(recwarn):
+    # the defaults (lr 1e-2 decayed 100x over 1000 steps) left a weight of 5 at 2.1, and the fit said nothing
+    torch.manual_seed(0)
+    x = torch.randn(100, 1)
+    y = 5 * x[:, 0] + 0.5 * torch.randn(100)
+
+    def model():
+        return PyroModel(nn.Linear(1, 1), "gaussian", prior_scale=10.0, likelihood_options={"noise_std": 0.5})
+
+    with pytest.warns(UserWarning, match=r"svi: the loss was still falling at the end \(mean .* over the last 100 steps"):
+        short = svi(model(), x, y)
+    assert short.sample_posterior(1000)["weight"].mean() < 3
+    recwarn.clear()
+    fitted = svi(model(), x, y, lr=0.1)  # converged: no warning
+    assert not [w for w in recwarn if "still falling" in str(w.message)]
+    assert abs(fitted.sample_posterior(1000)["weight"].mean() - 4.94) < 0.1
+
+
 def test_map_guide_finds_the_posterior_mode(linear_regression):
     data = linear_regression
     fitted = svi(data.pyro_model(), data.x, data.y, guide="delta", num_steps=300, optimizer=data.fast_adam, lr_decay=1e-3)
