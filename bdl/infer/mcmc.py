@@ -644,6 +644,9 @@ def mcmc(
             "kernel_options['jit_compile'] works for model functions only: a PyroModel runs its network through "
             "torch.func.functional_call, which JIT cannot trace"
         )
+    target = (kernel_options or {}).get("target_accept_prob", 0.8)  # Pyro takes any number, and adapts towards it
+    if isinstance(target, bool) or not isinstance(target, numbers.Real) or not 0 < target < 1:
+        raise ValueError(f"kernel_options['target_accept_prob'] must be a number in (0, 1), got {target!r}")
     warmup_steps = None if warmup_steps is None else int(warmup_steps)
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {TASKS} or None, got {task!r}")

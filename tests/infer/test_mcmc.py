@@ -156,6 +156,9 @@ def test_mcmc_validates_its_arguments(linear_regression):
             mcmc(fits, data.x, data.y, seed=seed)
     with pytest.raises(ValueError, match=r"kernel_options\['jit_compile'\] works for model functions only"):
         mcmc(fits, data.x, data.y, kernel_options={"jit_compile": True})
+    for target in (2.0, 0.0, "high"):  # Pyro took 2.0 and adapted its step size towards it
+        with pytest.raises(ValueError, match=r"kernel_options\['target_accept_prob'\] must be a number in \(0, 1\)"):
+            mcmc(fits, data.x, data.y, kernel_options={"target_accept_prob": target})
     # a network random in eval mode: every transition diverged after minutes, with advice about the step size
     network = nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.5), nn.Linear(8, 1))
     nn.init.constant_(network[2].bias, 1000.0)  # noise 1e-5 of the output: within a tolerance of 1e-4
