@@ -176,7 +176,7 @@ def _same(a: Any, b: Any) -> bool:  # noqa: ANN401 - any attribute values
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     try:
-        return a is b or bool(a == b)
+        return bool(a == b)
     except Exception:  # noqa: BLE001 - values without a truth value of ==: only identical ones agree, or equal arrays
         if type(a) is type(b) and type(a).__module__ == "numpy" and hasattr(a, "shape"):
             try:  # (an object array's items may have no truth value of == either)
