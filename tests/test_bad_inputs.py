@@ -266,6 +266,9 @@ ROWS = [
     _row("VariationalModule-zero-posterior_std_init", lambda t: VariationalModule(MLP(4, 2), posterior_std_init=0.0), ValueError, r"posterior_std_init must be a (positive finite )?number( > 0.0)?, got 0.0"),
     _row("DeterministicModule-zero-noise_variance", lambda t: DeterministicModule(MLP(4, 1), task="regression", noise_variance=0.0), ValueError, r"noise_variance must be a number > 0.0, got 0.0"),
     _row("module-num_eval_samples-zero", lambda t: MCDropoutModule(MLP(4, 2, dropout=0.1), num_eval_samples=0), ValueError, r"num_eval_samples must be a positive int, got 0"),
+    _row("SVIModule-num_eval_samples-zero", lambda t: bdl.lightning.SVIModule(infer.PyroModel(nn.Linear(4, 3), "categorical", num_data=10), num_eval_samples=0),
+         ValueError, r"^num_eval_samples must be a positive int, got 0"),  # was "num_samples", which it refuses
+    _row("MLP-negative-dropout", lambda t: MLP(4, 2, dropout=-1.0), ValueError, r"^MLP: dropout must be a rate in \[0, 1\), got -1.0"),
     _row("module-unknown-optimizer", lambda t: DeterministicModule(MLP(4, 2), optimizer="rmsprop"), ValueError, r"optimizer must be one of \['adam', 'adamw', 'sgd'\], got 'rmsprop'"),
     _row(
         "VariationalModule-negative-prior_std-with-a-Bayesian-net",

@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence, Union
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
@@ -323,9 +324,18 @@ def _recorded_best(last: Path) -> Optional[Path]:
         states = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("callbacks") or {}
     except Exception:  # noqa: BLE001 - an unreadable last.ckpt: the named file, as before
         return None
-    recorded = [state.get("best_model_path") for key, state in states.items() if key.startswith("ModelCheckpoint") and isinstance(state, dict)]
-    best = [last.parent / Path(path).name for path in recorded if path]
+    recorded = [state for key, state in states.items() if key.startswith("ModelCheckpoint") and isinstance(state, dict)]
+    best = [last.parent / _within(state["best_model_path"], state.get("dirpath")) for state in recorded if state.get("best_model_path")]
     return best[0] if len(best) == 1 and best[0].is_file() else None
+
+
+def _within(path: str, folder: Optional[str]) -> Path:
+    """``path`` relative to the checkpoint ``folder`` it was saved in: a filename with a metric's "/"
+    (``{val/nll:.3f}``) makes Lightning write into a subfolder, which the file's name alone left out."""
+    try:
+        return Path(path).relative_to(folder) if folder else Path(Path(path).name)
+    except ValueError:
+        return Path(Path(path).name)
 
 
 def check_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
@@ -352,6 +362,12 @@ def check_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"checkpoint {str(path)!r} has no 'state_dict': it is not a Lightning checkpoint")
+    if "pytorch-lightning_version" not in checkpoint:  # Lightning's KeyError, a bare traceback
+        raise ValueError(
+            f"checkpoint {str(path)!r} has a 'state_dict' but no 'pytorch-lightning_version': it is not a Lightning "
+            "checkpoint (torch.save of a dict?); save one with trainer.save_checkpoint(path), or load these weights "
+            "in Python: module.load_state_dict(torch.load(path)['state_dict'])"
+        )
     return checkpoint
 
 
@@ -664,13 +680,14 @@ def main(args: Optional[Sequence[str]] = None) -> None:
 def console() -> None:
     """Entry point of the ``bdl`` console script: like :func:`main`, but bad input ends in a one-line message.
 
-    A ``ValueError``, ``TypeError``, ``FileNotFoundError`` or ``FloatingPointError`` (a wrong value, a
-    missing data file or checkpoint, a training loss that stopped being finite) prints ``bdl: error: <message>`` and exits with status 2, as the CLI's own argument errors
+    A ``ValueError``, ``TypeError``, ``FileNotFoundError``, ``FloatingPointError`` or Lightning's
+    ``MisconfigurationException`` (a wrong value, a missing data file or checkpoint, a training loss that
+    stopped being finite, a trainer option this machine cannot run, such as ``accelerator: gpu``) prints ``bdl: error: <message>`` and exits with status 2, as the CLI's own argument errors
     do; set ``BDL_TRACEBACK=1`` to see the traceback instead.
     """
     try:
         main()
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as error:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, MisconfigurationException) as error:
         if os.environ.get("BDL_TRACEBACK"):
             raise
         print(f"bdl: error: {_message(error)}", file=sys.stderr)
@@ -680,18 +697,24 @@ def console() -> None:
 _SECTIONS = {"LightningModule": "model", "LightningDataModule": "data"}
 
 
-def _message(error: BaseException) -> str:
+def _message(error: BaseException, outer: str = "") -> str:
     """What went wrong, for one line: a class that a config named and that refused its arguments says so itself,
-    after its config section and class path, instead of under jsonargparse's "Does not validate against any of the
-    Union subtypes" and a dump of the whole resolved config."""
+    after its config section (or, nested, its key in the enclosing class's arguments) and class path, instead of
+    under jsonargparse's "Does not validate against any of the Union subtypes" and a dump of the whole resolved
+    config. ``outer``: the enclosing level's text."""
     text, cause = str(error), error.__cause__
     if not (text.startswith("Does not validate against any of the Union subtypes") and isinstance(cause, (ValueError, TypeError))):
         return text
     subtypes = re.search(r"^Subtypes: (.*)$", text, flags=re.MULTILINE)
     section = next((name for base, name in _SECTIONS.items() if subtypes and f".{base}'>" in subtypes.group(1)), None)
-    class_path = re.search(r"class_path='([\w.]+)'", text)
-    where = " ".join(part for part in (section, f"({class_path.group(1)})" if class_path else None) if part)
-    return f"{where}: {_message(cause)}" if where else _message(cause)
+    # the value this level refused (the first class path of the text was a nested one's: "model (bdl.ScaleMixturePrior)")
+    given = re.search(r"^Given value: Namespace\(class_path='([\w.]+)'", text, flags=re.MULTILINE)
+    class_path = given.group(1) if given else None
+    if section is None and class_path:  # a nested class (a prior): its key among the enclosing class's arguments
+        key = re.search(rf"(\w+)=Namespace\(class_path='{re.escape(class_path)}'", outer)
+        section = key.group(1) if key else None
+    where = " ".join(part for part in (section, f"({class_path})" if class_path else None) if part)
+    return f"{where}: {_message(cause, text)}" if where else _message(cause, text)
 
 
 if __name__ == "__main__":

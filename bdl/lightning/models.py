@@ -30,9 +30,10 @@ def _check_sizes(owner: str, **sizes: int) -> None:
             raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
 
 
-def _check_dropout(dropout: float) -> float:
+def _check_dropout(dropout: float, owner: str) -> float:
+    # named with its network: the CLI blamed the enclosing module ("VariationalModule: dropout must be ...")
     if not (isinstance(dropout, numbers.Real) and not isinstance(dropout, bool) and 0 <= dropout < 1):
-        raise ValueError(f"dropout must be a rate in [0, 1), got {dropout!r}")
+        raise ValueError(f"{owner}: dropout must be a rate in [0, 1), got {dropout!r}")
     return float(dropout)
 
 
@@ -63,13 +64,13 @@ class MLP(nn.Sequential):
         dropout: float = 0.0,
         head: Literal["linear", "gaussian"] = "linear",
     ) -> None:
-        act, dropout = _activation(activation), _check_dropout(dropout)
+        act, dropout = _activation(activation), _check_dropout(dropout, "MLP")
         _check_sizes("MLP", in_features=in_features, out_features=out_features)
         if isinstance(hidden, (int, str)) or not isinstance(hidden, Sequence):
             raise TypeError(f"MLP: hidden must be a list of layer sizes (e.g. [128, 128]), got {hidden!r}")
         _check_sizes("MLP", **{f"hidden[{i}]": size for i, size in enumerate(hidden)})
         if head not in ("linear", "gaussian"):
-            raise ValueError(f"head must be 'linear' or 'gaussian', got {head!r}")
+            raise ValueError(f"MLP: head must be 'linear' or 'gaussian', got {head!r}")
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for size in hidden:
@@ -97,7 +98,7 @@ class LeNet5(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, dropout: float = 0.0) -> None:
         super().__init__()
-        dropout = _check_dropout(dropout)
+        dropout = _check_dropout(dropout, "LeNet5")
         _check_sizes("LeNet5", in_channels=in_channels, num_classes=num_classes)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
@@ -141,7 +142,7 @@ class Conv1dNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, channels: int = 32, dropout: float = 0.0) -> None:
         super().__init__()
-        dropout = _check_dropout(dropout)
+        dropout = _check_dropout(dropout, "Conv1dNet")
         _check_sizes("Conv1dNet", in_channels=in_channels, num_classes=num_classes, channels=channels)
         self.features = nn.Sequential(
             nn.Conv1d(in_channels, channels, 5, stride=2, padding=1), nn.ReLU(),
@@ -177,8 +178,8 @@ class ResNet(nn.Module):
 
         builders = {18: models.resnet18, 34: models.resnet34, 50: models.resnet50}
         if depth not in builders:
-            raise ValueError(f"depth must be one of {sorted(builders)}, got {depth!r}")
-        dropout = _check_dropout(dropout)
+            raise ValueError(f"ResNet: depth must be one of {sorted(builders)}, got {depth!r}")
+        dropout = _check_dropout(dropout, "ResNet")
         _check_sizes("ResNet", num_classes=num_classes)
         self.net = builders[depth](num_classes=num_classes)
         if small_inputs:

@@ -1408,6 +1408,7 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
     ) -> None:
         if not isinstance(model, infer.PyroModel):
             raise TypeError(f"model must be a bdl.infer.PyroModel, got {type(model).__name__}")
+        num_eval_samples = check_positive_int(num_eval_samples, "num_eval_samples")  # before it is num_samples below
         # bdl.infer.SVIModule saves its num_samples among the hyperparameters: load_from_checkpoint passes it
         # back next to num_eval_samples, from which it is set (they were passed twice, and every load failed)
         if kwargs.pop("num_samples", num_eval_samples) != num_eval_samples:

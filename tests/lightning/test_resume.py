@@ -119,7 +119,7 @@ def test_resume_without_a_previous_run_says_what_is_missing(tmp_path, monkeypatc
         main(["fit", "--config", str(write_config(tmp_path, "variational")), "--ckpt_path", "last"])
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "pickled code", "not lightning"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "pickled code", "not lightning", "torch.save of a state dict"])
 def test_damaged_checkpoints_give_a_clear_error(damage, tmp_path):
     path = tmp_path / "model.ckpt"
     if damage == "truncated":
@@ -129,9 +129,12 @@ def test_damaged_checkpoints_give_a_clear_error(damage, tmp_path):
         path.write_bytes(os.urandom(4096))
     elif damage == "pickled code":
         torch.save({"state_dict": {}, "hook": Path("/")}, path)  # an arbitrary object: refused by weights_only
-    else:
+    elif damage == "not lightning":
         torch.save({"weights": torch.zeros(2)}, path)
-    message = "no 'state_dict'" if damage == "not lightning" else "cannot be loaded safely"
+    else:  # Lightning's KeyError 'pytorch-lightning_version', a bare traceback
+        torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 2}, path)
+    message = {"not lightning": "no 'state_dict'", "torch.save of a state dict": "has a 'state_dict' but no 'pytorch-lightning_version'"}
+    message = message.get(damage, "cannot be loaded safely")
     with pytest.raises(ValueError, match=message):
         check_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
