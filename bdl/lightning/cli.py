@@ -409,6 +409,8 @@ def _plain(value: Any) -> Any:  # noqa: ANN401 - a hyperparameter's value
         return [_plain(item) for item in value]
     if isinstance(value, dict) and set(value) == {"module", "type"}:
         return f"{value['module']}.{value['type']}"
+    if isinstance(value, dict):  # a network's config: its lists and tuples alike
+        return {key: _plain(item) for key, item in value.items()}
     if isinstance(value, type):
         return f"{value.__module__}.{value.__qualname__}"
     return value
@@ -449,6 +451,24 @@ def _check_python_checkpoint(model: Any, saved: dict[str, Any], ckpt_path: str, 
             f"--ckpt_path {ckpt_path} was saved from Python (not by the bdl command) with {', '.join(differ)}: the config "
             "must build the module that was trained; pass those values (--model.init_args.<name>), or evaluate it from "
             "Python (bdl.lightning.cli.Trainer.evaluate)"
+        )
+
+
+def _warn_of_overridden_arguments(init_args: Any, saved: dict[str, Any], ckpt_path: str) -> None:  # noqa: ANN401
+    """Warn where this command's module arguments differ from those a bdl checkpoint was made with: Lightning builds
+    the module from the checkpoint's, and a resume's ``--model.init_args.lr 0.5`` was dropped without a word."""
+    if init_args is None:
+        return
+    given = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args)
+    differ = [
+        f"{key} (its config)" if isinstance(value, dict) else f"{key}={_plain(saved[key])!r} (this command: {_plain(value)!r})"
+        for key, value in given.items()
+        if key in saved and key not in EVALUATION_OPTIONS and not key.startswith("_") and _plain(value) != _plain(saved[key])
+    ]
+    if differ:
+        rank_zero_warn(
+            f"--ckpt_path {ckpt_path}: the module is built from the checkpoint's arguments (Lightning's rule), which "
+            f"differ from this command's: {', '.join(differ)}; only {', '.join(EVALUATION_OPTIONS)} come from the command"
         )
 
 
@@ -524,6 +544,7 @@ class BDLCLI(LightningCLI):
         model = config.get("model")
         init_args = _init_args(model)
         chosen = {key: init_args[key] for key in EVALUATION_OPTIONS if init_args is not None and key in init_args}
+        _warn_of_overridden_arguments(init_args, saved, ckpt_path)
         super()._parse_ckpt_path()  # a new config object
         model = self._subconfig().get("model")
         if chosen and hasattr(model, "get") and model.get("init_args") is not None:

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -207,6 +208,22 @@ def test_evaluate_takes_a_checkpoint_of_a_module_trained_from_python(tmp_path, c
                                          r"insert_before=\['4'\] \(the config: None\): the config must build"):  # fmt: skip
         main(["evaluate", "--config", str(REPO / "configs" / "digits_mc_dropout.yaml"), "--ckpt_path", str(tmp_path / "dropout.ckpt"),
               *FEW_STEPS, "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+
+
+def test_a_bdl_checkpoints_arguments_that_this_command_overrides_in_vain_are_named():
+    # Lightning builds the module from the checkpoint's arguments: a resume's --model.init_args.lr 0.5 was dropped silently
+    from bdl.lightning.cli import _warn_of_overridden_arguments
+
+    saved = {"lr": 0.003, "kl_weight": 1, "num_eval_samples": 32, "model": {"class_path": "bdl.lightning.MLP", "init_args": {"hidden": [128]}},
+             "_instantiator": "x"}  # fmt: skip
+    same = {"lr": 0.003, "kl_weight": 1.0, "num_eval_samples": 4, "model": {"class_path": "bdl.lightning.MLP", "init_args": {"hidden": (128,)}}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_of_overridden_arguments(same, saved, "a.ckpt")  # evaluation options come from the command
+    changed = {**same, "lr": 0.5, "model": {"class_path": "bdl.lightning.MLP", "init_args": {"hidden": [32]}}}
+    with pytest.warns(UserWarning, match=r"--ckpt_path a.ckpt: the module is built from the checkpoint's arguments \(Lightning's rule\), "
+                                         r"which differ from this command's: lr=0.003 \(this command: 0.5\), model \(its config\); only"):  # fmt: skip
+        _warn_of_overridden_arguments(changed, saved, "a.ckpt")
 
 
 def test_a_python_checkpoint_is_compared_with_the_config_in_the_forms_each_takes():
