@@ -1613,8 +1613,10 @@ def predict(
             raise ValueError(f"task={task!r}, but the model is a {unwrapped.task} module ({type(unwrapped).__name__})")
         task, model = unwrapped.task, unwrapped
         num_samples = unwrapped.num_eval_samples if num_samples is None else num_samples
-    elif task is None and _is_svi_fit_of_a_pyro_model(unwrapped):
+    elif _is_svi_fit_of_a_pyro_model(unwrapped):
         # bdl.infer.svi's fit of a PyroModel: its likelihood's task (a regression's (mean, variance) was read as logits)
+        if task is not None and task != unwrapped.model.task:  # a classifier's logits were read as regression means
+            raise ValueError(f"task={task!r}, but the model is a {unwrapped.model.task} fit ({type(unwrapped.model.likelihood).__name__})")
         task = unwrapped.model.task
     if trained is not None:
         # a bdl.lightning module: sample what its own evaluation samples (an EnsembleModule's forward gives the

@@ -639,6 +639,8 @@ def mcmc(
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
             raise ValueError(f"seed must be an int in [0, 2**32) or None, got {seed!r}")
         seed = int(seed)
+    if kernel_options is not None and not isinstance(kernel_options, Mapping):
+        raise TypeError(f"kernel_options must be a dict of the Pyro kernel's arguments, got {type(kernel_options).__name__}")
     if isinstance(model, PyroModel) and (kernel_options or {}).get("jit_compile"):
         raise ValueError(
             "kernel_options['jit_compile'] works for model functions only: a PyroModel runs its network through "

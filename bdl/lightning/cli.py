@@ -36,7 +36,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..predict import Prediction
-from .modules import _check_one_order, _gather_prediction, _loaded_prior, _loader_at, _unpadded_size, target_scale
+from .modules import _check_one_order, _gather_prediction, _loaded_prior, _loader_at, _storable_prior, _unpadded_size, target_scale
 
 DEFAULT_ROOT = "runs"
 # Model arguments that say how to evaluate, not what was trained: with --ckpt_path they come from the command's
@@ -434,9 +434,9 @@ def _check_python_checkpoint(model: Any, saved: dict[str, Any], ckpt_path: str, 
         if key == "noise_variance" and value is None:  # unset is 1.0, which modules saved before that default kept
             value = 1.0
         if key == "prior" and value is not None:  # as built: bdl.ScaleMixturePrior is bdl.nn.priors.ScaleMixturePrior
-            try:
-                return repr(_loaded_prior(value.as_dict() if hasattr(value, "as_dict") else value))
-            except (TypeError, ValueError):
+            try:  # its full class path and every argument (a repr may leave some out, or round them)
+                return _storable_prior(_loaded_prior(value.as_dict() if hasattr(value, "as_dict") else value))
+            except (TypeError, ValueError, ImportError):
                 return value
         return _plain([value] if key in _PATTERNS and value is not None and not isinstance(value, (list, tuple)) else value)
 

@@ -234,9 +234,20 @@ def _loaded_prior(prior: Any) -> Optional[Prior]:  # noqa: ANN401 - a Prior, Non
         return prior
     if isinstance(prior, Mapping) and set(prior) <= {"class_path", "init_args"} and isinstance(prior.get("class_path"), str):
         module_name, _, class_name = prior["class_path"].rpartition(".")
-        found = getattr(importlib.import_module(module_name or "bdl"), class_name, None)
+        try:
+            found = getattr(importlib.import_module(module_name or "bdl"), class_name, None)
+        except ImportError:
+            found = None
+        if found is None:  # a checkpoint's prior defined in another script's __main__
+            raise TypeError(
+                f"prior: class {prior['class_path']!r} cannot be imported here: import its module first, or pass the "
+                "prior itself (load_from_checkpoint(path, ..., prior=MyPrior(...)))"
+            )
         if isinstance(found, type) and issubclass(found, Prior):  # not any class a checkpoint names
-            return found(**prior.get("init_args", {}))
+            try:
+                return found(**prior.get("init_args", {}))
+            except TypeError as error:  # "__init__() got an unexpected keyword argument 'scale3'"
+                raise TypeError(f"prior ({prior['class_path']}): {error}") from None
     raise TypeError(
         "prior must be a bdl Prior (e.g. bdl.ScaleMixturePrior(1.0, 0.0025, 0.5)), or in a config its class_path and "
         f"init_args, got {prior!r}"
@@ -816,8 +827,11 @@ class UncertaintyModule(LoadsWithModel, _ResumableRandomState, _Evaluation, L.Li
         if hasattr(self, "log_noise_variance"):  # a learned one starts from there
             with torch.no_grad():
                 self.log_noise_variance.fill_(math.log(value))
-        else:
+        else:  # kept by checkpoints too (a load had 1.0 again), and set: no warning of the default
             self._fixed_noise_variance = value
+            self._noise_variance_given = True
+            if "noise_variance" in self.hparams:
+                self.hparams["noise_variance"] = value
 
     def forward(self, x: Tensor) -> Any:  # noqa: ANN401 - the network's output
         return self.model(x)
@@ -1029,6 +1043,8 @@ class VariationalModule(UncertaintyModule):
         if given_prior is not None and prior_std != VariationalModule.__init__.__kwdefaults__["prior_std"]:
             raise ValueError(f"give prior_std (a Gaussian prior's scale) or prior, not both: got prior_std={prior_std:g} and prior={given_prior!r}")
         prior = _storable_prior(given_prior)  # as the hyperparameters keep it (read from this frame, as the patterns)
+        # and the layers get it as a load rebuilds it: a 0-d tensor scale was a buffer, which the load did not expect
+        given_prior = _loaded_prior(prior)
         # the patterns as given (a checkpoint's stored types imported), and as the hyperparameters keep them: read
         # from this frame by save_hyperparameters (a class defined in a function is converted, not stored)
         given_include, given_exclude = _loaded_patterns(include), _loaded_patterns(exclude)
@@ -1056,6 +1072,10 @@ class VariationalModule(UncertaintyModule):
                     stacklevel=user_stacklevel(),
                 )
         super().__init__(model, **kwargs)
+        # a subclass's own __init__ frame (read by save_hyperparameters too) held the objects: pickled, unloadable
+        for name, storable in (("prior", prior), ("include", include), ("exclude", exclude)):
+            if name in self.hparams:
+                self.hparams[name] = storable
         if not any(isinstance(m, BayesianModule) for m in self.model.modules()):
             raise ValueError("the model has no layer bdl can make Bayesian (nn.Linear, nn.Conv1d/2d/3d) after include/exclude")
         self.kl_weight = _check_number("kl_weight", kl_weight)

@@ -156,6 +156,8 @@ def test_mcmc_validates_its_arguments(linear_regression):
             mcmc(fits, data.x, data.y, seed=seed)
     with pytest.raises(ValueError, match=r"kernel_options\['jit_compile'\] works for model functions only"):
         mcmc(fits, data.x, data.y, kernel_options={"jit_compile": True})
+    with pytest.raises(TypeError, match="kernel_options must be a dict of the Pyro kernel's arguments, got list"):
+        mcmc(fits, data.x, data.y, kernel_options=[("target_accept_prob", 0.9)])
     for target in (2.0, 0.0, "high"):  # Pyro took 2.0 and adapted its step size towards it
         with pytest.raises(ValueError, match=r"kernel_options\['target_accept_prob'\] must be a number in \(0, 1\)"):
             mcmc(fits, data.x, data.y, kernel_options={"target_accept_prob": target})

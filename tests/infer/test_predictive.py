@@ -120,6 +120,8 @@ def test_bdl_predict_takes_an_svi_fits_task_and_refuses_the_prior_of_a_bare_pyro
     fit = bdl.infer.svi(model, x, y, lr=0.1, num_steps=300)
     prediction = bdl.predict(fit, x, num_samples=50)
     assert prediction.task == "regression" and prediction.mean.shape == (40, 1)
+    with pytest.raises(ValueError, match=r"task='classification', but the model is a regression fit"):
+        bdl.predict(fit, x, task="classification")  # (a classifier's logits were read as means)
     torch.testing.assert_close(prediction.aleatoric_variance, torch.full((40, 1), 0.01))
 
 

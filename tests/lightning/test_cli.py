@@ -249,9 +249,13 @@ def test_a_python_checkpoint_is_compared_with_the_config_in_the_forms_each_takes
     mixture = {"class_path": "bdl.nn.priors.ScaleMixturePrior", "init_args": {"scale1": 1.0, "scale2": 0.0025, "mixture_weight": 0.5}}
     given = {"init_args": {"prior": {"class_path": "bdl.ScaleMixturePrior", "init_args": {"scale2": 0.0025}}}}
     _check_python_checkpoint(given, {"prior": mixture}, "a.ckpt", training=True)
-    with pytest.raises(ValueError, match=r"with prior='ScaleMixturePrior\(scale1=1, scale2=0.0025, mixture_weight=0.5\)' \(the config: None\)"):
+    with pytest.raises(ValueError, match=r"with prior=\{'class_path': 'bdl.nn.priors.ScaleMixturePrior', 'init_args': \{'scale1': 1.0, 'scale2': 0.0025, 'mixture_weight': 0.5\}\} \(the config: None\)"):
         _check_python_checkpoint({"init_args": {"prior": None}}, {"prior": mixture}, "a.ckpt", training=True)
     _check_python_checkpoint({"init_args": {"prior": None}}, {"prior": mixture}, "a.ckpt", training=False)
+    # compared by every argument: the repr's :g rounding took 0.002500004 for 0.0025
+    close = {"init_args": {"prior": {"class_path": "bdl.ScaleMixturePrior", "init_args": {"scale2": 0.002500004}}}}
+    with pytest.raises(ValueError, match=r"with prior=.*'scale2': 0.0025.*\(the config: .*'scale2': 0.002500004"):
+        _check_python_checkpoint(close, {"prior": mixture}, "a.ckpt", training=True)
 
 
 def test_evaluate_prints_the_table_and_writes_the_report_in_a_new_version(quickstart_run, tmp_path, capsys):

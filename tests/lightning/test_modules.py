@@ -355,8 +355,12 @@ def test_a_mean_only_regressor_learns_its_noise_variance_and_is_warned_of_the_de
         DeterministicModule(nn.Linear(1, 2), noise_variance="learn")
     with pytest.raises(ValueError, match="noise_variance must be a number > 0 or 'learn', got 'learned'"):
         DeterministicModule(nn.Linear(1, 1), task="regression", noise_variance="learned")
-    fixed = DeterministicModule(nn.Linear(1, 1), task="regression", noise_variance=0.5)
-    fixed.noise_variance = 0.05  # settable, as the attribute it was
+    fixed = DeterministicModule(nn.Linear(1, 1), task="regression")
+    fixed.noise_variance = 0.05  # settable, as the attribute it was: kept by checkpoints, and no warning of the default
+    assert fixed.hparams["noise_variance"] == 0.05
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fixed.training_loss(x, y)
     module.noise_variance = 0.25  # a learned one starts from there
     assert fixed.noise_variance == 0.05 and float(module.log_noise_variance) == pytest.approx(math.log(0.25))
     with pytest.raises(ValueError, match="noise_variance must be a number > 0"):
@@ -479,6 +483,25 @@ def test_variational_module_takes_another_prior_and_loads_it_from_its_checkpoint
         VariationalModule(net(), prior=bdl.GaussianPrior(torch.zeros(16, 4), 0.1))
     with pytest.warns(UserWarning, match="prior set how a plain network is converted"):
         VariationalModule(bdl.bayesianize(net()), prior=mixture)
+    # a 0-d tensor scale was a buffer of every layer, which the rebuilt prior (numbers) did not expect at loading
+    tensor_scale = VariationalModule(net(), prior=bdl.GaussianPrior(0.0, torch.tensor(0.1)))
+    fit.strategy.connect(tensor_scale)
+    fit.save_checkpoint(tmp_path / "tensor.ckpt")
+    assert VariationalModule.load_from_checkpoint(tmp_path / "tensor.ckpt", model=net(), weights_only=True).model[0].weight_prior.scale == pytest.approx(0.1)
+
+    class Mine(VariationalModule):  # its own __init__ frame held the prior object: pickled, refused by weights_only
+        def __init__(self, model, **kwargs):
+            super().__init__(model, **kwargs)
+
+    mine = Mine(net(), prior=mixture, include=[nn.Linear])
+    fit.strategy.connect(mine)
+    fit.save_checkpoint(tmp_path / "mine.ckpt")
+    restored = Mine.load_from_checkpoint(tmp_path / "mine.ckpt", model=net(), weights_only=True)
+    assert isinstance(restored.model[0].weight_prior, bdl.ScaleMixturePrior)
+    with pytest.raises(TypeError, match=r"prior: class '__main__.Laplace' cannot be imported here"):
+        VariationalModule(net(), prior={"class_path": "__main__.Laplace", "init_args": {"b": 0.2}})
+    with pytest.raises(TypeError, match=r"prior \(bdl.ScaleMixturePrior\): .*unexpected keyword argument 'scale3'"):
+        VariationalModule(net(), prior={"class_path": "bdl.ScaleMixturePrior", "init_args": {"scale3": 0.2}})
 
 
 def test_modules_with_layer_types_as_patterns_load_from_their_checkpoint_with_weights_only(tmp_path):
