@@ -594,7 +594,7 @@ def svi(
             there rather than return a module with NaN parameters.
 
     Warns:
-        UserWarning: the loss was still falling over the last tenth of the steps (beyond the steps' noise): the
+        UserWarning: the loss was still falling over the last two tenths of the steps (beyond their noise): the
             defaults move a parameter about 2 units in all, short of a weight of 5 (raise ``num_steps`` or ``lr``).
 
     Example:
