@@ -196,7 +196,7 @@ def rank_r_hat(chains: Tensor) -> Tensor:
 def _median(values: Tensor) -> Tensor:
     """numpy's (and ArviZ's) median over dim 0: the mean of the two central values, ``(a + b) / 2``; quantile's
     ``a + (b - a) / 2`` can round to another number, which left the two central draws at distances one rounding
-    step apart instead of tied (a rank R-hat 0.94 where ArviZ's is 1.07, on 8 draws)."""
+    step apart instead of tied (a rank R-hat 1.1736 where ArviZ 0.23.4's is 1.1539, on 2 chains of 11 draws)."""
     ordered = values.sort(dim=0).values
     middle = ordered.shape[0] // 2
     return ordered[middle] if ordered.shape[0] % 2 else (ordered[middle - 1] + ordered[middle]) / 2
