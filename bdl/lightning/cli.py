@@ -553,8 +553,12 @@ class BDLCLI(LightningCLI):
                     model["init_args"][key] = value
 
     def _newest_checkpoint(self, config: Any, which: str) -> Path:  # noqa: ANN401 - the subcommand's config
-        """``last.ckpt`` (``which="last"``) or the best checkpoint of the newest ``version_<n>`` of this run that has one."""
+        """``last.ckpt`` (``which="last"``) or the best checkpoint of the newest ``version_<n>`` of this run that has one;
+        with a ``checkpoint.dirpath``, the newest such file in that folder (where the run wrote them)."""
         name = "last" if which == "last" else (config.get("checkpoint", {}).get("filename") or "best")
+        dirpath = (config.get("checkpoint") or {}).get("dirpath")
+        if dirpath is not None:
+            return self._newest_in_folder(Path(dirpath), which, name)
         root = Path(config.get("trainer", {}).get("default_root_dir") or DEFAULT_ROOT) / self.run_name()
         found = [(version, path) for path in root.glob(f"version_*/checkpoints/{name}.ckpt") if (version := _version_of(path)) is not None]
         if which == "best":
@@ -571,6 +575,19 @@ class BDLCLI(LightningCLI):
                 + ("start the run without --ckpt_path (or pass a checkpoint file)" if self.subcommand == "fit" else "pass a checkpoint file")
             )
         return max(found)[1]
+
+    def _newest_in_folder(self, folder: Path, which: str, name: str) -> Path:
+        """The newest ``last.ckpt`` in a fixed checkpoint folder (Lightning names a later run's ``last-v1.ckpt``, ...),
+        or the best checkpoint it records, else the newest ``<name>.ckpt``."""
+        lasts = sorted(folder.glob("last*.ckpt"), key=lambda path: path.stat().st_mtime)
+        lasts = [path for path in lasts if path.stem == "last" or path.stem[4:6] == "-v" and path.stem[6:].isdigit()]
+        if which == "best" and lasts and (recorded := _recorded_best(lasts[-1])) is not None:
+            return recorded
+        named = sorted(folder.glob(f"{name}.ckpt") if which == "best" else lasts, key=lambda path: path.stat().st_mtime)
+        if not named:
+            doing = "resume" if self.subcommand == "fit" else self.subcommand
+            raise FileNotFoundError(f"--ckpt_path {which}: no {folder}/{name}.ckpt (the checkpoint.dirpath given) to {doing} from; pass a checkpoint file")
+        return named[-1]
 
     def _subconfig(self) -> Any:  # noqa: ANN401
         return self.config[self.subcommand] if self.subcommand else self.config

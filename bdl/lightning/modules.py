@@ -1240,6 +1240,11 @@ class EnsembleModule(UncertaintyModule):
         **kwargs: Any,  # noqa: ANN401
     ) -> None:
         num_members = check_positive_int(num_members, "num_members")
+        if num_members == 1:  # its report's mutual information is 0 everywhere, its OOD AUROC by it 0.5: said nowhere
+            rank_zero_warn(
+                "EnsembleModule with num_members=1 is one network: it has no epistemic uncertainty (mutual information "
+                "0, variance of the members' means 0); use num_members >= 2 (5 is usual)"
+            )
         for name, value in (("num_eval_samples", num_eval_samples), ("num_val_samples", num_val_samples)):
             # each round of an ensemble's prediction is one sample per member: found only at test time otherwise
             if value is not None and (check_positive_int(value, name) % num_members):

@@ -16,7 +16,7 @@ from torch import Tensor
 from ._base import _Buffered, _Metric, _RunningMean, empty_batch, require_data
 from .functional import classification as F
 from .functional._checks import check_n_bins
-from .functional.classification import _brier_wide, _nll_wide
+from .functional.classification import _brier_wide
 
 __all__ = ["ECE", "MCE", "AdaptiveECE", "BrierScore", "ClasswiseECE", "NLL"]
 
@@ -38,7 +38,7 @@ class NLL(_RunningMean):
         """Add a batch: ``probs`` [B, C] predictive probabilities, ``target`` [B] integer labels."""
         if empty_batch(probs, target):
             return
-        self._add(_nll_wide(probs, target)[0], len(target))  # checked there: a tensor, array or list of N labels
+        self._add(F.nll(probs, target), len(target))  # checked there: a tensor, array or list of N labels
 
 
 class BrierScore(_RunningMean):

@@ -650,6 +650,8 @@ def test_ensemble_sample_counts_and_network_sizes_are_checked_when_built():
     with pytest.raises(ValueError, match="num_val_samples must be a multiple"):
         EnsembleModule(net(), num_members=3, num_val_samples=8)
     assert EnsembleModule(net(), num_members=3, num_eval_samples=6).num_members == 3
+    with pytest.warns(UserWarning, match=r"num_members=1 is one network: it has no epistemic uncertainty"):
+        EnsembleModule(net(), num_members=1)
     with pytest.raises(TypeError, match="hidden must be a list of layer sizes"):
         MLP(64, 10, hidden=64)
     # numpy's integers, as nn.Linear takes them ("in_features must be a positive int, got np.int64(64)")

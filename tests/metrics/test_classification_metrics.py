@@ -113,7 +113,7 @@ def test_nll_counts_confident_mistakes_in_full_and_a_zero_probability_finitely(d
     first = -math.log(tiny) if dtype == torch.float16 else 46.0517  # float16 holds no 1e-20: it rounds to 0
     expected = (first - math.log(tiny) + math.log(2)) / 3
     value = M.nll(probs.to(dtype), target)
-    assert value.dtype == dtype
+    assert value.dtype == (torch.float32 if half_probs else dtype)
     assert value.item() == pytest.approx(expected, rel=1e-2 if half_probs else 1e-5)
 
 
@@ -354,7 +354,28 @@ def test_streaming_nll_and_brier_of_half_batches_add_unrounded_values(dtype):
         for start in range(0, 1000, 100):
             metric.update(probs[start : start + 100], target[start : start + 100])
         assert metric.compute().item() == pytest.approx(exact.item(), rel=1e-6)
-    assert M.brier_score(probs, target) == exact_brier.to(dtype)  # the function rounds once, at the end
+    brier = M.brier_score(probs, target)  # rounded once, at the end, to float32
+    assert brier.dtype == torch.float32 and brier.item() == pytest.approx(exact_brier.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_probabilities_give_float32_values(dtype):
+    # bfloat16 reported an accuracy of 506/5000 = 0.1012 as 0.1016, the ECEs and bins in 8 bits
+    generator = torch.Generator().manual_seed(0)
+    probs = random_probs(5000, 10, generator=generator, dtype=dtype)
+    target = sample_labels(probs.float(), generator=generator)
+    for name in ("accuracy", "nll", "brier_score", "ece", "mce", "adaptive_ece", "classwise_ece"):
+        value = getattr(M, name)(probs, target)
+        assert value.dtype == torch.float32, name
+    bins = M.calibration_bins(probs, target)
+    assert bins.confidence.dtype == bins.accuracy.dtype == torch.float32
+    wide = probs.double()
+    assert M.accuracy(probs, target).item() == pytest.approx((wide.argmax(1) == target).double().mean().item(), rel=1e-7)
+    assert M.nll(probs, target).item() == pytest.approx(-wide[torch.arange(5000), target].log().mean().item(), rel=1e-6)
+    confidence, predicted = wide.max(1)
+    index = (torch.bucketize(confidence, torch.linspace(0, 1, 16, dtype=torch.float64), right=True) - 1).clamp(0, 14)
+    gaps = torch.zeros(15, dtype=torch.float64).index_add_(0, index, confidence - (predicted == target).double())
+    assert M.ece(probs, target).item() == pytest.approx(gaps.abs().sum().item() / 5000, rel=1e-5)
 
 
 def test_a_metric_collection_keeps_nll_and_brier_apart_after_a_confidently_right_first_batch():

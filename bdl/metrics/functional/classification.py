@@ -42,6 +42,10 @@ __all__ = [
 def _checked(probs, target) -> tuple[Tensor, Tensor]:  # noqa: ANN001
     probs = check_probs(probs)
     target = check_labels(target, probs.shape[1], probs.shape[0])
+    if probs.dtype in (torch.float16, torch.bfloat16):
+        # read, and reported, in float32 (as the regression metrics are): an accuracy of 506/5000 = 0.1012 came
+        # back as bfloat16's 0.1016
+        probs = probs.float()
     return probs, target.to(probs.device)
 
 
@@ -71,7 +75,7 @@ def nll(probs: Tensor, target: Tensor) -> Tensor:
 
     Probabilities are used as they are down to the smallest normal number of their dtype (about 1.2e-38
     in float32 and bfloat16), and raised to it below, so a probability of 0 costs a finite 87.3 nats.
-    Half-precision probabilities are read in float32 first. scikit-learn's ``log_loss`` clips at the
+    Half-precision probabilities are read, and the value given, in float32. scikit-learn's ``log_loss`` clips at the
     machine epsilon instead (1.2e-7 in float32), which caps each confident mistake at 15.9 nats and
     can understate the NLL of an overconfident model by half; the two agree on every probability
     above that epsilon.
@@ -88,19 +92,10 @@ def nll(probs: Tensor, target: Tensor) -> Tensor:
         >>> nll(probs, torch.tensor([0, 1]))  # (log 2 + log 4/3) / 2
         tensor(0.4904)
     """
-    value, dtype = _nll_wide(probs, target)
-    return value.to(dtype)
-
-
-def _nll_wide(probs, target) -> tuple[Tensor, torch.dtype]:  # noqa: ANN001
-    """:func:`nll` before its cast back to the probabilities' dtype, and that dtype: the streaming metric adds
-    the batches' values as they are (a bfloat16 batch mean keeps 8 bits)."""
     probs, target = _checked(probs, target)
     picked = probs.gather(1, target[:, None]).squeeze(1)
-    if picked.dtype in (torch.float16, torch.bfloat16):
-        picked = picked.float()
     # 0 - mean, not -mean: certain, right predictions gave -0.0, which the report printed as "-0.0000"
-    return 0.0 - picked.clamp_min(torch.finfo(picked.dtype).tiny).log().mean(), probs.dtype
+    return 0.0 - picked.clamp_min(torch.finfo(picked.dtype).tiny).log().mean()
 
 
 def brier_score(probs: Tensor, target: Tensor) -> Tensor:
@@ -128,7 +123,8 @@ def brier_score(probs: Tensor, target: Tensor) -> Tensor:
 
 
 def _brier_wide(probs, target) -> tuple[Tensor, torch.dtype]:  # noqa: ANN001
-    """:func:`brier_score` in float64, and the probabilities' dtype (see :func:`_nll_wide`)."""
+    """:func:`brier_score` in float64 (the streaming metric adds the batches' values unrounded), and the dtype
+    it is reported in."""
     probs, target = _checked(probs, target)
     # sum_k p_k^2 + 1 - 2 p_y would cancel for confident rows; the exact form over blocks of rows keeps the
     # [N, C] one-hot and difference (2.3 GB at 100,000 x 1,000) to a block's
@@ -136,7 +132,6 @@ def _brier_wide(probs, target) -> tuple[Tensor, torch.dtype]:  # noqa: ANN001
     step = _block(probs.shape[1])
     for start in range(0, probs.shape[0], step):
         block = probs[start : start + step]
-        block = block.float() if block.dtype in (torch.float16, torch.bfloat16) else block  # 8 bits of each term
         one_hot = torch.nn.functional.one_hot(target[start : start + step], probs.shape[1]).to(block.dtype)
         total += (block - one_hot).square().sum(dim=1).double().sum()
     return total / probs.shape[0], probs.dtype
