@@ -132,13 +132,22 @@ def network_outputs(model: PyroModel, samples: dict[str, Tensor], x: Tensor, *, 
     """
     weights = {name: samples[name] for name in model.bayesian_names}
     num_samples = next(iter(weights.values())).shape[0]
+    outputs = None
     with torch.no_grad():
         if vectorize:
             try:
-                return torch.func.vmap(lambda w: model.run_net(w, x), randomness="different")(weights)
+                outputs = torch.func.vmap(lambda w: model.run_net(w, x), randomness="different")(weights)
             except (RuntimeError, ValueError, NotImplementedError):
                 pass
-        return torch.stack([model.run_net({k: v[s] for k, v in weights.items()}, x) for s in range(num_samples)])
+        if outputs is None:
+            outputs = torch.stack([model.run_net({k: v[s] for k, v in weights.items()}, x) for s in range(num_samples)])
+    if x.dim() == 0 or outputs.dim() < 2 or outputs.shape[1] != x.shape[0]:
+        # one unbatched input [D] gave [S, C], which the likelihood refused as "[S, N, C] of logits, got (5, 2)"
+        raise ValueError(
+            f"the network returned outputs of shape {tuple(outputs.shape[1:])} for inputs of shape {tuple(x.shape)}: "
+            "inputs must be a batch [N, ...] (one input x as x[None]) and the network must keep it in its first dimension"
+        )
+    return outputs
 
 
 

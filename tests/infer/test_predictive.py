@@ -27,6 +27,16 @@ def test_vectorised_outputs_equal_one_forward_pass_per_sample():
     torch.testing.assert_close(looped[2], torch.func.functional_call(model.net, {k: v[2] for k, v in samples.items()}, (x,)))
 
 
+def test_an_unbatched_input_is_named_as_such():
+    # one input [4] gave logits [S, 3]: "sample_logits must have shape [S, N, C] of logits, got (6, 3)"
+    model = PyroModel(mlp(), "categorical")
+    samples = weight_samples(model.net)
+    for vectorize in (True, False):
+        with pytest.raises(ValueError, match=r"outputs of shape \(3,\) for inputs of shape \(4,\): inputs must be a batch"):
+            predict_from_samples(model, samples, torch.randn(4), vectorize=vectorize)
+    assert predict_from_samples(model, samples, torch.randn(1, 4)).probs.shape == (1, 3)
+
+
 def test_classification_prediction_averages_the_per_sample_softmax():
     model = PyroModel(mlp(), "categorical")
     samples, x = weight_samples(model.net), torch.randn(5, 4)
