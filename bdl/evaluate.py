@@ -9,6 +9,7 @@ computes the metrics of :mod:`bdl.metrics.functional` for the task, and returns 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import numbers
@@ -551,6 +552,10 @@ def _ood_prediction(
     return prediction, inputs if inputs is not None and _one_dimensional(inputs) else None
 
 
+# the keyword arguments evaluate passes on to bdl.predict
+_PREDICT_OPTIONS = frozenset(inspect.signature(predict).parameters) - {"model", "inputs", "num_samples", "task"}
+
+
 def evaluate(
     model: Any,  # noqa: ANN401 - anything bdl.predict accepts, or a Prediction
     test_data: Data = None,
@@ -616,6 +621,12 @@ def evaluate(
         >>> sorted(key for key in report.metrics if key.startswith("ood/energy/"))
         ['ood/energy/aupr_in', 'ood/energy/aupr_out', 'ood/energy/auroc', 'ood/energy/fpr_at_95_tpr']
     """
+    unknown = sorted(set(predict_options) - _PREDICT_OPTIONS)
+    if unknown:  # a ready Prediction ignored them (n_bin=5 left 15 bins); a model's predict blamed itself
+        raise TypeError(
+            f"evaluate() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}: neither its own nor "
+            f"bdl.predict's ({', '.join(sorted(_PREDICT_OPTIONS))})"
+        )
     predict_options = {"num_samples": num_samples, "task": task, **predict_options}
     ood_prediction = ood_inputs = None
     with common_random_numbers():  # the OOD set's draws: the test set's
@@ -651,7 +662,7 @@ def evaluate(
             settings.update(coverage=coverage, risk=risk)
             metrics = _classification_metrics(prediction, targets, n_bins=n_bins, coverage=coverage, risk=risk)
         else:
-            targets = M._checks.check_float(targets, "test targets")
+            targets = M._checks.targets_like(targets, prediction.mean, "test targets")  # a shape error named `mean`, `target`
             levels = tuple(M.regression._levels(levels, torch.zeros((), dtype=torch.float64)).tolist())  # a number too
             named = {}
             for level in levels:  # keys name a level to 6 digits: a second level of the same name was dropped silently

@@ -362,6 +362,14 @@ def test_fractional_percentages_are_labelled_as_given():
          ValueError, "unknown OOD score"),
         (lambda: evaluate(Prediction.from_logits(torch.randn(1, 10, 3)), torch.zeros(10, dtype=torch.long),
                           ood_data=Prediction.from_logits(torch.randn(1, 5, 7))), ValueError, r"OOD prediction has outputs of shape \(7,\)"),
+        # a ready Prediction ignored a misspelt keyword (15 bins for n_bin=5); a model's predict blamed itself
+        (lambda: evaluate(Prediction.from_logits(torch.randn(1, 10, 3)), torch.zeros(10, dtype=torch.long), n_bin=5),
+         TypeError, r"evaluate\(\) got unexpected keyword argument\(s\) 'n_bin': neither its own nor bdl.predict's \(batch_size"),
+        (lambda: evaluate(nn.Linear(2, 3), (torch.randn(10, 2), torch.zeros(10, dtype=torch.long)), ood_score="energy"),
+         TypeError, "'ood_score'"),
+        # it named `mean` and `target`, neither of them an argument
+        (lambda: evaluate(Prediction.from_regression(torch.randn(3, 10, 1)), torch.randn(5)), ValueError,
+         r"`test targets` must have the shape of the predicted means \(10, 1\), got shape \(5,\)"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(call, error, message):

@@ -170,7 +170,11 @@ class TemperatureScaler(nn.Module):
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 < temperature < math.inf:
+        if isinstance(temperature, Tensor) and temperature.numel() == 1 and temperature.is_floating_point():
+            temperature = temperature.item()  # another scaler's ``temperature``, as VarianceScaler takes its scale
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+            raise TypeError(f"`temperature` must be a number (or a one-element float tensor), got {type(temperature).__name__}")
+        if not 0 < temperature < math.inf:
             raise ValueError(f"`temperature` must be a positive finite number, got {temperature!r}")
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=False)
 
@@ -199,6 +203,8 @@ class TemperatureScaler(nn.Module):
         """``logits / T``, any shape with classes last."""
         if not isinstance(logits, Tensor):  # e.g. a wrapped GaussianHead model's (mean, variance)
             raise TypeError(f"temperature scaling divides classification logits, a tensor; got {type(logits).__name__}")
+        if not logits.is_floating_point():  # integer logits divided by T cast to their dtype: T 1.5 read as 1, 0.5 as 0
+            logits = logits.to(torch.get_default_dtype())
         return logits / self.temperature.to(logits.dtype)
 
     def wrap(self, model: nn.Module) -> "TemperatureScaledModel":

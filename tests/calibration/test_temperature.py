@@ -177,6 +177,12 @@ def test_wrap_divides_a_models_output_and_the_temperature_is_saved():
     assert restored.temperature.item() == pytest.approx(2.5)
     assert "temperature=2.5" in repr(scaler)
     assert not any(parameter.requires_grad for parameter in scaler.parameters())  # not trained with the model
+    # rebuilt from another scaler's temperature (refused as "must be a positive finite number"); integer logits
+    # were divided by T cast to their dtype: 1.5 read as 1, 0.5 as 0 (inf)
+    assert TemperatureScaler(scaler.temperature).temperature.item() == pytest.approx(2.5)
+    torch.testing.assert_close(TemperatureScaler(0.5)(torch.tensor([3, 6])), torch.tensor([6.0, 12.0]))
+    with pytest.raises(TypeError, match=r"`temperature` must be a number \(or a one-element float tensor\), got str"):
+        TemperatureScaler("2")
 
 
 @pytest.mark.parametrize(
