@@ -66,8 +66,10 @@ SAMPLING_METHODS = ("auto", "loop", "batched")
   convolution treats output positions as independent, a different distribution). Probe forwards of a few
   rows, once per network, input shape and set of noise-drawing layers, also refuse a network whose output
   for a row depends on the other rows (its noise off: a batch mean subtracted), a ``BayesLinear`` on inputs
-  ``[B, T, F]`` (one weight sample serves all ``T`` positions) and dropout on a tensor without the batch
-  rows (a weight, even one computed from parameters). Forward hooks of yours run in these probes too (up to seven
+  ``[B, T, F]`` (one weight sample serves all ``T`` positions), dropout on a tensor without the batch
+  rows (a weight, even one computed from parameters), and noise drawn by layers bdl does not know of (a
+  Bayesian layer of another library, ``F.dropout(x, training=True)``: seen as outputs that differ between two
+  forwards with bdl's sources off), which the samples could share. Forward hooks of yours run in these probes too (up to seven
   forwards of 1 to 7 rows built from the input's first rows, some with the layers at their means, on the first
   call for a network and input shape, and again on later calls until a batch of two distinct rows lets the
   row-mixing probe tell): a hook that collects features should skip them, or use ``method="loop"``.
@@ -799,6 +801,8 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
         mixes = _mixes_rows(core, x)
         if mixes is not None:
             found[mixing_key] = mixes
+    if isinstance(found.get(mixing_key), str):
+        return found[mixing_key]
     if found.get(mixing_key):
         return (
             "its output for an input depends on the other rows of the batch (e.g. batch statistics), and the batched "
@@ -897,27 +901,38 @@ def _mixes_rows(core: nn.Module, x: Tensor) -> Optional[bool]:
     None where these inputs cannot tell: a single row, or rows all alike (no row that is known to be valid to
     put beside it: ``x0 + 1`` gave a category code past its embedding, and a shift a normalising first layer
     removes), or a forward that fails (the draw itself then raises); the batched path is taken and the question
-    waits for a batch that can tell. False where the noise stays on with it off (an MC dropout block inside the
-    model): as before the check, the batched path."""
+    waits for a batch that can tell. :data:`_UNKNOWN_NOISE` where the noise stays on with every source bdl knows
+    off (MC dropout blocks inside the model too): a layer of the user's that draws its own (a Bayesian layer of
+    another library, ``F.dropout(x, training=True)``), which the batched path may share across the samples (one
+    weight draw per forward for all of them; in an ``nn.Sequential``, layers before the first known source run
+    once): the epistemic variance came out 6-20 times too small."""
+    from .wrappers.mc_dropout import MCDropout
+
     x0 = x[:1]
     unlike = next((x[i : i + 1] for i in range(1, x.shape[0]) if not torch.equal(x[i : i + 1], x0)), None)
-    if unlike is None:
-        return None
     eager = _eager(core)
     if eager is None:
         return False
     rows = _PROBE_SAMPLES
     ones = (1,) * (x0.dim() - 1)  # repeated, not expanded: a model may write into its input
-    same, other = x0.repeat(rows, *ones), torch.cat([x0, unlike.repeat(rows - 1, *ones)])
+    batches = [x0.repeat(rows, *ones)] * 2
+    if unlike is not None:
+        batches += [torch.cat([x0, unlike.repeat(rows - 1, *ones)])] * 2
+    blocks = [module for module in core.modules() if isinstance(module, MCDropout)]
     try:
+        for block in blocks:  # their dropout off, as eval mode leaves the rest
+            block.dropout_enabled = contextlib.nullcontext
         with eager, deterministic(core), torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            outputs = [list(_tensors(core(batch))) for batch in (same, same, other, other)]
+            outputs = [list(_tensors(core(batch))) for batch in batches]
     except Exception:  # noqa: BLE001 - only a probe
         return None
-    if any(not torch.equal(a, b) for a, b in zip(outputs[0], outputs[1])) or any(
-        not torch.equal(a, b) for a, b in zip(outputs[2], outputs[3])
-    ):
-        return False  # noise this cannot switch off: no telling, and no other input will tell
+    finally:
+        for block in blocks:
+            del block.dropout_enabled
+    if any(not torch.equal(a, b) for i in range(0, len(outputs), 2) for a, b in zip(outputs[i], outputs[i + 1])):
+        return _UNKNOWN_NOISE
+    if unlike is None:
+        return None
     autocast_eps = torch.finfo(torch.get_autocast_dtype(x.device.type)).eps if torch.is_autocast_enabled(x.device.type) else 0.0
     for alone, beside in zip(outputs[0], outputs[2]):
         if not (alone.dim() and alone.shape[0] == rows and alone.shape == beside.shape) or not alone.numel():
@@ -957,6 +972,10 @@ def _probe_draw(model: nn.Module, x: Tensor, num_samples: int, hooks: list[tuple
     return True
 
 
+_UNKNOWN_NOISE = (
+    "it draws noise that bdl does not know of with its Bayesian layers and dropout off (a layer of yours that samples "
+    "its own weights, or F.dropout(x, training=True)), which the batched path may share across the samples"
+)
 _PROBE_SAMPLES = 7  # rows of the probe draw: a weight's first dimension is rarely 7
 _SECOND_PROBE_SAMPLES = 3  # rows of the second probe, where dropout ran: what holds the rows shrinks with them
 
