@@ -1295,6 +1295,18 @@ def _non_finite_message(error: _NonFiniteOutput, model: Any, x: Tensor, offset: 
 
 
 
+def _check_not_one_input(model: Any, x: Tensor) -> None:  # noqa: ANN401
+    """Refuse a 1-D ``x`` (read as ``N`` scalar inputs) as long as the features of the model's first linear layer:
+    one input without its batch dimension, whose ``N`` outputs (``nn.Linear(24, 24)``) were read as ``N``
+    predictions."""
+    first = next((m for m in model.modules() if isinstance(getattr(m, "in_features", None), int)), None) if isinstance(model, nn.Module) else None
+    if first is not None and first.in_features == x.shape[0] > 1:
+        raise ValueError(
+            f"inputs of shape {tuple(x.shape)} are a batch of {x.shape[0]} scalar inputs, but the model's first layer "
+            f"({type(first).__name__}) takes {first.in_features} features: pass one input x as x[None] ([1, {first.in_features}])"
+        )
+
+
 def _add_output(summary: Any, output: Any, task: str, rows: int) -> None:  # noqa: ANN401
     """Validate one chunk of stacked model outputs ``[s, B, ...]`` for ``rows`` inputs and add it to the running summary."""
     if isinstance(output, Mapping):  # e.g. {"logits": ...}, which the loop stacks as an ensemble's members' outputs
@@ -1309,7 +1321,10 @@ def _add_output(summary: Any, output: Any, task: str, rows: int) -> None:  # noq
             raise TypeError(f"the model returned {part.dtype} outputs; it must return floating-point logits, means or variances")
         if isinstance(part, Tensor) and (part.dim() < 2 or part.shape[1] != rows):
             got = f"an output of shape {tuple(part.shape[1:])}" if part.dim() >= 2 else "an output without a batch dimension"
-            raise ValueError(f"the model returned {got} for a batch of {rows} inputs; it must keep the batch in the first dimension")
+            raise ValueError(
+                f"the model returned {got} for a batch of {rows} inputs; it must keep the batch in the first dimension "
+                "(and the inputs must be a batch [N, ...]: one input x as x[None])"
+            )
     if task == "classification":
         if not isinstance(output, Tensor) or output.dim() != 3:
             shape = tuple(output.shape[1:]) if isinstance(output, Tensor) else type(output).__name__
@@ -1702,6 +1717,8 @@ def predict(
                 x = x.to(device)
             if index == 0:  # before the first draw (a loader's iterator took its seed from the generator by now)
                 start_common_draws()
+                if x.dim() == 1:
+                    _check_not_one_input(model, x)
             rows, shape = x.shape[0], tuple(x.shape)
             summary: Any = _ClassificationSummary(keep_samples) if task == "classification" else _RegressionSummary(keep_samples)
             try:

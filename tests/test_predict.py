@@ -871,6 +871,19 @@ def test_the_predictive_entropy_is_computed_once_and_follows_the_probabilities()
         torch.testing.assert_close(twin.predictive_entropy, torch.full((6,), math.log(3)))
 
 
+def test_one_input_without_its_batch_dimension_is_named():
+    # x [24] is 24 scalar inputs: a Linear(24, 24) model's one output of 24 came back as 24 predictions, silently
+    model = bdl.MCDropout(nn.Sequential(nn.Linear(24, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 24)))
+    with pytest.raises(ValueError, match=r"inputs of shape \(24,\) are a batch of 24 scalar inputs, but the model's first layer \(Linear\) takes 24 features: pass one input x as x\[None\]"):
+        bdl.predict(model, torch.randn(24), num_samples=2, task="regression")
+    assert bdl.predict(model, torch.randn(24)[None], num_samples=2, task="regression").mean.shape == (1, 24)
+    with pytest.raises(ValueError, match=r"for a batch of 4 inputs; .* one input x as x\[None\]"):  # outputs of other sizes
+        linear = nn.Linear(4, 3)
+        bdl.predict(Lambda(lambda x: linear(x)), torch.randn(4), num_samples=1)  # its layer out of sight
+    scalar = nn.Sequential(Lambda(lambda x: x[:, None]), nn.Linear(1, 2))  # a model of scalar inputs takes [N]
+    assert bdl.predict(scalar, torch.randn(5), num_samples=1).probs.shape == (5, 2)
+
+
 def test_an_output_for_other_rows_than_the_inputs_is_refused():
     # a forward that drops or transposes the batch gave a prediction for other rows than its targets
     x, y = torch.randn(10, 4), torch.arange(10) % 3
