@@ -395,6 +395,12 @@ def bayesianize(
         if skipped:
             hint += f" ({', '.join(map(repr, skipped))}: recomputed by a legacy hook, see the warning)"
         raise ValueError(f"include={include!r} selects no nn.Linear/nn.Conv layer of the model{hint}")
+    if include is None and exclude is not None and names and not targets:  # a deterministic copy, said nowhere
+        every = [module_names[0] for module_names in names.values()]
+        raise ValueError(
+            f"exclude={exclude!r} leaves out every nn.Linear/nn.Conv layer of the model ({', '.join(map(repr, every[:5]))}"
+            f"{', ...' if len(every) > 5 else ''}): nothing to convert"
+        )
     left = _left_deterministic(converted, chosen)
     if left:
         held = {id(p): p for _, module in left for p in module.parameters()}

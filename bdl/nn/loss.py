@@ -163,7 +163,14 @@ def _check_logits_and_labels(output: object, target: Tensor) -> None:
         )
     if not isinstance(target, Tensor) or not target.is_floating_point() or not target.numel():
         return
-    if output.dim() == 2 and output.shape[1] == 1:  # a binary classifier's log-odds: labels 0/1, as floats too
+    if output.dim() == 2 and output.shape[1] > 1 and target.shape in ((output.shape[0],), (output.shape[0], 1)):
+        if not bool((target == target.round()).all()):  # torch's "expected target dtype to be Long or Byte, but got Float"
+            raise ValueError(
+                f"ELBOLoss's default criterion takes class labels [B] (or class probabilities [B, C]) for logits {tuple(output.shape)}, "
+                f"got float targets of shape {tuple(target.shape)} such as {target[target != target.round()][0].item():.4g}: "
+                f"{_REGRESSION_HINT}"
+            )
+    elif output.dim() == 2 and output.shape[1] == 1:  # a binary classifier's log-odds: labels 0/1, as floats too
         if bool(((target != 0) & (target != 1)).any()):
             raise ValueError(
                 "ELBOLoss's default criterion reads one logit per input as a binary classifier's log-odds, whose "
@@ -249,6 +256,11 @@ class ELBOLoss(nn.Module):
         if one_logit and default:
             # a cross-entropy over one class: 0 whatever the model with labels 0, an IndexError with a label 1
             output, target = _two_class(output), as_class_labels(target.long() if target.dtype == torch.bool else target)
+        elif default and not traced and isinstance(target, Tensor) and isinstance(output, Tensor) and output.dim() == 2:
+            if target.shape in ((output.shape[0],), (output.shape[0], 1)):  # labels as a binary model takes them: [B] floats, [B, 1]
+                target = as_class_labels(target.long() if target.dtype == torch.bool else target)
+        if default and isinstance(target, Tensor) and not target.is_floating_point() and target.dtype != torch.long:
+            target = target.long()  # int32 labels (numpy's on Windows): torch's "expected target dtype to be Long or Byte"
         result = elbo_loss(self.criterion(output, target), kl_divergence(self.model[0]), self.num_data, self.kl_weight)
         if self.check_finite and not traced and not wrapped(result.loss) and not bool(torch.isfinite(result.loss)):
             bad = [name for name in ("nll", "kl") if not bool(torch.isfinite(getattr(result, name)))]

@@ -86,7 +86,8 @@ def test_a_module_used_under_two_names_becomes_one_bayesian_layer():
         bnn = bdl.bayesianize(net, include=include)
         assert isinstance(bnn.first, bdl.BayesLinear) and bnn.again is bnn.first
         assert sum(p.numel() for p in bnn.parameters()) == 2 * sum(p.numel() for p in net.parameters())
-    assert type(bdl.bayesianize(net, exclude=["again"]).first) is nn.Linear
+    with pytest.raises(ValueError, match=r"exclude=\['again'\] leaves out every nn.Linear/nn.Conv layer of the model \('first'\)"):
+        bdl.bayesianize(net, exclude=["again"])  # the one layer, by either name: nothing is left to convert
 
 
 def test_converted_layers_keep_the_training_mode():
@@ -292,6 +293,10 @@ def test_blocks_and_container_types_select_the_layers_inside_and_an_exclude_typo
     # exclude leaving out every layer include selects: it said include "selects no nn.Linear/nn.Conv layer"
     with pytest.raises(ValueError, match=r"include=\['features'\] selects 2 nn.Linear/nn.Conv layer\(s\) \('features.0', 'features.2'\) and exclude=\['features.\*'\] leaves out every one"):
         bdl.bayesianize(net, include="features", exclude="features.*")
+    # exclude alone leaving out every layer gave a deterministic copy without a word
+    for exclude in ("*", nn.Module):
+        with pytest.raises(ValueError, match=r"exclude=\[.*\] leaves out every nn.Linear/nn.Conv layer of the model \('features.0', 'features.2', 'fc'\): nothing to convert"):
+            bdl.bayesianize(net, exclude=exclude)
 
 
 def test_legacy_weight_norm_spectral_norm_and_pruned_layers_stay_deterministic_with_a_warning():

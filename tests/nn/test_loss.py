@@ -53,12 +53,26 @@ def test_elbo_loss_reads_one_logit_as_a_binary_classifiers_log_odds():
     with torch.no_grad():
         with bdl.deterministic(model):
             logits = model(x)
-            for target in (y, y.float(), y.float().unsqueeze(1), torch.zeros(8, dtype=torch.long)):  # as BCEWithLogitsLoss takes them
+            for target in (y, y.float(), y.float().unsqueeze(1), torch.zeros(8, dtype=torch.long), y.to(torch.int32)):  # as BCEWithLogitsLoss takes them
                 expected = F.binary_cross_entropy_with_logits(logits.squeeze(1), target.reshape(-1).float())
                 torch.testing.assert_close(criterion(logits, target).nll, expected)
     # a given criterion is used as given
     given = bdl.ELBOLoss(model, 50, criterion=nn.BCEWithLogitsLoss())(logits, y.float().unsqueeze(1)).nll
     torch.testing.assert_close(given, F.binary_cross_entropy_with_logits(logits, y.float().unsqueeze(1)))
+
+
+def test_elbo_loss_takes_a_multiclass_models_labels_in_the_forms_a_binary_ones_are_taken():
+    # whole-number floats [B] and labels [B, 1] failed in torch ("expected target dtype to be Long", "0D or 1D target")
+    model = nn.Sequential(bdl.BayesLinear(3, 4))
+    criterion = bdl.ELBOLoss(model, num_data=50)
+    x, y = torch.randn(8, 3), torch.tensor([0, 1, 3, 2, 1, 0, 0, 3])
+    with torch.no_grad(), bdl.deterministic(model):
+        logits = model(x)
+        expected = F.cross_entropy(logits, y)
+        for target in (y.float(), y.unsqueeze(1), y.double().unsqueeze(1), y.to(torch.int32)):
+            torch.testing.assert_close(criterion(logits, target).nll, expected)
+        with pytest.raises(ValueError, match=r"takes class labels \[B\] \(or class probabilities \[B, C\]\) for logits \(8, 4\), got float targets of shape \(8,\) such as 0.5"):
+            criterion(logits, y + 0.5)
 
 
 def test_elbo_loss_with_its_default_criterion_refuses_regression_outputs_and_targets():

@@ -45,6 +45,12 @@ def test_fast_dropout_has_the_distribution_of_torch_dropout_and_its_gradient(mon
     assert bdl.nn.functional.dropout(x, 0.0) is x and not bdl.nn.functional.dropout(x, 1.0).any()
     with pytest.raises(ValueError, match=r"p must be a dropout rate in \[0, 1\], got 1.5"):
         bdl.nn.functional.dropout(x, 1.5)
+    # rates near 1 rounded to 2^-16 kept another fraction than 1 - p, scaled by 1 / (1 - p): 0.99999 kept 1/65536 (a mean
+    # of 1.53), 0.999995 none; torch's Bernoulli there
+    ones = torch.ones(10_000_000)
+    for p in (0.99999, 0.999995):
+        kept = int((bdl.nn.functional.dropout(ones, p) != 0).sum())
+        assert abs(kept - 1e7 * (1 - p)) < 4 * (1e7 * (1 - p)) ** 0.5, (p, kept)  # 100 or 50 expected (153 and 0 were kept)
 
 
 def test_fast_dropout_masks_are_independent_across_the_lanes_of_a_random_word():
