@@ -87,6 +87,21 @@ def check_ood_classes(ood_classes: Sequence[int], num_classes: int) -> None:
         )
 
 
+def check_seed(seed: int, name: str = "seed") -> int:
+    """``seed`` as an int (a numpy integer too), else a ValueError naming it (torch's ``manual_seed`` named none)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {seed!r}")
+    return int(seed)
+
+
+def _check_interval(value: Any, name: str) -> tuple[float, float]:  # noqa: ANN401
+    """``value`` as a pair ``(low, high)`` of finite numbers, else a ValueError naming ``name``."""
+    pair = list(value) if isinstance(value, (tuple, list)) else None
+    if pair is None or len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) for v in pair):
+        raise ValueError(f"{name} must be a pair (low, high) of numbers, got {value!r}")
+    return float(pair[0]), float(pair[1])
+
+
 def check_noise(noise: Any, name: str = "noise", count: int = 1) -> None:  # noqa: ANN401
     """Raise ``ValueError`` unless ``noise`` is a number >= 0 (``count`` 1) or ``count`` such numbers."""
     values = [noise] if count == 1 else list(noise) if isinstance(noise, (tuple, list)) else None
@@ -159,7 +174,7 @@ def load_digits(
     y = torch.as_tensor(data.target, dtype=torch.long)
     held_out, labels, kept_classes = _class_split(y, ood_classes, 10)
     x_in, y_in = x[~held_out], labels[~held_out]
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(check_seed(seed))
     train, val, test = _split_indices(len(x_in), val_fraction, test_fraction, generator)
     x_ood = x[held_out]
     if standardize:
@@ -240,7 +255,7 @@ def load_mnist1d(
     x_test, y_test = torch.as_tensor(arrays["x_test"], dtype=torch.float32), torch.as_tensor(arrays["y_test"], dtype=torch.long)
     held_out, y, kept = _class_split(y, ood_classes, 10)
     held_out_test, y_test, _ = _class_split(y_test, ood_classes, 10)
-    order = torch.randperm(int((~held_out).sum()), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(int((~held_out).sum()), generator=torch.Generator().manual_seed(check_seed(seed)))
     x_in, y_in = x[~held_out][order], y[~held_out][order]
     num_val = round(len(x_in) * val_fraction)
     if num_val >= len(x_in) or (val_fraction > 0 and num_val < 1):  # an empty split, as _split_indices refuses
@@ -282,6 +297,7 @@ def two_moons(
     """
     from sklearn.datasets import make_moons
 
+    num_samples, seed = check_positive_int(num_samples, "num_samples"), check_seed(seed)
     check_noise(noise)
     x, y = make_moons(num_samples, noise=noise, random_state=seed)
     x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
@@ -327,9 +343,10 @@ def regression_with_gap(
     """
     num_samples = check_positive_int(num_samples, "num_samples")
     check_noise(noise, count=2)
+    gap, domain = _check_interval(gap, "gap"), _check_interval(domain, "domain")
     if not (domain[0] < gap[0] < gap[1] < domain[1]):
         raise ValueError(f"gap must lie inside domain, got gap={gap} and domain={domain}")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(check_seed(seed))
     left, right = gap[0] - domain[0], domain[1] - gap[1]
     u = torch.rand(num_samples, 1, generator=generator) * (left + right)
     x = torch.where(u < left, domain[0] + u, gap[1] + (u - left))

@@ -11,6 +11,7 @@ Offline modules (no download): :class:`DigitsDataModule`, :class:`MNIST1DDataMod
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Any, Iterator, Literal, Optional, Sequence, Sized, Union
 
@@ -23,6 +24,7 @@ from ..data.offline import (
     check_fractions,
     check_noise,
     check_ood_classes,
+    check_seed,
     load_digits,
     load_mnist1d,
     regression_with_gap,
@@ -134,12 +136,10 @@ class UncertaintyDataModule(L.LightningDataModule):
         super().__init__()
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.eval_batch_size = check_positive_int(batch_size if eval_batch_size is None else eval_batch_size, "eval_batch_size")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
-        self.num_workers = num_workers
-        if isinstance(seed, bool) or not isinstance(seed, int):  # torch's manual_seed named no argument
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        self.seed = seed
+        self.num_workers = int(num_workers)  # a numpy integer too
+        self.seed = check_seed(seed)  # torch's manual_seed named no argument
         self.splits: Optional[Splits] = None
 
     def build(self) -> Splits:

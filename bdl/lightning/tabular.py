@@ -37,9 +37,18 @@ def _not_a_number(path: str, column: str, row: int, value: object) -> ValueError
 
 def _read_csv(path: str, columns: Optional[Sequence[str]], target: str) -> tuple[dict[str, np.ndarray], list[str]]:
     """The numeric columns of a CSV with a header row: ``({name: float64 [N]}, all column names)``."""
+    try:
+        return _read_csv_text(path, columns, target)
+    except UnicodeDecodeError as error:  # Excel's default cp1252, or its UTF-16 "Unicode Text": a bare decode error
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {error.start}: {error.reason}): save it as UTF-8 (Excel: \"CSV UTF-8\")"
+        ) from None
+
+
+def _read_csv_text(path: str, columns: Optional[Sequence[str]], target: str) -> tuple[dict[str, np.ndarray], list[str]]:
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: the byte-order mark Excel writes
         rows = csv.reader(f)
-        header = [name.strip() for name in next(rows, [])]
+        header = [name.strip() for name in next((fields for fields in rows if fields), [])]  # blank lines before it too
         if not header:
             raise ValueError(f"{path} is empty: a CSV needs a header row naming its columns")
         repeated = sorted({name for name in header if header.count(name) > 1})
@@ -55,6 +64,8 @@ def _read_csv(path: str, columns: Optional[Sequence[str]], target: str) -> tuple
                 raise ValueError(f"{path}: row {row} (counting data rows from 0) has {len(fields)} fields, the header {len(header)}")
             for name, position in positions.items():
                 try:
+                    if "_" in fields[position]:  # Python's float reads "3_0" as 30: a code, not a number
+                        raise ValueError
                     value = float(fields[position])
                 except ValueError:
                     raise _not_a_number(path, name, row, fields[position]) from None
@@ -87,6 +98,10 @@ def _read_npz(path: str, arrays: Optional[Sequence[str]], target: str) -> tuple[
         if array.ndim not in (1, 2) or (name == target and array.ndim == 2 and array.shape[1] != 1):
             shape = "[N] or [N, 1]" if name == target else "[N] or [N, k]"
             raise ValueError(f"{path}: array {name!r} must be {shape}, got shape {list(array.shape)}")
+        if name == target and array.dtype.kind in "iu" and array.size and int(np.abs(array).max()) > 2**53:
+            # float64 holds every integer up to 2^53 only: codes 2^60 and 2^60 + 1 became one class
+            big = int(array.reshape(-1)[np.argmax(np.abs(array.reshape(-1)))])
+            raise ValueError(f"{path}: array {name!r} holds integers beyond 2^53 ({big}), which float64 rounds together: map them to smaller codes")
         values[name] = _numeric(path, name, array if name != target else array.reshape(-1))
     lengths = {name: len(array) for name, array in values.items()}
     if len(set(lengths.values())) > 1:
@@ -223,6 +238,11 @@ class _StandardizedTable(UncertaintyDataModule):
         if self.task == "classification":
             classes, labels = np.unique(y[kept], return_inverse=True)
             self._classes = [int(value) if value.is_integer() else float(value) for value in classes]
+            if len(classes) < 2:  # a one-class classifier: every probability 1, nothing learnt or measured
+                raise ValueError(
+                    f"the target takes a single value ({self._classes[0]}) in every row: classification needs at least 2 "
+                    "classes (for a continuous target pass task='regression')"
+                )
             if len(classes) > len(kept) / 2 and any(isinstance(value, float) for value in self._classes):
                 # a continuous target read as classes: one class per row or so, which trains and means nothing
                 warnings.warn(
@@ -370,6 +390,8 @@ class TabularDataModule(_StandardizedTable):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
+        if not isinstance(path, (str, os.PathLike)):  # os.fspath's "expected str, bytes or os.PathLike object"
+            raise TypeError(f"path must name a .csv or .npz file (a str or os.PathLike), got {path!r}")
         path = os.fspath(path)
         if not path.endswith((".csv", ".npz")):
             raise ValueError(f"path must name a .csv or .npz file, got {path!r}")
@@ -403,7 +425,7 @@ class TabularDataModule(_StandardizedTable):
         y = columns.pop(self.target)
         if len(y) == 0:
             raise ValueError(f"TabularDataModule: {self.path} has no data rows (path must name a file with at least one row)")
-        if not columns:
+        if not columns or sum(column.reshape(len(y), -1).shape[1] for column in columns.values()) == 0:
             raise ValueError(f"TabularDataModule: {self.path} has no feature column besides the target {self.target!r}")
         blocks = [column.reshape(len(y), -1) for column in columns.values()]
         names = [name if block.shape[1] == 1 and column.ndim == 1 else f"{name}[{i}]"

@@ -187,6 +187,8 @@ class _TorchvisionDataModule(UncertaintyDataModule):
         self, *, data_dir: str, download: bool, val_fraction: float, batch_size: int, eval_batch_size: Optional[int], num_workers: int, seed: int
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
+        if not isinstance(data_dir, (str, os.PathLike)):  # os.fspath's "expected str, bytes or os.PathLike object"
+            raise TypeError(f"data_dir must be a folder path (a str or os.PathLike), got {data_dir!r}")
         self.data_dir = os.path.expanduser(os.fspath(data_dir))  # '~/data' as torchvision reads it
         self.download = bool(download)
         self.val_fraction = _check_fraction("val_fraction", val_fraction)

@@ -4,6 +4,7 @@ import torch
 
 from bdl.data import load_digits, load_mnist1d, regression_with_gap, two_moons
 from bdl.data.offline import _read_cache
+from bdl.lightning import DigitsDataModule, MNISTDataModule
 
 
 def test_digits_splits_are_disjoint_seeded_and_standardised_on_train():
@@ -107,6 +108,23 @@ def test_a_zero_test_fraction_is_refused_saying_it_must_be_above_zero():
     # "must be in [0, 1) ..., got 0.15 and 0": 0 is in [0, 1)
     with pytest.raises(ValueError, match=r"test_fraction in \(0, 1\).*got 0.15 and 0"):
         load_digits(val_fraction=0.15, test_fraction=0)
+
+
+def test_bad_arguments_are_named_in_bdls_words():
+    # scikit-learn's "n_samples", torch's "manual_seed expected a long", "'float' object is not subscriptable"
+    for call, message in (
+        (lambda: two_moons(0), "num_samples must be a positive int, got 0"),
+        (lambda: load_digits(seed=1.5), "seed must be an int, got 1.5"),
+        (lambda: regression_with_gap(gap=1.0), r"gap must be a pair \(low, high\) of numbers, got 1.0"),
+        (lambda: regression_with_gap(domain=(-4, "4")), "domain must be a pair"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert torch.equal(two_moons(50, seed=np.int64(3)).train.tensors[0], two_moons(50, seed=3).train.tensors[0])
+    data = DigitsDataModule(seed=np.int64(1), num_workers=np.int64(0))  # refused as "seed must be an int"
+    assert type(data.seed) is int and type(data.num_workers) is int
+    with pytest.raises(TypeError, match=r"data_dir must be a folder path \(a str or os.PathLike\), got None"):
+        MNISTDataModule(data_dir=None)
 
 
 @pytest.mark.parametrize("ood_classes", [8, "8", [8.0], [True]])

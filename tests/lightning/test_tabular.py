@@ -277,6 +277,35 @@ def test_arguments_are_checked(tmp_path):
     path = _write_csv(tmp_path / "ragged.csv", ["a", "y"], [[1, 0], [2]])
     with pytest.raises(ValueError, match="row 1 .*1 fields"):
         TabularDataModule(str(path), "y").setup()
+    with pytest.raises(TypeError, match=r"path must name a .csv or .npz file \(a str or os.PathLike\), got None"):
+        TabularDataModule(None, "y")  # os.fspath's "expected str, bytes or os.PathLike object, not NoneType"
+
+
+def test_files_that_were_misread_or_refused_unclearly(tmp_path):
+    rows = "".join(f"{i},{i % 2}\n" for i in range(40))
+    # Excel's cp1252 and UTF-16: a bare UnicodeDecodeError naming no file
+    (tmp_path / "cp1252.csv").write_bytes("café,label\n".encode("cp1252") + rows.encode())
+    with pytest.raises(ValueError, match=r"cp1252.csv is not UTF-8 text \(byte 3: invalid continuation byte\): save it as UTF-8"):
+        TabularDataModule(str(tmp_path / "cp1252.csv"), "label").setup()
+    # blank lines before the header: "is empty"
+    (tmp_path / "blank_first.csv").write_text("\n\na,label\n" + rows)
+    assert TabularDataModule(str(tmp_path / "blank_first.csv"), "label").num_train == 26
+    # Python's float reads "3_0" as 30: a code column became numbers
+    (tmp_path / "codes.csv").write_text("code,label\n" + "".join(f"{i}_{i % 3},{i % 2}\n" for i in range(40)))
+    with pytest.raises(ValueError, match=r"column 'code', row 0 .* holds '0_0', not a finite number"):
+        TabularDataModule(str(tmp_path / "codes.csv"), "label").setup()
+    # an [N, 0] feature array: a data module without inputs
+    np.savez(tmp_path / "nofeat.npz", x=np.zeros((40, 0)), y=np.arange(40) % 2)
+    with pytest.raises(ValueError, match="no feature column besides the target 'y'"):
+        TabularDataModule(str(tmp_path / "nofeat.npz"), "y").setup()
+    # class codes past 2^53 rounded together in float64: two classes became one
+    np.savez(tmp_path / "ids.npz", x=np.arange(40.0), y=np.array([2**60, 2**60 + 1] * 20, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"array 'y' holds integers beyond 2\^53 \(1152921504606846977\)"):
+        TabularDataModule(str(tmp_path / "ids.npz"), "y").setup()
+    # one class: a classifier of nothing
+    (tmp_path / "one.csv").write_text("a,label\n" + "".join(f"{i},7\n" for i in range(40)))
+    with pytest.raises(ValueError, match=r"the target takes a single value \(7\) in every row: classification needs at least 2 classes"):
+        TabularDataModule(str(tmp_path / "one.csv"), "label").setup()
 
 
 # ---------------------------------------------------------------- SklearnRegressionDataModule (diabetes)
