@@ -206,7 +206,7 @@ ROWS = [
     _row("evaluate-unknown-ood-score", lambda t: bdl.evaluate(_bnn(), (_x(), _y()), ood_data=_x(5), ood_scores=["bogus"], num_samples=2), ValueError, r"unknown OOD score 'bogus'"),
     _row("evaluate-coverage-above-1", lambda t: bdl.evaluate(_bnn(), (_x(), _y()), num_samples=2, coverage=1.5), ValueError, r"`coverage` must lie in \(0, 1\], got 1.5"),
     _row("evaluate-ood-data-with-wrong-features", lambda t: bdl.evaluate(_bnn(), (_x(), _y()), ood_data=torch.randn(5, 7), num_samples=2), ValueError, r"BayesLinear: input must have 4 features in its last dimension, got shape \(5, 7\)"),
-    _row("evaluate-misspelt-option", lambda t: bdl.evaluate(_bnn(), (_x(), _y()), num_sample=2), TypeError, r"unexpected keyword argument 'num_sample'"),
+    _row("evaluate-misspelt-option", lambda t: bdl.evaluate(_bnn(), (_x(), _y()), num_sample=2), TypeError, r"evaluate\(\) got unexpected keyword argument\(s\) 'num_sample': neither its own nor bdl.predict's"),
     _row("triage-coverage-zero", lambda t: bdl.triage(_prediction(), coverage=0), ValueError, r"coverage must be a number in \(0, 1\], got 0"),
     _row("triage-unknown-score", lambda t: bdl.triage(_prediction(), coverage=0.5, score="bogus"), ValueError, r"score must be a callable or one of \['max_probability', .*got 'bogus'"),
     _row("triage-error_rate-without-targets", lambda t: bdl.triage(_prediction(), error_rate=0.1), ValueError, r"error_rate needs prediction with targets"),
