@@ -543,6 +543,7 @@ class _Evaluation:
         if batch_idx == 0:  # as on_validation_epoch_start, which a subclass may override without calling super
             self._val_rows_seen = 0
         x, y = _split_batch(batch)
+        _check_val_targets(y)
         prediction = self._checked_prediction(x, self.num_val_samples, "validation", batch_idx)
         with self._naming_batch("validation", batch_idx):
             self._update_val_metrics(prediction, y)
@@ -770,9 +771,9 @@ class UncertaintyModule(LoadsWithModel, _ResumableRandomState, _Evaluation, L.Li
         self.n_bins = check_positive_int(n_bins, "n_bins")
         self.save_report = bool(save_report)
         self._noise_variance_given = noise_variance is not None
+        if noise_variance is not None and task != "regression":  # a number was ignored silently
+            raise ValueError(f"noise_variance={noise_variance!r} is for task='regression' (a mean-only network's noise), got task={task!r}")
         if noise_variance == "learn":
-            if task != "regression":
-                raise ValueError(f"noise_variance='learn' is for task='regression' (a mean-only network's noise), got task={task!r}")
             self.log_noise_variance = nn.Parameter(torch.zeros(()))
         elif isinstance(noise_variance, str):
             raise ValueError(f"noise_variance must be a number > 0 or 'learn', got {noise_variance!r}")
@@ -873,9 +874,11 @@ class UncertaintyModule(LoadsWithModel, _ResumableRandomState, _Evaluation, L.Li
                     ) from None
                 raise
         if isinstance(output, (tuple, list)):
-            if hasattr(self, "log_noise_variance"):  # never trained: and DDP stops at a parameter without a gradient
+            # a learned one was never trained (and DDP stops at a parameter without a gradient), a number ignored
+            if self._noise_variance_given:
+                given = "'learn'" if hasattr(self, "log_noise_variance") else repr(self._fixed_noise_variance)
                 raise ValueError(
-                    "noise_variance='learn' is for a network that outputs means only; this one predicts its variance "
+                    f"noise_variance={given} is for a network that outputs means only; this one predicts its variance "
                     f"(it returned {type(output).__name__}, a Gaussian head's (mean, variance)): leave noise_variance unset"
                 )
             mean, variance = output
@@ -981,7 +984,9 @@ class DeterministicModule(UncertaintyModule):
         return {"loss": nll, "nll": nll}
 
     def sample_prediction(self, x: Tensor, num_samples: Optional[int]) -> Prediction:
-        return self._with_noise(predict(self.model, x, num_samples=1, task=self.task))
+        # num_eval_samples was read as 1 whatever it was (bdl.predict of the module took it): a network that draws
+        # noise of its own gave another prediction in trainer.test than in bdl.predict
+        return self._with_noise(predict(self.model, x, num_samples=1 if num_samples is None else num_samples, task=self.task))
 
 
 class VariationalModule(UncertaintyModule):
@@ -1279,13 +1284,19 @@ class EnsembleModule(UncertaintyModule):
         try:
             for own in parts:
                 optimizer.param_groups = [{**group, "params": [p for p in group["params"] if id(p) in own]} for group in groups]
-                self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+                if any(group["params"] for group in optimizer.param_groups):  # none: Lightning's "no clipping will occur"
+                    self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
         finally:
             optimizer.param_groups = groups
 
     def _diagnostic_terms(self) -> dict[str, Tensor]:
         nlls = getattr(self, "_member_nlls", None)
         return {} if nlls is None else {f"member {i}'s NLL": nll for i, nll in enumerate(nlls)}
+
+
+def _check_val_targets(y: Optional[Tensor]) -> None:
+    if y is None:  # "object of type 'NoneType' has no len()", deep in the metrics
+        raise ValueError("the validation loader must give (inputs, targets) batches to measure the model")
 
 
 def _frozen_buffers(model: nn.Module) -> list[tuple[str, Tensor]]:
@@ -1492,6 +1503,7 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         if batch_idx == 0:  # as on_validation_epoch_start, which a subclass may override without calling super
             self._val_rows_seen = 0
         x, y = _split_batch(batch)
+        _check_val_targets(y)
         keep = self._own_val_rows(len(x))
         # else the ELBO of the batch alone, not comparable with fit's; under DDP without the sampler's repeats, in a
         # weighted mean of its own: Lightning's sync of unequal batch sizes rounded their average to an int (2% off)

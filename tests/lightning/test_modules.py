@@ -175,9 +175,33 @@ def test_gradient_clipping_by_norm_clips_each_ensemble_member_by_its_own_norm(tm
     ensemble = EnsembleModule(net(), num_members=3, **options)
     alone = [DeterministicModule(copy.deepcopy(member), **options) for member in ensemble.model.members]  # as they start
     for module in (ensemble, *alone):
-        trainer(tmp_path, max_epochs=2, limit_val_batches=0, gradient_clip_val=value, gradient_clip_algorithm=algorithm).fit(module, data)
+        with warnings.catch_warnings(record=True) as caught:  # of the empty group of no member's parameters, every step
+            warnings.simplefilter("always")
+            trainer(tmp_path, max_epochs=2, limit_val_batches=0, gradient_clip_val=value, gradient_clip_algorithm=algorithm).fit(module, data)
+        assert not [w for w in caught if "no gradient clipping will occur" in str(w.message)]
     for member, single in zip(ensemble.model.members, alone):  # every member as its network trained alone
         assert all(torch.equal(a, b) for a, b in zip(member.parameters(), single.model.parameters()))
+
+
+class _OwnNoise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.linear(x) + torch.randn(len(x), 3)
+
+
+def test_a_deterministic_modules_eval_samples_are_used_and_a_validation_loader_without_targets_is_named(tmp_path):
+    # num_eval_samples was read as 1 in trainer.test/predict, where bdl.predict of the module took it
+    module = DeterministicModule(_OwnNoise(), num_eval_samples=10)
+    x = torch.randn(6, 4)
+    assert module.sample_prediction(x, module.num_eval_samples).num_samples == 10
+    assert trainer(tmp_path).predict(module, DataLoader(TensorDataset(x), batch_size=6))[0].num_samples == 10
+    # "object of type 'NoneType' has no len()"
+    data = DataLoader(TensorDataset(torch.randn(16, 4), torch.arange(16) % 3), batch_size=8)
+    with pytest.raises(ValueError, match=r"the validation loader must give \(inputs, targets\) batches"):
+        trainer(tmp_path, num_sanity_val_steps=0).fit(DeterministicModule(net()), data, DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=8))
 
 
 def test_ensemble_clipping_is_refused_where_lightnings_is_for_an_optimizer_that_unscales_in_its_step(tmp_path):
@@ -353,6 +377,11 @@ def test_a_mean_only_regressor_learns_its_noise_variance_and_is_warned_of_the_de
         DeterministicModule(MLP(1, 1, head="gaussian"), task="regression", noise_variance="learn").training_loss(x, y)
     with pytest.raises(ValueError, match="noise_variance='learn' is for task='regression'"):
         DeterministicModule(nn.Linear(1, 2), noise_variance="learn")
+    # a number was ignored silently, for a classifier and beside a Gaussian head
+    with pytest.raises(ValueError, match="noise_variance=0.1 is for task='regression'"):
+        DeterministicModule(nn.Linear(1, 2), noise_variance=0.1)
+    with pytest.raises(ValueError, match=r"noise_variance=0.5 is for a network that outputs means only; this one predicts its variance"):
+        DeterministicModule(MLP(1, 1, head="gaussian"), task="regression", noise_variance=0.5).training_loss(x, y)
     with pytest.raises(ValueError, match="noise_variance must be a number > 0 or 'learn', got 'learned'"):
         DeterministicModule(nn.Linear(1, 1), task="regression", noise_variance="learned")
     fixed = DeterministicModule(nn.Linear(1, 1), task="regression")
@@ -851,7 +880,7 @@ def test_every_process_stops_when_another_one_finds_a_non_finite_value(task, mon
     from types import SimpleNamespace
 
     classifier = task == "classification"
-    module = DeterministicModule(net() if classifier else nn.Sequential(nn.Linear(1, 1)), task=task, noise_variance=0.5)
+    module = DeterministicModule(net() if classifier else nn.Sequential(nn.Linear(1, 1)), task=task, noise_variance=None if classifier else 0.5)
     strategy = OtherProcessFailed()
     monkeypatch.setattr(module, "_trainer", SimpleNamespace(world_size=2, global_rank=0, strategy=strategy, current_epoch=3, global_step=7))
     monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
