@@ -53,7 +53,11 @@ def check_counts(
 def check_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``parser.error`` for ``--device cuda`` where no CUDA device is (a traceback from the first tensor moved, or
     every row failed and the run exited 0)."""
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:  # torch's "Expected one of cpu, cuda, ipu, ... device type at start of device string: gpu"
+        parser.error(f"--device must be a torch device such as cpu, cuda or cuda:1, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available here")
 
 

@@ -85,11 +85,11 @@ def main() -> None:
     print(f"bdl.predict, S={num_samples} (ensemble: S={args.members} members), {device}, {args.threads} threads, "
           f"best of {repeats}")
     print("ratio: time / (S forwards of the deterministic network; for the ensemble, one forward per member)")
-    print(f"| {'model':<34} | {'method':<8} | {'batch':>5} | {'ms':>9} | {'ratio':>5} |")
-    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 7}|{'-' * 11}|{'-' * 7}|")
+    print(f"| {'model':<34} | {'method':<9} | {'batch':>5} | {'ms':>9} | {'ratio':>5} |")
+    print(f"|{'-' * 36}|{'-' * 11}|{'-' * 7}|{'-' * 11}|{'-' * 7}|")
 
     def row(name: str, method: str, batch: int, ms: float, floor: float) -> None:
-        print(f"| {name:<34} | {method:<8} | {batch:>5} | {ms:>9.2f} | {ms / floor:>5.2f} |", flush=True)
+        print(f"| {name:<34} | {method:<9} | {batch:>5} | {ms:>9.2f} | {ms / floor:>5.2f} |", flush=True)
 
     for sizes in sizes_list:
         label = "-".join(map(str, sizes))

@@ -665,8 +665,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.nuts_samples < 4:
         parser.error(f"--nuts-samples must be >= 4 (for the posterior summary), got {args.nuts_samples}")
-    if args.nuts_warmup < 0 or not args.epochs_scale > 0 or any(size < 1 for size in args.nuts_hidden):
-        parser.error("--nuts-warmup must be >= 0, --epochs-scale > 0 and --nuts-hidden sizes >= 1")
+    if args.nuts_warmup < 0:
+        parser.error(f"--nuts-warmup must be >= 0, got {args.nuts_warmup}")
+    if not 0 < args.epochs_scale < math.inf:  # inf failed every run (epochs as an int)
+        parser.error(f"--epochs-scale must be a finite number > 0, got {args.epochs_scale}")
+    if any(size < 1 for size in args.nuts_hidden):
+        parser.error(f"--nuts-hidden sizes must be >= 1, got {' '.join(map(str, args.nuts_hidden))}")
     args.seeds = [0] if args.quick else list(range(args.seeds))
     if args.out is None and not args.quick:  # --quick: a temporary folder, made by main (parsing makes nothing)
         args.out = ROOT / "experiments" / "results"

@@ -68,3 +68,6 @@ def test_a_cuda_benchmark_without_cuda_is_refused(script, capsys, run_script, mo
     with pytest.raises(SystemExit) as exit_info:
         run_script(script, "--device", "cuda")
     assert exit_info.value.code == 2 and "--device cuda: no CUDA device is available here" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # torch's "Expected one of cpu, cuda, ipu, ... device type" traceback
+        run_script(script, "--device", "gpu")
+    assert exit_info.value.code == 2 and "--device must be a torch device such as cpu, cuda or cuda:1, got 'gpu'" in capsys.readouterr().err

@@ -87,7 +87,7 @@ def test_regression_table_skips_temperature_scaling_and_reports_coverage(quick_r
     assert (out / "regression_gap.png").exists() and not (out / "mnist1d_reference.md").exists()
 
 
-def test_arguments_are_checked_and_quick_means_one_seed(script, monkeypatch, tmp_path):
+def test_arguments_are_checked_and_quick_means_one_seed(script, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(script.tempfile, "tempdir", str(tmp_path))  # parsing made a temporary folder, even when refused
     args = script.parse_args(["--quick", "--methods", "svi", "deterministic"])
     assert args.seeds == [0] and args.methods == ["deterministic", "svi"]  # the table's order
@@ -96,6 +96,13 @@ def test_arguments_are_checked_and_quick_means_one_seed(script, monkeypatch, tmp
                   ["--datasets", "digits", "--methods", "nuts"]):  # fmt: skip  (NUTS is regression only: an empty table)
         with pytest.raises(SystemExit):
             script.parse_args(wrong)
+    # inf failed every run; one message named all three arguments and no value
+    for wrong, message in ((["--epochs-scale", "inf"], "--epochs-scale must be a finite number > 0, got inf"),
+                           (["--nuts-warmup", "-1"], "--nuts-warmup must be >= 0, got -1"),
+                           (["--nuts-hidden", "8", "0"], "--nuts-hidden sizes must be >= 1, got 8 0")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            script.parse_args(wrong)
+        assert message in capsys.readouterr().err
     # a smoke run without --out must not overwrite the committed results
     assert script.parse_args(["--quick"]).out is None  # main makes a temporary folder
     assert script.parse_args([]).out == script.ROOT / "experiments" / "results"
