@@ -102,7 +102,13 @@ def sample_guide(guide: Callable, num_samples: int, *args, parallel: bool = True
     with torch.no_grad():
         drawn = Predictive(guide, num_samples=num_samples, parallel=parallel)(*args, **kwargs)
         trace = pyro.poutine.trace(guide).get_trace(*args, **kwargs)
-    shapes = {name: site["value"].shape for name, site in trace.nodes.items() if site["type"] == "sample"}
+    # the model's latent sites: AutoNormal's auxiliary ``w_unconstrained`` draws are the guide's own (they doubled the
+    # dict, and a user's loop over the sites met each weight twice)
+    shapes = {
+        name: site["value"].shape
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["infer"].get("is_auxiliary", False)
+    }
     # Predictive pads vectorised samples with singleton plate dims; drop them.
     # detached copies: a delta guide's "draws" are views of its parameters, which kept their gradient and changed
     # with every later optimiser step

@@ -100,6 +100,7 @@ def test_guide_samples_have_the_parameter_shapes_and_the_guide_spread():
     with private_param_store():
         samples = sample_guide(guide, 4000)
     assert samples["0.weight"].shape == (4000, 8, 4) and samples["2.bias"].shape == (4000, 3)
+    assert set(samples) == {"0.weight", "0.bias", "2.weight", "2.bias"}  # not AutoNormal's auxiliary "_unconstrained" draws
     torch.testing.assert_close(samples["0.weight"].std(0), torch.full((8, 4), 0.05), atol=0.005, rtol=0)
     assert len(pyro.get_param_store()) == 0
 
