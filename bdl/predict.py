@@ -43,7 +43,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 from ._messages import first_few, index_list
 from ._tensors import random_state, set_random_state, version_or_none
 from ._outputs import draw_stacked, output_parts
-from .metrics.functional._checks import all_finite, check_probability_rows
+from .metrics.functional._checks import all_finite, check_probability_rows, look_like_probabilities
 from .nn.convert import deterministic, use_estimator
 from .nn.functional import _two_class, gaussian_draw, pre_activation_variance, randn_like
 from .nn.layers import BayesianModule, BayesLinear, _sample_once_blocks, _sample_once_draws
@@ -1332,6 +1332,12 @@ def _add_output(summary: Any, output: Any, task: str, rows: int) -> None:  # noq
             raise ValueError(f"a classification model must return logits [B, C], got {shape}{regression}")
         if not all_finite(output):
             raise _NonFiniteOutput("the model returned non-finite logits (NaN or Inf)", _non_finite_rows(output))
+        if summary.count == 0 and output.shape[-1] > 1 and look_like_probabilities(output):
+            # read as logits, softmaxed again: probabilities flattened towards uniform, a tenth of the mutual information
+            raise ValueError(
+                "the model returns probabilities (every row non-negative, summing to 1), and predict reads logits: "
+                "drop the final nn.Softmax, or end with nn.LogSoftmax (log-probabilities are logits)"
+            )
         summary.add_logits(_two_class(output))
         return
     if isinstance(output, (tuple, list)):

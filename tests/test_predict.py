@@ -884,6 +884,17 @@ def test_one_input_without_its_batch_dimension_is_named():
     assert bdl.predict(scalar, torch.randn(5), num_samples=1).probs.shape == (5, 2)
 
 
+def test_a_model_that_returns_probabilities_is_refused():
+    # they were read as logits and softmaxed again: probabilities flattened towards uniform, a tenth of the MI
+    net = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3))
+    x = torch.randn(4, 4)
+    for model in (nn.Sequential(bdl.MCDropout(net), nn.Softmax(-1)), bdl.DeepEnsemble([nn.Sequential(nn.Linear(4, 3), nn.Softmax(-1)) for _ in range(2)])):
+        with pytest.raises(ValueError, match=r"the model returns probabilities \(every row non-negative, summing to 1\), and predict reads logits"):
+            bdl.predict(model, x, num_samples=4)
+    log_probs = nn.Sequential(bdl.MCDropout(net), nn.LogSoftmax(-1))  # log-probabilities are logits
+    assert bdl.predict(log_probs, x, num_samples=4).probs.shape == (4, 3)
+
+
 def test_an_output_for_other_rows_than_the_inputs_is_refused():
     # a forward that drops or transposes the batch gave a prediction for other rows than its targets
     x, y = torch.randn(10, 4), torch.arange(10) % 3

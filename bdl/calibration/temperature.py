@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .._tensors import version_or_none
 from .._warn import user_stacklevel
-from ..metrics.functional._checks import as_class_labels, as_tensor, check_float, check_labels, probability_sum_tolerance
+from ..metrics.functional._checks import as_class_labels, as_tensor, check_float, check_labels, look_like_probabilities
 from ..nn.functional import _two_class
 
 __all__ = ["TemperatureScaledModel", "TemperatureScaler", "fit_temperature"]
@@ -47,10 +47,7 @@ def _check_logits(logits, target) -> tuple[Tensor, Tensor]:  # noqa: ANN001
     logits = _two_class(logits)  # (-l/2, l/2) / T: the scaled log-odds, as bdl.predict reads them
     # labels as evaluate takes them: a binary model's 0./1. floats, [N, 1]
     target = check_labels(as_class_labels(as_tensor(target, "target")), logits.shape[-1], logits.shape[-2])
-    # probabilities in place of logits fit a meaningless temperature (softmax of values in [0, 1]); amin and the
-    # row sums, not a mask and a float64 copy of [S, N, C] logits
-    tolerance = probability_sum_tolerance(logits.dtype)  # a float16 softmax's rows are 3e-4 off, bfloat16's 3e-3
-    if bool(logits.amin() >= 0) and bool(((logits.sum(-1, dtype=torch.float64) - 1).abs() < tolerance).all()):
+    if look_like_probabilities(logits):  # they fit a meaningless temperature (softmax of values in [0, 1])
         raise ValueError(
             "`logits` look like probabilities (non-negative, every row summing to 1): pass the network's logits, "
             "or log-probabilities (probs.clamp_min(torch.finfo(probs.dtype).tiny).log(): a probability of exactly 0 "

@@ -24,6 +24,14 @@ def probability_sum_tolerance(dtype: torch.dtype) -> float:
     return max(1e-3, 8 * torch.finfo(dtype).eps)
 
 
+def look_like_probabilities(logits: Tensor) -> bool:
+    """Whether every row of ``logits`` [..., C] is non-negative and sums to 1 (within :func:`probability_sum_tolerance`:
+    a float16 softmax's rows are 3e-4 off, bfloat16's 3e-3): probabilities passed for logits. The row sums in float64
+    and ``amin``, not a mask and a float64 copy of the logits."""
+    tolerance = probability_sum_tolerance(logits.dtype)
+    return bool(logits.amin() >= 0) and bool(((logits.sum(-1, dtype=torch.float64) - 1).abs() < tolerance).all())
+
+
 def as_tensor(value, name: str) -> Tensor:  # noqa: ANN001 - anything tensor-like
     if isinstance(value, Tensor):
         if value.is_meta:
