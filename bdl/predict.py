@@ -182,7 +182,8 @@ class Prediction:
     ``total_variance``; ``sample_means`` (and ``sample_variances`` when the model predicted them)
     [S, N, D] only if kept; :meth:`interval`.
 
-    ``targets`` holds the labels when the inputs came with them (else None).
+    ``targets`` holds the labels when the inputs came with them (else None). ``torch.save(pred, path)`` saves
+    one and ``torch.load(path)`` reads it back.
 
     Example:
         >>> sample_logits = torch.randn(8, 5, 3)  # S=8 samples, N=5 inputs, C=3 classes
@@ -445,6 +446,8 @@ class Prediction:
             raise TypeError(f"a Prediction is indexed over its inputs by an int, a slice, indices or a boolean mask, got {index!r}")
         elif getattr(index, "ndim", 1) > 1:  # a tensor or an array [1, 2] made probs [1, 2, C]
             raise IndexError(f"a Prediction is indexed over its inputs by one-dimensional indices or a mask, got shape {tuple(index.shape)}")
+        elif isinstance(index, slice) and index.step is not None and index.step < 0:  # torch's "step must be greater than zero"
+            index = torch.as_tensor(range(len(self))[index], dtype=torch.long)
         values: dict[str, Any] = {}
         for item in fields(self):
             value = getattr(self, item.name)
@@ -453,21 +456,28 @@ class Prediction:
             values[item.name] = value
         return Prediction(**values)
 
-    def to(self, device: Union[str, torch.device, torch.dtype]) -> "Prediction":
-        """A copy with every tensor moved to ``device``; given a floating dtype, the floating tensors cast to it
-        (class labels stay as they are)."""
-        dtype = device if isinstance(device, torch.dtype) else None
-        if dtype is not None and not dtype.is_floating_point:  # probabilities as integers are all 0
+    def to(
+        self, device: Union[str, torch.device, torch.dtype, None] = None, dtype: Optional[torch.dtype] = None
+    ) -> "Prediction":
+        """The prediction with every tensor moved to ``device`` and, given a floating ``dtype``, the floating tensors
+        cast to it (class labels stay as they are), as ``Tensor.to`` takes them: ``to("cuda")``,
+        ``to(torch.float64)``, ``to(dtype=torch.float64)``, ``to("cpu", torch.float64)``. Tensors already there
+        are shared, as ``Tensor.to`` shares them."""
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise TypeError(f"Prediction.to takes one dtype, got {device} and dtype={dtype}")
+            device, dtype = None, device
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):  # integer probabilities are all 0
             raise TypeError(f"Prediction.to: a dtype must be floating (its values are probabilities, means, variances), got {dtype}")
 
         def moved(name: str, value: Any) -> Any:  # noqa: ANN401
             if not isinstance(value, Tensor):
                 return value
-            if dtype is None:
-                return value.to(device)
+            if device is not None:
+                value = value.to(device)
             # float class labels too stay as they are (bfloat16 read 291 as 292)
             label = name == "targets" and self.task == "classification"
-            return value.to(dtype) if value.is_floating_point() and not label else value
+            return value.to(dtype) if dtype is not None and value.is_floating_point() and not label else value
 
         result = Prediction(**{item.name: moved(item.name, getattr(self, item.name)) for item in fields(self)})
         if self.task == "classification" and self.probs is not None and self.expected_entropy is not None:
@@ -485,6 +495,11 @@ class Prediction:
             if isinstance(getattr(self, item.name), Tensor)
         )
         return f"Prediction(task={self.task!r}, num_samples={self.num_samples}, {shapes})"
+
+
+# torch.load's default (weights_only, torch >= 2.6) refused a saved Prediction ("Unsupported global"): its fields are
+# tensors, numbers and strings, which that unpickler rebuilds
+torch.serialization.add_safe_globals([Prediction])
 
 
 def _check_samples(name: str, value: Any, expected: str) -> Tensor:  # noqa: ANN401

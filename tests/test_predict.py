@@ -595,6 +595,8 @@ def test_prediction_indexing_concatenation_and_repr():
     subset = pred[pred.predicted_class == 0]
     assert len(subset) == int((pred.predicted_class == 0).sum()) and subset.sample_probs.shape[1] == len(subset)
     joined = Prediction.cat([pred[:4], pred[4:]])
+    backwards = pred[::-1]  # torch's "step must be greater than zero"
+    assert torch.equal(backwards.probs, pred.probs.flip(0)) and torch.equal(backwards.sample_probs, pred.sample_probs.flip(1))
     for name in ("probs", "expected_entropy", "sample_probs", "targets"):
         assert torch.equal(getattr(joined, name), getattr(pred, name))
     assert "num_samples=4" in repr(pred) and "probs=[10, 3]" in repr(pred)
@@ -867,7 +869,8 @@ def test_the_predictive_entropy_is_computed_once_and_follows_the_probabilities()
     buffer = io.BytesIO()
     torch.save(pred, buffer)
     buffer.seek(0)
-    for twin in (copy.deepcopy(pred), pickle.loads(pickle.dumps(pred)), torch.load(buffer, weights_only=False)):
+    # torch.load's default, weights_only, refused it ("Unsupported global: bdl.predict.Prediction")
+    for twin in (copy.deepcopy(pred), pickle.loads(pickle.dumps(pred)), torch.load(buffer)):
         torch.testing.assert_close(twin.predictive_entropy, torch.full((6,), math.log(3)))
 
 
@@ -936,6 +939,11 @@ def test_prediction_to_a_dtype_casts_its_summaries_and_keeps_integer_targets():
     with pytest.raises(TypeError, match="a dtype must be floating"):
         prediction.to(torch.long)
     assert prediction.to("cpu").targets.dtype == torch.int64
+    # as Tensor.to takes them: dtype= and (device, dtype) were refused as unexpected arguments
+    for moved in (prediction.to(dtype=torch.float64), prediction.to("cpu", torch.float64)):
+        assert moved.probs.dtype == moved.sample_probs.dtype == torch.float64 and torch.equal(moved.targets, prediction.targets)
+    with pytest.raises(TypeError, match="takes one dtype"):
+        prediction.to(torch.float64, dtype=torch.float32)
     floats = bdl.Prediction.from_logits(torch.randn(2, 3, 400))
     floats.targets = torch.tensor([290.0, 291.0, 399.0])  # float class labels stay too (bfloat16 read 291 as 292)
     assert torch.equal(floats.to(torch.bfloat16).targets, floats.targets)
