@@ -17,7 +17,8 @@ from typing import Any, Iterator, Literal, Optional, Sequence, Sized, Union
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, TensorDataset
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset, TensorDataset
 
 from ..data.offline import (
     Splits,
@@ -149,6 +150,37 @@ class UncertaintyDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.splits is None:
             self.splits = self.build()
+            self._check_trained_split()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the data: a fingerprint of each split (sizes and sums of its tensors), which a
+        load compares with this module's (:meth:`load_state_dict`)."""
+        if self.splits is None:
+            return {}
+        if getattr(self, "_fingerprint", None) is None:
+            parts = {"train": self.splits.train, "val": self.splits.val, "test": self.splits.test, "ood": self.splits.ood}
+            self._fingerprint = {name: _fingerprint(part) for name, part in parts.items()}
+        return {"split_fingerprint": self._fingerprint}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Warn where a checkpoint's model was trained on other splits than this module gives: a test set holding rows
+        it trained on (another ``seed`` or fractions in ``bdl evaluate``) gave a report that overstated it."""
+        self._trained_split = state_dict.get("split_fingerprint")
+        self._check_trained_split()
+
+    def _check_trained_split(self) -> None:
+        trained = getattr(self, "_trained_split", None)
+        if trained is None or self.splits is None:  # compared once the splits are built
+            return
+        self._trained_split = None
+        ours = self.state_dict()["split_fingerprint"]
+        differ = [name for name in ("train", "val", "test", "ood") if not _same_fingerprint(trained.get(name), ours.get(name))]
+        if differ:
+            rank_zero_warn(
+                f"{type(self).__name__}: the checkpoint's model was trained with other data splits than this data module "
+                f"gives ({', '.join(differ)} differ): rows it trained on may be in this test set, and a report on it "
+                "would overstate the model; use the data options of its run (its config.yaml), unless the data is new to it"
+            )
 
     def _built(self) -> Splits:
         self.setup()
@@ -230,6 +262,28 @@ class UncertaintyDataModule(L.LightningDataModule):
         """The OOD loader (``eval_batch_size``, not shuffled), or None without an OOD set."""
         splits = self._built()
         return None if splits.ood is None else self._loader(splits.ood)
+
+
+def _fingerprint(dataset: Optional[Dataset]) -> Optional[list[Any]]:
+    """``[type, size, sums of its tensors...]`` of a dataset (a TensorDataset's tensors, the tensor attributes of
+    another, a Subset's indices and its dataset's), in float64 without a copy; None for no dataset."""
+    if dataset is None:
+        return None
+    if isinstance(dataset, Subset):
+        indices = torch.as_tensor(list(dataset.indices), dtype=torch.float64)
+        return ["Subset", len(dataset), float(indices.sum()), float(indices.square().sum()), _fingerprint(dataset.dataset)]
+    tensors = list(dataset.tensors) if isinstance(dataset, TensorDataset) else [v for v in vars(dataset).values() if isinstance(v, torch.Tensor)]
+    sized = len(dataset) if isinstance(dataset, Sized) else None
+    return [type(dataset).__name__, sized, *[float(t.sum(dtype=torch.float64)) for t in tensors if not t.is_complex()]]
+
+
+def _same_fingerprint(a: Any, b: Any) -> bool:  # noqa: ANN401
+    """Equal fingerprints, sums to 1e-9 (relative: another thread count sums in another order)."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_fingerprint(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1.0)
+    return a == b
 
 
 def _distributed_sampler_kwargs(trainer: Any) -> Optional[dict[str, Any]]:  # noqa: ANN401

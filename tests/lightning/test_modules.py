@@ -1351,3 +1351,22 @@ def test_adam_on_float16_parameters_is_named_as_the_cause_of_a_non_finite_loss(t
     with pytest.raises(FloatingPointError, match=r"step 0: .*every parameter is finite.*check the inputs for NaN/inf") as caught:
         trainer(tmp_path, max_steps=5, precision="16-true", limit_val_batches=0).fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
     assert "Adam" not in str(caught.value)
+
+
+def test_a_checkpoint_tested_on_other_splits_than_it_was_trained_on_is_warned_of(tmp_path):
+    # another seed in evaluate put rows the model trained on into its test set, and the report overstated it, silently
+    from bdl.lightning import DigitsDataModule
+
+    module = DeterministicModule(MLP(64, 8, hidden=[8]), save_report=False)
+    fit = trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0, enable_checkpointing=True)
+    fit.fit(module, DigitsDataModule(ood_classes=[8, 9]))
+    path = fit.checkpoint_callback.last_model_path or fit.checkpoint_callback.best_model_path
+    assert torch.load(path, weights_only=True)["DigitsDataModule"]["split_fingerprint"]["test"][:2] == ["TensorDataset", 289]
+    for seed, warned in ((0, False), (1, True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(tmp_path).test(module, DigitsDataModule(ood_classes=[8, 9], seed=seed), ckpt_path=path, verbose=False)
+        messages = [str(w.message) for w in caught if "other data splits" in str(w.message)]
+        assert bool(messages) == warned
+    assert "(train, val, test, ood differ): rows it trained on may be in this test set" in messages[0]
+
