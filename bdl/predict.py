@@ -42,6 +42,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 
 from ._messages import first_few, index_list
 from ._tensors import random_state, set_random_state, version_or_none
+from ._warn import user_stacklevel
 from ._outputs import draw_stacked, output_parts
 from .metrics.functional._checks import all_finite, check_probability_rows, look_like_probabilities
 from .nn.convert import deterministic, use_estimator
@@ -811,13 +812,15 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
     key = (tuple(x.shape[1:]), x.dtype, frozenset(map(id, sources)))
     # two verdicts: the row-mixing one (kept once told: a single row, or rows all alike, cannot tell, and the next
     # batch may) and the probe draws' (kept at once)
-    mixing_key = ("mixes rows", *key)
-    if mixing_key not in found:
-        mixes = _mixes_rows(core, x)
+    mixing_key, noise_key = ("mixes rows", *key), ("unknown noise", *key)
+    if mixing_key not in found and not found.get(noise_key):
+        noise, mixes = _mixes_rows(core, x, check_noise=noise_key not in found)
+        if noise is not None:
+            found[noise_key] = noise
         if mixes is not None:
             found[mixing_key] = mixes
-    if isinstance(found.get(mixing_key), str):
-        return found[mixing_key]
+    if found.get(noise_key):
+        return _UNKNOWN_NOISE
     if found.get(mixing_key):
         return (
             "its output for an input depends on the other rows of the batch (e.g. batch statistics), and the batched "
@@ -898,56 +901,60 @@ def _eager(model: nn.Module) -> Optional[contextlib.AbstractContextManager]:
     return None if set_stance is None else set_stance("force_eager")
 
 
-def _mixes_rows(core: nn.Module, x: Tensor) -> Optional[bool]:
-    """Whether ``core``, its Bayesian layers at their means and its dropout off (eval mode), gives an input's
-    row another output next to another row: a layer that mixes the rows of a batch (batch statistics, a batch
-    mean subtracted), whose batched draw would mix the ``S`` samples' rows (a loop mixes only the inputs').
+def _mixes_rows(core: nn.Module, x: Tensor, *, check_noise: bool = True) -> tuple[Optional[bool], Optional[bool]]:
+    """``(draws unknown noise, mixes rows)`` of ``core``, its Bayesian layers at their means and its dropout off (eval
+    mode, and MC dropout blocks inside it off too); None where these inputs cannot tell.
+
+    Mixing rows: whether it gives an input's row another output next to another row: a layer that mixes the rows
+    of a batch (batch statistics, a batch mean subtracted), whose batched draw would mix the ``S`` samples' rows (a
+    loop mixes only the inputs').
 
     Row 0 of ``x0`` repeated against row 0 of ``x0`` beside copies of ``xk`` (the first row of ``x`` unlike
-    ``x0``), each batch twice, of ``_PROBE_SAMPLES`` rows (outputs with as many in their first dimension hold the
+    ``x0``), each batch twice (a fresh copy each time: a model may write into its input), of ``_PROBE_SAMPLES``
+    rows (outputs with as many in their first dimension hold the
     rows there; an RNN's ``h_n`` ``[layers, B, H]`` does not, and a batch of 2 beside 2 layers read it as rows).
     The same shapes run the same kernels, so a row-wise network gives the same numbers (a 1-row forward against a
     2-row one rounds differently on GPUs: a bfloat16 network differed by a rounding step), element by element to
     4 rounding steps of the output's precision (or autocast's) times the element's size, at least 1: packed
     sequences and nested-tensor attention size their kernels by the other rows' lengths, and moved an output of
     1e-3 by up to 8e-8. Non-finite entries (a logit masked with -inf) are compared as they are. A mixing smaller
-    than that is not seen (in bfloat16, 3% of an output).
+    than that is not seen (in bfloat16, 3% of an output). None where these inputs cannot tell: a single row, or rows
+    all alike (no row that is known to be valid to put beside it: ``x0 + 1`` gave a category code past its
+    embedding, and a shift a normalising first layer removes), or a forward that fails (the draw itself then
+    raises); the batched path is taken and the question waits for a batch that can tell.
 
-    None where these inputs cannot tell: a single row, or rows all alike (no row that is known to be valid to
-    put beside it: ``x0 + 1`` gave a category code past its embedding, and a shift a normalising first layer
-    removes), or a forward that fails (the draw itself then raises); the batched path is taken and the question
-    waits for a batch that can tell. :data:`_UNKNOWN_NOISE` where the noise stays on with every source bdl knows
-    off (MC dropout blocks inside the model too): a layer of the user's that draws its own (a Bayesian layer of
-    another library, ``F.dropout(x, training=True)``), which the batched path may share across the samples (one
-    weight draw per forward for all of them; in an ``nn.Sequential``, layers before the first known source run
-    once): the epistemic variance came out 6-20 times too small."""
-    from .wrappers.mc_dropout import MCDropout
-
+    Unknown noise: two forwards of the same batch that differ (NaN beside NaN alike), with every source bdl knows
+    off: a layer of the user's that draws its own (a Bayesian layer of another library, ``F.dropout(x,
+    training=True)``), which the batched path may share across the samples (one weight draw per forward for all of
+    them; in an ``nn.Sequential``, the layers before the first known source run once): the epistemic variance came
+    out 6-20 times too small. Not checked again (no forwards) where ``check_noise`` is False and the rows cannot tell
+    the mixing."""
     x0 = x[:1]
     unlike = next((x[i : i + 1] for i in range(1, x.shape[0]) if not torch.equal(x[i : i + 1], x0)), None)
+    if unlike is None and not check_noise:
+        return None, None
     eager = _eager(core)
     if eager is None:
-        return False
+        return False, False
     rows = _PROBE_SAMPLES
     ones = (1,) * (x0.dim() - 1)  # repeated, not expanded: a model may write into its input
-    batches = [x0.repeat(rows, *ones)] * 2
-    if unlike is not None:
-        batches += [torch.cat([x0, unlike.repeat(rows - 1, *ones)])] * 2
-    blocks = [module for module in core.modules() if isinstance(module, MCDropout)]
+
+    def same() -> Tensor:
+        return x0.repeat(rows, *ones)
+
+    def other() -> Tensor:
+        return torch.cat([x0, unlike.repeat(rows - 1, *ones)])
+
+    batches = [same, same] + ([other, other] if unlike is not None else [])
     try:
-        for block in blocks:  # their dropout off, as eval mode leaves the rest
-            block.dropout_enabled = contextlib.nullcontext
-        with eager, deterministic(core), torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            outputs = [list(_tensors(core(batch))) for batch in batches]
+        with _mc_dropout_off(), eager, deterministic(core), torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            outputs = [list(_tensors(core(batch()))) for batch in batches]
     except Exception:  # noqa: BLE001 - only a probe
-        return None
-    finally:
-        for block in blocks:
-            del block.dropout_enabled
-    if any(not torch.equal(a, b) for i in range(0, len(outputs), 2) for a, b in zip(outputs[i], outputs[i + 1])):
-        return _UNKNOWN_NOISE
+        return None, None
+    if any(not _alike(a, b) for i in range(0, len(outputs), 2) for a, b in zip(outputs[i], outputs[i + 1])):
+        return True, None  # and the mixing cannot be told from outputs that differ anyway
     if unlike is None:
-        return None
+        return False, None
     autocast_eps = torch.finfo(torch.get_autocast_dtype(x.device.type)).eps if torch.is_autocast_enabled(x.device.type) else 0.0
     for alone, beside in zip(outputs[0], outputs[2]):
         if not (alone.dim() and alone.shape[0] == rows and alone.shape == beside.shape) or not alone.numel():
@@ -955,17 +962,17 @@ def _mixes_rows(core: nn.Module, x: Tensor) -> Optional[bool]:
         a, b = alone[:1], beside[:1]
         if not a.is_floating_point():
             if not torch.equal(a, b):
-                return True
+                return False, True
             continue
         finite = torch.isfinite(a) & torch.isfinite(b)
         odd_a, odd_b = a[~finite], b[~finite]  # -inf beside -inf (a masked logit), NaN beside NaN: alike
         if bool(((odd_a != odd_b) & ~(odd_a.isnan() & odd_b.isnan())).any()):
-            return True
+            return False, True
         a, b = a[finite].double(), b[finite].double()
         step = 4 * max(torch.finfo(alone.dtype).eps, autocast_eps)
         if bool(((a - b).abs() > step * torch.maximum(a.abs(), b.abs()).clamp_min(1)).any()):
-            return True
-    return False
+            return False, True
+    return False, False
 
 
 def _probe_draw(model: nn.Module, x: Tensor, num_samples: int, hooks: list[tuple[nn.Module, bool, Callable[..., Any]]]) -> bool:
@@ -985,6 +992,25 @@ def _probe_draw(model: nn.Module, x: Tensor, num_samples: int, hooks: list[tuple
         for handle in handles:
             handle.remove()
     return True
+
+
+def _alike(a: Tensor, b: Tensor) -> bool:
+    """Equal tensors, NaN beside NaN too (a NaN input's row: the same output twice, not noise)."""
+    if torch.equal(a, b):
+        return True
+    return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+@contextlib.contextmanager
+def _mc_dropout_off() -> Iterator[None]:
+    """MC dropout blocks switched off (their dropout as eval mode leaves it) in this thread, for a probe."""
+    from .wrappers.mc_dropout import DROPOUT_OFF
+
+    token = DROPOUT_OFF.set(True)
+    try:
+        yield
+    finally:
+        DROPOUT_OFF.reset(token)
 
 
 _UNKNOWN_NOISE = (
@@ -1311,14 +1337,19 @@ def _non_finite_message(error: _NonFiniteOutput, model: Any, x: Tensor, offset: 
 
 
 def _check_not_one_input(model: Any, x: Tensor) -> None:  # noqa: ANN401
-    """Refuse a 1-D ``x`` (read as ``N`` scalar inputs) as long as the features of the model's first linear layer:
-    one input without its batch dimension, whose ``N`` outputs (``nn.Linear(24, 24)``) were read as ``N``
-    predictions."""
-    first = next((m for m in model.modules() if isinstance(getattr(m, "in_features", None), int)), None) if isinstance(model, nn.Module) else None
-    if first is not None and first.in_features == x.shape[0] > 1:
-        raise ValueError(
-            f"inputs of shape {tuple(x.shape)} are a batch of {x.shape[0]} scalar inputs, but the model's first layer "
-            f"({type(first).__name__}) takes {first.in_features} features: pass one input x as x[None] ([1, {first.in_features}])"
+    """Warn of a floating 1-D ``x`` (read as ``N`` scalar inputs) as long as the features of the model's first layer
+    with parameters, where that is a linear one: one input without its batch dimension, whose ``N`` outputs
+    (``nn.Linear(24, 24)``) were read as ``N`` predictions. A warning: a model may expand scalars into as many
+    features itself (registration order is not call order either)."""
+    if not isinstance(model, nn.Module) or not x.is_floating_point():  # category codes for an embedding
+        return
+    first = next((m for m in model.modules() if not list(m.children()) and any(True for _ in m.parameters(recurse=False))), None)
+    in_features = getattr(first, "in_features", None)
+    if isinstance(in_features, int) and in_features == x.shape[0] > 1:
+        warnings.warn(
+            f"inputs of shape {tuple(x.shape)} are read as a batch of {x.shape[0]} scalar inputs, and the model's first "
+            f"layer ({type(first).__name__}) takes {in_features} features: if x is one input, pass x[None] ([1, {in_features}])",
+            stacklevel=user_stacklevel(),
         )
 
 

@@ -249,7 +249,7 @@ ROWS = [
     _row("TabularDataModule-not-csv-or-npz", lambda t: TabularDataModule(str(t / "table.txt"), "y"), ValueError, r"path must name a .csv or .npz file"),
     _row("DigitsDataModule-batch_size-zero", lambda t: DigitsDataModule(batch_size=0), ValueError, r"batch_size must be a positive int, got 0"),
     _row("DigitsDataModule-eval_batch_size-zero", lambda t: DigitsDataModule(eval_batch_size=0), ValueError, r"eval_batch_size must be a positive int, got 0"),
-    _row("DigitsDataModule-seed-string", lambda t: DigitsDataModule(seed="0"), ValueError, r"seed must be an int, got '0'"),
+    _row("DigitsDataModule-seed-string", lambda t: DigitsDataModule(seed="0"), ValueError, r"seed must be an int in \[0, 2\^32\), got '0'"),
     _row("DigitsDataModule-unknown-ood", lambda t: DigitsDataModule(ood="bogus"), ValueError, r"ood must be 'classes', 'noise' or None, got 'bogus'"),
     _row("DigitsDataModule-val_fraction-above-1", lambda t: DigitsDataModule(val_fraction=1.5), ValueError, r"val_fraction must be in \[0, 1\) and test_fraction in \(0, 1\), with a sum below 1, got 1.5 and 0.2"),
     _row("DigitsDataModule-holding-out-every-class", lambda t: DigitsDataModule(ood_classes=list(range(10))), ValueError, r"ood_classes must leave at least 2 of the 10 classes to train on"),

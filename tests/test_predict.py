@@ -874,12 +874,16 @@ def test_the_predictive_entropy_is_computed_once_and_follows_the_probabilities()
         torch.testing.assert_close(twin.predictive_entropy, torch.full((6,), math.log(3)))
 
 
-def test_one_input_without_its_batch_dimension_is_named():
+def test_one_input_without_its_batch_dimension_is_warned_of():
     # x [24] is 24 scalar inputs: a Linear(24, 24) model's one output of 24 came back as 24 predictions, silently
     model = bdl.MCDropout(nn.Sequential(nn.Linear(24, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 24)))
-    with pytest.raises(ValueError, match=r"inputs of shape \(24,\) are a batch of 24 scalar inputs, but the model's first layer \(Linear\) takes 24 features: pass one input x as x\[None\]"):
+    with pytest.warns(UserWarning, match=r"inputs of shape \(24,\) are read as a batch of 24 scalar inputs, and the model's first layer \(Linear\) takes 24 features: if x is one input, pass x\[None\]"):
         bdl.predict(model, torch.randn(24), num_samples=2, task="regression")
-    assert bdl.predict(model, torch.randn(24)[None], num_samples=2, task="regression").mean.shape == (1, 24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bdl.predict(model, torch.randn(24)[None], num_samples=2, task="regression").mean.shape == (1, 24)
+        codes = bdl.MCDropout(nn.Sequential(nn.Embedding(100, 32), nn.Dropout(0.2), nn.Linear(32, 3)))  # 32 category codes
+        assert bdl.predict(codes, torch.randint(0, 100, (32,)), num_samples=2).probs.shape == (32, 3)
     with pytest.raises(ValueError, match=r"for a batch of 4 inputs; .* one input x as x\[None\]"):  # outputs of other sizes
         linear = nn.Linear(4, 3)
         bdl.predict(Lambda(lambda x: linear(x)), torch.randn(4), num_samples=1)  # its layer out of sight
@@ -1154,6 +1158,38 @@ def test_noise_bdl_does_not_know_of_takes_the_loop():
     # with the known sources off: an MC dropout block inside the model is not taken for unknown noise
     inner = nn.Sequential(bdl.MCDropout(nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Dropout(0.5))), nn.Linear(32, 3))
     assert bdl.predict(inner, x, num_samples=4, method="batched").num_samples == 4
+
+
+class _Shifts(nn.Module):
+    """Writes into its input (x -= mu), as some models do: a probe that reused one batch saw another input twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+    def forward(self, x):
+        x.sub_(1.0)
+        return self.body(x)
+
+
+def test_the_unknown_noise_probe_is_not_fooled_by_nans_or_models_that_write_their_input_and_runs_once():
+    # a NaN row (NaN != NaN) and an input edited in place were taken for noise, cached: later clean calls were
+    # refused the batched path; and single-row calls ran the probe's two forwards every time
+    bnn = nn.Sequential(bdl.BayesLinear(4, 16), nn.ReLU(), bdl.BayesLinear(16, 3))
+    x = torch.randn(6, 4)
+    x[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="those inputs hold NaN or Inf"):
+        bdl.predict(bnn, x, num_samples=8, method="batched")
+    assert bdl.predict(bnn, torch.randn(6, 4), num_samples=8, method="batched").num_samples == 8
+    assert bdl.predict(bdl.MCDropout(_Shifts()), torch.randn(6, 4), num_samples=8, method="batched").num_samples == 8
+    calls = []
+    model = bdl.MCDropout(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3)))
+    model.model[0].register_forward_hook(lambda *args: calls.append(1))
+    one = torch.randn(1, 4)
+    bdl.predict(model, one, num_samples=8)
+    first = len(calls)
+    bdl.predict(model, one, num_samples=8)
+    assert len(calls) - first == 1  # the draw alone
 
 
 def test_ensembles_sample_their_bayesian_members_with_one_weight_draw_per_forward():
@@ -1433,7 +1469,7 @@ def test_packed_sequences_are_not_taken_for_rows_that_mix():
     for i, length in enumerate(torch.randint(3, 11, (64,))):
         tokens[i, length:] = 0
     model = bdl.MCDropout(_PackedLSTM())
-    assert sys.modules["bdl.predict"]._mixes_rows(model.model.eval(), tokens) is False
+    assert sys.modules["bdl.predict"]._mixes_rows(model.model.eval(), tokens) == (False, False)
     assert bdl.predict(model, tokens, num_samples=4, method="batched").num_samples == 4
 
 
@@ -1509,8 +1545,8 @@ def test_masked_logits_do_not_hide_row_mixing_and_single_rows_are_not_made_up():
     check = sys.modules["bdl.predict"]._mixes_rows
     x = torch.randn(8, 4)
     for fill in (-1e9, torch.finfo(torch.float32).min, -math.inf):
-        assert check(Masked(fill).eval(), x) is True
-    assert check(Masked(-1e9).eval(), x[:1]) is None and check(Masked(-1e9).eval(), x[:1].expand(3, 4)) is None
+        assert check(Masked(fill).eval(), x) == (False, True)  # (unknown noise, mixes rows)
+    assert check(Masked(-1e9).eval(), x[:1])[1] is None and check(Masked(-1e9).eval(), x[:1].expand(3, 4))[1] is None
 
 
 def test_the_entropy_handed_out_edited_in_place_does_not_change_the_next_read():

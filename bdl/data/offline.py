@@ -88,16 +88,21 @@ def check_ood_classes(ood_classes: Sequence[int], num_classes: int) -> None:
 
 
 def check_seed(seed: int, name: str = "seed") -> int:
-    """``seed`` as an int (a numpy integer too), else a ValueError naming it (torch's ``manual_seed`` named none)."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"{name} must be an int, got {seed!r}")
+    """``seed`` as an int in ``[0, 2^32)`` (a numpy integer too), the range numpy's and Lightning's seeds take,
+    else a ValueError naming it (torch's ``manual_seed`` and scikit-learn's ``random_state`` named another)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise ValueError(f"{name} must be an int in [0, 2^32), got {seed!r}")
     return int(seed)
 
 
 def _check_interval(value: Any, name: str) -> tuple[float, float]:  # noqa: ANN401
-    """``value`` as a pair ``(low, high)`` of finite numbers, else a ValueError naming ``name``."""
-    pair = list(value) if isinstance(value, (tuple, list)) else None
-    if pair is None or len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) for v in pair):
+    """``value`` (a tuple, list, array or tensor) as a pair ``(low, high)`` of finite numbers, else a ValueError naming
+    ``name``."""
+    try:
+        pair = np.asarray(value)
+    except (TypeError, ValueError, RuntimeError):
+        pair = None
+    if pair is None or pair.dtype.kind not in "iuf" or pair.shape != (2,) or not np.isfinite(pair).all():  # "4" too
         raise ValueError(f"{name} must be a pair (low, high) of numbers, got {value!r}")
     return float(pair[0]), float(pair[1])
 

@@ -15,6 +15,7 @@ to the config file's name.
 from __future__ import annotations
 
 import csv
+import glob
 import importlib.util
 import json
 import math
@@ -557,8 +558,8 @@ class BDLCLI(LightningCLI):
         with a ``checkpoint.dirpath``, the newest such file in that folder (where the run wrote them)."""
         name = "last" if which == "last" else (config.get("checkpoint", {}).get("filename") or "best")
         dirpath = (config.get("checkpoint") or {}).get("dirpath")
-        if dirpath is not None:
-            return self._newest_in_folder(Path(dirpath), which, name)
+        if dirpath is not None:  # "~/ckpts" as ModelCheckpoint reads it
+            return self._newest_in_folder(Path(os.path.expanduser(str(dirpath))), which, name)
         root = Path(config.get("trainer", {}).get("default_root_dir") or DEFAULT_ROOT) / self.run_name()
         found = [(version, path) for path in root.glob(f"version_*/checkpoints/{name}.ckpt") if (version := _version_of(path)) is not None]
         if which == "best":
@@ -578,12 +579,16 @@ class BDLCLI(LightningCLI):
 
     def _newest_in_folder(self, folder: Path, which: str, name: str) -> Path:
         """The newest ``last.ckpt`` in a fixed checkpoint folder (Lightning names a later run's ``last-v1.ckpt``, ...),
-        or the best checkpoint it records, else the newest ``<name>.ckpt``."""
-        lasts = sorted(folder.glob("last*.ckpt"), key=lambda path: path.stat().st_mtime)
-        lasts = [path for path in lasts if path.stem == "last" or path.stem[4:6] == "-v" and path.stem[6:].isdigit()]
+        or the best checkpoint it records, else the newest ``<name>.ckpt`` (or ``<name>-v<n>.ckpt``)."""
+        def versions(stem: str) -> list[Path]:  # <stem>.ckpt and a later run's <stem>-v1.ckpt, ..., oldest first
+            found = [path for path in folder.glob(f"{glob.escape(stem)}*.ckpt") if path.stem == stem or (
+                path.stem[len(stem) : len(stem) + 2] == "-v" and path.stem[len(stem) + 2 :].isdigit())]  # fmt: skip
+            return sorted(found, key=lambda path: path.stat().st_mtime)
+
+        lasts = versions("last")
         if which == "best" and lasts and (recorded := _recorded_best(lasts[-1])) is not None:
             return recorded
-        named = sorted(folder.glob(f"{name}.ckpt") if which == "best" else lasts, key=lambda path: path.stat().st_mtime)
+        named = versions(name) if which == "best" else lasts
         if not named:
             doing = "resume" if self.subcommand == "fit" else self.subcommand
             raise FileNotFoundError(f"--ckpt_path {which}: no {folder}/{name}.ckpt (the checkpoint.dirpath given) to {doing} from; pass a checkpoint file")

@@ -771,7 +771,8 @@ class UncertaintyModule(LoadsWithModel, _ResumableRandomState, _Evaluation, L.Li
         self.n_bins = check_positive_int(n_bins, "n_bins")
         self.save_report = bool(save_report)
         self._noise_variance_given = noise_variance is not None
-        if noise_variance is not None and task != "regression":  # a number was ignored silently
+        # a number was ignored silently; 1.0 is what modules saved before noise_variance could be unset kept
+        if noise_variance not in (None, 1.0) and task != "regression":
             raise ValueError(f"noise_variance={noise_variance!r} is for task='regression' (a mean-only network's noise), got task={task!r}")
         if noise_variance == "learn":
             self.log_noise_variance = nn.Parameter(torch.zeros(()))
@@ -824,6 +825,8 @@ class UncertaintyModule(LoadsWithModel, _ResumableRandomState, _Evaluation, L.Li
 
     @noise_variance.setter
     def noise_variance(self, value: float) -> None:
+        if self.task != "regression":  # kept in hparams, it made the module unbuildable from them
+            raise ValueError(f"noise_variance is for task='regression' (a mean-only network's noise), this module's task is {self.task!r}")
         value = _check_number("noise_variance", value, strict=True)
         if hasattr(self, "log_noise_variance"):  # a learned one starts from there
             with torch.no_grad():
@@ -875,8 +878,9 @@ class UncertaintyModule(LoadsWithModel, _ResumableRandomState, _Evaluation, L.Li
                 raise
         if isinstance(output, (tuple, list)):
             # a learned one was never trained (and DDP stops at a parameter without a gradient), a number ignored
-            if self._noise_variance_given:
-                given = "'learn'" if hasattr(self, "log_noise_variance") else repr(self._fixed_noise_variance)
+            learned = hasattr(self, "log_noise_variance")
+            if learned or (self._noise_variance_given and self._fixed_noise_variance != 1.0):  # 1.0: an earlier default
+                given = "'learn'" if learned else repr(self._fixed_noise_variance)
                 raise ValueError(
                     f"noise_variance={given} is for a network that outputs means only; this one predicts its variance "
                     f"(it returned {type(output).__name__}, a Gaussian head's (mean, variance)): leave noise_variance unset"
@@ -968,6 +972,7 @@ class DeterministicModule(UncertaintyModule):
         model: the network.
         num_eval_samples: forward passes per test/predict input (1: the network is deterministic; more only
             where it draws noise of its own).
+        num_val_samples: forward passes per validation input (1, as ``num_eval_samples``).
         **kwargs: :class:`UncertaintyModule` options (task, optimizer, lr, ...).
 
     Example:
@@ -976,8 +981,8 @@ class DeterministicModule(UncertaintyModule):
         torch.Size([])
     """
 
-    def __init__(self, model: nn.Module, *, num_eval_samples: Optional[int] = 1, **kwargs: Any) -> None:  # noqa: ANN401
-        super().__init__(model, num_eval_samples=num_eval_samples, **kwargs)
+    def __init__(self, model: nn.Module, *, num_eval_samples: Optional[int] = 1, num_val_samples: Optional[int] = 1, **kwargs: Any) -> None:  # noqa: ANN401
+        super().__init__(model, num_eval_samples=num_eval_samples, num_val_samples=num_val_samples, **kwargs)
 
     def training_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         nll = self.nll(self.model(x), y)

@@ -41,7 +41,7 @@ def _read_csv(path: str, columns: Optional[Sequence[str]], target: str) -> tuple
         return _read_csv_text(path, columns, target)
     except UnicodeDecodeError as error:  # Excel's default cp1252, or its UTF-16 "Unicode Text": a bare decode error
         raise ValueError(
-            f"{path} is not UTF-8 text (byte {error.start}: {error.reason}): save it as UTF-8 (Excel: \"CSV UTF-8\")"
+            f"{path} is not UTF-8 text ({error.reason}): save it as UTF-8 (Excel: \"CSV UTF-8\")"
         ) from None
 
 

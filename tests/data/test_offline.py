@@ -114,13 +114,17 @@ def test_bad_arguments_are_named_in_bdls_words():
     # scikit-learn's "n_samples", torch's "manual_seed expected a long", "'float' object is not subscriptable"
     for call, message in (
         (lambda: two_moons(0), "num_samples must be a positive int, got 0"),
-        (lambda: load_digits(seed=1.5), "seed must be an int, got 1.5"),
+        (lambda: load_digits(seed=1.5), r"seed must be an int in \[0, 2\^32\), got 1.5"),
+        (lambda: two_moons(seed=-1), r"seed must be an int in \[0, 2\^32\), got -1"),  # scikit-learn's random_state
+        (lambda: load_digits(seed=2**70), "seed must be an int"),  # "Overflow when unpacking long long"
         (lambda: regression_with_gap(gap=1.0), r"gap must be a pair \(low, high\) of numbers, got 1.0"),
         (lambda: regression_with_gap(domain=(-4, "4")), "domain must be a pair"),
     ):
         with pytest.raises(ValueError, match=message):
             call()
     assert torch.equal(two_moons(50, seed=np.int64(3)).train.tensors[0], two_moons(50, seed=3).train.tensors[0])
+    for gap in (np.array([-1.0, 1.0]), torch.tensor([-1.0, 1.0])):  # an array or tensor pair, as a tuple
+        assert torch.equal(regression_with_gap(50, gap=gap).train.tensors[0], regression_with_gap(50).train.tensors[0])
     data = DigitsDataModule(seed=np.int64(1), num_workers=np.int64(0))  # refused as "seed must be an int"
     assert type(data.seed) is int and type(data.num_workers) is int
     with pytest.raises(TypeError, match=r"data_dir must be a folder path \(a str or os.PathLike\), got None"):

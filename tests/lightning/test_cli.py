@@ -316,18 +316,28 @@ def test_ckpt_path_best_is_the_best_checkpoint_the_run_recorded(quickstart_run, 
         assert yaml.safe_load((newest / "config.yaml").read_text())["ckpt_path"] == str(folder / recorded)
 
 
-def test_ckpt_path_last_or_best_looks_in_a_given_checkpoint_dirpath(quickstart_run, tmp_path):
+def test_ckpt_path_last_or_best_looks_in_a_given_checkpoint_dirpath(quickstart_run, tmp_path, monkeypatch):
     # with --checkpoint.dirpath the run wrote its checkpoints there, not under version_<n>/checkpoints/: last and
     # best looked in the run folder only and said there were none
     folder = tmp_path / "ckpts"
     shutil.copytree(quickstart_run / "quickstart" / "version_0" / "checkpoints", folder)
     os.utime(folder / "last.ckpt", (1, 1))
     shutil.copy(folder / "last.ckpt", folder / "last-v1.ckpt")  # a later run's, in the same folder: the newest
+    monkeypatch.setenv("HOME", str(tmp_path))  # "~/ckpts", as ModelCheckpoint reads it: "no ~/ckpts/last.ckpt"
     for which, chosen in (("last", "last-v1.ckpt"), ("best", "best.ckpt")):
-        main(["evaluate", "--config", QUICKSTART, "--ckpt_path", which, "--checkpoint.dirpath", str(folder), *FEW_STEPS,
+        main(["evaluate", "--config", QUICKSTART, "--ckpt_path", which, "--checkpoint.dirpath", "~/ckpts", *FEW_STEPS,
               "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
         newest = max((tmp_path / "quickstart").glob("version_*"), key=lambda path: int(path.name[8:]))
         assert yaml.safe_load((newest / "config.yaml").read_text())["ckpt_path"] == str(folder / chosen)
+    # without save_last, a later run's best is best-v1.ckpt: the first run's best.ckpt was taken
+    os.remove(folder / "last.ckpt")
+    os.remove(folder / "last-v1.ckpt")
+    os.utime(folder / "best.ckpt", (1, 1))
+    shutil.copy(folder / "best.ckpt", folder / "best-v1.ckpt")
+    main(["evaluate", "--config", QUICKSTART, "--ckpt_path", "best", "--checkpoint.dirpath", str(folder), *FEW_STEPS,
+          "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    newest = max((tmp_path / "quickstart").glob("version_*"), key=lambda path: int(path.name[8:]))
+    assert yaml.safe_load((newest / "config.yaml").read_text())["ckpt_path"] == str(folder / "best-v1.ckpt")
     with pytest.raises(FileNotFoundError, match=r"--ckpt_path best: no .*empty/best.ckpt \(the checkpoint.dirpath given\)"):
         main(["evaluate", "--config", QUICKSTART, "--ckpt_path", "best", "--checkpoint.dirpath", str(tmp_path / "empty"),
               "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip

@@ -195,6 +195,7 @@ class _OwnNoise(nn.Module):
 def test_a_deterministic_modules_eval_samples_are_used_and_a_validation_loader_without_targets_is_named(tmp_path):
     # num_eval_samples was read as 1 in trainer.test/predict, where bdl.predict of the module took it
     module = DeterministicModule(_OwnNoise(), num_eval_samples=10)
+    assert module.num_val_samples == 1  # 8, the base's: 8 identical forwards per validation batch once they were used
     x = torch.randn(6, 4)
     assert module.sample_prediction(x, module.num_eval_samples).num_samples == 10
     assert trainer(tmp_path).predict(module, DataLoader(TensorDataset(x), batch_size=6))[0].num_samples == 10
@@ -382,6 +383,11 @@ def test_a_mean_only_regressor_learns_its_noise_variance_and_is_warned_of_the_de
         DeterministicModule(nn.Linear(1, 2), noise_variance=0.1)
     with pytest.raises(ValueError, match=r"noise_variance=0.5 is for a network that outputs means only; this one predicts its variance"):
         DeterministicModule(MLP(1, 1, head="gaussian"), task="regression", noise_variance=0.5).training_loss(x, y)
+    # 1.0, the default modules saved before noise_variance could be unset kept: their checkpoints load and train
+    DeterministicModule(nn.Linear(1, 2), noise_variance=1.0)
+    DeterministicModule(MLP(1, 1, head="gaussian"), task="regression", noise_variance=1.0).training_loss(x, y)
+    with pytest.raises(ValueError, match="noise_variance is for task='regression'.*this module's task is 'classification'"):
+        DeterministicModule(nn.Linear(1, 2)).noise_variance = 0.5  # kept in hparams, the module could not be rebuilt
     with pytest.raises(ValueError, match="noise_variance must be a number > 0 or 'learn', got 'learned'"):
         DeterministicModule(nn.Linear(1, 1), task="regression", noise_variance="learned")
     fixed = DeterministicModule(nn.Linear(1, 1), task="regression")
