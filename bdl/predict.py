@@ -70,7 +70,7 @@ SAMPLING_METHODS = ("auto", "loop", "batched")
   ``[B, T, F]`` (one weight sample serves all ``T`` positions), dropout on a tensor without the batch
   rows (a weight, even one computed from parameters), and noise drawn by layers bdl does not know of (a
   Bayesian layer of another library, ``F.dropout(x, training=True)``: seen as outputs that differ between two
-  forwards with bdl's sources off), which the samples could share. Forward hooks of yours run in these probes too (up to seven
+  forwards with bdl's sources off, in a model without MC dropout blocks inside it), which the samples could share. Forward hooks of yours run in these probes too (up to seven
   forwards of 1 to 7 rows built from the input's first rows, some with the layers at their means, on the first
   call for a network and input shape, and again on later calls until a batch of two distinct rows lets the
   row-mixing probe tell): a hook that collects features should skip them, or use ``method="loop"``.
@@ -464,6 +464,8 @@ class Prediction:
         cast to it (class labels stay as they are), as ``Tensor.to`` takes them: ``to("cuda")``,
         ``to(torch.float64)``, ``to(dtype=torch.float64)``, ``to("cpu", torch.float64)``. Tensors already there
         are shared, as ``Tensor.to`` shares them."""
+        if isinstance(device, Tensor) or isinstance(dtype, Tensor):  # Tensor.to(other) casts labels too
+            raise TypeError("Prediction.to takes a device and/or a dtype, not a tensor")
         if isinstance(device, torch.dtype):
             if dtype is not None:
                 raise TypeError(f"Prediction.to takes one dtype, got {device} and dtype={dtype}")
@@ -500,7 +502,8 @@ class Prediction:
 
 # torch.load's default (weights_only, torch >= 2.6) refused a saved Prediction ("Unsupported global"): its fields are
 # tensors, numbers and strings, which that unpickler rebuilds
-torch.serialization.add_safe_globals([Prediction])
+if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
+    torch.serialization.add_safe_globals([Prediction])
 
 
 def _check_samples(name: str, value: Any, expected: str) -> Tensor:  # noqa: ANN401
@@ -903,7 +906,7 @@ def _eager(model: nn.Module) -> Optional[contextlib.AbstractContextManager]:
 
 def _mixes_rows(core: nn.Module, x: Tensor, *, check_noise: bool = True) -> tuple[Optional[bool], Optional[bool]]:
     """``(draws unknown noise, mixes rows)`` of ``core``, its Bayesian layers at their means and its dropout off (eval
-    mode, and MC dropout blocks inside it off too); None where these inputs cannot tell.
+    mode); None where these inputs cannot tell.
 
     Mixing rows: whether it gives an input's row another output next to another row: a layer that mixes the rows
     of a batch (batch statistics, a batch mean subtracted), whose batched draw would mix the ``S`` samples' rows (a
@@ -924,7 +927,7 @@ def _mixes_rows(core: nn.Module, x: Tensor, *, check_noise: bool = True) -> tupl
     raises); the batched path is taken and the question waits for a batch that can tell.
 
     Unknown noise: two forwards of the same batch that differ (NaN beside NaN alike), with every source bdl knows
-    off: a layer of the user's that draws its own (a Bayesian layer of another library, ``F.dropout(x,
+    off (where the model holds no MC dropout block, whose noise stays on: then no telling, as before): a layer of the user's that draws its own (a Bayesian layer of another library, ``F.dropout(x,
     training=True)``), which the batched path may share across the samples (one weight draw per forward for all of
     them; in an ``nn.Sequential``, the layers before the first known source run once): the epistemic variance came
     out 6-20 times too small. Not checked again (no forwards) where ``check_noise`` is False and the rows cannot tell
@@ -946,13 +949,18 @@ def _mixes_rows(core: nn.Module, x: Tensor, *, check_noise: bool = True) -> tupl
         return torch.cat([x0, unlike.repeat(rows - 1, *ones)])
 
     batches = [same, same] + ([other, other] if unlike is not None else [])
+    from .wrappers.mc_dropout import MCDropout
+
+    blocks = any(isinstance(module, MCDropout) for module in core.modules())
     try:
-        with _mc_dropout_off(), eager, deterministic(core), torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        with eager, deterministic(core), torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             outputs = [list(_tensors(core(batch()))) for batch in batches]
     except Exception:  # noqa: BLE001 - only a probe
         return None, None
     if any(not _alike(a, b) for i in range(0, len(outputs), 2) for a, b in zip(outputs[i], outputs[i + 1])):
-        return True, None  # and the mixing cannot be told from outputs that differ anyway
+        # an MC dropout block inside the model draws noise with it off: no telling, and no other input will tell (the
+        # batched path, as before the check); else noise of the user's (and no telling the mixing either)
+        return (False, False) if blocks else (True, None)
     if unlike is None:
         return False, None
     autocast_eps = torch.finfo(torch.get_autocast_dtype(x.device.type)).eps if torch.is_autocast_enabled(x.device.type) else 0.0
@@ -999,18 +1007,6 @@ def _alike(a: Tensor, b: Tensor) -> bool:
     if torch.equal(a, b):
         return True
     return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all())
-
-
-@contextlib.contextmanager
-def _mc_dropout_off() -> Iterator[None]:
-    """MC dropout blocks switched off (their dropout as eval mode leaves it) in this thread, for a probe."""
-    from .wrappers.mc_dropout import DROPOUT_OFF
-
-    token = DROPOUT_OFF.set(True)
-    try:
-        yield
-    finally:
-        DROPOUT_OFF.reset(token)
 
 
 _UNKNOWN_NOISE = (
@@ -1336,6 +1332,13 @@ def _non_finite_message(error: _NonFiniteOutput, model: Any, x: Tensor, offset: 
 
 
 
+def _distinct_rows(output: Tensor) -> bool:
+    """Whether ``output`` [..., C] holds two rows that differ: one row (a single input, a trailing batch of one) of
+    logits that happen to be non-negative and sum to 1 is no sign of probabilities."""
+    rows = output.reshape(-1, output.shape[-1])
+    return bool((rows != rows[:1]).any())
+
+
 def _check_not_one_input(model: Any, x: Tensor) -> None:  # noqa: ANN401
     """Warn of a floating 1-D ``x`` (read as ``N`` scalar inputs) as long as the features of the model's first layer
     with parameters, where that is a linear one: one input without its batch dimension, whose ``N`` outputs
@@ -1378,7 +1381,7 @@ def _add_output(summary: Any, output: Any, task: str, rows: int) -> None:  # noq
             raise ValueError(f"a classification model must return logits [B, C], got {shape}{regression}")
         if not all_finite(output):
             raise _NonFiniteOutput("the model returned non-finite logits (NaN or Inf)", _non_finite_rows(output))
-        if summary.count == 0 and output.shape[-1] > 1 and look_like_probabilities(output):
+        if summary.count == 0 and output.shape[-1] > 1 and _distinct_rows(output) and look_like_probabilities(output):
             # read as logits, softmaxed again: probabilities flattened towards uniform, a tenth of the mutual information
             raise ValueError(
                 "the model returns probabilities (every row non-negative, summing to 1), and predict reads logits: "

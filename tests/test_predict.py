@@ -900,6 +900,8 @@ def test_a_model_that_returns_probabilities_is_refused():
             bdl.predict(model, x, num_samples=4)
     log_probs = nn.Sequential(bdl.MCDropout(net), nn.LogSoftmax(-1))  # log-probabilities are logits
     assert bdl.predict(log_probs, x, num_samples=4).probs.shape == (4, 3)
+    # one row of logits that happen to be non-negative and sum to 1 (one input, a trailing batch of one): no sign
+    assert bdl.predict(Lambda(lambda x: torch.tensor([[0.3, 0.7]]).expand(len(x), 2)), x[:1], num_samples=1).probs.shape == (1, 2)
 
 
 def test_an_output_for_other_rows_than_the_inputs_is_refused():
@@ -948,6 +950,8 @@ def test_prediction_to_a_dtype_casts_its_summaries_and_keeps_integer_targets():
         assert moved.probs.dtype == moved.sample_probs.dtype == torch.float64 and torch.equal(moved.targets, prediction.targets)
     with pytest.raises(TypeError, match="takes one dtype"):
         prediction.to(torch.float64, dtype=torch.float32)
+    with pytest.raises(TypeError, match="takes a device and/or a dtype, not a tensor"):  # Tensor.to(other) cast the labels
+        prediction.to(torch.zeros(1, dtype=torch.float64))
     floats = bdl.Prediction.from_logits(torch.randn(2, 3, 400))
     floats.targets = torch.tensor([290.0, 291.0, 399.0])  # float class labels stay too (bfloat16 read 291 as 292)
     assert torch.equal(floats.to(torch.bfloat16).targets, floats.targets)

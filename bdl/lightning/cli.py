@@ -580,8 +580,9 @@ class BDLCLI(LightningCLI):
     def _newest_in_folder(self, folder: Path, which: str, name: str) -> Path:
         """The newest ``last.ckpt`` in a fixed checkpoint folder (Lightning names a later run's ``last-v1.ckpt``, ...),
         or the best checkpoint it records, else the newest ``<name>.ckpt`` (or ``<name>-v<n>.ckpt``)."""
-        def versions(stem: str) -> list[Path]:  # <stem>.ckpt and a later run's <stem>-v1.ckpt, ..., oldest first
-            found = [path for path in folder.glob(f"{glob.escape(stem)}*.ckpt") if path.stem == stem or (
+        def versions(name: str) -> list[Path]:  # <name>.ckpt and a later run's <name>-v1.ckpt, ..., oldest first
+            where, stem = folder / Path(name).parent, Path(name).name  # a filename "sub/best" writes into sub/
+            found = [path for path in where.glob(f"{glob.escape(stem)}*.ckpt") if path.stem == stem or (
                 path.stem[len(stem) : len(stem) + 2] == "-v" and path.stem[len(stem) + 2 :].isdigit())]  # fmt: skip
             return sorted(found, key=lambda path: path.stat().st_mtime)
 

@@ -11,6 +11,7 @@ Offline modules (no download): :class:`DigitsDataModule`, :class:`MNIST1DDataMod
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from typing import Any, Iterator, Literal, Optional, Sequence, Sized, Union
@@ -150,17 +151,24 @@ class UncertaintyDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.splits is None:
             self.splits = self.build()
+            self._fingerprint = None  # a module rebuilt (another fold: splits = None) fingerprints its new splits
             self._check_trained_split()
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the data: a fingerprint of each split (sizes and sums of its tensors), which a
         load compares with this module's (:meth:`load_state_dict`)."""
+        fingerprint = self._split_fingerprint()
+        return {} if fingerprint is None else {"split_fingerprint": fingerprint}
+
+    def _split_fingerprint(self) -> Optional[dict[str, Any]]:
+        """The train/val/test splits' fingerprints (the OOD set is no training data: another one is no leak), or None
+        before they are built."""
         if self.splits is None:
-            return {}
+            return None
         if getattr(self, "_fingerprint", None) is None:
-            parts = {"train": self.splits.train, "val": self.splits.val, "test": self.splits.test, "ood": self.splits.ood}
+            parts = {"train": self.splits.train, "val": self.splits.val, "test": self.splits.test}
             self._fingerprint = {name: _fingerprint(part) for name, part in parts.items()}
-        return {"split_fingerprint": self._fingerprint}
+        return self._fingerprint
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Warn where a checkpoint's model was trained on other splits than this module gives: a test set holding rows
@@ -173,8 +181,8 @@ class UncertaintyDataModule(L.LightningDataModule):
         if trained is None or self.splits is None:  # compared once the splits are built
             return
         self._trained_split = None
-        ours = self.state_dict()["split_fingerprint"]
-        differ = [name for name in ("train", "val", "test", "ood") if not _same_fingerprint(trained.get(name), ours.get(name))]
+        ours = self._split_fingerprint() or {}
+        differ = [name for name in ("train", "val", "test") if not _same_fingerprint(trained.get(name), ours.get(name))]
         if differ:
             rank_zero_warn(
                 f"{type(self).__name__}: the checkpoint's model was trained with other data splits than this data module "
@@ -265,24 +273,34 @@ class UncertaintyDataModule(L.LightningDataModule):
 
 
 def _fingerprint(dataset: Optional[Dataset]) -> Optional[list[Any]]:
-    """``[type, size, sums of its tensors...]`` of a dataset (a TensorDataset's tensors, the tensor attributes of
-    another, a Subset's indices and its dataset's), in float64 without a copy; None for no dataset."""
+    """``[type, size, (sum, sum of |values|) of each tensor...]`` of a dataset (a TensorDataset's tensors, the tensor
+    attributes of another, a Subset's indices and its dataset's), in float64 without a copy; None for no dataset.
+    Tensors that cannot be summed (nested, meta, complex) are left out."""
     if dataset is None:
         return None
-    if isinstance(dataset, Subset):
-        indices = torch.as_tensor(list(dataset.indices), dtype=torch.float64)
-        return ["Subset", len(dataset), float(indices.sum()), float(indices.square().sum()), _fingerprint(dataset.dataset)]
+    if isinstance(dataset, Subset):  # as_tensor: a tensor of indices listed made one 0-d tensor per index (9 s for 2M)
+        indices = torch.as_tensor(dataset.indices).to(torch.float64)
+        return ["Subset", len(dataset), [float(indices.sum()), float(indices.square().sum())], _fingerprint(dataset.dataset)]
     tensors = list(dataset.tensors) if isinstance(dataset, TensorDataset) else [v for v in vars(dataset).values() if isinstance(v, torch.Tensor)]
-    sized = len(dataset) if isinstance(dataset, Sized) else None
-    return [type(dataset).__name__, sized, *[float(t.sum(dtype=torch.float64)) for t in tensors if not t.is_complex()]]
+    sums = []
+    for t in tensors:
+        if t.is_complex() or t.is_nested or t.is_meta or t.layout != torch.strided:
+            continue
+        sums.append([float(t.sum(dtype=torch.float64)), float(t.abs().sum(dtype=torch.float64)) if t.is_floating_point() else float(t.sum(dtype=torch.float64))])
+    return [type(dataset).__name__, len(dataset) if isinstance(dataset, Sized) else None, *sums]
 
 
 def _same_fingerprint(a: Any, b: Any) -> bool:  # noqa: ANN401
-    """Equal fingerprints, sums to 1e-9 (relative: another thread count sums in another order)."""
+    """Equal fingerprints: each ``(sum, sum of |values|)`` to ``1e-6`` of the latter (float32 data built by other CPU
+    kernels differ in their last bits, and standardised columns sum to about 0: 1e-9 of the sum warned of
+    identical splits), NaN beside NaN and equal infinities alike."""
+    if isinstance(a, list) and isinstance(b, list) and len(a) == 2 and all(isinstance(v, float) for v in (*a, *b)):
+        (sum_a, size_a), (sum_b, size_b) = a, b
+        if sum_a == sum_b or (math.isnan(sum_a) and math.isnan(sum_b)):
+            return True
+        return abs(sum_a - sum_b) <= 1e-6 * max(abs(size_a), abs(size_b), 1.0)
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_same_fingerprint(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) and isinstance(b, float):
-        return abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1.0)
     return a == b
 
 

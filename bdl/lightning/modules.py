@@ -772,7 +772,7 @@ class UncertaintyModule(LoadsWithModel, _ResumableRandomState, _Evaluation, L.Li
         self.save_report = bool(save_report)
         self._noise_variance_given = noise_variance is not None
         # a number was ignored silently; 1.0 is what modules saved before noise_variance could be unset kept
-        if noise_variance not in (None, 1.0) and task != "regression":
+        if (isinstance(noise_variance, bool) or noise_variance not in (None, 1.0)) and task != "regression":
             raise ValueError(f"noise_variance={noise_variance!r} is for task='regression' (a mean-only network's noise), got task={task!r}")
         if noise_variance == "learn":
             self.log_noise_variance = nn.Parameter(torch.zeros(()))

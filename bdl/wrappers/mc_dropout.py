@@ -7,7 +7,6 @@ with fresh dropout masks estimates its predictive distribution (Gal & Ghahramani
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import copy
 import fnmatch
 import math
@@ -23,10 +22,6 @@ from torch.nn.modules.dropout import _DropoutNd
 from ..nn.functional import dropout
 
 DROPOUT_TYPES = (_DropoutNd,)
-
-# True while bdl.predict probes a network with its noise off: MC dropout blocks inside it then leave their dropout
-# as eval mode does (a context variable: a probe in one thread switched a block shared with another off there)
-DROPOUT_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("bdl_mc_dropout_off", default=False)
 """Module types kept stochastic: ``_DropoutNd`` covers ``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``
 and ``FeatureAlphaDropout``. Two modules with a ``dropout`` argument are kept stochastic too, by switching
 them to training mode, which changes nothing else in them: ``nn.MultiheadAttention`` with ``dropout > 0``
@@ -341,8 +336,6 @@ class MCDropout(nn.Module):
                 encoder.use_nested_tensor = True
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - whatever the model returns
-        if not torch.compiler.is_compiling() and DROPOUT_OFF.get():  # a probe of bdl.predict's, in this thread only
-            return self.model(*args, **kwargs)
         with self.dropout_enabled():
             return self.model(*args, **kwargs)
 

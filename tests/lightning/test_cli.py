@@ -338,6 +338,13 @@ def test_ckpt_path_last_or_best_looks_in_a_given_checkpoint_dirpath(quickstart_r
           "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
     newest = max((tmp_path / "quickstart").glob("version_*"), key=lambda path: int(path.name[8:]))
     assert yaml.safe_load((newest / "config.yaml").read_text())["ckpt_path"] == str(folder / "best-v1.ckpt")
+    # a filename with a folder ("sub/best") writes into it: "no ck/sub/best.ckpt" of the file that was there
+    (folder / "sub").mkdir()
+    shutil.copy(folder / "best.ckpt", folder / "sub" / "best.ckpt")
+    main(["evaluate", "--config", QUICKSTART, "--ckpt_path", "best", "--checkpoint.dirpath", str(folder), "--checkpoint.filename", "sub/best",
+          *FEW_STEPS, "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    newest = max((tmp_path / "quickstart").glob("version_*"), key=lambda path: int(path.name[8:]))
+    assert yaml.safe_load((newest / "config.yaml").read_text())["ckpt_path"] == str(folder / "sub" / "best.ckpt")
     with pytest.raises(FileNotFoundError, match=r"--ckpt_path best: no .*empty/best.ckpt \(the checkpoint.dirpath given\)"):
         main(["evaluate", "--config", QUICKSTART, "--ckpt_path", "best", "--checkpoint.dirpath", str(tmp_path / "empty"),
               "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip

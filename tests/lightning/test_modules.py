@@ -1374,5 +1374,36 @@ def test_a_checkpoint_tested_on_other_splits_than_it_was_trained_on_is_warned_of
             trainer(tmp_path).test(module, DigitsDataModule(ood_classes=[8, 9], seed=seed), ckpt_path=path, verbose=False)
         messages = [str(w.message) for w in caught if "other data splits" in str(w.message)]
         assert bool(messages) == warned
-    assert "(train, val, test, ood differ): rows it trained on may be in this test set" in messages[0]
+    assert "(train, val, test differ): rows it trained on may be in this test set" in messages[0]
+
+
+def test_split_fingerprints_tolerate_other_kernels_nans_and_another_ood_set():
+    # identical splits warned: float32 data built by other CPU kernels (last bits) summed to another value at 1e-9, a
+    # NaN made every sum NaN (never equal), and another OOD set (no training data) read as training rows in the test set
+    from torch.utils.data import Subset
+
+    from bdl.lightning.data import _fingerprint, _same_fingerprint
+
+    x = torch.randn(1000, 3)
+    x = (x - x.mean(0)) / x.std(0)  # standardised: each column sums to about 0
+    ulp = x.clone()
+    ulp[0, 0] = torch.nextafter(ulp[0, 0], torch.tensor(math.inf))
+    assert _same_fingerprint(_fingerprint(TensorDataset(x)), _fingerprint(TensorDataset(ulp)))
+    assert not _same_fingerprint(_fingerprint(TensorDataset(x)), _fingerprint(TensorDataset(x[1:])))
+    assert not _same_fingerprint(_fingerprint(TensorDataset(x[:-1])), _fingerprint(TensorDataset(x[1:])))  # another row
+    x[5, 1] = float("nan")
+    assert _same_fingerprint(_fingerprint(TensorDataset(x)), _fingerprint(TensorDataset(x.clone())))
+    base = TensorDataset(torch.arange(10.0))
+    assert _fingerprint(Subset(base, torch.arange(5)))[:2] == ["Subset", 5]  # tensor indices, summed as a tensor
+    assert not _same_fingerprint(_fingerprint(Subset(base, [0, 1, 2])), _fingerprint(Subset(base, [0, 1, 3])))
+    assert _fingerprint(TensorDataset(torch.zeros(2, 3, device="meta"))) == ["TensorDataset", 2]  # no sum to take
+
+    data = TinyData()
+    data.setup()
+    other = TinyData()
+    other.setup()
+    other.splits.ood = TensorDataset(torch.randn(8, 4))  # another OOD set: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other.load_state_dict(data.state_dict())
 
