@@ -273,29 +273,33 @@ class UncertaintyDataModule(L.LightningDataModule):
 
 
 def _fingerprint(dataset: Optional[Dataset]) -> Optional[list[Any]]:
-    """``[type, size, (sum, sum of |values|) of each tensor...]`` of a dataset (a TensorDataset's tensors, the tensor
-    attributes of another, a Subset's indices and its dataset's), in float64 without a copy; None for no dataset.
-    Tensors that cannot be summed (nested, meta, complex) are left out."""
+    """``[type, size, sums of each tensor...]`` of a dataset (a TensorDataset's tensors, the tensor attributes of
+    another, a Subset's indices and its dataset's); None for no dataset. A floating tensor gives ``["float", sum, sum
+    of |values|]`` in float64 without a copy, an integer one (labels, indices) its exact ``["int", sum]`` (and
+    ``sum of squares`` for indices); tensors that cannot be summed (nested, meta, complex) are left out."""
     if dataset is None:
         return None
     if isinstance(dataset, Subset):  # as_tensor: a tensor of indices listed made one 0-d tensor per index (9 s for 2M)
-        indices = torch.as_tensor(dataset.indices).to(torch.float64)
-        return ["Subset", len(dataset), [float(indices.sum()), float(indices.square().sum())], _fingerprint(dataset.dataset)]
+        indices = torch.as_tensor(dataset.indices).long()
+        return ["Subset", len(dataset), ["int", int(indices.sum()), int(indices.square().sum())], _fingerprint(dataset.dataset)]
     tensors = list(dataset.tensors) if isinstance(dataset, TensorDataset) else [v for v in vars(dataset).values() if isinstance(v, torch.Tensor)]
-    sums = []
+    sums: list[Any] = []
     for t in tensors:
         if t.is_complex() or t.is_nested or t.is_meta or t.layout != torch.strided:
             continue
-        sums.append([float(t.sum(dtype=torch.float64)), float(t.abs().sum(dtype=torch.float64)) if t.is_floating_point() else float(t.sum(dtype=torch.float64))])
+        if t.is_floating_point():
+            sums.append(["float", float(t.sum(dtype=torch.float64)), float(t.abs().sum(dtype=torch.float64))])
+        else:  # exact, whatever the order of the sum (integer arithmetic)
+            sums.append(["int", int(t.sum(dtype=torch.int64))])
     return [type(dataset).__name__, len(dataset) if isinstance(dataset, Sized) else None, *sums]
 
 
 def _same_fingerprint(a: Any, b: Any) -> bool:  # noqa: ANN401
-    """Equal fingerprints: each ``(sum, sum of |values|)`` to ``1e-6`` of the latter (float32 data built by other CPU
-    kernels differ in their last bits, and standardised columns sum to about 0: 1e-9 of the sum warned of
-    identical splits), NaN beside NaN and equal infinities alike."""
-    if isinstance(a, list) and isinstance(b, list) and len(a) == 2 and all(isinstance(v, float) for v in (*a, *b)):
-        (sum_a, size_a), (sum_b, size_b) = a, b
+    """Equal fingerprints: integer sums exactly, a floating tensor's sum to ``1e-6`` of its sum of ``|values|``
+    (float32 data built by other CPU kernels differ in their last bits, and standardised columns sum to about 0: 1e-9
+    of the sum warned of identical splits), NaN beside NaN and equal infinities alike."""
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) == 3 and a[0] == b[0] == "float":
+        (_, sum_a, size_a), (_, sum_b, size_b) = a, b
         if sum_a == sum_b or (math.isnan(sum_a) and math.isnan(sum_b)):
             return True
         return abs(sum_a - sum_b) <= 1e-6 * max(abs(size_a), abs(size_b), 1.0)

@@ -1396,6 +1396,10 @@ def test_split_fingerprints_tolerate_other_kernels_nans_and_another_ood_set():
     base = TensorDataset(torch.arange(10.0))
     assert _fingerprint(Subset(base, torch.arange(5)))[:2] == ["Subset", 5]  # tensor indices, summed as a tensor
     assert not _same_fingerprint(_fingerprint(Subset(base, [0, 1, 2])), _fingerprint(Subset(base, [0, 1, 3])))
+    large = torch.arange(50_000)  # one index in 50,000 moved: a tolerance on the sum of squares let it through
+    assert not _same_fingerprint(_fingerprint(Subset(base, large[:-1])), _fingerprint(Subset(base, torch.cat([large[:-2], large[-1:]]))))
+    labels = torch.arange(20) % 3  # integer labels, exactly: one row's label changed
+    assert not _same_fingerprint(_fingerprint(TensorDataset(x[:20], labels)), _fingerprint(TensorDataset(x[:20], labels + (torch.arange(20) == 0))))
     assert _fingerprint(TensorDataset(torch.zeros(2, 3, device="meta"))) == ["TensorDataset", 2]  # no sum to take
 
     data = TinyData()
