@@ -1370,9 +1370,13 @@ def _add_output(summary: Any, output: Any, task: str, rows: int) -> None:  # noq
             raise TypeError(f"the model returned {part.dtype} outputs; it must return floating-point logits, means or variances")
         if isinstance(part, Tensor) and (part.dim() < 2 or part.shape[1] != rows):
             got = f"an output of shape {tuple(part.shape[1:])}" if part.dim() >= 2 else "an output without a batch dimension"
+            stacked = (
+                " (the batch second, as a DeepEnsemble inside another module stacks its members' outputs: predict the ensemble "
+                "itself, or scale it with TemperatureScaler.wrap(ensemble))" if part.dim() >= 3 and part.shape[2] == rows else ""
+            )
             raise ValueError(
-                f"the model returned {got} for a batch of {rows} inputs; it must keep the batch in the first dimension "
-                "(and the inputs must be a batch [N, ...]: one input x as x[None])"
+                f"the model returned {got} for a batch of {rows} inputs{stacked}; it must keep the batch in the first "
+                "dimension (and the inputs must be a batch [N, ...]: one input x as x[None])"
             )
     if task == "classification":
         if not isinstance(output, Tensor) or output.dim() != 3:

@@ -914,6 +914,9 @@ def test_an_output_for_other_rows_than_the_inputs_is_refused():
                 bdl.predict(bdl.MCDropout(nn.Sequential(nn.Dropout(0.1), Lambda(forward))), (x, y), num_samples=2, method=method)
     with pytest.raises(ValueError, match="for a batch of 10 inputs"):
         bdl.predict(bdl.DeepEnsemble([Lambda(lambda x: linear(x)[:3]) for _ in range(2)]), x)
+    ensemble = bdl.DeepEnsemble([nn.Linear(4, 7) for _ in range(3)])
+    with pytest.raises(ValueError, match=r"shape \(3, 10, 7\) for a batch of 10 inputs \(the batch second, as a DeepEnsemble inside another module"):
+        bdl.predict(nn.Sequential(ensemble), x)
     with pytest.raises(TypeError, match="returned torch.int64 outputs"):  # failed in a softmax kernel
         bdl.predict(Lambda(lambda x: linear(x).long()), x)
     # batches with and without targets: the labelled ones' were dropped silently
