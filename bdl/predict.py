@@ -812,7 +812,7 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
     found = _rowwise_checks.setdefault(core, {})
     # the layers that draw noise are part of the question: the same network inside MCDropout, or with a layer held
     # at its means (bdl.deterministic), drew through other layers than the verdict cached for it alone
-    key = (tuple(x.shape[1:]), x.dtype, frozenset(map(id, sources)))
+    key = (tuple(x.shape[1:]), x.dtype, frozenset(map(id, sources)), tuple(map(id, core.modules())))
     # two verdicts: the row-mixing one (kept once told: a single row, or rows all alike, cannot tell, and the next
     # batch may) and the probe draws' (kept at once)
     mixing_key, noise_key = ("mixes rows", *key), ("unknown noise", *key)
@@ -878,7 +878,7 @@ _BATCHED_FAILED = "the model failed on the batched path's rows (the S samples' r
 def _remember_batched_failure(model: nn.Module, x: Tensor) -> None:
     """Note, as :func:`_rowwise_blocker`'s verdict for inputs like ``x``, that the batched path's forward failed."""
     core, sources, _ = _stochastic_sources(model)
-    key = (tuple(x.shape[1:]), x.dtype, frozenset(map(id, sources)))
+    key = (tuple(x.shape[1:]), x.dtype, frozenset(map(id, sources)), tuple(map(id, core.modules())))
     _rowwise_checks.setdefault(core, {})[key] = _BATCHED_FAILED
 
 
@@ -927,11 +927,12 @@ def _mixes_rows(core: nn.Module, x: Tensor, *, check_noise: bool = True) -> tupl
     raises); the batched path is taken and the question waits for a batch that can tell.
 
     Unknown noise: two forwards of the same batch that differ (NaN beside NaN alike), with every source bdl knows
-    off (where the model holds no MC dropout block, whose noise stays on: then no telling, as before): a layer of the user's that draws its own (a Bayesian layer of another library, ``F.dropout(x,
-    training=True)``), which the batched path may share across the samples (one weight draw per forward for all of
-    them; in an ``nn.Sequential``, the layers before the first known source run once): the epistemic variance came
-    out 6-20 times too small. Not checked again (no forwards) where ``check_noise`` is False and the rows cannot tell
-    the mixing."""
+    off (where the model holds no MC dropout block, whose noise stays on: then no telling, as before): a layer of
+    the user's that draws its own (a Bayesian layer of another library, ``F.dropout(x, training=True)``), which the
+    batched path may share across the samples (one weight draw per forward for all of them; in an
+    ``nn.Sequential``, the layers before the first known source run once): the epistemic variance came out 6-20
+    times too small. Not checked again (no forwards) where ``check_noise`` is False. The row-mixing forwards start
+    from one seed each (in a forked random state), so noise that stays on draws the same for both."""
     x0 = x[:1]
     unlike = next((x[i : i + 1] for i in range(1, x.shape[0]) if not torch.equal(x[i : i + 1], x0)), None)
     if unlike is None and not check_noise:
@@ -948,21 +949,32 @@ def _mixes_rows(core: nn.Module, x: Tensor, *, check_noise: bool = True) -> tupl
     def other() -> Tensor:
         return torch.cat([x0, unlike.repeat(rows - 1, *ones)])
 
-    batches = [same, same] + ([other, other] if unlike is not None else [])
     from .wrappers.mc_dropout import MCDropout
 
-    blocks = any(isinstance(module, MCDropout) for module in core.modules())
+    blocks = any(isinstance(module, MCDropout) for module in core.modules())  # their noise stays on
+    check_noise = check_noise and not blocks
+
+    def seeded(batch: Callable[[], Tensor]) -> list[Tensor]:
+        # the same draws for batches of one shape: row 0 alone and beside others compare under one mask and one weight
+        # draw, whatever noise stays on (an MC dropout block inside the model, a layer of the user's)
+        torch.default_generator.manual_seed(0)
+        if x.device.type == "cuda":
+            with torch.cuda.device(x.device):
+                torch.cuda.manual_seed(0)
+        return list(_tensors(core(batch())))
+
     try:
         with eager, deterministic(core), torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            outputs = [list(_tensors(core(batch()))) for batch in batches]
+            twice = [list(_tensors(core(same()))) for _ in range(2)] if check_noise else None
+            outputs = [seeded(same), seeded(other)] if unlike is not None else None
     except Exception:  # noqa: BLE001 - only a probe
         return None, None
-    if any(not _alike(a, b) for i in range(0, len(outputs), 2) for a, b in zip(outputs[i], outputs[i + 1])):
-        # an MC dropout block inside the model draws noise with it off: no telling, and no other input will tell (the
-        # batched path, as before the check); else noise of the user's (and no telling the mixing either)
-        return (False, False) if blocks else (True, None)
-    if unlike is None:
-        return False, None
+    noise = None if twice is None else any(not _alike(a, b) for a, b in zip(*twice))
+    if blocks:
+        noise = False  # no telling with a block's noise on: as before the check
+    if outputs is None:
+        return noise, None
+    outputs = [outputs[0], None, outputs[1]]  # as compared below: row 0 alone ([0]) and beside others ([2])
     autocast_eps = torch.finfo(torch.get_autocast_dtype(x.device.type)).eps if torch.is_autocast_enabled(x.device.type) else 0.0
     for alone, beside in zip(outputs[0], outputs[2]):
         if not (alone.dim() and alone.shape[0] == rows and alone.shape == beside.shape) or not alone.numel():
@@ -970,17 +982,17 @@ def _mixes_rows(core: nn.Module, x: Tensor, *, check_noise: bool = True) -> tupl
         a, b = alone[:1], beside[:1]
         if not a.is_floating_point():
             if not torch.equal(a, b):
-                return False, True
+                return noise, True
             continue
         finite = torch.isfinite(a) & torch.isfinite(b)
         odd_a, odd_b = a[~finite], b[~finite]  # -inf beside -inf (a masked logit), NaN beside NaN: alike
         if bool(((odd_a != odd_b) & ~(odd_a.isnan() & odd_b.isnan())).any()):
-            return False, True
+            return noise, True
         a, b = a[finite].double(), b[finite].double()
         step = 4 * max(torch.finfo(alone.dtype).eps, autocast_eps)
         if bool(((a - b).abs() > step * torch.maximum(a.abs(), b.abs()).clamp_min(1)).any()):
-            return False, True
-    return False, False
+            return noise, True
+    return noise, False
 
 
 def _probe_draw(model: nn.Module, x: Tensor, num_samples: int, hooks: list[tuple[nn.Module, bool, Callable[..., Any]]]) -> bool:

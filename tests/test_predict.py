@@ -1199,6 +1199,26 @@ def test_the_unknown_noise_probe_is_not_fooled_by_nans_or_models_that_write_thei
     assert len(calls) - first == 1  # the draw alone
 
 
+class _BatchStandardise(nn.Module):
+    def forward(self, x):
+        return (x - x.mean(0, keepdim=True)) / (x.std(0, keepdim=True) + 1e-5)
+
+
+def test_rows_that_mix_are_seen_beside_an_mc_dropout_block_and_after_a_layer_is_replaced():
+    # an MC dropout block inside the model kept its noise on in the probe, which then told nothing (auto took the
+    # batched path: up to 27% off the loop's variance); and a verdict cached for a network was kept after one of its
+    # layers was replaced by one that mixes rows (30% off)
+    net = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 8), _BatchStandardise(), nn.Linear(8, 1))
+    inner = nn.Sequential(bdl.MCDropout(net), nn.Flatten(0))
+    with pytest.raises(ValueError, match="depends on the other rows of the batch"):
+        bdl.predict(inner, torch.randn(16, 4), num_samples=4, task="regression", method="batched")
+    swapped = bdl.MCDropout(nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 8), nn.Identity(), nn.Linear(8, 1)))
+    assert bdl.predict(swapped, torch.randn(16, 4), num_samples=4, task="regression", method="batched").num_samples == 4
+    swapped.model[4] = _BatchStandardise()
+    with pytest.raises(ValueError, match="depends on the other rows of the batch"):
+        bdl.predict(swapped, torch.randn(16, 4), num_samples=4, task="regression", method="batched")
+
+
 def test_ensembles_sample_their_bayesian_members_with_one_weight_draw_per_forward():
     # members kept their training estimator: a local-reparameterised convolution gave each position its own noise
     estimators = []

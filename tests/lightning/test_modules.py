@@ -1393,6 +1393,11 @@ def test_split_fingerprints_tolerate_other_kernels_nans_and_another_ood_set():
     assert not _same_fingerprint(_fingerprint(TensorDataset(x[:-1])), _fingerprint(TensorDataset(x[1:])))  # another row
     x[5, 1] = float("nan")
     assert _same_fingerprint(_fingerprint(TensorDataset(x)), _fingerprint(TensorDataset(x.clone())))
+    inf = math.inf
+    finite, plus, minus = (TensorDataset(torch.tensor([[v, 1.0], [2.0, 3.0]])) for v in (5.0, inf, -inf))
+    assert not _same_fingerprint(_fingerprint(plus), _fingerprint(minus)) and not _same_fingerprint(_fingerprint(plus), _fingerprint(finite))
+    tiny = 5e-10 * torch.rand(40, 2)  # small values: an absolute floor of 1e-6 took every split for the same
+    assert not _same_fingerprint(_fingerprint(TensorDataset(tiny[:20])), _fingerprint(TensorDataset(tiny[20:])))
     base = TensorDataset(torch.arange(10.0))
     assert _fingerprint(Subset(base, torch.arange(5)))[:2] == ["Subset", 5]  # tensor indices, summed as a tensor
     assert not _same_fingerprint(_fingerprint(Subset(base, [0, 1, 2])), _fingerprint(Subset(base, [0, 1, 3])))
