@@ -812,7 +812,7 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
     found = _rowwise_checks.setdefault(core, {})
     # the layers that draw noise are part of the question: the same network inside MCDropout, or with a layer held
     # at its means (bdl.deterministic), drew through other layers than the verdict cached for it alone
-    key = (tuple(x.shape[1:]), x.dtype, frozenset(map(id, sources)), tuple(map(id, core.modules())))
+    key = _verdict_key(core, sources, x)
     # two verdicts: the row-mixing one (kept once told: a single row, or rows all alike, cannot tell, and the next
     # batch may) and the probe draws' (kept at once)
     mixing_key, noise_key = ("mixes rows", *key), ("unknown noise", *key)
@@ -875,10 +875,29 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
 _BATCHED_FAILED = "the model failed on the batched path's rows (the S samples' rows at once)"
 
 
+@contextlib.contextmanager
+def _mc_dropout_off() -> Iterator[None]:
+    """MC dropout blocks inside a network left off (as eval mode leaves dropout) in this thread, for a probe."""
+    from .wrappers.mc_dropout import DROPOUT_OFF
+
+    token = DROPOUT_OFF.set(True)
+    try:
+        yield
+    finally:
+        DROPOUT_OFF.reset(token)
+
+
+def _verdict_key(core: nn.Module, sources: set[nn.Module], x: Tensor) -> tuple:
+    """What a cached verdict for ``core`` holds for: the input row's shape and dtype, the modules drawing noise and
+    every module of the network, by weak references (ids are reused: a layer that took the place of a freed one got
+    its verdict, and a replaced layer's batch statistics mixed the samples' rows, silently)."""
+    return (tuple(x.shape[1:]), x.dtype, frozenset(map(weakref.ref, sources)), tuple(map(weakref.ref, core.modules())))
+
+
 def _remember_batched_failure(model: nn.Module, x: Tensor) -> None:
     """Note, as :func:`_rowwise_blocker`'s verdict for inputs like ``x``, that the batched path's forward failed."""
     core, sources, _ = _stochastic_sources(model)
-    key = (tuple(x.shape[1:]), x.dtype, frozenset(map(id, sources)), tuple(map(id, core.modules())))
+    key = _verdict_key(core, sources, x)
     _rowwise_checks.setdefault(core, {})[key] = _BATCHED_FAILED
 
 
@@ -931,8 +950,10 @@ def _mixes_rows(core: nn.Module, x: Tensor, *, check_noise: bool = True) -> tupl
     the user's that draws its own (a Bayesian layer of another library, ``F.dropout(x, training=True)``), which the
     batched path may share across the samples (one weight draw per forward for all of them; in an
     ``nn.Sequential``, the layers before the first known source run once): the epistemic variance came out 6-20
-    times too small. Not checked again (no forwards) where ``check_noise`` is False. The row-mixing forwards start
-    from one seed each (in a forked random state), so noise that stays on draws the same for both."""
+    times too small. Not checked again (no forwards) where ``check_noise`` is False. MC dropout blocks inside the
+    network are off in this thread (:data:`bdl.wrappers.mc_dropout.DROPOUT_OFF`), and the row-mixing forwards start
+    from one seed each (in a forked random state), so noise that stays on (a block run in another thread) draws the
+    same for both; where row 0 alone differs between two such forwards (noise the seed does not reach), no telling."""
     x0 = x[:1]
     unlike = next((x[i : i + 1] for i in range(1, x.shape[0]) if not torch.equal(x[i : i + 1], x0)), None)
     if unlike is None and not check_noise:
@@ -964,9 +985,9 @@ def _mixes_rows(core: nn.Module, x: Tensor, *, check_noise: bool = True) -> tupl
         return list(_tensors(core(batch())))
 
     try:
-        with eager, deterministic(core), torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        with _mc_dropout_off(), eager, deterministic(core), torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             twice = [list(_tensors(core(same()))) for _ in range(2)] if check_noise else None
-            outputs = [seeded(same), seeded(other)] if unlike is not None else None
+            outputs = [seeded(same), seeded(same), seeded(other)] if unlike is not None else None
     except Exception:  # noqa: BLE001 - only a probe
         return None, None
     noise = None if twice is None else any(not _alike(a, b) for a, b in zip(*twice))
@@ -974,7 +995,10 @@ def _mixes_rows(core: nn.Module, x: Tensor, *, check_noise: bool = True) -> tupl
         noise = False  # no telling with a block's noise on: as before the check
     if outputs is None:
         return noise, None
-    outputs = [outputs[0], None, outputs[1]]  # as compared below: row 0 alone ([0]) and beside others ([2])
+    if any(not _alike(a, b) for a, b in zip(outputs[0], outputs[1])):
+        # noise the seed does not reach (a generator of the model's own, numpy's; a mask laid out by the other rows'
+        # lengths, as a packed sequence's): no telling (the batched path, as before the check)
+        return noise, False
     autocast_eps = torch.finfo(torch.get_autocast_dtype(x.device.type)).eps if torch.is_autocast_enabled(x.device.type) else 0.0
     for alone, beside in zip(outputs[0], outputs[2]):
         if not (alone.dim() and alone.shape[0] == rows and alone.shape == beside.shape) or not alone.numel():

@@ -1217,6 +1217,32 @@ def test_rows_that_mix_are_seen_beside_an_mc_dropout_block_and_after_a_layer_is_
     swapped.model[4] = _BatchStandardise()
     with pytest.raises(ValueError, match="depends on the other rows of the batch"):
         bdl.predict(swapped, torch.randn(16, 4), num_samples=4, task="regression", method="batched")
+    # ids are reused: a layer put where a freed one was got its verdict (by id); weak references tell them apart
+    swapped.model[4] = nn.Identity()
+    bdl.predict(swapped, torch.randn(16, 4), num_samples=4, task="regression", method="batched")
+    for _ in range(4):
+        swapped.model[4] = nn.Identity()  # the verdicts' Identity freed
+        swapped.model[4] = _BatchStandardise()  # perhaps at its address
+        with pytest.raises(ValueError, match="depends on the other rows of the batch"):
+            bdl.predict(swapped, torch.randn(16, 4), num_samples=4, task="regression", method="batched")
+        swapped.model[4] = nn.Identity()
+        bdl.predict(swapped, torch.randn(16, 4), num_samples=4, task="regression", method="batched")
+
+
+class _OwnGenerator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(1)
+
+    def forward(self, x):
+        return x + 0.1 * torch.randn(x.shape, generator=self.generator)
+
+
+def test_noise_the_probes_seed_does_not_reach_is_not_taken_for_rows_that_mix():
+    # beside an MC dropout block, a generator of the model's own drew row 0 alike neither alone nor beside others
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), _OwnGenerator(), nn.Linear(16, 1), nn.Flatten(0))
+    model = nn.Sequential(bdl.MCDropout(net))
+    assert bdl.predict(model, torch.randn(8, 4), num_samples=4, task="regression", method="batched").num_samples == 4
 
 
 def test_ensembles_sample_their_bayesian_members_with_one_weight_draw_per_forward():
@@ -1498,6 +1524,8 @@ def test_packed_sequences_are_not_taken_for_rows_that_mix():
     model = bdl.MCDropout(_PackedLSTM())
     assert sys.modules["bdl.predict"]._mixes_rows(model.model.eval(), tokens) == (False, False)
     assert bdl.predict(model, tokens, num_samples=4, method="batched").num_samples == 4
+    # an MC dropout block inside: its dropout (on, laid out by the lengths) made row 0 differ beside other rows
+    assert bdl.predict(nn.Sequential(bdl.MCDropout(_PackedLSTM())), tokens, num_samples=4, method="batched").num_samples == 4
 
 
 def test_a_verdict_for_a_network_alone_is_not_reused_when_other_layers_draw_noise():

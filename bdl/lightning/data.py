@@ -290,6 +290,8 @@ def _fingerprint(dataset: Optional[Dataset]) -> Optional[list[Any]]:
         tensors = list(dataset.tensors)
     else:  # its data, not any tensor it holds (a cache filled as it is read differed between identical splits)
         tensors = [value for name in _DATA_ATTRIBUTES if isinstance(value := getattr(dataset, name, None), torch.Tensor)]
+        if not tensors:  # other names (self.X, self.features): every tensor it holds
+            tensors = [value for value in vars(dataset).values() if isinstance(value, torch.Tensor)]
     sums: list[Any] = []
     for t in tensors:
         if t.is_complex() or t.is_nested or t.is_meta or t.layout != torch.strided:

@@ -7,6 +7,7 @@ with fresh dropout masks estimates its predictive distribution (Gal & Ghahramani
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import fnmatch
 import math
@@ -20,6 +21,11 @@ from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from ..nn.functional import dropout
+
+# True while bdl.predict probes a network with its noise off: MC dropout blocks inside it then leave their dropout
+# as eval mode does. A context variable, so a probe in one thread does not switch off a block that another thread
+# shares (threads started elsewhere, such as DataParallel's, see it unset: the probe's seeding covers those)
+DROPOUT_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("bdl_mc_dropout_off", default=False)
 
 DROPOUT_TYPES = (_DropoutNd,)
 """Module types kept stochastic: ``_DropoutNd`` covers ``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``
@@ -336,6 +342,8 @@ class MCDropout(nn.Module):
                 encoder.use_nested_tensor = True
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - whatever the model returns
+        if not torch.compiler.is_compiling() and DROPOUT_OFF.get():  # a probe of bdl.predict's, in this thread
+            return self.model(*args, **kwargs)
         with self.dropout_enabled():
             return self.model(*args, **kwargs)
 

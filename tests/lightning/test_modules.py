@@ -1398,6 +1398,18 @@ def test_split_fingerprints_tolerate_other_kernels_nans_and_another_ood_set():
     assert not _same_fingerprint(_fingerprint(plus), _fingerprint(minus)) and not _same_fingerprint(_fingerprint(plus), _fingerprint(finite))
     tiny = 5e-10 * torch.rand(40, 2)  # small values: an absolute floor of 1e-6 took every split for the same
     assert not _same_fingerprint(_fingerprint(TensorDataset(tiny[:20])), _fingerprint(TensorDataset(tiny[20:])))
+    class Rows(torch.utils.data.Dataset):  # its data by other names than the usual ones: it was fingerprinted [type, len]
+        def __init__(self, X, Y):
+            self.X, self.Y = X, Y
+
+        def __len__(self):
+            return len(self.X)
+
+        def __getitem__(self, i):
+            return self.X[i], self.Y[i]
+
+    rows, labels_ = torch.randn(100, 3), torch.arange(100) % 2
+    assert not _same_fingerprint(_fingerprint(Rows(rows[:50], labels_[:50])), _fingerprint(Rows(rows[50:], labels_[50:])))
     base = TensorDataset(torch.arange(10.0))
     assert _fingerprint(Subset(base, torch.arange(5)))[:2] == ["Subset", 5]  # tensor indices, summed as a tensor
     assert not _same_fingerprint(_fingerprint(Subset(base, [0, 1, 2])), _fingerprint(Subset(base, [0, 1, 3])))
