@@ -946,14 +946,13 @@ def _mixes_rows(core: nn.Module, x: Tensor, *, check_noise: bool = True) -> tupl
     raises); the batched path is taken and the question waits for a batch that can tell.
 
     Unknown noise: two forwards of the same batch that differ (NaN beside NaN alike), with every source bdl knows
-    off (where the model holds no MC dropout block, whose noise stays on: then no telling, as before): a layer of
-    the user's that draws its own (a Bayesian layer of another library, ``F.dropout(x, training=True)``), which the
+    off (MC dropout blocks inside it too, in this thread), or two seeded forwards that differ: a layer of the user's that draws its own (a Bayesian layer of another library, ``F.dropout(x, training=True)``), which the
     batched path may share across the samples (one weight draw per forward for all of them; in an
     ``nn.Sequential``, the layers before the first known source run once): the epistemic variance came out 6-20
     times too small. Not checked again (no forwards) where ``check_noise`` is False. MC dropout blocks inside the
-    network are off in this thread (:data:`bdl.wrappers.mc_dropout.DROPOUT_OFF`), and the row-mixing forwards start
-    from one seed each (in a forked random state), so noise that stays on (a block run in another thread) draws the
-    same for both; where row 0 alone differs between two such forwards (noise the seed does not reach), no telling."""
+    network are off in this thread (:data:`bdl.wrappers.mc_dropout.DROPOUT_OFF`; a block run in another thread, as
+    DataParallel's, draws on: taken for noise of the user's, the loop), and the row-mixing forwards start from one
+    seed each (in a forked random state), so noise that stays on draws the same for both."""
     x0 = x[:1]
     unlike = next((x[i : i + 1] for i in range(1, x.shape[0]) if not torch.equal(x[i : i + 1], x0)), None)
     if unlike is None and not check_noise:
@@ -969,11 +968,6 @@ def _mixes_rows(core: nn.Module, x: Tensor, *, check_noise: bool = True) -> tupl
 
     def other() -> Tensor:
         return torch.cat([x0, unlike.repeat(rows - 1, *ones)])
-
-    from .wrappers.mc_dropout import MCDropout
-
-    blocks = any(isinstance(module, MCDropout) for module in core.modules())  # their noise stays on
-    check_noise = check_noise and not blocks
 
     def seeded(batch: Callable[[], Tensor]) -> list[Tensor]:
         # the same draws for batches of one shape: row 0 alone and beside others compare under one mask and one weight
@@ -991,14 +985,12 @@ def _mixes_rows(core: nn.Module, x: Tensor, *, check_noise: bool = True) -> tupl
     except Exception:  # noqa: BLE001 - only a probe
         return None, None
     noise = None if twice is None else any(not _alike(a, b) for a, b in zip(*twice))
-    if blocks:
-        noise = False  # no telling with a block's noise on: as before the check
     if outputs is None:
         return noise, None
-    if any(not _alike(a, b) for a, b in zip(outputs[0], outputs[1])):
-        # noise the seed does not reach (a generator of the model's own, numpy's; a mask laid out by the other rows'
-        # lengths, as a packed sequence's): no telling (the batched path, as before the check)
-        return noise, False
+    if noise or any(not _alike(a, b) for a, b in zip(outputs[0], outputs[1])):
+        # noise the seed does not reach either (a generator of the model's own, numpy's): the user's, which the
+        # batched path may share across samples (cached as "no mixing", it took that path: 7-100x too little variance)
+        return True, None
     autocast_eps = torch.finfo(torch.get_autocast_dtype(x.device.type)).eps if torch.is_autocast_enabled(x.device.type) else 0.0
     for alone, beside in zip(outputs[0], outputs[2]):
         if not (alone.dim() and alone.shape[0] == rows and alone.shape == beside.shape) or not alone.numel():
@@ -1483,7 +1475,9 @@ def _activation_bytes_per_row(model: nn.Module, x: Tensor) -> Optional[int]:
         for t in _tensors(output):
             largest = max(largest, t.numel() * t.element_size())
 
-    return largest if _probe_draw(model, x, 1, [(m, False, record) for m in model.modules()]) else None
+    # not on scripted modules, which take no hooks ("register_forward_hook is not supported on ScriptModules")
+    hooked = [(m, False, record) for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
+    return largest if _probe_draw(model, x, 1, hooked) else None
 
 
 # network -> {(input row shape, dtype): bytes per row or None}: the probe costs a one-row draw (0.4-2.1 ms for

@@ -1238,11 +1238,21 @@ class _OwnGenerator(nn.Module):
         return x + 0.1 * torch.randn(x.shape, generator=self.generator)
 
 
-def test_noise_the_probes_seed_does_not_reach_is_not_taken_for_rows_that_mix():
-    # beside an MC dropout block, a generator of the model's own drew row 0 alike neither alone nor beside others
+def test_a_model_with_a_scripted_part_predicts_on_every_path():
+    # the probes hooked every module: "register_forward_hook is not supported on ScriptModules" on auto and batched
+    features = torch.jit.script(nn.Sequential(nn.Linear(4, 16), nn.ReLU()))
+    model = nn.Sequential(features, bdl.MCDropout(nn.Sequential(nn.Dropout(0.3), nn.Linear(16, 1))))
+    for method in ("auto", "batched", "loop"):
+        assert bdl.predict(model, torch.randn(8, 4), num_samples=4, task="regression", method=method).num_samples == 4
+
+
+def test_noise_the_probes_seed_does_not_reach_is_the_users():
+    # beside an MC dropout block, a generator of the model's own was taken for rows that mix, then (cached as "no
+    # mixing") for nothing: the batched path shared a once-per-forward draw, 7-100x too little variance
     net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), _OwnGenerator(), nn.Linear(16, 1), nn.Flatten(0))
-    model = nn.Sequential(bdl.MCDropout(net))
-    assert bdl.predict(model, torch.randn(8, 4), num_samples=4, task="regression", method="batched").num_samples == 4
+    for model in (nn.Sequential(bdl.MCDropout(net)), bdl.MCDropout(net)):  # one verdict, inside a model or around it
+        with pytest.raises(ValueError, match="it draws noise that bdl does not know of"):
+            bdl.predict(model, torch.randn(8, 4), num_samples=4, task="regression", method="batched")
 
 
 def test_ensembles_sample_their_bayesian_members_with_one_weight_draw_per_forward():

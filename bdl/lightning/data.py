@@ -152,6 +152,7 @@ class UncertaintyDataModule(L.LightningDataModule):
         if self.splits is None:
             self.splits = self.build()
             self._fingerprint = None  # a module rebuilt (another fold: splits = None) fingerprints its new splits
+            self._split_fingerprint()  # now: a dataset's cache filled as it is read changed it by the first checkpoint
             self._check_trained_split()
 
     def state_dict(self) -> dict[str, Any]:

@@ -1428,3 +1428,29 @@ def test_split_fingerprints_tolerate_other_kernels_nans_and_another_ood_set():
         warnings.simplefilter("error")
         other.load_state_dict(data.state_dict())
 
+    class Cached(torch.utils.data.Dataset):  # a cache filled as it is read: fingerprinted at the first checkpoint, it differed
+        def __init__(self, X, Y):
+            self.X, self.Y, self.cache = X, Y, torch.zeros_like(X)
+
+        def __len__(self):
+            return len(self.X)
+
+        def __getitem__(self, i):
+            self.cache[i] = 2 * self.X[i]
+            return self.cache[i], self.Y[i]
+
+    class Toy(UncertaintyDataModule):
+        def build(self):
+            inputs, labels = torch.randn(30, 3, generator=torch.Generator().manual_seed(0)), torch.arange(30) % 2
+            return Splits(*(Cached(inputs[i : i + 10], labels[i : i + 10]) for i in (0, 10, 20)), num_classes=2)
+
+    read = Toy(batch_size=4)
+    read.setup()
+    for _ in read.train_dataloader():
+        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh = Toy(batch_size=4)
+        fresh.setup()
+        fresh.load_state_dict(read.state_dict())
+
