@@ -70,7 +70,8 @@ SAMPLING_METHODS = ("auto", "loop", "batched")
   ``[B, T, F]`` (one weight sample serves all ``T`` positions), dropout on a tensor without the batch
   rows (a weight, even one computed from parameters), and noise drawn by layers bdl does not know of (a
   Bayesian layer of another library, ``F.dropout(x, training=True)``: seen as outputs that differ between two
-  forwards with bdl's sources off, in a model without MC dropout blocks inside it), which the samples could share. Forward hooks of yours run in these probes too (up to seven
+  forwards with bdl's sources off, MC dropout blocks inside the model too), which the samples could share.
+  Forward hooks of yours run in these probes too (up to seven
   forwards of 1 to 7 rows built from the input's first rows, some with the layers at their means, on the first
   call for a network and input shape, and again on later calls until a batch of two distinct rows lets the
   row-mixing probe tell): a hook that collects features should skip them, or use ``method="loop"``.
@@ -946,7 +947,8 @@ def _mixes_rows(core: nn.Module, x: Tensor, *, check_noise: bool = True) -> tupl
     raises); the batched path is taken and the question waits for a batch that can tell.
 
     Unknown noise: two forwards of the same batch that differ (NaN beside NaN alike), with every source bdl knows
-    off (MC dropout blocks inside it too, in this thread), or two seeded forwards that differ: a layer of the user's that draws its own (a Bayesian layer of another library, ``F.dropout(x, training=True)``), which the
+    off (MC dropout blocks inside it too, in this thread), or two seeded forwards that differ: a layer of the
+    user's that draws its own (a Bayesian layer of another library, ``F.dropout(x, training=True)``), which the
     batched path may share across the samples (one weight draw per forward for all of them; in an
     ``nn.Sequential``, the layers before the first known source run once): the epistemic variance came out 6-20
     times too small. Not checked again (no forwards) where ``check_noise`` is False. MC dropout blocks inside the
@@ -1374,7 +1376,7 @@ def _check_not_one_input(model: Any, x: Tensor) -> None:  # noqa: ANN401
     features itself (registration order is not call order either)."""
     if not isinstance(model, nn.Module) or not x.is_floating_point():  # category codes for an embedding
         return
-    first = next((m for m in model.modules() if not list(m.children()) and any(True for _ in m.parameters(recurse=False))), None)
+    first = next((m for m in model.modules() if not list(m.children()) and next(m.parameters(recurse=False), None) is not None), None)
     in_features = getattr(first, "in_features", None)
     if isinstance(in_features, int) and in_features == x.shape[0] > 1:
         warnings.warn(
