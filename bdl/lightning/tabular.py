@@ -425,9 +425,9 @@ class TabularDataModule(_StandardizedTable):
         y = columns.pop(self.target)
         if len(y) == 0:
             raise ValueError(f"TabularDataModule: {self.path} has no data rows (path must name a file with at least one row)")
-        if not columns or sum(column.reshape(len(y), -1).shape[1] for column in columns.values()) == 0:
-            raise ValueError(f"TabularDataModule: {self.path} has no feature column besides the target {self.target!r}")
         blocks = [column.reshape(len(y), -1) for column in columns.values()]
+        if sum(block.shape[1] for block in blocks) == 0:  # none, or an [N, 0] array
+            raise ValueError(f"TabularDataModule: {self.path} has no feature column besides the target {self.target!r}")
         names = [name if block.shape[1] == 1 and column.ndim == 1 else f"{name}[{i}]"
                  for (name, column), block in zip(columns.items(), blocks) for i in range(block.shape[1])]  # fmt: skip
         return np.concatenate(blocks, axis=1), y, names
