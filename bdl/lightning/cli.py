@@ -37,7 +37,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..predict import Prediction
-from .modules import _check_one_order, _gather_prediction, _loaded_prior, _loader_at, _storable_prior, _unpadded_size, target_scale
+from .modules import EnsembleModule, _check_one_order, _gather_prediction, _loaded_prior, _loader_at, _storable_prior, _unpadded_size, target_scale
 
 DEFAULT_ROOT = "runs"
 # Model arguments that say how to evaluate, not what was trained: with --ckpt_path they come from the command's
@@ -116,9 +116,12 @@ class Trainer(L.Trainer):
         if verbose and self.is_global_zero and info is not None:
             ood_name = getattr(datamodule, "ood_name", None)
             ood = "" if info["num_ood_examples"] is None else f", {info['num_ood_examples']} OOD inputs ({ood_name or 'OOD set'})"
+            # an ensemble's samples are its members' predictions ("2 Monte Carlo samples" read as too few draws)
+            members = getattr(module, "num_members", None) if isinstance(module, EnsembleModule) else None
+            samples = "Monte Carlo samples per input" if members is None else f"predictions per input from {members} members"
             print(
                 f"\n{type(module).__name__} on {type(datamodule).__name__ if datamodule is not None else 'the test data'}: "
-                f"{info['num_examples']} test inputs{ood}, {info['num_samples']} Monte Carlo samples per input\n"
+                f"{info['num_examples']} test inputs{ood}, {info['num_samples']} {samples}\n"
             )
             metrics = {key: math.nan if value is None else value for key, value in info["metrics"].items()}
             print(summary_table(metrics, ood_name=ood_name))
@@ -144,8 +147,11 @@ def summary_table(metrics: dict[str, float], *, ood_name: Optional[str] = None) 
     against = f" vs {ood_name}" if ood_name else ""
     rows += [(f"OOD AUROC{against} ({score.replace('_', ' ')})", metrics[f"ood/{score}/auroc"]) for score in scores]
     width = max(len(title) for title, _ in rows) if rows else 6
-    lines = [f"| {'metric':<{width}} | value  |", f"|{'-' * (width + 2)}|-------:|"]
-    lines += [f"| {title:<{width}} | {value:6.4f} |" for title, value in rows]
+    # the value column as wide as its widest entry: an early ResNet's NLL of 12.3456 pushed its row's bar out
+    values = [f"{value:.4f}" for _, value in rows]
+    value_width = max([len("value"), *map(len, values)])
+    lines = [f"| {'metric':<{width}} | {'value':<{value_width}} |", f"|{'-' * (width + 2)}|{'-' * (value_width + 1)}:|"]
+    lines += [f"| {title:<{width}} | {value:>{value_width}} |" for (title, _), value in zip(rows, values)]
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ import torch
 import yaml
 from cli_args import FEW_STEPS
 
-from bdl.lightning.cli import BDLCLI, Checkpoint, main
+from bdl.lightning.cli import BDLCLI, Checkpoint, main, summary_table
 
 REPO = Path(__file__).parents[2]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -101,6 +101,14 @@ def test_fit_with_evaluate_after_fit_writes_the_report_with_ood_aurocs(quickstar
     assert {"reliability_diagram.png", "ood_roc.png"} <= set(figures)
     for figure in figures:
         assert (folder / figure).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_the_printed_table_keeps_its_value_column_for_values_of_10_and_more():
+    lines = summary_table({"accuracy": 0.5, "nll": 12.34567, "ece": float("nan")}).splitlines()
+    assert lines[2:] == ["| accuracy |  0.5000 |", "| NLL      | 12.3457 |", "| ECE      |     nan |"]
+    assert len({len(line) for line in lines}) == 1 and lines[1].endswith(":|")
+    # values below 10: the table the README shows
+    assert summary_table({"accuracy": 0.5}).splitlines() == ["| metric   | value  |", "|----------|-------:|", "| accuracy | 0.5000 |"]
 
 
 def test_run_name_replaces_the_config_file_name_as_folder(tmp_path):

@@ -45,11 +45,14 @@ def mnist1d_cache(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", OFFLINE, ids=[path.stem for path in OFFLINE])
-def test_offline_config_trains_a_few_steps_and_writes_the_report(config, tmp_path, mnist1d_cache):
+def test_offline_config_trains_a_few_steps_and_writes_the_report(config, tmp_path, mnist1d_cache, capsys):
     args = ["fit", "--config", str(config), *FEW_STEPS, "--trainer.default_root_dir", str(tmp_path)]
     if config.name.startswith("mnist1d"):
         args += ["--data.init_args.cache_dir", str(mnist1d_cache)]
     main(args)
+    # an ensemble's samples are its members' predictions, not Monte Carlo draws
+    said = "predictions per input from 5 members" if "ensemble" in config.stem else "Monte Carlo samples per input"
+    assert said in capsys.readouterr().out
     folder = tmp_path / config.stem / "version_0"
     metrics = json.loads((folder / "metrics.json").read_text())["metrics"]
     assert any(key.startswith("ood/") for key in metrics)
