@@ -75,27 +75,35 @@ class _Files:
     files: tuple[str, ...]
     source: str
 
-    def check(self, download_error: Optional[BaseException] = None, download: bool = False) -> None:
-        """Raise ``FileNotFoundError`` naming the missing files: after ``download_error``, or before a download
-        that ``download`` says ``prepare_data`` would make."""
-        missing = [name for name in self.files if not os.path.isfile(os.path.join(self.folder, name))]
-        if missing and download_error is not None:  # offline: torchvision's URLError, 40 lines deep
-            raise FileNotFoundError(
-                f"{self.name} not found in {self.folder!r} (missing: {', '.join(missing)}) and the download failed "
-                f"({type(download_error).__name__}: {download_error}). Without a network, put the files there "
-                f"yourself: {self.source}"
-            ) from download_error
-        if missing and download:  # read before prepare_data (data.num_train to size a model): it downloads
-            raise FileNotFoundError(
-                f"{self.name} not found in {self.folder!r} (missing: {', '.join(missing)}). With download=True the "
-                "files are fetched by prepare_data(), which trainer.fit calls: call data.prepare_data() before "
-                "reading the data outside a Trainer"
-            )
-        if missing:
-            raise FileNotFoundError(
-                f"{self.name} not found in {self.folder!r} (missing: {', '.join(missing)}). Set download: true "
-                f"(download=True) to fetch it with torchvision, or put the files there yourself: {self.source}"
-            )
+    def missing(self) -> list[str]:
+        """The files not in the folder."""
+        return [name for name in self.files if not os.path.isfile(os.path.join(self.folder, name))]
+
+
+def _check_files(required: Sequence[_Files], download_error: Optional[BaseException] = None, download: bool = False) -> None:
+    """Raise ``FileNotFoundError`` naming the missing files of every data set in ``required`` (the first alone was
+    named: the OOD set's turned up on the next run): after ``download_error``, or before a download that
+    ``download`` says ``prepare_data`` would make."""
+    lacking = [(files, missing) for files in required if (missing := files.missing())]
+    if not lacking:
+        return
+    found = "; ".join(f"{files.name} not found in {files.folder!r} (missing: {', '.join(missing)})" for files, missing in lacking)
+    sources = "; ".join(f"{files.name}: {files.source}" if len(lacking) > 1 else files.source for files, _ in lacking)
+    if download_error is not None:  # offline: torchvision's URLError, 40 lines deep
+        detail = " ".join(str(download_error).split())  # torchvision's MNIST lists its mirrors' errors a line each
+        raise FileNotFoundError(
+            f"{found}, and the download failed ({type(download_error).__name__}: {detail}). Without a network, "
+            f"put the files there yourself: {sources}"
+        ) from download_error
+    if download:  # read before prepare_data (data.num_train to size a model): it downloads
+        raise FileNotFoundError(
+            f"{found}. With download=True the files are fetched by prepare_data(), which trainer.fit calls: call "
+            "data.prepare_data() before reading the data outside a Trainer"
+        )
+    raise FileNotFoundError(
+        f"{found}. Set download: true (download=True) to fetch {'them' if len(lacking) > 1 else 'it'} with torchvision, "
+        f"or put the files there yourself: {sources}"
+    )
 
 
 def _mnist_files(cls: type[datasets.MNIST], name: str, data_dir: str) -> _Files:
@@ -207,13 +215,11 @@ class _TorchvisionDataModule(UncertaintyDataModule):
                 self._download()
             except (OSError, RuntimeError) as error:  # URLError is an OSError; torchvision's MNIST raises RuntimeError
                 failed = error
-        for files in self._required():
-            files.check(failed)
+        _check_files(self._required(), failed)
 
     def build(self) -> Splits:
         required = self._required()
-        for files in required:
-            files.check(download=self.download)
+        _check_files(required, download=self.download)
         try:
             return self._load()
         except (_SplitError, MemoryError):  # read fine: deleting the files would not help
