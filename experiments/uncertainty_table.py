@@ -536,6 +536,11 @@ def settings_line(args: argparse.Namespace) -> str:
     )
 
 
+def spread_line(args: argparse.Namespace) -> str:
+    """What the ± in the tables is (the reference table's said "sample std over 1 seed(s)" with no std shown)."""
+    return f"Mean ± sample std (n - 1) over {len(args.seeds)} seed(s)" + (" (one seed: no std)" if len(args.seeds) == 1 else "")
+
+
 def write_dataset(dataset: str, results: dict[str, list[RunResult]], seconds: float, args: argparse.Namespace) -> Path:
     out = args.out
     path = out / f"{dataset}.md"
@@ -553,8 +558,7 @@ def write_dataset(dataset: str, results: dict[str, list[RunResult]], seconds: fl
         f"{spec.description}.",
         "",
         "Written by `python experiments/uncertainty_table.py " + " ".join(sys.argv[1:]) + "`. " + settings_line(args) + ".",
-        f"Mean ± sample std (n - 1) over {len(args.seeds)} seed(s)" + (" (one seed: no std)" if len(args.seeds) == 1 else "") +
-        f"; this data set took {duration(seconds)}.",
+        f"{spread_line(args)}; this data set took {duration(seconds)}.",
         "",
         results_table(dataset, results),
         "",
@@ -624,7 +628,7 @@ def write_reference(results: dict[str, dict[str, list[RunResult]]], seconds: flo
         "the checkpoint with the lowest validation NLL. Paper accuracies: Greydanus (2020), MNIST-1D, table 1.",
         "",
         "Written by `python experiments/uncertainty_table.py " + " ".join(sys.argv[1:]) + "`. " + settings_line(args) +
-        f". Mean ± sample std (n - 1) over {len(args.seeds)} seed(s); took {duration(seconds)}.",
+        f". {spread_line(args)}; took {duration(seconds)}.",
         "",
         markdown_table(header, rows),
     ]) + "\n"  # fmt: skip

@@ -150,3 +150,9 @@ def test_the_shape_check_compares_an_epistemic_auroc_with_the_baselines_total_on
     # and above chance where the baseline's is below it (the regression toy's total variance: 0.008)
     table = script.shape_check("digits", {"deterministic": run(0.01), "ensemble": run(0.96, 0.4)})[0]
     assert table.splitlines()[2].split("|")[-2].strip() == "**no**"
+
+
+def test_one_seed_is_said_to_have_no_spread(script):
+    # the MNIST-1D reference table's line said "sample std over 1 seed(s)" beside plain numbers
+    assert script.spread_line(script.parse_args(["--seeds", "1"])).endswith("over 1 seed(s) (one seed: no std)")
+    assert script.spread_line(script.parse_args(["--seeds", "3"])) == "Mean ± sample std (n - 1) over 3 seed(s)"
