@@ -177,6 +177,10 @@ def test_elbo_loss_module_stops_a_diverging_plain_loop_and_says_where():
     for criterion in (None, nn.CrossEntropyLoss()):  # an empty batch was blamed on NaN/inf inputs or an overflow
         with pytest.raises(ValueError, match=r"ELBOLoss: the batch is empty \(targets of shape \(0,\)\), whose mean NLL is NaN"):
             bdl.ELBOLoss(model, num_data=10, criterion=criterion)(model(x[:0]), y[:0])
+    binary = nn.Sequential(bdl.BayesLinear(4, 1))  # one logit, float labels (torch's "expected target dtype to be Long")
+    for labels in (torch.zeros(0), torch.zeros(0, 1), torch.zeros(0, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"ELBOLoss: the batch is empty"):
+            bdl.ELBOLoss(binary, num_data=10)(binary(x[:0]), labels)
     unchecked = bdl.ELBOLoss(fresh, num_data=10, check_finite=False)(fresh(x), y)  # as before, for a user who checks
     assert not torch.isfinite(unchecked.loss)
 

@@ -117,7 +117,8 @@ def check_probability_rows(probs: Tensor, name: str, hint: str = "pass softmax(l
 def as_class_labels(target: Tensor) -> Tensor:
     """A binary classifier's labels as binary cross-entropy takes them (whole-number floats, ``[N, 1]``) as integer
     class labels ``[N]``; anything else as it is, for :func:`check_labels` to judge."""
-    if target.is_floating_point() and target.numel() and bool((target == target.round()).all()) and bool(target.isfinite().all()):
+    # (an empty batch too: ELBOLoss gave torch's dtype error, not its 'skip empty batches')
+    if target.is_floating_point() and bool((target == target.round()).all()) and bool(target.isfinite().all()):
         # half precision holds every whole number below 2^(mantissa + 1) (256 in bfloat16) and rounds larger ones to
         # others (257 -> 256): from there up, a label may be another class's (Lightning's bf16-true casts the labels)
         exact = {torch.bfloat16: 256, torch.float16: 2048}.get(target.dtype)
