@@ -318,13 +318,15 @@ def plot_regression_1d(
         ood_x = _inputs_1d(ood_x, ood_prediction, "ood_x", "ood_prediction")
         if ood_prediction.mean.shape[1:] != prediction.mean.shape[1:]:
             raise ValueError(f"`ood_prediction` has outputs {tuple(ood_prediction.mean.shape[1:])}, `prediction` {tuple(prediction.mean.shape[1:])}")
-    if target is not None and check_float(target, "target").shape[0] != len(x):
-        raise ValueError(f"`target` has {check_float(target, 'target').shape[0]} rows but `x` has {len(x)} inputs")
+    if target is not None:
+        target = check_float(target, "target")
+        if target.dim() == 0 or target.shape[0] != len(x):  # (a 0-d target: an IndexError)
+            raise ValueError(f"`target` must have one row per input of `x` ({len(x)}), got shape {tuple(target.shape)}")
     outputs = prediction.mean.reshape(len(x), -1).shape[1]
     if isinstance(output, bool) or not isinstance(output, numbers.Integral) or not 0 <= output < outputs:
         raise ValueError(f"`output` must be an int in [0, {outputs - 1}] (the prediction has {outputs} outputs), got {output!r}")
-    if target is not None and check_float(target, "target").reshape(len(x), -1).shape[1] != outputs:
-        raise ValueError(f"`target` must have one value per output ({outputs}) for each input, got shape {tuple(check_float(target, 'target').shape)}")
+    if target is not None and target.reshape(len(x), -1).shape[1] != outputs:
+        raise ValueError(f"`target` must have one value per output ({outputs}) for each input, got shape {tuple(target.shape)}")
     parts = [(x, prediction)] + ([] if ood_x is None else [(ood_x, ood_prediction)])
 
     def joined(field: str) -> Tensor:  # the test and OOD inputs' values of one output, in the order of `every`
@@ -345,7 +347,7 @@ def plot_regression_1d(
                         label=f"{100 * level:g}% interval, {name}")
     ax.plot(xs, _numpy(centre), color="black", label="predictive mean")
     if target is not None:
-        values = check_float(target, "target").reshape(len(x), -1)[:, output]
+        values = target.reshape(len(x), -1)[:, output]
         ax.scatter(_numpy(x), _numpy(values), s=8, color=_RED, alpha=0.6, label="targets", zorder=3)
     if ood_x is not None:  # a rug at the bottom: where the OOD inputs are, whatever the y range
         ax.plot(_numpy(ood_x), [0.02] * len(ood_x), "|", color="grey", markersize=8, transform=ax.get_xaxis_transform(), label="OOD inputs")

@@ -162,8 +162,11 @@ def test_plots_reject_bad_axes_and_bad_data():
     prediction = Prediction.from_regression(10 * x.reshape(1, 40, 1).expand(2, 40, 1).clone())
     with pytest.raises(ValueError, match="`x` has 20 inputs but `prediction` is for 40"):
         plots.plot_regression_1d(x[:20], prediction)
-    with pytest.raises(ValueError, match="`target` has 40 rows but `x` has 20"):
+    with pytest.raises(ValueError, match=r"`target` must have one row per input of `x` \(20\), got shape \(40,\)"):
         plots.plot_regression_1d(x[:20], prediction[:20], target=x)
+    for target in (torch.tensor(1.0), 1.0):  # an IndexError
+        with pytest.raises(ValueError, match=r"`target` must have one row per input of `x` \(20\), got shape \(\)"):
+            plots.plot_regression_1d(x[:20], prediction[:20], target=target)
 
 
 @pytest.mark.parametrize("points, location", [(60, 0), (5000, 2)])  # matplotlib's codes: 0 "best", 2 "upper left"

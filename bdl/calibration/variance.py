@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +59,8 @@ def fit_variance_scale(mean: Tensor, variance: Tensor, target: Tensor, *, per_ou
         raise TypeError(f"`per_output` must be true or false, got {per_output!r}")
     mean, variance = check_float(mean, "mean"), check_float(variance, "variance")
     target = check_float(as_tensor(target, "target"), "target")
+    if mean.dim() not in (1, 2) or 0 in mean.shape:  # (a 0-d mean: an IndexError below; [N, 0]: a NaN scale)
+        raise ValueError(f"`mean` must have shape [N, D] (or [N]) with N, D >= 1, got {tuple(mean.shape)}")
     if mean.dim() == 1:
         mean = mean[:, None]
     if variance.shape != mean.shape and variance.dim() == 1 and mean.shape[1] == 1:
@@ -69,8 +71,6 @@ def fit_variance_scale(mean: Tensor, variance: Tensor, target: Tensor, *, per_ou
         target = target[:, None]
     if target.shape != mean.shape:
         raise ValueError(f"`target` must have the shape of `mean` {tuple(mean.shape)} (or [N] for one output), got {tuple(target.shape)}")
-    if mean.dim() != 2 or mean.shape[0] == 0:
-        raise ValueError(f"`mean` must have shape [N, D] (or [N]) with N >= 1, got {tuple(mean.shape)}")
     zero = variance <= 0
     if bool(zero.any()):  # a mean-only model sampled once, or samples that agree: nothing to scale
         raise ValueError(
@@ -163,7 +163,23 @@ class VarianceScaler(nn.Module):
             dtype = prediction.total_variance.dtype  # a half-precision prediction's inf, silently
             wider = ": scale a float32 copy, prediction.to(torch.float32)" if torch.finfo(dtype).bits == 16 else ""
             raise ValueError(f"`prediction`'s variances times the scale overflow {dtype}{wider}")
+        if bool(((scaled.total_variance == 0) & (prediction.total_variance > 0)).any()):
+            # a scale below the dtype's range (fit's smallest factor, for validation targets on the means) zeroed them
+            raise ValueError(
+                f"`prediction`'s variances times the scale (min {self.scale.min().item():.3g}) underflow to 0 in "
+                f"{prediction.total_variance.dtype} (fitted, a scale this small says the validation targets sat on the predicted means)"
+            )
         return scaled
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "VarianceScaler":
+        """Moves ``scale`` but keeps it in float64: ``.half()`` or Lightning's "16-true" precision (``.to(dtype)``)
+        rounded it (1e-8 to 0: zero variances; 1e6 to inf; 4.0341 to 4.03125 in bfloat16)."""
+
+        def keep_dtype(tensor: Tensor) -> Tensor:
+            moved = fn(tensor)
+            return moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
+
+        return super()._apply(keep_dtype, recurse)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
         # a per-output scaler's factors load into a scaler made with one (torch: "size mismatch"), checked as given

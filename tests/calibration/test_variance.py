@@ -114,6 +114,33 @@ def test_overflow_is_named_only_where_the_scaling_made_it():
     assert meta.scale.is_meta
 
 
+def test_a_scale_that_zeroes_the_variances_is_named():
+    prediction = Prediction.from_regression(torch.zeros(1, 4, 1), torch.ones(1, 4, 1))
+    fitted = VarianceScaler().fit(prediction, torch.zeros(4))  # targets on the means: float64's smallest factor
+    for scaler in (fitted, VarianceScaler(1e-50)):  # each zeroed every float32 variance, silently
+        with pytest.raises(ValueError, match=r"underflow to 0 in torch.float32 \(fitted, a scale this small says"):
+            scaler(prediction)
+    assert VarianceScaler(1e-50)(prediction.to(torch.float64)).total_variance.min() == pytest.approx(1e-50)
+
+
+def test_the_scale_stays_float64_through_module_dtype_casts():
+    # .half() rounded 1e-8 to 0 (zero variances) and 1e6 to inf; Lightning's 16-true precision calls .to(dtype)
+    prediction = Prediction.from_regression(torch.zeros(1, 4, 1), torch.ones(1, 4, 1))
+    for cast in (lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.float()):
+        for value in (1e-8, 4.0341, 1e6):
+            scaler = cast(VarianceScaler(value))
+            assert scaler.scale.dtype == torch.float64 and scaler.scale.item() == value
+            assert scaler(prediction).total_variance.flatten()[0].item() == pytest.approx(value, rel=1e-6)
+
+
+def test_integer_targets_are_read_exactly():
+    # float32 rounded them from 2^24: RMSE 1 and a scale of 1 for targets on the means
+    mean = torch.tensor([16777217.0, 100000001.0], dtype=torch.float64)
+    target = torch.tensor([16777217, 100000001])
+    assert fit_variance_scale(mean, torch.ones(2, dtype=torch.float64), target).item() < 1e-300
+    assert M.rmse(mean, target).item() == 0 and M.mae(mean, target).item() == 0
+
+
 def test_state_dict_and_repr():
     scaler = VarianceScaler(torch.tensor([2.0, 3.0]))
     fresh = VarianceScaler()  # one factor: loads the per-output ones (torch: "size mismatch for scale")
@@ -142,6 +169,9 @@ def test_state_dict_and_repr():
         (lambda p, y: VarianceScaler().fit(p, y[:10]), ValueError, r"`target` must have the shape of `mean` \(4000, 1\)"),
         (lambda p, y: VarianceScaler().fit(Prediction.from_regression(torch.ones(1, 3, 1)), y[:3]), ValueError, "3 of 3 outputs with variance <= 0 .*leave those inputs out of the validation data"),
         (lambda p, y: fit_variance_scale(p.mean, p.total_variance, torch.full_like(y, float("nan"))), ValueError, "`target` must be finite, got 4000 NaN/Inf"),
+        # a NaN scale; an IndexError
+        (lambda p, y: fit_variance_scale(torch.zeros(3, 0), torch.ones(3, 0), torch.zeros(3, 0)), ValueError, r"`mean` must have shape \[N, D\] \(or \[N\]\) with N, D >= 1, got \(3, 0\)"),
+        (lambda p, y: fit_variance_scale(torch.tensor(0.0), torch.ones(3), torch.zeros(3)), ValueError, r"`mean` must have shape .* got \(\)"),
     ],
 )
 def test_bad_inputs_are_named(call, error, message):
