@@ -71,7 +71,7 @@ SAMPLING_METHODS = ("auto", "loop", "batched")
   rows (a weight, even one computed from parameters), and noise drawn by layers bdl does not know of (a
   Bayesian layer of another library, ``F.dropout(x, training=True)``: seen as outputs that differ between two
   forwards with bdl's sources off, MC dropout blocks inside the model too), which the samples could share.
-  Forward hooks of yours run in these probes too (up to seven
+  Forward hooks of yours run in these probes too (up to nine
   forwards of 1 to 7 rows built from the input's first rows, some with the layers at their means, on the first
   call for a network and input shape, and again on later calls until a batch of two distinct rows lets the
   row-mixing probe tell): a hook that collects features should skip them, or use ``method="loop"``.
@@ -809,6 +809,8 @@ def _rowwise_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
     draw itself then raises)."""
     from .wrappers.mc_dropout import DROPOUT_TYPES as DROPOUT_LAYERS
 
+    if not x.shape[0]:  # no rows: probes of nothing (cached, "no unknown noise" took the batched path beside a
+        return None  # noise of the user's, and a BayesLinear's "0 rows per input row" refused it for good)
     core, sources, _ = _stochastic_sources(model)
     found = _rowwise_checks.setdefault(core, {})
     # the layers that draw noise are part of the question: the same network inside MCDropout, or with a layer held
@@ -933,8 +935,9 @@ def _mixes_rows(core: nn.Module, x: Tensor, *, check_noise: bool = True) -> tupl
     loop mixes only the inputs').
 
     Row 0 of ``x0`` repeated against row 0 of ``x0`` beside copies of ``xk`` (the first row of ``x`` unlike
-    ``x0``), each batch twice (a fresh copy each time: a model may write into its input), of ``_PROBE_SAMPLES``
-    rows (outputs with as many in their first dimension hold the
+    ``x0``), and the last row against ``x0`` after copies of ``xk`` (a layer that mixes each row with the rows
+    before it, a running mean: row 0 alone showed nothing), each batch a fresh copy (a model may write into its
+    input), of ``_PROBE_SAMPLES`` rows (outputs with as many in their first dimension hold the
     rows there; an RNN's ``h_n`` ``[layers, B, H]`` does not, and a batch of 2 beside 2 layers read it as rows).
     The same shapes run the same kernels, so a row-wise network gives the same numbers (a 1-row forward against a
     2-row one rounds differently on GPUs: a bfloat16 network differed by a rounding step), element by element to
@@ -946,7 +949,8 @@ def _mixes_rows(core: nn.Module, x: Tensor, *, check_noise: bool = True) -> tupl
     embedding, and a shift a normalising first layer removes), or a forward that fails (the draw itself then
     raises); the batched path is taken and the question waits for a batch that can tell.
 
-    Unknown noise: two forwards of the same batch that differ (NaN beside NaN alike), with every source bdl knows
+    Unknown noise: two forwards of the input's first ``_PROBE_SAMPLES`` rows that differ (NaN beside NaN alike;
+    several rows: a first row of zeros hid a bias-free layer's weight noise), with every source bdl knows
     off (MC dropout blocks inside it too, in this thread), or two seeded forwards that differ: a layer of the
     user's that draws its own (a Bayesian layer of another library, ``F.dropout(x, training=True)``), which the
     batched path may share across the samples (one weight draw per forward for all of them; in an
@@ -971,6 +975,12 @@ def _mixes_rows(core: nn.Module, x: Tensor, *, check_noise: bool = True) -> tupl
     def other() -> Tensor:
         return torch.cat([x0, unlike.repeat(rows - 1, *ones)])
 
+    def other_first() -> Tensor:  # row x0 last: a layer that mixes each row with the rows before it (a running mean)
+        return torch.cat([unlike.repeat(rows - 1, *ones), x0])
+
+    def first_rows() -> Tensor:  # the noise check on several rows: a first row of zeros hid a bias-free layer's noise
+        return x[:rows].clone()
+
     def seeded(batch: Callable[[], Tensor]) -> list[Tensor]:
         # the same draws for batches of one shape: row 0 alone and beside others compare under one mask and one weight
         # draw, whatever noise stays on (an MC dropout block inside the model, a layer of the user's)
@@ -980,12 +990,16 @@ def _mixes_rows(core: nn.Module, x: Tensor, *, check_noise: bool = True) -> tupl
                 torch.cuda.manual_seed(0)
         return list(_tensors(core(batch())))
 
-    try:
-        with _mc_dropout_off(), eager, deterministic(core), torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            twice = [list(_tensors(core(same()))) for _ in range(2)] if check_noise else None
-            outputs = [seeded(same), seeded(same), seeded(other)] if unlike is not None else None
-    except Exception:  # noqa: BLE001 - only a probe
-        return None, None
+    def attempt(forwards: Callable[[], list[list[Tensor]]]) -> Optional[list[list[Tensor]]]:
+        try:
+            return forwards()
+        except Exception:  # noqa: BLE001 - only a probe
+            return None
+
+    with _mc_dropout_off(), eager, deterministic(core), torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        # apart: the input's own rows may run where 7 do not (a model made for its batch size), and that verdict holds
+        twice = attempt(lambda: [list(_tensors(core(first_rows()))) for _ in range(2)]) if check_noise else None
+        outputs = attempt(lambda: [seeded(same), seeded(same), seeded(other), seeded(other_first)]) if unlike is not None else None
     noise = None if twice is None else any(not _alike(a, b) for a, b in zip(*twice))
     if outputs is None:
         return noise, None
@@ -994,10 +1008,11 @@ def _mixes_rows(core: nn.Module, x: Tensor, *, check_noise: bool = True) -> tupl
         # batched path may share across samples (cached as "no mixing", it took that path: 7-100x too little variance)
         return True, None
     autocast_eps = torch.finfo(torch.get_autocast_dtype(x.device.type)).eps if torch.is_autocast_enabled(x.device.type) else 0.0
-    for alone, beside in zip(outputs[0], outputs[2]):
+    pairs = [(a, b, 0) for a, b in zip(outputs[0], outputs[2])] + [(a, b, rows - 1) for a, b in zip(outputs[0], outputs[3])]
+    for alone, beside, row in pairs:
         if not (alone.dim() and alone.shape[0] == rows and alone.shape == beside.shape) or not alone.numel():
             continue
-        a, b = alone[:1], beside[:1]
+        a, b = alone[row : row + 1], beside[row : row + 1]
         if not a.is_floating_point():
             if not torch.equal(a, b):
                 return noise, True
@@ -1020,7 +1035,7 @@ def _probe_draw(model: nn.Module, x: Tensor, num_samples: int, hooks: list[tuple
     eager = _eager(model)
     if eager is None:
         return False
-    handles = [m.register_forward_pre_hook(hook) if pre else m.register_forward_hook(hook) for m, pre, hook in hooks]
+    handles = [m.register_forward_pre_hook(_positional(hook), with_kwargs=True) if pre else m.register_forward_hook(hook) for m, pre, hook in hooks]
     try:
         with eager, torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             _batched_samples(model, x[:1], num_samples)
@@ -1030,6 +1045,16 @@ def _probe_draw(model: nn.Module, x: Tensor, num_samples: int, hooks: list[tuple
         for handle in handles:
             handle.remove()
     return True
+
+
+def _positional(hook: Callable[[nn.Module, tuple[Any, ...]], None]) -> Callable[..., None]:
+    """A forward pre-hook (with kwargs) that gives ``hook`` the call's positional inputs, or its first keyword tensor
+    where there are none: ``layer(input=h)`` escaped the probes (a BayesLinear on tokens took the batched path)."""
+
+    def call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hook(module, args if args else tuple(value for value in kwargs.values() if isinstance(value, Tensor))[:1])
+
+    return call
 
 
 def _alike(a: Tensor, b: Tensor) -> bool:
@@ -1494,8 +1519,8 @@ def _default_chunk(model: Any, x: Tensor, num_samples: int, method: str) -> int:
     path at most ``CHUNK_ACTIVATION_BYTES`` for the largest activation."""
     rows = x.shape[0]
     count = max(1, min(num_samples, ROWS_PER_CHUNK // max(rows, 1)))
-    if count == 1 or method != "batched" or x.device.type != "cpu" or not isinstance(model, nn.Module):
-        return count
+    if count == 1 or method != "batched" or x.device.type != "cpu" or not isinstance(model, nn.Module) or not rows:
+        return count  # (no rows: a probe of nothing, cached as 0 bytes, left the later batches' chunks uncapped)
     sizes = _activation_sizes.setdefault(_stochastic_sources(model)[0], {})
     key = (tuple(x.shape[1:]), x.dtype)
     if key not in sizes:

@@ -1255,6 +1255,76 @@ def test_noise_the_probes_seed_does_not_reach_is_the_users():
             bdl.predict(model, torch.randn(8, 4), num_samples=4, task="regression", method="batched")
 
 
+class _RunningMean(nn.Module):
+    """Each row averaged with the rows before it (row 0 alone): a mixing the rows after row 0 alone show."""
+
+    def forward(self, x):
+        return x.cumsum(0) / torch.arange(1, x.shape[0] + 1).unsqueeze(1)
+
+
+class _KeywordTokens(_Tokens):
+    def forward(self, x):
+        return self.layer(input=x).mean(1)
+
+
+class _KeywordDropConnect(_DropConnect):
+    def forward(self, x):
+        return nn.functional.linear(x, self.drop(input=self.linear.weight), self.linear.bias)
+
+
+def _variances(model, batches, method, seed=0, num_samples=256):
+    torch.manual_seed(seed)
+    return bdl.predict(model, batches, num_samples=num_samples, task="regression", method=method).epistemic_variance
+
+
+def _blank_first(x):
+    return torch.cat([torch.zeros(1, x.shape[1]), x[1:]])
+
+
+# each took the batched path, silently: a running mean over the batch (row 0 was the only row compared) had 100-300x
+# too little variance; a first input of zeros hid a bias-free foreign layer's weight noise (half the variance); a
+# layer called as layer(input=h) escaped the weight and token checks (half the variance)
+@pytest.mark.parametrize(
+    "build, inputs, message",
+    [
+        (lambda: bdl.MCDropout(nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), _RunningMean(), nn.Linear(16, 1))),
+         lambda: torch.randn(8, 4), "depends on the other rows of the batch"),
+        (lambda: bdl.MCDropout(nn.Sequential(_OwnBayesLinear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))),
+         lambda: _blank_first(torch.randn(8, 4)), "it draws noise that bdl does not know of"),
+        (lambda: _KeywordTokens(), lambda: torch.randn(6, 5, 4), "one weight draw per call"),
+        (lambda: bdl.MCDropout(_KeywordDropConnect()), lambda: torch.randn(8, 4), "without the batch rows"),
+    ],
+    ids=["running mean", "zero first row", "keyword tokens", "keyword dropconnect"],
+)  # fmt: skip
+def test_the_probes_see_mixing_after_the_first_row_noise_behind_a_zero_first_row_and_keyword_calls(build, inputs, message):
+    torch.manual_seed(0)
+    model, x = build(), inputs()
+    torch.testing.assert_close(_variances(model, x, "auto"), _variances(model, x, "loop"))  # the loop's draws
+    with pytest.raises(ValueError, match=message):
+        bdl.predict(model, x, num_samples=4, task="regression", method="batched")
+
+
+class _SharedNoise(nn.Module):
+    """One draw of the global generator per forward, shared by the rows (the seeded probes draw it alike)."""
+
+    def forward(self, x):
+        return x + torch.randn(1, x.shape[1])
+
+
+def test_an_empty_batch_leaves_no_verdict_behind():
+    # its probes of nothing were cached: "no unknown noise" took the batched path beside a noise of the user's (its
+    # variance off by up to 5x), and a BayesLinear's "0 rows per input row" refused a Bayesian MLP the batched path
+    x, empty = torch.randn(8, 4), torch.zeros(0, 4)
+    torch.manual_seed(0)
+    own = bdl.MCDropout(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.1), _SharedNoise(), nn.Linear(8, 1), nn.Flatten(0)))
+    with pytest.raises(ValueError, match="it draws noise that bdl does not know of"):
+        bdl.predict(own, iter([empty, x]), num_samples=4, task="regression", method="batched")
+    bnn = nn.Sequential(bdl.BayesLinear(4, 8), nn.ReLU(), bdl.BayesLinear(8, 3))
+    prediction = bdl.predict(bnn, iter([empty, x]), num_samples=4, method="batched")
+    assert prediction.num_samples == 4 and prediction.probs.shape == (8, 3)
+    assert bdl.predict(bnn, x, num_samples=4, method="batched").num_samples == 4
+
+
 def test_ensembles_sample_their_bayesian_members_with_one_weight_draw_per_forward():
     # members kept their training estimator: a local-reparameterised convolution gave each position its own noise
     estimators = []
