@@ -996,7 +996,7 @@ def _mixes_rows(core: nn.Module, x: Tensor, *, check_noise: bool = True) -> tupl
         except Exception:  # noqa: BLE001 - only a probe
             return None
 
-    with _mc_dropout_off(), eager, deterministic(core), torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+    with _mc_dropout_off(), eager, deterministic(core), torch.no_grad(), _forked_random_state(x):
         # apart: the input's own rows may run where 7 do not (a model made for its batch size), and that verdict holds
         twice = attempt(lambda: [list(_tensors(core(first_rows()))) for _ in range(2)]) if check_noise else None
         outputs = attempt(lambda: [seeded(same), seeded(same), seeded(other), seeded(other_first)]) if unlike is not None else None
@@ -1037,7 +1037,7 @@ def _probe_draw(model: nn.Module, x: Tensor, num_samples: int, hooks: list[tuple
         return False
     handles = [m.register_forward_pre_hook(_positional(hook), with_kwargs=True) if pre else m.register_forward_hook(hook) for m, pre, hook in hooks]
     try:
-        with eager, torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        with eager, _forked_random_state(x):
             _batched_samples(model, x[:1], num_samples)
     except Exception:  # noqa: BLE001 - only a probe
         return False
@@ -1045,6 +1045,24 @@ def _probe_draw(model: nn.Module, x: Tensor, num_samples: int, hooks: list[tuple
         for handle in handles:
             handle.remove()
     return True
+
+
+@contextlib.contextmanager
+def _forked_random_state(x: Tensor) -> Iterator[None]:
+    """torch's generators (the CPU's and ``x``'s CUDA device's), numpy's global one and Python's ``random`` put back
+    afterwards: a probe's draws of a model's numpy noise moved the first call's stream (with np.random.seed set, the
+    first call gave other numbers than the second and third). A generator of the model's own is not reached."""
+    import random
+
+    import numpy as np
+
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
 
 
 def _positional(hook: Callable[[nn.Module, tuple[Any, ...]], None]) -> Callable[..., None]:

@@ -1325,6 +1325,23 @@ def test_an_empty_batch_leaves_no_verdict_behind():
     assert bdl.predict(bnn, x, num_samples=4, method="batched").num_samples == 4
 
 
+class _NumpyNoise(nn.Module):
+    def forward(self, x):
+        return x + torch.from_numpy(np.random.standard_normal(x.shape)).to(x.dtype)
+
+
+def test_the_probes_put_numpys_and_pythons_random_state_back():
+    # with np.random.seed set before each call, the first call (its probes drew numpy's noise) gave other numbers
+    model = bdl.MCDropout(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), _NumpyNoise(), nn.Linear(8, 1), nn.Flatten(0)))
+    x = torch.randn(6, 4)
+    means = []
+    for _ in range(3):
+        np.random.seed(0)
+        torch.manual_seed(0)
+        means.append(bdl.predict(model, x, num_samples=8, task="regression").mean)
+    assert torch.equal(means[0], means[1]) and torch.equal(means[1], means[2])
+
+
 def test_ensembles_sample_their_bayesian_members_with_one_weight_draw_per_forward():
     # members kept their training estimator: a local-reparameterised convolution gave each position its own noise
     estimators = []
