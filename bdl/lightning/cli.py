@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -34,7 +35,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from ..predict import Prediction
 from .modules import EnsembleModule, _check_one_order, _gather_prediction, _loaded_prior, _loader_at, _storable_prior, _unpadded_size, target_scale
@@ -220,6 +221,20 @@ class Checkpoint(ModelCheckpoint):
     def state_key(self) -> str:  # ModelCheckpoint's: a run checkpointed before this class resumes its best score
         return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        with warnings.catch_warnings():
+            if stage == "fit" and getattr(self, "_resumes_in_place", False):  # the folder holds the run's own checkpoints
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty\.")
+            super().setup(trainer, pl_module, stage)
+        self._stage = stage
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # a test, validate or predict run saves no checkpoint: Lightning's "The dirpath has changed ... won't be
+        # reloaded" (every evaluate from a checkpoint, twice under DDP) spoke of scores it has no use for
+        if getattr(self, "_stage", "fit") != "fit" and state_dict.get("dirpath", self.dirpath) != self.dirpath:
+            return
+        super().load_state_dict(state_dict)
+
     def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # not refused here: a module may log a metric only outside the sanity check (SVIModule's val/elbo before
         # num_data is known)
@@ -306,7 +321,9 @@ class _ContinuedCSVLogger(CSVLogger):
                 reader = csv.DictReader(file)
                 fields = list(reader.fieldnames or [])
                 kept = [row for row in reader if row.get("step") and float(row["step"]) < self._resume_step]
-        writer = super().experiment  # Lightning's writer, which has just deleted the file
+        with warnings.catch_warnings():  # its "Previous log files in this directory will be deleted": kept, as above
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            writer = super().experiment  # Lightning's writer, which has just deleted the file
         if fields:
             with path.open("w", newline="") as file:
                 rows = csv.DictWriter(file, fieldnames=fields)
@@ -642,6 +659,7 @@ class BDLCLI(LightningCLI):
             self._new_run_folder = None if folder.exists() else folder
             self._new_root = None if Path(root).exists() else Path(root)  # runs/ itself, on a first run
             resume = getattr(self, "_resume_version", None) is not None and version == self._resume_version
+            self._resumes_in_place = resume  # (the checkpoint callback is told in _instantiate_trainer)
             # a new run's logger continues its metrics.csv too: under ddp_spawn every fit or test starts new processes,
             # whose copies of the logger start the file afresh (the test after a fit deleted the training curve)
             csv_logger = _ContinuedCSVLogger(save_dir=root, name=self.run_name(), version=version, resume_step=self._resume_step if resume else math.inf)
@@ -661,6 +679,8 @@ class BDLCLI(LightningCLI):
         if config.get("enable_checkpointing") is False and self._checkpoint is not None:
             callbacks = [callback for callback in callbacks if callback is not self._checkpoint]
             self._checkpoint = None
+        if isinstance(self._checkpoint, Checkpoint):  # Lightning's "Checkpoint directory ... is not empty" on a resume
+            self._checkpoint._resumes_in_place = getattr(self, "_resumes_in_place", False)
         if config.get("fast_dev_run"):
             # Lightning saves no checkpoint in a fast_dev_run but save_last's at the end of training, which without a
             # logger went to checkpoints/last.ckpt in the working directory
@@ -740,7 +760,9 @@ def console() -> None:
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError, MisconfigurationException) as error:
         if os.environ.get("BDL_TRACEBACK"):
             raise
-        print(f"bdl: error: {_message(error)}", file=sys.stderr)
+        # under DDP every process fails alike: the copies of other processes than 0 are labelled as theirs
+        rank = getattr(rank_zero_only, "rank", 0) or 0
+        print(f"bdl: error{f' (process {rank})' if rank else ''}: {_message(error)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler, SubsetRandomSampler
@@ -377,6 +378,9 @@ def _warn_if_steps_round_away(trainer: L.Trainer) -> None:
         )
 
 
+_PADDING_ADVICE = r"Using `DistributedSampler` with the dataloaders\. During `trainer\.(validate|test)\(\)`"
+
+
 class _Evaluation:
     """Validation metrics, the test report and ``predict_step``, for any module with :meth:`sample_prediction`.
 
@@ -399,6 +403,19 @@ class _Evaluation:
                 f"the model's task is {self.task!r} but {type(datamodule).__name__}'s is {task!r}: set the model's task "
                 f"(model.init_args.task, or the likelihood of an SVI model) to {task!r}"
             )
+        if stage in ("validate", "test"):
+            # Lightning's advice to test on one device, as its DistributedSampler repeats rows to pad the processes'
+            # shares: bdl's metrics leave the repeats out (a DDP test's report equals one process's), so it is left
+            # unsaid for this run (every DDP test and validate printed it)
+            warnings.filterwarnings("ignore", message=_PADDING_ADVICE, category=PossibleUserWarning)
+            self._padding_filter = warnings.filters[0]
+
+    def teardown(self, stage: str) -> None:
+        super().teardown(stage)  # type: ignore[misc]
+        entry = self.__dict__.pop("_padding_filter", None)
+        if entry is not None and entry in warnings.filters:
+            warnings.filters.remove(entry)
+            getattr(warnings, "_filters_mutated", lambda: None)()  # (the version that invalidates warning registries)
 
     def _setup_metrics(self) -> None:
         from .. import metrics as M
@@ -615,7 +632,7 @@ class _Evaluation:
         _note_target_scale(self.report, target_scale(self.trainer))
         self._test_outputs.clear()
         headline = {f"test/{key}": value for key in HEADLINE_METRICS if (value := self.report.metrics.get(key)) is not None}
-        self.log_dict(headline)
+        self.log_dict(headline, sync_dist=True)  # the same values in every process: Lightning warned at each key
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # every process: log_dir broadcasts
         # without a logger (logger=False, or fast_dev_run, a smoke test that Lightning gives none) there is no run
         # folder, and the report went to the working directory: module.report holds it

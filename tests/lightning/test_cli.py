@@ -270,8 +270,12 @@ def test_evaluate_prints_the_table_and_writes_the_report_in_a_new_version(quicks
     best = _copy_run(quickstart_run, tmp_path)
     fitted = json.loads((tmp_path / "quickstart" / "version_0" / "metrics.json").read_text())["metrics"]
     capsys.readouterr()
-    main(["evaluate", "--config", QUICKSTART, "--ckpt_path", str(best), *FEW_STEPS, "--trainer.default_root_dir", str(tmp_path)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["evaluate", "--config", QUICKSTART, "--ckpt_path", str(best), *FEW_STEPS, "--trainer.default_root_dir", str(tmp_path)])
     out = capsys.readouterr().out
+    # Lightning's "The dirpath has changed ... won't be reloaded": an evaluation saves no checkpoint
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]
     folder = tmp_path / "quickstart" / "version_1"
     assert "VariationalModule on DigitsDataModule: 64 test inputs, 64 OOD inputs (digits 8, 9)" in out
     assert "| metric" in out and "| accuracy" in out and "| ECE" in out
@@ -630,6 +634,9 @@ def test_ddp_test_run_gathers_the_predictions_of_both_processes(ddp_run):
     # gathered and the repeat cut: the report counts each test input once
     assert report["num_examples"] == NUM_TEST
     assert f"OrderedData: {NUM_TEST} test inputs" in output
+    # so Lightning's advice to test on one device (its sampler's repeats) and to sync the headline metrics (the same
+    # in every process) is not printed
+    assert "During `trainer.test()`" not in output and "sync_dist=True" not in output
 
 
 @pytest.mark.slow
@@ -784,6 +791,20 @@ def test_the_bdl_command_says_which_class_refused_a_value_in_one_line(override, 
         console()
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"bdl: error: {expected}")  # (then the machine's accelerators)
+
+
+def test_the_bdl_commands_error_in_another_process_than_0_says_which(tmp_path, monkeypatch, capsys):
+    # under DDP each process printed the same line: the second copy is labelled as its process's
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from bdl.lightning.cli import console
+
+    argv = ["bdl", "fit", "--config", QUICKSTART, "--data.init_args.batch_size", "0", "--trainer.default_root_dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    with pytest.raises(SystemExit):
+        console()
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("bdl: error (process 1): data (bdl.lightning.DigitsDataModule)")
 
 
 class _WorseEachEpoch(L.LightningModule):

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -92,7 +93,12 @@ def test_killed_run_resumes_from_last_checkpoint_to_the_same_final_metrics(metho
     assert not (folder / "metrics.json").exists()
     assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
 
-    main(["fit", "--config", str(write_config(interrupted, method)), "--ckpt_path", "last"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["fit", "--config", str(write_config(interrupted, method)), "--ckpt_path", "last"])
+    # Lightning's "Previous log files in this directory will be deleted" (bdl keeps them, below) and "Checkpoint
+    # directory ... exists and is not empty" (the run's own checkpoints, resumed in place)
+    assert not [str(w.message) for w in caught if "exists and is not empty" in str(w.message)]
     assert sorted(path.name for path in (interrupted / "resume").iterdir()) == ["version_0"]  # resumed in place
     resumed, reference = final_metrics(interrupted), final_metrics(uninterrupted)
     assert resumed.keys() == reference.keys()
