@@ -163,11 +163,14 @@ class VarianceScaler(nn.Module):
             dtype = prediction.total_variance.dtype  # a half-precision prediction's inf, silently
             wider = ": scale a float32 copy, prediction.to(torch.float32)" if torch.finfo(dtype).bits == 16 else ""
             raise ValueError(f"`prediction`'s variances times the scale overflow {dtype}{wider}")
-        if bool(((scaled.total_variance == 0) & (prediction.total_variance > 0)).any()):
+        zeroed = (scaled.total_variance == 0) & (prediction.total_variance > 0)
+        if bool(zeroed.any()):
             # a scale below the dtype's range (fit's smallest factor, for validation targets on the means) zeroed them
+            smallest = prediction.total_variance[zeroed].min().item()
             raise ValueError(
-                f"`prediction`'s variances times the scale (min {self.scale.min().item():.3g}) underflow to 0 in "
-                f"{prediction.total_variance.dtype} (fitted, a scale this small says the validation targets sat on the predicted means)"
+                f"`prediction`'s variances times the scale underflow to 0 in {prediction.total_variance.dtype} at "
+                f"{int(zeroed.sum())} of {zeroed.numel()} outputs (variances from {smallest:.3g}, scale "
+                f"{self.scale.min().item():.3g}; a fitted scale this small says the validation targets sat on the predicted means)"
             )
         return scaled
 

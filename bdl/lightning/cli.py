@@ -147,7 +147,7 @@ def summary_table(metrics: dict[str, float], *, ood_name: Optional[str] = None) 
     scores = [key.split("/")[1] for key in metrics if key.startswith("ood/") and key.endswith("/auroc")]
     against = f" vs {ood_name}" if ood_name else ""
     rows += [(f"OOD AUROC{against} ({score.replace('_', ' ')})", metrics[f"ood/{score}/auroc"]) for score in scores]
-    width = max(len(title) for title, _ in rows) if rows else 6
+    width = max([len("metric"), *(len(title) for title, _ in rows)])  # (a regression's "RMSE" rows broke the bar)
     # the value column as wide as its widest entry: an early ResNet's NLL of 12.3456 pushed its row's bar out
     values = [f"{value:.4f}" for _, value in rows]
     value_width = max([len("value"), *map(len, values)])

@@ -107,6 +107,8 @@ def test_the_printed_table_keeps_its_value_column_for_values_of_10_and_more():
     lines = summary_table({"accuracy": 0.5, "nll": 12.34567, "ece": float("nan")}).splitlines()
     assert lines[2:] == ["| accuracy |  0.5000 |", "| NLL      | 12.3457 |", "| ECE      |     nan |"]
     assert len({len(line) for line in lines}) == 1 and lines[1].endswith(":|")
+    # titles shorter than "metric" (a regression's RMSE, NLL, CRPS): its column as wide as the header
+    assert summary_table({"rmse": 0.5}).splitlines() == ["| metric | value  |", "|--------|-------:|", "| RMSE   | 0.5000 |"]
     # values below 10: the table the README shows
     assert summary_table({"accuracy": 0.5}).splitlines() == ["| metric   | value  |", "|----------|-------:|", "| accuracy | 0.5000 |"]
 

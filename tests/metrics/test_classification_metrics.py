@@ -460,3 +460,10 @@ def test_unsigned_labels_are_labels(dtype):
     # numpy's unsigned labels became torch.uint32 and were refused as "not integer class labels"
     probs, target = torch.tensor([[0.7, 0.3], [0.2, 0.8]]), np.array([0, 1])
     assert M.nll(probs, target.astype(dtype)) == M.nll(probs, torch.from_numpy(target))
+
+
+def test_integer_one_hot_probabilities_score_as_their_float_form():
+    # read in float64 since integer targets are, their log's floor (float64's tiny) gave an NLL of 236 for 29
+    probs = torch.tensor([[1, 0], [0, 1], [1, 0]])
+    labels = torch.tensor([0, 0, 0])
+    assert bdl.metrics.functional.nll(probs, labels).item() == pytest.approx(bdl.metrics.functional.nll(probs.float(), labels).item())

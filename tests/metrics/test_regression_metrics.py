@@ -236,3 +236,17 @@ def test_a_level_outside_the_open_unit_interval_is_refused_with_that_interval(le
     # level=1 was refused with "(0, 1)" but 0 and 1.5 with "(0, 1]", which allows 1
     with pytest.raises(ValueError, match=rf"`level` must lie in \(0, 1\), got {level}"):
         M.interval_width(torch.ones(3), level=level)
+
+
+def test_integer_targets_are_read_exactly_and_kept_off_float64_on_mps():
+    # float32 rounded them from 2^24: an RMSE of 1 for targets on the means
+    mean = torch.tensor([16777217.0, 100000001.0], dtype=torch.float64)
+    target = torch.tensor([16777217, 100000001])
+    assert M.rmse(mean, target).item() == 0
+    assert M.gaussian_nll(mean, torch.ones(2, dtype=torch.float64), target).item() == pytest.approx(0.5 * math.log(2 * math.pi))
+    # MPS has no float64: integer targets read there (or moved there for an MPS model's means) are float32
+    from bdl.metrics.functional._checks import device_dtype
+
+    assert device_dtype(torch.float64, torch.device("mps")) is torch.float32
+    assert device_dtype(torch.float64, torch.device("cpu")) is torch.float64
+    assert device_dtype(torch.float16, torch.device("mps")) is torch.float16

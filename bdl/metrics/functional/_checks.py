@@ -55,7 +55,7 @@ def _real(value, name: str) -> Tensor:  # noqa: ANN001
     if tensor.dtype == torch.bool or not (tensor.is_floating_point() or tensor.dtype in _INTEGER_DTYPES):
         raise TypeError(f"`{name}` must hold real numbers, got dtype {tensor.dtype}")
     if not tensor.is_floating_point():  # exact to 2^53: float32 rounded integer targets from 2^24 (RMSE 1 for 0)
-        tensor = tensor.to(torch.float64)
+        tensor = tensor.to(device_dtype(torch.float64, tensor.device))
     return tensor
 
 
@@ -82,6 +82,9 @@ _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int6
 
 def check_probs(probs, name: str = "probs") -> Tensor:  # noqa: ANN001
     """``probs`` [N, C]: finite, in [0, 1], rows summing to 1 within :func:`probability_sum_tolerance`."""
+    probs = as_tensor(probs, name)
+    if probs.dtype in _INTEGER_DTYPES:  # one-hot rows: exact in the default dtype, whose log floor the NLL keeps
+        probs = probs.to(torch.get_default_dtype())
     probs = _real(probs, name)
     if probs.dim() != 2 or probs.shape[1] < 2:
         raise ValueError(f"`{name}` must have shape [N, C] with C >= 2 classes, got shape {tuple(probs.shape)}")
@@ -165,7 +168,18 @@ def targets_like(target, mean: Tensor, name: str = "target", *, finite: bool = T
 
     if core(tuple(target.shape)) != core(tuple(mean.shape)):
         raise ValueError(f"`{name}` must have the shape of the predicted means {tuple(mean.shape)}, got shape {tuple(target.shape)}")
-    return target.reshape(mean.shape).to(mean.device)
+    return moved(target.reshape(mean.shape), mean.device)
+
+
+def device_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """``dtype`` as ``device`` holds it: float64 as float32 on MPS, which has no float64."""
+    return torch.float32 if dtype == torch.float64 and torch.device(device).type == "mps" else dtype
+
+
+def moved(tensor: Tensor, device: torch.device, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``tensor`` on ``device`` in ``dtype`` (None: its own), as :func:`device_dtype` allows there (integer targets,
+    read in float64 on the CPU, failed on an MPS model's means)."""
+    return tensor.to(device=device, dtype=device_dtype(tensor.dtype if dtype is None else dtype, device))
 
 
 def check_vector(value, name: str, *, allow_empty: bool = False) -> Tensor:  # noqa: ANN001
@@ -173,8 +187,8 @@ def check_vector(value, name: str, *, allow_empty: bool = False) -> Tensor:  # n
     up to 2^53 (float32 from 2^24 on merged distinct scores into ties), and bools 0/1 (a 0/1 error,
     ``predicted_class != target``, as the selective metrics' docs write it, was refused)."""
     as_given = as_tensor(value, name)
-    if as_given.dtype in _INTEGER_DTYPES or as_given.dtype == torch.bool:
-        as_given = as_given.to(torch.float64)
+    if as_given.dtype == torch.bool:
+        as_given = as_given.to(torch.uint8)  # then float64 with the integers, in check_float
     tensor = check_float(as_given, name)
     if tensor.dim() != 1:
         raise ValueError(f"`{name}` must be 1-D with shape [N], got shape {tuple(tensor.shape)}")

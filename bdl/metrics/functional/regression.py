@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._checks import check_float, check_fraction, check_same_shape
+from ._checks import check_float, check_fraction, check_same_shape, moved
 
 __all__ = [
     "crps_gaussian",
@@ -39,7 +39,7 @@ def _check_shapes(mean: Tensor, **others: Tensor) -> dict[str, Tensor]:
     for name, value in others.items():
         if mean.dim() == 2 and mean.shape[1] == 1 and value.shape == mean.shape[:1]:
             value = value.unsqueeze(1)
-        checked[name] = value.to(device=mean.device, dtype=torch.promote_types(mean.dtype, value.dtype))
+        checked[name] = moved(value, mean.device, torch.promote_types(mean.dtype, value.dtype))
     check_same_shape(mean=mean, **checked)
     return checked
 
