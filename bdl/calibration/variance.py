@@ -169,7 +169,7 @@ class VarianceScaler(nn.Module):
             smallest = prediction.total_variance[zeroed].min().item()
             raise ValueError(
                 f"`prediction`'s variances times the scale underflow to 0 in {prediction.total_variance.dtype} at "
-                f"{int(zeroed.sum())} of {zeroed.numel()} outputs (variances from {smallest:.3g}, scale "
+                f"{int(zeroed.sum())} of {zeroed.numel()} entries (variances from {smallest:.3g}, scale "
                 f"{self.scale.min().item():.3g}; a fitted scale this small says the validation targets sat on the predicted means)"
             )
         return scaled

@@ -222,16 +222,21 @@ class Checkpoint(ModelCheckpoint):
         return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        resumed = getattr(self, "_resumed_folder", None)  # the folder of the run's checkpoint a fit resumes in place
+        # (the run's own folder, unless a checkpoint.dirpath elsewhere was given, whose files the warning is about)
+        own = resumed is not None and (self.dirpath is None or os.path.realpath(os.path.expanduser(self.dirpath)) == os.path.realpath(resumed))
         with warnings.catch_warnings():
-            if stage == "fit" and getattr(self, "_resumes_in_place", False):  # the folder holds the run's own checkpoints
+            if stage == "fit" and own:  # Lightning's "Checkpoint directory ... exists and is not empty": the run's own
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty\.")
             super().setup(trainer, pl_module, stage)
         self._stage = stage
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # a test, validate or predict run saves no checkpoint: Lightning's "The dirpath has changed ... won't be
-        # reloaded" (every evaluate from a checkpoint, twice under DDP) spoke of scores it has no use for
+        # reloaded" (every evaluate from a checkpoint, twice under DDP) spoke of scores it has no use for; the best
+        # path it reloads all the same (test(ckpt_path="best") after a validate from another run's checkpoint)
         if getattr(self, "_stage", "fit") != "fit" and state_dict.get("dirpath", self.dirpath) != self.dirpath:
+            self.best_model_path = state_dict.get("best_model_path", self.best_model_path)
             return
         super().load_state_dict(state_dict)
 
@@ -557,6 +562,7 @@ class BDLCLI(LightningCLI):
             if version is not None and Path(ckpt_path).resolve().parent.parent == own.resolve():
                 self._resume_version = version
                 self._resume_step = int(checkpoint.get("global_step", 0))
+                self._resumed_folder = str(Path(ckpt_path).parent)
         saved = checkpoint.get("hyper_parameters") or {}
         if "_class_path" not in saved:
             # saved outside the bdl command (a module trained in Python): its hyperparameters name no class and hold
@@ -680,7 +686,7 @@ class BDLCLI(LightningCLI):
             callbacks = [callback for callback in callbacks if callback is not self._checkpoint]
             self._checkpoint = None
         if isinstance(self._checkpoint, Checkpoint):  # Lightning's "Checkpoint directory ... is not empty" on a resume
-            self._checkpoint._resumes_in_place = getattr(self, "_resumes_in_place", False)
+            self._checkpoint._resumed_folder = getattr(self, "_resumed_folder", None) if getattr(self, "_resumes_in_place", False) else None
         if config.get("fast_dev_run"):
             # Lightning saves no checkpoint in a fast_dev_run but save_last's at the end of training, which without a
             # logger went to checkpoints/last.ckpt in the working directory

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler, SubsetRandomSampler
@@ -378,9 +377,6 @@ def _warn_if_steps_round_away(trainer: L.Trainer) -> None:
         )
 
 
-_PADDING_ADVICE = r"Using `DistributedSampler` with the dataloaders\. During `trainer\.(validate|test)\(\)`"
-
-
 class _Evaluation:
     """Validation metrics, the test report and ``predict_step``, for any module with :meth:`sample_prediction`.
 
@@ -403,19 +399,14 @@ class _Evaluation:
                 f"the model's task is {self.task!r} but {type(datamodule).__name__}'s is {task!r}: set the model's task "
                 f"(model.init_args.task, or the likelihood of an SVI model) to {task!r}"
             )
-        if stage in ("validate", "test"):
-            # Lightning's advice to test on one device, as its DistributedSampler repeats rows to pad the processes'
-            # shares: bdl's metrics leave the repeats out (a DDP test's report equals one process's), so it is left
-            # unsaid for this run (every DDP test and validate printed it)
-            warnings.filterwarnings("ignore", message=_PADDING_ADVICE, category=PossibleUserWarning)
-            self._padding_filter = warnings.filters[0]
-
-    def teardown(self, stage: str) -> None:
-        super().teardown(stage)  # type: ignore[misc]
-        entry = self.__dict__.pop("_padding_filter", None)
-        if entry is not None and entry in warnings.filters:
-            warnings.filters.remove(entry)
-            getattr(warnings, "_filters_mutated", lambda: None)()  # (the version that invalidates warning registries)
+        if stage in ("validate", "test") and self.trainer.world_size > 1:
+            # beside Lightning's advice to validate or test on one device (its DistributedSampler repeats rows to pad
+            # the processes' shares), which read as if bdl's metrics were off: they are not (a filter that hid the
+            # advice stayed installed after a failed test, and hid it from a subclass's own per-process metrics)
+            rank_zero_info(
+                f"bdl: {type(self).__name__}'s {getattr(stage, 'value', stage)} metrics leave out the rows Lightning's DistributedSampler repeats "
+                "to pad the processes' shares (each input counts once); metrics a subclass logs itself do not"
+            )
 
     def _setup_metrics(self) -> None:
         from .. import metrics as M
@@ -632,7 +623,9 @@ class _Evaluation:
         _note_target_scale(self.report, target_scale(self.trainer))
         self._test_outputs.clear()
         headline = {f"test/{key}": value for key in HEADLINE_METRICS if (value := self.report.metrics.get(key)) is not None}
-        self.log_dict(headline, sync_dist=True)  # the same values in every process: Lightning warned at each key
+        # the same values in every process: Lightning warned at each key without sync_dist; their max is exact, where
+        # a mean (a sum, then / 3) moved some by a rounding step
+        self.log_dict(headline, sync_dist=True, reduce_fx="max")
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # every process: log_dir broadcasts
         # without a logger (logger=False, or fast_dev_run, a smoke test that Lightning gives none) there is no run
         # folder, and the report went to the working directory: module.report holds it

@@ -118,7 +118,7 @@ def test_a_scale_that_zeroes_the_variances_is_named():
     prediction = Prediction.from_regression(torch.zeros(1, 4, 1), torch.ones(1, 4, 1))
     fitted = VarianceScaler().fit(prediction, torch.zeros(4))  # targets on the means: float64's smallest factor
     for scaler in (fitted, VarianceScaler(1e-50)):  # each zeroed every float32 variance, silently
-        with pytest.raises(ValueError, match=r"underflow to 0 in torch.float32 at 4 of 4 outputs \(variances from 1, scale .*a fitted scale this small says"):
+        with pytest.raises(ValueError, match=r"underflow to 0 in torch.float32 at 4 of 4 entries \(variances from 1, scale .*a fitted scale this small says"):
             scaler(prediction)
     assert VarianceScaler(1e-50)(prediction.to(torch.float64)).total_variance.min() == pytest.approx(1e-50)
 

@@ -636,9 +636,10 @@ def test_ddp_test_run_gathers_the_predictions_of_both_processes(ddp_run):
     # gathered and the repeat cut: the report counts each test input once
     assert report["num_examples"] == NUM_TEST
     assert f"OrderedData: {NUM_TEST} test inputs" in output
-    # so Lightning's advice to test on one device (its sampler's repeats) and to sync the headline metrics (the same
-    # in every process) is not printed
-    assert "During `trainer.test()`" not in output and "sync_dist=True" not in output
+    # beside Lightning's advice to test on one device (its sampler's repeats), bdl says its metrics leave them out;
+    # the headline metrics (the same in every process) are logged synced: no advice to sync them
+    assert "test metrics leave out the rows Lightning's DistributedSampler repeats" in output
+    assert "sync_dist=True" not in output
 
 
 @pytest.mark.slow
@@ -793,6 +794,41 @@ def test_the_bdl_command_says_which_class_refused_a_value_in_one_line(override, 
         console()
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"bdl: error: {expected}")  # (then the machine's accelerators)
+
+
+def test_the_checkpoint_callback_keeps_the_best_path_of_another_folder_and_warns_of_a_foreign_folders_files(tmp_path):
+    # skipping Lightning's "dirpath has changed" on a validate from another run's checkpoint dropped its best path:
+    # test(ckpt_path="best") then failed; and a resume that writes into another non-empty folder is warned of
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+    def trainer(folder, **options):
+        callback = Checkpoint(dirpath=str(folder), monitor="val/nll", filename="best", **options)
+        return L.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[callback], enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path)), callback  # fmt: skip
+
+    from bdl.lightning import DeterministicModule
+
+    first, callback = trainer(tmp_path / "first")
+    first.fit(DeterministicModule(torch.nn.Linear(4, 3)), loader, loader)
+    best = callback.best_model_path
+    second, _ = trainer(tmp_path / "second")
+    module = DeterministicModule(torch.nn.Linear(4, 3), save_report=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second.validate(module, loader, ckpt_path=best, verbose=False)
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]
+    assert second.checkpoint_callback.best_model_path == best
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        second.test(module, [loader], ckpt_path="best", verbose=False)
+    for resumed, warned in ((tmp_path / "first", False), (tmp_path / "elsewhere", True)):
+        third, callback = trainer(tmp_path / "first")
+        callback._resumed_folder = str(resumed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            third.fit(DeterministicModule(torch.nn.Linear(4, 3)), loader, loader)
+        assert any("exists and is not empty" in str(w.message) for w in caught) == warned
 
 
 def test_the_bdl_commands_error_in_another_process_than_0_says_which(tmp_path, monkeypatch, capsys):
