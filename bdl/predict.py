@@ -44,7 +44,7 @@ from ._messages import first_few, index_list
 from ._tensors import random_state, set_random_state, version_or_none
 from ._warn import user_stacklevel
 from ._outputs import draw_stacked, output_parts
-from .metrics.functional._checks import all_finite, check_probability_rows, look_like_probabilities
+from .metrics.functional._checks import all_finite, are_probabilities, check_probability_rows
 from .nn.convert import deterministic, use_estimator
 from .nn.functional import _two_class, gaussian_draw, pre_activation_variance, randn_like
 from .nn.layers import BayesianModule, BayesLinear, _sample_once_blocks, _sample_once_draws
@@ -223,8 +223,13 @@ class Prediction:
             >>> round(pred.mutual_information.item(), 4)  # ln 2 - H[softmax(2, 0)]
             0.3278
         """
-        sample_logits = _two_class(_check_samples("sample_logits", sample_logits, "[S, N, C] of logits"))
-        return _summarised(sample_logits, keep_samples, _ClassificationSummary.add_logits)
+        sample_logits = _check_samples("sample_logits", sample_logits, "[S, N, C] of logits")
+        if are_probabilities(sample_logits):  # softmaxed again: flattened towards uniform, a fraction of the MI
+            raise ValueError(
+                "sample_logits look like probabilities (every row non-negative, summing to 1): pass them to "
+                "Prediction.from_probs, or pass the logits"
+            )
+        return _summarised(_two_class(sample_logits), keep_samples, _ClassificationSummary.add_logits)
 
     @classmethod
     def from_probs(cls, sample_probs: Tensor, keep_samples: bool = False) -> "Prediction":
@@ -1405,13 +1410,6 @@ def _non_finite_message(error: _NonFiniteOutput, model: Any, x: Tensor, offset: 
 
 
 
-def _distinct_rows(output: Tensor) -> bool:
-    """Whether ``output`` [..., C] holds two rows that differ: one row (a single input, a trailing batch of one) of
-    logits that happen to be non-negative and sum to 1 is no sign of probabilities."""
-    rows = output.reshape(-1, output.shape[-1])
-    return bool((rows != rows[:1]).any())
-
-
 def _check_not_one_input(model: Any, x: Tensor) -> None:  # noqa: ANN401
     """Warn of a floating 1-D ``x`` (read as ``N`` scalar inputs) as long as the features of the model's first layer
     with parameters, where that is a linear one: one input without its batch dimension, whose ``N`` outputs
@@ -1458,7 +1456,7 @@ def _add_output(summary: Any, output: Any, task: str, rows: int) -> None:  # noq
             raise ValueError(f"a classification model must return logits [B, C], got {shape}{regression}")
         if not all_finite(output):
             raise _NonFiniteOutput("the model returned non-finite logits (NaN or Inf)", _non_finite_rows(output))
-        if summary.count == 0 and output.shape[-1] > 1 and _distinct_rows(output) and look_like_probabilities(output):
+        if summary.count == 0 and are_probabilities(output):
             # read as logits, softmaxed again: probabilities flattened towards uniform, a tenth of the mutual information
             raise ValueError(
                 "the model returns probabilities (every row non-negative, summing to 1), and predict reads logits: "

@@ -904,6 +904,23 @@ def test_a_model_that_returns_probabilities_is_refused():
     assert bdl.predict(Lambda(lambda x: torch.tensor([[0.3, 0.7]]).expand(len(x), 2)), x[:1], num_samples=1).probs.shape == (1, 2)
 
 
+def test_probabilities_given_to_from_logits_and_elbo_loss_are_refused():
+    # both took them silently: summarised as logits (softmaxed again), trained on by the cross-entropy
+    probs = torch.rand(4, 5, 3).softmax(-1)
+    with pytest.raises(ValueError, match="sample_logits look like probabilities .* pass them to Prediction.from_probs"):
+        Prediction.from_logits(probs)
+    assert Prediction.from_logits(probs.log()).probs.shape == (5, 3)  # log-probabilities are logits
+    assert Prediction.from_logits(torch.tensor([[[0.3, 0.7]]])).probs.shape == (1, 2)  # one row: no sign
+    bnn = nn.Sequential(bdl.BayesLinear(4, 3))
+    criterion = bdl.ELBOLoss(bnn, num_data=100)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    for _ in range(2):  # refused again: the check is skipped only once outputs passed it
+        with pytest.raises(ValueError, match="ELBOLoss's default criterion takes logits, and the model's outputs look like probabilities"):
+            criterion(bnn(x).softmax(-1), y)
+    assert torch.isfinite(criterion(bnn(x), y).loss)
+    assert torch.isfinite(criterion(bnn(x).softmax(-1), y).loss)  # checked once: no sync at every step after
+
+
 def test_an_output_for_other_rows_than_the_inputs_is_refused():
     # a forward that drops or transposes the batch gave a prediction for other rows than its targets
     x, y = torch.randn(10, 4), torch.arange(10) % 3

@@ -32,6 +32,15 @@ def look_like_probabilities(logits: Tensor) -> bool:
     return bool(logits.amin() >= 0) and bool(((logits.sum(-1, dtype=torch.float64) - 1).abs() < tolerance).all())
 
 
+def are_probabilities(outputs: Tensor) -> bool:
+    """Whether a model's outputs ``[..., C]`` (C >= 2) are probabilities where logits belong: :func:`look_like_probabilities`,
+    in two rows that differ at least (one row of logits, or rows all alike, may happen to sum to 1)."""
+    if outputs.dim() < 2 or outputs.shape[-1] < 2 or not outputs.numel() or not outputs.is_floating_point():
+        return False
+    rows = outputs.reshape(-1, outputs.shape[-1])
+    return bool((rows != rows[:1]).any()) and look_like_probabilities(outputs)
+
+
 def as_tensor(value, name: str) -> Tensor:  # noqa: ANN001 - anything tensor-like
     if isinstance(value, Tensor):
         if value.is_meta:
