@@ -391,7 +391,8 @@ class Report:
         """Write ``metrics.json``, ``report.md`` (tables and links to the figures) and one PNG per figure.
 
         Args:
-            directory: created if missing; existing files of the same names are overwritten.
+            directory: created if missing; existing files of the same names are overwritten, and the plots of an
+                earlier report that this one has not (an OOD set's, say) are removed.
 
         Returns:
             The directory, as a ``Path``.
@@ -401,6 +402,9 @@ class Report:
         (directory / "metrics.json").write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
         markdown = self.to_markdown()
         figures = self.figures()
+        for stale in directory.glob("*.png"):  # an earlier report's plots this one has none of (its OOD plots, say)
+            if _FIGURE_STEM.fullmatch(stale.stem) and stale.stem not in figures:
+                stale.unlink()
         if figures:
             markdown += "\n## Figures\n\n"
         for stem, figure in figures.items():
@@ -411,6 +415,10 @@ class Report:
 
     def __str__(self) -> str:
         return self.to_markdown()
+
+
+# the file stems Report.figures gives its plots (save removes the ones of an earlier report that this one lacks)
+_FIGURE_STEM = re.compile(r"reliability_diagram|risk_coverage|quantile_calibration|regression_1d(_output\d+)?|ood_histograms|ood_roc")
 
 
 def _format(value: float) -> str:

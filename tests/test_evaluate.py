@@ -4,6 +4,7 @@ import json
 import math
 import re
 import struct
+import sys
 
 import matplotlib.image
 import numpy as np
@@ -46,6 +47,7 @@ def check_report_directory(report, directory, expected_pngs):
     for stem in expected_pngs:
         assert f"]({stem}.png)" in markdown
         check_png(directory / f"{stem}.png")
+        assert sys.modules["bdl.evaluate"]._FIGURE_STEM.fullmatch(stem)  # a later save removes it where that report has none
 
 
 @pytest.mark.slow
@@ -200,6 +202,11 @@ def test_report_of_a_heteroscedastic_regression_model(tmp_path):
     figures = two.figures()
     assert {"regression_1d_output0", "regression_1d_output1"} <= set(figures) and "regression_1d" not in figures
     assert figures["regression_1d_output1"].axes[0].get_title() == "Predictive distribution of output 1"
+    # saved over the first: its one-output and OOD plots went stale beside metrics.json's "num_ood_examples": null
+    (directory / "notes.png").write_bytes(b"")  # a file of the user's: kept
+    two.save(directory)
+    kept = {path.name for path in directory.iterdir()}
+    assert kept == {"metrics.json", "report.md", "notes.png"} | {f"{stem}.png" for stem in figures}
 
 
 def test_a_variance_that_underflowed_or_a_nll_that_overflowed_is_said_as_such():

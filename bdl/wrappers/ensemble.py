@@ -473,7 +473,13 @@ class DeepEnsemble(nn.Module):
             try:
                 member.load_state_dict(state, strict=strict)
             except RuntimeError as error:  # another architecture's keys or shapes: say which checkpoint
-                raise RuntimeError(f"checkpoints[{i}] does not fit the factory's model: {error}") from None
+                hint = ""
+                own = set(member.state_dict())
+                if not prefix and own and state:  # a LightningModule's checkpoint: every key under its attribute's name
+                    first = next(iter(state)).split(".", 1)[0] + "."
+                    if all(key.startswith(first) for key in state) and {key[len(first):] for key in state} >= own:
+                        hint = f" (every key of the checkpoint starts with {first!r}: pass prefix={first!r})"
+                raise RuntimeError(f"checkpoints[{i}] does not fit the factory's model{hint}: {error}") from None
             members.append(member)
         return cls(members, **kwargs)
 

@@ -276,6 +276,11 @@ def test_from_checkpoints_loads_files_and_lightning_style_dicts(tmp_path):
         DeepEnsemble.from_checkpoints(member, [paths[0], broken])
     with pytest.raises(RuntimeError, match=r"checkpoints\[0\] does not fit the factory's model: Error\(s\) in loading"):
         DeepEnsemble.from_checkpoints(lambda: nn.Sequential(nn.Linear(4, 3)), [paths[0]])
+    # a LightningModule's state dict, every key under its attribute: torch's missing and unexpected keys, no hint
+    lightning_like = {f"model.{key}": value for key, value in nn.Linear(4, 3).state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"does not fit the factory's model \(every key of the checkpoint starts with 'model.': pass prefix='model.'\)"):
+        DeepEnsemble.from_checkpoints(lambda: nn.Linear(4, 3), [lightning_like])
+    assert DeepEnsemble.from_checkpoints(lambda: nn.Linear(4, 3), [lightning_like], prefix="model.").num_members == 1
 
 
 def test_from_checkpoints_with_a_prefix_keeps_each_layers_saved_std_transform(tmp_path):
