@@ -127,6 +127,11 @@ ROWS = [
     _row("posterior_std_init-negative", lambda t: bdl.BayesConv2d(1, 2, 3, posterior_std_init=-1e-3), ValueError, r"posterior_std_init must be a positive finite number, got -0.001"),
     _row("GaussianPrior-negative-scale", lambda t: bdl.GaussianPrior(0.0, -1.0), ValueError, r"GaussianPrior: scale must be a positive finite number, got -1.0"),
     _row("GaussianPrior-zero-scale", lambda t: bdl.GaussianPrior(0.0, 0.0), ValueError, r"GaussianPrior: scale must be a positive finite number, got 0.0"),
+    # bools were read as 1 and 0 here, and refused by as_prior
+    _row("GaussianPrior-bool-scale", lambda t: bdl.GaussianPrior(0.0, True), ValueError, r"GaussianPrior: scale must be a positive finite number, got True"),
+    _row("GaussianPrior-bool-loc", lambda t: bdl.GaussianPrior(False, 1.0), ValueError, r"GaussianPrior: loc must be a finite number .* got False"),
+    _row("posterior_std_init-bool", lambda t: bdl.BayesLinear(4, 2, posterior_std_init=True), ValueError, r"posterior_std_init must be a positive finite number, got True"),
+    _row("kl_weight-bool", lambda t: bdl.elbo_loss(torch.tensor(1.0), torch.tensor(1.0), 10, kl_weight=True), ValueError, r"kl_weight must be a finite number >= 0, got True"),
     _row("GaussianPrior-tensor-scale-with-a-zero", lambda t: bdl.GaussianPrior(0.0, torch.tensor([1.0, 0.0])), ValueError, r"GaussianPrior: scale must be positive and finite everywhere"),
     _row("ScaleMixturePrior-zero-scale2", lambda t: bdl.ScaleMixturePrior(scale2=0.0), ValueError, r"ScaleMixturePrior: scale2 must be a positive finite number, got 0.0"),
     _row("ScaleMixturePrior-mixture_weight-above-1", lambda t: bdl.ScaleMixturePrior(mixture_weight=1.5), ValueError, r"mixture_weight must be in \(0, 1\), got 1.5"),

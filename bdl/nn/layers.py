@@ -191,7 +191,7 @@ class _BayesLayer(BayesianModule):
         estimator: str,
         std_transform: str,
     ) -> None:
-        if not (isinstance(posterior_std_init, numbers.Real) and math.isfinite(posterior_std_init) and posterior_std_init > 0):
+        if isinstance(posterior_std_init, bool) or not (isinstance(posterior_std_init, numbers.Real) and math.isfinite(posterior_std_init) and posterior_std_init > 0):
             raise ValueError(f"posterior_std_init must be a positive finite number, got {posterior_std_init!r}")
         if std_transform not in STD_TRANSFORMS:
             raise ValueError(f"std_transform must be one of {list(STD_TRANSFORMS)}, got {std_transform!r}")

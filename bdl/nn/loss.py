@@ -66,7 +66,7 @@ def elbo_loss(nll: Tensor, kl: Tensor, num_data: int, kl_weight: float = 1.0) ->
     if isinstance(kl_weight, Tensor):
         valid = kl_weight.dim() == 0 and bool(torch.isfinite(kl_weight)) and bool(kl_weight >= 0)
     else:
-        valid = isinstance(kl_weight, numbers.Real) and math.isfinite(kl_weight) and kl_weight >= 0
+        valid = isinstance(kl_weight, numbers.Real) and not isinstance(kl_weight, bool) and math.isfinite(kl_weight) and kl_weight >= 0
     if not valid:  # NaN passed the "< 0" test and turned every loss into NaN
         raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
     for name, value in (("nll", nll), ("kl", kl)):

@@ -22,7 +22,7 @@ def _check_positive(name: str, value: float | Tensor, owner: str) -> None:
             return
         if not bool(torch.isfinite(value).all()) or bool((value <= 0).any()):
             raise ValueError(f"{owner}: {name} must be positive and finite everywhere, got a tensor with min {value.min().item():g}")
-    elif not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
+    elif isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):  # True: 1
         raise ValueError(f"{owner}: {name} must be a positive finite number, got {value!r}")
 
 
@@ -97,7 +97,7 @@ class GaussianPrior(Prior):
         if isinstance(loc, Tensor):  # a meta tensor (a model built without memory) has no values to check
             finite = loc.is_meta or bool(torch.isfinite(loc).all())
         else:
-            finite = isinstance(loc, numbers.Real) and math.isfinite(loc)
+            finite = isinstance(loc, numbers.Real) and not isinstance(loc, bool) and math.isfinite(loc)
         if not finite:  # a NaN mean made every KL NaN, found only at the first training step
             raise ValueError(f"GaussianPrior: loc must be a finite number or a tensor of finite numbers, got {loc!r}")
         self.loc: Union[float, Tensor]
