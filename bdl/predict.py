@@ -1813,8 +1813,11 @@ def predict(
             "model: its parameters are on the 'meta' device (shapes without values), so it cannot predict; "
             "materialise it first, e.g. model.to_empty(device='cpu') and load_state_dict(...)"
         )
-    if isinstance(model, nn.Module) and num_samples > 1 and not callable(getattr(model, "sample_outputs", None)):
-        _warn_if_dropout_is_off(model, num_samples)  # not for a model that draws its samples itself (SVI, ensembles)
+    # then, at the first batch, whether a model without known noise repeats one forward (not for a model that draws
+    # its samples itself: SVI, ensembles)
+    check_repeats = isinstance(model, nn.Module) and num_samples > 1 and not draws_itself
+    if check_repeats:
+        check_repeats = not _warn_if_dropout_is_off(model, num_samples)
     if isinstance(model, nn.Module) and _sample_once_blocks[0]:
         inside = [module for module in model.modules() if isinstance(module, BayesianModule) and _sample_once_draws(module) is not None]
         if inside:
@@ -1848,6 +1851,8 @@ def predict(
             if device is not None:
                 x = x.to(device)
             if index == 0:  # before the first draw (a loader's iterator took its seed from the generator by now)
+                if check_repeats:
+                    _warn_if_repeated(model, x, num_samples)
                 start_common_draws()
                 if x.dim() == 1:
                     _check_not_one_input(model, x)
@@ -1927,10 +1932,11 @@ def predict(
     return prediction
 
 
-def _warn_if_dropout_is_off(model: nn.Module, num_samples: int) -> None:
+def _warn_if_dropout_is_off(model: nn.Module, num_samples: int) -> bool:
     """Warn where ``model`` has dropout that could fire but nothing bdl knows draws noise at prediction: its
     dropout is off in eval mode, so (unless the model draws noise itself) the samples are all one forward and
-    the mutual information is 0, with no word of why (the user meant MC dropout and forgot the wrapper)."""
+    the mutual information is 0, with no word of why (the user meant MC dropout and forgot the wrapper).
+    Whether it warned."""
     from .wrappers.mc_dropout import _can_fire, _is_dropout
 
     _, sources, _ = _stochastic_sources(model)
@@ -1941,6 +1947,31 @@ def _warn_if_dropout_is_off(model: nn.Module, num_samples: int) -> None:
             "in bdl.MCDropout for MC dropout, or pass num_samples=1",
             UserWarning,
             stacklevel=3,
+        )
+        return True
+    return False
+
+
+def _warn_if_repeated(model: nn.Module, x: Tensor, num_samples: int) -> None:
+    """Warn where ``model`` has nothing bdl knows to draw noise and two forwards of the first rows of ``x`` agree: a
+    plain network, whose ``num_samples`` samples are one forward repeated (the report said "Monte Carlo samples:
+    32" of a deterministic network, with no word). A model that draws noise of its own differs, and is not warned."""
+    _, sources, _ = _stochastic_sources(model)
+    if sources or not x.shape[0]:
+        return
+    rows = x[:_PROBE_SAMPLES]
+    try:
+        with torch.no_grad(), _forked_random_state(x):
+            first, second = (list(_tensors(model(rows.clone()))) for _ in range(2))
+    except Exception:  # noqa: BLE001 - only a probe: the draw raises the model's error
+        return
+    if first and len(first) == len(second) and all(_alike(a, b) for a, b in zip(first, second)):
+        warnings.warn(
+            f"the model has no Bayesian layer nor MC dropout, and two forwards agree: its {num_samples} samples are "
+            "one forward repeated (epistemic uncertainty 0); pass num_samples=1 for a deterministic network, or make "
+            "it Bayesian (bdl.bayesianize, bdl.MCDropout)",
+            UserWarning,
+            stacklevel=user_stacklevel(),
         )
 
 

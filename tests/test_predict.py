@@ -1558,8 +1558,20 @@ def test_a_network_with_dropout_and_no_wrapper_is_warned_about():
         warnings.simplefilter("error")
         bdl.predict(net, x, num_samples=1)  # one forward asked for
         bdl.predict(bdl.MCDropout(net), x, num_samples=4)
-        bdl.predict(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.0), nn.Linear(8, 3)), x, num_samples=4)  # never fires
         bdl.predict(nn.Sequential(bdl.BayesLinear(4, 8), nn.Dropout(0.3), nn.Linear(8, 3)), x, num_samples=4)
+        bdl.predict(nn.Sequential(nn.Linear(4, 8), _AlwaysDropout(), nn.Linear(8, 3)), x, num_samples=4)  # noise of its own
+
+
+def test_a_deterministic_network_sampled_more_than_once_is_warned_about():
+    # 32 identical forwards by default, the report's "Monte Carlo samples: 32", and no word of why
+    x = torch.randn(5, 4)
+    for net in (nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.0), nn.Linear(8, 3))):
+        with pytest.warns(UserWarning, match="no Bayesian layer nor MC dropout, and two forwards agree: its 32 samples are one forward repeated") as caught:
+            bdl.predict(net, x)
+        assert caught[0].filename == __file__  # at the user's call
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            bdl.predict(net, x, num_samples=1)
 
 
 class _CentredTokens(nn.Module):
