@@ -187,8 +187,9 @@ class UncertaintyDataModule(L.LightningDataModule):
         if differ:
             rank_zero_warn(
                 f"{type(self).__name__}: the checkpoint's model was trained with other data splits than this data module "
-                f"gives ({', '.join(differ)} differ): rows it trained on may be in this test set, and a report on it "
-                "would overstate the model; use the data options of its run (its config.yaml), unless the data is new to it"
+                f"gives ({', '.join(differ)} differ): rows it trained on may now be in the validation or test set, where "
+                "they overstate the model (a report, or the checkpoint a resumed fit keeps); use the data options of its "
+                "run (its config.yaml), unless the data is new to it"
             )
 
     def _built(self) -> Splits:

@@ -1374,7 +1374,7 @@ def test_a_checkpoint_tested_on_other_splits_than_it_was_trained_on_is_warned_of
             trainer(tmp_path).test(module, DigitsDataModule(ood_classes=[8, 9], seed=seed), ckpt_path=path, verbose=False)
         messages = [str(w.message) for w in caught if "other data splits" in str(w.message)]
         assert bool(messages) == warned
-    assert "(train, val, test differ): rows it trained on may be in this test set" in messages[0]
+    assert "(train, val, test differ): rows it trained on may now be in the validation or test set" in messages[0]
 
 
 def test_split_fingerprints_tolerate_other_kernels_nans_and_another_ood_set():
