@@ -516,6 +516,8 @@ class BDLCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)  # the bdl modules have their own optimizer options
         kwargs.setdefault("trainer_defaults", {"callbacks": [PredictionWriter()]})
+        # no abbreviated options: argparse took --trainer.max_epoch for max_epochs, where a misspelt key is refused
+        kwargs.setdefault("parser_kwargs", {"allow_abbrev": False, **{name: {"allow_abbrev": False} for name in self.subcommands()}})
         super().__init__(L.LightningModule, L.LightningDataModule, args=args, run=run, **kwargs)
 
     @staticmethod

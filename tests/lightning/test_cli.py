@@ -433,8 +433,10 @@ def test_predict_writes_predictions_with_normalised_probabilities(quickstart_run
         (["--model.init_args.lr", "abc"], ['"lr"', "abc"]),
         (["--trainer.max_epochs", "one"], ["max_epochs", "one"]),
         (["--not_a_key", "1"], ["--not_a_key"]),
+        # argparse took a prefix for the whole key: it trained with max_epochs 1
+        (["--trainer.max_epoch", "1"], ["unrecognized arguments: --trainer.max_epoch 1"]),
     ],
-    ids=["unknown-model-key", "lr-not-a-float", "max-epochs-not-an-int", "unknown-top-level-key"],
+    ids=["unknown-model-key", "lr-not-a-float", "max-epochs-not-an-int", "unknown-top-level-key", "abbreviated-key"],
 )
 def test_bad_command_line_values_exit_with_a_message_naming_the_key(extra, expected, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
