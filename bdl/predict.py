@@ -1813,11 +1813,10 @@ def predict(
             "model: its parameters are on the 'meta' device (shapes without values), so it cannot predict; "
             "materialise it first, e.g. model.to_empty(device='cpu') and load_state_dict(...)"
         )
-    # then, at the first batch, whether a model without known noise repeats one forward (not for a model that draws
-    # its samples itself: SVI, ensembles)
-    check_repeats = isinstance(model, nn.Module) and num_samples > 1 and not draws_itself
-    if check_repeats:
-        check_repeats = not _warn_if_dropout_is_off(model, num_samples)
+    # not for a model that draws its samples itself (SVI, ensembles); then whether the first batch's samples of a model
+    # without known noise are one output repeated
+    warned = isinstance(model, nn.Module) and num_samples > 1 and not draws_itself and _warn_if_dropout_is_off(model, num_samples)
+    repeats = _RepeatCheck(None if warned or draws_itself else model, num_samples)
     if isinstance(model, nn.Module) and _sample_once_blocks[0]:
         inside = [module for module in model.modules() if isinstance(module, BayesianModule) and _sample_once_draws(module) is not None]
         if inside:
@@ -1851,8 +1850,6 @@ def predict(
             if device is not None:
                 x = x.to(device)
             if index == 0:  # before the first draw (a loader's iterator took its seed from the generator by now)
-                if check_repeats:
-                    _warn_if_repeated(model, x, num_samples)
                 start_common_draws()
                 if x.dim() == 1:
                     _check_not_one_input(model, x)
@@ -1905,6 +1902,7 @@ def predict(
                                 torch.cuda.empty_cache()
                             continue
                         _add_output(summary, output, task, rows)
+                        repeats.add(output)
                         drawn += count
                         if failed:
                             _remember_batched_failure(model, x)
@@ -1952,27 +1950,41 @@ def _warn_if_dropout_is_off(model: nn.Module, num_samples: int) -> bool:
     return False
 
 
-def _warn_if_repeated(model: nn.Module, x: Tensor, num_samples: int) -> None:
-    """Warn where ``model`` has nothing bdl knows to draw noise and two forwards of the first rows of ``x`` agree: a
-    plain network, whose ``num_samples`` samples are one forward repeated (the report said "Monte Carlo samples:
-    32" of a deterministic network, with no word). A model that draws noise of its own differs, and is not warned."""
-    _, sources, _ = _stochastic_sources(model)
-    if sources or not x.shape[0]:
-        return
-    rows = x[:_PROBE_SAMPLES]
-    try:
-        with torch.no_grad(), _forked_random_state(x):
-            first, second = (list(_tensors(model(rows.clone()))) for _ in range(2))
-    except Exception:  # noqa: BLE001 - only a probe: the draw raises the model's error
-        return
-    if first and len(first) == len(second) and all(_alike(a, b) for a, b in zip(first, second)):
-        warnings.warn(
-            f"the model has no Bayesian layer nor MC dropout, and two forwards agree: its {num_samples} samples are "
-            "one forward repeated (epistemic uncertainty 0); pass num_samples=1 for a deterministic network, or make "
-            "it Bayesian (bdl.bayesianize, bdl.MCDropout)",
-            UserWarning,
-            stacklevel=user_stacklevel(),
-        )
+class _RepeatCheck:
+    """Whether the first batch's samples of a model with nothing bdl knows to draw noise are one output repeated: a
+    plain network sampled ``num_samples`` times (32 by default, reported as Monte Carlo samples, without a word), or
+    Bayesian layers held at their means. Read off the draws themselves: a probe's extra forwards broke a model that
+    keeps state across calls, and showed in the user's hooks. A model with noise of its own differs."""
+
+    def __init__(self, model: Any, num_samples: int) -> None:  # noqa: ANN401
+        self.num_samples = num_samples
+        self.reference: Optional[list[Tensor]] = None
+        self.done = not (isinstance(model, nn.Module) and num_samples > 1) or bool(_stochastic_sources(model)[1])
+        self.held = not self.done and any(isinstance(m, BayesianModule) for m in model.modules())
+
+    def add(self, output: Any) -> None:  # noqa: ANN401 - a draw's stacked samples
+        if self.done:
+            return
+        parts = list(_tensors(output))
+        if not parts or any(not part.numel() for part in parts):  # an empty batch tells nothing
+            return
+        if self.reference is None:
+            self.reference = [part[:1] for part in parts]
+            parts = [part[1:] for part in parts]
+        if not parts or not parts[0].shape[0]:  # one sample so far (a chunk of one): the next draw tells
+            return
+        self.done = True
+        if all(_alike(part, first.expand_as(part)) for part, first in zip(parts, self.reference)):
+            why = ("its Bayesian layers are held at their means (bdl.deterministic)" if self.held else
+                   "the model has no Bayesian layer nor MC dropout, and its samples agree")  # fmt: skip
+            fix = "" if self.held else ", or make it Bayesian (bdl.bayesianize, bdl.MCDropout)"
+            warnings.warn(
+                f"{why}: its {self.num_samples} samples are one forward repeated (epistemic uncertainty 0); pass "
+                f"num_samples=1 for a deterministic network{fix}",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
+        self.reference = None
 
 
 def _summary(prediction: Prediction) -> Tensor:

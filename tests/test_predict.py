@@ -919,6 +919,17 @@ def test_probabilities_given_to_from_logits_and_elbo_loss_are_refused():
             criterion(bnn(x).softmax(-1), y)
     assert torch.isfinite(criterion(bnn(x), y).loss)
     assert torch.isfinite(criterion(bnn(x).softmax(-1), y).loss)  # checked once: no sync at every step after
+    # rows all alike (a zero-initialised head's, one row) tell nothing: the check waits for a batch that can tell
+    waiting = bdl.ELBOLoss(bnn, num_data=100)
+    waiting(torch.full((8, 3), 1 / 3), y)
+    waiting(bnn(x[:1]).softmax(-1), y[:1])
+    with pytest.raises(ValueError, match="look like probabilities"):
+        waiting(bnn(x).softmax(-1), y)
+    # the classes along dim 1, as the cross-entropy reads them: [B, C, T] sequences softmaxed over C passed
+    sequence = torch.randn(8, 3, 5)
+    with pytest.raises(ValueError, match="look like probabilities"):
+        bdl.ELBOLoss(bnn, num_data=100)(sequence.softmax(1), torch.randint(0, 3, (8, 5)))
+    assert torch.isfinite(bdl.ELBOLoss(bnn, num_data=100)(sequence.softmax(-1), torch.randint(0, 3, (8, 5))).loss)
 
 
 def test_an_output_for_other_rows_than_the_inputs_is_refused():
@@ -1562,16 +1573,41 @@ def test_a_network_with_dropout_and_no_wrapper_is_warned_about():
         bdl.predict(nn.Sequential(nn.Linear(4, 8), _AlwaysDropout(), nn.Linear(8, 3)), x, num_samples=4)  # noise of its own
 
 
+class _Streaming(nn.Module):
+    """Keeps its recurrent state across calls, for batches of one size (a probe of 7 rows broke it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.out, self.h = nn.GRUCell(4, 8), nn.Linear(8, 3), None
+
+    def forward(self, x):
+        self.h = self.cell(x, torch.zeros(x.shape[0], 8) if self.h is None else self.h)
+        return self.out(self.h)
+
+
 def test_a_deterministic_network_sampled_more_than_once_is_warned_about():
     # 32 identical forwards by default, the report's "Monte Carlo samples: 32", and no word of why
     x = torch.randn(5, 4)
     for net in (nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.0), nn.Linear(8, 3))):
-        with pytest.warns(UserWarning, match="no Bayesian layer nor MC dropout, and two forwards agree: its 32 samples are one forward repeated") as caught:
+        with pytest.warns(UserWarning, match="no Bayesian layer nor MC dropout, and its samples agree: its 32 samples are one forward repeated") as caught:
             bdl.predict(net, x)
         assert caught[0].filename == __file__  # at the user's call
+        with pytest.warns(UserWarning, match="its samples agree: its 4 samples"):  # drawn one at a time: told by the second
+            bdl.predict(net, iter([torch.zeros(0, 4), x]), num_samples=4, chunk_size=1)  # (an empty batch tells nothing)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             bdl.predict(net, x, num_samples=1)
+    bnn = bdl.bayesianize(nn.Sequential(nn.Linear(4, 3)))
+    with bdl.deterministic(bnn), pytest.warns(UserWarning, match=r"its Bayesian layers are held at their means \(bdl.deterministic\): its 4 samples"):
+        bdl.predict(bnn, x, num_samples=4)
+    # read off the draws: no forward of other rows than the user's (a model keeping state across calls failed)
+    streaming = _Streaming()
+    rows = []
+    streaming.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its state moves between calls: its samples differ, not warned
+        prediction = bdl.predict(streaming, torch.randn(20, 4), num_samples=4, method="loop")
+    assert prediction.probs.shape == (20, 3) and rows == [20] * 4
 
 
 class _CentredTokens(nn.Module):

@@ -13,7 +13,7 @@ from pyro.infer import Predictive
 from pyro.params.param_store import ParamStoreDict
 from torch import Tensor, nn
 
-from ..metrics.functional._checks import check_positive_int
+from ..metrics.functional._checks import are_probabilities, check_positive_int
 from .._messages import index_list
 from ..predict import _eval_mode  # each module's own mode restored (a frozen submodule stays in eval)
 from .model import PyroModel
@@ -357,6 +357,11 @@ def predict_function_model(
         if read is None:  # one run per draw
             read, _ = _read_site([alone(i) for i in range(num_samples)], num_samples, shape, *site)
     if task == "classification":
+        if are_probabilities(read[0]):  # Prediction.from_logits' refusal named no site, and a method the user never called
+            raise ValueError(
+                f"output_site {output_site!r} holds probabilities (every row non-negative, summing to 1), where logits "
+                "are read: record the logits there (pyro.deterministic), or name a Categorical observation site"
+            )
         return Prediction.from_logits(read[0], keep_samples=keep_samples)
     means, variances = read
 

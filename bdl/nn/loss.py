@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .._messages import first_few
 from .._warn import user_stacklevel
-from ..metrics.functional._checks import are_probabilities, as_class_labels, probability_sum_tolerance
+from ..metrics.functional._checks import as_class_labels, probabilities_verdict, probability_sum_tolerance
 from .functional import _two_class
 from .layers import BayesianModule
 
@@ -252,13 +252,15 @@ class ELBOLoss(nn.Module):
         default = getattr(self, "_one_logit_binary", False)  # the default criterion (a loss pickled by an earlier bdl has no flag)
         if default and not traced:
             _check_logits_and_labels(output, target)
-            if not getattr(self, "_checked_outputs", False) and isinstance(output, Tensor):  # once: a sync per step
-                if are_probabilities(output):  # softmaxed again by the cross-entropy: trained quietly, on flattened probabilities
+            if not getattr(self, "_checked_outputs", False) and isinstance(output, Tensor):  # once told: a sync per step
+                # the classes along dim 1, as the cross-entropy reads them ([B, C, T] sequences, [B, C, H, W] images)
+                verdict = probabilities_verdict(output.movedim(1, -1) if output.dim() > 2 else output)
+                if verdict:  # softmaxed again by the cross-entropy: trained quietly, on flattened probabilities
                     raise ValueError(
                         "ELBOLoss's default criterion takes logits, and the model's outputs look like probabilities (every "
-                        "row non-negative, summing to 1): drop the final nn.Softmax, or end with nn.LogSoftmax"
+                        "row non-negative, summing to 1 over the classes): drop the final nn.Softmax, or end with nn.LogSoftmax"
                     )
-                self._checked_outputs = True
+                self._checked_outputs = verdict is not None  # rows all alike (a zero-initialised head) told nothing
         one_logit = isinstance(output, Tensor) and output.dim() == 2 and output.shape[1] == 1
         if one_logit and default:
             # a cross-entropy over one class: 0 whatever the model with labels 0, an IndexError with a label 1

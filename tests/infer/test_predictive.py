@@ -170,6 +170,23 @@ def test_function_model_predictions_read_the_named_site():
         module.predict((x,), output_site="logits")
 
 
+def test_a_site_of_probabilities_read_as_logits_is_named():
+    # softmaxed again (probabilities flattened towards uniform), then refused in words of a method never called
+    from bdl.infer import predict_function_model
+
+    def model(x, y=None):
+        slope = pyro.sample("slope", dist.Normal(0.0, 1.0))
+        logit = slope * x
+        probs = pyro.deterministic("probs", torch.stack([torch.zeros_like(logit), logit], dim=-1).softmax(-1))
+        with pyro.plate("data", x.shape[-1]):
+            return pyro.sample("obs", dist.Categorical(probs=probs), obs=y)
+
+    slopes = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"output_site 'probs' holds probabilities .* record the logits there"):
+        predict_function_model(model, {"slope": slopes}, torch.linspace(-2, 2, 5), output_site="probs", task="classification")
+    assert predict_function_model(model, {"slope": slopes}, torch.linspace(-2, 2, 5), output_site="obs", task="classification").probs.shape == (5, 2)
+
+
 def _slope_model(x, y=None):
     slope = pyro.sample("slope", dist.Normal(0.0, 1.0))
     with pyro.plate("data", x.shape[-1]):

@@ -33,12 +33,21 @@ def look_like_probabilities(logits: Tensor) -> bool:
 
 
 def are_probabilities(outputs: Tensor) -> bool:
-    """Whether a model's outputs ``[..., C]`` (C >= 2) are probabilities where logits belong: :func:`look_like_probabilities`,
-    in two rows that differ at least (one row of logits, or rows all alike, may happen to sum to 1)."""
+    """Whether a model's outputs ``[..., C]`` (C >= 2) are probabilities where logits belong (see
+    :func:`probabilities_verdict`)."""
+    return bool(probabilities_verdict(outputs))
+
+
+def probabilities_verdict(outputs: Tensor) -> Optional[bool]:
+    """Whether a model's outputs ``[..., C]`` are probabilities where logits belong: :func:`look_like_probabilities`;
+    None where they cannot tell: fewer than 2 classes, or no two rows that differ (one row of logits, or rows all
+    alike, such as a zero-initialised head's, may happen to sum to 1)."""
     if outputs.dim() < 2 or outputs.shape[-1] < 2 or not outputs.numel() or not outputs.is_floating_point():
-        return False
+        return None
     rows = outputs.reshape(-1, outputs.shape[-1])
-    return bool((rows != rows[:1]).any()) and look_like_probabilities(outputs)
+    if not bool((rows != rows[:1]).any()):
+        return None
+    return look_like_probabilities(outputs)
 
 
 def as_tensor(value, name: str) -> Tensor:  # noqa: ANN001 - anything tensor-like
