@@ -130,6 +130,8 @@ ROWS = [
     # bools were read as 1 and 0 here, and refused by as_prior
     _row("GaussianPrior-bool-scale", lambda t: bdl.GaussianPrior(0.0, True), ValueError, r"GaussianPrior: scale must be a positive finite number, got True"),
     _row("GaussianPrior-bool-loc", lambda t: bdl.GaussianPrior(False, 1.0), ValueError, r"GaussianPrior: loc must be a finite number .* got False"),
+    _row("GaussianPrior-bool-tensor-scale", lambda t: bdl.GaussianPrior(0.0, torch.tensor(True)), ValueError, r"GaussianPrior: scale must be a tensor of positive finite numbers, got a bool tensor"),
+    _row("GaussianPrior-bool-tensor-loc", lambda t: bdl.GaussianPrior(torch.tensor([True, False]), 1.0), ValueError, r"GaussianPrior: loc must be a tensor of finite numbers, got a bool tensor"),
     _row("posterior_std_init-bool", lambda t: bdl.BayesLinear(4, 2, posterior_std_init=True), ValueError, r"posterior_std_init must be a positive finite number, got True"),
     _row("kl_weight-bool", lambda t: bdl.elbo_loss(torch.tensor(1.0), torch.tensor(1.0), 10, kl_weight=True), ValueError, r"kl_weight must be a finite number >= 0, got True"),
     _row("GaussianPrior-tensor-scale-with-a-zero", lambda t: bdl.GaussianPrior(0.0, torch.tensor([1.0, 0.0])), ValueError, r"GaussianPrior: scale must be positive and finite everywhere"),

@@ -18,6 +18,8 @@ from .functional import kl_normal_normal, kl_normal_normal_exp, normal_log_prob,
 
 def _check_positive(name: str, value: float | Tensor, owner: str) -> None:
     if isinstance(value, Tensor):
+        if value.dtype == torch.bool:  # True was read as a scale of 1
+            raise ValueError(f"{owner}: {name} must be a tensor of positive finite numbers, got a bool tensor")
         if value.is_meta:  # a model built without memory has no values to check (as loc's)
             return
         if not bool(torch.isfinite(value).all()) or bool((value <= 0).any()):
@@ -95,6 +97,8 @@ class GaussianPrior(Prior):
         super().__init__()
         _check_positive("scale", scale, "GaussianPrior")
         if isinstance(loc, Tensor):  # a meta tensor (a model built without memory) has no values to check
+            if loc.dtype == torch.bool:  # failed at the first KL, in torch's words
+                raise ValueError("GaussianPrior: loc must be a tensor of finite numbers, got a bool tensor")
             finite = loc.is_meta or bool(torch.isfinite(loc).all())
         else:
             finite = isinstance(loc, numbers.Real) and not isinstance(loc, bool) and math.isfinite(loc)
