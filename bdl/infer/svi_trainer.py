@@ -435,6 +435,14 @@ class SVIModule(LoadsWithModel, L.LightningModule):
         loss, nll, kl = self.loss(*args)
         if stage == "train":
             self._check_loss(loss, nll, kl)
+        elif stage == "val":  # logged as NaN, silently (the fit went on, and a checkpoint monitor read NaN)
+            error = None
+            if not bool(torch.isfinite(loss.detach())):
+                error = FloatingPointError(
+                    f"non-finite validation loss at epoch {self.current_epoch} (loss={loss.item()}, nll={nll.item():.4g}): "
+                    "check the validation inputs and targets for NaN/inf"
+                )
+            raise_on_every_process(self, error, "non-finite validation loss")
         batch_size = args[0].shape[0] if args and isinstance(args[0], Tensor) and args[0].dim() else 1
         on_step = stage == "train"
         # averaged over processes under DDP, training values too (their epoch means were each process's own)
@@ -451,9 +459,12 @@ class SVIModule(LoadsWithModel, L.LightningModule):
         process of a distributed run (the others met a closed connection at their next collective, or waited)."""
         error = None
         if not bool(torch.isfinite(loss.detach())):
+            # the kl is loss - nll: with a non-finite NLL it says nothing of the guide's KL (a NaN input read "KL not finite")
+            told = bool(torch.isfinite(nll))
             error = FloatingPointError(
                 f"non-finite training loss at epoch {self.current_epoch}, step {self.global_step} (loss={loss.item()}, "
-                f"nll={nll.item():.4g}, kl={kl.item():.4g}); {non_finite_where(self, kl_too=True, collapsed=collapsed_scales(self.guide))}; "
+                f"nll={nll.item():.4g}{f', kl={kl.item():.4g}' if told else ''}); "
+                f"{non_finite_where(self, kl_too=told, collapsed=collapsed_scales(self.guide))}; "
                 "lower the learning rate, check the inputs for NaN/inf, or check the prior and guide scales (init_scale)"
             )
         raise_on_every_process(self, error, "non-finite training loss")

@@ -1504,8 +1504,11 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         return self.predict(x, num_samples=num_samples or self.num_eval_samples)
 
     def _check_loss(self, loss: Tensor, nll: Tensor, kl: Tensor) -> None:
-        # the loss a subclass's loss() returns (a term it adds too), its terms and the parameters named
-        _check_finite(self, {"loss": loss, "nll": nll, "kl": kl}, guide=self.guide)
+        # the loss a subclass's loss() returns (a term it adds too), its terms and the parameters named; the kl is
+        # loss - nll, which says nothing of the guide's KL where the NLL is not finite (a NaN input read "NLL and KL")
+        told = bool(torch.isfinite(loss).all()) or bool(torch.isfinite(nll).all())  # (a finite loss has a finite NLL)
+        terms = {"loss": loss, "nll": nll, "kl": kl} if told else {"loss": loss, "nll": nll}
+        _check_finite(self, terms, guide=self.guide)
 
     def on_validation_start(self) -> None:
         # a validate run outside fit: scale the likelihood as fit does, so val/elbo means the same in both
