@@ -1907,6 +1907,7 @@ def predict(
                         if failed:
                             _remember_batched_failure(model, x)
                             failed = False
+                    repeats.end_batch()
             except _NonFiniteOutput as error:
                 message = _non_finite_message(error, model, x, offset, _read_in_order(inputs))
                 raise _NonFiniteOutput(message, error.rows) from None
@@ -1939,8 +1940,10 @@ def _warn_if_dropout_is_off(model: nn.Module, num_samples: int) -> bool:
 
     _, sources, _ = _stochastic_sources(model)
     if not sources and any(_is_dropout(module) and _can_fire(module) for module in model.modules()):
+        held = any(isinstance(module, BayesianModule) for module in model.modules())
+        bayesian = "its Bayesian layers held at their means (bdl.deterministic)" if held else "no Bayesian layer"
         warnings.warn(
-            f"the model has dropout, which is off at prediction (eval mode), and no Bayesian layer: unless it draws "
+            f"the model has dropout, which is off at prediction (eval mode), and {bayesian}: unless it draws "
             f"noise itself, its {num_samples} samples are one forward repeated (epistemic uncertainty 0); wrap it "
             "in bdl.MCDropout for MC dropout, or pass num_samples=1",
             UserWarning,
@@ -1963,6 +1966,7 @@ class _RepeatCheck:
         self.held = not self.done and any(isinstance(m, BayesianModule) for m in model.modules())
 
     def add(self, output: Any) -> None:  # noqa: ANN401 - a draw's stacked samples
+        """Compare a draw's samples with the batch's first (chunk by chunk: two samples of a few outcomes agreed)."""
         if self.done:
             return
         parts = list(_tensors(output))
@@ -1970,21 +1974,23 @@ class _RepeatCheck:
             return
         if self.reference is None:
             self.reference = [part[:1] for part in parts]
-            parts = [part[1:] for part in parts]
-        if not parts or not parts[0].shape[0]:  # one sample so far (a chunk of one): the next draw tells
+        if not all(_alike(part, first.expand_as(part)) for part, first in zip(parts, self.reference)):
+            self.done, self.reference = True, None
+
+    def end_batch(self) -> None:
+        """After a batch's draws: warn where every sample of the first batch that held rows agreed."""
+        if self.done or self.reference is None:
             return
-        self.done = True
-        if all(_alike(part, first.expand_as(part)) for part, first in zip(parts, self.reference)):
-            why = ("its Bayesian layers are held at their means (bdl.deterministic)" if self.held else
-                   "the model has no Bayesian layer nor MC dropout, and its samples agree")  # fmt: skip
-            fix = "" if self.held else ", or make it Bayesian (bdl.bayesianize, bdl.MCDropout)"
-            warnings.warn(
-                f"{why}: its {self.num_samples} samples are one forward repeated (epistemic uncertainty 0); pass "
-                f"num_samples=1 for a deterministic network{fix}",
-                UserWarning,
-                stacklevel=user_stacklevel(),
-            )
-        self.reference = None
+        self.done, self.reference = True, None
+        why = ("its Bayesian layers are held at their means (bdl.deterministic)" if self.held else
+               "the model has no Bayesian layer nor MC dropout, and its samples agree")  # fmt: skip
+        fix = "" if self.held else ", or make it Bayesian (bdl.bayesianize, bdl.MCDropout)"
+        warnings.warn(
+            f"{why}: its {self.num_samples} samples are one forward repeated (epistemic uncertainty 0); pass "
+            f"num_samples=1 for a deterministic network{fix}",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
 
 
 def _summary(prediction: Prediction) -> Tensor:

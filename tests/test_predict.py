@@ -1573,6 +1573,17 @@ def test_a_network_with_dropout_and_no_wrapper_is_warned_about():
         bdl.predict(nn.Sequential(nn.Linear(4, 8), _AlwaysDropout(), nn.Linear(8, 3)), x, num_samples=4)  # noise of its own
 
 
+class _RandomHead(nn.Module):
+    """One of two heads per forward: noise of its own, of two outcomes."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.heads = nn.Linear(4, 8), nn.ModuleList([nn.Linear(8, 3) for _ in range(2)])
+
+    def forward(self, x):
+        return self.heads[int(torch.randint(0, 2, ()))](self.body(x).relu())
+
+
 class _Streaming(nn.Module):
     """Keeps its recurrent state across calls, for batches of one size (a probe of 7 rows broke it)."""
 
@@ -1600,6 +1611,17 @@ def test_a_deterministic_network_sampled_more_than_once_is_warned_about():
     bnn = bdl.bayesianize(nn.Sequential(nn.Linear(4, 3)))
     with bdl.deterministic(bnn), pytest.warns(UserWarning, match=r"its Bayesian layers are held at their means \(bdl.deterministic\): its 4 samples"):
         bdl.predict(bnn, x, num_samples=4)
+    # a model of a few outcomes (a random head): its first two samples agreed about half the time, drawn one at a time
+    head = _RandomHead()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for seed in range(10):
+            torch.manual_seed(seed)
+            bdl.predict(head, x, num_samples=32, chunk_size=1)
+    # with dropout too: the Bayesian layers are held, not missing
+    held = bdl.bayesianize(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 3)))
+    with bdl.deterministic(held), pytest.warns(UserWarning, match=r"and its Bayesian layers held at their means \(bdl.deterministic\)"):
+        bdl.predict(held, x, num_samples=4)
     # read off the draws: no forward of other rows than the user's (a model keeping state across calls failed)
     streaming = _Streaming()
     rows = []

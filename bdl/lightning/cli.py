@@ -517,7 +517,12 @@ class BDLCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)  # the bdl modules have their own optimizer options
         kwargs.setdefault("trainer_defaults", {"callbacks": [PredictionWriter()]})
         # no abbreviated options: argparse took --trainer.max_epoch for max_epochs, where a misspelt key is refused
-        kwargs.setdefault("parser_kwargs", {"allow_abbrev": False, **{name: {"allow_abbrev": False} for name in self.subcommands()}})
+        given = dict(kwargs.get("parser_kwargs") or {})  # merged into, not replaced by, a caller's own
+        kwargs["parser_kwargs"] = {
+            "allow_abbrev": False,
+            **given,
+            **{name: {"allow_abbrev": False, **given.get(name, {})} for name in self.subcommands()},
+        }
         super().__init__(L.LightningModule, L.LightningDataModule, args=args, run=run, **kwargs)
 
     @staticmethod

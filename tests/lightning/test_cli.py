@@ -833,6 +833,16 @@ def test_the_checkpoint_callback_keeps_the_best_path_of_another_folder_and_warns
         assert any("exists and is not empty" in str(w.message) for w in caught) == warned
 
 
+def test_a_callers_parser_options_keep_abbreviations_refused(tmp_path, monkeypatch, capsys):
+    # parser_kwargs of a caller replaced bdl's allow_abbrev=False as a whole
+    monkeypatch.setattr(sys, "argv", ["bdl"])
+    args = ["--config", QUICKSTART, "--trainer.default_root_dir", str(tmp_path)]
+    assert BDLCLI(args=args, run=False, parser_kwargs={"default_env": False}).config["trainer"]["default_root_dir"] == str(tmp_path)
+    with pytest.raises(SystemExit):
+        BDLCLI(args=[*args, "--trainer.max_epoch", "1"], run=False, parser_kwargs={"default_env": False})
+    assert "unrecognized arguments: --trainer.max_epoch 1" in capsys.readouterr().err
+
+
 def test_the_bdl_commands_error_in_another_process_than_0_says_which(tmp_path, monkeypatch, capsys):
     # under DDP each process printed the same line: the second copy is labelled as its process's
     from lightning.pytorch.utilities import rank_zero_only

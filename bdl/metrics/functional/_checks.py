@@ -44,8 +44,7 @@ def probabilities_verdict(outputs: Tensor) -> Optional[bool]:
     alike, such as a zero-initialised head's, may happen to sum to 1)."""
     if outputs.dim() < 2 or outputs.shape[-1] < 2 or not outputs.numel() or not outputs.is_floating_point():
         return None
-    rows = outputs.reshape(-1, outputs.shape[-1])
-    if not bool((rows != rows[:1]).any()):
+    if not bool((outputs != outputs[(0,) * (outputs.dim() - 1)]).any()):  # against the first row, broadcast (no copy)
         return None
     return look_like_probabilities(outputs)
 
