@@ -1756,6 +1756,12 @@ def predict(
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
     if not callable(model):
+        mcmc = sys.modules.get("bdl.infer.mcmc")
+        if mcmc is not None and isinstance(model, mcmc.MCMCResult):  # the README's "every method ends in bdl.predict"
+            raise TypeError(
+                "model is a bdl.infer.MCMCResult, which predicts from its own draws: result.predict(x) gives the "
+                "bdl.Prediction (bdl.evaluate(result.predict(x), y) its report)"
+            )
         raise TypeError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
     if method not in SAMPLING_METHODS:
         raise ValueError(f"method must be one of {list(SAMPLING_METHODS)}, got {method!r}")

@@ -50,6 +50,12 @@ def test_mcmc_prediction_has_the_exact_epistemic_and_aleatoric_variance(nuts_run
     assert ((prediction.epistemic_variance[:, 0].double() / exact_var - 1).abs() < 0.3).all()
 
 
+def test_bdl_predict_of_an_mcmc_result_points_to_its_own_predict(nuts_run, linear_regression):
+    # "model must be an nn.Module or a callable, got MCMCResult"
+    with pytest.raises(TypeError, match=r"model is a bdl.infer.MCMCResult, which predicts from its own draws: result.predict\(x\)"):
+        bdl.predict(nuts_run, linear_regression.x)
+
+
 def test_summary_uses_pyros_r_hat_and_stans_ess_and_flags_chains_that_disagree():
     generator = torch.Generator().manual_seed(0)
     mixed = torch.randn(2, 400, 3, generator=generator)

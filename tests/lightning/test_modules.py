@@ -662,6 +662,16 @@ def test_bdl_infer_svi_module_under_a_trainer_stops_at_a_non_finite_loss(tmp_pat
         trainer(tmp_path, max_steps=20, num_sanity_val_steps=0, limit_val_batches=0).fit(svi, TinyData(batch_size=8))
 
 
+def test_a_num_data_other_than_the_training_sets_size_is_warned_of(tmp_path):
+    # num_data=1000 for 100 rows: posterior standard deviations 5x too small, without a word
+    for module in (VariationalModule(net(), num_data=1000), SVIModule(bdl.infer.PyroModel(net(), "categorical", num_data=1000))):
+        with pytest.warns(UserWarning, match=r"num_data=1000, but the training set has 32 examples: the KL is weighted as for 1000 \(posterior narrower"):
+            trainer(tmp_path, max_steps=1, num_sanity_val_steps=0, limit_val_batches=0).fit(module, TinyData(batch_size=8))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="num_data=")
+        trainer(tmp_path, max_steps=1, num_sanity_val_steps=0, limit_val_batches=0).fit(VariationalModule(net(), num_data=32), TinyData(batch_size=8))
+
+
 def test_an_svi_modules_nan_input_is_blamed_on_the_nll_and_a_nan_validation_loss_stops_the_fit(tmp_path):
     # the KL, logged as loss - nll, was called not finite beside a NaN input; bdl.infer's SVIModule logged a NaN
     # validation loss and went on
