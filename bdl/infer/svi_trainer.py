@@ -435,14 +435,13 @@ class SVIModule(LoadsWithModel, L.LightningModule):
         loss, nll, kl = self.loss(*args)
         if stage == "train":
             self._check_loss(loss, nll, kl)
-        elif stage == "val":  # logged as NaN, silently (the fit went on, and a checkpoint monitor read NaN)
-            error = None
-            if not bool(torch.isfinite(loss.detach())):
-                error = FloatingPointError(
-                    f"non-finite validation loss at epoch {self.current_epoch} (loss={loss.item()}, nll={nll.item():.4g}): "
-                    "check the validation inputs and targets for NaN/inf"
-                )
-            raise_on_every_process(self, error, "non-finite validation loss")
+        elif stage == "val" and getattr(self, "_val_error", None) is None and not bool(torch.isfinite(loss.detach())):
+            # logged as NaN, silently (the fit went on, and a checkpoint monitor read NaN); raised at the epoch's end,
+            # in every process at once (processes may hold other numbers of validation batches)
+            self._val_error = FloatingPointError(
+                f"non-finite validation loss at epoch {self.current_epoch} (loss={loss.item()}, nll={nll.item():.4g}): "
+                "check the validation inputs and targets for NaN/inf"
+            )
         batch_size = args[0].shape[0] if args and isinstance(args[0], Tensor) and args[0].dim() else 1
         on_step = stage == "train"
         # averaged over processes under DDP, training values too (their epoch means were each process's own)
@@ -475,6 +474,10 @@ class SVIModule(LoadsWithModel, L.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():
             self._step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        error, self._val_error = getattr(self, "_val_error", None), None
+        raise_on_every_process(self, error, "non-finite validation loss")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> "Prediction":  # noqa: ANN401
         """``trainer.predict``: a :class:`bdl.Prediction` of each batch's inputs (its first element; targets are

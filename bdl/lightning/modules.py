@@ -1173,11 +1173,15 @@ def _flat_indices(indices: Any) -> bool:  # noqa: ANN401
 def _warn_if_num_data_differs(num_data: int, trainer: L.Trainer) -> None:
     """Warn where a given ``num_data`` is not the training set's size: the KL is weighted as for that many examples
     (num_data=1000 for 100 rows gave posterior standard deviations 5x too small, without a word)."""
+    datamodule = running_datamodule(trainer)
+    told = getattr(datamodule, "num_train", None)
+    if told is None and getattr(trainer.train_dataloader, "batch_size", 1) is None:
+        return  # a loader of ready batches (automatic batching off): its data set's length counts batches, not rows
     try:
         size = _training_set_size(trainer)
-    except ValueError:  # a loader that cannot tell: the given one stands
+    except (ValueError, TypeError):  # a loader that cannot tell (or a num_train of the data module's own meaning)
         return
-    if size != num_data:
+    if size > 0 and size != num_data:
         rank_zero_warn(
             f"num_data={num_data}, but the training set has {size} examples: the KL is weighted as for {num_data} "
             f"(posterior {'narrower' if num_data > size else 'wider'} than the data's); leave num_data out to use the "

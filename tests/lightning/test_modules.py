@@ -667,9 +667,26 @@ def test_a_num_data_other_than_the_training_sets_size_is_warned_of(tmp_path):
     for module in (VariationalModule(net(), num_data=1000), SVIModule(bdl.infer.PyroModel(net(), "categorical", num_data=1000))):
         with pytest.warns(UserWarning, match=r"num_data=1000, but the training set has 32 examples: the KL is weighted as for 1000 \(posterior narrower"):
             trainer(tmp_path, max_steps=1, num_sanity_val_steps=0, limit_val_batches=0).fit(module, TinyData(batch_size=8))
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+
+    class PreBatched(torch.utils.data.Dataset):  # 5 items of 8 rows: its length counts batches
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8]
+
+    class OwnMeaning(L.LightningDataModule):  # a num_train of its own (None: all rows), read as a size: a TypeError
+        num_train = None
+
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(x, y), batch_size=8)
+
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="num_data=")
         trainer(tmp_path, max_steps=1, num_sanity_val_steps=0, limit_val_batches=0).fit(VariationalModule(net(), num_data=32), TinyData(batch_size=8))
+        trainer(tmp_path, max_steps=1).fit(VariationalModule(net(), num_data=40), DataLoader(PreBatched(), batch_size=None))
+        trainer(tmp_path, max_steps=1).fit(VariationalModule(net(), num_data=40), datamodule=OwnMeaning())
 
 
 def test_an_svi_modules_nan_input_is_blamed_on_the_nll_and_a_nan_validation_loss_stops_the_fit(tmp_path):
