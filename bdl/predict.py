@@ -1978,8 +1978,8 @@ class _RepeatCheck:
         parts = list(_tensors(output))
         if not parts or any(not part.numel() for part in parts):  # an empty batch tells nothing
             return
-        if self.reference is None:
-            self.reference = [part[:1] for part in parts]
+        if self.reference is None:  # a copy: a view kept the whole first chunk's output alive to the batch's end
+            self.reference = [part[:1].clone() for part in parts]
         if not all(_alike(part, first.expand_as(part)) for part, first in zip(parts, self.reference)):
             self.done, self.reference = True, None
 
