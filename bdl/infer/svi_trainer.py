@@ -472,6 +472,8 @@ class SVIModule(LoadsWithModel, L.LightningModule):
         check_trained_parameters(self)  # a last step whose loss was finite and whose gradient was not
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:  # a pass's first batch: not an error of an earlier pass that raised before its end
+            self._val_error = None
         with torch.no_grad():
             self._step(batch, "val")
 

@@ -1175,7 +1175,8 @@ def _warn_if_num_data_differs(num_data: int, trainer: L.Trainer) -> None:
     (num_data=1000 for 100 rows gave posterior standard deviations 5x too small, without a word)."""
     datamodule = running_datamodule(trainer)
     told = getattr(datamodule, "num_train", None)
-    if told is None and getattr(trainer.train_dataloader, "batch_size", 1) is None:
+    loader = trainer.train_dataloader
+    if told is None and getattr(loader, "batch_size", 1) is None and getattr(loader, "batch_sampler", 1) is None:
         return  # a loader of ready batches (automatic batching off): its data set's length counts batches, not rows
     try:
         size = _training_set_size(trainer)

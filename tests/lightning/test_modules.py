@@ -687,6 +687,10 @@ def test_a_num_data_other_than_the_training_sets_size_is_warned_of(tmp_path):
         trainer(tmp_path, max_steps=1, num_sanity_val_steps=0, limit_val_batches=0).fit(VariationalModule(net(), num_data=32), TinyData(batch_size=8))
         trainer(tmp_path, max_steps=1).fit(VariationalModule(net(), num_data=40), DataLoader(PreBatched(), batch_size=None))
         trainer(tmp_path, max_steps=1).fit(VariationalModule(net(), num_data=40), datamodule=OwnMeaning())
+    # a batch sampler's loader has no batch_size either, and its data set's length counts rows: warned
+    sampled = DataLoader(TensorDataset(x, y), batch_sampler=torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(range(40)), 8, False))
+    with pytest.warns(UserWarning, match="num_data=1000, but the training set has 40 examples"):
+        trainer(tmp_path, max_steps=1).fit(VariationalModule(net(), num_data=1000), sampled)
 
 
 def test_an_svi_modules_nan_input_is_blamed_on_the_nll_and_a_nan_validation_loss_stops_the_fit(tmp_path):
@@ -704,6 +708,9 @@ def test_an_svi_modules_nan_input_is_blamed_on_the_nll_and_a_nan_validation_loss
     plain = bdl.SVIModule(bdl.infer.PyroModel(nn.Linear(2, 1), "gaussian", num_data=24), validate="never")
     with pytest.raises(FloatingPointError, match=r"non-finite validation loss at epoch 0 \(loss=nan, nll=nan\): check the validation inputs"):
         trainer(tmp_path, num_sanity_val_steps=0).fit(plain, DataLoader(TensorDataset(x, y), batch_size=8), DataLoader(TensorDataset(bad, y), batch_size=8))
+    # a pass that raised another error after a NaN batch: its stored error killed the next, clean fit
+    plain._val_error = FloatingPointError("non-finite validation loss of an earlier pass")
+    trainer(tmp_path, num_sanity_val_steps=1).fit(plain, DataLoader(TensorDataset(x, y), batch_size=8), DataLoader(TensorDataset(x, y), batch_size=8))
 
 
 @pytest.mark.parametrize(
