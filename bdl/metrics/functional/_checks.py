@@ -61,7 +61,7 @@ def as_tensor(value, name: str) -> Tensor:  # noqa: ANN001 - anything tensor-lik
 
 
 def check_float(value, name: str) -> Tensor:  # noqa: ANN001
-    """A floating tensor with finite entries; integers are promoted to float64."""
+    """A floating tensor with finite entries; integers are promoted to float64 (float32 on MPS, which has none)."""
     tensor = _real(value, name)
     _check_finite(tensor, name)
     return tensor
