@@ -1174,13 +1174,13 @@ def _warn_if_num_data_differs(num_data: int, trainer: L.Trainer) -> None:
     """Warn where a given ``num_data`` is not the training set's size: the KL is weighted as for that many examples
     (num_data=1000 for 100 rows gave posterior standard deviations 5x too small, without a word)."""
     datamodule = running_datamodule(trainer)
-    told = getattr(datamodule, "num_train", None)
+    told = _told_num_train(datamodule)
     loader = trainer.train_dataloader
     if told is None and getattr(loader, "batch_size", 1) is None and getattr(loader, "batch_sampler", 1) is None:
         return  # a loader of ready batches (automatic batching off): its data set's length counts batches, not rows
     try:
         size = _training_set_size(trainer)
-    except (ValueError, TypeError):  # a loader that cannot tell (or a num_train of the data module's own meaning)
+    except (ValueError, TypeError):  # a loader that cannot tell
         return
     if size > 0 and size != num_data:
         rank_zero_warn(
@@ -1194,9 +1194,9 @@ def _training_set_size(trainer: L.Trainer) -> int:
     """Size of the whole training set: the data module's ``num_train``, else the rows of the training loader's
     subset sampler (``SubsetRandomSampler(train_indices)`` over a data set that also holds the validation rows),
     else its dataset's."""
-    datamodule = running_datamodule(trainer)
-    if datamodule is not None and hasattr(datamodule, "num_train"):
-        return int(datamodule.num_train)
+    told = _told_num_train(running_datamodule(trainer))
+    if told is not None:
+        return told
     loader = trainer.train_dataloader
     batch_sampler = getattr(loader, "batch_sampler", None)
     for sampler in (getattr(batch_sampler, "sampler", None), getattr(loader, "sampler", None)):
@@ -1213,6 +1213,15 @@ def _training_set_size(trainer: L.Trainer) -> int:
         return len(loader.dataset)
     except (AttributeError, TypeError):  # no dataset, or an IterableDataset without a length
         raise ValueError("cannot tell the training-set size from the training loader: pass num_data") from None
+
+
+def _told_num_train(datamodule: Optional[L.LightningDataModule]) -> Optional[int]:
+    """The data module's ``num_train`` where it is a count of rows; None where it has none, or one of another kind
+    (None before its setup, say: the training loader is read instead, where int(None) failed in Python's words)."""
+    told = getattr(datamodule, "num_train", None)
+    if isinstance(told, numbers.Integral) and not isinstance(told, bool) and told > 0:
+        return int(told)
+    return None
 
 
 class MCDropoutModule(UncertaintyModule):
@@ -1536,9 +1545,9 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
 
     def on_validation_start(self) -> None:
         # a validate run outside fit: scale the likelihood as fit does, so val/elbo means the same in both
-        datamodule = running_datamodule(self.trainer)
-        if self._num_data_from_data and datamodule is not None and hasattr(datamodule, "num_train"):
-            self.model.num_data = int(datamodule.num_train)
+        told = _told_num_train(running_datamodule(self.trainer))
+        if self._num_data_from_data and told is not None:
+            self.model.num_data = told
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:  # noqa: ANN401
         _one_validation_loader(self, dataloader_idx)

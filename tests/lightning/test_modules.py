@@ -787,6 +787,15 @@ def test_num_data_comes_from_a_plain_training_loader_too(tmp_path):
     for model in (module, svi):
         trainer(tmp_path, max_steps=1).fit(model, DataLoader(larger, batch_size=8))
     assert module.num_data == 40 and svi.model.num_data == 40
+    class NoCount(L.LightningDataModule):  # num_train None (before its setup, say): int(None) failed in Python's words
+        num_train = None
+
+        def train_dataloader(self):
+            return DataLoader(larger, batch_size=8)
+
+    for model in (VariationalModule(net()), SVIModule(bdl.infer.PyroModel(net(), "categorical"), num_val_samples=2)):
+        trainer(tmp_path, max_steps=1).fit(model, datamodule=NoCount())
+        assert (model.num_data if isinstance(model, VariationalModule) else model.model.num_data) == 40
     given = VariationalModule(net(), num_data=1000)  # a size the user gave stays
     trainer(tmp_path, max_steps=1).fit(given, DataLoader(larger, batch_size=8))
     assert given.num_data == 1000
