@@ -263,6 +263,8 @@ ROWS = [
     _row("DigitsDataModule-unknown-ood-class", lambda t: DigitsDataModule(ood_classes=[12]), ValueError, r"ood_classes must be class labels in 0..9, got \[12\]"),
     _row("TwoMoonsDataModule-negative-noise", lambda t: TwoMoonsDataModule(noise=-1.0), ValueError, r"noise must be a number >= 0 .*got -1.0"),
     _row("RegressionGapDataModule-negative-noise", lambda t: RegressionGapDataModule(noise=(-0.1, 0.3)), ValueError, r"noise must be 2 numbers >= 0 .*got \(-0.1, 0.3\)"),
+    _row("RegressionGapDataModule-gap-not-a-pair", lambda t: RegressionGapDataModule(gap="ab"), ValueError, r"gap must be a pair \(low, high\) of numbers, got 'ab'"),
+    _row("RegressionGapDataModule-domain-none", lambda t: RegressionGapDataModule(domain=None), ValueError, r"domain must be a pair \(low, high\) of numbers, got None"),
     _row("MLP-negative-hidden-width", lambda t: MLP(4, 2, hidden=[-3]), ValueError, r"MLP: hidden\[0\] must be a positive int, got -3"),
     _row("MLP-unknown-activation", lambda t: MLP(4, 2, activation="bogus"), ValueError, r"unknown activation 'bogus'; choose one of \['elu', 'gelu', 'relu', 'silu', 'tanh'\]"),
     _row("LeNet5-zero-classes", lambda t: LeNet5(num_classes=0), ValueError, r"LeNet5: num_classes must be a positive int, got 0"),

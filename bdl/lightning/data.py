@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from ..data.offline import (
     Splits,
+    _check_interval,
     check_fractions,
     check_noise,
     check_ood_classes,
@@ -574,6 +575,7 @@ class RegressionGapDataModule(UncertaintyDataModule):
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
         self.num_samples = check_positive_int(num_samples, "num_samples")
         check_noise(noise, count=2)
+        gap, domain = _check_interval(gap, "gap"), _check_interval(domain, "domain")  # "ab" failed at the "<" below
         if not (domain[0] < gap[0] < gap[1] < domain[1]):
             raise ValueError(f"gap must lie inside domain, got gap={tuple(gap)} and domain={tuple(domain)}")
         self.gap, self.domain, self.noise = tuple(gap), tuple(domain), tuple(noise)

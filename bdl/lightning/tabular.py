@@ -53,8 +53,14 @@ def _read_csv_text(path: str, columns: Optional[Sequence[str]], target: str) -> 
             raise ValueError(f"{path} is empty: a CSV needs a header row naming its columns")
         repeated = sorted({name for name in header if header.count(name) > 1})
         if repeated:  # a name could only ever select the first of them
-            raise ValueError(f"{path}: the header names {repeated} more than once; give every column its own name")
+            raise ValueError(f"{path}: the header names {repeated} more than once; give every column its own name{_headerless(header)}")
         wanted = [name for name in header if name != target] if columns is None else list(columns)
+        if "" in wanted:  # pandas' to_csv writes its row index so: the row number became a feature
+            raise ValueError(
+                f"{path}: column {header.index('') + 1} of the header has no name (pandas' to_csv writes its row index "
+                "so; a comma at each line's end too): save the file with to_csv(index=False), or pass features= "
+                "naming the columns to use"
+            )
         _check_names(path, [*wanted, target], header, "columns")
         positions = {name: header.index(name) for name in [*wanted, target]}
         values: dict[str, list[float]] = {name: [] for name in positions}
@@ -71,6 +77,13 @@ def _read_csv_text(path: str, columns: Optional[Sequence[str]], target: str) -> 
                     raise _not_a_number(path, name, row, fields[position]) from None
                 if not math.isfinite(value):
                     raise _not_a_number(path, name, row, fields[position])
+                text = fields[position].strip()
+                if name == target and abs(value) >= 2**53 and text.lstrip("+-").isdigit() and abs(int(text)) > 2**53:
+                    raise ValueError(  # as an .npz file's: float64 holds every integer up to 2^53 only
+                        f"{path}: column {name!r}, row {row} (counting data rows from 0) holds an integer beyond 2^53 "
+                        f"({text}), which float64 rounds together with its neighbours: map the "
+                        "target to smaller codes"
+                    )
                 values[name].append(value)
     return {name: np.asarray(column, dtype=np.float64) for name, column in values.items()}, header
 
@@ -138,7 +151,17 @@ def _check_names(path: str, names: Sequence[str], available: Sequence[str], kind
         raise ValueError(f"{path}: {kind} {repeated} asked for more than once (as a feature twice, or as feature and target)")
     unknown = [name for name in names if name not in available]
     if unknown:
-        raise ValueError(f"{path} has no {kind} {unknown}; available {kind}: {list(available)}")
+        hint = _headerless(available) if kind == "columns" else ""
+        raise ValueError(f"{path} has no {kind} {unknown}; available {kind}: {list(available)}{hint}")
+
+
+def _headerless(header: Sequence[str]) -> str:
+    """A hint where a CSV's first row holds numbers only: a file without a header row, read as one."""
+    try:
+        [float(name) for name in header]
+    except ValueError:
+        return ""
+    return " (its first row holds numbers only: a CSV needs a header row naming its columns)"
 
 
 def _scale(values: np.ndarray, names: Sequence[str]) -> np.ndarray:
@@ -243,10 +266,12 @@ class _StandardizedTable(UncertaintyDataModule):
                     f"the target takes a single value ({self._classes[0]}) in every row: classification needs at least 2 "
                     "classes (for a continuous target pass task='regression')"
                 )
-            if len(classes) > len(kept) / 2 and any(isinstance(value, float) for value in self._classes):
-                # a continuous target read as classes: one class per row or so, which trains and means nothing
+            fractional = ", some fractional," if any(isinstance(value, float) for value in self._classes) else ""
+            if len(classes) > len(kept) / (2 if fractional else 5) and (fractional or len(classes) > 10):
+                # a continuous target read as classes (whole numbers too: diabetes's progress scores gave 214 classes
+                # in 442 rows, without a word): a few rows per class, which trains and means little
                 warnings.warn(
-                    f"{type(self).__name__}: the target takes {len(classes)} distinct values, some fractional, in "
+                    f"{type(self).__name__}: the target takes {len(classes)} distinct values{fractional} in "
                     f"{len(kept)} rows, each its own class under task='classification'; for a continuous target pass "
                     "task='regression'",
                     UserWarning,
@@ -393,7 +418,7 @@ class TabularDataModule(_StandardizedTable):
         if not isinstance(path, (str, os.PathLike)):  # os.fspath's "expected str, bytes or os.PathLike object"
             raise TypeError(f"path must name a .csv or .npz file (a str or os.PathLike), got {path!r}")
         path = os.fspath(path)
-        if not path.endswith((".csv", ".npz")):
+        if not path.lower().endswith((".csv", ".npz")):  # data.CSV too
             raise ValueError(f"path must name a .csv or .npz file, got {path!r}")
         if not isinstance(target, str) or not target:
             raise TypeError(f"target must be a column or array name (str), got {target!r}")
@@ -418,7 +443,7 @@ class TabularDataModule(_StandardizedTable):
 
     def _read(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Features ``[N, F]``, target ``[N]`` (float64) and the feature names."""
-        if self.path.endswith(".csv"):
+        if self.path.lower().endswith(".csv"):
             columns, _ = _read_csv(self.path, self.features, self.target)
         else:
             columns, _ = _read_npz(self.path, self.features, self.target)

@@ -159,9 +159,13 @@ def test_a_continuous_target_read_as_classes_gets_a_hint_of_task_regression(tmp_
         assert TabularDataModule(str(tmp_path / "data.npz"), "y").num_classes == 40
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        TabularDataModule(str(tmp_path / "data.npz"), "y", task="regression").splits
-        np.savez(tmp_path / "labels.npz", x=rng.normal(size=(40, 3)), y=rng.integers(0, 30, 40).astype(float))
-        TabularDataModule(str(tmp_path / "labels.npz"), "y").splits  # whole numbers: class codes, however many
+        TabularDataModule(str(tmp_path / "data.npz"), "y", task="regression").setup()  # (.splits is None until then)
+        np.savez(tmp_path / "labels.npz", x=rng.normal(size=(40, 3)), y=rng.integers(0, 10, 40).astype(float))
+        assert TabularDataModule(str(tmp_path / "labels.npz"), "y").num_classes == 10  # whole numbers: class codes
+    # whole-number scores (diabetes's disease progress: 214 classes in 442 rows) were read as classes without a word
+    np.savez(tmp_path / "scores.npz", x=rng.normal(size=(100, 3)), y=rng.integers(25, 347, 100))
+    with pytest.warns(UserWarning, match=r"the target takes \d+ distinct values in 100 rows, each its own class.*task='regression'"):
+        TabularDataModule(str(tmp_path / "scores.npz"), "y").setup()
 
 
 def test_npz_named_one_dimensional_arrays(tmp_path, table):
@@ -279,6 +283,28 @@ def test_arguments_are_checked(tmp_path):
         TabularDataModule(str(path), "y").setup()
     with pytest.raises(TypeError, match=r"path must name a .csv or .npz file \(a str or os.PathLike\), got None"):
         TabularDataModule(None, "y")  # os.fspath's "expected str, bytes or os.PathLike object, not NoneType"
+
+
+def test_a_row_index_column_headerless_files_and_huge_integer_labels_are_named(tmp_path):
+    # pandas' to_csv writes its row index under an empty name: the row number was read as a feature
+    rows = "".join(f"{i},{i % 7},{i % 2}\n" for i in range(40))
+    (tmp_path / "indexed.csv").write_text(",a,y\n" + rows)
+    with pytest.raises(ValueError, match=r"column 1 of the header has no name \(pandas' to_csv writes its row index so.*index=False"):
+        TabularDataModule(str(tmp_path / "indexed.csv"), "y").setup()
+    data = TabularDataModule(str(tmp_path / "indexed.csv"), "y", features=["a"])  # columns named: the index is left out
+    assert data.feature_names == ["a"] and data.num_classes == 2
+    (tmp_path / "upper.CSV").write_text("a,y\n" + "".join(f"{i % 7},{i % 2}\n" for i in range(40)))
+    assert TabularDataModule(str(tmp_path / "upper.CSV"), "y").num_classes == 2  # refused for its extension's case
+    (tmp_path / "headerless.csv").write_text(rows)  # a first row of 0,0,0: named more than once
+    with pytest.raises(ValueError, match=r"names \['0'\] more than once.*first row holds numbers only: a CSV needs a header row"):
+        TabularDataModule(str(tmp_path / "headerless.csv"), "y").setup()
+    (tmp_path / "headerless.csv").write_text(rows.split("\n", 8)[-1])  # 8,1,0 then
+    with pytest.raises(ValueError, match=r"has no columns \['y'\].*first row holds numbers only: a CSV needs a header row"):
+        TabularDataModule(str(tmp_path / "headerless.csv"), "y").setup()
+    # float64 holds every integer up to 2^53: codes 2^53 and 2^53 + 1 became one class (an .npz file's were refused)
+    (tmp_path / "big.csv").write_text("a,y\n" + "".join(f"{i},{2**53 + i % 2}\n" for i in range(30)))
+    with pytest.raises(ValueError, match=r"column 'y', row 1 .* holds an integer beyond 2\^53 \(9007199254740993\)"):
+        TabularDataModule(str(tmp_path / "big.csv"), "y").setup()
 
 
 def test_files_that_were_misread_or_refused_unclearly(tmp_path):
