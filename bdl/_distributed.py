@@ -19,13 +19,28 @@ def raise_on_every_process(module: Any, error: Optional[Exception], what: str) -
     """
     trainer = module._trainer
     if trainer is not None and trainer.world_size > 1:
-        if trainer.strategy.reduce_boolean_decision(error is not None, all=False) and error is None:
-            error = FloatingPointError(
-                f"{what} on another process at epoch {module.current_epoch}, step {module.global_step} (this is "
-                f"process {trainer.global_rank} of {trainer.world_size}): that process's error says where"
-            )
+        if trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+            messages = _every_process(None if error is None else str(error))  # every process is here: a collective
+            if error is None:
+                failed = [(rank, message) for rank, message in enumerate(messages or []) if message is not None]
+                # the failing process's own words: a spawned run shows one process's error, not always its
+                where = f"process {failed[0][0]}" if failed else "another process"
+                said = f": {failed[0][1]}" if failed else ": that process's error says where"
+                error = FloatingPointError(
+                    f"{what} on {where} at epoch {module.current_epoch}, step {module.global_step} (this is process "
+                    f"{trainer.global_rank} of {trainer.world_size}){said}"
+                )
     if error is not None:
         raise error
+
+
+def _every_process(message: Optional[str]) -> Optional[list[Optional[str]]]:
+    """Each process's ``message`` (None where torch.distributed is not running)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    messages: list[Optional[str]] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(messages, message)
+    return messages
 
 
 def _destroy_process_group() -> None:

@@ -473,12 +473,19 @@ class SVIModule(LoadsWithModel, L.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         if batch_idx == 0:  # a pass's first batch: not an error of an earlier pass that raised before its end
-            self._val_error = None
+            self._val_error, self._val_error_told = None, False
         with torch.no_grad():
             self._step(batch, "val")
+        if batch_idx + 1 == _validation_batches(self):  # this process's last batch: here, not in a hook a subclass
+            self._raise_validation_error()  # may override without calling super (its NaN went on silently)
 
     def on_validation_epoch_end(self) -> None:
-        error, self._val_error = getattr(self, "_val_error", None), None
+        if not getattr(self, "_val_error_told", False):  # a loader of no length: its last batch was not known
+            self._raise_validation_error()
+
+    def _raise_validation_error(self) -> None:
+        # once per pass in every process, which may hold another number of batches: a collective
+        error, self._val_error, self._val_error_told = getattr(self, "_val_error", None), None, True
         raise_on_every_process(self, error, "non-finite validation loss")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> "Prediction":  # noqa: ANN401
@@ -687,3 +694,12 @@ def _still_falling(losses: Sequence[float]) -> Optional[str]:
     if fall > 3 * noise and fell > 3 * noise and fall > 0.002 * (first.mean() - last.mean()):
         return f"mean {last.mean():.6g} over the last {window} steps, {before.mean():.6g} over the {window} before"
     return None
+
+
+def _validation_batches(module: "SVIModule") -> float:
+    """The number of batches this validation pass runs in this process (inf for a loader of no length; 0 outside a
+    Trainer)."""
+    trainer = module._trainer
+    if trainer is None:
+        return 0
+    return sum(trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches)  # limits applied

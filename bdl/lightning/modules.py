@@ -1170,11 +1170,13 @@ def _flat_indices(indices: Any) -> bool:  # noqa: ANN401
     return all(isinstance(index, numbers.Integral) and not isinstance(index, bool) for index in indices)
 
 
-def _warn_if_num_data_differs(num_data: int, trainer: L.Trainer) -> None:
+def _warn_if_num_data_differs(num_data: Optional[int], trainer: L.Trainer) -> None:
     """Warn where a given ``num_data`` is not the training set's size: the KL is weighted as for that many examples
-    (num_data=1000 for 100 rows gave posterior standard deviations 5x too small, without a word)."""
-    datamodule = running_datamodule(trainer)
-    told = _told_num_train(datamodule)
+    (num_data=1000 for 100 rows weighs the data 10x: posterior standard deviations about sqrt(10) ~ 3x too small
+    where the data dominate, without a word)."""
+    if num_data is None:  # (set to None after the module was made: the fit's own check says so)
+        return
+    told = _told_num_train(running_datamodule(trainer))
     loader = trainer.train_dataloader
     if told is None and getattr(loader, "batch_size", 1) is None and getattr(loader, "batch_sampler", 1) is None:
         return  # a loader of ready batches (automatic batching off): its data set's length counts batches, not rows
@@ -1199,7 +1201,15 @@ def _training_set_size(trainer: L.Trainer) -> int:
         return told
     loader = trainer.train_dataloader
     batch_sampler = getattr(loader, "batch_sampler", None)
-    for sampler in (getattr(batch_sampler, "sampler", None), getattr(loader, "sampler", None)):
+    samplers = (getattr(batch_sampler, "sampler", None), getattr(loader, "sampler", None))
+    if trainer.world_size > 1 and not any(isinstance(sampler, DistributedSampler) for sampler in samplers):
+        # each process's own loader (use_distributed_sampler=False): one shard of the data (a size per process, the
+        # KL weighted twice over on 2 processes) or the whole of it, which cannot be told
+        raise ValueError(
+            "cannot tell the training-set size from a distributed run's own training loaders (no DistributedSampler): "
+            "pass num_data, the examples of all processes together"
+        )
+    for sampler in samplers:
         if isinstance(sampler, DistributedSampler):  # Lightning's under DDP, over the dataset or the user's sampler
             sampler = getattr(sampler.dataset, "_sampler", None)
         # the rows a subset sampler (torch's, or one of its kind: flat `indices`, one draw of each per epoch) or a

@@ -62,9 +62,10 @@ def test_validation_metrics_are_synchronised_and_the_elbo_uses_the_global_data_s
 
 @pytest.mark.slow
 def test_a_non_finite_loss_on_one_process_stops_every_process_with_a_clear_error(results):
-    # process 0 (the first process's error is the one a user reads) failed with gloo's "connection closed by peer"
+    # process 0 (the first process's error is the one a user reads) failed with gloo's "connection closed by peer";
+    # then it said "on another process" only, the failing process's own words lost where a spawned run showed its
     message = results["ddp"]["nan_on_one_process"]
-    assert message.startswith("non-finite training loss on another process at epoch 0, step 1 (this is process 0 of 2)")
+    assert message.startswith("non-finite training loss on process 1 at epoch 0, step 1 (this is process 0 of 2): non-finite training loss at epoch 0, step 1")
 
 
 @pytest.mark.slow

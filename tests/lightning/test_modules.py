@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import bdl
 from bdl.lightning import (
@@ -663,7 +663,7 @@ def test_bdl_infer_svi_module_under_a_trainer_stops_at_a_non_finite_loss(tmp_pat
 
 
 def test_a_num_data_other_than_the_training_sets_size_is_warned_of(tmp_path):
-    # num_data=1000 for 100 rows: posterior standard deviations 5x too small, without a word
+    # num_data=1000 for 100 rows weighs the data 10x (posterior standard deviations about 3x too small), without a word
     for module in (VariationalModule(net(), num_data=1000), SVIModule(bdl.infer.PyroModel(net(), "categorical", num_data=1000))):
         with pytest.warns(UserWarning, match=r"num_data=1000, but the training set has 32 examples: the KL is weighted as for 1000 \(posterior narrower"):
             trainer(tmp_path, max_steps=1, num_sanity_val_steps=0, limit_val_batches=0).fit(module, TinyData(batch_size=8))
@@ -693,6 +693,30 @@ def test_a_num_data_other_than_the_training_sets_size_is_warned_of(tmp_path):
         trainer(tmp_path, max_steps=1).fit(VariationalModule(net(), num_data=1000), sampled)
 
 
+def test_the_training_set_size_of_a_distributed_runs_own_loaders_is_not_guessed(tmp_path):
+    # under DDP with use_distributed_sampler=False each process's loader may hold a shard: its 20 rows were taken for
+    # num_data (the KL weighted twice over on 2 processes), and a right num_data=40 was warned of, with that advice
+    from types import SimpleNamespace
+
+    from bdl.lightning.modules import _training_set_size, _warn_if_num_data_differs
+
+    shard = DataLoader(TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,))), batch_size=8)
+    distributed = SimpleNamespace(world_size=2, train_dataloader=shard)
+    with pytest.raises(ValueError, match=r"distributed run's own training loaders \(no DistributedSampler\): pass num_data, the examples of all processes"):
+        _training_set_size(distributed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_num_data_differs(40, distributed)
+    assert _training_set_size(SimpleNamespace(world_size=1, train_dataloader=shard)) == 20
+    sampled = DataLoader(shard.dataset, sampler=DistributedSampler(shard.dataset, num_replicas=2, rank=0), batch_size=8)
+    assert _training_set_size(SimpleNamespace(world_size=2, train_dataloader=sampled)) == 20  # Lightning's sampler: all rows
+    # a PyroModel's num_data set back to None after the module was made: a TypeError in the warning's f-string
+    svi = SVIModule(bdl.infer.PyroModel(net(), "categorical", num_data=32), num_val_samples=2)
+    svi.model.num_data = None
+    with pytest.raises(ValueError, match="the PyroModel's num_data is None; set it"):
+        trainer(tmp_path, max_steps=1).fit(svi, TinyData(batch_size=8))
+
+
 def test_an_svi_modules_nan_input_is_blamed_on_the_nll_and_a_nan_validation_loss_stops_the_fit(tmp_path):
     # the KL, logged as loss - nll, was called not finite beside a NaN input; bdl.infer's SVIModule logged a NaN
     # validation loss and went on
@@ -708,6 +732,22 @@ def test_an_svi_modules_nan_input_is_blamed_on_the_nll_and_a_nan_validation_loss
     plain = bdl.SVIModule(bdl.infer.PyroModel(nn.Linear(2, 1), "gaussian", num_data=24), validate="never")
     with pytest.raises(FloatingPointError, match=r"non-finite validation loss at epoch 0 \(loss=nan, nll=nan\): check the validation inputs"):
         trainer(tmp_path, num_sanity_val_steps=0).fit(plain, DataLoader(TensorDataset(x, y), batch_size=8), DataLoader(TensorDataset(bad, y), batch_size=8))
+    # raised at the pass's last batch: a subclass's on_validation_epoch_end without super() trained on (NaN logged)
+    class OwnEpochEnd(bdl.SVIModule):
+        def on_validation_epoch_end(self) -> None:
+            pass
+
+    own = OwnEpochEnd(bdl.infer.PyroModel(nn.Linear(2, 1), "gaussian", num_data=24), validate="never")
+    with pytest.raises(FloatingPointError, match=r"non-finite validation loss at epoch 0"):
+        trainer(tmp_path, num_sanity_val_steps=0).fit(own, DataLoader(TensorDataset(x, y), batch_size=8), DataLoader(TensorDataset(bad, y), batch_size=8))
+
+    class Stream(torch.utils.data.IterableDataset):  # no length: its last batch is known at the epoch's end only
+        def __iter__(self):
+            return iter(zip(bad, y))
+
+    plain = bdl.SVIModule(bdl.infer.PyroModel(nn.Linear(2, 1), "gaussian", num_data=24), validate="never")
+    with pytest.raises(FloatingPointError, match=r"non-finite validation loss at epoch 0"):
+        trainer(tmp_path, num_sanity_val_steps=0).fit(plain, DataLoader(TensorDataset(x, y), batch_size=8), DataLoader(Stream(), batch_size=8))
     # a pass that raised another error after a NaN batch: its stored error killed the next, clean fit
     plain._val_error = FloatingPointError("non-finite validation loss of an earlier pass")
     trainer(tmp_path, num_sanity_val_steps=1).fit(plain, DataLoader(TensorDataset(x, y), batch_size=8), DataLoader(TensorDataset(x, y), batch_size=8))
@@ -866,9 +906,9 @@ def test_num_data_of_a_loader_over_a_subset_of_its_data_set_is_the_subsets_size(
     assert module.num_data == 1000
     # under DDP Lightning wraps the user's sampler: the whole subset still, not one process's share of it
     wrapped = DistributedSamplerWrapper(SubsetRandomSampler(torch.arange(100)), num_replicas=2, rank=0)
-    assert _training_set_size(SimpleNamespace(train_dataloader=DataLoader(full, sampler=wrapped))) == 100
+    assert _training_set_size(SimpleNamespace(world_size=2, train_dataloader=DataLoader(full, sampler=wrapped))) == 100
     spread = torch.utils.data.DistributedSampler(full, num_replicas=2, rank=0)
-    assert _training_set_size(SimpleNamespace(train_dataloader=DataLoader(full, sampler=spread))) == 1000
+    assert _training_set_size(SimpleNamespace(world_size=2, train_dataloader=DataLoader(full, sampler=spread))) == 1000
 
     class Stream(IterableDataset):  # no length: torch's bare "object of type 'Stream' has no len()"
         def __iter__(self):
