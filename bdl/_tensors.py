@@ -18,6 +18,14 @@ def version_or_none(tensor: Tensor) -> Optional[int]:
         return None
 
 
+def in_trace(*tensors: object) -> bool:
+    """Whether values cannot be read here: inside ``torch.compile`` (a data-dependent branch breaks the graph, and
+    fails under ``fullgraph=True``), or where a tensor is wrapped by a ``torch.func`` transform (vmap of per-example
+    gradients cannot read one). A check of values is left out then."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return torch.compiler.is_compiling() or any(isinstance(t, Tensor) and wrapped(t) for t in tensors)
+
+
 RandomState = tuple[Tensor, Optional[list[Tensor]]]
 
 

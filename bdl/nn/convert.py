@@ -143,10 +143,10 @@ os.register_at_fork(after_in_child=_fresh_blocks_lock)
 def _temporarily(layers: list[_BayesLayer], attribute: str, value: object) -> Iterator[None]:
     """Set ``attribute`` of every layer to ``value`` inside the block.
 
-    The layers' own values are also noted in ``_context_overrides``, which copies and pickles made inside the
+    The layers' own values are also noted in ``_bdl_context_overrides``, which copies and pickles made inside the
     block go back to (``_BayesLayer.__getstate__``): a ``copy.deepcopy``, ``torch.save(model)`` or
     ``AveragedModel`` taken inside ``deterministic`` never sampled again. The open blocks are kept per layer
-    (``_context_blocks``), so blocks that close out of order (two threads' overlapping :func:`bdl.predict`
+    (``_bdl_context_blocks``), so blocks that close out of order (two threads' overlapping :func:`bdl.predict`
     calls) leave the newest open block's value, and the layer's own once none is open: each block restoring
     what it found left a block's value for good (a model that never sampled again).
     """
@@ -155,9 +155,9 @@ def _temporarily(layers: list[_BayesLayer], attribute: str, value: object) -> It
     lock = contextlib.nullcontext() if torch.compiler.is_compiling() else _blocks_lock
     with lock:
         for layer in layers:
-            blocks = layer.__dict__.setdefault("_context_blocks", {}).setdefault(attribute, [])
+            blocks = layer.__dict__.setdefault("_bdl_context_blocks", {}).setdefault(attribute, [])
             if not blocks:
-                layer.__dict__.setdefault("_context_overrides", {})[attribute] = getattr(layer, attribute)
+                layer.__dict__.setdefault("_bdl_context_overrides", {})[attribute] = getattr(layer, attribute)
             blocks.append((token, value))
             setattr(layer, attribute, value)
     try:
@@ -165,9 +165,9 @@ def _temporarily(layers: list[_BayesLayer], attribute: str, value: object) -> It
     finally:
         with lock:
             for layer in layers:
-                blocks = layer._context_blocks[attribute]
+                blocks = layer._bdl_context_blocks[attribute]
                 blocks[:] = [block for block in blocks if block[0] is not token]
-                setattr(layer, attribute, blocks[-1][1] if blocks else layer._context_overrides.pop(attribute))
+                setattr(layer, attribute, blocks[-1][1] if blocks else layer._bdl_context_overrides.pop(attribute))
 
 
 def _matches(name: str, module: nn.Module, pattern: str | type) -> bool:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._tensors import in_trace
+
 _HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -154,7 +156,8 @@ def gaussian_nll(mean: Tensor, variance: Tensor, target: Tensor, *, reduction: s
             target = target.unsqueeze(-1)
         else:
             raise ValueError(f"target must have the shape of mean {tuple(mean.shape)}, got {tuple(target.shape)}")
-    if bool((variance <= 0).any()):  # log of a negative variance is NaN, and of 0 too here (-inf + inf, or 0 / 0)
+    # (not where values cannot be read: compiled, or under torch.func's vmap of per-example gradients)
+    if not in_trace(variance) and bool((variance <= 0).any()):  # log of a negative variance is NaN, of 0 too (-inf + inf)
         raise ValueError(
             f"variance must be > 0 everywhere, got a minimum of {variance.min().item():.4g} (a variance head needs a "
             "floor, e.g. GaussianHead(min_variance=1e-6))"

@@ -227,8 +227,8 @@ class _BayesLayer(BayesianModule):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         # the layer's own settings, not those of a bdl.deterministic / bdl.use_estimator block the copy is made in
-        state.update(state.pop("_context_overrides", None) or {})
-        state.pop("_context_blocks", None)
+        state.update(state.pop("_bdl_context_overrides", None) or {})
+        state.pop("_bdl_context_blocks", None)
         return state
 
     def __setstate__(self, state: dict) -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .._messages import first_few
+from .._tensors import in_trace
 from .._warn import user_stacklevel
 from ..metrics.functional._checks import as_class_labels, probabilities_verdict, probability_sum_tolerance
 from .functional import _two_class
@@ -239,8 +240,7 @@ class ELBOLoss(nn.Module):
 
         # not while compiling (a data-dependent branch: a graph break, an error under fullgraph) nor inside
         # torch.func transforms (vmap of per-example gradients cannot read a value)
-        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-        traced = torch.compiler.is_compiling() or any(isinstance(t, Tensor) and wrapped(t) for t in (output, target))
+        traced = in_trace(output, target)
         if not traced and not getattr(self, "_checked_layers", True):  # once: the network bayesianize returned?
             self._checked_layers = True
             if not any(isinstance(module, BayesianModule) for module in self.model[0].modules()):
@@ -271,7 +271,7 @@ class ELBOLoss(nn.Module):
         if default and isinstance(target, Tensor) and not target.is_floating_point() and target.dtype != torch.long:
             target = target.long()  # int32 labels (numpy's on Windows): torch's "expected target dtype to be Long or Byte"
         result = elbo_loss(self.criterion(output, target), kl_divergence(self.model[0]), self.num_data, self.kl_weight)
-        if self.check_finite and not traced and not wrapped(result.loss) and not bool(torch.isfinite(result.loss)):
+        if self.check_finite and not traced and not in_trace(result.loss) and not bool(torch.isfinite(result.loss)):
             bad = [name for name in ("nll", "kl") if not bool(torch.isfinite(getattr(result, name)))]
             if bad == ["nll"] and isinstance(target, Tensor) and target.numel() == 0:  # not an overflow: "NaN/inf in the inputs"
                 raise ValueError(

@@ -118,8 +118,8 @@ def _immutable(value: Any) -> bool:  # noqa: ANN401 - any attribute value
 
 
 class _Private(NamedTuple):
-    """A module's private attributes (not ``nn.Module``'s own nor bdl's ``_bdl_`` tags, one per instance): their names,
-    and the values of those that are immutable (a user's ``self._scale = 2.0``, a cache's key such as a rotary
+    """A module's private attributes (not ``nn.Module``'s own nor bdl's ``_bdl_`` bookkeeping: tags, one per instance,
+    and the open ``bdl.deterministic`` blocks of a layer): their names, and the values of those that are immutable (a user's ``self._scale = 2.0``, a cache's key such as a rotary
     embedding's ``_seq_len_cached``)."""
 
     names: frozenset[str]

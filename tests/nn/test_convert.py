@@ -230,7 +230,7 @@ def test_copies_made_inside_the_context_managers_keep_the_layers_own_settings():
         assert [(m.deterministic, m.estimator) for m in (copied[0], copied[2])] == [(False, "reparam"), (False, "local")]
         assert not torch.equal(copied(x), copied(x))
     assert [(m.deterministic, m.estimator) for m in (model[0], model[2])] == [(False, "reparam"), (False, "local")]
-    assert not any(m._context_overrides for m in (model[0], model[2]))
+    assert not any(m._bdl_context_overrides for m in (model[0], model[2]))
 
 
 def test_blocks_that_close_out_of_order_leave_the_open_blocks_value_then_the_layers_own():
@@ -251,7 +251,7 @@ def test_blocks_that_close_out_of_order_leave_the_open_blocks_value_then_the_lay
     assert model[0].estimator == "local"
     local.__exit__(None, None, None)
     assert [m.estimator for m in (model[0], model[2], reparam_copy[0])] == ["flipout", "reparam", "flipout"]
-    assert not any(m._context_overrides or any(m._context_blocks.values()) for m in (model[0], model[2]))
+    assert not any(m._bdl_context_overrides or any(m._bdl_context_blocks.values()) for m in (model[0], model[2]))
 
 
 def test_a_block_opened_in_a_forward_compiles_into_one_graph():
@@ -270,7 +270,7 @@ def test_a_block_opened_in_a_forward_compiles_into_one_graph():
     compiled = torch.compile(net, backend="eager", fullgraph=True)
     with torch.no_grad(), bdl.deterministic(net.b):
         torch.testing.assert_close(compiled(x), net(x))
-    assert not net.a.deterministic and not any(net.a._context_blocks.values())
+    assert not net.a.deterministic and not any(net.a._bdl_context_blocks.values())
 
 
 def test_include_naming_a_parametrized_layer_says_why_it_is_not_converted():

@@ -201,6 +201,26 @@ def test_elbo_loss_module_traces_under_compile_and_torch_func():
     assert torch.isfinite(compiled(x, y))
 
 
+def test_a_gaussian_nll_criterion_traces_under_compile_and_torch_func_too():
+    # gaussian_nll's variance check read a value: ELBOLoss(criterion=GaussianNLLLoss()) failed under vmap of
+    # per-example gradients and a fullgraph compile, where the default criterion traced
+    model = nn.Sequential(bdl.BayesLinear(3, 8), nn.ReLU(), bdl.GaussianHead(8, 2, linear=bdl.BayesLinear))
+    criterion = bdl.ELBOLoss(model, num_data=100, criterion=bdl.GaussianNLLLoss())
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    params = dict(model.named_parameters())
+
+    def loss_of(p, xi, yi):
+        return criterion(torch.func.functional_call(model, p, (xi[None],)), yi[None]).loss
+
+    grads = torch.func.vmap(torch.func.grad(loss_of), in_dims=(None, 0, 0), randomness="different")(params, x, y)
+    assert grads["0.weight_mu"].shape == (5, 8, 3) and all(torch.isfinite(g).all() for g in grads.values())
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b: criterion(model(a), b).loss, backend="eager", fullgraph=True)
+    assert torch.isfinite(compiled(x, y))
+    with pytest.raises(ValueError, match="variance must be > 0 everywhere"):  # checked where values can be read
+        bdl.nn.heads.gaussian_nll(torch.zeros(2, 1), torch.zeros(2, 1), torch.zeros(2, 1))
+
+
 def test_non_finite_parameters_leave_out_frozen_bounds_and_unbuilt_lazy_layers():
     # a frozen -inf mask was named as "an earlier step diverged" when a NaN input broke the loss; a lazy layer never
     # built made the check itself fail ("Attempted to use an uninitialized parameter")

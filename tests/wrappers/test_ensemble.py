@@ -855,6 +855,24 @@ def test_a_vmap_ensemble_compiles_whole_graph_after_one_call():
         torch.testing.assert_close(torch.compile(ensemble, backend="eager", fullgraph=True)(x), torch.stack([m(x) for m in ensemble.members]))
 
 
+def test_bdl_blocks_on_bayesian_members_leave_a_vmap_ensemble_vmapped_and_compiled():
+    # a deterministic / use_estimator block (so bdl.predict) left its bookkeeping on the layers, read as a private
+    # setting of the members that had it: a fullgraph-compiled ensemble failed in Dynamo's words, and predicting one
+    # member alone sent the ensemble to the loop with a warning on '0._context_blocks'
+    x = torch.randn(5, 4)
+    ensemble = DeepEnsemble.from_factory(lambda: nn.Sequential(bdl.BayesLinear(4, 8), nn.ReLU(), nn.Linear(8, 3)), 3, method="vmap")
+    torch._dynamo.reset()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ensemble(x)
+        bdl.predict(ensemble.members[1], x, num_samples=2)
+        compiled = torch.compile(ensemble, backend="eager", fullgraph=True)
+        compiled(x)
+        assert bdl.predict(compiled, x, num_samples=3).probs.shape == (5, 3)
+        with bdl.deterministic(ensemble):
+            torch.testing.assert_close(compiled(x), torch.stack([m(x) for m in ensemble.members]))
+
+
 @pytest.mark.parametrize("num_samples", [3, 6])
 def test_predict_runs_a_compiled_ensemble_compiled(num_samples):
     # the compile wrapper's sample_outputs was the ensemble's own, whose calls ran the members eagerly: nothing compiled
