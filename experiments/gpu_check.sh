@@ -5,8 +5,9 @@
 # torchmetrics; pyro-ppl, mnist1d and the peers travel as wheels in .whl/ (ignored by git), fetched here with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl pyro-ppl pyro-api mnist1d jsonargparse docstring-parser \
-#     typeshed-client bayesian-torch blitz-bayesian-pytorch torchbnn torch-uncertainty
-# and the call is run(command="bash experiments/gpu_check.sh", carry=[".whl"], timeout_s=560).
+#     typeshed-client bayesian-torch blitz-bayesian-pytorch torchbnn torch-uncertainty pytest-xdist execnet pytest-timeout
+# and the call is run(command="bash experiments/gpu_check.sh", carry=[".whl"], timeout_s=600) (the steps' limits add
+# up to 555 s). Without pytest-xdist or pytest-timeout the suite runs in one process, or without its per-test limit.
 set -uo pipefail  # a step's status is its command's, not tee's or tail's
 status=0  # the script's: non-zero when any step failed (the run tool's rc)
 OUT=${OUT:-/tmp/gpu_check}
@@ -21,5 +22,8 @@ echo "== peers large"; timeout 75 python3 experiments/benchmark_peers.py --devic
 echo "== peers small"; timeout 60 python3 experiments/benchmark_peers.py --device cuda --sizes 64-128-128-10 --steps 50 --predict-repeats 21 2>&1 | tee $OUT/bench_peers_small.txt || status=1
 echo "== predict"; timeout 50 python3 experiments/benchmark_predict.py --device cuda 2>&1 | tee $OUT/bench_predict.txt || status=1
 echo "== layers"; timeout 40 python3 experiments/benchmark_layers.py --device cuda --steps 50 --protocol interleaved 2>&1 | tee $OUT/bench_layers.txt || status=1
-echo "== full suite"; timeout 230 python3 -m pytest -q -n 12 -p no:cacheprovider -m "not cuda" --timeout 170 --durations=12 2>&1 | tee $OUT/suite.log | tail -20 || status=1
+suite=()  # -n and --timeout are plugins' options: pytest refuses them where the plugin is not installed
+python3 -c "import xdist" 2>/dev/null && suite+=(-n 12) || echo "(pytest-xdist not installed: the suite runs in one process)"
+python3 -c "import pytest_timeout" 2>/dev/null && suite+=(--timeout 170) || echo "(pytest-timeout not installed: no per-test limit)"
+echo "== full suite"; timeout 230 python3 -m pytest -q ${suite[@]+"${suite[@]}"} -p no:cacheprovider -m "not cuda" --durations=12 2>&1 | tee $OUT/suite.log | tail -20 || status=1
 exit $status
