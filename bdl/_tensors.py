@@ -20,10 +20,17 @@ def version_or_none(tensor: Tensor) -> Optional[int]:
 
 def in_trace(*tensors: object) -> bool:
     """Whether values cannot be read here: inside ``torch.compile`` (a data-dependent branch breaks the graph, and
-    fails under ``fullgraph=True``), or where a tensor is wrapped by a ``torch.func`` transform (vmap of per-example
-    gradients cannot read one). A check of values is left out then."""
+    fails under ``fullgraph=True``), or where a tensor is batched by ``torch.func.vmap`` (of per-example gradients,
+    say), at any level. A check of values is left out then; under ``torch.func.grad`` alone values are read."""
+    if torch.compiler.is_compiling():
+        return True
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return torch.compiler.is_compiling() or any(isinstance(t, Tensor) and wrapped(t) for t in tensors)
+    if not any(isinstance(t, Tensor) and wrapped(t) for t in tensors):
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(interpreter.key() == TransformType.Vmap for interpreter in retrieve_all_functorch_interpreters())
 
 
 RandomState = tuple[Tensor, Optional[list[Tensor]]]

@@ -38,7 +38,7 @@ from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from torch import Tensor, nn
-from torch.utils.data import DistributedSampler, SubsetRandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, SubsetRandomSampler
 
 from .. import infer
 from ..evaluate import Report, evaluate
@@ -1202,7 +1202,8 @@ def _training_set_size(trainer: L.Trainer) -> int:
     loader = trainer.train_dataloader
     batch_sampler = getattr(loader, "batch_sampler", None)
     samplers = (getattr(batch_sampler, "sampler", None), getattr(loader, "sampler", None))
-    if trainer.world_size > 1 and not any(isinstance(sampler, DistributedSampler) for sampler in samplers):
+    distributed = any(isinstance(sampler, DistributedSampler) for sampler in samplers)
+    if trainer.world_size > 1 and isinstance(loader, DataLoader) and not distributed:  # (several loaders: told below)
         # each process's own loader (use_distributed_sampler=False): one shard of the data (a size per process, the
         # KL weighted twice over on 2 processes) or the whole of it, which cannot be told
         raise ValueError(

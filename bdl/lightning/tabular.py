@@ -35,32 +35,36 @@ def _not_a_number(path: str, column: str, row: int, value: object) -> ValueError
     )
 
 
-def _read_csv(path: str, columns: Optional[Sequence[str]], target: str) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The numeric columns of a CSV with a header row: ``({name: float64 [N]}, all column names)``."""
+def _read_csv(path: str, columns: Optional[Sequence[str]], target: str, labels: bool) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The numeric columns of a CSV with a header row: ``({name: float64 [N]}, all column names)``; ``labels``: the
+    target holds class codes (refused past 2^53, where float64 rounds neighbours together)."""
     try:
-        return _read_csv_text(path, columns, target)
+        return _read_csv_text(path, columns, target, labels)
     except UnicodeDecodeError as error:  # Excel's default cp1252, or its UTF-16 "Unicode Text": a bare decode error
         raise ValueError(
             f"{path} is not UTF-8 text ({error.reason}): save it as UTF-8 (Excel: \"CSV UTF-8\")"
         ) from None
 
 
-def _read_csv_text(path: str, columns: Optional[Sequence[str]], target: str) -> tuple[dict[str, np.ndarray], list[str]]:
+def _read_csv_text(path: str, columns: Optional[Sequence[str]], target: str, labels: bool) -> tuple[dict[str, np.ndarray], list[str]]:
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: the byte-order mark Excel writes
         rows = csv.reader(f)
         header = [name.strip() for name in next((fields for fields in rows if fields), [])]  # blank lines before it too
         if not header:
             raise ValueError(f"{path} is empty: a CSV needs a header row naming its columns")
-        repeated = sorted({name for name in header if header.count(name) > 1})
+        unnamed = [position + 1 for position, name in enumerate(header) if not name]
+        if columns is None and unnamed:  # pandas' to_csv writes its row index so: the row number was a feature
+            raise ValueError(
+                f"{path}: column{'s' * (len(unnamed) > 1)} {', '.join(map(str, unnamed))} of the header "
+                f"{'have' if len(unnamed) > 1 else 'has'} no name (pandas' to_csv writes its row index so; a comma at "
+                "each line's end too): save the file with to_csv(index=False), or pass features= naming the columns to "
+                f"use{_headerless([name for name in header if name])}"
+            )
+        wanted = [name for name in header if name != target] if columns is None else list(columns)
+        used = header if columns is None else [*wanted, target]
+        repeated = sorted({name for name in used if header.count(name) > 1})
         if repeated:  # a name could only ever select the first of them
             raise ValueError(f"{path}: the header names {repeated} more than once; give every column its own name{_headerless(header)}")
-        wanted = [name for name in header if name != target] if columns is None else list(columns)
-        if "" in wanted:  # pandas' to_csv writes its row index so: the row number became a feature
-            raise ValueError(
-                f"{path}: column {header.index('') + 1} of the header has no name (pandas' to_csv writes its row index "
-                "so; a comma at each line's end too): save the file with to_csv(index=False), or pass features= "
-                "naming the columns to use"
-            )
         _check_names(path, [*wanted, target], header, "columns")
         positions = {name: header.index(name) for name in [*wanted, target]}
         values: dict[str, list[float]] = {name: [] for name in positions}
@@ -78,7 +82,7 @@ def _read_csv_text(path: str, columns: Optional[Sequence[str]], target: str) -> 
                 if not math.isfinite(value):
                     raise _not_a_number(path, name, row, fields[position])
                 text = fields[position].strip()
-                if name == target and abs(value) >= 2**53 and text.lstrip("+-").isdigit() and abs(int(text)) > 2**53:
+                if labels and name == target and abs(value) >= 2**53 and text.lstrip("+-").isdigit() and abs(int(text)) > 2**53:
                     raise ValueError(  # as an .npz file's: float64 holds every integer up to 2^53 only
                         f"{path}: column {name!r}, row {row} (counting data rows from 0) holds an integer beyond 2^53 "
                         f"({text}), which float64 rounds together with its neighbours: map the "
@@ -88,7 +92,7 @@ def _read_csv_text(path: str, columns: Optional[Sequence[str]], target: str) -> 
     return {name: np.asarray(column, dtype=np.float64) for name, column in values.items()}, header
 
 
-def _read_npz(path: str, arrays: Optional[Sequence[str]], target: str) -> tuple[dict[str, np.ndarray], list[str]]:
+def _read_npz(path: str, arrays: Optional[Sequence[str]], target: str, labels: bool) -> tuple[dict[str, np.ndarray], list[str]]:
     """The named arrays of an NPZ file as float64, each ``[N]`` or ``[N, k]``."""
     try:
         archive = np.load(path, allow_pickle=False)
@@ -111,7 +115,7 @@ def _read_npz(path: str, arrays: Optional[Sequence[str]], target: str) -> tuple[
         if array.ndim not in (1, 2) or (name == target and array.ndim == 2 and array.shape[1] != 1):
             shape = "[N] or [N, 1]" if name == target else "[N] or [N, k]"
             raise ValueError(f"{path}: array {name!r} must be {shape}, got shape {list(array.shape)}")
-        if name == target and array.dtype.kind in "iu" and array.size and int(np.abs(array).max()) > 2**53:
+        if labels and name == target and array.dtype.kind in "iu" and array.size and int(np.abs(array).max()) > 2**53:
             # float64 holds every integer up to 2^53 only: codes 2^60 and 2^60 + 1 became one class
             big = int(array.reshape(-1)[np.argmax(np.abs(array.reshape(-1)))])
             raise ValueError(f"{path}: array {name!r} holds integers beyond 2^53 ({big}), which float64 rounds together: map them to smaller codes")
@@ -267,7 +271,8 @@ class _StandardizedTable(UncertaintyDataModule):
                     "classes (for a continuous target pass task='regression')"
                 )
             fractional = ", some fractional," if any(isinstance(value, float) for value in self._classes) else ""
-            if len(classes) > len(kept) / (2 if fractional else 5) and (fractional or len(classes) > 10):
+            codes = not fractional and classes[-1] - classes[0] + 1 == len(classes)  # 0 .. C-1, or 1 .. C: no scores
+            if len(classes) > len(kept) / (2 if fractional else 5) and (fractional or (len(classes) > 10 and not codes)):
                 # a continuous target read as classes (whole numbers too: diabetes's progress scores gave 214 classes
                 # in 442 rows, without a word): a few rows per class, which trains and means little
                 warnings.warn(
@@ -444,9 +449,9 @@ class TabularDataModule(_StandardizedTable):
     def _read(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Features ``[N, F]``, target ``[N]`` (float64) and the feature names."""
         if self.path.lower().endswith(".csv"):
-            columns, _ = _read_csv(self.path, self.features, self.target)
+            columns, _ = _read_csv(self.path, self.features, self.target, labels=self.task == "classification")
         else:
-            columns, _ = _read_npz(self.path, self.features, self.target)
+            columns, _ = _read_npz(self.path, self.features, self.target, labels=self.task == "classification")
         y = columns.pop(self.target)
         if len(y) == 0:
             raise ValueError(f"TabularDataModule: {self.path} has no data rows (path must name a file with at least one row)")

@@ -200,7 +200,7 @@ class ELBOLoss(nn.Module):
         kl_weight: weight of the KL term.
         check_finite: raise a ``FloatingPointError`` naming the term (NLL, KL) and the non-finite parameters
             or layers when the loss is not finite, instead of returning NaN (one host sync per call on a GPU;
-            skipped under ``torch.compile`` and inside ``torch.func`` transforms, which cannot branch on a value).
+            skipped under ``torch.compile`` and ``torch.func.vmap``, which cannot branch on a value).
 
     Example:
         >>> model = nn.Sequential(BayesLinear(4, 3))
@@ -238,8 +238,8 @@ class ELBOLoss(nn.Module):
     def forward(self, output: Tensor, target: Tensor) -> ELBO:
         from .convert import kl_divergence
 
-        # not while compiling (a data-dependent branch: a graph break, an error under fullgraph) nor inside
-        # torch.func transforms (vmap of per-example gradients cannot read a value)
+        # not while compiling (a data-dependent branch: a graph break, an error under fullgraph) nor under
+        # torch.func.vmap (of per-example gradients: it cannot read a value); under torch.func.grad alone, checked
         traced = in_trace(output, target)
         if not traced and not getattr(self, "_checked_layers", True):  # once: the network bayesianize returned?
             self._checked_layers = True

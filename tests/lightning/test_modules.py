@@ -710,6 +710,8 @@ def test_the_training_set_size_of_a_distributed_runs_own_loaders_is_not_guessed(
     assert _training_set_size(SimpleNamespace(world_size=1, train_dataloader=shard)) == 20
     sampled = DataLoader(shard.dataset, sampler=DistributedSampler(shard.dataset, num_replicas=2, rank=0), batch_size=8)
     assert _training_set_size(SimpleNamespace(world_size=2, train_dataloader=sampled)) == 20  # Lightning's sampler: all rows
+    with pytest.raises(ValueError, match="cannot tell the training-set size from the training loader: pass num_data"):
+        _training_set_size(SimpleNamespace(world_size=2, train_dataloader=[sampled, sampled]))  # not "no DistributedSampler"
     # a PyroModel's num_data set back to None after the module was made: a TypeError in the warning's f-string
     svi = SVIModule(bdl.infer.PyroModel(net(), "categorical", num_data=32), num_val_samples=2)
     svi.model.num_data = None

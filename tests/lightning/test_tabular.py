@@ -162,6 +162,9 @@ def test_a_continuous_target_read_as_classes_gets_a_hint_of_task_regression(tmp_
         TabularDataModule(str(tmp_path / "data.npz"), "y", task="regression").setup()  # (.splits is None until then)
         np.savez(tmp_path / "labels.npz", x=rng.normal(size=(40, 3)), y=rng.integers(0, 10, 40).astype(float))
         assert TabularDataModule(str(tmp_path / "labels.npz"), "y").num_classes == 10  # whole numbers: class codes
+        codes = np.concatenate([np.arange(20), rng.integers(0, 20, 70)])  # 20 classes in 90 rows, codes 0 .. 19
+        np.savez(tmp_path / "codes.npz", x=rng.normal(size=(90, 3)), y=codes)
+        assert TabularDataModule(str(tmp_path / "codes.npz"), "y").num_classes == 20
     # whole-number scores (diabetes's disease progress: 214 classes in 442 rows) were read as classes without a word
     np.savez(tmp_path / "scores.npz", x=rng.normal(size=(100, 3)), y=rng.integers(25, 347, 100))
     with pytest.warns(UserWarning, match=r"the target takes \d+ distinct values in 100 rows, each its own class.*task='regression'"):
@@ -293,8 +296,14 @@ def test_a_row_index_column_headerless_files_and_huge_integer_labels_are_named(t
         TabularDataModule(str(tmp_path / "indexed.csv"), "y").setup()
     data = TabularDataModule(str(tmp_path / "indexed.csv"), "y", features=["a"])  # columns named: the index is left out
     assert data.feature_names == ["a"] and data.num_classes == 2
+    (tmp_path / "trailing.csv").write_text(",a,y,\n" + "".join(f"{i},{i % 7},{i % 2},\n" for i in range(40)))
+    with pytest.raises(ValueError, match=r"columns 1, 4 of the header have no name"):  # not "names [''] more than once"
+        TabularDataModule(str(tmp_path / "trailing.csv"), "y").setup()
+    assert TabularDataModule(str(tmp_path / "trailing.csv"), "y", features=["a"]).num_classes == 2
     (tmp_path / "upper.CSV").write_text("a,y\n" + "".join(f"{i % 7},{i % 2}\n" for i in range(40)))
     assert TabularDataModule(str(tmp_path / "upper.CSV"), "y").num_classes == 2  # refused for its extension's case
+    with pytest.raises(ValueError, match=r"has no columns \[''\]; available columns"):  # a name the user gave: '' is not in list
+        TabularDataModule(str(tmp_path / "upper.CSV"), "y", features=["a", ""]).setup()
     (tmp_path / "headerless.csv").write_text(rows)  # a first row of 0,0,0: named more than once
     with pytest.raises(ValueError, match=r"names \['0'\] more than once.*first row holds numbers only: a CSV needs a header row"):
         TabularDataModule(str(tmp_path / "headerless.csv"), "y").setup()
@@ -305,6 +314,7 @@ def test_a_row_index_column_headerless_files_and_huge_integer_labels_are_named(t
     (tmp_path / "big.csv").write_text("a,y\n" + "".join(f"{i},{2**53 + i % 2}\n" for i in range(30)))
     with pytest.raises(ValueError, match=r"column 'y', row 1 .* holds an integer beyond 2\^53 \(9007199254740993\)"):
         TabularDataModule(str(tmp_path / "big.csv"), "y").setup()
+    assert TabularDataModule(str(tmp_path / "big.csv"), "y", task="regression").num_train > 0  # values, not codes: read
 
 
 def test_files_that_were_misread_or_refused_unclearly(tmp_path):

@@ -217,8 +217,11 @@ def test_a_gaussian_nll_criterion_traces_under_compile_and_torch_func_too():
     torch._dynamo.reset()
     compiled = torch.compile(lambda a, b: criterion(model(a), b).loss, backend="eager", fullgraph=True)
     assert torch.isfinite(compiled(x, y))
+    zero = torch.tensor([[1.0], [0.0]])
     with pytest.raises(ValueError, match="variance must be > 0 everywhere"):  # checked where values can be read
-        bdl.nn.heads.gaussian_nll(torch.zeros(2, 1), torch.zeros(2, 1), torch.zeros(2, 1))
+        bdl.nn.heads.gaussian_nll(torch.zeros(2, 1), zero, torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="variance must be > 0 everywhere"):  # torch.func.grad alone reads them: a NaN gradient
+        torch.func.grad(lambda v: bdl.nn.heads.gaussian_nll(torch.zeros(2, 1), v, torch.zeros(2, 1)))(zero)
 
 
 def test_non_finite_parameters_leave_out_frozen_bounds_and_unbuilt_lazy_layers():
