@@ -238,8 +238,9 @@ class MCMCResult:
         samples: ``{site: [num_chains * num_samples, *shape]}`` (chains concatenated).
         chain_samples: ``{site: [num_chains, num_samples, *shape]}``.
         summary: the :class:`PosteriorSummary` (mean, std, quantiles, n_eff, r_hat per parameter).
-        diagnostics: per-chain ``"divergences"`` (number of divergent transitions) and
-            ``"acceptance_rate"``.
+        diagnostics: per chain, ``"divergences"`` (the number of divergent transitions after warm-up) and
+            ``"acceptance_rate"`` (Pyro's: the fraction of draws after warm-up that moved to a new state, not the
+            mean acceptance probability its progress bar shows and ``target_accept_prob`` adapts the step to).
         prediction: the posterior predictive on the prediction inputs, or None.
         model: the model that was sampled.
 
@@ -587,6 +588,13 @@ def mcmc(
     (or the model function) before sampling: either mistake raises a ValueError at once, not after the run.
     Divergent transitions after warm-up (``result.diagnostics["divergences"]``) raise a warning.
 
+    Cost: NUTS doubles each trajectory until it turns back, up to ``2**max_tree_depth - 1`` gradient steps per
+    draw (Pyro's default depth 10: 1023). A network's posterior, with its small step sizes, often reaches that
+    depth: a 1-8-1 tanh network on 40 points took 1-3 s a draw (0.1 s at depth 5), and nothing shows without
+    ``progress_bar``.
+    ``kernel_options={"max_tree_depth": 5}`` bounds a draw at 31 steps (shorter trajectories: more correlated
+    draws, which the effective sample size tells); ``make results`` samples its networks so.
+
     Args:
         model: a :class:`PyroModel` (``num_data`` None or equal to the number of data points: MCMC needs
             the full-data likelihood) or a Pyro model function.
@@ -704,7 +712,7 @@ def mcmc(
             diag = sampler.diagnostics()
             for chain in range(chains_in_run):
                 key = f"chain {chain}"
-                diagnostics["divergences"].append(float(len(diag["divergences"][key])))
+                diagnostics["divergences"].append(len(diag["divergences"][key]))  # a count (a float before)
                 diagnostics["acceptance_rate"].append(float(diag["acceptance rate"][key]))
     if any(diagnostics["divergences"]):
         counts = [int(count) for count in diagnostics["divergences"]]

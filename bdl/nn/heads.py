@@ -128,7 +128,9 @@ def gaussian_nll(mean: Tensor, variance: Tensor, target: Tensor, *, reduction: s
     ``NLL_i = sum_d [ 1/2 log(2 pi sigma_id^2) + (y_id - mu_id)^2 / (2 sigma_id^2) ]``, the full Gaussian
     NLL (constant included) summed over the output dimensions of each example, so it is the
     per-example data term of :func:`bdl.elbo_loss`. (``torch.nn.GaussianNLLLoss`` instead averages over
-    every element and drops the constant by default.)
+    every element and drops the constant by default.) The arguments come in the order of a
+    :class:`GaussianOutput`, ``(mean, variance)``, then the target: torch's ``F.gaussian_nll_loss`` takes
+    ``(input, target, var)``, and a call in its order is read with the target as the variance.
 
     Args:
         mean: predicted means ``[B, D]`` (or ``[B]``).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,8 @@ from .layers import BayesianModule
 class ELBO(NamedTuple):
     """Negative ELBO per training example, and its two parts (for logging them separately).
 
+    ``elbo.backward()`` is ``elbo.loss.backward()``, as a criterion's tensor has it.
+
     Example:
         >>> out = bdl.elbo_loss(torch.tensor(0.5), torch.tensor(20.0), num_data=100)
         >>> out.loss, out.nll, out.kl  # loss = nll + kl / num_data
@@ -30,6 +32,11 @@ class ELBO(NamedTuple):
     loss: Tensor
     nll: Tensor
     kl: Tensor
+
+    def backward(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+        """``self.loss.backward(...)``: ``criterion(output, target).backward()`` works as with a torch criterion (an
+        AttributeError of the tuple before)."""
+        self.loss.backward(*args, **kwargs)
 
 
 def elbo_loss(nll: Tensor, kl: Tensor, num_data: int, kl_weight: float = 1.0) -> ELBO:

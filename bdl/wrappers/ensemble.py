@@ -13,6 +13,7 @@ import enum
 import math
 import numbers
 import os
+import re
 import warnings
 import weakref
 from collections import OrderedDict
@@ -303,6 +304,26 @@ def ensemble_rounds(call: Callable[[Tensor], Any], x: Tensor, num_samples: int, 
     return rebuild([part.flatten(0, 1) for part in parts])
 
 
+def _whole_ensemble_hint(state: Mapping[str, Any], own: set[str]) -> str:
+    """A hint where a checkpoint holds a whole ensemble (``ensemble.state_dict()``: its members under
+    ``members.<i>.``, or under a module's attribute before that), not one member: torch's missing and unexpected keys
+    said nothing of it."""
+    members: dict[str, set[int]] = {}
+    for key in state:
+        found = re.match(r"(.*?members\.)(\d+)\.", key)
+        if found:
+            members.setdefault(found.group(1), set()).add(int(found.group(2)))
+    for stem, indices in members.items():
+        first = f"{stem}{min(indices)}."
+        if {key[len(first):] for key in state if key.startswith(first)} >= own:
+            return (
+                f" (it holds a whole ensemble of {len(indices)} members, under '{stem}<i>.': load it into "
+                f"DeepEnsemble.from_factory(factory, {len(indices)}) with load_state_dict, or pass each member's "
+                f"prefix, {first!r} and on)"
+            )
+    return ""
+
+
 class DeepEnsemble(nn.Module):
     """An ensemble of ``M`` networks; ``forward`` returns every member's output stacked, ``[M, B, ...]``.
 
@@ -479,6 +500,7 @@ class DeepEnsemble(nn.Module):
                     first = next(iter(state)).split(".", 1)[0] + "."
                     if all(key.startswith(first) for key in state) and {key[len(first):] for key in state} >= own:
                         hint = f" (every key of the checkpoint starts with {first!r}: pass prefix={first!r})"
+                    hint = hint or _whole_ensemble_hint(state, own)
                 raise RuntimeError(f"checkpoints[{i}] does not fit the factory's model{hint}: {error}") from None
             members.append(member)
         return cls(members, **kwargs)

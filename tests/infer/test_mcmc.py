@@ -27,6 +27,7 @@ def test_nuts_recovers_the_exact_posterior_within_monte_carlo_error(nuts_run, li
     assert ((w.std(0) / data.std - 1).abs() < 4 / (2 * ess).sqrt()).all()
     assert result.summary.max_r_hat < 1.01
     assert sum(result.diagnostics["divergences"]) == 0 and len(result.diagnostics["acceptance_rate"]) == 2
+    assert all(type(count) is int for count in result.diagnostics["divergences"])  # a count (floats before)
 
 
 def test_nuts_summary_shows_the_slope_interval_covering_the_truth_with_r_hat_and_ess(nuts_run):

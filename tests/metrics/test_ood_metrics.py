@@ -1,6 +1,7 @@
 """bdl/metrics/functional/ood.py and bdl/metrics/ood.py."""
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -220,3 +221,20 @@ def test_integer_scores_keep_their_order_above_float32s_integers():
     labels = [0, 0, 1, 1]  # OOD inputs are the positives, scored higher
     expected = roc_auc_score(labels, torch.cat([scores_in, scores_out]).numpy())
     assert float(M.auroc(scores_in, scores_out)) == pytest.approx(expected) == 0.75
+
+
+def test_a_scikit_learn_style_call_with_labels_first_is_warned_of():
+    # auroc(is_out, scores), as roc_auc_score(y_true, y_score) is called, read the labels as in-distribution scores:
+    # 0.5, without a word
+    is_out, scores = torch.tensor([0, 0, 1, 1]), torch.tensor([0.1, 0.2, 0.3, 0.4])
+    for metric in (M.auroc, M.aupr_out, M.fpr_at_tpr):
+        with pytest.warns(UserWarning, match=r"take \(scores_in, scores_out\), two sets of scores .* not scikit-learn's \(labels, scores\)"):
+            metric(is_out, scores)
+        with pytest.warns(UserWarning, match="pass"):
+            metric(is_out.numpy(), scores.numpy())
+    assert float(M.auroc(scores[is_out == 0], scores[is_out == 1])) == 1.0  # the call the warning gives
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        M.auroc(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 1]))  # integer scores on both sides: scores
+        M.auroc(torch.tensor([0, 0, 0]), torch.tensor([0.1, 0.2, 0.3]))  # no two kinds of label
+        M.auroc(torch.tensor([0.0, 1.0]), torch.tensor([0.3, 0.4]))

@@ -238,3 +238,13 @@ def test_non_finite_parameters_leave_out_frozen_bounds_and_unbuilt_lazy_layers()
         model.layer.weight[0, 0] = math.inf
     assert sorted(non_finite_parameters(model)) == ["layer.weight (1 of 4)", "mask (1 of 2)"]
 
+
+def test_an_elbo_backs_up_its_loss_as_a_criterions_tensor_does():
+    # criterion(output, target).backward(), the torch idiom, was an AttributeError of the named tuple
+    model = nn.Sequential(bdl.BayesLinear(3, 2))
+    elbo = bdl.ELBOLoss(model, num_data=10)(model(torch.randn(4, 3)), torch.randint(0, 2, (4,)))
+    elbo.backward(retain_graph=True)  # its arguments go to loss.backward
+    gradients = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    elbo.loss.backward()
+    assert all(bool(g.abs().sum() > 0) and torch.equal(g, p.grad) for g, p in zip(gradients, model.parameters()))

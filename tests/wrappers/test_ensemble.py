@@ -281,6 +281,14 @@ def test_from_checkpoints_loads_files_and_lightning_style_dicts(tmp_path):
     with pytest.raises(RuntimeError, match=r"does not fit the factory's model \(every key of the checkpoint starts with 'model.': pass prefix='model.'\)"):
         DeepEnsemble.from_checkpoints(lambda: nn.Linear(4, 3), [lightning_like])
     assert DeepEnsemble.from_checkpoints(lambda: nn.Linear(4, 3), [lightning_like], prefix="model.").num_members == 1
+    # a whole ensemble's state dict (an EnsembleModule's too, under model.members.<i>.): torch's key lists only
+    factory = lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))  # noqa: E731
+    whole = DeepEnsemble.from_factory(factory, 3)
+    for state, stem in ((whole.state_dict(), "members."), ({f"model.{k}": v for k, v in whole.state_dict().items()}, "model.members.")):
+        with pytest.raises(RuntimeError, match=rf"\(it holds a whole ensemble of 3 members, under '{stem}<i>.': load it into DeepEnsemble.from_factory\(factory, 3\)"):
+            DeepEnsemble.from_checkpoints(factory, [state])
+        loaded = DeepEnsemble.from_checkpoints(factory, [state] * 3, prefix=f"{stem}1.")  # the prefix it gives works
+        torch.testing.assert_close(loaded.members[2](torch.ones(2, 4)), whole.members[1](torch.ones(2, 4)))
 
 
 def test_from_checkpoints_with_a_prefix_keeps_each_layers_saved_std_transform(tmp_path):

@@ -13,11 +13,14 @@ about 17 to exactly 1 and so turns, for example, large energies or logits into t
 from __future__ import annotations
 
 import math
-from typing import Callable
+import warnings
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from ..._warn import user_stacklevel
 from ._checks import check_fraction, check_vector, percent_key
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
 
 
 def _checked(scores_in, scores_out) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+    _warn_if_labels_first(scores_in, scores_out)
     scores_in = check_vector(scores_in, "scores_in", allow_empty=True)
     scores_out = check_vector(scores_out, "scores_out", allow_empty=True)
     if scores_in.numel() == 0 or scores_out.numel() == 0:
@@ -43,6 +47,27 @@ def _checked(scores_in, scores_out) -> tuple[Tensor, Tensor]:  # noqa: ANN001
             f"{scores_in.numel()} in-distribution scores and {scores_out.numel()} OOD scores"
         )
     return scores_in.double(), scores_out.to(scores_in.device).double()
+
+
+def _warn_if_labels_first(scores_in: object, scores_out: object) -> None:
+    """Warn where the call looks like scikit-learn's ``(y_true, scores)``: integer 0/1 labels of both kinds, then as
+    many float scores (``auroc(is_out, scores)`` gave 0.5 or so, read as two sets of scores, without a word)."""
+    def array(value: object) -> Optional[np.ndarray]:
+        if isinstance(value, Tensor):
+            return value.detach().cpu().numpy() if value.dtype != torch.bfloat16 else value.detach().float().cpu().numpy()
+        return value if isinstance(value, np.ndarray) else None
+
+    labels, scores = array(scores_in), array(scores_out)
+    if labels is None or scores is None or labels.dtype.kind not in "biu" or scores.dtype.kind != "f":
+        return
+    if labels.ndim == 1 and labels.shape == scores.shape and set(np.unique(labels).tolist()) == {0, 1}:
+        warnings.warn(
+            "the OOD metrics take (scores_in, scores_out), two sets of scores (higher = more OOD), not scikit-learn's "
+            "(labels, scores): scores_in here is 0/1 integer labels beside as many float scores; for labels is_out "
+            "and scores s, pass (s[is_out == 0], s[is_out == 1])",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
 
 
 def _labelled(scores_in: Tensor, scores_out: Tensor) -> tuple[Tensor, Tensor]:
