@@ -271,7 +271,7 @@ class _StandardizedTable(UncertaintyDataModule):
                     "classes (for a continuous target pass task='regression')"
                 )
             fractional = ", some fractional," if any(isinstance(value, float) for value in self._classes) else ""
-            codes = not fractional and classes[-1] - classes[0] + 1 == len(classes)  # 0 .. C-1, or 1 .. C: no scores
+            codes = not fractional and classes[0] in (0, 1) and classes[-1] - classes[0] + 1 == len(classes)  # 0..C-1, 1..C
             if len(classes) > len(kept) / (2 if fractional else 5) and (fractional or (len(classes) > 10 and not codes)):
                 # a continuous target read as classes (whole numbers too: diabetes's progress scores gave 214 classes
                 # in 442 rows, without a word): a few rows per class, which trains and means little

@@ -39,7 +39,10 @@ class _OODMetric(_Buffered):
             )
         if is_ood.dtype != torch.bool:
             if is_ood.is_floating_point():  # 0. and 1. were refused as if they were other values
-                raise ValueError(f"`is_ood` must be boolean or integers 0 and 1, got dtype {is_ood.dtype} (use .bool())")
+                hint = "use .bool()"
+                if not ((is_ood == 0) | (is_ood == 1)).all():  # scores, as the second argument: update(is_ood, scores)
+                    hint = "update takes (scores, is_ood): scores first"
+                raise ValueError(f"`is_ood` must be boolean or integers 0 and 1, got dtype {is_ood.dtype} ({hint})")
             if ((is_ood != 0) & (is_ood != 1)).any():
                 raise ValueError("`is_ood` must be boolean or hold only 0 and 1")
             is_ood = is_ood.bool()

@@ -317,9 +317,8 @@ def _whole_ensemble_hint(state: Mapping[str, Any], own: set[str]) -> str:
         first = f"{stem}{min(indices)}."
         if {key[len(first):] for key in state if key.startswith(first)} >= own:
             return (
-                f" (it holds a whole ensemble of {len(indices)} members, under '{stem}<i>.': load it into "
-                f"DeepEnsemble.from_factory(factory, {len(indices)}) with load_state_dict, or pass each member's "
-                f"prefix, {first!r} and on)"
+                f" (it holds a whole ensemble of {len(indices)} members, under '{stem}<i>.': pass it once per member "
+                f"with a prefix each, prefix=[f'{stem}{{i}}.' for i in range({len(indices)})])"
             )
     return ""
 
@@ -424,7 +423,7 @@ class DeepEnsemble(nn.Module):
         factory: Callable[[], nn.Module],
         checkpoints: Sequence[Union[str, os.PathLike, Mapping[str, Tensor]]],
         *,
-        prefix: str = "",
+        prefix: Union[str, Sequence[str]] = "",
         map_location: Any = "cpu",
         strict: bool = True,
         **kwargs: Any,
@@ -434,12 +433,14 @@ class DeepEnsemble(nn.Module):
         A checkpoint is a path to a file saved with ``torch.save`` or an in-memory mapping, holding a
         ``state_dict`` or a dict with a ``"state_dict"`` entry (Lightning checkpoints); keys starting
         with ``prefix`` (e.g. ``"model."`` for a LightningModule's attribute) are kept with it stripped.
-        Files are read with ``torch.load(weights_only=True)``.
+        Files are read with ``torch.load(weights_only=True)``. A whole ensemble's checkpoint (an
+        :class:`bdl.lightning.EnsembleModule`'s: ``model.members.<i>.``) loads as one checkpoint per member with
+        a prefix each: ``from_checkpoints(factory, [path] * 5, prefix=[f"model.members.{i}." for i in range(5)])``.
 
         Args:
             factory: builds one untrained member.
             checkpoints: one path or mapping per member.
-            prefix: key prefix to select and strip.
+            prefix: key prefix to select and strip: one for every checkpoint, or a sequence of one per checkpoint.
             map_location: passed to ``torch.load``.
             strict: passed to ``load_state_dict``.
             **kwargs: ``method``, ``chunk_size``.
@@ -456,8 +457,13 @@ class DeepEnsemble(nn.Module):
         checkpoints = list(checkpoints)
         if not checkpoints:
             raise ValueError("checkpoints is empty: give one per member")
+        prefixes = [prefix] * len(checkpoints) if isinstance(prefix, str) else list(prefix)
+        if not all(isinstance(p, str) for p in prefixes) or len(prefixes) != len(checkpoints):
+            raise TypeError(
+                f"prefix must be a str, or a sequence of one str per checkpoint ({len(checkpoints)}), got {prefix!r}"
+            )
         members = []
-        for i, checkpoint in enumerate(checkpoints):
+        for i, (checkpoint, prefix) in enumerate(zip(checkpoints, prefixes)):
             if isinstance(checkpoint, (str, os.PathLike)):
                 if not os.path.isfile(checkpoint):
                     raise FileNotFoundError(f"checkpoints[{i}]: no file at {os.fspath(checkpoint)!r}")
@@ -473,7 +479,7 @@ class DeepEnsemble(nn.Module):
                     ) from None
             if not isinstance(checkpoint, Mapping):
                 raise TypeError(f"checkpoints[{i}] must be a path or a state_dict mapping, got {type(checkpoint).__name__}")
-            state = checkpoint.get("state_dict", checkpoint)
+            state = whole = checkpoint.get("state_dict", checkpoint)
             if prefix:
                 # with the state's metadata: each layer's record of how it was saved (a BayesLinear's std_transform,
                 # converted on loading) goes with its keys; a plain dict of the stripped keys lost it
@@ -491,17 +497,22 @@ class DeepEnsemble(nn.Module):
             member = factory()
             if not isinstance(member, nn.Module):
                 raise TypeError(f"factory must return an nn.Module, got {type(member).__name__}")
+            own = set(member.state_dict())
             try:
-                member.load_state_dict(state, strict=strict)
+                result = member.load_state_dict(state, strict=strict)
             except RuntimeError as error:  # another architecture's keys or shapes: say which checkpoint
                 hint = ""
-                own = set(member.state_dict())
                 if not prefix and own and state:  # a LightningModule's checkpoint: every key under its attribute's name
                     first = next(iter(state)).split(".", 1)[0] + "."
                     if all(key.startswith(first) for key in state) and {key[len(first):] for key in state} >= own:
                         hint = f" (every key of the checkpoint starts with {first!r}: pass prefix={first!r})"
-                    hint = hint or _whole_ensemble_hint(state, own)
+                hint = hint or _whole_ensemble_hint(whole, own)
                 raise RuntimeError(f"checkpoints[{i}] does not fit the factory's model{hint}: {error}") from None
+            if own and set(result.missing_keys) >= own:  # strict=False: a member of its initial weights, silently
+                raise ValueError(
+                    f"checkpoints[{i}] has none of the factory model's keys (strict=False loaded nothing)"
+                    f"{_whole_ensemble_hint(whole, own)}"
+                )
             members.append(member)
         return cls(members, **kwargs)
 

@@ -165,6 +165,10 @@ def test_a_continuous_target_read_as_classes_gets_a_hint_of_task_regression(tmp_
         codes = np.concatenate([np.arange(20), rng.integers(0, 20, 70)])  # 20 classes in 90 rows, codes 0 .. 19
         np.savez(tmp_path / "codes.npz", x=rng.normal(size=(90, 3)), y=codes)
         assert TabularDataModule(str(tmp_path / "codes.npz"), "y").num_classes == 20
+    ages = np.concatenate([np.arange(18, 81), rng.integers(18, 81, 187)])  # whole numbers without gaps, not codes
+    np.savez(tmp_path / "ages.npz", x=rng.normal(size=(250, 3)), y=ages)
+    with pytest.warns(UserWarning, match=r"the target takes 63 distinct values in 250 rows"):
+        TabularDataModule(str(tmp_path / "ages.npz"), "y").setup()
     # whole-number scores (diabetes's disease progress: 214 classes in 442 rows) were read as classes without a word
     np.savez(tmp_path / "scores.npz", x=rng.normal(size=(100, 3)), y=rng.integers(25, 347, 100))
     with pytest.warns(UserWarning, match=r"the target takes \d+ distinct values in 100 rows, each its own class.*task='regression'"):

@@ -230,11 +230,26 @@ def test_a_scikit_learn_style_call_with_labels_first_is_warned_of():
     for metric in (M.auroc, M.aupr_out, M.fpr_at_tpr):
         with pytest.warns(UserWarning, match=r"take \(scores_in, scores_out\), two sets of scores .* not scikit-learn's \(labels, scores\)"):
             metric(is_out, scores)
-        with pytest.warns(UserWarning, match="pass"):
-            metric(is_out.numpy(), scores.numpy())
+        for labels, values in ((is_out.numpy(), scores.numpy()), (is_out.tolist(), scores.tolist())):
+            with pytest.warns(UserWarning, match="pass"):
+                metric(labels, values)
     assert float(M.auroc(scores[is_out == 0], scores[is_out == 1])) == 1.0  # the call the warning gives
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         M.auroc(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 1]))  # integer scores on both sides: scores
         M.auroc(torch.tensor([0, 0, 0]), torch.tensor([0.1, 0.2, 0.3]))  # no two kinds of label
         M.auroc(torch.tensor([0.0, 1.0]), torch.tensor([0.3, 0.4]))
+        # read off the dtypes first: a meta tensor kept its own error (numpy's "Cannot copy out of meta tensor"),
+        # and a tensor with the negative bit its value
+        assert float(M.auroc(torch.tensor([1 + 1j, 2j]).conj().imag, torch.tensor([0.3, 0.4]))) == 1.0
+    with pytest.raises(ValueError, match="is on the 'meta' device"):
+        M.auroc(torch.empty(4, device="meta"), scores)
+
+
+def test_a_streaming_metric_given_its_arguments_swapped_says_so():
+    # update(is_ood, scores) was told to call .bool() on the float scores
+    metric = OODAUROC()
+    with pytest.raises(ValueError, match=r"got dtype torch.float32 \(update takes \(scores, is_ood\): scores first\)"):
+        metric.update(torch.tensor([0, 1, 1]), torch.tensor([0.2, 0.7, 0.9]))
+    with pytest.raises(ValueError, match=r"got dtype torch.float32 \(use .bool\(\)\)"):  # 0./1. labels: as before
+        metric.update(torch.tensor([0.2, 0.7, 0.9]), torch.tensor([0.0, 1.0, 1.0]))

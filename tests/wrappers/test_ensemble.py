@@ -284,11 +284,20 @@ def test_from_checkpoints_loads_files_and_lightning_style_dicts(tmp_path):
     # a whole ensemble's state dict (an EnsembleModule's too, under model.members.<i>.): torch's key lists only
     factory = lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))  # noqa: E731
     whole = DeepEnsemble.from_factory(factory, 3)
-    for state, stem in ((whole.state_dict(), "members."), ({f"model.{k}": v for k, v in whole.state_dict().items()}, "model.members.")):
-        with pytest.raises(RuntimeError, match=rf"\(it holds a whole ensemble of 3 members, under '{stem}<i>.': load it into DeepEnsemble.from_factory\(factory, 3\)"):
+    lightning = {"state_dict": {f"model.{k}": v for k, v in whole.state_dict().items()}}
+    for state, stem in ((whole.state_dict(), "members."), (lightning, "model.members.")):
+        advice = rf"\(it holds a whole ensemble of 3 members, under '{stem}<i>.': pass it once per member with a prefix each, prefix=\[f'{stem}{{i}}.' for i in range\(3\)\]\)"
+        with pytest.raises(RuntimeError, match=advice):
             DeepEnsemble.from_checkpoints(factory, [state])
-        loaded = DeepEnsemble.from_checkpoints(factory, [state] * 3, prefix=f"{stem}1.")  # the prefix it gives works
-        torch.testing.assert_close(loaded.members[2](torch.ones(2, 4)), whole.members[1](torch.ones(2, 4)))
+        with pytest.raises(ValueError, match=r"has none of the factory model's keys \(strict=False loaded nothing\) " + advice):
+            DeepEnsemble.from_checkpoints(factory, [state], strict=False)  # members of their initial weights before
+        loaded = DeepEnsemble.from_checkpoints(factory, [state] * 3, prefix=[f"{stem}{i}." for i in range(3)])  # as advised
+        for i in range(3):
+            torch.testing.assert_close(loaded.members[i](torch.ones(2, 4)), whole.members[i](torch.ones(2, 4)))
+    with pytest.raises(RuntimeError, match=r"under 'model.members.<i>.'"):  # the prefix Lightning's docs name: hinted too
+        DeepEnsemble.from_checkpoints(factory, [lightning], prefix="model.")
+    with pytest.raises(TypeError, match=r"prefix must be a str, or a sequence of one str per checkpoint \(3\)"):
+        DeepEnsemble.from_checkpoints(factory, [lightning] * 3, prefix=["model.members.0."])
 
 
 def test_from_checkpoints_with_a_prefix_keeps_each_layers_saved_std_transform(tmp_path):

@@ -52,15 +52,21 @@ def _checked(scores_in, scores_out) -> tuple[Tensor, Tensor]:  # noqa: ANN001
 def _warn_if_labels_first(scores_in: object, scores_out: object) -> None:
     """Warn where the call looks like scikit-learn's ``(y_true, scores)``: integer 0/1 labels of both kinds, then as
     many float scores (``auroc(is_out, scores)`` gave 0.5 or so, read as two sets of scores, without a word)."""
-    def array(value: object) -> Optional[np.ndarray]:
-        if isinstance(value, Tensor):
-            return value.detach().cpu().numpy() if value.dtype != torch.bfloat16 else value.detach().float().cpu().numpy()
-        return value if isinstance(value, np.ndarray) else None
 
-    labels, scores = array(scores_in), array(scores_out)
-    if labels is None or scores is None or labels.dtype.kind not in "biu" or scores.dtype.kind != "f":
+    def kind(value: object) -> Optional[str]:  # "i" for integers (bools too), "f" for floats; read off the dtype alone
+        if isinstance(value, Tensor):
+            return None if value.is_meta else "f" if value.is_floating_point() else None if value.is_complex() else "i"
+        if isinstance(value, (np.ndarray, list, tuple)):
+            dtype = np.asarray(value).dtype.kind
+            return "i" if dtype in "biu" else "f" if dtype == "f" else None
+        return None
+
+    if kind(scores_in) != "i" or kind(scores_out) != "f":
         return
-    if labels.ndim == 1 and labels.shape == scores.shape and set(np.unique(labels).tolist()) == {0, 1}:
+    labels = torch.as_tensor(np.asarray(scores_in) if not isinstance(scores_in, Tensor) else scores_in)
+    if labels.dim() != 1 or labels.shape != torch.Size(np.shape(scores_out)) or len(labels) < 2:
+        return
+    if set(torch.unique(labels.detach()).tolist()) == {0, 1}:  # integer labels beside float scores only: rare
         warnings.warn(
             "the OOD metrics take (scores_in, scores_out), two sets of scores (higher = more OOD), not scikit-learn's "
             "(labels, scores): scores_in here is 0/1 integer labels beside as many float scores; for labels is_out "
