@@ -1800,6 +1800,7 @@ def predict(
         task = trained.task
         num_samples = trained.num_eval_samples if num_samples is None else num_samples
         model = trained.predictive_model
+    task_given = task is not None
     task = "classification" if task is None else task
     draws_itself = callable(getattr(model, "sample_outputs", None))
     members = getattr(model, "num_members", None) if draws_itself else None
@@ -1932,9 +1933,27 @@ def predict(
         prediction = trained._with_noise(prediction)
     if all(y is not None for y in targets):
         prediction.targets = torch.cat([y.to(prediction_device(prediction)) for y in targets])
+        _check_class_targets(prediction, given=task_given)
     elif any(y is not None for y in targets):  # the labelled batches' targets were dropped silently
         raise ValueError("some batches of inputs came with targets and some without: give every batch (x, y), or every batch x")
     return prediction
+
+
+def _check_class_targets(prediction: Prediction, given: bool) -> None:
+    """Refuse fractional targets beside class probabilities: a regression network's outputs read as a classifier's
+    (the default task; a mean-only network's ``[B, 1]`` is a binary classifier's logit) gave probabilities, without a
+    word, until :func:`bdl.evaluate` refused the targets."""
+    targets = prediction.targets
+    if prediction.task != "classification" or not isinstance(targets, Tensor) or not targets.is_floating_point():
+        return
+    finite = targets[torch.isfinite(targets)]
+    fractional = finite[finite != finite.round()]
+    if fractional.numel():
+        default = "" if given else " (the default task; a [B, 1] output is then a binary classifier's logit)"
+        raise ValueError(
+            f"predict: task='classification'{default}, but the targets hold fractional values such as "
+            f"{fractional[0].item():.4g}, which are no class labels: for a regression model pass task='regression'"
+        )
 
 
 def _warn_if_dropout_is_off(model: nn.Module, num_samples: int) -> bool:

@@ -1876,3 +1876,17 @@ class Cast(nn.Module):
 
     def forward(self, x):
         return x.float()
+
+
+def test_fractional_targets_beside_class_probabilities_are_refused():
+    # a mean-only regressor predicted without task=: its [B, 1] means were read as a binary classifier's logits,
+    # without a word, until bdl.evaluate refused the targets
+    net = nn.Linear(3, 1)
+    x, y = torch.randn(8, 3), torch.randn(8)
+    with pytest.raises(ValueError, match=r"task='classification' \(the default task; a \[B, 1\] output is then a binary classifier's logit\), but the targets hold fractional values such as .*pass task='regression'"):
+        bdl.predict(net, (x, y), num_samples=1)
+    with pytest.raises(ValueError, match=r"task='classification', but the targets hold fractional"):
+        bdl.predict(net, DataLoader(TensorDataset(x, y), batch_size=4), num_samples=1, task="classification")
+    assert bdl.predict(net, (x, y), num_samples=1, task="regression").mean.shape == (8, 1)
+    labels = (y > 0).float()  # float labels 0. and 1.: read as labels, as before
+    assert torch.equal(bdl.predict(net, (x, labels), num_samples=1).targets, labels)
