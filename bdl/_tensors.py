@@ -27,9 +27,11 @@ def in_trace(*tensors: object) -> bool:
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     if not any(isinstance(t, Tensor) and wrapped(t) for t in tensors):
         return False
-    from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
+    try:  # torch's private interpreter stack (there in 2.14 and long before; unread: as under vmap)
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    except ImportError:
+        return True
     return any(interpreter.key() == TransformType.Vmap for interpreter in retrieve_all_functorch_interpreters())
 
 

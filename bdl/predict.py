@@ -1946,8 +1946,12 @@ def _check_class_targets(prediction: Prediction, given: bool) -> None:
     targets = prediction.targets
     if prediction.task != "classification" or not isinstance(targets, Tensor) or not targets.is_floating_point():
         return
+    if not (targets.dim() == 1 or (targets.dim() == 2 and targets.shape[1] == 1)) or len(targets) != len(prediction):
+        return  # not labels: soft labels [N, C] (what ELBOLoss trains on), sequences' [B, T]
     finite = targets[torch.isfinite(targets)]
     fractional = finite[finite != finite.round()]
+    if prediction.probs is not None and prediction.probs.shape[-1] == 2 and bool(((finite >= 0) & (finite <= 1)).all()):
+        return  # a binary classifier's soft labels (BCEWithLogitsLoss trains on them)
     if fractional.numel():
         default = "" if given else " (the default task; a [B, 1] output is then a binary classifier's logit)"
         raise ValueError(

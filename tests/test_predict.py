@@ -1890,3 +1890,8 @@ def test_fractional_targets_beside_class_probabilities_are_refused():
     assert bdl.predict(net, (x, y), num_samples=1, task="regression").mean.shape == (8, 1)
     labels = (y > 0).float()  # float labels 0. and 1.: read as labels, as before
     assert torch.equal(bdl.predict(net, (x, labels), num_samples=1).targets, labels)
+    # soft labels, which ELBOLoss trains on: kept as before ([N, C] class probabilities, a binary model's [N] in [0, 1])
+    soft = torch.softmax(torch.randn(8, 4), -1)
+    assert torch.equal(bdl.predict(nn.Linear(3, 4), (x, soft), num_samples=1, task="classification").targets, soft)
+    binary = torch.rand(8)
+    assert torch.equal(bdl.predict(net, (x, binary), num_samples=1).targets, binary)

@@ -457,11 +457,15 @@ class DeepEnsemble(nn.Module):
         checkpoints = list(checkpoints)
         if not checkpoints:
             raise ValueError("checkpoints is empty: give one per member")
+        if prefix is None:  # (read as no prefix before prefixes per checkpoint)
+            prefix = ""
+        if isinstance(prefix, (set, frozenset, Mapping)) or not isinstance(prefix, (str, Iterable)):  # no order
+            raise TypeError(f"prefix must be a str, or a sequence of one str per checkpoint, got {prefix!r}")
         prefixes = [prefix] * len(checkpoints) if isinstance(prefix, str) else list(prefix)
-        if not all(isinstance(p, str) for p in prefixes) or len(prefixes) != len(checkpoints):
-            raise TypeError(
-                f"prefix must be a str, or a sequence of one str per checkpoint ({len(checkpoints)}), got {prefix!r}"
-            )
+        if not all(isinstance(p, str) for p in prefixes):
+            raise TypeError(f"prefix must be a str, or a sequence of one str per checkpoint, got {prefix!r}")
+        if len(prefixes) != len(checkpoints):
+            raise ValueError(f"prefix gives {len(prefixes)} prefixes for {len(checkpoints)} checkpoints: give one per checkpoint")
         members = []
         for i, (checkpoint, prefix) in enumerate(zip(checkpoints, prefixes)):
             if isinstance(checkpoint, (str, os.PathLike)):
@@ -508,7 +512,8 @@ class DeepEnsemble(nn.Module):
                         hint = f" (every key of the checkpoint starts with {first!r}: pass prefix={first!r})"
                 hint = hint or _whole_ensemble_hint(whole, own)
                 raise RuntimeError(f"checkpoints[{i}] does not fit the factory's model{hint}: {error}") from None
-            if own and set(result.missing_keys) >= own:  # strict=False: a member of its initial weights, silently
+            if own and not own & set(state):  # strict=False: a member of its initial weights, silently (missing_keys
+                # is no test: a BatchNorm fills in its num_batches_tracked)
                 raise ValueError(
                     f"checkpoints[{i}] has none of the factory model's keys (strict=False loaded nothing)"
                     f"{_whole_ensemble_hint(whole, own)}"

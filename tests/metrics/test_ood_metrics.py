@@ -244,6 +244,11 @@ def test_a_scikit_learn_style_call_with_labels_first_is_warned_of():
         assert float(M.auroc(torch.tensor([1 + 1j, 2j]).conj().imag, torch.tensor([0.3, 0.4]))) == 1.0
     with pytest.raises(ValueError, match="is on the 'meta' device"):
         M.auroc(torch.empty(4, device="meta"), scores)
+    # a hint never raises: inputs it cannot read keep the metric's own answer or error (numpy's words before)
+    needing_grad = [torch.tensor(0.5, requires_grad=True), torch.tensor(0.7, requires_grad=True)]
+    assert float(M.auroc(needing_grad, [0.1, 0.2])) == 0.0
+    with pytest.raises(TypeError, match="`scores_in` must be a tensor or array-like"):
+        M.auroc([[1, 2], [3]], [0.1, 0.2])
 
 
 def test_a_streaming_metric_given_its_arguments_swapped_says_so():

@@ -296,8 +296,16 @@ def test_from_checkpoints_loads_files_and_lightning_style_dicts(tmp_path):
             torch.testing.assert_close(loaded.members[i](torch.ones(2, 4)), whole.members[i](torch.ones(2, 4)))
     with pytest.raises(RuntimeError, match=r"under 'model.members.<i>.'"):  # the prefix Lightning's docs name: hinted too
         DeepEnsemble.from_checkpoints(factory, [lightning], prefix="model.")
-    with pytest.raises(TypeError, match=r"prefix must be a str, or a sequence of one str per checkpoint \(3\)"):
+    with pytest.raises(ValueError, match=r"prefix gives 1 prefixes for 3 checkpoints: give one per checkpoint"):
         DeepEnsemble.from_checkpoints(factory, [lightning] * 3, prefix=["model.members.0."])
+    with pytest.raises(TypeError, match=r"prefix must be a str, or a sequence of one str per checkpoint"):
+        DeepEnsemble.from_checkpoints(factory, [lightning] * 2, prefix={"model.members.0.", "model.members.1."})  # no order
+    assert DeepEnsemble.from_checkpoints(factory, [whole.members[0].state_dict()], prefix=None).num_members == 1  # no prefix
+    # a BatchNorm fills in its num_batches_tracked, so missing_keys never held every key: nothing loaded, silently
+    normed = lambda: nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))  # noqa: E731
+    for foreign in ({"foo.weight": torch.zeros(1)}, DeepEnsemble.from_factory(normed, 2).state_dict()):
+        with pytest.raises(ValueError, match=r"has none of the factory model's keys \(strict=False loaded nothing\)"):
+            DeepEnsemble.from_checkpoints(normed, [foreign], strict=False)
 
 
 def test_from_checkpoints_with_a_prefix_keeps_each_layers_saved_std_transform(tmp_path):

@@ -61,12 +61,16 @@ def _warn_if_labels_first(scores_in: object, scores_out: object) -> None:
             return "i" if dtype in "biu" else "f" if dtype == "f" else None
         return None
 
-    if kind(scores_in) != "i" or kind(scores_out) != "f":
+    try:  # a hint only: inputs it cannot read are left to the metric's own checks and their errors
+        if kind(scores_in) != "i" or kind(scores_out) != "f":
+            return
+        labels = torch.as_tensor(np.asarray(scores_in) if not isinstance(scores_in, Tensor) else scores_in)
+        if labels.dim() != 1 or labels.shape != torch.Size(np.shape(scores_out)) or len(labels) < 2:
+            return
+        both = set(torch.unique(labels.detach()).tolist()) == {0, 1}  # integer labels beside float scores: rare
+    except Exception:  # noqa: BLE001 - numpy's and torch's errors of ragged lists, tensors that need grad...
         return
-    labels = torch.as_tensor(np.asarray(scores_in) if not isinstance(scores_in, Tensor) else scores_in)
-    if labels.dim() != 1 or labels.shape != torch.Size(np.shape(scores_out)) or len(labels) < 2:
-        return
-    if set(torch.unique(labels.detach()).tolist()) == {0, 1}:  # integer labels beside float scores only: rare
+    if both:
         warnings.warn(
             "the OOD metrics take (scores_in, scores_out), two sets of scores (higher = more OOD), not scikit-learn's "
             "(labels, scores): scores_in here is 0/1 integer labels beside as many float scores; for labels is_out "
