@@ -1942,21 +1942,30 @@ def predict(
 def _check_class_targets(prediction: Prediction, given: bool) -> None:
     """Refuse fractional targets beside class probabilities: a regression network's outputs read as a classifier's
     (the default task; a mean-only network's ``[B, 1]`` is a binary classifier's logit) gave probabilities, without a
-    word, until :func:`bdl.evaluate` refused the targets."""
-    targets = prediction.targets
+    word, until :func:`bdl.evaluate` refused the targets. Soft labels pass: rows of class probabilities ``[N, C]``
+    (what ELBOLoss trains on), and a binary classifier's ``[N]`` in [0, 1] (BCEWithLogitsLoss's)."""
+    targets, probs = prediction.targets, prediction.probs
     if prediction.task != "classification" or not isinstance(targets, Tensor) or not targets.is_floating_point():
         return
-    if not (targets.dim() == 1 or (targets.dim() == 2 and targets.shape[1] == 1)) or len(targets) != len(prediction):
-        return  # not labels: soft labels [N, C] (what ELBOLoss trains on), sequences' [B, T]
+    if probs is None or targets.dim() not in (1, 2) or len(targets) != len(prediction):
+        return  # not one target per input (sequences' [B, T] beside [B, C] probabilities are left to the user)
+    classes = probs.shape[-1]
     finite = targets[torch.isfinite(targets)]
+    in_unit = bool(((finite >= 0) & (finite <= 1)).all())
+    if targets.dim() == 2 and targets.shape[1] != 1:
+        if targets.shape[1] != classes:
+            return  # neither labels nor soft labels of these classes: [B, T] and the like, left to the user
+        if in_unit and bool(((targets.sum(-1) - 1).abs() <= 1e-3 * classes).all()):
+            return  # rows of class probabilities
+    elif classes == 2 and in_unit:
+        return  # a binary classifier's soft labels
     fractional = finite[finite != finite.round()]
-    if prediction.probs is not None and prediction.probs.shape[-1] == 2 and bool(((finite >= 0) & (finite <= 1)).all()):
-        return  # a binary classifier's soft labels (BCEWithLogitsLoss trains on them)
     if fractional.numel():
-        default = "" if given else " (the default task; a [B, 1] output is then a binary classifier's logit)"
+        logit = " (the default task; a [B, 1] output is then a binary classifier's logit)" if classes == 2 else " (the default task)"
         raise ValueError(
-            f"predict: task='classification'{default}, but the targets hold fractional values such as "
-            f"{fractional[0].item():.4g}, which are no class labels: for a regression model pass task='regression'"
+            f"predict: task='classification'{'' if given else logit}, but the targets hold fractional values such as "
+            f"{fractional[0].item():.4g}, which are no class labels nor rows of class probabilities: for a regression "
+            "model pass task='regression'"
         )
 
 

@@ -1895,3 +1895,8 @@ def test_fractional_targets_beside_class_probabilities_are_refused():
     assert torch.equal(bdl.predict(nn.Linear(3, 4), (x, soft), num_samples=1, task="classification").targets, soft)
     binary = torch.rand(8)
     assert torch.equal(bdl.predict(net, (x, binary), num_samples=1).targets, binary)
+    # multi-output regression read as 4 classes: [N, D] means that are no rows of class probabilities
+    with pytest.raises(ValueError, match=r"task='classification' \(the default task\), but the targets hold fractional values"):
+        bdl.predict(nn.Linear(3, 4), (x, torch.randn(8, 4)), num_samples=1)
+    with pytest.raises(ValueError, match="no class labels nor rows of class probabilities"):
+        bdl.predict(nn.Linear(3, 4), (x, torch.rand(8, 4)), num_samples=1)  # in [0, 1], rows not summing to 1
