@@ -81,13 +81,14 @@ def _read_csv_text(path: str, columns: Optional[Sequence[str]], target: str, lab
                     raise _not_a_number(path, name, row, fields[position]) from None
                 if not math.isfinite(value):
                     raise _not_a_number(path, name, row, fields[position])
-                text = fields[position].strip()
-                if labels and name == target and abs(value) >= 2**53 and text.lstrip("+-").isdigit() and abs(int(text)) > 2**53:
-                    raise ValueError(  # as an .npz file's: float64 holds every integer up to 2^53 only
-                        f"{path}: column {name!r}, row {row} (counting data rows from 0) holds an integer beyond 2^53 "
-                        f"({text}), which float64 rounds together with its neighbours: map the "
-                        "target to smaller codes"
-                    )
+                if labels and name == target and abs(value) >= 2**53:  # as an .npz file's: float64 holds every
+                    text = fields[position].strip()  # integer up to 2^53 only
+                    if text.lstrip("+-").isdigit() and abs(int(text)) > 2**53:
+                        raise ValueError(
+                            f"{path}: column {name!r}, row {row} (counting data rows from 0) holds an integer beyond "
+                            f"2^53 ({text}), which float64 rounds together with its neighbours: map the target to "
+                            "smaller codes"
+                        )
                 values[name].append(value)
     return {name: np.asarray(column, dtype=np.float64) for name, column in values.items()}, header
 

@@ -120,8 +120,8 @@ def _immutable(value: Any) -> bool:  # noqa: ANN401 - any attribute value
 
 class _Private(NamedTuple):
     """A module's private attributes (not ``nn.Module``'s own nor bdl's ``_bdl_`` bookkeeping: tags, one per instance,
-    and the open ``bdl.deterministic`` blocks of a layer): their names, and the values of those that are immutable (a user's ``self._scale = 2.0``, a cache's key such as a rotary
-    embedding's ``_seq_len_cached``)."""
+    and the open ``bdl.deterministic`` blocks of a layer): their names, and the values of those that are immutable
+    (a user's ``self._scale = 2.0``, a cache's key such as a rotary embedding's ``_seq_len_cached``)."""
 
     names: frozenset[str]
     values: dict[str, Any]
@@ -457,13 +457,13 @@ class DeepEnsemble(nn.Module):
         checkpoints = list(checkpoints)
         if not checkpoints:
             raise ValueError("checkpoints is empty: give one per member")
-        if prefix is None:  # (read as no prefix before prefixes per checkpoint)
-            prefix = ""
-        if isinstance(prefix, (set, frozenset, Mapping)) or not isinstance(prefix, (str, Iterable)):  # no order
-            raise TypeError(f"prefix must be a str, or a sequence of one str per checkpoint, got {prefix!r}")
-        prefixes = [prefix] * len(checkpoints) if isinstance(prefix, str) else list(prefix)
-        if not all(isinstance(p, str) for p in prefixes):
-            raise TypeError(f"prefix must be a str, or a sequence of one str per checkpoint, got {prefix!r}")
+        if isinstance(prefix, str) or prefix is None:  # (None: no prefix, as before prefixes per checkpoint)
+            prefixes = [prefix or ""] * len(checkpoints)
+        else:  # a set's order is no order
+            ordered = isinstance(prefix, Iterable) and not isinstance(prefix, (set, frozenset, Mapping))
+            prefixes = list(prefix) if ordered else []
+            if not ordered or not all(isinstance(p, str) for p in prefixes):
+                raise TypeError(f"prefix must be a str, or a sequence of one str per checkpoint, got {prefix!r}")
         if len(prefixes) != len(checkpoints):
             raise ValueError(f"prefix gives {len(prefixes)} prefixes for {len(checkpoints)} checkpoints: give one per checkpoint")
         members = []
