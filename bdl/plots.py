@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .metrics import functional as M
-from .metrics.functional._checks import check_float, check_vector
+from .metrics.functional._checks import as_class_labels, as_tensor, check_float, check_positive_int, check_vector
 
 if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn: it took half of `import bdl`'s own time
     from matplotlib.axes import Axes
@@ -101,6 +101,7 @@ def plot_reliability_diagram(
         >>> len(figure.axes)
         2
     """
+    target = as_class_labels(as_tensor(target, "target"))  # whole-number floats, as evaluate takes them
     bins = M.calibration_bins(probs, target, n_bins=n_bins)
     probs = torch.as_tensor(probs)  # checked above; an array or nested list as the metrics take it
     error = M.ece(probs, target, n_bins=n_bins).item()
@@ -169,8 +170,7 @@ def plot_ood_histogram(
         >>> figure.axes[0].get_xlabel()
         'entropy'
     """
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:  # 0 drew empty histograms, 2.5 a torch signature dump
-        raise ValueError(f"bins must be a positive int, got {bins!r}")
+    bins = check_positive_int(bins, "bins")  # 0 drew empty histograms, 2.5 a torch signature dump (numpy ints are ints)
     area = M.auroc(scores_in, scores_out).item()
     figure, ax = _axes(ax)
     inside, outside = _numpy(torch.as_tensor(scores_in)), _numpy(torch.as_tensor(scores_out))

@@ -62,6 +62,21 @@ def test_reliability_diagram_takes_lists_and_large_half_precision_inputs():
     assert "N = 70000" in " ".join(text.get_text() for text in figure.axes[0].texts)
 
 
+def test_plots_take_what_evaluate_takes():
+    # whole-number float labels (evaluate's and a Bernoulli model's) were refused by the reliability diagram, and a
+    # numpy int number of bins by the histogram ("bins must be a positive int, got np.int64(10)")
+    probs = torch.softmax(torch.randn(40, 3, generator=torch.Generator().manual_seed(0)), 1)
+    labels = torch.arange(40) % 3
+    drawn = [patch.get_height() for patch in plots.plot_reliability_diagram(probs, labels.float(), n_bins=5).axes[0].patches]
+    assert drawn == [patch.get_height() for patch in plots.plot_reliability_diagram(probs, labels, n_bins=5).axes[0].patches]
+    with pytest.raises(TypeError, match="must hold integer class labels"):
+        plots.plot_reliability_diagram(probs, labels.float() + 0.5)
+    def outline(bins):
+        return [len(patch.get_path().vertices) for patch in plots.plot_ood_histogram(torch.randn(30), torch.randn(30), bins=bins).axes[0].patches]
+
+    assert outline(np.int64(10)) == outline(10) != outline(5)
+
+
 def test_ood_histogram_and_roc_show_the_auroc_and_compose(tmp_path):
     scores_in, scores_out = torch.randn(300), torch.randn(200) + 1.5
     area = M.auroc(scores_in, scores_out).item()

@@ -74,10 +74,15 @@ def check_fractions(val_fraction: float, test_fraction: Optional[float] = None) 
         )
 
 
-def check_ood_classes(ood_classes: Sequence[int], num_classes: int) -> None:
-    """Raise ``ValueError`` unless ``ood_classes`` are labels in ``0..num_classes-1`` leaving at least 2 classes."""
+def check_ood_classes(ood_classes: Sequence[int], num_classes: int) -> tuple[int, ...]:
+    """``ood_classes`` as a tuple of ints, else a ``ValueError`` unless they are distinct labels in
+    ``0..num_classes-1`` leaving at least 2 classes (a list, a tuple or a 1-D integer array)."""
+    if isinstance(ood_classes, np.ndarray) and ood_classes.ndim == 1:
+        ood_classes = ood_classes.tolist()
     if not isinstance(ood_classes, (list, tuple)) or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) for c in ood_classes):
         raise ValueError(f"ood_classes must be a list of class labels (e.g. [8, 9]), got {ood_classes!r}")
+    if len(set(ood_classes)) < len(ood_classes):  # "digits 8, 8" named the OOD set in every report
+        raise ValueError(f"ood_classes must name each class once, got {list(ood_classes)}")
     unknown = sorted(set(ood_classes) - set(range(num_classes)))
     if unknown:
         raise ValueError(f"ood_classes must be class labels in 0..{num_classes - 1}, got {unknown}")
@@ -85,6 +90,15 @@ def check_ood_classes(ood_classes: Sequence[int], num_classes: int) -> None:
         raise ValueError(
             f"ood_classes must leave at least 2 of the {num_classes} classes to train on, got {sorted(set(ood_classes))}"
         )
+    return tuple(int(c) for c in ood_classes)
+
+
+def check_bool(value: bool, name: str) -> bool:
+    """``value`` if it is True or False (a numpy bool too), else a TypeError naming ``name``: a string such as
+    ``"false"`` is true in Python, and turned the option on."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
 
 
 def check_seed(seed: int, name: str = "seed") -> int:
@@ -125,7 +139,7 @@ def _read_cache(path: str, keys: Sequence[str]) -> Optional[dict[str, np.ndarray
             if not missing:
                 return {key: data[key] for key in keys}
             problem = f"it has no {missing}"
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # EOFError: an empty file
         problem = f"{type(error).__name__}: {error}"
     warnings.warn(f"{path}: cannot use the cached data ({problem}); generating it again and overwriting the file", stacklevel=3)
     return None
@@ -200,7 +214,7 @@ def load_digits(
 
 def _class_split(y: Tensor, ood_classes: Sequence[int], num_classes: int) -> tuple[Tensor, Tensor, list[int]]:
     """Mask of held-out examples, labels remapped to 0..C-1 over the kept classes, and the kept classes."""
-    check_ood_classes(ood_classes, num_classes)
+    ood_classes = check_ood_classes(ood_classes, num_classes)
     held_out = torch.isin(y, torch.tensor(list(ood_classes), dtype=torch.long))
     kept = [c for c in range(num_classes) if c not in set(ood_classes)]
     relabel = torch.full((num_classes,), -1, dtype=torch.long)
@@ -238,8 +252,10 @@ def load_mnist1d(
         (3600, 400, 1000, 40)
     """
     check_fractions(val_fraction)
-    check_ood_classes(ood_classes, 10)
-    path = None if cache_dir is None else os.path.join(cache_dir, "mnist1d.npz")
+    ood_classes = check_ood_classes(ood_classes, 10)
+    if cache_dir is not None and (not isinstance(cache_dir, (str, os.PathLike)) or not os.fspath(cache_dir)):
+        raise ValueError(f"cache_dir must be a folder path or None, got {cache_dir!r}")
+    path = None if cache_dir is None else os.path.join(os.path.expanduser(os.fspath(cache_dir)), "mnist1d.npz")
     arrays = None if path is None or not os.path.exists(path) else _read_cache(path, ("x", "y", "x_test", "y_test"))
     if arrays is None:
         from mnist1d.data import get_dataset_args, make_dataset
@@ -254,7 +270,7 @@ def load_mnist1d(
             np.random.set_state(numpy_state)
         arrays = {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
         if path is not None:
-            os.makedirs(cache_dir, exist_ok=True)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             np.savez(path, **arrays)
     x, y = torch.as_tensor(arrays["x"], dtype=torch.float32), torch.as_tensor(arrays["y"], dtype=torch.long)
     x_test, y_test = torch.as_tensor(arrays["x_test"], dtype=torch.float32), torch.as_tensor(arrays["y_test"], dtype=torch.long)

@@ -37,6 +37,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from ..evaluate import _format
 from ..predict import Prediction
 from .modules import EnsembleModule, _check_one_order, _gather_prediction, _loaded_prior, _loader_at, _storable_prior, _unpadded_size, target_scale
 
@@ -149,7 +150,7 @@ def summary_table(metrics: dict[str, float], *, ood_name: Optional[str] = None) 
     rows += [(f"OOD AUROC{against} ({score.replace('_', ' ')})", metrics[f"ood/{score}/auroc"]) for score in scores]
     width = max([len("metric"), *(len(title) for title, _ in rows)])  # (a regression's "RMSE" rows broke the bar)
     # the value column as wide as its widest entry: an early ResNet's NLL of 12.3456 pushed its row's bar out
-    values = [f"{value:.4f}" for _, value in rows]
+    values = [_format(value) for _, value in rows]  # n/a where not finite, as report.md (JSON's null read back NaN)
     value_width = max([len("value"), *map(len, values)])
     lines = [f"| {'metric':<{width}} | {'value':<{value_width}} |", f"|{'-' * (width + 2)}|{'-' * (value_width + 1)}:|"]
     lines += [f"| {title:<{width}} | {value:>{value_width}} |" for (title, _), value in zip(rows, values)]

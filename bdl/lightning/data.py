@@ -26,6 +26,7 @@ from ..data.offline import (
     _check_interval,
     check_fractions,
     check_noise,
+    check_bool,
     check_ood_classes,
     check_seed,
     load_digits,
@@ -392,20 +393,17 @@ class DigitsDataModule(UncertaintyDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
-        if not isinstance(flatten, bool):
-            raise TypeError(f"flatten must be true or false, got {flatten!r}")
         if ood not in ("classes", "noise", None):
             raise ValueError(f"ood must be 'classes', 'noise' or None, got {ood!r}")
-        if ood == "classes" and not ood_classes:
+        # checked also where unused (ood 'noise' or None): None is none, a number ("ood_classes: 8") is refused
+        self.ood_classes = () if ood_classes is None else check_ood_classes(ood_classes, 10)
+        if ood == "classes" and not self.ood_classes:
             raise ValueError("ood='classes' needs ood_classes: the digits to hold out, e.g. [8, 9]")
-        if ood == "classes":
-            check_ood_classes(ood_classes, 10)
         check_fractions(val_fraction, test_fraction)
         self.ood = ood
-        self.ood_classes = tuple(ood_classes)
         self.num_noise = check_positive_int(num_noise, "num_noise")
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.flatten = flatten
+        self.flatten = check_bool(flatten, "flatten")
 
     @property
     def ood_name(self) -> Optional[str]:
@@ -462,10 +460,9 @@ class MNIST1DDataModule(UncertaintyDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
-        check_ood_classes(ood_classes, 10)
+        self.ood_classes = check_ood_classes(ood_classes, 10)
         check_fractions(val_fraction)
-        self.ood_classes = tuple(ood_classes)
-        self.channels = channels
+        self.channels = check_bool(channels, "channels")
         self.val_fraction = val_fraction
         self.cache_dir = cache_dir
 
@@ -522,7 +519,7 @@ class TwoMoonsDataModule(UncertaintyDataModule):
         self.num_samples = check_positive_int(num_samples, "num_samples")
         check_noise(noise)
         self.noise = noise
-        self.ood = ood
+        self.ood = check_bool(ood, "ood")
 
     @property
     def ood_name(self) -> Optional[str]:

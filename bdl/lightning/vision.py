@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 from torchvision import datasets, transforms
 
-from ..data.offline import Splits
+from ..data.offline import Splits, check_bool
 from .data import UncertaintyDataModule
 
 MNIST_OOD = ("fashion_mnist",)
@@ -123,6 +123,19 @@ def _svhn_files(data_dir: str) -> _Files:
     return _Files("SVHN", os.path.join(data_dir, "SVHN"), (filename,), f"download {url} into that folder")
 
 
+def _check_images(name: str, images: Tensor, shape: tuple[int, ...], labels: Optional[Tensor] = None, num_classes: int = 10) -> None:
+    """Raise ``ValueError`` where a file read without error holds images of another shape, or labels not in
+    ``0..num_classes-1`` or not one per image (they failed later: in a batch's forward, or a CUDA assertion)."""
+    if tuple(images.shape[1:]) != shape:
+        raise ValueError(f"the {name} holds images of shape {list(images.shape[1:])}, expected {list(shape)}")
+    if labels is None:
+        return
+    if len(labels) != len(images):
+        raise ValueError(f"the {name} holds {len(labels)} labels for {len(images)} images")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"the {name} holds labels in [{int(labels.min())}, {int(labels.max())}], expected 0..{num_classes - 1}")
+
+
 def _check_fraction(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
         raise ValueError(f"{name} must be a fraction in [0, 1), got {value!r}")
@@ -198,7 +211,7 @@ class _TorchvisionDataModule(UncertaintyDataModule):
         if not isinstance(data_dir, (str, os.PathLike)):  # os.fspath's "expected str, bytes or os.PathLike object"
             raise TypeError(f"data_dir must be a folder path (a str or os.PathLike), got {data_dir!r}")
         self.data_dir = os.path.expanduser(os.fspath(data_dir))  # '~/data' as torchvision reads it
-        self.download = bool(download)
+        self.download = check_bool(download, "download")
         self.val_fraction = _check_fraction("val_fraction", val_fraction)
 
     def _required(self) -> list[_Files]:
@@ -229,8 +242,9 @@ class _TorchvisionDataModule(UncertaintyDataModule):
             # assertion): say which files were read, and keep the original error as the cause
             listing = "; ".join(f"{files.name} in {files.folder!r} ({', '.join(files.files)})" for files in required)
             raise ValueError(
-                f"{type(self).__name__}: could not read the data files: {listing}. They may be truncated or of "
-                f"another format; delete them and set download: true to fetch them again ({type(error).__name__}: {error})"
+                f"{type(self).__name__}: could not read the data files: {listing}. One may be truncated or of another "
+                f"format: delete that one (the error below may name it) and set download: true to fetch it again "
+                f"({type(error).__name__}: {error})"
             ) from error
 
     def _load(self) -> Splits:
@@ -282,7 +296,7 @@ class MNISTDataModule(_TorchvisionDataModule):
         if ood not in (*MNIST_OOD, None):
             raise ValueError(f"ood must be one of {list(MNIST_OOD)} or None, got {ood!r}")
         self.ood = ood
-        self.flatten = flatten
+        self.flatten = check_bool(flatten, "flatten")
 
     @property
     def ood_name(self) -> Optional[str]:
@@ -300,6 +314,8 @@ class MNISTDataModule(_TorchvisionDataModule):
             datasets.FashionMNIST(self.data_dir, train=False, download=True)
 
     def _tensors(self, dataset: datasets.MNIST, targets: Optional[Tensor] = None) -> TensorDataset:
+        name = f"{type(dataset).__name__} {'training' if dataset.train else 'test'} set"
+        _check_images(name, dataset.data, (28, 28), None if targets is not None else dataset.targets)
         x = (dataset.data.float() / 255 - self.MEAN) / self.STD
         x = x.reshape(len(x), -1) if self.flatten else x.unsqueeze(1)
         return TensorDataset(x, dataset.targets.long() if targets is None else targets)
@@ -362,7 +378,7 @@ class CIFAR10DataModule(_TorchvisionDataModule):
         if ood not in (*CIFAR10_OOD, None):
             raise ValueError(f"ood must be one of {list(CIFAR10_OOD)} or None, got {ood!r}")
         self.ood = ood
-        self.augment = augment
+        self.augment = check_bool(augment, "augment")
 
     @property
     def ood_name(self) -> Optional[str]:
@@ -393,6 +409,9 @@ class CIFAR10DataModule(_TorchvisionDataModule):
         train = _CIFAR10(self.data_dir, train=True)
         test = _CIFAR10(self.data_dir, train=False)
         images, targets = hwc_to_chw(train.data), torch.tensor(train.targets, dtype=torch.long)
+        test_images, test_targets = hwc_to_chw(test.data), torch.tensor(test.targets, dtype=torch.long)
+        _check_images("CIFAR-10 training set", images, (3, 32, 32), targets)
+        _check_images("CIFAR-10 test set", test_images, (3, 32, 32), test_targets)
         train_idx, val_idx = _train_val_indices(len(images), self.val_fraction, self.seed)
         augmentation = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()])
         ood = None
@@ -401,11 +420,12 @@ class CIFAR10DataModule(_TorchvisionDataModule):
                 ood_images = torch.from_numpy(_SVHN(os.path.join(self.data_dir, "SVHN"), split="test").data)
             else:
                 ood_images = hwc_to_chw(_CIFAR100(self.data_dir, train=False).data)
+            _check_images(f"{self.ood_name} test set", ood_images, (3, 32, 32))
             ood = self._images(ood_images, torch.full((len(ood_images),), -1, dtype=torch.long))
         return Splits(
             self._images(images[train_idx], targets[train_idx], augmentation if self.augment else None),
             self._images(images[val_idx], targets[val_idx]),
-            self._images(hwc_to_chw(test.data), torch.tensor(test.targets, dtype=torch.long)),
+            self._images(test_images, test_targets),
             ood,
             num_classes=10,
         )

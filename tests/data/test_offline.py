@@ -4,7 +4,7 @@ import torch
 
 from bdl.data import load_digits, load_mnist1d, regression_with_gap, two_moons
 from bdl.data.offline import _read_cache
-from bdl.lightning import DigitsDataModule, MNISTDataModule
+from bdl.lightning import CIFAR10DataModule, DigitsDataModule, MNIST1DDataModule, MNISTDataModule, TwoMoonsDataModule
 
 
 def test_digits_splits_are_disjoint_seeded_and_standardised_on_train():
@@ -136,3 +136,51 @@ def test_ood_classes_must_be_a_list_of_labels(ood_classes):
     # an int raised "TypeError: 'int' object is not iterable"
     with pytest.raises(ValueError, match="ood_classes must be a list of class labels"):
         load_digits(ood_classes=ood_classes)
+    # also where the data module does not use them (its ood is not "classes"): "'int' object is not iterable"
+    with pytest.raises(ValueError, match="ood_classes must be a list of class labels"):
+        DigitsDataModule(ood="noise", ood_classes=ood_classes)
+
+
+def test_ood_classes_name_each_class_once_and_may_be_an_array_or_none():
+    # [8, 8] held out digit 8 and named the OOD set "digits 8, 8" in every report
+    for make in (lambda: load_digits(ood_classes=[8, 8]), lambda: MNIST1DDataModule(ood_classes=[9, 9]), lambda: DigitsDataModule(ood_classes=(8, 9, 8))):
+        with pytest.raises(ValueError, match=r"ood_classes must name each class once, got \[(8, 8|9, 9|8, 9, 8)\]"):
+            make()
+    data = DigitsDataModule(ood_classes=np.array([8, 9]))  # "the truth value of an array ... is ambiguous"
+    assert data.ood_classes == (8, 9) and data.ood_name == "digits 8, 9" and all(type(c) is int for c in data.ood_classes)
+    assert DigitsDataModule(ood=None, ood_classes=None).ood_classes == ()  # 'NoneType' object is not iterable
+    with pytest.raises(ValueError, match="ood='classes' needs ood_classes"):
+        DigitsDataModule(ood="classes", ood_classes=None)
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: DigitsDataModule(flatten="no"), "flatten"),
+        (lambda: MNIST1DDataModule(channels="no"), "channels"),
+        (lambda: TwoMoonsDataModule(ood="no"), "ood"),
+        (lambda: MNISTDataModule(flatten="no"), "flatten"),
+        (lambda: MNISTDataModule(download="false"), "download"),
+        (lambda: CIFAR10DataModule(augment="false"), "augment"),
+    ],
+)
+def test_true_or_false_options_refuse_other_values(make, name):
+    # a string is true in Python: "false" turned the option on, silently
+    with pytest.raises(TypeError, match=f"{name} must be true or false, got '(no|false)'"):
+        make()
+    assert MNIST1DDataModule(channels=np.bool_(True)).channels is True
+
+
+def test_an_empty_mnist1d_cache_is_made_again_and_the_cache_folder_may_start_with_a_tilde(tmp_path, monkeypatch):
+    # a file cut at 0 bytes (a killed process, a full disk) raised numpy's EOFError
+    (tmp_path / "mnist1d.npz").write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"mnist1d.npz: cannot use the cached data \(EOFError"):
+        splits = load_mnist1d(cache_dir=str(tmp_path))
+    assert len(splits.train) == 3600 and (tmp_path / "mnist1d.npz").stat().st_size > 0
+    # "~/cache" made a folder named "~" in the working directory
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    load_mnist1d(cache_dir="~/cache")
+    assert (tmp_path / "cache" / "mnist1d.npz").exists() and not (tmp_path / "~").exists()
+    with pytest.raises(ValueError, match="cache_dir must be a folder path or None, got ''"):  # os.makedirs('') failed
+        load_mnist1d(cache_dir="")

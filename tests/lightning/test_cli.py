@@ -104,8 +104,9 @@ def test_fit_with_evaluate_after_fit_writes_the_report_with_ood_aurocs(quickstar
 
 
 def test_the_printed_table_keeps_its_value_column_for_values_of_10_and_more():
-    lines = summary_table({"accuracy": 0.5, "nll": 12.34567, "ece": float("nan")}).splitlines()
-    assert lines[2:] == ["| accuracy |  0.5000 |", "| NLL      | 12.3457 |", "| ECE      |     nan |"]
+    # a value the report cannot give (an infinite NLL: null in metrics.json, read back as NaN) reads n/a, as in report.md
+    lines = summary_table({"accuracy": 0.5, "nll": 12.34567, "ece": float("nan"), "brier_score": float("inf")}).splitlines()
+    assert lines[2:] == ["| accuracy |  0.5000 |", "| NLL      | 12.3457 |", "| ECE      |     n/a |", "| Brier    |     n/a |"]
     assert len({len(line) for line in lines}) == 1 and lines[1].endswith(":|")
     # titles shorter than "metric" (a regression's RMSE, NLL, CRPS): its column as wide as the header
     assert summary_table({"rmse": 0.5}).splitlines() == ["| metric | value  |", "|--------|-------:|", "| RMSE   | 0.5000 |"]

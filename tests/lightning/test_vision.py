@@ -113,6 +113,31 @@ def test_corrupt_files_are_named(mnist_root, cifar_root):
         CIFAR10DataModule(data_dir=str(cifar_root[0])).setup()
 
 
+def test_files_that_read_but_hold_other_images_or_labels_are_refused(tmp_path):
+    # 32x32 test images beside 28x28 training ones, and label 200 of 10 classes, were read without a word: they failed
+    # later, in a batch's forward or a CUDA assertion
+    from fake_datasets import _write_idx  # noqa: PLC0415
+
+    write_mnist(tmp_path)
+    raw = tmp_path / "MNIST" / "raw"
+    _write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((20, 32, 32), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"delete that one .*the MNIST test set holds images of shape \[32, 32\], expected \[28, 28\]"):
+        MNISTDataModule(data_dir=str(tmp_path), ood=None).setup()
+    write_mnist(tmp_path)
+    _write_idx(raw / "train-labels-idx1-ubyte", np.full(50, 200, dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"the MNIST training set holds labels in \[200, 200\], expected 0..9"):
+        MNISTDataModule(data_dir=str(tmp_path), ood=None).setup()
+    write_cifar10(tmp_path)
+    write_svhn(tmp_path / "SVHN")
+    import pickle  # noqa: PLC0415
+
+    folder = tmp_path / "cifar-10-batches-py"
+    entry = {"data": np.zeros((10, 3 * 32 * 32), dtype=np.uint8), "labels": [12] * 10}
+    (folder / "test_batch").write_bytes(pickle.dumps(entry))
+    with pytest.raises(ValueError, match=r"the CIFAR-10 test set holds labels in \[12, 12\], expected 0..9"):
+        CIFAR10DataModule(data_dir=str(tmp_path)).setup()
+
+
 def test_cifar10_reads_pickles_in_chw_order_with_cifar_normalisation(cifar_root):
     root, arrays = cifar_root
     data = CIFAR10DataModule(data_dir=str(root), val_fraction=0.25, augment=False, seed=0)
