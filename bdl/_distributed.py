@@ -12,21 +12,24 @@ import torch
 def raise_on_every_process(module: Any, error: Optional[Exception], what: str) -> None:  # noqa: ANN401 - a LightningModule
     """Raise ``error`` (None: nothing went wrong here), and in a multi-process run stop the other processes too.
 
-    Every process calls this at the same point (each step, each evaluation batch): a check that failed on one
-    process alone left the others at their next collective, to fail there with "connection closed by peer"
-    (gloo) or to wait for the timeout (NCCL). The processes where nothing went wrong raise a
-    ``FloatingPointError`` that points to the one that failed.
+    Every process calls this at the same point (each training step; once per evaluation pass, at its last
+    batch): a check that failed on one process alone left the others at their next collective, to fail there
+    with "connection closed by peer" (gloo) or to wait for the timeout (NCCL). The processes where nothing went
+    wrong raise an error of the failing one's kind (its nearest built-in one: a ValueError of a target is one
+    everywhere) that names that process and quotes its message.
     """
     trainer = module._trainer
     if trainer is not None and trainer.world_size > 1:
         if trainer.strategy.reduce_boolean_decision(error is not None, all=False):
-            messages = _every_process(None if error is None else str(error))  # every process is here: a collective
+            told = None if error is None else ([kind.__name__ for kind in type(error).__mro__], str(error))
+            messages = _every_process(told)  # every process is here: a collective
             if error is None:
                 failed = [(rank, message) for rank, message in enumerate(messages or []) if message is not None]
                 # the failing process's own words: a spawned run shows one process's error, not always its
                 where = f"process {failed[0][0]}" if failed else "another process"
-                said = f": {failed[0][1]}" if failed else ": that process's error says where"
-                error = FloatingPointError(
+                said = f": {failed[0][1][1]}" if failed else ": that process's error says where"
+                kinds = failed[0][1][0] if failed else ["FloatingPointError"]
+                error = _same_kind(kinds)(
                     f"{what} on {where} at epoch {module.current_epoch}, step {module.global_step} (this is process "
                     f"{trainer.global_rank} of {trainer.world_size}){said}"
                 )
@@ -34,11 +37,34 @@ def raise_on_every_process(module: Any, error: Optional[Exception], what: str) -
         raise error
 
 
-def _every_process(message: Optional[str]) -> Optional[list[Optional[str]]]:
+# built-in errors that take one message (UnicodeDecodeError takes five) and print it unquoted (KeyError quotes it),
+# none that a loop reads as a signal (Lightning's evaluation loop ends at a StopIteration)
+_KINDS = {kind.__name__: kind for kind in (
+    FloatingPointError, ZeroDivisionError, OverflowError, ArithmeticError, ValueError, TypeError, IndexError,
+    LookupError, NotImplementedError, RuntimeError, AssertionError, AttributeError, MemoryError,
+    FileNotFoundError, OSError,
+)}  # fmt: skip
+
+
+def _same_kind(names: list[str]) -> type[Exception]:
+    """The first of an error's classes (``names``: its MRO's) that is one of ``_KINDS``, else RuntimeError."""
+    return next((_KINDS[name] for name in names if name in _KINDS), RuntimeError)
+
+
+def validation_batches(module: Any) -> float:  # noqa: ANN401 - a LightningModule
+    """The number of batches this validation pass runs in this process, limits applied (inf for a loader of no
+    length; 0 outside a Trainer). Processes may differ: a sampler of the loader's own splits the rows as it likes."""
+    trainer = module._trainer
+    if trainer is None:
+        return 0
+    return sum(trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches)
+
+
+def _every_process(message: Optional[tuple[list[str], str]]) -> Optional[list[Optional[tuple[list[str], str]]]]:
     """Each process's ``message`` (None where torch.distributed is not running)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
-    messages: list[Optional[str]] = [None] * torch.distributed.get_world_size()
+    messages: list[Optional[tuple[list[str], str]]] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(messages, message)
     return messages
 

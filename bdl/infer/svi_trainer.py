@@ -19,7 +19,7 @@ from pyro.infer.autoguide import AutoGuide
 from torch import Tensor, nn
 
 from ..metrics.functional._checks import check_positive_int
-from .._distributed import raise_on_every_process
+from .._distributed import raise_on_every_process, validation_batches
 from .._messages import first_few
 from .._warn import user_stacklevel
 from ..nn.loss import check_trained_parameters, non_finite_where
@@ -476,7 +476,7 @@ class SVIModule(LoadsWithModel, L.LightningModule):
             self._val_error, self._val_error_told = None, False
         with torch.no_grad():
             self._step(batch, "val")
-        if batch_idx + 1 == _validation_batches(self):  # this process's last batch: here, not in a hook a subclass
+        if batch_idx + 1 == validation_batches(self):  # this process's last batch: here, not in a hook a subclass
             self._raise_validation_error()  # may override without calling super (its NaN went on silently)
 
     def on_validation_epoch_end(self) -> None:
@@ -696,10 +696,3 @@ def _still_falling(losses: Sequence[float]) -> Optional[str]:
     return None
 
 
-def _validation_batches(module: "SVIModule") -> float:
-    """The number of batches this validation pass runs in this process (inf for a loader of no length; 0 outside a
-    Trainer)."""
-    trainer = module._trainer
-    if trainer is None:
-        return 0
-    return sum(trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches)  # limits applied

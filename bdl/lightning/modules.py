@@ -27,7 +27,7 @@ import warnings
 import zlib
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Sequence
 
 import lightning as L
 import numpy as np
@@ -50,7 +50,7 @@ from ..nn.functional import _two_class, check_estimator
 from ..nn.heads import gaussian_nll
 from ..nn.layers import BayesianModule
 from ..nn.priors import Prior
-from .._distributed import raise_on_every_process
+from .._distributed import raise_on_every_process, validation_batches
 from .._messages import first_few
 from .._tensors import RandomState, random_state, set_random_state
 from .._warn import user_stacklevel
@@ -430,6 +430,7 @@ class _Evaluation:
 
     def on_validation_epoch_start(self) -> None:
         self._val_rows_seen = 0
+        self._val_error = None
         # Lightning's bf16-true/16-true cast the module with .to(dtype), which torchmetrics lets through to the
         # metrics' states: bfloat16 counts stop at 256 (val/accuracy of 216 inputs read 0.848 for 183 right)
         wide = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
@@ -446,8 +447,6 @@ class _Evaluation:
             return rows
         loader = _loader_at(getattr(trainer, "val_dataloaders", None), 0)
         seen = getattr(self, "_val_rows_seen", 0)
-        if seen == 0:  # the pass's first batch: its order has just been drawn
-            _check_one_order(self, loader, "validation loader")
         self._val_rows_seen = seen + rows
         return _own_rows(loader, trainer.global_rank, trainer.world_size, seen, rows)
 
@@ -461,10 +460,10 @@ class _Evaluation:
 
     def _update_val_metrics(self, prediction: Prediction, y: Tensor, keep: Optional[int] = None) -> None:
         unpadded, y = self._unpadded(prediction, y, keep)
-        metrics = self.val_metrics
-        if unpadded is None:  # only repeats: nothing to add, but the collective below and the logging run as elsewhere
-            error = None
-        elif self.task == "classification":
+        if unpadded is None:  # only repeats: nothing to add
+            return
+        metrics, error = self.val_metrics, None
+        if self.task == "classification":
             prediction = unpadded
             y = self._labels(y)
             metrics["accuracy"].update((prediction.predicted_class == y).float())
@@ -476,7 +475,6 @@ class _Evaluation:
             metrics["rmse"].update(prediction.mean, y)
             variance = prediction.total_variance
             positive = variance > 0
-            error = None
             if bool(positive.all()):
                 metrics["nll"].update(prediction.mean, variance, y)
                 if not bool(torch.isfinite(metrics["nll"].total)):  # a variance so small that the NLL overflows
@@ -484,20 +482,56 @@ class _Evaluation:
             elif bool(positive.any()):  # a mean-only model predicts 0 everywhere; some zeros are an underflow
                 zeros = int((~positive).sum())
                 error = self._non_finite("validation", f"the predicted variance is 0 for {zeros} of {variance.numel()} outputs (its NLL infinite)")
-        if self.task != "classification":  # every process, every batch: a collective
-            raise_on_every_process(self, error, "non-finite validation metric")
+        if error is not None:
+            raise error
+
+    def _run_validation_batch(self, batch_idx: int, step: Callable[[], None]) -> None:
+        """Run one validation batch's ``step``, then log the metrics; under DDP stop every process if one failed.
+
+        Under DDP an error of one process's batch (a non-finite prediction, a bad target) waits for that process's
+        last batch, the rest of its batches skipped, and is raised there on every process, in the one collective
+        of the pass: a process that raised at once left the others waiting in their next collective, and a
+        collective in every batch hung where the processes hold different numbers of batches (a sampler of the
+        loader's own). A loader of no length has no known last batch: a collective in every batch, as before.
+        """
+        trainer = self._trainer
+        distributed = trainer is not None and trainer.world_size > 1
+        if batch_idx == 0:  # as on_validation_epoch_start, which a subclass may override without calling super
+            self._val_rows_seen, self._val_error = 0, None
+            for metric in self._val_metric_objects():  # a pass that failed before its end left its updates
+                metric.reset()
+            if distributed:  # the pass's order has just been drawn; a collective, before any step can fail
+                try:
+                    _check_one_order(self, _loader_at(getattr(trainer, "val_dataloaders", None), 0), "validation loader")
+                except ValueError as error:
+                    self._val_error = error
+        if getattr(self, "_val_error", None) is None:
+            try:
+                step()
+            except Exception as error:
+                if not distributed:
+                    raise
+                self._val_error = error
+        batches = validation_batches(self)
+        if distributed and batch_idx + 1 < batches < math.inf:
+            return
+        error, self._val_error = getattr(self, "_val_error", None), None
+        raise_on_every_process(self, error, "validation failed")
         # a metric no process has updated is left out (a mean-only regressor with no variance has no predictive NLL);
         # every process logs the same ones: with a validation set smaller than the number of processes, a process
         # holding only the sampler's repeats logged none, and the others waited for it in the metrics' synchronisation
-        # for ever (the decision is a collective in each step, not at the epoch's end, which a subclass may override)
+        # for ever
+        metrics = self.val_metrics
         updated = [metric.update_count > 0 for metric in metrics.values()]
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:
+        if distributed:
             flags = torch.tensor(updated, dtype=torch.float32, device=self.device)
             updated = (trainer.strategy.reduce(flags, reduce_op="sum") > 0).tolist()
         for (name, metric), logged in zip(metrics.items(), updated):
             if logged:
                 self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=name in ("accuracy", "rmse"))
+
+    def _val_metric_objects(self) -> list[torchmetrics.Metric]:
+        return list(self.val_metrics.values())
 
     def _non_finite(self, stage: str, what: str) -> FloatingPointError:
         return FloatingPointError(
@@ -531,10 +565,8 @@ class _Evaluation:
                 f"non-finite prediction in {stage} at epoch {self.current_epoch}, step {self.global_step}, in batch "
                 f"{batch_idx} of {loader}: {message}"
             )
-        if stage == "predict" and failure is not None:
-            raise failure  # no collective: predict's unpadded sampler gives the processes unequal batch counts
-        if stage != "predict":
-            raise_on_every_process(self, failure, f"non-finite prediction in {stage}")
+        if failure is not None:  # validation and test raise it on every process at the pass's end
+            raise failure
         assert prediction is not None  # no failure
         datamodule = running_datamodule(self._trainer)
         classes = getattr(datamodule, "num_classes", None) if self.task == "classification" else None
@@ -548,8 +580,9 @@ class _Evaluation:
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:  # noqa: ANN401
         _one_validation_loader(self, dataloader_idx)
-        if batch_idx == 0:  # as on_validation_epoch_start, which a subclass may override without calling super
-            self._val_rows_seen = 0
+        self._run_validation_batch(batch_idx, lambda: self._validate(batch, batch_idx))
+
+    def _validate(self, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
         x, y = _split_batch(batch)
         _check_val_targets(y)
         prediction = self._checked_prediction(x, self.num_val_samples, "validation", batch_idx)
@@ -558,10 +591,34 @@ class _Evaluation:
 
     def on_test_epoch_start(self) -> None:
         self._test_outputs: dict[int, list[tuple[Prediction, Optional[Tensor], Optional[Tensor]]]] = defaultdict(list)
+        self._test_error: Optional[Exception] = None
         self._test_random_state: Optional[RandomState] = None
         self._random_state_after_test: Optional[RandomState] = None
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:  # noqa: ANN401
+        """Predict a test (``dataloader_idx`` 0) or OOD (1) batch; the report is made at the test's end.
+
+        Under DDP an error of one process's batch waits for that process's last batch, and is raised there on every
+        process (see :meth:`_run_validation_batch`)."""
+        trainer = self._trainer
+        distributed = trainer is not None and trainer.world_size > 1
+        if batch_idx == 0 and dataloader_idx == 0:  # as on_test_epoch_start, which a subclass may override
+            self._test_error = None
+        if getattr(self, "_test_error", None) is None:
+            try:
+                self._test_batch(batch, batch_idx, dataloader_idx)
+            except Exception as error:
+                if not distributed:
+                    raise
+                self._test_error = error
+        if distributed:
+            counts = trainer.num_test_batches
+            last = max((index for index, count in enumerate(counts) if count), default=0)
+            if math.inf in counts or (dataloader_idx == last and batch_idx + 1 == counts[last]):
+                error, self._test_error = getattr(self, "_test_error", None), None
+                raise_on_every_process(self, error, "test failed")
+
+    def _test_batch(self, batch: Any, batch_idx: int, dataloader_idx: int) -> None:  # noqa: ANN401
         if dataloader_idx > 1:  # predicted, then left out of the report
             raise ValueError(
                 f"{type(self).__name__} tests on a test loader and an optional OOD loader, got a third: test each OOD set "
@@ -1560,15 +1617,13 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         if self._num_data_from_data and told is not None:
             self.model.num_data = told
 
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:  # noqa: ANN401
-        _one_validation_loader(self, dataloader_idx)
-        if batch_idx == 0:  # as on_validation_epoch_start, which a subclass may override without calling super
-            self._val_rows_seen = 0
+    def _validate(self, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
         x, y = _split_batch(batch)
         _check_val_targets(y)
         keep = self._own_val_rows(len(x))
         # else the ELBO of the batch alone, not comparable with fit's; under DDP without the sampler's repeats, in a
         # weighted mean of its own: Lightning's sync of unequal batch sizes rounded their average to an int (2% off)
+        loss = None
         if self.model.num_data is not None:
             if keep:
                 args = [a[:keep] if isinstance(a, Tensor) and a.dim() and len(a) == len(x) else a for a in _as_args(batch)]
@@ -1579,6 +1634,14 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         prediction = self._checked_prediction(x, self.num_val_samples, "validation", batch_idx)
         with self._naming_batch("validation", batch_idx):
             self._update_val_metrics(prediction, y, keep)
+        if loss is not None and not bool(torch.isfinite(loss).all()):  # after the checks that name a cause; the mean
+            raise FloatingPointError(  # metric dropped a NaN with a warning, and val/elbo was the other batches'
+                f"non-finite validation loss at epoch {self.current_epoch}, step {self.global_step}, in batch {batch_idx} "
+                f"of the validation loader: the negative ELBO is {loss.item()}; check the inputs and targets for NaN/inf"
+            )
+
+    def _val_metric_objects(self) -> list[torchmetrics.Metric]:
+        return [*super()._val_metric_objects(), self.val_elbo]
 
 
 METHODS: dict[str, type[L.LightningModule]] = {

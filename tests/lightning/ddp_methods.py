@@ -114,6 +114,7 @@ def main(out: str, mode: str) -> None:
         }
     if processes > 1:
         results["random_sampler"] = random_sampler_outcomes(torch.distributed.get_rank())
+        results["uneven_batches"] = uneven_batch_outcomes()
         results["synced_on_step"] = synced_on_step(torch.distributed.get_rank())
     if trainer.global_rank == 0:
         with open(out, "w") as file:
@@ -155,6 +156,63 @@ def random_sampler_outcomes(rank: int) -> dict[str, object]:
             except ValueError as error:
                 outcomes[key] = str(error)
         outcomes["test_rows_seeded"] = sorted(module.report.targets.tolist()) if seeded else None
+    return outcomes
+
+
+class RankRows(torch.utils.data.Sampler):
+    """Rows 0-2 on process 0 and row 3 on process 1: a sampler of the loader's own that splits unevenly."""
+
+    def _rows(self) -> list[int]:
+        return [0, 1, 2] if torch.distributed.get_rank() == 0 else [3]
+
+    def __iter__(self):
+        return iter(self._rows())
+
+    def __len__(self) -> int:
+        return len(self._rows())
+
+
+class NaNOnProcess1(DeterministicModule):
+    """Predicts NaN on process 1 in validation after the sanity check, and in test."""
+
+    def sample_prediction(self, x: torch.Tensor, num_samples: int) -> bdl.Prediction:
+        if self.global_rank == 1 and not self.trainer.sanity_checking and not self.training:
+            x = x * float("nan")
+        return super().sample_prediction(x, num_samples)
+
+
+def uneven_batch_outcomes() -> dict[str, object]:
+    """Validate on 3 batches on process 0 and 1 on process 1 (one row a batch): bdl's collective in every batch
+    hung; a NaN prediction on process 1 stops both; testing such a loader is refused on both."""
+    L.seed_everything(0)
+    x, y = torch.randn(16, 4), torch.zeros(16, dtype=torch.int64)  # class 0 learned: process 1's row is wrong
+    val_y = torch.tensor([0, 0, 0, 1])
+    val = DataLoader(TensorDataset(x[:4], val_y), batch_size=1, sampler=RankRows())
+    # a sampler of the loader's own that Lightning wraps: the check of its order, in each process's first batch, is a
+    # collective, which a process whose batch failed before it skipped
+    wrapped = DataLoader(TensorDataset(x[:4], val_y), batch_size=1, sampler=torch.utils.data.SubsetRandomSampler(range(4)))
+    outcomes: dict[str, object] = {}
+    for name, kind, loader in (("fit", DeterministicModule, val), ("nan", NaNOnProcess1, val), ("nan_wrapped", NaNOnProcess1, wrapped)):
+        L.seed_everything(0)  # one order of the random sampler on both processes
+        trainer = L.Trainer(
+            max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=loader is wrapped,
+        )  # fmt: skip
+        module = kind(MLP(4, 2, hidden=[8]), lr=0.1, save_report=False)
+        try:
+            trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8), loader)
+            with torch.no_grad():
+                right = module.model(x[:4]).argmax(1).eq(val_y).float()
+            outcomes[name] = {"logged": float(trainer.callback_metrics["val/accuracy"]), "correct": right.tolist()}
+        except FloatingPointError as error:
+            outcomes[name] = str(error)
+        if loader is wrapped:
+            continue
+        try:
+            trainer.test(module, val, verbose=False)
+            outcomes[f"{name}_test"] = "ok"
+        except (FloatingPointError, ValueError) as error:
+            outcomes[f"{name}_test"] = f"{type(error).__name__}: {error}"
     return outcomes
 
 

@@ -127,6 +127,25 @@ def test_a_random_sampler_of_the_loaders_own_must_draw_one_order_on_every_proces
     assert outcomes["test_rows_seeded"] == list(range(21))  # every row once
 
 
+@pytest.mark.slow
+def test_processes_with_different_numbers_of_validation_batches_finish_and_stop_together(results):
+    # a loader's own sampler gives process 0 three validation batches and process 1 one: bdl's collectives in every
+    # validation batch (a prediction check, the metrics to log) paired with other calls and hung
+    outcomes = results["ddp"]["uneven_batches"]
+    correct = outcomes["fit"]["correct"]  # of rows 0-3: process 0's three and process 1's one differ
+    assert outcomes["fit"]["logged"] == pytest.approx(sum(correct) / 4, abs=1e-6) != sum(correct[:3]) / 3
+    # a NaN prediction in process 1's one batch stops process 0 after its third, with process 1's words
+    # (a wrapped sampler of the loader's own: its order check is a collective; the training loader is split too)
+    for name, step in (("nan", 2), ("nan_wrapped", 1)):
+        assert outcomes[name].startswith(f"validation failed on process 1 at epoch 0, step {step} (this is process 0 of 2): "
+                                         f"non-finite prediction in validation at epoch 0, step {step}, in batch 0 of the validation loader")
+    # testing: a NaN in process 1's batch stops both at the test's end, not in a batch; the loader's rows cannot be put
+    # back in order, refused on every process
+    assert outcomes["nan_test"].startswith("FloatingPointError: test failed on process 1 at epoch 0, step 2 "
+                                           "(this is process 0 of 2): non-finite prediction in test at epoch 0")
+    assert outcomes["fit_test"].startswith("ValueError: test loader 0 has a RankRows, not Lightning's unshuffled DistributedSampler")
+
+
 @pytest.mark.parametrize("module", ["bdl.lightning", "bdl.infer.svi_trainer"])  # bdl.SVIModule's imports no bdl.lightning
 def test_a_process_that_imported_bdl_modules_destroys_its_gloo_group_at_exit(tmp_path, module):
     # ddp_spawn's workers exited with gloo's process group alive (Lightning destroys it at exit for NCCL only), and

@@ -990,19 +990,74 @@ def test_every_process_stops_when_another_one_finds_a_non_finite_value(task, mon
     classifier = task == "classification"
     module = DeterministicModule(net() if classifier else nn.Sequential(nn.Linear(1, 1)), task=task, noise_variance=None if classifier else 0.5)
     strategy = OtherProcessFailed()
-    monkeypatch.setattr(module, "_trainer", SimpleNamespace(world_size=2, global_rank=0, strategy=strategy, current_epoch=3, global_step=7))
+    fake = SimpleNamespace(world_size=2, global_rank=0, strategy=strategy, current_epoch=3, global_step=7, sanity_checking=False, num_val_batches=[2])
+    monkeypatch.setattr(module, "_trainer", fake)
     monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
     x = torch.randn(8, 4 if classifier else 1)
     y = torch.randint(0, 3, (8,)) if classifier else torch.randn(8)
-    with pytest.raises(FloatingPointError, match=r"non-finite prediction in validation on another process at epoch 3, step 7 \(this is process 0 of 2\)"):
-        module.validation_step((x, y), 0)
-    if not classifier:  # the validation NLL check too
-        prediction = module.sample_prediction(x, None)
-        with pytest.raises(FloatingPointError, match="non-finite validation metric on another process"):
-            module._update_val_metrics(prediction, y)
+    # one decision per validation pass, at this process's last batch (processes may hold different numbers of batches)
+    module.validation_step((x, y), 0)
+    assert not strategy.decisions
+    with pytest.raises(FloatingPointError, match=r"validation failed on another process at epoch 3, step 7 \(this is process 0 of 2\)"):
+        module.validation_step((x, y), 1)
+    assert strategy.decisions == [(False, False)]
     with pytest.raises(FloatingPointError, match="non-finite training loss on another process at epoch 3, step 7"):
         module.training_step((x, y), 0)
     assert strategy.decisions and all(decision == (False, False) for decision in strategy.decisions)
+
+
+class EveryProcessAlike:
+    """A stand-in for a 2-process DDP strategy whose other process decides as this one."""
+
+    def __init__(self) -> None:
+        self.decisions = []
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:  # noqa: A002 - Lightning's name
+        self.decisions.append((decision, all))
+        return decision
+
+    def reduce(self, value: torch.Tensor, reduce_op: str = "mean") -> torch.Tensor:
+        return value * 2 if reduce_op == "sum" else value
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_a_validation_error_under_ddp_is_raised_at_the_passs_last_batch_its_other_batches_skipped(task, monkeypatch):
+    # a process raising in its batch left the others in their next collective; a collective in every batch hung
+    # where the processes hold different numbers of batches: the error waits for one decision at the last batch
+    from types import SimpleNamespace
+
+    classifier = task == "classification"
+    module = DeterministicModule(net() if classifier else nn.Sequential(nn.Linear(1, 1)), task=task, noise_variance=None if classifier else 0.5)
+    strategy = EveryProcessAlike()
+    fake = SimpleNamespace(world_size=2, global_rank=0, strategy=strategy, current_epoch=3, global_step=7, sanity_checking=False, num_val_batches=[4])
+    monkeypatch.setattr(module, "_trainer", fake)
+    logged = []
+    monkeypatch.setattr(module, "log", lambda name, *args, **kwargs: logged.append(name))
+    x = torch.randn(8, 4 if classifier else 1)
+    y = torch.randint(0, 3, (8,)) if classifier else torch.randn(8)
+    module.validation_step((x, y), 0)
+    module.validation_step((x * float("nan"), y), 1)  # no error yet
+    predicted = []
+    monkeypatch.setattr(module, "sample_prediction", lambda *args: predicted.append(args) or None)
+    module.validation_step((x, y), 2)  # skipped
+    assert not predicted and not strategy.decisions
+    with pytest.raises(FloatingPointError, match=r"^non-finite prediction in validation at epoch 3, step 7, in batch 1 of the validation loader"):
+        module.validation_step((x, y), 3)
+    assert strategy.decisions == [(True, False)] and not predicted and not logged
+    # the next pass starts clean (batch 0 of the failed pass is not counted in it), and logs at its last batch
+    monkeypatch.undo()
+    monkeypatch.setattr(module, "_trainer", fake)
+    monkeypatch.setattr(module, "log", lambda name, *args, **kwargs: logged.append(name))
+    for batch_idx in range(4):
+        module.validation_step((x, y), batch_idx)
+    assert logged == (["val/accuracy", "val/nll", "val/ece"] if classifier else ["val/rmse", "val/nll"])
+    assert [metric.update_count for metric in module.val_metrics.values()] == [4] * len(module.val_metrics)
+    # on one process: logged in every batch (a loader of no length has no known last batch), errors raised at once
+    fake.world_size, logged[:] = 1, []
+    module.validation_step((x, y), 0)
+    assert len(logged) == len(module.val_metrics)
+    with pytest.raises(FloatingPointError, match="in batch 1 of the validation loader"):
+        module.validation_step((x * float("nan"), y), 1)
 
 
 def test_bdl_svi_module_stops_every_process_at_a_non_finite_loss(monkeypatch):
@@ -1029,6 +1084,18 @@ def test_a_term_an_svi_subclass_adds_to_the_loss_is_checked_too(tmp_path):
     module = Penalised(bdl.infer.PyroModel(net(), "categorical"), num_val_samples=2, validate="never")
     with pytest.raises(FloatingPointError, match=r"epoch 0, step 1: the loss is not finite \(loss=nan, nll="):
         trainer(tmp_path, max_steps=3, num_sanity_val_steps=0, limit_val_batches=0).fit(module, TinyData(batch_size=8))
+
+
+def test_a_non_finite_svi_validation_loss_is_raised_not_dropped(tmp_path):
+    # the ELBO's mean metric dropped a NaN batch with a warning: val/elbo was the other batches' mean
+    class NaNInValidation(SVIModule):
+        def loss(self, *args):
+            loss, nll, kl = super().loss(*args)
+            return (loss * float("nan") if not self.training else loss), nll, kl
+
+    module = NaNInValidation(bdl.infer.PyroModel(net(), "categorical", num_data=40), num_val_samples=2)
+    with pytest.raises(FloatingPointError, match=r"non-finite validation loss at epoch 0, step 0, in batch 0 of the validation loader: the negative ELBO is nan"):
+        trainer(tmp_path).validate(module, TinyData(batch_size=8))
 
 
 def test_frozen_non_finite_parameters_and_unbuilt_lazy_layers_end_a_fit_quietly(tmp_path):
@@ -1235,7 +1302,9 @@ def test_distributed_rows_are_counted_once_and_predict_runs_no_collective(tmp_pa
     # SVI's val/elbo left the repeats in too: process 1's last batch is row 5 and a repeat of row 0
     loader = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
     module = SVIModule(bdl.infer.PyroModel(net(), "categorical", num_data=7), num_val_samples=2)
-    module._trainer = SimpleNamespace(world_size=2, global_rank=1, val_dataloaders=loader, training=False)
+    module._trainer = SimpleNamespace(
+        world_size=2, global_rank=1, val_dataloaders=loader, training=False, sanity_checking=False, num_val_batches=[2], strategy=EveryProcessAlike()
+    )
     lossed, logged, loss = [], [], module.loss
     module.loss = lambda *args: lossed.append(len(args[0])) or loss(*args)
     module.log = lambda name, value, **options: logged.append((name, options.get("batch_size")))
