@@ -21,12 +21,17 @@ from .layers import BayesianModule
 class ELBO(NamedTuple):
     """Negative ELBO per training example, and its two parts (for logging them separately).
 
-    ``elbo.backward()`` is ``elbo.loss.backward()``, as a criterion's tensor has it.
+    It stands in for the loss tensor where a training loop uses a criterion's output: ``elbo.backward()``,
+    ``elbo.item()``, ``float(elbo)`` and arithmetic (``elbo / accumulation_steps``, ``elbo + penalty``,
+    ``sum(elbos)``) act on ``elbo.loss`` and give tensors; as a tuple's, ``+`` and ``*`` concatenated and
+    repeated it.
 
     Example:
         >>> out = bdl.elbo_loss(torch.tensor(0.5), torch.tensor(20.0), num_data=100)
         >>> out.loss, out.nll, out.kl  # loss = nll + kl / num_data
         (tensor(0.7000), tensor(0.5000), tensor(20.))
+        >>> out / 2, round(out.item(), 4)
+        (tensor(0.3500), 0.7)
     """
 
     loss: Tensor
@@ -37,6 +42,41 @@ class ELBO(NamedTuple):
         """``self.loss.backward(...)``: ``criterion(output, target).backward()`` works as with a torch criterion (an
         AttributeError of the tuple before)."""
         self.loss.backward(*args, **kwargs)
+
+    def item(self) -> float:
+        """``self.loss.item()``."""
+        return self.loss.item()
+
+    def __float__(self) -> float:
+        return float(self.loss)
+
+    def __add__(self, other: Any) -> Tensor:  # noqa: ANN401
+        return self.loss + _loss_of(other)
+
+    def __radd__(self, other: Any) -> Tensor:  # noqa: ANN401 - sum(elbos) starts at 0
+        return _loss_of(other) + self.loss
+
+    def __sub__(self, other: Any) -> Tensor:  # noqa: ANN401
+        return self.loss - _loss_of(other)
+
+    def __rsub__(self, other: Any) -> Tensor:  # noqa: ANN401
+        return _loss_of(other) - self.loss
+
+    def __mul__(self, other: Any) -> Tensor:  # noqa: ANN401
+        return self.loss * _loss_of(other)
+
+    def __rmul__(self, other: Any) -> Tensor:  # noqa: ANN401
+        return _loss_of(other) * self.loss
+
+    def __truediv__(self, other: Any) -> Tensor:  # noqa: ANN401
+        return self.loss / _loss_of(other)
+
+    def __neg__(self) -> Tensor:
+        return -self.loss
+
+
+def _loss_of(value: Any) -> Any:  # noqa: ANN401
+    return value.loss if isinstance(value, ELBO) else value
 
 
 def elbo_loss(nll: Tensor, kl: Tensor, num_data: int, kl_weight: float = 1.0) -> ELBO:

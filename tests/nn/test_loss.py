@@ -248,3 +248,22 @@ def test_an_elbo_backs_up_its_loss_as_a_criterions_tensor_does():
     model.zero_grad()
     elbo.loss.backward()
     assert all(bool(g.abs().sum() > 0) and torch.equal(g, p.grad) for g, p in zip(gradients, model.parameters()))
+
+
+def test_an_elbo_stands_in_for_its_loss_in_a_training_loops_arithmetic():
+    # as a tuple, elbo * 2 repeated it and elbo + other concatenated them (then .backward() failed); .item() was missing
+    model = nn.Sequential(bdl.BayesLinear(3, 2))
+    criterion = bdl.ELBOLoss(model, num_data=10)
+    first, second = (criterion(model(torch.randn(4, 3)), torch.randint(0, 2, (4,))) for _ in range(2))
+    loss = first.loss
+    for value, expected in [
+        (first * 2, loss * 2), (2 * first, loss * 2), (first / 4, loss / 4), (first + 1, loss + 1), (1 + first, loss + 1),
+        (first - 1, loss - 1), (1 - first, 1 - loss), (-first, -loss), (first + second, loss + second.loss),
+        (sum([first, second]), loss + second.loss), (first + torch.tensor(0.5), loss + 0.5),
+    ]:
+        assert isinstance(value, torch.Tensor) and torch.allclose(value, expected)
+    assert first.item() == float(first) == loss.item()
+    (first / 2).backward()  # gradient accumulation's idiom
+    assert all(p.grad is not None for p in model.parameters())
+    total, nll, kl = second  # still a tuple of its parts
+    assert total is second.loss and nll is second.nll and kl is second.kl
