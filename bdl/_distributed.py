@@ -4,9 +4,11 @@ process group destroyed at exit. Imported by ``bdl.lightning`` and by ``bdl.infe
 from __future__ import annotations
 
 import atexit
+import math
 from typing import Any, Optional
 
 import torch
+from lightning.fabric.utilities.data import sized_len
 
 
 def raise_on_every_process(module: Any, error: Optional[Exception], what: str) -> None:  # noqa: ANN401 - a LightningModule
@@ -52,12 +54,26 @@ def _same_kind(names: list[str]) -> type[Exception]:
 
 
 def validation_batches(module: Any) -> float:  # noqa: ANN401 - a LightningModule
-    """The number of batches this validation pass runs in this process, limits applied (inf for a loader of no
-    length; 0 outside a Trainer). Processes may differ: a sampler of the loader's own splits the rows as it likes."""
+    """The number of batches this validation pass runs in this process, limits applied (inf where it is not known
+    beforehand: a loader of no length; 0 outside a Trainer). Processes may differ: a sampler of the loader's own
+    splits the rows as it likes."""
     trainer = module._trainer
-    if trainer is None:
-        return 0
-    return sum(trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches)
+    return 0 if trainer is None else sum(batch_counts(trainer, "validation"))
+
+
+def batch_counts(trainer: Any, stage: str) -> list[float]:  # noqa: ANN401 - a Trainer
+    """The number of batches of each of the ``stage`` ("validation" or "test") pass's loaders in this process, limits
+    applied; inf for a loader of no length, whose count Lightning gives as ``limit_val_batches`` (or the sanity
+    check's steps), which its stream may never reach."""
+    if stage == "validation":
+        counts = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
+        loaders = getattr(trainer, "val_dataloaders", None)
+    else:
+        counts, loaders = trainer.num_test_batches, getattr(trainer, "test_dataloaders", None)
+    if loaders is None:
+        return list(counts)
+    loaders = list(loaders.values()) if isinstance(loaders, dict) else list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+    return [count if index >= len(loaders) or sized_len(loaders[index]) is not None else math.inf for index, count in enumerate(counts)]
 
 
 def _every_process(message: Optional[tuple[list[str], str]]) -> Optional[list[Optional[tuple[list[str], str]]]]:

@@ -50,7 +50,7 @@ from ..nn.functional import _two_class, check_estimator
 from ..nn.heads import gaussian_nll
 from ..nn.layers import BayesianModule
 from ..nn.priors import Prior
-from .._distributed import raise_on_every_process, validation_batches
+from .._distributed import batch_counts, raise_on_every_process, validation_batches
 from .._messages import first_few
 from .._tensors import RandomState, random_state, set_random_state
 from .._warn import user_stacklevel
@@ -612,7 +612,7 @@ class _Evaluation:
                     raise
                 self._test_error = error
         if distributed:
-            counts = trainer.num_test_batches
+            counts = batch_counts(trainer, "test")
             last = max((index for index, count in enumerate(counts) if count), default=0)
             if math.inf in counts or (dataloader_idx == last and batch_idx + 1 == counts[last]):
                 error, self._test_error = getattr(self, "_test_error", None), None
@@ -1617,6 +1617,11 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
         if self._num_data_from_data and told is not None:
             self.model.num_data = told
 
+    def on_validation_epoch_end(self) -> None:
+        # the pass's decision ran at its last batch (_run_validation_batch): not bdl.infer.SVIModule's fallback for
+        # its own validation_step, a collective more
+        pass
+
     def _validate(self, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
         x, y = _split_batch(batch)
         _check_val_targets(y)
@@ -1629,13 +1634,14 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
                 args = [a[:keep] if isinstance(a, Tensor) and a.dim() and len(a) == len(x) else a for a in _as_args(batch)]
                 with torch.no_grad():
                     loss, _, _ = self.loss(*args)
-                self.val_elbo.update(-loss, weight=keep)
+                if bool(torch.isfinite(loss).all()):  # else raised below (the metric dropped it with a warning)
+                    self.val_elbo.update(-loss, weight=keep)
             self.log("val/elbo", self.val_elbo, on_step=False, on_epoch=True)  # val/nll is the predictive NLL, as elsewhere
         prediction = self._checked_prediction(x, self.num_val_samples, "validation", batch_idx)
         with self._naming_batch("validation", batch_idx):
             self._update_val_metrics(prediction, y, keep)
-        if loss is not None and not bool(torch.isfinite(loss).all()):  # after the checks that name a cause; the mean
-            raise FloatingPointError(  # metric dropped a NaN with a warning, and val/elbo was the other batches'
+        if loss is not None and not bool(torch.isfinite(loss).all()):  # after the checks that name a cause (a NaN
+            raise FloatingPointError(  # prediction); val/elbo was the other batches' mean
                 f"non-finite validation loss at epoch {self.current_epoch}, step {self.global_step}, in batch {batch_idx} "
                 f"of the validation loader: the negative ELBO is {loss.item()}; check the inputs and targets for NaN/inf"
             )

@@ -1060,6 +1060,43 @@ def test_a_validation_error_under_ddp_is_raised_at_the_passs_last_batch_its_othe
         module.validation_step((x * float("nan"), y), 1)
 
 
+def test_a_loader_of_no_length_under_ddp_decides_in_every_batch(monkeypatch):
+    # Lightning counts such a loader's batches as limit_val_batches (5 here), which its stream (2 batches) never
+    # reaches: waiting for that last batch logged no val/ metric and dropped the error
+    from types import SimpleNamespace
+
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from zip(x, y)
+
+    loader = DataLoader(Stream(), batch_size=4)
+    module = DeterministicModule(net())
+    strategy = EveryProcessAlike()
+    fake = SimpleNamespace(world_size=2, global_rank=0, strategy=strategy, current_epoch=0, global_step=0, sanity_checking=False,
+                           num_val_batches=[5], val_dataloaders=loader, num_test_batches=[5], test_dataloaders=[loader])  # fmt: skip
+    monkeypatch.setattr(module, "_trainer", fake)
+    logged = []
+    monkeypatch.setattr(module, "log", lambda name, *args, **kwargs: logged.append(name))
+    module.validation_step((x[:4], y[:4]), 0)
+    assert logged == ["val/accuracy", "val/nll", "val/ece"] and strategy.decisions == [(False, False)]
+    with pytest.raises(FloatingPointError, match="in batch 1 of the validation loader"):
+        module.validation_step((x[4:] * float("nan"), y[4:]), 1)
+    module.on_test_epoch_start()
+    module.test_step((x[:4], y[:4]), 0)
+    with pytest.raises(FloatingPointError, match="in batch 1 of the test loader"):
+        module.test_step((x[4:] * float("nan"), y[4:]), 1)
+    assert strategy.decisions == [(False, False), (True, False), (False, False), (True, False)]
+    # a sized loader of the same count: one decision, at its last batch
+    fake.val_dataloaders = DataLoader(TensorDataset(x, y), batch_size=4)
+    fake.num_val_batches, strategy.decisions[:] = [2], []
+    module.validation_step((x[:4], y[:4]), 0)
+    assert strategy.decisions == []
+    module.validation_step((x[4:], y[4:]), 1)
+    assert strategy.decisions == [(False, False)]
+
+
 def test_bdl_svi_module_stops_every_process_at_a_non_finite_loss(monkeypatch):
     # bdl.SVIModule (bdl.infer's) raised on the process whose loss failed only: the other died with gloo's
     # "Connection closed by peer" (or waited for NCCL's timeout)
