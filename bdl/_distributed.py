@@ -72,8 +72,18 @@ def batch_counts(trainer: Any, stage: str) -> list[float]:  # noqa: ANN401 - a T
         counts, loaders = trainer.num_test_batches, getattr(trainer, "test_dataloaders", None)
     if loaders is None:
         return list(counts)
-    loaders = list(loaders.values()) if isinstance(loaders, dict) else list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+    loaders = flat_loaders(loaders)
     return [count if index >= len(loaders) or sized_len(loaders[index]) is not None else math.inf for index, count in enumerate(counts)]
+
+
+def flat_loaders(loaders: Any) -> list[Any]:  # noqa: ANN401 - a loader, or lists/tuples/dicts of them, nested
+    """The loaders in the order Lightning numbers them (``dataloader_idx``): nested lists, tuples and dicts
+    flattened, a dict's values in its order."""
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        return [loader for part in loaders for loader in flat_loaders(part)]
+    return [loaders]
 
 
 def _every_process(message: Optional[tuple[list[str], str]]) -> Optional[list[Optional[tuple[list[str], str]]]]:

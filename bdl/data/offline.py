@@ -76,7 +76,9 @@ def check_fractions(val_fraction: float, test_fraction: Optional[float] = None) 
 
 def check_ood_classes(ood_classes: Sequence[int], num_classes: int) -> tuple[int, ...]:
     """``ood_classes`` as a tuple of ints, else a ``ValueError`` unless they are distinct labels in
-    ``0..num_classes-1`` leaving at least 2 classes (a list, a tuple or a 1-D integer array)."""
+    ``0..num_classes-1`` leaving at least 2 classes (a list, a tuple or a 1-D integer array; None is none)."""
+    if ood_classes is None:
+        return ()
     if isinstance(ood_classes, np.ndarray) and ood_classes.ndim == 1:
         ood_classes = ood_classes.tolist()
     if not isinstance(ood_classes, (list, tuple)) or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) for c in ood_classes):
@@ -186,6 +188,8 @@ def load_digits(
         >>> splits.num_classes, splits.num_features, len(splits.ood) > 0
         (8, 64, True)
     """
+    standardize = check_bool(standardize, "standardize")
+    ood_classes = check_ood_classes(ood_classes, 10)
     from sklearn.datasets import load_digits as sklearn_digits
 
     data = sklearn_digits()

@@ -395,8 +395,8 @@ class DigitsDataModule(UncertaintyDataModule):
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
         if ood not in ("classes", "noise", None):
             raise ValueError(f"ood must be 'classes', 'noise' or None, got {ood!r}")
-        # checked also where unused (ood 'noise' or None): None is none, a number ("ood_classes: 8") is refused
-        self.ood_classes = () if ood_classes is None else check_ood_classes(ood_classes, 10)
+        # checked also where unused (ood 'noise' or None): a number ("ood_classes: 8") is refused
+        self.ood_classes = check_ood_classes(ood_classes, 10)
         if ood == "classes" and not self.ood_classes:
             raise ValueError("ood='classes' needs ood_classes: the digits to hold out, e.g. [8, 9]")
         check_fractions(val_fraction, test_fraction)

@@ -50,7 +50,7 @@ from ..nn.functional import _two_class, check_estimator
 from ..nn.heads import gaussian_nll
 from ..nn.layers import BayesianModule
 from ..nn.priors import Prior
-from .._distributed import batch_counts, raise_on_every_process, validation_batches
+from .._distributed import batch_counts, flat_loaders, raise_on_every_process, validation_batches
 from .._messages import first_few
 from .._tensors import RandomState, random_state, set_random_state
 from .._warn import user_stacklevel
@@ -171,10 +171,9 @@ def _gather_prediction(module: L.LightningModule, prediction: Prediction, total:
 
 
 def _loader_at(loaders: Any, index: int) -> Any:  # noqa: ANN401 - a loader, or a list/tuple/dict of them
-    """The ``index``-th loader, in the order Lightning numbers them (``dataloader_idx``); a dict by its values."""
-    if isinstance(loaders, dict):
-        loaders = list(loaders.values())
-    return loaders[index] if isinstance(loaders, (list, tuple)) else loaders
+    """The ``index``-th loader, in the order Lightning numbers them (``dataloader_idx``; None where there is none)."""
+    loaders = flat_loaders(loaders)
+    return loaders[index] if index < len(loaders) else None
 
 
 def _storable_patterns(patterns: Any) -> Any:  # noqa: ANN401 - None, a pattern or a sequence of them

@@ -38,6 +38,8 @@ class ELBO(NamedTuple):
     nll: Tensor
     kl: Tensor
 
+    __array_ufunc__ = None  # numpy's scalars read it as a sequence of three (np.float64(0.5) * elbo scaled each part)
+
     def backward(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
         """``self.loss.backward(...)``: ``criterion(output, target).backward()`` works as with a torch criterion (an
         AttributeError of the tuple before)."""
@@ -50,33 +52,41 @@ class ELBO(NamedTuple):
     def __float__(self) -> float:
         return float(self.loss)
 
+    def __format__(self, spec: str) -> str:
+        """``f"{elbo:.4f}"`` formats the loss, as a 0-d tensor's; ``f"{elbo}"`` the tuple."""
+        return format(self.loss, spec) if spec else str(self)
+
     def __add__(self, other: Any) -> Tensor:  # noqa: ANN401
-        return self.loss + _loss_of(other)
+        return _on_loss(self, other, lambda a, b: a + b)
 
     def __radd__(self, other: Any) -> Tensor:  # noqa: ANN401 - sum(elbos) starts at 0
-        return _loss_of(other) + self.loss
+        return _on_loss(self, other, lambda a, b: b + a)
 
     def __sub__(self, other: Any) -> Tensor:  # noqa: ANN401
-        return self.loss - _loss_of(other)
+        return _on_loss(self, other, lambda a, b: a - b)
 
     def __rsub__(self, other: Any) -> Tensor:  # noqa: ANN401
-        return _loss_of(other) - self.loss
+        return _on_loss(self, other, lambda a, b: b - a)
 
     def __mul__(self, other: Any) -> Tensor:  # noqa: ANN401
-        return self.loss * _loss_of(other)
+        return _on_loss(self, other, lambda a, b: a * b)
 
     def __rmul__(self, other: Any) -> Tensor:  # noqa: ANN401
-        return _loss_of(other) * self.loss
+        return _on_loss(self, other, lambda a, b: b * a)
 
     def __truediv__(self, other: Any) -> Tensor:  # noqa: ANN401
-        return self.loss / _loss_of(other)
+        return _on_loss(self, other, lambda a, b: a / b)
 
     def __neg__(self) -> Tensor:
         return -self.loss
 
 
-def _loss_of(value: Any) -> Any:  # noqa: ANN401
-    return value.loss if isinstance(value, ELBO) else value
+def _on_loss(elbo: ELBO, other: Any, operation: Callable[[Tensor, Any], Tensor]) -> Any:  # noqa: ANN401
+    """``operation(elbo.loss, other's loss or other)``; NotImplemented beside a plain tuple or list, which then
+    concatenates with it as before (``(1,) + elbo``) or says the types do not go together."""
+    if isinstance(other, (tuple, list)) and not isinstance(other, ELBO):
+        return NotImplemented
+    return operation(elbo.loss, other.loss if isinstance(other, ELBO) else other)
 
 
 def elbo_loss(nll: Tensor, kl: Tensor, num_data: int, kl_weight: float = 1.0) -> ELBO:

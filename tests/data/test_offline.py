@@ -149,6 +149,7 @@ def test_ood_classes_name_each_class_once_and_may_be_an_array_or_none():
     data = DigitsDataModule(ood_classes=np.array([8, 9]))  # "the truth value of an array ... is ambiguous"
     assert data.ood_classes == (8, 9) and data.ood_name == "digits 8, 9" and all(type(c) is int for c in data.ood_classes)
     assert DigitsDataModule(ood=None, ood_classes=None).ood_classes == ()  # 'NoneType' object is not iterable
+    assert MNIST1DDataModule(ood_classes=None).ood_classes == () and load_digits(ood_classes=None).ood is None
     with pytest.raises(ValueError, match="ood='classes' needs ood_classes"):
         DigitsDataModule(ood="classes", ood_classes=None)
 
@@ -162,6 +163,7 @@ def test_ood_classes_name_each_class_once_and_may_be_an_array_or_none():
         (lambda: MNISTDataModule(flatten="no"), "flatten"),
         (lambda: MNISTDataModule(download="false"), "download"),
         (lambda: CIFAR10DataModule(augment="false"), "augment"),
+        (lambda: load_digits(standardize="false"), "standardize"),
     ],
 )
 def test_true_or_false_options_refuse_other_values(make, name):

@@ -1088,6 +1088,12 @@ def test_a_loader_of_no_length_under_ddp_decides_in_every_batch(monkeypatch):
     with pytest.raises(FloatingPointError, match="in batch 1 of the test loader"):
         module.test_step((x[4:] * float("nan"), y[4:]), 1)
     assert strategy.decisions == [(False, False), (True, False), (False, False), (True, False)]
+    # loaders nested in dicts and lists are numbered as Lightning numbers them (flattened in order)
+    from bdl._distributed import batch_counts  # noqa: PLC0415
+
+    sized = DataLoader(TensorDataset(x, y), batch_size=4)
+    nested = SimpleNamespace(num_test_batches=[2, 5, 2], test_dataloaders={"b": [sized, loader], "a": sized})
+    assert batch_counts(nested, "test") == [2, math.inf, 2]
     # a sized loader of the same count: one decision, at its last batch
     fake.val_dataloaders = DataLoader(TensorDataset(x, y), batch_size=4)
     fake.num_val_batches, strategy.decisions[:] = [2], []

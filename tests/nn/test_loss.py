@@ -267,3 +267,12 @@ def test_an_elbo_stands_in_for_its_loss_in_a_training_loops_arithmetic():
     assert all(p.grad is not None for p in model.parameters())
     total, nll, kl = second  # still a tuple of its parts
     assert total is second.loss and nll is second.nll and kl is second.kl
+    # a numpy number on the left read it as a sequence: every part scaled, an array without a graph
+    import numpy as np  # noqa: PLC0415
+
+    for value in (np.float64(0.5) * second, np.float64(0.5) + second, np.float64(1) - second):
+        assert isinstance(value, torch.Tensor) and value.requires_grad
+    assert f"{second:.3f}" == f"{second.loss:.3f}" and f"{second}" == str(second)  # a logging line's format
+    assert (1,) + second == (1, *second)  # a plain tuple concatenates with it as before
+    with pytest.raises(TypeError, match="unsupported operand type"):
+        second + (1,)
