@@ -196,6 +196,15 @@ class TemperatureScaler(nn.Module):
             self.log_temperature.copy_(temperature.log())
         return self
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+        # checked as the constructor checks a temperature: a NaN one gave NaN logits, an infinite one 0 or inf
+        incoming = state_dict.get(prefix + "log_temperature")
+        if isinstance(incoming, Tensor) and incoming.numel() == 1 and not bool(torch.isfinite(incoming).all()):
+            raise ValueError(
+                f"state dict entry {prefix}log_temperature must be finite (a positive finite temperature), got {incoming.item()}"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, logits: Tensor) -> Tensor:
         """``logits / T``, any shape with classes last."""
         if not isinstance(logits, Tensor):  # e.g. a wrapped GaussianHead model's (mean, variance)

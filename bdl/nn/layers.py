@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .._tensors import version_or_none
+from .._warn import user_stacklevel
 from .functional import (
     ESTIMATORS,
     STD_TRANSFORMS,
@@ -264,8 +265,17 @@ class _BayesLayer(BayesianModule):
                 warnings.warn(
                     f"a state dict saved with std_transform={saved!r} was loaded into Bayesian layers with "
                     f"std_transform={self.std_transform!r}: their rho were converted, so the posterior stds are the saved ones",
-                    stacklevel=2,
+                    stacklevel=user_stacklevel(),  # the caller's load, not torch's
                 )
+        if prefix + "weight" in state_dict and prefix + "weight_mu" not in state_dict:
+            # torch lists the missing weight_mu, ... and the unexpected weight (strict=False: nothing, and the layer
+            # keeps its initialisation): say what they are (a warning: torch tells this hook strict=True either way)
+            warnings.warn(
+                f"state dict entry {prefix}weight is a deterministic layer's (nn.Linear, nn.Conv), not loaded into "
+                f"{type(self).__name__}: load it into the plain network, then make it Bayesian with bdl.bayesianize "
+                f"(its posterior means start at the weights), or make the layer with {type(self).__name__}.from_module(layer)",
+                stacklevel=user_stacklevel(),
+            )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
     def __getattr__(self, name: str) -> Any:  # noqa: ANN401

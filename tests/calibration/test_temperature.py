@@ -239,3 +239,15 @@ def test_the_advice_for_probabilities_works_when_some_are_zero():
         fit_temperature(probs, target)
     advised = fit_temperature(probs.clamp_min(torch.finfo(probs.dtype).tiny).log(), target)
     assert float(advised) == pytest.approx(float(fit_temperature(logits, target)), rel=1e-3)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_loaded_temperature_is_checked_as_a_given_one(value):
+    # a NaN log-temperature gave NaN logits, an infinite one all-zero or infinite logits, silently
+    scaler = bdl.TemperatureScaler(2.0)
+    with pytest.raises(ValueError, match=r"state dict entry log_temperature must be finite \(a positive finite temperature\)"):
+        scaler.load_state_dict({"log_temperature": torch.tensor(value)})
+    assert float(scaler.temperature) == pytest.approx(2.0)
+    wrapped = bdl.TemperatureScaler().wrap(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"entry scaler.log_temperature"):
+        wrapped.load_state_dict({**wrapped.state_dict(), "scaler.log_temperature": torch.tensor(value)})

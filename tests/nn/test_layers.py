@@ -242,8 +242,9 @@ def test_a_state_dict_of_the_other_std_transform_loads_as_the_same_posterior_std
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
     target = nn.Sequential(bdl.BayesLinear(3, 4, std_transform=loaded), nn.ReLU(), bdl.BayesConv2d(1, 2, 3, std_transform=loaded))
-    with pytest.warns(UserWarning, match=f"saved with std_transform='{saved}'.*std_transform='{loaded}'"):
+    with pytest.warns(UserWarning, match=f"saved with std_transform='{saved}'.*std_transform='{loaded}'") as caught:
         target.load_state_dict(state)
+    assert caught[0].filename == __file__  # the caller's line, not torch's module.py
     for a, b in [(source[0], target[0]), (source[2], target[2])]:
         assert b.std_transform == loaded
         torch.testing.assert_close(b.weight_std, a.weight_std, rtol=1e-6, atol=0)
@@ -259,6 +260,18 @@ def test_a_state_dict_of_the_other_std_transform_loads_as_the_same_posterior_std
         partial.load_state_dict(sub, strict=False)
     torch.testing.assert_close(partial.weight_std, source[0].weight_std, rtol=1e-6, atol=0)
     assert torch.equal(partial.bias_rho, own)
+
+
+def test_a_deterministic_layers_weights_loaded_into_a_bayesian_layer_say_what_to_do():
+    # torch listed the missing weight_mu, weight_rho, ... and the unexpected weight, bias; with strict=False the
+    # Bayesian layers silently kept their initialisation
+    plain = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    bayesian = bdl.bayesianize(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+    with pytest.warns(UserWarning, match=r"entry 0.weight is a deterministic layer's .*not loaded into BayesLinear: load it into the plain network, then make it Bayesian with bdl.bayesianize") as caught:
+        bayesian.load_state_dict(plain.state_dict(), strict=False)
+    assert {str(w.message).split()[3] for w in caught} == {"0.weight", "2.weight"} and caught[0].filename == __file__
+    with pytest.warns(UserWarning, match="BayesLinear.from_module"), pytest.raises(RuntimeError, match="Unexpected key"):
+        bdl.BayesLinear(4, 3).load_state_dict(nn.Linear(4, 3).state_dict())
 
 
 def test_the_same_std_transform_loads_without_a_warning(recwarn):
