@@ -205,6 +205,41 @@ def _plain(value: Any) -> Any:  # noqa: ANN401
     return value
 
 
+class _ResumableRandomState:
+    """Saves the random number generators' states in checkpoints and restores them on load.
+
+    A run resumed from a checkpoint written at the end of an epoch (as ``last.ckpt`` is by default) then
+    draws the same data order and the same Monte Carlo noise (weights, dropout masks, Pyro samples) as a
+    run that was never interrupted, also with DataLoaders that have no generator of their own.
+    """
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        plain_hyperparameters(checkpoint)
+        states = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            states["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["bdl_random_state"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Applied when the resumed fit starts (on_fit_start), not here: restoring the loops and the sanity check
+        # come in between (the sanity check under Lightning's isolate_rng). Not later either: the training
+        # loader's iterator is made right after on_fit_start and draws its base seed from the global generator
+        # (a DataLoader without a generator of its own), as the uninterrupted run's does after the checkpoint.
+        self._pending_random_state = checkpoint.get("bdl_random_state")
+        # Lightning loads the weights before its 64-true plugin casts the module: float64 weights went into float32
+        # parameters, and a resumed double-precision run started from them rounded. The cast comes first here.
+        if self._trainer is not None and str(self._trainer.precision) == "64-true":
+            self.double()
+
+    def on_fit_start(self) -> None:
+        states, self._pending_random_state = getattr(self, "_pending_random_state", None), None
+        if states is None or self.trainer.ckpt_path is None:  # load_from_checkpoint and a fresh fit: nothing to resume
+            return
+        torch.set_rng_state(states["torch"])
+        if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def _untrained_param_sites(trace: Optional[poutine.Trace], store: dict[str, Tensor], trained: set[int]) -> dict[str, str]:
     """The ``pyro.param`` sites of a loss's model ``trace`` and parameter ``store`` whose values the optimizer would
     not train (``trained``: the ids of its parameters), each -> ``"model"`` (a model's ``pyro.param``),
@@ -245,7 +280,7 @@ def _untrained_advice(untrained: dict[str, str]) -> str:
     return "; ".join(advice)
 
 
-class SVIModule(LoadsWithModel, L.LightningModule):
+class SVIModule(LoadsWithModel, _ResumableRandomState, L.LightningModule):
     """Fit a Pyro guide to a Bayesian model with SVI, as a LightningModule.
 
     Minimises the negative ELBO ``-E_q[log p(y | x, w)] + KL(q(w) || p(w))`` (Pyro's ``Trace_ELBO``, or
@@ -385,9 +420,20 @@ class SVIModule(LoadsWithModel, L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        plain_hyperparameters(checkpoint)
+        super().on_save_checkpoint(checkpoint)  # the random state too: a resumed fit draws as an uninterrupted one
+        if isinstance(self.model, PyroModel):
+            checkpoint["bdl_num_data"] = self.model.num_data  # load_from_checkpoint(path, model=PyroModel(net)) left it None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if isinstance(self.model, PyroModel) and self.model.num_data is None:
+            self.model.num_data = checkpoint.get("bdl_num_data")
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self._check_num_data()
+
+    def _check_num_data(self) -> None:
         if isinstance(self.model, PyroModel) and self.model.num_data is None:
             raise ValueError(
                 "SVIModule: the PyroModel's num_data is None; set it to the size of the whole training set "

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, DistributedSampler, SubsetRandomSampler
 from .. import infer
 from ..evaluate import Report, evaluate
 from ..infer.guides import collapsed_scales
-from ..infer.svi_trainer import LoadsWithModel, _as_args, _steps_when_needed, ignored_hparams, plain_hyperparameters, stepping_batches
+from ..infer.svi_trainer import LoadsWithModel, _as_args, _ResumableRandomState, _steps_when_needed, ignored_hparams, stepping_batches
 from ..nn.convert import bayesianize as convert_to_bayesian
 from ..nn.convert import kl_divergence
 from ..nn.functional import _two_class, check_estimator
@@ -300,41 +300,6 @@ def _check_one_order(module: L.LightningModule, loader: Any, what: str) -> None:
             "twice, others dropped; seed every process alike (lightning.seed_everything) before the loader is made, "
             "give the loader a sampler of fixed order, or evaluate on one process"
         )
-
-
-class _ResumableRandomState:
-    """Saves the random number generators' states in checkpoints and restores them on load.
-
-    A run resumed from a checkpoint written at the end of an epoch (as ``last.ckpt`` is by default) then
-    draws the same data order and the same Monte Carlo noise (weights, dropout masks, Pyro samples) as a
-    run that was never interrupted, also with DataLoaders that have no generator of their own.
-    """
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        plain_hyperparameters(checkpoint)
-        states = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            states["cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint["bdl_random_state"] = states
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Applied when the resumed fit starts (on_fit_start), not here: restoring the loops and the sanity check
-        # come in between (the sanity check under Lightning's isolate_rng). Not later either: the training
-        # loader's iterator is made right after on_fit_start and draws its base seed from the global generator
-        # (a DataLoader without a generator of its own), as the uninterrupted run's does after the checkpoint.
-        self._pending_random_state = checkpoint.get("bdl_random_state")
-        # Lightning loads the weights before its 64-true plugin casts the module: float64 weights went into float32
-        # parameters, and a resumed double-precision run started from them rounded. The cast comes first here.
-        if self._trainer is not None and str(self._trainer.precision) == "64-true":
-            self.double()
-
-    def on_fit_start(self) -> None:
-        states, self._pending_random_state = getattr(self, "_pending_random_state", None), None
-        if states is None or self.trainer.ckpt_path is None:  # load_from_checkpoint and a fresh fit: nothing to resume
-            return
-        torch.set_rng_state(states["torch"])
-        if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _warn_if_steps_round_away(trainer: L.Trainer) -> None:
@@ -1515,7 +1480,7 @@ def _reinitialized(model: nn.Module) -> nn.Module:
 _NLL_ONLY_LOSSES = frozenset((DeterministicModule.training_loss, MCDropoutModule.training_loss, EnsembleModule.training_loss))
 
 
-class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
+class SVIModule(_Evaluation, infer.SVIModule):
     """:class:`bdl.infer.SVIModule` (Pyro SVI) with the evaluation of the other modules.
 
     Logs ``train/elbo``, ``train/nll`` and ``train/kl`` as the Pyro module does, plus the validation metrics
@@ -1589,16 +1554,7 @@ class SVIModule(_ResumableRandomState, _Evaluation, infer.SVIModule):
             self.model.num_data = _training_set_size(self.trainer)
         else:
             _warn_if_num_data_differs(self.model.num_data, self.trainer)
-        infer.SVIModule.on_fit_start(self)  # checks num_data
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["bdl_num_data"] = self.model.num_data  # as VariationalModule's
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        if self.model.num_data is None:
-            self.model.num_data = checkpoint.get("bdl_num_data")
+        self._check_num_data()
 
     def sample_prediction(self, x: Tensor, num_samples: Optional[int]) -> Prediction:
         return self.predict(x, num_samples=num_samples or self.num_eval_samples)

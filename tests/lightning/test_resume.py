@@ -185,6 +185,8 @@ def _resume_case(method: str, seed: int):
         module = DeterministicModule(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2)), lr_schedule=schedule)
     elif method == "ensemble":  # members drawn at construction, dropout in training
         module = EnsembleModule(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2)), num_members=2, num_val_samples=2)
+    elif method == "bdl_svi":  # bdl.SVIModule, bdl.infer's, which resumed with other draws (0.014 apart after 3 epochs)
+        module = bdl.SVIModule(PyroModel(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2)), "categorical", num_data=96))
     else:
         decay = 0.1 if method.endswith("lr_decay") else 1.0  # the same for its exponential decay
         module = SVIModule(PyroModel(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2)), num_data=96), lr_decay=decay)
@@ -193,7 +195,7 @@ def _resume_case(method: str, seed: int):
     return module, loaders
 
 
-@pytest.mark.parametrize("method", ["deterministic", "deterministic_cosine", "variational", "mc_dropout", "ensemble", "svi", "svi_lr_decay"])
+@pytest.mark.parametrize("method", ["deterministic", "deterministic_cosine", "variational", "mc_dropout", "ensemble", "svi", "svi_lr_decay", "bdl_svi"])
 def test_a_resumed_fit_draws_the_random_numbers_of_an_uninterrupted_one(method, tmp_path, one_thread):
     import lightning as L
 
@@ -211,6 +213,14 @@ def test_a_resumed_fit_draws_the_random_numbers_of_an_uninterrupted_one(method, 
     fit(tmp_path / "b", 2, seed=0)
     resumed = fit(tmp_path / "b", 3, seed=1, ckpt_path=tmp_path / "b" / "last.ckpt")
     torch.testing.assert_close(resumed, reference, rtol=0, atol=0)
+    if method == "bdl_svi":  # a checkpoint gives back the PyroModel's num_data, as bdl.lightning's SVIModule's does
+        import bdl
+        from bdl.infer import PyroModel
+        from torch import nn
+
+        net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))
+        loaded = bdl.SVIModule.load_from_checkpoint(tmp_path / "b" / "last.ckpt", model=PyroModel(net, "categorical"))
+        assert loaded.model.num_data == 96
 
 
 class _NoisyDigits:
