@@ -985,16 +985,9 @@ class OtherProcessFailed:
 def test_every_process_stops_when_another_one_finds_a_non_finite_value(task, monkeypatch):
     # Each check takes part in the processes' decision, also where its own values are finite: one process
     # raising alone left the others waiting in their next collective (gloo: "connection closed by peer").
-    from types import SimpleNamespace
-
-    classifier = task == "classification"
-    module = DeterministicModule(net() if classifier else nn.Sequential(nn.Linear(1, 1)), task=task, noise_variance=None if classifier else 0.5)
     strategy = OtherProcessFailed()
-    fake = SimpleNamespace(world_size=2, global_rank=0, strategy=strategy, current_epoch=3, global_step=7, sanity_checking=False, num_val_batches=[2])
-    monkeypatch.setattr(module, "_trainer", fake)
+    module, _, x, y = _under_two_processes(task, strategy, monkeypatch, num_val_batches=2)
     monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
-    x = torch.randn(8, 4 if classifier else 1)
-    y = torch.randint(0, 3, (8,)) if classifier else torch.randn(8)
     # one decision per validation pass, at this process's last batch (processes may hold different numbers of batches)
     module.validation_step((x, y), 0)
     assert not strategy.decisions
@@ -1006,14 +999,25 @@ def test_every_process_stops_when_another_one_finds_a_non_finite_value(task, mon
     assert strategy.decisions and all(decision == (False, False) for decision in strategy.decisions)
 
 
-class EveryProcessAlike:
+def _under_two_processes(task, strategy, monkeypatch, num_val_batches):
+    """A DeterministicModule of ``task`` in a stand-in for a 2-process DDP trainer, and a batch (x, y) for it."""
+    from types import SimpleNamespace
+
+    classifier = task == "classification"
+    module = DeterministicModule(net() if classifier else nn.Sequential(nn.Linear(1, 1)), task=task, noise_variance=None if classifier else 0.5)
+    fake = SimpleNamespace(
+        world_size=2, global_rank=0, strategy=strategy, current_epoch=3, global_step=7, sanity_checking=False, num_val_batches=[num_val_batches]
+    )
+    monkeypatch.setattr(module, "_trainer", fake)
+    x = torch.randn(8, 4 if classifier else 1)
+    return module, fake, x, torch.randint(0, 3, (8,)) if classifier else torch.randn(8)
+
+
+class EveryProcessAlike(OtherProcessFailed):
     """A stand-in for a 2-process DDP strategy whose other process decides as this one."""
 
-    def __init__(self) -> None:
-        self.decisions = []
-
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:  # noqa: A002 - Lightning's name
-        self.decisions.append((decision, all))
+        super().reduce_boolean_decision(decision, all)
         return decision
 
     def reduce(self, value: torch.Tensor, reduce_op: str = "mean") -> torch.Tensor:
@@ -1024,17 +1028,11 @@ class EveryProcessAlike:
 def test_a_validation_error_under_ddp_is_raised_at_the_passs_last_batch_its_other_batches_skipped(task, monkeypatch):
     # a process raising in its batch left the others in their next collective; a collective in every batch hung
     # where the processes hold different numbers of batches: the error waits for one decision at the last batch
-    from types import SimpleNamespace
-
     classifier = task == "classification"
-    module = DeterministicModule(net() if classifier else nn.Sequential(nn.Linear(1, 1)), task=task, noise_variance=None if classifier else 0.5)
     strategy = EveryProcessAlike()
-    fake = SimpleNamespace(world_size=2, global_rank=0, strategy=strategy, current_epoch=3, global_step=7, sanity_checking=False, num_val_batches=[4])
-    monkeypatch.setattr(module, "_trainer", fake)
+    module, fake, x, y = _under_two_processes(task, strategy, monkeypatch, num_val_batches=4)
     logged = []
     monkeypatch.setattr(module, "log", lambda name, *args, **kwargs: logged.append(name))
-    x = torch.randn(8, 4 if classifier else 1)
-    y = torch.randint(0, 3, (8,)) if classifier else torch.randn(8)
     module.validation_step((x, y), 0)
     module.validation_step((x * float("nan"), y), 1)  # no error yet
     predicted = []
