@@ -173,7 +173,10 @@ class TemperatureScaler(nn.Module):
             raise TypeError(f"`temperature` must be a number (or a one-element float tensor), got {type(temperature).__name__}")
         if not 0 < temperature < math.inf:
             raise ValueError(f"`temperature` must be a positive finite number, got {temperature!r}")
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=False)
+        log_temperature = torch.tensor(math.log(temperature))
+        if not 0 < float(log_temperature.exp()) < math.inf:  # 1e39 is inf in float32
+            raise ValueError(f"`temperature` must be a positive finite number in float32, got {temperature!r}")
+        self.log_temperature = nn.Parameter(log_temperature, requires_grad=False)
 
     @property
     def temperature(self) -> Tensor:
@@ -199,10 +202,14 @@ class TemperatureScaler(nn.Module):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
         # checked as the constructor checks a temperature: a NaN one gave NaN logits, an infinite one 0 or inf
         incoming = state_dict.get(prefix + "log_temperature")
-        if isinstance(incoming, Tensor) and incoming.numel() == 1 and not bool(torch.isfinite(incoming).all()):
-            raise ValueError(
-                f"state dict entry {prefix}log_temperature must be finite (a positive finite temperature), got {incoming.item()}"
-            )
+        if isinstance(incoming, Tensor) and incoming.numel() == 1 and incoming.device.type != "meta":
+            # in the parameter's dtype: exp(100) is inf in float32 (uniform probabilities), exp(-104) is 0 (NaN)
+            temperature = float(incoming.to(self.log_temperature.dtype).exp())
+            if not 0 < temperature < math.inf:
+                raise ValueError(
+                    f"state dict entry {prefix}log_temperature must give a positive finite temperature in "
+                    f"{self.log_temperature.dtype}, got log-temperature {incoming.item()} (temperature {temperature})"
+                )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, logits: Tensor) -> Tensor:

@@ -426,7 +426,9 @@ class SVIModule(LoadsWithModel, _ResumableRandomState, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        if isinstance(self.model, PyroModel) and self.model.num_data is None:
+        # a resumed fit (a Trainer loads it) continues on its data; load_from_checkpoint leaves it to the caller (a
+        # fine-tuning fit on other data with the checkpoint's size weighted the KL wrongly, silently)
+        if isinstance(self.model, PyroModel) and self.model.num_data is None and self._trainer is not None:
             self.model.num_data = checkpoint.get("bdl_num_data")
 
     def on_fit_start(self) -> None:

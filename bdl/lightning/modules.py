@@ -1556,6 +1556,11 @@ class SVIModule(_Evaluation, infer.SVIModule):
             _warn_if_num_data_differs(self.model.num_data, self.trainer)
         self._check_num_data()
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.model.num_data is None:  # load_from_checkpoint too: each fit reads its own data's size anyway
+            self.model.num_data = checkpoint.get("bdl_num_data")
+
     def sample_prediction(self, x: Tensor, num_samples: Optional[int]) -> Prediction:
         return self.predict(x, num_samples=num_samples or self.num_eval_samples)
 

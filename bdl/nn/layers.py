@@ -270,10 +270,11 @@ class _BayesLayer(BayesianModule):
         if prefix + "weight" in state_dict and prefix + "weight_mu" not in state_dict:
             # torch lists the missing weight_mu, ... and the unexpected weight (strict=False: nothing, and the layer
             # keeps its initialisation): say what they are (a warning: torch tells this hook strict=True either way)
-            warnings.warn(
-                f"state dict entry {prefix}weight is a deterministic layer's (nn.Linear, nn.Conv), not loaded into "
-                f"{type(self).__name__}: load it into the plain network, then make it Bayesian with bdl.bayesianize "
-                f"(its posterior means start at the weights), or make the layer with {type(self).__name__}.from_module(layer)",
+            warnings.warn(  # one message for all layers (once per text and place): torch's error names the keys
+                f"a deterministic layer's weights (nn.Linear, nn.Conv: 'weight' entries) were loaded into "
+                f"{type(self).__name__} layers, which keep their own: load them into the plain network, then make it "
+                f"Bayesian with bdl.bayesianize (its posterior means start at the weights), or make each layer with "
+                f"{type(self).__name__}.from_module(layer)",
                 stacklevel=user_stacklevel(),
             )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)

@@ -241,13 +241,16 @@ def test_the_advice_for_probabilities_works_when_some_are_zero():
     assert float(advised) == pytest.approx(float(fit_temperature(logits, target)), rel=1e-3)
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 100.0, -104.0])
 def test_a_loaded_temperature_is_checked_as_a_given_one(value):
-    # a NaN log-temperature gave NaN logits, an infinite one all-zero or infinite logits, silently
+    # a NaN log-temperature gave NaN logits, an infinite temperature (exp(100) in float32 too) uniform probabilities, a
+    # zero one (exp(-104)) NaN, silently
     scaler = bdl.TemperatureScaler(2.0)
-    with pytest.raises(ValueError, match=r"state dict entry log_temperature must be finite \(a positive finite temperature\)"):
+    with pytest.raises(ValueError, match=r"state dict entry log_temperature must give a positive finite temperature in torch.float32"):
         scaler.load_state_dict({"log_temperature": torch.tensor(value)})
     assert float(scaler.temperature) == pytest.approx(2.0)
     wrapped = bdl.TemperatureScaler().wrap(nn.Linear(3, 2))
     with pytest.raises(ValueError, match=r"entry scaler.log_temperature"):
         wrapped.load_state_dict({**wrapped.state_dict(), "scaler.log_temperature": torch.tensor(value)})
+    with pytest.raises(ValueError, match="positive finite number in float32, got 1e[+]?39"):
+        bdl.TemperatureScaler(1e39)

@@ -213,14 +213,21 @@ def test_a_resumed_fit_draws_the_random_numbers_of_an_uninterrupted_one(method, 
     fit(tmp_path / "b", 2, seed=0)
     resumed = fit(tmp_path / "b", 3, seed=1, ckpt_path=tmp_path / "b" / "last.ckpt")
     torch.testing.assert_close(resumed, reference, rtol=0, atol=0)
-    if method == "bdl_svi":  # a checkpoint gives back the PyroModel's num_data, as bdl.lightning's SVIModule's does
+    if method == "bdl_svi":  # a resumed fit of a PyroModel without num_data continues with the checkpoint's
         import bdl
         from bdl.infer import PyroModel
         from torch import nn
 
+        module, (train, val) = _resume_case(method, 0)
+        module.model.num_data = None
+        trainer = L.Trainer(max_epochs=3, default_root_dir=tmp_path / "c", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, train, val, ckpt_path=tmp_path / "b" / "last.ckpt")  # (a finished fit: no step more)
+        assert module.model.num_data == 96
+        # load_from_checkpoint leaves it to the caller: a fit on other data with the checkpoint's size weighted the KL
+        # wrongly, silently (it says so: "num_data is None")
         net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))
         loaded = bdl.SVIModule.load_from_checkpoint(tmp_path / "b" / "last.ckpt", model=PyroModel(net, "categorical"))
-        assert loaded.model.num_data == 96
+        assert loaded.model.num_data is None
 
 
 class _NoisyDigits:
