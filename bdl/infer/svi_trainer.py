@@ -422,7 +422,7 @@ class SVIModule(LoadsWithModel, _ResumableRandomState, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)  # the random state too: a resumed fit draws as an uninterrupted one
         if isinstance(self.model, PyroModel):
-            checkpoint["bdl_num_data"] = self.model.num_data  # load_from_checkpoint(path, model=PyroModel(net)) left it None
+            checkpoint["bdl_num_data"] = self.model.num_data  # for a resumed fit of a PyroModel made without it
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -742,5 +742,3 @@ def _still_falling(losses: Sequence[float]) -> Optional[str]:
     if fall > 3 * noise and fell > 3 * noise and fall > 0.002 * (first.mean() - last.mean()):
         return f"mean {last.mean():.6g} over the last {window} steps, {before.mean():.6g} over the {window} before"
     return None
-
-
