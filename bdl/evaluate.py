@@ -585,7 +585,9 @@ def evaluate(
     over/underconfidence, mean uncertainties, AURC, excess AURC, risk at ``coverage`` and coverage at
     ``risk`` (confidence = max probability, loss = 0/1 error). Regression: RMSE, MAE, and with a positive
     predictive variance Gaussian NLL, CRPS, interval coverage (PICP) and width at ``levels``, and the
-    quantile calibration error, all from the total (aleatoric + epistemic) variance. With ``ood_data``:
+    quantile calibration error, all from the total (aleatoric + epistemic) variance: of the Gaussian
+    ``N(mean, total_variance)`` matched to the samples' moments, not of the mixture of the samples' Gaussians
+    (samples that disagree, a bimodal predictive, score a higher NLL than their mixture would). With ``ood_data``:
     AUROC, AUPR-in, AUPR-out and FPR at ``tpr`` for every score in ``ood_scores``, named
     ``"ood/<score>/<metric>"`` (scores from :data:`bdl.metrics.OOD_SCORES`, higher = more OOD).
 

@@ -159,7 +159,14 @@ def gaussian_nll(mean: Tensor, variance: Tensor, target: Tensor, *, reduction: s
         else:
             raise ValueError(f"target must have the shape of mean {tuple(mean.shape)}, got {tuple(target.shape)}")
     # (not where values cannot be read: compiled, or under torch.func's vmap of per-example gradients)
-    if not in_trace(variance) and bool((variance <= 0).any()):  # log of a negative variance is NaN, of 0 too (-inf + inf)
+    # log of a negative variance is NaN, of 0 too (-inf + inf); a NaN or inf one gave a NaN or inf loss, silently
+    if not in_trace(variance) and not bool(((variance > 0) & (variance < math.inf)).all()):
+        nan, inf = int(variance.isnan().sum()), int(variance.isinf().sum())
+        if nan or inf:
+            raise ValueError(
+                f"variance must be finite, got {nan} NaN and {inf} infinite value(s) (an exp variance head overflows "
+                "above about 88 in float32: GaussianHead(variance='softplus') does not)"
+            )
         raise ValueError(
             f"variance must be > 0 everywhere, got a minimum of {variance.min().item():.4g} (a variance head needs a "
             "floor, e.g. GaussianHead(min_variance=1e-6))"

@@ -276,3 +276,12 @@ def test_an_elbo_stands_in_for_its_loss_in_a_training_loops_arithmetic():
     assert (1,) + second == (1, *second)  # a plain tuple concatenates with it as before
     with pytest.raises(TypeError, match="unsupported operand type"):
         second + (1,)
+
+
+def test_a_nan_or_infinite_variance_is_refused_by_the_loss_as_by_the_metric():
+    # NaN <= 0 is false: the loss returned NaN (an exp head's overflow: inf) where the metric refused it
+    mean, target = torch.zeros(4, 1), torch.zeros(4, 1)
+    with pytest.raises(ValueError, match=r"variance must be finite, got 1 NaN and 0 infinite value\(s\)"):
+        bdl.gaussian_nll(mean, torch.tensor([[1.0], [float("nan")], [1.0], [1.0]]), target, reduction="none")
+    with pytest.raises(ValueError, match=r"got 0 NaN and 4 infinite value\(s\) \(an exp variance head overflows"):
+        bdl.gaussian_nll(mean, torch.full((4, 1), 100.0).exp(), target)  # an exp head's raw output of 100
