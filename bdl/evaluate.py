@@ -587,7 +587,7 @@ def evaluate(
     predictive variance Gaussian NLL, CRPS, interval coverage (PICP) and width at ``levels``, and the
     quantile calibration error, all from the total (aleatoric + epistemic) variance: of the Gaussian
     ``N(mean, total_variance)`` matched to the samples' moments, not of the mixture of the samples' Gaussians
-    (samples that disagree, a bimodal predictive, score a higher NLL than their mixture would). With ``ood_data``:
+    (where the samples disagree, a bimodal predictive, the two NLLs can differ by far). With ``ood_data``:
     AUROC, AUPR-in, AUPR-out and FPR at ``tpr`` for every score in ``ood_scores``, named
     ``"ood/<score>/<metric>"`` (scores from :data:`bdl.metrics.OOD_SCORES`, higher = more OOD).
 
