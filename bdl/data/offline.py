@@ -217,8 +217,8 @@ def load_digits(
 
 
 def _class_split(y: Tensor, ood_classes: Sequence[int], num_classes: int) -> tuple[Tensor, Tensor, list[int]]:
-    """Mask of held-out examples, labels remapped to 0..C-1 over the kept classes, and the kept classes."""
-    ood_classes = check_ood_classes(ood_classes, num_classes)
+    """Mask of held-out examples, labels remapped to 0..C-1 over the kept classes, and the kept classes (``ood_classes``
+    as :func:`check_ood_classes` gives them: its callers check them once)."""
     held_out = torch.isin(y, torch.tensor(list(ood_classes), dtype=torch.long))
     kept = [c for c in range(num_classes) if c not in set(ood_classes)]
     relabel = torch.full((num_classes,), -1, dtype=torch.long)
